@@ -1,0 +1,305 @@
+//! OCI bundles: the container's root filesystem (overlayfs over the image's unpacked layers,
+//! with a private upper dir) and its `config.json`, built with `oci-spec` from the task's frozen
+//! spec merged over the image's config (Docker's rules: the spec's entrypoint/command replace the
+//! image's, env merges by name).
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilities, LinuxNamespaceType, ProcessBuilder, RootBuilder,
+    Spec, UserBuilder,
+};
+use rudder_image::ImageConfig;
+use rudder_model::spec::NetworkMode;
+use rudder_model::Task;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("bundle: {op}: {err}")]
+    Io {
+        op: &'static str,
+        err: std::io::Error,
+    },
+    #[error("bundle: mount overlay at {path}: {err}")]
+    Mount { path: String, err: nix::Error },
+    #[error("bundle: {0}")]
+    Spec(String),
+    #[error("bundle: no command to run: neither the service nor the image sets one")]
+    NoCommand,
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> BundleError {
+    move |err| BundleError::Io { op, err }
+}
+
+/// Paths of one container's directory.
+pub struct ContainerDir {
+    pub dir: PathBuf,
+}
+
+impl ContainerDir {
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("bundle").join("rootfs")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+}
+
+/// Mounts overlayfs: `layers` bottom first (overlay wants the top first), plus upper/work.
+pub fn mount_rootfs(c: &ContainerDir, layers: &[PathBuf]) -> Result<(), BundleError> {
+    for d in [c.rootfs(), c.upper(), c.work()] {
+        std::fs::create_dir_all(&d).map_err(io("create container dirs"))?;
+    }
+    if is_mounted(&c.rootfs()) {
+        return Ok(());
+    }
+    let lower: Vec<String> = layers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        c.upper().display(),
+        c.work().display()
+    );
+    mount(
+        Some("overlay"),
+        &c.rootfs(),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|err| BundleError::Mount {
+        path: c.rootfs().display().to_string(),
+        err,
+    })
+}
+
+pub fn unmount_rootfs(c: &ContainerDir) {
+    let _ = umount2(&c.rootfs(), MntFlags::MNT_DETACH);
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let p = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str())))
+        .unwrap_or(false)
+}
+
+/// Docker's default capability set.
+const CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// The process a task runs: Docker's merge of entrypoint/cmd/args.
+pub fn command_line(task: &Task, image: &ImageConfig) -> Result<Vec<String>, BundleError> {
+    let s = &task.spec;
+    let entrypoint = s
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| image.entrypoint.clone());
+    let mut cmd = match (&s.command, &s.entrypoint) {
+        (Some(c), _) => c.clone(),
+        // A new entrypoint drops the image's CMD, as in Docker.
+        (None, Some(_)) => vec![],
+        (None, None) => image.cmd.clone(),
+    };
+    cmd.extend(s.args.iter().cloned());
+    let mut argv = entrypoint;
+    argv.extend(cmd);
+    if argv.is_empty() {
+        return Err(BundleError::NoCommand);
+    }
+    Ok(argv)
+}
+
+/// Builds and writes `config.json` for the task into `c.bundle()`.
+pub fn write_config(
+    c: &ContainerDir,
+    task: &Task,
+    image: &ImageConfig,
+    cgroup_parent: &str,
+) -> Result<(), BundleError> {
+    let s = &task.spec;
+    let argv = command_line(task, image)?;
+    let mut env: Vec<(String, String)> = Vec::new();
+    for kv in &image.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        env.push((k.to_string(), v.to_string()));
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.insert(
+            0,
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+        );
+    }
+    for (k, v) in &s.env {
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(e) => e.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    let hostname = s
+        .hostname
+        .clone()
+        .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
+    env.push(("HOSTNAME".into(), hostname.clone()));
+    let user = s.user.clone().unwrap_or_else(|| image.user.clone());
+    let (uid, gid) = parse_user(&user);
+    let cwd = s
+        .workdir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
+        .unwrap_or_else(|| "/".into());
+
+    let caps: oci_spec::runtime::Capabilities = CAPS.iter().copied().collect();
+    let caps = LinuxCapabilities::default()
+        .set_bounding(Some(caps.clone()))
+        .set_effective(Some(caps.clone()))
+        .set_permitted(Some(caps))
+        .set_inheritable(None)
+        .set_ambient(None)
+        .clone();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(argv)
+        .env(
+            env.into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>(),
+        )
+        .cwd(cwd)
+        .user(
+            UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(|e| BundleError::Spec(e.to_string()))?,
+        )
+        .capabilities(caps)
+        .no_new_privileges(true)
+        .build()
+        .map_err(|e| BundleError::Spec(e.to_string()))?;
+
+    let mut spec = Spec::default();
+    let defaults = spec.linux().clone().unwrap_or_default();
+    let namespaces: Vec<_> = defaults
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| {
+            !(s.network_mode == NetworkMode::Host && n.typ() == LinuxNamespaceType::Network)
+        })
+        .collect();
+    let linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(PathBuf::from(format!(
+            "{}/{}",
+            cgroup_parent.trim_end_matches('/'),
+            task.id
+        )))
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .resources(defaults.resources().clone().unwrap_or_default())
+        .build()
+        .map_err(|e| BundleError::Spec(e.to_string()))?;
+    spec.set_hostname(Some(hostname))
+        .set_process(Some(process))
+        .set_linux(Some(linux))
+        .set_root(Some(
+            RootBuilder::default()
+                // runc refuses a rootfs that is a symlink: give the resolved absolute path.
+                .path(c.rootfs().canonicalize().map_err(io("resolve rootfs"))?)
+                .readonly(false)
+                .build()
+                .map_err(|e| BundleError::Spec(e.to_string()))?,
+        ));
+    spec.save(c.bundle().join("config.json"))
+        .map_err(|e| BundleError::Spec(e.to_string()))
+}
+
+/// `uid[:gid]` → numbers; names are not resolved yet (validation allows only numbers).
+fn parse_user(user: &str) -> (u32, u32) {
+    let mut parts = user.splitn(2, ':');
+    let uid = parts.next().and_then(|u| u.parse().ok()).unwrap_or(0);
+    let gid = parts.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
+    (uid, gid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(entrypoint: Option<Vec<&str>>, command: Option<Vec<&str>>, args: Vec<&str>) -> Task {
+        let mut spec: rudder_model::ServiceSpec = serde_json::from_value(serde_json::json!({
+            "name": "web", "image": "x"
+        }))
+        .unwrap();
+        spec.entrypoint = entrypoint.map(|v| v.into_iter().map(String::from).collect());
+        spec.command = command.map(|v| v.into_iter().map(String::from).collect());
+        spec.args = args.into_iter().map(String::from).collect();
+        serde_json::from_value(serde_json::json!({
+            "id": "abcdef0123456789", "service_id": "s", "service_name": "web", "slot": 1,
+            "spec": spec, "spec_version": 1, "node_id": "n", "desired_state": "running",
+            "status": {"state": "assigned", "timestamp": 0}, "created_at": 0, "version": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn docker_command_merge() {
+        let img = ImageConfig {
+            entrypoint: vec!["/ep".into()],
+            cmd: vec!["default".into()],
+            ..Default::default()
+        };
+        let cases = [
+            (task(None, None, vec![]), vec!["/ep", "default"]),
+            (task(None, Some(vec!["run"]), vec![]), vec!["/ep", "run"]),
+            (task(None, None, vec!["x"]), vec!["/ep", "default", "x"]),
+            (task(Some(vec!["/sh"]), None, vec![]), vec!["/sh"]),
+            (
+                task(Some(vec!["/sh"]), Some(vec!["-c", "true"]), vec![]),
+                vec!["/sh", "-c", "true"],
+            ),
+        ];
+        for (t, want) in cases {
+            assert_eq!(command_line(&t, &img).unwrap(), want);
+        }
+        assert!(matches!(
+            command_line(&task(None, None, vec![]), &ImageConfig::default()),
+            Err(BundleError::NoCommand)
+        ));
+        assert_eq!(parse_user("1000:2000"), (1000, 2000));
+        assert_eq!(parse_user("7"), (7, 7));
+        assert_eq!(parse_user(""), (0, 0));
+    }
+}

@@ -1,0 +1,99 @@
+//! Rudder agent: owns one host. Keeps a stream to the controller (`session`), runs assigned
+//! tasks as OCI containers (`worker`, `bundle`, `runtime`, `shim`), pulls images into the
+//! host's content store, and serves logs to controllers (`api`).
+
+pub mod api;
+pub mod bundle;
+pub mod runtime;
+pub mod session;
+pub mod shim;
+pub mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use rudder_proto::v1::agent_api_server::AgentApiServer;
+use serde::Deserialize;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent: {0}: {1}")]
+    Io(&'static str, std::io::Error),
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
+    #[error(transparent)]
+    Image(#[from] rudder_image::ImageError),
+    #[error("agent: api server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// Controller URL, e.g. `http://10.0.0.1:4243`.
+    pub controller: String,
+    /// Where this agent's API listens; controllers reach it here.
+    pub listen: SocketAddr,
+    pub hostname: String,
+    /// The OCI runtime's `--root`.
+    pub runtime_root: PathBuf,
+    /// Cgroup path under which containers' cgroups are created.
+    pub cgroup_parent: String,
+    /// `auto`, `runc` or `crun`.
+    pub runtime: String,
+}
+
+/// This node's stable id: generated once, kept in the data dir.
+fn node_id(data_dir: &std::path::Path) -> Result<String, AgentError> {
+    let path = data_dir.join("node_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_string());
+        }
+    }
+    let id = hex::encode(rand::random::<[u8; 8]>());
+    shim::write_atomic(&path, &id).map_err(|e| AgentError::Io("write node id", e))?;
+    Ok(id)
+}
+
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let containers = cfg.data_dir.join("containers");
+    std::fs::create_dir_all(&containers).map_err(|e| AgentError::Io("create data dir", e))?;
+    let node_id = node_id(&cfg.data_dir)?;
+    let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
+    let binary = runtime::pick_runtime(&cfg.runtime);
+    info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
+    let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
+    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = worker::Worker::new(worker::Ctx {
+        containers: containers.clone(),
+        images,
+        runtime: Arc::new(rt),
+        cgroup_parent: cfg.cgroup_parent.clone(),
+        registry: Mutex::new(String::new()),
+        status_tx,
+    });
+    worker.adopt();
+    let me = session::Identity {
+        node_id,
+        hostname: cfg.hostname.clone(),
+        addr: cfg.listen.to_string(),
+    };
+    let session = tokio::spawn(session::run(cfg.controller.clone(), me, worker, status_rx));
+    let api = AgentApiServer::new(api::AgentApiImpl { containers });
+    tonic::transport::Server::builder()
+        .add_service(api)
+        .serve_with_shutdown(cfg.listen, shutdown)
+        .await?;
+    // Containers keep running: they belong to their shims, not to this process.
+    session.abort();
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! `rudder-agent`: the host agent, or (as `rudder-agent shim …`) one container's shim. The shim
+//! is dispatched before any async runtime starts, because it forks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "rudder-agent", version, about = "Rudder host agent")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "http://127.0.0.1:4243")]
+    controller: String,
+    #[arg(long, default_value = "0.0.0.0:4245")]
+    listen: SocketAddr,
+    #[arg(long)]
+    hostname: Option<String>,
+    #[arg(long)]
+    runtime_root: Option<PathBuf>,
+    #[arg(long, default_value = "/rudder")]
+    cgroup_parent: String,
+    #[arg(long, default_value = "auto")]
+    runtime: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Internal: supervise one container (started by the agent).
+    Shim {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        runtime: String,
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    if let Some(Cmd::Shim {
+        dir,
+        id,
+        runtime,
+        root,
+    }) = a.cmd
+    {
+        rudder_agent::shim::main(rudder_agent::shim::ShimArgs {
+            dir,
+            id,
+            runtime,
+            root,
+        });
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let data_dir = a
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/rudder"));
+    let hostname = match a.hostname {
+        Some(h) => h,
+        None => nix::unistd::gethostname()?.to_string_lossy().to_string(),
+    };
+    let cfg = rudder_agent::Config {
+        runtime_root: a.runtime_root.unwrap_or_else(|| data_dir.join("runc")),
+        data_dir,
+        controller: a.controller,
+        listen: a.listen,
+        hostname,
+        cgroup_parent: a.cgroup_parent,
+        runtime: a.runtime,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            rudder_agent::run(cfg, shutdown_signal()).await?;
+            anyhow::Ok(())
+        })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,239 @@
+//! Container runtime seam. `OciCliRuntime` drives an OCI runtime CLI (runc, or crun where the
+//! host allows it) through one shim per container; tests of pure logic can use a fake.
+//!
+//! Invariants: the agent never forks container processes itself (its process is
+//! multi-threaded); a container's fate is read from its shim's files, so it survives an agent
+//! restart; `--root` is per agent, so agents on one machine never see each other's containers.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tracing::debug;
+
+use crate::shim::{ShimArgs, NOTIFY_FD};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("runtime: {0}")]
+    Start(String),
+    #[error("runtime: {op}: {err}")]
+    Io {
+        op: &'static str,
+        err: std::io::Error,
+    },
+    #[error("runtime: {cmd} failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+}
+
+fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    move |err| RuntimeError::Io { op, err }
+}
+
+/// Which OCI runtime binary to use. crun is faster, but Debian's crun refuses hybrid cgroup
+/// hosts ("cgroups in hybrid mode not supported"), so `auto` takes crun only on a pure cgroup v2
+/// host where it is installed.
+pub fn pick_runtime(choice: &str) -> String {
+    match choice {
+        "auto" => {
+            let pure_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+            if pure_v2 && which("crun") {
+                "crun".into()
+            } else {
+                "runc".into()
+            }
+        }
+        other => other.into(),
+    }
+}
+
+fn which(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+#[async_trait::async_trait]
+pub trait ContainerRuntime: Send + Sync + 'static {
+    /// Starts the container whose bundle is in `dir/bundle`; returns its init pid once running.
+    async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError>;
+    /// Waits for the container to exit and returns its exit code (128+signal if killed).
+    async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
+    async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
+    /// Removes the runtime's record of a stopped container (idempotent).
+    async fn delete(&self, id: &str) -> Result<(), RuntimeError>;
+}
+
+pub struct OciCliRuntime {
+    /// Binary name or path (`runc`, `crun`).
+    pub binary: String,
+    /// The runtime's `--root` state dir, private to this agent.
+    pub root: PathBuf,
+    /// This agent's executable, re-run as the shim.
+    pub self_exe: PathBuf,
+}
+
+impl OciCliRuntime {
+    pub fn new(binary: String, root: PathBuf) -> Result<Self, RuntimeError> {
+        std::fs::create_dir_all(&root).map_err(io("create runtime root"))?;
+        let self_exe = std::env::current_exe().map_err(io("find own executable"))?;
+        Ok(OciCliRuntime {
+            binary,
+            root,
+            self_exe,
+        })
+    }
+
+    async fn cli(&self, args: &[&str]) -> Result<(), RuntimeError> {
+        let out = tokio::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(io("exec runtime"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Command {
+                cmd: format!("{} {}", self.binary, args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+}
+
+/// Reads the shim's pid from its container dir.
+pub fn shim_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The recorded exit code, once the shim wrote it.
+pub fn exit_code(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("exit"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is alive and is a shim of the container in `dir` (pids get reused).
+pub fn shim_alive(pid: i32, dir: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let c = String::from_utf8_lossy(&c);
+            c.contains("shim") && c.contains(&*dir.to_string_lossy())
+        })
+        .unwrap_or(false)
+}
+
+#[async_trait::async_trait]
+impl ContainerRuntime for OciCliRuntime {
+    async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError> {
+        let args = ShimArgs {
+            dir: dir.to_path_buf(),
+            id: id.to_string(),
+            runtime: self.binary.clone(),
+            root: self.root.clone(),
+        };
+        let (rd, wr) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
+        let wr_fd = wr.as_raw_fd();
+        let mut cmd = std::process::Command::new(&self.self_exe);
+        cmd.args(args.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(wr_fd, NOTIFY_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(io("spawn shim"))?;
+        drop(wr);
+        // The first shim process exits at once after forking the real shim.
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(std::fs::File::from(rd)).read_line(&mut line);
+            line
+        })
+        .await
+        .unwrap_or_default();
+        let line = line.trim();
+        if let Some(pid) = line.strip_prefix("ok ") {
+            debug!(id, pid, "container running");
+            return pid
+                .parse()
+                .map_err(|_| RuntimeError::Start(format!("shim said {line:?}")));
+        }
+        let msg = line.strip_prefix("err ").unwrap_or(line);
+        Err(RuntimeError::Start(if msg.is_empty() {
+            "shim exited without a word".into()
+        } else {
+            msg.to_string()
+        }))
+    }
+
+    async fn wait(&self, _id: &str, dir: &Path) -> Result<i32, RuntimeError> {
+        loop {
+            if let Some(code) = exit_code(dir) {
+                return Ok(code);
+            }
+            let Some(pid) = shim_pid(dir) else {
+                return Err(RuntimeError::Start("no shim for container".into()));
+            };
+            if !shim_alive(pid, dir) {
+                // The shim died without writing an exit code (e.g. killed).
+                return exit_code(dir)
+                    .ok_or_else(|| RuntimeError::Start("shim died; exit code unknown".into()));
+            }
+            wait_pid_exit(pid).await;
+        }
+    }
+
+    async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
+        self.cli(&["kill", id, signal]).await
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.cli(&["delete", "--force", id]).await {
+            Err(RuntimeError::Command { stderr, .. }) if stderr.contains("does not exist") => {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
+/// Waits until process `pid` exits, without being its parent: a pidfd becomes readable then.
+/// Falls back to polling where pidfd_open is unavailable.
+async fn wait_pid_exit(pid: i32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd >= 0 {
+        // SAFETY: fd was just returned by pidfd_open and is owned here.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the fd is owned by the AsyncFd for its whole registration.
+        if let Ok(afd) = unsafe { AsyncFd::register(owned) } {
+            let _ = afd.readable().await;
+            return;
+        }
+    }
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,337 @@
+//! The worker: turns the controller's assignment set into running containers and reports what
+//! happens. Each task advances one step at a time — preparing (pull image), starting (rootfs +
+//! bundle + shim), running, then an exit state — and every step's outcome is reported.
+//!
+//! Invariants: the assignment set is authoritative (a task absent from it is stopped and its
+//! files removed); only this node's tasks are touched; a container started by an earlier agent
+//! process is re-adopted from its directory, not restarted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rudder_image::client::RegistryClient;
+use rudder_image::reference::Reference;
+use rudder_image::store::ImageStore;
+use rudder_model::{Task, TaskState};
+use rudder_proto::v1::TaskStatusReport;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::bundle::{self, ContainerDir};
+use crate::runtime::{self, ContainerRuntime};
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What tasks need from the host.
+pub struct Ctx {
+    pub containers: PathBuf,
+    pub images: ImageStore,
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub cgroup_parent: String,
+    /// Registry `host:port`, learned from the controller's welcome.
+    pub registry: Mutex<String>,
+    pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
+}
+
+struct Local {
+    stop: watch::Sender<bool>,
+    /// Set when the task left the assignment set: remove its files once stopped.
+    forget: Arc<std::sync::atomic::AtomicBool>,
+}
+
+pub struct Worker {
+    ctx: Arc<Ctx>,
+    local: Mutex<HashMap<String, Local>>,
+    /// Last status reported per task, re-sent after a reconnect.
+    last: Arc<Mutex<HashMap<String, TaskStatusReport>>>,
+}
+
+impl Worker {
+    pub fn new(ctx: Ctx) -> Arc<Self> {
+        Arc::new(Worker {
+            ctx: Arc::new(ctx),
+            local: Mutex::default(),
+            last: Arc::default(),
+        })
+    }
+
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    pub fn container_dir(&self, task_id: &str) -> PathBuf {
+        self.ctx.containers.join(task_id)
+    }
+
+    /// Every task's last status, for a fresh session.
+    pub fn last_statuses(&self) -> Vec<TaskStatusReport> {
+        self.last
+            .lock()
+            .expect("last lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Re-adopts containers left by an earlier agent process.
+    pub fn adopt(self: &Arc<Self>) {
+        let Ok(entries) = std::fs::read_dir(&self.ctx.containers) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let Ok(bytes) = std::fs::read(dir.join("task.json")) else {
+                continue;
+            };
+            let Ok(task) = serde_json::from_slice::<Task>(&bytes) else {
+                continue;
+            };
+            let running = runtime::shim_pid(&dir).is_some_and(|p| runtime::shim_alive(p, &dir));
+            let exited = runtime::exit_code(&dir).is_some();
+            if running || exited {
+                info!(task = %task.name(), running, "re-adopting container");
+                self.spawn(task, true);
+            }
+        }
+    }
+
+    /// Applies the full assignment set from the controller.
+    pub fn sync(self: &Arc<Self>, tasks: Vec<Task>) {
+        let mut wanted = HashMap::new();
+        for t in tasks {
+            wanted.insert(t.id.clone(), t);
+        }
+        let mut to_spawn = Vec::new();
+        {
+            let local = self.local.lock().expect("local lock");
+            for (id, l) in local.iter() {
+                match wanted.get(id) {
+                    None => {
+                        l.forget.store(true, std::sync::atomic::Ordering::SeqCst);
+                        l.stop.send_replace(true);
+                    }
+                    Some(t) if t.desired_state > TaskState::Running => {
+                        l.stop.send_replace(true);
+                    }
+                    Some(_) => {}
+                }
+            }
+            for (id, t) in wanted {
+                if !local.contains_key(&id)
+                    && t.desired_state <= TaskState::Running
+                    && !t.status.state.is_terminal()
+                    && t.status.state <= TaskState::Assigned
+                {
+                    to_spawn.push(t);
+                }
+            }
+        }
+        for t in to_spawn {
+            self.spawn(t, false);
+        }
+        // Files of tasks the controller forgot and that run nowhere here.
+        self.remove_stale_dirs();
+    }
+
+    fn remove_stale_dirs(&self) {
+        let local = self.local.lock().expect("local lock");
+        let Ok(entries) = std::fs::read_dir(&self.ctx.containers) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            if !local.contains_key(&id) {
+                let dir = e.path();
+                let alive = runtime::shim_pid(&dir).is_some_and(|p| runtime::shim_alive(p, &dir));
+                if !alive {
+                    bundle::unmount_rootfs(&ContainerDir { dir: dir.clone() });
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, task: Task, adopted: bool) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let forget = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.local.lock().expect("local lock").insert(
+            task.id.clone(),
+            Local {
+                stop: stop_tx,
+                forget: forget.clone(),
+            },
+        );
+        let me = self.clone();
+        tokio::spawn(async move {
+            let id = task.id.clone();
+            let dir = me.container_dir(&id);
+            run_task(&me, task, adopted, stop_rx).await;
+            me.local.lock().expect("local lock").remove(&id);
+            if forget.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = std::fs::remove_dir_all(&dir);
+                me.last.lock().expect("last lock").remove(&id);
+            }
+        });
+    }
+
+    fn report(&self, task: &Task, state: TaskState, message: &str, error: &str, exit: Option<i32>) {
+        let r = TaskStatusReport {
+            task_id: task.id.clone(),
+            state: state.to_string(),
+            message: message.to_string(),
+            error: error.to_string(),
+            container_id: if state >= TaskState::Starting {
+                task.id.clone()
+            } else {
+                String::new()
+            },
+            has_exit_code: exit.is_some(),
+            exit_code: exit.unwrap_or(0),
+            timestamp_ms: now_ms(),
+        };
+        self.last
+            .lock()
+            .expect("last lock")
+            .insert(task.id.clone(), r.clone());
+        let _ = self.ctx.status_tx.send(r);
+    }
+}
+
+/// Runs one task through its steps until it ends or is stopped.
+async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::Receiver<bool>) {
+    let ctx = w.ctx.clone();
+    let c = ContainerDir {
+        dir: w.container_dir(&task.id),
+    };
+    let name = task.name();
+    if !adopted {
+        w.report(&task, TaskState::Preparing, "pulling image", "", None);
+        let image = match pull(&ctx, &task).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(task = %name, %e, "rejected");
+                w.report(&task, TaskState::Rejected, "image not available", &e, None);
+                return;
+            }
+        };
+        if *stop.borrow() {
+            w.report(&task, TaskState::Shutdown, "stopped before start", "", None);
+            return;
+        }
+        let prepared = std::fs::create_dir_all(&c.dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                std::fs::write(
+                    c.dir.join("task.json"),
+                    serde_json::to_vec(&task).unwrap_or_default(),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()))
+            .and_then(|_| {
+                bundle::write_config(&c, &task, &image.config, &ctx.cgroup_parent)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = prepared {
+            warn!(task = %name, %e, "rejected");
+            bundle::unmount_rootfs(&c);
+            w.report(
+                &task,
+                TaskState::Rejected,
+                "cannot prepare container",
+                &e,
+                None,
+            );
+            return;
+        }
+        w.report(&task, TaskState::Starting, "starting", "", None);
+        // A failed earlier attempt may have left a record with this id.
+        let _ = ctx.runtime.delete(&task.id).await;
+        match ctx.runtime.start(&task.id, &c.dir).await {
+            Ok(pid) => {
+                info!(task = %name, pid, "running");
+                w.report(&task, TaskState::Running, "running", "", None);
+            }
+            Err(e) => {
+                warn!(task = %name, %e, "failed to start");
+                w.report(
+                    &task,
+                    TaskState::Failed,
+                    "failed to start",
+                    &e.to_string(),
+                    None,
+                );
+                cleanup(&ctx, &task, &c).await;
+                return;
+            }
+        }
+    } else if runtime::exit_code(&c.dir).is_none() {
+        w.report(&task, TaskState::Running, "running (re-adopted)", "", None);
+    }
+
+    let stopped_by_us;
+    let code = tokio::select! {
+        r = ctx.runtime.wait(&task.id, &c.dir) => { stopped_by_us = false; r }
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            stopped_by_us = true;
+            stop_container(&ctx, &task, &c).await
+        }
+    };
+    match (code, stopped_by_us) {
+        (Ok(code), true) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
+        (Ok(0), false) => w.report(&task, TaskState::Complete, "exited", "", Some(0)),
+        (Ok(code), false) => w.report(
+            &task,
+            TaskState::Failed,
+            "exited",
+            &format!("exit code {code}"),
+            Some(code),
+        ),
+        (Err(e), _) => w.report(&task, TaskState::Failed, "lost", &e.to_string(), None),
+    }
+    cleanup(&ctx, &task, &c).await;
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn stop_container(
+    ctx: &Ctx,
+    task: &Task,
+    c: &ContainerDir,
+) -> Result<i32, runtime::RuntimeError> {
+    let _ = ctx.runtime.kill(&task.id, "TERM").await;
+    let grace = Duration::from_secs(task.spec.stop_grace_period);
+    match tokio::time::timeout(grace, ctx.runtime.wait(&task.id, &c.dir)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = ctx.runtime.kill(&task.id, "KILL").await;
+            ctx.runtime.wait(&task.id, &c.dir).await
+        }
+    }
+}
+
+async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
+    if let Err(e) = ctx.runtime.delete(&task.id).await {
+        warn!(task = %task.name(), %e, "runtime delete");
+    }
+    bundle::unmount_rootfs(c);
+    // The writable layer goes with the container; the log stays until the task is forgotten.
+    let _ = std::fs::remove_dir_all(c.upper());
+    let _ = std::fs::remove_dir_all(c.work());
+}
+
+async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage, String> {
+    let registry = ctx.registry.lock().expect("registry lock").clone();
+    let reference = Reference::parse(&task.spec.image).map_err(|e| e.to_string())?;
+    let client = RegistryClient::new(&registry).map_err(|e| e.to_string())?;
+    ctx.images
+        .pull(&client, &reference)
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,300 @@
+//! The Control API that `rctl` speaks. Converts between wire messages and model types, and maps
+//! errors to `tonic::Status` with messages a user can act on. Writes go through Raft; reads come
+//! from the last applied store.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use rudder_model::{Command, ServiceSpec, Store, Task, TaskState};
+use rudder_proto::v1::agent_api_client::AgentApiClient;
+use rudder_proto::v1::control_server::Control;
+use rudder_proto::v1::*;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::raft_node::{RaftError, RaftHandle};
+use crate::{new_id, now_ms};
+
+pub struct ControlApi {
+    pub raft: RaftHandle,
+    pub registry: String,
+}
+
+fn raft_status(e: RaftError) -> Status {
+    match e {
+        RaftError::NotLeader(_) => Status::unavailable(e.to_string()),
+        RaftError::Timeout => Status::deadline_exceeded(e.to_string()),
+        RaftError::Apply(rudder_model::store::ApplyError::NotFound { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
+    let node = t
+        .node_id
+        .as_ref()
+        .and_then(|n| store.nodes.get(n))
+        .map(|n| n.hostname.clone())
+        .unwrap_or_default();
+    TaskSummary {
+        id: t.id.clone(),
+        name: t.name(),
+        service: t.service_name.clone(),
+        slot: t.slot,
+        node_id: t.node_id.clone().unwrap_or_default(),
+        node,
+        desired_state: t.desired_state.to_string(),
+        state: t.status.state.to_string(),
+        message: t.status.message.clone(),
+        error: t.status.error.clone(),
+        container_id: t.status.container_id.clone(),
+        has_exit_code: t.status.exit_code.is_some(),
+        exit_code: t.status.exit_code.unwrap_or(0),
+        timestamp_ms: t.status.timestamp,
+        image: t.spec.image.clone(),
+    }
+}
+
+/// Tasks a logs/exec target names: a service's tasks, or one task by id, id prefix or name.
+pub fn resolve_tasks<'a>(store: &'a Store, target: &str) -> Vec<&'a Task> {
+    if let Some(svc) = store.services.get(target) {
+        let mut v: Vec<&Task> = store.tasks_of(&svc.id).collect();
+        v.sort_by_key(|t| (t.slot, t.created_at));
+        return v;
+    }
+    store
+        .tasks
+        .values()
+        .filter(|t| {
+            t.id == target || t.name() == target || (target.len() >= 4 && t.id.starts_with(target))
+        })
+        .collect()
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlApi {
+    async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let mut specs = Vec::new();
+        for (i, json) in req.into_inner().service_specs_json.iter().enumerate() {
+            let spec: ServiceSpec = serde_json::from_str(json)
+                .map_err(|e| Status::invalid_argument(format!("service #{}: {e}", i + 1)))?;
+            spec.validate()
+                .map_err(|e| Status::invalid_argument(format!("service {:?}: {e}", spec.name)))?;
+            specs.push(spec);
+        }
+        let store = self.raft.store();
+        let mut results = Vec::new();
+        let mut cmds = Vec::new();
+        for spec in specs {
+            let action = match store.services.get(&spec.name) {
+                None => "created",
+                Some(s) if s.spec == spec => "unchanged",
+                Some(_) => "updated",
+            };
+            results.push(ApplyResult {
+                kind: "Service".into(),
+                name: spec.name.clone(),
+                action: action.into(),
+            });
+            if action != "unchanged" {
+                info!(service = %spec.name, action, "apply");
+                cmds.push(Command::PutService {
+                    id: new_id(),
+                    spec: Box::new(spec),
+                    now: now_ms(),
+                });
+            }
+        }
+        if !cmds.is_empty() {
+            // One entry: a file is applied whole.
+            self.raft
+                .propose(Command::Batch(cmds))
+                .await
+                .map_err(raft_status)?;
+        }
+        Ok(Response::new(ApplyResponse { results }))
+    }
+
+    async fn remove_service(
+        &self,
+        req: Request<RemoveServiceRequest>,
+    ) -> Result<Response<RemoveServiceResponse>, Status> {
+        let name = req.into_inner().name;
+        if !self.raft.store().services.contains_key(&name) {
+            return Err(Status::not_found(format!("service {name:?} not found")));
+        }
+        self.raft
+            .propose(Command::RemoveService { name })
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RemoveServiceResponse {}))
+    }
+
+    async fn list_services(
+        &self,
+        _req: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        let store = self.raft.store();
+        let services = store
+            .services
+            .values()
+            .map(|s| ServiceSummary {
+                id: s.id.clone(),
+                name: s.spec.name.clone(),
+                image: s.spec.image.clone(),
+                desired: s.spec.replicas,
+                running: store
+                    .tasks_of(&s.id)
+                    .filter(|t| {
+                        t.desired_state == TaskState::Running
+                            && t.status.state == TaskState::Running
+                    })
+                    .count() as u64,
+                version: s.version,
+                spec_json: serde_json::to_string(&s.spec).unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(ListServicesResponse { services }))
+    }
+
+    async fn list_tasks(
+        &self,
+        req: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let service = req.into_inner().service;
+        let store = self.raft.store();
+        let mut tasks: Vec<&Task> = if service.is_empty() {
+            store.tasks.values().collect()
+        } else {
+            let svc = store
+                .services
+                .get(&service)
+                .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+            store.tasks_of(&svc.id).collect()
+        };
+        tasks.sort_by(|a, b| {
+            (&a.service_name, a.slot, std::cmp::Reverse(a.created_at)).cmp(&(
+                &b.service_name,
+                b.slot,
+                std::cmp::Reverse(b.created_at),
+            ))
+        });
+        let tasks = tasks.into_iter().map(|t| task_summary(&store, t)).collect();
+        Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let store = self.raft.store();
+        let nodes = store
+            .nodes
+            .values()
+            .map(|n| NodeSummary {
+                id: n.id.clone(),
+                hostname: n.hostname.clone(),
+                addr: n.addr.clone(),
+                state: format!("{:?}", n.state).to_lowercase(),
+                tasks: store.tasks_on(&n.id).filter(|t| t.is_active()).count() as u64,
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    type LogsStream = LogStream;
+
+    async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
+        let target = req.into_inner().target;
+        let store = self.raft.store();
+        let tasks = resolve_tasks(&store, &target);
+        if tasks.is_empty() {
+            return Err(Status::not_found(format!(
+                "no service or task named {target:?}"
+            )));
+        }
+        let mut sources = Vec::new();
+        for t in tasks {
+            let addr = t
+                .node_id
+                .as_ref()
+                .and_then(|n| store.nodes.get(n))
+                .map(|n| n.addr.clone());
+            sources.push((t.id.clone(), t.name(), addr));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            for (id, name, addr) in sources {
+                let Some(addr) = addr else { continue };
+                if let Err(e) = forward_logs(&id, &name, &addr, &tx).await {
+                    warn!(task = %name, %e, "logs unavailable");
+                    let _ = tx
+                        .send(Ok(LogChunk {
+                            task: name.clone(),
+                            data: Vec::new(),
+                            warning: format!("logs of {name} unavailable from {addr}: {e}"),
+                        }))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cluster_info(
+        &self,
+        _req: Request<ClusterInfoRequest>,
+    ) -> Result<Response<ClusterInfoResponse>, Status> {
+        let s = self.raft.status();
+        Ok(Response::new(ClusterInfoResponse {
+            raft_id: s.id,
+            leader_id: s.leader_id,
+            term: s.term,
+            applied: s.applied,
+            registry: self.registry.clone(),
+        }))
+    }
+}
+
+/// Streams one task's log from its agent. Bounded in time so a dead host never hangs the caller.
+async fn forward_logs(
+    id: &str,
+    name: &str,
+    addr: &str,
+    tx: &tokio::sync::mpsc::Sender<Result<LogChunk, Status>>,
+) -> Result<(), String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(30));
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut client = AgentApiClient::new(channel);
+    let mut stream = client
+        .task_logs(TaskLogsRequest {
+            task_id: id.to_string(),
+        })
+        .await
+        .map_err(|e| e.message().to_string())?
+        .into_inner();
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|e| e.message().to_string())?
+    {
+        let chunk = LogChunk {
+            task: name.to_string(),
+            ..chunk
+        };
+        if tx.send(Ok(chunk)).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

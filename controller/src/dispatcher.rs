@@ -1,0 +1,240 @@
+//! The dispatcher: every agent keeps one bidirectional stream here. Up: register, heartbeats,
+//! batches of task status. Down: a welcome, then the full set of tasks the node should know
+//! about, re-sent whenever that set changes.
+//!
+//! Invariants: status reports are applied only for tasks placed on the reporting node (checked
+//! by the state machine); reports from all sessions are batched into one proposal; a session
+//! that ends or misses heartbeats marks its node down (unless a newer session took over).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use rudder_model::store::StatusUpdate;
+use rudder_model::{Command, NodeState, TaskState, TaskStatus};
+use rudder_proto::v1::agent_message::Msg as Up;
+use rudder_proto::v1::controller_message::Msg as Down;
+use rudder_proto::v1::dispatcher_server::Dispatcher;
+use rudder_proto::v1::*;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::now_ms;
+use crate::raft_node::RaftHandle;
+
+pub const HEARTBEAT: Duration = Duration::from_millis(1000);
+/// Missed heartbeats before a node counts as down.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+pub struct DispatcherApi {
+    raft: RaftHandle,
+    registry: String,
+    status_tx: mpsc::Sender<StatusUpdate>,
+    /// node id → generation of its current session (a reconnect supersedes the old stream).
+    sessions: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl DispatcherApi {
+    pub fn new(raft: RaftHandle, registry: String) -> Self {
+        let (status_tx, status_rx) = mpsc::channel(8192);
+        tokio::spawn(batch_status(raft.clone(), status_rx));
+        DispatcherApi {
+            raft,
+            registry,
+            status_tx,
+            sessions: Default::default(),
+        }
+    }
+}
+
+/// Folds status reports from every session into one proposal per batch.
+async fn batch_status(raft: RaftHandle, mut rx: mpsc::Receiver<StatusUpdate>) {
+    while let Some(first) = rx.recv().await {
+        let mut updates = vec![first];
+        while let Ok(u) = rx.try_recv() {
+            updates.push(u);
+        }
+        debug!(n = updates.len(), "status batch");
+        if let Err(e) = raft.propose(Command::UpdateStatus { updates }).await {
+            warn!(%e, "status batch not committed");
+        }
+    }
+}
+
+fn to_status(r: &TaskStatusReport) -> Option<TaskStatus> {
+    Some(TaskStatus {
+        state: r.state.parse::<TaskState>().ok()?,
+        message: r.message.clone(),
+        error: r.error.clone(),
+        container_id: r.container_id.clone(),
+        exit_code: r.has_exit_code.then_some(r.exit_code),
+        timestamp: r.timestamp_ms,
+    })
+}
+
+type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Dispatcher for DispatcherApi {
+    type SessionStream = DownStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<DownStream>, Status> {
+        let mut up = req.into_inner();
+        let first = up
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("dispatcher: empty session"))?;
+        let Some(Up::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "dispatcher: the first message must be register",
+            ));
+        };
+        if reg.node_id.is_empty() || reg.hostname.is_empty() {
+            return Err(Status::invalid_argument(
+                "dispatcher: register needs node_id and hostname",
+            ));
+        }
+        let node_id = reg.node_id.clone();
+        let store = self.raft.store();
+        let known = store.nodes.get(&node_id);
+        let fresh = known.is_none_or(|n| {
+            n.state != NodeState::Ready || n.addr != reg.addr || n.hostname != reg.hostname
+        });
+        if fresh {
+            self.raft
+                .propose(Command::PutNode {
+                    id: node_id.clone(),
+                    hostname: reg.hostname.clone(),
+                    addr: reg.addr.clone(),
+                    labels: known.map(|n| n.labels.clone()).unwrap_or_default(),
+                    now: now_ms(),
+                })
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        let generation = {
+            let mut s = self.sessions.lock().expect("sessions lock");
+            let g = s.get(&node_id).copied().unwrap_or(0) + 1;
+            s.insert(node_id.clone(), g);
+            g
+        };
+        info!(node = %node_id, hostname = %reg.hostname, addr = %reg.addr, "agent session opened");
+
+        let (tx, rx) = mpsc::channel(16);
+        let _ = tx
+            .send(Ok(ControllerMessage {
+                msg: Some(Down::Welcome(Welcome {
+                    heartbeat_period_ms: HEARTBEAT.as_millis() as u32,
+                    registry: self.registry.clone(),
+                })),
+            }))
+            .await;
+
+        // Down: the node's task set, whenever it changes.
+        let mut watch = self.raft.watch_store();
+        let down_tx = tx.clone();
+        let down_node = node_id.clone();
+        let sender = tokio::spawn(async move {
+            let mut last: Option<Vec<(String, u64)>> = None;
+            loop {
+                let store = watch.borrow_and_update().clone();
+                let tasks: Vec<_> = store.tasks_on(&down_node).collect();
+                let key: Vec<(String, u64)> =
+                    tasks.iter().map(|t| (t.id.clone(), t.version)).collect();
+                if last.as_ref() != Some(&key) {
+                    let msg = Assignments {
+                        tasks: tasks
+                            .iter()
+                            .map(|t| Assignment {
+                                task_id: t.id.clone(),
+                                desired_state: t.desired_state.to_string(),
+                                task_json: serde_json::to_string(t).unwrap_or_default(),
+                            })
+                            .collect(),
+                    };
+                    if down_tx
+                        .send(Ok(ControllerMessage {
+                            msg: Some(Down::Assignments(msg)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last = Some(key);
+                }
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        // Up: heartbeats and status, with a deadline per message.
+        let raft = self.raft.clone();
+        let status_tx = self.status_tx.clone();
+        let sessions = self.sessions.clone();
+        tokio::spawn(async move {
+            let deadline = HEARTBEAT * MISSED_HEARTBEATS;
+            loop {
+                match tokio::time::timeout(deadline, up.message()).await {
+                    Ok(Ok(Some(m))) => match m.msg {
+                        Some(Up::Heartbeat(_)) | None | Some(Up::Register(_)) => {}
+                        Some(Up::Status(batch)) => {
+                            for r in &batch.reports {
+                                let Some(status) = to_status(r) else {
+                                    warn!(node = %node_id, state = %r.state, "unknown task state reported");
+                                    continue;
+                                };
+                                let _ = status_tx
+                                    .send(StatusUpdate {
+                                        task_id: r.task_id.clone(),
+                                        node_id: node_id.clone(),
+                                        status,
+                                    })
+                                    .await;
+                            }
+                        }
+                    },
+                    Ok(Ok(None)) => {
+                        info!(node = %node_id, "agent session closed");
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        info!(node = %node_id, %e, "agent session failed");
+                        break;
+                    }
+                    Err(_) => {
+                        warn!(node = %node_id, "agent missed {MISSED_HEARTBEATS} heartbeats");
+                        break;
+                    }
+                }
+            }
+            sender.abort();
+            let current = sessions
+                .lock()
+                .expect("sessions lock")
+                .get(&node_id)
+                .copied();
+            if current == Some(generation) {
+                if let Err(e) = raft
+                    .propose(Command::NodeDown {
+                        id: node_id.clone(),
+                        now: now_ms(),
+                    })
+                    .await
+                {
+                    warn!(node = %node_id, %e, "could not mark node down");
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

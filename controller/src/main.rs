@@ -1,0 +1,56 @@
+//! `rudder-controller`: parses flags, installs tracing, runs the controller until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "rudder-controller", version, about = "Rudder controller")]
+struct Args {
+    /// Where the raft log and registry blobs live.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// gRPC API address (rctl and agents).
+    #[arg(long, default_value = "0.0.0.0:4243")]
+    listen: SocketAddr,
+    /// OCI registry address.
+    #[arg(long, default_value = "0.0.0.0:5000")]
+    registry_listen: SocketAddr,
+    /// Raft member id (unique per controller).
+    #[arg(long, default_value_t = 1)]
+    raft_id: u64,
+    /// Host name, for logs.
+    #[arg(long)]
+    node_name: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    if let Some(n) = &a.node_name {
+        tracing::info!(node = %n, "starting");
+    }
+    let cfg = rudder_controller::Config {
+        data_dir: a.data_dir,
+        listen: a.listen,
+        registry_listen: a.registry_listen,
+        raft_id: a.raft_id,
+    };
+    rudder_controller::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,120 @@
+//! Registry errors and their mapping onto the distribution spec's HTTP error model.
+//!
+//! Invariant: every failure a client can see leaves through [`RegistryError::into_response`],
+//! which always answers with the spec's JSON body `{"errors":[{"code","message","detail"}]}`
+//! and the status the spec assigns to that code. Server-side faults (I/O, tag store) are
+//! logged here, once, at `warn`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// Everything that can go wrong in the registry: client mistakes (mapped to 4xx with a spec
+/// error code) and server faults (5xx).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry: blob unknown: {0}")]
+    BlobUnknown(String),
+    #[error("registry: blob upload unknown: {0}")]
+    UploadUnknown(String),
+    #[error("registry: blob upload invalid: {0}")]
+    UploadInvalid(String),
+    /// A chunk did not start where the upload currently ends.
+    #[error("registry: chunk starts at byte {start} but the upload holds {size} bytes")]
+    RangeInvalid {
+        /// Where the client said the chunk starts.
+        start: u64,
+        /// How many bytes the upload holds; the client should resume from here.
+        size: u64,
+        /// The upload's location, echoed back so the client can resume.
+        location: String,
+    },
+    #[error("registry: digest invalid: {0}")]
+    DigestInvalid(String),
+    #[error("registry: digest mismatch: client said {expected}, content hashes to {actual}")]
+    DigestMismatch { expected: String, actual: String },
+    #[error("registry: manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("registry: manifest invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("registry: manifest references blob {0} which this registry does not hold")]
+    ManifestBlobUnknown(String),
+    #[error("registry: name invalid: {0}")]
+    NameInvalid(String),
+    #[error("registry: tag invalid: {0}")]
+    TagInvalid(String),
+    #[error("registry: payload too large: {0}")]
+    TooLarge(String),
+    #[error("registry: unsupported: {0}")]
+    Unsupported(String),
+    #[error("registry: no such endpoint: {0}")]
+    NotFound(String),
+    #[error("registry: method {0} not allowed here")]
+    MethodNotAllowed(String),
+    /// The request body broke off or could not be read.
+    #[error("registry: reading request body: {0}")]
+    Body(String),
+    /// The replicated tag store refused or could not commit (e.g. no raft leader).
+    #[error("registry: tag store: {0}")]
+    TagStore(String),
+    #[error("registry: {op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RegistryError {
+    /// Builds a closure for `map_err` that tags an I/O error with the operation that failed.
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self::Io { op, source }
+    }
+
+    /// The spec's error code and HTTP status for this error.
+    pub fn code_and_status(&self) -> (&'static str, StatusCode) {
+        use RegistryError::*;
+        match self {
+            BlobUnknown(_) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
+            UploadUnknown(_) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
+            UploadInvalid(_) | Body(_) => ("BLOB_UPLOAD_INVALID", StatusCode::BAD_REQUEST),
+            RangeInvalid { .. } => ("BLOB_UPLOAD_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
+            DigestInvalid(_) | DigestMismatch { .. } => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
+            ManifestUnknown(_) => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
+            ManifestInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
+            ManifestBlobUnknown(_) => ("MANIFEST_BLOB_UNKNOWN", StatusCode::BAD_REQUEST),
+            NameInvalid(_) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
+            TagInvalid(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            TooLarge(_) => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
+            Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
+            NotFound(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
+            MethodNotAllowed(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
+            TagStore(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
+            Io { .. } => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+}
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (code, status) = self.code_and_status();
+        if status.is_server_error() {
+            tracing::warn!(err = %self, "registry request failed");
+        } else {
+            tracing::debug!(err = %self, "registry request refused");
+        }
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": self.to_string(), "detail": null }]
+        });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let RegistryError::RangeInvalid { size, location, .. } = &self {
+            let headers = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&super::http::range_value(*size)) {
+                headers.insert(header::RANGE, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(location) {
+                headers.insert(header::LOCATION, v);
+            }
+        }
+        resp
+    }
+}

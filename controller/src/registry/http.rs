@@ -1,0 +1,743 @@
+//! The distribution-spec HTTP API: path parsing, then one handler per endpoint.
+//!
+//! Repository names contain slashes, so everything under `/v2/` arrives at one catch-all route
+//! and [`parse_route`] splits it from the end (the last one or two segments say which endpoint
+//! it is; everything before is the name). Handlers hold no state of their own: blobs go to the
+//! [`BlobStore`], references to the [`TagStore`](super::TagStore).
+//!
+//! Invariants: every response carries `Docker-Distribution-API-Version: registry/2.0`; a
+//! repository name is validated before any storage is touched; blob bodies are streamed in
+//! both directions, never buffered whole; a manifest is accepted only once all the blobs it
+//! references are present, and its bytes are stored before its tag is published.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+use tracing::Instrument;
+
+use super::manifest::{self, MAX_MANIFEST_BYTES};
+use super::names::{is_digest_reference, validate_name, validate_tag, Digest};
+use super::tags::paginate;
+use super::{RegistryError, RegistryState};
+
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
+/// Read size when streaming a blob out.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Which endpoint a `/v2/...` path addresses.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Base,
+    Catalog,
+    Tags { name: String },
+    Manifest { name: String, reference: String },
+    Blob { name: String, digest: String },
+    UploadStart { name: String },
+    Upload { name: String, id: String },
+}
+
+/// Splits a request path into a [`Route`]; `None` if it is not a registry path.
+pub(crate) fn parse_route(path: &str) -> Option<Route> {
+    let rest = path.strip_prefix("/v2")?;
+    if rest.is_empty() || rest == "/" {
+        return Some(Route::Base);
+    }
+    let rest = rest.strip_prefix('/')?;
+    if rest == "_catalog" {
+        return Some(Route::Catalog);
+    }
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let name = |upto: usize| segs[..upto].join("/");
+    let tail = |k: usize| if n > k { Some(&segs[n - k..]) } else { None };
+    if let Some(["tags", "list"]) = tail(2) {
+        return Some(Route::Tags { name: name(n - 2) });
+    }
+    if let Some(["manifests", reference]) = tail(2) {
+        return Some(Route::Manifest {
+            name: name(n - 2),
+            reference: percent_decode(reference),
+        });
+    }
+    if let Some(["blobs", "uploads", ""]) = tail(3) {
+        return Some(Route::UploadStart { name: name(n - 3) });
+    }
+    if let Some(["blobs", "uploads"]) = tail(2) {
+        return Some(Route::UploadStart { name: name(n - 2) });
+    }
+    if let Some(["blobs", digest]) = tail(2) {
+        return Some(Route::Blob {
+            name: name(n - 2),
+            digest: percent_decode(digest),
+        });
+    }
+    if let Some(["blobs", "uploads", id]) = tail(3) {
+        return Some(Route::Upload {
+            name: name(n - 3),
+            id: (*id).to_owned(),
+        });
+    }
+    None
+}
+
+/// Decodes `%XX` escapes (some clients escape the `:` of a digest).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `Range` header value for an upload holding `size` bytes (inclusive end, `0-0` when empty,
+/// as the spec and docker's registry do).
+pub(crate) fn range_value(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+/// Adds the API version header to every response, errors included.
+pub(crate) async fn api_version_header(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+/// Entry point of every `/v2` request: a debug span, the handler, errors into spec bodies.
+pub(crate) async fn dispatch(State(state): State<RegistryState>, req: Request) -> Response {
+    let span = tracing::debug_span!("registry", method = %req.method(), path = %req.uri().path());
+    async move {
+        let resp = match handle(state, req).await {
+            Ok(resp) => resp,
+            Err(err) => err.into_response(),
+        };
+        tracing::debug!(status = resp.status().as_u16(), "registry response");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn handle(state: RegistryState, req: Request) -> Result<Response, RegistryError> {
+    let path = req.uri().path().to_owned();
+    let route = parse_route(&path).ok_or_else(|| RegistryError::NotFound(path.clone()))?;
+    let query: HashMap<String, String> = Query::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .map_err(|e| RegistryError::Unsupported(format!("malformed query string: {e}")))?;
+    let method = req.method().clone();
+    let wrong_method = || Err(RegistryError::MethodNotAllowed(method.to_string()));
+    match route {
+        Route::Base => match method {
+            Method::GET | Method::HEAD => Ok(json_reply(Vec::new(), &serde_json::json!({}))),
+            _ => wrong_method(),
+        },
+        Route::Catalog => match method {
+            Method::GET => catalog(&state, &query),
+            _ => wrong_method(),
+        },
+        Route::Tags { name } => {
+            validate_name(&name)?;
+            match method {
+                Method::GET => tags_list(&state, &name, &query),
+                _ => wrong_method(),
+            }
+        }
+        Route::Manifest { name, reference } => {
+            validate_name(&name)?;
+            match method {
+                Method::GET => get_manifest(&state, &name, &reference, true).await,
+                Method::HEAD => get_manifest(&state, &name, &reference, false).await,
+                Method::PUT => put_manifest(&state, &name, &reference, req).await,
+                Method::DELETE => delete_manifest(&state, &name, &reference).await,
+                _ => wrong_method(),
+            }
+        }
+        Route::Blob { name, digest } => {
+            validate_name(&name)?;
+            let digest = Digest::parse(&digest)?;
+            match method {
+                Method::GET => get_blob(&state, &digest, req.headers(), true).await,
+                Method::HEAD => get_blob(&state, &digest, req.headers(), false).await,
+                Method::DELETE => delete_blob(&state, &digest).await,
+                _ => wrong_method(),
+            }
+        }
+        Route::UploadStart { name } => {
+            validate_name(&name)?;
+            match method {
+                Method::POST => start_upload(&state, &name, &query, req).await,
+                _ => wrong_method(),
+            }
+        }
+        Route::Upload { name, id } => {
+            validate_name(&name)?;
+            match method {
+                Method::GET => upload_status(&state, &name, &id).await,
+                Method::PATCH => patch_upload(&state, &name, &id, req).await,
+                Method::PUT => put_upload(&state, &name, &id, &query, req).await,
+                Method::DELETE => cancel_upload(&state, &name, &id).await,
+                _ => wrong_method(),
+            }
+        }
+    }
+}
+
+/// Builds a response; header values come from validated names, digests and ids, so they are
+/// always valid, but an invalid one is logged and dropped rather than panicking.
+fn reply(status: StatusCode, headers: Vec<(HeaderName, String)>, body: Body) -> Response {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    for (name, value) in headers {
+        match HeaderValue::try_from(value) {
+            Ok(v) => {
+                resp.headers_mut().insert(name, v);
+            }
+            Err(err) => tracing::warn!(%name, %err, "dropping an invalid response header"),
+        }
+    }
+    resp
+}
+
+/// A 200 with a JSON body and extra headers.
+fn json_reply(headers: Vec<(HeaderName, String)>, body: &serde_json::Value) -> Response {
+    let mut headers = headers;
+    headers.push((header::CONTENT_TYPE, "application/json".to_owned()));
+    reply(StatusCode::OK, headers, Body::from(body.to_string()))
+}
+
+fn page_params(
+    query: &HashMap<String, String>,
+) -> Result<(Option<usize>, Option<&str>), RegistryError> {
+    let n = match query.get("n") {
+        None => None,
+        Some(n) => Some(
+            n.parse::<usize>()
+                .map_err(|_| RegistryError::Unsupported(format!("n={n:?} is not a count")))?,
+        ),
+    };
+    Ok((n, query.get("last").map(String::as_str)))
+}
+
+/// The `Link` header pointing at the next page, if there is one.
+fn next_link(
+    base: &str,
+    more: bool,
+    n: Option<usize>,
+    page: &[String],
+) -> Vec<(HeaderName, String)> {
+    match (more, n, page.last()) {
+        (true, Some(n), Some(last)) => {
+            vec![(
+                header::LINK,
+                format!("<{base}?n={n}&last={last}>; rel=\"next\""),
+            )]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn catalog(
+    state: &RegistryState,
+    query: &HashMap<String, String>,
+) -> Result<Response, RegistryError> {
+    let (n, last) = page_params(query)?;
+    let (page, more) = paginate(state.tags.repositories(), last, n);
+    let headers = next_link("/v2/_catalog", more, n, &page);
+    let body = serde_json::json!({ "repositories": page });
+    Ok(json_reply(headers, &body))
+}
+
+fn tags_list(
+    state: &RegistryState,
+    name: &str,
+    query: &HashMap<String, String>,
+) -> Result<Response, RegistryError> {
+    if !state.tags.repositories().iter().any(|r| r == name) {
+        return Err(RegistryError::NotFound(format!("repository {name}")));
+    }
+    let (n, last) = page_params(query)?;
+    let (page, more) = paginate(state.tags.tags(name), last, n);
+    let headers = next_link(&format!("/v2/{name}/tags/list"), more, n, &page);
+    let body = serde_json::json!({ "name": name, "tags": page });
+    Ok(json_reply(headers, &body))
+}
+
+async fn get_manifest(
+    state: &RegistryState,
+    name: &str,
+    reference: &str,
+    with_body: bool,
+) -> Result<Response, RegistryError> {
+    let unknown = || RegistryError::ManifestUnknown(format!("{name}:{reference}"));
+    let found = state.tags.resolve(name, reference).ok_or_else(unknown)?;
+    let digest = Digest::parse(&found.digest)?;
+    let bytes = state
+        .blobs
+        .read(&digest, MAX_MANIFEST_BYTES as u64)
+        .await?
+        .ok_or_else(unknown)?;
+    let headers = vec![
+        (header::CONTENT_TYPE, found.media_type),
+        (header::CONTENT_LENGTH, bytes.len().to_string()),
+        (CONTENT_DIGEST, digest.to_string()),
+        (header::ETAG, format!("\"{digest}\"")),
+    ];
+    let body = if with_body {
+        Body::from(bytes)
+    } else {
+        Body::empty()
+    };
+    Ok(reply(StatusCode::OK, headers, body))
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, RegistryError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| RegistryError::Body(e.to_string()))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(RegistryError::TooLarge(format!(
+                "manifests are limited to {limit} bytes"
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+async fn put_manifest(
+    state: &RegistryState,
+    name: &str,
+    reference: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    let by_digest = is_digest_reference(reference);
+    if by_digest {
+        Digest::parse(reference)?;
+    } else {
+        validate_tag(reference)?;
+    }
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = read_limited(req.into_body(), MAX_MANIFEST_BYTES).await?;
+    let parsed = manifest::parse(&bytes, content_type.as_deref())?;
+    let digest = Digest::of(&bytes);
+    if by_digest && digest.as_str() != reference {
+        return Err(RegistryError::DigestMismatch {
+            expected: reference.to_owned(),
+            actual: digest.to_string(),
+        });
+    }
+    for needed in &parsed.references {
+        if state.blobs.stat(needed).await?.is_none() {
+            return Err(RegistryError::ManifestBlobUnknown(needed.to_string()));
+        }
+    }
+    state.blobs.put_bytes(&bytes).await?;
+    let tag = (!by_digest).then_some(reference);
+    state
+        .tags
+        .put(name, tag, digest.as_str(), &parsed.media_type)
+        .await?;
+    tracing::debug!(%digest, media_type = %parsed.media_type, "manifest stored");
+    Ok(reply(
+        StatusCode::CREATED,
+        vec![
+            (header::LOCATION, format!("/v2/{name}/manifests/{digest}")),
+            (CONTENT_DIGEST, digest.to_string()),
+        ],
+        Body::empty(),
+    ))
+}
+
+async fn delete_manifest(
+    state: &RegistryState,
+    name: &str,
+    reference: &str,
+) -> Result<Response, RegistryError> {
+    if state.tags.delete(name, reference).await? {
+        Ok(reply(StatusCode::ACCEPTED, Vec::new(), Body::empty()))
+    } else {
+        Err(RegistryError::ManifestUnknown(format!(
+            "{name}:{reference}"
+        )))
+    }
+}
+
+/// Parses a single `Range: bytes=a-b` (or `a-`, or `-suffix`) against a blob of `len` bytes.
+/// `None` means serve the whole blob (no header, or a form we do not support).
+fn parse_byte_range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = headers
+        .get(header::RANGE)?
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // multiple ranges: serve everything, which the spec allows
+    }
+    let (a, b) = spec.split_once('-')?;
+    let range = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let suffix: u64 = suffix.parse().ok()?;
+            (len.saturating_sub(suffix), len.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(len.saturating_sub(1)),
+        ),
+    };
+    Some(if range.0 <= range.1 && range.1 < len {
+        Ok(range)
+    } else {
+        Err(())
+    })
+}
+
+async fn get_blob(
+    state: &RegistryState,
+    digest: &Digest,
+    req_headers: &HeaderMap,
+    with_body: bool,
+) -> Result<Response, RegistryError> {
+    let Some((mut file, len)) = state.blobs.open_blob(digest).await? else {
+        return Err(RegistryError::BlobUnknown(digest.to_string()));
+    };
+    let mut status = StatusCode::OK;
+    let mut headers = vec![
+        (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+        (CONTENT_DIGEST, digest.to_string()),
+        (header::ETAG, format!("\"{digest}\"")),
+        (header::ACCEPT_RANGES, "bytes".to_owned()),
+    ];
+    let (start, count) = match parse_byte_range(req_headers, len) {
+        None => (0, len),
+        Some(Ok((a, b))) => {
+            status = StatusCode::PARTIAL_CONTENT;
+            headers.push((header::CONTENT_RANGE, format!("bytes {a}-{b}/{len}")));
+            (a, b - a + 1)
+        }
+        Some(Err(())) => {
+            return Ok(reply(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                vec![(header::CONTENT_RANGE, format!("bytes */{len}"))],
+                Body::empty(),
+            ))
+        }
+    };
+    headers.push((header::CONTENT_LENGTH, count.to_string()));
+    if !with_body {
+        return Ok(reply(status, headers, Body::empty()));
+    }
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(RegistryError::io("seek blob"))?;
+    }
+    let stream = ReaderStream::with_capacity(file.take(count), READ_CHUNK);
+    Ok(reply(status, headers, Body::from_stream(stream)))
+}
+
+async fn delete_blob(state: &RegistryState, digest: &Digest) -> Result<Response, RegistryError> {
+    if state.blobs.delete(digest).await? {
+        Ok(reply(StatusCode::ACCEPTED, Vec::new(), Body::empty()))
+    } else {
+        Err(RegistryError::BlobUnknown(digest.to_string()))
+    }
+}
+
+fn upload_location(name: &str, id: &str) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+fn upload_reply(status: StatusCode, name: &str, id: &str, size: u64) -> Response {
+    reply(
+        status,
+        vec![
+            (header::LOCATION, upload_location(name, id)),
+            (header::RANGE, range_value(size)),
+            (UPLOAD_UUID, id.to_owned()),
+        ],
+        Body::empty(),
+    )
+}
+
+fn blob_created(name: &str, digest: &Digest) -> Response {
+    reply(
+        StatusCode::CREATED,
+        vec![
+            (header::LOCATION, format!("/v2/{name}/blobs/{digest}")),
+            (CONTENT_DIGEST, digest.to_string()),
+        ],
+        Body::empty(),
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .map(Some)
+            .ok_or_else(|| RegistryError::UploadInvalid("bad Content-Length".into())),
+    }
+}
+
+/// Parses a chunk's `Content-Range: <start>-<end>` (also accepting `bytes <start>-<end>/<total>`)
+/// into (start, length).
+fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, RegistryError> {
+    let Some(v) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || RegistryError::UploadInvalid(format!("bad Content-Range {v:?}"));
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    let s = s.strip_prefix("bytes").map(str::trim_start).unwrap_or(s);
+    let s = s.split('/').next().unwrap_or_default();
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let a: u64 = a.trim().parse().map_err(|_| bad())?;
+    let b: u64 = b.trim().parse().map_err(|_| bad())?;
+    if b < a {
+        return Err(bad());
+    }
+    Ok(Some((a, b - a + 1)))
+}
+
+/// Streams a request body into an upload, honouring Content-Range and Content-Length.
+async fn append_body(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+    req: Request,
+) -> Result<u64, RegistryError> {
+    let range = content_range(req.headers())?;
+    let declared = content_length(req.headers())?;
+    let len = match (range, declared) {
+        (Some((_, a)), Some(b)) if a != b => {
+            return Err(RegistryError::UploadInvalid(format!(
+                "Content-Range covers {a} bytes but Content-Length says {b}"
+            )))
+        }
+        (Some((_, len)), _) | (None, Some(len)) => Some(len),
+        (None, None) => None,
+    };
+    let location = upload_location(name, id);
+    let body = req.into_body().into_data_stream();
+    state
+        .blobs
+        .append(
+            name,
+            id,
+            range.map(|(start, _)| start),
+            len,
+            &location,
+            body,
+        )
+        .await
+}
+
+async fn start_upload(
+    state: &RegistryState,
+    name: &str,
+    query: &HashMap<String, String>,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    if let Some(mount) = query.get("mount") {
+        let digest = Digest::parse(mount)?;
+        if let Some(from) = query.get("from") {
+            validate_name(from)?;
+        }
+        // Blobs are shared by all repositories, so a mount succeeds whenever the blob exists.
+        if state.blobs.stat(&digest).await?.is_some() {
+            tracing::debug!(%digest, "blob mounted");
+            return Ok(blob_created(name, &digest));
+        }
+    }
+    if let Some(digest) = query.get("digest") {
+        let digest = Digest::parse(digest)?;
+        let id = state.blobs.start_upload(name).await?;
+        if let Err(err) = append_body(state, name, &id, req).await {
+            state.blobs.cancel(name, &id).await?;
+            return Err(err);
+        }
+        state.blobs.finish(name, &id, &digest).await?;
+        return Ok(blob_created(name, &digest));
+    }
+    let id = state.blobs.start_upload(name).await?;
+    tracing::debug!(id, "upload started");
+    Ok(upload_reply(StatusCode::ACCEPTED, name, &id, 0))
+}
+
+async fn upload_status(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+) -> Result<Response, RegistryError> {
+    let size = state.blobs.upload_size(name, id).await?;
+    Ok(upload_reply(StatusCode::NO_CONTENT, name, id, size))
+}
+
+async fn patch_upload(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    let size = append_body(state, name, id, req).await?;
+    Ok(upload_reply(StatusCode::ACCEPTED, name, id, size))
+}
+
+async fn put_upload(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+    query: &HashMap<String, String>,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    let digest = query.get("digest").ok_or_else(|| {
+        RegistryError::DigestInvalid("the digest query parameter is required".into())
+    })?;
+    let digest = Digest::parse(digest)?;
+    append_body(state, name, id, req).await?;
+    state.blobs.finish(name, id, &digest).await?;
+    tracing::debug!(%digest, "upload finished");
+    Ok(blob_created(name, &digest))
+}
+
+async fn cancel_upload(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+) -> Result<Response, RegistryError> {
+    if state.blobs.cancel(name, id).await? {
+        Ok(reply(StatusCode::NO_CONTENT, Vec::new(), Body::empty()))
+    } else {
+        Err(RegistryError::UploadUnknown(id.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> String {
+        x.to_owned()
+    }
+
+    #[test]
+    fn routes() {
+        let d = "sha256:aaaa";
+        let cases = [
+            ("/v2", Some(Route::Base)),
+            ("/v2/", Some(Route::Base)),
+            ("/v2/_catalog", Some(Route::Catalog)),
+            ("/v2/a/b/tags/list", Some(Route::Tags { name: s("a/b") })),
+            (
+                "/v2/a/manifests/latest",
+                Some(Route::Manifest {
+                    name: s("a"),
+                    reference: s("latest"),
+                }),
+            ),
+            (
+                "/v2/a/blobs/manifests/x",
+                Some(Route::Manifest {
+                    name: s("a/blobs"),
+                    reference: s("x"),
+                }),
+            ),
+            (
+                "/v2/a/b/blobs/sha256%3Aaaaa",
+                Some(Route::Blob {
+                    name: s("a/b"),
+                    digest: s(d),
+                }),
+            ),
+            (
+                "/v2/a/blobs/uploads/",
+                Some(Route::UploadStart { name: s("a") }),
+            ),
+            (
+                "/v2/a/blobs/uploads",
+                Some(Route::UploadStart { name: s("a") }),
+            ),
+            (
+                "/v2/a/blobs/uploads/abc",
+                Some(Route::Upload {
+                    name: s("a"),
+                    id: s("abc"),
+                }),
+            ),
+            (
+                "/v2/x/blobs/uploads/blobs/sha256:aaaa",
+                Some(Route::Blob {
+                    name: s("x/blobs/uploads"),
+                    digest: s(d),
+                }),
+            ),
+            ("/v2/manifests/latest", None),
+            ("/v2/a/b", None),
+            ("/v3/a/manifests/x", None),
+            ("/v2x", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(parse_route(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_range(&h).unwrap(), None);
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("10-19"));
+        assert_eq!(content_range(&h).unwrap(), Some((10, 10)));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 0-0/*"),
+        );
+        assert_eq!(content_range(&h).unwrap(), Some((0, 1)));
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("9-3"));
+        assert!(content_range(&h).is_err());
+
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_byte_range(&h, 10), None);
+        for (v, want) in [
+            ("bytes=0-4", Some(Ok((0, 4)))),
+            ("bytes=5-", Some(Ok((5, 9)))),
+            ("bytes=-3", Some(Ok((7, 9)))),
+            ("bytes=8-100", Some(Ok((8, 9)))),
+            ("bytes=10-12", Some(Err(()))),
+            ("bytes=0-1,3-4", None),
+        ] {
+            h.insert(header::RANGE, HeaderValue::from_static(v));
+            assert_eq!(parse_byte_range(&h, 10), want, "{v}");
+        }
+        assert_eq!(range_value(0), "0-0");
+        assert_eq!(range_value(10), "0-9");
+        assert_eq!(percent_decode("a%3Ab%zz%4"), "a:b%zz%4");
+    }
+}

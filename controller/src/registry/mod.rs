@@ -1,0 +1,99 @@
+//! The controller's OCI distribution-spec registry (`/v2/`, default port 5000), so that an
+//! image pushed once (skopeo, podman, docker) can be pulled by every agent.
+//!
+//! Parts:
+//! - [`blob`]: content-addressed files on disk plus resumable uploads ([`BlobStore`]);
+//! - [`tags`]: the [`TagStore`] seam mapping `repo:tag` / `repo@digest` to manifests. In a
+//!   cluster it is implemented over Raft by the controller; [`MemTagStore`] serves tests and
+//!   a standalone registry;
+//! - [`manifest`]: pure parsing of pushed manifests (media type, referenced blobs);
+//! - [`names`]: pure validation of repository names, tags and digests;
+//! - `http`: the endpoints.
+//!
+//! Invariants: manifests are stored as ordinary blobs (their digest is over the exact bytes
+//! pushed) and are published in the tag store only after those bytes and every blob they
+//! reference are on disk; blobs are shared by all repositories, while manifests and tags
+//! belong to one repository.
+
+pub mod blob;
+mod error;
+mod http;
+pub mod manifest;
+pub mod names;
+pub mod tags;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::any;
+
+pub use blob::BlobStore;
+pub use error::RegistryError;
+pub use names::Digest;
+pub use tags::{ManifestRef, MemTagStore, TagStore};
+
+/// The port a registry listens on unless configured otherwise.
+pub const DEFAULT_PORT: u16 = 5000;
+
+/// Everything the registry's handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct RegistryState {
+    blobs: BlobStore,
+    tags: Arc<dyn TagStore>,
+}
+
+impl RegistryState {
+    pub fn new(blobs: BlobStore, tags: Arc<dyn TagStore>) -> Self {
+        Self { blobs, tags }
+    }
+
+    /// The blob store, e.g. for replicating blobs between controllers or purging uploads.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    pub fn tags(&self) -> &Arc<dyn TagStore> {
+        &self.tags
+    }
+}
+
+impl std::fmt::Debug for RegistryState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryState")
+            .field("blobs", &self.blobs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registry's HTTP routes. Body size limits are off (blobs can be gigabytes); manifest
+/// bodies are limited by their handler.
+pub fn router(state: RegistryState) -> axum::Router {
+    axum::Router::new()
+        .route("/v2", any(http::dispatch))
+        .route("/v2/", any(http::dispatch))
+        .route("/v2/{*rest}", any(http::dispatch))
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(http::api_version_header))
+        .with_state(state)
+}
+
+/// Serves the registry on `listener` until `shutdown` completes, then drains in-flight
+/// requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: RegistryState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RegistryError> {
+    let addr = listener
+        .local_addr()
+        .map_err(RegistryError::io("registry listener address"))?;
+    tracing::info!(%addr, "registry listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RegistryError::io("serve registry"))
+}

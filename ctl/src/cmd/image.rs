@@ -1,0 +1,32 @@
+//! `rctl image import ROOTFS.tar NAME:TAG` and `rctl image load FILE`: put images into the
+//! cluster's registry without internet access.
+
+use std::path::Path;
+
+use rudder_image::archive::PushReport;
+use rudder_image::{Reference, RegistryClient};
+
+use crate::context::Context;
+
+fn print(r: &PushReport) {
+    println!(
+        "{} {} ({} bytes uploaded in {} blobs, {} already present)",
+        r.reference, r.manifest_digest, r.bytes_uploaded, r.blobs_uploaded, r.blobs_skipped
+    );
+}
+
+pub async fn import(ctx: &Context, tar: &Path, name: &str) -> anyhow::Result<()> {
+    let reference = Reference::parse(name)?;
+    let client = RegistryClient::new(&ctx.registry)?;
+    print(&rudder_image::import_rootfs(&client, tar, &reference).await?);
+    Ok(())
+}
+
+pub async fn load(ctx: &Context, file: &Path, tag: Option<&str>) -> anyhow::Result<()> {
+    let client = RegistryClient::new(&ctx.registry)?;
+    let default = tag.map(Reference::parse).transpose()?;
+    for r in rudder_image::load_archive(&client, file, default.as_ref()).await? {
+        print(&r);
+    }
+    Ok(())
+}

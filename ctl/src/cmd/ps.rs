@@ -1,0 +1,70 @@
+//! `rctl ps [SERVICE]`: every task with its node, state, container and error (history
+//! included, newest first per slot).
+
+use rudder_proto::v1::{ListTasksRequest, TaskSummary};
+
+use super::{print_table, Output};
+use crate::context::Context;
+
+pub async fn fetch(ctx: &Context, service: Option<&str>) -> anyhow::Result<Vec<TaskSummary>> {
+    let mut client = crate::connect(ctx).await?;
+    Ok(client
+        .list_tasks(ListTasksRequest {
+            service: service.unwrap_or_default().to_string(),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .tasks)
+}
+
+pub fn to_json(t: &TaskSummary) -> serde_json::Value {
+    serde_json::json!({
+        "id": t.id, "name": t.name, "service": t.service, "slot": t.slot,
+        "node": t.node, "node_id": t.node_id, "desired_state": t.desired_state,
+        "state": t.state, "message": t.message, "error": t.error,
+        "container_id": t.container_id,
+        "exit_code": if t.has_exit_code { Some(t.exit_code) } else { None },
+        "timestamp_ms": t.timestamp_ms, "image": t.image,
+    })
+}
+
+pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow::Result<()> {
+    let tasks = fetch(ctx, service).await?;
+    match output {
+        Output::Json => {
+            let v: Vec<_> = tasks.iter().map(to_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = tasks
+                .iter()
+                .map(|t| {
+                    let state = if t.desired_state != "running" && t.state != t.desired_state {
+                        format!("{} (desired {})", t.state, t.desired_state)
+                    } else {
+                        t.state.clone()
+                    };
+                    let mut err = t.error.clone();
+                    if err.is_empty() && t.state == "pending" {
+                        err = t.message.clone();
+                    }
+                    vec![
+                        t.name.clone(),
+                        t.image.clone(),
+                        if t.node.is_empty() { "-".into() } else { t.node.clone() },
+                        state,
+                        if t.container_id.is_empty() {
+                            "-".into()
+                        } else {
+                            t.container_id[..t.container_id.len().min(12)].to_string()
+                        },
+                        err,
+                    ]
+                })
+                .collect();
+            print_table(&["TASK", "IMAGE", "NODE", "STATE", "CONTAINER", "ERROR"], &rows);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! `rctl`: parses flags and dispatches to one module per command (`rudder_ctl::cmd`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use rudder_ctl::cmd::{self, Output};
+use rudder_ctl::context;
+
+#[derive(Parser)]
+#[command(
+    name = "rctl",
+    version,
+    about = "Rudder: run services as containers across hosts"
+)]
+struct Cli {
+    /// Controller URL (default: from the context file).
+    #[arg(long, global = true, env = "RUDDER_CONTROLLER")]
+    controller: Option<String>,
+    /// Registry host:port (default: from the context file).
+    #[arg(long, global = true, env = "RUDDER_REGISTRY")]
+    registry: Option<String>,
+    /// Context file (default: $RUDDER_CONTEXT, else ~/.rudder/context.json).
+    #[arg(long, global = true)]
+    context: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or update what the manifest files declare.
+    Apply {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List tasks (all services, or one).
+    Ps {
+        service: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List objects: services, nodes.
+    Get {
+        #[arg(value_parser = ["services", "service", "svc", "nodes", "node"])]
+        kind: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print the output of a service's or a task's containers.
+    Logs {
+        target: String,
+        /// Do not prefix lines with the task name.
+        #[arg(long)]
+        no_prefix: bool,
+    },
+    /// Remove services (their containers are stopped and removed).
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Images in the cluster registry.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// A multi-host lab on this machine.
+    Local {
+        #[command(subcommand)]
+        cmd: LocalCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Make an image from a root filesystem tarball.
+    Import { tar: PathBuf, name: String },
+    /// Load an OCI archive or a docker-save tarball.
+    Load {
+        file: PathBuf,
+        /// Name for images the archive leaves untagged.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LocalCmd {
+    /// Build the lab: N hosts in network namespaces, agents on all, a controller on the first.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 1)]
+        managers: u32,
+        #[arg(long, default_value = "rudder")]
+        name: String,
+        #[arg(long, default_value = "auto")]
+        runtime: String,
+        /// Do not make this lab the default context (~/.rudder/context.json).
+        #[arg(long)]
+        no_default_context: bool,
+    },
+    /// Remove every trace of the lab.
+    Down {
+        #[arg(long, default_value = "rudder")]
+        name: String,
+    },
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RCTL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ctx = || {
+        context::resolve(
+            cli.controller.as_deref(),
+            cli.registry.as_deref(),
+            cli.context.as_deref(),
+        )
+    };
+    match &cli.cmd {
+        Cmd::Apply { files } => rt.block_on(cmd::apply::run(&ctx()?, files)),
+        Cmd::Ps { service, output } => {
+            rt.block_on(cmd::ps::run(&ctx()?, service.as_deref(), *output))
+        }
+        Cmd::Get { kind, output } => match kind.as_str() {
+            "nodes" | "node" => rt.block_on(cmd::get::nodes(&ctx()?, *output)),
+            _ => rt.block_on(cmd::get::services(&ctx()?, *output)),
+        },
+        Cmd::Logs { target, no_prefix } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix)),
+        Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
+        Cmd::Image {
+            cmd: ImageCmd::Import { tar, name },
+        } => rt.block_on(cmd::image::import(&ctx()?, tar, name)),
+        Cmd::Image {
+            cmd: ImageCmd::Load { file, tag },
+        } => rt.block_on(cmd::image::load(&ctx()?, file, tag.as_deref())),
+        Cmd::Local {
+            cmd:
+                LocalCmd::Up {
+                    nodes,
+                    managers,
+                    name,
+                    runtime,
+                    no_default_context,
+                },
+        } => {
+            let lab = cmd::local::up(cmd::local::UpArgs {
+                name: name.clone(),
+                nodes: *nodes,
+                managers: *managers,
+                runtime: runtime.clone(),
+                set_default_context: !no_default_context,
+            })?;
+            println!("lab {} is up: {} hosts", lab.name, lab.hosts.len());
+            for h in &lab.hosts {
+                println!("  {}  {}  netns {}", h.name, h.addr, h.netns);
+            }
+            println!("context: {}", lab.context_path.display());
+            Ok(())
+        }
+        Cmd::Local {
+            cmd: LocalCmd::Down { name },
+        } => cmd::local::down(name),
+    }
+}

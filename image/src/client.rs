@@ -1,0 +1,476 @@
+//! A client for the OCI distribution spec v2 over plain HTTP: enough to push and pull images
+//! (blob HEAD/GET/upload, manifest GET/PUT). No authentication and no TLS: Rudder's registry
+//! runs inside the cluster.
+//!
+//! Invariants: repository names and digests are validated before they go into a URL; a blob
+//! fetched to a file is hashed while it streams and only renamed into place when its digest
+//! matches; registry errors become [`ImageError::Registry`] naming what was asked for.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::{Body, Response, StatusCode, Url};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tracing::{debug, info};
+
+use crate::oci::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
+use crate::reference::{valid_repository, valid_tag};
+use crate::{digest, ImageError, Result};
+
+/// Manifests larger than this are refused (the spec asks registries to accept 4 MiB).
+const MAX_MANIFEST_BYTES: usize = 8 << 20;
+
+/// Where the bytes of a blob to upload come from.
+#[derive(Debug, Clone)]
+pub enum BlobSource {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+    /// `len` bytes at `offset` of a file: a member of an uncompressed tar archive, uploaded
+    /// without extracting it first.
+    FileRange {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl From<Vec<u8>> for BlobSource {
+    fn from(bytes: Vec<u8>) -> Self {
+        BlobSource::Bytes(bytes)
+    }
+}
+
+impl From<PathBuf> for BlobSource {
+    fn from(path: PathBuf) -> Self {
+        BlobSource::File(path)
+    }
+}
+
+impl From<&Path> for BlobSource {
+    fn from(path: &Path) -> Self {
+        BlobSource::File(path.to_path_buf())
+    }
+}
+
+impl BlobSource {
+    /// The request body and its length.
+    async fn into_body(self) -> Result<(Body, u64)> {
+        match self {
+            BlobSource::Bytes(bytes) => {
+                let len = bytes.len() as u64;
+                Ok((Body::from(bytes), len))
+            }
+            BlobSource::File(path) => {
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| ImageError::io_path("open", &path, e))?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| ImageError::io_path("stat", &path, e))?
+                    .len();
+                Ok((Body::from(file), len))
+            }
+            BlobSource::FileRange { path, offset, len } => {
+                let mut file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| ImageError::io_path("open", &path, e))?;
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| ImageError::io_path("seek in", &path, e))?;
+                let reader = tokio::io::AsyncReadExt::take(file, len);
+                let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 << 10);
+                Ok((Body::wrap_stream(stream), len))
+            }
+        }
+    }
+}
+
+/// A registry at one base URL.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    /// `http://host:port`, no trailing slash; also how the registry is named in errors.
+    base: String,
+    http: reqwest::Client,
+}
+
+impl RegistryClient {
+    /// `base` is `http://10.213.1.1:5000` or `127.0.0.1:5000` (http:// is added when missing).
+    pub fn new(base: &str) -> Result<RegistryClient> {
+        let bad = |reason: &str| ImageError::InvalidRegistry {
+            address: base.to_string(),
+            reason: reason.to_string(),
+        };
+        let trimmed = base.trim();
+        if trimmed.starts_with("https://") {
+            return Err(bad(
+                "https is not supported; Rudder's registry speaks plain http",
+            ));
+        }
+        let authority = trimmed
+            .strip_prefix("http://")
+            .unwrap_or(trimmed)
+            .trim_end_matches('/');
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(bad("want host[:port], optionally after http://"));
+        }
+        let with_scheme = format!("http://{authority}");
+        let url = Url::parse(&with_scheme).map_err(|e| bad(&e.to_string()))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("missing host"));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(bad("want only scheme, host and port"));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ImageError::Http {
+                registry: with_scheme.clone(),
+                source: e,
+            })?;
+        Ok(RegistryClient {
+            base: with_scheme,
+            http,
+        })
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:5000`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Does the registry hold this blob in this repository?
+    pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool> {
+        let url = self.blob_url(repo, digest)?;
+        let resp = self.send(self.http.head(url)).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.error(resp, format!("{repo}@{digest}"), "blob").await),
+        }
+    }
+
+    /// Uploads a blob unless the registry already has it. Returns whether it was uploaded.
+    /// The upload is monolithic: POST to open a session, PUT the bytes with `?digest=`.
+    pub async fn push_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        source: impl Into<BlobSource>,
+    ) -> Result<bool> {
+        if self.blob_exists(repo, digest).await? {
+            debug!(repo, digest, "blob already in registry");
+            return Ok(false);
+        }
+        let subject = format!("{repo}@{digest}");
+        let start = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
+        let resp = self.send(self.http.post(start.clone())).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, subject, "blob upload").await);
+        }
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ImageError::Registry {
+                status: resp.status().as_u16(),
+                code: String::new(),
+                message: "upload started without a location header".into(),
+                subject: subject.clone(),
+                registry: self.base.clone(),
+            })?;
+        // Location may be absolute, absolute-path or relative: resolve against the POST URL.
+        let mut put = start.join(location).map_err(|e| ImageError::Registry {
+            status: resp.status().as_u16(),
+            code: String::new(),
+            message: format!("bad upload location {location:?}: {e}"),
+            subject: subject.clone(),
+            registry: self.base.clone(),
+        })?;
+        put.query_pairs_mut().append_pair("digest", digest);
+
+        let (body, len) = source.into().into_body().await?;
+        let resp = self
+            .send(
+                self.http
+                    .put(put)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, len)
+                    .body(body),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, subject, "blob").await);
+        }
+        info!(repo, digest, bytes = len, "pushed blob");
+        Ok(true)
+    }
+
+    /// Puts a manifest (or index) under a tag or digest; returns its digest.
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Vec<u8>,
+    ) -> Result<String> {
+        let digest = digest::of_bytes(&bytes);
+        let url = self.manifest_url(repo, reference)?;
+        let resp = self
+            .send(
+                self.http
+                    .put(url)
+                    .header(CONTENT_TYPE, media_type)
+                    .body(bytes),
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, subject(repo, reference), "manifest").await);
+        }
+        info!(repo, reference, %digest, "pushed manifest");
+        Ok(digest)
+    }
+
+    /// Fetches a manifest or index: (media type, bytes, digest). A manifest asked for by digest
+    /// is checked against it.
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(String, Vec<u8>, String)> {
+        let url = self.manifest_url(repo, reference)?;
+        let accept = [
+            OCI_MANIFEST,
+            OCI_INDEX,
+            DOCKER_MANIFEST,
+            DOCKER_MANIFEST_LIST,
+        ]
+        .join(", ");
+        let mut resp = self.send(self.http.get(url).header(ACCEPT, accept)).await?;
+        let subject = subject(repo, reference);
+        if !resp.status().is_success() {
+            return Err(self.error(resp, subject, "manifest").await);
+        }
+        let media_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
+            if bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(ImageError::invalid(
+                    "manifest",
+                    format!("{subject} is larger than {MAX_MANIFEST_BYTES} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let digest = digest::of_bytes(&bytes);
+        if reference.starts_with("sha256:") && digest != reference {
+            return Err(ImageError::DigestMismatch {
+                what: format!("manifest {subject}"),
+                expected: reference.to_string(),
+                actual: digest,
+            });
+        }
+        debug!(repo, reference, %media_type, %digest, "fetched manifest");
+        Ok((media_type, bytes, digest))
+    }
+
+    /// Streams a blob into `dest` (through a temporary file in the same directory, renamed into
+    /// place once its sha256 matches). Returns the number of bytes written.
+    pub async fn get_blob_to_file(&self, repo: &str, digest: &str, dest: &Path) -> Result<u64> {
+        let url = self.blob_url(repo, digest)?;
+        let mut resp = self.send(self.http.get(url)).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, format!("{repo}@{digest}"), "blob").await);
+        }
+        let dir = dest.parent().unwrap_or_else(|| Path::new("."));
+        let tmp = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(dir)
+            .map_err(|e| ImageError::io_path("create temporary file in", dir, e))?;
+        let std_file = tmp
+            .as_file()
+            .try_clone()
+            .map_err(|e| ImageError::io_path("open", tmp.path(), e))?;
+        let mut out =
+            tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(std_file));
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
+            hasher.update(&chunk);
+            written += chunk.len() as u64;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| ImageError::io_path("write", tmp.path(), e))?;
+        }
+        out.flush()
+            .await
+            .map_err(|e| ImageError::io_path("write", tmp.path(), e))?;
+        let actual = digest::finish(hasher);
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                what: format!("blob {repo}@{digest} from {}", self.base),
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        // Durable before it becomes visible under its content address: a crash must not leave
+        // a truncated file that looks complete.
+        let file = out.into_inner();
+        file.sync_data()
+            .await
+            .map_err(|e| ImageError::io_path("sync", tmp.path(), e))?;
+        drop(file);
+        tmp.persist(dest)
+            .map_err(|e| ImageError::io_path("rename into", dest, e.error))?;
+        debug!(repo, digest, bytes = written, dest = %dest.display(), "fetched blob");
+        Ok(written)
+    }
+
+    fn url(&self, path: &str) -> Result<Url> {
+        Url::parse(&format!("{}{path}", self.base)).map_err(|e| ImageError::InvalidRegistry {
+            address: self.base.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn blob_url(&self, repo: &str, digest: &str) -> Result<Url> {
+        check_repo(repo)?;
+        digest::validate(digest)?;
+        self.url(&format!("/v2/{repo}/blobs/{digest}"))
+    }
+
+    fn manifest_url(&self, repo: &str, reference: &str) -> Result<Url> {
+        check_repo(repo)?;
+        if reference.starts_with("sha256:") {
+            digest::validate(reference)?;
+        } else if !valid_tag(reference) {
+            return Err(ImageError::InvalidReference {
+                reference: format!("{repo}:{reference}"),
+                reason: "invalid tag".into(),
+            });
+        }
+        self.url(&format!("/v2/{repo}/manifests/{reference}"))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Response> {
+        req.send().await.map_err(|e| self.http_err(e))
+    }
+
+    fn http_err(&self, source: reqwest::Error) -> ImageError {
+        ImageError::Http {
+            registry: self.base.clone(),
+            source,
+        }
+    }
+
+    /// Turns an unsuccessful response into an error, preferring the spec's JSON error code
+    /// ("MANIFEST_UNKNOWN" → "manifest unknown") over the bare status.
+    async fn error(&self, resp: Response, subject: String, kind: &str) -> ImageError {
+        #[derive(Deserialize)]
+        struct Body {
+            #[serde(default)]
+            errors: Vec<Entry>,
+        }
+        #[derive(Deserialize)]
+        struct Entry {
+            #[serde(default)]
+            code: String,
+            #[serde(default)]
+            message: String,
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        let first = serde_json::from_slice::<Body>(&body)
+            .ok()
+            .and_then(|b| b.errors.into_iter().next());
+        let (code, message) = match first {
+            Some(e) if !e.code.is_empty() => {
+                let mut message = e.code.to_ascii_lowercase().replace('_', " ");
+                // Keep the registry's own words when they add something beyond the code.
+                let extra = e.message.trim().to_ascii_lowercase();
+                if !extra.is_empty() && extra != message {
+                    message = format!("{message} ({})", e.message.trim());
+                }
+                (e.code, message)
+            }
+            _ => {
+                let message = match status {
+                    StatusCode::NOT_FOUND => format!("{kind} unknown"),
+                    StatusCode::UNAUTHORIZED => "unauthorized".to_string(),
+                    StatusCode::FORBIDDEN => "denied".to_string(),
+                    StatusCode::METHOD_NOT_ALLOWED => "unsupported operation".to_string(),
+                    StatusCode::TOO_MANY_REQUESTS => "too many requests".to_string(),
+                    s => format!("{kind} request failed with http {}", s.as_u16()),
+                };
+                (String::new(), message)
+            }
+        };
+        ImageError::Registry {
+            status: status.as_u16(),
+            code,
+            message,
+            subject,
+            registry: self.base.clone(),
+        }
+    }
+}
+
+fn check_repo(repo: &str) -> Result<()> {
+    if valid_repository(repo) {
+        Ok(())
+    } else {
+        Err(ImageError::InvalidReference {
+            reference: repo.to_string(),
+            reason: "invalid repository name".into(),
+        })
+    }
+}
+
+/// `repo:tag` or `repo@digest`, as users write it.
+fn subject(repo: &str, reference: &str) -> String {
+    if reference.starts_with("sha256:") {
+        format!("{repo}@{reference}")
+    } else {
+        format!("{repo}:{reference}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_base() {
+        for (input, want) in [
+            ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+            ("http://10.213.1.1:5000/", "http://10.213.1.1:5000"),
+            ("localhost", "http://localhost"),
+        ] {
+            assert_eq!(RegistryClient::new(input).unwrap().base(), want);
+        }
+        for bad in ["https://x:5000", "http://", "http://x:5000/v2/", ""] {
+            assert!(RegistryClient::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_unsafe_urls() {
+        let c = RegistryClient::new("127.0.0.1:5000").unwrap();
+        assert!(c.blob_url("../x", &digest::of_bytes(b"")).is_err());
+        assert!(c.blob_url("hello", "sha256:../../x").is_err());
+        assert!(c.manifest_url("hello", "a/b").is_err());
+        assert_eq!(
+            c.manifest_url("lib/hello", "v1").unwrap().as_str(),
+            "http://127.0.0.1:5000/v2/lib/hello/manifests/v1"
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! The crate's single error type. Messages are lowercase, prefixed "image: ", and name the thing
+//! that failed (reference, digest, path, registry) so that a user can act on them unchanged.
+
+use std::path::Path;
+
+/// Everything that can go wrong in `rudder-image`.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image: invalid reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+
+    #[error("image: invalid digest {0:?} (want sha256:<64 lowercase hex>)")]
+    InvalidDigest(String),
+
+    #[error("image: digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("image: invalid registry address {address:?}: {reason}")]
+    InvalidRegistry { address: String, reason: String },
+
+    /// The registry answered, but with an error (from its JSON error body or its status code).
+    #[error("image: {message}: {subject} (registry {registry})")]
+    Registry {
+        status: u16,
+        /// The distribution-spec error code, e.g. `MANIFEST_UNKNOWN`, or empty.
+        code: String,
+        message: String,
+        /// What was asked for: `repo:tag`, `repo@digest`.
+        subject: String,
+        registry: String,
+    },
+
+    /// The registry could not be reached or the connection broke.
+    #[error("image: registry {registry}: {source}")]
+    Http {
+        registry: String,
+        #[source]
+        source: reqwest::Error,
+    },
+
+    #[error("image: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("image: {context}: {source}")]
+    Json {
+        context: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("image: unsupported {what}: {detail}")]
+    Unsupported { what: String, detail: String },
+
+    /// A manifest, index or config that does not follow the image spec.
+    #[error("image: invalid {what}: {detail}")]
+    Invalid { what: String, detail: String },
+
+    /// An archive that is neither an OCI layout nor a docker-save tarball, or is incomplete.
+    #[error("image: archive {path}: {detail}")]
+    Archive { path: String, detail: String },
+
+    /// A layer entry that would land outside the layer directory, or cannot be represented.
+    #[error("image: layer entry {path:?} refused: {reason}")]
+    UnsafeEntry { path: String, reason: String },
+
+    #[error("image: background task failed: {0}")]
+    Task(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+impl ImageError {
+    /// True when the registry said the manifest or blob does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ImageError::Registry { status: 404, .. })
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// An I/O error about one path: "image: <doing> <path>: <os error>".
+    pub(crate) fn io_path(doing: &str, path: &Path, source: std::io::Error) -> Self {
+        ImageError::Io {
+            context: format!("{doing} {}", path.display()),
+            source,
+        }
+    }
+
+    pub(crate) fn json(context: impl Into<String>, source: serde_json::Error) -> Self {
+        ImageError::Json {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        ImageError::Invalid {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn archive(path: &Path, detail: impl Into<String>) -> Self {
+        ImageError::Archive {
+            path: path.display().to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn task(err: tokio::task::JoinError) -> Self {
+        ImageError::Task(err.to_string())
+    }
+}

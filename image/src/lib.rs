@@ -1,0 +1,26 @@
+//! OCI images for Rudder: parsing image references, talking to an OCI distribution-spec registry
+//! over plain HTTP, turning local archives (root filesystem tarballs, OCI image layouts,
+//! docker-save tarballs) into pushed images, and the per-host content store that pulls images and
+//! unpacks each layer once for overlayfs.
+//!
+//! Invariants shared by every module:
+//! - content is addressed by `sha256:<64 lowercase hex>` digests, and a digest is validated
+//!   ([`digest::validate`]) before it ever becomes part of a path or URL;
+//! - anything written to a content-addressed path is written to a temporary file or directory on
+//!   the same filesystem first and renamed into place once complete and verified, so a path that
+//!   exists is always complete.
+
+pub mod archive;
+pub mod client;
+pub mod digest;
+mod error;
+pub mod layer;
+pub mod oci;
+pub mod reference;
+pub mod store;
+
+pub use archive::{import_rootfs, load_archive, Archive, ImportReport, LoadedImage};
+pub use client::{BlobSource, RegistryClient};
+pub use error::{ImageError, Result};
+pub use reference::Reference;
+pub use store::{ImageConfig, ImageStore, PulledImage};

@@ -1,0 +1,361 @@
+//! The per-host content store the agent runs containers from.
+//!
+//! Layout under `root`:
+//! - `blobs/sha256/<hex>`: manifests, configs and layer blobs, named by their digest;
+//! - `layers/<hex of the layer blob digest>/`: that layer unpacked, an overlayfs lower dir;
+//! - `tmp/`: scratch space for unpacking, on the same filesystem so renames are atomic.
+//!
+//! Invariants: a blob file exists only once its content has been verified against its digest,
+//! and a layer directory exists only once it is completely unpacked (both are renamed into
+//! place). So "exists" means "complete", and a pull fetches and unpacks only what is missing.
+//! Concurrent pulls in one process share the work per layer digest through an async mutex;
+//! across processes, the losing rename is detected and its copy discarded.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use tracing::{debug, info, instrument};
+
+use crate::client::RegistryClient;
+use crate::oci::{Index, Manifest, ManifestKind};
+use crate::{digest, layer, ImageError, Reference, Result};
+
+pub use crate::oci::ImageConfig;
+
+/// How many layers of one image are fetched and unpacked at the same time.
+const PARALLEL_LAYERS: usize = 3;
+/// Indexes nested deeper than this are refused (guards against reference cycles).
+const MAX_INDEX_DEPTH: usize = 4;
+
+/// An image ready to be stacked with overlayfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// Digest of the image manifest (the platform manifest when the tag named an index).
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// Unpacked layer directories, bottom layer first (overlayfs wants them reversed).
+    pub layers: Vec<PathBuf>,
+    pub config: ImageConfig,
+    /// Bytes downloaded by this pull: zero when everything was already local.
+    pub bytes_fetched: u64,
+}
+
+/// The content store. Cheap to clone; clones share the per-layer locks.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+    /// One async mutex per layer digest, so that one process fetches and unpacks a layer once
+    /// even when several pulls need it at the same time. Entries are tiny and never removed.
+    layer_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl ImageStore {
+    /// Opens (creating if needed) a store rooted at `root`.
+    pub fn open(root: &Path) -> Result<ImageStore> {
+        for dir in ["blobs/sha256", "layers", "tmp"] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path).map_err(|e| ImageError::io_path("create", &path, e))?;
+        }
+        Ok(ImageStore {
+            root: root.to_path_buf(),
+            layer_locks: Arc::default(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a blob lives (whether or not it is there yet).
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.root.join("blobs/sha256").join(digest::hex_of(digest)?))
+    }
+
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_ok_and(|p| p.is_file())
+    }
+
+    /// Where a layer is unpacked. An invalid digest maps to a name no layer can have (it starts
+    /// with a dot), so a bad digest can never point outside `layers/`.
+    pub fn layer_dir(&self, digest: &str) -> PathBuf {
+        let name = digest::hex_of(digest).unwrap_or(".invalid");
+        self.root.join("layers").join(name)
+    }
+
+    /// Is this layer (by blob digest) completely unpacked?
+    pub fn has_layer(&self, digest: &str) -> bool {
+        digest::validate(digest).is_ok() && self.layer_dir(digest).is_dir()
+    }
+
+    /// Reads a blob from the store.
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest)?;
+        fs::read(&path).map_err(|e| ImageError::io_path("read", &path, e))
+    }
+
+    /// Pulls an image: resolves an index to this platform's manifest, fetches the config and the
+    /// layers that are missing, and unpacks each layer once.
+    #[instrument(skip(self, client), fields(registry = client.base(), image = %reference))]
+    pub async fn pull(
+        &self,
+        client: &RegistryClient,
+        reference: &Reference,
+    ) -> Result<PulledImage> {
+        let repo = reference.repository.as_str();
+        let (mut media_type, mut bytes, mut manifest_digest) =
+            client.get_manifest(repo, reference.reference_str()).await?;
+        let mut depth = 0;
+        while ManifestKind::detect(&media_type, &bytes)? == ManifestKind::Index {
+            depth += 1;
+            if depth > MAX_INDEX_DEPTH {
+                return Err(ImageError::invalid(
+                    "index",
+                    format!("{reference}: indexes nested more than {MAX_INDEX_DEPTH} deep"),
+                ));
+            }
+            let index = Index::parse(&bytes)?;
+            let chosen = index.pick_platform().ok_or_else(|| {
+                ImageError::invalid("index", format!("{reference}: index lists no manifests"))
+            })?;
+            debug!(digest = %chosen.digest, platform = ?chosen.platform, "index resolved");
+            (media_type, bytes, manifest_digest) =
+                client.get_manifest(repo, &chosen.digest).await?;
+        }
+        let manifest = Manifest::parse(&bytes)?;
+        self.write_blob(&manifest_digest, &bytes)?;
+
+        let mut bytes_fetched = self
+            .ensure_blob(client, repo, &manifest.config.digest)
+            .await?;
+        let config_bytes = self.read_blob(&manifest.config.digest)?;
+        let config = ImageConfig::from_json(&config_bytes)?;
+
+        // Fetch and unpack a few layers at once; `buffered` keeps the bottom-first order.
+        // Owned digests keep the future `Send` (borrowed stream items trip a higher-ranked
+        // lifetime limitation of the compiler when the pull is spawned).
+        let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+        let results: Vec<(PathBuf, u64)> = futures::stream::iter(digests)
+            .map(|digest| async move { self.ensure_layer(client, repo, &digest).await })
+            .buffered(PARALLEL_LAYERS)
+            .try_collect()
+            .await?;
+        let mut layers = Vec::with_capacity(results.len());
+        for (dir, fetched) in results {
+            layers.push(dir);
+            bytes_fetched += fetched;
+        }
+        info!(%manifest_digest, layers = layers.len(), bytes_fetched, "pulled image");
+        Ok(PulledImage {
+            manifest_digest,
+            config_digest: manifest.config.digest.clone(),
+            layers,
+            config,
+            bytes_fetched,
+        })
+    }
+
+    /// Fetches a blob unless the store has it; returns the bytes downloaded.
+    pub async fn ensure_blob(
+        &self,
+        client: &RegistryClient,
+        repo: &str,
+        digest: &str,
+    ) -> Result<u64> {
+        let path = self.blob_path(digest)?;
+        if path.is_file() {
+            return Ok(0);
+        }
+        client.get_blob_to_file(repo, digest, &path).await
+    }
+
+    /// Makes sure a layer is unpacked, fetching its blob if needed. Returns the layer directory
+    /// and the bytes downloaded. A layer already unpacked needs no blob at all.
+    pub async fn ensure_layer(
+        &self,
+        client: &RegistryClient,
+        repo: &str,
+        digest: &str,
+    ) -> Result<(PathBuf, u64)> {
+        digest::validate(digest)?;
+        let dir = self.layer_dir(digest);
+        if dir.is_dir() {
+            return Ok((dir, 0));
+        }
+        let lock = self.layer_lock(digest);
+        let _guard = lock.lock().await;
+        if dir.is_dir() {
+            // Someone unpacked it while we waited.
+            return Ok((dir, 0));
+        }
+        let fetched = self.ensure_blob(client, repo, digest).await?;
+        let dir = self.unpack_layer_locked(digest).await?;
+        Ok((dir, fetched))
+    }
+
+    /// Unpacks a layer whose blob is already in the store (e.g. after an import).
+    pub async fn unpack_layer(&self, digest: &str) -> Result<PathBuf> {
+        digest::validate(digest)?;
+        let lock = self.layer_lock(digest);
+        let _guard = lock.lock().await;
+        if self.has_layer(digest) {
+            return Ok(self.layer_dir(digest));
+        }
+        self.unpack_layer_locked(digest).await
+    }
+
+    async fn unpack_layer_locked(&self, digest: &str) -> Result<PathBuf> {
+        let blob = self.blob_path(digest)?;
+        let tmp_root = self.root.join("tmp");
+        let dest = self.layer_dir(digest);
+        let hex = digest::hex_of(digest)?.to_string();
+        tokio::task::spawn_blocking(move || unpack_into_place(&blob, &tmp_root, &dest, &hex))
+            .await
+            .map_err(ImageError::task)?
+    }
+
+    fn layer_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.layer_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(digest.to_string()).or_default().clone()
+    }
+
+    /// Stores small content we already hold in memory (a manifest), verified and atomically.
+    fn write_blob(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.blob_path(digest)?;
+        if path.is_file() {
+            return Ok(());
+        }
+        let actual = digest::of_bytes(bytes);
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                what: "blob".into(),
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        let dir = path.parent().expect("blob path has a parent");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".partial-")
+            .tempfile_in(dir)
+            .map_err(|e| ImageError::io_path("create temporary file in", dir, e))?;
+        tmp.write_all(bytes)
+            .and_then(|_| tmp.as_file().sync_data())
+            .map_err(|e| ImageError::io_path("write", tmp.path(), e))?;
+        tmp.persist(&path)
+            .map_err(|e| ImageError::io_path("rename into", &path, e.error))?;
+        Ok(())
+    }
+}
+
+/// Unpacks `blob` into a fresh directory under `tmp_root`, then renames it to `dest`. If `dest`
+/// appeared meanwhile (another process won), our copy is thrown away.
+fn unpack_into_place(blob: &Path, tmp_root: &Path, dest: &Path, hex: &str) -> Result<PathBuf> {
+    let started = std::time::Instant::now();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("layer-{}-", &hex[..12]))
+        .tempdir_in(tmp_root)
+        .map_err(|e| ImageError::io_path("create temporary directory in", tmp_root, e))?;
+    // tempdir creates 0700; a layer root without its own "./" entry should be a normal 0755 dir.
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
+        .map_err(|e| ImageError::io_path("chmod", tmp.path(), e))?;
+    layer::unpack_file(blob, tmp.path())?;
+    // Flush the unpacked files before the directory becomes visible as complete.
+    sync_filesystem(tmp.path())?;
+    match fs::rename(tmp.path(), dest) {
+        Ok(()) => {
+            let _ = tmp.keep();
+            debug!(
+                layer = hex,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "unpacked layer"
+            );
+            Ok(dest.to_path_buf())
+        }
+        Err(_) if dest.is_dir() => {
+            debug!(
+                layer = hex,
+                "layer unpacked concurrently elsewhere; discarding our copy"
+            );
+            Ok(dest.to_path_buf())
+        }
+        Err(e) => Err(ImageError::io_path("rename layer into", dest, e)),
+    }
+}
+
+fn sync_filesystem(path: &Path) -> Result<()> {
+    let dir = fs::File::open(path).map_err(|e| ImageError::io_path("open", path, e))?;
+    // SAFETY: the descriptor is valid for the lifetime of `dir`.
+    let rc = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+    if rc != 0 {
+        return Err(ImageError::io_path(
+            "sync filesystem of",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_paths_are_content_addressed_and_safe() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path()).unwrap();
+        for dir in ["blobs/sha256", "layers", "tmp"] {
+            assert!(tmp.path().join(dir).is_dir());
+        }
+        let d = digest::of_bytes(b"layer");
+        assert_eq!(
+            store.layer_dir(&d),
+            tmp.path().join("layers").join(digest::hex_of(&d).unwrap())
+        );
+        assert!(!store.has_layer(&d));
+        // A hostile digest never leaves layers/.
+        let bad = store.layer_dir("sha256:../../etc");
+        assert!(bad.starts_with(tmp.path().join("layers")));
+        assert!(!store.has_layer("sha256:../../etc"));
+        assert!(store.blob_path("sha256:../../etc").is_err());
+    }
+
+    #[tokio::test]
+    async fn unpacks_a_local_blob_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(2);
+        b.append_data(&mut h, "etc/hostname", &b"x\n"[..]).unwrap();
+        let blob = b.into_inner().unwrap();
+        let d = digest::of_bytes(&blob);
+        store.write_blob(&d, &blob).unwrap();
+        assert!(matches!(
+            store.write_blob(&digest::of_bytes(b"other"), &blob),
+            Err(ImageError::DigestMismatch { .. })
+        ));
+
+        let (a, b) = tokio::join!(store.unpack_layer(&d), store.unpack_layer(&d));
+        assert_eq!(a.unwrap(), b.unwrap());
+        assert!(store.has_layer(&d));
+        assert_eq!(
+            fs::read(store.layer_dir(&d).join("etc/hostname")).unwrap(),
+            b"x\n"
+        );
+        assert_eq!(
+            fs::metadata(store.layer_dir(&d))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+    }
+}

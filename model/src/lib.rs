@@ -1,0 +1,32 @@
+//! Rudder's pure model: the types users declare (specs, manifests), the replicated store and its
+//! deterministic state machine, the scheduler and the reconciler. Nothing here does I/O or reads
+//! a clock, so every decision can be replayed and tested with plain data.
+
+pub mod manifest;
+pub mod reconcile;
+pub mod scheduler;
+pub mod spec;
+pub mod store;
+pub mod task;
+
+pub use manifest::{Manifest, ManifestError};
+pub use spec::ServiceSpec;
+pub use store::{Command, Envelope, Node, NodeState, Service, Store, Task, TaskStatus};
+pub use task::TaskState;
+
+/// A semantic problem with a spec, naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

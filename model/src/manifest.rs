@@ -1,0 +1,267 @@
+//! Manifests: multi-document YAML files of `kind:`-tagged objects, as `rctl apply -f` reads them.
+//!
+//! Invariants: a file is accepted whole or not at all; every error names the file, line, column
+//! and field. `kind` must be the first key of each document: that lets the rest of the document
+//! stream straight into the typed spec, so serde_yaml's line numbers survive (buffering the
+//! document into a generic value first would lose them).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use crate::spec::ServiceSpec;
+
+/// One document of a manifest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Manifest {
+    Service(ServiceSpec),
+}
+
+impl Manifest {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Manifest::Service(_) => "Service",
+        }
+    }
+    pub fn name(&self) -> &str {
+        match self {
+            Manifest::Service(s) => &s.name,
+        }
+    }
+}
+
+/// A manifest problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {field}: {message}")]
+pub struct ManifestError {
+    pub file: String,
+    /// 1-based; 0 when the YAML parser gave no location.
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field at fault (`.` for the document itself).
+    pub field: String,
+    pub message: String,
+}
+
+const KINDS: &[&str] = &["Service"];
+
+/// Parses every document of `text`. `file` is only used in error messages.
+pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let mut out = Vec::new();
+    for (n, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let parsed: Result<Option<Manifest>, _> =
+            serde_path_to_error::deserialize(doc).map(|d: Doc| d.0);
+        match parsed {
+            Ok(Some(m)) => {
+                let validated = match &m {
+                    Manifest::Service(s) => s.validate(),
+                };
+                {
+                    validated.map_err(|v| {
+                        let (line, column) = locate_key(text, n, &v.field);
+                        ManifestError {
+                            file: file.to_string(),
+                            line,
+                            column,
+                            field: v.field.clone(),
+                            message: v.message.clone(),
+                        }
+                    })?;
+                }
+                out.push(m)
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let (line, column) = inner
+                    .location()
+                    .map(|l| (l.line(), l.column()))
+                    .unwrap_or((0, 0));
+                // serde_yaml prefixes its own message with the path; keep only the reason.
+                let mut message = inner.to_string();
+                if let Some(i) = message.find(" at line ") {
+                    message.truncate(i);
+                }
+                if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+                    message = rest.to_string();
+                }
+                let field = unknown_field(&message).unwrap_or(path);
+                return Err(ManifestError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    field,
+                    message,
+                });
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for m in &out {
+        if !seen.insert((m.kind(), m.name().to_string())) {
+            return Err(ManifestError {
+                file: file.to_string(),
+                line: 0,
+                column: 0,
+                field: "name".into(),
+                message: format!("{} {:?} is declared twice", m.kind(), m.name()),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// For "unknown field `x`, expected …" the field at fault is `x`, not its parent.
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// Best-effort position of a top-level key in document `doc` (validation errors come after
+/// parsing, when serde's locations are gone).
+fn locate_key(text: &str, doc: usize, field: &str) -> (usize, usize) {
+    let key = field.split('.').next().unwrap_or(field);
+    let mut current = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") && i > 0 {
+            current += 1;
+            continue;
+        }
+        if current == doc && line.starts_with(&format!("{key}:")) {
+            return (i + 1, 1);
+        }
+    }
+    (0, 0)
+}
+
+struct Doc(Option<Manifest>);
+
+impl<'de> de::Deserialize<'de> for Doc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocVisitor)
+    }
+}
+
+struct DocVisitor;
+
+impl<'de> Visitor<'de> for DocVisitor {
+    type Value = Doc;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mapping whose first key is `kind`")
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Doc, E> {
+        Ok(Doc(None))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
+        let key: Option<String> = map.next_key()?;
+        match key.as_deref() {
+            Some("kind") => {}
+            Some(other) => {
+                return Err(de::Error::custom(format!(
+                    "the first key of a document must be `kind` (one of {}), found `{other}`",
+                    KINDS.join(", ")
+                )))
+            }
+            None => return Ok(Doc(None)),
+        }
+        let kind: String = map.next_value()?;
+        let rest = de::value::MapAccessDeserializer::new(map);
+        match kind.as_str() {
+            "Service" => Ok(Doc(Some(Manifest::Service(de::Deserialize::deserialize(
+                rest,
+            )?)))),
+            other => Err(de::Error::custom(format!(
+                "unknown kind `{other}`, expected one of {}",
+                KINDS.join(", ")
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = "kind: Service\nname: hello\nimage: hello:latest\ncommand: [\"/bin/sh\", \"-c\", \"echo hi; sleep 1000\"]\nenv:\n  GREETING: hi\nreplicas: 6\n";
+
+    #[test]
+    fn parses_a_service() {
+        let m = parse("hello.yaml", HELLO).unwrap();
+        assert_eq!(m.len(), 1);
+        let Manifest::Service(s) = &m[0];
+        assert_eq!(s.name, "hello");
+        assert_eq!(s.replicas, 6);
+        assert_eq!(s.env["GREETING"], "hi");
+        assert_eq!(s.command.as_ref().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn multi_document() {
+        let text = format!("{HELLO}---\nkind: Service\nname: other\nimage: x\n---\n");
+        let m = parse("f.yaml", &text).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].name(), "other");
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases = [
+            // (text, line, field, message fragment)
+            (
+                "kind: Service\nname: a\nimage: x\nreplics: 3\n",
+                4,
+                "replics",
+                "unknown field",
+            ),
+            (
+                "kind: Service\nname: a\nimage: x\nreplicas: six\n",
+                4,
+                "replicas",
+                "invalid type",
+            ),
+            (
+                "kind: Service\nname: a\nreplicas: 2\n",
+                1,
+                ".",
+                "missing field `image`",
+            ),
+            (
+                "kind: Service\nname: a\nimage: x\nenv:\n  A: [1]\n",
+                5,
+                "env.A",
+                "invalid type",
+            ),
+            ("kind: Servis\nname: a\n", 1, ".", "unknown kind"),
+            ("name: a\nkind: Service\n", 1, ".", "first key"),
+            (
+                "kind: Service\nname: Bad_Name\nimage: x\n",
+                2,
+                "name",
+                "not a valid name",
+            ),
+            (
+                "kind: Service\nname: a\nimage: x\nrestart:\n  condition: sometimes\n",
+                5,
+                "restart.condition",
+                "unknown variant",
+            ),
+        ];
+        for (text, line, field, frag) in cases {
+            let e = parse("svc.yaml", text).unwrap_err();
+            assert_eq!(e.file, "svc.yaml");
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(e.message.contains(frag), "{e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_names_refused() {
+        let text = format!("{HELLO}---\n{HELLO}");
+        let e = parse("f.yaml", &text).unwrap_err();
+        assert!(e.message.contains("declared twice"), "{e}");
+    }
+}

@@ -1,0 +1,655 @@
+//! The replicated store and its state machine.
+//!
+//! Invariants:
+//! - `apply` is pure and deterministic: no clock, randomness or I/O. Times and IDs arrive stamped
+//!   inside the command (the leader stamps them before proposing), so every replica that applies
+//!   the same log reaches the same store.
+//! - Every object's `version` is the Raft index of the command that last wrote it.
+//! - Commands travel in a versioned envelope; an unknown version is refused, never guessed at.
+//! - A user's spec is stored as given; only the controller writes `desired_state`, only agents'
+//!   reports (via the dispatcher) write observed status, and observed states only move forward.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::ServiceSpec;
+use crate::task::TaskState;
+
+/// Wire version of [`Command`] envelopes this build understands.
+pub const COMMAND_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    Down,
+}
+
+/// A host running an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Stable id the agent generated on first start and keeps in its data dir.
+    pub id: String,
+    pub hostname: String,
+    /// Where the agent's own API listens (logs, exec), `ip:port`.
+    pub addr: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+    /// Milliseconds since the epoch, stamped by the leader.
+    pub updated_at: u64,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    pub spec: ServiceSpec,
+    /// Raft index at which the spec last changed; tasks made from an older spec are replaced.
+    pub spec_version: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+    pub version: u64,
+}
+
+/// What an agent last reported about a task (or what the controller concluded for it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// Human-readable progress or reason (e.g. why a task is pending or rejected).
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub container_id: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Milliseconds since the epoch when this state was reached.
+    pub timestamp: u64,
+}
+
+/// One replica slot's attempt on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub service_id: String,
+    pub service_name: String,
+    /// Replica slot, 1-based; a restarted or updated replica keeps its slot.
+    pub slot: u64,
+    /// Frozen copy of the spec this task was created from.
+    pub spec: ServiceSpec,
+    pub spec_version: u64,
+    pub node_id: Option<String>,
+    pub desired_state: TaskState,
+    pub status: TaskStatus,
+    pub created_at: u64,
+    pub version: u64,
+}
+
+impl Task {
+    /// `SERVICE.SLOT.ID-PREFIX`, as `rctl ps` shows it.
+    pub fn name(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.service_name,
+            self.slot,
+            &self.id[..self.id.len().min(8)]
+        )
+    }
+
+    /// Occupies its node: placed, meant to run and not finished.
+    pub fn is_active(&self) -> bool {
+        self.node_id.is_some()
+            && self.desired_state <= TaskState::Running
+            && !self.status.state.is_terminal()
+    }
+}
+
+/// A manifest in the cluster registry, by repository and reference (tag or digest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub digest: String,
+    pub media_type: String,
+}
+
+/// Observed-state report for one task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    pub task_id: String,
+    /// Only reports from the task's own node are applied.
+    pub node_id: String,
+    pub status: TaskStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create or update a service by name. `id` is used only on creation.
+    PutService {
+        id: String,
+        spec: Box<ServiceSpec>,
+        now: u64,
+    },
+    /// Remove a service; its tasks are asked to shut down and are reaped once stopped.
+    RemoveService {
+        name: String,
+    },
+    /// Register or refresh a node (hostname, address, labels), marking it ready.
+    PutNode {
+        id: String,
+        hostname: String,
+        addr: String,
+        labels: BTreeMap<String, String>,
+        now: u64,
+    },
+    /// Node went down: its unfinished tasks become orphaned.
+    NodeDown {
+        id: String,
+        now: u64,
+    },
+    CreateTasks {
+        tasks: Vec<Task>,
+    },
+    AssignTasks {
+        assignments: Vec<(String, String)>,
+        now: u64,
+    },
+    /// A pending task's reason for not being placed.
+    SetPending {
+        task_id: String,
+        reason: String,
+        now: u64,
+    },
+    SetDesired {
+        updates: Vec<(String, TaskState)>,
+    },
+    UpdateStatus {
+        updates: Vec<StatusUpdate>,
+    },
+    DeleteTasks {
+        ids: Vec<String>,
+    },
+    /// Records manifest `record.digest` in `repo` and, with a tag, points the tag at it.
+    PutImage {
+        repo: String,
+        tag: Option<String>,
+        record: ImageRecord,
+    },
+    /// Deletes a tag, or a manifest by digest together with every tag pointing at it.
+    DeleteImage {
+        repo: String,
+        reference: String,
+    },
+    /// Several commands in one log entry, applied in order (one proposal per control-loop pass).
+    Batch(Vec<Command>),
+}
+
+/// What travels in a log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub cmd: Command,
+}
+
+impl Envelope {
+    pub fn new(cmd: Command) -> Self {
+        Envelope {
+            v: COMMAND_VERSION,
+            cmd,
+        }
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("commands always serialize")
+    }
+    pub fn decode(bytes: &[u8]) -> Result<Envelope, ApplyError> {
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            v: u32,
+        }
+        let v: VersionOnly =
+            serde_json::from_slice(bytes).map_err(|e| ApplyError::Malformed(e.to_string()))?;
+        if v.v != COMMAND_VERSION {
+            return Err(ApplyError::UnknownVersion(v.v));
+        }
+        serde_json::from_slice(bytes).map_err(|e| ApplyError::Malformed(e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "store: command version {0} is not understood by this build (expected {COMMAND_VERSION})"
+    )]
+    UnknownVersion(u32),
+    #[error("store: malformed command: {0}")]
+    Malformed(String),
+    #[error("store: {kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+}
+
+/// The whole replicated state. Cheap to clone for control loops (they read a snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Store {
+    pub nodes: BTreeMap<String, Node>,
+    /// By service name.
+    pub services: BTreeMap<String, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    /// repo → reference (tag, or the manifest's own digest) → manifest. Every manifest of a
+    /// repository has an entry under its digest; tags point at those.
+    pub images: BTreeMap<String, BTreeMap<String, ImageRecord>>,
+    /// Index of the last applied entry.
+    pub applied: u64,
+}
+
+impl Store {
+    /// Applies one committed entry. Errors leave the store unchanged for that command (a batch
+    /// applies what it can: its parts race with other writers by design).
+    pub fn apply(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
+        self.applied = index;
+        self.apply_one(index, cmd)
+    }
+
+    fn apply_one(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
+        match cmd {
+            Command::PutService { id, spec, now } => match self.services.get_mut(&spec.name) {
+                Some(svc) => {
+                    if svc.spec != *spec {
+                        // Replica count alone does not make old tasks outdated.
+                        let mut a = svc.spec.clone();
+                        a.replicas = spec.replicas;
+                        if a != *spec {
+                            svc.spec_version = index;
+                        }
+                        svc.spec = *spec;
+                        svc.updated_at = now;
+                        svc.version = index;
+                    }
+                }
+                None => {
+                    self.services.insert(
+                        spec.name.clone(),
+                        Service {
+                            id,
+                            spec: *spec,
+                            spec_version: index,
+                            created_at: now,
+                            updated_at: now,
+                            version: index,
+                        },
+                    );
+                }
+            },
+            Command::RemoveService { name } => {
+                let svc = self.services.remove(&name).ok_or(ApplyError::NotFound {
+                    kind: "service",
+                    name: name.clone(),
+                })?;
+                for t in self.tasks.values_mut() {
+                    if t.service_id == svc.id && t.desired_state < TaskState::Shutdown {
+                        t.desired_state = TaskState::Shutdown;
+                        t.version = index;
+                    }
+                }
+            }
+            Command::PutNode {
+                id,
+                hostname,
+                addr,
+                labels,
+                now,
+            } => {
+                let node = Node {
+                    id: id.clone(),
+                    hostname,
+                    addr,
+                    labels,
+                    state: NodeState::Ready,
+                    updated_at: now,
+                    version: index,
+                };
+                self.nodes.insert(id, node);
+            }
+            Command::NodeDown { id, now } => {
+                let node = self.nodes.get_mut(&id).ok_or(ApplyError::NotFound {
+                    kind: "node",
+                    name: id.clone(),
+                })?;
+                node.state = NodeState::Down;
+                node.updated_at = now;
+                node.version = index;
+                for t in self.tasks.values_mut() {
+                    if t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal() {
+                        t.status = TaskStatus {
+                            state: TaskState::Orphaned,
+                            message: "node down".into(),
+                            error: String::new(),
+                            container_id: t.status.container_id.clone(),
+                            exit_code: None,
+                            timestamp: now,
+                        };
+                        t.version = index;
+                    }
+                }
+            }
+            Command::CreateTasks { tasks } => {
+                for mut t in tasks {
+                    t.version = index;
+                    self.tasks.entry(t.id.clone()).or_insert(t);
+                }
+            }
+            Command::AssignTasks { assignments, now } => {
+                for (task_id, node_id) in assignments {
+                    if let Some(t) = self.tasks.get_mut(&task_id) {
+                        if t.node_id.is_none() && t.desired_state <= TaskState::Running {
+                            t.node_id = Some(node_id);
+                            t.status = TaskStatus {
+                                state: TaskState::Assigned,
+                                message: "assigned".into(),
+                                error: String::new(),
+                                container_id: String::new(),
+                                exit_code: None,
+                                timestamp: now,
+                            };
+                            t.version = index;
+                        }
+                    }
+                }
+            }
+            Command::SetPending {
+                task_id,
+                reason,
+                now,
+            } => {
+                if let Some(t) = self.tasks.get_mut(&task_id) {
+                    if t.node_id.is_none() {
+                        t.status.state = TaskState::Pending;
+                        t.status.message = reason;
+                        t.status.timestamp = now;
+                        t.version = index;
+                    }
+                }
+            }
+            Command::SetDesired { updates } => {
+                for (task_id, state) in updates {
+                    if let Some(t) = self.tasks.get_mut(&task_id) {
+                        // Desired state also only moves forward.
+                        if state > t.desired_state {
+                            t.desired_state = state;
+                            t.version = index;
+                        }
+                    }
+                }
+            }
+            Command::UpdateStatus { updates } => {
+                for u in updates {
+                    if let Some(t) = self.tasks.get_mut(&u.task_id) {
+                        if t.node_id.as_deref() == Some(u.node_id.as_str())
+                            && t.status.state.can_advance_to(u.status.state)
+                        {
+                            t.status = u.status;
+                            t.version = index;
+                        }
+                    }
+                }
+            }
+            Command::DeleteTasks { ids } => {
+                for id in ids {
+                    self.tasks.remove(&id);
+                }
+            }
+            Command::PutImage { repo, tag, record } => {
+                let refs = self.images.entry(repo).or_default();
+                refs.insert(record.digest.clone(), record.clone());
+                if let Some(tag) = tag {
+                    refs.insert(tag, record);
+                }
+            }
+            Command::DeleteImage { repo, reference } => {
+                let tags = self.images.get_mut(&repo).ok_or(ApplyError::NotFound {
+                    kind: "repository",
+                    name: repo.clone(),
+                })?;
+                let gone = tags.remove(&reference).ok_or(ApplyError::NotFound {
+                    kind: "image",
+                    name: format!("{repo}:{reference}"),
+                })?;
+                if reference == gone.digest {
+                    tags.retain(|_, r| r.digest != gone.digest);
+                }
+                if tags.is_empty() {
+                    self.images.remove(&repo);
+                }
+            }
+            Command::Batch(cmds) => {
+                for c in cmds {
+                    // Parts of a batch are independent; a missing object skips only its part.
+                    let _ = self.apply_one(index, c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tasks of one service, by service id.
+    pub fn tasks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks
+            .values()
+            .filter(move |t| t.service_id == service_id)
+    }
+
+    /// The tasks a node should know about: placed there and not yet forgotten.
+    pub fn tasks_on<'a>(&'a self, node_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks
+            .values()
+            .filter(move |t| t.node_id.as_deref() == Some(node_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests_support::spec;
+
+    fn task(id: &str, svc: &Service, slot: u64) -> Task {
+        Task {
+            id: id.into(),
+            service_id: svc.id.clone(),
+            service_name: svc.spec.name.clone(),
+            slot,
+            spec: svc.spec.clone(),
+            spec_version: svc.spec_version,
+            node_id: None,
+            desired_state: TaskState::Running,
+            status: TaskStatus {
+                state: TaskState::New,
+                message: String::new(),
+                error: String::new(),
+                container_id: String::new(),
+                exit_code: None,
+                timestamp: 1,
+            },
+            created_at: 1,
+            version: 0,
+        }
+    }
+
+    #[test]
+    fn envelope_versions() {
+        let e = Envelope::new(Command::RemoveService { name: "x".into() });
+        assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+        let bad = br#"{"v":99,"cmd":{"RemoveService":{"name":"x"}}}"#;
+        assert_eq!(Envelope::decode(bad), Err(ApplyError::UnknownVersion(99)));
+        assert!(matches!(
+            Envelope::decode(b"{}"),
+            Err(ApplyError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn service_lifecycle_and_versions() {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(spec("web", 2)),
+                now: 10,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["web"].spec_version, 1);
+        // Scaling keeps the spec version: running tasks stay current.
+        s.apply(
+            2,
+            Command::PutService {
+                id: "ignored".into(),
+                spec: Box::new(spec("web", 5)),
+                now: 11,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["web"].spec_version, 1);
+        assert_eq!(s.services["web"].id, "s1");
+        assert_eq!(s.services["web"].version, 2);
+        let mut changed = spec("web", 5);
+        changed.args = vec!["x".into()];
+        s.apply(
+            3,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(changed),
+                now: 12,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["web"].spec_version, 3);
+
+        let svc = s.services["web"].clone();
+        s.apply(
+            4,
+            Command::CreateTasks {
+                tasks: vec![task("t1", &svc, 1)],
+            },
+        )
+        .unwrap();
+        s.apply(5, Command::RemoveService { name: "web".into() })
+            .unwrap();
+        assert_eq!(s.tasks["t1"].desired_state, TaskState::Shutdown);
+        assert_eq!(
+            s.apply(6, Command::RemoveService { name: "web".into() }),
+            Err(ApplyError::NotFound {
+                kind: "service",
+                name: "web".into()
+            })
+        );
+    }
+
+    #[test]
+    fn status_only_from_own_node_and_forward() {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(spec("web", 1)),
+                now: 1,
+            },
+        )
+        .unwrap();
+        let svc = s.services["web"].clone();
+        s.apply(
+            2,
+            Command::Batch(vec![
+                Command::CreateTasks {
+                    tasks: vec![task("t1", &svc, 1)],
+                },
+                Command::AssignTasks {
+                    assignments: vec![("t1".into(), "n1".into())],
+                    now: 2,
+                },
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Assigned);
+        let st = |state| TaskStatus {
+            state,
+            message: String::new(),
+            error: String::new(),
+            container_id: "c".into(),
+            exit_code: None,
+            timestamp: 3,
+        };
+        let up = |node: &str, state| Command::UpdateStatus {
+            updates: vec![StatusUpdate {
+                task_id: "t1".into(),
+                node_id: node.into(),
+                status: st(state),
+            }],
+        };
+        s.apply(3, up("n2", TaskState::Running)).unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Assigned);
+        s.apply(4, up("n1", TaskState::Running)).unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Running);
+        s.apply(5, up("n1", TaskState::Starting)).unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Running);
+        s.apply(
+            6,
+            Command::NodeDown {
+                id: "n1".into(),
+                now: 6,
+            },
+        )
+        .unwrap_err(); // node never registered
+        s.apply(
+            7,
+            Command::PutNode {
+                id: "n1".into(),
+                hostname: "h1".into(),
+                addr: "a".into(),
+                labels: Default::default(),
+                now: 7,
+            },
+        )
+        .unwrap();
+        s.apply(
+            8,
+            Command::NodeDown {
+                id: "n1".into(),
+                now: 8,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
+        assert_eq!(s.nodes["n1"].state, NodeState::Down);
+        assert_eq!(s.applied, 8);
+    }
+
+    #[test]
+    fn images() {
+        let mut s = Store::default();
+        let rec = ImageRecord {
+            digest: "sha256:aa".into(),
+            media_type: "m".into(),
+        };
+        s.apply(
+            1,
+            Command::PutImage {
+                repo: "hello".into(),
+                tag: Some("latest".into()),
+                record: rec.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.images["hello"]["latest"], rec);
+        assert_eq!(s.images["hello"]["sha256:aa"], rec);
+        s.apply(
+            2,
+            Command::DeleteImage {
+                repo: "hello".into(),
+                reference: "sha256:aa".into(),
+            },
+        )
+        .unwrap();
+        assert!(s.images.is_empty());
+    }
+}

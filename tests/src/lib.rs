@@ -1,0 +1,147 @@
+//! Helpers for multi-host tests and benches: locate the built binaries, bring up a lab with a
+//! guard that tears it down even when a test panics, run `rctl` against it, make test images.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+pub use rudder_ctl::lab;
+
+/// The cargo target directory holding the workspace's binaries (`cargo build --bins` first).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RUDDER_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    // Prefer the profile this test was built with.
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    target.join(profile)
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A lab that is torn down when dropped, also on panic.
+pub struct LabGuard {
+    pub lab: lab::Lab,
+    pub root: PathBuf,
+}
+
+impl LabGuard {
+    pub fn up(name: &str, nodes: u32) -> anyhow::Result<LabGuard> {
+        let root = std::env::var_os("RUDDER_LAB_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/rudder-lab"));
+        let cfg = lab::LabConfig {
+            name: name.to_string(),
+            nodes,
+            managers: 1,
+            root: root.clone(),
+            agent_bin: bin("rudder-agent"),
+            controller_bin: bin("rudder-controller"),
+            runtime: "auto".into(),
+            extra_agent_args: vec![],
+        };
+        let _ = lab::down(&root, name);
+        let lab = lab::up(&cfg)?;
+        Ok(LabGuard { lab, root })
+    }
+
+    /// Runs `rctl ARGS` against this lab; returns stdout, or an error with stderr.
+    pub fn rctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin("rctl"))
+            .arg("--context")
+            .arg(&self.lab.context_path)
+            .args(args)
+            .output()
+            .context("run rctl")?;
+        if !out.status.success() {
+            bail!(
+                "rctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `rctl ps SERVICE -o json` parsed.
+    pub fn tasks(&self, service: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let out = self.rctl(&["ps", service, "-o", "json"])?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn host(&self, hostname: &str) -> &lab::LabHost {
+        self.lab
+            .hosts
+            .iter()
+            .find(|h| h.name == hostname)
+            .unwrap_or_else(|| panic!("no host {hostname}"))
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(&self.root, &self.lab.name) {
+            eprintln!("lab down {}: {e}", self.lab.name);
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails after `timeout` with the last observation.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = e.to_string(),
+        }
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes a busybox root filesystem tarball (bin/busybox + applet symlinks) to `out`.
+pub fn busybox_rootfs(out: &Path) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs.sh");
+    let st = Command::new("bash").arg(script).arg(out).status()?;
+    if !st.success() {
+        bail!("busybox-rootfs.sh failed");
+    }
+    Ok(())
+}
+
+/// Inode of a namespace file (`/proc/PID/ns/net` or `/run/netns/NAME`).
+pub fn ns_inode(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(' ').nth(2) == Some("Z"))
+            .unwrap_or(true)
+}

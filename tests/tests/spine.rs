@@ -1,0 +1,215 @@
+//! The spine, end to end over a real 3-host lab: import an image, apply a service of 6 replicas,
+//! check real containers in the right hosts' namespaces and cgroups, logs, scale down, bad
+//! input, a missing image, controller restart with state intact, removal, and a clean teardown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rudder_tests::{busybox_rootfs, ns_inode, pid_alive, wait_for, LabGuard};
+use serde_json::Value;
+
+fn running(tasks: &[Value]) -> Vec<&Value> {
+    tasks
+        .iter()
+        .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+        .collect()
+}
+
+/// Container init pid of a task, from its host's agent data dir.
+fn container_pid(lab: &LabGuard, t: &Value) -> Option<i32> {
+    let host = lab.host(t["node"].as_str()?);
+    let dir = host.data_dir.join("containers").join(t["id"].as_str()?);
+    std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn spine_end_to_end() -> anyhow::Result<()> {
+    let name = format!("sp{}", std::process::id() % 100000);
+    let lab = LabGuard::up(&name, 3)?;
+    let tmp = tempfile::tempdir()?;
+
+    // Image without internet: a rootfs tarball into the cluster registry.
+    let tar = tmp.path().join("busybox.tar");
+    busybox_rootfs(&tar)?;
+    lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
+
+    // Apply 6 replicas.
+    let marker = format!("marker-{}", std::process::id());
+    let manifest = |replicas: u32| {
+        format!(
+            "kind: Service\nname: hello\nimage: busybox:latest\ncommand: [\"/bin/sh\", \"-c\", \"echo $GREETING; exec sleep 100000\"]\nenv:\n  GREETING: {marker}\nreplicas: {replicas}\n"
+        )
+    };
+    let file = tmp.path().join("hello.yaml");
+    std::fs::write(&file, manifest(6))?;
+    let out = lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
+    assert!(out.contains("service/hello created"), "{out}");
+
+    let tasks = wait_for(Duration::from_secs(90), "6 running tasks", || {
+        let t = lab.tasks("hello")?;
+        Ok((running(&t).len() == 6).then_some(t))
+    })?;
+    let run = running(&tasks);
+    // Spread: two per host.
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for t in &run {
+        *per_node
+            .entry(t["node"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{per_node:?}"
+    );
+
+    // Real containers: a live process in its host's network namespace and cgroup parent.
+    let mut pids = Vec::new();
+    for t in &run {
+        let pid = container_pid(&lab, t).expect("pid file");
+        assert!(pid_alive(pid), "container {pid} not alive");
+        let host = lab.host(t["node"].as_str().unwrap());
+        assert_eq!(
+            ns_inode(&format!("/proc/{pid}/ns/net")),
+            ns_inode(&format!("/run/netns/{}", host.netns)),
+            "container of {} not in {}'s network namespace",
+            t["name"],
+            host.name
+        );
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        assert!(
+            cg.contains(&host.cgroup_parent),
+            "cgroup {cg} lacks {}",
+            host.cgroup_parent
+        );
+        pids.push(pid);
+    }
+
+    // Logs reach rctl.
+    let logs = wait_for(Duration::from_secs(20), "logs of 6 tasks", || {
+        let l = lab.rctl(&["logs", "hello"])?;
+        Ok((l.matches(&marker).count() == 6).then_some(l))
+    })?;
+    assert!(logs.lines().all(|l| l.starts_with("hello.")), "{logs}");
+
+    // `get services` shows desired and running.
+    let svcs: Vec<Value> = serde_json::from_str(&lab.rctl(&["get", "services", "-o", "json"])?)?;
+    assert_eq!(svcs[0]["replicas"]["desired"], 6);
+    assert_eq!(svcs[0]["replicas"]["running"], 6);
+
+    // Bad input names file, line and field; nothing changes.
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "kind: Service\nname: hello\nimage: busybox:latest\nreplicas: six\n",
+    )?;
+    let err = lab
+        .rctl(&["apply", "-f", bad.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.yaml:4") && err.contains("replicas"),
+        "{err}"
+    );
+    std::fs::write(
+        &bad,
+        "kind: Service\nname: hello\nimage: busybox:latest\nreplics: 2\n",
+    )?;
+    let err = lab
+        .rctl(&["apply", "-f", bad.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.yaml:4") && err.contains("replics"),
+        "{err}"
+    );
+    assert_eq!(running(&lab.tasks("hello")?).len(), 6);
+
+    // A missing image: the task is rejected with the reason, the cluster goes on.
+    let ghost = tmp.path().join("ghost.yaml");
+    std::fs::write(
+        &ghost,
+        "kind: Service\nname: ghost\nimage: nosuch:1.0\nreplicas: 1\n",
+    )?;
+    lab.rctl(&["apply", "-f", ghost.to_str().unwrap()])?;
+    let rejected = wait_for(Duration::from_secs(30), "ghost rejected", || {
+        let t = lab.tasks("ghost")?;
+        Ok(t.iter().find(|t| t["state"] == "rejected").cloned())
+    })?;
+    assert!(
+        rejected["error"].as_str().unwrap().contains("nosuch"),
+        "{rejected}"
+    );
+    let table = lab.rctl(&["ps", "ghost"])?;
+    assert!(
+        table.contains("rejected") && table.contains("nosuch"),
+        "{table}"
+    );
+    lab.rctl(&["rm", "ghost"])?;
+
+    // Scale down to 2: four containers stop, two keep running untouched.
+    std::fs::write(&file, manifest(2))?;
+    let out = lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
+    assert!(out.contains("service/hello updated"), "{out}");
+    let tasks = wait_for(Duration::from_secs(60), "2 running tasks", || {
+        let t = lab.tasks("hello")?;
+        let r = running(&t);
+        let stopped = t.iter().filter(|t| t["state"] == "shutdown").count();
+        Ok((r.len() == 2 && stopped + r.len() == t.len()).then_some(t))
+    })?;
+    let kept: Vec<i32> = running(&tasks)
+        .iter()
+        .map(|t| container_pid(&lab, t).unwrap())
+        .collect();
+    for pid in &pids {
+        assert_eq!(pid_alive(*pid), kept.contains(pid), "pid {pid}");
+    }
+
+    // Restart the controller: the state is still there, from its durable log.
+    lab.lab.restart_controller(0)?;
+    let tasks = wait_for(Duration::from_secs(30), "state after restart", || {
+        let t = lab.tasks("hello")?;
+        Ok((running(&t).len() == 2).then_some(t))
+    })?;
+    assert_eq!(running(&tasks).len(), 2);
+
+    // Remove: every container stops.
+    lab.rctl(&["rm", "hello"])?;
+    wait_for(Duration::from_secs(30), "containers gone", || {
+        Ok(kept.iter().all(|p| !pid_alive(*p)).then_some(()))
+    })?;
+    let svcs: Vec<Value> = serde_json::from_str(&lab.rctl(&["get", "services", "-o", "json"])?)?;
+    assert!(svcs.is_empty());
+
+    // Teardown leaves nothing behind.
+    let lab_dir = lab.lab.dir.clone();
+    let netns: Vec<String> = lab.lab.hosts.iter().map(|h| h.netns.clone()).collect();
+    let cgroup = format!("rudder-{name}-");
+    drop(lab);
+    let ns_list = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()?
+            .stdout,
+    )?;
+    for ns in netns {
+        assert!(!ns_list.contains(&ns), "netns {ns} left");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!mounts.contains(lab_dir.to_str().unwrap()), "mounts left");
+    assert!(!lab_dir.exists(), "state dir left");
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        for e in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
+            assert!(
+                !e.file_name().to_string_lossy().starts_with(&cgroup),
+                "cgroup {} left",
+                e.path().display()
+            );
+        }
+    }
+    Ok(())
+}
