@@ -187,7 +187,8 @@ impl Worker {
             state: state.to_string(),
             message: message.to_string(),
             error: error.to_string(),
-            container_id: if state >= TaskState::Starting {
+            // A container exists from `starting` on, unless the task never got that far.
+            container_id: if state >= TaskState::Starting && state != TaskState::Rejected {
                 task.id.clone()
             } else {
                 String::new()

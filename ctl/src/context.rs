@@ -29,8 +29,7 @@ pub fn load(path: &Path) -> anyhow::Result<Context> {
             path.display()
         )
     })?;
-    serde_json::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("context file {}: {e}", path.display()))
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("context file {}: {e}", path.display()))
 }
 
 pub fn save(path: &Path, ctx: &Context) -> anyhow::Result<()> {

@@ -14,9 +14,10 @@ use tonic::transport::Channel;
 pub async fn connect(ctx: &context::Context) -> anyhow::Result<ControlClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(ctx.controller.clone())?
         .connect_timeout(Duration::from_secs(3));
-    let ch = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the controller at {}: {e}", ctx.controller)
-    })?;
+    let ch = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the controller at {}: {e}", ctx.controller))?;
     Ok(ControlClient::new(ch))
 }
 

@@ -85,6 +85,15 @@ impl LabGuard {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// Restarts host `index`'s controller or agent (same data dir); returns the new pid.
+    pub fn restart(&mut self, index: usize, role: lab::Role, kill9: bool) -> anyhow::Result<i32> {
+        let b = match role {
+            lab::Role::Controller => bin("rudder-controller"),
+            lab::Role::Agent => bin("rudder-agent"),
+        };
+        Ok(self.lab.restart(index, role, &b, "auto", kill9)?)
+    }
+
     pub fn host(&self, hostname: &str) -> &lab::LabHost {
         self.lab
             .hosts

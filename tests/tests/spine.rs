@@ -29,7 +29,7 @@ fn container_pid(lab: &LabGuard, t: &Value) -> Option<i32> {
 #[test]
 fn spine_end_to_end() -> anyhow::Result<()> {
     let name = format!("sp{}", std::process::id() % 100000);
-    let lab = LabGuard::up(&name, 3)?;
+    let mut lab = LabGuard::up(&name, 3)?;
     let tmp = tempfile::tempdir()?;
 
     // Image without internet: a rootfs tarball into the cluster registry.
@@ -170,7 +170,7 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     }
 
     // Restart the controller: the state is still there, from its durable log.
-    lab.lab.restart_controller(0)?;
+    lab.restart(0, rudder_tests::lab::Role::Controller, false)?;
     let tasks = wait_for(Duration::from_secs(30), "state after restart", || {
         let t = lab.tasks("hello")?;
         Ok((running(&t).len() == 2).then_some(t))

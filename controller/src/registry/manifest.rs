@@ -68,7 +68,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
         (None, None) if obj.contains_key("config") => OCI_MANIFEST.to_owned(),
         (None, None) => return Err(invalid("no Content-Type and no mediaType".into())),
     };
-    if media_type.contains("manifest.v1+") {
+    if media_type.starts_with("application/vnd.docker.distribution.manifest.v1+") {
         return Err(RegistryError::Unsupported(
             "schema 1 manifests are not supported".into(),
         ));

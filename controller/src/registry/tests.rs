@@ -1,1 +1,742 @@
-//! placeholder
+//! End-to-end tests: a real server on 127.0.0.1:0 over a tempdir and a [`MemTagStore`],
+//! driven over HTTP with reqwest, and (when installed) by skopeo.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use reqwest::{Client, Method, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::manifest::{OCI_INDEX, OCI_MANIFEST};
+use super::*;
+
+const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+const GZIP_LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+
+struct Server {
+    base: String,
+    port: u16,
+    state: RegistryState,
+    client: Client,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("registry")).unwrap();
+        let state = RegistryState::new(blobs, Arc::new(MemTagStore::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = state.clone();
+        tokio::spawn(async move {
+            serve(listener, served, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            state,
+            client: Client::new(),
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, format!("{}{path}", self.base))
+    }
+
+    async fn send(&self, method: Method, path: &str) -> Response {
+        self.req(method, path).send().await.unwrap()
+    }
+
+    /// Monolithic upload; returns the digest.
+    async fn push_blob(&self, repo: &str, data: &[u8]) -> Digest {
+        let digest = Digest::of(data);
+        let resp = self
+            .req(
+                Method::POST,
+                &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
+            )
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        digest
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Response {
+        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
+            .header("content-type", media_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn blob_files(&self) -> usize {
+        std::fs::read_dir(self.state.blobs().root().join("blobs/sha256"))
+            .unwrap()
+            .count()
+    }
+}
+
+fn header<'a>(resp: &'a Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or_default()
+}
+
+async fn error_code(resp: Response) -> String {
+    let body: Value = resp.json().await.unwrap();
+    body["errors"][0]["code"].as_str().unwrap().to_owned()
+}
+
+fn image_manifest(config: &Digest, config_len: usize, layers: &[(&Digest, usize)]) -> Vec<u8> {
+    image_manifest_with(LAYER_TYPE, config, config_len, layers)
+}
+
+fn image_manifest_with(
+    layer_type: &str,
+    config: &Digest,
+    config_len: usize,
+    layers: &[(&Digest, usize)],
+) -> Vec<u8> {
+    let layers: Vec<Value> = layers
+        .iter()
+        .map(|(d, n)| json!({"mediaType": layer_type, "digest": d.to_string(), "size": n}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": CONFIG_TYPE, "digest": config.to_string(), "size": config_len},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn base_endpoint_and_errors() {
+    let s = Server::start().await;
+    let resp = s.send(Method::GET, "/v2/").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        header(&resp, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({}));
+    assert_eq!(s.send(Method::GET, "/v2").await.status(), StatusCode::OK);
+
+    let resp = s.send(Method::GET, "/v2/Bad..Name/tags/list").await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        header(&resp, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+    assert_eq!(error_code(resp).await, "NAME_INVALID");
+
+    let resp = s
+        .send(Method::GET, &format!("/v2/a/blobs/{}", Digest::of(b"x")))
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
+    let resp = s.send(Method::GET, "/v2/a/blobs/sha256:nothex").await;
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+    let resp = s.send(Method::GET, "/v2/a/manifests/latest").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+    assert_eq!(
+        s.send(Method::GET, "/v2/a/tags/list").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.send(Method::POST, "/v2/a/manifests/x").await.status(),
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+}
+
+#[tokio::test]
+async fn monolithic_upload_get_and_head() {
+    let s = Server::start().await;
+    // Bigger than axum's default 2 MiB body limit, to prove it is off.
+    let data: Vec<u8> = (0..5u32 << 20).map(|i| (i % 251) as u8).collect();
+    let digest = s.push_blob("library/busybox", &data).await;
+
+    let resp = s
+        .send(Method::HEAD, &format!("/v2/library/busybox/blobs/{digest}"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-length"), data.len().to_string());
+    assert_eq!(header(&resp, "docker-content-digest"), digest.as_str());
+
+    let resp = s
+        .send(Method::GET, &format!("/v2/library/busybox/blobs/{digest}"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "docker-content-digest"), digest.as_str());
+    assert_eq!(resp.bytes().await.unwrap(), data);
+
+    // Range reads.
+    let resp = s
+        .req(Method::GET, &format!("/v2/library/busybox/blobs/{digest}"))
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        header(&resp, "content-range"),
+        format!("bytes 10-19/{}", data.len())
+    );
+    assert_eq!(resp.bytes().await.unwrap(), data[10..20]);
+
+    // Blobs are shared: another repository sees it too.
+    let resp = s
+        .send(Method::HEAD, &format!("/v2/other/blobs/{digest}"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn chunked_upload() {
+    let s = Server::start().await;
+    let resp = s.send(Method::POST, "/v2/test/img/blobs/uploads/").await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&resp, "range"), "0-0");
+    let location = header(&resp, "location").to_owned();
+    let uuid = header(&resp, "docker-upload-uuid").to_owned();
+    assert_eq!(location, format!("/v2/test/img/blobs/uploads/{uuid}"));
+
+    let resp = s
+        .req(Method::PATCH, &location)
+        .header("content-range", "0-4")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&resp, "range"), "0-4");
+    let location = header(&resp, "location").to_owned();
+
+    // Out of order chunk: 416, with the current range so the client can resume.
+    let resp = s
+        .req(Method::PATCH, &location)
+        .header("content-range", "7-9")
+        .body("xyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&resp, "range"), "0-4");
+
+    // A chunk without Content-Range (streamed, as containers/image does).
+    let resp = s
+        .req(Method::PATCH, &location)
+        .body(" big")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&resp, "range"), "0-8");
+
+    let resp = s.send(Method::GET, &location).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&resp, "range"), "0-8");
+
+    // Same upload addressed through another repository: unknown.
+    let other = location.replace("/test/img/", "/test/other/");
+    assert_eq!(
+        s.send(Method::GET, &other).await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let digest = Digest::of(b"hello big world");
+    let resp = s
+        .req(Method::PUT, &format!("{location}?digest={digest}"))
+        .body(" world")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        header(&resp, "location"),
+        format!("/v2/test/img/blobs/{digest}")
+    );
+    assert_eq!(header(&resp, "docker-content-digest"), digest.as_str());
+
+    let body = s
+        .send(Method::GET, &format!("/v2/test/img/blobs/{digest}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(body, "hello big world");
+    // The upload is over.
+    assert_eq!(
+        s.send(Method::GET, &location).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn digest_mismatch_stores_nothing() {
+    let s = Server::start().await;
+    let wrong = Digest::of(b"something else");
+
+    let resp = s
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={wrong}"),
+        )
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    let location = header(&resp, "location").to_owned();
+    s.req(Method::PATCH, &location)
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    let resp = s
+        .req(Method::PUT, &format!("{location}?digest={wrong}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+
+    for d in [&wrong, &Digest::of(b"payload")] {
+        assert_eq!(
+            s.send(Method::HEAD, &format!("/v2/a/blobs/{d}"))
+                .await
+                .status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(s.blob_files(), 0);
+    assert_eq!(
+        std::fs::read_dir(s.state.blobs().root().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // PUT without a digest is refused too.
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    let location = header(&resp, "location").to_owned();
+    let resp = s
+        .req(Method::PUT, &location)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+}
+
+#[tokio::test]
+async fn cancel_upload() {
+    let s = Server::start().await;
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads").await;
+    let location = header(&resp, "location").to_owned();
+    assert_eq!(
+        s.send(Method::DELETE, &location).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let resp = s.send(Method::GET, &location).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(
+        s.send(Method::DELETE, &location).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn manifests_tags_catalog_and_delete() {
+    let s = Server::start().await;
+    let repo = "library/app";
+    let config = br#"{"architecture":"amd64","os":"linux"}"#;
+    let layer = b"not really a tar";
+    let config_d = s.push_blob(repo, config).await;
+    let layer_d = s.push_blob(repo, layer).await;
+    let manifest = image_manifest(&config_d, config.len(), &[(&layer_d, layer.len())]);
+    let manifest_d = Digest::of(&manifest);
+
+    let resp = s.put_manifest(repo, "v1", OCI_MANIFEST, &manifest).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(header(&resp, "docker-content-digest"), manifest_d.as_str());
+    assert_eq!(
+        header(&resp, "location"),
+        format!("/v2/{repo}/manifests/{manifest_d}")
+    );
+
+    for reference in ["v1", manifest_d.as_str()] {
+        let resp = s
+            .send(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "content-type"), OCI_MANIFEST);
+        assert_eq!(header(&resp, "docker-content-digest"), manifest_d.as_str());
+        assert_eq!(resp.bytes().await.unwrap(), manifest);
+
+        let resp = s
+            .send(Method::HEAD, &format!("/v2/{repo}/manifests/{reference}"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp, "content-length"), manifest.len().to_string());
+        assert_eq!(header(&resp, "docker-content-digest"), manifest_d.as_str());
+    }
+    // Manifests belong to their repository, even though blobs are shared.
+    assert_eq!(
+        s.send(Method::GET, &format!("/v2/other/manifests/{manifest_d}"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // By digest: must match the body.
+    let resp = s
+        .put_manifest(repo, manifest_d.as_str(), OCI_MANIFEST, &manifest)
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = s
+        .put_manifest(repo, config_d.as_str(), OCI_MANIFEST, &manifest)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+
+    // Missing blob, invalid JSON, contradicting media type, bad tag: refused, nothing tagged.
+    let missing = Digest::of(b"missing layer");
+    let dangling = image_manifest(&config_d, config.len(), &[(&missing, 13)]);
+    let resp = s
+        .put_manifest(repo, "broken", OCI_MANIFEST, &dangling)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "MANIFEST_BLOB_UNKNOWN");
+    let resp = s
+        .put_manifest(repo, "broken", OCI_MANIFEST, b"{not json")
+        .await;
+    assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
+    let resp = s.put_manifest(repo, "broken", OCI_INDEX, &manifest).await;
+    assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
+    let resp = s.put_manifest(repo, "-bad", OCI_MANIFEST, &manifest).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        s.send(Method::GET, &format!("/v2/{repo}/manifests/broken"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let huge = vec![b' '; manifest::MAX_MANIFEST_BYTES + 1];
+    let resp = s.put_manifest(repo, "huge", OCI_MANIFEST, &huge).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // An index referencing the manifest.
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": manifest_d.to_string(), "size": manifest.len()}],
+    }))
+    .unwrap();
+    assert_eq!(
+        s.put_manifest(repo, "multi", OCI_INDEX, &index)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let resp = s
+        .send(Method::GET, &format!("/v2/{repo}/manifests/multi"))
+        .await;
+    assert_eq!(header(&resp, "content-type"), OCI_INDEX);
+
+    // Tags list with pagination.
+    for tag in ["a", "b", "c"] {
+        assert_eq!(
+            s.put_manifest(repo, tag, OCI_MANIFEST, &manifest)
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    let resp = s.send(Method::GET, &format!("/v2/{repo}/tags/list")).await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"name": repo, "tags": ["a", "b", "c", "multi", "v1"]})
+    );
+    let resp = s
+        .send(Method::GET, &format!("/v2/{repo}/tags/list?n=2&last=a"))
+        .await;
+    assert_eq!(
+        header(&resp, "link"),
+        format!("</v2/{repo}/tags/list?n=2&last=c>; rel=\"next\"")
+    );
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["tags"],
+        json!(["b", "c"])
+    );
+    let resp = s
+        .send(Method::GET, &format!("/v2/{repo}/tags/list?n=2&last=c"))
+        .await;
+    assert_eq!(header(&resp, "link"), "");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["tags"],
+        json!(["multi", "v1"])
+    );
+
+    // Catalog.
+    assert_eq!(
+        s.put_manifest("zz/other", "x", OCI_MANIFEST, &manifest)
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let resp = s.send(Method::GET, "/v2/_catalog").await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"repositories": [repo, "zz/other"]})
+    );
+    let resp = s.send(Method::GET, "/v2/_catalog?n=1").await;
+    assert_eq!(
+        header(&resp, "link"),
+        format!("</v2/_catalog?n=1&last={repo}>; rel=\"next\"")
+    );
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"repositories": [repo]})
+    );
+
+    // Delete a tag, then the manifest by digest (its remaining tags go with it).
+    assert_eq!(
+        s.send(Method::DELETE, &format!("/v2/{repo}/manifests/a"))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        s.send(Method::GET, &format!("/v2/{repo}/manifests/a"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.send(Method::GET, &format!("/v2/{repo}/manifests/b"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let path = format!("/v2/{repo}/manifests/{manifest_d}");
+    assert_eq!(
+        s.send(Method::DELETE, &path).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        s.send(Method::DELETE, &path).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.send(Method::GET, &format!("/v2/{repo}/manifests/b"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let resp = s.send(Method::GET, &format!("/v2/{repo}/tags/list")).await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["tags"],
+        json!(["multi"])
+    );
+
+    // Delete a blob.
+    let blob = format!("/v2/{repo}/blobs/{layer_d}");
+    assert_eq!(
+        s.send(Method::DELETE, &blob).await.status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        s.send(Method::HEAD, &blob).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        s.send(Method::DELETE, &blob).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn cross_repository_mount() {
+    let s = Server::start().await;
+    let digest = s.push_blob("src/repo", b"shared layer").await;
+    let resp = s
+        .send(
+            Method::POST,
+            &format!("/v2/dst/repo/blobs/uploads/?mount={digest}&from=src/repo"),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        header(&resp, "location"),
+        format!("/v2/dst/repo/blobs/{digest}")
+    );
+    assert_eq!(header(&resp, "docker-content-digest"), digest.as_str());
+    assert_eq!(
+        s.send(Method::HEAD, &format!("/v2/dst/repo/blobs/{digest}"))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    // Unknown blob: falls back to an ordinary upload.
+    let missing = Digest::of(b"nope");
+    let resp = s
+        .send(
+            Method::POST,
+            &format!("/v2/dst/repo/blobs/uploads/?mount={missing}&from=src/repo"),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert!(header(&resp, "location").starts_with("/v2/dst/repo/blobs/uploads/"));
+}
+
+/// Writes an OCI layout with one single-file layer tagged `tag`; returns the layer digest.
+/// The layer is gzipped so that skopeo pushes it as is (it would compress a plain tar).
+fn write_oci_layout(dir: &Path, tag: &str) -> Digest {
+    let mut builder = tar::Builder::new(Vec::new());
+    let content = b"hello from rudder\n";
+    let mut hdr = tar::Header::new_gnu();
+    hdr.set_size(content.len() as u64);
+    hdr.set_mode(0o644);
+    hdr.set_mtime(0);
+    hdr.set_cksum();
+    builder
+        .append_data(&mut hdr, "hello.txt", &content[..])
+        .unwrap();
+    let tar = builder.into_inner().unwrap();
+    let diff_id = Digest::of(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let layer = gz.finish().unwrap();
+    let layer_d = Digest::of(&layer);
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id.to_string()]},
+    }))
+    .unwrap();
+    let config_d = Digest::of(&config);
+    let manifest = image_manifest_with(
+        GZIP_LAYER_TYPE,
+        &config_d,
+        config.len(),
+        &[(&layer_d, layer.len())],
+    );
+    let manifest_d = Digest::of(&manifest);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for (d, bytes) in [
+        (&layer_d, &layer),
+        (&config_d, &config),
+        (&manifest_d, &manifest),
+    ] {
+        std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+    }
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": manifest_d.to_string(),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": tag},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    layer_d
+}
+
+async fn skopeo(args: &[&str]) {
+    let out = tokio::process::Command::new("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn skopeo_round_trip() {
+    if std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping skopeo_round_trip: skopeo is not installed");
+        return;
+    }
+    let s = Server::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let dst = work.path().join("dst");
+    let layer_d = write_oci_layout(&src, "v1");
+    let remote = format!("docker://127.0.0.1:{}/test/img:v1", s.port);
+
+    let src_ref = format!("oci:{}:v1", src.display());
+    skopeo(&["copy", "--dest-tls-verify=false", &src_ref, &remote]).await;
+    // A second push finds every blob present and must still succeed.
+    skopeo(&["copy", "--dest-tls-verify=false", &src_ref, &remote]).await;
+
+    let resp = s.send(Method::GET, "/v2/test/img/tags/list").await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"name": "test/img", "tags": ["v1"]})
+    );
+
+    // The registry holds the layer under the same digest.
+    let resp = s.send(Method::GET, "/v2/test/img/manifests/v1").await;
+    assert_eq!(header(&resp, "content-type"), OCI_MANIFEST);
+    let pushed: Value = resp.json().await.unwrap();
+    assert_eq!(pushed["layers"][0]["digest"], layer_d.as_str());
+
+    let dst_ref = format!("oci:{}:v1", dst.display());
+    skopeo(&["copy", "--src-tls-verify=false", &remote, &dst_ref]).await;
+
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
+    let manifest_d = Digest::parse(index["manifests"][0]["digest"].as_str().unwrap()).unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(dst.join("blobs/sha256").join(manifest_d.hex())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["layers"][0]["digest"], layer_d.as_str());
+    let pulled = std::fs::read(dst.join("blobs/sha256").join(layer_d.hex())).unwrap();
+    assert_eq!(Digest::of(&pulled), layer_d);
+    assert_eq!(
+        pulled,
+        std::fs::read(src.join("blobs/sha256").join(layer_d.hex())).unwrap()
+    );
+}

@@ -16,8 +16,8 @@ pub async fn run(ctx: &Context, files: &[PathBuf]) -> anyhow::Result<()> {
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
             ("<stdin>".to_string(), s)
         } else {
-            let text = std::fs::read_to_string(f)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let text =
+                std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             (f.display().to_string(), text)
         };
         for m in manifest::parse(&name, &text)? {

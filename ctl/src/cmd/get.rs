@@ -65,7 +65,15 @@ pub async fn nodes(ctx: &Context, output: Output) -> anyhow::Result<()> {
         Output::Table => {
             let rows: Vec<Vec<String>> = list
                 .iter()
-                .map(|n| vec![n.hostname.clone(), n.state.clone(), n.tasks.to_string(), n.addr.clone(), n.id.clone()])
+                .map(|n| {
+                    vec![
+                        n.hostname.clone(),
+                        n.state.clone(),
+                        n.tasks.to_string(),
+                        n.addr.clone(),
+                        n.id.clone(),
+                    ]
+                })
                 .collect();
             print_table(&["HOSTNAME", "STATE", "TASKS", "ADDRESS", "ID"], &rows);
         }

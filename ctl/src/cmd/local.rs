@@ -7,24 +7,7 @@ use crate::context::{self, Context};
 use crate::lab;
 
 pub fn lab_root() -> PathBuf {
-    std::env::var_os("RUDDER_LAB_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/rudder-lab"))
-}
-
-/// Finds a sibling binary of `rctl` (same build directory), else relies on PATH.
-pub fn sibling_bin(name: &str) -> PathBuf {
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(dir) = exe.parent() {
-            for d in [Some(dir), dir.parent()].into_iter().flatten() {
-                let p = d.join(name);
-                if p.is_file() {
-                    return p;
-                }
-            }
-        }
-    }
-    PathBuf::from(name)
+    lab::default_root()
 }
 
 pub struct UpArgs {
@@ -41,8 +24,8 @@ pub fn up(a: UpArgs) -> anyhow::Result<lab::Lab> {
         nodes: a.nodes,
         managers: a.managers,
         root: lab_root(),
-        agent_bin: sibling_bin("rudder-agent"),
-        controller_bin: sibling_bin("rudder-controller"),
+        agent_bin: lab::sibling_binary("rudder-agent"),
+        controller_bin: lab::sibling_binary("rudder-controller"),
         runtime: a.runtime,
         extra_agent_args: vec![],
     };

@@ -40,7 +40,11 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
             let rows: Vec<Vec<String>> = tasks
                 .iter()
                 .map(|t| {
-                    let state = if t.desired_state != "running" && t.state != t.desired_state {
+                    let terminal = t
+                        .state
+                        .parse::<rudder_model::TaskState>()
+                        .is_ok_and(|s| s.is_terminal());
+                    let state = if !terminal && t.desired_state != "running" {
                         format!("{} (desired {})", t.state, t.desired_state)
                     } else {
                         t.state.clone()
@@ -52,7 +56,11 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
                     vec![
                         t.name.clone(),
                         t.image.clone(),
-                        if t.node.is_empty() { "-".into() } else { t.node.clone() },
+                        if t.node.is_empty() {
+                            "-".into()
+                        } else {
+                            t.node.clone()
+                        },
                         state,
                         if t.container_id.is_empty() {
                             "-".into()
@@ -63,7 +71,10 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
                     ]
                 })
                 .collect();
-            print_table(&["TASK", "IMAGE", "NODE", "STATE", "CONTAINER", "ERROR"], &rows);
+            print_table(
+                &["TASK", "IMAGE", "NODE", "STATE", "CONTAINER", "ERROR"],
+                &rows,
+            );
         }
     }
     Ok(())
