@@ -64,8 +64,9 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Waits for the container to exit and returns its exit code (128+signal if killed).
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
-    /// Removes the runtime's record of a stopped container (idempotent).
-    async fn delete(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Removes the runtime's record of a stopped container (idempotent). The shim normally did
+    /// it already once the container exited: wait for the shim, then clean up what is left.
+    async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError>;
 }
 
 pub struct OciCliRuntime {
@@ -209,7 +210,13 @@ impl ContainerRuntime for OciCliRuntime {
         self.cli(&["kill", id, signal]).await
     }
 
-    async fn delete(&self, id: &str) -> Result<(), RuntimeError> {
+    async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError> {
+        if let Some(pid) = shim_pid(dir).filter(|p| shim_alive(*p, dir)) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait_pid_exit(pid)).await;
+        }
+        if !self.root.join(id).exists() {
+            return Ok(());
+        }
         match self.cli(&["delete", "--force", id]).await {
             Err(RuntimeError::Command { stderr, .. }) if stderr.contains("does not exist") => {
                 Ok(())

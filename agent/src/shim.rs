@@ -6,7 +6,7 @@
 //! becomes child subreaper, runs `runc run --detach` with the container's stdio on its log file,
 //! tells the agent the result through an inherited pipe, then waits: as subreaper it receives
 //! the container's exit status — the only way to learn the exit code of a detached container —
-//! and writes it atomically to `exit`. It runs before any tokio runtime exists: forking a
+//! writes it atomically to `exit`, then deletes the runtime's record of the container and exits. It runs before any tokio runtime exists: forking a
 //! multi-threaded process is unsafe, so this must stay single-threaded.
 //!
 //! Files in the container dir: `shim.pid`, `pid` (container init), `exit` (exit code),
@@ -82,6 +82,17 @@ pub fn main(args: ShimArgs) -> ! {
         }
     };
     let _ = write_atomic(&args.dir.join("exit"), &format!("{code}\n"));
+    // The exit is reported first (it is what callers wait for); then the runtime's record of
+    // the stopped container is removed, off the caller's critical path.
+    let _ = Command::new(&args.runtime)
+        .arg("--root")
+        .arg(&args.root)
+        .args(["delete", "--force"])
+        .arg(&args.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     std::process::exit(0)
 }
 

@@ -254,7 +254,7 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
         }
         w.report(&task, TaskState::Starting, "starting", "", None);
         // A failed earlier attempt may have left a record with this id.
-        let _ = ctx.runtime.delete(&task.id).await;
+        let _ = ctx.runtime.delete(&task.id, &c.dir).await;
         match ctx.runtime.start(&task.id, &c.dir).await {
             Ok(pid) => {
                 info!(task = %name, pid, "running");
@@ -318,7 +318,7 @@ async fn stop_container(
 }
 
 async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
-    if let Err(e) = ctx.runtime.delete(&task.id).await {
+    if let Err(e) = ctx.runtime.delete(&task.id, &c.dir).await {
         warn!(task = %task.name(), %e, "runtime delete");
     }
     bundle::unmount_rootfs(c);

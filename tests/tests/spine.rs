@@ -37,11 +37,28 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     busybox_rootfs(&tar)?;
     lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
 
-    // Apply 6 replicas.
+    // Archives as standard tools write them (OCI archive, docker-save tarball), loaded back.
+    let registry = lab.lab.registry();
+    for (transport, file, name) in [
+        ("oci-archive", "oci.tar", "fromoci:v1"),
+        ("docker-archive", "docker.tar", "fromdocker:v1"),
+    ] {
+        let path = tmp.path().join(file);
+        let st = std::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{registry}/busybox:latest"))
+            .arg(format!("{transport}:{}:{name}", path.display()))
+            .status()?;
+        assert!(st.success(), "skopeo copy to {transport}");
+        let out = lab.rctl(&["image", "load", path.to_str().unwrap()])?;
+        assert!(out.contains(name), "{out}");
+    }
+
+    // Apply 6 replicas (of the image that went through a docker-save tarball).
     let marker = format!("marker-{}", std::process::id());
     let manifest = |replicas: u32| {
         format!(
-            "kind: Service\nname: hello\nimage: busybox:latest\ncommand: [\"/bin/sh\", \"-c\", \"echo $GREETING; exec sleep 100000\"]\nenv:\n  GREETING: {marker}\nreplicas: {replicas}\n"
+            "kind: Service\nname: hello\nimage: fromdocker:v1\ncommand: [\"/bin/sh\", \"-c\", \"echo $GREETING; exec sleep 100000\"]\nenv:\n  GREETING: {marker}\nreplicas: {replicas}\n"
         )
     };
     let file = tmp.path().join("hello.yaml");
