@@ -5,7 +5,6 @@
 //! multi-threaded); a container's fate is read from its shim's files, so it survives an agent
 //! restart; `--root` is per agent, so agents on one machine never see each other's containers.
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -76,6 +75,10 @@ pub struct OciCliRuntime {
     pub root: PathBuf,
     /// This agent's executable, re-run as the shim.
     pub self_exe: PathBuf,
+    /// Read ends of the shims' notification pipes, by container id: EOF means the container
+    /// exited and its code is on disk. Gone after an agent restart; `wait` then watches the
+    /// shim process instead.
+    pub exit_pipes: std::sync::Mutex<std::collections::HashMap<String, std::fs::File>>,
 }
 
 impl OciCliRuntime {
@@ -86,6 +89,7 @@ impl OciCliRuntime {
             binary,
             root,
             self_exe,
+            exit_pipes: Default::default(),
         })
     }
 
@@ -167,16 +171,28 @@ impl ContainerRuntime for OciCliRuntime {
         drop(wr);
         // The first shim process exits at once after forking the real shim.
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(std::fs::File::from(rd)).read_line(&mut line);
-            line
+        let (line, pipe) = tokio::task::spawn_blocking(move || {
+            // Byte by byte: nothing after the line may be consumed from the pipe.
+            let mut pipe = std::fs::File::from(rd);
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while let Ok(1) = std::io::Read::read(&mut pipe, &mut b) {
+                if b[0] == b'\n' {
+                    break;
+                }
+                line.push(b[0]);
+            }
+            (String::from_utf8_lossy(&line).into_owned(), pipe)
         })
         .await
-        .unwrap_or_default();
+        .map_err(|e| RuntimeError::Start(e.to_string()))?;
         let line = line.trim();
         if let Some(pid) = line.strip_prefix("ok ") {
             debug!(id, pid, "container running");
+            self.exit_pipes
+                .lock()
+                .expect("exit pipes lock")
+                .insert(id.to_string(), pipe);
             return pid
                 .parse()
                 .map_err(|_| RuntimeError::Start(format!("shim said {line:?}")));
@@ -189,7 +205,14 @@ impl ContainerRuntime for OciCliRuntime {
         }))
     }
 
-    async fn wait(&self, _id: &str, dir: &Path) -> Result<i32, RuntimeError> {
+    async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError> {
+        let pipe = self.exit_pipes.lock().expect("exit pipes lock").remove(id);
+        if let Some(pipe) = pipe {
+            wait_eof(pipe).await;
+            if let Some(code) = exit_code(dir) {
+                return Ok(code);
+            }
+        }
         loop {
             if let Some(code) = exit_code(dir) {
                 return Ok(code);
@@ -222,6 +245,44 @@ impl ContainerRuntime for OciCliRuntime {
                 Ok(())
             }
             r => r,
+        }
+    }
+}
+
+/// Waits until the writer closes `pipe`.
+async fn wait_eof(pipe: std::fs::File) {
+    let fd: OwnedFd = pipe.into();
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    // SAFETY: the fd is owned by the AsyncFd for its whole registration.
+    let Ok(afd) = (unsafe { AsyncFd::register(fd) }) else {
+        return;
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
+        // SAFETY: read into a stack buffer of the given length.
+        let n = unsafe {
+            libc::read(
+                afd.get_ref().as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n == 0 {
+            return;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock {
+            guard.clear_ready();
+            continue;
+        }
+        if n < 0 {
+            return;
         }
     }
 }

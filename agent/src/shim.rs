@@ -6,7 +6,7 @@
 //! becomes child subreaper, runs `runc run --detach` with the container's stdio on its log file,
 //! tells the agent the result through an inherited pipe, then waits: as subreaper it receives
 //! the container's exit status — the only way to learn the exit code of a detached container —
-//! writes it atomically to `exit`, then deletes the runtime's record of the container and exits. It runs before any tokio runtime exists: forking a
+//! writes it atomically to `exit`, closes the pipe (the agent's wake-up), then deletes the runtime's record of the container and exits. It runs before any tokio runtime exists: forking a
 //! multi-threaded process is unsafe, so this must stay single-threaded.
 //!
 //! Files in the container dir: `shim.pid`, `pid` (container init), `exit` (exit code),
@@ -82,6 +82,8 @@ pub fn main(args: ShimArgs) -> ! {
         }
     };
     let _ = write_atomic(&args.dir.join("exit"), &format!("{code}\n"));
+    // Closing the pipe tells a waiting agent the exit code is there.
+    drop(notify);
     // The exit is reported first (it is what callers wait for); then the runtime's record of
     // the stopped container is removed, off the caller's critical path.
     let _ = Command::new(&args.runtime)

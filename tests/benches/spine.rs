@@ -58,9 +58,22 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&root)?;
     let runc = rudder_agent::runtime::pick_runtime("auto");
 
-    // Raw `runc run` (create + start + wait + delete in one process).
+    let rt = OciCliRuntime {
+        binary: runc.clone(),
+        root: root.clone(),
+        self_exe: bin("rudder-agent"),
+        exit_pipes: Default::default(),
+    };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    // Interleaved, so background load affects both sides alike.
     let mut raw = Vec::new();
+    let mut to_exit = Vec::new();
+    let mut to_clean = Vec::new();
     for i in 0..iterations {
+        // Raw `runc run`: create + start + wait + delete in one process.
         let t = Instant::now();
         let st = Command::new(&runc)
             .arg("--root")
@@ -74,21 +87,8 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
             .status()?;
         raw.push(t.elapsed());
         anyhow::ensure!(st.success(), "runc run failed");
-    }
 
-    // Through the agent's runtime layer.
-    let rt = OciCliRuntime {
-        binary: runc.clone(),
-        root: root.clone(),
-        self_exe: bin("rudder-agent"),
-    };
-    let tokio = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let mut to_exit = Vec::new();
-    let mut to_clean = Vec::new();
-    for i in 0..iterations {
+        // Through the agent's runtime layer: shim, `run --detach`, exit via the shim's pipe.
         for f in ["exit", "pid", "shim.pid", "log", "runc.log"] {
             let _ = std::fs::remove_file(c.dir.join(f));
         }
