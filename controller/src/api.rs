@@ -193,9 +193,10 @@ impl Control for ControlApi {
         _req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
         let store = self.raft.store();
-        let nodes = store
-            .nodes
-            .values()
+        let mut nodes: Vec<&rudder_model::Node> = store.nodes.values().collect();
+        nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        let nodes = nodes
+            .into_iter()
             .map(|n| NodeSummary {
                 id: n.id.clone(),
                 hostname: n.hostname.clone(),

@@ -108,6 +108,13 @@ enum LocalCmd {
 
 fn main() {
     if let Err(e) = real_main() {
+        // `rctl logs … | head` closing the pipe is not an error.
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
