@@ -228,7 +228,10 @@ pub fn write_config(
         )))
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
-        .resources(defaults.resources().clone().unwrap_or_default())
+        .resources(limits(
+            &s.resources.limits,
+            defaults.resources().clone().unwrap_or_default(),
+        )?)
         .build()
         .map_err(|e| BundleError::Spec(e.to_string()))?;
     spec.set_hostname(Some(hostname))
@@ -244,6 +247,46 @@ pub fn write_config(
         ));
     spec.save(c.bundle().join("config.json"))
         .map_err(|e| BundleError::Spec(e.to_string()))
+}
+
+/// The spec's limits as cgroup settings: cpu quota over a 100 ms period, memory, pids.
+fn limits(
+    l: &rudder_model::spec::Limits,
+    mut r: oci_spec::runtime::LinuxResources,
+) -> Result<oci_spec::runtime::LinuxResources, BundleError> {
+    use oci_spec::runtime::{LinuxCpuBuilder, LinuxMemoryBuilder, LinuxPidsBuilder};
+    let spec_err = |e: oci_spec::OciSpecError| BundleError::Spec(e.to_string());
+    const PERIOD_US: u64 = 100_000;
+    if l.cpus > 0 {
+        let quota = (l.cpus * PERIOD_US / 1000) as i64;
+        r.set_cpu(Some(
+            LinuxCpuBuilder::default()
+                .period(PERIOD_US)
+                .quota(quota)
+                .build()
+                .map_err(spec_err)?,
+        ));
+    }
+    if l.memory > 0 {
+        let bytes = i64::try_from(l.memory).unwrap_or(i64::MAX);
+        r.set_memory(Some(
+            LinuxMemoryBuilder::default()
+                .limit(bytes)
+                // No swap beyond the limit: the limit is what the task gets.
+                .swap(bytes)
+                .build()
+                .map_err(spec_err)?,
+        ));
+    }
+    if l.pids > 0 {
+        r.set_pids(Some(
+            LinuxPidsBuilder::default()
+                .limit(i64::try_from(l.pids).unwrap_or(i64::MAX))
+                .build()
+                .map_err(spec_err)?,
+        ));
+    }
+    Ok(r)
 }
 
 /// `uid[:gid]` → numbers; names are not resolved yet (validation allows only numbers).

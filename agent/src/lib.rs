@@ -45,6 +45,26 @@ pub struct Config {
     pub cgroup_parent: String,
     /// `auto`, `runc` or `crun`.
     pub runtime: String,
+    /// `worker`, or `manager` when this host also runs a controller.
+    pub role: String,
+}
+
+/// This host's capacity: CPUs (thousandths) and memory (bytes) from the kernel.
+pub fn host_capacity() -> (u64, u64) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64 * 1000)
+        .unwrap_or(1000);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0);
+    (cpus, mem)
 }
 
 /// This node's stable id: generated once, kept in the data dir.
@@ -81,10 +101,14 @@ pub async fn run(
         status_tx,
     });
     worker.adopt();
+    let (cpus_milli, memory_bytes) = host_capacity();
     let me = session::Identity {
         node_id,
         hostname: cfg.hostname.clone(),
         addr: cfg.listen.to_string(),
+        cpus_milli,
+        memory_bytes,
+        role: cfg.role.clone(),
     };
     let session = tokio::spawn(session::run(cfg.controller.clone(), me, worker, status_rx));
     let api = AgentApiServer::new(api::AgentApiImpl { containers });

@@ -25,6 +25,9 @@ struct Args {
     cgroup_parent: String,
     #[arg(long, default_value = "auto")]
     runtime: String,
+    /// `manager` when this host also runs a controller (placement constraints use it).
+    #[arg(long, default_value = "worker", value_parser = ["worker", "manager"])]
+    role: String,
 }
 
 #[derive(Subcommand)]
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         hostname,
         cgroup_parent: a.cgroup_parent,
         runtime: a.runtime,
+        role: a.role,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -131,6 +131,11 @@ pub fn exit_code(dir: &Path) -> Option<i32> {
         .ok()
 }
 
+/// Whether the shim saw the container killed by the OOM killer.
+pub fn oom_killed(dir: &Path) -> bool {
+    dir.join("oom").exists()
+}
+
 /// Whether `pid` is alive and is a shim of the container in `dir` (pids get reused).
 pub fn shim_alive(pid: i32, dir: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))

@@ -19,6 +19,11 @@ pub struct Identity {
     pub node_id: String,
     pub hostname: String,
     pub addr: String,
+    /// Capacity offered to the scheduler.
+    pub cpus_milli: u64,
+    pub memory_bytes: u64,
+    /// `worker` or `manager`.
+    pub role: String,
 }
 
 pub async fn run(
@@ -56,6 +61,9 @@ async fn session(
             node_id: me.node_id.clone(),
             hostname: me.hostname.clone(),
             addr: me.addr.clone(),
+            cpus_milli: me.cpus_milli,
+            memory_bytes: me.memory_bytes,
+            role: me.role.clone(),
         })),
     })
     .await

@@ -81,6 +81,9 @@ pub fn main(args: ShimArgs) -> ! {
             std::process::exit(1);
         }
     };
+    if code == 128 + libc::SIGKILL && oom_killed(&args.dir) {
+        let _ = write_atomic(&args.dir.join("oom"), "1\n");
+    }
     let _ = write_atomic(&args.dir.join("exit"), &format!("{code}\n"));
     // Closing the pipe tells a waiting agent the exit code is there.
     drop(notify);
@@ -145,6 +148,36 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
             Err(_) => return Ok(-1),
         }
     }
+}
+
+/// Whether the kernel's OOM killer struck in the container's memory cgroup. Must be read before
+/// the runtime deletes the cgroup.
+fn oom_killed(dir: &Path) -> bool {
+    let Ok(cfg) = fs::read(dir.join("bundle").join("config.json")) else {
+        return false;
+    };
+    let Ok(cfg) = serde_json::from_slice::<serde_json::Value>(&cfg) else {
+        return false;
+    };
+    let Some(path) = cfg["linux"]["cgroupsPath"].as_str() else {
+        return false;
+    };
+    let path = path.trim_start_matches('/');
+    let count = |file: String| {
+        fs::read_to_string(file).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+    };
+    // cgroup v1, then v2 (pure or the hybrid unified mount).
+    [
+        format!("/sys/fs/cgroup/memory/{path}/memory.oom_control"),
+        format!("/sys/fs/cgroup/{path}/memory.events"),
+        format!("/sys/fs/cgroup/unified/{path}/memory.events"),
+    ]
+    .into_iter()
+    .any(|f| count(f).is_some_and(|n| n > 0))
 }
 
 /// The last error line runc wrote to its log, without the JSON/text decoration.

@@ -109,6 +109,7 @@ impl Worker {
             wanted.insert(t.id.clone(), t);
         }
         let mut to_spawn = Vec::new();
+        let assigned: std::collections::HashSet<String> = wanted.keys().cloned().collect();
         {
             let local = self.local.lock().expect("local lock");
             for (id, l) in local.iter() {
@@ -137,17 +138,19 @@ impl Worker {
             self.spawn(t, false);
         }
         // Files of tasks the controller forgot and that run nowhere here.
-        self.remove_stale_dirs();
+        self.remove_stale_dirs(&assigned);
     }
 
-    fn remove_stale_dirs(&self) {
+    /// Removes the dirs of tasks absent from the assignment set whose shim is gone. A finished
+    /// task still assigned keeps its dir: its log is served until the controller forgets it.
+    fn remove_stale_dirs(&self, assigned: &std::collections::HashSet<String>) {
         let local = self.local.lock().expect("local lock");
         let Ok(entries) = std::fs::read_dir(&self.ctx.containers) else {
             return;
         };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().to_string();
-            if !local.contains_key(&id) {
+            if !local.contains_key(&id) && !assigned.contains(&id) {
                 let dir = e.path();
                 let alive = runtime::shim_pid(&dir).is_some_and(|p| runtime::shim_alive(p, &dir));
                 if !alive {
@@ -288,6 +291,16 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
     match (code, stopped_by_us) {
         (Ok(code), true) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
         (Ok(0), false) => w.report(&task, TaskState::Complete, "exited", "", Some(0)),
+        (Ok(code), false) if runtime::oom_killed(&c.dir) => w.report(
+            &task,
+            TaskState::Failed,
+            "out of memory",
+            &format!(
+                "killed by the OOM killer: memory limit {} reached (exit code {code})",
+                rudder_model::spec::human_bytes(task.spec.resources.limits.memory)
+            ),
+            Some(code),
+        ),
         (Ok(code), false) => w.report(
             &task,
             TaskState::Failed,

@@ -6,7 +6,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use rudder_model::{Command, ServiceSpec, Store, Task, TaskState};
+use rudder_model::spec::ServiceMode;
+use rudder_model::{Availability, Command, ServiceSpec, Store, Task, TaskState};
 use rudder_proto::v1::agent_api_client::AgentApiClient;
 use rudder_proto::v1::control_server::Control;
 use rudder_proto::v1::*;
@@ -55,6 +56,50 @@ pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
         exit_code: t.status.exit_code.unwrap_or(0),
         timestamp_ms: t.status.timestamp,
         image: t.spec.image.clone(),
+    }
+}
+
+/// A node by id, unique id prefix or hostname.
+fn find_node<'a>(store: &'a Store, key: &str) -> Result<&'a rudder_model::Node, Status> {
+    if let Some(n) = store.nodes.get(key) {
+        return Ok(n);
+    }
+    let matches: Vec<_> = store
+        .nodes
+        .values()
+        .filter(|n| n.hostname == key || (key.len() >= 4 && n.id.starts_with(key)))
+        .collect();
+    match matches.as_slice() {
+        [n] => Ok(n),
+        [] => Err(Status::not_found(format!("no node {key:?}"))),
+        _ => Err(Status::invalid_argument(format!(
+            "{key:?} names {} nodes; use the node id",
+            matches.len()
+        ))),
+    }
+}
+
+pub fn node_summary(store: &Store, n: &rudder_model::Node) -> NodeSummary {
+    let active: Vec<&Task> = store.tasks_on(&n.id).filter(|t| t.is_active()).collect();
+    NodeSummary {
+        id: n.id.clone(),
+        hostname: n.hostname.clone(),
+        addr: n.addr.clone(),
+        state: format!("{:?}", n.state).to_lowercase(),
+        tasks: active.len() as u64,
+        availability: n.availability.as_str().to_string(),
+        role: n.role.as_str().to_string(),
+        labels: n.labels.clone().into_iter().collect(),
+        cpus_milli: n.resources.cpus,
+        memory_bytes: n.resources.memory,
+        reserved_cpus_milli: active
+            .iter()
+            .map(|t| t.spec.resources.reservations.cpus)
+            .sum(),
+        reserved_memory_bytes: active
+            .iter()
+            .map(|t| t.spec.resources.reservations.memory)
+            .sum(),
     }
 }
 
@@ -195,17 +240,78 @@ impl Control for ControlApi {
         let store = self.raft.store();
         let mut nodes: Vec<&rudder_model::Node> = store.nodes.values().collect();
         nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
-        let nodes = nodes
-            .into_iter()
-            .map(|n| NodeSummary {
-                id: n.id.clone(),
-                hostname: n.hostname.clone(),
-                addr: n.addr.clone(),
-                state: format!("{:?}", n.state).to_lowercase(),
-                tasks: store.tasks_on(&n.id).filter(|t| t.is_active()).count() as u64,
-            })
-            .collect();
+        let nodes = nodes.into_iter().map(|n| node_summary(&store, n)).collect();
         Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn update_node(
+        &self,
+        req: Request<UpdateNodeRequest>,
+    ) -> Result<Response<NodeSummary>, Status> {
+        let req = req.into_inner();
+        let store = self.raft.store();
+        let node = find_node(&store, &req.node)?;
+        let availability = match req.availability.as_str() {
+            "" => None,
+            a => Some(a.parse::<Availability>().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "availability: {a:?} is not one of active, pause, drain"
+                ))
+            })?),
+        };
+        for k in req.labels_add.keys().chain(req.labels_rm.iter()) {
+            if k.is_empty() || k.contains('=') || k.chars().any(char::is_whitespace) {
+                return Err(Status::invalid_argument(format!(
+                    "label {k:?}: keys are non-empty, without '=' or spaces"
+                )));
+            }
+        }
+        let id = node.id.clone();
+        self.raft
+            .propose(Command::UpdateNode {
+                id: id.clone(),
+                availability,
+                labels_add: req.labels_add.into_iter().collect(),
+                labels_rm: req.labels_rm,
+            })
+            .await
+            .map_err(raft_status)?;
+        let store = self.raft.store();
+        let node = store
+            .nodes
+            .get(&id)
+            .ok_or_else(|| Status::not_found("node vanished"))?;
+        Ok(Response::new(node_summary(&store, node)))
+    }
+
+    async fn scale(&self, req: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {
+        let req = req.into_inner();
+        let store = self.raft.store();
+        let svc = store
+            .services
+            .get(&req.service)
+            .ok_or_else(|| Status::not_found(format!("service {:?} not found", req.service)))?;
+        if svc.spec.mode == ServiceMode::Global {
+            return Err(Status::failed_precondition(format!(
+                "service {:?} is global: it runs one task per eligible node and cannot be scaled",
+                req.service
+            )));
+        }
+        let mut spec = svc.spec.clone();
+        spec.replicas = req.replicas;
+        spec.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if spec != svc.spec {
+            self.raft
+                .propose(Command::PutService {
+                    id: svc.id.clone(),
+                    spec: Box::new(spec),
+                    now: now_ms(),
+                })
+                .await
+                .map_err(raft_status)?;
+        }
+        Ok(Response::new(ScaleResponse {}))
     }
 
     type LogsStream = LogStream;

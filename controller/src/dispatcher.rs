@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use rudder_model::store::StatusUpdate;
+use rudder_model::store::{NodeResources, NodeRole};
 use rudder_model::{Command, NodeState, TaskState, TaskStatus};
 use rudder_proto::v1::agent_message::Msg as Up;
 use rudder_proto::v1::controller_message::Msg as Down;
@@ -101,10 +102,27 @@ impl Dispatcher for DispatcherApi {
             ));
         }
         let node_id = reg.node_id.clone();
+        let role = match reg.role.as_str() {
+            "manager" => NodeRole::Manager,
+            "worker" | "" => NodeRole::Worker,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "dispatcher: unknown node role {other:?} (worker or manager)"
+                )))
+            }
+        };
+        let resources = NodeResources {
+            cpus: reg.cpus_milli,
+            memory: reg.memory_bytes,
+        };
         let store = self.raft.store();
         let known = store.nodes.get(&node_id);
         let fresh = known.is_none_or(|n| {
-            n.state != NodeState::Ready || n.addr != reg.addr || n.hostname != reg.hostname
+            n.state != NodeState::Ready
+                || n.addr != reg.addr
+                || n.hostname != reg.hostname
+                || n.role != role
+                || n.resources != resources
         });
         if fresh {
             self.raft
@@ -113,6 +131,8 @@ impl Dispatcher for DispatcherApi {
                     hostname: reg.hostname.clone(),
                     addr: reg.addr.clone(),
                     labels: known.map(|n| n.labels.clone()).unwrap_or_default(),
+                    role,
+                    resources,
                     now: now_ms(),
                 })
                 .await

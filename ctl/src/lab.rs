@@ -823,6 +823,13 @@ fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String
         host.cgroup_parent.clone(),
         "--runtime".into(),
         runtime.into(),
+        "--role".into(),
+        if host.controller_pid.is_some() {
+            "manager"
+        } else {
+            "worker"
+        }
+        .into(),
     ]
 }
 

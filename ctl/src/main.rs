@@ -58,6 +58,16 @@ enum Cmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Set the replica count of services: `rctl scale web=3 api=2`.
+    Scale {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Cluster hosts: list, inspect, set availability and labels.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Images in the cluster registry.
     Image {
         #[command(subcommand)]
@@ -67,6 +77,29 @@ enum Cmd {
     Local {
         #[command(subcommand)]
         cmd: LocalCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes.
+    Ls {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one node (id, id prefix or hostname) as JSON.
+    Inspect { node: String },
+    /// Change a node's availability or labels.
+    Update {
+        node: String,
+        #[arg(long, value_parser = ["active", "pause", "drain"])]
+        availability: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        /// KEY (repeatable).
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
     },
 }
 
@@ -145,11 +178,33 @@ fn real_main() -> anyhow::Result<()> {
             rt.block_on(cmd::ps::run(&ctx()?, service.as_deref(), *output))
         }
         Cmd::Get { kind, output } => match kind.as_str() {
-            "nodes" | "node" => rt.block_on(cmd::get::nodes(&ctx()?, *output)),
+            "nodes" | "node" => rt.block_on(cmd::node::ls(&ctx()?, *output)),
             _ => rt.block_on(cmd::get::services(&ctx()?, *output)),
         },
         Cmd::Logs { target, no_prefix } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix)),
         Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
+        Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
+        Cmd::Node {
+            cmd: NodeCmd::Ls { output },
+        } => rt.block_on(cmd::node::ls(&ctx()?, *output)),
+        Cmd::Node {
+            cmd: NodeCmd::Inspect { node },
+        } => rt.block_on(cmd::node::inspect(&ctx()?, node)),
+        Cmd::Node {
+            cmd:
+                NodeCmd::Update {
+                    node,
+                    availability,
+                    label_add,
+                    label_rm,
+                },
+        } => rt.block_on(cmd::node::update(
+            &ctx()?,
+            node,
+            availability.as_deref(),
+            label_add,
+            label_rm,
+        )),
         Cmd::Image {
             cmd: ImageCmd::Import { tar, name },
         } => rt.block_on(cmd::image::import(&ctx()?, tar, name)),

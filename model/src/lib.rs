@@ -11,7 +11,10 @@ pub mod task;
 
 pub use manifest::{Manifest, ManifestError};
 pub use spec::ServiceSpec;
-pub use store::{Command, Envelope, Node, NodeState, Service, Store, Task, TaskStatus};
+pub use store::{
+    Availability, Command, Envelope, Node, NodeResources, NodeRole, NodeState, Service, Store,
+    Task, TaskStatus,
+};
 pub use task::TaskState;
 
 /// A semantic problem with a spec, naming the field at fault.

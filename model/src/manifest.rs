@@ -85,8 +85,16 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
                 }
                 if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
                     message = rest.to_string();
+                } else if let Some((prefix, rest)) = message.split_once(": ") {
+                    // Errors inside a nested mapping carry the mapping's path.
+                    if path.starts_with(prefix) {
+                        message = rest.to_string();
+                    }
                 }
-                let field = unknown_field(&message).unwrap_or(path);
+                let field = match unknown_field(&message) {
+                    Some(f) if path == "." => f,
+                    _ => path,
+                };
                 return Err(ManifestError {
                     file: file.to_string(),
                     line,
@@ -253,6 +261,83 @@ mod tests {
         for (text, line, field, frag) in cases {
             let e = parse("svc.yaml", text).unwrap_err();
             assert_eq!(e.file, "svc.yaml");
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(e.message.contains(frag), "{e}");
+        }
+    }
+
+    #[test]
+    fn resources_placement_and_mode() {
+        let text = "kind: Service\nname: a\nimage: x\nmode: global\nresources:\n  reservations:\n    cpus: 0.5\n    memory: 256Mi\n  limits:\n    cpus: \"2\"\n    memory: 1073741824\n    pids: 100\nplacement:\n  constraints: [\"node.labels.zone==a\", \"node.role!=manager\"]\n  preferences:\n    - spread: node.labels.rack\n  max_replicas_per_node: 2\n  strategy: binpack\n";
+        let m = parse("f.yaml", text).unwrap();
+        let Manifest::Service(s) = &m[0];
+        assert_eq!(s.mode, crate::spec::ServiceMode::Global);
+        assert_eq!(s.resources.reservations.cpus, 500);
+        assert_eq!(s.resources.reservations.memory, 256 << 20);
+        assert_eq!(s.resources.limits.cpus, 2000);
+        assert_eq!(s.resources.limits.memory, 1 << 30);
+        assert_eq!(s.resources.limits.pids, 100);
+        assert_eq!(s.placement.constraints.len(), 2);
+        assert_eq!(s.placement.constraints[1].to_string(), "node.role!=manager");
+        assert_eq!(s.placement.preferences[0].label(), "rack");
+        assert_eq!(s.placement.max_replicas_per_node, 2);
+        assert_eq!(s.placement.strategy, crate::spec::Strategy::Binpack);
+        // A plain manifest gets the defaults.
+        let Manifest::Service(s) = &parse("f.yaml", HELLO).unwrap()[0];
+        assert_eq!(s.mode, crate::spec::ServiceMode::Replicated);
+        assert_eq!(s.placement, Default::default());
+    }
+
+    #[test]
+    fn resource_and_placement_errors_name_the_field() {
+        let head = "kind: Service\nname: a\nimage: x\n";
+        let cases = [
+            (
+                "resources:\n  reservations:\n    memory: 12X\n",
+                6,
+                "resources.reservations.memory",
+                "unknown unit",
+            ),
+            (
+                "resources:\n  limits:\n    cpus: lots\n",
+                6,
+                "resources.limits.cpus",
+                "not a number of cpus",
+            ),
+            (
+                "resources:\n  reservations:\n    gpus: 1\n",
+                6,
+                "resources.reservations.gpus",
+                "unknown field `gpus`",
+            ),
+            (
+                "placement:\n  constraints:\n    - node.labels.zone==a\n    - zone=a\n",
+                7,
+                "placement.constraints[1]",
+                "expected KEY==VALUE",
+            ),
+            (
+                "placement:\n  strategy: pack\n",
+                5,
+                "placement.strategy",
+                "unknown variant",
+            ),
+            ("mode: both\n", 4, "mode", "unknown variant"),
+            (
+                "placement:\n  preferences:\n    - spread: zone\n",
+                4,
+                "placement.preferences[0].spread",
+                "node.labels.<name>",
+            ),
+            (
+                "resources:\n  reservations:\n    memory: 2Gi\n  limits:\n    memory: 1Gi\n",
+                4,
+                "resources.reservations.memory",
+                "reserves 2 GiB but the limit is 1 GiB",
+            ),
+        ];
+        for (tail, line, field, frag) in cases {
+            let e = parse("svc.yaml", &format!("{head}{tail}")).unwrap_err();
             assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
             assert!(e.message.contains(frag), "{e}");
         }

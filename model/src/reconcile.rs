@@ -3,14 +3,21 @@
 //! turns the plans of all services plus the scheduler's decisions into one batch command, the only
 //! thing the leader's control loop proposes.
 //!
+//! Replicated services keep tasks in slots 1..=replicas. Global services keep one task per
+//! eligible node (ready, active, passing the constraints), keyed by `Task::target_node`; a node
+//! that joins gets a task, a node that leaves, is drained or stops matching loses it, and a
+//! paused node keeps what it runs but gets nothing new. In both modes a task on a drained node, or
+//! on a node that no longer passes the constraints, is stopped and replaced.
+//!
 //! Invariants: pure (time and ids come in as arguments); a user spec is never rewritten; only
-//! `desired_state` and task records change; per slot at most one task is meant to run.
+//! `desired_state` and task records change; per slot (or per node, for global services) at most
+//! one task is meant to run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::scheduler::{schedule, Decision};
-use crate::spec::RestartCondition;
-use crate::store::{Command, Service, Store, Task, TaskStatus};
+use crate::spec::{RestartCondition, ServiceMode};
+use crate::store::{Availability, Command, Node, NodeState, Service, Store, Task, TaskStatus};
 use crate::task::TaskState;
 
 /// Finished tasks kept per slot for `rctl ps` history (the live one included).
@@ -18,20 +25,62 @@ pub const HISTORY_PER_SLOT: usize = 5;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Slots that need a new task now.
+    /// Slots that need a new task now (replicated services).
     pub create: Vec<u64>,
+    /// Nodes that need a new task now (global services).
+    pub create_on: Vec<String>,
     /// Tasks whose desired state becomes `shutdown`.
     pub shutdown: Vec<String>,
     /// Finished tasks to forget.
     pub delete: Vec<String>,
 }
 
-/// Plans one service. `tasks` are all tasks of the service.
-pub fn reconcile(service: &Service, tasks: &[&Task], now: u64) -> Plan {
+/// Whether a task of `service` may keep running on `node`: the node exists, is not drained and
+/// passes the service's constraints. (A down node's tasks are orphaned by the store already.)
+fn may_stay(service: &Service, node: Option<&Node>) -> bool {
+    node.is_some_and(|n| {
+        n.availability != Availability::Drain
+            && service
+                .spec
+                .placement
+                .constraints
+                .iter()
+                .all(|c| c.matches(n))
+    })
+}
+
+/// Whether a global service wants a new task on `node`.
+fn eligible(service: &Service, node: &Node) -> bool {
+    node.state == NodeState::Ready
+        && node.availability == Availability::Active
+        && may_stay(service, Some(node))
+}
+
+/// Plans one service. `tasks` are all tasks of the service; `nodes` the cluster's nodes.
+pub fn reconcile(
+    service: &Service,
+    tasks: &[&Task],
+    nodes: &BTreeMap<String, Node>,
+    now: u64,
+) -> Plan {
+    match service.spec.mode {
+        ServiceMode::Replicated => reconcile_replicated(service, tasks, nodes, now),
+        ServiceMode::Global => reconcile_global(service, tasks, nodes, now),
+    }
+}
+
+fn reconcile_replicated(
+    service: &Service,
+    tasks: &[&Task],
+    nodes: &BTreeMap<String, Node>,
+    now: u64,
+) -> Plan {
     let mut plan = Plan::default();
     let mut slots: BTreeMap<u64, Vec<&Task>> = BTreeMap::new();
     for t in tasks {
-        slots.entry(t.slot).or_default().push(t);
+        // Tasks left from a global incarnation of the service have slot 0: scaled away below.
+        let slot = if t.target_node.is_some() { 0 } else { t.slot };
+        slots.entry(slot).or_default().push(t);
     }
     let replicas = service.spec.replicas;
     for slot in 1..=replicas {
@@ -47,7 +96,7 @@ pub fn reconcile(service: &Service, tasks: &[&Task], now: u64) -> Plan {
         // More than one live task in a slot: keep the newest.
         plan.shutdown.extend(live.map(|t| t.id.clone()));
 
-        if slot > replicas {
+        if slot == 0 || slot > replicas {
             // Scaled away: stop what runs, forget what has finished.
             plan.shutdown.extend(current.map(|t| t.id.clone()));
             plan.delete.extend(
@@ -72,17 +121,104 @@ pub fn reconcile(service: &Service, tasks: &[&Task], now: u64) -> Plan {
                     plan.create.push(slot);
                 }
             }
-            Some(_) => {}
+            Some(t) => {
+                // Placed on a node that was drained or no longer matches: move it.
+                if let Some(node) = &t.node_id {
+                    if !may_stay(service, nodes.get(node)) {
+                        plan.shutdown.push(t.id.clone());
+                        plan.create.push(slot);
+                    }
+                }
+            }
         }
+        forget_old(&mut plan, &history);
+    }
+    plan
+}
 
-        // Bounded history: forget the oldest finished tasks of the slot.
-        plan.delete.extend(
-            history
-                .iter()
-                .skip(HISTORY_PER_SLOT)
-                .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
-                .map(|t| t.id.clone()),
-        );
+/// Bounded history: forget the oldest finished tasks of a slot (or node).
+fn forget_old(plan: &mut Plan, history: &[&Task]) {
+    plan.delete.extend(
+        history
+            .iter()
+            .skip(HISTORY_PER_SLOT)
+            .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
+            .map(|t| t.id.clone()),
+    );
+}
+
+fn reconcile_global(
+    service: &Service,
+    tasks: &[&Task],
+    nodes: &BTreeMap<String, Node>,
+    now: u64,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    let mut strays = Vec::new();
+    for t in tasks {
+        match t.target_node.as_deref() {
+            Some(n) => by_node.entry(n).or_default().push(t),
+            // Left from a replicated incarnation of the service.
+            None => strays.push(*t),
+        }
+    }
+    for t in strays {
+        if t.desired_state <= TaskState::Running {
+            plan.shutdown.push(t.id.clone());
+        } else if finished(t) {
+            plan.delete.push(t.id.clone());
+        }
+    }
+    let wanted: BTreeSet<&str> = nodes
+        .values()
+        .filter(|n| eligible(service, n))
+        .map(|n| n.id.as_str())
+        .collect();
+    for id in &wanted {
+        by_node.entry(id).or_default();
+    }
+    for (node_id, mut history) in by_node {
+        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        let mut live = history
+            .iter()
+            .filter(|t| t.desired_state <= TaskState::Running);
+        let current = live.next();
+        plan.shutdown.extend(live.map(|t| t.id.clone()));
+        let node = nodes.get(node_id);
+        let stays = may_stay(service, node) && node.is_some_and(|n| n.state == NodeState::Ready);
+        if !stays {
+            // Gone, down, drained or no longer matching: stop it, forget what has finished.
+            plan.shutdown.extend(current.map(|t| t.id.clone()));
+            plan.delete.extend(
+                history
+                    .iter()
+                    .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
+                    .map(|t| t.id.clone()),
+            );
+            continue;
+        }
+        // Paused nodes keep their task but get no new one.
+        let wants_new = wanted.contains(node_id);
+        match current {
+            None if wants_new => plan.create_on.push(node_id.to_string()),
+            Some(t) if t.spec_version != service.spec_version => {
+                plan.shutdown.push(t.id.clone());
+                if wants_new {
+                    plan.create_on.push(node_id.to_string());
+                }
+            }
+            Some(t)
+                if t.status.state.is_terminal()
+                    && wants_new
+                    && should_restart(service, t, &history, now) =>
+            {
+                plan.shutdown.push(t.id.clone());
+                plan.create_on.push(node_id.to_string());
+            }
+            _ => {}
+        }
+        forget_old(&mut plan, &history);
     }
     plan
 }
@@ -133,11 +269,14 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     let mut delete = Vec::new();
     for svc in store.services.values() {
         let tasks = by_service.remove(svc.id.as_str()).unwrap_or_default();
-        let plan = reconcile(svc, &tasks, now);
+        let plan = reconcile(svc, &tasks, &store.nodes, now);
         shutdown.extend(plan.shutdown);
         delete.extend(plan.delete);
         for slot in plan.create {
-            created.push(new_task(svc, slot, now, new_id()));
+            created.push(new_task(svc, slot, None, now, new_id()));
+        }
+        for node in plan.create_on {
+            created.push(new_task(svc, 0, Some(node), now, new_id()));
         }
     }
     // Whatever is left belongs to removed services: forget it once finished.
@@ -145,12 +284,18 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         delete.extend(tasks.iter().filter(|t| finished(t)).map(|t| t.id.clone()));
     }
 
-    // Schedule: tasks waiting for a node, then the ones created in this pass.
+    // Schedule: tasks waiting for a node (unless being stopped now), then the ones created in
+    // this pass.
+    let stopping: BTreeSet<&str> = shutdown.iter().map(String::as_str).collect();
     let placed = store.tasks.values().filter(|t| t.is_active());
     let waiting: Vec<&Task> = store
         .tasks
         .values()
-        .filter(|t| t.node_id.is_none() && t.desired_state <= TaskState::Running)
+        .filter(|t| {
+            t.node_id.is_none()
+                && t.desired_state <= TaskState::Running
+                && !stopping.contains(t.id.as_str())
+        })
         .chain(created.iter())
         .collect();
     let decisions = schedule(&store.nodes, placed, &waiting);
@@ -222,7 +367,7 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     (!cmds.is_empty()).then_some(Command::Batch(cmds))
 }
 
-fn new_task(svc: &Service, slot: u64, now: u64, id: String) -> Task {
+fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id: String) -> Task {
     Task {
         id,
         service_id: svc.id.clone(),
@@ -231,6 +376,7 @@ fn new_task(svc: &Service, slot: u64, now: u64, id: String) -> Task {
         spec: svc.spec.clone(),
         spec_version: svc.spec_version,
         node_id: None,
+        target_node,
         desired_state: TaskState::Running,
         status: TaskStatus {
             state: TaskState::Pending,
@@ -264,6 +410,8 @@ mod tests {
                     hostname: format!("h{i}"),
                     addr: String::new(),
                     labels: Default::default(),
+                    role: Default::default(),
+                    resources: Default::default(),
                     now: 0,
                 },
             )
@@ -491,6 +639,8 @@ mod tests {
                 hostname: "h1".into(),
                 addr: String::new(),
                 labels: Default::default(),
+                role: Default::default(),
+                resources: Default::default(),
                 now: 0,
             },
         )
@@ -518,6 +668,357 @@ mod tests {
         )
         .unwrap();
         converge(&mut s, &mut idx, 1, &mut ids);
+        let l = live(&s);
+        assert_eq!(l.len(), 2);
+        assert!(l.iter().all(|t| t.node_id.as_deref() == Some("n2")));
+    }
+
+    fn put_node(id: &str, labels: &[(&str, &str)], memory: u64) -> Command {
+        Command::PutNode {
+            id: id.into(),
+            hostname: format!("h-{id}"),
+            addr: String::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            role: Default::default(),
+            resources: crate::store::NodeResources { cpus: 0, memory },
+            now: 0,
+        }
+    }
+
+    fn update_node(
+        id: &str,
+        availability: Option<Availability>,
+        add: &[(&str, &str)],
+        rm: &[&str],
+    ) -> Command {
+        Command::UpdateNode {
+            id: id.into(),
+            availability,
+            labels_add: add
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            labels_rm: rm.iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    fn apply_all(s: &mut Store, idx: &mut u64, cmds: Vec<Command>) {
+        for c in cmds {
+            *idx += 1;
+            s.apply(*idx, c).unwrap();
+        }
+    }
+
+    fn put_service(s: &mut Store, idx: &mut u64, sp: crate::spec::ServiceSpec) {
+        apply_all(
+            s,
+            idx,
+            vec![Command::PutService {
+                id: "svc".into(),
+                spec: Box::new(sp),
+                now: 0,
+            }],
+        );
+    }
+
+    /// Node id → id of the live task there (placed, meant to run).
+    fn live_by_node(s: &Store) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        for t in live(s) {
+            let Some(node) = t.node_id.clone() else {
+                continue;
+            };
+            assert!(
+                m.insert(node, t.id.clone()).is_none(),
+                "two live tasks on one node"
+            );
+        }
+        m
+    }
+
+    fn global(constraints: &[&str]) -> crate::spec::ServiceSpec {
+        let mut sp = spec("agent", 1);
+        sp.mode = ServiceMode::Global;
+        sp.placement.constraints = constraints.iter().map(|c| c.parse().unwrap()).collect();
+        sp
+    }
+
+    #[test]
+    fn global_services_follow_nodes() {
+        struct Case {
+            name: &'static str,
+            constraints: Vec<&'static str>,
+            /// Applied before the service exists.
+            before: Vec<Command>,
+            want_before: Vec<&'static str>,
+            /// Applied once the service has converged.
+            change: Vec<Command>,
+            want_after: Vec<&'static str>,
+            /// Nodes whose task must be the same one before and after.
+            kept: Vec<&'static str>,
+        }
+        let zone = |z| [("zone", z)];
+        let cases = vec![
+            Case {
+                name: "one task per node; a joining node gets one",
+                constraints: vec![],
+                before: vec![put_node("n1", &[], 0), put_node("n2", &[], 0)],
+                want_before: vec!["n1", "n2"],
+                change: vec![put_node("n3", &[], 0)],
+                want_after: vec!["n1", "n2", "n3"],
+                kept: vec!["n1", "n2"],
+            },
+            Case {
+                name: "a node that goes down loses its task, and gets a new one when back",
+                constraints: vec![],
+                before: vec![put_node("n1", &[], 0), put_node("n2", &[], 0)],
+                want_before: vec!["n1", "n2"],
+                change: vec![Command::NodeDown {
+                    id: "n2".into(),
+                    now: 1,
+                }],
+                want_after: vec!["n1"],
+                kept: vec!["n1"],
+            },
+            Case {
+                name: "drain stops the task",
+                constraints: vec![],
+                before: vec![put_node("n1", &[], 0), put_node("n2", &[], 0)],
+                want_before: vec!["n1", "n2"],
+                change: vec![update_node("n2", Some(Availability::Drain), &[], &[])],
+                want_after: vec!["n1"],
+                kept: vec!["n1"],
+            },
+            Case {
+                name: "pause keeps the task",
+                constraints: vec![],
+                before: vec![put_node("n1", &[], 0), put_node("n2", &[], 0)],
+                want_before: vec!["n1", "n2"],
+                change: vec![update_node("n2", Some(Availability::Pause), &[], &[])],
+                want_after: vec!["n1", "n2"],
+                kept: vec!["n1", "n2"],
+            },
+            Case {
+                name: "a paused node gets no task; reactivated, it does",
+                constraints: vec![],
+                before: vec![
+                    put_node("n1", &[], 0),
+                    put_node("n2", &[], 0),
+                    update_node("n2", Some(Availability::Pause), &[], &[]),
+                ],
+                want_before: vec!["n1"],
+                change: vec![update_node("n2", Some(Availability::Active), &[], &[])],
+                want_after: vec!["n1", "n2"],
+                kept: vec!["n1"],
+            },
+            Case {
+                name: "constraints pick nodes and follow label changes",
+                constraints: vec!["node.labels.zone==a"],
+                before: vec![
+                    put_node("n1", &zone("a"), 0),
+                    put_node("n2", &zone("b"), 0),
+                    put_node("n3", &zone("a"), 0),
+                ],
+                want_before: vec!["n1", "n3"],
+                change: vec![
+                    update_node("n1", None, &[], &["zone"]),
+                    update_node("n2", None, &zone("a"), &[]),
+                ],
+                want_after: vec!["n2", "n3"],
+                kept: vec!["n3"],
+            },
+        ];
+        for c in cases {
+            let mut s = Store::default();
+            let mut idx = 0;
+            let mut ids = 0;
+            apply_all(&mut s, &mut idx, c.before);
+            put_service(&mut s, &mut idx, global(&c.constraints));
+            converge(&mut s, &mut idx, 0, &mut ids);
+            let before = live_by_node(&s);
+            assert_eq!(
+                before.keys().map(String::as_str).collect::<Vec<_>>(),
+                c.want_before,
+                "{}",
+                c.name
+            );
+            assert!(live(&s).iter().all(|t| t.slot == 0
+                && t.target_node == t.node_id
+                && t.status.state == TaskState::Assigned));
+            report(&mut s, &mut idx, TaskState::Running, 0);
+            apply_all(&mut s, &mut idx, c.change);
+            converge(&mut s, &mut idx, 1, &mut ids);
+            let after = live_by_node(&s);
+            assert_eq!(
+                after.keys().map(String::as_str).collect::<Vec<_>>(),
+                c.want_after,
+                "{}",
+                c.name
+            );
+            for n in c.kept {
+                assert_eq!(
+                    before.get(n),
+                    after.get(n),
+                    "{}: task on {n} replaced",
+                    c.name
+                );
+            }
+            // Every task that is no longer live was asked to stop (or, once finished, reaped).
+            for (n, id) in &before {
+                if after.get(n) != Some(id) {
+                    let t = s.tasks.get(id);
+                    assert!(
+                        t.is_none_or(|t| t.desired_state == TaskState::Shutdown),
+                        "{}: {t:?}",
+                        c.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn global_node_returns_after_down() {
+        let mut s = Store::default();
+        let (mut idx, mut ids) = (0, 0);
+        apply_all(&mut s, &mut idx, vec![put_node("n1", &[], 0)]);
+        put_service(&mut s, &mut idx, global(&[]));
+        converge(&mut s, &mut idx, 0, &mut ids);
+        report(&mut s, &mut idx, TaskState::Running, 0);
+        let first = live_by_node(&s)["n1"].clone();
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![Command::NodeDown {
+                id: "n1".into(),
+                now: 1,
+            }],
+        );
+        converge(&mut s, &mut idx, 1, &mut ids);
+        assert!(live_by_node(&s).is_empty());
+        apply_all(&mut s, &mut idx, vec![put_node("n1", &[], 0)]);
+        converge(&mut s, &mut idx, 2, &mut ids);
+        let second = &live_by_node(&s)["n1"];
+        assert_ne!(&first, second);
+    }
+
+    #[test]
+    fn global_task_waits_for_capacity_with_a_reason() {
+        let mut s = Store::default();
+        let (mut idx, mut ids) = (0, 0);
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![put_node("n1", &[], 4 << 30), put_node("n2", &[], 1 << 30)],
+        );
+        let mut sp = global(&[]);
+        sp.resources.reservations.memory = 2 << 30;
+        put_service(&mut s, &mut idx, sp);
+        converge(&mut s, &mut idx, 0, &mut ids);
+        assert_eq!(live_by_node(&s).keys().collect::<Vec<_>>(), ["n1"]);
+        let waiting: Vec<&Task> = s.tasks.values().filter(|t| t.node_id.is_none()).collect();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].target_node.as_deref(), Some("n2"));
+        assert_eq!(
+            waiting[0].status.message,
+            "global task cannot run on node h-n2: no suitable node (1 node has insufficient \
+             memory: 2 GiB needed)"
+        );
+        // The agent re-registers with more memory: the same task is placed.
+        let id = waiting[0].id.clone();
+        apply_all(&mut s, &mut idx, vec![put_node("n2", &[], 8 << 30)]);
+        converge(&mut s, &mut idx, 1, &mut ids);
+        assert_eq!(live_by_node(&s)["n2"], id);
+    }
+
+    #[test]
+    fn switching_modes_replaces_tasks() {
+        let (mut s, mut idx) = setup(3, 2);
+        let mut ids = 0;
+        converge(&mut s, &mut idx, 0, &mut ids);
+        let replicated: Vec<String> = live(&s).iter().map(|t| t.id.clone()).collect();
+        let mut sp = spec("web", 2);
+        sp.mode = ServiceMode::Global;
+        put_service(&mut s, &mut idx, sp);
+        converge(&mut s, &mut idx, 0, &mut ids);
+        assert_eq!(live_by_node(&s).len(), 3);
+        assert!(replicated
+            .iter()
+            .all(|id| s.tasks[id].desired_state == TaskState::Shutdown));
+        // And back: global tasks are scaled away, slots 1..=2 come back.
+        put_service(&mut s, &mut idx, spec("web", 2));
+        converge(&mut s, &mut idx, 0, &mut ids);
+        let mut slots: Vec<u64> = live(&s).iter().map(|t| t.slot).collect();
+        slots.sort();
+        assert_eq!(slots, [1, 2]);
+    }
+
+    #[test]
+    fn drain_moves_replicated_tasks_and_pause_keeps_them() {
+        let (mut s, mut idx) = setup(3, 3);
+        let mut ids = 0;
+        converge(&mut s, &mut idx, 0, &mut ids);
+        report(&mut s, &mut idx, TaskState::Running, 0);
+        let on_n1 = live_by_node(&s)["n1"].clone();
+        let slot = s.tasks[&on_n1].slot;
+
+        // Pause: nothing moves, and scaling up avoids the node.
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![update_node("n1", Some(Availability::Pause), &[], &[])],
+        );
+        assert_eq!(converge(&mut s, &mut idx, 0, &mut ids), 0);
+        put_service(&mut s, &mut idx, spec("web", 5));
+        converge(&mut s, &mut idx, 0, &mut ids);
+        let on = |s: &Store, n: &str| {
+            live(s)
+                .iter()
+                .filter(|t| t.node_id.as_deref() == Some(n))
+                .count()
+        };
+        assert_eq!((on(&s, "n1"), on(&s, "n2"), on(&s, "n3")), (1, 2, 2));
+        report(&mut s, &mut idx, TaskState::Running, 0);
+
+        // Drain: the task leaves n1 and its slot is refilled elsewhere.
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![update_node("n1", Some(Availability::Drain), &[], &[])],
+        );
+        converge(&mut s, &mut idx, 0, &mut ids);
+        assert_eq!(s.tasks[&on_n1].desired_state, TaskState::Shutdown);
+        assert_eq!(on(&s, "n1"), 0);
+        assert_eq!(live(&s).len(), 5);
+        assert_eq!(live(&s).iter().filter(|t| t.slot == slot).count(), 1);
+    }
+
+    #[test]
+    fn tasks_move_off_nodes_that_stop_matching() {
+        let mut s = Store::default();
+        let (mut idx, mut ids) = (0, 0);
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![
+                put_node("n1", &[("zone", "a")], 0),
+                put_node("n2", &[("zone", "a")], 0),
+            ],
+        );
+        let mut sp = spec("web", 2);
+        sp.placement.constraints = vec!["node.labels.zone==a".parse().unwrap()];
+        put_service(&mut s, &mut idx, sp);
+        converge(&mut s, &mut idx, 0, &mut ids);
+        assert_eq!(live_by_node(&s).len(), 2);
+        apply_all(
+            &mut s,
+            &mut idx,
+            vec![update_node("n1", None, &[("zone", "b")], &[])],
+        );
+        converge(&mut s, &mut idx, 0, &mut ids);
         let l = live(&s);
         assert_eq!(l.len(), 2);
         assert!(l.iter().all(|t| t.node_id.as_deref() == Some("n2")));

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::store::Node;
 use crate::ValidationError;
 
 /// A declared service: a container spec plus how many copies run and how they restart.
@@ -50,6 +51,16 @@ pub struct ServiceSpec {
     pub stop_grace_period: u64,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// `replicated` (`replicas` copies) or `global` (one task per eligible node; `replicas` is
+    /// ignored).
+    #[serde(default, skip_serializing_if = "ServiceMode::is_replicated")]
+    pub mode: ServiceMode,
+    /// Reservations decide placement; limits are enforced by the container's cgroups.
+    #[serde(default, skip_serializing_if = "Resources::is_unset")]
+    pub resources: Resources,
+    /// Where tasks may run and how they are spread.
+    #[serde(default, skip_serializing_if = "Placement::is_unset")]
+    pub placement: Placement,
 }
 
 fn one() -> u64 {
@@ -105,6 +116,421 @@ pub enum RestartCondition {
     Any,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    #[default]
+    Replicated,
+    /// One task per node that passes the filters, following nodes as they join and leave.
+    Global,
+}
+
+impl ServiceMode {
+    fn is_replicated(&self) -> bool {
+        *self == ServiceMode::Replicated
+    }
+}
+
+/// Resource reservations and limits. Zero means "not set" everywhere.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub reservations: Reservations,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+impl Resources {
+    fn is_unset(&self) -> bool {
+        *self == Resources::default()
+    }
+}
+
+/// What the scheduler sets aside on a node for each task: a task is placed only where the node's
+/// capacity minus the reservations of its active tasks covers these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reservations {
+    /// Millicpus. YAML/JSON: a decimal number of cpus (`0.5`), or a string (`"0.5"`, `"500m"`).
+    #[serde(default, with = "cpus", skip_serializing_if = "is_zero")]
+    pub cpus: u64,
+    /// Bytes. YAML/JSON: an integer, or a string with a suffix K, M, G, T — powers of 1024, as
+    /// in Docker and compose files (Ki, Mi, Gi, Ti mean the same), e.g. `"256M"`.
+    #[serde(default, with = "bytes", skip_serializing_if = "is_zero")]
+    pub memory: u64,
+}
+
+/// Hard limits enforced by the container's cgroups (not used for placement).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Millicpus, written like `reservations.cpus`; becomes the cgroup cpu quota.
+    #[serde(default, with = "cpus", skip_serializing_if = "is_zero")]
+    pub cpus: u64,
+    /// Bytes, written like `reservations.memory`; exceeding it gets the task OOM-killed.
+    #[serde(default, with = "bytes", skip_serializing_if = "is_zero")]
+    pub memory: u64,
+    /// Maximum number of processes in the container.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pids: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Placement: hard constraints on nodes, soft spread preferences, a per-node cap and the score.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Every constraint must hold on a node for a task to be placed there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<Constraint>,
+    /// Spread tasks evenly over the values of a node label first (in order: the first preference
+    /// splits, the next splits each branch), then apply the strategy inside a branch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferences: Vec<Preference>,
+    /// At most this many active tasks of the service on one node; 0 means no limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_replicas_per_node: u64,
+    #[serde(default, skip_serializing_if = "Strategy::is_spread")]
+    pub strategy: Strategy,
+}
+
+impl Placement {
+    fn is_unset(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preference {
+    /// `node.labels.<name>`.
+    pub spread: String,
+}
+
+impl Preference {
+    /// The label name the preference spreads over (validated to exist).
+    pub fn label(&self) -> &str {
+        self.spread.strip_prefix("node.labels.").unwrap_or("")
+    }
+}
+
+/// How the scheduler scores the nodes that pass the filters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Fewest tasks of this service, then fewest tasks overall.
+    #[default]
+    Spread,
+    /// The node with the most reserved already (that still fits), keeping others free.
+    Binpack,
+}
+
+impl Strategy {
+    fn is_spread(&self) -> bool {
+        *self == Strategy::Spread
+    }
+}
+
+/// A placement constraint such as `node.labels.zone==a`, parsed when the spec is read, so a bad
+/// one is refused with its field (`placement.constraints[i]`) and never reaches the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    pub key: ConstraintKey,
+    pub op: ConstraintOp,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConstraintKey {
+    NodeId,
+    Hostname,
+    /// `worker` or `manager`.
+    Role,
+    Label(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConstraintOp {
+    Eq,
+    Ne,
+}
+
+impl Constraint {
+    /// Whether `node` satisfies the constraint. A missing label never equals a value.
+    pub fn matches(&self, node: &Node) -> bool {
+        let actual = match &self.key {
+            ConstraintKey::NodeId => Some(node.id.as_str()),
+            ConstraintKey::Hostname => Some(node.hostname.as_str()),
+            ConstraintKey::Role => Some(node.role.as_str()),
+            ConstraintKey::Label(k) => node.labels.get(k).map(String::as_str),
+        };
+        let equal = actual == Some(self.value.as_str());
+        match self.op {
+            ConstraintOp::Eq => equal,
+            ConstraintOp::Ne => !equal,
+        }
+    }
+}
+
+impl std::str::FromStr for Constraint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (at, op) = match (s.find("=="), s.find("!=")) {
+            (Some(a), Some(b)) if b < a => (b, ConstraintOp::Ne),
+            (Some(a), _) => (a, ConstraintOp::Eq),
+            (None, Some(b)) => (b, ConstraintOp::Ne),
+            (None, None) => {
+                return Err(format!(
+                    "{s:?}: expected KEY==VALUE or KEY!=VALUE (e.g. node.labels.zone==a)"
+                ))
+            }
+        };
+        let key = s[..at].trim();
+        let value = s[at + 2..].trim();
+        if value.is_empty() || value.contains("==") || value.contains("!=") {
+            return Err(format!(
+                "{s:?}: expected one non-empty value after the operator"
+            ));
+        }
+        let key = match key {
+            "node.id" => ConstraintKey::NodeId,
+            "node.hostname" => ConstraintKey::Hostname,
+            "node.role" => {
+                if value != "worker" && value != "manager" {
+                    return Err(format!("{s:?}: node.role is worker or manager"));
+                }
+                ConstraintKey::Role
+            }
+            k => match k.strip_prefix("node.labels.") {
+                Some(label) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown key {k:?} (expected node.id, node.hostname, node.role \
+                         or node.labels.<name>)"
+                    ))
+                }
+            },
+        };
+        Ok(Constraint {
+            key,
+            op,
+            value: value.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.key {
+            ConstraintKey::NodeId => f.write_str("node.id")?,
+            ConstraintKey::Hostname => f.write_str("node.hostname")?,
+            ConstraintKey::Role => f.write_str("node.role")?,
+            ConstraintKey::Label(k) => write!(f, "node.labels.{k}")?,
+        }
+        let op = match self.op {
+            ConstraintOp::Eq => "==",
+            ConstraintOp::Ne => "!=",
+        };
+        write!(f, "{op}{}", self.value)
+    }
+}
+
+impl Serialize for Constraint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Constraint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Parsing inside the visitor lets the YAML parser locate the error at the string itself.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Constraint;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a constraint such as \"node.labels.zone==a\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Constraint, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `cpus` fields: millicpus inside, decimal cpus outside.
+mod cpus {
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(millis: &u64, s: S) -> Result<S::Ok, S::Error> {
+        if millis.is_multiple_of(1000) {
+            s.serialize_u64(millis / 1000)
+        } else {
+            s.serialize_f64(*millis as f64 / 1000.0)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(CpusVisitor)
+    }
+
+    /// Parses `0.5`, `2` or `500m` into millicpus.
+    pub fn parse(s: &str) -> Result<u64, String> {
+        let s = s.trim();
+        if let Some(m) = s.strip_suffix('m') {
+            return m
+                .parse::<u64>()
+                .map_err(|_| format!("{s:?} is not a number of millicpus"));
+        }
+        let f: f64 = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of cpus (e.g. 0.5)"))?;
+        from_f64(f)
+    }
+
+    fn from_f64(f: f64) -> Result<u64, String> {
+        if !f.is_finite() || !(0.0..=1_000_000.0).contains(&f) {
+            return Err(format!("{f} is not a number of cpus between 0 and 1000000"));
+        }
+        Ok((f * 1000.0).round() as u64)
+    }
+
+    struct CpusVisitor;
+
+    impl Visitor<'_> for CpusVisitor {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number of cpus such as 0.5, or a string such as \"500m\"")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            from_f64(v as f64).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            from_f64(v as f64).map_err(E::custom)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            from_f64(v).map_err(E::custom)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse(v).map_err(E::custom)
+        }
+    }
+}
+
+/// Memory fields: bytes inside, an integer or a suffixed string outside.
+mod bytes {
+    use serde::de::{self, Deserializer, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(bytes: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(*bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(BytesVisitor)
+    }
+
+    /// Parses `1073741824`, `512Mi`, `1.5G`, `4GiB` into bytes.
+    pub fn parse(s: &str) -> Result<u64, String> {
+        let t = s.trim();
+        let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" => 1,
+            // Docker and compose read `256M` as MiB; `Mi` is accepted for Kubernetes habits.
+            "k" | "ki" => 1 << 10,
+            "m" | "mi" => 1 << 20,
+            "g" | "gi" => 1 << 30,
+            "t" | "ti" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (use bytes, or K, M, G, T, Ki, Mi, Gi, Ti)"
+                ))
+            }
+        };
+        let bad = || format!("{s:?} is not an amount of memory (e.g. 512Mi, 2G, 1048576)");
+        if num.is_empty() {
+            return Err(bad());
+        }
+        if let Ok(n) = num.parse::<u64>() {
+            return n.checked_mul(mult).ok_or_else(bad);
+        }
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * mult as f64;
+        if !v.is_finite() || v >= u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(v.round() as u64)
+    }
+
+    struct BytesVisitor;
+
+    impl Visitor<'_> for BytesVisitor {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes as an integer, or a string such as \"512Mi\" or \"2G\"")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom("must not be negative"))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+            if v >= 0.0 && v.fract() == 0.0 && v < u64::MAX as f64 {
+                Ok(v as u64)
+            } else {
+                Err(E::custom(format!("{v} is not a whole number of bytes")))
+            }
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+            parse(v).map_err(E::custom)
+        }
+    }
+}
+
+pub use bytes::parse as parse_bytes;
+pub use cpus::parse as parse_cpus;
+
+/// `4 GiB`, `256 MiB`, `1.5 GiB`, `1000 bytes`: memory for people.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    for (size, unit) in UNITS {
+        if b >= size {
+            let v = b as f64 / size as f64;
+            return if b.is_multiple_of(size) {
+                format!("{} {unit}", b / size)
+            } else {
+                format!("{v:.1} {unit}")
+            };
+        }
+    }
+    format!("{b} bytes")
+}
+
+/// `0.5 cpus`, `2 cpus`: millicpus for people.
+pub fn human_cpus(millis: u64) -> String {
+    let unit = if millis == 1000 { "cpu" } else { "cpus" };
+    if millis.is_multiple_of(1000) {
+        format!("{} {unit}", millis / 1000)
+    } else {
+        format!("{} {unit}", millis as f64 / 1000.0)
+    }
+}
+
 impl ServiceSpec {
     /// Semantic checks serde cannot express. Returns the first problem with its field path.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -143,6 +569,35 @@ impl ServiceSpec {
                 return Err(ValidationError::new(
                     "command",
                     "must not be an empty list (omit it to use the image's)",
+                ));
+            }
+        }
+        let (r, l) = (&self.resources.reservations, &self.resources.limits);
+        if l.cpus > 0 && r.cpus > l.cpus {
+            return Err(ValidationError::new(
+                "resources.reservations.cpus",
+                format!(
+                    "reserves {} but the limit is {}",
+                    human_cpus(r.cpus),
+                    human_cpus(l.cpus)
+                ),
+            ));
+        }
+        if l.memory > 0 && r.memory > l.memory {
+            return Err(ValidationError::new(
+                "resources.reservations.memory",
+                format!(
+                    "reserves {} but the limit is {}",
+                    human_bytes(r.memory),
+                    human_bytes(l.memory)
+                ),
+            ));
+        }
+        for (i, p) in self.placement.preferences.iter().enumerate() {
+            if p.label().is_empty() {
+                return Err(ValidationError::new(
+                    format!("placement.preferences[{i}].spread"),
+                    format!("{:?}: expected node.labels.<name>", p.spread),
                 ));
             }
         }
@@ -195,6 +650,38 @@ mod tests {
                 "env.A=B",
             ),
         ];
+        let cases: Vec<(Mutate, &str)> = cases
+            .into_iter()
+            .chain::<Vec<(Mutate, &str)>>(vec![
+                (
+                    Box::new(|s| {
+                        s.resources.reservations.memory = 2 << 30;
+                        s.resources.limits.memory = 1 << 30;
+                    }),
+                    "resources.reservations.memory",
+                ),
+                (
+                    Box::new(|s| {
+                        s.resources.reservations.cpus = 2000;
+                        s.resources.limits.cpus = 500;
+                    }),
+                    "resources.reservations.cpus",
+                ),
+                (
+                    Box::new(|s| {
+                        s.placement.preferences = vec![
+                            Preference {
+                                spread: "node.labels.zone".into(),
+                            },
+                            Preference {
+                                spread: "node.hostname".into(),
+                            },
+                        ]
+                    }),
+                    "placement.preferences[1].spread",
+                ),
+            ])
+            .collect();
         for (mutate, field) in cases {
             let mut s = spec();
             mutate(&mut s);
@@ -202,6 +689,113 @@ mod tests {
             assert_eq!(err.field, field, "{err}");
         }
         spec().validate().unwrap();
+    }
+
+    #[test]
+    fn constraints_parse_and_print() {
+        let ok = [
+            ("node.labels.zone==a", "node.labels.zone==a"),
+            ("node.role == manager", "node.role==manager"),
+            ("node.hostname!=h2", "node.hostname!=h2"),
+            ("node.id==abc", "node.id==abc"),
+        ];
+        for (text, shown) in ok {
+            let c: Constraint = text.parse().unwrap();
+            assert_eq!(c.to_string(), shown);
+        }
+        let bad = [
+            ("node.labels.zone=a", "expected KEY==VALUE"),
+            ("node.labels.==a", "unknown key"),
+            ("engine.labels.x==a", "unknown key"),
+            ("node.role==boss", "worker or manager"),
+            ("node.id==", "non-empty value"),
+            ("node.id==a==b", "one non-empty value"),
+        ];
+        for (text, frag) in bad {
+            let e = text.parse::<Constraint>().unwrap_err();
+            assert!(e.contains(frag), "{text}: {e}");
+        }
+        let mut n = crate::store::Node {
+            id: "n1".into(),
+            hostname: "h1".into(),
+            addr: String::new(),
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            role: crate::store::NodeRole::Manager,
+            availability: Default::default(),
+            resources: Default::default(),
+            state: crate::store::NodeState::Ready,
+            updated_at: 0,
+            version: 0,
+        };
+        let m = |c: &str, n: &crate::store::Node| c.parse::<Constraint>().unwrap().matches(n);
+        assert!(m("node.labels.zone==a", &n));
+        assert!(!m("node.labels.zone!=a", &n));
+        assert!(!m("node.labels.disk==ssd", &n));
+        assert!(m("node.labels.disk!=ssd", &n));
+        assert!(m("node.role==manager", &n));
+        assert!(m("node.hostname!=h2", &n));
+        n.role = crate::store::NodeRole::Worker;
+        assert!(m("node.role==worker", &n) && m("node.id==n1", &n));
+    }
+
+    #[test]
+    fn quantities() {
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("512Mi", 512 << 20),
+            ("512MiB", 512 << 20),
+            ("2G", 2 << 30),
+            ("1.5Gi", 3 << 29),
+            ("4gi", 4 << 30),
+            ("10k", 10 << 10),
+        ] {
+            assert_eq!(parse_bytes(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "Mi", "12X", "-1", "1.2.3M"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        for (text, millis) in [("0.5", 500), ("2", 2000), ("250m", 250), ("0.001", 1)] {
+            assert_eq!(parse_cpus(text), Ok(millis), "{text}");
+        }
+        for bad in ["-1", "x", "1e9", "NaN"] {
+            assert!(parse_cpus(bad).is_err(), "{bad}");
+        }
+        assert_eq!(human_bytes(4 << 30), "4 GiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(100), "100 bytes");
+        assert_eq!(human_cpus(1500), "1.5 cpus");
+        assert_eq!(human_cpus(1000), "1 cpu");
+    }
+
+    #[test]
+    fn new_fields_round_trip_through_json() {
+        let mut s = spec();
+        s.mode = ServiceMode::Global;
+        s.resources.reservations = Reservations {
+            cpus: 500,
+            memory: 256 << 20,
+        };
+        s.resources.limits = Limits {
+            cpus: 1500,
+            memory: 1 << 30,
+            pids: 100,
+        };
+        s.placement = Placement {
+            constraints: vec!["node.labels.zone==a".parse().unwrap()],
+            preferences: vec![Preference {
+                spread: "node.labels.rack".into(),
+            }],
+            max_replicas_per_node: 2,
+            strategy: Strategy::Binpack,
+        };
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""cpus":0.5"#), "{json}");
+        assert_eq!(serde_json::from_str::<ServiceSpec>(&json).unwrap(), s);
+        // Defaults are not written, so older readers and stored specs stay unchanged.
+        let plain = serde_json::to_value(spec()).unwrap();
+        for key in ["resources", "placement", "mode"] {
+            assert!(plain.get(key).is_none(), "{key}: {plain}");
+        }
     }
 }
 
@@ -226,6 +820,9 @@ pub(crate) mod tests_support {
             network_mode: NetworkMode::Host,
             stop_grace_period: 10,
             restart: Default::default(),
+            mode: ServiceMode::Replicated,
+            resources: Default::default(),
+            placement: Default::default(),
         }
     }
 }

@@ -25,6 +25,73 @@ pub enum NodeState {
     Down,
 }
 
+/// Whether a node takes new tasks: set by the operator (`rctl node update --availability`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    /// Takes new tasks.
+    #[default]
+    Active,
+    /// Keeps its tasks but gets no new ones.
+    Pause,
+    /// Gets no new tasks, and its tasks are moved to other nodes.
+    Drain,
+}
+
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        }
+    }
+}
+
+impl std::str::FromStr for Availability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(Availability::Active),
+            "pause" => Ok(Availability::Pause),
+            "drain" => Ok(Availability::Drain),
+            _ => Err(format!(
+                "unknown availability {s:?} (expected active, pause or drain)"
+            )),
+        }
+    }
+}
+
+/// What a node's certificate allows it to be; constraints can select on it (`node.role==manager`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    #[default]
+    Worker,
+    Manager,
+}
+
+impl NodeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Worker => "worker",
+            NodeRole::Manager => "manager",
+        }
+    }
+}
+
+/// Capacity an agent reports for its host. Zero means unknown, which the scheduler treats as
+/// unlimited (a node that reports nothing still takes tasks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// Millicpus (a 4-core host reports 4000).
+    #[serde(default)]
+    pub cpus: u64,
+    /// Bytes of memory.
+    #[serde(default)]
+    pub memory: u64,
+}
+
 /// A host running an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
@@ -33,8 +100,17 @@ pub struct Node {
     pub hostname: String,
     /// Where the agent's own API listens (logs, exec), `ip:port`.
     pub addr: String,
+    /// Operator-owned (`UpdateNode`); a re-registering agent does not overwrite them.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub role: NodeRole,
+    /// Operator-owned, like `labels`.
+    #[serde(default)]
+    pub availability: Availability,
+    /// Reported by the agent when it registers.
+    #[serde(default)]
+    pub resources: NodeResources,
     pub state: NodeState,
     /// Milliseconds since the epoch, stamped by the leader.
     pub updated_at: u64,
@@ -75,12 +151,17 @@ pub struct Task {
     pub id: String,
     pub service_id: String,
     pub service_name: String,
-    /// Replica slot, 1-based; a restarted or updated replica keeps its slot.
+    /// Replica slot, 1-based; a restarted or updated replica keeps its slot. 0 for tasks of
+    /// global services, whose identity is `target_node` instead.
     pub slot: u64,
     /// Frozen copy of the spec this task was created from.
     pub spec: ServiceSpec,
     pub spec_version: u64,
     pub node_id: Option<String>,
+    /// Global services only: the node this task exists for. The scheduler considers no other
+    /// node, and the reconciler groups a global service's tasks by it (as slots do elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
     pub desired_state: TaskState,
     pub status: TaskStatus,
     pub created_at: u64,
@@ -88,14 +169,18 @@ pub struct Task {
 }
 
 impl Task {
-    /// `SERVICE.SLOT.ID-PREFIX`, as `rctl ps` shows it.
+    /// `SERVICE.SLOT.ID-PREFIX` (global: `SERVICE.NODE-PREFIX.ID-PREFIX`), as `rctl ps` shows it.
     pub fn name(&self) -> String {
-        format!(
-            "{}.{}.{}",
-            self.service_name,
-            self.slot,
-            &self.id[..self.id.len().min(8)]
-        )
+        let prefix = |s: &str| s.chars().take(8).collect::<String>();
+        match &self.target_node {
+            Some(node) => format!(
+                "{}.{}.{}",
+                self.service_name,
+                prefix(node),
+                prefix(&self.id)
+            ),
+            None => format!("{}.{}.{}", self.service_name, self.slot, prefix(&self.id)),
+        }
     }
 
     /// Occupies its node: placed, meant to run and not finished.
@@ -134,13 +219,29 @@ pub enum Command {
     RemoveService {
         name: String,
     },
-    /// Register or refresh a node (hostname, address, labels), marking it ready.
+    /// Register or refresh a node, marking it ready. Hostname, address, role and resources are
+    /// the agent's to report and always replace the stored ones; `labels` are used only when the
+    /// node is new (afterwards labels and availability belong to the operator: `UpdateNode`).
     PutNode {
         id: String,
         hostname: String,
         addr: String,
         labels: BTreeMap<String, String>,
+        #[serde(default)]
+        role: NodeRole,
+        #[serde(default)]
+        resources: NodeResources,
         now: u64,
+    },
+    /// Operator changes to a node: availability, and labels removed then added.
+    UpdateNode {
+        id: String,
+        #[serde(default)]
+        availability: Option<Availability>,
+        #[serde(default)]
+        labels_add: BTreeMap<String, String>,
+        #[serde(default)]
+        labels_rm: Vec<String>,
     },
     /// Node went down: its unfinished tasks become orphaned.
     NodeDown {
@@ -296,18 +397,53 @@ impl Store {
                 hostname,
                 addr,
                 labels,
+                role,
+                resources,
                 now,
+            } => match self.nodes.get_mut(&id) {
+                Some(node) => {
+                    node.hostname = hostname;
+                    node.addr = addr;
+                    node.role = role;
+                    node.resources = resources;
+                    node.state = NodeState::Ready;
+                    node.updated_at = now;
+                    node.version = index;
+                }
+                None => {
+                    let node = Node {
+                        id: id.clone(),
+                        hostname,
+                        addr,
+                        labels,
+                        role,
+                        availability: Availability::Active,
+                        resources,
+                        state: NodeState::Ready,
+                        updated_at: now,
+                        version: index,
+                    };
+                    self.nodes.insert(id, node);
+                }
+            },
+            Command::UpdateNode {
+                id,
+                availability,
+                labels_add,
+                labels_rm,
             } => {
-                let node = Node {
-                    id: id.clone(),
-                    hostname,
-                    addr,
-                    labels,
-                    state: NodeState::Ready,
-                    updated_at: now,
-                    version: index,
-                };
-                self.nodes.insert(id, node);
+                let node = self.nodes.get_mut(&id).ok_or(ApplyError::NotFound {
+                    kind: "node",
+                    name: id.clone(),
+                })?;
+                if let Some(a) = availability {
+                    node.availability = a;
+                }
+                for k in labels_rm {
+                    node.labels.remove(&k);
+                }
+                node.labels.extend(labels_add);
+                node.version = index;
             }
             Command::NodeDown { id, now } => {
                 let node = self.nodes.get_mut(&id).ok_or(ApplyError::NotFound {
@@ -459,6 +595,7 @@ mod tests {
             spec: svc.spec.clone(),
             spec_version: svc.spec_version,
             node_id: None,
+            target_node: None,
             desired_state: TaskState::Running,
             status: TaskStatus {
                 state: TaskState::New,
@@ -607,6 +744,8 @@ mod tests {
                 hostname: "h1".into(),
                 addr: "a".into(),
                 labels: Default::default(),
+                role: NodeRole::Worker,
+                resources: Default::default(),
                 now: 7,
             },
         )
@@ -622,6 +761,96 @@ mod tests {
         assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
         assert_eq!(s.nodes["n1"].state, NodeState::Down);
         assert_eq!(s.applied, 8);
+    }
+
+    #[test]
+    fn put_node_keeps_operator_fields_and_update_node_changes_them() {
+        let mut s = Store::default();
+        let put = |labels: &[(&str, &str)], cpus| Command::PutNode {
+            id: "n1".into(),
+            hostname: "h1".into(),
+            addr: "a".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            role: NodeRole::Manager,
+            resources: NodeResources {
+                cpus,
+                memory: 1 << 30,
+            },
+            now: 1,
+        };
+        s.apply(1, put(&[("zone", "a"), ("disk", "ssd")], 2000))
+            .unwrap();
+        assert_eq!(s.nodes["n1"].labels["zone"], "a");
+        assert_eq!(s.nodes["n1"].role, NodeRole::Manager);
+        s.apply(
+            2,
+            Command::UpdateNode {
+                id: "n1".into(),
+                availability: Some(Availability::Drain),
+                labels_add: [("zone".to_string(), "b".to_string())].into(),
+                labels_rm: vec!["disk".into(), "absent".into()],
+            },
+        )
+        .unwrap();
+        let n = &s.nodes["n1"];
+        assert_eq!(n.availability, Availability::Drain);
+        assert_eq!(
+            n.labels,
+            [("zone".to_string(), "b".to_string())]
+                .into_iter()
+                .collect()
+        );
+        assert_eq!(n.version, 2);
+        // The agent re-registers (after a restart) with its original labels and more cpus.
+        s.apply(
+            3,
+            Command::NodeDown {
+                id: "n1".into(),
+                now: 2,
+            },
+        )
+        .unwrap();
+        s.apply(4, put(&[("zone", "a")], 4000)).unwrap();
+        let n = &s.nodes["n1"];
+        assert_eq!(n.state, NodeState::Ready);
+        assert_eq!(n.availability, Availability::Drain);
+        assert_eq!(n.labels["zone"], "b");
+        assert_eq!(n.resources.cpus, 4000);
+        // Availability untouched when not given; unknown nodes are refused.
+        s.apply(
+            5,
+            Command::UpdateNode {
+                id: "n1".into(),
+                availability: None,
+                labels_add: Default::default(),
+                labels_rm: vec![],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.nodes["n1"].availability, Availability::Drain);
+        assert!(s
+            .apply(
+                6,
+                Command::UpdateNode {
+                    id: "nx".into(),
+                    availability: None,
+                    labels_add: Default::default(),
+                    labels_rm: vec![],
+                },
+            )
+            .is_err());
+        // Old log entries without the new fields still decode.
+        let old = br#"{"v":1,"cmd":{"PutNode":{"id":"n","hostname":"h","addr":"a","labels":{},"now":1}}}"#;
+        assert!(matches!(
+            Envelope::decode(old).unwrap().cmd,
+            Command::PutNode {
+                role: NodeRole::Worker,
+                ..
+            }
+        ));
     }
 
     #[test]

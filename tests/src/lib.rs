@@ -105,6 +105,19 @@ impl LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
+        // `RUDDER_LAB_LOGS=DIR` keeps each host's agent and controller logs for a post-mortem.
+        if let Some(keep) = std::env::var_os("RUDDER_LAB_LOGS") {
+            let dir = PathBuf::from(keep).join(&self.lab.name);
+            let _ = std::fs::create_dir_all(&dir);
+            for h in &self.lab.hosts {
+                for log in [h.agent_log(), h.controller_log()] {
+                    if let Some(f) = log.file_name() {
+                        let to = dir.join(format!("{}-{}", h.name, f.to_string_lossy()));
+                        let _ = std::fs::copy(&log, to);
+                    }
+                }
+            }
+        }
         if let Err(e) = lab::down(&self.root, &self.lab.name) {
             eprintln!("lab down {}: {e}", self.lab.name);
         }
@@ -153,4 +166,67 @@ pub fn pid_alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.split(' ').nth(2) == Some("Z"))
             .unwrap_or(true)
+}
+
+/// Tasks both observed and desired `running`, from `rctl ps -o json`.
+pub fn running_tasks(tasks: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    tasks
+        .iter()
+        .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+        .collect()
+}
+
+impl LabGuard {
+    /// Writes `yaml` to `dir/<file>` and runs `rctl apply -f` on it; returns rctl's output.
+    pub fn apply(&self, dir: &Path, file: &str, yaml: &str) -> anyhow::Result<String> {
+        let path = dir.join(file);
+        std::fs::write(&path, yaml)?;
+        self.rctl(&["apply", "-f", path.to_str().context("utf-8 path")?])
+    }
+
+    /// A pid recorded in a task's container dir on its host (`pid` for the container's init,
+    /// `shim.pid` for its shim).
+    pub fn task_pid(&self, task: &serde_json::Value, file: &str) -> Option<i32> {
+        let host = self.host(task["node"].as_str()?);
+        let dir = host.data_dir.join("containers").join(task["id"].as_str()?);
+        std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Index (0-based) of the host named `hostname`.
+    pub fn host_index(&self, hostname: &str) -> usize {
+        self.lab
+            .hosts
+            .iter()
+            .position(|h| h.name == hostname)
+            .unwrap_or_else(|| panic!("no host {hostname}"))
+    }
+
+    /// Sends `signal` (a `kill` name: STOP, CONT, …) to host `index`'s agent, the pid the lab
+    /// recorded. SIGSTOP freezes it with its connections open, as a hung or cut-off host.
+    pub fn signal_agent(&self, index: usize, signal: &str) -> anyhow::Result<i32> {
+        let pid = self.lab.hosts[index]
+            .agent_pid
+            .context("no agent pid recorded")?;
+        anyhow::ensure!(pid > 1, "bad agent pid {pid}");
+        let st = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(st.success(), "kill -{signal} {pid} failed");
+        Ok(pid)
+    }
+
+    /// SIGKILLs host `index`'s agent (the pid the lab recorded) and waits until it is gone;
+    /// returns that pid. Its containers keep running: they belong to their shims.
+    pub fn kill9_agent(&self, index: usize) -> anyhow::Result<i32> {
+        let pid = self.signal_agent(index, "KILL")?;
+        wait_for(Duration::from_secs(10), "killed agent gone", || {
+            Ok((!pid_alive(pid)).then_some(()))
+        })?;
+        Ok(pid)
+    }
 }

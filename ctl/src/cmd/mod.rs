@@ -5,8 +5,10 @@ pub mod get;
 pub mod image;
 pub mod local;
 pub mod logs;
+pub mod node;
 pub mod ps;
 pub mod rm;
+pub mod scale;
 
 /// Output format shared by listing commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]

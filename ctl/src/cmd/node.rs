@@ -1,0 +1,124 @@
+//! `rctl node ls|inspect|update`: the cluster's hosts, and the operator's part of them
+//! (availability active|pause|drain, labels used by placement constraints).
+
+use rudder_proto::v1::{ListNodesRequest, NodeSummary, UpdateNodeRequest};
+
+use super::{print_table, Output};
+use crate::context::Context;
+
+pub fn to_json(n: &NodeSummary) -> serde_json::Value {
+    serde_json::json!({
+        "id": n.id, "hostname": n.hostname, "addr": n.addr, "state": n.state,
+        "availability": n.availability, "role": n.role, "labels": n.labels,
+        "tasks": n.tasks,
+        "resources": {"cpus_milli": n.cpus_milli, "memory_bytes": n.memory_bytes},
+        "reserved": {"cpus_milli": n.reserved_cpus_milli, "memory_bytes": n.reserved_memory_bytes},
+    })
+}
+
+pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    let list = client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .nodes;
+    match output {
+        Output::Json => {
+            let v: Vec<_> = list.iter().map(to_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|n| {
+                    let labels: Vec<String> =
+                        n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        n.hostname.clone(),
+                        n.state.clone(),
+                        n.availability.clone(),
+                        n.role.clone(),
+                        n.tasks.to_string(),
+                        n.addr.clone(),
+                        n.id.clone(),
+                        labels.join(","),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "HOSTNAME",
+                    "STATE",
+                    "AVAILABILITY",
+                    "ROLE",
+                    "TASKS",
+                    "ADDRESS",
+                    "ID",
+                    "LABELS",
+                ],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn inspect(ctx: &Context, node: &str) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    let list = client
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .nodes;
+    let found: Vec<&NodeSummary> = list
+        .iter()
+        .filter(|n| {
+            n.id == node || n.hostname == node || (node.len() >= 4 && n.id.starts_with(node))
+        })
+        .collect();
+    match found.as_slice() {
+        [n] => println!("{}", serde_json::to_string_pretty(&to_json(n))?),
+        [] => anyhow::bail!("no node {node:?}"),
+        _ => anyhow::bail!("{node:?} names {} nodes; use the node id", found.len()),
+    }
+    Ok(())
+}
+
+pub async fn update(
+    ctx: &Context,
+    node: &str,
+    availability: Option<&str>,
+    label_add: &[String],
+    label_rm: &[String],
+) -> anyhow::Result<()> {
+    let mut labels_add = std::collections::HashMap::new();
+    for kv in label_add {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label-add {kv:?}: expected KEY=VALUE"))?;
+        labels_add.insert(k.to_string(), v.to_string());
+    }
+    let mut client = crate::connect(ctx).await?;
+    let n = client
+        .update_node(UpdateNodeRequest {
+            node: node.to_string(),
+            availability: availability.unwrap_or_default().to_string(),
+            labels_add,
+            labels_rm: label_rm.to_vec(),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    println!("node/{} updated ({}, {})", n.hostname, n.availability, {
+        let l: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        if l.is_empty() {
+            "no labels".to_string()
+        } else {
+            l.join(",")
+        }
+    });
+    Ok(())
+}
