@@ -2,6 +2,8 @@
 //! deterministic state machine, the scheduler and the reconciler. Nothing here does I/O or reads
 //! a clock, so every decision can be replayed and tested with plain data.
 
+pub mod duration;
+pub mod health;
 pub mod manifest;
 pub mod reconcile;
 pub mod scheduler;

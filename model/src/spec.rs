@@ -61,6 +61,9 @@ pub struct ServiceSpec {
     /// Where tasks may run and how they are spread.
     #[serde(default, skip_serializing_if = "Placement::is_unset")]
     pub placement: Placement,
+    /// Probe that gates `running` and replaces unhealthy tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<crate::health::HealthCheck>,
 }
 
 fn one() -> u64 {
@@ -544,6 +547,9 @@ impl ServiceSpec {
         if self.replicas > 10_000 {
             return Err(ValidationError::new("replicas", "at most 10000"));
         }
+        if let Some(h) = &self.healthcheck {
+            h.validate()?;
+        }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') {
                 return Err(ValidationError::new(
@@ -823,6 +829,7 @@ pub(crate) mod tests_support {
             mode: ServiceMode::Replicated,
             resources: Default::default(),
             placement: Default::default(),
+            healthcheck: None,
         }
     }
 }
