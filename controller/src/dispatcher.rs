@@ -201,8 +201,13 @@ impl Dispatcher for DispatcherApi {
         let sessions = self.sessions.clone();
         tokio::spawn(async move {
             let deadline = HEARTBEAT * MISSED_HEARTBEATS;
+            let mut heard = tokio::time::Instant::now();
             loop {
-                match tokio::time::timeout(deadline, up.message()).await {
+                let next = tokio::time::timeout(deadline, up.message()).await;
+                if matches!(next, Ok(Ok(Some(_)))) {
+                    heard = tokio::time::Instant::now();
+                }
+                match next {
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(Up::Heartbeat(_)) | None | Some(Up::Register(_)) => {}
                         Some(Up::Status(batch)) => {
@@ -236,6 +241,9 @@ impl Dispatcher for DispatcherApi {
                 }
             }
             sender.abort();
+            // A closed stream is not yet a lost node: an agent that restarts opens a new
+            // session within the heartbeat deadline and keeps its tasks.
+            tokio::time::sleep_until(heard + deadline).await;
             let current = sessions
                 .lock()
                 .expect("sessions lock")
