@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod health;
 pub mod runtime;
 pub mod session;
 pub mod shim;

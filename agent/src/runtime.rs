@@ -63,6 +63,14 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Waits for the container to exit and returns its exit code (128+signal if killed).
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
+    /// Runs `cmd` inside the running container; returns its exit code and combined output.
+    /// Killed after `timeout`.
+    async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<(i32, String), RuntimeError>;
     /// Removes the runtime's record of a stopped container (idempotent). The shim normally did
     /// it already once the container exited: wait for the shim, then clean up what is left.
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError>;
@@ -236,6 +244,34 @@ impl ContainerRuntime for OciCliRuntime {
 
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
         self.cli(&["kill", id, signal]).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        cmd: &[String],
+        timeout: Duration,
+    ) -> Result<(i32, String), RuntimeError> {
+        let child = tokio::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["exec", id])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("exec runtime"))?;
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => {
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                Ok((out.status.code().unwrap_or(-1), text))
+            }
+            Ok(Err(e)) => Err(io("wait for exec")(e)),
+            Err(_) => Ok((-1, format!("timed out after {timeout:?}"))),
+        }
     }
 
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError> {

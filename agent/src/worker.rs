@@ -261,7 +261,18 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
         match ctx.runtime.start(&task.id, &c.dir).await {
             Ok(pid) => {
                 info!(task = %name, pid, "running");
-                w.report(&task, TaskState::Running, "running", "", None);
+                if task.spec.healthcheck.is_some() {
+                    // Counts as running only once healthy: the monitor below reports it.
+                    w.report(
+                        &task,
+                        TaskState::Starting,
+                        "waiting for health check",
+                        "",
+                        None,
+                    );
+                } else {
+                    w.report(&task, TaskState::Running, "running", "", None);
+                }
             }
             Err(e) => {
                 warn!(task = %name, %e, "failed to start");
@@ -280,13 +291,48 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
         w.report(&task, TaskState::Running, "running (re-adopted)", "", None);
     }
 
-    let stopped_by_us;
-    let code = tokio::select! {
-        r = ctx.runtime.wait(&task.id, &c.dir) => { stopped_by_us = false; r }
-        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-            stopped_by_us = true;
-            stop_container(&ctx, &task, &c).await
+    enum End {
+        Exited,
+        Stopped,
+        Unhealthy(String),
+    }
+    let health = async {
+        match &task.spec.healthcheck {
+            Some(check) => {
+                let on_healthy = || {
+                    info!(task = %name, "healthy");
+                    w.report(&task, TaskState::Running, "running (healthy)", "", None);
+                };
+                crate::health::monitor(&*ctx.runtime, &task.id, &c.dir, check, on_healthy).await
+            }
+            None => std::future::pending().await,
         }
+    };
+    let (code, end) = tokio::select! {
+        r = ctx.runtime.wait(&task.id, &c.dir) => (r, End::Exited),
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+            (stop_container(&ctx, &task, &c).await, End::Stopped)
+        }
+        why = health => {
+            warn!(task = %name, %why, "unhealthy: stopping");
+            (stop_container(&ctx, &task, &c).await, End::Unhealthy(why))
+        }
+    };
+    let stopped_by_us = match end {
+        End::Unhealthy(why) => {
+            let code = code.as_ref().ok().copied();
+            w.report(
+                &task,
+                TaskState::Failed,
+                "unhealthy",
+                &format!("unhealthy: {why}"),
+                code,
+            );
+            cleanup(&ctx, &task, &c).await;
+            return;
+        }
+        End::Stopped => true,
+        End::Exited => false,
     };
     match (code, stopped_by_us) {
         (Ok(code), true) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
