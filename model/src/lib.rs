@@ -10,6 +10,7 @@ pub mod scheduler;
 pub mod spec;
 pub mod store;
 pub mod task;
+pub mod update;
 
 pub use manifest::{Manifest, ManifestError};
 pub use spec::ServiceSpec;
@@ -18,6 +19,7 @@ pub use store::{
     Task, TaskStatus,
 };
 pub use task::TaskState;
+pub use update::{UpdateConfig, UpdateState, UpdateStatus};
 
 /// A semantic problem with a spec, naming the field at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

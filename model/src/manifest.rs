@@ -282,6 +282,18 @@ mod tests {
         assert_eq!(s.placement.preferences[0].label(), "rack");
         assert_eq!(s.placement.max_replicas_per_node, 2);
         assert_eq!(s.placement.strategy, crate::spec::Strategy::Binpack);
+        let text = "kind: Service\nname: a\nimage: x\nupdate_config:\n  parallelism: 2\n  delay: 10s\n  order: start-first\n  failure_action: rollback\n  monitor: 30s\n  max_failure_ratio: 0.2\nrollback_config:\n  parallelism: 0\n  failure_action: continue\n";
+        let Manifest::Service(s) = &parse("f.yaml", text).unwrap()[0];
+        let u = &s.update_config;
+        assert_eq!((u.parallelism, u.delay, u.monitor), (2, 10_000, 30_000));
+        assert_eq!(u.order, crate::update::UpdateOrder::StartFirst);
+        assert_eq!(u.failure_action, crate::update::FailureAction::Rollback);
+        assert_eq!(u.max_failure_ratio.per_mille(), 200);
+        assert_eq!(s.rollback_config.parallelism, 0);
+        assert_eq!(
+            s.rollback_config.failure_action,
+            crate::update::FailureAction::Continue
+        );
         // A plain manifest gets the defaults.
         let Manifest::Service(s) = &parse("f.yaml", HELLO).unwrap()[0];
         assert_eq!(s.mode, crate::spec::ServiceMode::Replicated);
@@ -315,6 +327,24 @@ mod tests {
                 7,
                 "placement.constraints[1]",
                 "expected KEY==VALUE",
+            ),
+            (
+                "update_config:\n  parallelism: 2\n  order: sideways\n",
+                6,
+                "update_config.order",
+                "unknown variant",
+            ),
+            (
+                "rollback_config:\n  monitor: soon\n",
+                5,
+                "rollback_config.monitor",
+                "not a duration",
+            ),
+            (
+                "update_config:\n  max_failure_ratio: 2\n",
+                4,
+                "update_config.max_failure_ratio",
+                "not between 0 and 1",
             ),
             (
                 "placement:\n  strategy: pack\n",

@@ -1,7 +1,7 @@
 //! The reconciler: compares each service's spec with its tasks and returns a plan — which slots
-//! need a new task, which tasks must stop, which finished tasks can be forgotten. `plan_pass`
-//! turns the plans of all services plus the scheduler's decisions into one batch command, the only
-//! thing the leader's control loop proposes.
+//! need a new task, which tasks must stop, which finished tasks can be forgotten, and where the
+//! service's rollout stands. `plan_pass` turns the plans of all services plus the scheduler's
+//! decisions into one batch command, the only thing the leader's control loop proposes.
 //!
 //! Replicated services keep tasks in slots 1..=replicas. Global services keep one task per
 //! eligible node (ready, active, passing the constraints), keyed by `Task::target_node`; a node
@@ -9,9 +9,25 @@
 //! paused node keeps what it runs but gets nothing new. In both modes a task on a drained node, or
 //! on a node that no longer passes the constraints, is stopped and replaced.
 //!
-//! Invariants: pure (time and ids come in as arguments); a user spec is never rewritten; only
-//! `desired_state` and task records change; per slot (or per node, for global services) at most
-//! one task is meant to run.
+//! Rolling updates (Swarm's semantics). A task is *current* when its frozen spec matches the
+//! service's (`ServiceSpec::same_task_spec`: replicas and update configs aside); the tasks created
+//! since the spec last changed carry the service's `spec_version` and make up the rollout. A slot
+//! whose task is outdated but still `running` is replaced in batches of `parallelism` (stop-first:
+//! stop, then create; start-first: create, and stop the old task once the new one runs); a batch
+//! starts only when no slot has a current task on its way to `running` and `delay` has passed
+//! since the last new task got there. Outdated tasks that serve nothing (not yet running, or
+//! finished) are replaced at once, as are empty slots. A new task that ends (other than by a
+//! requested shutdown, or its node being lost) before it has run for `monitor` is a failure; once
+//! failures exceed `max_failure_ratio` of the tasks updated so far, the failure action applies:
+//! pause, continue, or roll back (a `Rollback` command; the spec goes back and the rollout
+//! proceeds with `rollback_config`). Healthy tasks of the spec rolled back to are current again,
+//! so a rollback never touches them. A rollout completes once no slot is outdated or on its way
+//! and the last new task has run for `monitor`.
+//!
+//! Invariants: pure (time and ids come in as arguments); only a rollback rewrites a user's spec;
+//! only `desired_state`, task records and the update status change; per slot (or per node, for
+//! global services) at most one task is meant to run, except that a start-first update keeps the
+//! old task until its replacement runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +35,7 @@ use crate::scheduler::{schedule, Decision};
 use crate::spec::{RestartCondition, ServiceMode};
 use crate::store::{Availability, Command, Node, NodeState, Service, Store, Task, TaskStatus};
 use crate::task::TaskState;
+use crate::update::{FailureAction, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus};
 
 /// Finished tasks kept per slot for `rctl ps` history (the live one included).
 pub const HISTORY_PER_SLOT: usize = 5;
@@ -33,6 +50,40 @@ pub struct Plan {
     pub shutdown: Vec<String>,
     /// Finished tasks to forget.
     pub delete: Vec<String>,
+    /// The rollout's new status, when it changes (paused, completed).
+    pub status: Option<UpdateStatus>,
+    /// Roll back to the previous spec, for this reason. The rest of the plan is then empty: it
+    /// waits for the spec it would be made from.
+    pub rollback: Option<String>,
+}
+
+/// A replica slot or, for global services, a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Slot(u64),
+    Node(&'a str),
+}
+
+impl Plan {
+    fn create_at(&mut self, key: Key) {
+        match key {
+            Key::Slot(s) => self.create.push(s),
+            Key::Node(n) => self.create_on.push(n.to_string()),
+        }
+    }
+}
+
+/// Where a wanted slot stands in the rollout after this pass's immediate actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState<'a> {
+    /// Current and running, or finished (restarts follow the restart policy), or empty on
+    /// purpose (a paused node).
+    Settled,
+    /// A current task is on its way to `running` (created now, pending, starting...).
+    InFlight,
+    /// An outdated task is serving: the next batch may replace it (and create its successor
+    /// unless the slot is a paused node).
+    Outdated { task: &'a Task, wants_new: bool },
 }
 
 /// Whether a task of `service` may keep running on `node`: the node exists, is not drained and
@@ -57,25 +108,31 @@ fn eligible(service: &Service, node: &Node) -> bool {
 }
 
 /// Plans one service. `tasks` are all tasks of the service; `nodes` the cluster's nodes.
-pub fn reconcile(
+pub fn reconcile<'a>(
     service: &Service,
-    tasks: &[&Task],
-    nodes: &BTreeMap<String, Node>,
-    now: u64,
-) -> Plan {
-    match service.spec.mode {
-        ServiceMode::Replicated => reconcile_replicated(service, tasks, nodes, now),
-        ServiceMode::Global => reconcile_global(service, tasks, nodes, now),
-    }
-}
-
-fn reconcile_replicated(
-    service: &Service,
-    tasks: &[&Task],
-    nodes: &BTreeMap<String, Node>,
+    tasks: &[&'a Task],
+    nodes: &'a BTreeMap<String, Node>,
     now: u64,
 ) -> Plan {
     let mut plan = Plan::default();
+    let slots = match service.spec.mode {
+        ServiceMode::Replicated => reconcile_replicated(&mut plan, service, tasks, nodes, now),
+        ServiceMode::Global => reconcile_global(&mut plan, service, tasks, nodes, now),
+    };
+    roll_out(plan, service, tasks, slots, now)
+}
+
+fn newest_first(history: &mut [&Task]) {
+    history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+}
+
+fn reconcile_replicated<'a>(
+    plan: &mut Plan,
+    service: &Service,
+    tasks: &[&'a Task],
+    nodes: &'a BTreeMap<String, Node>,
+    now: u64,
+) -> Vec<(Key<'a>, SlotState<'a>)> {
     let mut slots: BTreeMap<u64, Vec<&Task>> = BTreeMap::new();
     for t in tasks {
         // Tasks left from a global incarnation of the service have slot 0: scaled away below.
@@ -86,54 +143,125 @@ fn reconcile_replicated(
     for slot in 1..=replicas {
         slots.entry(slot).or_default();
     }
+    let mut states = Vec::new();
     for (slot, mut history) in slots {
-        // Newest first.
-        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        let mut live = history
-            .iter()
-            .filter(|t| t.desired_state <= TaskState::Running);
-        let current = live.next();
-        // More than one live task in a slot: keep the newest.
-        plan.shutdown.extend(live.map(|t| t.id.clone()));
-
+        newest_first(&mut history);
         if slot == 0 || slot > replicas {
             // Scaled away: stop what runs, forget what has finished.
-            plan.shutdown.extend(current.map(|t| t.id.clone()));
-            plan.delete.extend(
-                history
-                    .iter()
-                    .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
-                    .map(|t| t.id.clone()),
-            );
+            stop_all(plan, &history);
             continue;
         }
-
-        match current {
-            None => plan.create.push(slot),
-            Some(t) if t.spec_version != service.spec_version => {
-                // The spec changed: replace (stop-first, all at once until rolling updates).
-                plan.shutdown.push(t.id.clone());
-                plan.create.push(slot);
-            }
-            Some(t) if t.status.state.is_terminal() => {
-                if should_restart(service, t, &history, now) {
-                    plan.shutdown.push(t.id.clone());
-                    plan.create.push(slot);
-                }
-            }
-            Some(t) => {
-                // Placed on a node that was drained or no longer matches: move it.
-                if let Some(node) = &t.node_id {
-                    if !may_stay(service, nodes.get(node)) {
-                        plan.shutdown.push(t.id.clone());
-                        plan.create.push(slot);
-                    }
-                }
-            }
-        }
-        forget_old(&mut plan, &history);
+        let key = Key::Slot(slot);
+        let state = plan_slot(plan, service, key, &history, true, now, |t| {
+            // Placed on a node that was drained or no longer matches: move it.
+            t.node_id
+                .as_ref()
+                .is_some_and(|n| !may_stay(service, nodes.get(n)))
+        });
+        states.push((key, state));
+        forget_old(plan, &history);
     }
-    plan
+    states
+}
+
+/// Stops every live task of a slot that is going away and forgets its finished ones.
+fn stop_all(plan: &mut Plan, history: &[&Task]) {
+    for t in history {
+        if t.desired_state <= TaskState::Running {
+            plan.shutdown.push(t.id.clone());
+        } else if finished(t) {
+            plan.delete.push(t.id.clone());
+        }
+    }
+}
+
+/// Plans one wanted slot (or node): everything that does not wait for a rollout batch. `history`
+/// is newest first; `wants_new` is false for a paused global node (keeps, never gets, a task);
+/// `must_move` says whether a live task has to leave its node.
+fn plan_slot<'a>(
+    plan: &mut Plan,
+    service: &Service,
+    key: Key,
+    history: &[&'a Task],
+    wants_new: bool,
+    now: u64,
+    must_move: impl Fn(&Task) -> bool,
+) -> SlotState<'a> {
+    let (current, outdated): (Vec<&Task>, Vec<&Task>) = history
+        .iter()
+        .filter(|t| t.desired_state <= TaskState::Running)
+        .partition(|t| t.spec.same_task_spec(&service.spec));
+    let serving = |t: &&Task| t.status.state == TaskState::Running;
+
+    if let Some(&c) = current
+        .iter()
+        .find(|t| !t.status.state.is_terminal())
+        .or(current.first())
+    {
+        // Duplicates of the current spec: keep one.
+        plan.shutdown.extend(
+            current
+                .iter()
+                .filter(|t| t.id != c.id)
+                .map(|t| t.id.clone()),
+        );
+        // Outdated tasks go once the current one runs; until then (start-first) only the ones
+        // that serve nothing.
+        let c_runs = c.status.state == TaskState::Running;
+        plan.shutdown.extend(
+            outdated
+                .iter()
+                .filter(|t| c_runs || !serving(t))
+                .map(|t| t.id.clone()),
+        );
+        if c.status.state.is_terminal() {
+            if wants_new && should_restart(service, c, history, now) {
+                plan.shutdown.push(c.id.clone());
+                plan.create_at(key);
+                return SlotState::InFlight;
+            }
+            return SlotState::Settled;
+        }
+        if must_move(c) {
+            plan.shutdown.push(c.id.clone());
+            if wants_new {
+                plan.create_at(key);
+                return SlotState::InFlight;
+            }
+            return SlotState::Settled;
+        }
+        return if c_runs {
+            SlotState::Settled
+        } else {
+            SlotState::InFlight
+        };
+    }
+
+    // Only outdated tasks (or none). Keep the newest serving one for a rollout batch; the rest
+    // serve nothing and are replaced now.
+    let keep = outdated.iter().copied().find(serving);
+    plan.shutdown.extend(
+        outdated
+            .iter()
+            .filter(|t| Some(t.id.as_str()) != keep.map(|k| k.id.as_str()))
+            .map(|t| t.id.clone()),
+    );
+    match keep {
+        Some(k) if !must_move(k) => SlotState::Outdated { task: k, wants_new },
+        Some(k) => {
+            plan.shutdown.push(k.id.clone());
+            if wants_new {
+                plan.create_at(key);
+                return SlotState::InFlight;
+            }
+            SlotState::Settled
+        }
+        None if wants_new => {
+            plan.create_at(key);
+            SlotState::InFlight
+        }
+        None => SlotState::Settled,
+    }
 }
 
 /// Bounded history: forget the oldest finished tasks of a slot (or node).
@@ -147,13 +275,13 @@ fn forget_old(plan: &mut Plan, history: &[&Task]) {
     );
 }
 
-fn reconcile_global(
+fn reconcile_global<'a>(
+    plan: &mut Plan,
     service: &Service,
-    tasks: &[&Task],
-    nodes: &BTreeMap<String, Node>,
+    tasks: &[&'a Task],
+    nodes: &'a BTreeMap<String, Node>,
     now: u64,
-) -> Plan {
-    let mut plan = Plan::default();
+) -> Vec<(Key<'a>, SlotState<'a>)> {
     let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
     let mut strays = Vec::new();
     for t in tasks {
@@ -163,13 +291,7 @@ fn reconcile_global(
             None => strays.push(*t),
         }
     }
-    for t in strays {
-        if t.desired_state <= TaskState::Running {
-            plan.shutdown.push(t.id.clone());
-        } else if finished(t) {
-            plan.delete.push(t.id.clone());
-        }
-    }
+    stop_all(plan, &strays);
     let wanted: BTreeSet<&str> = nodes
         .values()
         .filter(|n| eligible(service, n))
@@ -178,49 +300,24 @@ fn reconcile_global(
     for id in &wanted {
         by_node.entry(id).or_default();
     }
+    let mut states = Vec::new();
     for (node_id, mut history) in by_node {
-        history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
-        let mut live = history
-            .iter()
-            .filter(|t| t.desired_state <= TaskState::Running);
-        let current = live.next();
-        plan.shutdown.extend(live.map(|t| t.id.clone()));
+        newest_first(&mut history);
         let node = nodes.get(node_id);
         let stays = may_stay(service, node) && node.is_some_and(|n| n.state == NodeState::Ready);
         if !stays {
             // Gone, down, drained or no longer matching: stop it, forget what has finished.
-            plan.shutdown.extend(current.map(|t| t.id.clone()));
-            plan.delete.extend(
-                history
-                    .iter()
-                    .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
-                    .map(|t| t.id.clone()),
-            );
+            stop_all(plan, &history);
             continue;
         }
         // Paused nodes keep their task but get no new one.
+        let key = Key::Node(node_id);
         let wants_new = wanted.contains(node_id);
-        match current {
-            None if wants_new => plan.create_on.push(node_id.to_string()),
-            Some(t) if t.spec_version != service.spec_version => {
-                plan.shutdown.push(t.id.clone());
-                if wants_new {
-                    plan.create_on.push(node_id.to_string());
-                }
-            }
-            Some(t)
-                if t.status.state.is_terminal()
-                    && wants_new
-                    && should_restart(service, t, &history, now) =>
-            {
-                plan.shutdown.push(t.id.clone());
-                plan.create_on.push(node_id.to_string());
-            }
-            _ => {}
-        }
-        forget_old(&mut plan, &history);
+        let state = plan_slot(plan, service, key, &history, wants_new, now, |_| false);
+        states.push((key, state));
+        forget_old(plan, &history);
     }
-    plan
+    states
 }
 
 /// A task is finished once its container is gone, or it never reached a node.
@@ -241,7 +338,7 @@ fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> b
     if policy.max_attempts > 0 {
         let attempts = history
             .iter()
-            .filter(|h| h.spec_version == service.spec_version && h.status.state.is_terminal())
+            .filter(|h| h.spec_version == t.spec_version && h.status.state.is_terminal())
             .count() as u64;
         // The first run is not a restart.
         if attempts > policy.max_attempts {
@@ -257,6 +354,144 @@ fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> b
                 .saturating_add(policy.delay.saturating_mul(1000))
 }
 
+/// Whether a task of the current rollout counts against it: it ended, other than by a requested
+/// shutdown or the loss of its node, before running for `monitor` (or without ever running).
+fn rollout_failure(t: &Task, monitor: u64) -> bool {
+    let ended = t.status.state;
+    ended.is_terminal()
+        && ended != TaskState::Shutdown
+        && ended != TaskState::Orphaned
+        && t.running_at
+            .is_none_or(|r| t.status.timestamp < r.saturating_add(monitor))
+}
+
+/// `web.1.abcd1234 rejected: image "x" not found`.
+fn describe_failure(t: &Task) -> String {
+    let why = if !t.status.error.is_empty() {
+        t.status.error.clone()
+    } else if let Some(code) = t.status.exit_code {
+        format!("exit code {code}")
+    } else if !t.status.message.is_empty() {
+        t.status.message.clone()
+    } else {
+        "no details".into()
+    };
+    format!("task {} {}: {why}", t.name(), t.status.state)
+}
+
+/// The rollout part of a plan: judge the failures of the current rollout, start the next batch
+/// when the previous one runs and the delay has passed, and say when the rollout is over.
+fn roll_out<'a>(
+    mut plan: Plan,
+    service: &Service,
+    tasks: &[&'a Task],
+    slots: Vec<(Key<'a>, SlotState<'a>)>,
+    now: u64,
+) -> Plan {
+    let status = service.update_status.as_ref();
+    let state = status.map(|s| s.state);
+    let rolling_back = state.is_some_and(UpdateState::is_rollback);
+    let cfg: &UpdateConfig = if rolling_back {
+        &service.spec.rollback_config
+    } else {
+        &service.spec.update_config
+    };
+    // Tasks created since the spec last changed: the rollout's own (restarts included).
+    let ours: Vec<&Task> = tasks
+        .iter()
+        .copied()
+        .filter(|t| t.spec_version == service.spec_version)
+        .collect();
+    let last_running = ours.iter().filter_map(|t| t.running_at).max();
+    let mut paused = state.is_some_and(UpdateState::is_paused);
+
+    if let Some(st) = status.filter(|s| s.state.is_in_progress()) {
+        let mut failed: Vec<&Task> = ours
+            .iter()
+            .copied()
+            .filter(|t| rollout_failure(t, cfg.monitor))
+            .collect();
+        let (failures, updated) = (failed.len() as u64, ours.len() as u64);
+        if cfg.failure_action != FailureAction::Continue
+            && cfg.max_failure_ratio.exceeded_by(failures, updated)
+        {
+            failed.sort_by_key(|t| (t.status.timestamp, t.id.as_str()));
+            let worst = describe_failure(failed.last().expect("failures > 0"));
+            let tally = format!(
+                "{failures} of {updated} new tasks failed, max_failure_ratio {}",
+                cfg.max_failure_ratio
+            );
+            let can_roll_back = !rolling_back && service.previous_spec.is_some();
+            if cfg.failure_action == FailureAction::Rollback && can_roll_back {
+                return Plan {
+                    rollback: Some(format!("update failed, rolling back: {worst} ({tally})")),
+                    ..Plan::default()
+                };
+            }
+            paused = true;
+            let (state, what) = if rolling_back {
+                (UpdateState::RollbackPaused, "rollback paused")
+            } else {
+                (UpdateState::Paused, "update paused")
+            };
+            plan.status = Some(UpdateStatus {
+                state,
+                message: format!("{what}: {worst} ({tally})"),
+                started_at: st.started_at,
+                completed_at: None,
+            });
+        }
+    }
+
+    let outdated: Vec<(Key, &Task, bool)> = slots
+        .iter()
+        .filter_map(|(k, s)| match s {
+            SlotState::Outdated { task, wants_new } => Some((*k, *task, *wants_new)),
+            _ => None,
+        })
+        .collect();
+    let in_flight = slots
+        .iter()
+        .filter(|(_, s)| *s == SlotState::InFlight)
+        .count();
+    let rested = |wait: u64| last_running.is_none_or(|r| now >= r.saturating_add(wait));
+
+    if !paused && in_flight == 0 && !outdated.is_empty() && rested(cfg.delay) {
+        for &(key, old, wants_new) in outdated.iter().take(cfg.batch_size(outdated.len())) {
+            // Start-first leaves the old task to `plan_slot`, which stops it once the new one
+            // runs.
+            if cfg.order == UpdateOrder::StopFirst || !wants_new {
+                plan.shutdown.push(old.id.clone());
+            }
+            if wants_new {
+                plan.create_at(key);
+            }
+        }
+        return plan;
+    }
+
+    if let Some(st) = status.filter(|s| s.state.is_in_progress() && !paused) {
+        if in_flight == 0 && outdated.is_empty() && rested(cfg.monitor) {
+            let message = if rolling_back {
+                format!("rollback completed ({})", st.message)
+            } else {
+                "update completed".into()
+            };
+            plan.status = Some(UpdateStatus {
+                state: if rolling_back {
+                    UpdateState::RollbackCompleted
+                } else {
+                    UpdateState::Completed
+                },
+                message,
+                started_at: st.started_at,
+                completed_at: Some(now),
+            });
+        }
+    }
+    plan
+}
+
 /// One pass of the control loops over a store snapshot: reconcile every service, reap tasks of
 /// removed services, schedule pending tasks. Returns `None` when nothing needs to change.
 pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) -> Option<Command> {
@@ -267,9 +502,25 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     let mut created: Vec<Task> = Vec::new();
     let mut shutdown = Vec::new();
     let mut delete = Vec::new();
+    let mut rollouts = Vec::new();
     for svc in store.services.values() {
         let tasks = by_service.remove(svc.id.as_str()).unwrap_or_default();
         let plan = reconcile(svc, &tasks, &store.nodes, now);
+        if let Some(reason) = plan.rollback {
+            rollouts.push(Command::Rollback {
+                service: svc.spec.name.clone(),
+                now,
+                reason,
+                if_spec_version: Some(svc.spec_version),
+            });
+        }
+        if let Some(status) = plan.status {
+            rollouts.push(Command::SetUpdateStatus {
+                service: svc.spec.name.clone(),
+                spec_version: svc.spec_version,
+                status,
+            });
+        }
         shutdown.extend(plan.shutdown);
         delete.extend(plan.delete);
         for slot in plan.create {
@@ -364,6 +615,7 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     if !delete.is_empty() {
         cmds.push(Command::DeleteTasks { ids: delete });
     }
+    cmds.extend(rollouts);
     (!cmds.is_empty()).then_some(Command::Batch(cmds))
 }
 
@@ -386,6 +638,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
             exit_code: None,
             timestamp: now,
         },
+        running_at: None,
         created_at: now,
         version: 0,
     }
@@ -1024,3 +1277,6 @@ mod tests {
         assert!(l.iter().all(|t| t.node_id.as_deref() == Some("n2")));
     }
 }
+
+#[cfg(test)]
+mod rollout_tests;

@@ -587,6 +587,7 @@ mod tests {
                 exit_code: None,
                 timestamp: 0,
             },
+            running_at: None,
             created_at: 0,
             version: 0,
         }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::store::Node;
+use crate::update::UpdateConfig;
 use crate::ValidationError;
 
 /// A declared service: a container spec plus how many copies run and how they restart.
@@ -64,6 +65,12 @@ pub struct ServiceSpec {
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
+    /// How a change to the fields above rolls out over the running tasks.
+    #[serde(default, skip_serializing_if = "UpdateConfig::is_default")]
+    pub update_config: UpdateConfig,
+    /// How a rollback (by hand, or as an update's failure action) rolls out.
+    #[serde(default, skip_serializing_if = "UpdateConfig::is_default")]
+    pub rollback_config: UpdateConfig,
 }
 
 fn one() -> u64 {
@@ -550,6 +557,8 @@ impl ServiceSpec {
         if let Some(h) = &self.healthcheck {
             h.validate()?;
         }
+        self.update_config.validate("update_config")?;
+        self.rollback_config.validate("rollback_config")?;
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') {
                 return Err(ValidationError::new(
@@ -608,6 +617,54 @@ impl ServiceSpec {
             }
         }
         Ok(())
+    }
+}
+
+impl ServiceSpec {
+    /// Whether a task made from `self` still matches `other`: every field but `replicas`,
+    /// `update_config` and `rollback_config` is equal. A task whose frozen spec does not match
+    /// its service's is outdated and gets replaced by the rollout; changing only those three
+    /// fields replaces nothing. (Destructured in full so a new field must be classified here.)
+    pub fn same_task_spec(&self, other: &ServiceSpec) -> bool {
+        let ServiceSpec {
+            name,
+            labels,
+            replicas: _,
+            image,
+            entrypoint,
+            command,
+            args,
+            env,
+            workdir,
+            user,
+            hostname,
+            network_mode,
+            stop_grace_period,
+            restart,
+            mode,
+            resources,
+            placement,
+            healthcheck,
+            update_config: _,
+            rollback_config: _,
+        } = self;
+        *name == other.name
+            && *image == other.image
+            && *entrypoint == other.entrypoint
+            && *command == other.command
+            && *args == other.args
+            && *env == other.env
+            && *workdir == other.workdir
+            && *user == other.user
+            && *hostname == other.hostname
+            && *network_mode == other.network_mode
+            && *stop_grace_period == other.stop_grace_period
+            && *restart == other.restart
+            && *mode == other.mode
+            && *resources == other.resources
+            && *placement == other.placement
+            && *healthcheck == other.healthcheck
+            && *labels == other.labels
     }
 }
 
@@ -686,6 +743,18 @@ mod tests {
                     }),
                     "placement.preferences[1].spread",
                 ),
+                (
+                    Box::new(|s| {
+                        s.update_config.max_failure_ratio = crate::update::FailureRatio(1001)
+                    }),
+                    "update_config.max_failure_ratio",
+                ),
+                (
+                    Box::new(|s| {
+                        s.rollback_config.failure_action = crate::update::FailureAction::Rollback
+                    }),
+                    "rollback_config.failure_action",
+                ),
             ])
             .collect();
         for (mutate, field) in cases {
@@ -695,6 +764,22 @@ mod tests {
             assert_eq!(err.field, field, "{err}");
         }
         spec().validate().unwrap();
+    }
+
+    #[test]
+    fn task_specs_ignore_replicas_and_update_configs() {
+        let a = spec();
+        let mut b = a.clone();
+        b.replicas = 9;
+        b.update_config.parallelism = 4;
+        b.rollback_config.delay = 1000;
+        assert!(a.same_task_spec(&b) && b.same_task_spec(&a));
+        let mut c = a.clone();
+        c.image = "other".into();
+        assert!(!a.same_task_spec(&c));
+        let mut d = a.clone();
+        d.env.insert("K".into(), "v".into());
+        assert!(!a.same_task_spec(&d));
     }
 
     #[test]
@@ -799,7 +884,13 @@ mod tests {
         assert_eq!(serde_json::from_str::<ServiceSpec>(&json).unwrap(), s);
         // Defaults are not written, so older readers and stored specs stay unchanged.
         let plain = serde_json::to_value(spec()).unwrap();
-        for key in ["resources", "placement", "mode"] {
+        for key in [
+            "resources",
+            "placement",
+            "mode",
+            "update_config",
+            "rollback_config",
+        ] {
             assert!(plain.get(key).is_none(), "{key}: {plain}");
         }
     }
@@ -830,6 +921,8 @@ pub(crate) mod tests_support {
             resources: Default::default(),
             placement: Default::default(),
             healthcheck: None,
+            update_config: Default::default(),
+            rollback_config: Default::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::ServiceSpec;
 use crate::task::TaskState;
+use crate::update::{UpdateState, UpdateStatus};
 
 /// Wire version of [`Command`] envelopes this build understands.
 pub const COMMAND_VERSION: u32 = 1;
@@ -121,11 +122,20 @@ pub struct Node {
 pub struct Service {
     pub id: String,
     pub spec: ServiceSpec,
-    /// Raft index at which the spec last changed; tasks made from an older spec are replaced.
+    /// Raft index at which the spec last changed in a way that affects tasks (see
+    /// `ServiceSpec::same_task_spec`), by `PutService` or `Rollback`. It names the current
+    /// rollout: tasks created during it carry the same `spec_version`.
     pub spec_version: u64,
     pub created_at: u64,
     pub updated_at: u64,
     pub version: u64,
+    /// System-owned: the spec in force before the latest task-affecting change, which a
+    /// rollback returns to (and which then becomes the spec rolled back from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<ServiceSpec>,
+    /// System-owned: the latest rollout's progress; `None` until the spec first changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
 }
 
 /// What an agent last reported about a task (or what the controller concluded for it).
@@ -164,6 +174,10 @@ pub struct Task {
     pub target_node: Option<String>,
     pub desired_state: TaskState,
     pub status: TaskStatus,
+    /// When the task first reported `running` (its node's timestamp): the start of its rollout
+    /// monitor window. Kept after the task ends, to tell an early failure from a late one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_at: Option<u64>,
     pub created_at: u64,
     pub version: u64,
 }
@@ -214,6 +228,25 @@ pub enum Command {
         id: String,
         spec: Box<ServiceSpec>,
         now: u64,
+    },
+    /// Swap a service's spec with its previous spec (keeping the current `replicas`) and start
+    /// rolling back: by hand (`rctl rollback`), or as an update's failure action with `reason`.
+    /// The reconciler sets `if_spec_version` to the rollout it judged: if the spec changed since,
+    /// the command does nothing.
+    Rollback {
+        service: String,
+        now: u64,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_spec_version: Option<u64>,
+    },
+    /// The reconciler's verdict on a rollout (paused, completed). Ignored unless the service is
+    /// still at `spec_version`, so a verdict on a superseded rollout never lands on a new one.
+    SetUpdateStatus {
+        service: String,
+        spec_version: u64,
+        status: UpdateStatus,
     },
     /// Remove a service; its tasks are asked to shut down and are reaped once stopped.
     RemoveService {
@@ -326,6 +359,8 @@ pub enum ApplyError {
     Malformed(String),
     #[error("store: {kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
+    #[error("store: service {0:?} has no previous spec to roll back to")]
+    NoPreviousSpec(String),
 }
 
 /// The whole replicated state. Cheap to clone for control loops (they read a snapshot).
@@ -355,11 +390,17 @@ impl Store {
             Command::PutService { id, spec, now } => match self.services.get_mut(&spec.name) {
                 Some(svc) => {
                     if svc.spec != *spec {
-                        // Replica count alone does not make old tasks outdated.
-                        let mut a = svc.spec.clone();
-                        a.replicas = spec.replicas;
-                        if a != *spec {
+                        // Replicas and the update configs alone leave tasks current; any other
+                        // change starts a new rollout.
+                        if !svc.spec.same_task_spec(&spec) {
                             svc.spec_version = index;
+                            svc.previous_spec = Some(svc.spec.clone());
+                            svc.update_status = Some(UpdateStatus {
+                                state: UpdateState::Updating,
+                                message: "update in progress".into(),
+                                started_at: now,
+                                completed_at: None,
+                            });
                         }
                         svc.spec = *spec;
                         svc.updated_at = now;
@@ -376,10 +417,66 @@ impl Store {
                             created_at: now,
                             updated_at: now,
                             version: index,
+                            previous_spec: None,
+                            update_status: None,
                         },
                     );
                 }
             },
+            Command::Rollback {
+                service,
+                now,
+                reason,
+                if_spec_version,
+            } => {
+                let svc = self
+                    .services
+                    .get_mut(&service)
+                    .ok_or(ApplyError::NotFound {
+                        kind: "service",
+                        name: service.clone(),
+                    })?;
+                if if_spec_version.is_some_and(|v| v != svc.spec_version) {
+                    return Ok(());
+                }
+                let mut back = svc
+                    .previous_spec
+                    .take()
+                    .ok_or(ApplyError::NoPreviousSpec(service))?;
+                // Scaling is not part of a rollout (it replaces nothing), so it is not undone.
+                back.replicas = svc.spec.replicas;
+                svc.previous_spec = Some(std::mem::replace(&mut svc.spec, back));
+                svc.spec_version = index;
+                svc.update_status = Some(UpdateStatus {
+                    state: UpdateState::RollbackStarted,
+                    message: if reason.is_empty() {
+                        "rollback requested".into()
+                    } else {
+                        reason
+                    },
+                    started_at: now,
+                    completed_at: None,
+                });
+                svc.updated_at = now;
+                svc.version = index;
+            }
+            Command::SetUpdateStatus {
+                service,
+                spec_version,
+                status,
+            } => {
+                let svc = self
+                    .services
+                    .get_mut(&service)
+                    .ok_or(ApplyError::NotFound {
+                        kind: "service",
+                        name: service.clone(),
+                    })?;
+                if svc.spec_version == spec_version && svc.update_status.as_ref() != Some(&status) {
+                    svc.update_status = Some(status);
+                    svc.version = index;
+                }
+            }
             Command::RemoveService { name } => {
                 let svc = self.services.remove(&name).ok_or(ApplyError::NotFound {
                     kind: "service",
@@ -522,6 +619,9 @@ impl Store {
                         if t.node_id.as_deref() == Some(u.node_id.as_str())
                             && t.status.state.can_advance_to(u.status.state)
                         {
+                            if u.status.state == TaskState::Running && t.running_at.is_none() {
+                                t.running_at = Some(u.status.timestamp);
+                            }
                             t.status = u.status;
                             t.version = index;
                         }
@@ -605,6 +705,7 @@ mod tests {
                 exit_code: None,
                 timestamp: 1,
             },
+            running_at: None,
             created_at: 1,
             version: 0,
         }
@@ -635,6 +736,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.services["web"].spec_version, 1);
+        assert_eq!(s.services["web"].update_status, None);
         // Scaling keeps the spec version: running tasks stay current.
         s.apply(
             2,
@@ -660,6 +762,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.services["web"].spec_version, 3);
+        let st = s.services["web"].update_status.clone().unwrap();
+        assert_eq!((st.state, st.started_at), (UpdateState::Updating, 12));
+        let prev = s.services["web"].previous_spec.clone().unwrap();
+        assert!(prev.args.is_empty() && prev.replicas == 5);
 
         let svc = s.services["web"].clone();
         s.apply(
@@ -727,6 +833,7 @@ mod tests {
         assert_eq!(s.tasks["t1"].status.state, TaskState::Assigned);
         s.apply(4, up("n1", TaskState::Running)).unwrap();
         assert_eq!(s.tasks["t1"].status.state, TaskState::Running);
+        assert_eq!(s.tasks["t1"].running_at, Some(3));
         s.apply(5, up("n1", TaskState::Starting)).unwrap();
         assert_eq!(s.tasks["t1"].status.state, TaskState::Running);
         s.apply(

@@ -1,0 +1,595 @@
+//! Rolling updates in a simulated cluster: the control loop's passes applied to a store, fake
+//! agents that step tasks one state per tick (or reject a bad image, or crash), and a fake clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::plan_pass;
+use crate::spec::tests_support::spec;
+use crate::spec::{RestartCondition, ServiceMode, ServiceSpec};
+use crate::store::{ApplyError, Command, StatusUpdate, Store, Task, TaskStatus};
+use crate::task::TaskState;
+use crate::update::{FailureAction, FailureRatio, UpdateOrder, UpdateState};
+
+const TICK: u64 = 1000;
+const BAD: &str = "bad:1";
+/// Runs, then exits non-zero `CRASH_AFTER` ms later.
+const CRASHY: &str = "crashy:1";
+const CRASH_AFTER: u64 = 2000;
+
+struct Sim {
+    s: Store,
+    idx: u64,
+    ids: u64,
+    now: u64,
+}
+
+impl Sim {
+    fn new(nodes: usize, sp: ServiceSpec) -> Sim {
+        let mut sim = Sim {
+            s: Store::default(),
+            idx: 0,
+            ids: 0,
+            now: 1_000_000,
+        };
+        for i in 1..=nodes {
+            sim.apply(Command::PutNode {
+                id: format!("n{i}"),
+                hostname: format!("h{i}"),
+                addr: String::new(),
+                labels: Default::default(),
+                role: Default::default(),
+                resources: Default::default(),
+                now: 0,
+            })
+            .unwrap();
+        }
+        sim.put(sp);
+        sim.run(30, |_| {});
+        sim
+    }
+
+    fn apply(&mut self, cmd: Command) -> Result<(), ApplyError> {
+        self.idx += 1;
+        self.s.apply(self.idx, cmd)
+    }
+
+    fn put(&mut self, sp: ServiceSpec) {
+        let now = self.now;
+        self.apply(Command::PutService {
+            id: "svc".into(),
+            spec: Box::new(sp),
+            now,
+        })
+        .unwrap();
+    }
+
+    fn svc(&self) -> &crate::store::Service {
+        self.s.services.values().next().unwrap()
+    }
+
+    fn state(&self) -> Option<UpdateState> {
+        self.svc().update_status.as_ref().map(|s| s.state)
+    }
+
+    /// Control-loop passes until nothing changes; `check` sees the store after each apply.
+    fn settle(&mut self, check: &mut dyn FnMut(&Store)) {
+        for _ in 0..20 {
+            let ids = &mut self.ids;
+            let mut gen = || {
+                *ids += 1;
+                format!("t{ids:03}")
+            };
+            match plan_pass(&self.s, self.now, &mut gen) {
+                Some(cmd) => {
+                    self.apply(cmd).unwrap();
+                    check(&self.s);
+                }
+                None => return,
+            }
+        }
+        panic!("control loop did not settle");
+    }
+
+    /// Every agent moves each of its tasks one step.
+    fn agents(&mut self, check: &mut dyn FnMut(&Store)) {
+        let now = self.now;
+        let mut updates = Vec::new();
+        for t in self.s.tasks.values() {
+            let Some(node) = &t.node_id else { continue };
+            if t.status.state.is_terminal() {
+                continue;
+            }
+            let (state, error) = if t.desired_state >= TaskState::Shutdown {
+                (TaskState::Shutdown, "")
+            } else {
+                match (t.status.state, t.spec.image.as_str()) {
+                    (_, BAD) => (TaskState::Rejected, "image \"bad:1\" not found"),
+                    (TaskState::Running, CRASHY) if now >= t.running_at.unwrap() + CRASH_AFTER => {
+                        (TaskState::Failed, "exit status 3")
+                    }
+                    (TaskState::Running, _) => continue,
+                    (s, _) if s < TaskState::Starting => (TaskState::Starting, ""),
+                    _ => (TaskState::Running, ""),
+                }
+            };
+            updates.push(StatusUpdate {
+                task_id: t.id.clone(),
+                node_id: node.clone(),
+                status: TaskStatus {
+                    state,
+                    message: String::new(),
+                    error: error.into(),
+                    container_id: t.id.clone(),
+                    exit_code: None,
+                    timestamp: now,
+                },
+            });
+        }
+        if !updates.is_empty() {
+            self.apply(Command::UpdateStatus { updates }).unwrap();
+            check(&self.s);
+        }
+    }
+
+    /// `ticks` rounds of: time passes, agents step, the control loop settles.
+    fn run(&mut self, ticks: usize, mut check: impl FnMut(&Store)) {
+        for _ in 0..ticks {
+            self.settle(&mut check);
+            self.now += TICK;
+            self.agents(&mut check);
+            self.settle(&mut check);
+        }
+    }
+
+    /// Runs until the rollout leaves `Updating`/`RollbackStarted`; panics after `max` ticks.
+    fn run_rollout(&mut self, max: usize, mut check: impl FnMut(&Store)) {
+        for _ in 0..max {
+            if !self.state().is_some_and(UpdateState::is_in_progress) {
+                return;
+            }
+            self.run(1, &mut check);
+        }
+        panic!(
+            "rollout still {:?} after {max} ticks",
+            self.svc().update_status
+        );
+    }
+}
+
+/// Tasks meant to run.
+fn live(s: &Store) -> Vec<&Task> {
+    s.tasks
+        .values()
+        .filter(|t| t.desired_state == TaskState::Running)
+        .collect()
+}
+
+/// Meant to run and running.
+fn serving(s: &Store) -> usize {
+    live(s)
+        .iter()
+        .filter(|t| t.status.state == TaskState::Running)
+        .count()
+}
+
+/// Slots with a task of `image` meant to run but not running yet.
+fn in_flight(s: &Store, image: &str) -> usize {
+    live(s)
+        .iter()
+        .filter(|t| t.spec.image == image && t.status.state < TaskState::Running)
+        .map(|t| t.slot)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+fn live_ids(s: &Store) -> BTreeSet<String> {
+    live(s).iter().map(|t| t.id.clone()).collect()
+}
+
+fn with(image: &str, f: impl FnOnce(&mut ServiceSpec)) -> ServiceSpec {
+    let mut sp = spec("web", 10);
+    sp.image = image.into();
+    f(&mut sp);
+    sp
+}
+
+#[test]
+fn parallelism_two_over_ten_replicas_takes_five_batches() {
+    let mut sim = Sim::new(3, with("v1", |s| s.update_config.parallelism = 2));
+    assert_eq!(serving(&sim.s), 10);
+    assert_eq!(sim.state(), None, "creating a service is not an update");
+    let started = sim.now;
+    sim.put(with("v2", |s| s.update_config.parallelism = 2));
+    assert_eq!(sim.state(), Some(UpdateState::Updating));
+    let mut most = 0;
+    sim.run_rollout(200, |s| {
+        most = most.max(in_flight(s, "v2"));
+        assert!(serving(s) >= 8, "stop-first: at most 2 slots down");
+    });
+    assert_eq!(most, 2);
+    let new: Vec<&Task> = sim
+        .s
+        .tasks
+        .values()
+        .filter(|t| t.spec.image == "v2")
+        .collect();
+    assert_eq!(new.len(), 10, "one new task per slot, no restarts");
+    let batches: BTreeMap<u64, usize> = new.iter().fold(BTreeMap::new(), |mut m, t| {
+        *m.entry(t.created_at).or_default() += 1;
+        m
+    });
+    assert_eq!(batches.values().copied().collect::<Vec<_>>(), [2; 5]);
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::Completed);
+    assert_eq!(st.started_at, started);
+    // Completed only after the last batch ran for the monitor period (5 s).
+    let last_running = new.iter().filter_map(|t| t.running_at).max().unwrap();
+    assert!(st.completed_at.unwrap() >= last_running + 5000);
+    assert!(live(&sim.s).iter().all(|t| t.spec.image == "v2"));
+    assert_eq!(sim.svc().previous_spec.as_ref().unwrap().image, "v1");
+}
+
+#[test]
+fn delay_separates_batches() {
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 4;
+        s.update_config.parallelism = 2;
+        s.update_config.delay = 10_000;
+    };
+    let mut sim = Sim::new(2, with("v1", cfg));
+    sim.put(with("v2", cfg));
+    sim.run_rollout(200, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    let new: Vec<&Task> = sim
+        .s
+        .tasks
+        .values()
+        .filter(|t| t.spec.image == "v2")
+        .collect();
+    let first = new.iter().map(|t| t.created_at).min().unwrap();
+    let (b1, b2): (Vec<&&Task>, Vec<&&Task>) = new.iter().partition(|t| t.created_at == first);
+    assert_eq!((b1.len(), b2.len()), (2, 2));
+    let b1_running = b1.iter().map(|t| t.running_at.unwrap()).max().unwrap();
+    let b2_created = b2[0].created_at;
+    assert!(
+        b2_created >= b1_running + 10_000,
+        "{b2_created} vs {b1_running}"
+    );
+    assert!(
+        b2_created <= b1_running + 10_000 + TICK,
+        "no more than the delay"
+    );
+}
+
+#[test]
+fn stop_first_and_start_first_keep_their_promises() {
+    for order in [UpdateOrder::StopFirst, UpdateOrder::StartFirst] {
+        let cfg = |s: &mut ServiceSpec| {
+            s.replicas = 6;
+            s.update_config.parallelism = 2;
+            s.update_config.order = order;
+        };
+        let mut sim = Sim::new(3, with("v1", cfg));
+        sim.put(with("v2", cfg));
+        let (mut least, mut most_live) = (usize::MAX, 0);
+        sim.run_rollout(200, |s| {
+            least = least.min(serving(s));
+            most_live = most_live.max(live(s).len());
+        });
+        assert_eq!(sim.state(), Some(UpdateState::Completed), "{order:?}");
+        match order {
+            UpdateOrder::StopFirst => {
+                assert_eq!(least, 4, "replicas - parallelism");
+                assert_eq!(most_live, 6, "never more tasks than replicas");
+            }
+            UpdateOrder::StartFirst => {
+                assert_eq!(least, 6, "never fewer than replicas");
+                assert_eq!(most_live, 8, "replicas + parallelism");
+            }
+        }
+        assert_eq!(live(&sim.s).len(), 6);
+        assert!(live(&sim.s).iter().all(|t| t.spec.image == "v2"));
+    }
+}
+
+#[test]
+fn bad_image_rolls_back_without_touching_healthy_old_tasks() {
+    for order in [UpdateOrder::StopFirst, UpdateOrder::StartFirst] {
+        let cfg = |s: &mut ServiceSpec| {
+            s.replicas = 6;
+            s.update_config.parallelism = 2;
+            s.update_config.order = order;
+            s.update_config.failure_action = FailureAction::Rollback;
+            s.rollback_config.parallelism = 0;
+        };
+        let mut sim = Sim::new(3, with("v1", cfg));
+        let old = live_ids(&sim.s);
+        let slot_of: BTreeMap<String, u64> = live(&sim.s)
+            .iter()
+            .map(|t| (t.id.clone(), t.slot))
+            .collect();
+        sim.put(with(BAD, cfg));
+        let mut stopped: BTreeSet<String> = BTreeSet::new();
+        sim.run_rollout(100, |s| {
+            for id in &old {
+                if s.tasks[id].desired_state != TaskState::Running {
+                    stopped.insert(id.clone());
+                }
+            }
+        });
+        let st = sim.svc().update_status.clone().unwrap();
+        assert_eq!(
+            st.state,
+            UpdateState::RollbackCompleted,
+            "{order:?}: {st:?}"
+        );
+        assert!(
+            st.message
+                .contains("update failed, rolling back: task web.")
+                && st.message.contains("rejected: image \"bad:1\" not found"),
+            "{}",
+            st.message
+        );
+        assert_eq!(sim.svc().spec.image, "v1");
+        assert_eq!(sim.svc().previous_spec.as_ref().unwrap().image, BAD);
+        // Only the first batch's slots were touched (stop-first), or none (start-first).
+        let touched: BTreeSet<u64> = stopped.iter().map(|id| slot_of[id]).collect();
+        match order {
+            UpdateOrder::StopFirst => assert_eq!(touched.len(), 2, "{touched:?}"),
+            UpdateOrder::StartFirst => assert!(touched.is_empty(), "{touched:?}"),
+        }
+        let now_live = live_ids(&sim.s);
+        assert_eq!(now_live.len(), 6);
+        for id in &old {
+            assert_eq!(
+                now_live.contains(id),
+                !stopped.contains(id),
+                "{order:?}: untouched old tasks keep running"
+            );
+        }
+        // Replaced slots are back on the old spec, and everything runs.
+        assert!(live(&sim.s).iter().all(|t| t.spec.image == "v1"));
+        assert_eq!(serving(&sim.s), 6);
+        // Only one batch of the bad image was ever tried.
+        let bad = sim.s.tasks.values().filter(|t| t.spec.image == BAD).count();
+        assert!(bad <= 2, "{bad}");
+    }
+}
+
+#[test]
+fn failure_action_pause_stops_with_a_reason() {
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 4;
+        s.restart.condition = RestartCondition::None;
+    };
+    let mut sim = Sim::new(2, with("v1", cfg));
+    let old = live_ids(&sim.s);
+    sim.put(with(BAD, cfg));
+    sim.run_rollout(50, |_| {});
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::Paused);
+    assert!(
+        st.message.starts_with("update paused: task web.")
+            && st.message.contains("rejected: image \"bad:1\" not found")
+            && st.message.contains("1 of 1 new tasks failed"),
+        "{}",
+        st.message
+    );
+    assert_eq!(st.completed_at, None);
+    // Paused: nothing moves, however long we wait.
+    let before = sim.s.tasks.clone();
+    sim.run(30, |_| {});
+    assert_eq!(sim.s.tasks, before);
+    assert_eq!(sim.state(), Some(UpdateState::Paused));
+    assert_eq!(live_ids(&sim.s).intersection(&old).count(), 3);
+    // A fixed spec starts a new update, which completes.
+    sim.put(with("v2", cfg));
+    assert_eq!(sim.state(), Some(UpdateState::Updating));
+    sim.run_rollout(100, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    assert!(live(&sim.s).iter().all(|t| t.spec.image == "v2"));
+    assert_eq!(serving(&sim.s), 4);
+}
+
+#[test]
+fn paused_updates_still_restart_updated_tasks() {
+    // The default restart policy (any, 5 s) keeps retrying the failed slot; other slots stay.
+    let cfg = |s: &mut ServiceSpec| s.replicas = 3;
+    let mut sim = Sim::new(1, with("v1", cfg));
+    let old = live_ids(&sim.s);
+    sim.put(with(BAD, cfg));
+    sim.run(20, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Paused));
+    let bad: Vec<&Task> = sim
+        .s
+        .tasks
+        .values()
+        .filter(|t| t.spec.image == BAD)
+        .collect();
+    assert!(bad.len() >= 3, "restarted per policy: {}", bad.len());
+    assert!(bad.iter().all(|t| t.slot == bad[0].slot), "one slot only");
+    assert_eq!(live_ids(&sim.s).intersection(&old).count(), 2);
+}
+
+#[test]
+fn max_failure_ratio_and_continue() {
+    // Failures tolerated up to the ratio: continue ignores them, and the rollout still ends.
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 4;
+        s.update_config.parallelism = 2;
+        s.update_config.failure_action = FailureAction::Continue;
+        s.restart.condition = RestartCondition::None;
+    };
+    let mut sim = Sim::new(2, with("v1", cfg));
+    sim.put(with(BAD, cfg));
+    sim.run_rollout(100, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    let bad = sim.s.tasks.values().filter(|t| t.spec.image == BAD).count();
+    assert_eq!(bad, 4, "every slot was updated");
+
+    // Pause with a ratio of 0.5: crashy tasks fail 2 s after running, inside the monitor.
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 4;
+        s.update_config.max_failure_ratio = FailureRatio(500);
+        s.restart.condition = RestartCondition::None;
+    };
+    let mut sim = Sim::new(2, with("v1", cfg));
+    sim.put(with(CRASHY, cfg));
+    sim.run_rollout(100, |_| {});
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::Paused);
+    assert!(
+        st.message.contains("failed: exit status 3"),
+        "{}",
+        st.message
+    );
+}
+
+#[test]
+fn failures_after_the_monitor_period_are_left_to_the_restart_policy() {
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 2;
+        s.update_config.monitor = 1000;
+    };
+    let mut sim = Sim::new(1, with("v1", cfg));
+    sim.put(with(CRASHY, cfg));
+    sim.run_rollout(100, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    sim.run(20, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    let crashy = sim
+        .s
+        .tasks
+        .values()
+        .filter(|t| t.spec.image == CRASHY)
+        .count();
+    assert!(crashy > 2, "restarted: {crashy}");
+}
+
+#[test]
+fn manual_rollback() {
+    let cfg = |s: &mut ServiceSpec| {
+        s.replicas = 6;
+        s.rollback_config.parallelism = 3;
+    };
+    let mut sim = Sim::new(3, with("v1", cfg));
+    let now = sim.now;
+    assert_eq!(
+        sim.apply(Command::Rollback {
+            service: "web".into(),
+            now,
+            reason: String::new(),
+            if_spec_version: None,
+        }),
+        Err(ApplyError::NoPreviousSpec("web".into()))
+    );
+    sim.put(with("v2", cfg));
+    sim.run_rollout(100, |_| {});
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    // Scaled after the update: the rollback keeps the replica count.
+    sim.put(with("v2", |s| {
+        cfg(s);
+        s.replicas = 7;
+    }));
+    sim.run(5, |_| {});
+    let now = sim.now;
+    sim.apply(Command::Rollback {
+        service: "web".into(),
+        now,
+        reason: String::new(),
+        if_spec_version: None,
+    })
+    .unwrap();
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::RollbackStarted);
+    assert_eq!(st.message, "rollback requested");
+    let mut most = 0;
+    sim.run_rollout(100, |s| most = most.max(in_flight(s, "v1")));
+    assert_eq!(most, 3, "rollback_config.parallelism");
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::RollbackCompleted);
+    assert!(st.completed_at.is_some());
+    assert_eq!(sim.svc().spec.image, "v1");
+    assert_eq!(sim.svc().spec.replicas, 7);
+    assert_eq!(sim.svc().previous_spec.as_ref().unwrap().image, "v2");
+    assert_eq!(live(&sim.s).len(), 7);
+    assert!(live(&sim.s).iter().all(|t| t.spec.image == "v1"));
+}
+
+#[test]
+fn stale_rollout_verdicts_are_ignored() {
+    let mut sim = Sim::new(1, with("v1", |s| s.replicas = 1));
+    sim.put(with("v2", |s| s.replicas = 1));
+    let gen = sim.svc().spec_version;
+    sim.put(with("v3", |s| s.replicas = 1));
+    let now = sim.now;
+    sim.apply(Command::Rollback {
+        service: "web".into(),
+        now,
+        reason: "old news".into(),
+        if_spec_version: Some(gen),
+    })
+    .unwrap();
+    sim.apply(Command::SetUpdateStatus {
+        service: "web".into(),
+        spec_version: gen,
+        status: crate::update::UpdateStatus {
+            state: UpdateState::Paused,
+            message: "old news".into(),
+            started_at: 0,
+            completed_at: None,
+        },
+    })
+    .unwrap();
+    assert_eq!(sim.svc().spec.image, "v3");
+    assert_eq!(sim.state(), Some(UpdateState::Updating));
+}
+
+#[test]
+fn update_config_and_replicas_changes_replace_nothing() {
+    let mut sim = Sim::new(2, with("v1", |s| s.replicas = 4));
+    let before = live_ids(&sim.s);
+    let gen = sim.svc().spec_version;
+    sim.put(with("v1", |s| {
+        s.replicas = 5;
+        s.update_config.parallelism = 3;
+        s.update_config.order = UpdateOrder::StartFirst;
+        s.rollback_config.failure_action = FailureAction::Continue;
+    }));
+    sim.run(10, |_| {});
+    let after = live_ids(&sim.s);
+    assert_eq!(after.len(), 5);
+    assert!(before.is_subset(&after));
+    assert_eq!(sim.svc().spec_version, gen);
+    assert_eq!(sim.state(), None);
+    assert!(sim.svc().previous_spec.is_none());
+}
+
+#[test]
+fn global_services_update_one_node_at_a_time() {
+    let global = |image: &str| {
+        with(image, |s| {
+            s.mode = ServiceMode::Global;
+        })
+    };
+    let mut sim = Sim::new(4, global("v1"));
+    assert_eq!(live(&sim.s).len(), 4);
+    sim.put(global("v2"));
+    let mut most = 0;
+    sim.run_rollout(100, |s| {
+        let nodes = live(s)
+            .iter()
+            .filter(|t| t.spec.image == "v2" && t.status.state < TaskState::Running)
+            .count();
+        most = most.max(nodes);
+        assert!(serving(s) >= 3);
+    });
+    assert_eq!(most, 1);
+    assert_eq!(sim.state(), Some(UpdateState::Completed));
+    let nodes: BTreeSet<_> = live(&sim.s)
+        .iter()
+        .map(|t| (t.spec.image.clone(), t.target_node.clone().unwrap()))
+        .collect();
+    assert_eq!(nodes.len(), 4);
+    assert!(nodes.iter().all(|(image, _)| image == "v2"));
+}
