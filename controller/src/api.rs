@@ -192,7 +192,26 @@ impl Control for ControlApi {
                 id: s.id.clone(),
                 name: s.spec.name.clone(),
                 image: s.spec.image.clone(),
-                desired: s.spec.replicas,
+                desired: if s.spec.mode == ServiceMode::Global {
+                    store
+                        .tasks_of(&s.id)
+                        .filter(|t| t.desired_state == TaskState::Running)
+                        .count() as u64
+                } else {
+                    s.spec.replicas
+                },
+                global: s.spec.mode == ServiceMode::Global,
+                update_state: s
+                    .update_status
+                    .as_ref()
+                    .map(|u| u.state.as_str().to_string())
+                    .unwrap_or_default(),
+                update_message: s
+                    .update_status
+                    .as_ref()
+                    .map(|u| u.message.clone())
+                    .unwrap_or_default(),
+                spec_version: s.spec_version,
                 running: store
                     .tasks_of(&s.id)
                     .filter(|t| {
@@ -312,6 +331,33 @@ impl Control for ControlApi {
                 .map_err(raft_status)?;
         }
         Ok(Response::new(ScaleResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
+        let service = req.into_inner().service;
+        let store = self.raft.store();
+        let svc = store
+            .services
+            .get(&service)
+            .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        if svc.previous_spec.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "service {service:?} has no previous spec to roll back to"
+            )));
+        }
+        self.raft
+            .propose(Command::Rollback {
+                service,
+                now: now_ms(),
+                reason: String::new(),
+                if_spec_version: None,
+            })
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RollbackResponse {}))
     }
 
     type LogsStream = LogStream;

@@ -32,6 +32,12 @@ enum Cmd {
     Apply {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Return at once instead of waiting for the services to converge.
+        #[arg(short, long)]
+        detach: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
     /// List tasks (all services, or one).
     Ps {
@@ -58,6 +64,16 @@ enum Cmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Go back to a service's previous spec.
+    Rollback {
+        service: String,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Show a service: spec, rollout state, tasks with their messages.
+    Describe { service: String },
     /// Set the replica count of services: `rctl scale web=3 api=2`.
     Scale {
         #[arg(required = true)]
@@ -173,7 +189,16 @@ fn real_main() -> anyhow::Result<()> {
         )
     };
     match &cli.cmd {
-        Cmd::Apply { files } => rt.block_on(cmd::apply::run(&ctx()?, files)),
+        Cmd::Apply {
+            files,
+            detach,
+            timeout,
+        } => rt.block_on(cmd::apply::run(
+            &ctx()?,
+            files,
+            *detach,
+            std::time::Duration::from_secs(*timeout),
+        )),
         Cmd::Ps { service, output } => {
             rt.block_on(cmd::ps::run(&ctx()?, service.as_deref(), *output))
         }
@@ -183,6 +208,17 @@ fn real_main() -> anyhow::Result<()> {
         },
         Cmd::Logs { target, no_prefix } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix)),
         Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
+        Cmd::Rollback {
+            service,
+            detach,
+            timeout,
+        } => rt.block_on(cmd::rollback::run(
+            &ctx()?,
+            service,
+            *detach,
+            std::time::Duration::from_secs(*timeout),
+        )),
+        Cmd::Describe { service } => rt.block_on(cmd::describe::run(&ctx()?, service)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
         Cmd::Node {
             cmd: NodeCmd::Ls { output },

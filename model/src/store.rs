@@ -616,8 +616,13 @@ impl Store {
             Command::UpdateStatus { updates } => {
                 for u in updates {
                     if let Some(t) = self.tasks.get_mut(&u.task_id) {
+                        // An orphaned task's own node, back again, may still tell how it
+                        // really ended (its exit code would be lost otherwise).
+                        let settles_orphan = t.status.state == TaskState::Orphaned
+                            && u.status.state.is_terminal()
+                            && u.status.state != TaskState::Orphaned;
                         if t.node_id.as_deref() == Some(u.node_id.as_str())
-                            && t.status.state.can_advance_to(u.status.state)
+                            && (t.status.state.can_advance_to(u.status.state) || settles_orphan)
                         {
                             if u.status.state == TaskState::Running && t.running_at.is_none() {
                                 t.running_at = Some(u.status.timestamp);
@@ -868,6 +873,11 @@ mod tests {
         assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
         assert_eq!(s.nodes["n1"].state, NodeState::Down);
         assert_eq!(s.applied, 8);
+        // Back again, the node may settle the orphan with how it really ended, not revive it.
+        s.apply(9, up("n1", TaskState::Running)).unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
+        s.apply(10, up("n1", TaskState::Failed)).unwrap();
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Failed);
     }
 
     #[test]

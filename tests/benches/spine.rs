@@ -2,7 +2,8 @@
 //!
 //! 1. Container create → running → exit of `/bin/true` through the agent's runtime layer
 //!    (shim + `runc run --detach` + wait + delete) against raw `runc run` of the same bundle.
-//! 2. `rctl apply` of 6 replicas → all running on a 3-host lab (cold: first pull; warm: cached).
+//! 2. `rctl apply` of 6 and of 100 replicas → all running on a 3-host lab (cold: first pull;
+//!    warm: layers cached).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -129,27 +130,34 @@ fn apply_bench() -> anyhow::Result<()> {
     busybox_rootfs(&tar)?;
     lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
     let file = tmp.path().join("hello.yaml");
-    std::fs::write(
-        &file,
-        "kind: Service\nname: hello\nimage: busybox:latest\ncommand: [\"/bin/sleep\", \"100000\"]\nreplicas: 6\n",
-    )?;
-    for round in ["cold (image pulled)", "warm (layers cached)"] {
+    let rounds = [
+        (6, "cold (image pulled)"),
+        (6, "warm (layers cached)"),
+        (100, "warm (layers cached)"),
+    ];
+    for (replicas, round) in rounds {
+        std::fs::write(
+            &file,
+            format!(
+                "kind: Service\nname: hello\nimage: busybox:latest\nstop_grace_period: 1\n\
+                 command: [\"/bin/sleep\", \"100000\"]\nreplicas: {replicas}\n"
+            ),
+        )?;
         let t = Instant::now();
+        // apply waits until every replica runs.
         lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
-        wait_for(Duration::from_secs(120), "6 running", || {
-            let tasks = lab.tasks("hello")?;
-            let n = tasks
-                .iter()
-                .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
-                .count();
-            Ok((n == 6).then_some(()))
-        })?;
+        let n = lab
+            .tasks("hello")?
+            .iter()
+            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+            .count();
+        anyhow::ensure!(n == replicas, "{n} running after apply returned");
         println!(
-            "apply 6 replicas on 3 hosts -> all running, {round}: {:.2} s",
+            "apply {replicas} replicas on 3 hosts -> all running, {round}: {:.2} s",
             t.elapsed().as_secs_f64()
         );
         lab.rctl(&["rm", "hello"])?;
-        wait_for(Duration::from_secs(60), "tasks reaped", || {
+        wait_for(Duration::from_secs(120), "tasks reaped", || {
             Ok(lab.rctl(&["ps", "-o", "json"])?.trim() == "[]").map(|b| b.then_some(()))
         })?;
     }

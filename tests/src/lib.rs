@@ -177,11 +177,17 @@ pub fn running_tasks(tasks: &[serde_json::Value]) -> Vec<&serde_json::Value> {
 }
 
 impl LabGuard {
-    /// Writes `yaml` to `dir/<file>` and runs `rctl apply -f` on it; returns rctl's output.
+    /// Writes `yaml` to `dir/<file>` and runs `rctl apply --detach -f` on it (tests poll for
+    /// the states they expect); returns rctl's output.
     pub fn apply(&self, dir: &Path, file: &str, yaml: &str) -> anyhow::Result<String> {
         let path = dir.join(file);
         std::fs::write(&path, yaml)?;
-        self.rctl(&["apply", "-f", path.to_str().context("utf-8 path")?])
+        self.rctl(&[
+            "apply",
+            "--detach",
+            "-f",
+            path.to_str().context("utf-8 path")?,
+        ])
     }
 
     /// A pid recorded in a task's container dir on its host (`pid` for the container's init,

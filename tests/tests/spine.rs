@@ -63,8 +63,10 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     };
     let file = tmp.path().join("hello.yaml");
     std::fs::write(&file, manifest(6))?;
+    // apply waits until the replicas run.
     let out = lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
     assert!(out.contains("service/hello created"), "{out}");
+    assert_eq!(running(&lab.tasks("hello")?).len(), 6);
 
     let tasks = wait_for(Duration::from_secs(90), "6 running tasks", || {
         let t = lab.tasks("hello")?;
@@ -152,7 +154,12 @@ fn spine_end_to_end() -> anyhow::Result<()> {
         &ghost,
         "kind: Service\nname: ghost\nimage: nosuch:1.0\nreplicas: 1\n",
     )?;
-    lab.rctl(&["apply", "-f", ghost.to_str().unwrap()])?;
+    // Without --detach, apply itself reports the rejection and fails.
+    let err = lab
+        .rctl(&["apply", "-f", ghost.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rejected") && err.contains("nosuch"), "{err}");
     let rejected = wait_for(Duration::from_secs(30), "ghost rejected", || {
         let t = lab.tasks("ghost")?;
         Ok(t.iter().find(|t| t["state"] == "rejected").cloned())

@@ -1,5 +1,6 @@
 //! `rctl apply -f FILE…`: declarative and idempotent. Every file is parsed and validated before
-//! anything is sent, so a bad file changes nothing.
+//! anything is sent, so a bad file changes nothing. Then it waits, showing progress, until the
+//! services run as declared (`--detach` returns at once).
 
 use std::path::PathBuf;
 
@@ -8,7 +9,12 @@ use rudder_proto::v1::ApplyRequest;
 
 use crate::context::Context;
 
-pub async fn run(ctx: &Context, files: &[PathBuf]) -> anyhow::Result<()> {
+pub async fn run(
+    ctx: &Context,
+    files: &[PathBuf],
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
@@ -37,8 +43,122 @@ pub async fn run(ctx: &Context, files: &[PathBuf]) -> anyhow::Result<()> {
         .await
         .map_err(crate::status_err)?
         .into_inner();
+    let mut names = Vec::new();
     for r in resp.results {
         println!("{}/{} {}", r.kind.to_lowercase(), r.name, r.action);
+        if r.kind == "Service" {
+            names.push((r.name, r.action != "unchanged"));
+        }
     }
-    Ok(())
+    if detach {
+        return Ok(());
+    }
+    wait_converged(ctx, &names, timeout).await
+}
+
+/// Waits until every named service runs its desired replicas and its rollout (if any) has
+/// completed, printing progress as it changes. Fails when a rollout pauses, when a rollout this
+/// apply started was rolled back, when a new service's task cannot run at all (rejected: e.g.
+/// its image does not exist), or after `timeout`. `services` pairs a name with whether this
+/// apply changed it.
+pub async fn wait_converged(
+    ctx: &Context,
+    services: &[(String, bool)],
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use rudder_proto::v1::{ListServicesRequest, ListTasksRequest};
+    let mut client = crate::connect(ctx).await?;
+    let start = std::time::Instant::now();
+    let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    loop {
+        let list = client
+            .list_services(ListServicesRequest {})
+            .await
+            .map_err(crate::status_err)?
+            .into_inner()
+            .services;
+        let mut done = true;
+        for (name, changed) in services {
+            let Some(svc) = list.iter().find(|s| &s.name == name) else {
+                continue;
+            };
+            let tasks = client
+                .list_tasks(ListTasksRequest {
+                    service: name.clone(),
+                })
+                .await
+                .map_err(crate::status_err)?
+                .into_inner()
+                .tasks;
+            let live: Vec<_> = tasks
+                .iter()
+                .filter(|t| t.desired_state == "running")
+                .collect();
+            let desired = if svc.global {
+                live.len() as u64
+            } else {
+                svc.desired
+            };
+            let running = live.iter().filter(|t| t.state == "running").count() as u64;
+            let update = svc.update_state.as_str();
+            let rolling = matches!(update, "updating" | "rollback_started");
+            let converged = running == desired && live.len() as u64 == desired && !rolling;
+            let rejected = live.iter().find(|t| t.state == "rejected");
+            let failing = tasks
+                .iter()
+                .filter(|t| t.state == "failed" || t.state == "rejected")
+                .max_by_key(|t| t.timestamp_ms);
+            let mut line = format!("{name}: {running}/{desired} running");
+            if !update.is_empty() && update != "completed" {
+                line.push_str(&format!(", update {}", update.replace('_', " ")));
+            }
+            if !converged {
+                if let Some(f) = failing {
+                    line.push_str(&format!(
+                        " (last failure: {} {}: {})",
+                        f.name, f.state, f.error
+                    ));
+                }
+            }
+            if last.get(name) != Some(&line) {
+                eprintln!("{line}");
+                last.insert(name.clone(), line);
+            }
+            match update {
+                "paused" | "rollback_paused" => anyhow::bail!(
+                    "service {name}: {} {}",
+                    update.replace('_', " "),
+                    svc.update_message
+                ),
+                "rollback_completed" if *changed => anyhow::bail!(
+                    "service {name}: the update was rolled back: {}",
+                    svc.update_message
+                ),
+                _ => {}
+            }
+            // A rollout handles its own failures (pause, rollback); a new service cannot.
+            if let Some(r) = rejected.filter(|_| update.is_empty()) {
+                anyhow::bail!(
+                    "service {name}: task {} was rejected: {}",
+                    r.name,
+                    if r.error.is_empty() {
+                        &r.message
+                    } else {
+                        &r.error
+                    }
+                );
+            }
+            done &= converged;
+        }
+        if done {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            anyhow::bail!(
+                "not converged after {timeout:?}: {}",
+                last.values().cloned().collect::<Vec<_>>().join("; ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

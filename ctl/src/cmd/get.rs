@@ -22,6 +22,7 @@ pub async fn services(ctx: &Context, output: Output) -> anyhow::Result<()> {
                         "id": s.id, "name": s.name, "image": s.image,
                         "replicas": {"desired": s.desired, "running": s.running},
                         "version": s.version,
+                        "update": {"state": s.update_state, "message": s.update_message},
                         "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or_default(),
                     })
                 })

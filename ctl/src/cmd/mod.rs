@@ -1,6 +1,7 @@
 //! One module per `rctl` command.
 
 pub mod apply;
+pub mod describe;
 pub mod get;
 pub mod image;
 pub mod local;
@@ -8,6 +9,7 @@ pub mod logs;
 pub mod node;
 pub mod ps;
 pub mod rm;
+pub mod rollback;
 pub mod scale;
 
 /// Output format shared by listing commands.
