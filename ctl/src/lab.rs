@@ -1882,10 +1882,12 @@ while True:
         assert!(pid_alive(ctrl));
 
         // Things the agents made, which down must undo.
+        // Every agent makes its extras (one mount each): wait for all, not just the first.
+        for h in &lab.hosts {
+            let p = h.data_dir.join("extras.json");
+            wait_until("agent extras", Duration::from_secs(10), || p.is_file());
+        }
         let extras_path = lab.hosts[0].data_dir.join("extras.json");
-        wait_until("agent extras", Duration::from_secs(10), || {
-            extras_path.is_file()
-        });
         let extras: serde_json::Value =
             serde_json::from_slice(&fs::read(&extras_path).unwrap()).unwrap();
         let ctr = extras["ctr"].as_i64().unwrap() as i32;
