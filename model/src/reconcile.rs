@@ -6,8 +6,17 @@
 //! Replicated services keep tasks in slots 1..=replicas. Global services keep one task per
 //! eligible node (ready, active, passing the constraints), keyed by `Task::target_node`; a node
 //! that joins gets a task, a node that leaves, is drained or stops matching loses it, and a
-//! paused node keeps what it runs but gets nothing new. In both modes a task on a drained node, or
-//! on a node that no longer passes the constraints, is stopped and replaced.
+//! paused node keeps what it runs but gets nothing new. A replicated task on a drained node, or on
+//! a node that no longer passes the constraints, moves start-first: its replacement is created in
+//! the same slot and the old task stops only once the replacement runs, so a drain never drops a
+//! service below its replicas where capacity allows (an unplaceable replacement stays pending with
+//! the scheduler's reason, and the old task keeps serving). A global task there simply stops: its
+//! node is its slot. Tasks of a down node are orphaned (lost already) and replaced at once.
+//!
+//! Restarts follow the spec's `RestartPolicy`: a finished task's slot gets a new task after
+//! `delay`, doubled for each consecutive crash (a run of the current spec shorter than
+//! `CRASH_RUN_MS`) up to `max_delay`, until more than `max_attempts` runs (within `window`, when
+//! set) have ended by themselves.
 //!
 //! Rolling updates (Swarm's semantics). A task is *current* when its frozen spec matches the
 //! service's (`ServiceSpec::same_task_spec`: replicas and update configs aside); the tasks created
@@ -26,13 +35,13 @@
 //!
 //! Invariants: pure (time and ids come in as arguments); only a rollback rewrites a user's spec;
 //! only `desired_state`, task records and the update status change; per slot (or per node, for
-//! global services) at most one task is meant to run, except that a start-first update keeps the
-//! old task until its replacement runs.
+//! global services) at most one task is meant to run, except that a start-first update or a move
+//! off a drained node keeps the old task until its replacement runs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::scheduler::{schedule, Decision};
-use crate::spec::{RestartCondition, ServiceMode};
+use crate::spec::{RestartCondition, ServiceMode, CRASH_RUN_MS};
 use crate::store::{Availability, Command, Node, NodeState, Service, Store, Task, TaskStatus};
 use crate::task::TaskState;
 use crate::update::{FailureAction, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus};
@@ -159,7 +168,7 @@ fn reconcile_replicated<'a>(
                 .is_some_and(|n| !may_stay(service, nodes.get(n)))
         });
         states.push((key, state));
-        forget_old(plan, &history);
+        forget_old(plan, service, &history);
     }
     states
 }
@@ -193,21 +202,53 @@ fn plan_slot<'a>(
         .partition(|t| t.spec.same_task_spec(&service.spec));
     let serving = |t: &&Task| t.status.state == TaskState::Running;
 
-    if let Some(&c) = current
+    let live: Vec<&Task> = current
         .iter()
-        .find(|t| !t.status.state.is_terminal())
+        .copied()
+        .filter(|t| !t.status.state.is_terminal())
+        .collect();
+    // The task the slot keeps: one running where it may stay, else the newest live one (maybe a
+    // replacement on its way), else the newest finished one.
+    if let Some(&c) = live
+        .iter()
+        .find(|t| serving(t) && !must_move(t))
+        .or(live.first())
         .or(current.first())
     {
-        // Duplicates of the current spec: keep one.
+        let c_runs = c.status.state == TaskState::Running;
+        let c_moves = !c.status.state.is_terminal() && must_move(c);
+        if c_moves && c_runs && wants_new {
+            // Moving start-first: the replacement comes first, and this task stops once it runs
+            // (below, on a later pass), so a drain never leaves the slot empty while there is
+            // room elsewhere; if there is none, the replacement waits with the scheduler's
+            // reason and this task keeps serving. Current tasks newer than this one are
+            // replacements that ended: the next one waits as the restart policy says.
+            let pos = current
+                .iter()
+                .position(|t| t.id == c.id)
+                .expect("c is current");
+            let (newer, older) = (&current[..pos], &current[pos + 1..]);
+            plan.shutdown.extend(older.iter().map(|t| t.id.clone()));
+            plan.shutdown.extend(outdated.iter().map(|t| t.id.clone()));
+            if let Some(failed) = newer.first() {
+                if !should_restart(service, failed, history, now) {
+                    return SlotState::Settled;
+                }
+            }
+            plan.shutdown.extend(newer.iter().map(|t| t.id.clone()));
+            plan.create_at(key);
+            return SlotState::InFlight;
+        }
+        // Duplicates of the current spec: keep one, and a task leaving its node until `c` runs.
+        let leaving = |t: &&Task| serving(t) && must_move(t);
         plan.shutdown.extend(
             current
                 .iter()
-                .filter(|t| t.id != c.id)
+                .filter(|t| t.id != c.id && (c_runs || !leaving(t)))
                 .map(|t| t.id.clone()),
         );
         // Outdated tasks go once the current one runs; until then (start-first) only the ones
         // that serve nothing.
-        let c_runs = c.status.state == TaskState::Running;
         plan.shutdown.extend(
             outdated
                 .iter()
@@ -222,7 +263,9 @@ fn plan_slot<'a>(
             }
             return SlotState::Settled;
         }
-        if must_move(c) {
+        if c_moves {
+            // Not serving yet (or a paused global node, which gets no replacement): nothing to
+            // keep.
             plan.shutdown.push(c.id.clone());
             if wants_new {
                 plan.create_at(key);
@@ -248,12 +291,13 @@ fn plan_slot<'a>(
     );
     match keep {
         Some(k) if !must_move(k) => SlotState::Outdated { task: k, wants_new },
+        // Moving start-first, as above: the old task serves until its replacement runs.
+        Some(_) if wants_new => {
+            plan.create_at(key);
+            SlotState::InFlight
+        }
         Some(k) => {
             plan.shutdown.push(k.id.clone());
-            if wants_new {
-                plan.create_at(key);
-                return SlotState::InFlight;
-            }
             SlotState::Settled
         }
         None if wants_new => {
@@ -264,12 +308,15 @@ fn plan_slot<'a>(
     }
 }
 
-/// Bounded history: forget the oldest finished tasks of a slot (or node).
-fn forget_old(plan: &mut Plan, history: &[&Task]) {
+/// Bounded history: forget the oldest finished tasks of a slot (or node). A slot keeps enough to
+/// count `restart.max_attempts`.
+fn forget_old(plan: &mut Plan, service: &Service, history: &[&Task]) {
+    let attempts = service.spec.restart.max_attempts.saturating_add(1);
+    let keep = HISTORY_PER_SLOT.max(usize::try_from(attempts).unwrap_or(usize::MAX));
     plan.delete.extend(
         history
             .iter()
-            .skip(HISTORY_PER_SLOT)
+            .skip(keep)
             .filter(|t| t.desired_state >= TaskState::Shutdown && finished(t))
             .map(|t| t.id.clone()),
     );
@@ -315,7 +362,7 @@ fn reconcile_global<'a>(
         let wants_new = wanted.contains(node_id);
         let state = plan_slot(plan, service, key, &history, wants_new, now, |_| false);
         states.push((key, state));
-        forget_old(plan, &history);
+        forget_old(plan, service, &history);
     }
     states
 }
@@ -325,7 +372,18 @@ fn finished(t: &Task) -> bool {
     t.status.state.is_terminal() || t.node_id.is_none()
 }
 
-fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> bool {
+/// Whether a run ended by itself (exit, crash, rejection), rather than because the controller
+/// asked or its node was lost: only those count as restart attempts and crashes.
+fn ended_by_itself(t: &Task) -> bool {
+    matches!(
+        t.status.state,
+        TaskState::Complete | TaskState::Failed | TaskState::Rejected
+    )
+}
+
+/// The wait before the slot whose newest task is the finished `t` gets a new task, or `None`
+/// when the policy says it gets none. `history` is the slot's, newest first.
+fn restart_delay(service: &Service, t: &Task, history: &[&Task]) -> Option<u64> {
     let policy = &service.spec.restart;
     let wanted = match policy.condition {
         RestartCondition::None => false,
@@ -333,25 +391,47 @@ fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> b
         RestartCondition::Any => true,
     };
     if !wanted {
-        return false;
+        return None;
     }
+    // Finished runs of the current spec, newest first (`t` among them).
+    let runs = history
+        .iter()
+        .filter(|h| h.status.state.is_terminal() && h.spec.same_task_spec(&service.spec));
     if policy.max_attempts > 0 {
-        let attempts = history
-            .iter()
-            .filter(|h| h.spec_version == t.spec_version && h.status.state.is_terminal())
+        // Counted back from `t`'s end rather than from now, so giving up is final.
+        let since = match policy.window {
+            0 => 0,
+            w => t.status.timestamp.saturating_sub(w),
+        };
+        let attempts = runs
+            .clone()
+            .filter(|h| ended_by_itself(h) && h.status.timestamp >= since)
             .count() as u64;
         // The first run is not a restart.
         if attempts > policy.max_attempts {
-            return false;
+            return None;
         }
     }
     // Orphaned tasks (node lost) are replaced at once: the delay protects against crash loops,
     // and a lost node is not a crash.
-    t.status.state == TaskState::Orphaned
-        || now
-            >= t.status
-                .timestamp
-                .saturating_add(policy.delay.saturating_mul(1000))
+    if t.status.state == TaskState::Orphaned {
+        return Some(0);
+    }
+    let mut crashes = 0;
+    for h in runs {
+        let ran = h.running_at.map(|r| h.status.timestamp.saturating_sub(r));
+        if ran.is_some_and(|d| d >= CRASH_RUN_MS) {
+            break;
+        }
+        if ended_by_itself(h) {
+            crashes += 1;
+        }
+    }
+    Some(policy.backoff(crashes.max(1)))
+}
+
+fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> bool {
+    restart_delay(service, t, history).is_some_and(|d| now >= t.status.timestamp.saturating_add(d))
 }
 
 /// Whether a task of the current rollout counts against it: it ended, other than by a requested
@@ -788,22 +868,238 @@ mod tests {
         assert_eq!(s.tasks.len(), 2);
     }
 
+    /// One past run of a slot for `restart_backoff_table`: how it ended, when (ms), and for how
+    /// long it had been running (`None`: never ran).
+    type Run = (TaskState, u64, Option<u64>);
+
     #[test]
-    fn restart_policy_delay_and_history() {
+    fn restart_backoff_table() {
+        use crate::spec::RestartPolicy;
+        struct Case {
+            name: &'static str,
+            policy: RestartPolicy,
+            /// Oldest first; the last one is the task whose slot wants a new task.
+            runs: Vec<Run>,
+            want: Option<u64>,
+        }
+        let p = |delay, max_delay, max_attempts, window| RestartPolicy {
+            delay,
+            max_delay,
+            max_attempts,
+            window,
+            ..RestartPolicy::default()
+        };
+        let crash = |at| (TaskState::Failed, at, Some(1000));
+        let cases = vec![
+            Case {
+                name: "first crash waits delay",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![crash(0)],
+                want: Some(1000),
+            },
+            Case {
+                name: "a task that never ran is a crash too",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![crash(0), (TaskState::Rejected, 10, None)],
+                want: Some(2000),
+            },
+            Case {
+                name: "the fourth consecutive crash waits 8x",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![crash(0), crash(10), crash(20), crash(30)],
+                want: Some(8000),
+            },
+            Case {
+                name: "backoff is capped at max_delay",
+                policy: p(5000, 12_000, 0, 0),
+                runs: vec![crash(0), crash(10), crash(20), crash(30)],
+                want: Some(12_000),
+            },
+            Case {
+                name: "a run of 10 s or more ends the streak",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![
+                    crash(0),
+                    crash(10),
+                    (TaskState::Failed, 99_000, Some(10_000)),
+                ],
+                want: Some(1000),
+            },
+            Case {
+                name: "crashes before a long run do not count",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![
+                    crash(0),
+                    crash(10),
+                    (TaskState::Failed, 99_000, Some(60_000)),
+                    crash(100_000),
+                    crash(101_000),
+                ],
+                want: Some(2000),
+            },
+            Case {
+                name: "requested stops and lost nodes are not crashes",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![
+                    crash(0),
+                    (TaskState::Shutdown, 10, Some(1)),
+                    (TaskState::Orphaned, 20, None),
+                    crash(30),
+                ],
+                want: Some(2000),
+            },
+            Case {
+                name: "an orphaned task is replaced at once",
+                policy: p(1000, 60_000, 0, 0),
+                runs: vec![crash(0), crash(10), (TaskState::Orphaned, 20, Some(1))],
+                want: Some(0),
+            },
+            Case {
+                name: "max_attempts: the first run is not a restart",
+                policy: p(1000, 60_000, 2, 0),
+                runs: vec![crash(0), crash(10)],
+                want: Some(2000),
+            },
+            Case {
+                name: "max_attempts reached",
+                policy: p(1000, 60_000, 2, 0),
+                runs: vec![crash(0), crash(10), crash(20)],
+                want: None,
+            },
+            Case {
+                name: "max_attempts counts the whole history without a window",
+                policy: p(1000, 60_000, 2, 0),
+                runs: vec![crash(0), crash(500_000), crash(900_000)],
+                want: None,
+            },
+            Case {
+                name: "max_attempts ignores requested stops",
+                policy: p(1000, 60_000, 2, 0),
+                runs: vec![crash(0), (TaskState::Shutdown, 10, Some(1)), crash(20)],
+                want: Some(2000),
+            },
+            Case {
+                name: "with a window, only the runs that ended within it count",
+                policy: p(1000, 60_000, 2, 60_000),
+                runs: vec![crash(0), crash(500_000), crash(900_000)],
+                want: Some(4000),
+            },
+            Case {
+                name: "window: too many within it",
+                policy: p(1000, 60_000, 2, 60_000),
+                runs: vec![crash(0), crash(900_000), crash(910_000), crash(920_000)],
+                want: None,
+            },
+        ];
+        for c in cases {
+            let mut sp = spec("web", 1);
+            sp.restart = c.policy;
+            let svc = Service {
+                id: "svc".into(),
+                spec: sp,
+                spec_version: 1,
+                created_at: 0,
+                updated_at: 0,
+                version: 0,
+                previous_spec: None,
+                update_status: None,
+            };
+            let tasks: Vec<Task> = c
+                .runs
+                .iter()
+                .enumerate()
+                .map(|(i, &(state, at, ran))| {
+                    let at = at + 1_000_000;
+                    let mut t = new_task(&svc, 1, None, at, format!("t{i:03}"));
+                    t.node_id = Some("n1".into());
+                    t.created_at = i as u64;
+                    t.running_at = ran.map(|r| at - r);
+                    t.status.state = state;
+                    t.status.timestamp = at;
+                    t
+                })
+                .collect();
+            let mut history: Vec<&Task> = tasks.iter().collect();
+            newest_first(&mut history);
+            assert_eq!(
+                restart_delay(&svc, history[0], &history),
+                c.want,
+                "{}",
+                c.name
+            );
+        }
+        let mut policy = p(1000, 60_000, 0, 0);
+        assert_eq!(policy.backoff(1), 1000);
+        assert_eq!(policy.backoff(64), 60_000);
+        policy.max_delay = 10;
+        assert_eq!(policy.backoff(3), 1000, "max_delay below delay: delay");
+    }
+
+    /// Fake clock and a fake agent: the slot's task runs for `ran` ms, then fails; the next one
+    /// comes exactly after the backoff.
+    #[test]
+    fn restart_backoff_over_time_and_bounded_history() {
         let (mut s, mut idx) = setup(1, 1);
         let mut ids = 0;
         converge(&mut s, &mut idx, 0, &mut ids);
-        for round in 0..8u64 {
-            let t0 = round * 10_000;
-            report(&mut s, &mut idx, TaskState::Failed, t0);
-            // Before the delay: nothing new.
-            assert_eq!(converge(&mut s, &mut idx, t0 + 1000, &mut ids), 0);
-            converge(&mut s, &mut idx, t0 + 5000, &mut ids);
-            assert_eq!(live(&s).len(), 1);
+        let mut now = 0;
+        // (how long the task runs, the wait before the next one)
+        let rounds = [
+            (1000, 5000),
+            (1000, 10_000),
+            (1000, 20_000),
+            (1000, 40_000),
+            (1000, 60_000),
+            (1000, 60_000),
+            // Served for a minute: the streak ends, back to `delay`.
+            (60_000, 5000),
+            (1000, 5000),
+            (1000, 10_000),
+        ];
+        for (round, (ran, wait)) in rounds.into_iter().enumerate() {
+            report(&mut s, &mut idx, TaskState::Running, now);
+            now += ran;
+            report(&mut s, &mut idx, TaskState::Failed, now);
+            assert_eq!(
+                converge(&mut s, &mut idx, now + wait - 1, &mut ids),
+                0,
+                "round {round}: too early"
+            );
+            converge(&mut s, &mut idx, now + wait, &mut ids);
+            assert_eq!(live(&s).len(), 1, "round {round}");
             assert_eq!(live(&s)[0].status.state, TaskState::Assigned);
+            now += wait;
         }
-        // 9 tasks ever created for the slot, history keeps 5.
+        // 10 tasks ever created for the slot, history keeps 5.
+        assert_eq!(ids, 10);
         assert_eq!(s.tasks.len(), HISTORY_PER_SLOT);
+    }
+
+    #[test]
+    fn max_attempts_gives_up_and_keeps_enough_history_to_count() {
+        let (mut s, mut idx) = setup(1, 1);
+        let mut sp = spec("web", 1);
+        sp.restart.max_attempts = 7;
+        sp.restart.delay = 1;
+        put_service(&mut s, &mut idx, sp);
+        let mut ids = 0;
+        let mut now = 0;
+        converge(&mut s, &mut idx, now, &mut ids);
+        for _ in 0..7 {
+            report(&mut s, &mut idx, TaskState::Failed, now);
+            now += 1000;
+            converge(&mut s, &mut idx, now, &mut ids);
+            assert_eq!(live(&s).len(), 1);
+        }
+        // The eighth failure is the seventh restart's: the slot gives up, for good.
+        report(&mut s, &mut idx, TaskState::Failed, now);
+        converge(&mut s, &mut idx, now + 3_600_000, &mut ids);
+        assert_eq!(s.tasks.len(), 8, "all 8 runs kept to count them");
+        assert!(s
+            .tasks
+            .values()
+            .all(|t| t.status.state == TaskState::Failed));
+        assert_eq!(ids, 8);
     }
 
     #[test]
@@ -1243,6 +1539,11 @@ mod tests {
             vec![update_node("n1", Some(Availability::Drain), &[], &[])],
         );
         converge(&mut s, &mut idx, 0, &mut ids);
+        // Start-first: the old task serves until its replacement runs.
+        assert_eq!(s.tasks[&on_n1].desired_state, TaskState::Running);
+        assert_eq!(live(&s).iter().filter(|t| t.slot == slot).count(), 2);
+        report(&mut s, &mut idx, TaskState::Running, 1);
+        converge(&mut s, &mut idx, 1, &mut ids);
         assert_eq!(s.tasks[&on_n1].desired_state, TaskState::Shutdown);
         assert_eq!(on(&s, "n1"), 0);
         assert_eq!(live(&s).len(), 5);
@@ -1279,4 +1580,8 @@ mod tests {
 }
 
 #[cfg(test)]
+mod drain_tests;
+#[cfg(test)]
 mod rollout_tests;
+#[cfg(test)]
+mod sim;

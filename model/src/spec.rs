@@ -89,31 +89,77 @@ pub enum NetworkMode {
     None,
 }
 
-/// When a finished task's slot gets a new task (Swarm's semantics).
+/// When a finished task's slot gets a new task (Swarm's semantics, with exponential backoff).
+/// Durations are milliseconds; YAML takes a number of seconds (`delay: 5`, as before durations
+/// were accepted) or a string (`delay: 500ms`, `window: 2m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartPolicy {
     #[serde(default)]
     pub condition: RestartCondition,
-    /// Seconds to wait after a task ends before its replacement starts.
-    #[serde(default = "default_delay")]
+    /// Wait after a task ends before its replacement starts, for the first of a run of crashes.
+    /// The n-th consecutive crash of a slot waits `delay * 2^(n-1)`, capped at `max_delay`, so a
+    /// crash loop backs off instead of hammering the node. (A crash is a run of the current
+    /// spec that ended on its own within `CRASH_RUN_MS` of starting, or never started; a longer
+    /// run ends the streak, so a task that serves for a while and then fails waits `delay`.)
+    #[serde(default = "default_delay", with = "crate::duration")]
     pub delay: u64,
-    /// 0 means unlimited.
+    /// Ceiling of the backoff.
+    #[serde(
+        default = "default_max_delay",
+        with = "crate::duration",
+        skip_serializing_if = "is_default_max_delay"
+    )]
+    pub max_delay: u64,
+    /// Restarts allowed before the slot gives up; 0 means unlimited. With a `window`, only the
+    /// runs that ended within `window` before the latest one count.
     #[serde(default)]
     pub max_attempts: u64,
+    /// Span over which `max_attempts` is counted; 0 means the slot's whole history (of the
+    /// current spec).
+    #[serde(default, with = "crate::duration", skip_serializing_if = "is_zero")]
+    pub window: u64,
 }
 
+/// A run shorter than this (from `running` to its end) counts as a crash for the backoff.
+pub const CRASH_RUN_MS: u64 = 10_000;
+
 fn default_delay() -> u64 {
-    5
+    5_000
 }
+
+fn default_max_delay() -> u64 {
+    60_000
+}
+
+// Fields added later are not written at their defaults, so stored specs stay as they were.
+fn is_default_max_delay(ms: &u64) -> bool {
+    *ms == default_max_delay()
+}
+
+/// Upper bound of `restart.max_attempts`: a slot keeps that many finished tasks to count them.
+pub const MAX_RESTART_ATTEMPTS: u64 = 100;
 
 impl Default for RestartPolicy {
     fn default() -> Self {
         RestartPolicy {
             condition: RestartCondition::Any,
             delay: default_delay(),
+            max_delay: default_max_delay(),
             max_attempts: 0,
+            window: 0,
         }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before the `n`-th consecutive restart (1-based): `delay * 2^(n-1)`, at most
+    /// `max_delay` (but never less than `delay`, should `max_delay` be set below it).
+    pub fn backoff(&self, n: u32) -> u64 {
+        let factor = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(u64::MAX);
+        self.delay
+            .saturating_mul(factor)
+            .min(self.max_delay.max(self.delay))
     }
 }
 
@@ -559,6 +605,12 @@ impl ServiceSpec {
         }
         self.update_config.validate("update_config")?;
         self.rollback_config.validate("rollback_config")?;
+        if self.restart.max_attempts > MAX_RESTART_ATTEMPTS {
+            return Err(ValidationError::new(
+                "restart.max_attempts",
+                format!("at most {MAX_RESTART_ATTEMPTS} (0 for unlimited)"),
+            ));
+        }
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') {
                 return Err(ValidationError::new(
@@ -698,12 +750,43 @@ mod tests {
     }
 
     #[test]
+    fn restart_durations_take_seconds_or_strings() {
+        for (yaml, want) in [
+            // Plain numbers are seconds, as before `delay` took durations.
+            ("delay: 1", (1000, 60_000, 0)),
+            ("delay: 0.5", (500, 60_000, 0)),
+            (
+                "delay: 250ms\nmax_delay: 2m\nwindow: 1m30s",
+                (250, 120_000, 90_000),
+            ),
+            ("{}", (5000, 60_000, 0)),
+        ] {
+            let p: RestartPolicy = serde_yaml::from_str(yaml).unwrap();
+            assert_eq!((p.delay, p.max_delay, p.window), want, "{yaml}");
+            let back: RestartPolicy =
+                serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(back, p);
+        }
+        // Defaults of the new fields are not written.
+        let json = serde_json::to_value(RestartPolicy::default()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"condition": "any", "delay": "5s", "max_attempts": 0})
+        );
+        assert!(serde_yaml::from_str::<RestartPolicy>("delay: 5x").is_err());
+    }
+
+    #[test]
     fn validation_names_the_field() {
         type Mutate = Box<dyn Fn(&mut ServiceSpec)>;
         let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|s| s.name = "Web".into()), "name"),
             (Box::new(|s| s.image = " ".into()), "image"),
             (Box::new(|s| s.replicas = 20_000), "replicas"),
+            (
+                Box::new(|s| s.restart.max_attempts = 101),
+                "restart.max_attempts",
+            ),
             (Box::new(|s| s.user = Some("root".into())), "user"),
             (Box::new(|s| s.command = Some(vec![])), "command"),
             (

@@ -102,5 +102,36 @@ fn rolling_update_and_automatic_rollback() -> anyhow::Result<()> {
     assert!(tasks
         .iter()
         .any(|t| t["state"] == "failed" && t["error"].as_str().unwrap().contains("unhealthy")));
+
+    // A bad image: rejected new tasks, rolled back the same way; the old tasks stay.
+    let running_ids = |t: &[serde_json::Value]| -> Vec<String> {
+        running_tasks(t)
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = running_ids(&tasks);
+    let err = apply("nosuch:1", "touch /tmp/ok").unwrap_err().to_string();
+    assert!(err.contains("rolled back"), "{err}");
+    let svc = services()?;
+    assert_eq!(svc["update"]["state"], "rollback_completed", "{svc}");
+    assert!(
+        svc["update"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nosuch"),
+        "{svc}"
+    );
+    let tasks = wait_for(Duration::from_secs(30), "6 v2 tasks again", || {
+        let t = lab.tasks("web")?;
+        let ok = running_tasks(&t).len() == 6
+            && running_tasks(&t).iter().all(|t| t["image"] == "busybox:v2");
+        Ok(ok.then_some(t))
+    })?;
+    let after = running_ids(&tasks);
+    assert!(
+        before.iter().filter(|id| after.contains(id)).count() >= 4,
+        "{before:?} {after:?}"
+    );
     Ok(())
 }

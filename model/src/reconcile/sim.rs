@@ -1,0 +1,195 @@
+//! A simulated cluster for the reconciler's tests: the control loop's passes applied to a store,
+//! fake agents that step tasks one state per tick (or reject a bad image, or crash), and a fake
+//! clock.
+
+use std::collections::BTreeSet;
+
+use super::plan_pass;
+use crate::spec::tests_support::spec;
+use crate::spec::ServiceSpec;
+use crate::store::{ApplyError, Command, StatusUpdate, Store, Task, TaskStatus};
+use crate::task::TaskState;
+use crate::update::UpdateState;
+
+pub(super) const TICK: u64 = 1000;
+pub(super) const BAD: &str = "bad:1";
+/// Runs, then exits non-zero `CRASH_AFTER` ms later.
+pub(super) const CRASHY: &str = "crashy:1";
+pub(super) const CRASH_AFTER: u64 = 2000;
+
+pub(super) struct Sim {
+    pub(super) s: Store,
+    idx: u64,
+    ids: u64,
+    pub(super) now: u64,
+}
+
+impl Sim {
+    pub(super) fn new(nodes: usize, sp: ServiceSpec) -> Sim {
+        let mut sim = Sim {
+            s: Store::default(),
+            idx: 0,
+            ids: 0,
+            now: 1_000_000,
+        };
+        for i in 1..=nodes {
+            sim.apply(Command::PutNode {
+                id: format!("n{i}"),
+                hostname: format!("h{i}"),
+                addr: String::new(),
+                labels: Default::default(),
+                role: Default::default(),
+                resources: Default::default(),
+                now: 0,
+            })
+            .unwrap();
+        }
+        sim.put(sp);
+        sim.run(30, |_| {});
+        sim
+    }
+
+    pub(super) fn apply(&mut self, cmd: Command) -> Result<(), ApplyError> {
+        self.idx += 1;
+        self.s.apply(self.idx, cmd)
+    }
+
+    pub(super) fn put(&mut self, sp: ServiceSpec) {
+        let now = self.now;
+        self.apply(Command::PutService {
+            id: "svc".into(),
+            spec: Box::new(sp),
+            now,
+        })
+        .unwrap();
+    }
+
+    pub(super) fn svc(&self) -> &crate::store::Service {
+        self.s.services.values().next().unwrap()
+    }
+
+    pub(super) fn state(&self) -> Option<UpdateState> {
+        self.svc().update_status.as_ref().map(|s| s.state)
+    }
+
+    /// Control-loop passes until nothing changes; `check` sees the store after each apply.
+    pub(super) fn settle(&mut self, check: &mut dyn FnMut(&Store)) {
+        for _ in 0..20 {
+            let ids = &mut self.ids;
+            let mut gen = || {
+                *ids += 1;
+                format!("t{ids:03}")
+            };
+            match plan_pass(&self.s, self.now, &mut gen) {
+                Some(cmd) => {
+                    self.apply(cmd).unwrap();
+                    check(&self.s);
+                }
+                None => return,
+            }
+        }
+        panic!("control loop did not settle");
+    }
+
+    /// Every agent moves each of its tasks one step.
+    pub(super) fn agents(&mut self, check: &mut dyn FnMut(&Store)) {
+        let now = self.now;
+        let mut updates = Vec::new();
+        for t in self.s.tasks.values() {
+            let Some(node) = &t.node_id else { continue };
+            if t.status.state.is_terminal() {
+                continue;
+            }
+            let (state, error) = if t.desired_state >= TaskState::Shutdown {
+                (TaskState::Shutdown, "")
+            } else {
+                match (t.status.state, t.spec.image.as_str()) {
+                    (_, BAD) => (TaskState::Rejected, "image \"bad:1\" not found"),
+                    (TaskState::Running, CRASHY) if now >= t.running_at.unwrap() + CRASH_AFTER => {
+                        (TaskState::Failed, "exit status 3")
+                    }
+                    (TaskState::Running, _) => continue,
+                    (s, _) if s < TaskState::Starting => (TaskState::Starting, ""),
+                    _ => (TaskState::Running, ""),
+                }
+            };
+            updates.push(StatusUpdate {
+                task_id: t.id.clone(),
+                node_id: node.clone(),
+                status: TaskStatus {
+                    state,
+                    message: String::new(),
+                    error: error.into(),
+                    container_id: t.id.clone(),
+                    exit_code: None,
+                    timestamp: now,
+                },
+            });
+        }
+        if !updates.is_empty() {
+            self.apply(Command::UpdateStatus { updates }).unwrap();
+            check(&self.s);
+        }
+    }
+
+    /// `ticks` rounds of: time passes, agents step, the control loop settles.
+    pub(super) fn run(&mut self, ticks: usize, mut check: impl FnMut(&Store)) {
+        for _ in 0..ticks {
+            self.settle(&mut check);
+            self.now += TICK;
+            self.agents(&mut check);
+            self.settle(&mut check);
+        }
+    }
+
+    /// Runs until the rollout leaves `Updating`/`RollbackStarted`; panics after `max` ticks.
+    pub(super) fn run_rollout(&mut self, max: usize, mut check: impl FnMut(&Store)) {
+        for _ in 0..max {
+            if !self.state().is_some_and(UpdateState::is_in_progress) {
+                return;
+            }
+            self.run(1, &mut check);
+        }
+        panic!(
+            "rollout still {:?} after {max} ticks",
+            self.svc().update_status
+        );
+    }
+}
+
+/// Tasks meant to run.
+pub(super) fn live(s: &Store) -> Vec<&Task> {
+    s.tasks
+        .values()
+        .filter(|t| t.desired_state == TaskState::Running)
+        .collect()
+}
+
+/// Meant to run and running.
+pub(super) fn serving(s: &Store) -> usize {
+    live(s)
+        .iter()
+        .filter(|t| t.status.state == TaskState::Running)
+        .count()
+}
+
+/// Slots with a task of `image` meant to run but not running yet.
+pub(super) fn in_flight(s: &Store, image: &str) -> usize {
+    live(s)
+        .iter()
+        .filter(|t| t.spec.image == image && t.status.state < TaskState::Running)
+        .map(|t| t.slot)
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+pub(super) fn live_ids(s: &Store) -> BTreeSet<String> {
+    live(s).iter().map(|t| t.id.clone()).collect()
+}
+
+pub(super) fn with(image: &str, f: impl FnOnce(&mut ServiceSpec)) -> ServiceSpec {
+    let mut sp = spec("web", 10);
+    sp.image = image.into();
+    f(&mut sp);
+    sp
+}
