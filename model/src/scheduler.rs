@@ -16,8 +16,9 @@
 //! or a replay sees the same placement.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
+use crate::ports::{host_ports, Protocol};
 use crate::spec::{human_bytes, human_cpus, Constraint, Strategy};
 use crate::store::{Availability, Node, NodeState, Task};
 
@@ -39,6 +40,8 @@ pub struct NodeInfo<'a> {
     pub reserved_cpus: u64,
     /// Sum of the memory reservations (bytes) of the node's active tasks.
     pub reserved_memory: u64,
+    /// Host-mode ports the node's active tasks hold.
+    pub host_ports: HashSet<(Protocol, u16)>,
 }
 
 impl<'a> NodeInfo<'a> {
@@ -49,6 +52,7 @@ impl<'a> NodeInfo<'a> {
             by_service: HashMap::new(),
             reserved_cpus: 0,
             reserved_memory: 0,
+            host_ports: HashSet::new(),
         }
     }
 
@@ -63,6 +67,7 @@ impl<'a> NodeInfo<'a> {
         let r = &t.spec.resources.reservations;
         self.reserved_cpus += r.cpus;
         self.reserved_memory += r.memory;
+        self.host_ports.extend(host_ports(&t.spec.ports));
     }
 }
 
@@ -202,6 +207,35 @@ impl Filter for MemoryFilter {
     }
 }
 
+/// Host-mode published ports must be free on the node.
+#[derive(Default)]
+struct HostPortFilter {
+    need: Vec<(Protocol, u16)>,
+}
+
+impl Filter for HostPortFilter {
+    fn set_task(&mut self, t: &Task) -> bool {
+        self.need = host_ports(&t.spec.ports).collect();
+        !self.need.is_empty()
+    }
+    fn check(&self, n: &NodeInfo) -> bool {
+        !self.need.iter().any(|p| n.host_ports.contains(p))
+    }
+    fn explain(&self, failed: usize) -> String {
+        let ports: Vec<String> = self
+            .need
+            .iter()
+            .map(|(proto, port)| format!("{port}/{}", proto.as_str()))
+            .collect();
+        format!(
+            "{} {} host port {} in use",
+            nodes(failed),
+            verb(failed, "has", "have"),
+            ports.join(", ")
+        )
+    }
+}
+
 /// `placement.max_replicas_per_node`.
 #[derive(Default)]
 struct MaxReplicasFilter {
@@ -249,6 +283,7 @@ impl Pipeline {
         }
         all.push(Box::<CpuFilter>::default());
         all.push(Box::<MemoryFilter>::default());
+        all.push(Box::<HostPortFilter>::default());
         all.push(Box::<MaxReplicasFilter>::default());
         all.retain_mut(|f| f.set_task(t));
         Pipeline { filters: all }
@@ -834,7 +869,29 @@ mod tests {
                      (max_replicas_per_node))",
                 ),
             },
+            Case {
+                name: "host ports: one task per node, and not where another service holds it",
+                nodes: vec![node("a", ""), node("b", ""), node("c", "")],
+                placed: vec![task(
+                    "x",
+                    &svc("db", |s| s.ports = vec![port(8080)]),
+                    Some("c"),
+                )],
+                spec: svc("web", |s| s.ports = vec![port(8080)]),
+                pending: 3,
+                want: vec![("a", 1), ("b", 1)],
+                reason: Some("no suitable node (3 nodes have host port 8080/tcp in use)"),
+            },
         ]);
+    }
+
+    fn port(p: u16) -> crate::ports::PortConfig {
+        crate::ports::PortConfig {
+            target: p,
+            published: None,
+            protocol: Protocol::Tcp,
+            mode: crate::ports::PortMode::Host,
+        }
     }
 
     #[test]

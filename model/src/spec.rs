@@ -62,6 +62,9 @@ pub struct ServiceSpec {
     /// Where tasks may run and how they are spread.
     #[serde(default, skip_serializing_if = "Placement::is_unset")]
     pub placement: Placement,
+    /// Published ports (`mode: host` for now: bound on the task's node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::ports::PortConfig>,
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
@@ -603,6 +606,7 @@ impl ServiceSpec {
         if let Some(h) = &self.healthcheck {
             h.validate()?;
         }
+        crate::ports::validate(&self.ports, self.network_mode == NetworkMode::Host)?;
         self.update_config.validate("update_config")?;
         self.rollback_config.validate("rollback_config")?;
         if self.restart.max_attempts > MAX_RESTART_ATTEMPTS {
@@ -697,6 +701,7 @@ impl ServiceSpec {
             resources,
             placement,
             healthcheck,
+            ports,
             update_config: _,
             rollback_config: _,
         } = self;
@@ -716,6 +721,7 @@ impl ServiceSpec {
             && *resources == other.resources
             && *placement == other.placement
             && *healthcheck == other.healthcheck
+            && *ports == other.ports
             && *labels == other.labels
     }
 }
@@ -1004,6 +1010,7 @@ pub(crate) mod tests_support {
             resources: Default::default(),
             placement: Default::default(),
             healthcheck: None,
+            ports: vec![],
             update_config: Default::default(),
             rollback_config: Default::default(),
         }

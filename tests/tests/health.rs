@@ -23,14 +23,18 @@ fn health_gates_running_and_replaces_unhealthy_tasks() -> anyhow::Result<()> {
          healthcheck:\n  exec: [\"test\", \"-f\", \"/tmp/ready\"]\n  interval: 300ms\n  retries: 30\n",
     )?;
     // While the probe fails, the tasks are started but not running.
-    wait_for(Duration::from_secs(30), "slow tasks waiting for health", || {
-        let t = lab.tasks("slow")?;
-        let waiting = t.len() == 2
-            && t.iter().all(|t| {
-                t["state"] == "starting" && t["message"].as_str().unwrap().contains("health")
-            });
-        Ok(waiting.then_some(()))
-    })?;
+    wait_for(
+        Duration::from_secs(30),
+        "slow tasks waiting for health",
+        || {
+            let t = lab.tasks("slow")?;
+            let waiting = t.len() == 2
+                && t.iter().all(|t| {
+                    t["state"] == "starting" && t["message"].as_str().unwrap().contains("health")
+                });
+            Ok(waiting.then_some(()))
+        },
+    )?;
     wait_for(Duration::from_secs(30), "slow tasks healthy", || {
         Ok((running_tasks(&lab.tasks("slow")?).len() == 2).then_some(()))
     })?;

@@ -102,5 +102,43 @@ fn constraints_global_and_drain() -> anyhow::Result<()> {
         let g = lab.tasks("agent")?;
         Ok((on(&g, "h1") == 1).then_some(()))
     })?;
+
+    // A host-mode port: one task per node; the fourth waits with the reason; each node answers.
+    lab.apply(
+        tmp.path(),
+        "p.yaml",
+        "kind: Service\nname: web\nimage: busybox:latest\nreplicas: 4\nstop_grace_period: 1\n\
+         command: [\"/bin/sh\", \"-c\", \"mkdir -p /tmp/w; echo hi > /tmp/w/index.html; exec httpd -f -p 8080 -h /tmp/w\"]\n\
+         ports: [{target: 8080, mode: host}]\n",
+    )?;
+    let t = wait_for(
+        Duration::from_secs(30),
+        "3 web tasks and a pending one",
+        || {
+            let t = lab.tasks("web")?;
+            let pending = t.iter().find(|t| t["state"] == "pending").cloned();
+            Ok((running_tasks(&t).len() == 3).then_some(()).and(pending))
+        },
+    )?;
+    let reason = t["message"].as_str().unwrap();
+    assert!(
+        reason.contains("3 nodes have host port 8080/tcp in use"),
+        "{reason}"
+    );
+    for h in &lab.lab.hosts {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((h.addr, 8080)),
+            Duration::from_secs(2),
+        )?;
+        use std::io::{Read, Write};
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        assert!(
+            body.starts_with("HTTP/1.") && body.contains("hi"),
+            "{}: {body}",
+            h.name
+        );
+    }
     Ok(())
 }
