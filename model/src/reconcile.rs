@@ -434,15 +434,24 @@ fn should_restart(service: &Service, t: &Task, history: &[&Task], now: u64) -> b
     restart_delay(service, t, history).is_some_and(|d| now >= t.status.timestamp.saturating_add(d))
 }
 
+/// How long a rollout task may wait for a node before it counts as failed, so that a rollout
+/// no node can take still ends (paused or rolled back) instead of waiting forever.
+pub const UNPLACEABLE_DEADLINE_MS: u64 = 30_000;
+
 /// Whether a task of the current rollout counts against it: it ended, other than by a requested
-/// shutdown or the loss of its node, before running for `monitor` (or without ever running).
-fn rollout_failure(t: &Task, monitor: u64) -> bool {
+/// shutdown or the loss of its node, before running for `monitor` (or without ever running); or
+/// it has found no node for `UNPLACEABLE_DEADLINE_MS`.
+fn rollout_failure(t: &Task, monitor: u64, now: u64) -> bool {
     let ended = t.status.state;
-    ended.is_terminal()
-        && ended != TaskState::Shutdown
-        && ended != TaskState::Orphaned
-        && t.running_at
-            .is_none_or(|r| t.status.timestamp < r.saturating_add(monitor))
+    let unplaceable = t.node_id.is_none()
+        && t.desired_state <= TaskState::Running
+        && now >= t.created_at.saturating_add(UNPLACEABLE_DEADLINE_MS);
+    unplaceable
+        || (ended.is_terminal()
+            && ended != TaskState::Shutdown
+            && ended != TaskState::Orphaned
+            && t.running_at
+                .is_none_or(|r| t.status.timestamp < r.saturating_add(monitor)))
 }
 
 /// `web.1.abcd1234 rejected: image "x" not found`.
@@ -489,7 +498,7 @@ fn roll_out<'a>(
         let mut failed: Vec<&Task> = ours
             .iter()
             .copied()
-            .filter(|t| rollout_failure(t, cfg.monitor))
+            .filter(|t| rollout_failure(t, cfg.monitor, now))
             .collect();
         let (failures, updated) = (failed.len() as u64, ours.len() as u64);
         if cfg.failure_action != FailureAction::Continue

@@ -409,3 +409,27 @@ fn global_services_update_one_node_at_a_time() {
     assert_eq!(nodes.len(), 4);
     assert!(nodes.iter().all(|(image, _)| image == "v2"));
 }
+
+#[test]
+fn a_rollout_no_node_can_take_still_ends() {
+    // The new spec asks for a label no node has: its first task waits for a node, and after
+    // the deadline the rollout ends (paused, with the scheduler's reason) instead of hanging.
+    let cfg = |s: &mut ServiceSpec| s.replicas = 2;
+    let mut sim = Sim::new(2, with("v1", cfg));
+    let old = live_ids(&sim.s);
+    let mut bad = with("v2", cfg);
+    bad.placement.constraints = vec!["node.labels.zone==nowhere".parse().unwrap()];
+    sim.put(bad);
+    sim.run((super::UNPLACEABLE_DEADLINE_MS / TICK) as usize + 5, |_| {});
+    let st = sim.svc().update_status.clone().unwrap();
+    assert_eq!(st.state, UpdateState::Paused, "{}", st.message);
+    assert!(
+        st.message
+            .contains("fail constraint node.labels.zone==nowhere"),
+        "{}",
+        st.message
+    );
+    // The old tasks' nodes no longer match the new constraints, so they are moved start-first:
+    // with nowhere to go, both keep serving.
+    assert_eq!(live_ids(&sim.s).intersection(&old).count(), 2);
+}
