@@ -25,3 +25,36 @@ pub async fn connect(ctx: &context::Context) -> anyhow::Result<ControlClient<Cha
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
+
+type Client = ControlClient<Channel>;
+
+/// Every service, as the controller summarises it.
+pub async fn services(c: &mut Client) -> anyhow::Result<Vec<rudder_proto::v1::ServiceSummary>> {
+    Ok(c.list_services(rudder_proto::v1::ListServicesRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .services)
+}
+
+/// The tasks of one service (`""`: of every service), history included.
+pub async fn tasks(
+    c: &mut Client,
+    service: &str,
+) -> anyhow::Result<Vec<rudder_proto::v1::TaskSummary>> {
+    Ok(c.list_tasks(rudder_proto::v1::ListTasksRequest {
+        service: service.to_string(),
+    })
+    .await
+    .map_err(status_err)?
+    .into_inner()
+    .tasks)
+}
+
+pub async fn nodes(c: &mut Client) -> anyhow::Result<Vec<rudder_proto::v1::NodeSummary>> {
+    Ok(c.list_nodes(rudder_proto::v1::ListNodesRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner()
+        .nodes)
+}

@@ -236,3 +236,19 @@ impl LabGuard {
         Ok(pid)
     }
 }
+
+/// A lab of `nodes` hosts named `<prefix><pid>`, with `busybox:latest` imported. The temp dir
+/// holds the rootfs tarball (`busybox.tar`) and whatever manifests the test writes.
+pub fn lab_with_busybox(prefix: &str, nodes: u32) -> anyhow::Result<(LabGuard, tempfile::TempDir)> {
+    let lab = LabGuard::up(&format!("{prefix}{}", std::process::id() % 100000), nodes)?;
+    let tmp = tempfile::tempdir()?;
+    let tar = tmp.path().join("busybox.tar");
+    busybox_rootfs(&tar)?;
+    lab.rctl(&[
+        "image",
+        "import",
+        tar.to_str().context("utf-8 path")?,
+        "busybox:latest",
+    ])?;
+    Ok((lab, tmp))
+}

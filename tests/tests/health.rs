@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use rudder_tests::{busybox_rootfs, running_tasks, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox, running_tasks, wait_for};
 
 #[test]
 fn health_gates_running_and_replaces_unhealthy_tasks() -> anyhow::Result<()> {
-    let lab = LabGuard::up(&format!("hc{}", std::process::id() % 100000), 2)?;
-    let tmp = tempfile::tempdir()?;
-    let tar = tmp.path().join("busybox.tar");
-    busybox_rootfs(&tar)?;
-    lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
+    let (lab, tmp) = lab_with_busybox("hc", 2)?;
 
     // exec probe: ready only after the container made /tmp/ready (3 s after start).
     lab.apply(

@@ -3,15 +3,11 @@
 
 use std::time::Duration;
 
-use rudder_tests::{busybox_rootfs, running_tasks, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox, running_tasks, wait_for};
 
 #[test]
 fn limits_reach_cgroups_and_oom_is_reported() -> anyhow::Result<()> {
-    let lab = LabGuard::up(&format!("li{}", std::process::id() % 100000), 1)?;
-    let tmp = tempfile::tempdir()?;
-    let tar = tmp.path().join("busybox.tar");
-    busybox_rootfs(&tar)?;
-    lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
+    let (lab, tmp) = lab_with_busybox("li", 1)?;
 
     lab.apply(
         tmp.path(),

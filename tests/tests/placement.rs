@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rudder_tests::{busybox_rootfs, running_tasks, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox, running_tasks, wait_for};
 
 fn on(tasks: &[serde_json::Value], node: &str) -> usize {
     running_tasks(tasks)
@@ -14,11 +14,7 @@ fn on(tasks: &[serde_json::Value], node: &str) -> usize {
 
 #[test]
 fn constraints_global_and_drain() -> anyhow::Result<()> {
-    let lab = LabGuard::up(&format!("pl{}", std::process::id() % 100000), 3)?;
-    let tmp = tempfile::tempdir()?;
-    let tar = tmp.path().join("busybox.tar");
-    busybox_rootfs(&tar)?;
-    lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
+    let (lab, tmp) = lab_with_busybox("pl", 3)?;
     lab.rctl(&["node", "update", "h1", "--label-add", "zone=a"])?;
     lab.rctl(&["node", "update", "h2", "--label-add", "zone=a"])?;
     lab.rctl(&["node", "update", "h3", "--label-add", "zone=b"])?;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rudder_tests::{busybox_rootfs, running_tasks, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox, running_tasks, wait_for};
 
 fn manifest(image: &str, marker: &str) -> String {
     format!(
@@ -20,11 +20,8 @@ fn manifest(image: &str, marker: &str) -> String {
 
 #[test]
 fn rolling_update_and_automatic_rollback() -> anyhow::Result<()> {
-    let lab = LabGuard::up(&format!("ro{}", std::process::id() % 100000), 3)?;
-    let tmp = tempfile::tempdir()?;
+    let (lab, tmp) = lab_with_busybox("ro", 3)?;
     let tar = tmp.path().join("busybox.tar");
-    busybox_rootfs(&tar)?;
-    lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:latest"])?;
     lab.rctl(&["image", "import", tar.to_str().unwrap(), "busybox:v2"])?;
     let file = tmp.path().join("web.yaml");
     let apply = |image: &str, marker: &str| {
@@ -65,25 +62,25 @@ fn rolling_update_and_automatic_rollback() -> anyhow::Result<()> {
         })
         .collect();
 
-    // A bad update: the new tasks never become healthy (nothing creates /tmp/ok).
-    let err = apply("busybox:latest", "true").unwrap_err().to_string();
-    assert!(err.contains("rolled back"), "{err}");
-    let svc = services()?;
-    assert_eq!(svc["update"]["state"], "rollback_completed", "{svc}");
-    assert!(
-        svc["update"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("unhealthy"),
-        "{svc}"
-    );
+    // Applies a bad spec, expects an automatic rollback whose reason mentions `why`, and
+    // returns the tasks once 6 healthy v2 tasks run again.
+    let bad_update = |image: &str, marker: &str, why: &str| -> anyhow::Result<Vec<_>> {
+        let err = apply(image, marker).unwrap_err().to_string();
+        assert!(err.contains("rolled back"), "{err}");
+        let svc = services()?;
+        assert_eq!(svc["update"]["state"], "rollback_completed", "{svc}");
+        let message = svc["update"]["message"].as_str().unwrap();
+        assert!(message.contains(why), "{svc}");
+        wait_for(Duration::from_secs(30), "6 healthy v2 tasks", || {
+            let t = lab.tasks("web")?;
+            let ok = running_tasks(&t).len() == 6
+                && running_tasks(&t).iter().all(|t| t["image"] == "busybox:v2");
+            Ok(ok.then_some(t))
+        })
+    };
 
-    let tasks = wait_for(Duration::from_secs(30), "6 healthy v2 tasks", || {
-        let t = lab.tasks("web")?;
-        let ok = running_tasks(&t).len() == 6
-            && running_tasks(&t).iter().all(|t| t["image"] == "busybox:v2");
-        Ok(ok.then_some(t))
-    })?;
+    // A bad update: the new tasks never become healthy (nothing creates /tmp/ok).
+    let tasks = bad_update("busybox:latest", "true", "unhealthy")?;
     // Parallelism 2: only the first batch was touched; the other 4 old tasks kept running.
     let kept: Vec<_> = running_tasks(&tasks)
         .into_iter()
@@ -111,23 +108,7 @@ fn rolling_update_and_automatic_rollback() -> anyhow::Result<()> {
             .collect()
     };
     let before = running_ids(&tasks);
-    let err = apply("nosuch:1", "touch /tmp/ok").unwrap_err().to_string();
-    assert!(err.contains("rolled back"), "{err}");
-    let svc = services()?;
-    assert_eq!(svc["update"]["state"], "rollback_completed", "{svc}");
-    assert!(
-        svc["update"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("nosuch"),
-        "{svc}"
-    );
-    let tasks = wait_for(Duration::from_secs(30), "6 v2 tasks again", || {
-        let t = lab.tasks("web")?;
-        let ok = running_tasks(&t).len() == 6
-            && running_tasks(&t).iter().all(|t| t["image"] == "busybox:v2");
-        Ok(ok.then_some(t))
-    })?;
+    let tasks = bad_update("nosuch:1", "touch /tmp/ok", "nosuch")?;
     let after = running_ids(&tasks);
     assert!(
         before.iter().filter(|id| after.contains(id)).count() >= 4,

@@ -66,30 +66,17 @@ pub async fn wait_converged(
     services: &[(String, bool)],
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    use rudder_proto::v1::{ListServicesRequest, ListTasksRequest};
     let mut client = crate::connect(ctx).await?;
     let start = std::time::Instant::now();
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
     loop {
-        let list = client
-            .list_services(ListServicesRequest {})
-            .await
-            .map_err(crate::status_err)?
-            .into_inner()
-            .services;
+        let list = crate::services(&mut client).await?;
         let mut done = true;
         for (name, changed) in services {
             let Some(svc) = list.iter().find(|s| &s.name == name) else {
                 continue;
             };
-            let tasks = client
-                .list_tasks(ListTasksRequest {
-                    service: name.clone(),
-                })
-                .await
-                .map_err(crate::status_err)?
-                .into_inner()
-                .tasks;
+            let tasks = crate::tasks(&mut client, name).await?;
             let live: Vec<_> = tasks
                 .iter()
                 .filter(|t| t.desired_state == "running")

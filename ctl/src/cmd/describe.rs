@@ -1,19 +1,12 @@
 //! `rctl describe SERVICE`: the spec, the last rollout's state and reason, and every task with
 //! its state and message (a pending task says why it is not placed).
 
-use rudder_proto::v1::{ListServicesRequest, ListTasksRequest};
-
 use super::print_table;
 use crate::context::Context;
 
 pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
-    let list = client
-        .list_services(ListServicesRequest {})
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .services;
+    let list = crate::services(&mut client).await?;
     let svc = list
         .iter()
         .find(|s| s.name == service)
@@ -40,14 +33,7 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
     }
     let spec: serde_json::Value = serde_json::from_str(&svc.spec_json)?;
     println!("Spec:\n{}", serde_json::to_string_pretty(&spec)?);
-    let tasks = client
-        .list_tasks(ListTasksRequest {
-            service: service.to_string(),
-        })
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .tasks;
+    let tasks = crate::tasks(&mut client, service).await?;
     println!("Tasks:");
     let rows: Vec<Vec<String>> = tasks
         .iter()

@@ -1,18 +1,11 @@
 //! `rctl get services|nodes`: desired and running replicas per service (nodes: `cmd::node`).
 
-use rudder_proto::v1::ListServicesRequest;
-
 use super::{print_table, Output};
 use crate::context::Context;
 
 pub async fn services(ctx: &Context, output: Output) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
-    let list = client
-        .list_services(ListServicesRequest {})
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .services;
+    let list = crate::services(&mut client).await?;
     match output {
         Output::Json => {
             let v: Vec<_> = list

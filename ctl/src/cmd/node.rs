@@ -1,7 +1,7 @@
 //! `rctl node ls|inspect|update`: the cluster's hosts, and the operator's part of them
 //! (availability active|pause|drain, labels used by placement constraints).
 
-use rudder_proto::v1::{ListNodesRequest, NodeSummary, UpdateNodeRequest};
+use rudder_proto::v1::{NodeSummary, UpdateNodeRequest};
 
 use super::{print_table, Output};
 use crate::context::Context;
@@ -18,12 +18,7 @@ pub fn to_json(n: &NodeSummary) -> serde_json::Value {
 
 pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
-    let list = client
-        .list_nodes(ListNodesRequest {})
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .nodes;
+    let list = crate::nodes(&mut client).await?;
     match output {
         Output::Json => {
             let v: Vec<_> = list.iter().map(to_json).collect();
@@ -67,12 +62,7 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
 
 pub async fn inspect(ctx: &Context, node: &str) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
-    let list = client
-        .list_nodes(ListNodesRequest {})
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .nodes;
+    let list = crate::nodes(&mut client).await?;
     let found: Vec<&NodeSummary> = list
         .iter()
         .filter(|n| {

@@ -1,21 +1,14 @@
 //! `rctl ps [SERVICE]`: every task with its node, state, container and error (history
 //! included, newest first per slot).
 
-use rudder_proto::v1::{ListTasksRequest, TaskSummary};
+use rudder_proto::v1::TaskSummary;
 
 use super::{print_table, Output};
 use crate::context::Context;
 
 pub async fn fetch(ctx: &Context, service: Option<&str>) -> anyhow::Result<Vec<TaskSummary>> {
     let mut client = crate::connect(ctx).await?;
-    Ok(client
-        .list_tasks(ListTasksRequest {
-            service: service.unwrap_or_default().to_string(),
-        })
-        .await
-        .map_err(crate::status_err)?
-        .into_inner()
-        .tasks)
+    crate::tasks(&mut client, service.unwrap_or_default()).await
 }
 
 pub fn to_json(t: &TaskSummary) -> serde_json::Value {
