@@ -7,13 +7,17 @@
 //! report status → batched into one proposal.
 
 pub mod api;
+pub mod ca;
 pub mod dispatcher;
 pub mod image_tags;
 pub mod orchestrator;
 pub mod raft_node;
+#[cfg(test)]
+mod raft_sim;
 pub mod registry;
 mod slog_bridge;
 pub mod storage;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -91,7 +95,7 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ControllerError::Io("create data dir", e))?;
     let storage = storage::RedbStorage::open(&cfg.data_dir.join("raft.redb"), &[cfg.raft_id])?;
-    let raft = raft_node::start(cfg.raft_id, storage)?;
+    let raft = raft_node::start(cfg.raft_id, storage, Arc::new(transport::NoopTransport))?;
     tokio::spawn(orchestrator::run(raft.clone()));
 
     let registry_addr = cfg.registry_listen.to_string();
