@@ -156,6 +156,10 @@ enum LocalCmd {
 }
 
 fn main() {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`rctl describe web | head`); Rust ignores SIGPIPE by default and would panic in println.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = real_main() {
         // `rctl logs … | head` closing the pipe is not an error.
         let broken_pipe = e
