@@ -377,6 +377,17 @@ pub struct Store {
     pub applied: u64,
 }
 
+/// The named service, or the `NotFound` error commands report.
+fn service_mut<'a>(
+    services: &'a mut BTreeMap<String, Service>,
+    name: &str,
+) -> Result<&'a mut Service, ApplyError> {
+    services.get_mut(name).ok_or_else(|| ApplyError::NotFound {
+        kind: "service",
+        name: name.to_string(),
+    })
+}
+
 impl Store {
     /// Applies one committed entry. Errors leave the store unchanged for that command (a batch
     /// applies what it can: its parts race with other writers by design).
@@ -429,13 +440,7 @@ impl Store {
                 reason,
                 if_spec_version,
             } => {
-                let svc = self
-                    .services
-                    .get_mut(&service)
-                    .ok_or(ApplyError::NotFound {
-                        kind: "service",
-                        name: service.clone(),
-                    })?;
+                let svc = service_mut(&mut self.services, &service)?;
                 if if_spec_version.is_some_and(|v| v != svc.spec_version) {
                     return Ok(());
                 }
@@ -465,13 +470,7 @@ impl Store {
                 spec_version,
                 status,
             } => {
-                let svc = self
-                    .services
-                    .get_mut(&service)
-                    .ok_or(ApplyError::NotFound {
-                        kind: "service",
-                        name: service.clone(),
-                    })?;
+                let svc = service_mut(&mut self.services, &service)?;
                 if svc.spec_version == spec_version && svc.update_status.as_ref() != Some(&status) {
                     svc.update_status = Some(status);
                     svc.version = index;
