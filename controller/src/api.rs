@@ -363,7 +363,11 @@ impl Control for ControlApi {
     type LogsStream = LogStream;
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
-        let target = req.into_inner().target;
+        let LogsRequest {
+            target,
+            tail,
+            follow,
+        } = req.into_inner();
         let store = self.raft.store();
         let tasks = resolve_tasks(&store, &target);
         if tasks.is_empty() {
@@ -378,24 +382,41 @@ impl Control for ControlApi {
                 .as_ref()
                 .and_then(|n| store.nodes.get(n))
                 .map(|n| n.addr.clone());
-            sources.push((t.id.clone(), t.name(), addr));
+            if let Some(addr) = addr {
+                let req = TaskLogsRequest {
+                    task_id: t.id.clone(),
+                    tail,
+                    follow,
+                };
+                sources.push((req, t.name(), addr));
+            }
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            for (id, name, addr) in sources {
-                let Some(addr) = addr else { continue };
-                if let Err(e) = forward_logs(&id, &name, &addr, &tx).await {
-                    warn!(task = %name, %e, "logs unavailable");
-                    let _ = tx
-                        .send(Ok(LogChunk {
-                            task: name.clone(),
-                            data: Vec::new(),
-                            warning: format!("logs of {name} unavailable from {addr}: {e}"),
-                        }))
-                        .await;
-                }
+        let forward = |(req, name, addr): (TaskLogsRequest, String, String), tx: LogSender| async move {
+            if let Err(e) = forward_logs(req, &name, &addr, &tx).await {
+                warn!(task = %name, %e, "logs unavailable");
+                let _ = tx
+                    .send(Ok(LogChunk {
+                        task: name.clone(),
+                        data: Vec::new(),
+                        warning: format!("logs of {name} unavailable from {addr}: {e}"),
+                    }))
+                    .await;
             }
-        });
+        };
+        if follow {
+            // Every task streams at once; each ends when its container exits.
+            for s in sources {
+                tokio::spawn(forward(s, tx.clone()));
+            }
+        } else {
+            // One task after the other, so each task's output stays together.
+            tokio::spawn(async move {
+                for s in sources {
+                    forward(s, tx.clone()).await;
+                }
+            });
+        }
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -416,23 +437,27 @@ impl Control for ControlApi {
     }
 }
 
-/// Streams one task's log from its agent. Bounded in time so a dead host never hangs the caller.
+type LogSender = tokio::sync::mpsc::Sender<Result<LogChunk, Status>>;
+
+/// Streams one task's log from its agent. Bounded in time (unless following) so a dead host
+/// never hangs the caller.
 async fn forward_logs(
-    id: &str,
+    req: TaskLogsRequest,
     name: &str,
     addr: &str,
-    tx: &tokio::sync::mpsc::Sender<Result<LogChunk, Status>>,
+    tx: &LogSender,
 ) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(30));
+        .tcp_keepalive(Some(Duration::from_secs(5)));
+    if !req.follow {
+        endpoint = endpoint.timeout(Duration::from_secs(30));
+    }
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
     let mut client = AgentApiClient::new(channel);
     let mut stream = client
-        .task_logs(TaskLogsRequest {
-            task_id: id.to_string(),
-        })
+        .task_logs(req)
         .await
         .map_err(|e| e.message().to_string())?
         .into_inner();

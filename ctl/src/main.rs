@@ -58,6 +58,12 @@ enum Cmd {
         /// Do not prefix lines with the task name.
         #[arg(long)]
         no_prefix: bool,
+        /// Only the last N lines of each task.
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+        /// Keep streaming new output until the containers exit.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Remove services (their containers are stopped and removed).
     Rm {
@@ -210,7 +216,12 @@ fn real_main() -> anyhow::Result<()> {
             "nodes" | "node" => rt.block_on(cmd::node::ls(&ctx()?, *output)),
             _ => rt.block_on(cmd::get::services(&ctx()?, *output)),
         },
-        Cmd::Logs { target, no_prefix } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix)),
+        Cmd::Logs {
+            target,
+            no_prefix,
+            tail,
+            follow,
+        } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix, *tail, *follow)),
         Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
         Cmd::Rollback {
             service,

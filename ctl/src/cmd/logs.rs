@@ -1,4 +1,5 @@
-//! `rctl logs SERVICE|TASK`: the containers' output, fetched by the controller from each host.
+//! `rctl logs SERVICE|TASK [-f] [--tail N]`: the containers' output, fetched by the controller
+//! from each host; `-f` keeps streaming until the containers exit.
 //! An unreachable host yields a warning on stderr, never a hang.
 
 use std::io::Write;
@@ -7,11 +8,19 @@ use rudder_proto::v1::LogsRequest;
 
 use crate::context::Context;
 
-pub async fn run(ctx: &Context, target: &str, prefix: bool) -> anyhow::Result<()> {
+pub async fn run(
+    ctx: &Context,
+    target: &str,
+    prefix: bool,
+    tail: u32,
+    follow: bool,
+) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let mut stream = client
         .logs(LogsRequest {
             target: target.to_string(),
+            tail,
+            follow,
         })
         .await
         .map_err(crate::status_err)?
