@@ -239,6 +239,7 @@ pub fn start<S: LogStore>(
         transport,
         store: Store::default(),
         pending: HashMap::new(),
+        applied_replies: Vec::new(),
         reads: HashMap::new(),
         next_request: 1,
         nonce: rand::random(),
@@ -273,6 +274,8 @@ struct Driver<S: LogStore> {
     store: Store,
     /// Proposal id (in the entry context) → waiting caller.
     pending: HashMap<u64, Reply>,
+    /// Replies for commands applied in this Ready, sent once the store is published.
+    applied_replies: Vec<(Reply, Result<(), RaftError>)>,
     /// Read id (in the ReadIndex context) → waiting caller.
     reads: HashMap<u64, PendingRead>,
     next_request: u64,
@@ -424,6 +427,12 @@ impl<S: LogStore> Driver<S> {
         if changed {
             self.store_tx.send_replace(Arc::new(self.store.clone()));
         }
+        // Only now, with the new store published, tell proposers their command applied: a
+        // caller that reads the store next (the control loop does) must see its own write,
+        // or it would plan the same change twice.
+        for (reply, result) in self.applied_replies.drain(..) {
+            let _ = reply.send(result);
+        }
         self.resolve_reads();
         let status = RaftStatus {
             id: self.node.raft.id,
@@ -488,7 +497,8 @@ impl<S: LogStore> Driver<S> {
             changed = true;
             if let Some(id) = self.request_id(&e.context) {
                 if let Some(reply) = self.pending.remove(&id) {
-                    let _ = reply.send(result.map_err(RaftError::from));
+                    self.applied_replies
+                        .push((reply, result.map_err(RaftError::from)));
                 }
             }
         }
