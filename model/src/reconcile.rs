@@ -735,6 +735,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
 
 #[cfg(test)]
 mod tests {
+    use super::sim::put_node;
     use super::*;
     use crate::spec::tests_support::spec;
     use crate::store::{StatusUpdate, Store};
@@ -745,19 +746,7 @@ mod tests {
         let mut idx = 0;
         for i in 1..=nodes {
             idx += 1;
-            s.apply(
-                idx,
-                Command::PutNode {
-                    id: format!("n{i}"),
-                    hostname: format!("h{i}"),
-                    addr: String::new(),
-                    labels: Default::default(),
-                    role: Default::default(),
-                    resources: Default::default(),
-                    now: 0,
-                },
-            )
-            .unwrap();
+            s.apply(idx, put_node(&format!("n{i}"), &[], 0)).unwrap();
         }
         idx += 1;
         s.apply(
@@ -1229,21 +1218,6 @@ mod tests {
         let l = live(&s);
         assert_eq!(l.len(), 2);
         assert!(l.iter().all(|t| t.node_id.as_deref() == Some("n2")));
-    }
-
-    fn put_node(id: &str, labels: &[(&str, &str)], memory: u64) -> Command {
-        Command::PutNode {
-            id: id.into(),
-            hostname: format!("h-{id}"),
-            addr: String::new(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            role: Default::default(),
-            resources: crate::store::NodeResources { cpus: 0, memory },
-            now: 0,
-        }
     }
 
     fn update_node(

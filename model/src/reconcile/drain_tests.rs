@@ -7,22 +7,15 @@ use std::collections::BTreeSet;
 use super::sim::*;
 use crate::spec::tests_support::spec;
 use crate::spec::ServiceSpec;
-use crate::store::{Availability, Command, NodeResources, StatusUpdate, Store, Task, TaskStatus};
+use crate::store::{Availability, Command, StatusUpdate, Store, Task, TaskStatus};
 use crate::task::TaskState;
 use crate::update::{UpdateOrder, UpdateState};
 
 const GIB: u64 = 1 << 30;
 
-fn put_node(id: &str, zone: &str, memory: u64) -> Command {
-    Command::PutNode {
-        id: id.into(),
-        hostname: format!("h-{id}"),
-        addr: String::new(),
-        labels: [("zone".to_string(), zone.to_string())].into(),
-        role: Default::default(),
-        resources: NodeResources { cpus: 0, memory },
-        now: 0,
-    }
+/// A node in `zone` with `memory` bytes of capacity.
+fn zoned(id: &str, zone: &str, memory: u64) -> Command {
+    super::sim::put_node(id, &[("zone", zone)], memory)
 }
 
 fn availability(id: &str, a: Availability) -> Command {
@@ -47,7 +40,7 @@ fn relabel(id: &str, zone: &str) -> Command {
 fn cluster(nodes: &[&str], memory: u64, sp: ServiceSpec) -> Sim {
     let mut sim = Sim::new(0, sp);
     for n in nodes {
-        sim.apply(put_node(n, "a", memory)).unwrap();
+        sim.apply(zoned(n, "a", memory)).unwrap();
     }
     sim.run(10, |_| {});
     sim
@@ -121,7 +114,7 @@ fn an_unplaceable_replacement_leaves_the_old_task_running() {
     let ends: Vec<(&str, End, bool)> = vec![
         (
             "a node with room joins",
-            Box::new(|sim| sim.apply(put_node("n3", "a", 8 * GIB)).unwrap()),
+            Box::new(|sim| sim.apply(zoned("n3", "a", 8 * GIB)).unwrap()),
             true,
         ),
         (

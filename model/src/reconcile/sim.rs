@@ -33,16 +33,7 @@ impl Sim {
             now: 1_000_000,
         };
         for i in 1..=nodes {
-            sim.apply(Command::PutNode {
-                id: format!("n{i}"),
-                hostname: format!("h{i}"),
-                addr: String::new(),
-                labels: Default::default(),
-                role: Default::default(),
-                resources: Default::default(),
-                now: 0,
-            })
-            .unwrap();
+            sim.apply(put_node(&format!("n{i}"), &[], 0)).unwrap();
         }
         sim.put(sp);
         sim.run(30, |_| {});
@@ -192,4 +183,20 @@ pub(super) fn with(image: &str, f: impl FnOnce(&mut ServiceSpec)) -> ServiceSpec
     sp.image = image.into();
     f(&mut sp);
     sp
+}
+
+/// A node registering with `labels` and `memory` bytes (0: unknown) of capacity.
+pub(super) fn put_node(id: &str, labels: &[(&str, &str)], memory: u64) -> Command {
+    Command::PutNode {
+        id: id.into(),
+        hostname: format!("h-{id}"),
+        addr: String::new(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        role: Default::default(),
+        resources: crate::store::NodeResources { cpus: 0, memory },
+        now: 0,
+    }
 }
