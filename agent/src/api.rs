@@ -33,7 +33,6 @@ pub fn tail_offset(file: &mut std::fs::File, n: u32) -> std::io::Result<u64> {
     let mut pos = len;
     let mut newlines = 0u32;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut first = true;
     while pos > 0 {
         let step = (pos as usize).min(buf.len());
         pos -= step as u64;
@@ -44,7 +43,7 @@ pub fn tail_offset(file: &mut std::fs::File, n: u32) -> std::io::Result<u64> {
                 continue;
             }
             // A newline that ends the file closes the last line; it does not start one.
-            if first && pos + i as u64 == len - 1 {
+            if pos + i as u64 == len - 1 {
                 continue;
             }
             newlines += 1;
@@ -52,7 +51,6 @@ pub fn tail_offset(file: &mut std::fs::File, n: u32) -> std::io::Result<u64> {
                 return Ok(pos + i as u64 + 1);
             }
         }
-        first = false;
     }
     Ok(0)
 }

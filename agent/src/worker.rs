@@ -318,26 +318,17 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             (stop_container(&ctx, &task, &c).await, End::Unhealthy(why))
         }
     };
-    let stopped_by_us = match end {
-        End::Unhealthy(why) => {
-            let code = code.as_ref().ok().copied();
-            w.report(
-                &task,
-                TaskState::Failed,
-                "unhealthy",
-                &format!("unhealthy: {why}"),
-                code,
-            );
-            cleanup(&ctx, &task, &c).await;
-            return;
-        }
-        End::Stopped => true,
-        End::Exited => false,
-    };
-    match (code, stopped_by_us) {
-        (Ok(code), true) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
-        (Ok(0), false) => w.report(&task, TaskState::Complete, "exited", "", Some(0)),
-        (Ok(code), false) if runtime::oom_killed(&c.dir) => w.report(
+    match (end, code) {
+        (End::Unhealthy(why), code) => w.report(
+            &task,
+            TaskState::Failed,
+            "unhealthy",
+            &format!("unhealthy: {why}"),
+            code.ok(),
+        ),
+        (End::Stopped, Ok(code)) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
+        (End::Exited, Ok(0)) => w.report(&task, TaskState::Complete, "exited", "", Some(0)),
+        (End::Exited, Ok(code)) if runtime::oom_killed(&c.dir) => w.report(
             &task,
             TaskState::Failed,
             "out of memory",
@@ -347,14 +338,14 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             ),
             Some(code),
         ),
-        (Ok(code), false) => w.report(
+        (End::Exited, Ok(code)) => w.report(
             &task,
             TaskState::Failed,
             "exited",
             &format!("exit code {code}"),
             Some(code),
         ),
-        (Err(e), _) => w.report(&task, TaskState::Failed, "lost", &e.to_string(), None),
+        (_, Err(e)) => w.report(&task, TaskState::Failed, "lost", &e.to_string(), None),
     }
     cleanup(&ctx, &task, &c).await;
 }

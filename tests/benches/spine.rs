@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rudder_agent::bundle::{write_config, ContainerDir};
 use rudder_agent::runtime::{ContainerRuntime, OciCliRuntime};
-use rudder_tests::{bin, busybox_rootfs, wait_for, LabGuard};
+use rudder_tests::{bin, busybox_rootfs, running_tasks, wait_for, LabGuard};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -146,11 +146,7 @@ fn apply_bench() -> anyhow::Result<()> {
         let t = Instant::now();
         // apply waits until every replica runs.
         lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
-        let n = lab
-            .tasks("hello")?
-            .iter()
-            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
-            .count();
+        let n = running_tasks(&lab.tasks("hello")?).len();
         anyhow::ensure!(n == replicas, "{n} running after apply returned");
         println!(
             "apply {replicas} replicas on 3 hosts -> all running, {round}: {:.2} s",

@@ -5,26 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rudder_tests::{busybox_rootfs, ns_inode, pid_alive, wait_for, LabGuard};
+use rudder_tests::{busybox_rootfs, ns_inode, pid_alive, running_tasks, wait_for, LabGuard};
 use serde_json::Value;
-
-fn running(tasks: &[Value]) -> Vec<&Value> {
-    tasks
-        .iter()
-        .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
-        .collect()
-}
-
-/// Container init pid of a task, from its host's agent data dir.
-fn container_pid(lab: &LabGuard, t: &Value) -> Option<i32> {
-    let host = lab.host(t["node"].as_str()?);
-    let dir = host.data_dir.join("containers").join(t["id"].as_str()?);
-    std::fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
 
 #[test]
 fn spine_end_to_end() -> anyhow::Result<()> {
@@ -66,13 +48,13 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     // apply waits until the replicas run.
     let out = lab.rctl(&["apply", "-f", file.to_str().unwrap()])?;
     assert!(out.contains("service/hello created"), "{out}");
-    assert_eq!(running(&lab.tasks("hello")?).len(), 6);
+    assert_eq!(running_tasks(&lab.tasks("hello")?).len(), 6);
 
     let tasks = wait_for(Duration::from_secs(90), "6 running tasks", || {
         let t = lab.tasks("hello")?;
-        Ok((running(&t).len() == 6).then_some(t))
+        Ok((running_tasks(&t).len() == 6).then_some(t))
     })?;
-    let run = running(&tasks);
+    let run = running_tasks(&tasks);
     // Spread: two per host.
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for t in &run {
@@ -89,7 +71,7 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     // Real containers: a live process in its host's network namespace and cgroup parent.
     let mut pids = Vec::new();
     for t in &run {
-        let pid = container_pid(&lab, t).expect("pid file");
+        let pid = lab.task_pid(t, "pid").expect("pid file");
         assert!(pid_alive(pid), "container {pid} not alive");
         let host = lab.host(t["node"].as_str().unwrap());
         assert_eq!(
@@ -146,7 +128,7 @@ fn spine_end_to_end() -> anyhow::Result<()> {
         err.contains("bad.yaml:4") && err.contains("replics"),
         "{err}"
     );
-    assert_eq!(running(&lab.tasks("hello")?).len(), 6);
+    assert_eq!(running_tasks(&lab.tasks("hello")?).len(), 6);
 
     // A missing image: the task is rejected with the reason, the cluster goes on.
     let ghost = tmp.path().join("ghost.yaml");
@@ -181,13 +163,13 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     assert!(out.contains("service/hello updated"), "{out}");
     let tasks = wait_for(Duration::from_secs(60), "2 running tasks", || {
         let t = lab.tasks("hello")?;
-        let r = running(&t);
+        let r = running_tasks(&t);
         let stopped = t.iter().filter(|t| t["state"] == "shutdown").count();
         Ok((r.len() == 2 && stopped + r.len() == t.len()).then_some(t))
     })?;
-    let kept: Vec<i32> = running(&tasks)
+    let kept: Vec<i32> = running_tasks(&tasks)
         .iter()
-        .map(|t| container_pid(&lab, t).unwrap())
+        .map(|t| lab.task_pid(t, "pid").unwrap())
         .collect();
     for pid in &pids {
         assert_eq!(pid_alive(*pid), kept.contains(pid), "pid {pid}");
@@ -197,9 +179,9 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     lab.restart(0, rudder_tests::lab::Role::Controller, false)?;
     let tasks = wait_for(Duration::from_secs(30), "state after restart", || {
         let t = lab.tasks("hello")?;
-        Ok((running(&t).len() == 2).then_some(t))
+        Ok((running_tasks(&t).len() == 2).then_some(t))
     })?;
-    assert_eq!(running(&tasks).len(), 2);
+    assert_eq!(running_tasks(&tasks).len(), 2);
 
     // Remove: every container stops.
     lab.rctl(&["rm", "hello"])?;
