@@ -10,12 +10,8 @@ rctl local down --name rudder >/dev/null 2>&1 || true
 rctl local up --nodes 3
 scripts/busybox-rootfs.sh /tmp/rudder-busybox.tar
 rctl image import /tmp/rudder-busybox.tar busybox:latest
+# apply waits, showing progress, until every replica runs.
 rctl apply -f manifests/hello.yaml
-for _ in $(seq 1 60); do
-  running=$(rctl ps hello -o json | grep -c '"state": "running"' || true)
-  [ "$running" -ge 6 ] && break
-  sleep 0.5
-done
 rctl get services
 rctl ps hello
 echo
