@@ -10,22 +10,32 @@
 //! a `watch` channel.
 //!
 //! Invariants:
-//! - Only the leader accepts proposals. A follower answers [`RaftError::NotLeader`] with the
-//!   leader it knows (0 when none); forwarding writes to the leader over gRPC is the API layer's
-//!   job and comes with the gRPC transport.
+//! - Only the leader's node accepts proposals. [`RaftHandle::propose`] on a follower hands the
+//!   command to a [`Forwarder`] (gRPC to the leader), then waits until this node has applied the
+//!   entry, so a caller always reads its own write. While there is no leader it waits a few
+//!   seconds for one, then fails with `NotLeader(0)`: "no quorum".
 //! - A proposal is acknowledged (`Ok`) only once its entry is committed and applied on this
 //!   node. When leadership is lost its pending proposals fail with `NotLeader`: their outcome is
 //!   unknown (the entry may still commit under the next leader), never falsely acknowledged.
 //! - [`RaftHandle::read_index`] resolves only when this node has applied up to an index the
 //!   leader confirmed with a quorum after the read began (raft-rs `ReadOnlyOption::Safe`).
+//! - Snapshots: every [`SNAPSHOT_EVERY`] applied entries the node serialises its store (off the
+//!   loop, from the published `Arc<Store>`), saves it and compacts the log up to
+//!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index.
+//! - Membership changes are conf change entries whose context carries the member's addresses;
+//!   applying one changes raft's configuration and `Store::managers` at the same index.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use raft::prelude::{ConfState, Entry, EntryType, HardState, Message};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
+use raft::SnapshotStatus;
 use raft::{Config, RawNode, StateRole};
-use rudder_model::store::{ApplyError, Envelope};
+use rudder_model::store::{ApplyError, Envelope, ManagerInfo};
 use rudder_model::{Command, Store};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
@@ -42,6 +52,16 @@ pub const ELECTION_TICKS: usize = 10;
 /// How long a caller waits for a proposal or a read before giving up with `Timeout`.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a proposal waits for a leader to be elected before failing with "no quorum".
+const LEADER_WAIT: Duration = Duration::from_secs(4);
+
+/// Applied entries between two snapshots.
+pub const SNAPSHOT_EVERY: u64 = 20_000;
+
+/// Entries kept in the log behind a snapshot, so a follower that lags by less catches up from
+/// the log instead of receiving the whole store.
+pub const KEEP_ENTRIES: u64 = 5_000;
+
 /// A read whose ReadIndex request got no answer is asked again after this many ticks (raft-rs
 /// silently drops a request when there is no leader, or when the leader has not yet committed an
 /// entry in its term).
@@ -49,16 +69,19 @@ const READ_RETRY_TICKS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
-    #[error("raft: not the leader (leader is {0})")]
+    /// 0: no leader is known, i.e. no quorum of controllers can be reached.
+    #[error("{}", not_leader_message(*.0))]
     NotLeader(u64),
+    #[error("raft: forwarding to the leader: {0}")]
+    Forward(String),
+    #[error("raft: snapshot: {0}")]
+    Snapshot(String),
     #[error("raft: proposal dropped: {0}")]
     Dropped(String),
     #[error("raft: timed out waiting for the proposal to commit")]
     Timeout,
     #[error("raft: node stopped")]
     Stopped,
-    #[error("raft: {0} is not supported yet")]
-    Unsupported(&'static str),
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
@@ -67,10 +90,33 @@ pub enum RaftError {
     Raft(#[from] raft::Error),
 }
 
+fn not_leader_message(leader: u64) -> String {
+    if leader == 0 {
+        "raft: no leader: a majority of the controllers cannot be reached, so the cluster refuses \
+         writes until quorum returns"
+            .to_string()
+    } else {
+        format!("raft: not the leader (leader is {leader})")
+    }
+}
+
 /// The durable side of the raft log: raft-rs reads it through [`raft::Storage`]; the Ready loop
 /// writes one Ready's entries, hard state and conf state through `persist`, in one transaction.
 /// [`RedbStorage`] is the real one; the simulator uses an in-memory log.
 pub trait LogStore: raft::Storage + Send + 'static {
+    /// The latest snapshot with its data, if any.
+    fn latest_snapshot(&self) -> Result<Option<Snapshot>, RaftError>;
+
+    /// Keeps `snap` (taken by this node) as the latest snapshot and drops entries before
+    /// `compact_to`.
+    fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), RaftError>;
+
+    /// Replaces the log with a snapshot received from the leader.
+    fn install_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError>;
+
+    /// Whether raft asked for a snapshot the latest one could not serve; clears the request.
+    fn take_snapshot_wanted(&self) -> bool;
+
     /// Appends `entries` (replacing any suffix from the first one's index) and writes the hard
     /// and conf state, atomically and durably.
     fn persist(
@@ -97,6 +143,41 @@ impl LogStore for RedbStorage {
     fn hard_state(&self) -> HardState {
         RedbStorage::hard_state(self)
     }
+
+    fn latest_snapshot(&self) -> Result<Option<Snapshot>, RaftError> {
+        Ok(RedbStorage::latest_snapshot(self)?)
+    }
+
+    fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), RaftError> {
+        Ok(RedbStorage::save_snapshot(self, snap, compact_to)?)
+    }
+
+    fn install_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError> {
+        Ok(RedbStorage::install_snapshot(self, snap)?)
+    }
+
+    fn take_snapshot_wanted(&self) -> bool {
+        RedbStorage::take_snapshot_wanted(self)
+    }
+}
+
+/// What a follower hands to the leader: an encoded [`Envelope`], or a membership change.
+#[derive(Debug, Clone)]
+pub enum Proposal {
+    Command(Vec<u8>),
+    Conf(ConfChange),
+}
+
+/// Carries a proposal from a follower to the leader (gRPC in the controller) and returns the
+/// index at which the leader applied it.
+#[async_trait::async_trait]
+pub trait Forwarder: Send + Sync + 'static {
+    async fn forward(&self, leader: u64, proposal: Proposal) -> Result<u64, RaftError>;
+}
+
+/// The membership context a conf change carries.
+pub fn encode_member(info: &ManagerInfo) -> Vec<u8> {
+    serde_json::to_vec(info).expect("manager info serializes")
 }
 
 /// What the rest of the controller may know about consensus.
@@ -107,16 +188,24 @@ pub struct RaftStatus {
     pub term: u64,
     pub applied: u64,
     pub is_leader: bool,
+    /// Current voters.
+    pub voters: Vec<u64>,
 }
 
-type Reply = oneshot::Sender<Result<(), RaftError>>;
+/// The index at which the proposal was applied.
+type Reply = oneshot::Sender<Result<u64, RaftError>>;
 type ReadReply = oneshot::Sender<Result<u64, RaftError>>;
 
 enum Msg {
-    Propose(Envelope, Reply),
+    Propose(Proposal, Reply),
     /// A message from a peer, delivered by the transport.
     Step(Message),
     ReadIndex(ReadReply),
+    /// The transport could not reach a peer / finished sending it a snapshot.
+    Unreachable(u64),
+    SnapshotSent(u64, bool),
+    /// A snapshot serialised off the loop, ready to be saved.
+    SnapshotTaken(Snapshot),
 }
 
 /// Cheap to clone; every API handler holds one.
@@ -125,19 +214,107 @@ pub struct RaftHandle {
     tx: mpsc::Sender<Msg>,
     store: watch::Receiver<Arc<Store>>,
     status: watch::Receiver<RaftStatus>,
+    forwarder: Arc<std::sync::OnceLock<Arc<dyn Forwarder>>>,
 }
 
 impl RaftHandle {
-    /// Proposes a command and waits until it is committed and applied here. On a follower this
-    /// fails at once with `NotLeader(leader)`; the caller (later: the API layer, over gRPC)
-    /// forwards to that leader.
+    /// Proposes a command and waits until it is committed and applied here. A follower forwards
+    /// it to the leader; while no leader is known the call waits up to [`LEADER_WAIT`].
     pub async fn propose(&self, cmd: Command) -> Result<(), RaftError> {
+        self.submit(Proposal::Command(Envelope::new(cmd).encode()))
+            .await
+            .map(|_| ())
+    }
+
+    /// Adds (or re-addresses) a voting member.
+    pub async fn add_member(&self, id: u64, info: &ManagerInfo) -> Result<u64, RaftError> {
+        let cc = ConfChange {
+            change_type: ConfChangeType::AddNode,
+            node_id: id,
+            context: encode_member(info).into(),
+            ..Default::default()
+        };
+        self.submit(Proposal::Conf(cc)).await
+    }
+
+    /// Removes a member.
+    pub async fn remove_member(&self, id: u64) -> Result<u64, RaftError> {
+        let cc = ConfChange {
+            change_type: ConfChangeType::RemoveNode,
+            node_id: id,
+            ..Default::default()
+        };
+        self.submit(Proposal::Conf(cc)).await
+    }
+
+    /// Installs the forwarder followers use; the first call wins.
+    pub fn set_forwarder(&self, f: Arc<dyn Forwarder>) {
+        let _ = self.forwarder.set(f);
+    }
+
+    /// Proposes on this node, forwarding to the leader when this node is a follower, and waits
+    /// until the entry is applied here. Returns its index.
+    pub async fn submit(&self, proposal: Proposal) -> Result<u64, RaftError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            let leader = match self.propose_local(proposal.clone()).await {
+                Err(RaftError::NotLeader(l)) => l,
+                other => return other,
+            };
+            if leader != 0 {
+                if let Some(f) = self.forwarder.get() {
+                    match f.forward(leader, proposal.clone()).await {
+                        // The leader refused before proposing (it lost leadership): retry.
+                        Err(RaftError::NotLeader(_)) => {}
+                        Err(e) => return Err(e),
+                        Ok(index) => {
+                            self.wait_applied(index).await?;
+                            return Ok(index);
+                        }
+                    }
+                } else {
+                    return Err(RaftError::NotLeader(leader));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RaftError::NotLeader(0));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Proposes on this node only: `NotLeader` on a follower. The leader's side of forwarding.
+    pub async fn propose_local(&self, proposal: Proposal) -> Result<u64, RaftError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Propose(Envelope::new(cmd), reply))
+            .send(Msg::Propose(proposal, reply))
             .await
             .map_err(|_| RaftError::Stopped)?;
         wait(rx).await?
+    }
+
+    /// Waits until this node has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), RaftError> {
+        let mut w = self.store.clone();
+        let r = tokio::time::timeout(CALL_TIMEOUT, async {
+            w.wait_for(|s| s.applied >= index).await.map(|_| ())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RaftError::Stopped),
+            Err(_) => Err(RaftError::Timeout),
+        }
+    }
+
+    /// Tells raft a peer could not be reached (it then probes instead of streaming appends).
+    pub fn report_unreachable(&self, id: u64) {
+        let _ = self.tx.try_send(Msg::Unreachable(id));
+    }
+
+    /// Tells raft how sending a snapshot to `id` ended.
+    pub fn report_snapshot(&self, id: u64, ok: bool) {
+        let _ = self.tx.try_send(Msg::SnapshotSent(id, ok));
     }
 
     /// A linearizable read point: resolves with the ReadIndex once this node (leader or
@@ -203,6 +380,23 @@ pub fn start<S: LogStore>(
     storage: S,
     transport: Arc<dyn RaftTransport>,
 ) -> Result<RaftHandle, RaftError> {
+    start_with(id, storage, transport, SNAPSHOT_EVERY)
+}
+
+/// [`start`] with the snapshot period given (tests take snapshots often).
+pub fn start_with<S: LogStore>(
+    id: u64,
+    storage: S,
+    transport: Arc<dyn RaftTransport>,
+    snapshot_every: u64,
+) -> Result<RaftHandle, RaftError> {
+    // Recovery: the store starts from the latest snapshot; raft then hands over the committed
+    // entries after it.
+    let mut store = Store::default();
+    if let Some(snap) = storage.latest_snapshot()? {
+        store = decode_store(&snap)?;
+        info!(index = store.applied, "store restored from snapshot");
+    }
     let cfg = Config {
         id,
         election_tick: ELECTION_TICKS,
@@ -211,6 +405,7 @@ pub fn start<S: LogStore>(
         check_quorum: true,
         max_size_per_msg: 1024 * 1024,
         max_inflight_msgs: 256,
+        applied: store.applied,
         ..Default::default()
     };
     cfg.validate()?;
@@ -229,7 +424,7 @@ pub fn start<S: LogStore>(
         node.campaign()?;
     }
     let (tx, rx) = mpsc::channel(4096);
-    let (store_tx, store_rx) = watch::channel(Arc::new(Store::default()));
+    let (store_tx, store_rx) = watch::channel(Arc::new(store.clone()));
     let (status_tx, status_rx) = watch::channel(RaftStatus {
         id,
         ..Default::default()
@@ -237,7 +432,11 @@ pub fn start<S: LogStore>(
     let mut driver = Driver {
         node,
         transport,
-        store: Store::default(),
+        last_snapshot: store.applied,
+        store,
+        snapshot_every: snapshot_every.max(1),
+        snapshotting: false,
+        self_tx: tx.downgrade(),
         pending: HashMap::new(),
         applied_replies: Vec::new(),
         reads: HashMap::new(),
@@ -256,7 +455,15 @@ pub fn start<S: LogStore>(
         tx,
         store: store_rx,
         status: status_rx,
+        forwarder: Default::default(),
     })
+}
+
+fn decode_store(snap: &Snapshot) -> Result<Store, RaftError> {
+    let mut store: Store =
+        serde_json::from_slice(&snap.data).map_err(|e| RaftError::Snapshot(e.to_string()))?;
+    store.applied = snap.get_metadata().index;
+    Ok(store)
 }
 
 /// A caller waiting on [`RaftHandle::read_index`].
@@ -272,10 +479,17 @@ struct Driver<S: LogStore> {
     node: RawNode<S>,
     transport: Arc<dyn RaftTransport>,
     store: Store,
+    /// Index of the latest snapshot, and the period.
+    last_snapshot: u64,
+    snapshot_every: u64,
+    /// A snapshot is being serialised off the loop.
+    snapshotting: bool,
+    /// For the serialising task to hand its snapshot back (weak: the loop ends with its handles).
+    self_tx: mpsc::WeakSender<Msg>,
     /// Proposal id (in the entry context) → waiting caller.
     pending: HashMap<u64, Reply>,
     /// Replies for commands applied in this Ready, sent once the store is published.
-    applied_replies: Vec<(Reply, Result<(), RaftError>)>,
+    applied_replies: Vec<(Reply, Result<u64, RaftError>)>,
     /// Read id (in the ReadIndex context) → waiting caller.
     reads: HashMap<u64, PendingRead>,
     next_request: u64,
@@ -344,14 +558,19 @@ impl<S: LogStore> Driver<S> {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Propose(env, reply) => {
+            Msg::Propose(proposal, reply) => {
                 if self.node.raft.state != StateRole::Leader {
                     let _ = reply.send(Err(RaftError::NotLeader(self.node.raft.leader_id)));
                     return;
                 }
                 let id = self.next_request;
                 self.next_request += 1;
-                match self.node.propose(self.context(id), env.encode()) {
+                let ctx = self.context(id);
+                let r = match proposal {
+                    Proposal::Command(data) => self.node.propose(ctx, data),
+                    Proposal::Conf(cc) => self.node.propose_conf_change(ctx, cc),
+                };
+                match r {
                     Ok(()) => {
                         self.pending.insert(id, reply);
                     }
@@ -364,6 +583,31 @@ impl<S: LogStore> Driver<S> {
                 let (from, kind) = (m.from, m.get_msg_type());
                 if let Err(e) = self.node.step(m) {
                     debug!(from, ?kind, %e, "raft message refused");
+                }
+            }
+            Msg::Unreachable(id) => self.node.report_unreachable(id),
+            Msg::SnapshotSent(id, ok) => self.node.report_snapshot(
+                id,
+                if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                },
+            ),
+            Msg::SnapshotTaken(snap) => {
+                self.snapshotting = false;
+                let index = snap.get_metadata().index;
+                let compact_to = index.saturating_sub(KEEP_ENTRIES);
+                match self.node.mut_store().save_snapshot(&snap, compact_to) {
+                    Ok(()) => {
+                        self.last_snapshot = index;
+                        info!(
+                            index,
+                            bytes = snap.data.len(),
+                            "snapshot saved, log compacted"
+                        );
+                    }
+                    Err(e) => warn!(%e, "snapshot not saved"),
                 }
             }
             Msg::ReadIndex(reply) => {
@@ -389,10 +633,20 @@ impl<S: LogStore> Driver<S> {
         let mut rd = self.node.ready();
         // 1. Messages that need no durable state (a leader's appends and heartbeats) go at once.
         self.send(rd.take_messages());
-        // 2. Snapshot: neither the durable log nor the simulator compacts yet, so no leader ever
-        //    sends one; installing one arrives with log compaction.
+        // 2. A snapshot from the leader replaces the log and the store.
+        let mut installed = false;
         if !rd.snapshot().is_empty() {
-            return Err(RaftError::Unsupported("installing a snapshot"));
+            let snap = rd.snapshot().clone();
+            let store = decode_store(&snap)?;
+            self.node.mut_store().install_snapshot(&snap)?;
+            info!(
+                index = store.applied,
+                bytes = snap.data.len(),
+                "installed snapshot from the leader"
+            );
+            self.store = store;
+            self.last_snapshot = snap.get_metadata().index;
+            installed = true;
         }
         // Confirmed reads: remember their index; they resolve once applied.
         for rs in rd.take_read_states() {
@@ -403,7 +657,7 @@ impl<S: LogStore> Driver<S> {
             }
         }
         // 3. Committed entries.
-        let mut changed = self.apply_entries(rd.take_committed_entries());
+        let mut changed = self.apply_entries(rd.take_committed_entries())? || installed;
         // 4. Append entries and persist the hard state together.
         let hs = rd.hs().cloned();
         if !rd.entries().is_empty() || hs.is_some() {
@@ -421,7 +675,7 @@ impl<S: LogStore> Driver<S> {
             self.node.mut_store().persist(&[], Some(&hs), None)?;
         }
         self.send(light.take_messages());
-        changed |= self.apply_entries(light.take_committed_entries());
+        changed |= self.apply_entries(light.take_committed_entries())?;
         self.node.advance_apply();
 
         if changed {
@@ -440,6 +694,7 @@ impl<S: LogStore> Driver<S> {
             term: self.node.raft.term,
             applied: self.store.applied,
             is_leader: self.node.raft.state == StateRole::Leader,
+            voters: self.node.raft.prs().conf().voters().ids().iter().collect(),
         };
         if *self.status_tx.borrow() != status {
             if status.is_leader && !self.status_tx.borrow().is_leader {
@@ -453,7 +708,44 @@ impl<S: LogStore> Driver<S> {
                 let _ = reply.send(Err(RaftError::NotLeader(self.node.raft.leader_id)));
             }
         }
+        self.maybe_snapshot();
         Ok(())
+    }
+
+    /// Starts serialising a snapshot off the loop once enough entries were applied since the
+    /// last one. The published store is exactly the applied state at `store.applied`.
+    fn maybe_snapshot(&mut self) {
+        let applied = self.store.applied;
+        if self.snapshotting {
+            return;
+        }
+        let wanted = self.node.store().take_snapshot_wanted() && applied > self.last_snapshot;
+        if !wanted && applied < self.last_snapshot + self.snapshot_every {
+            return;
+        }
+        let Ok(term) = self.node.raft.raft_log.term(applied) else {
+            return;
+        };
+        let Some(tx) = self.self_tx.upgrade() else {
+            return;
+        };
+        self.snapshotting = true;
+        let store = self.store_tx.borrow().clone();
+        debug_assert_eq!(store.applied, applied);
+        let conf = self.node.raft.prs().conf().to_conf_state();
+        tokio::task::spawn_blocking(move || {
+            let mut snap = Snapshot {
+                data: serde_json::to_vec(&*store)
+                    .expect("the store serializes")
+                    .into(),
+                ..Default::default()
+            };
+            let md = snap.mut_metadata();
+            md.index = applied;
+            md.term = term;
+            md.set_conf_state(conf);
+            let _ = tx.blocking_send(Msg::SnapshotTaken(snap));
+        });
     }
 
     fn send(&self, msgs: Vec<Message>) {
@@ -480,11 +772,16 @@ impl<S: LogStore> Driver<S> {
         }
     }
 
-    fn apply_entries(&mut self, entries: Vec<Entry>) -> bool {
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<bool, RaftError> {
         let mut changed = false;
         for e in entries {
+            if e.get_entry_type() == EntryType::EntryConfChange {
+                self.apply_conf_change(&e)?;
+                changed = true;
+                continue;
+            }
             if e.get_entry_type() != EntryType::EntryNormal || e.data.is_empty() {
-                // Empty entries are a new leader's no-op; conf changes come with membership.
+                // Empty entries are a new leader's no-op.
                 self.store.applied = e.index;
                 continue;
             }
@@ -498,10 +795,45 @@ impl<S: LogStore> Driver<S> {
             if let Some(id) = self.request_id(&e.context) {
                 if let Some(reply) = self.pending.remove(&id) {
                     self.applied_replies
-                        .push((reply, result.map_err(RaftError::from)));
+                        .push((reply, result.map(|_| e.index).map_err(RaftError::from)));
                 }
             }
         }
-        changed
+        Ok(changed)
+    }
+
+    /// Applies a committed membership change to raft's configuration, persists the new conf
+    /// state, and records the member's addresses in the store at the same index.
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), RaftError> {
+        let cc = ConfChange::parse_from_bytes(&e.data)
+            .map_err(|err| RaftError::Snapshot(format!("conf change {}: {err}", e.index)))?;
+        let result = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => {
+                self.node.mut_store().persist(&[], None, Some(&cs))?;
+                let info = match cc.get_change_type() {
+                    ConfChangeType::RemoveNode => None,
+                    _ => serde_json::from_slice::<ManagerInfo>(&cc.context).ok(),
+                };
+                let removed = cc.get_change_type() == ConfChangeType::RemoveNode;
+                if info.is_some() || removed {
+                    self.store.set_manager(e.index, cc.node_id, info);
+                } else {
+                    self.store.applied = e.index;
+                }
+                info!(node = cc.node_id, change = ?cc.get_change_type(), voters = ?cs.voters, "membership changed");
+                Ok(e.index)
+            }
+            Err(err) => {
+                warn!(index = e.index, %err, "membership change refused");
+                self.store.applied = e.index;
+                Err(RaftError::Raft(err))
+            }
+        };
+        if let Some(id) = self.request_id(&e.context) {
+            if let Some(reply) = self.pending.remove(&id) {
+                self.applied_replies.push((reply, result));
+            }
+        }
+        Ok(())
     }
 }

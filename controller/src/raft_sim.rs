@@ -12,8 +12,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use raft::prelude::{ConfState, Entry, HardState, Message};
+use raft::prelude::{ConfState, Entry, HardState, Message, Snapshot};
 use raft::storage::MemStorage;
+use raft::{GetEntriesContext, RaftState, StorageError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -21,15 +22,76 @@ use tokio::time::Instant;
 use crate::raft_node::{self, LogStore, RaftError, RaftHandle, RaftStatus, TICK};
 use crate::transport::RaftTransport;
 
-/// The simulator's log: raft-rs's in-memory storage, written in one step per Ready.
-impl LogStore for MemStorage {
+/// The simulator's log: raft-rs's in-memory storage, written in one step per Ready, plus the
+/// latest snapshot with its data (raft-rs's own `MemStorage::snapshot` carries none).
+#[derive(Clone)]
+pub(crate) struct SimStorage {
+    mem: MemStorage,
+    snap: Arc<Mutex<Option<Snapshot>>>,
+    wanted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SimStorage {
+    /// A member of a new cluster of `voters` (bootstrapped like the real log, from a snapshot
+    /// at index 1), or, with no voters, an empty member waiting to join.
+    pub(crate) fn new(voters: Vec<u64>) -> Self {
+        let s = SimStorage {
+            mem: MemStorage::new(),
+            snap: Default::default(),
+            wanted: Default::default(),
+        };
+        if !voters.is_empty() {
+            s.install_snapshot(&crate::storage::bootstrap_snapshot(&voters))
+                .expect("bootstrap snapshot");
+        }
+        s
+    }
+}
+
+impl raft::Storage for SimStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        self.mem.initial_state()
+    }
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        self.mem.entries(low, high, max_size, context)
+    }
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        self.mem.term(idx)
+    }
+    fn first_index(&self) -> raft::Result<u64> {
+        self.mem.first_index()
+    }
+    fn last_index(&self) -> raft::Result<u64> {
+        self.mem.last_index()
+    }
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        match &*self.snap.lock().expect("snap lock") {
+            Some(s) if crate::storage::snapshot_serves(s, request_index, to) => Ok(s.clone()),
+            _ => {
+                self.wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
+        }
+    }
+}
+
+impl LogStore for SimStorage {
     fn persist(
         &self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
         conf_state: Option<&ConfState>,
     ) -> Result<(), RaftError> {
-        let mut core = self.wl();
+        let mut core = self.mem.wl();
         core.append(entries)?;
         if let Some(hs) = hard_state {
             core.set_hardstate(hs.clone());
@@ -41,7 +103,29 @@ impl LogStore for MemStorage {
     }
 
     fn hard_state(&self) -> HardState {
-        self.rl().hard_state().clone()
+        self.mem.rl().hard_state().clone()
+    }
+
+    fn latest_snapshot(&self) -> Result<Option<Snapshot>, RaftError> {
+        Ok(self.snap.lock().expect("snap lock").clone())
+    }
+
+    fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), RaftError> {
+        *self.snap.lock().expect("snap lock") = Some(snap.clone());
+        let last = raft::Storage::last_index(&self.mem)?;
+        self.mem.wl().compact(compact_to.min(last))?;
+        Ok(())
+    }
+
+    fn take_snapshot_wanted(&self) -> bool {
+        self.wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn install_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError> {
+        *self.snap.lock().expect("snap lock") = Some(snap.clone());
+        self.mem.wl().apply_snapshot(snap.clone())?;
+        Ok(())
     }
 }
 
@@ -176,6 +260,8 @@ impl RaftTransport for SimTransport {
 pub struct SimCluster {
     pub net: Arc<SimNetwork>,
     nodes: Vec<(u64, RaftHandle)>,
+    storages: HashMap<u64, SimStorage>,
+    snapshot_every: u64,
     /// term → the leader seen in it.
     leaders: Arc<Mutex<HashMap<u64, u64>>>,
     violations: Arc<Mutex<Vec<String>>>,
@@ -186,12 +272,18 @@ impl SimCluster {
     /// independent processes do: with every node ticking at the same instant, two followers
     /// would time out in the same instant far more often than on real hosts, and split the vote.
     pub async fn new(n: u64, seed: u64) -> Self {
+        Self::with_snapshots(n, seed, raft_node::SNAPSHOT_EVERY).await
+    }
+
+    /// [`SimCluster::new`], taking a snapshot every `snapshot_every` applied entries.
+    pub async fn with_snapshots(n: u64, seed: u64, snapshot_every: u64) -> Self {
         let net = SimNetwork::new(seed);
         let mut rng = StdRng::seed_from_u64(seed ^ 0x7ace);
         let voters: Vec<u64> = (1..=n).collect();
         let leaders = Arc::new(Mutex::new(HashMap::new()));
         let violations = Arc::new(Mutex::new(Vec::new()));
         let mut nodes = Vec::new();
+        let mut storages = HashMap::new();
         let slot = TICK / n as u32;
         for &id in &voters {
             if id > 1 {
@@ -199,8 +291,10 @@ impl SimCluster {
                 let jitter = rng.random_range(0..slot.as_millis() as u64 / 2 + 1);
                 tokio::time::sleep(slot / 2 + Duration::from_millis(jitter)).await;
             }
-            let storage = MemStorage::new_with_conf_state((voters.clone(), vec![]));
-            let handle = raft_node::start(id, storage, net.transport(id)).expect("start raft node");
+            let storage = SimStorage::new(voters.clone());
+            storages.insert(id, storage.clone());
+            let handle = raft_node::start_with(id, storage, net.transport(id), snapshot_every)
+                .expect("start raft node");
             net.register(id, handle.clone());
             tokio::spawn(monitor(
                 handle.watch_status(),
@@ -212,9 +306,36 @@ impl SimCluster {
         SimCluster {
             net,
             nodes,
+            storages,
+            snapshot_every,
             leaders,
             violations,
         }
+    }
+
+    /// Starts node `id` with an empty log, not yet a member: it waits for the leader to add it.
+    pub fn spawn_joiner(&mut self, id: u64) -> RaftHandle {
+        let storage = SimStorage::new(vec![]);
+        self.storages.insert(id, storage.clone());
+        let handle =
+            raft_node::start_with(id, storage, self.net.transport(id), self.snapshot_every)
+                .expect("start raft node");
+        self.net.register(id, handle.clone());
+        tokio::spawn(monitor(
+            handle.watch_status(),
+            self.leaders.clone(),
+            self.violations.clone(),
+        ));
+        self.nodes.push((id, handle.clone()));
+        handle
+    }
+
+    /// The index of node `id`'s latest snapshot (0: none).
+    pub fn snapshot_index(&self, id: u64) -> u64 {
+        self.storages[&id]
+            .latest_snapshot()
+            .expect("sim storage")
+            .map_or(0, |s| s.get_metadata().index)
     }
 
     pub fn ids(&self) -> Vec<u64> {
@@ -374,7 +495,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn single_member_leads_at_once_and_serves_reads() {
-        let storage = MemStorage::new_with_conf_state((vec![1], vec![]));
+        let storage = SimStorage::new(vec![1]);
         let h = raft_node::start(1, storage, Arc::new(NoopTransport)).unwrap();
         h.propose(write(1)).await.unwrap();
         let idx = h.read_index().await.unwrap();
@@ -656,6 +777,123 @@ mod tests {
         for &id in &all {
             assert!((1..=30).all(|n| has(&c.node(id).store(), n)), "node {id}");
         }
+        c.assert_election_safety();
+    }
+
+    /// Forwards a follower's proposals straight to the leader's node, as the gRPC forwarder
+    /// does between processes.
+    struct SimForwarder(Vec<(u64, RaftHandle)>);
+
+    #[async_trait::async_trait]
+    impl raft_node::Forwarder for SimForwarder {
+        async fn forward(
+            &self,
+            leader: u64,
+            proposal: raft_node::Proposal,
+        ) -> Result<u64, RaftError> {
+            let (_, h) = self
+                .0
+                .iter()
+                .find(|(id, _)| *id == leader)
+                .ok_or(RaftError::NotLeader(0))?;
+            h.propose_local(proposal).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_forwards_writes_and_reads_its_own() {
+        let c = SimCluster::new(3, SEED).await;
+        let all = c.ids();
+        let fwd = Arc::new(SimForwarder(c.nodes.clone()));
+        for &id in &all {
+            c.node(id).set_forwarder(fwd.clone());
+        }
+        let leader = c.wait_leader(&all, Duration::from_secs(3)).await.unwrap();
+        let follower = *all.iter().find(|&&id| id != leader).unwrap();
+        for n in 1..=20 {
+            c.node(follower).propose(write(n)).await.unwrap();
+            assert!(has(&c.node(follower).store(), n), "write {n} not visible");
+        }
+        c.assert_election_safety();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lagging_follower_catches_up_from_a_snapshot() {
+        let c = SimCluster::with_snapshots(3, SEED, 20).await;
+        let all = c.ids();
+        let leader = c.wait_leader(&all, Duration::from_secs(3)).await.unwrap();
+        let lagging = *all.iter().find(|&&id| id != leader).unwrap();
+        c.net.cut(lagging);
+        // More than a snapshot period plus the kept tail, so the entries it misses are gone
+        // from the leader's log.
+        let n = raft_node::KEEP_ENTRIES + 100;
+        let mut tasks = Vec::new();
+        for i in 1..=n {
+            let h = c.node(leader).clone();
+            tasks.push(tokio::spawn(async move { h.propose(write(i)).await }));
+            if tasks.len() == 500 {
+                for t in tasks.drain(..) {
+                    t.await.unwrap().unwrap();
+                }
+            }
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        // Let the last snapshot be taken and saved.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            c.snapshot_index(leader) > raft_node::KEEP_ENTRIES,
+            "leader took snapshots"
+        );
+        c.net.recover();
+        let applied = c.status(leader).applied;
+        assert!(
+            c.wait_applied(&[lagging], applied, Duration::from_secs(5))
+                .await
+        );
+        assert!(
+            c.snapshot_index(lagging) > 1,
+            "caught up through a snapshot"
+        );
+        let (a, b) = (c.node(leader).store(), c.node(lagging).store());
+        assert_eq!(a.images, b.images);
+        c.assert_election_safety();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_joins_catches_up_and_leaves() {
+        let mut c = SimCluster::with_snapshots(1, SEED, 20).await;
+        let leader = c.wait_leader(&[1], Duration::from_secs(1)).await.unwrap();
+        for i in 1..=50 {
+            c.node(leader).propose(write(i)).await.unwrap();
+        }
+        let joiner = c.spawn_joiner(2);
+        let info = rudder_model::store::ManagerInfo {
+            addr: "h2:4243".into(),
+            registry: "h2:5000".into(),
+        };
+        c.node(leader).add_member(2, &info).await.unwrap();
+        assert_eq!(c.node(leader).store().managers.get(&2), Some(&info));
+        for i in 51..=60 {
+            c.node(leader).propose(write(i)).await.unwrap();
+        }
+        let applied = c.status(leader).applied;
+        assert!(c.wait_applied(&[2], applied, Duration::from_secs(3)).await);
+        let store = joiner.store();
+        assert!(
+            (1..=60).all(|n| has(&store, n)),
+            "the joiner has every write"
+        );
+        assert_eq!(store.managers.get(&2), Some(&info));
+        assert_eq!(c.status(2).voters, vec![1, 2]);
+
+        // Two voters: a write needs both. Remove the joiner, and the leader is alone again.
+        c.node(leader).remove_member(2).await.unwrap();
+        c.net.cut(2);
+        c.node(leader).propose(write(61)).await.unwrap();
+        assert!(!c.node(leader).store().managers.contains_key(&2));
+        assert_eq!(c.status(leader).voters, vec![1]);
         c.assert_election_safety();
     }
 }

@@ -8,12 +8,19 @@
 //! - The metadata (first/last index, hard and conf state) is mirrored in memory so the raft
 //!   core's frequent `term`/`last_index` calls do not open transactions; entries are read from
 //!   redb. raft-rs calls `Storage` through `&self`, hence the lock.
+//! - Snapshots: the latest snapshot's data lives in one file next to the database, written to a
+//!   temporary name, synced and renamed before its metadata is committed, so the metadata never
+//!   points at a partial file. Compaction keeps a tail of entries behind the snapshot, so a
+//!   follower that lags a little catches up from the log rather than with a whole snapshot.
+//!   `log_start` (the index just before the first stored entry) and the snapshot's index are
+//!   therefore different numbers: `log_start <= snapshot index`.
 
-use std::path::Path;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -24,6 +31,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub enum StorageErr {
     #[error("storage: redb: {0}")]
     Redb(String),
+    #[error("storage: snapshot file {0}: {1}")]
+    SnapshotFile(PathBuf, std::io::Error),
     #[error("storage: corrupt record {0}: {1}")]
     Corrupt(&'static str, String),
 }
@@ -47,9 +56,12 @@ redb_err!(
 struct Meta {
     hard_state: HardState,
     conf_state: ConfState,
-    /// Index and term of the last entry folded into a snapshot (0, 0 when none).
+    /// Index and term of the entry just before the first stored one (0, 0 when nothing was
+    /// ever compacted): raft's `first_index() - 1`.
     snapshot_index: u64,
     snapshot_term: u64,
+    /// The latest snapshot's metadata (index 0 when there is none).
+    snapshot: SnapshotMetadata,
     last_index: u64,
     last_term: u64,
 }
@@ -59,6 +71,10 @@ struct Meta {
 pub struct RedbStorage {
     db: Arc<Database>,
     meta: Arc<RwLock<Meta>>,
+    /// The latest snapshot's data.
+    snap_path: PathBuf,
+    /// Raft asked for a snapshot the latest one cannot serve (see [`raft::Storage::snapshot`]).
+    snapshot_wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RedbStorage {
@@ -75,6 +91,8 @@ impl RedbStorage {
         let s = RedbStorage {
             db: Arc::new(db),
             meta: Default::default(),
+            snap_path: path.with_extension("snap"),
+            snapshot_wanted: Default::default(),
         };
         s.load(voters)?;
         Ok(s)
@@ -101,6 +119,10 @@ impl RedbStorage {
                 m.snapshot_term = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
             }
         }
+        if let Some(v) = meta_t.get("snapshot_meta")? {
+            m.snapshot = SnapshotMetadata::parse_from_bytes(v.value())
+                .map_err(|e| StorageErr::Corrupt("snapshot_meta", e.to_string()))?;
+        }
         m.last_index = m.snapshot_index;
         m.last_term = m.snapshot_term;
         if let Some((k, v)) = entries.last()? {
@@ -111,12 +133,14 @@ impl RedbStorage {
         }
         drop((meta_t, entries, tx));
         *self.meta.write().expect("meta lock") = m;
-        if fresh {
-            let cs = ConfState {
-                voters: voters.to_vec(),
-                ..Default::default()
-            };
-            self.persist(&[], None, Some(&cs))?;
+        if fresh && !voters.is_empty() {
+            // Bootstrap: the initial configuration is a snapshot at index 1 (term 1) of the
+            // empty store rather than state only this log knows, so every member that joins
+            // later starts from the same point: raft sends it this snapshot first.
+            self.install_snapshot(&bootstrap_snapshot(voters))?;
+        } else if fresh {
+            // A joining member: empty until the leader sends a snapshot.
+            self.persist(&[], None, Some(&ConfState::default()))?;
         }
         Ok(())
     }
@@ -175,6 +199,157 @@ impl RedbStorage {
     pub fn hard_state(&self) -> HardState {
         self.meta.read().expect("meta lock").hard_state.clone()
     }
+
+    /// Whether raft asked for a snapshot the latest one could not serve (and clears the flag).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The latest snapshot, data included (`None` when none was ever taken or installed).
+    pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StorageErr> {
+        let meta = self.meta.read().expect("meta lock").snapshot.clone();
+        if meta.index == 0 {
+            return Ok(None);
+        }
+        let data = std::fs::read(&self.snap_path)
+            .map_err(|e| StorageErr::SnapshotFile(self.snap_path.clone(), e))?;
+        let mut snap = Snapshot::default();
+        snap.set_metadata(meta);
+        snap.data = data.into();
+        Ok(Some(snap))
+    }
+
+    fn write_snapshot_file(&self, data: &[u8]) -> Result<(), StorageErr> {
+        let tmp = self.snap_path.with_extension("snap.tmp");
+        let io = |e| StorageErr::SnapshotFile(tmp.clone(), e);
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(data).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, &self.snap_path)
+            .map_err(|e| StorageErr::SnapshotFile(self.snap_path.clone(), e))?;
+        Ok(())
+    }
+
+    /// Records a snapshot this node took of its own applied state and drops the entries before
+    /// `compact_to` (keeping a tail behind the snapshot for slightly lagging followers).
+    pub fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), StorageErr> {
+        self.write_snapshot_file(&snap.data)?;
+        let md = snap.get_metadata();
+        let (start, last) = {
+            let m = self.meta.read().expect("meta lock");
+            (m.snapshot_index, m.last_index)
+        };
+        let compact_to = compact_to.min(md.index).min(last);
+        let new_start = if compact_to > start + 1 {
+            compact_to - 1
+        } else {
+            start
+        };
+        let new_start_term = if new_start == start {
+            self.meta.read().expect("meta lock").snapshot_term
+        } else {
+            raft::Storage::term(self, new_start)
+                .map_err(|e| StorageErr::Corrupt("compaction point", e.to_string()))?
+        };
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(ENTRIES)?;
+            for i in start + 1..=new_start {
+                t.remove(i)?;
+            }
+            let mut m = tx.open_table(META)?;
+            let b = md
+                .write_to_bytes()
+                .map_err(|e| StorageErr::Corrupt("snapshot_meta", e.to_string()))?;
+            m.insert("snapshot_meta", b.as_slice())?;
+            let mut pos = new_start.to_le_bytes().to_vec();
+            pos.extend_from_slice(&new_start_term.to_le_bytes());
+            m.insert("snapshot", pos.as_slice())?;
+        }
+        tx.commit()?;
+        let mut m = self.meta.write().expect("meta lock");
+        m.snapshot = md.clone();
+        m.snapshot_index = new_start;
+        m.snapshot_term = new_start_term;
+        Ok(())
+    }
+
+    /// Installs a snapshot received from the leader: it replaces the whole log, and the
+    /// snapshot's conf state and index become this node's.
+    pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), StorageErr> {
+        self.write_snapshot_file(&snap.data)?;
+        let md = snap.get_metadata();
+        let (last, mut hs) = {
+            let m = self.meta.read().expect("meta lock");
+            (m.last_index, m.hard_state.clone())
+        };
+        hs.commit = hs.commit.max(md.index);
+        hs.term = hs.term.max(md.term);
+        let start = self.meta.read().expect("meta lock").snapshot_index;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(ENTRIES)?;
+            for i in start + 1..=last {
+                t.remove(i)?;
+            }
+            let mut m = tx.open_table(META)?;
+            let enc = |what: &'static str, r: protobuf::ProtobufResult<Vec<u8>>| {
+                r.map_err(|e| StorageErr::Corrupt(what, e.to_string()))
+            };
+            m.insert(
+                "snapshot_meta",
+                enc("snapshot_meta", md.write_to_bytes())?.as_slice(),
+            )?;
+            m.insert(
+                "conf_state",
+                enc("conf_state", md.get_conf_state().write_to_bytes())?.as_slice(),
+            )?;
+            m.insert(
+                "hard_state",
+                enc("hard_state", hs.write_to_bytes())?.as_slice(),
+            )?;
+            let mut pos = md.index.to_le_bytes().to_vec();
+            pos.extend_from_slice(&md.term.to_le_bytes());
+            m.insert("snapshot", pos.as_slice())?;
+        }
+        tx.commit()?;
+        let mut m = self.meta.write().expect("meta lock");
+        m.snapshot = md.clone();
+        m.snapshot_index = md.index;
+        m.snapshot_term = md.term;
+        m.last_index = md.index;
+        m.last_term = md.term;
+        m.conf_state = md.get_conf_state().clone();
+        m.hard_state = hs;
+        Ok(())
+    }
+}
+
+/// Whether `snap` can bring member `to` up to `request_index`. A member added after the snapshot
+/// was taken is not in its conf state, and raft refuses to install such a snapshot: the node
+/// must take a fresh one (the storage then reports `SnapshotTemporarilyUnavailable` and raft
+/// asks again on a later probe).
+pub fn snapshot_serves(snap: &Snapshot, request_index: u64, to: u64) -> bool {
+    let md = snap.get_metadata();
+    let cs = md.get_conf_state();
+    md.index >= request_index && (cs.voters.contains(&to) || cs.learners.contains(&to))
+}
+
+/// The first snapshot of a new cluster: the empty store at index 1, term 1, with `voters`.
+pub fn bootstrap_snapshot(voters: &[u64]) -> Snapshot {
+    let mut snap = Snapshot {
+        data: serde_json::to_vec(&rudder_model::Store::default())
+            .expect("the store serializes")
+            .into(),
+        ..Default::default()
+    };
+    let md = snap.mut_metadata();
+    md.index = 1;
+    md.term = 1;
+    md.mut_conf_state().voters = voters.to_vec();
+    snap
 }
 
 fn store_err(e: StorageErr) -> raft::Error {
@@ -273,12 +448,18 @@ impl raft::Storage for RedbStorage {
         Ok(self.meta.read().expect("meta lock").last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots and compaction arrive with multi-member groups; until then a follower never
-        // lags behind a compacted log.
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        match self.latest_snapshot() {
+            Ok(Some(s)) if snapshot_serves(&s, request_index, to) => Ok(s),
+            Ok(_) => {
+                self.snapshot_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Err(raft::Error::Store(
+                    StorageError::SnapshotTemporarilyUnavailable,
+                ))
+            }
+            Err(e) => Err(store_err(e)),
+        }
     }
 }
 
@@ -303,36 +484,98 @@ mod tests {
         {
             let s = RedbStorage::open(&path, &[1]).unwrap();
             assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1]);
+            // Bootstrapped from a snapshot at index 1.
+            assert_eq!(s.first_index().unwrap(), 2);
+            assert_eq!(s.term(1).unwrap(), 1);
             let hs = HardState {
                 term: 2,
-                commit: 2,
+                commit: 3,
                 ..Default::default()
             };
             s.persist(
-                &[entry(1, 1, b"a"), entry(2, 2, b"b"), entry(3, 2, b"c")],
+                &[entry(2, 1, b"a"), entry(3, 2, b"b"), entry(4, 2, b"c")],
                 Some(&hs),
                 None,
             )
             .unwrap();
-            // A new leader overwrites index 3 onwards.
-            s.persist(&[entry(3, 3, b"x")], None, None).unwrap();
-            assert_eq!(s.last_index().unwrap(), 3);
-            assert_eq!(s.term(3).unwrap(), 3);
+            // A new leader overwrites index 4 onwards.
+            s.persist(&[entry(4, 3, b"x")], None, None).unwrap();
+            assert_eq!(s.last_index().unwrap(), 4);
+            assert_eq!(s.term(4).unwrap(), 3);
         }
         let s = RedbStorage::open(&path, &[7]).unwrap();
         let st = s.initial_state().unwrap();
         assert_eq!(st.conf_state.voters, vec![1], "existing conf state kept");
-        assert_eq!(st.hard_state.commit, 2);
-        assert_eq!(s.first_index().unwrap(), 1);
-        assert_eq!(s.last_index().unwrap(), 3);
-        assert_eq!(s.term(2).unwrap(), 2);
-        assert_eq!(s.term(0).unwrap(), 0);
+        assert_eq!(st.hard_state.commit, 3);
+        assert_eq!(s.first_index().unwrap(), 2);
+        assert_eq!(s.last_index().unwrap(), 4);
+        assert_eq!(s.term(3).unwrap(), 2);
         let es = s
-            .entries(1, 4, None, GetEntriesContext::empty(false))
+            .entries(2, 5, None, GetEntriesContext::empty(false))
             .unwrap();
         let data: Vec<&[u8]> = es.iter().map(|e| &e.data[..]).collect();
         assert_eq!(data, [b"a", b"b", b"x"]);
-        let one = s.entries(1, 4, 1, GetEntriesContext::empty(false)).unwrap();
+        let one = s.entries(2, 5, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(one.len(), 1, "max_size still returns one entry");
+    }
+
+    fn snapshot_at(index: u64, term: u64, voters: &[u64], data: &[u8]) -> Snapshot {
+        let mut snap = Snapshot {
+            data: data.to_vec().into(),
+            ..Default::default()
+        };
+        let md = snap.mut_metadata();
+        md.index = index;
+        md.term = term;
+        md.mut_conf_state().voters = voters.to_vec();
+        snap
+    }
+
+    #[test]
+    fn snapshots_compact_survive_reopen_and_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let es: Vec<Entry> = (2..=100).map(|i| entry(i, 1, b"e")).collect();
+            s.persist(&es, None, None).unwrap();
+            // A snapshot at 80, compacting up to 50: entries 50.. stay.
+            s.save_snapshot(&snapshot_at(80, 1, &[1], b"store@80"), 50)
+                .unwrap();
+            assert_eq!(s.first_index().unwrap(), 50);
+            assert_eq!(s.term(49).unwrap(), 1);
+            assert!(matches!(
+                s.entries(10, 20, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(StorageError::Compacted))
+            ));
+            // A member outside the snapshot's conf state cannot be served from it.
+            assert!(s.snapshot(0, 1).is_ok());
+            assert!(s.snapshot(0, 2).is_err());
+            assert!(s.take_snapshot_wanted());
+            assert!(!s.take_snapshot_wanted(), "the flag clears");
+        }
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        assert_eq!(s.first_index().unwrap(), 50);
+        assert_eq!(s.last_index().unwrap(), 100);
+        let snap = s.latest_snapshot().unwrap().unwrap();
+        assert_eq!(snap.get_metadata().index, 80);
+        assert_eq!(&snap.data[..], b"store@80");
+
+        // A snapshot from the leader replaces the whole log.
+        s.install_snapshot(&snapshot_at(500, 4, &[1, 2], b"store@500"))
+            .unwrap();
+        assert_eq!(s.first_index().unwrap(), 501);
+        assert_eq!(s.last_index().unwrap(), 500);
+        assert_eq!(s.term(500).unwrap(), 4);
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.conf_state.voters, vec![1, 2]);
+        assert_eq!(st.hard_state.commit, 500);
+        drop(s);
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        assert_eq!(s.first_index().unwrap(), 501);
+        assert_eq!(
+            &s.latest_snapshot().unwrap().unwrap().data[..],
+            b"store@500"
+        );
     }
 }

@@ -373,8 +373,21 @@ pub struct Store {
     /// repo → reference (tag, or the manifest's own digest) → manifest. Every manifest of a
     /// repository has an entry under its digest; tags point at those.
     pub images: BTreeMap<String, BTreeMap<String, ImageRecord>>,
+    /// The controllers: raft member id → where to reach it. Changed only by raft membership
+    /// changes (the addresses travel in the conf change's context), never by a command.
+    #[serde(default)]
+    pub managers: BTreeMap<u64, ManagerInfo>,
     /// Index of the last applied entry.
     pub applied: u64,
+}
+
+/// How to reach one controller.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagerInfo {
+    /// gRPC `host:port` (control API, dispatcher, raft peers).
+    pub addr: String,
+    /// Registry `host:port`.
+    pub registry: String,
 }
 
 /// The named service, or the `NotFound` error commands report.
@@ -389,6 +402,20 @@ fn service_mut<'a>(
 }
 
 impl Store {
+    /// Records a membership change applied at `index`: `Some` adds or updates the member,
+    /// `None` removes it.
+    pub fn set_manager(&mut self, index: u64, id: u64, info: Option<ManagerInfo>) {
+        self.applied = index;
+        match info {
+            Some(i) => {
+                self.managers.insert(id, i);
+            }
+            None => {
+                self.managers.remove(&id);
+            }
+        }
+    }
+
     /// Applies one committed entry. Errors leave the store unchanged for that command (a batch
     /// applies what it can: its parts race with other writers by design).
     pub fn apply(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
