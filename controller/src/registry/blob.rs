@@ -3,7 +3,8 @@
 //! Layout under the root directory:
 //! - `blobs/sha256/<hex>`: finished blobs (layers, configs and manifests alike);
 //! - `uploads/<id>`: an upload in progress, `<id>` being 32 random lowercase hex digits;
-//! - `uploads/tmp-<random>`: scratch files of [`BlobStore::put_bytes`].
+//! - `uploads/tmp-<random>`: scratch files of [`BlobStore::put_bytes`] and
+//!   [`BlobStore::put_stream`].
 //!
 //! Invariants:
 //! - a file under `blobs/sha256/` always holds exactly the bytes whose sha256 is its name: it
@@ -159,6 +160,48 @@ impl BlobStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result.map(|()| digest)
+    }
+
+    /// Stores a blob streamed from `body` (e.g. fetched from a peer registry) if its content
+    /// hashes to `expected`; `len`, when known, must be exactly what the body delivers. The
+    /// bytes go to a scratch file while they are hashed; on a mismatch or a broken body the
+    /// scratch file is removed and nothing is stored. Idempotent. Returns the blob's size.
+    pub async fn put_stream<S, E>(
+        &self,
+        expected: &Digest,
+        len: Option<u64>,
+        body: S,
+    ) -> Result<u64, RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let tmp = self.upload_path(&format!("tmp-{}", random_id()));
+        tokio::fs::File::create(&tmp)
+            .await
+            .map_err(RegistryError::io("create blob file"))?;
+        let result = async {
+            let mut hasher = Sha256::new();
+            let size = write_chunk(&tmp, 0, len, body, &mut hasher).await?;
+            let actual = Digest::from_hasher(hasher);
+            if &actual != expected {
+                return Err(RegistryError::DigestMismatch {
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+            self.commit_upload(&tmp, expected).await?;
+            Ok(size)
+        }
+        .await;
+        // Committed (renamed away), refused, or the blob was already there: the scratch file
+        // is no longer needed either way.
+        match tokio::fs::remove_file(&tmp).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => tracing::warn!(%err, "removing a scratch blob file"),
+        }
+        result
     }
 
     /// Atomically moves a synced file into place as the blob `digest`.
@@ -582,6 +625,52 @@ mod tests {
             store.upload_size("r", &id).await,
             Err(RegistryError::UploadUnknown(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn put_stream_checks_digest_and_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let digest = Digest::of(b"hello world");
+        // Wrong content, short body, broken body: nothing stored, no scratch file left.
+        let wrong = store
+            .put_stream(&digest, None, body(&[b"hello there"]))
+            .await;
+        assert!(
+            matches!(wrong, Err(RegistryError::DigestMismatch { .. })),
+            "{wrong:?}"
+        );
+        let short = store
+            .put_stream(&digest, Some(20), body(&[b"hello world"]))
+            .await;
+        assert!(
+            matches!(short, Err(RegistryError::UploadInvalid(_))),
+            "{short:?}"
+        );
+        let broken = futures::stream::iter(vec![Ok(Bytes::from_static(b"hello")), Err("reset")]);
+        let broken = store.put_stream(&digest, None, broken).await;
+        assert!(matches!(broken, Err(RegistryError::Body(_))), "{broken:?}");
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+        assert!(std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .next()
+            .is_none());
+
+        for _ in 0..2 {
+            let stored = store
+                .put_stream(&digest, Some(11), body(&[b"hello", b" world"]))
+                .await
+                .unwrap();
+            assert_eq!(stored, 11);
+        }
+        assert_eq!(
+            std::fs::read(store.blob_path(&digest)).unwrap(),
+            b"hello world"
+        );
+        assert!(std::fs::read_dir(dir.path().join("uploads"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 
     #[tokio::test]

@@ -56,6 +56,9 @@ pub enum RegistryError {
     /// The replicated tag store refused or could not commit (e.g. no raft leader).
     #[error("registry: tag store: {0}")]
     TagStore(String),
+    /// The HTTP client for peer registries could not be built.
+    #[error("registry: peer client: {0}")]
+    PeerClient(String),
     #[error("registry: {op}: {source}")]
     Io {
         op: &'static str,
@@ -89,7 +92,7 @@ impl RegistryError {
             NotFound(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
             MethodNotAllowed(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
             TagStore(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
-            Io { .. } => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
+            PeerClient(_) | Io { .. } => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
 }

@@ -8,7 +8,9 @@
 //! Invariants: every response carries `Docker-Distribution-API-Version: registry/2.0`; a
 //! repository name is validated before any storage is touched; blob bodies are streamed in
 //! both directions, never buffered whole; a manifest is accepted only once all the blobs it
-//! references are present, and its bytes are stored before its tag is published.
+//! references are present, and its bytes are stored before its tag is published; a blob or
+//! manifest missing on disk is read through from the peers unless the request itself comes
+//! from a peer (see `peers`).
 
 use std::collections::HashMap;
 
@@ -24,6 +26,7 @@ use tracing::Instrument;
 
 use super::manifest::{self, MAX_MANIFEST_BYTES};
 use super::names::{is_digest_reference, validate_name, validate_tag, Digest};
+use super::peers::{ensure_local, LOCAL_ONLY};
 use super::tags::paginate;
 use super::{RegistryError, RegistryState};
 
@@ -144,6 +147,9 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
         .map(|Query(q)| q)
         .map_err(|e| RegistryError::Unsupported(format!("malformed query string: {e}")))?;
     let method = req.method().clone();
+    // A peer reading through must be answered from disk alone, or two peers missing the
+    // same blob would ask each other in a loop.
+    let read_through = !req.headers().contains_key(LOCAL_ONLY);
     let wrong_method = || Err(RegistryError::MethodNotAllowed(method.to_string()));
     match route {
         Route::Base => match method {
@@ -164,8 +170,10 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
         Route::Manifest { name, reference } => {
             validate_name(&name)?;
             match method {
-                Method::GET => get_manifest(&state, &name, &reference, true).await,
-                Method::HEAD => get_manifest(&state, &name, &reference, false).await,
+                Method::GET | Method::HEAD => {
+                    let with_body = method == Method::GET;
+                    get_manifest(&state, &name, &reference, with_body, read_through).await
+                }
                 Method::PUT => put_manifest(&state, &name, &reference, req).await,
                 Method::DELETE => delete_manifest(&state, &name, &reference).await,
                 _ => wrong_method(),
@@ -175,8 +183,11 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
             validate_name(&name)?;
             let digest = Digest::parse(&digest)?;
             match method {
-                Method::GET => get_blob(&state, &digest, req.headers(), true).await,
-                Method::HEAD => get_blob(&state, &digest, req.headers(), false).await,
+                Method::GET | Method::HEAD => {
+                    let with_body = method == Method::GET;
+                    let headers = req.headers();
+                    get_blob(&state, &name, &digest, headers, with_body, read_through).await
+                }
                 Method::DELETE => delete_blob(&state, &digest).await,
                 _ => wrong_method(),
             }
@@ -286,15 +297,21 @@ async fn get_manifest(
     name: &str,
     reference: &str,
     with_body: bool,
+    read_through: bool,
 ) -> Result<Response, RegistryError> {
     let unknown = || RegistryError::ManifestUnknown(format!("{name}:{reference}"));
     let found = state.tags.resolve(name, reference).ok_or_else(unknown)?;
     let digest = Digest::parse(&found.digest)?;
-    let bytes = state
-        .blobs
-        .read(&digest, MAX_MANIFEST_BYTES as u64)
-        .await?
-        .ok_or_else(unknown)?;
+    let limit = MAX_MANIFEST_BYTES as u64;
+    let bytes = match state.blobs.read(&digest, limit).await? {
+        Some(bytes) => Some(bytes),
+        // The record is replicated, its bytes may not be yet.
+        None if read_through && ensure_local(state, name, &digest, Some(limit)).await? => {
+            state.blobs.read(&digest, limit).await?
+        }
+        None => None,
+    };
+    let bytes = bytes.ok_or_else(unknown)?;
     let headers = vec![
         (header::CONTENT_TYPE, found.media_type),
         (header::CONTENT_LENGTH, bytes.len().to_string()),
@@ -419,11 +436,20 @@ fn parse_byte_range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), 
 
 async fn get_blob(
     state: &RegistryState,
+    name: &str,
     digest: &Digest,
     req_headers: &HeaderMap,
     with_body: bool,
+    read_through: bool,
 ) -> Result<Response, RegistryError> {
-    let Some((mut file, len)) = state.blobs.open_blob(digest).await? else {
+    let opened = match state.blobs.open_blob(digest).await? {
+        Some(opened) => Some(opened),
+        None if read_through && ensure_local(state, name, digest, None).await? => {
+            state.blobs.open_blob(digest).await?
+        }
+        None => None,
+    };
+    let Some((mut file, len)) = opened else {
         return Err(RegistryError::BlobUnknown(digest.to_string()));
     };
     let mut status = StatusCode::OK;

@@ -28,6 +28,9 @@ pub struct ParsedManifest {
     pub media_type: String,
     /// Blobs (configs, layers, child manifests) that must exist for the push to succeed.
     pub references: Vec<Digest>,
+    /// Those references that are manifests themselves (an index's `manifests`), whose own
+    /// references a replica must follow too.
+    pub children: Vec<Digest>,
 }
 
 /// Parses manifest `bytes` pushed with `content_type` (if the client sent one).
@@ -89,6 +92,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
     }
 
     let mut references = Vec::new();
+    let mut children = Vec::new();
     if let Some(config) = obj.get("config") {
         references.push(descriptor_digest(config, "config")?);
     }
@@ -103,9 +107,13 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
                 .and_then(Value::as_array)
                 .is_some_and(|u| !u.is_empty());
             let digest = descriptor_digest(d, key)?;
-            if !foreign {
-                references.push(digest);
+            if foreign {
+                continue;
             }
+            if key == "manifests" {
+                children.push(digest.clone());
+            }
+            references.push(digest);
         }
     }
     if let Some(subject) = obj.get("subject") {
@@ -114,6 +122,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<ParsedManifest,
     Ok(ParsedManifest {
         media_type,
         references,
+        children,
     })
 }
 
@@ -149,6 +158,7 @@ mod tests {
         assert_eq!(p.media_type, OCI_MANIFEST);
         let refs: Vec<_> = p.references.iter().map(Digest::to_string).collect();
         assert_eq!(refs, [d('a'), d('b')]);
+        assert!(p.children.is_empty());
         // mediaType alone suffices; a contradicting header does not.
         assert_eq!(parse(&bytes, None).unwrap().media_type, OCI_MANIFEST);
         assert!(parse(&bytes, Some(DOCKER_MANIFEST)).is_err());
@@ -163,6 +173,7 @@ mod tests {
         let p = parse(&serde_json::to_vec(&m).unwrap(), None).unwrap();
         assert_eq!(p.media_type, OCI_INDEX);
         assert_eq!(p.references, [Digest::parse(&d('f')).unwrap()]);
+        assert_eq!(p.children, p.references);
     }
 
     #[test]

@@ -8,18 +8,22 @@
 //!   a standalone registry;
 //! - [`manifest`]: pure parsing of pushed manifests (media type, referenced blobs);
 //! - [`names`]: pure validation of repository names, tags and digests;
+//! - `peers`: blobs missing here are read through from the other managers' registries
+//!   ([`PeerRegistries`]) and copied ahead of need by [`replicate_manifest`];
 //! - `http`: the endpoints.
 //!
 //! Invariants: manifests are stored as ordinary blobs (their digest is over the exact bytes
 //! pushed) and are published in the tag store only after those bytes and every blob they
 //! reference are on disk; blobs are shared by all repositories, while manifests and tags
-//! belong to one repository.
+//! belong to one repository. Blob bytes are not replicated through Raft: a controller that
+//! lacks one fetches it from a peer and stores it only once it hashes to its digest.
 
 pub mod blob;
 mod error;
 mod http;
 pub mod manifest;
 pub mod names;
+mod peers;
 pub mod tags;
 
 #[cfg(test)]
@@ -34,6 +38,7 @@ use axum::routing::any;
 pub use blob::BlobStore;
 pub use error::RegistryError;
 pub use names::Digest;
+pub use peers::{replicate_manifest, PeerRegistries, StaticPeers};
 pub use tags::{ManifestRef, MemTagStore, TagStore};
 
 /// The port a registry listens on unless configured otherwise.
@@ -44,11 +49,24 @@ pub const DEFAULT_PORT: u16 = 5000;
 pub struct RegistryState {
     blobs: BlobStore,
     tags: Arc<dyn TagStore>,
+    /// Where missing blobs are fetched from; `None` for a registry on its own.
+    peers: Option<Arc<peers::PeerFetcher>>,
 }
 
 impl RegistryState {
+    /// A registry with no peers: a blob missing here is unknown.
     pub fn new(blobs: BlobStore, tags: Arc<dyn TagStore>) -> Self {
-        Self { blobs, tags }
+        Self {
+            blobs,
+            tags,
+            peers: None,
+        }
+    }
+
+    /// Reads blobs missing here through from `peers` (the other managers' registries).
+    pub fn with_peers(mut self, peers: Arc<dyn PeerRegistries>) -> Result<Self, RegistryError> {
+        self.peers = Some(Arc::new(peers::PeerFetcher::new(peers)?));
+        Ok(self)
     }
 
     /// The blob store, e.g. for replicating blobs between controllers or purging uploads.
@@ -65,6 +83,7 @@ impl std::fmt::Debug for RegistryState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryState")
             .field("blobs", &self.blobs)
+            .field("peers", &self.peers)
             .finish_non_exhaustive()
     }
 }

@@ -1,8 +1,11 @@
 //! End-to-end tests: a real server on 127.0.0.1:0 over a tempdir and a [`MemTagStore`],
-//! driven over HTTP with reqwest, and (when installed) by skopeo.
+//! driven over HTTP with reqwest, and (when installed) by skopeo. Read-through tests run two
+//! such servers sharing one tag store, as the managers of a cluster share the Raft one.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use reqwest::{Client, Method, Response, StatusCode};
 use serde_json::{json, Value};
@@ -25,9 +28,17 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_with(Arc::new(MemTagStore::new()), None).await
+    }
+
+    /// A server over its own blob directory, with the given tag store and peers.
+    async fn start_with(tags: Arc<dyn TagStore>, peers: Option<Arc<dyn PeerRegistries>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(dir.path().join("registry")).unwrap();
-        let state = RegistryState::new(blobs, Arc::new(MemTagStore::new()));
+        let mut state = RegistryState::new(blobs, tags);
+        if let Some(peers) = peers {
+            state = state.with_peers(peers).unwrap();
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -739,4 +750,374 @@ async fn skopeo_round_trip() {
         pulled,
         std::fs::read(src.join("blobs/sha256").join(layer_d.hex())).unwrap()
     );
+}
+
+/// Peers a test can change after the servers started (their ports are only known then).
+#[derive(Default)]
+struct SetPeers(Mutex<Vec<String>>);
+
+impl SetPeers {
+    fn set(&self, peers: &[&str]) {
+        *self.0.lock().unwrap() = peers.iter().map(|p| (*p).to_owned()).collect();
+    }
+}
+
+impl PeerRegistries for SetPeers {
+    fn peers(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A peer that answers every request carrying the local-only header with the same body,
+/// after `delay`, and counts those requests; a request without the header gets a 400.
+struct FakePeer {
+    base: String,
+    hits: Arc<AtomicUsize>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl FakePeer {
+    async fn start(body: &[u8], delay: Duration) -> Self {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let body = bytes::Bytes::copy_from_slice(body);
+        let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let (body, counted) = (body.clone(), counted.clone());
+            async move {
+                if !headers.contains_key("rudder-local-only") {
+                    return (StatusCode::BAD_REQUEST, bytes::Bytes::new());
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                (StatusCode::OK, body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            base,
+            hits,
+            _stop: stop,
+        }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// Two managers sharing a tag store; `b` reads through from `a` (peers settable on both).
+struct Pair {
+    a: Server,
+    b: Server,
+    a_peers: Arc<SetPeers>,
+    b_peers: Arc<SetPeers>,
+}
+
+impl Pair {
+    async fn start() -> Self {
+        let tags: Arc<dyn TagStore> = Arc::new(MemTagStore::new());
+        let a_peers = Arc::new(SetPeers::default());
+        let b_peers = Arc::new(SetPeers::default());
+        let a = Server::start_with(tags.clone(), Some(a_peers.clone())).await;
+        let b = Server::start_with(tags, Some(b_peers.clone())).await;
+        b_peers.set(&[&a.base]);
+        Self {
+            a,
+            b,
+            a_peers,
+            b_peers,
+        }
+    }
+}
+
+/// An image pushed to a registry: its manifest and every blob, by digest.
+struct Image {
+    manifest: Digest,
+    manifest_bytes: Vec<u8>,
+    blobs: Vec<(Digest, Vec<u8>)>,
+}
+
+impl Server {
+    /// Pushes a config and `layers` and tags a manifest over them `repo:tag`.
+    async fn push_image(&self, repo: &str, tag: &str, layers: &[Vec<u8>]) -> Image {
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let config_d = self.push_blob(repo, &config).await;
+        let mut blobs = vec![(config_d.clone(), config.clone())];
+        for layer in layers {
+            blobs.push((self.push_blob(repo, layer).await, layer.clone()));
+        }
+        let refs: Vec<(&Digest, usize)> = blobs[1..].iter().map(|(d, b)| (d, b.len())).collect();
+        let manifest_bytes = image_manifest(&config_d, config.len(), &refs);
+        let resp = self
+            .put_manifest(repo, tag, OCI_MANIFEST, &manifest_bytes)
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        Image {
+            manifest: Digest::of(&manifest_bytes),
+            manifest_bytes,
+            blobs,
+        }
+    }
+
+    fn has_blob(&self, digest: &Digest) -> bool {
+        self.state.blobs().blob_path(digest).exists()
+    }
+
+    fn uploads_dir_is_empty(&self) -> bool {
+        std::fs::read_dir(self.state.blobs().root().join("uploads"))
+            .unwrap()
+            .next()
+            .is_none()
+    }
+
+    /// GETs a blob and checks its bytes.
+    async fn assert_serves_blob(&self, repo: &str, digest: &Digest, want: &[u8]) {
+        let resp = self
+            .send(Method::GET, &format!("/v2/{repo}/blobs/{digest}"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK, "{digest}");
+        assert_eq!(header(&resp, "docker-content-digest"), digest.as_str());
+        assert_eq!(resp.bytes().await.unwrap(), want, "{digest}");
+    }
+}
+
+fn layer(seed: u32, len: u32) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn pull_from_a_peer_reads_every_blob_through() {
+    let p = Pair::start().await;
+    let repo = "team/app";
+    // One layer bigger than a read chunk and the write buffer, to stream in several pieces.
+    let image =
+        p.a.push_image(repo, "v1", &[layer(1, 3 << 20), layer(2, 1000)])
+            .await;
+    assert_eq!(p.b.blob_files(), 0);
+
+    // The manifest: its record is shared, its bytes come from A.
+    let resp =
+        p.b.send(Method::GET, &format!("/v2/{repo}/manifests/v1"))
+            .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-type"), OCI_MANIFEST);
+    assert_eq!(
+        header(&resp, "docker-content-digest"),
+        image.manifest.as_str()
+    );
+    assert_eq!(resp.bytes().await.unwrap(), image.manifest_bytes);
+    assert!(p.b.has_blob(&image.manifest));
+
+    // HEAD reads through too, and answers with the real size.
+    let (first, first_bytes) = &image.blobs[1];
+    let resp =
+        p.b.send(Method::HEAD, &format!("/v2/{repo}/blobs/{first}"))
+            .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        header(&resp, "content-length"),
+        first_bytes.len().to_string()
+    );
+    assert!(p.b.has_blob(first));
+
+    for (digest, bytes) in &image.blobs {
+        p.b.assert_serves_blob(repo, digest, bytes).await;
+    }
+    assert_eq!(p.b.blob_files(), 1 + image.blobs.len());
+    for (digest, bytes) in &image.blobs {
+        assert_eq!(
+            &std::fs::read(p.b.state.blobs().blob_path(digest)).unwrap(),
+            bytes
+        );
+    }
+    assert!(p.b.uploads_dir_is_empty());
+
+    // B now serves the image on its own.
+    p.b_peers.set(&[]);
+    drop(p.a);
+    let resp =
+        p.b.send(Method::GET, &format!("/v2/{repo}/manifests/v1"))
+            .await;
+    assert_eq!(resp.bytes().await.unwrap(), image.manifest_bytes);
+    for (digest, bytes) in &image.blobs {
+        p.b.assert_serves_blob(repo, digest, bytes).await;
+    }
+}
+
+#[tokio::test]
+async fn corrupt_or_dead_peers_are_skipped() {
+    let p = Pair::start().await;
+    let data = layer(3, 4096);
+    let digest = p.a.push_blob("x/y", &data).await;
+    let liar = FakePeer::start(b"not what you asked for", Duration::ZERO).await;
+    // Port 1 on loopback refuses connections: a dead manager.
+    let dead = "http://127.0.0.1:1";
+    p.b_peers.set(&[dead, &liar.base, &p.a.base]);
+
+    p.b.assert_serves_blob("x/y", &digest, &data).await;
+    assert_eq!(liar.hits(), 1);
+    assert_eq!(p.b.blob_files(), 1);
+    assert!(p.b.has_blob(&digest));
+    assert!(p.b.uploads_dir_is_empty());
+
+    // Only the liar: refused, nothing stored, the spec's 404.
+    p.b_peers.set(&[dead, &liar.base]);
+    let other = Digest::of(b"some other layer");
+    for method in [Method::HEAD, Method::GET] {
+        let resp =
+            p.b.send(method.clone(), &format!("/v2/x/y/blobs/{other}"))
+                .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method}");
+        if method == Method::GET {
+            assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
+        }
+    }
+    assert_eq!(liar.hits(), 3);
+    assert_eq!(p.b.blob_files(), 1);
+    assert!(!p.b.has_blob(&Digest::of(b"not what you asked for")));
+    assert!(p.b.uploads_dir_is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_misses_download_once() {
+    let data = layer(4, 100_000);
+    let digest = Digest::of(&data);
+    let slow = FakePeer::start(&data, Duration::from_millis(300)).await;
+    let peers = Arc::new(SetPeers::default());
+    peers.set(&[&slow.base]);
+    let b = Arc::new(Server::start_with(Arc::new(MemTagStore::new()), Some(peers)).await);
+    let pulls: Vec<_> = (0..4)
+        .map(|_| {
+            let (b, digest, data) = (b.clone(), digest.clone(), data.clone());
+            tokio::spawn(async move { b.assert_serves_blob("r", &digest, &data).await })
+        })
+        .collect();
+    for pull in pulls {
+        pull.await.unwrap();
+    }
+    assert_eq!(slow.hits(), 1);
+    assert!(b.has_blob(&digest));
+}
+
+#[tokio::test]
+async fn blob_missing_everywhere_is_blob_unknown() {
+    let p = Pair::start().await;
+    // Each asks the other: a request from a peer must not be read through again.
+    p.a_peers.set(&[&p.b.base]);
+    let missing = Digest::of(b"nobody has this");
+    for s in [&p.a, &p.b] {
+        let path = format!("/v2/r/blobs/{missing}");
+        let get = s.send(Method::GET, &path);
+        let resp = tokio::time::timeout(Duration::from_secs(5), get)
+            .await
+            .expect("read-through loops between peers");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        assert_eq!(error_code(resp).await, "BLOB_UNKNOWN");
+    }
+
+    // A peer's read-through request is answered from local disk alone.
+    let on_a = p.a.push_blob("r", b"only on a").await;
+    let resp =
+        p.b.req(Method::GET, &format!("/v2/r/blobs/{on_a}"))
+            .header("rudder-local-only", "1")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(!p.b.has_blob(&on_a));
+
+    // A manifest record whose bytes no manager holds.
+    let image = p.a.push_image("r", "v1", &[layer(5, 10)]).await;
+    p.a.state.blobs().delete(&image.manifest).await.unwrap();
+    let resp = p.b.send(Method::GET, "/v2/r/manifests/v1").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+    assert_eq!(p.b.blob_files(), 0);
+}
+
+#[tokio::test]
+async fn replicate_manifest_copies_an_image_and_its_index() {
+    let p = Pair::start().await;
+    let repo = "team/svc";
+    let image =
+        p.a.push_image(repo, "v1", &[layer(6, 70_000), layer(7, 5)])
+            .await;
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [{
+            "mediaType": OCI_MANIFEST,
+            "digest": image.manifest.to_string(),
+            "size": image.manifest_bytes.len(),
+        }],
+    }))
+    .unwrap();
+    let index_d = Digest::of(&index);
+    let resp = p.a.put_manifest(repo, "multi", OCI_INDEX, &index).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+
+    let fetched = replicate_manifest(&p.b.state, repo, index_d.as_str())
+        .await
+        .unwrap();
+    assert_eq!(fetched, 2 + image.blobs.len());
+    assert!(p.b.has_blob(&index_d) && p.b.has_blob(&image.manifest));
+    for (digest, bytes) in &image.blobs {
+        assert_eq!(
+            &std::fs::read(p.b.state.blobs().blob_path(digest)).unwrap(),
+            bytes
+        );
+    }
+    // Idempotent.
+    let again = replicate_manifest(&p.b.state, repo, index_d.as_str()).await;
+    assert_eq!(again.unwrap(), 0);
+
+    // B serves it all with A gone.
+    p.b_peers.set(&[]);
+    drop(p.a);
+    for (reference, want) in [("multi", &index), ("v1", &image.manifest_bytes)] {
+        let resp =
+            p.b.send(Method::GET, &format!("/v2/{repo}/manifests/{reference}"))
+                .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(&resp.bytes().await.unwrap(), want);
+    }
+    for (digest, bytes) in &image.blobs {
+        p.b.assert_serves_blob(repo, digest, bytes).await;
+    }
+}
+
+#[tokio::test]
+async fn replicate_manifest_reports_what_no_peer_holds() {
+    let p = Pair::start().await;
+    let image = p.a.push_image("r", "v1", &[layer(8, 10)]).await;
+    let (lost, _) = &image.blobs[1];
+    p.a.state.blobs().delete(lost).await.unwrap();
+    let err = replicate_manifest(&p.b.state, "r", image.manifest.as_str())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::BlobUnknown(d) if d == lost.as_str()),
+        "{err}"
+    );
+    // What could be fetched stays; the lost layer is not invented.
+    assert!(p.b.has_blob(&image.manifest));
+    assert!(!p.b.has_blob(lost));
+
+    let err = replicate_manifest(&p.b.state, "r", "sha256:nothex").await;
+    assert!(
+        matches!(err, Err(RegistryError::DigestInvalid(_))),
+        "{err:?}"
+    );
+    let err = replicate_manifest(&p.b.state, "Bad..Name", image.manifest.as_str()).await;
+    assert!(matches!(err, Err(RegistryError::NameInvalid(_))), "{err:?}");
 }
