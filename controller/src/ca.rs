@@ -304,6 +304,12 @@ impl ClusterCa {
         &self.cert.fingerprint
     }
 
+    /// The CA's private key (PKCS#8 PEM), for a manager's security dir and the replicated
+    /// store. Secret: never log it or send it to a non-manager.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     /// Signs a node's CSR (PEM) into a node certificate (PEM) for `role` and `node_id`, valid
     /// from `now` (minus [`CLOCK_SKEW`]) for `validity`. Only the CSR's public key is used.
     pub fn issue(
@@ -625,7 +631,7 @@ fn identity(
 
 /// The one crypto provider used everywhere (ring, as tonic's `tls-ring`), so nothing depends on
 /// a process-wide default being installed.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -678,7 +684,7 @@ fn from_unix(secs: i64) -> SystemTime {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let io = |op, e| CaError::Io(op, path.to_owned(), e);

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod cluster_api;
 pub mod dispatcher;
 pub mod image_tags;
 pub mod orchestrator;
@@ -17,6 +18,7 @@ mod raft_sim;
 pub mod registry;
 mod slog_bridge;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 
 use std::future::Future;
