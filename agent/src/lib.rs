@@ -1,6 +1,6 @@
-//! Rudder agent: owns one host. Keeps a stream to the controller (`session`), runs assigned
-//! tasks as OCI containers (`worker`, `bundle`, `runtime`, `shim`), pulls images into the
-//! host's content store, and serves logs to controllers (`api`).
+//! Rudder agent: owns one host. Keeps a stream to the leading controller (`session`), runs
+//! assigned tasks as OCI containers (`worker`, `bundle`, `runtime`, `shim`), pulls images into
+//! the host's content store, and serves logs to controllers (`api`).
 
 pub mod api;
 pub mod bundle;
@@ -35,8 +35,9 @@ pub enum AgentError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub data_dir: PathBuf,
-    /// Controller URL, e.g. `http://10.0.0.1:4243`.
-    pub controller: String,
+    /// Controller URLs, e.g. `http://10.0.0.1:4243`: any of them will do, the session finds
+    /// the leader (and learns the rest from it).
+    pub controllers: Vec<String>,
     /// Where this agent's API listens; controllers reach it here.
     pub listen: SocketAddr,
     pub hostname: String,
@@ -111,7 +112,7 @@ pub async fn run(
         memory_bytes,
         role: cfg.role.clone(),
     };
-    let session = tokio::spawn(session::run(cfg.controller.clone(), me, worker, status_rx));
+    let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     let api = AgentApiServer::new(api::AgentApiImpl { containers });
     tonic::transport::Server::builder()
         .add_service(api)

@@ -13,6 +13,7 @@ struct Args {
     cmd: Option<Cmd>,
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Controller URL, or a comma-separated list of them (any live one leads to the leader).
     #[arg(long, default_value = "http://127.0.0.1:4243")]
     controller: String,
     #[arg(long, default_value = "0.0.0.0:4245")]
@@ -76,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = rudder_agent::Config {
         runtime_root: a.runtime_root.unwrap_or_else(|| data_dir.join("runc")),
         data_dir,
-        controller: a.controller,
+        controllers: rudder_agent::session::parse_controllers(&a.controller)?,
         listen: a.listen,
         hostname,
         cgroup_parent: a.cgroup_parent,

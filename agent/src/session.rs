@@ -1,6 +1,12 @@
-//! The agent's one stream to the controller: register, heartbeat, report status in batches,
-//! receive the full assignment set. Reconnects with backoff whenever the stream breaks, and
-//! re-sends every task's last status on a new stream so nothing reported is lost.
+//! The agent's one stream to the controllers: register, heartbeat, report status in batches,
+//! receive the full assignment set.
+//!
+//! Only the raft leader serves sessions. The agent keeps a list of controllers (the ones it was
+//! configured with plus the ones the last `Welcome` named) and, when a session breaks or is
+//! refused, dials the leader a refusal names (`rudder-leader` metadata) at once, else the next
+//! controller in the list; it backs off (100 ms doubling to 2 s) only after a whole round of the
+//! list failed. Every task's last status is re-sent on a new session so nothing reported is
+//! lost. Choosing the next address is pure ([`Controllers`]); the I/O is in [`run`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +21,13 @@ use tracing::{info, warn};
 
 use crate::worker::Worker;
 
+/// Metadata key on a follower's refusal: the leader's gRPC `host:port`. The controller's
+/// dispatcher sets it (`rudder_controller::dispatcher::LEADER_ADDR_KEY`).
+pub const LEADER_METADATA: &str = "rudder-leader";
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 pub struct Identity {
     pub node_id: String,
     pub hostname: String,
@@ -26,34 +39,240 @@ pub struct Identity {
     pub role: String,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("session: no controller address given")]
+    NoController,
+    #[error("session: bad controller address {0:?}: {1}")]
+    Address(String, tonic::transport::Error),
+    #[error("session: cannot connect: {}", chain(.0))]
+    Connect(tonic::transport::Error),
+    #[error("session: {}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("session: the stream to the controller closed")]
+    Closed,
+    #[error("session: the worker's status channel closed")]
+    Worker,
+}
+
+impl SessionError {
+    /// The leader's `host:port` when a follower refused the session and knows the leader.
+    pub fn leader_hint(&self) -> Option<&str> {
+        match self {
+            SessionError::Status(s) => s
+                .metadata()
+                .get(LEADER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty()),
+            _ => None,
+        }
+    }
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors say only "transport error"
+/// at the top).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    let mut last = s.clone();
+    while let Some(c) = cur {
+        // Some layers repeat their source's words; say them once.
+        let msg = c.to_string();
+        if !last.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        last = msg;
+        cur = c.source();
+    }
+    s
+}
+
+/// Parses `--controller`: one URL or a comma-separated list. A bare `host:port` gets `http://`.
+pub fn parse_controllers(s: &str) -> Result<Vec<String>, SessionError> {
+    let mut out: Vec<String> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let url = to_url(part, "http");
+        tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| SessionError::Address(part.to_string(), e))?;
+        if !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    if out.is_empty() {
+        return Err(SessionError::NoController);
+    }
+    Ok(out)
+}
+
+/// `host:port` → `scheme://host:port`; a URL stays as it is (without a trailing `/`).
+fn to_url(addr: &str, scheme: &str) -> String {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("{scheme}://{addr}")
+    }
+}
+
+/// Where to dial next, and after how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Next {
+    pub addr: String,
+    pub delay: Duration,
+}
+
+/// The controllers this agent knows and its progress through them. Pure: no clock, no I/O.
+#[derive(Debug, Clone)]
+pub struct Controllers {
+    /// From `--controller`; always kept, in order.
+    configured: Vec<String>,
+    /// From the last `Welcome`; replaced by each one, so removed controllers are forgotten.
+    learnt: Vec<String>,
+    /// Scheme for addresses learnt as `host:port` (that of the first configured URL).
+    scheme: String,
+    /// Failed attempts since the last welcome or the last backoff.
+    failures: usize,
+    /// Leader hints followed in a row; bounded so two stale followers cannot ping-pong the
+    /// agent without a pause.
+    hops: usize,
+    backoff: Duration,
+}
+
+impl Controllers {
+    pub fn new(configured: Vec<String>) -> Self {
+        let scheme = configured
+            .first()
+            .and_then(|u| u.split_once("://"))
+            .map(|(s, _)| s.to_string())
+            .unwrap_or_else(|| "http".to_string());
+        Controllers {
+            configured,
+            learnt: Vec::new(),
+            scheme,
+            failures: 0,
+            hops: 0,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// Every known address, configured ones first, without duplicates.
+    pub fn addrs(&self) -> Vec<String> {
+        let mut out = self.configured.clone();
+        for a in &self.learnt {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+
+    /// Where to dial first.
+    pub fn first(&self) -> Option<String> {
+        self.addrs().into_iter().next()
+    }
+
+    /// A controller welcomed us: remember the controllers it named (`host:port`), and start
+    /// counting failures and backoff afresh.
+    pub fn welcomed(&mut self, controllers: &[String]) {
+        self.learnt = controllers
+            .iter()
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| to_url(c, &self.scheme))
+            .collect();
+        self.failures = 0;
+        self.hops = 0;
+        self.backoff = FIRST_BACKOFF;
+    }
+
+    /// The session with `current` broke or was refused, naming `leader` (`host:port`) or not:
+    /// follow the hint at once, else take the next controller in the list, pausing only when a
+    /// whole round of the list has failed.
+    pub fn next(&mut self, current: &str, leader: Option<&str>) -> Next {
+        let addrs = self.addrs();
+        let round = addrs.len().max(1);
+        self.failures += 1;
+        if let Some(hint) = leader.map(|l| to_url(l, &self.scheme)) {
+            if hint != current && self.hops < round {
+                self.hops += 1;
+                return Next {
+                    addr: hint,
+                    delay: Duration::ZERO,
+                };
+            }
+        }
+        self.hops = 0;
+        let addr = match addrs.iter().position(|a| a == current) {
+            Some(i) => addrs[(i + 1) % addrs.len()].clone(),
+            None => addrs
+                .first()
+                .cloned()
+                .unwrap_or_else(|| current.to_string()),
+        };
+        let delay = if self.failures >= round {
+            self.failures = 0;
+            let d = self.backoff;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            d
+        } else {
+            Duration::ZERO
+        };
+        Next { addr, delay }
+    }
+}
+
+/// Keeps a session with the leader for as long as the agent runs.
 pub async fn run(
-    controller: String,
+    controllers: Vec<String>,
     me: Identity,
     worker: Arc<Worker>,
     mut status_rx: mpsc::UnboundedReceiver<TaskStatusReport>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut book = Controllers::new(controllers);
+    let Some(mut addr) = book.first() else {
+        warn!("{}", SessionError::NoController);
+        return;
+    };
     loop {
-        match session(&controller, &me, &worker, &mut status_rx).await {
-            Ok(()) => info!("session ended"),
-            Err(e) => warn!(%e, controller = %controller, "session failed"),
+        let hint = match session(&addr, &mut book, &me, &worker, &mut status_rx).await {
+            Ok(()) => {
+                info!(controller = %addr, "session ended");
+                None
+            }
+            Err(SessionError::Worker) => {
+                info!("worker gone; session loop stops");
+                return;
+            }
+            Err(e) => {
+                let hint = e.leader_hint().map(str::to_string);
+                warn!(%e, controller = %addr, leader = ?hint, "session failed");
+                hint
+            }
+        };
+        let next = book.next(&addr, hint.as_deref());
+        if !next.delay.is_zero() {
+            info!(
+                delay_ms = next.delay.as_millis() as u64,
+                "no controller took the session; backing off"
+            );
+            tokio::time::sleep(next.delay).await;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        addr = next.addr;
     }
 }
 
 async fn session(
     controller: &str,
+    book: &mut Controllers,
     me: &Identity,
     worker: &Arc<Worker>,
     status_rx: &mut mpsc::UnboundedReceiver<TaskStatusReport>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let endpoint = tonic::transport::Endpoint::from_shared(controller.to_string())
-        .map_err(|e| e.to_string())?
+        .map_err(|e| SessionError::Address(controller.to_string(), e))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
     let mut client = DispatcherClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     tx.send(AgentMessage {
@@ -67,13 +286,12 @@ async fn session(
         })),
     })
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| SessionError::Closed)?;
     let mut down = client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|e| e.message().to_string())?
+        .await?
         .into_inner();
-    info!(controller, "session open");
+    info!(controller, "session open: connected to the leader");
     let resend = worker.last_statuses();
     if !resend.is_empty() {
         let _ = tx
@@ -86,12 +304,14 @@ async fn session(
     loop {
         tokio::select! {
             msg = down.message() => {
-                let Some(msg) = msg.map_err(|e| e.message().to_string())? else {
+                let Some(msg) = msg? else {
                     return Ok(());
                 };
                 match msg.msg {
                     Some(Down::Welcome(w)) => {
                         *worker.ctx().registry.lock().expect("registry lock") = w.registry;
+                        book.welcomed(&w.controllers);
+                        info!(controller, controllers = ?book.addrs(), "welcomed");
                         heartbeat = tokio::time::interval(Duration::from_millis(
                             u64::from(w.heartbeat_period_ms.max(100)),
                         ));
@@ -114,20 +334,343 @@ async fn session(
                 }
             }
             r = status_rx.recv() => {
-                let Some(first) = r else { return Ok(()) };
+                let Some(first) = r else { return Err(SessionError::Worker) };
                 let mut reports = vec![first];
                 while let Ok(r) = status_rx.try_recv() {
                     reports.push(r);
                 }
                 tx.send(AgentMessage { msg: Some(Up::Status(StatusBatch { reports })) })
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| SessionError::Closed)?;
             }
             _ = heartbeat.tick() => {
                 tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat {})) })
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| SessionError::Closed)?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "http://10.213.1.1:4243";
+    const B: &str = "http://10.213.1.2:4243";
+    const C: &str = "http://10.213.1.3:4243";
+
+    fn three() -> Controllers {
+        Controllers::new(vec![A.into(), B.into(), C.into()])
+    }
+
+    fn at_once(addr: &str) -> Next {
+        Next {
+            addr: addr.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    fn after(addr: &str, ms: u64) -> Next {
+        Next {
+            addr: addr.into(),
+            delay: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn parses_one_url_or_a_list() {
+        assert_eq!(parse_controllers(A).unwrap(), vec![A]);
+        assert_eq!(
+            parse_controllers(&format!("{A}, {B},,{C}/")).unwrap(),
+            vec![A, B, C]
+        );
+        assert_eq!(
+            parse_controllers("10.213.1.1:4243,10.213.1.1:4243").unwrap(),
+            vec![A]
+        );
+        assert!(matches!(
+            parse_controllers(" , "),
+            Err(SessionError::NoController)
+        ));
+        assert!(matches!(
+            parse_controllers("http://bad host:1"),
+            Err(SessionError::Address(..))
+        ));
+    }
+
+    #[test]
+    fn tries_each_controller_then_backs_off_doubling_to_two_seconds() {
+        let mut c = three();
+        assert_eq!(c.first().as_deref(), Some(A));
+        assert_eq!(c.next(A, None), at_once(B));
+        assert_eq!(c.next(B, None), at_once(C));
+        assert_eq!(c.next(C, None), after(A, 100));
+        assert_eq!(c.next(A, None), at_once(B));
+        assert_eq!(c.next(B, None), at_once(C));
+        assert_eq!(c.next(C, None), after(A, 200));
+        for _ in 0..3 {
+            c.next(A, None);
+            c.next(B, None);
+            c.next(C, None);
+        }
+        c.next(A, None);
+        c.next(B, None);
+        assert_eq!(c.next(C, None), after(A, 2000));
+    }
+
+    #[test]
+    fn a_single_controller_backs_off_after_every_failure() {
+        let mut c = Controllers::new(vec![A.into()]);
+        assert_eq!(c.next(A, None), after(A, 100));
+        assert_eq!(c.next(A, None), after(A, 200));
+        assert_eq!(c.next(A, None), after(A, 400));
+    }
+
+    #[test]
+    fn follows_the_leader_hint_at_once() {
+        let mut c = three();
+        assert_eq!(c.next(A, Some("10.213.1.3:4243")), at_once(C));
+        // The hint need not be in the list.
+        let mut c = three();
+        assert_eq!(
+            c.next(A, Some("10.213.1.9:4243")),
+            at_once("http://10.213.1.9:4243")
+        );
+        // That one failing without a hint: back to the start of the list.
+        assert_eq!(c.next("http://10.213.1.9:4243", None), at_once(A));
+    }
+
+    #[test]
+    fn a_hint_naming_the_refuser_itself_is_ignored() {
+        let mut c = three();
+        assert_eq!(c.next(B, Some("10.213.1.2:4243")), at_once(C));
+    }
+
+    #[test]
+    fn stale_hints_cannot_loop_without_a_pause() {
+        let mut c = three();
+        // A and B each name the other as leader.
+        assert_eq!(c.next(A, Some("10.213.1.2:4243")), at_once(B));
+        assert_eq!(c.next(B, Some("10.213.1.1:4243")), at_once(A));
+        assert_eq!(c.next(A, Some("10.213.1.2:4243")), at_once(B));
+        // Three hops in a row: the next step is the list's, and a round has failed.
+        assert_eq!(c.next(B, Some("10.213.1.1:4243")), after(C, 100));
+    }
+
+    #[test]
+    fn a_welcome_adds_controllers_and_resets_the_backoff() {
+        let mut c = Controllers::new(vec![A.into()]);
+        assert_eq!(c.next(A, None), after(A, 100));
+        assert_eq!(c.next(A, None), after(A, 200));
+        c.welcomed(&["10.213.1.1:4243".into(), "10.213.1.2:4243".into()]);
+        assert_eq!(c.addrs(), vec![A, B]);
+        // The leader's session ends: its peer next, and a pause only after both failed.
+        assert_eq!(c.next(A, None), at_once(B));
+        assert_eq!(c.next(B, None), after(A, 100));
+        // A later welcome replaces what was learnt; configured addresses stay.
+        c.welcomed(&["10.213.1.3:4243".into()]);
+        assert_eq!(c.addrs(), vec![A, C]);
+    }
+
+    #[test]
+    fn learnt_addresses_take_the_configured_scheme() {
+        let mut c = Controllers::new(vec!["https://10.213.1.1:4243".into()]);
+        c.welcomed(&["10.213.1.2:4243".into()]);
+        assert_eq!(
+            c.addrs(),
+            vec!["https://10.213.1.1:4243", "https://10.213.1.2:4243"]
+        );
+    }
+
+    #[test]
+    fn the_hint_is_read_from_the_refusal_metadata() {
+        let mut s = tonic::Status::unavailable("this controller is not the leader");
+        assert_eq!(SessionError::Status(s.clone()).leader_hint(), None);
+        s.metadata_mut()
+            .insert(LEADER_METADATA, "10.213.1.2:4243".parse().unwrap());
+        assert_eq!(
+            SessionError::Status(s).leader_hint(),
+            Some("10.213.1.2:4243")
+        );
+        assert_eq!(SessionError::Closed.leader_hint(), None);
+    }
+
+    /// Fake controllers on loopback: a follower refusing with a leader hint, leaders that
+    /// welcome and then keep or end the session. Checks the hint survives the wire and that
+    /// addresses learnt from a welcome are dialled.
+    mod wire {
+        use std::pin::Pin;
+
+        use rudder_proto::v1::dispatcher_server::{Dispatcher, DispatcherServer};
+        use tokio_stream::{Stream, StreamExt};
+        use tonic::{Request, Response, Status, Streaming};
+
+        use super::*;
+
+        type Seen = mpsc::UnboundedSender<(u16, AgentMessage)>;
+
+        struct Fake {
+            port: u16,
+            /// Refuse, naming this leader.
+            refuse_for: Option<String>,
+            welcome: Vec<String>,
+            /// End the session right after the welcome (leadership moved).
+            end: bool,
+            seen: Seen,
+        }
+
+        type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+        #[tonic::async_trait]
+        impl Dispatcher for Fake {
+            type SessionStream = DownStream;
+
+            async fn session(
+                &self,
+                req: Request<Streaming<AgentMessage>>,
+            ) -> Result<Response<DownStream>, Status> {
+                if let Some(leader) = &self.refuse_for {
+                    let mut s = Status::unavailable("this controller is not the leader");
+                    s.metadata_mut()
+                        .insert(LEADER_METADATA, leader.parse().unwrap());
+                    return Err(s);
+                }
+                let mut up = req.into_inner();
+                let (seen, port) = (self.seen.clone(), self.port);
+                tokio::spawn(async move {
+                    while let Ok(Some(m)) = up.message().await {
+                        let _ = seen.send((port, m));
+                    }
+                });
+                let welcome = Ok(ControllerMessage {
+                    msg: Some(Down::Welcome(Welcome {
+                        heartbeat_period_ms: 100,
+                        registry: "127.0.0.1:5000".into(),
+                        controllers: self.welcome.clone(),
+                    })),
+                });
+                let first = tokio_stream::iter(vec![welcome]);
+                Ok(Response::new(if self.end {
+                    Box::pin(first)
+                } else {
+                    Box::pin(first.chain(tokio_stream::pending()))
+                }))
+            }
+        }
+
+        async fn listener() -> (tokio::net::TcpListener, u16) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            (l, port)
+        }
+
+        fn serve(l: tokio::net::TcpListener, fake: Fake) {
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(DispatcherServer::new(fake))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+            );
+        }
+
+        fn agent(dir: &std::path::Path, controllers: Vec<String>) -> tokio::task::JoinHandle<()> {
+            let (status_tx, status_rx) = mpsc::unbounded_channel();
+            let worker = Worker::new(crate::worker::Ctx {
+                containers: dir.join("containers"),
+                images: rudder_image::store::ImageStore::open(&dir.join("images")).unwrap(),
+                runtime: Arc::new(
+                    crate::runtime::OciCliRuntime::new("true".into(), dir.join("runc")).unwrap(),
+                ),
+                cgroup_parent: "/rudder-test".into(),
+                registry: std::sync::Mutex::new(String::new()),
+                status_tx,
+            });
+            let me = Identity {
+                node_id: "n1".into(),
+                hostname: "h1".into(),
+                addr: "127.0.0.1:4245".into(),
+                cpus_milli: 1000,
+                memory_bytes: 1 << 30,
+                role: "worker".into(),
+            };
+            tokio::spawn(run(controllers, me, worker, status_rx))
+        }
+
+        /// The port of the first controller the agent registered with.
+        async fn registered(rx: &mut mpsc::UnboundedReceiver<(u16, AgentMessage)>) -> u16 {
+            loop {
+                let (port, m) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("no registration within 10 s")
+                    .unwrap();
+                if matches!(m.msg, Some(Up::Register(_))) {
+                    return port;
+                }
+            }
+        }
+
+        #[tokio::test]
+        async fn a_refusal_leads_to_the_leader() {
+            let dir = tempfile::tempdir().unwrap();
+            let (seen, mut rx) = mpsc::unbounded_channel();
+            let (ll, leader) = listener().await;
+            let (fl, follower) = listener().await;
+            serve(
+                ll,
+                Fake {
+                    port: leader,
+                    refuse_for: None,
+                    welcome: vec![],
+                    end: false,
+                    seen: seen.clone(),
+                },
+            );
+            serve(
+                fl,
+                Fake {
+                    port: follower,
+                    refuse_for: Some(format!("127.0.0.1:{leader}")),
+                    welcome: vec![],
+                    end: false,
+                    seen,
+                },
+            );
+            let a = agent(dir.path(), vec![format!("http://127.0.0.1:{follower}")]);
+            assert_eq!(registered(&mut rx).await, leader);
+            a.abort();
+        }
+
+        #[tokio::test]
+        async fn a_lost_leader_sends_the_agent_to_a_controller_it_learnt() {
+            let dir = tempfile::tempdir().unwrap();
+            let (seen, mut rx) = mpsc::unbounded_channel();
+            let (l1, first) = listener().await;
+            let (l2, second) = listener().await;
+            let both = vec![format!("127.0.0.1:{first}"), format!("127.0.0.1:{second}")];
+            serve(
+                l1,
+                Fake {
+                    port: first,
+                    refuse_for: None,
+                    welcome: both.clone(),
+                    end: true,
+                    seen: seen.clone(),
+                },
+            );
+            serve(
+                l2,
+                Fake {
+                    port: second,
+                    refuse_for: None,
+                    welcome: both,
+                    end: false,
+                    seen,
+                },
+            );
+            let a = agent(dir.path(), vec![format!("http://127.0.0.1:{first}")]);
+            assert_eq!(registered(&mut rx).await, first);
+            assert_eq!(registered(&mut rx).await, second);
+            a.abort();
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Where the cluster is: a context file written by `rctl local up` (or by hand), so `rctl` needs
 //! no flags. Precedence: `--controller`/`--registry` flags, then `$RUDDER_CONTEXT`, then
 //! `~/.rudder/context.json`.
+//!
+//! A cluster has several controllers and any live one serves rctl, so a context names them all
+//! (`controllers`); `controller` (one URL) is still read and written for older files and tools.
 
 use std::path::{Path, PathBuf};
 
@@ -10,10 +13,62 @@ use serde::{Deserialize, Serialize};
 pub struct Context {
     #[serde(default)]
     pub name: String,
-    /// gRPC URL of a controller, e.g. `http://10.213.1.1:4243`.
+    /// gRPC URL of a controller, e.g. `http://10.213.1.1:4243`. Used when `controllers` is
+    /// empty; kept so context files from before multi-controller clusters still work.
+    #[serde(default)]
     pub controller: String,
+    /// gRPC URLs of every controller, tried in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// Registry `host:port`.
     pub registry: String,
+}
+
+impl Context {
+    /// The controller URLs to try, in order: `controllers`, else `controller`.
+    pub fn controller_urls(&self) -> Vec<String> {
+        let listed: Vec<&str> = if self.controllers.is_empty() {
+            vec![self.controller.as_str()]
+        } else {
+            self.controllers.iter().map(String::as_str).collect()
+        };
+        let mut out = Vec::new();
+        for c in listed {
+            if let Some(url) = to_url(c) {
+                if !out.contains(&url) {
+                    out.push(url);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `host:port` → `http://host:port`; a URL stays as it is (without a trailing `/`); blank → none.
+fn to_url(addr: &str) -> Option<String> {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.is_empty() {
+        None
+    } else if addr.contains("://") {
+        Some(addr.to_string())
+    } else {
+        Some(format!("http://{addr}"))
+    }
+}
+
+/// Parses `--controller`: one URL or a comma-separated list (`http://10.213.1.1:4243,
+/// http://10.213.1.2:4243`); a bare `host:port` gets `http://`.
+pub fn parse_controllers(s: &str) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for url in s.split(',').filter_map(to_url) {
+        if !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    if out.is_empty() {
+        anyhow::bail!("--controller {s:?} names no controller");
+    }
+    Ok(out)
 }
 
 /// The default context path: `~/.rudder/context.json`.
@@ -47,19 +102,22 @@ pub fn resolve(
     context: Option<&Path>,
 ) -> anyhow::Result<Context> {
     if let Some(c) = controller {
+        let controllers = parse_controllers(c)?;
+        let first = controllers[0].clone();
         let registry = registry.map(str::to_string).unwrap_or_else(|| {
-            // Same host as the controller, registry port.
-            let host = c
-                .trim_start_matches("http://")
-                .trim_start_matches("https://")
+            // Same host as the first controller, registry port.
+            let host = first
+                .split_once("://")
+                .map_or(first.as_str(), |(_, rest)| rest)
                 .rsplit_once(':')
                 .map(|(h, _)| h.to_string())
-                .unwrap_or_else(|| c.to_string());
+                .unwrap_or_else(|| first.clone());
             format!("{host}:5000")
         });
         return Ok(Context {
             name: String::new(),
-            controller: c.to_string(),
+            controller: first,
+            controllers,
             registry,
         });
     }
@@ -72,4 +130,65 @@ pub fn resolve(
         ctx.registry = r.to_string();
     }
     Ok(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "http://10.213.1.1:4243";
+    const B: &str = "http://10.213.1.2:4243";
+
+    #[test]
+    fn controller_flag_takes_one_url_or_a_list() {
+        assert_eq!(parse_controllers(A).unwrap(), vec![A]);
+        assert_eq!(
+            parse_controllers(&format!("{A}, {B}/,")).unwrap(),
+            vec![A, B]
+        );
+        assert_eq!(
+            parse_controllers("10.213.1.1:4243,10.213.1.2:4243,10.213.1.1:4243").unwrap(),
+            vec![A, B]
+        );
+        assert!(parse_controllers(" , ").is_err());
+    }
+
+    #[test]
+    fn flag_context_keeps_both_fields_and_derives_the_registry() {
+        let ctx = resolve(Some(&format!("{A},{B}")), None, None).unwrap();
+        assert_eq!(ctx.controller, A);
+        assert_eq!(ctx.controllers, vec![A, B]);
+        assert_eq!(ctx.registry, "10.213.1.1:5000");
+        assert_eq!(ctx.controller_urls(), vec![A, B]);
+        let ctx = resolve(Some(A), Some("r:5000"), None).unwrap();
+        assert_eq!(ctx.registry, "r:5000");
+    }
+
+    #[test]
+    fn context_files_old_and_new() {
+        let old: Context =
+            serde_json::from_str(&format!(r#"{{"controller":"{A}","registry":"r:5000"}}"#))
+                .unwrap();
+        assert_eq!(old.controller_urls(), vec![A]);
+        let new: Context = serde_json::from_str(&format!(
+            r#"{{"controller":"{A}","controllers":["{A}","10.213.1.2:4243"],"registry":"r:5000"}}"#
+        ))
+        .unwrap();
+        assert_eq!(new.controller_urls(), vec![A, B]);
+        let only_list: Context =
+            serde_json::from_str(&format!(r#"{{"controllers":["{B}"],"registry":"r:5000"}}"#))
+                .unwrap();
+        assert_eq!(only_list.controller_urls(), vec![B]);
+    }
+
+    #[test]
+    fn context_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("context.json");
+        let ctx = resolve(Some(&format!("{A},{B}")), None, None).unwrap();
+        save(&path, &ctx).unwrap();
+        let back = resolve(None, None, Some(&path)).unwrap();
+        assert_eq!(back.controller_urls(), vec![A, B]);
+        assert_eq!(back.controller, A);
+    }
 }
