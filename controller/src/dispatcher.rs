@@ -5,6 +5,11 @@
 //! Invariants: status reports are applied only for tasks placed on the reporting node (checked
 //! by the state machine); reports from all sessions are batched into one proposal; a session
 //! that ends or misses heartbeats marks its node down (unless a newer session took over).
+//!
+//! Only the raft leader holds sessions (as in swarmkit): liveness is then judged in one place.
+//! A follower refuses a session naming the leader's address (`rudder-leader` metadata); a
+//! leader that loses leadership ends its sessions so agents move to the new one. A new leader
+//! gives every ready node a grace period to reconnect before marking it down.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -29,6 +34,8 @@ use crate::raft_node::RaftHandle;
 pub const HEARTBEAT: Duration = Duration::from_millis(1000);
 /// Missed heartbeats before a node counts as down.
 pub const MISSED_HEARTBEATS: u32 = 3;
+/// Metadata key naming the leader's gRPC address when a follower refuses a session.
+pub const LEADER_ADDR_KEY: &str = "rudder-leader";
 
 pub struct DispatcherApi {
     raft: RaftHandle,
@@ -38,15 +45,57 @@ pub struct DispatcherApi {
     sessions: Arc<Mutex<HashMap<String, u64>>>,
 }
 
+/// While this controller leads: a node that was ready when leadership began but opens no
+/// session within the grace period is marked down (its agent may have died with the old leader).
+async fn watch_leadership(raft: RaftHandle, sessions: Arc<Mutex<HashMap<String, u64>>>) {
+    let mut status = raft.watch_status();
+    let mut led_term = 0;
+    loop {
+        let st = status.borrow_and_update().clone();
+        if st.is_leader && st.term != led_term {
+            led_term = st.term;
+            let (raft, sessions) = (raft.clone(), sessions.clone());
+            tokio::spawn(async move {
+                // Generations at the start of leadership; a node still at its old generation
+                // (or never seen) after the grace period did not reconnect here.
+                let before = sessions.lock().expect("sessions lock").clone();
+                tokio::time::sleep(HEARTBEAT * MISSED_HEARTBEATS * 2).await;
+                let st = raft.status();
+                if !st.is_leader || st.term != led_term {
+                    return;
+                }
+                let now = sessions.lock().expect("sessions lock").clone();
+                let store = raft.store();
+                for n in store.nodes.values() {
+                    if n.state == NodeState::Ready && now.get(&n.id) == before.get(&n.id) {
+                        warn!(node = %n.id, "no session with the new leader: marking down");
+                        let _ = raft
+                            .propose(Command::NodeDown {
+                                id: n.id.clone(),
+                                now: now_ms(),
+                            })
+                            .await;
+                    }
+                }
+            });
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 impl DispatcherApi {
     pub fn new(raft: RaftHandle, registry: String) -> Self {
         let (status_tx, status_rx) = mpsc::channel(8192);
         tokio::spawn(batch_status(raft.clone(), status_rx));
+        let sessions: Arc<Mutex<HashMap<String, u64>>> = Default::default();
+        tokio::spawn(watch_leadership(raft.clone(), sessions.clone()));
         DispatcherApi {
             raft,
             registry,
             status_tx,
-            sessions: Default::default(),
+            sessions,
         }
     }
 }
@@ -86,6 +135,24 @@ impl Dispatcher for DispatcherApi {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<DownStream>, Status> {
+        let st = self.raft.status();
+        if !st.is_leader {
+            let leader = self
+                .raft
+                .store()
+                .managers
+                .get(&st.leader_id)
+                .map(|m| m.addr.clone());
+            let mut s = Status::unavailable(match &leader {
+                Some(a) => format!("this controller is not the leader; the leader is at {a}"),
+                None => "this controller is not the leader and no leader is known".to_string(),
+            });
+            if let Some(v) = leader.and_then(|a| a.parse().ok()) {
+                s.metadata_mut().insert(LEADER_ADDR_KEY, v);
+            }
+            return Err(s);
+        }
+        let term = st.term;
         let mut up = req.into_inner();
         let first = up
             .message()
@@ -152,6 +219,7 @@ impl Dispatcher for DispatcherApi {
                 msg: Some(Down::Welcome(Welcome {
                     heartbeat_period_ms: HEARTBEAT.as_millis() as u32,
                     registry: self.registry.clone(),
+                    controllers: store.managers.values().map(|m| m.addr.clone()).collect(),
                 })),
             }))
             .await;
@@ -199,11 +267,21 @@ impl Dispatcher for DispatcherApi {
         let raft = self.raft.clone();
         let status_tx = self.status_tx.clone();
         let sessions = self.sessions.clone();
+        let mut leadership = self.raft.watch_status();
         tokio::spawn(async move {
             let deadline = HEARTBEAT * MISSED_HEARTBEATS;
             let mut heard = tokio::time::Instant::now();
             loop {
-                let next = tokio::time::timeout(deadline, up.message()).await;
+                let next = tokio::select! {
+                    n = tokio::time::timeout(deadline, up.message()) => n,
+                    _ = leadership.wait_for(|s| !s.is_leader || s.term != term) => {
+                        // Leadership moved: end the session; the agent moves to the new
+                        // leader, which judges its liveness from now on.
+                        info!(node = %node_id, "no longer the leader: ending agent session");
+                        sender.abort();
+                        return;
+                    }
+                };
                 if matches!(next, Ok(Ok(Some(_)))) {
                     heard = tokio::time::Instant::now();
                 }

@@ -12,6 +12,7 @@ pub mod cluster_api;
 pub mod dispatcher;
 pub mod image_tags;
 pub mod orchestrator;
+pub mod peer;
 pub mod raft_node;
 #[cfg(test)]
 mod raft_sim;
@@ -29,6 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rudder_proto::v1::control_server::ControlServer;
 use rudder_proto::v1::dispatcher_server::DispatcherServer;
+use rudder_proto::v1::raft_peer_server::RaftPeerServer;
 use serde::Deserialize;
 use tracing::info;
 
@@ -70,9 +72,30 @@ pub struct Config {
     /// OCI registry.
     pub registry_listen: SocketAddr,
     pub raft_id: u64,
+    /// `host:port` the other controllers and agents reach this one's gRPC at (default: listen).
+    pub advertise: Option<String>,
+    /// `host:port` of this controller's registry for the others (default: registry_listen).
+    pub registry_advertise: Option<String>,
+    /// gRPC `host:port` of a controller of an existing cluster: join it instead of starting a
+    /// new one. Ignored once this controller has state.
+    pub join: Option<String>,
 }
 
 impl Config {
+    /// What the other controllers record about this one.
+    pub fn me(&self) -> rudder_model::store::ManagerInfo {
+        rudder_model::store::ManagerInfo {
+            addr: self
+                .advertise
+                .clone()
+                .unwrap_or_else(|| self.listen.to_string()),
+            registry: self
+                .registry_advertise
+                .clone()
+                .unwrap_or_else(|| self.registry_listen.to_string()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ControllerError> {
         if self.raft_id == 0 {
             return Err(ControllerError::Config("raft id must be > 0".into()));
@@ -96,16 +119,35 @@ pub async fn run(
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ControllerError::Io("create data dir", e))?;
-    let storage = storage::RedbStorage::open(&cfg.data_dir.join("raft.redb"), &[cfg.raft_id])?;
-    let raft = raft_node::start(cfg.raft_id, storage, Arc::new(transport::NoopTransport))?;
+    let raft_path = cfg.data_dir.join("raft.redb");
+    let fresh = !raft_path.exists();
+    // A new controller either starts a cluster (bootstrapping itself as the only voter) or
+    // joins one (empty until the leader sends it a snapshot).
+    let voters: Vec<u64> = if cfg.join.is_some() {
+        vec![]
+    } else {
+        vec![cfg.raft_id]
+    };
+    let storage = storage::RedbStorage::open(&raft_path, &voters)?;
+    let transport = peer::GrpcTransport::new();
+    let raft = raft_node::start(cfg.raft_id, storage, transport.clone())?;
+    transport.attach(raft.clone());
+    raft.set_forwarder(peer::GrpcForwarder::new(raft.clone()));
     tokio::spawn(orchestrator::run(raft.clone()));
+    let me = cfg.me();
+    tokio::spawn(keep_membership(raft.clone(), me.clone()));
 
-    let registry_addr = cfg.registry_listen.to_string();
+    let registry_addr = me.registry.clone();
     let blobs = registry::BlobStore::open(cfg.data_dir.join("registry"))?;
     let reg_state = registry::RegistryState::new(
         blobs,
         Arc::new(image_tags::RaftTagStore { raft: raft.clone() }),
-    );
+    )
+    .with_peers(Arc::new(ManagerRegistries {
+        raft: raft.clone(),
+        me: cfg.raft_id,
+    }))?;
+    tokio::spawn(replicate_images(raft.clone(), reg_state.clone()));
     let reg_listener = tokio::net::TcpListener::bind(cfg.registry_listen)
         .await
         .map_err(|e| ControllerError::Io("bind registry", e))?;
@@ -125,14 +167,92 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .add_service(ControlServer::new(control))
         .add_service(DispatcherServer::new(dispatcher))
+        .add_service(
+            RaftPeerServer::new(peer::PeerApi { raft: raft.clone() })
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
         .serve_with_shutdown(cfg.listen, async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
     let grpc = tokio::spawn(grpc);
+    if let (Some(join), true) = (&cfg.join, fresh) {
+        let (join, id, transport) = (join.clone(), cfg.raft_id, transport.clone());
+        tokio::spawn(async move { peer::join(&join, id, &me, &transport).await });
+    }
     shutdown.await;
     info!("controller stopping");
     let _ = stop_tx.send(true);
     let _ = grpc.await;
     let _ = reg.await;
     Ok(())
+}
+
+/// Keeps this controller's addresses in the replicated membership: the first controller of a
+/// cluster records itself once it leads; a controller whose address changed re-records it.
+async fn keep_membership(raft: raft_node::RaftHandle, me: rudder_model::store::ManagerInfo) {
+    let id = raft.status().id;
+    let mut status = raft.watch_status();
+    loop {
+        let st = status.borrow_and_update().clone();
+        let known = raft.store().managers.get(&id) == Some(&me);
+        if st.is_leader && !known {
+            match raft.add_member(id, &me).await {
+                Ok(_) => info!(addr = %me.addr, "recorded this controller's address"),
+                Err(e) => tracing::warn!(%e, "could not record this controller's address"),
+            }
+            continue;
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The other managers' registries, from the replicated membership.
+struct ManagerRegistries {
+    raft: raft_node::RaftHandle,
+    me: u64,
+}
+
+impl registry::PeerRegistries for ManagerRegistries {
+    fn peers(&self) -> Vec<String> {
+        let store = self.raft.store();
+        let leader = self.raft.status().leader_id;
+        let mut peers: Vec<(bool, String)> = store
+            .managers
+            .iter()
+            .filter(|(id, _)| **id != self.me)
+            .map(|(id, m)| (*id != leader, format!("http://{}", m.registry)))
+            .collect();
+        // The leader first: it most likely took the push.
+        peers.sort();
+        peers.into_iter().map(|(_, p)| p).collect()
+    }
+}
+
+/// Copies every image recorded in the store into this controller's blob store, so an image
+/// survives the loss of the manager it was pushed to.
+async fn replicate_images(raft: raft_node::RaftHandle, state: registry::RegistryState) {
+    let mut seen = std::collections::HashSet::new();
+    let mut store_rx = raft.watch_store();
+    loop {
+        let store = store_rx.borrow_and_update().clone();
+        for (repo, refs) in &store.images {
+            for rec in refs.values() {
+                if seen.insert((repo.clone(), rec.digest.clone())) {
+                    let (state, repo, digest) = (state.clone(), repo.clone(), rec.digest.clone());
+                    tokio::spawn(async move {
+                        match registry::replicate_manifest(&state, &repo, &digest).await {
+                            Ok(0) => {}
+                            Ok(n) => info!(%repo, %digest, blobs = n, "image replicated"),
+                            Err(e) => tracing::warn!(%repo, %digest, %e, "image not replicated"),
+                        }
+                    });
+                }
+            }
+        }
+        if store_rx.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -20,6 +20,15 @@ struct Args {
     /// Raft member id (unique per controller).
     #[arg(long, default_value_t = 1)]
     raft_id: u64,
+    /// gRPC `host:port` others reach this controller at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Registry `host:port` others reach this controller's registry at.
+    #[arg(long)]
+    registry_advertise: Option<String>,
+    /// Join the cluster of the controller at this gRPC `host:port` (first start only).
+    #[arg(long)]
+    join: Option<String>,
     /// Host name, for logs.
     #[arg(long)]
     node_name: Option<String>,
@@ -41,6 +50,9 @@ async fn main() -> anyhow::Result<()> {
         listen: a.listen,
         registry_listen: a.registry_listen,
         raft_id: a.raft_id,
+        advertise: a.advertise,
+        registry_advertise: a.registry_advertise,
+        join: a.join,
     };
     rudder_controller::run(cfg, shutdown_signal()).await?;
     Ok(())

@@ -181,6 +181,9 @@ pub struct LabHost {
     pub cgroup_parent: String,
     pub agent_pid: Option<i32>,
     pub controller_pid: Option<i32>,
+    /// Runs a controller (the first `managers` hosts).
+    #[serde(default)]
+    pub manager: bool,
 }
 
 impl LabHost {
@@ -220,6 +223,36 @@ impl Lab {
     }
     pub fn first_controller_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(host_addr(self.subnet_index, 1), CONTROLLER_PORT)
+    }
+    /// Every manager host's controller URL, the first host's first.
+    pub fn controller_urls(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|h| h.manager)
+            .map(|h| format!("http://{}", h.controller_addr()))
+            .collect()
+    }
+    /// Cuts (`up == false`) or restores host `index`'s link to the underlay, as a pulled cable
+    /// would: its processes keep running but reach nobody.
+    pub fn set_link(&self, index: usize, up: bool) -> Result<(), LabError> {
+        let host = self
+            .hosts
+            .get(index)
+            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
+        ip(&[
+            "-n",
+            &host.netns,
+            "link",
+            "set",
+            HOST_IFACE,
+            if up { "up" } else { "down" },
+        ])?;
+        if up {
+            // Bringing the link up drops its routes; the subnet route comes back with the
+            // address, but the address must be re-added if the kernel removed it.
+            let _ = ip(&["-n", &host.netns, "link", "set", "lo", "up"]);
+        }
+        Ok(())
     }
     /// The root namespace's underlay address, `10.213.k.254`.
     pub fn root_addr(&self) -> Ipv4Addr {
@@ -448,6 +481,7 @@ fn plan(cfg: &LabConfig, dir: &Path, k: u8) -> LabRecord {
                 cgroup_parent: cgroup_parent_name(&cfg.name, i),
                 agent_pid: None,
                 controller_pid: None,
+                manager: i <= cfg.managers,
             }
         })
         .collect();
@@ -729,13 +763,17 @@ fn build_hosts(
         debug!(host = %host.name, addr = %host.addr, "lab: host network ready");
     }
 
-    let controller_url = rec.lab.controller_url();
+    for idx in 0..cfg.managers as usize {
+        rec.lab.hosts[idx].manager = true;
+    }
+    let controller_urls = rec.lab.controller_urls().join(",");
+    let first_addr = rec.lab.first_controller_addr();
     let mut first_controller = None;
     for idx in 0..cfg.managers as usize {
         let host = rec.lab.hosts[idx].clone();
         let cdir = host.controller_data_dir();
         fs::create_dir_all(&cdir).map_err(io_err(format!("creating {}", cdir.display())))?;
-        let args = controller_args(&host);
+        let args = controller_args(&host, idx, first_addr);
         let what = format!("controller on {}", host.name);
         let child = spawn_in_netns(
             &what,
@@ -752,11 +790,20 @@ fn build_hosts(
         rec.lab.hosts[idx].controller_pid = Some(pid);
         write_record(rec)?;
         info!(host = %host.name, pid, "lab: controller started");
+        if idx == 0 {
+            // The others join the first; it must be serving before they ask.
+            wait_for_controller(
+                host.controller_addr(),
+                children.last_mut().expect("just pushed"),
+                &host.controller_log(),
+                READY_TIMEOUT,
+            )?;
+        }
     }
 
     for idx in 0..rec.lab.hosts.len() {
         let host = rec.lab.hosts[idx].clone();
-        let mut args = agent_args(&host, &controller_url, &cfg.runtime);
+        let mut args = agent_args(&host, &controller_urls, &cfg.runtime);
         args.extend(cfg.extra_agent_args.iter().cloned());
         let what = format!("agent on {}", host.name);
         let child = spawn_in_netns(&what, &cfg.agent_bin, &args, &host.netns, &host.agent_log())?;
@@ -779,7 +826,8 @@ fn build_hosts(
 
     let context = serde_json::json!({
         "name": rec.lab.name,
-        "controller": controller_url,
+        "controller": rec.lab.controller_url(),
+        "controllers": rec.lab.controller_urls(),
         "registry": rec.lab.registry(),
     });
     let body = serde_json::to_vec_pretty(&context).map_err(|source| LabError::Record {
@@ -794,17 +842,25 @@ fn build_hosts(
     write_record(rec)
 }
 
-fn controller_args(host: &LabHost) -> Vec<String> {
-    vec![
+/// The first manager (index 0) starts the cluster; the others join it on their first start
+/// (a restarted controller keeps its own state and ignores `--join`).
+fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<String> {
+    let mut args = vec![
         "--data-dir".into(),
         path_arg(&host.controller_data_dir()),
         "--listen".into(),
         host.controller_addr().to_string(),
         "--registry-listen".into(),
         format!("{}:{REGISTRY_PORT}", host.addr),
+        "--raft-id".into(),
+        (index + 1).to_string(),
         "--node-name".into(),
         host.name.clone(),
-    ]
+    ];
+    if index > 0 {
+        args.extend(["--join".into(), first.to_string()]);
+    }
+    args
 }
 
 fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String> {
@@ -824,12 +880,7 @@ fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String
         "--runtime".into(),
         runtime.into(),
         "--role".into(),
-        if host.controller_pid.is_some() {
-            "manager"
-        } else {
-            "worker"
-        }
-        .into(),
+        if host.manager { "manager" } else { "worker" }.into(),
     ]
 }
 
@@ -841,6 +892,24 @@ pub enum Role {
 }
 
 impl Lab {
+    /// SIGKILLs the controller or agent of host `index` (0-based) and waits until it is gone,
+    /// as a crash would. `restart` starts it again.
+    pub fn kill(&self, index: usize, role: Role) -> Result<(), LabError> {
+        let host = self
+            .hosts
+            .get(index)
+            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
+        let pid = match role {
+            Role::Controller => host.controller_pid,
+            Role::Agent => host.agent_pid,
+        };
+        if let Some(pid) = pid.filter(|p| signalable(*p) && pid_alive(*p)) {
+            let _ = signal(pid, Signal::SIGKILL);
+            wait_gone(&[pid], KILL_GRACE);
+        }
+        Ok(())
+    }
+
     /// Stops (SIGTERM, SIGKILL after a grace period) and starts again the controller or agent of
     /// host `index` (0-based) with the same data dir — how tests show that state survives a
     /// restart and that containers outlive their agent. `kill9` skips the SIGTERM. The agent's
@@ -874,12 +943,12 @@ impl Lab {
         }
         let (args, log, what) = match role {
             Role::Controller => (
-                controller_args(&host),
+                controller_args(&host, index, self.first_controller_addr()),
                 host.controller_log(),
                 format!("controller on {}", host.name),
             ),
             Role::Agent => (
-                agent_args(&host, &self.controller_url(), runtime),
+                agent_args(&host, &self.controller_urls().join(","), runtime),
                 host.agent_log(),
                 format!("agent on {}", host.name),
             ),

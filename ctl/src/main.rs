@@ -13,7 +13,8 @@ use rudder_ctl::context;
     about = "Rudder: run services as containers across hosts"
 )]
 struct Cli {
-    /// Controller URL (default: from the context file).
+    /// Controller URL, or a comma-separated list tried in order (default: from the context
+    /// file).
     #[arg(long, global = true, env = "RUDDER_CONTROLLER")]
     controller: Option<String>,
     /// Registry host:port (default: from the context file).
@@ -90,6 +91,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// The controller group: `rctl cluster info`.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Images in the cluster registry.
     Image {
         #[command(subcommand)]
@@ -139,11 +145,22 @@ enum ImageCmd {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// The controllers, which one leads, and the raft term.
+    Info {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
 enum LocalCmd {
-    /// Build the lab: N hosts in network namespaces, agents on all, a controller on the first.
+    /// Build the lab: N hosts in network namespaces, agents on all, controllers (one raft
+    /// group) on the first M.
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: u32,
+        /// Hosts that also run a controller: 1, or 3 / 5 for a replicated control plane.
         #[arg(long, default_value_t = 1)]
         managers: u32,
         #[arg(long, default_value = "rudder")]
@@ -235,6 +252,9 @@ fn real_main() -> anyhow::Result<()> {
         )),
         Cmd::Describe { service } => rt.block_on(cmd::describe::run(&ctx()?, service)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Info { output },
+        } => rt.block_on(cmd::cluster::info(&ctx()?, *output)),
         Cmd::Node {
             cmd: NodeCmd::Ls { output },
         } => rt.block_on(cmd::node::ls(&ctx()?, *output)),

@@ -43,13 +43,18 @@ pub struct LabGuard {
 
 impl LabGuard {
     pub fn up(name: &str, nodes: u32) -> anyhow::Result<LabGuard> {
+        Self::up_with(name, nodes, 1)
+    }
+
+    /// A lab whose first `managers` hosts run controllers (one raft group).
+    pub fn up_with(name: &str, nodes: u32, managers: u32) -> anyhow::Result<LabGuard> {
         let root = std::env::var_os("RUDDER_LAB_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/rudder-lab"));
         let cfg = lab::LabConfig {
             name: name.to_string(),
             nodes,
-            managers: 1,
+            managers,
             root: root.clone(),
             agent_bin: bin("rudder-agent"),
             controller_bin: bin("rudder-controller"),
@@ -240,7 +245,20 @@ impl LabGuard {
 /// A lab of `nodes` hosts named `<prefix><pid>`, with `busybox:latest` imported. The temp dir
 /// holds the rootfs tarball (`busybox.tar`) and whatever manifests the test writes.
 pub fn lab_with_busybox(prefix: &str, nodes: u32) -> anyhow::Result<(LabGuard, tempfile::TempDir)> {
-    let lab = LabGuard::up(&format!("{prefix}{}", std::process::id() % 100000), nodes)?;
+    lab_with_busybox_managers(prefix, nodes, 1)
+}
+
+/// [`lab_with_busybox`] with `managers` controllers.
+pub fn lab_with_busybox_managers(
+    prefix: &str,
+    nodes: u32,
+    managers: u32,
+) -> anyhow::Result<(LabGuard, tempfile::TempDir)> {
+    let lab = LabGuard::up_with(
+        &format!("{prefix}{}", std::process::id() % 100000),
+        nodes,
+        managers,
+    )?;
     let tmp = tempfile::tempdir()?;
     let tar = tmp.path().join("busybox.tar");
     busybox_rootfs(&tar)?;

@@ -1,6 +1,7 @@
 //! One module per `rctl` command.
 
 pub mod apply;
+pub mod cluster;
 pub mod describe;
 pub mod get;
 pub mod image;
