@@ -15,8 +15,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use rudder_pki::ca::Role;
+use rudder_pki::tls::{self, NodeCerts};
 use rudder_proto::v1::agent_api_server::AgentApiServer;
 use serde::Deserialize;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,10 @@ pub enum AgentError {
     Image(#[from] rudder_image::ImageError),
     #[error("agent: api server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("agent: certificates: {0}")]
+    Tls(rudder_pki::tls::TlsError),
+    #[error("agent: joining the cluster: {0}")]
+    Join(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +56,43 @@ pub struct Config {
     pub runtime: String,
     /// `worker`, or `manager` when this host also runs a controller.
     pub role: String,
+    /// Join token for the first start (`rctl cluster join-token worker`); afterwards the
+    /// certificate in `<data>/certs` is used.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// This agent's certificate: from `<data>/certs`, or obtained by joining with the token.
+async fn agent_certs(cfg: &Config, node_id: &str) -> Result<NodeCerts, AgentError> {
+    let dir = cfg.data_dir.join("certs");
+    if let Some(c) = NodeCerts::load_if_present(&dir).map_err(AgentError::Tls)? {
+        return Ok(c);
+    }
+    let token = cfg.token.as_deref().ok_or_else(|| {
+        AgentError::Join(
+            "this host has no certificate yet: start the agent with --token \
+             (`rctl cluster join-token worker`)"
+                .into(),
+        )
+    })?;
+    let mut last = String::new();
+    for attempt in 0..30 {
+        for url in &cfg.controllers {
+            let url = url.replacen("http://", "https://", 1);
+            match rudder_pki::join::join_cluster(&url, token, node_id).await {
+                Ok(c) => {
+                    c.save(&dir).map_err(AgentError::Tls)?;
+                    return Ok(c);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if attempt == 0 {
+            tracing::warn!(%last, "joining the cluster failed; retrying");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    Err(AgentError::Join(last))
 }
 
 /// This host's capacity: CPUs (thousandths) and memory (bytes) from the kernel.
@@ -89,6 +133,7 @@ pub async fn run(
     let containers = cfg.data_dir.join("containers");
     std::fs::create_dir_all(&containers).map_err(|e| AgentError::Io("create data dir", e))?;
     let node_id = node_id(&cfg.data_dir)?;
+    let certs = agent_certs(&cfg, &node_id).await?;
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
     let binary = runtime::pick_runtime(&cfg.runtime);
     info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
@@ -100,6 +145,12 @@ pub async fn run(
         runtime: Arc::new(rt),
         cgroup_parent: cfg.cgroup_parent.clone(),
         registry: Mutex::new(String::new()),
+        registry_tls: Some(rudder_image::ClientTls {
+            ca_pem: certs.ca().pem().to_string(),
+            cert_pem: certs.cert_pem().to_string(),
+            key_pem: certs.key_pem().to_string(),
+            server_name: Role::Manager.server_name().to_string(),
+        }),
         status_tx,
     });
     worker.adopt();
@@ -111,10 +162,16 @@ pub async fn run(
         cpus_milli,
         memory_bytes,
         role: cfg.role.clone(),
+        tls: Some(tls::client_tls(&certs, Role::Manager)),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
-    let api = AgentApiServer::new(api::AgentApiImpl { containers });
+    // Only controllers (manager certificates) may call the agent.
+    let api = InterceptedService::new(
+        AgentApiServer::new(api::AgentApiImpl { containers }),
+        tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
+    );
     tonic::transport::Server::builder()
+        .tls_config(tls::server_tls(&certs))?
         .add_service(api)
         .serve_with_shutdown(cfg.listen, shutdown)
         .await?;

@@ -29,6 +29,9 @@ struct Args {
     /// `manager` when this host also runs a controller (placement constraints use it).
     #[arg(long, default_value = "worker", value_parser = ["worker", "manager"])]
     role: String,
+    /// Join token for the first start (`rctl cluster join-token worker`).
+    #[arg(long, env = "RUDDER_JOIN_TOKEN")]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         cgroup_parent: a.cgroup_parent,
         runtime: a.runtime,
         role: a.role,
+        token: a.token,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -37,6 +37,8 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// `worker` or `manager`.
     pub role: String,
+    /// Mutual TLS towards the controllers (this node's certificate); plain HTTP/2 when `None`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -268,10 +270,19 @@ async fn session(
     worker: &Arc<Worker>,
     status_rx: &mut mpsc::UnboundedReceiver<TaskStatusReport>,
 ) -> Result<(), SessionError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(controller.to_string())
+    let url = match (&me.tls, controller.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => controller.to_string(),
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| SessionError::Address(controller.to_string(), e))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
+    if let Some(tls) = &me.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| SessionError::Address(controller.to_string(), e))?;
+    }
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
     let mut client = DispatcherClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
@@ -583,6 +594,7 @@ mod tests {
                 ),
                 cgroup_parent: "/rudder-test".into(),
                 registry: std::sync::Mutex::new(String::new()),
+                registry_tls: None,
                 status_tx,
             });
             let me = Identity {
@@ -592,6 +604,7 @@ mod tests {
                 cpus_milli: 1000,
                 memory_bytes: 1 << 30,
                 role: "worker".into(),
+                tls: None,
             };
             tokio::spawn(run(controllers, me, worker, status_rx))
         }

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub cgroup_parent: String,
     /// Registry `host:port`, learned from the controller's welcome.
     pub registry: Mutex<String>,
+    /// This node's credentials for the cluster registry (mutual TLS); plain HTTP when `None`.
+    pub registry_tls: Option<rudder_image::ClientTls>,
     pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
 }
 
@@ -380,7 +382,11 @@ async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
 async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage, String> {
     let registry = ctx.registry.lock().expect("registry lock").clone();
     let reference = Reference::parse(&task.spec.image).map_err(|e| e.to_string())?;
-    let client = RegistryClient::new(&registry).map_err(|e| e.to_string())?;
+    let client = match &ctx.registry_tls {
+        Some(tls) => RegistryClient::with_tls(&registry, tls),
+        None => RegistryClient::new(&registry),
+    }
+    .map_err(|e| e.to_string())?;
     ctx.images
         .pull(&client, &reference)
         .await

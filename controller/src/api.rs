@@ -20,6 +20,8 @@ use crate::{new_id, now_ms};
 pub struct ControlApi {
     pub raft: RaftHandle,
     pub registry: String,
+    /// How to reach agents (mutual TLS, server name `worker.rudder`); plain when `None`.
+    pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 fn raft_status(e: RaftError) -> Status {
@@ -392,16 +394,20 @@ impl Control for ControlApi {
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let forward = |(req, name, addr): (TaskLogsRequest, String, String), tx: LogSender| async move {
-            if let Err(e) = forward_logs(req, &name, &addr, &tx).await {
-                warn!(task = %name, %e, "logs unavailable");
-                let _ = tx
-                    .send(Ok(LogChunk {
-                        task: name.clone(),
-                        data: Vec::new(),
-                        warning: format!("logs of {name} unavailable from {addr}: {e}"),
-                    }))
-                    .await;
+        let tls = self.agent_tls.clone();
+        let forward = move |(req, name, addr): (TaskLogsRequest, String, String), tx: LogSender| {
+            let tls = tls.clone();
+            async move {
+                if let Err(e) = forward_logs(req, &name, &addr, tls, &tx).await {
+                    warn!(task = %name, %e, "logs unavailable");
+                    let _ = tx
+                        .send(Ok(LogChunk {
+                            task: name.clone(),
+                            data: Vec::new(),
+                            warning: format!("logs of {name} unavailable from {addr}: {e}"),
+                        }))
+                        .await;
+                }
             }
         };
         if follow {
@@ -459,12 +465,17 @@ async fn forward_logs(
     req: TaskLogsRequest,
     name: &str,
     addr: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     tx: &LogSender,
 ) -> Result<(), String> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
+    if let Some(t) = tls {
+        endpoint = endpoint.tls_config(t).map_err(|e| e.to_string())?;
+    }
     if !req.follow {
         endpoint = endpoint.timeout(Duration::from_secs(30));
     }

@@ -7,7 +7,7 @@
 //! report status → batched into one proposal.
 
 pub mod api;
-pub mod ca;
+pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod dispatcher;
 pub mod image_tags;
@@ -17,9 +17,10 @@ pub mod raft_node;
 #[cfg(test)]
 mod raft_sim;
 pub mod registry;
+pub mod security;
 mod slog_bridge;
 pub mod storage;
-pub mod tls;
+pub use rudder_pki::tls;
 pub mod transport;
 
 use std::future::Future;
@@ -28,10 +29,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use rudder_proto::v1::cluster_server::ClusterServer;
 use rudder_proto::v1::control_server::ControlServer;
 use rudder_proto::v1::dispatcher_server::DispatcherServer;
 use rudder_proto::v1::raft_peer_server::RaftPeerServer;
 use serde::Deserialize;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 /// Milliseconds since the epoch. Only the leader calls this, to stamp commands.
@@ -61,6 +64,8 @@ pub enum ControllerError {
     Registry(#[from] registry::RegistryError),
     #[error("controller: grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Security(#[from] security::SecurityError),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +77,8 @@ pub struct Config {
     /// OCI registry.
     pub registry_listen: SocketAddr,
     pub raft_id: u64,
+    /// Manager join token (with `join`, first start only).
+    pub token: Option<String>,
     /// `host:port` the other controllers and agents reach this one's gRPC at (default: listen).
     pub advertise: Option<String>,
     /// `host:port` of this controller's registry for the others (default: registry_listen).
@@ -128,49 +135,91 @@ pub async fn run(
     } else {
         vec![cfg.raft_id]
     };
+    // Certificates first: a joining controller needs its manager certificate before it can
+    // talk to anyone.
+    let node_name = format!("controller-{}", cfg.raft_id);
+    let boot = security::controller_certs(
+        &cfg.data_dir,
+        &node_name,
+        cfg.join.as_deref().filter(|_| fresh),
+        cfg.token.as_deref(),
+    )
+    .await?;
+    let certs = boot.certs;
+    let ca_cert = Arc::new(certs.ca().clone());
+    let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
+    let agent_tls = tls::client_tls(&certs, ca::Role::Worker);
+
     let storage = storage::RedbStorage::open(&raft_path, &voters)?;
-    let transport = peer::GrpcTransport::new();
+    let transport = peer::GrpcTransport::with_tls(Some(peer_tls.clone()));
     let raft = raft_node::start(cfg.raft_id, storage, transport.clone())?;
     transport.attach(raft.clone());
-    raft.set_forwarder(peer::GrpcForwarder::new(raft.clone()));
+    raft.set_forwarder(peer::GrpcForwarder::new(raft.clone(), Some(peer_tls)));
+    if let Some(initial) = boot.initial {
+        tokio::spawn(security::record_initial_secrets(raft.clone(), initial));
+    }
     tokio::spawn(orchestrator::run(raft.clone()));
     let me = cfg.me();
     tokio::spawn(keep_membership(raft.clone(), me.clone()));
 
     let registry_addr = me.registry.clone();
+    let registry_tls = registry::RegistryTls::new(&certs)
+        .map_err(|e| ControllerError::Config(format!("registry tls: {e}")))?;
     let blobs = registry::BlobStore::open(cfg.data_dir.join("registry"))?;
     let reg_state = registry::RegistryState::new(
         blobs,
         Arc::new(image_tags::RaftTagStore { raft: raft.clone() }),
     )
-    .with_peers(Arc::new(ManagerRegistries {
-        raft: raft.clone(),
-        me: cfg.raft_id,
-    }))?;
+    .with_tls_peers(
+        Arc::new(ManagerRegistries {
+            raft: raft.clone(),
+            me: cfg.raft_id,
+        }),
+        &registry_tls,
+    )?;
     tokio::spawn(replicate_images(raft.clone(), reg_state.clone()));
     let reg_listener = tokio::net::TcpListener::bind(cfg.registry_listen)
         .await
         .map_err(|e| ControllerError::Io("bind registry", e))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut reg_stop = stop_rx.clone();
-    let reg = tokio::spawn(registry::serve(reg_listener, reg_state, async move {
-        let _ = reg_stop.wait_for(|s| *s).await;
-    }));
+    let reg = tokio::spawn(registry::serve_tls(
+        reg_listener,
+        reg_state,
+        registry_tls,
+        async move {
+            let _ = reg_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let control = api::ControlApi {
         raft: raft.clone(),
         registry: registry_addr.clone(),
+        agent_tls: Some(agent_tls),
     };
+    let cluster =
+        cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }));
+    use ca::Role::{Admin, Manager, Worker};
     let dispatcher = dispatcher::DispatcherApi::new(raft.clone(), registry_addr);
     info!(listen = %cfg.listen, registry = %cfg.registry_listen, "controller starting");
     let mut grpc_stop = stop_rx;
+    // Mutual TLS on every service; each admits only the roles it serves.
     let grpc = tonic::transport::Server::builder()
-        .add_service(ControlServer::new(control))
-        .add_service(DispatcherServer::new(dispatcher))
-        .add_service(
+        .tls_config(tls::server_tls(&certs))?
+        .add_service(InterceptedService::new(
+            ControlServer::new(control),
+            security::guard(ca_cert.clone(), &[Admin], "Control"),
+        ))
+        .add_service(InterceptedService::new(
+            DispatcherServer::new(dispatcher),
+            security::guard(ca_cert.clone(), &[Worker, Manager], "Dispatcher"),
+        ))
+        .add_service(InterceptedService::new(
             RaftPeerServer::new(peer::PeerApi { raft: raft.clone() })
                 .max_decoding_message_size(64 * 1024 * 1024),
-        )
+            security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
+        ))
+        .add_service(ClusterServer::new(cluster))
         .serve_with_shutdown(cfg.listen, async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
@@ -222,7 +271,7 @@ impl registry::PeerRegistries for ManagerRegistries {
             .managers
             .iter()
             .filter(|(id, _)| **id != self.me)
-            .map(|(id, m)| (*id != leader, format!("http://{}", m.registry)))
+            .map(|(id, m)| (*id != leader, format!("https://{}", m.registry)))
             .collect();
         // The leader first: it most likely took the push.
         peers.sort();

@@ -29,6 +29,9 @@ struct Args {
     /// Join the cluster of the controller at this gRPC `host:port` (first start only).
     #[arg(long)]
     join: Option<String>,
+    /// Manager join token, with --join (`rctl cluster join-token manager`).
+    #[arg(long, env = "RUDDER_JOIN_TOKEN")]
+    token: Option<String>,
     /// Host name, for logs.
     #[arg(long)]
     node_name: Option<String>,
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         advertise: a.advertise,
         registry_advertise: a.registry_advertise,
         join: a.join,
+        token: a.token,
     };
     rudder_controller::run(cfg, shutdown_signal()).await?;
     Ok(())

@@ -24,7 +24,7 @@ use rudder_proto::v1::raft_peer_client::RaftPeerClient;
 use rudder_proto::v1::raft_peer_server::RaftPeer;
 use rudder_proto::v1::*;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -38,14 +38,23 @@ const PEER_QUEUE: usize = 4096;
 /// Metadata key carrying the leader's raft id on a `NotLeader` refusal.
 pub const LEADER_ID_KEY: &str = "rudder-leader-id";
 
-/// Dials `host:port` over plain HTTP/2 (mutual TLS wraps this later).
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// Dials another controller at `host:port`: mutual TLS with this controller's certificate
+/// when `tls` is given (always, in a running controller), plain HTTP/2 otherwise (benches).
+pub fn endpoint(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    if let Some(t) = tls {
+        e = e.tls_config(t.clone())?;
+    }
+    Ok(e)
 }
 
 /// The gRPC address of member `id`, from the replicated membership, else from `hints`.
@@ -66,14 +75,22 @@ pub struct GrpcTransport {
     raft: Arc<OnceLock<RaftHandle>>,
     queues: Mutex<HashMap<u64, mpsc::Sender<Vec<Message>>>>,
     hints: Hints,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl GrpcTransport {
     pub fn new() -> Arc<Self> {
+        Self::with_tls(None)
+    }
+
+    /// A transport dialing peers with `tls` (the controller's certificate, server name
+    /// `manager.rudder`).
+    pub fn with_tls(tls: Option<ClientTlsConfig>) -> Arc<Self> {
         Arc::new(GrpcTransport {
             raft: Default::default(),
             queues: Default::default(),
             hints: Default::default(),
+            tls,
         })
     }
 
@@ -98,7 +115,13 @@ impl RaftTransport for GrpcTransport {
         for (to, batch) in by_peer {
             let q = queues.entry(to).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                tokio::spawn(peer_loop(to, self.raft.clone(), self.hints.clone(), rx));
+                tokio::spawn(peer_loop(
+                    to,
+                    self.raft.clone(),
+                    self.hints.clone(),
+                    self.tls.clone(),
+                    rx,
+                ));
                 tx
             });
             if q.try_send(batch).is_err() {
@@ -113,6 +136,7 @@ async fn peer_loop(
     to: u64,
     raft: Arc<OnceLock<RaftHandle>>,
     hints: Hints,
+    tls: Option<ClientTlsConfig>,
     mut queue: mpsc::Receiver<Vec<Message>>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -130,7 +154,7 @@ async fn peer_loop(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let channel = match endpoint(&addr) {
+        let channel = match endpoint(&addr, tls.as_ref()) {
             Ok(e) => match e.connect().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -249,13 +273,15 @@ async fn send_snapshot(channel: Channel, raft: RaftHandle, mut msg: Message) {
 pub struct GrpcForwarder {
     raft: RaftHandle,
     channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl GrpcForwarder {
-    pub fn new(raft: RaftHandle) -> Arc<Self> {
+    pub fn new(raft: RaftHandle, tls: Option<ClientTlsConfig>) -> Arc<Self> {
         Arc::new(GrpcForwarder {
             raft,
             channels: Default::default(),
+            tls,
         })
     }
 
@@ -264,7 +290,7 @@ impl GrpcForwarder {
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr)
+        let c = endpoint(addr, self.tls.as_ref())
             .map_err(|e| RaftError::Forward(e.to_string()))?
             .connect_lazy();
         ch.insert(addr.to_string(), c.clone());
@@ -443,7 +469,7 @@ pub async fn join(addr: &str, raft_id: u64, me: &ManagerInfo, transport: &GrpcTr
     let mut backoff = Duration::from_millis(200);
     loop {
         let r = async {
-            let ch = endpoint(addr)
+            let ch = endpoint(addr, transport.tls.as_ref())
                 .map_err(|e| e.to_string())?
                 .connect()
                 .await

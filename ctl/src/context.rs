@@ -22,6 +22,39 @@ pub struct Context {
     pub controllers: Vec<String>,
     /// Registry `host:port`.
     pub registry: String,
+    /// The cluster CA and this user's admin certificate and key (PEM files): every controller
+    /// speaks mutual TLS and serves the Control API to admin certificates only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+/// The PEM texts of a context's credentials.
+pub struct Credentials {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Context {
+    /// Reads the credentials the context names (`None` when it names none).
+    pub fn credentials(&self) -> anyhow::Result<Option<Credentials>> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
+            return Ok(None);
+        };
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("context: reading the {what} {}: {e}", p.display()))
+        };
+        Ok(Some(Credentials {
+            ca: read(ca, "cluster ca")?,
+            cert: read(cert, "admin certificate")?,
+            key: read(key, "admin key")?,
+        }))
+    }
 }
 
 impl Context {
@@ -101,7 +134,13 @@ pub fn resolve(
     registry: Option<&str>,
     context: Option<&Path>,
 ) -> anyhow::Result<Context> {
+    let path = context
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("RUDDER_CONTEXT").map(PathBuf::from))
+        .unwrap_or_else(default_path);
     if let Some(c) = controller {
+        // The context file, when there is one, still supplies the credentials.
+        let base = load(&path).ok();
         let controllers = parse_controllers(c)?;
         let first = controllers[0].clone();
         let registry = registry.map(str::to_string).unwrap_or_else(|| {
@@ -119,12 +158,11 @@ pub fn resolve(
             controller: first,
             controllers,
             registry,
+            ca: base.as_ref().and_then(|b| b.ca.clone()),
+            cert: base.as_ref().and_then(|b| b.cert.clone()),
+            key: base.as_ref().and_then(|b| b.key.clone()),
         });
     }
-    let path = context
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("RUDDER_CONTEXT").map(PathBuf::from))
-        .unwrap_or_else(default_path);
     let mut ctx = load(&path)?;
     if let Some(r) = registry {
         ctx.registry = r.to_string();

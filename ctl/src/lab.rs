@@ -162,6 +162,12 @@ pub struct Lab {
     pub hosts: Vec<LabHost>,
     /// `<dir>/context.json`: where rctl finds the controller and registry.
     pub context_path: PathBuf,
+    /// Join tokens the first controller wrote at init (agents and further controllers join
+    /// with them on their first start).
+    #[serde(default)]
+    pub worker_token: String,
+    #[serde(default)]
+    pub manager_token: String,
 }
 
 /// One simulated host.
@@ -492,6 +498,8 @@ fn plan(cfg: &LabConfig, dir: &Path, k: u8) -> LabRecord {
             subnet_index: k,
             hosts,
             context_path: dir.join(CONTEXT_FILE),
+            worker_token: String::new(),
+            manager_token: String::new(),
         },
         underlay_netns: underlay_netns_name(&cfg.name),
         bridge: BRIDGE.into(),
@@ -773,7 +781,7 @@ fn build_hosts(
         let host = rec.lab.hosts[idx].clone();
         let cdir = host.controller_data_dir();
         fs::create_dir_all(&cdir).map_err(io_err(format!("creating {}", cdir.display())))?;
-        let args = controller_args(&host, idx, first_addr);
+        let args = controller_args(&host, idx, first_addr, &rec.lab.manager_token);
         let what = format!("controller on {}", host.name);
         let child = spawn_in_netns(
             &what,
@@ -791,19 +799,29 @@ fn build_hosts(
         write_record(rec)?;
         info!(host = %host.name, pid, "lab: controller started");
         if idx == 0 {
-            // The others join the first; it must be serving before they ask.
+            // The others join the first; it must be serving before they ask. It wrote the
+            // admin credentials and the join tokens before it started serving.
             wait_for_controller(
                 host.controller_addr(),
                 children.last_mut().expect("just pushed"),
                 &host.controller_log(),
                 READY_TIMEOUT,
             )?;
+            let admin = host.controller_data_dir().join("admin");
+            let read = |f: &str| {
+                fs::read_to_string(admin.join(f))
+                    .map(|t| t.trim().to_string())
+                    .map_err(io_err(format!("reading {}", admin.join(f).display())))
+            };
+            rec.lab.worker_token = read("worker.token")?;
+            rec.lab.manager_token = read("manager.token")?;
+            write_record(rec)?;
         }
     }
 
     for idx in 0..rec.lab.hosts.len() {
         let host = rec.lab.hosts[idx].clone();
-        let mut args = agent_args(&host, &controller_urls, &cfg.runtime);
+        let mut args = agent_args(&host, &controller_urls, &cfg.runtime, &rec.lab.worker_token);
         args.extend(cfg.extra_agent_args.iter().cloned());
         let what = format!("agent on {}", host.name);
         let child = spawn_in_netns(&what, &cfg.agent_bin, &args, &host.netns, &host.agent_log())?;
@@ -824,11 +842,15 @@ fn build_hosts(
         )?;
     }
 
+    let admin = first.controller_data_dir().join("admin");
     let context = serde_json::json!({
         "name": rec.lab.name,
         "controller": rec.lab.controller_url(),
         "controllers": rec.lab.controller_urls(),
         "registry": rec.lab.registry(),
+        "ca": admin.join("ca.pem"),
+        "cert": admin.join("admin.pem"),
+        "key": admin.join("admin-key.pem"),
     });
     let body = serde_json::to_vec_pretty(&context).map_err(|source| LabError::Record {
         path: rec.lab.context_path.clone(),
@@ -844,7 +866,7 @@ fn build_hosts(
 
 /// The first manager (index 0) starts the cluster; the others join it on their first start
 /// (a restarted controller keeps its own state and ignores `--join`).
-fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<String> {
+fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4, token: &str) -> Vec<String> {
     let mut args = vec![
         "--data-dir".into(),
         path_arg(&host.controller_data_dir()),
@@ -858,13 +880,20 @@ fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<Str
         host.name.clone(),
     ];
     if index > 0 {
-        args.extend(["--join".into(), first.to_string()]);
+        args.extend([
+            "--join".into(),
+            first.to_string(),
+            "--token".into(),
+            token.to_string(),
+        ]);
     }
     args
 }
 
-fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String> {
+fn agent_args(host: &LabHost, controller_url: &str, runtime: &str, token: &str) -> Vec<String> {
     vec![
+        "--token".into(),
+        token.into(),
         "--data-dir".into(),
         path_arg(&host.data_dir),
         "--controller".into(),
@@ -943,12 +972,22 @@ impl Lab {
         }
         let (args, log, what) = match role {
             Role::Controller => (
-                controller_args(&host, index, self.first_controller_addr()),
+                controller_args(
+                    &host,
+                    index,
+                    self.first_controller_addr(),
+                    &self.manager_token,
+                ),
                 host.controller_log(),
                 format!("controller on {}", host.name),
             ),
             Role::Agent => (
-                agent_args(&host, &self.controller_urls().join(","), runtime),
+                agent_args(
+                    &host,
+                    &self.controller_urls().join(","),
+                    runtime,
+                    &self.worker_token,
+                ),
                 host.agent_log(),
                 format!("agent on {}", host.name),
             ),
@@ -1756,8 +1795,14 @@ time.sleep(1000)
 "#;
 
     const CONTROLLER_SCRIPT: &str = r#"
-import socket, sys
+import os, socket, sys
 args = sys.argv[1:]
+# Like a first controller: the admin credentials and join tokens, before serving.
+admin = os.path.join(args[args.index("--data-dir") + 1], "admin")
+os.makedirs(admin, exist_ok=True)
+for name in ("worker.token", "manager.token"):
+    with open(os.path.join(admin, name), "w") as f:
+        f.write("RDR1-test")
 host, port = args[args.index("--listen") + 1].rsplit(":", 1)
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -16,16 +16,30 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connects to the first controller of the context that answers: any controller serves the
 /// Control API (reads locally, writes forwarded to the leader).
 pub async fn connect(ctx: &context::Context) -> anyhow::Result<ControlClient<Channel>> {
+    Ok(ControlClient::new(channel(ctx).await?))
+}
+
+/// A mutual-TLS channel to the first controller of the context that answers.
+pub async fn channel(ctx: &context::Context) -> anyhow::Result<Channel> {
     let urls = ctx.controller_urls();
     if urls.is_empty() {
         anyhow::bail!("the context names no controller; run `rctl local up` or pass --controller");
     }
+    let tls = match ctx.credentials()? {
+        Some(c) => Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(c.ca))
+                .identity(tonic::transport::Identity::from_pem(c.cert, c.key))
+                .domain_name(rudder_pki::ca::Role::Manager.server_name()),
+        ),
+        None => None,
+    };
     let mut failures = Vec::new();
     for url in &urls {
-        match dial(url).await {
+        match dial(url, tls.as_ref()).await {
             Ok(ch) => {
                 tracing::debug!(controller = %url, "connected");
-                return Ok(ControlClient::new(ch));
+                return Ok(ch);
             }
             Err(e) => {
                 tracing::debug!(controller = %url, %e, "cannot connect");
@@ -36,10 +50,22 @@ pub async fn connect(ctx: &context::Context) -> anyhow::Result<ControlClient<Cha
     Err(unreachable(&failures))
 }
 
-async fn dial(url: &str) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+async fn dial(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Channel, String> {
+    let url = match (tls, url.strip_prefix("http://")) {
+        (Some(_), Some(rest)) => format!("https://{rest}"),
+        _ => url.to_string(),
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| error_chain(&e))?
         .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(t) = tls {
+        endpoint = endpoint
+            .tls_config(t.clone())
+            .map_err(|e| error_chain(&e))?;
+    }
     // The connect timeout covers TCP only; bound the whole attempt too.
     match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
@@ -176,6 +202,9 @@ mod tests {
             controller: String::new(),
             controllers: vec![format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}")],
             registry: String::new(),
+            ca: None,
+            cert: None,
+            key: None,
         };
         let e = connect(&ctx).await.unwrap_err().to_string();
         assert!(e.contains(&format!("http://127.0.0.1:{a}")), "{e}");

@@ -151,6 +151,17 @@ enum ClusterCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Print (or rotate) the token a new host joins with.
+    JoinToken {
+        #[arg(value_parser = ["worker", "manager"])]
+        role: String,
+        /// Replace the token: the old one stops admitting new hosts.
+        #[arg(long)]
+        rotate: bool,
+        /// Print only the token.
+        #[arg(short, long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -180,9 +191,22 @@ enum LocalCmd {
 
 fn main() {
     // Like other command-line tools, end quietly when the reader of our output goes away
-    // (`rctl describe web | head`); Rust ignores SIGPIPE by default and would panic in println.
-    // SAFETY: restoring the default disposition of one signal before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // (`rctl describe web | head`). SIGPIPE stays ignored (Rust's default): with its default
+    // action, a TLS peer closing a connection mid-write would kill rctl without a word. So a
+    // print into a closed pipe panics, and this hook turns exactly that panic into exit 0.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
     if let Err(e) = real_main() {
         // `rctl logs … | head` closing the pipe is not an error.
         let broken_pipe = e
@@ -255,6 +279,14 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },
         } => rt.block_on(cmd::cluster::info(&ctx()?, *output)),
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::JoinToken {
+                    role,
+                    rotate,
+                    quiet,
+                },
+        } => rt.block_on(cmd::cluster::join_token(&ctx()?, role, *rotate, *quiet)),
         Cmd::Node {
             cmd: NodeCmd::Ls { output },
         } => rt.block_on(cmd::node::ls(&ctx()?, *output)),

@@ -1,16 +1,27 @@
-//! A client for the OCI distribution spec v2 over plain HTTP: enough to push and pull images
-//! (blob HEAD/GET/upload, manifest GET/PUT). No authentication and no TLS: Rudder's registry
-//! runs inside the cluster.
+//! A client for the OCI distribution spec v2: enough to push and pull images (blob
+//! HEAD/GET/upload, manifest GET/PUT). No token authentication. It speaks plain HTTP
+//! ([`RegistryClient::new`], for registries outside the cluster and tests) or mutual TLS
+//! ([`RegistryClient::with_tls`], for the cluster's own registry, which refuses anything else).
 //!
 //! Invariants: repository names and digests are validated before they go into a URL; a blob
 //! fetched to a file is hashed while it streams and only renamed into place when its digest
-//! matches; registry errors become [`ImageError::Registry`] naming what was asked for.
+//! matches; registry errors become [`ImageError::Registry`] naming what was asked for. A TLS
+//! client trusts only the CA it is given (never the web PKI or the system store) and accepts a
+//! server only if its certificate carries the configured server name, whatever address was
+//! dialed.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Body, Response, StatusCode, Url};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
@@ -22,6 +33,32 @@ use crate::{digest, ImageError, Result};
 
 /// Manifests larger than this are refused (the spec asks registries to accept 4 MiB).
 const MAX_MANIFEST_BYTES: usize = 8 << 20;
+/// A registry that does not accept the connection within this is unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client needs to reach a registry that speaks mutual TLS (the cluster's own), all PEM.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// The one CA to trust: the cluster CA. Nothing else is trusted.
+    pub ca_pem: String,
+    /// This node's certificate, presented to the registry, which decides by its role what the
+    /// client may do (workers pull; managers and admins also push).
+    pub cert_pem: String,
+    /// The certificate's private key.
+    pub key_pem: String,
+    /// The name the registry's certificate must carry, whatever address is dialed: registries
+    /// are dialed by IP, and Rudder's certificates name a role (`manager.rudder`), not a host.
+    pub server_name: String,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Where the bytes of a blob to upload come from.
 #[derive(Debug, Clone)]
@@ -92,50 +129,44 @@ impl BlobSource {
 /// A registry at one base URL.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
-    /// `http://host:port`, no trailing slash; also how the registry is named in errors.
+    /// `http://host:port` or `https://host:port`, no trailing slash; also how the registry is
+    /// named in errors.
     base: String,
     http: reqwest::Client,
 }
 
 impl RegistryClient {
-    /// `base` is `http://10.213.1.1:5000` or `127.0.0.1:5000` (http:// is added when missing).
+    /// A plain-HTTP client. `base` is `http://10.213.1.1:5000` or `127.0.0.1:5000` (http:// is
+    /// added when missing).
     pub fn new(base: &str) -> Result<RegistryClient> {
-        let bad = |reason: &str| ImageError::InvalidRegistry {
-            address: base.to_string(),
-            reason: reason.to_string(),
-        };
-        let trimmed = base.trim();
-        if trimmed.starts_with("https://") {
-            return Err(bad(
-                "https is not supported; Rudder's registry speaks plain http",
-            ));
-        }
-        let authority = trimmed
-            .strip_prefix("http://")
-            .unwrap_or(trimmed)
-            .trim_end_matches('/');
-        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
-            return Err(bad("want host[:port], optionally after http://"));
-        }
-        let with_scheme = format!("http://{authority}");
-        let url = Url::parse(&with_scheme).map_err(|e| bad(&e.to_string()))?;
-        if url.host_str().is_none_or(str::is_empty) {
-            return Err(bad("missing host"));
-        }
-        if url.path() != "/" || url.query().is_some() {
-            return Err(bad("want only scheme, host and port"));
-        }
+        let base = normalize_base(base, "http")?;
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| ImageError::Http {
-                registry: with_scheme.clone(),
+                registry: base.clone(),
                 source: e,
             })?;
-        Ok(RegistryClient {
-            base: with_scheme,
-            http,
-        })
+        Ok(RegistryClient { base, http })
+    }
+
+    /// A client speaking mutual TLS with `tls`'s certificates. `base` is
+    /// `https://10.213.1.1:5000` or `10.213.1.1:5000` (https:// is added when missing).
+    pub fn with_tls(base: &str, tls: &ClientTls) -> Result<RegistryClient> {
+        let base = normalize_base(base, "https")?;
+        let config = tls_config(tls).map_err(|detail| ImageError::Tls {
+            registry: base.clone(),
+            detail,
+        })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .use_preconfigured_tls(config)
+            .build()
+            .map_err(|e| ImageError::Http {
+                registry: base.clone(),
+                source: e,
+            })?;
+        Ok(RegistryClient { base, http })
     }
 
     /// The base URL, e.g. `http://127.0.0.1:5000`.
@@ -424,6 +455,120 @@ impl RegistryClient {
     }
 }
 
+/// `scheme://host[:port]` from `host[:port]` or `scheme://host[:port][/]`; the other scheme is
+/// refused.
+fn normalize_base(base: &str, scheme: &str) -> Result<String> {
+    let bad = |reason: &str| ImageError::InvalidRegistry {
+        address: base.to_string(),
+        reason: reason.to_string(),
+    };
+    let trimmed = base.trim();
+    let prefix = format!("{scheme}://");
+    if trimmed.starts_with("https://") && scheme == "http" {
+        return Err(bad(
+            "https needs the cluster's certificates (a client built with tls)",
+        ));
+    }
+    if trimmed.starts_with("http://") && scheme == "https" {
+        return Err(bad(
+            "the cluster registry speaks https only; drop http:// or use https://",
+        ));
+    }
+    let authority = trimmed
+        .strip_prefix(&prefix)
+        .unwrap_or(trimmed)
+        .trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err(bad(&format!("want host[:port], optionally after {prefix}")));
+    }
+    let with_scheme = format!("{prefix}{authority}");
+    let url = Url::parse(&with_scheme).map_err(|e| bad(&e.to_string()))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("missing host"));
+    }
+    if url.path() != "/" || url.query().is_some() {
+        return Err(bad("want only scheme, host and port"));
+    }
+    Ok(with_scheme)
+}
+
+/// A rustls client config that trusts only `tls.ca_pem`, presents `tls.cert_pem`, and checks
+/// the server's certificate against `tls.server_name`. HTTP/1.1 only (the client is built
+/// without HTTP/2).
+fn tls_config(tls: &ClientTls) -> std::result::Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca = CertificateDer::from_pem_slice(tls.ca_pem.as_bytes())
+        .map_err(|e| format!("ca certificate: {e}"))?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca).map_err(|e| format!("ca certificate: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("client certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("client certificate: no certificate in the pem".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())
+        .map_err(|e| format!("client key: {e}"))?;
+    let name = ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| format!("server name {:?}: {e}", tls.server_name))?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("server verifier: {e}"))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FixedNameVerifier { inner, name }))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("client certificate and key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Full WebPKI verification of the server against the given roots, except that the name
+/// checked is always the configured one rather than the host dialed.
+#[derive(Debug)]
+struct FixedNameVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialed: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 fn check_repo(repo: &str) -> Result<()> {
     if valid_repository(repo) {
         Ok(())
@@ -459,6 +604,91 @@ mod tests {
         }
         for bad in ["https://x:5000", "http://", "http://x:5000/v2/", ""] {
             assert!(RegistryClient::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A CA and a certificate it signed for `name`, with the certificate's key (all PEM).
+    fn ca_and_cert(name: &str) -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_client_wants_https_and_usable_pem() {
+        let (ca_pem, cert_pem, key_pem) = ca_and_cert("manager.rudder");
+        let tls = ClientTls {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            server_name: "manager.rudder".into(),
+        };
+        for (input, want) in [
+            ("127.0.0.1:5000", "https://127.0.0.1:5000"),
+            ("https://10.213.1.1:5000/", "https://10.213.1.1:5000"),
+        ] {
+            assert_eq!(RegistryClient::with_tls(input, &tls).unwrap().base(), want);
+        }
+        let err = RegistryClient::with_tls("http://127.0.0.1:5000", &tls).unwrap_err();
+        assert!(err.to_string().contains("https only"), "{err}");
+        let err = RegistryClient::new("https://127.0.0.1:5000").unwrap_err();
+        assert!(err.to_string().contains("certificates"), "{err}");
+
+        // The key is never shown.
+        assert!(!format!("{tls:?}").contains("PRIVATE"));
+
+        let (_, _, other_key) = ca_and_cert("manager.rudder");
+        for (what, broken) in [
+            (
+                "ca certificate",
+                ClientTls {
+                    ca_pem: "junk".into(),
+                    ..tls.clone()
+                },
+            ),
+            (
+                "client certificate",
+                ClientTls {
+                    cert_pem: String::new(),
+                    ..tls.clone()
+                },
+            ),
+            (
+                "client key",
+                ClientTls {
+                    key_pem: "junk".into(),
+                    ..tls.clone()
+                },
+            ),
+            (
+                "client certificate and key",
+                ClientTls {
+                    key_pem: other_key,
+                    ..tls.clone()
+                },
+            ),
+            (
+                "server name",
+                ClientTls {
+                    server_name: "not a name!".into(),
+                    ..tls.clone()
+                },
+            ),
+        ] {
+            match RegistryClient::with_tls("127.0.0.1:5000", &broken) {
+                Err(ImageError::Tls { detail, .. }) => {
+                    assert!(detail.starts_with(what), "{what}: {detail}")
+                }
+                other => panic!("{what}: {other:?}"),
+            }
         }
     }
 

@@ -34,6 +34,10 @@ pub enum ImageError {
         registry: String,
     },
 
+    /// The TLS material for a registry client is unusable (bad PEM, key not matching).
+    #[error("image: tls for registry {registry}: {detail}")]
+    Tls { registry: String, detail: String },
+
     /// The registry could not be reached or the connection broke.
     #[error("image: registry {registry}: {source}")]
     Http {

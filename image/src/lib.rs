@@ -1,7 +1,7 @@
 //! OCI images for Rudder: parsing image references, talking to an OCI distribution-spec registry
-//! over plain HTTP, turning local archives (root filesystem tarballs, OCI image layouts,
-//! docker-save tarballs) into pushed images, and the per-host content store that pulls images and
-//! unpacks each layer once for overlayfs.
+//! (plain HTTP, or mutual TLS for the cluster's own), turning local archives (root filesystem
+//! tarballs, OCI image layouts, docker-save tarballs) into pushed images, and the per-host content
+//! store that pulls images and unpacks each layer once for overlayfs.
 //!
 //! Invariants shared by every module:
 //! - content is addressed by `sha256:<64 lowercase hex>` digests, and a digest is validated
@@ -20,7 +20,7 @@ pub mod reference;
 pub mod store;
 
 pub use archive::{import_rootfs, load_archive, Archive, ImportReport, LoadedImage};
-pub use client::{BlobSource, RegistryClient};
+pub use client::{BlobSource, ClientTls, RegistryClient};
 pub use error::{ImageError, Result};
 pub use reference::Reference;
 pub use store::{ImageConfig, ImageStore, PulledImage};

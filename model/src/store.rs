@@ -316,6 +316,28 @@ pub enum Command {
     },
     /// Several commands in one log entry, applied in order (one proposal per control-loop pass).
     Batch(Vec<Command>),
+    /// The cluster's CA and join tokens: written once at init (`if_absent`), replaced when a
+    /// token is rotated. Values are drawn by the proposer, so applying stays pure.
+    SetSecrets {
+        secrets: ClusterSecrets,
+        #[serde(default)]
+        if_absent: bool,
+    },
+}
+
+/// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
+/// controller's `ca` module). Managers only: never sent to agents or clients, never logged.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSecrets {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub join_tokens: serde_json::Value,
+}
+
+impl std::fmt::Debug for ClusterSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSecrets").finish_non_exhaustive()
+    }
 }
 
 /// What travels in a log entry.
@@ -377,6 +399,9 @@ pub struct Store {
     /// changes (the addresses travel in the conf change's context), never by a command.
     #[serde(default)]
     pub managers: BTreeMap<u64, ManagerInfo>,
+    /// The cluster CA and join tokens (`None` until the first controller initialised them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<ClusterSecrets>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -669,6 +694,11 @@ impl Store {
                 refs.insert(record.digest.clone(), record.clone());
                 if let Some(tag) = tag {
                     refs.insert(tag, record);
+                }
+            }
+            Command::SetSecrets { secrets, if_absent } => {
+                if !(if_absent && self.secrets.is_some()) {
+                    self.secrets = Some(secrets);
                 }
             }
             Command::DeleteImage { repo, reference } => {

@@ -21,13 +21,28 @@ fn spine_end_to_end() -> anyhow::Result<()> {
 
     // Archives as standard tools write them (OCI archive, docker-save tarball), loaded back.
     let registry = lab.lab.registry();
+    // The cluster registry speaks mutual TLS: skopeo presents the admin certificate (its
+    // cert-dir layout: *.crt trusted CAs, *.cert + *.key the client identity). The server's
+    // name is the role name `manager.rudder`, not the IP dialed, hence tls-verify=false here.
+    let certs = tmp.path().join("certs.d");
+    std::fs::create_dir_all(&certs)?;
+    let admin = lab.lab.hosts[0].controller_data_dir().join("admin");
+    std::fs::copy(admin.join("ca.pem"), certs.join("ca.crt"))?;
+    std::fs::copy(admin.join("admin.pem"), certs.join("client.cert"))?;
+    std::fs::copy(admin.join("admin-key.pem"), certs.join("client.key"))?;
     for (transport, file, name) in [
         ("oci-archive", "oci.tar", "fromoci:v1"),
         ("docker-archive", "docker.tar", "fromdocker:v1"),
     ] {
         let path = tmp.path().join(file);
         let st = std::process::Command::new("skopeo")
-            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .args([
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                "--src-cert-dir",
+            ])
+            .arg(&certs)
             .arg(format!("docker://{registry}/busybox:latest"))
             .arg(format!("{transport}:{}:{name}", path.display()))
             .status()?;

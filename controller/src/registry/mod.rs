@@ -10,7 +10,9 @@
 //! - [`names`]: pure validation of repository names, tags and digests;
 //! - `peers`: blobs missing here are read through from the other managers' registries
 //!   ([`PeerRegistries`]) and copied ahead of need by [`replicate_manifest`];
-//! - `http`: the endpoints.
+//! - `http`: the endpoints;
+//! - `tls`: mutual TLS ([`serve_tls`]): every cluster certificate may pull, only managers and
+//!   admins may push or delete; managers read through from each other over it too.
 //!
 //! Invariants: manifests are stored as ordinary blobs (their digest is over the exact bytes
 //! pushed) and are published in the tag store only after those bytes and every blob they
@@ -25,6 +27,7 @@ pub mod manifest;
 pub mod names;
 mod peers;
 pub mod tags;
+mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -40,6 +43,7 @@ pub use error::RegistryError;
 pub use names::Digest;
 pub use peers::{replicate_manifest, PeerRegistries, StaticPeers};
 pub use tags::{ManifestRef, MemTagStore, TagStore};
+pub use tls::{serve_tls, Peer, RegistryTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
 
 /// The port a registry listens on unless configured otherwise.
 pub const DEFAULT_PORT: u16 = 5000;
@@ -69,6 +73,18 @@ impl RegistryState {
         Ok(self)
     }
 
+    /// Reads blobs missing here through from `peers` over mutual TLS, presenting `tls`'s node
+    /// certificate (renewals included). Peer base URLs are then `https://host:port`.
+    pub fn with_tls_peers(
+        mut self,
+        peers: Arc<dyn PeerRegistries>,
+        tls: &RegistryTls,
+    ) -> Result<Self, RegistryError> {
+        let client = tls.peer_client()?;
+        self.peers = Some(Arc::new(peers::PeerFetcher::with_client(peers, client)));
+        Ok(self)
+    }
+
     /// The blob store, e.g. for replicating blobs between controllers or purging uploads.
     pub fn blobs(&self) -> &BlobStore {
         &self.blobs
@@ -91,17 +107,27 @@ impl std::fmt::Debug for RegistryState {
 /// The registry's HTTP routes. Body size limits are off (blobs can be gigabytes); manifest
 /// bodies are limited by their handler.
 pub fn router(state: RegistryState) -> axum::Router {
-    axum::Router::new()
+    routes(state, false)
+}
+
+/// The routes, with writes limited by certificate role when `authorize` (behind
+/// [`serve_tls`], which supplies the role).
+fn routes(state: RegistryState, authorize: bool) -> axum::Router {
+    let mut app = axum::Router::new()
         .route("/v2", any(http::dispatch))
         .route("/v2/", any(http::dispatch))
         .route("/v2/{*rest}", any(http::dispatch))
-        .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::map_response(http::api_version_header))
+        .layer(DefaultBodyLimit::disable());
+    if authorize {
+        app = app.layer(axum::middleware::from_fn(tls::authorize));
+    }
+    app.layer(axum::middleware::map_response(http::api_version_header))
         .with_state(state)
 }
 
-/// Serves the registry on `listener` until `shutdown` completes, then drains in-flight
-/// requests.
+/// Serves the registry over plain HTTP, with no authorization, on `listener` until `shutdown`
+/// completes, then drains in-flight requests. For tests and development; a cluster serves
+/// [`serve_tls`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: RegistryState,

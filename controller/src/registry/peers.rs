@@ -49,8 +49,9 @@ const MIN_RATE: u64 = 1 << 20;
 /// Where the other managers' registries are. Membership changes over time, so it is asked
 /// again on every miss.
 pub trait PeerRegistries: Send + Sync + 'static {
-    /// Base URLs of the other managers' registries (`http://10.0.0.2:5000`), in the order to
-    /// try them. Never this controller's own registry.
+    /// Base URLs of the other managers' registries (`https://10.0.0.2:5000` behind
+    /// [`serve_tls`](super::serve_tls), `http://` otherwise), in the order to try them. Never
+    /// this controller's own registry.
     fn peers(&self) -> Vec<String>;
 }
 
@@ -103,18 +104,19 @@ enum FetchError {
 
 impl PeerFetcher {
     pub(crate) fn new(peers: Arc<dyn PeerRegistries>) -> Result<Self, RegistryError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // Manager-to-manager traffic stays inside the cluster, whatever the environment says.
-            .no_proxy()
-            .user_agent(concat!("rudder-controller/", env!("CARGO_PKG_VERSION")))
+        let client = client_builder()
             .build()
             .map_err(|e| RegistryError::PeerClient(e.to_string()))?;
-        Ok(Self {
+        Ok(Self::with_client(peers, client))
+    }
+
+    /// Fetches through `client`, e.g. one speaking mutual TLS (see `RegistryTls::peer_client`).
+    pub(crate) fn with_client(peers: Arc<dyn PeerRegistries>, client: reqwest::Client) -> Self {
+        Self {
             peers,
             client,
             in_flight: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<tokio::sync::Mutex<()>>>> {
@@ -193,6 +195,15 @@ impl PeerFetcher {
                 refused => FetchError::Refused(refused),
             })
     }
+}
+
+/// The settings every client for peer registries shares.
+pub(crate) fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        // Manager-to-manager traffic stays inside the cluster, whatever the environment says.
+        .no_proxy()
+        .user_agent(concat!("rudder-controller/", env!("CARGO_PKG_VERSION")))
 }
 
 /// A task's membership in the fetch of one digest: holds that digest's lock alive and removes

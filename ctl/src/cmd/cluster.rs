@@ -1,7 +1,10 @@
+//! `rctl cluster join-token worker|manager [--rotate]`: the token a new host joins with (the
+//! token pins the cluster CA; rotating makes the old one useless for new joins).
 //! `rctl cluster info`: the controller group as the controller asked sees it (like the MANAGER
 //! STATUS column of `docker node ls`): who leads, the term, each member and its addresses.
 
-use rudder_proto::v1::ClusterInfoRequest;
+use rudder_proto::v1::cluster_client::ClusterClient;
+use rudder_proto::v1::{ClusterInfoRequest, JoinTokenRequest};
 
 use super::{print_table, Output};
 use crate::context::Context;
@@ -59,5 +62,37 @@ pub async fn info(ctx: &Context, output: Output) -> anyhow::Result<()> {
             print_table(&["ID", "ADDRESS", "REGISTRY", "STATUS"], &rows);
         }
     }
+    Ok(())
+}
+
+pub async fn join_token(
+    ctx: &Context,
+    role: &str,
+    rotate: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let mut client = ClusterClient::new(crate::channel(ctx).await?);
+    let token = client
+        .join_token(JoinTokenRequest {
+            role: role.to_string(),
+            rotate,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .token;
+    if quiet {
+        println!("{token}");
+        return Ok(());
+    }
+    if rotate {
+        println!("Rotated the {role} join token; the previous one no longer admits new hosts.");
+    }
+    let flag = if role == "manager" {
+        "rudder-controller --join CONTROLLER:4243 --token"
+    } else {
+        "rudder-agent --controller https://CONTROLLER:4243 --token"
+    };
+    println!("To add a {role} to this cluster, run on the new host:\n\n    {flag} {token}\n");
     Ok(())
 }

@@ -631,7 +631,7 @@ fn identity(
 
 /// The one crypto provider used everywhere (ring, as tonic's `tls-ring`), so nothing depends on
 /// a process-wide default being installed.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -684,7 +684,7 @@ fn from_unix(secs: i64) -> SystemTime {
     }
 }
 
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let io = |op, e| CaError::Io(op, path.to_owned(), e);

@@ -397,6 +397,19 @@ fn read_secret(dir: &Path, name: &str) -> Result<String, TlsError> {
     read(dir, name)
 }
 
+/// A tonic interceptor admitting callers whose certificate has one of `roles`; `service` names
+/// the service in refusals.
+pub fn guard(
+    ca: Arc<CaCert>,
+    roles: &'static [Role],
+    service: &'static str,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |req: Request<()>| {
+        authorize(&req, &ca, roles, service)?;
+        Ok(req)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

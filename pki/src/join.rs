@@ -1,0 +1,54 @@
+//! Joining a cluster with a token: dial a controller over TLS that accepts it only if its chain
+//! carries the CA the token pins, send a CSR with the token, and check the CA that comes back
+//! against the pin as well. Used by agents and by joining controllers.
+
+use std::time::Duration;
+
+use rudder_proto::v1::cluster_client::ClusterClient;
+use rudder_proto::v1::JoinRequest;
+use tonic::transport::Endpoint;
+use tracing::info;
+
+use crate::ca::{self, Token};
+use crate::tls::{self, NodeCerts};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("join token: {0}")]
+    Token(#[from] ca::TokenError),
+    #[error("{0}")]
+    Ca(#[from] ca::CaError),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("joining via {addr}: {msg}")]
+    Refused { addr: String, msg: String },
+}
+
+/// Joins the cluster of the controller at `url` (`https://host:port`) with `token`, returning
+/// a fresh key and the certificate for the role the token grants.
+pub async fn join_cluster(url: &str, token: &str, node_id: &str) -> Result<NodeCerts, JoinError> {
+    let parsed = Token::parse(token)?;
+    let err = |msg: String| JoinError::Refused {
+        addr: url.to_string(),
+        msg,
+    };
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2));
+    let endpoint = tls::join_endpoint(endpoint, &parsed)?;
+    let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
+    let (key, csr) = ca::node_csr(node_id)?;
+    let reply = ClusterClient::new(channel)
+        .join(JoinRequest {
+            token: token.to_string(),
+            csr_pem: csr,
+            node_id: node_id.to_string(),
+        })
+        .await
+        .map_err(|s| err(s.message().to_string()))?
+        .into_inner();
+    ca::verify_ca_pin(&reply.ca_pem, &parsed.fingerprint)?;
+    let certs = NodeCerts::new(&reply.ca_pem, &reply.cert_pem, &key, None)?;
+    info!(role = %reply.role, via = url, "joined the cluster: certificate issued");
+    Ok(certs)
+}
