@@ -7,7 +7,7 @@ bash .ci/install-deps
 cargo build --release --bins
 export PATH="$PWD/target/release:$PATH"
 rctl local down --name rudder >/dev/null 2>&1 || true
-rctl local up --nodes 3
+rctl local up --nodes 3 --managers 3
 scripts/busybox-rootfs.sh /tmp/rudder-busybox.tar
 rctl image import /tmp/rudder-busybox.tar busybox:latest
 # apply waits, showing progress, until every replica runs.

@@ -21,7 +21,8 @@
 //!
 //! Environment: `RAFT_BENCH_PROPOSERS` (default 1024), `RAFT_BENCH_SECS` (measured seconds per
 //! throughput run, default 5), `RAFT_BENCH_SNAPSHOT_MB` (default 100), `RAFT_BENCH_ONLY`
-//! (`throughput`, `failover`, `snapshot` or `parts`), `RUST_LOG` (logs to stderr).
+//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_SERIES` (print writes per
+//! 250 ms), `RAFT_BENCH_DIR` (where the logs go, default /var/tmp), `RUST_LOG` (logs to stderr).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -338,6 +339,9 @@ fn image_batch(b: u64) -> Command {
 struct Load {
     writes: usize,
     per_sec: f64,
+    /// Writes committed in the slowest and the fastest 250 ms of the window, per second.
+    slowest: f64,
+    fastest: f64,
     p50: Duration,
     p99: Duration,
     max: Duration,
@@ -367,9 +371,10 @@ async fn load(
                     let r = raft.propose(cmd(p, n)).await;
                     let done = Instant::now();
                     match r {
-                        Ok(()) if done >= from && done <= to => {
-                            lat.push((done - t).as_micros() as u32)
-                        }
+                        Ok(()) if done >= from && done <= to => lat.push((
+                            (done - t).as_micros() as u32,
+                            (done - from).as_millis() as u32 / 250,
+                        )),
                         Ok(()) => {}
                         Err(_) => errors += 1,
                     }
@@ -387,11 +392,23 @@ async fn load(
     if lat.is_empty() {
         bail!("no write committed ({errors} errors)");
     }
+    let mut buckets = vec![0u64; (measure.as_millis() as usize).div_ceil(250)];
+    for (_, b) in &lat {
+        if let Some(n) = buckets.get_mut(*b as usize) {
+            *n += 1;
+        }
+    }
+    if std::env::var_os("RAFT_BENCH_SERIES").is_some() {
+        eprintln!("writes per 250 ms: {buckets:?}");
+    }
+    let mut lat: Vec<u32> = lat.into_iter().map(|(l, _)| l).collect();
     lat.sort_unstable();
     let pct = |p: f64| Duration::from_micros(lat[((lat.len() - 1) as f64 * p) as usize] as u64);
     Ok(Load {
         writes: lat.len(),
         per_sec: lat.len() as f64 / measure.as_secs_f64(),
+        slowest: buckets.iter().min().copied().unwrap_or(0) as f64 * 4.0,
+        fastest: buckets.iter().max().copied().unwrap_or(0) as f64 * 4.0,
         p50: pct(0.50),
         p99: pct(0.99),
         max: pct(1.0),
@@ -819,8 +836,10 @@ fn us(d: Duration) -> String {
 
 fn load_line(name: &str, l: &Load) -> String {
     format!(
-        "  {name:<34} {:>9.0} writes/s  p50 {:>9}  p99 {:>9}  max {:>9}  ({} writes, {} errors)\n",
+        "  {name:<34} {:>7.0} writes/s (250 ms windows {:.0}–{:.0})  p50 {:>8}  p99 {:>8}  max {:>8}  ({} writes, {} errors)\n",
         l.per_sec,
+        l.slowest,
+        l.fastest,
         ms(l.p50),
         ms(l.p99),
         ms(l.max),

@@ -428,6 +428,65 @@ impl Control for ControlApi {
         )))
     }
 
+    async fn set_manager_role(
+        &self,
+        req: Request<SetManagerRoleRequest>,
+    ) -> Result<Response<ClusterInfoResponse>, Status> {
+        let r = req.into_inner();
+        let store = self.raft.store();
+        let node = find_node(&store, &r.node)?;
+        let host = node
+            .addr
+            .rsplit_once(':')
+            .map_or(node.addr.as_str(), |(h, _)| h);
+        let member = store
+            .managers
+            .iter()
+            .find(|(_, m)| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(host));
+        let Some((&id, info)) = member else {
+            return Err(Status::failed_precondition(format!(
+                "{} runs no controller; start one there with `rudder-controller --join \
+                 <controller>:4243 --token <token>` (`rctl cluster join-token manager`), then \
+                 promote it",
+                node.hostname
+            )));
+        };
+        let st = self.raft.status();
+        if !r.voter && st.voters == [id] {
+            return Err(Status::failed_precondition(format!(
+                "{} runs the only voting controller; promote another one first",
+                node.hostname
+            )));
+        }
+        info!(node = %node.hostname, raft_id = id, voter = r.voter, "changing manager role");
+        self.raft
+            .set_voter(id, &info.clone(), r.voter)
+            .await
+            .map_err(raft_status)?;
+        self.cluster_info(Request::new(ClusterInfoRequest {})).await
+    }
+
+    async fn remove_manager(
+        &self,
+        req: Request<RemoveManagerRequest>,
+    ) -> Result<Response<ClusterInfoResponse>, Status> {
+        let id = req.into_inner().raft_id;
+        let st = self.raft.status();
+        if !st.voters.contains(&id) && !st.learners.contains(&id) {
+            return Err(Status::not_found(format!(
+                "no controller with raft id {id}"
+            )));
+        }
+        if st.voters == [id] {
+            return Err(Status::failed_precondition(
+                "that is the only voting controller; the cluster would have none",
+            ));
+        }
+        info!(raft_id = id, "removing a controller");
+        self.raft.remove_member(id).await.map_err(raft_status)?;
+        self.cluster_info(Request::new(ClusterInfoRequest {})).await
+    }
+
     async fn cluster_info(
         &self,
         _req: Request<ClusterInfoRequest>,

@@ -190,6 +190,8 @@ pub struct RaftStatus {
     pub is_leader: bool,
     /// Current voters.
     pub voters: Vec<u64>,
+    /// Current learners (replicate, do not vote).
+    pub learners: Vec<u64>,
 }
 
 /// The index at which the proposal was applied.
@@ -230,6 +232,26 @@ impl RaftHandle {
     pub async fn add_member(&self, id: u64, info: &ManagerInfo) -> Result<u64, RaftError> {
         let cc = ConfChange {
             change_type: ConfChangeType::AddNode,
+            node_id: id,
+            context: encode_member(info).into(),
+            ..Default::default()
+        };
+        self.submit(Proposal::Conf(cc)).await
+    }
+
+    /// Makes member `id` a voter or a non-voting learner (it keeps replicating and serving).
+    pub async fn set_voter(
+        &self,
+        id: u64,
+        info: &ManagerInfo,
+        voter: bool,
+    ) -> Result<u64, RaftError> {
+        let cc = ConfChange {
+            change_type: if voter {
+                ConfChangeType::AddNode
+            } else {
+                ConfChangeType::AddLearnerNode
+            },
             node_id: id,
             context: encode_member(info).into(),
             ..Default::default()
@@ -695,6 +717,19 @@ impl<S: LogStore> Driver<S> {
             applied: self.store.applied,
             is_leader: self.node.raft.state == StateRole::Leader,
             voters: self.node.raft.prs().conf().voters().ids().iter().collect(),
+            learners: {
+                let mut l: Vec<u64> = self
+                    .node
+                    .raft
+                    .prs()
+                    .conf()
+                    .learners()
+                    .iter()
+                    .copied()
+                    .collect();
+                l.sort_unstable();
+                l
+            },
         };
         if *self.status_tx.borrow() != status {
             if status.is_leader && !self.status_tx.borrow().is_leader {

@@ -117,6 +117,10 @@ enum NodeCmd {
     },
     /// Show one node (id, id prefix or hostname) as JSON.
     Inspect { node: String },
+    /// Make the controller on NODE a voting member of the group.
+    Promote { node: String },
+    /// Make the controller on NODE a non-voting member (it still replicates and serves).
+    Demote { node: String },
     /// Change a node's availability or labels.
     Update {
         node: String,
@@ -151,6 +155,8 @@ enum ClusterCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
+    /// Remove a controller from the group (by raft id, see `rctl cluster info`).
+    RmManager { raft_id: u64 },
     /// Print (or rotate) the token a new host joins with.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -293,6 +299,15 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Node {
             cmd: NodeCmd::Inspect { node },
         } => rt.block_on(cmd::node::inspect(&ctx()?, node)),
+        Cmd::Node {
+            cmd: NodeCmd::Promote { node },
+        } => rt.block_on(cmd::cluster::set_voter(&ctx()?, node, true)),
+        Cmd::Node {
+            cmd: NodeCmd::Demote { node },
+        } => rt.block_on(cmd::cluster::set_voter(&ctx()?, node, false)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::RmManager { raft_id },
+        } => rt.block_on(cmd::cluster::remove_manager(&ctx()?, *raft_id)),
         Cmd::Node {
             cmd:
                 NodeCmd::Update {

@@ -142,8 +142,12 @@ impl Writer {
     }
 }
 
-fn ha_lab(prefix: &str) -> anyhow::Result<(LabGuard, Vec<String>)> {
-    let lab = LabGuard::up_with(&format!("{prefix}{}", std::process::id() % 100000), 3, 3)?;
+fn ha_lab(prefix: &str, nodes: u32) -> anyhow::Result<(LabGuard, Vec<String>)> {
+    let lab = LabGuard::up_with(
+        &format!("{prefix}{}", std::process::id() % 100000),
+        nodes,
+        3,
+    )?;
     let urls = lab.lab.controller_urls();
     assert_eq!(urls.len(), 3);
     Ok((lab, urls))
@@ -151,7 +155,7 @@ fn ha_lab(prefix: &str) -> anyhow::Result<(LabGuard, Vec<String>)> {
 
 #[test]
 fn killing_the_leader_loses_no_acknowledged_write_and_restarts_keep_state() -> anyhow::Result<()> {
-    let (mut lab, urls) = ha_lab("hk")?;
+    let (mut lab, urls) = ha_lab("hk", 3)?;
     let leader = settled_leader(&lab, &urls)?;
 
     let writer = Writer::start(&lab);
@@ -209,7 +213,8 @@ fn killing_the_leader_loses_no_acknowledged_write_and_restarts_keep_state() -> a
 
 #[test]
 fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
-    let (lab, urls) = ha_lab("hp")?;
+    // A fourth host runs only an agent.
+    let (lab, urls) = ha_lab("hp", 4)?;
     let leader = settled_leader(&lab, &urls)?;
     let cut = (leader + 1) % 3;
     let live: Vec<&String> = urls
@@ -255,5 +260,32 @@ fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
         !labels(&lab, &urls[leader])?.contains("cut"),
         "a refused write was applied"
     );
+
+    // Demote the member that was cut: it keeps replicating but no longer votes; promote it
+    // back. A host without a controller cannot be promoted.
+    let name = lab.lab.hosts[cut].name.clone();
+    let voter = |lab: &LabGuard| -> anyhow::Result<bool> {
+        let i = info(lab, &urls[leader])?;
+        Ok(i["managers"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["raft_id"] == cut as u64 + 1))
+            .map(|m| m["voter"] == true)
+            .unwrap_or(false))
+    };
+    lab.rctl(&["node", "demote", &name])?;
+    assert!(!voter(&lab)?, "{name} still votes after demote");
+    lab.rctl(&["node", "update", "h3", "--label-add", "while-demoted=1"])?;
+    wait_for(Duration::from_secs(10), "the learner replicating", || {
+        Ok(labels(&lab, &urls[cut])?
+            .contains("while-demoted")
+            .then_some(()))
+    })?;
+    lab.rctl(&["node", "promote", &name])?;
+    assert!(voter(&lab)?, "{name} does not vote after promote");
+    let err = lab
+        .rctl(&["node", "promote", "h4"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("runs no controller"), "{err}");
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! STATUS column of `docker node ls`): who leads, the term, each member and its addresses.
 
 use rudder_proto::v1::cluster_client::ClusterClient;
-use rudder_proto::v1::{ClusterInfoRequest, JoinTokenRequest};
+use rudder_proto::v1::{
+    ClusterInfoRequest, JoinTokenRequest, RemoveManagerRequest, SetManagerRoleRequest,
+};
 
 use super::{print_table, Output};
 use crate::context::Context;
@@ -49,7 +51,7 @@ pub async fn info(ctx: &Context, output: Output) -> anyhow::Result<()> {
                     let status = match (m.leader, m.voter) {
                         (true, _) => "leader",
                         (false, true) => "voter",
-                        (false, false) => "leaving",
+                        (false, false) => "learner",
                     };
                     vec![
                         m.raft_id.to_string(),
@@ -94,5 +96,37 @@ pub async fn join_token(
         "rudder-agent --controller https://CONTROLLER:4243 --token"
     };
     println!("To add a {role} to this cluster, run on the new host:\n\n    {flag} {token}\n");
+    Ok(())
+}
+
+/// `rctl node promote|demote NODE`: the controller on NODE votes, or only replicates.
+pub async fn set_voter(ctx: &Context, node: &str, voter: bool) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    client
+        .set_manager_role(SetManagerRoleRequest {
+            node: node.to_string(),
+            voter,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    println!(
+        "{node}: {}",
+        if voter {
+            "promoted: its controller votes"
+        } else {
+            "demoted: its controller replicates but does not vote"
+        }
+    );
+    Ok(())
+}
+
+/// `rctl cluster rm-manager RAFT_ID`.
+pub async fn remove_manager(ctx: &Context, raft_id: u64) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    client
+        .remove_manager(RemoveManagerRequest { raft_id })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    println!("controller {raft_id} removed from the group");
     Ok(())
 }
