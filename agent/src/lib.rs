@@ -134,6 +134,14 @@ pub async fn run(
     std::fs::create_dir_all(&containers).map_err(|e| AgentError::Io("create data dir", e))?;
     let node_id = node_id(&cfg.data_dir)?;
     let certs = agent_certs(&cfg, &node_id).await?;
+    let (certs_tx, certs_rx) = tokio::sync::watch::channel(certs);
+    let renew_from: Vec<String> = cfg.controllers.clone();
+    tokio::spawn(rudder_pki::renew::run(
+        cfg.data_dir.join("certs"),
+        move || renew_from.clone(),
+        certs_tx,
+        std::time::Duration::from_secs(5),
+    ));
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
     let binary = runtime::pick_runtime(&cfg.runtime);
     info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
@@ -145,12 +153,7 @@ pub async fn run(
         runtime: Arc::new(rt),
         cgroup_parent: cfg.cgroup_parent.clone(),
         registry: Mutex::new(String::new()),
-        registry_tls: Some(rudder_image::ClientTls {
-            ca_pem: certs.ca().pem().to_string(),
-            cert_pem: certs.cert_pem().to_string(),
-            key_pem: certs.key_pem().to_string(),
-            server_name: Role::Manager.server_name().to_string(),
-        }),
+        registry_tls: Some(certs_rx.clone()),
         status_tx,
     });
     worker.adopt();
@@ -162,19 +165,53 @@ pub async fn run(
         cpus_milli,
         memory_bytes,
         role: cfg.role.clone(),
-        tls: Some(tls::client_tls(&certs, Role::Manager)),
+        tls: Some(certs_rx.clone()),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
-    // Only controllers (manager certificates) may call the agent.
-    let api = InterceptedService::new(
-        AgentApiServer::new(api::AgentApiImpl { containers }),
-        tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
-    );
-    tonic::transport::Server::builder()
-        .tls_config(tls::server_tls(&certs))?
-        .add_service(api)
-        .serve_with_shutdown(cfg.listen, shutdown)
-        .await?;
+    // Only controllers (manager certificates) may call the agent. The server restarts with
+    // each renewed certificate.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut certs_watch = certs_rx.clone();
+    let mut bind_attempts = 0;
+    loop {
+        let certs = certs_watch.borrow_and_update().clone();
+        let api = InterceptedService::new(
+            AgentApiServer::new(api::AgentApiImpl {
+                containers: containers.clone(),
+            }),
+            tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
+        );
+        let mut stop = stop_rx.clone();
+        let mut renewed = certs_watch.clone();
+        let r = tonic::transport::Server::builder()
+            .tls_config(tls::server_tls(&certs))?
+            .add_service(api)
+            .serve_with_shutdown(cfg.listen, async move {
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = renewed.changed() => {}
+                }
+            })
+            .await;
+        if let Err(e) = r {
+            // The old listener may linger for a moment after a restart.
+            bind_attempts += 1;
+            if bind_attempts > 20 || *stop_rx.borrow() {
+                return Err(e.into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        } else {
+            bind_attempts = 0;
+        }
+        if *stop_rx.borrow() {
+            break;
+        }
+        info!("agent api restarting with the renewed certificate");
+    }
     // Containers keep running: they belong to their shims, not to this process.
     session.abort();
     info!("agent stopped");

@@ -37,8 +37,9 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// `worker` or `manager`.
     pub role: String,
-    /// Mutual TLS towards the controllers (this node's certificate); plain HTTP/2 when `None`.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// This node's certificate (the latest, as renewals publish it) for mutual TLS towards the
+    /// controllers; plain HTTP/2 when `None`.
+    pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,9 +279,10 @@ async fn session(
         .map_err(|e| SessionError::Address(controller.to_string(), e))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
-    if let Some(tls) = &me.tls {
+    if let Some(certs) = &me.tls {
+        let tls = rudder_pki::tls::client_tls(&certs.borrow(), rudder_pki::ca::Role::Manager);
         endpoint = endpoint
-            .tls_config(tls.clone())
+            .tls_config(tls)
             .map_err(|e| SessionError::Address(controller.to_string(), e))?;
     }
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;

@@ -37,8 +37,9 @@ pub struct Ctx {
     pub cgroup_parent: String,
     /// Registry `host:port`, learned from the controller's welcome.
     pub registry: Mutex<String>,
-    /// This node's credentials for the cluster registry (mutual TLS); plain HTTP when `None`.
-    pub registry_tls: Option<rudder_image::ClientTls>,
+    /// This node's certificate (the latest) for the cluster registry's mutual TLS; plain HTTP
+    /// when `None`.
+    pub registry_tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
     pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
 }
 
@@ -383,7 +384,16 @@ async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage
     let registry = ctx.registry.lock().expect("registry lock").clone();
     let reference = Reference::parse(&task.spec.image).map_err(|e| e.to_string())?;
     let client = match &ctx.registry_tls {
-        Some(tls) => RegistryClient::with_tls(&registry, tls),
+        Some(certs) => {
+            let c = certs.borrow().clone();
+            let tls = rudder_image::ClientTls {
+                ca_pem: c.ca().pem().to_string(),
+                cert_pem: c.cert_pem().to_string(),
+                key_pem: c.key_pem().to_string(),
+                server_name: rudder_pki::ca::Role::Manager.server_name().to_string(),
+            };
+            RegistryClient::with_tls(&registry, &tls)
+        }
         None => RegistryClient::new(&registry),
     }
     .map_err(|e| e.to_string())?;

@@ -12,16 +12,21 @@
 //!    writer goes through a surviving member, as a client would); the killed member restarts from
 //!    its own data dir between rounds.
 //! 3. Snapshot install: grow the store to ~100 MB of JSON, add a fourth member with an empty log,
-//!    time until it has applied the leader's index (the snapshot goes in 1 MiB chunks).
+//!    time until it has applied the leader's index. The leader's latest snapshot predates the new
+//!    member, so it takes a fresh one of the whole store and streams it in 1 MiB chunks; the
+//!    controller's own log lines give the steps' times.
 //! 4. The Ready loop's parts alone (fsync per persist, store clone per Ready, command and message
 //!    encoding), to say where the time goes.
+//!
+//! The members talk mutual TLS with manager certificates from one cluster CA, as `lib::run` sets
+//! them up (`RAFT_BENCH_TLS=0`: plain HTTP/2, to see what TLS costs).
 //!
 //! Every member and the load generator share this machine's cores; on separate hosts each member
 //! has the cores to itself, so the figures are a lower bound.
 //!
 //! Environment: `RAFT_BENCH_PROPOSERS` (default 1024), `RAFT_BENCH_SECS` (measured seconds per
 //! throughput run, default 5), `RAFT_BENCH_SNAPSHOT_MB` (default 100), `RAFT_BENCH_ONLY`
-//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_SERIES` (print writes per
+//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_TLS`, `RAFT_BENCH_SERIES` (print writes per
 //! 250 ms), `RAFT_BENCH_DIR` (where the logs go, default /var/tmp), `RUST_LOG` (logs to stderr).
 
 use std::collections::BTreeMap;
@@ -30,7 +35,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use protobuf::Message as _;
@@ -39,9 +44,12 @@ use rudder_controller::raft_node::{self, RaftHandle};
 use rudder_controller::storage::RedbStorage;
 use rudder_model::store::{ImageRecord, ManagerInfo};
 use rudder_model::{Command, Envelope, NodeResources, NodeRole, Store};
+use rudder_pki::ca::{ClusterCa, Role};
+use rudder_pki::tls::{self, NodeCerts};
 use rudder_proto::v1::raft_peer_server::RaftPeerServer;
 use tokio::runtime::Runtime;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{ClientTlsConfig, ServerTlsConfig};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::Layer as _;
@@ -52,8 +60,6 @@ const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 const MEMBER_THREADS: usize = 2;
 const WARMUP: Duration = Duration::from_secs(1);
 const FAILOVER_ROUNDS: usize = 5;
-/// Snapshot period of the snapshot member set (entries are large there: ~300 KB each).
-const SNAPSHOT_SET_EVERY: u64 = 50;
 /// Images per `Command::Batch` entry while growing the store.
 const IMAGES_PER_BATCH: u64 = 500;
 const DIGEST: &str = "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270";
@@ -67,11 +73,38 @@ struct Member {
     id: u64,
     dir: PathBuf,
     addr: SocketAddr,
-    snapshot_every: u64,
+    setup: Setup,
     raft: RaftHandle,
     transport: Arc<GrpcTransport>,
     /// `None` once stopped.
     rt: Option<Runtime>,
+}
+
+/// What every member of one group shares.
+#[derive(Clone)]
+struct Setup {
+    snapshot_every: u64,
+    /// The cluster CA when the members talk mutual TLS (as `lib::run` always does); `None`:
+    /// plain HTTP/2.
+    ca: Option<Arc<ClusterCa>>,
+}
+
+/// A member's TLS, as a controller gets it: its own key, a manager certificate from the CA.
+fn member_tls(ca: &ClusterCa, id: u64) -> anyhow::Result<(ServerTlsConfig, ClientTlsConfig)> {
+    let name = format!("controller-{id}");
+    let (key, csr) = rudder_pki::ca::node_csr(&name)?;
+    let cert = ca.issue(
+        &csr,
+        Role::Manager,
+        &name,
+        SystemTime::now(),
+        Duration::from_secs(24 * 3600),
+    )?;
+    let certs = NodeCerts::with_ca(ca, &cert, &key)?;
+    Ok((
+        tls::server_tls(&certs),
+        tls::client_tls(&certs, Role::Manager),
+    ))
 }
 
 impl Member {
@@ -84,7 +117,7 @@ impl Member {
         dir: &Path,
         addr: SocketAddr,
         bootstrap: bool,
-        snapshot_every: u64,
+        setup: &Setup,
     ) -> anyhow::Result<Member> {
         std::fs::create_dir_all(dir)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -94,23 +127,30 @@ impl Member {
             .build()?;
         let path = dir.join("raft.redb");
         let voters: Vec<u64> = if bootstrap { vec![id] } else { vec![] };
+        let (server_tls, client_tls) = match &setup.ca {
+            Some(ca) => {
+                let (s, c) = member_tls(ca, id)?;
+                (Some(s), Some(c))
+            }
+            None => (None, None),
+        };
         let (raft, transport, addr) = rt.block_on(async {
             let listener = retry(|| async { tokio::net::TcpListener::bind(addr).await }).await?;
             let addr = listener.local_addr()?;
             // A restarted member's previous runtime may still be closing the file.
             let storage = retry(|| async { RedbStorage::open(&path, &voters) }).await?;
-            let transport = GrpcTransport::new();
-            let raft = raft_node::start_with(id, storage, transport.clone(), snapshot_every)?;
+            let transport = GrpcTransport::with_tls(client_tls.clone());
+            let raft = raft_node::start_with(id, storage, transport.clone(), setup.snapshot_every)?;
             transport.attach(raft.clone());
-            raft.set_forwarder(GrpcForwarder::new(raft.clone(), None));
-            tokio::spawn(serve(listener, raft.clone()));
+            raft.set_forwarder(GrpcForwarder::new(raft.clone(), client_tls));
+            tokio::spawn(serve(listener, raft.clone(), server_tls));
             anyhow::Ok((raft, transport, addr))
         })?;
         Ok(Member {
             id,
             dir: dir.to_path_buf(),
             addr,
-            snapshot_every,
+            setup: setup.clone(),
             raft,
             transport,
             rt: Some(rt),
@@ -154,7 +194,7 @@ impl Member {
     /// Starts the stopped member again from its own data dir, on the same address.
     fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        *self = Member::start(self.id, &self.dir, self.addr, false, self.snapshot_every)?;
+        *self = Member::start(self.id, &self.dir, self.addr, false, &self.setup.clone())?;
         Ok(())
     }
 }
@@ -165,18 +205,26 @@ impl Drop for Member {
     }
 }
 
-/// The member's `RaftPeer` server, as `lib::run` serves it.
-async fn serve(listener: tokio::net::TcpListener, raft: RaftHandle) {
+/// The member's `RaftPeer` server, as `lib::run` serves it: mutual TLS with the member's
+/// manager certificate when `tls` is given. (`lib::run` also puts the role guard
+/// `security::guard(.., &[Manager], "RaftPeer")` in front; it checks each call once, and a peer
+/// stream is one long call, so it is left out here.)
+async fn serve(
+    listener: tokio::net::TcpListener,
+    raft: RaftHandle,
+    tls: Option<ServerTlsConfig>,
+) -> anyhow::Result<()> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    // Plain HTTP/2 for now, exactly as `lib::run` serves peers. mTLS goes here when the peer
-    // transport gets it: `.tls_config(ServerTlsConfig::new().identity(..).client_ca_root(..))`
-    // on this builder, and the client side in `peer::endpoint` (which every peer stream, snapshot
-    // call, forwarded proposal and join dials through).
-    let server = tonic::transport::Server::builder()
-        .add_service(RaftPeerServer::new(PeerApi { raft }).max_decoding_message_size(MAX_MESSAGE));
-    if let Err(e) = server.serve_with_incoming(incoming).await {
-        tracing::warn!(%e, "bench: raft peer server ended");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
     }
+    let service = RaftPeerServer::new(PeerApi { raft }).max_decoding_message_size(MAX_MESSAGE);
+    server
+        .add_service(service)
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
 }
 
 /// Retries `f` for up to 5 s (a port or a log file still held by a stopped member).
@@ -251,8 +299,8 @@ async fn converged(members: &[Member], limit: Duration) -> anyhow::Result<()> {
 
 /// Starts `n` members under `root`: the first bootstraps the group and records its address, the
 /// others join one at a time (each caught up before the next, so quorum never waits on one).
-fn form(client: &Runtime, root: &Path, n: u64, snapshot_every: u64) -> anyhow::Result<Vec<Member>> {
-    let first = Member::start(1, &root.join("m1"), any_port(), true, snapshot_every)?;
+fn form(client: &Runtime, root: &Path, n: u64, setup: &Setup) -> anyhow::Result<Vec<Member>> {
+    let first = Member::start(1, &root.join("m1"), any_port(), true, setup)?;
     client.block_on(async {
         wait_until(Duration::from_secs(10), "first member to lead", || {
             first.raft.status().is_leader
@@ -263,13 +311,7 @@ fn form(client: &Runtime, root: &Path, n: u64, snapshot_every: u64) -> anyhow::R
     })?;
     let mut members = vec![first];
     for id in 2..=n {
-        let m = Member::start(
-            id,
-            &root.join(format!("m{id}")),
-            any_port(),
-            false,
-            snapshot_every,
-        )?;
+        let m = Member::start(id, &root.join(format!("m{id}")), any_port(), false, setup)?;
         m.join(members[0].addr)?;
         members.push(m);
         client.block_on(converged(&members, Duration::from_secs(30)))?;
@@ -552,10 +594,11 @@ struct SnapshotRun {
 fn snapshot(
     client: &Runtime,
     root: &Path,
+    setup: &Setup,
     target_mb: u64,
     proposers: usize,
 ) -> anyhow::Result<SnapshotRun> {
-    let mut members = form(client, root, 3, SNAPSHOT_SET_EVERY)?;
+    let mut members = form(client, root, 3, setup)?;
     let raft = members[leader(&members).context("no leader")?].raft.clone();
     // ~985 bytes of store JSON per image (digest entry + tag entry).
     let entries = (target_mb * 1_000_000).div_ceil(985 * IMAGES_PER_BATCH);
@@ -596,7 +639,7 @@ fn snapshot(
 
     timeline().reset();
     let t0 = Instant::now();
-    let fourth = Member::start(4, &root.join("m4"), any_port(), false, SNAPSHOT_SET_EVERY)?;
+    let fourth = Member::start(4, &root.join("m4"), any_port(), false, setup)?;
     fourth.join(members[0].addr)?;
     let joined = t0.elapsed();
     let target = raft.status().applied;
@@ -882,22 +925,27 @@ fn main() -> anyhow::Result<()> {
     let root = tempfile::Builder::new()
         .prefix("rudder-raft-bench-")
         .tempdir_in(std::env::var("RAFT_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))?;
+    let tls = std::env::var("RAFT_BENCH_TLS").map_or(true, |v| v != "0");
+    let setup = Setup {
+        snapshot_every: raft_node::SNAPSHOT_EVERY,
+        ca: if tls {
+            Some(Arc::new(ClusterCa::generate("bench", SystemTime::now())?))
+        } else {
+            None
+        },
+    };
     let started = Instant::now();
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "\n== raft bench: 3 members in one process ({} cores), redb logs in {}, gRPC on 127.0.0.1 ==",
+        "\n== raft bench: 3 members in one process ({} cores), redb logs in {}, gRPC over 127.0.0.1 ({}) ==",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        root.path().display()
+        root.path().display(),
+        if tls { "mutual TLS" } else { "plain HTTP/2" }
     );
 
     if run("throughput") || run("failover") {
-        let mut members = form(
-            &client,
-            &root.path().join("a"),
-            3,
-            raft_node::SNAPSHOT_EVERY,
-        )?;
+        let mut members = form(&client, &root.path().join("a"), 3, &setup)?;
         if run("throughput") {
             eprintln!("throughput: {proposers} proposers, {measure:?} each after {WARMUP:?}");
             let t = throughput(&client, &members, proposers, measure)?;
@@ -947,11 +995,17 @@ fn main() -> anyhow::Result<()> {
 
     if run("snapshot") {
         eprintln!("snapshot: growing the store to ~{target_mb} MB");
-        let s = snapshot(&client, &root.path().join("b"), target_mb, proposers)?;
+        let s = snapshot(
+            &client,
+            &root.path().join("b"),
+            &setup,
+            target_mb,
+            proposers,
+        )?;
         let mb = |b: usize| b as f64 / 1e6;
         let _ = writeln!(
             report,
-            "3. snapshot install (3 members, snapshot every {SNAPSHOT_SET_EVERY} entries, then a 4th with an empty log)"
+            "3. snapshot install (a 4th member with an empty log joins 3; the leader snapshots its store for it)"
         );
         let _ = writeln!(
             report,

@@ -21,7 +21,8 @@ pub struct ControlApi {
     pub raft: RaftHandle,
     pub registry: String,
     /// How to reach agents (mutual TLS, server name `worker.rudder`); plain when `None`.
-    pub agent_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// (Replaced when this controller's certificate is renewed.)
+    pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<tonic::transport::ClientTlsConfig>>>,
 }
 
 fn raft_status(e: RaftError) -> Status {
@@ -394,7 +395,7 @@ impl Control for ControlApi {
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let tls = self.agent_tls.clone();
+        let tls = self.agent_tls.read().expect("agent tls lock").clone();
         let forward = move |(req, name, addr): (TaskLogsRequest, String, String), tx: LogSender| {
             let tls = tls.clone();
             async move {

@@ -79,6 +79,8 @@ pub struct Config {
     pub raft_id: u64,
     /// Manager join token (with `join`, first start only).
     pub token: Option<String>,
+    /// Lifetime of the certificates this controller issues (joins and renewals).
+    pub node_cert_validity: std::time::Duration,
     /// `host:port` the other controllers and agents reach this one's gRPC at (default: listen).
     pub advertise: Option<String>,
     /// `host:port` of this controller's registry for the others (default: registry_listen).
@@ -146,7 +148,6 @@ pub async fn run(
     )
     .await?;
     let certs = boot.certs;
-    let ca_cert = Arc::new(certs.ca().clone());
     let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
     let agent_tls = tls::client_tls(&certs, ca::Role::Worker);
 
@@ -154,7 +155,8 @@ pub async fn run(
     let transport = peer::GrpcTransport::with_tls(Some(peer_tls.clone()));
     let raft = raft_node::start(cfg.raft_id, storage, transport.clone())?;
     transport.attach(raft.clone());
-    raft.set_forwarder(peer::GrpcForwarder::new(raft.clone(), Some(peer_tls)));
+    let forwarder = peer::GrpcForwarder::new(raft.clone(), Some(peer_tls));
+    raft.set_forwarder(forwarder.clone());
     if let Some(initial) = boot.initial {
         tokio::spawn(security::record_initial_secrets(raft.clone(), initial));
     }
@@ -186,43 +188,110 @@ pub async fn run(
     let reg = tokio::spawn(registry::serve_tls(
         reg_listener,
         reg_state,
-        registry_tls,
+        registry_tls.clone(),
         async move {
             let _ = reg_stop.wait_for(|s| *s).await;
         },
     ));
 
-    let control = api::ControlApi {
+    let agent_tls = Arc::new(std::sync::RwLock::new(Some(agent_tls)));
+    let control = Arc::new(api::ControlApi {
         raft: raft.clone(),
         registry: registry_addr.clone(),
-        agent_tls: Some(agent_tls),
-    };
-    let cluster =
-        cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }));
-    use ca::Role::{Admin, Manager, Worker};
-    let dispatcher = dispatcher::DispatcherApi::new(raft.clone(), registry_addr);
+        agent_tls: agent_tls.clone(),
+    });
+    let cluster = Arc::new(
+        cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
+            .with_validity(cfg.node_cert_validity),
+    );
+    let dispatcher = Arc::new(dispatcher::DispatcherApi::new(raft.clone(), registry_addr));
+    let peer_api = Arc::new(peer::PeerApi { raft: raft.clone() });
     info!(listen = %cfg.listen, registry = %cfg.registry_listen, "controller starting");
-    let mut grpc_stop = stop_rx;
-    // Mutual TLS on every service; each admits only the roles it serves.
-    let grpc = tonic::transport::Server::builder()
-        .tls_config(tls::server_tls(&certs))?
-        .add_service(InterceptedService::new(
-            ControlServer::new(control),
-            security::guard(ca_cert.clone(), &[Admin], "Control"),
-        ))
-        .add_service(InterceptedService::new(
-            DispatcherServer::new(dispatcher),
-            security::guard(ca_cert.clone(), &[Worker, Manager], "Dispatcher"),
-        ))
-        .add_service(InterceptedService::new(
-            RaftPeerServer::new(peer::PeerApi { raft: raft.clone() })
-                .max_decoding_message_size(64 * 1024 * 1024),
-            security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
-        ))
-        .add_service(ClusterServer::new(cluster))
-        .serve_with_shutdown(cfg.listen, async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
+
+    // Certificates renew on their own; every client and the servers pick up the new one.
+    let (certs_tx, certs_rx) = tokio::sync::watch::channel(certs.clone());
+    {
+        let (raft, me_addr) = (raft.clone(), me.addr.clone());
+        tokio::spawn(rudder_pki::renew::run(
+            cfg.data_dir.join("certs"),
+            move || {
+                let mut v = vec![me_addr.clone()];
+                v.extend(raft.store().managers.values().map(|m| m.addr.clone()));
+                v
+            },
+            certs_tx,
+            std::time::Duration::from_secs(5),
+        ));
+    }
+    {
+        let mut rx = certs_rx.clone();
+        let (transport, forwarder, registry_tls) =
+            (transport.clone(), forwarder.clone(), registry_tls.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let c = rx.borrow_and_update().clone();
+                transport.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
+                forwarder.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
+                *agent_tls.write().expect("agent tls lock") =
+                    Some(tls::client_tls(&c, ca::Role::Worker));
+                if let Err(e) = registry_tls.renew(&c) {
+                    tracing::warn!(%e, "registry keeps its old certificate");
+                }
+            }
         });
+    }
+    let listen = cfg.listen;
+    let grpc_stop = stop_rx.clone();
+    let grpc = async move {
+        use ca::Role::{Admin, Manager, Worker};
+        let mut certs_watch = certs_rx;
+        let mut failures = 0;
+        loop {
+            let certs = certs_watch.borrow_and_update().clone();
+            let ca_cert = Arc::new(certs.ca().clone());
+            let mut stop = grpc_stop.clone();
+            let mut renewed = certs_watch.clone();
+            // Mutual TLS on every service; each admits only the roles it serves.
+            let r = tonic::transport::Server::builder()
+                .tls_config(tls::server_tls(&certs))?
+                .add_service(InterceptedService::new(
+                    ControlServer::from_arc(control.clone()),
+                    security::guard(ca_cert.clone(), &[Admin], "Control"),
+                ))
+                .add_service(InterceptedService::new(
+                    DispatcherServer::from_arc(dispatcher.clone()),
+                    security::guard(ca_cert.clone(), &[Worker, Manager], "Dispatcher"),
+                ))
+                .add_service(InterceptedService::new(
+                    RaftPeerServer::from_arc(peer_api.clone())
+                        .max_decoding_message_size(64 * 1024 * 1024),
+                    security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
+                ))
+                .add_service(ClusterServer::from_arc(cluster.clone()))
+                .serve_with_shutdown(listen, async move {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => {}
+                        _ = renewed.changed() => {}
+                    }
+                })
+                .await;
+            match r {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    // The old listener may linger for a moment after a restart.
+                    failures += 1;
+                    if failures > 20 {
+                        return Err::<(), ControllerError>(e.into());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+            if *grpc_stop.borrow() {
+                return Ok(());
+            }
+            info!("grpc server restarting with the renewed certificate");
+        }
+    };
     let grpc = tokio::spawn(grpc);
     if let (Some(join), true) = (&cfg.join, fresh) {
         let (join, id, transport) = (join.clone(), cfg.raft_id, transport.clone());

@@ -32,6 +32,10 @@ struct Args {
     /// Manager join token, with --join (`rctl cluster join-token manager`).
     #[arg(long, env = "RUDDER_JOIN_TOKEN")]
     token: Option<String>,
+    /// Lifetime in seconds of the node certificates this controller issues (tests shorten it
+    /// to watch renewal).
+    #[arg(long, default_value_t = 90 * 24 * 3600, hide = true)]
+    node_cert_validity: u64,
     /// Host name, for logs.
     #[arg(long)]
     node_name: Option<String>,
@@ -57,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         registry_advertise: a.registry_advertise,
         join: a.join,
         token: a.token,
+        node_cert_validity: std::time::Duration::from_secs(a.node_cert_validity),
     };
     rudder_controller::run(cfg, shutdown_signal()).await?;
     Ok(())

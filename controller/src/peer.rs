@@ -75,7 +75,15 @@ pub struct GrpcTransport {
     raft: Arc<OnceLock<RaftHandle>>,
     queues: Mutex<HashMap<u64, mpsc::Sender<Vec<Message>>>>,
     hints: Hints,
-    tls: Option<ClientTlsConfig>,
+    tls: SharedTls,
+}
+
+/// The TLS peers are dialed with: replaced when the certificate is renewed; each (re)connect
+/// reads the current one.
+type SharedTls = Arc<std::sync::RwLock<Option<ClientTlsConfig>>>;
+
+fn current(tls: &SharedTls) -> Option<ClientTlsConfig> {
+    tls.read().expect("tls lock").clone()
 }
 
 impl GrpcTransport {
@@ -90,8 +98,13 @@ impl GrpcTransport {
             raft: Default::default(),
             queues: Default::default(),
             hints: Default::default(),
-            tls,
+            tls: Arc::new(std::sync::RwLock::new(tls)),
         })
+    }
+
+    /// Dials peers with `tls` from now on (a renewed certificate).
+    pub fn set_tls(&self, tls: Option<ClientTlsConfig>) {
+        *self.tls.write().expect("tls lock") = tls;
     }
 
     /// Remembers where member `id` is until the store knows.
@@ -136,7 +149,7 @@ async fn peer_loop(
     to: u64,
     raft: Arc<OnceLock<RaftHandle>>,
     hints: Hints,
-    tls: Option<ClientTlsConfig>,
+    tls: SharedTls,
     mut queue: mpsc::Receiver<Vec<Message>>,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -154,7 +167,7 @@ async fn peer_loop(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let channel = match endpoint(&addr, tls.as_ref()) {
+        let channel = match endpoint(&addr, current(&tls).as_ref()) {
             Ok(e) => match e.connect().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -273,7 +286,7 @@ async fn send_snapshot(channel: Channel, raft: RaftHandle, mut msg: Message) {
 pub struct GrpcForwarder {
     raft: RaftHandle,
     channels: Mutex<HashMap<String, Channel>>,
-    tls: Option<ClientTlsConfig>,
+    tls: SharedTls,
 }
 
 impl GrpcForwarder {
@@ -281,8 +294,14 @@ impl GrpcForwarder {
         Arc::new(GrpcForwarder {
             raft,
             channels: Default::default(),
-            tls,
+            tls: Arc::new(std::sync::RwLock::new(tls)),
         })
+    }
+
+    /// Dials the leader with `tls` from now on (a renewed certificate).
+    pub fn set_tls(&self, tls: Option<ClientTlsConfig>) {
+        *self.tls.write().expect("tls lock") = tls;
+        self.channels.lock().expect("channels lock").clear();
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, RaftError> {
@@ -290,7 +309,7 @@ impl GrpcForwarder {
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
         }
-        let c = endpoint(addr, self.tls.as_ref())
+        let c = endpoint(addr, current(&self.tls).as_ref())
             .map_err(|e| RaftError::Forward(e.to_string()))?
             .connect_lazy();
         ch.insert(addr.to_string(), c.clone());
@@ -469,7 +488,7 @@ pub async fn join(addr: &str, raft_id: u64, me: &ManagerInfo, transport: &GrpcTr
     let mut backoff = Duration::from_millis(200);
     loop {
         let r = async {
-            let ch = endpoint(addr, transport.tls.as_ref())
+            let ch = endpoint(addr, current(&transport.tls).as_ref())
                 .map_err(|e| e.to_string())?
                 .connect()
                 .await

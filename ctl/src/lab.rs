@@ -91,6 +91,8 @@ pub struct LabConfig {
     pub runtime: String,
     /// Appended to every agent's command line.
     pub extra_agent_args: Vec<String>,
+    /// Appended to every controller's command line at `up`.
+    pub extra_controller_args: Vec<String>,
 }
 
 impl Default for LabConfig {
@@ -104,6 +106,7 @@ impl Default for LabConfig {
             controller_bin: sibling_binary("rudder-controller"),
             runtime: "auto".into(),
             extra_agent_args: Vec::new(),
+            extra_controller_args: Vec::new(),
         }
     }
 }
@@ -781,7 +784,8 @@ fn build_hosts(
         let host = rec.lab.hosts[idx].clone();
         let cdir = host.controller_data_dir();
         fs::create_dir_all(&cdir).map_err(io_err(format!("creating {}", cdir.display())))?;
-        let args = controller_args(&host, idx, first_addr, &rec.lab.manager_token);
+        let mut args = controller_args(&host, idx, first_addr, &rec.lab.manager_token);
+        args.extend(cfg.extra_controller_args.iter().cloned());
         let what = format!("controller on {}", host.name);
         let child = spawn_in_netns(
             &what,
@@ -1882,6 +1886,7 @@ while True:
                 controller_bin: self.bins.controller.clone(),
                 runtime: "auto".into(),
                 extra_agent_args: Vec::new(),
+                extra_controller_args: Vec::new(),
             }
         }
     }

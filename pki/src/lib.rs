@@ -4,4 +4,5 @@
 
 pub mod ca;
 pub mod join;
+pub mod renew;
 pub mod tls;

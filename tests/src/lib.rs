@@ -48,6 +48,16 @@ impl LabGuard {
 
     /// A lab whose first `managers` hosts run controllers (one raft group).
     pub fn up_with(name: &str, nodes: u32, managers: u32) -> anyhow::Result<LabGuard> {
+        Self::up_args(name, nodes, managers, &[])
+    }
+
+    /// [`LabGuard::up_with`], with extra arguments for every controller.
+    pub fn up_args(
+        name: &str,
+        nodes: u32,
+        managers: u32,
+        controller_args: &[&str],
+    ) -> anyhow::Result<LabGuard> {
         let root = std::env::var_os("RUDDER_LAB_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/rudder-lab"));
@@ -60,6 +70,7 @@ impl LabGuard {
             controller_bin: bin("rudder-controller"),
             runtime: "auto".into(),
             extra_agent_args: vec![],
+            extra_controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
         };
         let _ = lab::down(&root, name);
         let lab = lab::up(&cfg)?;

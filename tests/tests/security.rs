@@ -214,3 +214,54 @@ fn roles_tokens_and_foreign_certificates_are_refused() -> anyhow::Result<()> {
         .context("admin still served")?;
     Ok(())
 }
+
+/// Certificates renew on their own: with 20 s certificates, the agent's is replaced within
+/// about 16 s, and the agent keeps working with the new one (a new session after the
+/// controller restarts is made with it).
+#[test]
+fn certificates_renew_on_their_own() -> anyhow::Result<()> {
+    let mut lab = LabGuard::up_args(
+        &format!("ren{}", std::process::id() % 100000),
+        2,
+        1,
+        &["--node-cert-validity", "20"],
+    )?;
+    let pem = lab.lab.hosts[1].data_dir.join("certs").join("node.pem");
+    let first = wait_for(Duration::from_secs(15), "the agent's certificate", || {
+        Ok(std::fs::read_to_string(&pem).ok())
+    })?;
+    let (_, first_expiry) = ca::cert_validity(&first)?;
+    let renewed = wait_for(Duration::from_secs(30), "a renewed certificate", || {
+        let now = std::fs::read_to_string(&pem).unwrap_or_default();
+        Ok((!now.is_empty() && now != first).then_some(now))
+    })?;
+    let (_, expiry) = ca::cert_validity(&renewed)?;
+    assert!(expiry > first_expiry, "the new certificate lasts longer");
+
+    // A fresh session with the renewed certificate: restart the controller; the agent
+    // opens a new session, and the new leader keeps it ready.
+    let agent_log = lab.lab.hosts[1].agent_log();
+    let sessions = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("session open")
+            .count()
+    };
+    let before = sessions(&agent_log);
+    lab.restart(0, rudder_tests::lab::Role::Controller, true)?;
+    wait_for(Duration::from_secs(20), "a new session", || {
+        Ok((sessions(&agent_log) > before).then_some(()))
+    })?;
+    // Past the new leader's grace period, h2 is still ready: its session is alive.
+    std::thread::sleep(Duration::from_secs(7));
+    let nodes: Vec<Value> = serde_json::from_str(&lab.rctl(&["get", "nodes", "-o", "json"])?)?;
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["hostname"] == "h2" && n["state"] == "ready"),
+        "{nodes:?}"
+    );
+    let log = std::fs::read_to_string(lab.lab.hosts[1].agent_log())?;
+    assert!(log.contains("node certificate renewed"), "agent log: {log}");
+    Ok(())
+}

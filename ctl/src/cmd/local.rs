@@ -28,6 +28,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<lab::Lab> {
         controller_bin: lab::sibling_binary("rudder-controller"),
         runtime: a.runtime,
         extra_agent_args: vec![],
+        extra_controller_args: vec![],
     };
     let lab = lab::up(&cfg)?;
     if a.set_default_context {

@@ -1,0 +1,113 @@
+//! Certificates renew on their own: a node asks a controller (`Cluster/Renew`, authenticated
+//! with its current certificate) for a new certificate with a fresh key at a random point
+//! between 50 % and 80 % of the current one's lifetime, saves it, and publishes it on a
+//! `watch` channel. Clients build their TLS from the latest certificate on every new
+//! connection; servers restart their listener with it (see the agent and the controller).
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use rudder_proto::v1::cluster_client::ClusterClient;
+use rudder_proto::v1::RenewRequest;
+use tokio::sync::watch;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+use crate::ca::{self, Role, CLOCK_SKEW};
+use crate::tls::{self, NodeCerts};
+
+/// When the certificate in `certs` should be renewed. Certificates are backdated by
+/// [`CLOCK_SKEW`]; that margin is not part of the lifetime being divided.
+pub fn due(certs: &NodeCerts) -> Result<SystemTime, tls::TlsError> {
+    let (nb, na) = ca::cert_validity(certs.cert_pem())?;
+    let start = (nb + CLOCK_SKEW).min(na);
+    Ok(ca::renew_at(start, na, &mut rand::rng()))
+}
+
+/// Renews forever: waits until due, asks one of `controllers` (`host:port`), saves the result
+/// in `dir` and publishes it on `tx`. Failures are retried every `retry` until the old
+/// certificate expires (and after: a node whose certificate expired must join again).
+pub async fn run(
+    dir: PathBuf,
+    controllers: impl Fn() -> Vec<String> + Send + 'static,
+    tx: watch::Sender<NodeCerts>,
+    retry: Duration,
+) {
+    loop {
+        let current = tx.borrow().clone();
+        let at = match due(&current) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(%e, "cannot read the node certificate's validity; not renewing");
+                return;
+            }
+        };
+        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::time::sleep(wait).await;
+        loop {
+            match renew_once(&current, &controllers()).await {
+                Ok(next) => {
+                    if let Err(e) = next.save(&dir) {
+                        warn!(%e, "renewed certificate not saved");
+                    }
+                    info!("node certificate renewed");
+                    tx.send_replace(next);
+                    break;
+                }
+                Err(e) => {
+                    warn!(%e, "certificate renewal failed; retrying");
+                    tokio::time::sleep(retry).await;
+                }
+            }
+        }
+    }
+}
+
+/// One renewal against the first controller that answers.
+pub async fn renew_once(current: &NodeCerts, controllers: &[String]) -> Result<NodeCerts, String> {
+    let (_, node) = current
+        .identity(SystemTime::now())
+        .map_err(|e| e.to_string())?;
+    let (key, csr) = ca::node_csr(&node).map_err(|e| e.to_string())?;
+    let mut last = String::from("no controller known");
+    for addr in controllers {
+        let addr = addr
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let endpoint = match Endpoint::from_shared(format!("https://{addr}")) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(2)),
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let endpoint = match endpoint.tls_config(tls::client_tls(current, Role::Manager)) {
+            Ok(e) => e,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("{addr}: {e}");
+                continue;
+            }
+        };
+        match ClusterClient::new(channel)
+            .renew(RenewRequest {
+                csr_pem: csr.clone(),
+            })
+            .await
+        {
+            Ok(r) => {
+                return current
+                    .renewed(&r.into_inner().cert_pem, &key)
+                    .map_err(|e| e.to_string())
+            }
+            Err(s) => last = format!("{addr}: {}", s.message()),
+        }
+    }
+    Err(last)
+}
