@@ -143,7 +143,12 @@ impl Member {
             let raft = raft_node::start_with(id, storage, transport.clone(), setup.snapshot_every)?;
             transport.attach(raft.clone());
             raft.set_forwarder(GrpcForwarder::new(raft.clone(), client_tls));
-            tokio::spawn(serve(listener, raft.clone(), server_tls));
+            let server = serve(listener, raft.clone(), server_tls);
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    eprintln!("bench: member {id}: raft peer server: {e:#}");
+                }
+            });
             anyhow::Ok((raft, transport, addr))
         })?;
         Ok(Member {

@@ -588,6 +588,13 @@ impl<S: LogStore> Driver<S> {
                 let id = self.next_request;
                 self.next_request += 1;
                 let ctx = self.context(id);
+                if matches!(proposal, Proposal::Conf(_)) && self.node.raft.has_pending_conf() {
+                    // raft-rs would turn it into an empty entry nobody answers for.
+                    let _ = reply.send(Err(RaftError::Dropped(
+                        "another membership change is in progress; try again".into(),
+                    )));
+                    return;
+                }
                 let r = match proposal {
                     Proposal::Command(data) => self.node.propose(ctx, data),
                     Proposal::Conf(cc) => self.node.propose_conf_change(ctx, cc),

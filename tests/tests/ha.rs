@@ -289,3 +289,56 @@ fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     assert!(err.contains("runs no controller"), "{err}");
     Ok(())
 }
+
+/// Five controllers lose two (the leader among them) and go on; the two come back and catch up.
+#[test]
+fn five_controllers_survive_losing_two() -> anyhow::Result<()> {
+    let mut lab = LabGuard::up_with(&format!("h5{}", std::process::id() % 100000), 5, 5)?;
+    let urls = lab.lab.controller_urls();
+    assert_eq!(urls.len(), 5);
+    wait_for(Duration::from_secs(30), "five voters and a leader", || {
+        let i = info(&lab, &urls[0])?;
+        let voters = i["managers"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
+        Ok((voters == 5 && i["leader_id"].as_u64().unwrap_or(0) != 0).then_some(()))
+    })?;
+    let leader = info(&lab, &urls[0])?["leader_id"].as_u64().unwrap_or(1) as usize - 1;
+    let other = (leader + 1) % 5;
+    lab.lab.kill(leader, lab::Role::Controller)?;
+    lab.lab.kill(other, lab::Role::Controller)?;
+    let live: Vec<&String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader && *i != other)
+        .map(|(_, u)| u)
+        .collect();
+    // Three of five are a majority: writes go on (after the election).
+    for n in 1..=10 {
+        let label = format!("w{n}=1");
+        wait_for(
+            Duration::from_secs(10),
+            "a write with two controllers down",
+            || {
+                Ok(rctl_at(
+                    &lab,
+                    None,
+                    live[n % 3],
+                    &["node", "update", "h3", "--label-add", &label],
+                )
+                .ok())
+            },
+        )?;
+    }
+    lab.restart(leader, lab::Role::Controller, true)?;
+    lab.restart(other, lab::Role::Controller, true)?;
+    let want: BTreeSet<String> = (1..=10).map(|n| format!("w{n}")).collect();
+    for i in [leader, other] {
+        wait_for(
+            Duration::from_secs(20),
+            "a returning controller catching up",
+            || Ok(want.is_subset(&labels(&lab, &urls[i])?).then_some(())),
+        )?;
+    }
+    Ok(())
+}
