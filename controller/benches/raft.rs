@@ -26,8 +26,9 @@
 //!
 //! Environment: `RAFT_BENCH_PROPOSERS` (default 1024), `RAFT_BENCH_SECS` (measured seconds per
 //! throughput run, default 5), `RAFT_BENCH_SNAPSHOT_MB` (default 100), `RAFT_BENCH_ONLY`
-//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_TLS`, `RAFT_BENCH_SERIES` (print writes per
-//! 250 ms), `RAFT_BENCH_DIR` (where the logs go, default /var/tmp), `RUST_LOG` (logs to stderr).
+//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_TLS` (`0`: plain),
+//! `RAFT_BENCH_SERIES` (print writes per 250 ms), `RAFT_BENCH_DIR` (where the logs go, default
+//! /var/tmp), `RUST_LOG` (logs to stderr).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -19,9 +19,12 @@
 //!   unknown (the entry may still commit under the next leader), never falsely acknowledged.
 //! - [`RaftHandle::read_index`] resolves only when this node has applied up to an index the
 //!   leader confirmed with a quorum after the read began (raft-rs `ReadOnlyOption::Safe`).
-//! - Snapshots: every [`SNAPSHOT_EVERY`] applied entries the node serialises its store (off the
+//! - Snapshots: after at least [`SNAPSHOT_EVERY`] applied entries, and once the log since the
+//!   last snapshot is at least half the store's size, the node serialises its store (off the
 //!   loop, from the published `Arc<Store>`), saves it and compacts the log up to
 //!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index.
+//! - Publishing the store after each Ready is a clone of persistent maps (`model::store::Map`):
+//!   its cost does not grow with the store.
 //! - Membership changes are conf change entries whose context carries the member's addresses;
 //!   applying one changes raft's configuration and `Store::managers` at the same index.
 
@@ -455,6 +458,8 @@ pub fn start_with<S: LogStore>(
         node,
         transport,
         last_snapshot: store.applied,
+        last_snapshot_bytes: 0,
+        log_bytes: 0,
         store,
         snapshot_every: snapshot_every.max(1),
         snapshotting: false,
@@ -503,6 +508,11 @@ struct Driver<S: LogStore> {
     store: Store,
     /// Index of the latest snapshot, and the period.
     last_snapshot: u64,
+    /// Size of the latest snapshot, and bytes of entries applied since: a snapshot is taken
+    /// only once the log since the last one is at least half the store's size, so the cost of
+    /// serialising a big store stays proportional to what was written.
+    last_snapshot_bytes: usize,
+    log_bytes: usize,
     snapshot_every: u64,
     /// A snapshot is being serialised off the loop.
     snapshotting: bool,
@@ -630,6 +640,7 @@ impl<S: LogStore> Driver<S> {
                 match self.node.mut_store().save_snapshot(&snap, compact_to) {
                     Ok(()) => {
                         self.last_snapshot = index;
+                        self.last_snapshot_bytes = snap.data.len();
                         info!(
                             index,
                             bytes = snap.data.len(),
@@ -675,6 +686,8 @@ impl<S: LogStore> Driver<S> {
             );
             self.store = store;
             self.last_snapshot = snap.get_metadata().index;
+            self.last_snapshot_bytes = snap.data.len();
+            self.log_bytes = 0;
             installed = true;
         }
         // Confirmed reads: remember their index; they resolve once applied.
@@ -762,9 +775,13 @@ impl<S: LogStore> Driver<S> {
             return;
         }
         let wanted = self.node.store().take_snapshot_wanted() && applied > self.last_snapshot;
-        if !wanted && applied < self.last_snapshot + self.snapshot_every {
+        if !wanted
+            && (applied < self.last_snapshot + self.snapshot_every
+                || self.log_bytes < self.last_snapshot_bytes / 2)
+        {
             return;
         }
+        self.log_bytes = 0;
         let Ok(term) = self.node.raft.raft_log.term(applied) else {
             return;
         };
@@ -817,6 +834,7 @@ impl<S: LogStore> Driver<S> {
     fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<bool, RaftError> {
         let mut changed = false;
         for e in entries {
+            self.log_bytes += e.data.len();
             if e.get_entry_type() == EntryType::EntryConfChange {
                 self.apply_conf_change(&e)?;
                 changed = true;

@@ -826,7 +826,7 @@ mod tests {
         c.net.cut(lagging);
         // More than a snapshot period plus the kept tail, so the entries it misses are gone
         // from the leader's log.
-        let n = raft_node::KEEP_ENTRIES + 100;
+        let n = 2 * raft_node::KEEP_ENTRIES + 100;
         let mut tasks = Vec::new();
         for i in 1..=n {
             let h = c.node(leader).clone();

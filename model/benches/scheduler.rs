@@ -4,7 +4,6 @@
 //!
 //! Run with `cargo bench -p rudder-model --bench scheduler`; without `--bench` it does nothing.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rudder_model::scheduler::{schedule, Decision};
@@ -15,7 +14,7 @@ const SERVICES: usize = 100;
 const TASKS_PER_SERVICE: usize = 100;
 const RUNS: usize = 7;
 
-fn nodes() -> BTreeMap<String, Node> {
+fn nodes() -> rudder_model::store::Map<String, Node> {
     (0..NODES)
         .map(|i| {
             let id = format!("node-{i:04}");

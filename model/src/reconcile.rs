@@ -120,7 +120,7 @@ fn eligible(service: &Service, node: &Node) -> bool {
 pub fn reconcile<'a>(
     service: &Service,
     tasks: &[&'a Task],
-    nodes: &'a BTreeMap<String, Node>,
+    nodes: &'a crate::store::Map<String, Node>,
     now: u64,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -139,7 +139,7 @@ fn reconcile_replicated<'a>(
     plan: &mut Plan,
     service: &Service,
     tasks: &[&'a Task],
-    nodes: &'a BTreeMap<String, Node>,
+    nodes: &'a crate::store::Map<String, Node>,
     now: u64,
 ) -> Vec<(Key<'a>, SlotState<'a>)> {
     let mut slots: BTreeMap<u64, Vec<&Task>> = BTreeMap::new();
@@ -326,7 +326,7 @@ fn reconcile_global<'a>(
     plan: &mut Plan,
     service: &Service,
     tasks: &[&'a Task],
-    nodes: &'a BTreeMap<String, Node>,
+    nodes: &'a crate::store::Map<String, Node>,
     now: u64,
 ) -> Vec<(Key<'a>, SlotState<'a>)> {
     let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
@@ -1160,8 +1160,11 @@ mod tests {
         assert!(live(&s).is_empty());
         // Not reaped until the agents report them stopped.
         assert_eq!(s.tasks.len(), 4);
-        for t in s.tasks.values_mut() {
-            t.status.state = TaskState::Shutdown;
+        let keys: Vec<String> = s.tasks.keys().cloned().collect();
+        for k in keys {
+            if let Some(t) = s.tasks.get_mut(&k) {
+                t.status.state = TaskState::Shutdown;
+            }
         }
         converge(&mut s, &mut idx, 0, &mut ids);
         assert!(s.tasks.is_empty());

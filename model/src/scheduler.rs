@@ -16,7 +16,7 @@
 //! or a replay sees the same placement.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 
 use crate::ports::{host_ports, Protocol};
 use crate::spec::{human_bytes, human_cpus, Constraint, Strategy};
@@ -357,7 +357,7 @@ struct Leaf<'a> {
 /// Places `pending` onto `nodes`, counting `placed` (the active tasks) as existing load. Returns
 /// one decision per pending task, in the order given.
 pub fn schedule<'a>(
-    nodes: &'a BTreeMap<String, Node>,
+    nodes: &'a crate::store::Map<String, Node>,
     placed: impl IntoIterator<Item = &'a Task>,
     pending: &[&'a Task],
 ) -> Vec<Decision> {
@@ -561,6 +561,8 @@ fn compare_leaves(a: &Leaf, b: &Leaf, counts: &[usize]) -> Ordering {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::spec::tests_support::spec;
     use crate::spec::{Placement, Preference, Resources, ServiceSpec};
@@ -650,7 +652,7 @@ mod tests {
     }
 
     fn run(nodes: &[Node], placed: &[Task], pending: &[Task]) -> Vec<Decision> {
-        let nodes: BTreeMap<String, Node> =
+        let nodes: crate::store::Map<String, Node> =
             nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
         let refs: Vec<&Task> = pending.iter().collect();
         schedule(&nodes, placed, &refs)

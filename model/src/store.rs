@@ -385,20 +385,25 @@ pub enum ApplyError {
     NoPreviousSpec(String),
 }
 
+/// The store's tables: persistent ordered maps, so cloning the store (the Ready loop publishes
+/// a copy after every batch of commits, and control loops read snapshots) shares structure
+/// instead of copying every entry; its cost no longer grows with the store.
+pub type Map<K, V> = imbl::OrdMap<K, V>;
+
 /// The whole replicated state. Cheap to clone for control loops (they read a snapshot).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Store {
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: Map<String, Node>,
     /// By service name.
-    pub services: BTreeMap<String, Service>,
-    pub tasks: BTreeMap<String, Task>,
+    pub services: Map<String, Service>,
+    pub tasks: Map<String, Task>,
     /// repo → reference (tag, or the manifest's own digest) → manifest. Every manifest of a
     /// repository has an entry under its digest; tags point at those.
-    pub images: BTreeMap<String, BTreeMap<String, ImageRecord>>,
+    pub images: Map<String, Map<String, ImageRecord>>,
     /// The controllers: raft member id → where to reach it. Changed only by raft membership
     /// changes (the addresses travel in the conf change's context), never by a command.
     #[serde(default)]
-    pub managers: BTreeMap<u64, ManagerInfo>,
+    pub managers: Map<u64, ManagerInfo>,
     /// The cluster CA and join tokens (`None` until the first controller initialised them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<ClusterSecrets>,
@@ -417,7 +422,7 @@ pub struct ManagerInfo {
 
 /// The named service, or the `NotFound` error commands report.
 fn service_mut<'a>(
-    services: &'a mut BTreeMap<String, Service>,
+    services: &'a mut Map<String, Service>,
     name: &str,
 ) -> Result<&'a mut Service, ApplyError> {
     services.get_mut(name).ok_or_else(|| ApplyError::NotFound {
@@ -533,8 +538,17 @@ impl Store {
                     kind: "service",
                     name: name.clone(),
                 })?;
-                for t in self.tasks.values_mut() {
-                    if t.service_id == svc.id && t.desired_state < TaskState::Shutdown {
+                // Only the tasks that change are touched (the map shares the rest).
+                let ids: Vec<String> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.service_id == svc.id && t.desired_state < TaskState::Shutdown
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for id in ids {
+                    if let Some(t) = self.tasks.get_mut(&id) {
                         t.desired_state = TaskState::Shutdown;
                         t.version = index;
                     }
@@ -601,8 +615,16 @@ impl Store {
                 node.state = NodeState::Down;
                 node.updated_at = now;
                 node.version = index;
-                for t in self.tasks.values_mut() {
-                    if t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal() {
+                let orphans: Vec<String> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal()
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &orphans {
+                    if let Some(t) = self.tasks.get_mut(k) {
                         t.status = TaskStatus {
                             state: TaskState::Orphaned,
                             message: "node down".into(),
@@ -711,7 +733,14 @@ impl Store {
                     name: format!("{repo}:{reference}"),
                 })?;
                 if reference == gone.digest {
-                    tags.retain(|_, r| r.digest != gone.digest);
+                    let stale: Vec<String> = tags
+                        .iter()
+                        .filter(|(_, r)| r.digest == gone.digest)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in stale {
+                        tags.remove(&k);
+                    }
                 }
                 if tags.is_empty() {
                     self.images.remove(&repo);
