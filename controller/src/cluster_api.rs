@@ -49,6 +49,11 @@ pub enum ClusterError {
          admin for a current one with `rctl cluster join-token worker` (or `manager`)"
     )]
     TokenRejected,
+    #[error(
+        "cluster: the {0} join token expired; ask an admin for a current one with \
+         `rctl cluster join-token {0}`"
+    )]
+    TokenExpired(Role),
     #[error("cluster: no join token for role {0:?}: want worker or manager")]
     NoTokenForRole(String),
     #[error("cluster: invalid certificate request: {0}")]
@@ -69,6 +74,7 @@ impl From<TokenError> for ClusterError {
             TokenError::Malformed(why) => ClusterError::TokenMalformed(why),
             TokenError::WrongCa => ClusterError::TokenOtherCluster,
             TokenError::Unknown => ClusterError::TokenRejected,
+            TokenError::Expired(r) => ClusterError::TokenExpired(r),
         }
     }
 }
@@ -92,9 +98,9 @@ impl From<ClusterError> for Status {
             | ClusterError::NoTokenForRole(_)
             | ClusterError::BadCsr(_)
             | ClusterError::BadNodeId(_) => Status::invalid_argument(msg),
-            ClusterError::TokenOtherCluster | ClusterError::TokenRejected => {
-                Status::unauthenticated(msg)
-            }
+            ClusterError::TokenOtherCluster
+            | ClusterError::TokenRejected
+            | ClusterError::TokenExpired(_) => Status::unauthenticated(msg),
             ClusterError::NotInitialized => Status::failed_precondition(msg),
             ClusterError::Unavailable(_) => Status::unavailable(msg),
             ClusterError::Ca(_) => Status::internal(msg),
@@ -147,7 +153,12 @@ pub trait SecretsStore: Send + Sync + 'static {
     async fn join_tokens(&self) -> Result<JoinTokens, ClusterError>;
     /// Replaces `role`'s join token everywhere and returns the new one; the old one stops
     /// working. `role` is worker or manager.
-    async fn rotate_join_token(&self, role: Role) -> Result<Token, ClusterError>;
+    /// `ttl`: the new token admits only for that long (none: until rotated again).
+    async fn rotate_join_token(
+        &self,
+        role: Role,
+        ttl: Option<Duration>,
+    ) -> Result<Token, ClusterError>;
 }
 
 /// Secrets held in this process only: for tests and single-process harnesses. Nothing
@@ -181,9 +192,13 @@ impl SecretsStore for MemorySecrets {
         Ok(self.tokens().clone())
     }
 
-    async fn rotate_join_token(&self, role: Role) -> Result<Token, ClusterError> {
+    async fn rotate_join_token(
+        &self,
+        role: Role,
+        ttl: Option<Duration>,
+    ) -> Result<Token, ClusterError> {
         self.tokens()
-            .rotate(role)
+            .rotate_with_ttl(role, ttl, SystemTime::now())
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))
     }
 }
@@ -214,7 +229,11 @@ impl ClusterApi {
     }
 
     async fn admit(&self, req: JoinRequest) -> Result<JoinResponse, ClusterError> {
-        let role = self.secrets.join_tokens().await?.verify(&req.token)?;
+        let role = self
+            .secrets
+            .join_tokens()
+            .await?
+            .verify_at(&req.token, SystemTime::now())?;
         let ca = self.cluster_ca().await?;
         let cert_pem = ca.issue(
             &req.csr_pem,
@@ -237,7 +256,8 @@ impl ClusterApi {
             _ => return Err(ClusterError::NoTokenForRole(req.role)),
         };
         let token = if req.rotate {
-            self.secrets.rotate_join_token(role).await?
+            let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds));
+            self.secrets.rotate_join_token(role, ttl).await?
         } else {
             self.secrets
                 .join_tokens()
@@ -456,6 +476,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "worker".into(),
                 rotate: true,
+                ttl_seconds: 0,
             })
             .await
             .unwrap_err();
@@ -470,6 +491,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "worker".into(),
                 rotate: false,
+                ttl_seconds: 0,
             })
             .await
             .unwrap()
@@ -481,6 +503,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "manager".into(),
                 rotate: false,
+                ttl_seconds: 0,
             })
             .await
             .unwrap_err();
@@ -490,6 +513,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "admin".into(),
                 rotate: false,
+                ttl_seconds: 0,
             })
             .await
             .unwrap_err();
@@ -530,6 +554,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "worker".into(),
                 rotate: true,
+                ttl_seconds: 0,
             })
             .await
             .unwrap()
@@ -627,6 +652,7 @@ mod tests {
             .join_token(JoinTokenRequest {
                 role: "worker".into(),
                 rotate: false,
+                ttl_seconds: 0,
             })
             .await
             .unwrap_err();

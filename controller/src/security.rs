@@ -202,11 +202,15 @@ impl SecretsStore for RaftSecrets {
         Self::tokens(&self.current().await?)
     }
 
-    async fn rotate_join_token(&self, role: Role) -> Result<Token, ClusterError> {
+    async fn rotate_join_token(
+        &self,
+        role: Role,
+        ttl: Option<Duration>,
+    ) -> Result<Token, ClusterError> {
         let mut s = self.current().await?;
         let mut tokens = Self::tokens(&s)?;
         let token = tokens
-            .rotate(role)
+            .rotate_with_ttl(role, ttl, SystemTime::now())
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))?;
         s.join_tokens = serde_json::to_value(&tokens).expect("join tokens serialize");
         self.raft

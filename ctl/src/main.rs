@@ -164,6 +164,9 @@ enum ClusterCmd {
         /// Replace the token: the old one stops admitting new hosts.
         #[arg(long)]
         rotate: bool,
+        /// With --rotate: the new token admits only this long (e.g. 1h, 30m).
+        #[arg(long)]
+        ttl: Option<String>,
         /// Print only the token.
         #[arg(short, long)]
         quiet: bool,
@@ -290,9 +293,16 @@ fn real_main() -> anyhow::Result<()> {
                 ClusterCmd::JoinToken {
                     role,
                     rotate,
+                    ttl,
                     quiet,
                 },
-        } => rt.block_on(cmd::cluster::join_token(&ctx()?, role, *rotate, *quiet)),
+        } => rt.block_on(cmd::cluster::join_token(
+            &ctx()?,
+            role,
+            *rotate,
+            ttl.as_deref(),
+            *quiet,
+        )),
         Cmd::Node {
             cmd: NodeCmd::Ls { output },
         } => rt.block_on(cmd::node::ls(&ctx()?, *output)),

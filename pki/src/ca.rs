@@ -469,6 +469,8 @@ pub enum TokenError {
     WrongCa,
     #[error("ca: join token is unknown or was rotated")]
     Unknown,
+    #[error("ca: join token for {0} expired")]
+    Expired(Role),
 }
 
 impl Token {
@@ -513,6 +515,15 @@ pub struct JoinTokens {
     fingerprint: String,
     worker: String,
     manager: String,
+    /// When each token stops admitting (seconds since the epoch); none: until rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    worker_expires: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    manager_expires: Option<u64>,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl fmt::Debug for JoinTokens {
@@ -531,6 +542,8 @@ impl JoinTokens {
             fingerprint: fingerprint.to_owned(),
             worker: new_secret(),
             manager: new_secret(),
+            worker_expires: None,
+            manager_expires: None,
         }
     }
 
@@ -551,16 +564,48 @@ impl JoinTokens {
     /// Replaces `role`'s secret; its previous token stops working. Returns the new token
     /// (`None` for admin, which has none).
     pub fn rotate(&mut self, role: Role) -> Option<Token> {
+        self.rotate_with_ttl(role, None, SystemTime::now())
+    }
+
+    /// [`JoinTokens::rotate`], the new token admitting only until `now + ttl` (when given).
+    pub fn rotate_with_ttl(
+        &mut self,
+        role: Role,
+        ttl: Option<Duration>,
+        now: SystemTime,
+    ) -> Option<Token> {
+        let expires = ttl.map(|t| unix(now + t));
         match role {
-            Role::Worker => self.worker = new_secret(),
-            Role::Manager => self.manager = new_secret(),
+            Role::Worker => {
+                self.worker = new_secret();
+                self.worker_expires = expires;
+            }
+            Role::Manager => {
+                self.manager = new_secret();
+                self.manager_expires = expires;
+            }
             Role::Admin => return None,
         }
-        info!(%role, "ca: rotated join token");
+        info!(%role, ?ttl, "ca: rotated join token");
         self.token(role)
     }
 
-    /// The role a presented token grants.
+    /// The role a presented token grants, checked against the clock.
+    pub fn verify_at(&self, token: &str, now: SystemTime) -> Result<Role, TokenError> {
+        let role = self.verify(token)?;
+        let expires = match role {
+            Role::Worker => self.worker_expires,
+            Role::Manager => self.manager_expires,
+            Role::Admin => None,
+        };
+        if expires.is_some_and(|e| unix(now) >= e) {
+            debug!(%role, "ca: refused expired join token");
+            return Err(TokenError::Expired(role));
+        }
+        Ok(role)
+    }
+
+    /// The role a presented token grants, ignoring expiry (see [`JoinTokens::verify_at`]).
     pub fn verify(&self, token: &str) -> Result<Role, TokenError> {
         let t = Token::parse(token)?;
         if t.fingerprint != self.fingerprint {
@@ -1021,5 +1066,33 @@ mod tests {
         let (key, csr) = node_csr(id).unwrap();
         let cert = ca.issue(&csr, role, id, SystemTime::now(), DAY).unwrap();
         (cert, key)
+    }
+
+    #[test]
+    fn a_token_with_a_ttl_expires() {
+        let mut t = JoinTokens::generate(&"a".repeat(64));
+        let now = SystemTime::now();
+        let tok = t
+            .rotate_with_ttl(Role::Worker, Some(Duration::from_secs(60)), now)
+            .unwrap()
+            .to_string();
+        assert_eq!(t.verify_at(&tok, now), Ok(Role::Worker));
+        assert_eq!(
+            t.verify_at(&tok, now + Duration::from_secs(61)),
+            Err(TokenError::Expired(Role::Worker))
+        );
+        // The manager token has no ttl; a plain rotation clears the worker's.
+        let m = t.token(Role::Manager).unwrap().to_string();
+        assert_eq!(
+            t.verify_at(&m, now + Duration::from_secs(3600)),
+            Ok(Role::Manager)
+        );
+        let tok = t.rotate(Role::Worker).unwrap().to_string();
+        assert_eq!(
+            t.verify_at(&tok, now + Duration::from_secs(3600)),
+            Ok(Role::Worker)
+        );
+        let back: JoinTokens = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
     }
 }

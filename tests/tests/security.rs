@@ -179,6 +179,31 @@ fn roles_tokens_and_foreign_certificates_are_refused() -> anyhow::Result<()> {
     })?;
     drop(agent);
 
+    // A token with a time to live stops admitting once it is over.
+    let short = lab
+        .rctl(&[
+            "cluster",
+            "join-token",
+            "worker",
+            "--rotate",
+            "--ttl",
+            "1s",
+            "-q",
+        ])?
+        .trim()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(2100));
+    let elog = tmp.path().join("e.log");
+    let mut eargs = aargs.clone();
+    *eargs.last_mut().expect("token arg") = short;
+    eargs[1] = tmp.path().join("e").to_string_lossy().into();
+    let expired = Killed(spawn_in(&h3.netns, &bin("rudder-agent"), &eargs, &elog)?);
+    wait_for(Duration::from_secs(15), "the expired token refused", || {
+        let text = std::fs::read_to_string(&elog).unwrap_or_default();
+        Ok(text.contains("join token expired").then_some(()))
+    })?;
+    drop(expired);
+
     // A certificate from another CA, even an admin one, does not get through the handshake.
     let now = SystemTime::now();
     let foreign = ClusterCa::generate("other", now)?;

@@ -71,13 +71,23 @@ pub async fn join_token(
     ctx: &Context,
     role: &str,
     rotate: bool,
+    ttl: Option<&str>,
     quiet: bool,
 ) -> anyhow::Result<()> {
+    let ttl_seconds = match ttl {
+        None => 0,
+        Some(_) if !rotate => anyhow::bail!("--ttl applies to a new token: use it with --rotate"),
+        Some(t) => rudder_model::duration::parse(t)
+            .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?
+            .div_ceil(1000)
+            .max(1),
+    };
     let mut client = ClusterClient::new(crate::channel(ctx).await?);
     let token = client
         .join_token(JoinTokenRequest {
             role: role.to_string(),
             rotate,
+            ttl_seconds,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
