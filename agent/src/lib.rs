@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bundle;
 pub mod health;
+pub mod manager;
 pub mod runtime;
 pub mod session;
 pub mod shim;
@@ -166,6 +167,7 @@ pub async fn run(
         memory_bytes,
         role: cfg.role.clone(),
         tls: Some(certs_rx.clone()),
+        data_dir: Some(cfg.data_dir.clone()),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     // Only controllers (manager certificates) may call the agent. The server restarts with

@@ -37,6 +37,8 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// `worker` or `manager`.
     pub role: String,
+    /// Where a controller started on promotion keeps its data (`None`: never start one).
+    pub data_dir: Option<std::path::PathBuf>,
     /// This node's certificate (the latest, as renewals publish it) for mutual TLS towards the
     /// controllers; plain HTTP/2 when `None`.
     pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
@@ -329,6 +331,13 @@ async fn session(
                             u64::from(w.heartbeat_period_ms.max(100)),
                         ));
                     }
+                    Some(Down::RunController(rc)) => {
+                        if let Some(dir) = &me.data_dir {
+                            if let Err(e) = crate::manager::start(dir, &me.addr, &rc) {
+                                warn!(%e, "cannot start a controller on this host");
+                            }
+                        }
+                    }
                     Some(Down::Assignments(a)) => {
                         let tasks: Vec<Task> = a
                             .tasks
@@ -607,6 +616,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 role: "worker".into(),
                 tls: None,
+                data_dir: None,
             };
             tokio::spawn(run(controllers, me, worker, status_rx))
         }

@@ -445,12 +445,43 @@ impl Control for ControlApi {
             .iter()
             .find(|(_, m)| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(host));
         let Some((&id, info)) = member else {
-            return Err(Status::failed_precondition(format!(
-                "{} runs no controller; start one there with `rudder-controller --join \
-                 <controller>:4243 --token <token>` (`rctl cluster join-token manager`), then \
-                 promote it",
-                node.hostname
-            )));
+            if !r.voter {
+                return Err(Status::failed_precondition(format!(
+                    "{} runs no controller: it is a worker already",
+                    node.hostname
+                )));
+            }
+            if node.state != rudder_model::NodeState::Ready {
+                return Err(Status::failed_precondition(format!(
+                    "{} is {:?}: its agent must be connected to start a controller there",
+                    node.hostname, node.state
+                )));
+            }
+            if node.controller_id.is_some() {
+                return self.cluster_info(Request::new(ClusterInfoRequest {})).await;
+            }
+            // A fresh raft id, never one a member had (ids of removed members are not
+            // reused while anything still records them).
+            let st = self.raft.status();
+            let next = store
+                .managers
+                .keys()
+                .copied()
+                .chain(st.voters.iter().copied())
+                .chain(st.learners.iter().copied())
+                .chain(store.nodes.values().filter_map(|n| n.controller_id))
+                .max()
+                .unwrap_or(0)
+                + 1;
+            info!(node = %node.hostname, raft_id = next, "promoting: a controller starts there");
+            self.raft
+                .propose(Command::SetNodeController {
+                    id: node.id.clone(),
+                    raft_id: Some(next),
+                })
+                .await
+                .map_err(raft_status)?;
+            return self.cluster_info(Request::new(ClusterInfoRequest {})).await;
         };
         let st = self.raft.status();
         if !r.voter && st.voters == [id] {

@@ -125,6 +125,20 @@ fn to_status(r: &TaskStatusReport) -> Option<TaskStatus> {
     })
 }
 
+/// What a promoted node's agent needs to start a controller that joins through this leader.
+fn run_controller(store: &rudder_model::Store, me: u64, raft_id: u64) -> Option<RunController> {
+    let join = store.managers.get(&me)?.addr.clone();
+    let secrets = store.secrets.as_ref()?;
+    let tokens: rudder_pki::ca::JoinTokens =
+        serde_json::from_value(secrets.join_tokens.clone()).ok()?;
+    let token = tokens.token(rudder_pki::ca::Role::Manager)?.to_string();
+    Some(RunController {
+        raft_id,
+        join,
+        token,
+    })
+}
+
 type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -228,10 +242,29 @@ impl Dispatcher for DispatcherApi {
         let mut watch = self.raft.watch_store();
         let down_tx = tx.clone();
         let down_node = node_id.clone();
+        let me = self.raft.status().id;
         let sender = tokio::spawn(async move {
             let mut last: Option<Vec<(String, u64)>> = None;
+            let mut asked_controller = None;
             loop {
                 let store = watch.borrow_and_update().clone();
+                // A promoted node that does not yet run its controller: tell its agent.
+                if let Some(rid) = store.nodes.get(&down_node).and_then(|n| n.controller_id) {
+                    if asked_controller != Some(rid) && !store.managers.contains_key(&rid) {
+                        if let Some(rc) = run_controller(&store, me, rid) {
+                            if down_tx
+                                .send(Ok(ControllerMessage {
+                                    msg: Some(Down::RunController(rc)),
+                                }))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            asked_controller = Some(rid);
+                        }
+                    }
+                }
                 let tasks: Vec<_> = store.tasks_on(&down_node).collect();
                 let key: Vec<(String, u64)> =
                     tasks.iter().map(|t| (t.id.clone(), t.version)).collect();

@@ -591,6 +591,7 @@ mod tests {
             state: NodeState::Ready,
             updated_at: 0,
             version: 0,
+            controller_id: None,
         }
     }
 

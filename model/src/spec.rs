@@ -906,6 +906,7 @@ mod tests {
             state: crate::store::NodeState::Ready,
             updated_at: 0,
             version: 0,
+            controller_id: None,
         };
         let m = |c: &str, n: &crate::store::Node| c.parse::<Constraint>().unwrap().matches(n);
         assert!(m("node.labels.zone==a", &n));

@@ -116,6 +116,9 @@ pub struct Node {
     /// Milliseconds since the epoch, stamped by the leader.
     pub updated_at: u64,
     pub version: u64,
+    /// Set when the node was promoted: the raft id its agent is to start a controller with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +278,11 @@ pub enum Command {
         labels_add: BTreeMap<String, String>,
         #[serde(default)]
         labels_rm: Vec<String>,
+    },
+    /// Promote (`Some(raft id)`) a node: its agent starts a controller that joins the group.
+    SetNodeController {
+        id: String,
+        raft_id: Option<u64>,
     },
     /// Node went down: its unfinished tasks become orphaned.
     NodeDown {
@@ -584,6 +592,7 @@ impl Store {
                         state: NodeState::Ready,
                         updated_at: now,
                         version: index,
+                        controller_id: None,
                     };
                     self.nodes.insert(id, node);
                 }
@@ -717,6 +726,14 @@ impl Store {
                 if let Some(tag) = tag {
                     refs.insert(tag, record);
                 }
+            }
+            Command::SetNodeController { id, raft_id } => {
+                let node = self.nodes.get_mut(&id).ok_or(ApplyError::NotFound {
+                    kind: "node",
+                    name: id.clone(),
+                })?;
+                node.controller_id = raft_id;
+                node.version = index;
             }
             Command::SetSecrets { secrets, if_absent } => {
                 if !(if_absent && self.secrets.is_some()) {

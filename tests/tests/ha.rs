@@ -213,8 +213,7 @@ fn killing_the_leader_loses_no_acknowledged_write_and_restarts_keep_state() -> a
 
 #[test]
 fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
-    // A fourth host runs only an agent.
-    let (lab, urls) = ha_lab("hp", 4)?;
+    let (lab, urls) = ha_lab("hp", 3)?;
     let leader = settled_leader(&lab, &urls)?;
     let cut = (leader + 1) % 3;
     let live: Vec<&String> = urls
@@ -262,7 +261,7 @@ fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     );
 
     // Demote the member that was cut: it keeps replicating but no longer votes; promote it
-    // back. A host without a controller cannot be promoted.
+    // back.
     let name = lab.lab.hosts[cut].name.clone();
     let voter = |lab: &LabGuard| -> anyhow::Result<bool> {
         let i = info(lab, &urls[leader])?;
@@ -282,11 +281,6 @@ fn a_cut_manager_refuses_writes_and_catches_up() -> anyhow::Result<()> {
     })?;
     lab.rctl(&["node", "promote", &name])?;
     assert!(voter(&lab)?, "{name} does not vote after promote");
-    let err = lab
-        .rctl(&["node", "promote", "h4"])
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("runs no controller"), "{err}");
     Ok(())
 }
 
@@ -340,5 +334,57 @@ fn five_controllers_survive_losing_two() -> anyhow::Result<()> {
             || Ok(want.is_subset(&labels(&lab, &urls[i])?).then_some(())),
         )?;
     }
+    Ok(())
+}
+
+/// Promotion grows the group the way swarm does: one controller, two workers promoted; each
+/// worker's agent starts a controller that joins with the manager token. Then the first
+/// controller can die and the promoted two keep the cluster writable.
+#[test]
+fn promoting_workers_grows_the_controller_group() -> anyhow::Result<()> {
+    let lab = LabGuard::up_with(&format!("hg{}", std::process::id() % 100000), 3, 1)?;
+    let first = lab.lab.controller_url();
+    wait_for(Duration::from_secs(20), "three ready nodes", || {
+        let nodes: Vec<Value> = serde_json::from_str(&lab.rctl(&["get", "nodes", "-o", "json"])?)?;
+        Ok((nodes.iter().filter(|n| n["state"] == "ready").count() == 3).then_some(()))
+    })?;
+    lab.rctl(&["node", "promote", "h2"])?;
+    lab.rctl(&["node", "promote", "h3"])?;
+    wait_for(Duration::from_secs(30), "three voting controllers", || {
+        let i = info(&lab, &first)?;
+        let voters = i["managers"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["voter"] == true).count());
+        Ok((voters == 3).then_some(()))
+    })?;
+    let promoted: Vec<String> = lab.lab.hosts[1..]
+        .iter()
+        .map(|h| format!("http://{}:4243", h.addr))
+        .collect();
+    lab.lab.kill(0, lab::Role::Controller)?;
+    for n in 1..=5 {
+        let label = format!("p{n}=1");
+        wait_for(
+            Duration::from_secs(10),
+            "a write without the first controller",
+            || {
+                Ok(rctl_at(
+                    &lab,
+                    None,
+                    &promoted[n % 2],
+                    &["node", "update", "h3", "--label-add", &label],
+                )
+                .ok())
+            },
+        )?;
+    }
+    let nodes: Vec<Value> = serde_json::from_str(&rctl_at(
+        &lab,
+        None,
+        &promoted[0],
+        &["get", "nodes", "-o", "json"],
+    )?)?;
+    let h3 = nodes.iter().find(|n| n["hostname"] == "h3").expect("h3");
+    assert!(h3["labels"].get("p5").is_some(), "{h3}");
     Ok(())
 }

@@ -122,7 +122,8 @@ pub async fn set_voter(ctx: &Context, node: &str, voter: bool) -> anyhow::Result
     println!(
         "{node}: {}",
         if voter {
-            "promoted: its controller votes"
+            "promoted: its controller votes (a host without one starts a controller that \
+             joins; `rctl cluster info` lists it once it has)"
         } else {
             "demoted: its controller replicates but does not vote"
         }
