@@ -524,19 +524,7 @@ impl Control for ControlApi {
         _req: Request<ClusterInfoRequest>,
     ) -> Result<Response<ClusterInfoResponse>, Status> {
         let s = self.raft.status();
-        let managers = self
-            .raft
-            .store()
-            .managers
-            .iter()
-            .map(|(id, m)| ManagerSummary {
-                raft_id: *id,
-                addr: m.addr.clone(),
-                registry: m.registry.clone(),
-                voter: s.voters.contains(id),
-                leader: *id == s.leader_id,
-            })
-            .collect();
+        let managers = crate::peer::manager_summaries(&self.raft);
         Ok(Response::new(ClusterInfoResponse {
             raft_id: s.id,
             leader_id: s.leader_id,

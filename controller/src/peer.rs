@@ -464,22 +464,27 @@ impl RaftPeer for PeerApi {
                 .await
                 .map_err(to_status)?
         };
-        let st = self.raft.status();
-        let managers = self
-            .raft
-            .store()
-            .managers
-            .iter()
-            .map(|(id, m)| ManagerSummary {
-                raft_id: *id,
-                addr: m.addr.clone(),
-                registry: m.registry.clone(),
-                voter: st.voters.contains(id),
-                leader: *id == st.leader_id,
-            })
-            .collect();
-        Ok(Response::new(JoinRaftReply { index, managers }))
+        Ok(Response::new(JoinRaftReply {
+            index,
+            managers: manager_summaries(&self.raft),
+        }))
     }
+}
+
+/// The controller group as this node knows it: members, their addresses and roles.
+pub fn manager_summaries(raft: &RaftHandle) -> Vec<ManagerSummary> {
+    let st = raft.status();
+    raft.store()
+        .managers
+        .iter()
+        .map(|(id, m)| ManagerSummary {
+            raft_id: *id,
+            addr: m.addr.clone(),
+            registry: m.registry.clone(),
+            voter: st.voters.contains(id),
+            leader: *id == st.leader_id,
+        })
+        .collect()
 }
 
 /// Asks the controller at `addr` to add this one, retrying until it is a member; tells

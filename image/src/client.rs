@@ -526,11 +526,18 @@ fn tls_config(tls: &ClientTls) -> std::result::Result<rustls::ClientConfig, Stri
 }
 
 /// Full WebPKI verification of the server against the given roots, except that the name
-/// checked is always the configured one rather than the host dialed.
+/// checked is always the configured one rather than the host dialed (cluster registries are
+/// dialed by IP; their certificates name a role). Also used by the controller's peer client.
 #[derive(Debug)]
-struct FixedNameVerifier {
+pub struct FixedNameVerifier {
     inner: Arc<WebPkiServerVerifier>,
     name: ServerName<'static>,
+}
+
+impl FixedNameVerifier {
+    pub fn new(inner: Arc<WebPkiServerVerifier>, name: ServerName<'static>) -> Self {
+        FixedNameVerifier { inner, name }
+    }
 }
 
 impl ServerCertVerifier for FixedNameVerifier {

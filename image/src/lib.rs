@@ -20,7 +20,7 @@ pub mod reference;
 pub mod store;
 
 pub use archive::{import_rootfs, load_archive, Archive, ImportReport, LoadedImage};
-pub use client::{BlobSource, ClientTls, RegistryClient};
+pub use client::{BlobSource, ClientTls, FixedNameVerifier, RegistryClient};
 pub use error::{ImageError, Result};
 pub use reference::Reference;
 pub use store::{ImageConfig, ImageStore, PulledImage};

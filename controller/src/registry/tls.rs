@@ -33,13 +33,12 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::{IncomingStream, Listener};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -131,10 +130,10 @@ impl RegistryTls {
         let inner = WebPkiServerVerifier::builder_with_provider(roots, ca::provider())
             .build()
             .map_err(|e| err(&e))?;
-        let verifier = Arc::new(FixedNameVerifier {
+        let verifier = Arc::new(rudder_image::FixedNameVerifier::new(
             inner,
-            name: ServerName::try_from(Role::Manager.server_name()).map_err(|e| err(&e))?,
-        });
+            ServerName::try_from(Role::Manager.server_name()).map_err(|e| err(&e))?,
+        ));
         let mut config = rustls::ClientConfig::builder_with_provider(ca::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| err(&e))?
@@ -386,51 +385,6 @@ fn roots(ca: &CaCert) -> Result<Arc<RootCertStore>, CaError> {
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from(ca.der().to_vec()))?;
     Ok(Arc::new(roots))
-}
-
-/// Full WebPKI verification of the server against the cluster CA, except that the name checked
-/// is always the given role's, not the address dialed (peers are dialed by IP; certificates
-/// name roles).
-#[derive(Debug)]
-struct FixedNameVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
-}
-
-impl ServerCertVerifier for FixedNameVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _dialed: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 #[cfg(test)]
