@@ -297,7 +297,17 @@ async fn session(
             addr: me.addr.clone(),
             cpus_milli: me.cpus_milli,
             memory_bytes: me.memory_bytes,
-            role: me.role.clone(),
+            // A host promoted to run a controller is a manager from then on.
+            role: if me
+                .data_dir
+                .as_deref()
+                .and_then(crate::manager::running)
+                .is_some()
+            {
+                "manager".to_string()
+            } else {
+                me.role.clone()
+            },
         })),
     })
     .await

@@ -733,6 +733,10 @@ impl Store {
                     name: id.clone(),
                 })?;
                 node.controller_id = raft_id;
+                if raft_id.is_some() {
+                    // It runs a controller from now on (placement sees `node.role`).
+                    node.role = NodeRole::Manager;
+                }
                 node.version = index;
             }
             Command::SetSecrets { secrets, if_absent } => {

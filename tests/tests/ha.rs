@@ -386,5 +386,6 @@ fn promoting_workers_grows_the_controller_group() -> anyhow::Result<()> {
     )?)?;
     let h3 = nodes.iter().find(|n| n["hostname"] == "h3").expect("h3");
     assert!(h3["labels"].get("p5").is_some(), "{h3}");
+    assert_eq!(h3["role"], "manager", "a promoted host is a manager: {h3}");
     Ok(())
 }
