@@ -177,43 +177,15 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let mut certs_watch = certs_rx.clone();
-    let mut bind_attempts = 0;
-    loop {
-        let certs = certs_watch.borrow_and_update().clone();
-        let api = InterceptedService::new(
+    rudder_pki::renew::serve_renewing(cfg.listen, certs_rx, stop_rx, |certs, server| {
+        server.add_service(InterceptedService::new(
             AgentApiServer::new(api::AgentApiImpl {
                 containers: containers.clone(),
             }),
             tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
-        );
-        let mut stop = stop_rx.clone();
-        let mut renewed = certs_watch.clone();
-        let r = tonic::transport::Server::builder()
-            .tls_config(tls::server_tls(&certs))?
-            .add_service(api)
-            .serve_with_shutdown(cfg.listen, async move {
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => {}
-                    _ = renewed.changed() => {}
-                }
-            })
-            .await;
-        if let Err(e) = r {
-            // The old listener may linger for a moment after a restart.
-            bind_attempts += 1;
-            if bind_attempts > 20 || *stop_rx.borrow() {
-                return Err(e.into());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        } else {
-            bind_attempts = 0;
-        }
-        if *stop_rx.borrow() {
-            break;
-        }
-        info!("agent api restarting with the renewed certificate");
-    }
+        ))
+    })
+    .await?;
     // Containers keep running: they belong to their shims, not to this process.
     session.abort();
     info!("agent stopped");

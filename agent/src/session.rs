@@ -21,9 +21,7 @@ use tracing::{info, warn};
 
 use crate::worker::Worker;
 
-/// Metadata key on a follower's refusal: the leader's gRPC `host:port`. The controller's
-/// dispatcher sets it (`rudder_controller::dispatcher::LEADER_ADDR_KEY`).
-pub const LEADER_METADATA: &str = "rudder-leader";
+pub use rudder_proto::LEADER_METADATA;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);

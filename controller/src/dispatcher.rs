@@ -34,8 +34,6 @@ use crate::raft_node::RaftHandle;
 pub const HEARTBEAT: Duration = Duration::from_millis(1000);
 /// Missed heartbeats before a node counts as down.
 pub const MISSED_HEARTBEATS: u32 = 3;
-/// Metadata key naming the leader's gRPC address when a follower refuses a session.
-pub const LEADER_ADDR_KEY: &str = "rudder-leader";
 
 pub struct DispatcherApi {
     raft: RaftHandle,
@@ -162,7 +160,7 @@ impl Dispatcher for DispatcherApi {
                 None => "this controller is not the leader and no leader is known".to_string(),
             });
             if let Some(v) = leader.and_then(|a| a.parse().ok()) {
-                s.metadata_mut().insert(LEADER_ADDR_KEY, v);
+                s.metadata_mut().insert(rudder_proto::LEADER_METADATA, v);
             }
             return Err(s);
         }

@@ -240,20 +240,15 @@ pub async fn run(
             }
         });
     }
-    let listen = cfg.listen;
-    let grpc_stop = stop_rx.clone();
-    let grpc = async move {
-        use ca::Role::{Admin, Manager, Worker};
-        let mut certs_watch = certs_rx;
-        let mut failures = 0;
-        loop {
-            let certs = certs_watch.borrow_and_update().clone();
+    // Mutual TLS on every service; each admits only the roles it serves.
+    let grpc = rudder_pki::renew::serve_renewing(
+        cfg.listen,
+        certs_rx,
+        stop_rx.clone(),
+        move |certs, server| {
+            use ca::Role::{Admin, Manager, Worker};
             let ca_cert = Arc::new(certs.ca().clone());
-            let mut stop = grpc_stop.clone();
-            let mut renewed = certs_watch.clone();
-            // Mutual TLS on every service; each admits only the roles it serves.
-            let r = tonic::transport::Server::builder()
-                .tls_config(tls::server_tls(&certs))?
+            server
                 .add_service(InterceptedService::new(
                     ControlServer::from_arc(control.clone()),
                     security::guard(ca_cert.clone(), &[Admin], "Control"),
@@ -268,30 +263,8 @@ pub async fn run(
                     security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
                 ))
                 .add_service(ClusterServer::from_arc(cluster.clone()))
-                .serve_with_shutdown(listen, async move {
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => {}
-                        _ = renewed.changed() => {}
-                    }
-                })
-                .await;
-            match r {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    // The old listener may linger for a moment after a restart.
-                    failures += 1;
-                    if failures > 20 {
-                        return Err::<(), ControllerError>(e.into());
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            }
-            if *grpc_stop.borrow() {
-                return Ok(());
-            }
-            info!("grpc server restarting with the renewed certificate");
-        }
-    };
+        },
+    );
     let grpc = tokio::spawn(grpc);
     if let (Some(join), true) = (&cfg.join, fresh) {
         let (join, id, transport) = (join.clone(), cfg.raft_id, transport.clone());

@@ -111,3 +111,47 @@ pub async fn renew_once(current: &NodeCerts, controllers: &[String]) -> Result<N
     }
     Err(last)
 }
+
+/// Serves gRPC on `addr` with mutual TLS (see [`tls::server_tls`]) until `stop` turns true,
+/// restarting the listener whenever a renewed certificate is published on `certs`. `routes`
+/// adds the services for the current certificate (interceptors check callers against its CA).
+/// A bind that fails right after a restart (the old listener lingering) is retried for ~2 s.
+pub async fn serve_renewing(
+    addr: std::net::SocketAddr,
+    mut certs: watch::Receiver<NodeCerts>,
+    stop: watch::Receiver<bool>,
+    mut routes: impl FnMut(
+        &NodeCerts,
+        &mut tonic::transport::Server,
+    ) -> tonic::transport::server::Router,
+) -> Result<(), tonic::transport::Error> {
+    let mut failures = 0;
+    loop {
+        let current = certs.borrow_and_update().clone();
+        let mut server =
+            tonic::transport::Server::builder().tls_config(tls::server_tls(&current))?;
+        let (mut stopped, mut renewed) = (stop.clone(), certs.clone());
+        let r = routes(&current, &mut server)
+            .serve_with_shutdown(addr, async move {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => {}
+                    _ = renewed.changed() => {}
+                }
+            })
+            .await;
+        match r {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures > 20 || *stop.borrow() {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+        info!(%addr, "grpc server restarting with the renewed certificate");
+    }
+}
