@@ -142,6 +142,7 @@ pub fn write_config(
     task: &Task,
     image: &ImageConfig,
     cgroup_parent: &str,
+    netns: Option<&Path>,
 ) -> Result<(), BundleError> {
     let s = &task.spec;
     let argv = command_line(task, image)?;
@@ -216,7 +217,18 @@ pub fn write_config(
         .unwrap_or_default()
         .into_iter()
         .filter(|n| {
-            !(s.network_mode == NetworkMode::Host && n.typ() == LinuxNamespaceType::Network)
+            !(s.network_mode == NetworkMode::Host
+                && netns.is_none()
+                && n.typ() == LinuxNamespaceType::Network)
+        })
+        .map(|n| match netns {
+            // Join the namespace the agent prepared (with the network interfaces in it).
+            Some(p) if n.typ() == LinuxNamespaceType::Network => {
+                let mut n = n.clone();
+                n.set_path(Some(p.to_path_buf()));
+                n
+            }
+            _ => n,
         })
         .collect();
     let linux = LinuxBuilder::default()
@@ -234,6 +246,25 @@ pub fn write_config(
         )?)
         .build()
         .map_err(|e| BundleError::Spec(e.to_string()))?;
+    if netns.is_some() {
+        // The agent wrote these for the task's networks: the embedded DNS, and its address.
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for name in ["resolv.conf", "hosts"] {
+            let src = c.dir.join(name);
+            if src.exists() {
+                mounts.push(
+                    oci_spec::runtime::MountBuilder::default()
+                        .destination(format!("/etc/{name}"))
+                        .typ("bind")
+                        .source(src)
+                        .options(vec!["rbind".to_string(), "rprivate".to_string()])
+                        .build()
+                        .map_err(|e| BundleError::Spec(e.to_string()))?,
+                );
+            }
+        }
+        spec.set_mounts(Some(mounts));
+    }
     spec.set_hostname(Some(hostname))
         .set_process(Some(process))
         .set_linux(Some(linux))

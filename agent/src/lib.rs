@@ -4,11 +4,14 @@
 
 pub mod api;
 pub mod bundle;
+pub mod dns;
 pub mod health;
 pub mod manager;
+pub mod net;
 pub mod runtime;
 pub mod session;
 pub mod shim;
+pub mod wg;
 pub mod worker;
 
 use std::future::Future;
@@ -61,6 +64,15 @@ pub struct Config {
     /// certificate in `<data>/certs` is used.
     #[serde(default)]
     pub token: Option<String>,
+    /// UDP port of this host's WireGuard interface (overlay networks).
+    #[serde(default = "default_wg_port")]
+    pub wg_port: u16,
+}
+
+pub const DEFAULT_WG_PORT: u16 = 51820;
+
+fn default_wg_port() -> u16 {
+    DEFAULT_WG_PORT
 }
 
 /// This agent's certificate: from `<data>/certs`, or obtained by joining with the token.
@@ -148,6 +160,10 @@ pub async fn run(
     info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
     let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent_exe =
+        std::env::current_exe().map_err(|e| AgentError::Io("find the agent binary", e))?;
+    let overlay = net::Overlay::start(&cfg.data_dir, &node_id, cfg.wg_port, agent_exe)
+        .map_err(|e| AgentError::Join(e.to_string()))?;
     let worker = worker::Worker::new(worker::Ctx {
         containers: containers.clone(),
         images,
@@ -156,6 +172,7 @@ pub async fn run(
         registry: Mutex::new(String::new()),
         registry_tls: Some(certs_rx.clone()),
         status_tx,
+        overlay: Some(overlay),
     });
     worker.adopt();
     let (cpus_milli, memory_bytes) = host_capacity();

@@ -32,6 +32,9 @@ struct Args {
     /// Join token for the first start (`rctl cluster join-token worker`).
     #[arg(long, env = "RUDDER_JOIN_TOKEN")]
     token: Option<String>,
+    /// UDP port of the WireGuard interface that carries encrypted overlay networks.
+    #[arg(long, default_value_t = rudder_agent::DEFAULT_WG_PORT)]
+    wg_port: u16,
 }
 
 #[derive(Subcommand)]
@@ -47,10 +50,29 @@ enum Cmd {
         #[arg(long)]
         root: PathBuf,
     },
+    /// Internal: run userspace WireGuard for one interface (started by the agent when the
+    /// kernel has no WireGuard).
+    #[command(hide = true)]
+    WgUserspace {
+        #[arg(long)]
+        iface: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(Cmd::WgUserspace { iface }) = &a.cmd {
+        // Before any runtime: boringtun's signal handling relies on threads it starts itself.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info".into()),
+            )
+            .init();
+        std::process::exit(rudder_agent::wg::userspace_main(iface));
+    }
     if let Some(Cmd::Shim {
         dir,
         id,
@@ -87,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         runtime: a.runtime,
         role: a.role,
         token: a.token,
+        wg_port: a.wg_port,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -288,6 +288,12 @@ async fn session(
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
     let mut client = DispatcherClient::new(channel);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+    let overlay = worker.ctx().overlay.clone();
+    let mut key_rx = overlay.as_ref().map(|o| o.watch_key());
+    let (overlay_public_key, overlay_key_epoch) = key_rx
+        .as_mut()
+        .map(|k| k.borrow_and_update().clone())
+        .unwrap_or_default();
     tx.send(AgentMessage {
         msg: Some(Up::Register(Register {
             node_id: me.node_id.clone(),
@@ -306,6 +312,8 @@ async fn session(
             } else {
                 me.role.clone()
             },
+            overlay_public_key,
+            overlay_key_epoch,
         })),
     })
     .await
@@ -346,6 +354,13 @@ async fn session(
                             }
                         }
                     }
+                    Some(Down::NetworkMap(m)) => {
+                        match (serde_json::from_str(&m.map_json), &overlay) {
+                            (Ok(map), Some(o)) => o.set_map(map),
+                            (Err(e), _) => warn!(%e, "unreadable network map"),
+                            (Ok(_), None) => {}
+                        }
+                    }
                     Some(Down::Assignments(a)) => {
                         let tasks: Vec<Task> = a
                             .tasks
@@ -372,6 +387,22 @@ async fn session(
                 tx.send(AgentMessage { msg: Some(Up::Status(StatusBatch { reports })) })
                     .await
                     .map_err(|_| SessionError::Closed)?;
+            }
+            Ok(()) = async {
+                match key_rx.as_mut() {
+                    Some(k) => k.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (public_key, epoch) = key_rx
+                    .as_mut()
+                    .map(|k| k.borrow_and_update().clone())
+                    .unwrap_or_default();
+                tx.send(AgentMessage {
+                    msg: Some(Up::OverlayKey(OverlayKey { public_key, epoch })),
+                })
+                .await
+                .map_err(|_| SessionError::Closed)?;
             }
             _ = heartbeat.tick() => {
                 tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat {})) })
@@ -615,6 +646,7 @@ mod tests {
                 registry: std::sync::Mutex::new(String::new()),
                 registry_tls: None,
                 status_tx,
+                overlay: None,
             });
             let me = Identity {
                 node_id: "n1".into(),

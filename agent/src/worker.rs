@@ -41,6 +41,8 @@ pub struct Ctx {
     /// when `None`.
     pub registry_tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
     pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
+    /// Overlay networks on this host (tasks with `networks` join them).
+    pub overlay: Option<Arc<crate::net::Overlay>>,
 }
 
 struct Local {
@@ -241,14 +243,53 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 )
                 .map_err(|e| e.to_string())
             })
-            .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()))
-            .and_then(|_| {
-                bundle::write_config(&c, &task, &image.config, &ctx.cgroup_parent)
-                    .map_err(|e| e.to_string())
-            });
+            .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()));
+        let netns = match (&prepared, &ctx.overlay, task.networks.is_empty()) {
+            (Ok(()), Some(o), false) => match o.attach(&task, &c.dir).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(task = %name, %e, "cannot attach to its networks");
+                    o.detach(&task).await;
+                    bundle::unmount_rootfs(&c);
+                    w.report(
+                        &task,
+                        TaskState::Rejected,
+                        "cannot attach to networks",
+                        &e.to_string(),
+                        None,
+                    );
+                    return;
+                }
+            },
+            (Ok(()), None, false) => {
+                bundle::unmount_rootfs(&c);
+                w.report(
+                    &task,
+                    TaskState::Rejected,
+                    "no overlay support on this host",
+                    "",
+                    None,
+                );
+                return;
+            }
+            _ => None,
+        };
+        let prepared = prepared.and_then(|_| {
+            bundle::write_config(
+                &c,
+                &task,
+                &image.config,
+                &ctx.cgroup_parent,
+                netns.as_deref(),
+            )
+            .map_err(|e| e.to_string())
+        });
         if let Err(e) = prepared {
             warn!(task = %name, %e, "rejected");
             bundle::unmount_rootfs(&c);
+            if let (Some(o), Some(_)) = (&ctx.overlay, &netns) {
+                o.detach(&task).await;
+            }
             w.report(
                 &task,
                 TaskState::Rejected,
@@ -375,6 +416,9 @@ async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
         warn!(task = %task.name(), %e, "runtime delete");
     }
     bundle::unmount_rootfs(c);
+    if let (Some(o), false) = (&ctx.overlay, task.networks.is_empty()) {
+        o.detach(task).await;
+    }
     // The writable layer goes with the container; the log stays until the task is forgotten.
     let _ = std::fs::remove_dir_all(c.upper());
     let _ = std::fs::remove_dir_all(c.work());

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
+use rudder_model::network::NetworkSpec;
 use rudder_model::spec::ServiceMode;
 use rudder_model::{Availability, Command, ServiceSpec, Store, Task, TaskState};
 use rudder_proto::v1::agent_api_client::AgentApiClient;
@@ -34,6 +35,63 @@ fn raft_status(e: RaftError) -> Status {
         }
         other => Status::internal(other.to_string()),
     }
+}
+
+/// Refuses, before anything is proposed, what the state machine would reject or what would
+/// leave tasks without an address: a network whose shape changes, overlapping subnets, and a
+/// service on a network that neither exists nor comes in the same apply.
+fn check_networks(
+    store: &Store,
+    networks: &[NetworkSpec],
+    services: &[ServiceSpec],
+) -> Result<(), String> {
+    use rudder_model::network::{overlaps, parse_subnet};
+    let mut taken: Vec<(String, ipnet::Ipv4Net)> = store
+        .networks
+        .values()
+        .map(|n| (n.spec.name.clone(), n.subnet))
+        .collect();
+    for spec in networks {
+        if let Some(existing) = store.networks.get(&spec.name) {
+            if !existing.spec.same_shape(spec) {
+                return Err(format!(
+                    "network {:?}: driver, subnet and encrypted cannot change once it exists \
+                     (it is {}, {}); remove it first",
+                    spec.name,
+                    existing.subnet,
+                    if existing.spec.encrypted {
+                        "encrypted"
+                    } else {
+                        "unencrypted"
+                    }
+                ));
+            }
+            continue;
+        }
+        if let Some(s) = &spec.subnet {
+            let net =
+                parse_subnet(s).map_err(|m| format!("network {:?}: subnet: {m}", spec.name))?;
+            if let Some((other, o)) = taken.iter().find(|(_, o)| overlaps(*o, net)) {
+                return Err(format!(
+                    "network {:?}: subnet: {net} overlaps network {other:?} ({o})",
+                    spec.name
+                ));
+            }
+            taken.push((spec.name.clone(), net));
+        }
+    }
+    for svc in services {
+        for (i, n) in svc.networks.iter().enumerate() {
+            if !store.networks.contains_key(n) && !networks.iter().any(|s| s.name == *n) {
+                return Err(format!(
+                    "service {:?}: networks[{i}]: network {n:?} does not exist (declare it with \
+                     `kind: Network` or see `rctl network ls`)",
+                    svc.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
@@ -127,17 +185,47 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
 #[tonic::async_trait]
 impl Control for ControlApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let req = req.into_inner();
         let mut specs = Vec::new();
-        for (i, json) in req.into_inner().service_specs_json.iter().enumerate() {
+        for (i, json) in req.service_specs_json.iter().enumerate() {
             let spec: ServiceSpec = serde_json::from_str(json)
                 .map_err(|e| Status::invalid_argument(format!("service #{}: {e}", i + 1)))?;
             spec.validate()
                 .map_err(|e| Status::invalid_argument(format!("service {:?}: {e}", spec.name)))?;
             specs.push(spec);
         }
+        let mut networks = Vec::new();
+        for (i, json) in req.network_specs_json.iter().enumerate() {
+            let spec: NetworkSpec = serde_json::from_str(json)
+                .map_err(|e| Status::invalid_argument(format!("network #{}: {e}", i + 1)))?;
+            spec.validate()
+                .map_err(|e| Status::invalid_argument(format!("network {:?}: {e}", spec.name)))?;
+            networks.push(spec);
+        }
         let store = self.raft.store();
+        check_networks(&store, &networks, &specs).map_err(Status::invalid_argument)?;
         let mut results = Vec::new();
         let mut cmds = Vec::new();
+        for spec in networks {
+            let action = match store.networks.get(&spec.name) {
+                None => "created",
+                Some(n) if n.spec.labels == spec.labels => "unchanged",
+                Some(_) => "updated",
+            };
+            results.push(ApplyResult {
+                kind: "Network".into(),
+                name: spec.name.clone(),
+                action: action.into(),
+            });
+            if action != "unchanged" {
+                info!(network = %spec.name, action, "apply");
+                cmds.push(Command::PutNetwork {
+                    id: new_id(),
+                    spec,
+                    now: now_ms(),
+                });
+            }
+        }
         for spec in specs {
             let action = match store.services.get(&spec.name) {
                 None => "created",
@@ -517,6 +605,62 @@ impl Control for ControlApi {
         info!(raft_id = id, "removing a controller");
         self.raft.remove_member(id).await.map_err(raft_status)?;
         self.cluster_info(Request::new(ClusterInfoRequest {})).await
+    }
+
+    async fn list_networks(
+        &self,
+        _req: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        let store = self.raft.store();
+        Ok(Response::new(ListNetworksResponse {
+            networks_json: store
+                .networks
+                .values()
+                .map(|n| serde_json::to_string(n).unwrap_or_default())
+                .collect(),
+        }))
+    }
+
+    async fn remove_network(
+        &self,
+        req: Request<RemoveNetworkRequest>,
+    ) -> Result<Response<RemoveNetworkResponse>, Status> {
+        let name = req.into_inner().name;
+        let store = self.raft.store();
+        if !store.networks.contains_key(&name) {
+            return Err(Status::not_found(format!("network {name:?} not found")));
+        }
+        let users: Vec<&str> = store
+            .services
+            .values()
+            .filter(|s| s.spec.networks.contains(&name))
+            .map(|s| s.spec.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "network {name:?} is in use by service(s) {}; remove them or take the network \
+                 out of their specs first",
+                users.join(", ")
+            )));
+        }
+        self.raft
+            .propose(Command::RemoveNetwork { name })
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RemoveNetworkResponse {}))
+    }
+
+    async fn rotate_network_keys(
+        &self,
+        _req: Request<RotateNetworkKeysRequest>,
+    ) -> Result<Response<RotateNetworkKeysResponse>, Status> {
+        self.raft
+            .propose(Command::RotateOverlayKeys)
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RotateNetworkKeysResponse {
+            epoch: self.raft.store().overlay_key_epoch,
+        }))
     }
 
     async fn cluster_info(

@@ -137,6 +137,24 @@ fn run_controller(store: &rudder_model::Store, me: u64, raft_id: u64) -> Option<
     })
 }
 
+/// Records a node's WireGuard public key when it changed.
+async fn set_overlay_key(raft: &RaftHandle, node: &str, key: &str) -> Result<(), Status> {
+    if raft
+        .store()
+        .nodes
+        .get(node)
+        .is_some_and(|n| n.overlay_key == key)
+    {
+        return Ok(());
+    }
+    raft.propose(Command::SetOverlayKey {
+        node: node.to_string(),
+        key: key.to_string(),
+    })
+    .await
+    .map_err(|e| Status::unavailable(e.to_string()))
+}
+
 type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -217,6 +235,9 @@ impl Dispatcher for DispatcherApi {
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
+        if !reg.overlay_public_key.is_empty() {
+            set_overlay_key(&self.raft, &node_id, &reg.overlay_public_key).await?;
+        }
         let generation = {
             let mut s = self.sessions.lock().expect("sessions lock");
             let g = s.get(&node_id).copied().unwrap_or(0) + 1;
@@ -243,6 +264,7 @@ impl Dispatcher for DispatcherApi {
         let me = self.raft.status().id;
         let sender = tokio::spawn(async move {
             let mut last: Option<Vec<(String, u64)>> = None;
+            let mut last_map = None;
             let mut asked_controller = None;
             loop {
                 let store = watch.borrow_and_update().clone();
@@ -262,6 +284,23 @@ impl Dispatcher for DispatcherApi {
                             asked_controller = Some(rid);
                         }
                     }
+                }
+                // The overlay first: tasks that join a network need it on the host.
+                let map = rudder_model::network::map_for_node(&store, &down_node);
+                if last_map.as_ref() != Some(&map) {
+                    let msg = NetworkMap {
+                        map_json: serde_json::to_string(&map).unwrap_or_default(),
+                    };
+                    if down_tx
+                        .send(Ok(ControllerMessage {
+                            msg: Some(Down::NetworkMap(msg)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last_map = Some(map);
                 }
                 let tasks: Vec<_> = store.tasks_on(&down_node).collect();
                 let key: Vec<(String, u64)> =
@@ -319,6 +358,12 @@ impl Dispatcher for DispatcherApi {
                 match next {
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(Up::Heartbeat(_)) | None | Some(Up::Register(_)) => {}
+                        Some(Up::OverlayKey(k)) => {
+                            info!(node = %node_id, epoch = k.epoch, "new WireGuard key");
+                            if let Err(e) = set_overlay_key(&raft, &node_id, &k.public_key).await {
+                                warn!(node = %node_id, %e, "could not record the new key");
+                            }
+                        }
                         Some(Up::Status(batch)) => {
                             for r in &batch.reports {
                                 let Some(status) = to_status(r) else {

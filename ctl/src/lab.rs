@@ -1216,8 +1216,10 @@ pub fn down(root: &Path, name: &str) -> Result<DownReport, LabError> {
         .collect();
     stop_recorded(&recorded, &marker, &mut report);
 
-    // (2) Kill whatever is left in the lab's cgroups, and the shims.
+    // (2) Kill whatever is left in the lab's cgroups, and the shims; then the hosts'
+    // userspace WireGuard processes (they outlive agents on purpose, like containers).
     kill_leftovers(&cgroup_roots, &marker, &mut report);
+    stop_wireguard(&dir, &mut report);
 
     // (3) Detach every mount under the lab dir, deepest first.
     unmount_under(&dir, &mut report);
@@ -1513,6 +1515,44 @@ fn kill_leftovers(cgroup_roots: &[PathBuf], marker: &LabMarker, report: &mut Dow
             .into_iter()
             .filter(|p| !report.processes_stopped.contains(p)),
     );
+}
+
+/// Directory where userspace WireGuard keeps its sockets (the `wg` tool's convention).
+const WG_RUN_DIR: &str = "/var/run/wireguard";
+
+/// Stops each lab host's userspace WireGuard child (found by the host's node id, from which
+/// the agent names its interface) and removes its socket, pid and log files.
+fn stop_wireguard(dir: &Path, report: &mut DownReport) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(id) = fs::read_to_string(e.path().join("data").join("node_id")) else {
+            continue;
+        };
+        let iface = format!("rwg-{}", id.trim().chars().take(8).collect::<String>());
+        let run = Path::new(WG_RUN_DIR);
+        let pid = fs::read_to_string(run.join(format!("{iface}.pid")))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let ours = fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| contains(&c, b"wg-userspace\0") && contains(&c, iface.as_bytes()));
+            if ours && signalable(pid) {
+                match signal(pid, Signal::SIGKILL) {
+                    Ok(true) => {
+                        wait_gone(&[pid], KILL_GRACE);
+                        report.processes_killed.push(pid);
+                    }
+                    Ok(false) => {}
+                    Err(e) => report.errors.push(e),
+                }
+            }
+        }
+        for ext in ["sock", "pid", "log", "name"] {
+            let _ = fs::remove_file(run.join(format!("{iface}.{ext}")));
+        }
+    }
 }
 
 /// Undoes the octal escapes (`\040` for space) of /proc/self/mountinfo.

@@ -96,6 +96,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Overlay networks: list, inspect, remove, rotate WireGuard keys.
+    Network {
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
     /// Images in the cluster registry.
     Image {
         #[command(subcommand)]
@@ -133,6 +138,24 @@ enum NodeCmd {
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// List networks.
+    Ls {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one network (name or id prefix) as JSON, with every host's slice.
+    Inspect { network: String },
+    /// Remove networks (refused while a service uses one).
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Every host makes a new WireGuard key pair; peers are updated everywhere.
+    RotateKeys,
 }
 
 #[derive(Subcommand)]
@@ -315,6 +338,17 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Node {
             cmd: NodeCmd::Demote { node },
         } => rt.block_on(cmd::cluster::set_voter(&ctx()?, node, false)),
+        Cmd::Network { cmd } => {
+            let ctx = ctx()?;
+            match cmd {
+                NetworkCmd::Ls { output } => rt.block_on(cmd::network::ls(&ctx, *output)),
+                NetworkCmd::Inspect { network } => {
+                    rt.block_on(cmd::network::inspect(&ctx, network))
+                }
+                NetworkCmd::Rm { networks } => rt.block_on(cmd::network::rm(&ctx, networks)),
+                NetworkCmd::RotateKeys => rt.block_on(cmd::network::rotate_keys(&ctx)),
+            }
+        }
         Cmd::Cluster {
             cmd: ClusterCmd::RmManager { raft_id },
         } => rt.block_on(cmd::cluster::remove_manager(&ctx()?, *raft_id)),

@@ -5,6 +5,7 @@
 pub mod duration;
 pub mod health;
 pub mod manifest;
+pub mod network;
 pub mod ports;
 pub mod reconcile;
 pub mod scheduler;

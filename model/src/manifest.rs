@@ -9,23 +9,28 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+use crate::network::NetworkSpec;
 use crate::spec::ServiceSpec;
 
 /// One document of a manifest file.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // a handful per file; boxing would only add noise
 pub enum Manifest {
     Service(ServiceSpec),
+    Network(NetworkSpec),
 }
 
 impl Manifest {
     pub fn kind(&self) -> &'static str {
         match self {
             Manifest::Service(_) => "Service",
+            Manifest::Network(_) => "Network",
         }
     }
     pub fn name(&self) -> &str {
         match self {
             Manifest::Service(s) => &s.name,
+            Manifest::Network(n) => &n.name,
         }
     }
 }
@@ -43,7 +48,7 @@ pub struct ManifestError {
     pub message: String,
 }
 
-const KINDS: &[&str] = &["Service"];
+const KINDS: &[&str] = &["Service", "Network"];
 
 /// Parses every document of `text`. `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
@@ -55,6 +60,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
             Ok(Some(m)) => {
                 let validated = match &m {
                     Manifest::Service(s) => s.validate(),
+                    Manifest::Network(n) => n.validate(),
                 };
                 {
                     validated.map_err(|v| {
@@ -182,6 +188,9 @@ impl<'de> Visitor<'de> for DocVisitor {
             "Service" => Ok(Doc(Some(Manifest::Service(de::Deserialize::deserialize(
                 rest,
             )?)))),
+            "Network" => Ok(Doc(Some(Manifest::Network(de::Deserialize::deserialize(
+                rest,
+            )?)))),
             other => Err(de::Error::custom(format!(
                 "unknown kind `{other}`, expected one of {}",
                 KINDS.join(", ")
@@ -197,10 +206,34 @@ mod tests {
     const HELLO: &str = "kind: Service\nname: hello\nimage: hello:latest\ncommand: [\"/bin/sh\", \"-c\", \"echo hi; sleep 1000\"]\nenv:\n  GREETING: hi\nreplicas: 6\n";
 
     #[test]
+    fn parses_networks_and_names_bad_fields() {
+        let text = "kind: Network\nname: backend\nsubnet: 10.50.0.0/16\n---\nkind: Network\nname: plain\nencrypted: false\n---\nkind: Service\nname: web\nimage: x\nnetworks: [backend]\nports:\n  - target: 80\n    published: 8080\n    mode: ingress\n";
+        let docs = parse("f.yaml", text).unwrap();
+        assert_eq!(docs.len(), 3);
+        match &docs[1] {
+            Manifest::Network(n) => assert!(!n.encrypted),
+            other => panic!("{other:?}"),
+        }
+        let e = parse("f.yaml", "kind: Network\nname: a\nsubnet: 10.50.0.1/16\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "subnet"), "{e}");
+        assert!(e.message.contains("host bits"), "{e}");
+        let e = parse("f.yaml", "kind: Network\nname: a\nencrypted: maybe\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "encrypted"), "{e}");
+        let e = parse(
+            "f.yaml",
+            "kind: Service\nname: a\nimage: x\nports:\n  - target: 80\n    mode: ingress\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "ports[0].mode", "{e}");
+    }
+
+    #[test]
     fn parses_a_service() {
         let m = parse("hello.yaml", HELLO).unwrap();
         assert_eq!(m.len(), 1);
-        let Manifest::Service(s) = &m[0];
+        let Manifest::Service(s) = &m[0] else {
+            panic!("not a service")
+        };
         assert_eq!(s.name, "hello");
         assert_eq!(s.replicas, 6);
         assert_eq!(s.env["GREETING"], "hi");
@@ -270,7 +303,9 @@ mod tests {
     fn resources_placement_and_mode() {
         let text = "kind: Service\nname: a\nimage: x\nmode: global\nresources:\n  reservations:\n    cpus: 0.5\n    memory: 256Mi\n  limits:\n    cpus: \"2\"\n    memory: 1073741824\n    pids: 100\nplacement:\n  constraints: [\"node.labels.zone==a\", \"node.role!=manager\"]\n  preferences:\n    - spread: node.labels.rack\n  max_replicas_per_node: 2\n  strategy: binpack\n";
         let m = parse("f.yaml", text).unwrap();
-        let Manifest::Service(s) = &m[0];
+        let Manifest::Service(s) = &m[0] else {
+            panic!("not a service")
+        };
         assert_eq!(s.mode, crate::spec::ServiceMode::Global);
         assert_eq!(s.resources.reservations.cpus, 500);
         assert_eq!(s.resources.reservations.memory, 256 << 20);
@@ -283,7 +318,9 @@ mod tests {
         assert_eq!(s.placement.max_replicas_per_node, 2);
         assert_eq!(s.placement.strategy, crate::spec::Strategy::Binpack);
         let text = "kind: Service\nname: a\nimage: x\nupdate_config:\n  parallelism: 2\n  delay: 10s\n  order: start-first\n  failure_action: rollback\n  monitor: 30s\n  max_failure_ratio: 0.2\nrollback_config:\n  parallelism: 0\n  failure_action: continue\n";
-        let Manifest::Service(s) = &parse("f.yaml", text).unwrap()[0];
+        let Manifest::Service(s) = &parse("f.yaml", text).unwrap()[0] else {
+            panic!("not a service")
+        };
         let u = &s.update_config;
         assert_eq!((u.parallelism, u.delay, u.monitor), (2, 10_000, 30_000));
         assert_eq!(u.order, crate::update::UpdateOrder::StartFirst);
@@ -295,7 +332,9 @@ mod tests {
             crate::update::FailureAction::Continue
         );
         // A plain manifest gets the defaults.
-        let Manifest::Service(s) = &parse("f.yaml", HELLO).unwrap()[0];
+        let Manifest::Service(s) = &parse("f.yaml", HELLO).unwrap()[0] else {
+            panic!("not a service")
+        };
         assert_eq!(s.mode, crate::spec::ServiceMode::Replicated);
         assert_eq!(s.placement, Default::default());
     }

@@ -1,7 +1,8 @@
 //! Published ports. In `host` mode a task's port is bound on the node it runs on, so two tasks
 //! publishing the same host port can never share a node: the scheduler's port filter keeps them
-//! apart. The routing mesh (`ingress` mode) and port mapping (published ≠ target, which needs
-//! a bridge network) are refused with a clear error until they exist.
+//! apart. In `ingress` mode (the routing mesh, for services on an overlay network) every node
+//! answers on the port and forwards to a healthy task anywhere. Mapping a port (published ≠
+//! target) needs the container in its own network namespace, i.e. on a network.
 
 use serde::{Deserialize, Serialize};
 
@@ -64,9 +65,29 @@ pub fn host_ports(ports: &[PortConfig]) -> impl Iterator<Item = (Protocol, u16)>
         .map(|p| (p.protocol, p.published_port()))
 }
 
-/// Checks `ports` for a service whose containers share the host's network namespace
-/// (`host_network`).
-pub fn validate(ports: &[PortConfig], host_network: bool) -> Result<(), ValidationError> {
+/// Where a service's containers live, as far as publishing ports is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortNet {
+    /// The host's network namespace: the container's port is the host's.
+    Host,
+    /// Only loopback: nothing can be published.
+    None,
+    /// Own namespace on overlay networks: host ports map to container ports, and the routing
+    /// mesh is available (not with DNS round robin, which has no virtual IP to balance).
+    Overlay { dnsrr: bool },
+}
+
+impl From<crate::spec::NetworkMode> for PortNet {
+    fn from(m: crate::spec::NetworkMode) -> Self {
+        match m {
+            crate::spec::NetworkMode::Host => PortNet::Host,
+            crate::spec::NetworkMode::None => PortNet::None,
+        }
+    }
+}
+
+/// Checks `ports` for a service whose containers live in `net`.
+pub fn validate(ports: &[PortConfig], net: PortNet) -> Result<(), ValidationError> {
     let mut seen = std::collections::BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let field = |f: &str| format!("ports[{i}].{f}");
@@ -76,28 +97,38 @@ pub fn validate(ports: &[PortConfig], host_network: bool) -> Result<(), Validati
         if p.published == Some(0) {
             return Err(ValidationError::new(field("published"), "must be 1-65535"));
         }
-        if p.mode == PortMode::Ingress {
-            return Err(ValidationError::new(
-                field("mode"),
-                "ingress (the routing mesh) is not available yet; use mode: host",
-            ));
-        }
-        if !host_network {
-            return Err(ValidationError::new(
-                format!("ports[{i}]"),
-                "publishing a port needs network_mode: host until bridge networks exist",
-            ));
-        }
-        if p.published_port() != p.target {
-            return Err(ValidationError::new(
-                field("published"),
-                format!(
-                    "{} differs from target {}: mapping ports needs a bridge network; with \
-                     network_mode: host the container's port is the host's",
-                    p.published_port(),
-                    p.target
-                ),
-            ));
+        match net {
+            PortNet::None => {
+                return Err(ValidationError::new(
+                    format!("ports[{i}]"),
+                    "network_mode: none has no interface to publish on",
+                ))
+            }
+            PortNet::Host if p.mode == PortMode::Ingress => {
+                return Err(ValidationError::new(
+                    field("mode"),
+                    "ingress (the routing mesh) needs the service on an overlay network \
+                     (`networks:`); with network_mode: host use mode: host",
+                ))
+            }
+            PortNet::Host if p.published_port() != p.target => {
+                return Err(ValidationError::new(
+                    field("published"),
+                    format!(
+                        "{} differs from target {}: with network_mode: host the container's \
+                         port is the host's; mapping ports needs the service on a network",
+                        p.published_port(),
+                        p.target
+                    ),
+                ))
+            }
+            PortNet::Overlay { dnsrr: true } if p.mode == PortMode::Ingress => {
+                return Err(ValidationError::new(
+                    field("mode"),
+                    "ingress needs a virtual IP: use endpoint_mode: vip, or mode: host",
+                ))
+            }
+            _ => {}
         }
         if !seen.insert((p.protocol, p.published_port())) {
             return Err(ValidationError::new(
@@ -151,8 +182,17 @@ mod tests {
             ),
         ];
         for (ports, host, field) in cases {
-            assert_eq!(validate(&ports, host).unwrap_err().field, field);
+            let net = if host { PortNet::Host } else { PortNet::None };
+            assert_eq!(validate(&ports, net).unwrap_err().field, field);
         }
+        let overlay = PortNet::Overlay { dnsrr: false };
+        validate(&[port(80, Some(8080), PortMode::Ingress)], overlay).unwrap();
+        let e = validate(
+            &[port(80, None, PortMode::Ingress)],
+            PortNet::Overlay { dnsrr: true },
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "ports[0].mode");
         let ok = vec![
             port(80, None, PortMode::Host),
             PortConfig {
@@ -160,7 +200,7 @@ mod tests {
                 ..port(80, None, PortMode::Host)
             },
         ];
-        validate(&ok, true).unwrap();
+        validate(&ok, PortNet::Host).unwrap();
         assert_eq!(
             host_ports(&ok).collect::<Vec<_>>(),
             [(Protocol::Tcp, 80), (Protocol::Udp, 80)]

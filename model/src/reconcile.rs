@@ -728,6 +728,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
             timestamp: now,
         },
         running_at: None,
+        networks: Vec::new(),
         created_at: now,
         version: 0,
     }
@@ -1001,6 +1002,7 @@ mod tests {
                 version: 0,
                 previous_spec: None,
                 update_status: None,
+                vips: Default::default(),
             };
             let tasks: Vec<Task> = c
                 .runs

@@ -592,6 +592,7 @@ mod tests {
             updated_at: 0,
             version: 0,
             controller_id: None,
+            overlay_key: String::new(),
         }
     }
 
@@ -626,6 +627,7 @@ mod tests {
                 timestamp: 0,
             },
             running_at: None,
+            networks: Vec::new(),
             created_at: 0,
             version: 0,
         }

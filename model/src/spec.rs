@@ -62,9 +62,17 @@ pub struct ServiceSpec {
     /// Where tasks may run and how they are spread.
     #[serde(default, skip_serializing_if = "Placement::is_unset")]
     pub placement: Placement,
-    /// Published ports (`mode: host` for now: bound on the task's node).
+    /// Published ports: `mode: host` binds on the task's node, `mode: ingress` (the routing
+    /// mesh, networked services only) on every node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<crate::ports::PortConfig>,
+    /// Overlay networks (by name) the tasks join; the task then gets its own network
+    /// namespace with one interface per network. The first network carries published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+    /// How the service's name resolves on its networks: `vip` (default) or `dnsrr`.
+    #[serde(default, skip_serializing_if = "crate::network::EndpointMode::is_vip")]
+    pub endpoint_mode: crate::network::EndpointMode,
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
@@ -606,7 +614,31 @@ impl ServiceSpec {
         if let Some(h) = &self.healthcheck {
             h.validate()?;
         }
-        crate::ports::validate(&self.ports, self.network_mode == NetworkMode::Host)?;
+        for (i, n) in self.networks.iter().enumerate() {
+            validate_name(&format!("networks[{i}]"), n)?;
+            if self.networks[..i].contains(n) {
+                return Err(ValidationError::new(
+                    format!("networks[{i}]"),
+                    format!("{n:?} is listed twice"),
+                ));
+            }
+        }
+        if !self.networks.is_empty() && self.network_mode == NetworkMode::None {
+            return Err(ValidationError::new(
+                "network_mode",
+                "none cannot be combined with networks",
+            ));
+        }
+        crate::ports::validate(
+            &self.ports,
+            if self.networks.is_empty() {
+                crate::ports::PortNet::from(self.network_mode)
+            } else {
+                crate::ports::PortNet::Overlay {
+                    dnsrr: self.endpoint_mode == crate::network::EndpointMode::Dnsrr,
+                }
+            },
+        )?;
         self.update_config.validate("update_config")?;
         self.rollback_config.validate("rollback_config")?;
         if self.restart.max_attempts > MAX_RESTART_ATTEMPTS {
@@ -702,6 +734,8 @@ impl ServiceSpec {
             placement,
             healthcheck,
             ports,
+            networks,
+            endpoint_mode,
             update_config: _,
             rollback_config: _,
         } = self;
@@ -722,6 +756,8 @@ impl ServiceSpec {
             && *placement == other.placement
             && *healthcheck == other.healthcheck
             && *ports == other.ports
+            && *networks == other.networks
+            && { let _ = endpoint_mode; true } // balancing only: no task changes
             && *labels == other.labels
     }
 }
@@ -907,6 +943,7 @@ mod tests {
             updated_at: 0,
             version: 0,
             controller_id: None,
+            overlay_key: String::new(),
         };
         let m = |c: &str, n: &crate::store::Node| c.parse::<Constraint>().unwrap().matches(n);
         assert!(m("node.labels.zone==a", &n));
@@ -1012,6 +1049,8 @@ pub(crate) mod tests_support {
             placement: Default::default(),
             healthcheck: None,
             ports: vec![],
+            networks: vec![],
+            endpoint_mode: Default::default(),
             update_config: Default::default(),
             rollback_config: Default::default(),
         }

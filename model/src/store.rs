@@ -119,6 +119,10 @@ pub struct Node {
     /// Set when the node was promoted: the raft id its agent is to start a controller with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller_id: Option<u64>,
+    /// The node's WireGuard public key (base64), as its agent reported it; the private key
+    /// never leaves the host.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub overlay_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +143,10 @@ pub struct Service {
     /// System-owned: the latest rollout's progress; `None` until the spec first changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_status: Option<UpdateStatus>,
+    /// System-owned: the service's virtual IP on each of its networks (by network name), for
+    /// `endpoint_mode: vip`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vips: BTreeMap<String, std::net::Ipv4Addr>,
 }
 
 /// What an agent last reported about a task (or what the controller concluded for it).
@@ -181,6 +189,9 @@ pub struct Task {
     /// monitor window. Kept after the task ends, to tell an early failure from a late one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_at: Option<u64>,
+    /// The task's address on each of its spec's networks, given when it is assigned a node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<crate::network::Attachment>,
     pub created_at: u64,
     pub version: u64,
 }
@@ -331,6 +342,24 @@ pub enum Command {
         #[serde(default)]
         if_absent: bool,
     },
+    /// Create a network, or change an existing one's labels (its shape is fixed: tasks hold
+    /// addresses in it). The subnet, when the spec has none, is drawn here from the pool.
+    PutNetwork {
+        id: String,
+        spec: crate::network::NetworkSpec,
+        now: u64,
+    },
+    /// Remove a network no service uses.
+    RemoveNetwork {
+        name: String,
+    },
+    /// A node's agent reported its WireGuard public key.
+    SetOverlayKey {
+        node: String,
+        key: String,
+    },
+    /// Ask every agent for a new WireGuard key pair (`rctl network rotate-keys`).
+    RotateOverlayKeys,
 }
 
 /// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
@@ -391,6 +420,8 @@ pub enum ApplyError {
     NotFound { kind: &'static str, name: String },
     #[error("store: service {0:?} has no previous spec to roll back to")]
     NoPreviousSpec(String),
+    #[error("store: network {name:?}: {message}")]
+    Network { name: String, message: String },
 }
 
 /// The store's tables: persistent ordered maps, so cloning the store (the Ready loop publishes
@@ -415,6 +446,12 @@ pub struct Store {
     /// The cluster CA and join tokens (`None` until the first controller initialised them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<ClusterSecrets>,
+    /// Overlay networks, by name.
+    #[serde(default)]
+    pub networks: Map<String, crate::network::Network>,
+    /// Generation of the nodes' WireGuard keys (see `RotateOverlayKeys`).
+    #[serde(default)]
+    pub overlay_key_epoch: u64,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -463,42 +500,39 @@ impl Store {
 
     fn apply_one(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
         match cmd {
-            Command::PutService { id, spec, now } => match self.services.get_mut(&spec.name) {
-                Some(svc) => {
-                    if svc.spec != *spec {
-                        // Replicas and the update configs alone leave tasks current; any other
-                        // change starts a new rollout.
-                        if !svc.spec.same_task_spec(&spec) {
-                            svc.spec_version = index;
-                            svc.previous_spec = Some(svc.spec.clone());
-                            svc.update_status = Some(UpdateStatus {
-                                state: UpdateState::Updating,
-                                message: "update in progress".into(),
-                                started_at: now,
-                                completed_at: None,
-                            });
-                        }
-                        svc.spec = *spec;
-                        svc.updated_at = now;
-                        svc.version = index;
-                    }
+            Command::PutService { id, spec, now } => {
+                let name = spec.name.clone();
+                self.put_service(index, id, spec, now);
+                self.assign_vips(&name);
+            }
+            Command::PutNetwork { id, spec, now } => self.put_network(index, id, spec, now)?,
+            Command::RemoveNetwork { name } => {
+                if let Some(svc) = self
+                    .services
+                    .values()
+                    .find(|s| s.spec.networks.contains(&name))
+                {
+                    return Err(ApplyError::Network {
+                        name,
+                        message: format!("in use by service {:?}", svc.spec.name),
+                    });
                 }
-                None => {
-                    self.services.insert(
-                        spec.name.clone(),
-                        Service {
-                            id,
-                            spec: *spec,
-                            spec_version: index,
-                            created_at: now,
-                            updated_at: now,
-                            version: index,
-                            previous_spec: None,
-                            update_status: None,
-                        },
-                    );
+                self.networks.remove(&name).ok_or(ApplyError::NotFound {
+                    kind: "network",
+                    name,
+                })?;
+            }
+            Command::SetOverlayKey { node, key } => {
+                let n = self.nodes.get_mut(&node).ok_or(ApplyError::NotFound {
+                    kind: "node",
+                    name: node.clone(),
+                })?;
+                if n.overlay_key != key {
+                    n.overlay_key = key;
+                    n.version = index;
                 }
-            },
+            }
+            Command::RotateOverlayKeys => self.overlay_key_epoch += 1,
             Command::Rollback {
                 service,
                 now,
@@ -512,7 +546,7 @@ impl Store {
                 let mut back = svc
                     .previous_spec
                     .take()
-                    .ok_or(ApplyError::NoPreviousSpec(service))?;
+                    .ok_or_else(|| ApplyError::NoPreviousSpec(service.clone()))?;
                 // Scaling is not part of a rollout (it replaces nothing), so it is not undone.
                 back.replicas = svc.spec.replicas;
                 svc.previous_spec = Some(std::mem::replace(&mut svc.spec, back));
@@ -529,6 +563,7 @@ impl Store {
                 });
                 svc.updated_at = now;
                 svc.version = index;
+                self.assign_vips(&service);
             }
             Command::SetUpdateStatus {
                 service,
@@ -593,7 +628,16 @@ impl Store {
                         updated_at: now,
                         version: index,
                         controller_id: None,
+                        overlay_key: String::new(),
                     };
+                    // Every node has a slice of every network, so it can route and publish
+                    // for all of them.
+                    let names: Vec<String> = self.networks.keys().cloned().collect();
+                    for n in names {
+                        if let Some(net) = self.networks.get_mut(&n) {
+                            net.ensure_slice(&id);
+                        }
+                    }
                     self.nodes.insert(id, node);
                 }
             },
@@ -649,24 +693,41 @@ impl Store {
             Command::CreateTasks { tasks } => {
                 for mut t in tasks {
                     t.version = index;
-                    self.tasks.entry(t.id.clone()).or_insert(t);
+                    if self.tasks.contains_key(&t.id) {
+                        continue;
+                    }
+                    // Tasks placed as they are created get their addresses now.
+                    let placed = t
+                        .node_id
+                        .clone()
+                        .filter(|_| !t.spec.networks.is_empty() && t.networks.is_empty());
+                    let (id, now) = (t.id.clone(), t.status.timestamp);
+                    self.tasks.insert(id.clone(), t);
+                    if let Some(node) = placed {
+                        self.attach_or_reject(&id, &node, now);
+                    }
                 }
             }
             Command::AssignTasks { assignments, now } => {
                 for (task_id, node_id) in assignments {
-                    if let Some(t) = self.tasks.get_mut(&task_id) {
-                        if t.node_id.is_none() && t.desired_state <= TaskState::Running {
-                            t.node_id = Some(node_id);
-                            t.status = TaskStatus {
-                                state: TaskState::Assigned,
-                                message: "assigned".into(),
-                                error: String::new(),
-                                container_id: String::new(),
-                                exit_code: None,
-                                timestamp: now,
-                            };
-                            t.version = index;
-                        }
+                    let Some(t) = self.tasks.get_mut(&task_id) else {
+                        continue;
+                    };
+                    if t.node_id.is_some() || t.desired_state > TaskState::Running {
+                        continue;
+                    }
+                    t.node_id = Some(node_id.clone());
+                    t.status = TaskStatus {
+                        state: TaskState::Assigned,
+                        message: "assigned".into(),
+                        error: String::new(),
+                        container_id: String::new(),
+                        exit_code: None,
+                        timestamp: now,
+                    };
+                    t.version = index;
+                    if !t.spec.networks.is_empty() {
+                        self.attach_or_reject(&task_id, &node_id, now);
                     }
                 }
             }
@@ -778,6 +839,198 @@ impl Store {
     }
 
     /// Tasks of one service, by service id.
+    fn put_service(&mut self, index: u64, id: String, spec: Box<ServiceSpec>, now: u64) {
+        match self.services.get_mut(&spec.name) {
+            Some(svc) => {
+                if svc.spec != *spec {
+                    // Replicas and the update configs alone leave tasks current; any other
+                    // change starts a new rollout.
+                    if !svc.spec.same_task_spec(&spec) {
+                        svc.spec_version = index;
+                        svc.previous_spec = Some(svc.spec.clone());
+                        svc.update_status = Some(UpdateStatus {
+                            state: UpdateState::Updating,
+                            message: "update in progress".into(),
+                            started_at: now,
+                            completed_at: None,
+                        });
+                    }
+                    svc.spec = *spec;
+                    svc.updated_at = now;
+                    svc.version = index;
+                }
+            }
+            None => {
+                self.services.insert(
+                    spec.name.clone(),
+                    Service {
+                        id,
+                        spec: *spec,
+                        spec_version: index,
+                        created_at: now,
+                        updated_at: now,
+                        version: index,
+                        previous_spec: None,
+                        update_status: None,
+                        vips: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Gives the service a virtual IP on each of its networks (endpoint mode `vip`), and drops
+    /// those on networks it left.
+    fn assign_vips(&mut self, name: &str) {
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
+        let want: Vec<String> = if svc.spec.endpoint_mode.is_vip() {
+            svc.spec.networks.clone()
+        } else {
+            vec![]
+        };
+        let mut vips = svc.vips.clone();
+        vips.retain(|n, _| want.contains(n));
+        for n in &want {
+            if vips.contains_key(n) {
+                continue;
+            }
+            let Some(net) = self.networks.get(n) else {
+                continue;
+            };
+            let used: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+                .services
+                .values()
+                .filter_map(|s| s.vips.get(n).copied())
+                .chain(vips.get(n).copied())
+                .collect();
+            if let Some(ip) = net.allocate_vip(&used) {
+                vips.insert(n.clone(), ip);
+            }
+        }
+        if let Some(svc) = self.services.get_mut(name) {
+            svc.vips = vips;
+        }
+    }
+
+    fn put_network(
+        &mut self,
+        index: u64,
+        id: String,
+        spec: crate::network::NetworkSpec,
+        now: u64,
+    ) -> Result<(), ApplyError> {
+        use crate::network::{next_default_subnet, overlaps, parse_subnet, Network};
+        let err = |message: String| ApplyError::Network {
+            name: spec.name.clone(),
+            message,
+        };
+        if let Some(existing) = self.networks.get_mut(&spec.name) {
+            if !existing.spec.same_shape(&spec) {
+                return Err(err(
+                    "its driver, subnet and encryption cannot change; remove it first".into(),
+                ));
+            }
+            if existing.spec.labels != spec.labels {
+                existing.spec.labels = spec.labels;
+                existing.version = index;
+            }
+            return Ok(());
+        }
+        let subnet = match &spec.subnet {
+            Some(s) => {
+                let net = parse_subnet(s).map_err(err)?;
+                if let Some(other) = self.networks.values().find(|n| overlaps(n.subnet, net)) {
+                    return Err(err(format!(
+                        "subnet {net} overlaps network {:?} ({})",
+                        other.spec.name, other.subnet
+                    )));
+                }
+                net
+            }
+            None => {
+                next_default_subnet(&self.networks.values().map(|n| n.subnet).collect::<Vec<_>>())
+                    .ok_or_else(|| err("the default pool is used up; give a subnet".into()))?
+            }
+        };
+        let vni = self.networks.values().map(|n| n.vni).max().unwrap_or(4095) + 1;
+        let mut net = Network {
+            id,
+            spec,
+            subnet,
+            vni,
+            slices: Default::default(),
+            cursors: Default::default(),
+            created_at: now,
+            version: index,
+        };
+        for node in self.nodes.keys() {
+            net.ensure_slice(node);
+        }
+        self.networks.insert(net.spec.name.clone(), net);
+        // Services that named the network before it existed get their VIPs now.
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for n in names {
+            self.assign_vips(&n);
+        }
+        Ok(())
+    }
+
+    /// [`Self::attach`], or the task is rejected with the reason (the reconciler replaces it).
+    fn attach_or_reject(&mut self, task_id: &str, node: &str, now: u64) {
+        if let Err(error) = self.attach(task_id, node) {
+            if let Some(t) = self.tasks.get_mut(task_id) {
+                t.status = TaskStatus {
+                    state: TaskState::Rejected,
+                    message: "no network address".into(),
+                    error,
+                    container_id: String::new(),
+                    exit_code: None,
+                    timestamp: now,
+                };
+            }
+        }
+    }
+
+    /// Gives a task just placed on `node` an address on each of its networks. A network that is
+    /// missing or full is the task's error (it fails, and the reconciler replaces it).
+    fn attach(&mut self, task_id: &str, node: &str) -> Result<(), String> {
+        let Some(t) = self.tasks.get(task_id) else {
+            return Ok(());
+        };
+        let wanted = t.spec.networks.clone();
+        let mut attachments = Vec::new();
+        for name in wanted {
+            let used: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+                .tasks
+                .values()
+                .filter(|t| !t.status.state.is_terminal())
+                .flat_map(|t| t.networks.iter())
+                .filter(|a| a.network == name)
+                .map(|a| a.address)
+                .collect();
+            let net = self
+                .networks
+                .get_mut(&name)
+                .ok_or_else(|| format!("network {name:?} does not exist"))?;
+            if !net.ensure_slice(node) {
+                return Err(format!("network {name:?} has no slice left for this node"));
+            }
+            let address = net
+                .allocate(node, &used)
+                .ok_or_else(|| format!("network {name:?} has no free address on this node"))?;
+            attachments.push(crate::network::Attachment {
+                network: name,
+                address,
+            });
+        }
+        if let Some(t) = self.tasks.get_mut(task_id) {
+            t.networks = attachments;
+        }
+        Ok(())
+    }
+
     pub fn tasks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
             .values()
@@ -817,6 +1070,7 @@ mod tests {
                 timestamp: 1,
             },
             running_at: None,
+            networks: Vec::new(),
             created_at: 1,
             version: 0,
         }
@@ -984,6 +1238,166 @@ mod tests {
         assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
         s.apply(10, up("n1", TaskState::Failed)).unwrap();
         assert_eq!(s.tasks["t1"].status.state, TaskState::Failed);
+    }
+
+    #[test]
+    fn networks_give_slices_vips_and_addresses() {
+        use crate::network::{map_for_node, NetworkSpec};
+        let mut s = Store::default();
+        let mut i = 0;
+        let mut apply = |s: &mut Store, c: Command| {
+            i += 1;
+            s.apply(i, c)
+        };
+        for n in ["n1", "n2"] {
+            apply(
+                &mut s,
+                Command::PutNode {
+                    id: n.into(),
+                    hostname: n.into(),
+                    addr: format!("10.213.0.{}:4245", &n[1..]),
+                    labels: Default::default(),
+                    role: NodeRole::Worker,
+                    resources: Default::default(),
+                    now: 0,
+                },
+            )
+            .unwrap();
+        }
+        let net = |name: &str, subnet: Option<&str>| NetworkSpec {
+            name: name.into(),
+            driver: Default::default(),
+            subnet: subnet.map(String::from),
+            encrypted: true,
+            labels: Default::default(),
+        };
+        apply(
+            &mut s,
+            Command::PutNetwork {
+                id: "a".into(),
+                spec: net("front", None),
+                now: 0,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::PutNetwork {
+                id: "b".into(),
+                spec: net("back", Some("10.50.0.0/16")),
+                now: 0,
+            },
+        )
+        .unwrap();
+        // Overlapping and reshaping are refused.
+        assert!(apply(
+            &mut s,
+            Command::PutNetwork {
+                id: "c".into(),
+                spec: net("x", Some("10.50.128.0/17")),
+                now: 0
+            }
+        )
+        .is_err());
+        let mut plain = net("back", None);
+        plain.encrypted = false;
+        assert!(apply(
+            &mut s,
+            Command::PutNetwork {
+                id: "b".into(),
+                spec: plain,
+                now: 0
+            }
+        )
+        .is_err());
+        assert_eq!(s.networks["front"].subnet.to_string(), "10.96.0.0/16");
+        assert_eq!(
+            s.networks["back"].node_slice("n2").unwrap().to_string(),
+            "10.50.2.0/24"
+        );
+
+        let mut sp = spec("web", 2);
+        sp.networks = vec!["back".into()];
+        apply(
+            &mut s,
+            Command::PutService {
+                id: "svc".into(),
+                spec: Box::new(sp),
+                now: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.services["web"].vips["back"].to_string(), "10.50.0.2");
+        let svc = s.services["web"].clone();
+        apply(
+            &mut s,
+            Command::CreateTasks {
+                tasks: vec![task("t1", &svc, 1), task("t2", &svc, 2)],
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::AssignTasks {
+                assignments: vec![("t1".into(), "n1".into()), ("t2".into(), "n2".into())],
+                now: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.tasks["t1"].networks[0].address.to_string(), "10.50.1.2");
+        assert_eq!(s.tasks["t2"].networks[0].address.to_string(), "10.50.2.2");
+        assert!(apply(
+            &mut s,
+            Command::RemoveNetwork {
+                name: "back".into()
+            }
+        )
+        .is_err());
+
+        // Only running tasks are endpoints; the map names the peer with its slices.
+        let m = map_for_node(&s, "n1");
+        let back = m.networks.iter().find(|n| n.name == "back").unwrap();
+        assert_eq!(back.gateway.to_string(), "10.50.1.1");
+        assert!(back.services[0].tasks.is_empty());
+        assert_eq!(m.peers.len(), 1);
+        assert_eq!(m.peers[0].underlay.to_string(), "10.213.0.2");
+        assert_eq!(m.peers[0].slices["b"].to_string(), "10.50.2.0/24");
+        let running = |id: &str| StatusUpdate {
+            task_id: id.into(),
+            node_id: if id == "t1" { "n1".into() } else { "n2".into() },
+            status: TaskStatus {
+                state: TaskState::Running,
+                message: String::new(),
+                error: String::new(),
+                container_id: String::new(),
+                exit_code: None,
+                timestamp: 1,
+            },
+        };
+        apply(
+            &mut s,
+            Command::UpdateStatus {
+                updates: vec![running("t1"), running("t2")],
+            },
+        )
+        .unwrap();
+        let m = map_for_node(&s, "n1");
+        let back = m.networks.iter().find(|n| n.name == "back").unwrap();
+        assert_eq!(back.services[0].tasks.len(), 2);
+        apply(
+            &mut s,
+            Command::SetDesired {
+                updates: vec![("t2".into(), TaskState::Shutdown)],
+            },
+        )
+        .unwrap();
+        let m = map_for_node(&s, "n1");
+        let back = m.networks.iter().find(|n| n.name == "back").unwrap();
+        assert_eq!(
+            back.services[0].tasks.len(),
+            1,
+            "a task asked to stop leaves at once"
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
         &task_json("bench"),
         &Default::default(),
         "/rudder-bench",
+        None,
     )?;
     let root = work.path().join("runc");
     std::fs::create_dir_all(&root)?;

@@ -16,6 +16,7 @@ pub async fn run(
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
     let mut specs = Vec::new();
+    let mut networks = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
             let mut s = String::new();
@@ -29,16 +30,18 @@ pub async fn run(
         for m in manifest::parse(&name, &text)? {
             match m {
                 Manifest::Service(s) => specs.push(serde_json::to_string(&s)?),
+                Manifest::Network(n) => networks.push(serde_json::to_string(&n)?),
             }
         }
     }
-    if specs.is_empty() {
+    if specs.is_empty() && networks.is_empty() {
         anyhow::bail!("nothing to apply: the files hold no documents");
     }
     let mut client = crate::connect(ctx).await?;
     let resp = client
         .apply(ApplyRequest {
             service_specs_json: specs,
+            network_specs_json: networks,
         })
         .await
         .map_err(crate::status_err)?

@@ -7,6 +7,7 @@ pub mod get;
 pub mod image;
 pub mod local;
 pub mod logs;
+pub mod network;
 pub mod node;
 pub mod ps;
 pub mod rm;

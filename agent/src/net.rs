@@ -1,0 +1,938 @@
+//! The host's side of the overlay networks: bridges, tunnels (WireGuard or VXLAN), routes,
+//! nftables, the embedded DNS servers, and each networked container's namespace.
+//!
+//! The controller sends a [`NetworkMap`] whenever it changes; [`Overlay`] makes the host match
+//! it, idempotently, in one reconcile pass (re-run after any agent restart, so nothing depends
+//! on what a previous agent process did). The addressing is routed (see
+//! `rudder_model::network`): every container has a /32 on each network's interface and reaches
+//! everything through its host's bridge, which holds the slice's gateway address. All traffic
+//! between containers is therefore routed by a host, so one nftables table per host does the
+//! VIP balancing, the isolation between networks, the routing mesh and published ports, and
+//! conntrack sees both directions of every connection.
+//!
+//! Names (Linux allows 15 bytes): bridge `rdb-<net8>`, VXLAN `rdx-<net8>`, WireGuard
+//! `rwg-<node8>`, host end of a container's veth `rdv<task10><i>`. A container's namespace is
+//! a bind mount at `<data>/netns/<task id>`, so it outlives the agent like the container does.
+//!
+//! Configuration goes through iproute2 and nft in batch mode (`ip -batch`, `nft -f`): one
+//! process per pass rather than per object, and nft loads the whole table atomically.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use rudder_model::network::{NetworkMap, NetworkView, PublishedPort};
+use rudder_model::ports::Protocol;
+use rudder_model::Task;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::dns::{DnsServer, DnsView, ServiceRecord};
+use crate::wg::{KeyPair, Wg, WgPeer};
+
+/// UDP port of VXLAN (IANA).
+pub const VXLAN_PORT: u16 = 4789;
+/// Connection mark of connections that arrived through the routing mesh (source-NATed to the
+/// gateway, so replies return through the host that took them).
+const MARK_INGRESS: u32 = 0x5244;
+/// Connection mark of connections to a port published in host mode.
+const MARK_HOSTPORT: u32 = 0x5245;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("network: {cmd}: {msg}")]
+    Command { cmd: String, msg: String },
+    #[error("network: {0}")]
+    Wg(#[from] crate::wg::WgError),
+    #[error("network: {op}: {err}")]
+    Io {
+        op: &'static str,
+        err: std::io::Error,
+    },
+    #[error("network: task {task}: network {network:?} is not (yet) on this host")]
+    NotReady { task: String, network: String },
+}
+
+pub fn bridge_name(net_id: &str) -> String {
+    format!("rdb-{}", &net_id[..net_id.len().min(8)])
+}
+pub fn vxlan_name(net_id: &str) -> String {
+    format!("rdx-{}", &net_id[..net_id.len().min(8)])
+}
+pub fn wg_name(node_id: &str) -> String {
+    format!("rwg-{}", &node_id[..node_id.len().min(8)])
+}
+fn veth_name(task_id: &str, i: usize) -> String {
+    format!("rdv{}{i}", &task_id[..task_id.len().min(10)])
+}
+fn veth_peer_name(task_id: &str, i: usize) -> String {
+    format!("rdp{}{i}", &task_id[..task_id.len().min(10)])
+}
+
+/// The VXLAN device MAC of the host whose gateway in the network is `gw`: derived, so no MAC
+/// needs to travel through the controller.
+fn vtep_mac(vni: u32, gw: Ipv4Addr) -> String {
+    let o = gw.octets();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        vni as u8, o[0], o[1], o[2], o[3]
+    )
+}
+
+async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+    let mut c = tokio::process::Command::new(cmd);
+    c.args(args)
+        .stdin(if stdin.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let line = format!("{cmd} {}", args.join(" "));
+    let mut child = c.spawn().map_err(|e| NetError::Command {
+        cmd: line.clone(),
+        msg: e.to_string(),
+    })?;
+    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
+        let _ = w.write_all(input.as_bytes()).await;
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .map_err(|_| NetError::Command {
+            cmd: line.clone(),
+            msg: "timed out after 10 s".into(),
+        })?
+        .map_err(|e| NetError::Command {
+            cmd: line.clone(),
+            msg: e.to_string(),
+        })?;
+    if !out.status.success() {
+        let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if let Some(input) = stdin {
+            msg.push_str(&format!(" (input: {})", input.replace('\n', "; ")));
+        }
+        return Err(NetError::Command { cmd: line, msg });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Runs `ip -batch -` with `cmds`; `force` goes on past failing lines (for deletions of what
+/// may already be gone).
+async fn ip_batch(cmds: &[String], force: bool, netns: Option<&Path>) -> Result<(), NetError> {
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    let input = cmds.join("\n") + "\n";
+    let mut args: Vec<String> = Vec::new();
+    let prog = match netns {
+        Some(p) => {
+            args.push(format!("--net={}", p.display()));
+            args.push("ip".into());
+            "nsenter"
+        }
+        None => "ip",
+    };
+    if force {
+        args.push("-force".into());
+    }
+    args.extend(["-batch".into(), "-".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(prog, &refs, Some(&input)).await.map(|_| ())
+}
+
+/// Names of the links in this namespace.
+async fn links() -> Result<BTreeSet<String>, NetError> {
+    let out = run("ip", &["-j", "link", "show"], None).await?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| NetError::Command {
+        cmd: "ip -j link show".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.get("ifname").and_then(|n| n.as_str()).map(String::from))
+        .collect())
+}
+
+/// Destinations of the routes through `dev`.
+async fn routes_via(dev: &str) -> Result<BTreeSet<String>, NetError> {
+    let out = run("ip", &["-j", "route", "show", "dev", dev], None).await?;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r.get("protocol").and_then(|p| p.as_str()) != Some("kernel"))
+        .filter_map(|r| r.get("dst").and_then(|n| n.as_str()).map(String::from))
+        .collect())
+}
+
+fn write_sysctl(path: &str, value: &str) {
+    if let Err(e) = std::fs::write(path, value) {
+        debug!(path, %e, "sysctl");
+    }
+}
+
+/// The nftables table for `map`: VIPs, the routing mesh, host-mode ports, isolation between
+/// networks, and outbound NAT. Pure, so it is unit-tested as text.
+pub fn ruleset(map: &NetworkMap, tunnels: &[String]) -> String {
+    let mut pre = Vec::new();
+    let mut out_nat = Vec::new();
+    let mut post = Vec::new();
+    let mut fwd = Vec::new();
+    let nets: BTreeMap<&str, &NetworkView> =
+        map.networks.iter().map(|n| (n.id.as_str(), n)).collect();
+    let bridges: Vec<String> = map.networks.iter().map(|n| bridge_name(&n.id)).collect();
+    let overlay_ifaces: Vec<String> = bridges.iter().chain(tunnels).cloned().collect();
+    let quoted = |names: &[String]| {
+        names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let subnets: Vec<String> = map.networks.iter().map(|n| n.subnet.to_string()).collect();
+    let numgen = |backends: &[String]| {
+        if backends.len() == 1 {
+            backends[0].clone()
+        } else {
+            let items: Vec<String> = backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("{i} : {b}"))
+                .collect();
+            format!(
+                "numgen random mod {} map {{ {} }}",
+                backends.len(),
+                items.join(", ")
+            )
+        }
+    };
+    for n in &map.networks {
+        let br = bridge_name(&n.id);
+        for s in &n.services {
+            let (Some(vip), false) = (s.vip, s.tasks.is_empty()) else {
+                continue;
+            };
+            let backends: Vec<String> = s.tasks.iter().map(|t| t.to_string()).collect();
+            pre.push(format!(
+                "iifname \"{br}\" ip daddr {vip} dnat to {}",
+                numgen(&backends)
+            ));
+        }
+        // Between containers: only within a network, arriving from a local bridge or (already
+        // filtered by the sending host, and by WireGuard's allowed IPs) from a tunnel.
+        fwd.push(format!(
+            "iifname \"{br}\" ip saddr {s} ip daddr {s} accept",
+            s = n.subnet
+        ));
+        if !tunnels.is_empty() {
+            fwd.push(format!(
+                "iifname {{ {} }} oifname \"{br}\" ip saddr {} ip daddr {} accept",
+                quoted(tunnels),
+                n.subnet,
+                n.local_slice
+            ));
+        }
+    }
+    let published = |p: &PublishedPort, mark: u32, rules: &mut Vec<String>, local: &str| {
+        if p.backends.is_empty() {
+            return;
+        }
+        let proto = match p.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        let backends: Vec<String> = p
+            .backends
+            .iter()
+            .map(|b| format!("{b} . {}", p.target))
+            .collect();
+        let target = if backends.len() == 1 {
+            format!("{}:{}", p.backends[0], p.target)
+        } else {
+            numgen(&backends)
+        };
+        let ip_kw = if backends.len() == 1 { "" } else { "ip " };
+        rules.push(format!(
+            "{local}fib daddr type local {proto} dport {} ct mark set {mark:#x} dnat {ip_kw}to {target}",
+            p.published
+        ));
+    };
+    let local_out = "ip daddr != 127.0.0.0/8 ";
+    for p in &map.ingress {
+        published(p, MARK_INGRESS, &mut pre, "");
+        published(p, MARK_INGRESS, &mut out_nat, local_out);
+    }
+    for p in &map.host_ports {
+        published(p, MARK_HOSTPORT, &mut pre, "");
+        published(p, MARK_HOSTPORT, &mut out_nat, local_out);
+    }
+    // Mesh connections leave from the gateway of the backends' network, so the replies come
+    // back through this host (which undoes both translations).
+    let mut snat_nets: BTreeSet<&str> = BTreeSet::new();
+    for p in &map.ingress {
+        snat_nets.insert(p.network.as_str());
+    }
+    for id in snat_nets {
+        if let Some(n) = nets.get(id) {
+            post.push(format!(
+                "ct mark {MARK_INGRESS:#x} ip daddr {} snat to {}",
+                n.subnet, n.gateway
+            ));
+        }
+    }
+    if !subnets.is_empty() {
+        post.push(format!(
+            "ip saddr {{ {} }} oifname != {{ {} }} masquerade",
+            subnets.join(", "),
+            quoted(&overlay_ifaces)
+        ));
+        fwd.push(format!("ip daddr {{ {} }} drop", subnets.join(", ")));
+    }
+    let mut t = String::new();
+    t.push_str("table ip rudder {\n");
+    let chain = |t: &mut String, name: &str, head: &str, rules: &[String]| {
+        t.push_str(&format!("  chain {name} {{\n    {head}\n"));
+        for r in rules {
+            t.push_str(&format!("    {r}\n"));
+        }
+        t.push_str("  }\n");
+    };
+    chain(
+        &mut t,
+        "prerouting",
+        "type nat hook prerouting priority dstnat; policy accept;",
+        &pre,
+    );
+    chain(
+        &mut t,
+        "output",
+        "type nat hook output priority -100; policy accept;",
+        &out_nat,
+    );
+    chain(
+        &mut t,
+        "postrouting",
+        "type nat hook postrouting priority srcnat; policy accept;",
+        &post,
+    );
+    let mut forward = vec![
+        "ct state established,related accept".to_string(),
+        format!("ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"),
+    ];
+    forward.extend(fwd);
+    chain(
+        &mut t,
+        "forward",
+        "type filter hook forward priority filter; policy accept;",
+        &forward,
+    );
+    // The host itself (and host-network containers) may answer containers (DNS) and use
+    // published ports, but not open connections into the overlays.
+    let mut local = vec![
+        "ct state established,related accept".to_string(),
+        format!("ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"),
+    ];
+    if !subnets.is_empty() {
+        local.push(format!(
+            "oifname {{ {} }} ip daddr {{ {} }} drop",
+            quoted(&overlay_ifaces),
+            subnets.join(", ")
+        ));
+    }
+    chain(
+        &mut t,
+        "output_filter",
+        "type filter hook output priority filter; policy accept;",
+        &local,
+    );
+    t.push_str("}\n");
+    t
+}
+
+/// What the reconcile pass last did, to skip unchanged work.
+#[derive(Default)]
+struct Applied {
+    nft: String,
+    networks: BTreeMap<String, NetworkView>,
+    dns: HashMap<String, DnsServer>,
+    peers: Vec<WgPeer>,
+}
+
+pub struct Overlay {
+    node_id: String,
+    data_dir: PathBuf,
+    agent_exe: PathBuf,
+    wg_port: u16,
+    key: Mutex<(KeyPair, u64)>,
+    /// (public key, epoch) for the session to send up after a rotation.
+    key_tx: watch::Sender<(String, u64)>,
+    map_tx: watch::Sender<Option<NetworkMap>>,
+    /// The last map applied without error (containers wait for their networks here).
+    applied_tx: watch::Sender<Option<NetworkMap>>,
+    wg: tokio::sync::Mutex<Option<Wg>>,
+    upstreams: Vec<SocketAddr>,
+}
+
+impl Overlay {
+    /// Loads (or makes) this host's WireGuard key and starts the reconcile loop.
+    pub fn start(
+        data_dir: &Path,
+        node_id: &str,
+        wg_port: u16,
+        agent_exe: PathBuf,
+    ) -> Result<Arc<Overlay>, NetError> {
+        let key = crate::wg::load_or_create_key(&data_dir.join("wg.key"))?;
+        let epoch = std::fs::read_to_string(data_dir.join("wg.epoch"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        std::fs::create_dir_all(data_dir.join("netns")).map_err(|err| NetError::Io {
+            op: "create netns dir",
+            err,
+        })?;
+        let (key_tx, _) = watch::channel((key.public.to_base64(), epoch));
+        let (map_tx, map_rx) = watch::channel(None);
+        let (applied_tx, _) = watch::channel(None);
+        let upstreams = std::fs::read_to_string("/etc/resolv.conf")
+            .map(|t| crate::dns::upstreams_from_resolv_conf(&t))
+            .unwrap_or_default();
+        let o = Arc::new(Overlay {
+            node_id: node_id.to_string(),
+            data_dir: data_dir.to_path_buf(),
+            agent_exe,
+            wg_port,
+            key: Mutex::new((key, epoch)),
+            key_tx,
+            map_tx,
+            applied_tx,
+            wg: tokio::sync::Mutex::new(None),
+            upstreams,
+        });
+        tokio::spawn(o.clone().reconcile_loop(map_rx));
+        Ok(o)
+    }
+
+    pub fn public_key(&self) -> (String, u64) {
+        self.key_tx.borrow().clone()
+    }
+
+    pub fn watch_key(&self) -> watch::Receiver<(String, u64)> {
+        self.key_tx.subscribe()
+    }
+
+    pub fn set_map(&self, map: NetworkMap) {
+        self.map_tx.send_if_modified(|m| {
+            if m.as_ref() == Some(&map) {
+                false
+            } else {
+                *m = Some(map);
+                true
+            }
+        });
+    }
+
+    async fn reconcile_loop(self: Arc<Self>, mut rx: watch::Receiver<Option<NetworkMap>>) {
+        let mut applied = Applied::default();
+        loop {
+            let map = rx.borrow_and_update().clone();
+            if let Some(map) = map {
+                let start = std::time::Instant::now();
+                match self.apply(&map, &mut applied).await {
+                    Ok(()) => {
+                        debug!(ms = start.elapsed().as_millis() as u64, "overlay applied");
+                        self.applied_tx.send_replace(Some(map));
+                    }
+                    Err(e) => {
+                        warn!(%e, "overlay: applying the network map failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        rx.mark_changed();
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn rotate_if_asked(&self, epoch: u64) -> Result<Option<KeyPair>, NetError> {
+        let current = self.key.lock().expect("key lock").1;
+        if epoch <= current {
+            return Ok(None);
+        }
+        let key = crate::wg::generate_key(&self.data_dir.join("wg.key"))?;
+        crate::shim::write_atomic(&self.data_dir.join("wg.epoch"), &epoch.to_string()).map_err(
+            |err| NetError::Io {
+                op: "write key epoch",
+                err,
+            },
+        )?;
+        info!(epoch, "new WireGuard key pair");
+        *self.key.lock().expect("key lock") = (key.clone(), epoch);
+        self.key_tx.send_replace((key.public.to_base64(), epoch));
+        Ok(Some(key))
+    }
+
+    async fn apply(&self, map: &NetworkMap, applied: &mut Applied) -> Result<(), NetError> {
+        let new_key = self.rotate_if_asked(map.key_epoch).await?;
+        if map.networks.is_empty() && applied.networks.is_empty() && applied.nft.is_empty() {
+            return Ok(());
+        }
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+        let have = links().await?;
+        let mut cmds = Vec::new();
+        let wanted: BTreeMap<String, NetworkView> = map
+            .networks
+            .iter()
+            .map(|n| (n.id.clone(), n.clone()))
+            .collect();
+        // Networks gone: their devices (and with them their routes).
+        for id in applied.networks.keys() {
+            if !wanted.contains_key(id) {
+                applied.dns.remove(id);
+                for dev in [bridge_name(id), vxlan_name(id)] {
+                    if have.contains(&dev) {
+                        cmds.push(format!("link del {dev}"));
+                    }
+                }
+            }
+        }
+        ip_batch(&cmds, true, None).await?;
+        let mut cmds = Vec::new();
+        for n in wanted.values() {
+            let br = bridge_name(&n.id);
+            if !have.contains(&br) {
+                cmds.push(format!("link add {br} type bridge"));
+            }
+            cmds.push(format!("link set {br} mtu {} up", n.mtu));
+            cmds.push(format!(
+                "addr replace {}/{} dev {br}",
+                n.gateway,
+                n.local_slice.prefix_len()
+            ));
+            if !n.encrypted {
+                let vx = vxlan_name(&n.id);
+                if !have.contains(&vx) {
+                    cmds.push(format!(
+                        "link add {vx} type vxlan id {} dstport {VXLAN_PORT} nolearning",
+                        n.vni
+                    ));
+                }
+                cmds.push(format!(
+                    "link set {vx} address {} mtu {} up",
+                    vtep_mac(n.vni, n.gateway),
+                    n.mtu
+                ));
+            }
+        }
+        ip_batch(&cmds, false, None).await?;
+        for n in wanted.values() {
+            let br = bridge_name(&n.id);
+            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{br}/send_redirects"), "0");
+        }
+
+        // Tunnels.
+        let mut tunnels = Vec::new();
+        let encrypted: Vec<&NetworkView> = wanted.values().filter(|n| n.encrypted).collect();
+        let wg_iface = wg_name(&self.node_id);
+        if !encrypted.is_empty() {
+            let mut guard = self.wg.lock().await;
+            if guard.is_none() {
+                let key = self.key.lock().expect("key lock").0.clone();
+                *guard = Some(Wg::ensure(&wg_iface, self.wg_port, &key, &self.agent_exe).await?);
+            }
+            let wg = guard.as_ref().expect("just ensured");
+            if let Some(k) = &new_key {
+                wg.set_key(k).await?;
+            }
+            let peers: Vec<WgPeer> = map
+                .peers
+                .iter()
+                .filter(|p| !p.public_key.is_empty())
+                .map(|p| WgPeer {
+                    public_key: p.public_key.clone(),
+                    endpoint: SocketAddr::new(p.underlay.into(), self.wg_port),
+                    allowed_ips: encrypted
+                        .iter()
+                        .filter_map(|n| p.slices.get(&n.id))
+                        .map(|s| (s.network(), s.prefix_len()))
+                        .collect(),
+                })
+                .collect();
+            if peers != applied.peers || new_key.is_some() {
+                wg.set_peers(&peers).await?;
+                applied.peers = peers;
+            }
+            let want: BTreeSet<String> = map
+                .peers
+                .iter()
+                .flat_map(|p| encrypted.iter().filter_map(|n| p.slices.get(&n.id)))
+                .map(|s| s.to_string())
+                .collect();
+            sync_routes(&wg_iface, &want, |dst| {
+                format!("route replace {dst} dev {wg_iface}")
+            })
+            .await?;
+            tunnels.push(wg_iface.clone());
+        } else if let Some(wg) = self.wg.lock().await.take() {
+            wg.shutdown().await;
+            applied.peers.clear();
+        }
+        let mut bridge_cmds = Vec::new();
+        for n in wanted.values().filter(|n| !n.encrypted) {
+            let vx = vxlan_name(&n.id);
+            let mut want = BTreeSet::new();
+            let mut cmds = Vec::new();
+            for p in &map.peers {
+                let Some(slice) = p.slices.get(&n.id) else {
+                    continue;
+                };
+                let gw = rudder_model::network::Network::gateway(*slice);
+                let mac = vtep_mac(n.vni, gw);
+                cmds.push(format!(
+                    "neigh replace {gw} lladdr {mac} dev {vx} nud permanent"
+                ));
+                bridge_cmds.push(format!(
+                    "fdb replace {mac} dev {vx} dst {} self permanent",
+                    p.underlay
+                ));
+                want.insert(slice.to_string());
+            }
+            ip_batch(&cmds, false, None).await?;
+            let peer_gw: BTreeMap<String, Ipv4Addr> = map
+                .peers
+                .iter()
+                .filter_map(|p| p.slices.get(&n.id))
+                .map(|s| (s.to_string(), rudder_model::network::Network::gateway(*s)))
+                .collect();
+            sync_routes(&vx, &want, |dst| {
+                format!("route replace {dst} via {} dev {vx} onlink", peer_gw[dst])
+            })
+            .await?;
+            tunnels.push(vx);
+        }
+        if !bridge_cmds.is_empty() {
+            let input = bridge_cmds.join("\n") + "\n";
+            run("bridge", &["-batch", "-"], Some(&input)).await?;
+        }
+
+        // nftables: the whole table, atomically, when it changed.
+        let table = ruleset(map, &tunnels);
+        if table != applied.nft {
+            let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{table}");
+            run("nft", &["-f", "-"], Some(&script)).await?;
+            applied.nft = table;
+        }
+
+        // DNS: one server per network, on its gateway.
+        for n in wanted.values() {
+            let view = DnsView {
+                services: n
+                    .services
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.name.to_lowercase(),
+                            ServiceRecord {
+                                vip: s.vip,
+                                tasks: s.tasks.clone(),
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            let addr = SocketAddr::new(n.gateway.into(), 53);
+            let rebind = applied
+                .dns
+                .get(&n.id)
+                .is_none_or(|d| d.local_addr() != addr);
+            if rebind {
+                applied.dns.remove(&n.id);
+                let server = DnsServer::bind(addr, self.upstreams.clone())
+                    .await
+                    .map_err(|e| NetError::Command {
+                        cmd: format!("dns on {addr}"),
+                        msg: e.to_string(),
+                    })?;
+                applied.dns.insert(n.id.clone(), server);
+            }
+            if let Some(d) = applied.dns.get(&n.id) {
+                d.set_view(view);
+            }
+        }
+        applied.networks = wanted;
+        Ok(())
+    }
+
+    /// Waits (up to 15 s) until every network of `task` is configured on this host, and
+    /// returns those networks' views in the task's order.
+    async fn networks_for(&self, task: &Task) -> Result<Vec<NetworkView>, NetError> {
+        let mut rx = self.applied_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            {
+                let map = rx.borrow_and_update();
+                if let Some(m) = map.as_ref() {
+                    let found: Vec<NetworkView> = task
+                        .networks
+                        .iter()
+                        .filter_map(|a| m.networks.iter().find(|n| n.name == a.network))
+                        .cloned()
+                        .collect();
+                    if found.len() == task.networks.len() {
+                        return Ok(found);
+                    }
+                }
+            }
+            let missing = task
+                .networks
+                .first()
+                .map(|a| a.network.clone())
+                .unwrap_or_default();
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(NetError::NotReady {
+                    task: task.name(),
+                    network: missing,
+                });
+            }
+        }
+    }
+
+    pub fn netns_path(&self, task_id: &str) -> PathBuf {
+        self.data_dir.join("netns").join(task_id)
+    }
+
+    /// Gives `task` its network namespace with one interface per network, and writes the
+    /// container's resolv.conf and hosts into `dir`. Returns the namespace's path.
+    pub async fn attach(&self, task: &Task, dir: &Path) -> Result<PathBuf, NetError> {
+        let nets = self.networks_for(task).await?;
+        let ns = self.netns_path(&task.id);
+        if !ns.exists() {
+            create_netns(&ns).await?;
+        }
+        let mut host = Vec::new();
+        let mut inside = vec!["link set lo up".to_string()];
+        let have = links().await?;
+        for (i, (a, n)) in task.networks.iter().zip(&nets).enumerate() {
+            let (v, p) = (veth_name(&task.id, i), veth_peer_name(&task.id, i));
+            if have.contains(&v) {
+                host.push(format!("link del {v}"));
+            }
+            host.push(format!(
+                "link add {v} mtu {} type veth peer name {p}",
+                n.mtu
+            ));
+            host.push(format!("link set {p} netns {}", ns.display()));
+            host.push(format!("link set {v} master {} up", bridge_name(&n.id)));
+            inside.push(format!("link set {p} name eth{i}"));
+            inside.push(format!("link set eth{i} mtu {} up", n.mtu));
+            inside.push(format!("addr add {}/32 dev eth{i}", a.address));
+            inside.push(format!("route add {} dev eth{i} scope link", n.gateway));
+            inside.push(format!(
+                "route add {} via {} dev eth{i}",
+                n.subnet, n.gateway
+            ));
+            if i == 0 {
+                // Outbound traffic leaves through the host (masqueraded), like
+                // docker_gwbridge; it is also the way back for host-mode published ports.
+                inside.push(format!("route add default via {} dev eth{i}", n.gateway));
+            }
+        }
+        ip_batch(&host, false, None).await?;
+        ip_batch(&inside, false, Some(&ns)).await?;
+        let hostname = task
+            .spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
+        let resolv = format!(
+            "# Rudder's embedded DNS on network {}\nnameserver {}\noptions ndots:0\n",
+            nets[0].name, nets[0].gateway
+        );
+        let mut hosts =
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string();
+        if let Some(a) = task.networks.first() {
+            hosts.push_str(&format!("{}\t{hostname}\n", a.address));
+        }
+        for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+            std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
+                op: "write resolv.conf/hosts",
+                err,
+            })?;
+        }
+        info!(task = %task.name(), addresses = ?task.networks.iter().map(|a| a.address).collect::<Vec<_>>(), "attached to networks");
+        Ok(ns)
+    }
+
+    /// Removes the task's namespace (its veth pairs go with it).
+    pub async fn detach(&self, task: &Task) {
+        let ns = self.netns_path(&task.id);
+        let cmds: Vec<String> = (0..task.networks.len())
+            .map(|i| format!("link del {}", veth_name(&task.id, i)))
+            .collect();
+        let _ = ip_batch(&cmds, true, None).await;
+        if ns.exists() {
+            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&ns);
+        }
+    }
+}
+
+/// Makes the routes through `dev` exactly `want` (each added by `add`).
+async fn sync_routes(
+    dev: &str,
+    want: &BTreeSet<String>,
+    add: impl Fn(&str) -> String,
+) -> Result<(), NetError> {
+    let have = routes_via(dev).await?;
+    let mut cmds: Vec<String> = have
+        .difference(want)
+        .map(|d| format!("route del {d} dev {dev}"))
+        .collect();
+    cmds.extend(want.iter().map(|d| add(d)));
+    ip_batch(&cmds, false, None).await
+}
+
+/// A new network namespace, kept alive by a bind mount at `path`. Made on a thread of its own
+/// (unshare changes the calling thread's namespace), which exits afterwards.
+async fn create_netns(path: &Path) -> Result<(), NetError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(), NetError> {
+        std::fs::File::create(&path).map_err(|err| NetError::Io {
+            op: "create netns file",
+            err,
+        })?;
+        let p = path.clone();
+        let r = std::thread::spawn(move || -> Result<(), String> {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("unshare: {e}"))?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &p,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| format!("bind mount: {e}"))
+        })
+        .join()
+        .map_err(|_| "netns thread panicked".to_string())
+        .and_then(|r| r);
+        r.map_err(|msg| NetError::Command {
+            cmd: format!("create netns {}", path.display()),
+            msg,
+        })
+    })
+    .await
+    .map_err(|e| NetError::Command {
+        cmd: "create netns".into(),
+        msg: e.to_string(),
+    })?
+}
+
+/// Whether `net` contains `addr` (for tests and callers holding plain values).
+pub fn contains(net: Ipv4Net, addr: Ipv4Addr) -> bool {
+    net.contains(&addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_model::network::ServiceEndpoints;
+
+    fn view(id: &str, subnet: &str, slice: &str) -> NetworkView {
+        let local: Ipv4Net = slice.parse().unwrap();
+        NetworkView {
+            id: id.into(),
+            name: format!("net-{id}"),
+            subnet: subnet.parse().unwrap(),
+            encrypted: true,
+            vni: 4096,
+            mtu: 1420,
+            local_slice: local,
+            gateway: rudder_model::network::Network::gateway(local),
+            services: vec![ServiceEndpoints {
+                name: "web".into(),
+                vip: Some("10.50.0.2".parse().unwrap()),
+                tasks: vec!["10.50.1.2".parse().unwrap(), "10.50.2.2".parse().unwrap()],
+            }],
+        }
+    }
+
+    #[test]
+    fn ruleset_balances_isolates_and_publishes() {
+        let map = NetworkMap {
+            networks: vec![view("aaaaaaaaaaaa", "10.50.0.0/16", "10.50.1.0/24")],
+            ingress: vec![PublishedPort {
+                service: "web".into(),
+                protocol: Protocol::Tcp,
+                published: 8080,
+                target: 80,
+                network: "aaaaaaaaaaaa".into(),
+                backends: vec!["10.50.1.2".parse().unwrap(), "10.50.2.2".parse().unwrap()],
+            }],
+            ..Default::default()
+        };
+        let t = ruleset(&map, &["rwg-1".to_string()]);
+        for want in [
+            "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
+            "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
+            "ct mark 0x5244 ip daddr 10.50.0.0/16 snat to 10.50.1.1",
+            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
+            "iifname { \"rwg-1\" } oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
+            "ip daddr { 10.50.0.0/16 } drop",
+        ] {
+            assert!(t.contains(want), "missing {want}\n{t}");
+        }
+        // The kernel accepts it (`nft -c` checks without committing anything).
+        let out = std::process::Command::new("nft")
+            .args(["-c", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(t.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{t}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // A service without tasks has no DNAT rule (nothing to send to).
+        let mut empty = map.clone();
+        empty.networks[0].services[0].tasks.clear();
+        empty.ingress.clear();
+        assert!(!ruleset(&empty, &[]).contains("dnat"));
+    }
+
+    #[test]
+    fn names_fit_linux_limits() {
+        let id = "0123456789abcdef01234567";
+        for n in [
+            bridge_name(id),
+            vxlan_name(id),
+            wg_name(id),
+            veth_name(id, 3),
+            veth_peer_name(id, 3),
+        ] {
+            assert!(n.len() <= 15, "{n}");
+        }
+        assert_eq!(
+            vtep_mac(4096, "10.50.2.1".parse().unwrap()),
+            "02:00:0a:32:02:01"
+        );
+    }
+}

@@ -1,0 +1,107 @@
+//! `rctl network ls|inspect|rm|rotate-keys`: overlay networks (declared with `kind: Network`
+//! in a manifest and created by `rctl apply`).
+
+use rudder_model::network::Network;
+use rudder_proto::v1::{ListNetworksRequest, RemoveNetworkRequest, RotateNetworkKeysRequest};
+
+use super::{print_table, Output};
+use crate::context::Context;
+
+async fn list(ctx: &Context) -> anyhow::Result<Vec<Network>> {
+    let mut client = crate::connect(ctx).await?;
+    let resp = client
+        .list_networks(ListNetworksRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    resp.networks_json
+        .iter()
+        .map(|j| serde_json::from_str(j).map_err(Into::into))
+        .collect()
+}
+
+pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
+    let nets = list(ctx).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&nets)?),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = nets
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.id.chars().take(12).collect(),
+                        n.spec.name.clone(),
+                        "overlay".into(),
+                        n.subnet.to_string(),
+                        if n.spec.encrypted {
+                            "wireguard".into()
+                        } else {
+                            format!("vxlan {}", n.vni)
+                        },
+                        n.slices.len().to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["ID", "NAME", "DRIVER", "SUBNET", "ENCAPSULATION", "HOSTS"],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The network as JSON, with each node's slice spelled out.
+pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
+    let nets = list(ctx).await?;
+    let n = nets
+        .iter()
+        .find(|n| n.spec.name == name || (name.len() >= 4 && n.id.starts_with(name)))
+        .ok_or_else(|| anyhow::anyhow!("network {name:?} not found (see `rctl network ls`)"))?;
+    let slices: serde_json::Map<String, serde_json::Value> = n
+        .slices
+        .iter()
+        .map(|(node, i)| (node.clone(), n.slice(*i).to_string().into()))
+        .collect();
+    let v = serde_json::json!({
+        "id": n.id,
+        "name": n.spec.name,
+        "driver": "overlay",
+        "subnet": n.subnet.to_string(),
+        "encrypted": n.spec.encrypted,
+        "encapsulation": if n.spec.encrypted { "wireguard" } else { "vxlan" },
+        "vni": n.vni,
+        "mtu": n.mtu(),
+        "virtual_ips": n.slice(0).to_string(),
+        "node_slices": slices,
+        "labels": n.spec.labels,
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+pub async fn rm(ctx: &Context, names: &[String]) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    for name in names {
+        client
+            .remove_network(RemoveNetworkRequest { name: name.clone() })
+            .await
+            .map_err(crate::status_err)?;
+        println!("{name}");
+    }
+    Ok(())
+}
+
+pub async fn rotate_keys(ctx: &Context) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    let r = client
+        .rotate_network_keys(RotateNetworkKeysRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    println!(
+        "key epoch {}: every agent makes a new WireGuard key pair and its peers are updated",
+        r.epoch
+    );
+    Ok(())
+}
