@@ -12,7 +12,11 @@ scripts/busybox-rootfs.sh /tmp/rudder-busybox.tar
 rctl image import /tmp/rudder-busybox.tar busybox:latest
 # apply waits, showing progress, until every replica runs.
 rctl apply -f manifests/hello.yaml
+# A web service on an encrypted overlay network, published on every host through the mesh.
+rctl apply -f manifests/web.yaml
 rctl get services
-rctl ps hello
+rctl ps
+addr=$(rctl node inspect h1 | sed -n 's/.*"addr": "\([0-9.]*\):.*/\1/p' | head -1)
+echo "h1 ($addr) port 8080 answers from a web replica: $(busybox wget -qO- "http://$addr:8080/")"
 echo
-echo "try: rctl logs hello; rctl ps; rctl local down"
+echo "try: rctl logs hello; rctl ps; rctl network ls; rctl local down"

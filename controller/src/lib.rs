@@ -273,8 +273,10 @@ pub async fn run(
     shutdown.await;
     info!("controller stopping");
     let _ = stop_tx.send(true);
-    let _ = grpc.await;
-    let _ = reg.await;
+    // A graceful stop waits for open calls, but agent sessions and raft streams never end on
+    // their own: give them a moment, then stop anyway (every write is already on disk).
+    let grace = std::time::Duration::from_secs(1);
+    let _ = tokio::time::timeout(grace, async { tokio::join!(grpc, reg) }).await;
     Ok(())
 }
 

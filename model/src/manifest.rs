@@ -206,6 +206,16 @@ mod tests {
     const HELLO: &str = "kind: Service\nname: hello\nimage: hello:latest\ncommand: [\"/bin/sh\", \"-c\", \"echo hi; sleep 1000\"]\nenv:\n  GREETING: hi\nreplicas: 6\n";
 
     #[test]
+    fn the_example_manifests_parse() {
+        for (name, text) in [
+            ("hello.yaml", include_str!("../../manifests/hello.yaml")),
+            ("web.yaml", include_str!("../../manifests/web.yaml")),
+        ] {
+            parse(name, text).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
     fn parses_networks_and_names_bad_fields() {
         let text = "kind: Network\nname: backend\nsubnet: 10.50.0.0/16\n---\nkind: Network\nname: plain\nencrypted: false\n---\nkind: Service\nname: web\nimage: x\nnetworks: [backend]\nports:\n  - target: 80\n    published: 8080\n    mode: ingress\n";
         let docs = parse("f.yaml", text).unwrap();

@@ -267,6 +267,19 @@ fn encrypted_overlay_dns_vip_mesh_and_restarts() -> anyhow::Result<()> {
     lab.restart(0, rudder_ctl::lab::Role::Controller, false)?;
     both(&lab, "both replicas after a controller restart")?;
 
+    // Key rotation: every host makes a new key pair; peers follow and traffic goes on.
+    let key_file = lab.host("h1").data_dir.join("wg.key");
+    let before = std::fs::read_to_string(&key_file)?;
+    lab.rctl(&["network", "rotate-keys"])?;
+    wait_for(Duration::from_secs(10), "h1's key replaced", || {
+        Ok((std::fs::read_to_string(&key_file)? != before).then_some(()))
+    })?;
+    both(&lab, "both replicas after key rotation")?;
+
+    // The interface carries the encapsulation's MTU.
+    let (_, link) = exec(&lab, &client, &["ip", "link", "show", "eth0"])?;
+    assert!(link.contains("mtu 1420"), "{link}");
+
     // A replica stops: DNS and the VIP drop it at once (the bench measures how fast).
     let victim = web.iter().find(|t| t["node"] == "h3").unwrap().clone();
     let addr = tasks_web_addr(&lab, &client, &names, &victim)?;
@@ -325,7 +338,8 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
         &format!(
             "kind: Network\nname: plain\nencrypted: false\nsubnet: 10.150.0.0/16\n---\n\
              kind: Service\nname: pweb\nimage: busybox:latest\nendpoint_mode: dnsrr\n\
-             networks: [plain]\nplacement:\n  constraints: [\"node.hostname==h2\"]\ncommand: {SERVER}\n---\n\
+             networks: [plain]\nplacement:\n  constraints: [\"node.hostname==h2\"]\ncommand: {SERVER}\n\
+             ports:\n  - {{target: 80, published: 8081, mode: host}}\n---\n\
              kind: Service\nname: pclient\nimage: busybox:latest\nnetworks: [plain]\n\
              placement:\n  constraints: [\"node.hostname==h1\"]\ncommand: [\"/bin/sleep\", \"1000000\"]\n"
         ),
@@ -352,7 +366,24 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
         contains(&raw, b"PLAINTEXT-MARKER-1234"),
         "VXLAN does not encrypt"
     );
-    let _ = server;
+    let (_, link) = exec(&lab, &client, &["ip", "link", "show", "eth0"])?;
+    assert!(link.contains("mtu 1450"), "{link}");
+
+    // A host-mode port answers only where the task runs (h2), mapped to the container's 80.
+    let get = |host: &str| -> anyhow::Result<Option<String>> {
+        let addr = lab.host(host).addr;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.host("h1").netns, "timeout", "3", "busybox", "wget", "-qO-"])
+            .arg(format!("http://{addr}:8081/"))
+            .output()?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    };
+    let name = server["id"].as_str().unwrap()[..12].to_string();
+    assert_eq!(get("h2")?, Some(name));
+    assert_eq!(get("h1")?, None, "host mode binds only where a task runs");
     let _ = Path::new("/");
     Ok(())
 }

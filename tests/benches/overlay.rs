@@ -1,0 +1,799 @@
+//! Overlay benchmarks on a two-host lab (run as root, after `cargo build --release --workspace
+//! --bins`: `cargo bench -p rudder-tests --bench overlay`; needs /usr/bin/iperf3).
+//!
+//! 1. TCP throughput between containers on h1 and h2 with iperf3 (5 s runs), over an encrypted
+//!    network (WireGuard, boringtun in userspace) and an unencrypted one (VXLAN): to the
+//!    server task's address with one stream (3 runs) and two streams (`-P 2`), and to the
+//!    service's virtual IP. The image is scripts/iperf-rootfs.sh's (busybox + iperf3 and its
+//!    libraries).
+//! 2. How long a stopped replica of a 3-replica service stays in DNS and behind the VIP, as h1
+//!    sees them: its DNS server on the network's gateway (`tasks.web`, polled every ~1 ms from
+//!    h1's namespace) and its nftables `prerouting` chain (polled back to back). Once after a
+//!    SIGKILL of the container's process, once after `rctl scale web=2` (graceful stop), 5
+//!    rounds each.
+//!
+//! DNS answer latency itself is `cargo bench -p rudder-agent --bench dns`.
+
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rudder_tests::{lab_with_busybox, ns_inode, running_tasks, wait_for, LabGuard};
+
+const ROUNDS: usize = 5;
+const IPERF_SECONDS: u32 = 5;
+/// How long a removal may take before a round counts as failed.
+const REMOVAL_TIMEOUT: Duration = Duration::from_secs(20);
+
+// The C library's calls this bench needs (std links it; no extra crate, so Cargo.lock stays).
+extern "C" {
+    fn setns(fd: i32, nstype: i32) -> i32;
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+const CLONE_NEWNET: i32 = 0x4000_0000;
+const SIGKILL: i32 = 9;
+/// Linux's USER_HZ, the unit of /proc/PID/stat times.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+const WEB: &str = "[\"/bin/sh\", \"-c\", \"mkdir -p /www; hostname > /www/index.html; \
+                   exec httpd -f -p 80 -h /www\"]";
+
+// ---------------------------------------------------------------------------------------------
+// Lab helpers
+
+/// Runs `cmd` inside task `task`'s container (the OCI runtime's exec, as health checks do).
+fn exec(lab: &LabGuard, task: &serde_json::Value, cmd: &[&str]) -> anyhow::Result<(bool, String)> {
+    let host = lab.host(task["node"].as_str().context("task has a node")?);
+    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
+        .arg("--root")
+        .arg(&host.runtime_root)
+        .arg("exec")
+        .arg(task["id"].as_str().context("task id")?)
+        .args(cmd)
+        .stdin(Stdio::null())
+        .output()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((out.status.success(), text))
+}
+
+/// Addresses `name` resolves to inside the container (busybox nslookup).
+fn resolve(lab: &LabGuard, task: &serde_json::Value, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let (_, out) = exec(lab, task, &["nslookup", name])?;
+    // busybox prints the server first ("Address: 10.96.1.1:53"), then the answers.
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_prefix("Address:"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect())
+}
+
+fn running(lab: &LabGuard, service: &str, n: usize) -> anyhow::Result<Vec<serde_json::Value>> {
+    wait_for(
+        Duration::from_secs(90),
+        &format!("{n} tasks of {service} running"),
+        || {
+            let t = lab.tasks(service)?;
+            let r: Vec<serde_json::Value> = running_tasks(&t).into_iter().cloned().collect();
+            Ok((r.len() == n).then_some(r))
+        },
+    )
+}
+
+/// The container's own address on its (only) overlay interface.
+fn task_addr(lab: &LabGuard, task: &serde_json::Value) -> anyhow::Result<Ipv4Addr> {
+    let (_, out) = exec(lab, task, &["ip", "-4", "-o", "addr", "show", "eth0"])?;
+    out.split_whitespace()
+        .find(|w| w.contains('/'))
+        .and_then(|w| w.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("address of task {}: {out}", task["id"]))
+}
+
+/// `rctl network inspect NAME`.
+fn network(lab: &LabGuard, name: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_str(
+        &lab.rctl(&["network", "inspect", name])?,
+    )?)
+}
+
+/// The gateway (bridge) address of network `name` on host `hostname`: its embedded DNS server.
+fn gateway(lab: &LabGuard, hostname: &str, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let id = network(lab, name)?["id"]
+        .as_str()
+        .context("network id")?
+        .to_string();
+    let br = rudder_agent::net::bridge_name(&id);
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &lab.host(hostname).netns,
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+        ])
+        .arg(&br)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no inet on {br} in {hostname}: {text}"))
+}
+
+/// Moves the calling thread (only) into network namespace `netns` (a name in /run/netns).
+/// Sockets made afterwards belong to it, and so do the processes the thread spawns.
+fn enter_netns(netns: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(Path::new("/run/netns").join(netns))
+        .with_context(|| format!("open netns {netns}"))?;
+    // SAFETY: a plain syscall on a descriptor we own; it changes this thread's namespace only.
+    let rc = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns {netns}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Busy fraction of all CPUs between two `/proc/stat` samples.
+fn cpu_sample() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total, idle)
+}
+
+fn busy_between(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.0.saturating_sub(a.0) as f64;
+    let idle = b.1.saturating_sub(a.1) as f64;
+    if total == 0.0 {
+        0.0
+    } else {
+        100.0 * (1.0 - idle / total)
+    }
+}
+
+/// Pids of the lab's userspace WireGuard processes (`rudder-agent wg-userspace`), by host.
+fn wg_pids(lab: &LabGuard) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let hosts: Vec<(String, Option<u64>)> = lab
+        .lab
+        .hosts
+        .iter()
+        .map(|h| (h.name.clone(), ns_inode(&format!("/run/netns/{}", h.netns))))
+        .collect();
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !cmd.split(|b| *b == 0).any(|a| a == b"wg-userspace") {
+            continue;
+        }
+        let ns = ns_inode(&format!("/proc/{pid}/ns/net"));
+        if let Some((name, _)) = hosts.iter().find(|(_, i)| i.is_some() && *i == ns) {
+            out.push((name.clone(), pid));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// utime + stime of `pid` in clock ticks (all threads).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Throughput
+
+struct Iperf {
+    sent_gbps: f64,
+    received_gbps: f64,
+    retransmits: u64,
+    /// Host CPU busy over the run, % of all cores.
+    cpu_busy: f64,
+    /// CPU of the lab's wg-userspace processes over the run, % of one core, by host.
+    wg_cpu: Vec<(String, f64)>,
+}
+
+fn iperf(
+    lab: &LabGuard,
+    client: &serde_json::Value,
+    server: Ipv4Addr,
+    extra: &[&str],
+) -> anyhow::Result<Iperf> {
+    let secs = IPERF_SECONDS.to_string();
+    let server = server.to_string();
+    let mut cmd = vec!["timeout", "60", "iperf3", "-c", &server, "-t", &secs, "-J"];
+    cmd.extend_from_slice(extra);
+    let wg = wg_pids(lab);
+    let wg_before: Vec<u64> = wg.iter().map(|(_, p)| cpu_ticks(*p)).collect();
+    let c0 = cpu_sample();
+    let t0 = Instant::now();
+    let (ok, out) = exec(lab, client, &cmd)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let c1 = cpu_sample();
+    let hz = TICKS_PER_SECOND;
+    let wg_cpu = wg
+        .iter()
+        .zip(wg_before)
+        .map(|((h, p), b)| {
+            (
+                h.clone(),
+                100.0 * cpu_ticks(*p).saturating_sub(b) as f64 / hz / wall,
+            )
+        })
+        .collect();
+    let json: serde_json::Value = serde_json::from_str(&out)
+        .with_context(|| format!("iperf3 output (exit ok: {ok}): {out}"))?;
+    if let Some(e) = json["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let end = &json["end"];
+    let gbps = |v: &serde_json::Value| v["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9;
+    Ok(Iperf {
+        sent_gbps: gbps(&end["sum_sent"]),
+        received_gbps: gbps(&end["sum_received"]),
+        retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        cpu_busy: busy_between(c0, c1),
+        wg_cpu,
+    })
+}
+
+struct NetCase {
+    label: &'static str,
+    network: &'static str,
+    server: &'static str,
+    client: &'static str,
+    target_gbps: f64,
+}
+
+fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
+    let cases = [
+        NetCase {
+            label: "WireGuard (boringtun)",
+            network: "wgnet",
+            server: "iperf-wg",
+            client: "client-wg",
+            target_gbps: 0.5,
+        },
+        NetCase {
+            label: "VXLAN",
+            network: "vxnet",
+            server: "iperf-vx",
+            client: "client-vx",
+            target_gbps: 10.0,
+        },
+    ];
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!();
+    println!(
+        "== TCP throughput, container on h1 -> iperf3 -s on h2 ({IPERF_SECONDS} s runs; \
+         {cores} CPUs) =="
+    );
+    println!(
+        "{:<22} {:>4} {:<24} {:>10} {:>10} {:>7} {:>8} {:>16}",
+        "network", "MTU", "run", "sent Gb/s", "recv Gb/s", "retr", "CPU busy", "boringtun CPU"
+    );
+    let mut summary = Vec::new();
+    for c in &cases {
+        let _ = running(lab, c.server, 1)?;
+        let client = running(lab, c.client, 1)?.remove(0);
+        let mtu = network(lab, c.network)?["mtu"].as_u64().unwrap_or(0);
+        let tasks = wait_for(Duration::from_secs(30), "server in DNS", || {
+            let a = resolve(lab, &client, &format!("tasks.{}", c.server))?;
+            Ok((a.len() == 1).then_some(a))
+        })?;
+        let vip = wait_for(Duration::from_secs(30), "server VIP in DNS", || {
+            let a = resolve(lab, &client, c.server)?;
+            Ok((a.len() == 1).then_some(a))
+        })?;
+        // The server takes one test at a time; it may still be starting.
+        wait_for(Duration::from_secs(30), "iperf3 server answering", || {
+            let (ok, _) = exec(
+                lab,
+                &client,
+                &[
+                    "timeout",
+                    "5",
+                    "iperf3",
+                    "-c",
+                    &tasks[0].to_string(),
+                    "-t",
+                    "1",
+                ],
+            )?;
+            Ok(ok.then_some(()))
+        })?;
+        let runs: Vec<(String, Ipv4Addr, Vec<&str>)> = vec![
+            (format!("task {} #1", tasks[0]), tasks[0], vec![]),
+            (format!("task {} #2", tasks[0]), tasks[0], vec![]),
+            (format!("task {} #3", tasks[0]), tasks[0], vec![]),
+            ("task -P 2".to_string(), tasks[0], vec!["-P", "2"]),
+            (format!("VIP {}", vip[0]), vip[0], vec![]),
+        ];
+        let mut single = Vec::new();
+        let mut best: f64 = 0.0;
+        for (name, addr, extra) in runs {
+            match iperf(lab, &client, addr, &extra) {
+                Ok(r) => {
+                    let wg: Vec<String> = r
+                        .wg_cpu
+                        .iter()
+                        .map(|(h, p)| format!("{h} {p:.0}%"))
+                        .collect();
+                    println!(
+                        "{:<22} {:>4} {:<24} {:>10.2} {:>10.2} {:>7} {:>7.0}% {:>16}",
+                        c.label,
+                        mtu,
+                        name,
+                        r.sent_gbps,
+                        r.received_gbps,
+                        r.retransmits,
+                        r.cpu_busy,
+                        if wg.is_empty() {
+                            "-".to_string()
+                        } else {
+                            wg.join(", ")
+                        }
+                    );
+                    if extra.is_empty() && name.starts_with("task") {
+                        single.push(r.received_gbps);
+                    }
+                    best = best.max(r.received_gbps);
+                }
+                Err(e) => println!("{:<22} {:>4} {:<24} FAILED: {e:#}", c.label, mtu, name),
+            }
+        }
+        single.sort_by(f64::total_cmp);
+        let med = single.get(single.len() / 2).copied().unwrap_or(f64::NAN);
+        summary.push((c.label, med, best, c.target_gbps));
+    }
+    println!();
+    for (label, med, best, target) in summary {
+        println!(
+            "{label}: median single-stream {med:.2} Gbit/s received, best of all runs {best:.2} \
+             (target >= {target} Gbit/s: {})",
+            if med >= target {
+                "met"
+            } else if best >= target {
+                "met only by the best run"
+            } else {
+                "MISSED"
+            }
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A stopped replica leaving DNS and the VIP
+
+/// A DNS client in h1's namespace asking the network's embedded server directly.
+struct Dns {
+    sock: UdpSocket,
+    server: SocketAddr,
+    id: u16,
+}
+
+impl Dns {
+    fn new(netns: &str, server: Ipv4Addr) -> anyhow::Result<Dns> {
+        let ns = netns.to_string();
+        let sock = std::thread::spawn(move || -> anyhow::Result<UdpSocket> {
+            enter_netns(&ns)?;
+            Ok(UdpSocket::bind("0.0.0.0:0")?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("netns thread panicked"))??;
+        sock.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(Dns {
+            sock,
+            server: SocketAddr::from((server, 53)),
+            id: 1,
+        })
+    }
+
+    /// The A records of `name` (empty on NXDOMAIN).
+    fn a(&mut self, name: &str) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+        self.id = self.id.wrapping_add(1);
+        let mut q = Vec::with_capacity(64);
+        q.extend_from_slice(&self.id.to_be_bytes());
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        self.sock.send_to(&q, self.server)?;
+        let mut buf = [0u8; 1500];
+        loop {
+            let n = self.sock.recv(&mut buf)?;
+            if n >= 12 && buf[..2] == self.id.to_be_bytes() {
+                return parse_a(&buf[..n]);
+            }
+        }
+    }
+}
+
+/// Skips a (possibly compressed) name at `i`; returns the offset after it.
+fn skip_name(m: &[u8], mut i: usize) -> anyhow::Result<usize> {
+    loop {
+        let len = *m.get(i).context("truncated name")? as usize;
+        if len == 0 {
+            return Ok(i + 1);
+        }
+        if len & 0xc0 == 0xc0 {
+            return Ok(i + 2);
+        }
+        i += 1 + len;
+    }
+}
+
+fn parse_a(m: &[u8]) -> anyhow::Result<BTreeSet<Ipv4Addr>> {
+    let rcode = m[3] & 0x0f;
+    if rcode == 3 {
+        return Ok(BTreeSet::new());
+    }
+    anyhow::ensure!(rcode == 0, "rcode {rcode}");
+    let qd = u16::from_be_bytes([m[4], m[5]]);
+    let an = u16::from_be_bytes([m[6], m[7]]);
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(m, i)? + 4;
+    }
+    let mut out = BTreeSet::new();
+    for _ in 0..an {
+        i = skip_name(m, i)?;
+        let h = m.get(i..i + 10).context("truncated record")?;
+        let (ty, len) = (
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[8], h[9]]) as usize,
+        );
+        i += 10;
+        let d = m.get(i..i + len).context("truncated rdata")?;
+        if ty == 1 && len == 4 {
+            out.insert(Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+        }
+        i += len;
+    }
+    Ok(out)
+}
+
+/// The backends of `vip` in the `prerouting` chain listing (empty when it has no rule).
+fn vip_backends(chain: &str, vip: Ipv4Addr) -> BTreeSet<Ipv4Addr> {
+    let key = format!("ip daddr {vip} dnat");
+    chain
+        .lines()
+        .filter(|l| l.contains(&key))
+        .flat_map(|l| {
+            let after = &l[l.find(&key).unwrap_or(0) + key.len()..];
+            after
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .filter_map(|w| w.parse::<Ipv4Addr>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `nft list chain ip rudder prerouting`; call from a thread inside the host's namespace.
+fn nft_chain() -> anyhow::Result<String> {
+    let out = Command::new("nft")
+        .args(["list", "chain", "ip", "rudder", "prerouting"])
+        .stdin(Stdio::null())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// When (after `t0`) each view first lost an address of `before`, and which address.
+struct Removal {
+    dns: Option<(Duration, Ipv4Addr)>,
+    vip: Option<(Duration, Ipv4Addr)>,
+    dns_polls: u32,
+    nft_polls: u32,
+}
+
+/// Polls h1's DNS (from this thread) and nftables (from a thread in h1's namespace) until
+/// each has dropped an address of `before`; `trigger` runs once both pollers are going, and
+/// returns the instant to measure from.
+fn watch_removal(
+    dns: &mut Dns,
+    netns: &str,
+    vip: Ipv4Addr,
+    before: &BTreeSet<Ipv4Addr>,
+    trigger: impl FnOnce() -> anyhow::Result<Instant>,
+) -> anyhow::Result<Removal> {
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let ns = netns.to_string();
+    let before_nft = before.clone();
+    let nft = std::thread::spawn(
+        move || -> anyhow::Result<(Option<(Duration, Ipv4Addr)>, u32)> {
+            enter_netns(&ns)?;
+            let t0 = rx.recv()?;
+            let mut polls = 0;
+            while t0.elapsed() < REMOVAL_TIMEOUT {
+                let now = vip_backends(&nft_chain()?, vip);
+                polls += 1;
+                if let Some(gone) = before_nft.iter().find(|a| !now.contains(a)) {
+                    return Ok((Some((t0.elapsed(), *gone)), polls));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok((None, polls))
+        },
+    );
+    let t0 = match trigger() {
+        Ok(t0) => t0,
+        Err(e) => {
+            drop(tx);
+            let _ = nft.join();
+            return Err(e);
+        }
+    };
+    let _ = tx.send(t0);
+    let mut dns_found = None;
+    let mut dns_polls = 0;
+    while t0.elapsed() < REMOVAL_TIMEOUT {
+        dns_polls += 1;
+        if let Ok(now) = dns.a("tasks.web") {
+            if let Some(gone) = before.iter().find(|a| !now.contains(a)) {
+                dns_found = Some((t0.elapsed(), *gone));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (vip_found, nft_polls) = nft
+        .join()
+        .map_err(|_| anyhow::anyhow!("nft poller panicked"))??;
+    Ok(Removal {
+        dns: dns_found,
+        vip: vip_found,
+        dns_polls,
+        nft_polls,
+    })
+}
+
+/// Waits until `web` has 3 running tasks and h1's DNS and VIP both list exactly their
+/// addresses; returns the tasks and addresses.
+fn steady(
+    lab: &LabGuard,
+    dns: &mut Dns,
+    netns: &str,
+    vip: Ipv4Addr,
+) -> anyhow::Result<(Vec<serde_json::Value>, BTreeSet<Ipv4Addr>)> {
+    let tasks = running(lab, "web", 3)?;
+    let mut addrs = BTreeSet::new();
+    for t in &tasks {
+        addrs.insert(task_addr(lab, t)?);
+    }
+    let ns = netns.to_string();
+    wait_for(Duration::from_secs(30), "DNS and VIP list 3 tasks", || {
+        let d = dns.a("tasks.web")?;
+        let ns = ns.clone();
+        let chain = std::thread::spawn(move || -> anyhow::Result<String> {
+            enter_netns(&ns)?;
+            nft_chain()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("nft thread panicked"))??;
+        let v = vip_backends(&chain, vip);
+        if d == addrs && v == addrs {
+            Ok(Some(()))
+        } else {
+            bail!("DNS {d:?}, VIP {v:?}, tasks {addrs:?}")
+        }
+    })?;
+    Ok((tasks, addrs))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn stats(v: &[Duration]) -> String {
+    if v.is_empty() {
+        return "no data".into();
+    }
+    let mut s = v.to_vec();
+    s.sort();
+    format!(
+        "median {:>7.1} ms   max {:>7.1} ms   (n={})",
+        ms(s[s.len() / 2]),
+        ms(s[s.len() - 1]),
+        s.len()
+    )
+}
+
+fn removal(lab: &LabGuard) -> anyhow::Result<()> {
+    let h1 = lab.host("h1").netns.clone();
+    let gw = gateway(lab, "h1", "wgnet")?;
+    let mut dns = Dns::new(&h1, gw)?;
+    let vip = wait_for(Duration::from_secs(30), "web VIP", || {
+        let v = dns.a("web")?;
+        Ok((v.len() == 1).then(|| *v.iter().next().unwrap()))
+    })?;
+    println!();
+    println!(
+        "== A stopped replica of web (3 replicas, network wgnet) leaving h1's DNS \
+         ({gw}:53, tasks.web) and VIP {vip} (nft prerouting on h1) =="
+    );
+    let mut results: Vec<(&str, Vec<Duration>, Vec<Duration>)> = Vec::new();
+
+    // SIGKILL of a replica's container process (preferably on h2, so the news crosses hosts).
+    let (mut kd, mut kv) = (Vec::new(), Vec::new());
+    for round in 1..=ROUNDS {
+        let (tasks, before) = steady(lab, &mut dns, &h1, vip)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let victim = tasks
+            .iter()
+            .find(|t| t["node"] == "h2")
+            .unwrap_or(&tasks[0])
+            .clone();
+        let addr = task_addr(lab, &victim)?;
+        let pid = lab.task_pid(&victim, "pid").context("victim pid")?;
+        anyhow::ensure!(pid > 1, "bad pid {pid}");
+        let r = watch_removal(&mut dns, &h1, vip, &before, || {
+            let t0 = Instant::now();
+            // SAFETY: plain kill(2) of the container's init, a pid the agent recorded.
+            let rc = unsafe { kill(pid, SIGKILL) };
+            anyhow::ensure!(rc == 0, "kill {pid}: {}", std::io::Error::last_os_error());
+            Ok(t0)
+        })?;
+        let line = |what: &str, f: Option<(Duration, Ipv4Addr)>, out: &mut Vec<Duration>| match f {
+            Some((d, a)) if a == addr => {
+                out.push(d);
+                format!("{what} {:.1} ms", ms(d))
+            }
+            Some((d, a)) => format!("{what} dropped {a}, not the victim, after {:.1} ms", ms(d)),
+            None => format!("{what} still there after {REMOVAL_TIMEOUT:?}"),
+        };
+        println!(
+            "  SIGKILL round {round}: victim {addr} on {}: {}, {} ({} DNS polls, {} nft polls)",
+            victim["node"].as_str().unwrap_or("?"),
+            line("DNS", r.dns, &mut kd),
+            line("VIP", r.vip, &mut kv),
+            r.dns_polls,
+            r.nft_polls
+        );
+    }
+    results.push(("SIGKILL of the container", kd, kv));
+
+    // Graceful: `rctl scale web=2` (the stopped task is the controller's choice), back to 3.
+    let (mut gd, mut gv) = (Vec::new(), Vec::new());
+    let mut rctl_times = Vec::new();
+    for round in 1..=ROUNDS {
+        let (_, before) = steady(lab, &mut dns, &h1, vip)?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut rctl_took = Duration::ZERO;
+        let r = watch_removal(&mut dns, &h1, vip, &before, || {
+            let t0 = Instant::now();
+            lab.rctl(&["scale", "web=2"])?;
+            rctl_took = t0.elapsed();
+            Ok(t0)
+        })?;
+        rctl_times.push(rctl_took);
+        let same = match (r.dns, r.vip) {
+            (Some((_, a)), Some((_, b))) => a == b,
+            _ => false,
+        };
+        let fmt = |what: &str, f: Option<(Duration, Ipv4Addr)>, out: &mut Vec<Duration>| match f {
+            Some((d, a)) => {
+                out.push(d);
+                format!("{what} {:.1} ms ({a})", ms(d))
+            }
+            None => format!("{what} still there after {REMOVAL_TIMEOUT:?}"),
+        };
+        let d = fmt("DNS", r.dns, &mut gd);
+        let v = fmt("VIP", r.vip, &mut gv);
+        println!(
+            "  scale 3->2 round {round}: {d}, {v}{} (rctl scale returned after {:.1} ms; {} DNS \
+             polls, {} nft polls)",
+            if same { "" } else { " [different addresses!]" },
+            ms(rctl_took),
+            r.dns_polls,
+            r.nft_polls
+        );
+        lab.rctl(&["scale", "web=3"])?;
+    }
+    results.push(("graceful stop (rctl scale 3->2)", gd, gv));
+    let _ = steady(lab, &mut dns, &h1, vip)?;
+
+    println!();
+    println!(
+        "{:<34} {:<6} time until gone on h1",
+        "how the replica stopped", "view"
+    );
+    for (how, d, v) in &results {
+        println!("{how:<34} {:<6} {}", "DNS", stats(d));
+        println!("{:<34} {:<6} {}", "", "VIP", stats(v));
+    }
+    println!(
+        "(from kill(2) / from spawning `rctl scale`, which itself returned after {} )",
+        stats(&rctl_times)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> anyhow::Result<()> {
+    // `cargo bench` passes --bench; `cargo test --benches` would run us with no flag: skip then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return Ok(());
+    }
+    let (lab, tmp) = lab_with_busybox("obn", 2)?;
+    let tar = tmp.path().join("iperf.tar");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/iperf-rootfs.sh");
+    let st = Command::new("bash").arg(script).arg(&tar).status()?;
+    anyhow::ensure!(st.success(), "iperf-rootfs.sh failed");
+    lab.rctl(&[
+        "image",
+        "import",
+        tar.to_str().context("utf-8 path")?,
+        "iperf:latest",
+    ])?;
+    let on = |host: &str| format!("placement:\n  constraints: [\"node.hostname=={host}\"]\n");
+    let sleep = "command: [\"/bin/sleep\", \"1000000\"]\n";
+    let mut yaml = String::from(
+        "kind: Network\nname: wgnet\n---\nkind: Network\nname: vxnet\nencrypted: false\n",
+    );
+    for (net, suffix) in [("wgnet", "wg"), ("vxnet", "vx")] {
+        yaml.push_str(&format!(
+            "---\nkind: Service\nname: iperf-{suffix}\nimage: iperf:latest\nnetworks: [{net}]\n\
+             stop_grace_period: 1\n{}command: [\"/usr/bin/iperf3\", \"-s\"]\n",
+            on("h2")
+        ));
+        yaml.push_str(&format!(
+            "---\nkind: Service\nname: client-{suffix}\nimage: iperf:latest\nnetworks: [{net}]\n\
+             stop_grace_period: 1\n{}{sleep}",
+            on("h1")
+        ));
+    }
+    yaml.push_str(&format!(
+        "---\nkind: Service\nname: web\nimage: busybox:latest\nreplicas: 3\nnetworks: [wgnet]\n\
+         stop_grace_period: 1\ncommand: {WEB}\n"
+    ));
+    lab.apply(tmp.path(), "bench.yaml", &yaml)?;
+    let t = throughput(&lab);
+    if let Err(e) = &t {
+        println!("throughput: FAILED: {e:#}");
+    }
+    let r = removal(&lab);
+    if let Err(e) = &r {
+        println!("removal: FAILED: {e:#}");
+    }
+    drop(lab);
+    drop(tmp);
+    t.and(r)
+}
