@@ -373,7 +373,16 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
     let get = |host: &str| -> anyhow::Result<Option<String>> {
         let addr = lab.host(host).addr;
         let out = Command::new("ip")
-            .args(["netns", "exec", &lab.host("h1").netns, "timeout", "3", "busybox", "wget", "-qO-"])
+            .args([
+                "netns",
+                "exec",
+                &lab.host("h1").netns,
+                "timeout",
+                "3",
+                "busybox",
+                "wget",
+                "-qO-",
+            ])
             .arg(format!("http://{addr}:8081/"))
             .output()?;
         Ok(out
@@ -384,6 +393,38 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
     let name = server["id"].as_str().unwrap()[..12].to_string();
     assert_eq!(get("h2")?, Some(name));
     assert_eq!(get("h1")?, None, "host mode binds only where a task runs");
+
+    // Bad input: a network in use, an unknown network, a changed subnet; nothing is disturbed.
+    let e = lab
+        .rctl(&["network", "rm", "plain"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("in use by service(s) pclient, pweb"), "{e}");
+    let e = lab
+        .apply(
+            tmp.path(),
+            "bad.yaml",
+            "kind: Service\nname: lost\nimage: busybox:latest\nnetworks: [nowhere]\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("networks[0]") && e.contains("\"nowhere\" does not exist"),
+        "{e}"
+    );
+    let e = lab
+        .apply(
+            tmp.path(),
+            "bad2.yaml",
+            "kind: Network\nname: plain\nencrypted: false\nsubnet: 10.151.0.0/16\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot change"), "{e}");
+    assert_eq!(
+        get("h2")?,
+        Some(server["id"].as_str().unwrap()[..12].to_string())
+    );
     let _ = Path::new("/");
     Ok(())
 }
