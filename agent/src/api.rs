@@ -1,8 +1,11 @@
-//! The agent's own API, called by controllers: container logs (and later exec, cp).
+//! The agent's own API, called by controllers: container logs; exec, cp and inspect live in
+//! `exec` and `copy`.
 //!
-//! Logs are the container's output file. `tail` starts at the last N lines; `follow` keeps
-//! reading what the container appends until it has exited (its shim wrote `exit`) and the file
-//! is drained, or the caller goes away.
+//! Logs are the container's output file, written by its shim as `<time> <stream> <line>`
+//! lines. `tail` starts at the last N lines; `follow` keeps reading what the container appends
+//! (across rotations: a new `log` is noticed by its inode) until it has exited (its shim wrote
+//! `exit`) and the file is drained, or the caller goes away. Lines go out as the container
+//! wrote them, or with their time first for `timestamps`.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -17,6 +20,8 @@ use tonic::{Request, Response, Status};
 
 pub struct AgentApiImpl {
     pub containers: PathBuf,
+    /// Exec, cp and inspect (`exec`, `copy`).
+    pub access: crate::exec::ContainerAccess,
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
@@ -62,6 +67,40 @@ fn exited(dir: &Path) -> bool {
 #[tonic::async_trait]
 impl AgentApi for AgentApiImpl {
     type TaskLogsStream = LogStream;
+    type ExecStream = crate::exec::ExecStream;
+    type CopyFromStream = crate::copy::TarStream;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<rudder_proto::v1::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        crate::exec::exec(&self.access, req.into_inner()).await
+    }
+
+    async fn copy_from(
+        &self,
+        req: Request<rudder_proto::v1::CopyFromRequest>,
+    ) -> Result<Response<Self::CopyFromStream>, Status> {
+        crate::copy::copy_from(&self.access, req.into_inner()).await
+    }
+
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<rudder_proto::v1::CopyToInput>>,
+    ) -> Result<Response<rudder_proto::v1::CopyToResponse>, Status> {
+        crate::copy::copy_to(&self.access, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn inspect_container(
+        &self,
+        req: Request<rudder_proto::v1::InspectContainerRequest>,
+    ) -> Result<Response<rudder_proto::v1::ContainerInfo>, Status> {
+        self.access
+            .info(&req.into_inner().task_id)
+            .map(Response::new)
+    }
 
     async fn task_logs(
         &self,
@@ -71,6 +110,7 @@ impl AgentApi for AgentApiImpl {
             task_id: id,
             tail,
             follow,
+            timestamps,
         } = req.into_inner();
         if id.is_empty() || id.contains('/') || id.contains("..") {
             return Err(Status::invalid_argument("bad task id"));
@@ -101,16 +141,25 @@ impl AgentApi for AgentApiImpl {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 * 1024];
+            let mut lines = Lines::new(timestamps);
             loop {
                 match file.read(&mut buf).await {
                     Ok(0) if !follow => break,
                     Ok(0) => {
+                        // Rotated: finish the old file (done: at EOF), go on with the new one.
+                        if rotated(&path, &file).await {
+                            if let Ok(f) = tokio::fs::File::open(&path).await {
+                                file = f;
+                                continue;
+                            }
+                        }
                         // Drained: done once the container is gone (read once more after
                         // seeing `exit`, for output written just before it).
                         if exited(&dir) {
                             match file.read(&mut buf).await {
                                 Ok(n) if n > 0 => {
-                                    let _ = tx.send(Ok(chunk(&id, &buf[..n]))).await;
+                                    let out = lines.push(&buf[..n]);
+                                    let _ = tx.send(Ok(chunk(&id, &out))).await;
                                     continue;
                                 }
                                 _ => break,
@@ -122,7 +171,8 @@ impl AgentApi for AgentApiImpl {
                         tokio::time::sleep(FOLLOW_POLL).await;
                     }
                     Ok(n) => {
-                        if tx.send(Ok(chunk(&id, &buf[..n]))).await.is_err() {
+                        let out = lines.push(&buf[..n]);
+                        if !out.is_empty() && tx.send(Ok(chunk(&id, &out))).await.is_err() {
                             break;
                         }
                     }
@@ -141,6 +191,65 @@ impl AgentApi for AgentApiImpl {
     }
 }
 
+/// Whether the file at `path` is no longer the one open (the shim rotated it).
+async fn rotated(path: &Path, open: &tokio::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (tokio::fs::metadata(path).await, open.metadata().await) {
+        (Ok(now), Ok(ours)) => now.ino() != ours.ino(),
+        _ => false,
+    }
+}
+
+/// Turns the shim's `<time> <stream> <line>` records into output lines.
+pub struct Lines {
+    timestamps: bool,
+    partial: Vec<u8>,
+}
+
+impl Lines {
+    pub fn new(timestamps: bool) -> Self {
+        Lines {
+            timestamps,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The complete lines in `data` (plus what was held back), rendered.
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        self.partial.extend_from_slice(data);
+        let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') else {
+            return Vec::new();
+        };
+        let whole: Vec<u8> = self.partial.drain(..=end).collect();
+        let mut out = Vec::with_capacity(whole.len());
+        for line in whole.split_inclusive(|b| *b == b'\n') {
+            out.extend_from_slice(&self.render(line));
+        }
+        out
+    }
+
+    fn render(&self, line: &[u8]) -> Vec<u8> {
+        // Records from before the shim wrote timestamps pass through as they are.
+        let mut parts = line.splitn(3, |b| *b == b' ');
+        let (Some(ts), Some(stream), Some(rest)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return line.to_vec();
+        };
+        let is_ts = ts.len() >= 20 && ts.ends_with(b"Z") && ts[0].is_ascii_digit();
+        if !is_ts || !(stream == b"stdout" || stream == b"stderr") {
+            return line.to_vec();
+        }
+        if self.timestamps {
+            let mut v = ts.to_vec();
+            v.push(b' ');
+            v.extend_from_slice(rest);
+            v
+        } else {
+            rest.to_vec()
+        }
+    }
+}
+
 fn chunk(task: &str, data: &[u8]) -> LogChunk {
     LogChunk {
         task: task.to_string(),
@@ -153,6 +262,21 @@ fn chunk(task: &str, data: &[u8]) -> LogChunk {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn records_render_with_or_without_time() {
+        let rec = b"2026-11-23T16:55:00.000000001Z stdout hello world\n2026-11-23T16:55:01.000000000Z stderr oops\nold style line\npart";
+        assert_eq!(
+            Lines::new(false).push(rec),
+            b"hello world\noops\nold style line\n".to_vec()
+        );
+        let mut l = Lines::new(true);
+        assert_eq!(
+            l.push(rec),
+            b"2026-11-23T16:55:00.000000001Z hello world\n2026-11-23T16:55:01.000000000Z oops\nold style line\n".to_vec()
+        );
+        assert_eq!(l.push(b"ial\n"), b"partial\n".to_vec());
+    }
 
     #[test]
     fn tail_offsets() {

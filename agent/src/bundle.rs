@@ -136,13 +136,16 @@ pub fn command_line(task: &Task, image: &ImageConfig) -> Result<Vec<String>, Bun
     Ok(argv)
 }
 
-/// Builds and writes `config.json` for the task into `c.bundle()`.
+/// Builds and writes `config.json` for the task into `c.bundle()`. `task_mounts` are its own
+/// (volumes, binds, tmpfs: `crate::volume::Volumes::prepare`), mounted after the defaults and
+/// after the network files, so a user's mount wins.
 pub fn write_config(
     c: &ContainerDir,
     task: &Task,
     image: &ImageConfig,
     cgroup_parent: &str,
     netns: Option<&Path>,
+    task_mounts: &[oci_spec::runtime::Mount],
 ) -> Result<(), BundleError> {
     let s = &task.spec;
     let argv = command_line(task, image)?;
@@ -264,6 +267,11 @@ pub fn write_config(
             }
         }
         spec.set_mounts(Some(mounts));
+    }
+    if !task_mounts.is_empty() {
+        let mut all = spec.mounts().clone().unwrap_or_default();
+        all.extend(task_mounts.iter().cloned());
+        spec.set_mounts(Some(all));
     }
     spec.set_hostname(Some(hostname))
         .set_process(Some(process))

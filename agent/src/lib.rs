@@ -4,13 +4,17 @@
 
 pub mod api;
 pub mod bundle;
+pub mod copy;
 pub mod dns;
+pub mod exec;
+pub mod fs_helper;
 pub mod health;
 pub mod manager;
 pub mod net;
 pub mod runtime;
 pub mod session;
 pub mod shim;
+pub mod volume;
 pub mod wg;
 pub mod worker;
 
@@ -158,6 +162,13 @@ pub async fn run(
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
     let binary = runtime::pick_runtime(&cfg.runtime);
     info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
+    let access = exec::ContainerAccess {
+        containers: containers.clone(),
+        runtime: binary.clone(),
+        runtime_root: cfg.runtime_root.clone(),
+        agent_exe: std::env::current_exe()
+            .map_err(|e| AgentError::Io("find the agent binary", e))?,
+    };
     let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let agent_exe =
@@ -173,6 +184,7 @@ pub async fn run(
         registry_tls: Some(certs_rx.clone()),
         status_tx,
         overlay: Some(overlay),
+        volumes: volume::Volumes::new(cfg.data_dir.join("volumes"), cfg.hostname.clone()),
     });
     worker.adopt();
     let (cpus_milli, memory_bytes) = host_capacity();
@@ -198,6 +210,7 @@ pub async fn run(
         server.add_service(InterceptedService::new(
             AgentApiServer::new(api::AgentApiImpl {
                 containers: containers.clone(),
+                access: access.clone(),
             }),
             tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
         ))

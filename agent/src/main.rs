@@ -49,6 +49,10 @@ enum Cmd {
         runtime: String,
         #[arg(long)]
         root: PathBuf,
+        #[arg(long, default_value_t = rudder_agent::shim::LOG_MAX_SIZE)]
+        log_max_size: u64,
+        #[arg(long, default_value_t = rudder_agent::shim::LOG_MAX_FILES)]
+        log_max_files: u32,
     },
     /// Internal: run userspace WireGuard for one interface (started by the agent when the
     /// kernel has no WireGuard).
@@ -57,10 +61,18 @@ enum Cmd {
         #[arg(long)]
         iface: String,
     },
+    /// Internal: pack or unpack a tar inside a container's root, for `rctl cp` (started by
+    /// the agent).
+    #[command(hide = true)]
+    FsHelper(rudder_agent::fs_helper::HelperArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(Cmd::FsHelper(args)) = &a.cmd {
+        // Before any runtime: it chroots, and must stay single-threaded.
+        rudder_agent::fs_helper::main(args);
+    }
     if let Some(Cmd::WgUserspace { iface }) = &a.cmd {
         // Before any runtime: boringtun's signal handling relies on threads it starts itself.
         tracing_subscriber::fmt()
@@ -78,6 +90,8 @@ fn main() -> anyhow::Result<()> {
         id,
         runtime,
         root,
+        log_max_size,
+        log_max_files,
     }) = a.cmd
     {
         rudder_agent::shim::main(rudder_agent::shim::ShimArgs {
@@ -85,6 +99,8 @@ fn main() -> anyhow::Result<()> {
             id,
             runtime,
             root,
+            log_max_size,
+            log_max_files,
         });
     }
     tracing_subscriber::fmt()

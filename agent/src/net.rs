@@ -180,7 +180,7 @@ fn write_sysctl(path: &str, value: &str) {
 
 /// The nftables table for `map`: VIPs, the routing mesh, host-mode ports, isolation between
 /// networks, and outbound NAT. Pure, so it is unit-tested as text.
-pub fn ruleset(map: &NetworkMap, tunnels: &[String]) -> String {
+pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge>) -> String {
     let mut pre = Vec::new();
     let mut out_nat = Vec::new();
     let mut post = Vec::new();
@@ -269,7 +269,8 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String]) -> String {
         published(p, MARK_INGRESS, &mut pre, "");
         published(p, MARK_INGRESS, &mut out_nat, local_out);
     }
-    for p in &map.host_ports {
+    let bridge_ports = bridge.map(|b| b.ports.as_slice()).unwrap_or_default();
+    for p in map.host_ports.iter().chain(bridge_ports) {
         published(p, MARK_HOSTPORT, &mut pre, "");
         published(p, MARK_HOSTPORT, &mut out_nat, local_out);
     }
@@ -286,6 +287,14 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String]) -> String {
                 n.subnet, n.gateway
             ));
         }
+    }
+    if let Some(b) = bridge {
+        post.push(format!(
+            "ip saddr {} oifname != \"{BRIDGE}\" masquerade",
+            b.subnet
+        ));
+        // Other networks do not get in (published ports were accepted above by their mark).
+        fwd.push(format!("oifname \"{BRIDGE}\" iifname != \"{BRIDGE}\" drop"));
     }
     if !subnets.is_empty() {
         post.push(format!(
@@ -356,6 +365,18 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String]) -> String {
     t
 }
 
+/// The host's local bridge (`network_mode: bridge`): Docker's `docker0`, one per host, not
+/// routed between hosts.
+pub const BRIDGE: &str = "rdr0";
+pub const DEFAULT_BRIDGE_SUBNET: &str = "172.31.0.0/16";
+
+/// The local bridge's rules: its subnet and the host-mode ports of the tasks on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalBridge {
+    pub subnet: Ipv4Net,
+    pub ports: Vec<PublishedPort>,
+}
+
 /// What the reconcile pass last did, to skip unchanged work.
 #[derive(Default)]
 struct Applied {
@@ -378,6 +399,11 @@ pub struct Overlay {
     applied_tx: watch::Sender<Option<NetworkMap>>,
     wg: tokio::sync::Mutex<Option<Wg>>,
     upstreams: Vec<SocketAddr>,
+    bridge_subnet: Ipv4Net,
+    /// Serialises bridge address allocation.
+    bridge_lock: tokio::sync::Mutex<()>,
+    /// Bumped when a bridge task comes or goes (its published ports are in the nft table).
+    bridge_tx: watch::Sender<u64>,
 }
 
 impl Overlay {
@@ -400,6 +426,7 @@ impl Overlay {
         let (key_tx, _) = watch::channel((key.public.to_base64(), epoch));
         let (map_tx, map_rx) = watch::channel(None);
         let (applied_tx, _) = watch::channel(None);
+        let (bridge_tx, bridge_rx) = watch::channel(0);
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| crate::dns::upstreams_from_resolv_conf(&t))
             .unwrap_or_default();
@@ -414,8 +441,11 @@ impl Overlay {
             applied_tx,
             wg: tokio::sync::Mutex::new(None),
             upstreams,
+            bridge_subnet: DEFAULT_BRIDGE_SUBNET.parse().expect("valid subnet"),
+            bridge_lock: tokio::sync::Mutex::new(()),
+            bridge_tx,
         });
-        tokio::spawn(o.clone().reconcile_loop(map_rx));
+        tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
         Ok(o)
     }
 
@@ -438,9 +468,14 @@ impl Overlay {
         });
     }
 
-    async fn reconcile_loop(self: Arc<Self>, mut rx: watch::Receiver<Option<NetworkMap>>) {
+    async fn reconcile_loop(
+        self: Arc<Self>,
+        mut rx: watch::Receiver<Option<NetworkMap>>,
+        mut bridge_rx: watch::Receiver<u64>,
+    ) {
         let mut applied = Applied::default();
         loop {
+            bridge_rx.borrow_and_update();
             let map = rx.borrow_and_update().clone();
             if let Some(map) = map {
                 let start = std::time::Instant::now();
@@ -456,8 +491,9 @@ impl Overlay {
                     }
                 }
             }
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = bridge_rx.changed() => if r.is_err() { return },
             }
         }
     }
@@ -482,7 +518,12 @@ impl Overlay {
 
     async fn apply(&self, map: &NetworkMap, applied: &mut Applied) -> Result<(), NetError> {
         let new_key = self.rotate_if_asked(map.key_epoch).await?;
-        if map.networks.is_empty() && applied.networks.is_empty() && applied.nft.is_empty() {
+        let bridge = self.local_bridge();
+        if map.networks.is_empty()
+            && applied.networks.is_empty()
+            && applied.nft.is_empty()
+            && bridge.is_none()
+        {
             return Ok(());
         }
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
@@ -624,7 +665,7 @@ impl Overlay {
         }
 
         // nftables: the whole table, atomically, when it changed.
-        let table = ruleset(map, &tunnels);
+        let table = ruleset(map, &tunnels, bridge.as_ref());
         if table != applied.nft {
             let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{table}");
             run("nft", &["-f", "-"], Some(&script)).await?;
@@ -669,6 +710,156 @@ impl Overlay {
         }
         applied.networks = wanted;
         Ok(())
+    }
+
+    /// The local bridge's rules, from the containers on it (their dirs record the address):
+    /// derived from disk, so an agent restart loses nothing. `None` while no task uses it.
+    fn local_bridge(&self) -> Option<LocalBridge> {
+        let mut ports = Vec::new();
+        let mut any = false;
+        let entries = std::fs::read_dir(self.data_dir.join("containers")).ok()?;
+        for e in entries.flatten() {
+            let Some(addr) = std::fs::read_to_string(e.path().join("bridge_addr"))
+                .ok()
+                .and_then(|a| a.trim().parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            any = true;
+            let Some(task) = std::fs::read(e.path().join("task.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
+            else {
+                continue;
+            };
+            let host_mode = |p: &&rudder_model::ports::PortConfig| {
+                p.mode == rudder_model::ports::PortMode::Host
+            };
+            for p in task.spec.ports.iter().filter(host_mode) {
+                ports.push(PublishedPort {
+                    service: task.service_name.clone(),
+                    protocol: p.protocol,
+                    published: p.published_port(),
+                    target: p.target,
+                    network: String::new(),
+                    backends: vec![addr],
+                });
+            }
+        }
+        any.then_some(LocalBridge {
+            subnet: self.bridge_subnet,
+            ports,
+        })
+    }
+
+    /// Puts `task` on the host's local bridge: an address from the bridge subnet (recorded in
+    /// `dir/bridge_addr`), a namespace with `eth0` and a default route via the bridge, the
+    /// host's resolvers. Returns the namespace's path.
+    pub async fn attach_bridge(&self, task: &Task, dir: &Path) -> Result<PathBuf, NetError> {
+        let _guard = self.bridge_lock.lock().await;
+        let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
+        let prefix = self.bridge_subnet.prefix_len();
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+        let mut cmds = Vec::new();
+        if !links().await?.contains(BRIDGE) {
+            cmds.push(format!("link add {BRIDGE} type bridge"));
+        }
+        cmds.push(format!("addr replace {gw}/{prefix} dev {BRIDGE}"));
+        cmds.push(format!("link set {BRIDGE} up"));
+        ip_batch(&cmds, false, None).await?;
+        let record = dir.join("bridge_addr");
+        let addr = match std::fs::read_to_string(&record)
+            .ok()
+            .and_then(|a| a.trim().parse::<Ipv4Addr>().ok())
+        {
+            Some(a) => a,
+            None => {
+                let used: BTreeSet<Ipv4Addr> = std::fs::read_dir(self.data_dir.join("containers"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("bridge_addr")).ok())
+                    .filter_map(|a| a.trim().parse().ok())
+                    .collect();
+                let base = u32::from(self.bridge_subnet.network());
+                let size = 1u32 << (32 - prefix);
+                let a = (2..size - 1)
+                    .map(|off| Ipv4Addr::from(base + off))
+                    .find(|a| !used.contains(a))
+                    .ok_or_else(|| NetError::Command {
+                        cmd: "bridge address".into(),
+                        msg: format!("no free address in {}", self.bridge_subnet),
+                    })?;
+                crate::shim::write_atomic(&record, &a.to_string()).map_err(|err| NetError::Io {
+                    op: "record bridge address",
+                    err,
+                })?;
+                a
+            }
+        };
+        drop(_guard);
+        let ns = self.netns_path(&task.id);
+        if !ns.exists() {
+            create_netns(&ns).await?;
+        }
+        let (v, p) = (veth_name(&task.id, 9), veth_peer_name(&task.id, 9));
+        let mut host = Vec::new();
+        if links().await?.contains(&v) {
+            host.push(format!("link del {v}"));
+        }
+        host.push(format!("link add {v} type veth peer name {p}"));
+        host.push(format!("link set {p} netns {}", ns.display()));
+        host.push(format!("link set {v} master {BRIDGE} up"));
+        ip_batch(&host, false, None).await?;
+        let inside = vec![
+            "link set lo up".to_string(),
+            format!("link set {p} name eth0"),
+            "link set eth0 up".to_string(),
+            format!("addr add {addr}/{prefix} dev eth0"),
+            format!("route add default via {gw} dev eth0"),
+        ];
+        ip_batch(&inside, false, Some(&ns)).await?;
+        // The host's resolvers, except loopback ones (unreachable from the container).
+        let resolv: String = std::fs::read_to_string("/etc/resolv.conf")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !(l.trim_start().starts_with("nameserver") && l.contains(" 127.")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let hostname = task
+            .spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
+        );
+        for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+            std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
+                op: "write resolv.conf/hosts",
+                err,
+            })?;
+        }
+        self.bridge_tx.send_modify(|n| *n += 1);
+        info!(task = %task.name(), %addr, "attached to the local bridge");
+        Ok(ns)
+    }
+
+    /// Takes `task` off the local bridge: its namespace, veth and address go.
+    pub async fn detach_bridge(&self, task: &Task, dir: &Path) {
+        let _ = ip_batch(
+            &[format!("link del {}", veth_name(&task.id, 9))],
+            true,
+            None,
+        )
+        .await;
+        let ns = self.netns_path(&task.id);
+        if ns.exists() {
+            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(&ns);
+        }
+        let _ = std::fs::remove_file(dir.join("bridge_addr"));
+        self.bridge_tx.send_modify(|n| *n += 1);
     }
 
     /// Waits (up to 15 s) until every network of `task` is configured on this host, and
@@ -883,7 +1074,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let t = ruleset(&map, &["rwg-1".to_string()]);
+        let t = ruleset(&map, &["rwg-1".to_string()], None);
         for want in [
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
@@ -915,7 +1106,27 @@ mod tests {
         let mut empty = map.clone();
         empty.networks[0].services[0].tasks.clear();
         empty.ingress.clear();
-        assert!(!ruleset(&empty, &[]).contains("dnat"));
+        assert!(!ruleset(&empty, &[], None).contains("dnat"));
+        // The local bridge: outbound NAT, its host ports, nobody else forwarding into it.
+        let b = LocalBridge {
+            subnet: DEFAULT_BRIDGE_SUBNET.parse().unwrap(),
+            ports: vec![PublishedPort {
+                service: "db".into(),
+                protocol: Protocol::Udp,
+                published: 5353,
+                target: 53,
+                network: String::new(),
+                backends: vec!["172.31.0.2".parse().unwrap()],
+            }],
+        };
+        let t = ruleset(&empty, &[], Some(&b));
+        for want in [
+            "ip saddr 172.31.0.0/16 oifname != \"rdr0\" masquerade",
+            "fib daddr type local udp dport 5353 ct mark set 0x5245 dnat to 172.31.0.2:53",
+            "oifname \"rdr0\" iifname != \"rdr0\" drop",
+        ] {
+            assert!(t.contains(want), "missing {want}\n{t}");
+        }
     }
 
     #[test]

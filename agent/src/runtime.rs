@@ -162,6 +162,8 @@ impl ContainerRuntime for OciCliRuntime {
             id: id.to_string(),
             runtime: self.binary.clone(),
             root: self.root.clone(),
+            log_max_size: log_limits(dir).0,
+            log_max_files: log_limits(dir).1,
         };
         let (rd, wr) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
@@ -345,4 +347,23 @@ async fn wait_pid_exit(pid: i32) {
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Log rotation for the container in `dir`: its service's `logging` settings (from the
+/// task written next to the bundle), else the defaults.
+fn log_limits(dir: &Path) -> (u64, u32) {
+    let spec = std::fs::read(dir.join("task.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let get = |k: &str| {
+        spec.as_ref()
+            .and_then(|t| t["spec"]["logging"][k].as_u64())
+            .filter(|v| *v > 0)
+    };
+    (
+        get("max_size").unwrap_or(crate::shim::LOG_MAX_SIZE),
+        get("max_file")
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(crate::shim::LOG_MAX_FILES),
+    )
 }

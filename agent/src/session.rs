@@ -323,6 +323,13 @@ async fn session(
         .await?
         .into_inner();
     info!(controller, "session open: connected to the leader");
+    let mut copies_rx = worker.ctx().volumes.watch_copies();
+    let names = copies_rx.borrow_and_update().iter().cloned().collect();
+    tx.send(AgentMessage {
+        msg: Some(Up::VolumeCopies(VolumeCopies { names })),
+    })
+    .await
+    .map_err(|_| SessionError::Closed)?;
     let resend = worker.last_statuses();
     if !resend.is_empty() {
         let _ = tx
@@ -360,6 +367,11 @@ async fn session(
                             (Err(e), _) => warn!(%e, "unreadable network map"),
                             (Ok(_), None) => {}
                         }
+                    }
+                    Some(Down::Volumes(v)) => {
+                        // Deleting copies is file work: off the session's task.
+                        let w = worker.clone();
+                        tokio::task::spawn_blocking(move || w.ctx().volumes.set_declared(v.names));
                     }
                     Some(Down::Assignments(a)) => {
                         let tasks: Vec<Task> = a
@@ -403,6 +415,12 @@ async fn session(
                 })
                 .await
                 .map_err(|_| SessionError::Closed)?;
+            }
+            Ok(()) = copies_rx.changed() => {
+                let names = copies_rx.borrow_and_update().iter().cloned().collect();
+                tx.send(AgentMessage { msg: Some(Up::VolumeCopies(VolumeCopies { names })) })
+                    .await
+                    .map_err(|_| SessionError::Closed)?;
             }
             _ = heartbeat.tick() => {
                 tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat {})) })
@@ -647,6 +665,7 @@ mod tests {
                 registry_tls: None,
                 status_tx,
                 overlay: None,
+                volumes: crate::volume::Volumes::new(dir.join("volumes"), "h1".into()),
             });
             let me = Identity {
                 node_id: "n1".into(),

@@ -11,6 +11,11 @@
 //!
 //! Files in the container dir: `shim.pid`, `pid` (container init), `exit` (exit code),
 //! `log` (container output), `runc.log` (the runtime's own messages).
+//!
+//! The container's stdout and stderr are pipes the shim reads: each line goes to `log` as
+//! `<RFC 3339 time> <stdout|stderr> <line>`, so `rctl logs --timestamps` can show when it was
+//! written, and `log` rotates by size (`log` → `log.1` → … up to `--log-max-files`). The shim
+//! owns the pipes, so logging goes on while the agent is down.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -18,7 +23,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, setsid, ForkResult, Pid};
 
 /// Fd number on which the shim inherits the agent's notification pipe.
@@ -30,7 +35,15 @@ pub struct ShimArgs {
     pub id: String,
     pub runtime: String,
     pub root: PathBuf,
+    /// Rotate `log` when it reaches this many bytes.
+    pub log_max_size: u64,
+    /// Files kept: `log` plus `log.1` … `log.<n-1>`.
+    pub log_max_files: u32,
 }
+
+/// Defaults for rotation (Docker's json-file driver with `max-size: 10m, max-file: 3`).
+pub const LOG_MAX_SIZE: u64 = 10 << 20;
+pub const LOG_MAX_FILES: u32 = 3;
 
 impl ShimArgs {
     pub fn to_args(&self) -> Vec<String> {
@@ -44,6 +57,10 @@ impl ShimArgs {
             self.runtime.clone(),
             "--root".into(),
             self.root.display().to_string(),
+            "--log-max-size".into(),
+            self.log_max_size.to_string(),
+            "--log-max-files".into(),
+            self.log_max_files.to_string(),
         ]
     }
 }
@@ -105,13 +122,15 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
     let dir = &args.dir;
     fs::write(dir.join("shim.pid"), format!("{}\n", std::process::id()))
         .map_err(|e| format!("write shim.pid: {e}"))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("log"))
+    let mut log = LogWriter::open(dir, args.log_max_size, args.log_max_files)
         .map_err(|e| format!("open log: {e}"))?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let (out_r, out_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let runc_log = dir.join("runc.log");
+    // The write ends go to runc (and through it to the container); ours close when `Command`
+    // is dropped, so EOF comes once every process of the container has closed them.
     let status = Command::new(&args.runtime)
         .arg("--root")
         .arg(&args.root)
@@ -123,8 +142,8 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
         .arg(dir.join("pid"))
         .arg(&args.id)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(err_w))
         .status()
         .map_err(|e| format!("exec {}: {e}", args.runtime))?;
     if !status.success() {
@@ -138,16 +157,212 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
         .map_err(|e| format!("bad pid file: {e}"))?;
     let _ = writeln!(notify, "ok {pid}");
     let _ = notify.flush();
-    // Reap until the container's init exits; other orphans reparented to us are reaped too.
+    let mut streams = [Stream::new(out_r, "stdout"), Stream::new(err_r, "stderr")];
+    let mut code: Option<i32> = None;
+    let mut exited_at: Option<std::time::Instant> = None;
     loop {
-        match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return Ok(code),
-            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return Ok(128 + sig as i32),
-            Ok(_) => continue,
-            // ECHILD: the init is not ours (should not happen); report unknown.
-            Err(_) => return Ok(-1),
+        // Output first, then reap: until the init exits and its output is drained (or, when a
+        // daemonised descendant keeps the pipes open, a moment after the exit).
+        pump(&mut streams, &mut log, 250);
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, c)) if p.as_raw() == pid => code = Some(c),
+                Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
+                    code = Some(128 + sig as i32)
+                }
+                Ok(WaitStatus::StillAlive) => break,
+                Ok(_) => continue,
+                // ECHILD: nothing left to reap; the init is not ours (should not happen).
+                Err(_) => {
+                    code.get_or_insert(-1);
+                    break;
+                }
+            }
+        }
+        if let Some(c) = code {
+            let at = *exited_at.get_or_insert_with(std::time::Instant::now);
+            let drained = streams.iter().all(|s| s.eof);
+            if drained || at.elapsed() > std::time::Duration::from_millis(500) {
+                for s in &mut streams {
+                    s.flush_partial(&mut log);
+                }
+                return Ok(c);
+            }
         }
     }
+}
+
+/// One of the container's output pipes, with its unfinished line.
+struct Stream {
+    fd: OwnedFd,
+    name: &'static str,
+    partial: Vec<u8>,
+    eof: bool,
+}
+
+/// A line longer than this is written in pieces (a runaway line must not grow the shim).
+const MAX_LINE: usize = 16 * 1024;
+
+impl Stream {
+    fn new(fd: OwnedFd, name: &'static str) -> Self {
+        Stream {
+            fd,
+            name,
+            partial: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn flush_partial(&mut self, log: &mut LogWriter) {
+        if !self.partial.is_empty() {
+            let line = std::mem::take(&mut self.partial);
+            log.line(self.name, &line);
+        }
+    }
+}
+
+/// Waits up to `timeout_ms` for output and writes every complete line read.
+fn pump(streams: &mut [Stream; 2], log: &mut LogWriter, timeout_ms: u16) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let open: Vec<usize> = (0..streams.len()).filter(|i| !streams[*i].eof).collect();
+    if open.is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(u64::from(timeout_ms)));
+        return;
+    }
+    let mut fds: Vec<PollFd> = open
+        .iter()
+        .map(|i| PollFd::new(streams[*i].fd.as_fd(), PollFlags::POLLIN))
+        .collect();
+    if poll(&mut fds, PollTimeout::from(timeout_ms)).unwrap_or(0) <= 0 {
+        return;
+    }
+    let ready: Vec<bool> = fds
+        .iter()
+        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+        .collect();
+    drop(fds);
+    let mut buf = [0u8; 16 * 1024];
+    for (k, i) in open.into_iter().enumerate() {
+        if !ready[k] {
+            continue;
+        }
+        let s = &mut streams[i];
+        match nix::unistd::read(&s.fd, &mut buf) {
+            Ok(0) => {
+                s.eof = true;
+                s.flush_partial(log);
+            }
+            Ok(n) => {
+                s.partial.extend_from_slice(&buf[..n]);
+                while let Some(pos) = s.partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = s.partial.drain(..=pos).collect();
+                    log.line(s.name, &line[..line.len() - 1]);
+                }
+                while s.partial.len() >= MAX_LINE {
+                    let piece: Vec<u8> = s.partial.drain(..MAX_LINE).collect();
+                    log.line(s.name, &piece);
+                }
+            }
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+            Err(_) => s.eof = true,
+        }
+    }
+}
+
+/// The container's log file: timestamped lines, rotated by size.
+struct LogWriter {
+    dir: PathBuf,
+    file: File,
+    size: u64,
+    max_size: u64,
+    max_files: u32,
+}
+
+impl LogWriter {
+    fn open(dir: &Path, max_size: u64, max_files: u32) -> std::io::Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("log"))?;
+        let size = file.metadata()?.len();
+        Ok(LogWriter {
+            dir: dir.to_path_buf(),
+            file,
+            size,
+            max_size: max_size.max(1024),
+            max_files: max_files.max(1),
+        })
+    }
+
+    fn line(&mut self, stream: &str, line: &[u8]) {
+        let mut rec = Vec::with_capacity(line.len() + 48);
+        rec.extend_from_slice(rfc3339_now().as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(stream.as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(line);
+        rec.push(b'\n');
+        if self.size > 0 && self.size + rec.len() as u64 > self.max_size {
+            self.rotate();
+        }
+        if self.file.write_all(&rec).is_ok() {
+            self.size += rec.len() as u64;
+        }
+    }
+
+    /// `log.<n-2>` → `log.<n-1>` … `log` → `log.1`, then a fresh `log`. Readers that follow
+    /// notice the new file by its inode.
+    fn rotate(&mut self) {
+        let name = |i: u32| {
+            if i == 0 {
+                self.dir.join("log")
+            } else {
+                self.dir.join(format!("log.{i}"))
+            }
+        };
+        if self.max_files == 1 {
+            let _ = self.file.set_len(0);
+            self.size = 0;
+            return;
+        }
+        for i in (0..self.max_files - 1).rev() {
+            let _ = fs::rename(name(i), name(i + 1));
+        }
+        if let Ok(f) = OpenOptions::new().create(true).append(true).open(name(0)) {
+            self.file = f;
+            self.size = 0;
+        }
+    }
+}
+
+/// The current time as RFC 3339 with nanoseconds, UTC (`2026-11-23T16:55:00.123456789Z`).
+pub fn rfc3339_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Civil date from days since the epoch (Howard Hinnant's algorithm).
+fn rfc3339(secs: i64, nanos: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Whether the kernel's OOM killer struck in the container's memory cgroup. Must be read before
@@ -193,4 +408,41 @@ fn runtime_error(path: &Path) -> Option<String> {
         .map(|m| m.trim().trim_matches('"').replace("\\\"", "\""))
         .unwrap_or_else(|| line.to_string());
     Some(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(1_795_279_500, 7), "2026-11-21T16:45:00.000000007Z");
+        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000000Z");
+    }
+
+    #[test]
+    fn the_log_rotates_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = LogWriter::open(dir.path(), 1024, 3).unwrap();
+        for i in 0..100 {
+            w.line(
+                "stdout",
+                format!("line {i:03} {}", "x".repeat(40)).as_bytes(),
+            );
+        }
+        let cur = fs::read_to_string(dir.path().join("log")).unwrap();
+        assert!(cur.len() <= 1024, "{}", cur.len());
+        assert!(cur
+            .lines()
+            .last()
+            .unwrap()
+            .ends_with(&format!("line 099 {}", "x".repeat(40))));
+        assert!(dir.path().join("log.1").exists() && dir.path().join("log.2").exists());
+        assert!(!dir.path().join("log.3").exists(), "at most 3 files");
+        let first = cur.lines().next().unwrap();
+        let mut parts = first.splitn(3, ' ');
+        assert!(parts.next().unwrap().ends_with('Z'));
+        assert_eq!(parts.next(), Some("stdout"));
+    }
 }

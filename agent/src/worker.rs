@@ -14,6 +14,7 @@ use std::time::Duration;
 use rudder_image::client::RegistryClient;
 use rudder_image::reference::Reference;
 use rudder_image::store::ImageStore;
+use rudder_model::spec::NetworkMode;
 use rudder_model::{Task, TaskState};
 use rudder_proto::v1::TaskStatusReport;
 use tokio::sync::{mpsc, watch};
@@ -43,6 +44,8 @@ pub struct Ctx {
     pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
     /// Overlay networks on this host (tasks with `networks` join them).
     pub overlay: Option<Arc<crate::net::Overlay>>,
+    /// Named volumes' copies on this host, and the tasks' mounts.
+    pub volumes: crate::volume::Volumes,
 }
 
 struct Local {
@@ -161,6 +164,14 @@ impl Worker {
                 if !alive {
                     bundle::unmount_rootfs(&ContainerDir { dir: dir.clone() });
                     let _ = std::fs::remove_dir_all(&dir);
+                    // Its network namespace, if it had one (see `net::Overlay::netns_path`).
+                    if let Some(data) = self.ctx.containers.parent() {
+                        let ns = data.join("netns").join(&id);
+                        if ns.exists() {
+                            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+                            let _ = std::fs::remove_file(&ns);
+                        }
+                    }
                 }
             }
         }
@@ -176,12 +187,19 @@ impl Worker {
                 forget: forget.clone(),
             },
         );
+        let volumes = crate::volume::volume_names(&task);
+        self.ctx.volumes.acquire(&volumes);
         let me = self.clone();
         tokio::spawn(async move {
             let id = task.id.clone();
             let dir = me.container_dir(&id);
             run_task(&me, task, adopted, stop_rx).await;
             me.local.lock().expect("local lock").remove(&id);
+            if !volumes.is_empty() {
+                // Its container is gone: volumes removed meanwhile may go now.
+                let me = me.clone();
+                let _ = tokio::task::spawn_blocking(move || me.ctx.volumes.release(&volumes)).await;
+            }
             if forget.load(std::sync::atomic::Ordering::SeqCst) {
                 let _ = std::fs::remove_dir_all(&dir);
                 me.last.lock().expect("last lock").remove(&id);
@@ -234,6 +252,21 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             w.report(&task, TaskState::Shutdown, "stopped before start", "", None);
             return;
         }
+        // Volumes and bind sources first: a missing one rejects the task with nothing to undo.
+        let mounts = match ctx.volumes.prepare(&task) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(task = %name, %e, "rejected");
+                w.report(
+                    &task,
+                    TaskState::Rejected,
+                    "cannot prepare mounts",
+                    &e.to_string(),
+                    None,
+                );
+                return;
+            }
+        };
         let prepared = std::fs::create_dir_all(&c.dir)
             .map_err(|e| e.to_string())
             .and_then(|_| {
@@ -261,6 +294,24 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                     return;
                 }
             },
+            (Ok(()), Some(o), true) if task.spec.network_mode == NetworkMode::Bridge => {
+                match o.attach_bridge(&task, &c.dir).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(task = %name, %e, "cannot attach to the local bridge");
+                        o.detach_bridge(&task, &c.dir).await;
+                        bundle::unmount_rootfs(&c);
+                        w.report(
+                            &task,
+                            TaskState::Rejected,
+                            "cannot attach to the bridge",
+                            &e.to_string(),
+                            None,
+                        );
+                        return;
+                    }
+                }
+            }
             (Ok(()), None, false) => {
                 bundle::unmount_rootfs(&c);
                 w.report(
@@ -281,6 +332,7 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 &image.config,
                 &ctx.cgroup_parent,
                 netns.as_deref(),
+                &mounts,
             )
             .map_err(|e| e.to_string())
         });
@@ -289,6 +341,7 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             bundle::unmount_rootfs(&c);
             if let (Some(o), Some(_)) = (&ctx.overlay, &netns) {
                 o.detach(&task).await;
+                o.detach_bridge(&task, &c.dir).await;
             }
             w.report(
                 &task,
@@ -418,6 +471,9 @@ async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
     bundle::unmount_rootfs(c);
     if let (Some(o), false) = (&ctx.overlay, task.networks.is_empty()) {
         o.detach(task).await;
+    }
+    if let (Some(o), NetworkMode::Bridge) = (&ctx.overlay, task.spec.network_mode) {
+        o.detach_bridge(task, &c.dir).await;
     }
     // The writable layer goes with the container; the log stays until the task is forgotten.
     let _ = std::fs::remove_dir_all(c.upper());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::Stream;
 use rudder_model::network::NetworkSpec;
 use rudder_model::spec::ServiceMode;
+use rudder_model::volume::VolumeSpec;
 use rudder_model::{Availability, Command, ServiceSpec, Store, Task, TaskState};
 use rudder_proto::v1::agent_api_client::AgentApiClient;
 use rudder_proto::v1::control_server::Control;
@@ -32,6 +33,9 @@ fn raft_status(e: RaftError) -> Status {
         RaftError::Timeout => Status::deadline_exceeded(e.to_string()),
         RaftError::Apply(rudder_model::store::ApplyError::NotFound { .. }) => {
             Status::not_found(e.to_string())
+        }
+        RaftError::Apply(rudder_model::store::ApplyError::Volume { .. }) => {
+            Status::failed_precondition(e.to_string())
         }
         other => Status::internal(other.to_string()),
     }
@@ -92,6 +96,26 @@ fn check_networks(
         }
     }
     Ok(())
+}
+
+/// Volumes the services mount that neither exist nor come in this apply: applying the
+/// services declares them (as Docker does), reported as created.
+fn implicit_volumes(
+    store: &Store,
+    declared: &[VolumeSpec],
+    services: &[ServiceSpec],
+) -> Vec<VolumeSpec> {
+    let mut out: Vec<VolumeSpec> = Vec::new();
+    for svc in services {
+        for v in rudder_model::volume::volumes_of(svc) {
+            if !store.volumes.contains_key(v)
+                && !declared.iter().chain(out.iter()).any(|d| d.name == v)
+            {
+                out.push(VolumeSpec::named(v));
+            }
+        }
+    }
+    out
 }
 
 pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
@@ -202,6 +226,14 @@ impl Control for ControlApi {
                 .map_err(|e| Status::invalid_argument(format!("network {:?}: {e}", spec.name)))?;
             networks.push(spec);
         }
+        let mut volumes = Vec::new();
+        for (i, json) in req.volume_specs_json.iter().enumerate() {
+            let spec: VolumeSpec = serde_json::from_str(json)
+                .map_err(|e| Status::invalid_argument(format!("volume #{}: {e}", i + 1)))?;
+            spec.validate()
+                .map_err(|e| Status::invalid_argument(format!("volume {:?}: {e}", spec.name)))?;
+            volumes.push(spec);
+        }
         let store = self.raft.store();
         check_networks(&store, &networks, &specs).map_err(Status::invalid_argument)?;
         let mut results = Vec::new();
@@ -221,6 +253,30 @@ impl Control for ControlApi {
                 info!(network = %spec.name, action, "apply");
                 cmds.push(Command::PutNetwork {
                     id: new_id(),
+                    spec,
+                    now: now_ms(),
+                });
+            }
+        }
+        for spec in volumes
+            .iter()
+            .cloned()
+            .chain(implicit_volumes(&store, &volumes, &specs))
+        {
+            let action = match store.volumes.get(&spec.name) {
+                None => "created",
+                Some(v) if v.spec == spec || !volumes.contains(&spec) => "unchanged",
+                Some(_) => "updated",
+            };
+            results.push(ApplyResult {
+                kind: "Volume".into(),
+                name: spec.name.clone(),
+                action: action.into(),
+            });
+            // Implicit ones are declared by their service's `PutService`.
+            if action != "unchanged" && volumes.contains(&spec) {
+                info!(volume = %spec.name, action, "apply");
+                cmds.push(Command::PutVolume {
                     spec,
                     now: now_ms(),
                 });
@@ -452,12 +508,43 @@ impl Control for ControlApi {
     }
 
     type LogsStream = LogStream;
+    type ExecStream = crate::exec_api::ExecStream;
+    type CopyFromStream = crate::exec_api::TarStream;
+
+    async fn exec(
+        &self,
+        req: Request<tonic::Streaming<ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        crate::exec_api::exec(self, req).await
+    }
+
+    async fn copy_from(
+        &self,
+        req: Request<CopyFromRequest>,
+    ) -> Result<Response<Self::CopyFromStream>, Status> {
+        crate::exec_api::copy_from(self, req).await
+    }
+
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<CopyToInput>>,
+    ) -> Result<Response<CopyToResponse>, Status> {
+        crate::exec_api::copy_to(self, req).await
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<InspectRequest>,
+    ) -> Result<Response<InspectResponse>, Status> {
+        crate::exec_api::inspect(self, req).await
+    }
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         let LogsRequest {
             target,
             tail,
             follow,
+            timestamps,
         } = req.into_inner();
         let store = self.raft.store();
         let tasks = resolve_tasks(&store, &target);
@@ -478,6 +565,7 @@ impl Control for ControlApi {
                     task_id: t.id.clone(),
                     tail,
                     follow,
+                    timestamps,
                 };
                 sources.push((req, t.name(), addr));
             }
@@ -661,6 +749,54 @@ impl Control for ControlApi {
         Ok(Response::new(RotateNetworkKeysResponse {
             epoch: self.raft.store().overlay_key_epoch,
         }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _req: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let store = self.raft.store();
+        Ok(Response::new(ListVolumesResponse {
+            volumes: store
+                .volumes
+                .values()
+                .map(|v| VolumeSummary {
+                    volume_json: serde_json::to_string(v).unwrap_or_default(),
+                    hosts: rudder_model::volume::hosts_with_copy(&store, &v.spec.name),
+                    services: rudder_model::volume::users(&store, &v.spec.name)
+                        .into_iter()
+                        .map(String::from)
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn remove_volume(
+        &self,
+        req: Request<RemoveVolumeRequest>,
+    ) -> Result<Response<RemoveVolumeResponse>, Status> {
+        let name = req.into_inner().name;
+        let store = self.raft.store();
+        if !store.volumes.contains_key(&name) {
+            return Err(Status::not_found(format!(
+                "volume {name:?} not found (see `rctl volume ls`)"
+            )));
+        }
+        let users = rudder_model::volume::users(&store, &name);
+        if !users.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {name:?} is in use by service(s) {}; remove them or take the volume out \
+                 of their mounts first",
+                users.join(", ")
+            )));
+        }
+        info!(volume = %name, "removing");
+        self.raft
+            .propose(Command::RemoveVolume { name })
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RemoveVolumeResponse {}))
     }
 
     async fn cluster_info(

@@ -155,6 +155,31 @@ async fn set_overlay_key(raft: &RaftHandle, node: &str, key: &str) -> Result<(),
     .map_err(|e| Status::unavailable(e.to_string()))
 }
 
+/// Records which volumes a node holds data of, when that changed.
+async fn set_volume_copies(
+    raft: &RaftHandle,
+    node: &str,
+    mut volumes: Vec<String>,
+) -> Result<(), Status> {
+    volumes.sort();
+    volumes.dedup();
+    let known: Vec<String> = raft
+        .store()
+        .volume_copies
+        .get(node)
+        .map(|s| s.iter().cloned().collect())
+        .unwrap_or_default();
+    if known == volumes {
+        return Ok(());
+    }
+    raft.propose(Command::SetVolumeCopies {
+        node: node.to_string(),
+        volumes,
+    })
+    .await
+    .map_err(|e| Status::unavailable(e.to_string()))
+}
+
 type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -265,6 +290,7 @@ impl Dispatcher for DispatcherApi {
         let sender = tokio::spawn(async move {
             let mut last: Option<Vec<(String, u64)>> = None;
             let mut last_map = None;
+            let mut last_volumes = None;
             let mut asked_controller = None;
             loop {
                 let store = watch.borrow_and_update().clone();
@@ -301,6 +327,23 @@ impl Dispatcher for DispatcherApi {
                         return;
                     }
                     last_map = Some(map);
+                }
+                // Then the declared volumes: a task's volume is declared before it is placed.
+                let volumes = rudder_model::volume::declared(&store);
+                if last_volumes.as_ref() != Some(&volumes) {
+                    let msg = Volumes {
+                        names: volumes.iter().cloned().collect(),
+                    };
+                    if down_tx
+                        .send(Ok(ControllerMessage {
+                            msg: Some(Down::Volumes(msg)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last_volumes = Some(volumes);
                 }
                 let tasks: Vec<_> = store.tasks_on(&down_node).collect();
                 let key: Vec<(String, u64)> =
@@ -362,6 +405,11 @@ impl Dispatcher for DispatcherApi {
                             info!(node = %node_id, epoch = k.epoch, "new WireGuard key");
                             if let Err(e) = set_overlay_key(&raft, &node_id, &k.public_key).await {
                                 warn!(node = %node_id, %e, "could not record the new key");
+                            }
+                        }
+                        Some(Up::VolumeCopies(v)) => {
+                            if let Err(e) = set_volume_copies(&raft, &node_id, v.names).await {
+                                warn!(node = %node_id, %e, "could not record the volume copies");
                             }
                         }
                         Some(Up::Status(batch)) => {

@@ -10,6 +10,7 @@ pub mod api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod dispatcher;
+pub mod exec_api;
 pub mod image_tags;
 pub mod orchestrator;
 pub mod peer;

@@ -65,6 +65,32 @@ enum Cmd {
         /// Keep streaming new output until the containers exit.
         #[arg(short, long)]
         follow: bool,
+        /// Show when each line was written (RFC 3339, UTC).
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Run a one-off container somewhere in the cluster, stream its output and exit with its
+    /// exit code (like `docker run`).
+    Run {
+        /// Remove it (the one-replica service behind it) when it ends.
+        #[arg(long)]
+        rm: bool,
+        /// Run on this host (hostname, as `rctl node ls` shows it).
+        #[arg(long)]
+        node: Option<String>,
+        /// Name of the service behind it (default: run-<random>).
+        #[arg(long)]
+        name: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// host (default), bridge or none.
+        #[arg(long = "network", value_parser = ["host", "bridge", "none"])]
+        network_mode: Option<String>,
+        image: String,
+        /// The command (replaces the image's CMD).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Remove services (their containers are stopped and removed).
     Rm {
@@ -81,6 +107,33 @@ enum Cmd {
     },
     /// Show a service: spec, rollout state, tasks with their messages.
     Describe { service: String },
+    /// Run a command in a running task's container and exit with its exit code:
+    /// `rctl exec -it web.1.abc -- sh`.
+    Exec {
+        /// Stream stdin to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run the command on a terminal (stdout and stderr arrive merged).
+        #[arg(short, long)]
+        tty: bool,
+        /// A task as `rctl ps` shows it, its id or an id prefix (or a service with one
+        /// running task).
+        task: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Copy files or directories between a running task's container and this machine:
+    /// `rctl cp TASK:PATH LOCAL`, `rctl cp LOCAL TASK:PATH` (`-`: a tar on stdout/stdin).
+    Cp {
+        src: String,
+        dest: String,
+        /// When the source is a symlink, copy what it points to.
+        #[arg(short = 'L', long)]
+        follow_link: bool,
+    },
+    /// Show a task as JSON: spec, status, node, network addresses, and its container as its
+    /// host knows it (pids, paths).
+    Inspect { task: String },
     /// Set the replica count of services: `rctl scale web=3 api=2`.
     Scale {
         #[arg(required = true)]
@@ -100,6 +153,11 @@ enum Cmd {
     Network {
         #[command(subcommand)]
         cmd: NetworkCmd,
+    },
+    /// Named volumes: create, list, inspect, remove.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
     },
     /// Images in the cluster registry.
     Image {
@@ -156,6 +214,29 @@ enum NetworkCmd {
     },
     /// Every host makes a new WireGuard key pair; peers are updated everywhere.
     RotateKeys,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Declare a volume (driver local: each host keeps its own copy of the data).
+    Create {
+        name: String,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// List volumes, with the hosts holding a copy and the services mounting each.
+    Ls {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one volume as JSON.
+    Inspect { volume: String },
+    /// Remove volumes (refused while a service mounts one); hosts delete their copies.
+    Rm {
+        #[arg(required = true)]
+        volumes: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,8 +375,39 @@ fn real_main() -> anyhow::Result<()> {
             no_prefix,
             tail,
             follow,
-        } => rt.block_on(cmd::logs::run(&ctx()?, target, !no_prefix, *tail, *follow)),
+            timestamps,
+        } => rt.block_on(cmd::logs::run(
+            &ctx()?,
+            target,
+            !no_prefix,
+            *tail,
+            *follow,
+            *timestamps,
+        )),
         Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
+        Cmd::Run {
+            rm,
+            node,
+            name,
+            env,
+            network_mode,
+            image,
+            command,
+        } => {
+            let code = rt.block_on(cmd::run::run(
+                &ctx()?,
+                cmd::run::RunArgs {
+                    image,
+                    command,
+                    node: node.as_deref(),
+                    name: name.as_deref(),
+                    rm: *rm,
+                    env,
+                    network_mode: network_mode.as_deref(),
+                },
+            ))?;
+            std::process::exit(code)
+        }
         Cmd::Rollback {
             service,
             detach,
@@ -307,6 +419,21 @@ fn real_main() -> anyhow::Result<()> {
             std::time::Duration::from_secs(*timeout),
         )),
         Cmd::Describe { service } => rt.block_on(cmd::describe::run(&ctx()?, service)),
+        Cmd::Exec {
+            interactive,
+            tty,
+            task,
+            command,
+        } => {
+            let code = rt.block_on(cmd::exec::run(&ctx()?, task, command, *interactive, *tty))?;
+            std::process::exit(code)
+        }
+        Cmd::Cp {
+            src,
+            dest,
+            follow_link,
+        } => rt.block_on(cmd::cp::run(&ctx()?, src, dest, *follow_link)),
+        Cmd::Inspect { task } => rt.block_on(cmd::inspect::run(&ctx()?, task)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },
@@ -347,6 +474,17 @@ fn real_main() -> anyhow::Result<()> {
                 }
                 NetworkCmd::Rm { networks } => rt.block_on(cmd::network::rm(&ctx, networks)),
                 NetworkCmd::RotateKeys => rt.block_on(cmd::network::rotate_keys(&ctx)),
+            }
+        }
+        Cmd::Volume { cmd } => {
+            let ctx = ctx()?;
+            match cmd {
+                VolumeCmd::Create { name, labels } => {
+                    rt.block_on(cmd::volume::create(&ctx, name, labels))
+                }
+                VolumeCmd::Ls { output } => rt.block_on(cmd::volume::ls(&ctx, *output)),
+                VolumeCmd::Inspect { volume } => rt.block_on(cmd::volume::inspect(&ctx, volume)),
+                VolumeCmd::Rm { volumes } => rt.block_on(cmd::volume::rm(&ctx, volumes)),
             }
         }
         Cmd::Cluster {

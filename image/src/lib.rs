@@ -1,7 +1,9 @@
 //! OCI images for Rudder: parsing image references, talking to an OCI distribution-spec registry
 //! (plain HTTP, or mutual TLS for the cluster's own), turning local archives (root filesystem
 //! tarballs, OCI image layouts, docker-save tarballs) into pushed images, and the per-host content
-//! store that pulls images and unpacks each layer once for overlayfs.
+//! store that pulls images and unpacks each layer once for overlayfs. Also the tar archives
+//! `rctl cp` moves in and out of containers (`copy`), packed and unpacked by the same rules on
+//! both ends.
 //!
 //! Invariants shared by every module:
 //! - content is addressed by `sha256:<64 lowercase hex>` digests, and a digest is validated
@@ -12,6 +14,7 @@
 
 pub mod archive;
 pub mod client;
+pub mod copy;
 pub mod digest;
 mod error;
 pub mod layer;

@@ -13,6 +13,7 @@ pub mod spec;
 pub mod store;
 pub mod task;
 pub mod update;
+pub mod volume;
 
 pub use manifest::{Manifest, ManifestError};
 pub use spec::ServiceSpec;

@@ -11,6 +11,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 use crate::network::NetworkSpec;
 use crate::spec::ServiceSpec;
+use crate::volume::VolumeSpec;
 
 /// One document of a manifest file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,7 @@ use crate::spec::ServiceSpec;
 pub enum Manifest {
     Service(ServiceSpec),
     Network(NetworkSpec),
+    Volume(VolumeSpec),
 }
 
 impl Manifest {
@@ -25,12 +27,14 @@ impl Manifest {
         match self {
             Manifest::Service(_) => "Service",
             Manifest::Network(_) => "Network",
+            Manifest::Volume(_) => "Volume",
         }
     }
     pub fn name(&self) -> &str {
         match self {
             Manifest::Service(s) => &s.name,
             Manifest::Network(n) => &n.name,
+            Manifest::Volume(v) => &v.name,
         }
     }
 }
@@ -48,7 +52,7 @@ pub struct ManifestError {
     pub message: String,
 }
 
-const KINDS: &[&str] = &["Service", "Network"];
+const KINDS: &[&str] = &["Service", "Network", "Volume"];
 
 /// Parses every document of `text`. `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
@@ -61,6 +65,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
                 let validated = match &m {
                     Manifest::Service(s) => s.validate(),
                     Manifest::Network(n) => n.validate(),
+                    Manifest::Volume(v) => v.validate(),
                 };
                 {
                     validated.map_err(|v| {
@@ -133,20 +138,70 @@ fn unknown_field(message: &str) -> Option<String> {
 }
 
 /// Best-effort position of a top-level key in document `doc` (validation errors come after
-/// parsing, when serde's locations are gone).
+/// parsing, when serde's locations are gone); for `key[i]` and `key[i].sub`, of that list item
+/// (or its key) when the list is written one `- ` item per line.
 fn locate_key(text: &str, doc: usize, field: &str) -> (usize, usize) {
-    let key = field.split('.').next().unwrap_or(field);
+    let key = field.split(['.', '[']).next().unwrap_or(field);
+    let lines: Vec<&str> = text.lines().collect();
     let mut current = 0;
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in lines.iter().enumerate() {
         if line.starts_with("---") && i > 0 {
             current += 1;
             continue;
         }
         if current == doc && line.starts_with(&format!("{key}:")) {
-            return (i + 1, 1);
+            return match locate_item(&lines[i..], &field[key.len()..]) {
+                Some((l, c)) => (i + l + 1, c),
+                None => (i + 1, 1),
+            };
         }
     }
     (0, 0)
+}
+
+/// In the block of a top-level key (`block[0]` is the key's line), the 0-based line and the
+/// 1-based column of `rest` = `[i]` or `[i].sub`.
+fn locate_item(block: &[&str], rest: &str) -> Option<(usize, usize)> {
+    let (index, after) = rest.strip_prefix('[')?.split_once(']')?;
+    let index: usize = index.parse().ok()?;
+    let sub = after.strip_prefix('.').filter(|s| !s.contains(['.', '[']));
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_item = |t: &str| t == "-" || t.starts_with("- ");
+    let mut items = Vec::new();
+    let mut end = block.len();
+    for (n, l) in block.iter().enumerate().skip(1) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if l.starts_with("---") || (indent(l) == 0 && !is_item(t)) {
+            end = n;
+            break;
+        }
+        // Items are the `- ` lines at the first item's indentation (deeper ones are nested).
+        if is_item(t)
+            && items
+                .first()
+                .is_none_or(|&f: &usize| indent(block[f]) == indent(l))
+        {
+            items.push(n);
+        }
+    }
+    let start = *items.get(index)?;
+    let stop = items.get(index + 1).copied().unwrap_or(end);
+    let Some(sub) = sub else {
+        return Some((start, indent(block[start]) + 3));
+    };
+    for (n, l) in block.iter().enumerate().take(stop).skip(start) {
+        // The item's first line holds a key after its `- `.
+        let offset = if n == start { indent(l) + 2 } else { indent(l) };
+        if l.get(offset..)
+            .is_some_and(|t| t.starts_with(&format!("{sub}:")))
+        {
+            return Some((n, offset + 1));
+        }
+    }
+    Some((start, indent(block[start]) + 3))
 }
 
 struct Doc(Option<Manifest>);
@@ -189,6 +244,9 @@ impl<'de> Visitor<'de> for DocVisitor {
                 rest,
             )?)))),
             "Network" => Ok(Doc(Some(Manifest::Network(de::Deserialize::deserialize(
+                rest,
+            )?)))),
+            "Volume" => Ok(Doc(Some(Manifest::Volume(de::Deserialize::deserialize(
                 rest,
             )?)))),
             other => Err(de::Error::custom(format!(

@@ -75,6 +75,8 @@ pub enum PortNet {
     /// Own namespace on overlay networks: host ports map to container ports, and the routing
     /// mesh is available (not with DNS round robin, which has no virtual IP to balance).
     Overlay { dnsrr: bool },
+    /// Own namespace on the host's local bridge: host ports map to container ports.
+    Bridge,
 }
 
 impl From<crate::spec::NetworkMode> for PortNet {
@@ -82,6 +84,7 @@ impl From<crate::spec::NetworkMode> for PortNet {
         match m {
             crate::spec::NetworkMode::Host => PortNet::Host,
             crate::spec::NetworkMode::None => PortNet::None,
+            crate::spec::NetworkMode::Bridge => PortNet::Bridge,
         }
     }
 }
@@ -104,11 +107,11 @@ pub fn validate(ports: &[PortConfig], net: PortNet) -> Result<(), ValidationErro
                     "network_mode: none has no interface to publish on",
                 ))
             }
-            PortNet::Host if p.mode == PortMode::Ingress => {
+            PortNet::Host | PortNet::Bridge if p.mode == PortMode::Ingress => {
                 return Err(ValidationError::new(
                     field("mode"),
                     "ingress (the routing mesh) needs the service on an overlay network \
-                     (`networks:`); with network_mode: host use mode: host",
+                     (`networks:`); without one use mode: host",
                 ))
             }
             PortNet::Host if p.published_port() != p.target => {

@@ -44,7 +44,9 @@ pub struct ServiceSpec {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// `host` shares the host's network namespace; `none` gives the container only loopback.
+    /// `host` shares the host's network namespace; `none` gives the container only loopback;
+    /// `bridge` puts it on the host's local bridge. With `networks`, the task gets its own
+    /// namespace on those networks instead.
     #[serde(default)]
     pub network_mode: NetworkMode,
     /// Seconds between SIGTERM and SIGKILL when the task stops.
@@ -73,6 +75,14 @@ pub struct ServiceSpec {
     /// How the service's name resolves on its networks: `vip` (default) or `dnsrr`.
     #[serde(default, skip_serializing_if = "crate::network::EndpointMode::is_vip")]
     pub endpoint_mode: crate::network::EndpointMode,
+    /// Named volumes, host paths (bind) and tmpfs mounted into the containers
+    /// (see `crate::volume`). A named volume not declared yet is declared by applying the
+    /// service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::volume::Mount>,
+    /// Rotation of each task's output log (Docker's json-file `max-size` and `max-file`).
+    #[serde(default, skip_serializing_if = "Logging::is_default")]
+    pub logging: Logging,
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
@@ -98,6 +108,9 @@ pub enum NetworkMode {
     #[default]
     Host,
     None,
+    /// Own namespace on the host's local bridge (`rdr0`): an address from the host's bridge
+    /// subnet, outbound NAT, and host-mode published ports mapped to container ports.
+    Bridge,
 }
 
 /// When a finished task's slot gets a new task (Swarm's semantics, with exponential backoff).
@@ -490,7 +503,7 @@ mod cpus {
 }
 
 /// Memory fields: bytes inside, an integer or a suffixed string outside.
-mod bytes {
+pub(crate) mod bytes {
     use serde::de::{self, Deserializer, Visitor};
     use serde::Serializer;
 
@@ -623,10 +636,13 @@ impl ServiceSpec {
                 ));
             }
         }
-        if !self.networks.is_empty() && self.network_mode == NetworkMode::None {
+        if !self.networks.is_empty()
+            && matches!(self.network_mode, NetworkMode::None | NetworkMode::Bridge)
+        {
             return Err(ValidationError::new(
                 "network_mode",
-                "none cannot be combined with networks",
+                "none and bridge cannot be combined with networks (a task on networks has \
+                 its own namespace on them)",
             ));
         }
         crate::ports::validate(
@@ -639,7 +655,17 @@ impl ServiceSpec {
                 }
             },
         )?;
+        crate::volume::validate_mounts(&self.mounts)?;
         self.update_config.validate("update_config")?;
+        if self.logging.max_size != 0 && self.logging.max_size < 1024 {
+            return Err(ValidationError::new(
+                "logging.max_size",
+                "at least 1K (a log file holds at least a few lines)",
+            ));
+        }
+        if self.logging.max_file > 100 {
+            return Err(ValidationError::new("logging.max_file", "at most 100"));
+        }
         self.rollback_config.validate("rollback_config")?;
         if self.restart.max_attempts > MAX_RESTART_ATTEMPTS {
             return Err(ValidationError::new(
@@ -736,6 +762,8 @@ impl ServiceSpec {
             ports,
             networks,
             endpoint_mode,
+            mounts,
+            logging,
             update_config: _,
             rollback_config: _,
         } = self;
@@ -757,8 +785,32 @@ impl ServiceSpec {
             && *healthcheck == other.healthcheck
             && *ports == other.ports
             && *networks == other.networks
+            && *mounts == other.mounts
+            && *logging == other.logging
             && { let _ = endpoint_mode; true } // balancing only: no task changes
             && *labels == other.labels
+    }
+}
+
+/// Log rotation: the shim starts a new file when the current one would pass `max_size`
+/// (bytes; YAML takes `10M` like memory sizes) and keeps `max_file` files. 0 means the
+/// default (10 MiB, 3 files).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logging {
+    #[serde(default, with = "bytes", skip_serializing_if = "is_zero")]
+    pub max_size: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub max_file: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Logging {
+    pub fn is_default(&self) -> bool {
+        *self == Logging::default()
     }
 }
 
@@ -1049,8 +1101,10 @@ pub(crate) mod tests_support {
             placement: Default::default(),
             healthcheck: None,
             ports: vec![],
+            logging: Default::default(),
             networks: vec![],
             endpoint_mode: Default::default(),
+            mounts: vec![],
             update_config: Default::default(),
             rollback_config: Default::default(),
         }

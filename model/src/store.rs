@@ -360,6 +360,21 @@ pub enum Command {
     },
     /// Ask every agent for a new WireGuard key pair (`rctl network rotate-keys`).
     RotateOverlayKeys,
+    /// Declare a volume, or change an existing one's labels. (A service that mounts an
+    /// undeclared volume declares it too, when its spec is put or rolled back to.)
+    PutVolume {
+        spec: crate::volume::VolumeSpec,
+        now: u64,
+    },
+    /// Remove a volume no service mounts; agents then delete their copies of its data.
+    RemoveVolume {
+        name: String,
+    },
+    /// The volumes whose data a node's agent holds (its report, replacing the previous one).
+    SetVolumeCopies {
+        node: String,
+        volumes: Vec<String>,
+    },
 }
 
 /// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
@@ -422,6 +437,8 @@ pub enum ApplyError {
     NoPreviousSpec(String),
     #[error("store: network {name:?}: {message}")]
     Network { name: String, message: String },
+    #[error("store: volume {name:?}: {message}")]
+    Volume { name: String, message: String },
 }
 
 /// The store's tables: persistent ordered maps, so cloning the store (the Ready loop publishes
@@ -452,6 +469,12 @@ pub struct Store {
     /// Generation of the nodes' WireGuard keys (see `RotateOverlayKeys`).
     #[serde(default)]
     pub overlay_key_epoch: u64,
+    /// Named volumes, by name.
+    #[serde(default)]
+    pub volumes: Map<String, crate::volume::Volume>,
+    /// Node id → the volumes whose data its host holds, as its agent last reported.
+    #[serde(default)]
+    pub volume_copies: Map<String, std::collections::BTreeSet<String>>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -504,6 +527,29 @@ impl Store {
                 let name = spec.name.clone();
                 self.put_service(index, id, spec, now);
                 self.assign_vips(&name);
+                self.declare_volumes(index, &name, now);
+            }
+            Command::PutVolume { spec, now } => self.put_volume(index, spec, now),
+            Command::RemoveVolume { name } => {
+                let users = crate::volume::users(self, &name);
+                if !users.is_empty() {
+                    return Err(ApplyError::Volume {
+                        message: format!("in use by service(s) {}", users.join(", ")),
+                        name,
+                    });
+                }
+                self.volumes.remove(&name).ok_or(ApplyError::NotFound {
+                    kind: "volume",
+                    name,
+                })?;
+            }
+            Command::SetVolumeCopies { node, volumes } => {
+                let volumes: std::collections::BTreeSet<String> = volumes.into_iter().collect();
+                if volumes.is_empty() {
+                    self.volume_copies.remove(&node);
+                } else if self.volume_copies.get(&node) != Some(&volumes) {
+                    self.volume_copies.insert(node, volumes);
+                }
             }
             Command::PutNetwork { id, spec, now } => self.put_network(index, id, spec, now)?,
             Command::RemoveNetwork { name } => {
@@ -564,6 +610,7 @@ impl Store {
                 svc.updated_at = now;
                 svc.version = index;
                 self.assign_vips(&service);
+                self.declare_volumes(index, &service, now);
             }
             Command::SetUpdateStatus {
                 service,
@@ -873,6 +920,42 @@ impl Store {
                         previous_spec: None,
                         update_status: None,
                         vips: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Declares the volumes service `name` mounts that are not declared yet (Docker's implicit
+    /// creation), so every volume a current spec mounts is in the store.
+    fn declare_volumes(&mut self, index: u64, name: &str, now: u64) {
+        let Some(svc) = self.services.get(name) else {
+            return;
+        };
+        let missing: Vec<String> = crate::volume::volumes_of(&svc.spec)
+            .filter(|v| !self.volumes.contains_key(*v))
+            .map(String::from)
+            .collect();
+        for v in missing {
+            self.put_volume(index, crate::volume::VolumeSpec::named(&v), now);
+        }
+    }
+
+    fn put_volume(&mut self, index: u64, spec: crate::volume::VolumeSpec, now: u64) {
+        match self.volumes.get_mut(&spec.name) {
+            Some(v) => {
+                if v.spec != spec {
+                    v.spec = spec;
+                    v.version = index;
+                }
+            }
+            None => {
+                self.volumes.insert(
+                    spec.name.clone(),
+                    crate::volume::Volume {
+                        spec,
+                        created_at: now,
+                        version: index,
                     },
                 );
             }

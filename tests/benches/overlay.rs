@@ -12,7 +12,9 @@
 //!    SIGKILL of the container's process, once after `rctl scale web=2` (graceful stop), 5
 //!    rounds each.
 //!
-//! DNS answer latency itself is `cargo bench -p rudder-agent --bench dns`.
+//! DNS answer latency itself is `cargo bench -p rudder-agent --bench dns`. Set
+//! `RUDDER_BENCH_ONLY=throughput` (or `removal`) to run one part; `RUDDER_LAB_LOGS=DIR` keeps
+//! the lab's logs.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -222,9 +224,11 @@ struct Iperf {
     wg_cpu: Vec<(String, f64)>,
 }
 
+/// One iperf3 client run: `run` executes the client command line (in a container or a host's
+/// namespace) and returns its success and stdout.
 fn iperf(
     lab: &LabGuard,
-    client: &serde_json::Value,
+    run: impl FnOnce(&[&str]) -> anyhow::Result<(bool, String)>,
     server: Ipv4Addr,
     extra: &[&str],
 ) -> anyhow::Result<Iperf> {
@@ -236,17 +240,16 @@ fn iperf(
     let wg_before: Vec<u64> = wg.iter().map(|(_, p)| cpu_ticks(*p)).collect();
     let c0 = cpu_sample();
     let t0 = Instant::now();
-    let (ok, out) = exec(lab, client, &cmd)?;
+    let (ok, out) = run(&cmd)?;
     let wall = t0.elapsed().as_secs_f64();
     let c1 = cpu_sample();
-    let hz = TICKS_PER_SECOND;
     let wg_cpu = wg
         .iter()
         .zip(wg_before)
         .map(|((h, p), b)| {
             (
                 h.clone(),
-                100.0 * cpu_ticks(*p).saturating_sub(b) as f64 / hz / wall,
+                100.0 * cpu_ticks(*p).saturating_sub(b) as f64 / TICKS_PER_SECOND / wall,
             )
         })
         .collect();
@@ -266,12 +269,80 @@ fn iperf(
     })
 }
 
+/// iperf3 between h1's and h2's own namespaces over the underlay (no overlay): the ceiling of
+/// this machine's veth + bridge path, for reference.
+fn underlay(lab: &LabGuard) -> anyhow::Result<Iperf> {
+    let (h1, h2) = (lab.host("h1"), lab.host("h2"));
+    let mut server = Command::new("ip")
+        .args([
+            "netns", "exec", &h2.netns, "iperf3", "-s", "-1", "-p", "5299",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let r = iperf(
+        lab,
+        |cmd| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &h1.netns])
+                .args(cmd)
+                .args(["-p", "5299"])
+                .stdin(Stdio::null())
+                .output()?;
+            Ok((
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ))
+        },
+        h2.addr,
+        &[],
+    );
+    if server.try_wait()?.is_none() {
+        let _ = server.kill();
+    }
+    let _ = server.wait();
+    r
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 struct NetCase {
     label: &'static str,
     network: &'static str,
     server: &'static str,
     client: &'static str,
     target_gbps: f64,
+}
+
+fn row(label: &str, mtu: &str, run: &str, r: &anyhow::Result<Iperf>) {
+    match r {
+        Ok(r) => {
+            let wg: Vec<String> = r
+                .wg_cpu
+                .iter()
+                .map(|(h, p)| format!("{h} {p:.0}%"))
+                .collect();
+            println!(
+                "{label:<22} {mtu:>4} {run:<22} {:>9.2} {:>9.2} {:>7} {:>7.0}%  {}",
+                r.sent_gbps,
+                r.received_gbps,
+                r.retransmits,
+                r.cpu_busy,
+                if wg.is_empty() || !label.starts_with("WireGuard") {
+                    "-".to_string()
+                } else {
+                    wg.join(", ")
+                }
+            );
+        }
+        Err(e) => println!("{label:<22} {mtu:>4} {run:<22} FAILED: {e:#}"),
+    }
 }
 
 fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
@@ -295,17 +366,20 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
     println!();
     println!(
         "== TCP throughput, container on h1 -> iperf3 -s on h2 ({IPERF_SECONDS} s runs; \
-         {cores} CPUs) =="
+         {cores} CPUs; load average before: {}) ==",
+        loadavg()
     );
     println!(
-        "{:<22} {:>4} {:<24} {:>10} {:>10} {:>7} {:>8} {:>16}",
-        "network", "MTU", "run", "sent Gb/s", "recv Gb/s", "retr", "CPU busy", "boringtun CPU"
+        "{:<22} {:>4} {:<22} {:>9} {:>9} {:>7} {:>8}  boringtun CPU (1 core = 100%)",
+        "network", "MTU", "run", "sent Gb/s", "recv Gb/s", "retr", "CPU busy"
     );
     let mut summary = Vec::new();
     for c in &cases {
         let _ = running(lab, c.server, 1)?;
         let client = running(lab, c.client, 1)?.remove(0);
-        let mtu = network(lab, c.network)?["mtu"].as_u64().unwrap_or(0);
+        let mtu = network(lab, c.network)?["mtu"]
+            .as_u64()
+            .map_or("?".to_string(), |m| m.to_string());
         let tasks = wait_for(Duration::from_secs(30), "server in DNS", || {
             let a = resolve(lab, &client, &format!("tasks.{}", c.server))?;
             Ok((a.len() == 1).then_some(a))
@@ -335,45 +409,32 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
             (format!("task {} #1", tasks[0]), tasks[0], vec![]),
             (format!("task {} #2", tasks[0]), tasks[0], vec![]),
             (format!("task {} #3", tasks[0]), tasks[0], vec![]),
-            ("task -P 2".to_string(), tasks[0], vec!["-P", "2"]),
+            ("task, -P 2".to_string(), tasks[0], vec!["-P", "2"]),
             (format!("VIP {}", vip[0]), vip[0], vec![]),
         ];
         let mut single = Vec::new();
         let mut best: f64 = 0.0;
         for (name, addr, extra) in runs {
-            match iperf(lab, &client, addr, &extra) {
-                Ok(r) => {
-                    let wg: Vec<String> = r
-                        .wg_cpu
-                        .iter()
-                        .map(|(h, p)| format!("{h} {p:.0}%"))
-                        .collect();
-                    println!(
-                        "{:<22} {:>4} {:<24} {:>10.2} {:>10.2} {:>7} {:>7.0}% {:>16}",
-                        c.label,
-                        mtu,
-                        name,
-                        r.sent_gbps,
-                        r.received_gbps,
-                        r.retransmits,
-                        r.cpu_busy,
-                        if wg.is_empty() {
-                            "-".to_string()
-                        } else {
-                            wg.join(", ")
-                        }
-                    );
-                    if extra.is_empty() && name.starts_with("task") {
-                        single.push(r.received_gbps);
-                    }
-                    best = best.max(r.received_gbps);
+            let r = iperf(lab, |cmd| exec(lab, &client, cmd), addr, &extra);
+            row(c.label, &mtu, &name, &r);
+            if let Ok(r) = r {
+                if extra.is_empty() && name.starts_with("task") {
+                    single.push(r.received_gbps);
                 }
-                Err(e) => println!("{:<22} {:>4} {:<24} FAILED: {e:#}", c.label, mtu, name),
+                best = best.max(r.received_gbps);
             }
         }
         single.sort_by(f64::total_cmp);
         let med = single.get(single.len() / 2).copied().unwrap_or(f64::NAN);
         summary.push((c.label, med, best, c.target_gbps));
+    }
+    for i in 1..=2 {
+        row(
+            "underlay, no overlay",
+            "1500",
+            &format!("h1 -> h2 netns #{i}"),
+            &underlay(lab),
+        );
     }
     println!();
     for (label, med, best, target) in summary {
@@ -523,6 +584,22 @@ struct Removal {
     nft_polls: u32,
 }
 
+impl Removal {
+    /// The mean time between polls of each view, up to the removal.
+    fn polling(&self) -> String {
+        let every = |f: Option<(Duration, Ipv4Addr)>, n: u32| {
+            f.map_or("?".to_string(), |(d, _)| {
+                format!("{:.1} ms", ms(d) / f64::from(n.max(1)))
+            })
+        };
+        format!(
+            "polled DNS every {}, nft every {}",
+            every(self.dns, self.dns_polls),
+            every(self.vip, self.nft_polls)
+        )
+    }
+}
+
 /// Polls h1's DNS (from this thread) and nftables (from a thread in h1's namespace) until
 /// each has dropped an address of `before`; `trigger` runs once both pollers are going, and
 /// returns the instant to measure from.
@@ -584,19 +661,23 @@ fn watch_removal(
     })
 }
 
+/// Running tasks of `web` with their overlay addresses.
+type Replicas = Vec<(serde_json::Value, Ipv4Addr)>;
+
 /// Waits until `web` has 3 running tasks and h1's DNS and VIP both list exactly their
-/// addresses; returns the tasks and addresses.
+/// addresses; returns the tasks with their addresses, and the set of those.
 fn steady(
     lab: &LabGuard,
     dns: &mut Dns,
     netns: &str,
     vip: Ipv4Addr,
-) -> anyhow::Result<(Vec<serde_json::Value>, BTreeSet<Ipv4Addr>)> {
-    let tasks = running(lab, "web", 3)?;
-    let mut addrs = BTreeSet::new();
-    for t in &tasks {
-        addrs.insert(task_addr(lab, t)?);
+) -> anyhow::Result<(Replicas, BTreeSet<Ipv4Addr>)> {
+    let mut tasks = Vec::new();
+    for t in running(lab, "web", 3)? {
+        let a = task_addr(lab, &t)?;
+        tasks.push((t, a));
     }
+    let addrs: BTreeSet<Ipv4Addr> = tasks.iter().map(|(_, a)| *a).collect();
     let ns = netns.to_string();
     wait_for(Duration::from_secs(30), "DNS and VIP list 3 tasks", || {
         let d = dns.a("tasks.web")?;
@@ -650,17 +731,17 @@ fn removal(lab: &LabGuard) -> anyhow::Result<()> {
     );
     let mut results: Vec<(&str, Vec<Duration>, Vec<Duration>)> = Vec::new();
 
-    // SIGKILL of a replica's container process (preferably on h2, so the news crosses hosts).
+    // SIGKILL of a replica's container process, on h2 when one runs there (so the news of its
+    // exit goes h2's agent -> controller -> h1's agent).
     let (mut kd, mut kv) = (Vec::new(), Vec::new());
     for round in 1..=ROUNDS {
         let (tasks, before) = steady(lab, &mut dns, &h1, vip)?;
         std::thread::sleep(Duration::from_millis(500));
-        let victim = tasks
+        let (victim, addr) = tasks
             .iter()
-            .find(|t| t["node"] == "h2")
+            .find(|(t, _)| t["node"] == "h2")
             .unwrap_or(&tasks[0])
             .clone();
-        let addr = task_addr(lab, &victim)?;
         let pid = lab.task_pid(&victim, "pid").context("victim pid")?;
         anyhow::ensure!(pid > 1, "bad pid {pid}");
         let r = watch_removal(&mut dns, &h1, vip, &before, || {
@@ -679,12 +760,11 @@ fn removal(lab: &LabGuard) -> anyhow::Result<()> {
             None => format!("{what} still there after {REMOVAL_TIMEOUT:?}"),
         };
         println!(
-            "  SIGKILL round {round}: victim {addr} on {}: {}, {} ({} DNS polls, {} nft polls)",
+            "  SIGKILL round {round}: victim {addr} on {}: {}, {} ({})",
             victim["node"].as_str().unwrap_or("?"),
             line("DNS", r.dns, &mut kd),
             line("VIP", r.vip, &mut kv),
-            r.dns_polls,
-            r.nft_polls
+            r.polling()
         );
     }
     results.push(("SIGKILL of the container", kd, kv));
@@ -693,8 +773,16 @@ fn removal(lab: &LabGuard) -> anyhow::Result<()> {
     let (mut gd, mut gv) = (Vec::new(), Vec::new());
     let mut rctl_times = Vec::new();
     for round in 1..=ROUNDS {
-        let (_, before) = steady(lab, &mut dns, &h1, vip)?;
+        let (tasks, before) = steady(lab, &mut dns, &h1, vip)?;
         std::thread::sleep(Duration::from_millis(500));
+        let node_of = |a: Ipv4Addr| {
+            tasks
+                .iter()
+                .find(|(_, x)| *x == a)
+                .and_then(|(t, _)| t["node"].as_str())
+                .unwrap_or("?")
+                .to_string()
+        };
         let mut rctl_took = Duration::ZERO;
         let r = watch_removal(&mut dns, &h1, vip, &before, || {
             let t0 = Instant::now();
@@ -710,19 +798,17 @@ fn removal(lab: &LabGuard) -> anyhow::Result<()> {
         let fmt = |what: &str, f: Option<(Duration, Ipv4Addr)>, out: &mut Vec<Duration>| match f {
             Some((d, a)) => {
                 out.push(d);
-                format!("{what} {:.1} ms ({a})", ms(d))
+                format!("{what} {:.1} ms ({a} on {})", ms(d), node_of(a))
             }
             None => format!("{what} still there after {REMOVAL_TIMEOUT:?}"),
         };
         let d = fmt("DNS", r.dns, &mut gd);
         let v = fmt("VIP", r.vip, &mut gv);
         println!(
-            "  scale 3->2 round {round}: {d}, {v}{} (rctl scale returned after {:.1} ms; {} DNS \
-             polls, {} nft polls)",
+            "  scale 3->2 round {round}: {d}, {v}{} (rctl scale returned after {:.1} ms; {})",
             if same { "" } else { " [different addresses!]" },
             ms(rctl_took),
-            r.dns_polls,
-            r.nft_polls
+            r.polling()
         );
         lab.rctl(&["scale", "web=3"])?;
     }
@@ -739,8 +825,8 @@ fn removal(lab: &LabGuard) -> anyhow::Result<()> {
         println!("{:<34} {:<6} {}", "", "VIP", stats(v));
     }
     println!(
-        "(from kill(2) / from spawning `rctl scale`, which itself returned after {} )",
-        stats(&rctl_times)
+        "(measured from kill(2) / from spawning `rctl scale`, which itself returned after {})",
+        stats(&rctl_times).trim_start_matches("median").trim()
     );
     Ok(())
 }
@@ -785,11 +871,21 @@ fn main() -> anyhow::Result<()> {
          stop_grace_period: 1\ncommand: {WEB}\n"
     ));
     lab.apply(tmp.path(), "bench.yaml", &yaml)?;
-    let t = throughput(&lab);
+    // `RUDDER_BENCH_ONLY=throughput` or `=removal` runs one part.
+    let only = std::env::var("RUDDER_BENCH_ONLY").unwrap_or_default();
+    let t = if only.is_empty() || only == "throughput" {
+        throughput(&lab)
+    } else {
+        Ok(())
+    };
     if let Err(e) = &t {
         println!("throughput: FAILED: {e:#}");
     }
-    let r = removal(&lab);
+    let r = if only.is_empty() || only == "removal" {
+        removal(&lab)
+    } else {
+        Ok(())
+    };
     if let Err(e) = &r {
         println!("removal: FAILED: {e:#}");
     }

@@ -55,6 +55,7 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
         &Default::default(),
         "/rudder-bench",
         None,
+        &[],
     )?;
     let root = work.path().join("runc");
     std::fs::create_dir_all(&root)?;

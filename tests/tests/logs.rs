@@ -86,3 +86,88 @@ fn tail_and_follow() -> anyhow::Result<()> {
     assert!(t.elapsed() < Duration::from_secs(20));
     Ok(())
 }
+
+/// `--timestamps`, rotation by size (`logging`), a followed log that crosses a rotation, and
+/// `rctl run` streaming a one-off container's output and exiting with its code.
+#[test]
+fn timestamps_rotation_and_run() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("lr", 1)?;
+    // ~60 bytes per record: 4 KiB files rotate every ~60 lines.
+    lab.apply(
+        tmp.path(),
+        "chatty.yaml",
+        "kind: Service\nname: chatty\nimage: busybox:latest\nstop_grace_period: 1\n\
+         logging: {max_size: 4K, max_file: 2}\n\
+         command: [\"/bin/sh\", \"-c\", \"i=0; while [ $i -lt 200 ]; do i=$((i+1)); echo line$i; done; \
+         while true; do i=$((i+1)); echo line$i; sleep 0.05; done\"]\n",
+    )?;
+    let task = wait_for(Duration::from_secs(30), "chatty running", || {
+        Ok(running_tasks(&lab.tasks("chatty")?)
+            .first()
+            .map(|t| (*t).clone()))
+    })?;
+    // Follow across at least one rotation: the numbers keep coming without a gap.
+    let mut child = Command::new(bin("rctl"))
+        .args(["--context"])
+        .arg(&lab.lab.context_path)
+        .args(["logs", "-f", "--no-prefix", "--tail", "1", "chatty"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut numbers = Vec::new();
+    let mut line = String::new();
+    while numbers.len() < 120 && reader.read_line(&mut line)? > 0 {
+        if let Some(n) = line.trim().strip_prefix("line") {
+            numbers.push(n.parse::<u64>()?);
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "no line lost or repeated across rotations: {numbers:?}"
+    );
+    let dir = lab
+        .host(task["node"].as_str().unwrap())
+        .data_dir
+        .join("containers")
+        .join(task["id"].as_str().unwrap());
+    assert!(dir.join("log.1").exists(), "rotated");
+    assert!(!dir.join("log.2").exists(), "max_file: 2 keeps two files");
+    assert!(std::fs::metadata(dir.join("log"))?.len() <= 4096);
+
+    let out = lab.rctl(&["logs", "-t", "--no-prefix", "--tail", "3", "chatty"])?;
+    for l in out.lines() {
+        let (ts, rest) = l.split_once(' ').unwrap();
+        assert!(
+            ts.len() == 30 && ts.ends_with('Z') && ts.contains('T'),
+            "{l}"
+        );
+        assert!(rest.starts_with("line"), "{l}");
+    }
+
+    // rctl run: output streamed, exit code passed on, --rm removes it.
+    let out = Command::new(bin("rctl"))
+        .args(["--context"])
+        .arg(&lab.lab.context_path)
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "once",
+            "busybox:latest",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("out") && text.contains("err"), "{text}");
+    wait_for(Duration::from_secs(10), "once removed", || {
+        Ok((!lab.rctl(&["get", "services"])?.contains("once")).then_some(()))
+    })?;
+    Ok(())
+}

@@ -17,6 +17,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut specs = Vec::new();
     let mut networks = Vec::new();
+    let mut volumes = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
             let mut s = String::new();
@@ -31,10 +32,11 @@ pub async fn run(
             match m {
                 Manifest::Service(s) => specs.push(serde_json::to_string(&s)?),
                 Manifest::Network(n) => networks.push(serde_json::to_string(&n)?),
+                Manifest::Volume(v) => volumes.push(serde_json::to_string(&v)?),
             }
         }
     }
-    if specs.is_empty() && networks.is_empty() {
+    if specs.is_empty() && networks.is_empty() && volumes.is_empty() {
         anyhow::bail!("nothing to apply: the files hold no documents");
     }
     let mut client = crate::connect(ctx).await?;
@@ -42,6 +44,7 @@ pub async fn run(
         .apply(ApplyRequest {
             service_specs_json: specs,
             network_specs_json: networks,
+            volume_specs_json: volumes,
         })
         .await
         .map_err(crate::status_err)?

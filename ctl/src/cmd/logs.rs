@@ -1,4 +1,4 @@
-//! `rctl logs SERVICE|TASK [-f] [--tail N]`: the containers' output, fetched by the controller
+//! `rctl logs SERVICE|TASK [-f] [--tail N] [-t]`: the containers' output, fetched by the controller
 //! from each host; `-f` keeps streaming until the containers exit.
 //! An unreachable host yields a warning on stderr, never a hang.
 
@@ -14,6 +14,7 @@ pub async fn run(
     prefix: bool,
     tail: u32,
     follow: bool,
+    timestamps: bool,
 ) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let mut stream = client
@@ -21,6 +22,7 @@ pub async fn run(
             target: target.to_string(),
             tail,
             follow,
+            timestamps,
         })
         .await
         .map_err(crate::status_err)?

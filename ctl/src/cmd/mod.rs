@@ -2,9 +2,12 @@
 
 pub mod apply;
 pub mod cluster;
+pub mod cp;
 pub mod describe;
+pub mod exec;
 pub mod get;
 pub mod image;
+pub mod inspect;
 pub mod local;
 pub mod logs;
 pub mod network;
@@ -12,7 +15,9 @@ pub mod node;
 pub mod ps;
 pub mod rm;
 pub mod rollback;
+pub mod run;
 pub mod scale;
+pub mod volume;
 
 /// Output format shared by listing commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]

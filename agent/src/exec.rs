@@ -1,0 +1,526 @@
+//! `rctl exec` on the host: runs a command in a running container through the OCI runtime's
+//! `exec`, streaming stdin in and stdout/stderr out, and ends with the command's exit code.
+//! Also this host's view of a container for `rctl inspect`.
+//!
+//! With a terminal, the agent opens a pty pair and runs `runc exec --tty` with the pty's slave
+//! as runc's stdin, stdout, stderr and controlling terminal (runc then makes a pty inside the
+//! container, puts ours in raw mode and copies between the two): the command gets a real
+//! controlling terminal, so ^C, job control and resizes (SIGWINCH, which runc forwards) work.
+//! Without one, plain pipes.
+//!
+//! Invariants: every fd the agent opens for a session is close-on-exec (the agent forks shims
+//! and health checks concurrently, and a leaked pty slave would keep a session from ever
+//! seeing EOF); a caller that goes away ends the command (SIGHUP with a terminal, SIGTERM
+//! otherwise, both forwarded by runc; SIGKILL to runc after a grace period); the exit code is
+//! always the last output.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use rudder_proto::v1::exec_input::Msg as In;
+use rudder_proto::v1::exec_output::Msg as Out;
+use rudder_proto::v1::{ContainerInfo, ExecInput, ExecOutput, ExecStart, TerminalSize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tonic::{Response, Status};
+use tracing::{debug, info};
+
+/// How long a command may take to end after its caller went away before runc is killed.
+const TERMINATE_GRACE: Duration = Duration::from_secs(5);
+/// How long output still in flight is drained after the command exited (a background process
+/// that inherited stdout may hold it open forever).
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// What exec, cp and inspect need to reach this host's containers.
+#[derive(Debug, Clone)]
+pub struct ContainerAccess {
+    /// `<data>/containers`: one directory per task id (shim files, bundle).
+    pub containers: PathBuf,
+    /// The OCI runtime binary and its `--root`.
+    pub runtime: String,
+    pub runtime_root: PathBuf,
+    /// This agent's executable, re-run as `fs-helper`.
+    pub agent_exe: PathBuf,
+}
+
+impl ContainerAccess {
+    /// The container directory of task `id`, which must exist.
+    pub fn dir(&self, id: &str) -> Result<PathBuf, Status> {
+        if id.is_empty() || id.contains('/') || id.contains("..") {
+            return Err(Status::invalid_argument("bad task id"));
+        }
+        let dir = self.containers.join(id);
+        if !dir.is_dir() {
+            return Err(Status::failed_precondition(format!(
+                "task {id} has no container on this host"
+            )));
+        }
+        Ok(dir)
+    }
+
+    /// The host pid of task `id`'s container init, while it runs.
+    pub fn running_pid(&self, id: &str) -> Result<u32, Status> {
+        let dir = self.dir(id)?;
+        let not_running = || Status::failed_precondition(format!("task {id} is not running"));
+        if crate::runtime::exit_code(&dir).is_some() {
+            return Err(not_running());
+        }
+        let pid = read_pid(&dir.join("pid")).ok_or_else(not_running)?;
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(not_running());
+        }
+        Ok(pid)
+    }
+
+    /// What this host knows of task `id`'s container.
+    pub fn info(&self, id: &str) -> Result<ContainerInfo, Status> {
+        let dir = self.dir(id)?;
+        let exit = crate::runtime::exit_code(&dir);
+        let pid = read_pid(&dir.join("pid")).unwrap_or(0);
+        let shim_pid = read_pid(&dir.join("shim.pid")).unwrap_or(0);
+        let running = exit.is_none() && pid > 0 && Path::new(&format!("/proc/{pid}")).exists();
+        let bundle = dir.join("bundle");
+        Ok(ContainerInfo {
+            running,
+            pid,
+            shim_pid,
+            has_exit_code: exit.is_some(),
+            exit_code: exit.unwrap_or(0),
+            dir: dir.display().to_string(),
+            rootfs: bundle.join("rootfs").display().to_string(),
+            bundle: bundle.display().to_string(),
+            log_path: dir.join("log").display().to_string(),
+            runtime: self.runtime.clone(),
+            container_id: id.to_string(),
+        })
+    }
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, Status>> + Send>>;
+
+/// The session's stdio on the agent's side.
+enum Stdio3 {
+    Pty(Arc<AsyncFd<OwnedFd>>),
+    Pipes {
+        stdin: Option<tokio::process::ChildStdin>,
+        stdout: tokio::process::ChildStdout,
+        stderr: tokio::process::ChildStderr,
+    },
+}
+
+/// Serves one exec: the first input must start it; the command runs until it exits or the
+/// caller goes away.
+pub async fn exec<S>(access: &ContainerAccess, mut input: S) -> Result<Response<ExecStream>, Status>
+where
+    S: Stream<Item = Result<ExecInput, Status>> + Unpin + Send + 'static,
+{
+    let start = match input.next().await {
+        Some(Ok(ExecInput {
+            msg: Some(In::Start(s)),
+        })) => s,
+        Some(Err(e)) => return Err(e),
+        _ => {
+            return Err(Status::invalid_argument(
+                "exec: the first message must name the task and the command",
+            ))
+        }
+    };
+    if start.cmd.is_empty() || start.cmd[0].is_empty() {
+        return Err(Status::invalid_argument("exec: no command given"));
+    }
+    access.running_pid(&start.task)?;
+    let (child, stdio) = spawn(access, &start)
+        .map_err(|e| Status::internal(format!("exec: starting {}: {e}", access.runtime)))?;
+    info!(task = %start.task, cmd = ?start.cmd, tty = start.tty, "exec");
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(session(child, stdio, input, tx));
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+/// Starts `runtime exec` for `start`, on a pty or on pipes.
+fn spawn(
+    access: &ContainerAccess,
+    start: &ExecStart,
+) -> std::io::Result<(tokio::process::Child, Stdio3)> {
+    let mut cmd = tokio::process::Command::new(&access.runtime);
+    cmd.arg("--root").arg(&access.runtime_root).arg("exec");
+    if start.tty {
+        cmd.args(["--tty", "--env", "TERM=xterm"]);
+    }
+    cmd.arg(&start.task).args(&start.cmd);
+    let size = start.size.unwrap_or(TerminalSize { rows: 24, cols: 80 });
+    spawn_on(cmd, start.tty.then_some(size), start.stdin)
+}
+
+/// Starts `cmd` on a new pty of `size` (as its session leader, the pty its controlling
+/// terminal), or on pipes (stdin only when `stdin`).
+fn spawn_on(
+    mut cmd: tokio::process::Command,
+    tty: Option<TerminalSize>,
+    stdin: bool,
+) -> std::io::Result<(tokio::process::Child, Stdio3)> {
+    cmd.kill_on_drop(true);
+    let Some(size) = tty else {
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let stdio = Stdio3::Pipes {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take().expect("piped stdout"),
+            stderr: child.stderr.take().expect("piped stderr"),
+        };
+        return Ok((child, stdio));
+    };
+    let (master, slave) = open_pty(size)?;
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // runc leads a new session whose controlling terminal is the slave, so it gets
+            // SIGWINCH when the master is resized, and SIGHUP when the master closes.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    // The command holds the slave's copies: drop them, or the master never sees EOF.
+    drop(cmd);
+    // SAFETY: the fd is owned by the AsyncFd for its whole registration.
+    let master =
+        unsafe { AsyncFd::register(master) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok((child, Stdio3::Pty(Arc::new(master))))
+}
+
+/// A pty pair, both ends close-on-exec, the slave raw, the master non-blocking, with the
+/// given size.
+fn open_pty(size: TerminalSize) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    // SAFETY: the raw fd was just released by `master`, which owned it.
+    let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // Raw from the start: runc makes it raw too, but only once the command already runs,
+    // and its first output would be translated twice (`\r\r\n`) meanwhile.
+    let mut t = nix::sys::termios::tcgetattr(&slave)?;
+    nix::sys::termios::cfmakeraw(&mut t);
+    nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &t)?;
+    let flags = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL)?;
+    nix::fcntl::fcntl(
+        &master,
+        nix::fcntl::FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )?;
+    resize(&master, size);
+    Ok((master, slave))
+}
+
+/// Sets the terminal size (the kernel signals the session's foreground group).
+fn resize(master: &impl AsRawFd, size: TerminalSize) {
+    let ws = libc::winsize {
+        ws_row: size.rows.clamp(1, u16::MAX as u32) as u16,
+        ws_col: size.cols.clamp(1, u16::MAX as u32) as u16,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which outlives the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+type OutTx = mpsc::Sender<Result<ExecOutput, Status>>;
+
+fn out(msg: Out) -> Result<ExecOutput, Status> {
+    Ok(ExecOutput { msg: Some(msg) })
+}
+
+/// Runs one exec session to its end; the last output is the exit code.
+async fn session<S>(mut child: tokio::process::Child, stdio: Stdio3, mut input: S, tx: OutTx)
+where
+    S: Stream<Item = Result<ExecInput, Status>> + Unpin + Send + 'static,
+{
+    let tty = matches!(stdio, Stdio3::Pty(_));
+    let mut readers = tokio::task::JoinSet::new();
+    let mut writer = None;
+    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(8);
+    let master = match stdio {
+        Stdio3::Pty(master) => {
+            readers.spawn(read_pty(master.clone(), tx.clone()));
+            let m = master.clone();
+            writer = Some(tokio::spawn(async move {
+                while let Some(data) = stdin_rx.recv().await {
+                    if write_pty(&m, &data).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+            Some(master)
+        }
+        Stdio3::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            readers.spawn(read_pipe(stdout, tx.clone(), Out::Stdout));
+            readers.spawn(read_pipe(stderr, tx.clone(), Out::Stderr));
+            if let Some(mut stdin) = stdin {
+                writer = Some(tokio::spawn(async move {
+                    while let Some(data) = stdin_rx.recv().await {
+                        if stdin.write_all(&data).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Dropping stdin closes the pipe: the command reads EOF.
+                }));
+            }
+            None
+        }
+    };
+    // The caller's inputs; `gone` fires when its stream breaks.
+    let (gone_tx, mut gone_rx) = tokio::sync::oneshot::channel::<()>();
+    let pump = tokio::spawn(async move {
+        let mut stdin_tx = Some(stdin_tx);
+        while let Some(msg) = input.next().await {
+            match msg.map(|m| m.msg) {
+                Ok(Some(In::Stdin(data))) => {
+                    if let Some(t) = &stdin_tx {
+                        let _ = t.send(data).await;
+                    }
+                }
+                Ok(Some(In::CloseStdin(_))) => {
+                    // On a terminal, end of input is ^D; on a pipe, closing it.
+                    if let (true, Some(t)) = (tty, &stdin_tx) {
+                        let _ = t.send(vec![4]).await;
+                    }
+                    if !tty {
+                        stdin_tx = None;
+                    }
+                }
+                Ok(Some(In::Resize(size))) => {
+                    if let Some(m) = &master {
+                        resize(m.get_ref(), size);
+                    }
+                }
+                Ok(Some(In::Start(_)) | None) => {}
+                Err(_) => {
+                    let _ = gone_tx.send(());
+                    return;
+                }
+            }
+        }
+        // The caller finished sending (it may still read): a pipe's stdin ends here; a
+        // terminal stays as it is.
+        drop(stdin_tx);
+        std::future::pending::<()>().await;
+    });
+    let pid = child.id();
+    let status = tokio::select! {
+        s = child.wait() => s,
+        _ = &mut gone_rx => terminate(&mut child, pid, tty).await,
+        _ = tx.closed() => terminate(&mut child, pid, tty).await,
+    };
+    pump.abort();
+    if let Some(w) = writer {
+        w.abort();
+    }
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(e) => {
+            let _ = tx
+                .send(Err(Status::internal(format!("exec: waiting: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN, async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+    readers.abort_all();
+    debug!(code, "exec done");
+    let _ = tx.send(out(Out::ExitCode(code))).await;
+}
+
+/// Ends a session whose caller went away: a hangup (terminal) or SIGTERM, which runc
+/// forwards to the command; SIGKILL to runc if that is not enough.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    pid: Option<u32>,
+    tty: bool,
+) -> std::io::Result<std::process::ExitStatus> {
+    if let Some(pid) = pid {
+        let sig = if tty { libc::SIGHUP } else { libc::SIGTERM };
+        // SAFETY: kill with a pid of our own unreaped child and a signal number.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+    match tokio::time::timeout(TERMINATE_GRACE, child.wait()).await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = child.kill().await;
+            child.wait().await
+        }
+    }
+}
+
+async fn read_pipe(mut r: impl AsyncRead + Unpin, tx: OutTx, kind: fn(Vec<u8>) -> Out) {
+    let mut buf = vec![0u8; 32 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 || tx.send(out(kind(buf[..n].to_vec()))).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn read_pty(master: Arc<AsyncFd<OwnedFd>>, tx: OutTx) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let Ok(mut guard) = master.readable().await else {
+            return;
+        };
+        match guard.try_io(|fd| Ok(nix::unistd::read(fd.get_ref().as_fd(), &mut buf)?)) {
+            // EIO: every slave copy is closed (runc exited).
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => {
+                if tx.send(out(Out::Stdout(buf[..n].to_vec()))).await.is_err() {
+                    return;
+                }
+            }
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+async fn write_pty(master: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = master.writable().await?;
+        match guard.try_io(|fd| Ok(nix::unistd::write(fd.get_ref(), data)?)) {
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start_input() -> ExecInput {
+        ExecInput {
+            msg: Some(In::Start(ExecStart::default())),
+        }
+    }
+
+    /// Runs `sh -c script` through a session fed `inputs`; returns (stdout, stderr, code).
+    async fn run(script: &str, tty: bool, inputs: Vec<In>) -> (Vec<u8>, Vec<u8>, i32) {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", script]);
+        let size = TerminalSize {
+            rows: 33,
+            cols: 101,
+        };
+        let (child, stdio) = spawn_on(cmd, tty.then_some(size), true).unwrap();
+        let (in_tx, in_rx) = mpsc::channel(8);
+        for i in inputs {
+            in_tx.send(Ok(ExecInput { msg: Some(i) })).await.unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let input = tokio_stream::wrappers::ReceiverStream::new(in_rx);
+        tokio::spawn(session(child, stdio, input, tx));
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = loop {
+            match rx.recv().await.expect("an exit code").unwrap().msg.unwrap() {
+                Out::Stdout(b) => out.extend(b),
+                Out::Stderr(b) => err.extend(b),
+                Out::ExitCode(c) => break c,
+            }
+        };
+        drop(in_tx);
+        (out, err, code)
+    }
+
+    #[tokio::test]
+    async fn pipes_carry_stdin_stdout_stderr_and_the_exit_code() {
+        let (out, err, code) = run(
+            "cat; echo oops >&2; exit 3",
+            false,
+            vec![
+                In::Stdin(b"hello ".to_vec()),
+                In::Stdin(b"world".to_vec()),
+                In::CloseStdin(true),
+            ],
+        )
+        .await;
+        assert_eq!(out, b"hello world");
+        assert_eq!(err, b"oops\n");
+        assert_eq!(code, 3);
+        let (_, _, code) = run("kill -9 $$", false, vec![]).await;
+        assert_eq!(code, 128 + 9);
+    }
+
+    #[tokio::test]
+    async fn a_terminal_has_its_size_and_is_the_controlling_one() {
+        let (out, _, _) = run("stty size", true, vec![]).await;
+        assert_eq!(String::from_utf8_lossy(&out).trim(), "33 101");
+        // Inputs apply in order: the resize before the line is read.
+        let (out, _, code) = run(
+            "read line; stty size; echo got $line; exec 3</dev/tty && exit 5",
+            true,
+            vec![
+                In::Resize(TerminalSize {
+                    rows: 40,
+                    cols: 120,
+                }),
+                In::Stdin(b"abc\n".to_vec()),
+            ],
+        )
+        .await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("40 120\ngot abc"), "{out:?}");
+        // /dev/tty opens only for a process with a controlling terminal.
+        assert_eq!(code, 5, "{out:?}");
+        // A start message later on is ignored; a caller that goes away ends the command.
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("100");
+        let (child, stdio) = spawn_on(cmd, None, true).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let input = futures::stream::iter(vec![
+            Ok(start_input()),
+            Err(Status::cancelled("caller gone")),
+        ]);
+        tokio::spawn(session(child, stdio, input, tx));
+        let code = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Out::ExitCode(c) = rx.recv().await.unwrap().unwrap().msg.unwrap() {
+                    return c;
+                }
+            }
+        })
+        .await
+        .expect("the command ended");
+        assert_eq!(code, 128 + libc::SIGTERM);
+    }
+}

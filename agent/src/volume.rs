@@ -1,0 +1,354 @@
+//! Volumes and mounts on this host. A task's `mounts` become OCI mounts in its `config.json`:
+//! named volumes are directories `<data>/volumes/<name>/_data` (Docker's local driver), made
+//! when a task first mounts the volume here; bind mounts take a host path, which must exist;
+//! tmpfs mounts are memory, optionally capped.
+//!
+//! Invariants:
+//! - A copy is deleted only when the controller no longer declares the volume *and* no live
+//!   task of this agent mounts it; nothing is deleted before the first declared set arrives
+//!   (after a restart, adopted containers count as live first).
+//! - Deleting is a rename out of the way under the lock (so a task preparing the same volume
+//!   meanwhile gets a fresh directory, never a half-deleted one), then removal outside it.
+//! - The set of copies held here is published (`watch_copies`) and reported to the controller.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use oci_spec::runtime::{Mount as OciMount, MountBuilder};
+use rudder_model::volume::{normalize_path, MountType};
+use rudder_model::Task;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("mounts: bind mount source {path} does not exist on {host}")]
+    MissingBindSource { path: String, host: String },
+    #[error("mounts: {op} {path}: {err}")]
+    Io {
+        op: &'static str,
+        path: String,
+        err: std::io::Error,
+    },
+    #[error("mounts: {0}")]
+    Spec(String),
+}
+
+/// This host's volume copies and the bookkeeping that decides when one may go.
+pub struct Volumes {
+    /// `<data>/volumes`.
+    root: PathBuf,
+    /// For error messages: a user reads which host lacked a bind source.
+    hostname: String,
+    state: Mutex<State>,
+    copies: watch::Sender<BTreeSet<String>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The volumes the controller declares; `None` until it first said.
+    declared: Option<BTreeSet<String>>,
+    /// Volume → live local tasks that mount it.
+    users: BTreeMap<String, usize>,
+}
+
+/// Names of the volumes a task mounts.
+pub fn volume_names(task: &Task) -> Vec<String> {
+    rudder_model::volume::volumes_of(&task.spec)
+        .map(String::from)
+        .collect()
+}
+
+impl Volumes {
+    pub fn new(root: PathBuf, hostname: String) -> Volumes {
+        let (copies, _) = watch::channel(BTreeSet::new());
+        let v = Volumes {
+            root,
+            hostname,
+            state: Mutex::default(),
+            copies,
+        };
+        v.publish();
+        v
+    }
+
+    /// The volumes this host holds a copy of, whenever that changes.
+    pub fn watch_copies(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.copies.subscribe()
+    }
+
+    /// Where volume `name`'s data lives on this host.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name).join("_data")
+    }
+
+    /// A task of this agent is live (from spawn until its container is deleted): its
+    /// volumes stay.
+    pub fn acquire(&self, names: &[String]) {
+        let mut st = self.state.lock().expect("volumes lock");
+        for n in names {
+            *st.users.entry(n.clone()).or_default() += 1;
+        }
+    }
+
+    /// The task is over: its volumes may go if nothing else wants them. (Blocking I/O.)
+    pub fn release(&self, names: &[String]) {
+        {
+            let mut st = self.state.lock().expect("volumes lock");
+            for n in names {
+                if let Some(c) = st.users.get_mut(n) {
+                    *c -= 1;
+                    if *c == 0 {
+                        st.users.remove(n);
+                    }
+                }
+            }
+        }
+        if !names.is_empty() {
+            self.collect();
+        }
+    }
+
+    /// The controller's declared volumes. (Blocking I/O: deletes undeclared copies.)
+    pub fn set_declared(&self, names: Vec<String>) {
+        self.state.lock().expect("volumes lock").declared = Some(names.into_iter().collect());
+        self.collect();
+    }
+
+    /// Makes the task's volume directories, checks its bind sources, and returns its mounts
+    /// for `config.json`, parents before children.
+    pub fn prepare(&self, task: &Task) -> Result<Vec<OciMount>, VolumeError> {
+        let mut mounts: Vec<&rudder_model::volume::Mount> = task.spec.mounts.iter().collect();
+        // `/a` before `/a/b`, whatever the order written.
+        mounts.sort_by_key(|m| normalize_path(&m.target).matches('/').count());
+        let mut out = Vec::new();
+        for m in mounts {
+            let mut options = Vec::new();
+            let (typ, source) = match m.typ {
+                MountType::Volume => {
+                    let dir = self.data_dir(&m.source);
+                    {
+                        // Under the lock: never racing a collection of the same name.
+                        let _st = self.state.lock().expect("volumes lock");
+                        if !dir.is_dir() {
+                            std::fs::create_dir_all(&dir).map_err(|err| VolumeError::Io {
+                                op: "create volume directory",
+                                path: dir.display().to_string(),
+                                err,
+                            })?;
+                            info!(volume = %m.source, "volume copy created");
+                        }
+                    }
+                    self.publish();
+                    options.extend(["rbind".to_string(), "rprivate".to_string()]);
+                    ("bind", dir)
+                }
+                MountType::Bind => {
+                    let src = PathBuf::from(&m.source);
+                    if !src.exists() {
+                        return Err(VolumeError::MissingBindSource {
+                            path: m.source.clone(),
+                            host: self.hostname.clone(),
+                        });
+                    }
+                    options.extend(["rbind".to_string(), "rprivate".to_string()]);
+                    ("bind", src)
+                }
+                MountType::Tmpfs => {
+                    options.extend(["nosuid", "nodev", "mode=1777"].map(String::from));
+                    if m.tmpfs_size > 0 {
+                        options.push(format!("size={}", m.tmpfs_size));
+                    }
+                    ("tmpfs", PathBuf::from("tmpfs"))
+                }
+            };
+            if m.readonly {
+                options.push("ro".into());
+            }
+            out.push(
+                MountBuilder::default()
+                    .destination(normalize_path(&m.target))
+                    .typ(typ)
+                    .source(source)
+                    .options(options)
+                    .build()
+                    .map_err(|e| VolumeError::Spec(e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Deletes the copies of volumes neither declared nor mounted by a live local task.
+    fn collect(&self) {
+        let mut doomed = Vec::new();
+        {
+            let st = self.state.lock().expect("volumes lock");
+            let Some(declared) = &st.declared else {
+                return;
+            };
+            for name in self.list() {
+                if declared.contains(&name) || st.users.contains_key(&name) {
+                    continue;
+                }
+                let from = self.root.join(&name);
+                let to = self
+                    .root
+                    .join(format!(".removing-{name}-{}", std::process::id()));
+                match std::fs::rename(&from, &to) {
+                    Ok(()) => doomed.push((name, to)),
+                    Err(e) => warn!(volume = %name, %e, "cannot remove volume copy"),
+                }
+            }
+        }
+        for (name, dir) in doomed {
+            info!(volume = %name, "volume removed: deleting this host's copy");
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(volume = %name, %e, "cannot delete volume copy");
+            }
+        }
+        // Leftovers of an interrupted deletion.
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".removing-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Volume copies on disk (directories with a valid volume name).
+    fn list(&self) -> BTreeSet<String> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return BTreeSet::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| rudder_model::spec::validate_name("volume", n).is_ok())
+            .collect()
+    }
+
+    fn publish(&self) {
+        let now = self.list();
+        self.copies.send_if_modified(|c| {
+            if *c == now {
+                false
+            } else {
+                *c = now;
+                true
+            }
+        });
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(mounts: serde_json::Value) -> Task {
+        serde_json::from_value(serde_json::json!({
+            "id": "abcdef0123456789", "service_id": "s", "service_name": "web", "slot": 1,
+            "spec": {"name": "web", "image": "x", "mounts": mounts},
+            "spec_version": 1, "node_id": "n", "desired_state": "running",
+            "status": {"state": "assigned", "timestamp": 0}, "created_at": 0, "version": 1
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn mounts_become_oci_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volumes::new(dir.path().join("volumes"), "h2".into());
+        let t = task(serde_json::json!([
+            {"type": "volume", "source": "data", "target": "/data/"},
+            {"type": "tmpfs", "target": "/data/tmp", "tmpfs_size": "64M", "readonly": true},
+            {"type": "bind", "source": dir.path(), "target": "/host", "readonly": true},
+        ]));
+        let mounts = v.prepare(&t).unwrap();
+        let show: Vec<(String, String, String, Vec<String>)> = mounts
+            .iter()
+            .map(|m| {
+                (
+                    m.destination().display().to_string(),
+                    m.typ().clone().unwrap(),
+                    m.source().clone().unwrap().display().to_string(),
+                    m.options().clone().unwrap(),
+                )
+            })
+            .collect();
+        let data = dir.path().join("volumes/data/_data");
+        assert!(data.is_dir());
+        assert_eq!(
+            show,
+            vec![
+                (
+                    "/data".into(),
+                    "bind".into(),
+                    data.display().to_string(),
+                    vec!["rbind".into(), "rprivate".into()]
+                ),
+                (
+                    "/host".into(),
+                    "bind".into(),
+                    dir.path().display().to_string(),
+                    vec!["rbind".into(), "rprivate".into(), "ro".into()]
+                ),
+                (
+                    "/data/tmp".into(),
+                    "tmpfs".into(),
+                    "tmpfs".into(),
+                    ["nosuid", "nodev", "mode=1777", "size=67108864", "ro"]
+                        .map(String::from)
+                        .to_vec()
+                ),
+            ]
+        );
+        assert_eq!(*v.watch_copies().borrow(), BTreeSet::from(["data".into()]));
+        let e = v
+            .prepare(&task(serde_json::json!([
+                {"type": "bind", "source": "/nope/nowhere", "target": "/x"}
+            ])))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mounts: bind mount source /nope/nowhere does not exist on h2"
+        );
+    }
+
+    #[test]
+    fn copies_go_only_when_undeclared_and_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volumes::new(dir.path().join("volumes"), "h1".into());
+        let t = task(serde_json::json!([{"source": "keep", "target": "/k"}]));
+        let names = volume_names(&t);
+        v.acquire(&names);
+        v.prepare(&t).unwrap();
+        std::fs::write(v.data_dir("keep").join("f"), "x").unwrap();
+        std::fs::create_dir_all(v.data_dir("old")).unwrap();
+        // Nothing goes before the controller said what is declared.
+        v.release(&[]);
+        assert!(v.data_dir("old").exists());
+        // Undeclared, but mounted: stays; unused: goes.
+        v.set_declared(vec![]);
+        assert!(v.data_dir("keep").join("f").exists());
+        assert!(!v.root().join("old").exists());
+        v.release(&names);
+        assert!(!v.root().join("keep").exists());
+        assert!(v.watch_copies().borrow().is_empty());
+        // Declared copies stay after their last task.
+        v.set_declared(vec!["keep".into()]);
+        v.acquire(&names);
+        v.prepare(&t).unwrap();
+        v.release(&names);
+        assert!(v.data_dir("keep").exists());
+        let left: Vec<_> = std::fs::read_dir(v.root()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "no leftovers: {left:?}");
+    }
+}

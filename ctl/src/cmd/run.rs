@@ -1,0 +1,156 @@
+//! `rctl run [--rm] [--node NODE] [--name NAME] IMAGE [CMD…]`: a one-off container, like
+//! `docker run`. It is a service of one replica that is never restarted (so the cluster
+//! places, starts, logs and reports it like any task); rctl streams its output and exits with
+//! the container's exit code. `--rm` removes the service afterwards.
+
+use std::io::Write;
+use std::time::Duration;
+
+use rudder_model::spec::{RestartCondition, ServiceSpec};
+use rudder_model::TaskState;
+use rudder_proto::v1::{ApplyRequest, LogsRequest, RemoveServiceRequest};
+
+use crate::context::Context;
+
+pub struct RunArgs<'a> {
+    pub image: &'a str,
+    pub command: &'a [String],
+    pub node: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub rm: bool,
+    pub env: &'a [String],
+    pub network_mode: Option<&'a str>,
+}
+
+/// Runs the container to its end; returns its exit code.
+pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
+    let name = match a.name {
+        Some(n) => n.to_string(),
+        None => format!("run-{:06x}", rand_suffix()),
+    };
+    let mut spec = serde_json::json!({
+        "name": name,
+        "image": a.image,
+        "restart": {"condition": "none"},
+        "stop_grace_period": 2,
+    });
+    if !a.command.is_empty() {
+        spec["command"] = serde_json::json!(a.command);
+    }
+    if let Some(n) = a.node {
+        spec["placement"] = serde_json::json!({"constraints": [format!("node.hostname=={n}")]});
+    }
+    if let Some(m) = a.network_mode {
+        spec["network_mode"] = serde_json::json!(m);
+    }
+    let mut env = serde_json::Map::new();
+    for kv in a.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--env {kv:?}: expected KEY=VALUE"))?;
+        env.insert(k.to_string(), v.into());
+    }
+    if !env.is_empty() {
+        spec["env"] = env.into();
+    }
+    let spec: ServiceSpec = serde_json::from_value(spec)?;
+    debug_assert_eq!(spec.restart.condition, RestartCondition::None);
+    spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut client = crate::connect(ctx).await?;
+    client
+        .apply(ApplyRequest {
+            service_specs_json: vec![serde_json::to_string(&spec)?],
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::status_err)?;
+
+    let result = follow(ctx, &name).await;
+    if a.rm {
+        let _ = client
+            .remove_service(RemoveServiceRequest { name: name.clone() })
+            .await;
+    }
+    result
+}
+
+/// Waits for the task to start, streams its output, then returns its exit code.
+async fn follow(ctx: &Context, name: &str) -> anyhow::Result<i32> {
+    let mut client = crate::connect(ctx).await?;
+    let started = wait_task(
+        ctx,
+        name,
+        |s| s >= TaskState::Running,
+        Duration::from_secs(120),
+    )
+    .await?;
+    if started.state == TaskState::Rejected.to_string() {
+        anyhow::bail!(
+            "{}: rejected: {} {}",
+            started.name,
+            started.message,
+            started.error
+        );
+    }
+    let mut stream = client
+        .logs(LogsRequest {
+            target: started.id.clone(),
+            tail: 0,
+            follow: true,
+            timestamps: false,
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.message().await.map_err(crate::status_err)? {
+        if !chunk.warning.is_empty() {
+            eprintln!("warning: {}", chunk.warning);
+            continue;
+        }
+        out.write_all(&chunk.data)?;
+        out.flush()?;
+    }
+    let done = wait_task(ctx, name, |s| s.is_terminal(), Duration::from_secs(30)).await?;
+    if done.state == TaskState::Failed.to_string() && !done.has_exit_code {
+        anyhow::bail!("{}: {} {}", done.name, done.message, done.error);
+    }
+    Ok(if done.has_exit_code {
+        done.exit_code
+    } else {
+        0
+    })
+}
+
+/// The service's newest task once `until` holds for its state.
+async fn wait_task(
+    ctx: &Context,
+    service: &str,
+    until: impl Fn(TaskState) -> bool,
+    timeout: Duration,
+) -> anyhow::Result<rudder_proto::v1::TaskSummary> {
+    let mut client = crate::connect(ctx).await?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let tasks = crate::tasks(&mut client, service).await?;
+        if let Some(t) = tasks.into_iter().max_by_key(|t| t.timestamp_ms) {
+            let state: Option<TaskState> = t.state.parse().ok();
+            if state.is_some_and(|s| until(s) || s.is_terminal()) {
+                return Ok(t);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{}: still {} ({})", t.name, t.state, t.message);
+            }
+        } else if std::time::Instant::now() > deadline {
+            anyhow::bail!("{service}: no task was created");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id().rotate_left(12)) & 0xff_ffff
+}

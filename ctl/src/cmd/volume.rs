@@ -1,0 +1,142 @@
+//! `rctl volume create|ls|inspect|rm`: named volumes (driver `local`: a directory on each host
+//! that runs a task mounting it). Also declared with `kind: Volume` in a manifest, or
+//! implicitly by a service that mounts one.
+
+use rudder_model::volume::{Volume, VolumeDriver, VolumeSpec};
+use rudder_proto::v1::{ApplyRequest, ListVolumesRequest, RemoveVolumeRequest, VolumeSummary};
+
+use super::{print_table, Output};
+use crate::context::Context;
+
+/// A volume with what the controller knows about it.
+struct Listed {
+    volume: Volume,
+    hosts: Vec<String>,
+    services: Vec<String>,
+}
+
+async fn list(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
+    let mut client = crate::connect(ctx).await?;
+    let resp = client
+        .list_volumes(ListVolumesRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    resp.volumes
+        .into_iter()
+        .map(
+            |VolumeSummary {
+                 volume_json,
+                 hosts,
+                 services,
+             }| {
+                Ok(Listed {
+                    volume: serde_json::from_str(&volume_json)?,
+                    hosts,
+                    services,
+                })
+            },
+        )
+        .collect()
+}
+
+fn to_json(l: &Listed) -> serde_json::Value {
+    serde_json::json!({
+        "name": l.volume.spec.name,
+        "driver": "local",
+        "labels": l.volume.spec.labels,
+        "created_at_ms": l.volume.created_at,
+        // Each host keeps its own copy, made when a task first mounts the volume there.
+        "mountpoint": format!("<agent data>/volumes/{}/_data", l.volume.spec.name),
+        "hosts": l.hosts,
+        "services": l.services,
+    })
+}
+
+/// `rctl volume create NAME [--label K=V]…`: declares the volume (idempotent; labels replace
+/// the old ones).
+pub async fn create(ctx: &Context, name: &str, labels: &[String]) -> anyhow::Result<()> {
+    let mut spec = VolumeSpec {
+        name: name.to_string(),
+        driver: VolumeDriver::Local,
+        labels: Default::default(),
+    };
+    for l in labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected KEY=VALUE"))?;
+        spec.labels.insert(k.to_string(), v.to_string());
+    }
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
+    let mut client = crate::connect(ctx).await?;
+    let resp = client
+        .apply(ApplyRequest {
+            volume_specs_json: vec![serde_json::to_string(&spec)?],
+            ..Default::default()
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    for r in resp.results {
+        println!("{}/{} {}", r.kind.to_lowercase(), r.name, r.action);
+    }
+    Ok(())
+}
+
+pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
+    let vols = list(ctx).await?;
+    match output {
+        Output::Json => {
+            let v: Vec<serde_json::Value> = vols.iter().map(to_json).collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Table => {
+            let dash = |v: &[String]| {
+                if v.is_empty() {
+                    "-".to_string()
+                } else {
+                    v.join(",")
+                }
+            };
+            let rows: Vec<Vec<String>> = vols
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.volume.spec.name.clone(),
+                        "local".into(),
+                        dash(&l.hosts),
+                        dash(&l.services),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "DRIVER", "HOSTS", "SERVICES"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// The volume as JSON: labels, the hosts holding a copy, the services mounting it.
+pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
+    let vols = list(ctx).await?;
+    let l = vols
+        .iter()
+        .find(|l| l.volume.spec.name == name)
+        .ok_or_else(|| anyhow::anyhow!("volume {name:?} not found (see `rctl volume ls`)"))?;
+    println!("{}", serde_json::to_string_pretty(&to_json(l))?);
+    Ok(())
+}
+
+/// Removes volumes (refused while a service mounts one); each host deletes its copy once no
+/// container there uses it.
+pub async fn rm(ctx: &Context, names: &[String]) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    for name in names {
+        client
+            .remove_volume(RemoveVolumeRequest { name: name.clone() })
+            .await
+            .map_err(crate::status_err)?;
+        println!("{name}");
+    }
+    Ok(())
+}
