@@ -164,13 +164,31 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
         // Output first, then reap: until the init exits and its output is drained (or, when a
         // daemonised descendant keeps the pipes open, a moment after the exit).
         pump(&mut streams, &mut log, 250);
+        // With no output left to read, block on the exit instead of polling for it.
+        let flags = if code.is_none() && streams.iter().all(|s| s.eof) {
+            None
+        } else {
+            Some(WaitPidFlag::WNOHANG)
+        };
         loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(p, c)) if p.as_raw() == pid => code = Some(c),
+            let blocking = flags.is_none();
+            match waitpid(Pid::from_raw(-1), flags) {
+                Ok(WaitStatus::Exited(p, c)) if p.as_raw() == pid => {
+                    code = Some(c);
+                    if blocking {
+                        break;
+                    }
+                }
                 Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => {
-                    code = Some(128 + sig as i32)
+                    code = Some(128 + sig as i32);
+                    if blocking {
+                        break;
+                    }
                 }
                 Ok(WaitStatus::StillAlive) => break,
+                // Another process (an orphan we adopted) reaped: keep going. Once the init
+                // is known to have exited, a blocking wait must not wait for the orphans.
+                Ok(_) if blocking && code.is_some() => break,
                 Ok(_) => continue,
                 // ECHILD: nothing left to reap; the init is not ours (should not happen).
                 Err(_) => {

@@ -117,7 +117,7 @@ fn encrypted_overlay_dns_vip_mesh_and_restarts() -> anyhow::Result<()> {
              stop_grace_period: 1\nplacement:\n  constraints: [\"node.hostname!=h1\"]\n  \
              max_replicas_per_node: 1\ncommand: {SERVER}\n\
              ports:\n  - {{target: 80, published: 8080, mode: ingress}}\n---\n\
-             kind: Service\nname: client\nimage: busybox:latest\nnetworks: [backend]\n\
+             kind: Service\nname: client\nimage: busybox:latest\nnetworks: [backend, other]\n\
              placement:\n  constraints: [\"node.hostname==h1\"]\ncommand: [\"/bin/sleep\", \"1000000\"]\n---\n\
              kind: Service\nname: outsider\nimage: busybox:latest\nnetworks: [other]\n\
              placement:\n  constraints: [\"node.hostname==h1\"]\ncommand: [\"/bin/sleep\", \"1000000\"]\n"
@@ -276,9 +276,11 @@ fn encrypted_overlay_dns_vip_mesh_and_restarts() -> anyhow::Result<()> {
     })?;
     both(&lab, "both replicas after key rotation")?;
 
-    // The interface carries the encapsulation's MTU.
-    let (_, link) = exec(&lab, &client, &["ip", "link", "show", "eth0"])?;
-    assert!(link.contains("mtu 1420"), "{link}");
+    // One interface per network, each with the encapsulation's MTU.
+    for eth in ["eth0", "eth1"] {
+        let (_, link) = exec(&lab, &client, &["ip", "link", "show", eth])?;
+        assert!(link.contains("mtu 1420"), "{link}");
+    }
 
     // A replica stops: DNS and the VIP drop it at once (the bench measures how fast).
     let victim = web.iter().find(|t| t["node"] == "h3").unwrap().clone();
