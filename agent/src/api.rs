@@ -22,6 +22,8 @@ pub struct AgentApiImpl {
     pub containers: PathBuf,
     /// Exec, cp and inspect (`exec`, `copy`).
     pub access: crate::exec::ContainerAccess,
+    /// The content store, for the base image of a commit (`commit`).
+    pub images: rudder_image::ImageStore,
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
@@ -69,6 +71,14 @@ impl AgentApi for AgentApiImpl {
     type TaskLogsStream = LogStream;
     type ExecStream = crate::exec::ExecStream;
     type CopyFromStream = crate::copy::TarStream;
+    type CommitStream = crate::commit::CommitStream;
+
+    async fn commit(
+        &self,
+        req: Request<rudder_proto::v1::CommitLayerRequest>,
+    ) -> Result<Response<Self::CommitStream>, Status> {
+        crate::commit::commit(&self.access, &self.images, &req.into_inner().task_id).await
+    }
 
     async fn exec(
         &self,

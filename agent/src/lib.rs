@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod commit;
 pub mod copy;
 pub mod dns;
 pub mod exec;
@@ -177,7 +178,7 @@ pub async fn run(
         .map_err(|e| AgentError::Join(e.to_string()))?;
     let worker = worker::Worker::new(worker::Ctx {
         containers: containers.clone(),
-        images,
+        images: images.clone(),
         runtime: Arc::new(rt),
         cgroup_parent: cfg.cgroup_parent.clone(),
         registry: Mutex::new(String::new()),
@@ -211,6 +212,7 @@ pub async fn run(
             AgentApiServer::new(api::AgentApiImpl {
                 containers: containers.clone(),
                 access: access.clone(),
+                images: images.clone(),
             }),
             tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
         ))

@@ -7,7 +7,7 @@
 //! process is re-adopted from its directory, not restarted.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -276,6 +276,14 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 )
                 .map_err(|e| e.to_string())
             })
+            // The image the container runs, for `rctl commit` (`commit::IMAGE_FILE`).
+            .and_then(|_| {
+                std::fs::write(
+                    c.dir.join(crate::commit::IMAGE_FILE),
+                    &image.manifest_digest,
+                )
+                .map_err(|e| e.to_string())
+            })
             .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()));
         let netns = match (&prepared, &ctx.overlay, task.networks.is_empty()) {
             (Ok(()), Some(o), false) => match o.attach(&task, &c.dir).await {
@@ -306,6 +314,23 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                             TaskState::Rejected,
                             "cannot attach to the bridge",
                             &e.to_string(),
+                            None,
+                        );
+                        return;
+                    }
+                }
+            }
+            (Ok(()), _, true) if matches!(task.spec.network_mode, NetworkMode::Container(_)) => {
+                match shared_netns(&ctx.containers, &task, &c.dir).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(task = %name, %e, "no namespace to share");
+                        bundle::unmount_rootfs(&c);
+                        w.report(
+                            &task,
+                            TaskState::Rejected,
+                            "no namespace to share",
+                            &e,
                             None,
                         );
                         return;
@@ -472,12 +497,71 @@ async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
     if let (Some(o), false) = (&ctx.overlay, task.networks.is_empty()) {
         o.detach(task).await;
     }
-    if let (Some(o), NetworkMode::Bridge) = (&ctx.overlay, task.spec.network_mode) {
+    if let (Some(o), NetworkMode::Bridge) = (&ctx.overlay, &task.spec.network_mode) {
         o.detach_bridge(task, &c.dir).await;
     }
     // The writable layer goes with the container; the log stays until the task is forgotten.
     let _ = std::fs::remove_dir_all(c.upper());
     let _ = std::fs::remove_dir_all(c.work());
+}
+
+/// `network_mode: container:X`: the network namespace of a running task of X on this host
+/// (`X` a service, or a task's name or id prefix), waiting up to 15 s for one to start. Its
+/// resolv.conf and hosts are copied next to this task's bundle, so DNS works the same.
+async fn shared_netns(containers: &Path, task: &Task, dir: &Path) -> Result<PathBuf, String> {
+    let NetworkMode::Container(target) = &task.spec.network_mode else {
+        return Err("not network_mode: container".into());
+    };
+    let service = task.spec.network_mode.shared_service().unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = std::fs::read_dir(containers)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let t: Task =
+                    serde_json::from_slice(&std::fs::read(e.path().join("task.json")).ok()?)
+                        .ok()?;
+                let matches = t.service_name == service
+                    && (target.as_str() == service
+                        || t.name().starts_with(target.as_str())
+                        || t.id.starts_with(target.as_str()));
+                if !matches || runtime::exit_code(&e.path()).is_some() {
+                    return None;
+                }
+                let pid: i32 = std::fs::read_to_string(e.path().join("pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                std::path::Path::new(&format!("/proc/{pid}"))
+                    .exists()
+                    .then(|| (e.path(), pid))
+            })
+            // Prefer the task in the same slot (sidecar 2 with main 2).
+            .min_by_key(|(p, _)| {
+                let same = std::fs::read(p.join("task.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
+                    .is_some_and(|t| t.slot == task.slot);
+                !same
+            });
+        if let Some((other, pid)) = found {
+            for f in ["resolv.conf", "hosts"] {
+                if other.join(f).exists() {
+                    let _ = std::fs::copy(other.join(f), dir.join(f));
+                }
+            }
+            return Ok(PathBuf::from(format!("/proc/{pid}/ns/net")));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "network_mode: container:{target}: no running task of {service} on this host"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage, String> {

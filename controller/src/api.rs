@@ -25,6 +25,8 @@ pub struct ControlApi {
     /// How to reach agents (mutual TLS, server name `worker.rudder`); plain when `None`.
     /// (Replaced when this controller's certificate is renewed.)
     pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<tonic::transport::ClientTlsConfig>>>,
+    /// This controller's registry, where `Commit` stores images.
+    pub images: crate::registry::RegistryState,
 }
 
 fn raft_status(e: RaftError) -> Status {
@@ -537,6 +539,13 @@ impl Control for ControlApi {
         req: Request<InspectRequest>,
     ) -> Result<Response<InspectResponse>, Status> {
         crate::exec_api::inspect(self, req).await
+    }
+
+    async fn commit(
+        &self,
+        req: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        crate::commit_api::commit(self, req).await
     }
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {

@@ -102,7 +102,7 @@ fn running_task<'a>(store: &'a Store, target: &str) -> Result<(&'a Task, String,
 }
 
 /// A client of the agent at `addr` (host `host`), or an error naming the host.
-async fn agent(
+pub(crate) async fn agent(
     api: &ControlApi,
     addr: &str,
     host: &str,

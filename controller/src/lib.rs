@@ -9,6 +9,7 @@
 pub mod api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
+pub mod commit_api;
 pub mod dispatcher;
 pub mod exec_api;
 pub mod image_tags;
@@ -188,7 +189,7 @@ pub async fn run(
     let mut reg_stop = stop_rx.clone();
     let reg = tokio::spawn(registry::serve_tls(
         reg_listener,
-        reg_state,
+        reg_state.clone(),
         registry_tls.clone(),
         async move {
             let _ = reg_stop.wait_for(|s| *s).await;
@@ -200,6 +201,7 @@ pub async fn run(
         raft: raft.clone(),
         registry: registry_addr.clone(),
         agent_tls: agent_tls.clone(),
+        images: reg_state,
     });
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))

@@ -134,6 +134,15 @@ enum Cmd {
     /// Show a task as JSON: spec, status, node, network addresses, and its container as its
     /// host knows it (pids, paths).
     Inspect { task: String },
+    /// Make a task's container changes a new image in the cluster registry, over the task's
+    /// image: `rctl commit web.1 web:patched`.
+    Commit {
+        /// A task as `rctl ps` shows it, its id or an id prefix (or a service with one
+        /// running task).
+        task: String,
+        /// NAME[:TAG] (tag `latest` when none is given).
+        reference: String,
+    },
     /// Set the replica count of services: `rctl scale web=3 api=2`.
     Scale {
         #[arg(required = true)]
@@ -434,6 +443,7 @@ fn real_main() -> anyhow::Result<()> {
             follow_link,
         } => rt.block_on(cmd::cp::run(&ctx()?, src, dest, *follow_link)),
         Cmd::Inspect { task } => rt.block_on(cmd::inspect::run(&ctx()?, task)),
+        Cmd::Commit { task, reference } => rt.block_on(cmd::commit::run(&ctx()?, task, reference)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },

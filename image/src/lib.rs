@@ -14,6 +14,7 @@
 
 pub mod archive;
 pub mod client;
+pub mod commit;
 pub mod copy;
 pub mod digest;
 mod error;

@@ -79,11 +79,14 @@ pub enum PortNet {
     Bridge,
 }
 
-impl From<crate::spec::NetworkMode> for PortNet {
-    fn from(m: crate::spec::NetworkMode) -> Self {
+impl From<&crate::spec::NetworkMode> for PortNet {
+    fn from(m: &crate::spec::NetworkMode) -> Self {
         match m {
             crate::spec::NetworkMode::Host => PortNet::Host,
-            crate::spec::NetworkMode::None => PortNet::None,
+            // The shared namespace's owner publishes; a sidecar has nothing of its own.
+            crate::spec::NetworkMode::None | crate::spec::NetworkMode::Container(_) => {
+                PortNet::None
+            }
             crate::spec::NetworkMode::Bridge => PortNet::Bridge,
         }
     }

@@ -42,6 +42,8 @@ pub struct NodeInfo<'a> {
     pub reserved_memory: u64,
     /// Host-mode ports the node's active tasks hold.
     pub host_ports: HashSet<(Protocol, u16)>,
+    /// Names of the services with an active task on the node.
+    pub service_names: HashSet<&'a str>,
 }
 
 impl<'a> NodeInfo<'a> {
@@ -53,6 +55,7 @@ impl<'a> NodeInfo<'a> {
             reserved_cpus: 0,
             reserved_memory: 0,
             host_ports: HashSet::new(),
+            service_names: HashSet::new(),
         }
     }
 
@@ -68,6 +71,7 @@ impl<'a> NodeInfo<'a> {
         self.reserved_cpus += r.cpus;
         self.reserved_memory += r.memory;
         self.host_ports.extend(host_ports(&t.spec.ports));
+        self.service_names.insert(t.service_name.as_str());
     }
 }
 
@@ -266,6 +270,36 @@ impl Filter for MaxReplicasFilter {
     }
 }
 
+/// `network_mode: container:X`: only where a task of X runs (its namespace is shared).
+#[derive(Default)]
+struct SharedNetnsFilter {
+    service: String,
+}
+
+impl Filter for SharedNetnsFilter {
+    fn set_task(&mut self, t: &Task) -> bool {
+        match t.spec.network_mode.shared_service() {
+            Some(s) => {
+                self.service = s.to_string();
+                true
+            }
+            None => false,
+        }
+    }
+    fn check(&self, n: &NodeInfo) -> bool {
+        n.service_names.contains(self.service.as_str())
+    }
+    fn explain(&self, failed: usize) -> String {
+        format!(
+            "{} {} no task of {} (network_mode: container:{})",
+            nodes(failed),
+            verb(failed, "runs", "run"),
+            self.service,
+            self.service
+        )
+    }
+}
+
 /// The filters that apply to one task (and every task of its group), in order.
 pub struct Pipeline {
     filters: Vec<Box<dyn Filter>>,
@@ -285,6 +319,7 @@ impl Pipeline {
         all.push(Box::<MemoryFilter>::default());
         all.push(Box::<HostPortFilter>::default());
         all.push(Box::<MaxReplicasFilter>::default());
+        all.push(Box::<SharedNetnsFilter>::default());
         all.retain_mut(|f| f.set_task(t));
         Pipeline { filters: all }
     }

@@ -102,8 +102,9 @@ fn default_grace() -> u64 {
     10
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// Where a task's network namespace comes from. Written as a string in YAML and JSON:
+/// `host`, `none`, `bridge` or `container:<service or task>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum NetworkMode {
     #[default]
     Host,
@@ -111,6 +112,58 @@ pub enum NetworkMode {
     /// Own namespace on the host's local bridge (`rdr0`): an address from the host's bridge
     /// subnet, outbound NAT, and host-mode published ports mapped to container ports.
     Bridge,
+    /// Share the namespace of a running task of this service (or of this task: a name as
+    /// `rctl ps` shows it), like a pod's sidecar: the task is placed on that task's node.
+    Container(String),
+}
+
+impl NetworkMode {
+    /// The service whose task's namespace is shared, for `container:` (a task name
+    /// `SERVICE.SLOT.ID` names its service first).
+    pub fn shared_service(&self) -> Option<&str> {
+        match self {
+            NetworkMode::Container(t) => t.split('.').next(),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for NetworkMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            NetworkMode::Host => s.serialize_str("host"),
+            NetworkMode::None => s.serialize_str("none"),
+            NetworkMode::Bridge => s.serialize_str("bridge"),
+            NetworkMode::Container(t) => s.serialize_str(&format!("container:{t}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor (rather than parsing a String afterwards) keeps the YAML position.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NetworkMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("host, bridge, none or container:<service or task>")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NetworkMode, E> {
+                match v {
+                    "host" => Ok(NetworkMode::Host),
+                    "none" => Ok(NetworkMode::None),
+                    "bridge" => Ok(NetworkMode::Bridge),
+                    other => match other.strip_prefix("container:") {
+                        Some(t) if !t.is_empty() && !t.contains(char::is_whitespace) => {
+                            Ok(NetworkMode::Container(t.to_string()))
+                        }
+                        _ => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                    },
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// When a finished task's slot gets a new task (Swarm's semantics, with exponential backoff).
@@ -627,6 +680,15 @@ impl ServiceSpec {
         if let Some(h) = &self.healthcheck {
             h.validate()?;
         }
+        if let Some(svc) = self.network_mode.shared_service() {
+            if svc == self.name {
+                return Err(ValidationError::new(
+                    "network_mode",
+                    "a service cannot share its own tasks' namespace",
+                ));
+            }
+            validate_name("network_mode", svc)?;
+        }
         for (i, n) in self.networks.iter().enumerate() {
             validate_name(&format!("networks[{i}]"), n)?;
             if self.networks[..i].contains(n) {
@@ -637,18 +699,21 @@ impl ServiceSpec {
             }
         }
         if !self.networks.is_empty()
-            && matches!(self.network_mode, NetworkMode::None | NetworkMode::Bridge)
+            && matches!(
+                self.network_mode,
+                NetworkMode::None | NetworkMode::Bridge | NetworkMode::Container(_)
+            )
         {
             return Err(ValidationError::new(
                 "network_mode",
-                "none and bridge cannot be combined with networks (a task on networks has \
-                 its own namespace on them)",
+                "none, bridge and container: cannot be combined with networks (a task on \
+                 networks has its own namespace on them)",
             ));
         }
         crate::ports::validate(
             &self.ports,
             if self.networks.is_empty() {
-                crate::ports::PortNet::from(self.network_mode)
+                crate::ports::PortNet::from(&self.network_mode)
             } else {
                 crate::ports::PortNet::Overlay {
                     dnsrr: self.endpoint_mode == crate::network::EndpointMode::Dnsrr,

@@ -49,6 +49,8 @@ fn bridge_maps_ports_and_nats_and_none_is_loopback_only() -> anyhow::Result<()> 
          command: [\"/bin/sh\", \"-c\", \"mkdir -p /www; hostname > /www/index.html; exec httpd -f -p 80 -h /www\"]\n\
          ports: [{target: 80, published: 8082, mode: host}]\n---\n\
          kind: Service\nname: alone\nimage: busybox:latest\nnetwork_mode: none\n\
+         command: [\"/bin/sleep\", \"1000000\"]\n---\n\
+         kind: Service\nname: side\nimage: busybox:latest\nnetwork_mode: \"container:bweb\"\n\
          command: [\"/bin/sleep\", \"1000000\"]\n",
     )?;
     let bweb = running(&lab, "bweb")?;
@@ -107,6 +109,25 @@ fn bridge_maps_ports_and_nats_and_none_is_loopback_only() -> anyhow::Result<()> 
         ],
     )?;
     assert!(!ok, "the bridge cannot reach the overlay");
+    // container:bweb: the sidecar is placed with bweb and shares its namespace (localhost).
+    let side = running(&lab, "side")?;
+    assert_eq!(side["node"], "h2");
+    let (ok, out) = exec(
+        &lab,
+        &side,
+        &["timeout", "3", "wget", "-qO-", "http://127.0.0.1/"],
+    )?;
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), name);
+    let e = lab
+        .apply(
+            tmp.path(),
+            "bad.yaml",
+            "kind: Service\nname: odd\nimage: busybox:latest\nnetwork_mode: container\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":4:") && e.contains("network_mode"), "{e}");
     // none: loopback only.
     let (_, links) = exec(&lab, &alone, &["ip", "-o", "link"])?;
     assert_eq!(links.lines().count(), 1, "{links}");

@@ -69,6 +69,11 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
     // An explicit volume, and one the service declares by mounting it.
     let out = lab.rctl(&["volume", "create", "shared", "--label", "team=a"])?;
     assert!(out.contains("volume/shared created"), "{out}");
+    let e = lab
+        .rctl(&["volume", "create", "shared"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("volume \"shared\" already exists"), "{e}");
     let out = lab.apply(tmp.path(), "keeper.yaml", &keeper(&bind_src))?;
     assert!(out.contains("volume/data created"), "{out}");
     assert!(out.contains("service/keeper created"), "{out}");

@@ -360,7 +360,6 @@ async fn put_manifest(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let bytes = read_limited(req.into_body(), MAX_MANIFEST_BYTES).await?;
-    let parsed = manifest::parse(&bytes, content_type.as_deref())?;
     let digest = Digest::of(&bytes);
     if by_digest && digest.as_str() != reference {
         return Err(RegistryError::DigestMismatch {
@@ -368,18 +367,8 @@ async fn put_manifest(
             actual: digest.to_string(),
         });
     }
-    for needed in &parsed.references {
-        if state.blobs.stat(needed).await?.is_none() {
-            return Err(RegistryError::ManifestBlobUnknown(needed.to_string()));
-        }
-    }
-    state.blobs.put_bytes(&bytes).await?;
     let tag = (!by_digest).then_some(reference);
-    state
-        .tags
-        .put(name, tag, digest.as_str(), &parsed.media_type)
-        .await?;
-    tracing::debug!(%digest, media_type = %parsed.media_type, "manifest stored");
+    let digest = store_manifest(state, name, tag, &bytes, content_type.as_deref(), false).await?;
     Ok(reply(
         StatusCode::CREATED,
         vec![
@@ -388,6 +377,49 @@ async fn put_manifest(
         ],
         Body::empty(),
     ))
+}
+
+/// Stores manifest `bytes` in repository `name` (tagged `tag`, if given) as a push does: parsed
+/// (`content_type` as the client sent it), accepted only once every blob it references is on
+/// disk — with `read_through`, a missing one is fetched from the peers first — then its bytes
+/// stored, then its record and tag published through the tag store. The one way a manifest
+/// enters the registry (a push, `rctl commit`). Returns its digest.
+pub async fn store_manifest(
+    state: &RegistryState,
+    name: &str,
+    tag: Option<&str>,
+    bytes: &[u8],
+    content_type: Option<&str>,
+    read_through: bool,
+) -> Result<Digest, RegistryError> {
+    validate_name(name)?;
+    if let Some(tag) = tag {
+        validate_tag(tag)?;
+    }
+    if bytes.len() > MAX_MANIFEST_BYTES {
+        return Err(RegistryError::TooLarge(format!(
+            "manifests are limited to {MAX_MANIFEST_BYTES} bytes"
+        )));
+    }
+    let parsed = manifest::parse(bytes, content_type)?;
+    let digest = Digest::of(bytes);
+    for needed in &parsed.references {
+        let present = if read_through {
+            ensure_local(state, name, needed, None).await?
+        } else {
+            state.blobs.stat(needed).await?.is_some()
+        };
+        if !present {
+            return Err(RegistryError::ManifestBlobUnknown(needed.to_string()));
+        }
+    }
+    state.blobs.put_bytes(bytes).await?;
+    state
+        .tags
+        .put(name, tag, digest.as_str(), &parsed.media_type)
+        .await?;
+    tracing::debug!(%digest, media_type = %parsed.media_type, "manifest stored");
+    Ok(digest)
 }
 
 async fn delete_manifest(

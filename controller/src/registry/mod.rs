@@ -40,6 +40,7 @@ use axum::routing::any;
 
 pub use blob::BlobStore;
 pub use error::RegistryError;
+pub use http::store_manifest;
 pub use names::Digest;
 pub use peers::{replicate_manifest, PeerRegistries, StaticPeers};
 pub use tags::{ManifestRef, MemTagStore, TagStore};

@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod cluster;
+pub mod commit;
 pub mod cp;
 pub mod describe;
 pub mod exec;

@@ -53,8 +53,8 @@ fn to_json(l: &Listed) -> serde_json::Value {
     })
 }
 
-/// `rctl volume create NAME [--label K=V]…`: declares the volume (idempotent; labels replace
-/// the old ones).
+/// `rctl volume create NAME [--label K=V]…`: declares a new volume; a name that is taken is
+/// refused (`rctl apply` of a `kind: Volume` is the declarative, idempotent way).
 pub async fn create(ctx: &Context, name: &str, labels: &[String]) -> anyhow::Result<()> {
     let mut spec = VolumeSpec {
         name: name.to_string(),
@@ -69,6 +69,14 @@ pub async fn create(ctx: &Context, name: &str, labels: &[String]) -> anyhow::Res
     }
     spec.validate()
         .map_err(|e| anyhow::anyhow!("volume {name:?}: {e}"))?;
+    // Creating by hand names a new volume; a taken name is an error, not a silent reuse
+    // (manifests, which declare, stay idempotent through `rctl apply`).
+    if list(ctx).await?.iter().any(|l| l.volume.spec.name == name) {
+        anyhow::bail!(
+            "volume {name:?} already exists (see `rctl volume inspect {name}`; remove it first \
+             to start empty)"
+        );
+    }
     let mut client = crate::connect(ctx).await?;
     let resp = client
         .apply(ApplyRequest {
