@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rudder_tests::{lab_with_busybox, ns_inode, running_tasks, wait_for, LabGuard};
+use rudder_tests::{exec, lab_with_busybox, ns_inode, running_tasks, wait_for, LabGuard};
 
 const ROUNDS: usize = 5;
 const IPERF_SECONDS: u32 = 5;
@@ -46,24 +46,6 @@ const WEB: &str = "[\"/bin/sh\", \"-c\", \"mkdir -p /www; hostname > /www/index.
 
 // ---------------------------------------------------------------------------------------------
 // Lab helpers
-
-/// Runs `cmd` inside task `task`'s container (the OCI runtime's exec, as health checks do).
-fn exec(lab: &LabGuard, task: &serde_json::Value, cmd: &[&str]) -> anyhow::Result<(bool, String)> {
-    let host = lab.host(task["node"].as_str().context("task has a node")?);
-    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
-        .arg("--root")
-        .arg(&host.runtime_root)
-        .arg("exec")
-        .arg(task["id"].as_str().context("task id")?)
-        .args(cmd)
-        .stdin(Stdio::null())
-        .output()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((out.status.success(), text))
-}
 
 /// Addresses `name` resolves to inside the container (busybox nslookup).
 fn resolve(lab: &LabGuard, task: &serde_json::Value, name: &str) -> anyhow::Result<Vec<Ipv4Addr>> {

@@ -281,3 +281,24 @@ pub fn lab_with_busybox_managers(
     ])?;
     Ok((lab, tmp))
 }
+
+/// Runs `cmd` inside `task`'s container (its host's OCI runtime `exec`, as health checks do);
+/// returns whether it succeeded and its stdout followed by its stderr.
+pub fn exec(
+    lab: &LabGuard,
+    task: &serde_json::Value,
+    cmd: &[&str],
+) -> anyhow::Result<(bool, String)> {
+    let host = lab.host(task["node"].as_str().context("task has a node")?);
+    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
+        .arg("--root")
+        .arg(&host.runtime_root)
+        .arg("exec")
+        .arg(task["id"].as_str().context("task id")?)
+        .args(cmd)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}

@@ -11,27 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rudder_tests::{lab_with_busybox, running_tasks, wait_for, LabGuard};
+use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
 
 const SERVER: &str = "[\"/bin/sh\", \"-c\", \"mkdir -p /www; hostname > /www/index.html; \
                       head -c 200000 /dev/zero | tr '\\\\0' x >> /www/big; \
                       echo PLAINTEXT-MARKER-1234 >> /www/big; exec httpd -f -p 80 -h /www\"]";
-
-/// Runs `cmd` inside task `task`'s container (the OCI runtime's exec, as health checks do).
-fn exec(lab: &LabGuard, task: &serde_json::Value, cmd: &[&str]) -> anyhow::Result<(bool, String)> {
-    let host = lab.host(task["node"].as_str().context("task has a node")?);
-    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
-        .arg("--root")
-        .arg(&host.runtime_root)
-        .arg("exec")
-        .arg(task["id"].as_str().context("task id")?)
-        .args(cmd)
-        .stdin(Stdio::null())
-        .output()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
 
 /// `wget -qO- URL` in the container (busybox's own timeout: its wget's -T crashes).
 fn fetch(lab: &LabGuard, task: &serde_json::Value, url: &str) -> anyhow::Result<Option<String>> {

@@ -5,27 +5,11 @@
 //! creates, lists, inspects and removes, and a removed volume's copy leaves its host.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+
 use std::time::Duration;
 
 use anyhow::Context;
-use rudder_tests::{lab_with_busybox, running_tasks, wait_for, LabGuard};
-
-/// Runs `cmd` inside task `task`'s container (the OCI runtime's exec, as health checks do).
-fn exec(lab: &LabGuard, task: &serde_json::Value, cmd: &[&str]) -> anyhow::Result<(bool, String)> {
-    let host = lab.host(task["node"].as_str().context("task has a node")?);
-    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
-        .arg("--root")
-        .arg(&host.runtime_root)
-        .arg("exec")
-        .arg(task["id"].as_str().context("task id")?)
-        .args(cmd)
-        .stdin(Stdio::null())
-        .output()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
+use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
 
 fn running_one(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json::Value> {
     wait_for(
