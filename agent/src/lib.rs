@@ -14,7 +14,8 @@ pub mod manager;
 pub mod net;
 pub mod runtime;
 pub mod session;
-pub mod shim;
+/// The per-container shim (its own crate and binary, `rudder-shim`).
+pub use rudder_shim as shim;
 pub mod volume;
 pub mod wg;
 pub mod worker;

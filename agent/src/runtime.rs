@@ -81,7 +81,7 @@ pub struct OciCliRuntime {
     pub binary: String,
     /// The runtime's `--root` state dir, private to this agent.
     pub root: PathBuf,
-    /// This agent's executable, re-run as the shim.
+    /// This agent's executable (the shim binary is looked for next to it).
     pub self_exe: PathBuf,
     /// Read ends of the shims' notification pipes, by container id: EOF means the container
     /// exited and its code is on disk. Gone after an agent restart; `wait` then watches the
@@ -168,7 +168,15 @@ impl ContainerRuntime for OciCliRuntime {
         let (rd, wr) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
         let wr_fd = wr.as_raw_fd();
-        let mut cmd = std::process::Command::new(&self.self_exe);
+        // The small `rudder-shim` next to the agent; the agent itself (`rudder-agent shim`)
+        // where it is missing.
+        let small = self.self_exe.with_file_name("rudder-shim");
+        let exe = if small.exists() {
+            &small
+        } else {
+            &self.self_exe
+        };
+        let mut cmd = std::process::Command::new(exe);
         cmd.args(args.to_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

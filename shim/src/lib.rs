@@ -1,13 +1,16 @@
 //! The per-container shim: a small single-threaded process that owns one container so the
 //! container outlives the agent.
 //!
-//! The agent re-executes its own binary as `rudder-agent shim …`. The shim forks once (the
-//! parent returns at once, so the agent reaps it and never holds a zombie), calls setsid and
-//! becomes child subreaper, runs `runc run --detach` with the container's stdio on its log file,
-//! tells the agent the result through an inherited pipe, then waits: as subreaper it receives
-//! the container's exit status — the only way to learn the exit code of a detached container —
-//! writes it atomically to `exit`, closes the pipe (the agent's wake-up), then deletes the runtime's record of the container and exits. It runs before any tokio runtime exists: forking a
-//! multi-threaded process is unsafe, so this must stay single-threaded.
+//! The agent starts `rudder-shim …`, a binary of its own so that an idle shim costs little
+//! memory (or re-executes itself as `rudder-agent shim …` when that binary is missing). The
+//! shim forks once (the parent returns at once, so the agent reaps it and never holds a
+//! zombie), calls setsid and becomes child subreaper, runs `runc run --detach` with the
+//! container's stdio on pipes it reads, tells the agent the result through an inherited pipe,
+//! then waits: as subreaper it receives the container's exit status — the only way to learn
+//! the exit code of a detached container — writes it atomically to `exit`, closes the pipe
+//! (the agent's wake-up), then deletes the runtime's record of the container and exits. It
+//! runs before any async runtime exists: forking a multi-threaded process is unsafe, so it
+//! must stay single-threaded.
 //!
 //! Files in the container dir: `shim.pid`, `pid` (container init), `exit` (exit code),
 //! `log` (container output), `runc.log` (the runtime's own messages).
