@@ -497,7 +497,8 @@ async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
     if let (Some(o), false) = (&ctx.overlay, task.networks.is_empty()) {
         o.detach(task).await;
     }
-    if let (Some(o), NetworkMode::Bridge) = (&ctx.overlay, &task.spec.network_mode) {
+    let on_bridge = task.networks.is_empty() && task.spec.network_mode == NetworkMode::Bridge;
+    if let (Some(o), true) = (&ctx.overlay, on_bridge) {
         o.detach_bridge(task, &c.dir).await;
     }
     // The writable layer goes with the container; the log stays until the task is forgotten.

@@ -44,9 +44,10 @@ pub struct ServiceSpec {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
-    /// `host` shares the host's network namespace; `none` gives the container only loopback;
-    /// `bridge` puts it on the host's local bridge. With `networks`, the task gets its own
-    /// namespace on those networks instead.
+    /// `bridge` (the default) puts the container on the host's local bridge; `host` shares the
+    /// host's network namespace; `none` gives it only loopback; `container:X` shares a task's.
+    /// With `networks`, the task gets its own namespace on those networks instead of the
+    /// bridge.
     #[serde(default)]
     pub network_mode: NetworkMode,
     /// Seconds between SIGTERM and SIGKILL when the task stops.
@@ -106,11 +107,13 @@ fn default_grace() -> u64 {
 /// `host`, `none`, `bridge` or `container:<service or task>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum NetworkMode {
-    #[default]
+    /// The host's own network namespace.
     Host,
     None,
     /// Own namespace on the host's local bridge (`rdr0`): an address from the host's bridge
-    /// subnet, outbound NAT, and host-mode published ports mapped to container ports.
+    /// subnet, outbound NAT, and host-mode published ports mapped to container ports. The
+    /// default, as in Docker; a task on `networks` gets its namespace on those instead.
+    #[default]
     Bridge,
     /// Share the namespace of a running task of this service (or of this task: a name as
     /// `rctl ps` shows it), like a pod's sidecar: the task is placed on that task's node.
@@ -701,12 +704,12 @@ impl ServiceSpec {
         if !self.networks.is_empty()
             && matches!(
                 self.network_mode,
-                NetworkMode::None | NetworkMode::Bridge | NetworkMode::Container(_)
+                NetworkMode::None | NetworkMode::Host | NetworkMode::Container(_)
             )
         {
             return Err(ValidationError::new(
                 "network_mode",
-                "none, bridge and container: cannot be combined with networks (a task on \
+                "host, none and container: cannot be combined with networks (a task on \
                  networks has its own namespace on them)",
             ));
         }

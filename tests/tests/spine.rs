@@ -83,18 +83,31 @@ fn spine_end_to_end() -> anyhow::Result<()> {
         "{per_node:?}"
     );
 
-    // Real containers: a live process in its host's network namespace and cgroup parent.
+    // Real containers: a live process in its own network namespace on its host's bridge (the
+    // default network mode; the agent keeps it at `<data>/netns/<task>`), and in its host's
+    // cgroup parent.
     let mut pids = Vec::new();
     for t in &run {
         let pid = lab.task_pid(t, "pid").expect("pid file");
         assert!(pid_alive(pid), "container {pid} not alive");
         let host = lab.host(t["node"].as_str().unwrap());
+        let own = host
+            .data_dir
+            .join("netns")
+            .join(t["id"].as_str().unwrap())
+            .display()
+            .to_string();
         assert_eq!(
             ns_inode(&format!("/proc/{pid}/ns/net")),
-            ns_inode(&format!("/run/netns/{}", host.netns)),
-            "container of {} not in {}'s network namespace",
+            ns_inode(&own),
+            "container of {} not in its namespace on {}",
             t["name"],
             host.name
+        );
+        assert_ne!(
+            ns_inode(&format!("/proc/{pid}/ns/net")),
+            ns_inode(&format!("/run/netns/{}", host.netns)),
+            "bridge mode: not the host's namespace"
         );
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
         assert!(
