@@ -169,10 +169,7 @@ pub fn write_config(
             None => env.push((k.clone(), v.clone())),
         }
     }
-    let hostname = s
-        .hostname
-        .clone()
-        .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
+    let hostname = task.hostname();
     env.push(("HOSTNAME".into(), hostname.clone()));
     let user = s.user.clone().unwrap_or_else(|| image.user.clone());
     let (uid, gid) = parse_user(&user);

@@ -826,20 +826,7 @@ impl Overlay {
             .filter(|l| !(l.trim_start().starts_with("nameserver") && l.contains(" 127.")))
             .map(|l| format!("{l}\n"))
             .collect();
-        let hostname = task
-            .spec
-            .hostname
-            .clone()
-            .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
-        let hosts = format!(
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
-        );
-        for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
-            std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
-                op: "write resolv.conf/hosts",
-                err,
-            })?;
-        }
+        write_etc(dir, resolv, addr, &task.hostname())?;
         self.bridge_tx.send_modify(|n| *n += 1);
         info!(task = %task.name(), %addr, "attached to the local bridge");
         Ok(ns)
@@ -853,11 +840,7 @@ impl Overlay {
             None,
         )
         .await;
-        let ns = self.netns_path(&task.id);
-        if ns.exists() {
-            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
-            let _ = std::fs::remove_file(&ns);
-        }
+        remove_netns(&self.netns_path(&task.id));
         let _ = std::fs::remove_file(dir.join("bridge_addr"));
         self.bridge_tx.send_modify(|n| *n += 1);
     }
@@ -941,26 +924,11 @@ impl Overlay {
         }
         ip_batch(&host, false, None).await?;
         ip_batch(&inside, false, Some(&ns)).await?;
-        let hostname = task
-            .spec
-            .hostname
-            .clone()
-            .unwrap_or_else(|| task.id[..task.id.len().min(12)].to_string());
         let resolv = format!(
             "# Rudder's embedded DNS on network {}\nnameserver {}\noptions ndots:0\n",
             nets[0].name, nets[0].gateway
         );
-        let mut hosts =
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string();
-        if let Some(a) = task.networks.first() {
-            hosts.push_str(&format!("{}\t{hostname}\n", a.address));
-        }
-        for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
-            std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
-                op: "write resolv.conf/hosts",
-                err,
-            })?;
-        }
+        write_etc(dir, resolv, task.networks[0].address, &task.hostname())?;
         info!(task = %task.name(), addresses = ?task.networks.iter().map(|a| a.address).collect::<Vec<_>>(), "attached to networks");
         Ok(ns)
     }
@@ -972,10 +940,7 @@ impl Overlay {
             .map(|i| format!("link del {}", veth_name(&task.id, i)))
             .collect();
         let _ = ip_batch(&cmds, true, None).await;
-        if ns.exists() {
-            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
-            let _ = std::fs::remove_file(&ns);
-        }
+        remove_netns(&ns);
     }
 }
 
@@ -1031,9 +996,28 @@ async fn create_netns(path: &Path) -> Result<(), NetError> {
     })?
 }
 
-/// Whether `net` contains `addr` (for tests and callers holding plain values).
-pub fn contains(net: Ipv4Net, addr: Ipv4Addr) -> bool {
-    net.contains(&addr)
+/// Drops a container's namespace kept at `path` (see [`Overlay::netns_path`]); what lives in
+/// it (veth ends) goes with the last reference.
+pub fn remove_netns(path: &Path) {
+    if path.exists() {
+        let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The container's `/etc/resolv.conf` and `/etc/hosts` (its own address under its hostname),
+/// written next to its bundle, from where the bundle bind-mounts them.
+fn write_etc(dir: &Path, resolv: String, addr: Ipv4Addr, hostname: &str) -> Result<(), NetError> {
+    let hosts = format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
+    );
+    for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+        std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
+            op: "write resolv.conf/hosts",
+            err,
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

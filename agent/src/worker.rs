@@ -166,11 +166,7 @@ impl Worker {
                     let _ = std::fs::remove_dir_all(&dir);
                     // Its network namespace, if it had one (see `net::Overlay::netns_path`).
                     if let Some(data) = self.ctx.containers.parent() {
-                        let ns = data.join("netns").join(&id);
-                        if ns.exists() {
-                            let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
-                            let _ = std::fs::remove_file(&ns);
-                        }
+                        crate::net::remove_netns(&data.join("netns").join(&id));
                     }
                 }
             }

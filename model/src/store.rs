@@ -211,6 +211,15 @@ impl Task {
         }
     }
 
+    /// The container's hostname: the spec's, else the first 12 characters of the task id (as
+    /// Docker uses the container id).
+    pub fn hostname(&self) -> String {
+        self.spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.id[..self.id.len().min(12)].to_string())
+    }
+
     /// Occupies its node: placed, meant to run and not finished.
     pub fn is_active(&self) -> bool {
         self.node_id.is_some()

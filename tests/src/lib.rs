@@ -302,3 +302,15 @@ pub fn exec(
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok((out.status.success(), text))
 }
+
+/// Waits (up to 60 s) for a running task of `service` and returns it (`rctl ps -o json`).
+pub fn running_task(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json::Value> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{service} running"),
+        || {
+            let t = lab.tasks(service)?;
+            Ok(running_tasks(&t).first().map(|t| (*t).clone()))
+        },
+    )
+}

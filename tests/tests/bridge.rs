@@ -3,21 +3,9 @@
 //! `network_mode: none` (loopback only).
 
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::Context;
-use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
-
-fn running(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json::Value> {
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{service} running"),
-        || {
-            let t = lab.tasks(service)?;
-            Ok(running_tasks(&t).first().map(|t| (*t).clone()))
-        },
-    )
-}
+use rudder_tests::{exec, lab_with_busybox, running_task};
 
 #[test]
 fn bridge_maps_ports_and_nats_and_none_is_loopback_only() -> anyhow::Result<()> {
@@ -38,9 +26,9 @@ fn bridge_maps_ports_and_nats_and_none_is_loopback_only() -> anyhow::Result<()> 
          kind: Service\nname: side\nimage: busybox:latest\nnetwork_mode: \"container:bweb\"\n\
          command: [\"/bin/sleep\", \"1000000\"]\n",
     )?;
-    let bweb = running(&lab, "bweb")?;
-    let inside = running(&lab, "inside")?;
-    let alone = running(&lab, "alone")?;
+    let bweb = running_task(&lab, "bweb")?;
+    let inside = running_task(&lab, "inside")?;
+    let alone = running_task(&lab, "alone")?;
     let (h1, h2) = (lab.host("h1").addr, lab.host("h2").addr);
 
     // The mapped port answers on h2's address, from another host and from h2 itself.
@@ -95,7 +83,7 @@ fn bridge_maps_ports_and_nats_and_none_is_loopback_only() -> anyhow::Result<()> 
     )?;
     assert!(!ok, "the bridge cannot reach the overlay");
     // container:bweb: the sidecar is placed with bweb and shares its namespace (localhost).
-    let side = running(&lab, "side")?;
+    let side = running_task(&lab, "side")?;
     assert_eq!(side["node"], "h2");
     let (ok, out) = exec(
         &lab,

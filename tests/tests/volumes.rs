@@ -9,18 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
-
-fn running_one(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json::Value> {
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{service} running"),
-        || {
-            let t = lab.tasks(service)?;
-            Ok(running_tasks(&t).first().map(|t| (*t).clone()))
-        },
-    )
-}
+use rudder_tests::{exec, lab_with_busybox, running_task, wait_for, LabGuard};
 
 /// `rctl volume ls -o json`, by name.
 fn volumes(lab: &LabGuard) -> anyhow::Result<Vec<serde_json::Value>> {
@@ -61,7 +50,7 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
     let out = lab.apply(tmp.path(), "keeper.yaml", &keeper(&bind_src))?;
     assert!(out.contains("volume/data created"), "{out}");
     assert!(out.contains("service/keeper created"), "{out}");
-    let t = running_one(&lab, "keeper")?;
+    let t = running_task(&lab, "keeper")?;
     assert_eq!(t["node"], "h2");
 
     // Named volume: written inside, lands in the host's copy.
@@ -141,7 +130,7 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
             .any(|t| t["state"] == "rejected" && t["error"].as_str().unwrap().contains(&want)),
         "{rejected:?}"
     );
-    let still = running_one(&lab, "keeper")?;
+    let still = running_task(&lab, "keeper")?;
     assert_eq!(still["id"], t["id"], "keeper undisturbed");
     lab.rctl(&["rm", "badbind"])?;
 
@@ -154,7 +143,7 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
     assert_eq!(std::fs::read_to_string(&marker)?, "persisted\n");
     let out = lab.apply(tmp.path(), "keeper.yaml", &keeper(&bind_src))?;
     assert!(!out.contains("volume/"), "the volume exists already: {out}");
-    let t2 = running_one(&lab, "keeper")?;
+    let t2 = running_task(&lab, "keeper")?;
     assert_ne!(t2["id"], t["id"]);
     let (ok, out) = exec(&lab, &t2, &["cat", "/data/marker"])?;
     assert!(ok && out.trim() == "persisted", "{out}");
