@@ -502,7 +502,7 @@ where
     }
     if let Some(len) = len {
         if written != len {
-            return Err(RegistryError::UploadInvalid(format!(
+            return Err(RegistryError::SizeInvalid(format!(
                 "chunk declared {len} bytes but the body {} them",
                 if written > len {
                     "exceeded"
@@ -581,7 +581,7 @@ mod tests {
             .append("r", &id, None, Some(10), "", body(&[b" wor"]))
             .await
             .unwrap_err();
-        assert!(matches!(err, RegistryError::UploadInvalid(_)), "{err}");
+        assert!(matches!(err, RegistryError::SizeInvalid(_)), "{err}");
         assert_eq!(store.upload_size("r", &id).await.unwrap(), 5);
         // Another repository cannot see it.
         assert!(store.upload_size("other", &id).await.is_err());
@@ -644,7 +644,7 @@ mod tests {
             .put_stream(&digest, Some(20), body(&[b"hello world"]))
             .await;
         assert!(
-            matches!(short, Err(RegistryError::UploadInvalid(_))),
+            matches!(short, Err(RegistryError::SizeInvalid(_))),
             "{short:?}"
         );
         let broken = futures::stream::iter(vec![Ok(Bytes::from_static(b"hello")), Err("reset")]);

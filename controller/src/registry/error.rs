@@ -2,8 +2,9 @@
 //!
 //! Invariant: every failure a client can see leaves through [`RegistryError::into_response`],
 //! which always answers with the spec's JSON body `{"errors":[{"code","message","detail"}]}`
-//! and the status the spec assigns to that code. Server-side faults (I/O, tag store) are
-//! logged here, once, at `warn`.
+//! and the status the spec assigns to that code; every code sent with a 4xx is one of the
+//! spec's table (which clients may switch on), and an unknown blob's `detail` names its
+//! digest. Server-side faults (I/O, tag store) are logged here, once, at `warn`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +29,20 @@ pub enum RegistryError {
         /// The upload's location, echoed back so the client can resume.
         location: String,
     },
+    /// A chunk's Content-Range header is not `<start>-<end>` (the spec answers 416, as for an
+    /// out-of-order chunk, so the client learns where to resume).
+    #[error("registry: Content-Range {value:?} is not <start>-<end>")]
+    ContentRangeMalformed {
+        /// The header as sent.
+        value: String,
+        /// How many bytes the upload holds; the client should resume from here.
+        size: u64,
+        /// The upload's location, echoed back so the client can resume.
+        location: String,
+    },
+    /// A declared length (Content-Length, Content-Range) disagrees with the bytes sent.
+    #[error("registry: size invalid: {0}")]
+    SizeInvalid(String),
     #[error("registry: digest invalid: {0}")]
     DigestInvalid(String),
     #[error("registry: digest mismatch: client said {expected}, content hashes to {actual}")]
@@ -56,6 +71,23 @@ pub enum RegistryError {
     /// The replicated tag store refused or could not commit (e.g. no raft leader).
     #[error("registry: tag store: {0}")]
     TagStore(String),
+    /// A finished blob could not be given to a majority of the managers in time, so the
+    /// upload is not acknowledged (the client should retry once more managers are up).
+    #[error(
+        "registry: blob {digest} is held by {held} of {total} managers but {needed} must hold \
+         it before an upload is acknowledged: {why}"
+    )]
+    NoQuorum {
+        digest: String,
+        /// Managers holding the blob, this one included.
+        held: usize,
+        /// A majority of `total`.
+        needed: usize,
+        /// Managers in the cluster, this one included.
+        total: usize,
+        /// What went wrong with the peers that did not take it.
+        why: String,
+    },
     /// The HTTP client for peer registries could not be built.
     #[error("registry: peer client: {0}")]
     PeerClient(String),
@@ -80,18 +112,22 @@ impl RegistryError {
             BlobUnknown(_) => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND),
             UploadUnknown(_) => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND),
             UploadInvalid(_) | Body(_) => ("BLOB_UPLOAD_INVALID", StatusCode::BAD_REQUEST),
-            RangeInvalid { .. } => ("BLOB_UPLOAD_INVALID", StatusCode::RANGE_NOT_SATISFIABLE),
+            RangeInvalid { .. } | ContentRangeMalformed { .. } => {
+                ("BLOB_UPLOAD_INVALID", StatusCode::RANGE_NOT_SATISFIABLE)
+            }
+            SizeInvalid(_) => ("SIZE_INVALID", StatusCode::BAD_REQUEST),
             DigestInvalid(_) | DigestMismatch { .. } => ("DIGEST_INVALID", StatusCode::BAD_REQUEST),
             ManifestUnknown(_) => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND),
             ManifestInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             ManifestBlobUnknown(_) => ("MANIFEST_BLOB_UNKNOWN", StatusCode::BAD_REQUEST),
             NameInvalid(_) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
-            TagInvalid(_) => ("TAG_INVALID", StatusCode::BAD_REQUEST),
+            // The spec's code table has no tag code; the reference is part of the manifest push.
+            TagInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             TooLarge(_) => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
             NotFound(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
             MethodNotAllowed(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),
-            TagStore(_) => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
+            TagStore(_) | NoQuorum { .. } => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE),
             PeerClient(_) | Io { .. } => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }
     }
@@ -105,11 +141,21 @@ impl IntoResponse for RegistryError {
         } else {
             tracing::debug!(err = %self, "registry request refused");
         }
+        // The spec's detail for an unknown blob names it, so a client can tell which of a
+        // manifest's blobs is missing without parsing the message.
+        let detail = match &self {
+            RegistryError::BlobUnknown(digest) | RegistryError::ManifestBlobUnknown(digest) => {
+                serde_json::json!({ "digest": digest })
+            }
+            _ => serde_json::Value::Null,
+        };
         let body = serde_json::json!({
-            "errors": [{ "code": code, "message": self.to_string(), "detail": null }]
+            "errors": [{ "code": code, "message": self.to_string(), "detail": detail }]
         });
         let mut resp = (status, axum::Json(body)).into_response();
-        if let RegistryError::RangeInvalid { size, location, .. } = &self {
+        if let RegistryError::RangeInvalid { size, location, .. }
+        | RegistryError::ContentRangeMalformed { size, location, .. } = &self
+        {
             let headers = resp.headers_mut();
             if let Ok(v) = HeaderValue::from_str(&super::http::range_value(*size)) {
                 headers.insert(header::RANGE, v);

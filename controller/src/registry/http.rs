@@ -10,7 +10,9 @@
 //! both directions, never buffered whole; a manifest is accepted only once all the blobs it
 //! references are present, and its bytes are stored before its tag is published; a blob or
 //! manifest missing on disk is read through from the peers unless the request itself comes
-//! from a peer (see `peers`).
+//! from a peer (see `peers`); a blob upload is acknowledged (201) only once a majority of the
+//! managers hold the blob, unless it is itself a peer's push; a closing PUT refused with a 4xx
+//! other than 416 ends its upload, so a refused blob leaves no bytes behind.
 
 use std::collections::HashMap;
 
@@ -26,7 +28,7 @@ use tracing::Instrument;
 
 use super::manifest::{self, MAX_MANIFEST_BYTES};
 use super::names::{is_digest_reference, validate_name, validate_tag, Digest};
-use super::peers::{ensure_local, LOCAL_ONLY};
+use super::peers::{ensure_local, replicate_to_majority, LOCAL_ONLY};
 use super::tags::paginate;
 use super::{RegistryError, RegistryState};
 
@@ -169,6 +171,9 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
         }
         Route::Manifest { name, reference } => {
             validate_name(&name)?;
+            if method != Method::PUT {
+                check_reference(&name, &reference)?;
+            }
             match method {
                 Method::GET | Method::HEAD => {
                     let with_body = method == Method::GET;
@@ -195,7 +200,7 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
         Route::UploadStart { name } => {
             validate_name(&name)?;
             match method {
-                Method::POST => start_upload(&state, &name, &query, req).await,
+                Method::POST => start_upload(&state, &name, &query, read_through, req).await,
                 _ => wrong_method(),
             }
         }
@@ -204,11 +209,26 @@ async fn handle(state: RegistryState, req: Request) -> Result<Response, Registry
             match method {
                 Method::GET => upload_status(&state, &name, &id).await,
                 Method::PATCH => patch_upload(&state, &name, &id, req).await,
-                Method::PUT => put_upload(&state, &name, &id, &query, req).await,
+                Method::PUT => put_upload(&state, &name, &id, &query, read_through, req).await,
                 Method::DELETE => cancel_upload(&state, &name, &id).await,
                 _ => wrong_method(),
             }
         }
+    }
+}
+
+/// Checks the reference of a manifest pull or delete before the tag store is asked: a malformed
+/// digest is the client's mistake (400 DIGEST_INVALID); a malformed tag names nothing that
+/// could have been pushed (404 MANIFEST_UNKNOWN).
+fn check_reference(name: &str, reference: &str) -> Result<(), RegistryError> {
+    if is_digest_reference(reference) {
+        Digest::parse(reference).map(drop)
+    } else if validate_tag(reference).is_err() {
+        Err(RegistryError::ManifestUnknown(format!(
+            "{name}:{reference}"
+        )))
+    } else {
+        Ok(())
     }
 }
 
@@ -562,77 +582,126 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, RegistryError> {
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .map(Some)
-            .ok_or_else(|| RegistryError::UploadInvalid("bad Content-Length".into())),
+            .ok_or_else(|| RegistryError::SizeInvalid(format!("bad Content-Length {v:?}"))),
     }
 }
 
 /// Parses a chunk's `Content-Range: <start>-<end>` (also accepting `bytes <start>-<end>/<total>`)
-/// into (start, length).
-fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, RegistryError> {
+/// into (start, length). A malformed header comes back as its text: the caller answers 416
+/// with the upload's current range, as the spec asks.
+fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>, String> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
-    let bad = || RegistryError::UploadInvalid(format!("bad Content-Range {v:?}"));
-    let s = v.to_str().map_err(|_| bad())?.trim();
-    let s = s.strip_prefix("bytes").map(str::trim_start).unwrap_or(s);
-    let s = s.split('/').next().unwrap_or_default();
-    let (a, b) = s.split_once('-').ok_or_else(bad)?;
-    let a: u64 = a.trim().parse().map_err(|_| bad())?;
-    let b: u64 = b.trim().parse().map_err(|_| bad())?;
-    if b < a {
-        return Err(bad());
-    }
-    Ok(Some((a, b - a + 1)))
+    let raw = String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let parse = || -> Option<(u64, u64)> {
+        let s = v.to_str().ok()?.trim();
+        let s = s.strip_prefix("bytes").map(str::trim_start).unwrap_or(s);
+        let s = s.split('/').next().unwrap_or_default();
+        let (a, b) = s.split_once('-')?;
+        let a: u64 = a.trim().parse().ok()?;
+        let b: u64 = b.trim().parse().ok()?;
+        (b >= a).then(|| (a, b - a + 1))
+    };
+    parse().map(Some).ok_or(raw)
 }
 
-/// Streams a request body into an upload, honouring Content-Range and Content-Length.
+/// Streams a request body into an upload, honouring Content-Range and Content-Length. A chunk
+/// refused before its bytes were read has them drained (see [`discard`]).
 async fn append_body(
     state: &RegistryState,
     name: &str,
     id: &str,
     req: Request,
 ) -> Result<u64, RegistryError> {
-    let range = content_range(req.headers())?;
-    let declared = content_length(req.headers())?;
-    let len = match (range, declared) {
-        (Some((_, a)), Some(b)) if a != b => {
-            return Err(RegistryError::UploadInvalid(format!(
-                "Content-Range covers {a} bytes but Content-Length says {b}"
-            )))
-        }
-        (Some((_, len)), _) | (None, Some(len)) => Some(len),
-        (None, None) => None,
-    };
     let location = upload_location(name, id);
-    let body = req.into_body().into_data_stream();
-    state
-        .blobs
-        .append(
-            name,
-            id,
-            range.map(|(start, _)| start),
-            len,
-            &location,
-            body,
-        )
-        .await
+    let (parts, body) = req.into_parts();
+    let mut body = body.into_data_stream();
+    let checked = match content_range(&parts.headers) {
+        Ok(range) => content_length(&parts.headers).and_then(|declared| match (range, declared) {
+            (Some((_, a)), Some(b)) if a != b => Err(RegistryError::SizeInvalid(format!(
+                "Content-Range covers {a} bytes but Content-Length says {b}"
+            ))),
+            (Some((start, len)), _) => Ok((Some(start), Some(len))),
+            (None, declared) => Ok((None, declared)),
+        }),
+        Err(value) => match state.blobs.upload_size(name, id).await {
+            Ok(size) => Err(RegistryError::ContentRangeMalformed {
+                value,
+                size,
+                location: location.clone(),
+            }),
+            Err(err) => Err(err),
+        },
+    };
+    let result = match checked {
+        Ok((start, len)) => {
+            state
+                .blobs
+                .append(name, id, start, len, &location, &mut body)
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(
+        RegistryError::RangeInvalid { .. }
+        | RegistryError::ContentRangeMalformed { .. }
+        | RegistryError::SizeInvalid(_)
+        | RegistryError::UploadUnknown(_),
+    ) = &result
+    {
+        discard(body).await;
+    }
+    result
 }
 
+/// Most of an unread request body [`discard`] reads before giving up on it.
+const DISCARD_LIMIT: u64 = 4 << 20;
+/// How long [`discard`] waits for the rest of a body.
+const DISCARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of a refused request's body (up to [`DISCARD_LIMIT`] bytes
+/// within [`DISCARD_TIMEOUT`]) before the refusal is sent. Answering with the body unread makes
+/// hyper reset the HTTP/2 stream (or close the HTTP/1 connection), and clients such as curl
+/// then report a transport error instead of the 416 or 400 they were sent.
+async fn discard(mut body: axum::body::BodyDataStream) {
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len() as u64;
+            if seen > DISCARD_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIMEOUT, drain).await;
+}
+
+/// `quorum`: acknowledge a monolithic upload only once a majority of managers hold the blob
+/// (false for a peer's push, which is itself part of another manager's quorum).
 async fn start_upload(
     state: &RegistryState,
     name: &str,
     query: &HashMap<String, String>,
+    quorum: bool,
     req: Request,
 ) -> Result<Response, RegistryError> {
     if let Some(mount) = query.get("mount") {
-        let digest = Digest::parse(mount)?;
-        if let Some(from) = query.get("from") {
-            validate_name(from)?;
-        }
-        // Blobs are shared by all repositories, so a mount succeeds whenever the blob exists.
-        if state.blobs.stat(&digest).await?.is_some() {
-            tracing::debug!(%digest, "blob mounted");
-            return Ok(blob_created(name, &digest));
+        // A mount that cannot be done (a malformed digest or source name, a blob not here)
+        // falls back to an ordinary upload, as the spec asks: the client then sends the bytes.
+        // Blobs are shared by all repositories, so a mount succeeds whenever the blob exists;
+        // `from` is optional.
+        let from_ok = query
+            .get("from")
+            .is_none_or(|from| validate_name(from).is_ok());
+        match Digest::parse(mount) {
+            Ok(digest) if from_ok => {
+                if state.blobs.stat(&digest).await?.is_some() {
+                    tracing::debug!(%digest, "blob mounted");
+                    return Ok(blob_created(name, &digest));
+                }
+            }
+            _ => tracing::debug!(mount, from = ?query.get("from"), "mount arguments invalid"),
         }
     }
     if let Some(digest) = query.get("digest") {
@@ -642,8 +711,9 @@ async fn start_upload(
             state.blobs.cancel(name, &id).await?;
             return Err(err);
         }
+        let existed = state.blobs.stat(&digest).await?.is_some();
         state.blobs.finish(name, &id, &digest).await?;
-        return Ok(blob_created(name, &digest));
+        return acknowledge(state, name, &digest, existed, quorum).await;
     }
     let id = state.blobs.start_upload(name).await?;
     tracing::debug!(id, "upload started");
@@ -669,21 +739,81 @@ async fn patch_upload(
     Ok(upload_reply(StatusCode::ACCEPTED, name, id, size))
 }
 
+/// The closing PUT. If it fails with a client error, the upload is over and its bytes are
+/// discarded (the spec has the client consider such an upload failed), so a refused blob
+/// leaves nothing behind; a 416 keeps it, since it tells the client where to resume.
 async fn put_upload(
     state: &RegistryState,
     name: &str,
     id: &str,
     query: &HashMap<String, String>,
+    quorum: bool,
     req: Request,
 ) -> Result<Response, RegistryError> {
-    let digest = query.get("digest").ok_or_else(|| {
-        RegistryError::DigestInvalid("the digest query parameter is required".into())
-    })?;
-    let digest = Digest::parse(digest)?;
+    let result = close_upload(state, name, id, query, quorum, req).await;
+    if let Err(err) = &result {
+        let (_, status) = err.code_and_status();
+        let resumable = status == StatusCode::RANGE_NOT_SATISFIABLE;
+        let gone = matches!(err, RegistryError::UploadUnknown(_));
+        if status.is_client_error() && !resumable && !gone {
+            if let Err(cancel) = state.blobs.cancel(name, id).await {
+                tracing::warn!(id, err = %cancel, "discarding a refused upload");
+            }
+        }
+    }
+    result
+}
+
+async fn close_upload(
+    state: &RegistryState,
+    name: &str,
+    id: &str,
+    query: &HashMap<String, String>,
+    quorum: bool,
+    req: Request,
+) -> Result<Response, RegistryError> {
+    let digest = query
+        .get("digest")
+        .ok_or_else(|| {
+            RegistryError::DigestInvalid("the digest query parameter is required".into())
+        })
+        .and_then(|d| Digest::parse(d));
+    let digest = match digest {
+        Ok(digest) => digest,
+        Err(err) => {
+            discard(req.into_body().into_data_stream()).await;
+            return Err(err);
+        }
+    };
     append_body(state, name, id, req).await?;
+    let existed = state.blobs.stat(&digest).await?.is_some();
     state.blobs.finish(name, id, &digest).await?;
     tracing::debug!(%digest, "upload finished");
-    Ok(blob_created(name, &digest))
+    acknowledge(state, name, &digest, existed, quorum).await
+}
+
+/// Answers a finished upload of `digest`: with `quorum`, only once a majority of the managers
+/// hold the blob (see `peers`). A blob no majority could be given is removed again unless it
+/// `existed` before this upload, so that a retrying client finds it absent and uploads it
+/// anew instead of skipping it and pushing a manifest over a blob one manager alone holds.
+async fn acknowledge(
+    state: &RegistryState,
+    name: &str,
+    digest: &Digest,
+    existed: bool,
+    quorum: bool,
+) -> Result<Response, RegistryError> {
+    if quorum {
+        if let Err(err) = replicate_to_majority(state, name, digest).await {
+            if !existed {
+                if let Err(del) = state.blobs.delete(digest).await {
+                    tracing::warn!(%digest, err = %del, "removing a blob no majority holds");
+                }
+            }
+            return Err(err);
+        }
+    }
+    Ok(blob_created(name, digest))
 }
 
 async fn cancel_upload(

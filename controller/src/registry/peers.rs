@@ -1,9 +1,11 @@
-//! Blobs from the other managers' registries: read-through on a miss, and replication ahead of
-//! need.
+//! Blobs between the managers' registries: a quorum before an upload is acknowledged,
+//! read-through on a miss, and replication ahead of need.
 //!
 //! Tags and manifest records are replicated through Raft, but blob bytes (layers, configs and
-//! the manifests' own bytes) stay on the disk of the controller that received the push. When
-//! one is missing here, [`PeerFetcher`] asks the peers in order
+//! the manifests' own bytes) are not. A finished blob upload is acknowledged only once a
+//! majority of the managers (this one counted) hold the blob ([`replicate_to_majority`] pushes
+//! it to the peers that lack it), so an acknowledged blob survives the loss of any minority.
+//! When one is missing here, [`PeerFetcher`] asks the peers in order
 //! (`GET <peer>/v2/<repo>/blobs/<digest>`), streams the answer to a scratch file while hashing
 //! it, and commits it only if it hashes to the digest asked for. [`replicate_manifest`] does the
 //! same ahead of time for a manifest and everything it references.
@@ -13,7 +15,11 @@
 //!   sending wrong bytes is skipped and the next one asked;
 //! - a request to a peer carries the [`LOCAL_ONLY`] header, and a request carrying it is
 //!   answered from local disk only, so managers missing the same blob never ask each other in
-//!   a loop;
+//!   a loop; an upload carrying it is stored here and acknowledged without a quorum of its own
+//!   (it is one manager's part of another's quorum);
+//! - a single manager (no peers) acknowledges at once; a blob that no majority could be given
+//!   within the deadline is refused (503) and, if this upload brought it, removed again, so a
+//!   retrying client uploads it anew instead of finding it present;
 //! - at most one download per digest runs at a time in this process; later requests for it wait
 //!   and then find it on disk;
 //! - a download runs in its own task, so a client hanging up does not abandon it half-way.
@@ -45,6 +51,9 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const BODY_GRACE: Duration = Duration::from_secs(30);
 /// Slowest transfer rate tolerated between managers, in bytes per second.
 const MIN_RATE: u64 = 1 << 20;
+/// How long an upload waits for a majority of managers to hold its blob, on top of the time
+/// its bytes take at [`MIN_RATE`], unless the registry is configured otherwise.
+pub(crate) const QUORUM_GRACE: Duration = Duration::from_secs(20);
 
 /// Where the other managers' registries are. Membership changes over time, so it is asked
 /// again on every miss.
@@ -195,6 +204,155 @@ impl PeerFetcher {
                 refused => FetchError::Refused(refused),
             })
     }
+}
+
+impl PeerFetcher {
+    /// Makes sure `peer` holds blob `digest` (of `size` bytes, on local disk): if a local-only
+    /// HEAD does not find it there, uploads it in one POST, marked local-only so that the peer
+    /// stores it without seeking a quorum of its own. The request must finish by `deadline`.
+    async fn push_to(
+        &self,
+        blobs: &BlobStore,
+        peer: &str,
+        repo: &str,
+        digest: &Digest,
+        size: u64,
+        deadline: Instant,
+    ) -> Result<(), FetchError> {
+        let base = peer.trim_end_matches('/');
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let timed_out = |limit: Duration| {
+            move |err: reqwest::Error| {
+                if err.is_timeout() {
+                    FetchError::Timeout(limit)
+                } else {
+                    FetchError::Http(err)
+                }
+            }
+        };
+        let limit = left().min(HEADERS_TIMEOUT);
+        let head = self
+            .client
+            .head(format!("{base}/v2/{repo}/blobs/{digest}"))
+            .header(LOCAL_ONLY, "1")
+            .timeout(limit)
+            .send()
+            .await
+            .map_err(timed_out(limit))?;
+        match head.status() {
+            reqwest::StatusCode::OK => return Ok(()),
+            reqwest::StatusCode::NOT_FOUND => {}
+            status => return Err(FetchError::Status(status)),
+        }
+        let (file, len) = blobs
+            .open_blob(digest)
+            .await
+            .map_err(FetchError::Local)?
+            .ok_or_else(|| FetchError::Local(RegistryError::BlobUnknown(digest.to_string())))?;
+        if len != size {
+            return Err(FetchError::Local(RegistryError::SizeInvalid(format!(
+                "{digest} changed size on disk from {size} to {len} bytes"
+            ))));
+        }
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let limit = left();
+        let resp = self
+            .client
+            .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"))
+            .header(LOCAL_ONLY, "1")
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(limit)
+            .body(body)
+            .send()
+            .await
+            .map_err(timed_out(limit))?;
+        match resp.status() {
+            reqwest::StatusCode::CREATED => Ok(()),
+            status => Err(FetchError::Status(status)),
+        }
+    }
+}
+
+/// Waits until a majority of the managers, this one counted, hold blob `digest` (already on
+/// local disk), pushing it to every peer that lacks it. Returns as soon as the majority is
+/// reached; pushes to the remaining peers go on in the background. A registry without peers,
+/// or one manager alone, returns at once.
+///
+/// Fails with [`RegistryError::NoQuorum`] when too many peers fail or the deadline (the
+/// registry's quorum grace, [`QUORUM_GRACE`] by default, plus the blob's size at [`MIN_RATE`])
+/// passes first.
+#[tracing::instrument(skip(state))]
+pub(crate) async fn replicate_to_majority(
+    state: &RegistryState,
+    repo: &str,
+    digest: &Digest,
+) -> Result<(), RegistryError> {
+    let Some(fetcher) = state.peers.clone() else {
+        return Ok(());
+    };
+    let peers = fetcher.peers.peers();
+    let total = peers.len() + 1;
+    let needed = total / 2 + 1;
+    if needed <= 1 {
+        return Ok(());
+    }
+    let size = state
+        .blobs
+        .stat(digest)
+        .await?
+        .ok_or_else(|| RegistryError::BlobUnknown(digest.to_string()))?;
+    let span = state.quorum_grace + Duration::from_secs(size / MIN_RATE);
+    let deadline = Instant::now() + span;
+    let mut pushes: futures::stream::FuturesUnordered<_> = peers
+        .into_iter()
+        .map(|peer| {
+            let (fetcher, blobs) = (fetcher.clone(), state.blobs.clone());
+            let (repo, digest) = (repo.to_owned(), digest.clone());
+            let span = tracing::info_span!("peer", %peer);
+            // Each push in its own task: one that outlives the quorum (or a client hanging
+            // up) still completes, so every manager ends up with the blob.
+            tokio::spawn(
+                async move {
+                    let pushed = fetcher
+                        .push_to(&blobs, &peer, &repo, &digest, size, deadline)
+                        .await;
+                    match &pushed {
+                        Ok(()) => tracing::debug!(%digest, "peer holds the blob"),
+                        Err(err) => tracing::warn!(%digest, %err, "pushing a blob to a peer"),
+                    }
+                    (peer, pushed)
+                }
+                .instrument(span),
+            )
+        })
+        .collect();
+    let mut held = 1;
+    let mut failed = Vec::new();
+    while held < needed {
+        let next = tokio::time::timeout_at(deadline, pushes.next()).await;
+        match next {
+            Ok(Some(Ok((_, Ok(()))))) => held += 1,
+            Ok(Some(Ok((peer, Err(err))))) => failed.push(format!("{peer}: {err}")),
+            Ok(Some(Err(join))) => failed.push(format!("push task: {join}")),
+            Ok(None) => break,
+            Err(_) => {
+                failed.push(format!("no majority within {span:?}"));
+                break;
+            }
+        }
+    }
+    if held >= needed {
+        tracing::debug!(held, total, "blob held by a majority of managers");
+        return Ok(());
+    }
+    Err(RegistryError::NoQuorum {
+        digest: digest.to_string(),
+        held,
+        needed,
+        total,
+        why: failed.join("; "),
+    })
 }
 
 /// The settings every client for peer registries shares.

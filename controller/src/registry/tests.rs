@@ -1,6 +1,7 @@
 //! End-to-end tests: a real server on 127.0.0.1:0 over a tempdir and a [`MemTagStore`],
-//! driven over HTTP with reqwest, and (when installed) by skopeo. Read-through tests run two
-//! such servers sharing one tag store, as the managers of a cluster share the Raft one.
+//! driven over HTTP with reqwest, and (when installed) by skopeo. Read-through and quorum tests
+//! run several such servers sharing one tag store, as the managers of a cluster share the Raft
+//! one, with loopback ports nothing listens on standing for managers that are down.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -113,9 +114,43 @@ fn header<'a>(resp: &'a Response, name: &str) -> &'a str {
         .unwrap_or_default()
 }
 
+/// The codes the distribution spec allows in a 4xx error body.
+const SPEC_CODES: &[&str] = &[
+    "BLOB_UNKNOWN",
+    "BLOB_UPLOAD_INVALID",
+    "BLOB_UPLOAD_UNKNOWN",
+    "DIGEST_INVALID",
+    "MANIFEST_BLOB_UNKNOWN",
+    "MANIFEST_INVALID",
+    "MANIFEST_UNKNOWN",
+    "NAME_INVALID",
+    "NAME_UNKNOWN",
+    "SIZE_INVALID",
+    "UNAUTHORIZED",
+    "DENIED",
+    "UNSUPPORTED",
+    "TOOMANYREQUESTS",
+];
+
+/// The code of an error response, checked to be one the spec allows for its 4xx status.
 async fn error_code(resp: Response) -> String {
+    error_body(resp).await["errors"][0]["code"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn error_body(resp: Response) -> Value {
+    let status = resp.status();
     let body: Value = resp.json().await.unwrap();
-    body["errors"][0]["code"].as_str().unwrap().to_owned()
+    let code = body["errors"][0]["code"].as_str().unwrap();
+    if status.is_client_error() {
+        assert!(
+            SPEC_CODES.contains(&code),
+            "{status}: {code} is not a spec code"
+        );
+    }
+    body
 }
 
 fn image_manifest(config: &Digest, config_len: usize, layers: &[(&Digest, usize)]) -> Vec<u8> {
@@ -443,7 +478,12 @@ async fn manifests_tags_catalog_and_delete() {
         .put_manifest(repo, "broken", OCI_MANIFEST, &dangling)
         .await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(error_code(resp).await, "MANIFEST_BLOB_UNKNOWN");
+    let body = error_body(resp).await;
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_BLOB_UNKNOWN");
+    assert_eq!(
+        body["errors"][0]["detail"],
+        json!({"digest": missing.as_str()})
+    );
     let resp = s
         .put_manifest(repo, "broken", OCI_MANIFEST, b"{not json")
         .await;
@@ -452,6 +492,7 @@ async fn manifests_tags_catalog_and_delete() {
     assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
     let resp = s.put_manifest(repo, "-bad", OCI_MANIFEST, &manifest).await;
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "MANIFEST_INVALID");
     assert_eq!(
         s.send(Method::GET, &format!("/v2/{repo}/manifests/broken"))
             .await
@@ -625,6 +666,175 @@ async fn cross_repository_mount() {
         .await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert!(header(&resp, "location").starts_with("/v2/dst/repo/blobs/uploads/"));
+}
+
+/// Content-Range checks: a malformed header is answered 416 with where to resume, like an
+/// out-of-order chunk, and the upload goes on; a range whose length contradicts
+/// Content-Length is SIZE_INVALID and changes nothing.
+#[tokio::test]
+async fn content_range_malformed_or_contradicting() {
+    let s = Server::start().await;
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    let location = header(&resp, "location").to_owned();
+    let patch = |range: &'static str, body: &'static str| {
+        s.req(Method::PATCH, &location)
+            .header("content-range", range)
+            .body(body)
+    };
+    assert_eq!(
+        patch("0-4", "hello").send().await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    for bad in ["five-nine", "9-5", "5"] {
+        let resp = patch(bad, "world").send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{bad}");
+        assert_eq!(header(&resp, "range"), "0-4", "{bad}");
+        assert_eq!(header(&resp, "location"), location, "{bad}");
+        assert_eq!(error_code(resp).await, "BLOB_UPLOAD_INVALID");
+    }
+    // Ten bytes announced, five sent.
+    let resp = patch("5-14", "world").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(resp).await, "SIZE_INVALID");
+    let resp = s.send(Method::GET, &location).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&resp, "range"), "0-4");
+
+    // The upload goes on from where the 416 said.
+    assert_eq!(
+        patch("5-9", "world").send().await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    let digest = Digest::of(b"helloworld");
+    let resp = s
+        .req(Method::PUT, &format!("{location}?digest={digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(s.blob_files(), 1);
+}
+
+/// A closing PUT refused for any reason but a 416 ends the upload and leaves no bytes behind
+/// (the spec has the client consider the upload failed).
+#[tokio::test]
+async fn refused_closing_put_discards_the_upload() {
+    let s = Server::start().await;
+    let uploads = s.state.blobs().root().join("uploads");
+    for query in ["", "?digest=sha256:nothex", "?digest=md5:abc"] {
+        let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+        let location = header(&resp, "location").to_owned();
+        s.req(Method::PATCH, &location)
+            .body("payload")
+            .send()
+            .await
+            .unwrap();
+        let resp = s
+            .req(Method::PUT, &format!("{location}{query}"))
+            .body("more")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{query:?}");
+        assert_eq!(error_code(resp).await, "DIGEST_INVALID", "{query:?}");
+        let resp = s.send(Method::GET, &location).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{query:?}");
+        assert_eq!(error_code(resp).await, "BLOB_UPLOAD_UNKNOWN");
+        assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0, "{query:?}");
+    }
+    // A 416 on the closing PUT keeps the upload, so the client can resume.
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    let location = header(&resp, "location").to_owned();
+    let digest = Digest::of(b"abc");
+    let resp = s
+        .req(Method::PUT, &format!("{location}?digest={digest}"))
+        .header("content-range", "1-3")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let resp = s
+        .req(Method::PUT, &format!("{location}?digest={digest}"))
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(s.blob_files(), 1);
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+}
+
+/// Edges of the spec a client can hit: the empty blob, `n=0`, malformed references on pulls
+/// and deletes, and mounts whose arguments are unusable (an ordinary upload instead).
+#[tokio::test]
+async fn spec_edges() {
+    let s = Server::start().await;
+    // The empty blob, pushed monolithically and read back.
+    let empty = s.push_blob("a", b"").await;
+    let resp = s.send(Method::HEAD, &format!("/v2/a/blobs/{empty}")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-length"), "0");
+    let resp = s.send(Method::GET, &format!("/v2/a/blobs/{empty}")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.bytes().await.unwrap().is_empty());
+
+    // n=0: an empty list and no Link, though tags exist.
+    let config = s.push_blob("a", b"{}").await;
+    let manifest = image_manifest(&config, 2, &[]);
+    for tag in ["x", "y"] {
+        let resp = s.put_manifest("a", tag, OCI_MANIFEST, &manifest).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+    let resp = s.send(Method::GET, "/v2/a/tags/list?n=0").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "link"), "");
+    assert_eq!(resp.json::<Value>().await.unwrap()["tags"], json!([]));
+    let resp = s.send(Method::GET, "/v2/_catalog?n=0").await;
+    assert_eq!(header(&resp, "link"), "");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["repositories"],
+        json!([])
+    );
+    // `last` alone: everything after it.
+    let resp = s.send(Method::GET, "/v2/a/tags/list?last=x").await;
+    assert_eq!(resp.json::<Value>().await.unwrap()["tags"], json!(["y"]));
+
+    // Malformed references: a bad digest is the client's error, a bad tag names nothing.
+    for method in [Method::GET, Method::HEAD, Method::DELETE] {
+        let resp = s
+            .send(method.clone(), "/v2/a/manifests/sha256:nothex")
+            .await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{method}");
+        let resp = s.send(method.clone(), "/v2/a/manifests/-bad").await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method}");
+    }
+    let resp = s.send(Method::GET, "/v2/a/manifests/sha256:nothex").await;
+    assert_eq!(error_code(resp).await, "DIGEST_INVALID");
+    let resp = s.send(Method::DELETE, "/v2/a/manifests/-bad").await;
+    assert_eq!(error_code(resp).await, "MANIFEST_UNKNOWN");
+
+    // Mounts: without `from` a present blob mounts; unusable arguments start an upload.
+    let resp = s
+        .send(
+            Method::POST,
+            &format!("/v2/b/blobs/uploads/?mount={config}"),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    for query in [
+        "mount=sha256:nothex&from=a".to_owned(),
+        format!("mount={config}&from=Not..Valid"),
+    ] {
+        let resp = s
+            .send(Method::POST, &format!("/v2/b/blobs/uploads/?{query}"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED, "{query}");
+        assert!(
+            header(&resp, "location").starts_with("/v2/b/blobs/uploads/"),
+            "{query}"
+        );
+    }
 }
 
 /// Writes an OCI layout with one single-file layer tagged `tag`; returns the layer digest.
@@ -1026,7 +1236,7 @@ async fn blob_missing_everywhere_is_blob_unknown() {
     }
 
     // A peer's read-through request is answered from local disk alone.
-    let on_a = p.a.push_blob("r", b"only on a").await;
+    let on_a = p.a.state.blobs().put_bytes(b"only on a").await.unwrap();
     let resp =
         p.b.req(Method::GET, &format!("/v2/r/blobs/{on_a}"))
             .header("rudder-local-only", "1")
@@ -1036,7 +1246,9 @@ async fn blob_missing_everywhere_is_blob_unknown() {
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert!(!p.b.has_blob(&on_a));
 
-    // A manifest record whose bytes no manager holds.
+    // A manifest record whose bytes no manager holds (`a` alone takes the push, as a lone
+    // manager would: with `b` as its peer the upload would reach `b` too).
+    p.a_peers.set(&[]);
     let image = p.a.push_image("r", "v1", &[layer(5, 10)]).await;
     p.a.state.blobs().delete(&image.manifest).await.unwrap();
     let resp = p.b.send(Method::GET, "/v2/r/manifests/v1").await;
@@ -1120,4 +1332,162 @@ async fn replicate_manifest_reports_what_no_peer_holds() {
     );
     let err = replicate_manifest(&p.b.state, "Bad..Name", image.manifest.as_str()).await;
     assert!(matches!(err, Err(RegistryError::NameInvalid(_))), "{err:?}");
+}
+
+/// Ports on loopback nothing listens on: managers that are down.
+const DEAD: [&str; 3] = [
+    "http://127.0.0.1:1",
+    "http://127.0.0.1:2",
+    "http://127.0.0.1:3",
+];
+
+/// Uploads `data` to `s` chunked (POST, PATCH, closing PUT); the closing PUT's response.
+async fn chunked_push(s: &Server, repo: &str, data: &[u8]) -> Response {
+    let resp = s
+        .send(Method::POST, &format!("/v2/{repo}/blobs/uploads/"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let location = header(&resp, "location").to_owned();
+    let resp = s
+        .req(Method::PATCH, &location)
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let digest = Digest::of(data);
+    s.req(Method::PUT, &format!("{location}?digest={digest}"))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A blob upload is acknowledged once a majority of the managers, the receiving one counted,
+/// hold the blob: here `a` and `b` of three (the third is down). `b` takes `a`'s push without
+/// seeking a quorum of its own: its own peers are all down, so it could not reach one.
+#[tokio::test]
+async fn upload_is_acknowledged_once_a_majority_holds_the_blob() {
+    let tags: Arc<dyn TagStore> = Arc::new(MemTagStore::new());
+    let b_peers = StaticPeers(vec![DEAD[0].to_owned(), DEAD[1].to_owned()]);
+    let b = Server::start_with(tags.clone(), Some(Arc::new(b_peers))).await;
+    let a_peers = StaticPeers(vec![DEAD[0].to_owned(), b.base.clone()]);
+    let a = Server::start_with(tags, Some(Arc::new(a_peers))).await;
+
+    // Monolithic, bigger than one read chunk.
+    let big = layer(8, 3 << 20);
+    let digest = a.push_blob("q/r", &big).await;
+    assert!(b.has_blob(&digest), "acknowledged before a peer held it");
+    b.assert_serves_blob("q/r", &digest, &big).await;
+
+    // Chunked.
+    let small = layer(9, 1000);
+    let resp = chunked_push(&a, "q/r", &small).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert!(b.has_blob(&Digest::of(&small)));
+
+    // A blob the peer already holds: acknowledged without sending it again.
+    assert_eq!(
+        a.push_blob("q/r", &big).await,
+        digest,
+        "second push of the same blob"
+    );
+    assert!(a.uploads_dir_is_empty() && b.uploads_dir_is_empty());
+}
+
+/// No majority reachable: the upload is refused with a 503 naming how many managers hold the
+/// blob, and the blob this upload brought is removed again (nothing stored, no upload file),
+/// so that a retrying client uploads it anew. A single manager acknowledges at once.
+#[tokio::test]
+async fn upload_without_a_majority_is_refused_and_stores_nothing() {
+    let tags: Arc<dyn TagStore> = Arc::new(MemTagStore::new());
+    // Two of three down.
+    let peers = StaticPeers(vec![DEAD[0].to_owned(), DEAD[1].to_owned()]);
+    let a = Server::start_with(tags.clone(), Some(Arc::new(peers))).await;
+    let data = layer(10, 5000);
+    let digest = Digest::of(&data);
+    let resp = a
+        .req(
+            Method::POST,
+            &format!("/v2/q/blobs/uploads/?digest={digest}"),
+        )
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = error_body(resp).await;
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("held by 1 of 3 managers but 2 must"),
+        "{message}"
+    );
+    assert!(!a.has_blob(&digest));
+    let resp = chunked_push(&a, "q", &data).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!a.has_blob(&digest));
+    assert_eq!(a.blob_files(), 0);
+    assert!(a.uploads_dir_is_empty());
+
+    // Of five managers, `a` and `b` are not a majority: refused, though `b` got its copy.
+    let b = Server::start_with(tags.clone(), Some(Arc::new(StaticPeers::default()))).await;
+    let mut five: Vec<String> = DEAD.iter().map(|d| (*d).to_owned()).collect();
+    five.push(b.base.clone());
+    let a5 = Server::start_with(tags.clone(), Some(Arc::new(StaticPeers(five)))).await;
+    let resp = chunked_push(&a5, "q", &data).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!a5.has_blob(&digest));
+
+    // A blob that was here before the failed upload stays.
+    let kept = layer(11, 100);
+    let kept_d = Digest::of(&kept);
+    a.state.blobs().put_bytes(&kept).await.unwrap();
+    let resp = chunked_push(&a, "q", &kept).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(a.has_blob(&kept_d));
+
+    // One manager alone: its own copy is the majority.
+    let alone = Server::start_with(tags, Some(Arc::new(StaticPeers::default()))).await;
+    assert_eq!(alone.push_blob("q", &data).await, digest);
+    assert_eq!(
+        chunked_push(&alone, "q", &kept).await.status(),
+        StatusCode::CREATED
+    );
+}
+
+/// A peer that accepts connections and never answers holds an upload only until the quorum
+/// deadline: then a 503, and nothing stored.
+#[tokio::test]
+async fn upload_waits_no_longer_than_the_quorum_deadline() {
+    // Connections complete in the kernel's backlog; nothing ever reads them.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent = format!("http://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = BlobStore::open(dir.path()).unwrap();
+    let state = RegistryState::new(blobs, Arc::new(MemTagStore::new()))
+        .with_peers(Arc::new(StaticPeers(vec![silent, DEAD[0].to_owned()])))
+        .unwrap()
+        .with_quorum_grace(Duration::from_millis(300));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = state.clone();
+    tokio::spawn(async move { serve(listener, served, std::future::pending()).await });
+
+    let data = layer(12, 2000);
+    let digest = Digest::of(&data);
+    let started = std::time::Instant::now();
+    let resp = Client::new()
+        .post(format!("{base}/v2/q/blobs/uploads/?digest={digest}"))
+        .body(data)
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = error_body(resp).await;
+    let message = body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("held by 1 of 3 managers"), "{message}");
+    assert!(message.contains("did not answer within"), "{message}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!state.blobs().blob_path(&digest).exists());
 }
