@@ -1,13 +1,21 @@
-//! A client for the OCI distribution spec v2: enough to push and pull images (blob
-//! HEAD/GET/upload, manifest GET/PUT). No token authentication. It speaks plain HTTP
-//! ([`RegistryClient::new`], for registries outside the cluster and tests) or mutual TLS
-//! ([`RegistryClient::with_tls`], for the cluster's own registry, which refuses anything else).
+//! A client for the OCI distribution spec v2: enough to push, pull and copy images (blob
+//! HEAD/GET/upload/cross-repository mount, manifest GET/PUT). It speaks plain HTTP
+//! ([`RegistryClient::new`], for tests and registries reached with `--insecure`), mutual TLS
+//! ([`RegistryClient::with_tls`], for the cluster's own registry, which refuses anything else),
+//! or HTTPS checked against the system's CA store ([`RegistryClient::with_system_roots`], for
+//! any other registry). [`RegistryClient::remote`] picks between the last two for a host named
+//! in an image reference.
+//!
+//! Every request answers a 401 once through the client's [`Authenticator`] (Basic, or a Bearer
+//! token from the registry's token service; see `auth`), then remembers the scheme so that
+//! later requests carry credentials from the start. Clones share that memory.
 //!
 //! Invariants: repository names and digests are validated before they go into a URL; a blob
 //! fetched to a file is hashed while it streams and only renamed into place when its digest
-//! matches; registry errors become [`ImageError::Registry`] naming what was asked for. A TLS
-//! client trusts only the CA it is given (never the web PKI or the system store) and accepts a
-//! server only if its certificate carries the configured server name, whatever address was
+//! matches; registry errors become [`ImageError::Registry`] naming what was asked for. A
+//! mutual-TLS client trusts only the CA it is given (never the web PKI or the system store) and
+//! accepts a server only if its certificate carries the configured server name, whatever
+//! address was dialed; a system-roots client does ordinary web PKI checks against the host
 //! dialed.
 
 use std::fmt;
@@ -15,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Body, Response, StatusCode, Url};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -27,6 +35,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, info};
 
+use crate::auth::{Authenticator, Credentials, Scope};
 use crate::oci::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::reference::{valid_repository, valid_tag};
 use crate::{digest, ImageError, Result};
@@ -133,13 +142,15 @@ pub struct RegistryClient {
     /// named in errors.
     base: String,
     http: reqwest::Client,
+    /// Answers this registry's 401s; shared by clones so a token is fetched once per scope.
+    auth: Arc<Authenticator>,
 }
 
 impl RegistryClient {
     /// A plain-HTTP client. `base` is `http://10.213.1.1:5000` or `127.0.0.1:5000` (http:// is
     /// added when missing).
     pub fn new(base: &str) -> Result<RegistryClient> {
-        let base = normalize_base(base, "http")?;
+        let base = normalize_base(base, "http", HTTPS_NEEDS_TLS)?;
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
@@ -147,17 +158,64 @@ impl RegistryClient {
                 registry: base.clone(),
                 source: e,
             })?;
-        Ok(RegistryClient { base, http })
+        Ok(RegistryClient::assemble(base, http))
     }
 
     /// A client speaking mutual TLS with `tls`'s certificates. `base` is
     /// `https://10.213.1.1:5000` or `10.213.1.1:5000` (https:// is added when missing).
     pub fn with_tls(base: &str, tls: &ClientTls) -> Result<RegistryClient> {
-        let base = normalize_base(base, "https")?;
+        let base = normalize_base(
+            base,
+            "https",
+            "the cluster registry speaks https only; drop http:// or use https://",
+        )?;
         let config = tls_config(tls).map_err(|detail| ImageError::Tls {
             registry: base.clone(),
             detail,
         })?;
+        RegistryClient::with_rustls(base, config)
+    }
+
+    /// An HTTPS client that trusts the system's CA store (`/etc/ssl/certs`, or what
+    /// `SSL_CERT_FILE`/`SSL_CERT_DIR` name), for registries outside the cluster. `base` is
+    /// `registry.example.com`, `host:port` or `https://host:port`.
+    pub fn with_system_roots(base: &str) -> Result<RegistryClient> {
+        let base = normalize_base(
+            base,
+            "https",
+            "an https client; use a plain-http client (--insecure) for http://",
+        )?;
+        let config = system_tls_config().map_err(|detail| ImageError::Tls {
+            registry: base.clone(),
+            detail,
+        })?;
+        RegistryClient::with_rustls(base, config)
+    }
+
+    /// A client for the registry `host` (`host[:port]`, as an image reference names it):
+    /// HTTPS with the system's roots, or plain HTTP when `insecure`. `--insecure` never means
+    /// "HTTPS without verification": a registry with a private CA is trusted by adding that CA
+    /// to the system store, as for curl.
+    pub fn remote(
+        host: &str,
+        insecure: bool,
+        credentials: Option<Credentials>,
+    ) -> Result<RegistryClient> {
+        let client = if insecure {
+            RegistryClient::new(host)?
+        } else {
+            RegistryClient::with_system_roots(host)?
+        };
+        Ok(client.with_credentials(credentials))
+    }
+
+    /// The same client answering 401s with `credentials` (a fresh token cache).
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> RegistryClient {
+        self.auth = Arc::new(Authenticator::new(self.base.clone(), credentials));
+        self
+    }
+
+    fn with_rustls(base: String, config: rustls::ClientConfig) -> Result<RegistryClient> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .use_preconfigured_tls(config)
@@ -166,7 +224,12 @@ impl RegistryClient {
                 registry: base.clone(),
                 source: e,
             })?;
-        Ok(RegistryClient { base, http })
+        Ok(RegistryClient::assemble(base, http))
+    }
+
+    fn assemble(base: String, http: reqwest::Client) -> RegistryClient {
+        let auth = Arc::new(Authenticator::new(base.clone(), None));
+        RegistryClient { base, http, auth }
     }
 
     /// The base URL, e.g. `http://127.0.0.1:5000`.
@@ -174,10 +237,27 @@ impl RegistryClient {
         &self.base
     }
 
+    /// `GET /v2/`: is this a registry, and do our credentials (if any) get us in? Used by
+    /// `rctl login` to check a password before storing it.
+    pub async fn ping(&self) -> Result<()> {
+        let url = self.url("/v2/")?;
+        let resp = self
+            .send(&Scope::Registry, || self.http.get(url.clone()))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, "/v2/".into(), "api").await);
+        }
+        Ok(())
+    }
+
     /// Does the registry hold this blob in this repository?
     pub async fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool> {
         let url = self.blob_url(repo, digest)?;
-        let resp = self.send(self.http.head(url)).await?;
+        let resp = self
+            .send(&Scope::Pull(repo.to_string()), || {
+                self.http.head(url.clone())
+            })
+            .await?;
         match resp.status() {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
@@ -197,9 +277,86 @@ impl RegistryClient {
             debug!(repo, digest, "blob already in registry");
             return Ok(false);
         }
+        let (body, len) = source.into().into_body().await?;
+        self.upload_blob(repo, digest, body, len).await?;
+        Ok(true)
+    }
+
+    /// Uploads `len` bytes of `body` as blob `digest` (whether or not the registry has it
+    /// already): POST opens a session, one PUT with `?digest=` fills and closes it. The POST
+    /// settles authentication first, since a streamed body cannot be sent twice.
+    pub async fn upload_blob(&self, repo: &str, digest: &str, body: Body, len: u64) -> Result<()> {
+        let mut put = self
+            .start_upload(repo, digest, None)
+            .await?
+            .ok_or_else(|| {
+                ImageError::invalid("upload", "registry mounted a blob nobody asked to mount")
+            })?;
+        put.query_pairs_mut().append_pair("digest", digest);
         let subject = format!("{repo}@{digest}");
-        let start = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
-        let resp = self.send(self.http.post(start.clone())).await?;
+        let req = self
+            .http
+            .put(put)
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .header(CONTENT_LENGTH, len)
+            .body(body);
+        let resp = self.send_once(&Scope::Push(repo.to_string()), req).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, subject, "blob").await);
+        }
+        info!(repo, digest, bytes = len, "pushed blob");
+        Ok(())
+    }
+
+    /// Asks the registry to make blob `digest` of repository `from` part of `repo` without
+    /// sending its bytes (a cross-repository mount). `true` when it did; `false` when it
+    /// cannot (unknown blob, or mounts unsupported), and then the session it opened instead
+    /// is cancelled.
+    pub async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> Result<bool> {
+        check_repo(from)?;
+        match self.start_upload(repo, digest, Some(from)).await? {
+            None => {
+                debug!(repo, digest, from, "mounted blob");
+                Ok(true)
+            }
+            Some(session) => {
+                // Best effort: an abandoned session is garbage-collected by the registry.
+                let _ = self
+                    .send(&Scope::Push(repo.to_string()), || {
+                        self.http.delete(session.clone())
+                    })
+                    .await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// POSTs `/v2/<repo>/blobs/uploads/` (with `?mount=&from=` when mounting). `None`: the
+    /// registry answered 201, the blob is mounted; `Some(url)`: an upload session to PUT to.
+    async fn start_upload(
+        &self,
+        repo: &str,
+        digest: &str,
+        mount_from: Option<&str>,
+    ) -> Result<Option<Url>> {
+        digest::validate(digest)?;
+        check_repo(repo)?;
+        let subject = format!("{repo}@{digest}");
+        let mut start = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
+        if let Some(from) = mount_from {
+            start
+                .query_pairs_mut()
+                .append_pair("mount", digest)
+                .append_pair("from", from);
+        }
+        let resp = self
+            .send(&Scope::Push(repo.to_string()), || {
+                self.http.post(start.clone()).header(CONTENT_LENGTH, 0)
+            })
+            .await?;
+        if mount_from.is_some() && resp.status() == StatusCode::CREATED {
+            return Ok(None);
+        }
         if !resp.status().is_success() {
             return Err(self.error(resp, subject, "blob upload").await);
         }
@@ -215,30 +372,14 @@ impl RegistryClient {
                 registry: self.base.clone(),
             })?;
         // Location may be absolute, absolute-path or relative: resolve against the POST URL.
-        let mut put = start.join(location).map_err(|e| ImageError::Registry {
+        let session = start.join(location).map_err(|e| ImageError::Registry {
             status: resp.status().as_u16(),
             code: String::new(),
             message: format!("bad upload location {location:?}: {e}"),
             subject: subject.clone(),
             registry: self.base.clone(),
         })?;
-        put.query_pairs_mut().append_pair("digest", digest);
-
-        let (body, len) = source.into().into_body().await?;
-        let resp = self
-            .send(
-                self.http
-                    .put(put)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header(CONTENT_LENGTH, len)
-                    .body(body),
-            )
-            .await?;
-        if !resp.status().is_success() {
-            return Err(self.error(resp, subject, "blob").await);
-        }
-        info!(repo, digest, bytes = len, "pushed blob");
-        Ok(true)
+        Ok(Some(session))
     }
 
     /// Puts a manifest (or index) under a tag or digest; returns its digest.
@@ -252,12 +393,12 @@ impl RegistryClient {
         let digest = digest::of_bytes(&bytes);
         let url = self.manifest_url(repo, reference)?;
         let resp = self
-            .send(
+            .send(&Scope::Push(repo.to_string()), || {
                 self.http
-                    .put(url)
+                    .put(url.clone())
                     .header(CONTENT_TYPE, media_type)
-                    .body(bytes),
-            )
+                    .body(bytes.clone())
+            })
             .await?;
         if !resp.status().is_success() {
             return Err(self.error(resp, subject(repo, reference), "manifest").await);
@@ -281,7 +422,11 @@ impl RegistryClient {
             DOCKER_MANIFEST_LIST,
         ]
         .join(", ");
-        let mut resp = self.send(self.http.get(url).header(ACCEPT, accept)).await?;
+        let mut resp = self
+            .send(&Scope::Pull(repo.to_string()), || {
+                self.http.get(url.clone()).header(ACCEPT, accept.as_str())
+            })
+            .await?;
         let subject = subject(repo, reference);
         if !resp.status().is_success() {
             return Err(self.error(resp, subject, "manifest").await);
@@ -317,11 +462,7 @@ impl RegistryClient {
     /// Streams a blob into `dest` (through a temporary file in the same directory, renamed into
     /// place once its sha256 matches). Returns the number of bytes written.
     pub async fn get_blob_to_file(&self, repo: &str, digest: &str, dest: &Path) -> Result<u64> {
-        let url = self.blob_url(repo, digest)?;
-        let mut resp = self.send(self.http.get(url)).await?;
-        if !resp.status().is_success() {
-            return Err(self.error(resp, format!("{repo}@{digest}"), "blob").await);
-        }
+        let mut resp = self.open_blob(repo, digest).await?;
         let dir = dest.parent().unwrap_or_else(|| Path::new("."));
         let tmp = tempfile::Builder::new()
             .prefix(".partial-")
@@ -366,6 +507,27 @@ impl RegistryClient {
         Ok(written)
     }
 
+    /// `GET` a blob: the successful response, its body not yet read (the caller streams it
+    /// and checks the digest).
+    pub(crate) async fn open_blob(&self, repo: &str, digest: &str) -> Result<Response> {
+        let url = self.blob_url(repo, digest)?;
+        let resp = self
+            .send(&Scope::Pull(repo.to_string()), || {
+                self.http.get(url.clone())
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(resp, format!("{repo}@{digest}"), "blob").await);
+        }
+        Ok(resp)
+    }
+
+    /// Is `other` the same registry (same base URL)? Then blobs can be mounted across
+    /// repositories instead of copied.
+    pub fn same_registry(&self, other: &RegistryClient) -> bool {
+        self.base == other.base
+    }
+
     fn url(&self, path: &str) -> Result<Url> {
         Url::parse(&format!("{}{path}", self.base)).map_err(|e| ImageError::InvalidRegistry {
             address: self.base.clone(),
@@ -392,11 +554,62 @@ impl RegistryClient {
         self.url(&format!("/v2/{repo}/manifests/{reference}"))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Response> {
+    /// Sends the request `make` builds, with what is known of the registry's authentication;
+    /// a 401 is answered (see `auth`) and the request rebuilt and sent once more. A second
+    /// 401 is an authentication failure.
+    async fn send(
+        &self,
+        scope: &Scope,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Response> {
+        let known = self.auth.header_for(&self.http, scope).await?;
+        let sent_basic = known.as_ref().is_some_and(is_basic);
+        let resp = self.send_with(make(), known).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let answer = self
+            .auth
+            .answer(&self.http, scope, resp.headers(), sent_basic)
+            .await?;
+        let resp = self.send_with(make(), Some(answer)).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.auth.failed().into());
+        }
+        Ok(resp)
+    }
+
+    /// Sends a request that cannot be rebuilt (a streamed body) with what is known of the
+    /// registry's authentication; a 401 is an authentication failure.
+    async fn send_once(&self, scope: &Scope, req: reqwest::RequestBuilder) -> Result<Response> {
+        let known = self.auth.header_for(&self.http, scope).await?;
+        let resp = self.send_with(req, known).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.auth.failed().into());
+        }
+        Ok(resp)
+    }
+
+    async fn send_with(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        auth: Option<HeaderValue>,
+    ) -> Result<Response> {
+        if let Some(h) = auth {
+            req = req.header(AUTHORIZATION, h);
+        }
         req.send().await.map_err(|e| self.http_err(e))
     }
 
+    /// A transport error; a failed TLS handshake becomes [`ImageError::Tls`] with rustls's
+    /// reason (often: the registry speaks plain HTTP).
     fn http_err(&self, source: reqwest::Error) -> ImageError {
+        if let Some(reason) = tls_failure(&source) {
+            return ImageError::Tls {
+                registry: self.base.clone(),
+                detail: format!("handshake failed: {reason}"),
+            };
+        }
         ImageError::Http {
             registry: self.base.clone(),
             source,
@@ -455,24 +668,50 @@ impl RegistryClient {
     }
 }
 
+/// Why a plain-HTTP client refuses an https:// base.
+const HTTPS_NEEDS_TLS: &str =
+    "https needs a client built with tls (the cluster's certificates or the system's roots)";
+
+fn is_basic(h: &HeaderValue) -> bool {
+    h.as_bytes().starts_with(b"Basic ")
+}
+
+/// The rustls error under a reqwest error, if the failure was the TLS handshake.
+fn tls_failure(err: &reqwest::Error) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // io::Error hides a custom inner error from `source()` (and connectors nest them:
+        // Other(InvalidData(rustls))); look inside.
+        cur = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 /// `scheme://host[:port]` from `host[:port]` or `scheme://host[:port][/]`; the other scheme is
-/// refused.
-fn normalize_base(base: &str, scheme: &str) -> Result<String> {
+/// refused, for the reason given.
+fn normalize_base(base: &str, scheme: &str, other_scheme: &str) -> Result<String> {
     let bad = |reason: &str| ImageError::InvalidRegistry {
         address: base.to_string(),
         reason: reason.to_string(),
     };
     let trimmed = base.trim();
     let prefix = format!("{scheme}://");
-    if trimmed.starts_with("https://") && scheme == "http" {
-        return Err(bad(
-            "https needs the cluster's certificates (a client built with tls)",
-        ));
-    }
-    if trimmed.starts_with("http://") && scheme == "https" {
-        return Err(bad(
-            "the cluster registry speaks https only; drop http:// or use https://",
-        ));
+    let other = if scheme == "http" {
+        "https://"
+    } else {
+        "http://"
+    };
+    if trimmed.starts_with(other) {
+        return Err(bad(other_scheme));
     }
     let authority = trimmed
         .strip_prefix(&prefix)
@@ -490,6 +729,32 @@ fn normalize_base(base: &str, scheme: &str) -> Result<String> {
         return Err(bad("want only scheme, host and port"));
     }
     Ok(with_scheme)
+}
+
+/// A rustls client config for registries outside the cluster: the system's CA store, the
+/// host dialed checked against the certificate, no client certificate. HTTP/1.1 only.
+fn system_tls_config() -> std::result::Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(format!(
+            "no usable CA certificate in the system store (install ca-certificates){why}"
+        ));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// A rustls client config that trusts only `tls.ca_pem`, presents `tls.cert_pem`, and checks

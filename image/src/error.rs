@@ -77,6 +77,10 @@ pub enum ImageError {
 
     #[error("image: background task failed: {0}")]
     Task(String),
+
+    /// A registry refused our credentials or its challenge could not be answered.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// The crate's result type.
