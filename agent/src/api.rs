@@ -24,6 +24,8 @@ pub struct AgentApiImpl {
     pub access: crate::exec::ContainerAccess,
     /// The content store, for the base image of a commit (`commit`).
     pub images: rudder_image::ImageStore,
+    /// Builds from a Dockerfile (`build`).
+    pub builder: std::sync::Arc<crate::build::Builder>,
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
@@ -78,6 +80,37 @@ impl AgentApi for AgentApiImpl {
         req: Request<rudder_proto::v1::CommitLayerRequest>,
     ) -> Result<Response<Self::CommitStream>, Status> {
         crate::commit::commit(&self.access, &self.images, &req.into_inner().task_id).await
+    }
+
+    async fn list_host_images(
+        &self,
+        _req: Request<rudder_proto::v1::ListImagesRequest>,
+    ) -> Result<Response<rudder_proto::v1::ListImagesResponse>, Status> {
+        let (images, containers) = (self.images.clone(), self.containers.clone());
+        tokio::task::spawn_blocking(move || crate::images::list(&images, &containers))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    async fn prune_host_images(
+        &self,
+        req: Request<rudder_proto::v1::PruneImagesRequest>,
+    ) -> Result<Response<rudder_proto::v1::PruneResult>, Status> {
+        crate::images::prune(&self.images, &self.containers, req.into_inner().grace_ms)
+            .await
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+
+    type BuildStream = crate::build::BuildStream;
+
+    async fn build(
+        &self,
+        req: Request<tonic::Streaming<rudder_proto::v1::BuildInput>>,
+    ) -> Result<Response<Self::BuildStream>, Status> {
+        crate::build::build(self.builder.clone(), req.into_inner()).await
     }
 
     async fn exec(

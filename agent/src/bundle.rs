@@ -97,7 +97,7 @@ fn is_mounted(path: &Path) -> bool {
 }
 
 /// Docker's default capability set.
-const CAPS: &[Capability] = &[
+pub const CAPS: &[Capability] = &[
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,

@@ -155,6 +155,7 @@ where
         dest: start.path.clone(),
         contents: start.contents,
         raw: start.raw,
+        owners: false,
     };
     let mut child = helper(access, &start.task, op)?
         .stdin(Stdio::piped())

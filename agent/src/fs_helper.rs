@@ -53,6 +53,9 @@ pub enum Op {
         /// Members as named, into the directory DEST.
         #[arg(long, conflicts_with = "contents")]
         raw: bool,
+        /// Keep the members' owners (uid and gid) instead of making them root's.
+        #[arg(long)]
+        owners: bool,
     },
 }
 
@@ -78,8 +81,12 @@ impl HelperArgs {
                 dest,
                 contents,
                 raw,
+                owners,
             } => {
                 v.push("unpack".into());
+                if *owners {
+                    v.push("--owners".into());
+                }
                 if *contents {
                     v.push("--contents".into());
                 }
@@ -149,6 +156,7 @@ fn run(op: &Op) -> Result<(), CopyError> {
             dest,
             contents,
             raw,
+            owners,
         } => {
             let layout = match (*contents, *raw) {
                 (true, _) => Layout::Contents,
@@ -161,7 +169,7 @@ fn run(op: &Op) -> Result<(), CopyError> {
                 d.push("/");
             }
             let input = BufReader::with_capacity(64 * 1024, std::io::stdin().lock());
-            copy::unpack(input, Path::new(&d), layout, true)?;
+            copy::unpack_owned(input, Path::new(&d), layout, true, *owners)?;
             Ok(())
         }
     }
@@ -209,11 +217,13 @@ mod tests {
             dest: "/tmp/".into(),
             contents: true,
             raw: false,
+            owners: true,
         });
         round_trip(Op::Unpack {
             dest: "x".into(),
             contents: false,
             raw: true,
+            owners: false,
         });
     }
 

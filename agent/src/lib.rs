@@ -3,6 +3,7 @@
 //! the host's content store, and serves logs to controllers (`api`).
 
 pub mod api;
+pub mod build;
 pub mod bundle;
 pub mod commit;
 pub mod copy;
@@ -10,6 +11,7 @@ pub mod dns;
 pub mod exec;
 pub mod fs_helper;
 pub mod health;
+pub mod images;
 pub mod manager;
 pub mod net;
 pub mod runtime;
@@ -171,6 +173,15 @@ pub async fn run(
         agent_exe: std::env::current_exe()
             .map_err(|e| AgentError::Io("find the agent binary", e))?,
     };
+    let builder = Arc::new(build::Builder {
+        images: images.clone(),
+        access: access.clone(),
+        cgroup_parent: cfg.cgroup_parent.clone(),
+        scratch: cfg.data_dir.join("builds"),
+        cache: cfg.data_dir.join("build-cache"),
+        registry_tls: Some(certs_rx.clone()),
+    });
+    builder.sweep();
     let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let agent_exe =
@@ -214,6 +225,7 @@ pub async fn run(
                 containers: containers.clone(),
                 access: access.clone(),
                 images: images.clone(),
+                builder: builder.clone(),
             }),
             tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
         ))

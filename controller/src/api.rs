@@ -29,7 +29,7 @@ pub struct ControlApi {
     pub images: crate::registry::RegistryState,
 }
 
-fn raft_status(e: RaftError) -> Status {
+pub(crate) fn raft_status(e: RaftError) -> Status {
     match e {
         RaftError::NotLeader(_) => Status::unavailable(e.to_string()),
         RaftError::Timeout => Status::deadline_exceeded(e.to_string()),
@@ -147,7 +147,7 @@ pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
 }
 
 /// A node by id, unique id prefix or hostname.
-fn find_node<'a>(store: &'a Store, key: &str) -> Result<&'a rudder_model::Node, Status> {
+pub(crate) fn find_node<'a>(store: &'a Store, key: &str) -> Result<&'a rudder_model::Node, Status> {
     if let Some(n) = store.nodes.get(key) {
         return Ok(n);
     }
@@ -546,6 +546,36 @@ impl Control for ControlApi {
         req: Request<CommitRequest>,
     ) -> Result<Response<CommitResponse>, Status> {
         crate::commit_api::commit(self, req).await
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<ListImagesRequest>,
+    ) -> Result<Response<ListImagesResponse>, Status> {
+        crate::image_api::list(self, req).await
+    }
+
+    async fn remove_images(
+        &self,
+        req: Request<RemoveImagesRequest>,
+    ) -> Result<Response<RemoveImagesResponse>, Status> {
+        crate::image_api::remove(self, req).await
+    }
+
+    async fn prune_images(
+        &self,
+        req: Request<PruneImagesRequest>,
+    ) -> Result<Response<PruneImagesResponse>, Status> {
+        crate::image_api::prune(self, req).await
+    }
+
+    type BuildStream = crate::build_api::BuildStream;
+
+    async fn build(
+        &self,
+        req: Request<tonic::Streaming<rudder_proto::v1::BuildInput>>,
+    ) -> Result<Response<Self::BuildStream>, Status> {
+        crate::build_api::build(self, req).await
     }
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {

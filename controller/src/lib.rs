@@ -7,11 +7,13 @@
 //! report status → batched into one proposal.
 
 pub mod api;
+pub mod build_api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod commit_api;
 pub mod dispatcher;
 pub mod exec_api;
+pub mod image_api;
 pub mod image_tags;
 pub mod orchestrator;
 pub mod peer;
@@ -35,6 +37,7 @@ use rudder_proto::v1::cluster_server::ClusterServer;
 use rudder_proto::v1::control_server::ControlServer;
 use rudder_proto::v1::dispatcher_server::DispatcherServer;
 use rudder_proto::v1::raft_peer_server::RaftPeerServer;
+use rudder_proto::v1::registry_gc_server::RegistryGcServer;
 use serde::Deserialize;
 use tonic::service::interceptor::InterceptedService;
 use tracing::info;
@@ -197,6 +200,10 @@ pub async fn run(
     ));
 
     let agent_tls = Arc::new(std::sync::RwLock::new(Some(agent_tls)));
+    let registry_gc = Arc::new(image_api::RegistryGcApi {
+        raft: raft.clone(),
+        registry: reg_state.clone(),
+    });
     let control = Arc::new(api::ControlApi {
         raft: raft.clone(),
         registry: registry_addr.clone(),
@@ -264,6 +271,10 @@ pub async fn run(
                     RaftPeerServer::from_arc(peer_api.clone())
                         .max_decoding_message_size(64 * 1024 * 1024),
                     security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
+                ))
+                .add_service(InterceptedService::new(
+                    RegistryGcServer::from_arc(registry_gc.clone()),
+                    security::guard(ca_cert.clone(), &[Manager], "RegistryGc"),
                 ))
                 .add_service(ClusterServer::from_arc(cluster.clone()))
         },

@@ -143,6 +143,9 @@ enum Cmd {
         /// NAME[:TAG] (tag `latest` when none is given).
         reference: String,
     },
+    /// Build an image from a Dockerfile on a host of the cluster and store it in the
+    /// cluster registry: `rctl build -t app:1 .`.
+    Build(cmd::build::BuildArgs),
     /// Set the replica count of services: `rctl scale web=3 api=2`.
     Scale {
         #[arg(required = true)]
@@ -173,6 +176,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Store credentials for a registry outside the cluster (checked first):
+    /// `rctl login 10.0.0.9:5001 -u me --password-stdin`.
+    Login {
+        /// host[:port], as image names start.
+        host: String,
+        #[arg(short, long)]
+        username: Option<String>,
+        /// Read the password from stdin (else it is asked for on the terminal).
+        #[arg(long)]
+        password_stdin: bool,
+        /// The registry speaks plain http (no TLS at all).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Forget the credentials stored for a registry.
+    Logout { host: String },
     /// A multi-host lab on this machine.
     Local {
         #[command(subcommand)]
@@ -259,6 +278,53 @@ enum ImageCmd {
         #[arg(long)]
         tag: Option<String>,
     },
+    /// Give an image of the cluster registry another name: `rctl image tag busybox
+    /// 10.0.0.9:5001/team/bb:v1` (stored as team/bb:v1; the host says where a push goes).
+    Tag { source: String, target: String },
+    /// Copy an image from the cluster registry to the registry its name starts with:
+    /// `rctl image push 10.0.0.9:5001/team/bb:v1`.
+    Push {
+        reference: String,
+        /// The registry speaks plain http (no TLS at all).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Copy an image from the registry its name starts with into the cluster registry (as
+    /// REPOSITORY:TAG): `rctl image pull 10.0.0.9:5001/team/bb:v1`.
+    Pull {
+        reference: String,
+        /// The registry speaks plain http (no TLS at all).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// List images with their size, the bytes they share with other images and their own.
+    Ls {
+        /// Also manifests no tag points at.
+        #[arg(short, long)]
+        all: bool,
+        /// One host's content store instead (node id, id prefix or hostname).
+        #[arg(long)]
+        node: Option<String>,
+        /// Names only.
+        #[arg(short, long)]
+        quiet: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove names from the cluster registry (a manifest with its last name); refused while
+    /// a service uses the image unless --force. `rctl image prune` frees the bytes.
+    Rm {
+        #[arg(required = true)]
+        references: Vec<String>,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Delete unused blobs on every manager and unused images on every host.
+    Prune {
+        /// Keep blobs younger than this (an upload in progress): 10m unless given (e.g. 30s).
+        #[arg(long, value_parser = parse_grace)]
+        grace: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +375,11 @@ enum LocalCmd {
         #[arg(long, default_value = "rudder")]
         name: String,
     },
+}
+
+/// `--grace 30s`, `--grace 0` (everything unused, however recent).
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    rudder_model::duration::parse(s).map(std::time::Duration::from_millis)
 }
 
 fn main() {
@@ -444,6 +515,7 @@ fn real_main() -> anyhow::Result<()> {
         } => rt.block_on(cmd::cp::run(&ctx()?, src, dest, *follow_link)),
         Cmd::Inspect { task } => rt.block_on(cmd::inspect::run(&ctx()?, task)),
         Cmd::Commit { task, reference } => rt.block_on(cmd::commit::run(&ctx()?, task, reference)),
+        Cmd::Build(args) => rt.block_on(cmd::build::run(&ctx()?, args)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },
@@ -521,6 +593,54 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Image {
             cmd: ImageCmd::Load { file, tag },
         } => rt.block_on(cmd::image::load(&ctx()?, file, tag.as_deref())),
+        Cmd::Image {
+            cmd: ImageCmd::Tag { source, target },
+        } => rt.block_on(cmd::image::tag(&ctx()?, source, target)),
+        Cmd::Image {
+            cmd: ImageCmd::Push {
+                reference,
+                insecure,
+            },
+        } => rt.block_on(cmd::image::push(&ctx()?, reference, *insecure)),
+        Cmd::Image {
+            cmd: ImageCmd::Pull {
+                reference,
+                insecure,
+            },
+        } => rt.block_on(cmd::image::pull(&ctx()?, reference, *insecure)),
+        Cmd::Image {
+            cmd:
+                ImageCmd::Ls {
+                    all,
+                    node,
+                    quiet,
+                    output,
+                },
+        } => rt.block_on(cmd::image_ls::ls(
+            &ctx()?,
+            *all,
+            node.as_deref(),
+            *quiet,
+            *output,
+        )),
+        Cmd::Image {
+            cmd: ImageCmd::Rm { references, force },
+        } => rt.block_on(cmd::image_ls::rm(&ctx()?, references, *force)),
+        Cmd::Image {
+            cmd: ImageCmd::Prune { grace },
+        } => rt.block_on(cmd::image_ls::prune(&ctx()?, *grace)),
+        Cmd::Login {
+            host,
+            username,
+            password_stdin,
+            insecure,
+        } => rt.block_on(cmd::login::login(
+            host,
+            username.as_deref(),
+            *password_stdin,
+            *insecure,
+        )),
+        Cmd::Logout { host } => cmd::login::logout(host),
         Cmd::Local {
             cmd:
                 LocalCmd::Up {

@@ -178,7 +178,20 @@ pub fn unpack(
     layout: Layout,
     confined: bool,
 ) -> Result<Unpacked, CopyError> {
+    unpack_owned(archive, dest, layout, confined, false)
+}
+
+/// [`unpack`], and with `keep_owners` the members' uid and gid are kept (a build's
+/// `COPY --chown`); otherwise files belong to whoever unpacks them, as with `docker cp`.
+pub fn unpack_owned(
+    archive: impl Read,
+    dest: &Path,
+    layout: Layout,
+    confined: bool,
+    keep_owners: bool,
+) -> Result<Unpacked, CopyError> {
     let mut ar = tar::Archive::new(archive);
+    ar.set_preserve_ownerships(keep_owners);
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);
     ar.set_overwrite(true);

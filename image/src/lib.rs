@@ -1,5 +1,7 @@
 //! OCI images for Rudder: parsing image references, talking to an OCI distribution-spec registry
-//! (plain HTTP, or mutual TLS for the cluster's own), turning local archives (root filesystem
+//! (mutual TLS for the cluster's own; plain HTTP or HTTPS with the system's roots, with basic
+//! or bearer-token authentication, for any other), copying images between registries
+//! (`transfer`: `rctl image tag/push/pull`), turning local archives (root filesystem
 //! tarballs, OCI image layouts, docker-save tarballs) into pushed images, and the per-host content
 //! store that pulls images and unpacks each layer once for overlayfs. Also the tar archives
 //! `rctl cp` moves in and out of containers (`copy`), packed and unpacked by the same rules on
@@ -13,18 +15,25 @@
 //!   exists is always complete.
 
 pub mod archive;
+pub mod auth;
+pub mod build_context;
 pub mod client;
 pub mod commit;
 pub mod copy;
 pub mod digest;
+pub mod dockerfile;
 mod error;
 pub mod layer;
 pub mod oci;
 pub mod reference;
 pub mod store;
+pub mod transfer;
+pub mod usage;
 
 pub use archive::{import_rootfs, load_archive, Archive, ImportReport, LoadedImage};
+pub use auth::{AuthError, AuthFile, Credentials};
 pub use client::{BlobSource, ClientTls, FixedNameVerifier, RegistryClient};
 pub use error::{ImageError, Result};
 pub use reference::Reference;
 pub use store::{ImageConfig, ImageStore, PulledImage};
+pub use transfer::{copy_image, CopyOptions, TransferError, TransferReport};

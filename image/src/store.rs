@@ -52,6 +52,9 @@ pub struct ImageStore {
     /// One async mutex per layer digest, so that one process fetches and unpacks a layer once
     /// even when several pulls need it at the same time. Entries are tiny and never removed.
     layer_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Pulls hold it shared, garbage collection (`rudder-agent`'s prune) exclusively: a layer
+    /// a pull found present is never removed under it.
+    gc_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl ImageStore {
@@ -64,6 +67,7 @@ impl ImageStore {
         Ok(ImageStore {
             root: root.to_path_buf(),
             layer_locks: Arc::default(),
+            gc_lock: Arc::default(),
         })
     }
 
@@ -106,6 +110,7 @@ impl ImageStore {
         client: &RegistryClient,
         reference: &Reference,
     ) -> Result<PulledImage> {
+        let _pulling = self.hold_off_gc().await;
         let repo = reference.repository.as_str();
         let (mut media_type, mut bytes, mut manifest_digest) =
             client.get_manifest(repo, reference.reference_str()).await?;
@@ -128,6 +133,14 @@ impl ImageStore {
         }
         let manifest = Manifest::parse(&bytes)?;
         self.write_blob(&manifest_digest, &bytes)?;
+        // The manifest's time is when the image was last pulled: a collection spares images
+        // pulled within its grace period, whose container may not exist yet.
+        let path = self.blob_path(&manifest_digest)?;
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .map_err(|e| ImageError::io_path("touch", &path, e))?;
 
         let mut bytes_fetched = self
             .ensure_blob(client, repo, &manifest.config.digest)
@@ -216,6 +229,38 @@ impl ImageStore {
         tokio::task::spawn_blocking(move || unpack_into_place(&blob, &tmp_root, &dest, &hex))
             .await
             .map_err(ImageError::task)?
+    }
+
+    /// Exclusive use of the store for garbage collection: waits for running pulls and holds
+    /// new ones back until dropped.
+    pub async fn lock_for_gc(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.gc_lock.clone().write_owned().await
+    }
+
+    /// Holds garbage collection off while the guard lives, for work that uses blobs or layers
+    /// no container records yet (a pull holds it itself; a build can hold it between steps).
+    pub async fn hold_off_gc(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.gc_lock.clone().read_owned().await
+    }
+
+    /// Removes an unpacked layer (call under [`ImageStore::lock_for_gc`]). It is renamed into
+    /// `tmp/` first, so a half-removed layer never looks complete. Returns whether it existed.
+    pub fn remove_layer(&self, digest: &str) -> Result<bool> {
+        digest::validate(digest)?;
+        let dir = self.layer_dir(digest);
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("removing-{}", digest::hex_of(digest)?));
+        // Left over from a removal that was interrupted.
+        let _ = fs::remove_dir_all(&doomed);
+        match fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ImageError::io_path("rename away", &dir, e)),
+        }
+        fs::remove_dir_all(&doomed).map_err(|e| ImageError::io_path("remove", &doomed, e))?;
+        Ok(true)
     }
 
     fn layer_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -357,5 +402,26 @@ mod tests {
             0o755
         );
         assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn removes_a_layer_whole_under_the_gc_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path()).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(1);
+        b.append_data(&mut h, "a/b/c", &b"x"[..]).unwrap();
+        let blob = b.into_inner().unwrap();
+        let d = digest::of_bytes(&blob);
+        store.write_blob(&d, &blob).unwrap();
+        store.unpack_layer(&d).await.unwrap();
+        let _gc = store.lock_for_gc().await;
+        assert!(store.remove_layer(&d).unwrap());
+        assert!(!store.has_layer(&d));
+        assert!(!store.remove_layer(&d).unwrap());
+        assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+        assert!(store.remove_layer("sha256:../../etc").is_err());
     }
 }

@@ -8,8 +8,9 @@
 //!   a standalone registry;
 //! - [`manifest`]: pure parsing of pushed manifests (media type, referenced blobs);
 //! - [`names`]: pure validation of repository names, tags and digests;
-//! - `peers`: blobs missing here are read through from the other managers' registries
-//!   ([`PeerRegistries`]) and copied ahead of need by [`replicate_manifest`];
+//! - `peers`: a blob upload is acknowledged once a majority of the managers hold the blob
+//!   (pushed to the other managers' registries, [`PeerRegistries`]); blobs missing here are
+//!   read through from them and copied ahead of need by [`replicate_manifest`];
 //! - `http`: the endpoints;
 //! - `tls`: mutual TLS ([`serve_tls`]): every cluster certificate may pull, only managers and
 //!   admins may push or delete; managers read through from each other over it too.
@@ -17,11 +18,13 @@
 //! Invariants: manifests are stored as ordinary blobs (their digest is over the exact bytes
 //! pushed) and are published in the tag store only after those bytes and every blob they
 //! reference are on disk; blobs are shared by all repositories, while manifests and tags
-//! belong to one repository. Blob bytes are not replicated through Raft: a controller that
-//! lacks one fetches it from a peer and stores it only once it hashes to its digest.
+//! belong to one repository. Blob bytes are not replicated through Raft: an upload is
+//! acknowledged once a majority of the managers hold its blob, and a controller that lacks one
+//! fetches it from a peer and stores it only once it hashes to its digest.
 
 pub mod blob;
 mod error;
+pub mod gc;
 mod http;
 pub mod manifest;
 pub mod names;
@@ -56,6 +59,9 @@ pub struct RegistryState {
     tags: Arc<dyn TagStore>,
     /// Where missing blobs are fetched from; `None` for a registry on its own.
     peers: Option<Arc<peers::PeerFetcher>>,
+    /// How long an upload waits for a majority of managers to hold its blob, beyond the time
+    /// its bytes take to travel.
+    quorum_grace: std::time::Duration,
 }
 
 impl RegistryState {
@@ -65,7 +71,15 @@ impl RegistryState {
             blobs,
             tags,
             peers: None,
+            quorum_grace: peers::QUORUM_GRACE,
         }
+    }
+
+    /// Sets how long an upload waits for a majority of managers to hold its blob before it is
+    /// refused with a 503, beyond the time its bytes take to travel (default 20 s).
+    pub fn with_quorum_grace(mut self, grace: std::time::Duration) -> Self {
+        self.quorum_grace = grace;
+        self
     }
 
     /// Reads blobs missing here through from `peers` (the other managers' registries).

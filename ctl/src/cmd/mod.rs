@@ -1,6 +1,7 @@
 //! One module per `rctl` command.
 
 pub mod apply;
+pub mod build;
 pub mod cluster;
 pub mod commit;
 pub mod cp;
@@ -8,8 +9,10 @@ pub mod describe;
 pub mod exec;
 pub mod get;
 pub mod image;
+pub mod image_ls;
 pub mod inspect;
 pub mod local;
+pub mod login;
 pub mod logs;
 pub mod network;
 pub mod node;

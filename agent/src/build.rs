@@ -1,0 +1,1730 @@
+//! `rctl build` on the host: a Dockerfile and its context become an image, step by step, with
+//! a layer cache.
+//!
+//! The controller relays the inputs (parameters, then the context tar) and stores what this
+//! module sends back: progress lines, each blob the cluster registry lacks, then the image's
+//! config and manifest. The Dockerfile is parsed and its variables resolved by the pure
+//! `rudder_image::dockerfile`; this module does what touches files and processes:
+//! - `FROM`: a previous stage, `scratch`, or an image pulled from the cluster registry into
+//!   the host's content store (layers unpacked once, shared with the containers).
+//! - `RUN`: a container (the OCI runtime's `run`, in the foreground) over an overlayfs of the
+//!   layers so far with a fresh upper dir; the host's network; output streamed as progress.
+//! - `COPY`/`ADD`: a tar made here from the context (or another stage's files), unpacked by
+//!   `rudder-agent fs-helper` chrooted into the same kind of overlay mount, so nothing is
+//!   written through a symlink of the image. `ADD` unpacks local tar archives.
+//! - `WORKDIR` makes its directory when the image lacks it.
+//! - Metadata steps change the image config only.
+//!
+//! A step that changes files becomes one layer: its upper dir, written as a tar+gzip blob
+//! (deletions as whiteouts, `commit::make_layer`) into the content store and unpacked there.
+//!
+//! **Cache.** Each step has a key: the previous step's key, the step as resolved (variables
+//! substituted, the image settings after it) and, for COPY/ADD, a digest of the source files
+//! (names, modes, owners, contents and link targets; not mtimes). A key seen before, whose
+//! layer is still in the store, reuses that layer and the time it was made, so a fully
+//! cached build produces the same image digest again. `--no-cache` rebuilds every step (and
+//! records the new results).
+//!
+//! Invariants: nothing of the context or of another stage is read through a symlink that
+//! leaves its root (paths resolve inside the root, as in a chroot); every mount and scratch
+//! directory of a build is removed when it ends, however it ends; a RUN's container is
+//! deleted even when the build is abandoned.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use rudder_image::dockerfile::{self, Action, Dockerfile, Instr, Settings, Stage, StageBuilder};
+use rudder_image::oci::{Descriptor, Manifest, OCI_CONFIG, OCI_LAYER_TAR_GZIP, OCI_MANIFEST};
+use rudder_image::{digest, ImageStore, Reference, RegistryClient};
+use rudder_proto::v1::build_input::Msg as In;
+use rudder_proto::v1::build_output::Msg as Out;
+use rudder_proto::v1::{BuildBlob, BuildImage, BuildInput, BuildOutput, BuildParams};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tonic::{Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::exec::ContainerAccess;
+use crate::fs_helper::{HelperArgs, Op};
+
+/// What a build sends back.
+pub type BuildStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<BuildOutput, Status>> + Send>>;
+
+const CHUNK: usize = 256 * 1024;
+/// How many symlinks one path may pass through while resolved inside a root.
+const MAX_LINKS: usize = 40;
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What builds on this host need.
+#[derive(Clone)]
+pub struct Builder {
+    pub images: ImageStore,
+    pub access: ContainerAccess,
+    pub cgroup_parent: String,
+    /// `<data>/builds`: one scratch directory per build.
+    pub scratch: PathBuf,
+    /// `<data>/build-cache`: one small JSON file per step key.
+    pub cache: PathBuf,
+    /// This node's certificate for the cluster registry (plain HTTP when `None`).
+    pub registry_tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+}
+
+impl Builder {
+    /// Removes what builds interrupted by an agent restart left: their mounts (deepest
+    /// first), then their scratch directories.
+    pub fn sweep(&self) {
+        let Ok(entries) = fs::read_dir(&self.scratch) else {
+            return;
+        };
+        let prefix = format!("{}/", self.scratch.display());
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = umount2(Path::new(&m), MntFlags::MNT_DETACH);
+        }
+        for e in entries.flatten() {
+            info!(dir = %e.path().display(), "build: removing what an interrupted build left");
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile or an argument is wrong: the user's to fix.
+    #[error("{0}")]
+    Invalid(String),
+    /// A step failed (a RUN's exit code, a COPY source missing).
+    #[error("{0}")]
+    Step(String),
+    #[error("build: {op} {path}: {err}")]
+    Io {
+        op: &'static str,
+        path: String,
+        err: io::Error,
+    },
+    #[error("build: {0}")]
+    Other(String),
+}
+
+impl From<BuildError> for Status {
+    fn from(e: BuildError) -> Status {
+        match e {
+            BuildError::Invalid(m) => Status::invalid_argument(m),
+            BuildError::Step(m) => Status::aborted(m),
+            other => Status::internal(other.to_string()),
+        }
+    }
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BuildError {
+    let path = path.display().to_string();
+    move |err| BuildError::Io { op, path, err }
+}
+
+fn other(e: impl std::fmt::Display) -> BuildError {
+    BuildError::Other(e.to_string())
+}
+
+/// A layer of the image being built.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct LayerRef {
+    digest: String,
+    diff_id: String,
+    size: u64,
+    media_type: String,
+}
+
+/// A cache entry: what a step produced, and when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CacheEntry {
+    layer: Option<LayerRef>,
+    created: String,
+}
+
+/// The image a stage has built so far.
+#[derive(Debug, Clone)]
+struct StageImage {
+    layers: Vec<LayerRef>,
+    /// The whole image config (the base's, with this build's changes applied at the end).
+    config: Value,
+    settings: Settings,
+    history: Vec<Value>,
+    created: Option<String>,
+    /// The cache key of the last step.
+    key: String,
+}
+
+impl StageImage {
+    fn scratch() -> StageImage {
+        StageImage {
+            layers: Vec::new(),
+            config: json!({
+                "architecture": rudder_image::oci::host_architecture(),
+                "os": "linux",
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": []},
+                "history": [],
+            }),
+            settings: Settings::default(),
+            history: Vec::new(),
+            created: None,
+            key: hex::encode(Sha256::digest(b"scratch")),
+        }
+    }
+
+    /// The final config blob: settings, diff_ids, history and time written in.
+    fn config_bytes(&self) -> Vec<u8> {
+        let mut config = self.config.clone();
+        self.settings.write_to(&mut config);
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert(
+                "rootfs".into(),
+                json!({"type": "layers", "diff_ids": self.layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()}),
+            );
+            obj.insert("history".into(), Value::Array(self.history.clone()));
+            if let Some(c) = &self.created {
+                obj.insert("created".into(), Value::String(c.clone()));
+            }
+        }
+        serde_json::to_vec(&config).expect("config serializes")
+    }
+}
+
+fn chain(key: &str, parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Sends progress lines; a caller that went away does not stop the build.
+#[derive(Clone)]
+struct Progress(mpsc::Sender<Result<BuildOutput, Status>>);
+
+impl Progress {
+    async fn line(&self, s: impl Into<String>) {
+        let _ = self
+            .0
+            .send(Ok(BuildOutput {
+                msg: Some(Out::Progress(s.into())),
+            }))
+            .await;
+    }
+    async fn send(&self, msg: Out) -> Result<(), BuildError> {
+        self.0
+            .send(Ok(BuildOutput { msg: Some(msg) }))
+            .await
+            .map_err(|_| BuildError::Other("the controller went away".into()))
+    }
+}
+
+/// Serves `AgentApi.Build`.
+pub async fn build(
+    b: Arc<Builder>,
+    mut inputs: Streaming<BuildInput>,
+) -> Result<Response<BuildStream>, Status> {
+    let params = match inputs.message().await? {
+        Some(BuildInput {
+            msg: Some(In::Params(p)),
+        }) => p,
+        _ => return Err(Status::invalid_argument("build: parameters first")),
+    };
+    let name = if params.dockerfile_name.is_empty() {
+        "Dockerfile".to_string()
+    } else {
+        params.dockerfile_name.clone()
+    };
+    let df = dockerfile::parse(&params.dockerfile)
+        .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))?;
+    fs::create_dir_all(&b.scratch)
+        .and_then(|()| fs::create_dir_all(&b.cache))
+        .map_err(|e| Status::internal(format!("build: create scratch dirs: {e}")))?;
+    let dir = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&b.scratch)
+        .map_err(|e| Status::internal(format!("build: scratch dir: {e}")))?;
+    // The context, as it streams in.
+    let tar_path = dir.path().join("context.tar");
+    let mut tar = tokio::fs::File::create(&tar_path)
+        .await
+        .map_err(|e| Status::internal(format!("build: context file: {e}")))?;
+    let mut context_bytes = 0u64;
+    while let Some(m) = inputs.message().await? {
+        if let Some(In::Context(data)) = m.msg {
+            context_bytes += data.len() as u64;
+            tar.write_all(&data)
+                .await
+                .map_err(|e| Status::internal(format!("build: context file: {e}")))?;
+        }
+    }
+    tar.flush()
+        .await
+        .map_err(|e| Status::internal(format!("build: context file: {e}")))?;
+    drop(tar);
+    let context = dir.path().join("context");
+    let (tp, cp) = (tar_path.clone(), context.clone());
+    tokio::task::spawn_blocking(move || unpack_context(&tp, &cp))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+    let _ = fs::remove_file(&tar_path);
+
+    let (tx, rx) = mpsc::channel(64);
+    let progress = Progress(tx.clone());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let run = Run {
+            b: &b,
+            params: &params,
+            build_args: params.build_args.clone().into_iter().collect(),
+            df: &df,
+            dir: dir.path(),
+            context: &context,
+            progress: progress.clone(),
+            mounts: Vec::new(),
+            gc_guard: Some(b.images.hold_off_gc().await),
+        };
+        let result = run.all(context_bytes).await;
+        match result {
+            Ok(()) => info!(
+                image = %params.reference,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "build done"
+            ),
+            Err(e) => {
+                warn!(image = %params.reference, error = %e, "build failed");
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        }
+        // The scratch dir goes only once every mount under it is gone.
+        drop(dir);
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+/// Unpacks the context tar: paths stay inside `dest`; owners are not kept (COPY sets them).
+fn unpack_context(tar_path: &Path, dest: &Path) -> Result<(), Status> {
+    fs::create_dir_all(dest).map_err(|e| Status::internal(format!("build: {e}")))?;
+    let f = fs::File::open(tar_path).map_err(|e| Status::internal(format!("build: {e}")))?;
+    let mut ar = tar::Archive::new(io::BufReader::new(f));
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_mtime(true);
+    ar.set_overwrite(true);
+    ar.unpack(dest).map_err(|e| {
+        Status::invalid_argument(format!("build: the context is not a valid tar: {e}"))
+    })
+}
+
+/// The registry client for the cluster registry at `addr`.
+pub fn registry_client(
+    addr: &str,
+    tls: &Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+) -> Result<RegistryClient, String> {
+    match tls {
+        Some(certs) => {
+            let c = certs.borrow().clone();
+            let tls = rudder_image::ClientTls {
+                ca_pem: c.ca().pem().to_string(),
+                cert_pem: c.cert_pem().to_string(),
+                key_pem: c.key_pem().to_string(),
+                server_name: rudder_pki::ca::Role::Manager.server_name().to_string(),
+            };
+            RegistryClient::with_tls(addr, &tls)
+        }
+        None => RegistryClient::new(addr),
+    }
+    .map_err(|e| e.to_string())
+}
+
+/// One build in progress.
+struct Run<'a> {
+    b: &'a Builder,
+    params: &'a BuildParams,
+    /// `params.build_args`, ordered.
+    build_args: BTreeMap<String, String>,
+    df: &'a Dockerfile,
+    dir: &'a Path,
+    context: &'a Path,
+    progress: Progress,
+    /// Mounts made for `COPY --from` sources, removed at the end.
+    mounts: Vec<PathBuf>,
+    /// Holds the host's image garbage collection off while the build uses layers no
+    /// container records (cached ones, new ones) — except during pulls, which hold it
+    /// themselves.
+    gc_guard: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        for m in self.mounts.drain(..).rev() {
+            let _ = umount2(&m, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+impl Run<'_> {
+    async fn all(mut self, context_bytes: u64) -> Result<(), BuildError> {
+        let df = self.df;
+        let invalid = |e: dockerfile::DockerfileError| BuildError::Invalid(e.to_string());
+        let target = df
+            .target((!self.params.target.is_empty()).then_some(self.params.target.as_str()))
+            .map_err(invalid)?;
+        // Only the stages the target needs, each after those it depends on.
+        let order = df.build_order(target, &self.build_args).map_err(invalid)?;
+        let mut froms = Vec::new();
+        for s in &df.stages {
+            froms.push(
+                dockerfile::resolve_from(s, &df.global_args, &self.build_args).map_err(invalid)?,
+            );
+        }
+        let total: usize = order.iter().map(|i| df.stages[*i].steps.len() + 1).sum();
+        self.progress
+            .line(format!(
+                "Sending build context to the host: {}",
+                human(context_bytes)
+            ))
+            .await;
+        let unused = df.unused_build_args(&self.build_args);
+        if !unused.is_empty() {
+            self.progress
+                .line(format!(
+                    "[Warning] build args declared by no ARG: {}",
+                    unused.join(", ")
+                ))
+                .await;
+        }
+        let client = registry_client(&self.params.registry, &self.b.registry_tls)
+            .map_err(BuildError::Other)?;
+        let mut built: Vec<Option<StageImage>> = vec![None; df.stages.len()];
+        let mut n = 0;
+        let (mut steps, mut cached) = (0u32, 0u32);
+        for &i in &order {
+            let stage = &df.stages[i];
+            n += 1;
+            self.progress
+                .line(format!("Step {n}/{total} : {}", from_text(stage)))
+                .await;
+            let mut image = self.from(i, stage.line, &froms[i], &built, &client).await?;
+            let mut vars =
+                StageBuilder::new(&df.global_args, &self.build_args, image.settings.clone());
+            for step in &stage.steps {
+                n += 1;
+                steps += 1;
+                self.progress
+                    .line(format!("Step {n}/{total} : {}", step.text))
+                    .await;
+                let action = vars
+                    .step(step)
+                    .map_err(|e| BuildError::Invalid(e.to_string()))?;
+                image.settings = vars.settings().clone();
+                if self.step(stage, step, &action, &mut image, &built).await? {
+                    cached += 1;
+                }
+            }
+            built[i] = Some(image);
+        }
+        let image = built[target].take().expect("the target was built");
+        self.push(&client, image, steps, cached).await
+    }
+
+    /// The image a stage starts from.
+    async fn from(
+        &mut self,
+        index: usize,
+        line: usize,
+        from: &str,
+        built: &[Option<StageImage>],
+        client: &RegistryClient,
+    ) -> Result<StageImage, BuildError> {
+        if let Some(j) = self.df.base_stage(index, from) {
+            let image = built[j].clone().expect("stages build in order");
+            self.progress.line(format!(" ---> stage {from}")).await;
+            return Ok(image);
+        }
+        if from == "scratch" {
+            return Ok(StageImage::scratch());
+        }
+        let at = |e: String| BuildError::Step(format!("FROM {from} (line {line}): {e}"));
+        let reference = Reference::parse(from).map_err(|e| at(e.to_string()))?;
+        // A pull holds GC off itself; holding it here too could deadlock behind a waiting
+        // prune, so the build lets go for the pull.
+        self.gc_guard = None;
+        let pulled = self.b.images.pull(client, &reference).await;
+        self.gc_guard = Some(self.b.images.hold_off_gc().await);
+        let pulled = pulled.map_err(|e| at(e.to_string()))?;
+        let manifest = self
+            .b
+            .images
+            .read_blob(&pulled.manifest_digest)
+            .and_then(|m| Manifest::parse(&m))
+            .map_err(|e| at(e.to_string()))?;
+        let config_bytes = self
+            .b
+            .images
+            .read_blob(&pulled.config_digest)
+            .map_err(|e| at(e.to_string()))?;
+        let config: Value = serde_json::from_slice(&config_bytes)
+            .map_err(|e| at(format!("its config is not JSON: {e}")))?;
+        let diff_ids: Vec<String> = config
+            .pointer("/rootfs/diff_ids")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(at(format!(
+                "its config lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            )));
+        }
+        let layers = manifest
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(l, diff_id)| LayerRef {
+                digest: l.digest.clone(),
+                diff_id,
+                size: l.size,
+                media_type: oci_layer_type(&l.media_type),
+            })
+            .collect();
+        let settings =
+            dockerfile::Settings::from_config_json(&config_bytes).map_err(|e| at(e.to_string()))?;
+        let history = config
+            .get("history")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let created = config
+            .get("created")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        self.progress
+            .line(format!(
+                " ---> {} ({})",
+                short(&pulled.manifest_digest),
+                if pulled.bytes_fetched == 0 {
+                    "already on this host".to_string()
+                } else {
+                    format!("pulled {}", human(pulled.bytes_fetched))
+                }
+            ))
+            .await;
+        Ok(StageImage {
+            layers,
+            config,
+            settings,
+            history,
+            created,
+            key: chain("from", &[pulled.manifest_digest.as_bytes()]),
+        })
+    }
+
+    /// Runs (or reuses) one step. Returns whether it came from the cache.
+    async fn step(
+        &mut self,
+        stage: &Stage,
+        step: &dockerfile::Step,
+        action: &Action,
+        image: &mut StageImage,
+        built: &[Option<StageImage>],
+    ) -> Result<bool, BuildError> {
+        let action_json = serde_json::to_vec(action).expect("action serializes");
+        let settings_json = serde_json::to_vec(&image.settings).expect("settings serialize");
+        let inputs = match action {
+            Action::Copy { srcs, from, .. } => {
+                let (root, _) = self.source_root(stage, from.as_deref(), built).await?;
+                let (root, srcs) = (root.clone(), srcs.clone());
+                let line = step.line;
+                tokio::task::spawn_blocking(move || hash_sources(&root, &srcs, line))
+                    .await
+                    .map_err(other)??
+            }
+            _ => String::new(),
+        };
+        let key = chain(
+            &image.key,
+            &[&action_json, &settings_json, inputs.as_bytes()],
+        );
+        let cache_file = self.b.cache.join(format!("{key}.json"));
+        if !self.params.no_cache {
+            if let Some(entry) = self.cached(&cache_file).await {
+                self.progress.line(" ---> Using cache").await;
+                apply(image, step, entry, key);
+                return Ok(true);
+            }
+        }
+        let op = match action {
+            Action::Config => match &step.instr {
+                Instr::Workdir(_) if !image.settings.working_dir.is_empty() => {
+                    Some(FsOp::Mkdir(image.settings.working_dir.clone()))
+                }
+                _ => None,
+            },
+            Action::Run { argv, env } => Some(FsOp::Run {
+                argv: argv.clone(),
+                env: env.clone(),
+                line: step.line,
+            }),
+            Action::Copy {
+                srcs,
+                dest,
+                chown,
+                chmod,
+                from,
+                unpack,
+            } => {
+                let (src_root, _) = self.source_root(stage, from.as_deref(), built).await?;
+                Some(FsOp::Copy(CopyJob {
+                    src_root,
+                    srcs: srcs.clone(),
+                    dest: dest.clone(),
+                    chown: chown.clone(),
+                    chmod: chmod.clone(),
+                    unpack: *unpack,
+                    line: step.line,
+                    add: matches!(step.instr, Instr::Add(_)),
+                }))
+            }
+        };
+        let layer = match op {
+            Some(op) => self.in_overlay(image, op).await?,
+            None => None,
+        };
+        let entry = CacheEntry {
+            layer,
+            created: crate::shim::rfc3339_now(),
+        };
+        if let Some(l) = &entry.layer {
+            self.progress
+                .line(format!(
+                    " ---> layer {} ({})",
+                    short(&l.digest),
+                    human(l.size)
+                ))
+                .await;
+        }
+        let bytes = serde_json::to_vec(&entry).expect("cache entry serializes");
+        let tmp = cache_file.with_extension("tmp");
+        if let Err(e) = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &cache_file)) {
+            warn!(error = %e, "build: could not record a cache entry");
+        }
+        apply(image, step, entry, key);
+        Ok(false)
+    }
+
+    /// A cache entry whose layer (if any) is still on this host.
+    async fn cached(&self, file: &Path) -> Option<CacheEntry> {
+        let entry: CacheEntry = serde_json::from_slice(&fs::read(file).ok()?).ok()?;
+        if let Some(l) = &entry.layer {
+            if !self.b.images.has_layer(&l.digest) {
+                if !self.b.images.has_blob(&l.digest) {
+                    return None;
+                }
+                self.b.images.unpack_layer(&l.digest).await.ok()?;
+            }
+            if !self.b.images.has_blob(&l.digest) {
+                return None;
+            }
+        }
+        Some(entry)
+    }
+
+    /// Where COPY sources come from: the context, another stage's files (mounted read-only
+    /// for the rest of the build), or an image's.
+    async fn source_root(
+        &mut self,
+        stage: &Stage,
+        from: Option<&str>,
+        built: &[Option<StageImage>],
+    ) -> Result<(PathBuf, Option<String>), BuildError> {
+        let Some(from) = from else {
+            return Ok((self.context.to_path_buf(), None));
+        };
+        let source = self
+            .df
+            .copy_source(stage.index, from, stage.line)
+            .map_err(|e| BuildError::Invalid(e.to_string()))?;
+        let image = match source {
+            dockerfile::Source::Stage(j) => built[j]
+                .clone()
+                .ok_or_else(|| BuildError::Other(format!("stage {from} was not built")))?,
+            dockerfile::Source::Image(_) => {
+                let client = registry_client(&self.params.registry, &self.b.registry_tls)
+                    .map_err(BuildError::Other)?;
+                self.from(stage.index, stage.line, from, built, &client)
+                    .await?
+            }
+        };
+        let dirs: Vec<PathBuf> = image
+            .layers
+            .iter()
+            .map(|l| self.b.images.layer_dir(&l.digest))
+            .collect();
+        let key = chain("source", &[image.key.as_bytes()]);
+        let at = self.dir.join(format!("from-{}", &key[..16]));
+        if at.is_dir() {
+            return Ok((at, Some(image.key)));
+        }
+        fs::create_dir_all(&at).map_err(io_err("create", &at))?;
+        match dirs.len() {
+            0 => {}
+            1 => {
+                mount(
+                    Some(&dirs[0]),
+                    &at,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .map_err(|e| BuildError::Other(format!("bind {}: {e}", at.display())))?;
+                self.mounts.push(at.clone());
+            }
+            _ => {
+                let lower: Vec<String> =
+                    dirs.iter().rev().map(|p| p.display().to_string()).collect();
+                let opts = format!("lowerdir={}", lower.join(":"));
+                mount(
+                    Some("overlay"),
+                    &at,
+                    Some("overlay"),
+                    MsFlags::MS_RDONLY,
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| BuildError::Other(format!("mount {}: {e}", at.display())))?;
+                self.mounts.push(at.clone());
+            }
+        }
+        Ok((at, Some(image.key)))
+    }
+
+    /// Mounts the image so far with a fresh upper dir at a scratch root, does `op` there,
+    /// unmounts, and turns the upper dir into a layer (`None` when nothing changed).
+    async fn in_overlay(
+        &self,
+        image: &StageImage,
+        op: FsOp,
+    ) -> Result<Option<LayerRef>, BuildError> {
+        let base = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(self.dir)
+            .map_err(io_err("create a step dir in", self.dir))?;
+        let (root, upper, work, empty) = (
+            base.path().join("rootfs"),
+            base.path().join("upper"),
+            base.path().join("work"),
+            base.path().join("empty"),
+        );
+        for d in [&root, &upper, &work, &empty] {
+            fs::create_dir_all(d).map_err(io_err("create", d))?;
+        }
+        fs::set_permissions(&upper, fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod", &upper))?;
+        let mut lower: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.b.images.layer_dir(&l.digest).display().to_string())
+            .collect();
+        if lower.is_empty() {
+            lower.push(empty.display().to_string());
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &root,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| BuildError::Other(format!("mount overlay at {}: {e}", root.display())))?;
+        let result = match op {
+            FsOp::Mkdir(dir) => self.mkdir(root.clone(), &dir).await,
+            FsOp::Run { argv, env, line } => {
+                self.run(root.clone(), &argv, &env, &image.settings, line)
+                    .await
+            }
+            FsOp::Copy(job) => self.copy(root.clone(), job).await,
+        };
+        let _ = umount2(&root, MntFlags::MNT_DETACH);
+        result?;
+        self.layer_from(&upper).await
+    }
+
+    /// The upper dir `upper` as a layer in the content store, or `None` when it is empty.
+    async fn layer_from(&self, upper: &Path) -> Result<Option<LayerRef>, BuildError> {
+        let empty = fs::read_dir(upper)
+            .map_err(io_err("read", upper))?
+            .next()
+            .is_none();
+        if empty {
+            return Ok(None);
+        }
+        let tmp_dir = self.b.images.root().join("tmp");
+        let file = tempfile::Builder::new()
+            .prefix(".layer-")
+            .tempfile_in(&tmp_dir)
+            .map_err(io_err("create a layer file in", &tmp_dir))?;
+        let up = upper.to_path_buf();
+        let (file, info) = tokio::task::spawn_blocking(move || {
+            let info = crate::commit::make_layer(&up, file.as_file())
+                .map_err(|e| BuildError::Other(e.to_string()))?;
+            file.as_file()
+                .sync_data()
+                .map_err(io_err("sync", file.path()))?;
+            Ok::<_, BuildError>((file, info))
+        })
+        .await
+        .map_err(other)??;
+        let dest = self.b.images.blob_path(&info.digest).map_err(other)?;
+        if !dest.is_file() {
+            file.persist(&dest).map_err(|e| BuildError::Io {
+                op: "store layer",
+                path: dest.display().to_string(),
+                err: e.error,
+            })?;
+        }
+        self.b
+            .images
+            .unpack_layer(&info.digest)
+            .await
+            .map_err(other)?;
+        Ok(Some(LayerRef {
+            digest: info.digest,
+            diff_id: info.diff_id,
+            size: info.size,
+            media_type: OCI_LAYER_TAR_GZIP.to_string(),
+        }))
+    }
+
+    /// `WORKDIR`: makes the directory when the image lacks it.
+    async fn mkdir(&self, root: PathBuf, dir: &str) -> Result<(), BuildError> {
+        let missing = missing_dirs(&root, dir);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        for d in &missing {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, d, io::empty())
+                .map_err(io_err("write tar", Path::new(d)))?;
+        }
+        let bytes = b.into_inner().map_err(io_err("write tar", &root))?;
+        self.unpack_into(&root, bytes).await
+    }
+
+    /// Unpacks a tar (members named from `/`) into the mounted image at `root`, through an
+    /// fs-helper chrooted there.
+    async fn unpack_into(&self, root: &Path, tar: Vec<u8>) -> Result<(), BuildError> {
+        let args = HelperArgs {
+            root: root.to_path_buf(),
+            expect: root.to_path_buf(),
+            op: Op::Unpack {
+                dest: "/".into(),
+                contents: false,
+                raw: true,
+                owners: true,
+            },
+        };
+        let mut child = tokio::process::Command::new(&self.b.access.agent_exe)
+            .args(args.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BuildError::Other(format!("start the fs helper: {e}")))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(&tar).await;
+        });
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr).await;
+        }
+        let status = child.wait().await.map_err(other)?;
+        let _ = writer.await;
+        if !status.success() {
+            return Err(BuildError::Step(format!(
+                "copy into the image: {}",
+                stderr.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `RUN`: the command in a container over the mounted image at `root`.
+    async fn run(
+        &self,
+        root: PathBuf,
+        argv: &[String],
+        env: &[String],
+        settings: &Settings,
+        line: usize,
+    ) -> Result<(), BuildError> {
+        let bundle = root.parent().expect("step dir").join("bundle");
+        fs::create_dir_all(&bundle).map_err(io_err("create", &bundle))?;
+        let id = format!(
+            "build-{}",
+            &hex::encode(Sha256::digest(bundle.display().to_string().as_bytes()))[..16]
+        );
+        let (uid, gid) = resolve_user(&root, &settings.user)
+            .map_err(|e| BuildError::Step(format!("RUN (line {line}): {e}")))?;
+        let cwd = if settings.working_dir.is_empty() {
+            "/".to_string()
+        } else {
+            settings.working_dir.clone()
+        };
+        let mut env = env.to_vec();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, format!("PATH={DEFAULT_PATH}"));
+        }
+        write_run_config(
+            &bundle,
+            &root,
+            argv,
+            &env,
+            &cwd,
+            uid,
+            gid,
+            &self.b.cgroup_parent,
+            &id,
+        )?;
+        let rt = &self.b.access;
+        let mut child = tokio::process::Command::new(&rt.runtime)
+            .arg("--root")
+            .arg(&rt.runtime_root)
+            .args(["run", "--bundle"])
+            .arg(&bundle)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| BuildError::Other(format!("start {}: {e}", rt.runtime)))?;
+        // However this ends, the container goes.
+        struct Cleanup<'a>(&'a ContainerAccess, String);
+        impl Drop for Cleanup<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new(&self.0.runtime)
+                    .arg("--root")
+                    .arg(&self.0.runtime_root)
+                    .args(["delete", "--force", &self.1])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        let _cleanup = Cleanup(rt, id.clone());
+        let out = child.stdout.take().expect("piped");
+        let err = child.stderr.take().expect("piped");
+        let p1 = self.progress.clone();
+        let p2 = self.progress.clone();
+        let a = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                p1.line(l).await;
+            }
+        });
+        let b = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(err).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                p2.line(l).await;
+            }
+        });
+        let status = child.wait().await.map_err(other)?;
+        let _ = tokio::join!(a, b);
+        if !status.success() {
+            let code = status.code().unwrap_or(-1);
+            let shown = argv.join(" ");
+            return Err(BuildError::Step(format!(
+                "RUN (line {line}) failed: `{shown}` returned a non-zero code: {code}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `COPY`/`ADD`: the sources as a tar, unpacked into the mounted image at `root`.
+    async fn copy(&self, root: PathBuf, job: CopyJob) -> Result<(), BuildError> {
+        let r = root.clone();
+        let tar = tokio::task::spawn_blocking(move || copy_tar(&r, &job))
+            .await
+            .map_err(other)??;
+        self.unpack_into(&root, tar).await
+    }
+
+    /// Sends the blobs the cluster registry lacks, then the image.
+    async fn push(
+        &self,
+        client: &RegistryClient,
+        image: StageImage,
+        steps: u32,
+        cached: u32,
+    ) -> Result<(), BuildError> {
+        let repo = Reference::parse(&self.params.reference)
+            .map(|r| r.repository)
+            .map_err(|e| BuildError::Invalid(e.to_string()))?;
+        let config = image.config_bytes();
+        let config_desc =
+            Descriptor::new(OCI_CONFIG, digest::of_bytes(&config), config.len() as u64);
+        let layers: Vec<Descriptor> = image
+            .layers
+            .iter()
+            .map(|l| Descriptor::new(&l.media_type, l.digest.clone(), l.size))
+            .collect();
+        let manifest = Manifest::oci(config_desc, layers).to_bytes();
+        let mut sent = 0u64;
+        let mut seen = HashSet::new();
+        for l in &image.layers {
+            if !seen.insert(l.digest.clone()) {
+                continue;
+            }
+            if client.blob_exists(&repo, &l.digest).await.unwrap_or(false) {
+                continue;
+            }
+            let path = self.b.images.blob_path(&l.digest).map_err(other)?;
+            let mut f = tokio::fs::File::open(&path).await.map_err(|e| {
+                BuildError::Other(format!(
+                    "layer {} is not on this host to send ({e})",
+                    l.digest
+                ))
+            })?;
+            self.progress
+                .send(Out::Blob(BuildBlob {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                }))
+                .await?;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = f.read(&mut buf).await.map_err(io_err("read", &path))?;
+                if n == 0 {
+                    break;
+                }
+                sent += n as u64;
+                self.progress.send(Out::Data(buf[..n].to_vec())).await?;
+            }
+        }
+        self.progress
+            .send(Out::Image(BuildImage {
+                config,
+                manifest,
+                media_type: OCI_MANIFEST.to_string(),
+                steps,
+                cached,
+                bytes_sent: sent,
+            }))
+            .await
+    }
+}
+
+/// The FROM line as progress shows it.
+fn from_text(stage: &Stage) -> String {
+    match &stage.name {
+        Some(n) => format!("FROM {} AS {n}", stage.from),
+        None => format!("FROM {}", stage.from),
+    }
+}
+
+/// Records a step's result in the image.
+fn apply(image: &mut StageImage, step: &dockerfile::Step, entry: CacheEntry, key: String) {
+    let mut h = json!({"created": entry.created, "created_by": step.text});
+    match entry.layer {
+        Some(l) => image.layers.push(l),
+        None => {
+            h["empty_layer"] = Value::Bool(true);
+        }
+    }
+    image.history.push(h);
+    image.created = Some(entry.created);
+    image.key = key;
+}
+
+/// Docker layer media types become their OCI twins (same bytes) in an OCI manifest.
+fn oci_layer_type(t: &str) -> String {
+    match t {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip" => OCI_LAYER_TAR_GZIP.to_string(),
+        "application/vnd.docker.image.rootfs.diff.tar" => {
+            rudder_image::oci::OCI_LAYER_TAR.to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn short(digest: &str) -> String {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    format!("sha256:{}", &hex[..hex.len().min(12)])
+}
+
+/// Bytes as people read them (1000-based, like docker).
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+// ---- paths inside a root -------------------------------------------------------------------
+
+/// The normal components of `path` (absolute or not), `..` clamped at the root like a chroot.
+fn clean(path: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(n) => out.push(n.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Resolves `path` inside `root` as a process chrooted there would: every symlink on the way
+/// (the last one too when `follow_last`) stays inside `root`. Returns the host path, which
+/// need not exist.
+fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> io::Result<PathBuf> {
+    // Components still to walk, last first; `..` pops what was walked (never above root).
+    let raw = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = Path::new(p)
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+                Component::ParentDir => Some("..".to_string()),
+                _ => None,
+            })
+            .collect();
+        v.reverse();
+        v
+    };
+    let mut todo = raw(path);
+    let mut done: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        if c == ".." {
+            done.pop();
+            continue;
+        }
+        let mut host = root.to_path_buf();
+        host.extend(&done);
+        host.push(&c);
+        let last = todo.is_empty();
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() && (!last || follow_last) => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(io::Error::other(format!("too many symlinks in {path}")));
+                }
+                let target = fs::read_link(&host)?;
+                let target = target.to_string_lossy();
+                if target.starts_with('/') {
+                    done.clear();
+                }
+                todo.extend(raw(&target));
+            }
+            _ => done.push(c),
+        }
+    }
+    let mut host = root.to_path_buf();
+    host.extend(&done);
+    Ok(host)
+}
+
+/// The directories of `dir` (absolute, in the image at `root`) that do not exist yet, top
+/// first, as tar member names.
+fn missing_dirs(root: &Path, dir: &str) -> Vec<String> {
+    let parts = clean(dir);
+    let mut out = Vec::new();
+    for i in 1..=parts.len() {
+        let p = parts[..i].join("/");
+        let exists = resolve_in_root(root, &p, true).is_ok_and(|h| h.is_dir());
+        if !exists {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// uid and gid for `user` (`name`, `uid`, `name:group`, `uid:gid`), names looked up in the
+/// image's /etc/passwd and /etc/group.
+fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let read = |file: &str| {
+        resolve_in_root(root, file, true)
+            .and_then(fs::read_to_string)
+            .unwrap_or_default()
+    };
+    let passwd = read("/etc/passwd");
+    let (uid, primary) = match u.parse::<u32>() {
+        Ok(uid) => {
+            let primary = passwd.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[2] == u)
+                    .then(|| f[3].parse().ok())
+                    .flatten()
+            });
+            (uid, primary.unwrap_or(0))
+        }
+        Err(_) => passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == u)
+                    .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                    .flatten()
+            })
+            .ok_or_else(|| format!("unknown user {u:?} (not in the image's /etc/passwd)"))?,
+    };
+    let gid = match g {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => read("/etc/group")
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() > 2 && f[0] == g)
+                        .then(|| f[2].parse().ok())
+                        .flatten()
+                })
+                .ok_or_else(|| format!("unknown group {g:?} (not in the image's /etc/group)"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+// ---- COPY and ADD --------------------------------------------------------------------------
+
+/// What a step does to the image's files.
+enum FsOp {
+    /// `WORKDIR`: make the directory if it is missing.
+    Mkdir(String),
+    Run {
+        argv: Vec<String>,
+        env: Vec<String>,
+        line: usize,
+    },
+    Copy(CopyJob),
+}
+
+struct CopyJob {
+    src_root: PathBuf,
+    srcs: Vec<String>,
+    dest: String,
+    chown: Option<String>,
+    chmod: Option<String>,
+    unpack: bool,
+    line: usize,
+    add: bool,
+}
+
+impl CopyJob {
+    fn name(&self) -> &'static str {
+        if self.add {
+            "ADD"
+        } else {
+            "COPY"
+        }
+    }
+}
+
+/// The source files a COPY names in `root`: globs expanded, paths resolved inside the root.
+fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<PathBuf>, BuildError> {
+    let mut out = Vec::new();
+    for s in srcs {
+        if s.contains("://") {
+            return Err(BuildError::Invalid(format!(
+                "line {line}: {s}: remote URLs are not supported (no registry or web access from builds)"
+            )));
+        }
+        let found = rudder_image::build_context::expand_sources(root, s)
+            .map_err(|e| BuildError::Step(format!("line {line}: {e}")))?;
+        for f in found {
+            let rel = f
+                .strip_prefix(root)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .into_owned();
+            // The last component stays a link (copied as one); the ones above resolve inside.
+            let resolved = resolve_in_root(root, &rel, false).map_err(io_err("resolve", &f))?;
+            if fs::symlink_metadata(&resolved).is_err() {
+                return Err(BuildError::Step(format!(
+                    "line {line}: file not found in build context: {s:?}"
+                )));
+            }
+            out.push(resolved);
+        }
+    }
+    Ok(out)
+}
+
+/// A digest of the sources (names, modes, owners, contents, link targets; not times).
+fn hash_sources(root: &Path, srcs: &[String], line: usize) -> Result<String, BuildError> {
+    let mut h = Sha256::new();
+    for src in sources(root, srcs, line)? {
+        let rel = src.strip_prefix(root).unwrap_or(&src).to_path_buf();
+        walk(&src, Path::new(""), &mut |path, name, meta| {
+            h.update(rel.join(name).to_string_lossy().as_bytes());
+            h.update([0]);
+            h.update(meta.mode().to_le_bytes());
+            h.update(meta.uid().to_le_bytes());
+            h.update(meta.gid().to_le_bytes());
+            if meta.file_type().is_symlink() {
+                h.update(fs::read_link(path)?.to_string_lossy().as_bytes());
+            } else if meta.is_file() {
+                let mut f = fs::File::open(path)?;
+                io::copy(&mut f, &mut HashWrite(&mut h))?;
+            }
+            h.update([0]);
+            Ok(())
+        })
+        .map_err(io_err("read", &src))?;
+    }
+    Ok(digest::finish(h))
+}
+
+struct HashWrite<'a>(&'a mut Sha256);
+impl Write for HashWrite<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Visits `path` and, for a directory, everything below it (sorted, never following a
+/// symlink): `f(host path, name relative to path, metadata)`.
+fn walk(
+    path: &Path,
+    rel: &Path,
+    f: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    f(path, rel, &meta)?;
+    if meta.is_dir() {
+        let mut names: Vec<_> = fs::read_dir(path)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        for n in names {
+            walk(&path.join(&n), &rel.join(&n), f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a file is a tar archive (plain or compressed) ADD should unpack.
+fn is_archive(path: &Path) -> bool {
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    let Ok(mut r) = rudder_image::layer::decompressed(f) else {
+        return false;
+    };
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(_) => return false,
+        }
+    }
+    got == 512 && &head[257..262] == b"ustar"
+}
+
+/// The COPY/ADD as a tar whose members are named from the image's root.
+fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
+    let srcs = sources(&job.src_root, &job.srcs, job.line)?;
+    let name = job.name();
+    let dest_is_dir_syntax = job.dest.ends_with('/');
+    let dest_exists_dir = resolve_in_root(root, &job.dest, true).is_ok_and(|h| h.is_dir());
+    if srcs.len() > 1 && !dest_is_dir_syntax && !dest_exists_dir {
+        return Err(BuildError::Step(format!(
+            "{name} (line {}): when using {name} with more than one source file, the destination must be a directory and end with a /",
+            job.line
+        )));
+    }
+    let owner =
+        match &job.chown {
+            Some(c) => Some(resolve_user(root, c).map_err(|e| {
+                BuildError::Step(format!("{name} --chown (line {}): {e}", job.line))
+            })?),
+            None => None,
+        };
+    let chmod = match &job.chmod {
+        Some(m) => Some(u32::from_str_radix(m, 8).map_err(|_| {
+            BuildError::Invalid(format!(
+                "{name} --chmod (line {}): {m:?} is not an octal mode",
+                job.line
+            ))
+        })?),
+        None => None,
+    };
+    let dest = clean(&job.dest).join("/");
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    // Parents the image lacks, made like docker does (0755, root).
+    let mut made: HashSet<String> = HashSet::new();
+    let mut ensure_parents = |b: &mut tar::Builder<Vec<u8>>, member: &str| -> io::Result<()> {
+        let parts: Vec<&str> = member.split('/').collect();
+        for i in 1..parts.len() {
+            let p = parts[..i].join("/");
+            if made.contains(&p) {
+                continue;
+            }
+            made.insert(p.clone());
+            if resolve_in_root(root, &p, true).is_ok_and(|h| h.is_dir()) {
+                continue;
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            let (uid, gid) = owner.unwrap_or((0, 0));
+            h.set_uid(uid as u64);
+            h.set_gid(gid as u64);
+            b.append_data(&mut h, &p, io::empty())?;
+        }
+        Ok(())
+    };
+    let tar_err = |e: io::Error| BuildError::Other(format!("{name}: {e}"));
+    for src in &srcs {
+        let meta = fs::symlink_metadata(src).map_err(io_err("stat", src))?;
+        if meta.is_dir() {
+            // A directory's contents go into dest.
+            walk(src, Path::new(""), &mut |path, rel, m| {
+                if rel.as_os_str().is_empty() {
+                    if dest.is_empty() {
+                        return Ok(());
+                    }
+                    ensure_parents(&mut b, &format!("{dest}/x"))?;
+                    return Ok(());
+                }
+                let member = join_member(&dest, &rel.to_string_lossy());
+                ensure_parents(&mut b, &member)?;
+                append(&mut b, path, &member, m, owner, chmod)
+            })
+            .map_err(tar_err)?;
+        } else if job.unpack && meta.is_file() && is_archive(src) {
+            let f = fs::File::open(src).map_err(io_err("open", src))?;
+            let r = rudder_image::layer::decompressed(f).map_err(other)?;
+            let mut ar = tar::Archive::new(r);
+            for e in ar.entries().map_err(tar_err)? {
+                let mut e = e.map_err(tar_err)?;
+                let rel = clean(&String::from_utf8_lossy(&e.path_bytes())).join("/");
+                if rel.is_empty() {
+                    continue;
+                }
+                let member = join_member(&dest, &rel);
+                ensure_parents(&mut b, &member).map_err(tar_err)?;
+                // A fresh header: the archive's may have fields a strict reader refuses.
+                let src_h = e.header();
+                let kind = src_h.entry_type();
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(kind);
+                h.set_mode(chmod.unwrap_or(src_h.mode().unwrap_or(0o644)));
+                h.set_mtime(src_h.mtime().unwrap_or(0));
+                let (uid, gid) = owner.unwrap_or((
+                    src_h.uid().unwrap_or(0) as u32,
+                    src_h.gid().unwrap_or(0) as u32,
+                ));
+                h.set_uid(uid as u64);
+                h.set_gid(gid as u64);
+                if let (Ok(major), Ok(minor)) = (src_h.device_major(), src_h.device_minor()) {
+                    let _ = h.set_device_major(major.unwrap_or(0));
+                    let _ = h.set_device_minor(minor.unwrap_or(0));
+                }
+                let link = e
+                    .link_name_bytes()
+                    .map(|l| String::from_utf8_lossy(&l).into_owned());
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).map_err(tar_err)?;
+                h.set_size(data.len() as u64);
+                match (kind, link) {
+                    (k, Some(link)) if k.is_hard_link() => {
+                        let target = join_member(&dest, &clean(&link).join("/"));
+                        h.set_size(0);
+                        b.append_link(&mut h, &member, target).map_err(tar_err)?;
+                    }
+                    (k, Some(link)) if k.is_symlink() => {
+                        h.set_size(0);
+                        b.append_link(&mut h, &member, link).map_err(tar_err)?;
+                    }
+                    _ => b.append_data(&mut h, &member, &data[..]).map_err(tar_err)?,
+                }
+            }
+        } else {
+            let base = src
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let member = if dest_is_dir_syntax || dest_exists_dir || srcs.len() > 1 {
+                join_member(&dest, &base)
+            } else {
+                dest.clone()
+            };
+            ensure_parents(&mut b, &member).map_err(tar_err)?;
+            append(&mut b, src, &member, &meta, owner, chmod).map_err(tar_err)?;
+        }
+    }
+    b.into_inner().map_err(tar_err)
+}
+
+fn join_member(dest: &str, rel: &str) -> String {
+    if dest.is_empty() {
+        rel.to_string()
+    } else {
+        format!("{dest}/{rel}")
+    }
+}
+
+/// One file, directory or link as a member (owner root or `--chown`, mode or `--chmod`).
+fn append(
+    b: &mut tar::Builder<Vec<u8>>,
+    path: &Path,
+    member: &str,
+    meta: &fs::Metadata,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+) -> io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
+    let (uid, gid) = owner.unwrap_or((0, 0));
+    h.set_uid(uid as u64);
+    h.set_gid(gid as u64);
+    h.set_username("").ok();
+    h.set_groupname("").ok();
+    if let Some(m) = chmod {
+        if !meta.file_type().is_symlink() {
+            h.set_mode(m);
+        }
+    }
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(path)?;
+        h.set_size(0);
+        b.append_link(&mut h, member, target)
+    } else if ft.is_dir() {
+        h.set_size(0);
+        b.append_data(&mut h, member, io::empty())
+    } else if ft.is_file() {
+        let f = fs::File::open(path)?;
+        b.append_data(&mut h, member, f)
+    } else {
+        // FIFOs, sockets and devices are not copied, as docker skips what it cannot read.
+        Ok(())
+    }
+}
+
+/// The config.json of a RUN: the image's files at `root`, the host's network, docker's
+/// default capabilities, no new privileges.
+#[allow(clippy::too_many_arguments)]
+fn write_run_config(
+    bundle: &Path,
+    root: &Path,
+    argv: &[String],
+    env: &[String],
+    cwd: &str,
+    uid: u32,
+    gid: u32,
+    cgroup_parent: &str,
+    id: &str,
+) -> Result<(), BuildError> {
+    use oci_spec::runtime::{
+        LinuxBuilder, LinuxCapabilities, LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec,
+        UserBuilder,
+    };
+    let spec_err = |e: oci_spec::OciSpecError| BuildError::Other(e.to_string());
+    let caps: oci_spec::runtime::Capabilities = crate::bundle::CAPS.iter().copied().collect();
+    let caps = LinuxCapabilities::default()
+        .set_bounding(Some(caps.clone()))
+        .set_effective(Some(caps.clone()))
+        .set_permitted(Some(caps))
+        .set_inheritable(None)
+        .set_ambient(None)
+        .clone();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(argv.to_vec())
+        .env(env.to_vec())
+        .cwd(cwd)
+        .user(
+            UserBuilder::default()
+                .uid(uid)
+                .gid(gid)
+                .build()
+                .map_err(spec_err)?,
+        )
+        .capabilities(caps)
+        .no_new_privileges(true)
+        .build()
+        .map_err(spec_err)?;
+    let mut spec = Spec::default();
+    let defaults = spec.linux().clone().unwrap_or_default();
+    let namespaces: Vec<_> = defaults
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .collect();
+    let linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .cgroups_path(PathBuf::from(format!(
+            "{}/{id}",
+            cgroup_parent.trim_end_matches('/')
+        )))
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .build()
+        .map_err(spec_err)?;
+    spec.set_hostname(Some("rudder-build".into()))
+        .set_process(Some(process))
+        .set_linux(Some(linux))
+        .set_root(Some(
+            RootBuilder::default()
+                .path(root.canonicalize().map_err(io_err("resolve", root))?)
+                .readonly(false)
+                .build()
+                .map_err(spec_err)?,
+        ));
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| BuildError::Other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn paths_resolve_inside_their_root() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        fs::create_dir_all(r.join("usr/lib")).unwrap();
+        symlink("/usr/lib", r.join("lib")).unwrap();
+        symlink("../../..", r.join("usr/lib/up")).unwrap();
+        symlink("/etc/shadow", r.join("shadow")).unwrap();
+        assert_eq!(
+            resolve_in_root(r, "/lib/x", true).unwrap(),
+            r.join("usr/lib/x")
+        );
+        assert_eq!(
+            resolve_in_root(r, "lib/up/etc", true).unwrap(),
+            r.join("etc")
+        );
+        assert_eq!(
+            resolve_in_root(r, "../../shadow", true).unwrap(),
+            r.join("etc/shadow")
+        );
+        assert_eq!(
+            resolve_in_root(r, "shadow", false).unwrap(),
+            r.join("shadow")
+        );
+        symlink("loop", r.join("loop")).unwrap();
+        assert!(resolve_in_root(r, "loop/x", true).is_err());
+        assert_eq!(
+            missing_dirs(r, "/usr/lib/a/b"),
+            vec!["usr/lib/a", "usr/lib/a/b"]
+        );
+        assert_eq!(missing_dirs(r, "/lib"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn users_resolve_by_name_or_number() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("etc")).unwrap();
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(t.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        assert_eq!(resolve_user(t.path(), "").unwrap(), (0, 0));
+        assert_eq!(resolve_user(t.path(), "app").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(t.path(), "1000").unwrap(), (1000, 1001));
+        assert_eq!(resolve_user(t.path(), "app:staff").unwrap(), (1000, 50));
+        assert_eq!(resolve_user(t.path(), "7:8").unwrap(), (7, 8));
+        assert!(resolve_user(t.path(), "nobody")
+            .unwrap_err()
+            .contains("unknown user"));
+    }
+
+    #[test]
+    fn cache_keys_chain() {
+        let a = chain("k", &[b"x", b"y"]);
+        assert_ne!(a, chain("k", &[b"xy"]));
+        assert_ne!(a, chain("j", &[b"x", b"y"]));
+        assert_eq!(a, chain("k", &[b"x", b"y"]));
+        assert_eq!(human(999), "999 B");
+        assert_eq!(human(1_500_000), "1.5 MB");
+    }
+
+    #[test]
+    fn source_digests_ignore_times_but_not_contents() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir(t.path().join("d")).unwrap();
+        fs::write(t.path().join("d/a"), "1").unwrap();
+        let srcs = vec!["d".to_string()];
+        let one = hash_sources(t.path(), &srcs, 1).unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(t.path().join("d/a"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(hash_sources(t.path(), &srcs, 1).unwrap(), one);
+        fs::write(t.path().join("d/a"), "2").unwrap();
+        assert_ne!(hash_sources(t.path(), &srcs, 1).unwrap(), one);
+    }
+}

@@ -1,0 +1,299 @@
+//! `Control.Build`: `rctl build` runs on one host of the cluster and its result lands in the
+//! cluster registry.
+//!
+//! The first input names the image and carries the Dockerfile; the rest is the build context
+//! (a tar). This controller picks the host (the one asked for, else the first ready, active
+//! node by hostname, so that repeated builds meet their cache), opens `AgentApi.Build` there
+//! and relays the inputs. The host answers with progress lines, which are relayed as they
+//! come; then each blob the cluster registry lacks (a `BuildBlob` header, then its bytes),
+//! which is stored here, verified against its digest and size as it streams in; then the
+//! image's config and manifest, recorded under the tag through `registry::store_manifest`,
+//! the path a registry push takes. Agents never push: their worker certificates may not.
+//!
+//! Invariants: a bad reference and an unknown host are refused before any host is dialled;
+//! the tag moves only once the manifest and every blob it names are on this controller's disk
+//! (blobs elsewhere are read through from the other managers); a blob that does not hash to
+//! what the host announced is refused, and the build fails.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use rudder_model::store::{Availability, NodeState};
+use rudder_proto::v1::build_input::Msg as In;
+use rudder_proto::v1::build_output::Msg as Out;
+use rudder_proto::v1::{BuildInput, BuildOutput, BuildResult};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::api::ControlApi;
+use crate::commit_api::target;
+use crate::exec_api::agent;
+use crate::registry::{store_manifest, Digest, RegistryError};
+
+pub type BuildStream = Pin<Box<dyn Stream<Item = Result<BuildOutput, Status>> + Send>>;
+
+fn registry_status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::ManifestBlobUnknown(d) => Status::failed_precondition(format!(
+            "build: blob {d} of the image is in no controller's registry"
+        )),
+        RegistryError::DigestMismatch { .. } => {
+            Status::data_loss(format!("build: a blob arrived damaged: {e}"))
+        }
+        other => Status::internal(format!("build: {other}")),
+    }
+}
+
+/// The host a build runs on: `wanted` (hostname or node id) when given, else the first ready,
+/// active node by hostname. Returns (hostname, agent address).
+fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<(String, String), Status> {
+    let usable = |n: &&rudder_model::store::Node| n.state == NodeState::Ready;
+    if !wanted.is_empty() {
+        let n = store
+            .nodes
+            .values()
+            .find(|n| n.hostname == wanted || n.id == wanted)
+            .ok_or_else(|| Status::not_found(format!("build: no node named {wanted:?}")))?;
+        if !usable(&n) {
+            return Err(Status::failed_precondition(format!(
+                "build: node {} is down",
+                n.hostname
+            )));
+        }
+        return Ok((n.hostname.clone(), n.addr.clone()));
+    }
+    let mut nodes: Vec<_> = store
+        .nodes
+        .values()
+        .filter(usable)
+        .filter(|n| n.availability == Availability::Active)
+        .collect();
+    nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    nodes
+        .first()
+        .map(|n| (n.hostname.clone(), n.addr.clone()))
+        .ok_or_else(|| Status::failed_precondition("build: no ready node to build on"))
+}
+
+pub async fn build(
+    api: &ControlApi,
+    req: Request<Streaming<BuildInput>>,
+) -> Result<Response<BuildStream>, Status> {
+    let mut inputs = req.into_inner();
+    let mut params = match inputs.message().await? {
+        Some(BuildInput {
+            msg: Some(In::Params(p)),
+        }) => p,
+        _ => {
+            return Err(Status::invalid_argument(
+                "build: the first input must name the image",
+            ))
+        }
+    };
+    let (repo, tag) = target(&params.reference)?;
+    let (host, addr) = pick_host(&api.raft.store(), &params.node)?;
+    params.registry = api.registry.clone();
+    let mut client = agent(api, &addr, &host).await?;
+    info!(image = %format!("{repo}:{tag}"), %host, no_cache = params.no_cache, "build");
+
+    // The host's inputs: the parameters, then the context as it arrives from rctl.
+    let (in_tx, in_rx) = mpsc::channel::<BuildInput>(16);
+    in_tx
+        .send(BuildInput {
+            msg: Some(In::Params(params)),
+        })
+        .await
+        .map_err(|_| Status::internal("build: input channel closed"))?;
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = inputs.next().await {
+            if in_tx.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let on_host = move |s: Status| Status::new(s.code(), s.message().to_string());
+    let mut outputs = client
+        .build(tokio_stream::wrappers::ReceiverStream::new(in_rx))
+        .await
+        .map_err(on_host)?
+        .into_inner();
+
+    let (tx, rx) = mpsc::channel::<Result<BuildOutput, Status>>(16);
+    let state = api.images.clone();
+    tokio::spawn(async move {
+        let result = relay(&state, &mut outputs, &tx, &repo, &tag, &host).await;
+        let msg = match result {
+            Ok(r) => Ok(BuildOutput {
+                msg: Some(Out::Result(r)),
+            }),
+            Err(s) => {
+                warn!(image = %format!("{repo}:{tag}"), %host, error = %s.message(), "build failed");
+                Err(s)
+            }
+        };
+        let _ = tx.send(msg).await;
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+/// Relays the host's progress to `tx`, stores its blobs and finally the image.
+async fn relay(
+    state: &crate::registry::RegistryState,
+    outputs: &mut Streaming<BuildOutput>,
+    tx: &mpsc::Sender<Result<BuildOutput, Status>>,
+    repo: &str,
+    tag: &str,
+    host: &str,
+) -> Result<BuildResult, Status> {
+    let on_host = |s: Status| Status::new(s.code(), s.message().to_string());
+    loop {
+        let msg = outputs
+            .message()
+            .await
+            .map_err(on_host)?
+            .and_then(|m| m.msg)
+            .ok_or_else(|| Status::internal(format!("build: host {host} ended the build early")))?;
+        match msg {
+            Out::Progress(line) => {
+                // rctl going away does not stop the build; its result is still stored.
+                let _ = tx
+                    .send(Ok(BuildOutput {
+                        msg: Some(Out::Progress(line)),
+                    }))
+                    .await;
+            }
+            Out::Blob(b) => {
+                let digest = Digest::parse(&b.digest)
+                    .map_err(|e| Status::internal(format!("build: blob digest: {e}")))?;
+                store_blob(state, outputs, &digest, b.size, host).await?;
+            }
+            Out::Image(image) => {
+                state
+                    .blobs()
+                    .put_bytes(&image.config)
+                    .await
+                    .map_err(registry_status)?;
+                let digest = store_manifest(
+                    state,
+                    repo,
+                    Some(tag),
+                    &image.manifest,
+                    Some(&image.media_type),
+                    true,
+                )
+                .await
+                .map_err(registry_status)?;
+                let size = rudder_image::oci::Manifest::parse(&image.manifest)
+                    .map(|m| m.blobs().map(|d| d.size).sum())
+                    .unwrap_or(0);
+                info!(image = %format!("{repo}:{tag}"), %digest, %host, steps = image.steps, cached = image.cached, "built");
+                return Ok(BuildResult {
+                    reference: format!("{repo}:{tag}"),
+                    digest: digest.to_string(),
+                    steps: image.steps,
+                    cached: image.cached,
+                    size,
+                    node: host.to_string(),
+                    bytes_sent: image.bytes_sent,
+                });
+            }
+            Out::Data(_) | Out::Result(_) => {
+                return Err(Status::internal(format!(
+                    "build: host {host} sent data out of order"
+                )))
+            }
+        }
+    }
+}
+
+/// Stores the blob whose `size` bytes come next on `outputs`.
+async fn store_blob(
+    state: &crate::registry::RegistryState,
+    outputs: &mut Streaming<BuildOutput>,
+    digest: &Digest,
+    size: u64,
+    host: &str,
+) -> Result<(), Status> {
+    let (data_tx, data_rx) = mpsc::channel::<Result<Bytes, String>>(8);
+    let blobs = state.blobs().clone();
+    let d = digest.clone();
+    let put = tokio::spawn(async move {
+        blobs
+            .put_stream(
+                &d,
+                Some(size),
+                tokio_stream::wrappers::ReceiverStream::new(data_rx),
+            )
+            .await
+    });
+    let mut got = 0u64;
+    while got < size {
+        match outputs.message().await {
+            Ok(Some(BuildOutput {
+                msg: Some(Out::Data(d)),
+            })) => {
+                got += d.len() as u64;
+                if data_tx.send(Ok(Bytes::from(d))).await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {
+                let _ = data_tx
+                    .send(Err(format!("host {host} sent a short blob")))
+                    .await;
+                break;
+            }
+            Err(s) => {
+                let _ = data_tx.send(Err(s.message().to_string())).await;
+                break;
+            }
+        }
+    }
+    drop(data_tx);
+    put.await
+        .map_err(|e| Status::internal(format!("build: {e}")))?
+        .map_err(registry_status)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_model::store::{Node, Store};
+
+    fn node(id: &str, host: &str, state: NodeState, availability: Availability) -> Node {
+        let mut n: Node = serde_json::from_value(serde_json::json!({
+            "id": id, "hostname": host, "addr": format!("{host}:4245"),
+            "state": "Ready", "updated_at": 0, "version": 1
+        }))
+        .unwrap();
+        n.state = state;
+        n.availability = availability;
+        n
+    }
+
+    #[test]
+    fn builds_go_to_the_first_ready_active_host_or_the_one_named() {
+        let mut s = Store::default();
+        for n in [
+            node("n3", "h3", NodeState::Ready, Availability::Active),
+            node("n1", "h1", NodeState::Down, Availability::Active),
+            node("n2", "h2", NodeState::Ready, Availability::Active),
+            node("n0", "h0", NodeState::Ready, Availability::Drain),
+        ] {
+            s.nodes.insert(n.id.clone(), n);
+        }
+        assert_eq!(pick_host(&s, "").unwrap().0, "h2");
+        assert_eq!(pick_host(&s, "n3").unwrap().0, "h3");
+        assert_eq!(pick_host(&s, "h3").unwrap().1, "h3:4245");
+        assert!(pick_host(&s, "h1").unwrap_err().message().contains("down"));
+        assert_eq!(
+            pick_host(&s, "h9").unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+    }
+}

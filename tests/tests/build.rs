@@ -1,0 +1,162 @@
+//! `rctl build` on a real lab (two hosts): a two-stage Dockerfile using every instruction is
+//! built on a host of the cluster, and the image runs as a service on the other host with its
+//! files, owner, env, working dir, user and command. The same build again reuses every step
+//! and gives the same digest; a changed file rebuilds from its COPY on; `--no-cache` rebuilds
+//! everything. Refusals: a malformed Dockerfile (its line, before anything is sent), a RUN that
+//! fails (its line and exit code, nothing tagged), a missing COPY source.
+
+use std::fs;
+use std::path::Path;
+
+use rudder_tests::{lab_with_busybox, LabGuard};
+
+const DOCKERFILE: &str = r#"# A comment, then a global ARG used by FROM.
+ARG BASE=busybox
+FROM ${BASE}:latest AS tools
+RUN mkdir -p /out && \
+    echo built-in-stage-one > /out/tool.txt
+
+FROM busybox:latest
+ARG GREETING=hello
+ENV APP_HOME=/app \
+    MODE=prod
+LABEL org.example.name="build test" version=1
+WORKDIR ${APP_HOME}/data
+COPY --chown=1000:1000 files/ ./files/
+COPY *.txt ${APP_HOME}/
+ADD bundle.tar /opt/
+COPY --from=tools /out/tool.txt /opt/tool.txt
+RUN echo "${GREETING} from $MODE" > /app/greeting && rm /bin/vi
+USER 1000
+EXPOSE 8080/tcp
+VOLUME /app/data
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["cat /app/greeting; id -u; pwd; cat /app/top.txt /opt/tool.txt /opt/inner/packed.txt; ls -n /app/data/files; test -e /bin/vi || echo no-vi; test -e /app/secret.key || echo no-secret"]
+"#;
+
+fn context(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir.join("files/sub"))?;
+    fs::write(dir.join("Dockerfile"), DOCKERFILE)?;
+    fs::write(dir.join("top.txt"), "top-file\n")?;
+    fs::write(dir.join("files/a.conf"), "a\n")?;
+    fs::write(dir.join("files/sub/b.conf"), "b\n")?;
+    fs::write(dir.join("secret.key"), "do not send\n")?;
+    fs::write(dir.join(".dockerignore"), "# keys stay home\n*.key\n")?;
+    // A tar for ADD to unpack.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o644);
+    h.set_size(7);
+    b.append_data(&mut h, "inner/packed.txt", &b"packed\n"[..])?;
+    fs::write(dir.join("bundle.tar"), b.into_inner()?)?;
+    Ok(())
+}
+
+fn build(lab: &LabGuard, args: &[&str]) -> anyhow::Result<String> {
+    let mut a = vec!["build"];
+    a.extend_from_slice(args);
+    lab.rctl(&a)
+}
+
+fn digest_of(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("Successfully built "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("bd", 2)?;
+    let ctx = tmp.path().join("ctx");
+    context(&ctx)?;
+    let ctx_s = ctx.to_str().unwrap();
+
+    // ---- the first build: every step runs ----
+    let out = build(&lab, &["-t", "app:1", "--node", "h1", ctx_s])?;
+    eprintln!("first build:\n{out}");
+    assert!(out.contains("Step 1/"), "{out}");
+    assert!(out.contains("RUN echo \"${GREETING} from $MODE\""), "{out}");
+    assert!(!out.contains("Using cache"), "{out}");
+    let first = digest_of(&out);
+    assert!(first.starts_with("sha256:"), "{out}");
+
+    // ---- the image runs on the other host ----
+    let run = lab.rctl(&["run", "--rm", "--node", "h2", "app:1"])?;
+    for want in [
+        "hello from prod",
+        "1000",
+        "/app/data",
+        "top-file",
+        "built-in-stage-one",
+        "packed",
+        "no-vi",
+        "no-secret",
+    ] {
+        assert!(run.contains(want), "missing {want:?} in:\n{run}");
+    }
+    assert!(
+        run.contains("1000     1000") || run.contains("1000 1000"),
+        "--chown: {run}"
+    );
+
+    // ---- the same build: all cached, same image ----
+    let out = build(&lab, &["-t", "app:1", ctx_s])?;
+    eprintln!("cached build:\n{out}");
+    let steps = out.lines().filter(|l| l.starts_with("Step ")).count();
+    let cached = out.matches("---> Using cache").count();
+    assert_eq!(
+        cached + 2,
+        steps,
+        "every step but the two FROMs is cached:\n{out}"
+    );
+    assert_eq!(digest_of(&out), first, "{out}");
+
+    // ---- a changed input: rebuilt from that COPY on ----
+    fs::write(ctx.join("top.txt"), "top-file-2\n")?;
+    let out = build(&lab, &["-t", "app:2", ctx_s])?;
+    let before = out.split("COPY *.txt").next().unwrap();
+    let after = out.split("COPY *.txt").nth(1).unwrap();
+    assert!(before.matches("Using cache").count() >= 5, "{out}");
+    assert!(!after.contains("Using cache"), "{out}");
+    assert_ne!(digest_of(&out), first);
+
+    // ---- --no-cache ----
+    let out = build(&lab, &["-t", "app:3", "--no-cache", ctx_s])?;
+    assert!(!out.contains("Using cache"), "{out}");
+
+    // ---- refusals ----
+    let bad = tmp.path().join("bad");
+    fs::create_dir_all(&bad)?;
+    fs::write(
+        bad.join("Dockerfile"),
+        "FROM busybox\nRUN true\nCOPPY a b\n",
+    )?;
+    let err = build(&lab, &["-t", "bad:1", bad.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("COPPY"), "{err}");
+
+    fs::write(
+        bad.join("Dockerfile"),
+        "FROM busybox\nRUN echo a\nRUN exit 3\n",
+    )?;
+    let err = build(&lab, &["-t", "bad:1", bad.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 3") && err.contains("3"), "{err}");
+    let err = lab
+        .rctl(&["run", "--rm", "bad:1", "true"])
+        .unwrap_err()
+        .to_string();
+    assert!(!err.is_empty());
+
+    fs::write(bad.join("Dockerfile"), "FROM busybox\nCOPY nope.txt /\n")?;
+    let err = build(&lab, &["-t", "bad:1", bad.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope.txt"), "{err}");
+    Ok(())
+}
