@@ -4,7 +4,7 @@
 //! certificates from a cluster CA, as a cluster runs it) on 127.0.0.1, driven by Rudder's own
 //! client (`rudder_image::RegistryClient`, the one `rctl` and the agents use), in one process:
 //!
-//! 1. Push and pull throughput of one 100 MB layer (random bytes, so no compression helps):
+//! 1. Push and pull throughput, plain and with mutual TLS, of one 100 MB layer (random bytes, so no compression helps):
 //!    push = HEAD + POST + one streamed PUT with the digest checked by the registry as it
 //!    arrives; pull = GET streamed to a file, hashed on the way.
 //! 2. Layer sharing: image A (two base layers) is pulled into an empty host content store, then
@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rudder_controller::registry::{self, BlobStore, MemTagStore, RegistryState};
+use rudder_controller::ca::{node_csr, ClusterCa, Role};
+use rudder_controller::registry::{self, BlobStore, MemTagStore, RegistryState, RegistryTls};
+use rudder_controller::tls::NodeCerts;
 use rudder_image::oci::{Descriptor, Manifest, OCI_CONFIG, OCI_LAYER_TAR_GZIP, OCI_MANIFEST};
 use rudder_image::{digest, ImageStore, Reference, RegistryClient};
 
@@ -109,6 +111,51 @@ async fn plain_server() -> Server {
     }
 }
 
+/// The registry as a cluster serves it: mutual TLS, a manager certificate; and an admin
+/// client, as `rctl` is.
+async fn tls_server() -> (Server, RegistryClient) {
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let ca = ClusterCa::generate("bench", now).unwrap();
+    let certs = |role: Role, id: &str| {
+        let (key, csr) = node_csr(id).unwrap();
+        let cert = ca.issue(&csr, role, id, now, day).unwrap();
+        NodeCerts::new(ca.cert_pem(), &cert, &key, None).unwrap()
+    };
+    let server = certs(Role::Manager, "c1");
+    let admin = certs(Role::Admin, "admin");
+    let tls = RegistryTls::new(&server).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = RegistryState::new(
+        BlobStore::open(dir.path().join("blobs")).unwrap(),
+        Arc::new(MemTagStore::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(registry::serve_tls(listener, state, tls, async move {
+        let _ = rx.await;
+    }));
+    let client = RegistryClient::with_tls(
+        &addr.to_string(),
+        &rudder_image::ClientTls {
+            ca_pem: ca.cert_pem().to_string(),
+            cert_pem: admin.cert_pem().to_string(),
+            key_pem: admin.key_pem().to_string(),
+            server_name: Role::Manager.server_name().to_string(),
+        },
+    )
+    .unwrap();
+    (
+        Server {
+            addr,
+            stop: Some(tx),
+            _dir: dir,
+        },
+        client,
+    )
+}
+
 async fn throughput(label: &str, client: &RegistryClient, mb: usize, rounds: usize) {
     let blob = random(mb * 1_000_000, 7);
     let (mut push, mut pull) = (Vec::new(), Vec::new());
@@ -184,6 +231,15 @@ fn main() {
         let client = RegistryClient::new(&server.addr.to_string()).unwrap();
         throughput("plain HTTP over loopback", &client, mb, rounds).await;
         sharing(&client).await;
+        let _ = server.stop.take().map(|s| s.send(()));
+        let (mut server, client) = tls_server().await;
+        throughput(
+            "mutual TLS over loopback (as a cluster serves it)",
+            &client,
+            mb,
+            rounds,
+        )
+        .await;
         let _ = server.stop.take().map(|s| s.send(()));
     });
 }
