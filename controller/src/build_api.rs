@@ -30,7 +30,7 @@ use tracing::{info, warn};
 use crate::api::ControlApi;
 use crate::commit_api::target;
 use crate::exec_api::agent;
-use crate::registry::{store_manifest, Digest, RegistryError};
+use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryError};
 
 pub type BuildStream = Pin<Box<dyn Stream<Item = Result<BuildOutput, Status>> + Send>>;
 
@@ -42,6 +42,8 @@ fn registry_status(e: RegistryError) -> Status {
         RegistryError::DigestMismatch { .. } => {
             Status::data_loss(format!("build: a blob arrived damaged: {e}"))
         }
+        // Not `unavailable`: that would read as this controller being down.
+        RegistryError::NoQuorum { .. } => Status::failed_precondition(format!("build: {e}")),
         other => Status::internal(format!("build: {other}")),
     }
 }
@@ -170,11 +172,18 @@ async fn relay(
                 let digest = Digest::parse(&b.digest)
                     .map_err(|e| Status::internal(format!("build: blob digest: {e}")))?;
                 store_blob(state, outputs, &digest, b.size, host).await?;
+                // As for a push: acknowledged once a majority of managers hold it.
+                replicate_to_majority(state, repo, &digest)
+                    .await
+                    .map_err(registry_status)?;
             }
             Out::Image(image) => {
-                state
+                let config = state
                     .blobs()
                     .put_bytes(&image.config)
+                    .await
+                    .map_err(registry_status)?;
+                replicate_to_majority(state, repo, &config)
                     .await
                     .map_err(registry_status)?;
                 let digest = store_manifest(

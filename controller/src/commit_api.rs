@@ -24,7 +24,7 @@ use tracing::info;
 
 use crate::api::ControlApi;
 use crate::exec_api::{agent, one_task};
-use crate::registry::{store_manifest, Digest, RegistryError};
+use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryError};
 
 /// What goes into the new image's history.
 const CREATED_BY: &str = "rctl commit";
@@ -57,6 +57,8 @@ fn registry_status(e: RegistryError) -> Status {
         RegistryError::DigestMismatch { .. } => {
             Status::data_loss(format!("commit: the layer arrived damaged: {e}"))
         }
+        // Not `unavailable`: that would read as this controller being down.
+        RegistryError::NoQuorum { .. } => Status::failed_precondition(format!("commit: {e}")),
         other => Status::internal(format!("commit: {other}")),
     }
 }
@@ -144,11 +146,17 @@ pub async fn commit(
         .put_stream(&layer_digest, Some(layer.size), body)
         .await
         .map_err(registry_status)?;
-    state
+    // As for a push: the new blobs are acknowledged once a majority of managers hold them.
+    let config = state
         .blobs()
         .put_bytes(&image.config)
         .await
         .map_err(registry_status)?;
+    for d in [&layer_digest, &config] {
+        replicate_to_majority(state, &repo, d)
+            .await
+            .map_err(registry_status)?;
+    }
     let digest = store_manifest(
         state,
         &repo,

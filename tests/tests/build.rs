@@ -27,11 +27,12 @@ COPY *.txt ${APP_HOME}/
 ADD bundle.tar /opt/
 COPY --from=tools /out/tool.txt /opt/tool.txt
 RUN echo "${GREETING} from $MODE" > /app/greeting && rm /bin/vi
+RUN ["/bin/sh", "-c", "echo exec-form > /app/exec.txt"]
 USER 1000
 EXPOSE 8080/tcp
 VOLUME /app/data
 ENTRYPOINT ["/bin/sh", "-c"]
-CMD ["cat /app/greeting; id -u; pwd; cat /app/top.txt /opt/tool.txt /opt/inner/packed.txt; ls -n /app/data/files; test -e /bin/vi || echo no-vi; test -e /app/secret.key || echo no-secret"]
+CMD ["cat /app/greeting; id -u; pwd; cat /app/top.txt /app/exec.txt /opt/tool.txt /opt/inner/packed.txt; ls -n /app/data/files; test -e /bin/vi || echo no-vi; test -e /app/secret.key || echo no-secret"]
 "#;
 
 fn context(dir: &Path) -> anyhow::Result<()> {
@@ -89,6 +90,7 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
         "1000",
         "/app/data",
         "top-file",
+        "exec-form",
         "built-in-stage-one",
         "packed",
         "no-vi",
@@ -125,6 +127,30 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     // ---- --no-cache ----
     let out = build(&lab, &["-t", "app:3", "--no-cache", ctx_s])?;
     assert!(!out.contains("Using cache"), "{out}");
+
+    // ---- FROM scratch, COPY --from an earlier stage; --target ----
+    let small = tmp.path().join("small");
+    fs::create_dir_all(&small)?;
+    fs::write(
+        small.join("Dockerfile"),
+        "FROM busybox:latest AS src\nRUN echo staged > /staged\n\
+         FROM scratch\nCOPY --from=src /bin/busybox /bin/busybox\n\
+         COPY --from=src /staged /staged\n\
+         ENTRYPOINT [\"/bin/busybox\"]\nCMD [\"cat\", \"/staged\"]\n",
+    )?;
+    let s = small.to_str().unwrap();
+    build(&lab, &["-t", "tiny:1", s])?;
+    let run = lab.rctl(&["run", "--rm", "tiny:1"])?;
+    assert!(run.contains("staged"), "{run}");
+    let run = lab.rctl(&["run", "--rm", "tiny:1", "ls", "/"])?;
+    // Only what was copied, plus the runtime's mount points (dev, proc, sys, etc).
+    assert!(
+        run.contains("bin") && !run.contains("usr") && !run.contains("var"),
+        "{run}"
+    );
+    build(&lab, &["-t", "tiny:src", "--target", "src", s])?;
+    let run = lab.rctl(&["run", "--rm", "tiny:src", "cat", "/staged"])?;
+    assert!(run.contains("staged"), "{run}");
 
     // ---- refusals ----
     let bad = tmp.path().join("bad");

@@ -45,7 +45,7 @@ pub use blob::BlobStore;
 pub use error::RegistryError;
 pub use http::store_manifest;
 pub use names::Digest;
-pub use peers::{replicate_manifest, PeerRegistries, StaticPeers};
+pub use peers::{replicate_manifest, replicate_to_majority, PeerRegistries, StaticPeers};
 pub use tags::{ManifestRef, MemTagStore, TagStore};
 pub use tls::{serve_tls, Peer, RegistryTls, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
 

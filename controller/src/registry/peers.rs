@@ -283,7 +283,7 @@ impl PeerFetcher {
 /// registry's quorum grace, [`QUORUM_GRACE`] by default, plus the blob's size at [`MIN_RATE`])
 /// passes first.
 #[tracing::instrument(skip(state))]
-pub(crate) async fn replicate_to_majority(
+pub async fn replicate_to_majority(
     state: &RegistryState,
     repo: &str,
     digest: &Digest,
