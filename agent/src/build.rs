@@ -335,27 +335,6 @@ fn unpack_context(tar_path: &Path, dest: &Path) -> Result<(), Status> {
     })
 }
 
-/// The registry client for the cluster registry at `addr`.
-pub fn registry_client(
-    addr: &str,
-    tls: &Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
-) -> Result<RegistryClient, String> {
-    match tls {
-        Some(certs) => {
-            let c = certs.borrow().clone();
-            let tls = rudder_image::ClientTls {
-                ca_pem: c.ca().pem().to_string(),
-                cert_pem: c.cert_pem().to_string(),
-                key_pem: c.key_pem().to_string(),
-                server_name: rudder_pki::ca::Role::Manager.server_name().to_string(),
-            };
-            RegistryClient::with_tls(addr, &tls)
-        }
-        None => RegistryClient::new(addr),
-    }
-    .map_err(|e| e.to_string())
-}
-
 /// One build in progress.
 struct Run<'a> {
     b: &'a Builder,
@@ -413,7 +392,7 @@ impl Run<'_> {
                 ))
                 .await;
         }
-        let client = registry_client(&self.params.registry, &self.b.registry_tls)
+        let client = crate::worker::registry_client(&self.params.registry, &self.b.registry_tls)
             .map_err(BuildError::Other)?;
         let mut built: Vec<Option<StageImage>> = vec![None; df.stages.len()];
         let mut n = 0;
@@ -674,8 +653,9 @@ impl Run<'_> {
                 .clone()
                 .ok_or_else(|| BuildError::Other(format!("stage {from} was not built")))?,
             dockerfile::Source::Image(_) => {
-                let client = registry_client(&self.params.registry, &self.b.registry_tls)
-                    .map_err(BuildError::Other)?;
+                let client =
+                    crate::worker::registry_client(&self.params.registry, &self.b.registry_tls)
+                        .map_err(BuildError::Other)?;
                 self.from(stage.index, stage.line, from, built, &client)
                     .await?
             }
@@ -1582,18 +1562,9 @@ fn write_run_config(
     id: &str,
 ) -> Result<(), BuildError> {
     use oci_spec::runtime::{
-        LinuxBuilder, LinuxCapabilities, LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec,
-        UserBuilder,
+        LinuxBuilder, LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
     };
     let spec_err = |e: oci_spec::OciSpecError| BuildError::Other(e.to_string());
-    let caps: oci_spec::runtime::Capabilities = crate::bundle::CAPS.iter().copied().collect();
-    let caps = LinuxCapabilities::default()
-        .set_bounding(Some(caps.clone()))
-        .set_effective(Some(caps.clone()))
-        .set_permitted(Some(caps))
-        .set_inheritable(None)
-        .set_ambient(None)
-        .clone();
     let process = ProcessBuilder::default()
         .terminal(false)
         .args(argv.to_vec())
@@ -1606,7 +1577,7 @@ fn write_run_config(
                 .build()
                 .map_err(spec_err)?,
         )
-        .capabilities(caps)
+        .capabilities(crate::bundle::capabilities())
         .no_new_privileges(true)
         .build()
         .map_err(spec_err)?;

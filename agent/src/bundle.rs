@@ -97,7 +97,7 @@ fn is_mounted(path: &Path) -> bool {
 }
 
 /// Docker's default capability set.
-pub const CAPS: &[Capability] = &[
+const CAPS: &[Capability] = &[
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
@@ -113,6 +113,18 @@ pub const CAPS: &[Capability] = &[
     Capability::Kill,
     Capability::AuditWrite,
 ];
+
+/// [`CAPS`] as a container process's bounding, effective and permitted sets.
+pub fn capabilities() -> LinuxCapabilities {
+    let caps: oci_spec::runtime::Capabilities = CAPS.iter().copied().collect();
+    LinuxCapabilities::default()
+        .set_bounding(Some(caps.clone()))
+        .set_effective(Some(caps.clone()))
+        .set_permitted(Some(caps))
+        .set_inheritable(None)
+        .set_ambient(None)
+        .clone()
+}
 
 /// The process a task runs: Docker's merge of entrypoint/cmd/args.
 pub fn command_line(task: &Task, image: &ImageConfig) -> Result<Vec<String>, BundleError> {
@@ -180,14 +192,6 @@ pub fn write_config(
         .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
 
-    let caps: oci_spec::runtime::Capabilities = CAPS.iter().copied().collect();
-    let caps = LinuxCapabilities::default()
-        .set_bounding(Some(caps.clone()))
-        .set_effective(Some(caps.clone()))
-        .set_permitted(Some(caps))
-        .set_inheritable(None)
-        .set_ambient(None)
-        .clone();
     let process = ProcessBuilder::default()
         .terminal(false)
         .args(argv)
@@ -204,7 +208,7 @@ pub fn write_config(
                 .build()
                 .map_err(|e| BundleError::Spec(e.to_string()))?,
         )
-        .capabilities(caps)
+        .capabilities(capabilities())
         .no_new_privileges(true)
         .build()
         .map_err(|e| BundleError::Spec(e.to_string()))?;

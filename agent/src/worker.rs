@@ -564,7 +564,19 @@ async fn shared_netns(containers: &Path, task: &Task, dir: &Path) -> Result<Path
 async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage, String> {
     let registry = ctx.registry.lock().expect("registry lock").clone();
     let reference = Reference::parse(&task.spec.image).map_err(|e| e.to_string())?;
-    let client = match &ctx.registry_tls {
+    let client = registry_client(&registry, &ctx.registry_tls)?;
+    ctx.images
+        .pull(&client, &reference)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The registry client for the cluster registry at `addr`.
+pub fn registry_client(
+    addr: &str,
+    tls: &Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+) -> Result<RegistryClient, String> {
+    match tls {
         Some(certs) => {
             let c = certs.borrow().clone();
             let tls = rudder_image::ClientTls {
@@ -573,13 +585,9 @@ async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage
                 key_pem: c.key_pem().to_string(),
                 server_name: rudder_pki::ca::Role::Manager.server_name().to_string(),
             };
-            RegistryClient::with_tls(&registry, &tls)
+            RegistryClient::with_tls(addr, &tls)
         }
-        None => RegistryClient::new(&registry),
+        None => RegistryClient::new(addr),
     }
-    .map_err(|e| e.to_string())?;
-    ctx.images
-        .pull(&client, &reference)
-        .await
-        .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())
 }

@@ -35,17 +35,7 @@ use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryErr
 pub type BuildStream = Pin<Box<dyn Stream<Item = Result<BuildOutput, Status>> + Send>>;
 
 fn registry_status(e: RegistryError) -> Status {
-    match e {
-        RegistryError::ManifestBlobUnknown(d) => Status::failed_precondition(format!(
-            "build: blob {d} of the image is in no controller's registry"
-        )),
-        RegistryError::DigestMismatch { .. } => {
-            Status::data_loss(format!("build: a blob arrived damaged: {e}"))
-        }
-        // Not `unavailable`: that would read as this controller being down.
-        RegistryError::NoQuorum { .. } => Status::failed_precondition(format!("build: {e}")),
-        other => Status::internal(format!("build: {other}")),
-    }
+    crate::commit_api::registry_status("build", e)
 }
 
 /// The host a build runs on: `wanted` (hostname or node id) when given, else the first ready,

@@ -49,17 +49,18 @@ pub fn target(reference: &str) -> Result<(String, String), Status> {
     Ok((r.repository, tag))
 }
 
-fn registry_status(e: RegistryError) -> Status {
+/// A registry failure while storing what `what` (`commit`, `build`) made, as a status.
+pub(crate) fn registry_status(what: &str, e: RegistryError) -> Status {
     match e {
         RegistryError::ManifestBlobUnknown(d) => Status::failed_precondition(format!(
-            "commit: blob {d} of the base image is in no controller's registry"
+            "{what}: blob {d} of the base image is in no controller's registry"
         )),
         RegistryError::DigestMismatch { .. } => {
-            Status::data_loss(format!("commit: the layer arrived damaged: {e}"))
+            Status::data_loss(format!("{what}: a blob arrived damaged: {e}"))
         }
         // Not `unavailable`: that would read as this controller being down.
-        RegistryError::NoQuorum { .. } => Status::failed_precondition(format!("commit: {e}")),
-        other => Status::internal(format!("commit: {other}")),
+        RegistryError::NoQuorum { .. } => Status::failed_precondition(format!("{what}: {e}")),
+        other => Status::internal(format!("{what}: {other}")),
     }
 }
 
@@ -145,17 +146,17 @@ pub async fn commit(
         .blobs()
         .put_stream(&layer_digest, Some(layer.size), body)
         .await
-        .map_err(registry_status)?;
+        .map_err(|e| registry_status("commit", e))?;
     // As for a push: the new blobs are acknowledged once a majority of managers hold them.
     let config = state
         .blobs()
         .put_bytes(&image.config)
         .await
-        .map_err(registry_status)?;
+        .map_err(|e| registry_status("commit", e))?;
     for d in [&layer_digest, &config] {
         replicate_to_majority(state, &repo, d)
             .await
-            .map_err(registry_status)?;
+            .map_err(|e| registry_status("commit", e))?;
     }
     let digest = store_manifest(
         state,
@@ -166,7 +167,7 @@ pub async fn commit(
         true,
     )
     .await
-    .map_err(registry_status)?;
+    .map_err(|e| registry_status("commit", e))?;
     info!(task = %name, image = %format!("{repo}:{tag}"), %digest, size = image.size, "committed");
     Ok(Response::new(CommitResponse {
         reference: format!("{repo}:{tag}"),

@@ -79,12 +79,40 @@ impl LabGuard {
 
     /// Runs `rctl ARGS` against this lab; returns stdout, or an error with stderr.
     pub fn rctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(bin("rctl"))
-            .arg("--context")
-            .arg(&self.lab.context_path)
-            .args(args)
-            .output()
-            .context("run rctl")?;
+        self.rctl_with(args, &[], None)
+    }
+
+    /// [`LabGuard::rctl`] with extra environment variables and, when given, `stdin` fed in.
+    pub fn rctl_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &Path)],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<String> {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let mut cmd = Command::new(bin("rctl"));
+        cmd.arg("--context").arg(&self.lab.context_path).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = match stdin {
+            None => cmd.output().context("run rctl")?,
+            Some(input) => {
+                let mut child = cmd
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("run rctl")?;
+                child
+                    .stdin
+                    .take()
+                    .context("rctl stdin")?
+                    .write_all(input.as_bytes())?;
+                child.wait_with_output()?
+            }
+        };
         if !out.status.success() {
             bail!(
                 "rctl {} failed: {}",
@@ -312,5 +340,35 @@ pub fn running_task(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json:
             let t = lab.tasks(service)?;
             Ok(running_tasks(&t).first().map(|t| (*t).clone()))
         },
+    )
+}
+
+/// Runs `sh -c script` in `task` through `rctl exec` (relayed by the controller); its stdout,
+/// which must come with exit code 0.
+pub fn sh(lab: &LabGuard, task: &str, script: &str) -> anyhow::Result<String> {
+    lab.rctl(&["exec", task, "--", "sh", "-c", script])
+}
+
+/// The name of `service`'s running task, once one runs on `host` (up to 60 s).
+pub fn running_on(lab: &LabGuard, service: &str, host: &str) -> anyhow::Result<String> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{service} running on {host}"),
+        || {
+            let t = lab.tasks(service)?;
+            Ok(running_tasks(&t)
+                .into_iter()
+                .find(|t| t["node"] == host)
+                .and_then(|t| t["name"].as_str().map(str::to_string)))
+        },
+    )
+}
+
+/// A one-replica service of `image` that sleeps, pinned to `host`.
+pub fn pinned_service(name: &str, image: &str, host: &str) -> String {
+    format!(
+        "kind: Service\nname: {name}\nimage: {image}\nstop_grace_period: 1\n\
+         placement: {{constraints: [\"node.hostname=={host}\"]}}\n\
+         command: [\"/bin/sleep\", \"1000000\"]\n"
     )
 }

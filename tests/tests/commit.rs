@@ -9,36 +9,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rudder_tests::{lab_with_busybox, running_tasks, wait_for, LabGuard};
-
-/// Runs `sh -c script` in `task` (rctl exec, relayed by the controller); its stdout, which
-/// must come with exit code 0.
-fn sh(lab: &LabGuard, task: &str, script: &str) -> anyhow::Result<String> {
-    lab.rctl(&["exec", task, "--", "sh", "-c", script])
-}
-
-/// The name of `service`'s one running task, once it runs on `host`.
-fn running_on(lab: &LabGuard, service: &str, host: &str) -> anyhow::Result<String> {
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{service} running on {host}"),
-        || {
-            let t = lab.tasks(service)?;
-            Ok(running_tasks(&t)
-                .into_iter()
-                .find(|t| t["node"] == host)
-                .and_then(|t| t["name"].as_str().map(str::to_string)))
-        },
-    )
-}
-
-fn service(name: &str, image: &str, host: &str) -> String {
-    format!(
-        "kind: Service\nname: {name}\nimage: {image}\nstop_grace_period: 1\n\
-         placement: {{constraints: [\"node.hostname=={host}\"]}}\n\
-         command: [\"/bin/sleep\", \"1000000\"]\n"
-    )
-}
+use rudder_tests::{lab_with_busybox, pinned_service, running_on, running_tasks, sh, wait_for};
 
 #[test]
 fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
@@ -49,7 +20,7 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
         &format!(
             "{}---\nkind: Service\nname: done\nimage: busybox:latest\n\
              command: [\"/bin/sh\", \"-c\", \"echo bye\"]\nrestart:\n  condition: none\n",
-            service("src", "busybox:latest", "h1")
+            pinned_service("src", "busybox:latest", "h1")
         ),
     )?;
     let src = running_on(&lab, "src", "h1")?;
@@ -86,7 +57,11 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
     let out = lab.rctl(&["commit", &src, "box:v2"])?;
     assert!(out.starts_with("box:v2 sha256:"), "{out}");
     assert!(out.contains("1 deleted"), "{out}");
-    lab.apply(tmp.path(), "copy.yaml", &service("copy", "box:v2", "h2"))?;
+    lab.apply(
+        tmp.path(),
+        "copy.yaml",
+        &pinned_service("copy", "box:v2", "h2"),
+    )?;
     let copy = running_on(&lab, "copy", "h2")?;
     assert_eq!(sh(&lab, &copy, "cat /etc/motd")?, "committed\n");
     assert_eq!(sh(&lab, &copy, "cat /opt/a/old")?, "1\n");
@@ -113,7 +88,11 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
     )?;
     let out = lab.rctl(&["commit", &copy, "box:v3"])?;
     assert!(out.starts_with("box:v3 sha256:"), "{out}");
-    lab.apply(tmp.path(), "third.yaml", &service("third", "box:v3", "h1"))?;
+    lab.apply(
+        tmp.path(),
+        "third.yaml",
+        &pinned_service("third", "box:v3", "h1"),
+    )?;
     let third = running_on(&lab, "third", "h1")?;
     assert_eq!(sh(&lab, &third, "ls /opt/a")?, "new\n");
     assert_eq!(

@@ -10,39 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rudder_tests::{
-    lab_with_busybox, lab_with_busybox_managers, running_tasks, wait_for, LabGuard,
+    lab_with_busybox, lab_with_busybox_managers, pinned_service, running_on, sh, wait_for, LabGuard,
 };
 use serde_json::Value;
 
 /// The prune grace period the test uses: long enough for the fresh upload to stay, short
 /// enough not to wait long for the rest to age.
 const GRACE: Duration = Duration::from_secs(8);
-
-fn sh(lab: &LabGuard, task: &str, script: &str) -> anyhow::Result<String> {
-    lab.rctl(&["exec", task, "--", "sh", "-c", script])
-}
-
-fn running_on(lab: &LabGuard, service: &str, host: &str) -> anyhow::Result<String> {
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{service} running on {host}"),
-        || {
-            let t = lab.tasks(service)?;
-            Ok(running_tasks(&t)
-                .into_iter()
-                .find(|t| t["node"] == host)
-                .and_then(|t| t["name"].as_str().map(str::to_string)))
-        },
-    )
-}
-
-fn service(name: &str, image: &str, host: &str) -> String {
-    format!(
-        "kind: Service\nname: {name}\nimage: {image}\nstop_grace_period: 1\n\
-         placement: {{constraints: [\"node.hostname=={host}\"]}}\n\
-         command: [\"/bin/sleep\", \"1000000\"]\n"
-    )
-}
 
 /// `rctl image ls -o json` plus `extra`.
 fn ls(lab: &LabGuard, extra: &[&str]) -> anyhow::Result<Value> {
@@ -110,7 +84,7 @@ fn image_ls_rm_prune_share_refuse_and_collect() -> anyhow::Result<()> {
     lab.apply(
         tmp.path(),
         "src.yaml",
-        &service("src", "busybox:latest", "h1"),
+        &pinned_service("src", "busybox:latest", "h1"),
     )?;
     let src = running_on(&lab, "src", "h1")?;
     sh(&lab, &src, "head -c 300000 /dev/urandom > /one.bin")?;
@@ -184,8 +158,8 @@ fn image_ls_rm_prune_share_refuse_and_collect() -> anyhow::Result<()> {
         "use.yaml",
         &format!(
             "{}---\n{}",
-            service("useone", "one:v1", "h2"),
-            service("usetwo", "two:v1", "h2")
+            pinned_service("useone", "one:v1", "h2"),
+            pinned_service("usetwo", "two:v1", "h2")
         ),
     )?;
     running_on(&lab, "useone", "h2")?;
@@ -294,7 +268,11 @@ fn image_ls_rm_prune_share_refuse_and_collect() -> anyhow::Result<()> {
     assert_eq!(num(&l["image_count"]), 2, "{l:#}");
 
     // ---- the other image still runs as a new service, on a host that never pulled it ----
-    lab.apply(tmp.path(), "again.yaml", &service("again", "two:v1", "h1"))?;
+    lab.apply(
+        tmp.path(),
+        "again.yaml",
+        &pinned_service("again", "two:v1", "h1"),
+    )?;
     let again = running_on(&lab, "again", "h1")?;
     assert_eq!(
         sh(

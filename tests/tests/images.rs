@@ -10,15 +10,14 @@
 //! layer and config; a missing tag, an image not in the cluster, a name without a registry
 //! and a logged-out push fail with errors that say what to do.
 
-use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use rudder_tests::{bin, lab_with_busybox, running_task, wait_for, LabGuard};
+use anyhow::Context as _;
+use rudder_tests::{lab_with_busybox, running_task, wait_for, LabGuard};
 
 const USER: &str = "tester";
 const PASS: &str = "s3cret-pw";
@@ -88,34 +87,9 @@ impl Drop for RegistryGuard {
 /// `rctl ARGS` against the lab with credentials under `config` (RUDDER_CONFIG) and `stdin` fed
 /// in: stdout, or an error with stderr.
 fn rctl(lab: &LabGuard, config: &Path, args: &[&str], stdin: &str) -> anyhow::Result<String> {
-    let mut child = Command::new(bin("rctl"))
-        .arg("--context")
-        .arg(&lab.lab.context_path)
-        .args(args)
-        .env("RUDDER_CONFIG", config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("run rctl")?;
-    child
-        .stdin
-        .take()
-        .context("rctl stdin")?
-        .write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "rctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    lab.rctl_with(args, &[("RUDDER_CONFIG", config)], Some(stdin))
 }
 
-/// The `(bytes, moved, already there)` of a push or pull line:
-/// `… (N bytes in K blobs, M already there)`.
 fn counts(line: &str) -> (u64, u64, u64) {
     let inner = line
         .rsplit_once('(')
