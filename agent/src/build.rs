@@ -77,12 +77,36 @@ pub struct Builder {
     pub cache: PathBuf,
     /// This node's certificate for the cluster registry (plain HTTP when `None`).
     pub registry_tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+    /// The host's networks: a RUN joins the local bridge. `None` (tests): the host's network.
+    pub net: Option<Arc<crate::net::Overlay>>,
 }
 
 impl Builder {
     /// Removes what builds interrupted by an agent restart left: their mounts (deepest
     /// first), then their scratch directories.
     pub fn sweep(&self) {
+        // RUN containers an interrupted build left running (ids `build-…`).
+        let rt = &self.access;
+        let listed = std::process::Command::new(&rt.runtime)
+            .arg("--root")
+            .arg(&rt.runtime_root)
+            .args(["list", "--quiet"])
+            .output();
+        if let Ok(out) = listed {
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                if id.starts_with("build-") {
+                    info!(
+                        id,
+                        "build: removing a RUN container an interrupted build left"
+                    );
+                    let _ = std::process::Command::new(&rt.runtime)
+                        .arg("--root")
+                        .arg(&rt.runtime_root)
+                        .args(["delete", "--force", id])
+                        .output();
+                }
+            }
+        }
         let Ok(entries) = fs::read_dir(&self.scratch) else {
             return;
         };
@@ -279,6 +303,12 @@ pub async fn build(
     tar.flush()
         .await
         .map_err(|e| Status::internal(format!("build: context file: {e}")))?;
+    if context_bytes != params.context_size {
+        return Err(Status::cancelled(format!(
+            "build: the context arrived incomplete ({context_bytes} of {} bytes): the client went away",
+            params.context_size
+        )));
+    }
     drop(tar);
     let context = dir.path().join("context");
     let (tp, cp) = (tar_path.clone(), context.clone());
@@ -300,7 +330,7 @@ pub async fn build(
             context: &context,
             progress: progress.clone(),
             mounts: Vec::new(),
-            gc_guard: Some(b.images.hold_off_gc().await),
+            gc_guard: b.images.hold_off_gc().await,
         };
         let result = run.all(context_bytes).await;
         match result {
@@ -348,9 +378,9 @@ struct Run<'a> {
     /// Mounts made for `COPY --from` sources, removed at the end.
     mounts: Vec<PathBuf>,
     /// Holds the host's image garbage collection off while the build uses layers no
-    /// container records (cached ones, new ones) — except during pulls, which hold it
-    /// themselves.
-    gc_guard: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+    /// container records (cached ones, new ones). A prune meanwhile gives up on this host
+    /// rather than wait (see `images::prune`).
+    gc_guard: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
 impl Drop for Run<'_> {
@@ -445,12 +475,19 @@ impl Run<'_> {
         }
         let at = |e: String| BuildError::Step(format!("FROM {from} (line {line}): {e}"));
         let reference = Reference::parse(from).map_err(|e| at(e.to_string()))?;
-        // A pull holds GC off itself; holding it here too could deadlock behind a waiting
-        // prune, so the build lets go for the pull.
-        self.gc_guard = None;
-        let pulled = self.b.images.pull(client, &reference).await;
-        self.gc_guard = Some(self.b.images.hold_off_gc().await);
-        let pulled = pulled.map_err(|e| at(e.to_string()))?;
+        let pulled = self
+            .b
+            .images
+            .pull_held(client, &reference, &self.gc_guard)
+            .await
+            .map_err(|e| match e {
+                e if e.is_not_found() => at(format!(
+                    "not in the cluster registry ({e}); bring an outside image in with \
+                     `rctl image pull HOST/{}`",
+                    reference.short()
+                )),
+                e => at(e.to_string()),
+            })?;
         let manifest = self
             .b
             .images
@@ -678,11 +715,20 @@ impl Run<'_> {
                     Some(&dirs[0]),
                     &at,
                     None::<&str>,
-                    MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                    MsFlags::MS_BIND,
                     None::<&str>,
                 )
                 .map_err(|e| BuildError::Other(format!("bind {}: {e}", at.display())))?;
                 self.mounts.push(at.clone());
+                // A bind is made read-only only by remounting it.
+                mount(
+                    None::<&str>,
+                    &at,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None::<&str>,
+                )
+                .map_err(|e| BuildError::Other(format!("make {} read-only: {e}", at.display())))?;
             }
             _ => {
                 let lower: Vec<String> =
@@ -739,13 +785,25 @@ impl Run<'_> {
             upper.display(),
             work.display()
         );
+        // A layer cannot say what a redirected directory or a metacopy file means, so those
+        // are off where the kernel knows them (older kernels refuse the options: retry bare).
+        let strict = format!("{opts},redirect_dir=off,metacopy=off");
         mount(
             Some("overlay"),
             &root,
             Some("overlay"),
             MsFlags::empty(),
-            Some(opts.as_str()),
+            Some(strict.as_str()),
         )
+        .or_else(|_| {
+            mount(
+                Some("overlay"),
+                &root,
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(opts.as_str()),
+            )
+        })
         .map_err(|e| BuildError::Other(format!("mount overlay at {}: {e}", root.display())))?;
         let result = match op {
             FsOp::Mkdir(dir) => self.mkdir(root.clone(), &dir).await,
@@ -829,6 +887,16 @@ impl Run<'_> {
     /// Unpacks a tar (members named from `/`) into the mounted image at `root`, through an
     /// fs-helper chrooted there.
     async fn unpack_into(&self, root: &Path, tar: Vec<u8>) -> Result<(), BuildError> {
+        self.unpack_from(root, move |out| out.write_all(&tar).map_err(other))
+            .await
+    }
+
+    /// As [`Run::unpack_into`], with the tar written by `produce` straight into the helper's
+    /// stdin on a blocking thread, so a large COPY never sits in memory.
+    async fn unpack_from<F>(&self, root: &Path, produce: F) -> Result<(), BuildError>
+    where
+        F: FnOnce(&mut dyn Write) -> Result<(), BuildError> + Send + 'static,
+    {
         let args = HelperArgs {
             root: root.to_path_buf(),
             expect: root.to_path_buf(),
@@ -847,23 +915,30 @@ impl Run<'_> {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| BuildError::Other(format!("start the fs helper: {e}")))?;
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        let writer = tokio::spawn(async move {
-            let _ = stdin.write_all(&tar).await;
+        let stdin = child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .into_owned_fd()
+            .map_err(other)?;
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = io::BufWriter::with_capacity(CHUNK, fs::File::from(stdin));
+            produce(&mut out)?;
+            out.flush().map_err(other)
         });
         let mut stderr = String::new();
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_string(&mut stderr).await;
         }
         let status = child.wait().await.map_err(other)?;
-        let _ = writer.await;
+        let produced = writer.await.map_err(other)?;
         if !status.success() {
             return Err(BuildError::Step(format!(
                 "copy into the image: {}",
                 stderr.trim()
             )));
         }
-        Ok(())
+        produced
     }
 
     /// `RUN`: the command in a container over the mounted image at `root`.
@@ -892,7 +967,39 @@ impl Run<'_> {
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, format!("PATH={DEFAULT_PATH}"));
         }
-        write_run_config(
+        // Its own network namespace on the host's bridge, as docker builds get by default:
+        // outbound traffic is masqueraded, nothing reaches in, the host's loopback services
+        // are not the container's.
+        let net_id = format!("bld{}", &id["build-".len()..]);
+        let mut net = RunNet::default();
+        let missing_etc: Vec<&str> = ["resolv.conf", "hosts"]
+            .into_iter()
+            .filter(|f| {
+                !resolve_in_root(&root, &format!("/etc/{f}"), true).is_ok_and(|p| p.exists())
+            })
+            .collect();
+        let owner_mode = |m: fs::Metadata| (m.mode(), m.uid(), m.gid());
+        let etc_before = resolve_in_root(&root, "/etc", true)
+            .and_then(fs::metadata)
+            .ok()
+            .map(owner_mode);
+        if let Some(o) = &self.b.net {
+            let ns = o
+                .attach_bridge_as(
+                    &net_id,
+                    "rudder-build",
+                    &format!("build step (line {line})"),
+                    self.dir,
+                )
+                .await
+                .map_err(|e| BuildError::Other(format!("RUN (line {line}): network: {e}")))?;
+            net.netns = Some(ns);
+            net.etc = vec![
+                ("resolv.conf", self.dir.join("resolv.conf")),
+                ("hosts", self.dir.join("hosts")),
+            ];
+        }
+        let written = write_run_config(
             &bundle,
             &root,
             argv,
@@ -902,14 +1009,55 @@ impl Run<'_> {
             gid,
             &self.b.cgroup_parent,
             &id,
-        )?;
+            &net,
+        )
+        .and(Ok(()));
+        let result = match written {
+            Ok(()) => self.run_container(&bundle, &id, argv, line).await,
+            Err(e) => Err(e),
+        };
+        if let Some(o) = &self.b.net {
+            o.detach_bridge_as(&net_id, self.dir).await;
+        }
+        // runc made mount points for the /etc files the image lacks: not part of the image.
+        let upper = root.parent().expect("step dir").join("upper");
+        for f in missing_etc {
+            let p = upper.join("etc").join(f);
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == 0) {
+                let _ = fs::remove_file(&p);
+            }
+        }
+        // And the copy-up of /etc that making them caused, if nothing else landed there
+        // (remove_dir fails on a non-empty directory) and the RUN did not change its owner or
+        // mode.
+        let etc = upper.join("etc");
+        let unchanged = match (etc_before, fs::metadata(&etc).ok().map(owner_mode)) {
+            (Some(before), Some(after)) => before == after,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if unchanged {
+            let _ = fs::remove_dir(&etc);
+        }
+        result
+    }
+
+    /// Runs a RUN's container (prepared in `bundle`) in the foreground, its output relayed as
+    /// progress. Stops it when the build's caller went away.
+    async fn run_container(
+        &self,
+        bundle: &Path,
+        id: &str,
+        argv: &[String],
+        line: usize,
+    ) -> Result<(), BuildError> {
         let rt = &self.b.access;
         let mut child = tokio::process::Command::new(&rt.runtime)
             .arg("--root")
             .arg(&rt.runtime_root)
             .args(["run", "--bundle"])
-            .arg(&bundle)
-            .arg(&id)
+            .arg(bundle)
+            .arg(id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -928,24 +1076,28 @@ impl Run<'_> {
                     .status();
             }
         }
-        let _cleanup = Cleanup(rt, id.clone());
+        let _cleanup = Cleanup(rt, id.to_string());
         let out = child.stdout.take().expect("piped");
         let err = child.stderr.take().expect("piped");
         let p1 = self.progress.clone();
         let p2 = self.progress.clone();
-        let a = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(out).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                p1.line(l).await;
+        let a = tokio::spawn(relay_output(out, p1));
+        let b = tokio::spawn(relay_output(err, p2));
+        let status = tokio::select! {
+            s = child.wait() => s.map_err(other)?,
+            () = self.progress.0.closed() => {
+                // Nobody waits for this build any more: stop the container (the cleanup
+                // deletes it) rather than let it run on.
+                let _ = tokio::process::Command::new(&rt.runtime)
+                    .arg("--root")
+                    .arg(&rt.runtime_root)
+                    .args(["kill", id, "KILL"])
+                    .output()
+                    .await;
+                let _ = child.wait().await;
+                return Err(BuildError::Other("the build was cancelled".into()));
             }
-        });
-        let b = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(err).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                p2.line(l).await;
-            }
-        });
-        let status = child.wait().await.map_err(other)?;
+        };
         let _ = tokio::join!(a, b);
         if !status.success() {
             let code = status.code().unwrap_or(-1);
@@ -960,10 +1112,8 @@ impl Run<'_> {
     /// `COPY`/`ADD`: the sources as a tar, unpacked into the mounted image at `root`.
     async fn copy(&self, root: PathBuf, job: CopyJob) -> Result<(), BuildError> {
         let r = root.clone();
-        let tar = tokio::task::spawn_blocking(move || copy_tar(&r, &job))
+        self.unpack_from(&root, move |out| copy_tar(&r, &job, out))
             .await
-            .map_err(other)??;
-        self.unpack_into(&root, tar).await
     }
 
     /// Sends the blobs the cluster registry lacks, then the image.
@@ -1028,6 +1178,49 @@ impl Run<'_> {
                 bytes_sent: sent,
             }))
             .await
+    }
+}
+
+/// A RUN's output as progress lines: any bytes (invalid UTF-8 shown lossily), split at
+/// newlines and carriage returns, a line cut at 16 KiB; read to the end whatever happens, so
+/// the command never writes into a closed pipe.
+async fn relay_output(pipe: impl tokio::io::AsyncRead + Unpin, progress: Progress) {
+    const MAX_LINE: usize = 16 << 10;
+    let mut r = tokio::io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    // A "\r\n" ends one line, not two.
+    let mut after_cr = false;
+    loop {
+        let buf = match r.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        let n = buf.len();
+        let mut start = 0;
+        for (i, &c) in buf.iter().enumerate() {
+            if c == b'\n' || c == b'\r' {
+                line.extend_from_slice(&buf[start..i]);
+                start = i + 1;
+                if !(c == b'\n' && after_cr && line.is_empty()) {
+                    progress.line(String::from_utf8_lossy(&line)).await;
+                }
+                line.clear();
+                after_cr = c == b'\r';
+                continue;
+            }
+            after_cr = false;
+            if line.len() + (i - start) >= MAX_LINE {
+                line.extend_from_slice(&buf[start..i]);
+                start = i;
+                progress.line(String::from_utf8_lossy(&line)).await;
+                line.clear();
+            }
+        }
+        line.extend_from_slice(&buf[start..]);
+        r.consume(n);
+    }
+    if !line.is_empty() {
+        progress.line(String::from_utf8_lossy(&line)).await;
     }
 }
 
@@ -1173,17 +1366,45 @@ fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
     if user.is_empty() {
         return Ok((0, 0));
     }
+    resolve_owner(root, user, false)
+}
+
+/// `COPY --chown`: as [`resolve_user`], except that a uid without a group means that number
+/// as the gid too (docker's rule), not the user's primary group.
+fn resolve_chown(root: &Path, owner: &str) -> Result<(u32, u32), String> {
+    resolve_owner(root, owner, true)
+}
+
+/// A small regular file's text: never a FIFO or device (which could block), at most 1 MiB.
+fn read_small_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(1 << 20).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn resolve_owner(root: &Path, user: &str, uid_is_gid: bool) -> Result<(u32, u32), String> {
     let (u, g) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
     let read = |file: &str| {
         resolve_in_root(root, file, true)
-            .and_then(fs::read_to_string)
+            .ok()
+            .and_then(|p| read_small_file(&p))
             .unwrap_or_default()
     };
     let passwd = read("/etc/passwd");
     let (uid, primary) = match u.parse::<u32>() {
+        Ok(uid) if uid_is_gid => (uid, uid),
         Ok(uid) => {
             let primary = passwd.lines().find_map(|l| {
                 let f: Vec<&str> = l.split(':').collect();
@@ -1223,6 +1444,13 @@ fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
 
 // ---- COPY and ADD --------------------------------------------------------------------------
 
+/// A RUN's network: its namespace (on the host's bridge) and the `/etc` files to mount.
+#[derive(Default)]
+struct RunNet {
+    netns: Option<PathBuf>,
+    etc: Vec<(&'static str, PathBuf)>,
+}
+
 /// What a step does to the image's files.
 enum FsOp {
     /// `WORKDIR`: make the directory if it is missing.
@@ -1257,7 +1485,7 @@ impl CopyJob {
 }
 
 /// The source files a COPY names in `root`: globs expanded, paths resolved inside the root.
-fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<PathBuf>, BuildError> {
+fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<Source>, BuildError> {
     let mut out = Vec::new();
     for s in srcs {
         if s.contains("://") {
@@ -1265,33 +1493,52 @@ fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<PathBuf>, Bu
                 "line {line}: {s}: remote URLs are not supported (no registry or web access from builds)"
             )));
         }
-        let found = rudder_image::build_context::expand_sources(root, s)
-            .map_err(|e| BuildError::Step(format!("line {line}: {e}")))?;
+        let not_found = || {
+            BuildError::Step(format!(
+                "line {line}: file not found in build context: {s:?}"
+            ))
+        };
+        // A plain path is resolved directly (symlinks on the way followed inside the root);
+        // a pattern is expanded first.
+        let found = if s.contains(['*', '?', '[']) {
+            rudder_image::build_context::expand_sources(root, s)
+                .map_err(|e| BuildError::Step(format!("line {line}: {e}")))?
+        } else {
+            vec![root.join(clean(s).join("/"))]
+        };
         for f in found {
             let rel = f
                 .strip_prefix(root)
                 .unwrap_or(&f)
                 .to_string_lossy()
                 .into_owned();
-            // The last component stays a link (copied as one); the ones above resolve inside.
-            let resolved = resolve_in_root(root, &rel, false).map_err(io_err("resolve", &f))?;
-            if fs::symlink_metadata(&resolved).is_err() {
-                return Err(BuildError::Step(format!(
-                    "line {line}: file not found in build context: {s:?}"
-                )));
+            // As docker: a source that is a link is copied as what it points to.
+            let path = resolve_in_root(root, &rel, true).map_err(io_err("resolve", &f))?;
+            if fs::symlink_metadata(&path).is_err() {
+                return Err(not_found());
             }
-            out.push(resolved);
+            let name = Path::new(&rel)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.push(Source { path, name });
         }
     }
     Ok(out)
+}
+
+/// A COPY source: where it is, and the name it is copied under.
+struct Source {
+    path: PathBuf,
+    name: String,
 }
 
 /// A digest of the sources (names, modes, owners, contents, link targets; not times).
 fn hash_sources(root: &Path, srcs: &[String], line: usize) -> Result<String, BuildError> {
     let mut h = Sha256::new();
     for src in sources(root, srcs, line)? {
-        let rel = src.strip_prefix(root).unwrap_or(&src).to_path_buf();
-        walk(&src, Path::new(""), &mut |path, name, meta| {
+        let rel = PathBuf::from(&src.name);
+        walk(&src.path, Path::new(""), &mut |path, name, meta| {
             h.update(rel.join(name).to_string_lossy().as_bytes());
             h.update([0]);
             h.update(meta.mode().to_le_bytes());
@@ -1306,7 +1553,7 @@ fn hash_sources(root: &Path, srcs: &[String], line: usize) -> Result<String, Bui
             h.update([0]);
             Ok(())
         })
-        .map_err(io_err("read", &src))?;
+        .map_err(io_err("read", &src.path))?;
     }
     Ok(digest::finish(h))
 }
@@ -1364,7 +1611,7 @@ fn is_archive(path: &Path) -> bool {
 }
 
 /// The COPY/ADD as a tar whose members are named from the image's root.
-fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
+fn copy_tar(root: &Path, job: &CopyJob, out: &mut dyn Write) -> Result<(), BuildError> {
     let srcs = sources(&job.src_root, &job.srcs, job.line)?;
     let name = job.name();
     let dest_is_dir_syntax = job.dest.ends_with('/');
@@ -1377,7 +1624,7 @@ fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
     }
     let owner =
         match &job.chown {
-            Some(c) => Some(resolve_user(root, c).map_err(|e| {
+            Some(c) => Some(resolve_chown(root, c).map_err(|e| {
                 BuildError::Step(format!("{name} --chown (line {}): {e}", job.line))
             })?),
             None => None,
@@ -1392,34 +1639,39 @@ fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
         None => None,
     };
     let dest = clean(&job.dest).join("/");
-    let mut b = tar::Builder::new(Vec::new());
+    let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     // Parents the image lacks, made like docker does (0755, root).
     let mut made: HashSet<String> = HashSet::new();
-    let mut ensure_parents = |b: &mut tar::Builder<Vec<u8>>, member: &str| -> io::Result<()> {
-        let parts: Vec<&str> = member.split('/').collect();
-        for i in 1..parts.len() {
-            let p = parts[..i].join("/");
-            if made.contains(&p) {
-                continue;
+    let mut ensure_parents =
+        |b: &mut tar::Builder<&mut dyn Write>, member: &str| -> io::Result<()> {
+            let parts: Vec<&str> = member.split('/').collect();
+            for i in 1..parts.len() {
+                let p = parts[..i].join("/");
+                if made.contains(&p) {
+                    continue;
+                }
+                made.insert(p.clone());
+                if resolve_in_root(root, &p, true).is_ok_and(|h| h.is_dir()) {
+                    continue;
+                }
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                let (uid, gid) = owner.unwrap_or((0, 0));
+                h.set_uid(uid as u64);
+                h.set_gid(gid as u64);
+                b.append_data(&mut h, &p, io::empty())?;
             }
-            made.insert(p.clone());
-            if resolve_in_root(root, &p, true).is_ok_and(|h| h.is_dir()) {
-                continue;
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            let (uid, gid) = owner.unwrap_or((0, 0));
-            h.set_uid(uid as u64);
-            h.set_gid(gid as u64);
-            b.append_data(&mut h, &p, io::empty())?;
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     let tar_err = |e: io::Error| BuildError::Other(format!("{name}: {e}"));
-    for src in &srcs {
+    for Source {
+        path: src,
+        name: base,
+    } in &srcs
+    {
         let meta = fs::symlink_metadata(src).map_err(io_err("stat", src))?;
         if meta.is_dir() {
             // A directory's contents go into dest.
@@ -1468,9 +1720,7 @@ fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
                 let link = e
                     .link_name_bytes()
                     .map(|l| String::from_utf8_lossy(&l).into_owned());
-                let mut data = Vec::new();
-                e.read_to_end(&mut data).map_err(tar_err)?;
-                h.set_size(data.len() as u64);
+                h.set_size(e.size());
                 match (kind, link) {
                     (k, Some(link)) if k.is_hard_link() => {
                         let target = join_member(&dest, &clean(&link).join("/"));
@@ -1481,16 +1731,21 @@ fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
                         h.set_size(0);
                         b.append_link(&mut h, &member, link).map_err(tar_err)?;
                     }
-                    _ => b.append_data(&mut h, &member, &data[..]).map_err(tar_err)?,
+                    // The member's bytes stream through (a sparse one reads as its full size).
+                    (k, _) if k.is_file() || k == tar::EntryType::GNUSparse => {
+                        h.set_entry_type(tar::EntryType::Regular);
+                        b.append_data(&mut h, &member, &mut e).map_err(tar_err)?
+                    }
+                    _ => {
+                        h.set_size(0);
+                        b.append_data(&mut h, &member, io::empty())
+                            .map_err(tar_err)?
+                    }
                 }
             }
         } else {
-            let base = src
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
             let member = if dest_is_dir_syntax || dest_exists_dir || srcs.len() > 1 {
-                join_member(&dest, &base)
+                join_member(&dest, base)
             } else {
                 dest.clone()
             };
@@ -1498,7 +1753,8 @@ fn copy_tar(root: &Path, job: &CopyJob) -> Result<Vec<u8>, BuildError> {
             append(&mut b, src, &member, &meta, owner, chmod).map_err(tar_err)?;
         }
     }
-    b.into_inner().map_err(tar_err)
+    b.into_inner().map_err(tar_err)?;
+    Ok(())
 }
 
 fn join_member(dest: &str, rel: &str) -> String {
@@ -1511,7 +1767,7 @@ fn join_member(dest: &str, rel: &str) -> String {
 
 /// One file, directory or link as a member (owner root or `--chown`, mode or `--chmod`).
 fn append(
-    b: &mut tar::Builder<Vec<u8>>,
+    b: &mut tar::Builder<&mut dyn Write>,
     path: &Path,
     member: &str,
     meta: &fs::Metadata,
@@ -1547,8 +1803,9 @@ fn append(
     }
 }
 
-/// The config.json of a RUN: the image's files at `root`, the host's network, docker's
-/// default capabilities, no new privileges.
+/// The config.json of a RUN: the image's files at `root`, its own network namespace on the
+/// host's bridge (`net`) with the resolv.conf and hosts written for it, docker's default
+/// capabilities.
 #[allow(clippy::too_many_arguments)]
 fn write_run_config(
     bundle: &Path,
@@ -1560,9 +1817,11 @@ fn write_run_config(
     gid: u32,
     cgroup_parent: &str,
     id: &str,
+    net: &RunNet,
 ) -> Result<(), BuildError> {
     use oci_spec::runtime::{
-        LinuxBuilder, LinuxNamespaceType, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+        LinuxBuilder, LinuxNamespaceType, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+        UserBuilder,
     };
     let spec_err = |e: oci_spec::OciSpecError| BuildError::Other(e.to_string());
     let process = ProcessBuilder::default()
@@ -1578,7 +1837,8 @@ fn write_run_config(
                 .map_err(spec_err)?,
         )
         .capabilities(crate::bundle::capabilities())
-        .no_new_privileges(true)
+        // As docker builds: a RUN may use setuid programs (sudo, su).
+        .no_new_privileges(false)
         .build()
         .map_err(spec_err)?;
     let mut spec = Spec::default();
@@ -1588,8 +1848,29 @@ fn write_run_config(
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .map(|n| match (&net.netns, n.typ()) {
+            // The namespace the agent put on the bridge.
+            (Some(p), LinuxNamespaceType::Network) => {
+                let mut n = n.clone();
+                n.set_path(Some(p.clone()));
+                n
+            }
+            _ => n,
+        })
         .collect();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (name, src) in &net.etc {
+        mounts.push(
+            MountBuilder::default()
+                .destination(format!("/etc/{name}"))
+                .typ("bind")
+                .source(src)
+                .options(vec!["rbind".into(), "rprivate".into(), "ro".into()])
+                .build()
+                .map_err(spec_err)?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(format!(
@@ -1667,9 +1948,37 @@ mod tests {
         assert_eq!(resolve_user(t.path(), "1000").unwrap(), (1000, 1001));
         assert_eq!(resolve_user(t.path(), "app:staff").unwrap(), (1000, 50));
         assert_eq!(resolve_user(t.path(), "7:8").unwrap(), (7, 8));
+        // --chown: a bare uid is also the gid (docker's rule); a name keeps its group.
+        assert_eq!(resolve_chown(t.path(), "1000").unwrap(), (1000, 1000));
+        assert_eq!(resolve_chown(t.path(), "app").unwrap(), (1000, 1001));
         assert!(resolve_user(t.path(), "nobody")
             .unwrap_err()
             .contains("unknown user"));
+    }
+
+    #[tokio::test]
+    async fn run_output_becomes_lines_whatever_its_bytes() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let long = vec![b'x'; 20 << 10];
+        let mut input = b"one\r\ntwo\rthree\n\xff\xfebad\n\nlast".to_vec();
+        input.push(b'\n');
+        input.extend_from_slice(&long);
+        relay_output(&input[..], Progress(tx)).await;
+        let mut got = Vec::new();
+        while let Ok(Ok(BuildOutput {
+            msg: Some(Out::Progress(l)),
+        })) = rx.try_recv()
+        {
+            got.push(l);
+        }
+        assert_eq!(
+            &got[..5],
+            ["one", "two", "three", "\u{fffd}\u{fffd}bad", ""]
+        );
+        assert_eq!(got[5], "last");
+        assert_eq!(got[6].len(), 16 << 10);
+        assert_eq!(got[7].len(), 4 << 10);
+        assert_eq!(got.len(), 8);
     }
 
     #[test]

@@ -46,7 +46,12 @@ pub enum ImagesError {
     Store(#[from] rudder_image::ImageError),
     #[error("images: worker thread: {0}")]
     Join(String),
+    #[error("images: a build or pull is using the content store; try again when it is done")]
+    Busy,
 }
+
+/// How long a prune waits for the content store before giving up on this host.
+const GC_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 fn io(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ImagesError {
     let path = path.to_path_buf();
@@ -352,7 +357,11 @@ pub async fn prune(
     grace_ms: Option<u64>,
 ) -> Result<PruneResult, ImagesError> {
     let grace = grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis);
-    let _gc = store.lock_for_gc().await;
+    // A build holds the store for all its steps; waiting for it would also hold back every
+    // pull (and so every container start) queued behind this collection. Give up instead.
+    let Ok(_gc) = tokio::time::timeout(GC_LOCK_WAIT, store.lock_for_gc()).await else {
+        return Err(ImagesError::Busy);
+    };
     let (store, containers) = (store.clone(), containers.to_path_buf());
     tokio::task::spawn_blocking(move || {
         let scan = scan(&store, &containers)?;

@@ -173,6 +173,12 @@ pub async fn run(
         agent_exe: std::env::current_exe()
             .map_err(|e| AgentError::Io("find the agent binary", e))?,
     };
+    let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
+    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
+    let agent_exe =
+        std::env::current_exe().map_err(|e| AgentError::Io("find the agent binary", e))?;
+    let overlay = net::Overlay::start(&cfg.data_dir, &node_id, cfg.wg_port, agent_exe)
+        .map_err(|e| AgentError::Join(e.to_string()))?;
     let builder = Arc::new(build::Builder {
         images: images.clone(),
         access: access.clone(),
@@ -180,14 +186,9 @@ pub async fn run(
         scratch: cfg.data_dir.join("builds"),
         cache: cfg.data_dir.join("build-cache"),
         registry_tls: Some(certs_rx.clone()),
+        net: Some(overlay.clone()),
     });
     builder.sweep();
-    let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
-    let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
-    let agent_exe =
-        std::env::current_exe().map_err(|e| AgentError::Io("find the agent binary", e))?;
-    let overlay = net::Overlay::start(&cfg.data_dir, &node_id, cfg.wg_port, agent_exe)
-        .map_err(|e| AgentError::Join(e.to_string()))?;
     let worker = worker::Worker::new(worker::Ctx {
         containers: containers.clone(),
         images: images.clone(),

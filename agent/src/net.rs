@@ -714,19 +714,33 @@ impl Overlay {
 
     /// The local bridge's rules, from the containers on it (their dirs record the address):
     /// derived from disk, so an agent restart loses nothing. `None` while no task uses it.
+    /// The directories that may hold a `bridge_addr` record: every container's, and every
+    /// build's (a build's RUN joins the bridge too: `build`).
+    fn bridge_record_dirs(&self) -> Vec<PathBuf> {
+        ["containers", "builds"]
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_dir(self.data_dir.join(d))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    }
+
     fn local_bridge(&self) -> Option<LocalBridge> {
         let mut ports = Vec::new();
         let mut any = false;
-        let entries = std::fs::read_dir(self.data_dir.join("containers")).ok()?;
-        for e in entries.flatten() {
-            let Some(addr) = std::fs::read_to_string(e.path().join("bridge_addr"))
+        for dir in self.bridge_record_dirs() {
+            let Some(addr) = std::fs::read_to_string(dir.join("bridge_addr"))
                 .ok()
                 .and_then(|a| a.trim().parse::<Ipv4Addr>().ok())
             else {
                 continue;
             };
             any = true;
-            let Some(task) = std::fs::read(e.path().join("task.json"))
+            let Some(task) = std::fs::read(dir.join("task.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
             else {
@@ -756,6 +770,19 @@ impl Overlay {
     /// `dir/bridge_addr`), a namespace with `eth0` and a default route via the bridge, the
     /// host's resolvers. Returns the namespace's path.
     pub async fn attach_bridge(&self, task: &Task, dir: &Path) -> Result<PathBuf, NetError> {
+        self.attach_bridge_as(&task.id, &task.hostname(), &task.name(), dir)
+            .await
+    }
+
+    /// [`Overlay::attach_bridge`] for anything with an id (its namespace, veth and address
+    /// record follow it), a hostname and a name for the log: a task, or a build's RUN.
+    pub async fn attach_bridge_as(
+        &self,
+        id: &str,
+        hostname: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<PathBuf, NetError> {
         let _guard = self.bridge_lock.lock().await;
         let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
         let prefix = self.bridge_subnet.prefix_len();
@@ -774,11 +801,10 @@ impl Overlay {
         {
             Some(a) => a,
             None => {
-                let used: BTreeSet<Ipv4Addr> = std::fs::read_dir(self.data_dir.join("containers"))
+                let used: BTreeSet<Ipv4Addr> = self
+                    .bridge_record_dirs()
                     .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|e| std::fs::read_to_string(e.path().join("bridge_addr")).ok())
+                    .filter_map(|d| std::fs::read_to_string(d.join("bridge_addr")).ok())
                     .filter_map(|a| a.trim().parse().ok())
                     .collect();
                 let base = u32::from(self.bridge_subnet.network());
@@ -798,11 +824,11 @@ impl Overlay {
             }
         };
         drop(_guard);
-        let ns = self.netns_path(&task.id);
+        let ns = self.netns_path(id);
         if !ns.exists() {
             create_netns(&ns).await?;
         }
-        let (v, p) = (veth_name(&task.id, 9), veth_peer_name(&task.id, 9));
+        let (v, p) = (veth_name(id, 9), veth_peer_name(id, 9));
         let mut host = Vec::new();
         if links().await?.contains(&v) {
             host.push(format!("link del {v}"));
@@ -826,21 +852,21 @@ impl Overlay {
             .filter(|l| !(l.trim_start().starts_with("nameserver") && l.contains(" 127.")))
             .map(|l| format!("{l}\n"))
             .collect();
-        write_etc(dir, resolv, addr, &task.hostname())?;
+        write_etc(dir, resolv, addr, hostname)?;
         self.bridge_tx.send_modify(|n| *n += 1);
-        info!(task = %task.name(), %addr, "attached to the local bridge");
+        info!(task = %name, %addr, "attached to the local bridge");
         Ok(ns)
     }
 
     /// Takes `task` off the local bridge: its namespace, veth and address go.
     pub async fn detach_bridge(&self, task: &Task, dir: &Path) {
-        let _ = ip_batch(
-            &[format!("link del {}", veth_name(&task.id, 9))],
-            true,
-            None,
-        )
-        .await;
-        remove_netns(&self.netns_path(&task.id));
+        self.detach_bridge_as(&task.id, dir).await
+    }
+
+    /// [`Overlay::detach_bridge`] by id (see [`Overlay::attach_bridge_as`]).
+    pub async fn detach_bridge_as(&self, id: &str, dir: &Path) {
+        let _ = ip_batch(&[format!("link del {}", veth_name(id, 9))], true, None).await;
+        remove_netns(&self.netns_path(id));
         let _ = std::fs::remove_file(dir.join("bridge_addr"));
         self.bridge_tx.send_modify(|n| *n += 1);
     }

@@ -151,12 +151,13 @@ async fn relay(
             .ok_or_else(|| Status::internal(format!("build: host {host} ended the build early")))?;
         match msg {
             Out::Progress(line) => {
-                // rctl going away does not stop the build; its result is still stored.
-                let _ = tx
-                    .send(Ok(BuildOutput {
-                        msg: Some(Out::Progress(line)),
-                    }))
-                    .await;
+                // rctl went away (^C): the build stops, as docker's does. Dropping the host's
+                // stream tells the host.
+                tx.send(Ok(BuildOutput {
+                    msg: Some(Out::Progress(line)),
+                }))
+                .await
+                .map_err(|_| Status::cancelled("build: the client went away"))?;
             }
             Out::Blob(b) => {
                 let digest = Digest::parse(&b.digest)

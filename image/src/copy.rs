@@ -237,6 +237,13 @@ pub fn unpack_owned(
         }
         if kind.is_dir() {
             ensure_dir(&target, confined)?;
+            if keep_owners {
+                // The tar crate only sets owners on what it unpacks itself (not directories).
+                if let (Ok(uid), Ok(gid)) = (entry.header().uid(), entry.header().gid()) {
+                    std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
+                        .map_err(io_err("chown", &target))?;
+                }
+            }
             if let Ok(mode) = entry.header().mode() {
                 dir_modes.push((target, mode & 0o7777));
             }

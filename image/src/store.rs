@@ -111,6 +111,17 @@ impl ImageStore {
         reference: &Reference,
     ) -> Result<PulledImage> {
         let _pulling = self.hold_off_gc().await;
+        self.pull_held(client, reference, &_pulling).await
+    }
+
+    /// [`ImageStore::pull`] by a caller that already holds GC off (a build, for all its
+    /// steps): taking the lock again could wait behind a queued collection forever.
+    pub async fn pull_held(
+        &self,
+        client: &RegistryClient,
+        reference: &Reference,
+        _held: &tokio::sync::OwnedRwLockReadGuard<()>,
+    ) -> Result<PulledImage> {
         let repo = reference.repository.as_str();
         let (mut media_type, mut bytes, mut manifest_digest) =
             client.get_manifest(repo, reference.reference_str()).await?;

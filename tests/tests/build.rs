@@ -15,6 +15,8 @@ ARG BASE=busybox
 FROM ${BASE}:latest AS tools
 RUN mkdir -p /out && \
     echo built-in-stage-one > /out/tool.txt
+# A RUN has its own network namespace on the host's bridge, and a resolv.conf.
+RUN ip -4 addr show eth0 | grep -q 'inet 172\.31\.' && test -s /etc/resolv.conf && echo on-the-bridge
 
 FROM busybox:latest
 ARG GREETING=hello
@@ -24,6 +26,7 @@ LABEL org.example.name="build test" version=1
 WORKDIR ${APP_HOME}/data
 COPY --chown=1000:1000 files/ ./files/
 COPY *.txt ${APP_HOME}/
+COPY link.txt /app/linked.txt
 ADD bundle.tar /opt/
 COPY --from=tools /out/tool.txt /opt/tool.txt
 RUN echo "${GREETING} from $MODE" > /app/greeting && rm /bin/vi
@@ -32,13 +35,14 @@ USER 1000
 EXPOSE 8080/tcp
 VOLUME /app/data
 ENTRYPOINT ["/bin/sh", "-c"]
-CMD ["cat /app/greeting; id -u; pwd; cat /app/top.txt /app/exec.txt /opt/tool.txt /opt/inner/packed.txt; ls -n /app/data/files; test -e /bin/vi || echo no-vi; test -e /app/secret.key || echo no-secret"]
+CMD ["cat /app/greeting; id -u; pwd; cat /app/top.txt /app/linked.txt /app/exec.txt /opt/tool.txt /opt/inner/packed.txt; ls -n /app/data/files; echo sub-owner=$(stat -c %u:%g /app/data/files/sub); test -e /bin/vi || echo no-vi; test -e /app/secret.key || echo no-secret"]
 "#;
 
 fn context(dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(dir.join("files/sub"))?;
     fs::write(dir.join("Dockerfile"), DOCKERFILE)?;
     fs::write(dir.join("top.txt"), "top-file\n")?;
+    std::os::unix::fs::symlink("top.txt", dir.join("link.txt"))?;
     fs::write(dir.join("files/a.conf"), "a\n")?;
     fs::write(dir.join("files/sub/b.conf"), "b\n")?;
     fs::write(dir.join("secret.key"), "do not send\n")?;
@@ -80,6 +84,7 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     assert!(out.contains("Step 1/"), "{out}");
     assert!(out.contains("RUN echo \"${GREETING} from $MODE\""), "{out}");
     assert!(!out.contains("Using cache"), "{out}");
+    assert!(out.contains("\non-the-bridge\n"), "{out}");
     let first = digest_of(&out);
     assert!(first.starts_with("sha256:"), "{out}");
 
@@ -95,6 +100,7 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
         "packed",
         "no-vi",
         "no-secret",
+        "sub-owner=1000:1000",
     ] {
         assert!(run.contains(want), "missing {want:?} in:\n{run}");
     }

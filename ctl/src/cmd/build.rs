@@ -99,6 +99,7 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
     let mut file = tempfile::tempfile().context("create a scratch file")?;
     let summary = rudder_image::build_context::pack_context(context, inside.as_deref(), &mut file)
         .with_context(|| format!("pack the build context {}", context.display()))?;
+    let context_size = file.stream_position()?;
     file.rewind()?;
     let _ = summary;
 
@@ -113,6 +114,7 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
         node: args.node.clone().unwrap_or_default(),
         target: args.target.clone().unwrap_or_default(),
         registry: String::new(),
+        context_size,
     };
     tx.send(BuildInput {
         msg: Some(In::Params(params)),
