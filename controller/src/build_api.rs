@@ -143,16 +143,18 @@ async fn relay(
 ) -> Result<BuildResult, Status> {
     let on_host = |s: Status| Status::new(s.code(), s.message().to_string());
     loop {
-        let msg = outputs
-            .message()
-            .await
+        // rctl going away (^C) stops the build, as docker's does, even while a step is
+        // silent: returning drops the host's stream, which tells the host.
+        let next = tokio::select! {
+            m = outputs.message() => m,
+            () = tx.closed() => return Err(Status::cancelled("build: the client went away")),
+        };
+        let msg = next
             .map_err(on_host)?
             .and_then(|m| m.msg)
             .ok_or_else(|| Status::internal(format!("build: host {host} ended the build early")))?;
         match msg {
             Out::Progress(line) => {
-                // rctl went away (^C): the build stops, as docker's does. Dropping the host's
-                // stream tells the host.
                 tx.send(Ok(BuildOutput {
                     msg: Some(Out::Progress(line)),
                 }))

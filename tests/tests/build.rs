@@ -8,7 +8,11 @@
 use std::fs;
 use std::path::Path;
 
-use rudder_tests::{lab_with_busybox, LabGuard};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rudder_tests::{bin, lab_with_busybox, wait_for, LabGuard};
 
 const DOCKERFILE: &str = r#"# A comment, then a global ARG used by FROM.
 ARG BASE=busybox
@@ -157,6 +161,57 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     build(&lab, &["-t", "tiny:src", "--target", "src", s])?;
     let run = lab.rctl(&["run", "--rm", "tiny:src", "cat", "/staged"])?;
     assert!(run.contains("staged"), "{run}");
+
+    // ---- ^C: the running step's container goes, and nothing is tagged ----
+    let slow = tmp.path().join("slow");
+    fs::create_dir_all(&slow)?;
+    fs::write(
+        slow.join("Dockerfile"),
+        "FROM busybox:latest\nRUN echo started && sleep 600\n",
+    )?;
+    let mut child = Command::new(bin("rctl"))
+        .arg("--context")
+        .arg(&lab.lab.context_path)
+        .args([
+            "build",
+            "-t",
+            "slow:1",
+            "--node",
+            "h1",
+            slow.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Some(l) = lines.next().transpose()? {
+        if l == "started" {
+            break;
+        }
+    }
+    let runtime = rudder_agent::runtime::pick_runtime("auto");
+    let build_containers = || -> anyhow::Result<usize> {
+        let out = Command::new(&runtime)
+            .arg("--root")
+            .arg(&lab.host("h1").runtime_root)
+            .args(["list", "--quiet"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("build-"))
+            .count())
+    };
+    assert_eq!(build_containers()?, 1, "the RUN runs in a container");
+    child.kill()?;
+    child.wait()?;
+    wait_for(Duration::from_secs(10), "the RUN container gone", || {
+        Ok((build_containers()? == 0).then_some(()))
+    })?;
+    let err = lab
+        .rctl(&["run", "--rm", "slow:1", "true"])
+        .unwrap_err()
+        .to_string();
+    assert!(!err.is_empty());
 
     // ---- refusals ----
     let bad = tmp.path().join("bad");
