@@ -35,7 +35,7 @@ pub struct BuildArgs {
     /// Rebuild every step instead of reusing the build cache.
     #[arg(long)]
     pub no_cache: bool,
-    /// Build this stage (name or index) instead of the last.
+    /// Build this stage (its `AS` name) instead of the last.
     #[arg(long)]
     pub target: Option<String>,
     /// The host to build on (default: the controller picks one, the same one each time).
