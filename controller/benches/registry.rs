@@ -10,6 +10,9 @@
 //! 2. Layer sharing: image A (two base layers) is pulled into an empty host content store, then
 //!    image B = A + one new layer. The second pull moves only the new layer's bytes.
 //!
+//! 3. An anchor: the same client against Debian's `docker-registry` (the reference
+//!    distribution registry) on 127.0.0.1, when it is installed.
+//!
 //! Environment: `REGISTRY_BENCH_MB` (layer size, default 100), `REGISTRY_BENCH_ROUNDS`
 //! (default 5).
 
@@ -156,6 +159,60 @@ async fn tls_server() -> (Server, RegistryClient) {
     )
 }
 
+/// Debian's `docker-registry` (the reference distribution registry) on 127.0.0.1, no auth, for
+/// an anchor: the same client against the registry most others are measured by. `None` when it
+/// is not installed. Killed (that pid) when the guard drops.
+struct RefRegistry {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for RefRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn reference_registry() -> Option<RefRegistry> {
+    let dir = tempfile::tempdir().ok()?;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?;
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n  secret: bench\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .ok()?;
+    let child = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let r = RefRegistry {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if start.elapsed().as_secs() > 10 {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(r)
+}
+
 async fn throughput(label: &str, client: &RegistryClient, mb: usize, rounds: usize) {
     let blob = random(mb * 1_000_000, 7);
     let (mut push, mut pull) = (Vec::new(), Vec::new());
@@ -241,5 +298,18 @@ fn main() {
         )
         .await;
         let _ = server.stop.take().map(|s| s.send(()));
+        match reference_registry() {
+            Some(r) => {
+                let client = RegistryClient::new(&r.addr.to_string()).unwrap();
+                throughput(
+                    "anchor: Debian's docker-registry 2.8 (plain HTTP), same client",
+                    &client,
+                    mb,
+                    rounds,
+                )
+                .await;
+            }
+            None => println!("anchor skipped: docker-registry is not installed"),
+        }
     });
 }
