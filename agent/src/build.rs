@@ -731,17 +731,13 @@ impl Run<'_> {
                 .map_err(|e| BuildError::Other(format!("make {} read-only: {e}", at.display())))?;
             }
             _ => {
-                let lower: Vec<String> =
-                    dirs.iter().rev().map(|p| p.display().to_string()).collect();
-                let opts = format!("lowerdir={}", lower.join(":"));
-                mount(
-                    Some("overlay"),
-                    &at,
-                    Some("overlay"),
-                    MsFlags::MS_RDONLY,
-                    Some(opts.as_str()),
-                )
-                .map_err(|e| BuildError::Other(format!("mount {}: {e}", at.display())))?;
+                let o = crate::overlayfs::Overlay {
+                    lower: dirs.iter().rev().cloned().collect(),
+                    upper: None,
+                    optional: Vec::new(),
+                };
+                crate::overlayfs::mount_overlay(&o, &at)
+                    .map_err(|e| BuildError::Other(format!("mount {}: {e}", at.display())))?;
                 self.mounts.push(at.clone());
             }
         }
@@ -770,41 +766,24 @@ impl Run<'_> {
         }
         fs::set_permissions(&upper, fs::Permissions::from_mode(0o755))
             .map_err(io_err("chmod", &upper))?;
-        let mut lower: Vec<String> = image
+        let mut lower: Vec<PathBuf> = image
             .layers
             .iter()
             .rev()
-            .map(|l| self.b.images.layer_dir(&l.digest).display().to_string())
+            .map(|l| self.b.images.layer_dir(&l.digest))
             .collect();
         if lower.is_empty() {
-            lower.push(empty.display().to_string());
+            lower.push(empty.clone());
         }
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            upper.display(),
-            work.display()
-        );
         // A layer cannot say what a redirected directory or a metacopy file means, so those
-        // are off where the kernel knows them (older kernels refuse the options: retry bare).
-        let strict = format!("{opts},redirect_dir=off,metacopy=off");
-        mount(
-            Some("overlay"),
-            &root,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(strict.as_str()),
-        )
-        .or_else(|_| {
-            mount(
-                Some("overlay"),
-                &root,
-                Some("overlay"),
-                MsFlags::empty(),
-                Some(opts.as_str()),
-            )
-        })
-        .map_err(|e| BuildError::Other(format!("mount overlay at {}: {e}", root.display())))?;
+        // are off where the kernel knows them.
+        let o = crate::overlayfs::Overlay {
+            lower,
+            upper: Some((upper.clone(), work.clone())),
+            optional: vec![("redirect_dir", "off"), ("metacopy", "off")],
+        };
+        crate::overlayfs::mount_overlay(&o, &root)
+            .map_err(|e| BuildError::Other(format!("mount overlay at {}: {e}", root.display())))?;
         let result = match op {
             FsOp::Mkdir(dir) => self.mkdir(root.clone(), &dir).await,
             FsOp::Run { argv, env, line } => {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilities, LinuxNamespaceType, ProcessBuilder, RootBuilder,
     Spec, UserBuilder,
@@ -61,27 +61,14 @@ pub fn mount_rootfs(c: &ContainerDir, layers: &[PathBuf]) -> Result<(), BundleEr
     if is_mounted(&c.rootfs()) {
         return Ok(());
     }
-    let lower: Vec<String> = layers
-        .iter()
-        .rev()
-        .map(|p| p.display().to_string())
-        .collect();
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.join(":"),
-        c.upper().display(),
-        c.work().display()
-    );
-    mount(
-        Some("overlay"),
-        &c.rootfs(),
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(opts.as_str()),
-    )
-    .map_err(|err| BundleError::Mount {
+    let o = crate::overlayfs::Overlay {
+        lower: layers.iter().rev().cloned().collect(),
+        upper: Some((c.upper(), c.work())),
+        optional: Vec::new(),
+    };
+    crate::overlayfs::mount_overlay(&o, &c.rootfs()).map_err(|err| BundleError::Mount {
         path: c.rootfs().display().to_string(),
-        err,
+        err: nix::Error::from_raw(err.raw_os_error().unwrap_or(libc::EIO)),
     })
 }
 

@@ -220,8 +220,16 @@ pub fn mounted_layers(mountinfo: &str, layer_dir: &Path) -> BTreeSet<String> {
     }
     let mut out = BTreeSet::new();
     for line in mountinfo.lines() {
-        for (i, _) in line.match_indices("lowerdir=") {
-            let rest = &line[i + "lowerdir=".len()..];
+        // `lowerdir=A:B` (the classic mount call) or one `lowerdir+=A` per layer (the new
+        // mount API: `overlayfs`).
+        let classic = line
+            .match_indices("lowerdir=")
+            .map(|(i, _)| i + "lowerdir=".len());
+        let one_by_one = line
+            .match_indices("lowerdir+=")
+            .map(|(i, _)| i + "lowerdir+=".len());
+        for start in classic.chain(one_by_one) {
+            let rest = &line[start..];
             let value = rest.split([',', ' ']).next().unwrap_or_default();
             for dir in value.split(':') {
                 let p = Path::new(dir);
@@ -485,5 +493,17 @@ mod tests {
         );
         let found = mounted_layers(&table, Path::new("/data/images/layers"));
         assert_eq!(found, [format!("sha256:{a}"), format!("sha256:{b}")].into());
+    }
+
+    #[test]
+    fn lower_dirs_given_one_by_one() {
+        let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        let table = format!(
+            "46 27 0:39 / /data/builds/x/rootfs rw,relatime - overlay none \
+             rw,lowerdir+=/data/images/layers/{c},lowerdir+=/data/images/layers/{b},upperdir=/u,workdir=/w,uuid=on\n\
+             47 27 0:40 / /y rw - overlay none rw,lowerdir+=/elsewhere/layers/{a}\n"
+        );
+        let found = mounted_layers(&table, Path::new("/data/images/layers"));
+        assert_eq!(found, [format!("sha256:{b}"), format!("sha256:{c}")].into());
     }
 }

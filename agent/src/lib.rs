@@ -14,6 +14,7 @@ pub mod health;
 pub mod images;
 pub mod manager;
 pub mod net;
+pub mod overlayfs;
 pub mod runtime;
 pub mod session;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
