@@ -434,6 +434,9 @@ pub async fn store_manifest(
         }
     }
     state.blobs.put_bytes(bytes).await?;
+    // The manifest's bytes, like any blob, are on a majority of managers before its tag is
+    // recorded: losing this controller right after loses no image.
+    replicate_to_majority(state, name, &digest).await?;
     state
         .tags
         .put(name, tag, digest.as_str(), &parsed.media_type)

@@ -1394,6 +1394,33 @@ async fn upload_is_acknowledged_once_a_majority_holds_the_blob() {
     assert!(a.uploads_dir_is_empty() && b.uploads_dir_is_empty());
 }
 
+/// A manifest's bytes, like any blob's, are on a majority of the managers before its tag is
+/// recorded; without a majority the PUT is refused and no tag moves.
+#[tokio::test]
+async fn manifest_is_recorded_once_a_majority_holds_it() {
+    let tags: Arc<dyn TagStore> = Arc::new(MemTagStore::new());
+    let dead_two = || StaticPeers(vec![DEAD[0].to_owned(), DEAD[1].to_owned()]);
+    let b = Server::start_with(tags.clone(), Some(Arc::new(dead_two()))).await;
+    let a_peers = StaticPeers(vec![DEAD[0].to_owned(), b.base.clone()]);
+    let a = Server::start_with(tags.clone(), Some(Arc::new(a_peers))).await;
+    let image = a.push_image("m/q", "v1", &[layer(12, 100)]).await;
+    assert!(
+        b.has_blob(&image.manifest),
+        "tagged before a peer held the manifest"
+    );
+
+    let lonely = Server::start_with(tags, Some(Arc::new(dead_two()))).await;
+    for (_, bytes) in &image.blobs {
+        lonely.state.blobs().put_bytes(bytes).await.unwrap();
+    }
+    let resp = lonely
+        .put_manifest("m/q", "v2", OCI_MANIFEST, &image.manifest_bytes)
+        .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let resp = a.send(Method::GET, "/v2/m/q/manifests/v2").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "the tag moved");
+}
+
 /// No majority reachable: the upload is refused with a 503 naming how many managers hold the
 /// blob, and the blob this upload brought is removed again (nothing stored, no upload file),
 /// so that a retrying client uploads it anew. A single manager acknowledges at once.
