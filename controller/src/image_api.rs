@@ -332,6 +332,22 @@ fn grace_of(grace_ms: Option<u64>) -> Duration {
     grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis)
 }
 
+/// One place's collection, given [`COLLECT_TIMEOUT`] to finish; a failure or a timeout is
+/// reported for that place.
+async fn within_timeout(
+    place: String,
+    call: impl std::future::Future<Output = Result<PruneResult, String>>,
+) -> PruneResult {
+    match tokio::time::timeout(COLLECT_TIMEOUT, call).await {
+        Ok(Ok(mut r)) => {
+            r.place = place;
+            r
+        }
+        Ok(Err(e)) => failed(place, e),
+        Err(_) => failed(place, format!("did not finish within {COLLECT_TIMEOUT:?}")),
+    }
+}
+
 fn failed(place: String, error: String) -> PruneResult {
     PruneResult {
         place,
@@ -402,14 +418,7 @@ pub async fn prune(
                     .map(|r| r.into_inner())
                     .map_err(|s| s.message().to_string())
             };
-            match tokio::time::timeout(COLLECT_TIMEOUT, call).await {
-                Ok(Ok(mut r)) => {
-                    r.place = place;
-                    r
-                }
-                Ok(Err(e)) => failed(place, e),
-                Err(_) => failed(place, format!("did not finish within {COLLECT_TIMEOUT:?}")),
-            }
+            within_timeout(place, call).await
         }
     });
     let hosts = store
@@ -430,14 +439,7 @@ pub async fn prune(
                         .map(|r| r.into_inner())
                         .map_err(|s| s.message().to_string())
                 };
-                match tokio::time::timeout(COLLECT_TIMEOUT, call).await {
-                    Ok(Ok(mut r)) => {
-                        r.place = place;
-                        r
-                    }
-                    Ok(Err(e)) => failed(place, e),
-                    Err(_) => failed(place, format!("did not finish within {COLLECT_TIMEOUT:?}")),
-                }
+                within_timeout(place, call).await
             }
         });
     let (mut controllers, mut hosts) = tokio::join!(join_all(managers), join_all(hosts));

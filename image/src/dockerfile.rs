@@ -1943,6 +1943,29 @@ impl StageBuilder {
         }
     }
 
+    /// The KEY=VALUE pairs of an ENV or LABEL (`what`), both sides substituted with the
+    /// variables from before the step; a key that substitutes to nothing is an error.
+    fn expand_pairs(
+        &self,
+        step: &Step,
+        what: &str,
+        pairs: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, DockerfileError> {
+        let mut expanded = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            let key = self.expand(step, &format!("{what} name"), k)?;
+            if key.is_empty() {
+                return Err(DockerfileError::new(
+                    step.line,
+                    format!("{what} name {k:?} is empty after substitution"),
+                ));
+            }
+            let value = self.expand(step, &format!("{what} {key}"), v)?;
+            expanded.push((key, value));
+        }
+        Ok(expanded)
+    }
+
     /// Applies one step. Metadata steps (ARG ENV LABEL WORKDIR USER EXPOSE VOLUME CMD
     /// ENTRYPOINT SHELL STOPSIGNAL) update the settings and return [`Action::Config`];
     /// RUN/COPY/ADD return what to do, all variables substituted.
@@ -1963,18 +1986,7 @@ impl StageBuilder {
             Instr::Env(pairs) => {
                 // All values are substituted with the variables from before this ENV, as in
                 // docker (`ENV A=1 B=$A` gives B the old A).
-                let mut expanded = Vec::with_capacity(pairs.len());
-                for (k, v) in pairs {
-                    let key = self.expand(step, "ENV name", k)?;
-                    if key.is_empty() {
-                        return Err(DockerfileError::new(
-                            line,
-                            format!("ENV name {k:?} is empty after substitution"),
-                        ));
-                    }
-                    let value = self.expand(step, &format!("ENV {key}"), v)?;
-                    expanded.push((key, value));
-                }
+                let expanded = self.expand_pairs(step, "ENV", pairs)?;
                 for (key, value) in expanded {
                     let entry = format!("{key}={value}");
                     let prefix = format!("{key}=");
@@ -1990,18 +2002,7 @@ impl StageBuilder {
                 }
             }
             Instr::Label(pairs) => {
-                let mut expanded = Vec::with_capacity(pairs.len());
-                for (k, v) in pairs {
-                    let key = self.expand(step, "LABEL name", k)?;
-                    if key.is_empty() {
-                        return Err(DockerfileError::new(
-                            line,
-                            format!("LABEL name {k:?} is empty after substitution"),
-                        ));
-                    }
-                    let value = self.expand(step, &format!("LABEL {key}"), v)?;
-                    expanded.push((key, value));
-                }
+                let expanded = self.expand_pairs(step, "LABEL", pairs)?;
                 self.settings.labels.extend(expanded);
             }
             Instr::Workdir(raw) => {

@@ -372,3 +372,89 @@ pub fn pinned_service(name: &str, image: &str, host: &str) -> String {
          command: [\"/bin/sleep\", \"1000000\"]\n"
     )
 }
+
+/// Debian's `docker-registry` (the reference distribution registry) serving on a free
+/// loopback port from a temp dir, for tests of Rudder's client against it. Killed (exactly
+/// that pid) and its storage removed when dropped, also when a test panics (its log is
+/// printed then).
+pub struct DistributionRegistry {
+    child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    log_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl DistributionRegistry {
+    /// Starts it with `auth` (a YAML block at the config's top level, e.g. `auth:\n  htpasswd:
+    /// …`) after `files` (name, contents) are written into its dir; `{dir}` in `auth` is that
+    /// dir. Waits (10 s at most) until it listens.
+    pub fn start(auth: &str, files: &[(&str, &[u8])]) -> anyhow::Result<DistributionRegistry> {
+        use std::process::Stdio;
+        let dir = tempfile::tempdir()?;
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents)?;
+        }
+        // A free port: bind, note it, let go (the registry binds it right after).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        // `info` so that the registry's reasons for refusals land in the log.
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n  secret: rudder-test\n{}",
+            dir.path().join("data").display(),
+            auth.replace("{dir}", &dir.path().display().to_string())
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log_path = dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "start docker-registry (apt-get install docker-registry; see .ci/install-deps)",
+            )?;
+        let mut r = DistributionRegistry {
+            child,
+            addr,
+            log_path,
+            dir,
+        };
+        let up = wait_for(Duration::from_secs(10), "docker-registry listening", || {
+            if let Some(status) = r.child.try_wait()? {
+                bail!("docker-registry exited: {status}");
+            }
+            Ok(std::net::TcpStream::connect(addr).ok().map(|_| ()))
+        });
+        if let Err(e) = up {
+            bail!("{e}; registry log:\n{}", r.log());
+        }
+        Ok(r)
+    }
+
+    /// `host:port`, as a reference names it.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for DistributionRegistry {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("registry log:\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

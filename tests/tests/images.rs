@@ -10,78 +10,28 @@
 //! layer and config; a missing tag, an image not in the cluster, a name without a registry
 //! and a logged-out push fail with errors that say what to do.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use anyhow::Context as _;
-use rudder_tests::{lab_with_busybox, running_task, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox, running_task, DistributionRegistry, LabGuard};
 
 const USER: &str = "tester";
 const PASS: &str = "s3cret-pw";
 
-/// A `docker-registry serve` of our own: killed (exactly that pid) and its storage removed
-/// when dropped, also when the test panics.
-struct RegistryGuard {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl RegistryGuard {
-    fn start() -> anyhow::Result<RegistryGuard> {
-        let dir = tempfile::tempdir()?;
-        let htpasswd = Command::new("htpasswd")
-            .args(["-Bbn", USER, PASS])
-            .output()
-            .context("run htpasswd (apt-get install apache2-utils; see .ci/install-deps)")?;
-        anyhow::ensure!(htpasswd.status.success(), "htpasswd failed");
-        std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout)?;
-        // A free port: bind, note it, let go (the registry binds it right after).
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {addr}\n  secret: rudder-test\n\
-             auth:\n  htpasswd:\n    realm: rudder-test\n    path: {}\n",
-            dir.path().join("data").display(),
-            dir.path().join("htpasswd").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context(
-                "start docker-registry (apt-get install docker-registry; see .ci/install-deps)",
-            )?;
-        let guard = RegistryGuard {
-            child,
-            addr,
-            _dir: dir,
-        };
-        wait_for(Duration::from_secs(10), "docker-registry listening", || {
-            Ok(TcpStream::connect(addr).ok().map(|_| ()))
-        })?;
-        Ok(guard)
-    }
-
-    fn host(&self) -> String {
-        self.addr.to_string()
-    }
-}
-
-impl Drop for RegistryGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `docker-registry` with htpasswd basic auth for `USER`.
+fn start_registry() -> anyhow::Result<DistributionRegistry> {
+    let htpasswd = Command::new("htpasswd")
+        .args(["-Bbn", USER, PASS])
+        .output()
+        .context("run htpasswd (apt-get install apache2-utils; see .ci/install-deps)")?;
+    anyhow::ensure!(htpasswd.status.success(), "htpasswd failed");
+    DistributionRegistry::start(
+        "auth:\n  htpasswd:\n    realm: rudder-test\n    path: {dir}/htpasswd\n",
+        &[("htpasswd", &htpasswd.stdout)],
+    )
 }
 
 /// `rctl ARGS` against the lab with credentials under `config` (RUDDER_CONFIG) and `stdin` fed
@@ -145,7 +95,7 @@ fn seed_outside(host: &str, rootfs: &Path, reference: &str, marker: &str) -> any
 #[test]
 fn push_and_pull_between_the_cluster_and_a_distribution_registry() -> anyhow::Result<()> {
     let started = Instant::now();
-    let registry = RegistryGuard::start()?;
+    let registry = start_registry()?;
     let (lab, tmp) = lab_with_busybox("img", 1)?;
     let host = registry.host();
     let config: PathBuf = tmp.path().join("rudder-config");

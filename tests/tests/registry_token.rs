@@ -14,8 +14,6 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -27,7 +25,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use rudder_image::oci::{self, Descriptor, Manifest};
 use rudder_image::{digest, AuthError, Credentials, ImageError, RegistryClient};
-use rudder_tests::wait_for;
+use rudder_tests::DistributionRegistry;
 
 const SERVICE: &str = "test-registry";
 const ISSUER: &str = "test-issuer";
@@ -288,80 +286,15 @@ fn respond(conn: &mut TcpStream, status: &str, body: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-/// A `docker-registry serve` with token auth: killed (exactly that pid) and its storage
-/// removed when dropped, also when the test panics.
-struct RegistryGuard {
-    child: Child,
-    addr: SocketAddr,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl RegistryGuard {
-    fn start(realm: &str, root_cert_pem: &str) -> anyhow::Result<RegistryGuard> {
-        let dir = tempfile::tempdir()?;
-        let bundle = dir.path().join("token-root.pem");
-        std::fs::write(&bundle, root_cert_pem)?;
-        // A free port: bind, note it, let go (the registry binds it right after).
-        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        // `info` so that the registry's reason for refusing a token lands in the log.
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: {addr}\n  secret: rudder-test\n\
-             auth:\n  token:\n    realm: {realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n\
-             \x20   rootcertbundle: {}\n",
-            dir.path().join("data").display(),
-            bundle.display()
-        );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config)?;
-        let log_path = dir.path().join("registry.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context(
-                "start docker-registry (apt-get install docker-registry; see .ci/install-deps)",
-            )?;
-        let mut guard = RegistryGuard {
-            child,
-            addr,
-            log_path,
-            _dir: dir,
-        };
-        let up = wait_for(Duration::from_secs(10), "docker-registry listening", || {
-            if let Some(status) = guard.child.try_wait()? {
-                anyhow::bail!("docker-registry exited: {status}");
-            }
-            Ok(TcpStream::connect(addr).ok().map(|_| ()))
-        });
-        if let Err(e) = up {
-            anyhow::bail!("{e}; registry log:\n{}", guard.log());
-        }
-        Ok(guard)
-    }
-
-    fn host(&self) -> String {
-        self.addr.to_string()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for RegistryGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("registry log:\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `docker-registry` with token auth trusting `root_cert_pem`, tokens from `realm`.
+fn start_registry(realm: &str, root_cert_pem: &str) -> anyhow::Result<DistributionRegistry> {
+    DistributionRegistry::start(
+        &format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {SERVICE}\n    issuer: {ISSUER}\n\
+             \x20   rootcertbundle: {{dir}}/token-root.pem\n"
+        ),
+        &[("token-root.pem", root_cert_pem.as_bytes())],
+    )
 }
 
 /// Is this the client's "the registry refused our credentials/token" error?
@@ -424,7 +357,7 @@ fn bearer_tokens_from_a_token_service_get_through_docker_registry() -> anyhow::R
     let rogue = Signer::generate()?;
     let root_pem = trusted.cert_pem.clone();
     let tokens = TokenServer::start(trusted, rogue)?;
-    let registry = RegistryGuard::start(&tokens.realm(), &root_pem)?;
+    let registry = start_registry(&tokens.realm(), &root_pem)?;
     let base = format!("http://{}", registry.host());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -442,7 +375,7 @@ fn bearer_tokens_from_a_token_service_get_through_docker_registry() -> anyhow::R
 
 async fn scenario(
     tokens: &TokenServer,
-    registry: &RegistryGuard,
+    registry: &DistributionRegistry,
     base: &str,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
