@@ -1799,8 +1799,7 @@ fn write_run_config(
     net: &RunNet,
 ) -> Result<(), BuildError> {
     use oci_spec::runtime::{
-        LinuxBuilder, LinuxNamespaceType, MountBuilder, ProcessBuilder, RootBuilder, Spec,
-        UserBuilder,
+        LinuxBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
     };
     let spec_err = |e: oci_spec::OciSpecError| BuildError::Other(e.to_string());
     let process = ProcessBuilder::default()
@@ -1822,21 +1821,8 @@ fn write_run_config(
         .map_err(spec_err)?;
     let mut spec = Spec::default();
     let defaults = spec.linux().clone().unwrap_or_default();
-    let namespaces: Vec<_> = defaults
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|n| match (&net.netns, n.typ()) {
-            // The namespace the agent put on the bridge.
-            (Some(p), LinuxNamespaceType::Network) => {
-                let mut n = n.clone();
-                n.set_path(Some(p.clone()));
-                n
-            }
-            _ => n,
-        })
-        .collect();
+    // The namespace the agent put on the bridge (without one: a namespace of its own).
+    let namespaces = crate::bundle::namespaces(&defaults, net.netns.as_deref(), false);
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for (name, src) in &net.etc {
         mounts.push(

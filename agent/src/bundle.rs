@@ -101,6 +101,30 @@ const CAPS: &[Capability] = &[
     Capability::AuditWrite,
 ];
 
+/// The runtime's default namespaces, the network one joining `netns` (the namespace the agent
+/// prepared, with the interfaces in it) when given, or left out for the host's network.
+pub fn namespaces(
+    defaults: &oci_spec::runtime::Linux,
+    netns: Option<&Path>,
+    host_network: bool,
+) -> Vec<oci_spec::runtime::LinuxNamespace> {
+    defaults
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !(host_network && n.typ() == LinuxNamespaceType::Network))
+        .map(|n| match netns {
+            Some(p) if n.typ() == LinuxNamespaceType::Network => {
+                let mut n = n.clone();
+                n.set_path(Some(p.to_path_buf()));
+                n
+            }
+            _ => n,
+        })
+        .collect()
+}
+
 /// [`CAPS`] as a container process's bounding, effective and permitted sets.
 pub fn capabilities() -> LinuxCapabilities {
     let caps: oci_spec::runtime::Capabilities = CAPS.iter().copied().collect();
@@ -202,26 +226,11 @@ pub fn write_config(
 
     let mut spec = Spec::default();
     let defaults = spec.linux().clone().unwrap_or_default();
-    let namespaces: Vec<_> = defaults
-        .namespaces()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| {
-            !(s.network_mode == NetworkMode::Host
-                && netns.is_none()
-                && n.typ() == LinuxNamespaceType::Network)
-        })
-        .map(|n| match netns {
-            // Join the namespace the agent prepared (with the network interfaces in it).
-            Some(p) if n.typ() == LinuxNamespaceType::Network => {
-                let mut n = n.clone();
-                n.set_path(Some(p.to_path_buf()));
-                n
-            }
-            _ => n,
-        })
-        .collect();
+    let namespaces = namespaces(
+        &defaults,
+        netns,
+        s.network_mode == NetworkMode::Host && netns.is_none(),
+    );
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(format!(
