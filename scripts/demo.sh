@@ -14,6 +14,9 @@ rctl image import /tmp/rudder-busybox.tar busybox:latest
 rctl apply -f manifests/hello.yaml
 # A web service on an encrypted overlay network, published on every host through the mesh.
 rctl apply -f manifests/web.yaml
+# An image built from a Dockerfile on a host of the cluster (manifests/build), then run once.
+rctl build -t demo:1 manifests/build
+rctl run --rm demo:1
 rctl get services
 rctl ps
 addr=$(rctl node inspect h1 | sed -n 's/.*"addr": "\([0-9.]*\):.*/\1/p' | head -1)
