@@ -11,8 +11,8 @@
 //!   and `SCHILY.xattr.*` extended attributes (file capabilities) are preserved. Directory
 //!   metadata is applied last, since creating their children would change their mtimes.
 //!
-//! The compression of a layer blob is detected from its first bytes, not its media type: gzip
-//! and plain tar are supported; zstd is refused with a clear error.
+//! The compression of a layer blob is detected from its first bytes, not its media type: gzip,
+//! zstd (every frame of the stream) and plain tar.
 
 use std::collections::HashSet;
 use std::ffi::CString;
@@ -80,14 +80,14 @@ pub fn decompressed<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     match Compression::detect(head) {
         Compression::None => Ok(Box::new(buffered)),
         Compression::Gzip => Ok(Box::new(MultiGzDecoder::new(buffered))),
-        Compression::Zstd => Err(ImageError::Unsupported {
-            what: "layer compression".into(),
-            detail: "zstd (re-push the image with gzip layers)".into(),
-        }),
+        Compression::Zstd => Ok(Box::new(
+            zstd::stream::read::Decoder::with_buffer(buffered)
+                .map_err(|e| ImageError::io("start zstd decoding", e))?,
+        )),
     }
 }
 
-/// Unpacks a layer blob file (gzip or plain tar) into `dest`, which must exist.
+/// Unpacks a layer blob file (gzip, zstd or plain tar) into `dest`, which must exist.
 pub fn unpack_file(blob: &Path, dest: &Path) -> Result<()> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io_path("open layer", blob, e))?;
     unpack(decompressed(file)?, dest)
@@ -752,11 +752,29 @@ mod tests {
     }
 
     #[test]
-    fn refuses_zstd() {
-        let data = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
-        assert!(matches!(
-            decompressed(&data[..]),
-            Err(ImageError::Unsupported { .. })
-        ));
+    fn zstd_layers_decode_across_frames() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(5);
+        b.append_data(&mut h, "etc/zstd", &b"hello"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        // Two frames, as a chunked zstd layer has: the tar cut in the middle of its header.
+        let (one, two) = tar.split_at(100);
+        let mut blob = zstd::encode_all(one, 3).unwrap();
+        blob.extend(zstd::encode_all(two, 3).unwrap());
+        assert_eq!(Compression::detect(&blob), Compression::Zstd);
+        let mut out = Vec::new();
+        decompressed(&blob[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, tar);
+        let dir = tempfile::tempdir().unwrap();
+        let (file, dest) = (dir.path().join("layer"), dir.path().join("out"));
+        fs::write(&file, &blob).unwrap();
+        fs::create_dir(&dest).unwrap();
+        unpack_file(&file, &dest).unwrap();
+        assert_eq!(fs::read(dest.join("etc/zstd")).unwrap(), b"hello");
     }
 }
