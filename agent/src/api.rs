@@ -79,7 +79,8 @@ impl AgentApi for AgentApiImpl {
         &self,
         req: Request<rudder_proto::v1::CommitLayerRequest>,
     ) -> Result<Response<Self::CommitStream>, Status> {
-        crate::commit::commit(&self.access, &self.images, &req.into_inner().task_id).await
+        let req = req.into_inner();
+        crate::commit::commit(&self.access, &self.images, &req.task_id, !req.no_pause).await
     }
 
     async fn list_host_images(

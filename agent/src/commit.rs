@@ -16,8 +16,9 @@
 //! makes the same layer); overlayfs' own xattrs (`trusted.overlay.*`) never reach the layer,
 //! other xattrs (file capabilities) do; what overlayfs records in a way a layer cannot say
 //! (a renamed directory's `redirect`, a `metacopy` file whose data stays below) is refused by
-//! name. The running container is not paused: a file written during the commit may be caught
-//! half-way, as with `docker commit --pause=false`.
+//! name. A running container is frozen (`runtime pause`) while its upper dir is read, and thawed
+//! however that ends, so no file is caught half-written; with `--pause=false` it runs on, and
+//! a file written meanwhile may be caught half-way, as with `docker commit --pause=false`.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -424,11 +425,13 @@ fn base_image(
     Ok((digest, manifest, config))
 }
 
-/// Streams task `task`'s container changes as a layer, after a header.
+/// Streams task `task`'s container changes as a layer, after a header; `pause`: freeze a
+/// running container while its changes are read.
 pub async fn commit(
     access: &ContainerAccess,
     images: &ImageStore,
     task: &str,
+    pause: bool,
 ) -> Result<Response<CommitStream>, Status> {
     let dir = access.dir(task)?;
     let upper = dir.join("upper");
@@ -447,16 +450,27 @@ pub async fn commit(
         .open(&dir)
         .map_err(|e| Status::internal(format!("commit: create a scratch file: {e}")))?;
     let started = std::time::Instant::now();
-    let (file, layer) = tokio::task::spawn_blocking(move || {
+    // Only a running container is frozen; one that has exited has nothing left to write.
+    let frozen = if pause && access.running_pid(task).is_ok() {
+        access.pause(task, true).await?;
+        true
+    } else {
+        false
+    };
+    let made = tokio::task::spawn_blocking(move || {
         let layer = make_layer(&upper, &file)?;
         Ok::<_, CommitError>((file, layer))
     })
-    .await
-    .map_err(|e| Status::internal(format!("commit: {e}")))?
-    .map_err(|e| match e {
-        CommitError::Unsupported { .. } => Status::failed_precondition(e.to_string()),
-        CommitError::Io { .. } => Status::internal(e.to_string()),
-    })?;
+    .await;
+    if frozen {
+        access.pause(task, false).await?;
+    }
+    let (file, layer) = made
+        .map_err(|e| Status::internal(format!("commit: {e}")))?
+        .map_err(|e| match e {
+            CommitError::Unsupported { .. } => Status::failed_precondition(e.to_string()),
+            CommitError::Io { .. } => Status::internal(e.to_string()),
+        })?;
     info!(
         task,
         digest = %layer.digest,
@@ -464,6 +478,7 @@ pub async fn commit(
         changed = layer.changes.changed,
         deleted = layer.changes.deleted,
         elapsed_ms = started.elapsed().as_millis() as u64,
+        paused = frozen,
         "commit: layer made"
     );
     let header = CommitHeader {

@@ -30,7 +30,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::{Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// How long a command may take to end after its caller went away before runc is killed.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
@@ -77,6 +77,32 @@ impl ContainerAccess {
             return Err(not_running());
         }
         Ok(pid)
+    }
+
+    /// Freezes (`freeze`) or thaws task `id`'s running container with `runtime pause|resume`.
+    pub async fn pause(&self, id: &str, freeze: bool) -> Result<(), Status> {
+        let verb = if freeze { "pause" } else { "resume" };
+        let run = tokio::process::Command::new(&self.runtime)
+            .arg("--root")
+            .arg(&self.runtime_root)
+            .args([verb, id])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .map_err(|_| Status::internal(format!("{} {verb} {id}: timed out", self.runtime)))?
+            .map_err(|e| Status::internal(format!("{} {verb} {id}: {e}", self.runtime)))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        warn!(task = id, verb, %stderr, "runtime refused");
+        Err(Status::failed_precondition(if freeze {
+            format!("task {id}: cannot pause its container ({stderr}); --pause=false commits it running")
+        } else {
+            format!("task {id}: cannot resume its container: {stderr}")
+        }))
     }
 
     /// What this host knows of task `id`'s container.

@@ -9,13 +9,13 @@
 //! are read through from the other managers — then the record through raft). Agents never push:
 //! their worker certificates may not.
 //!
-//! Invariants: a bad reference, an unknown task and a task on no host are refused before any
-//! host is dialled; the tag moves only once the manifest and all its blobs are on this
+//! Invariants: a bad reference, a bad `--change`, an unknown task and a task on no host are
+//! refused before any host is dialled; the tag moves only once the manifest and all its blobs are on this
 //! controller's disk; a layer that does not hash to what the agent announced is refused.
 
 use bytes::Bytes;
 use futures::StreamExt;
-use rudder_image::commit::{derive, NewLayer};
+use rudder_image::commit::{derive, parse_changes, CommitMeta, NewLayer};
 use rudder_image::{ImageError, Reference};
 use rudder_proto::v1::commit_chunk::Msg;
 use rudder_proto::v1::{CommitLayerRequest, CommitRequest, CommitResponse};
@@ -70,6 +70,13 @@ pub async fn commit(
 ) -> Result<Response<CommitResponse>, Status> {
     let req = req.into_inner();
     let (repo, tag) = target(&req.reference)?;
+    // Bad changes are refused before the host does any work.
+    parse_changes(&req.changes).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let meta = CommitMeta {
+        changes: req.changes.clone(),
+        message: req.message.clone(),
+        author: req.author.clone(),
+    };
     let (task_id, name, addr, host) = {
         let store = api.raft.store();
         let t = one_task(&store, &req.task)?;
@@ -97,6 +104,7 @@ pub async fn commit(
     let mut stream = client
         .commit(CommitLayerRequest {
             task_id: task_id.clone(),
+            no_pause: req.no_pause,
         })
         .await
         .map_err(on_task)?
@@ -128,6 +136,7 @@ pub async fn commit(
         &layer,
         &header.created,
         CREATED_BY,
+        &meta,
     )
     .map_err(|e| Status::failed_precondition(format!("{name}: {e}")))?;
     let layer_digest = Digest::parse(&layer.digest)

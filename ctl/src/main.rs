@@ -136,13 +136,7 @@ enum Cmd {
     Inspect { task: String },
     /// Make a task's container changes a new image in the cluster registry, over the task's
     /// image: `rctl commit web.1 web:patched`.
-    Commit {
-        /// A task as `rctl ps` shows it, its id or an id prefix (or a service with one
-        /// running task).
-        task: String,
-        /// NAME[:TAG] (tag `latest` when none is given).
-        reference: String,
-    },
+    Commit(cmd::commit::CommitArgs),
     /// Build an image from a Dockerfile on a host of the cluster and store it in the
     /// cluster registry: `rctl build -t app:1 .`.
     Build(cmd::build::BuildArgs),
@@ -420,6 +414,7 @@ fn real_main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -514,7 +509,7 @@ fn real_main() -> anyhow::Result<()> {
             follow_link,
         } => rt.block_on(cmd::cp::run(&ctx()?, src, dest, *follow_link)),
         Cmd::Inspect { task } => rt.block_on(cmd::inspect::run(&ctx()?, task)),
-        Cmd::Commit { task, reference } => rt.block_on(cmd::commit::run(&ctx()?, task, reference)),
+        Cmd::Commit(args) => rt.block_on(cmd::commit::run(&ctx()?, args)),
         Cmd::Build(args) => rt.block_on(cmd::build::run(&ctx()?, args)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
         Cmd::Cluster {

@@ -9,9 +9,17 @@
 //! layers gain the new one (typed in the manifest's own family, OCI or docker). A base whose
 //! config does not hash to its manifest's descriptor, or lists as many diff_ids as the manifest
 //! has layers, is refused.
+//!
+//! What `docker commit` lets a user add ([`CommitMeta`]) goes on top: `--change` instructions
+//! (the config-only ones: CMD, ENTRYPOINT, ENV, …; each checked before any work by
+//! [`parse_changes`]) edit the config as a Dockerfile step would, `--message` becomes the new
+//! history entry's comment and `--author` the config's `author`.
+
+use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::dockerfile::{Instr, Settings, StageBuilder, Step};
 use crate::oci::{Manifest, DOCKER_MANIFEST, OCI_LAYER_TAR_GZIP, OCI_MANIFEST};
 use crate::{digest, ImageError, Result};
 
@@ -41,18 +49,105 @@ pub struct Derived {
     pub size: u64,
 }
 
+/// What a commit says besides its layer, as `docker commit` takes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitMeta {
+    /// Dockerfile instructions applied to the config, in order (`--change`).
+    pub changes: Vec<String>,
+    /// The new history entry's comment (`--message`).
+    pub message: String,
+    /// The config's `author` (`--author`).
+    pub author: String,
+}
+
+/// The instructions `--change` takes: those that only set the config (docker's list, less
+/// ONBUILD, which builds here do not run).
+pub const CHANGE_INSTRUCTIONS: &[&str] = &[
+    "CMD",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "HEALTHCHECK",
+    "LABEL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+/// Parses each change as one Dockerfile instruction from [`CHANGE_INSTRUCTIONS`]; an error
+/// names the change as written.
+pub fn parse_changes(changes: &[String]) -> Result<Vec<Step>> {
+    let mut steps = Vec::with_capacity(changes.len());
+    for change in changes {
+        let bad = |detail: String| ImageError::invalid(format!("--change {change:?}"), detail);
+        if change.trim().is_empty() {
+            return Err(bad("it is empty".into()));
+        }
+        let parsed = crate::dockerfile::parse(&format!("FROM scratch\n{change}\n"))
+            .map_err(|e| bad(e.message))?;
+        let [stage] = parsed.stages.as_slice() else {
+            return Err(bad("FROM cannot be applied by a commit".into()));
+        };
+        let [step] = stage.steps.as_slice() else {
+            return Err(bad("give one instruction per --change".into()));
+        };
+        let config_only = matches!(
+            step.instr,
+            Instr::Cmd(_)
+                | Instr::Entrypoint(_)
+                | Instr::Env(_)
+                | Instr::Expose(_)
+                | Instr::Healthcheck(_)
+                | Instr::Label(_)
+                | Instr::StopSignal(_)
+                | Instr::User(_)
+                | Instr::Volume(_)
+                | Instr::Workdir(_)
+        );
+        if !config_only {
+            let keyword = change.split_whitespace().next().unwrap_or_default();
+            return Err(bad(format!(
+                "{} cannot be applied by a commit; it takes {}",
+                keyword.to_ascii_uppercase(),
+                CHANGE_INSTRUCTIONS.join(", ")
+            )));
+        }
+        steps.push(step.clone());
+    }
+    Ok(steps)
+}
+
+/// `config` (a whole image config) with `changes` applied, as a build applies its steps.
+fn apply_changes(config: &mut Value, base_config: &[u8], changes: &[String]) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let settings =
+        Settings::from_config_json(base_config).map_err(|e| invalid(e.message.clone()))?;
+    let mut builder = StageBuilder::new(&[], &BTreeMap::new(), settings);
+    for (step, change) in parse_changes(changes)?.iter().zip(changes) {
+        builder
+            .step(step)
+            .map_err(|e| ImageError::invalid(format!("--change {change:?}"), e.message))?;
+    }
+    builder.into_settings().write_to(config);
+    Ok(())
+}
+
 fn invalid(detail: impl Into<String>) -> ImageError {
     ImageError::invalid("base image", detail.into())
 }
 
-/// The image `base_manifest` + `base_config` with `layer` on top; `created` (RFC 3339) and
-/// `created_by` go into its history.
+/// The image `base_manifest` + `base_config` with `layer` on top and `meta` applied; `created`
+/// (RFC 3339) and `created_by` go into its history.
 pub fn derive(
     base_manifest: &[u8],
     base_config: &[u8],
     layer: &NewLayer,
     created: &str,
     created_by: &str,
+    meta: &CommitMeta,
 ) -> Result<Derived> {
     digest::validate(&layer.digest)?;
     digest::validate(&layer.diff_id)?;
@@ -67,6 +162,7 @@ pub fn derive(
     }
     let mut config: Value = serde_json::from_slice(base_config)
         .map_err(|e| ImageError::json("parse image config", e))?;
+    apply_changes(&mut config, base_config, &meta.changes)?;
     let cfg = config
         .as_object_mut()
         .ok_or_else(|| invalid("its config is not a JSON object"))?;
@@ -95,8 +191,11 @@ pub fn derive(
     history
         .as_array_mut()
         .ok_or_else(|| invalid("history is not an array"))?
-        .push(json!({"created": created, "created_by": created_by}));
+        .push(history_entry(created, created_by, meta));
     cfg.insert("created".into(), Value::String(created.into()));
+    if !meta.author.is_empty() {
+        cfg.insert("author".into(), Value::String(meta.author.clone()));
+    }
     let config = serde_json::to_vec(&config).expect("config serializes");
     let config_digest = digest::of_bytes(&config);
 
@@ -140,6 +239,16 @@ pub fn derive(
     })
 }
 
+fn history_entry(created: &str, created_by: &str, meta: &CommitMeta) -> Value {
+    let mut entry = json!({"created": created, "created_by": created_by});
+    for (key, value) in [("author", &meta.author), ("comment", &meta.message)] {
+        if !value.is_empty() {
+            entry[key] = Value::String(value.clone());
+        }
+    }
+    entry
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +277,10 @@ mod tests {
         (m.to_bytes(), config)
     }
 
+    fn none() -> CommitMeta {
+        CommitMeta::default()
+    }
+
     fn layer() -> NewLayer {
         NewLayer {
             digest: d('c'),
@@ -185,6 +298,7 @@ mod tests {
             &layer(),
             "2026-01-02T03:04:05Z",
             "rctl commit",
+            &none(),
         )
         .unwrap();
         assert_eq!(out.media_type, OCI_MANIFEST);
@@ -221,12 +335,12 @@ mod tests {
     #[test]
     fn docker_bases_get_a_docker_layer_and_untyped_ones_oci() {
         let (manifest, config) = base(Some(DOCKER_MANIFEST));
-        let out = derive(&manifest, &config, &layer(), "t", "rctl commit").unwrap();
+        let out = derive(&manifest, &config, &layer(), "t", "rctl commit", &none()).unwrap();
         assert_eq!(out.media_type, DOCKER_MANIFEST);
         let m = Manifest::parse(&out.manifest).unwrap();
         assert_eq!(m.layers[1].media_type, DOCKER_LAYER_GZIP);
         let (manifest, config) = base(None);
-        let out = derive(&manifest, &config, &layer(), "t", "rctl commit").unwrap();
+        let out = derive(&manifest, &config, &layer(), "t", "rctl commit", &none()).unwrap();
         assert_eq!(out.media_type, OCI_MANIFEST);
     }
 
@@ -236,7 +350,7 @@ mod tests {
         // A config that is not the manifest's.
         let mut other = config.clone();
         other.push(b' ');
-        let e = derive(&manifest, &other, &layer(), "t", "x").unwrap_err();
+        let e = derive(&manifest, &other, &layer(), "t", "x", &none()).unwrap_err();
         assert!(e.to_string().contains("does not hash"), "{e}");
         // diff_ids that do not match the layers.
         let config2 = serde_json::to_vec(&json!({"rootfs": {"diff_ids": []}})).unwrap();
@@ -244,13 +358,76 @@ mod tests {
             Descriptor::new(OCI_CONFIG, digest::of_bytes(&config2), config2.len() as u64),
             vec![Descriptor::new(OCI_LAYER_TAR_GZIP, d('b'), 1)],
         );
-        let e = derive(&m2.to_bytes(), &config2, &layer(), "t", "x").unwrap_err();
+        let e = derive(&m2.to_bytes(), &config2, &layer(), "t", "x", &none()).unwrap_err();
         assert!(e.to_string().contains("0 diff_ids for 1 layers"), "{e}");
         // A bad layer digest.
         let bad = NewLayer {
             digest: "sha256:nope".into(),
             ..layer()
         };
-        assert!(derive(&manifest, &config, &bad, "t", "x").is_err());
+        assert!(derive(&manifest, &config, &bad, "t", "x", &none()).is_err());
+    }
+
+    #[test]
+    fn changes_message_and_author_edit_the_config() {
+        let (manifest, config) = base(None);
+        let meta = CommitMeta {
+            changes: vec![
+                "CMD [\"serve\", \"--port\", \"80\"]".into(),
+                "ENV A=2 B=$A".into(),
+                "EXPOSE 80".into(),
+                "label k=w".into(),
+                "WORKDIR sub".into(),
+                "USER nobody".into(),
+            ],
+            message: "hot fix".into(),
+            author: "ops <ops@example.com>".into(),
+        };
+        let out = derive(&manifest, &config, &layer(), "t", "rctl commit", &meta).unwrap();
+        let c: Value = serde_json::from_slice(&out.config).unwrap();
+        let cfg = &c["config"];
+        assert_eq!(cfg["Cmd"], json!(["serve", "--port", "80"]));
+        // ENV substitutes with the values from before it, as in a Dockerfile.
+        assert_eq!(cfg["Env"], json!(["PATH=/bin", "A=2", "B=1"]));
+        assert_eq!(cfg["ExposedPorts"], json!({"80/tcp": {}}));
+        assert_eq!(cfg["Labels"], json!({"k": "w"}));
+        assert_eq!(cfg["WorkingDir"], "/srv/sub");
+        assert_eq!(cfg["User"], "nobody");
+        assert_eq!(cfg["Entrypoint"], json!(["/init"]));
+        assert_eq!(c["author"], "ops <ops@example.com>");
+        assert_eq!(
+            c["history"][1],
+            json!({"created": "t", "created_by": "rctl commit",
+                   "author": "ops <ops@example.com>", "comment": "hot fix"})
+        );
+        assert_eq!(c["unknown_field"], 7);
+    }
+
+    #[test]
+    fn changes_that_are_not_config_are_refused_by_name() {
+        for (change, words) in [
+            (
+                "RUN rm -rf /",
+                "RUN cannot be applied by a commit; it takes CMD, ENTRYPOINT",
+            ),
+            ("COPY a b", "COPY cannot be applied"),
+            ("FROM busybox", "FROM cannot be applied"),
+            ("CMD a\nENV b=c", "one instruction per --change"),
+            ("  ", "it is empty"),
+            ("FROB x", "FROB"),
+            ("ENV", "ENV"),
+        ] {
+            let e = parse_changes(&[change.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("--change {change:?}")), "{e}");
+            assert!(e.contains(words), "{change:?}: {e}");
+        }
+        assert_eq!(
+            parse_changes(&["CMD x".into(), "user 1".into()])
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

@@ -107,10 +107,9 @@ fn main() -> anyhow::Result<()> {
         .lines()
         .filter(|l| l.contains("pulled image") && l.contains("bytes_fetched"))
     {
-        let plain = strip_ansi(l);
+        // The agent logs without colours when its output is not a terminal.
         let field = |k: &str| {
-            plain
-                .split_whitespace()
+            l.split_whitespace()
                 .find_map(|w| w.strip_prefix(k))
                 .unwrap_or("?")
                 .trim_end_matches(['}', ':'])
@@ -124,22 +123,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A log line without its colour codes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

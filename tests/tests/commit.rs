@@ -3,8 +3,11 @@
 //! a service from the new image runs on h2 and sees exactly those changes with the rest of
 //! busybox intact. That container is changed again — a directory of the first commit deleted
 //! and made anew (an opaque directory) — and committed from h2 (relayed host to host); a third
-//! service on h1 sees the two layers stacked. Refusals: an unknown task, a bad reference and a
-//! finished task whose container is gone, each with its reason, before anything is stored.
+//! service on h1 sees the two layers stacked, with the config that commit's `--change`s set.
+//! The first commit pauses the running container (the default) and thaws it after; the second
+//! leaves it running (`--pause=false`). Refusals: an unknown task, a bad reference, a change
+//! that is not config and a finished task whose container is gone, each with its reason,
+//! before anything is stored.
 
 use std::time::Duration;
 
@@ -41,6 +44,14 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
         .unwrap_err()
         .to_string();
     assert!(err.contains("invalid reference \"Bad:Name\""), "{err}");
+    let err = lab
+        .rctl(&["commit", "--change", "RUN rm -rf /", &src, "box:v2"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--change \"RUN rm -rf /\": RUN cannot be applied by a commit"),
+        "{err}"
+    );
     let done = wait_for(Duration::from_secs(60), "done complete", || {
         let t = lab.tasks("done")?;
         Ok(t.iter()
@@ -77,8 +88,10 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
         "1\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     );
     assert_eq!(sh(&lab, &copy, "ls /bin/less /bin/sed")?.lines().count(), 2);
-    // The source is untouched by its commit.
+    // The source is untouched by its commit, and running again after its pause.
     assert_eq!(sh(&lab, &src, "cat /etc/motd")?, "committed\n");
+    let log = std::fs::read_to_string(lab.host("h1").agent_log())?;
+    assert!(log.contains("paused=true"), "h1's agent log: {log}");
 
     // ---- a second layer, committed on h2: a directory deleted and made anew ----
     sh(
@@ -86,8 +99,25 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
         &copy,
         "rm -rf /opt/a && mkdir /opt/a && echo 2 > /opt/a/new",
     )?;
-    let out = lab.rctl(&["commit", &copy, "box:v3"])?;
+    let out = lab.rctl(&[
+        "commit",
+        "--pause=false",
+        "-c",
+        "CMD [\"cat\", \"/opt/a/new\"]",
+        "--change",
+        "ENV STAGE=three",
+        "-m",
+        "second layer",
+        "-a",
+        "ops <ops@example.com>",
+        &copy,
+        "box:v3",
+    ])?;
     assert!(out.starts_with("box:v3 sha256:"), "{out}");
+    let log = std::fs::read_to_string(lab.host("h2").agent_log())?;
+    assert!(log.contains("paused=false"), "h2's agent log: {log}");
+    // The changed command runs when none is given.
+    assert_eq!(lab.rctl(&["run", "--rm", "--node", "h1", "box:v3"])?, "2\n");
     lab.apply(
         tmp.path(),
         "third.yaml",
@@ -100,6 +130,7 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
         "2\ncommitted\n"
     );
     assert!(sh(&lab, &third, "test -e /bin/vi").is_err());
+    assert_eq!(sh(&lab, &third, "echo $STAGE")?, "three\n");
     assert_eq!(sh(&lab, &third, "echo ok")?, "ok\n");
     let tasks = lab.tasks("third")?;
     let t = running_tasks(&tasks);
