@@ -10,6 +10,11 @@
 //! - Deleting is a rename out of the way under the lock (so a task preparing the same volume
 //!   meanwhile gets a fresh directory, never a half-deleted one), then removal outside it.
 //! - The set of copies held here is published (`watch_copies`) and reported to the controller.
+//! - An empty copy is filled with what the task's image holds at the mount's target before the
+//!   container starts ([`Volumes::fill_from_image`], Docker's copy-up), one fill at a time per
+//!   host, so two tasks starting on a new volume do not both fill it. Both trees are touched
+//!   only by `fs-helper` children chrooted into them: nothing the image holds (a symlink to
+//!   `/etc`, say) can make the agent read or write outside them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +38,12 @@ pub enum VolumeError {
     },
     #[error("mounts: {0}")]
     Spec(String),
+    #[error("mounts: cannot fill volume {volume} with the image's {target}: {message}")]
+    Fill {
+        volume: String,
+        target: String,
+        message: String,
+    },
 }
 
 /// This host's volume copies and the bookkeeping that decides when one may go.
@@ -43,6 +54,8 @@ pub struct Volumes {
     hostname: String,
     state: Mutex<State>,
     copies: watch::Sender<BTreeSet<String>>,
+    /// Held while a copy is filled from an image.
+    fill: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -68,6 +81,7 @@ impl Volumes {
             hostname,
             state: Mutex::default(),
             copies,
+            fill: Mutex::default(),
         };
         v.publish();
         v
@@ -179,6 +193,47 @@ impl Volumes {
         Ok(out)
     }
 
+    /// Fills each of the task's empty volume copies with what its image holds at the mount's
+    /// target (`rootfs`: the container's root filesystem, mounted), owners, modes and links
+    /// kept, as Docker does on a volume's first use; `nocopy` mounts are left empty. A target
+    /// the image does not have leaves the copy empty. Blocking: it waits for other fills.
+    pub fn fill_from_image(&self, task: &Task, rootfs: &Path) -> Result<(), VolumeError> {
+        for m in &task.spec.mounts {
+            if m.typ != MountType::Volume || m.nocopy {
+                continue;
+            }
+            let _one_at_a_time = self.fill.lock().expect("volumes fill lock");
+            let dir = self.data_dir(&m.source);
+            let mut entries = std::fs::read_dir(&dir).map_err(|err| VolumeError::Io {
+                op: "read volume directory",
+                path: dir.display().to_string(),
+                err,
+            })?;
+            if entries.next().is_some() {
+                continue;
+            }
+            let target = normalize_path(&m.target);
+            let started = std::time::Instant::now();
+            match copy_in(rootfs, &target, &dir) {
+                Ok(false) => {}
+                Ok(true) => info!(
+                    volume = %m.source,
+                    %target,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "volume filled from the image"
+                ),
+                Err(message) => {
+                    return Err(VolumeError::Fill {
+                        volume: m.source.clone(),
+                        target,
+                        message,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the copies of volumes neither declared nor mounted by a live local task.
     fn collect(&self) {
         let mut doomed = Vec::new();
@@ -246,6 +301,63 @@ impl Volumes {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// Copies `target` of the image tree `rootfs` (its contents, and the directory's own owner and
+/// mode) into the empty directory `dir`: an `fs-helper pack` chrooted into `rootfs` piped into
+/// an `fs-helper unpack` chrooted into `dir`. `Ok(false)`: the image has no `target`.
+fn copy_in(rootfs: &Path, target: &str, dir: &Path) -> Result<bool, String> {
+    use crate::fs_helper::{HelperArgs, Op, EXIT_NOT_FOUND};
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe().map_err(|e| format!("find own executable: {e}"))?;
+    let helper = |root: &Path, op: Op| {
+        let args = HelperArgs {
+            root: root.to_path_buf(),
+            expect: root.to_path_buf(),
+            op,
+        };
+        let mut cmd = Command::new(&exe);
+        cmd.args(args.to_args()).stderr(Stdio::piped());
+        cmd
+    };
+    let pack_op = Op::Pack {
+        path: target.to_string(),
+        // A target that is a link in the image (`/var/run` → `/run`) is filled from where it
+        // points, inside the image.
+        follow_link: true,
+    };
+    let mut pack = helper(rootfs, pack_op)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("start fs-helper: {e}"))?;
+    let tar = pack.stdout.take().ok_or("fs-helper: no stdout")?;
+    let unpack_op = Op::Unpack {
+        dest: "/".into(),
+        contents: true,
+        raw: false,
+        owners: true,
+    };
+    let unpacked = helper(dir, unpack_op)
+        .stdin(Stdio::from(tar))
+        .stdout(Stdio::null())
+        .spawn()
+        .and_then(|c| c.wait_with_output());
+    let packed = pack
+        .wait_with_output()
+        .map_err(|e| format!("fs-helper: {e}"))?;
+    if packed.status.code() == Some(EXIT_NOT_FOUND) {
+        return Ok(false);
+    }
+    let said = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !packed.status.success() {
+        return Err(format!("reading the image: {}", said(&packed)));
+    }
+    let unpacked = unpacked.map_err(|e| format!("fs-helper: {e}"))?;
+    if !unpacked.status.success() {
+        return Err(format!("writing the volume: {}", said(&unpacked)));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -281,6 +281,17 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 .map_err(|e| e.to_string())
             })
             .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()));
+        // Empty volumes get the image's files at their targets, before anything runs there.
+        let prepared = match prepared {
+            Ok(()) => {
+                let (ctx2, task2, rootfs) = (ctx.clone(), task.clone(), c.rootfs());
+                tokio::task::spawn_blocking(move || ctx2.volumes.fill_from_image(&task2, &rootfs))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+            e => e,
+        };
         let netns = match (&prepared, &ctx.overlay, task.networks.is_empty()) {
             (Ok(()), Some(o), false) => match o.attach(&task, &c.dir).await {
                 Ok(p) => Some(p),

@@ -3,7 +3,9 @@
 //! A service lists `mounts:`, each one of three types (Docker's and compose's long syntax):
 //! - `volume`: a named volume (`kind: Volume`, driver `local`), whose data lives on each host
 //!   under `<agent data>/volumes/<name>/_data`, made when a task first mounts it there. A host's
-//!   copy outlives the tasks and the services that used it, until the volume is removed.
+//!   copy outlives the tasks and the services that used it, until the volume is removed. An
+//!   empty copy first gets what the image holds at the target, as Docker does (`nocopy: true`
+//!   leaves it empty).
 //! - `bind`: a host path, which must exist on the host the task lands on (else the task is
 //!   rejected there, saying so).
 //! - `tmpfs`: memory, optionally capped (`tmpfs_size`, written like memory sizes: `64M`).
@@ -65,6 +67,10 @@ pub struct Mount {
     /// Written like memory sizes: an integer, or `64M`, `1G`.
     #[serde(default, with = "crate::spec::bytes", skip_serializing_if = "is_zero")]
     pub tmpfs_size: u64,
+    /// Volumes only: do not copy the image's files at the target into an empty volume
+    /// (Docker's `volume-nocopy`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub nocopy: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -155,6 +161,15 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), ValidationError> {
                     ));
                 }
             }
+        }
+        if m.nocopy && m.typ != MountType::Volume {
+            return Err(ValidationError::new(
+                field("nocopy"),
+                format!(
+                    "only a volume is filled from the image (this mount is a {})",
+                    m.typ.as_str()
+                ),
+            ));
         }
         if m.tmpfs_size > 0 && m.typ != MountType::Tmpfs {
             return Err(ValidationError::new(
@@ -272,6 +287,7 @@ mod tests {
             target: target.into(),
             readonly: false,
             tmpfs_size: 0,
+            nocopy: false,
         }
     }
 
@@ -328,6 +344,14 @@ mod tests {
                 }],
                 "mounts[0].tmpfs_size",
                 "only a tmpfs",
+            ),
+            (
+                vec![Mount {
+                    nocopy: true,
+                    ..m(Bind, "/etc", "/d")
+                }],
+                "mounts[0].nocopy",
+                "only a volume",
             ),
         ];
         for (mounts, field, frag) in cases {

@@ -2,10 +2,11 @@
 //! back when the service is applied again on the same host; a read-only bind mount is readable
 //! and not writable; a tmpfs has its size; a bind of a missing host path rejects the task with
 //! the reason (and disturbs nothing else); a volume in use cannot be removed; `rctl volume`
-//! creates, lists, inspects and removes, and a removed volume's copy leaves its host.
+//! creates, lists, inspects and removes, and a removed volume's copy leaves its host. An empty
+//! volume is filled from the image at its target (links and modes kept), unless `nocopy`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-
 use std::time::Duration;
 
 use anyhow::Context;
@@ -133,6 +134,55 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
     let still = running_task(&lab, "keeper")?;
     assert_eq!(still["id"], t["id"], "keeper undisturbed");
     lab.rctl(&["rm", "badbind"])?;
+
+    // Empty volumes get the image's files at their targets, as in Docker: busybox's /bin (its
+    // links kept; the command runs from the copy), /tmp with its mode; `nocopy` stays empty.
+    let filler = "kind: Service\nname: filler\nimage: busybox:latest\nstop_grace_period: 1\n\
+         command: [\"/bin/sleep\", \"1000000\"]\n\
+         placement:\n  constraints: [\"node.hostname==h1\"]\n\
+         mounts:\n\
+         \x20 - {source: tools, target: /bin, readonly: true}\n\
+         \x20 - {source: scratchvol, target: /tmp}\n\
+         \x20 - {source: blank, target: /etc, nocopy: true}\n";
+    lab.apply(tmp.path(), "filler.yaml", filler)?;
+    let f = running_task(&lab, "filler")?;
+    let h1_volumes = lab.host("h1").data_dir.join("volumes");
+    let tools = h1_volumes.join("tools/_data");
+    assert!(tools.join("busybox").is_file());
+    assert_eq!(std::fs::read_link(tools.join("sh"))?, Path::new("busybox"));
+    let tmp_mode = std::fs::metadata(h1_volumes.join("scratchvol/_data"))?
+        .permissions()
+        .mode();
+    assert_eq!(tmp_mode & 0o7777, 0o1777);
+    assert_eq!(
+        std::fs::read_dir(h1_volumes.join("blank/_data"))?.count(),
+        0
+    );
+    let (ok, out) = exec(&lab, &f, &["sh", "-c", "ls -A /etc; echo x > /bin/new"])?;
+    assert!(!ok && out.contains("Read-only file system"), "{out}");
+    assert!(!out.contains("passwd"), "{out}");
+    // A filled volume is not filled again: what a task changed there stays.
+    std::fs::write(h1_volumes.join("scratchvol/_data/mine"), "kept")?;
+    std::fs::remove_file(tools.join("vi"))?;
+    lab.rctl(&["rm", "filler"])?;
+    let f_dir = lab
+        .host("h1")
+        .data_dir
+        .join("containers")
+        .join(f["id"].as_str().unwrap());
+    wait_for(Duration::from_secs(60), "filler's container gone", || {
+        Ok((!f_dir.exists()).then_some(()))
+    })?;
+    lab.apply(tmp.path(), "filler.yaml", filler)?;
+    let f2 = running_task(&lab, "filler")?;
+    let (ok, out) = exec(&lab, &f2, &["sh", "-c", "cat /tmp/mine; ls /bin/vi"])?;
+    assert!(!ok && out.starts_with("kept"), "{out}");
+    lab.rctl(&["rm", "filler"])?;
+    for v in ["tools", "scratchvol", "blank"] {
+        wait_for(Duration::from_secs(30), "filler's volumes unused", || {
+            Ok(lab.rctl(&["volume", "rm", v]).ok())
+        })?;
+    }
 
     // Remove the service: the copy stays; apply it again on h2: the data is back.
     lab.rctl(&["rm", "keeper"])?;
