@@ -48,7 +48,7 @@ pub enum SessionError {
     NoController,
     #[error("session: bad controller address {0:?}: {1}")]
     Address(String, tonic::transport::Error),
-    #[error("session: cannot connect: {}", chain(.0))]
+    #[error("session: cannot connect: {}", rudder_proto::error_chain(.0))]
     Connect(tonic::transport::Error),
     #[error("session: {}", .0.message())]
     Status(#[from] tonic::Status),
@@ -70,25 +70,6 @@ impl SessionError {
             _ => None,
         }
     }
-}
-
-/// An error and its sources, `: `-separated (tonic's transport errors say only "transport error"
-/// at the top).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    let mut last = s.clone();
-    while let Some(c) = cur {
-        // Some layers repeat their source's words; say them once.
-        let msg = c.to_string();
-        if !last.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        last = msg;
-        cur = c.source();
-    }
-    s
 }
 
 /// Parses `--controller`: one URL or a comma-separated list. A bare `host:port` gets `http://`.

@@ -59,17 +59,17 @@ async fn dial(
         _ => url.to_string(),
     };
     let mut endpoint = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| error_chain(&e))?
+        .map_err(|e| rudder_proto::error_chain(&e))?
         .connect_timeout(CONNECT_TIMEOUT);
     if let Some(t) = tls {
         endpoint = endpoint
             .tls_config(t.clone())
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| rudder_proto::error_chain(&e))?;
     }
     // The connect timeout covers TCP only; bound the whole attempt too.
     match tokio::time::timeout(CONNECT_TIMEOUT * 2, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(ch),
-        Ok(Err(e)) => Err(error_chain(&e)),
+        Ok(Err(e)) => Err(rudder_proto::error_chain(&e)),
         Err(_) => Err("timed out".to_string()),
     }
 }
@@ -84,25 +84,6 @@ fn unreachable(failures: &[String]) -> anyhow::Error {
             failures.join("\n  ")
         ),
     }
-}
-
-/// An error and its sources, `: `-separated: tonic's transport errors say only "transport
-/// error" at the top, the reason (refused, timed out) is below.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    let mut last = s.clone();
-    while let Some(c) = cur {
-        // Some layers repeat their source's words; say them once.
-        let msg = c.to_string();
-        if !last.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        last = msg;
-        cur = c.source();
-    }
-    s
 }
 
 /// Turns a gRPC status into an error whose message is the server's sentence. A controller

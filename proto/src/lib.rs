@@ -9,3 +9,22 @@ pub mod v1 {
 
 /// Metadata a follower sets when it refuses an agent's session: the leader's gRPC `host:port`.
 pub const LEADER_METADATA: &str = "rudder-leader";
+
+/// An error and its sources, `: `-separated: tonic's transport errors say only "transport
+/// error" at the top, and the reason (refused, timed out, a bad certificate) is below. A source
+/// whose words its parent already said is left out.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    let mut last = s.clone();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !last.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        last = msg;
+        cur = c.source();
+    }
+    s
+}
