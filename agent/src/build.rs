@@ -11,7 +11,10 @@
 //!   layers so far with a fresh upper dir; the host's network; output streamed as progress.
 //! - `COPY`/`ADD`: a tar made here from the context (or another stage's files), unpacked by
 //!   `rudder-agent fs-helper` chrooted into the same kind of overlay mount, so nothing is
-//!   written through a symlink of the image. `ADD` unpacks local tar archives.
+//!   written through a symlink of the image. `ADD` unpacks local tar archives, and fetches
+//!   `http(s)://` URLs (https checked against the system's roots) into the build's scratch
+//!   directory first, then copies them like context files (never unpacked; mode 0600; the
+//!   server's Last-Modified as mtime).
 //! - `WORKDIR` makes its directory when the image lacks it.
 //! - Metadata steps change the image config only.
 //!
@@ -20,7 +23,8 @@
 //!
 //! **Cache.** Each step has a key: the previous step's key, the step as resolved (variables
 //! substituted, the image settings after it) and, for COPY/ADD, a digest of the source files
-//! (names, modes, owners, contents and link targets; not mtimes). A key seen before, whose
+//! (names, modes, owners, contents and link targets; not mtimes; for a URL, the bytes fetched,
+//! so a changed file at the same address rebuilds). A key seen before, whose
 //! layer is still in the store, reuses that layer and the time it was made, so a fully
 //! cached build produces the same image digest again. `--no-cache` rebuilds every step (and
 //! records the new results).
@@ -571,10 +575,23 @@ impl Run<'_> {
     ) -> Result<bool, BuildError> {
         let action_json = serde_json::to_vec(action).expect("action serializes");
         let settings_json = serde_json::to_vec(&image.settings).expect("settings serialize");
+        // ADD <url>: fetched first, so that the bytes (not the address) make the cache key;
+        // then copied like files of the context.
+        let fetched = match action {
+            Action::Copy { srcs, .. } if srcs.first().is_some_and(|s| dockerfile::is_url(s)) => {
+                Some(self.fetch(step.line, srcs).await?)
+            }
+            _ => None,
+        };
         let inputs = match action {
             Action::Copy { srcs, from, .. } => {
-                let (root, _) = self.source_root(stage, from.as_deref(), built).await?;
-                let (root, srcs) = (root.clone(), srcs.clone());
+                let (root, srcs) = match &fetched {
+                    Some(f) => f.clone(),
+                    None => {
+                        let (root, _) = self.source_root(stage, from.as_deref(), built).await?;
+                        (root, srcs.clone())
+                    }
+                };
                 let line = step.line;
                 tokio::task::spawn_blocking(move || hash_sources(&root, &srcs, line))
                     .await
@@ -614,14 +631,21 @@ impl Run<'_> {
                 from,
                 unpack,
             } => {
-                let (src_root, _) = self.source_root(stage, from.as_deref(), built).await?;
+                // A fetched file is never unpacked, as in docker.
+                let (src_root, srcs, unpack) = match &fetched {
+                    Some((root, names)) => (root.clone(), names.clone(), false),
+                    None => {
+                        let (root, _) = self.source_root(stage, from.as_deref(), built).await?;
+                        (root, srcs.clone(), *unpack)
+                    }
+                };
                 Some(FsOp::Copy(CopyJob {
                     src_root,
-                    srcs: srcs.clone(),
+                    srcs,
                     dest: dest.clone(),
                     chown: chown.clone(),
                     chmod: chmod.clone(),
-                    unpack: *unpack,
+                    unpack,
                     line: step.line,
                     add: matches!(step.instr, Instr::Add(_)),
                 }))
@@ -651,6 +675,74 @@ impl Run<'_> {
         }
         apply(image, step, entry, key);
         Ok(false)
+    }
+
+    /// Downloads an ADD's URLs into a fresh directory of this build; returns it and the
+    /// sources to copy from it. As in docker, a file is named after the URL path's last
+    /// segment, has mode 0600, and the server's Last-Modified as its mtime.
+    async fn fetch(
+        &mut self,
+        line: usize,
+        urls: &[String],
+    ) -> Result<(PathBuf, Vec<String>), BuildError> {
+        let root = self.dir.join(format!("fetched-{line}"));
+        let _ = fs::remove_dir_all(&root);
+        let client = RegistryClient::web().map_err(other)?;
+        let mut sources = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let failed = |why: String| BuildError::Step(format!("line {line}: ADD {url}: {why}"));
+            let name = reqwest::Url::parse(url)
+                .map_err(|e| failed(format!("not a URL: {e}")))?
+                .path_segments()
+                .and_then(|mut p| p.next_back().map(str::to_string))
+                .filter(|n| !n.is_empty() && n != "." && n != "..")
+                .ok_or_else(|| failed("its path names no file (it ends with /)".into()))?;
+            // A directory per URL: two URLs may end in the same name.
+            let rel = format!("{i}/{name}");
+            let path = root.join(&rel);
+            let dir = root.join(i.to_string());
+            fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+            let mut resp = client
+                .get(url.as_str())
+                .send()
+                .await
+                .map_err(|e| failed(rudder_proto::error_chain(&e)))?;
+            if !resp.status().is_success() {
+                return Err(failed(format!("the server answered {}", resp.status())));
+            }
+            let modified = resp
+                .headers()
+                .get(reqwest::header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok());
+            let mut file = tokio::fs::File::create(&path)
+                .await
+                .map_err(io_err("create", &path))?;
+            let mut size = 0u64;
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| failed(rudder_proto::error_chain(&e)))?
+            {
+                size += chunk.len() as u64;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(io_err("write", &path))?;
+            }
+            file.flush().await.map_err(io_err("write", &path))?;
+            let file = file.into_std().await;
+            file.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(io_err("chmod", &path))?;
+            if let Some(t) = modified {
+                file.set_modified(t)
+                    .map_err(io_err("set the mtime of", &path))?;
+            }
+            self.progress
+                .line(format!(" ---> fetched {url} ({})", human(size)))
+                .await;
+            sources.push(rel);
+        }
+        Ok((root, sources))
     }
 
     /// A cache entry whose layer (if any) is still on this host.
@@ -1469,7 +1561,7 @@ fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<Source>, Bui
     for s in srcs {
         if s.contains("://") {
             return Err(BuildError::Invalid(format!(
-                "line {line}: {s}: remote URLs are not supported (no registry or web access from builds)"
+                "line {line}: {s}: only ADD fetches URLs"
             )));
         }
         let not_found = || {

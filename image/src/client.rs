@@ -215,6 +215,23 @@ impl RegistryClient {
         self
     }
 
+    /// A web client for a build's `ADD <url>`: https verified against the system's roots
+    /// (as [`RegistryClient::with_system_roots`]), plain http as it is.
+    pub fn web() -> Result<reqwest::Client> {
+        let config = system_tls_config().map_err(|detail| ImageError::Tls {
+            registry: "web".into(),
+            detail,
+        })?;
+        reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .use_preconfigured_tls(config)
+            .build()
+            .map_err(|e| ImageError::Http {
+                registry: "web".into(),
+                source: e,
+            })
+    }
+
     fn with_rustls(base: String, config: rustls::ClientConfig) -> Result<RegistryClient> {
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)

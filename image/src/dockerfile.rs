@@ -1344,6 +1344,13 @@ fn literal(s: &str, escape: char) -> String {
 /// expansion), the escape character escaping the next one, `$VAR`, `${VAR}`,
 /// `${VAR:-word}`, `${VAR-word}`, `${VAR:+word}`, `${VAR+word}`, `${VAR:?msg}`, `${VAR?msg}`
 /// expanded from `lookup` (undefined: empty). Errors are messages without a line.
+/// Whether an ADD source is fetched from the web (`http://` or `https://`) rather than taken
+/// from the context.
+pub fn is_url(src: &str) -> bool {
+    let lower = src.to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
 pub fn substitute(
     word: &str,
     escape: char,
@@ -2097,16 +2104,19 @@ impl StageBuilder {
         let mut srcs = Vec::with_capacity(spec.srcs.len());
         for s in &spec.srcs {
             let src = self.expand(step, &format!("{name} source"), s)?;
-            let lower = src.to_ascii_lowercase();
-            if lower.starts_with("http://") || lower.starts_with("https://") {
-                let message = if unpack {
-                    format!("ADD from a URL ({src:?}) is not supported")
-                } else {
-                    format!("COPY source can't be a URL ({src:?}); ADD fetches URLs")
-                };
-                return Err(DockerfileError::new(line, message));
+            if is_url(&src) && !unpack {
+                return Err(DockerfileError::new(
+                    line,
+                    format!("COPY source can't be a URL ({src:?}); ADD fetches URLs"),
+                ));
             }
             srcs.push(src);
+        }
+        if srcs.iter().any(|s| is_url(s)) && !srcs.iter().all(|s| is_url(s)) {
+            return Err(DockerfileError::new(
+                line,
+                "ADD takes either URLs or files of the context, not both (use two ADDs)",
+            ));
         }
         let raw_dest = self.expand(step, &format!("{name} destination"), &spec.dest)?;
         if raw_dest.is_empty() {
@@ -2942,7 +2952,7 @@ MAINTAINER someone <s@example.com>
             ("FROM scratch\nCOPY a b /notdir\n", 2, "When using COPY with more than one source file, the destination must be a directory and end with a / (\"/notdir\")"),
             ("FROM scratch\nCOPY --chmod=rwx a /\n", 2, "invalid --chmod=rwx: want an octal mode like 755"),
             ("FROM scratch\nCOPY --chmod=8 a /\n", 2, "invalid --chmod=8: want an octal mode like 755"),
-            ("FROM scratch\nADD https://example.com/x /\n", 2, "ADD from a URL (\"https://example.com/x\") is not supported"),
+            ("FROM scratch\nADD https://example.com/x a.txt /\n", 2, "ADD takes either URLs or files of the context, not both (use two ADDs)"),
             ("FROM scratch\nCOPY http://example.com/x /\n", 2, "COPY source can't be a URL (\"http://example.com/x\"); ADD fetches URLs"),
             ("FROM scratch\n\nENV A=${B\n", 3, "ENV A: failed to process \"${B\": syntax error: missing '}'"),
             ("FROM scratch\nLABEL a=\"x\n", 2, "LABEL a: failed to process \"\\\"x\": unexpected end of statement while looking for matching double-quote"),

@@ -3,7 +3,8 @@
 //! files, owner, env, working dir, user and command. The same build again reuses every step
 //! and gives the same digest; a changed file rebuilds from its COPY on; `--no-cache` rebuilds
 //! everything. Refusals: a malformed Dockerfile (its line, before anything is sent), a RUN that
-//! fails (its line and exit code, nothing tagged), a missing COPY source.
+//! fails (its line and exit code, nothing tagged), a missing COPY source. `ADD <url>` fetches
+//! from a web server the test runs on the lab's root address.
 
 use std::fs;
 use std::path::Path;
@@ -245,5 +246,130 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope.txt"), "{err}");
+    Ok(())
+}
+
+/// A tiny web server on the lab's root address (reachable from every host of the lab) serving
+/// `files` by path; 404 for anything else. Every answer has the same Last-Modified.
+struct Web {
+    addr: std::net::SocketAddr,
+    files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+}
+
+/// 2023-11-14T22:13:20Z.
+const LAST_MODIFIED: (&str, u64) = ("Tue, 14 Nov 2023 22:13:20 GMT", 1_700_000_000);
+
+impl Web {
+    fn start(ip: std::net::Ipv4Addr) -> anyhow::Result<Web> {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind((ip, 0))?;
+        let addr = listener.local_addr()?;
+        let files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+            Default::default();
+        let served = files.clone();
+        // Ends with the test process.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req);
+                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let path = path.split('?').next().unwrap_or(path).to_string();
+                let body = served.lock().unwrap().get(&path).cloned();
+                let head = match &body {
+                    Some(b) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        b.len(),
+                        LAST_MODIFIED.0
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_string()
+                    }
+                };
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(body.as_deref().unwrap_or_default());
+            }
+        });
+        Ok(Web { addr, files })
+    }
+
+    fn put(&self, path: &str, body: &[u8]) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.into(), body.to_vec());
+    }
+}
+
+/// `ADD <url>`: fetched by the building host, named after the URL's last segment or as the
+/// destination says, mode 0600 with the server's Last-Modified, an archive left packed. The
+/// cache follows the bytes: the same bytes reuse the step, changed ones rebuild it. A URL the
+/// server does not have fails the build with its line and the server's answer.
+#[test]
+fn add_fetches_urls() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("bu", 1)?;
+    let web = Web::start(lab.lab.root_addr())?;
+    web.put("/files/hello.txt", b"hello from the web\n");
+    web.put("/files/data.tar", b"not unpacked");
+    let a = web.addr;
+    let ctx = tmp.path().join("urls");
+    fs::create_dir_all(&ctx)?;
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest\n\
+             ADD http://{a}/files/hello.txt /srv/\n\
+             ADD http://{a}/files/hello.txt?v=1 /srv/renamed.txt\n\
+             ADD http://{a}/files/data.tar /srv/archives/\n\
+             CMD [\"sh\", \"-c\", \"cat /srv/hello.txt /srv/renamed.txt; \
+             stat -c '%a %Y' /srv/hello.txt; ls /srv/archives\"]\n"
+        ),
+    )?;
+    let c = ctx.to_str().unwrap();
+    let out = build(&lab, &["-t", "web:1", c])?;
+    assert!(
+        out.contains(&format!(" ---> fetched http://{a}/files/hello.txt (")),
+        "{out}"
+    );
+    assert!(!out.contains("Using cache"), "{out}");
+    let run = lab.rctl(&["run", "--rm", "web:1"])?;
+    assert_eq!(
+        run,
+        format!(
+            "hello from the web\nhello from the web\n600 {}\ndata.tar\n",
+            LAST_MODIFIED.1
+        )
+    );
+
+    // Same bytes: every ADD is reused. New bytes at the first URL: that step on rebuilds.
+    let out = build(&lab, &["-t", "web:1", c])?;
+    assert_eq!(out.matches("---> Using cache").count(), 4, "{out}");
+    web.put("/files/hello.txt", b"changed\n");
+    let out = build(&lab, &["-t", "web:2", c])?;
+    assert_eq!(out.matches("---> Using cache").count(), 0, "{out}");
+    let run = lab.rctl(&["run", "--rm", "web:2"])?;
+    assert!(run.starts_with("changed\nchanged\n"), "{run}");
+
+    // A URL the server does not have.
+    fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:latest\nADD http://{a}/nope.txt /srv/\n"),
+    )?;
+    let e = build(&lab, &["-t", "web:3", c]).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "line 2: ADD http://{a}/nope.txt: the server answered 404 Not Found"
+        )),
+        "{e}"
+    );
     Ok(())
 }
