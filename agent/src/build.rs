@@ -16,6 +16,8 @@
 //!   directory first, then copies them like context files (never unpacked; mode 0600; the
 //!   server's Last-Modified as mtime).
 //! - `WORKDIR` makes its directory when the image lacks it.
+//! - `ONBUILD` triggers recorded in a registry base image run right after its FROM, before the
+//!   stage's own steps and cached like them; the new image does not inherit them.
 //! - Metadata steps change the image config only.
 //!
 //! A step that changes files becomes one layer: its upper dir, written as a tar+gzip blob
@@ -438,8 +440,41 @@ impl Run<'_> {
                 .line(format!("Step {n}/{total} : {}", from_text(stage)))
                 .await;
             let mut image = self.from(i, stage.line, &froms[i], &built, &client).await?;
+            // A base image's ONBUILD triggers run first, and its children do not inherit them.
+            let from_image = df.base_stage(i, &froms[i]).is_none() && froms[i] != "scratch";
+            let triggers = if from_image {
+                std::mem::take(&mut image.settings.onbuild)
+            } else {
+                Vec::new()
+            };
             let mut vars =
                 StageBuilder::new(&df.global_args, &self.build_args, image.settings.clone());
+            if !triggers.is_empty() {
+                self.progress
+                    .line(format!("# Executing {} build trigger(s)", triggers.len()))
+                    .await;
+            }
+            for trigger in &triggers {
+                let bad = |m: String| {
+                    BuildError::Invalid(format!(
+                        "FROM {} (line {}): ONBUILD {trigger}: {m}",
+                        froms[i], stage.line
+                    ))
+                };
+                let parsed = dockerfile::parse_instructions(trigger).map_err(|e| bad(e.message))?;
+                for mut step in parsed {
+                    step.line = stage.line;
+                    steps += 1;
+                    self.progress
+                        .line(format!(" ---> trigger: {}", step.text))
+                        .await;
+                    let action = vars.step(&step).map_err(|e| bad(e.message))?;
+                    image.settings = vars.settings().clone();
+                    if self.step(stage, &step, &action, &mut image, &built).await? {
+                        cached += 1;
+                    }
+                }
+            }
             for step in &stage.steps {
                 n += 1;
                 steps += 1;

@@ -60,8 +60,7 @@ pub struct CommitMeta {
     pub author: String,
 }
 
-/// The instructions `--change` takes: those that only set the config (docker's list, less
-/// ONBUILD, which builds here do not run).
+/// The instructions `--change` takes: those that only set the config (docker's list).
 pub const CHANGE_INSTRUCTIONS: &[&str] = &[
     "CMD",
     "ENTRYPOINT",
@@ -69,6 +68,7 @@ pub const CHANGE_INSTRUCTIONS: &[&str] = &[
     "EXPOSE",
     "HEALTHCHECK",
     "LABEL",
+    "ONBUILD",
     "STOPSIGNAL",
     "USER",
     "VOLUME",
@@ -84,12 +84,8 @@ pub fn parse_changes(changes: &[String]) -> Result<Vec<Step>> {
         if change.trim().is_empty() {
             return Err(bad("it is empty".into()));
         }
-        let parsed = crate::dockerfile::parse(&format!("FROM scratch\n{change}\n"))
-            .map_err(|e| bad(e.message))?;
-        let [stage] = parsed.stages.as_slice() else {
-            return Err(bad("FROM cannot be applied by a commit".into()));
-        };
-        let [step] = stage.steps.as_slice() else {
+        let parsed = crate::dockerfile::parse_instructions(change).map_err(|e| bad(e.message))?;
+        let [step] = parsed.as_slice() else {
             return Err(bad("give one instruction per --change".into()));
         };
         let config_only = matches!(
@@ -100,6 +96,7 @@ pub fn parse_changes(changes: &[String]) -> Result<Vec<Step>> {
                 | Instr::Expose(_)
                 | Instr::Healthcheck(_)
                 | Instr::Label(_)
+                | Instr::Onbuild(_)
                 | Instr::StopSignal(_)
                 | Instr::User(_)
                 | Instr::Volume(_)
@@ -411,7 +408,7 @@ mod tests {
                 "RUN cannot be applied by a commit; it takes CMD, ENTRYPOINT",
             ),
             ("COPY a b", "COPY cannot be applied"),
-            ("FROM busybox", "FROM cannot be applied"),
+            ("FROM busybox", "FROM cannot be used here"),
             ("CMD a\nENV b=c", "one instruction per --change"),
             ("  ", "it is empty"),
             ("FROB x", "FROB"),

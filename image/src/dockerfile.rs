@@ -163,6 +163,9 @@ pub enum Instr {
     StopSignal(String),
     /// `HEALTHCHECK [--interval=…] CMD …` or `HEALTHCHECK NONE`: replaces the image's check.
     Healthcheck(Healthcheck),
+    /// `ONBUILD INSTRUCTION`: the instruction as written (checked, not substituted), recorded in
+    /// the image and run by builds that start FROM it.
+    Onbuild(String),
 }
 
 /// RUN/CMD/ENTRYPOINT arguments.
@@ -207,6 +210,9 @@ pub struct Settings {
     /// HEALTHCHECK; `None`: none set (the image has no `Healthcheck`).
     #[serde(default)]
     pub healthcheck: Option<Healthcheck>,
+    /// ONBUILD triggers, as written, in order (the image config's `OnBuild`).
+    #[serde(default)]
+    pub onbuild: Vec<String>,
 }
 
 /// An image's health check (the `Healthcheck` object of an image config). Durations are in
@@ -253,11 +259,12 @@ impl Settings {
             shell: json_strings(config, "Shell")?.unwrap_or_default(),
             stop_signal: json_string(config, "StopSignal")?.filter(|s| !s.is_empty()),
             healthcheck: json_healthcheck(config)?,
+            onbuild: json_strings(config, "OnBuild")?.unwrap_or_default(),
         })
     }
 
     /// Writes these settings into an image config JSON value's `config` object (creating it),
-    /// keeping the fields it does not model (ArgsEscaped, OnBuild, …). Empty
+    /// keeping the fields it does not model (ArgsEscaped, …). Empty
     /// settings are removed rather than written as empty values, as docker does.
     pub fn write_to(&self, image_config: &mut serde_json::Value) {
         use serde_json::{json, Map, Value};
@@ -304,6 +311,10 @@ impl Settings {
         );
         set("Shell", (!self.shell.is_empty()).then(|| json!(self.shell)));
         set("StopSignal", self.stop_signal.as_ref().map(|s| json!(s)));
+        set(
+            "OnBuild",
+            (!self.onbuild.is_empty()).then(|| json!(self.onbuild)),
+        );
         set(
             "Healthcheck",
             self.healthcheck.as_ref().map(|h| {
@@ -920,7 +931,23 @@ fn parse_instruction(
             line,
         )?,
         "onbuild" => {
-            return Err(err(format!("{name} is not supported")));
+            flags.check(&name, &[], &[], line)?;
+            let trigger = rest.trim();
+            if trigger.is_empty() {
+                return Err(exactly_one());
+            }
+            let keyword = trigger.split_whitespace().next().unwrap_or_default();
+            let kw = keyword.to_ascii_lowercase();
+            if matches!(kw.as_str(), "onbuild" | "from" | "maintainer") {
+                return Err(err(format!(
+                    "{} isn't allowed as an ONBUILD trigger",
+                    kw.to_ascii_uppercase()
+                )));
+            }
+            // Checked now, run later: a trigger that does not parse is this line's error.
+            let (trigger_flags, trigger_rest) = Flags::extract(&trigger[keyword.len()..], line)?;
+            parse_instruction(keyword, &kw, trigger_flags, trigger_rest, line, escape)?;
+            return Ok(vec![Instr::Onbuild(trigger.to_string())]);
         }
         "arg" | "env" | "label" | "workdir" | "user" | "expose" | "volume" | "cmd"
         | "entrypoint" | "shell" | "stopsignal" | "maintainer" => {
@@ -1344,6 +1371,25 @@ fn literal(s: &str, escape: char) -> String {
 /// expansion), the escape character escaping the next one, `$VAR`, `${VAR}`,
 /// `${VAR:-word}`, `${VAR-word}`, `${VAR:+word}`, `${VAR+word}`, `${VAR:?msg}`, `${VAR?msg}`
 /// expanded from `lookup` (undefined: empty). Errors are messages without a line.
+/// Instructions outside a Dockerfile (an ONBUILD trigger, a `commit --change`): `text` parsed
+/// as the lines after a `FROM`; the steps it makes (several for `ARG A B`), numbered from 1.
+pub fn parse_instructions(text: &str) -> Result<Vec<Step>, DockerfileError> {
+    let parsed = parse(&format!("FROM scratch\n{text}\n")).map_err(|mut e| {
+        e.line = e.line.saturating_sub(1);
+        e
+    })?;
+    let [stage] = <[Stage; 1]>::try_from(parsed.stages)
+        .map_err(|_| DockerfileError::new(1, "FROM cannot be used here"))?;
+    Ok(stage
+        .steps
+        .into_iter()
+        .map(|mut s| {
+            s.line -= 1;
+            s
+        })
+        .collect())
+}
+
 /// Whether an ADD source is fetched from the web (`http://` or `https://`) rather than taken
 /// from the context.
 pub fn is_url(src: &str) -> bool {
@@ -2071,6 +2117,7 @@ impl StageBuilder {
             }
             Instr::Shell(shell) => self.settings.shell = shell.clone(),
             Instr::Healthcheck(h) => self.settings.healthcheck = Some(h.clone()),
+            Instr::Onbuild(trigger) => self.settings.onbuild.push(trigger.clone()),
             Instr::StopSignal(raw) => {
                 let signal = self.expand(step, "STOPSIGNAL", raw)?;
                 if !valid_signal(&signal) {
@@ -2591,7 +2638,10 @@ MAINTAINER someone <s@example.com>
             ("FROM scratch\nRUN --mount=type=cache,target=/x make\n", 2, "flag \"--mount\" of RUN is not supported"),
             ("FROM scratch\nENV --x=1 A=1\n", 2, "unknown flag \"--x\" for ENV"),
             ("FROM --foo=bar scratch\n", 1, "unknown flag \"--foo\" for FROM"),
-            ("FROM scratch\nONBUILD RUN true\n", 2, "ONBUILD is not supported"),
+            ("FROM scratch\nONBUILD ONBUILD RUN true\n", 2, "ONBUILD isn't allowed as an ONBUILD trigger"),
+            ("FROM scratch\nONBUILD FROM x\n", 2, "FROM isn't allowed as an ONBUILD trigger"),
+            ("FROM scratch\nONBUILD\n", 2, "ONBUILD requires exactly one argument"),
+            ("FROM scratch\nONBUILD COPY\n", 2, "COPY requires at least two arguments: source(s) and destination"),
             ("FROM scratch\nHEALTHCHECK\n", 2, "HEALTHCHECK requires at least one argument (CMD … or NONE)"),
             ("FROM scratch\nHEALTHCHECK RUN x\n", 2, "unknown type \"RUN\" in HEALTHCHECK (try CMD or NONE)"),
             ("FROM scratch\nHEALTHCHECK NONE x\n", 2, "HEALTHCHECK NONE takes no arguments or flags"),
@@ -3456,5 +3506,39 @@ MAINTAINER someone <s@example.com>
         assert!(df.unused_build_args(&build_args).is_empty());
         assert_eq!(df.target(None).unwrap(), 1);
         assert!(df.build_order(5, &build_args).is_err());
+    }
+
+    #[test]
+    fn onbuild_triggers_are_recorded_as_written_and_round_trip() {
+        let df = parse("FROM scratch\nONBUILD COPY ${SRC:-.} /app/\nonbuild RUN make\n").unwrap();
+        let steps = &df.stages[0].steps;
+        assert_eq!(
+            steps[0].instr,
+            Instr::Onbuild("COPY ${SRC:-.} /app/".into())
+        );
+        assert_eq!(steps[1].instr, Instr::Onbuild("RUN make".into()));
+        let mut b = StageBuilder::new(&[], &BTreeMap::new(), Settings::default());
+        for s in steps {
+            assert_eq!(b.step(s).unwrap(), Action::Config);
+        }
+        let settings = b.into_settings();
+        assert_eq!(settings.onbuild, ["COPY ${SRC:-.} /app/", "RUN make"]);
+        let mut config = serde_json::json!({"config": {"Env": ["A=1"]}});
+        settings.write_to(&mut config);
+        assert_eq!(
+            config["config"]["OnBuild"],
+            serde_json::json!(["COPY ${SRC:-.} /app/", "RUN make"])
+        );
+        let back = Settings::from_config_json(&serde_json::to_vec(&config).unwrap()).unwrap();
+        assert_eq!(back.onbuild, settings.onbuild);
+        // A trigger parses back into the step it stands for.
+        let t = parse_instructions(&back.onbuild[0]).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].line, 1);
+        assert!(matches!(&t[0].instr, Instr::Copy(c) if c.dest == "/app/"));
+        let e = parse_instructions("FROM x").unwrap_err();
+        assert_eq!(e.message, "FROM cannot be used here");
+        let e = parse_instructions("COPY").unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
     }
 }

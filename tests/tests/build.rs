@@ -373,3 +373,46 @@ fn add_fetches_urls() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// ONBUILD: a base image records its triggers; a build FROM it runs them first (with the
+/// child's context, cached like other steps), and the child does not pass them on.
+#[test]
+fn onbuild_triggers_run_in_children_only() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("bo", 1)?;
+    let base = tmp.path().join("base");
+    fs::create_dir_all(&base)?;
+    fs::write(
+        base.join("Dockerfile"),
+        "FROM busybox:latest\nONBUILD COPY app.txt /app/\n\
+         ONBUILD RUN echo triggered > /app/run.txt\n",
+    )?;
+    let out = build(&lab, &["-t", "base:1", base.to_str().unwrap()])?;
+    assert!(!out.contains("# Executing"), "{out}");
+
+    let child = tmp.path().join("child");
+    fs::create_dir_all(&child)?;
+    fs::write(child.join("app.txt"), "from the child's context\n")?;
+    fs::write(
+        child.join("Dockerfile"),
+        "FROM base:1\nCMD [\"cat\", \"/app/app.txt\", \"/app/run.txt\"]\n",
+    )?;
+    let c = child.to_str().unwrap();
+    let out = build(&lab, &["-t", "child:1", c])?;
+    assert!(out.contains("# Executing 2 build trigger(s)"), "{out}");
+    assert!(out.contains(" ---> trigger: COPY app.txt /app/"), "{out}");
+    let run = lab.rctl(&["run", "--rm", "child:1"])?;
+    assert_eq!(run, "from the child's context\ntriggered\n");
+    let out = build(&lab, &["-t", "child:1", c])?;
+    assert_eq!(out.matches("---> Using cache").count(), 3, "{out}");
+
+    // A grandchild runs no trigger: the child did not inherit them.
+    let grand = tmp.path().join("grand");
+    fs::create_dir_all(&grand)?;
+    fs::write(
+        grand.join("Dockerfile"),
+        "FROM child:1\nRUN test ! -e /app/again\n",
+    )?;
+    let out = build(&lab, &["-t", "grand:1", grand.to_str().unwrap()])?;
+    assert!(!out.contains("# Executing"), "{out}");
+    Ok(())
+}

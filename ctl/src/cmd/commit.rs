@@ -19,7 +19,7 @@ pub struct CommitArgs {
     /// NAME[:TAG] (tag `latest` when none is given).
     pub reference: String,
     /// A Dockerfile instruction applied to the image's config: CMD, ENTRYPOINT, ENV, EXPOSE,
-    /// HEALTHCHECK, LABEL, STOPSIGNAL, USER, VOLUME or WORKDIR (repeatable).
+    /// HEALTHCHECK, LABEL, ONBUILD, STOPSIGNAL, USER, VOLUME or WORKDIR (repeatable).
     #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
     pub changes: Vec<String>,
     /// A comment for the new layer's history entry.
