@@ -197,6 +197,14 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
             .join(", ")
     };
     let subnets: Vec<String> = map.networks.iter().map(|n| n.subnet.to_string()).collect();
+    // Internal networks: nothing leaves them, so nothing of theirs is masqueraded.
+    let open_subnets: Vec<String> = map
+        .networks
+        .iter()
+        .filter(|n| !n.internal)
+        .map(|n| n.subnet.to_string())
+        .collect();
+    let mut input = Vec::new();
     let numgen = |backends: &[String]| {
         if backends.len() == 1 {
             backends[0].clone()
@@ -238,6 +246,18 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
                 n.subnet,
                 n.local_slice
             ));
+        }
+        if n.internal {
+            // Nowhere else: not another network, not the underlay, not the internet; and of
+            // the host only the resolver on the gateway.
+            fwd.push(format!("iifname \"{br}\" ip saddr {} drop", n.subnet));
+            for proto in ["udp", "tcp"] {
+                input.push(format!(
+                    "iifname \"{br}\" ip daddr {} {proto} dport 53 accept",
+                    n.gateway
+                ));
+            }
+            input.push(format!("iifname \"{br}\" ip saddr {} drop", n.subnet));
         }
     }
     let published = |p: &PublishedPort, mark: u32, rules: &mut Vec<String>, local: &str| {
@@ -296,12 +316,14 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
         // Other networks do not get in (published ports were accepted above by their mark).
         fwd.push(format!("oifname \"{BRIDGE}\" iifname != \"{BRIDGE}\" drop"));
     }
-    if !subnets.is_empty() {
+    if !open_subnets.is_empty() {
         post.push(format!(
             "ip saddr {{ {} }} oifname != {{ {} }} masquerade",
-            subnets.join(", "),
+            open_subnets.join(", "),
             quoted(&overlay_ifaces)
         ));
+    }
+    if !subnets.is_empty() {
         fwd.push(format!("ip daddr {{ {} }} drop", subnets.join(", ")));
     }
     let mut t = String::new();
@@ -354,6 +376,15 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
             quoted(&overlay_ifaces),
             subnets.join(", ")
         ));
+    }
+    if !input.is_empty() {
+        input.insert(0, "ct state established,related accept".to_string());
+        chain(
+            &mut t,
+            "input",
+            "type filter hook input priority filter; policy accept;",
+            &input,
+        );
     }
     chain(
         &mut t,
@@ -696,12 +727,19 @@ impl Overlay {
                 .is_none_or(|d| d.local_addr() != addr);
             if rebind {
                 applied.dns.remove(&n.id);
-                let server = DnsServer::bind(addr, self.upstreams.clone())
-                    .await
-                    .map_err(|e| NetError::Command {
-                        cmd: format!("dns on {addr}"),
-                        msg: e.to_string(),
-                    })?;
+                // An internal network's resolver knows only its services.
+                let upstreams = if n.internal {
+                    Vec::new()
+                } else {
+                    self.upstreams.clone()
+                };
+                let server =
+                    DnsServer::bind(addr, upstreams)
+                        .await
+                        .map_err(|e| NetError::Command {
+                            cmd: format!("dns on {addr}"),
+                            msg: e.to_string(),
+                        })?;
                 applied.dns.insert(n.id.clone(), server);
             }
             if let Some(d) = applied.dns.get(&n.id) {
@@ -1058,6 +1096,7 @@ mod tests {
             name: format!("net-{id}"),
             subnet: subnet.parse().unwrap(),
             encrypted: true,
+            internal: false,
             vni: 4096,
             mtu: 1420,
             local_slice: local,
@@ -1137,6 +1176,34 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
         }
+        // An internal network: no masquerade, nothing forwarded out, of the host only DNS.
+        let mut internal = map.clone();
+        internal.networks[0].internal = true;
+        let t = ruleset(&internal, &["rwg-1".to_string()], None);
+        assert!(!t.contains("masquerade"), "{t}");
+        for want in [
+            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
+            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 drop",
+            "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.1.1 udp dport 53 accept",
+            "type filter hook input priority filter;",
+        ] {
+            assert!(t.contains(want), "missing {want}\n{t}");
+        }
+        assert!(nft_accepts(&t), "{t}");
+    }
+
+    /// Whether the kernel accepts a ruleset (`nft -c` checks without committing anything).
+    fn nft_accepts(t: &str) -> bool {
+        use std::io::Write;
+        std::process::Command::new("nft")
+            .args(["-c", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(t.as_bytes())?;
+                c.wait()
+            })
+            .is_ok_and(|st| st.success())
     }
 
     #[test]

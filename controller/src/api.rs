@@ -61,14 +61,19 @@ fn check_networks(
         if let Some(existing) = store.networks.get(&spec.name) {
             if !existing.spec.same_shape(spec) {
                 return Err(format!(
-                    "network {:?}: driver, subnet and encrypted cannot change once it exists \
-                     (it is {}, {}); remove it first",
+                    "network {:?}: driver, subnet, encrypted and internal cannot change once \
+                     it exists (it is {}, {}{}); remove it first",
                     spec.name,
                     existing.subnet,
                     if existing.spec.encrypted {
                         "encrypted"
                     } else {
                         "unencrypted"
+                    },
+                    if existing.spec.internal {
+                        ", internal"
+                    } else {
+                        ""
                     }
                 ));
             }

@@ -55,8 +55,16 @@ pub struct NetworkSpec {
     /// WireGuard between hosts (the default); `false` uses VXLAN, for trusted underlays.
     #[serde(default = "yes")]
     pub encrypted: bool,
+    /// No way out (Docker's `--internal`): its tasks reach one another and nothing else — no
+    /// route to the hosts or beyond, and the embedded DNS answers only service names.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub internal: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn yes() -> bool {
@@ -80,6 +88,7 @@ impl NetworkSpec {
     pub fn same_shape(&self, other: &NetworkSpec) -> bool {
         self.driver == other.driver
             && self.encrypted == other.encrypted
+            && self.internal == other.internal
             && (other.subnet.is_none() || self.subnet == other.subnet)
     }
 }
@@ -269,6 +278,9 @@ pub struct NetworkView {
     pub name: String,
     pub subnet: Ipv4Net,
     pub encrypted: bool,
+    /// See [`NetworkSpec::internal`].
+    #[serde(default)]
+    pub internal: bool,
     pub vni: u32,
     pub mtu: u32,
     /// This node's slice; the gateway is its first address.
@@ -362,6 +374,7 @@ pub fn map_for_node(store: &crate::Store, node_id: &str) -> NetworkMap {
             name: net.spec.name.clone(),
             subnet: net.subnet,
             encrypted: net.spec.encrypted,
+            internal: net.spec.internal,
             vni: net.vni,
             mtu: net.mtu(),
             local_slice: local,
@@ -453,6 +466,7 @@ mod tests {
                 driver: NetworkDriver::Overlay,
                 subnet: Some(subnet.into()),
                 encrypted: true,
+                internal: false,
                 labels: Default::default(),
             },
             subnet: subnet.parse().unwrap(),

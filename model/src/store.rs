@@ -1021,7 +1021,8 @@ impl Store {
         if let Some(existing) = self.networks.get_mut(&spec.name) {
             if !existing.spec.same_shape(&spec) {
                 return Err(err(
-                    "its driver, subnet and encryption cannot change; remove it first".into(),
+                    "its driver, subnet, encryption and internal cannot change; remove it first"
+                        .into(),
                 ));
             }
             if existing.spec.labels != spec.labels {
@@ -1361,6 +1362,7 @@ mod tests {
             driver: Default::default(),
             subnet: subnet.map(String::from),
             encrypted: true,
+            internal: false,
             labels: Default::default(),
         };
         apply(

@@ -458,3 +458,66 @@ impl Drop for DistributionRegistry {
         let _ = self.child.wait();
     }
 }
+
+/// A tiny web server for lab tests, bound to `ip` (the lab's root address is reachable from
+/// every host of the lab), serving what [`WebServer::put`] gave it by path (a query is
+/// ignored); 404 for anything else. Every answer has the same Last-Modified. Its thread ends
+/// with the test process.
+pub struct WebServer {
+    pub addr: std::net::SocketAddr,
+    files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+}
+
+/// 2023-11-14T22:13:20Z.
+pub const LAST_MODIFIED: (&str, u64) = ("Tue, 14 Nov 2023 22:13:20 GMT", 1_700_000_000);
+
+impl WebServer {
+    pub fn start(ip: std::net::Ipv4Addr) -> anyhow::Result<WebServer> {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind((ip, 0))?;
+        let addr = listener.local_addr()?;
+        let files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
+            Default::default();
+        let served = files.clone();
+        // Ends with the test process.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let req = String::from_utf8_lossy(&req);
+                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let path = path.split('?').next().unwrap_or(path).to_string();
+                let body = served.lock().unwrap().get(&path).cloned();
+                let head = match &body {
+                    Some(b) => format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        b.len(),
+                        LAST_MODIFIED.0
+                    ),
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_string()
+                    }
+                };
+                let _ = conn.write_all(head.as_bytes());
+                let _ = conn.write_all(body.as_deref().unwrap_or_default());
+            }
+        });
+        Ok(WebServer { addr, files })
+    }
+
+    pub fn put(&self, path: &str, body: &[u8]) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.into(), body.to_vec());
+    }
+}

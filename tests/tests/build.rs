@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rudder_tests::{bin, lab_with_busybox, wait_for, LabGuard};
+use rudder_tests::{bin, lab_with_busybox, wait_for, LabGuard, WebServer, LAST_MODIFIED};
 
 const DOCKERFILE: &str = r#"# A comment, then a global ARG used by FROM.
 ARG BASE=busybox
@@ -249,67 +249,6 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tiny web server on the lab's root address (reachable from every host of the lab) serving
-/// `files` by path; 404 for anything else. Every answer has the same Last-Modified.
-struct Web {
-    addr: std::net::SocketAddr,
-    files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
-}
-
-/// 2023-11-14T22:13:20Z.
-const LAST_MODIFIED: (&str, u64) = ("Tue, 14 Nov 2023 22:13:20 GMT", 1_700_000_000);
-
-impl Web {
-    fn start(ip: std::net::Ipv4Addr) -> anyhow::Result<Web> {
-        use std::io::{Read, Write};
-        let listener = std::net::TcpListener::bind((ip, 0))?;
-        let addr = listener.local_addr()?;
-        let files: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>> =
-            Default::default();
-        let served = files.clone();
-        // Ends with the test process.
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let req = String::from_utf8_lossy(&req);
-                let path = req.split_whitespace().nth(1).unwrap_or("/");
-                let path = path.split('?').next().unwrap_or(path).to_string();
-                let body = served.lock().unwrap().get(&path).cloned();
-                let head = match &body {
-                    Some(b) => format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: {}\r\n\
-                         Connection: close\r\n\r\n",
-                        b.len(),
-                        LAST_MODIFIED.0
-                    ),
-                    None => {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                            .to_string()
-                    }
-                };
-                let _ = conn.write_all(head.as_bytes());
-                let _ = conn.write_all(body.as_deref().unwrap_or_default());
-            }
-        });
-        Ok(Web { addr, files })
-    }
-
-    fn put(&self, path: &str, body: &[u8]) {
-        self.files
-            .lock()
-            .unwrap()
-            .insert(path.into(), body.to_vec());
-    }
-}
-
 /// `ADD <url>`: fetched by the building host, named after the URL's last segment or as the
 /// destination says, mode 0600 with the server's Last-Modified, an archive left packed. The
 /// cache follows the bytes: the same bytes reuse the step, changed ones rebuild it. A URL the
@@ -317,7 +256,7 @@ impl Web {
 #[test]
 fn add_fetches_urls() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("bu", 1)?;
-    let web = Web::start(lab.lab.root_addr())?;
+    let web = WebServer::start(lab.lab.root_addr())?;
     web.put("/files/hello.txt", b"hello from the web\n");
     web.put("/files/data.tar", b"not unpacked");
     let a = web.addr;

@@ -405,3 +405,73 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
     let _ = Path::new("/");
     Ok(())
 }
+
+/// `internal: true`: tasks on the network reach one another (across hosts, by name), and
+/// nothing else: not a server outside the lab's hosts that a task on an ordinary network
+/// reaches, not their host's own ports. The flag cannot change once the network exists.
+#[test]
+fn internal_network_has_no_way_out() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("in", 2)?;
+    let web = rudder_tests::WebServer::start(lab.lab.root_addr())?;
+    web.put("/", b"outside\n");
+    let sleeper = |name: &str, net: &str| {
+        format!(
+            "kind: Service\nname: {name}\nimage: busybox:latest\nnetworks: [{net}]\n\
+             placement:\n  constraints: [\"node.hostname==h1\"]\n\
+             command: [\"/bin/sleep\", \"1000000\"]\n"
+        )
+    };
+    lab.apply(
+        tmp.path(),
+        "walled.yaml",
+        &format!(
+            "kind: Network\nname: walled\ninternal: true\nsubnet: 10.152.0.0/16\n---\n\
+             kind: Network\nname: open\nsubnet: 10.153.0.0/16\n---\n\
+             kind: Service\nname: iweb\nimage: busybox:latest\nnetworks: [walled]\n\
+             placement:\n  constraints: [\"node.hostname==h2\"]\ncommand: {SERVER}\n---\n{}---\n{}",
+            sleeper("inside", "walled"),
+            sleeper("outside", "open")
+        ),
+    )?;
+    running(&lab, "iweb", 1)?;
+    let inside = running(&lab, "inside", 1)?.remove(0);
+    let outside = running(&lab, "outside", 1)?.remove(0);
+    let out_url = format!("http://{}/", web.addr);
+    assert_eq!(fetch(&lab, &outside, &out_url)?.as_deref(), Some("outside"));
+    // Within the network, across hosts, by name: yes.
+    let body = fetch(&lab, &inside, "http://iweb/big")?;
+    assert!(body.is_some_and(|b| b.ends_with("PLAINTEXT-MARKER-1234")));
+    // Out of it: no.
+    assert_eq!(fetch(&lab, &inside, &out_url)?, None);
+    // Nor its host's other addresses: the other network's resolver, on h1 itself, answers a
+    // task of that network but not one on the internal network.
+    let (_, conf) = exec(&lab, &outside, &["cat", "/etc/resolv.conf"])?;
+    let open_gw = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("nameserver "))
+        .context("a nameserver in resolv.conf")?
+        .trim()
+        .to_string();
+    let ask = |task: &serde_json::Value| {
+        exec(
+            &lab,
+            task,
+            &["timeout", "3", "nslookup", "outside", &open_gw],
+        )
+    };
+    let (ok, out) = ask(&outside)?;
+    assert!(ok && out.contains("10.153."), "{out}");
+    let (ok, out) = ask(&inside)?;
+    assert!(!ok && !out.contains("10.153."), "{out}");
+
+    let e = lab
+        .apply(
+            tmp.path(),
+            "open-up.yaml",
+            "kind: Network\nname: walled\nsubnet: 10.152.0.0/16\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cannot change") && e.contains("internal"), "{e}");
+    Ok(())
+}

@@ -33,10 +33,11 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
                         n.spec.name.clone(),
                         "overlay".into(),
                         n.subnet.to_string(),
-                        if n.spec.encrypted {
-                            "wireguard".into()
-                        } else {
-                            format!("vxlan {}", n.vni)
+                        match (n.spec.encrypted, n.spec.internal) {
+                            (true, false) => "wireguard".into(),
+                            (true, true) => "wireguard, internal".into(),
+                            (false, false) => format!("vxlan {}", n.vni),
+                            (false, true) => format!("vxlan {}, internal", n.vni),
                         },
                         n.slices.len().to_string(),
                     ]
@@ -70,6 +71,7 @@ pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
         "subnet": n.subnet.to_string(),
         "encrypted": n.spec.encrypted,
         "encapsulation": if n.spec.encrypted { "wireguard" } else { "vxlan" },
+        "internal": n.spec.internal,
         "vni": n.vni,
         "mtu": n.mtu(),
         "virtual_ips": n.slice(0).to_string(),
