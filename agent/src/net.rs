@@ -396,6 +396,25 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
     t
 }
 
+/// What a network's resolver answers: each service under its name and its aliases (names
+/// are case-insensitive; a service's own name wins over another's alias).
+fn dns_view(n: &NetworkView) -> DnsView {
+    let record = |s: &rudder_model::network::ServiceEndpoints| ServiceRecord {
+        vip: s.vip,
+        tasks: s.tasks.clone(),
+    };
+    let mut services = BTreeMap::new();
+    for s in &n.services {
+        for a in &s.aliases {
+            services.insert(a.to_lowercase(), record(s));
+        }
+    }
+    for s in &n.services {
+        services.insert(s.name.to_lowercase(), record(s));
+    }
+    DnsView { services }
+}
+
 /// The host's local bridge (`network_mode: bridge`): Docker's `docker0`, one per host, not
 /// routed between hosts.
 pub const BRIDGE: &str = "rdr0";
@@ -705,21 +724,7 @@ impl Overlay {
 
         // DNS: one server per network, on its gateway.
         for n in wanted.values() {
-            let view = DnsView {
-                services: n
-                    .services
-                    .iter()
-                    .map(|s| {
-                        (
-                            s.name.to_lowercase(),
-                            ServiceRecord {
-                                vip: s.vip,
-                                tasks: s.tasks.clone(),
-                            },
-                        )
-                    })
-                    .collect(),
-            };
+            let view = dns_view(n);
             let addr = SocketAddr::new(n.gateway.into(), 53);
             let rebind = applied
                 .dns
@@ -1103,6 +1108,7 @@ mod tests {
             gateway: rudder_model::network::Network::gateway(local),
             services: vec![ServiceEndpoints {
                 name: "web".into(),
+                aliases: vec!["www".into()],
                 vip: Some("10.50.0.2".parse().unwrap()),
                 tasks: vec!["10.50.1.2".parse().unwrap(), "10.50.2.2".parse().unwrap()],
             }],
@@ -1204,6 +1210,28 @@ mod tests {
                 c.wait()
             })
             .is_ok_and(|st| st.success())
+    }
+
+    #[test]
+    fn dns_answers_aliases_and_names_win() {
+        let mut n = view("aaaaaaaa", "10.50.0.0/16", "10.50.1.0/24");
+        n.services.push(ServiceEndpoints {
+            name: "WWW".into(),
+            aliases: vec!["Web-Legacy".into(), "web".into()],
+            vip: Some("10.50.0.3".parse().unwrap()),
+            tasks: vec![],
+        });
+        let v = dns_view(&n);
+        let vip = |name: &str| {
+            v.services
+                .get(name)
+                .and_then(|r| r.vip)
+                .map(|a| a.to_string())
+        };
+        assert_eq!(vip("web").as_deref(), Some("10.50.0.2"));
+        assert_eq!(vip("www").as_deref(), Some("10.50.0.3"));
+        assert_eq!(vip("web-legacy").as_deref(), Some("10.50.0.3"));
+        assert_eq!(v.services.len(), 3);
     }
 
     #[test]

@@ -44,8 +44,9 @@ pub(crate) fn raft_status(e: RaftError) -> Status {
 }
 
 /// Refuses, before anything is proposed, what the state machine would reject or what would
-/// leave tasks without an address: a network whose shape changes, overlapping subnets, and a
-/// service on a network that neither exists nor comes in the same apply.
+/// leave tasks without an address: a network whose shape changes, overlapping subnets, a
+/// service on a network that neither exists nor comes in the same apply, and a name (service
+/// or alias) that another service already has on a shared network.
 fn check_networks(
     store: &Store,
     networks: &[NetworkSpec],
@@ -98,6 +99,39 @@ fn check_networks(
                     "service {:?}: networks[{i}]: network {n:?} does not exist (declare it with \
                      `kind: Network` or see `rctl network ls`)",
                     svc.name
+                ));
+            }
+        }
+    }
+    // Names on a network (services and their aliases) are unique: DNS answers one of them.
+    let others = store
+        .services
+        .values()
+        .map(|s| &s.spec)
+        .filter(|s| !services.iter().any(|a| a.name == s.name))
+        .chain(services.iter());
+    let others: Vec<&ServiceSpec> = others.collect();
+    for svc in services {
+        for o in others.iter().filter(|o| o.name != svc.name) {
+            let Some(net) = svc.networks.iter().find(|n| o.networks.contains(n)) else {
+                continue;
+            };
+            let taken = |name: &str| {
+                o.name.eq_ignore_ascii_case(name)
+                    || o.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+            };
+            if let Some((i, a)) = svc.aliases.iter().enumerate().find(|(_, a)| taken(a)) {
+                return Err(format!(
+                    "service {:?}: aliases[{i}]: {a:?} is already a name of service {:?} on \
+                     network {net:?}",
+                    svc.name, o.name
+                ));
+            }
+            if o.aliases.iter().any(|a| a.eq_ignore_ascii_case(&svc.name)) {
+                return Err(format!(
+                    "service {:?}: its name is already an alias of service {:?} on network \
+                     {net:?}",
+                    svc.name, o.name
                 ));
             }
         }

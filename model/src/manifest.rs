@@ -293,6 +293,34 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "ports[0].mode", "{e}");
+        let e = parse("f.yaml", "kind: Network\nname: a\ninternal: sure\n").unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "internal"), "{e}");
+        // Aliases: names on networks, valid, not the service's own.
+        for (yaml, field, words) in [
+            (
+                "aliases: [db]\n",
+                "aliases[0]",
+                "list the service's networks",
+            ),
+            (
+                "networks: [n]\naliases: [db, Bad_Name]\n",
+                "aliases[1]",
+                "not a valid name",
+            ),
+            (
+                "networks: [n]\naliases: [a]\n",
+                "aliases[0]",
+                "the service's name",
+            ),
+        ] {
+            let e = parse(
+                "f.yaml",
+                &format!("kind: Service\nname: a\nimage: x\n{yaml}"),
+            )
+            .unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(words), "{e}");
+        }
     }
 
     #[test]

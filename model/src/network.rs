@@ -293,6 +293,9 @@ pub struct NetworkView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceEndpoints {
     pub name: String,
+    /// The service's other names on this network (`ServiceSpec::aliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     pub vip: Option<Ipv4Addr>,
     /// Tasks that are running (health passed, where there is a check) and meant to run.
     pub tasks: Vec<Ipv4Addr>,
@@ -362,6 +365,7 @@ pub fn map_for_node(store: &crate::Store, node_id: &str) -> NetworkMap {
             .filter(|s| s.spec.networks.contains(&net.spec.name))
             .map(|s| ServiceEndpoints {
                 name: s.spec.name.clone(),
+                aliases: s.spec.aliases.clone(),
                 vip: s.vips.get(&net.spec.name).copied(),
                 tasks: endpoints
                     .get(&(net.spec.name.as_str(), s.spec.name.as_str()))

@@ -73,6 +73,10 @@ pub struct ServiceSpec {
     /// namespace with one interface per network. The first network carries published ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// Other names the service answers to on its networks (the embedded DNS: `ALIAS` and
+    /// `tasks.ALIAS`, as its own name), like Docker's network aliases. Unique on each network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// How the service's name resolves on its networks: `vip` (default) or `dnsrr`.
     #[serde(default, skip_serializing_if = "crate::network::EndpointMode::is_vip")]
     pub endpoint_mode: crate::network::EndpointMode,
@@ -701,6 +705,22 @@ impl ServiceSpec {
                 ));
             }
         }
+        for (i, a) in self.aliases.iter().enumerate() {
+            let field = format!("aliases[{i}]");
+            validate_name(&field, a)?;
+            if self.networks.is_empty() {
+                return Err(ValidationError::new(
+                    field,
+                    "aliases are names on overlay networks: list the service's networks",
+                ));
+            }
+            if a.eq_ignore_ascii_case(&self.name) || self.aliases[..i].contains(a) {
+                return Err(ValidationError::new(
+                    field,
+                    format!("{a:?} is the service's name or listed twice"),
+                ));
+            }
+        }
         if !self.networks.is_empty()
             && matches!(
                 self.network_mode,
@@ -804,7 +824,7 @@ impl ServiceSpec {
 
 impl ServiceSpec {
     /// Whether a task made from `self` still matches `other`: every field but `replicas`,
-    /// `update_config` and `rollback_config` is equal. A task whose frozen spec does not match
+    /// `update_config`, `rollback_config`, `endpoint_mode` and `aliases` is equal. A task whose frozen spec does not match
     /// its service's is outdated and gets replaced by the rollout; changing only those three
     /// fields replaces nothing. (Destructured in full so a new field must be classified here.)
     pub fn same_task_spec(&self, other: &ServiceSpec) -> bool {
@@ -829,6 +849,7 @@ impl ServiceSpec {
             healthcheck,
             ports,
             networks,
+            aliases,
             endpoint_mode,
             mounts,
             logging,
@@ -856,6 +877,7 @@ impl ServiceSpec {
             && *mounts == other.mounts
             && *logging == other.logging
             && { let _ = endpoint_mode; true } // balancing only: no task changes
+            && { let _ = aliases; true } // names in DNS only: no task changes
             && *labels == other.labels
     }
 }
@@ -1172,6 +1194,7 @@ pub(crate) mod tests_support {
             logging: Default::default(),
             networks: vec![],
             endpoint_mode: Default::default(),
+            aliases: vec![],
             mounts: vec![],
             update_config: Default::default(),
             rollback_config: Default::default(),

@@ -316,7 +316,7 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
         &format!(
             "kind: Network\nname: plain\nencrypted: false\nsubnet: 10.150.0.0/16\n---\n\
              kind: Service\nname: pweb\nimage: busybox:latest\nendpoint_mode: dnsrr\n\
-             networks: [plain]\nplacement:\n  constraints: [\"node.hostname==h2\"]\ncommand: {SERVER}\n\
+             networks: [plain]\naliases: [legacy-web]\nplacement:\n  constraints: [\"node.hostname==h2\"]\ncommand: {SERVER}\n\
              ports:\n  - {{target: 80, published: 8081, mode: host}}\n---\n\
              kind: Service\nname: pclient\nimage: busybox:latest\nnetworks: [plain]\n\
              placement:\n  constraints: [\"node.hostname==h1\"]\ncommand: [\"/bin/sleep\", \"1000000\"]\n"
@@ -331,6 +331,9 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
         addrs[0].starts_with("10.150.") && !addrs[0].starts_with("10.150.0."),
         "{addrs:?}"
     );
+    // An alias answers as the name does.
+    assert_eq!(resolve(&lab, &client, "legacy-web")?, addrs);
+    assert_eq!(resolve(&lab, &client, "tasks.legacy-web")?, addrs);
     let (raw, text) = capture(&lab.host("h1").netns, "udp", || {
         let body = fetch(&lab, &client, "http://pweb/big").ok().flatten();
         assert!(body.is_some_and(|b| b.ends_with("PLAINTEXT-MARKER-1234")));
@@ -398,6 +401,21 @@ fn unencrypted_network_uses_vxlan_and_dnsrr() -> anyhow::Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot change"), "{e}");
+    let e = lab
+        .apply(
+            tmp.path(),
+            "bad3.yaml",
+            "kind: Service\nname: impostor\nimage: busybox:latest\nnetworks: [plain]\n\
+             aliases: [pweb]\n",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "aliases[0]: \"pweb\" is already a name of service \"pweb\" on network \"plain\""
+        ),
+        "{e}"
+    );
     assert_eq!(
         get("h2")?,
         Some(server["id"].as_str().unwrap()[..12].to_string())
