@@ -125,23 +125,9 @@ pub(crate) async fn agent(
     }
     match tokio::time::timeout(CONNECT * 2, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(AgentApiClient::new(ch)),
-        Ok(Err(e)) => Err(unreachable(error_chain(&e))),
+        Ok(Err(e)) => Err(unreachable(rudder_proto::error_chain(&e))),
         Err(_) => Err(unreachable("timed out".into())),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// An agent's verdict on a copy, said about the task: a missing path is named.

@@ -316,18 +316,6 @@ pub async fn remove(
     }))
 }
 
-/// An error with its causes (a transport error alone says only "transport error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn grace_of(grace_ms: Option<u64>) -> Duration {
     grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis)
 }
@@ -406,12 +394,12 @@ pub async fn prune(
                 return collect_here(&api.raft, &api.images, grace).await;
             }
             let call = async {
-                let endpoint = crate::peer::endpoint(&addr, tls.as_ref())
-                    .map_err(|e| format!("cannot reach {addr}: {}", error_chain(&e)))?;
-                let channel = endpoint
-                    .connect()
-                    .await
-                    .map_err(|e| format!("cannot reach {addr}: {}", error_chain(&e)))?;
+                let endpoint = crate::peer::endpoint(&addr, tls.as_ref()).map_err(|e| {
+                    format!("cannot reach {addr}: {}", rudder_proto::error_chain(&e))
+                })?;
+                let channel = endpoint.connect().await.map_err(|e| {
+                    format!("cannot reach {addr}: {}", rudder_proto::error_chain(&e))
+                })?;
                 RegistryGcClient::new(channel)
                     .collect_blobs(CollectBlobsRequest { grace_ms, applied })
                     .await
