@@ -205,6 +205,7 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
         .map(|n| n.subnet.to_string())
         .collect();
     let mut input = Vec::new();
+    let mut walls = Vec::new();
     let numgen = |backends: &[String]| {
         if backends.len() == 1 {
             backends[0].clone()
@@ -248,16 +249,28 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
             ));
         }
         if n.internal {
-            // Nowhere else: not another network, not the underlay, not the internet; and of
-            // the host only the resolver on the gateway.
-            fwd.push(format!("iifname \"{br}\" ip saddr {} drop", n.subnet));
+            // Nowhere else: not another network, not the underlay, not the internet, not
+            // through a published port (checked before the port marks are accepted, and after
+            // DNAT, so the real destination counts), and never under another source address.
+            // Matched by interface: a task may forge its source.
+            walls.push(format!(
+                "iifname \"{br}\" ip saddr != {s} drop",
+                s = n.subnet
+            ));
+            walls.push(format!(
+                "iifname \"{br}\" ip daddr != {s} drop",
+                s = n.subnet
+            ));
+            // Of the hosts, only the local resolver on the gateway: nothing of this host, and
+            // nothing of another host reached through a tunnel at its gateway address.
             for proto in ["udp", "tcp"] {
                 input.push(format!(
                     "iifname \"{br}\" ip daddr {} {proto} dport 53 accept",
                     n.gateway
                 ));
             }
-            input.push(format!("iifname \"{br}\" ip saddr {} drop", n.subnet));
+            input.push(format!("iifname \"{br}\" drop"));
+            input.push(format!("ip saddr {} drop", n.subnet));
         }
     }
     let published = |p: &PublishedPort, mark: u32, rules: &mut Vec<String>, local: &str| {
@@ -353,10 +366,11 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
         "type nat hook postrouting priority srcnat; policy accept;",
         &post,
     );
-    let mut forward = vec![
-        "ct state established,related accept".to_string(),
-        format!("ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"),
-    ];
+    let mut forward = vec!["ct state established,related accept".to_string()];
+    forward.extend(walls);
+    forward.push(format!(
+        "ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"
+    ));
     forward.extend(fwd);
     chain(
         &mut t,
@@ -966,6 +980,9 @@ impl Overlay {
         let mut host = Vec::new();
         let mut inside = vec!["link set lo up".to_string()];
         let have = links().await?;
+        // The way out is the first network that has one (an internal network has none; with
+        // only internal ones, the first still carries replies to its published ports).
+        let exit = nets.iter().position(|n| !n.internal).unwrap_or(0);
         for (i, (a, n)) in task.networks.iter().zip(&nets).enumerate() {
             let (v, p) = (veth_name(&task.id, i), veth_peer_name(&task.id, i));
             if have.contains(&v) {
@@ -985,7 +1002,7 @@ impl Overlay {
                 "route add {} via {} dev eth{i}",
                 n.subnet, n.gateway
             ));
-            if i == 0 {
+            if i == exit {
                 // Outbound traffic leaves through the host (masqueraded), like
                 // docker_gwbridge; it is also the way back for host-mode published ports.
                 inside.push(format!("route add default via {} dev eth{i}", n.gateway));
@@ -993,10 +1010,16 @@ impl Overlay {
         }
         ip_batch(&host, false, None).await?;
         ip_batch(&inside, false, Some(&ns)).await?;
-        let resolv = format!(
-            "# Rudder's embedded DNS on network {}\nnameserver {}\noptions ndots:0\n",
+        let mut resolv = format!(
+            "# Rudder's embedded DNS on network {}\nnameserver {}\n",
             nets[0].name, nets[0].gateway
         );
+        // An internal first network's resolver answers only its services (SERVFAIL for the
+        // rest, so the client asks on): the way-out network's resolver comes next.
+        if exit != 0 {
+            resolv.push_str(&format!("nameserver {}\n", nets[exit].gateway));
+        }
+        resolv.push_str("options ndots:0\n");
         write_etc(dir, resolv, task.networks[0].address, &task.hostname())?;
         info!(task = %task.name(), addresses = ?task.networks.iter().map(|a| a.address).collect::<Vec<_>>(), "attached to networks");
         Ok(ns)
@@ -1187,10 +1210,16 @@ mod tests {
         internal.networks[0].internal = true;
         let t = ruleset(&internal, &["rwg-1".to_string()], None);
         assert!(!t.contains("masquerade"), "{t}");
+        // The walls come before the published ports' marks are accepted.
+        let wall = t.find("ip daddr != 10.50.0.0/16 drop").unwrap();
+        assert!(wall < t.find("ct mark { 0x").unwrap(), "{t}");
         for want in [
             "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
-            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 drop",
+            "iifname \"rdb-aaaaaaaa\" ip saddr != 10.50.0.0/16 drop",
+            "iifname \"rdb-aaaaaaaa\" ip daddr != 10.50.0.0/16 drop",
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.1.1 udp dport 53 accept",
+            "iifname \"rdb-aaaaaaaa\" drop",
+            "ip saddr 10.50.0.0/16 drop",
             "type filter hook input priority filter;",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
