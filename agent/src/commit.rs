@@ -425,6 +425,46 @@ fn base_image(
     Ok((digest, manifest, config))
 }
 
+/// A container frozen for a commit. Thawed by [`Frozen::thaw`], or, should the commit be
+/// dropped first (its client gone, a deadline), in the background when this is dropped: a
+/// commit never leaves a task frozen.
+struct Frozen {
+    access: ContainerAccess,
+    task: String,
+    thawed: bool,
+}
+
+impl Frozen {
+    /// Thaws the container, trying a few times.
+    async fn thaw(mut self) -> Result<(), Status> {
+        self.thawed = true;
+        thaw(&self.access, &self.task).await
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.thawed {
+            let (access, task) = (self.access.clone(), std::mem::take(&mut self.task));
+            tokio::spawn(async move {
+                let _ = thaw(&access, &task).await;
+            });
+        }
+    }
+}
+
+async fn thaw(access: &ContainerAccess, task: &str) -> Result<(), Status> {
+    let mut last = Ok(());
+    for attempt in 1..=3u64 {
+        last = access.pause(task, false).await;
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300 * attempt)).await;
+    }
+    last
+}
+
 /// Streams task `task`'s container changes as a layer, after a header; `pause`: freeze a
 /// running container while its changes are read.
 pub async fn commit(
@@ -452,18 +492,28 @@ pub async fn commit(
     let started = std::time::Instant::now();
     // Only a running container is frozen; one that has exited has nothing left to write.
     let frozen = if pause && access.running_pid(task).is_ok() {
-        access.pause(task, true).await?;
-        true
+        let guard = Frozen {
+            access: access.clone(),
+            task: task.to_string(),
+            thawed: false,
+        };
+        if let Err(e) = access.pause(task, true).await {
+            // It may be half frozen (a timeout): thaw once, and say why it failed.
+            guard.thaw().await.ok();
+            return Err(e);
+        }
+        Some(guard)
     } else {
-        false
+        None
     };
+    let was_frozen = frozen.is_some();
     let made = tokio::task::spawn_blocking(move || {
         let layer = make_layer(&upper, &file)?;
         Ok::<_, CommitError>((file, layer))
     })
     .await;
-    if frozen {
-        access.pause(task, false).await?;
+    if let Some(guard) = frozen {
+        guard.thaw().await?;
     }
     let (file, layer) = made
         .map_err(|e| Status::internal(format!("commit: {e}")))?
@@ -478,7 +528,7 @@ pub async fn commit(
         changed = layer.changes.changed,
         deleted = layer.changes.deleted,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        paused = frozen,
+        paused = was_frozen,
         "commit: layer made"
     );
     let header = CommitHeader {

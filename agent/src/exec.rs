@@ -39,6 +39,9 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 const DRAIN: Duration = Duration::from_secs(2);
 
 /// What exec, cp and inspect need to reach this host's containers.
+/// In a container's dir while a commit may have it frozen (see [`ContainerAccess::pause`]).
+pub const PAUSED_FILE: &str = "paused";
+
 #[derive(Debug, Clone)]
 pub struct ContainerAccess {
     /// `<data>/containers`: one directory per task id (shim files, bundle).
@@ -80,7 +83,23 @@ impl ContainerAccess {
     }
 
     /// Freezes (`freeze`) or thaws task `id`'s running container with `runtime pause|resume`.
+    /// While it may be frozen, [`PAUSED_FILE`] in its dir tells the health monitor to wait;
+    /// a thaw removes it whatever the outcome (a container left frozen then fails its checks
+    /// and is replaced, rather than hang unnoticed).
     pub async fn pause(&self, id: &str, freeze: bool) -> Result<(), Status> {
+        let marker = self.dir(id)?.join(PAUSED_FILE);
+        if freeze {
+            std::fs::write(&marker, b"")
+                .map_err(|e| Status::internal(format!("{}: {e}", marker.display())))?;
+        }
+        let done = self.runtime_verb(id, freeze).await;
+        if !freeze {
+            let _ = std::fs::remove_file(&marker);
+        }
+        done
+    }
+
+    async fn runtime_verb(&self, id: &str, freeze: bool) -> Result<(), Status> {
         let verb = if freeze { "pause" } else { "resume" };
         let run = tokio::process::Command::new(&self.runtime)
             .arg("--root")

@@ -122,6 +122,11 @@ pub async fn monitor(
     let mut healthy_once = false;
     let mut failures = 0u32;
     loop {
+        // A container frozen for a commit cannot answer; that is not a failure.
+        if dir.join(crate::exec::PAUSED_FILE).exists() {
+            tokio::time::sleep(interval).await;
+            continue;
+        }
         match probe(rt, id, dir, check).await {
             Ok(()) => {
                 failures = 0;
