@@ -470,7 +470,17 @@ impl Run<'_> {
                         .await;
                     let action = vars.step(&step).map_err(|e| bad(e.message))?;
                     image.settings = vars.settings().clone();
-                    if self.step(stage, &step, &action, &mut image, &built).await? {
+                    // Its failure names the trigger, not only the FROM line it ran at.
+                    let ran = self.step(stage, &step, &action, &mut image, &built).await;
+                    let ran = ran.map_err(|e| match e {
+                        BuildError::Step(m) => BuildError::Step(format!(
+                            "FROM {} (line {}): ONBUILD {trigger}: {m}",
+                            froms[i], stage.line
+                        )),
+                        BuildError::Invalid(m) => bad(m),
+                        e => e,
+                    });
+                    if ran? {
                         cached += 1;
                     }
                 }
@@ -628,7 +638,8 @@ impl Run<'_> {
                     }
                 };
                 let line = step.line;
-                tokio::task::spawn_blocking(move || hash_sources(&root, &srcs, line))
+                let literal = fetched.is_some();
+                tokio::task::spawn_blocking(move || hash_sources(&root, &srcs, line, literal))
                     .await
                     .map_err(other)??
             }
@@ -683,6 +694,7 @@ impl Run<'_> {
                     unpack,
                     line: step.line,
                     add: matches!(step.instr, Instr::Add(_)),
+                    literal: fetched.is_some(),
                 }))
             }
         };
@@ -714,7 +726,9 @@ impl Run<'_> {
 
     /// Downloads an ADD's URLs into a fresh directory of this build; returns it and the
     /// sources to copy from it. As in docker, a file is named after the URL path's last
-    /// segment, has mode 0600, and the server's Last-Modified as its mtime.
+    /// segment (percent-decoded), has mode 0600, and the server's Last-Modified as its mtime.
+    /// A URL is shown without its credentials; a download that would leave the host's disk
+    /// nearly full, or that stalls for a minute, fails the step.
     async fn fetch(
         &mut self,
         line: usize,
@@ -722,28 +736,51 @@ impl Run<'_> {
     ) -> Result<(PathBuf, Vec<String>), BuildError> {
         let root = self.dir.join(format!("fetched-{line}"));
         let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(io_err("create", &root))?;
         let client = RegistryClient::web().map_err(other)?;
+        // What may be written: the free space, less a margin for everything else on the disk.
+        let free = nix::sys::statvfs::statvfs(&root)
+            .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let mut budget = free.saturating_sub(FETCH_RESERVE);
         let mut sources = Vec::with_capacity(urls.len());
         for (i, url) in urls.iter().enumerate() {
-            let failed = |why: String| BuildError::Step(format!("line {line}: ADD {url}: {why}"));
-            let name = reqwest::Url::parse(url)
-                .map_err(|e| failed(format!("not a URL: {e}")))?
+            let parsed = reqwest::Url::parse(url);
+            let shown = parsed
+                .as_ref()
+                .map(redacted)
+                .unwrap_or_else(|_| url.clone());
+            let failed = |why: String| BuildError::Step(format!("line {line}: ADD {shown}: {why}"));
+            let parsed = parsed.map_err(|e| failed(format!("not a URL: {e}")))?;
+            let name = parsed
                 .path_segments()
                 .and_then(|mut p| p.next_back().map(str::to_string))
-                .filter(|n| !n.is_empty() && n != "." && n != "..")
+                .map(|n| {
+                    percent_encoding::percent_decode_str(&n)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+                .filter(|n| !n.is_empty() && n != "." && n != ".." && !n.contains('/'))
                 .ok_or_else(|| failed("its path names no file (it ends with /)".into()))?;
             // A directory per URL: two URLs may end in the same name.
             let rel = format!("{i}/{name}");
             let path = root.join(&rel);
             let dir = root.join(i.to_string());
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-            let mut resp = client
-                .get(url.as_str())
-                .send()
-                .await
-                .map_err(|e| failed(rudder_proto::error_chain(&e)))?;
+            let web_err = |e: reqwest::Error| failed(rudder_proto::error_chain(&e.without_url()));
+            let mut resp = client.get(parsed).send().await.map_err(web_err)?;
             if !resp.status().is_success() {
                 return Err(failed(format!("the server answered {}", resp.status())));
+            }
+            let too_big = |n: u64| {
+                failed(format!(
+                    "{} would leave this host's disk nearly full ({} free)",
+                    human(n),
+                    human(free)
+                ))
+            };
+            if let Some(n) = resp.content_length().filter(|n| *n > budget) {
+                return Err(too_big(n));
             }
             let modified = resp
                 .headers()
@@ -754,16 +791,16 @@ impl Run<'_> {
                 .await
                 .map_err(io_err("create", &path))?;
             let mut size = 0u64;
-            while let Some(chunk) = resp
-                .chunk()
-                .await
-                .map_err(|e| failed(rudder_proto::error_chain(&e)))?
-            {
+            while let Some(chunk) = resp.chunk().await.map_err(web_err)? {
                 size += chunk.len() as u64;
+                if size > budget {
+                    return Err(too_big(size));
+                }
                 file.write_all(&chunk)
                     .await
                     .map_err(io_err("write", &path))?;
             }
+            budget -= size;
             file.flush().await.map_err(io_err("write", &path))?;
             let file = file.into_std().await;
             file.set_permissions(fs::Permissions::from_mode(0o600))
@@ -773,7 +810,7 @@ impl Run<'_> {
                     .map_err(io_err("set the mtime of", &path))?;
             }
             self.progress
-                .line(format!(" ---> fetched {url} ({})", human(size)))
+                .line(format!(" ---> fetched {shown} ({})", human(size)))
                 .await;
             sources.push(rel);
         }
@@ -1578,6 +1615,8 @@ struct CopyJob {
     unpack: bool,
     line: usize,
     add: bool,
+    /// `srcs` are file names, not patterns (files an ADD fetched).
+    literal: bool,
 }
 
 impl CopyJob {
@@ -1590,8 +1629,14 @@ impl CopyJob {
     }
 }
 
-/// The source files a COPY names in `root`: globs expanded, paths resolved inside the root.
-fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<Source>, BuildError> {
+/// The source files a COPY names in `root`: globs expanded (unless `literal`: files an ADD
+/// fetched, named by their URLs), paths resolved inside the root.
+fn sources(
+    root: &Path,
+    srcs: &[String],
+    line: usize,
+    literal: bool,
+) -> Result<Vec<Source>, BuildError> {
     let mut out = Vec::new();
     for s in srcs {
         if s.contains("://") {
@@ -1606,7 +1651,7 @@ fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<Source>, Bui
         };
         // A plain path is resolved directly (symlinks on the way followed inside the root);
         // a pattern is expanded first.
-        let found = if s.contains(['*', '?', '[']) {
+        let found = if !literal && s.contains(['*', '?', '[']) {
             rudder_image::build_context::expand_sources(root, s)
                 .map_err(|e| BuildError::Step(format!("line {line}: {e}")))?
         } else {
@@ -1633,6 +1678,17 @@ fn sources(root: &Path, srcs: &[String], line: usize) -> Result<Vec<Source>, Bui
     Ok(out)
 }
 
+/// Free space an `ADD <url>` leaves on the build's disk.
+const FETCH_RESERVE: u64 = 512 << 20;
+
+/// A URL as shown in progress and errors: without the user and password it may carry.
+fn redacted(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
 /// A COPY source: where it is, and the name it is copied under.
 struct Source {
     path: PathBuf,
@@ -1640,9 +1696,14 @@ struct Source {
 }
 
 /// A digest of the sources (names, modes, owners, contents, link targets; not times).
-fn hash_sources(root: &Path, srcs: &[String], line: usize) -> Result<String, BuildError> {
+fn hash_sources(
+    root: &Path,
+    srcs: &[String],
+    line: usize,
+    literal: bool,
+) -> Result<String, BuildError> {
     let mut h = Sha256::new();
-    for src in sources(root, srcs, line)? {
+    for src in sources(root, srcs, line, literal)? {
         let rel = PathBuf::from(&src.name);
         walk(&src.path, Path::new(""), &mut |path, name, meta| {
             h.update(rel.join(name).to_string_lossy().as_bytes());
@@ -1718,7 +1779,7 @@ fn is_archive(path: &Path) -> bool {
 
 /// The COPY/ADD as a tar whose members are named from the image's root.
 fn copy_tar(root: &Path, job: &CopyJob, out: &mut dyn Write) -> Result<(), BuildError> {
-    let srcs = sources(&job.src_root, &job.srcs, job.line)?;
+    let srcs = sources(&job.src_root, &job.srcs, job.line, job.literal)?;
     let name = job.name();
     let dest_is_dir_syntax = job.dest.ends_with('/');
     let dest_exists_dir = resolve_in_root(root, &job.dest, true).is_ok_and(|h| h.is_dir());
@@ -2089,14 +2150,14 @@ mod tests {
         fs::create_dir(t.path().join("d")).unwrap();
         fs::write(t.path().join("d/a"), "1").unwrap();
         let srcs = vec!["d".to_string()];
-        let one = hash_sources(t.path(), &srcs, 1).unwrap();
+        let one = hash_sources(t.path(), &srcs, 1, false).unwrap();
         let f = fs::File::options()
             .write(true)
             .open(t.path().join("d/a"))
             .unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(hash_sources(t.path(), &srcs, 1).unwrap(), one);
+        assert_eq!(hash_sources(t.path(), &srcs, 1, false).unwrap(), one);
         fs::write(t.path().join("d/a"), "2").unwrap();
-        assert_ne!(hash_sources(t.path(), &srcs, 1).unwrap(), one);
+        assert_ne!(hash_sources(t.path(), &srcs, 1, false).unwrap(), one);
     }
 }

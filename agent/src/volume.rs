@@ -223,11 +223,15 @@ impl Volumes {
                     "volume filled from the image"
                 ),
                 Err(message) => {
+                    // Emptied again, so the next task's start fills it afresh rather than find
+                    // a half-filled copy and take it as the volume's data.
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::create_dir_all(&dir);
                     return Err(VolumeError::Fill {
                         volume: m.source.clone(),
                         target,
                         message,
-                    })
+                    });
                 }
             }
         }
@@ -350,14 +354,18 @@ fn copy_in(rootfs: &Path, target: &str, dir: &Path) -> Result<bool, String> {
         return Ok(false);
     }
     let said = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if !packed.status.success() {
-        return Err(format!("reading the image: {}", said(&packed)));
-    }
     let unpacked = unpacked.map_err(|e| format!("fs-helper: {e}"))?;
-    if !unpacked.status.success() {
-        return Err(format!("writing the volume: {}", said(&unpacked)));
+    // When one side fails the other usually sees a broken pipe or a cut tar: say both.
+    match (packed.status.success(), unpacked.status.success()) {
+        (true, true) => Ok(true),
+        (false, true) => Err(format!("reading the image: {}", said(&packed))),
+        (true, false) => Err(format!("writing the volume: {}", said(&unpacked))),
+        (false, false) => Err(format!(
+            "writing the volume: {}; reading the image: {}",
+            said(&unpacked),
+            said(&packed)
+        )),
     }
-    Ok(true)
 }
 
 #[cfg(test)]

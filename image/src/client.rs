@@ -224,6 +224,8 @@ impl RegistryClient {
         })?;
         reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            // A server that stops sending for this long has stalled.
+            .read_timeout(std::time::Duration::from_secs(60))
             .use_preconfigured_tls(config)
             .build()
             .map_err(|e| ImageError::Http {

@@ -259,6 +259,7 @@ fn add_fetches_urls() -> anyhow::Result<()> {
     let web = WebServer::start(lab.lab.root_addr())?;
     web.put("/files/hello.txt", b"hello from the web\n");
     web.put("/files/data.tar", b"not unpacked");
+    web.put("/files/my%20file%5B1%5D.txt", b"odd name\n");
     let a = web.addr;
     let ctx = tmp.path().join("urls");
     fs::create_dir_all(&ctx)?;
@@ -269,8 +270,9 @@ fn add_fetches_urls() -> anyhow::Result<()> {
              ADD http://{a}/files/hello.txt /srv/\n\
              ADD http://{a}/files/hello.txt?v=1 /srv/renamed.txt\n\
              ADD http://{a}/files/data.tar /srv/archives/\n\
+             ADD http://user:s3cret@{a}/files/my%20file%5B1%5D.txt /srv/\n\
              CMD [\"sh\", \"-c\", \"cat /srv/hello.txt /srv/renamed.txt; \
-             stat -c '%a %Y' /srv/hello.txt; ls /srv/archives\"]\n"
+             stat -c '%a %Y' /srv/hello.txt; ls /srv/archives; cat '/srv/my file[1].txt'\"]\n"
         ),
     )?;
     let c = ctx.to_str().unwrap();
@@ -280,18 +282,25 @@ fn add_fetches_urls() -> anyhow::Result<()> {
         "{out}"
     );
     assert!(!out.contains("Using cache"), "{out}");
+    // Credentials in a URL are not repeated (the step line shows the Dockerfile as written,
+    // where a secret would come from a build arg, unsubstituted).
+    assert!(
+        out.contains(&format!(" ---> fetched http://{a}/files/my%20file%5B1%5D.txt (")),
+        "{out}"
+    );
+    assert_eq!(out.matches("s3cret").count(), 1, "{out}");
     let run = lab.rctl(&["run", "--rm", "web:1"])?;
     assert_eq!(
         run,
         format!(
-            "hello from the web\nhello from the web\n600 {}\ndata.tar\n",
+            "hello from the web\nhello from the web\n600 {}\ndata.tar\nodd name\n",
             LAST_MODIFIED.1
         )
     );
 
     // Same bytes: every ADD is reused. New bytes at the first URL: that step on rebuilds.
     let out = build(&lab, &["-t", "web:1", c])?;
-    assert_eq!(out.matches("---> Using cache").count(), 4, "{out}");
+    assert_eq!(out.matches("---> Using cache").count(), 5, "{out}");
     web.put("/files/hello.txt", b"changed\n");
     let out = build(&lab, &["-t", "web:2", c])?;
     assert_eq!(out.matches("---> Using cache").count(), 0, "{out}");
@@ -343,6 +352,14 @@ fn onbuild_triggers_run_in_children_only() -> anyhow::Result<()> {
     assert_eq!(run, "from the child's context\ntriggered\n");
     let out = build(&lab, &["-t", "child:1", c])?;
     assert_eq!(out.matches("---> Using cache").count(), 3, "{out}");
+    // A trigger that fails is named.
+    fs::remove_file(child.join("app.txt"))?;
+    let e = build(&lab, &["-t", "child:2", c]).unwrap_err().to_string();
+    assert!(
+        e.contains("FROM base:1 (line 1): ONBUILD COPY app.txt /app/: ")
+            && e.contains("file not found in build context"),
+        "{e}"
+    );
 
     // A grandchild runs no trigger: the child did not inherit them.
     let grand = tmp.path().join("grand");
