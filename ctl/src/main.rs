@@ -291,6 +291,16 @@ enum ImageCmd {
         #[arg(long)]
         insecure: bool,
     },
+    /// Show an image of the cluster registry as JSON: digest, config (env, command, labels,
+    /// ...), author, layers.
+    Inspect { reference: String },
+    /// Show how an image was made, newest step first: each history entry with its layer.
+    History {
+        reference: String,
+        /// Do not shorten the CREATED BY column.
+        #[arg(long)]
+        no_trunc: bool,
+    },
     /// List images with their size, the bytes they share with other images and their own.
     Ls {
         /// Also manifests no tag points at.
@@ -591,6 +601,16 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Image {
             cmd: ImageCmd::Tag { source, target },
         } => rt.block_on(cmd::image::tag(&ctx()?, source, target)),
+        Cmd::Image {
+            cmd: ImageCmd::Inspect { reference },
+        } => rt.block_on(cmd::image_inspect::inspect(&ctx()?, reference)),
+        Cmd::Image {
+            cmd:
+                ImageCmd::History {
+                    reference,
+                    no_trunc,
+                },
+        } => rt.block_on(cmd::image_inspect::history(&ctx()?, reference, *no_trunc)),
         Cmd::Image {
             cmd: ImageCmd::Push {
                 reference,

@@ -526,6 +526,31 @@ impl RegistryClient {
         Ok(written)
     }
 
+    /// A small blob (an image config) in memory, checked against its digest; more than `max`
+    /// bytes is refused.
+    pub async fn get_blob_bytes(&self, repo: &str, digest: &str, max: usize) -> Result<Vec<u8>> {
+        let mut resp = self.open_blob(repo, digest).await?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
+            if bytes.len() + chunk.len() > max {
+                return Err(ImageError::invalid(
+                    "blob",
+                    format!("{repo}@{digest} is larger than {max} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let actual = digest::of_bytes(&bytes);
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                what: format!("blob {repo}@{digest} from {}", self.base),
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
     /// `GET` a blob: the successful response, its body not yet read (the caller streams it
     /// and checks the digest).
     pub(crate) async fn open_blob(&self, repo: &str, digest: &str) -> Result<Response> {

@@ -285,7 +285,9 @@ fn add_fetches_urls() -> anyhow::Result<()> {
     // Credentials in a URL are not repeated (the step line shows the Dockerfile as written,
     // where a secret would come from a build arg, unsubstituted).
     assert!(
-        out.contains(&format!(" ---> fetched http://{a}/files/my%20file%5B1%5D.txt (")),
+        out.contains(&format!(
+            " ---> fetched http://{a}/files/my%20file%5B1%5D.txt ("
+        )),
         "{out}"
     );
     assert_eq!(out.matches("s3cret").count(), 1, "{out}");

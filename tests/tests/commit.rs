@@ -118,6 +118,29 @@ fn commit_makes_a_container_an_image_other_hosts_run() -> anyhow::Result<()> {
     assert!(log.contains("paused=false"), "h2's agent log: {log}");
     // The changed command runs when none is given.
     assert_eq!(lab.rctl(&["run", "--rm", "--node", "h1", "box:v3"])?, "2\n");
+    // What the commit said is in the image: `image inspect` and `image history`.
+    let v: serde_json::Value = serde_json::from_str(&lab.rctl(&["image", "inspect", "box:v3"])?)?;
+    assert_eq!(v["author"], "ops <ops@example.com>");
+    assert_eq!(v["config"]["Cmd"], serde_json::json!(["cat", "/opt/a/new"]));
+    assert!(
+        v["config"]["Env"].to_string().contains("STAGE=three"),
+        "{v}"
+    );
+    assert_eq!(v["layers"].as_array().map(Vec::len), Some(3), "{v}");
+    let history = lab.rctl(&["image", "history", "box:v3"])?;
+    let newest = history.lines().nth(1).context("a history row")?;
+    assert!(
+        newest.contains("rctl commit") && newest.contains("second layer"),
+        "{history}"
+    );
+    let e = lab
+        .rctl(&["image", "inspect", "box:nope"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("image box:nope not found in the cluster registry"),
+        "{e}"
+    );
     lab.apply(
         tmp.path(),
         "third.yaml",

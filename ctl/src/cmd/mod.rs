@@ -9,6 +9,7 @@ pub mod describe;
 pub mod exec;
 pub mod get;
 pub mod image;
+pub mod image_inspect;
 pub mod image_ls;
 pub mod inspect;
 pub mod local;
