@@ -531,11 +531,16 @@ impl Control for ControlApi {
             .services
             .get(&service)
             .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
-        if svc.previous_spec.is_none() {
+        let Some(previous) = &svc.previous_spec else {
             return Err(Status::failed_precondition(format!(
                 "service {service:?} has no previous spec to roll back to"
             )));
-        }
+        };
+        // The names it would take back must still be free (another service may have taken
+        // an alias it dropped).
+        check_networks(&store, &[], std::slice::from_ref(previous)).map_err(|m| {
+            Status::failed_precondition(format!("cannot roll back {service:?}: {m}"))
+        })?;
         self.raft
             .propose(Command::Rollback {
                 service,
@@ -937,4 +942,65 @@ async fn forward_logs(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_model::store::Command;
+
+    fn spec(name: &str, aliases: &[&str]) -> ServiceSpec {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "image": "x", "networks": ["back"], "aliases": aliases,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn names_are_unique_on_a_network() {
+        let mut store = Store::default();
+        let net: NetworkSpec = serde_json::from_value(serde_json::json!({"name": "back"})).unwrap();
+        store
+            .apply(
+                1,
+                Command::PutNetwork {
+                    id: "n1".into(),
+                    spec: net,
+                    now: 0,
+                },
+            )
+            .unwrap();
+        store
+            .apply(
+                2,
+                Command::PutService {
+                    id: "s1".into(),
+                    spec: Box::new(spec("db", &["postgres"])),
+                    now: 0,
+                },
+            )
+            .unwrap();
+        // An alias that is another service's name or alias; a name that is another's alias.
+        for (svc, words) in [
+            (
+                spec("api", &["db"]),
+                "aliases[0]: \"db\" is already a name of service \"db\"",
+            ),
+            (
+                spec("api", &["postgres"]),
+                "\"postgres\" is already a name of service \"db\"",
+            ),
+            (
+                spec("postgres", &[]),
+                "its name is already an alias of service \"db\"",
+            ),
+        ] {
+            let e = check_networks(&store, &[], &[svc]).unwrap_err();
+            assert!(e.contains(words) && e.contains("network \"back\""), "{e}");
+        }
+        // Within one apply too; and a service may keep its own aliases.
+        let e = check_networks(&store, &[], &[spec("a", &["x"]), spec("b", &["x"])]).unwrap_err();
+        assert!(e.contains("\"x\" is already a name of service"), "{e}");
+        check_networks(&store, &[], &[spec("db", &["postgres", "pg"])]).unwrap();
+    }
 }
