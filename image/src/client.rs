@@ -441,7 +441,7 @@ impl RegistryClient {
             DOCKER_MANIFEST_LIST,
         ]
         .join(", ");
-        let mut resp = self
+        let resp = self
             .send(&Scope::Pull(repo.to_string()), || {
                 self.http.get(url.clone()).header(ACCEPT, accept.as_str())
             })
@@ -456,16 +456,9 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
             .unwrap_or_default();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
-            if bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
-                return Err(ImageError::invalid(
-                    "manifest",
-                    format!("{subject} is larger than {MAX_MANIFEST_BYTES} bytes"),
-                ));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = self
+            .read_capped(resp, MAX_MANIFEST_BYTES, "manifest", &subject)
+            .await?;
         let digest = digest::of_bytes(&bytes);
         if reference.starts_with("sha256:") && digest != reference {
             return Err(ImageError::DigestMismatch {
@@ -526,20 +519,35 @@ impl RegistryClient {
         Ok(written)
     }
 
-    /// A small blob (an image config) in memory, checked against its digest; more than `max`
-    /// bytes is refused.
-    pub async fn get_blob_bytes(&self, repo: &str, digest: &str, max: usize) -> Result<Vec<u8>> {
-        let mut resp = self.open_blob(repo, digest).await?;
+    /// A response body in memory; more than `max` bytes is refused (`kind` `subject` is too
+    /// large), so a hostile server cannot make the client hold an unbounded body.
+    async fn read_capped(
+        &self,
+        mut resp: Response,
+        max: usize,
+        kind: &str,
+        subject: &str,
+    ) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| self.http_err(e))? {
             if bytes.len() + chunk.len() > max {
                 return Err(ImageError::invalid(
-                    "blob",
-                    format!("{repo}@{digest} is larger than {max} bytes"),
+                    kind,
+                    format!("{subject} is larger than {max} bytes"),
                 ));
             }
             bytes.extend_from_slice(&chunk);
         }
+        Ok(bytes)
+    }
+
+    /// A small blob (an image config) in memory, checked against its digest; more than `max`
+    /// bytes is refused.
+    pub async fn get_blob_bytes(&self, repo: &str, digest: &str, max: usize) -> Result<Vec<u8>> {
+        let resp = self.open_blob(repo, digest).await?;
+        let bytes = self
+            .read_capped(resp, max, "blob", &format!("{repo}@{digest}"))
+            .await?;
         let actual = digest::of_bytes(&bytes);
         if actual != digest {
             return Err(ImageError::DigestMismatch {
