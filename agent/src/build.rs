@@ -455,12 +455,9 @@ impl Run<'_> {
                     .await;
             }
             for trigger in &triggers {
-                let bad = |m: String| {
-                    BuildError::Invalid(format!(
-                        "FROM {} (line {}): ONBUILD {trigger}: {m}",
-                        froms[i], stage.line
-                    ))
-                };
+                // Every failure of a trigger names it, not only the FROM line it ran at.
+                let at = format!("FROM {} (line {}): ONBUILD {trigger}", froms[i], stage.line);
+                let bad = |m: String| BuildError::Invalid(format!("{at}: {m}"));
                 let parsed = dockerfile::parse_instructions(trigger).map_err(|e| bad(e.message))?;
                 for mut step in parsed {
                     step.line = stage.line;
@@ -470,13 +467,9 @@ impl Run<'_> {
                         .await;
                     let action = vars.step(&step).map_err(|e| bad(e.message))?;
                     image.settings = vars.settings().clone();
-                    // Its failure names the trigger, not only the FROM line it ran at.
                     let ran = self.step(stage, &step, &action, &mut image, &built).await;
                     let ran = ran.map_err(|e| match e {
-                        BuildError::Step(m) => BuildError::Step(format!(
-                            "FROM {} (line {}): ONBUILD {trigger}: {m}",
-                            froms[i], stage.line
-                        )),
+                        BuildError::Step(m) => BuildError::Step(format!("{at}: {m}")),
                         BuildError::Invalid(m) => bad(m),
                         e => e,
                     });

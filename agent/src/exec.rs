@@ -38,10 +38,10 @@ const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// that inherited stdout may hold it open forever).
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// What exec, cp and inspect need to reach this host's containers.
 /// In a container's dir while a commit may have it frozen (see [`ContainerAccess::pause`]).
 pub const PAUSED_FILE: &str = "paused";
 
+/// What exec, cp and inspect need to reach this host's containers.
 #[derive(Debug, Clone)]
 pub struct ContainerAccess {
     /// `<data>/containers`: one directory per task id (shim files, bundle).

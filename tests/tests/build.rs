@@ -7,7 +7,7 @@
 //! from a web server the test runs on the lab's root address.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -60,6 +60,14 @@ fn context(dir: &Path) -> anyhow::Result<()> {
     b.append_data(&mut h, "inner/packed.txt", &b"packed\n"[..])?;
     fs::write(dir.join("bundle.tar"), b.into_inner()?)?;
     Ok(())
+}
+
+/// A context directory `name` under `tmp` holding `dockerfile`.
+fn dockerfile_context(tmp: &Path, name: &str, dockerfile: &str) -> anyhow::Result<PathBuf> {
+    let dir = tmp.join(name);
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("Dockerfile"), dockerfile)?;
+    Ok(dir)
 }
 
 fn build(lab: &LabGuard, args: &[&str]) -> anyhow::Result<String> {
@@ -140,10 +148,9 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     assert!(!out.contains("Using cache"), "{out}");
 
     // ---- FROM scratch, COPY --from an earlier stage; --target ----
-    let small = tmp.path().join("small");
-    fs::create_dir_all(&small)?;
-    fs::write(
-        small.join("Dockerfile"),
+    let small = dockerfile_context(
+        tmp.path(),
+        "small",
         "FROM busybox:latest AS src\nRUN echo staged > /staged\n\
          FROM scratch\nCOPY --from=src /bin/busybox /bin/busybox\n\
          COPY --from=src /staged /staged\n\
@@ -164,10 +171,9 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     assert!(run.contains("staged"), "{run}");
 
     // ---- ^C: the running step's container goes, and nothing is tagged ----
-    let slow = tmp.path().join("slow");
-    fs::create_dir_all(&slow)?;
-    fs::write(
-        slow.join("Dockerfile"),
+    let slow = dockerfile_context(
+        tmp.path(),
+        "slow",
         "FROM busybox:latest\nRUN echo started && sleep 600\n",
     )?;
     let mut child = Command::new(bin("rctl"))
@@ -215,12 +221,7 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
     assert!(!err.is_empty());
 
     // ---- refusals ----
-    let bad = tmp.path().join("bad");
-    fs::create_dir_all(&bad)?;
-    fs::write(
-        bad.join("Dockerfile"),
-        "FROM busybox\nRUN true\nCOPPY a b\n",
-    )?;
+    let bad = dockerfile_context(tmp.path(), "bad", "FROM busybox\nRUN true\nCOPPY a b\n")?;
     let err = build(&lab, &["-t", "bad:1", bad.to_str().unwrap()])
         .unwrap_err()
         .to_string();
@@ -261,11 +262,10 @@ fn add_fetches_urls() -> anyhow::Result<()> {
     web.put("/files/data.tar", b"not unpacked");
     web.put("/files/my%20file%5B1%5D.txt", b"odd name\n");
     let a = web.addr;
-    let ctx = tmp.path().join("urls");
-    fs::create_dir_all(&ctx)?;
-    fs::write(
-        ctx.join("Dockerfile"),
-        format!(
+    let ctx = dockerfile_context(
+        tmp.path(),
+        "urls",
+        &format!(
             "FROM busybox:latest\n\
              ADD http://{a}/files/hello.txt /srv/\n\
              ADD http://{a}/files/hello.txt?v=1 /srv/renamed.txt\n\
@@ -329,23 +329,21 @@ fn add_fetches_urls() -> anyhow::Result<()> {
 #[test]
 fn onbuild_triggers_run_in_children_only() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("bo", 1)?;
-    let base = tmp.path().join("base");
-    fs::create_dir_all(&base)?;
-    fs::write(
-        base.join("Dockerfile"),
+    let base = dockerfile_context(
+        tmp.path(),
+        "base",
         "FROM busybox:latest\nONBUILD COPY app.txt /app/\n\
          ONBUILD RUN echo triggered > /app/run.txt\n",
     )?;
     let out = build(&lab, &["-t", "base:1", base.to_str().unwrap()])?;
     assert!(!out.contains("# Executing"), "{out}");
 
-    let child = tmp.path().join("child");
-    fs::create_dir_all(&child)?;
-    fs::write(child.join("app.txt"), "from the child's context\n")?;
-    fs::write(
-        child.join("Dockerfile"),
+    let child = dockerfile_context(
+        tmp.path(),
+        "child",
         "FROM base:1\nCMD [\"cat\", \"/app/app.txt\", \"/app/run.txt\"]\n",
     )?;
+    fs::write(child.join("app.txt"), "from the child's context\n")?;
     let c = child.to_str().unwrap();
     let out = build(&lab, &["-t", "child:1", c])?;
     assert!(out.contains("# Executing 2 build trigger(s)"), "{out}");
@@ -364,10 +362,9 @@ fn onbuild_triggers_run_in_children_only() -> anyhow::Result<()> {
     );
 
     // A grandchild runs no trigger: the child did not inherit them.
-    let grand = tmp.path().join("grand");
-    fs::create_dir_all(&grand)?;
-    fs::write(
-        grand.join("Dockerfile"),
+    let grand = dockerfile_context(
+        tmp.path(),
+        "grand",
         "FROM child:1\nRUN test ! -e /app/again\n",
     )?;
     let out = build(&lab, &["-t", "grand:1", grand.to_str().unwrap()])?;
