@@ -339,6 +339,7 @@ fn put_node() -> Command {
         role: NodeRole::Worker,
         resources: NodeResources::default(),
         now: 0,
+        cert_not_after: 0,
     }
 }
 

@@ -256,6 +256,7 @@ impl Dispatcher for DispatcherApi {
                     role,
                     resources,
                     now: now_ms(),
+                    cert_not_after: 0,
                 })
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;

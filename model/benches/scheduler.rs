@@ -55,6 +55,7 @@ fn nodes() -> rudder_model::store::Map<String, Node> {
                 version: 0,
                 controller_id: None,
                 overlay_key: String::new(),
+                cert_not_after: 0,
             };
             (id, node)
         })

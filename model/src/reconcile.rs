@@ -1194,6 +1194,7 @@ mod tests {
                 role: Default::default(),
                 resources: Default::default(),
                 now: 0,
+                cert_not_after: 0,
             },
         )
         .unwrap();

@@ -628,6 +628,7 @@ mod tests {
             version: 0,
             controller_id: None,
             overlay_key: String::new(),
+            cert_not_after: 0,
         }
     }
 

@@ -39,7 +39,8 @@ pub struct ServiceSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
-    /// `uid[:gid]` (numeric) inside the container.
+    /// `user[:group]` inside the container, each a name (looked up in the container's
+    /// /etc/passwd and /etc/group) or a number, as Docker's `--user`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -770,14 +771,20 @@ impl ServiceSpec {
             }
         }
         if let Some(user) = &self.user {
-            let ok = user
-                .split(':')
-                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
-                && user.split(':').count() <= 2;
+            // Names resolve in the container's /etc/passwd and /etc/group on the node.
+            let part_ok = |p: &str| {
+                !p.is_empty()
+                    && p.len() <= 64
+                    && !p.starts_with('-')
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'))
+            };
+            let ok = user.split(':').all(part_ok) && user.split(':').count() <= 2;
             if !ok {
                 return Err(ValidationError::new(
                     "user",
-                    "must be numeric uid or uid:gid (e.g. 1000:1000)",
+                    "must be user or user:group, each a name or a number \
+                     (e.g. nobody, 1000:1000, app:staff)",
                 ));
             }
         }
@@ -971,7 +978,7 @@ mod tests {
                 Box::new(|s| s.restart.max_attempts = 101),
                 "restart.max_attempts",
             ),
-            (Box::new(|s| s.user = Some("root".into())), "user"),
+            (Box::new(|s| s.user = Some("root:wheel:x".into())), "user"),
             (Box::new(|s| s.command = Some(vec![])), "command"),
             (
                 Box::new(|s| {
@@ -1086,6 +1093,7 @@ mod tests {
             version: 0,
             controller_id: None,
             overlay_key: String::new(),
+            cert_not_after: 0,
         };
         let m = |c: &str, n: &crate::store::Node| c.parse::<Constraint>().unwrap().matches(n);
         assert!(m("node.labels.zone==a", &n));

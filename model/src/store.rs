@@ -123,6 +123,24 @@ pub struct Node {
     /// never leaves the host.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub overlay_key: String,
+    /// When the certificate of the node's current session expires (ms since the epoch), as
+    /// the dispatcher read it from that certificate; 0 when unknown. `rctl node ls` warns
+    /// before it is reached.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cert_not_after: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Why and when an identity (a certificate CN: a node id, `controller-<raft id>`, an admin
+/// name) was revoked. Revoked identities are refused at every request and never issued again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Milliseconds since the epoch, stamped by the leader.
+    pub at: u64,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +306,9 @@ pub enum Command {
         #[serde(default)]
         resources: NodeResources,
         now: u64,
+        /// Expiry of the certificate the node's session presented (ms), 0 if unknown.
+        #[serde(default)]
+        cert_not_after: u64,
     },
     /// Operator changes to a node: availability, and labels removed then added.
     UpdateNode {
@@ -307,6 +328,20 @@ pub enum Command {
     /// Node went down: its unfinished tasks become orphaned.
     NodeDown {
         id: String,
+        now: u64,
+    },
+    /// `rctl node rm`: the node leaves the cluster for good. Its identity is revoked, its
+    /// unfinished tasks are orphaned (and replaced elsewhere), its network slices and volume
+    /// copies are forgotten.
+    RemoveNode {
+        id: String,
+        now: u64,
+    },
+    /// Revoke a certificate identity (CN): every request made with it is refused from now on,
+    /// and no certificate is issued for it again.
+    Revoke {
+        id: String,
+        reason: String,
         now: u64,
     },
     CreateTasks {
@@ -484,6 +519,9 @@ pub struct Store {
     /// Node id → the volumes whose data its host holds, as its agent last reported.
     #[serde(default)]
     pub volume_copies: Map<String, std::collections::BTreeSet<String>>,
+    /// Revoked certificate identities (CNs), never to be served or issued again.
+    #[serde(default)]
+    pub revoked: Map<String, Revocation>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -661,12 +699,14 @@ impl Store {
                 role,
                 resources,
                 now,
+                cert_not_after,
             } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.hostname = hostname;
                     node.addr = addr;
                     node.role = role;
                     node.resources = resources;
+                    node.cert_not_after = cert_not_after;
                     node.state = NodeState::Ready;
                     node.updated_at = now;
                     node.version = index;
@@ -685,6 +725,7 @@ impl Store {
                         version: index,
                         controller_id: None,
                         overlay_key: String::new(),
+                        cert_not_after,
                     };
                     // Every node has a slice of every network, so it can route and publish
                     // for all of them.
@@ -745,6 +786,54 @@ impl Store {
                         t.version = index;
                     }
                 }
+            }
+            Command::RemoveNode { id, now } => {
+                if self.nodes.remove(&id).is_none() {
+                    return Err(ApplyError::NotFound {
+                        kind: "node",
+                        name: id,
+                    });
+                }
+                let orphans: Vec<String> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal()
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &orphans {
+                    if let Some(t) = self.tasks.get_mut(k) {
+                        t.status = TaskStatus {
+                            state: TaskState::Orphaned,
+                            message: "node removed".into(),
+                            error: String::new(),
+                            container_id: t.status.container_id.clone(),
+                            exit_code: None,
+                            timestamp: now,
+                        };
+                        t.version = index;
+                    }
+                }
+                let names: Vec<String> = self.networks.keys().cloned().collect();
+                for n in names {
+                    if let Some(net) = self.networks.get_mut(&n) {
+                        net.slices.remove(&id);
+                    }
+                }
+                self.volume_copies.remove(&id);
+                self.revoked.insert(
+                    id,
+                    Revocation {
+                        at: now,
+                        reason: "node removed".into(),
+                    },
+                );
+            }
+            Command::Revoke { id, reason, now } => {
+                self.revoked
+                    .entry(id)
+                    .or_insert(Revocation { at: now, reason });
             }
             Command::CreateTasks { tasks } => {
                 for mut t in tasks {
@@ -850,10 +939,12 @@ impl Store {
                     name: id.clone(),
                 })?;
                 node.controller_id = raft_id;
-                if raft_id.is_some() {
-                    // It runs a controller from now on (placement sees `node.role`).
-                    node.role = NodeRole::Manager;
-                }
+                // It runs a controller from now on (placement sees `node.role`), or no longer.
+                node.role = if raft_id.is_some() {
+                    NodeRole::Manager
+                } else {
+                    NodeRole::Worker
+                };
                 node.version = index;
             }
             Command::SetSecrets { secrets, if_absent } => {
@@ -1131,6 +1222,36 @@ impl Store {
     }
 
     /// The tasks a node should know about: placed there and not yet forgotten.
+    /// Whether certificates naming `id` (a CN) were revoked.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.contains_key(id)
+    }
+
+    /// Whether the node runs a controller: promoted (`controller_id`), or a current member
+    /// listens on the node's host. Placement and the dispatcher take a node's role from here,
+    /// never from what its agent says.
+    pub fn runs_controller(&self, node: &Node) -> bool {
+        if node.controller_id.is_some() {
+            return true;
+        }
+        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+        let mine = host(&node.addr);
+        self.managers.values().any(|m| host(&m.addr) == mine)
+    }
+
+    /// The node whose host runs controller `raft_id`, if any.
+    pub fn node_of_controller(&self, raft_id: u64) -> Option<&Node> {
+        let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+        let by_id = self
+            .nodes
+            .values()
+            .find(|n| n.controller_id == Some(raft_id));
+        by_id.or_else(|| {
+            let m = host(&self.managers.get(&raft_id)?.addr);
+            self.nodes.values().find(|n| host(&n.addr) == m)
+        })
+    }
+
     pub fn tasks_on<'a>(&'a self, node_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
             .values()
@@ -1312,6 +1433,7 @@ mod tests {
                 role: NodeRole::Worker,
                 resources: Default::default(),
                 now: 7,
+                cert_not_after: 0,
             },
         )
         .unwrap();
@@ -1334,6 +1456,146 @@ mod tests {
     }
 
     #[test]
+    fn remove_node_revokes_it_and_orphans_its_tasks() {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(spec("web", 1)),
+                now: 1,
+            },
+        )
+        .unwrap();
+        let svc = s.services["web"].clone();
+        s.apply(
+            2,
+            Command::PutNode {
+                id: "n1".into(),
+                hostname: "h1".into(),
+                addr: "10.0.0.1:4245".into(),
+                labels: Default::default(),
+                role: NodeRole::Worker,
+                resources: Default::default(),
+                now: 2,
+                cert_not_after: 99,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.nodes["n1"].cert_not_after, 99);
+        s.apply(
+            3,
+            Command::Batch(vec![
+                Command::CreateTasks {
+                    tasks: vec![task("t1", &svc, 1)],
+                },
+                Command::AssignTasks {
+                    assignments: vec![("t1".into(), "n1".into())],
+                    now: 3,
+                },
+            ]),
+        )
+        .unwrap();
+        assert!(!s.is_revoked("n1"));
+        s.apply(
+            4,
+            Command::RemoveNode {
+                id: "n1".into(),
+                now: 4,
+            },
+        )
+        .unwrap();
+        assert!(!s.nodes.contains_key("n1"));
+        assert!(s.is_revoked("n1"));
+        assert_eq!(s.revoked["n1"].at, 4);
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
+        // Removing it again names what is missing.
+        let err = s
+            .apply(
+                5,
+                Command::RemoveNode {
+                    id: "n1".into(),
+                    now: 5,
+                },
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("n1"), "{err}");
+        // A revocation is kept as first recorded.
+        s.apply(
+            6,
+            Command::Revoke {
+                id: "n1".into(),
+                reason: "again".into(),
+                now: 6,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.revoked["n1"].reason, "node removed");
+        s.apply(
+            7,
+            Command::Revoke {
+                id: "controller-3".into(),
+                reason: "removed from the controller group".into(),
+                now: 7,
+            },
+        )
+        .unwrap();
+        assert!(s.is_revoked("controller-3"));
+    }
+
+    #[test]
+    fn a_node_runs_a_controller_by_promotion_or_by_a_member_on_its_host() {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutNode {
+                id: "n1".into(),
+                hostname: "h1".into(),
+                addr: "10.0.0.1:4245".into(),
+                labels: Default::default(),
+                role: NodeRole::Worker,
+                resources: Default::default(),
+                now: 1,
+                cert_not_after: 0,
+            },
+        )
+        .unwrap();
+        assert!(!s.runs_controller(&s.nodes["n1"]));
+        s.set_manager(
+            2,
+            1,
+            Some(ManagerInfo {
+                addr: "10.0.0.1:4243".into(),
+                registry: "10.0.0.1:5000".into(),
+            }),
+        );
+        assert!(s.runs_controller(&s.nodes["n1"]));
+        assert_eq!(s.node_of_controller(1).map(|n| n.id.as_str()), Some("n1"));
+        s.set_manager(3, 1, None);
+        assert!(!s.runs_controller(&s.nodes["n1"]));
+        s.apply(
+            4,
+            Command::SetNodeController {
+                id: "n1".into(),
+                raft_id: Some(7),
+            },
+        )
+        .unwrap();
+        assert!(s.runs_controller(&s.nodes["n1"]));
+        assert_eq!(s.nodes["n1"].role, NodeRole::Manager);
+        assert_eq!(s.node_of_controller(7).map(|n| n.id.as_str()), Some("n1"));
+        s.apply(
+            5,
+            Command::SetNodeController {
+                id: "n1".into(),
+                raft_id: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.nodes["n1"].role, NodeRole::Worker);
+    }
+
+    #[test]
     fn networks_give_slices_vips_and_addresses() {
         use crate::network::{map_for_node, NetworkSpec};
         let mut s = Store::default();
@@ -1353,6 +1615,7 @@ mod tests {
                     role: NodeRole::Worker,
                     resources: Default::default(),
                     now: 0,
+                    cert_not_after: 0,
                 },
             )
             .unwrap();
@@ -1511,6 +1774,7 @@ mod tests {
                 memory: 1 << 30,
             },
             now: 1,
+            cert_not_after: 0,
         };
         s.apply(1, put(&[("zone", "a"), ("disk", "ssd")], 2000))
             .unwrap();

@@ -514,6 +514,7 @@ mod tests {
                 role: NodeRole::Worker,
                 resources: Default::default(),
                 now: 0,
+                cert_not_after: 0,
             },
         )
         .unwrap();
