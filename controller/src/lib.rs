@@ -131,8 +131,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| ControllerError::Io("create data dir", e))?;
+    // 0700 before anything is written: the log and snapshots hold the CA key.
+    storage::prepare_data_dir(&cfg.data_dir)?;
     let raft_path = cfg.data_dir.join("raft.redb");
     let fresh = !raft_path.exists();
     // A new controller either starts a cluster (bootstrapping itself as the only voter) or

@@ -14,8 +14,12 @@
 //!   follower that lags a little catches up from the log rather than with a whole snapshot.
 //!   `log_start` (the index just before the first stored entry) and the snapshot's index are
 //!   therefore different numbers: `log_start <= snapshot index`.
+//! - Modes: the log and the snapshots hold the cluster's secrets (the CA key, the join token
+//!   secrets), so every file is created 0600 before anything is written to it (`raft.redb` too,
+//!   before redb opens it) and the data dir is 0700 (see [`prepare_data_dir`]).
 
 use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -35,6 +39,73 @@ pub enum StorageErr {
     SnapshotFile(PathBuf, std::io::Error),
     #[error("storage: corrupt record {0}: {1}")]
     Corrupt(&'static str, String),
+    #[error("storage: data dir {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("storage: open {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+}
+
+/// Mode of every directory that holds controller state: the owner only.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file that holds controller state.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Subdirectories of the data dir made private up front, so that whoever fills them later
+/// (the admin credentials of a first controller, the registry's blobs) never has a moment in
+/// which they are readable by others.
+const PRIVATE_SUBDIRS: &[&str] = &["admin", "registry", "certs"];
+
+/// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one to 0700.
+///
+/// A looser existing directory is tightened with a warning rather than refused: data dirs made
+/// by earlier versions were 0755, and refusing would turn an upgrade into an outage while the
+/// fix (chmod) is one the controller can make itself. A path that exists and is not a directory
+/// is refused.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("exists and is not a directory"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            mode = format!("{mode:o}"),
+            "tightening a directory others could read to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Makes the controller's data dir and its state subdirectories private (0700), creating
+/// them as needed. Called before anything is written into it.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StorageErr> {
+    private_dir(dir).map_err(|e| StorageErr::DataDir(dir.to_owned(), e))?;
+    for sub in PRIVATE_SUBDIRS {
+        let p = dir.join(sub);
+        private_dir(&p).map_err(|e| StorageErr::DataDir(p.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// Creates (or opens) `path` as a private file, tightening an existing looser one to 0600.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)?;
+    if f.metadata()?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    }
+    Ok(f)
 }
 
 macro_rules! redb_err {
@@ -81,6 +152,9 @@ impl RedbStorage {
     /// Opens (or creates) the log at `path`. A fresh log is bootstrapped with `voters` as the
     /// initial configuration; an existing one keeps its own.
     pub fn open(path: &Path, voters: &[u64]) -> Result<Self, StorageErr> {
+        // redb would create the file 0666 & umask: create it 0600 first (an empty file is a
+        // new database to redb).
+        drop(private_file(path).map_err(|e| StorageErr::Open(path.to_owned(), e))?);
         let db = Database::create(path)?;
         let tx = db.begin_write()?;
         {
@@ -223,7 +297,13 @@ impl RedbStorage {
     fn write_snapshot_file(&self, data: &[u8]) -> Result<(), StorageErr> {
         let tmp = self.snap_path.with_extension("snap.tmp");
         let io = |e| StorageErr::SnapshotFile(tmp.clone(), e);
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
@@ -517,6 +597,63 @@ mod tests {
         assert_eq!(data, [b"a", b"b", b"x"]);
         let one = s.entries(2, 5, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(one.len(), 1, "max_size still returns one entry");
+    }
+
+    /// Every file and directory under `dir` (itself included) with its mode.
+    fn modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+        let mut out = vec![(
+            dir.to_owned(),
+            std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
+        )];
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(modes(&p));
+            } else {
+                let m = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+                out.push((p, m));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn nothing_under_the_data_dir_is_readable_by_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        // A data dir left 0755 by an earlier version, with a 0644 log in it.
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_data_dir(&data).unwrap();
+        let path = data.join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let es: Vec<Entry> = (2..=10).map(|i| entry(i, 1, b"e")).collect();
+            s.persist(&es, None, None).unwrap();
+            s.save_snapshot(&snapshot_at(8, 1, &[1], b"secrets"), 5)
+                .unwrap();
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        s.install_snapshot(&snapshot_at(20, 2, &[1], b"more secrets"))
+            .unwrap();
+        let blobs = crate::registry::BlobStore::open(data.join("registry")).unwrap();
+        blobs.put_bytes(b"layer").await.unwrap();
+        blobs.start_upload("r").await.unwrap();
+        let all = modes(&data);
+        assert!(all.len() >= 8, "{all:?}");
+        for (p, mode) in all {
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        }
+    }
+
+    #[test]
+    fn a_file_in_place_of_the_data_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        std::fs::write(&data, b"").unwrap();
+        let err = prepare_data_dir(&data).unwrap_err();
+        assert!(err.to_string().starts_with("storage: data dir"), "{err}");
     }
 
     fn snapshot_at(index: u64, term: u64, voters: &[u64], data: &[u8]) -> Snapshot {

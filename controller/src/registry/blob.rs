@@ -66,9 +66,17 @@ impl BlobStore {
     /// Opens (creating if needed) a blob store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, RegistryError> {
         let root = root.into();
-        std::fs::create_dir_all(root.join("blobs").join("sha256"))
-            .map_err(RegistryError::io("create blob directory"))?;
-        std::fs::create_dir_all(root.join("uploads"))
+        // Private like the rest of the controller's data (0700; files 0600): blobs of
+        // private images must not be readable by other local users.
+        for dir in [
+            root.clone(),
+            root.join("blobs"),
+            root.join("blobs").join("sha256"),
+        ] {
+            crate::storage::private_dir(&dir)
+                .map_err(RegistryError::io("create blob directory"))?;
+        }
+        crate::storage::private_dir(&root.join("uploads"))
             .map_err(RegistryError::io("create upload directory"))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -146,7 +154,7 @@ impl BlobStore {
         }
         let tmp = self.upload_path(&format!("tmp-{}", random_id()));
         let result = async {
-            let mut f = tokio::fs::File::create(&tmp)
+            let mut f = create_private(&tmp)
                 .await
                 .map_err(RegistryError::io("create blob file"))?;
             f.write_all(bytes)
@@ -177,7 +185,7 @@ impl BlobStore {
         E: std::fmt::Display,
     {
         let tmp = self.upload_path(&format!("tmp-{}", random_id()));
-        tokio::fs::File::create(&tmp)
+        create_private(&tmp)
             .await
             .map_err(RegistryError::io("create blob file"))?;
         let result = async {
@@ -229,7 +237,7 @@ impl BlobStore {
     /// Starts an empty upload for `repo`; returns its id.
     pub async fn start_upload(&self, repo: &str) -> Result<String, RegistryError> {
         let id = random_id();
-        tokio::fs::File::create(self.upload_path(&id))
+        create_private(self.upload_path(&id))
             .await
             .map_err(RegistryError::io("create upload"))?;
         let upload = Upload {
@@ -532,6 +540,17 @@ async fn hash_file(path: &Path) -> std::io::Result<(u64, Sha256)> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
+}
+
+/// Creates a new file 0600 (blobs and uploads are as private as the rest of the data dir).
+async fn create_private(path: impl AsRef<Path>) -> std::io::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::storage::PRIVATE_FILE_MODE)
+        .open(path)
+        .await
 }
 
 fn random_id() -> String {
