@@ -75,6 +75,10 @@ pub enum ImageError {
     #[error("image: layer entry {path:?} refused: {reason}")]
     UnsafeEntry { path: String, reason: String },
 
+    /// A layer refused as a whole: it would expand beyond a limit of the content store.
+    #[error("image: layer {layer} refused: {reason}")]
+    LayerRefused { layer: String, reason: String },
+
     #[error("image: background task failed: {0}")]
     Task(String),
 

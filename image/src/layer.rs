@@ -6,21 +6,32 @@
 //!   directory of an entry (and of a hard link's source) must be a real directory inside the
 //!   layer, and existing files are removed, never opened, before being replaced;
 //! - OCI whiteouts become overlayfs whiteouts: `.wh.NAME` is a 0:0 character device `NAME`, and
-//!   `.wh..wh..opq` marks its directory opaque with the `trusted.overlay.opaque=y` xattr;
+//!   `.wh..wh..opq` marks its directory opaque with the `trusted.overlay.opaque=y` xattr. The
+//!   hidden `NAME` must be one plain name (not empty, `.` or `..`): `.wh...` would otherwise
+//!   whiteout — remove — the parent of the layer directory, so such a layer is refused;
 //! - modes, numeric ownership (when running as root), mtimes, symlinks, hard links, device nodes
-//!   and `SCHILY.xattr.*` extended attributes (file capabilities) are preserved. Directory
-//!   metadata is applied last, since creating their children would change their mtimes.
+//!   and `SCHILY.xattr.*` extended attributes are preserved, except the xattrs only the kernel
+//!   or the host should set: `trusted.*` (overlayfs' own `trusted.overlay.*` would steer the
+//!   overlay mount: opaque dirs, redirects, metacopy) and `security.*` other than
+//!   `security.capability` (file capabilities). Directory metadata is applied last, since
+//!   creating their children would change their mtimes;
+//! - a layer is held to [`LayerLimits`]: the decompressed tar stream (gzip and zstd bombs) and
+//!   the sum of its files' sizes (a GNU sparse file counts its full size, checked from its
+//!   header before anything is written) may not exceed `max_bytes`, and no file is written that
+//!   would leave less than `min_free` bytes free. Sparse files are written with holes.
 //!
 //! The compression of a layer blob is detected from its first bytes, not its media type: gzip,
 //! zstd (every frame of the stream) and plain tar.
 
+use std::cell::Cell;
 use std::collections::HashSet;
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use flate2::read::MultiGzDecoder;
 use tar::EntryType;
@@ -34,6 +45,34 @@ const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 const WHITEOUT_META_PREFIX: &str = ".wh..wh.";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+/// The one `security.*` xattr a layer may carry: file capabilities (`setcap` binaries).
+const CAPABILITY_XATTR: &str = "security.capability";
+
+/// Default for [`LayerLimits::max_bytes`]: 16 GiB, far above any real layer (base images are
+/// tens to hundreds of MiB; the largest common ones, CUDA and ML stacks, a few GiB).
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 16 << 30;
+/// Default for [`LayerLimits::min_free`]: what an unpack leaves free on the store's filesystem.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 512 << 20;
+
+/// How far one layer may expand when unpacked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerLimits {
+    /// Most bytes the layer's uncompressed tar stream may have, and, separately, most bytes its
+    /// files may add up to (a sparse file counted at its full size: whatever reads it later —
+    /// a commit, `rctl cp`, an export — reads that many bytes).
+    pub max_bytes: u64,
+    /// Bytes that must stay free on the destination's filesystem after each file is written.
+    pub min_free: u64,
+}
+
+impl Default for LayerLimits {
+    fn default() -> Self {
+        LayerLimits {
+            max_bytes: DEFAULT_MAX_LAYER_BYTES,
+            min_free: DEFAULT_MIN_FREE_BYTES,
+        }
+    }
+}
 
 /// How a blob is compressed, from its magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,10 +126,22 @@ pub fn decompressed<'a>(reader: impl Read + 'a) -> Result<Box<dyn Read + 'a>> {
     }
 }
 
-/// Unpacks a layer blob file (gzip, zstd or plain tar) into `dest`, which must exist.
+/// Unpacks a layer blob file (gzip, zstd or plain tar) into `dest`, which must exist, within
+/// the default [`LayerLimits`].
 pub fn unpack_file(blob: &Path, dest: &Path) -> Result<()> {
+    let name = blob.display().to_string();
+    unpack_file_limited(blob, dest, &name, &LayerLimits::default())
+}
+
+/// [`unpack_file`] within `limits`; `layer` names the layer (its digest) in errors.
+pub fn unpack_file_limited(
+    blob: &Path,
+    dest: &Path,
+    layer: &str,
+    limits: &LayerLimits,
+) -> Result<()> {
     let file = fs::File::open(blob).map_err(|e| ImageError::io_path("open layer", blob, e))?;
-    unpack(decompressed(file)?, dest)
+    unpack_limited(decompressed(file)?, dest, layer, limits)
 }
 
 /// Metadata applied to a directory once all entries are written.
@@ -101,27 +152,103 @@ struct DirMeta {
     mtime: u64,
 }
 
-/// Unpacks an uncompressed tar stream into `dest`, which must exist.
+/// Unpacks an uncompressed tar stream into `dest`, which must exist, within the default
+/// [`LayerLimits`].
 pub fn unpack(reader: impl Read, dest: &Path) -> Result<()> {
+    unpack_limited(reader, dest, "layer", &LayerLimits::default())
+}
+
+/// Unpacks an uncompressed tar stream into `dest`, which must exist, within `limits`; `layer`
+/// names the layer (its digest) in errors.
+pub fn unpack_limited(
+    reader: impl Read,
+    dest: &Path,
+    layer: &str,
+    limits: &LayerLimits,
+) -> Result<()> {
+    let over = Rc::new(Cell::new(false));
+    let counted = Counted {
+        inner: reader,
+        read: 0,
+        max: limits.max_bytes,
+        over: over.clone(),
+    };
     let mut unpacker = Unpacker {
         dest,
+        layer,
+        limits,
+        expanded: 0,
         as_root: is_root(),
         known_dirs: HashSet::new(),
         dirs: Vec::new(),
     };
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive
-        .entries()
-        .map_err(|e| ImageError::io("read layer", e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| ImageError::io("read layer entry", e))?;
-        unpacker.entry(entry)?;
+    let result = (|| -> Result<()> {
+        let mut archive = tar::Archive::new(counted);
+        let entries = archive
+            .entries()
+            .map_err(|e| ImageError::io("read layer", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| ImageError::io("read layer entry", e))?;
+            unpacker.entry(entry)?;
+        }
+        Ok(())
+    })();
+    // Whatever error the cut-off stream caused (a short read, a broken entry), the reason is
+    // the limit.
+    if over.get() {
+        return Err(ImageError::LayerRefused {
+            layer: layer.to_string(),
+            reason: format!(
+                "it decompresses to more than {} (the content store's limit per layer)",
+                human(limits.max_bytes)
+            ),
+        });
     }
+    result?;
     unpacker.finish_dirs()
+}
+
+/// Counts the bytes of the uncompressed stream and fails the read that goes past `max`.
+struct Counted<R> {
+    inner: R,
+    read: u64,
+    max: u64,
+    over: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Never ask for more than one byte past the limit.
+        let room = self.max.saturating_sub(self.read).saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.read += n as u64;
+        if self.read > self.max {
+            self.over.set(true);
+            return Err(io::Error::other("layer stream exceeds its size limit"));
+        }
+        Ok(n)
+    }
+}
+
+/// `16 GiB`, `512 MiB`, or plain bytes when not a whole number of either.
+fn human(n: u64) -> String {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
+        format!("{} GiB", n >> 30)
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
 }
 
 struct Unpacker<'a> {
     dest: &'a Path,
+    /// The layer's name (digest) for errors.
+    layer: &'a str,
+    limits: &'a LayerLimits,
+    /// Sum of the sizes of the files written so far (sparse files at their full size).
+    expanded: u64,
     /// Ownership is only applied as root; unprivileged unpacking (tests, tools) keeps ours.
     as_root: bool,
     /// Relative paths verified (or created) as real directories, to spare an lstat per
@@ -184,7 +311,7 @@ impl Unpacker<'_> {
             } else if name_str.starts_with(WHITEOUT_META_PREFIX) {
                 debug!(path = %raw.display(), "skipping aufs metadata entry");
             } else {
-                let target_rel = parent_rel.join(hidden);
+                let target_rel = whiteout_target(&parent_rel, hidden, &raw)?;
                 self.remove_existing(&target_rel)?;
                 let target = self.dest.join(&target_rel);
                 mknod(&target, libc::S_IFCHR, 0, 0, 0)?;
@@ -220,15 +347,35 @@ impl Unpacker<'_> {
                 return Ok(());
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let sparse = kind == EntryType::GNUSparse;
+                // For a sparse entry `size` is the real (expanded) size, from its header; only
+                // `entry_size` bytes of data are in the archive.
+                let size = entry.size();
+                let stored = if sparse {
+                    header.entry_size().unwrap_or(size)
+                } else {
+                    size
+                };
+                self.charge(&raw, size, stored)?;
                 self.remove_existing(&rel)?;
-                let mut file = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&target)
-                    .map_err(|e| ImageError::io_path("create", &target, e))?;
-                io::copy(&mut entry, &mut file)
-                    .map_err(|e| ImageError::io_path("write", &target, e))?;
+                if sparse {
+                    if entry.path_bytes().ends_with(b"/") {
+                        return Err(unsafe_entry(&raw, "a sparse file named like a directory"));
+                    }
+                    // The tar crate seeks over the holes instead of writing zeros.
+                    entry
+                        .unpack(&target)
+                        .map_err(|e| ImageError::io_path("write", &target, e))?;
+                } else {
+                    let mut file = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&target)
+                        .map_err(|e| ImageError::io_path("create", &target, e))?;
+                    io::copy(&mut entry, &mut file)
+                        .map_err(|e| ImageError::io_path("write", &target, e))?;
+                }
             }
             EntryType::Symlink => {
                 let link = entry
@@ -302,6 +449,39 @@ impl Unpacker<'_> {
             .map_err(|e| ImageError::io_path("chmod", &target, e))?;
         apply_xattrs(&target, &xattrs);
         set_mtime(&target, mtime)
+    }
+
+    /// Counts a file of `size` bytes (`stored` of them real data) against the layer's limits,
+    /// before it is written.
+    fn charge(&mut self, raw: &Path, size: u64, stored: u64) -> Result<()> {
+        self.expanded = self.expanded.saturating_add(size);
+        if self.expanded > self.limits.max_bytes {
+            return Err(ImageError::LayerRefused {
+                layer: self.layer.to_string(),
+                reason: format!(
+                    "its files add up to more than {} (the content store's limit per layer) \
+                     at {:?} ({size} bytes)",
+                    human(self.limits.max_bytes),
+                    raw.display().to_string()
+                ),
+            });
+        }
+        if stored > 0 {
+            let free = free_bytes(self.dest)?;
+            if free < stored.saturating_add(self.limits.min_free) {
+                return Err(ImageError::LayerRefused {
+                    layer: self.layer.to_string(),
+                    reason: format!(
+                        "writing {:?} ({stored} bytes) would leave less than {} free on {} \
+                         ({free} bytes free)",
+                        raw.display().to_string(),
+                        human(self.limits.min_free),
+                        self.dest.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Makes sure `rel` is a real directory under dest, creating missing components; refuses
@@ -396,6 +576,54 @@ fn sanitize(path: &Path) -> Result<PathBuf> {
         }
     }
     Ok(out)
+}
+
+/// Where the whiteout `.wh.HIDDEN` in `parent_rel` points: `HIDDEN` must be one plain name, and
+/// the result goes through [`sanitize`] like any entry path.
+fn whiteout_target(parent_rel: &Path, hidden: &str, raw: &Path) -> Result<PathBuf> {
+    if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+        return Err(unsafe_entry(
+            raw,
+            &format!("whiteout of {hidden:?}, which is not a plain name (the layer is refused)"),
+        ));
+    }
+    let target = sanitize(&parent_rel.join(hidden))?;
+    if target.parent() != Some(parent_rel) || target.file_name() != Some(OsStr::new(hidden)) {
+        return Err(unsafe_entry(
+            raw,
+            "whiteout points outside its own directory (the layer is refused)",
+        ));
+    }
+    Ok(target)
+}
+
+/// Bytes available to us on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Result<u64> {
+    let c = cpath(path)?;
+    // SAFETY: an all-zero statvfs is a valid value for the kernel to fill in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path, `st` a writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(ImageError::io_path(
+            "statvfs",
+            path,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Whether a layer may set this extended attribute: not `trusted.*` (overlayfs reads its own
+/// `trusted.overlay.*` from lower dirs) and no `security.*` but file capabilities.
+fn xattr_allowed(name: &str) -> bool {
+    if name.starts_with("trusted.") {
+        return false;
+    }
+    if name.starts_with("security.") {
+        return name == CAPABILITY_XATTR;
+    }
+    true
 }
 
 fn unsafe_entry(path: &Path, reason: &str) -> ImageError {
@@ -510,7 +738,11 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<(String, Vec
         let ext = ext.map_err(|e| ImageError::io("read pax headers", e))?;
         if let Ok(key) = ext.key() {
             if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                out.push((name.to_string(), ext.value_bytes().to_vec()));
+                if xattr_allowed(name) {
+                    out.push((name.to_string(), ext.value_bytes().to_vec()));
+                } else {
+                    debug!(xattr = name, "dropping a layer xattr only the host may set");
+                }
             }
         }
     }
@@ -776,5 +1008,293 @@ mod tests {
         fs::create_dir(&dest).unwrap();
         unpack_file(&file, &dest).unwrap();
         assert_eq!(fs::read(dest.join("etc/zstd")).unwrap(), b"hello");
+    }
+
+    /// A header number: octal as the appendix's scripts write it, or GNU base-256 when it
+    /// does not fit (sizes of 8 GiB and more).
+    fn octal(field: &mut [u8], n: u64) {
+        let w = field.len() - 1;
+        let text = format!("{n:0w$o}");
+        if text.len() == w {
+            field[..w].copy_from_slice(text.as_bytes());
+            field[w] = 0;
+        } else {
+            field.fill(0);
+            let len = field.len();
+            field[len - 8..].copy_from_slice(&n.to_be_bytes());
+            field[0] = 0x80;
+        }
+    }
+
+    /// A GNU sparse entry (port of the audit's `mk_sparse_bomb.py`): `blocks` are (offset,
+    /// length) of the data stored after the header, `real` the file's expanded size.
+    fn add_sparse(b: &mut tar::Builder<Vec<u8>>, name: &str, real: u64, blocks: &[(u64, u64)]) {
+        let stored: u64 = blocks.iter().map(|(_, n)| n).sum();
+        let mut h = header(EntryType::GNUSparse, 0o644, stored);
+        h.set_path(name).unwrap();
+        let gnu = h.as_gnu_mut().unwrap();
+        for (i, (off, n)) in blocks.iter().enumerate() {
+            octal(&mut gnu.sparse[i].offset, *off);
+            octal(&mut gnu.sparse[i].numbytes, *n);
+        }
+        octal(&mut gnu.realsize, real);
+        h.set_cksum();
+        let data: Vec<u8> = (0..stored).map(|i| (i % 251) as u8 + 1).collect();
+        b.append(&h, &data[..]).unwrap();
+    }
+
+    /// A PAX extended header carrying `records` for the entry that follows it.
+    fn add_pax(b: &mut tar::Builder<Vec<u8>>, records: &[(&str, &[u8])]) {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            let body = key.len() + value.len() + 3; // ' ', '=', '\n'
+            let mut len = body + 1;
+            while len != body + len.to_string().len() {
+                len = body + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {key}=").as_bytes());
+            data.extend_from_slice(value);
+            data.push(b'\n');
+        }
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(EntryType::XHeader);
+        h.set_size(data.len() as u64);
+        h.set_path("PaxHeader").unwrap();
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+    }
+
+    /// The audit's `mk_wh_escape.py`, for each way a whiteout could name `.`/`..`/nothing:
+    /// the layer is refused and nothing beside the layer directory is touched.
+    #[test]
+    fn m3_whiteout_dotdot_is_refused() {
+        for name in [".wh...", ".wh..", ".wh.", "sub/.wh...", "sub/.wh.."] {
+            let mut b = tar::Builder::new(Vec::new());
+            add_dir(&mut b, "./", 0o755, 1_000);
+            add_dir(&mut b, "sub", 0o755, 1_000);
+            add_file(&mut b, "keep", b"ok", 0o644);
+            add_raw(&mut b, EntryType::Regular, name, "");
+            let tmp = tempfile::tempdir().unwrap();
+            let canary = tmp.path().join("canary");
+            fs::write(&canary, b"alive").unwrap();
+            let dest = tmp.path().join("out");
+            fs::create_dir(&dest).unwrap();
+            let err = unpack(&b.into_inner().unwrap()[..], &dest).unwrap_err();
+            assert!(
+                matches!(err, ImageError::UnsafeEntry { .. }),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains("whiteout"), "{name}: {err}");
+            assert!(
+                canary.exists(),
+                "{name}: the whiteout removed a sibling of the layer"
+            );
+            assert!(
+                dest.join("keep").exists(),
+                "{name}: the layer dir was emptied"
+            );
+            assert!(dest.join("sub").is_dir(), "{name}");
+        }
+    }
+
+    #[test]
+    fn m3_opaque_and_plain_whiteouts_still_work() {
+        let mut b = tar::Builder::new(Vec::new());
+        add_file(&mut b, "d/.wh..wh..opq", b"", 0o644);
+        add_file(&mut b, "d/.wh.gone", b"", 0o644);
+        add_file(&mut b, ".wh..hidden", b"", 0o644);
+        let (tmp, result) = unpack_bytes(b.into_inner().unwrap());
+        result.unwrap();
+        let dest = tmp.path().join("out");
+        assert_eq!(
+            get_xattr(&dest.join("d"), OPAQUE_XATTR).as_deref(),
+            Some(&b"y"[..])
+        );
+        for gone in ["d/gone", ".hidden"] {
+            let meta = fs::symlink_metadata(dest.join(gone)).unwrap();
+            assert!(meta.file_type().is_char_device(), "{gone}");
+        }
+    }
+
+    /// The audit's `mk_sparse_bomb.py`: one header, no data, 32 GiB of holes. Refused from the
+    /// header, before anything is written.
+    #[test]
+    fn m5_sparse_bomb_is_refused() {
+        let real = 32 << 30;
+        let mut b = tar::Builder::new(Vec::new());
+        add_sparse(&mut b, "bomb", real, &[(real, 0)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = tmp.path().join("sparse-bomb.tar");
+        fs::write(&blob, b.into_inner().unwrap()).unwrap();
+        let dest = tmp.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        let err =
+            unpack_file_limited(&blob, &dest, "sha256:bomb", &LayerLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::LayerRefused { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("sha256:bomb") && msg.contains("16 GiB"),
+            "{msg}"
+        );
+        assert!(!dest.join("bomb").exists());
+    }
+
+    /// A sparse file under the limit keeps its holes: 1 GiB long, one 512-byte block of data.
+    #[test]
+    fn m5_sparse_file_is_written_with_holes() {
+        let real: u64 = 1 << 30;
+        let mut b = tar::Builder::new(Vec::new());
+        add_sparse(&mut b, "big", real, &[(real - 512, 512)]);
+        let (tmp, result) = unpack_bytes(b.into_inner().unwrap());
+        result.unwrap();
+        let path = tmp.path().join("out/big");
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), real);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "{} bytes allocated for a file of holes",
+            meta.blocks() * 512
+        );
+        let mut f = fs::File::open(&path).unwrap();
+        std::io::Seek::seek(&mut f, io::SeekFrom::Start(real - 512)).unwrap();
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).unwrap();
+        assert_eq!(tail.len(), 512);
+        assert_eq!(&tail[..3], &[1, 2, 3]);
+    }
+
+    /// A header claiming a file beyond the limit is refused before its data is read (a gzip
+    /// bomb's tar says how big its file is).
+    #[test]
+    fn m5_oversized_file_is_refused_from_its_header() {
+        let mut h = header(EntryType::Regular, 0o644, 17 << 30);
+        h.set_path("huge").unwrap();
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[0u8; 4096]); // the rest of the data never comes
+        let (tmp, result) = unpack_bytes(bytes);
+        let err = result.unwrap_err();
+        assert!(matches!(err, ImageError::LayerRefused { .. }), "{err}");
+        assert!(!tmp.path().join("out/huge").exists());
+
+        // Files that each fit but add up to more (sparse: the stream itself stays small).
+        let limits = LayerLimits {
+            max_bytes: 3000,
+            min_free: 0,
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        for name in ["a", "b", "c"] {
+            add_sparse(&mut b, name, 1024, &[(1024, 0)]);
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let err = unpack_limited(
+            &b.into_inner().unwrap()[..],
+            tmp.path(),
+            "sha256:x",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("add up to more than 3000 bytes"),
+            "{err}"
+        );
+        assert!(!tmp.path().join("c").exists());
+    }
+
+    /// A gzip bomb whose bytes are not file data (a 2 MiB PAX header, which the tar reader
+    /// would hold in memory) is cut off by the count of decompressed bytes.
+    #[test]
+    fn m5_gzip_bomb_is_cut_at_the_limit() {
+        let mut b = tar::Builder::new(Vec::new());
+        add_pax(&mut b, &[("comment", &vec![b'z'; 2 << 20][..])]);
+        add_file(&mut b, "x", b"x", 0o644);
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = tmp.path().join("bomb.tar.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            fs::File::create(&blob).unwrap(),
+            flate2::Compression::best(),
+        );
+        gz.write_all(&b.into_inner().unwrap()).unwrap();
+        gz.finish().unwrap();
+        assert!(fs::metadata(&blob).unwrap().len() < 64 << 10);
+        let dest = tmp.path().join("out");
+        fs::create_dir(&dest).unwrap();
+        let limits = LayerLimits {
+            max_bytes: 1 << 20,
+            min_free: 0,
+        };
+        let err = unpack_file_limited(&blob, &dest, "sha256:gz", &limits).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ImageError::LayerRefused { .. }), "{msg}");
+        assert!(msg.contains("sha256:gz") && msg.contains("1 MiB"), "{msg}");
+        // Under a larger limit the same layer unpacks.
+        unpack_file(&blob, &dest).unwrap();
+        assert!(dest.join("x").is_file());
+    }
+
+    #[test]
+    fn m5_unpack_leaves_free_space() {
+        let limits = LayerLimits {
+            max_bytes: DEFAULT_MAX_LAYER_BYTES,
+            min_free: u64::MAX / 2,
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        add_file(&mut b, "f", b"data", 0o644);
+        let tmp = tempfile::tempdir().unwrap();
+        let err = unpack_limited(
+            &b.into_inner().unwrap()[..],
+            tmp.path(),
+            "sha256:d",
+            &limits,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("would leave less than"), "{err}");
+        assert!(!tmp.path().join("f").exists());
+    }
+
+    /// `trusted.*` (overlayfs' own attributes) and `security.*` but file capabilities are not
+    /// taken from a layer; other xattrs are.
+    #[test]
+    fn l6_trusted_and_security_xattrs_are_dropped() {
+        // vfs_cap_data v2, effective, CAP_NET_BIND_SERVICE permitted.
+        let mut cap = Vec::new();
+        for word in [0x0200_0001u32, 1 << 10, 0, 0, 0] {
+            cap.extend_from_slice(&word.to_le_bytes());
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        add_pax(
+            &mut b,
+            &[
+                ("SCHILY.xattr.trusted.overlay.opaque", b"y"),
+                ("SCHILY.xattr.trusted.overlay.redirect", b"/etc"),
+                ("SCHILY.xattr.user.kept", b"1"),
+            ],
+        );
+        add_dir(&mut b, "d", 0o755, 1_000);
+        add_pax(
+            &mut b,
+            &[
+                ("SCHILY.xattr.trusted.overlay.metacopy", b""),
+                (
+                    "SCHILY.xattr.security.selinux",
+                    b"system_u:object_r:shadow_t:s0",
+                ),
+                ("SCHILY.xattr.security.capability", &cap[..]),
+            ],
+        );
+        add_file(&mut b, "d/ping", b"#!", 0o755);
+        let (tmp, result) = unpack_bytes(b.into_inner().unwrap());
+        result.unwrap();
+        let d = tmp.path().join("out/d");
+        assert_eq!(get_xattr(&d, OPAQUE_XATTR), None);
+        assert_eq!(get_xattr(&d, "trusted.overlay.redirect"), None);
+        assert_eq!(get_xattr(&d, "user.kept").as_deref(), Some(&b"1"[..]));
+        let ping = d.join("ping");
+        assert_eq!(get_xattr(&ping, "trusted.overlay.metacopy"), None);
+        assert_eq!(get_xattr(&ping, "security.selinux"), None);
+        assert_eq!(
+            get_xattr(&ping, "security.capability").as_deref(),
+            Some(&cap[..])
+        );
     }
 }
