@@ -3,7 +3,19 @@
 //! Layout under `root`:
 //! - `blobs/sha256/<hex>`: manifests, configs and layer blobs, named by their digest;
 //! - `layers/<hex of the layer blob digest>/`: that layer unpacked, an overlayfs lower dir;
-//! - `tmp/`: scratch space for unpacking, on the same filesystem so renames are atomic.
+//! - `tmp/`: scratch space for unpacking, on the same filesystem so renames are atomic;
+//! - `.lock`: held (`flock`) by the process that has the store open.
+//!
+//! The root and those directories are 0700 (tightened when found looser): unpacked layers hold
+//! what images ship — setuid binaries, device nodes — which no unprivileged host user may
+//! reach (CVE-2021-41091). Overlayfs reads lower dirs with the mounter's (root's) credentials,
+//! so containers are unaffected. A layer's own directories keep the modes the image declares.
+//!
+//! Opening the store takes its lock; the process that gets it is the only one using the store,
+//! so whatever temporary files a crash left (`tmp/layer-*`, `tmp/.layer-*`, `tmp/removing-*`,
+//! `blobs/sha256/.partial-*`) belong to nobody and are removed then. A second opener (a
+//! second agent on the same data dir) sweeps nothing. Each layer is unpacked within
+//! [`LayerLimits`].
 //!
 //! Invariants: a blob file exists only once its content has been verified against its digest,
 //! and a layer directory exists only once it is completely unpacked (both are renamed into
@@ -14,14 +26,16 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryStreamExt};
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 use crate::client::RegistryClient;
+use crate::layer::LayerLimits;
 use crate::oci::{Index, Manifest, ManifestKind};
 use crate::{digest, layer, ImageError, Reference, Result};
 
@@ -31,6 +45,14 @@ pub use crate::oci::ImageConfig;
 const PARALLEL_LAYERS: usize = 3;
 /// Indexes nested deeper than this are refused (guards against reference cycles).
 const MAX_INDEX_DEPTH: usize = 4;
+/// Mode of the store root and its directories: root only.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// The store's own directories, the root first.
+const STORE_DIRS: [&str; 5] = ["", "blobs", "blobs/sha256", "layers", "tmp"];
+/// Prefixes of what unpacks, builds and removals leave in `tmp/` when interrupted.
+const TMP_LEFTOVERS: [&str; 3] = ["layer-", ".layer-", "removing-"];
+/// Prefix of a blob being written in `blobs/sha256/`.
+const PARTIAL_BLOB: &str = ".partial-";
 
 /// An image ready to be stacked with overlayfs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,20 +77,46 @@ pub struct ImageStore {
     /// Pulls hold it shared, garbage collection (`rudder-agent`'s prune) exclusively: a layer
     /// a pull found present is never removed under it.
     gc_lock: Arc<tokio::sync::RwLock<()>>,
+    /// How far one layer may expand when unpacked.
+    limits: LayerLimits,
+    /// `.lock`, flocked while any clone lives, when this process got it.
+    _owner: Option<Arc<fs::File>>,
 }
 
 impl ImageStore {
-    /// Opens (creating if needed) a store rooted at `root`.
+    /// Opens (creating if needed) a store rooted at `root`, with the default [`LayerLimits`].
     pub fn open(root: &Path) -> Result<ImageStore> {
-        for dir in ["blobs/sha256", "layers", "tmp"] {
-            let path = root.join(dir);
-            fs::create_dir_all(&path).map_err(|e| ImageError::io_path("create", &path, e))?;
+        ImageStore::open_with(root, LayerLimits::default())
+    }
+
+    /// Opens (creating if needed) a store rooted at `root` whose layers are unpacked within
+    /// `limits`. Its directories are made private (0700), and when no other process has the
+    /// store open, leftovers of interrupted unpacks and downloads are removed.
+    pub fn open_with(root: &Path, limits: LayerLimits) -> Result<ImageStore> {
+        for dir in STORE_DIRS {
+            private_dir(&root.join(dir))?;
+        }
+        let owner = take_lock(root)?;
+        if owner.is_some() {
+            sweep_leftovers(root);
+        } else {
+            warn!(
+                store = %root.display(),
+                "another process has the image store open; leaving its temporary files alone"
+            );
         }
         Ok(ImageStore {
             root: root.to_path_buf(),
             layer_locks: Arc::default(),
             gc_lock: Arc::default(),
+            limits,
+            _owner: owner.map(Arc::new),
         })
+    }
+
+    /// The limits each layer is unpacked within.
+    pub fn layer_limits(&self) -> &LayerLimits {
+        &self.limits
     }
 
     pub fn root(&self) -> &Path {
@@ -236,10 +284,13 @@ impl ImageStore {
         let blob = self.blob_path(digest)?;
         let tmp_root = self.root.join("tmp");
         let dest = self.layer_dir(digest);
-        let hex = digest::hex_of(digest)?.to_string();
-        tokio::task::spawn_blocking(move || unpack_into_place(&blob, &tmp_root, &dest, &hex))
-            .await
-            .map_err(ImageError::task)?
+        let digest = digest.to_string();
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || {
+            unpack_into_place(&blob, &tmp_root, &dest, &digest, &limits)
+        })
+        .await
+        .map_err(ImageError::task)?
     }
 
     /// Exclusive use of the store for garbage collection: waits for running pulls and holds
@@ -307,9 +358,87 @@ impl ImageStore {
     }
 }
 
+/// Creates `path` (and missing parents) 0700, or tightens it to 0700 when it exists with
+/// looser bits.
+fn private_dir(path: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(path)
+        .map_err(|e| ImageError::io_path("create", path, e))?;
+    let meta = fs::metadata(path).map_err(|e| ImageError::io_path("stat", path, e))?;
+    if meta.permissions().mode() & 0o7777 != PRIVATE_DIR_MODE {
+        fs::set_permissions(path, fs::Permissions::from_mode(PRIVATE_DIR_MODE))
+            .map_err(|e| ImageError::io_path("chmod", path, e))?;
+    }
+    Ok(())
+}
+
+/// Takes the store's lock without waiting: `None` when another process holds it.
+fn take_lock(root: &Path) -> Result<Option<fs::File>> {
+    let path = root.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| ImageError::io_path("open", &path, e))?;
+    // SAFETY: the descriptor is valid for the lifetime of `file`.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(file));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(None);
+    }
+    Err(ImageError::io_path("lock", &path, err))
+}
+
+/// Removes what interrupted unpacks, builds, removals and downloads left behind. Call only
+/// with the store's lock just taken: nothing of this process is in flight yet. Best effort.
+fn sweep_leftovers(root: &Path) {
+    let mut removed = 0u64;
+    for (dir, prefixes) in [
+        (root.join("tmp"), &TMP_LEFTOVERS[..]),
+        (root.join("blobs/sha256"), &[PARTIAL_BLOB][..]),
+    ] {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !prefixes.iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            let path = entry.path();
+            let gone = match entry.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(err) => warn!(%err, path = %path.display(), "could not remove a leftover"),
+            }
+        }
+    }
+    if removed > 0 {
+        info!(removed, store = %root.display(), "removed leftovers of interrupted unpacks and downloads");
+    }
+}
+
 /// Unpacks `blob` into a fresh directory under `tmp_root`, then renames it to `dest`. If `dest`
 /// appeared meanwhile (another process won), our copy is thrown away.
-fn unpack_into_place(blob: &Path, tmp_root: &Path, dest: &Path, hex: &str) -> Result<PathBuf> {
+fn unpack_into_place(
+    blob: &Path,
+    tmp_root: &Path,
+    dest: &Path,
+    digest: &str,
+    limits: &LayerLimits,
+) -> Result<PathBuf> {
+    let hex = digest::hex_of(digest)?;
     let started = std::time::Instant::now();
     let tmp = tempfile::Builder::new()
         .prefix(&format!("layer-{}-", &hex[..12]))
@@ -318,7 +447,7 @@ fn unpack_into_place(blob: &Path, tmp_root: &Path, dest: &Path, hex: &str) -> Re
     // tempdir creates 0700; a layer root without its own "./" entry should be a normal 0755 dir.
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
         .map_err(|e| ImageError::io_path("chmod", tmp.path(), e))?;
-    layer::unpack_file(blob, tmp.path())?;
+    layer::unpack_file_limited(blob, tmp.path(), digest, limits)?;
     // Flush the unpacked files before the directory becomes visible as complete.
     sync_filesystem(tmp.path())?;
     match fs::rename(tmp.path(), dest) {
@@ -434,5 +563,142 @@ mod tests {
         assert!(!store.remove_layer(&d).unwrap());
         assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
         assert!(store.remove_layer("sha256:../../etc").is_err());
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// The audit's `mk_dev_suid_layer.py`: a world-writable block device and a setuid-root
+    /// shell. The layer keeps them (images ship /dev entries and setuid binaries), but no
+    /// directory above the layer lets an unprivileged host user reach them.
+    #[tokio::test]
+    async fn h2_store_directories_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("images");
+        // A store made by an older agent: everything 0755.
+        for dir in ["blobs/sha256", "layers", "tmp"] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for dir in STORE_DIRS {
+            fs::set_permissions(root.join(dir), fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let store = ImageStore::open(&root).unwrap();
+        for dir in STORE_DIRS {
+            assert_eq!(mode_of(&root.join(dir)), 0o700, "{dir:?}");
+        }
+        // A fresh store is created private.
+        let fresh = tmp.path().join("fresh/images");
+        ImageStore::open(&fresh).unwrap();
+        for dir in STORE_DIRS {
+            assert_eq!(mode_of(&fresh.join(dir)), 0o700, "{dir:?}");
+        }
+
+        let mut b = tar::Builder::new(Vec::new());
+        for dir in ["dev", "bin"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, dir, std::io::empty()).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Block);
+        h.set_mode(0o666);
+        h.set_size(0);
+        h.set_device_major(8).unwrap();
+        h.set_device_minor(0).unwrap();
+        b.append_data(&mut h, "dev/sda", std::io::empty()).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o4755);
+        h.set_size(2);
+        b.append_data(&mut h, "bin/rootsh", &b"#!"[..]).unwrap();
+        let blob = b.into_inner().unwrap();
+        let d = digest::of_bytes(&blob);
+        store.write_blob(&d, &blob).unwrap();
+        let layer = store.unpack_layer(&d).await.unwrap();
+        assert_eq!(mode_of(&layer.join("bin/rootsh")), 0o4755);
+        // Every directory from the store root down to the layer is root's alone.
+        let mut p = layer.parent().unwrap();
+        while p.starts_with(&root) {
+            assert_eq!(
+                mode_of(p) & 0o077,
+                0,
+                "{} is reachable by others",
+                p.display()
+            );
+            p = p.parent().unwrap();
+        }
+    }
+
+    /// Leftovers of a crash are swept when the store is opened, by the process that holds it
+    /// alone; a second opener leaves them.
+    #[test]
+    fn l11_open_sweeps_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        ImageStore::open(root).unwrap();
+        let leftovers = [
+            root.join("tmp/layer-0123456789ab-XyZ"),
+            root.join("tmp/removing-0123"),
+            root.join("tmp/.layer-abc"),
+        ];
+        for dir in &leftovers {
+            fs::create_dir_all(dir.join("usr/bin")).unwrap();
+            fs::write(dir.join("usr/bin/x"), b"x").unwrap();
+        }
+        let partial = root.join("blobs/sha256/.partial-AbC");
+        fs::write(&partial, b"half a blob").unwrap();
+        let blob = digest::of_bytes(b"whole");
+        let kept = root
+            .join("blobs/sha256")
+            .join(digest::hex_of(&blob).unwrap());
+        fs::write(&kept, b"whole").unwrap();
+
+        let first = ImageStore::open(root).unwrap();
+        for dir in &leftovers {
+            assert!(!dir.exists(), "{} was not swept", dir.display());
+        }
+        assert!(!partial.exists());
+        assert!(kept.is_file(), "a complete blob was swept");
+        assert!(first.has_blob(&blob));
+
+        // While the first store lives, another opener sweeps nothing.
+        fs::write(&partial, b"in flight").unwrap();
+        let _second = ImageStore::open(root).unwrap();
+        assert!(
+            partial.exists(),
+            "a second opener swept the first one's download"
+        );
+        drop(first);
+        drop(_second);
+        ImageStore::open(root).unwrap();
+        assert!(!partial.exists());
+    }
+
+    /// A layer that expands past the store's limit is refused by digest, and nothing of it
+    /// stays in `tmp/` or `layers/`.
+    #[tokio::test]
+    async fn m5_store_refuses_a_layer_over_its_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = LayerLimits {
+            max_bytes: 64 << 10,
+            min_free: 0,
+        };
+        let store = ImageStore::open_with(tmp.path(), limits).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(128 << 10);
+        b.append_data(&mut h, "zeros", &vec![0u8; 128 << 10][..])
+            .unwrap();
+        let blob = b.into_inner().unwrap();
+        let d = digest::of_bytes(&blob);
+        store.write_blob(&d, &blob).unwrap();
+        let err = store.unpack_layer(&d).await.unwrap_err();
+        assert!(matches!(err, ImageError::LayerRefused { .. }), "{err}");
+        assert!(err.to_string().contains(&d), "{err}");
+        assert!(!store.has_layer(&d));
+        assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
     }
 }
