@@ -9,8 +9,14 @@
 //! component (no `..`, no absolute names), hard links must point inside the archive, and —
 //! unless the caller is confined (chrooted: any path it can reach is fair game) — nothing is
 //! written through a symlink below the destination, so an archive cannot plant a link and
-//! then write through it. Packing never blocks on a FIFO or device and never follows a symlink
-//! below the top.
+//! then write through it. A top-level member that is not a directory is the archive's only
+//! member. Packing never blocks on a FIFO or device and never follows a symlink below the top.
+//!
+//! An archive from a container unpacked on the user's machine ([`unpack_untrusted`], `rctl cp
+//! TASK:PATH DEST`) is trusted less, since a compromised agent answers with whatever tar it
+//! likes: its top-level member must carry the name of the path asked for
+//! ([`top_name_in_root`]), setuid and setgid bits are dropped, owners are not kept, and device
+//! nodes and FIFOs become empty files, as everywhere in this module.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -29,6 +35,11 @@ pub enum CopyError {
     Unsafe { member: String, why: &'static str },
     #[error("copy: bad archive: {0}")]
     BadArchive(String),
+    #[error(
+        "copy: refusing archive: its top-level member is {got:?}, not {want:?} (the name of \
+         the path asked for)"
+    )]
+    ForeignTop { got: String, want: String },
     #[error("copy: {op} {path}: {err}")]
     Io {
         op: &'static str,
@@ -47,6 +58,12 @@ pub fn top_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rootfs".into())
+}
+
+/// The top-level name the agent gives `path` inside a container (relative paths are taken
+/// from its root): what an archive of it must be named.
+pub fn top_name_in_root(path: &str) -> String {
+    top_name(&Path::new("/").join(path))
 }
 
 /// Whether the user asked for a directory's contents (`DIR/.`, as `docker cp`).
@@ -190,12 +207,42 @@ pub fn unpack_owned(
     confined: bool,
     keep_owners: bool,
 ) -> Result<Unpacked, CopyError> {
+    unpack_with(archive, dest, layout, confined, keep_owners, None)
+}
+
+/// [`unpack`] of an archive that comes from a container onto this machine, not confined:
+/// its (single) top-level member must be named `top` ([`top_name_in_root`] of the path asked
+/// for), and setuid/setgid bits are dropped. Files belong to whoever unpacks them.
+pub fn unpack_untrusted(
+    archive: impl Read,
+    dest: &Path,
+    layout: Layout,
+    top: &str,
+) -> Result<Unpacked, CopyError> {
+    unpack_with(archive, dest, layout, false, false, Some(top))
+}
+
+/// Mode bits an archive from a container never sets on this machine.
+const SET_ID_BITS: u32 = 0o6000;
+
+fn unpack_with(
+    archive: impl Read,
+    dest: &Path,
+    layout: Layout,
+    confined: bool,
+    keep_owners: bool,
+    expect_top: Option<&str>,
+) -> Result<Unpacked, CopyError> {
+    let mask = if expect_top.is_some() { SET_ID_BITS } else { 0 };
     let mut ar = tar::Archive::new(archive);
     ar.set_preserve_ownerships(keep_owners);
     ar.set_preserve_permissions(true);
+    ar.set_mask(mask);
     ar.set_preserve_mtime(true);
     ar.set_overwrite(true);
     let mut root: Option<(String, PathBuf)> = None;
+    // Whether the top-level member is a directory, the only kind with members below it.
+    let mut top_is_dir = false;
     let mut done = Unpacked::default();
     // Directories get their modes last, deepest first, so a read-only one does not stop its
     // own contents.
@@ -217,8 +264,27 @@ pub fn unpack_owned(
         }
         // Where the archive's names are rooted: fixed by the first member.
         let (top, base) = match &root {
-            Some(r) => r.clone(),
+            Some(r) => {
+                if !top_is_dir && layout != Layout::Raw {
+                    // Below a file or a symlink there is nothing; a member there could only
+                    // be written through the link.
+                    return Err(CopyError::Unsafe {
+                        member: raw_name,
+                        why: "the top-level member is not a directory, so it must be alone",
+                    });
+                }
+                r.clone()
+            }
             None => {
+                if let Some(want) = expect_top {
+                    if parts.len() != 1 || parts[0] != want {
+                        return Err(CopyError::ForeignTop {
+                            got: raw_name,
+                            want: want.to_string(),
+                        });
+                    }
+                }
+                top_is_dir = kind.is_dir();
                 let r = place(dest, layout, &parts, kind.is_dir())?;
                 done.root = r.1.clone();
                 root = Some(r.clone());
@@ -245,7 +311,7 @@ pub fn unpack_owned(
                 }
             }
             if let Ok(mode) = entry.header().mode() {
-                dir_modes.push((target, mode & 0o7777));
+                dir_modes.push((target, mode & 0o7777 & !mask));
             }
         } else if kind.is_hard_link() {
             let link = entry
@@ -617,5 +683,133 @@ mod tests {
         unpack(&v[..], &dest, Layout::Raw, false).unwrap();
         assert_eq!(fs::read(dest.join("x/sub/b.txt")).unwrap(), b"beta");
         assert_eq!(fs::read(dest.join("y.txt")).unwrap(), b"file");
+    }
+
+    fn member(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, mode: u32) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        let data: &[u8] = if kind == tar::EntryType::Regular {
+            b"data"
+        } else {
+            b""
+        };
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+
+    /// A compromised agent answers `rctl cp web.1:/etc/hostname ~/` with `.bashrc`, or with
+    /// `.ssh/authorized_keys`: refused, nothing written.
+    #[test]
+    fn m9_cp_refuses_foreign_top_name() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home");
+        fs::create_dir(&home).unwrap();
+        let want = top_name_in_root("/etc/hostname");
+        assert_eq!(want, "hostname");
+
+        let mut b = tar::Builder::new(Vec::new());
+        member(&mut b, tar::EntryType::Regular, ".bashrc", 0o644);
+        let ar = b.into_inner().unwrap();
+        let e = unpack_untrusted(&ar[..], &home, Layout::Named, &want).unwrap_err();
+        assert!(matches!(e, CopyError::ForeignTop { .. }), "{e}");
+        assert!(e.to_string().contains(".bashrc") && e.to_string().contains("hostname"));
+        assert!(!home.join(".bashrc").exists());
+
+        let mut b = tar::Builder::new(Vec::new());
+        member(&mut b, tar::EntryType::Directory, ".ssh", 0o700);
+        member(
+            &mut b,
+            tar::EntryType::Regular,
+            ".ssh/authorized_keys",
+            0o600,
+        );
+        let ar = b.into_inner().unwrap();
+        assert!(unpack_untrusted(&ar[..], &home, Layout::Named, &want).is_err());
+        assert!(!home.join(".ssh").exists());
+
+        // The right name, then a second top-level member: refused at the second.
+        let mut b = tar::Builder::new(Vec::new());
+        member(&mut b, tar::EntryType::Regular, "hostname", 0o644);
+        member(&mut b, tar::EntryType::Regular, ".bashrc", 0o644);
+        let ar = b.into_inner().unwrap();
+        assert!(unpack_untrusted(&ar[..], &home, Layout::Named, &want).is_err());
+        assert!(!home.join(".bashrc").exists());
+
+        // What the agent really sends lands as before.
+        fs::write(t.path().join("hostname"), b"web-1\n").unwrap();
+        let ar = packed(&t.path().join("hostname"));
+        unpack_untrusted(&ar[..], &home, Layout::Named, &want).unwrap();
+        assert_eq!(fs::read(home.join("hostname")).unwrap(), b"web-1\n");
+        // `DIR/.` is named after DIR.
+        assert_eq!(top_name_in_root("app/."), "app");
+        assert_eq!(top_name_in_root("/"), "rootfs");
+    }
+
+    /// A setuid-root binary, a setgid directory, a block device and a FIFO from a container:
+    /// the bits are dropped and no special file is made on this machine.
+    #[test]
+    fn m9_cp_drops_setuid_and_makes_no_devices() {
+        let t = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        member(&mut b, tar::EntryType::Directory, "d", 0o2775);
+        member(&mut b, tar::EntryType::Regular, "d/rootsh", 0o4755);
+        member(&mut b, tar::EntryType::Regular, "d/sgid", 0o2711);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Block);
+        h.set_mode(0o666);
+        h.set_size(0);
+        h.set_device_major(8).unwrap();
+        h.set_device_minor(0).unwrap();
+        b.append_data(&mut h, "d/sda", io::empty()).unwrap();
+        member(&mut b, tar::EntryType::Fifo, "d/fifo", 0o644);
+        let ar = b.into_inner().unwrap();
+        let out = t.path().join("out");
+        unpack_untrusted(&ar[..], &out, Layout::Named, "d").unwrap();
+        let mode = |p: &str| fs::metadata(out.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("rootsh"), 0o755);
+        assert_eq!(mode("sgid"), 0o711);
+        assert_eq!(mode(""), 0o775);
+        for special in ["sda", "fifo"] {
+            let m = fs::symlink_metadata(out.join(special)).unwrap();
+            assert!(m.file_type().is_file(), "{special} is {:?}", m.file_type());
+            assert_eq!(m.len(), 0);
+        }
+        // Inside a container (the agent's confined unpack) the bits stay.
+        let inside = t.path().join("inside");
+        unpack(&ar[..], &inside, Layout::Named, true).unwrap();
+        assert_eq!(
+            fs::metadata(inside.join("rootsh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o4755
+        );
+    }
+
+    /// A symlink as the top-level member, then a member "below" it: that would be written
+    /// through the link, outside the destination.
+    #[test]
+    fn m9_nothing_goes_below_a_top_level_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "hostname", &outside).unwrap();
+        member(&mut b, tar::EntryType::Regular, "hostname/pwned", 0o644);
+        let ar = b.into_inner().unwrap();
+        let dest = t.path().join("newname");
+        let e = unpack(&ar[..], &dest, Layout::Named, false).unwrap_err();
+        assert!(matches!(e, CopyError::Unsafe { .. }), "{e}");
+        assert!(!outside.join("pwned").exists());
+        let e = unpack_untrusted(&ar[..], &t.path().join("other"), Layout::Named, "hostname");
+        assert!(e.is_err());
+        assert!(!outside.join("pwned").exists());
     }
 }

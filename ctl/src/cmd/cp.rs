@@ -6,7 +6,10 @@
 //! A tar travels through the controller to the task's host, where the agent reads or writes
 //! it inside the container's root (see `rudder_image::copy`). Here, an archive coming from a
 //! container is unpacked without ever writing through a symlink it contains, and nothing is
-//! written when the source does not exist.
+//! written when the source does not exist. It is not trusted further than that (the agent,
+//! or whoever answers in its place, picks its bytes): its one top-level member must be named
+//! after the path asked for, setuid/setgid bits are dropped and no device node is made
+//! (`copy::unpack_untrusted`).
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -154,13 +157,15 @@ async fn copy_from(
     };
     let (tx, rx) = mpsc::channel(8);
     let dest = PathBuf::from(local);
+    // The name the agent gives the path it packs: the archive must be exactly that.
+    let top = copy::top_name_in_root(path);
     let unpacker = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader {
             rx,
             buf: Vec::new(),
             pos: 0,
         };
-        copy::unpack(reader, &dest, layout, false)
+        copy::unpack_untrusted(reader, &dest, layout, &top)
     });
     let mut streamed = Ok(());
     if tx.send(first.data).await.is_ok() {
