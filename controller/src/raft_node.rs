@@ -22,7 +22,9 @@
 //! - Snapshots: after at least [`SNAPSHOT_EVERY`] applied entries, and once the log since the
 //!   last snapshot is at least half the store's size, the node serialises its store (off the
 //!   loop, from the published `Arc<Store>`), saves it and compacts the log up to
-//!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index.
+//!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index. A
+//!   snapshot that finishes serialising after a newer one was installed from the leader is
+//!   dropped.
 //! - Publishing the store after each Ready is a clone of persistent maps (`model::store::Map`):
 //!   its cost does not grow with the store.
 //! - Membership changes are conf change entries whose context carries the member's addresses;
@@ -637,6 +639,17 @@ impl<S: LogStore> Driver<S> {
             Msg::SnapshotTaken(snap) => {
                 self.snapshotting = false;
                 let index = snap.get_metadata().index;
+                if index <= self.last_snapshot {
+                    // A snapshot from the leader was installed while this one was being
+                    // serialised: saving it would put older data behind a log that starts
+                    // after the installed index.
+                    info!(
+                        index,
+                        current = self.last_snapshot,
+                        "stale snapshot dropped"
+                    );
+                    return;
+                }
                 let compact_to = index.saturating_sub(KEEP_ENTRIES);
                 match self.node.mut_store().save_snapshot(&snap, compact_to) {
                     Ok(()) => {
@@ -896,5 +909,65 @@ impl<S: LogStore> Driver<S> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_model::store::ImageRecord;
+
+    fn write(n: u64) -> Command {
+        Command::PutImage {
+            repo: "t".into(),
+            tag: Some(format!("w{n}")),
+            record: ImageRecord {
+                digest: format!("sha256:{n:064x}"),
+                media_type: "application/test".into(),
+            },
+        }
+    }
+
+    /// A snapshot serialised before a newer one was installed (here: taken at index 2 and
+    /// handed back after the node snapshotted past it) must not replace the newer one.
+    #[tokio::test]
+    async fn a_stale_snapshot_taken_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = RedbStorage::open(&dir.path().join("raft.redb"), &[1]).unwrap();
+        let transport = Arc::new(crate::transport::NoopTransport);
+        let h = start_with(1, storage.clone(), transport, 5).unwrap();
+        for n in 0..12 {
+            h.propose(write(n)).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let current = loop {
+            let index = storage
+                .latest_snapshot()
+                .unwrap()
+                .map_or(0, |s| s.get_metadata().index);
+            if index >= 10 {
+                break index;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no snapshot taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut stale = Snapshot {
+            data: serde_json::to_vec(&Store::default()).unwrap().into(),
+            ..Default::default()
+        };
+        stale.mut_metadata().index = 2;
+        stale.mut_metadata().term = 1;
+        stale.mut_metadata().mut_conf_state().voters = vec![1];
+        h.tx.send(Msg::SnapshotTaken(stale)).await.unwrap();
+        // The mailbox is in order: once this write applied, the stale snapshot was handled.
+        h.propose(write(100)).await.unwrap();
+        let snap = storage.latest_snapshot().unwrap().unwrap();
+        assert!(
+            snap.get_metadata().index >= current,
+            "{:?}",
+            snap.get_metadata()
+        );
+        let store: Store = serde_json::from_slice(&snap.data).unwrap();
+        assert!(store.images.get("t").is_some_and(|r| r.len() >= 10));
     }
 }

@@ -8,9 +8,15 @@
 //! - The metadata (first/last index, hard and conf state) is mirrored in memory so the raft
 //!   core's frequent `term`/`last_index` calls do not open transactions; entries are read from
 //!   redb. raft-rs calls `Storage` through `&self`, hence the lock.
-//! - Snapshots: the latest snapshot's data lives in one file next to the database, written to a
-//!   temporary name, synced and renamed before its metadata is committed, so the metadata never
-//!   points at a partial file. Compaction keeps a tail of entries behind the snapshot, so a
+//! - Snapshots: each snapshot's data is its own file, `snapshots/snap-<term>-<index>` next to
+//!   the database, written to a temporary name, synced, renamed and its directory synced; only
+//!   then does the redb transaction that records its metadata name it (`snapshot_file`), and
+//!   only after that commit is the previous file deleted. The metadata therefore always names a
+//!   complete file holding the store at exactly the index it records: a crash before the commit
+//!   leaves the old pair, after it the new one. On open, every other file in `snapshots/` (a
+//!   snapshot whose commit never happened, a temporary) is deleted. A snapshot no newer than the
+//!   current one is refused. (A log written before this layout names no file: its snapshot is
+//!   the single `raft.snap`, used until the next snapshot replaces it.) Compaction keeps a tail of entries behind the snapshot, so a
 //!   follower that lags a little catches up from the log rather than with a whole snapshot.
 //!   `log_start` (the index just before the first stored entry) and the snapshot's index are
 //!   therefore different numbers: `log_start <= snapshot index`.
@@ -43,6 +49,18 @@ pub enum StorageErr {
     DataDir(PathBuf, std::io::Error),
     #[error("storage: open {0}: {1}")]
     Open(PathBuf, std::io::Error),
+    #[error("storage: snapshot at index {index} refused: the current snapshot is at {current}")]
+    StaleSnapshot { index: u64, current: u64 },
+}
+
+/// Directory (next to the database) holding the snapshot files.
+const SNAPSHOT_DIR: &str = "snapshots";
+/// redb META key naming the current snapshot's file in [`SNAPSHOT_DIR`].
+const SNAPSHOT_FILE_KEY: &str = "snapshot_file";
+
+/// The file name of the snapshot with this metadata.
+fn snapshot_file_name(md: &SnapshotMetadata) -> String {
+    format!("snap-{}-{}", md.term, md.index)
 }
 
 /// Mode of every directory that holds controller state: the owner only.
@@ -133,6 +151,8 @@ struct Meta {
     snapshot_term: u64,
     /// The latest snapshot's metadata (index 0 when there is none).
     snapshot: SnapshotMetadata,
+    /// The file holding the latest snapshot's data.
+    snapshot_file: Option<PathBuf>,
     last_index: u64,
     last_term: u64,
 }
@@ -142,8 +162,10 @@ struct Meta {
 pub struct RedbStorage {
     db: Arc<Database>,
     meta: Arc<RwLock<Meta>>,
-    /// The latest snapshot's data.
-    snap_path: PathBuf,
+    /// Where snapshot files live (`snapshots/` next to the database).
+    snap_dir: PathBuf,
+    /// The single snapshot file of logs written before snapshots were named by index.
+    legacy_snap: PathBuf,
     /// Raft asked for a snapshot the latest one cannot serve (see [`raft::Storage::snapshot`]).
     snapshot_wanted: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -156,6 +178,8 @@ impl RedbStorage {
         // new database to redb).
         drop(private_file(path).map_err(|e| StorageErr::Open(path.to_owned(), e))?);
         let db = Database::create(path)?;
+        let snap_dir = path.parent().unwrap_or(Path::new(".")).join(SNAPSHOT_DIR);
+        private_dir(&snap_dir).map_err(|e| StorageErr::SnapshotFile(snap_dir.clone(), e))?;
         let tx = db.begin_write()?;
         {
             tx.open_table(ENTRIES)?;
@@ -165,7 +189,8 @@ impl RedbStorage {
         let s = RedbStorage {
             db: Arc::new(db),
             meta: Default::default(),
-            snap_path: path.with_extension("snap"),
+            snap_dir: path.parent().unwrap_or(Path::new(".")).join(SNAPSHOT_DIR),
+            legacy_snap: path.with_extension("snap"),
             snapshot_wanted: Default::default(),
         };
         s.load(voters)?;
@@ -197,6 +222,17 @@ impl RedbStorage {
             m.snapshot = SnapshotMetadata::parse_from_bytes(v.value())
                 .map_err(|e| StorageErr::Corrupt("snapshot_meta", e.to_string()))?;
         }
+        if let Some(v) = meta_t.get(SNAPSHOT_FILE_KEY)? {
+            let name = std::str::from_utf8(v.value())
+                .ok()
+                .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
+                .ok_or_else(|| {
+                    StorageErr::Corrupt(SNAPSHOT_FILE_KEY, format!("{:?}", v.value()))
+                })?;
+            m.snapshot_file = Some(self.snap_dir.join(name));
+        } else if m.snapshot.index > 0 {
+            m.snapshot_file = Some(self.legacy_snap.clone());
+        }
         m.last_index = m.snapshot_index;
         m.last_term = m.snapshot_term;
         if let Some((k, v)) = entries.last()? {
@@ -206,6 +242,7 @@ impl RedbStorage {
             m.last_term = e.term;
         }
         drop((meta_t, entries, tx));
+        self.remove_orphan_snapshots(m.snapshot_file.as_deref())?;
         *self.meta.write().expect("meta lock") = m;
         if fresh && !voters.is_empty() {
             // Bootstrap: the initial configuration is a snapshot at index 1 (term 1) of the
@@ -282,20 +319,70 @@ impl RedbStorage {
 
     /// The latest snapshot, data included (`None` when none was ever taken or installed).
     pub fn latest_snapshot(&self) -> Result<Option<Snapshot>, StorageErr> {
-        let meta = self.meta.read().expect("meta lock").snapshot.clone();
+        let m = self.meta.read().expect("meta lock");
+        let (meta, Some(file)) = (m.snapshot.clone(), m.snapshot_file.clone()) else {
+            return Ok(None);
+        };
         if meta.index == 0 {
             return Ok(None);
         }
-        let data = std::fs::read(&self.snap_path)
-            .map_err(|e| StorageErr::SnapshotFile(self.snap_path.clone(), e))?;
+        // Read under the lock: a new snapshot deletes this file only after taking it.
+        let data = std::fs::read(&file).map_err(|e| StorageErr::SnapshotFile(file.clone(), e))?;
+        drop(m);
         let mut snap = Snapshot::default();
         snap.set_metadata(meta);
         snap.data = data.into();
         Ok(Some(snap))
     }
 
-    fn write_snapshot_file(&self, data: &[u8]) -> Result<(), StorageErr> {
-        let tmp = self.snap_path.with_extension("snap.tmp");
+    /// Deletes every snapshot file but `keep`: files of snapshots whose metadata never
+    /// committed, temporaries, and the pre-index `raft.snap` once a named file replaced it.
+    fn remove_orphan_snapshots(&self, keep: Option<&Path>) -> Result<(), StorageErr> {
+        let list = |e| StorageErr::SnapshotFile(self.snap_dir.clone(), e);
+        let mut orphans = Vec::new();
+        for entry in std::fs::read_dir(&self.snap_dir).map_err(list)? {
+            let p = entry.map_err(list)?.path();
+            if Some(p.as_path()) != keep {
+                orphans.push(p);
+            }
+        }
+        if keep != Some(self.legacy_snap.as_path()) {
+            orphans.push(self.legacy_snap.clone());
+        }
+        orphans.push(self.legacy_snap.with_extension("snap.tmp"));
+        for p in orphans {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::info!(file = %p.display(), "removed an orphan snapshot file"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageErr::SnapshotFile(p, e)),
+            }
+        }
+        if let Some(keep) = keep {
+            // Logs from before 0600 snapshots.
+            if let Ok(meta) = std::fs::metadata(keep) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(
+                        keep,
+                        std::fs::Permissions::from_mode(PRIVATE_FILE_MODE),
+                    )
+                    .map_err(|e| StorageErr::SnapshotFile(keep.to_owned(), e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a snapshot's data to its own file, durably (temporary, fsync, rename, fsync of
+    /// the directory), and returns the file's name. Nothing refers to it until the metadata
+    /// commit that follows.
+    fn write_snapshot_file(
+        &self,
+        md: &SnapshotMetadata,
+        data: &[u8],
+    ) -> Result<String, StorageErr> {
+        let name = snapshot_file_name(md);
+        let path = self.snap_dir.join(&name);
+        let tmp = self.snap_dir.join(format!("{name}.tmp"));
         let io = |e| StorageErr::SnapshotFile(tmp.clone(), e);
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
@@ -307,16 +394,44 @@ impl RedbStorage {
         f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
-        std::fs::rename(&tmp, &self.snap_path)
-            .map_err(|e| StorageErr::SnapshotFile(self.snap_path.clone(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| StorageErr::SnapshotFile(path.clone(), e))?;
+        std::fs::File::open(&self.snap_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StorageErr::SnapshotFile(self.snap_dir.clone(), e))?;
+        Ok(name)
+    }
+
+    /// After the metadata naming `name` committed: remembers it and deletes the previous file.
+    fn snapshot_committed(&self, m: &mut Meta, name: &str) {
+        let new = self.snap_dir.join(name);
+        if let Some(old) = m.snapshot_file.replace(new.clone()) {
+            if old != new {
+                if let Err(e) = std::fs::remove_file(&old) {
+                    // Removed again as an orphan on the next start.
+                    tracing::warn!(file = %old.display(), %e, "previous snapshot file not removed");
+                }
+            }
+        }
+    }
+
+    /// Refuses a snapshot no newer than the current one (it would replace newer data).
+    fn check_newer(&self, md: &SnapshotMetadata) -> Result<(), StorageErr> {
+        let current = self.meta.read().expect("meta lock").snapshot.index;
+        if md.index <= current {
+            return Err(StorageErr::StaleSnapshot {
+                index: md.index,
+                current,
+            });
+        }
         Ok(())
     }
 
     /// Records a snapshot this node took of its own applied state and drops the entries before
     /// `compact_to` (keeping a tail behind the snapshot for slightly lagging followers).
     pub fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), StorageErr> {
-        self.write_snapshot_file(&snap.data)?;
         let md = snap.get_metadata();
+        self.check_newer(md)?;
+        let name = self.write_snapshot_file(md, &snap.data)?;
         let (start, last) = {
             let m = self.meta.read().expect("meta lock");
             (m.snapshot_index, m.last_index)
@@ -347,9 +462,11 @@ impl RedbStorage {
             let mut pos = new_start.to_le_bytes().to_vec();
             pos.extend_from_slice(&new_start_term.to_le_bytes());
             m.insert("snapshot", pos.as_slice())?;
+            m.insert(SNAPSHOT_FILE_KEY, name.as_bytes())?;
         }
         tx.commit()?;
         let mut m = self.meta.write().expect("meta lock");
+        self.snapshot_committed(&mut m, &name);
         m.snapshot = md.clone();
         m.snapshot_index = new_start;
         m.snapshot_term = new_start_term;
@@ -359,8 +476,9 @@ impl RedbStorage {
     /// Installs a snapshot received from the leader: it replaces the whole log, and the
     /// snapshot's conf state and index become this node's.
     pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), StorageErr> {
-        self.write_snapshot_file(&snap.data)?;
         let md = snap.get_metadata();
+        self.check_newer(md)?;
+        let name = self.write_snapshot_file(md, &snap.data)?;
         let (last, mut hs) = {
             let m = self.meta.read().expect("meta lock");
             (m.last_index, m.hard_state.clone())
@@ -393,9 +511,11 @@ impl RedbStorage {
             let mut pos = md.index.to_le_bytes().to_vec();
             pos.extend_from_slice(&md.term.to_le_bytes());
             m.insert("snapshot", pos.as_slice())?;
+            m.insert(SNAPSHOT_FILE_KEY, name.as_bytes())?;
         }
         tx.commit()?;
         let mut m = self.meta.write().expect("meta lock");
+        self.snapshot_committed(&mut m, &name);
         m.snapshot = md.clone();
         m.snapshot_index = md.index;
         m.snapshot_term = md.term;
@@ -645,6 +765,95 @@ mod tests {
         for (p, mode) in all {
             assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
         }
+    }
+
+    /// A crash after a new snapshot file was renamed into place but before the metadata
+    /// naming it committed: the restart keeps the old snapshot with its own index, and the
+    /// new file is removed as an orphan.
+    #[test]
+    fn a_crash_before_the_snapshot_metadata_commit_keeps_the_old_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let es: Vec<Entry> = (2..=100).map(|i| entry(i, 1, b"e")).collect();
+            s.persist(&es, None, None).unwrap();
+            s.save_snapshot(&snapshot_at(80, 1, &[1], b"store@80"), 50)
+                .unwrap();
+            // The first half of saving a snapshot at 95, then the crash.
+            let newer = snapshot_at(95, 1, &[1], b"store@95");
+            s.write_snapshot_file(newer.get_metadata(), &newer.data)
+                .unwrap();
+        }
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        let snap = s.latest_snapshot().unwrap().unwrap();
+        assert_eq!(snap.get_metadata().index, 80);
+        assert_eq!(&snap.data[..], b"store@80");
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, ["snap-1-80"], "the orphan is gone");
+        // The next snapshot replaces the file; the old one goes once the metadata names it.
+        s.save_snapshot(&snapshot_at(95, 1, &[1], b"store@95"), 60)
+            .unwrap();
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(files, ["snap-1-95"]);
+        // An older snapshot (one serialised before a newer one was installed) is refused.
+        let err = s
+            .save_snapshot(&snapshot_at(90, 1, &[1], b"store@90"), 60)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageErr::StaleSnapshot {
+                    index: 90,
+                    current: 95
+                }
+            ),
+            "{err}"
+        );
+        drop(s);
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        assert_eq!(&s.latest_snapshot().unwrap().unwrap().data[..], b"store@95");
+    }
+
+    /// A log written before snapshots were named by index keeps using `raft.snap` until the
+    /// next snapshot, which replaces (and removes) it.
+    #[test]
+    fn a_legacy_snapshot_file_is_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let es: Vec<Entry> = (2..=100).map(|i| entry(i, 1, b"e")).collect();
+            s.persist(&es, None, None).unwrap();
+            s.save_snapshot(&snapshot_at(80, 1, &[1], b"store@80"), 50)
+                .unwrap();
+            // What the old layout looked like: no file name in the metadata, one raft.snap.
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .remove(SNAPSHOT_FILE_KEY)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        std::fs::rename(
+            dir.path().join(SNAPSHOT_DIR).join("snap-1-80"),
+            dir.path().join("raft.snap"),
+        )
+        .unwrap();
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        assert_eq!(&s.latest_snapshot().unwrap().unwrap().data[..], b"store@80");
+        s.save_snapshot(&snapshot_at(90, 1, &[1], b"store@90"), 60)
+            .unwrap();
+        assert!(!dir.path().join("raft.snap").exists());
+        drop(s);
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        assert_eq!(&s.latest_snapshot().unwrap().unwrap().data[..], b"store@90");
     }
 
     #[test]
