@@ -1092,7 +1092,7 @@ impl Run<'_> {
             "build-{}",
             &hex::encode(Sha256::digest(bundle.display().to_string().as_bytes()))[..16]
         );
-        let (uid, gid) = resolve_user(&root, &settings.user)
+        let user = resolve_user(&root, &settings.user)
             .map_err(|e| BuildError::Step(format!("RUN (line {line}): {e}")))?;
         let cwd = if settings.working_dir.is_empty() {
             "/".to_string()
@@ -1102,6 +1102,9 @@ impl Run<'_> {
         let mut env = env.to_vec();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, format!("PATH={DEFAULT_PATH}"));
+        }
+        if !env.iter().any(|e| e.starts_with("HOME=")) {
+            env.push(format!("HOME={}", user.home));
         }
         // Its own network namespace on the host's bridge, as docker builds get by default:
         // outbound traffic is masqueraded, nothing reaches in, the host's loopback services
@@ -1141,8 +1144,7 @@ impl Run<'_> {
             argv,
             &env,
             &cwd,
-            uid,
-            gid,
+            &user,
             &self.b.cgroup_parent,
             &id,
             &net,
@@ -1496,13 +1498,10 @@ fn missing_dirs(root: &Path, dir: &str) -> Vec<String> {
     out
 }
 
-/// uid and gid for `user` (`name`, `uid`, `name:group`, `uid:gid`), names looked up in the
-/// image's /etc/passwd and /etc/group.
-fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), String> {
-    if user.is_empty() {
-        return Ok((0, 0));
-    }
-    resolve_owner(root, user, false)
+/// Who a RUN runs as: `user` (`USER`: `name`, `uid`, `name:group`, `uid:gid`, ...) resolved
+/// in the image's /etc/passwd and /etc/group as for containers (`crate::user`).
+fn resolve_user(root: &Path, user: &str) -> Result<crate::user::ExecUser, String> {
+    crate::user::resolve_in_rootfs(root, user).map_err(|e| e.to_string())
 }
 
 /// `COPY --chown`: as [`resolve_user`], except that a uid without a group means that number
@@ -1963,6 +1962,31 @@ fn append(
     }
 }
 
+/// Processes a RUN step may have at once.
+const RUN_PIDS: u64 = 4096;
+/// The most memory a RUN step may use (less on a small host: half its memory).
+const RUN_MEMORY: u64 = 4 << 30;
+
+/// A RUN step's cgroup limits on a host with `host_memory` bytes (0: unknown).
+fn run_limits(host_memory: u64) -> rudder_model::spec::Limits {
+    let memory = match host_memory {
+        0 => RUN_MEMORY,
+        m => (m / 2).min(RUN_MEMORY),
+    };
+    rudder_model::spec::Limits {
+        cpus: 0,
+        memory,
+        pids: RUN_PIDS,
+    }
+}
+
+/// This host's memory in bytes (0 when unknown).
+fn host_memory() -> u64 {
+    nix::sys::sysinfo::sysinfo()
+        .map(|i| i.ram_total())
+        .unwrap_or(0)
+}
+
 /// The config.json of a RUN: the image's files at `root`, its own network namespace on the
 /// host's bridge (`net`) with the resolv.conf and hosts written for it, docker's default
 /// capabilities.
@@ -1973,8 +1997,7 @@ fn write_run_config(
     argv: &[String],
     env: &[String],
     cwd: &str,
-    uid: u32,
-    gid: u32,
+    user: &crate::user::ExecUser,
     cgroup_parent: &str,
     id: &str,
     net: &RunNet,
@@ -1990,8 +2013,9 @@ fn write_run_config(
         .cwd(cwd)
         .user(
             UserBuilder::default()
-                .uid(uid)
-                .gid(gid)
+                .uid(user.uid)
+                .gid(user.gid)
+                .additional_gids(user.additional_gids(&[]))
                 .build()
                 .map_err(spec_err)?,
         )
@@ -2017,6 +2041,13 @@ fn write_run_config(
         );
     }
     spec.set_mounts(Some(mounts));
+    // Docker's default seccomp profile, as for containers, and limits so that a RUN cannot
+    // fork-bomb or exhaust the building host.
+    let resources = crate::bundle::limits(
+        &run_limits(host_memory()),
+        defaults.resources().clone().unwrap_or_default(),
+    )
+    .map_err(|e| BuildError::Other(e.to_string()))?;
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(format!(
@@ -2025,6 +2056,8 @@ fn write_run_config(
         )))
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .resources(resources)
+        .seccomp(crate::seccomp::default_profile())
         .build()
         .map_err(spec_err)?;
     spec.set_hostname(Some("rudder-build".into()))
@@ -2080,6 +2113,35 @@ mod tests {
     }
 
     #[test]
+    fn run_steps_are_confined_and_limited() {
+        assert_eq!(run_limits(2 << 30).memory, 1 << 30);
+        assert_eq!(run_limits(64 << 30).memory, RUN_MEMORY);
+        assert_eq!(run_limits(0).memory, RUN_MEMORY);
+        assert_eq!(run_limits(0).pids, RUN_PIDS);
+        let t = tempfile::tempdir().unwrap();
+        let user = resolve_user(t.path(), "").unwrap();
+        let argv = ["true".to_string()];
+        write_run_config(
+            t.path(),
+            t.path(),
+            &argv,
+            &[],
+            "/",
+            &user,
+            "rudder",
+            "build-x",
+            &RunNet::default(),
+        )
+        .unwrap();
+        let spec = oci_spec::runtime::Spec::load(t.path().join("config.json")).unwrap();
+        let linux = spec.linux().clone().unwrap();
+        assert!(linux.seccomp().is_some());
+        let r = linux.resources().clone().unwrap();
+        assert_eq!(r.pids().unwrap().limit(), RUN_PIDS as i64);
+        assert!(r.memory().unwrap().limit().unwrap() > 0);
+    }
+
+    #[test]
     fn users_resolve_by_name_or_number() {
         let t = tempfile::tempdir().unwrap();
         fs::create_dir(t.path().join("etc")).unwrap();
@@ -2089,17 +2151,20 @@ mod tests {
         )
         .unwrap();
         fs::write(t.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
-        assert_eq!(resolve_user(t.path(), "").unwrap(), (0, 0));
-        assert_eq!(resolve_user(t.path(), "app").unwrap(), (1000, 1001));
-        assert_eq!(resolve_user(t.path(), "1000").unwrap(), (1000, 1001));
-        assert_eq!(resolve_user(t.path(), "app:staff").unwrap(), (1000, 50));
-        assert_eq!(resolve_user(t.path(), "7:8").unwrap(), (7, 8));
+        let ids = |u: &str| resolve_user(t.path(), u).map(|u| (u.uid, u.gid));
+        assert_eq!(ids("").unwrap(), (0, 0));
+        assert_eq!(ids("app").unwrap(), (1000, 1001));
+        assert_eq!(ids("1000").unwrap(), (1000, 1001));
+        assert_eq!(ids("app:staff").unwrap(), (1000, 50));
+        assert_eq!(ids("7:8").unwrap(), (7, 8));
+        // A uid not in passwd has gid 0, as in docker.
+        assert_eq!(ids("7").unwrap(), (7, 0));
         // --chown: a bare uid is also the gid (docker's rule); a name keeps its group.
         assert_eq!(resolve_chown(t.path(), "1000").unwrap(), (1000, 1000));
         assert_eq!(resolve_chown(t.path(), "app").unwrap(), (1000, 1001));
         assert!(resolve_user(t.path(), "nobody")
             .unwrap_err()
-            .contains("unknown user"));
+            .contains("unable to find user nobody: no matching entries in passwd file"));
     }
 
     #[tokio::test]

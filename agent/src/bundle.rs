@@ -27,6 +27,8 @@ pub enum BundleError {
     Spec(String),
     #[error("bundle: no command to run: neither the service nor the image sets one")]
     NoCommand,
+    #[error("bundle: {0}")]
+    User(#[from] crate::user::UserError),
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> BundleError {
@@ -194,8 +196,13 @@ pub fn write_config(
     }
     let hostname = task.hostname();
     env.push(("HOSTNAME".into(), hostname.clone()));
+    // Names resolve in the container's own passwd and group files (as Docker does); an
+    // unknown name rejects the task rather than run it as root.
     let user = s.user.clone().unwrap_or_else(|| image.user.clone());
-    let (uid, gid) = parse_user(&user);
+    let user = crate::user::resolve_in_rootfs(&c.rootfs(), &user)?;
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        env.push(("HOME".into(), user.home.clone()));
+    }
     let cwd = s
         .workdir
         .clone()
@@ -214,8 +221,9 @@ pub fn write_config(
         .cwd(cwd)
         .user(
             UserBuilder::default()
-                .uid(uid)
-                .gid(gid)
+                .uid(user.uid)
+                .gid(user.gid)
+                .additional_gids(user.additional_gids(&[]))
                 .build()
                 .map_err(|e| BundleError::Spec(e.to_string()))?,
         )
@@ -231,7 +239,7 @@ pub fn write_config(
         netns,
         s.network_mode == NetworkMode::Host && netns.is_none(),
     );
-    let linux = LinuxBuilder::default()
+    let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(format!(
             "{}/{}",
@@ -246,6 +254,7 @@ pub fn write_config(
         )?)
         .build()
         .map_err(|e| BundleError::Spec(e.to_string()))?;
+    linux.set_seccomp(crate::seccomp::for_task(&s.security_opt));
     if netns.is_some() {
         // The agent wrote these for the task's networks: the embedded DNS, and its address.
         let mut mounts = spec.mounts().clone().unwrap_or_default();
@@ -286,7 +295,7 @@ pub fn write_config(
 }
 
 /// The spec's limits as cgroup settings: cpu quota over a 100 ms period, memory, pids.
-fn limits(
+pub(crate) fn limits(
     l: &rudder_model::spec::Limits,
     mut r: oci_spec::runtime::LinuxResources,
 ) -> Result<oci_spec::runtime::LinuxResources, BundleError> {
@@ -323,14 +332,6 @@ fn limits(
         ));
     }
     Ok(r)
-}
-
-/// `uid[:gid]` → numbers; names are not resolved yet (validation allows only numbers).
-fn parse_user(user: &str) -> (u32, u32) {
-    let mut parts = user.splitn(2, ':');
-    let uid = parts.next().and_then(|u| u.parse().ok()).unwrap_or(0);
-    let gid = parts.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
-    (uid, gid)
 }
 
 #[cfg(test)]
@@ -377,8 +378,86 @@ mod tests {
             command_line(&task(None, None, vec![]), &ImageConfig::default()),
             Err(BundleError::NoCommand)
         ));
-        assert_eq!(parse_user("1000:2000"), (1000, 2000));
-        assert_eq!(parse_user("7"), (7, 7));
-        assert_eq!(parse_user(""), (0, 0));
+    }
+
+    #[test]
+    fn tasks_get_the_default_seccomp_profile_unless_unconfined() {
+        let t = tempfile::tempdir().unwrap();
+        let c = ContainerDir {
+            dir: t.path().to_path_buf(),
+        };
+        std::fs::create_dir_all(c.rootfs()).unwrap();
+        let img = ImageConfig {
+            cmd: vec!["true".into()],
+            ..Default::default()
+        };
+        let mut task = task(None, None, vec![]);
+        let seccomp = |task: &Task| {
+            write_config(&c, task, &img, "rudder", None, &[]).unwrap();
+            let spec = Spec::load(c.bundle().join("config.json")).unwrap();
+            spec.linux().clone().unwrap().seccomp().clone()
+        };
+        assert_eq!(seccomp(&task), Some(crate::seccomp::default_profile()));
+        task.spec.security_opt = vec!["seccomp=unconfined".into()];
+        assert_eq!(seccomp(&task), None);
+    }
+
+    #[test]
+    fn users_resolve_in_the_containers_passwd() {
+        let t = tempfile::tempdir().unwrap();
+        let c = ContainerDir {
+            dir: t.path().to_path_buf(),
+        };
+        std::fs::create_dir_all(c.rootfs().join("etc")).unwrap();
+        std::fs::write(
+            c.rootfs().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home/nobody:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(c.rootfs().join("etc/group"), "users:x:100:nobody\n").unwrap();
+        let user_of = |image_user: &str, spec_user: Option<&str>| {
+            let img = ImageConfig {
+                cmd: vec!["true".into()],
+                user: image_user.into(),
+                ..Default::default()
+            };
+            let mut t = task(None, None, vec![]);
+            t.spec.user = spec_user.map(String::from);
+            write_config(&c, &t, &img, "rudder", None, &[])?;
+            let spec = Spec::load(c.bundle().join("config.json")).unwrap();
+            let p = spec.process().clone().unwrap();
+            let home = p
+                .env()
+                .clone()
+                .unwrap()
+                .into_iter()
+                .find(|e| e.starts_with("HOME="))
+                .unwrap();
+            let u = p.user();
+            Ok::<_, BundleError>((
+                u.uid(),
+                u.gid(),
+                u.additional_gids().clone().unwrap_or_default(),
+                home,
+            ))
+        };
+        assert_eq!(
+            user_of("nobody", None).unwrap(),
+            (65534, 65534, vec![100], "HOME=/home/nobody".into())
+        );
+        // The service's user wins over the image's; a bare uid not in passwd gets gid 0.
+        assert_eq!(
+            user_of("nobody", Some("4000")).unwrap(),
+            (4000, 0, vec![], "HOME=/".into())
+        );
+        assert_eq!(
+            user_of("", None).unwrap(),
+            (0, 0, vec![], "HOME=/root".into())
+        );
+        let e = user_of("nosuch", None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "bundle: user: unable to find user nosuch: no matching entries in passwd file"
+        );
     }
 }

@@ -185,27 +185,103 @@ where
         return Err(Status::invalid_argument("exec: no command given"));
     }
     access.running_pid(&start.task)?;
-    let (child, stdio) = spawn(access, &start)
+    let process = match start.user.as_str() {
+        "" => None,
+        user => Some(process_as(access, &start, user)?),
+    };
+    let (child, stdio) = spawn(access, &start, process.as_deref())
         .map_err(|e| Status::internal(format!("exec: starting {}: {e}", access.runtime)))?;
-    info!(task = %start.task, cmd = ?start.cmd, tty = start.tty, "exec");
+    info!(task = %start.task, cmd = ?start.cmd, tty = start.tty, user = %start.user, "exec");
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(session(child, stdio, input, tx));
+    tokio::spawn(async move {
+        session(child, stdio, input, tx).await;
+        // The runtime read the process file when it started; it goes with the session.
+        drop(process);
+    });
     Ok(Response::new(Box::pin(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     )))
 }
 
-/// Starts `runtime exec` for `start`, on a pty or on pipes.
+/// The longest `--user` taken.
+const MAX_USER: usize = 256;
+
+/// `rctl exec --user`: the task's process (from its bundle) with `start`'s command, terminal
+/// and `user` (resolved in the container's own /etc/passwd and /etc/group, with its
+/// supplementary groups, as `docker exec --user`; HOME follows the user unless the service
+/// sets it), written to a 0600 file in the container's dir for `runtime exec --process`.
+fn process_as(
+    access: &ContainerAccess,
+    start: &ExecStart,
+    user: &str,
+) -> Result<tempfile::TempPath, Status> {
+    if user.len() > MAX_USER {
+        return Err(Status::invalid_argument(format!(
+            "exec: --user is longer than {MAX_USER} bytes"
+        )));
+    }
+    let dir = access.dir(&start.task)?;
+    let internal = |what: &str, e: &dyn std::fmt::Display| {
+        Status::internal(format!("exec: {what} of task {}: {e}", start.task))
+    };
+    let eu = crate::user::resolve_in_rootfs(&dir.join("bundle").join("rootfs"), user)
+        .map_err(|e| Status::invalid_argument(format!("exec: {e}")))?;
+    let spec = oci_spec::runtime::Spec::load(dir.join("bundle").join("config.json"))
+        .map_err(|e| internal("reading the bundle", &e))?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| internal("reading the bundle", &"no process"))?;
+    let service_home = std::fs::read(dir.join("task.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
+        .is_some_and(|t| t.spec.env.contains_key("HOME"));
+    let mut env: Vec<String> = process.env().clone().unwrap_or_default();
+    if !service_home {
+        env.retain(|e| !e.starts_with("HOME="));
+        env.push(format!("HOME={}", eu.home));
+    }
+    if start.tty {
+        env.retain(|e| !e.starts_with("TERM="));
+        env.push("TERM=xterm".into());
+    }
+    let mut u = process.user().clone();
+    u.set_uid(eu.uid)
+        .set_gid(eu.gid)
+        .set_additional_gids(Some(eu.additional_gids(&[])));
+    process
+        .set_args(Some(start.cmd.clone()))
+        .set_terminal(Some(start.tty))
+        .set_env(Some(env))
+        .set_user(u);
+    let file = tempfile::Builder::new()
+        .prefix("exec-")
+        .suffix(".json")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(&dir)
+        .map_err(|e| internal("writing the process file", &e))?;
+    serde_json::to_writer(file.as_file(), &process)
+        .map_err(|e| internal("writing the process file", &e))?;
+    Ok(file.into_temp_path())
+}
+
+/// Starts `runtime exec` for `start`, on a pty or on pipes; with `process`, the process file
+/// says everything but the container (`--process`).
 fn spawn(
     access: &ContainerAccess,
     start: &ExecStart,
+    process: Option<&Path>,
 ) -> std::io::Result<(tokio::process::Child, Stdio3)> {
     let mut cmd = tokio::process::Command::new(&access.runtime);
     cmd.arg("--root").arg(&access.runtime_root).arg("exec");
-    if start.tty {
-        cmd.args(["--tty", "--env", "TERM=xterm"]);
+    if let Some(p) = process {
+        cmd.arg("--process").arg(p).arg(&start.task);
+    } else {
+        if start.tty {
+            cmd.args(["--tty", "--env", "TERM=xterm"]);
+        }
+        cmd.arg(&start.task).args(&start.cmd);
     }
-    cmd.arg(&start.task).args(&start.cmd);
     let size = start.size.unwrap_or(TerminalSize { rows: 24, cols: 80 });
     spawn_on(cmd, start.tty.then_some(size), start.stdin)
 }

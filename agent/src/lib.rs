@@ -16,7 +16,9 @@ pub mod manager;
 pub mod net;
 pub mod overlayfs;
 pub mod runtime;
+pub mod seccomp;
 pub mod session;
+pub mod user;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
 pub use rudder_shim as shim;
 pub mod volume;

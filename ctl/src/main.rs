@@ -116,6 +116,10 @@ enum Cmd {
         /// Run the command on a terminal (stdout and stderr arrive merged).
         #[arg(short, long)]
         tty: bool,
+        /// Run as this user (`user[:group]`, names or numbers, looked up in the container's
+        /// /etc/passwd and /etc/group) instead of the task's.
+        #[arg(short, long)]
+        user: Option<String>,
         /// A task as `rctl ps` shows it, its id or an id prefix (or a service with one
         /// running task).
         task: String,
@@ -507,10 +511,18 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Exec {
             interactive,
             tty,
+            user,
             task,
             command,
         } => {
-            let code = rt.block_on(cmd::exec::run(&ctx()?, task, command, *interactive, *tty))?;
+            let code = rt.block_on(cmd::exec::run(
+                &ctx()?,
+                task,
+                command,
+                *interactive,
+                *tty,
+                user.as_deref(),
+            ))?;
             std::process::exit(code)
         }
         Cmd::Cp {

@@ -89,6 +89,10 @@ pub struct ServiceSpec {
     /// Rotation of each task's output log (Docker's json-file `max-size` and `max-file`).
     #[serde(default, skip_serializing_if = "Logging::is_default")]
     pub logging: Logging,
+    /// Docker's `--security-opt`: only `seccomp=unconfined` (run without the default seccomp
+    /// profile, which otherwise confines every task).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_opt: Vec<String>,
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
@@ -788,6 +792,17 @@ impl ServiceSpec {
                 ));
             }
         }
+        for (i, opt) in self.security_opt.iter().enumerate() {
+            if opt != "seccomp=unconfined" {
+                return Err(ValidationError::new(
+                    format!("security_opt[{i}]"),
+                    format!(
+                        "{:?} is not supported (the only one is seccomp=unconfined)",
+                        opt.chars().take(64).collect::<String>()
+                    ),
+                ));
+            }
+        }
         if let Some(cmd) = &self.command {
             if cmd.is_empty() && self.args.is_empty() {
                 return Err(ValidationError::new(
@@ -860,6 +875,7 @@ impl ServiceSpec {
             endpoint_mode,
             mounts,
             logging,
+            security_opt,
             update_config: _,
             rollback_config: _,
         } = self;
@@ -883,6 +899,7 @@ impl ServiceSpec {
             && *networks == other.networks
             && *mounts == other.mounts
             && *logging == other.logging
+            && *security_opt == other.security_opt
             && { let _ = endpoint_mode; true } // balancing only: no task changes
             && { let _ = aliases; true } // names in DNS only: no task changes
             && *labels == other.labels
@@ -979,6 +996,10 @@ mod tests {
                 "restart.max_attempts",
             ),
             (Box::new(|s| s.user = Some("root:wheel:x".into())), "user"),
+            (
+                Box::new(|s| s.security_opt = vec!["apparmor=x".into()]),
+                "security_opt[0]",
+            ),
             (Box::new(|s| s.command = Some(vec![])), "command"),
             (
                 Box::new(|s| {
@@ -1200,6 +1221,7 @@ pub(crate) mod tests_support {
             healthcheck: None,
             ports: vec![],
             logging: Default::default(),
+            security_opt: vec![],
             networks: vec![],
             endpoint_mode: Default::default(),
             aliases: vec![],

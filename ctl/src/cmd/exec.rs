@@ -75,6 +75,7 @@ pub async fn run(
     command: &[String],
     interactive: bool,
     tty: bool,
+    user: Option<&str>,
 ) -> anyhow::Result<i32> {
     if command.is_empty() {
         anyhow::bail!("no command given: rctl exec TASK -- CMD…");
@@ -87,6 +88,7 @@ pub async fn run(
         tty,
         stdin: interactive,
         size: if tty { terminal_size() } else { None },
+        user: user.unwrap_or_default().to_string(),
     })))
     .await?;
     let mut outputs = client
