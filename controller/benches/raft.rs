@@ -225,7 +225,10 @@ async fn serve(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
-    let service = RaftPeerServer::new(PeerApi { raft }).max_decoding_message_size(MAX_MESSAGE);
+    let service = RaftPeerServer::new(PeerApi {
+        raft,
+        require_identity: false,
+    }).max_decoding_message_size(MAX_MESSAGE);
     server
         .add_service(service)
         .serve_with_incoming(incoming)

@@ -24,7 +24,9 @@ pub struct ControlApi {
     pub registry: String,
     /// How to reach agents (mutual TLS, server name `worker.rudder`); plain when `None`.
     /// (Replaced when this controller's certificate is renewed.)
-    pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<tonic::transport::ClientTlsConfig>>>,
+    /// This controller's certificates (latest renewal), to dial agents and other controllers;
+    /// `None` only in tests without TLS.
+    pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<rudder_pki::tls::NodeCerts>>>,
     /// This controller's registry, where `Commit` stores images.
     pub images: crate::registry::RegistryState,
 }
@@ -638,12 +640,12 @@ impl Control for ControlApi {
         }
         let mut sources = Vec::new();
         for t in tasks {
-            let addr = t
+            let at = t
                 .node_id
                 .as_ref()
                 .and_then(|n| store.nodes.get(n))
-                .map(|n| n.addr.clone());
-            if let Some(addr) = addr {
+                .map(crate::exec_api::AgentAt::from);
+            if let Some(addr) = at {
                 let req = TaskLogsRequest {
                     task_id: t.id.clone(),
                     tail,
@@ -655,21 +657,26 @@ impl Control for ControlApi {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let tls = self.agent_tls.read().expect("agent tls lock").clone();
-        let forward = move |(req, name, addr): (TaskLogsRequest, String, String), tx: LogSender| {
-            let tls = tls.clone();
-            async move {
-                if let Err(e) = forward_logs(req, &name, &addr, tls, &tx).await {
-                    warn!(task = %name, %e, "logs unavailable");
-                    let _ = tx
-                        .send(Ok(LogChunk {
-                            task: name.clone(),
-                            data: Vec::new(),
-                            warning: format!("logs of {name} unavailable from {addr}: {e}"),
-                        }))
-                        .await;
+        let forward =
+            move |(req, name, addr): (TaskLogsRequest, String, crate::exec_api::AgentAt),
+                  tx: LogSender| {
+                let tls = tls.clone();
+                async move {
+                    if let Err(e) = forward_logs(req, &name, &addr, tls, &tx).await {
+                        warn!(task = %name, %e, "logs unavailable");
+                        let _ = tx
+                            .send(Ok(LogChunk {
+                                task: name.clone(),
+                                data: Vec::new(),
+                                warning: format!(
+                                    "logs of {name} unavailable from {} ({}): {e}",
+                                    addr.host, addr.addr
+                                ),
+                            }))
+                            .await;
+                    }
                 }
-            }
-        };
+            };
         if follow {
             // Every task streams at once; each ends when its container exits.
             for s in sources {
@@ -774,8 +781,85 @@ impl Control for ControlApi {
             ));
         }
         info!(raft_id = id, "removing a controller");
+        let node = self
+            .raft
+            .store()
+            .node_of_controller(id)
+            .map(|n| n.id.clone());
         self.raft.remove_member(id).await.map_err(raft_status)?;
+        // The removed controller's certificates stop working at once, it may never join
+        // again under its id (H4), and its host is asked to run nothing more (C1).
+        let mut cmds = vec![Command::Revoke {
+            id: crate::security::controller_cn(id),
+            reason: "removed from the controller group".into(),
+            now: now_ms(),
+        }];
+        if let Some(n) = node {
+            if self
+                .raft
+                .store()
+                .nodes
+                .get(&n)
+                .and_then(|n| n.controller_id)
+                == Some(id)
+            {
+                cmds.push(Command::SetNodeController {
+                    id: n,
+                    raft_id: None,
+                });
+            }
+        }
+        self.raft
+            .propose(Command::Batch(cmds))
+            .await
+            .map_err(raft_status)?;
         self.cluster_info(Request::new(ClusterInfoRequest {})).await
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let admin = crate::tls::caller(&req)
+            .map(|c| c.node.clone())
+            .unwrap_or_default();
+        let r = req.into_inner();
+        self.raft.read_index().await.map_err(raft_status)?;
+        let store = self.raft.store();
+        let node = find_node(&store, &r.node)?;
+        if store.runs_controller(node) {
+            let member =
+                node.controller_id
+                    .filter(|id| store.managers.contains_key(id))
+                    .or_else(|| {
+                        store.managers.keys().copied().find(|id| {
+                            store.node_of_controller(*id).map(|n| &n.id) == Some(&node.id)
+                        })
+                    });
+            if let Some(id) = member {
+                return Err(Status::failed_precondition(format!(
+                    "{} runs controller {id} of the group: `rctl cluster rm-manager {id}` first",
+                    node.hostname
+                )));
+            }
+        }
+        if node.state == rudder_model::NodeState::Ready && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "{} is ready: stop its agent first, or remove it anyway with --force (its \
+                 certificates are revoked and its tasks move elsewhere)",
+                node.hostname
+            )));
+        }
+        let (id, hostname) = (node.id.clone(), node.hostname.clone());
+        warn!(node = %id, %hostname, %admin, force = r.force, "removing a node; its certificates are revoked");
+        self.raft
+            .propose(Command::RemoveNode {
+                id: id.clone(),
+                now: now_ms(),
+            })
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(RemoveNodeResponse { id, hostname }))
     }
 
     async fn list_networks(
@@ -906,18 +990,13 @@ type LogSender = tokio::sync::mpsc::Sender<Result<LogChunk, Status>>;
 async fn forward_logs(
     req: TaskLogsRequest,
     name: &str,
-    addr: &str,
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    at: &crate::exec_api::AgentAt,
+    tls: Option<rudder_pki::tls::NodeCerts>,
     tx: &LogSender,
 ) -> Result<(), String> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| e.to_string())?
+    let mut endpoint = crate::exec_api::agent_endpoint(tls.as_ref(), at)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
-    if let Some(t) = tls {
-        endpoint = endpoint.tls_config(t).map_err(|e| e.to_string())?;
-    }
     if !req.follow {
         endpoint = endpoint.timeout(Duration::from_secs(30));
     }

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::api::ControlApi;
 use crate::commit_api::target;
-use crate::exec_api::agent;
+use crate::exec_api::{agent, AgentAt};
 use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryError};
 
 pub type BuildStream = Pin<Box<dyn Stream<Item = Result<BuildOutput, Status>> + Send>>;
@@ -39,22 +39,20 @@ fn registry_status(e: RegistryError) -> Status {
 }
 
 /// The host a build runs on: `wanted` (hostname or node id) when given, else the first ready,
-/// active node by hostname. Returns (hostname, agent address).
-fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<(String, String), Status> {
+/// active node by hostname.
+fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<AgentAt, Status> {
     let usable = |n: &&rudder_model::store::Node| n.state == NodeState::Ready;
     if !wanted.is_empty() {
-        let n = store
-            .nodes
-            .values()
-            .find(|n| n.hostname == wanted || n.id == wanted)
-            .ok_or_else(|| Status::not_found(format!("build: no node named {wanted:?}")))?;
+        // By id or hostname; a hostname two nodes claim is refused as ambiguous.
+        let n = crate::api::find_node(store, wanted)
+            .map_err(|s| Status::new(s.code(), format!("build: {}", s.message())))?;
         if !usable(&n) {
             return Err(Status::failed_precondition(format!(
                 "build: node {} is down",
                 n.hostname
             )));
         }
-        return Ok((n.hostname.clone(), n.addr.clone()));
+        return Ok(n.into());
     }
     let mut nodes: Vec<_> = store
         .nodes
@@ -65,7 +63,7 @@ fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<(String
     nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
     nodes
         .first()
-        .map(|n| (n.hostname.clone(), n.addr.clone()))
+        .map(|n| AgentAt::from(*n))
         .ok_or_else(|| Status::failed_precondition("build: no ready node to build on"))
 }
 
@@ -85,9 +83,10 @@ pub async fn build(
         }
     };
     let (repo, tag) = target(&params.reference)?;
-    let (host, addr) = pick_host(&api.raft.store(), &params.node)?;
+    let at = pick_host(&api.raft.store(), &params.node)?;
+    let host = at.host.clone();
     params.registry = api.registry.clone();
-    let mut client = agent(api, &addr, &host).await?;
+    let mut client = agent(api, &at).await?;
     info!(image = %format!("{repo}:{tag}"), %host, no_cache = params.no_cache, "build");
 
     // The host's inputs: the parameters, then the context as it arrives from rctl.
@@ -289,9 +288,9 @@ mod tests {
         ] {
             s.nodes.insert(n.id.clone(), n);
         }
-        assert_eq!(pick_host(&s, "").unwrap().0, "h2");
-        assert_eq!(pick_host(&s, "n3").unwrap().0, "h3");
-        assert_eq!(pick_host(&s, "h3").unwrap().1, "h3:4245");
+        assert_eq!(pick_host(&s, "").unwrap().host, "h2");
+        assert_eq!(pick_host(&s, "n3").unwrap().host, "h3");
+        assert_eq!(pick_host(&s, "h3").unwrap().addr, "h3:4245");
         assert!(pick_host(&s, "h1").unwrap_err().message().contains("down"));
         assert_eq!(
             pick_host(&s, "h9").unwrap_err().code(),

@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use rudder_proto::v1::cluster_server::Cluster;
 use rudder_proto::v1::{
-    JoinRequest, JoinResponse, JoinTokenRequest, JoinTokenResponse, RenewRequest, RenewResponse,
+    AdminCertRequest, AdminCertResponse, JoinRequest, JoinResponse, JoinTokenRequest,
+    JoinTokenResponse, RenewRequest, RenewResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -30,6 +31,10 @@ use crate::tls::authorize;
 /// Lifetime of a node certificate issued by `Join` or `Renew`; nodes renew at 50–80 % of it
 /// ([`crate::ca::renew_at`]).
 pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Longest lifetime `rctl cluster admin-cert --ttl` may ask for.
+pub const MAX_ADMIN_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Controllers' certificates are named `controller-<raft id>`.
+pub const CONTROLLER_PREFIX: &str = "controller-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -66,6 +71,23 @@ pub enum ClusterError {
     NotInitialized,
     #[error("cluster: secrets store unavailable: {0}")]
     Unavailable(String),
+    #[error(
+        "cluster: {0} was removed from the cluster and its certificates are revoked; a \
+         removed node cannot come back under the same id (delete the node's data dir to \
+         join as a new node)"
+    )]
+    Revoked(String),
+    #[error(
+        "cluster: node id {0} belongs to a node of this cluster already; only that node can \
+         be re-admitted under it (with its old certificate and key)"
+    )]
+    IdTaken(String),
+    #[error("cluster: re-admission of {id} refused: {why}")]
+    BadPrevious { id: String, why: String },
+    #[error("cluster: {0}")]
+    Reserved(String),
+    #[error("cluster: {0} is not a node of this cluster (removed?); join again with a join token")]
+    NotMember(String),
 }
 
 impl From<TokenError> for ClusterError {
@@ -102,6 +124,11 @@ impl From<ClusterError> for Status {
             | ClusterError::TokenRejected
             | ClusterError::TokenExpired(_) => Status::unauthenticated(msg),
             ClusterError::NotInitialized => Status::failed_precondition(msg),
+            ClusterError::Revoked(_)
+            | ClusterError::IdTaken(_)
+            | ClusterError::BadPrevious { .. }
+            | ClusterError::NotMember(_) => Status::permission_denied(msg),
+            ClusterError::Reserved(_) => Status::invalid_argument(msg),
             ClusterError::Unavailable(_) => Status::unavailable(msg),
             ClusterError::Ca(_) => Status::internal(msg),
         }
@@ -159,6 +186,21 @@ pub trait SecretsStore: Send + Sync + 'static {
         role: Role,
         ttl: Option<Duration>,
     ) -> Result<Token, ClusterError>;
+    /// Where the identity `id` (a certificate CN) stands in the cluster, freshly read.
+    async fn standing(&self, id: &str) -> Result<Standing, ClusterError>;
+    /// Revokes `id` for good: refused at every request from now on, never issued again.
+    async fn revoke(&self, id: &str, reason: &str) -> Result<(), ClusterError>;
+}
+
+/// Where a certificate identity stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Never seen, or issued but not yet registered: a join may take it.
+    Unknown,
+    /// A node or controller of the cluster: only the holder of its key may take it again.
+    Member,
+    /// Removed: refused everywhere, never issued again.
+    Revoked,
 }
 
 /// Secrets held in this process only: for tests and single-process harnesses. Nothing
@@ -166,6 +208,9 @@ pub trait SecretsStore: Send + Sync + 'static {
 pub struct MemorySecrets {
     ca: CaSecrets,
     tokens: Mutex<JoinTokens>,
+    /// Identities that count as members, and the revoked ones.
+    members: Mutex<std::collections::BTreeSet<String>>,
+    revoked: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl MemorySecrets {
@@ -174,7 +219,17 @@ impl MemorySecrets {
         MemorySecrets {
             ca: ca.into(),
             tokens: Mutex::new(JoinTokens::generate(ca.fingerprint())),
+            members: Default::default(),
+            revoked: Default::default(),
         }
+    }
+
+    /// Records `id` as a member (what registering does in a real cluster).
+    pub fn add_member(&self, id: &str) {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
     }
 
     fn tokens(&self) -> std::sync::MutexGuard<'_, JoinTokens> {
@@ -200,6 +255,27 @@ impl SecretsStore for MemorySecrets {
         self.tokens()
             .rotate_with_ttl(role, ttl, SystemTime::now())
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))
+    }
+
+    async fn standing(&self, id: &str) -> Result<Standing, ClusterError> {
+        let lock = |m: &Mutex<std::collections::BTreeSet<String>>| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+        };
+        Ok(if lock(&self.revoked) {
+            Standing::Revoked
+        } else if lock(&self.members) {
+            Standing::Member
+        } else {
+            Standing::Unknown
+        })
+    }
+
+    async fn revoke(&self, id: &str, _reason: &str) -> Result<(), ClusterError> {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string());
+        Ok(())
     }
 }
 
@@ -235,18 +311,96 @@ impl ClusterApi {
             .await?
             .verify_at(&req.token, SystemTime::now())?;
         let ca = self.cluster_ca().await?;
-        let cert_pem = ca.issue(
-            &req.csr_pem,
-            role,
-            &req.node_id,
-            SystemTime::now(),
-            self.validity,
-        )?;
-        info!(node = req.node_id, %role, "cluster: node joined");
+        let id = req.node_id.as_str();
+        // Controllers are `controller-<raft id>`: only a manager token names one.
+        if id.starts_with(CONTROLLER_PREFIX) && role != Role::Manager {
+            return Err(ClusterError::Reserved(format!(
+                "node ids starting with {CONTROLLER_PREFIX:?} are for controllers (a manager \
+                 join token)"
+            )));
+        }
+        // A node id is whoever first registered it: another join may not take it over (C1).
+        match self.secrets.standing(id).await? {
+            Standing::Revoked => return Err(ClusterError::Revoked(id.to_string())),
+            Standing::Unknown => {}
+            Standing::Member => {
+                if req.previous_cert_pem.is_empty() {
+                    return Err(ClusterError::IdTaken(id.to_string()));
+                }
+                let bad = |why: String| ClusterError::BadPrevious {
+                    id: id.to_string(),
+                    why,
+                };
+                let prev = crate::ca::previous_identity(&req.previous_cert_pem, ca.cert())
+                    .map_err(|e| bad(e.to_string()))?;
+                if prev.node != id {
+                    return Err(bad(format!("the old certificate is for {}", prev.node)));
+                }
+                if !crate::ca::csr_has_key_of(&req.csr_pem, &req.previous_cert_pem)? {
+                    return Err(bad(
+                        "the request is not signed with the old certificate's key".into(),
+                    ));
+                }
+                info!(node = id, %role, "cluster: node re-admitted with its old key");
+            }
+        }
+        let cert_pem = ca.issue(&req.csr_pem, role, id, SystemTime::now(), self.validity)?;
+        info!(node = id, %role, "cluster: node joined");
         Ok(JoinResponse {
             cert_pem,
             ca_pem: ca.cert_pem().to_owned(),
             role: role.to_string(),
+        })
+    }
+
+    /// A certificate for another admin identity, or its revocation (`rctl cluster admin-cert`).
+    async fn admin_cert_for(
+        &self,
+        caller: &str,
+        req: AdminCertRequest,
+    ) -> Result<AdminCertResponse, ClusterError> {
+        let name = req.name.as_str();
+        if name.starts_with(CONTROLLER_PREFIX) {
+            return Err(ClusterError::Reserved(format!(
+                "admin names may not start with {CONTROLLER_PREFIX:?}"
+            )));
+        }
+        let ca = self.cluster_ca().await?;
+        if req.revoke {
+            if name == caller {
+                return Err(ClusterError::Reserved(format!(
+                    "{name} is the identity making this call: revoke it with another admin \
+                     identity, so the cluster keeps one"
+                )));
+            }
+            self.secrets
+                .revoke(name, &format!("admin identity revoked by {caller}"))
+                .await?;
+            warn!(admin = name, by = caller, "cluster: admin identity revoked");
+            return Ok(AdminCertResponse {
+                cert_pem: String::new(),
+                ca_pem: ca.cert_pem().to_owned(),
+            });
+        }
+        match self.secrets.standing(name).await? {
+            Standing::Revoked => return Err(ClusterError::Revoked(name.to_string())),
+            Standing::Member => return Err(ClusterError::IdTaken(name.to_string())),
+            Standing::Unknown => {}
+        }
+        let ttl = match req.ttl_seconds {
+            0 => self.validity,
+            s => Duration::from_secs(s).min(MAX_ADMIN_VALIDITY),
+        };
+        let cert_pem = ca.issue(&req.csr_pem, Role::Admin, name, SystemTime::now(), ttl)?;
+        info!(
+            admin = name,
+            by = caller,
+            ?ttl,
+            "cluster: issued an admin certificate"
+        );
+        Ok(AdminCertResponse {
+            cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
         })
     }
 
@@ -291,7 +445,10 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<JoinTokenResponse>, Status> {
         const RPC: &str = "Cluster/JoinToken";
         let ca = self.cluster_ca().await?;
-        let (_, admin) = authorize(&req, ca.cert(), &[Role::Admin], RPC)?;
+        let admin = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
+        if self.secrets.standing(&admin).await? == Standing::Revoked {
+            return Err(log_refusal(RPC, ClusterError::Revoked(admin)));
+        }
         let req = req.into_inner();
         info!(
             admin,
@@ -308,7 +465,22 @@ impl Cluster for ClusterApi {
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
         const RPC: &str = "Cluster/Renew";
         let ca = self.cluster_ca().await?;
-        let (role, node) = authorize(&req, ca.cert(), &Role::ALL, RPC)?;
+        let crate::ca::PeerIdentity { role, node, .. } =
+            authorize(&req, ca.cert(), &Role::ALL, RPC)?;
+        // Only identities that are still part of the cluster renew (H4): a removed node, a
+        // removed controller or a revoked admin gets nothing more.
+        let standing = self
+            .secrets
+            .standing(&node)
+            .await
+            .map_err(|e| log_refusal(RPC, e))?;
+        match (standing, role) {
+            (Standing::Revoked, _) => return Err(log_refusal(RPC, ClusterError::Revoked(node))),
+            (Standing::Unknown, Role::Worker | Role::Manager) => {
+                return Err(log_refusal(RPC, ClusterError::NotMember(node)))
+            }
+            _ => {}
+        }
         let cert_pem = ca
             .issue(
                 &req.get_ref().csr_pem,
@@ -320,6 +492,21 @@ impl Cluster for ClusterApi {
             .map_err(|e| log_refusal(RPC, e.into()))?;
         info!(node, %role, "cluster: renewed node certificate");
         Ok(Response::new(RenewResponse { cert_pem }))
+    }
+    async fn admin_cert(
+        &self,
+        req: Request<AdminCertRequest>,
+    ) -> Result<Response<AdminCertResponse>, Status> {
+        const RPC: &str = "Cluster/AdminCert";
+        let ca = self.cluster_ca().await?;
+        let caller = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
+        if self.secrets.standing(&caller).await? == Standing::Revoked {
+            return Err(log_refusal(RPC, ClusterError::Revoked(caller)));
+        }
+        self.admin_cert_for(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| log_refusal(RPC, e))
     }
 }
 
@@ -414,6 +601,7 @@ mod tests {
             token: token.to_string(),
             csr_pem: csr_pem.to_string(),
             node_id: node_id.to_string(),
+            previous_cert_pem: String::new(),
         }
     }
 
@@ -454,7 +642,9 @@ mod tests {
             NODE_CERT_VALIDITY + crate::ca::CLOCK_SKEW
         );
 
-        // The new certificate opens an authenticated connection.
+        // The new certificate opens an authenticated connection (and renews once the node
+        // registered).
+        h.secrets.add_member("w1");
         let mut client = h.client(client_tls(&certs, Role::Manager)).await.unwrap();
         let (_, csr) = node_csr("w1").unwrap();
         let renewed = client
@@ -688,6 +878,7 @@ mod tests {
             (Role::Worker, "w9"),
         ] {
             let (cert, key) = issue(&h.ca, role, id);
+            h.secrets.add_member(id);
             let old = NodeCerts::new(h.ca.cert_pem(), &cert, &key, None).unwrap();
             let mut client = h.client(client_tls(&old, Role::Manager)).await.unwrap();
             // The CSR's own name is ignored: only its public key is used.
@@ -707,6 +898,164 @@ mod tests {
             let (_, not_after) = cert_validity(new.cert_pem()).unwrap();
             assert!(not_after > SystemTime::now() + 89 * DAY);
         }
+    }
+
+    #[tokio::test]
+    async fn h4_removed_or_unknown_identities_do_not_renew() {
+        let h = Harness::start().await;
+        let mut worker = h.client_as(Role::Worker, "gone").await;
+        let (_, csr) = node_csr("gone").unwrap();
+        // Never registered (or removed from the store): nothing to renew.
+        let err = worker
+            .renew(RenewRequest {
+                csr_pem: csr.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("not a node of this cluster"),
+            "{}",
+            err.message()
+        );
+        // Revoked: refused, and named as such.
+        h.secrets.add_member("gone");
+        h.secrets.revoke("gone", "test").await.unwrap();
+        let err = worker
+            .renew(RenewRequest { csr_pem: csr })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(err.message().contains("revoked"), "{}", err.message());
+        // A revoked admin renews nothing either.
+        h.secrets.revoke("lost-laptop", "test").await.unwrap();
+        let mut admin = h.client_as(Role::Admin, "lost-laptop").await;
+        let (_, csr) = node_csr("lost-laptop").unwrap();
+        assert!(admin.renew(RenewRequest { csr_pem: csr }).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn c1_a_join_cannot_take_a_members_id_and_h5_its_owner_is_readmitted() {
+        let h = Harness::start().await;
+        let token = h.token(Role::Worker);
+        // n1 joins and registers (as its first session would record it).
+        let (n1, _) = join_pinned(&h, &token, "n1").await.unwrap();
+        h.secrets.add_member("n1");
+        // Anyone else with the worker token asking for n1's id is refused.
+        let err = join_pinned(&h, &token, "n1").await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert!(
+            err.message().contains("belongs to a node"),
+            "{}",
+            err.message()
+        );
+        // With a certificate for n1 but another key: refused.
+        let pin = Token::parse(&token).unwrap();
+        let anon = || async {
+            ClusterClient::new(
+                join_endpoint(h.endpoint(), &pin)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        };
+        let (_, other_csr) = node_csr("n1").unwrap();
+        let mut req = join_req(&token, &other_csr, "n1");
+        req.previous_cert_pem = n1.cert_pem().to_string();
+        let err = anon().await.join(req).await.unwrap_err();
+        assert!(
+            err.message()
+                .contains("not signed with the old certificate's key"),
+            "{}",
+            err.message()
+        );
+        // n1 itself, with its old key (its certificate expired while it was off): re-admitted
+        // under its id.
+        let expired = {
+            let (key, csr) = node_csr("n1").unwrap();
+            let old =
+                h.ca.issue(&csr, Role::Worker, "n1", SystemTime::now() - 10 * DAY, DAY)
+                    .unwrap();
+            NodeCerts::new(h.ca.cert_pem(), &old, &key, None).unwrap()
+        };
+        assert!(expired.identity(SystemTime::now()).is_err());
+        let mut req = join_req(
+            &token,
+            &crate::ca::node_csr_with_key("n1", expired.key_pem()).unwrap(),
+            "n1",
+        );
+        req.previous_cert_pem = expired.cert_pem().to_string();
+        let back = anon().await.join(req).await.unwrap().into_inner();
+        assert_eq!(identity(&h.ca, &back.cert_pem), (Role::Worker, "n1".into()));
+        // A revoked id never comes back, proof or not.
+        h.secrets.revoke("n1", "test").await.unwrap();
+        let mut req = join_req(
+            &token,
+            &crate::ca::node_csr_with_key("n1", expired.key_pem()).unwrap(),
+            "n1",
+        );
+        req.previous_cert_pem = expired.cert_pem().to_string();
+        let err = anon().await.join(req).await.unwrap_err();
+        assert!(err.message().contains("revoked"), "{}", err.message());
+        // Controller names need a manager token.
+        let err = join_pinned(&h, &token, "controller-7").await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn h5_admins_issue_and_revoke_admin_identities() {
+        let h = Harness::start().await;
+        let mut admin = h.client_as(Role::Admin, "admin").await;
+        let (key, csr) = node_csr("ops").unwrap();
+        let got = admin
+            .admin_cert(AdminCertRequest {
+                name: "ops".into(),
+                csr_pem: csr,
+                ttl_seconds: 3600,
+                revoke: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(identity(&h.ca, &got.cert_pem), (Role::Admin, "ops".into()));
+        let (nb, na) = cert_validity(&got.cert_pem).unwrap();
+        assert!(
+            na.duration_since(nb).unwrap() <= Duration::from_secs(3600) + crate::ca::CLOCK_SKEW
+        );
+        let ops = NodeCerts::new(h.ca.cert_pem(), &got.cert_pem, &key, None).unwrap();
+        // A worker cannot ask for one.
+        let mut worker = h.client_as(Role::Worker, "w1").await;
+        let (_, csr) = node_csr("evil").unwrap();
+        let err = worker
+            .admin_cert(AdminCertRequest {
+                name: "evil".into(),
+                csr_pem: csr,
+                ttl_seconds: 0,
+                revoke: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        // Nobody revokes themselves (the cluster keeps an admin); another admin may.
+        let revoke = |name: &str| AdminCertRequest {
+            name: name.into(),
+            csr_pem: String::new(),
+            ttl_seconds: 0,
+            revoke: true,
+        };
+        assert!(admin.admin_cert(revoke("admin")).await.is_err());
+        admin.admin_cert(revoke("ops")).await.unwrap();
+        let mut ops = h.client(client_tls(&ops, Role::Manager)).await.unwrap();
+        let err = ops
+            .join_token(JoinTokenRequest {
+                role: "worker".into(),
+                rotate: false,
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("revoked"), "{}", err.message());
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub async fn commit(
         message: req.message.clone(),
         author: req.author.clone(),
     };
-    let (task_id, name, addr, host) = {
+    let (task_id, name, at) = {
         let store = api.raft.store();
         let t = one_task(&store, &req.task)?;
         let node = t
@@ -91,15 +91,10 @@ pub async fn commit(
                     t.status.state
                 ))
             })?;
-        (
-            t.id.clone(),
-            t.name(),
-            node.addr.clone(),
-            node.hostname.clone(),
-        )
+        (t.id.clone(), t.name(), crate::exec_api::AgentAt::from(node))
     };
-    let mut client = agent(api, &addr, &host).await?;
-    info!(task = %name, host = %host, image = %format!("{repo}:{tag}"), "commit");
+    let mut client = agent(api, &at).await?;
+    info!(task = %name, host = %at.host, image = %format!("{repo}:{tag}"), "commit");
     let on_task = |s: Status| Status::new(s.code(), format!("{name}: {}", s.message()));
     let mut stream = client
         .commit(CommitLayerRequest {

@@ -137,6 +137,101 @@ fn run_controller(store: &rudder_model::Store, me: u64, raft_id: u64) -> Option<
     })
 }
 
+/// Refuses a registration that does not match the session's certificate (node id) or
+/// connection (address), naming what is wrong; the attempt is logged (C1).
+fn check_registration(
+    me: &rudder_pki::ca::PeerIdentity,
+    reg: &Register,
+    remote: Option<std::net::SocketAddr>,
+    store: &rudder_model::Store,
+) -> Result<(), Status> {
+    if reg.node_id != me.node {
+        warn!(
+            cert = %me.node,
+            claimed = %reg.node_id,
+            ?remote,
+            "dispatcher: refused a session that claims another node's id"
+        );
+        return Err(Status::permission_denied(format!(
+            "dispatcher: this certificate is for node {}, not {}: a node registers only as \
+             itself",
+            me.node, reg.node_id
+        )));
+    }
+    if me.node.starts_with(crate::cluster_api::CONTROLLER_PREFIX) {
+        return Err(Status::permission_denied(format!(
+            "dispatcher: {} is a controller's identity, not an agent's",
+            me.node
+        )));
+    }
+    let addr: std::net::SocketAddr = reg.addr.parse().map_err(|_| {
+        Status::invalid_argument(format!(
+            "dispatcher: register: addr {:?} is not ip:port",
+            reg.addr
+        ))
+    })?;
+    if let Some(remote) = remote {
+        let same =
+            addr.ip() == remote.ip() || (addr.ip().is_loopback() && remote.ip().is_loopback());
+        if !same {
+            warn!(
+                node = %me.node,
+                claimed = %addr,
+                %remote,
+                "dispatcher: refused a session whose address does not match its connection"
+            );
+            return Err(Status::permission_denied(format!(
+                "dispatcher: node {} says it is at {}, but its connection comes from {}: the \
+                 agent must listen on the address it connects from (--listen)",
+                me.node,
+                addr,
+                remote.ip()
+            )));
+        }
+    }
+    still_valid(store, me).map_err(Status::permission_denied)
+}
+
+/// Whether a session's identity may go on: not revoked, certificate not expired.
+fn still_valid(
+    store: &rudder_model::Store,
+    me: &rudder_pki::ca::PeerIdentity,
+) -> Result<(), String> {
+    if store.is_revoked(&me.node) {
+        return Err(format!(
+            "dispatcher: node {} was removed from the cluster: its certificates are revoked",
+            me.node
+        ));
+    }
+    if std::time::SystemTime::now() > me.not_after {
+        return Err(format!(
+            "dispatcher: node {}'s certificate expired; the agent must renew or re-join",
+            me.node
+        ));
+    }
+    Ok(())
+}
+
+/// A node's role, from the store: manager when it runs a controller of the group.
+fn role_of(store: &rudder_model::Store, node_id: &str, addr: &str) -> NodeRole {
+    let runs = match store.nodes.get(node_id) {
+        Some(n) => {
+            let mut n = n.clone();
+            n.addr = addr.to_string();
+            store.runs_controller(&n)
+        }
+        None => {
+            let host = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+            store.managers.values().any(|m| host(&m.addr) == host(addr))
+        }
+    };
+    if runs {
+        NodeRole::Manager
+    } else {
+        NodeRole::Worker
+    }
+}
+
 /// Records a node's WireGuard public key when it changed.
 async fn set_overlay_key(raft: &RaftHandle, node: &str, key: &str) -> Result<(), Status> {
     if raft
@@ -208,6 +303,10 @@ impl Dispatcher for DispatcherApi {
             return Err(s);
         }
         let term = st.term;
+        // Who is calling is what its certificate says (C1); the Register message may only
+        // repeat it.
+        let caller = crate::tls::caller_or_refuse(&req, "Dispatcher/Session")?.clone();
+        let remote = req.remote_addr();
         let mut up = req.into_inner();
         let first = up
             .message()
@@ -223,21 +322,21 @@ impl Dispatcher for DispatcherApi {
                 "dispatcher: register needs node_id and hostname",
             ));
         }
+        let store = self.raft.store();
+        check_registration(&caller, &reg, remote, &store)?;
         let node_id = reg.node_id.clone();
-        let role = match reg.role.as_str() {
-            "manager" => NodeRole::Manager,
-            "worker" | "" => NodeRole::Worker,
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "dispatcher: unknown node role {other:?} (worker or manager)"
-                )))
-            }
-        };
+        // The role is the store's: a node runs a controller because an admin promoted it (or
+        // a member listens on its host), never because its agent says so.
+        let role = role_of(&store, &node_id, &reg.addr);
         let resources = NodeResources {
             cpus: reg.cpus_milli,
             memory: reg.memory_bytes,
         };
-        let store = self.raft.store();
+        let cert_not_after = caller
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
         let known = store.nodes.get(&node_id);
         let fresh = known.is_none_or(|n| {
             n.state != NodeState::Ready
@@ -245,6 +344,7 @@ impl Dispatcher for DispatcherApi {
                 || n.hostname != reg.hostname
                 || n.role != role
                 || n.resources != resources
+                || n.cert_not_after != cert_not_after
         });
         if fresh {
             self.raft
@@ -256,7 +356,7 @@ impl Dispatcher for DispatcherApi {
                     role,
                     resources,
                     now: now_ms(),
-                    cert_not_after: 0,
+                    cert_not_after,
                 })
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -398,6 +498,12 @@ impl Dispatcher for DispatcherApi {
                 };
                 if matches!(next, Ok(Ok(Some(_)))) {
                     heard = tokio::time::Instant::now();
+                }
+                // The identity is checked for the whole session, not only at its start: a
+                // removed node or an expired certificate ends it (L5).
+                if let Err(why) = still_valid(&raft.store(), &caller) {
+                    warn!(node = %node_id, why, "ending agent session");
+                    break;
                 }
                 match next {
                     Ok(Ok(Some(m))) => match m.msg {

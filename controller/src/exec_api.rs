@@ -83,8 +83,26 @@ fn by_slot<'a>(store: &'a Store, target: &str) -> Option<&'a Task> {
     tasks.pop()
 }
 
-/// A task that must be running, and its host's agent address and hostname.
-fn running_task<'a>(store: &'a Store, target: &str) -> Result<(&'a Task, String, String), Status> {
+/// Which agent to dial: the node id its certificate must name, its address, its hostname.
+#[derive(Debug, Clone)]
+pub(crate) struct AgentAt {
+    pub id: String,
+    pub addr: String,
+    pub host: String,
+}
+
+impl From<&rudder_model::store::Node> for AgentAt {
+    fn from(n: &rudder_model::store::Node) -> Self {
+        AgentAt {
+            id: n.id.clone(),
+            addr: n.addr.clone(),
+            host: n.hostname.clone(),
+        }
+    }
+}
+
+/// A task that must be running, and its host's agent.
+fn running_task<'a>(store: &'a Store, target: &str) -> Result<(&'a Task, AgentAt), Status> {
     let t = one_task(store, target)?;
     if t.status.state != TaskState::Running {
         return Err(Status::failed_precondition(format!(
@@ -98,35 +116,48 @@ fn running_task<'a>(store: &'a Store, target: &str) -> Result<(&'a Task, String,
         .as_ref()
         .and_then(|n| store.nodes.get(n))
         .ok_or_else(|| Status::failed_precondition(format!("task {} has no node", t.name())))?;
-    Ok((t, node.addr.clone(), node.hostname.clone()))
+    Ok((t, node.into()))
 }
 
-/// A client of the agent at `addr` (host `host`), or an error naming the host.
+/// A client of the agent `at`, or an error naming the host. The agent must present a
+/// certificate for `at.id` (C1: a node that registered another's address cannot answer).
 pub(crate) async fn agent(
     api: &ControlApi,
-    addr: &str,
-    host: &str,
+    at: &AgentAt,
 ) -> Result<AgentApiClient<Channel>, Status> {
-    let tls = api.agent_tls.read().expect("agent tls lock").clone();
+    let certs = api.agent_tls.read().expect("agent tls lock").clone();
+    let (addr, host) = (&at.addr, &at.host);
     // Not `unavailable`: that would read as this controller being down.
     let unreachable =
         |e: String| Status::failed_precondition(format!("cannot reach host {host} ({addr}): {e}"));
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| unreachable(e.to_string()))?
+    let endpoint = agent_endpoint(certs.as_ref(), at)
+        .map_err(|e| unreachable(e))?
         .connect_timeout(CONNECT)
         .tcp_keepalive(Some(Duration::from_secs(5)))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    if let Some(t) = tls {
-        endpoint = endpoint
-            .tls_config(t)
-            .map_err(|e| unreachable(e.to_string()))?;
-    }
     match tokio::time::timeout(CONNECT * 2, endpoint.connect()).await {
         Ok(Ok(ch)) => Ok(AgentApiClient::new(ch)),
         Ok(Err(e)) => Err(unreachable(rudder_proto::error_chain(&e))),
         Err(_) => Err(unreachable("timed out".into())),
+    }
+}
+
+/// An endpoint for the agent `at`: mutual TLS that accepts only `at.id`'s certificate (plain
+/// http only in tests that run without certificates).
+pub(crate) fn agent_endpoint(
+    certs: Option<&rudder_pki::tls::NodeCerts>,
+    at: &AgentAt,
+) -> Result<tonic::transport::Endpoint, String> {
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", at.addr))
+        .map_err(|e| e.to_string())?;
+    match certs {
+        Some(c) => {
+            rudder_pki::tls::node_endpoint(endpoint, c, rudder_pki::ca::Role::Worker, &at.id)
+                .map_err(|e| e.to_string())
+        }
+        None => Ok(endpoint),
     }
 }
 
@@ -159,11 +190,11 @@ pub async fn exec(
         return Err(Status::invalid_argument("exec: no command given"));
     }
     let store = api.raft.store();
-    let (task, addr, host) = running_task(&store, &start.task)?;
+    let (task, at) = running_task(&store, &start.task)?;
     let name = task.name();
     start.task = task.id.clone();
-    let mut client = agent(api, &addr, &host).await?;
-    info!(task = %name, host = %host, cmd = ?start.cmd, "exec");
+    let mut client = agent(api, &at).await?;
+    info!(task = %name, host = %at.host, cmd = ?start.cmd, "exec");
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let _ = tx
         .send(ExecInput {
@@ -193,10 +224,10 @@ pub async fn copy_from(
 ) -> Result<Response<TarStream>, Status> {
     let mut req = req.into_inner();
     let store = api.raft.store();
-    let (task, addr, host) = running_task(&store, &req.task)?;
+    let (task, at) = running_task(&store, &req.task)?;
     let name = task.name();
     req.task = task.id.clone();
-    let mut client = agent(api, &addr, &host).await?;
+    let mut client = agent(api, &at).await?;
     info!(task = %name, path = %req.path, "copy from container");
     let stream = client
         .copy_from(req)
@@ -224,10 +255,10 @@ pub async fn copy_to(
         }
     };
     let store = api.raft.store();
-    let (task, addr, host) = running_task(&store, &start.task)?;
+    let (task, at) = running_task(&store, &start.task)?;
     let name = task.name();
     start.task = task.id.clone();
-    let mut client = agent(api, &addr, &host).await?;
+    let mut client = agent(api, &at).await?;
     info!(task = %name, path = %start.path, "copy into container");
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let _ = tx
@@ -281,7 +312,7 @@ pub async fn inspect(
         return Ok(Response::new(resp));
     };
     let ask = async {
-        let mut client = agent(api, &node.addr, &node.hostname).await?;
+        let mut client = agent(api, &node.into()).await?;
         client
             .inspect_container(InspectContainerRequest {
                 task_id: task.id.clone(),

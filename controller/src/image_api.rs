@@ -163,12 +163,12 @@ async fn list_host(
     api: &ControlApi,
     req: ListImagesRequest,
 ) -> Result<Response<ListImagesResponse>, Status> {
-    let (addr, host) = {
+    let at: crate::exec_api::AgentAt = {
         let store = api.raft.store();
-        let n = find_node(&store, &req.node)?;
-        (n.addr.clone(), n.hostname.clone())
+        find_node(&store, &req.node)?.into()
     };
-    let mut client = agent(api, &addr, &host).await?;
+    let host = at.host.clone();
+    let mut client = agent(api, &at).await?;
     let call = client.list_host_images(ListImagesRequest {
         all: req.all,
         node: String::new(),
@@ -377,7 +377,7 @@ pub async fn prune(
         .read()
         .expect("agent tls lock")
         .clone()
-        .map(|t| t.domain_name(rudder_pki::ca::Role::Manager.server_name()));
+        .map(|c| rudder_pki::tls::client_tls(&c, rudder_pki::ca::Role::Manager));
 
     // Every member, and this controller even before its address is recorded.
     let mut members: BTreeMap<u64, String> = store
@@ -414,13 +414,11 @@ pub async fn prune(
         .values()
         .filter(|n| n.state == NodeState::Ready)
         .map(|n| {
-            let (addr, host) = (n.addr.clone(), n.hostname.clone());
+            let at = crate::exec_api::AgentAt::from(n);
             async move {
-                let place = format!("host {host}");
+                let place = format!("host {}", at.host);
                 let call = async {
-                    let mut client = agent(api, &addr, &host)
-                        .await
-                        .map_err(|s| s.message().to_string())?;
+                    let mut client = agent(api, &at).await.map_err(|s| s.message().to_string())?;
                     client
                         .prune_host_images(PruneImagesRequest { grace_ms })
                         .await

@@ -144,7 +144,7 @@ pub async fn run(
     };
     // Certificates first: a joining controller needs its manager certificate before it can
     // talk to anyone.
-    let node_name = format!("controller-{}", cfg.raft_id);
+    let node_name = security::controller_cn(cfg.raft_id);
     let boot = security::controller_certs(
         &cfg.data_dir,
         &node_name,
@@ -154,7 +154,6 @@ pub async fn run(
     .await?;
     let certs = boot.certs;
     let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
-    let agent_tls = tls::client_tls(&certs, ca::Role::Worker);
 
     let storage = storage::RedbStorage::open(&raft_path, &voters)?;
     let transport = peer::GrpcTransport::with_tls(Some(peer_tls.clone()));
@@ -199,7 +198,7 @@ pub async fn run(
         },
     ));
 
-    let agent_tls = Arc::new(std::sync::RwLock::new(Some(agent_tls)));
+    let agent_tls = Arc::new(std::sync::RwLock::new(Some(certs.clone())));
     let registry_gc = Arc::new(image_api::RegistryGcApi {
         raft: raft.clone(),
         registry: reg_state.clone(),
@@ -215,7 +214,10 @@ pub async fn run(
             .with_validity(cfg.node_cert_validity),
     );
     let dispatcher = Arc::new(dispatcher::DispatcherApi::new(raft.clone(), registry_addr));
-    let peer_api = Arc::new(peer::PeerApi { raft: raft.clone() });
+    let peer_api = Arc::new(peer::PeerApi {
+        raft: raft.clone(),
+        require_identity: true,
+    });
     info!(listen = %cfg.listen, registry = %cfg.registry_listen, "controller starting");
 
     // Certificates renew on their own; every client and the servers pick up the new one.
@@ -242,8 +244,7 @@ pub async fn run(
                 let c = rx.borrow_and_update().clone();
                 transport.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
                 forwarder.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
-                *agent_tls.write().expect("agent tls lock") =
-                    Some(tls::client_tls(&c, ca::Role::Worker));
+                *agent_tls.write().expect("agent tls lock") = Some(c.clone());
                 if let Err(e) = registry_tls.renew(&c) {
                     tracing::warn!(%e, "registry keeps its old certificate");
                 }
@@ -251,6 +252,7 @@ pub async fn run(
         });
     }
     // Mutual TLS on every service; each admits only the roles it serves.
+    let guard_raft = raft.clone();
     let grpc = rudder_pki::renew::serve_renewing(
         cfg.listen,
         certs_rx,
@@ -258,23 +260,33 @@ pub async fn run(
         move |certs, server| {
             use ca::Role::{Admin, Manager, Worker};
             let ca_cert = Arc::new(certs.ca().clone());
+            // Every request: a certificate of the right role that is not revoked; the
+            // caller's identity travels with the request to the handler.
+            let guard = |roles, service| {
+                security::guard_checked(
+                    ca_cert.clone(),
+                    roles,
+                    service,
+                    security::not_revoked(guard_raft.clone()),
+                )
+            };
             server
                 .add_service(InterceptedService::new(
                     ControlServer::from_arc(control.clone()),
-                    security::guard(ca_cert.clone(), &[Admin], "Control"),
+                    guard(&[Admin], "Control"),
                 ))
                 .add_service(InterceptedService::new(
                     DispatcherServer::from_arc(dispatcher.clone()),
-                    security::guard(ca_cert.clone(), &[Worker, Manager], "Dispatcher"),
+                    guard(&[Worker, Manager], "Dispatcher"),
                 ))
                 .add_service(InterceptedService::new(
                     RaftPeerServer::from_arc(peer_api.clone())
                         .max_decoding_message_size(64 * 1024 * 1024),
-                    security::guard(ca_cert.clone(), &[Manager], "RaftPeer"),
+                    guard(&[Manager], "RaftPeer"),
                 ))
                 .add_service(InterceptedService::new(
                     RegistryGcServer::from_arc(registry_gc.clone()),
-                    security::guard(ca_cert.clone(), &[Manager], "RegistryGc"),
+                    guard(&[Manager], "RegistryGc"),
                 ))
                 .add_service(ClusterServer::from_arc(cluster.clone()))
         },

@@ -374,9 +374,76 @@ fn to_status(e: RaftError) -> Status {
     }
 }
 
-/// The `RaftPeer` service.
+/// The `RaftPeer` service. Every call is bound to the caller's certificate (H4): raft
+/// messages must come `from` the raft id in its name (`controller-<id>`), forwarded proposals
+/// only from current members, and `JoinRaft` only for the caller's own id.
 pub struct PeerApi {
     pub raft: RaftHandle,
+    /// Whether callers must carry an identity (a guard in front, as `lib::run` serves it). Off
+    /// only where a bench serves the raw service.
+    pub require_identity: bool,
+}
+
+impl PeerApi {
+    /// The raft id the caller's certificate names (`None` only without `require_identity`).
+    fn caller_id<T>(&self, req: &Request<T>, rpc: &str) -> Result<Option<u64>, Status> {
+        let Some(id) = crate::tls::caller(req) else {
+            if self.require_identity {
+                return Err(Status::unauthenticated(format!(
+                    "{rpc}: caller not authenticated"
+                )));
+            }
+            return Ok(None);
+        };
+        crate::security::controller_raft_id(&id.node)
+            .map(Some)
+            .ok_or_else(|| {
+                warn!(
+                    node = id.node,
+                    rpc, "raft: refused a manager certificate without a raft id"
+                );
+                Status::permission_denied(format!(
+                    "{rpc}: {} is not a controller's identity (controller-<raft id>)",
+                    id.node
+                ))
+            })
+    }
+
+    /// Refuses a message that does not come from the raft id of the caller's certificate.
+    fn check_from(&self, caller: Option<u64>, msg: &Message) -> Result<(), Status> {
+        match caller {
+            Some(id) if id != msg.from => {
+                warn!(
+                    caller = id,
+                    from = msg.from,
+                    "raft: refused a message sent in another member's name"
+                );
+                Err(Status::permission_denied(format!(
+                    "raft: a message from {} over controller-{id}'s connection",
+                    msg.from
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `caller` may still speak: not revoked (checked per batch, so a long-lived
+    /// stream of a removed member ends).
+    fn check_alive(&self, caller: Option<u64>) -> Result<(), Status> {
+        match caller {
+            Some(id)
+                if self
+                    .raft
+                    .store()
+                    .is_revoked(&crate::security::controller_cn(id)) =>
+            {
+                Err(Status::permission_denied(format!(
+                    "raft: controller {id} was removed from the group: its certificates are revoked"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn decode(bytes: &[u8]) -> Result<Message, Status> {
@@ -387,11 +454,15 @@ fn decode(bytes: &[u8]) -> Result<Message, Status> {
 #[tonic::async_trait]
 impl RaftPeer for PeerApi {
     async fn send(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftAck>, Status> {
+        let caller = self.caller_id(&req, "RaftPeer/Send")?;
         let mut stream = req.into_inner();
         while let Some(batch) = stream.message().await? {
+            self.check_alive(caller)?;
             for b in &batch.msgs {
+                let msg = decode(b)?;
+                self.check_from(caller, &msg)?;
                 self.raft
-                    .step(decode(b)?)
+                    .step(msg)
                     .await
                     .map_err(|e| Status::unavailable(e.to_string()))?;
             }
@@ -403,12 +474,15 @@ impl RaftPeer for PeerApi {
         &self,
         req: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftAck>, Status> {
+        let caller = self.caller_id(&req, "RaftPeer/Snapshot")?;
+        self.check_alive(caller)?;
         let mut stream = req.into_inner();
         let first = stream
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let mut msg = decode(&first.header)?;
+        self.check_from(caller, &msg)?;
         let mut data = first.data;
         while let Some(c) = stream.message().await? {
             data.extend_from_slice(&c.data);
@@ -426,6 +500,19 @@ impl RaftPeer for PeerApi {
         &self,
         req: Request<ForwardRequest>,
     ) -> Result<Response<ForwardReply>, Status> {
+        if let Some(id) = self.caller_id(&req, "RaftPeer/Propose")? {
+            let st = self.raft.status();
+            let member = st.voters.contains(&id)
+                || st.learners.contains(&id)
+                || self.raft.store().managers.contains_key(&id);
+            if !member {
+                warn!(caller = id, "raft: refused a proposal from a non-member");
+                return Err(Status::permission_denied(format!(
+                    "raft: controller {id} is not a member of the group; only members forward \
+                     proposals"
+                )));
+            }
+        }
         let r = req.into_inner();
         let proposal = if !r.conf_change.is_empty() {
             Proposal::Conf(
@@ -443,7 +530,19 @@ impl RaftPeer for PeerApi {
         &self,
         req: Request<JoinRaftRequest>,
     ) -> Result<Response<JoinRaftReply>, Status> {
+        let caller = self.caller_id(&req, "RaftPeer/JoinRaft")?;
         let r = req.into_inner();
+        if let Some(id) = caller.filter(|id| *id != r.raft_id) {
+            warn!(
+                caller = id,
+                asked = r.raft_id,
+                "raft: refused a join in another id's name"
+            );
+            return Err(Status::permission_denied(format!(
+                "join: controller-{id}'s certificate cannot join as raft id {}",
+                r.raft_id
+            )));
+        }
         if r.raft_id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument(
                 "join: raft_id and addr are required",

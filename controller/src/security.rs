@@ -22,7 +22,9 @@ use rudder_model::Command;
 use tracing::{info, warn};
 
 use crate::ca::{self, ClusterCa, JoinTokens, Role, Token};
-use crate::cluster_api::{CaSecrets, ClusterError, SecretsStore, NODE_CERT_VALIDITY};
+use crate::cluster_api::{
+    CaSecrets, ClusterError, SecretsStore, Standing, CONTROLLER_PREFIX, NODE_CERT_VALIDITY,
+};
 use crate::raft_node::RaftHandle;
 use crate::tls::{self, NodeCerts};
 
@@ -222,6 +224,67 @@ impl SecretsStore for RaftSecrets {
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         Ok(token)
     }
+
+    async fn standing(&self, id: &str) -> Result<Standing, ClusterError> {
+        self.raft
+            .read_index()
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        Ok(standing(&self.raft.store(), id))
+    }
+
+    async fn revoke(&self, id: &str, reason: &str) -> Result<(), ClusterError> {
+        self.raft
+            .propose(Command::Revoke {
+                id: id.to_string(),
+                reason: reason.to_string(),
+                now: crate::now_ms(),
+            })
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
 }
 
-pub use crate::tls::guard;
+/// Where identity `id` (a certificate CN) stands in `store`: `controller-<raft id>` is a member
+/// while that id is in the controller group; any other id while a node of that id is registered.
+pub fn standing(store: &rudder_model::Store, id: &str) -> Standing {
+    if store.is_revoked(id) {
+        return Standing::Revoked;
+    }
+    let member = match controller_raft_id(id) {
+        Some(raft_id) => store.managers.contains_key(&raft_id),
+        None => store.nodes.contains_key(id),
+    };
+    if member {
+        Standing::Member
+    } else {
+        Standing::Unknown
+    }
+}
+
+/// The raft id in a controller's certificate name (`controller-<raft id>`).
+pub fn controller_raft_id(cn: &str) -> Option<u64> {
+    cn.strip_prefix(CONTROLLER_PREFIX)?.parse().ok()
+}
+
+/// A controller's certificate name for `raft_id`.
+pub fn controller_cn(raft_id: u64) -> String {
+    format!("{CONTROLLER_PREFIX}{raft_id}")
+}
+
+/// The per-request check behind every guarded service: a revoked identity is refused at its
+/// next request, whatever its certificate's validity (H4, L5).
+pub fn not_revoked(raft: RaftHandle) -> tls::IdentityCheck {
+    std::sync::Arc::new(move |id: &ca::PeerIdentity| {
+        if raft.store().is_revoked(&id.node) {
+            warn!(node = id.node, role = %id.role, "refused a revoked certificate");
+            return Err(tonic::Status::permission_denied(format!(
+                "{} was removed from the cluster: its certificates are revoked",
+                id.node
+            )));
+        }
+        Ok(())
+    })
+}
+
+pub use crate::tls::{guard, guard_checked};

@@ -320,6 +320,20 @@ impl ClusterCa {
         now: SystemTime,
         validity: Duration,
     ) -> Result<String, CaError> {
+        self.issue_for_addresses(csr_pem, role, node_id, now, validity, &[])
+    }
+
+    /// [`ClusterCa::issue`], also naming the IP addresses a server is reached at (IP SANs), so
+    /// that standard TLS clients (skopeo, podman, docker) verify it by the address they dial.
+    pub fn issue_for_addresses(
+        &self,
+        csr_pem: &str,
+        role: Role,
+        node_id: &str,
+        now: SystemTime,
+        validity: Duration,
+        ips: &[std::net::IpAddr],
+    ) -> Result<String, CaError> {
         check_node_id(node_id)?;
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
         let mut params = CertificateParams::default();
@@ -331,6 +345,9 @@ impl ClusterCa {
             SanType::URI(role_uri(role, node_id).try_into().map_err(CaError::Sign)?),
             SanType::DnsName(role.server_name().try_into().map_err(CaError::Sign)?),
         ];
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -363,14 +380,74 @@ pub fn node_csr(node_id: &str) -> Result<(String, String), CaError> {
     Ok((key.serialize_pem(), csr_pem))
 }
 
+/// Who a certificate from the cluster CA names: its role, node id (CN) and end of validity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub role: Role,
+    /// The node id: the certificate's CN (`controller-<raft id>` for controllers).
+    pub node: String,
+    pub not_after: SystemTime,
+}
+
+/// A CSR for `node_id` made with an existing key (PKCS#8 PEM): a node that re-joins after its
+/// certificate expired proves with it that it holds the key of its old certificate.
+pub fn node_csr_with_key(node_id: &str, key_pem: &str) -> Result<String, CaError> {
+    check_node_id(node_id)?;
+    let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_id);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key).map_err(CaError::Generate)?;
+    csr.pem().map_err(CaError::Generate)
+}
+
 /// Verifies that `cert_der` (a peer's end-entity certificate) chains to `ca`, is valid at `now`
 /// and allows client auth, and returns the role and node id it carries.
 pub fn peer_role(cert_der: &[u8], ca: &CaCert, now: SystemTime) -> Result<(Role, String), CaError> {
+    peer_identity(cert_der, ca, now).map(|p| (p.role, p.node))
+}
+
+/// [`peer_role`], with the certificate's end of validity.
+pub fn peer_identity(
+    cert_der: &[u8],
+    ca: &CaCert,
+    now: SystemTime,
+) -> Result<PeerIdentity, CaError> {
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let der = CertificateDer::from(cert_der);
     ca.client_verifier
         .verify_client_cert(&der, &[], UnixTime::since_unix_epoch(since_epoch))
         .map_err(CaError::Untrusted)?;
+    names_of(cert_der)
+}
+
+/// Who an earlier certificate of this cluster names, expired or not: it must have been
+/// signed by `ca` (checked at an instant inside its own validity). A node that was off longer
+/// than its certificate's lifetime proves with it, and with a CSR of the same key
+/// ([`csr_has_key_of`]), that it is the node it was.
+pub fn previous_identity(cert_pem: &str, ca: &CaCert) -> Result<PeerIdentity, CaError> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|_| CaError::Pem("certificate"))?;
+    let (nb, na) = cert_validity(cert_pem)?;
+    let inside = (nb + CLOCK_SKEW).min(na);
+    peer_identity(&der, ca, inside)
+}
+
+/// Whether the CSR (whose self-signature proves possession of its key) is for the same key as
+/// `cert_pem`.
+pub fn csr_has_key_of(csr_pem: &str, cert_pem: &str) -> Result<bool, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|_| CaError::Pem("certificate"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| CaError::Cert(e.to_string()))?;
+    let theirs: &[u8] = &cert.public_key().subject_public_key.data;
+    Ok(bool::from(csr.public_key.der_bytes().ct_eq(theirs)))
+}
+
+/// The role, node id and end of validity a certificate names (not verified here).
+pub fn names_of(cert_der: &[u8]) -> Result<PeerIdentity, CaError> {
     let (_, cert) =
         x509_parser::parse_x509_certificate(cert_der).map_err(|e| CaError::Cert(e.to_string()))?;
     let one = |it: &mut dyn Iterator<Item = Option<String>>, what: &str| {
@@ -418,7 +495,11 @@ pub fn peer_role(cert_der: &[u8], ca: &CaCert, now: SystemTime) -> Result<(Role,
             "uri {uri} disagrees with ou={ou} cn={cn}"
         )));
     }
-    Ok((role, cn))
+    Ok(PeerIdentity {
+        role,
+        node: cn,
+        not_after: from_unix(cert.validity().not_after.timestamp()),
+    })
 }
 
 /// Checks that `ca_pem` is the CA whose fingerprint a join token pinned, and returns it.

@@ -27,6 +27,26 @@ pub enum JoinError {
 /// Joins the cluster of the controller at `url` (`https://host:port`) with `token`, returning
 /// a fresh key and the certificate for the role the token grants.
 pub async fn join_cluster(url: &str, token: &str, node_id: &str) -> Result<NodeCerts, JoinError> {
+    join_with(url, token, node_id, None).await
+}
+
+/// Re-admission of a node whose certificate expired (it was off longer than the certificate's
+/// lifetime): a join token plus proof that it holds the key of its `previous` certificate,
+/// so that it keeps its node id. Its key is replaced at the next renewal.
+pub async fn rejoin_cluster(
+    url: &str,
+    token: &str,
+    previous: &NodeCerts,
+) -> Result<NodeCerts, JoinError> {
+    join_with(url, token, &previous.names()?.node, Some(previous)).await
+}
+
+async fn join_with(
+    url: &str,
+    token: &str,
+    node_id: &str,
+    previous: Option<&NodeCerts>,
+) -> Result<NodeCerts, JoinError> {
     let parsed = Token::parse(token)?;
     let err = |msg: String| JoinError::Refused {
         addr: url.to_string(),
@@ -37,12 +57,23 @@ pub async fn join_cluster(url: &str, token: &str, node_id: &str) -> Result<NodeC
         .connect_timeout(Duration::from_secs(2));
     let endpoint = tls::join_endpoint(endpoint, &parsed)?;
     let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
-    let (key, csr) = ca::node_csr(node_id)?;
+    let (key, csr, previous_cert_pem) = match previous {
+        Some(p) => (
+            p.key_pem().to_string(),
+            ca::node_csr_with_key(node_id, p.key_pem())?,
+            p.cert_pem().to_string(),
+        ),
+        None => {
+            let (key, csr) = ca::node_csr(node_id)?;
+            (key, csr, String::new())
+        }
+    };
     let reply = ClusterClient::new(channel)
         .join(JoinRequest {
             token: token.to_string(),
             csr_pem: csr,
             node_id: node_id.to_string(),
+            previous_cert_pem,
         })
         .await
         .map_err(|s| err(s.message().to_string()))?

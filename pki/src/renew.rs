@@ -11,7 +11,7 @@ use rudder_proto::v1::cluster_client::ClusterClient;
 use rudder_proto::v1::RenewRequest;
 use tokio::sync::watch;
 use tonic::transport::Endpoint;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::ca::{self, Role, CLOCK_SKEW};
 use crate::tls::{self, NodeCerts};
@@ -55,6 +55,16 @@ pub async fn run(
                     break;
                 }
                 Err(e) => {
+                    if current.identity(SystemTime::now()).is_err() {
+                        // Nobody accepts an expired certificate, not even for renewal: only
+                        // a join token re-admits this node (it keeps its id, see join.rs).
+                        error!(
+                            %e,
+                            "the node certificate expired; restart with a join token \
+                             (RUDDER_JOIN_TOKEN) to be re-admitted"
+                        );
+                        return;
+                    }
                     warn!(%e, "certificate renewal failed; retrying");
                     tokio::time::sleep(retry).await;
                 }

@@ -39,7 +39,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerT
 use tonic::{Request, Status};
 use tracing::{debug, warn};
 
-use crate::ca::{self, CaCert, CaError, ClusterCa, Role, Token, CA_CERT_FILE, CA_KEY_FILE};
+use crate::ca::{
+    self, CaCert, CaError, ClusterCa, PeerIdentity, Role, Token, CA_CERT_FILE, CA_KEY_FILE,
+};
 
 /// The node's certificate (PEM) inside its security directory.
 pub const NODE_CERT_FILE: &str = "node.pem";
@@ -174,6 +176,11 @@ impl NodeCerts {
         Ok(ca::peer_role(&first_cert(&self.cert_pem)?, &self.ca, now)?)
     }
 
+    /// Who the certificate names, whether or not it is still valid (it is not verified here).
+    pub fn names(&self) -> Result<PeerIdentity, TlsError> {
+        Ok(ca::names_of(&first_cert(&self.cert_pem)?)?)
+    }
+
     pub fn ca(&self) -> &CaCert {
         &self.ca
     }
@@ -256,7 +263,7 @@ pub fn authorize<T>(
     ca: &CaCert,
     allowed: &[Role],
     rpc: &str,
-) -> Result<(Role, String), Status> {
+) -> Result<PeerIdentity, Status> {
     let certs = req.peer_certs();
     let leaf = certs.as_deref().and_then(|c| c.first());
     authorize_cert(
@@ -268,35 +275,161 @@ pub fn authorize<T>(
     )
 }
 
-fn authorize_cert(
+/// The caller's identity as a [`guard`] recorded it on the request.
+pub fn caller<T>(req: &Request<T>) -> Option<&PeerIdentity> {
+    req.extensions().get::<PeerIdentity>()
+}
+
+/// [`caller`], or `unauthenticated` when no guard ran (a wiring mistake, never a client's).
+pub fn caller_or_refuse<'a, T>(req: &'a Request<T>, rpc: &str) -> Result<&'a PeerIdentity, Status> {
+    caller(req).ok_or_else(|| Status::unauthenticated(format!("{rpc}: caller not authenticated")))
+}
+
+pub fn authorize_cert(
     leaf: Option<&[u8]>,
     ca: &CaCert,
     allowed: &[Role],
     rpc: &str,
     now: SystemTime,
-) -> Result<(Role, String), Status> {
+) -> Result<PeerIdentity, Status> {
     let Some(leaf) = leaf else {
         return Err(Status::unauthenticated(format!(
             "{rpc} needs a client certificate from this cluster's ca; \
              join the cluster with a join token first"
         )));
     };
-    let (role, node) = ca::peer_role(leaf, ca, now).map_err(|e| {
+    let id = ca::peer_identity(leaf, ca, now).map_err(|e| {
         warn!(rpc, err = %e, "tls: refused client certificate");
         Status::unauthenticated(format!("{rpc}: client certificate refused: {e}"))
     })?;
-    if !allowed.contains(&role) {
+    if !allowed.contains(&id.role) {
         let want = allowed
             .iter()
             .map(|r| r.as_str())
             .collect::<Vec<_>>()
             .join(" or ");
-        warn!(rpc, node, %role, "tls: permission denied");
+        warn!(rpc, node = id.node, role = %id.role, "tls: permission denied");
         return Err(Status::permission_denied(format!(
-            "{rpc} is for {want} certificates; node {node} presented a {role} certificate"
+            "{rpc} is for {want} certificates; node {} presented a {} certificate",
+            id.node, id.role
         )));
     }
-    Ok((role, node))
+    Ok(id)
+}
+
+/// Client TLS for dialing one particular node: the server must hold a certificate of `role`
+/// from the cluster CA whose CN is `node`. A controller dials an agent this way, so an agent
+/// that registered another node's address cannot answer for it.
+pub fn node_endpoint(
+    endpoint: Endpoint,
+    certs: &NodeCerts,
+    role: Role,
+    node: &str,
+) -> Result<Endpoint, TlsError> {
+    let tls = ClientTlsConfig::new()
+        .identity(Identity::from_pem(&certs.cert_pem, &certs.key_pem))
+        .domain_name(role.server_name())
+        .timeout(HANDSHAKE_TIMEOUT);
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(certs.ca.der().to_vec()))
+        .map_err(CaError::Tls)?;
+    let verifier = Arc::new(NodeVerifier {
+        roots: Arc::new(roots),
+        role,
+        node: node.to_string(),
+        provider: ca::provider(),
+    });
+    Ok(endpoint.tls_config_with_verifier(tls, verifier)?)
+}
+
+/// Verifies a server against the cluster CA, then that its certificate names the expected node
+/// and role.
+#[derive(Debug)]
+struct NodeVerifier {
+    roots: Arc<RootCertStore>,
+    role: Role,
+    node: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let who = ca::names_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        if who.role != self.role || who.node != self.node {
+            warn!(
+                want = self.node,
+                got = who.node,
+                role = %who.role,
+                "tls: server certificate names another node"
+            );
+            return Err(CertificateError::Other(OtherError(Arc::new(WrongNode {
+                want: self.node.clone(),
+                got: who.node,
+            })))
+            .into());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[derive(thiserror::Error)]
+#[error("the server's certificate is for node {got}, not {want}: another host answers at this node's address")]
+struct WrongNode {
+    want: String,
+    got: String,
+}
+
+impl fmt::Debug for WrongNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 /// Verifies a server against the CA a join token pinned by fingerprint; the server sends that
@@ -398,14 +531,29 @@ fn read_secret(dir: &Path, name: &str) -> Result<String, TlsError> {
 }
 
 /// A tonic interceptor admitting callers whose certificate has one of `roles`; `service` names
-/// the service in refusals.
+/// the service in refusals. The caller's [`PeerIdentity`] goes with the request ([`caller`]).
 pub fn guard(
     ca: Arc<CaCert>,
     roles: &'static [Role],
     service: &'static str,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
-    move |req: Request<()>| {
-        authorize(&req, &ca, roles, service)?;
+    guard_checked(ca, roles, service, Arc::new(|_: &PeerIdentity| Ok(())))
+}
+
+/// A further check of an authenticated caller, on every request (e.g. "not revoked").
+pub type IdentityCheck = Arc<dyn Fn(&PeerIdentity) -> Result<(), Status> + Send + Sync>;
+
+/// [`guard`], with `check` run on every request after the certificate verified.
+pub fn guard_checked(
+    ca: Arc<CaCert>,
+    roles: &'static [Role],
+    service: &'static str,
+    check: IdentityCheck,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut req: Request<()>| {
+        let id = authorize(&req, &ca, roles, service)?;
+        check(&id)?;
+        req.extensions_mut().insert(id);
         Ok(req)
     }
 }
@@ -492,6 +640,83 @@ mod tests {
     }
 
     #[test]
+    fn node_verifier_accepts_only_the_node_it_dials() {
+        let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let other = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.cert().der().to_vec()))
+            .unwrap();
+        let verifier = |node: &str| NodeVerifier {
+            roots: Arc::new(roots.clone()),
+            role: Role::Worker,
+            node: node.into(),
+            provider: ca::provider(),
+        };
+        let name = ServerName::try_from("worker.rudder").unwrap();
+        let now = UnixTime::now();
+        let check = |v: &NodeVerifier, pem: &str| {
+            v.verify_server_cert(&first_cert(pem).unwrap(), &[], &name, &[], now)
+        };
+        let (w1, _) = issued(&ca, Role::Worker, "n1");
+        check(&verifier("n1"), &w1).unwrap();
+        // Another node's certificate (C1: an agent that registered n1's address) is refused.
+        let (w2, _) = issued(&ca, Role::Worker, "n2");
+        let err = check(&verifier("n1"), &w2).unwrap_err().to_string();
+        assert!(err.contains("node n2, not n1"), "{err}");
+        // A manager certificate named n1 is not an agent.
+        let (m1, _) = issued(&ca, Role::Manager, "n1");
+        assert!(check(&verifier("n1"), &m1).is_err());
+        // A certificate of another CA never verifies.
+        let (foreign, _) = issued(&other, Role::Worker, "n1");
+        assert!(check(&verifier("n1"), &foreign).is_err());
+    }
+
+    #[test]
+    fn an_expired_certificate_proves_its_identity_only_with_its_own_key() {
+        let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let long_ago = SystemTime::now() - 10 * DAY;
+        let (key, csr) = node_csr("n1").unwrap();
+        let old = ca.issue(&csr, Role::Worker, "n1", long_ago, DAY).unwrap();
+        let certs = NodeCerts::new(ca.cert_pem(), &old, &key, None).unwrap();
+        assert!(certs.identity(SystemTime::now()).is_err(), "expired");
+        let who = ca::previous_identity(&old, ca.cert()).unwrap();
+        assert_eq!((who.role, who.node.as_str()), (Role::Worker, "n1"));
+        let same_key = ca::node_csr_with_key("n1", &key).unwrap();
+        assert!(ca::csr_has_key_of(&same_key, &old).unwrap());
+        let (_, other_key) = node_csr("n1").unwrap();
+        assert!(!ca::csr_has_key_of(&other_key, &old).unwrap());
+        // Not from this CA: no identity at all.
+        let foreign = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let (k2, csr2) = node_csr("n1").unwrap();
+        let theirs = foreign
+            .issue(&csr2, Role::Worker, "n1", long_ago, DAY)
+            .unwrap();
+        assert!(ca::previous_identity(&theirs, ca.cert()).is_err());
+        let _ = k2;
+    }
+
+    #[test]
+    fn guard_records_the_identity_and_runs_the_check() {
+        let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let (cert, _) = issued(&ca, Role::Worker, "w1");
+        let id = authorize_cert(
+            Some(&der(&cert)),
+            ca.cert(),
+            &[Role::Worker],
+            "x",
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(id.node, "w1");
+        assert!(id.not_after > SystemTime::now());
+        let mut req = Request::new(());
+        assert!(caller(&req).is_none());
+        req.extensions_mut().insert(id.clone());
+        assert_eq!(caller(&req), Some(&id));
+    }
+
+    #[test]
     fn authorize_cert_checks_presence_ca_and_role() {
         let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
         let other = ClusterCa::generate("test", SystemTime::now()).unwrap();
@@ -525,7 +750,7 @@ mod tests {
             now,
         )
         .unwrap();
-        assert_eq!(got, (Role::Manager, "m1".to_string()));
+        assert_eq!((got.role, got.node.as_str()), (Role::Manager, "m1"));
 
         // Expired by the time of the call.
         let err = authorize_cert(
