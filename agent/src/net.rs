@@ -178,9 +178,25 @@ fn write_sysctl(path: &str, value: &str) {
     }
 }
 
+/// The tunnel that carries network `n` between hosts: the host's WireGuard interface `wg`
+/// for an encrypted network, the network's own VXLAN device otherwise.
+fn tunnel_of(n: &NetworkView, wg: &str) -> String {
+    if n.encrypted {
+        wg.to_string()
+    } else {
+        vxlan_name(&n.id)
+    }
+}
+
 /// The nftables table for `map`: VIPs, the routing mesh, host-mode ports, isolation between
-/// networks, and outbound NAT. Pure, so it is unit-tested as text.
-pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge>) -> String {
+/// networks, and outbound NAT. `wg` is this host's WireGuard interface (used only when an
+/// encrypted network exists). Pure, so it is unit-tested as text.
+///
+/// Isolation invariants: a network's packets enter a host only through its own bridge or its
+/// own tunnel ([`tunnel_of`]), with a source address in its own subnet (checked before
+/// conntrack's `established` shortcut, so a forged packet cannot ride another network's flow);
+/// VXLAN is decapsulated only from the cluster's hosts, and no container can send VXLAN to them.
+pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> String {
     let mut pre = Vec::new();
     let mut out_nat = Vec::new();
     let mut post = Vec::new();
@@ -188,7 +204,56 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
     let nets: BTreeMap<&str, &NetworkView> =
         map.networks.iter().map(|n| (n.id.as_str(), n)).collect();
     let bridges: Vec<String> = map.networks.iter().map(|n| bridge_name(&n.id)).collect();
-    let overlay_ifaces: Vec<String> = bridges.iter().chain(tunnels).cloned().collect();
+    let tunnels: Vec<String> = map
+        .networks
+        .iter()
+        .map(|n| tunnel_of(n, wg))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let overlay_ifaces: Vec<String> = bridges.iter().chain(&tunnels).cloned().collect();
+    // Cluster hosts' underlay addresses: the only senders of VXLAN we decapsulate.
+    let peer_addrs: Vec<String> = map
+        .peers
+        .iter()
+        .map(|p| p.underlay.to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // Anti-spoofing, ahead of everything in forward and input: what comes out of a network's
+    // bridge or tunnel carries that network's addresses (the WireGuard interface carries
+    // every encrypted network's, each peer held to its own slices by its allowed IPs).
+    let mut spoof = Vec::new();
+    let enc_subnets: Vec<String> = map
+        .networks
+        .iter()
+        .filter(|n| n.encrypted)
+        .map(|n| n.subnet.to_string())
+        .collect();
+    for n in &map.networks {
+        spoof.push(format!(
+            "iifname \"{}\" ip saddr != {} drop",
+            bridge_name(&n.id),
+            n.subnet
+        ));
+        if !n.encrypted {
+            let vx = vxlan_name(&n.id);
+            spoof.push(format!("iifname \"{vx}\" ip saddr != {} drop", n.subnet));
+            spoof.push(format!("iifname \"{vx}\" ip daddr != {} drop", n.subnet));
+        }
+    }
+    if !enc_subnets.is_empty() {
+        spoof.push(format!(
+            "iifname \"{wg}\" ip saddr != {{ {} }} drop",
+            enc_subnets.join(", ")
+        ));
+    }
+    if let Some(b) = bridge {
+        spoof.push(format!(
+            "iifname \"{BRIDGE}\" ip saddr != {} drop",
+            b.subnet
+        ));
+    }
     let quoted = |names: &[String]| {
         names
             .iter()
@@ -234,29 +299,25 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
                 numgen(&backends)
             ));
         }
-        // Between containers: only within a network, arriving from a local bridge or (already
-        // filtered by the sending host, and by WireGuard's allowed IPs) from a tunnel.
+        // Between containers: only within a network, arriving from its local bridge or from
+        // its own tunnel (filtered by the sending host, by the anti-spoofing rules above, and
+        // for WireGuard by each peer's allowed IPs) — never from another network's tunnel.
         fwd.push(format!(
             "iifname \"{br}\" ip saddr {s} ip daddr {s} accept",
             s = n.subnet
         ));
-        if !tunnels.is_empty() {
-            fwd.push(format!(
-                "iifname {{ {} }} oifname \"{br}\" ip saddr {} ip daddr {} accept",
-                quoted(tunnels),
-                n.subnet,
-                n.local_slice
-            ));
-        }
+        fwd.push(format!(
+            "iifname \"{}\" oifname \"{br}\" ip saddr {} ip daddr {} accept",
+            tunnel_of(n, wg),
+            n.subnet,
+            n.local_slice
+        ));
         if n.internal {
             // Nowhere else: not another network, not the underlay, not the internet, not
             // through a published port (checked before the port marks are accepted, and after
             // DNAT, so the real destination counts), and never under another source address.
             // Matched by interface: a task may forge its source.
-            walls.push(format!(
-                "iifname \"{br}\" ip saddr != {s} drop",
-                s = n.subnet
-            ));
+            // (Its source address is checked with every network's, ahead of the chain.)
             walls.push(format!(
                 "iifname \"{br}\" ip daddr != {s} drop",
                 s = n.subnet
@@ -366,7 +427,23 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
         "type nat hook postrouting priority srcnat; policy accept;",
         &post,
     );
-    let mut forward = vec!["ct state established,related accept".to_string()];
+    let mut forward = spoof.clone();
+    // And a VXLAN device carries only its own network (never an encrypted one's addresses).
+    for n in map.networks.iter().filter(|n| !n.encrypted) {
+        forward.push(format!(
+            "oifname \"{}\" ip daddr != {} drop",
+            vxlan_name(&n.id),
+            n.subnet
+        ));
+    }
+    if !peer_addrs.is_empty() {
+        // A container (masqueraded to this host's address) never sends VXLAN to the cluster.
+        forward.push(format!(
+            "ip daddr {{ {} }} udp dport {VXLAN_PORT} drop",
+            peer_addrs.join(", ")
+        ));
+    }
+    forward.push("ct state established,related accept".to_string());
     forward.extend(walls);
     forward.push(format!(
         "ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"
@@ -391,8 +468,22 @@ pub fn ruleset(map: &NetworkMap, tunnels: &[String], bridge: Option<&LocalBridge
             subnets.join(", ")
         ));
     }
+    if !map.networks.is_empty() {
+        // VXLAN is decapsulated (by the kernel, after this hook) only from the cluster's hosts.
+        let mut head = spoof;
+        head.push(if peer_addrs.is_empty() {
+            format!("udp dport {VXLAN_PORT} drop")
+        } else {
+            format!(
+                "udp dport {VXLAN_PORT} ip saddr != {{ {} }} drop",
+                peer_addrs.join(", ")
+            )
+        });
+        head.push("ct state established,related accept".to_string());
+        head.append(&mut input);
+        input = head;
+    }
     if !input.is_empty() {
-        input.insert(0, "ct state established,related accept".to_string());
         chain(
             &mut t,
             "input",
@@ -644,7 +735,6 @@ impl Overlay {
         }
 
         // Tunnels.
-        let mut tunnels = Vec::new();
         let encrypted: Vec<&NetworkView> = wanted.values().filter(|n| n.encrypted).collect();
         let wg_iface = wg_name(&self.node_id);
         if !encrypted.is_empty() {
@@ -685,7 +775,6 @@ impl Overlay {
                 format!("route replace {dst} dev {wg_iface}")
             })
             .await?;
-            tunnels.push(wg_iface.clone());
         } else if let Some(wg) = self.wg.lock().await.take() {
             wg.shutdown().await;
             applied.peers.clear();
@@ -721,7 +810,6 @@ impl Overlay {
                 format!("route replace {dst} via {} dev {vx} onlink", peer_gw[dst])
             })
             .await?;
-            tunnels.push(vx);
         }
         if !bridge_cmds.is_empty() {
             let input = bridge_cmds.join("\n") + "\n";
@@ -729,7 +817,7 @@ impl Overlay {
         }
 
         // nftables: the whole table, atomically, when it changed.
-        let table = ruleset(map, &tunnels, bridge.as_ref());
+        let table = ruleset(map, &wg_iface, bridge.as_ref());
         if table != applied.nft {
             let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{table}");
             run("nft", &["-f", "-"], Some(&script)).await?;
@@ -1152,13 +1240,13 @@ mod tests {
             }],
             ..Default::default()
         };
-        let t = ruleset(&map, &["rwg-1".to_string()], None);
+        let t = ruleset(&map, "rwg-1", None);
         for want in [
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
             "ct mark 0x5244 ip daddr 10.50.0.0/16 snat to 10.50.1.1",
             "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
-            "iifname { \"rwg-1\" } oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
+            "iifname \"rwg-1\" oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
             "ip daddr { 10.50.0.0/16 } drop",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
@@ -1184,7 +1272,7 @@ mod tests {
         let mut empty = map.clone();
         empty.networks[0].services[0].tasks.clear();
         empty.ingress.clear();
-        assert!(!ruleset(&empty, &[], None).contains("dnat"));
+        assert!(!ruleset(&empty, "rwg-1", None).contains("dnat"));
         // The local bridge: outbound NAT, its host ports, nobody else forwarding into it.
         let b = LocalBridge {
             subnet: DEFAULT_BRIDGE_SUBNET.parse().unwrap(),
@@ -1197,7 +1285,7 @@ mod tests {
                 backends: vec!["172.31.0.2".parse().unwrap()],
             }],
         };
-        let t = ruleset(&empty, &[], Some(&b));
+        let t = ruleset(&empty, "rwg-1", Some(&b));
         for want in [
             "ip saddr 172.31.0.0/16 oifname != \"rdr0\" masquerade",
             "fib daddr type local udp dport 5353 ct mark set 0x5245 dnat to 172.31.0.2:53",
@@ -1208,7 +1296,7 @@ mod tests {
         // An internal network: no masquerade, nothing forwarded out, of the host only DNS.
         let mut internal = map.clone();
         internal.networks[0].internal = true;
-        let t = ruleset(&internal, &["rwg-1".to_string()], None);
+        let t = ruleset(&internal, "rwg-1", None);
         assert!(!t.contains("masquerade"), "{t}");
         // The walls come before the published ports' marks are accepted.
         let wall = t.find("ip daddr != 10.50.0.0/16 drop").unwrap();
@@ -1225,6 +1313,76 @@ mod tests {
             assert!(t.contains(want), "missing {want}\n{t}");
         }
         assert!(nft_accepts(&t), "{t}");
+    }
+
+    /// H3: a tunnel feeds only its own network; VXLAN comes only from the cluster's hosts.
+    #[test]
+    fn ruleset_each_tunnel_feeds_only_its_network() {
+        let mut plain = view("pppppppppppp", "10.60.0.0/16", "10.60.1.0/24");
+        plain.encrypted = false;
+        plain.services.clear();
+        let mut secret = view("ssssssssssss", "10.61.0.0/16", "10.61.1.0/24");
+        secret.internal = true;
+        secret.services.clear();
+        let peer = |id: &str, underlay: &str, k: u8| rudder_model::network::Peer {
+            node_id: id.into(),
+            underlay: underlay.parse().unwrap(),
+            public_key: "k".into(),
+            slices: [
+                (
+                    "pppppppppppp".to_string(),
+                    format!("10.60.{k}.0/24").parse().unwrap(),
+                ),
+                (
+                    "ssssssssssss".to_string(),
+                    format!("10.61.{k}.0/24").parse().unwrap(),
+                ),
+            ]
+            .into(),
+        };
+        let map = NetworkMap {
+            networks: vec![plain, secret],
+            peers: vec![peer("h2", "10.213.7.2", 2), peer("h3", "10.213.7.3", 3)],
+            ..Default::default()
+        };
+        let t = ruleset(&map, "rwg-1", None);
+        for want in [
+            "iifname \"rdx-pppppppp\" oifname \"rdb-pppppppp\" ip saddr 10.60.0.0/16 ip daddr 10.60.1.0/24 accept",
+            "iifname \"rwg-1\" oifname \"rdb-ssssssss\" ip saddr 10.61.0.0/16 ip daddr 10.61.1.0/24 accept",
+            "iifname \"rdx-pppppppp\" ip saddr != 10.60.0.0/16 drop",
+            "iifname \"rdx-pppppppp\" ip daddr != 10.60.0.0/16 drop",
+            "iifname \"rwg-1\" ip saddr != { 10.61.0.0/16 } drop",
+            "iifname \"rdb-pppppppp\" ip saddr != 10.60.0.0/16 drop",
+            "oifname \"rdx-pppppppp\" ip daddr != 10.60.0.0/16 drop",
+            "udp dport 4789 ip saddr != { 10.213.7.2, 10.213.7.3 } drop",
+            "ip daddr { 10.213.7.2, 10.213.7.3 } udp dport 4789 drop",
+        ] {
+            assert!(t.contains(want), "missing {want}\n{t}");
+        }
+        // No tunnel but its own feeds a bridge; the old rule took every tunnel for every one.
+        for line in t.lines().filter(|l| l.contains("oifname \"rdb-ssssssss\"")) {
+            assert!(!line.contains("rdx-"), "{line}");
+        }
+        for line in t.lines().filter(|l| l.contains("oifname \"rdb-pppppppp\"")) {
+            assert!(!line.contains("rwg-"), "{line}");
+        }
+        // The spoofing checks come before conntrack's shortcut, in both chains.
+        let fwd = &t[t.find("chain forward").unwrap()..];
+        let spoof = fwd.find("iifname \"rdx-pppppppp\" ip saddr != 10.60.0.0/16 drop");
+        assert!(
+            spoof.unwrap() < fwd.find("ct state established").unwrap(),
+            "{t}"
+        );
+        let input = &t[t.find("chain input").unwrap()..];
+        let vx = input.find("udp dport 4789 ip saddr != ").unwrap();
+        assert!(vx < input.find("ct state established").unwrap(), "{t}");
+        assert!(nft_accepts(&t), "{t}");
+        // Without peers, no VXLAN is taken at all.
+        let alone = NetworkMap {
+            peers: vec![],
+            ..map
+        };
+        assert!(ruleset(&alone, "rwg-1", None).contains("udp dport 4789 drop"));
     }
 
     /// Whether the kernel accepts a ruleset (`nft -c` checks without committing anything).
