@@ -4,8 +4,11 @@
 //! agent. It joins the group with the manager token it was sent; its data lives in
 //! `<agent data>/controller`, its output in `<agent data>/controller.log`, its pid in
 //! `<agent data>/controller.pid`. Starting is idempotent: a live controller is left alone, and
-//! one that has state already restarts without joining again.
+//! one that has state already restarts without joining again. The manager token goes to the
+//! controller in `RUDDER_JOIN_TOKEN`, never on its command line (`/proc/<pid>/cmdline` is
+//! readable by every local user for as long as the controller runs); the log is 0600.
 
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -15,6 +18,8 @@ use tracing::{info, warn};
 
 pub const CONTROLLER_PORT: u16 = 4243;
 pub const REGISTRY_PORT: u16 = 5000;
+/// The environment variable `rudder-controller` reads its join token from.
+pub const TOKEN_ENV: &str = "RUDDER_JOIN_TOKEN";
 
 fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
@@ -51,6 +56,7 @@ pub fn start(data_dir: &Path, agent_addr: &str, rc: &RunController) -> Result<()
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(data_dir.join("controller.log"))
         .map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&bin);
@@ -62,14 +68,12 @@ pub fn start(data_dir: &Path, agent_addr: &str, rc: &RunController) -> Result<()
         .arg(format!("{ip}:{REGISTRY_PORT}"))
         .arg("--raft-id")
         .arg(rc.raft_id.to_string())
+        .env_remove(TOKEN_ENV)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
     if !dir.join("raft.redb").exists() {
-        cmd.arg("--join")
-            .arg(&rc.join)
-            .arg("--token")
-            .arg(&rc.token);
+        cmd.arg("--join").arg(&rc.join).env(TOKEN_ENV, &rc.token);
     }
     // Its own session: the controller outlives this agent, like a shim.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.

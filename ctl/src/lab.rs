@@ -15,6 +15,9 @@
 //!   state path in process command lines, so it works without `lab.json`.
 //! - `down` only signals a process after checking that its command line mentions the lab's own
 //!   state dir (or that it sits in one of the lab's cgroups); it never matches by program name.
+//! - Join tokens never appear in a command line (`/proc/<pid>/cmdline` is world-readable): lab
+//!   processes get them in `RUDDER_JOIN_TOKEN`. The lab dir is 0700 and `lab.json` (which keeps
+//!   the tokens, for restarts) and `context.json` are 0600.
 //! - Lab processes stay in the root mount namespace (we `setns` only the network namespace), so
 //!   mounts they make under the lab dir are visible here and `down` can detach them.
 
@@ -54,6 +57,12 @@ pub const AGENT_PORT: u16 = 4245;
 pub const MAX_NODES: u32 = 250;
 
 const RECORD_FILE: &str = "lab.json";
+/// The environment variable `rudder-agent` and `rudder-controller` read their join token from.
+pub const TOKEN_ENV: &str = "RUDDER_JOIN_TOKEN";
+/// Mode of the lab dir: it holds the lab's tokens and every host's state.
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of `lab.json` and `context.json`.
+const PRIVATE_FILE_MODE: u32 = 0o600;
 const CONTEXT_FILE: &str = "context.json";
 const ROOT_LOCK: &str = ".lock";
 /// Interface names (`rdr<k>`) and addresses are machine-wide, so labs under *different* roots
@@ -522,8 +531,27 @@ fn write_record(rec: &LabRecord) -> Result<(), LabError> {
         path: path.clone(),
         source,
     })?;
-    fs::write(&tmp, body).map_err(io_err(format!("writing {}", tmp.display())))?;
+    write_private(&tmp, &body)?;
     fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// Writes `body` to a fresh 0600 file at `path` (replacing any file there).
+fn write_private(path: &Path, body: &[u8]) -> Result<(), LabError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let ctx = || format!("writing {}", path.display());
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(ctx())(e)),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path)
+        .map_err(io_err(ctx()))?;
+    f.write_all(body).map_err(io_err(ctx()))
 }
 
 fn read_record(dir: &Path) -> Result<Option<LabRecord>, LabError> {
@@ -667,7 +695,13 @@ pub fn up(cfg: &LabConfig) -> Result<Lab, LabError> {
         }
         let k = choose_subnet(&root)?;
         let rec = plan(cfg, &dir, k);
-        fs::create_dir(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new()
+                .mode(PRIVATE_DIR_MODE)
+                .create(&dir)
+                .map_err(io_err(format!("creating {}", dir.display())))?;
+        }
         // From here on every failure must be undone by `down`. The underlay (with `rdr<k>`) is
         // built under the machine lock, so another root's lab never picks the same `k`.
         if let Err(e) = write_record(&rec).and_then(|()| build_underlay(&rec)) {
@@ -784,13 +818,14 @@ fn build_hosts(
         let host = rec.lab.hosts[idx].clone();
         let cdir = host.controller_data_dir();
         fs::create_dir_all(&cdir).map_err(io_err(format!("creating {}", cdir.display())))?;
-        let mut args = controller_args(&host, idx, first_addr, &rec.lab.manager_token);
+        let mut args = controller_args(&host, idx, first_addr);
         args.extend(cfg.extra_controller_args.iter().cloned());
         let what = format!("controller on {}", host.name);
         let child = spawn_in_netns(
             &what,
             &cfg.controller_bin,
             &args,
+            controller_token(idx, &rec.lab.manager_token),
             &host.netns,
             &host.controller_log(),
         )?;
@@ -825,10 +860,17 @@ fn build_hosts(
 
     for idx in 0..rec.lab.hosts.len() {
         let host = rec.lab.hosts[idx].clone();
-        let mut args = agent_args(&host, &controller_urls, &cfg.runtime, &rec.lab.worker_token);
+        let mut args = agent_args(&host, &controller_urls, &cfg.runtime);
         args.extend(cfg.extra_agent_args.iter().cloned());
         let what = format!("agent on {}", host.name);
-        let child = spawn_in_netns(&what, &cfg.agent_bin, &args, &host.netns, &host.agent_log())?;
+        let child = spawn_in_netns(
+            &what,
+            &cfg.agent_bin,
+            &args,
+            Some(&rec.lab.worker_token),
+            &host.netns,
+            &host.agent_log(),
+        )?;
         let pid = child_pid(&child);
         children.push(child);
         rec.lab.hosts[idx].agent_pid = Some(pid);
@@ -860,17 +902,21 @@ fn build_hosts(
         path: rec.lab.context_path.clone(),
         source,
     })?;
-    fs::write(&rec.lab.context_path, body).map_err(io_err(format!(
-        "writing {}",
-        rec.lab.context_path.display()
-    )))?;
+    write_private(&rec.lab.context_path, &body)?;
     rec.complete = true;
     write_record(rec)
 }
 
+/// The token controller `index` is started with: the first one makes the cluster and needs
+/// none; the others join with the manager token.
+fn controller_token(index: usize, manager_token: &str) -> Option<&str> {
+    (index > 0).then_some(manager_token)
+}
+
 /// The first manager (index 0) starts the cluster; the others join it on their first start
-/// (a restarted controller keeps its own state and ignores `--join`).
-fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4, token: &str) -> Vec<String> {
+/// (a restarted controller keeps its own state and ignores `--join`). The manager token goes
+/// in the environment ([`controller_token`]), never here.
+fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<String> {
     let mut args = vec![
         "--data-dir".into(),
         path_arg(&host.controller_data_dir()),
@@ -884,20 +930,14 @@ fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4, token: &st
         host.name.clone(),
     ];
     if index > 0 {
-        args.extend([
-            "--join".into(),
-            first.to_string(),
-            "--token".into(),
-            token.to_string(),
-        ]);
+        args.extend(["--join".into(), first.to_string()]);
     }
     args
 }
 
-fn agent_args(host: &LabHost, controller_url: &str, runtime: &str, token: &str) -> Vec<String> {
+/// The worker token goes in the environment, never here.
+fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String> {
     vec![
-        "--token".into(),
-        token.into(),
         "--data-dir".into(),
         path_arg(&host.data_dir),
         "--controller".into(),
@@ -974,29 +1014,21 @@ impl Lab {
                 wait_gone(&[pid], KILL_GRACE);
             }
         }
-        let (args, log, what) = match role {
+        let (args, token, log, what) = match role {
             Role::Controller => (
-                controller_args(
-                    &host,
-                    index,
-                    self.first_controller_addr(),
-                    &self.manager_token,
-                ),
+                controller_args(&host, index, self.first_controller_addr()),
+                controller_token(index, &self.manager_token),
                 host.controller_log(),
                 format!("controller on {}", host.name),
             ),
             Role::Agent => (
-                agent_args(
-                    &host,
-                    &self.controller_urls().join(","),
-                    runtime,
-                    &self.worker_token,
-                ),
+                agent_args(&host, &self.controller_urls().join(","), runtime),
+                Some(self.worker_token.as_str()),
                 host.agent_log(),
                 format!("agent on {}", host.name),
             ),
         };
-        let mut child = spawn_in_netns(&what, bin, &args, &host.netns, &log)?;
+        let mut child = spawn_in_netns(&what, bin, &args, token, &host.netns, &log)?;
         let pid = child_pid(&child);
         match role {
             Role::Controller => self.hosts[index].controller_pid = Some(pid),
@@ -1027,10 +1059,13 @@ fn child_pid(child: &Child) -> i32 {
 
 /// Starts `bin` detached (own session, stdin null, output appended to `log`) inside network
 /// namespace `ns`, staying in our mount namespace.
+/// Starts `bin` in network namespace `ns`, its own session, output appended to `log`; `token`
+/// (a join token) is passed in [`TOKEN_ENV`], never on the command line.
 fn spawn_in_netns(
     what: &str,
     bin: &Path,
     args: &[String],
+    token: Option<&str>,
     ns: &str,
     log: &Path,
 ) -> Result<Child, LabError> {
@@ -1052,9 +1087,13 @@ fn spawn_in_netns(
     cmd.args(args)
         .current_dir("/")
         .env("RUST_LOG", rust_log)
+        .env_remove(TOKEN_ENV)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        cmd.env(TOKEN_ENV, token);
+    }
     let fd = ns_file.as_raw_fd();
     // SAFETY: the closure runs between fork and exec and only makes two async-signal-safe
     // syscalls without memory arguments, on an fd that stays open in the parent until `spawn`

@@ -100,12 +100,16 @@ pub async fn join_token(
     if rotate {
         println!("Rotated the {role} join token; the previous one no longer admits new hosts.");
     }
-    let flag = if role == "manager" {
-        "rudder-controller --join CONTROLLER:4243 --token"
+    // The token goes in the environment: a command line is readable by every local user
+    // (`/proc/<pid>/cmdline`) for as long as the process runs.
+    let command = if role == "manager" {
+        "rudder-controller --join CONTROLLER:4243"
     } else {
-        "rudder-agent --controller https://CONTROLLER:4243 --token"
+        "rudder-agent --controller https://CONTROLLER:4243"
     };
-    println!("To add a {role} to this cluster, run on the new host:\n\n    {flag} {token}\n");
+    println!(
+        "To add a {role} to this cluster, run on the new host:\n\n    RUDDER_JOIN_TOKEN={token} {command}\n"
+    );
     Ok(())
 }
 
