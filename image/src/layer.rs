@@ -584,14 +584,14 @@ fn whiteout_target(parent_rel: &Path, hidden: &str, raw: &Path) -> Result<PathBu
     if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
         return Err(unsafe_entry(
             raw,
-            &format!("whiteout of {hidden:?}, which is not a plain name (the layer is refused)"),
+            &format!("whiteout of {hidden:?}, which is not a plain name"),
         ));
     }
     let target = sanitize(&parent_rel.join(hidden))?;
     if target.parent() != Some(parent_rel) || target.file_name() != Some(OsStr::new(hidden)) {
         return Err(unsafe_entry(
             raw,
-            "whiteout points outside its own directory (the layer is refused)",
+            "whiteout points outside its own directory",
         ));
     }
     Ok(target)

@@ -447,7 +447,14 @@ fn unpack_into_place(
     // tempdir creates 0700; a layer root without its own "./" entry should be a normal 0755 dir.
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755))
         .map_err(|e| ImageError::io_path("chmod", tmp.path(), e))?;
-    layer::unpack_file_limited(blob, tmp.path(), digest, limits)?;
+    layer::unpack_file_limited(blob, tmp.path(), digest, limits).map_err(|e| match e {
+        // Name the layer: the entry alone does not say which image to blame.
+        ImageError::UnsafeEntry { path, reason } => ImageError::LayerRefused {
+            layer: digest.to_string(),
+            reason: format!("its entry {path:?} is unsafe: {reason}"),
+        },
+        e => e,
+    })?;
     // Flush the unpacked files before the directory becomes visible as complete.
     sync_filesystem(tmp.path())?;
     match fs::rename(tmp.path(), dest) {
