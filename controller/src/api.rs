@@ -228,6 +228,7 @@ pub fn node_summary(store: &Store, n: &rudder_model::Node) -> NodeSummary {
             .iter()
             .map(|t| t.spec.resources.reservations.memory)
             .sum(),
+        cert_not_after_ms: n.cert_not_after,
     }
 }
 

@@ -149,6 +149,7 @@ pub async fn run(
         &cfg.data_dir,
         &node_name,
         cfg.join.as_deref().filter(|_| fresh),
+        cfg.join.as_deref(),
         cfg.token.as_deref(),
     )
     .await?;

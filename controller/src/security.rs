@@ -47,6 +47,11 @@ pub enum SecurityError {
     NoToken,
     #[error("security: joining via {addr}: {msg}")]
     Join { addr: String, msg: String },
+    #[error(
+        "security: this controller's certificate expired; restart it with --join \
+         <a live controller> and RUDDER_JOIN_TOKEN=<manager token> to be re-admitted"
+    )]
+    Expired,
     #[error("security: writing {0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -60,16 +65,49 @@ pub struct Bootstrap {
 
 /// Loads this controller's certificates from `<data>/certs`, or makes them: a new cluster
 /// (`join` is `None`) creates its CA; a joining controller asks `join` with `token`.
+/// A certificate that expired while the controller was off (H5) is replaced: by the CA key
+/// kept beside it (the first controller), else by re-joining through `rejoin_via` with
+/// `token` and proof of the old key.
 pub async fn controller_certs(
     data_dir: &Path,
     node_id: &str,
     join: Option<&str>,
+    rejoin_via: Option<&str>,
     token: Option<&str>,
 ) -> Result<Bootstrap, SecurityError> {
     let dir = data_dir.join("certs");
     if let Some(certs) = NodeCerts::load_if_present(&dir)? {
+        if certs.identity(SystemTime::now()).is_ok() {
+            return Ok(Bootstrap {
+                certs,
+                initial: None,
+            });
+        }
+        warn!("this controller's certificate expired while it was off; replacing it");
+        let fresh = if let Some(ca) = certs.cluster_ca()? {
+            let (key, csr) = ca::node_csr(node_id)?;
+            let cert = ca.issue(
+                &csr,
+                Role::Manager,
+                node_id,
+                SystemTime::now(),
+                NODE_CERT_VALIDITY,
+            )?;
+            NodeCerts::with_ca(&ca, &cert, &key)?
+        } else {
+            let (Some(addr), Some(token)) = (rejoin_via, token) else {
+                return Err(SecurityError::Expired);
+            };
+            rudder_pki::join::rejoin_cluster(&format!("https://{addr}"), token, &certs)
+                .await
+                .map_err(|e| SecurityError::Join {
+                    addr: addr.to_string(),
+                    msg: e.to_string(),
+                })?
+        };
+        fresh.save(&dir)?;
         return Ok(Bootstrap {
-            certs,
+            certs: fresh,
             initial: None,
         });
     }

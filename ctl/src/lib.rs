@@ -19,8 +19,18 @@ pub async fn connect(ctx: &context::Context) -> anyhow::Result<ControlClient<Cha
     Ok(ControlClient::new(channel(ctx).await?))
 }
 
-/// A mutual-TLS channel to the first controller of the context that answers.
+/// A mutual-TLS channel to the first controller of the context that answers. The context's
+/// admin certificate is renewed on the way when it is in the last third of its lifetime.
 pub async fn channel(ctx: &context::Context) -> anyhow::Result<Channel> {
+    cmd::admin::check_not_expired(ctx)?;
+    let ch = dial_any(ctx).await?;
+    if let Err(e) = cmd::admin::renew_if_due(ctx, ch.clone()).await {
+        eprintln!("warning: {e}");
+    }
+    Ok(ch)
+}
+
+async fn dial_any(ctx: &context::Context) -> anyhow::Result<Channel> {
     let urls = ctx.controller_urls();
     if urls.is_empty() {
         anyhow::bail!("the context names no controller; run `rctl local up` or pass --controller");

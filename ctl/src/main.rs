@@ -210,6 +210,13 @@ enum NodeCmd {
     Promote { node: String },
     /// Make the controller on NODE a non-voting member (it still replicates and serves).
     Demote { node: String },
+    /// Remove a node from the cluster for good: its certificates are revoked at once and its
+    /// tasks move elsewhere. A ready node needs --force; a controller host needs rm-manager first.
+    Rm {
+        node: String,
+        #[arg(short, long)]
+        force: bool,
+    },
     /// Change a node's availability or labels.
     Update {
         node: String,
@@ -342,8 +349,26 @@ enum ClusterCmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
     },
-    /// Remove a controller from the group (by raft id, see `rctl cluster info`).
+    /// Remove a controller from the group (by raft id, see `rctl cluster info`); its
+    /// certificates are revoked.
     RmManager { raft_id: u64 },
+    /// Issue a certificate for another admin identity NAME and write it, its key and a context
+    /// file into --out. With --ca-dir (a manager's <data dir>/certs), sign offline: the way back
+    /// in when every admin certificate expired.
+    AdminCert {
+        name: String,
+        /// Lifetime (e.g. 12h, 30d); default 90 days, at most 365 days.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Directory for NAME.pem, NAME-key.pem, ca.pem and NAME.context.json (made 0700).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Sign with the CA key in this directory instead of asking a controller.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+    },
+    /// Revoke an admin identity: its certificates are refused from the next request on.
+    RevokeAdmin { name: String },
     /// Print (or rotate) the token a new host joins with.
     JoinToken {
         #[arg(value_parser = ["worker", "manager"])]
@@ -589,6 +614,43 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::RmManager { raft_id },
         } => rt.block_on(cmd::cluster::remove_manager(&ctx()?, *raft_id)),
+        Cmd::Cluster {
+            cmd:
+                ClusterCmd::AdminCert {
+                    name,
+                    ttl,
+                    out,
+                    ca_dir,
+                },
+        } => {
+            // Offline signing needs no controller (and maybe no working context).
+            let c = if ca_dir.is_some() {
+                ctx().ok()
+            } else {
+                Some(ctx()?)
+            };
+            rt.block_on(async {
+                let issued = cmd::admin::admin_cert(
+                    c.as_ref(),
+                    name,
+                    ttl.as_deref(),
+                    out,
+                    ca_dir.as_deref(),
+                )
+                .await?;
+                println!(
+                    "admin identity {name}: use it with rctl --context {}",
+                    issued.context.display()
+                );
+                Ok(())
+            })
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::RevokeAdmin { name },
+        } => rt.block_on(cmd::admin::revoke_admin(&ctx()?, name)),
+        Cmd::Node {
+            cmd: NodeCmd::Rm { node, force },
+        } => rt.block_on(cmd::node::rm(&ctx()?, node, *force)),
         Cmd::Node {
             cmd:
                 NodeCmd::Update {

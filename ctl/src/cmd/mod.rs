@@ -1,5 +1,6 @@
 //! One module per `rctl` command.
 
+pub mod admin;
 pub mod apply;
 pub mod build;
 pub mod cluster;
@@ -23,6 +24,17 @@ pub mod rollback;
 pub mod run;
 pub mod scale;
 pub mod volume;
+
+/// A duration as people say it: "45s", "12m", "5h", "3d".
+pub fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
 
 /// Output format shared by listing commands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]

@@ -1,7 +1,9 @@
 //! `rctl node ls|inspect|update`: the cluster's hosts, and the operator's part of them
 //! (availability active|pause|drain, labels used by placement constraints).
 
-use rudder_proto::v1::{NodeSummary, UpdateNodeRequest};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rudder_proto::v1::{NodeSummary, RemoveNodeRequest, UpdateNodeRequest};
 
 use super::{print_table, Output};
 use crate::context::Context;
@@ -13,7 +15,49 @@ pub fn to_json(n: &NodeSummary) -> serde_json::Value {
         "tasks": n.tasks,
         "resources": {"cpus_milli": n.cpus_milli, "memory_bytes": n.memory_bytes},
         "reserved": {"cpus_milli": n.reserved_cpus_milli, "memory_bytes": n.reserved_memory_bytes},
+        "cert_not_after_ms": n.cert_not_after_ms,
     })
+}
+
+/// A warning for a node whose certificate expires within [`super::admin::WARN_BEFORE`] (or
+/// has expired): its agent renews on its own, so this means renewal is failing.
+pub fn cert_warning(n: &NodeSummary, now: SystemTime) -> Option<String> {
+    if n.cert_not_after_ms == 0 {
+        return None;
+    }
+    let at = UNIX_EPOCH + Duration::from_millis(n.cert_not_after_ms);
+    match at.duration_since(now) {
+        Err(_) => Some(format!(
+            "warning: {}'s certificate has expired: restart its agent with a join token \
+             (RUDDER_JOIN_TOKEN) to re-admit it",
+            n.hostname
+        )),
+        Ok(left) if left < super::admin::WARN_BEFORE => Some(format!(
+            "warning: {}'s certificate expires in {}; its agent should have renewed it (see \
+             its log)",
+            n.hostname,
+            super::human_duration(left)
+        )),
+        Ok(_) => None,
+    }
+}
+
+/// `rctl node rm NODE [--force]`.
+pub async fn rm(ctx: &Context, node: &str, force: bool) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    let r = client
+        .remove_node(RemoveNodeRequest {
+            node: node.to_string(),
+            force,
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    println!(
+        "{} ({}) removed: its certificates are revoked",
+        r.hostname, r.id
+    );
+    Ok(())
 }
 
 pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
@@ -55,6 +99,10 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
+            let now = SystemTime::now();
+            for w in list.iter().filter_map(|n| cert_warning(n, now)) {
+                eprintln!("{w}");
+            }
         }
     }
     Ok(())
