@@ -16,6 +16,12 @@
 //! - appends, finishing and cancelling one upload are serialized by a per-upload lock; once
 //!   finished or cancelled an upload is unknown.
 //!
+//! Limits ([`UploadLimits`]): one blob is at most `max_blob_bytes`; no write may leave less than
+//! `min_free_bytes` free on the store's filesystem; at most `max_open_uploads` uploads are open
+//! at once; an upload not written to for `stale_after` is deleted by a purger that runs every
+//! `purge_every` for as long as the store lives (started by [`BlobStore::open`] inside a tokio
+//! runtime, else by the first upload).
+//!
 //! Blobs are global, not per repository: any repository can read a blob that any other
 //! repository uploaded (which makes cross-repository mounts free).
 
@@ -36,6 +42,36 @@ use super::RegistryError;
 /// frames into few blocking-pool writes.
 const WRITE_BUFFER: usize = 1 << 20;
 
+/// Free space is re-checked after this many bytes of one write.
+const FREE_CHECK_EVERY: u64 = 64 << 20;
+
+/// What a blob store accepts: sizes, disk use and open uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Largest blob accepted (an upload, or one fetched from a peer).
+    pub max_blob_bytes: u64,
+    /// Writes are refused when they would leave less than this free on the filesystem.
+    pub min_free_bytes: u64,
+    /// Uploads open at once (started, neither finished, cancelled nor purged).
+    pub max_open_uploads: usize,
+    /// An upload not written to for this long is deleted.
+    pub stale_after: Duration,
+    /// How often stale uploads are looked for.
+    pub purge_every: Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_blob_bytes: 10 << 30,
+            min_free_bytes: 512 << 20,
+            max_open_uploads: 256,
+            stale_after: Duration::from_secs(3600),
+            purge_every: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Content-addressed blob files plus in-progress uploads under one root directory. Cheap to
 /// clone; clones share state.
 #[derive(Clone, Debug)]
@@ -48,6 +84,9 @@ struct Inner {
     root: PathBuf,
     /// Uploads this process has touched, by id.
     uploads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Upload>>>>,
+    limits: UploadLimits,
+    /// The stale-upload purger was started.
+    purger: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -63,8 +102,16 @@ struct Upload {
 }
 
 impl BlobStore {
-    /// Opens (creating if needed) a blob store rooted at `root`.
+    /// Opens (creating if needed) a blob store rooted at `root`, with the default limits.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, RegistryError> {
+        Self::open_with(root, UploadLimits::default())
+    }
+
+    /// Opens (creating if needed) a blob store rooted at `root`, with `limits`.
+    pub fn open_with(
+        root: impl Into<PathBuf>,
+        limits: UploadLimits,
+    ) -> Result<Self, RegistryError> {
         let root = root.into();
         // Private like the rest of the controller's data (0700; files 0600): blobs of
         // private images must not be readable by other local users.
@@ -78,12 +125,57 @@ impl BlobStore {
         }
         crate::storage::private_dir(&root.join("uploads"))
             .map_err(RegistryError::io("create upload directory"))?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 root,
                 uploads: Mutex::new(HashMap::new()),
+                limits,
+                purger: Default::default(),
             }),
-        })
+        };
+        store.start_purger();
+        Ok(store)
+    }
+
+    pub fn limits(&self) -> &UploadLimits {
+        &self.inner.limits
+    }
+
+    /// Starts the stale-upload purger once, if a tokio runtime is at hand. It ends when the
+    /// last clone of the store is dropped.
+    fn start_purger(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.inner.purger.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let every = self.inner.limits.purge_every;
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let store = BlobStore { inner };
+                let max_age = store.inner.limits.stale_after;
+                match store.purge_stale_uploads(SystemTime::now(), max_age).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(uploads = n, "registry: purged stale uploads"),
+                    Err(err) => tracing::warn!(%err, "registry: purging stale uploads"),
+                }
+            }
+        });
+    }
+
+    /// Refuses to write `more` bytes (0: any write) when that would leave less than the floor
+    /// free on the store's filesystem.
+    fn check_free(&self, more: u64) -> Result<(), RegistryError> {
+        check_free(&self.inner.root, self.inner.limits.min_free_bytes, more)
     }
 
     pub fn root(&self) -> &Path {
@@ -152,6 +244,7 @@ impl BlobStore {
         if self.stat(&digest).await?.is_some() {
             return Ok(digest);
         }
+        self.check_free(bytes.len() as u64)?;
         let tmp = self.upload_path(&format!("tmp-{}", random_id()));
         let result = async {
             let mut f = create_private(&tmp)
@@ -190,7 +283,7 @@ impl BlobStore {
             .map_err(RegistryError::io("create blob file"))?;
         let result = async {
             let mut hasher = Sha256::new();
-            let size = write_chunk(&tmp, 0, len, body, &mut hasher).await?;
+            let size = write_chunk(self, &tmp, 0, len, body, &mut hasher).await?;
             let actual = Digest::from_hasher(hasher);
             if &actual != expected {
                 return Err(RegistryError::DigestMismatch {
@@ -236,18 +329,32 @@ impl BlobStore {
 
     /// Starts an empty upload for `repo`; returns its id.
     pub async fn start_upload(&self, repo: &str) -> Result<String, RegistryError> {
+        self.start_purger();
+        self.check_free(0)?;
         let id = random_id();
-        create_private(self.upload_path(&id))
-            .await
-            .map_err(RegistryError::io("create upload"))?;
         let upload = Upload {
             repo: Some(repo.to_owned()),
             size: 0,
             hasher: Sha256::new(),
             done: false,
         };
-        self.uploads()
-            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(upload)));
+        {
+            // Counted and reserved under one lock, so concurrent starts cannot overshoot.
+            let mut uploads = self.uploads();
+            let max = self.inner.limits.max_open_uploads;
+            if uploads.len() >= max {
+                return Err(RegistryError::TooManyUploads(format!(
+                    "{} uploads are open and the limit is {max}; finish or cancel one, or retry \
+                     later",
+                    uploads.len()
+                )));
+            }
+            uploads.insert(id.clone(), Arc::new(tokio::sync::Mutex::new(upload)));
+        }
+        if let Err(e) = create_private(self.upload_path(&id)).await {
+            self.uploads().remove(&id);
+            return Err(RegistryError::io("create upload")(e));
+        }
         Ok(id)
     }
 
@@ -347,7 +454,7 @@ impl BlobStore {
         let path = self.upload_path(id);
         let mut hasher = u.hasher.clone();
         let before = u.size;
-        match write_chunk(&path, before, len, body, &mut hasher).await {
+        match write_chunk(self, &path, before, len, body, &mut hasher).await {
             Ok(written) => {
                 u.size = before + written;
                 u.hasher = hasher;
@@ -475,8 +582,30 @@ impl BlobStore {
     }
 }
 
-/// Writes `body` at offset `at` of `path`, feeding `hasher`; returns the bytes written.
+/// Bytes available to this process on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Result<u64, RegistryError> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| RegistryError::io("check free disk space")(e.into()))?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// Refuses when writing `more` bytes under `root` would leave less than `floor` free.
+fn check_free(root: &Path, floor: u64, more: u64) -> Result<(), RegistryError> {
+    let free = free_bytes(root)?;
+    if free.saturating_sub(more) < floor {
+        return Err(RegistryError::DiskFull(format!(
+            "{free} bytes free, and the registry keeps at least {floor} free (writing {more} \
+             more was refused)"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `body` at offset `at` of `path`, feeding `hasher`; returns the bytes written. Refuses
+/// (before reading when `len` says so, else as soon as it happens) to make the file larger
+/// than the store's blob limit or to leave its disk below the free-space floor.
 async fn write_chunk<S, E>(
+    store: &BlobStore,
     path: &Path,
     at: u64,
     len: Option<u64>,
@@ -487,6 +616,17 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let max = store.inner.limits.max_blob_bytes;
+    let too_large = || {
+        RegistryError::TooLarge(format!(
+            "a blob is limited to {max} bytes (this one would exceed it)"
+        ))
+    };
+    if len.is_some_and(|len| at.saturating_add(len) > max) {
+        return Err(too_large());
+    }
+    store.check_free(len.unwrap_or(0))?;
+    let mut checked_free_at = 0u64;
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
         .open(path)
@@ -502,6 +642,13 @@ where
         written += chunk.len() as u64;
         if len.is_some_and(|len| written > len) {
             break;
+        }
+        if at + written > max {
+            return Err(too_large());
+        }
+        if len.is_none() && written - checked_free_at >= FREE_CHECK_EVERY {
+            store.check_free(0)?;
+            checked_free_at = written;
         }
         hasher.update(&chunk);
         out.write_all(&chunk)

@@ -59,6 +59,12 @@ pub enum RegistryError {
     TagInvalid(String),
     #[error("registry: payload too large: {0}")]
     TooLarge(String),
+    /// Too many uploads are open at once; the client should retry later.
+    #[error("registry: too many uploads in progress: {0}")]
+    TooManyUploads(String),
+    /// Taking the bytes would leave the registry's disk below its free-space floor.
+    #[error("registry: not enough disk space: {0}")]
+    DiskFull(String),
     #[error("registry: unsupported: {0}")]
     Unsupported(String),
     #[error("registry: no such endpoint: {0}")]
@@ -124,6 +130,8 @@ impl RegistryError {
             // The spec's code table has no tag code; the reference is part of the manifest push.
             TagInvalid(_) => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST),
             TooLarge(_) => ("SIZE_INVALID", StatusCode::PAYLOAD_TOO_LARGE),
+            TooManyUploads(_) => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS),
+            DiskFull(_) => ("UNAVAILABLE", StatusCode::INSUFFICIENT_STORAGE),
             Unsupported(_) => ("UNSUPPORTED", StatusCode::BAD_REQUEST),
             NotFound(_) => ("NAME_UNKNOWN", StatusCode::NOT_FOUND),
             MethodNotAllowed(_) => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED),

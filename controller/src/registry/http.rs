@@ -650,6 +650,8 @@ async fn append_body(
         RegistryError::RangeInvalid { .. }
         | RegistryError::ContentRangeMalformed { .. }
         | RegistryError::SizeInvalid(_)
+        | RegistryError::TooLarge(_)
+        | RegistryError::DiskFull(_)
         | RegistryError::UploadUnknown(_),
     ) = &result
     {

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::any;
 
-pub use blob::BlobStore;
+pub use blob::{BlobStore, UploadLimits};
 pub use error::RegistryError;
 pub use http::store_manifest;
 pub use names::Digest;

@@ -34,8 +34,17 @@ impl Server {
 
     /// A server over its own blob directory, with the given tag store and peers.
     async fn start_with(tags: Arc<dyn TagStore>, peers: Option<Arc<dyn PeerRegistries>>) -> Self {
+        Self::start_limited(tags, peers, blob::UploadLimits::default()).await
+    }
+
+    /// [`Server::start_with`], with the blob store's limits given.
+    async fn start_limited(
+        tags: Arc<dyn TagStore>,
+        peers: Option<Arc<dyn PeerRegistries>>,
+        limits: blob::UploadLimits,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(dir.path().join("registry")).unwrap();
+        let blobs = BlobStore::open_with(dir.path().join("registry"), limits).unwrap();
         let mut state = RegistryState::new(blobs, tags);
         if let Some(peers) = peers {
             state = state.with_peers(peers).unwrap();
@@ -1517,4 +1526,124 @@ async fn upload_waits_no_longer_than_the_quorum_deadline() {
     assert!(message.contains("did not answer within"), "{message}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(!state.blobs().blob_path(&digest).exists());
+}
+
+fn limited(limits: blob::UploadLimits) -> impl std::future::Future<Output = Server> {
+    Server::start_limited(Arc::new(MemTagStore::new()), None, limits)
+}
+
+/// One blob is at most `max_blob_bytes`: a declared length over it is refused before its
+/// bytes are read, a streamed body as soon as it crosses it; nothing is left behind.
+#[tokio::test]
+async fn a_blob_over_the_size_limit_is_refused() {
+    let s = limited(blob::UploadLimits {
+        max_blob_bytes: 1000,
+        ..Default::default()
+    })
+    .await;
+    let data = vec![7u8; 2000];
+    let resp = s
+        .req(
+            Method::POST,
+            &format!("/v2/a/blobs/uploads/?digest={}", Digest::of(&data)),
+        )
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = error_body(resp).await;
+    assert!(body.to_string().contains("limited to 1000 bytes"), "{body}");
+    assert_eq!(s.blob_files(), 0);
+    let uploads = s.state.blobs().root().join("uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+
+    // Chunks: 600 bytes fit, 600 more do not, with or without a declared length; the upload
+    // stays at its last good size.
+    let blobs = s.state.blobs();
+    let id = blobs.start_upload("a").await.unwrap();
+    let chunk = || futures::stream::iter(vec![Ok::<_, String>(bytes::Bytes::from(vec![1u8; 600]))]);
+    assert_eq!(
+        blobs
+            .append("a", &id, None, Some(600), "", chunk())
+            .await
+            .unwrap(),
+        600
+    );
+    for len in [Some(600), None] {
+        let err = blobs
+            .append("a", &id, None, len, "", chunk())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::TooLarge(_)), "{err}");
+        assert_eq!(blobs.upload_size("a", &id).await.unwrap(), 600);
+    }
+}
+
+/// At most `max_open_uploads` uploads are open at once; finishing or cancelling one frees
+/// its place.
+#[tokio::test]
+async fn open_uploads_are_capped() {
+    let s = limited(blob::UploadLimits {
+        max_open_uploads: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut locations = Vec::new();
+    for _ in 0..2 {
+        let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        locations.push(header(&resp, "location").to_owned());
+    }
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body = error_body(resp).await;
+    assert_eq!(body["errors"][0]["code"], "TOOMANYREQUESTS", "{body}");
+    assert!(body.to_string().contains("limit is 2"), "{body}");
+    let resp = s.send(Method::DELETE, &locations[0]).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+/// Writes that would leave the disk below the free-space floor are refused (507).
+#[tokio::test]
+async fn writes_below_the_free_space_floor_are_refused() {
+    let s = limited(blob::UploadLimits {
+        min_free_bytes: u64::MAX,
+        ..Default::default()
+    })
+    .await;
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body = error_body(resp).await;
+    assert!(body.to_string().contains("not enough disk space"), "{body}");
+    let err = s.state.blobs().put_bytes(b"{}").await.unwrap_err();
+    assert!(matches!(err, RegistryError::DiskFull(_)), "{err}");
+    assert_eq!(s.blob_files(), 0);
+}
+
+/// Stale uploads are purged on a timer, with no caller asking.
+#[tokio::test]
+async fn stale_uploads_are_purged_on_a_timer() {
+    let s = limited(blob::UploadLimits {
+        stale_after: Duration::from_millis(200),
+        purge_every: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let resp = s.send(Method::POST, "/v2/a/blobs/uploads/").await;
+    let location = header(&resp, "location").to_owned();
+    let uploads = s.state.blobs().root().join("uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::read_dir(&uploads).unwrap().count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "upload never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = s.send(Method::GET, &location).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
