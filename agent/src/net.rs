@@ -160,6 +160,36 @@ async fn links() -> Result<BTreeSet<String>, NetError> {
         .collect())
 }
 
+/// Route protocol number marking the `unreachable` routes of encrypted subnets as ours (an
+/// unassigned value in iproute2's `rt_protos`), so a pass removes exactly those it no longer
+/// wants and never a route someone else made.
+const RTPROT_RUDDER: u8 = 213;
+
+/// Destinations of our `unreachable` routes (see [`RTPROT_RUDDER`]).
+async fn unreachable_routes() -> Result<BTreeSet<String>, NetError> {
+    let proto = RTPROT_RUDDER.to_string();
+    let out = run(
+        "ip",
+        &[
+            "-j",
+            "route",
+            "show",
+            "type",
+            "unreachable",
+            "proto",
+            &proto,
+        ],
+        None,
+    )
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("dst").and_then(|n| n.as_str()).map(String::from))
+        .collect())
+}
+
 /// Destinations of the routes through `dev`.
 async fn routes_via(dev: &str) -> Result<BTreeSet<String>, NetError> {
     let out = run("ip", &["-j", "route", "show", "dev", dev], None).await?;
@@ -302,8 +332,11 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
         // Between containers: only within a network, arriving from its local bridge or from
         // its own tunnel (filtered by the sending host, by the anti-spoofing rules above, and
         // for WireGuard by each peer's allowed IPs) — never from another network's tunnel.
+        // Out of the bridge, only to the bridge itself or to the network's own tunnel: an
+        // encrypted network's packet never leaves in clear, whatever the routes say.
         fwd.push(format!(
-            "iifname \"{br}\" ip saddr {s} ip daddr {s} accept",
+            "iifname \"{br}\" oifname {{ \"{br}\", \"{}\" }} ip saddr {s} ip daddr {s} accept",
+            tunnel_of(n, wg),
             s = n.subnet
         ));
         fwd.push(format!(
@@ -381,6 +414,11 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
                 n.subnet, n.gateway
             ));
         }
+    }
+    // Nothing bound for an encrypted subnet is masqueraded (it leaves only through WireGuard,
+    // or not at all).
+    if !enc_subnets.is_empty() {
+        post.push(format!("ip daddr {{ {} }} return", enc_subnets.join(", ")));
     }
     if let Some(b) = bridge {
         post.push(format!(
@@ -779,6 +817,21 @@ impl Overlay {
             wg.shutdown().await;
             applied.peers.clear();
         }
+        // An encrypted subnet is unreachable except through the routes above (the peers'
+        // slices) and the local bridge's: both more specific, so they win; whatever else (an
+        // unallocated slice, a peer missing from the map) fails here instead of following the
+        // default route out in clear.
+        let want: BTreeSet<String> = encrypted.iter().map(|n| n.subnet.to_string()).collect();
+        let have = unreachable_routes().await?;
+        let mut cmds: Vec<String> = have
+            .difference(&want)
+            .map(|d| format!("route del unreachable {d} proto {RTPROT_RUDDER}"))
+            .collect();
+        cmds.extend(
+            want.iter()
+                .map(|d| format!("route replace unreachable {d} proto {RTPROT_RUDDER}")),
+        );
+        ip_batch(&cmds, false, None).await?;
         let mut bridge_cmds = Vec::new();
         for n in wanted.values().filter(|n| !n.encrypted) {
             let vx = vxlan_name(&n.id);
@@ -1245,12 +1298,16 @@ mod tests {
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
             "ct mark 0x5244 ip daddr 10.50.0.0/16 snat to 10.50.1.1",
-            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
+            "iifname \"rdb-aaaaaaaa\" oifname { \"rdb-aaaaaaaa\", \"rwg-1\" } ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
+            "ip daddr { 10.50.0.0/16 } return",
             "iifname \"rwg-1\" oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
             "ip daddr { 10.50.0.0/16 } drop",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
         }
+        // M2: an encrypted subnet is never masqueraded (its return comes first).
+        let ret = t.find("ip daddr { 10.50.0.0/16 } return").unwrap();
+        assert!(ret < t.find("masquerade").unwrap(), "{t}");
         // The kernel accepts it (`nft -c` checks without committing anything).
         let out = std::process::Command::new("nft")
             .args(["-c", "-f", "-"])
@@ -1302,7 +1359,7 @@ mod tests {
         let wall = t.find("ip daddr != 10.50.0.0/16 drop").unwrap();
         assert!(wall < t.find("ct mark { 0x").unwrap(), "{t}");
         for want in [
-            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
+            "iifname \"rdb-aaaaaaaa\" oifname { \"rdb-aaaaaaaa\", \"rwg-1\" } ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
             "iifname \"rdb-aaaaaaaa\" ip saddr != 10.50.0.0/16 drop",
             "iifname \"rdb-aaaaaaaa\" ip daddr != 10.50.0.0/16 drop",
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.1.1 udp dport 53 accept",

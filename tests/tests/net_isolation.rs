@@ -238,3 +238,70 @@ fn vxlan_datagrams_feed_only_their_own_network() -> anyhow::Result<()> {
     assert!(ok && body.contains("plain-ok"), "{body}");
     Ok(())
 }
+
+/// Packets on `netns`'s underlay interface (`eth0`) matching `filter`, captured while
+/// `during` runs (tcpdump's one-line summaries).
+fn capture(netns: &str, filter: &str, during: impl FnOnce()) -> anyhow::Result<String> {
+    use std::process::{Command, Stdio};
+    let child = Command::new("ip")
+        .args([
+            "netns", "exec", netns, "tcpdump", "-i", "eth0", "-l", "-n", "-s", "0",
+        ])
+        .arg(filter)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(800));
+    during();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// M2: with a default route on the host, as a real host has, a task of an encrypted network
+/// sending to an address of its subnet outside every node's slice gets nothing onto the
+/// underlay (the old agent sent it there, masqueraded, in clear); the same task's ordinary
+/// outbound traffic still leaves.
+#[test]
+fn encrypted_traffic_never_leaves_in_clear() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("nm", 2)?;
+    lab.apply(
+        tmp.path(),
+        "m2.yaml",
+        "kind: Network\nname: sec\nsubnet: 10.172.0.0/16\n---\n\
+         kind: Service\nname: cli\nimage: busybox:latest\nnetworks: [sec]\n\
+         placement: {constraints: [\"node.hostname==h1\"]}\n\
+         command: [\"/bin/sleep\", \"1000000\"]\n",
+    )?;
+    let cli = running_one(&lab, "cli")?;
+    let h1 = lab.host("h1").netns.clone();
+    let root = lab.lab.root_addr();
+    let st = std::process::Command::new("ip")
+        .args(["-n", &h1, "route", "replace", "default", "via"])
+        .arg(root.to_string())
+        .status()?;
+    anyhow::ensure!(st.success(), "default route on h1");
+    let tx = socket_in(&task_ns(&lab, &cli)?, "0.0.0.0:0")?;
+    // 10.172.200.0/24 is nobody's slice (two hosts hold 1 and 2).
+    let stray: Ipv4Addr = "10.172.200.5".parse()?;
+    let seen = capture(&h1, "udp port 9999", || {
+        for _ in 0..3 {
+            let _ = tx.send_to(b"secret-in-clear", (stray, 9999));
+            let _ = tx.send_to(b"ordinary-outbound", (root, 9999));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })?;
+    // The capture works and the way out is open: the ordinary datagram left, masqueraded.
+    assert!(
+        seen.contains(&format!("> {root}.9999")),
+        "outbound datagram on the underlay:\n{seen}"
+    );
+    assert!(
+        !seen.contains(&stray.to_string()),
+        "encrypted-network traffic on the underlay in clear:\n{seen}"
+    );
+    Ok(())
+}
