@@ -438,7 +438,7 @@ fn exec_bench(lab: &LabGuard, ctl: &Ctl, task: &str) -> anyhow::Result<()> {
     let in_process_exec = || -> anyhow::Result<Duration> {
         let t = Instant::now();
         let code = ctl.rt.block_on(rudder_ctl::cmd::exec::run(
-            &ctl.ctx, task, &cmd, false, false,
+            &ctl.ctx, task, &cmd, false, false, None,
         ))?;
         let d = t.elapsed();
         anyhow::ensure!(code == 0, "exec exit code {code}");
