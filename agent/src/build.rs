@@ -285,8 +285,8 @@ pub async fn build(
     };
     let df = dockerfile::parse(&params.dockerfile)
         .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))?;
-    fs::create_dir_all(&b.scratch)
-        .and_then(|()| fs::create_dir_all(&b.cache))
+    crate::datadir::private_dir(&b.scratch)
+        .and_then(|()| crate::datadir::private_dir(&b.cache))
         .map_err(|e| Status::internal(format!("build: create scratch dirs: {e}")))?;
     let dir = tempfile::Builder::new()
         .prefix("build-")
@@ -710,7 +710,9 @@ impl Run<'_> {
         }
         let bytes = serde_json::to_vec(&entry).expect("cache entry serializes");
         let tmp = cache_file.with_extension("tmp");
-        if let Err(e) = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, &cache_file)) {
+        if let Err(e) =
+            crate::datadir::write_private(&tmp, &bytes).and_then(|()| fs::rename(&tmp, &cache_file))
+        {
             warn!(error = %e, "build: could not record a cache entry");
         }
         apply(image, step, entry, key);
@@ -2070,8 +2072,9 @@ fn write_run_config(
                 .build()
                 .map_err(spec_err)?,
         ));
-    spec.save(bundle.join("config.json"))
-        .map_err(|e| BuildError::Other(e.to_string()))
+    let json = serde_json::to_vec(&spec).map_err(other)?;
+    crate::datadir::write_private(&bundle.join("config.json"), &json)
+        .map_err(io_err("write", &bundle.join("config.json")))
 }
 
 #[cfg(test)]

@@ -57,7 +57,11 @@ impl ContainerDir {
 
 /// Mounts overlayfs: `layers` bottom first (overlay wants the top first), plus upper/work.
 pub fn mount_rootfs(c: &ContainerDir, layers: &[PathBuf]) -> Result<(), BundleError> {
-    for d in [c.rootfs(), c.upper(), c.work()] {
+    // `upper`'s mode is the container's `/` (0755); the rest is the agent's, private.
+    for d in [c.bundle(), c.work()] {
+        crate::datadir::private_dir(&d).map_err(io("create container dirs"))?;
+    }
+    for d in [c.rootfs(), c.upper()] {
         std::fs::create_dir_all(&d).map_err(io("create container dirs"))?;
     }
     if is_mounted(&c.rootfs()) {
@@ -290,8 +294,10 @@ pub fn write_config(
                 .build()
                 .map_err(|e| BundleError::Spec(e.to_string()))?,
         ));
-    spec.save(c.bundle().join("config.json"))
-        .map_err(|e| BundleError::Spec(e.to_string()))
+    // Private: it holds the task's env.
+    let json = serde_json::to_vec(&spec).map_err(|e| BundleError::Spec(e.to_string()))?;
+    crate::datadir::write_private(&c.bundle().join("config.json"), &json)
+        .map_err(io("write config.json"))
 }
 
 /// The spec's limits as cgroup settings: cpu quota over a 100 ms period, memory, pids.

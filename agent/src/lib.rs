@@ -7,6 +7,7 @@ pub mod build;
 pub mod bundle;
 pub mod commit;
 pub mod copy;
+pub mod datadir;
 pub mod dns;
 pub mod exec;
 pub mod fs_helper;
@@ -155,7 +156,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let containers = cfg.data_dir.join("containers");
-    std::fs::create_dir_all(&containers).map_err(|e| AgentError::Io("create data dir", e))?;
+    // Private to root (0700 dirs, 0600 files), tightened if an older agent left it looser.
+    datadir::secure(&cfg.data_dir, &cfg.runtime_root)
+        .map_err(|e| AgentError::Io("make the data dir private", e))?;
     let node_id = node_id(&cfg.data_dir)?;
     let certs = agent_certs(&cfg, &node_id).await?;
     let (certs_tx, certs_rx) = tokio::sync::watch::channel(certs);

@@ -91,7 +91,7 @@ pub struct OciCliRuntime {
 
 impl OciCliRuntime {
     pub fn new(binary: String, root: PathBuf) -> Result<Self, RuntimeError> {
-        std::fs::create_dir_all(&root).map_err(io("create runtime root"))?;
+        crate::datadir::private_dir(&root).map_err(io("create runtime root"))?;
         let self_exe = std::env::current_exe().map_err(io("find own executable"))?;
         Ok(OciCliRuntime {
             binary,

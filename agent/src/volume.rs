@@ -146,11 +146,15 @@ impl Volumes {
                         // Under the lock: never racing a collection of the same name.
                         let _st = self.state.lock().expect("volumes lock");
                         if !dir.is_dir() {
-                            std::fs::create_dir_all(&dir).map_err(|err| VolumeError::Io {
-                                op: "create volume directory",
-                                path: dir.display().to_string(),
-                                err,
-                            })?;
+                            // `volumes/NAME` is private; `_data` is the mount's root in the
+                            // container, with the usual 0755 (or the image's, once filled).
+                            crate::datadir::private_dir(&self.root.join(&m.source))
+                                .and_then(|_| std::fs::create_dir(&dir))
+                                .map_err(|err| VolumeError::Io {
+                                    op: "create volume directory",
+                                    path: dir.display().to_string(),
+                                    err,
+                                })?;
                             info!(volume = %m.source, "volume copy created");
                         }
                     }

@@ -263,20 +263,21 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 return;
             }
         };
-        let prepared = std::fs::create_dir_all(&c.dir)
+        // Private: the spec holds the task's env (`crate::datadir`).
+        let prepared = crate::datadir::private_dir(&c.dir)
             .map_err(|e| e.to_string())
             .and_then(|_| {
-                std::fs::write(
-                    c.dir.join("task.json"),
-                    serde_json::to_vec(&task).unwrap_or_default(),
+                crate::datadir::write_private(
+                    &c.dir.join("task.json"),
+                    &serde_json::to_vec(&task).unwrap_or_default(),
                 )
                 .map_err(|e| e.to_string())
             })
             // The image the container runs, for `rctl commit` (`commit::IMAGE_FILE`).
             .and_then(|_| {
-                std::fs::write(
-                    c.dir.join(crate::commit::IMAGE_FILE),
-                    &image.manifest_digest,
+                crate::datadir::write_private(
+                    &c.dir.join(crate::commit::IMAGE_FILE),
+                    image.manifest_digest.as_bytes(),
                 )
                 .map_err(|e| e.to_string())
             })

@@ -23,6 +23,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -70,10 +71,21 @@ impl ShimArgs {
 
 /// Writes `contents` to `path` atomically (temp file + rename), so readers never see half.
 pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, contents)?;
+    let _ = fs::remove_file(&tmp);
+    // 0600: these files live in the agent's private data dir and are nobody else's business.
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE)
+        .open(&tmp)?
+        .write_all(contents.as_bytes())?;
     fs::rename(&tmp, path)
 }
+
+/// Mode of the files the shim writes (logs hold whatever the container prints).
+pub const PRIVATE_FILE: u32 = 0o600;
 
 /// Entry point of `rudder-agent shim`. Never returns to the caller's main logic.
 pub fn main(args: ShimArgs) -> ! {
@@ -123,7 +135,7 @@ pub fn main(args: ShimArgs) -> ! {
 
 fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
     let dir = &args.dir;
-    fs::write(dir.join("shim.pid"), format!("{}\n", std::process::id()))
+    write_atomic(&dir.join("shim.pid"), &format!("{}\n", std::process::id()))
         .map_err(|e| format!("write shim.pid: {e}"))?;
     let mut log = LogWriter::open(dir, args.log_max_size, args.log_max_files)
         .map_err(|e| format!("open log: {e}"))?;
@@ -132,6 +144,13 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let runc_log = dir.join("runc.log");
+    // Made here, 0600, so the runtime appends to a private file rather than create one.
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(PRIVATE_FILE)
+        .open(&runc_log)
+        .map_err(|e| format!("create runc.log: {e}"))?;
     // The write ends go to runc (and through it to the container); ours close when `Command`
     // is dropped, so EOF comes once every process of the container has closed them.
     let status = Command::new(&args.runtime)
@@ -153,6 +172,11 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
         return Err(runtime_error(&runc_log)
             .unwrap_or_else(|| format!("{} run exited with {status}", args.runtime)));
     }
+    // The runtime writes its pid file 0644: private like the rest of the dir.
+    let _ = fs::set_permissions(
+        dir.join("pid"),
+        std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_FILE),
+    );
     let pid: i32 = fs::read_to_string(dir.join("pid"))
         .map_err(|e| format!("read pid file: {e}"))?
         .trim()
@@ -305,7 +329,10 @@ impl LogWriter {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(PRIVATE_FILE)
             .open(dir.join("log"))?;
+        // A log an older shim made readable by all.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_FILE))?;
         let size = file.metadata()?.len();
         Ok(LogWriter {
             dir: dir.to_path_buf(),
@@ -350,7 +377,12 @@ impl LogWriter {
         for i in (0..self.max_files - 1).rev() {
             let _ = fs::rename(name(i), name(i + 1));
         }
-        if let Ok(f) = OpenOptions::new().create(true).append(true).open(name(0)) {
+        if let Ok(f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(PRIVATE_FILE)
+            .open(name(0))
+        {
             self.file = f;
             self.size = 0;
         }
@@ -465,5 +497,24 @@ mod tests {
         let mut parts = first.splitn(3, ' ');
         assert!(parts.next().unwrap().ends_with('Z'));
         assert_eq!(parts.next(), Some("stdout"));
+        // Logs hold what the container prints: root's only, also a log an older shim left
+        // readable by all.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| {
+            fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for f in ["log", "log.1", "log.2"] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
+        fs::set_permissions(dir.path().join("log"), fs::Permissions::from_mode(0o644)).unwrap();
+        drop(w);
+        LogWriter::open(dir.path(), 1024, 3).unwrap();
+        assert_eq!(mode("log"), 0o600);
+        write_atomic(&dir.path().join("exit"), "0\n").unwrap();
+        assert_eq!(mode("exit"), 0o600);
     }
 }
