@@ -15,6 +15,11 @@
 //!   host, so two tasks starting on a new volume do not both fill it. Both trees are touched
 //!   only by `fs-helper` children chrooted into them: nothing the image holds (a symlink to
 //!   `/etc`, say) can make the agent read or write outside them.
+//! - A fill is crash-safe: a marker (`volumes/NAME/.filling`) is made durable before the first
+//!   byte is copied and removed only once the copy is synced. A copy found with the marker is
+//!   a fill that never finished (the agent or the host died): it is emptied and filled again,
+//!   never taken as the volume's data. The directory stays the same inode throughout, so a
+//!   container that already mounts it keeps seeing it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -95,6 +100,11 @@ impl Volumes {
     /// Where volume `name`'s data lives on this host.
     pub fn data_dir(&self, name: &str) -> PathBuf {
         self.root.join(name).join("_data")
+    }
+
+    /// Present while volume `name`'s copy is being filled from an image.
+    fn fill_marker(&self, name: &str) -> PathBuf {
+        self.root.join(name).join(FILLING)
     }
 
     /// A task of this agent is live (from spawn until its container is deleted): its
@@ -203,34 +213,54 @@ impl Volumes {
     /// the image does not have leaves the copy empty. Blocking: it waits for other fills.
     pub fn fill_from_image(&self, task: &Task, rootfs: &Path) -> Result<(), VolumeError> {
         for m in &task.spec.mounts {
-            if m.typ != MountType::Volume || m.nocopy {
+            if m.typ != MountType::Volume {
                 continue;
             }
             let _one_at_a_time = self.fill.lock().expect("volumes fill lock");
             let dir = self.data_dir(&m.source);
-            let mut entries = std::fs::read_dir(&dir).map_err(|err| VolumeError::Io {
-                op: "read volume directory",
-                path: dir.display().to_string(),
-                err,
-            })?;
-            if entries.next().is_some() {
-                continue;
+            let marker = self.fill_marker(&m.source);
+            let err = |op: &'static str, path: &Path| {
+                let path = path.display().to_string();
+                move |err| VolumeError::Io { op, path, err }
+            };
+            if marker.exists() {
+                warn!(volume = %m.source, "a fill that never finished is discarded");
+                empty_dir(&dir).map_err(err("empty a half-filled volume", &dir))?;
+                if m.nocopy {
+                    remove_durably(&marker).map_err(err("remove fill marker", &marker))?;
+                    continue;
+                }
+            } else {
+                let mut entries =
+                    std::fs::read_dir(&dir).map_err(err("read volume directory", &dir))?;
+                if m.nocopy || entries.next().is_some() {
+                    continue;
+                }
             }
+            create_durably(&marker).map_err(err("write fill marker", &marker))?;
             let target = normalize_path(&m.target);
             let started = std::time::Instant::now();
             match copy_in(rootfs, &target, &dir) {
-                Ok(false) => {}
-                Ok(true) => info!(
-                    volume = %m.source,
-                    %target,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "volume filled from the image"
-                ),
+                Ok(copied) => {
+                    // The data on disk before the marker goes.
+                    sync_fs(&dir).map_err(err("sync volume", &dir))?;
+                    remove_durably(&marker).map_err(err("remove fill marker", &marker))?;
+                    if copied {
+                        info!(
+                            volume = %m.source,
+                            %target,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "volume filled from the image"
+                        );
+                    }
+                }
                 Err(message) => {
                     // Emptied again, so the next task's start fills it afresh rather than find
-                    // a half-filled copy and take it as the volume's data.
-                    let _ = std::fs::remove_dir_all(&dir);
-                    let _ = std::fs::create_dir_all(&dir);
+                    // a half-filled copy and take it as the volume's data. If that fails, the
+                    // marker stays and says so.
+                    if empty_dir(&dir).is_ok() {
+                        let _ = remove_durably(&marker);
+                    }
                     return Err(VolumeError::Fill {
                         volume: m.source.clone(),
                         target,
@@ -309,6 +339,52 @@ impl Volumes {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// Name of the marker of a fill in progress, next to a volume's `_data`.
+const FILLING: &str = ".filling";
+
+/// Removes everything in `dir`, keeping `dir` itself (a container may mount it). Symlinks
+/// are removed, never followed.
+fn empty_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// fsync of the directory `dir` (a new or removed entry in it is on disk).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates the empty file `path` (0600) and makes it durable.
+fn create_durably(path: &Path) -> std::io::Result<()> {
+    crate::datadir::write_private(path, b"")?;
+    std::fs::File::open(path)?.sync_all()?;
+    sync_dir(path.parent().unwrap_or(Path::new("/")))
+}
+
+/// Removes the file `path` durably.
+fn remove_durably(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    sync_dir(path.parent().unwrap_or(Path::new("/")))
+}
+
+/// Writes out everything cached of the filesystem holding `dir` (the files a fill wrote).
+fn sync_fs(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on an fd we own, valid for the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Copies `target` of the image tree `rootfs` (its contents, and the directory's own owner and
@@ -444,6 +520,33 @@ mod tests {
             e.to_string(),
             "mounts: bind mount source /nope/nowhere does not exist on h2"
         );
+    }
+
+    #[test]
+    fn a_fill_that_never_finished_is_not_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volumes::new(dir.path().join("volumes"), "h1".into());
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        let t = task(serde_json::json!([{"source": "v", "target": "/v", "nocopy": true}]));
+        v.prepare(&t).unwrap();
+        let data = v.data_dir("v");
+        // What a task wrote stays.
+        std::fs::write(data.join("mine"), "x").unwrap();
+        v.fill_from_image(&t, &rootfs).unwrap();
+        assert!(data.join("mine").exists());
+        // A half copy (the marker still there) goes; the directory is the same inode.
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(&data).unwrap().ino();
+        std::fs::create_dir_all(data.join("half/deep")).unwrap();
+        std::os::unix::fs::symlink("/etc", data.join("link")).unwrap();
+        std::fs::write(v.fill_marker("v"), "").unwrap();
+        v.fill_from_image(&t, &rootfs).unwrap();
+        assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
+        assert!(!v.fill_marker("v").exists());
+        assert_eq!(std::fs::metadata(&data).unwrap().ino(), ino);
+        assert!(std::path::Path::new("/etc").is_dir());
+        assert_eq!(v.list(), BTreeSet::from(["v".to_string()]));
     }
 
     #[test]
