@@ -192,9 +192,21 @@ struct Shared {
     view: RwLock<Arc<DnsView>>,
     upstreams: Vec<SocketAddr>,
     opts: DnsOptions,
+    /// Who may ask (the network's subnet): `None` until [`DnsServer::set_clients`].
+    clients: RwLock<Option<ipnet::Ipv4Net>>,
 }
 
 impl Shared {
+    /// Whether `peer` may ask this resolver (one network's members only).
+    fn admits(&self, peer: SocketAddr) -> bool {
+        let clients = *self.clients.read().unwrap_or_else(PoisonError::into_inner);
+        match (clients, peer.ip()) {
+            (None, _) => true,
+            (Some(net), IpAddr::V4(ip)) => net.contains(&ip),
+            (Some(_), IpAddr::V6(_)) => false,
+        }
+    }
+
     fn view(&self) -> Arc<DnsView> {
         self.view
             .read()
@@ -234,6 +246,7 @@ impl DnsServer {
             view: RwLock::default(),
             upstreams,
             opts,
+            clients: RwLock::default(),
         });
         info!(addr = %local_addr, upstreams = ?shared.upstreams, "dns: serving");
         let loops = [
@@ -261,6 +274,17 @@ impl DnsServer {
             .unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
     }
 
+    /// Answers (and forwards for) only clients inside `clients`, the network's subnet: a
+    /// query from anywhere else is dropped unanswered (a reply could reflect to a forged
+    /// source). The host's firewall already keeps others away; this holds without it.
+    pub fn set_clients(&self, clients: ipnet::Ipv4Net) {
+        *self
+            .shared
+            .clients
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(clients);
+    }
+
     /// Stops serving. The sockets close as soon as the runtime drops the aborted loops, so the
     /// address can be bound again right after (a network recreated on this host).
     pub fn shutdown(self) {}
@@ -283,6 +307,10 @@ enum Step {
 
 /// Parses `packet` and answers it from the current view; `tcp` says which size cap applies.
 fn step(packet: &[u8], peer: SocketAddr, shared: &Shared, tcp: bool) -> Step {
+    if !shared.admits(peer) {
+        debug!(%peer, tcp, "dns: refusing a query from outside the network");
+        return Step::Drop;
+    }
     let Ok(request) = Message::from_vec(packet) else {
         debug!(%peer, len = packet.len(), "dns: dropping malformed packet");
         return Step::Drop;
@@ -378,6 +406,10 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
         };
         if conns.len() >= MAX_TCP_CONNS {
             debug!(%peer, "dns: too many tcp connections; refusing");
+            continue;
+        }
+        if !shared.admits(peer) {
+            debug!(%peer, "dns: refusing a tcp connection from outside the network");
             continue;
         }
         conns.spawn(serve_conn(stream, peer, shared.clone()));
@@ -778,6 +810,37 @@ mod tests {
         c.send_to(b"", srv.local_addr()).await.unwrap();
         srv.set_view(one("web", Some(2), &[]));
         let (m, _) = ask(&c, &srv, &a("web")).await;
+        assert_eq!(addrs(&m), vec![ip(2)]);
+    }
+
+    /// L3: a resolver answers its own network's members only; others get no reply at all.
+    #[tokio::test]
+    async fn answers_only_its_clients() {
+        let (up, _replies) = fake_upstream().await;
+        let srv = server(vec![up]).await;
+        srv.set_view(one("web", Some(2), &[]));
+        let c = client().await;
+        let req = query("web", RecordType::A);
+        srv.set_clients("10.50.0.0/16".parse().unwrap());
+        c.send_to(&req.to_vec().unwrap(), srv.local_addr())
+            .await
+            .unwrap();
+        let mut buf = vec![0; 512];
+        let r = tokio::time::timeout(Duration::from_millis(500), c.recv(&mut buf)).await;
+        assert!(r.is_err(), "answered a client outside the network");
+        let forwarded = query("example.com", RecordType::A);
+        c.send_to(&forwarded.to_vec().unwrap(), srv.local_addr())
+            .await
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(500), c.recv(&mut buf)).await;
+        assert!(r.is_err(), "forwarded for a client outside the network");
+        let mut tcp = TcpStream::connect(srv.local_addr()).await.unwrap();
+        let _ = write_frame(&mut tcp, &req.to_vec().unwrap()).await;
+        let r = tokio::time::timeout(Duration::from_millis(500), read_frame(&mut tcp)).await;
+        assert!(!matches!(r, Ok(Ok(_))), "answered over tcp");
+        // Its own members: answered.
+        srv.set_clients("127.0.0.0/8".parse().unwrap());
+        let (m, _) = ask(&c, &srv, &req).await;
         assert_eq!(addrs(&m), vec![ip(2)]);
     }
 

@@ -317,6 +317,28 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
             )
         }
     };
+    // Each network's resolver (on its gateway) takes queries from its own members only, who
+    // reach it through their bridge; everyone else's are dropped (L3).
+    let mut dns_in = Vec::new();
+    for n in &map.networks {
+        for proto in ["udp", "tcp"] {
+            dns_in.push(format!(
+                "iifname \"{}\" ip saddr {} ip daddr {} {proto} dport 53 accept",
+                bridge_name(&n.id),
+                n.subnet,
+                n.gateway
+            ));
+        }
+    }
+    let gateways: Vec<String> = map.networks.iter().map(|n| n.gateway.to_string()).collect();
+    if !gateways.is_empty() {
+        for proto in ["udp", "tcp"] {
+            dns_in.push(format!(
+                "ip daddr {{ {} }} {proto} dport 53 drop",
+                gateways.join(", ")
+            ));
+        }
+    }
     for n in &map.networks {
         let br = bridge_name(&n.id);
         for s in &n.services {
@@ -355,14 +377,9 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
                 "iifname \"{br}\" ip daddr != {s} drop",
                 s = n.subnet
             ));
-            // Of the hosts, only the local resolver on the gateway: nothing of this host, and
-            // nothing of another host reached through a tunnel at its gateway address.
-            for proto in ["udp", "tcp"] {
-                input.push(format!(
-                    "iifname \"{br}\" ip daddr {} {proto} dport 53 accept",
-                    n.gateway
-                ));
-            }
+            // Of the hosts, only the local resolver on the gateway (accepted above, with every
+            // network's): nothing of this host, and nothing of another host reached through a
+            // tunnel at its gateway address.
             input.push(format!("iifname \"{br}\" drop"));
             input.push(format!("ip saddr {} drop", n.subnet));
         }
@@ -518,6 +535,7 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
             )
         });
         head.push("ct state established,related accept".to_string());
+        head.append(&mut dns_in);
         head.append(&mut input);
         input = head;
     }
@@ -904,6 +922,7 @@ impl Overlay {
             }
             if let Some(d) = applied.dns.get(&n.id) {
                 d.set_view(view);
+                d.set_clients(n.subnet);
             }
         }
         applied.networks = wanted;
@@ -1362,7 +1381,7 @@ mod tests {
             "iifname \"rdb-aaaaaaaa\" oifname { \"rdb-aaaaaaaa\", \"rwg-1\" } ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
             "iifname \"rdb-aaaaaaaa\" ip saddr != 10.50.0.0/16 drop",
             "iifname \"rdb-aaaaaaaa\" ip daddr != 10.50.0.0/16 drop",
-            "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.1.1 udp dport 53 accept",
+            "iifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.1 udp dport 53 accept",
             "iifname \"rdb-aaaaaaaa\" drop",
             "ip saddr 10.50.0.0/16 drop",
             "type filter hook input priority filter;",
@@ -1412,6 +1431,11 @@ mod tests {
             "iifname \"rdb-pppppppp\" ip saddr != 10.60.0.0/16 drop",
             "oifname \"rdx-pppppppp\" ip daddr != 10.60.0.0/16 drop",
             "udp dport 4789 ip saddr != { 10.213.7.2, 10.213.7.3 } drop",
+            // L3: each resolver hears its own members only.
+            "iifname \"rdb-pppppppp\" ip saddr 10.60.0.0/16 ip daddr 10.60.1.1 udp dport 53 accept",
+            "iifname \"rdb-ssssssss\" ip saddr 10.61.0.0/16 ip daddr 10.61.1.1 tcp dport 53 accept",
+            "ip daddr { 10.60.1.1, 10.61.1.1 } udp dport 53 drop",
+            "ip daddr { 10.60.1.1, 10.61.1.1 } tcp dport 53 drop",
             "ip daddr { 10.213.7.2, 10.213.7.3 } udp dport 4789 drop",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");

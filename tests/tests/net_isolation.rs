@@ -305,3 +305,52 @@ fn encrypted_traffic_never_leaves_in_clear() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// L3: a network's resolver answers its own members only. A task of network `a` asking the
+/// resolver of network `b` on its own host (b's gateway there) gets no answer, neither for
+/// b's names nor for a name it would forward; b's members get theirs.
+#[test]
+fn resolvers_answer_only_their_members() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("nd", 2)?;
+    let sleeper = |name: &str, net: &str| {
+        format!(
+            "kind: Service\nname: {name}\nimage: busybox:latest\nnetworks: [{net}]\n\
+             placement: {{constraints: [\"node.hostname==h1\"]}}\n\
+             command: [\"/bin/sleep\", \"1000000\"]\n"
+        )
+    };
+    lab.apply(
+        tmp.path(),
+        "l3.yaml",
+        &format!(
+            "kind: Network\nname: a\nsubnet: 10.173.0.0/16\n---\n\
+             kind: Network\nname: b\nsubnet: 10.174.0.0/16\n---\n{}---\n{}",
+            sleeper("acli", "a"),
+            sleeper("bsvc", "b"),
+        ),
+    )?;
+    let acli = running_one(&lab, "acli")?;
+    let bsvc = running_one(&lab, "bsvc")?;
+    let b_gw = slice_gateway(addr_of(&lab, &bsvc)?).to_string();
+    let ask = |task: &serde_json::Value, name: &str| {
+        exec(&lab, task, &["timeout", "3", "nslookup", name, &b_gw])
+    };
+    // b's own member: answered.
+    let (ok, out) = ask(&bsvc, "bsvc")?;
+    assert!(ok && out.contains("10.174."), "{out}");
+    // a's task: nothing, for b's names or for anything else.
+    let (ok, out) = ask(&acli, "bsvc")?;
+    assert!(
+        !ok && !out.contains("10.174."),
+        "a resolved b's names: {out}"
+    );
+    let (ok, out) = ask(&acli, "localhost.invalid")?;
+    assert!(
+        !ok && !out.contains("NXDOMAIN"),
+        "b's resolver answered a: {out}"
+    );
+    // a's own resolver still answers a's task.
+    let (ok, out) = exec(&lab, &acli, &["timeout", "3", "nslookup", "acli"])?;
+    assert!(ok && out.contains("10.173."), "{out}");
+    Ok(())
+}
