@@ -16,6 +16,105 @@ use tracing::debug;
 
 use crate::shim::{ShimArgs, NOTIFY_FD};
 
+/// The most output kept of each stream of a command run for a health check: its first and
+/// last half (Docker keeps 4096 bytes of a health check's output).
+pub const EXEC_OUTPUT_MAX: usize = 4096;
+
+/// The first and last `half` bytes of a stream, and how long it was: bounded memory however
+/// much a command prints.
+#[derive(Debug, Default)]
+struct Capped {
+    head: Vec<u8>,
+    tail: std::collections::VecDeque<u8>,
+    total: u64,
+    half: usize,
+}
+
+impl Capped {
+    fn new(max: usize) -> Capped {
+        Capped {
+            half: max / 2,
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, mut buf: &[u8]) {
+        self.total += buf.len() as u64;
+        let room = self.half.saturating_sub(self.head.len());
+        let n = room.min(buf.len());
+        self.head.extend_from_slice(&buf[..n]);
+        buf = &buf[n..];
+        if buf.len() > self.half {
+            buf = &buf[buf.len() - self.half..];
+        }
+        self.tail.extend(buf);
+        let excess = self.tail.len().saturating_sub(self.half);
+        self.tail.drain(..excess);
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::from_utf8_lossy(&self.head).into_owned();
+        let kept = (self.head.len() + self.tail.len()) as u64;
+        if self.total > kept {
+            out.push_str(&format!(
+                "\n[... {} bytes left out ...]\n",
+                self.total - kept
+            ));
+        }
+        let tail: Vec<u8> = self.tail.iter().copied().collect();
+        out.push_str(&String::from_utf8_lossy(&tail));
+        out
+    }
+}
+
+async fn read_capped(r: Option<impl tokio::io::AsyncRead + Unpin>, max: usize) -> Capped {
+    use tokio::io::AsyncReadExt;
+    let mut c = Capped::new(max);
+    let Some(mut r) = r else {
+        return c;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        c.push(&buf[..n]);
+    }
+    c
+}
+
+/// Runs `cmd` (stdin empty) for at most `timeout`; its exit code and its stdout then stderr,
+/// each cut to [`EXEC_OUTPUT_MAX`] as it streams (never buffered whole). Killed on timeout.
+async fn run_capped(
+    mut cmd: tokio::process::Command,
+    timeout: Duration,
+) -> Result<(i32, String), RuntimeError> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io("exec runtime"))?;
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        tokio::join!(
+            read_capped(out, EXEC_OUTPUT_MAX),
+            read_capped(err, EXEC_OUTPUT_MAX),
+            child.wait()
+        )
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok((out, err, Ok(status))) => {
+            let mut text = out.text();
+            text.push_str(&err.text());
+            Ok((status.code().unwrap_or(-1), text))
+        }
+        Ok((_, _, Err(e))) => Err(io("wait for exec")(e)),
+        Err(_) => Ok((-1, format!("timed out after {timeout:?}"))),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("runtime: {0}")]
@@ -262,26 +361,13 @@ impl ContainerRuntime for OciCliRuntime {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
-        let child = tokio::process::Command::new(&self.binary)
+        let mut command = tokio::process::Command::new(&self.binary);
+        command
             .arg("--root")
             .arg(&self.root)
             .args(["exec", id])
-            .args(cmd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io("exec runtime"))?;
-        match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(Ok(out)) => {
-                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-                text.push_str(&String::from_utf8_lossy(&out.stderr));
-                Ok((out.status.code().unwrap_or(-1), text))
-            }
-            Ok(Err(e)) => Err(io("wait for exec")(e)),
-            Err(_) => Ok((-1, format!("timed out after {timeout:?}"))),
-        }
+            .args(cmd);
+        run_capped(command, timeout).await
     }
 
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError> {
@@ -374,4 +460,40 @@ fn log_limits(dir: &Path) -> (u64, u32) {
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(crate::shim::LOG_MAX_FILES),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_output_keeps_its_first_and_last_bytes() {
+        let mut c = Capped::new(8);
+        c.push(b"abc");
+        assert_eq!(c.text(), "abc");
+        c.push(b"defgh");
+        assert_eq!(c.text(), "abcdefgh");
+        c.push(b"ijklmnopqrstuvwxyz");
+        assert_eq!(c.text(), "abcd\n[... 18 bytes left out ...]\nwxyz");
+        assert_eq!(c.head.len() + c.tail.len(), 8);
+    }
+
+    #[tokio::test]
+    async fn a_health_check_that_prints_without_end_is_bounded() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args([
+            "-c",
+            "head -c 50000000 /dev/zero | tr '\\0' x; echo; echo oops >&2; exit 3",
+        ]);
+        let (code, text) = run_capped(cmd, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(code, 3);
+        assert!(text.len() < 2 * EXEC_OUTPUT_MAX + 200, "{}", text.len());
+        assert!(text.starts_with("xxxx"), "{text:.20}");
+        assert!(text.contains("bytes left out"));
+        assert!(text.ends_with("x\noops\n"), "{}", &text[text.len() - 20..]);
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("10");
+        let (code, text) = run_capped(cmd, Duration::from_millis(200)).await.unwrap();
+        assert_eq!((code, text.as_str()), (-1, "timed out after 200ms"));
+    }
 }
