@@ -90,21 +90,35 @@ fn default_wg_port() -> u16 {
 /// This agent's certificate: from `<data>/certs`, or obtained by joining with the token.
 async fn agent_certs(cfg: &Config, node_id: &str) -> Result<NodeCerts, AgentError> {
     let dir = cfg.data_dir.join("certs");
-    if let Some(c) = NodeCerts::load_if_present(&dir).map_err(AgentError::Tls)? {
-        return Ok(c);
+    let previous = NodeCerts::load_if_present(&dir).map_err(AgentError::Tls)?;
+    if let Some(c) = &previous {
+        if c.identity(std::time::SystemTime::now()).is_ok() {
+            return Ok(c.clone());
+        }
+        // Off for longer than its certificate's lifetime: nobody accepts it any more, not
+        // even for renewal. A join token re-admits it under its id, with proof of its key.
+        tracing::warn!("the node certificate expired; re-joining with the join token");
     }
     let token = cfg.token.as_deref().ok_or_else(|| {
-        AgentError::Join(
-            "this host has no certificate yet: start the agent with --token \
-             (`rctl cluster join-token worker`)"
-                .into(),
-        )
+        AgentError::Join(if previous.is_some() {
+            "this host's certificate expired: start the agent with a join token \
+             (RUDDER_JOIN_TOKEN; `rctl cluster join-token worker`) to be re-admitted"
+                .into()
+        } else {
+            "this host has no certificate yet: start the agent with a join token \
+             (RUDDER_JOIN_TOKEN; `rctl cluster join-token worker`)"
+                .into()
+        })
     })?;
     let mut last = String::new();
     for attempt in 0..30 {
         for url in &cfg.controllers {
             let url = url.replacen("http://", "https://", 1);
-            match rudder_pki::join::join_cluster(&url, token, node_id).await {
+            let joined = match &previous {
+                Some(p) => rudder_pki::join::rejoin_cluster(&url, token, p).await,
+                None => rudder_pki::join::join_cluster(&url, token, node_id).await,
+            };
+            match joined {
                 Ok(c) => {
                     c.save(&dir).map_err(AgentError::Tls)?;
                     return Ok(c);

@@ -118,8 +118,8 @@ fn roles_tokens_and_foreign_certificates_are_refused() -> anyhow::Result<()> {
         .expect_err("worker cert asking for tokens");
     assert!(err.contains("admin"), "{err}");
 
-    // A controller joining with a worker token gets only a worker certificate, and the raft
-    // service refuses it.
+    // A controller joining with a worker token gets no certificate at all: controller names
+    // (`controller-<raft id>`) are for manager tokens only (and raft would refuse a worker).
     let h2 = &lab.lab.hosts[1];
     let cdir = tmp.path().join("c2");
     let log = tmp.path().join("c2.log");
@@ -140,11 +140,11 @@ fn roles_tokens_and_foreign_certificates_are_refused() -> anyhow::Result<()> {
     let c2 = Killed(spawn_in(&h2.netns, &bin("rudder-controller"), &args, &log)?);
     wait_for(
         Duration::from_secs(15),
-        "the raft service refusing a worker",
+        "the join refusing a worker token for a controller",
         || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             Ok(text
-                .contains("RaftPeer is for manager certificates")
+                .contains("are for controllers (a manager join token)")
                 .then_some(()))
         },
     )?;

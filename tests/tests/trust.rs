@@ -1,0 +1,378 @@
+//! Identities are bound to certificates (audit C1, H4, H5), over a real lab. Each test plays
+//! the attacker the audit describes, with the gRPC services spoken directly:
+//!
+//! - C1: a worker certificate (anyone with the worker token can get one) cannot register as
+//!   another node, cannot claim another host's address, and cannot join under a node id that a
+//!   node of the cluster holds.
+//! - H4: `rctl node rm` and `rctl cluster rm-manager` revoke at once: the removed node's and
+//!   controller's certificates renew nothing, join nothing, and are refused by raft.
+//! - H5: an admin certificate renews itself before it runs out, admin identities are issued and
+//!   revoked one by one, an expired admin is told how to get back in and gets back in offline
+//!   with the CA key; a node that was off longer than its certificate is re-admitted.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use rudder_pki::ca::{self, Role};
+use rudder_pki::tls::{self, NodeCerts};
+use rudder_proto::v1::agent_message::Msg as Up;
+use rudder_proto::v1::cluster_client::ClusterClient;
+use rudder_proto::v1::dispatcher_client::DispatcherClient;
+use rudder_proto::v1::raft_peer_client::RaftPeerClient;
+use rudder_proto::v1::{AgentMessage, Heartbeat, JoinRaftRequest, Register, RenewRequest};
+use rudder_tests::{bin, lab, wait_for, LabGuard};
+use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A mutual-TLS channel to the lab's first controller, presenting `certs`.
+async fn channel(lab: &LabGuard, certs: &NodeCerts) -> anyhow::Result<Channel> {
+    let url = format!("https://{}", lab.lab.first_controller_addr());
+    Ok(Endpoint::from_shared(url)?
+        .tls_config(tls::client_tls(certs, Role::Manager))?
+        .connect()
+        .await?)
+}
+
+/// Opens a Dispatcher session with `certs` sending `reg`; the controller's verdict.
+async fn register(lab: &LabGuard, certs: &NodeCerts, reg: Register) -> Result<(), tonic::Status> {
+    let ch = channel(lab, certs)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(AgentMessage {
+        msg: Some(Up::Register(reg)),
+    })
+    .await
+    .expect("send");
+    tx.send(AgentMessage {
+        msg: Some(Up::Heartbeat(Heartbeat {})),
+    })
+    .await
+    .expect("send");
+    let mut down = DispatcherClient::new(ch)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Accepted: the welcome arrives.
+    down.message().await?;
+    Ok(())
+}
+
+/// Loads the certificates in `dir` (a node's or controller's `certs`).
+fn certs_in(dir: &Path) -> anyhow::Result<NodeCerts> {
+    NodeCerts::load(dir).with_context(|| format!("certificates in {}", dir.display()))
+}
+
+fn nodes(lab: &LabGuard) -> anyhow::Result<Vec<Value>> {
+    Ok(serde_json::from_str(
+        &lab.rctl(&["node", "ls", "-o", "json"])?,
+    )?)
+}
+
+fn node<'a>(nodes: &'a [Value], hostname: &str) -> Option<&'a Value> {
+    nodes.iter().find(|n| n["hostname"] == hostname)
+}
+
+fn wait_ready(lab: &LabGuard, count: usize) -> anyhow::Result<Vec<Value>> {
+    wait_for(Duration::from_secs(30), "every node ready", || {
+        let n = nodes(lab)?;
+        Ok((n.iter().filter(|n| n["state"] == "ready").count() == count).then_some(n))
+    })
+}
+
+/// `rctl --context CTX ARGS`: stdout, or stderr as the error.
+fn rctl_ctx(ctx: &Path, args: &[&str]) -> Result<(String, String), String> {
+    let out = Command::new(bin("rctl"))
+        .arg("--context")
+        .arg(ctx)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    if out.status.success() {
+        Ok((o, e))
+    } else {
+        Err(e)
+    }
+}
+
+#[test]
+fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
+    let lab = LabGuard::up(&format!("c1{}", std::process::id() % 100000), 3)?;
+    let before = wait_ready(&lab, 3)?;
+    let h2 = node(&before, "h2").context("h2")?.clone();
+    let victim = h2["id"].as_str().context("id")?.to_string();
+    let token = lab.lab.worker_token.clone();
+    let url = format!("https://{}", lab.lab.first_controller_addr());
+    let root = lab.lab.root_addr();
+    rt().block_on(async {
+        // The worker token cannot buy a certificate in h2's name.
+        let err = rudder_pki::join::join_cluster(&url, &token, &victim)
+            .await
+            .expect_err("a join under a member's id");
+        assert!(err.to_string().contains("belongs to a node"), "{err}");
+
+        // With a certificate of its own, the attacker cannot register as h2...
+        let rogue = rudder_pki::join::join_cluster(&url, &token, "rogue").await?;
+        let reg = |id: &str, addr: String| Register {
+            node_id: id.to_string(),
+            hostname: "h2".into(),
+            addr,
+            cpus_milli: 64_000,
+            memory_bytes: 64 << 30,
+            role: "manager".into(),
+            overlay_public_key: String::new(),
+            overlay_key_epoch: 0,
+        };
+        let err = register(&lab, &rogue, reg(&victim, format!("{root}:4299")))
+            .await
+            .expect_err("registering as another node");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(
+            err.message().contains("this certificate is for node rogue"),
+            "{err}"
+        );
+        // ...nor claim h2's address for itself (the connection comes from the lab's root).
+        let err = register(
+            &lab,
+            &rogue,
+            reg("rogue", h2["addr"].as_str().unwrap_or("").into()),
+        )
+        .await
+        .expect_err("registering another host's address");
+        assert!(err.message().contains("its connection comes from"), "{err}");
+        // A controller's identity is not an agent's.
+        let c1 = certs_in(&lab.lab.hosts[0].controller_data_dir().join("certs"))?;
+        let err = register(
+            &lab,
+            &c1,
+            reg("controller-1", format!("{}:4245", lab.lab.hosts[0].addr)),
+        )
+        .await
+        .expect_err("a controller registering as an agent");
+        assert!(err.message().contains("controller"), "{err}");
+        anyhow::Ok(())
+    })?;
+
+    // h2 is untouched: still ready, at its own address, a worker; no rogue node recorded.
+    std::thread::sleep(Duration::from_secs(4));
+    let after = nodes(&lab)?;
+    let h2_now = node(&after, "h2").context("h2")?;
+    assert_eq!(h2_now["state"], "ready", "{after:?}");
+    assert_eq!(h2_now["addr"], h2["addr"], "{after:?}");
+    assert_eq!(h2_now["role"], "worker", "{after:?}");
+    assert!(after.iter().all(|n| n["id"] != "rogue"), "{after:?}");
+    // And the controller logged the attempts.
+    let log = std::fs::read_to_string(lab.lab.hosts[0].controller_log())?;
+    assert!(log.contains("claims another node's id"), "controller log");
+    Ok(())
+}
+
+#[test]
+fn h4_removed_nodes_and_controllers_are_revoked() -> anyhow::Result<()> {
+    let lab = LabGuard::up_with(&format!("h4{}", std::process::id() % 100000), 3, 2)?;
+    wait_ready(&lab, 3)?;
+    let h3_certs = certs_in(&lab.lab.hosts[2].data_dir.join("certs"))?;
+    let c2_certs = certs_in(&lab.lab.hosts[1].controller_data_dir().join("certs"))?;
+    let h3_id = h3_certs.names()?.node;
+
+    // A ready node is removed only with --force; a controller host only after rm-manager.
+    let err = lab.rctl(&["node", "rm", "h3"]).unwrap_err().to_string();
+    assert!(err.contains("--force"), "{err}");
+    let err = lab
+        .rctl(&["node", "rm", "h2", "--force"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rm-manager 2"), "{err}");
+    let out = lab.rctl(&["node", "rm", "h3", "--force"])?;
+    assert!(out.contains("revoked"), "{out}");
+    assert!(node(&nodes(&lab)?, "h3").is_none());
+
+    // h3's certificate renews nothing and cannot join again under its id.
+    let url = format!("https://{}", lab.lab.first_controller_addr());
+    let token = lab.lab.worker_token.clone();
+    rt().block_on(async {
+        let (_, csr) = ca::node_csr(&h3_id)?;
+        let err = ClusterClient::new(channel(&lab, &h3_certs).await?)
+            .renew(RenewRequest { csr_pem: csr })
+            .await
+            .expect_err("renewal of a removed node");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("revoked"), "{err}");
+        let err = rudder_pki::join::rejoin_cluster(&url, &token, &h3_certs)
+            .await
+            .expect_err("re-joining a removed node");
+        assert!(err.to_string().contains("revoked"), "{err}");
+        anyhow::Ok(())
+    })?;
+    // Its agent's session is refused from then on, and it does not come back.
+    wait_for(Duration::from_secs(20), "h3's agent refused", || {
+        let log = std::fs::read_to_string(lab.lab.hosts[2].agent_log()).unwrap_or_default();
+        Ok(log.contains("revoked").then_some(()))
+    })?;
+    assert!(node(&nodes(&lab)?, "h3").is_none());
+
+    // rm-manager revokes the controller: its certificate cannot rejoin raft or renew.
+    lab.rctl(&["cluster", "rm-manager", "2"])?;
+    rt().block_on(async {
+        let err = RaftPeerClient::new(channel(&lab, &c2_certs).await?)
+            .join_raft(JoinRaftRequest {
+                raft_id: 2,
+                addr: format!("{}:4243", lab.lab.hosts[1].addr),
+                registry: format!("{}:5000", lab.lab.hosts[1].addr),
+            })
+            .await
+            .expect_err("a removed controller re-joining raft");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("revoked"), "{err}");
+        let (_, csr) = ca::node_csr("controller-2")?;
+        let err = ClusterClient::new(channel(&lab, &c2_certs).await?)
+            .renew(RenewRequest { csr_pem: csr })
+            .await
+            .expect_err("renewal of a removed controller");
+        assert!(err.message().contains("revoked"), "{err}");
+        anyhow::Ok(())
+    })?;
+    let info: Value = serde_json::from_str(&lab.rctl(&["cluster", "info", "-o", "json"])?)?;
+    assert_eq!(info["managers"].as_array().map(Vec::len), Some(1), "{info}");
+    // h2 runs no controller any more: an ordinary worker, removable like any other.
+    wait_for(Duration::from_secs(10), "h2 a worker again", || {
+        Ok((node(&nodes(&lab)?, "h2").map(|n| n["role"] == "worker") == Some(true)).then_some(()))
+    })?;
+    lab.rctl(&["get", "services"])
+        .context("the cluster still serves")?;
+    Ok(())
+}
+
+#[test]
+fn h5_admin_certificates_renew_revoke_and_recover() -> anyhow::Result<()> {
+    let lab = LabGuard::up(&format!("h5a{}", std::process::id() % 100000), 1)?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let dir_s = dir.to_string_lossy().to_string();
+
+    // A second admin identity, short-lived: it renews itself in the last third of its life.
+    lab.rctl(&[
+        "cluster",
+        "admin-cert",
+        "ops",
+        "--ttl",
+        "30s",
+        "--out",
+        &dir_s,
+    ])?;
+    let ops = dir.join("ops.context.json");
+    let first = std::fs::read_to_string(dir.join("ops.pem"))?;
+    let (_, first_end) = ca::cert_validity(&first)?;
+    rctl_ctx(&ops, &["get", "services"]).map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ops.pem"))?,
+        first,
+        "not due yet"
+    );
+    std::thread::sleep(Duration::from_secs(21));
+    let (_, said) = rctl_ctx(&ops, &["get", "services"]).map_err(anyhow::Error::msg)?;
+    assert!(said.contains("renewed the admin certificate"), "{said}");
+    let renewed = std::fs::read_to_string(dir.join("ops.pem"))?;
+    let (_, end) = ca::cert_validity(&renewed)?;
+    assert!(
+        end > first_end + Duration::from_secs(3600),
+        "a full lifetime"
+    );
+    // Past the old certificate's end, the identity still works.
+    let wait = first_end
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    std::thread::sleep(wait + Duration::from_secs(1));
+    rctl_ctx(&ops, &["get", "services"]).map_err(anyhow::Error::msg)?;
+
+    // Revoked by the first admin: refused at the next request.
+    let out = lab.rctl(&["cluster", "revoke-admin", "ops"])?;
+    assert!(out.contains("revoked"), "{out}");
+    let err = rctl_ctx(&ops, &["get", "services"]).expect_err("a revoked admin");
+    assert!(err.contains("revoked"), "{err}");
+
+    // Expired before it was renewed: rctl says what to do.
+    lab.rctl(&[
+        "cluster",
+        "admin-cert",
+        "brief",
+        "--ttl",
+        "1s",
+        "--out",
+        &dir_s,
+    ])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let err = rctl_ctx(&dir.join("brief.context.json"), &["get", "services"])
+        .expect_err("an expired admin");
+    assert!(
+        err.contains("expired") && err.contains("admin-cert"),
+        "{err}"
+    );
+
+    // Every admin locked out: a manager host signs a new identity with the CA key.
+    let ca_dir = lab.lab.hosts[0].controller_data_dir().join("certs");
+    let out = Command::new(bin("rctl"))
+        .args([
+            "cluster",
+            "admin-cert",
+            "rescue",
+            "--out",
+            &dir_s,
+            "--ca-dir",
+        ])
+        .arg(&ca_dir)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The offline context names no controller: give it the lab's.
+    let mut ctx: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rescue.context.json"))?)?;
+    ctx["controllers"] = serde_json::json!(lab.lab.controller_urls());
+    ctx["registry"] = lab.lab.registry().into();
+    std::fs::write(dir.join("rescue.context.json"), serde_json::to_vec(&ctx)?)?;
+    rctl_ctx(&dir.join("rescue.context.json"), &["get", "services"]).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
+#[test]
+fn h5_a_node_off_longer_than_its_certificate_is_readmitted() -> anyhow::Result<()> {
+    let mut lab = LabGuard::up_args(
+        &format!("h5n{}", std::process::id() % 100000),
+        2,
+        1,
+        &["--node-cert-validity", "20"],
+    )?;
+    let before = wait_ready(&lab, 2)?;
+    let id = node(&before, "h2").context("h2")?["id"].clone();
+    lab.lab.kill(1, lab::Role::Agent)?;
+    let pem = lab.lab.hosts[1].data_dir.join("certs").join("node.pem");
+    let (_, end) = ca::cert_validity(&std::fs::read_to_string(&pem)?)?;
+    std::thread::sleep(
+        end.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_secs(2),
+    );
+    // Expired now: restarted with the join token, it proves its old key and keeps its id.
+    lab.restart(1, lab::Role::Agent, true)?;
+    let after = wait_ready(&lab, 2)?;
+    assert_eq!(node(&after, "h2").context("h2")?["id"], id, "{after:?}");
+    let log = std::fs::read_to_string(lab.lab.hosts[1].agent_log())?;
+    assert!(log.contains("re-joining with the join token"), "agent log");
+    let (_, end) = ca::cert_validity(&std::fs::read_to_string(&pem)?)?;
+    assert!(end > SystemTime::now(), "a valid certificate again");
+    Ok(())
+}
