@@ -318,6 +318,35 @@ impl BlobStore {
             .map_err(RegistryError::io("sync blob directory"))
     }
 
+    /// Marks a blob as just used (its mtime becomes now), so a collection's grace period
+    /// counts from now. Best effort: a blob that cannot be touched is only logged.
+    pub async fn touch(&self, digest: &Digest) {
+        let path = self.blob_path(digest);
+        let r = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .set_modified(SystemTime::now())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(%digest, %err, "touching a blob"),
+            Err(err) => tracing::debug!(%digest, %err, "touching a blob"),
+        }
+    }
+
+    /// Whether a blob was written or touched less than `grace` ago (false when absent).
+    pub async fn touched_within(&self, digest: &Digest, grace: Duration) -> bool {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(meta) => {
+                let at = super::gc::last_written(&meta);
+                SystemTime::now().duration_since(at).unwrap_or_default() < grace
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Removes a blob. Returns whether it existed.
     pub async fn delete(&self, digest: &Digest) -> Result<bool, RegistryError> {
         match tokio::fs::remove_file(self.blob_path(digest)).await {
@@ -512,6 +541,8 @@ impl BlobStore {
     /// (content-addressed, so it is identical).
     async fn commit_upload(&self, path: &Path, digest: &Digest) -> Result<(), RegistryError> {
         if self.stat(digest).await?.is_some() {
+            // Uploaded again: as fresh as if it were new, for a collection's grace period.
+            self.touch(digest).await;
             return Ok(());
         }
         let file = tokio::fs::File::open(path)

@@ -13,15 +13,22 @@
 //!   references are unknown, so nothing is safe to delete);
 //! - an unreferenced blob younger than the grace period stays: a push uploads its blobs before
 //!   the manifest that references them, and a commit stores its layer before its record;
-//! - what remains racy, as in docker's registry: a push that skips uploading an old blob the
-//!   registry already holds (HEAD said it exists) but that no record references, while a
-//!   collection runs. Its manifest is then refused for the missing blob and the push can be
-//!   retried; nothing already recorded is lost.
+//! - a manifest recorded while a collection runs never loses a blob: `store_manifest` checks
+//!   its blobs, records it and marks them ([`GcGuard::recorded`]) under the guard's read lock,
+//!   and the collection re-checks each candidate under its write lock right before deleting it
+//!   (a blob marked since the records were read, or written or touched within the grace
+//!   period, stays). Either the mark comes first and the blob stays, or the delete comes first
+//!   and the manifest is refused for the missing blob (the push can be retried);
+//! - a push that skips an old blob because HEAD (or a mount) said it exists touches it, so a
+//!   collection with a grace period keeps it until the manifest comes;
+//! - marks live in memory on the manager that recorded the manifest: another manager's
+//!   collection may still drop its own copy, which pulls then read through from the first.
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use rudder_image::usage::{self, ImageBlobs, StoredBlob};
 use serde_json::Value;
@@ -34,6 +41,51 @@ use super::{peers, RegistryError, RegistryState};
 const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// Index nesting followed at most (guards against reference cycles).
 const MAX_DEPTH: usize = 4;
+/// Marks older than this are swept (no collection runs that long: callers time out in 60 s).
+const RECORDED_KEEP: Duration = Duration::from_secs(600);
+/// A collection honours marks made up to this long before it started: its caller read the
+/// records (`raft.store()`) just before, and a manifest recorded in between is in neither.
+const RECORDED_SLACK: Duration = Duration::from_secs(2);
+/// Marks kept before old ones are swept on insert.
+const MAX_MARKS: usize = 4096;
+
+/// Serialises a collection's deletes with manifests being recorded, and remembers the blobs of
+/// manifests recorded lately (see the module doc). One per registry.
+#[derive(Debug, Default)]
+pub struct GcGuard {
+    lock: tokio::sync::RwLock<()>,
+    /// Digest → when a manifest referencing it (or it, a manifest) was recorded.
+    recorded: Mutex<HashMap<String, Instant>>,
+}
+
+impl GcGuard {
+    /// Held by whoever checks a manifest's blobs and records it, until it is recorded.
+    pub async fn recording(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.lock.read().await
+    }
+
+    /// Marks `digests` as referenced by a manifest just recorded.
+    pub fn recorded<'a>(&self, digests: impl IntoIterator<Item = &'a str>) {
+        let now = Instant::now();
+        let mut m = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        for d in digests {
+            m.insert(d.to_string(), now);
+        }
+        if m.len() > MAX_MARKS {
+            m.retain(|_, at| now.duration_since(*at) < RECORDED_KEEP);
+        }
+    }
+
+    /// Whether a manifest referencing `digest` was recorded at or after `since`.
+    fn recorded_since(&self, digest: &str, since: Instant) -> bool {
+        let m = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(digest).is_some_and(|at| *at >= since)
+    }
+}
+
+/// Test seam: runs between the inventory and the deletes of a collection.
+pub(crate) type BeforeDelete<'a> =
+    &'a (dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync);
 
 /// Why an inventory or a collection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +334,19 @@ pub async fn collect(
     records: &[Record],
     grace: Duration,
 ) -> Result<GcReport, GcError> {
+    collect_with(state, records, grace, None).await
+}
+
+/// [`collect`], running `before_delete` between the inventory and the deletes.
+pub(crate) async fn collect_with(
+    state: &RegistryState,
+    records: &[Record],
+    grace: Duration,
+    before_delete: Option<BeforeDelete<'_>>,
+) -> Result<GcReport, GcError> {
+    let started = Instant::now()
+        .checked_sub(RECORDED_SLACK)
+        .unwrap_or_else(Instant::now);
     let inv = inventory(state, records).await?;
     let referenced = usage::referenced(&inv.images(), &inv.manifest_digests());
     let plan = usage::collect(&inv.on_disk, &referenced, SystemTime::now(), grace);
@@ -289,8 +354,21 @@ pub async fn collect(
         kept_young: plan.young.len() as u64,
         ..Default::default()
     };
+    if let Some(hook) = before_delete {
+        hook().await;
+    }
     for b in &plan.remove {
         let d = Digest::parse(&b.digest)?;
+        // Re-checked under the write lock: no manifest is between its blob check and its
+        // record meanwhile, and one recorded since the inventory marked its blobs.
+        let _exclusive = state.gc_guard().lock.write().await;
+        if state.gc_guard().recorded_since(d.as_str(), started)
+            || state.blobs().touched_within(&d, grace).await
+        {
+            tracing::debug!(digest = %d, "blob recorded or touched during the collection; kept");
+            report.kept_young += 1;
+            continue;
+        }
         let existed = state
             .blobs()
             .delete(&d)
@@ -419,6 +497,60 @@ mod tests {
         let r = collect(&state, &[], Duration::ZERO).await.unwrap();
         assert_eq!(r.blobs, 4);
         assert!(list_blobs(&state).await.unwrap().is_empty());
+    }
+
+    /// The interleaving of SECURITY-AUDIT M6: a collection reads its records, a push then
+    /// records a manifest over an old blob no record referenced (it skipped the upload since
+    /// the blob was there), then the collection deletes. The manifest's blobs must stay.
+    #[tokio::test]
+    async fn a_manifest_recorded_during_a_collection_keeps_its_blobs() {
+        use futures::FutureExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(tmp.path()).unwrap();
+        let state = RegistryState::new(blobs.clone(), Arc::new(MemTagStore::new()));
+        let config = br#"{"rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let cfg = blobs.put_bytes(config).await.unwrap();
+        let old = blobs.put_bytes(b"old layer").await.unwrap();
+        let orphan = blobs.put_bytes(b"orphan layer").await.unwrap();
+        let m = manifest(&cfg, config.len() as u64, &[(&old, 9)]);
+        let (push_state, pushed) = (state.clone(), m.clone());
+        let push = move || {
+            let (state, m) = (push_state.clone(), pushed.clone());
+            async move {
+                super::super::store_manifest(
+                    &state,
+                    "box",
+                    Some("v1"),
+                    &m,
+                    Some(manifest::OCI_MANIFEST),
+                    false,
+                )
+                .await
+                .unwrap();
+            }
+            .boxed()
+        };
+        // No records when the collection read them: every blob was garbage then.
+        let r = collect_with(&state, &[], Duration::ZERO, Some(&push))
+            .await
+            .unwrap();
+        assert!(
+            blobs.stat(&orphan).await.unwrap().is_none(),
+            "the orphan goes"
+        );
+        for d in [&cfg, &old, &Digest::of(&m)] {
+            assert!(blobs.stat(d).await.unwrap().is_some(), "{d} kept");
+        }
+        assert_eq!((r.blobs, r.kept_young), (1, 2));
+        // Once recorded, the next collection (with the record) keeps them as referenced.
+        let records = vec![Record {
+            repo: "box".into(),
+            reference: "v1".into(),
+            digest: Digest::of(&m).to_string(),
+            media_type: manifest::OCI_MANIFEST.into(),
+        }];
+        let r = collect(&state, &records, Duration::ZERO).await.unwrap();
+        assert_eq!(r.blobs, 0);
     }
 
     #[tokio::test]

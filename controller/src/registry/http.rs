@@ -423,6 +423,8 @@ pub async fn store_manifest(
     }
     let parsed = manifest::parse(bytes, content_type)?;
     let digest = Digest::of(bytes);
+    // From the blob check to the record, no collection deletes (see `gc`).
+    let _recording = state.gc_guard().recording().await;
     for needed in &parsed.references {
         let present = if read_through {
             ensure_local(state, name, needed, None).await?
@@ -441,6 +443,9 @@ pub async fn store_manifest(
         .tags
         .put(name, tag, digest.as_str(), &parsed.media_type)
         .await?;
+    state.gc_guard().recorded(
+        std::iter::once(digest.as_str()).chain(parsed.references.iter().map(Digest::as_str)),
+    );
     tracing::debug!(%digest, media_type = %parsed.media_type, "manifest stored");
     Ok(digest)
 }
@@ -507,6 +512,11 @@ async fn get_blob(
     let Some((mut file, len)) = opened else {
         return Err(RegistryError::BlobUnknown(digest.to_string()));
     };
+    if !with_body {
+        // A push asking whether to upload: it may skip the blob and reference it from a
+        // manifest soon; a collection's grace period counts from now.
+        state.blobs.touch(digest).await;
+    }
     let mut status = StatusCode::OK;
     let mut headers = vec![
         (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
@@ -702,6 +712,7 @@ async fn start_upload(
         match Digest::parse(mount) {
             Ok(digest) if from_ok => {
                 if state.blobs.stat(&digest).await?.is_some() {
+                    state.blobs.touch(&digest).await;
                     tracing::debug!(%digest, "blob mounted");
                     return Ok(blob_created(name, &digest));
                 }

@@ -30,7 +30,7 @@ pub mod manifest;
 pub mod names;
 mod peers;
 pub mod tags;
-mod tls;
+pub mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -62,6 +62,8 @@ pub struct RegistryState {
     /// How long an upload waits for a majority of managers to hold its blob, beyond the time
     /// its bytes take to travel.
     quorum_grace: std::time::Duration,
+    /// Keeps a collection from deleting the blobs of a manifest being recorded.
+    gc: Arc<gc::GcGuard>,
 }
 
 impl RegistryState {
@@ -72,6 +74,7 @@ impl RegistryState {
             tags,
             peers: None,
             quorum_grace: peers::QUORUM_GRACE,
+            gc: Default::default(),
         }
     }
 
@@ -107,6 +110,11 @@ impl RegistryState {
 
     pub fn tags(&self) -> &Arc<dyn TagStore> {
         &self.tags
+    }
+
+    /// What keeps a collection and manifests being recorded apart.
+    pub fn gc_guard(&self) -> &gc::GcGuard {
+        &self.gc
     }
 }
 
