@@ -732,7 +732,10 @@ impl Run<'_> {
         let root = self.dir.join(format!("fetched-{line}"));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root).map_err(io_err("create", &root))?;
-        let client = RegistryClient::web().map_err(other)?;
+        // Never this host's own, loopback or link-local addresses, redirects included
+        // (`crate::addurl`).
+        let own = crate::addurl::host_addresses();
+        let client = crate::addurl::client(own.clone()).map_err(other)?;
         // What may be written: the free space, less a margin for everything else on the disk.
         let free = nix::sys::statvfs::statvfs(&root)
             .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
@@ -747,6 +750,7 @@ impl Run<'_> {
                 .unwrap_or_else(|_| url.clone());
             let failed = |why: String| BuildError::Step(format!("line {line}: ADD {shown}: {why}"));
             let parsed = parsed.map_err(|e| failed(format!("not a URL: {e}")))?;
+            crate::addurl::check_url(&parsed, &own).map_err(|e| failed(e.to_string()))?;
             let name = parsed
                 .path_segments()
                 .and_then(|mut p| p.next_back().map(str::to_string))
@@ -762,7 +766,16 @@ impl Run<'_> {
             let path = root.join(&rel);
             let dir = root.join(i.to_string());
             fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-            let web_err = |e: reqwest::Error| failed(rudder_proto::error_chain(&e.without_url()));
+            let web_err = |e: reqwest::Error| {
+                failed(if e.is_timeout() {
+                    format!(
+                        "the download took longer than {} s",
+                        crate::addurl::TIMEOUT.as_secs()
+                    )
+                } else {
+                    rudder_proto::error_chain(&e.without_url())
+                })
+            };
             let mut resp = client.get(parsed).send().await.map_err(web_err)?;
             if !resp.status().is_success() {
                 return Err(failed(format!("the server answered {}", resp.status())));

@@ -2,6 +2,7 @@
 //! assigned tasks as OCI containers (`worker`, `bundle`, `runtime`, `shim`), pulls images into
 //! the host's content store, and serves logs to controllers (`api`).
 
+pub mod addurl;
 pub mod api;
 pub mod build;
 pub mod bundle;

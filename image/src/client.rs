@@ -218,20 +218,24 @@ impl RegistryClient {
     /// A web client for a build's `ADD <url>`: https verified against the system's roots
     /// (as [`RegistryClient::with_system_roots`]), plain http as it is.
     pub fn web() -> Result<reqwest::Client> {
+        Self::web_builder()?.build().map_err(|e| ImageError::Http {
+            registry: "web".into(),
+            source: e,
+        })
+    }
+
+    /// [`RegistryClient::web`]'s settings, for a caller that adds its own (address checks,
+    /// redirect policy, total timeout).
+    pub fn web_builder() -> Result<reqwest::ClientBuilder> {
         let config = system_tls_config().map_err(|detail| ImageError::Tls {
             registry: "web".into(),
             detail,
         })?;
-        reqwest::Client::builder()
+        Ok(reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             // A server that stops sending for this long has stalled.
             .read_timeout(std::time::Duration::from_secs(60))
-            .use_preconfigured_tls(config)
-            .build()
-            .map_err(|e| ImageError::Http {
-                registry: "web".into(),
-                source: e,
-            })
+            .use_preconfigured_tls(config))
     }
 
     fn with_rustls(base: String, config: rustls::ClientConfig) -> Result<RegistryClient> {
