@@ -29,6 +29,8 @@ pub struct ControlApi {
     pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<rudder_pki::tls::NodeCerts>>>,
     /// This controller's registry, where `Commit` stores images.
     pub images: crate::registry::RegistryState,
+    /// Nodes running a build, which may pull any image from the registry meanwhile.
+    pub pull_leases: std::sync::Arc<crate::registry::tls::PullLeases>,
 }
 
 pub(crate) fn raft_status(e: RaftError) -> Status {

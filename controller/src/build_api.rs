@@ -86,6 +86,9 @@ pub async fn build(
     let at = pick_host(&api.raft.store(), &params.node)?;
     let host = at.host.clone();
     params.registry = api.registry.clone();
+    // While it builds, the host may pull any base image (workers otherwise pull only their
+    // tasks' images); the lease ends with the relay below.
+    let lease = api.pull_leases.grant(&at.id);
     let mut client = agent(api, &at).await?;
     info!(image = %format!("{repo}:{tag}"), %host, no_cache = params.no_cache, "build");
 
@@ -115,6 +118,7 @@ pub async fn build(
     let state = api.images.clone();
     tokio::spawn(async move {
         let result = relay(&state, &mut outputs, &tx, &repo, &tag, &host).await;
+        drop(lease);
         let msg = match result {
             Ok(r) => Ok(BuildOutput {
                 msg: Some(Out::Result(r)),

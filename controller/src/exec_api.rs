@@ -131,7 +131,7 @@ pub(crate) async fn agent(
     let unreachable =
         |e: String| Status::failed_precondition(format!("cannot reach host {host} ({addr}): {e}"));
     let endpoint = agent_endpoint(certs.as_ref(), at)
-        .map_err(|e| unreachable(e))?
+        .map_err(&unreachable)?
         .connect_timeout(CONNECT)
         .tcp_keepalive(Some(Duration::from_secs(5)))
         .http2_keep_alive_interval(Duration::from_secs(10))

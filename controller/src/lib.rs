@@ -170,8 +170,35 @@ pub async fn run(
     tokio::spawn(keep_membership(raft.clone(), me.clone()));
 
     let registry_addr = me.registry.clone();
+    let pull_leases: Arc<registry::tls::PullLeases> = Default::default();
     let registry_tls = registry::RegistryTls::new(&certs)
-        .map_err(|e| ControllerError::Config(format!("registry tls: {e}")))?;
+        .map_err(|e| ControllerError::Config(format!("registry tls: {e}")))?
+        .with_policy(Arc::new(ClusterAccess {
+            raft: raft.clone(),
+            leases: pull_leases.clone(),
+        }));
+    // The registry's own certificate names the addresses it is reached at, once the store
+    // holds the CA key to sign it with.
+    let registry_ips = advertised_ips(&cfg, &me);
+    {
+        let (raft, registry_tls, certs, ips) = (
+            raft.clone(),
+            registry_tls.clone(),
+            certs.clone(),
+            registry_ips.clone(),
+        );
+        tokio::spawn(async move {
+            let mut store = raft.watch_store();
+            while store.borrow_and_update().secrets.is_none() {
+                if store.changed().await.is_err() {
+                    return;
+                }
+            }
+            if let Err(e) = registry_tls.renew(&registry_certs(&raft, &certs, &ips)) {
+                tracing::warn!(%e, "registry keeps the node certificate");
+            }
+        });
+    }
     let blobs = registry::BlobStore::open(cfg.data_dir.join("registry"))?;
     let reg_state = registry::RegistryState::new(
         blobs,
@@ -209,6 +236,7 @@ pub async fn run(
         registry: registry_addr.clone(),
         agent_tls: agent_tls.clone(),
         images: reg_state,
+        pull_leases,
     });
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
@@ -238,15 +266,19 @@ pub async fn run(
     }
     {
         let mut rx = certs_rx.clone();
-        let (transport, forwarder, registry_tls) =
-            (transport.clone(), forwarder.clone(), registry_tls.clone());
+        let (transport, forwarder, registry_tls, raft) = (
+            transport.clone(),
+            forwarder.clone(),
+            registry_tls.clone(),
+            raft.clone(),
+        );
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let c = rx.borrow_and_update().clone();
                 transport.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
                 forwarder.set_tls(Some(tls::client_tls(&c, ca::Role::Manager)));
                 *agent_tls.write().expect("agent tls lock") = Some(c.clone());
-                if let Err(e) = registry_tls.renew(&c) {
+                if let Err(e) = registry_tls.renew(&registry_certs(&raft, &c, &registry_ips)) {
                     tracing::warn!(%e, "registry keeps its old certificate");
                 }
             }
@@ -326,6 +358,79 @@ async fn keep_membership(raft: raft_node::RaftHandle, me: rudder_model::store::M
             return;
         }
     }
+}
+
+/// What the registry asks at every request: revocations from the store; a worker reads the
+/// repositories of the tasks placed on it, and anything while it runs a build (L4).
+struct ClusterAccess {
+    raft: raft_node::RaftHandle,
+    leases: Arc<registry::tls::PullLeases>,
+}
+
+impl registry::tls::AccessPolicy for ClusterAccess {
+    fn revoked(&self, node: &str) -> bool {
+        self.raft.store().is_revoked(node)
+    }
+
+    fn worker_may_read(&self, node: &str, repo: &str) -> bool {
+        if self.leases.held(node) {
+            return true;
+        }
+        self.raft.store().tasks_on(node).any(|t| {
+            rudder_image::reference::Reference::parse(&t.spec.image)
+                .is_ok_and(|r| r.repository == repo)
+        })
+    }
+}
+
+/// The addresses this controller's registry is reached at: the advertised registry and gRPC
+/// hosts and the listen address, where they are IP addresses.
+fn advertised_ips(cfg: &Config, me: &rudder_model::store::ManagerInfo) -> Vec<std::net::IpAddr> {
+    let host = |a: &str| -> Option<std::net::IpAddr> {
+        let h = a.rsplit_once(':').map_or(a, |(h, _)| h);
+        h.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    };
+    let mut ips: Vec<std::net::IpAddr> = [host(&me.registry), host(&me.addr)]
+        .into_iter()
+        .flatten()
+        .chain(Some(cfg.registry_listen.ip()))
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// The registry's server certificate: this controller's identity and lifetime, also naming
+/// `ips`, signed here with the CA key from the store; the node certificate until the store
+/// has the key (or if signing fails).
+fn registry_certs(
+    raft: &raft_node::RaftHandle,
+    node: &tls::NodeCerts,
+    ips: &[std::net::IpAddr],
+) -> tls::NodeCerts {
+    let Some(secrets) = raft.store().secrets.clone() else {
+        return node.clone();
+    };
+    let issue = || -> Result<tls::NodeCerts, String> {
+        let ca = ca::ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem)
+            .map_err(|e| e.to_string())?;
+        let who = node.names().map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now();
+        let left = who
+            .not_after
+            .duration_since(now)
+            .map_err(|e| e.to_string())?;
+        let (key, csr) = ca::node_csr(&who.node).map_err(|e| e.to_string())?;
+        let cert = ca
+            .issue_for_addresses(&csr, who.role, &who.node, now, left, ips)
+            .map_err(|e| e.to_string())?;
+        tls::NodeCerts::new(ca.cert_pem(), &cert, &key, None).map_err(|e| e.to_string())
+    };
+    issue().unwrap_or_else(|e| {
+        tracing::warn!(%e, "registry certificate with addresses not issued");
+        node.clone()
+    })
 }
 
 /// The other managers' registries, from the replicated membership.

@@ -376,3 +376,62 @@ fn h5_a_node_off_longer_than_its_certificate_is_readmitted() -> anyhow::Result<(
     assert!(end > SystemTime::now(), "a valid certificate again");
     Ok(())
 }
+
+/// `curl` against the lab's registry with the certificate in `dir` (a node's `certs`),
+/// verifying the registry by its address; the HTTP status.
+fn registry_status(lab: &LabGuard, dir: &Path, path: &str) -> anyhow::Result<u16> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("node.pem"))
+        .arg("--key")
+        .arg(dir.join("node-key.pem"))
+        .arg(format!("https://{}{path}", lab.lab.registry()))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+#[test]
+fn l4_workers_pull_only_their_tasks_images() -> anyhow::Result<()> {
+    let (lab, tmp) = rudder_tests::lab_with_busybox("l4", 2)?;
+    let h2 = lab.lab.hosts[1].data_dir.join("certs");
+    wait_for(Duration::from_secs(15), "h2's certificate", || {
+        Ok(h2.join("node.pem").exists().then_some(()))
+    })?;
+    // No task of busybox on h2 yet: nothing to pull, and never the catalog.
+    assert_eq!(registry_status(&lab, &h2, "/v2/")?, 200);
+    assert_eq!(registry_status(&lab, &h2, "/v2/_catalog")?, 403);
+    assert_eq!(
+        registry_status(&lab, &h2, "/v2/busybox/manifests/latest")?,
+        403
+    );
+    // Once a task of it is placed there, the agent pulls it and the task runs.
+    lab.apply(
+        tmp.path(),
+        "bb.yaml",
+        &rudder_tests::pinned_service("bb", "busybox:latest", "h2"),
+    )?;
+    rudder_tests::running_on(&lab, "bb", "h2")?;
+    assert_eq!(
+        registry_status(&lab, &h2, "/v2/busybox/manifests/latest")?,
+        200
+    );
+    // Still not the catalog, and still nothing a worker may write.
+    assert_eq!(registry_status(&lab, &h2, "/v2/_catalog")?, 403);
+    Ok(())
+}

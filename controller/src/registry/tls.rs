@@ -63,6 +63,77 @@ pub struct Peer {
     /// The node id (certificate CN), for logs and refusals.
     pub node: String,
     pub addr: SocketAddr,
+    /// The end of the certificate's validity: checked at every request, since a connection
+    /// may outlive it.
+    pub not_after: SystemTime,
+}
+
+/// What the cluster says about a caller beyond its certificate, asked at every request.
+pub trait AccessPolicy: Send + Sync + 'static {
+    /// Whether certificates naming `node` were revoked (`rctl node rm`, `rm-manager`, ...).
+    fn revoked(&self, node: &str) -> bool;
+    /// Whether worker `node` may read repository `repo`: the image of a task placed on it, or
+    /// anything while it runs a build an admin asked for.
+    fn worker_may_read(&self, node: &str, repo: &str) -> bool;
+}
+
+/// The policy of a registry on its own (tests): nothing is revoked, workers read everything.
+struct Open;
+
+impl AccessPolicy for Open {
+    fn revoked(&self, _: &str) -> bool {
+        false
+    }
+    fn worker_may_read(&self, _: &str, _: &str) -> bool {
+        true
+    }
+}
+
+/// Nodes that run a build right now, and so may pull any base image for it. A lease ends when
+/// its guard is dropped (the build ended, however it ended).
+#[derive(Debug, Default)]
+pub struct PullLeases(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl PullLeases {
+    pub fn grant(self: &Arc<Self>, node: &str) -> PullLease {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_string())
+            .or_default() += 1;
+        PullLease {
+            leases: self.clone(),
+            node: node.to_string(),
+        }
+    }
+
+    pub fn held(&self, node: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .is_some_and(|n| *n > 0)
+    }
+}
+
+/// One build's permission for its node to pull any repository.
+#[derive(Debug)]
+pub struct PullLease {
+    leases: Arc<PullLeases>,
+    node: String,
+}
+
+impl Drop for PullLease {
+    fn drop(&mut self) {
+        let mut m = self.leases.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
 }
 
 /// This manager's TLS identity for the registry: the cluster CA and the node certificate,
@@ -74,6 +145,7 @@ pub struct RegistryTls {
     identity: Arc<Identity>,
     server: Arc<rustls::ServerConfig>,
     handshake_timeout: Duration,
+    policy: Arc<dyn AccessPolicy>,
 }
 
 impl std::fmt::Debug for RegistryTls {
@@ -103,7 +175,15 @@ impl RegistryTls {
             identity,
             server: Arc::new(server),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            policy: Arc::new(Open),
         })
+    }
+
+    /// Asks `policy` at every request (revocation, what workers may read). Without one,
+    /// nothing is revoked and workers read every repository.
+    pub fn with_policy(mut self, policy: Arc<dyn AccessPolicy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Presents `certs`'s (renewed) node certificate from now on, as server and as peer client.
@@ -175,32 +255,98 @@ pub async fn serve_tls(
         timeout: tls.handshake_timeout,
         handshakes: JoinSet::new(),
     };
-    let app = super::routes(state, true).into_make_service_with_connect_info::<Peer>();
+    let app = super::routes(state, true)
+        .layer(axum::Extension(Policy(tls.policy.clone())))
+        .into_make_service_with_connect_info::<Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(RegistryError::io("serve registry"))
 }
 
-/// Lets reads through for every role and writes only for managers and admins.
+/// The policy as a request extension, for [`authorize`].
+#[derive(Clone)]
+struct Policy(Arc<dyn AccessPolicy>);
+
+/// Per request: the certificate is still valid and not revoked; managers and admins read and
+/// write; workers read only the repositories the policy grants them (L4, L5), never the
+/// catalog, and write nothing.
 pub(crate) async fn authorize(req: Request, next: Next) -> Response {
-    let read = matches!(*req.method(), Method::GET | Method::HEAD);
     let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<Peer>>() else {
         // Only served behind `serve_tls`, which always sets it; refuse rather than trust.
         return denied("registry: no client certificate on this connection".into());
     };
-    if read || matches!(peer.role, Role::Manager | Role::Admin) {
-        return next.run(req).await;
-    }
-    warn!(node = %peer.node, role = %peer.role, method = %req.method(), path = req.uri().path(),
-        "registry: write refused");
-    denied(format!(
-        "registry: {} (push or delete) needs a manager or admin certificate; node {} \
-         presented a {} certificate",
+    let policy = req
+        .extensions()
+        .get::<Policy>()
+        .map(|p| p.0.clone())
+        .unwrap_or_else(|| Arc::new(Open));
+    match allowed(
+        peer,
         req.method(),
-        peer.node,
-        peer.role
-    ))
+        req.uri().path(),
+        policy.as_ref(),
+        SystemTime::now(),
+    ) {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            warn!(node = %peer.node, role = %peer.role, method = %req.method(),
+                path = req.uri().path(), why, "registry: request refused");
+            denied(why)
+        }
+    }
+}
+
+/// The decision of [`authorize`], without the HTTP around it.
+fn allowed(
+    peer: &Peer,
+    method: &Method,
+    path: &str,
+    policy: &dyn AccessPolicy,
+    now: SystemTime,
+) -> Result<(), String> {
+    if now > peer.not_after {
+        return Err(format!(
+            "registry: node {}'s certificate expired during this connection",
+            peer.node
+        ));
+    }
+    if policy.revoked(&peer.node) {
+        return Err(format!(
+            "registry: {} was removed from the cluster: its certificates are revoked",
+            peer.node
+        ));
+    }
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    match peer.role {
+        Role::Manager | Role::Admin => Ok(()),
+        Role::Worker if !read => Err(format!(
+            "registry: {method} (push or delete) needs a manager or admin certificate; node {} \
+             presented a worker certificate",
+            peer.node
+        )),
+        Role::Worker => {
+            let rest = path.trim_start_matches("/v2").trim_matches('/');
+            if rest.is_empty() {
+                return Ok(());
+            }
+            let repo = ["/manifests/", "/blobs/", "/tags/"]
+                .iter()
+                .find_map(|sep| rest.split_once(sep).map(|(r, _)| r));
+            match repo {
+                Some(repo) if policy.worker_may_read(&peer.node, repo) => Ok(()),
+                Some(repo) => Err(format!(
+                    "registry: node {} runs no task of {repo}: workers pull only their tasks' \
+                     images",
+                    peer.node
+                )),
+                None => Err(format!(
+                    "registry: {path} is for managers and admins (node {} is a worker)",
+                    peer.node
+                )),
+            }
+        }
+    }
 }
 
 /// The distribution spec's `DENIED` error.
@@ -272,12 +418,17 @@ async fn handshake(
     };
     // The verifier required a certificate from the CA; read which role it gives.
     let leaf = stream.get_ref().1.peer_certificates()?.first()?;
-    match ca::peer_role(leaf, &ca, SystemTime::now()) {
-        Ok((role, node)) => {
-            debug!(%addr, %role, node, "registry: tls connection");
+    match ca::peer_identity(leaf, &ca, SystemTime::now()) {
+        Ok(id) => {
+            debug!(%addr, role = %id.role, node = id.node, "registry: tls connection");
             Some(TlsConn {
                 stream,
-                peer: Peer { role, node, addr },
+                peer: Peer {
+                    role: id.role,
+                    node: id.node,
+                    addr,
+                    not_after: id.not_after,
+                },
             })
         }
         Err(err) => {
@@ -808,5 +959,85 @@ mod tests {
             worker.get_blob_to_file(REPO, &digest, &dest).await.unwrap();
             assert_eq!(&std::fs::read(&dest).unwrap(), blob);
         }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    //! The per-request decision (L4, L5, H4), table-driven.
+
+    use super::*;
+
+    struct Policy {
+        revoked: &'static [&'static str],
+        /// (worker, repository) pairs the cluster grants.
+        grants: &'static [(&'static str, &'static str)],
+    }
+
+    impl AccessPolicy for Policy {
+        fn revoked(&self, node: &str) -> bool {
+            self.revoked.contains(&node)
+        }
+        fn worker_may_read(&self, node: &str, repo: &str) -> bool {
+            self.grants.contains(&(node, repo))
+        }
+    }
+
+    fn peer(role: Role, node: &str, not_after: SystemTime) -> Peer {
+        Peer {
+            role,
+            node: node.into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            not_after,
+        }
+    }
+
+    #[test]
+    fn workers_read_only_their_tasks_images_and_nobody_revoked_or_expired_gets_in() {
+        let now = SystemTime::now();
+        let later = now + Duration::from_secs(60);
+        let policy = Policy {
+            revoked: &["gone"],
+            grants: &[("w1", "lib/app")],
+        };
+        let check = |p: &Peer, m: Method, path: &str| allowed(p, &m, path, &policy, now);
+        let w1 = peer(Role::Worker, "w1", later);
+        // Its task's repository: manifests, blobs and tags.
+        check(&w1, Method::GET, "/v2/").unwrap();
+        check(&w1, Method::GET, "/v2/lib/app/manifests/1").unwrap();
+        check(&w1, Method::HEAD, "/v2/lib/app/blobs/sha256:00").unwrap();
+        check(&w1, Method::GET, "/v2/lib/app/tags/list").unwrap();
+        // Anything else is refused, naming why.
+        let e = check(&w1, Method::GET, "/v2/other/manifests/1").unwrap_err();
+        assert!(e.contains("runs no task of other"), "{e}");
+        let e = check(&w1, Method::GET, "/v2/_catalog").unwrap_err();
+        assert!(e.contains("managers and admins"), "{e}");
+        let e = check(&w1, Method::PUT, "/v2/lib/app/manifests/1").unwrap_err();
+        assert!(e.contains("push or delete"), "{e}");
+        // Managers and admins read and write everything.
+        for role in [Role::Manager, Role::Admin] {
+            let p = peer(role, "m", later);
+            check(&p, Method::GET, "/v2/_catalog").unwrap();
+            check(&p, Method::PUT, "/v2/x/manifests/1").unwrap();
+        }
+        // A revoked identity, whatever its role, gets nothing more on its open connection.
+        let e = check(&peer(Role::Admin, "gone", later), Method::GET, "/v2/").unwrap_err();
+        assert!(e.contains("revoked"), "{e}");
+        // Nor does a certificate that expired since the handshake.
+        let old = peer(Role::Manager, "m", now - Duration::from_secs(1));
+        let e = check(&old, Method::GET, "/v2/").unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn a_pull_lease_lasts_as_long_as_its_build() {
+        let leases: Arc<PullLeases> = Default::default();
+        assert!(!leases.held("w1"));
+        let a = leases.grant("w1");
+        let b = leases.grant("w1");
+        drop(a);
+        assert!(leases.held("w1"));
+        drop(b);
+        assert!(!leases.held("w1"));
     }
 }
