@@ -34,6 +34,9 @@ use tracing::{debug, info, warn};
 use crate::dns::{DnsServer, DnsView, ServiceRecord};
 use crate::wg::{KeyPair, Wg, WgPeer};
 
+/// Present in the agent's data dir when IPv4 forwarding was off before the agent turned it
+/// on (see [`Overlay::enable_forwarding`]).
+pub const FORWARD_MARKER: &str = "ip_forward.rudder";
 /// UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
 /// Connection mark of connections that arrived through the routing mesh (source-NATed to the
@@ -220,13 +223,21 @@ fn tunnel_of(n: &NetworkView, wg: &str) -> String {
 
 /// The nftables table for `map`: VIPs, the routing mesh, host-mode ports, isolation between
 /// networks, and outbound NAT. `wg` is this host's WireGuard interface (used only when an
-/// encrypted network exists). Pure, so it is unit-tested as text.
+/// encrypted network exists). `forward_drop` makes the forward chain's policy drop (when
+/// this agent is what made the host a router: see [`Overlay::enable_forwarding`]); either
+/// way, nothing goes through Rudder's interfaces that a rule here did not accept. Pure, so it
+/// is unit-tested as text.
 ///
 /// Isolation invariants: a network's packets enter a host only through its own bridge or its
 /// own tunnel ([`tunnel_of`]), with a source address in its own subnet (checked before
 /// conntrack's `established` shortcut, so a forged packet cannot ride another network's flow);
 /// VXLAN is decapsulated only from the cluster's hosts, and no container can send VXLAN to them.
-pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> String {
+pub fn ruleset(
+    map: &NetworkMap,
+    wg: &str,
+    bridge: Option<&LocalBridge>,
+    forward_drop: bool,
+) -> String {
     let mut pre = Vec::new();
     let mut out_nat = Vec::new();
     let mut post = Vec::new();
@@ -455,6 +466,30 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
     if !subnets.is_empty() {
         fwd.push(format!("ip daddr {{ {} }} drop", subnets.join(", ")));
     }
+    // The ways out (masqueraded above): from a network that has one, or the local bridge,
+    // with its own addresses, to anything that is not an overlay.
+    let mut ours = overlay_ifaces.clone();
+    if let Some(b) = bridge {
+        ours.push(BRIDGE.to_string());
+        fwd.push(format!(
+            "iifname \"{BRIDGE}\" ip saddr {} oifname != {{ {} }} accept",
+            b.subnet,
+            quoted(&ours)
+        ));
+    }
+    for n in map.networks.iter().filter(|n| !n.internal) {
+        fwd.push(format!(
+            "iifname \"{}\" ip saddr {} oifname != {{ {} }} accept",
+            bridge_name(&n.id),
+            n.subnet,
+            quoted(&ours)
+        ));
+    }
+    // Nothing else passes through Rudder's interfaces, in or out (L7).
+    if !ours.is_empty() {
+        fwd.push(format!("iifname {{ {} }} drop", quoted(&ours)));
+        fwd.push(format!("oifname {{ {} }} drop", quoted(&ours)));
+    }
     let mut t = String::new();
     t.push_str("table ip rudder {\n");
     let chain = |t: &mut String, name: &str, head: &str, rules: &[String]| {
@@ -504,10 +539,11 @@ pub fn ruleset(map: &NetworkMap, wg: &str, bridge: Option<&LocalBridge>) -> Stri
         "ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"
     ));
     forward.extend(fwd);
+    let policy = if forward_drop { "drop" } else { "accept" };
     chain(
         &mut t,
         "forward",
-        "type filter hook forward priority filter; policy accept;",
+        &format!("type filter hook forward priority filter; policy {policy};"),
         &forward,
     );
     // The host itself (and host-network containers) may answer containers (DNS) and use
@@ -737,7 +773,7 @@ impl Overlay {
         {
             return Ok(());
         }
-        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+        let forward_drop = self.enable_forwarding();
         let have = links().await?;
         let mut cmds = Vec::new();
         let wanted: BTreeMap<String, NetworkView> = map
@@ -888,7 +924,7 @@ impl Overlay {
         }
 
         // nftables: the whole table, atomically, when it changed.
-        let table = ruleset(map, &wg_iface, bridge.as_ref());
+        let table = ruleset(map, &wg_iface, bridge.as_ref(), forward_drop);
         if table != applied.nft {
             let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{table}");
             run("nft", &["-f", "-"], Some(&script)).await?;
@@ -927,6 +963,41 @@ impl Overlay {
         }
         applied.networks = wanted;
         Ok(())
+    }
+
+    /// Turns IPv4 forwarding on, and tells whether this agent is what made the host a router:
+    /// forwarding was off when it first turned it on (recorded in [`FORWARD_MARKER`], so later
+    /// starts know). Only then does the forward chain drop what is not Rudder's (as Docker's
+    /// FORWARD DROP); a host that already routed keeps routing its own traffic. Deleting the
+    /// marker opts out.
+    fn enable_forwarding(&self) -> bool {
+        let marker = self.data_dir.join(FORWARD_MARKER);
+        let path = "/proc/sys/net/ipv4/ip_forward";
+        let was_off = std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0");
+        if was_off && !marker.exists() {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&marker)
+                .and_then(|mut f| {
+                    f.write_all(
+                        b"ip_forward was 0 until rudder-agent turned it on: \
+                          the forward chain drops what is not Rudder's\n",
+                    )
+                });
+            match written {
+                Ok(()) => info!("ip forwarding turned on; forwarding only Rudder's traffic"),
+                Err(e) => {
+                    warn!(%e, marker = %marker.display(), "network: cannot record that forwarding was off; the forward chain keeps policy accept")
+                }
+            }
+        }
+        write_sysctl(path, "1");
+        marker.exists()
     }
 
     /// The local bridge's rules, from the containers on it (their dirs record the address):
@@ -1003,7 +1074,7 @@ impl Overlay {
         let _guard = self.bridge_lock.lock().await;
         let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
         let prefix = self.bridge_subnet.prefix_len();
-        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1");
+        self.enable_forwarding();
         let mut cmds = Vec::new();
         if !links().await?.contains(BRIDGE) {
             cmds.push(format!("link add {BRIDGE} type bridge"));
@@ -1312,7 +1383,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let t = ruleset(&map, "rwg-1", None);
+        let t = ruleset(&map, "rwg-1", None, false);
         for want in [
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
@@ -1348,7 +1419,7 @@ mod tests {
         let mut empty = map.clone();
         empty.networks[0].services[0].tasks.clear();
         empty.ingress.clear();
-        assert!(!ruleset(&empty, "rwg-1", None).contains("dnat"));
+        assert!(!ruleset(&empty, "rwg-1", None, false).contains("dnat"));
         // The local bridge: outbound NAT, its host ports, nobody else forwarding into it.
         let b = LocalBridge {
             subnet: DEFAULT_BRIDGE_SUBNET.parse().unwrap(),
@@ -1361,18 +1432,23 @@ mod tests {
                 backends: vec!["172.31.0.2".parse().unwrap()],
             }],
         };
-        let t = ruleset(&empty, "rwg-1", Some(&b));
+        let t = ruleset(&empty, "rwg-1", Some(&b), true);
         for want in [
             "ip saddr 172.31.0.0/16 oifname != \"rdr0\" masquerade",
             "fib daddr type local udp dport 5353 ct mark set 0x5245 dnat to 172.31.0.2:53",
             "oifname \"rdr0\" iifname != \"rdr0\" drop",
+            // L7: its way out, and nothing else through it; forwarding was ours to turn on.
+            "iifname \"rdr0\" ip saddr 172.31.0.0/16 oifname != { \"rdb-aaaaaaaa\", \"rwg-1\", \"rdr0\" } accept",
+            "iifname { \"rdb-aaaaaaaa\", \"rwg-1\", \"rdr0\" } drop",
+            "oifname { \"rdb-aaaaaaaa\", \"rwg-1\", \"rdr0\" } drop",
+            "type filter hook forward priority filter; policy drop;",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
         }
         // An internal network: no masquerade, nothing forwarded out, of the host only DNS.
         let mut internal = map.clone();
         internal.networks[0].internal = true;
-        let t = ruleset(&internal, "rwg-1", None);
+        let t = ruleset(&internal, "rwg-1", None, false);
         assert!(!t.contains("masquerade"), "{t}");
         // The walls come before the published ports' marks are accepted.
         let wall = t.find("ip daddr != 10.50.0.0/16 drop").unwrap();
@@ -1421,7 +1497,7 @@ mod tests {
             peers: vec![peer("h2", "10.213.7.2", 2), peer("h3", "10.213.7.3", 3)],
             ..Default::default()
         };
-        let t = ruleset(&map, "rwg-1", None);
+        let t = ruleset(&map, "rwg-1", None, false);
         for want in [
             "iifname \"rdx-pppppppp\" oifname \"rdb-pppppppp\" ip saddr 10.60.0.0/16 ip daddr 10.60.1.0/24 accept",
             "iifname \"rwg-1\" oifname \"rdb-ssssssss\" ip saddr 10.61.0.0/16 ip daddr 10.61.1.0/24 accept",
@@ -1440,6 +1516,25 @@ mod tests {
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
         }
+        // L7: the open network's way out; the internal one has none; nothing else passes
+        // through our interfaces; a host that already routed keeps policy accept.
+        let ours = "{ \"rdb-pppppppp\", \"rdb-ssssssss\", \"rdx-pppppppp\", \"rwg-1\" }";
+        for want in [
+            format!("iifname \"rdb-pppppppp\" ip saddr 10.60.0.0/16 oifname != {ours} accept"),
+            format!("iifname {ours} drop"),
+            format!("oifname {ours} drop"),
+            "type filter hook forward priority filter; policy accept;".to_string(),
+        ] {
+            assert!(t.contains(&want), "missing {want}\n{t}");
+        }
+        assert!(!t.contains("iifname \"rdb-ssssssss\" ip saddr 10.61.0.0/16 oifname !="));
+        let accept = t.find(&format!("oifname != {ours} accept")).unwrap();
+        assert!(
+            accept
+                > t.find("ip daddr { 10.60.0.0/16, 10.61.0.0/16 } drop")
+                    .unwrap()
+        );
+        assert!(accept < t.find(&format!("iifname {ours} drop")).unwrap());
         // No tunnel but its own feeds a bridge; the old rule took every tunnel for every one.
         for line in t.lines().filter(|l| l.contains("oifname \"rdb-ssssssss\"")) {
             assert!(!line.contains("rdx-"), "{line}");
@@ -1463,7 +1558,7 @@ mod tests {
             peers: vec![],
             ..map
         };
-        assert!(ruleset(&alone, "rwg-1", None).contains("udp dport 4789 drop"));
+        assert!(ruleset(&alone, "rwg-1", None, false).contains("udp dport 4789 drop"));
     }
 
     /// Whether the kernel accepts a ruleset (`nft -c` checks without committing anything).

@@ -354,3 +354,121 @@ fn resolvers_answer_only_their_members() -> anyhow::Result<()> {
     assert!(ok && out.contains("10.173."), "{out}");
     Ok(())
 }
+
+/// A network namespace this test made; removed (with its veth end) when dropped.
+struct TestNetns(String);
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let st = std::process::Command::new("ip").args(args).status()?;
+    anyhow::ensure!(st.success(), "ip {}: {st}", args.join(" "));
+    Ok(())
+}
+
+/// L7: a host whose forwarding Rudder turned on routes only Rudder's traffic. Behind h1 sits
+/// a network of the host's own (a veth into a namespace made here); h2 routes it via h1. h1
+/// itself reaches it, but h1 does not forward h2's datagram to it (the old agent did: policy
+/// accept with ip_forward on).
+#[test]
+fn host_forwards_only_rudders_traffic() -> anyhow::Result<()> {
+    let (mut lab, tmp) = lab_with_busybox("nf", 2)?;
+    lab.apply(
+        tmp.path(),
+        "l7.yaml",
+        "kind: Network\nname: o\nsubnet: 10.175.0.0/16\n---\n\
+         kind: Service\nname: s\nimage: busybox:latest\nnetworks: [o]\n\
+         placement: {constraints: [\"node.hostname==h1\"]}\n\
+         command: [\"/bin/sleep\", \"1000000\"]\n",
+    )?;
+    running_one(&lab, "s")?;
+    let h1 = lab.host("h1").clone();
+    let marker = h1.data_dir.join(rudder_agent::net::FORWARD_MARKER);
+    if !marker.exists() {
+        // The lab's namespaces inherited forwarding from the root namespace: make h1 a host
+        // that did not route before its agent came.
+        ip(&[
+            "netns",
+            "exec",
+            &h1.netns,
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/net/ipv4/ip_forward",
+        ])?;
+        lab.restart(lab.host_index("h1"), rudder_ctl::lab::Role::Agent, false)?;
+        wait_for(Duration::from_secs(20), "h1's table loaded again", || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &h1.netns, "nft", "list", "chain", "ip"])
+                .args(["rudder", "forward"])
+                .output()?;
+            Ok((out.status.success() && lab_forwarding_on(&h1.netns)).then_some(()))
+        })?;
+    }
+    let ns = TestNetns(format!("rdt-l7-{}", std::process::id() % 100000));
+    ip(&["netns", "add", &ns.0])?;
+    ip(&[
+        "-n", &h1.netns, "link", "add", "rdtl7a", "type", "veth", "peer", "name", "rdtl7b",
+        "netns", &ns.0,
+    ])?;
+    ip(&[
+        "-n",
+        &h1.netns,
+        "addr",
+        "add",
+        "10.250.7.1/24",
+        "dev",
+        "rdtl7a",
+    ])?;
+    ip(&["-n", &h1.netns, "link", "set", "rdtl7a", "up"])?;
+    ip(&["-n", &ns.0, "addr", "add", "10.250.7.2/24", "dev", "rdtl7b"])?;
+    ip(&["-n", &ns.0, "link", "set", "rdtl7b", "up"])?;
+    ip(&["-n", &ns.0, "route", "add", "default", "via", "10.250.7.1"])?;
+    let h1_addr = h1.addr.to_string();
+    ip(&[
+        "-n",
+        &lab.host("h2").netns,
+        "route",
+        "replace",
+        "10.250.7.0/24",
+        "via",
+        &h1_addr,
+    ])?;
+    let rx = socket_in(&format!("/run/netns/{}", ns.0), "0.0.0.0:9999")?;
+    let behind: Ipv4Addr = "10.250.7.2".parse()?;
+    // h1 itself reaches its own network.
+    let from_h1 = socket_in(&format!("/run/netns/{}", h1.netns), "0.0.0.0:0")?;
+    from_h1.send_to(b"from-h1", (behind, 9999))?;
+    assert!(received(&rx, Duration::from_secs(1)).contains("from-h1"));
+    // h2's datagram would have to be forwarded by h1: it is not.
+    let from_h2 = socket_in(&format!("/run/netns/{}", lab.host("h2").netns), "0.0.0.0:0")?;
+    for _ in 0..3 {
+        from_h2.send_to(b"routed-by-h1", (behind, 9999))?;
+    }
+    let seen = received(&rx, Duration::from_secs(1));
+    assert!(
+        !seen.contains("routed-by-h1"),
+        "h1 routed traffic that is not Rudder's"
+    );
+    assert!(marker.exists(), "{} recorded", marker.display());
+    Ok(())
+}
+
+/// Whether IPv4 forwarding is on in `netns`.
+fn lab_forwarding_on(netns: &str) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1")
+}
