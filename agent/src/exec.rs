@@ -583,6 +583,68 @@ mod tests {
         (out, err, code)
     }
 
+    #[test]
+    fn exec_user_is_resolved_in_the_container() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("containers").join("abc");
+        let rootfs = dir.join("bundle").join("rootfs");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/home/nobody:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(rootfs.join("etc/group"), "audio:x:29:nobody\n").unwrap();
+        let process = oci_spec::runtime::ProcessBuilder::default()
+            .args(vec!["sleep".to_string()])
+            .env(vec!["PATH=/bin".to_string(), "HOME=/root".to_string()])
+            .cwd("/srv")
+            .build()
+            .unwrap();
+        let mut spec = oci_spec::runtime::Spec::default();
+        spec.set_process(Some(process));
+        spec.save(dir.join("bundle/config.json")).unwrap();
+        let access = ContainerAccess {
+            containers: t.path().join("containers"),
+            runtime: "runc".into(),
+            runtime_root: t.path().join("runc"),
+            agent_exe: "/bin/false".into(),
+        };
+        let start = ExecStart {
+            task: "abc".into(),
+            cmd: vec!["id".into(), "-u".into()],
+            tty: true,
+            user: "nobody".into(),
+            ..Default::default()
+        };
+        let file = process_as(&access, &start, "nobody").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let p: oci_spec::runtime::Process =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(p.user().uid(), 65534);
+        assert_eq!(p.user().gid(), 65534);
+        assert_eq!(p.user().additional_gids().clone(), Some(vec![29]));
+        assert_eq!(p.args().clone().unwrap(), vec!["id", "-u"]);
+        assert_eq!(p.terminal(), Some(true));
+        assert_eq!(p.cwd(), &PathBuf::from("/srv"));
+        let env = p.env().clone().unwrap();
+        assert!(env.contains(&"HOME=/home/nobody".to_string()), "{env:?}");
+        assert!(env.contains(&"TERM=xterm".to_string()), "{env:?}");
+        let e = process_as(&access, &start, "nosuch").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("unable to find user nosuch"),
+            "{}",
+            e.message()
+        );
+        let e = process_as(&access, &start, &"x".repeat(300)).unwrap_err();
+        assert!(e.message().contains("longer than"), "{}", e.message());
+    }
+
     #[tokio::test]
     async fn pipes_carry_stdin_stdout_stderr_and_the_exit_code() {
         let (out, err, code) = run(
