@@ -16,8 +16,8 @@
 //! - a manifest recorded while a collection runs never loses a blob: `store_manifest` checks
 //!   its blobs, records it and marks them ([`GcGuard::recorded`]) under the guard's read lock,
 //!   and the collection re-checks each candidate under its write lock right before deleting it
-//!   (a blob marked since the records were read, or written or touched within the grace
-//!   period, stays). Either the mark comes first and the blob stays, or the delete comes first
+//!   (a blob marked by a manifest that is still recorded, or written or touched within the
+//!   grace period, stays). Either the mark comes first and the blob stays, or the delete comes first
 //!   and the manifest is refused for the missing blob (the push can be retried);
 //! - a push that skips an old blob because HEAD (or a mount) said it exists touches it, so a
 //!   collection with a grace period keeps it until the manifest comes;
@@ -41,22 +41,24 @@ use super::{peers, RegistryError, RegistryState};
 const MAX_CONFIG_BYTES: u64 = 4 << 20;
 /// Index nesting followed at most (guards against reference cycles).
 const MAX_DEPTH: usize = 4;
-/// Marks older than this are swept (no collection runs that long: callers time out in 60 s).
+/// Marks older than this are swept: no collection runs that long (callers give up after 60 s),
+/// and a manifest recorded before a collection read its records is among them.
 const RECORDED_KEEP: Duration = Duration::from_secs(600);
-/// A collection honours marks made up to this long before it started: its caller read the
-/// records (`raft.store()`) just before, and a manifest recorded in between is in neither.
-const RECORDED_SLACK: Duration = Duration::from_secs(2);
 /// Marks kept before old ones are swept on insert.
 const MAX_MARKS: usize = 4096;
 
-/// Serialises a collection's deletes with manifests being recorded, and remembers the blobs of
-/// manifests recorded lately (see the module doc). One per registry.
+/// Serialises a collection's deletes with manifests being recorded, and remembers which
+/// manifests lately recorded reference which blobs (see the module doc). One per registry.
 #[derive(Debug, Default)]
 pub struct GcGuard {
     lock: tokio::sync::RwLock<()>,
-    /// Digest → when a manifest referencing it (or it, a manifest) was recorded.
-    recorded: Mutex<HashMap<String, Instant>>,
+    /// Blob digest → when it was last marked, and the `(repository, manifest digest)` of the
+    /// manifests that marked it.
+    recorded: Mutex<HashMap<String, (Instant, Vec<ManifestOf>)>>,
 }
+
+/// `(repository, manifest digest)`.
+type ManifestOf = (String, String);
 
 impl GcGuard {
     /// Held by whoever checks a manifest's blobs and records it, until it is recorded.
@@ -64,22 +66,40 @@ impl GcGuard {
         self.lock.read().await
     }
 
-    /// Marks `digests` as referenced by a manifest just recorded.
-    pub fn recorded<'a>(&self, digests: impl IntoIterator<Item = &'a str>) {
+    /// Marks `blobs` (the manifest itself included) as referenced by manifest `repo@manifest`,
+    /// just recorded.
+    pub fn recorded<'a>(
+        &self,
+        repo: &str,
+        manifest: &str,
+        blobs: impl IntoIterator<Item = &'a str>,
+    ) {
         let now = Instant::now();
         let mut m = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
-        for d in digests {
-            m.insert(d.to_string(), now);
+        for d in blobs {
+            let (at, owners) = m.entry(d.to_string()).or_insert_with(|| (now, Vec::new()));
+            *at = now;
+            let owner = (repo.to_string(), manifest.to_string());
+            if !owners.contains(&owner) {
+                owners.push(owner);
+            }
         }
         if m.len() > MAX_MARKS {
-            m.retain(|_, at| now.duration_since(*at) < RECORDED_KEEP);
+            m.retain(|_, (at, _)| now.duration_since(*at) < RECORDED_KEEP);
         }
     }
 
-    /// Whether a manifest referencing `digest` was recorded at or after `since`.
-    fn recorded_since(&self, digest: &str, since: Instant) -> bool {
+    /// Whether a manifest that marked `digest` lately is still recorded in `tags`: recorded
+    /// after the collection read its records, so they do not show it. (One removed since, e.g.
+    /// by `rctl image rm` before a prune, protects nothing.)
+    fn still_recorded(&self, digest: &str, tags: &dyn super::TagStore) -> bool {
         let m = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(digest).is_some_and(|at| *at >= since)
+        m.get(digest).is_some_and(|(at, owners)| {
+            at.elapsed() < RECORDED_KEEP
+                && owners
+                    .iter()
+                    .any(|(repo, manifest)| tags.resolve(repo, manifest).is_some())
+        })
     }
 }
 
@@ -344,9 +364,6 @@ pub(crate) async fn collect_with(
     grace: Duration,
     before_delete: Option<BeforeDelete<'_>>,
 ) -> Result<GcReport, GcError> {
-    let started = Instant::now()
-        .checked_sub(RECORDED_SLACK)
-        .unwrap_or_else(Instant::now);
     let inv = inventory(state, records).await?;
     let referenced = usage::referenced(&inv.images(), &inv.manifest_digests());
     let plan = usage::collect(&inv.on_disk, &referenced, SystemTime::now(), grace);
@@ -362,7 +379,9 @@ pub(crate) async fn collect_with(
         // Re-checked under the write lock: no manifest is between its blob check and its
         // record meanwhile, and one recorded since the inventory marked its blobs.
         let _exclusive = state.gc_guard().lock.write().await;
-        if state.gc_guard().recorded_since(d.as_str(), started)
+        if state
+            .gc_guard()
+            .still_recorded(d.as_str(), state.tags().as_ref())
             || state.blobs().touched_within(&d, grace).await
         {
             tracing::debug!(digest = %d, "blob recorded or touched during the collection; kept");
@@ -551,6 +570,12 @@ mod tests {
         }];
         let r = collect(&state, &records, Duration::ZERO).await.unwrap();
         assert_eq!(r.blobs, 0);
+        // Removed again (`rctl image rm`), its marks protect nothing: a prune takes it all.
+        let md = Digest::of(&m);
+        assert!(state.tags().delete("box", md.as_str()).await.unwrap());
+        let r = collect(&state, &[], Duration::ZERO).await.unwrap();
+        assert_eq!(r.blobs, 3);
+        assert!(list_blobs(&state).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -444,6 +444,8 @@ pub async fn store_manifest(
         .put(name, tag, digest.as_str(), &parsed.media_type)
         .await?;
     state.gc_guard().recorded(
+        name,
+        digest.as_str(),
         std::iter::once(digest.as_str()).chain(parsed.references.iter().map(Digest::as_str)),
     );
     tracing::debug!(%digest, media_type = %parsed.media_type, "manifest stored");
