@@ -84,7 +84,7 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
         .recursive(true)
         .mode(PRIVATE_DIR_MODE)
         .create(dir)?;
-    let meta = std::fs::symlink_metadata(dir)?;
+    let meta = std::fs::metadata(dir)?;
     if !meta.is_dir() {
         return Err(std::io::Error::other("exists and is not a directory"));
     }
@@ -863,6 +863,16 @@ mod tests {
         std::fs::write(&data, b"").unwrap();
         let err = prepare_data_dir(&data).unwrap_err();
         assert!(err.to_string().starts_with("storage: data dir"), "{err}");
+        // A symlink to a directory is a directory (e.g. /var/lib/rudder on another disk).
+        let real = tmp.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        prepare_data_dir(&link).unwrap();
+        assert_eq!(
+            std::fs::metadata(&real).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 
     fn snapshot_at(index: u64, term: u64, voters: &[u64], data: &[u8]) -> Snapshot {
