@@ -20,6 +20,7 @@ pub mod overlayfs;
 pub mod runtime;
 pub mod seccomp;
 pub mod session;
+pub mod trusted;
 pub mod user;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
 pub use rudder_shim as shim;
@@ -223,6 +224,9 @@ pub async fn run(
     });
     worker.adopt();
     let (cpus_milli, memory_bytes) = host_capacity();
+    let trusted = Arc::new(trusted::TrustedControllers::load(
+        &cfg.data_dir.join("trusted-controllers.json"),
+    ));
     let me = session::Identity {
         node_id,
         hostname: cfg.hostname.clone(),
@@ -232,6 +236,7 @@ pub async fn run(
         role: cfg.role.clone(),
         tls: Some(certs_rx.clone()),
         data_dir: Some(cfg.data_dir.clone()),
+        trusted: Some(trusted.clone()),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     // Only controllers (manager certificates) may call the agent. The server restarts with
@@ -249,7 +254,16 @@ pub async fn run(
                 images: images.clone(),
                 builder: builder.clone(),
             }),
-            tls::guard(Arc::new(certs.ca().clone()), &[Role::Manager], "AgentApi"),
+            // Per request: a manager certificate of a current member of the group.
+            tls::guard_checked(
+                Arc::new(certs.ca().clone()),
+                &[Role::Manager],
+                "AgentApi",
+                {
+                    let trusted = trusted.clone();
+                    Arc::new(move |id| trusted.check(id))
+                },
+            ),
         ))
     })
     .await?;

@@ -40,6 +40,8 @@ pub struct Identity {
     /// This node's certificate (the latest, as renewals publish it) for mutual TLS towards the
     /// controllers; plain HTTP/2 when `None`.
     pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+    /// The controllers AgentApi serves, as the leader lists them (`None`: not kept).
+    pub trusted: Option<std::sync::Arc<crate::trusted::TrustedControllers>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +349,11 @@ async fn session(
                             (Ok(map), Some(o)) => o.set_map(map),
                             (Err(e), _) => warn!(%e, "unreadable network map"),
                             (Ok(_), None) => {}
+                        }
+                    }
+                    Some(Down::Trusted(t)) => {
+                        if let Some(trusted) = &me.trusted {
+                            trusted.set(t.controllers);
                         }
                     }
                     Some(Down::Volumes(v)) => {
@@ -657,6 +664,7 @@ mod tests {
                 role: "worker".into(),
                 tls: None,
                 data_dir: None,
+                trusted: None,
             };
             tokio::spawn(run(controllers, me, worker, status_rx))
         }

@@ -798,19 +798,11 @@ impl Control for ControlApi {
             now: now_ms(),
         }];
         if let Some(n) = node {
-            if self
-                .raft
-                .store()
-                .nodes
-                .get(&n)
-                .and_then(|n| n.controller_id)
-                == Some(id)
-            {
-                cmds.push(Command::SetNodeController {
-                    id: n,
-                    raft_id: None,
-                });
-            }
+            // No longer a manager host (placement's `node.role`), and no controller to start.
+            cmds.push(Command::SetNodeController {
+                id: n,
+                raft_id: None,
+            });
         }
         self.raft
             .propose(Command::Batch(cmds))

@@ -393,6 +393,7 @@ impl Dispatcher for DispatcherApi {
             let mut last_map = None;
             let mut last_volumes = None;
             let mut asked_controller = None;
+            let mut last_trusted: Option<Vec<String>> = None;
             loop {
                 let store = watch.borrow_and_update().clone();
                 // A promoted node that does not yet run its controller: tell its agent.
@@ -411,6 +412,29 @@ impl Dispatcher for DispatcherApi {
                             asked_controller = Some(rid);
                         }
                     }
+                }
+                // Which controllers the agent may serve: the members, none revoked.
+                let trusted: Vec<String> = store
+                    .managers
+                    .keys()
+                    .map(|id| crate::security::controller_cn(*id))
+                    .filter(|cn| !store.is_revoked(cn))
+                    .collect();
+                // (Not before the group is recorded: an empty list would refuse everyone.)
+                if !trusted.is_empty() && last_trusted.as_ref() != Some(&trusted) {
+                    let msg = Trusted {
+                        controllers: trusted.clone(),
+                    };
+                    if down_tx
+                        .send(Ok(ControllerMessage {
+                            msg: Some(Down::Trusted(msg)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last_trusted = Some(trusted);
                 }
                 // The overlay first: tasks that join a network need it on the host.
                 let map = rudder_model::network::map_for_node(&store, &down_node);

@@ -17,11 +17,14 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use rudder_pki::ca::{self, Role};
 use rudder_pki::tls::{self, NodeCerts};
+use rudder_proto::v1::agent_api_client::AgentApiClient;
 use rudder_proto::v1::agent_message::Msg as Up;
 use rudder_proto::v1::cluster_client::ClusterClient;
 use rudder_proto::v1::dispatcher_client::DispatcherClient;
 use rudder_proto::v1::raft_peer_client::RaftPeerClient;
-use rudder_proto::v1::{AgentMessage, Heartbeat, JoinRaftRequest, Register, RenewRequest};
+use rudder_proto::v1::{
+    AgentMessage, Heartbeat, JoinRaftRequest, ListImagesRequest, Register, RenewRequest,
+};
 use rudder_tests::{bin, lab, wait_for, LabGuard};
 use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
@@ -245,6 +248,29 @@ fn h4_removed_nodes_and_controllers_are_revoked() -> anyhow::Result<()> {
         assert!(err.message().contains("revoked"), "{err}");
         anyhow::Ok(())
     })?;
+    // Agents refuse it too: it is no longer among the controllers they serve.
+    let h1_agent = format!("https://{}", lab.lab.hosts[0].agent_addr());
+    wait_for(
+        Duration::from_secs(10),
+        "agents refusing controller-2",
+        || {
+            let r = rt().block_on(async {
+                let ch = Endpoint::from_shared(h1_agent.clone())?
+                    .tls_config(tls::client_tls(&c2_certs, Role::Worker))?
+                    .connect()
+                    .await?;
+                anyhow::Ok(
+                    AgentApiClient::new(ch)
+                        .list_host_images(ListImagesRequest::default())
+                        .await,
+                )
+            })?;
+            Ok(match r {
+                Err(s) if s.message().contains("not a member of the controller group") => Some(()),
+                _ => None,
+            })
+        },
+    )?;
     let info: Value = serde_json::from_str(&lab.rctl(&["cluster", "info", "-o", "json"])?)?;
     assert_eq!(info["managers"].as_array().map(Vec::len), Some(1), "{info}");
     // h2 runs no controller any more: an ordinary worker, removable like any other.
