@@ -283,6 +283,9 @@ impl SecretsStore for MemorySecrets {
 pub struct ClusterApi {
     secrets: Arc<dyn SecretsStore>,
     validity: Duration,
+    /// This controller's copy of the CA certificate: callers and tokens are checked against it
+    /// before anything costs a raft read or a CA key parse (L9).
+    local_ca: Option<crate::ca::CaCert>,
 }
 
 impl ClusterApi {
@@ -290,6 +293,23 @@ impl ClusterApi {
         ClusterApi {
             secrets,
             validity: NODE_CERT_VALIDITY,
+            local_ca: None,
+        }
+    }
+
+    /// Checks certificates and token fingerprints against `ca` first, so that a caller
+    /// without a valid certificate or token costs no raft read (L9).
+    pub fn with_local_ca(mut self, ca: crate::ca::CaCert) -> Self {
+        self.local_ca = Some(ca);
+        self
+    }
+
+    /// The cheap checks before the store is read: the caller's certificate against the local
+    /// copy of the CA.
+    fn precheck<T>(&self, req: &Request<T>, roles: &[Role], rpc: &str) -> Result<(), Status> {
+        match &self.local_ca {
+            Some(ca) => authorize(req, ca, roles, rpc).map(|_| ()),
+            None => Ok(()),
         }
     }
 
@@ -305,6 +325,13 @@ impl ClusterApi {
     }
 
     async fn admit(&self, req: JoinRequest) -> Result<JoinResponse, ClusterError> {
+        // A malformed token or one of another cluster is refused before any raft read.
+        if let Some(local) = &self.local_ca {
+            let t = Token::parse(&req.token)?;
+            if t.fingerprint != local.fingerprint() {
+                return Err(ClusterError::TokenOtherCluster);
+            }
+        }
         let role = self
             .secrets
             .join_tokens()
@@ -444,6 +471,7 @@ impl Cluster for ClusterApi {
         req: Request<JoinTokenRequest>,
     ) -> Result<Response<JoinTokenResponse>, Status> {
         const RPC: &str = "Cluster/JoinToken";
+        self.precheck(&req, &[Role::Admin], RPC)?;
         let ca = self.cluster_ca().await?;
         let admin = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
         if self.secrets.standing(&admin).await? == Standing::Revoked {
@@ -464,6 +492,7 @@ impl Cluster for ClusterApi {
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
         const RPC: &str = "Cluster/Renew";
+        self.precheck(&req, &Role::ALL, RPC)?;
         let ca = self.cluster_ca().await?;
         let crate::ca::PeerIdentity { role, node, .. } =
             authorize(&req, ca.cert(), &Role::ALL, RPC)?;
@@ -498,6 +527,7 @@ impl Cluster for ClusterApi {
         req: Request<AdminCertRequest>,
     ) -> Result<Response<AdminCertResponse>, Status> {
         const RPC: &str = "Cluster/AdminCert";
+        self.precheck(&req, &[Role::Admin], RPC)?;
         let ca = self.cluster_ca().await?;
         let caller = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
         if self.secrets.standing(&caller).await? == Standing::Revoked {
@@ -1056,6 +1086,60 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.message().contains("revoked"), "{}", err.message());
+    }
+
+    /// A store that must not be touched: every call panics.
+    struct Untouchable;
+
+    #[async_trait::async_trait]
+    impl SecretsStore for Untouchable {
+        async fn ca(&self) -> Result<CaSecrets, ClusterError> {
+            panic!("read the store")
+        }
+        async fn join_tokens(&self) -> Result<JoinTokens, ClusterError> {
+            panic!("read the store")
+        }
+        async fn rotate_join_token(
+            &self,
+            _: Role,
+            _: Option<Duration>,
+        ) -> Result<Token, ClusterError> {
+            panic!("read the store")
+        }
+        async fn standing(&self, _: &str) -> Result<Standing, ClusterError> {
+            panic!("read the store")
+        }
+        async fn revoke(&self, _: &str, _: &str) -> Result<(), ClusterError> {
+            panic!("read the store")
+        }
+    }
+
+    #[tokio::test]
+    async fn l9_garbage_is_refused_before_the_store_is_read() {
+        let ca = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let other = ClusterCa::generate("test", SystemTime::now()).unwrap();
+        let api = ClusterApi::new(Arc::new(Untouchable)).with_local_ca(ca.cert().clone());
+        let foreign = JoinTokens::generate(other.fingerprint())
+            .token(Role::Worker)
+            .unwrap()
+            .to_string();
+        let (_, csr) = node_csr("n1").unwrap();
+        let err = api
+            .join(Request::new(join_req(&foreign, &csr, "n1")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let err = api
+            .join(Request::new(join_req("RDR1-garbage", &csr, "n1")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        // No client certificate: refused before the CA key is read.
+        let err = api
+            .renew(Request::new(RenewRequest { csr_pem: csr }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
     }
 
     #[test]

@@ -240,7 +240,8 @@ pub async fn run(
     });
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
-            .with_validity(cfg.node_cert_validity),
+            .with_validity(cfg.node_cert_validity)
+            .with_local_ca(certs.ca().clone()),
     );
     let dispatcher = Arc::new(dispatcher::DispatcherApi::new(raft.clone(), registry_addr));
     let peer_api = Arc::new(peer::PeerApi {
