@@ -44,6 +44,9 @@ pub struct Identity {
     pub trusted: Option<std::sync::Arc<crate::trusted::TrustedControllers>>,
 }
 
+/// The largest message a controller may send down a session.
+pub const MAX_DOWN_MESSAGE: usize = 64 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("session: no controller address given")]
@@ -269,7 +272,9 @@ async fn session(
             .map_err(|e| SessionError::Address(controller.to_string(), e))?;
     }
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
-    let mut client = DispatcherClient::new(channel);
+    // Assignments carry whole task specs: allow big ones (tonic's default is 4 MiB), so a
+    // node with many tasks is not dropped for the size of its task list (M5).
+    let mut client = DispatcherClient::new(channel).max_decoding_message_size(MAX_DOWN_MESSAGE);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
     let overlay = worker.ctx().overlay.clone();
     let mut key_rx = overlay.as_ref().map(|o| o.watch_key());

@@ -328,6 +328,10 @@ impl Dispatcher for DispatcherApi {
         // The role is the store's: a node runs a controller because an admin promoted it (or
         // a member listens on its host), never because its agent says so.
         let role = role_of(&store, &node_id, &reg.addr);
+        if reg.role == "manager" && role != NodeRole::Manager {
+            // The claim is never trusted; say so, in case it is an attempt.
+            warn!(node = %node_id, "dispatcher: an agent claims the manager role; it runs no controller of the group: recorded as worker");
+        }
         let resources = NodeResources {
             cpus: reg.cpus_milli,
             memory: reg.memory_bytes,

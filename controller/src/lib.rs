@@ -71,6 +71,8 @@ pub enum ControllerError {
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
     Security(#[from] security::SecurityError),
+    #[error("controller: the raft loop stopped (storage error); restart after fixing the disk")]
+    RaftStopped,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -330,13 +332,25 @@ pub async fn run(
         let (join, id, transport) = (join.clone(), cfg.raft_id, transport.clone());
         tokio::spawn(async move { peer::join(&join, id, &me, &transport).await });
     }
-    shutdown.await;
-    info!("controller stopping");
+    // Fail-stop (L8): a raft loop that ended (a storage error) leaves a store that no longer
+    // follows the log; serving it would answer with stale data. Stop instead, and say so.
+    let failed = tokio::select! {
+        _ = shutdown => false,
+        _ = raft.stopped() => true,
+    };
+    if failed {
+        tracing::error!("the raft loop stopped (see the error above): stopping the controller");
+    } else {
+        info!("controller stopping");
+    }
     let _ = stop_tx.send(true);
     // A graceful stop waits for open calls, but agent sessions and raft streams never end on
     // their own: give them a moment, then stop anyway (every write is already on disk).
     let grace = std::time::Duration::from_secs(1);
     let _ = tokio::time::timeout(grace, async { tokio::join!(grpc, reg) }).await;
+    if failed {
+        return Err(ControllerError::RaftStopped);
+    }
     Ok(())
 }
 

@@ -374,6 +374,9 @@ fn to_status(e: RaftError) -> Status {
     }
 }
 
+/// The largest snapshot a controller takes in (it is held in memory while it arrives).
+pub const MAX_SNAPSHOT: usize = 4 << 30;
+
 /// The `RaftPeer` service. Every call is bound to the caller's certificate (H4): raft
 /// messages must come `from` the raft id in its name (`controller-<id>`), forwarded proposals
 /// only from current members, and `JoinRaft` only for the caller's own id.
@@ -485,6 +488,17 @@ impl RaftPeer for PeerApi {
         self.check_from(caller, &msg)?;
         let mut data = first.data;
         while let Some(c) = stream.message().await? {
+            // Bounded (M5): a stream that never ends cannot fill this controller's memory.
+            if data.len() + c.data.len() > MAX_SNAPSHOT {
+                warn!(
+                    from = msg.from,
+                    limit = MAX_SNAPSHOT,
+                    "raft: snapshot too large"
+                );
+                return Err(Status::resource_exhausted(format!(
+                    "raft: snapshot larger than {MAX_SNAPSHOT} bytes"
+                )));
+            }
             data.extend_from_slice(&c.data);
         }
         info!(from = msg.from, bytes = data.len(), "snapshot received");

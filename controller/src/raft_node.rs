@@ -226,6 +226,12 @@ pub struct RaftHandle {
 }
 
 impl RaftHandle {
+    /// Resolves once the raft loop has ended (it only ends on an error): the controller must
+    /// then stop serving.
+    pub async fn stopped(&self) {
+        self.tx.closed().await
+    }
+
     /// Proposes a command and waits until it is committed and applied here. A follower forwards
     /// it to the leader; while no leader is known the call waits up to [`LEADER_WAIT`].
     pub async fn propose(&self, cmd: Command) -> Result<(), RaftError> {
@@ -926,6 +932,92 @@ mod tests {
                 media_type: "application/test".into(),
             },
         }
+    }
+
+    /// A log store whose writes fail once `fail` is set: a disk that went away.
+    #[derive(Clone)]
+    struct FailingDisk {
+        inner: RedbStorage,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl raft::Storage for FailingDisk {
+        fn initial_state(&self) -> raft::Result<raft::RaftState> {
+            self.inner.initial_state()
+        }
+        fn entries(
+            &self,
+            low: u64,
+            high: u64,
+            max_size: impl Into<Option<u64>>,
+            context: raft::GetEntriesContext,
+        ) -> raft::Result<Vec<Entry>> {
+            self.inner.entries(low, high, max_size, context)
+        }
+        fn term(&self, idx: u64) -> raft::Result<u64> {
+            self.inner.term(idx)
+        }
+        fn first_index(&self) -> raft::Result<u64> {
+            self.inner.first_index()
+        }
+        fn last_index(&self) -> raft::Result<u64> {
+            self.inner.last_index()
+        }
+        fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+            self.inner.snapshot(request_index, to)
+        }
+    }
+
+    impl LogStore for FailingDisk {
+        fn latest_snapshot(&self) -> Result<Option<Snapshot>, RaftError> {
+            LogStore::latest_snapshot(&self.inner)
+        }
+        fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), RaftError> {
+            LogStore::save_snapshot(&self.inner, snap, compact_to)
+        }
+        fn install_snapshot(&self, snap: &Snapshot) -> Result<(), RaftError> {
+            LogStore::install_snapshot(&self.inner, snap)
+        }
+        fn take_snapshot_wanted(&self) -> bool {
+            LogStore::take_snapshot_wanted(&self.inner)
+        }
+        fn persist(
+            &self,
+            entries: &[Entry],
+            hard_state: Option<&HardState>,
+            conf_state: Option<&ConfState>,
+        ) -> Result<(), RaftError> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(RaftError::Storage(crate::storage::StorageErr::Redb(
+                    "disk gone".into(),
+                )));
+            }
+            LogStore::persist(&self.inner, entries, hard_state, conf_state)
+        }
+        fn hard_state(&self) -> HardState {
+            LogStore::hard_state(&self.inner)
+        }
+    }
+
+    /// L8: a storage error ends the raft loop, and the handle says so (the controller then
+    /// stops instead of serving a store that no longer follows the log).
+    #[tokio::test]
+    async fn l8_a_storage_error_is_seen_by_whoever_holds_the_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FailingDisk {
+            inner: RedbStorage::open(&dir.path().join("raft.redb"), &[1]).unwrap(),
+            fail: Default::default(),
+        };
+        let h = start(1, disk.clone(), Arc::new(crate::transport::NoopTransport)).unwrap();
+        h.propose(write(1)).await.unwrap();
+        let stopped = h.clone();
+        let watcher = tokio::spawn(async move { stopped.stopped().await });
+        disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = h.propose(write(2)).await;
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the loop's end is seen")
+            .unwrap();
     }
 
     /// A snapshot serialised before a newer one was installed (here: taken at index 2 and
