@@ -42,7 +42,7 @@ pub fn refused(ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
         IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => "a link-local address",
         IpAddr::V6(v6) if v6.is_unspecified() => "the unspecified address",
         IpAddr::V6(v6) if v6.is_multicast() => "a multicast address",
-        _ if own.contains(&ip) => "an address of this host",
+        _ if own.contains(&ip) => "an address of this cluster's hosts",
         _ => return None,
     };
     Some(why)
@@ -192,8 +192,11 @@ mod tests {
             ("0.0.0.0", Some("the unspecified address")),
             ("::", Some("the unspecified address")),
             ("224.0.0.1", Some("a multicast address")),
-            ("10.1.2.3", Some("an address of this host")),
-            ("::ffff:10.1.2.3", Some("an address of this host")),
+            ("10.1.2.3", Some("an address of this cluster's hosts")),
+            (
+                "::ffff:10.1.2.3",
+                Some("an address of this cluster's hosts"),
+            ),
             ("10.1.2.4", None),
             ("93.184.216.34", None),
             ("2001:db8::1", None),

@@ -734,7 +734,14 @@ impl Run<'_> {
         fs::create_dir_all(&root).map_err(io_err("create", &root))?;
         // Never this host's own, loopback or link-local addresses, redirects included
         // (`crate::addurl`).
-        let own = crate::addurl::host_addresses();
+        // Nor any other host or controller of the cluster, as the controller listed them.
+        let mut own = crate::addurl::host_addresses();
+        own.extend(
+            self.params
+                .cluster_addresses
+                .iter()
+                .filter_map(|a| a.parse::<std::net::IpAddr>().ok()),
+        );
         let client = crate::addurl::client(own.clone()).map_err(other)?;
         // What may be written: the free space, less a margin for everything else on the disk.
         let free = nix::sys::statvfs::statvfs(&root)

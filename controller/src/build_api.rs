@@ -67,6 +67,30 @@ fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<AgentAt
         .ok_or_else(|| Status::failed_precondition("build: no ready node to build on"))
 }
 
+/// The IP addresses of the cluster's nodes and controllers (agent, gRPC and registry hosts).
+fn cluster_addresses(store: &rudder_model::store::Store) -> Vec<String> {
+    let host = |a: &str| -> Option<String> {
+        let h = a.rsplit_once(':').map_or(a, |(h, _)| h);
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        h.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string())
+    };
+    let mut out: Vec<String> = store
+        .nodes
+        .values()
+        .filter_map(|n| host(&n.addr))
+        .chain(
+            store
+                .managers
+                .values()
+                .flat_map(|m| [host(&m.addr), host(&m.registry)])
+                .flatten(),
+        )
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 pub async fn build(
     api: &ControlApi,
     req: Request<Streaming<BuildInput>>,
@@ -86,6 +110,13 @@ pub async fn build(
     let at = pick_host(&api.raft.store(), &params.node)?;
     let host = at.host.clone();
     params.registry = api.registry.clone();
+    // `ADD <url>` may not reach into the cluster (M8): every host's and controller's address,
+    // unless the admin allowed it for this build.
+    params.cluster_addresses = if params.allow_cluster_urls {
+        Vec::new()
+    } else {
+        cluster_addresses(&api.raft.store())
+    };
     // While it builds, the host may pull any base image (workers otherwise pull only their
     // tasks' images); the lease ends with the relay below.
     let lease = api.pull_leases.grant(&at.id);

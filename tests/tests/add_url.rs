@@ -1,7 +1,8 @@
 //! `ADD <url>` cannot reach what only the build host can (audit M8), on a real lab: loopback,
-//! link-local (the cloud metadata address) and the host's own addresses are refused, written
-//! as such or reached through a redirect, with the Dockerfile line and the URL in the error.
-//! No request is sent to any of them: the refusals happen before connecting.
+//! link-local (the cloud metadata address), the host's own and the cluster's other hosts'
+//! addresses are refused, written as such or reached through a redirect, with the Dockerfile
+//! line and the URL in the error. No request is sent to any of them: the refusals happen before
+//! connecting. `--allow-cluster-urls` lets a build reach the cluster's hosts.
 
 use std::io::{Read, Write};
 
@@ -28,8 +29,9 @@ fn redirector(ip: std::net::Ipv4Addr, to: String) -> anyhow::Result<std::net::So
 
 #[test]
 fn add_refuses_local_and_metadata_addresses() -> anyhow::Result<()> {
-    let (lab, tmp) = lab_with_busybox("au", 1)?;
+    let (lab, tmp) = lab_with_busybox("au", 2)?;
     let own = lab.lab.hosts[0].addr;
+    let other = lab.lab.hosts[1].addr;
     let hop = redirector(lab.lab.root_addr(), "http://127.0.0.1:9/secret".into())?;
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(&ctx)?;
@@ -43,7 +45,14 @@ fn add_refuses_local_and_metadata_addresses() -> anyhow::Result<()> {
             "http://169.254.169.254/latest/meta-data/x".to_string(),
             "169.254.169.254 is a link-local address",
         ),
-        (format!("http://{own}:4245/x"), "is an address of this host"),
+        (
+            format!("http://{own}:4245/x"),
+            "is an address of this cluster's hosts",
+        ),
+        (
+            format!("http://{other}:4245/x"),
+            "is an address of this cluster's hosts",
+        ),
         (format!("http://{hop}/x"), "127.0.0.1 is a loopback address"),
     ];
     for (url, why) in cases {
@@ -52,11 +61,39 @@ fn add_refuses_local_and_metadata_addresses() -> anyhow::Result<()> {
             format!("FROM busybox:latest\nADD {url} /x\n"),
         )?;
         let e = lab
-            .rctl(&["build", "-t", "ssrf:1", ctx.to_str().unwrap()])
+            .rctl(&[
+                "build",
+                "-t",
+                "ssrf:1",
+                "--node",
+                "h1",
+                ctx.to_str().unwrap(),
+            ])
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("line 2: ADD {url}: ")), "{e}");
         assert!(e.contains(why), "{url}: {e}");
     }
+    // Allowed by the admin: the other host is asked (its agent speaks TLS, so the fetch fails
+    // for another reason than a refusal).
+    let url = format!("http://{other}:4245/x");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox:latest\nADD {url} /x\n"),
+    )?;
+    let e = lab
+        .rctl(&[
+            "build",
+            "-t",
+            "ssrf:1",
+            "--node",
+            "h1",
+            "--allow-cluster-urls",
+            ctx.to_str().unwrap(),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("line 2: ADD {url}: ")), "{e}");
+    assert!(!e.contains("may not fetch from"), "{e}");
     Ok(())
 }

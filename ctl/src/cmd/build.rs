@@ -41,6 +41,10 @@ pub struct BuildArgs {
     /// The host to build on (default: the controller picks one, the same one each time).
     #[arg(long)]
     pub node: Option<String>,
+    /// Let `ADD <url>` fetch from the cluster's own hosts and controllers (refused otherwise,
+    /// so a Dockerfile cannot bake what only the cluster can reach into an image).
+    #[arg(long)]
+    pub allow_cluster_urls: bool,
     /// Print only the image digest.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -115,6 +119,8 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
         target: args.target.clone().unwrap_or_default(),
         registry: String::new(),
         context_size,
+        allow_cluster_urls: args.allow_cluster_urls,
+        cluster_addresses: Vec::new(),
     };
     tx.send(BuildInput {
         msg: Some(In::Params(params)),
