@@ -193,6 +193,12 @@ impl Volumes {
             };
             if m.readonly {
                 options.push("ro".into());
+                if typ == "bind" {
+                    // Recursively (L1): `ro` alone makes only the top mount read-only, and a
+                    // read-only bind of `/` would leave `/proc`, `/sys` and every submount
+                    // writable. `rro` is mount_setattr(AT_RECURSIVE) in runc and crun.
+                    options.push("rro".into());
+                }
             }
             out.push(
                 MountBuilder::default()
@@ -498,7 +504,7 @@ mod tests {
                     "/host".into(),
                     "bind".into(),
                     dir.path().display().to_string(),
-                    vec!["rbind".into(), "rprivate".into(), "ro".into()]
+                    vec!["rbind".into(), "rprivate".into(), "ro".into(), "rro".into()]
                 ),
                 (
                     "/data/tmp".into(),
