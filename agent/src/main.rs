@@ -31,7 +31,7 @@ struct Args {
     role: String,
     /// Join token for the first start (`rctl cluster join-token worker`). Prefer the
     /// environment or --token-file: a command line is readable by every local user.
-    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    #[arg(long, env = rudder_pki::ca::TOKEN_ENV, hide_env_values = true)]
     token: Option<String>,
     /// File holding the join token (must not be readable by group or others).
     #[arg(long, conflicts_with = "token")]
@@ -71,34 +71,12 @@ enum Cmd {
     FsHelper(rudder_agent::fs_helper::HelperArgs),
 }
 
-/// The environment variable the join token may come in.
-const TOKEN_ENV: &str = "RUDDER_JOIN_TOKEN";
-
-/// Reads a join token from `path`, refusing a file others could read.
-fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(path)
-        .map_err(|e| anyhow::anyhow!("agent: token file {}: {e}", path.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        anyhow::bail!(
-            "agent: token file {} is mode {:o}, readable by others: refusing it (chmod 600 it)",
-            path.display(),
-            mode & 0o777
-        );
-    }
-    let token = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("agent: token file {}: {e}", path.display()))?;
-    Ok(token.trim().to_string())
-}
-
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     // Still single-threaded: no child (shim, runc, controller) inherits the token.
-    std::env::remove_var(TOKEN_ENV);
+    std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
     if let Some(path) = &a.token_file {
-        a.token = Some(read_token_file(path)?);
+        a.token = Some(rudder_pki::ca::read_token_file(path)?);
     }
     if let Some(Cmd::FsHelper(args)) = &a.cmd {
         // Before any runtime: it chroots, and must stay single-threaded.
@@ -176,23 +154,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn a_token_file_others_can_read_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("token");
-        std::fs::write(&p, "RDR1-x\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_token_file(&p).unwrap_err().to_string();
-        assert!(err.contains("readable by others"), "{err}");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_token_file(&p).unwrap(), "RDR1-x");
     }
 }

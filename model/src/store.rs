@@ -765,27 +765,7 @@ impl Store {
                 node.state = NodeState::Down;
                 node.updated_at = now;
                 node.version = index;
-                let orphans: Vec<String> = self
-                    .tasks
-                    .iter()
-                    .filter(|(_, t)| {
-                        t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal()
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &orphans {
-                    if let Some(t) = self.tasks.get_mut(k) {
-                        t.status = TaskStatus {
-                            state: TaskState::Orphaned,
-                            message: "node down".into(),
-                            error: String::new(),
-                            container_id: t.status.container_id.clone(),
-                            exit_code: None,
-                            timestamp: now,
-                        };
-                        t.version = index;
-                    }
-                }
+                self.orphan_tasks_on(index, &id, "node down", now);
             }
             Command::RemoveNode { id, now } => {
                 if self.nodes.remove(&id).is_none() {
@@ -794,27 +774,7 @@ impl Store {
                         name: id,
                     });
                 }
-                let orphans: Vec<String> = self
-                    .tasks
-                    .iter()
-                    .filter(|(_, t)| {
-                        t.node_id.as_deref() == Some(&id) && !t.status.state.is_terminal()
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &orphans {
-                    if let Some(t) = self.tasks.get_mut(k) {
-                        t.status = TaskStatus {
-                            state: TaskState::Orphaned,
-                            message: "node removed".into(),
-                            error: String::new(),
-                            container_id: t.status.container_id.clone(),
-                            exit_code: None,
-                            timestamp: now,
-                        };
-                        t.version = index;
-                    }
-                }
+                self.orphan_tasks_on(index, &id, "node removed", now);
                 let names: Vec<String> = self.networks.keys().cloned().collect();
                 for n in names {
                     if let Some(net) = self.networks.get_mut(&n) {
@@ -986,6 +946,30 @@ impl Store {
     }
 
     /// Tasks of one service, by service id.
+    /// Marks the unfinished tasks of node `id` orphaned (their node is gone, for `why`): the
+    /// reconciler replaces them elsewhere.
+    fn orphan_tasks_on(&mut self, index: u64, id: &str, why: &str, now: u64) {
+        let orphans: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.node_id.as_deref() == Some(id) && !t.status.state.is_terminal())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &orphans {
+            if let Some(t) = self.tasks.get_mut(k) {
+                t.status = TaskStatus {
+                    state: TaskState::Orphaned,
+                    message: why.into(),
+                    error: String::new(),
+                    container_id: t.status.container_id.clone(),
+                    exit_code: None,
+                    timestamp: now,
+                };
+                t.version = index;
+            }
+        }
+    }
+
     fn put_service(&mut self, index: u64, id: String, spec: Box<ServiceSpec>, now: u64) {
         match self.services.get_mut(&spec.name) {
             Some(svc) => {

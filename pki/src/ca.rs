@@ -64,6 +64,9 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// Join token prefix; the digit is the token format version.
 pub const TOKEN_PREFIX: &str = "RDR1";
+/// The environment variable agents and controllers take a join token from (never argv: a
+/// command line is readable by every local user).
+pub const TOKEN_ENV: &str = "RUDDER_JOIN_TOKEN";
 /// Bytes of randomness in a join token secret (hex-encoded in the token).
 const SECRET_BYTES: usize = 24;
 /// Longest node id accepted (it goes into the CN and a URI).
@@ -102,6 +105,8 @@ pub enum CaError {
     Verifier(String),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("ca: token file {0} is mode {1:o}, readable by others: refusing it (chmod 600 it)")]
+    TokenFileOpen(PathBuf, u32),
 }
 
 /// What a certificate holder may do. Workers (agents) run tasks; managers (controllers) run the
@@ -810,6 +815,17 @@ fn from_unix(secs: i64) -> SystemTime {
     }
 }
 
+/// Reads a join token from `path` (`--token-file`), refusing a file others could read.
+pub fn read_token_file(path: &Path) -> Result<String, CaError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e| CaError::Io("read token file", path.to_owned(), e);
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(CaError::TokenFileOpen(path.to_owned(), mode & 0o777));
+    }
+    Ok(fs::read_to_string(path).map_err(io)?.trim().to_string())
+}
+
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -831,6 +847,18 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> 
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("token");
+        fs::write(&p, "RDR1-x\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_token_file(&p).unwrap_err().to_string();
+        assert!(err.contains("readable by others"), "{err}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "RDR1-x");
+    }
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};

@@ -334,23 +334,24 @@ pub fn node_endpoint(
     roots
         .add(CertificateDer::from(certs.ca.der().to_vec()))
         .map_err(CaError::Tls)?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), ca::provider())
+        .build()
+        .map_err(|e| CaError::Verifier(e.to_string()))?;
     let verifier = Arc::new(NodeVerifier {
-        roots: Arc::new(roots),
+        inner,
         role,
         node: node.to_string(),
-        provider: ca::provider(),
     });
     Ok(endpoint.tls_config_with_verifier(tls, verifier)?)
 }
 
-/// Verifies a server against the cluster CA, then that its certificate names the expected node
-/// and role.
+/// Verifies a server against the cluster CA (webpki, as any client would), then that its
+/// certificate names the expected node and role.
 #[derive(Debug)]
 struct NodeVerifier {
-    roots: Arc<RootCertStore>,
+    inner: Arc<WebPkiServerVerifier>,
     role: Role,
     node: String,
-    provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for NodeVerifier {
@@ -362,11 +363,13 @@ impl ServerCertVerifier for NodeVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
         let who = ca::names_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
         if who.role != self.role || who.node != self.node {
             warn!(
@@ -390,12 +393,7 @@ impl ServerCertVerifier for NodeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -404,18 +402,11 @@ impl ServerCertVerifier for NodeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -647,11 +638,13 @@ mod tests {
         roots
             .add(CertificateDer::from(ca.cert().der().to_vec()))
             .unwrap();
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), ca::provider())
+            .build()
+            .unwrap();
         let verifier = |node: &str| NodeVerifier {
-            roots: Arc::new(roots.clone()),
+            inner: inner.clone(),
             role: Role::Worker,
             node: node.into(),
-            provider: ca::provider(),
         };
         let name = ServerName::try_from("worker.rudder").unwrap();
         let now = UnixTime::now();
