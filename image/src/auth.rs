@@ -247,6 +247,9 @@ impl Scope {
     }
 }
 
+/// The largest token answer taken from a realm.
+const MAX_TOKEN_ANSWER: usize = 1 << 20;
+
 /// Answers one registry's challenges and remembers the answers: which scheme it wants, and a
 /// bearer token per scope. Shared by the clones of one [`RegistryClient`](crate::RegistryClient).
 pub struct Authenticator {
@@ -404,6 +407,18 @@ impl Authenticator {
                 q.append_pair("scope", s);
             }
         }
+        // Credentials for an https registry never travel in clear to a plain-http realm the
+        // registry names (L10); a registry used over plain http (--insecure) is in clear anyway.
+        if self.credentials.is_some()
+            && url.scheme() == "http"
+            && !self.registry.starts_with("http://")
+        {
+            return Err(token_err(
+                "the registry names a plain-http token realm: refusing to send the login's \
+                 credentials in clear"
+                    .into(),
+            ));
+        }
         let mut req = http.get(url);
         if let Some(c) = &self.credentials {
             req = req.basic_auth(&c.username, Some(&c.password));
@@ -423,7 +438,17 @@ impl Authenticator {
             #[serde(default)]
             access_token: Option<String>,
         }
-        let body = resp.bytes().await.map_err(|e| token_err(e.to_string()))?;
+        // A token answer is small; a realm that streams without end is cut off.
+        let mut body = Vec::new();
+        let mut resp = resp;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| token_err(e.to_string()))? {
+            if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
+                return Err(token_err(format!(
+                    "the answer is larger than {MAX_TOKEN_ANSWER} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         let answer: Answer =
             serde_json::from_slice(&body).map_err(|e| token_err(format!("bad json: {e}")))?;
         let token = answer
@@ -532,6 +557,28 @@ fn file_err(path: &Path, detail: String) -> AuthError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn l10_credentials_never_go_to_a_plain_http_realm_of_an_https_registry() {
+        let http = reqwest::Client::new();
+        let auth = Authenticator::new(
+            "https://registry.example:5000",
+            Some(Credentials::new("u", "p")),
+        );
+        // Refused before anything is sent (nothing listens on port 9 here anyway).
+        let err = auth
+            .fetch_token(&http, "http://127.0.0.1:9/token", None, None)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("plain-http token realm"), "{err}");
+        // An anonymous client has nothing to leak: it may ask (and fails to connect here).
+        let anon = Authenticator::new("https://registry.example:5000", None);
+        let err = anon
+            .fetch_token(&http, "http://127.0.0.1:9/token", None, None)
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("plain-http"), "{err}");
+    }
 
     #[test]
     fn parses_challenges() {
