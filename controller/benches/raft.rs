@@ -228,7 +228,8 @@ async fn serve(
     let service = RaftPeerServer::new(PeerApi {
         raft,
         require_identity: false,
-    }).max_decoding_message_size(MAX_MESSAGE);
+    })
+    .max_decoding_message_size(MAX_MESSAGE);
     server
         .add_service(service)
         .serve_with_incoming(incoming)
