@@ -11,6 +11,7 @@ pub mod build_api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod commit_api;
+pub mod crypt;
 pub mod dispatcher;
 pub mod exec_api;
 pub mod image_api;
