@@ -23,6 +23,13 @@
 //! - Modes: the log and the snapshots hold the cluster's secrets (the CA key, the join token
 //!   secrets), so every file is created 0600 before anything is written to it (`raft.redb` too,
 //!   before redb opens it) and the data dir is 0700 (see [`prepare_data_dir`]).
+//! - At rest (opened with [`RedbStorage::open_encrypted`], as every controller is): each log
+//!   entry's bytes and each snapshot file are a [`crypt`] record under this controller's data
+//!   key, bound to the entry's index or the snapshot's term and index. Hard state, conf state
+//!   and snapshot metadata stay clear (indexes and member ids, no secrets). Records without
+//!   the magic are plaintext from before encryption: still read, and rewritten by
+//!   [`RedbStorage::reencrypt`] (run at start and after every key rotation). Snapshot data in
+//!   memory is plaintext.
 
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -33,6 +40,8 @@ use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::crypt::{self, Context, CryptError, DataKeys};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -51,6 +60,10 @@ pub enum StorageErr {
     Open(PathBuf, std::io::Error),
     #[error("storage: snapshot at index {index} refused: the current snapshot is at {current}")]
     StaleSnapshot { index: u64, current: u64 },
+    #[error("storage: {0}")]
+    Crypt(#[from] CryptError),
+    #[error("storage: {0} is encrypted but this log was opened without data keys")]
+    NoKeys(String),
 }
 
 /// Directory (next to the database) holding the snapshot files.
@@ -168,12 +181,45 @@ pub struct RedbStorage {
     legacy_snap: PathBuf,
     /// Raft asked for a snapshot the latest one cannot serve (see [`raft::Storage::snapshot`]).
     snapshot_wanted: Arc<std::sync::atomic::AtomicBool>,
+    /// The data keys records are sealed with (`None`: a plaintext log, for tests and benches).
+    keys: Option<Arc<DataKeys>>,
+    /// Held by whoever writes a snapshot file and the metadata naming it (a new snapshot, an
+    /// installed one, a re-encryption), so two never interleave their file and metadata.
+    snapshot_writer: Arc<std::sync::Mutex<()>>,
 }
+
+/// What one [`RedbStorage::reencrypt`] pass rewrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reencrypted {
+    pub entries: u64,
+    pub snapshot: bool,
+}
+
+/// Entries re-encrypted per write transaction (each one holds off the Ready loop's writes).
+const REENCRYPT_BATCH: usize = 512;
 
 impl RedbStorage {
     /// Opens (or creates) the log at `path`. A fresh log is bootstrapped with `voters` as the
     /// initial configuration; an existing one keeps its own.
     pub fn open(path: &Path, voters: &[u64]) -> Result<Self, StorageErr> {
+        Self::open_with(path, voters, None)
+    }
+
+    /// Like [`RedbStorage::open`], with every entry and snapshot sealed under `keys` (plaintext
+    /// records from before are still read).
+    pub fn open_encrypted(
+        path: &Path,
+        voters: &[u64],
+        keys: Arc<DataKeys>,
+    ) -> Result<Self, StorageErr> {
+        Self::open_with(path, voters, Some(keys))
+    }
+
+    fn open_with(
+        path: &Path,
+        voters: &[u64],
+        keys: Option<Arc<DataKeys>>,
+    ) -> Result<Self, StorageErr> {
         // redb would create the file 0666 & umask: create it 0600 first (an empty file is a
         // new database to redb).
         drop(private_file(path).map_err(|e| StorageErr::Open(path.to_owned(), e))?);
@@ -192,6 +238,8 @@ impl RedbStorage {
             snap_dir: path.parent().unwrap_or(Path::new(".")).join(SNAPSHOT_DIR),
             legacy_snap: path.with_extension("snap"),
             snapshot_wanted: Default::default(),
+            keys,
+            snapshot_writer: Default::default(),
         };
         s.load(voters)?;
         Ok(s)
@@ -236,8 +284,7 @@ impl RedbStorage {
         m.last_index = m.snapshot_index;
         m.last_term = m.snapshot_term;
         if let Some((k, v)) = entries.last()? {
-            let e = Entry::parse_from_bytes(v.value())
-                .map_err(|e| StorageErr::Corrupt("entry", e.to_string()))?;
+            let e = self.decode_entry(k.value(), v.value())?;
             m.last_index = k.value();
             m.last_term = e.term;
         }
@@ -272,9 +319,7 @@ impl RedbStorage {
                     t.remove(i)?;
                 }
                 for e in entries {
-                    let bytes = e
-                        .write_to_bytes()
-                        .map_err(|err| StorageErr::Corrupt("entry", err.to_string()))?;
+                    let bytes = self.encode_entry(e)?;
                     t.insert(e.index, bytes.as_slice())?;
                 }
             }
@@ -327,8 +372,9 @@ impl RedbStorage {
             return Ok(None);
         }
         // Read under the lock: a new snapshot deletes this file only after taking it.
-        let data = std::fs::read(&file).map_err(|e| StorageErr::SnapshotFile(file.clone(), e))?;
+        let raw = std::fs::read(&file).map_err(|e| StorageErr::SnapshotFile(file.clone(), e))?;
         drop(m);
+        let data = self.open_record(snapshot_context(&meta), raw)?;
         let mut snap = Snapshot::default();
         snap.set_metadata(meta);
         snap.data = data.into();
@@ -391,6 +437,14 @@ impl RedbStorage {
             .mode(PRIVATE_FILE_MODE)
             .open(&tmp)
             .map_err(io)?;
+        let sealed;
+        let data = match &self.keys {
+            Some(k) => {
+                sealed = k.seal(snapshot_context(md), data)?;
+                &sealed[..]
+            }
+            None => data,
+        };
         f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
@@ -414,6 +468,131 @@ impl RedbStorage {
         }
     }
 
+    /// An entry's bytes as stored: sealed when the log has keys.
+    fn encode_entry(&self, e: &Entry) -> Result<Vec<u8>, StorageErr> {
+        let bytes = e
+            .write_to_bytes()
+            .map_err(|err| StorageErr::Corrupt("entry", err.to_string()))?;
+        match &self.keys {
+            Some(k) => Ok(k.seal(Context::Entry(e.index), &bytes)?),
+            None => Ok(bytes),
+        }
+    }
+
+    /// The entry stored at `index` (sealed, or plaintext from before encryption).
+    fn decode_entry(&self, index: u64, raw: &[u8]) -> Result<Entry, StorageErr> {
+        let parse = |b: &[u8]| {
+            Entry::parse_from_bytes(b)
+                .map_err(|e| StorageErr::Corrupt("entry", format!("at index {index}: {e}")))
+        };
+        if crypt::record_key_id(raw).is_none() {
+            return parse(raw);
+        }
+        let Some(k) = &self.keys else {
+            return Err(StorageErr::NoKeys(Context::Entry(index).to_string()));
+        };
+        parse(&k.open(Context::Entry(index), raw)?)
+    }
+
+    /// A record's plaintext (plaintext records from before encryption are returned as read).
+    fn open_record(&self, ctx: Context, raw: Vec<u8>) -> Result<Vec<u8>, StorageErr> {
+        if crypt::record_key_id(&raw).is_none() {
+            return Ok(raw);
+        }
+        match &self.keys {
+            Some(k) => Ok(k.open(ctx, &raw)?),
+            None => Err(StorageErr::NoKeys(ctx.to_string())),
+        }
+    }
+
+    /// Rewrites every entry and the snapshot that is not under the current data key (plaintext
+    /// from before encryption, or an older key after a rotation). Entries go in batches, each
+    /// in one write transaction (so a concurrent append or truncation is never undone); the
+    /// snapshot is rewritten under the metadata lock, as a new snapshot would be. Records
+    /// written with an old key by a Ready that raced the rotation are found by
+    /// [`RedbStorage::stale_records`]; the caller repeats until there are none.
+    pub fn reencrypt(&self) -> Result<Reencrypted, StorageErr> {
+        let mut done = Reencrypted::default();
+        let Some(keys) = self.keys.clone() else {
+            return Ok(done);
+        };
+        let mut next = 0u64;
+        loop {
+            let tx = self.db.begin_write()?;
+            let mut last = None;
+            let mut rewritten = 0u64;
+            {
+                let mut t = tx.open_table(ENTRIES)?;
+                let batch: Vec<(u64, Vec<u8>)> = t
+                    .range(next..)?
+                    .take(REENCRYPT_BATCH)
+                    .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+                    .collect::<Result<_, _>>()?;
+                for (index, raw) in batch {
+                    last = Some(index);
+                    if keys.is_stale(&raw) {
+                        let e = self.decode_entry(index, &raw)?;
+                        t.insert(index, self.encode_entry(&e)?.as_slice())?;
+                        rewritten += 1;
+                    }
+                }
+            }
+            if rewritten > 0 {
+                tx.commit()?;
+            } else {
+                tx.abort()?;
+            }
+            done.entries += rewritten;
+            match last {
+                Some(i) => next = i + 1,
+                None => break,
+            }
+        }
+        let _writer = self.snapshot_writer.lock().expect("snapshot writer lock");
+        let mut m = self.meta.write().expect("meta lock");
+        if let (Some(file), md) = (m.snapshot_file.clone(), m.snapshot.clone()) {
+            if md.index > 0 {
+                let raw =
+                    std::fs::read(&file).map_err(|e| StorageErr::SnapshotFile(file.clone(), e))?;
+                if keys.is_stale(&raw) {
+                    let data = self.open_record(snapshot_context(&md), raw)?;
+                    // Replaces the file of the same name atomically (or a legacy `raft.snap`
+                    // with a named file, which the metadata then names).
+                    let name = self.write_snapshot_file(&md, &data)?;
+                    let tx = self.db.begin_write()?;
+                    tx.open_table(META)?
+                        .insert(SNAPSHOT_FILE_KEY, name.as_bytes())?;
+                    tx.commit()?;
+                    self.snapshot_committed(&mut m, &name);
+                    done.snapshot = true;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// How many records (entries and the snapshot) are not under the current data key.
+    pub fn stale_records(&self) -> Result<u64, StorageErr> {
+        let Some(keys) = &self.keys else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        {
+            let tx = self.db.begin_read()?;
+            let t = tx.open_table(ENTRIES)?;
+            for item in t.iter()? {
+                let (_, v) = item?;
+                n += u64::from(keys.is_stale(v.value()));
+            }
+        }
+        let m = self.meta.read().expect("meta lock");
+        if let (Some(file), true) = (&m.snapshot_file, m.snapshot.index > 0) {
+            let raw = std::fs::read(file).map_err(|e| StorageErr::SnapshotFile(file.clone(), e))?;
+            n += u64::from(keys.is_stale(&raw));
+        }
+        Ok(n)
+    }
+
     /// Refuses a snapshot no newer than the current one (it would replace newer data).
     fn check_newer(&self, md: &SnapshotMetadata) -> Result<(), StorageErr> {
         let current = self.meta.read().expect("meta lock").snapshot.index;
@@ -429,6 +608,7 @@ impl RedbStorage {
     /// Records a snapshot this node took of its own applied state and drops the entries before
     /// `compact_to` (keeping a tail behind the snapshot for slightly lagging followers).
     pub fn save_snapshot(&self, snap: &Snapshot, compact_to: u64) -> Result<(), StorageErr> {
+        let _writer = self.snapshot_writer.lock().expect("snapshot writer lock");
         let md = snap.get_metadata();
         self.check_newer(md)?;
         let name = self.write_snapshot_file(md, &snap.data)?;
@@ -476,6 +656,7 @@ impl RedbStorage {
     /// Installs a snapshot received from the leader: it replaces the whole log, and the
     /// snapshot's conf state and index become this node's.
     pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), StorageErr> {
+        let _writer = self.snapshot_writer.lock().expect("snapshot writer lock");
         let md = snap.get_metadata();
         self.check_newer(md)?;
         let name = self.write_snapshot_file(md, &snap.data)?;
@@ -524,6 +705,14 @@ impl RedbStorage {
         m.conf_state = md.get_conf_state().clone();
         m.hard_state = hs;
         Ok(())
+    }
+}
+
+/// Where a snapshot's record lives, for its encryption.
+fn snapshot_context(md: &SnapshotMetadata) -> Context {
+    Context::Snapshot {
+        term: md.term,
+        index: md.index,
     }
 }
 
@@ -587,16 +776,13 @@ impl raft::Storage for RedbStorage {
             let mut out = Vec::new();
             let mut size = 0u64;
             for item in t.range(low..high)? {
-                let (_, v) = item?;
+                let (k, v) = item?;
                 let bytes = v.value();
                 size += bytes.len() as u64;
                 if !out.is_empty() && size > max_size {
                     break;
                 }
-                out.push(
-                    Entry::parse_from_bytes(bytes)
-                        .map_err(|e| StorageErr::Corrupt("entry", e.to_string()))?,
-                );
+                out.push(self.decode_entry(k.value(), bytes)?);
             }
             Ok(out)
         };
@@ -627,11 +813,7 @@ impl raft::Storage for RedbStorage {
             let t = tx.open_table(ENTRIES)?;
             let v = t.get(idx)?;
             match v {
-                Some(v) => Ok(Some(
-                    Entry::parse_from_bytes(v.value())
-                        .map_err(|e| StorageErr::Corrupt("entry", e.to_string()))?
-                        .term,
-                )),
+                Some(v) => Ok(Some(self.decode_entry(idx, v.value())?.term)),
                 None => Ok(None),
             }
         };
@@ -873,6 +1055,197 @@ mod tests {
             std::fs::metadata(&real).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    /// Whether `needle` occurs anywhere in the files under `dir`.
+    fn found_under(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut hits = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                hits.extend(found_under(&p, needle));
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                hits.push(p);
+            }
+        }
+        hits
+    }
+
+    fn keys_in(dir: &Path) -> Arc<DataKeys> {
+        Arc::new(DataKeys::load_or_create(dir).unwrap())
+    }
+
+    #[test]
+    fn an_encrypted_log_holds_no_plaintext_and_reopens() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, certs) = (tmp.path().join("data"), tmp.path().join("certs"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&certs).unwrap();
+        let path = data.join("raft.redb");
+        let marker = b"MARKER-7f3a9c1e-secret";
+        {
+            let s = RedbStorage::open_encrypted(&path, &[1], keys_in(&certs)).unwrap();
+            let es: Vec<Entry> = (2..=100).map(|i| entry(i, 1, marker)).collect();
+            s.persist(&es, None, None).unwrap();
+            s.save_snapshot(&snapshot_at(80, 1, &[1], marker), 50)
+                .unwrap();
+        }
+        assert_eq!(found_under(&data, marker), Vec::<PathBuf>::new());
+        let s = RedbStorage::open_encrypted(&path, &[1], keys_in(&certs)).unwrap();
+        assert_eq!(s.last_index().unwrap(), 100);
+        let es = s
+            .entries(60, 101, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len(), 41);
+        assert!(es.iter().all(|e| &e.data[..] == marker));
+        assert_eq!(&s.latest_snapshot().unwrap().unwrap().data[..], marker);
+        assert_eq!(s.stale_records().unwrap(), 0);
+        // Opened without the keys, the log refuses rather than misreads.
+        drop(s);
+        let err = RedbStorage::open(&path, &[1]).err().unwrap();
+        assert!(err.to_string().contains("raft log entry 100"), "{err}");
+        // With another controller's key, the error names the record.
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        let err = RedbStorage::open_encrypted(&path, &[1], keys_in(&other))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("raft log entry 100"), "{err}");
+    }
+
+    #[test]
+    fn tampered_or_swapped_entries_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("raft.redb");
+        let keys = Arc::new(DataKeys::ephemeral().unwrap());
+        let s = RedbStorage::open_encrypted(&path, &[1], keys).unwrap();
+        s.persist(&[entry(2, 1, b"a"), entry(3, 1, b"b")], None, None)
+            .unwrap();
+        let raw = |i: u64| -> Vec<u8> {
+            let tx = s.db.begin_read().unwrap();
+            let t = tx.open_table(ENTRIES).unwrap();
+            let v = t.get(i).unwrap().unwrap().value().to_vec();
+            v
+        };
+        let put = |i: u64, b: &[u8]| {
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(ENTRIES).unwrap().insert(i, b).unwrap();
+            tx.commit().unwrap();
+        };
+        let (two, three) = (raw(2), raw(3));
+        // Swapped: each record is bound to its index.
+        put(2, &three);
+        let err = s
+            .entries(2, 3, None, GetEntriesContext::empty(false))
+            .unwrap_err();
+        assert!(err.to_string().contains("raft log entry 2"), "{err}");
+        // Tampered.
+        let mut bad = two.clone();
+        let n = bad.len();
+        bad[n - 20] ^= 0x40;
+        put(2, &bad);
+        assert!(s.term(2).is_err());
+        put(2, &two);
+        assert_eq!(s.term(2).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_plaintext_log_from_before_is_read_and_reencrypted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let es: Vec<Entry> = (2..=30).map(|i| entry(i, 1, b"old")).collect();
+            s.persist(&es, None, None).unwrap();
+            s.save_snapshot(&snapshot_at(20, 1, &[1], b"store@20"), 10)
+                .unwrap();
+        }
+        let s = RedbStorage::open_encrypted(&path, &[1], Arc::new(DataKeys::ephemeral().unwrap()))
+            .unwrap();
+        assert_eq!(
+            s.stale_records().unwrap(),
+            22,
+            "21 entries and the snapshot"
+        );
+        s.persist(&[entry(31, 1, b"new")], None, None).unwrap();
+        let es = s
+            .entries(10, 32, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len(), 22);
+        assert_eq!(&es[21].data[..], b"new");
+        let done = s.reencrypt().unwrap();
+        assert_eq!(
+            done,
+            Reencrypted {
+                entries: 21,
+                snapshot: true
+            }
+        );
+        assert_eq!(s.stale_records().unwrap(), 0);
+        assert_eq!(&s.latest_snapshot().unwrap().unwrap().data[..], b"store@20");
+        let es = s
+            .entries(10, 32, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert!(es[..21].iter().all(|e| &e.data[..] == b"old"));
+        assert_eq!(s.reencrypt().unwrap(), Reencrypted::default());
+    }
+
+    #[test]
+    fn after_rotation_and_the_pass_the_old_key_reads_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (data, certs) = (tmp.path().join("data"), tmp.path().join("certs"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&certs).unwrap();
+        let path = data.join("raft.redb");
+        let keys = keys_in(&certs);
+        // The old keyring, kept aside as an attacker who copied it would.
+        let stolen = tmp.path().join("stolen");
+        std::fs::create_dir_all(&stolen).unwrap();
+        std::fs::copy(certs.join(crypt::DEK_FILE), stolen.join(crypt::DEK_FILE)).unwrap();
+        let s = RedbStorage::open_encrypted(&path, &[1], keys.clone()).unwrap();
+        let es: Vec<Entry> = (2..=1500).map(|i| entry(i, 1, b"v")).collect();
+        s.persist(&es, None, None).unwrap();
+        s.save_snapshot(&snapshot_at(1400, 1, &[1], b"store@1400"), 1000)
+            .unwrap();
+        keys.rotate().unwrap();
+        s.persist(&[entry(1501, 1, b"w")], None, None).unwrap();
+        assert_eq!(
+            s.stale_records().unwrap(),
+            502,
+            "501 entries and the snapshot"
+        );
+        let done = s.reencrypt().unwrap();
+        assert_eq!(done.entries, 501);
+        assert!(done.snapshot);
+        assert_eq!(s.stale_records().unwrap(), 0);
+        assert_eq!(keys.retire().unwrap(), vec![1]);
+        drop(s);
+        // Everything reads with the new keyring alone.
+        let s = RedbStorage::open_encrypted(&path, &[1], keys_in(&certs)).unwrap();
+        let es = s
+            .entries(1000, 1502, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len(), 502);
+        assert_eq!(
+            &s.latest_snapshot().unwrap().unwrap().data[..],
+            b"store@1400"
+        );
+        // The old key opens no record and not the snapshot.
+        let old = keys_in(&stolen);
+        let tx = s.db.begin_read().unwrap();
+        for item in tx.open_table(ENTRIES).unwrap().iter().unwrap() {
+            let (k, v) = item.unwrap();
+            assert!(old.open(Context::Entry(k.value()), v.value()).is_err());
+        }
+        let file = data.join(SNAPSHOT_DIR).join("snap-1-1400");
+        let md = s.latest_snapshot().unwrap().unwrap().get_metadata().clone();
+        assert!(old
+            .open(snapshot_context(&md), &std::fs::read(file).unwrap())
+            .is_err());
     }
 
     fn snapshot_at(index: u64, term: u64, voters: &[u64], data: &[u8]) -> Snapshot {
