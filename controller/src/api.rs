@@ -40,7 +40,8 @@ pub(crate) fn raft_status(e: RaftError) -> Status {
         RaftError::Apply(rudder_model::store::ApplyError::NotFound { .. }) => {
             Status::not_found(e.to_string())
         }
-        RaftError::Apply(rudder_model::store::ApplyError::Volume { .. }) => {
+        RaftError::Apply(rudder_model::store::ApplyError::Volume { .. })
+        | RaftError::Apply(rudder_model::store::ApplyError::Secret { .. }) => {
             Status::failed_precondition(e.to_string())
         }
         other => Status::internal(other.to_string()),
@@ -282,8 +283,32 @@ impl Control for ControlApi {
         }
         let store = self.raft.store();
         check_networks(&store, &networks, &specs).map_err(Status::invalid_argument)?;
+        let incoming: Vec<_> = req
+            .secrets
+            .iter()
+            .filter_map(|s| {
+                rudder_model::secret::ObjectKind::parse(&s.kind).map(|k| (k, s.name.clone()))
+            })
+            .collect();
+        crate::secret_api::check_refs(&store, &specs, &incoming)
+            .map_err(Status::failed_precondition)?;
         let mut results = Vec::new();
         let mut cmds = Vec::new();
+        // Secrets and configs first: the services below may use their new versions.
+        for mut put in req.secrets {
+            put.mode = String::new();
+            let (kind, name) = (put.kind.clone(), put.name.clone());
+            let (cmd, action) = crate::secret_api::put_command(&store, put)?;
+            results.push(ApplyResult {
+                kind: if kind == "config" { "Config" } else { "Secret" }.into(),
+                name: name.clone(),
+                action: action.into(),
+            });
+            if let Some(cmd) = cmd {
+                info!(%kind, %name, action, "apply");
+                cmds.push(cmd);
+            }
+        }
         for spec in networks {
             let action = match store.networks.get(&spec.name) {
                 None => "created",
@@ -329,9 +354,12 @@ impl Control for ControlApi {
             }
         }
         for spec in specs {
+            // Compared as the store would keep it: references resolved to versions.
+            let mut resolved = spec.clone();
+            store.resolve_refs(&mut resolved);
             let action = match store.services.get(&spec.name) {
                 None => "created",
-                Some(s) if s.spec == spec => "unchanged",
+                Some(s) if s.spec == resolved => "unchanged",
                 Some(_) => "updated",
             };
             results.push(ApplyResult {
@@ -932,6 +960,37 @@ impl Control for ControlApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn put_secret(
+        &self,
+        req: Request<PutSecretRequest>,
+    ) -> Result<Response<PutSecretResponse>, Status> {
+        crate::secret_api::put(&self.raft, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<ListSecretsRequest>,
+    ) -> Result<Response<ListSecretsResponse>, Status> {
+        crate::secret_api::list(&self.raft.store(), req.into_inner()).map(Response::new)
+    }
+
+    async fn inspect_secret(
+        &self,
+        req: Request<InspectSecretRequest>,
+    ) -> Result<Response<InspectSecretResponse>, Status> {
+        crate::secret_api::inspect(&self.raft.store(), req.into_inner()).map(Response::new)
+    }
+
+    async fn remove_secret(
+        &self,
+        req: Request<RemoveSecretRequest>,
+    ) -> Result<Response<RemoveSecretResponse>, Status> {
+        crate::secret_api::remove(&self.raft, req.into_inner()).await?;
+        Ok(Response::new(RemoveSecretResponse {}))
     }
 
     async fn remove_volume(

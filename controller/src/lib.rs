@@ -22,6 +22,7 @@ pub mod raft_node;
 #[cfg(test)]
 mod raft_sim;
 pub mod registry;
+pub mod secret_api;
 pub mod security;
 mod slog_bridge;
 pub mod storage;

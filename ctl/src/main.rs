@@ -169,6 +169,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VolumeCmd,
     },
+    /// Secrets: values services mount at /run/secrets/NAME (never shown back).
+    Secret {
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
+    /// Configs: values services mount as files (shown with `inspect --data`).
+    Config {
+        #[command(subcommand)]
+        cmd: SecretCmd,
+    },
     /// Images in the cluster registry.
     Image {
         #[command(subcommand)]
@@ -247,6 +257,43 @@ enum NetworkCmd {
     },
     /// Every host makes a new WireGuard key pair; peers are updated everywhere.
     RotateKeys,
+}
+
+#[derive(Subcommand)]
+enum SecretCmd {
+    /// Create from FILE (`-`: stdin), at most 500 KiB.
+    Create {
+        name: String,
+        file: PathBuf,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// A new version from FILE (`-`: stdin); services using it unpinned roll to it.
+    Update {
+        name: String,
+        file: PathBuf,
+        /// KEY=VALUE (repeatable); replaces the labels.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// List names, latest versions, sizes and the services using each.
+    Ls {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Metadata as JSON (versions, sizes, digests); never a secret's value.
+    Inspect {
+        name: String,
+        /// Configs only: print the latest value.
+        #[arg(long)]
+        data: bool,
+    },
+    /// Remove (refused while a service uses it).
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -598,6 +645,27 @@ fn real_main() -> anyhow::Result<()> {
                 }
                 NetworkCmd::Rm { networks } => rt.block_on(cmd::network::rm(&ctx, networks)),
                 NetworkCmd::RotateKeys => rt.block_on(cmd::network::rotate_keys(&ctx)),
+            }
+        }
+        Cmd::Secret { cmd } | Cmd::Config { cmd } => {
+            let ctx = ctx()?;
+            let kind = if matches!(cli.cmd, Cmd::Secret { .. }) {
+                "secret"
+            } else {
+                "config"
+            };
+            match cmd {
+                SecretCmd::Create { name, file, labels } => {
+                    rt.block_on(cmd::secret::put(&ctx, kind, "create", name, file, labels))
+                }
+                SecretCmd::Update { name, file, labels } => {
+                    rt.block_on(cmd::secret::put(&ctx, kind, "update", name, file, labels))
+                }
+                SecretCmd::Ls { output } => rt.block_on(cmd::secret::ls(&ctx, kind, *output)),
+                SecretCmd::Inspect { name, data } => {
+                    rt.block_on(cmd::secret::inspect(&ctx, kind, name, *data))
+                }
+                SecretCmd::Rm { names } => rt.block_on(cmd::secret::rm(&ctx, kind, names)),
             }
         }
         Cmd::Volume { cmd } => {

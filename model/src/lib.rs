@@ -9,6 +9,7 @@ pub mod network;
 pub mod ports;
 pub mod reconcile;
 pub mod scheduler;
+pub mod secret;
 pub mod spec;
 pub mod store;
 pub mod task;

@@ -20,6 +20,8 @@ pub enum Manifest {
     Service(ServiceSpec),
     Network(NetworkSpec),
     Volume(VolumeSpec),
+    Secret(crate::secret::SecretSpec),
+    Config(crate::secret::SecretSpec),
 }
 
 impl Manifest {
@@ -28,6 +30,8 @@ impl Manifest {
             Manifest::Service(_) => "Service",
             Manifest::Network(_) => "Network",
             Manifest::Volume(_) => "Volume",
+            Manifest::Secret(_) => "Secret",
+            Manifest::Config(_) => "Config",
         }
     }
     pub fn name(&self) -> &str {
@@ -35,6 +39,7 @@ impl Manifest {
             Manifest::Service(s) => &s.name,
             Manifest::Network(n) => &n.name,
             Manifest::Volume(v) => &v.name,
+            Manifest::Secret(s) | Manifest::Config(s) => &s.name,
         }
     }
 }
@@ -52,7 +57,7 @@ pub struct ManifestError {
     pub message: String,
 }
 
-const KINDS: &[&str] = &["Service", "Network", "Volume"];
+const KINDS: &[&str] = &["Service", "Network", "Volume", "Secret", "Config"];
 
 /// Parses every document of `text`. `file` is only used in error messages.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
@@ -66,6 +71,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
                     Manifest::Service(s) => s.validate(),
                     Manifest::Network(n) => n.validate(),
                     Manifest::Volume(v) => v.validate(),
+                    Manifest::Secret(s) | Manifest::Config(s) => s.validate(),
                 };
                 {
                     validated.map_err(|v| {
@@ -247,6 +253,12 @@ impl<'de> Visitor<'de> for DocVisitor {
                 rest,
             )?)))),
             "Volume" => Ok(Doc(Some(Manifest::Volume(de::Deserialize::deserialize(
+                rest,
+            )?)))),
+            "Secret" => Ok(Doc(Some(Manifest::Secret(de::Deserialize::deserialize(
+                rest,
+            )?)))),
+            "Config" => Ok(Doc(Some(Manifest::Config(de::Deserialize::deserialize(
                 rest,
             )?)))),
             other => Err(de::Error::custom(format!(
@@ -513,5 +525,89 @@ mod tests {
         let text = format!("{HELLO}---\n{HELLO}");
         let e = parse("f.yaml", &text).unwrap_err();
         assert!(e.message.contains("declared twice"), "{e}");
+    }
+
+    #[test]
+    fn parses_secrets_configs_and_references() {
+        let text = "kind: Secret\nname: db-pw\ndata: hunter2\n---\nkind: Config\nname: nginx.conf\nfile: nginx.conf\n---\nkind: Service\nname: web\nimage: x\nsecrets:\n  - source: db-pw\n    uid: www-data\n    mode: 0400\n  - source: db-pw:2\n    target: old-pw\nconfigs:\n  - source: nginx.conf\n    target: /etc/nginx/nginx.conf\n    gid: 101\nenv_from_secret:\n  DB_PASSWORD: db-pw\n";
+        let docs = parse("f.yaml", text).unwrap();
+        let Manifest::Secret(sec) = &docs[0] else {
+            panic!()
+        };
+        assert_eq!(sec.data.as_ref().unwrap().0, "hunter2");
+        assert!(
+            !format!("{docs:?}").contains("hunter2"),
+            "values are redacted in Debug"
+        );
+        let Manifest::Service(svc) = &docs[2] else {
+            panic!()
+        };
+        assert_eq!(svc.secrets[0].mode, Some(0o400));
+        assert_eq!(svc.secrets[0].uid.as_deref(), Some("www-data"));
+        assert_eq!(svc.configs[0].gid.as_deref(), Some("101"));
+        assert_eq!(
+            svc.secrets[1].target_path(crate::secret::ObjectKind::Secret),
+            "/run/secrets/old-pw"
+        );
+        // The spec's JSON round-trips (modes as octal digits) and holds no value.
+        let json = serde_json::to_string(svc).unwrap();
+        assert_eq!(
+            &serde_json::from_str::<crate::ServiceSpec>(&json).unwrap(),
+            svc
+        );
+        assert!(!json.contains("hunter2"));
+        for (yaml, line, field, words) in [
+            (
+                "secrets:\n  - source: db:0\n",
+                5,
+                "secrets[0].source",
+                "version",
+            ),
+            (
+                "configs:\n  - source: c\n    target: rel\n",
+                6,
+                "configs[0].target",
+                "absolute",
+            ),
+            (
+                "secrets:\n  - source: a\n  - source: b\n    target: /run/secrets/a\n",
+                7,
+                "secrets[1].target",
+                "another",
+            ),
+            (
+                "env: {PW: x}\nenv_from_secret:\n  PW: pw\n",
+                5,
+                "env_from_secret.PW",
+                "also set in env",
+            ),
+            (
+                "secrets:\n  - source: a\n    mode: 0999\n",
+                5,
+                "secrets[0].mode",
+                "octal",
+            ),
+        ] {
+            let e = parse(
+                "f.yaml",
+                &format!("kind: Service\nname: a\nimage: x\n{yaml}"),
+            )
+            .unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.message.contains(words), "{e}");
+        }
+        let big = format!(
+            "kind: Secret\nname: big\ndata: {}\n",
+            "x".repeat(crate::secret::MAX_DATA + 1)
+        );
+        let e = parse("f.yaml", &big).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), ("data", 3), "{e}");
+        assert!(
+            !e.to_string().contains("xxxx"),
+            "the value is not in the error"
+        );
+        let e = parse("f.yaml", "kind: Secret\nname: a:1\ndata: x\n").unwrap_err();
+        assert_eq!(e.field, "name", "{e}");
     }
 }

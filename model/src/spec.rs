@@ -86,6 +86,22 @@ pub struct ServiceSpec {
     /// service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<crate::volume::Mount>,
+    /// Secrets mounted as files (default `/run/secrets/NAME`, 0444, root), read-only, from a
+    /// tmpfs: `source: NAME` follows the latest version, `source: NAME:V` pins version V.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secret::FileRef>,
+    /// Configs mounted as files (default `/NAME`), as secrets are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<crate::secret::FileRef>,
+    /// Environment variables whose value is a secret's (`VAR: NAME` or `VAR: NAME:V`), so that
+    /// `env` holds no password. Set over `env` and the image's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_from_secret: BTreeMap<String, String>,
+    /// System-owned: the version each reference above resolves to (`secret:SOURCE` →
+    /// version), written by the store whenever the spec is put or a referenced object gets a
+    /// new version; anything a user writes here is replaced. A change rolls the tasks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resolved_refs: BTreeMap<String, u64>,
     /// Rotation of each task's output log (Docker's json-file `max-size` and `max-file`).
     #[serde(default, skip_serializing_if = "Logging::is_default")]
     pub logging: Logging,
@@ -749,6 +765,17 @@ impl ServiceSpec {
             },
         )?;
         crate::volume::validate_mounts(&self.mounts)?;
+        crate::secret::validate_refs(&self.secrets, &self.configs, &self.env_from_secret)?;
+        if let Some(k) = self
+            .env_from_secret
+            .keys()
+            .find(|k| self.env.contains_key(*k))
+        {
+            return Err(ValidationError::new(
+                format!("env_from_secret.{k}"),
+                "also set in env: give it one value",
+            ));
+        }
         self.update_config.validate("update_config")?;
         if self.logging.max_size != 0 && self.logging.max_size < 1024 {
             return Err(ValidationError::new(
@@ -874,6 +901,10 @@ impl ServiceSpec {
             aliases,
             endpoint_mode,
             mounts,
+            secrets,
+            configs,
+            env_from_secret,
+            resolved_refs,
             logging,
             security_opt,
             update_config: _,
@@ -898,6 +929,10 @@ impl ServiceSpec {
             && *ports == other.ports
             && *networks == other.networks
             && *mounts == other.mounts
+            && *secrets == other.secrets
+            && *configs == other.configs
+            && *env_from_secret == other.env_from_secret
+            && *resolved_refs == other.resolved_refs
             && *logging == other.logging
             && *security_opt == other.security_opt
             && { let _ = endpoint_mode; true } // balancing only: no task changes
@@ -1226,6 +1261,10 @@ pub(crate) mod tests_support {
             endpoint_mode: Default::default(),
             aliases: vec![],
             mounts: vec![],
+            secrets: vec![],
+            configs: vec![],
+            env_from_secret: Default::default(),
+            resolved_refs: Default::default(),
             update_config: Default::default(),
             rollback_config: Default::default(),
         }

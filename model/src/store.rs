@@ -419,6 +419,24 @@ pub enum Command {
         node: String,
         volumes: Vec<String>,
     },
+    /// Create a secret or config, or give it a new version when `data` differs from the latest
+    /// (labels are replaced either way). Every service that references it without a pinned
+    /// version then resolves to the new version, which starts its rolling update. `digest`
+    /// (`sha256:<hex>` of `data`) is stamped by the proposer.
+    PutSecret {
+        kind: crate::secret::ObjectKind,
+        name: String,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+        data: crate::secret::SecretData,
+        digest: String,
+        now: u64,
+    },
+    /// Remove a secret or config no service references and no unfinished task uses.
+    RemoveSecret {
+        kind: crate::secret::ObjectKind,
+        name: String,
+    },
 }
 
 /// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
@@ -483,6 +501,12 @@ pub enum ApplyError {
     Network { name: String, message: String },
     #[error("store: volume {name:?}: {message}")]
     Volume { name: String, message: String },
+    #[error("store: {kind} {name:?}: {message}")]
+    Secret {
+        kind: crate::secret::ObjectKind,
+        name: String,
+        message: String,
+    },
 }
 
 /// The store's tables: persistent ordered maps, so cloning the store (the Ready loop publishes
@@ -522,6 +546,13 @@ pub struct Store {
     /// Revoked certificate identities (CNs), never to be served or issued again.
     #[serde(default)]
     pub revoked: Map<String, Revocation>,
+    /// Users' secrets (`rctl secret`), by name. Values travel only to the nodes whose tasks use
+    /// them (see `crate::secret`).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub secret_objects: Map<String, crate::secret::SecretObject>,
+    /// Users' configs (`rctl config`), by name.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub config_objects: Map<String, crate::secret::SecretObject>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -565,13 +596,31 @@ impl Store {
     /// applies what it can: its parts race with other writers by design).
     pub fn apply(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
         self.applied = index;
-        self.apply_one(index, cmd)
+        // Commands that can leave a secret's or config's old version unused.
+        let releases = matches!(
+            cmd,
+            Command::PutService { .. }
+                | Command::Rollback { .. }
+                | Command::RemoveService { .. }
+                | Command::PutSecret { .. }
+                | Command::UpdateStatus { .. }
+                | Command::DeleteTasks { .. }
+                | Command::NodeDown { .. }
+                | Command::RemoveNode { .. }
+                | Command::Batch(_)
+        );
+        let r = self.apply_one(index, cmd);
+        if releases {
+            self.prune_secret_versions();
+        }
+        r
     }
 
     fn apply_one(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
         match cmd {
-            Command::PutService { id, spec, now } => {
+            Command::PutService { id, mut spec, now } => {
                 let name = spec.name.clone();
+                self.resolve_refs(&mut spec);
                 self.put_service(index, id, spec, now);
                 self.assign_vips(&name);
                 self.declare_volumes(index, &name, now);
@@ -941,6 +990,30 @@ impl Store {
                     let _ = self.apply_one(index, c);
                 }
             }
+            Command::PutSecret {
+                kind,
+                name,
+                labels,
+                data,
+                digest,
+                now,
+            } => self.put_secret(index, kind, name, labels, data, digest, now)?,
+            Command::RemoveSecret { kind, name } => {
+                let users = self.secret_users(kind, &name);
+                if !users.is_empty() {
+                    return Err(ApplyError::Secret {
+                        kind,
+                        name,
+                        message: format!("in use by service(s) {}", users.join(", ")),
+                    });
+                }
+                self.objects_mut(kind)
+                    .remove(&name)
+                    .ok_or(ApplyError::NotFound {
+                        kind: kind.as_str(),
+                        name,
+                    })?;
+            }
         }
         Ok(())
     }
@@ -966,6 +1039,193 @@ impl Store {
                     timestamp: now,
                 };
                 t.version = index;
+            }
+        }
+    }
+
+    /// The secrets or the configs.
+    pub fn objects(
+        &self,
+        kind: crate::secret::ObjectKind,
+    ) -> &Map<String, crate::secret::SecretObject> {
+        match kind {
+            crate::secret::ObjectKind::Secret => &self.secret_objects,
+            crate::secret::ObjectKind::Config => &self.config_objects,
+        }
+    }
+
+    fn objects_mut(
+        &mut self,
+        kind: crate::secret::ObjectKind,
+    ) -> &mut Map<String, crate::secret::SecretObject> {
+        match kind {
+            crate::secret::ObjectKind::Secret => &mut self.secret_objects,
+            crate::secret::ObjectKind::Config => &mut self.config_objects,
+        }
+    }
+
+    /// The value a task of a spec resolved to (kind, name, version), if still kept.
+    pub fn secret_value(
+        &self,
+        kind: crate::secret::ObjectKind,
+        name: &str,
+        version: u64,
+    ) -> Option<&crate::secret::SecretVersion> {
+        self.objects(kind).get(name)?.versions.get(&version)
+    }
+
+    /// Services whose spec references the object, and services with unfinished tasks that
+    /// use it (a removed service's tasks still stopping).
+    pub fn secret_users(&self, kind: crate::secret::ObjectKind, name: &str) -> Vec<String> {
+        let mut users: std::collections::BTreeSet<String> = self
+            .services
+            .values()
+            .filter(|s| crate::secret::uses(&s.spec, kind, name))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        users.extend(
+            self.tasks
+                .values()
+                .filter(|t| !t.status.state.is_terminal())
+                .filter(|t| crate::secret::uses(&t.spec, kind, name))
+                .map(|t| t.service_name.clone()),
+        );
+        users.into_iter().collect()
+    }
+
+    /// Writes the version each secret/config reference of `spec` resolves to (a pin, else the
+    /// latest; 0 when the object or version does not exist — the API refuses such a spec, so
+    /// that happens only in a race with a removal, and the task is then rejected on its node).
+    pub fn resolve_refs(&self, spec: &mut ServiceSpec) {
+        let mut resolved = BTreeMap::new();
+        for (kind, source) in crate::secret::refs_of(spec) {
+            let (name, pin) = match source.split_once(':') {
+                Some((n, v)) => (n, v.parse::<u64>().ok()),
+                None => (source, None),
+            };
+            let v = match (self.objects(kind).get(name), pin) {
+                (Some(o), Some(p)) if o.versions.contains_key(&p) => p,
+                (Some(o), None) => o.latest,
+                _ => 0,
+            };
+            resolved.insert(crate::secret::ref_key(kind, source), v);
+        }
+        spec.resolved_refs = resolved;
+    }
+
+    #[allow(clippy::too_many_arguments)] // one command's fields
+    fn put_secret(
+        &mut self,
+        index: u64,
+        kind: crate::secret::ObjectKind,
+        name: String,
+        labels: BTreeMap<String, String>,
+        data: crate::secret::SecretData,
+        digest: String,
+        now: u64,
+    ) -> Result<(), ApplyError> {
+        if let Err(e) = crate::secret::validate_object_name("name", &name)
+            .and_then(|_| crate::secret::check_size("data", data.0.len()))
+        {
+            return Err(ApplyError::Secret {
+                kind,
+                name,
+                message: e.to_string(),
+            });
+        }
+        let version = crate::secret::SecretVersion {
+            data,
+            digest,
+            created_at: now,
+        };
+        let objects = self.objects_mut(kind);
+        match objects.get_mut(&name) {
+            Some(o) => {
+                let same = o
+                    .versions
+                    .get(&o.latest)
+                    .is_some_and(|v| v.data == version.data);
+                if same && o.labels == labels {
+                    return Ok(());
+                }
+                if !same {
+                    o.latest += 1;
+                    o.versions.insert(o.latest, version);
+                }
+                o.labels = labels;
+                o.updated_at = now;
+                o.version = index;
+            }
+            None => {
+                objects.insert(
+                    name.clone(),
+                    crate::secret::SecretObject {
+                        kind,
+                        name: name.clone(),
+                        labels,
+                        versions: [(1, version)].into(),
+                        latest: 1,
+                        created_at: now,
+                        updated_at: now,
+                        version: index,
+                    },
+                );
+            }
+        }
+        // Roll every service whose references now resolve differently (unpinned ones).
+        let users: Vec<(String, ServiceSpec)> = self
+            .services
+            .values()
+            .filter(|s| crate::secret::uses(&s.spec, kind, &name))
+            .map(|s| (s.id.clone(), s.spec.clone()))
+            .collect();
+        for (id, mut spec) in users {
+            self.resolve_refs(&mut spec);
+            self.put_service(index, id, Box::new(spec), now);
+        }
+        Ok(())
+    }
+
+    /// Drops versions that are not the latest and that no service spec (current or previous)
+    /// nor unfinished task resolves to.
+    fn prune_secret_versions(&mut self) {
+        let old =
+            |m: &Map<String, crate::secret::SecretObject>| m.values().any(|o| o.versions.len() > 1);
+        if !old(&self.secret_objects) && !old(&self.config_objects) {
+            return;
+        }
+        let mut used = std::collections::BTreeSet::new();
+        let specs = self
+            .services
+            .values()
+            .flat_map(|s| std::iter::once(&s.spec).chain(s.previous_spec.as_ref()))
+            .chain(
+                self.tasks
+                    .values()
+                    .filter(|t| !t.status.state.is_terminal())
+                    .map(|t| &t.spec),
+            );
+        for spec in specs {
+            used.extend(crate::secret::needs(spec));
+        }
+        for kind in [
+            crate::secret::ObjectKind::Secret,
+            crate::secret::ObjectKind::Config,
+        ] {
+            let stale: Vec<(String, u64)> = self
+                .objects(kind)
+                .values()
+                .flat_map(|o| {
+                    o.versions
+                        .keys()
+                        .filter(|v| **v != o.latest && !used.contains(&(kind, o.name.clone(), **v)))
+                        .map(|v| (o.name.clone(), *v))
+                })
+                .collect();
+            for (name, v) in stale {
+                if let Some(o) = self.objects_mut(kind).get_mut(&name) {
+                    o.versions.remove(&v);
+                }
             }
         }
     }
@@ -1859,5 +2119,138 @@ mod tests {
         )
         .unwrap();
         assert!(s.images.is_empty());
+    }
+
+    fn put_secret(s: &mut Store, index: u64, name: &str, value: &[u8]) -> Result<(), ApplyError> {
+        s.apply(
+            index,
+            Command::PutSecret {
+                kind: crate::secret::ObjectKind::Secret,
+                name: name.into(),
+                labels: Default::default(),
+                data: crate::secret::SecretData(value.to_vec()),
+                digest: "sha256:test".into(),
+                now: index,
+            },
+        )
+    }
+
+    #[test]
+    fn secret_versions_roll_unpinned_services_and_are_kept_while_used() {
+        let mut s = Store::default();
+        put_secret(&mut s, 1, "db", b"one").unwrap();
+        let mut web = spec("web", 1);
+        web.secrets.push(crate::secret::FileRef {
+            source: "db".into(),
+            target: None,
+            uid: None,
+            gid: None,
+            mode: None,
+        });
+        let mut pinned = spec("pinned", 1);
+        pinned.env_from_secret.insert("PW".into(), "db:1".into());
+        for (i, sp) in [web, pinned].into_iter().enumerate() {
+            s.apply(
+                2 + i as u64,
+                Command::PutService {
+                    id: format!("s{i}"),
+                    spec: Box::new(sp),
+                    now: 2,
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(s.services["web"].spec.resolved_refs["secret:db"], 1);
+        assert_eq!(s.services["pinned"].spec.resolved_refs["secret:db:1"], 1);
+        // A running task of web holds version 1.
+        let t = task("t1", &s.services["web"], 1);
+        s.apply(4, Command::CreateTasks { tasks: vec![t] }).unwrap();
+        // Same value: nothing changes.
+        put_secret(&mut s, 5, "db", b"one").unwrap();
+        assert_eq!(s.secret_objects["db"].latest, 1);
+        put_secret(&mut s, 6, "db", b"two").unwrap();
+        let web = &s.services["web"];
+        assert_eq!(web.spec.resolved_refs["secret:db"], 2);
+        assert_eq!(web.spec_version, 6, "the new version starts a rollout");
+        assert_eq!(
+            web.previous_spec.as_ref().unwrap().resolved_refs["secret:db"],
+            1
+        );
+        assert_eq!(
+            s.services["pinned"].spec_version, 3,
+            "a pinned service stays"
+        );
+        assert_eq!(
+            crate::secret::needs(&web.spec),
+            vec![(crate::secret::ObjectKind::Secret, "db".into(), 2)]
+        );
+        put_secret(&mut s, 7, "db", b"three").unwrap();
+        // 1: pinned and the running task; 2: web's previous spec; 3: latest.
+        assert_eq!(
+            s.secret_objects["db"]
+                .versions
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        s.apply(
+            8,
+            Command::RemoveService {
+                name: "pinned".into(),
+            },
+        )
+        .unwrap();
+        s.apply(
+            9,
+            Command::DeleteTasks {
+                ids: vec!["t1".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.secret_objects["db"]
+                .versions
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // Removal is refused while web uses it, and names the user.
+        let e = s
+            .apply(
+                10,
+                Command::RemoveSecret {
+                    kind: crate::secret::ObjectKind::Secret,
+                    name: "db".into(),
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("in use by service(s) web"), "{e}");
+        s.apply(11, Command::RemoveService { name: "web".into() })
+            .unwrap();
+        s.apply(
+            12,
+            Command::RemoveSecret {
+                kind: crate::secret::ObjectKind::Secret,
+                name: "db".into(),
+            },
+        )
+        .unwrap();
+        assert!(s.secret_objects.is_empty());
+    }
+
+    #[test]
+    fn an_oversized_secret_is_refused_when_applied_and_values_stay_out_of_debug() {
+        let mut s = Store::default();
+        let e = put_secret(&mut s, 1, "big", &vec![b'x'; crate::secret::MAX_DATA + 1]).unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
+        assert!(s.secret_objects.is_empty());
+        put_secret(&mut s, 2, "pw", b"s3cr3t-value-xyz").unwrap();
+        assert!(!format!("{s:?}").contains("s3cr3t-value-xyz"));
+        // The store's JSON (raft snapshots) keeps the value, in base64.
+        let json = serde_json::to_string(&s).unwrap();
+        let back: Store = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
     }
 }

@@ -18,6 +18,7 @@ pub async fn run(
     let mut specs = Vec::new();
     let mut networks = Vec::new();
     let mut volumes = Vec::new();
+    let mut secrets = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
             let mut s = String::new();
@@ -33,10 +34,12 @@ pub async fn run(
                 Manifest::Service(s) => specs.push(serde_json::to_string(&s)?),
                 Manifest::Network(n) => networks.push(serde_json::to_string(&n)?),
                 Manifest::Volume(v) => volumes.push(serde_json::to_string(&v)?),
+                Manifest::Secret(s) => secrets.push(secret_put(f, "secret", s)?),
+                Manifest::Config(s) => secrets.push(secret_put(f, "config", s)?),
             }
         }
     }
-    if specs.is_empty() && networks.is_empty() && volumes.is_empty() {
+    if specs.is_empty() && networks.is_empty() && volumes.is_empty() && secrets.is_empty() {
         anyhow::bail!("nothing to apply: the files hold no documents");
     }
     let mut client = crate::connect(ctx).await?;
@@ -45,6 +48,7 @@ pub async fn run(
             service_specs_json: specs,
             network_specs_json: networks,
             volume_specs_json: volumes,
+            secrets,
         })
         .await
         .map_err(crate::status_err)?
@@ -60,6 +64,30 @@ pub async fn run(
         return Ok(());
     }
     wait_converged(ctx, &names, timeout).await
+}
+
+/// A `kind: Secret|Config` document as the API takes it: its `data`, or its `file` (relative
+/// to the manifest's directory) read here, at most 500 KiB.
+fn secret_put(
+    manifest: &std::path::Path,
+    kind: &str,
+    spec: rudder_model::secret::SecretSpec,
+) -> anyhow::Result<rudder_proto::v1::PutSecretRequest> {
+    let data = match (spec.data, spec.file) {
+        (Some(d), _) => d.0.into_bytes(),
+        (None, Some(file)) => {
+            let base = manifest.parent().unwrap_or(std::path::Path::new("."));
+            crate::cmd::secret::read_value(&base.join(file))?
+        }
+        (None, None) => anyhow::bail!("{kind} {:?}: no data", spec.name),
+    };
+    Ok(rudder_proto::v1::PutSecretRequest {
+        kind: kind.into(),
+        name: spec.name,
+        labels: spec.labels.into_iter().collect(),
+        data,
+        mode: String::new(),
+    })
 }
 
 /// Waits until every named service runs its desired replicas and its rollout (if any) has

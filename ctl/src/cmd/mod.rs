@@ -23,6 +23,7 @@ pub mod rm;
 pub mod rollback;
 pub mod run;
 pub mod scale;
+pub mod secret;
 pub mod volume;
 
 /// A duration as people say it: "45s", "12m", "5h", "3d".
