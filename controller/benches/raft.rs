@@ -17,6 +17,9 @@
 //!    controller's own log lines give the steps' times.
 //! 4. The Ready loop's parts alone (fsync per persist, store clone per Ready, command and message
 //!    encoding), to say where the time goes.
+//! 5. Encryption at rest (issue 14): committed writes/s of a group whose logs are sealed with
+//!    data keys (as `lib::run` runs) against one with plaintext logs, in the same run,
+//!    alternating the two so that drift of the machine hits both; the ratio is the cost.
 //!
 //! The members talk mutual TLS with manager certificates from one cluster CA, as `lib::run` sets
 //! them up (`RAFT_BENCH_TLS=0`: plain HTTP/2, to see what TLS costs).
@@ -26,7 +29,9 @@
 //!
 //! Environment: `RAFT_BENCH_PROPOSERS` (default 1024), `RAFT_BENCH_SECS` (measured seconds per
 //! throughput run, default 5), `RAFT_BENCH_SNAPSHOT_MB` (default 100), `RAFT_BENCH_ONLY`
-//! (`throughput`, `failover`, `snapshot` or `parts`), `RAFT_BENCH_TLS` (`0`: plain),
+//! (`throughput`, `failover`, `snapshot`, `parts` or `at-rest`), `RAFT_BENCH_TLS` (`0`: plain),
+//! `RAFT_BENCH_ENCRYPT` (`0`: parts 1–3 with plaintext logs), `RAFT_BENCH_ROUNDS` (at-rest
+//! rounds of off/on, default 3),
 //! `RAFT_BENCH_SERIES` (print writes per 250 ms), `RAFT_BENCH_DIR` (where the logs go, default
 //! /var/tmp), `RUST_LOG` (logs to stderr).
 
@@ -40,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
 use protobuf::Message as _;
+use rudder_controller::crypt::DataKeys;
 use rudder_controller::peer::{self, GrpcForwarder, GrpcTransport, PeerApi};
 use rudder_controller::raft_node::{self, RaftHandle};
 use rudder_controller::storage::RedbStorage;
@@ -88,6 +94,8 @@ struct Setup {
     /// The cluster CA when the members talk mutual TLS (as `lib::run` always does); `None`:
     /// plain HTTP/2.
     ca: Option<Arc<ClusterCa>>,
+    /// Logs sealed with a data key per member (kept in its dir), as `lib::run` opens them.
+    encrypt: bool,
 }
 
 /// A member's TLS, as a controller gets it: its own key, a manager certificate from the CA.
@@ -139,7 +147,13 @@ impl Member {
             let listener = retry(|| async { tokio::net::TcpListener::bind(addr).await }).await?;
             let addr = listener.local_addr()?;
             // A restarted member's previous runtime may still be closing the file.
-            let storage = retry(|| async { RedbStorage::open(&path, &voters) }).await?;
+            let storage = if setup.encrypt {
+                let keys = Arc::new(DataKeys::load_or_create(dir)?);
+                retry(|| async { RedbStorage::open_encrypted(&path, &voters, keys.clone()) })
+                    .await?
+            } else {
+                retry(|| async { RedbStorage::open(&path, &voters) }).await?
+            };
             let transport = GrpcTransport::with_tls(client_tls.clone());
             let raft = raft_node::start_with(id, storage, transport.clone(), setup.snapshot_every)?;
             transport.attach(raft.clone());
@@ -902,6 +916,49 @@ fn load_line(name: &str, l: &Load) -> String {
     )
 }
 
+/// Part 5: `rounds` × (plaintext group, then encrypted group), the same load on each leader.
+fn at_rest(
+    client: &Runtime,
+    root: &Path,
+    setup: &Setup,
+    proposers: usize,
+    measure: Duration,
+    rounds: usize,
+) -> anyhow::Result<(Vec<Load>, Vec<Load>)> {
+    let plain = form(
+        client,
+        &root.join("plain"),
+        3,
+        &Setup {
+            encrypt: false,
+            ..setup.clone()
+        },
+    )?;
+    let sealed = form(
+        client,
+        &root.join("sealed"),
+        3,
+        &Setup {
+            encrypt: true,
+            ..setup.clone()
+        },
+    )?;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for (members, out) in [(&plain, &mut off), (&sealed, &mut on)] {
+            let raft = members[leader(members).context("no leader")?].raft.clone();
+            let l = client.block_on(async {
+                raft.propose(put_node()).await?;
+                let l = load(&raft, proposers, measure, label_write).await?;
+                converged(members, Duration::from_secs(30)).await?;
+                anyhow::Ok(l)
+            })?;
+            out.push(l);
+        }
+    }
+    Ok((off, on))
+}
+
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
         .ok()
@@ -944,6 +1001,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             None
         },
+        encrypt: std::env::var("RAFT_BENCH_ENCRYPT").map_or(true, |v| v != "0"),
     };
     let started = Instant::now();
     let mut report = String::new();
@@ -1066,6 +1124,33 @@ fn main() -> anyhow::Result<()> {
         for (n, d) in &p.clone {
             let _ = writeln!(report, "  Store clone at {n:>6} tags: {}", ms(*d));
         }
+    }
+    if run("at-rest") {
+        let rounds = env_or("RAFT_BENCH_ROUNDS", 3usize);
+        eprintln!("at-rest: {rounds} rounds of plaintext and encrypted logs");
+        let (off, on) = at_rest(
+            &client,
+            &root.path().join("at-rest"),
+            &setup,
+            proposers,
+            measure,
+            rounds,
+        )?;
+        let _ = writeln!(
+            report,
+            "5. encryption at rest: UpdateNode label, {proposers} proposers, {measure:?} per run, plaintext and AES-256-GCM logs alternating (target: encrypted >= 90% of plaintext)"
+        );
+        for (i, (a, b)) in off.iter().zip(&on).enumerate() {
+            report += &load_line(&format!("round {} plaintext log", i + 1), a);
+            report += &load_line(&format!("round {} encrypted log", i + 1), b);
+        }
+        let mean = |v: &[Load]| v.iter().map(|l| l.per_sec).sum::<f64>() / v.len() as f64;
+        let (a, b) = (mean(&off), mean(&on));
+        let _ = writeln!(
+            report,
+            "  mean: plaintext {a:.0} writes/s, encrypted {b:.0} writes/s: encrypted is {:.1}% of plaintext",
+            100.0 * b / a
+        );
     }
     let _ = writeln!(report, "total bench time {}", ms(started.elapsed()));
     println!("{report}");

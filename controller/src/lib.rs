@@ -11,7 +11,7 @@ pub mod build_api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod commit_api;
-pub mod crypt;
+pub use rudder_pki::crypt;
 pub mod dispatcher;
 pub mod exec_api;
 pub mod image_api;
@@ -73,6 +73,8 @@ pub enum ControllerError {
     Grpc(#[from] tonic::transport::Error),
     #[error(transparent)]
     Security(#[from] security::SecurityError),
+    #[error(transparent)]
+    Crypt(#[from] crypt::CryptError),
     #[error("controller: the raft loop stopped (storage error); restart after fixing the disk")]
     RaftStopped,
 }
@@ -149,8 +151,12 @@ pub async fn run(
     // Certificates first: a joining controller needs its manager certificate before it can
     // talk to anyone.
     let node_name = security::controller_cn(cfg.raft_id);
+    // This controller's data key: it seals the raft log, the snapshots and the CA key.
+    let certs_dir = cfg.data_dir.join("certs");
+    let keys = Arc::new(crypt::DataKeys::load_or_create(&certs_dir)?);
     let boot = security::controller_certs(
         &cfg.data_dir,
+        &keys,
         &node_name,
         cfg.join.as_deref().filter(|_| fresh),
         cfg.join.as_deref(),
@@ -160,7 +166,11 @@ pub async fn run(
     let certs = boot.certs;
     let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
 
-    let storage = storage::RedbStorage::open(&raft_path, &voters)?;
+    let storage = storage::RedbStorage::open_encrypted(&raft_path, &voters, keys.clone())?;
+    let at_rest = security::AtRest::new(storage.clone(), keys, certs_dir);
+    // Rewrites plaintext records of a log from before encryption, and finishes a key rotation
+    // a restart interrupted.
+    tokio::spawn(at_rest.clone().reencrypt());
     let transport = peer::GrpcTransport::with_tls(Some(peer_tls.clone()));
     let raft = raft_node::start(cfg.raft_id, storage, transport.clone())?;
     transport.attach(raft.clone());

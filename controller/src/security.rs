@@ -11,10 +11,18 @@
 //!   Dispatcher for agents (worker or manager certificates), RaftPeer for managers; the
 //!   Cluster service checks per call (Join needs only a token).
 //!
-//! The CA key and the token secrets live in the raft log and snapshots in the clear, on the
-//! managers' disks only (0700 data dirs); encrypting them at rest is still to do.
+//! At rest, the CA key and the token secrets exist only inside the data-key encryption
+//! ([`crate::crypt`]): in the raft log and snapshots, which [`crate::storage`] seals, and — on
+//! the first controller, which needs its CA to re-issue its own expired certificate before raft
+//! runs — in `certs/ca-key.sealed` ([`crypt::SEALED_CA_KEY_FILE`]), sealed with the same key (never `ca-key.pem` in clear; one
+//! left by an earlier version is sealed and removed at start). The initial join tokens in
+//! `admin/*.token` are a one-time hand-off to whoever set the cluster up (`rctl local up` reads
+//! and deletes them); the controller deletes any left on its next start, after which
+//! `rctl cluster join-token` is the way to get them. [`AtRest`] re-encrypts all of it after a
+//! data key rotation.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rudder_model::store::ClusterSecrets;
@@ -25,7 +33,9 @@ use crate::ca::{self, ClusterCa, JoinTokens, Role, Token};
 use crate::cluster_api::{
     CaSecrets, ClusterError, SecretsStore, Standing, CONTROLLER_PREFIX, NODE_CERT_VALIDITY,
 };
+use crate::crypt::{self, CryptError, DataKeys};
 use crate::raft_node::RaftHandle;
+use crate::storage::RedbStorage;
 use crate::tls::{self, NodeCerts};
 
 /// Files `rctl` needs, written by the first controller into `<data>/admin/`.
@@ -54,6 +64,10 @@ pub enum SecurityError {
     Expired,
     #[error("security: writing {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    #[error("security: {0}")]
+    Crypt(#[from] CryptError),
+    #[error("security: {0}")]
+    Storage(#[from] crate::storage::StorageErr),
 }
 
 /// This controller's certificates, and — for the first controller of a new cluster — the
@@ -70,6 +84,7 @@ pub struct Bootstrap {
 /// `token` and proof of the old key.
 pub async fn controller_certs(
     data_dir: &Path,
+    keys: &DataKeys,
     node_id: &str,
     join: Option<&str>,
     rejoin_via: Option<&str>,
@@ -77,6 +92,8 @@ pub async fn controller_certs(
 ) -> Result<Bootstrap, SecurityError> {
     let dir = data_dir.join("certs");
     if let Some(certs) = NodeCerts::load_if_present(&dir)? {
+        let certs = seal_legacy_ca_key(&dir, keys, certs)?;
+        remove_token_files(data_dir);
         if certs.identity(SystemTime::now()).is_ok() {
             return Ok(Bootstrap {
                 certs,
@@ -84,7 +101,7 @@ pub async fn controller_certs(
             });
         }
         warn!("this controller's certificate expired while it was off; replacing it");
-        let fresh = if let Some(ca) = certs.cluster_ca()? {
+        let fresh = if let Some(ca) = sealed_ca(&dir, keys, &certs)? {
             let (key, csr) = ca::node_csr(node_id)?;
             let cert = ca.issue(
                 &csr,
@@ -93,7 +110,7 @@ pub async fn controller_certs(
                 SystemTime::now(),
                 NODE_CERT_VALIDITY,
             )?;
-            NodeCerts::with_ca(&ca, &cert, &key)?
+            NodeCerts::new(ca.cert_pem(), &cert, &key, None)?
         } else {
             let (Some(addr), Some(token)) = (rejoin_via, token) else {
                 return Err(SecurityError::Expired);
@@ -112,7 +129,7 @@ pub async fn controller_certs(
         });
     }
     match join {
-        None => init_cluster(data_dir, &dir, node_id),
+        None => init_cluster(data_dir, &dir, keys, node_id),
         Some(addr) => {
             let token = token.ok_or(SecurityError::NoToken)?;
             let certs = rudder_pki::join::join_cluster(&format!("https://{addr}"), token, node_id)
@@ -130,12 +147,19 @@ pub async fn controller_certs(
     }
 }
 
-fn init_cluster(data_dir: &Path, dir: &Path, node_id: &str) -> Result<Bootstrap, SecurityError> {
+fn init_cluster(
+    data_dir: &Path,
+    dir: &Path,
+    keys: &DataKeys,
+    node_id: &str,
+) -> Result<Bootstrap, SecurityError> {
     let now = SystemTime::now();
     let ca = ClusterCa::generate("rudder", now)?;
     let (key, csr) = ca::node_csr(node_id)?;
     let cert = ca.issue(&csr, Role::Manager, node_id, now, NODE_CERT_VALIDITY)?;
-    let certs = NodeCerts::with_ca(&ca, &cert, &key)?;
+    // The CA key only sealed: the node's certificate files hold none.
+    let certs = NodeCerts::new(ca.cert_pem(), &cert, &key, None)?;
+    crypt::seal_ca_key(dir, keys, ca.key_pem())?;
     // The admin identity for rctl, and the tokens to hand out.
     let (admin_key, csr) = ca::node_csr("admin")?;
     let admin = ca.issue(&csr, Role::Admin, "admin", now, NODE_CERT_VALIDITY)?;
@@ -177,6 +201,125 @@ fn init_cluster(data_dir: &Path, dir: &Path, node_id: &str) -> Result<Bootstrap,
         certs,
         initial: Some(initial),
     })
+}
+
+/// A certs dir from before the CA key was sealed: seals `ca-key.pem` into
+/// [`SEALED_CA_KEY_FILE`] and removes it (by saving the certificates without the key).
+fn seal_legacy_ca_key(
+    dir: &Path,
+    keys: &DataKeys,
+    certs: NodeCerts,
+) -> Result<NodeCerts, SecurityError> {
+    let Some(ca) = certs.cluster_ca()? else {
+        return Ok(certs);
+    };
+    crypt::seal_ca_key(dir, keys, ca.key_pem())?;
+    let without = NodeCerts::new(ca.cert_pem(), certs.cert_pem(), certs.key_pem(), None)?;
+    without.save(dir)?;
+    info!("sealed the ca key with the data key and removed ca-key.pem");
+    Ok(without)
+}
+
+/// The CA with its key from the sealed CA key file, if this controller keeps it.
+fn sealed_ca(
+    dir: &Path,
+    keys: &DataKeys,
+    certs: &NodeCerts,
+) -> Result<Option<ClusterCa>, SecurityError> {
+    match crypt::open_sealed_ca_key(dir, keys)? {
+        Some(key) => Ok(Some(ClusterCa::from_pem(certs.ca().pem(), &key)?)),
+        None => Ok(None),
+    }
+}
+
+/// Deletes the initial join tokens the first controller handed out in `admin/` (they are in
+/// the store; `rctl cluster join-token` reads them from there).
+fn remove_token_files(data_dir: &Path) {
+    for f in [WORKER_TOKEN_FILE, MANAGER_TOKEN_FILE] {
+        let p = data_dir.join(ADMIN_DIR).join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => info!(file = %p.display(), "removed the initial join token file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %p.display(), %e, "initial join token file not removed"),
+        }
+    }
+}
+
+/// The controller's data at rest: its log and sealed CA key, and the keyring they are sealed
+/// with. [`AtRest::rotate`] makes a new data key; [`AtRest::reencrypt`] then rewrites every
+/// record under it and retires the old key.
+pub struct AtRest {
+    pub storage: RedbStorage,
+    pub keys: Arc<DataKeys>,
+    pub certs_dir: PathBuf,
+    /// One re-encryption pass at a time.
+    pass: tokio::sync::Mutex<()>,
+}
+
+/// How often a pass is repeated when records written with the old key raced it.
+const REENCRYPT_ROUNDS: usize = 10;
+
+impl AtRest {
+    pub fn new(storage: RedbStorage, keys: Arc<DataKeys>, certs_dir: PathBuf) -> Arc<Self> {
+        Arc::new(AtRest {
+            storage,
+            keys,
+            certs_dir,
+            pass: Default::default(),
+        })
+    }
+
+    /// Makes a new data key (refused while a previous rotation is still re-encrypting) and
+    /// starts re-encrypting in the background. Returns the new key's id.
+    pub fn rotate(self: &Arc<Self>) -> Result<u32, CryptError> {
+        let id = self.keys.rotate()?;
+        tokio::spawn(self.clone().reencrypt());
+        Ok(id)
+    }
+
+    /// Rewrites every record not under the current key (plaintext from before encryption, or
+    /// an older key), then retires the older keys. Run at start (an upgrade, or a rotation a
+    /// restart interrupted) and after each rotation.
+    pub async fn reencrypt(self: Arc<Self>) {
+        let _pass = self.pass.lock().await;
+        let me = self.clone();
+        let r = tokio::task::spawn_blocking(move || me.reencrypt_blocking()).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(%e, "data key re-encryption failed; the old key is kept"),
+            Err(e) => warn!(%e, "data key re-encryption task failed"),
+        }
+    }
+
+    fn reencrypt_blocking(&self) -> Result<(), SecurityError> {
+        for _ in 0..REENCRYPT_ROUNDS {
+            let done = self.storage.reencrypt()?;
+            let ca = crypt::reseal_ca_key(&self.certs_dir, &self.keys)?;
+            if done.entries > 0 || done.snapshot || ca {
+                info!(
+                    entries = done.entries,
+                    snapshot = done.snapshot,
+                    ca_key = ca,
+                    key = self.keys.current_id(),
+                    "re-encrypted records under the current data key"
+                );
+            }
+            let stale = self.storage.stale_records()?;
+            if stale == 0 {
+                let retired = self.keys.retire()?;
+                if !retired.is_empty() {
+                    info!(
+                        ?retired,
+                        key = self.keys.current_id(),
+                        "retired the old data keys"
+                    );
+                }
+                return Ok(());
+            }
+        }
+        warn!("records under an old data key remain; it is kept until the next pass");
+        Ok(())
+    }
 }
 
 /// Records the first controller's CA and tokens in the store once it leads (only if no

@@ -108,13 +108,19 @@ pub async fn admin_cert(
     let (cert, ca_pem) = match ca_dir {
         // Offline recovery on a manager host: the CA key file signs directly.
         Some(dir) => {
-            let ca = ClusterCa::load(dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "--ca-dir {}: {e} (the first controller keeps ca.pem and ca-key.pem in \
-                     <data dir>/certs)",
-                    dir.display()
-                )
-            })?;
+            // A controller keeps its CA key sealed with its data key (`ca-key.sealed` and
+            // `raft-dek` beside it); an older one kept `ca-key.pem`.
+            let ca = match rudder_pki::crypt::load_sealed_ca(dir) {
+                Ok(Some(ca)) => ca,
+                Ok(None) => ClusterCa::load(dir).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--ca-dir {}: {e} (the first controller keeps ca.pem and the sealed \
+                         ca-key.sealed with its raft-dek in <data dir>/certs)",
+                        dir.display()
+                    )
+                })?,
+                Err(e) => anyhow::bail!("--ca-dir {}: {e}", dir.display()),
+            };
             let ttl = ttl.unwrap_or(Duration::from_secs(90 * 24 * 3600));
             let cert = ca.issue(&csr, Role::Admin, name, SystemTime::now(), ttl)?;
             (cert, ca.cert_pem().to_string())

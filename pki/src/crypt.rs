@@ -1,5 +1,7 @@
-//! The controller's data-encryption keys (DEKs): what encrypts its raft log and snapshots at
-//! rest (as a Swarm manager encrypts its WAL and snapshots with the DEK in its key file).
+//! The controller's data-encryption keys (DEKs): what encrypts its raft log, snapshots and CA
+//! key at rest (as a Swarm manager encrypts its WAL and snapshots with the DEK in its key file).
+//! Here in the PKI crate so that `rctl cluster admin-cert --ca-dir` can open the sealed CA key
+//! on a manager host.
 //!
 //! Invariants:
 //! - Every controller has its own keyring in `<data>/certs/raft-dek` (0600 in the 0700 certs
@@ -51,6 +53,86 @@ pub enum CryptError {
     Format(PathBuf, String),
     #[error("crypt: a data key rotation is still re-encrypting (key {0} is not retired yet); try again when it finishes")]
     RotationInProgress(u32),
+    #[error("crypt: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("crypt: sealed ca key file too large (over {0} bytes)")]
+    TooLarge(u64),
+}
+
+/// The CA key sealed with the data key, in the certs dir of a controller that holds the CA.
+pub const SEALED_CA_KEY_FILE: &str = "ca-key.sealed";
+const SEALED_CA_KEY: Context = Context::File(SEALED_CA_KEY_FILE);
+/// Largest sealed CA key file read.
+const MAX_SEALED_CA_KEY: u64 = 64 * 1024;
+
+/// Seals `key_pem` (the CA key) into [`SEALED_CA_KEY_FILE`] in `certs_dir`.
+pub fn seal_ca_key(certs_dir: &Path, keys: &DataKeys, key_pem: &str) -> Result<(), CryptError> {
+    write_private_atomic(
+        &certs_dir.join(SEALED_CA_KEY_FILE),
+        &keys.seal(SEALED_CA_KEY, key_pem.as_bytes())?,
+    )
+}
+
+fn read_sealed_ca_key(certs_dir: &Path) -> Result<Option<Vec<u8>>, CryptError> {
+    use std::io::Read as _;
+    let path = certs_dir.join(SEALED_CA_KEY_FILE);
+    let f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CryptError::Io(path, e)),
+    };
+    let mut raw = Vec::new();
+    f.take(MAX_SEALED_CA_KEY + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| CryptError::Io(path, e))?;
+    if raw.len() as u64 > MAX_SEALED_CA_KEY {
+        return Err(CryptError::TooLarge(MAX_SEALED_CA_KEY));
+    }
+    Ok(Some(raw))
+}
+
+/// The CA key from [`SEALED_CA_KEY_FILE`], `None` when this controller keeps none.
+pub fn open_sealed_ca_key(certs_dir: &Path, keys: &DataKeys) -> Result<Option<String>, CryptError> {
+    let Some(raw) = read_sealed_ca_key(certs_dir)? else {
+        return Ok(None);
+    };
+    let key = keys.open(SEALED_CA_KEY, &raw)?;
+    String::from_utf8(key)
+        .map(Some)
+        .map_err(|_| CryptError::Decrypt {
+            what: SEALED_CA_KEY.to_string(),
+        })
+}
+
+/// The cluster CA of a manager's certs dir (`ca.pem` and the sealed key, opened with the
+/// keyring beside it), for offline recovery on that host; `None` when it keeps no sealed key.
+pub fn load_sealed_ca(certs_dir: &Path) -> Result<Option<crate::ca::ClusterCa>, CryptError> {
+    let Some(keys) = DataKeys::load(certs_dir)? else {
+        return Ok(None);
+    };
+    let Some(key) = open_sealed_ca_key(certs_dir, &keys)? else {
+        return Ok(None);
+    };
+    let ca_path = certs_dir.join(crate::ca::CA_CERT_FILE);
+    let ca_pem = std::fs::read_to_string(&ca_path).map_err(|e| CryptError::Io(ca_path, e))?;
+    Ok(Some(crate::ca::ClusterCa::from_pem(&ca_pem, &key)?))
+}
+
+/// Re-seals [`SEALED_CA_KEY_FILE`] under the current data key if it is under an older one (or
+/// plaintext); whether it had to.
+pub fn reseal_ca_key(certs_dir: &Path, keys: &DataKeys) -> Result<bool, CryptError> {
+    let Some(raw) = read_sealed_ca_key(certs_dir)? else {
+        return Ok(false);
+    };
+    if !keys.is_stale(&raw) {
+        return Ok(false);
+    }
+    let key = keys.open(SEALED_CA_KEY, &raw)?;
+    write_private_atomic(
+        &certs_dir.join(SEALED_CA_KEY_FILE),
+        &keys.seal(SEALED_CA_KEY, &key)?,
+    )?;
+    Ok(true)
 }
 
 /// Where a record lives: bound into its encryption, and named in errors.
@@ -273,6 +355,15 @@ impl DataKeys {
             ring: RwLock::new(ring),
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The keyring stored in `certs_dir`, `None` when there is none.
+    pub fn load(certs_dir: &Path) -> Result<Option<DataKeys>, CryptError> {
+        Ok(load_keyring(certs_dir)?.map(|ring| DataKeys {
+            dir: Some(certs_dir.to_owned()),
+            ring: RwLock::new(ring),
+            rng: SystemRandom::new(),
+        }))
     }
 
     /// A fresh keyring kept only in memory.
@@ -522,6 +613,29 @@ mod tests {
             .to_string();
         let dbg = format!("{again:?} {:?}", again.ring.read().unwrap());
         assert!(!dbg.contains(&hexkey[..16]), "{dbg}");
+    }
+
+    #[test]
+    fn the_sealed_ca_key_opens_offline_and_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::ca::ClusterCa::generate("t", std::time::SystemTime::now()).unwrap();
+        std::fs::write(dir.path().join(crate::ca::CA_CERT_FILE), ca.cert_pem()).unwrap();
+        assert!(
+            load_sealed_ca(dir.path()).unwrap().is_none(),
+            "no keyring yet"
+        );
+        let keys = DataKeys::load_or_create(dir.path()).unwrap();
+        seal_ca_key(dir.path(), &keys, ca.key_pem()).unwrap();
+        let raw = std::fs::read(dir.path().join(SEALED_CA_KEY_FILE)).unwrap();
+        assert!(!raw.windows(11).any(|w| w == b"PRIVATE KEY"));
+        let got = load_sealed_ca(dir.path()).unwrap().unwrap();
+        assert_eq!(got.fingerprint(), ca.fingerprint());
+        keys.rotate().unwrap();
+        assert!(reseal_ca_key(dir.path(), &keys).unwrap());
+        assert!(!reseal_ca_key(dir.path(), &keys).unwrap());
+        keys.retire().unwrap();
+        let got = load_sealed_ca(dir.path()).unwrap().unwrap();
+        assert_eq!(got.key_pem(), ca.key_pem());
     }
 
     #[test]
