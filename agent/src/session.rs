@@ -49,6 +49,8 @@ pub const MAX_DOWN_MESSAGE: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    #[error("session: tls: {0}")]
+    Tls(rudder_pki::tls::TlsError),
     #[error("session: no controller address given")]
     NoController,
     #[error("session: bad controller address {0:?}: {1}")]
@@ -266,10 +268,20 @@ async fn session(
         .connect_timeout(Duration::from_secs(2))
         .tcp_keepalive(Some(Duration::from_secs(5)));
     if let Some(certs) = &me.tls {
-        let tls = rudder_pki::tls::client_tls(&certs.borrow(), rudder_pki::ca::Role::Manager);
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| SessionError::Address(controller.to_string(), e))?;
+        // Only a current member of the controller group (as the last trusted leader listed
+        // them) may hold this agent's session: a removed controller is refused here.
+        let trusted = me.trusted.clone();
+        let accept: rudder_pki::tls::AcceptName = Arc::new(move |cn: &str| match &trusted {
+            Some(t) => t.admits(cn),
+            None => Ok(()),
+        });
+        endpoint = rudder_pki::tls::member_endpoint(
+            endpoint,
+            &certs.borrow(),
+            rudder_pki::ca::Role::Manager,
+            accept,
+        )
+        .map_err(SessionError::Tls)?;
     }
     let channel = endpoint.connect().await.map_err(SessionError::Connect)?;
     // Assignments carry whole task specs: allow big ones (tonic's default is 4 MiB), so a
@@ -365,6 +377,9 @@ async fn session(
                         // Deleting copies is file work: off the session's task.
                         let w = worker.clone();
                         tokio::task::spawn_blocking(move || w.ctx().volumes.set_declared(v.names));
+                    }
+                    Some(Down::SecretValues(v)) => {
+                        worker.ctx().secrets.set(v.values);
                     }
                     Some(Down::Assignments(a)) => {
                         let tasks: Vec<Task> = a
@@ -659,6 +674,7 @@ mod tests {
                 status_tx,
                 overlay: None,
                 volumes: crate::volume::Volumes::new(dir.join("volumes"), "h1".into()),
+                secrets: Default::default(),
             });
             let me = Identity {
                 node_id: "n1".into(),

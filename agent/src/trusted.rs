@@ -7,6 +7,10 @@
 //! Invariants:
 //! - The list is kept in `<data>/trusted-controllers.json` (0600, written by rename), so an
 //!   agent that restarts refuses a removed controller before its first session, too.
+//! - The same list decides which controllers the agent's session may talk to: a removed
+//!   controller that still holds a valid certificate (and even leads a group of its own) is
+//!   refused in the TLS handshake, so it can neither take the agent's sessions nor hand it a
+//!   list of its own.
 //! - Before any list is known (a new agent), every manager certificate is admitted, as the
 //!   CA alone decides then.
 
@@ -51,22 +55,26 @@ impl TrustedControllers {
         *cur = Some(names);
     }
 
-    /// Admits `caller` if it is a current member (or no list is known yet).
-    pub fn check(&self, caller: &PeerIdentity) -> Result<(), tonic::Status> {
+    /// Whether the controller named `cn` is a current member (or no list is known yet).
+    pub fn admits(&self, cn: &str) -> Result<(), String> {
         let names = self.names.read().unwrap_or_else(|p| p.into_inner());
         match names.as_ref() {
-            Some(n) if !n.contains(&caller.node) => {
-                warn!(
-                    node = caller.node,
-                    "agent api: refused a controller that is not a member"
-                );
-                Err(tonic::Status::permission_denied(format!(
-                    "AgentApi: {} is not a member of the controller group (removed?)",
-                    caller.node
-                )))
-            }
+            Some(n) if !n.contains(cn) => Err(format!(
+                "{cn} is not a member of the controller group (removed?)"
+            )),
             _ => Ok(()),
         }
+    }
+
+    /// Admits `caller` to AgentApi if it is a current member (or no list is known yet).
+    pub fn check(&self, caller: &PeerIdentity) -> Result<(), tonic::Status> {
+        self.admits(&caller.node).map_err(|why| {
+            warn!(
+                node = caller.node,
+                "agent api: refused a controller that is not a member"
+            );
+            tonic::Status::permission_denied(format!("AgentApi: {why}"))
+        })
     }
 }
 

@@ -128,6 +128,33 @@ pub fn save(path: &Path, ctx: &Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes the controller at `addr` (`host:port`) from `ctx`'s controllers; whether it was
+/// there.
+pub fn forget_controller(ctx: &mut Context, addr: &str) -> bool {
+    let is_it = |u: &str| {
+        u.split_once("://")
+            .map_or(u, |(_, rest)| rest)
+            .trim_end_matches('/')
+            == addr
+    };
+    let before = ctx.controllers.len();
+    ctx.controllers.retain(|u| !is_it(u));
+    let mut changed = ctx.controllers.len() != before;
+    if is_it(&ctx.controller) {
+        ctx.controller = ctx.controllers.first().cloned().unwrap_or_default();
+        changed = true;
+    }
+    changed
+}
+
+/// The context file `rctl` reads: `--context`, else `$RUDDER_CONTEXT`, else the default.
+pub fn path(context: Option<&Path>) -> PathBuf {
+    context
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("RUDDER_CONTEXT").map(PathBuf::from))
+        .unwrap_or_else(default_path)
+}
+
 /// Resolves the context from flags, environment and files.
 pub fn resolve(
     controller: Option<&str>,
@@ -176,6 +203,15 @@ mod tests {
 
     const A: &str = "http://10.213.1.1:4243";
     const B: &str = "http://10.213.1.2:4243";
+
+    #[test]
+    fn a_removed_controller_leaves_the_context() {
+        let mut ctx = resolve(Some(&format!("{A},{B}")), None, None).unwrap();
+        assert!(forget_controller(&mut ctx, "10.213.1.1:4243"));
+        assert_eq!(ctx.controllers, vec![B]);
+        assert_eq!(ctx.controller, B);
+        assert!(!forget_controller(&mut ctx, "10.213.1.9:4243"));
+    }
 
     #[test]
     fn controller_flag_takes_one_url_or_a_list() {

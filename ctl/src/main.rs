@@ -430,6 +430,14 @@ enum ClusterCmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// A new data-encryption key on every controller (each encrypts its raft log, snapshots and
+    /// CA key at rest with its own key); the old records are re-encrypted and the old key
+    /// deleted.
+    RotateDataKey {
+        /// Return once the new keys are in use, before the old records are re-encrypted.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -681,7 +689,18 @@ fn real_main() -> anyhow::Result<()> {
         }
         Cmd::Cluster {
             cmd: ClusterCmd::RmManager { raft_id },
-        } => rt.block_on(cmd::cluster::remove_manager(&ctx()?, *raft_id)),
+        } => {
+            // Only a context from a file is updated (not one made of --controller).
+            let file = cli
+                .controller
+                .is_none()
+                .then(|| context::path(cli.context.as_deref()));
+            rt.block_on(cmd::cluster::remove_manager(
+                &ctx()?,
+                *raft_id,
+                file.as_deref(),
+            ))
+        }
         Cmd::Cluster {
             cmd:
                 ClusterCmd::AdminCert {
@@ -716,6 +735,9 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::RevokeAdmin { name },
         } => rt.block_on(cmd::admin::revoke_admin(&ctx()?, name)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::RotateDataKey { no_wait },
+        } => rt.block_on(cmd::cluster::rotate_data_key(&ctx()?, !*no_wait)),
         Cmd::Node {
             cmd: NodeCmd::Rm { node, force },
         } => rt.block_on(cmd::node::rm(&ctx()?, node, *force)),

@@ -326,6 +326,36 @@ pub fn node_endpoint(
     role: Role,
     node: &str,
 ) -> Result<Endpoint, TlsError> {
+    let want = node.to_string();
+    member_endpoint(
+        endpoint,
+        certs,
+        role,
+        Arc::new(move |got: &str| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the server's certificate is for node {got}, not {want}: another host \
+                     answers at this node's address"
+                ))
+            }
+        }),
+    )
+}
+
+/// Says whether a server's certificate name (CN) is one this client may talk to, and why not.
+pub type AcceptName = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Client TLS for dialing any server of `role` from the cluster CA whose CN `accept` admits:
+/// an agent dials only the current members of the controller group, so a removed controller
+/// (whose certificate is still valid) cannot take its sessions.
+pub fn member_endpoint(
+    endpoint: Endpoint,
+    certs: &NodeCerts,
+    role: Role,
+    accept: AcceptName,
+) -> Result<Endpoint, TlsError> {
     let tls = ClientTlsConfig::new()
         .identity(Identity::from_pem(&certs.cert_pem, &certs.key_pem))
         .domain_name(role.server_name())
@@ -340,18 +370,25 @@ pub fn node_endpoint(
     let verifier = Arc::new(NodeVerifier {
         inner,
         role,
-        node: node.to_string(),
+        accept,
     });
     Ok(endpoint.tls_config_with_verifier(tls, verifier)?)
 }
 
 /// Verifies a server against the cluster CA (webpki, as any client would), then that its
-/// certificate names the expected node and role.
-#[derive(Debug)]
+/// certificate is of the expected role and names a node `accept` admits.
 struct NodeVerifier {
     inner: Arc<WebPkiServerVerifier>,
     role: Role,
-    node: String,
+    accept: AcceptName,
+}
+
+impl fmt::Debug for NodeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeVerifier")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for NodeVerifier {
@@ -371,18 +408,17 @@ impl ServerCertVerifier for NodeVerifier {
             now,
         )?;
         let who = ca::names_of(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
-        if who.role != self.role || who.node != self.node {
-            warn!(
-                want = self.node,
-                got = who.node,
-                role = %who.role,
-                "tls: server certificate names another node"
-            );
-            return Err(CertificateError::Other(OtherError(Arc::new(WrongNode {
-                want: self.node.clone(),
-                got: who.node,
-            })))
-            .into());
+        let verdict = if who.role != self.role {
+            Err(format!(
+                "the server's certificate is a {} certificate, not a {}'s",
+                who.role, self.role
+            ))
+        } else {
+            (self.accept)(&who.node)
+        };
+        if let Err(why) = verdict {
+            warn!(got = who.node, role = %who.role, why, "tls: server refused");
+            return Err(CertificateError::Other(OtherError(Arc::new(Refused(why)))).into());
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -411,15 +447,13 @@ impl ServerCertVerifier for NodeVerifier {
 }
 
 #[derive(thiserror::Error)]
-#[error("the server's certificate is for node {got}, not {want}: another host answers at this node's address")]
-struct WrongNode {
-    want: String,
-    got: String,
-}
+#[error("{0}")]
+struct Refused(String);
 
-impl fmt::Debug for WrongNode {
+impl fmt::Debug for Refused {
+    // rustls shows a certificate error's cause with `Debug`: make it the message.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        f.write_str(&self.0)
     }
 }
 
@@ -641,10 +675,21 @@ mod tests {
         let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), ca::provider())
             .build()
             .unwrap();
-        let verifier = |node: &str| NodeVerifier {
-            inner: inner.clone(),
-            role: Role::Worker,
-            node: node.into(),
+        let verifier = |node: &str| {
+            let want = node.to_string();
+            NodeVerifier {
+                inner: inner.clone(),
+                role: Role::Worker,
+                accept: Arc::new(move |got: &str| {
+                    if got == want {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "the server's certificate is for node {got}, not {want}"
+                        ))
+                    }
+                }),
+            }
         };
         let name = ServerName::try_from("worker.rudder").unwrap();
         let now = UnixTime::now();

@@ -461,3 +461,78 @@ fn l4_workers_pull_only_their_tasks_images() -> anyhow::Result<()> {
     assert_eq!(registry_status(&lab, &h2, "/v2/_catalog")?, 403);
     Ok(())
 }
+
+/// Kills a process started by this test (by its pid) when dropped.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The reviewer's attack on H4: a removed controller, started again with its old (still valid)
+/// certificate as the leader of a group of its own, at its old address. When the real leader
+/// goes away, the agents try it — and refuse it in the handshake: it is not a member.
+#[test]
+fn h4_a_removed_controller_cannot_take_the_agents() -> anyhow::Result<()> {
+    let mut lab = LabGuard::up_with(&format!("h4r{}", std::process::id() % 100000), 3, 2)?;
+    wait_ready(&lab, 3)?;
+    let tmp = tempfile::tempdir()?;
+    lab.rctl(&["cluster", "rm-manager", "2"])?;
+    // The agents learn the new member list over their sessions.
+    std::thread::sleep(Duration::from_secs(2));
+    lab.lab.kill(1, lab::Role::Controller)?;
+    // The rogue: controller-2's certificates in a fresh data dir, a one-member group.
+    let h2 = lab.lab.hosts[1].clone();
+    let rogue_dir = tmp.path().join("rogue");
+    let certs = rogue_dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    for e in std::fs::read_dir(h2.controller_data_dir().join("certs"))? {
+        let e = e?;
+        std::fs::copy(e.path(), certs.join(e.file_name()))?;
+    }
+    let log = tmp.path().join("rogue.log");
+    let f = std::fs::File::create(&log)?;
+    let rogue = Started(
+        Command::new("ip")
+            .args(["netns", "exec", &h2.netns])
+            .arg(bin("rudder-controller"))
+            .args(["--data-dir", &rogue_dir.to_string_lossy()])
+            .args(["--listen", &format!("{}:4243", h2.addr)])
+            .args(["--registry-listen", &format!("{}:5000", h2.addr)])
+            .args(["--raft-id", "2"])
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()?,
+    );
+    wait_for(Duration::from_secs(15), "the rogue leading itself", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.contains("controller starting").then_some(()))
+    })?;
+    // The real leader goes away: the agents look for another controller and find the rogue.
+    lab.lab.kill(0, lab::Role::Controller)?;
+    wait_for(
+        Duration::from_secs(20),
+        "an agent refusing the rogue",
+        || {
+            let refused = lab.lab.hosts.iter().any(|h| {
+                std::fs::read_to_string(h.agent_log())
+                    .unwrap_or_default()
+                    .contains("controller-2 is not a member of the controller group")
+            });
+            Ok(refused.then_some(()))
+        },
+    )?;
+    let text = std::fs::read_to_string(&log)?;
+    assert!(
+        !text.contains("agent session opened"),
+        "the rogue got an agent's session:\n{text}"
+    );
+    drop(rogue);
+    // The real controller comes back and every node is ready again with it.
+    lab.restart(0, lab::Role::Controller, true)?;
+    wait_ready(&lab, 3)?;
+    Ok(())
+}

@@ -2,10 +2,13 @@
 //! token pins the cluster CA; rotating makes the old one useless for new joins).
 //! `rctl cluster info`: the controller group as the controller asked sees it (like the MANAGER
 //! STATUS column of `docker node ls`): who leads, the term, each member and its addresses.
+//! `rctl cluster rotate-data-key`: a new data-encryption key on each controller in turn (each
+//! has its own; the RPC rotates the key of the controller asked).
 
 use rudder_proto::v1::cluster_client::ClusterClient;
 use rudder_proto::v1::{
-    ClusterInfoRequest, JoinTokenRequest, RemoveManagerRequest, SetManagerRoleRequest,
+    ClusterInfoRequest, JoinTokenRequest, RemoveManagerRequest, RotateDataKeyRequest,
+    SetManagerRoleRequest,
 };
 
 use super::{print_table, Output};
@@ -136,12 +139,88 @@ pub async fn set_voter(ctx: &Context, node: &str, voter: bool) -> anyhow::Result
 }
 
 /// `rctl cluster rm-manager RAFT_ID`.
-pub async fn remove_manager(ctx: &Context, raft_id: u64) -> anyhow::Result<()> {
+/// The removed controller's address leaves the context file (`context_file`, when the context
+/// came from one): its certificate is revoked, but a copy of it could still answer there, and
+/// rctl would hand it the admin's requests.
+pub async fn remove_manager(
+    ctx: &Context,
+    raft_id: u64,
+    context_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
+    let before = client
+        .cluster_info(ClusterInfoRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
     client
         .remove_manager(RemoveManagerRequest { raft_id })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    println!("controller {raft_id} removed from the group");
+    println!("controller {raft_id} removed from the group; its certificates are revoked");
+    let addr = before
+        .managers
+        .iter()
+        .find(|m| m.raft_id == raft_id)
+        .map(|m| m.addr.clone());
+    if let (Some(addr), Some(path)) = (addr, context_file) {
+        if let Ok(mut saved) = crate::context::load(path) {
+            if crate::context::forget_controller(&mut saved, &addr) {
+                crate::context::save(path, &saved)?;
+                println!("{addr} removed from the context {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rctl cluster rotate-data-key [--no-wait]`: asks every controller of the group (from
+/// `cluster info`) to rotate its own data key; with `wait`, each answers once its old records
+/// are re-encrypted and its old key deleted. Fails naming the controllers that did not rotate.
+pub async fn rotate_data_key(ctx: &Context, wait: bool) -> anyhow::Result<()> {
+    let info = crate::connect(ctx)
+        .await?
+        .cluster_info(ClusterInfoRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    let mut failed = Vec::new();
+    for m in &info.managers {
+        let url = format!("http://{}", m.addr);
+        let one = Context {
+            controller: url.clone(),
+            controllers: vec![url],
+            ..ctx.clone()
+        };
+        let r = async {
+            crate::connect(&one)
+                .await?
+                .rotate_data_key(RotateDataKeyRequest { wait })
+                .await
+                .map_err(crate::status_err)
+                .map(|r| r.into_inner())
+        }
+        .await;
+        match r {
+            Ok(r) if r.old_key_deleted => println!(
+                "controller {}: data key {} in use; every record re-encrypted, the old key deleted",
+                r.raft_id, r.key_id
+            ),
+            Ok(r) => println!(
+                "controller {}: data key {} in use; re-encrypting the old records in the background",
+                r.raft_id, r.key_id
+            ),
+            Err(e) => {
+                eprintln!("controller {} ({}): {e}", m.raft_id, m.addr);
+                failed.push(m.raft_id.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "rotate-data-key: controllers {} did not rotate; run it again once they are up",
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
