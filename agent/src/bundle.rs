@@ -78,8 +78,13 @@ pub fn mount_rootfs(c: &ContainerDir, layers: &[PathBuf]) -> Result<(), BundleEr
     })
 }
 
+/// Unmounts the root filesystem, and the bundle's tmpfs of a task with secrets or configs
+/// (`crate::secrets`), which takes their values out of memory.
 pub fn unmount_rootfs(c: &ContainerDir) {
     let _ = umount2(&c.rootfs(), MntFlags::MNT_DETACH);
+    if is_mounted(&c.bundle()) {
+        let _ = umount2(&c.bundle(), MntFlags::MNT_DETACH);
+    }
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -175,6 +180,7 @@ pub fn write_config(
     cgroup_parent: &str,
     netns: Option<&Path>,
     task_mounts: &[oci_spec::runtime::Mount],
+    secret_env: &[(String, String)],
 ) -> Result<(), BundleError> {
     let s = &task.spec;
     let argv = command_line(task, image)?;
@@ -193,6 +199,13 @@ pub fn write_config(
         );
     }
     for (k, v) in &s.env {
+        match env.iter_mut().find(|(ek, _)| ek == k) {
+            Some(e) => e.1 = v.clone(),
+            None => env.push((k.clone(), v.clone())),
+        }
+    }
+    // Values from secrets (`env_from_secret`): this config.json is then on the task's tmpfs.
+    for (k, v) in secret_env {
         match env.iter_mut().find(|(ek, _)| ek == k) {
             Some(e) => e.1 = v.clone(),
             None => env.push((k.clone(), v.clone())),
@@ -399,7 +412,7 @@ mod tests {
         };
         let mut task = task(None, None, vec![]);
         let seccomp = |task: &Task| {
-            write_config(&c, task, &img, "rudder", None, &[]).unwrap();
+            write_config(&c, task, &img, "rudder", None, &[], &[]).unwrap();
             let spec = Spec::load(c.bundle().join("config.json")).unwrap();
             spec.linux().clone().unwrap().seccomp().clone()
         };
@@ -429,7 +442,7 @@ mod tests {
             };
             let mut t = task(None, None, vec![]);
             t.spec.user = spec_user.map(String::from);
-            write_config(&c, &t, &img, "rudder", None, &[])?;
+            write_config(&c, &t, &img, "rudder", None, &[], &[])?;
             let spec = Spec::load(c.bundle().join("config.json")).unwrap();
             let p = spec.process().clone().unwrap();
             let home = p

@@ -258,7 +258,8 @@ fn process_as(
         .prefix("exec-")
         .suffix(".json")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .tempfile_in(&dir)
+        // In the bundle: a task with secrets has it on a tmpfs, and the file holds its env.
+        .tempfile_in(dir.join("bundle"))
         .map_err(|e| internal("writing the process file", &e))?;
     serde_json::to_writer(file.as_file(), &process)
         .map_err(|e| internal("writing the process file", &e))?;

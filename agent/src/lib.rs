@@ -19,6 +19,7 @@ pub mod net;
 pub mod overlayfs;
 pub mod runtime;
 pub mod seccomp;
+pub mod secrets;
 pub mod session;
 pub mod trusted;
 pub mod user;
@@ -221,6 +222,7 @@ pub async fn run(
         status_tx,
         overlay: Some(overlay),
         volumes: volume::Volumes::new(cfg.data_dir.join("volumes"), cfg.hostname.clone()),
+        secrets: secrets::Values::default(),
     });
     worker.adopt();
     let (cpus_milli, memory_bytes) = host_capacity();

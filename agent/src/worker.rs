@@ -46,6 +46,8 @@ pub struct Ctx {
     pub overlay: Option<Arc<crate::net::Overlay>>,
     /// Named volumes' copies on this host, and the tasks' mounts.
     pub volumes: crate::volume::Volumes,
+    /// The secret and config values this node's tasks use (memory only).
+    pub secrets: crate::secrets::Values,
 }
 
 struct Local {
@@ -281,6 +283,15 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
                 )
                 .map_err(|e| e.to_string())
             })
+            // A task with secrets or configs gets its bundle on a tmpfs (values and config.json
+            // stay in memory), mounted before the root filesystem below it.
+            .and_then(|_| {
+                if crate::secrets::uses_any(&task) {
+                    crate::secrets::mount_bundle(&c, &task, &ctx.secrets).map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()));
         // Empty volumes get the image's files at their targets, before anything runs there.
         let prepared = match prepared {
@@ -359,13 +370,21 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             _ => None,
         };
         let prepared = prepared.and_then(|_| {
+            let (mut all, env) = if crate::secrets::uses_any(&task) {
+                crate::secrets::materialise(&c, &task, &ctx.secrets).map_err(|e| e.to_string())?
+            } else {
+                Default::default()
+            };
+            // The task's own mounts come after, as before; a secret's target is its own.
+            all.splice(0..0, mounts.iter().cloned());
             bundle::write_config(
                 &c,
                 &task,
                 &image.config,
                 &ctx.cgroup_parent,
                 netns.as_deref(),
-                &mounts,
+                &all,
+                &env,
             )
             .map_err(|e| e.to_string())
         });

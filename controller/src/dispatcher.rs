@@ -396,6 +396,7 @@ impl Dispatcher for DispatcherApi {
             let mut last: Option<Vec<(String, u64)>> = None;
             let mut last_map = None;
             let mut last_volumes = None;
+            let mut last_values = None;
             let mut asked_controller = None;
             let mut last_trusted: Option<Vec<String>> = None;
             loop {
@@ -475,6 +476,39 @@ impl Dispatcher for DispatcherApi {
                     last_volumes = Some(volumes);
                 }
                 let tasks: Vec<_> = store.tasks_on(&down_node).collect();
+                // The values of the secrets and configs its unfinished tasks use, and no
+                // others, before the assignments that need them.
+                let needed: std::collections::BTreeSet<_> = tasks
+                    .iter()
+                    .filter(|t| !t.status.state.is_terminal())
+                    .flat_map(|t| rudder_model::secret::needs(&t.spec))
+                    .collect();
+                if last_values.as_ref() != Some(&needed) {
+                    let msg = SecretValues {
+                        values: needed
+                            .iter()
+                            .filter_map(|(kind, name, version)| {
+                                let v = store.secret_value(*kind, name, *version)?;
+                                Some(SecretValue {
+                                    kind: kind.to_string(),
+                                    name: name.clone(),
+                                    version: *version,
+                                    data: v.data.0.clone(),
+                                })
+                            })
+                            .collect(),
+                    };
+                    if down_tx
+                        .send(Ok(ControllerMessage {
+                            msg: Some(Down::SecretValues(msg)),
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    last_values = Some(needed);
+                }
                 let key: Vec<(String, u64)> =
                     tasks.iter().map(|t| (t.id.clone(), t.version)).collect();
                 if last.as_ref() != Some(&key) {
