@@ -56,6 +56,7 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
         "/rudder-bench",
         None,
         &[],
+        &[],
     )?;
     let root = work.path().join("runc");
     std::fs::create_dir_all(&root)?;
