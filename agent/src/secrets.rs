@@ -298,11 +298,12 @@ mod tests {
             "root:x:0:0::/root:/bin/sh\nweb:x:33:34::/:/bin/sh\n",
         )
         .unwrap();
+        std::fs::write(c.rootfs().join("etc/group"), "root:x:0:\nconf:x:77:\n").unwrap();
         let mut task: Task = serde_json::from_value(serde_json::json!({
             "id": "t1", "service_id": "s", "service_name": "s", "slot": 1,
             "spec": {"name": "s", "image": "x",
                      "secrets": [{"source": "db", "uid": "web", "mode": "0400"}],
-                     "configs": [{"source": "app.conf", "target": "/etc/app.conf"}],
+                     "configs": [{"source": "app.conf", "target": "/etc/app.conf", "gid": "conf"}],
                      "env_from_secret": {"PW": "db"},
                      "resolved_refs": {"secret:db": 2, "config:app.conf": 1}},
             "spec_version": 1, "node_id": "n", "desired_state": "running",
@@ -324,6 +325,8 @@ mod tests {
         let m = std::fs::metadata(&f).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o400, 33, 0));
         assert_eq!(mounts[1].destination(), Path::new("/etc/app.conf"));
+        let m = std::fs::metadata(mounts[1].source().as_ref().unwrap()).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o444, 0, 77));
         // A version not delivered rejects the task, naming it (and no value).
         task.spec.resolved_refs.insert("secret:db".into(), 3);
         let e = materialise(&c, &task, &values).unwrap_err().to_string();
