@@ -607,6 +607,15 @@ mod tests {
             !e.to_string().contains("xxxx"),
             "the value is not in the error"
         );
+        let Manifest::Secret(s) =
+            &parse("f.yaml", "kind: Secret\nname: n\ndata: 98765\n").unwrap()[0]
+        else {
+            panic!()
+        };
+        assert_eq!(s.data.as_ref().unwrap().0, "98765");
+        let e = parse("f.yaml", "kind: Secret\nname: n\ndata: [\"hidden-987\"]\n").unwrap_err();
+        assert_eq!(e.field, "data", "{e}");
+        assert!(!e.to_string().contains("hidden-987"), "{e}");
         let e = parse("f.yaml", "kind: Secret\nname: a:1\ndata: x\n").unwrap_err();
         assert_eq!(e.field, "name", "{e}");
     }
