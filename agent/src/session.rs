@@ -339,6 +339,7 @@ async fn session(
             .await;
     }
     let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
+    let mut secret_values = Vec::new();
     loop {
         tokio::select! {
             msg = down.message() => {
@@ -379,7 +380,11 @@ async fn session(
                         tokio::task::spawn_blocking(move || w.ctx().volumes.set_declared(v.names));
                     }
                     Some(Down::SecretValues(v)) => {
-                        worker.ctx().secrets.set(v.values);
+                        // Held until the set is complete (see the message's `partial`).
+                        secret_values.extend(v.values);
+                        if !v.partial {
+                            worker.ctx().secrets.set(std::mem::take(&mut secret_values));
+                        }
                     }
                     Some(Down::Assignments(a)) => {
                         let tasks: Vec<Task> = a

@@ -232,6 +232,29 @@ fn role_of(store: &rudder_model::Store, node_id: &str, addr: &str) -> NodeRole {
     }
 }
 
+/// Bytes of values per `SecretValues` message, well below the agent's message limit.
+const SECRET_CHUNK: usize = 8 << 20;
+
+/// `values` in messages of at most `SECRET_CHUNK` bytes of data (one value each at least), all
+/// but the last marked partial; one empty message for none.
+fn secret_messages(values: impl Iterator<Item = SecretValue>) -> Vec<SecretValues> {
+    let mut out = vec![SecretValues::default()];
+    let mut size = 0;
+    for v in values {
+        if size + v.data.len() > SECRET_CHUNK && size > 0 {
+            out.push(SecretValues::default());
+            size = 0;
+        }
+        size += v.data.len();
+        out.last_mut().expect("one message").values.push(v);
+    }
+    let n = out.len();
+    for (i, m) in out.iter_mut().enumerate() {
+        m.partial = i + 1 < n;
+    }
+    out
+}
+
 /// Records a node's WireGuard public key when it changed.
 async fn set_overlay_key(raft: &RaftHandle, node: &str, key: &str) -> Result<(), Status> {
     if raft
@@ -484,28 +507,25 @@ impl Dispatcher for DispatcherApi {
                     .flat_map(|t| rudder_model::secret::needs(&t.spec))
                     .collect();
                 if last_values.as_ref() != Some(&needed) {
-                    let msg = SecretValues {
-                        values: needed
-                            .iter()
-                            .filter_map(|(kind, name, version)| {
-                                let v = store.secret_value(*kind, name, *version)?;
-                                Some(SecretValue {
-                                    kind: kind.to_string(),
-                                    name: name.clone(),
-                                    version: *version,
-                                    data: v.data.0.clone(),
-                                })
-                            })
-                            .collect(),
-                    };
-                    if down_tx
-                        .send(Ok(ControllerMessage {
-                            msg: Some(Down::SecretValues(msg)),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                    let values = needed.iter().filter_map(|(kind, name, version)| {
+                        let v = store.secret_value(*kind, name, *version)?;
+                        Some(SecretValue {
+                            kind: kind.to_string(),
+                            name: name.clone(),
+                            version: *version,
+                            data: v.data.0.clone(),
+                        })
+                    });
+                    for msg in secret_messages(values) {
+                        if down_tx
+                            .send(Ok(ControllerMessage {
+                                msg: Some(Down::SecretValues(msg)),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                     last_values = Some(needed);
                 }
@@ -635,5 +655,34 @@ impl Dispatcher for DispatcherApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    fn value(n: usize) -> SecretValue {
+        SecretValue {
+            kind: "secret".into(),
+            name: format!("s{n}"),
+            version: 1,
+            data: vec![0; 3 << 20],
+        }
+    }
+
+    #[test]
+    fn secret_values_are_split_into_bounded_messages_marked_partial() {
+        let one = secret_messages(std::iter::empty());
+        assert_eq!(one, vec![SecretValues::default()]);
+        let msgs = secret_messages((0..5).map(value));
+        assert_eq!(
+            msgs.iter().map(|m| m.values.len()).collect::<Vec<_>>(),
+            vec![2, 2, 1]
+        );
+        assert_eq!(
+            msgs.iter().map(|m| m.partial).collect::<Vec<_>>(),
+            vec![true, true, false]
+        );
     }
 }

@@ -23,6 +23,9 @@ use crate::ValidationError;
 /// Largest value of a secret or config, in bytes (Swarm's limit).
 pub const MAX_DATA: usize = 500 * 1024;
 
+/// References per list (`secrets`, `configs`, `env_from_secret`) of one service.
+pub const MAX_REFS: usize = 64;
+
 /// Where a secret is mounted when its reference names no target.
 pub const SECRETS_DIR: &str = "/run/secrets";
 
@@ -400,6 +403,18 @@ pub fn validate_refs(
     configs: &[FileRef],
     env_from_secret: &BTreeMap<String, String>,
 ) -> Result<(), ValidationError> {
+    for (field, n) in [
+        ("secrets", secrets.len()),
+        ("configs", configs.len()),
+        ("env_from_secret", env_from_secret.len()),
+    ] {
+        if n > MAX_REFS {
+            return Err(ValidationError::new(
+                field,
+                format!("{n} references: at most {MAX_REFS}"),
+            ));
+        }
+    }
     let mut targets = std::collections::BTreeSet::new();
     for (field, kind, refs) in [
         ("secrets", ObjectKind::Secret, secrets),
@@ -611,6 +626,11 @@ mod tests {
             let e = parse_source("secrets[0].source", bad).unwrap_err();
             assert_eq!(e.field, "secrets[0].source", "{bad}");
         }
+        let many: BTreeMap<String, String> = (0..=MAX_REFS)
+            .map(|i| (format!("V{i}"), "s".into()))
+            .collect();
+        let e = validate_refs(&[], &[], &many).unwrap_err();
+        assert_eq!(e.field, "env_from_secret");
         assert!(check_size("data", MAX_DATA).is_ok());
         let e = check_size("data", MAX_DATA + 1).unwrap_err();
         assert_eq!(e.field, "data");

@@ -322,6 +322,7 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> Result<(), CryptError> 
 pub struct DataKeys {
     dir: Option<PathBuf>,
     ring: RwLock<Keyring>,
+    rng: SystemRandom,
 }
 
 impl fmt::Debug for DataKeys {
@@ -352,6 +353,7 @@ impl DataKeys {
         Ok(DataKeys {
             dir: Some(certs_dir.to_owned()),
             ring: RwLock::new(ring),
+            rng: SystemRandom::new(),
         })
     }
 
@@ -360,6 +362,7 @@ impl DataKeys {
         Ok(load_keyring(certs_dir)?.map(|ring| DataKeys {
             dir: Some(certs_dir.to_owned()),
             ring: RwLock::new(ring),
+            rng: SystemRandom::new(),
         }))
     }
 
@@ -368,6 +371,7 @@ impl DataKeys {
         Ok(DataKeys {
             dir: None,
             ring: RwLock::new(Keyring::generate()?),
+            rng: SystemRandom::new(),
         })
     }
 
@@ -389,9 +393,7 @@ impl DataKeys {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&r.current.id.to_be_bytes());
         let mut nonce = [0u8; NONCE_LEN];
-        // The thread's CSPRNG (ChaCha, seeded and reseeded from the OS): a system call per
-        // record would cost the log a tenth of its write rate.
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut nonce);
+        self.rng.fill(&mut nonce).map_err(|_| CryptError::Random)?;
         out.extend_from_slice(&nonce);
         let aad = ctx.aad(&out);
         out.extend_from_slice(plain);
