@@ -88,6 +88,7 @@ mod tests {
         PeerIdentity {
             role: Role::Manager,
             node: node.into(),
+            not_before: std::time::SystemTime::now(),
             not_after: std::time::SystemTime::now(),
         }
     }

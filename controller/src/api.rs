@@ -821,7 +821,7 @@ impl Control for ControlApi {
         // The removed controller's certificates stop working at once, it may never join
         // again under its id (H4), and its host is asked to run nothing more (C1).
         let mut cmds = vec![Command::Revoke {
-            id: crate::security::controller_cn(id),
+            id: rudder_model::store::identity_key("manager", &crate::security::controller_cn(id)),
             reason: "removed from the controller group".into(),
             now: now_ms(),
         }];

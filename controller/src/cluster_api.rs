@@ -186,17 +186,24 @@ pub trait SecretsStore: Send + Sync + 'static {
         role: Role,
         ttl: Option<Duration>,
     ) -> Result<Token, ClusterError>;
-    /// Where the identity `id` (a certificate CN) stands in the cluster, freshly read.
-    async fn standing(&self, id: &str) -> Result<Standing, ClusterError>;
-    /// Revokes `id` for good: refused at every request from now on, never issued again.
-    async fn revoke(&self, id: &str, reason: &str) -> Result<(), ClusterError>;
+    /// Where the identity `id` (a certificate CN) of `role` stands in the cluster, freshly read.
+    async fn standing(&self, role: Role, id: &str) -> Result<Standing, ClusterError>;
+    /// Records that a join token admitted `id` as `role` (before its certificate is issued):
+    /// rotating that token revokes it unless it registered by then.
+    async fn admit(&self, role: Role, id: &str) -> Result<(), ClusterError>;
+    /// Revokes `id` of `role` for good: refused at every request from now on, never issued
+    /// again.
+    async fn revoke(&self, role: Role, id: &str, reason: &str) -> Result<(), ClusterError>;
 }
 
 /// Where a certificate identity stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
-    /// Never seen, or issued but not yet registered: a join may take it.
+    /// Never seen: a join may take it.
     Unknown,
+    /// Issued by a join token, not yet registered: it may hold sessions and renew; a join may
+    /// issue it again (its holder lost the reply).
+    Admitted,
     /// A node or controller of the cluster: only the holder of its key may take it again.
     Member,
     /// Removed: refused everywhere, never issued again.
@@ -208,8 +215,9 @@ pub enum Standing {
 pub struct MemorySecrets {
     ca: CaSecrets,
     tokens: Mutex<JoinTokens>,
-    /// Identities that count as members, and the revoked ones.
+    /// Identities that count as members, the admitted and the revoked ones (`role:cn`).
     members: Mutex<std::collections::BTreeSet<String>>,
+    admitted: Mutex<std::collections::BTreeSet<String>>,
     revoked: Mutex<std::collections::BTreeSet<String>>,
 }
 
@@ -220,16 +228,17 @@ impl MemorySecrets {
             ca: ca.into(),
             tokens: Mutex::new(JoinTokens::generate(ca.fingerprint())),
             members: Default::default(),
+            admitted: Default::default(),
             revoked: Default::default(),
         }
     }
 
-    /// Records `id` as a member (what registering does in a real cluster).
+    /// Records `id` as a member (what registering does in a real cluster), of any role.
     pub fn add_member(&self, id: &str) {
-        self.members
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+        let mut m = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        for role in Role::ALL {
+            m.insert(rudder_model::store::identity_key(role.as_str(), id));
+        }
     }
 
     fn tokens(&self) -> std::sync::MutexGuard<'_, JoinTokens> {
@@ -257,24 +266,35 @@ impl SecretsStore for MemorySecrets {
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))
     }
 
-    async fn standing(&self, id: &str) -> Result<Standing, ClusterError> {
-        let lock = |m: &Mutex<std::collections::BTreeSet<String>>| {
-            m.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+    async fn standing(&self, role: Role, id: &str) -> Result<Standing, ClusterError> {
+        let key = rudder_model::store::identity_key(role.as_str(), id);
+        let has = |m: &Mutex<std::collections::BTreeSet<String>>| {
+            m.lock().unwrap_or_else(|p| p.into_inner()).contains(&key)
         };
-        Ok(if lock(&self.revoked) {
+        Ok(if has(&self.revoked) {
             Standing::Revoked
-        } else if lock(&self.members) {
+        } else if has(&self.members) {
             Standing::Member
+        } else if has(&self.admitted) {
+            Standing::Admitted
         } else {
             Standing::Unknown
         })
     }
 
-    async fn revoke(&self, id: &str, _reason: &str) -> Result<(), ClusterError> {
+    async fn admit(&self, role: Role, id: &str) -> Result<(), ClusterError> {
+        self.admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rudder_model::store::identity_key(role.as_str(), id));
+        Ok(())
+    }
+
+    async fn revoke(&self, role: Role, id: &str, _reason: &str) -> Result<(), ClusterError> {
         self.revoked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string());
+            .insert(rudder_model::store::identity_key(role.as_str(), id));
         Ok(())
     }
 }
@@ -347,9 +367,9 @@ impl ClusterApi {
             )));
         }
         // A node id is whoever first registered it: another join may not take it over (C1).
-        match self.secrets.standing(id).await? {
+        match self.secrets.standing(role, id).await? {
             Standing::Revoked => return Err(ClusterError::Revoked(id.to_string())),
-            Standing::Unknown => {}
+            Standing::Unknown | Standing::Admitted => {}
             Standing::Member => {
                 if req.previous_cert_pem.is_empty() {
                     return Err(ClusterError::IdTaken(id.to_string()));
@@ -371,6 +391,9 @@ impl ClusterApi {
                 info!(node = id, %role, "cluster: node re-admitted with its old key");
             }
         }
+        // Recorded before the certificate exists: a rotation of this token revokes it unless
+        // it registers first (a certificate minted with a leaked token cannot be kept for later).
+        self.secrets.admit(role, id).await?;
         let cert_pem = ca.issue(&req.csr_pem, role, id, SystemTime::now(), self.validity)?;
         info!(node = id, %role, "cluster: node joined");
         Ok(JoinResponse {
@@ -401,7 +424,11 @@ impl ClusterApi {
                 )));
             }
             self.secrets
-                .revoke(name, &format!("admin identity revoked by {caller}"))
+                .revoke(
+                    Role::Admin,
+                    name,
+                    &format!("admin identity revoked by {caller}"),
+                )
                 .await?;
             warn!(admin = name, by = caller, "cluster: admin identity revoked");
             return Ok(AdminCertResponse {
@@ -409,15 +436,19 @@ impl ClusterApi {
                 ca_pem: ca.cert_pem().to_owned(),
             });
         }
-        match self.secrets.standing(name).await? {
+        match self.secrets.standing(Role::Admin, name).await? {
             Standing::Revoked => return Err(ClusterError::Revoked(name.to_string())),
-            Standing::Member => return Err(ClusterError::IdTaken(name.to_string())),
+            Standing::Member | Standing::Admitted => {
+                return Err(ClusterError::IdTaken(name.to_string()))
+            }
             Standing::Unknown => {}
         }
         let ttl = match req.ttl_seconds {
             0 => self.validity,
             s => Duration::from_secs(s).min(MAX_ADMIN_VALIDITY),
         };
+        // Recorded, so the name is not issued twice (and a revocation names one holder).
+        self.secrets.admit(Role::Admin, name).await?;
         let cert_pem = ca.issue(&req.csr_pem, Role::Admin, name, SystemTime::now(), ttl)?;
         info!(
             admin = name,
@@ -474,7 +505,7 @@ impl Cluster for ClusterApi {
         self.precheck(&req, &[Role::Admin], RPC)?;
         let ca = self.cluster_ca().await?;
         let admin = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
-        if self.secrets.standing(&admin).await? == Standing::Revoked {
+        if self.secrets.standing(Role::Admin, &admin).await? == Standing::Revoked {
             return Err(log_refusal(RPC, ClusterError::Revoked(admin)));
         }
         let req = req.into_inner();
@@ -494,13 +525,16 @@ impl Cluster for ClusterApi {
         const RPC: &str = "Cluster/Renew";
         self.precheck(&req, &Role::ALL, RPC)?;
         let ca = self.cluster_ca().await?;
-        let crate::ca::PeerIdentity { role, node, .. } =
-            authorize(&req, ca.cert(), &Role::ALL, RPC)?;
+        let caller = authorize(&req, ca.cert(), &Role::ALL, RPC)?;
+        // A renewal keeps the lifetime the identity was given (an admin certificate made
+        // for 30 s stays a 30 s one), never more than the cluster's.
+        let validity = caller.lifetime().min(self.validity);
+        let crate::ca::PeerIdentity { role, node, .. } = caller;
         // Only identities that are still part of the cluster renew (H4): a removed node, a
         // removed controller or a revoked admin gets nothing more.
         let standing = self
             .secrets
-            .standing(&node)
+            .standing(role, &node)
             .await
             .map_err(|e| log_refusal(RPC, e))?;
         match (standing, role) {
@@ -516,7 +550,7 @@ impl Cluster for ClusterApi {
                 role,
                 &node,
                 SystemTime::now(),
-                self.validity,
+                validity,
             )
             .map_err(|e| log_refusal(RPC, e.into()))?;
         info!(node, %role, "cluster: renewed node certificate");
@@ -530,7 +564,7 @@ impl Cluster for ClusterApi {
         self.precheck(&req, &[Role::Admin], RPC)?;
         let ca = self.cluster_ca().await?;
         let caller = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
-        if self.secrets.standing(&caller).await? == Standing::Revoked {
+        if self.secrets.standing(Role::Admin, &caller).await? == Standing::Revoked {
             return Err(log_refusal(RPC, ClusterError::Revoked(caller)));
         }
         self.admin_cert_for(&caller, req.into_inner())
@@ -924,9 +958,11 @@ mod tests {
                 (role, id.to_string())
             );
             assert_ne!(new.cert_pem(), old.cert_pem());
-            // The renewed certificate is the full 90 days, not what was left of the old one.
+            // The renewed certificate is a full lifetime of the old one (a day here), not what
+            // was left of it, and not more.
             let (_, not_after) = cert_validity(new.cert_pem()).unwrap();
-            assert!(not_after > SystemTime::now() + 89 * DAY);
+            assert!(not_after > SystemTime::now() + DAY - Duration::from_secs(60));
+            assert!(not_after <= SystemTime::now() + DAY + Duration::from_secs(1));
         }
     }
 
@@ -950,7 +986,10 @@ mod tests {
         );
         // Revoked: refused, and named as such.
         h.secrets.add_member("gone");
-        h.secrets.revoke("gone", "test").await.unwrap();
+        h.secrets
+            .revoke(Role::Worker, "gone", "test")
+            .await
+            .unwrap();
         let err = worker
             .renew(RenewRequest { csr_pem: csr })
             .await
@@ -958,7 +997,10 @@ mod tests {
         assert_eq!(err.code(), Code::PermissionDenied);
         assert!(err.message().contains("revoked"), "{}", err.message());
         // A revoked admin renews nothing either.
-        h.secrets.revoke("lost-laptop", "test").await.unwrap();
+        h.secrets
+            .revoke(Role::Admin, "lost-laptop", "test")
+            .await
+            .unwrap();
         let mut admin = h.client_as(Role::Admin, "lost-laptop").await;
         let (_, csr) = node_csr("lost-laptop").unwrap();
         assert!(admin.renew(RenewRequest { csr_pem: csr }).await.is_err());
@@ -1019,7 +1061,7 @@ mod tests {
         let back = anon().await.join(req).await.unwrap().into_inner();
         assert_eq!(identity(&h.ca, &back.cert_pem), (Role::Worker, "n1".into()));
         // A revoked id never comes back, proof or not.
-        h.secrets.revoke("n1", "test").await.unwrap();
+        h.secrets.revoke(Role::Worker, "n1", "test").await.unwrap();
         let mut req = join_req(
             &token,
             &crate::ca::node_csr_with_key("n1", expired.key_pem()).unwrap(),
@@ -1106,10 +1148,13 @@ mod tests {
         ) -> Result<Token, ClusterError> {
             panic!("read the store")
         }
-        async fn standing(&self, _: &str) -> Result<Standing, ClusterError> {
+        async fn standing(&self, _: Role, _: &str) -> Result<Standing, ClusterError> {
             panic!("read the store")
         }
-        async fn revoke(&self, _: &str, _: &str) -> Result<(), ClusterError> {
+        async fn admit(&self, _: Role, _: &str) -> Result<(), ClusterError> {
+            panic!("read the store")
+        }
+        async fn revoke(&self, _: Role, _: &str, _: &str) -> Result<(), ClusterError> {
             panic!("read the store")
         }
     }

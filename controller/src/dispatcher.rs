@@ -189,6 +189,18 @@ fn check_registration(
             )));
         }
     }
+    // Known to the cluster: a registered node, or one a current join token admitted. A
+    // certificate minted with a token rotated since, and never used, is not (finding of the
+    // review: dormant certificates).
+    if crate::security::standing(store, me.role, &me.node) == crate::cluster_api::Standing::Unknown
+    {
+        warn!(node = %me.node, "dispatcher: refused a certificate the cluster has no record of");
+        return Err(Status::permission_denied(format!(
+            "dispatcher: node {} is not known to this cluster: its certificate was admitted by \
+             a join token rotated since, or not at all; join again with a current token",
+            me.node
+        )));
+    }
     still_valid(store, me).map_err(Status::permission_denied)
 }
 
@@ -197,7 +209,7 @@ fn still_valid(
     store: &rudder_model::Store,
     me: &rudder_pki::ca::PeerIdentity,
 ) -> Result<(), String> {
-    if store.is_revoked(&me.node) {
+    if store.is_revoked(me.role.as_str(), &me.node) {
         return Err(format!(
             "dispatcher: node {} was removed from the cluster: its certificates are revoked",
             me.node
@@ -446,7 +458,7 @@ impl Dispatcher for DispatcherApi {
                     .managers
                     .keys()
                     .map(|id| crate::security::controller_cn(*id))
-                    .filter(|cn| !store.is_revoked(cn))
+                    .filter(|cn| !store.is_revoked("manager", cn))
                     .collect();
                 // (Not before the group is recorded: an empty list would refuse everyone.)
                 if !trusted.is_empty() && last_trusted.as_ref() != Some(&trusted) {

@@ -395,8 +395,8 @@ struct ClusterAccess {
 }
 
 impl registry::tls::AccessPolicy for ClusterAccess {
-    fn revoked(&self, node: &str) -> bool {
-        self.raft.store().is_revoked(node)
+    fn revoked(&self, role: ca::Role, node: &str) -> bool {
+        self.raft.store().is_revoked(role.as_str(), node)
     }
 
     fn worker_may_read(&self, node: &str, repo: &str) -> bool {

@@ -438,7 +438,7 @@ impl PeerApi {
                 if self
                     .raft
                     .store()
-                    .is_revoked(&crate::security::controller_cn(id)) =>
+                    .is_revoked("manager", &crate::security::controller_cn(id)) =>
             {
                 Err(Status::permission_denied(format!(
                     "raft: controller {id} was removed from the group: its certificates are revoked"

@@ -396,28 +396,47 @@ impl SecretsStore for RaftSecrets {
             .rotate_with_ttl(role, ttl, SystemTime::now())
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))?;
         s.join_tokens = serde_json::to_value(&tokens).expect("join tokens serialize");
+        // The new token, and the end of every identity the old one admitted that never
+        // registered (a certificate minted with a leaked token dies with it).
         self.raft
-            .propose(Command::SetSecrets {
-                secrets: s,
-                if_absent: false,
-            })
+            .propose(Command::Batch(vec![
+                Command::SetSecrets {
+                    secrets: s,
+                    if_absent: false,
+                },
+                Command::RevokeAdmitted {
+                    role: role.to_string(),
+                    now: crate::now_ms(),
+                },
+            ]))
             .await
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         Ok(token)
     }
 
-    async fn standing(&self, id: &str) -> Result<Standing, ClusterError> {
+    async fn standing(&self, role: Role, id: &str) -> Result<Standing, ClusterError> {
         self.raft
             .read_index()
             .await
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
-        Ok(standing(&self.raft.store(), id))
+        Ok(standing(&self.raft.store(), role, id))
     }
 
-    async fn revoke(&self, id: &str, reason: &str) -> Result<(), ClusterError> {
+    async fn admit(&self, role: Role, id: &str) -> Result<(), ClusterError> {
+        self.raft
+            .propose(Command::Admit {
+                role: role.to_string(),
+                id: id.to_string(),
+                now: crate::now_ms(),
+            })
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))
+    }
+
+    async fn revoke(&self, role: Role, id: &str, reason: &str) -> Result<(), ClusterError> {
         self.raft
             .propose(Command::Revoke {
-                id: id.to_string(),
+                id: rudder_model::store::identity_key(role.as_str(), id),
                 reason: reason.to_string(),
                 now: crate::now_ms(),
             })
@@ -426,18 +445,25 @@ impl SecretsStore for RaftSecrets {
     }
 }
 
-/// Where identity `id` (a certificate CN) stands in `store`: `controller-<raft id>` is a member
-/// while that id is in the controller group; any other id while a node of that id is registered.
-pub fn standing(store: &rudder_model::Store, id: &str) -> Standing {
-    if store.is_revoked(id) {
+/// Where identity `id` (a certificate CN) of `role` stands in `store`: `controller-<raft id>`
+/// is a member while that id is in the controller group; a worker or manager node id while a
+/// node of that id is registered; any, while a join token's admission of it waits.
+pub fn standing(store: &rudder_model::Store, role: Role, id: &str) -> Standing {
+    if store.is_revoked(role.as_str(), id) {
         return Standing::Revoked;
     }
-    let member = match controller_raft_id(id) {
-        Some(raft_id) => store.managers.contains_key(&raft_id),
-        None => store.nodes.contains_key(id),
+    let member = match (role, controller_raft_id(id)) {
+        (Role::Manager, Some(raft_id)) => store.managers.contains_key(&raft_id),
+        (Role::Worker | Role::Manager, _) => store.nodes.contains_key(id),
+        (Role::Admin, _) => false,
     };
     if member {
         Standing::Member
+    } else if store
+        .admitted
+        .contains_key(&rudder_model::store::identity_key(role.as_str(), id))
+    {
+        Standing::Admitted
     } else {
         Standing::Unknown
     }
@@ -457,7 +483,7 @@ pub fn controller_cn(raft_id: u64) -> String {
 /// next request, whatever its certificate's validity (H4, L5).
 pub fn not_revoked(raft: RaftHandle) -> tls::IdentityCheck {
     std::sync::Arc::new(move |id: &ca::PeerIdentity| {
-        if raft.store().is_revoked(&id.node) {
+        if raft.store().is_revoked(id.role.as_str(), &id.node) {
             warn!(node = id.node, role = %id.role, "refused a revoked certificate");
             return Err(tonic::Status::permission_denied(format!(
                 "{} was removed from the cluster: its certificates are revoked",

@@ -45,6 +45,13 @@ impl Context {
         let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
             return Ok(None);
         };
+        // Never half of a renewal: `rctl` renews the pair under an exclusive lock on this
+        // file (`cmd::admin::renew_if_due`), and reads it under a shared one.
+        let _pair = std::fs::OpenOptions::new()
+            .read(true)
+            .open(cert.with_extension("renew.lock"))
+            .ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockShared).ok());
         let read = |p: &PathBuf, what: &str| {
             std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("context: reading the {what} {}: {e}", p.display()))

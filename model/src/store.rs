@@ -134,6 +134,12 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+/// The key of a certificate identity in [`Store::revoked`]: its role and its CN. Keyed by both,
+/// so that a worker that joined under an admin's name cannot get that admin revoked.
+pub fn identity_key(role: &str, cn: &str) -> String {
+    format!("{role}:{cn}")
+}
+
 /// Why and when an identity (a certificate CN: a node id, `controller-<raft id>`, an admin
 /// name) was revoked. Revoked identities are refused at every request and never issued again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,8 +343,21 @@ pub enum Command {
         id: String,
         now: u64,
     },
-    /// Revoke a certificate identity (CN): every request made with it is refused from now on,
-    /// and no certificate is issued for it again.
+    /// A join token admitted identity `id` of `role` (before its certificate is issued).
+    Admit {
+        role: String,
+        id: String,
+        now: u64,
+    },
+    /// `role`'s join token was rotated: every identity it admitted that never registered (or
+    /// joined the controller group) is revoked.
+    RevokeAdmitted {
+        role: String,
+        now: u64,
+    },
+    /// Revoke a certificate identity (`id` is [`identity_key`]: role and CN, so that revoking
+    /// admin `x` never touches a node named `x`): every request made with it is refused from
+    /// now on, and no certificate is issued for it again.
     Revoke {
         id: String,
         reason: String,
@@ -543,9 +562,15 @@ pub struct Store {
     /// Node id → the volumes whose data its host holds, as its agent last reported.
     #[serde(default)]
     pub volume_copies: Map<String, std::collections::BTreeSet<String>>,
-    /// Revoked certificate identities (CNs), never to be served or issued again.
+    /// Revoked certificate identities ([`identity_key`]), never to be served or issued again.
     #[serde(default)]
     pub revoked: Map<String, Revocation>,
+    /// Identities a join token admitted ([`identity_key`] → when, ms) that have not registered
+    /// (nodes) or become members (controllers) yet. Rotating a role's token revokes its
+    /// admitted ones, so a certificate minted with a leaked token and kept for later dies with
+    /// the token.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub admitted: Map<String, u64>,
     /// Users' secrets (`rctl secret`), by name. Values travel only to the nodes whose tasks use
     /// them (see `crate::secret`).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
@@ -584,10 +609,31 @@ impl Store {
         self.applied = index;
         match info {
             Some(i) => {
+                self.admitted
+                    .remove(&identity_key("manager", &format!("controller-{id}")));
                 self.managers.insert(id, i);
             }
             None => {
                 self.managers.remove(&id);
+            }
+        }
+        // A node's role follows the controllers on its host (placement sees `node.role`).
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in ids {
+            let runs = self
+                .nodes
+                .get(&n)
+                .is_some_and(|node| self.runs_controller(node));
+            if let Some(node) = self.nodes.get_mut(&n) {
+                let role = if runs {
+                    NodeRole::Manager
+                } else {
+                    NodeRole::Worker
+                };
+                if node.role != role {
+                    node.role = role;
+                    node.version = index;
+                }
             }
         }
     }
@@ -749,44 +795,50 @@ impl Store {
                 resources,
                 now,
                 cert_not_after,
-            } => match self.nodes.get_mut(&id) {
-                Some(node) => {
-                    node.hostname = hostname;
-                    node.addr = addr;
-                    node.role = role;
-                    node.resources = resources;
-                    node.cert_not_after = cert_not_after;
-                    node.state = NodeState::Ready;
-                    node.updated_at = now;
-                    node.version = index;
+            } => {
+                // Registered: no longer an admitted identity waiting (see `admitted`).
+                for role in ["worker", "manager"] {
+                    self.admitted.remove(&identity_key(role, &id));
                 }
-                None => {
-                    let node = Node {
-                        id: id.clone(),
-                        hostname,
-                        addr,
-                        labels,
-                        role,
-                        availability: Availability::Active,
-                        resources,
-                        state: NodeState::Ready,
-                        updated_at: now,
-                        version: index,
-                        controller_id: None,
-                        overlay_key: String::new(),
-                        cert_not_after,
-                    };
-                    // Every node has a slice of every network, so it can route and publish
-                    // for all of them.
-                    let names: Vec<String> = self.networks.keys().cloned().collect();
-                    for n in names {
-                        if let Some(net) = self.networks.get_mut(&n) {
-                            net.ensure_slice(&id);
-                        }
+                match self.nodes.get_mut(&id) {
+                    Some(node) => {
+                        node.hostname = hostname;
+                        node.addr = addr;
+                        node.role = role;
+                        node.resources = resources;
+                        node.cert_not_after = cert_not_after;
+                        node.state = NodeState::Ready;
+                        node.updated_at = now;
+                        node.version = index;
                     }
-                    self.nodes.insert(id, node);
+                    None => {
+                        let node = Node {
+                            id: id.clone(),
+                            hostname,
+                            addr,
+                            labels,
+                            role,
+                            availability: Availability::Active,
+                            resources,
+                            state: NodeState::Ready,
+                            updated_at: now,
+                            version: index,
+                            controller_id: None,
+                            overlay_key: String::new(),
+                            cert_not_after,
+                        };
+                        // Every node has a slice of every network, so it can route and publish
+                        // for all of them.
+                        let names: Vec<String> = self.networks.keys().cloned().collect();
+                        for n in names {
+                            if let Some(net) = self.networks.get_mut(&n) {
+                                net.ensure_slice(&id);
+                            }
+                        }
+                        self.nodes.insert(id, node);
+                    }
                 }
-            },
+            }
             Command::UpdateNode {
                 id,
                 availability,
@@ -831,13 +883,36 @@ impl Store {
                     }
                 }
                 self.volume_copies.remove(&id);
-                self.revoked.insert(
-                    id,
-                    Revocation {
+                // An agent's certificate is a worker's, or a manager's if it joined with a
+                // manager token: both go.
+                for role in ["worker", "manager"] {
+                    self.revoked.insert(
+                        identity_key(role, &id),
+                        Revocation {
+                            at: now,
+                            reason: "node removed".into(),
+                        },
+                    );
+                }
+            }
+            Command::Admit { role, id, now } => {
+                self.admitted.insert(identity_key(&role, &id), now);
+            }
+            Command::RevokeAdmitted { role, now } => {
+                let prefix = identity_key(&role, "");
+                let stale: Vec<String> = self
+                    .admitted
+                    .keys()
+                    .filter(|k| k.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                for k in stale {
+                    self.admitted.remove(&k);
+                    self.revoked.entry(k).or_insert(Revocation {
                         at: now,
-                        reason: "node removed".into(),
-                    },
-                );
+                        reason: format!("admitted by a {role} join token since rotated"),
+                    });
+                }
             }
             Command::Revoke { id, reason, now } => {
                 self.revoked
@@ -1466,9 +1541,9 @@ impl Store {
     }
 
     /// The tasks a node should know about: placed there and not yet forgotten.
-    /// Whether certificates naming `id` (a CN) were revoked.
-    pub fn is_revoked(&self, id: &str) -> bool {
-        self.revoked.contains_key(id)
+    /// Whether certificates of `role` (worker, manager, admin) naming `id` (a CN) were revoked.
+    pub fn is_revoked(&self, role: &str, id: &str) -> bool {
+        self.revoked.contains_key(&identity_key(role, id))
     }
 
     /// Whether the node runs a controller: promoted (`controller_id`), or a current member
@@ -1740,7 +1815,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert!(!s.is_revoked("n1"));
+        assert!(!s.is_revoked("worker", "n1"));
         s.apply(
             4,
             Command::RemoveNode {
@@ -1750,8 +1825,13 @@ mod tests {
         )
         .unwrap();
         assert!(!s.nodes.contains_key("n1"));
-        assert!(s.is_revoked("n1"));
-        assert_eq!(s.revoked["n1"].at, 4);
+        assert!(s.is_revoked("worker", "n1"));
+        assert!(s.is_revoked("manager", "n1"));
+        assert!(
+            !s.is_revoked("admin", "n1"),
+            "an admin named n1 is someone else"
+        );
+        assert_eq!(s.revoked["worker:n1"].at, 4);
         assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
         // Removing it again names what is missing.
         let err = s
@@ -1768,23 +1848,86 @@ mod tests {
         s.apply(
             6,
             Command::Revoke {
-                id: "n1".into(),
+                id: identity_key("worker", "n1"),
                 reason: "again".into(),
                 now: 6,
             },
         )
         .unwrap();
-        assert_eq!(s.revoked["n1"].reason, "node removed");
+        assert_eq!(s.revoked["worker:n1"].reason, "node removed");
         s.apply(
             7,
             Command::Revoke {
-                id: "controller-3".into(),
+                id: identity_key("manager", "controller-3"),
                 reason: "removed from the controller group".into(),
                 now: 7,
             },
         )
         .unwrap();
-        assert!(s.is_revoked("controller-3"));
+        assert!(s.is_revoked("manager", "controller-3"));
+    }
+
+    #[test]
+    fn a_rotated_token_revokes_what_it_admitted_and_never_registered() {
+        let mut s = Store::default();
+        for (i, id) in ["dormant", "n1"].iter().enumerate() {
+            s.apply(
+                i as u64 + 1,
+                Command::Admit {
+                    role: "worker".into(),
+                    id: id.to_string(),
+                    now: 1,
+                },
+            )
+            .unwrap();
+        }
+        s.apply(
+            3,
+            Command::Admit {
+                role: "manager".into(),
+                id: "controller-2".into(),
+                now: 1,
+            },
+        )
+        .unwrap();
+        // n1 registers, controller-2 becomes a member: neither waits any more.
+        s.apply(
+            4,
+            Command::PutNode {
+                id: "n1".into(),
+                hostname: "h1".into(),
+                addr: "10.0.0.1:4245".into(),
+                labels: Default::default(),
+                role: NodeRole::Worker,
+                resources: Default::default(),
+                now: 4,
+                cert_not_after: 0,
+            },
+        )
+        .unwrap();
+        s.set_manager(5, 2, Some(ManagerInfo::default()));
+        assert_eq!(s.admitted.len(), 1);
+        s.apply(
+            6,
+            Command::RevokeAdmitted {
+                role: "worker".into(),
+                now: 6,
+            },
+        )
+        .unwrap();
+        assert!(s.is_revoked("worker", "dormant"));
+        assert!(!s.is_revoked("worker", "n1"));
+        assert!(s.admitted.is_empty());
+        // The manager token's rotation touches no member.
+        s.apply(
+            7,
+            Command::RevokeAdmitted {
+                role: "manager".into(),
+                now: 7,
+            },
+        )
+        .unwrap();
+        assert!(!s.is_revoked("manager", "controller-2"));
     }
 
     #[test]
@@ -1814,9 +1957,11 @@ mod tests {
             }),
         );
         assert!(s.runs_controller(&s.nodes["n1"]));
+        assert_eq!(s.nodes["n1"].role, NodeRole::Manager, "as soon as it is a member");
         assert_eq!(s.node_of_controller(1).map(|n| n.id.as_str()), Some("n1"));
         s.set_manager(3, 1, None);
         assert!(!s.runs_controller(&s.nodes["n1"]));
+        assert_eq!(s.nodes["n1"].role, NodeRole::Worker);
         s.apply(
             4,
             Command::SetNodeController {

@@ -391,7 +391,17 @@ pub struct PeerIdentity {
     pub role: Role,
     /// The node id: the certificate's CN (`controller-<raft id>` for controllers).
     pub node: String,
+    pub not_before: SystemTime,
     pub not_after: SystemTime,
+}
+
+impl PeerIdentity {
+    /// The lifetime the certificate was issued for (without the [`CLOCK_SKEW`] backdating).
+    pub fn lifetime(&self) -> Duration {
+        self.not_after
+            .duration_since(self.not_before + CLOCK_SKEW)
+            .unwrap_or_default()
+    }
 }
 
 /// A CSR for `node_id` made with an existing key (PKCS#8 PEM): a node that re-joins after its
@@ -503,6 +513,7 @@ pub fn names_of(cert_der: &[u8]) -> Result<PeerIdentity, CaError> {
     Ok(PeerIdentity {
         role,
         node: cn,
+        not_before: from_unix(cert.validity().not_before.timestamp()),
         not_after: from_unix(cert.validity().not_after.timestamp()),
     })
 }
@@ -828,9 +839,10 @@ pub fn read_token_file(path: &Path) -> Result<String, CaError> {
 
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    // A name of its own: two writers of the same file (two `rctl` renewing the admin
+    // certificate at once) must never write into each other's temporary file.
+    let tmp = path.with_extension(format!("tmp-{}", hex::encode(rand::random::<[u8; 8]>())));
     let io = |op, e| CaError::Io(op, path.to_owned(), e);
-    let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -70,8 +70,9 @@ pub struct Peer {
 
 /// What the cluster says about a caller beyond its certificate, asked at every request.
 pub trait AccessPolicy: Send + Sync + 'static {
-    /// Whether certificates naming `node` were revoked (`rctl node rm`, `rm-manager`, ...).
-    fn revoked(&self, node: &str) -> bool;
+    /// Whether certificates of `role` naming `node` were revoked (`rctl node rm`,
+    /// `rm-manager`, `revoke-admin`).
+    fn revoked(&self, role: Role, node: &str) -> bool;
     /// Whether worker `node` may read repository `repo`: the image of a task placed on it, or
     /// anything while it runs a build an admin asked for.
     fn worker_may_read(&self, node: &str, repo: &str) -> bool;
@@ -81,7 +82,7 @@ pub trait AccessPolicy: Send + Sync + 'static {
 struct Open;
 
 impl AccessPolicy for Open {
-    fn revoked(&self, _: &str) -> bool {
+    fn revoked(&self, _: Role, _: &str) -> bool {
         false
     }
     fn worker_may_read(&self, _: &str, _: &str) -> bool {
@@ -311,7 +312,7 @@ fn allowed(
             peer.node
         ));
     }
-    if policy.revoked(&peer.node) {
+    if policy.revoked(peer.role, &peer.node) {
         return Err(format!(
             "registry: {} was removed from the cluster: its certificates are revoked",
             peer.node
@@ -975,7 +976,7 @@ mod policy_tests {
     }
 
     impl AccessPolicy for Policy {
-        fn revoked(&self, node: &str) -> bool {
+        fn revoked(&self, _: Role, node: &str) -> bool {
             self.revoked.contains(&node)
         }
         fn worker_may_read(&self, node: &str, repo: &str) -> bool {

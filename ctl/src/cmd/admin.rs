@@ -11,7 +11,7 @@
 //! - Renewal happens at two thirds of the certificate's lifetime, on the next command that
 //!   talks to a controller; a failure is a warning until the certificate is really expired.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -62,6 +62,26 @@ pub async fn renew_if_due(ctx: &Context, channel: Channel) -> anyhow::Result<()>
     };
     let (nb, na) = ca::cert_validity(&creds.cert)?;
     if !renewal_due(nb, na, SystemTime::now()) {
+        return Ok(());
+    }
+    // One renewal at a time for these files: a second rctl started meanwhile keeps using the
+    // still valid certificate (a race could otherwise pair one run's key with another's
+    // certificate and lock the admin out).
+    let lock_path = cert_path.with_extension("renew.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lock_path.display()))?;
+    let Ok(_held) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    else {
+        return Ok(());
+    };
+    // Renewed by the run that held the lock before: nothing to do.
+    let current = std::fs::read_to_string(cert_path)?;
+    if current != creds.cert {
         return Ok(());
     }
     let who = rudder_pki::tls::NodeCerts::new(&creds.ca, &creds.cert, &creds.key, None)?.names()?;
