@@ -495,3 +495,123 @@ pub fn not_revoked(raft: RaftHandle) -> tls::IdentityCheck {
 }
 
 pub use crate::tls::{guard, guard_checked};
+
+#[cfg(test)]
+mod at_rest_tests {
+    use super::*;
+
+    /// Files under `dir` holding `needle`, relative to `dir`.
+    fn holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(
+                    holding(&p, needle)
+                        .into_iter()
+                        .map(|r| format!("{}/{r}", p.file_name().unwrap().to_string_lossy())),
+                );
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Replaces the node certificate in `certs` with one that expired yesterday.
+    fn expire(certs: &Path, ca: &ClusterCa) {
+        let (key, csr) = ca::node_csr("controller-1").unwrap();
+        let past = SystemTime::now() - Duration::from_secs(3 * 86400);
+        let cert = ca
+            .issue(
+                &csr,
+                Role::Manager,
+                "controller-1",
+                past,
+                Duration::from_secs(86400),
+            )
+            .unwrap();
+        NodeCerts::new(ca.cert_pem(), &cert, &key, None)
+            .unwrap()
+            .save(certs)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_first_controller_keeps_its_ca_key_only_sealed_and_reissues_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        crate::storage::prepare_data_dir(&data).unwrap();
+        let certs = data.join("certs");
+        let keys = DataKeys::load_or_create(&certs).unwrap();
+        let boot = controller_certs(&data, &keys, "controller-1", None, None, None)
+            .await
+            .unwrap();
+        assert!(boot.initial.is_some());
+        assert!(!certs.join(ca::CA_KEY_FILE).exists());
+        assert!(certs.join(crypt::SEALED_CA_KEY_FILE).exists());
+        assert_eq!(
+            holding(&data, b"PRIVATE KEY"),
+            ["admin/admin-key.pem", "certs/node-key.pem"]
+        );
+        // The token files are there for the first rctl only.
+        assert!(data.join(ADMIN_DIR).join(WORKER_TOKEN_FILE).exists());
+
+        // Off longer than its certificate: re-issued with the sealed CA key.
+        let ca = crypt::load_sealed_ca(&certs).unwrap().unwrap();
+        expire(&certs, &ca);
+        let boot = controller_certs(&data, &keys, "controller-1", None, None, None)
+            .await
+            .unwrap();
+        assert!(boot.certs.identity(SystemTime::now()).is_ok());
+        assert!(!data.join(ADMIN_DIR).join(WORKER_TOKEN_FILE).exists());
+        assert!(!data.join(ADMIN_DIR).join(MANAGER_TOKEN_FILE).exists());
+        assert!(!certs.join(ca::CA_KEY_FILE).exists());
+
+        // Without its data key the sealed CA key is useless: the restart cannot re-issue.
+        expire(&certs, &ca);
+        let other = DataKeys::ephemeral().unwrap();
+        let err = controller_certs(&data, &other, "controller-1", None, None, None)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("ca-key.sealed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_ca_key_left_in_clear_by_an_earlier_version_is_sealed_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        crate::storage::prepare_data_dir(&data).unwrap();
+        let certs = data.join("certs");
+        let ca = ClusterCa::generate("old", SystemTime::now()).unwrap();
+        let (key, csr) = ca::node_csr("controller-1").unwrap();
+        let cert = ca
+            .issue(
+                &csr,
+                Role::Manager,
+                "controller-1",
+                SystemTime::now(),
+                NODE_CERT_VALIDITY,
+            )
+            .unwrap();
+        NodeCerts::with_ca(&ca, &cert, &key)
+            .unwrap()
+            .save(&certs)
+            .unwrap();
+        assert!(certs.join(ca::CA_KEY_FILE).exists());
+        let keys = DataKeys::load_or_create(&certs).unwrap();
+        controller_certs(&data, &keys, "controller-1", None, None, None)
+            .await
+            .unwrap();
+        assert!(!certs.join(ca::CA_KEY_FILE).exists());
+        assert_eq!(holding(&data, b"PRIVATE KEY"), ["certs/node-key.pem"]);
+        let sealed = crypt::load_sealed_ca(&certs).unwrap().unwrap();
+        assert_eq!(sealed.key_pem(), ca.key_pem());
+    }
+}

@@ -855,6 +855,12 @@ fn build_hosts(
             rec.lab.worker_token = read("worker.token")?;
             rec.lab.manager_token = read("manager.token")?;
             write_record(rec)?;
+            // Kept in lab.json now: the token files were a one-time hand-off, and outside the
+            // store's encryption the tokens must not stay in the controller's data dir.
+            for f in ["worker.token", "manager.token"] {
+                fs::remove_file(admin.join(f))
+                    .map_err(io_err(format!("removing {}", admin.join(f).display())))?;
+            }
         }
     }
 
