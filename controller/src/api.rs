@@ -31,6 +31,9 @@ pub struct ControlApi {
     pub images: crate::registry::RegistryState,
     /// Nodes running a build, which may pull any image from the registry meanwhile.
     pub pull_leases: std::sync::Arc<crate::registry::tls::PullLeases>,
+    /// This controller's data at rest and its data key (`RotateDataKey`); `None` in tests
+    /// without a data dir.
+    pub at_rest: Option<std::sync::Arc<crate::security::AtRest>>,
 }
 
 pub(crate) fn raft_status(e: RaftError) -> Status {
@@ -938,6 +941,34 @@ impl Control for ControlApi {
             .map_err(raft_status)?;
         Ok(Response::new(RotateNetworkKeysResponse {
             epoch: self.raft.store().overlay_key_epoch,
+        }))
+    }
+
+    async fn rotate_data_key(
+        &self,
+        req: Request<RotateDataKeyRequest>,
+    ) -> Result<Response<RotateDataKeyResponse>, Status> {
+        let Some(at_rest) = &self.at_rest else {
+            return Err(Status::unimplemented(
+                "rotate-data-key: this controller keeps no data at rest",
+            ));
+        };
+        let (key_id, old_key_deleted) =
+            at_rest
+                .rotate(req.into_inner().wait)
+                .await
+                .map_err(|e| match e {
+                    crate::crypt::CryptError::RotationInProgress(_) => {
+                        Status::failed_precondition(e.to_string())
+                    }
+                    e => Status::internal(format!("rotate-data-key: {e}")),
+                })?;
+        let raft_id = self.raft.status().id;
+        info!(raft_id, key_id, old_key_deleted, "rotated the data key");
+        Ok(Response::new(RotateDataKeyResponse {
+            raft_id,
+            key_id,
+            old_key_deleted,
         }))
     }
 

@@ -251,6 +251,7 @@ pub async fn run(
         agent_tls: agent_tls.clone(),
         images: reg_state,
         pull_leases,
+        at_rest: Some(at_rest),
     });
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))

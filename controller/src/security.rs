@@ -270,11 +270,15 @@ impl AtRest {
     }
 
     /// Makes a new data key (refused while a previous rotation is still re-encrypting) and
-    /// starts re-encrypting in the background. Returns the new key's id.
-    pub fn rotate(self: &Arc<Self>) -> Result<u32, CryptError> {
+    /// re-encrypts in the background; `wait`: until that finished. Returns the new key's id and
+    /// whether the old key is deleted yet.
+    pub async fn rotate(self: &Arc<Self>, wait: bool) -> Result<(u32, bool), CryptError> {
         let id = self.keys.rotate()?;
-        tokio::spawn(self.clone().reencrypt());
-        Ok(id)
+        let pass = tokio::spawn(self.clone().reencrypt());
+        if wait {
+            let _ = pass.await;
+        }
+        Ok((id, self.keys.previous_ids().is_empty()))
     }
 
     /// Rewrites every record not under the current key (plaintext from before encryption, or
