@@ -16,7 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
+use rudder_tests::{exec, lab_with_busybox_managers, running_tasks, wait_for, LabGuard};
 
 fn random_value(tag: &str) -> String {
     use std::io::Read;
@@ -194,7 +194,8 @@ fn task_reading(lab: &LabGuard, want: &str) -> anyhow::Result<serde_json::Value>
 
 #[test]
 fn secrets_and_configs_reach_only_their_tasks_and_never_a_disk() -> anyhow::Result<()> {
-    let (lab, tmp) = lab_with_busybox("sc", 3)?;
+    // Three controllers: values (up to the 500 KiB limit) replicate through raft.
+    let (lab, tmp) = lab_with_busybox_managers("sc", 3, 3)?;
     let (s1, s2, c1, e1) = (
         random_value("dbpw1"),
         random_value("dbpw2"),
@@ -212,6 +213,9 @@ fn secrets_and_configs_reach_only_their_tasks_and_never_a_disk() -> anyhow::Resu
     let out = lab.rctl(&["secret", "create", "dbpw", &file("s1", &s1)?])?;
     assert!(out.contains("secret/dbpw created (version 1)"), "{out}");
     let out = lab.rctl_with(&["secret", "create", "envpw", "-"], &[], Some(&e1))?;
+    assert!(out.contains("created"), "{out}");
+    let limit = file("limit", &"y".repeat(500 * 1024))?;
+    let out = lab.rctl(&["secret", "create", "limit", &limit])?;
     assert!(out.contains("created"), "{out}");
     let big = file("big", &"x".repeat(500 * 1024 + 1))?;
     let e = lab
@@ -320,7 +324,7 @@ fn secrets_and_configs_reach_only_their_tasks_and_never_a_disk() -> anyhow::Resu
         .collect();
     assert_eq!(kept, vec![1, 2], "{inspect}");
 
-    for f in ["s1", "s2", "big"] {
+    for f in ["s1", "s2", "big", "limit"] {
         std::fs::remove_file(tmp.path().join(f))?;
     }
     assert_nowhere(&lab, &all);
@@ -335,6 +339,15 @@ fn secrets_and_configs_reach_only_their_tasks_and_never_a_disk() -> anyhow::Resu
     })?;
     let out = lab.rctl(&["secret", "ls"])?;
     assert!(!out.contains("dbpw") && out.contains("envpw"), "{out}");
+    let ls: serde_json::Value = serde_json::from_str(&lab.rctl(&["secret", "ls", "-o", "json"])?)?;
+    let sizes: Vec<u64> = ls
+        .as_array()
+        .context("list")?
+        .iter()
+        .filter(|s| s["name"] == "limit")
+        .filter_map(|s| s["versions"][0]["size"].as_u64())
+        .collect();
+    assert_eq!(sizes, vec![500 * 1024], "{ls}");
     assert_nowhere(&lab, &all);
     Ok(())
 }
