@@ -39,7 +39,7 @@ fn registry_status(e: RegistryError) -> Status {
 }
 
 /// The host a build runs on: `wanted` (hostname or node id) when given, else the first ready,
-/// active node by hostname.
+/// active node running a controller, else the first ready, active node, by hostname.
 fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<AgentAt, Status> {
     let usable = |n: &&rudder_model::store::Node| n.state == NodeState::Ready;
     if !wanted.is_empty() {
@@ -60,7 +60,9 @@ fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<AgentAt
         .filter(usable)
         .filter(|n| n.availability == Availability::Active)
         .collect();
-    nodes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    // Hosts that run a controller first (the cluster trusts them with its CA already), so that
+    // no worker can attract every build by its name; then by hostname, the same each time.
+    nodes.sort_by_key(|n| (!store.runs_controller(n), n.hostname.clone()));
     nodes
         .first()
         .map(|n| AgentAt::from(*n))
@@ -331,5 +333,20 @@ mod tests {
             pick_host(&s, "h9").unwrap_err().code(),
             tonic::Code::NotFound
         );
+        // A host that runs a controller goes first, whatever a worker calls itself.
+        s.nodes.insert(
+            "n0".into(),
+            node("n0", "0", NodeState::Ready, Availability::Active),
+        );
+        assert_eq!(pick_host(&s, "").unwrap().host, "0");
+        s.set_manager(
+            1,
+            1,
+            Some(rudder_model::store::ManagerInfo {
+                addr: "h3:4243".into(),
+                registry: "h3:5000".into(),
+            }),
+        );
+        assert_eq!(pick_host(&s, "").unwrap().host, "h3");
     }
 }

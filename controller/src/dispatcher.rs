@@ -158,6 +158,32 @@ fn check_registration(
             me.node, reg.node_id
         )));
     }
+    // A hostname is a node's for good (placement constraints and `--node` name hosts by
+    // it): set at the first registration, never changed, never shared.
+    if let Some(n) = store.nodes.get(&me.node) {
+        if n.hostname != reg.hostname {
+            warn!(node = %me.node, was = %n.hostname, claimed = %reg.hostname,
+                "dispatcher: refused a change of hostname");
+            return Err(Status::permission_denied(format!(
+                "dispatcher: node {} registered as {}; a node's hostname does not change \
+                 (`rctl node rm` it and join the host anew)",
+                me.node, n.hostname
+            )));
+        }
+    }
+    if let Some(other) = store
+        .nodes
+        .values()
+        .find(|n| n.hostname == reg.hostname && n.id != me.node)
+    {
+        warn!(node = %me.node, hostname = %reg.hostname, owner = %other.id,
+            "dispatcher: refused a hostname another node has");
+        return Err(Status::permission_denied(format!(
+            "dispatcher: hostname {} belongs to node {}; remove that node (`rctl node rm`) \
+             before another takes its name",
+            reg.hostname, other.id
+        )));
+    }
     if me.node.starts_with(crate::cluster_api::CONTROLLER_PREFIX) {
         return Err(Status::permission_denied(format!(
             "dispatcher: {} is a controller's identity, not an agent's",

@@ -129,9 +129,9 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
 
         // With a certificate of its own, the attacker cannot register as h2...
         let rogue = rudder_pki::join::join_cluster(&url, &token, "rogue").await?;
-        let reg = |id: &str, addr: String| Register {
+        let reg_as = |id: &str, hostname: &str, addr: String| Register {
             node_id: id.to_string(),
-            hostname: "h2".into(),
+            hostname: hostname.into(),
             addr,
             cpus_milli: 64_000,
             memory_bytes: 64 << 30,
@@ -139,6 +139,7 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             overlay_public_key: String::new(),
             overlay_key_epoch: 0,
         };
+        let reg = |id: &str, addr: String| reg_as(id, "h2", addr);
         let err = register(&lab, &rogue, reg(&victim, format!("{root}:4299")))
             .await
             .expect_err("registering as another node");
@@ -151,21 +152,33 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
         let err = register(
             &lab,
             &rogue,
-            reg("rogue", h2["addr"].as_str().unwrap_or("").into()),
+            reg_as("rogue", "rogue", h2["addr"].as_str().unwrap_or("").into()),
         )
         .await
         .expect_err("registering another host's address");
         assert!(err.message().contains("its connection comes from"), "{err}");
+        // ...nor take h2's hostname (placement constraints and `--node` go by it).
+        let err = register(&lab, &rogue, reg("rogue", format!("{root}:4299")))
+            .await
+            .expect_err("registering another node's hostname");
+        assert!(
+            err.message().contains("hostname h2 belongs to node"),
+            "{err}"
+        );
         // A controller's identity is not an agent's.
         let c1 = certs_in(&lab.lab.hosts[0].controller_data_dir().join("certs"))?;
         let err = register(
             &lab,
             &c1,
-            reg("controller-1", format!("{}:4245", lab.lab.hosts[0].addr)),
+            reg_as(
+                "controller-1",
+                "c1",
+                format!("{}:4245", lab.lab.hosts[0].addr),
+            ),
         )
         .await
         .expect_err("a controller registering as an agent");
-        assert!(err.message().contains("controller"), "{err}");
+        assert!(err.message().contains("a controller's identity"), "{err}");
         anyhow::Ok(())
     })?;
 
