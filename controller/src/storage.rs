@@ -500,7 +500,7 @@ impl RedbStorage {
             return Ok(raw);
         }
         match &self.keys {
-            Some(k) => Ok(k.open(ctx, &raw)?),
+            Some(k) => Ok(k.open_owned(ctx, raw)?),
             None => Err(StorageErr::NoKeys(ctx.to_string())),
         }
     }

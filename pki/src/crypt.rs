@@ -413,8 +413,13 @@ impl DataKeys {
     /// Decrypts a record read from `ctx`; a record without [`MAGIC`] is legacy plaintext and
     /// comes back as it is.
     pub fn open(&self, ctx: Context, rec: &[u8]) -> Result<Vec<u8>, CryptError> {
-        let Some(key_id) = record_key_id(rec) else {
-            return Ok(rec.to_vec());
+        self.open_owned(ctx, rec.to_vec())
+    }
+
+    /// [`DataKeys::open`] decrypting in the record's own buffer (a snapshot is not copied).
+    pub fn open_owned(&self, ctx: Context, mut rec: Vec<u8>) -> Result<Vec<u8>, CryptError> {
+        let Some(key_id) = record_key_id(&rec) else {
+            return Ok(rec);
         };
         if rec.len() < HEADER_LEN + TAG_LEN {
             return Err(CryptError::Truncated {
@@ -431,20 +436,20 @@ impl DataKeys {
             .try_into()
             .expect("nonce length");
         let aad = ctx.aad(&rec[..HEADER_LEN]);
-        let mut buf = rec[HEADER_LEN..].to_vec();
         let len = dek
             .key
-            .open_in_place(
+            .open_within(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&aad),
-                &mut buf,
+                &mut rec,
+                HEADER_LEN..,
             )
             .map_err(|_| CryptError::Decrypt {
                 what: ctx.to_string(),
             })?
             .len();
-        buf.truncate(len);
-        Ok(buf)
+        rec.truncate(len);
+        Ok(rec)
     }
 
     /// Whether `rec` must be rewritten to be under the current key (plaintext or an old key).
