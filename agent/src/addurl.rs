@@ -168,6 +168,9 @@ fn client_with(own: Vec<IpAddr>, refuse: Refuse) -> Result<reqwest::Client, AddU
     rudder_image::RegistryClient::web_builder()
         .map_err(|e| AddUrlError::Client(e.to_string()))?
         .dns_resolver(Arc::new(Resolver { own, refuse }))
+        // Never through a proxy from the agent's environment: the proxy would resolve the
+        // name itself, past the resolver's checks.
+        .no_proxy()
         .redirect(policy)
         .timeout(TIMEOUT)
         .build()
