@@ -1957,7 +1957,11 @@ mod tests {
             }),
         );
         assert!(s.runs_controller(&s.nodes["n1"]));
-        assert_eq!(s.nodes["n1"].role, NodeRole::Manager, "as soon as it is a member");
+        assert_eq!(
+            s.nodes["n1"].role,
+            NodeRole::Manager,
+            "as soon as it is a member"
+        );
         assert_eq!(s.node_of_controller(1).map(|n| n.id.as_str()), Some("n1"));
         s.set_manager(3, 1, None);
         assert!(!s.runs_controller(&s.nodes["n1"]));
@@ -2339,6 +2343,21 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
+        // A rollback returns to the version the previous spec resolved to (kept for it).
+        let mut rolled = s.clone();
+        rolled
+            .apply(
+                100,
+                Command::Rollback {
+                    service: "web".into(),
+                    now: 100,
+                    reason: String::new(),
+                    if_spec_version: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(rolled.services["web"].spec.resolved_refs["secret:db"], 2);
+        assert_eq!(rolled.services["web"].spec_version, 100);
         s.apply(
             8,
             Command::RemoveService {
