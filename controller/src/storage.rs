@@ -7,7 +7,10 @@
 //!   uncommitted suffix).
 //! - The metadata (first/last index, hard and conf state) is mirrored in memory so the raft
 //!   core's frequent `term`/`last_index` calls do not open transactions; entries are read from
-//!   redb. raft-rs calls `Storage` through `&self`, hence the lock.
+//!   redb, except the newest few thousand, which raft reads right after appending them (to
+//!   apply, to replicate): those come from an in-memory copy (`Recent`) that each persist
+//!   updates under its lock, so neither a redb read nor a decryption is paid for them.
+//!   raft-rs calls `Storage` through `&self`, hence the locks.
 //! - Snapshots: each snapshot's data is its own file, `snapshots/snap-<term>-<index>` next to
 //!   the database, written to a temporary name, synced, renamed and its directory synced; only
 //!   then does the redb transaction that records its metadata name it (`snapshot_file`), and
@@ -186,6 +189,72 @@ pub struct RedbStorage {
     /// Held by whoever writes a snapshot file and the metadata naming it (a new snapshot, an
     /// installed one, a re-encryption), so two never interleave their file and metadata.
     snapshot_writer: Arc<std::sync::Mutex<()>>,
+    /// The newest persisted entries, plaintext: raft reads what it just appended (to apply it,
+    /// to send it to a follower, for its term) from here rather than from redb, decrypting.
+    recent: Arc<std::sync::Mutex<Recent>>,
+}
+
+/// Entries kept in [`Recent`] at most, and their bytes at most.
+const RECENT_ENTRIES: usize = 8192;
+const RECENT_BYTES: usize = 16 << 20;
+
+/// A contiguous run of the newest persisted entries (see [`RedbStorage::recent`]). Invariant:
+/// every entry here is what redb holds at its index (updated under its lock with each
+/// persist; cleared when a snapshot replaces the log).
+#[derive(Default)]
+struct Recent {
+    entries: std::collections::VecDeque<Entry>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn size(e: &Entry) -> usize {
+        e.data.len() + e.context.len() + 32
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// After `es` (contiguous) were written: they replace every entry from their first index.
+    fn append(&mut self, es: &[Entry]) {
+        let Some(first) = es.first() else {
+            return;
+        };
+        match (self.entries.front(), self.entries.back()) {
+            (Some(f), Some(b)) if first.index > f.index && first.index <= b.index + 1 => {
+                while self.entries.back().is_some_and(|e| e.index >= first.index) {
+                    let e = self.entries.pop_back().expect("checked");
+                    self.bytes -= Self::size(&e);
+                }
+            }
+            _ => self.clear(),
+        }
+        for e in es {
+            self.bytes += Self::size(e);
+            self.entries.push_back(e.clone());
+        }
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= Self::size(&e);
+        }
+    }
+
+    /// Entries `low..high` if all are here.
+    fn range(&self, low: u64, high: u64) -> Option<std::collections::vec_deque::Iter<'_, Entry>> {
+        let first = self.entries.front()?.index;
+        let last = self.entries.back()?.index;
+        if low < first || high > last + 1 || low >= high {
+            return None;
+        }
+        Some(
+            self.entries
+                .range((low - first) as usize..(high - first) as usize),
+        )
+    }
 }
 
 /// What one [`RedbStorage::reencrypt`] pass rewrote.
@@ -240,6 +309,7 @@ impl RedbStorage {
             snapshot_wanted: Default::default(),
             keys,
             snapshot_writer: Default::default(),
+            recent: Default::default(),
         };
         s.load(voters)?;
         Ok(s)
@@ -310,6 +380,26 @@ impl RedbStorage {
         hard_state: Option<&HardState>,
         conf_state: Option<&ConfState>,
     ) -> Result<(), StorageErr> {
+        // Held until `recent` matches redb again: no reader sees an overwritten entry there.
+        let mut recent = self.recent.lock().expect("recent lock");
+        if let Some(first) = entries.first() {
+            // Dropped now, re-added after the commit.
+            if recent
+                .entries
+                .front()
+                .is_some_and(|e| e.index >= first.index)
+            {
+                recent.clear();
+            }
+            while recent
+                .entries
+                .back()
+                .is_some_and(|e| e.index >= first.index)
+            {
+                let e = recent.entries.pop_back().expect("checked");
+                recent.bytes -= Recent::size(&e);
+            }
+        }
         let tx = self.db.begin_write()?;
         {
             let mut t = tx.open_table(ENTRIES)?;
@@ -338,6 +428,8 @@ impl RedbStorage {
             }
         }
         tx.commit()?;
+        recent.append(entries);
+        drop(recent);
         let mut m = self.meta.write().expect("meta lock");
         if let Some(last) = entries.last() {
             m.last_index = last.index;
@@ -657,6 +749,8 @@ impl RedbStorage {
     /// snapshot's conf state and index become this node's.
     pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), StorageErr> {
         let _writer = self.snapshot_writer.lock().expect("snapshot writer lock");
+        // The whole log goes.
+        self.recent.lock().expect("recent lock").clear();
         let md = snap.get_metadata();
         self.check_newer(md)?;
         let name = self.write_snapshot_file(md, &snap.data)?;
@@ -770,6 +864,18 @@ impl raft::Storage for RedbStorage {
                 m.last_index
             );
         }
+        if let Some(run) = self.recent.lock().expect("recent lock").range(low, high) {
+            let mut out = Vec::new();
+            let mut size = 0u64;
+            for e in run {
+                size += u64::from(e.compute_size());
+                if !out.is_empty() && size > max_size {
+                    break;
+                }
+                out.push(e.clone());
+            }
+            return Ok(out);
+        }
         let read = || -> Result<Vec<Entry>, StorageErr> {
             let tx = self.db.begin_read()?;
             let t = tx.open_table(ENTRIES)?;
@@ -808,6 +914,9 @@ impl raft::Storage for RedbStorage {
             return Ok(m.last_term);
         }
         drop(m);
+        if let Some(mut run) = self.recent.lock().expect("recent lock").range(idx, idx + 1) {
+            return Ok(run.next().expect("one entry").term);
+        }
         let read = || -> Result<Option<u64>, StorageErr> {
             let tx = self.db.begin_read()?;
             let t = tx.open_table(ENTRIES)?;
@@ -1117,6 +1226,62 @@ mod tests {
         assert!(err.to_string().contains("raft log entry 100"), "{err}");
     }
 
+    /// The in-memory run of recent entries always agrees with redb: through appends,
+    /// overwrites by a new leader, gaps, compaction and an installed snapshot.
+    #[test]
+    fn recent_entries_agree_with_the_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("raft.redb");
+        let s = RedbStorage::open_encrypted(&path, &[1], Arc::new(DataKeys::ephemeral().unwrap()))
+            .unwrap();
+        let check = |s: &RedbStorage| {
+            let (first, last) = (s.first_index().unwrap(), s.last_index().unwrap());
+            let from_cache = s
+                .entries(first, last + 1, None, GetEntriesContext::empty(false))
+                .unwrap();
+            // What a restarted controller would read.
+            let cold = {
+                let tx = s.db.begin_read().unwrap();
+                let t = tx.open_table(ENTRIES).unwrap();
+                t.range(first..=last)
+                    .unwrap()
+                    .map(|i| {
+                        let (k, v) = i.unwrap();
+                        s.decode_entry(k.value(), v.value()).unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(from_cache, cold);
+            for e in &cold {
+                assert_eq!(s.term(e.index).unwrap(), e.term);
+            }
+        };
+        let es: Vec<Entry> = (2..=50).map(|i| entry(i, 1, b"a")).collect();
+        s.persist(&es, None, None).unwrap();
+        check(&s);
+        // A new leader overwrites from 40.
+        let es: Vec<Entry> = (40..=45).map(|i| entry(i, 2, b"b")).collect();
+        s.persist(&es, None, None).unwrap();
+        check(&s);
+        assert_eq!(s.term(44).unwrap(), 2);
+        // And from 2, the first entry in memory.
+        s.persist(&[entry(2, 3, b"c")], None, None).unwrap();
+        check(&s);
+        let es: Vec<Entry> = (3..=(RECENT_ENTRIES as u64 + 100))
+            .map(|i| entry(i, 3, b"d"))
+            .collect();
+        s.persist(&es, None, None).unwrap();
+        check(&s);
+        s.save_snapshot(&snapshot_at(5000, 3, &[1], b"s"), 4000)
+            .unwrap();
+        check(&s);
+        s.install_snapshot(&snapshot_at(20000, 4, &[1], b"t"))
+            .unwrap();
+        assert!(s.recent.lock().unwrap().entries.is_empty());
+        s.persist(&[entry(20001, 4, b"e")], None, None).unwrap();
+        check(&s);
+    }
+
     #[test]
     fn tampered_or_swapped_entries_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1135,6 +1300,8 @@ mod tests {
             let tx = s.db.begin_write().unwrap();
             tx.open_table(ENTRIES).unwrap().insert(i, b).unwrap();
             tx.commit().unwrap();
+            // Read from disk, as after a restart.
+            s.recent.lock().unwrap().clear();
         };
         let (two, three) = (raw(2), raw(3));
         // Swapped: each record is bound to its index.
