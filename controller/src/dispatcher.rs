@@ -215,6 +215,23 @@ fn check_registration(
             )));
         }
     }
+    // One node per host address: an agent that connects from a controller host's address would
+    // otherwise count as that host (its role, the build host).
+    let ip = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+    if let Some(other) = store
+        .nodes
+        .values()
+        .find(|n| n.id != me.node && ip(&n.addr) == ip(&reg.addr))
+    {
+        warn!(node = %me.node, addr = %reg.addr, owner = %other.id,
+            "dispatcher: refused an address another node has");
+        return Err(Status::permission_denied(format!(
+            "dispatcher: address {} belongs to node {} ({}); one node per host",
+            ip(&reg.addr),
+            other.id,
+            other.hostname
+        )));
+    }
     // Known to the cluster: a registered node, or one a current join token admitted. A
     // certificate minted with a token rotated since, and never used, is not (finding of the
     // review: dormant certificates).
@@ -424,7 +441,14 @@ impl Dispatcher for DispatcherApi {
                     cert_not_after,
                 })
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(|e| match e {
+                    // The store's own check of hostnames and addresses (two racing
+                    // registrations): a refusal, not an outage.
+                    crate::raft_node::RaftError::Apply(a) => {
+                        Status::permission_denied(format!("dispatcher: {a}"))
+                    }
+                    e => Status::unavailable(e.to_string()),
+                })?;
         }
         if !reg.overlay_public_key.is_empty() {
             set_overlay_key(&self.raft, &node_id, &reg.overlay_public_key).await?;

@@ -458,7 +458,11 @@ pub fn standing(store: &rudder_model::Store, role: Role, id: &str) -> Standing {
     }
     let member = match (role, controller_raft_id(id)) {
         (Role::Manager, Some(raft_id)) => store.managers.contains_key(&raft_id),
-        (Role::Worker | Role::Manager, _) => store.nodes.contains_key(id),
+        // Another node's hostname counts as taken too: commands find a node by id or by
+        // hostname, and an id that is someone's hostname would answer for it.
+        (Role::Worker | Role::Manager, _) => {
+            store.nodes.contains_key(id) || store.nodes.values().any(|n| n.hostname == id)
+        }
         (Role::Admin, _) => false,
     };
     if member {

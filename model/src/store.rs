@@ -520,6 +520,8 @@ pub enum ApplyError {
     Network { name: String, message: String },
     #[error("store: volume {name:?}: {message}")]
     Volume { name: String, message: String },
+    #[error("store: node {node:?}: {message}")]
+    Node { node: String, message: String },
     #[error("store: {kind} {name:?}: {message}")]
     Secret {
         kind: crate::secret::ObjectKind,
@@ -796,6 +798,38 @@ impl Store {
                 now,
                 cert_not_after,
             } => {
+                // One node per hostname and per host address, checked here so that two
+                // registrations racing cannot both pass (constraints, `--node` and the
+                // controller-host rule go by them).
+                let ip = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
+                if let Some(other) = self.nodes.values().find(|n| {
+                    n.id != id
+                        && ((!hostname.is_empty() && n.hostname == hostname)
+                            || (!ip(&addr).is_empty() && ip(&n.addr) == ip(&addr)))
+                }) {
+                    let what = if other.hostname == hostname {
+                        format!("hostname {hostname}")
+                    } else {
+                        format!("address {}", ip(&addr))
+                    };
+                    return Err(ApplyError::Node {
+                        node: id,
+                        message: format!(
+                            "{what} belongs to node {} already; remove it (`rctl node rm`) first",
+                            other.id
+                        ),
+                    });
+                }
+                if self
+                    .nodes
+                    .values()
+                    .any(|n| n.id != id && !n.hostname.is_empty() && n.hostname == id)
+                {
+                    return Err(ApplyError::Node {
+                        node: id.clone(),
+                        message: format!("{id} is another node's hostname"),
+                    });
+                }
                 // Registered: no longer an admitted identity waiting (see `admitted`).
                 for role in ["worker", "manager"] {
                     self.admitted.remove(&identity_key(role, &id));
@@ -1865,6 +1899,38 @@ mod tests {
         )
         .unwrap();
         assert!(s.is_revoked("manager", "controller-3"));
+    }
+
+    #[test]
+    fn hostnames_and_host_addresses_belong_to_one_node() {
+        let mut s = Store::default();
+        let put = |id: &str, host: &str, addr: &str| Command::PutNode {
+            id: id.into(),
+            hostname: host.into(),
+            addr: addr.into(),
+            labels: Default::default(),
+            role: NodeRole::Worker,
+            resources: Default::default(),
+            now: 1,
+            cert_not_after: 0,
+        };
+        s.apply(1, put("n1", "h1", "10.0.0.1:4245")).unwrap();
+        // The same node again (a restart): fine.
+        s.apply(2, put("n1", "h1", "10.0.0.1:4245")).unwrap();
+        let e = s.apply(3, put("n2", "h1", "10.0.0.2:4245")).unwrap_err();
+        assert!(
+            e.to_string().contains("hostname h1 belongs to node n1"),
+            "{e}"
+        );
+        let e = s.apply(4, put("n2", "h2", "10.0.0.1:4299")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("address 10.0.0.1 belongs to node n1"),
+            "{e}"
+        );
+        let e = s.apply(5, put("h1", "h3", "10.0.0.3:4245")).unwrap_err();
+        assert!(e.to_string().contains("another node's hostname"), "{e}");
+        assert_eq!(s.nodes.len(), 1);
     }
 
     #[test]

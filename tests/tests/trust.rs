@@ -127,6 +127,12 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             .expect_err("a join under a member's id");
         assert!(err.to_string().contains("belongs to a node"), "{err}");
 
+        // Nor an id that is another node's hostname (commands find nodes by either).
+        let err = rudder_pki::join::join_cluster(&url, &token, "h1")
+            .await
+            .expect_err("a join under a hostname");
+        assert!(err.to_string().contains("belongs to a node"), "{err}");
+
         // With a certificate of its own, the attacker cannot register as h2...
         let rogue = rudder_pki::join::join_cluster(&url, &token, "rogue").await?;
         let reg_as = |id: &str, hostname: &str, addr: String| Register {
