@@ -102,9 +102,11 @@ fn the_control_plane_at_rest_holds_no_plaintext_and_rotates_its_keys() -> anyhow
         ),
     )?;
     // Every controller has the service (and so the marker) in its log.
-    wait_for(Duration::from_secs(30), "the service on every controller", || {
-        service_env(&lab)
-    })?;
+    wait_for(
+        Duration::from_secs(30),
+        "the service on every controller",
+        || service_env(&lab),
+    )?;
     // Let the log reach every member's disk.
     std::thread::sleep(Duration::from_secs(2));
     let first = lab.lab.hosts[0].controller_data_dir().join("certs");
@@ -130,8 +132,15 @@ fn the_control_plane_at_rest_holds_no_plaintext_and_rotates_its_keys() -> anyhow
     assert_eq!(out.matches("the old key deleted").count(), 3, "{out}");
     for (i, old) in before.iter().enumerate() {
         let now = keyring(i)?;
-        assert_eq!(now["previous"], serde_json::json!([]), "{i}: old key deleted");
-        assert_ne!(now["current"]["key"], old["current"]["key"], "{i}: a new key");
+        assert_eq!(
+            now["previous"],
+            serde_json::json!([]),
+            "{i}: old key deleted"
+        );
+        assert_ne!(
+            now["current"]["key"], old["current"]["key"],
+            "{i}: a new key"
+        );
         assert_eq!(now["current"]["id"], 2);
     }
     // Every controller reads its re-encrypted log with the new key alone.
