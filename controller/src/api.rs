@@ -254,6 +254,9 @@ pub fn resolve_tasks<'a>(store: &'a Store, target: &str) -> Vec<&'a Task> {
         .collect()
 }
 
+/// Size of one backup message (well under gRPC's default 4 MiB limit).
+const BACKUP_CHUNK: usize = 1024 * 1024;
+type BackupStream = Pin<Box<dyn Stream<Item = Result<BackupChunk, Status>> + Send>>;
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -650,6 +653,7 @@ impl Control for ControlApi {
     }
 
     type BuildStream = crate::build_api::BuildStream;
+    type BackupStream = BackupStream;
 
     async fn build(
         &self,
@@ -970,6 +974,38 @@ impl Control for ControlApi {
             key_id,
             old_key_deleted,
         }))
+    }
+
+    async fn backup(
+        &self,
+        req: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let key = rudder_pki::backup::BackupKey::from_bytes(&req.into_inner().key)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Consistent: every write acknowledged before this call is in the copy.
+        let index = self.raft.read_index().await.map_err(raft_status)?;
+        let store = self.raft.store();
+        let file = tokio::task::spawn_blocking(move || {
+            let plain = serde_json::to_vec(&*store)
+                .map_err(|e| Status::internal(format!("backup: serialize the store: {e}")))?;
+            rudder_pki::backup::seal(&key, plain).map_err(|e| Status::internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("backup: {e}")))??;
+        let total = file.len() as u64;
+        info!(index, bytes = total, "backup taken");
+        let chunks: Vec<Result<BackupChunk, Status>> = file
+            .chunks(BACKUP_CHUNK)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(BackupChunk {
+                    data: c.to_vec(),
+                    index: if i == 0 { index } else { 0 },
+                    total: if i == 0 { total } else { 0 },
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
     async fn list_volumes(

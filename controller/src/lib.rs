@@ -99,6 +99,9 @@ pub struct Config {
     /// gRPC `host:port` of a controller of an existing cluster: join it instead of starting a
     /// new one. Ignored once this controller has state.
     pub join: Option<String>,
+    /// A decrypted backup's store: start a new one-member cluster from it (`--restore`).
+    #[serde(skip)]
+    pub restore: Option<Arc<rudder_model::Store>>,
 }
 
 impl Config {
@@ -137,6 +140,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     cfg.validate()?;
+    if cfg.restore.is_some() {
+        check_restore_dir(&cfg.data_dir)?;
+    }
     // 0700 before anything is written: the log and snapshots hold the CA key.
     storage::prepare_data_dir(&cfg.data_dir)?;
     let raft_path = cfg.data_dir.join("raft.redb");
@@ -154,19 +160,44 @@ pub async fn run(
     // This controller's data key: it seals the raft log, the snapshots and the CA key.
     let certs_dir = cfg.data_dir.join("certs");
     let keys = Arc::new(crypt::DataKeys::load_or_create(&certs_dir)?);
-    let boot = security::controller_certs(
-        &cfg.data_dir,
-        &keys,
-        &node_name,
-        cfg.join.as_deref().filter(|_| fresh),
-        cfg.join.as_deref(),
-        cfg.token.as_deref(),
-    )
-    .await?;
+    let (boot, storage) = if let Some(backup) = &cfg.restore {
+        let store = restored_store(backup, cfg.raft_id, cfg.me())?;
+        let secrets = store.secrets.as_ref().ok_or_else(|| {
+            ControllerError::Config("restore: the backup holds no cluster ca".into())
+        })?;
+        let certs = security::restore_certs(&cfg.data_dir, &keys, &node_name, secrets)?;
+        let storage = storage::RedbStorage::create_restored(
+            &raft_path,
+            &[cfg.raft_id],
+            keys.clone(),
+            &store,
+        )?;
+        info!(
+            services = store.services.len(),
+            nodes = store.nodes.len(),
+            "restored the store from a backup: a new one-member cluster"
+        );
+        let boot = security::Bootstrap {
+            certs,
+            initial: None,
+        };
+        (boot, storage)
+    } else {
+        let boot = security::controller_certs(
+            &cfg.data_dir,
+            &keys,
+            &node_name,
+            cfg.join.as_deref().filter(|_| fresh),
+            cfg.join.as_deref(),
+            cfg.token.as_deref(),
+        )
+        .await?;
+        let storage = storage::RedbStorage::open_encrypted(&raft_path, &voters, keys.clone())?;
+        (boot, storage)
+    };
     let certs = boot.certs;
     let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
 
-    let storage = storage::RedbStorage::open_encrypted(&raft_path, &voters, keys.clone())?;
     let at_rest = security::AtRest::new(storage.clone(), keys, certs_dir);
     // Rewrites plaintext records of a log from before encryption, and finishes a key rotation
     // a restart interrupted.
@@ -365,6 +396,36 @@ pub async fn run(
         return Err(ControllerError::RaftStopped);
     }
     Ok(())
+}
+
+/// `--restore` starts a new cluster: refused on a data dir that holds anything.
+fn check_restore_dir(dir: &std::path::Path) -> Result<(), ControllerError> {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(ControllerError::Config(format!(
+                    "restore: data dir {} is not empty; restore into a new or empty directory",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ControllerError::Io("restore: read the data dir", e)),
+    }
+}
+
+/// The backup's store as the first state of a new one-member cluster: this controller is the
+/// only manager; every node is unknown until its agent reconnects.
+pub fn restored_store(
+    backup: &rudder_model::Store,
+    raft_id: u64,
+    me: rudder_model::store::ManagerInfo,
+) -> Result<rudder_model::Store, ControllerError> {
+    let mut store = backup.clone();
+    store.managers = [(raft_id, me)].into_iter().collect();
+    store.applied = 1;
+    Ok(store)
 }
 
 /// Keeps this controller's addresses in the replicated membership: the first controller of a

@@ -40,6 +40,14 @@ struct Args {
     /// to watch renewal).
     #[arg(long, default_value_t = 90 * 24 * 3600, hide = true)]
     node_cert_validity: u64,
+    /// Start a NEW one-member cluster from this backup file (`rctl cluster backup`), in an
+    /// empty --data-dir; the key from RUDDER_BACKUP_KEY or --backup-key-file. Use the raft id
+    /// and address of a controller the agents knew, so they reconnect.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// File holding the backup key (hex; must not be readable by group or others).
+    #[arg(long, requires = "restore")]
+    backup_key_file: Option<PathBuf>,
     /// Host name, for logs.
     #[arg(long)]
     node_name: Option<String>,
@@ -52,13 +60,43 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &a.token_file {
         a.token = Some(rudder_pki::ca::read_token_file(path)?);
     }
+    let env_key = std::env::var(rudder_pki::backup::KEY_ENV).ok();
+    std::env::remove_var(rudder_pki::backup::KEY_ENV);
+    let restore = match &a.restore {
+        Some(file) => Some(std::sync::Arc::new(read_backup(
+            file,
+            a.backup_key_file.as_deref(),
+            env_key,
+        )?)),
+        None => None,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(a))
+        .block_on(run(a, restore))
 }
 
-async fn run(a: Args) -> anyhow::Result<()> {
+/// Reads and decrypts a backup file into the store it holds.
+fn read_backup(
+    file: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+    env_key: Option<String>,
+) -> anyhow::Result<rudder_model::Store> {
+    use rudder_pki::backup;
+    let key = match (key_file, env_key) {
+        (Some(f), _) => backup::BackupKey::read_file(f)?,
+        (None, Some(k)) => backup::BackupKey::parse(&k)?,
+        (None, None) => anyhow::bail!(
+            "restore: no backup key: set {} or pass --backup-key-file",
+            backup::KEY_ENV
+        ),
+    };
+    let plain = backup::open(&key, backup::read_file(file)?)?;
+    serde_json::from_slice(&plain)
+        .map_err(|e| anyhow::anyhow!("restore: the backup's store does not parse: {e}"))
+}
+
+async fn run(a: Args, restore: Option<std::sync::Arc<rudder_model::Store>>) -> anyhow::Result<()> {
     // Colours only on a terminal: the log usually goes to a file or a journal.
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
@@ -77,6 +115,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
         advertise: a.advertise,
         registry_advertise: a.registry_advertise,
         join: a.join,
+        restore,
         token: a.token,
         node_cert_validity: std::time::Duration::from_secs(a.node_cert_validity),
     };

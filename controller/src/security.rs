@@ -203,6 +203,45 @@ fn init_cluster(
     })
 }
 
+/// A controller restored from a backup (`--restore`): its manager certificate `node_id` from
+/// the restored CA (the key is in the backup's store secrets), the CA key sealed beside it, and
+/// a fresh admin certificate in `<data>/admin/` so an operator can get back in. The join
+/// tokens stay those of the store (`rctl cluster join-token`).
+pub fn restore_certs(
+    data_dir: &Path,
+    keys: &DataKeys,
+    node_id: &str,
+    secrets: &ClusterSecrets,
+) -> Result<NodeCerts, SecurityError> {
+    let dir = data_dir.join("certs");
+    std::fs::create_dir_all(&dir).map_err(|e| SecurityError::Io(dir.clone(), e))?;
+    crate::storage::private_dir(&dir).map_err(|e| SecurityError::Io(dir.clone(), e))?;
+    let now = SystemTime::now();
+    let ca = ClusterCa::from_pem(&secrets.ca_cert_pem, &secrets.ca_key_pem)?;
+    let (key, csr) = ca::node_csr(node_id)?;
+    let cert = ca.issue(&csr, Role::Manager, node_id, now, NODE_CERT_VALIDITY)?;
+    let certs = NodeCerts::new(ca.cert_pem(), &cert, &key, None)?;
+    crypt::seal_ca_key(&dir, keys, ca.key_pem())?;
+    let (admin_key, csr) = ca::node_csr("admin")?;
+    let admin = ca.issue(&csr, Role::Admin, "admin", now, NODE_CERT_VALIDITY)?;
+    let admin_dir = data_dir.join(ADMIN_DIR);
+    std::fs::create_dir_all(&admin_dir).map_err(|e| SecurityError::Io(admin_dir.clone(), e))?;
+    for (file, data, mode) in [
+        (ca::CA_CERT_FILE, ca.cert_pem().to_string(), 0o644),
+        (ADMIN_CERT_FILE, admin, 0o644),
+        (ADMIN_KEY_FILE, admin_key, 0o600),
+    ] {
+        ca::write_atomic(&admin_dir.join(file), data.as_bytes(), mode)?;
+    }
+    certs.save(&dir)?;
+    info!(
+        fingerprint = ca.fingerprint(),
+        node = node_id,
+        "restored the cluster ca from a backup"
+    );
+    Ok(certs)
+}
+
 /// A certs dir from before the CA key was sealed: seals `ca-key.pem` into
 /// [`SEALED_CA_KEY_FILE`] and removes it (by saving the certificates without the key).
 fn seal_legacy_ca_key(

@@ -271,7 +271,7 @@ impl RedbStorage {
     /// Opens (or creates) the log at `path`. A fresh log is bootstrapped with `voters` as the
     /// initial configuration; an existing one keeps its own.
     pub fn open(path: &Path, voters: &[u64]) -> Result<Self, StorageErr> {
-        Self::open_with(path, voters, None)
+        Self::open_with(path, voters, None, None)
     }
 
     /// Like [`RedbStorage::open`], with every entry and snapshot sealed under `keys` (plaintext
@@ -281,13 +281,38 @@ impl RedbStorage {
         voters: &[u64],
         keys: Arc<DataKeys>,
     ) -> Result<Self, StorageErr> {
-        Self::open_with(path, voters, Some(keys))
+        Self::open_with(path, voters, Some(keys), None)
+    }
+
+    /// A new encrypted log whose first snapshot (index 1, term 1, `voters`) is `store` instead
+    /// of the empty store: a cluster restored from a backup. Refused if the log exists.
+    pub fn create_restored(
+        path: &Path,
+        voters: &[u64],
+        keys: Arc<DataKeys>,
+        store: &rudder_model::Store,
+    ) -> Result<Self, StorageErr> {
+        if path.exists() {
+            return Err(StorageErr::Open(
+                path.to_owned(),
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "restore needs a new raft log",
+                ),
+            ));
+        }
+        let mut snap = bootstrap_snapshot(voters);
+        snap.data = serde_json::to_vec(store)
+            .map_err(|e| StorageErr::Corrupt("restored store", e.to_string()))?
+            .into();
+        Self::open_with(path, voters, Some(keys), Some(snap))
     }
 
     fn open_with(
         path: &Path,
         voters: &[u64],
         keys: Option<Arc<DataKeys>>,
+        initial: Option<Snapshot>,
     ) -> Result<Self, StorageErr> {
         // redb would create the file 0666 & umask: create it 0600 first (an empty file is a
         // new database to redb).
@@ -311,11 +336,11 @@ impl RedbStorage {
             snapshot_writer: Default::default(),
             recent: Default::default(),
         };
-        s.load(voters)?;
+        s.load(voters, initial)?;
         Ok(s)
     }
 
-    fn load(&self, voters: &[u64]) -> Result<(), StorageErr> {
+    fn load(&self, voters: &[u64], initial: Option<Snapshot>) -> Result<(), StorageErr> {
         let tx = self.db.begin_read()?;
         let meta_t = tx.open_table(META)?;
         let entries = tx.open_table(ENTRIES)?;
@@ -365,7 +390,7 @@ impl RedbStorage {
             // Bootstrap: the initial configuration is a snapshot at index 1 (term 1) of the
             // empty store rather than state only this log knows, so every member that joins
             // later starts from the same point: raft sends it this snapshot first.
-            self.install_snapshot(&bootstrap_snapshot(voters))?;
+            self.install_snapshot(&initial.unwrap_or_else(|| bootstrap_snapshot(voters)))?;
         } else if fresh {
             // A joining member: empty until the leader sends a snapshot.
             self.persist(&[], None, Some(&ConfState::default()))?;

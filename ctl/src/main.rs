@@ -438,6 +438,15 @@ enum ClusterCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// A consistent, encrypted copy of the whole store (services, networks, volumes, secrets,
+    /// the CA) written to FILE; restore with `rudder-controller --restore FILE`. Prints a
+    /// fresh key once unless --key-file names one.
+    Backup {
+        file: std::path::PathBuf,
+        /// File holding the backup key (64 hex characters, mode 0600).
+        #[arg(long)]
+        key_file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -738,6 +747,9 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::RotateDataKey { no_wait },
         } => rt.block_on(cmd::cluster::rotate_data_key(&ctx()?, !*no_wait)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Backup { file, key_file },
+        } => rt.block_on(cmd::cluster::backup(&ctx()?, file, key_file.as_deref())),
         Cmd::Node {
             cmd: NodeCmd::Rm { node, force },
         } => rt.block_on(cmd::node::rm(&ctx()?, node, *force)),

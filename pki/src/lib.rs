@@ -3,6 +3,7 @@
 //! configurations every gRPC connection uses (`tls`), and the data-encryption keys that seal a
 //! controller's state at rest (`crypt`).
 
+pub mod backup;
 pub mod ca;
 pub mod crypt;
 pub mod join;

@@ -224,3 +224,69 @@ pub async fn rotate_data_key(ctx: &Context, wait: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `rctl cluster backup FILE [--key-file K]`: a consistent, encrypted copy of the whole store
+/// written to FILE (0600, atomically). Without `--key-file` a fresh key is made and printed once.
+pub async fn backup(
+    ctx: &Context,
+    file: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use rudder_pki::backup::{self, BackupKey};
+    let (key, fresh) = match key_file {
+        Some(k) => (BackupKey::read_file(k)?, false),
+        None => (BackupKey::generate()?, true),
+    };
+    let started = std::time::Instant::now();
+    let mut client = crate::connect(ctx).await?;
+    let mut stream = client
+        .backup(rudder_proto::v1::BackupRequest {
+            key: key.bytes().to_vec(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("backup: {}", s.message()))?
+        .into_inner();
+    let (mut data, mut index, mut total) = (Vec::new(), 0, 0);
+    while let Some(chunk) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("backup: {}", s.message()))?
+    {
+        if data.is_empty() {
+            (index, total) = (chunk.index, chunk.total);
+            anyhow::ensure!(
+                total <= backup::MAX_BACKUP,
+                "backup: the controller offers {total} bytes, more than {} accepted",
+                backup::MAX_BACKUP
+            );
+            data.reserve(total as usize);
+        }
+        data.extend_from_slice(&chunk.data);
+        anyhow::ensure!(
+            data.len() as u64 <= total,
+            "backup: the controller sent more than the {total} bytes it announced"
+        );
+    }
+    anyhow::ensure!(
+        data.len() as u64 == total,
+        "backup: the stream ended after {} of {total} bytes; nothing written",
+        data.len()
+    );
+    // Check it opens before it replaces anything.
+    backup::open(&key, data.clone())?;
+    rudder_pki::ca::write_atomic(file, &data, 0o600)?;
+    eprintln!(
+        "backup of the store at raft index {index} written to {} ({total} bytes, {:.2}s)",
+        file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if fresh {
+        eprintln!(
+            "keep this key apart from the file; restore with it in the environment:\n  \
+             RUDDER_BACKUP_KEY=<key> rudder-controller --restore {} --data-dir <empty dir> ...",
+            file.display()
+        );
+        println!("{}={}", backup::KEY_ENV, key.to_hex());
+    }
+    Ok(())
+}
