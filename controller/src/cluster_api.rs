@@ -324,6 +324,22 @@ impl ClusterApi {
         self
     }
 
+    /// The admin behind `req`: a certificate of this cluster's CA (checked against the local
+    /// copy first, then the store's), of an admin identity that is not revoked.
+    async fn admin_caller<T: Send + Sync>(
+        &self,
+        req: &Request<T>,
+        rpc: &str,
+    ) -> Result<String, Status> {
+        self.precheck(req, &[Role::Admin], rpc)?;
+        let ca = self.cluster_ca().await?;
+        let admin = authorize(req, ca.cert(), &[Role::Admin], rpc)?.node;
+        if self.secrets.standing(Role::Admin, &admin).await? == Standing::Revoked {
+            return Err(log_refusal(rpc, ClusterError::Revoked(admin)));
+        }
+        Ok(admin)
+    }
+
     /// The cheap checks before the store is read: the caller's certificate against the local
     /// copy of the CA.
     fn precheck<T>(&self, req: &Request<T>, roles: &[Role], rpc: &str) -> Result<(), Status> {
@@ -502,12 +518,7 @@ impl Cluster for ClusterApi {
         req: Request<JoinTokenRequest>,
     ) -> Result<Response<JoinTokenResponse>, Status> {
         const RPC: &str = "Cluster/JoinToken";
-        self.precheck(&req, &[Role::Admin], RPC)?;
-        let ca = self.cluster_ca().await?;
-        let admin = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
-        if self.secrets.standing(Role::Admin, &admin).await? == Standing::Revoked {
-            return Err(log_refusal(RPC, ClusterError::Revoked(admin)));
-        }
+        let admin = self.admin_caller(&req, RPC).await?;
         let req = req.into_inner();
         info!(
             admin,
@@ -561,12 +572,7 @@ impl Cluster for ClusterApi {
         req: Request<AdminCertRequest>,
     ) -> Result<Response<AdminCertResponse>, Status> {
         const RPC: &str = "Cluster/AdminCert";
-        self.precheck(&req, &[Role::Admin], RPC)?;
-        let ca = self.cluster_ca().await?;
-        let caller = authorize(&req, ca.cert(), &[Role::Admin], RPC)?.node;
-        if self.secrets.standing(Role::Admin, &caller).await? == Standing::Revoked {
-            return Err(log_refusal(RPC, ClusterError::Revoked(caller)));
-        }
+        let caller = self.admin_caller(&req, RPC).await?;
         self.admin_cert_for(&caller, req.into_inner())
             .await
             .map(Response::new)
