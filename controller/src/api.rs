@@ -36,6 +36,13 @@ pub struct ControlApi {
     pub at_rest: Option<std::sync::Arc<crate::security::AtRest>>,
 }
 
+/// A fresh autolock unlock key, as the store records it.
+fn new_unlock_key() -> Result<rudder_model::store::UnlockKeyText, Status> {
+    let k = crate::crypt::UnlockKey::generate()
+        .map_err(|e| Status::internal(format!("autolock: {e}")))?;
+    Ok(rudder_model::store::UnlockKeyText(k.encode()))
+}
+
 pub(crate) fn raft_status(e: RaftError) -> Status {
     match e {
         RaftError::NotLeader(_) => Status::unavailable(e.to_string()),
@@ -974,6 +981,52 @@ impl Control for ControlApi {
             key_id,
             old_key_deleted,
         }))
+    }
+
+    async fn set_autolock(
+        &self,
+        req: Request<SetAutolockRequest>,
+    ) -> Result<Response<UnlockKeyResponse>, Status> {
+        let on = req.into_inner().on;
+        self.raft.read_index().await.map_err(raft_status)?;
+        let key = match (on, self.raft.store().unlock_key.clone()) {
+            // Already on: the key stays (rotation is `unlock-key --rotate`).
+            (true, Some(k)) => Some(k),
+            (true, None) => Some(new_unlock_key()?),
+            (false, _) => None,
+        };
+        self.raft
+            .propose(Command::SetUnlockKey { key: key.clone() })
+            .await
+            .map_err(raft_status)?;
+        info!(on, "autolock set");
+        Ok(Response::new(UnlockKeyResponse {
+            unlock_key: key.map(|k| k.0).unwrap_or_default(),
+        }))
+    }
+
+    async fn unlock_key(
+        &self,
+        req: Request<UnlockKeyRequest>,
+    ) -> Result<Response<UnlockKeyResponse>, Status> {
+        let rotate = req.into_inner().rotate;
+        self.raft.read_index().await.map_err(raft_status)?;
+        let Some(mut key) = self.raft.store().unlock_key.clone() else {
+            return Err(Status::failed_precondition(
+                "unlock-key: autolock is off; turn it on with `rctl cluster autolock on`",
+            ));
+        };
+        if rotate {
+            key = new_unlock_key()?;
+            self.raft
+                .propose(Command::SetUnlockKey {
+                    key: Some(key.clone()),
+                })
+                .await
+                .map_err(raft_status)?;
+            info!("rotated the unlock key");
+        }
+        Ok(Response::new(UnlockKeyResponse { unlock_key: key.0 }))
     }
 
     async fn backup(

@@ -16,6 +16,7 @@ pub mod dispatcher;
 pub mod exec_api;
 pub mod image_api;
 pub mod image_tags;
+pub mod locked;
 pub mod orchestrator;
 pub mod peer;
 pub mod raft_node;
@@ -159,7 +160,22 @@ pub async fn run(
     let node_name = security::controller_cn(cfg.raft_id);
     // This controller's data key: it seals the raft log, the snapshots and the CA key.
     let certs_dir = cfg.data_dir.join("certs");
-    let keys = Arc::new(crypt::DataKeys::load_or_create(&certs_dir)?);
+    let mut shutdown = Box::pin(shutdown);
+    let keys = match crypt::DataKeys::load_or_create(&certs_dir) {
+        // Autolock: locked until `rctl cluster unlock` sends the key.
+        Err(crypt::CryptError::Locked(_)) => {
+            match locked::wait_for_unlock(cfg.listen, &cfg.me().addr, &certs_dir, &mut shutdown)
+                .await?
+            {
+                Some(keys) => Arc::new(keys),
+                None => {
+                    info!("controller stopping (still locked)");
+                    return Ok(());
+                }
+            }
+        }
+        r => Arc::new(r?),
+    };
     let (boot, storage) = if let Some(backup) = &cfg.restore {
         let store = restored_store(backup, cfg.raft_id, cfg.me())?;
         let secrets = store.secrets.as_ref().ok_or_else(|| {
@@ -198,7 +214,7 @@ pub async fn run(
     let certs = boot.certs;
     let peer_tls = tls::client_tls(&certs, ca::Role::Manager);
 
-    let at_rest = security::AtRest::new(storage.clone(), keys, certs_dir);
+    let at_rest = security::AtRest::new(storage.clone(), keys.clone(), certs_dir);
     // Rewrites plaintext records of a log from before encryption, and finishes a key rotation
     // a restart interrupted.
     tokio::spawn(at_rest.clone().reencrypt());
@@ -211,6 +227,8 @@ pub async fn run(
         tokio::spawn(security::record_initial_secrets(raft.clone(), initial));
     }
     tokio::spawn(orchestrator::run(raft.clone()));
+    // Autolock: the keyring file follows the store's unlock key (wrapped, re-wrapped, plain).
+    tokio::spawn(security::follow_autolock(raft.clone(), keys));
     let me = cfg.me();
     tokio::spawn(keep_membership(raft.clone(), me.clone()));
 
@@ -379,7 +397,7 @@ pub async fn run(
     // Fail-stop (L8): a raft loop that ended (a storage error) leaves a store that no longer
     // follows the log; serving it would answer with stale data. Stop instead, and say so.
     let failed = tokio::select! {
-        _ = shutdown => false,
+        _ = &mut shutdown => false,
         _ = raft.stopped() => true,
     };
     if failed {

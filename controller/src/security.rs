@@ -38,6 +38,41 @@ use crate::raft_node::RaftHandle;
 use crate::storage::RedbStorage;
 use crate::tls::{self, NodeCerts};
 
+/// Autolock: keeps this controller's keyring file wrapped with the store's unlock key (or
+/// unwrapped when there is none), rewriting it whenever that key changes.
+pub async fn follow_autolock(raft: RaftHandle, keys: Arc<DataKeys>) {
+    let mut store = raft.watch_store();
+    loop {
+        let want = store.borrow_and_update().unlock_key.clone();
+        let kek = match want
+            .as_ref()
+            .map(|k| crypt::UnlockKey::parse(&k.0))
+            .transpose()
+        {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(%e, "autolock: the store's unlock key does not parse; keyring unchanged");
+                if store.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let on = kek.is_some();
+        let k2 = keys.clone();
+        match tokio::task::spawn_blocking(move || k2.set_unlock_key(kek)).await {
+            Ok(Ok(true)) if on => info!("autolock: keyring wrapped with the unlock key"),
+            Ok(Ok(true)) => info!("autolock: off; keyring unwrapped"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(%e, "autolock: rewriting the keyring"),
+            Err(e) => warn!(%e, "autolock: keyring task"),
+        }
+        if store.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Files `rctl` needs, written by the first controller into `<data>/admin/`.
 pub const ADMIN_DIR: &str = "admin";
 pub const ADMIN_CERT_FILE: &str = "admin.pem";

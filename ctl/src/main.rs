@@ -438,6 +438,27 @@ enum ClusterCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Autolock: with `on`, every controller keeps its keyring wrapped with an unlock key
+    /// (printed once: keep it safe); a restarted controller stays locked until `rctl cluster
+    /// unlock`. `off` unwraps them again.
+    Autolock {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Print (or rotate) the autolock unlock key; a rotated one replaces the old at once.
+    UnlockKey {
+        #[arg(long)]
+        rotate: bool,
+        /// Print only the key.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Unlock a locked controller (name it with --controller): the unlock key is read from
+    /// --key-file, else from stdin.
+    Unlock {
+        #[arg(long)]
+        key_file: Option<std::path::PathBuf>,
+    },
     /// A consistent, encrypted copy of the whole store (services, networks, volumes, secrets,
     /// the CA) written to FILE; restore with `rudder-controller --restore FILE`. Prints a
     /// fresh key once unless --key-file names one.
@@ -747,6 +768,15 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Cluster {
             cmd: ClusterCmd::RotateDataKey { no_wait },
         } => rt.block_on(cmd::cluster::rotate_data_key(&ctx()?, !*no_wait)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Autolock { state },
+        } => rt.block_on(cmd::cluster::autolock(&ctx()?, state == "on")),
+        Cmd::Cluster {
+            cmd: ClusterCmd::UnlockKey { rotate, quiet },
+        } => rt.block_on(cmd::cluster::unlock_key(&ctx()?, *rotate, *quiet)),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Unlock { key_file },
+        } => rt.block_on(cmd::cluster::unlock(&ctx()?, key_file.as_deref())),
         Cmd::Cluster {
             cmd: ClusterCmd::Backup { file, key_file },
         } => rt.block_on(cmd::cluster::backup(&ctx()?, file, key_file.as_deref())),

@@ -456,6 +456,22 @@ pub enum Command {
         kind: crate::secret::ObjectKind,
         name: String,
     },
+    /// Autolock: the cluster's unlock key (`RDRKEK-…`, drawn by the proposer) every controller
+    /// wraps its keyring file with; `None` turns autolock off.
+    SetUnlockKey {
+        key: Option<UnlockKeyText>,
+    },
+}
+
+/// Autolock's unlock key as text (`RDRKEK-…`); `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UnlockKeyText(pub String);
+
+impl std::fmt::Debug for UnlockKeyText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnlockKeyText(..)")
+    }
 }
 
 /// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
@@ -580,6 +596,10 @@ pub struct Store {
     /// Users' configs (`rctl config`), by name.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub config_objects: Map<String, crate::secret::SecretObject>,
+    /// Autolock's unlock key (`RDRKEK-…`), `None` while autolock is off. Only inside the
+    /// log's encryption at rest; never sent to agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlock_key: Option<UnlockKeyText>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -1107,6 +1127,9 @@ impl Store {
                 digest,
                 now,
             } => self.put_secret(index, kind, name, labels, data, digest, now)?,
+            Command::SetUnlockKey { key } => {
+                self.unlock_key = key;
+            }
             Command::RemoveSecret { kind, name } => {
                 let users = self.secret_users(kind, &name);
                 if !users.is_empty() {
@@ -2482,5 +2505,26 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         let back: Store = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn the_unlock_key_is_set_and_cleared_and_stays_out_of_debug() {
+        let mut s = Store::default();
+        let key = UnlockKeyText("RDRKEK-00112233445566778899aabbccddeeff".into());
+        s.apply(
+            1,
+            Command::SetUnlockKey {
+                key: Some(key.clone()),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.unlock_key, Some(key));
+        assert!(!format!("{s:?}").contains("RDRKEK-0011"));
+        let back: Store = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        s.apply(2, Command::SetUnlockKey { key: None }).unwrap();
+        assert_eq!(s.unlock_key, None);
+        // A store from before autolock reads as autolock off.
+        assert!(!serde_json::to_string(&s).unwrap().contains("unlock_key"));
     }
 }

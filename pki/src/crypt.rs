@@ -7,7 +7,8 @@
 //! - Every controller has its own keyring in `<data>/certs/raft-dek` (0600 in the 0700 certs
 //!   dir, written atomically): one current key, plus — only while a rotation re-encrypts — the
 //!   keys it replaced. [`load_keyring`] and [`store_keyring`] are the only code that reads or
-//!   writes that file (autolock will wrap it with an unlock key there).
+//!   writes that file. With autolock on it is wrapped with the cluster's [`UnlockKey`]
+//!   (`WRAPPED_MAGIC | nonce | AES-256-GCM(keyring)`), and opens only with that key.
 //! - A record is `MAGIC | key id (u32 BE) | nonce (96 bits, random per record) | AES-256-GCM
 //!   ciphertext and tag`. The header and the record's place (its [`Context`], e.g. the log
 //!   index) are the associated data, so a record moved to another place does not decrypt.
@@ -57,6 +58,131 @@ pub enum CryptError {
     Ca(#[from] crate::ca::CaError),
     #[error("crypt: sealed ca key file too large (over {0} bytes)")]
     TooLarge(u64),
+    #[error("crypt: key file {0} is locked (autolock): it needs the cluster's unlock key")]
+    Locked(PathBuf),
+    #[error(
+        "crypt: key file {0}: the unlock key does not open it (a wrong or rotated unlock key)"
+    )]
+    WrongUnlockKey(PathBuf),
+    #[error("crypt: unlock key: {0}")]
+    BadUnlockKey(&'static str),
+}
+
+/// First bytes of a keyring file wrapped with an unlock key (autolock).
+pub const WRAPPED_MAGIC: &[u8; 8] = b"RDRKEKW\x01";
+/// The prefix of an unlock key as a user sees it.
+pub const UNLOCK_KEY_PREFIX: &str = "RDRKEK-";
+
+/// The cluster's key-encryption key (autolock): wraps each controller's keyring file. Shown
+/// to the user once as `RDRKEK-<hex>`; `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UnlockKey([u8; KEY_LEN]);
+
+impl UnlockKey {
+    pub fn generate() -> Result<UnlockKey, CryptError> {
+        let mut b = [0u8; KEY_LEN];
+        SystemRandom::new()
+            .fill(&mut b)
+            .map_err(|_| CryptError::Random)?;
+        Ok(UnlockKey(b))
+    }
+
+    /// The key as the user writes it, `RDRKEK-<64 hex digits>`.
+    pub fn encode(&self) -> String {
+        format!("{UNLOCK_KEY_PREFIX}{}", hex::encode(self.0))
+    }
+
+    /// Parses [`UnlockKey::encode`]'s form (surrounding whitespace ignored).
+    pub fn parse(s: &str) -> Result<UnlockKey, CryptError> {
+        let s = s.trim();
+        if s.len() > 256 {
+            return Err(CryptError::BadUnlockKey("too long"));
+        }
+        let hexpart = s
+            .strip_prefix(UNLOCK_KEY_PREFIX)
+            .ok_or(CryptError::BadUnlockKey("does not begin with RDRKEK-"))?;
+        let v =
+            hex::decode(hexpart).map_err(|_| CryptError::BadUnlockKey("not hex after RDRKEK-"))?;
+        let b: [u8; KEY_LEN] = v
+            .try_into()
+            .map_err(|_| CryptError::BadUnlockKey("not 32 bytes"))?;
+        Ok(UnlockKey(b))
+    }
+
+    fn aead(&self) -> LessSafeKey {
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.0).expect("32-byte key"))
+    }
+}
+
+impl fmt::Debug for UnlockKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("UnlockKey(..)")
+    }
+}
+
+/// Wraps a keyring file's `body` with `kek`: `WRAPPED_MAGIC | nonce | AES-256-GCM(body) | tag`.
+fn wrap(kek: &UnlockKey, body: &[u8]) -> Result<Vec<u8>, CryptError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .map_err(|_| CryptError::Random)?;
+    let mut out = Vec::with_capacity(WRAPPED_MAGIC.len() + NONCE_LEN + body.len() + TAG_LEN);
+    out.extend_from_slice(WRAPPED_MAGIC);
+    out.extend_from_slice(&nonce);
+    let aad = out.clone();
+    out.extend_from_slice(body);
+    let start = WRAPPED_MAGIC.len() + NONCE_LEN;
+    let tag = kek
+        .aead()
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut out[start..],
+        )
+        .map_err(|_| CryptError::Random)?;
+    out.extend_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+fn unwrap_body(path: &Path, kek: &UnlockKey, mut raw: Vec<u8>) -> Result<Vec<u8>, CryptError> {
+    let start = WRAPPED_MAGIC.len() + NONCE_LEN;
+    if raw.len() < start + TAG_LEN {
+        return Err(CryptError::Format(
+            path.to_owned(),
+            "truncated wrapped keyring".into(),
+        ));
+    }
+    let nonce: [u8; NONCE_LEN] = raw[WRAPPED_MAGIC.len()..start].try_into().expect("nonce");
+    let aad = raw[..start].to_vec();
+    let len = kek
+        .aead()
+        .open_within(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut raw,
+            start..,
+        )
+        .map_err(|_| CryptError::WrongUnlockKey(path.to_owned()))?
+        .len();
+    raw.truncate(len);
+    Ok(raw)
+}
+
+/// Whether the keyring file in `certs_dir` is wrapped with an unlock key (autolock).
+pub fn keyring_is_wrapped(certs_dir: &Path) -> Result<bool, CryptError> {
+    use std::io::Read as _;
+    let path = certs_dir.join(DEK_FILE);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(CryptError::Io(path, e)),
+    };
+    let mut head = [0u8; WRAPPED_MAGIC.len()];
+    match f.read_exact(&mut head) {
+        Ok(()) => Ok(&head == WRAPPED_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(CryptError::Io(path, e)),
+    }
 }
 
 /// The CA key sealed with the data key, in the certs dir of a controller that holds the CA.
@@ -246,8 +372,18 @@ struct KeyEntry {
     key: String,
 }
 
-/// Reads the keyring from `<certs>/raft-dek`, `None` when there is none yet.
+/// Reads the keyring from `<certs>/raft-dek`, `None` when there is none yet; a wrapped
+/// (autolocked) one is refused with [`CryptError::Locked`].
 pub fn load_keyring(certs_dir: &Path) -> Result<Option<Keyring>, CryptError> {
+    load_keyring_with(certs_dir, None)
+}
+
+/// [`load_keyring`] that opens a keyring wrapped with `kek` (autolock). A wrong key is
+/// [`CryptError::WrongUnlockKey`]; a key given for an unwrapped keyring is not needed.
+pub fn load_keyring_with(
+    certs_dir: &Path,
+    kek: Option<&UnlockKey>,
+) -> Result<Option<Keyring>, CryptError> {
     let path = certs_dir.join(DEK_FILE);
     let io = |e| CryptError::Io(path.clone(), e);
     let f = match std::fs::File::open(&path) {
@@ -261,6 +397,12 @@ pub fn load_keyring(certs_dir: &Path) -> Result<Option<Keyring>, CryptError> {
     let bad = |m: String| CryptError::Format(path.clone(), m);
     if raw.len() as u64 > MAX_KEYRING_FILE {
         return Err(bad(format!("larger than {MAX_KEYRING_FILE} bytes")));
+    }
+    if raw.starts_with(WRAPPED_MAGIC) {
+        let Some(kek) = kek else {
+            return Err(CryptError::Locked(path));
+        };
+        raw = unwrap_body(&path, kek, raw)?;
     }
     let file: KeyFile = serde_json::from_slice(&raw).map_err(|e| bad(e.to_string()))?;
     if file.version != KEYRING_VERSION {
@@ -281,6 +423,15 @@ pub fn load_keyring(certs_dir: &Path) -> Result<Option<Keyring>, CryptError> {
 
 /// Writes the keyring to `<certs>/raft-dek` (0600), atomically and durably.
 pub fn store_keyring(certs_dir: &Path, ring: &Keyring) -> Result<(), CryptError> {
+    store_keyring_with(certs_dir, ring, None)
+}
+
+/// [`store_keyring`], wrapped with `kek` when autolock is on.
+pub fn store_keyring_with(
+    certs_dir: &Path,
+    ring: &Keyring,
+    kek: Option<&UnlockKey>,
+) -> Result<(), CryptError> {
     let entry = |d: &Dek| KeyEntry {
         id: d.id,
         key: hex::encode(d.bytes),
@@ -291,6 +442,10 @@ pub fn store_keyring(certs_dir: &Path, ring: &Keyring) -> Result<(), CryptError>
         previous: ring.previous.iter().map(entry).collect(),
     };
     let body = serde_json::to_vec(&file).expect("key file serializes");
+    let body = match kek {
+        Some(k) => wrap(k, &body)?,
+        None => body,
+    };
     write_private_atomic(&certs_dir.join(DEK_FILE), &body)
 }
 
@@ -322,6 +477,8 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> Result<(), CryptError> 
 pub struct DataKeys {
     dir: Option<PathBuf>,
     ring: RwLock<Keyring>,
+    /// The unlock key the stored keyring is wrapped with (autolock on).
+    kek: RwLock<Option<UnlockKey>>,
 }
 
 impl fmt::Debug for DataKeys {
@@ -340,7 +497,16 @@ impl fmt::Debug for DataKeys {
 impl DataKeys {
     /// The keyring stored in `certs_dir`, made (and stored) on first use.
     pub fn load_or_create(certs_dir: &Path) -> Result<DataKeys, CryptError> {
-        let ring = match load_keyring(certs_dir)? {
+        Self::load_or_create_with(certs_dir, None)
+    }
+
+    /// [`DataKeys::load_or_create`] opening a keyring wrapped with `kek` (autolock).
+    pub fn load_or_create_with(
+        certs_dir: &Path,
+        kek: Option<UnlockKey>,
+    ) -> Result<DataKeys, CryptError> {
+        let wrapped = keyring_is_wrapped(certs_dir)?;
+        let ring = match load_keyring_with(certs_dir, kek.as_ref())? {
             Some(r) => r,
             None => {
                 let r = Keyring::generate()?;
@@ -352,6 +518,7 @@ impl DataKeys {
         Ok(DataKeys {
             dir: Some(certs_dir.to_owned()),
             ring: RwLock::new(ring),
+            kek: RwLock::new(if wrapped { kek } else { None }),
         })
     }
 
@@ -360,6 +527,7 @@ impl DataKeys {
         Ok(load_keyring(certs_dir)?.map(|ring| DataKeys {
             dir: Some(certs_dir.to_owned()),
             ring: RwLock::new(ring),
+            kek: RwLock::new(None),
         }))
     }
 
@@ -368,7 +536,28 @@ impl DataKeys {
         Ok(DataKeys {
             dir: None,
             ring: RwLock::new(Keyring::generate()?),
+            kek: RwLock::new(None),
         })
+    }
+
+    /// Whether the stored keyring is wrapped with an unlock key (autolock on).
+    pub fn is_wrapped(&self) -> bool {
+        self.kek.read().expect("kek lock").is_some()
+    }
+
+    /// Rewrites the stored keyring wrapped with `kek` (`None`: unwrapped, autolock off);
+    /// whether it changed anything. The old unlock key stops opening it.
+    pub fn set_unlock_key(&self, kek: Option<UnlockKey>) -> Result<bool, CryptError> {
+        let r = self.ring.write().expect("keyring lock");
+        let mut cur = self.kek.write().expect("kek lock");
+        if *cur == kek {
+            return Ok(false);
+        }
+        if let Some(dir) = &self.dir {
+            store_keyring_with(dir, &r, kek.as_ref())?;
+        }
+        *cur = kek;
+        Ok(true)
     }
 
     /// The id of the key new records are written with.
@@ -498,7 +687,7 @@ impl DataKeys {
 
     fn persist(&self, r: &Keyring) -> Result<(), CryptError> {
         match &self.dir {
-            Some(dir) => store_keyring(dir, r),
+            Some(dir) => store_keyring_with(dir, r, self.kek.read().expect("kek lock").as_ref()),
             None => Ok(()),
         }
     }
@@ -639,6 +828,73 @@ mod tests {
         keys.retire().unwrap();
         let got = load_sealed_ca(dir.path()).unwrap().unwrap();
         assert_eq!(got.key_pem(), ca.key_pem());
+    }
+
+    #[test]
+    fn autolock_wraps_the_keyring_and_only_the_unlock_key_opens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = DataKeys::load_or_create(dir.path()).unwrap();
+        let rec = k.seal(Context::Entry(3), b"locked away").unwrap();
+        let plain_file = std::fs::read(dir.path().join(DEK_FILE)).unwrap();
+        let hexkey = serde_json::from_slice::<serde_json::Value>(&plain_file).unwrap()["current"]
+            ["key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(!keyring_is_wrapped(dir.path()).unwrap());
+        let kek = UnlockKey::generate().unwrap();
+        assert!(k.set_unlock_key(Some(kek.clone())).unwrap());
+        assert!(!k.set_unlock_key(Some(kek.clone())).unwrap(), "no change");
+        // The wrapped file is recognised and holds no raw key.
+        let raw = std::fs::read(dir.path().join(DEK_FILE)).unwrap();
+        assert!(raw.starts_with(WRAPPED_MAGIC));
+        assert!(keyring_is_wrapped(dir.path()).unwrap());
+        assert!(!raw.windows(16).any(|w| w == &hexkey.as_bytes()[..16]));
+        let raw_key = hex::decode(&hexkey).unwrap();
+        assert!(!raw.windows(16).any(|w| w == &raw_key[..16]));
+        // Without a key: locked; a wrong key: refused; the right one: opens.
+        let err = DataKeys::load_or_create(dir.path()).unwrap_err();
+        assert!(matches!(err, CryptError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("raft-dek"), "{err}");
+        let wrong = UnlockKey::generate().unwrap();
+        let err = DataKeys::load_or_create_with(dir.path(), Some(wrong)).unwrap_err();
+        assert!(matches!(err, CryptError::WrongUnlockKey(_)), "{err}");
+        let again = DataKeys::load_or_create_with(dir.path(), Some(kek.clone())).unwrap();
+        assert!(again.is_wrapped());
+        assert_eq!(again.open(Context::Entry(3), &rec).unwrap(), b"locked away");
+        // A data key rotation keeps the file wrapped.
+        again.rotate().unwrap();
+        assert!(keyring_is_wrapped(dir.path()).unwrap());
+        again.retire().unwrap();
+        // Rotation of the unlock key: the old one stops working.
+        let kek2 = UnlockKey::generate().unwrap();
+        again.set_unlock_key(Some(kek2.clone())).unwrap();
+        let err = DataKeys::load_or_create_with(dir.path(), Some(kek)).unwrap_err();
+        assert!(matches!(err, CryptError::WrongUnlockKey(_)), "{err}");
+        let third = DataKeys::load_or_create_with(dir.path(), Some(kek2)).unwrap();
+        assert_eq!(third.current_id(), 2);
+        // Off: unwrapped again, readable without a key.
+        third.set_unlock_key(None).unwrap();
+        assert!(!keyring_is_wrapped(dir.path()).unwrap());
+        assert_eq!(
+            DataKeys::load_or_create(dir.path()).unwrap().current_id(),
+            2
+        );
+    }
+
+    #[test]
+    fn unlock_keys_print_and_parse() {
+        let k = UnlockKey::generate().unwrap();
+        let s = k.encode();
+        assert!(s.starts_with("RDRKEK-") && s.len() == 7 + 64, "{s}");
+        assert_eq!(UnlockKey::parse(&format!(" {s}\n")).unwrap(), k);
+        assert!(!format!("{k:?}").contains(&s[7..20]));
+        for bad in ["", "RDRKEK-zz", "abc", "RDRKEK-00"] {
+            assert!(
+                matches!(UnlockKey::parse(bad), Err(CryptError::BadUnlockKey(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -225,6 +225,78 @@ pub async fn rotate_data_key(ctx: &Context, wait: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `rctl cluster autolock on|off`: on prints the unlock key once.
+pub async fn autolock(ctx: &Context, on: bool) -> anyhow::Result<()> {
+    let key = crate::connect(ctx)
+        .await?
+        .set_autolock(rudder_proto::v1::SetAutolockRequest { on })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .unlock_key;
+    if on {
+        eprintln!(
+            "autolock is on. Keep this unlock key safe: a restarted controller stays locked \
+             until `rctl cluster unlock --controller <its address>` is given it."
+        );
+        println!("{key}");
+    } else {
+        eprintln!("autolock is off: controllers keep their keyrings unwrapped");
+    }
+    Ok(())
+}
+
+/// `rctl cluster unlock-key [--rotate]`.
+pub async fn unlock_key(ctx: &Context, rotate: bool, quiet: bool) -> anyhow::Result<()> {
+    let key = crate::connect(ctx)
+        .await?
+        .unlock_key(rudder_proto::v1::UnlockKeyRequest { rotate })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .unlock_key;
+    if !quiet && rotate {
+        eprintln!("new unlock key (the old one no longer unlocks any controller); keep it safe:");
+    }
+    println!("{key}");
+    Ok(())
+}
+
+/// Largest unlock key input read (a key is 71 characters).
+const MAX_UNLOCK_INPUT: u64 = 1024;
+
+/// `rctl cluster unlock [--key-file F]`: sends the unlock key to the (locked) controller of
+/// the context (`--controller`).
+pub async fn unlock(ctx: &Context, key_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let mut key = String::new();
+    match key_file {
+        Some(f) => {
+            std::fs::File::open(f)
+                .map_err(|e| anyhow::anyhow!("unlock: {}: {e}", f.display()))?
+                .take(MAX_UNLOCK_INPUT)
+                .read_to_string(&mut key)?;
+        }
+        None => {
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                eprint!("unlock key: ");
+            }
+            std::io::stdin()
+                .take(MAX_UNLOCK_INPUT)
+                .read_to_string(&mut key)?;
+        }
+    }
+    let key = key.trim().to_string();
+    anyhow::ensure!(!key.is_empty(), "unlock: no unlock key given");
+    let mut client = rudder_proto::v1::lock_client::LockClient::new(crate::channel(ctx).await?);
+    client
+        .unlock(rudder_proto::v1::UnlockRequest { unlock_key: key })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    eprintln!("unlocked {}: it is starting", ctx.controller);
+    Ok(())
+}
+
 /// `rctl cluster backup FILE [--key-file K]`: a consistent, encrypted copy of the whole store
 /// written to FILE (0600, atomically). Without `--key-file` a fresh key is made and printed once.
 pub async fn backup(
