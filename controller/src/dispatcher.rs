@@ -159,7 +159,9 @@ fn check_registration(
         )));
     }
     // A hostname is a node's for good (placement constraints and `--node` name hosts by
-    // it): set at the first registration, never changed, never shared.
+    // it): set at the first registration and never changed. That it is never shared, and that
+    // one host address is one node's, the store checks when it applies the registration
+    // (`Command::PutNode`), where two registrations cannot race.
     if let Some(n) = store.nodes.get(&me.node) {
         if n.hostname != reg.hostname {
             warn!(node = %me.node, was = %n.hostname, claimed = %reg.hostname,
@@ -170,19 +172,6 @@ fn check_registration(
                 me.node, n.hostname
             )));
         }
-    }
-    if let Some(other) = store
-        .nodes
-        .values()
-        .find(|n| n.hostname == reg.hostname && n.id != me.node)
-    {
-        warn!(node = %me.node, hostname = %reg.hostname, owner = %other.id,
-            "dispatcher: refused a hostname another node has");
-        return Err(Status::permission_denied(format!(
-            "dispatcher: hostname {} belongs to node {}; remove that node (`rctl node rm`) \
-             before another takes its name",
-            reg.hostname, other.id
-        )));
     }
     if me.node.starts_with(crate::cluster_api::CONTROLLER_PREFIX) {
         return Err(Status::permission_denied(format!(
@@ -214,23 +203,6 @@ fn check_registration(
                 remote.ip()
             )));
         }
-    }
-    // One node per host address: an agent that connects from a controller host's address would
-    // otherwise count as that host (its role, the build host).
-    let ip = |a: &str| a.rsplit_once(':').map_or(a, |(h, _)| h).to_string();
-    if let Some(other) = store
-        .nodes
-        .values()
-        .find(|n| n.id != me.node && ip(&n.addr) == ip(&reg.addr))
-    {
-        warn!(node = %me.node, addr = %reg.addr, owner = %other.id,
-            "dispatcher: refused an address another node has");
-        return Err(Status::permission_denied(format!(
-            "dispatcher: address {} belongs to node {} ({}); one node per host",
-            ip(&reg.addr),
-            other.id,
-            other.hostname
-        )));
     }
     // Known to the cluster: a registered node, or one a current join token admitted. A
     // certificate minted with a token rotated since, and never used, is not (finding of the
@@ -442,9 +414,11 @@ impl Dispatcher for DispatcherApi {
                 })
                 .await
                 .map_err(|e| match e {
-                    // The store's own check of hostnames and addresses (two racing
-                    // registrations): a refusal, not an outage.
+                    // The store's check of hostnames and host addresses (one node each): a
+                    // refusal, not an outage.
                     crate::raft_node::RaftError::Apply(a) => {
+                        warn!(node = %node_id, hostname = %reg.hostname, addr = %reg.addr, err = %a,
+                            "dispatcher: refused a registration");
                         Status::permission_denied(format!("dispatcher: {a}"))
                     }
                     e => Status::unavailable(e.to_string()),
