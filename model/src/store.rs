@@ -1638,6 +1638,20 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registration of worker `id` with `hostname` at `addr`.
+    fn node_at(id: &str, hostname: &str, addr: &str, now: u64) -> Command {
+        Command::PutNode {
+            id: id.into(),
+            hostname: hostname.into(),
+            addr: addr.into(),
+            labels: Default::default(),
+            role: NodeRole::Worker,
+            resources: Default::default(),
+            now,
+            cert_not_after: 0,
+        }
+    }
     use crate::spec::tests_support::spec;
 
     fn task(id: &str, svc: &Service, slot: u64) -> Task {
@@ -1854,6 +1868,7 @@ mod tests {
                 role: NodeRole::Worker,
                 resources: Default::default(),
                 now: 2,
+                // Recorded from the session's certificate.
                 cert_not_after: 99,
             },
         )
@@ -1927,16 +1942,7 @@ mod tests {
     #[test]
     fn hostnames_and_host_addresses_belong_to_one_node() {
         let mut s = Store::default();
-        let put = |id: &str, host: &str, addr: &str| Command::PutNode {
-            id: id.into(),
-            hostname: host.into(),
-            addr: addr.into(),
-            labels: Default::default(),
-            role: NodeRole::Worker,
-            resources: Default::default(),
-            now: 1,
-            cert_not_after: 0,
-        };
+        let put = |id: &str, host: &str, addr: &str| node_at(id, host, addr, 1);
         s.apply(1, put("n1", "h1", "10.0.0.1:4245")).unwrap();
         // The same node again (a restart): fine.
         s.apply(2, put("n1", "h1", "10.0.0.1:4245")).unwrap();
@@ -1980,20 +1986,7 @@ mod tests {
         )
         .unwrap();
         // n1 registers, controller-2 becomes a member: neither waits any more.
-        s.apply(
-            4,
-            Command::PutNode {
-                id: "n1".into(),
-                hostname: "h1".into(),
-                addr: "10.0.0.1:4245".into(),
-                labels: Default::default(),
-                role: NodeRole::Worker,
-                resources: Default::default(),
-                now: 4,
-                cert_not_after: 0,
-            },
-        )
-        .unwrap();
+        s.apply(4, node_at("n1", "h1", "10.0.0.1:4245", 4)).unwrap();
         s.set_manager(5, 2, Some(ManagerInfo::default()));
         assert_eq!(s.admitted.len(), 1);
         s.apply(
@@ -2022,20 +2015,7 @@ mod tests {
     #[test]
     fn a_node_runs_a_controller_by_promotion_or_by_a_member_on_its_host() {
         let mut s = Store::default();
-        s.apply(
-            1,
-            Command::PutNode {
-                id: "n1".into(),
-                hostname: "h1".into(),
-                addr: "10.0.0.1:4245".into(),
-                labels: Default::default(),
-                role: NodeRole::Worker,
-                resources: Default::default(),
-                now: 1,
-                cert_not_after: 0,
-            },
-        )
-        .unwrap();
+        s.apply(1, node_at("n1", "h1", "10.0.0.1:4245", 1)).unwrap();
         assert!(!s.runs_controller(&s.nodes["n1"]));
         s.set_manager(
             2,
