@@ -1,9 +1,8 @@
-//! `rctl`, the Rudder command line, as a library: one module per command under `cmd`, the
-//! cluster context, and the local multi-host lab (`lab`) that tests use too.
+//! `rctl`, the Rudder command line, as a library: one module per command under `cmd` and the
+//! cluster context. The local multi-host lab behind `rctl local` is the `rudder-lab` crate.
 
 pub mod cmd;
 pub mod context;
-pub mod lab;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-pub use rudder_ctl::lab;
+pub use rudder_lab as lab;
 
 /// The cargo target directory holding the workspace's binaries (`cargo build --bins` first).
 pub fn bin_dir() -> PathBuf {

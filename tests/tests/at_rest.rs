@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rudder_ctl::lab;
+use rudder_tests::lab;
 use rudder_tests::{wait_for, LabGuard};
 use serde_json::Value;
 

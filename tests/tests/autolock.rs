@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rudder_ctl::lab;
+use rudder_tests::lab;
 use rudder_tests::{bin, wait_for, LabGuard};
 use serde_json::Value;
 

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rudder_ctl::lab;
+use rudder_tests::lab;
 use rudder_tests::{bin, lab_with_busybox_managers, running_tasks, wait_for, LabGuard};
 use serde_json::Value;
 

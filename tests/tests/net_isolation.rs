@@ -401,7 +401,7 @@ fn host_forwards_only_rudders_traffic() -> anyhow::Result<()> {
             "-c",
             "echo 0 > /proc/sys/net/ipv4/ip_forward",
         ])?;
-        lab.restart(lab.host_index("h1"), rudder_ctl::lab::Role::Agent, false)?;
+        lab.restart(lab.host_index("h1"), rudder_tests::lab::Role::Agent, false)?;
         wait_for(Duration::from_secs(20), "h1's table loaded again", || {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", &h1.netns, "nft", "list", "chain", "ip"])

@@ -224,7 +224,7 @@ fn encrypted_overlay_dns_vip_mesh_and_restarts() -> anyhow::Result<()> {
         }
         after
     };
-    lab.restart(lab.host_index("h2"), rudder_ctl::lab::Role::Agent, true)?;
+    lab.restart(lab.host_index("h2"), rudder_tests::lab::Role::Agent, true)?;
     both(&lab, "both replicas after an agent restart")?;
     // (Let the restarted agent's session settle before the controller goes away, so the old
     // controller cannot judge the node lost while it stops.)
@@ -240,7 +240,7 @@ fn encrypted_overlay_dns_vip_mesh_and_restarts() -> anyhow::Result<()> {
             .then_some(()))
     })?;
     std::thread::sleep(Duration::from_secs(4));
-    lab.restart(0, rudder_ctl::lab::Role::Controller, false)?;
+    lab.restart(0, rudder_tests::lab::Role::Controller, false)?;
     both(&lab, "both replicas after a controller restart")?;
 
     // Key rotation: every host makes a new key pair; peers follow and traffic goes on.

@@ -1,10 +1,11 @@
 //! `rctl local up|down`: a multi-host lab on this machine (network namespaces on a private
-//! underlay bridge, an agent per host, a controller on the first), see `crate::lab`.
+//! underlay bridge, an agent per host, a controller on the first), see the `rudder-lab` crate.
 
 use std::path::PathBuf;
 
+use rudder_lab as lab;
+
 use crate::context::{self, Context};
-use crate::lab;
 
 pub fn lab_root() -> PathBuf {
     lab::default_root()

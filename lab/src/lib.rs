@@ -1,4 +1,6 @@
-//! Local lab: a multi-host Rudder cluster on one machine (DESIGN §7).
+//! Local lab: a multi-host Rudder cluster on one machine (DESIGN §7), behind `rctl local up|down`
+//! and under every multi-host test (`rudder-tests`). Its own crate so that the CLI does not carry
+//! the test harness's host plumbing, and the tests do not depend on the CLI for it.
 //!
 //! `up` builds an underlay bridge (`br0`) inside its own network namespace, one network namespace
 //! per host wired to that bridge with a veth pair, and a veth from the root namespace into the
