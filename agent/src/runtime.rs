@@ -1,5 +1,9 @@
-//! Container runtime seam. `OciCliRuntime` drives an OCI runtime CLI (runc, or crun where the
-//! host allows it) through one shim per container; tests of pure logic can use a fake.
+//! Container runtime port. [`ContainerRuntime`] is every verb the agent uses on a container
+//! (start under a shim, run attached, exec with or without a terminal, pause/resume, kill,
+//! delete, list, state). `OciCliRuntime` drives an OCI runtime CLI (runc, or crun where the
+//! host allows it), with the argv built by the shim crate's `RuntimeCli`, the one builder the
+//! shim uses too; [`fake::FakeRuntime`] (tests, or the `fake` feature) records calls and
+//! plays scripted results. Workers, exec, cp, commit and build's RUN all go through the port.
 //!
 //! Invariants: the agent never forks container processes itself (its process is
 //! multi-threaded); a container's fate is read from its shim's files, so it survives an agent
@@ -14,7 +18,11 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tracing::debug;
 
-use crate::shim::{ShimArgs, NOTIFY_FD};
+pub use crate::shim::ExecProcess;
+use crate::shim::{ContainerDir, RuntimeCli, ShimArgs, NOTIFY_FD};
+
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 
 /// The most output kept of each stream of a command run for a health check: its first and
 /// last half (Docker keeps 4096 bytes of a health check's output).
@@ -124,22 +132,32 @@ pub enum RuntimeError {
         op: &'static str,
         err: std::io::Error,
     },
+    /// The runtime ran and refused (its exit code was not 0); `stderr` says why.
     #[error("runtime: {cmd} failed: {stderr}")]
     Command { cmd: String, stderr: String },
+    /// The runtime knows no container of this id.
+    #[error("runtime: no container {0}")]
+    NotFound(String),
+    #[error("runtime: {cmd} timed out after {after:?}")]
+    Timeout { cmd: String, after: Duration },
+    #[error("runtime: {cmd}: unexpected output: {detail}")]
+    Output { cmd: String, detail: String },
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
     move |err| RuntimeError::Io { op, err }
 }
 
-/// Which OCI runtime binary to use. crun is faster, but Debian's crun refuses hybrid cgroup
-/// hosts ("cgroups in hybrid mode not supported"), so `auto` takes crun only on a pure cgroup v2
-/// host where it is installed.
+/// Which OCI runtime binary to use. crun starts a container in about a third of runc's time,
+/// but Debian's crun (1.8) refuses a hybrid cgroup host whose unified hierarchy has any
+/// controller ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"),
+/// and no option (`--cgroup-manager=disabled` included) gets past that check. So `auto`
+/// takes crun where it is installed and the host is pure cgroup v2, or hybrid with no
+/// controller on the unified hierarchy; runc elsewhere.
 pub fn pick_runtime(choice: &str) -> String {
     match choice {
         "auto" => {
-            let pure_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-            if pure_v2 && which("crun") {
+            if which("crun") && crun_accepts_cgroups(Path::new("/sys/fs/cgroup")) {
                 "crun".into()
             } else {
                 "runc".into()
@@ -149,16 +167,76 @@ pub fn pick_runtime(choice: &str) -> String {
     }
 }
 
+/// Whether crun's cgroup check passes on the hierarchy mounted at `cgroup_root`.
+fn crun_accepts_cgroups(cgroup_root: &Path) -> bool {
+    if cgroup_root.join("cgroup.controllers").exists() {
+        return true;
+    }
+    std::fs::read_to_string(cgroup_root.join("unified").join("cgroup.controllers"))
+        .is_ok_and(|c| c.trim().is_empty())
+}
+
 fn which(bin: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
         .unwrap_or(false)
 }
 
+/// A container's state as the runtime reports it (OCI `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Creating,
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+impl std::str::FromStr for RunState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "creating" => RunState::Creating,
+            "created" => RunState::Created,
+            "running" => RunState::Running,
+            "paused" => RunState::Paused,
+            "stopped" => RunState::Stopped,
+            other => return Err(format!("unknown status {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerState {
+    pub status: RunState,
+    /// The init's host pid (0 once stopped).
+    pub pid: u32,
+}
+
+/// Where an attached exec's stdio goes.
+#[derive(Debug)]
+pub enum ExecIo {
+    /// A pty's slave: the process's stdin, stdout, stderr and controlling terminal (the
+    /// runtime leads a new session on it, so it gets SIGWINCH and SIGHUP from the master).
+    Pty(OwnedFd),
+    /// Pipes for stdout and stderr, and for stdin when `stdin` (else /dev/null).
+    Pipes { stdin: bool },
+}
+
+/// The OCI runtime as the agent uses it: every verb on a container goes through here, so a
+/// runtime feature (a flag, a verb, another runtime) touches one implementation.
 #[async_trait::async_trait]
 pub trait ContainerRuntime: Send + Sync + 'static {
-    /// Starts the container whose bundle is in `dir/bundle`; returns its init pid once running.
+    /// The runtime's name, as shown by `rctl inspect` (`runc`, `crun`, `fake`).
+    fn name(&self) -> &str;
+    /// Creates and starts the container whose bundle is in `dir/bundle` under a shim that
+    /// outlives the agent; returns its init pid once running.
     async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError>;
+    /// Creates and starts the container of `bundle` in the foreground, as a child of the
+    /// agent: its stdout and stderr are the returned child's pipes, its exit code the
+    /// child's. For short-lived containers the agent watches itself (build's RUN); kill
+    /// with [`kill`](Self::kill), then [`delete`](Self::delete).
+    fn run_attached(&self, id: &str, bundle: &Path) -> Result<tokio::process::Child, RuntimeError>;
     /// Waits for the container to exit and returns its exit code (128+signal if killed).
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
@@ -170,16 +248,33 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError>;
-    /// Removes the runtime's record of a stopped container (idempotent). The shim normally did
-    /// it already once the container exited: wait for the shim, then clean up what is left.
+    /// Starts `process` in the running container with `io` (a terminal or pipes) and returns
+    /// the runtime's exec process: it lives as long as the command, forwards signals to it
+    /// and exits with its code.
+    fn exec_attached(
+        &self,
+        id: &str,
+        process: ExecProcess<'_>,
+        io: ExecIo,
+    ) -> Result<tokio::process::Child, RuntimeError>;
+    /// Freezes every process of the container.
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Removes the runtime's record of a stopped container (idempotent), killing what is
+    /// left. The shim normally did it already once the container exited: wait for the shim
+    /// in `dir`, if any, then clean up what is left.
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError>;
+    /// The ids of the containers the runtime knows.
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    async fn state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
 }
 
+/// How long a verb that should take milliseconds (pause, kill, state) may take.
+const VERB_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct OciCliRuntime {
-    /// Binary name or path (`runc`, `crun`).
-    pub binary: String,
-    /// The runtime's `--root` state dir, private to this agent.
-    pub root: PathBuf,
+    /// The runtime's binary and `--root`, private to this agent.
+    pub cli: RuntimeCli,
     /// This agent's executable (the shim binary is looked for next to it).
     pub self_exe: PathBuf,
     /// Read ends of the shims' notification pipes, by container id: EOF means the container
@@ -193,54 +288,102 @@ impl OciCliRuntime {
         crate::datadir::private_dir(&root).map_err(io("create runtime root"))?;
         let self_exe = std::env::current_exe().map_err(io("find own executable"))?;
         Ok(OciCliRuntime {
-            binary,
-            root,
+            cli: RuntimeCli::new(binary, root),
             self_exe,
             exit_pipes: Default::default(),
         })
     }
 
-    async fn cli(&self, args: &[&str]) -> Result<(), RuntimeError> {
-        let out = tokio::process::Command::new(&self.binary)
-            .arg("--root")
-            .arg(&self.root)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
+    /// Runs `cmd` to its end (at most [`VERB_TIMEOUT`]); its stdout, or its stderr as the
+    /// error.
+    async fn output(&self, cmd: std::process::Command) -> Result<Vec<u8>, RuntimeError> {
+        let shown = shown(&cmd);
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        let out = tokio::time::timeout(VERB_TIMEOUT, cmd.output())
             .await
+            .map_err(|_| RuntimeError::Timeout {
+                cmd: shown.clone(),
+                after: VERB_TIMEOUT,
+            })?
             .map_err(io("exec runtime"))?;
         if out.status.success() {
-            Ok(())
-        } else {
-            Err(RuntimeError::Command {
-                cmd: format!("{} {}", self.binary, args.join(" ")),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
+            return Ok(out.stdout);
         }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(refusal(shown, stderr))
     }
+}
+
+/// A refusal as [`RuntimeError::NotFound`] when the container is unknown (runc: "does not
+/// exist", crun: "not found"/"No such file").
+fn refusal(cmd: String, stderr: String) -> RuntimeError {
+    if stderr.contains("does not exist") || stderr.contains("not found") {
+        let id = cmd.rsplit(' ').next().unwrap_or_default().to_string();
+        return RuntimeError::NotFound(id);
+    }
+    RuntimeError::Command { cmd, stderr }
+}
+
+/// `binary verb args…` without `--root`, for messages.
+fn shown(cmd: &std::process::Command) -> String {
+    let args: Vec<String> = cmd
+        .get_args()
+        .skip(2)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!("{} {}", cmd.get_program().to_string_lossy(), args.join(" "))
+}
+
+/// Spawns `cmd` on `io`: a pty's slave as its stdio and controlling terminal (it leads a new
+/// session), or pipes. Killed when the child is dropped.
+pub fn spawn_attached(
+    cmd: std::process::Command,
+    io: ExecIo,
+) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let slave = match io {
+        ExecIo::Pipes { stdin } => {
+            cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            return cmd.spawn();
+        }
+        ExecIo::Pty(slave) => slave,
+    };
+    cmd.stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The process leads a new session whose controlling terminal is the slave, so it
+            // gets SIGWINCH when the master is resized, and SIGHUP when the master closes.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // The command holds the slave's copies until it is dropped: the master sees EOF only
+    // once every one is closed.
+    cmd.spawn()
 }
 
 /// Reads the shim's pid from its container dir.
 pub fn shim_pid(dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("shim.pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    ContainerDir::new(dir).read_shim_pid()
 }
 
 /// The recorded exit code, once the shim wrote it.
 pub fn exit_code(dir: &Path) -> Option<i32> {
-    std::fs::read_to_string(dir.join("exit"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    ContainerDir::new(dir).read_exit_code()
 }
 
 /// Whether the shim saw the container killed by the OOM killer.
 pub fn oom_killed(dir: &Path) -> bool {
-    dir.join("oom").exists()
+    ContainerDir::new(dir).oom_killed()
 }
 
 /// Whether `pid` is alive and is a shim of the container in `dir` (pids get reused).
@@ -255,14 +398,19 @@ pub fn shim_alive(pid: i32, dir: &Path) -> bool {
 
 #[async_trait::async_trait]
 impl ContainerRuntime for OciCliRuntime {
+    fn name(&self) -> &str {
+        &self.cli.binary
+    }
+
     async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError> {
+        let (log_max_size, log_max_files) = log_limits(&ContainerDir::new(dir));
         let args = ShimArgs {
             dir: dir.to_path_buf(),
             id: id.to_string(),
-            runtime: self.binary.clone(),
-            root: self.root.clone(),
-            log_max_size: log_limits(dir).0,
-            log_max_files: log_limits(dir).1,
+            runtime: self.cli.binary.clone(),
+            root: self.cli.root.clone(),
+            log_max_size,
+            log_max_files,
         };
         let (rd, wr) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
@@ -327,6 +475,15 @@ impl ContainerRuntime for OciCliRuntime {
         }))
     }
 
+    fn run_attached(&self, id: &str, bundle: &Path) -> Result<tokio::process::Child, RuntimeError> {
+        let mut cmd = tokio::process::Command::from(self.cli.run_foreground(id, bundle));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io("start the runtime"))
+    }
+
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError> {
         let pipe = self.exit_pipes.lock().expect("exit pipes lock").remove(id);
         if let Some(pipe) = pipe {
@@ -352,7 +509,7 @@ impl ContainerRuntime for OciCliRuntime {
     }
 
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
-        self.cli(&["kill", id, signal]).await
+        self.output(self.cli.kill(id, signal)).await.map(drop)
     }
 
     async fn exec(
@@ -361,29 +518,73 @@ impl ContainerRuntime for OciCliRuntime {
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
-        let mut command = tokio::process::Command::new(&self.binary);
-        command
-            .arg("--root")
-            .arg(&self.root)
-            .args(["exec", id])
-            .args(cmd);
-        run_capped(command, timeout).await
+        let process = ExecProcess::Args {
+            argv: cmd,
+            tty: false,
+        };
+        run_capped(self.cli.exec(id, process).into(), timeout).await
+    }
+
+    fn exec_attached(
+        &self,
+        id: &str,
+        process: ExecProcess<'_>,
+        io_: ExecIo,
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        spawn_attached(self.cli.exec(id, process), io_).map_err(io("start the runtime's exec"))
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.output(self.cli.pause(id, true)).await.map(drop)
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.output(self.cli.pause(id, false)).await.map(drop)
     }
 
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError> {
         if let Some(pid) = shim_pid(dir).filter(|p| shim_alive(*p, dir)) {
             let _ = tokio::time::timeout(Duration::from_secs(5), wait_pid_exit(pid)).await;
         }
-        if !self.root.join(id).exists() {
+        if !self.cli.root.join(id).exists() {
             return Ok(());
         }
-        match self.cli(&["delete", "--force", id]).await {
-            Err(RuntimeError::Command { stderr, .. }) if stderr.contains("does not exist") => {
-                Ok(())
-            }
-            r => r,
+        match self.output(self.cli.delete_force(id)).await {
+            Err(RuntimeError::NotFound(_)) => Ok(()),
+            r => r.map(drop),
         }
     }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let out = self.output(self.cli.list()).await?;
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        let cmd = self.cli.state(id);
+        let shown = shown(&cmd);
+        let out = self.output(cmd).await?;
+        parse_state(&out).map_err(|detail| RuntimeError::Output { cmd: shown, detail })
+    }
+}
+
+/// The OCI state JSON's status and pid.
+fn parse_state(json: &[u8]) -> Result<ContainerState, String> {
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let status = v["status"]
+        .as_str()
+        .ok_or("no status")?
+        .parse::<RunState>()?;
+    let pid = v["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(0);
+    Ok(ContainerState { status, pid })
 }
 
 /// Waits until the writer closes `pipe`.
@@ -445,9 +646,9 @@ async fn wait_pid_exit(pid: i32) {
 
 /// Log rotation for the container in `dir`: its service's `logging` settings (from the
 /// task written next to the bundle), else the defaults.
-fn log_limits(dir: &Path) -> (u64, u32) {
-    let spec = std::fs::read(dir.join("task.json"))
-        .ok()
+fn log_limits(dir: &ContainerDir) -> (u64, u32) {
+    let spec = dir
+        .read_task()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     let get = |k: &str| {
         spec.as_ref()
@@ -476,6 +677,107 @@ mod tests {
         c.push(b"ijklmnopqrstuvwxyz");
         assert_eq!(c.text(), "abcd\n[... 18 bytes left out ...]\nwxyz");
         assert_eq!(c.head.len() + c.tail.len(), 8);
+    }
+
+    #[test]
+    fn crun_is_picked_only_where_its_cgroup_check_passes() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        assert!(!crun_accepts_cgroups(root), "cgroup v1 only");
+        std::fs::create_dir(root.join("unified")).unwrap();
+        std::fs::write(root.join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
+        assert!(!crun_accepts_cgroups(root), "hybrid with a v2 controller");
+        std::fs::write(root.join("unified/cgroup.controllers"), "\n").unwrap();
+        assert!(
+            crun_accepts_cgroups(root),
+            "hybrid, empty unified hierarchy"
+        );
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        assert!(crun_accepts_cgroups(root), "pure v2");
+    }
+
+    #[test]
+    fn states_and_refusals_are_typed() {
+        let s = parse_state(br#"{"ociVersion":"1.0.2","id":"a","status":"paused","pid":42}"#);
+        assert_eq!(
+            s,
+            Ok(ContainerState {
+                status: RunState::Paused,
+                pid: 42
+            })
+        );
+        assert!(parse_state(br#"{"status":"dancing"}"#).is_err());
+        assert!(matches!(
+            refusal("runc kill abc".into(), "container does not exist".into()),
+            RuntimeError::NotFound(id) if id == "abc"
+        ));
+        assert!(matches!(
+            refusal("runc pause abc".into(), "cgroup frozen".into()),
+            RuntimeError::Command { .. }
+        ));
+    }
+
+    /// A stand-in runtime binary that logs its argv and answers `list` and `state`.
+    fn script_runtime(dir: &Path) -> OciCliRuntime {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("fake-runc");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {log}\ncase \"$3\" in\n\
+                 list) printf 'a\\nb\\n';;\n\
+                 state) echo '{{\"status\":\"running\",\"pid\":7}}';;\n\
+                 pause) echo 'container does not exist' >&2; exit 1;;\n\
+                 esac\n",
+                log = dir.join("argv").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        OciCliRuntime {
+            cli: RuntimeCli::new(bin.display().to_string(), dir.join("root")),
+            self_exe: "/bin/false".into(),
+            exit_pipes: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cli_runtime_speaks_through_the_shared_argv_builder() {
+        let t = tempfile::tempdir().unwrap();
+        let rt = script_runtime(t.path());
+        assert_eq!(rt.list().await.unwrap(), ["a", "b"]);
+        assert_eq!(
+            rt.state("a").await.unwrap(),
+            ContainerState {
+                status: RunState::Running,
+                pid: 7
+            }
+        );
+        rt.kill("a", "TERM").await.unwrap();
+        rt.resume("a").await.unwrap();
+        assert!(matches!(
+            rt.pause("a").await,
+            Err(RuntimeError::NotFound(_))
+        ));
+        let (code, out) = rt
+            .exec("a", &["ls".into()], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((code, out.as_str()), (0, ""));
+        let root = t.path().join("root").display().to_string();
+        let argv = std::fs::read_to_string(t.path().join("argv")).unwrap();
+        let want: Vec<String> = [
+            "list --quiet",
+            "state a",
+            "kill a TERM",
+            "resume a",
+            "pause a",
+            "exec a ls",
+        ]
+        .iter()
+        .map(|v| format!("--root {root} {v}"))
+        .collect();
+        assert_eq!(argv.lines().collect::<Vec<_>>(), want);
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@
 //! runs before any async runtime exists: forking a multi-threaded process is unsafe, so it
 //! must stay single-threaded.
 //!
-//! Files in the container dir: `shim.pid`, `pid` (container init), `exit` (exit code),
-//! `log` (container output), `runc.log` (the runtime's own messages).
+//! Files in the container dir (all through [`ContainerDir`]): the shim's pid, the container
+//! init's pid, its exit code, its output and the runtime's own messages. The runtime's argv
+//! comes from [`RuntimeCli`], which the agent uses too.
 //!
 //! The container's stdout and stderr are pipes the shim reads: each line goes to `log` as
 //! `<RFC 3339 time> <stdout|stderr> <line>`, so `rctl logs --timestamps` can show when it was
@@ -25,10 +26,16 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, setsid, ForkResult, Pid};
+
+pub mod cli;
+pub mod dir;
+
+pub use cli::{ExecProcess, RuntimeCli};
+pub use dir::{write_atomic, ContainerDir, PRIVATE_FILE};
 
 /// Fd number on which the shim inherits the agent's notification pipe.
 pub const NOTIFY_FD: i32 = 3;
@@ -50,6 +57,11 @@ pub const LOG_MAX_SIZE: u64 = 10 << 20;
 pub const LOG_MAX_FILES: u32 = 3;
 
 impl ShimArgs {
+    /// The runtime this shim drives.
+    pub fn cli(&self) -> RuntimeCli {
+        RuntimeCli::new(self.runtime.clone(), self.root.clone())
+    }
+
     pub fn to_args(&self) -> Vec<String> {
         vec![
             "shim".into(),
@@ -69,24 +81,6 @@ impl ShimArgs {
     }
 }
 
-/// Writes `contents` to `path` atomically (temp file + rename), so readers never see half.
-pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    // 0600: these files live in the agent's private data dir and are nobody else's business.
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(PRIVATE_FILE)
-        .open(&tmp)?
-        .write_all(contents.as_bytes())?;
-    fs::rename(&tmp, path)
-}
-
-/// Mode of the files the shim writes (logs hold whatever the container prints).
-pub const PRIVATE_FILE: u32 = 0o600;
-
 /// Entry point of `rudder-agent shim`. Never returns to the caller's main logic.
 pub fn main(args: ShimArgs) -> ! {
     // SAFETY: the shim is single-threaded here (no runtime started), so fork is sound.
@@ -104,28 +98,27 @@ pub fn main(args: ShimArgs) -> ! {
     let _ = setsid();
     // SAFETY: plain prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let code = match run(&args, &mut notify) {
+    let dir = ContainerDir::new(&args.dir);
+    let code = match run(&args, &dir, &mut notify) {
         Ok(code) => code,
         Err(msg) => {
             let _ = writeln!(notify, "err {msg}");
             drop(notify);
-            let _ = write_atomic(&args.dir.join("exit"), "-1\n");
+            let _ = dir.write_exit_code(-1);
             std::process::exit(1);
         }
     };
-    if code == 128 + libc::SIGKILL && oom_killed(&args.dir) {
-        let _ = write_atomic(&args.dir.join("oom"), "1\n");
+    if code == 128 + libc::SIGKILL && oom_killed(&dir) {
+        let _ = dir.mark_oom_killed();
     }
-    let _ = write_atomic(&args.dir.join("exit"), &format!("{code}\n"));
+    let _ = dir.write_exit_code(code);
     // Closing the pipe tells a waiting agent the exit code is there.
     drop(notify);
     // The exit is reported first (it is what callers wait for); then the runtime's record of
     // the stopped container is removed, off the caller's critical path.
-    let _ = Command::new(&args.runtime)
-        .arg("--root")
-        .arg(&args.root)
-        .args(["delete", "--force"])
-        .arg(&args.id)
+    let _ = args
+        .cli()
+        .delete_force(&args.id)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -133,36 +126,28 @@ pub fn main(args: ShimArgs) -> ! {
     std::process::exit(0)
 }
 
-fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
-    let dir = &args.dir;
-    write_atomic(&dir.join("shim.pid"), &format!("{}\n", std::process::id()))
-        .map_err(|e| format!("write shim.pid: {e}"))?;
+fn run(args: &ShimArgs, dir: &ContainerDir, notify: &mut File) -> Result<i32, String> {
+    dir.write_shim_pid(std::process::id())
+        .map_err(|e| format!("write the shim's pid: {e}"))?;
     let mut log = LogWriter::open(dir, args.log_max_size, args.log_max_files)
         .map_err(|e| format!("open log: {e}"))?;
     let (out_r, out_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let runc_log = dir.join("runc.log");
+    let runc_log = dir.runtime_log();
     // Made here, 0600, so the runtime appends to a private file rather than create one.
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(PRIVATE_FILE)
         .open(&runc_log)
-        .map_err(|e| format!("create runc.log: {e}"))?;
+        .map_err(|e| format!("create the runtime's log: {e}"))?;
     // The write ends go to runc (and through it to the container); ours close when `Command`
     // is dropped, so EOF comes once every process of the container has closed them.
-    let status = Command::new(&args.runtime)
-        .arg("--root")
-        .arg(&args.root)
-        .arg("--log")
-        .arg(&runc_log)
-        .args(["run", "--detach", "--bundle"])
-        .arg(dir.join("bundle"))
-        .arg("--pid-file")
-        .arg(dir.join("pid"))
-        .arg(&args.id)
+    let status = args
+        .cli()
+        .run_detached(&args.id, &dir.bundle(), &dir.pid_file(), &runc_log)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w))
@@ -174,14 +159,13 @@ fn run(args: &ShimArgs, notify: &mut File) -> Result<i32, String> {
     }
     // The runtime writes its pid file 0644: private like the rest of the dir.
     let _ = fs::set_permissions(
-        dir.join("pid"),
+        dir.pid_file(),
         std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_FILE),
     );
-    let pid: i32 = fs::read_to_string(dir.join("pid"))
-        .map_err(|e| format!("read pid file: {e}"))?
-        .trim()
-        .parse()
-        .map_err(|e| format!("bad pid file: {e}"))?;
+    let pid = dir
+        .read_pid()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| format!("{} wrote no pid", args.runtime))?;
     let _ = writeln!(notify, "ok {pid}");
     let _ = notify.flush();
     let mut streams = [Stream::new(out_r, "stdout"), Stream::new(err_r, "stderr")];
@@ -317,7 +301,7 @@ fn pump(streams: &mut [Stream; 2], log: &mut LogWriter, timeout_ms: u16) {
 
 /// The container's log file: timestamped lines, rotated by size.
 struct LogWriter {
-    dir: PathBuf,
+    dir: ContainerDir,
     file: File,
     size: u64,
     max_size: u64,
@@ -325,17 +309,17 @@ struct LogWriter {
 }
 
 impl LogWriter {
-    fn open(dir: &Path, max_size: u64, max_files: u32) -> std::io::Result<Self> {
+    fn open(dir: &ContainerDir, max_size: u64, max_files: u32) -> std::io::Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(PRIVATE_FILE)
-            .open(dir.join("log"))?;
+            .open(dir.log())?;
         // A log an older shim made readable by all.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_FILE))?;
         let size = file.metadata()?.len();
         Ok(LogWriter {
-            dir: dir.to_path_buf(),
+            dir: dir.clone(),
             file,
             size,
             max_size: max_size.max(1024),
@@ -362,13 +346,7 @@ impl LogWriter {
     /// `log.<n-2>` → `log.<n-1>` … `log` → `log.1`, then a fresh `log`. Readers that follow
     /// notice the new file by its inode.
     fn rotate(&mut self) {
-        let name = |i: u32| {
-            if i == 0 {
-                self.dir.join("log")
-            } else {
-                self.dir.join(format!("log.{i}"))
-            }
-        };
+        let name = |i: u32| self.dir.rotated_log(i);
         if self.max_files == 1 {
             let _ = self.file.set_len(0);
             self.size = 0;
@@ -420,8 +398,8 @@ fn rfc3339(secs: i64, nanos: u32) -> String {
 
 /// Whether the kernel's OOM killer struck in the container's memory cgroup. Must be read before
 /// the runtime deletes the cgroup.
-fn oom_killed(dir: &Path) -> bool {
-    let Ok(cfg) = fs::read(dir.join("bundle").join("config.json")) else {
+fn oom_killed(dir: &ContainerDir) -> bool {
+    let Ok(cfg) = fs::read(dir.config()) else {
         return false;
     };
     let Ok(cfg) = serde_json::from_slice::<serde_json::Value>(&cfg) else {
@@ -477,22 +455,23 @@ mod tests {
     #[test]
     fn the_log_rotates_by_size() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = LogWriter::open(dir.path(), 1024, 3).unwrap();
+        let c = ContainerDir::new(dir.path());
+        let mut w = LogWriter::open(&c, 1024, 3).unwrap();
         for i in 0..100 {
             w.line(
                 "stdout",
                 format!("line {i:03} {}", "x".repeat(40)).as_bytes(),
             );
         }
-        let cur = fs::read_to_string(dir.path().join("log")).unwrap();
+        let cur = fs::read_to_string(c.log()).unwrap();
         assert!(cur.len() <= 1024, "{}", cur.len());
         assert!(cur
             .lines()
             .last()
             .unwrap()
             .ends_with(&format!("line 099 {}", "x".repeat(40))));
-        assert!(dir.path().join("log.1").exists() && dir.path().join("log.2").exists());
-        assert!(!dir.path().join("log.3").exists(), "at most 3 files");
+        assert!(c.rotated_log(1).exists() && c.rotated_log(2).exists());
+        assert!(!c.rotated_log(3).exists(), "at most 3 files");
         let first = cur.lines().next().unwrap();
         let mut parts = first.splitn(3, ' ');
         assert!(parts.next().unwrap().ends_with('Z'));
@@ -500,21 +479,15 @@ mod tests {
         // Logs hold what the container prints: root's only, also a log an older shim left
         // readable by all.
         use std::os::unix::fs::PermissionsExt;
-        let mode = |f: &str| {
-            fs::metadata(dir.path().join(f))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777
-        };
-        for f in ["log", "log.1", "log.2"] {
-            assert_eq!(mode(f), 0o600, "{f}");
+        let mode = |f: PathBuf| fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        for i in 0..3 {
+            assert_eq!(mode(c.rotated_log(i)), 0o600, "log {i}");
         }
-        fs::set_permissions(dir.path().join("log"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(c.log(), fs::Permissions::from_mode(0o644)).unwrap();
         drop(w);
-        LogWriter::open(dir.path(), 1024, 3).unwrap();
-        assert_eq!(mode("log"), 0o600);
-        write_atomic(&dir.path().join("exit"), "0\n").unwrap();
-        assert_eq!(mode("exit"), 0o600);
+        LogWriter::open(&c, 1024, 3).unwrap();
+        assert_eq!(mode(c.log()), 0o600);
+        c.write_exit_code(0).unwrap();
+        assert_eq!(mode(c.exit_file()), 0o600);
     }
 }
