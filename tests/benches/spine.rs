@@ -63,8 +63,7 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
     let runc = rudder_agent::runtime::pick_runtime("auto");
 
     let rt = OciCliRuntime {
-        binary: runc.clone(),
-        root: root.clone(),
+        cli: rudder_agent::shim::RuntimeCli::new(runc.clone(), root.clone()),
         self_exe: bin("rudder-agent"),
         exit_pipes: Default::default(),
     };
