@@ -6,34 +6,36 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
-use rudder_model::network::NetworkSpec;
 use rudder_model::spec::ServiceMode;
-use rudder_model::volume::VolumeSpec;
-use rudder_model::{Availability, Command, ServiceSpec, Store, Task, TaskState};
-use rudder_proto::v1::agent_api_client::AgentApiClient;
+use rudder_model::{Availability, Command, Task, TaskState};
 use rudder_proto::v1::control_server::Control;
 use rudder_proto::v1::*;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::raft_node::{RaftError, RaftHandle};
+use crate::agents::{AgentAt, AgentDialer};
+use crate::context::ApiContext;
+use crate::convert::{self, node_summary, raft_status, task_summary};
+use crate::resolve::{find_node, resolve_tasks};
 use crate::{new_id, now_ms};
 
+/// The `Control` service: decodes requests, asks the model, proposes through raft, and hands
+/// the relays (exec, cp, commit, images, build) to their modules.
 pub struct ControlApi {
-    pub raft: RaftHandle,
-    pub registry: String,
-    /// How to reach agents (mutual TLS, server name `worker.rudder`); plain when `None`.
-    /// (Replaced when this controller's certificate is renewed.)
-    /// This controller's certificates (latest renewal), to dial agents and other controllers;
-    /// `None` only in tests without TLS.
-    pub agent_tls: std::sync::Arc<std::sync::RwLock<Option<rudder_pki::tls::NodeCerts>>>,
-    /// This controller's registry, where `Commit` stores images.
-    pub images: crate::registry::RegistryState,
-    /// Nodes running a build, which may pull any image from the registry meanwhile.
-    pub pull_leases: std::sync::Arc<crate::registry::tls::PullLeases>,
-    /// This controller's data at rest and its data key (`RotateDataKey`); `None` in tests
-    /// without a data dir.
-    pub at_rest: Option<std::sync::Arc<crate::security::AtRest>>,
+    ctx: ApiContext,
+}
+
+impl ControlApi {
+    pub fn new(ctx: ApiContext) -> Self {
+        ControlApi { ctx }
+    }
+}
+
+impl std::ops::Deref for ControlApi {
+    type Target = ApiContext;
+    fn deref(&self) -> &ApiContext {
+        &self.ctx
+    }
 }
 
 /// A fresh autolock unlock key, as the store records it.
@@ -43,223 +45,8 @@ fn new_unlock_key() -> Result<rudder_model::store::UnlockKeyText, Status> {
     Ok(rudder_model::store::UnlockKeyText(k.encode()))
 }
 
-pub(crate) fn raft_status(e: RaftError) -> Status {
-    match e {
-        RaftError::NotLeader(_) => Status::unavailable(e.to_string()),
-        RaftError::Timeout => Status::deadline_exceeded(e.to_string()),
-        RaftError::Apply(rudder_model::store::ApplyError::NotFound { .. }) => {
-            Status::not_found(e.to_string())
-        }
-        RaftError::Apply(rudder_model::store::ApplyError::Volume { .. })
-        | RaftError::Apply(rudder_model::store::ApplyError::Secret { .. }) => {
-            Status::failed_precondition(e.to_string())
-        }
-        other => Status::internal(other.to_string()),
-    }
-}
-
-/// Refuses, before anything is proposed, what the state machine would reject or what would
-/// leave tasks without an address: a network whose shape changes, overlapping subnets, a
-/// service on a network that neither exists nor comes in the same apply, and a name (service
-/// or alias) that another service already has on a shared network.
-fn check_networks(
-    store: &Store,
-    networks: &[NetworkSpec],
-    services: &[ServiceSpec],
-) -> Result<(), String> {
-    use rudder_model::network::{overlaps, parse_subnet};
-    let mut taken: Vec<(String, ipnet::Ipv4Net)> = store
-        .networks
-        .values()
-        .map(|n| (n.spec.name.clone(), n.subnet))
-        .collect();
-    for spec in networks {
-        if let Some(existing) = store.networks.get(&spec.name) {
-            if !existing.spec.same_shape(spec) {
-                return Err(format!(
-                    "network {:?}: driver, subnet, encrypted and internal cannot change once \
-                     it exists (it is {}, {}{}); remove it first",
-                    spec.name,
-                    existing.subnet,
-                    if existing.spec.encrypted {
-                        "encrypted"
-                    } else {
-                        "unencrypted"
-                    },
-                    if existing.spec.internal {
-                        ", internal"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            continue;
-        }
-        if let Some(s) = &spec.subnet {
-            let net =
-                parse_subnet(s).map_err(|m| format!("network {:?}: subnet: {m}", spec.name))?;
-            if let Some((other, o)) = taken.iter().find(|(_, o)| overlaps(*o, net)) {
-                return Err(format!(
-                    "network {:?}: subnet: {net} overlaps network {other:?} ({o})",
-                    spec.name
-                ));
-            }
-            taken.push((spec.name.clone(), net));
-        }
-    }
-    for svc in services {
-        for (i, n) in svc.networks.iter().enumerate() {
-            if !store.networks.contains_key(n) && !networks.iter().any(|s| s.name == *n) {
-                return Err(format!(
-                    "service {:?}: networks[{i}]: network {n:?} does not exist (declare it with \
-                     `kind: Network` or see `rctl network ls`)",
-                    svc.name
-                ));
-            }
-        }
-    }
-    // Names on a network (services and their aliases) are unique: DNS answers one of them.
-    let others = store
-        .services
-        .values()
-        .map(|s| &s.spec)
-        .filter(|s| !services.iter().any(|a| a.name == s.name))
-        .chain(services.iter());
-    let others: Vec<&ServiceSpec> = others.collect();
-    for svc in services {
-        for o in others.iter().filter(|o| o.name != svc.name) {
-            let Some(net) = svc.networks.iter().find(|n| o.networks.contains(n)) else {
-                continue;
-            };
-            let taken = |name: &str| {
-                o.name.eq_ignore_ascii_case(name)
-                    || o.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-            };
-            if let Some((i, a)) = svc.aliases.iter().enumerate().find(|(_, a)| taken(a)) {
-                return Err(format!(
-                    "service {:?}: aliases[{i}]: {a:?} is already a name of service {:?} on \
-                     network {net:?}",
-                    svc.name, o.name
-                ));
-            }
-            if o.aliases.iter().any(|a| a.eq_ignore_ascii_case(&svc.name)) {
-                return Err(format!(
-                    "service {:?}: its name is already an alias of service {:?} on network \
-                     {net:?}",
-                    svc.name, o.name
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Volumes the services mount that neither exist nor come in this apply: applying the
-/// services declares them (as Docker does), reported as created.
-fn implicit_volumes(
-    store: &Store,
-    declared: &[VolumeSpec],
-    services: &[ServiceSpec],
-) -> Vec<VolumeSpec> {
-    let mut out: Vec<VolumeSpec> = Vec::new();
-    for svc in services {
-        for v in rudder_model::volume::volumes_of(svc) {
-            if !store.volumes.contains_key(v)
-                && !declared.iter().chain(out.iter()).any(|d| d.name == v)
-            {
-                out.push(VolumeSpec::named(v));
-            }
-        }
-    }
-    out
-}
-
-pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
-    let node = t
-        .node_id
-        .as_ref()
-        .and_then(|n| store.nodes.get(n))
-        .map(|n| n.hostname.clone())
-        .unwrap_or_default();
-    TaskSummary {
-        id: t.id.clone(),
-        name: t.name(),
-        service: t.service_name.clone(),
-        slot: t.slot,
-        node_id: t.node_id.clone().unwrap_or_default(),
-        node,
-        desired_state: t.desired_state.to_string(),
-        state: t.status.state.to_string(),
-        message: t.status.message.clone(),
-        error: t.status.error.clone(),
-        container_id: t.status.container_id.clone(),
-        has_exit_code: t.status.exit_code.is_some(),
-        exit_code: t.status.exit_code.unwrap_or(0),
-        timestamp_ms: t.status.timestamp,
-        image: t.spec.image.clone(),
-    }
-}
-
-/// A node by id, unique id prefix or hostname.
-pub(crate) fn find_node<'a>(store: &'a Store, key: &str) -> Result<&'a rudder_model::Node, Status> {
-    if let Some(n) = store.nodes.get(key) {
-        return Ok(n);
-    }
-    let matches: Vec<_> = store
-        .nodes
-        .values()
-        .filter(|n| n.hostname == key || (key.len() >= 4 && n.id.starts_with(key)))
-        .collect();
-    match matches.as_slice() {
-        [n] => Ok(n),
-        [] => Err(Status::not_found(format!("no node {key:?}"))),
-        _ => Err(Status::invalid_argument(format!(
-            "{key:?} names {} nodes; use the node id",
-            matches.len()
-        ))),
-    }
-}
-
-pub fn node_summary(store: &Store, n: &rudder_model::Node) -> NodeSummary {
-    let active: Vec<&Task> = store.tasks_on(&n.id).filter(|t| t.is_active()).collect();
-    NodeSummary {
-        id: n.id.clone(),
-        hostname: n.hostname.clone(),
-        addr: n.addr.clone(),
-        state: format!("{:?}", n.state).to_lowercase(),
-        tasks: active.len() as u64,
-        availability: n.availability.as_str().to_string(),
-        role: n.role.as_str().to_string(),
-        labels: n.labels.clone().into_iter().collect(),
-        cpus_milli: n.resources.cpus,
-        memory_bytes: n.resources.memory,
-        reserved_cpus_milli: active
-            .iter()
-            .map(|t| t.spec.resources.reservations.cpus)
-            .sum(),
-        reserved_memory_bytes: active
-            .iter()
-            .map(|t| t.spec.resources.reservations.memory)
-            .sum(),
-        cert_not_after_ms: n.cert_not_after,
-    }
-}
-
-/// Tasks a logs/exec target names: a service's tasks, or one task by id, id prefix or name.
-pub fn resolve_tasks<'a>(store: &'a Store, target: &str) -> Vec<&'a Task> {
-    if let Some(svc) = store.services.get(target) {
-        let mut v: Vec<&Task> = store.tasks_of(&svc.id).collect();
-        v.sort_by_key(|t| (t.slot, t.created_at));
-        return v;
-    }
-    store
-        .tasks
-        .values()
-        .filter(|t| {
-            t.id == target || t.name() == target || (target.len() >= 4 && t.id.starts_with(target))
-        })
-        .collect()
-}
+/// How long fetching a task's log (without following) may take.
+const LOGS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Size of one backup message (well under gRPC's default 4 MiB limit).
 const BACKUP_CHUNK: usize = 1024 * 1024;
@@ -269,134 +56,22 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
 #[tonic::async_trait]
 impl Control for ControlApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let req = req.into_inner();
-        let mut specs = Vec::new();
-        for (i, json) in req.service_specs_json.iter().enumerate() {
-            let spec: ServiceSpec = serde_json::from_str(json)
-                .map_err(|e| Status::invalid_argument(format!("service #{}: {e}", i + 1)))?;
-            spec.validate()
-                .map_err(|e| Status::invalid_argument(format!("service {:?}: {e}", spec.name)))?;
-            specs.push(spec);
-        }
-        let mut networks = Vec::new();
-        for (i, json) in req.network_specs_json.iter().enumerate() {
-            let spec: NetworkSpec = serde_json::from_str(json)
-                .map_err(|e| Status::invalid_argument(format!("network #{}: {e}", i + 1)))?;
-            spec.validate()
-                .map_err(|e| Status::invalid_argument(format!("network {:?}: {e}", spec.name)))?;
-            networks.push(spec);
-        }
-        let mut volumes = Vec::new();
-        for (i, json) in req.volume_specs_json.iter().enumerate() {
-            let spec: VolumeSpec = serde_json::from_str(json)
-                .map_err(|e| Status::invalid_argument(format!("volume #{}: {e}", i + 1)))?;
-            spec.validate()
-                .map_err(|e| Status::invalid_argument(format!("volume {:?}: {e}", spec.name)))?;
-            volumes.push(spec);
-        }
+        let manifests = convert::manifests(req.into_inner())?;
         let store = self.raft.store();
-        check_networks(&store, &networks, &specs).map_err(Status::invalid_argument)?;
-        let incoming: Vec<_> = req
-            .secrets
-            .iter()
-            .filter_map(|s| {
-                rudder_model::secret::ObjectKind::parse(&s.kind).map(|k| (k, s.name.clone()))
-            })
-            .collect();
-        crate::secret_api::check_refs(&store, &specs, &incoming)
-            .map_err(Status::failed_precondition)?;
-        let mut results = Vec::new();
-        let mut cmds = Vec::new();
-        // Secrets and configs first: the services below may use their new versions.
-        for mut put in req.secrets {
-            put.mode = String::new();
-            let (kind, name) = (put.kind.clone(), put.name.clone());
-            let (cmd, action) = crate::secret_api::put_command(&store, put)?;
-            results.push(ApplyResult {
-                kind: if kind == "config" { "Config" } else { "Secret" }.into(),
-                name: name.clone(),
-                action: action.into(),
-            });
-            if let Some(cmd) = cmd {
-                info!(%kind, %name, action, "apply");
-                cmds.push(cmd);
+        let plan = rudder_model::apply::plan(&store, manifests, now_ms(), &mut new_id)
+            .map_err(convert::apply_status)?;
+        for r in &plan.results {
+            if r.action != rudder_model::apply::Action::Unchanged {
+                info!(kind = r.kind.as_str(), name = %r.name, action = r.action.as_str(), "apply");
             }
         }
-        for spec in networks {
-            let action = match store.networks.get(&spec.name) {
-                None => "created",
-                Some(n) if n.spec.labels == spec.labels => "unchanged",
-                Some(_) => "updated",
-            };
-            results.push(ApplyResult {
-                kind: "Network".into(),
-                name: spec.name.clone(),
-                action: action.into(),
-            });
-            if action != "unchanged" {
-                info!(network = %spec.name, action, "apply");
-                cmds.push(Command::PutNetwork {
-                    id: new_id(),
-                    spec,
-                    now: now_ms(),
-                });
-            }
-        }
-        for spec in volumes
-            .iter()
-            .cloned()
-            .chain(implicit_volumes(&store, &volumes, &specs))
-        {
-            let action = match store.volumes.get(&spec.name) {
-                None => "created",
-                Some(v) if v.spec == spec || !volumes.contains(&spec) => "unchanged",
-                Some(_) => "updated",
-            };
-            results.push(ApplyResult {
-                kind: "Volume".into(),
-                name: spec.name.clone(),
-                action: action.into(),
-            });
-            // Implicit ones are declared by their service's `PutService`.
-            if action != "unchanged" && volumes.contains(&spec) {
-                info!(volume = %spec.name, action, "apply");
-                cmds.push(Command::PutVolume {
-                    spec,
-                    now: now_ms(),
-                });
-            }
-        }
-        for spec in specs {
-            // Compared as the store would keep it: references resolved to versions.
-            let mut resolved = spec.clone();
-            store.resolve_refs(&mut resolved);
-            let action = match store.services.get(&spec.name) {
-                None => "created",
-                Some(s) if s.spec == resolved => "unchanged",
-                Some(_) => "updated",
-            };
-            results.push(ApplyResult {
-                kind: "Service".into(),
-                name: spec.name.clone(),
-                action: action.into(),
-            });
-            if action != "unchanged" {
-                info!(service = %spec.name, action, "apply");
-                cmds.push(Command::PutService {
-                    id: new_id(),
-                    spec: Box::new(spec),
-                    now: now_ms(),
-                });
-            }
-        }
-        if !cmds.is_empty() {
+        if let Some(cmd) = plan.command {
             // One entry: a file is applied whole.
-            self.raft
-                .propose(Command::Batch(cmds))
-                .await
-                .map_err(raft_status)?;
+            self.raft.propose(cmd).await.map_err(raft_status)?;
         }
-        Ok(Response::new(ApplyResponse { results }))
+        Ok(Response::new(ApplyResponse {
+            results: plan.results.iter().map(convert::apply_result).collect(),
+        }))
     }
 
     async fn remove_service(
@@ -584,7 +259,7 @@ impl Control for ControlApi {
         };
         // The names it would take back must still be free (another service may have taken
         // an alias it dropped).
-        check_networks(&store, &[], std::slice::from_ref(previous)).map_err(|m| {
+        store.check_service(previous).map_err(|m| {
             Status::failed_precondition(format!("cannot roll back {service:?}: {m}"))
         })?;
         self.raft
@@ -689,7 +364,7 @@ impl Control for ControlApi {
                 .node_id
                 .as_ref()
                 .and_then(|n| store.nodes.get(n))
-                .map(crate::exec_api::AgentAt::from);
+                .map(AgentAt::from);
             if let Some(addr) = at {
                 let req = TaskLogsRequest {
                     task_id: t.id.clone(),
@@ -701,27 +376,26 @@ impl Control for ControlApi {
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let tls = self.agent_tls.read().expect("agent tls lock").clone();
-        let forward =
-            move |(req, name, addr): (TaskLogsRequest, String, crate::exec_api::AgentAt),
-                  tx: LogSender| {
-                let tls = tls.clone();
-                async move {
-                    if let Err(e) = forward_logs(req, &name, &addr, tls, &tx).await {
-                        warn!(task = %name, %e, "logs unavailable");
-                        let _ = tx
-                            .send(Ok(LogChunk {
-                                task: name.clone(),
-                                data: Vec::new(),
-                                warning: format!(
-                                    "logs of {name} unavailable from {} ({}): {e}",
-                                    addr.host, addr.addr
-                                ),
-                            }))
-                            .await;
-                    }
+        let agents = self.agents.clone();
+        let forward = move |(req, name, addr): (TaskLogsRequest, String, AgentAt),
+                            tx: LogSender| {
+            let agents = agents.clone();
+            async move {
+                if let Err(e) = forward_logs(req, &name, &addr, &agents, &tx).await {
+                    warn!(task = %name, %e, "logs unavailable");
+                    let _ = tx
+                        .send(Ok(LogChunk {
+                            task: name.clone(),
+                            data: Vec::new(),
+                            warning: format!(
+                                "logs of {name} unavailable from {} ({}): {e}",
+                                addr.host, addr.addr
+                            ),
+                        }))
+                        .await;
                 }
-            };
+            }
+        };
         if follow {
             // Every task streams at once; each ends when its container exits.
             for s in sources {
@@ -1072,8 +746,9 @@ impl Control for ControlApi {
                 .values()
                 .map(|v| VolumeSummary {
                     volume_json: serde_json::to_string(v).unwrap_or_default(),
-                    hosts: rudder_model::volume::hosts_with_copy(&store, &v.spec.name),
-                    services: rudder_model::volume::users(&store, &v.spec.name)
+                    hosts: rudder_model::views::hosts_with_copy(&store, &v.spec.name),
+                    services: store
+                        .volume_users(&v.spec.name)
                         .into_iter()
                         .map(String::from)
                         .collect(),
@@ -1124,7 +799,7 @@ impl Control for ControlApi {
                 "volume {name:?} not found (see `rctl volume ls`)"
             )));
         }
-        let users = rudder_model::volume::users(&store, &name);
+        let users = store.volume_users(&name);
         if !users.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "volume {name:?} is in use by service(s) {}; remove them or take the volume out \
@@ -1164,18 +839,16 @@ type LogSender = tokio::sync::mpsc::Sender<Result<LogChunk, Status>>;
 async fn forward_logs(
     req: TaskLogsRequest,
     name: &str,
-    at: &crate::exec_api::AgentAt,
-    tls: Option<rudder_pki::tls::NodeCerts>,
+    at: &AgentAt,
+    agents: &AgentDialer,
     tx: &LogSender,
 ) -> Result<(), String> {
-    let mut endpoint = crate::exec_api::agent_endpoint(tls.as_ref(), at)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_keepalive(Some(Duration::from_secs(5)));
-    if !req.follow {
-        endpoint = endpoint.timeout(Duration::from_secs(30));
-    }
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client = AgentApiClient::new(channel);
+    let dialed = if req.follow {
+        agents.dial(at).await
+    } else {
+        agents.dial_bounded(at, LOGS_TIMEOUT).await
+    };
+    let mut client = dialed.map_err(|e| e.message().to_string())?;
     let mut stream = client
         .task_logs(req)
         .await
@@ -1195,65 +868,4 @@ async fn forward_logs(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rudder_model::store::Command;
-
-    fn spec(name: &str, aliases: &[&str]) -> ServiceSpec {
-        serde_json::from_value(serde_json::json!({
-            "name": name, "image": "x", "networks": ["back"], "aliases": aliases,
-        }))
-        .unwrap()
-    }
-
-    #[test]
-    fn names_are_unique_on_a_network() {
-        let mut store = Store::default();
-        let net: NetworkSpec = serde_json::from_value(serde_json::json!({"name": "back"})).unwrap();
-        store
-            .apply(
-                1,
-                Command::PutNetwork {
-                    id: "n1".into(),
-                    spec: net,
-                    now: 0,
-                },
-            )
-            .unwrap();
-        store
-            .apply(
-                2,
-                Command::PutService {
-                    id: "s1".into(),
-                    spec: Box::new(spec("db", &["postgres"])),
-                    now: 0,
-                },
-            )
-            .unwrap();
-        // An alias that is another service's name or alias; a name that is another's alias.
-        for (svc, words) in [
-            (
-                spec("api", &["db"]),
-                "aliases[0]: \"db\" is already a name of service \"db\"",
-            ),
-            (
-                spec("api", &["postgres"]),
-                "\"postgres\" is already a name of service \"db\"",
-            ),
-            (
-                spec("postgres", &[]),
-                "its name is already an alias of service \"db\"",
-            ),
-        ] {
-            let e = check_networks(&store, &[], &[svc]).unwrap_err();
-            assert!(e.contains(words) && e.contains("network \"back\""), "{e}");
-        }
-        // Within one apply too; and a service may keep its own aliases.
-        let e = check_networks(&store, &[], &[spec("a", &["x"]), spec("b", &["x"])]).unwrap_err();
-        assert!(e.contains("\"x\" is already a name of service"), "{e}");
-        check_networks(&store, &[], &[spec("db", &["postgres", "pg"])]).unwrap();
-    }
 }

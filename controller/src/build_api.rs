@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
-use crate::api::ControlApi;
+use crate::agents::AgentAt;
 use crate::commit_api::target;
-use crate::exec_api::{agent, AgentAt};
+use crate::context::ApiContext;
 use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryError};
 
 pub type BuildStream = Pin<Box<dyn Stream<Item = Result<BuildOutput, Status>> + Send>>;
@@ -44,7 +44,7 @@ fn pick_host(store: &rudder_model::store::Store, wanted: &str) -> Result<AgentAt
     let usable = |n: &&rudder_model::store::Node| n.state == NodeState::Ready;
     if !wanted.is_empty() {
         // By id or hostname; a hostname two nodes claim is refused as ambiguous.
-        let n = crate::api::find_node(store, wanted)
+        let n = crate::resolve::find_node(store, wanted)
             .map_err(|s| Status::new(s.code(), format!("build: {}", s.message())))?;
         if !usable(&n) {
             return Err(Status::failed_precondition(format!(
@@ -94,7 +94,7 @@ fn cluster_addresses(store: &rudder_model::store::Store) -> Vec<String> {
 }
 
 pub async fn build(
-    api: &ControlApi,
+    api: &ApiContext,
     req: Request<Streaming<BuildInput>>,
 ) -> Result<Response<BuildStream>, Status> {
     let mut inputs = req.into_inner();
@@ -122,7 +122,7 @@ pub async fn build(
     // While it builds, the host may pull any base image (workers otherwise pull only their
     // tasks' images); the lease ends with the relay below.
     let lease = api.pull_leases.grant(&at.id);
-    let mut client = agent(api, &at).await?;
+    let mut client = api.agents.dial(&at).await?;
     info!(image = %format!("{repo}:{tag}"), %host, no_cache = params.no_cache, "build");
 
     // The host's inputs: the parameters, then the context as it arrives from rctl.

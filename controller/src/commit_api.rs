@@ -22,9 +22,10 @@ use rudder_proto::v1::{CommitLayerRequest, CommitRequest, CommitResponse};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::api::ControlApi;
-use crate::exec_api::{agent, one_task};
+use crate::agents::AgentAt;
+use crate::context::ApiContext;
 use crate::registry::{replicate_to_majority, store_manifest, Digest, RegistryError};
+use crate::resolve::one_task;
 
 /// What goes into the new image's history.
 const CREATED_BY: &str = "rctl commit";
@@ -65,7 +66,7 @@ pub(crate) fn registry_status(what: &str, e: RegistryError) -> Status {
 }
 
 pub async fn commit(
-    api: &ControlApi,
+    api: &ApiContext,
     req: Request<CommitRequest>,
 ) -> Result<Response<CommitResponse>, Status> {
     let req = req.into_inner();
@@ -91,9 +92,9 @@ pub async fn commit(
                     t.status.state
                 ))
             })?;
-        (t.id.clone(), t.name(), crate::exec_api::AgentAt::from(node))
+        (t.id.clone(), t.name(), AgentAt::from(node))
     };
-    let mut client = agent(api, &at).await?;
+    let mut client = api.agents.dial(&at).await?;
     info!(task = %name, host = %at.host, image = %format!("{repo}:{tag}"), "commit");
     let on_task = |s: Status| Status::new(s.code(), format!("{name}: {}", s.message()));
     let mut stream = client

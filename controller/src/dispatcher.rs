@@ -127,8 +127,7 @@ fn to_status(r: &TaskStatusReport) -> Option<TaskStatus> {
 fn run_controller(store: &rudder_model::Store, me: u64, raft_id: u64) -> Option<RunController> {
     let join = store.managers.get(&me)?.addr.clone();
     let secrets = store.secrets.as_ref()?;
-    let tokens: rudder_pki::ca::JoinTokens =
-        serde_json::from_value(secrets.join_tokens.clone()).ok()?;
+    let tokens = crate::security::from_store(&secrets.join_tokens).ok()?;
     let token = tokens.token(rudder_pki::ca::Role::Manager)?.to_string();
     Some(RunController {
         raft_id,
@@ -501,7 +500,7 @@ impl Dispatcher for DispatcherApi {
                     last_trusted = Some(trusted);
                 }
                 // The overlay first: tasks that join a network need it on the host.
-                let map = rudder_model::network::map_for_node(&store, &down_node);
+                let map = rudder_model::views::map_for_node(&store, &down_node);
                 if last_map.as_ref() != Some(&map) {
                     let msg = NetworkMap {
                         map_json: serde_json::to_string(&map).unwrap_or_default(),
@@ -518,7 +517,7 @@ impl Dispatcher for DispatcherApi {
                     last_map = Some(map);
                 }
                 // Then the declared volumes: a task's volume is declared before it is placed.
-                let volumes = rudder_model::volume::declared(&store);
+                let volumes = rudder_model::views::declared_volumes(&store);
                 if last_volumes.as_ref() != Some(&volumes) {
                     let msg = Volumes {
                         names: volumes.iter().cloned().collect(),

@@ -30,11 +30,13 @@ use rudder_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::api::{find_node, raft_status, ControlApi};
-use crate::exec_api::agent;
+use crate::agents::AgentAt;
+use crate::context::ApiContext;
+use crate::convert::raft_status;
 use crate::raft_node::RaftHandle;
 use crate::registry::gc::{self, GcError, Record};
 use crate::registry::RegistryState;
+use crate::resolve::find_node;
 
 /// Blobs younger than this survive a prune unless the caller says otherwise: long enough for
 /// any push to get from its first blob to its manifest.
@@ -91,7 +93,7 @@ fn gc_status(e: GcError) -> Status {
 }
 
 pub async fn list(
-    api: &ControlApi,
+    api: &ApiContext,
     req: Request<ListImagesRequest>,
 ) -> Result<Response<ListImagesResponse>, Status> {
     let req = req.into_inner();
@@ -160,15 +162,15 @@ pub async fn list(
 
 /// One host's content store, from its agent.
 async fn list_host(
-    api: &ControlApi,
+    api: &ApiContext,
     req: ListImagesRequest,
 ) -> Result<Response<ListImagesResponse>, Status> {
-    let at: crate::exec_api::AgentAt = {
+    let at: AgentAt = {
         let store = api.raft.store();
         find_node(&store, &req.node)?.into()
     };
     let host = at.host.clone();
-    let mut client = agent(api, &at).await?;
+    let mut client = api.agents.dial(&at).await?;
     let call = client.list_host_images(ListImagesRequest {
         all: req.all,
         node: String::new(),
@@ -260,7 +262,7 @@ fn users_of(store: &Store, removals: &[Removal]) -> BTreeMap<String, Vec<String>
 }
 
 pub async fn remove(
-    api: &ControlApi,
+    api: &ApiContext,
     req: Request<RemoveImagesRequest>,
 ) -> Result<Response<RemoveImagesResponse>, Status> {
     let req = req.into_inner();
@@ -364,7 +366,7 @@ async fn collect_here(raft: &RaftHandle, registry: &RegistryState, grace: Durati
 }
 
 pub async fn prune(
-    api: &ControlApi,
+    api: &ApiContext,
     req: Request<PruneImagesRequest>,
 ) -> Result<Response<PruneImagesResponse>, Status> {
     let grace_ms = req.into_inner().grace_ms;
@@ -373,10 +375,8 @@ pub async fn prune(
     let store = api.raft.store();
     let me = api.raft.status().id;
     let manager_tls = api
-        .agent_tls
-        .read()
-        .expect("agent tls lock")
-        .clone()
+        .agents
+        .certs()
         .map(|c| rudder_pki::tls::client_tls(&c, rudder_pki::ca::Role::Manager));
 
     // Every member, and this controller even before its address is recorded.
@@ -414,11 +414,15 @@ pub async fn prune(
         .values()
         .filter(|n| n.state == NodeState::Ready)
         .map(|n| {
-            let at = crate::exec_api::AgentAt::from(n);
+            let at = AgentAt::from(n);
             async move {
                 let place = format!("host {}", at.host);
                 let call = async {
-                    let mut client = agent(api, &at).await.map_err(|s| s.message().to_string())?;
+                    let mut client = api
+                        .agents
+                        .dial(&at)
+                        .await
+                        .map_err(|s| s.message().to_string())?;
                     client
                         .prune_host_images(PruneImagesRequest { grace_ms })
                         .await

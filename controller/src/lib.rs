@@ -6,11 +6,14 @@
 //! orchestrator proposes tasks/placements → dispatcher streams each node its tasks → agents
 //! report status → batched into one proposal.
 
+pub mod agents;
 pub mod api;
 pub mod build_api;
 pub use rudder_pki::ca;
 pub mod cluster_api;
 pub mod commit_api;
+pub mod context;
+pub mod convert;
 pub use rudder_pki::crypt;
 pub mod dispatcher;
 pub mod exec_api;
@@ -23,6 +26,7 @@ pub mod raft_node;
 #[cfg(test)]
 mod raft_sim;
 pub mod registry;
+pub mod resolve;
 pub mod secret_api;
 pub mod security;
 mod slog_bridge;
@@ -294,14 +298,14 @@ pub async fn run(
         raft: raft.clone(),
         registry: reg_state.clone(),
     });
-    let control = Arc::new(api::ControlApi {
+    let control = Arc::new(api::ControlApi::new(context::ApiContext {
         raft: raft.clone(),
         registry: registry_addr.clone(),
-        agent_tls: agent_tls.clone(),
+        agents: agents::AgentDialer::new(agent_tls.clone()),
         images: reg_state,
         pull_leases,
         at_rest: Some(at_rest),
-    });
+    }));
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
             .with_validity(cfg.node_cert_validity)

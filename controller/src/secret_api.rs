@@ -6,51 +6,37 @@
 //! the object and the size); sizes are checked here before any raft proposal, and again when the
 //! command is applied.
 
-use rudder_model::secret::{self, ObjectKind, SecretData};
-use rudder_model::{Command, ServiceSpec, Store};
+use rudder_model::apply::{secret_action, secret_command, Action};
+use rudder_model::secret::{self, ObjectKind};
+use rudder_model::{Command, Store};
 use rudder_proto::v1::{
     InspectSecretRequest, InspectSecretResponse, ListSecretsRequest, ListSecretsResponse,
     PutSecretRequest, PutSecretResponse, RemoveSecretRequest, SecretSummary,
 };
-use sha2::Digest;
 use tonic::Status;
 use tracing::info;
 
-use crate::api::raft_status;
+use crate::convert::{self, object_kind as kind_of, raft_status};
 use crate::now_ms;
 use crate::raft_node::RaftHandle;
 
-fn kind_of(kind: &str) -> Result<ObjectKind, Status> {
-    ObjectKind::parse(kind).ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "secrets: kind {kind:?} is neither \"secret\" nor \"config\""
-        ))
-    })
-}
-
 /// Checks a put and turns it into its command (`None` when nothing would change) and action.
-pub(crate) fn put_command(
-    store: &Store,
-    req: PutSecretRequest,
-) -> Result<(Option<Command>, &'static str), Status> {
-    let kind = kind_of(&req.kind)?;
-    secret::validate_object_name("name", &req.name)
-        .map_err(|e| Status::invalid_argument(format!("{kind} {:?}: {e}", req.name)))?;
-    secret::check_size("data", req.data.len())
-        .map_err(|e| Status::invalid_argument(format!("{kind} {:?}: {e}", req.name)))?;
-    let existing = store.objects(kind).get(&req.name);
-    match (req.mode.as_str(), existing) {
+fn put_command(store: &Store, req: PutSecretRequest) -> Result<(Option<Command>, Action), Status> {
+    let (put, mode) = convert::secret_put(req)?;
+    let kind = put.kind;
+    let existing = store.objects(kind).get(&put.name);
+    match (mode.as_str(), existing) {
         ("create", Some(o)) => {
             return Err(Status::already_exists(format!(
                 "{kind} {:?} already exists (version {}); use `rctl {kind} update` for a new \
                  version",
-                req.name, o.latest
+                put.name, o.latest
             )))
         }
         ("update", None) => {
             return Err(Status::not_found(format!(
                 "{kind} {:?} not found; create it with `rctl {kind} create`",
-                req.name
+                put.name
             )))
         }
         ("" | "create" | "update", _) => {}
@@ -60,29 +46,11 @@ pub(crate) fn put_command(
             )))
         }
     }
-    let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
-    let action = match existing {
-        None => "created",
-        Some(o)
-            if o.labels == labels
-                && o.versions.get(&o.latest).map(|v| &v.data.0) == Some(&req.data) =>
-        {
-            return Ok((None, "unchanged"))
-        }
-        Some(_) => "updated",
-    };
-    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&req.data)));
-    Ok((
-        Some(Command::PutSecret {
-            kind,
-            name: req.name,
-            labels,
-            data: SecretData(req.data),
-            digest,
-            now: now_ms(),
-        }),
-        action,
-    ))
+    let action = secret_action(store, &put);
+    if action == Action::Unchanged {
+        return Ok((None, action));
+    }
+    Ok((Some(secret_command(put, now_ms())), action))
 }
 
 pub(crate) async fn put(
@@ -95,7 +63,7 @@ pub(crate) async fn put(
     let (cmd, action) = put_command(&store, req)?;
     let mut rolled = Vec::new();
     if let Some(cmd) = cmd {
-        info!(%kind, name = %name, action, "put");
+        info!(%kind, name = %name, action = action.as_str(), "put");
         raft.propose(cmd).await.map_err(raft_status)?;
         let after = raft.store();
         // The unpinned users whose spec moved to the new version (their rollout started).
@@ -114,7 +82,7 @@ pub(crate) async fn put(
         .map(|o| o.latest)
         .unwrap_or(0);
     Ok(PutSecretResponse {
-        action: action.into(),
+        action: action.as_str().into(),
         version,
         rolled,
     })
@@ -200,70 +168,6 @@ pub(crate) async fn remove(raft: &RaftHandle, req: RemoveSecretRequest) -> Resul
     .map_err(raft_status)
 }
 
-/// Every secret and config the specs reference must exist (with the pinned version, if any),
-/// in the store or among `incoming` (created by the same apply). The error names the service,
-/// the field and what to do.
-pub(crate) fn check_refs(
-    store: &Store,
-    specs: &[ServiceSpec],
-    incoming: &[(ObjectKind, String)],
-) -> Result<(), String> {
-    for spec in specs {
-        let fields = spec
-            .secrets
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                (
-                    format!("secrets[{i}].source"),
-                    ObjectKind::Secret,
-                    &r.source,
-                )
-            })
-            .chain(spec.configs.iter().enumerate().map(|(i, r)| {
-                (
-                    format!("configs[{i}].source"),
-                    ObjectKind::Config,
-                    &r.source,
-                )
-            }))
-            .chain(
-                spec.env_from_secret
-                    .iter()
-                    .map(|(k, s)| (format!("env_from_secret.{k}"), ObjectKind::Secret, s)),
-            );
-        for (field, kind, source) in fields {
-            let (name, pin) = secret::parse_source(&field, source)
-                .map_err(|e| format!("service {:?}: {e}", spec.name))?;
-            let object = store.objects(kind).get(&name);
-            let fresh = incoming.iter().any(|(k, n)| *k == kind && *n == name);
-            match (object, pin) {
-                (None, _) if fresh && pin.is_none_or(|p| p == 1) => {}
-                (None, _) => {
-                    return Err(format!(
-                        "service {:?}: {field}: {kind} {name:?} not found (create it with `rctl \
-                         {kind} create {name} FILE`)",
-                        spec.name
-                    ))
-                }
-                (Some(o), Some(p)) if !o.versions.contains_key(&p) => {
-                    return Err(format!(
-                        "service {:?}: {field}: {kind} {name:?} has no version {p} (kept: {})",
-                        spec.name,
-                        o.versions
-                            .keys()
-                            .map(u64::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,7 +191,7 @@ mod tests {
         let e = put_command(&store, req("x", b"v", "update")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
         let (cmd, action) = put_command(&store, req("db", b"pw-value", "create")).unwrap();
-        assert_eq!(action, "created");
+        assert_eq!(action, Action::Created);
         let cmd = cmd.unwrap();
         assert!(
             !format!("{cmd:?}").contains("pw-value"),
@@ -297,7 +201,7 @@ mod tests {
         let e = put_command(&store, req("db", b"other", "create")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::AlreadyExists);
         let (cmd, action) = put_command(&store, req("db", b"pw-value", "")).unwrap();
-        assert_eq!((cmd, action), (None, "unchanged"));
+        assert_eq!((cmd, action), (None, Action::Unchanged));
         let e = inspect(
             &store,
             InspectSecretRequest {
@@ -320,25 +224,19 @@ mod tests {
         let json = r.summary.unwrap().meta_json;
         assert!(!json.contains("pw-value") && r.data.is_empty(), "{json}");
         // A service may reference it; a missing one is refused naming the field.
-        let mut spec = serde_json::from_str::<ServiceSpec>(
+        let mut spec = serde_json::from_str::<rudder_model::ServiceSpec>(
             r#"{"name": "web", "image": "x", "secrets": [{"source": "db"}],
                 "env_from_secret": {"PW": "nope"}}"#,
         )
         .unwrap();
-        let e = check_refs(&store, std::slice::from_ref(&spec), &[]).unwrap_err();
+        let e = store.check_service(&spec).unwrap_err().to_string();
         assert!(
             e.contains("env_from_secret.PW: secret \"nope\" not found"),
             "{e}"
         );
-        check_refs(
-            &store,
-            std::slice::from_ref(&spec),
-            &[(ObjectKind::Secret, "nope".into())],
-        )
-        .unwrap();
         spec.env_from_secret.clear();
         spec.secrets[0].source = "db:4".into();
-        let e = check_refs(&store, &[spec], &[]).unwrap_err();
+        let e = store.check_service(&spec).unwrap_err().to_string();
         assert!(
             e.contains("secrets[0].source") && e.contains("no version 4"),
             "{e}"

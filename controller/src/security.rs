@@ -103,6 +103,21 @@ pub enum SecurityError {
     Crypt(#[from] CryptError),
     #[error("security: {0}")]
     Storage(#[from] crate::storage::StorageErr),
+    #[error("security: join tokens: {0}")]
+    Tokens(#[from] serde_json::Error),
+}
+
+/// The store's typed copy of the join tokens (`JoinTokenSecrets` has `JoinTokens`'s layout,
+/// whose fields are private to the pki crate: the one conversion goes through that layout).
+fn to_store(t: &JoinTokens) -> Result<rudder_model::store::JoinTokenSecrets, serde_json::Error> {
+    serde_json::from_value(serde_json::to_value(t)?)
+}
+
+/// The join tokens the store records.
+pub(crate) fn from_store(
+    t: &rudder_model::store::JoinTokenSecrets,
+) -> Result<JoinTokens, serde_json::Error> {
+    serde_json::from_value(serde_json::to_value(t)?)
 }
 
 /// This controller's certificates, and — for the first controller of a new cluster — the
@@ -230,7 +245,7 @@ fn init_cluster(
     let initial = ClusterSecrets {
         ca_cert_pem: ca.cert_pem().to_string(),
         ca_key_pem: ca.key_pem().to_string(),
-        join_tokens: serde_json::to_value(&tokens).expect("join tokens serialize"),
+        join_tokens: to_store(&tokens)?,
     };
     Ok(Bootstrap {
         certs,
@@ -444,7 +459,7 @@ impl RaftSecrets {
     }
 
     fn tokens(s: &ClusterSecrets) -> Result<JoinTokens, ClusterError> {
-        serde_json::from_value(s.join_tokens.clone())
+        from_store(&s.join_tokens)
             .map_err(|e| ClusterError::Unavailable(format!("stored join tokens: {e}")))
     }
 }
@@ -473,7 +488,8 @@ impl SecretsStore for RaftSecrets {
         let token = tokens
             .rotate_with_ttl(role, ttl, SystemTime::now())
             .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))?;
-        s.join_tokens = serde_json::to_value(&tokens).expect("join tokens serialize");
+        s.join_tokens = to_store(&tokens)
+            .map_err(|e| ClusterError::Unavailable(format!("join tokens: {e}")))?;
         // The new token, and the end of every identity the old one admitted that never
         // registered (a certificate minted with a leaked token dies with it).
         self.raft

@@ -29,7 +29,7 @@ fn store_with_services(n: usize) -> Store {
     s.secrets = Some(ClusterSecrets {
         ca_cert_pem: ca.cert_pem().to_string(),
         ca_key_pem: ca.key_pem().to_string(),
-        join_tokens: serde_json::json!({}),
+        join_tokens: Default::default(),
     });
     for id in 1..=3 {
         s.managers.insert(

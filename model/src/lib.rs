@@ -2,10 +2,12 @@
 //! deterministic state machine, the scheduler and the reconciler. Nothing here does I/O or reads
 //! a clock, so every decision can be replayed and tested with plain data.
 
+pub mod apply;
 pub mod duration;
 pub mod health;
 pub mod manifest;
 pub mod network;
+pub mod node;
 pub mod ports;
 pub mod reconcile;
 pub mod scheduler;
@@ -14,6 +16,7 @@ pub mod spec;
 pub mod store;
 pub mod task;
 pub mod update;
+pub mod views;
 pub mod volume;
 
 pub use manifest::{Manifest, ManifestError};

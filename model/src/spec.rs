@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::Node;
+use crate::node::Node;
 use crate::update::UpdateConfig;
 use crate::ValidationError;
 
@@ -1136,29 +1136,29 @@ mod tests {
             let e = text.parse::<Constraint>().unwrap_err();
             assert!(e.contains(frag), "{text}: {e}");
         }
-        let mut n = crate::store::Node {
+        let mut n = crate::node::Node {
             id: "n1".into(),
             hostname: "h1".into(),
             addr: String::new(),
             labels: [("zone".to_string(), "a".to_string())].into(),
-            role: crate::store::NodeRole::Manager,
+            role: crate::node::NodeRole::Manager,
             availability: Default::default(),
             resources: Default::default(),
-            state: crate::store::NodeState::Ready,
+            state: crate::node::NodeState::Ready,
             updated_at: 0,
             version: 0,
             controller_id: None,
             overlay_key: String::new(),
             cert_not_after: 0,
         };
-        let m = |c: &str, n: &crate::store::Node| c.parse::<Constraint>().unwrap().matches(n);
+        let m = |c: &str, n: &crate::node::Node| c.parse::<Constraint>().unwrap().matches(n);
         assert!(m("node.labels.zone==a", &n));
         assert!(!m("node.labels.zone!=a", &n));
         assert!(!m("node.labels.disk==ssd", &n));
         assert!(m("node.labels.disk!=ssd", &n));
         assert!(m("node.role==manager", &n));
         assert!(m("node.hostname!=h2", &n));
-        n.role = crate::store::NodeRole::Worker;
+        n.role = crate::node::NodeRole::Worker;
         assert!(m("node.role==worker", &n) && m("node.id==n1", &n));
     }
 

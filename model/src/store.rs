@@ -17,122 +17,10 @@ use crate::spec::ServiceSpec;
 use crate::task::TaskState;
 use crate::update::{UpdateState, UpdateStatus};
 
+pub use crate::node::{Availability, Node, NodeResources, NodeRole, NodeState};
+
 /// Wire version of [`Command`] envelopes this build understands.
 pub const COMMAND_VERSION: u32 = 1;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NodeState {
-    Ready,
-    Down,
-}
-
-/// Whether a node takes new tasks: set by the operator (`rctl node update --availability`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Availability {
-    /// Takes new tasks.
-    #[default]
-    Active,
-    /// Keeps its tasks but gets no new ones.
-    Pause,
-    /// Gets no new tasks, and its tasks are moved to other nodes.
-    Drain,
-}
-
-impl Availability {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Availability::Active => "active",
-            Availability::Pause => "pause",
-            Availability::Drain => "drain",
-        }
-    }
-}
-
-impl std::str::FromStr for Availability {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "active" => Ok(Availability::Active),
-            "pause" => Ok(Availability::Pause),
-            "drain" => Ok(Availability::Drain),
-            _ => Err(format!(
-                "unknown availability {s:?} (expected active, pause or drain)"
-            )),
-        }
-    }
-}
-
-/// What a node's certificate allows it to be; constraints can select on it (`node.role==manager`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeRole {
-    #[default]
-    Worker,
-    Manager,
-}
-
-impl NodeRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeRole::Worker => "worker",
-            NodeRole::Manager => "manager",
-        }
-    }
-}
-
-/// Capacity an agent reports for its host. Zero means unknown, which the scheduler treats as
-/// unlimited (a node that reports nothing still takes tasks).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeResources {
-    /// Millicpus (a 4-core host reports 4000).
-    #[serde(default)]
-    pub cpus: u64,
-    /// Bytes of memory.
-    #[serde(default)]
-    pub memory: u64,
-}
-
-/// A host running an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Node {
-    /// Stable id the agent generated on first start and keeps in its data dir.
-    pub id: String,
-    pub hostname: String,
-    /// Where the agent's own API listens (logs, exec), `ip:port`.
-    pub addr: String,
-    /// Operator-owned (`UpdateNode`); a re-registering agent does not overwrite them.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    pub role: NodeRole,
-    /// Operator-owned, like `labels`.
-    #[serde(default)]
-    pub availability: Availability,
-    /// Reported by the agent when it registers.
-    #[serde(default)]
-    pub resources: NodeResources,
-    pub state: NodeState,
-    /// Milliseconds since the epoch, stamped by the leader.
-    pub updated_at: u64,
-    pub version: u64,
-    /// Set when the node was promoted: the raft id its agent is to start a controller with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub controller_id: Option<u64>,
-    /// The node's WireGuard public key (base64), as its agent reported it; the private key
-    /// never leaves the host.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub overlay_key: String,
-    /// When the certificate of the node's current session expires (ms since the epoch), as
-    /// the dispatcher read it from that certificate; 0 when unknown. `rctl node ls` warns
-    /// before it is reached.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub cert_not_after: u64,
-}
-
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
 
 /// The key of a certificate identity in [`Store::revoked`]: its role and its CN. Keyed by both,
 /// so that a worker that joined under an admin's name cannot get that admin revoked.
@@ -474,13 +362,41 @@ impl std::fmt::Debug for UnlockKeyText {
     }
 }
 
-/// The CA (certificate and signing key, PEM) and the join tokens (opaque JSON owned by the
-/// controller's `ca` module). Managers only: never sent to agents or clients, never logged.
+/// The CA (certificate and signing key, PEM) and the join tokens. Managers only: never sent to
+/// agents or clients, never logged.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterSecrets {
     pub ca_cert_pem: String,
     pub ca_key_pem: String,
-    pub join_tokens: serde_json::Value,
+    pub join_tokens: JoinTokenSecrets,
+}
+
+/// The join tokens' secrets, one per joinable role, laid out as the controller's `ca` module
+/// (`rudder_pki::ca::JoinTokens`) serializes them; the fields are in the order the untyped JSON
+/// of earlier builds wrote them (sorted), so the store encodes as before. Every field defaults,
+/// so an empty object (tests, a store initialised without tokens) still decodes.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenSecrets {
+    /// The CA fingerprint the tokens pin.
+    #[serde(default)]
+    pub fingerprint: String,
+    #[serde(default)]
+    pub manager: String,
+    /// When the manager token stops admitting (seconds since the epoch); none: until rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_expires: Option<u64>,
+    #[serde(default)]
+    pub worker: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_expires: Option<u64>,
+}
+
+impl std::fmt::Debug for JoinTokenSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTokenSecrets")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for ClusterSecrets {
@@ -534,6 +450,8 @@ pub enum ApplyError {
     NoPreviousSpec(String),
     #[error("store: network {name:?}: {message}")]
     Network { name: String, message: String },
+    #[error("store: service {name:?}: {message}")]
+    Service { name: String, message: String },
     #[error("store: volume {name:?}: {message}")]
     Volume { name: String, message: String },
     #[error("store: node {node:?}: {message}")]
@@ -687,6 +605,7 @@ impl Store {
     fn apply_one(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
         match cmd {
             Command::PutService { id, mut spec, now } => {
+                self.check_service(&spec)?;
                 let name = spec.name.clone();
                 self.resolve_refs(&mut spec);
                 self.put_service(index, id, spec, now);
@@ -695,7 +614,7 @@ impl Store {
             }
             Command::PutVolume { spec, now } => self.put_volume(index, spec, now),
             Command::RemoveVolume { name } => {
-                let users = crate::volume::users(self, &name);
+                let users = self.volume_users(&name);
                 if !users.is_empty() {
                     return Err(ApplyError::Volume {
                         message: format!("in use by service(s) {}", users.join(", ")),
@@ -1487,10 +1406,21 @@ impl Store {
         };
         if let Some(existing) = self.networks.get_mut(&spec.name) {
             if !existing.spec.same_shape(&spec) {
-                return Err(err(
-                    "its driver, subnet, encryption and internal cannot change; remove it first"
-                        .into(),
-                ));
+                return Err(err(format!(
+                    "driver, subnet, encrypted and internal cannot change once it exists (it is \
+                     {}, {}{}); remove it first",
+                    existing.subnet,
+                    if existing.spec.encrypted {
+                        "encrypted"
+                    } else {
+                        "unencrypted"
+                    },
+                    if existing.spec.internal {
+                        ", internal"
+                    } else {
+                        ""
+                    }
+                )));
             }
             if existing.spec.labels != spec.labels {
                 existing.spec.labels = spec.labels;
@@ -1500,10 +1430,10 @@ impl Store {
         }
         let subnet = match &spec.subnet {
             Some(s) => {
-                let net = parse_subnet(s).map_err(err)?;
+                let net = parse_subnet(s).map_err(|m| err(format!("subnet: {m}")))?;
                 if let Some(other) = self.networks.values().find(|n| overlaps(n.subnet, net)) {
                     return Err(err(format!(
-                        "subnet {net} overlaps network {:?} ({})",
+                        "subnet: {net} overlaps network {:?} ({})",
                         other.spec.name, other.subnet
                     )));
                 }
@@ -1533,6 +1463,102 @@ impl Store {
         let names: Vec<String> = self.services.keys().cloned().collect();
         for n in names {
             self.assign_vips(&n);
+        }
+        Ok(())
+    }
+
+    /// What a service spec must agree with in the rest of the store, checked when it is put
+    /// (and by the API before a rollback to it): each of its networks exists; its names (its
+    /// own and its aliases) are not another service's on a network they share, since DNS
+    /// answers one of them; every secret and config it references exists, with the pinned
+    /// version if any.
+    pub fn check_service(&self, spec: &ServiceSpec) -> Result<(), ApplyError> {
+        let err = |message: String| ApplyError::Service {
+            name: spec.name.clone(),
+            message,
+        };
+        for (i, n) in spec.networks.iter().enumerate() {
+            if !self.networks.contains_key(n) {
+                return Err(err(format!(
+                    "networks[{i}]: network {n:?} does not exist (declare it with `kind: \
+                     Network` or see `rctl network ls`)"
+                )));
+            }
+        }
+        for o in self.services.values().map(|s| &s.spec) {
+            if o.name == spec.name {
+                continue;
+            }
+            let Some(net) = spec.networks.iter().find(|n| o.networks.contains(n)) else {
+                continue;
+            };
+            let taken = |name: &str| {
+                o.name.eq_ignore_ascii_case(name)
+                    || o.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+            };
+            if let Some((i, a)) = spec.aliases.iter().enumerate().find(|(_, a)| taken(a)) {
+                return Err(err(format!(
+                    "aliases[{i}]: {a:?} is already a name of service {:?} on network {net:?}",
+                    o.name
+                )));
+            }
+            if o.aliases.iter().any(|a| a.eq_ignore_ascii_case(&spec.name)) {
+                return Err(err(format!(
+                    "its name is already an alias of service {:?} on network {net:?}",
+                    o.name
+                )));
+            }
+        }
+        self.check_refs(spec).map_err(err)
+    }
+
+    /// Every secret and config `spec` references exists (with the pinned version, if any).
+    fn check_refs(&self, spec: &ServiceSpec) -> Result<(), String> {
+        use crate::secret::{parse_source, ObjectKind};
+        let fields = spec
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    format!("secrets[{i}].source"),
+                    ObjectKind::Secret,
+                    &r.source,
+                )
+            })
+            .chain(spec.configs.iter().enumerate().map(|(i, r)| {
+                (
+                    format!("configs[{i}].source"),
+                    ObjectKind::Config,
+                    &r.source,
+                )
+            }))
+            .chain(
+                spec.env_from_secret
+                    .iter()
+                    .map(|(k, s)| (format!("env_from_secret.{k}"), ObjectKind::Secret, s)),
+            );
+        for (field, kind, source) in fields {
+            let (name, pin) = parse_source(&field, source).map_err(|e| e.to_string())?;
+            match (self.objects(kind).get(&name), pin) {
+                (None, _) => {
+                    return Err(format!(
+                        "{field}: {kind} {name:?} not found (create it with `rctl {kind} create \
+                         {name} FILE`)"
+                    ))
+                }
+                (Some(o), Some(p)) if !o.versions.contains_key(&p) => {
+                    return Err(format!(
+                        "{field}: {kind} {name:?} has no version {p} (kept: {})",
+                        o.versions
+                            .keys()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -1589,6 +1615,15 @@ impl Store {
             t.networks = attachments;
         }
         Ok(())
+    }
+
+    /// Services whose spec mounts volume `name`, by name.
+    pub fn volume_users(&self, name: &str) -> Vec<&str> {
+        self.services
+            .values()
+            .filter(|s| crate::volume::volumes_of(&s.spec).any(|v| v == name))
+            .map(|s| s.spec.name.as_str())
+            .collect()
     }
 
     pub fn tasks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
@@ -1678,6 +1713,35 @@ mod tests {
             created_at: 1,
             version: 0,
         }
+    }
+
+    #[test]
+    fn join_tokens_written_untyped_by_earlier_builds_still_decode() {
+        // A store as an earlier build wrote it (join tokens as free JSON, keys sorted), as
+        // raft snapshots and backups hold it.
+        let old = r#"{"nodes":{},"services":{},"tasks":{},"images":{},"applied":9,
+            "secrets":{"ca_cert_pem":"C","ca_key_pem":"K","join_tokens":{
+            "fingerprint":"f","manager":"m","manager_expires":5,"worker":"w"}}}"#;
+        let s: Store = serde_json::from_str(old).unwrap();
+        let t = &s.secrets.as_ref().unwrap().join_tokens;
+        assert_eq!(
+            (
+                t.fingerprint.as_str(),
+                t.manager.as_str(),
+                t.worker.as_str()
+            ),
+            ("f", "m", "w")
+        );
+        assert_eq!((t.manager_expires, t.worker_expires), (Some(5), None));
+        // And encodes as it did.
+        let json = serde_json::to_string(t).unwrap();
+        assert_eq!(
+            json,
+            r#"{"fingerprint":"f","manager":"m","manager_expires":5,"worker":"w"}"#
+        );
+        assert!(!format!("{t:?}").contains("\"m\""));
+        let empty: JoinTokenSecrets = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, JoinTokenSecrets::default());
     }
 
     #[test]
@@ -2059,7 +2123,8 @@ mod tests {
 
     #[test]
     fn networks_give_slices_vips_and_addresses() {
-        use crate::network::{map_for_node, NetworkSpec};
+        use crate::network::NetworkSpec;
+        use crate::views::map_for_node;
         let mut s = Store::default();
         let mut i = 0;
         let mut apply = |s: &mut Store, c: Command| {

@@ -18,7 +18,7 @@
 //!   store; each agent then deletes its copy once no local container mounts it.
 //! - Mount targets are absolute, normalised paths, each at most once per service.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -241,40 +241,6 @@ pub fn volumes_of(spec: &crate::ServiceSpec) -> impl Iterator<Item = &str> + '_ 
     spec.mounts.iter().filter_map(Mount::volume)
 }
 
-/// Services whose spec mounts volume `name`, by name.
-pub fn users<'a>(store: &'a crate::Store, name: &str) -> Vec<&'a str> {
-    store
-        .services
-        .values()
-        .filter(|s| volumes_of(&s.spec).any(|v| v == name))
-        .map(|s| s.spec.name.as_str())
-        .collect()
-}
-
-/// Hostnames whose agent reported a copy of volume `name`'s data.
-pub fn hosts_with_copy(store: &crate::Store, name: &str) -> Vec<String> {
-    let mut hosts: Vec<String> = store
-        .volume_copies
-        .iter()
-        .filter(|(_, names)| names.contains(name))
-        .map(|(node, _)| {
-            store
-                .nodes
-                .get(node)
-                .map(|n| n.hostname.clone())
-                .unwrap_or_else(|| node.clone())
-        })
-        .collect();
-    hosts.sort();
-    hosts
-}
-
-/// The declared volumes' names, as the dispatcher sends them to every agent: a host deletes
-/// its copy of any other volume once no local container mounts it.
-pub fn declared(store: &crate::Store) -> BTreeSet<String> {
-    store.volumes.keys().cloned().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,7 +446,7 @@ mod tests {
         apply(&mut s, put(&web)).unwrap();
         assert_eq!(s.volumes["data"].spec, VolumeSpec::named("data"));
         assert_eq!(s.volumes["data"].created_at, 5);
-        assert_eq!(users(&s, "data"), vec!["web"]);
+        assert_eq!(s.volume_users("data"), vec!["web"]);
         // Declaring it explicitly changes its labels only.
         let mut labelled = VolumeSpec::named("data");
         labelled.labels.insert("team".into(), "a".into());
@@ -526,12 +492,15 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(hosts_with_copy(&s, "data"), vec!["h2".to_string()]);
+        assert_eq!(
+            crate::views::hosts_with_copy(&s, "data"),
+            vec!["h2".to_string()]
+        );
         // Once the service is gone (or no longer mounts it), it can be removed.
         let mut plain = web.clone();
         plain.mounts.remove(0);
         apply(&mut s, put(&plain)).unwrap();
-        assert!(users(&s, "data").is_empty());
+        assert!(s.volume_users("data").is_empty());
         // A rollback to a spec that mounts a removed volume declares it again.
         apply(
             &mut s,
@@ -540,7 +509,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(declared(&s).is_empty());
+        assert!(crate::views::declared_volumes(&s).is_empty());
         apply(
             &mut s,
             Command::Rollback {

@@ -1,0 +1,113 @@
+//! Reaching agents: the one dialer every relay (logs, exec, cp, inspect, commit, build,
+//! images) uses to call a host's `AgentApi`.
+//!
+//! Invariants: the agent must present a certificate for the node id the store records (C1: a
+//! node that registered another's address cannot answer); dialling an unreachable host fails
+//! within [`CONNECT`] × 2 with an error naming the host, never hangs; kept-alive connections
+//! notice a host that vanishes mid-stream.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rudder_proto::v1::agent_api_client::AgentApiClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// How long dialling a host may take (the whole dial is bounded by twice this).
+pub const CONNECT: Duration = Duration::from_secs(2);
+
+/// Which agent to dial: the node id its certificate must name, its address, its hostname.
+#[derive(Debug, Clone)]
+pub struct AgentAt {
+    pub id: String,
+    pub addr: String,
+    pub host: String,
+}
+
+impl From<&rudder_model::Node> for AgentAt {
+    fn from(n: &rudder_model::Node) -> Self {
+        AgentAt {
+            id: n.id.clone(),
+            addr: n.addr.clone(),
+            host: n.hostname.clone(),
+        }
+    }
+}
+
+/// This controller's certificates, replaced when they are renewed; `None` only in tests
+/// without TLS.
+pub type SharedCerts = Arc<RwLock<Option<rudder_pki::tls::NodeCerts>>>;
+
+/// Dials agents with this controller's current certificate.
+#[derive(Clone)]
+pub struct AgentDialer {
+    certs: SharedCerts,
+}
+
+impl AgentDialer {
+    pub fn new(certs: SharedCerts) -> Self {
+        AgentDialer { certs }
+    }
+
+    /// The certificates in use now (also for calls to other controllers).
+    pub fn certs(&self) -> Option<rudder_pki::tls::NodeCerts> {
+        self.certs.read().expect("agent tls lock").clone()
+    }
+
+    /// A client of the agent `at` for calls the caller bounds itself (streams that follow,
+    /// exec sessions), or an error naming the host.
+    pub async fn dial(&self, at: &AgentAt) -> Result<AgentApiClient<Channel>, Status> {
+        self.connect(at, None).await
+    }
+
+    /// As [`Self::dial`], and every call on the client ends after `per_call` (so a dead host
+    /// never hangs a caller that waits for a whole answer).
+    pub async fn dial_bounded(
+        &self,
+        at: &AgentAt,
+        per_call: Duration,
+    ) -> Result<AgentApiClient<Channel>, Status> {
+        self.connect(at, Some(per_call)).await
+    }
+
+    async fn connect(
+        &self,
+        at: &AgentAt,
+        per_call: Option<Duration>,
+    ) -> Result<AgentApiClient<Channel>, Status> {
+        let (addr, host) = (&at.addr, &at.host);
+        // Not `unavailable`: that would read as this controller being down.
+        let unreachable = |e: String| {
+            Status::failed_precondition(format!("cannot reach host {host} ({addr}): {e}"))
+        };
+        let mut endpoint = endpoint(self.certs().as_ref(), at)
+            .map_err(&unreachable)?
+            .connect_timeout(CONNECT)
+            .tcp_keepalive(Some(Duration::from_secs(5)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(t) = per_call {
+            endpoint = endpoint.timeout(t);
+        }
+        match tokio::time::timeout(CONNECT * 2, endpoint.connect()).await {
+            Ok(Ok(ch)) => Ok(AgentApiClient::new(ch)),
+            Ok(Err(e)) => Err(unreachable(rudder_proto::error_chain(&e))),
+            Err(_) => Err(unreachable("timed out".into())),
+        }
+    }
+}
+
+/// An endpoint for the agent `at`: mutual TLS that accepts only `at.id`'s certificate (plain
+/// http only in tests that run without certificates).
+fn endpoint(certs: Option<&rudder_pki::tls::NodeCerts>, at: &AgentAt) -> Result<Endpoint, String> {
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let endpoint =
+        Endpoint::from_shared(format!("{scheme}://{}", at.addr)).map_err(|e| e.to_string())?;
+    match certs {
+        Some(c) => {
+            rudder_pki::tls::node_endpoint(endpoint, c, rudder_pki::ca::Role::Worker, &at.id)
+                .map_err(|e| e.to_string())
+        }
+        None => Ok(endpoint),
+    }
+}
