@@ -13,6 +13,7 @@ pub mod dns;
 pub mod exec;
 pub mod fs_helper;
 pub mod health;
+pub mod hostnet;
 pub mod images;
 pub mod manager;
 pub mod net;

@@ -14,8 +14,9 @@
 //! `rwg-<node8>`, host end of a container's veth `rdv<task10><i>`. A container's namespace is
 //! a bind mount at `<data>/netns/<task id>`, so it outlives the agent like the container does.
 //!
-//! Configuration goes through iproute2 and nft in batch mode (`ip -batch`, `nft -f`): one
-//! process per pass rather than per object, and nft loads the whole table atomically.
+//! What to change is planned by pure functions (`hostnet::plan`) and executed through the
+//! [`HostNet`] port: rtnetlink for links, addresses, routes and neighbours (no process on a
+//! container's start path), and one `nft -f` transaction per pass for the nftables table.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,11 +28,13 @@ use ipnet::Ipv4Net;
 use rudder_model::network::{NetworkMap, NetworkView, PublishedPort};
 use rudder_model::ports::Protocol;
 use rudder_model::Task;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::dns::{DnsServer, DnsView, ServiceRecord};
+use crate::hostnet::netlink::NetlinkHostNet;
+use crate::hostnet::plan::{self, OverlayWanted, Veth};
+use crate::hostnet::{HostNet, HostNetError, Mac, Ns, Route};
 use crate::wg::{KeyPair, Wg, WgPeer};
 
 /// Present in the agent's data dir when IPv4 forwarding was off before the agent turned it
@@ -47,8 +50,17 @@ const MARK_HOSTPORT: u32 = 0x5245;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("network: {cmd}: {msg}")]
-    Command { cmd: String, msg: String },
+    #[error("network: {0}")]
+    Host(#[from] HostNetError),
+    #[error("network: namespace {path}: {msg}")]
+    Netns { path: PathBuf, msg: String },
+    #[error("network: dns on {addr}: {source}")]
+    Dns {
+        addr: SocketAddr,
+        source: crate::dns::DnsError,
+    },
+    #[error("network: no free address in the local bridge's {subnet}")]
+    BridgeFull { subnet: Ipv4Net },
     #[error("network: {0}")]
     Wg(#[from] crate::wg::WgError),
     #[error("network: {op}: {err}")]
@@ -69,140 +81,15 @@ pub fn vxlan_name(net_id: &str) -> String {
 pub fn wg_name(node_id: &str) -> String {
     format!("rwg-{}", &node_id[..node_id.len().min(8)])
 }
-fn veth_name(task_id: &str, i: usize) -> String {
+pub(crate) fn veth_name(task_id: &str, i: usize) -> String {
     format!("rdv{}{i}", &task_id[..task_id.len().min(10)])
-}
-fn veth_peer_name(task_id: &str, i: usize) -> String {
-    format!("rdp{}{i}", &task_id[..task_id.len().min(10)])
 }
 
 /// The VXLAN device MAC of the host whose gateway in the network is `gw`: derived, so no MAC
 /// needs to travel through the controller.
-fn vtep_mac(vni: u32, gw: Ipv4Addr) -> String {
+pub(crate) fn vtep_mac(vni: u32, gw: Ipv4Addr) -> Mac {
     let o = gw.octets();
-    format!(
-        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        vni as u8, o[0], o[1], o[2], o[3]
-    )
-}
-
-async fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
-    let mut c = tokio::process::Command::new(cmd);
-    c.args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let line = format!("{cmd} {}", args.join(" "));
-    let mut child = c.spawn().map_err(|e| NetError::Command {
-        cmd: line.clone(),
-        msg: e.to_string(),
-    })?;
-    if let (Some(input), Some(mut w)) = (stdin, child.stdin.take()) {
-        let _ = w.write_all(input.as_bytes()).await;
-    }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .map_err(|_| NetError::Command {
-            cmd: line.clone(),
-            msg: "timed out after 10 s".into(),
-        })?
-        .map_err(|e| NetError::Command {
-            cmd: line.clone(),
-            msg: e.to_string(),
-        })?;
-    if !out.status.success() {
-        let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        if let Some(input) = stdin {
-            msg.push_str(&format!(" (input: {})", input.replace('\n', "; ")));
-        }
-        return Err(NetError::Command { cmd: line, msg });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// Runs `ip -batch -` with `cmds`; `force` goes on past failing lines (for deletions of what
-/// may already be gone).
-async fn ip_batch(cmds: &[String], force: bool, netns: Option<&Path>) -> Result<(), NetError> {
-    if cmds.is_empty() {
-        return Ok(());
-    }
-    let input = cmds.join("\n") + "\n";
-    let mut args: Vec<String> = Vec::new();
-    let prog = match netns {
-        Some(p) => {
-            args.push(format!("--net={}", p.display()));
-            args.push("ip".into());
-            "nsenter"
-        }
-        None => "ip",
-    };
-    if force {
-        args.push("-force".into());
-    }
-    args.extend(["-batch".into(), "-".into()]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run(prog, &refs, Some(&input)).await.map(|_| ())
-}
-
-/// Names of the links in this namespace.
-async fn links() -> Result<BTreeSet<String>, NetError> {
-    let out = run("ip", &["-j", "link", "show"], None).await?;
-    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| NetError::Command {
-        cmd: "ip -j link show".into(),
-        msg: e.to_string(),
-    })?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l.get("ifname").and_then(|n| n.as_str()).map(String::from))
-        .collect())
-}
-
-/// Route protocol number marking the `unreachable` routes of encrypted subnets as ours (an
-/// unassigned value in iproute2's `rt_protos`), so a pass removes exactly those it no longer
-/// wants and never a route someone else made.
-const RTPROT_RUDDER: u8 = 213;
-
-/// Destinations of our `unreachable` routes (see [`RTPROT_RUDDER`]).
-async fn unreachable_routes() -> Result<BTreeSet<String>, NetError> {
-    let proto = RTPROT_RUDDER.to_string();
-    let out = run(
-        "ip",
-        &[
-            "-j",
-            "route",
-            "show",
-            "type",
-            "unreachable",
-            "proto",
-            &proto,
-        ],
-        None,
-    )
-    .await?;
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r.get("dst").and_then(|n| n.as_str()).map(String::from))
-        .collect())
-}
-
-/// Destinations of the routes through `dev`.
-async fn routes_via(dev: &str) -> Result<BTreeSet<String>, NetError> {
-    let out = run("ip", &["-j", "route", "show", "dev", dev], None).await?;
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r.get("protocol").and_then(|p| p.as_str()) != Some("kernel"))
-        .filter_map(|r| r.get("dst").and_then(|n| n.as_str()).map(String::from))
-        .collect())
+    [0x02, vni as u8, o[0], o[1], o[2], o[3]]
 }
 
 fn write_sysctl(path: &str, value: &str) {
@@ -647,8 +534,10 @@ pub struct Overlay {
     wg: tokio::sync::Mutex<Option<Wg>>,
     upstreams: Vec<SocketAddr>,
     bridge_subnet: Ipv4Net,
-    /// Serialises bridge address allocation.
-    bridge_lock: tokio::sync::Mutex<()>,
+    /// Who is on the local bridge (serialises its address allocation too).
+    bridge: Mutex<BridgeTable>,
+    /// Executes the planned changes (rtnetlink; a fake in tests).
+    net: Arc<dyn HostNet>,
     /// Bumped when a bridge task comes or goes (its published ports are in the nft table).
     bridge_tx: watch::Sender<u64>,
 }
@@ -660,6 +549,18 @@ impl Overlay {
         node_id: &str,
         wg_port: u16,
         agent_exe: PathBuf,
+    ) -> Result<Arc<Overlay>, NetError> {
+        let net = NetlinkHostNet::shared()?;
+        Self::start_with(data_dir, node_id, wg_port, agent_exe, net)
+    }
+
+    /// [`Overlay::start`] over a given [`HostNet`].
+    pub fn start_with(
+        data_dir: &Path,
+        node_id: &str,
+        wg_port: u16,
+        agent_exe: PathBuf,
+        net: Arc<dyn HostNet>,
     ) -> Result<Arc<Overlay>, NetError> {
         let key = crate::wg::load_or_create_key(&data_dir.join("wg.key"))?;
         let epoch = std::fs::read_to_string(data_dir.join("wg.epoch"))
@@ -689,7 +590,8 @@ impl Overlay {
             wg: tokio::sync::Mutex::new(None),
             upstreams,
             bridge_subnet: DEFAULT_BRIDGE_SUBNET.parse().expect("valid subnet"),
-            bridge_lock: tokio::sync::Mutex::new(()),
+            bridge: Mutex::new(BridgeTable::default()),
+            net,
             bridge_tx,
         });
         tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
@@ -774,61 +676,35 @@ impl Overlay {
             return Ok(());
         }
         let forward_drop = self.enable_forwarding();
-        let have = links().await?;
-        let mut cmds = Vec::new();
+        let seen = self.net.observe(&Ns::Host).await?;
         let wanted: BTreeMap<String, NetworkView> = map
             .networks
             .iter()
             .map(|n| (n.id.clone(), n.clone()))
             .collect();
-        // Networks gone: their devices (and with them their routes).
-        for id in applied.networks.keys() {
-            if !wanted.contains_key(id) {
-                applied.dns.remove(id);
-                for dev in [bridge_name(id), vxlan_name(id)] {
-                    if have.contains(&dev) {
-                        cmds.push(format!("link del {dev}"));
-                    }
-                }
-            }
+        // Networks gone: their devices (and with them their routes) and resolvers.
+        let retired: BTreeSet<String> = applied
+            .networks
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in &retired {
+            applied.dns.remove(id);
         }
-        ip_batch(&cmds, true, None).await?;
-        let mut cmds = Vec::new();
-        for n in wanted.values() {
-            let br = bridge_name(&n.id);
-            if !have.contains(&br) {
-                cmds.push(format!("link add {br} type bridge"));
-            }
-            cmds.push(format!("link set {br} mtu {} up", n.mtu));
-            cmds.push(format!(
-                "addr replace {}/{} dev {br}",
-                n.gateway,
-                n.local_slice.prefix_len()
-            ));
-            if !n.encrypted {
-                let vx = vxlan_name(&n.id);
-                if !have.contains(&vx) {
-                    cmds.push(format!(
-                        "link add {vx} type vxlan id {} dstport {VXLAN_PORT} nolearning",
-                        n.vni
-                    ));
-                }
-                cmds.push(format!(
-                    "link set {vx} address {} mtu {} up",
-                    vtep_mac(n.vni, n.gateway),
-                    n.mtu
-                ));
-            }
-        }
-        ip_batch(&cmds, false, None).await?;
-        for n in wanted.values() {
-            let br = bridge_name(&n.id);
-            write_sysctl(&format!("/proc/sys/net/ipv4/conf/{br}/send_redirects"), "0");
-        }
+        let wg_iface = wg_name(&self.node_id);
+        let plan = plan::overlay(
+            &OverlayWanted {
+                map,
+                retired: &retired,
+                wg: &wg_iface,
+            },
+            &seen,
+        );
+        self.net.apply(&Ns::Host, &plan.links).await?;
 
         // Tunnels.
         let encrypted: Vec<&NetworkView> = wanted.values().filter(|n| n.encrypted).collect();
-        let wg_iface = wg_name(&self.node_id);
         if !encrypted.is_empty() {
             let mut guard = self.wg.lock().await;
             if guard.is_none() {
@@ -857,77 +733,18 @@ impl Overlay {
                 wg.set_peers(&peers).await?;
                 applied.peers = peers;
             }
-            let want: BTreeSet<String> = map
-                .peers
-                .iter()
-                .flat_map(|p| encrypted.iter().filter_map(|n| p.slices.get(&n.id)))
-                .map(|s| s.to_string())
-                .collect();
-            sync_routes(&wg_iface, &want, |dst| {
-                format!("route replace {dst} dev {wg_iface}")
-            })
-            .await?;
         } else if let Some(wg) = self.wg.lock().await.take() {
             wg.shutdown().await;
             applied.peers.clear();
         }
-        // An encrypted subnet is unreachable except through the routes above (the peers'
-        // slices) and the local bridge's: both more specific, so they win; whatever else (an
-        // unallocated slice, a peer missing from the map) fails here instead of following the
-        // default route out in clear.
-        let want: BTreeSet<String> = encrypted.iter().map(|n| n.subnet.to_string()).collect();
-        let have = unreachable_routes().await?;
-        let mut cmds: Vec<String> = have
-            .difference(&want)
-            .map(|d| format!("route del unreachable {d} proto {RTPROT_RUDDER}"))
-            .collect();
-        cmds.extend(
-            want.iter()
-                .map(|d| format!("route replace unreachable {d} proto {RTPROT_RUDDER}")),
-        );
-        ip_batch(&cmds, false, None).await?;
-        let mut bridge_cmds = Vec::new();
-        for n in wanted.values().filter(|n| !n.encrypted) {
-            let vx = vxlan_name(&n.id);
-            let mut want = BTreeSet::new();
-            let mut cmds = Vec::new();
-            for p in &map.peers {
-                let Some(slice) = p.slices.get(&n.id) else {
-                    continue;
-                };
-                let gw = rudder_model::network::Network::gateway(*slice);
-                let mac = vtep_mac(n.vni, gw);
-                cmds.push(format!(
-                    "neigh replace {gw} lladdr {mac} dev {vx} nud permanent"
-                ));
-                bridge_cmds.push(format!(
-                    "fdb replace {mac} dev {vx} dst {} self permanent",
-                    p.underlay
-                ));
-                want.insert(slice.to_string());
-            }
-            ip_batch(&cmds, false, None).await?;
-            let peer_gw: BTreeMap<String, Ipv4Addr> = map
-                .peers
-                .iter()
-                .filter_map(|p| p.slices.get(&n.id))
-                .map(|s| (s.to_string(), rudder_model::network::Network::gateway(*s)))
-                .collect();
-            sync_routes(&vx, &want, |dst| {
-                format!("route replace {dst} via {} dev {vx} onlink", peer_gw[dst])
-            })
-            .await?;
-        }
-        if !bridge_cmds.is_empty() {
-            let input = bridge_cmds.join("\n") + "\n";
-            run("bridge", &["-batch", "-"], Some(&input)).await?;
-        }
+        // Routes through the tunnels (the WireGuard interface exists by now), the encrypted
+        // subnets' `unreachable` routes, the VXLAN devices' neighbours and forwarding entries.
+        self.net.apply(&Ns::Host, &plan.routes).await?;
 
         // nftables: the whole table, atomically, when it changed.
         let table = ruleset(map, &wg_iface, bridge.as_ref(), forward_drop);
         if table != applied.nft {
-            let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{table}");
-            run("nft", &["-f", "-"], Some(&script)).await?;
+            self.net.load_nft(&table).await?;
             applied.nft = table;
         }
 
@@ -947,13 +764,9 @@ impl Overlay {
                 } else {
                     self.upstreams.clone()
                 };
-                let server =
-                    DnsServer::bind(addr, upstreams)
-                        .await
-                        .map_err(|e| NetError::Command {
-                            cmd: format!("dns on {addr}"),
-                            msg: e.to_string(),
-                        })?;
+                let server = DnsServer::bind(addr, upstreams)
+                    .await
+                    .map_err(|source| NetError::Dns { addr, source })?;
                 applied.dns.insert(n.id.clone(), server);
             }
             if let Some(d) = applied.dns.get(&n.id) {
@@ -1000,8 +813,6 @@ impl Overlay {
         marker.exists()
     }
 
-    /// The local bridge's rules, from the containers on it (their dirs record the address):
-    /// derived from disk, so an agent restart loses nothing. `None` while no task uses it.
     /// The directories that may hold a `bridge_addr` record: every container's, and every
     /// build's (a build's RUN joins the bridge too: `build`).
     fn bridge_record_dirs(&self) -> Vec<PathBuf> {
@@ -1017,40 +828,40 @@ impl Overlay {
             .collect()
     }
 
-    fn local_bridge(&self) -> Option<LocalBridge> {
-        let mut ports = Vec::new();
-        let mut any = false;
-        for dir in self.bridge_record_dirs() {
-            let Some(addr) = std::fs::read_to_string(dir.join("bridge_addr"))
-                .ok()
-                .and_then(|a| a.trim().parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
-            any = true;
-            let Some(task) = std::fs::read(dir.join("task.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
-            else {
-                continue;
-            };
-            let host_mode = |p: &&rudder_model::ports::PortConfig| {
-                p.mode == rudder_model::ports::PortMode::Host
-            };
-            for p in task.spec.ports.iter().filter(host_mode) {
-                ports.push(PublishedPort {
-                    service: task.service_name.clone(),
-                    protocol: p.protocol,
-                    published: p.published_port(),
-                    target: p.target,
-                    network: String::new(),
-                    backends: vec![addr],
-                });
+    /// Fills the bridge table from the directories' records, once per agent process (so an
+    /// agent restart loses nothing), and drops the members whose record is gone (a stale
+    /// directory removed by the worker without a detach).
+    fn bridge_table(&self) -> std::sync::MutexGuard<'_, BridgeTable> {
+        let mut t = self.bridge.lock().expect("bridge lock");
+        if !t.loaded {
+            for dir in self.bridge_record_dirs() {
+                let Some(addr) = read_bridge_addr(&dir) else {
+                    continue;
+                };
+                let ports = std::fs::read(dir.join("task.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
+                    .map(|task| host_ports(&task, addr))
+                    .unwrap_or_default();
+                t.members.insert(dir, BridgeMember { addr, ports });
             }
+            t.loaded = true;
         }
-        any.then_some(LocalBridge {
+        t.members
+            .retain(|dir, _| dir.join(BRIDGE_ADDR_FILE).exists());
+        t
+    }
+
+    /// The local bridge's rules, from the members of the bridge table. `None` while no task
+    /// uses the bridge.
+    fn local_bridge(&self) -> Option<LocalBridge> {
+        let t = self.bridge_table();
+        if t.members.is_empty() {
+            return None;
+        }
+        Some(LocalBridge {
             subnet: self.bridge_subnet,
-            ports,
+            ports: t.members.values().flat_map(|m| m.ports.clone()).collect(),
         })
     }
 
@@ -1058,8 +869,10 @@ impl Overlay {
     /// `dir/bridge_addr`), a namespace with `eth0` and a default route via the bridge, the
     /// host's resolvers. Returns the namespace's path.
     pub async fn attach_bridge(&self, task: &Task, dir: &Path) -> Result<PathBuf, NetError> {
-        self.attach_bridge_as(&task.id, &task.hostname(), &task.name(), dir)
-            .await
+        self.attach_bridge_with(&task.id, &task.hostname(), &task.name(), dir, |addr| {
+            host_ports(task, addr)
+        })
+        .await
     }
 
     /// [`Overlay::attach_bridge`] for anything with an id (its namespace, veth and address
@@ -1071,68 +884,67 @@ impl Overlay {
         name: &str,
         dir: &Path,
     ) -> Result<PathBuf, NetError> {
-        let _guard = self.bridge_lock.lock().await;
+        self.attach_bridge_with(id, hostname, name, dir, |_| Vec::new())
+            .await
+    }
+
+    async fn attach_bridge_with(
+        &self,
+        id: &str,
+        hostname: &str,
+        name: &str,
+        dir: &Path,
+        ports: impl FnOnce(Ipv4Addr) -> Vec<PublishedPort>,
+    ) -> Result<PathBuf, NetError> {
         let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
         let prefix = self.bridge_subnet.prefix_len();
         self.enable_forwarding();
-        let mut cmds = Vec::new();
-        if !links().await?.contains(BRIDGE) {
-            cmds.push(format!("link add {BRIDGE} type bridge"));
-        }
-        cmds.push(format!("addr replace {gw}/{prefix} dev {BRIDGE}"));
-        cmds.push(format!("link set {BRIDGE} up"));
-        ip_batch(&cmds, false, None).await?;
-        let record = dir.join("bridge_addr");
-        let addr = match std::fs::read_to_string(&record)
-            .ok()
-            .and_then(|a| a.trim().parse::<Ipv4Addr>().ok())
-        {
-            Some(a) => a,
-            None => {
-                let used: BTreeSet<Ipv4Addr> = self
-                    .bridge_record_dirs()
-                    .into_iter()
-                    .filter_map(|d| std::fs::read_to_string(d.join("bridge_addr")).ok())
-                    .filter_map(|a| a.trim().parse().ok())
-                    .collect();
-                let base = u32::from(self.bridge_subnet.network());
-                let size = 1u32 << (32 - prefix);
-                let a = (2..size - 1)
-                    .map(|off| Ipv4Addr::from(base + off))
-                    .find(|a| !used.contains(a))
-                    .ok_or_else(|| NetError::Command {
-                        cmd: "bridge address".into(),
-                        msg: format!("no free address in {}", self.bridge_subnet),
-                    })?;
-                crate::shim::write_atomic(&record, &a.to_string()).map_err(|err| NetError::Io {
-                    op: "record bridge address",
-                    err,
-                })?;
-                a
-            }
+        let addr = {
+            let mut t = self.bridge_table();
+            let addr = match read_bridge_addr(dir) {
+                Some(a) => a,
+                None => {
+                    let used: BTreeSet<Ipv4Addr> = t.members.values().map(|m| m.addr).collect();
+                    let base = u32::from(self.bridge_subnet.network());
+                    let size = 1u32 << (32 - prefix);
+                    let a = (2..size - 1)
+                        .map(|off| Ipv4Addr::from(base + off))
+                        .find(|a| !used.contains(a))
+                        .ok_or(NetError::BridgeFull {
+                            subnet: self.bridge_subnet,
+                        })?;
+                    crate::shim::write_atomic(&dir.join(BRIDGE_ADDR_FILE), &a.to_string())
+                        .map_err(|err| NetError::Io {
+                            op: "record bridge address",
+                            err,
+                        })?;
+                    a
+                }
+            };
+            let ports = ports(addr);
+            t.members
+                .insert(dir.to_path_buf(), BridgeMember { addr, ports });
+            addr
         };
-        drop(_guard);
+        self.net
+            .apply(&Ns::Host, &plan::local_bridge(BRIDGE, gw, prefix))
+            .await?;
         let ns = self.netns_path(id);
         if !ns.exists() {
             create_netns(&ns).await?;
         }
-        let (v, p) = (veth_name(id, 9), veth_peer_name(id, 9));
-        let mut host = Vec::new();
-        if links().await?.contains(&v) {
-            host.push(format!("link del {v}"));
-        }
-        host.push(format!("link add {v} type veth peer name {p}"));
-        host.push(format!("link set {p} netns {}", ns.display()));
-        host.push(format!("link set {v} master {BRIDGE} up"));
-        ip_batch(&host, false, None).await?;
-        let inside = vec![
-            "link set lo up".to_string(),
-            format!("link set {p} name eth0"),
-            "link set eth0 up".to_string(),
-            format!("addr add {addr}/{prefix} dev eth0"),
-            format!("route add default via {gw} dev eth0"),
-        ];
-        ip_batch(&inside, false, Some(&ns)).await?;
+        let veth = Veth {
+            host: veth_name(id, 9),
+            inside: "eth0".into(),
+            mtu: None,
+            master: BRIDGE.into(),
+            addr,
+            prefix,
+            routes: vec![Route::via(Ipv4Net::default(), Some(gw), "eth0")],
+        };
+        let p = plan::attach(&ns, &[veth]);
+        self.net.apply(&Ns::Host, &p.host).await?;
+        self.net.apply(&Ns::Path(ns.clone()), &p.inside).await?;
         // The host's resolvers, except loopback ones (unreachable from the container).
         let resolv: String = std::fs::read_to_string("/etc/resolv.conf")
             .unwrap_or_default()
@@ -1153,9 +965,13 @@ impl Overlay {
 
     /// [`Overlay::detach_bridge`] by id (see [`Overlay::attach_bridge_as`]).
     pub async fn detach_bridge_as(&self, id: &str, dir: &Path) {
-        let _ = ip_batch(&[format!("link del {}", veth_name(id, 9))], true, None).await;
+        let ops = plan::detach(&[veth_name(id, 9)]);
+        if let Err(e) = self.net.apply(&Ns::Host, &ops).await {
+            debug!(%e, "detach from the local bridge");
+        }
         remove_netns(&self.netns_path(id));
-        let _ = std::fs::remove_file(dir.join("bridge_addr"));
+        let _ = std::fs::remove_file(dir.join(BRIDGE_ADDR_FILE));
+        self.bridge.lock().expect("bridge lock").members.remove(dir);
         self.bridge_tx.send_modify(|n| *n += 1);
     }
 
@@ -1208,39 +1024,14 @@ impl Overlay {
         if !ns.exists() {
             create_netns(&ns).await?;
         }
-        let mut host = Vec::new();
-        let mut inside = vec!["link set lo up".to_string()];
-        let have = links().await?;
         // The way out is the first network that has one (an internal network has none; with
         // only internal ones, the first still carries replies to its published ports).
         let exit = nets.iter().position(|n| !n.internal).unwrap_or(0);
-        for (i, (a, n)) in task.networks.iter().zip(&nets).enumerate() {
-            let (v, p) = (veth_name(&task.id, i), veth_peer_name(&task.id, i));
-            if have.contains(&v) {
-                host.push(format!("link del {v}"));
-            }
-            host.push(format!(
-                "link add {v} mtu {} type veth peer name {p}",
-                n.mtu
-            ));
-            host.push(format!("link set {p} netns {}", ns.display()));
-            host.push(format!("link set {v} master {} up", bridge_name(&n.id)));
-            inside.push(format!("link set {p} name eth{i}"));
-            inside.push(format!("link set eth{i} mtu {} up", n.mtu));
-            inside.push(format!("addr add {}/32 dev eth{i}", a.address));
-            inside.push(format!("route add {} dev eth{i} scope link", n.gateway));
-            inside.push(format!(
-                "route add {} via {} dev eth{i}",
-                n.subnet, n.gateway
-            ));
-            if i == exit {
-                // Outbound traffic leaves through the host (masqueraded), like
-                // docker_gwbridge; it is also the way back for host-mode published ports.
-                inside.push(format!("route add default via {} dev eth{i}", n.gateway));
-            }
-        }
-        ip_batch(&host, false, None).await?;
-        ip_batch(&inside, false, Some(&ns)).await?;
+        let hosts: Vec<String> = (0..nets.len()).map(|i| veth_name(&task.id, i)).collect();
+        let addrs: Vec<Ipv4Addr> = task.networks.iter().map(|a| a.address).collect();
+        let p = plan::attach(&ns, &plan::overlay_veths(&hosts, &addrs, &nets, exit));
+        self.net.apply(&Ns::Host, &p.host).await?;
+        self.net.apply(&Ns::Path(ns.clone()), &p.inside).await?;
         let mut resolv = format!(
             "# Rudder's embedded DNS on network {}\nnameserver {}\n",
             nets[0].name, nets[0].gateway
@@ -1252,34 +1043,60 @@ impl Overlay {
         }
         resolv.push_str("options ndots:0\n");
         write_etc(dir, resolv, task.networks[0].address, &task.hostname())?;
-        info!(task = %task.name(), addresses = ?task.networks.iter().map(|a| a.address).collect::<Vec<_>>(), "attached to networks");
+        info!(task = %task.name(), addresses = ?addrs, "attached to networks");
         Ok(ns)
     }
 
     /// Removes the task's namespace (its veth pairs go with it).
     pub async fn detach(&self, task: &Task) {
         let ns = self.netns_path(&task.id);
-        let cmds: Vec<String> = (0..task.networks.len())
-            .map(|i| format!("link del {}", veth_name(&task.id, i)))
+        let hosts: Vec<String> = (0..task.networks.len())
+            .map(|i| veth_name(&task.id, i))
             .collect();
-        let _ = ip_batch(&cmds, true, None).await;
+        if let Err(e) = self.net.apply(&Ns::Host, &plan::detach(&hosts)).await {
+            debug!(%e, "detach from networks");
+        }
         remove_netns(&ns);
     }
 }
 
-/// Makes the routes through `dev` exactly `want` (each added by `add`).
-async fn sync_routes(
-    dev: &str,
-    want: &BTreeSet<String>,
-    add: impl Fn(&str) -> String,
-) -> Result<(), NetError> {
-    let have = routes_via(dev).await?;
-    let mut cmds: Vec<String> = have
-        .difference(want)
-        .map(|d| format!("route del {d} dev {dev}"))
-        .collect();
-    cmds.extend(want.iter().map(|d| add(d)));
-    ip_batch(&cmds, false, None).await
+/// The file in a container's (or build's) directory that records its local-bridge address.
+const BRIDGE_ADDR_FILE: &str = "bridge_addr";
+
+fn read_bridge_addr(dir: &Path) -> Option<Ipv4Addr> {
+    std::fs::read_to_string(dir.join(BRIDGE_ADDR_FILE))
+        .ok()
+        .and_then(|a| a.trim().parse().ok())
+}
+
+/// The host-mode published ports of a task on the local bridge at `addr`.
+fn host_ports(task: &Task, addr: Ipv4Addr) -> Vec<PublishedPort> {
+    task.spec
+        .ports
+        .iter()
+        .filter(|p| p.mode == rudder_model::ports::PortMode::Host)
+        .map(|p| PublishedPort {
+            service: task.service_name.clone(),
+            protocol: p.protocol,
+            published: p.published_port(),
+            target: p.target,
+            network: String::new(),
+            backends: vec![addr],
+        })
+        .collect()
+}
+
+/// The members of the local bridge, by directory (see [`Overlay::bridge_table`]).
+#[derive(Default)]
+struct BridgeTable {
+    loaded: bool,
+    members: BTreeMap<PathBuf, BridgeMember>,
+}
+
+struct BridgeMember {
+    addr: Ipv4Addr,
+    /// Its host-mode published ports (they go into the nftables table).
+    ports: Vec<PublishedPort>,
 }
 
 /// A new network namespace, kept alive by a bind mount at `path`. Made on a thread of its own
@@ -1307,14 +1124,11 @@ async fn create_netns(path: &Path) -> Result<(), NetError> {
         .join()
         .map_err(|_| "netns thread panicked".to_string())
         .and_then(|r| r);
-        r.map_err(|msg| NetError::Command {
-            cmd: format!("create netns {}", path.display()),
-            msg,
-        })
+        r.map_err(|msg| NetError::Netns { path, msg })
     })
     .await
-    .map_err(|e| NetError::Command {
-        cmd: "create netns".into(),
+    .map_err(|e| NetError::Netns {
+        path: PathBuf::new(),
         msg: e.to_string(),
     })?
 }
@@ -1605,12 +1419,11 @@ mod tests {
             vxlan_name(id),
             wg_name(id),
             veth_name(id, 3),
-            veth_peer_name(id, 3),
         ] {
             assert!(n.len() <= 15, "{n}");
         }
         assert_eq!(
-            vtep_mac(4096, "10.50.2.1".parse().unwrap()),
+            crate::hostnet::fmt_mac(&vtep_mac(4096, "10.50.2.1".parse().unwrap())),
             "02:00:0a:32:02:01"
         );
     }

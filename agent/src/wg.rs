@@ -40,6 +40,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tracing::{debug, info, instrument, warn};
 use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
+use crate::hostnet::netlink::NetlinkHostNet;
+use crate::hostnet::{HostNet, HostNetError, LinkSet, NetOp, Ns};
+
 /// MTU of the WireGuard interface: 1500 on the underlay less IPv6 + UDP + WireGuard overhead.
 pub const MTU: u32 = 1420;
 /// Where userspace WireGuard sockets live (boringtun's fixed path, the one `wg` reads).
@@ -102,6 +105,8 @@ pub enum WgError {
         op: &'static str,
         source: io::Error,
     },
+    #[error("wireguard: {0}")]
+    Link(#[from] HostNetError),
     #[error("wireguard: {iface}: starting the userspace device: {msg}")]
     Start { iface: String, msg: String },
     #[error("wireguard: {0}: the interface was shut down")]
@@ -279,18 +284,7 @@ impl Wg {
                     inner.set_device(None, Some(listen_port)).await?;
                     st.listen_port = listen_port;
                 }
-                ip_ok(&[
-                    "link",
-                    "set",
-                    "dev",
-                    iface,
-                    "mtu",
-                    &MTU.to_string(),
-                    "txqueuelen",
-                    TXQUEUELEN,
-                    "up",
-                ])
-                .await?;
+                link_up(iface, Some(TXQUEUELEN)).await?;
                 drop(st);
                 debug!("joining the live handle of this process");
                 return Ok(Wg { inner });
@@ -306,13 +300,15 @@ impl Wg {
                 })
             }
             LinkKind::Missing => {
-                let add = ip(&["link", "add", "dev", iface, "type", "wireguard"]).await?;
-                if add.status.success() {
-                    Backend::Kernel
-                } else {
-                    debug!(stderr = %String::from_utf8_lossy(&add.stderr).trim(),
-                           "no kernel wireguard; using userspace");
-                    Backend::Userspace
+                let add = NetOp::AddWireguard {
+                    name: iface.to_string(),
+                };
+                match host()?.apply(&Ns::Host, &[add]).await {
+                    Ok(()) => Backend::Kernel,
+                    Err(e) => {
+                        debug!(%e, "no kernel wireguard; using userspace");
+                        Backend::Userspace
+                    }
                 }
             }
         };
@@ -358,18 +354,7 @@ impl Wg {
                     )
                     .await?;
             }
-            ip_ok(&[
-                "link",
-                "set",
-                "dev",
-                iface,
-                "mtu",
-                &MTU.to_string(),
-                "txqueuelen",
-                TXQUEUELEN,
-                "up",
-            ])
-            .await?;
+            link_up(iface, Some(TXQUEUELEN)).await?;
             // Until the caller says otherwise, the peers the device already has are the ones
             // to restore if the child has to be restarted.
             st.peers = current
@@ -490,10 +475,15 @@ impl Wg {
                 let _ = std::fs::remove_file(path);
             }
         }
-        match ip(&["link", "del", "dev", &inner.iface]).await {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => debug!(stderr = %String::from_utf8_lossy(&o.stderr).trim(), "link delete"),
-            Err(e) => warn!(%e, "deleting the wireguard link"),
+        let del = NetOp::DelLink {
+            name: inner.iface.clone(),
+        };
+        let deleted = match host() {
+            Ok(h) => h.apply(&Ns::Host, &[del]).await.map_err(WgError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
+            warn!(%e, "deleting the wireguard link");
         }
         info!("wireguard interface removed");
     }
@@ -650,16 +640,7 @@ impl Inner {
             self.set_device(Some(&st.key.private), Some(st.listen_port))
                 .await?;
             // The link may have been deleted and recreated by `start_child`.
-            ip_ok(&[
-                "link",
-                "set",
-                "dev",
-                &self.iface,
-                "mtu",
-                &MTU.to_string(),
-                "up",
-            ])
-            .await?;
+            link_up(&self.iface, None).await?;
             if !st.peers.is_empty() {
                 self.add_peers(&st.peers).await?;
             }
@@ -877,18 +858,7 @@ async fn start_child(iface: &str, agent_exe: &Path) -> Result<Child, WgError> {
             })
         }
     }
-    ip_ok(&[
-        "link",
-        "set",
-        "dev",
-        iface,
-        "mtu",
-        &MTU.to_string(),
-        "txqueuelen",
-        TXQUEUELEN,
-        "up",
-    ])
-    .await?;
+    link_up(iface, Some(TXQUEUELEN)).await?;
     let log = open_child_log(iface)
         .map_err(|e| start_err(format!("opening log {}: {e}", log_path(iface).display())))?;
     let log2 = log
@@ -993,7 +963,7 @@ fn log_path(iface: &str) -> PathBuf {
 /// boringtun blocks SIGTERM/SIGINT for a signalfd, which threads started later inherit.
 /// Queue of the tunnel interface: the default 500 drops bursts a single TCP stream makes
 /// (measured: 1–3k drops per 5 s iperf3 run).
-const TXQUEUELEN: &str = "4000";
+const TXQUEUELEN: u32 = 4000;
 
 /// Socket buffer for boringtun's UDP sockets: at the default (~208 KiB) the receiving side
 /// dropped ~14% of datagrams under one TCP stream (`UdpRcvbufErrors`).
@@ -1368,29 +1338,35 @@ enum LinkKind {
 }
 
 async fn link_kind(iface: &str) -> Result<LinkKind, WgError> {
-    let out = ip(&["-d", "-o", "link", "show", "dev", iface]).await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || text.trim().is_empty() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("does not exist") {
-            return Ok(LinkKind::Missing);
-        }
-        return Err(WgError::Ip {
-            args: format!("-d -o link show dev {iface}"),
-            msg: err.trim().to_string(),
-        });
-    }
-    let words: Vec<&str> = text.split_whitespace().collect();
-    if words.contains(&"wireguard") {
-        Ok(LinkKind::WireGuard)
-    } else if words.windows(3).any(|w| w == ["tun", "type", "tun"]) {
-        Ok(LinkKind::Tun)
-    } else {
-        Ok(LinkKind::Other(text.chars().take(200).collect()))
-    }
+    Ok(match host()?.link_kind(iface).await? {
+        None => LinkKind::Missing,
+        Some(k) if k == "wireguard" => LinkKind::WireGuard,
+        Some(k) if k == "tun" => LinkKind::Tun,
+        Some(k) => LinkKind::Other(format!("a link of kind {k:?}")),
+    })
 }
 
-/// Runs `ip ARGS` (bounded by `OP_TIMEOUT`); a non-zero exit is for the caller to judge.
+/// The process's netlink connection to the host's namespace.
+fn host() -> Result<std::sync::Arc<NetlinkHostNet>, WgError> {
+    Ok(NetlinkHostNet::shared()?)
+}
+
+/// Sets the interface's MTU (and queue length) and brings it up, over netlink.
+async fn link_up(iface: &str, txqlen: Option<u32>) -> Result<(), WgError> {
+    let set = NetOp::SetLink {
+        name: iface.to_string(),
+        set: LinkSet {
+            up: Some(true),
+            mtu: Some(MTU),
+            txqlen,
+            ..Default::default()
+        },
+    };
+    Ok(host()?.apply(&Ns::Host, &[set]).await?)
+}
+
+/// Runs `ip ARGS` (bounded by `OP_TIMEOUT`): only `ip tuntap add` for the userspace device
+/// (a TUN device is made by an ioctl, not by rtnetlink), on hosts without kernel WireGuard.
 async fn ip(args: &[&str]) -> Result<std::process::Output, WgError> {
     let joined = args.join(" ");
     let run = tokio::process::Command::new("ip")

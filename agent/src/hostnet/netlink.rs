@@ -1,0 +1,648 @@
+//! The real [`HostNet`]: rtnetlink (`netlink-packet-route` messages over a `netlink-sys`
+//! socket) for links, addresses, routes, neighbours and forwarding entries, and one `nft -f`
+//! transaction per ruleset.
+//!
+//! The host's socket is opened once per process and kept ([`NetlinkHostNet::shared`]); a
+//! container's namespace gets a socket of its own for the time of one apply, made by a
+//! short-lived thread that enters the namespace (a netlink socket stays in the namespace it
+//! was made in, whatever thread uses it later). Calls are synchronous request/ack exchanges
+//! run on the blocking pool; the socket's send and receive timeouts bound each one, and an
+//! outer timeout bounds the whole batch.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::{
+    HostNet, HostNetError, LinkState, NetOp, Ns, Observed, ObservedRoute, Route, RouteKind,
+    OP_TIMEOUT,
+};
+
+/// Bound on one `nft -f` run (a large table takes a while to load).
+const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest datagram a dump answers with (the kernel sends at most a page-sized chunk or 32k).
+const RECV_BUF: usize = 64 * 1024;
+
+/// Host networking over rtnetlink.
+pub struct NetlinkHostNet {
+    host: Arc<Conn>,
+}
+
+static SHARED: Mutex<Option<Arc<NetlinkHostNet>>> = Mutex::new(None);
+
+impl NetlinkHostNet {
+    /// The process's one connection to the host's namespace (opened on first use; a failed
+    /// open is retried by the next caller).
+    pub fn shared() -> Result<Arc<NetlinkHostNet>, HostNetError> {
+        let mut g = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = g.as_ref() {
+            return Ok(h.clone());
+        }
+        let conn = Conn::new(open_socket().map_err(|source| HostNetError::Netns {
+            ns: "host".into(),
+            source,
+        })?);
+        let h = Arc::new(NetlinkHostNet {
+            host: Arc::new(conn),
+        });
+        *g = Some(h.clone());
+        Ok(h)
+    }
+
+    /// Runs `f` on the blocking pool against `ns`'s connection, bounded by `budget`.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        ns: &Ns,
+        what: String,
+        budget: Duration,
+        f: impl FnOnce(&Conn) -> Result<T, HostNetError> + Send + 'static,
+    ) -> Result<T, HostNetError> {
+        let host = self.host.clone();
+        let ns2 = ns.clone();
+        let run = tokio::task::spawn_blocking(move || match &ns2 {
+            Ns::Host => f(&host),
+            Ns::Path(p) => {
+                let conn = Conn::new(socket_in(p).map_err(|source| HostNetError::Netns {
+                    ns: ns2.to_string(),
+                    source,
+                })?);
+                f(&conn)
+            }
+        });
+        match tokio::time::timeout(budget, run).await {
+            Err(_) => Err(HostNetError::Timeout {
+                op: what,
+                ns: ns.to_string(),
+                after: budget,
+            }),
+            Ok(Err(e)) => Err(HostNetError::Netns {
+                ns: ns.to_string(),
+                source: io::Error::other(format!("netlink worker failed: {e}")),
+            }),
+            Ok(Ok(r)) => r.map_err(|e| in_ns(e, ns)),
+        }
+    }
+
+    /// The kind of link `name` in the host's namespace (`wireguard`, `tun`, ...), `Ok(None)`
+    /// when there is no such link, `Ok(Some(""))` for a link of no kind.
+    pub async fn link_kind(&self, name: &str) -> Result<Option<String>, HostNetError> {
+        let name = name.to_string();
+        let what = format!("link show {name}");
+        self.blocking(&Ns::Host, what.clone(), OP_TIMEOUT * 2, move |c| {
+            match c.get_link(&name) {
+                Ok(Some(m)) => Ok(Some(link_state(&m).1.kind.unwrap_or_default())),
+                Ok(None) => Ok(None),
+                Err(source) => Err(c.err(&what, &name, source)),
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl HostNet for NetlinkHostNet {
+    async fn observe(&self, ns: &Ns) -> Result<Observed, HostNetError> {
+        self.blocking(ns, "observe".into(), OP_TIMEOUT * 3, |c| {
+            c.observe().map_err(|source| c.err("observe", "-", source))
+        })
+        .await
+    }
+
+    async fn apply(&self, ns: &Ns, ops: &[NetOp]) -> Result<(), HostNetError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let ops = ops.to_vec();
+        let budget = OP_TIMEOUT * (ops.len() as u32 + 2);
+        let what = format!("{} ops starting with `{}`", ops.len(), ops[0]);
+        self.blocking(ns, what, budget, move |c| {
+            let mut idx = HashMap::new();
+            for op in &ops {
+                c.run(op, &mut idx)
+                    .map_err(|source| c.err(&op.to_string(), op.link(), source))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_nft(&self, ruleset: &str) -> Result<(), HostNetError> {
+        let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{ruleset}");
+        let run = async {
+            let mut child = tokio::process::Command::new("nft")
+                .args(["-f", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            if let Some(mut w) = child.stdin.take() {
+                w.write_all(script.as_bytes()).await?;
+            }
+            child.wait_with_output().await
+        };
+        let out = tokio::time::timeout(NFT_TIMEOUT, run)
+            .await
+            .map_err(|_| HostNetError::Nft(format!("timed out after {}s", NFT_TIMEOUT.as_secs())))?
+            .map_err(|e| HostNetError::Nft(e.to_string()))?;
+        if !out.status.success() {
+            return Err(HostNetError::Nft(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Names the namespace in an error made where it was not known.
+fn in_ns(e: HostNetError, in_ns: &Ns) -> HostNetError {
+    match e {
+        HostNetError::Netlink {
+            op,
+            link,
+            ns,
+            source,
+        } if ns.is_empty() => HostNetError::Netlink {
+            op,
+            link,
+            ns: in_ns.to_string(),
+            source,
+        },
+        HostNetError::Timeout { op, ns, after } if ns.is_empty() => HostNetError::Timeout {
+            op,
+            ns: in_ns.to_string(),
+            after,
+        },
+        e => e,
+    }
+}
+
+/// A netlink socket, bound, connected to the kernel, with send and receive timeouts.
+fn open_socket() -> io::Result<Socket> {
+    let mut s = Socket::new(NETLINK_ROUTE)?;
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    let tv = libc::timeval {
+        tv_sec: OP_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: the fd is a live socket owned by `s`; `tv` is a valid timeval that outlives
+        // the call and its size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(s)
+}
+
+/// A netlink socket inside the namespace kept at `path`: made on a thread of its own that
+/// enters the namespace and exits afterwards (the socket stays in it).
+fn socket_in(path: &Path) -> io::Result<Socket> {
+    let ns = File::open(path)?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        open_socket()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// One socket and its sequence numbers.
+struct Conn {
+    sock: Mutex<(Socket, Vec<u8>)>,
+    seq: AtomicU32,
+}
+
+fn empty_link() -> LinkMessage {
+    LinkMessage::default()
+}
+
+impl Conn {
+    fn new(sock: Socket) -> Conn {
+        Conn {
+            sock: Mutex::new((sock, Vec::with_capacity(RECV_BUF))),
+            seq: AtomicU32::new(1),
+        }
+    }
+
+    fn err(&self, op: &str, link: &str, source: io::Error) -> HostNetError {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            return HostNetError::Timeout {
+                op: op.to_string(),
+                ns: String::new(),
+                after: OP_TIMEOUT,
+            };
+        }
+        HostNetError::Netlink {
+            op: op.to_string(),
+            link: link.to_string(),
+            ns: String::new(),
+            source,
+        }
+    }
+
+    /// Sends `msg` and collects the answers: until the ack (or refusal) of a request, until
+    /// the end of a dump. Answers to earlier requests (one that timed out) are skipped.
+    fn exchange(
+        &self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
+        let mut g = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        let (sock, rbuf) = &mut *g;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        header.sequence_number = seq;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        m.finalize();
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.serialize(&mut buf);
+        sock.send(&buf, 0)?;
+        let mut out = Vec::new();
+        loop {
+            rbuf.clear();
+            let n = sock.recv(rbuf, 0)?;
+            let n = n.min(rbuf.len());
+            let mut off = 0;
+            while off < n {
+                let b = NetlinkBuffer::new_checked(&rbuf[off..n])
+                    .map_err(|e| io::Error::other(format!("netlink reply: {e}")))?;
+                let len = b.length() as usize;
+                let this_seq = b.sequence_number();
+                let frame = &rbuf[off..off + len];
+                off += (len + 3) & !3;
+                if len == 0 {
+                    break;
+                }
+                if this_seq != seq {
+                    continue;
+                }
+                let parsed = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(frame) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        debug!(%e, "netlink: skipping an answer that does not parse");
+                        continue;
+                    }
+                };
+                match parsed.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(out),
+                            Some(_) => Err(e.to_io()),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(i) => out.push(i),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends a request, tolerating `ok_errno` (what "already so" looks like for it).
+    fn request(&self, msg: RouteNetlinkMessage, flags: u16, ok_errno: &[i32]) -> io::Result<()> {
+        match self.exchange(msg, flags) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error().is_some_and(|c| ok_errno.contains(&c)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn get_link(&self, name: &str) -> io::Result<Option<LinkMessage>> {
+        let mut m = empty_link();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.exchange(RouteNetlinkMessage::GetLink(m), 0) {
+            Ok(v) => Ok(v.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The index of link `name`, cached for one apply (links made or removed by it drop out).
+    fn index(&self, name: &str, idx: &mut HashMap<String, u32>) -> io::Result<u32> {
+        if let Some(i) = idx.get(name) {
+            return Ok(*i);
+        }
+        let i = self
+            .get_link(name)?
+            .map(|m| m.header.index)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
+        idx.insert(name.to_string(), i);
+        Ok(i)
+    }
+
+    fn observe(&self) -> io::Result<Observed> {
+        let mut seen = Observed::default();
+        let mut names = HashMap::new();
+        for m in self.exchange(RouteNetlinkMessage::GetLink(empty_link()), NLM_F_DUMP)? {
+            if let RouteNetlinkMessage::NewLink(l) = m {
+                let (name, st) = link_state(&l);
+                names.insert(st.index, name.clone());
+                seen.links.insert(name, st);
+            }
+        }
+        let mut q = RouteMessage::default();
+        q.header.address_family = AddressFamily::Inet;
+        for m in self.exchange(RouteNetlinkMessage::GetRoute(q), NLM_F_DUMP)? {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                continue;
+            };
+            let mut table = u32::from(r.header.table);
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+                continue;
+            }
+            let Ok(dst) = Ipv4Net::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            seen.routes.push(ObservedRoute {
+                dst,
+                kind: match r.header.kind {
+                    RouteType::Unicast => RouteKind::Unicast,
+                    RouteType::Unreachable => RouteKind::Unreachable,
+                    _ => RouteKind::Other,
+                },
+                dev: oif.and_then(|i| names.get(&i).cloned()),
+                proto: u8::from(r.header.protocol),
+            });
+        }
+        Ok(seen)
+    }
+
+    fn run(&self, op: &NetOp, idx: &mut HashMap<String, u32>) -> io::Result<()> {
+        let create = NLM_F_CREATE | NLM_F_EXCL;
+        let replace = NLM_F_CREATE | NLM_F_REPLACE;
+        match op {
+            NetOp::AddBridge { name } => {
+                let m = new_link(name, vec![LinkInfo::Kind(InfoKind::Bridge)]);
+                self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
+            }
+            NetOp::AddWireguard { name } => {
+                let m = new_link(name, vec![LinkInfo::Kind(InfoKind::Wireguard)]);
+                self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
+            }
+            NetOp::AddVxlan { name, vni, port } => {
+                let m = new_link(
+                    name,
+                    vec![
+                        LinkInfo::Kind(InfoKind::Vxlan),
+                        LinkInfo::Data(InfoData::Vxlan(vec![
+                            InfoVxlan::Id(*vni),
+                            InfoVxlan::Port(*port),
+                            InfoVxlan::Learning(false),
+                        ])),
+                    ],
+                );
+                self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
+            }
+            NetOp::AddVeth {
+                name,
+                mtu,
+                peer,
+                peer_ns,
+            } => {
+                // Kept open until the kernel has answered.
+                let ns_file = peer_ns.as_deref().map(File::open).transpose()?;
+                let mut p = empty_link();
+                p.attributes.push(LinkAttribute::IfName(peer.clone()));
+                if let Some(m) = mtu {
+                    p.attributes.push(LinkAttribute::Mtu(*m));
+                }
+                if let Some(f) = &ns_file {
+                    p.attributes.push(LinkAttribute::NetNsFd(f.as_raw_fd()));
+                }
+                let mut m = new_link(
+                    name,
+                    vec![
+                        LinkInfo::Kind(InfoKind::Veth),
+                        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+                    ],
+                );
+                if let Some(mtu) = mtu {
+                    m.attributes.push(LinkAttribute::Mtu(*mtu));
+                }
+                idx.remove(name);
+                let r = self.request(RouteNetlinkMessage::NewLink(m), create, &[]);
+                drop(ns_file);
+                r
+            }
+            NetOp::DelLink { name } => {
+                idx.remove(name);
+                let mut m = empty_link();
+                m.attributes.push(LinkAttribute::IfName(name.clone()));
+                self.request(RouteNetlinkMessage::DelLink(m), 0, &[libc::ENODEV])
+            }
+            NetOp::SetLink { name, set } => {
+                let mut m = empty_link();
+                m.header.index = self.index(name, idx)?;
+                if let Some(up) = set.up {
+                    m.header.change_mask = LinkFlags::Up;
+                    if up {
+                        m.header.flags = LinkFlags::Up;
+                    }
+                }
+                if let Some(master) = &set.master {
+                    m.attributes
+                        .push(LinkAttribute::Controller(self.index(master, idx)?));
+                }
+                if let Some(mac) = &set.mac {
+                    m.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                }
+                if let Some(mtu) = set.mtu {
+                    m.attributes.push(LinkAttribute::Mtu(mtu));
+                }
+                if let Some(q) = set.txqlen {
+                    m.attributes.push(LinkAttribute::TxQueueLen(q));
+                }
+                self.request(RouteNetlinkMessage::SetLink(m), 0, &[])
+            }
+            NetOp::ReplaceAddr { dev, addr, prefix } => {
+                let mut m = AddressMessage::default();
+                m.header.family = AddressFamily::Inet;
+                m.header.prefix_len = *prefix;
+                m.header.index = self.index(dev, idx)?;
+                m.attributes
+                    .push(AddressAttribute::Local(IpAddr::V4(*addr)));
+                m.attributes
+                    .push(AddressAttribute::Address(IpAddr::V4(*addr)));
+                self.request(RouteNetlinkMessage::NewAddress(m), replace, &[])
+            }
+            NetOp::ReplaceRoute(r) => {
+                let m = self.route_message(r, false, idx)?;
+                self.request(RouteNetlinkMessage::NewRoute(m), replace, &[])
+            }
+            NetOp::DelRoute(r) => {
+                let m = match self.route_message(r, true, idx) {
+                    Ok(m) => m,
+                    // Its device is gone, and the route with it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                self.request(RouteNetlinkMessage::DelRoute(m), 0, &[libc::ESRCH])
+            }
+            NetOp::ReplaceNeigh { dev, ip, mac } => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Inet;
+                m.header.ifindex = self.index(dev, idx)?;
+                m.header.state = NeighbourState::Permanent;
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(*ip)));
+                m.attributes
+                    .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+                self.request(RouteNetlinkMessage::NewNeighbour(m), replace, &[])
+            }
+            NetOp::ReplaceFdb { dev, mac, dst } => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                m.header.ifindex = self.index(dev, idx)?;
+                m.header.state = NeighbourState::Permanent;
+                m.header.flags = NeighbourFlags::Own;
+                m.attributes
+                    .push(NeighbourAttribute::LinkLocalAddress(mac.to_vec()));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        *dst,
+                    )));
+                self.request(RouteNetlinkMessage::NewNeighbour(m), replace, &[])
+            }
+            NetOp::Sysctl { key, value } => {
+                let path = PathBuf::from("/proc/sys").join(key);
+                if let Err(e) = std::fs::write(&path, value) {
+                    debug!(path = %path.display(), %e, "sysctl");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The message of a route, as `ip route` builds it: a route without a gateway is on the
+    /// link; a deletion matches any scope.
+    fn route_message(
+        &self,
+        r: &Route,
+        delete: bool,
+        idx: &mut HashMap<String, u32>,
+    ) -> io::Result<RouteMessage> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = r.dst.prefix_len();
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::from(r.proto);
+        m.header.kind = match (r.kind, delete) {
+            (RouteKind::Unreachable, _) => RouteType::Unreachable,
+            (_, true) => RouteType::Unspec,
+            _ => RouteType::Unicast,
+        };
+        m.header.scope = if delete {
+            RouteScope::NoWhere
+        } else if r.scope_link || (r.kind == RouteKind::Unicast && r.via.is_none()) {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
+        if r.onlink {
+            m.header.flags = RouteFlags::Onlink;
+        }
+        if r.dst.prefix_len() > 0 {
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(
+                    r.dst.network(),
+                )));
+        }
+        if let Some(via) = r.via {
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(via)));
+        }
+        if let Some(dev) = &r.dev {
+            m.attributes
+                .push(RouteAttribute::Oif(self.index(dev, idx)?));
+        }
+        Ok(m)
+    }
+}
+
+fn new_link(name: &str, info: Vec<LinkInfo>) -> LinkMessage {
+    let mut m = empty_link();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    m.attributes.push(LinkAttribute::LinkInfo(info));
+    m
+}
+
+/// A link's name and state from its message.
+fn link_state(l: &LinkMessage) -> (String, LinkState) {
+    let mut name = String::new();
+    let mut st = LinkState {
+        index: l.header.index,
+        up: l.header.flags.contains(LinkFlags::Up),
+        ..Default::default()
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Mtu(m) => st.mtu = *m,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        st.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (name, st)
+}
