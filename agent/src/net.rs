@@ -1101,7 +1101,7 @@ struct BridgeMember {
 
 /// A new network namespace, kept alive by a bind mount at `path`. Made on a thread of its own
 /// (unshare changes the calling thread's namespace), which exits afterwards.
-async fn create_netns(path: &Path) -> Result<(), NetError> {
+pub(crate) async fn create_netns(path: &Path) -> Result<(), NetError> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<(), NetError> {
         std::fs::File::create(&path).map_err(|err| NetError::Io {

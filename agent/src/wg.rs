@@ -9,7 +9,7 @@
 //!   local device.
 //! - The tunnel outlives the agent, like containers do: the child runs in its own session and
 //!   a restarted agent adopts the running device through its socket instead of replacing it.
-//! - Userspace mode keeps the TUN interface persistent (`ip tuntap add … multi_queue`) and lets
+//! - Userspace mode keeps the TUN interface persistent (made like `ip tuntap add … multi_queue`, by an ioctl) and lets
 //!   the child attach to it, so a child that dies and is restarted by the supervisor leaves the
 //!   interface, its addresses and its routes in place; the supervisor re-applies key, port and
 //!   peers to the new child.
@@ -79,8 +79,6 @@ pub enum WgError {
     BadName(String),
     #[error("wireguard: interface {iface} exists and is not a WireGuard or TUN device: {detail}")]
     Foreign { iface: String, detail: String },
-    #[error("wireguard: `ip {args}`: {msg}")]
-    Ip { args: String, msg: String },
     #[error("wireguard: {iface}: {op} timed out after {}s", .after.as_secs())]
     Timeout {
         iface: String,
@@ -849,7 +847,10 @@ async fn start_child(iface: &str, agent_exe: &Path) -> Result<Child, WgError> {
     match link_kind(iface).await? {
         LinkKind::Tun => {}
         LinkKind::Missing => {
-            ip_ok(&["tuntap", "add", "dev", iface, "mode", "tun", "multi_queue"]).await?
+            let add = NetOp::AddTun {
+                name: iface.to_string(),
+            };
+            host()?.apply(&Ns::Host, &[add]).await?
         }
         LinkKind::WireGuard | LinkKind::Other(_) => {
             return Err(WgError::Foreign {
@@ -1363,40 +1364,6 @@ async fn link_up(iface: &str, txqlen: Option<u32>) -> Result<(), WgError> {
         },
     };
     Ok(host()?.apply(&Ns::Host, &[set]).await?)
-}
-
-/// Runs `ip ARGS` (bounded by `OP_TIMEOUT`): only `ip tuntap add` for the userspace device
-/// (a TUN device is made by an ioctl, not by rtnetlink), on hosts without kernel WireGuard.
-async fn ip(args: &[&str]) -> Result<std::process::Output, WgError> {
-    let joined = args.join(" ");
-    let run = tokio::process::Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(OP_TIMEOUT, run).await {
-        Err(_) => Err(WgError::Ip {
-            args: joined,
-            msg: format!("timed out after {}s", OP_TIMEOUT.as_secs()),
-        }),
-        Ok(Err(e)) => Err(WgError::Ip {
-            args: joined,
-            msg: e.to_string(),
-        }),
-        Ok(Ok(out)) => Ok(out),
-    }
-}
-
-async fn ip_ok(args: &[&str]) -> Result<(), WgError> {
-    let out = ip(args).await?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(WgError::Ip {
-            args: args.join(" "),
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
 }
 
 #[cfg(test)]

@@ -156,6 +156,11 @@ pub enum NetOp {
     AddWireguard {
         name: String,
     },
+    /// A persistent multi-queue TUN device (for userspace WireGuard), made if missing. Made by
+    /// an ioctl on `/dev/net/tun`, so always in the agent's own namespace.
+    AddTun {
+        name: String,
+    },
     /// A veth pair; `peer` is made directly inside `peer_ns` (under its final name there),
     /// so it never appears in this namespace. Fails if `name` exists.
     AddVeth {
@@ -207,6 +212,7 @@ impl NetOp {
             NetOp::AddBridge { name }
             | NetOp::AddVxlan { name, .. }
             | NetOp::AddWireguard { name }
+            | NetOp::AddTun { name }
             | NetOp::AddVeth { name, .. }
             | NetOp::DelLink { name }
             | NetOp::SetLink { name, .. } => name,
@@ -229,6 +235,7 @@ impl fmt::Display for NetOp {
                 "link add {name} type vxlan id {vni} dstport {port} nolearning"
             ),
             NetOp::AddWireguard { name } => write!(f, "link add {name} type wireguard"),
+            NetOp::AddTun { name } => write!(f, "tuntap add dev {name} mode tun multi_queue"),
             NetOp::AddVeth {
                 name,
                 mtu,

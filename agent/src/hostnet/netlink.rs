@@ -435,6 +435,10 @@ impl Conn {
                 let m = new_link(name, vec![LinkInfo::Kind(InfoKind::Wireguard)]);
                 self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
             }
+            NetOp::AddTun { name } => match add_tun(name) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+                r => r,
+            },
             NetOp::AddVxlan { name, vni, port } => {
                 let m = new_link(
                     name,
@@ -615,6 +619,46 @@ impl Conn {
     }
 }
 
+/// `struct ifreq` as TUNSETIFF reads it: a name and the flags (the rest of the union unused).
+#[repr(C)]
+struct TunReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// Makes a persistent multi-queue TUN device `name` in the calling thread's namespace, as
+/// `ip tuntap add dev NAME mode tun multi_queue` does: attach to `/dev/net/tun` under that
+/// name, mark it persistent, let go. An existing device of another kind answers EBUSY/EINVAL.
+fn add_tun(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = TunReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `tun` is an open /dev/net/tun; TUNSETIFF reads and writes a `struct ifreq`
+    // (40 bytes), which `req` is, alive and exclusively borrowed for the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req as *mut TunReq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNSETPERSIST takes its argument by value; the fd is still open and attached.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn new_link(name: &str, info: Vec<LinkInfo>) -> LinkMessage {
     let mut m = empty_link();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
@@ -645,4 +689,186 @@ fn link_state(l: &LinkMessage) -> (String, LinkState) {
         }
     }
     (name, st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostnet::plan::{self, Veth, RTPROT_RUDDER};
+    use crate::hostnet::LinkSet;
+
+    /// Every kind of op against the kernel, inside namespaces this test makes (nothing of the
+    /// host's is touched). Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for the namespaces).
+    #[tokio::test]
+    async fn ops_reach_the_kernel_inside_a_namespace() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        crate::net::create_netns(&a).await.unwrap();
+        crate::net::create_netns(&b).await.unwrap();
+        let net = NetlinkHostNet::shared().unwrap();
+        let ns = Ns::Path(a.clone());
+        let gw: Ipv4Addr = "10.77.1.1".parse().unwrap();
+        let mut ops = plan::local_bridge("tbr0", gw, 24);
+        // Again: idempotent.
+        ops.extend(plan::local_bridge("tbr0", gw, 24));
+        ops.push(NetOp::AddVxlan {
+            name: "tvx0".into(),
+            vni: 77,
+            port: 4789,
+        });
+        ops.push(NetOp::AddVxlan {
+            name: "tvx0".into(),
+            vni: 77,
+            port: 4789,
+        });
+        ops.push(NetOp::SetLink {
+            name: "tvx0".into(),
+            set: LinkSet {
+                up: Some(true),
+                mtu: Some(1450),
+                mac: Some([2, 77, 10, 77, 1, 1]),
+                ..Default::default()
+            },
+        });
+        let peer_gw: Ipv4Addr = "10.77.2.1".parse().unwrap();
+        ops.push(NetOp::ReplaceNeigh {
+            dev: "tvx0".into(),
+            ip: peer_gw,
+            mac: [2, 77, 10, 77, 2, 1],
+        });
+        ops.push(NetOp::ReplaceFdb {
+            dev: "tvx0".into(),
+            mac: [2, 77, 10, 77, 2, 1],
+            dst: "192.0.2.2".parse().unwrap(),
+        });
+        ops.push(NetOp::ReplaceRoute(Route {
+            onlink: true,
+            ..Route::via("10.77.2.0/24".parse().unwrap(), Some(peer_gw), "tvx0")
+        }));
+        let unreachable = Route {
+            dst: "10.78.0.0/16".parse().unwrap(),
+            kind: RouteKind::Unreachable,
+            via: None,
+            dev: None,
+            scope_link: false,
+            onlink: false,
+            proto: RTPROT_RUDDER,
+        };
+        ops.push(NetOp::ReplaceRoute(unreachable.clone()));
+        net.apply(&ns, &ops).await.unwrap();
+        // A container in namespace b, on the bridge of namespace a.
+        let veth = Veth {
+            host: "tveth0".into(),
+            inside: "eth0".into(),
+            mtu: Some(1400),
+            master: "tbr0".into(),
+            addr: "10.77.1.2".parse().unwrap(),
+            prefix: 32,
+            routes: plan::overlay_veths(
+                &["x".into()],
+                &["10.77.1.2".parse().unwrap()],
+                &[rudder_model::network::NetworkView {
+                    id: "n".into(),
+                    name: "n".into(),
+                    subnet: "10.77.0.0/16".parse().unwrap(),
+                    encrypted: false,
+                    internal: false,
+                    vni: 77,
+                    mtu: 1400,
+                    local_slice: "10.77.1.0/24".parse().unwrap(),
+                    gateway: gw,
+                    services: vec![],
+                }],
+                0,
+            )
+            .remove(0)
+            .routes,
+        };
+        let p = plan::attach(&b, &[veth]);
+        // Twice: the second deletes the first's pair and makes it again.
+        for _ in 0..2 {
+            net.apply(&ns, &p.host).await.unwrap();
+            net.apply(&Ns::Path(b.clone()), &p.inside).await.unwrap();
+        }
+        let seen_a = net.observe(&ns).await.unwrap();
+        assert_eq!(seen_a.links["tbr0"].kind.as_deref(), Some("bridge"));
+        assert!(seen_a.links["tbr0"].up);
+        assert_eq!(seen_a.links["tvx0"].kind.as_deref(), Some("vxlan"));
+        assert_eq!(seen_a.links["tvx0"].mtu, 1450);
+        assert_eq!(seen_a.links["tveth0"].kind.as_deref(), Some("veth"));
+        assert!(!seen_a.links.contains_key("eth0"), "{seen_a:?}");
+        let has = |seen: &Observed, dst: &str, kind: RouteKind, dev: Option<&str>| {
+            seen.routes
+                .iter()
+                .any(|r| r.dst.to_string() == dst && r.kind == kind && r.dev.as_deref() == dev)
+        };
+        assert!(has(
+            &seen_a,
+            "10.77.2.0/24",
+            RouteKind::Unicast,
+            Some("tvx0")
+        ));
+        assert!(has(&seen_a, "10.78.0.0/16", RouteKind::Unreachable, None));
+        let seen_b = net.observe(&Ns::Path(b.clone())).await.unwrap();
+        assert_eq!(seen_b.links["eth0"].mtu, 1400);
+        assert!(seen_b.links["eth0"].up && seen_b.links["lo"].up);
+        assert!(has(&seen_b, "0.0.0.0/0", RouteKind::Unicast, Some("eth0")));
+        assert!(has(
+            &seen_b,
+            "10.77.0.0/16",
+            RouteKind::Unicast,
+            Some("eth0")
+        ));
+        assert!(has(
+            &seen_b,
+            "10.77.1.1/32",
+            RouteKind::Unicast,
+            Some("eth0")
+        ));
+
+        // Deletions, twice (the second finds nothing and is fine with it).
+        let del = vec![
+            NetOp::DelRoute(unreachable),
+            NetOp::DelRoute(Route::via("10.77.2.0/24".parse().unwrap(), None, "tvx0")),
+            NetOp::DelLink {
+                name: "tveth0".into(),
+            },
+        ];
+        net.apply(&ns, &del).await.unwrap();
+        net.apply(&ns, &del).await.unwrap();
+        let seen_a = net.observe(&ns).await.unwrap();
+        assert!(!seen_a.links.contains_key("tveth0"));
+        assert!(!has(&seen_a, "10.78.0.0/16", RouteKind::Unreachable, None));
+        assert!(!has(
+            &seen_a,
+            "10.77.2.0/24",
+            RouteKind::Unicast,
+            Some("tvx0")
+        ));
+        let seen_b = net.observe(&Ns::Path(b.clone())).await.unwrap();
+        assert!(!seen_b.links.contains_key("eth0"), "the peer goes with it");
+
+        // A refusal names the op, the link and the namespace.
+        let e = net
+            .apply(
+                &ns,
+                &[NetOp::SetLink {
+                    name: "nosuch0".into(),
+                    set: LinkSet::default(),
+                }],
+            )
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("link set nosuch0") && text.contains(&a.display().to_string()),
+            "{text}"
+        );
+        crate::net::remove_netns(&a);
+        crate::net::remove_netns(&b);
+    }
 }
