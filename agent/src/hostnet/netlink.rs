@@ -52,28 +52,44 @@ const RECV_BUF: usize = 64 * 1024;
 
 /// Host networking over rtnetlink.
 pub struct NetlinkHostNet {
-    host: Arc<Conn>,
+    /// The connection to the caller's own namespace ([`Ns::Host`]), by the namespace's inode:
+    /// in the agent that is always the host's one; a test that runs hosts on threads in
+    /// namespaces of their own gets one per host.
+    hosts: Mutex<HashMap<u64, Arc<Conn>>>,
 }
 
 static SHARED: Mutex<Option<Arc<NetlinkHostNet>>> = Mutex::new(None);
 
 impl NetlinkHostNet {
-    /// The process's one connection to the host's namespace (opened on first use; a failed
+    /// The process's one instance (its connections are opened on first use, and a failed
     /// open is retried by the next caller).
     pub fn shared() -> Result<Arc<NetlinkHostNet>, HostNetError> {
         let mut g = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = g.as_ref() {
-            return Ok(h.clone());
-        }
-        let conn = Conn::new(open_socket().map_err(|source| HostNetError::Netns {
+        let h = g.get_or_insert_with(|| {
+            Arc::new(NetlinkHostNet {
+                hosts: Mutex::new(HashMap::new()),
+            })
+        });
+        Ok(h.clone())
+    }
+
+    /// The kept connection to the calling thread's namespace.
+    fn host(&self) -> Result<Arc<Conn>, HostNetError> {
+        use std::os::unix::fs::MetadataExt;
+        let netns_err = |source| HostNetError::Netns {
             ns: "host".into(),
             source,
-        })?);
-        let h = Arc::new(NetlinkHostNet {
-            host: Arc::new(conn),
-        });
-        *g = Some(h.clone());
-        Ok(h)
+        };
+        let ino = std::fs::metadata("/proc/thread-self/ns/net")
+            .map_err(netns_err)?
+            .ino();
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = hosts.get(&ino) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Conn::new(open_socket().map_err(netns_err)?));
+        hosts.insert(ino, c.clone());
+        Ok(c)
     }
 
     /// Runs `f` on the blocking pool against `ns`'s connection, bounded by `budget`.
@@ -84,17 +100,22 @@ impl NetlinkHostNet {
         budget: Duration,
         f: impl FnOnce(&Conn) -> Result<T, HostNetError> + Send + 'static,
     ) -> Result<T, HostNetError> {
-        let host = self.host.clone();
-        let ns2 = ns.clone();
-        let run = tokio::task::spawn_blocking(move || match &ns2 {
-            Ns::Host => f(&host),
-            Ns::Path(p) => {
-                let conn = Conn::new(socket_in(p).map_err(|source| HostNetError::Netns {
-                    ns: ns2.to_string(),
-                    source,
-                })?);
-                f(&conn)
-            }
+        // The host's kept connection, or the namespace to open one in (on the blocking pool).
+        let (host, path) = match ns {
+            Ns::Host => (Some(self.host()?), PathBuf::new()),
+            Ns::Path(p) => (None, p.clone()),
+        };
+        let run = tokio::task::spawn_blocking(move || {
+            let conn = match host {
+                Some(c) => c,
+                None => Arc::new(Conn::new(socket_in(&path).map_err(|source| {
+                    HostNetError::Netns {
+                        ns: path.display().to_string(),
+                        source,
+                    }
+                })?)),
+            };
+            f(&conn)
         });
         match tokio::time::timeout(budget, run).await {
             Err(_) => Err(HostNetError::Timeout {
