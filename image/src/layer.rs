@@ -77,12 +77,16 @@ impl Default for LayerLimits {
 /// How a blob is compressed, from its magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
+    /// A plain tar.
     None,
+    /// gzip (`1f 8b`).
     Gzip,
+    /// zstd (`28 b5 2f fd`).
     Zstd,
 }
 
 impl Compression {
+    /// The compression of a blob that starts with `head` (a few bytes suffice).
     pub fn detect(head: &[u8]) -> Compression {
         if head.starts_with(&[0x1f, 0x8b]) {
             Compression::Gzip
@@ -638,8 +642,7 @@ fn id32(id: u64, raw: &Path) -> Result<u32> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 fn mkdir(path: &Path) -> Result<()> {
