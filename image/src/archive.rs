@@ -45,7 +45,9 @@ pub struct PushReport {
     pub reference: String,
     /// Digest of the manifest (or index) the tag now points to.
     pub manifest_digest: String,
+    /// Bytes sent to the registry (blobs it already had are not counted).
     pub bytes_uploaded: u64,
+    /// Blobs sent to the registry.
     pub blobs_uploaded: usize,
     /// Blobs the registry already had (or that this load already pushed).
     pub blobs_skipped: usize,
@@ -59,8 +61,11 @@ pub type LoadedImage = PushReport;
 /// A manifest or index exactly as it will be pushed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArchiveManifest {
+    /// Its media type, the `Content-Type` of the push.
     pub media_type: String,
+    /// The document, byte for byte: its digest is over these bytes.
     pub bytes: Vec<u8>,
+    /// `sha256:` digest of `bytes`.
     pub digest: String,
 }
 
@@ -80,7 +85,9 @@ pub struct ArchiveImage {
 /// Which kind of archive was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchiveFormat {
+    /// An OCI image layout (`oci-layout`, `index.json`, `blobs/`).
     OciLayout,
+    /// A `docker save` tarball (`manifest.json`).
     DockerSave,
 }
 
@@ -153,14 +160,17 @@ impl Archive {
         Ok(archive)
     }
 
+    /// Which kind of archive this is.
     pub fn format(&self) -> ArchiveFormat {
         self.format
     }
 
+    /// The images found, in the archive's order.
     pub fn images(&self) -> &[ArchiveImage] {
         &self.images
     }
 
+    /// Whether the archive holds the blob with this digest.
     pub fn has_blob(&self, digest: &str) -> bool {
         self.blobs.contains_key(digest)
     }
@@ -709,6 +719,7 @@ async fn push_image(
 pub struct RootfsLayer {
     /// Digest of the gzip blob.
     pub digest: String,
+    /// Size of the gzip blob in bytes.
     pub size: u64,
     /// Digest of the uncompressed tar (goes into the config's rootfs.diff_ids).
     pub diff_id: String,
@@ -716,13 +727,17 @@ pub struct RootfsLayer {
     pub blob: BlobFile,
 }
 
+/// Where a root filesystem layer's gzip blob is, and who owns the file.
 #[derive(Debug)]
 pub enum BlobFile {
+    /// The input file itself (already gzip): left in place.
     Original(PathBuf),
+    /// A compressed copy, removed when dropped.
     Temp(tempfile::NamedTempFile),
 }
 
 impl BlobFile {
+    /// The blob's path, to upload from.
     pub fn path(&self) -> &Path {
         match self {
             BlobFile::Original(p) => p,

@@ -37,37 +37,56 @@ use tracing::debug;
 pub enum AuthError {
     /// Credentials were sent (or a token obtained) and the registry still said 401.
     #[error("image: {registry}: authentication failed")]
-    Failed { registry: String },
+    Failed {
+        /// The registry, `host[:port]`.
+        registry: String,
+    },
 
     /// The registry wants credentials and none are stored for it.
     #[error("image: {registry}: authentication required")]
-    Required { registry: String },
+    Required {
+        /// The registry, `host[:port]`.
+        registry: String,
+    },
 
     /// A `WWW-Authenticate` header that is neither a usable Basic nor Bearer challenge.
     #[error("image: {registry}: unusable authentication challenge {header:?}: {reason}")]
     Challenge {
+        /// The registry, `host[:port]`.
         registry: String,
+        /// The header as received.
         header: String,
+        /// Why.
         reason: String,
     },
 
     /// The bearer token service (the challenge's realm) failed or answered nonsense.
     #[error("image: {registry}: token from {realm}: {detail}")]
     Token {
+        /// The registry, `host[:port]`.
         registry: String,
+        /// The token service URL.
         realm: String,
+        /// Why.
         detail: String,
     },
 
     /// The auth file could not be read, parsed or written.
     #[error("image: auth file {path}: {detail}")]
-    File { path: String, detail: String },
+    File {
+        /// The path concerned.
+        path: String,
+        /// Why.
+        detail: String,
+    },
 }
 
 /// A user name and password for one registry.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
+    /// The user name, as stored in the auth file.
     pub username: String,
+    /// The password or token; never printed (see the `Debug` impl).
     pub password: String,
 }
 
@@ -81,6 +100,7 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Credentials from a user name and a password.
     pub fn new(username: impl Into<String>, password: impl Into<String>) -> Credentials {
         Credentials {
             username: username.into(),
@@ -116,12 +136,16 @@ impl Credentials {
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
+    /// `Basic realm=…`: send the stored user name and password.
     Basic {
+        /// The token service URL.
         realm: Option<String>,
     },
+    /// `Bearer realm=…`: get a token from the realm's service first.
     Bearer {
         /// The token service URL.
         realm: String,
+        /// The `service` parameter to pass to the token service.
         service: Option<String>,
         /// What the refused request needed, e.g. `repository:team/app:pull,push`.
         scope: Option<String>,
@@ -231,8 +255,11 @@ pub(crate) fn challenge_from(headers: &HeaderMap) -> Option<Result<Challenge, (S
 /// nothing in particular (the `/v2/` ping).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Scope {
+    /// The registry itself (the `/v2/` ping): no repository scope.
     Registry,
+    /// Reading this repository.
     Pull(String),
+    /// Writing this repository (pushes may also read it).
     Push(String),
 }
 
@@ -473,6 +500,7 @@ fn bearer_header(token: &str) -> HeaderValue {
 /// mode 0600 (it holds passwords) through a temporary file renamed into place.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct AuthFile {
+    /// Entries by registry host, `host[:port]` as references name it.
     #[serde(default)]
     pub auths: BTreeMap<String, AuthEntry>,
 }
@@ -532,6 +560,7 @@ impl AuthFile {
         Credentials::decode(&self.auths.get(host)?.auth)
     }
 
+    /// Stores `credentials` for `host`, replacing any.
     pub fn set(&mut self, host: &str, credentials: &Credentials) {
         self.auths.insert(
             host.to_string(),

@@ -14,20 +14,34 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+/// Why a build context could not be read or a COPY source not matched.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildContextError {
+    /// A COPY without sources.
     #[error("COPY failed: no source files were specified")]
     NoSources,
+    /// A COPY source that matches nothing in the context.
     #[error("COPY failed: file not found in build context: {0:?}")]
     NotFound(String),
+    /// A source pattern that is not a valid glob.
     #[error("COPY failed: bad source pattern {pattern:?}: {reason}")]
-    BadPattern { pattern: String, reason: String },
+    BadPattern {
+        /// The pattern as written.
+        pattern: String,
+        /// Why.
+        reason: String,
+    },
+    /// The build context is not a directory.
     #[error("build context: {0} is not a directory")]
     NotADirectory(String),
+    /// Reading the context failed.
     #[error("build context: {op} {path}: {source}")]
     Io {
+        /// The operation that failed.
         op: &'static str,
+        /// The path concerned.
         path: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },

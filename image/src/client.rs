@@ -72,13 +72,18 @@ impl fmt::Debug for ClientTls {
 /// Where the bytes of a blob to upload come from.
 #[derive(Debug, Clone)]
 pub enum BlobSource {
+    /// Bytes held in memory (manifests, configs).
     Bytes(Vec<u8>),
+    /// A whole file (a blob of the content store).
     File(PathBuf),
     /// `len` bytes at `offset` of a file: a member of an uncompressed tar archive, uploaded
     /// without extracting it first.
     FileRange {
+        /// The archive file.
         path: PathBuf,
+        /// Where the member's bytes start.
         offset: u64,
+        /// How many bytes.
         len: u64,
     },
 }
@@ -856,6 +861,7 @@ pub struct FixedNameVerifier {
 }
 
 impl FixedNameVerifier {
+    /// Checks certificates with `inner`, always against `name`.
     pub fn new(inner: Arc<WebPkiServerVerifier>, name: ServerName<'static>) -> Self {
         FixedNameVerifier { inner, name }
     }

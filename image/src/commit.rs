@@ -31,6 +31,7 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 pub struct NewLayer {
     /// Digest and size of the gzip blob.
     pub digest: String,
+    /// Size of the gzip blob in bytes.
     pub size: u64,
     /// Digest of the uncompressed tar.
     pub diff_id: String,
@@ -39,9 +40,13 @@ pub struct NewLayer {
 /// The committed image: a config and a manifest to store, config first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Derived {
+    /// The image config JSON.
     pub config: Vec<u8>,
+    /// The config's digest.
     pub config_digest: String,
+    /// The image manifest JSON.
     pub manifest: Vec<u8>,
+    /// The manifest's digest: the committed image's id.
     pub manifest_digest: String,
     /// The manifest's media type, for the registry.
     pub media_type: String,

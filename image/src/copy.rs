@@ -23,27 +23,48 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+/// Why `rctl cp` could not pack or unpack.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
+    /// The source path does not exist.
     #[error("no such file or directory: {0}")]
     NotFound(String),
+    /// A path component that should be a directory is not.
     #[error("not a directory: {0}")]
     NotADirectory(String),
+    /// A directory would replace a file.
     #[error("cannot overwrite non-directory {0} with a directory")]
     NotOverwritable(String),
+    /// A member that would land outside the destination, or a kind refused.
     #[error("copy: refusing archive member {member:?}: {why}")]
-    Unsafe { member: String, why: &'static str },
+    Unsafe {
+        /// The member's path in the archive.
+        member: String,
+        /// Why it is refused.
+        why: &'static str,
+    },
+    /// The archive does not read as tar.
     #[error("copy: bad archive: {0}")]
     BadArchive(String),
+    /// The archive's top-level member is not the path asked for.
     #[error(
         "copy: refusing archive: its top-level member is {got:?}, not {want:?} (the name of \
          the path asked for)"
     )]
-    ForeignTop { got: String, want: String },
+    ForeignTop {
+        /// The top-level member found.
+        got: String,
+        /// The name it should have (the path asked for).
+        want: String,
+    },
+    /// A file operation failed.
     #[error("copy: {op} {path}: {err}")]
     Io {
+        /// The operation that failed.
         op: &'static str,
+        /// The path concerned.
         path: String,
+        /// The underlying error.
         err: io::Error,
     },
 }
@@ -183,6 +204,7 @@ pub enum Layout {
 pub struct Unpacked {
     /// Where the top-level member landed (`dest` itself for contents and raw).
     pub root: PathBuf,
+    /// Members unpacked.
     pub members: u64,
 }
 

@@ -43,6 +43,7 @@ pub struct HashingReader<R> {
 }
 
 impl<R: Read> HashingReader<R> {
+    /// Wraps `inner`; nothing is hashed yet.
     pub fn new(inner: R) -> Self {
         HashingReader {
             inner,
@@ -74,6 +75,7 @@ pub struct HashingWriter<W> {
 }
 
 impl<W: Write> HashingWriter<W> {
+    /// Wraps `inner`; nothing is hashed yet.
     pub fn new(inner: W) -> Self {
         HashingWriter {
             inner,

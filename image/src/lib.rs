@@ -14,6 +14,8 @@
 //!   the same filesystem first and renamed into place once complete and verified, so a path that
 //!   exists is always complete.
 
+#![warn(missing_docs)]
+
 pub mod archive;
 pub mod auth;
 pub mod build_context;

@@ -11,12 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::{digest, ImageError, Result};
 
+/// Media type of an OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of an OCI image config.
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Media type of an uncompressed OCI layer.
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// Media type of a gzip OCI layer (what Rudder writes).
 pub const OCI_LAYER_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Media type of a docker v2 schema 2 manifest (read like an OCI one).
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Media type of a docker manifest list (read like an OCI index).
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Annotation naming a manifest in an OCI layout's index.json (often only the tag).
@@ -31,7 +38,9 @@ pub const DEFAULT_PATH_ENV: &str =
 /// Whether a manifest-like document is an image manifest or an index of manifests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManifestKind {
+    /// An image manifest: a config and layers.
     Manifest,
+    /// An index: manifests, one per platform.
     Index,
 }
 
@@ -82,16 +91,22 @@ impl ManifestKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
+    /// What the target is (a manifest, a config, a layer's compression).
     pub media_type: String,
+    /// The target's `sha256:` digest, validated before use.
     pub digest: String,
+    /// The target's size in bytes: a fetch reads no more.
     pub size: u64,
+    /// In an index: the platform the manifest is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// Free-form annotations (e.g. the ref name in an OCI layout).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
 impl Descriptor {
+    /// A descriptor without platform or annotations.
     pub fn new(media_type: &str, digest: String, size: u64) -> Descriptor {
         Descriptor {
             media_type: media_type.to_string(),
@@ -102,15 +117,20 @@ impl Descriptor {
         }
     }
 
+    /// The value of annotation `key`, if set.
     pub fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations.as_ref()?.get(key).map(String::as_str)
     }
 }
 
+/// The platform an index entry is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Platform {
+    /// GOARCH name: `amd64`, `arm64`, … (see [`host_architecture`]).
     pub architecture: String,
+    /// GOOS name: `linux`.
     pub os: String,
+    /// CPU variant (`v7` for arm), when it matters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
 }
@@ -119,11 +139,16 @@ pub struct Platform {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
+    /// Always 2.
     pub schema_version: u32,
+    /// The manifest's media type (optional in OCI, set by docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// The image config blob.
     pub config: Descriptor,
+    /// The layer blobs, bottom first.
     pub layers: Vec<Descriptor>,
+    /// Free-form annotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
@@ -162,6 +187,7 @@ impl Manifest {
         std::iter::once(&self.config).chain(self.layers.iter())
     }
 
+    /// The manifest as JSON, as it is pushed (its digest is over these bytes).
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("manifest serializes")
     }
@@ -171,10 +197,14 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Index {
+    /// Always 2.
     pub schema_version: u32,
+    /// The index's media type (optional in OCI, set by docker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_type: Option<String>,
+    /// One manifest per platform (or per tag, in an OCI layout).
     pub manifests: Vec<Descriptor>,
+    /// Free-form annotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annotations: Option<BTreeMap<String, String>>,
 }
@@ -220,10 +250,15 @@ pub fn host_architecture() -> &'static str {
 /// Absent fields are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImageConfig {
+    /// `Entrypoint`: prepended to the command.
     pub entrypoint: Vec<String>,
+    /// `Cmd`: the default command or arguments.
     pub cmd: Vec<String>,
+    /// `Env`: `K=V` entries.
     pub env: Vec<String>,
+    /// `WorkingDir`; empty means `/`.
     pub working_dir: String,
+    /// `User`: `uid[:gid]` or a name; empty means root.
     pub user: String,
 }
 

@@ -22,6 +22,7 @@ pub struct Reference {
     pub registry: Option<String>,
     /// Repository path within the registry, e.g. `hello` or `lib/busybox`.
     pub repository: String,
+    /// The tag, when the reference names one (`latest` is not assumed here).
     pub tag: Option<String>,
     /// `sha256:<hex>`; when set it wins over the tag for fetching (it pins the content).
     pub digest: Option<String>,

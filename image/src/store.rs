@@ -59,9 +59,11 @@ const PARTIAL_BLOB: &str = ".partial-";
 pub struct PulledImage {
     /// Digest of the image manifest (the platform manifest when the tag named an index).
     pub manifest_digest: String,
+    /// Digest of the image config.
     pub config_digest: String,
     /// Unpacked layer directories, bottom layer first (overlayfs wants them reversed).
     pub layers: Vec<PathBuf>,
+    /// What a container needs from the image config.
     pub config: ImageConfig,
     /// Bytes downloaded by this pull: zero when everything was already local.
     pub bytes_fetched: u64,
@@ -119,6 +121,7 @@ impl ImageStore {
         &self.limits
     }
 
+    /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -128,6 +131,7 @@ impl ImageStore {
         Ok(self.root.join("blobs/sha256").join(digest::hex_of(digest)?))
     }
 
+    /// Whether the blob is in the store.
     pub fn has_blob(&self, digest: &str) -> bool {
         self.blob_path(digest).is_ok_and(|p| p.is_file())
     }

@@ -61,13 +61,21 @@ pub enum TransferError {
     /// The source's index has no manifest for this host's platform.
     #[error("image: {reference}: no linux/{arch} image in its index (it has: {available})")]
     NoPlatform {
+        /// The reference as given.
         reference: String,
+        /// This host's architecture (GOARCH).
         arch: String,
+        /// The platforms the index has.
         available: String,
     },
     /// The destination reference cannot be written to (a digest instead of a tag).
     #[error("image: {reference}: {reason}")]
-    BadDestination { reference: String, reason: String },
+    BadDestination {
+        /// The reference as given.
+        reference: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl TransferError {

@@ -26,8 +26,11 @@ pub struct ImageBlobs {
 /// An image's size split into bytes shared with other images and bytes only it uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ImageUsage {
+    /// All its blobs' bytes.
     pub size: u64,
+    /// Bytes of blobs other images use too.
     pub shared: u64,
+    /// Bytes only this image uses: what removing it would free.
     pub unique: u64,
 }
 
@@ -68,7 +71,9 @@ pub fn usage(images: &[ImageBlobs]) -> HashMap<String, ImageUsage> {
 /// A blob file found on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBlob {
+    /// Its digest, from its path.
     pub digest: String,
+    /// Its size in bytes.
     pub size: u64,
     /// When it was last written (the later of its mtime and ctime), for the grace period.
     pub modified: SystemTime,
@@ -82,6 +87,7 @@ pub struct Totals {
     pub images: u64,
     /// Blob files on disk and their bytes.
     pub blobs: u64,
+    /// Bytes those blobs take.
     pub disk_bytes: u64,
     /// `disk_bytes` plus every byte that sharing saves: each image's blobs counted for it
     /// alone.

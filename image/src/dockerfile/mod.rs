@@ -41,7 +41,9 @@ pub use stage::{is_url, resolve_from, Action, Source, StageBuilder};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Dockerfile line {line}: {message}")]
 pub struct DockerfileError {
+    /// The 1-based line (0: not about a line).
     pub line: usize,
+    /// What is wrong, for a user to read.
     pub message: String,
 }
 
@@ -124,9 +126,11 @@ pub struct Dockerfile {
 /// `ARG NAME[=default]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArgDecl {
+    /// The variable's name, as written (case-sensitive).
     pub name: String,
     /// As written (quotes and `$` references intact): substituted when the ARG is applied.
     pub default: Option<String>,
+    /// The 1-based line of the ARG.
     pub line: usize,
 }
 
@@ -139,7 +143,9 @@ pub struct Stage {
     pub name: Option<String>,
     /// The base as written, unsubstituted: see [`resolve_from`].
     pub from: String,
+    /// The 1-based line of the FROM.
     pub line: usize,
+    /// The stage's instructions after FROM, in order.
     pub steps: Vec<Step>,
     /// The file's escape character, needed to substitute `from`.
     pub escape: char,
@@ -153,6 +159,7 @@ pub struct Step {
     /// The instruction as written (continuations joined, comments dropped): shown as progress.
     /// An `ARG A B` with several names becomes one step per name, each with this same text.
     pub text: String,
+    /// The instruction and its arguments, as written.
     pub instr: Instr,
     /// The file's escape character, needed to substitute this step's arguments.
     pub escape: char,
@@ -161,21 +168,33 @@ pub struct Step {
 /// An instruction with its arguments as written (see the module invariants).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instr {
+    /// `ARG NAME[=default]`.
     Arg(ArgDecl),
+    /// `ENV K=V …` (or the legacy `ENV K V`).
     Env(Vec<(String, String)>),
     /// Also `MAINTAINER x`, as `maintainer=x` (what docker recommends instead of it).
     Label(Vec<(String, String)>),
+    /// `WORKDIR path`, relative to the previous one.
     Workdir(String),
+    /// `USER user[:group]`.
     User(String),
     /// Words as written; one may expand to several ports (`EXPOSE $PORTS`, ranges).
     Expose(Vec<String>),
+    /// `VOLUME path …`.
     Volume(Vec<String>),
+    /// `CMD`: the default command.
     Cmd(Command),
+    /// `ENTRYPOINT`: the command CMD's words are appended to.
     Entrypoint(Command),
+    /// `RUN`: a command run in a container of the image so far.
     Run(Command),
+    /// `COPY src… dest`.
     Copy(CopySpec),
+    /// `ADD src… dest`: also fetches URLs and unpacks local tar archives.
     Add(CopySpec),
+    /// `SHELL ["sh", "-c"]`: the shell of later shell-form commands.
     Shell(Vec<String>),
+    /// `STOPSIGNAL signal`.
     StopSignal(String),
     /// `HEALTHCHECK [--interval=…] CMD …` or `HEALTHCHECK NONE`: replaces the image's check.
     Healthcheck(Healthcheck),
@@ -198,8 +217,11 @@ pub enum Command {
 pub struct CopySpec {
     /// At least one.
     pub srcs: Vec<String>,
+    /// The destination, relative to WORKDIR unless absolute.
     pub dest: String,
+    /// `--chown=user[:group]`.
     pub chown: Option<String>,
+    /// `--chmod=mode`, octal.
     pub chmod: Option<String>,
     /// A stage name, a stage index or an image (COPY only).
     pub from: Option<String>,

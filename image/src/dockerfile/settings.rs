@@ -11,17 +11,23 @@ use super::{DockerfileError, DEFAULT_SHELL};
 pub struct Settings {
     /// `K=V`, in order; a later ENV of the same name replaces the entry in place.
     pub env: Vec<String>,
+    /// USER; empty means root.
     pub user: String,
     /// Empty means `/`.
     pub working_dir: String,
+    /// CMD; `None`: not set (ENTRYPOINT clears an inherited one).
     pub cmd: Option<Vec<String>>,
+    /// ENTRYPOINT; `None`: not set.
     pub entrypoint: Option<Vec<String>>,
     /// `80/tcp`.
     pub exposed_ports: BTreeSet<String>,
+    /// VOLUME paths.
     pub volumes: BTreeSet<String>,
+    /// LABELs (and MAINTAINER).
     pub labels: BTreeMap<String, String>,
     /// Empty means [`DEFAULT_SHELL`].
     pub shell: Vec<String>,
+    /// STOPSIGNAL, as written (a name or a number).
     pub stop_signal: Option<String>,
     /// HEALTHCHECK; `None`: none set (the image has no `Healthcheck`).
     #[serde(default)]
@@ -37,9 +43,13 @@ pub struct Settings {
 pub struct Healthcheck {
     /// `["NONE"]` (disables an inherited check), `["CMD", argv…]` or `["CMD-SHELL", command]`.
     pub test: Vec<String>,
+    /// Time between checks.
     pub interval: u64,
+    /// Time a check may take before it counts as failed.
     pub timeout: u64,
+    /// Startup time during which failures do not count.
     pub start_period: u64,
+    /// Time between checks during the start period.
     pub start_interval: u64,
     /// Consecutive failures before unhealthy; 0: the default.
     pub retries: u64,

@@ -291,17 +291,28 @@ pub enum Action {
     /// argv: shell form -> settings.shell + [cmd]; exec form as is. env: settings.env plus the
     /// ARGs in scope (as K=V; ENV wins over ARG) and any proxy build args: the environment
     /// RUN sees (never persisted in the image).
-    Run { argv: Vec<String>, env: Vec<String> },
+    Run {
+        /// The command to run.
+        argv: Vec<String>,
+        /// Its environment, `K=V`.
+        env: Vec<String>,
+    },
     /// dest made absolute against the working dir (a trailing '/' kept, and added for `.`: it
     /// means "into this directory"). unpack: ADD (local tar archives are unpacked). from: the
     /// `--from` value substituted with global ARGs; resolve it with
     /// [`Dockerfile::copy_source`]. chmod is validated octal.
     Copy {
+        /// The sources, substituted: context paths or patterns, or URLs (ADD).
         srcs: Vec<String>,
+        /// The absolute destination.
         dest: String,
+        /// `--chown`, substituted.
         chown: Option<String>,
+        /// `--chmod`, substituted.
         chmod: Option<String>,
+        /// `--from`, substituted.
         from: Option<String>,
+        /// ADD: unpack local tar archives.
         unpack: bool,
     },
 }
@@ -320,6 +331,8 @@ pub struct StageBuilder {
 }
 
 impl StageBuilder {
+    /// A builder for one stage, starting from the base image's settings (`base`), with the
+    /// file's global ARGs and the build's `--build-arg`s.
     pub fn new(
         global_args: &[ArgDecl],
         build_args: &BTreeMap<String, String>,
@@ -334,6 +347,7 @@ impl StageBuilder {
         }
     }
 
+    /// The settings so far.
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
