@@ -14,6 +14,7 @@ use sha2::Digest as _;
 
 /// First bytes of a backup file.
 pub const MAGIC: &[u8; 8] = b"RUDDERBK";
+/// The backup format this build writes, and the only one it reads.
 pub const VERSION: u32 = 1;
 /// The environment variable `rudder-controller --restore` reads the key from.
 pub const KEY_ENV: &str = "RUDDER_BACKUP_KEY";
@@ -25,27 +26,42 @@ pub const MAX_BACKUP: u64 = 2 * 1024 * 1024 * 1024;
 /// Largest key file read.
 const MAX_KEY_FILE: u64 = 4096;
 
+/// Why a backup could not be written or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// The file does not start with [`MAGIC`].
     #[error(
         "backup: not a rudder backup file (no {:?} header)",
         String::from_utf8_lossy(MAGIC)
     )]
     NotBackup,
+    /// A format version this build does not read.
     #[error("backup: format version {0} is not supported (this build reads version {VERSION})")]
     Version(u32),
+    /// The key is not the one the backup was written with.
     #[error("backup: wrong backup key (its fingerprint does not match the key this backup was written with)")]
     WrongKey,
+    /// The file is shorter than its header says.
     #[error("backup: truncated file ({got} bytes, the header says {want})")]
-    Truncated { got: u64, want: u64 },
+    Truncated {
+        /// Bytes in the file.
+        got: u64,
+        /// Bytes the header promises.
+        want: u64,
+    },
+    /// The authentication tag does not verify.
     #[error("backup: the file does not decrypt: it was tampered with or corrupted")]
     Tampered,
+    /// The backup key is malformed or its file is readable by others.
     #[error("backup: backup key: {0}")]
     Key(String),
+    /// The backup is larger than [`MAX_BACKUP`].
     #[error("backup: too large ({0} bytes, at most {MAX_BACKUP})")]
     TooLarge(u64),
+    /// The system could not provide randomness for a key or nonce.
     #[error("backup: no system randomness")]
     Random,
+    /// A file could not be read or written (path, error).
     #[error("backup: {0}: {1}")]
     Io(std::path::PathBuf, std::io::Error),
 }
@@ -61,6 +77,7 @@ impl std::fmt::Debug for BackupKey {
 }
 
 impl BackupKey {
+    /// A new random key.
     pub fn generate() -> Result<BackupKey, BackupError> {
         let mut b = [0u8; KEY_LEN];
         SystemRandom::new()
@@ -69,6 +86,7 @@ impl BackupKey {
         Ok(BackupKey(b))
     }
 
+    /// A key from exactly 32 raw bytes.
     pub fn from_bytes(b: &[u8]) -> Result<BackupKey, BackupError> {
         let b: [u8; KEY_LEN] = b
             .try_into()
@@ -104,10 +122,12 @@ impl BackupKey {
         Self::parse(&s)
     }
 
+    /// The key as 64 hex characters, as key files hold it.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// The raw key bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.0
     }

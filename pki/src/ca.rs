@@ -61,6 +61,7 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// File names inside the directory given to [`ClusterCa::save`] / [`ClusterCa::load`].
 pub const CA_CERT_FILE: &str = "ca.pem";
+/// See [`CA_CERT_FILE`]: the CA's private key, mode 0600.
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// Join token prefix; the digit is the token format version.
 pub const TOKEN_PREFIX: &str = "RDR1";
@@ -73,38 +74,60 @@ const SECRET_BYTES: usize = 24;
 const MAX_NODE_ID: usize = 64;
 const SAN_URI_PREFIX: &str = "rudder://role/";
 
+/// Why a CA, certificate or key operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    /// A key pair or certificate could not be generated.
     #[error("ca: generate: {0}")]
     Generate(rcgen::Error),
+    /// A certificate signing request is invalid.
     #[error("ca: invalid csr: {0}")]
     Csr(rcgen::Error),
+    /// The CA could not sign a certificate.
     #[error("ca: sign certificate: {0}")]
     Sign(rcgen::Error),
+    /// A private key could not be parsed.
     #[error("ca: bad key: {0}")]
     Key(rcgen::Error),
+    /// The PEM holds no block of the kind named.
     #[error("ca: bad pem: no {0} found")]
     Pem(&'static str),
+    /// A certificate could not be parsed or is not usable.
     #[error("ca: bad certificate: {0}")]
     Cert(String),
+    /// A node id outside 1-64 of `[A-Za-z0-9._-]`.
     #[error("ca: invalid node id {0:?}: want 1-64 of [A-Za-z0-9._-]")]
     NodeId(String),
+    /// The certificate does not chain to the cluster CA.
     #[error("ca: certificate is not trusted by the cluster ca: {0}")]
     Untrusted(rustls::Error),
+    /// The certificate carries no Rudder role, or an unknown one.
     #[error("ca: certificate carries no valid rudder role: {0}")]
     NoRole(String),
+    /// The CA a peer presents is not the one the join token pins.
     #[error("ca: ca certificate fingerprint {actual} does not match pinned {expected}")]
-    PinMismatch { expected: String, actual: String },
+    PinMismatch {
+        /// The pinned fingerprint.
+        expected: String,
+        /// The fingerprint presented.
+        actual: String,
+    },
+    /// The private key does not belong to the CA certificate.
     #[error("ca: private key does not match the ca certificate")]
     KeyMismatch,
+    /// A file could not be read or written (what, path, error).
     #[error("ca: {0} {1}: {2}")]
     Io(&'static str, PathBuf, std::io::Error),
+    /// rustls refused a configuration.
     #[error("ca: tls config: {0}")]
     Tls(#[from] rustls::Error),
+    /// A certificate verifier could not be built.
     #[error("ca: tls verifier: {0}")]
     Verifier(String),
+    /// A join token is malformed, for another cluster, or refused.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// A token file readable by group or others (path, mode): refused, since it is a secret.
     #[error("ca: token file {0} is mode {1:o}, readable by others: refusing it (chmod 600 it)")]
     TokenFileOpen(PathBuf, u32),
 }
@@ -114,14 +137,19 @@ pub enum CaError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// An agent: runs tasks.
     Worker,
+    /// A controller: runs the raft group and serves the APIs.
     Manager,
+    /// An administrator (`rctl`): calls the Control API.
     Admin,
 }
 
 impl Role {
+    /// Every role, for tables and checks that go over all of them.
     pub const ALL: [Role; 3] = [Role::Worker, Role::Manager, Role::Admin];
 
+    /// The role's name, as in certificates (`rudder://role/<name>`) and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Worker => "worker",
@@ -196,10 +224,12 @@ impl CaCert {
         })
     }
 
+    /// The certificate as PEM.
     pub fn pem(&self) -> &str {
         &self.pem
     }
 
+    /// The certificate as DER.
     pub fn der(&self) -> &[u8] {
         &self.der
     }
@@ -297,14 +327,17 @@ impl ClusterCa {
         Ok(ca)
     }
 
+    /// The CA's certificate.
     pub fn cert(&self) -> &CaCert {
         &self.cert
     }
 
+    /// The CA's certificate as PEM, what nodes pin and trust.
     pub fn cert_pem(&self) -> &str {
         &self.cert.pem
     }
 
+    /// The SHA-256 fingerprint of the CA certificate: what join tokens pin.
     pub fn fingerprint(&self) -> &str {
         &self.cert.fingerprint
     }
@@ -388,10 +421,13 @@ pub fn node_csr(node_id: &str) -> Result<(String, String), CaError> {
 /// Who a certificate from the cluster CA names: its role, node id (CN) and end of validity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
+    /// The role the certificate grants.
     pub role: Role,
     /// The node id: the certificate's CN (`controller-<raft id>` for controllers).
     pub node: String,
+    /// Start of validity.
     pub not_before: SystemTime,
+    /// End of validity: when renewal must have happened.
     pub not_after: SystemTime,
 }
 
@@ -554,18 +590,25 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime, rng: &mut impl Rn
 /// A parsed join token: the CA fingerprint to pin and the role secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
+    /// The CA fingerprint the joining node pins before it trusts anything the controller sends.
     pub fingerprint: String,
+    /// The role secret (hex) the controller checks.
     pub secret: String,
 }
 
+/// Why a join token is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// Not a token of this format (the part named is wrong).
     #[error("ca: malformed join token: {0}")]
     Malformed(&'static str),
+    /// The token pins another CA.
     #[error("ca: join token is for another cluster (ca fingerprint differs)")]
     WrongCa,
+    /// No role has this secret (never issued, or rotated).
     #[error("ca: join token is unknown or was rotated")]
     Unknown,
+    /// The token of this role has expired.
     #[error("ca: join token for {0} expired")]
     Expired(Role),
 }
@@ -837,6 +880,8 @@ pub fn read_token_file(path: &Path) -> Result<String, CaError> {
     Ok(fs::read_to_string(path).map_err(io)?.trim().to_string())
 }
 
+/// Writes `data` to `path` with `mode` through a temporary file renamed into place, so a reader
+/// never sees a partial key or certificate.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     // A name of its own: two writers of the same file (two `rctl` renewing the admin

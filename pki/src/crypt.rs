@@ -38,32 +38,58 @@ const HEADER_LEN: usize = MAGIC.len() + 4 + NONCE_LEN;
 const MAX_KEYRING_FILE: u64 = 16 * 1024;
 const KEYRING_VERSION: u32 = 1;
 
+/// Why encrypting or decrypting the store, a key file or the sealed CA key failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CryptError {
+    /// The record names a data key this controller does not hold.
     #[error("crypt: {what}: written with data key {key_id}, which this controller does not have")]
-    UnknownKey { what: String, key_id: u32 },
+    UnknownKey {
+        /// What was being decrypted.
+        what: String,
+        /// The data key it was written with.
+        key_id: u32,
+    },
+    /// The record does not authenticate.
     #[error("crypt: {what}: does not decrypt (tampered, moved from elsewhere, or a wrong key)")]
-    Decrypt { what: String },
+    Decrypt {
+        /// What was being decrypted.
+        what: String,
+    },
+    /// The record is too short to hold a nonce and a tag.
     #[error("crypt: {what}: truncated encrypted record ({len} bytes)")]
-    Truncated { what: String, len: usize },
+    Truncated {
+        /// What was being decrypted.
+        what: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The system could not provide randomness for a key or nonce.
     #[error("crypt: no system randomness")]
     Random,
+    /// A key file could not be read or written (path, error).
     #[error("crypt: key file {0}: {1}")]
     Io(PathBuf, std::io::Error),
+    /// A key file is malformed (path, why).
     #[error("crypt: key file {0}: {1}")]
     Format(PathBuf, String),
+    /// A new rotation was asked for before the previous one retired its key.
     #[error("crypt: a data key rotation is still re-encrypting (key {0} is not retired yet); try again when it finishes")]
     RotationInProgress(u32),
+    /// The CA key to seal or unseal is invalid.
     #[error("crypt: {0}")]
     Ca(#[from] crate::ca::CaError),
+    /// The sealed CA key file is over this many bytes.
     #[error("crypt: sealed ca key file too large (over {0} bytes)")]
     TooLarge(u64),
+    /// The key file is locked (autolock) and no unlock key was given.
     #[error("crypt: key file {0} is locked (autolock): it needs the cluster's unlock key")]
     Locked(PathBuf),
+    /// The unlock key does not open this key file.
     #[error(
         "crypt: key file {0}: the unlock key does not open it (a wrong or rotated unlock key)"
     )]
     WrongUnlockKey(PathBuf),
+    /// The unlock key is malformed.
     #[error("crypt: unlock key: {0}")]
     BadUnlockKey(&'static str),
 }
@@ -79,6 +105,7 @@ pub const UNLOCK_KEY_PREFIX: &str = "RDRKEK-";
 pub struct UnlockKey([u8; KEY_LEN]);
 
 impl UnlockKey {
+    /// A new random unlock key.
     pub fn generate() -> Result<UnlockKey, CryptError> {
         let mut b = [0u8; KEY_LEN];
         SystemRandom::new()
@@ -267,7 +294,12 @@ pub enum Context {
     /// The raft log entry at this index.
     Entry(u64),
     /// The snapshot with this term and index.
-    Snapshot { term: u64, index: u64 },
+    Snapshot {
+        /// The snapshot's raft term.
+        term: u64,
+        /// The snapshot's last included log index.
+        index: u64,
+    },
     /// A file in the certs dir (e.g. the CA key).
     File(&'static str),
 }
@@ -343,6 +375,7 @@ pub struct Keyring {
 }
 
 impl Keyring {
+    /// A new keyring with one random data key (id 1).
     pub fn generate() -> Result<Keyring, CryptError> {
         Ok(Keyring {
             current: Dek::generate(1)?,

@@ -12,16 +12,26 @@ use tracing::info;
 use crate::ca::{self, Token};
 use crate::tls::{self, NodeCerts};
 
+/// Why a node could not join the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
+    /// The join token is malformed, for another cluster, or refused.
     #[error("join token: {0}")]
     Token(#[from] ca::TokenError),
+    /// A key, CSR or certificate could not be made or checked.
     #[error("{0}")]
     Ca(#[from] ca::CaError),
+    /// The node's TLS files could not be written or used.
     #[error("{0}")]
     Tls(#[from] tls::TlsError),
+    /// The controller refused the join.
     #[error("joining via {addr}: {msg}")]
-    Refused { addr: String, msg: String },
+    Refused {
+        /// The controller asked.
+        addr: String,
+        /// Its answer.
+        msg: String,
+    },
 }
 
 /// Joins the cluster of the controller at `url` (`https://host:port`) with `token`, returning

@@ -3,6 +3,8 @@
 //! configurations every gRPC connection uses (`tls`), and the data-encryption keys that seal a
 //! controller's state at rest (`crypt`).
 
+#![warn(missing_docs)]
+
 pub mod backup;
 pub mod ca;
 pub mod crypt;

@@ -51,14 +51,19 @@ pub const NODE_KEY_FILE: &str = "node-key.pem";
 /// pile up on a server.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a node's TLS identity could not be loaded, saved or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key is invalid.
     #[error(transparent)]
     Ca(#[from] CaError),
+    /// A file could not be read or written (what, path, error).
     #[error("tls: {0} {1}: {2}")]
     Io(&'static str, PathBuf, std::io::Error),
+    /// The node key does not belong to the node certificate.
     #[error("tls: node key does not match the node certificate")]
     KeyMismatch,
+    /// tonic could not build a transport with this identity.
     #[error("tls: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -181,14 +186,17 @@ impl NodeCerts {
         Ok(ca::names_of(&first_cert(&self.cert_pem)?)?)
     }
 
+    /// The cluster CA certificate this node trusts.
     pub fn ca(&self) -> &CaCert {
         &self.ca
     }
 
+    /// The node's certificate as PEM.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
 
+    /// The node's private key as PEM.
     pub fn key_pem(&self) -> &str {
         &self.key_pem
     }
@@ -285,7 +293,7 @@ pub fn caller_or_refuse<'a, T>(req: &'a Request<T>, rpc: &str) -> Result<&'a Pee
     caller(req).ok_or_else(|| Status::unauthenticated(format!("{rpc}: caller not authenticated")))
 }
 
-pub fn authorize_cert(
+pub(crate) fn authorize_cert(
     leaf: Option<&[u8]>,
     ca: &CaCert,
     allowed: &[Role],
