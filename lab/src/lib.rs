@@ -23,6 +23,8 @@
 //! - Lab processes stay in the root mount namespace (we `setns` only the network namespace), so
 //!   mounts they make under the lab dir are visible here and `down` can detach them.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -168,11 +170,13 @@ pub fn sibling_binary(name: &str) -> PathBuf {
 /// A built lab, as recorded in `lab.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lab {
+    /// The lab's name: every namespace, link and cgroup it makes is derived from it.
     pub name: String,
     /// `<root>/<name>`, absolute and canonical.
     pub dir: PathBuf,
     /// `k` in `10.213.k.0/24`.
     pub subnet_index: u8,
+    /// The hosts, in index order.
     pub hosts: Vec<LabHost>,
     /// `<dir>/context.json`: where rctl finds the controller and registry.
     pub context_path: PathBuf,
@@ -180,6 +184,7 @@ pub struct Lab {
     /// with them on their first start).
     #[serde(default)]
     pub worker_token: String,
+    /// See `worker_token`: the token further controllers join with.
     #[serde(default)]
     pub manager_token: String,
 }
@@ -195,11 +200,15 @@ pub struct LabHost {
     pub netns: String,
     /// Underlay address `10.213.k.<index>` on `eth0`.
     pub addr: Ipv4Addr,
+    /// The agent's `--data-dir`, `<lab dir>/h<index>/agent`.
     pub data_dir: PathBuf,
+    /// The agent's OCI runtime `--root`, so hosts do not see each other's containers.
     pub runtime_root: PathBuf,
     /// `/rudder-<lab>-h<index>`, relative to every cgroup hierarchy.
     pub cgroup_parent: String,
+    /// The running agent, when this process started it (restarts update it).
     pub agent_pid: Option<i32>,
+    /// The running controller on a manager host, as for `agent_pid`.
     pub controller_pid: Option<i32>,
     /// Runs a controller (the first `managers` hosts).
     #[serde(default)]
@@ -214,9 +223,11 @@ impl LabHost {
             .map(Path::to_path_buf)
             .unwrap_or_default()
     }
+    /// `<host dir>/agent.log`: the agent's stderr.
     pub fn agent_log(&self) -> PathBuf {
         self.dir().join("agent.log")
     }
+    /// `<host dir>/controller.log`: the controller's stderr.
     pub fn controller_log(&self) -> PathBuf {
         self.dir().join("controller.log")
     }
@@ -224,9 +235,11 @@ impl LabHost {
     pub fn controller_data_dir(&self) -> PathBuf {
         self.dir().join("controller")
     }
+    /// The agent's API, on the host's underlay address.
     pub fn agent_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.addr, AGENT_PORT)
     }
+    /// The controller's API, on the host's underlay address (manager hosts only).
     pub fn controller_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(self.addr, CONTROLLER_PORT)
     }
@@ -241,6 +254,7 @@ impl Lab {
     pub fn registry(&self) -> String {
         format!("{}:{REGISTRY_PORT}", host_addr(self.subnet_index, 1))
     }
+    /// The first host's controller: the one that started the cluster.
     pub fn first_controller_addr(&self) -> SocketAddrV4 {
         SocketAddrV4::new(host_addr(self.subnet_index, 1), CONTROLLER_PORT)
     }
@@ -290,6 +304,7 @@ impl Lab {
     pub fn host_port(&self, index: u32) -> String {
         host_port_name(self.subnet_index, index)
     }
+    /// The host with this 1-based `index`.
     pub fn host(&self, index: u32) -> Option<&LabHost> {
         self.hosts.iter().find(|h| h.index == index)
     }
@@ -312,15 +327,21 @@ struct LabRecord {
 /// What `down` removed, and what it could not.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DownReport {
+    /// The lab torn down.
     pub name: String,
     /// Recorded agent/controller pids that were signalled.
     pub processes_stopped: Vec<i32>,
     /// Other pids killed: processes in the lab's cgroups, shims.
     pub processes_killed: Vec<i32>,
+    /// Mounts detached under the lab dir (overlays, volumes).
     pub unmounted: Vec<PathBuf>,
+    /// Cgroups removed (the hosts' parents and everything under them).
     pub cgroups_removed: Vec<PathBuf>,
+    /// Network namespaces removed (hosts and underlay).
     pub netns_removed: Vec<String>,
+    /// Links removed from the root namespace.
     pub links_removed: Vec<String>,
+    /// The lab dir, once removed.
     pub state_dir_removed: Option<PathBuf>,
     /// One line per failed action; `down` returns [`LabError::Teardown`] when non-empty.
     pub errors: Vec<String>,
@@ -378,60 +399,106 @@ impl fmt::Display for DownReport {
     }
 }
 
+/// Why a lab could not be built, loaded or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
+    /// A config or argument the lab refuses (a name, a host index).
     #[error("lab: invalid config: {0}")]
     Invalid(String),
+    /// `up` of a name that already has a lab under this root.
     #[error("lab: {name:?} already exists under {}; run `rctl local down --name {name}` first", root.display())]
-    Exists { name: String, root: PathBuf },
+    Exists {
+        /// The lab's name.
+        name: String,
+        /// The state root searched.
+        root: PathBuf,
+    },
+    /// No lab of that name under this root.
     #[error("lab: no lab named {name:?} under {}", root.display())]
-    NotFound { name: String, root: PathBuf },
+    NotFound {
+        /// The lab's name.
+        name: String,
+        /// The state root searched.
+        root: PathBuf,
+    },
+    /// Every subnet index is taken by another lab.
     #[error("lab: no free subnet: 10.213.1.0/24 to 10.213.{MAX_SUBNET}.0/24 are all taken")]
     NoSubnet,
+    /// A file or directory operation failed.
     #[error("lab: {context}: {source}")]
     Io {
+        /// What was being done, and to which path.
         context: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// A command (`ip`) exited with an error.
     #[error("lab: `{cmd}` failed ({status}): {stderr}")]
     Command {
+        /// The command line.
         cmd: String,
+        /// How it exited.
         status: String,
+        /// What it printed on stderr.
         stderr: String,
     },
+    /// `lab.json` could not be written or read back.
     #[error("lab: bad record {}: {source}", path.display())]
     Record {
+        /// The record's path.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: serde_json::Error,
     },
+    /// A lab process could not be started.
     #[error("lab: cannot start {what} ({}): {source}", bin.display())]
     Spawn {
+        /// Which process (`agent h1`, `controller h1`).
         what: String,
+        /// The binary started.
         bin: PathBuf,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// A lab process exited before it was ready.
     #[error("lab: {what} exited during startup ({status}); tail of {}:\n{log_tail}", log.display())]
     Exited {
+        /// Which process (`agent h1`, `controller h1`).
         what: String,
+        /// How it exited.
         status: String,
+        /// Its log file.
         log: PathBuf,
+        /// The last lines of that log.
         log_tail: String,
     },
+    /// The controller never accepted connections.
     #[error("lab: controller did not accept connections on {addr} within {}s; tail of {}:\n{log_tail}", timeout.as_secs(), log.display())]
     NotReady {
+        /// The address polled.
         addr: SocketAddrV4,
+        /// How long it was given.
         timeout: Duration,
+        /// Its log file.
         log: PathBuf,
+        /// The last lines of that log.
         log_tail: String,
     },
+    /// `down` could not remove everything; the report says what is left.
     #[error("lab: teardown of {:?} left errors: {}", report.name, report.errors.join("; "))]
-    Teardown { report: Box<DownReport> },
+    Teardown {
+        /// What was removed, and the errors.
+        report: Box<DownReport>,
+    },
+    /// `up` failed, and so did removing what it had built.
     #[error("{cause}; cleaning up the half-built lab also failed: {}", cleanup.join("; "))]
     UpCleanup {
+        /// Why `up` failed.
         cause: Box<LabError>,
+        /// One line per cleanup step that failed.
         cleanup: Vec<String>,
     },
 }
@@ -968,7 +1035,9 @@ fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String
 /// Which of a host's processes to restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// `rudder-controller` (manager hosts only).
     Controller,
+    /// `rudder-agent`.
     Agent,
 }
 
