@@ -26,10 +26,16 @@ pub enum ExecProcess<'a> {
     File(&'a Path),
     /// `argv` as the container's own process runs, on a terminal when `tty` (with
     /// `TERM=xterm`).
-    Args { argv: &'a [String], tty: bool },
+    Args {
+        /// The command and its arguments.
+        argv: &'a [String],
+        /// Whether it runs on a terminal.
+        tty: bool,
+    },
 }
 
 impl RuntimeCli {
+    /// The runtime `binary` with state dir `root`.
     pub fn new(binary: impl Into<String>, root: impl Into<PathBuf>) -> Self {
         RuntimeCli {
             binary: binary.into(),

@@ -58,6 +58,7 @@ pub struct ContainerDir {
 }
 
 impl ContainerDir {
+    /// The container directory at `dir` (nothing is created).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         ContainerDir { dir: dir.into() }
     }
@@ -85,9 +86,11 @@ impl ContainerDir {
     pub fn bundle(&self) -> PathBuf {
         self.dir.join(name::BUNDLE)
     }
+    /// The container's root filesystem mount point, inside the bundle.
     pub fn rootfs(&self) -> PathBuf {
         self.bundle().join(name::ROOTFS)
     }
+    /// The bundle's OCI `config.json`.
     pub fn config(&self) -> PathBuf {
         self.bundle().join(name::CONFIG)
     }
@@ -95,6 +98,7 @@ impl ContainerDir {
     pub fn upper(&self) -> PathBuf {
         self.dir.join(name::UPPER)
     }
+    /// See [`Self::upper`].
     pub fn work(&self) -> PathBuf {
         self.dir.join(name::WORK)
     }
@@ -102,6 +106,7 @@ impl ContainerDir {
     pub fn bridge_addr_file(&self) -> PathBuf {
         self.dir.join(name::BRIDGE_ADDR)
     }
+    /// The bridge address, if the container is attached.
     pub fn read_bridge_addr(&self) -> Option<String> {
         read_line(&self.bridge_addr_file())
     }
@@ -109,6 +114,7 @@ impl ContainerDir {
     pub fn resolv_conf(&self) -> PathBuf {
         self.dir.join(name::RESOLV_CONF)
     }
+    /// See [`Self::resolv_conf`].
     pub fn hosts(&self) -> PathBuf {
         self.dir.join(name::HOSTS)
     }
@@ -126,12 +132,15 @@ impl ContainerDir {
 
     // --- What the shim reports.
 
+    /// The shim's own pid, written by the shim when it starts.
     pub fn shim_pid_file(&self) -> PathBuf {
         self.dir.join(name::SHIM_PID)
     }
+    /// The shim's pid, once written.
     pub fn read_shim_pid(&self) -> Option<i32> {
         read_number(&self.shim_pid_file())
     }
+    /// Records the shim's pid (atomically).
     pub fn write_shim_pid(&self, pid: u32) -> std::io::Result<()> {
         write_atomic(&self.shim_pid_file(), &format!("{pid}\n"))
     }
@@ -139,9 +148,11 @@ impl ContainerDir {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join(name::PID)
     }
+    /// The container init's pid, once the runtime wrote it.
     pub fn read_pid(&self) -> Option<u32> {
         read_number(&self.pid_file())
     }
+    /// The container's exit code, written by the shim when the container ends.
     pub fn exit_file(&self) -> PathBuf {
         self.dir.join(name::EXIT)
     }
@@ -150,9 +161,11 @@ impl ContainerDir {
     pub fn read_exit_code(&self) -> Option<i32> {
         read_number(&self.exit_file())
     }
+    /// Whether the shim recorded an exit code.
     pub fn has_exited(&self) -> bool {
         self.exit_file().exists()
     }
+    /// Records the exit code (atomically): what the agent waits for.
     pub fn write_exit_code(&self, code: i32) -> std::io::Result<()> {
         write_atomic(&self.exit_file(), &format!("{code}\n"))
     }
@@ -160,6 +173,7 @@ impl ContainerDir {
     pub fn oom_killed(&self) -> bool {
         self.dir.join(name::OOM).exists()
     }
+    /// Records that the OOM killer ended the container.
     pub fn mark_oom_killed(&self) -> std::io::Result<()> {
         write_atomic(&self.dir.join(name::OOM), "1\n")
     }
@@ -167,6 +181,7 @@ impl ContainerDir {
     pub fn log(&self) -> PathBuf {
         self.rotated_log(0)
     }
+    /// Log file `index` of the rotation (0: `log`, n: `log.n`).
     pub fn rotated_log(&self, index: u32) -> PathBuf {
         if index == 0 {
             self.dir.join(name::LOG)

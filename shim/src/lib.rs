@@ -21,6 +21,8 @@
 //! written, and `log` rotates by size (`log` → `log.1` → … up to `--log-max-files`). The shim
 //! owns the pipes, so logging goes on while the agent is down.
 
+#![warn(missing_docs)]
+
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -40,11 +42,17 @@ pub use dir::{write_atomic, ContainerDir, PRIVATE_FILE};
 /// Fd number on which the shim inherits the agent's notification pipe.
 pub const NOTIFY_FD: i32 = 3;
 
+/// What the shim needs to supervise one container: `rudder-agent shim` and `rudder-shim` parse
+/// the same flags ([`ShimArgs::to_args`] writes them).
 #[derive(Debug, Clone)]
 pub struct ShimArgs {
+    /// The container directory (task.json, pid, exit, log): the shim's only state.
     pub dir: PathBuf,
+    /// The container id the OCI runtime knows it by.
     pub id: String,
+    /// The OCI runtime binary (`runc`, `crun`).
     pub runtime: String,
+    /// The runtime's `--root`, so the agent's containers stay apart from others on the host.
     pub root: PathBuf,
     /// Rotate `log` when it reaches this many bytes.
     pub log_max_size: u64,
@@ -54,6 +62,7 @@ pub struct ShimArgs {
 
 /// Defaults for rotation (Docker's json-file driver with `max-size: 10m, max-file: 3`).
 pub const LOG_MAX_SIZE: u64 = 10 << 20;
+/// See [`LOG_MAX_SIZE`].
 pub const LOG_MAX_FILES: u32 = 3;
 
 impl ShimArgs {
@@ -62,6 +71,7 @@ impl ShimArgs {
         RuntimeCli::new(self.runtime.clone(), self.root.clone())
     }
 
+    /// The command line that starts a shim with these arguments (after the program name).
     pub fn to_args(&self) -> Vec<String> {
         vec![
             "shim".into(),
