@@ -20,18 +20,26 @@ use crate::volume::{volumes_of, VolumeSpec};
 /// What `rctl apply` sends: every document of the files, decoded and validated on their own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifests {
+    /// Secrets and configs, applied first (services reference them).
     pub secrets: Vec<SecretPut>,
+    /// Networks, applied before the services that attach to them.
     pub networks: Vec<NetworkSpec>,
+    /// Volumes declared explicitly.
     pub volumes: Vec<VolumeSpec>,
+    /// Services, applied last.
     pub services: Vec<ServiceSpec>,
 }
 
 /// A secret or config value to store (a new version when it differs from the latest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecretPut {
+    /// Secret or config.
     pub kind: ObjectKind,
+    /// Its name.
     pub name: String,
+    /// Its labels (replaced on every put).
     pub labels: BTreeMap<String, String>,
+    /// The value.
     pub data: SecretData,
     /// `sha256:<hex>` of `data`, computed by the caller (the model has no hash functions).
     pub digest: String,
@@ -40,12 +48,16 @@ pub struct SecretPut {
 /// What applying an object does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// The object did not exist.
     Created,
+    /// The object existed and changes.
     Updated,
+    /// The object is as declared already.
     Unchanged,
 }
 
 impl Action {
+    /// The lowercase word `rctl apply` prints.
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Created => "created",
@@ -58,10 +70,15 @@ impl Action {
 /// The kinds of document a manifest holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `kind: Secret`.
     Secret,
+    /// `kind: Config`.
     Config,
+    /// `kind: Network`.
     Network,
+    /// `kind: Volume`.
     Volume,
+    /// `kind: Service`.
     Service,
 }
 
@@ -81,8 +98,11 @@ impl Kind {
 /// One object of the apply and what happens to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplyResult {
+    /// What kind of object.
     pub kind: Kind,
+    /// Its name.
     pub name: String,
+    /// What applying does to it.
     pub action: Action,
 }
 
@@ -90,7 +110,9 @@ pub struct ApplyResult {
 /// included, as created), and the command to propose (`None` when nothing changes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// One per object, in apply order.
     pub results: Vec<ApplyResult>,
+    /// The command to propose; `None` when nothing changes.
     pub command: Option<Command>,
 }
 

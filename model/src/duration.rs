@@ -60,10 +60,12 @@ pub fn format(ms: u64) -> String {
     }
 }
 
+/// For `#[serde(with = "crate::duration")]`: writes milliseconds as a human duration.
 pub fn serialize<S: Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(*ms))
 }
 
+/// For `#[serde(with = "crate::duration")]`: reads a duration string or a number of milliseconds.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     d.deserialize_any(DurationVisitor)
 }

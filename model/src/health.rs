@@ -34,17 +34,22 @@ pub struct HealthCheck {
     pub start_period: u64,
 }
 
+/// `http: {port, path}`: healthy when a GET answers 2xx or 3xx.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpProbe {
+    /// The container port to connect to.
     pub port: u16,
+    /// The request path; `/` by default.
     #[serde(default = "default_path")]
     pub path: String,
 }
 
+/// `tcp: {port}`: healthy when a connection opens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpProbe {
+    /// The container port to connect to.
     pub port: u16,
 }
 
@@ -64,12 +69,24 @@ fn default_path() -> String {
 /// Which probe a check runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe<'a> {
+    /// Run this argv in the container; exit 0 is healthy.
     Exec(&'a [String]),
-    Http { port: u16, path: &'a str },
-    Tcp { port: u16 },
+    /// GET `path` on `port`.
+    Http {
+        /// The container port.
+        port: u16,
+        /// The request path.
+        path: &'a str,
+    },
+    /// Connect to `port`.
+    Tcp {
+        /// The container port.
+        port: u16,
+    },
 }
 
 impl HealthCheck {
+    /// The one probe the check sets; `None` when it sets none or several (see [`Self::validate`]).
     pub fn probe(&self) -> Option<Probe<'_>> {
         match (&self.exec, &self.http, &self.tcp) {
             (Some(cmd), None, None) => Some(Probe::Exec(cmd)),
@@ -82,6 +99,7 @@ impl HealthCheck {
         }
     }
 
+    /// Checks that exactly one probe is set and the numbers are usable.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let kinds = [self.exec.is_some(), self.http.is_some(), self.tcp.is_some()]
             .iter()

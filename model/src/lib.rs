@@ -2,6 +2,8 @@
 //! deterministic state machine, the scheduler and the reconciler. Nothing here does I/O or reads
 //! a clock, so every decision can be replayed and tested with plain data.
 
+#![warn(missing_docs)]
+
 pub mod apply;
 pub mod duration;
 pub mod health;
@@ -32,11 +34,14 @@ pub use update::{UpdateConfig, UpdateState, UpdateStatus};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct ValidationError {
+    /// The dotted path of the field at fault.
     pub field: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
 impl ValidationError {
+    /// A problem with `field`.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         ValidationError {
             field: field.into(),

@@ -17,14 +17,20 @@ use crate::volume::VolumeSpec;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // a handful per file; boxing would only add noise
 pub enum Manifest {
+    /// `kind: Service`.
     Service(ServiceSpec),
+    /// `kind: Network`.
     Network(NetworkSpec),
+    /// `kind: Volume`.
     Volume(VolumeSpec),
+    /// `kind: Secret`.
     Secret(crate::secret::SecretSpec),
+    /// `kind: Config`: a secret that is not secret (shown in full by `inspect`).
     Config(crate::secret::SecretSpec),
 }
 
 impl Manifest {
+    /// The document's `kind`.
     pub fn kind(&self) -> &'static str {
         match self {
             Manifest::Service(_) => "Service",
@@ -34,6 +40,7 @@ impl Manifest {
             Manifest::Config(_) => "Config",
         }
     }
+    /// The document's `name`.
     pub fn name(&self) -> &str {
         match self {
             Manifest::Service(s) => &s.name,
@@ -48,12 +55,15 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}:{column}: {field}: {message}")]
 pub struct ManifestError {
+    /// The file the document came from (`-` for stdin).
     pub file: String,
     /// 1-based; 0 when the YAML parser gave no location.
     pub line: usize,
+    /// 1-based column; 0 when unknown.
     pub column: usize,
     /// Dotted path of the field at fault (`.` for the document itself).
     pub field: String,
+    /// What is wrong, for a user to read.
     pub message: String,
 }
 

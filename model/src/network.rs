@@ -34,9 +34,11 @@ pub const MTU_WIREGUARD: u32 = 1420;
 /// MTU inside an unencrypted network: 1500 minus VXLAN's 50 bytes.
 pub const MTU_VXLAN: u32 = 1450;
 
+/// How a network's tasks reach one another across hosts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkDriver {
+    /// An overlay between hosts: WireGuard, or VXLAN when unencrypted.
     #[default]
     Overlay,
 }
@@ -45,7 +47,9 @@ pub enum NetworkDriver {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
+    /// The network's name, unique in the cluster.
     pub name: String,
+    /// Only `overlay`.
     #[serde(default)]
     pub driver: NetworkDriver,
     /// `A.B.C.D/N` with N between 8 and 24; defaults to the next free /16 of the cluster's
@@ -59,6 +63,7 @@ pub struct NetworkSpec {
     /// route to the hosts or beyond, and the embedded DNS answers only service names.
     #[serde(default, skip_serializing_if = "is_false")]
     pub internal: bool,
+    /// Free-form labels, for the user.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
@@ -72,6 +77,7 @@ fn yes() -> bool {
 }
 
 impl NetworkSpec {
+    /// Checks the name, subnet shape and labels.
     pub fn validate(&self) -> Result<(), ValidationError> {
         crate::spec::validate_name("name", &self.name)?;
         if self.name.len() > 40 {
@@ -115,7 +121,9 @@ pub fn parse_subnet(s: &str) -> Result<Ipv4Net, String> {
 /// A network in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
+    /// Generated on creation.
     pub id: String,
+    /// The spec as declared.
     pub spec: NetworkSpec,
     /// The subnet in force (the spec's, or the one drawn from the pool).
     pub subnet: Ipv4Net,
@@ -127,7 +135,9 @@ pub struct Network {
     /// Node id → last host offset handed out in its slice (the allocation cursor).
     #[serde(default)]
     pub cursors: BTreeMap<String, u32>,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
+    /// Raft index of its last write.
     pub version: u64,
 }
 
@@ -137,6 +147,7 @@ impl Network {
         slice_prefix(self.subnet)
     }
 
+    /// How many slices the subnet holds.
     pub fn slice_count(&self) -> u32 {
         1u32 << (self.slice_prefix() - self.subnet.prefix_len())
     }
@@ -158,6 +169,7 @@ impl Network {
         Ipv4Addr::from(u32::from(slice.network()) + 1)
     }
 
+    /// The MTU of the network's interfaces: the underlay's less the tunnel's overhead.
     pub fn mtu(&self) -> u32 {
         if self.spec.encrypted {
             MTU_WIREGUARD
@@ -215,6 +227,7 @@ impl Network {
     }
 }
 
+/// Prefix length of one slice of `subnet`: 256 slices where it allows, never smaller than a /28.
 pub fn slice_prefix(subnet: Ipv4Net) -> u8 {
     (subnet.prefix_len() + 8).clamp(24, 28)
 }
@@ -227,6 +240,7 @@ pub fn next_default_subnet(taken: &[Ipv4Net]) -> Option<Ipv4Net> {
         .find(|c| !taken.iter().any(|t| overlaps(*t, *c)))
 }
 
+/// Whether two subnets share any address.
 pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -234,7 +248,9 @@ pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
 /// One network a task is attached to, with its address there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
+    /// The network's name.
     pub network: String,
+    /// The task's address on it.
     pub address: Ipv4Addr,
 }
 
@@ -250,6 +266,7 @@ pub enum EndpointMode {
 }
 
 impl EndpointMode {
+    /// Whether the name resolves to a virtual IP.
     pub fn is_vip(&self) -> bool {
         *self == EndpointMode::Vip
     }
@@ -263,6 +280,7 @@ impl EndpointMode {
 pub struct NetworkMap {
     /// Bumped by `rctl network rotate-keys`: an agent whose key is older makes a new one.
     pub key_epoch: u64,
+    /// The networks with a task on this node, or that it serves ingress ports for.
     pub networks: Vec<NetworkView>,
     /// Every other node with a WireGuard key or an underlay address.
     pub peers: Vec<Peer>,
@@ -272,37 +290,50 @@ pub struct NetworkMap {
     pub host_ports: Vec<PublishedPort>,
 }
 
+/// One network as a node sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkView {
+    /// The network's id.
     pub id: String,
+    /// The network's name.
     pub name: String,
+    /// The whole subnet.
     pub subnet: Ipv4Net,
+    /// WireGuard (true) or VXLAN between hosts.
     pub encrypted: bool,
     /// See [`NetworkSpec::internal`].
     #[serde(default)]
     pub internal: bool,
+    /// VXLAN network identifier.
     pub vni: u32,
+    /// MTU of its interfaces.
     pub mtu: u32,
     /// This node's slice; the gateway is its first address.
     pub local_slice: Ipv4Net,
+    /// The local bridge's address in `local_slice`.
     pub gateway: Ipv4Addr,
     /// Services attached to this network and their reachable tasks.
     pub services: Vec<ServiceEndpoints>,
 }
 
+/// One service as its network's DNS and load balancing see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceEndpoints {
+    /// The service's name.
     pub name: String,
     /// The service's other names on this network (`ServiceSpec::aliases`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Its virtual IP (endpoint mode `vip`).
     pub vip: Option<Ipv4Addr>,
     /// Tasks that are running (health passed, where there is a check) and meant to run.
     pub tasks: Vec<Ipv4Addr>,
 }
 
+/// Another node, as the overlay reaches it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
+    /// The node's id.
     pub node_id: String,
     /// The node's underlay address (tunnel endpoint).
     pub underlay: Ipv4Addr,
@@ -312,15 +343,21 @@ pub struct Peer {
     pub slices: BTreeMap<String, Ipv4Net>,
 }
 
+/// A published port and where it forwards to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishedPort {
+    /// The publishing service's name.
     pub service: String,
+    /// TCP or UDP.
     pub protocol: Protocol,
+    /// The port on the nodes.
     pub published: u16,
+    /// The port on the tasks.
     pub target: u16,
     /// Network (id) the backends are on; its local gateway is the source for forwarded
     /// connections.
     pub network: String,
+    /// The tasks' addresses on `network`.
     pub backends: Vec<Ipv4Addr>,
 }
 

@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Whether a node's agent is connected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
+    /// Its agent holds a session: it can run tasks.
     Ready,
+    /// Its session ended or timed out: its tasks are orphaned.
     Down,
 }
 
@@ -26,6 +29,7 @@ pub enum Availability {
 }
 
 impl Availability {
+    /// The lowercase name, as in specs and `rctl node ls`.
     pub fn as_str(self) -> &'static str {
         match self {
             Availability::Active => "active",
@@ -53,12 +57,15 @@ impl std::str::FromStr for Availability {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeRole {
+    /// An agent only.
     #[default]
     Worker,
+    /// An agent whose host also runs a controller.
     Manager,
 }
 
 impl NodeRole {
+    /// The lowercase name, as in constraints (`node.role==manager`).
     pub fn as_str(self) -> &'static str {
         match self {
             NodeRole::Worker => "worker",
@@ -84,12 +91,14 @@ pub struct NodeResources {
 pub struct Node {
     /// Stable id the agent generated on first start and keeps in its data dir.
     pub id: String,
+    /// The host's name, as its agent reports it; constraints and `rctl` use it.
     pub hostname: String,
     /// Where the agent's own API listens (logs, exec), `ip:port`.
     pub addr: String,
     /// Operator-owned (`UpdateNode`); a re-registering agent does not overwrite them.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// From the node's certificate.
     #[serde(default)]
     pub role: NodeRole,
     /// Operator-owned, like `labels`.
@@ -98,9 +107,11 @@ pub struct Node {
     /// Reported by the agent when it registers.
     #[serde(default)]
     pub resources: NodeResources,
+    /// Whether its agent is connected.
     pub state: NodeState,
     /// Milliseconds since the epoch, stamped by the leader.
     pub updated_at: u64,
+    /// Raft index of its last write.
     pub version: u64,
     /// Set when the node was promoted: the raft id its agent is to start a controller with.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -8,17 +8,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::ValidationError;
 
+/// A published port's transport protocol.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// TCP, the default.
     #[default]
     Tcp,
+    /// UDP.
     Udp,
 }
 
 impl Protocol {
+    /// The lowercase name, as in specs and nftables rules.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -27,6 +31,7 @@ impl Protocol {
     }
 }
 
+/// How a published port is reached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortMode {
@@ -37,6 +42,7 @@ pub enum PortMode {
     Ingress,
 }
 
+/// A port a service publishes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
@@ -45,13 +51,16 @@ pub struct PortConfig {
     /// Port on the node; defaults to `target`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published: Option<u16>,
+    /// TCP unless set.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Host (only the task's node) or ingress (every node).
     #[serde(default)]
     pub mode: PortMode,
 }
 
 impl PortConfig {
+    /// The port on the node: `published`, else `target`.
     pub fn published_port(&self) -> u16 {
         self.published.unwrap_or(self.target)
     }
@@ -74,7 +83,10 @@ pub enum PortNet {
     None,
     /// Own namespace on overlay networks: host ports map to container ports, and the routing
     /// mesh is available (not with DNS round robin, which has no virtual IP to balance).
-    Overlay { dnsrr: bool },
+    Overlay {
+        /// The service resolves by DNS round robin (no virtual IP, so no routing mesh).
+        dnsrr: bool,
+    },
     /// Own namespace on the host's local bridge: host ports map to container ports.
     Bridge,
 }

@@ -49,6 +49,7 @@ use crate::update::{FailureAction, UpdateConfig, UpdateOrder, UpdateState, Updat
 /// Finished tasks kept per slot for `rctl ps` history (the live one included).
 pub const HISTORY_PER_SLOT: usize = 5;
 
+/// What one reconcile pass decides for a service.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
     /// Slots that need a new task now (replicated services).

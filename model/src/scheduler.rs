@@ -22,15 +22,29 @@ use crate::ports::{host_ports, Protocol};
 use crate::spec::{human_bytes, human_cpus, Constraint, Strategy};
 use crate::store::{Availability, Node, NodeState, Task};
 
+/// What the scheduler decides for one pending task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Assign { task_id: String, node_id: String },
-    Unplaceable { task_id: String, reason: String },
+    /// Run the task on this node.
+    Assign {
+        /// The task.
+        task_id: String,
+        /// The node chosen.
+        node_id: String,
+    },
+    /// No node fits; `reason` says which filters rejected how many nodes.
+    Unplaceable {
+        /// The task.
+        task_id: String,
+        /// Why no node fits.
+        reason: String,
+    },
 }
 
 /// A node as the filters and scores see it: the node and the load its active tasks put on it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo<'a> {
+    /// The node.
     pub node: &'a Node,
     /// Active tasks on the node, all services.
     pub tasks: usize,
@@ -47,6 +61,7 @@ pub struct NodeInfo<'a> {
 }
 
 impl<'a> NodeInfo<'a> {
+    /// A node with no load counted yet.
     pub fn new(node: &'a Node) -> Self {
         NodeInfo {
             node,
@@ -59,6 +74,7 @@ impl<'a> NodeInfo<'a> {
         }
     }
 
+    /// Active tasks of this service on the node (for spreading).
     pub fn service_tasks(&self, service_id: &str) -> usize {
         self.by_service.get(service_id).copied().unwrap_or(0)
     }
@@ -79,8 +95,11 @@ impl<'a> NodeInfo<'a> {
 /// at all (and remembers what it needs of it); `check` is then asked per node; `explain` turns the
 /// number of nodes it turned away into words.
 pub trait Filter {
+    /// Whether the filter applies to `task` (and its group); remembers what it needs of it.
     fn set_task(&mut self, task: &Task) -> bool;
+    /// Whether `node` may take the task.
     fn check(&self, node: &NodeInfo) -> bool;
+    /// Why `nodes_failed` nodes were turned away, for the task's pending message.
     fn explain(&self, nodes_failed: usize) -> String;
 }
 
@@ -306,6 +325,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The filters `t`'s spec calls for: readiness and availability, then its constraints,
+    /// resources and ports.
     pub fn for_task(t: &Task) -> Self {
         let mut all: Vec<Box<dyn Filter>> =
             vec![Box::new(ReadyFilter), Box::new(AvailabilityFilter)];

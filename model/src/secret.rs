@@ -34,17 +34,21 @@ pub const SECRETS_DIR: &str = "/run/secrets";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectKind {
+    /// A secret: its value is never shown.
     Secret,
+    /// A config: its value may be shown to an admin.
     Config,
 }
 
 impl ObjectKind {
+    /// The lowercase name, as in commands and messages.
     pub fn as_str(self) -> &'static str {
         match self {
             ObjectKind::Secret => "secret",
             ObjectKind::Config => "config",
         }
     }
+    /// The kind named `s` (`secret`, `config`).
     pub fn parse(s: &str) -> Option<ObjectKind> {
         match s {
             "secret" => Some(ObjectKind::Secret),
@@ -176,16 +180,21 @@ impl fmt::Debug for SecretText {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSpec {
+    /// The object's name, unique per kind.
     pub name: String,
+    /// Free-form labels, for the user.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The value, as written in the manifest.
     #[serde(default)]
     pub data: Option<SecretText>,
+    /// A file holding the value, relative to the manifest.
     #[serde(default)]
     pub file: Option<String>,
 }
 
 impl SecretSpec {
+    /// Checks the name, that exactly one of `data` and `file` is set, and the labels.
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate_object_name("name", &self.name)?;
         match (&self.data, &self.file) {
@@ -308,6 +317,7 @@ impl FileRef {
         }
     }
 
+    /// The file's permission bits: `mode`, else 0444.
     pub fn file_mode(&self) -> u32 {
         self.mode.unwrap_or(0o444)
     }
@@ -502,15 +512,20 @@ pub fn needs(spec: &crate::ServiceSpec) -> Vec<(ObjectKind, String, u64)> {
 /// A secret or config in the store: its versions, newest last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretObject {
+    /// Secret or config.
     pub kind: ObjectKind,
+    /// Its name, unique per kind.
     pub name: String,
+    /// Free-form labels, for the user.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// The versions still kept (see the module doc), by number.
     pub versions: BTreeMap<u64, SecretVersion>,
     /// The newest version's number (never reused, even after older ones are dropped).
     pub latest: u64,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub updated_at: u64,
     /// Raft index of the last change.
     pub version: u64,
@@ -519,34 +534,49 @@ pub struct SecretObject {
 /// One value of a secret or config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretVersion {
+    /// The value.
     pub data: SecretData,
     /// `sha256:<hex>` of the data, stamped by the proposer.
     pub digest: String,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
 }
 
 /// What `inspect` and `ls` show: everything but the values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretMeta {
+    /// Secret or config.
     pub kind: ObjectKind,
+    /// Its name.
     pub name: String,
+    /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The newest version's number.
     pub latest: u64,
+    /// Milliseconds since the epoch.
     pub created_at: u64,
+    /// Milliseconds since the epoch.
     pub updated_at: u64,
+    /// The versions kept, oldest first.
     pub versions: Vec<VersionMeta>,
 }
 
+/// One version, without its value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionMeta {
+    /// Its number.
     pub version: u64,
+    /// The value's size in bytes.
     pub size: u64,
+    /// `sha256:<hex>` of the value.
     pub digest: String,
+    /// Milliseconds since the epoch.
     pub created_at: u64,
 }
 
 impl SecretObject {
+    /// Everything but the values, for `inspect` and `ls`.
     pub fn meta(&self) -> SecretMeta {
         SecretMeta {
             kind: self.kind,

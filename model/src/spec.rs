@@ -16,6 +16,7 @@ use crate::ValidationError;
 pub struct ServiceSpec {
     /// Unique name; also the DNS name later. `[a-z0-9][a-z0-9-]*`, at most 63 characters.
     pub name: String,
+    /// Free-form labels, for the user.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Desired copies for replicated services. Defaults to 1.
@@ -37,12 +38,14 @@ pub struct ServiceSpec {
     /// Environment, merged over the image's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The working directory; the image's when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workdir: Option<String>,
     /// `user[:group]` inside the container, each a name (looked up in the container's
     /// /etc/passwd and /etc/group) or a number, as Docker's `--user`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The container's hostname; the task id's first 12 characters when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// `bridge` (the default) puts the container on the host's local bridge; `host` shares the
@@ -54,6 +57,7 @@ pub struct ServiceSpec {
     /// Seconds between SIGTERM and SIGKILL when the task stops.
     #[serde(default = "default_grace")]
     pub stop_grace_period: u64,
+    /// When and how a finished task is replaced.
     #[serde(default)]
     pub restart: RestartPolicy,
     /// `replicated` (`replicas` copies) or `global` (one task per eligible node; `replicas` is
@@ -134,6 +138,7 @@ fn default_grace() -> u64 {
 pub enum NetworkMode {
     /// The host's own network namespace.
     Host,
+    /// Loopback only.
     None,
     /// Own namespace on the host's local bridge (`rdr0`): an address from the host's bridge
     /// subnet, outbound NAT, and host-mode published ports mapped to container ports. The
@@ -200,6 +205,7 @@ impl<'de> Deserialize<'de> for NetworkMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartPolicy {
+    /// Which endings are followed by a replacement.
     #[serde(default)]
     pub condition: RestartCondition,
     /// Wait after a task ends before its replacement starts, for the first of a run of crashes.
@@ -268,18 +274,24 @@ impl RestartPolicy {
     }
 }
 
+/// Which task endings are followed by a replacement.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartCondition {
+    /// Never: a finished task stays finished.
     None,
+    /// Only when it failed (exited non-zero, or could not start).
     OnFailure,
+    /// Always, the default (a service is meant to keep running).
     #[default]
     Any,
 }
 
+/// How many tasks a service has.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
+    /// `replicas` tasks, the default.
     #[default]
     Replicated,
     /// One task per node that passes the filters, following nodes as they join and leave.
@@ -296,8 +308,10 @@ impl ServiceMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// What the scheduler sets aside on a node for each task.
     #[serde(default)]
     pub reservations: Reservations,
+    /// What each task may use at most (cgroup limits).
     #[serde(default)]
     pub limits: Limits,
 }
@@ -355,6 +369,7 @@ pub struct Placement {
     /// At most this many active tasks of the service on one node; 0 means no limit.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_replicas_per_node: u64,
+    /// How nodes that pass the filters are scored.
     #[serde(default, skip_serializing_if = "Strategy::is_spread")]
     pub strategy: Strategy,
 }
@@ -365,6 +380,7 @@ impl Placement {
     }
 }
 
+/// A placement preference: spread tasks evenly over a node label's values.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Preference {
@@ -400,23 +416,33 @@ impl Strategy {
 /// one is refused with its field (`placement.constraints[i]`) and never reaches the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Constraint {
+    /// What the constraint looks at.
     pub key: ConstraintKey,
+    /// Equal or not equal.
     pub op: ConstraintOp,
+    /// The value compared with.
     pub value: String,
 }
 
+/// The node attribute a constraint compares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConstraintKey {
+    /// `node.id`.
     NodeId,
+    /// `node.hostname`.
     Hostname,
     /// `worker` or `manager`.
     Role,
+    /// `node.labels.<name>`.
     Label(String),
 }
 
+/// A constraint's comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConstraintOp {
+    /// `==`.
     Eq,
+    /// `!=`.
     Ne,
 }
 
@@ -947,8 +973,10 @@ impl ServiceSpec {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Logging {
+    /// Bytes before the log rotates; 0: the default.
     #[serde(default, with = "bytes", skip_serializing_if = "is_zero")]
     pub max_size: u64,
+    /// Files kept; 0: the default.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub max_file: u32,
 }
@@ -958,6 +986,7 @@ fn is_zero_u32(v: &u32) -> bool {
 }
 
 impl Logging {
+    /// Whether nothing is set (the shim's defaults apply).
     pub fn is_default(&self) -> bool {
         *self == Logging::default()
     }

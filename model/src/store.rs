@@ -34,19 +34,26 @@ pub fn identity_key(role: &str, cn: &str) -> String {
 pub struct Revocation {
     /// Milliseconds since the epoch, stamped by the leader.
     pub at: u64,
+    /// Why, as the admin gave it.
     pub reason: String,
 }
 
+/// A service: its spec and what the system keeps about its rollouts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
+    /// Generated on creation; tasks refer to it.
     pub id: String,
+    /// The spec in force.
     pub spec: ServiceSpec,
     /// Raft index at which the spec last changed in a way that affects tasks (see
     /// `ServiceSpec::same_task_spec`), by `PutService` or `Rollback`. It names the current
     /// rollout: tasks created during it carry the same `spec_version`.
     pub spec_version: u64,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub updated_at: u64,
+    /// Raft index of its last write.
     pub version: u64,
     /// System-owned: the spec in force before the latest task-affecting change, which a
     /// rollback returns to (and which then becomes the spec rolled back from).
@@ -64,14 +71,18 @@ pub struct Service {
 /// What an agent last reported about a task (or what the controller concluded for it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskStatus {
+    /// The state reached.
     pub state: TaskState,
     /// Human-readable progress or reason (e.g. why a task is pending or rejected).
     #[serde(default)]
     pub message: String,
+    /// Why the task failed or was rejected, if it did.
     #[serde(default)]
     pub error: String,
+    /// The runtime's container id, once there is one.
     #[serde(default)]
     pub container_id: String,
+    /// The container's exit code, once it exited.
     #[serde(default)]
     pub exit_code: Option<i32>,
     /// Milliseconds since the epoch when this state was reached.
@@ -81,21 +92,28 @@ pub struct TaskStatus {
 /// One replica slot's attempt on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
+    /// Generated on creation.
     pub id: String,
+    /// The service it belongs to.
     pub service_id: String,
+    /// The service's name, kept for display after the service is gone.
     pub service_name: String,
     /// Replica slot, 1-based; a restarted or updated replica keeps its slot. 0 for tasks of
     /// global services, whose identity is `target_node` instead.
     pub slot: u64,
     /// Frozen copy of the spec this task was created from.
     pub spec: ServiceSpec,
+    /// The service's `spec_version` when the task was created: the rollout it belongs to.
     pub spec_version: u64,
+    /// The node it is placed on; `None` while pending.
     pub node_id: Option<String>,
     /// Global services only: the node this task exists for. The scheduler considers no other
     /// node, and the reconciler groups a global service's tasks by it (as slots do elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node: Option<String>,
+    /// What the controller wants: `running`, or `shutdown` to stop it.
     pub desired_state: TaskState,
+    /// What its agent last reported.
     pub status: TaskStatus,
     /// When the task first reported `running` (its node's timestamp): the start of its rollout
     /// monitor window. Kept after the task ends, to tell an early failure from a late one.
@@ -104,7 +122,9 @@ pub struct Task {
     /// The task's address on each of its spec's networks, given when it is assigned a node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<crate::network::Attachment>,
+    /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
+    /// Raft index of its last write.
     pub version: u64,
 }
 
@@ -143,25 +163,33 @@ impl Task {
 /// A manifest in the cluster registry, by repository and reference (tag or digest).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
+    /// The manifest's digest.
     pub digest: String,
+    /// The manifest's media type, as it was pushed.
     pub media_type: String,
 }
 
 /// Observed-state report for one task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusUpdate {
+    /// The task reported on.
     pub task_id: String,
     /// Only reports from the task's own node are applied.
     pub node_id: String,
+    /// The task's new status.
     pub status: TaskStatus,
 }
 
+/// A change to the store: what the raft log carries. Applying one is pure ([`Store::apply`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Create or update a service by name. `id` is used only on creation.
     PutService {
+        /// The object's id.
         id: String,
+        /// The spec as given.
         spec: Box<ServiceSpec>,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// Swap a service's spec with its previous spec (keeping the current `replicas`) and start
@@ -169,36 +197,51 @@ pub enum Command {
     /// The reconciler sets `if_spec_version` to the rollout it judged: if the spec changed since,
     /// the command does nothing.
     Rollback {
+        /// The service's name.
         service: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
+        /// Why, for users to read.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
+        /// Apply only if the service is still at this spec version.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         if_spec_version: Option<u64>,
     },
     /// The reconciler's verdict on a rollout (paused, completed). Ignored unless the service is
     /// still at `spec_version`, so a verdict on a superseded rollout never lands on a new one.
     SetUpdateStatus {
+        /// The service's name.
         service: String,
+        /// The rollout this verdict is about.
         spec_version: u64,
+        /// The rollout's new status.
         status: UpdateStatus,
     },
     /// Remove a service; its tasks are asked to shut down and are reaped once stopped.
     RemoveService {
+        /// The object's name.
         name: String,
     },
     /// Register or refresh a node, marking it ready. Hostname, address, role and resources are
     /// the agent's to report and always replace the stored ones; `labels` are used only when the
     /// node is new (afterwards labels and availability belong to the operator: `UpdateNode`).
     PutNode {
+        /// The object's id.
         id: String,
+        /// The host's name, as its agent reports it.
         hostname: String,
+        /// The agent API's address, `ip:port`.
         addr: String,
+        /// Labels (see the variant for who owns them).
         labels: BTreeMap<String, String>,
+        /// The role from the node's certificate.
         #[serde(default)]
         role: NodeRole,
+        /// Capacity the agent reports.
         #[serde(default)]
         resources: NodeResources,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
         /// Expiry of the certificate the node's session presented (ms), 0 if unknown.
         #[serde(default)]
@@ -206,82 +249,119 @@ pub enum Command {
     },
     /// Operator changes to a node: availability, and labels removed then added.
     UpdateNode {
+        /// The object's id.
         id: String,
+        /// The new availability, if it changes.
         #[serde(default)]
         availability: Option<Availability>,
+        /// Labels to set.
         #[serde(default)]
         labels_add: BTreeMap<String, String>,
+        /// Label keys to remove (before `labels_add` is applied).
         #[serde(default)]
         labels_rm: Vec<String>,
     },
     /// Promote (`Some(raft id)`) a node: its agent starts a controller that joins the group.
     SetNodeController {
+        /// The object's id.
         id: String,
+        /// The raft id its controller starts with.
         raft_id: Option<u64>,
     },
     /// Node went down: its unfinished tasks become orphaned.
     NodeDown {
+        /// The object's id.
         id: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// `rctl node rm`: the node leaves the cluster for good. Its identity is revoked, its
     /// unfinished tasks are orphaned (and replaced elsewhere), its network slices and volume
     /// copies are forgotten.
     RemoveNode {
+        /// The object's id.
         id: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// A join token admitted identity `id` of `role` (before its certificate is issued).
     Admit {
+        /// The role the token admitted it as.
         role: String,
+        /// The identity (CN) admitted.
         id: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// `role`'s join token was rotated: every identity it admitted that never registered (or
     /// joined the controller group) is revoked.
     RevokeAdmitted {
+        /// The role whose token was rotated.
         role: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// Revoke a certificate identity (`id` is [`identity_key`]: role and CN, so that revoking
     /// admin `x` never touches a node named `x`): every request made with it is refused from
     /// now on, and no certificate is issued for it again.
     Revoke {
+        /// The identity, as [`identity_key`] makes it.
         id: String,
+        /// Why, kept with the revocation.
         reason: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
+    /// New tasks (placed or pending), from a control-loop pass.
     CreateTasks {
+        /// The tasks to create, already placed or pending.
         tasks: Vec<Task>,
     },
+    /// Pending tasks placed by the scheduler.
     AssignTasks {
+        /// (task id, node id) pairs.
         assignments: Vec<(String, String)>,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// A pending task's reason for not being placed.
     SetPending {
+        /// The task.
         task_id: String,
+        /// Why, for users to read.
         reason: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
+    /// New desired states for tasks (shutdown to stop them).
     SetDesired {
+        /// (task id, desired state) pairs.
         updates: Vec<(String, TaskState)>,
     },
+    /// Agents' reports on their tasks.
     UpdateStatus {
+        /// The reports, applied in order.
         updates: Vec<StatusUpdate>,
     },
+    /// Finished tasks beyond the history kept.
     DeleteTasks {
+        /// The tasks' ids.
         ids: Vec<String>,
     },
     /// Records manifest `record.digest` in `repo` and, with a tag, points the tag at it.
     PutImage {
+        /// The repository.
         repo: String,
+        /// The tag to point at it, if any.
         tag: Option<String>,
+        /// The manifest's digest and media type.
         record: ImageRecord,
     },
     /// Deletes a tag, or a manifest by digest together with every tag pointing at it.
     DeleteImage {
+        /// The repository.
         repo: String,
+        /// A tag or a digest.
         reference: String,
     },
     /// Several commands in one log entry, applied in order (one proposal per control-loop pass).
@@ -289,24 +369,32 @@ pub enum Command {
     /// The cluster's CA and join tokens: written once at init (`if_absent`), replaced when a
     /// token is rotated. Values are drawn by the proposer, so applying stays pure.
     SetSecrets {
+        /// The CA and the join tokens.
         secrets: ClusterSecrets,
+        /// Only when none are set yet (init).
         #[serde(default)]
         if_absent: bool,
     },
     /// Create a network, or change an existing one's labels (its shape is fixed: tasks hold
     /// addresses in it). The subnet, when the spec has none, is drawn here from the pool.
     PutNetwork {
+        /// The object's id.
         id: String,
+        /// The spec as given.
         spec: crate::network::NetworkSpec,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// Remove a network no service uses.
     RemoveNetwork {
+        /// The object's name.
         name: String,
     },
     /// A node's agent reported its WireGuard public key.
     SetOverlayKey {
+        /// The node's id.
         node: String,
+        /// Its public key, base64.
         key: String,
     },
     /// Ask every agent for a new WireGuard key pair (`rctl network rotate-keys`).
@@ -314,16 +402,21 @@ pub enum Command {
     /// Declare a volume, or change an existing one's labels. (A service that mounts an
     /// undeclared volume declares it too, when its spec is put or rolled back to.)
     PutVolume {
+        /// The spec as given.
         spec: crate::volume::VolumeSpec,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// Remove a volume no service mounts; agents then delete their copies of its data.
     RemoveVolume {
+        /// The object's name.
         name: String,
     },
     /// The volumes whose data a node's agent holds (its report, replacing the previous one).
     SetVolumeCopies {
+        /// The node's id.
         node: String,
+        /// Names of the volumes it holds data for.
         volumes: Vec<String>,
     },
     /// Create a secret or config, or give it a new version when `data` differs from the latest
@@ -331,22 +424,31 @@ pub enum Command {
     /// version then resolves to the new version, which starts its rolling update. `digest`
     /// (`sha256:<hex>` of `data`) is stamped by the proposer.
     PutSecret {
+        /// Secret or config.
         kind: crate::secret::ObjectKind,
+        /// The object's name.
         name: String,
+        /// Labels (see the variant for who owns them).
         #[serde(default)]
         labels: BTreeMap<String, String>,
+        /// The content.
         data: crate::secret::SecretData,
+        /// `sha256:<hex>` of `data`.
         digest: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
         now: u64,
     },
     /// Remove a secret or config no service references and no unfinished task uses.
     RemoveSecret {
+        /// Secret or config.
         kind: crate::secret::ObjectKind,
+        /// The object's name.
         name: String,
     },
     /// Autolock: the cluster's unlock key (`RDRKEK-…`, drawn by the proposer) every controller
     /// wraps its keyring file with; `None` turns autolock off.
     SetUnlockKey {
+        /// The new unlock key, or `None` to turn autolock off.
         key: Option<UnlockKeyText>,
     },
 }
@@ -366,8 +468,11 @@ impl std::fmt::Debug for UnlockKeyText {
 /// agents or clients, never logged.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterSecrets {
+    /// The CA certificate, PEM.
     pub ca_cert_pem: String,
+    /// The CA's signing key, PEM.
     pub ca_key_pem: String,
+    /// The join tokens' secrets.
     pub join_tokens: JoinTokenSecrets,
 }
 
@@ -380,13 +485,16 @@ pub struct JoinTokenSecrets {
     /// The CA fingerprint the tokens pin.
     #[serde(default)]
     pub fingerprint: String,
+    /// The manager token's secret.
     #[serde(default)]
     pub manager: String,
     /// When the manager token stops admitting (seconds since the epoch); none: until rotated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager_expires: Option<u64>,
+    /// The worker token's secret.
     #[serde(default)]
     pub worker: String,
+    /// When the worker token stops admitting, as for `manager_expires`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_expires: Option<u64>,
 }
@@ -408,20 +516,25 @@ impl std::fmt::Debug for ClusterSecrets {
 /// What travels in a log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
+    /// [`COMMAND_VERSION`] when written; others are refused.
     pub v: u32,
+    /// The command.
     pub cmd: Command,
 }
 
 impl Envelope {
+    /// `cmd` in an envelope of this build's version.
     pub fn new(cmd: Command) -> Self {
         Envelope {
             v: COMMAND_VERSION,
             cmd,
         }
     }
+    /// The envelope as JSON, as the log stores it.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("commands always serialize")
     }
+    /// An envelope from the log; a version this build does not know is refused first.
     pub fn decode(bytes: &[u8]) -> Result<Envelope, ApplyError> {
         #[derive(Deserialize)]
         struct VersionOnly {
@@ -436,30 +549,68 @@ impl Envelope {
     }
 }
 
+/// Why a command could not be applied (the store is then unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
+    /// A command of a newer format (a newer controller wrote it).
     #[error(
         "store: command version {0} is not understood by this build (expected {COMMAND_VERSION})"
     )]
     UnknownVersion(u32),
+    /// A log entry that does not decode.
     #[error("store: malformed command: {0}")]
     Malformed(String),
+    /// The object named does not exist.
     #[error("store: {kind} {name:?} not found")]
-    NotFound { kind: &'static str, name: String },
+    NotFound {
+        /// What kind of object.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A rollback of a service that never changed.
     #[error("store: service {0:?} has no previous spec to roll back to")]
     NoPreviousSpec(String),
+    /// A network refused (shape, overlap, in use).
     #[error("store: network {name:?}: {message}")]
-    Network { name: String, message: String },
+    Network {
+        /// Its name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// A service refused (its spec, or what it references).
     #[error("store: service {name:?}: {message}")]
-    Service { name: String, message: String },
+    Service {
+        /// Its name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// A volume refused (in use, invalid).
     #[error("store: volume {name:?}: {message}")]
-    Volume { name: String, message: String },
+    Volume {
+        /// Its name.
+        name: String,
+        /// Why.
+        message: String,
+    },
+    /// A node refused (unknown, hostname or address taken).
     #[error("store: node {node:?}: {message}")]
-    Node { node: String, message: String },
+    Node {
+        /// The node's id.
+        node: String,
+        /// Why.
+        message: String,
+    },
+    /// A secret or config refused (in use, too large, invalid).
     #[error("store: {kind} {name:?}: {message}")]
     Secret {
+        /// What kind of object.
         kind: crate::secret::ObjectKind,
+        /// Its name.
         name: String,
+        /// Why.
         message: String,
     },
 }
@@ -472,9 +623,11 @@ pub type Map<K, V> = imbl::OrdMap<K, V>;
 /// The whole replicated state. Cheap to clone for control loops (they read a snapshot).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Store {
+    /// By node id.
     pub nodes: Map<String, Node>,
     /// By service name.
     pub services: Map<String, Service>,
+    /// By task id.
     pub tasks: Map<String, Task>,
     /// repo → reference (tag, or the manifest's own digest) → manifest. Every manifest of a
     /// repository has an entry under its digest; tags point at those.
@@ -1626,6 +1779,7 @@ impl Store {
             .collect()
     }
 
+    /// The tasks of a service (any state).
     pub fn tasks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
             .values()
@@ -1663,6 +1817,7 @@ impl Store {
         })
     }
 
+    /// The tasks placed on a node (any state).
     pub fn tasks_on<'a>(&'a self, node_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
             .values()

@@ -15,7 +15,9 @@ pub enum TaskState {
     Assigned,
     /// The agent is pulling the image and preparing the bundle.
     Preparing,
+    /// The runtime is starting the container.
     Starting,
+    /// The container runs (and, with a health check, has passed it once).
     Running,
     /// Exited with code 0.
     Complete,
@@ -30,10 +32,12 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Whether the task has ended: it never changes state again.
     pub fn is_terminal(self) -> bool {
         self >= TaskState::Complete
     }
 
+    /// The lowercase name, as shown by `rctl ps`.
     pub fn as_str(self) -> &'static str {
         match self {
             TaskState::New => "new",

@@ -20,6 +20,7 @@ pub struct UpdateConfig {
     /// Wait between batches, counted from the moment the last task of a batch reached `running`.
     #[serde(default, with = "crate::duration")]
     pub delay: u64,
+    /// Stop the old task first, or start the new one first.
     #[serde(default)]
     pub order: UpdateOrder,
     /// What happens when too many new tasks fail.
@@ -91,11 +92,14 @@ impl UpdateConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpdateOrder {
+    /// Stop the old task, then start its replacement (never more tasks than replicas).
     #[default]
     StopFirst,
+    /// Start the replacement, then stop the old task once it runs (never fewer).
     StartFirst,
 }
 
+/// What a rollout does when too many new tasks fail.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureAction {
@@ -114,6 +118,7 @@ pub enum FailureAction {
 pub struct FailureRatio(pub u32);
 
 impl FailureRatio {
+    /// The ratio in thousandths.
     pub fn per_mille(self) -> u32 {
         self.0
     }
@@ -166,6 +171,7 @@ impl<'de> Deserialize<'de> for FailureRatio {
 /// starts `Updating`), `Rollback` (`RollbackStarted`) and the reconciler (`SetUpdateStatus`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateStatus {
+    /// Where the rollout is.
     pub state: UpdateState,
     /// Why the rollout is in this state: for a pause or an automatic rollback, the failed task
     /// and its error.
@@ -173,25 +179,32 @@ pub struct UpdateStatus {
     pub message: String,
     /// Milliseconds since the epoch, stamped by the leader.
     pub started_at: u64,
+    /// When it completed, if it did (milliseconds since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<u64>,
 }
 
+/// The state of a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateState {
+    /// Replacing tasks batch by batch.
     Updating,
     /// Too many failures with `failure_action: pause`: no batch starts until a new spec is
     /// applied or the service is rolled back.
     Paused,
+    /// Every task runs the new spec.
     Completed,
     /// Going back to the previous spec, by hand (`rctl rollback`) or as a failure action.
     RollbackStarted,
+    /// A rollback that itself saw too many failures: paused.
     RollbackPaused,
+    /// Every task runs the previous spec again.
     RollbackCompleted,
 }
 
 impl UpdateState {
+    /// The snake_case name, as shown by `rctl get`.
     pub fn as_str(self) -> &'static str {
         match self {
             UpdateState::Updating => "updating",
@@ -208,10 +221,12 @@ impl UpdateState {
         matches!(self, UpdateState::Updating | UpdateState::RollbackStarted)
     }
 
+    /// Whether no batch may start until the user acts.
     pub fn is_paused(self) -> bool {
         matches!(self, UpdateState::Paused | UpdateState::RollbackPaused)
     }
 
+    /// Whether the rollout goes back to the previous spec.
     pub fn is_rollback(self) -> bool {
         matches!(
             self,

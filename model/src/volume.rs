@@ -38,6 +38,7 @@ pub enum MountType {
 }
 
 impl MountType {
+    /// The lowercase name, as written in specs.
     pub fn as_str(self) -> &'static str {
         match self {
             MountType::Volume => "volume",
@@ -188,6 +189,7 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), ValidationError> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeDriver {
+    /// A directory on each host.
     #[default]
     Local,
 }
@@ -196,9 +198,12 @@ pub enum VolumeDriver {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeSpec {
+    /// The volume's name, unique in the cluster.
     pub name: String,
+    /// Where its data lives.
     #[serde(default)]
     pub driver: VolumeDriver,
+    /// Free-form labels, for the user.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
 }
@@ -213,6 +218,7 @@ impl VolumeSpec {
         }
     }
 
+    /// Checks the name and label keys.
     pub fn validate(&self) -> Result<(), ValidationError> {
         crate::spec::validate_name("name", &self.name)?;
         for k in self.labels.keys() {
@@ -230,9 +236,11 @@ impl VolumeSpec {
 /// A volume in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
+    /// The spec as declared.
     pub spec: VolumeSpec,
     /// Milliseconds since the epoch, stamped by the leader.
     pub created_at: u64,
+    /// Raft index of its last write: bumps on every change.
     pub version: u64,
 }
 

@@ -2,7 +2,11 @@
 //! constants both ends must agree on. Conversion to domain types happens at the edges, in the
 //! crates that use them.
 #![allow(clippy::all)]
+#![warn(missing_docs)]
 
+/// The generated types and services of package `rudder.v1`: their docs are the comments in
+/// `rudder.proto`, which prost copies where it can.
+#[allow(missing_docs)]
 pub mod v1 {
     tonic::include_proto!("rudder.v1");
 }
