@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use rudder_model::spec::ServiceMode;
-use rudder_model::{Availability, Command, Task, TaskState};
+use rudder_model::{Availability, Command, TaskState};
 use rudder_proto::v1::control_server::Control;
 use rudder_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::agents::{AgentAt, AgentDialer};
 use crate::context::ApiContext;
-use crate::convert::{self, node_summary, raft_status, task_summary};
+use crate::convert::{self, node_summary, raft_status};
 use crate::resolve::{find_node, resolve_tasks};
 use crate::{new_id, now_ms};
 
@@ -23,11 +23,16 @@ use crate::{new_id, now_ms};
 /// the relays (exec, cp, commit, images, build) to their modules.
 pub struct ControlApi {
     ctx: ApiContext,
+    /// Open `WatchTasks` streams, bounded so that watchers cannot pin unbounded memory.
+    watches: crate::watch_api::Watches,
 }
 
 impl ControlApi {
     pub fn new(ctx: ApiContext) -> Self {
-        ControlApi { ctx }
+        ControlApi {
+            ctx,
+            watches: Default::default(),
+        }
     }
 }
 
@@ -140,25 +145,18 @@ impl Control for ControlApi {
         req: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
         let service = req.into_inner().service;
-        let store = self.raft.store();
-        let mut tasks: Vec<&Task> = if service.is_empty() {
-            store.tasks.values().collect()
-        } else {
-            let svc = store
-                .services
-                .get(&service)
-                .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
-            store.tasks_of(&svc.id).collect()
-        };
-        tasks.sort_by(|a, b| {
-            (&a.service_name, a.slot, std::cmp::Reverse(a.created_at)).cmp(&(
-                &b.service_name,
-                b.slot,
-                std::cmp::Reverse(b.created_at),
-            ))
-        });
-        let tasks = tasks.into_iter().map(|t| task_summary(&store, t)).collect();
+        let tasks = crate::watch_api::task_list(&self.raft.store(), &service)?;
         Ok(Response::new(ListTasksResponse { tasks }))
+    }
+
+    type WatchTasksStream = crate::watch_api::WatchTasksStream;
+
+    async fn watch_tasks(
+        &self,
+        req: Request<ListTasksRequest>,
+    ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let service = req.into_inner().service;
+        crate::watch_api::watch_tasks(&self.raft, &self.watches, service).map(Response::new)
     }
 
     async fn list_nodes(

@@ -33,6 +33,7 @@ mod slog_bridge;
 pub mod storage;
 pub use rudder_pki::tls;
 pub mod transport;
+pub mod watch_api;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -11,7 +11,10 @@
 //!    process (the same `rudder_ctl` code, so without rctl's process start) split into the TLS
 //!    connect and the exec, with a unary RPC on an open connection for scale.
 //!
-//! `RUDDER_BENCH_ONLY=memory|start|exec` runs one part (memory with 50 containers belongs to
+//! 4. `rctl run --rm busybox true` end to end in host and bridge mode, beside `podman run`,
+//!    `docker run` (where a daemon runs) and raw `runc run`/`crun run` of a prepared bundle.
+//!
+//! `RUDDER_BENCH_ONLY=memory|start|exec|run` runs one part (memory with 50 containers belongs to
 //! `start`); `RUDDER_LAB_LOGS=DIR` keeps the lab's logs.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use rudder_tests::{bin, lab_with_busybox, wait_for, LabGuard};
+use rudder_tests::{bin, busybox_rootfs, lab_with_busybox, wait_for, LabGuard};
 
 const SHIM_TARGET_KIB: u64 = 2 * 1024;
 const AGENT_TARGET_KIB: u64 = 30 * 1024;
@@ -230,9 +233,14 @@ fn running(ts: &[TaskRow]) -> Vec<&TaskRow> {
 }
 
 fn manifest(service: &str, replicas: usize) -> String {
+    manifest_in(service, replicas, "host")
+}
+
+/// `replicas` idle busybox containers in network mode `mode` (`host` or `bridge`).
+fn manifest_in(service: &str, replicas: usize, mode: &str) -> String {
     format!(
         "kind: Service\nname: {service}\nimage: busybox:latest\nstop_grace_period: 1\n\
-         command: [\"/bin/sleep\", \"1000000\"]\nreplicas: {replicas}\n"
+         network_mode: {mode}\ncommand: [\"/bin/sleep\", \"1000000\"]\nreplicas: {replicas}\n"
     )
 }
 
@@ -322,19 +330,25 @@ fn measure(lab: &LabGuard, tasks: &[TaskRow], label: &str) -> anyhow::Result<Vec
 // ---------------------------------------------------------------------------------------------
 // Parts
 
+/// Starts 50 containers in `mode`, 3 rounds; the median of "apply -> all running (polled)".
 fn start_bench(
     lab: &LabGuard,
     ctl: &Ctl,
     dir: &Path,
+    mode: &str,
     mem_rows: &mut Vec<MemRow>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Duration> {
     let mut rounds = Vec::new();
     for round in 1..=START_ROUNDS {
         let t0_wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_millis() as u64;
         let t = Instant::now();
-        lab.apply(dir, "fifty.yaml", &manifest("fifty", START_REPLICAS))?;
+        lab.apply(
+            dir,
+            "fifty.yaml",
+            &manifest_in("fifty", START_REPLICAS, mode),
+        )?;
         let applied = t.elapsed();
         let ts = wait_running(ctl, "fifty", START_REPLICAS)?;
         let polled = t.elapsed();
@@ -349,7 +363,7 @@ fn start_bench(
             recorded.as_secs_f64()
         );
         rounds.push((polled, recorded));
-        if round == START_ROUNDS {
+        if round == START_ROUNDS && mode == "host" {
             std::thread::sleep(SETTLE);
             mem_rows.extend(measure(lab, &ts, "50 idle containers")?);
         }
@@ -364,7 +378,7 @@ fn start_bench(
     seen.sort();
     rec.sort();
     println!();
-    println!("== start {START_REPLICAS} containers on 1 host (2 cores) ==");
+    println!("== start {START_REPLICAS} containers on 1 host (2 cores), network {mode} ==");
     println!(
         "{:<44} {:>8} {:>8} {:>8} {:>8}",
         "", "round 1", "round 2", "round 3", "median"
@@ -397,7 +411,7 @@ fn start_bench(
         "per container (median, polled): {:.0} ms",
         ms(seen[seen.len() / 2]) / START_REPLICAS as f64
     );
-    Ok(())
+    Ok(seen[seen.len() / 2])
 }
 
 fn timed(mut cmd: Command) -> anyhow::Result<Duration> {
@@ -514,6 +528,224 @@ fn exec_bench(lab: &LabGuard, ctl: &Ctl, task: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// One-off container end to end: `rctl run --rm IMAGE true` beside podman, docker and the raw
+// runtimes, in one sitting (the issue's anchors: podman 110 ms, docker 138 ms, runc 24 ms,
+// crun 9 ms on this machine).
+
+const RUN_ROUNDS: usize = 20;
+const RUN_WARMUP: usize = 2;
+
+/// `rounds` timings of `make()`, after `RUN_WARMUP` untimed runs; every run must exit 0.
+fn sample(rounds: usize, mut make: impl FnMut() -> Command) -> anyhow::Result<Vec<Duration>> {
+    let mut v = Vec::with_capacity(rounds);
+    for i in 0..rounds + RUN_WARMUP {
+        let d = timed(make())?;
+        if i >= RUN_WARMUP {
+            v.push(d);
+        }
+    }
+    Ok(v)
+}
+
+/// An OCI bundle at `dir` whose process is `/bin/true` from busybox, made with the runtime's
+/// own `spec` (no terminal, no network namespace so the runtime does not wait on one).
+fn raw_bundle(dir: &Path, runtime: &str, rootfs_tar: &Path) -> anyhow::Result<()> {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs)?;
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(rootfs_tar)
+        .arg("-C")
+        .arg(&rootfs)
+        .status()?;
+    if !st.success() {
+        bail!("untar busybox rootfs");
+    }
+    let st = Command::new(runtime)
+        .args(["spec", "--bundle"])
+        .arg(dir)
+        .status()?;
+    if !st.success() {
+        bail!("{runtime} spec failed");
+    }
+    let path = dir.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    spec["process"]["terminal"] = false.into();
+    spec["process"]["args"] = serde_json::json!(["/bin/true"]);
+    spec["root"]["readonly"] = true.into();
+    std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+    Ok(())
+}
+
+fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
+    let rctl = bin("rctl");
+    let mut rows: Vec<(String, Vec<Duration>, &str)> = Vec::new();
+    for mode in ["host", "bridge"] {
+        let v = sample(RUN_ROUNDS, || {
+            let mut c = Command::new(&rctl);
+            c.arg("--context").arg(&lab.lab.context_path).args([
+                "run",
+                "--rm",
+                "--network",
+                mode,
+                "busybox:latest",
+                "true",
+            ]);
+            c
+        })?;
+        let target = if mode == "host" {
+            "<= 60 ms"
+        } else {
+            "<= 70 ms"
+        };
+        rows.push((
+            format!("rctl run --rm --network {mode} busybox true"),
+            v,
+            target,
+        ));
+    }
+
+    let tar = dir.join("busybox-rootfs.tar");
+    if !tar.exists() {
+        busybox_rootfs(&tar)?;
+    }
+    // Raw runtimes on a prepared bundle: the floor under any engine.
+    for runtime in ["runc", "crun"] {
+        let Ok(path) = which(runtime) else {
+            println!("{runtime}: not installed, skipped");
+            continue;
+        };
+        let bundle = dir.join(format!("bundle-{runtime}"));
+        raw_bundle(&bundle, &path, &tar)?;
+        let root = dir.join(format!("root-{runtime}"));
+        let mut n = 0u32;
+        let mut make = || {
+            n += 1;
+            let mut c = Command::new(&path);
+            c.arg("--root").arg(&root);
+            if runtime == "crun" {
+                // Debian's crun refuses this hybrid cgroup host unless it manages none.
+                c.arg("--cgroup-manager=disabled");
+            }
+            c.args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(format!("bench-{runtime}-{n}"));
+            c
+        };
+        match timed(make()) {
+            Ok(_) => rows.push((
+                format!("{runtime} run (prepared bundle, no engine)"),
+                sample(RUN_ROUNDS, make)?,
+                "",
+            )),
+            Err(e) => println!("{runtime} run: does not work on this host: {e}"),
+        }
+    }
+    // The engines users compare with, on the same image, with no network (their fastest).
+    for engine in ["podman", "docker"] {
+        let Ok(path) = which(engine) else {
+            println!("{engine}: not installed, skipped");
+            continue;
+        };
+        let image = format!("localhost/rudder-bench-busybox:{}", std::process::id());
+        let st = Command::new(&path)
+            .args(["import", "-q"])
+            .arg(&tar)
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !st.status.success() {
+            println!(
+                "{engine}: cannot import an image here, skipped: {}",
+                String::from_utf8_lossy(&st.stderr).trim()
+            );
+            continue;
+        }
+        let make = || {
+            let mut c = Command::new(&path);
+            c.args(["run", "--rm", "--network", "none"]);
+            if engine == "podman" {
+                // podman's default crun fails on this host's RLIMIT_NOFILE: runc, explicit limit.
+                c.args(["--runtime", "runc", "--ulimit", "nofile=1024:1024"]);
+            }
+            c.args([image.as_str(), "true"]);
+            c
+        };
+        let res = sample(RUN_ROUNDS, make);
+        let _ = Command::new(&path)
+            .args(["rmi", "-f", &image])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match res {
+            Ok(v) => rows.push((
+                format!("{engine} run --rm --network none busybox true"),
+                v,
+                "",
+            )),
+            Err(e) => println!("{engine}: failed here, skipped: {e}"),
+        }
+    }
+
+    println!();
+    println!(
+        "== one-off container end to end ({RUN_ROUNDS} runs each, after {RUN_WARMUP} warm-up) =="
+    );
+    println!(
+        "{:<52} {:>9} {:>9} {:>9}  {}",
+        "", "median", "p90", "min", "target"
+    );
+    for (name, v, target) in &rows {
+        let (med, p90, min) = stats(v);
+        println!(
+            "{:<52} {:>6.1} ms {:>6.1} ms {:>6.1} ms  {}",
+            name,
+            ms(med),
+            ms(p90),
+            ms(min),
+            target
+        );
+    }
+    let median_of = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.0.starts_with(prefix))
+            .map(|r| stats(&r.1).0)
+    };
+    if let (Some(r), Some(p)) = (
+        median_of("rctl run --rm --network host"),
+        median_of("podman"),
+    ) {
+        println!(
+            "rudder (host) / podman: {:.2}x",
+            r.as_secs_f64() / p.as_secs_f64()
+        );
+    }
+    if let (Some(r), Some(p)) = (
+        median_of("rctl run --rm --network bridge"),
+        median_of("podman"),
+    ) {
+        println!(
+            "rudder (bridge) / podman: {:.2}x",
+            r.as_secs_f64() / p.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The path of `prog` on $PATH.
+fn which(prog: &str) -> anyhow::Result<String> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {prog}")])
+        .output()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || p.is_empty() {
+        bail!("{prog} not found");
+    }
+    Ok(p)
+}
+
 fn main() -> anyhow::Result<()> {
     // `cargo bench` passes --bench; `cargo test --benches` would run us with no flag: skip then.
     if !std::env::args().any(|a| a == "--bench") {
@@ -550,7 +782,18 @@ fn main() -> anyhow::Result<()> {
         remove(&lab, &ctl, "idle")?;
     }
     if part("start") {
-        start_bench(&lab, &ctl, &dir, &mut mem_rows)?;
+        let host = start_bench(&lab, &ctl, &dir, "host", &mut mem_rows)?;
+        let bridge = start_bench(&lab, &ctl, &dir, "bridge", &mut mem_rows)?;
+        println!(
+            "\n50 to running, medians: host {:.2} s, bridge {:.2} s: bridge/host {:.2}x \
+             (target <= 1.10x)",
+            host.as_secs_f64(),
+            bridge.as_secs_f64(),
+            bridge.as_secs_f64() / host.as_secs_f64()
+        );
+    }
+    if part("run") {
+        run_bench(&lab, &dir)?;
     }
     if !mem_rows.is_empty() {
         print_mem(&mem_rows);

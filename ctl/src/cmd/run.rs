@@ -8,7 +8,12 @@ use std::time::Duration;
 
 use rudder_model::spec::{RestartCondition, ServiceSpec};
 use rudder_model::TaskState;
-use rudder_proto::v1::{ApplyRequest, LogsRequest, RemoveServiceRequest};
+use rudder_proto::v1::{
+    ApplyRequest, ListTasksRequest, ListTasksResponse, LogsRequest, RemoveServiceRequest,
+    TaskSummary,
+};
+
+use crate::Client;
 
 use crate::context::Context;
 
@@ -56,6 +61,8 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
     let spec: ServiceSpec = serde_json::from_value(spec)?;
     debug_assert_eq!(spec.restart.condition, RestartCondition::None);
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // One connection for the whole run: apply, the task watch, the logs and the removal
+    // share it (each new mutual-TLS connection costs a handshake and a credentials read).
     let mut client = crate::connect(ctx).await?;
     client
         .apply(ApplyRequest {
@@ -65,7 +72,7 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
         .await
         .map_err(crate::status_err)?;
 
-    let result = follow(ctx, &name).await;
+    let result = follow(&mut client, &name).await;
     if a.rm {
         let _ = client
             .remove_service(RemoveServiceRequest { name: name.clone() })
@@ -74,16 +81,62 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
     result
 }
 
+/// The newest task of a service, as committed changes arrive (`WatchTasks`: no polling).
+struct TaskWatch {
+    service: String,
+    stream: tonic::Streaming<ListTasksResponse>,
+}
+
+impl TaskWatch {
+    async fn start(client: &mut Client, service: &str) -> anyhow::Result<TaskWatch> {
+        let stream = client
+            .watch_tasks(ListTasksRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(crate::status_err)?
+            .into_inner();
+        Ok(TaskWatch {
+            service: service.to_string(),
+            stream,
+        })
+    }
+
+    /// The service's newest task once `until` holds for its state (or it is terminal).
+    async fn until(
+        &mut self,
+        until: impl Fn(TaskState) -> bool,
+        timeout: Duration,
+    ) -> anyhow::Result<TaskSummary> {
+        let mut newest: Option<TaskSummary> = None;
+        let wait = async {
+            while let Some(list) = self.stream.message().await.map_err(crate::status_err)? {
+                if let Some(t) = list.tasks.into_iter().max_by_key(|t| t.timestamp_ms) {
+                    let state: Option<TaskState> = t.state.parse().ok();
+                    if state.is_some_and(|s| until(s) || s.is_terminal()) {
+                        return Ok(t);
+                    }
+                    newest = Some(t);
+                }
+            }
+            anyhow::bail!("{}: the service was removed", self.service)
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => match &newest {
+                Some(t) => anyhow::bail!("{}: still {} ({})", t.name, t.state, t.message),
+                None => anyhow::bail!("{}: no task was created", self.service),
+            },
+        }
+    }
+}
+
 /// Waits for the task to start, streams its output, then returns its exit code.
-async fn follow(ctx: &Context, name: &str) -> anyhow::Result<i32> {
-    let mut client = crate::connect(ctx).await?;
-    let started = wait_task(
-        ctx,
-        name,
-        |s| s >= TaskState::Running,
-        Duration::from_secs(120),
-    )
-    .await?;
+async fn follow(client: &mut Client, name: &str) -> anyhow::Result<i32> {
+    let mut watch = TaskWatch::start(client, name).await?;
+    let started = watch
+        .until(|s| s >= TaskState::Running, Duration::from_secs(120))
+        .await?;
     if started.state == TaskState::Rejected.to_string() {
         anyhow::bail!(
             "{}: rejected: {} {}",
@@ -111,7 +164,17 @@ async fn follow(ctx: &Context, name: &str) -> anyhow::Result<i32> {
         out.write_all(&chunk.data)?;
         out.flush()?;
     }
-    let done = wait_task(ctx, name, |s| s.is_terminal(), Duration::from_secs(30)).await?;
+    let done = if started
+        .state
+        .parse::<TaskState>()
+        .is_ok_and(|s| s.is_terminal())
+    {
+        started
+    } else {
+        watch
+            .until(|s| s.is_terminal(), Duration::from_secs(30))
+            .await?
+    };
     if done.state == TaskState::Failed.to_string() && !done.has_exit_code {
         anyhow::bail!("{}: {} {}", done.name, done.message, done.error);
     }
@@ -120,32 +183,6 @@ async fn follow(ctx: &Context, name: &str) -> anyhow::Result<i32> {
     } else {
         0
     })
-}
-
-/// The service's newest task once `until` holds for its state.
-async fn wait_task(
-    ctx: &Context,
-    service: &str,
-    until: impl Fn(TaskState) -> bool,
-    timeout: Duration,
-) -> anyhow::Result<rudder_proto::v1::TaskSummary> {
-    let mut client = crate::connect(ctx).await?;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let tasks = crate::tasks(&mut client, service).await?;
-        if let Some(t) = tasks.into_iter().max_by_key(|t| t.timestamp_ms) {
-            let state: Option<TaskState> = t.state.parse().ok();
-            if state.is_some_and(|s| until(s) || s.is_terminal()) {
-                return Ok(t);
-            }
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!("{}: still {} ({})", t.name, t.state, t.message);
-            }
-        } else if std::time::Instant::now() > deadline {
-            anyhow::bail!("{service}: no task was created");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn rand_suffix() -> u32 {
