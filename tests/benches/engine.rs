@@ -694,8 +694,8 @@ fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
         "== one-off container end to end ({RUN_ROUNDS} runs each, after {RUN_WARMUP} warm-up) =="
     );
     println!(
-        "{:<52} {:>9} {:>9} {:>9}  {}",
-        "", "median", "p90", "min", "target"
+        "{:<52} {:>9} {:>9} {:>9}  target",
+        "", "median", "p90", "min"
     );
     for (name, v, target) in &rows {
         let (med, p90, min) = stats(v);

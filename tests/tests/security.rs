@@ -117,6 +117,24 @@ fn roles_tokens_and_foreign_certificates_are_refused() -> anyhow::Result<()> {
     let err = rctl_with(&agent_ctx, &["cluster", "join-token", "manager"])
         .expect_err("worker cert asking for tokens");
     assert!(err.contains("admin"), "{err}");
+    // The streaming task watch (what `rctl run` waits on) is Control too: refused the same.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let watch = rt.block_on(async {
+        let ctx = rudder_ctl::context::load(&agent_ctx)?;
+        let mut c = rudder_ctl::connect(&ctx).await?;
+        anyhow::Ok(
+            c.watch_tasks(rudder_proto::v1::ListTasksRequest {
+                service: String::new(),
+            })
+            .await,
+        )
+    })?;
+    let Err(err) = watch else {
+        panic!("a worker certificate opened a task watch");
+    };
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
     // A controller joining with a worker token gets no certificate at all: controller names
     // (`controller-<raft id>`) are for manager tokens only (and raft would refuse a worker).
