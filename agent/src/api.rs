@@ -18,6 +18,9 @@ use rudder_proto::v1::{LogChunk, TaskLogsRequest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tonic::{Request, Response, Status};
 
+use crate::exec::AccessError;
+use crate::shim::ContainerDir;
+
 pub struct AgentApiImpl {
     pub containers: PathBuf,
     /// Exec, cp and inspect (`exec`, `copy`).
@@ -65,7 +68,24 @@ pub fn tail_offset(file: &mut std::fs::File, n: u32) -> std::io::Result<u64> {
 }
 
 fn exited(dir: &Path) -> bool {
-    dir.join("exit").exists()
+    ContainerDir::new(dir).has_exited()
+}
+
+/// Why a container cannot be reached, as the caller should read it.
+impl From<AccessError> for Status {
+    fn from(e: AccessError) -> Status {
+        use AccessError as E;
+        match e {
+            E::BadId | E::NoStart | E::NoCommand | E::UserTooLong | E::User(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            E::NoContainer(_) | E::NotRunning(_) | E::Pause { .. } | E::Resume { .. } => {
+                Status::failed_precondition(e.to_string())
+            }
+            E::Input(m) => Status::aborted(m),
+            E::Internal { .. } | E::Start { .. } => Status::internal(e.to_string()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -118,7 +138,7 @@ impl AgentApi for AgentApiImpl {
         &self,
         req: Request<tonic::Streaming<rudder_proto::v1::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        crate::exec::exec(&self.access, req.into_inner()).await
+        Ok(crate::exec::exec(&self.access, req.into_inner()).await?)
     }
 
     async fn copy_from(
@@ -144,6 +164,7 @@ impl AgentApi for AgentApiImpl {
         self.access
             .info(&req.into_inner().task_id)
             .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn task_logs(
@@ -160,7 +181,7 @@ impl AgentApi for AgentApiImpl {
             return Err(Status::invalid_argument("bad task id"));
         }
         let dir = self.containers.join(&id);
-        let path = dir.join("log");
+        let path = ContainerDir::new(&dir).log();
         let start = if tail > 0 {
             let p = path.clone();
             tokio::task::spawn_blocking(move || {

@@ -35,25 +35,8 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> BundleError {
     move |err| BundleError::Io { op, err }
 }
 
-/// Paths of one container's directory.
-pub struct ContainerDir {
-    pub dir: PathBuf,
-}
-
-impl ContainerDir {
-    pub fn bundle(&self) -> PathBuf {
-        self.dir.join("bundle")
-    }
-    pub fn rootfs(&self) -> PathBuf {
-        self.dir.join("bundle").join("rootfs")
-    }
-    pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
-    }
-    pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
-    }
-}
+/// One container's directory: the shim crate's type, which owns every file name in it.
+pub use crate::shim::ContainerDir;
 
 /// Mounts overlayfs: `layers` bottom first (overlay wants the top first), plus upper/work.
 pub fn mount_rootfs(c: &ContainerDir, layers: &[PathBuf]) -> Result<(), BundleError> {
@@ -227,90 +210,137 @@ pub fn write_config(
         .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
 
-    let process = ProcessBuilder::default()
-        .terminal(false)
-        .args(argv)
-        .env(
-            env.into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>(),
-        )
-        .cwd(cwd)
-        .user(
-            UserBuilder::default()
-                .uid(user.uid)
-                .gid(user.gid)
-                .additional_gids(user.additional_gids(&[]))
-                .build()
-                .map_err(|e| BundleError::Spec(e.to_string()))?,
-        )
-        .capabilities(capabilities())
-        .no_new_privileges(true)
-        .build()
-        .map_err(|e| BundleError::Spec(e.to_string()))?;
-
-    let mut spec = Spec::default();
-    let defaults = spec.linux().clone().unwrap_or_default();
-    let namespaces = namespaces(
-        &defaults,
-        netns,
-        s.network_mode == NetworkMode::Host && netns.is_none(),
-    );
-    let mut linux = LinuxBuilder::default()
-        .namespaces(namespaces)
-        .cgroups_path(PathBuf::from(format!(
+    let etc = match netns {
+        // The agent wrote these for the task's networks: the embedded DNS, and its address.
+        Some(_) => c
+            .etc_files()
+            .into_iter()
+            .filter(|(_, src)| src.exists())
+            .collect(),
+        None => Vec::new(),
+    };
+    let options = SpecOptions {
+        argv,
+        env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd,
+        user: &user,
+        no_new_privileges: true,
+        hostname,
+        rootfs: &c.rootfs(),
+        cgroups_path: PathBuf::from(format!(
             "{}/{}",
             cgroup_parent.trim_end_matches('/'),
             task.id
-        )))
+        )),
+        netns,
+        host_network: s.network_mode == NetworkMode::Host && netns.is_none(),
+        limits: &s.resources.limits,
+        seccomp: crate::seccomp::for_task(&s.security_opt),
+        etc,
+        etc_readonly: false,
+        mounts: task_mounts,
+    };
+    // Private: it holds the task's env.
+    write_spec(&c.config(), &spec(&options)?)
+}
+
+/// What makes a container's OCI spec: the one builder for tasks' containers and build steps'.
+pub struct SpecOptions<'a> {
+    pub argv: Vec<String>,
+    /// `KEY=value`.
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: &'a crate::user::ExecUser,
+    /// Tasks: set (setuid programs gain nothing). Build steps: not, as docker builds (a RUN
+    /// may use sudo or su).
+    pub no_new_privileges: bool,
+    pub hostname: String,
+    /// The root filesystem (resolved here: runc refuses a rootfs that is a symlink).
+    pub rootfs: &'a Path,
+    pub cgroups_path: PathBuf,
+    /// The network namespace the agent prepared; `None` and not `host_network`: one of its own.
+    pub netns: Option<&'a Path>,
+    pub host_network: bool,
+    pub limits: &'a rudder_model::spec::Limits,
+    pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    /// Files bind-mounted at `/etc/<name>` (resolv.conf, hosts), read-only when
+    /// `etc_readonly`; after the runtime's default mounts.
+    pub etc: Vec<(&'static str, PathBuf)>,
+    pub etc_readonly: bool,
+    /// The container's own mounts, last, so a user's mount wins.
+    pub mounts: &'a [oci_spec::runtime::Mount],
+}
+
+/// The OCI spec of a container: the runtime's defaults (namespaces, masked and read-only
+/// paths, default mounts), Docker's default capabilities, and `o`.
+pub fn spec(o: &SpecOptions<'_>) -> Result<Spec, BundleError> {
+    let spec_err = |e: oci_spec::OciSpecError| BundleError::Spec(e.to_string());
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(o.argv.clone())
+        .env(o.env.clone())
+        .cwd(o.cwd.clone())
+        .user(
+            UserBuilder::default()
+                .uid(o.user.uid)
+                .gid(o.user.gid)
+                .additional_gids(o.user.additional_gids(&[]))
+                .build()
+                .map_err(spec_err)?,
+        )
+        .capabilities(capabilities())
+        .no_new_privileges(o.no_new_privileges)
+        .build()
+        .map_err(spec_err)?;
+    let mut spec = Spec::default();
+    let defaults = spec.linux().clone().unwrap_or_default();
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces(&defaults, o.netns, o.host_network))
+        .cgroups_path(o.cgroups_path.clone())
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
         .resources(limits(
-            &s.resources.limits,
+            o.limits,
             defaults.resources().clone().unwrap_or_default(),
         )?)
         .build()
-        .map_err(|e| BundleError::Spec(e.to_string()))?;
-    linux.set_seccomp(crate::seccomp::for_task(&s.security_opt));
-    if netns.is_some() {
-        // The agent wrote these for the task's networks: the embedded DNS, and its address.
-        let mut mounts = spec.mounts().clone().unwrap_or_default();
-        for name in ["resolv.conf", "hosts"] {
-            let src = c.dir.join(name);
-            if src.exists() {
-                mounts.push(
-                    oci_spec::runtime::MountBuilder::default()
-                        .destination(format!("/etc/{name}"))
-                        .typ("bind")
-                        .source(src)
-                        .options(vec!["rbind".to_string(), "rprivate".to_string()])
-                        .build()
-                        .map_err(|e| BundleError::Spec(e.to_string()))?,
-                );
-            }
-        }
-        spec.set_mounts(Some(mounts));
+        .map_err(spec_err)?;
+    linux.set_seccomp(o.seccomp.clone());
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+    if o.etc_readonly {
+        options.push("ro".into());
     }
-    if !task_mounts.is_empty() {
-        let mut all = spec.mounts().clone().unwrap_or_default();
-        all.extend(task_mounts.iter().cloned());
-        spec.set_mounts(Some(all));
+    for (name, src) in &o.etc {
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(format!("/etc/{name}"))
+                .typ("bind")
+                .source(src)
+                .options(options.clone())
+                .build()
+                .map_err(spec_err)?,
+        );
     }
-    spec.set_hostname(Some(hostname))
+    mounts.extend(o.mounts.iter().cloned());
+    spec.set_mounts(Some(mounts))
+        .set_hostname(Some(o.hostname.clone()))
         .set_process(Some(process))
         .set_linux(Some(linux))
         .set_root(Some(
             RootBuilder::default()
-                // runc refuses a rootfs that is a symlink: give the resolved absolute path.
-                .path(c.rootfs().canonicalize().map_err(io("resolve rootfs"))?)
+                .path(o.rootfs.canonicalize().map_err(io("resolve rootfs"))?)
                 .readonly(false)
                 .build()
-                .map_err(|e| BundleError::Spec(e.to_string()))?,
+                .map_err(spec_err)?,
         ));
-    // Private: it holds the task's env.
-    let json = serde_json::to_vec(&spec).map_err(|e| BundleError::Spec(e.to_string()))?;
-    crate::datadir::write_private(&c.bundle().join("config.json"), &json)
-        .map_err(io("write config.json"))
+    Ok(spec)
+}
+
+/// Writes `spec` as `path` (a bundle's config.json), private: it holds the container's env.
+pub fn write_spec(path: &Path, spec: &Spec) -> Result<(), BundleError> {
+    let json = serde_json::to_vec(spec).map_err(|e| BundleError::Spec(e.to_string()))?;
+    crate::datadir::write_private(path, &json).map_err(io("write config.json"))
 }
 
 /// The spec's limits as cgroup settings: cpu quota over a 100 ms period, memory, pids.
@@ -413,7 +443,7 @@ mod tests {
         let mut task = task(None, None, vec![]);
         let seccomp = |task: &Task| {
             write_config(&c, task, &img, "rudder", None, &[], &[]).unwrap();
-            let spec = Spec::load(c.bundle().join("config.json")).unwrap();
+            let spec = Spec::load(c.config()).unwrap();
             spec.linux().clone().unwrap().seccomp().clone()
         };
         assert_eq!(seccomp(&task), Some(crate::seccomp::default_profile()));
@@ -443,7 +473,7 @@ mod tests {
             let mut t = task(None, None, vec![]);
             t.spec.user = spec_user.map(String::from);
             write_config(&c, &t, &img, "rudder", None, &[], &[])?;
-            let spec = Spec::load(c.bundle().join("config.json")).unwrap();
+            let spec = Spec::load(c.config()).unwrap();
             let p = spec.process().clone().unwrap();
             let home = p
                 .env()

@@ -41,11 +41,11 @@ use tokio::io::AsyncReadExt;
 use tonic::{Response, Status};
 use tracing::info;
 
-use crate::exec::ContainerAccess;
+use crate::exec::{AccessError, ContainerAccess};
+use crate::shim::ContainerDir;
 
 /// The file in a container's directory naming the manifest digest of the image it runs
 /// (written by the worker when it mounts the rootfs).
-pub const IMAGE_FILE: &str = "image";
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
@@ -404,10 +404,10 @@ pub type CommitStream = Pin<Box<dyn Stream<Item = Result<CommitChunk, Status>> +
 /// The base image task `task`'s container runs: its manifest digest and bytes, and its config.
 fn base_image(
     images: &ImageStore,
-    dir: &Path,
+    dir: &ContainerDir,
     task: &str,
 ) -> Result<(String, Vec<u8>, Vec<u8>), Status> {
-    let digest = std::fs::read_to_string(dir.join(IMAGE_FILE)).map_err(|_| {
+    let digest = std::fs::read_to_string(dir.image_file()).map_err(|_| {
         Status::failed_precondition(format!(
             "task {task}: its container does not record its image (started by an older agent); \
              restart the task to commit it"
@@ -436,7 +436,7 @@ struct Frozen {
 
 impl Frozen {
     /// Thaws the container, trying a few times.
-    async fn thaw(mut self) -> Result<(), Status> {
+    async fn thaw(mut self) -> Result<(), AccessError> {
         self.thawed = true;
         thaw(&self.access, &self.task).await
     }
@@ -453,7 +453,7 @@ impl Drop for Frozen {
     }
 }
 
-async fn thaw(access: &ContainerAccess, task: &str) -> Result<(), Status> {
+async fn thaw(access: &ContainerAccess, task: &str) -> Result<(), AccessError> {
     let mut last = Ok(());
     for attempt in 1..=3u64 {
         last = access.pause(task, false).await;
@@ -474,7 +474,7 @@ pub async fn commit(
     pause: bool,
 ) -> Result<Response<CommitStream>, Status> {
     let dir = access.dir(task)?;
-    let upper = dir.join("upper");
+    let upper = dir.upper();
     if !upper.is_dir() {
         return Err(Status::failed_precondition(format!(
             "task {task}: its container is gone (the writable layer goes when a task ends)"
@@ -487,7 +487,7 @@ pub async fn commit(
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_TMPFILE)
-        .open(&dir)
+        .open(dir.path())
         .map_err(|e| Status::internal(format!("commit: create a scratch file: {e}")))?;
     let started = std::time::Instant::now();
     // Only a running container is frozen; one that has exited has nothing left to write.
@@ -500,7 +500,7 @@ pub async fn commit(
         if let Err(e) = access.pause(task, true).await {
             // It may be half frozen (a timeout): thaw once, and say why it failed.
             guard.thaw().await.ok();
-            return Err(e);
+            return Err(e.into());
         }
         Some(guard)
     } else {

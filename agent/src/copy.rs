@@ -15,18 +15,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Response, Status};
 use tracing::info;
 
-use crate::exec::ContainerAccess;
+use crate::exec::{AccessError, ContainerAccess};
 use crate::fs_helper::{HelperArgs, Op, EXIT_NOT_FOUND};
 
 pub type TarStream = Pin<Box<dyn Stream<Item = Result<TarChunk, Status>> + Send>>;
 
 const CHUNK: usize = 64 * 1024;
 
-fn helper(access: &ContainerAccess, task: &str, op: Op) -> Result<tokio::process::Command, Status> {
+fn helper(
+    access: &ContainerAccess,
+    task: &str,
+    op: Op,
+) -> Result<tokio::process::Command, AccessError> {
     let pid = access.running_pid(task)?;
     let args = HelperArgs {
         root: format!("/proc/{pid}/root").into(),
-        expect: access.dir(task)?.join("bundle").join("rootfs"),
+        expect: access.dir(task)?.rootfs(),
         op,
     };
     let mut cmd = tokio::process::Command::new(&access.agent_exe);

@@ -83,16 +83,15 @@ pub fn secure(data_dir: &Path, runtime_root: &Path) -> std::io::Result<()> {
                 continue;
             }
             // A container's own files (not its rootfs, upper or work: the container's).
-            tighten(&p.join("bundle"), DIR_MODE)?;
-            tighten(&p.join("bundle").join("config.json"), FILE_MODE)?;
-            tighten(&p.join("work"), DIR_MODE)?;
+            let c = crate::shim::ContainerDir::new(&p);
+            tighten(&c.bundle(), DIR_MODE)?;
+            tighten(&c.config(), FILE_MODE)?;
+            tighten(&c.work(), DIR_MODE)?;
             // Its spec, image and logs; not `resolv.conf` or `hosts`, which the container's
             // users read through their bind mounts.
             for f in fs::read_dir(&p)?.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                let private = ["task.json", crate::commit::IMAGE_FILE, "runc.log", "pid"]
-                    .contains(&name.as_str())
-                    || name.starts_with("log");
+                let private = crate::shim::dir::is_private_record(&name);
                 if private && f.file_type().is_ok_and(|t| t.is_file()) {
                     tighten(&f.path(), FILE_MODE)?;
                 }

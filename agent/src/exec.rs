@@ -18,7 +18,6 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,130 +31,150 @@ use tokio::sync::mpsc;
 use tonic::{Response, Status};
 use tracing::{debug, info, warn};
 
+use crate::runtime::{ContainerRuntime, ExecIo, ExecProcess, RuntimeError};
+use crate::shim::ContainerDir;
+
 /// How long a command may take to end after its caller went away before runc is killed.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 /// How long output still in flight is drained after the command exited (a background process
 /// that inherited stdout may hold it open forever).
 const DRAIN: Duration = Duration::from_secs(2);
 
-/// In a container's dir while a commit may have it frozen (see [`ContainerAccess::pause`]).
-pub const PAUSED_FILE: &str = "paused";
+/// Why exec, cp, commit or inspect cannot reach a container (mapped to a gRPC status only at
+/// the API edge, `crate::api`).
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("bad task id")]
+    BadId,
+    #[error("task {0} has no container on this host")]
+    NoContainer(String),
+    #[error("task {0} is not running")]
+    NotRunning(String),
+    #[error("task {task}: cannot pause its container ({err}); --pause=false commits it running")]
+    Pause { task: String, err: RuntimeError },
+    #[error("task {task}: cannot resume its container: {err}")]
+    Resume { task: String, err: RuntimeError },
+    #[error("exec: the first message must name the task and the command")]
+    NoStart,
+    #[error("exec: no command given")]
+    NoCommand,
+    #[error("exec: --user is longer than {MAX_USER} bytes")]
+    UserTooLong,
+    #[error("exec: {0}")]
+    User(#[from] crate::user::UserError),
+    #[error("exec: {what} of task {task}: {detail}")]
+    Internal {
+        what: &'static str,
+        task: String,
+        detail: String,
+    },
+    #[error("exec: starting {runtime}: {err}")]
+    Start { runtime: String, err: RuntimeError },
+    /// The caller's stream failed before the exec started.
+    #[error("exec: {0}")]
+    Input(String),
+}
 
 /// What exec, cp and inspect need to reach this host's containers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ContainerAccess {
     /// `<data>/containers`: one directory per task id (shim files, bundle).
     pub containers: PathBuf,
-    /// The OCI runtime binary and its `--root`.
-    pub runtime: String,
-    pub runtime_root: PathBuf,
+    /// The OCI runtime, the same the worker starts containers with.
+    pub runtime: Arc<dyn ContainerRuntime>,
     /// This agent's executable, re-run as `fs-helper`.
     pub agent_exe: PathBuf,
 }
 
 impl ContainerAccess {
     /// The container directory of task `id`, which must exist.
-    pub fn dir(&self, id: &str) -> Result<PathBuf, Status> {
+    pub fn dir(&self, id: &str) -> Result<ContainerDir, AccessError> {
         if id.is_empty() || id.contains('/') || id.contains("..") {
-            return Err(Status::invalid_argument("bad task id"));
+            return Err(AccessError::BadId);
         }
         let dir = self.containers.join(id);
         if !dir.is_dir() {
-            return Err(Status::failed_precondition(format!(
-                "task {id} has no container on this host"
-            )));
+            return Err(AccessError::NoContainer(id.into()));
         }
-        Ok(dir)
+        Ok(ContainerDir::new(dir))
     }
 
     /// The host pid of task `id`'s container init, while it runs.
-    pub fn running_pid(&self, id: &str) -> Result<u32, Status> {
+    pub fn running_pid(&self, id: &str) -> Result<u32, AccessError> {
         let dir = self.dir(id)?;
-        let not_running = || Status::failed_precondition(format!("task {id} is not running"));
-        if crate::runtime::exit_code(&dir).is_some() {
+        let not_running = || AccessError::NotRunning(id.into());
+        if dir.has_exited() {
             return Err(not_running());
         }
-        let pid = read_pid(&dir.join("pid")).ok_or_else(not_running)?;
+        let pid = dir.read_pid().ok_or_else(not_running)?;
         if !Path::new(&format!("/proc/{pid}")).exists() {
             return Err(not_running());
         }
         Ok(pid)
     }
 
-    /// Freezes (`freeze`) or thaws task `id`'s running container with `runtime pause|resume`.
-    /// While it may be frozen, [`PAUSED_FILE`] in its dir tells the health monitor to wait;
-    /// a thaw removes it whatever the outcome (a container left frozen then fails its checks
-    /// and is replaced, rather than hang unnoticed).
-    pub async fn pause(&self, id: &str, freeze: bool) -> Result<(), Status> {
-        let marker = self.dir(id)?.join(PAUSED_FILE);
+    /// Freezes (`freeze`) or thaws task `id`'s running container (the runtime's pause and
+    /// resume). While it may be frozen, the dir's paused marker tells the health monitor to
+    /// wait; a thaw removes it whatever the outcome (a container left frozen then fails its
+    /// checks and is replaced, rather than hang unnoticed).
+    pub async fn pause(&self, id: &str, freeze: bool) -> Result<(), AccessError> {
+        let marker = self.dir(id)?.paused_marker();
         if freeze {
-            std::fs::write(&marker, b"")
-                .map_err(|e| Status::internal(format!("{}: {e}", marker.display())))?;
+            std::fs::write(&marker, b"").map_err(|e| AccessError::Internal {
+                what: "marking it paused",
+                task: id.into(),
+                detail: e.to_string(),
+            })?;
         }
-        let done = self.runtime_verb(id, freeze).await;
+        let done = if freeze {
+            self.runtime.pause(id).await
+        } else {
+            self.runtime.resume(id).await
+        };
         if !freeze {
             let _ = std::fs::remove_file(&marker);
         }
-        done
-    }
-
-    async fn runtime_verb(&self, id: &str, freeze: bool) -> Result<(), Status> {
-        let verb = if freeze { "pause" } else { "resume" };
-        let run = tokio::process::Command::new(&self.runtime)
-            .arg("--root")
-            .arg(&self.runtime_root)
-            .args([verb, id])
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .map_err(|_| Status::internal(format!("{} {verb} {id}: timed out", self.runtime)))?
-            .map_err(|e| Status::internal(format!("{} {verb} {id}: {e}", self.runtime)))?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        warn!(task = id, verb, %stderr, "runtime refused");
-        Err(Status::failed_precondition(if freeze {
-            format!("task {id}: cannot pause its container ({stderr}); --pause=false commits it running")
-        } else {
-            format!("task {id}: cannot resume its container: {stderr}")
-        }))
+        done.map_err(|err| {
+            warn!(task = id, freeze, %err, "runtime refused");
+            let task = id.to_string();
+            if freeze {
+                AccessError::Pause { task, err }
+            } else {
+                AccessError::Resume { task, err }
+            }
+        })
     }
 
     /// What this host knows of task `id`'s container.
-    pub fn info(&self, id: &str) -> Result<ContainerInfo, Status> {
+    pub fn info(&self, id: &str) -> Result<ContainerInfo, AccessError> {
         let dir = self.dir(id)?;
-        let exit = crate::runtime::exit_code(&dir);
-        let pid = read_pid(&dir.join("pid")).unwrap_or(0);
-        let shim_pid = read_pid(&dir.join("shim.pid")).unwrap_or(0);
+        let exit = dir.read_exit_code();
+        let pid = dir.read_pid().unwrap_or(0);
+        let shim_pid = dir
+            .read_shim_pid()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
         let running = exit.is_none() && pid > 0 && Path::new(&format!("/proc/{pid}")).exists();
-        let bundle = dir.join("bundle");
         Ok(ContainerInfo {
             running,
             pid,
             shim_pid,
             has_exit_code: exit.is_some(),
             exit_code: exit.unwrap_or(0),
-            dir: dir.display().to_string(),
-            rootfs: bundle.join("rootfs").display().to_string(),
-            bundle: bundle.display().to_string(),
-            log_path: dir.join("log").display().to_string(),
-            runtime: self.runtime.clone(),
+            dir: dir.path().display().to_string(),
+            rootfs: dir.rootfs().display().to_string(),
+            bundle: dir.bundle().display().to_string(),
+            log_path: dir.log().display().to_string(),
+            runtime: self.runtime.name().to_string(),
             container_id: id.to_string(),
         })
     }
 }
 
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 pub type ExecStream = Pin<Box<dyn Stream<Item = Result<ExecOutput, Status>> + Send>>;
 
 /// The session's stdio on the agent's side.
-enum Stdio3 {
+pub(crate) enum Stdio3 {
     Pty(Arc<AsyncFd<OwnedFd>>),
     Pipes {
         stdin: Option<tokio::process::ChildStdin>,
@@ -166,7 +185,10 @@ enum Stdio3 {
 
 /// Serves one exec: the first input must start it; the command runs until it exits or the
 /// caller goes away.
-pub async fn exec<S>(access: &ContainerAccess, mut input: S) -> Result<Response<ExecStream>, Status>
+pub async fn exec<S>(
+    access: &ContainerAccess,
+    mut input: S,
+) -> Result<Response<ExecStream>, AccessError>
 where
     S: Stream<Item = Result<ExecInput, Status>> + Unpin + Send + 'static,
 {
@@ -174,23 +196,22 @@ where
         Some(Ok(ExecInput {
             msg: Some(In::Start(s)),
         })) => s,
-        Some(Err(e)) => return Err(e),
-        _ => {
-            return Err(Status::invalid_argument(
-                "exec: the first message must name the task and the command",
-            ))
-        }
+        Some(Err(e)) => return Err(AccessError::Input(e.message().to_string())),
+        _ => return Err(AccessError::NoStart),
     };
     if start.cmd.is_empty() || start.cmd[0].is_empty() {
-        return Err(Status::invalid_argument("exec: no command given"));
+        return Err(AccessError::NoCommand);
     }
     access.running_pid(&start.task)?;
     let process = match start.user.as_str() {
         "" => None,
         user => Some(process_as(access, &start, user)?),
     };
-    let (child, stdio) = spawn(access, &start, process.as_deref())
-        .map_err(|e| Status::internal(format!("exec: starting {}: {e}", access.runtime)))?;
+    let (child, stdio) =
+        spawn(access, &start, process.as_deref()).map_err(|err| AccessError::Start {
+            runtime: access.runtime.name().to_string(),
+            err,
+        })?;
     info!(task = %start.task, cmd = ?start.cmd, tty = start.tty, user = %start.user, "exec");
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -214,26 +235,25 @@ fn process_as(
     access: &ContainerAccess,
     start: &ExecStart,
     user: &str,
-) -> Result<tempfile::TempPath, Status> {
+) -> Result<tempfile::TempPath, AccessError> {
     if user.len() > MAX_USER {
-        return Err(Status::invalid_argument(format!(
-            "exec: --user is longer than {MAX_USER} bytes"
-        )));
+        return Err(AccessError::UserTooLong);
     }
     let dir = access.dir(&start.task)?;
-    let internal = |what: &str, e: &dyn std::fmt::Display| {
-        Status::internal(format!("exec: {what} of task {}: {e}", start.task))
+    let internal = |what: &'static str, e: &dyn std::fmt::Display| AccessError::Internal {
+        what,
+        task: start.task.clone(),
+        detail: e.to_string(),
     };
-    let eu = crate::user::resolve_in_rootfs(&dir.join("bundle").join("rootfs"), user)
-        .map_err(|e| Status::invalid_argument(format!("exec: {e}")))?;
-    let spec = oci_spec::runtime::Spec::load(dir.join("bundle").join("config.json"))
+    let eu = crate::user::resolve_in_rootfs(&dir.rootfs(), user)?;
+    let spec = oci_spec::runtime::Spec::load(dir.config())
         .map_err(|e| internal("reading the bundle", &e))?;
     let mut process = spec
         .process()
         .clone()
         .ok_or_else(|| internal("reading the bundle", &"no process"))?;
-    let service_home = std::fs::read(dir.join("task.json"))
-        .ok()
+    let service_home = dir
+        .read_task()
         .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
         .is_some_and(|t| t.spec.env.contains_key("HOME"));
     let mut env: Vec<String> = process.env().clone().unwrap_or_default();
@@ -259,47 +279,52 @@ fn process_as(
         .suffix(".json")
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
         // In the bundle: a task with secrets has it on a tmpfs, and the file holds its env.
-        .tempfile_in(dir.join("bundle"))
+        .tempfile_in(dir.bundle())
         .map_err(|e| internal("writing the process file", &e))?;
     serde_json::to_writer(file.as_file(), &process)
         .map_err(|e| internal("writing the process file", &e))?;
     Ok(file.into_temp_path())
 }
 
-/// Starts `runtime exec` for `start`, on a pty or on pipes; with `process`, the process file
-/// says everything but the container (`--process`).
+/// Starts the runtime's exec for `start`, on a pty or on pipes; with `process`, the process
+/// file says everything but the container.
 fn spawn(
     access: &ContainerAccess,
     start: &ExecStart,
     process: Option<&Path>,
-) -> std::io::Result<(tokio::process::Child, Stdio3)> {
-    let mut cmd = tokio::process::Command::new(&access.runtime);
-    cmd.arg("--root").arg(&access.runtime_root).arg("exec");
-    if let Some(p) = process {
-        cmd.arg("--process").arg(p).arg(&start.task);
-    } else {
-        if start.tty {
-            cmd.args(["--tty", "--env", "TERM=xterm"]);
-        }
-        cmd.arg(&start.task).args(&start.cmd);
-    }
+) -> Result<(tokio::process::Child, Stdio3), RuntimeError> {
+    let what = match process {
+        Some(p) => ExecProcess::File(p),
+        None => ExecProcess::Args {
+            argv: &start.cmd,
+            tty: start.tty,
+        },
+    };
     let size = start.size.unwrap_or(TerminalSize { rows: 24, cols: 80 });
-    spawn_on(cmd, start.tty.then_some(size), start.stdin)
+    spawn_on(
+        access.runtime.as_ref(),
+        &start.task,
+        what,
+        start.tty.then_some(size),
+        start.stdin,
+    )
 }
 
-/// Starts `cmd` on a new pty of `size` (as its session leader, the pty its controlling
-/// terminal), or on pipes (stdin only when `stdin`).
+/// Starts `process` in container `id` on a new pty of `size` (the runtime's exec leads a
+/// session on it), or on pipes (stdin only when `stdin`).
 fn spawn_on(
-    mut cmd: tokio::process::Command,
+    rt: &dyn ContainerRuntime,
+    id: &str,
+    process: ExecProcess<'_>,
     tty: Option<TerminalSize>,
     stdin: bool,
-) -> std::io::Result<(tokio::process::Child, Stdio3)> {
-    cmd.kill_on_drop(true);
+) -> Result<(tokio::process::Child, Stdio3), RuntimeError> {
+    let pty_err = |err| RuntimeError::Io {
+        op: "open a terminal",
+        err,
+    };
     let Some(size) = tty else {
-        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
+        let mut child = rt.exec_attached(id, process, ExecIo::Pipes { stdin })?;
         let stdio = Stdio3::Pipes {
             stdin: child.stdin.take(),
             stdout: child.stdout.take().expect("piped stdout"),
@@ -307,27 +332,11 @@ fn spawn_on(
         };
         return Ok((child, stdio));
     };
-    let (master, slave) = open_pty(size)?;
-    cmd.stdin(Stdio::from(slave.try_clone()?))
-        .stdout(Stdio::from(slave.try_clone()?))
-        .stderr(Stdio::from(slave));
-    // SAFETY: only async-signal-safe calls (setsid, ioctl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // runc leads a new session whose controlling terminal is the slave, so it gets
-            // SIGWINCH when the master is resized, and SIGHUP when the master closes.
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    // The command holds the slave's copies: drop them, or the master never sees EOF.
-    drop(cmd);
+    let (master, slave) = open_pty(size).map_err(pty_err)?;
+    let child = rt.exec_attached(id, process, ExecIo::Pty(slave))?;
     // SAFETY: the fd is owned by the AsyncFd for its whole registration.
-    let master =
-        unsafe { AsyncFd::register(master) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let master = unsafe { AsyncFd::register(master) }
+        .map_err(|e| pty_err(std::io::Error::other(e.to_string())))?;
     Ok((child, Stdio3::Pty(Arc::new(master))))
 }
 
@@ -558,13 +567,15 @@ mod tests {
 
     /// Runs `sh -c script` through a session fed `inputs`; returns (stdout, stderr, code).
     async fn run(script: &str, tty: bool, inputs: Vec<In>) -> (Vec<u8>, Vec<u8>, i32) {
-        let mut cmd = tokio::process::Command::new("sh");
-        cmd.args(["-c", script]);
+        let rt = crate::runtime::fake::FakeRuntime::new();
+        let argv = ["sh".to_string(), "-c".to_string(), script.to_string()];
         let size = TerminalSize {
             rows: 33,
             cols: 101,
         };
-        let (child, stdio) = spawn_on(cmd, tty.then_some(size), true).unwrap();
+        let process = ExecProcess::Args { argv: &argv, tty };
+        let (child, stdio) = spawn_on(&rt, "t", process, tty.then_some(size), true).unwrap();
+        assert_eq!(rt.verbs(), ["exec_attached"]);
         let (in_tx, in_rx) = mpsc::channel(8);
         for i in inputs {
             in_tx.send(Ok(ExecInput { msg: Some(i) })).await.unwrap();
@@ -607,8 +618,7 @@ mod tests {
         spec.save(dir.join("bundle/config.json")).unwrap();
         let access = ContainerAccess {
             containers: t.path().join("containers"),
-            runtime: "runc".into(),
-            runtime_root: t.path().join("runc"),
+            runtime: Arc::new(crate::runtime::fake::FakeRuntime::new()),
             agent_exe: "/bin/false".into(),
         };
         let start = ExecStart {
@@ -636,14 +646,10 @@ mod tests {
         assert!(env.contains(&"HOME=/home/nobody".to_string()), "{env:?}");
         assert!(env.contains(&"TERM=xterm".to_string()), "{env:?}");
         let e = process_as(&access, &start, "nosuch").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(
-            e.message().contains("unable to find user nosuch"),
-            "{}",
-            e.message()
-        );
+        assert!(matches!(e, AccessError::User(_)), "{e:?}");
+        assert!(e.to_string().contains("unable to find user nosuch"), "{e}");
         let e = process_as(&access, &start, &"x".repeat(300)).unwrap_err();
-        assert!(e.message().contains("longer than"), "{}", e.message());
+        assert!(e.to_string().contains("longer than"), "{e}");
     }
 
     #[tokio::test]
@@ -687,9 +693,13 @@ mod tests {
         // /dev/tty opens only for a process with a controlling terminal.
         assert_eq!(code, 5, "{out:?}");
         // A start message later on is ignored; a caller that goes away ends the command.
-        let mut cmd = tokio::process::Command::new("sleep");
-        cmd.arg("100");
-        let (child, stdio) = spawn_on(cmd, None, true).unwrap();
+        let rt = crate::runtime::fake::FakeRuntime::new();
+        let argv = ["sleep".to_string(), "100".to_string()];
+        let process = ExecProcess::Args {
+            argv: &argv,
+            tty: false,
+        };
+        let (child, stdio) = spawn_on(&rt, "t", process, None, true).unwrap();
         let (tx, mut rx) = mpsc::channel(16);
         let input = futures::stream::iter(vec![
             Ok(start_input()),

@@ -86,10 +86,9 @@ async fn in_netns<F>(dir: &Path, f: F) -> Result<(), String>
 where
     F: FnOnce() -> Result<(), String> + Send + 'static,
 {
-    let pid = std::fs::read_to_string(dir.join("pid"))
-        .map_err(|e| format!("container pid: {e}"))?
-        .trim()
-        .to_string();
+    let pid = crate::shim::ContainerDir::new(dir)
+        .read_pid()
+        .ok_or("container pid: unknown")?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("health-probe".into())
@@ -123,7 +122,7 @@ pub async fn monitor(
     let mut failures = 0u32;
     loop {
         // A container frozen for a commit cannot answer; that is not a failure.
-        if dir.join(crate::exec::PAUSED_FILE).exists() {
+        if crate::shim::ContainerDir::new(dir).paused_marker().exists() {
             tokio::time::sleep(interval).await;
             continue;
         }

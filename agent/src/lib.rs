@@ -190,14 +190,16 @@ pub async fn run(
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
     let binary = runtime::pick_runtime(&cfg.runtime);
     info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
+    let rt: Arc<dyn runtime::ContainerRuntime> = Arc::new(runtime::OciCliRuntime::new(
+        binary,
+        cfg.runtime_root.clone(),
+    )?);
     let access = exec::ContainerAccess {
         containers: containers.clone(),
-        runtime: binary.clone(),
-        runtime_root: cfg.runtime_root.clone(),
+        runtime: rt.clone(),
         agent_exe: std::env::current_exe()
             .map_err(|e| AgentError::Io("find the agent binary", e))?,
     };
-    let rt = runtime::OciCliRuntime::new(binary, cfg.runtime_root.clone())?;
     let (status_tx, status_rx) = tokio::sync::mpsc::unbounded_channel();
     let agent_exe =
         std::env::current_exe().map_err(|e| AgentError::Io("find the agent binary", e))?;
@@ -212,11 +214,11 @@ pub async fn run(
         registry_tls: Some(certs_rx.clone()),
         net: Some(overlay.clone()),
     });
-    builder.sweep();
+    builder.sweep().await;
     let worker = worker::Worker::new(worker::Ctx {
         containers: containers.clone(),
         images: images.clone(),
-        runtime: Arc::new(rt),
+        runtime: rt,
         cgroup_parent: cfg.cgroup_parent.clone(),
         registry: Mutex::new(String::new()),
         registry_tls: Some(certs_rx.clone()),

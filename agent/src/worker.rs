@@ -277,11 +277,8 @@ async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::R
             })
             // The image the container runs, for `rctl commit` (`commit::IMAGE_FILE`).
             .and_then(|_| {
-                crate::datadir::write_private(
-                    &c.dir.join(crate::commit::IMAGE_FILE),
-                    image.manifest_digest.as_bytes(),
-                )
-                .map_err(|e| e.to_string())
+                crate::datadir::write_private(&c.image_file(), image.manifest_digest.as_bytes())
+                    .map_err(|e| e.to_string())
             })
             // A task with secrets or configs gets its bundle on a tmpfs (values and config.json
             // stay in memory), mounted before the root filesystem below it.

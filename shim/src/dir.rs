@@ -54,7 +54,8 @@ pub fn is_private_record(file_name: &str) -> bool {
 /// One container's directory and every file in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerDir {
-    dir: PathBuf,
+    /// The directory (`<data>/containers/<task id>`); its files are reached through methods.
+    pub dir: PathBuf,
 }
 
 impl ContainerDir {
