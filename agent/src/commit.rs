@@ -44,9 +44,6 @@ use tracing::info;
 use crate::exec::{AccessError, ContainerAccess};
 use crate::shim::ContainerDir;
 
-/// The file in a container's directory naming the manifest digest of the image it runs
-/// (written by the worker when it mounts the rootfs).
-
 const WHITEOUT_PREFIX: &str = ".wh.";
 const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 const OVERLAY_XATTRS: &str = "trusted.overlay.";

@@ -76,8 +76,6 @@ pub(super) fn chain(key: &str, parts: &[&[u8]]) -> String {
     hex::encode(h.finalize())
 }
 
-/// Sends progress lines; a caller that went away does not stop the build.
-
 /// Records a step's result in the image.
 pub(super) fn apply(
     image: &mut StageImage,

@@ -174,6 +174,7 @@ fn other(e: impl std::fmt::Display) -> BuildError {
 }
 
 /// A layer of the image being built.
+/// Sends progress lines; a caller that went away does not stop the build.
 #[derive(Clone)]
 struct Progress(mpsc::Sender<Result<BuildOutput, Status>>);
 
