@@ -33,9 +33,8 @@ fn helper(
         expect: access.dir(task)?.rootfs(),
         op,
     };
-    let mut cmd = tokio::process::Command::new(&access.agent_exe);
-    cmd.args(args.to_args())
-        .stdin(Stdio::null())
+    let mut cmd = tokio::process::Command::from(args.command(&access.agent_exe));
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);

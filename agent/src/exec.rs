@@ -599,7 +599,8 @@ mod tests {
     fn exec_user_is_resolved_in_the_container() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("containers").join("abc");
-        let rootfs = dir.join("bundle").join("rootfs");
+        let c = ContainerDir::new(&dir);
+        let rootfs = c.rootfs();
         std::fs::create_dir_all(rootfs.join("etc")).unwrap();
         std::fs::write(
             rootfs.join("etc/passwd"),
@@ -615,7 +616,7 @@ mod tests {
             .unwrap();
         let mut spec = oci_spec::runtime::Spec::default();
         spec.set_process(Some(process));
-        spec.save(dir.join("bundle/config.json")).unwrap();
+        spec.save(c.config()).unwrap();
         let access = ContainerAccess {
             containers: t.path().join("containers"),
             runtime: Arc::new(crate::runtime::fake::FakeRuntime::new()),

@@ -60,6 +60,15 @@ pub enum Op {
 }
 
 impl HelperArgs {
+    /// The command that runs this helper: the agent's own executable (`agent_exe`) with
+    /// [`to_args`](Self::to_args); stdio is the caller's to set. The one launcher of the
+    /// helper (cp, build's COPY, volume copies).
+    pub fn command(&self, agent_exe: &std::path::Path) -> std::process::Command {
+        let mut cmd = std::process::Command::new(agent_exe);
+        cmd.args(self.to_args());
+        cmd
+    }
+
     /// The agent's command line for this helper.
     pub fn to_args(&self) -> Vec<String> {
         let mut v = vec![

@@ -160,12 +160,12 @@ pub fn scan(store: &ImageStore, containers: &Path) -> Result<Scan, ImagesError> 
     }
     if let Ok(entries) = std::fs::read_dir(containers) {
         for entry in entries.flatten() {
-            let dir = entry.path();
-            let Ok(image) = std::fs::read_to_string(dir.join("image")) else {
+            let dir = crate::shim::ContainerDir::new(entry.path());
+            let Ok(image) = std::fs::read_to_string(dir.image_file()) else {
                 continue;
             };
-            let (name, reference) = std::fs::read(dir.join("task.json"))
-                .ok()
+            let (name, reference) = dir
+                .read_task()
                 .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
                 .map(|t| (t.name(), t.spec.image.clone()))
                 .unwrap_or_else(|| {

@@ -35,6 +35,7 @@ use crate::dns::{DnsServer, DnsView, ServiceRecord};
 use crate::hostnet::netlink::NetlinkHostNet;
 use crate::hostnet::plan::{self, OverlayWanted, Veth};
 use crate::hostnet::{HostNet, HostNetError, Mac, Ns, Route};
+use crate::shim::ContainerDir;
 use crate::wg::{KeyPair, Wg, WgPeer};
 
 /// Present in the agent's data dir when IPv4 forwarding was off before the agent turned it
@@ -838,8 +839,8 @@ impl Overlay {
                 let Some(addr) = read_bridge_addr(&dir) else {
                     continue;
                 };
-                let ports = std::fs::read(dir.join("task.json"))
-                    .ok()
+                let ports = ContainerDir::new(&dir)
+                    .read_task()
                     .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
                     .map(|task| host_ports(&task, addr))
                     .unwrap_or_default();
@@ -848,7 +849,7 @@ impl Overlay {
             t.loaded = true;
         }
         t.members
-            .retain(|dir, _| dir.join(BRIDGE_ADDR_FILE).exists());
+            .retain(|dir, _| ContainerDir::new(dir).bridge_addr_file().exists());
         t
     }
 
@@ -913,11 +914,14 @@ impl Overlay {
                         .ok_or(NetError::BridgeFull {
                             subnet: self.bridge_subnet,
                         })?;
-                    crate::shim::write_atomic(&dir.join(BRIDGE_ADDR_FILE), &a.to_string())
-                        .map_err(|err| NetError::Io {
-                            op: "record bridge address",
-                            err,
-                        })?;
+                    crate::shim::write_atomic(
+                        &ContainerDir::new(dir).bridge_addr_file(),
+                        &a.to_string(),
+                    )
+                    .map_err(|err| NetError::Io {
+                        op: "record bridge address",
+                        err,
+                    })?;
                     a
                 }
             };
@@ -970,7 +974,7 @@ impl Overlay {
             debug!(%e, "detach from the local bridge");
         }
         remove_netns(&self.netns_path(id));
-        let _ = std::fs::remove_file(dir.join(BRIDGE_ADDR_FILE));
+        let _ = std::fs::remove_file(ContainerDir::new(dir).bridge_addr_file());
         self.bridge.lock().expect("bridge lock").members.remove(dir);
         self.bridge_tx.send_modify(|n| *n += 1);
     }
@@ -1060,13 +1064,9 @@ impl Overlay {
     }
 }
 
-/// The file in a container's (or build's) directory that records its local-bridge address.
-const BRIDGE_ADDR_FILE: &str = "bridge_addr";
-
+/// The address a container's (or build's) directory records for its local bridge.
 fn read_bridge_addr(dir: &Path) -> Option<Ipv4Addr> {
-    std::fs::read_to_string(dir.join(BRIDGE_ADDR_FILE))
-        .ok()
-        .and_then(|a| a.trim().parse().ok())
+    ContainerDir::new(dir).read_bridge_addr()?.parse().ok()
 }
 
 /// The host-mode published ports of a task on the local bridge at `addr`.
@@ -1148,8 +1148,9 @@ fn write_etc(dir: &Path, resolv: String, addr: Ipv4Addr, hostname: &str) -> Resu
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
     );
-    for (name, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
-        std::fs::write(dir.join(name), text).map_err(|err| NetError::Io {
+    let [(_, resolv_path), (_, hosts_path)] = ContainerDir::new(dir).etc_files();
+    for (path, text) in [(resolv_path, resolv), (hosts_path, hosts)] {
+        std::fs::write(path, text).map_err(|err| NetError::Io {
             op: "write resolv.conf/hosts",
             err,
         })?;

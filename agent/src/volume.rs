@@ -398,7 +398,7 @@ fn sync_fs(dir: &Path) -> std::io::Result<()> {
 /// an `fs-helper unpack` chrooted into `dir`. `Ok(false)`: the image has no `target`.
 fn copy_in(rootfs: &Path, target: &str, dir: &Path) -> Result<bool, String> {
     use crate::fs_helper::{HelperArgs, Op, EXIT_NOT_FOUND};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let exe = std::env::current_exe().map_err(|e| format!("find own executable: {e}"))?;
     let helper = |root: &Path, op: Op| {
         let args = HelperArgs {
@@ -406,8 +406,8 @@ fn copy_in(rootfs: &Path, target: &str, dir: &Path) -> Result<bool, String> {
             expect: root.to_path_buf(),
             op,
         };
-        let mut cmd = Command::new(&exe);
-        cmd.args(args.to_args()).stderr(Stdio::piped());
+        let mut cmd = args.command(&exe);
+        cmd.stderr(Stdio::piped());
         cmd
     };
     let pack_op = Op::Pack {

@@ -979,8 +979,7 @@ impl Run<'_> {
                 owners: true,
             },
         };
-        let mut child = tokio::process::Command::new(&self.b.access.agent_exe)
-            .args(args.to_args())
+        let mut child = tokio::process::Command::from(args.command(&self.b.access.agent_exe))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
