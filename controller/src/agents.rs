@@ -4,9 +4,12 @@
 //! Invariants: the agent must present a certificate for the node id the store records (C1: a
 //! node that registered another's address cannot answer); dialling an unreachable host fails
 //! within [`CONNECT`] × 2 with an error naming the host, never hangs; kept-alive connections
-//! notice a host that vanishes mid-stream.
+//! notice a host that vanishes mid-stream; a connection is reused only for the same node id,
+//! address, per-call bound and this controller's same certificate (a renewal or a node that
+//! moved dials afresh), so reuse never widens whom a call reaches.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rudder_proto::v1::agent_api_client::AgentApiClient;
@@ -39,14 +42,33 @@ impl From<&rudder_model::Node> for AgentAt {
 pub type SharedCerts = Arc<RwLock<Option<rudder_pki::tls::NodeCerts>>>;
 
 /// Dials agents with this controller's current certificate.
+/// The most connections kept open; past it the pool starts again empty (a fleet larger than
+/// this dials more often, nothing breaks).
+const POOL_MAX: usize = 1024;
+
+/// A connection kept for reuse: which node, at which address, with which per-call bound.
+type PoolKey = (String, String, Option<Duration>);
+
+/// An open connection and the certificate (PEM) this controller presented on it.
+struct Kept {
+    cert: String,
+    channel: Channel,
+}
+
 #[derive(Clone)]
 pub struct AgentDialer {
     certs: SharedCerts,
+    /// Open connections, reused by the next call to the same agent: a relay (logs of
+    /// `rctl run`, exec, cp) then costs one request, not a TCP and TLS handshake.
+    pool: Arc<Mutex<HashMap<PoolKey, Kept>>>,
 }
 
 impl AgentDialer {
     pub fn new(certs: SharedCerts) -> Self {
-        AgentDialer { certs }
+        AgentDialer {
+            certs,
+            pool: Default::default(),
+        }
     }
 
     /// The certificates in use now (also for calls to other controllers).
@@ -80,7 +102,18 @@ impl AgentDialer {
         let unreachable = |e: String| {
             Status::failed_precondition(format!("cannot reach host {host} ({addr}): {e}"))
         };
-        let mut endpoint = endpoint(self.certs().as_ref(), at)
+        let certs = self.certs();
+        let cert = certs
+            .as_ref()
+            .map(|c| c.cert_pem().to_string())
+            .unwrap_or_default();
+        let key: PoolKey = (at.id.clone(), at.addr.clone(), per_call);
+        if let Some(kept) = self.pool.lock().expect("agent pool lock").get(&key) {
+            if kept.cert == cert {
+                return Ok(AgentApiClient::new(kept.channel.clone()));
+            }
+        }
+        let mut endpoint = endpoint(certs.as_ref(), at)
             .map_err(&unreachable)?
             .connect_timeout(CONNECT)
             .tcp_keepalive(Some(Duration::from_secs(5)))
@@ -90,7 +123,20 @@ impl AgentDialer {
             endpoint = endpoint.timeout(t);
         }
         match tokio::time::timeout(CONNECT * 2, endpoint.connect()).await {
-            Ok(Ok(ch)) => Ok(AgentApiClient::new(ch)),
+            Ok(Ok(channel)) => {
+                let mut pool = self.pool.lock().expect("agent pool lock");
+                if pool.len() >= POOL_MAX {
+                    pool.clear();
+                }
+                pool.insert(
+                    key,
+                    Kept {
+                        cert,
+                        channel: channel.clone(),
+                    },
+                );
+                Ok(AgentApiClient::new(channel))
+            }
             Ok(Err(e)) => Err(unreachable(rudder_proto::error_chain(&e))),
             Err(_) => Err(unreachable("timed out".into())),
         }
