@@ -71,6 +71,18 @@ fn exited(dir: &Path) -> bool {
     ContainerDir::new(dir).has_exited()
 }
 
+/// A build's failure: the user's to fix (invalid), a step's (aborted), or the host's.
+impl From<crate::build::BuildError> for Status {
+    fn from(e: crate::build::BuildError) -> Status {
+        use crate::build::BuildError as E;
+        match e {
+            E::Invalid(m) => Status::invalid_argument(m),
+            E::Step(m) => Status::aborted(m),
+            other => Status::internal(other.to_string()),
+        }
+    }
+}
+
 /// Why a container cannot be reached, as the caller should read it.
 impl From<AccessError> for Status {
     fn from(e: AccessError) -> Status {

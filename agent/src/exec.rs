@@ -654,6 +654,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pause_goes_through_the_runtime_and_marks_the_container() {
+        use crate::runtime::fake::FakeRuntime;
+        let t = tempfile::tempdir().unwrap();
+        let rt = Arc::new(FakeRuntime::new());
+        let access = ContainerAccess {
+            containers: t.path().to_path_buf(),
+            runtime: rt.clone(),
+            agent_exe: "/bin/false".into(),
+        };
+        assert!(matches!(access.dir("../x"), Err(AccessError::BadId)));
+        assert!(matches!(access.dir("t1"), Err(AccessError::NoContainer(_))));
+        std::fs::create_dir(t.path().join("t1")).unwrap();
+        let c = access.dir("t1").unwrap();
+        assert!(matches!(
+            access.running_pid("t1"),
+            Err(AccessError::NotRunning(_))
+        ));
+        rt.start("t1", c.path()).await.unwrap();
+        access.pause("t1", true).await.unwrap();
+        assert!(
+            c.paused_marker().exists(),
+            "health checks wait while frozen"
+        );
+        rt.fail_next("resume", "cgroup gone");
+        let e = access.pause("t1", false).await.unwrap_err();
+        assert!(matches!(e, AccessError::Resume { .. }), "{e:?}");
+        assert!(e.to_string().contains("cgroup gone"), "{e}");
+        assert!(
+            !c.paused_marker().exists(),
+            "a thaw clears the marker whatever happens"
+        );
+        rt.fail_next("pause", "no freezer");
+        let e = access.pause("t1", true).await.unwrap_err();
+        assert!(e.to_string().contains("--pause=false"), "{e}");
+        assert_eq!(rt.verbs(), ["start", "pause", "resume", "pause"]);
+        let info = access.info("t1").unwrap();
+        assert_eq!(info.runtime, "fake");
+        assert!(!info.running);
+    }
+
+    #[tokio::test]
     async fn pipes_carry_stdin_stdout_stderr_and_the_exit_code() {
         let (out, err, code) = run(
             "cat; echo oops >&2; exit 3",

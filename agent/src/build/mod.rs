@@ -154,16 +154,6 @@ pub enum BuildError {
     Other(String),
 }
 
-impl From<BuildError> for Status {
-    fn from(e: BuildError) -> Status {
-        match e {
-            BuildError::Invalid(m) => Status::invalid_argument(m),
-            BuildError::Step(m) => Status::aborted(m),
-            other => Status::internal(other.to_string()),
-        }
-    }
-}
-
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BuildError {
     let path = path.display().to_string();
     move |err| BuildError::Io { op, path, err }
@@ -287,16 +277,15 @@ pub async fn build(
 }
 
 /// Unpacks the context tar: paths stay inside `dest`; owners are not kept (COPY sets them).
-fn unpack_context(tar_path: &Path, dest: &Path) -> Result<(), Status> {
-    fs::create_dir_all(dest).map_err(|e| Status::internal(format!("build: {e}")))?;
-    let f = fs::File::open(tar_path).map_err(|e| Status::internal(format!("build: {e}")))?;
+fn unpack_context(tar_path: &Path, dest: &Path) -> Result<(), BuildError> {
+    fs::create_dir_all(dest).map_err(io_err("create", dest))?;
+    let f = fs::File::open(tar_path).map_err(io_err("open", tar_path))?;
     let mut ar = tar::Archive::new(io::BufReader::new(f));
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);
     ar.set_overwrite(true);
-    ar.unpack(dest).map_err(|e| {
-        Status::invalid_argument(format!("build: the context is not a valid tar: {e}"))
-    })
+    ar.unpack(dest)
+        .map_err(|e| BuildError::Invalid(format!("build: the context is not a valid tar: {e}")))
 }
 
 /// One build in progress.
