@@ -14,19 +14,32 @@ use rudder_image::ImageConfig;
 use rudder_model::spec::NetworkMode;
 use rudder_model::Task;
 
+/// Why a container's bundle could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    /// A file operation failed.
     #[error("bundle: {op}: {err}")]
     Io {
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         err: std::io::Error,
     },
+    /// The root filesystem's overlay could not be mounted.
     #[error("bundle: mount overlay at {path}: {err}")]
-    Mount { path: String, err: nix::Error },
+    Mount {
+        /// The mount point.
+        path: String,
+        /// The underlying error.
+        err: nix::Error,
+    },
+    /// The task's spec cannot be turned into an OCI config.
     #[error("bundle: {0}")]
     Spec(String),
+    /// There is nothing to run.
     #[error("bundle: no command to run: neither the service nor the image sets one")]
     NoCommand,
+    /// The user or group could not be resolved in the image.
     #[error("bundle: {0}")]
     User(#[from] crate::user::UserError),
 }
@@ -245,7 +258,7 @@ pub fn write_config(
 }
 
 /// What makes a container's OCI spec: the one builder for tasks' containers and build steps'.
-pub struct SpecOptions<'a> {
+pub(crate) struct SpecOptions<'a> {
     pub argv: Vec<String>,
     /// `KEY=value`.
     pub env: Vec<String>,
@@ -273,7 +286,7 @@ pub struct SpecOptions<'a> {
 
 /// The OCI spec of a container: the runtime's defaults (namespaces, masked and read-only
 /// paths, default mounts), Docker's default capabilities, and `o`.
-pub fn spec(o: &SpecOptions<'_>) -> Result<Spec, BundleError> {
+pub(crate) fn spec(o: &SpecOptions<'_>) -> Result<Spec, BundleError> {
     let spec_err = |e: oci_spec::OciSpecError| BundleError::Spec(e.to_string());
     let process = ProcessBuilder::default()
         .terminal(false)

@@ -37,6 +37,7 @@ pub struct DnsView {
     pub services: BTreeMap<String, ServiceRecord>,
 }
 
+/// A service as the resolver answers for it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServiceRecord {
     /// `None` for `endpoint_mode: dnsrr`, where the service name resolves to its tasks.
@@ -45,14 +46,28 @@ pub struct ServiceRecord {
     pub tasks: Vec<Ipv4Addr>,
 }
 
+/// Why the resolver could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsError {
+    /// The UDP socket could not be bound.
     #[error("dns: binding udp {addr}: {source}")]
-    BindUdp { addr: SocketAddr, source: io::Error },
+    BindUdp {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The TCP listener could not be bound.
     #[error("dns: binding tcp {addr}: {source}")]
-    BindTcp { addr: SocketAddr, source: io::Error },
+    BindTcp {
+        /// The address.
+        addr: SocketAddr,
+        /// The underlying error.
+        source: io::Error,
+    },
 }
 
+/// Tunables of a resolver; the defaults suit production, tests shorten them.
 #[derive(Clone, Debug)]
 pub struct DnsOptions {
     /// How long each upstream gets before the next is tried. Long enough for a slow recursive
@@ -222,6 +237,7 @@ impl DnsServer {
         Self::bind_with(addr, upstreams, DnsOptions::default()).await
     }
 
+    /// [`Self::bind`] with `options`.
     pub async fn bind_with(
         addr: SocketAddr,
         upstreams: Vec<SocketAddr>,
@@ -260,6 +276,7 @@ impl DnsServer {
         })
     }
 
+    /// The address the server listens on (UDP and TCP).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

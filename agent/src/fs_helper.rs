@@ -23,6 +23,7 @@ use rudder_image::copy::{self, CopyError, Layout};
 /// Exit code for a missing path (its name on stderr).
 pub const EXIT_NOT_FOUND: i32 = 2;
 
+/// `rudder-agent fs-helper`'s arguments: what to do inside a container's root.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HelperArgs {
     /// The container's root: `/proc/<init pid>/root`.
@@ -32,20 +33,25 @@ pub struct HelperArgs {
     /// `root` must be the same directory.
     #[arg(long)]
     pub expect: PathBuf,
+    /// The operation.
     #[command(subcommand)]
     pub op: Op,
 }
 
+/// What the helper does, in the container's mount namespace.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Op {
     /// Write a tar of PATH (one top-level member named after it) on stdout.
     Pack {
+        /// The path in the container.
         path: String,
+        /// Pack what a symlink at PATH points to, not the link.
         #[arg(long)]
         follow_link: bool,
     },
     /// Unpack the tar on stdin at DEST.
     Unpack {
+        /// The directory in the container.
         dest: String,
         /// The top-level directory's contents go into DEST.
         #[arg(long)]

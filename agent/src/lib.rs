@@ -2,33 +2,35 @@
 //! assigned tasks as OCI containers (`worker`, `bundle`, `runtime`, `shim`), pulls images into
 //! the host's content store, and serves logs to controllers (`api`).
 
-pub mod addurl;
-pub mod api;
-pub mod build;
+#![warn(missing_docs)]
+
+mod addurl;
+mod api;
+mod build;
 pub mod bundle;
-pub mod commit;
-pub mod copy;
-pub mod datadir;
+mod commit;
+mod copy;
+mod datadir;
 pub mod dns;
-pub mod exec;
+mod exec;
 pub mod fs_helper;
-pub mod health;
-pub mod hostnet;
-pub mod images;
-pub mod manager;
+mod health;
+mod hostnet;
+mod images;
+mod manager;
 pub mod net;
-pub mod overlayfs;
+mod overlayfs;
 pub mod runtime;
-pub mod seccomp;
-pub mod secrets;
+mod seccomp;
+mod secrets;
 pub mod session;
-pub mod trusted;
-pub mod user;
+mod trusted;
+mod user;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
 pub use rudder_shim as shim;
-pub mod volume;
+mod volume;
 pub mod wg;
-pub mod worker;
+mod worker;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,31 +44,41 @@ use serde::Deserialize;
 use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
+/// Why the agent could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// A file under the data dir could not be read or written (what, error).
     #[error("agent: {0}: {1}")]
     Io(&'static str, std::io::Error),
+    /// The OCI runtime could not be set up.
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
+    /// The content store could not be opened.
     #[error(transparent)]
     Image(#[from] rudder_image::ImageError),
+    /// The agent's API server failed.
     #[error("agent: api server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The node certificate could not be loaded or renewed.
     #[error("agent: certificates: {0}")]
     Tls(rudder_pki::tls::TlsError),
+    /// Joining the cluster failed.
     #[error("agent: joining the cluster: {0}")]
     Join(String),
 }
 
+/// The agent's configuration, from `rudder-agent`'s flags.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Where the agent keeps its state (node id, certificates, images, containers).
     pub data_dir: PathBuf,
     /// Controller URLs, e.g. `http://10.0.0.1:4243`: any of them will do, the session finds
     /// the leader (and learns the rest from it).
     pub controllers: Vec<String>,
     /// Where this agent's API listens; controllers reach it here.
     pub listen: SocketAddr,
+    /// The host's name, as the cluster shows it.
     pub hostname: String,
     /// The OCI runtime's `--root`.
     pub runtime_root: PathBuf,
@@ -85,6 +97,7 @@ pub struct Config {
     pub wg_port: u16,
 }
 
+/// WireGuard's usual port, used unless `--wg-port` says otherwise.
 pub const DEFAULT_WG_PORT: u16 = 51820;
 
 fn default_wg_port() -> u16 {
@@ -169,6 +182,8 @@ fn node_id(data_dir: &std::path::Path) -> Result<String, AgentError> {
     Ok(id)
 }
 
+/// Runs the agent until `shutdown` completes: joins (first start), serves its API, and keeps a
+/// session with the leader.
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,

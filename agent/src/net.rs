@@ -49,36 +49,64 @@ const MARK_INGRESS: u32 = 0x5244;
 /// Connection mark of connections to a port published in host mode.
 const MARK_HOSTPORT: u32 = 0x5245;
 
+/// Why a host network change failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The kernel refused a link, address, route or rule change.
     #[error("network: {0}")]
     Host(#[from] HostNetError),
+    /// A network namespace could not be made or entered.
     #[error("network: namespace {path}: {msg}")]
-    Netns { path: PathBuf, msg: String },
+    Netns {
+        /// The namespace's path.
+        path: PathBuf,
+        /// Why.
+        msg: String,
+    },
+    /// A network's DNS server could not start.
     #[error("network: dns on {addr}: {source}")]
     Dns {
+        /// The address it was to listen on.
         addr: SocketAddr,
+        /// The underlying error.
         source: crate::dns::DnsError,
     },
+    /// The local bridge has no address left.
     #[error("network: no free address in the local bridge's {subnet}")]
-    BridgeFull { subnet: Ipv4Net },
+    BridgeFull {
+        /// The bridge's subnet.
+        subnet: Ipv4Net,
+    },
+    /// WireGuard could not be configured.
     #[error("network: {0}")]
     Wg(#[from] crate::wg::WgError),
+    /// A file operation failed.
     #[error("network: {op}: {err}")]
     Io {
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         err: std::io::Error,
     },
+    /// A task needs a network this host has not set up yet.
     #[error("network: task {task}: network {network:?} is not (yet) on this host")]
-    NotReady { task: String, network: String },
+    NotReady {
+        /// The task.
+        task: String,
+        /// The network's name.
+        network: String,
+    },
 }
 
+/// The name of a network's bridge (`rdb-<id prefix>`).
 pub fn bridge_name(net_id: &str) -> String {
     format!("rdb-{}", &net_id[..net_id.len().min(8)])
 }
+/// The name of a network's VXLAN device (`rdx-<id prefix>`).
 pub fn vxlan_name(net_id: &str) -> String {
     format!("rdx-{}", &net_id[..net_id.len().min(8)])
 }
+/// The name of the WireGuard interface (`rwg-<node id prefix>`).
 pub fn wg_name(node_id: &str) -> String {
     format!("rwg-{}", &node_id[..node_id.len().min(8)])
 }
@@ -503,12 +531,15 @@ fn dns_view(n: &NetworkView) -> DnsView {
 /// The host's local bridge (`network_mode: bridge`): Docker's `docker0`, one per host, not
 /// routed between hosts.
 pub const BRIDGE: &str = "rdr0";
+/// The local bridge's subnet unless configured otherwise.
 pub const DEFAULT_BRIDGE_SUBNET: &str = "172.31.0.0/16";
 
 /// The local bridge's rules: its subnet and the host-mode ports of the tasks on it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalBridge {
+    /// Its subnet.
     pub subnet: Ipv4Net,
+    /// The host-mode ports published by tasks on it.
     pub ports: Vec<PublishedPort>,
 }
 
@@ -521,6 +552,7 @@ struct Applied {
     peers: Vec<WgPeer>,
 }
 
+/// This host's side of the overlay networks: it makes the host match the last network map.
 pub struct Overlay {
     node_id: String,
     data_dir: PathBuf,
@@ -599,14 +631,17 @@ impl Overlay {
         Ok(o)
     }
 
+    /// This host's WireGuard public key and its epoch.
     pub fn public_key(&self) -> (String, u64) {
         self.key_tx.borrow().clone()
     }
 
+    /// The public key, as it changes (rotations).
     pub fn watch_key(&self) -> watch::Receiver<(String, u64)> {
         self.key_tx.subscribe()
     }
 
+    /// Hands over a new network map; the reconcile pass applies it.
     pub fn set_map(&self, map: NetworkMap) {
         self.map_tx.send_if_modified(|m| {
             if m.as_ref() == Some(&map) {
@@ -1016,6 +1051,7 @@ impl Overlay {
         }
     }
 
+    /// Where a task's network namespace is bound.
     pub fn netns_path(&self, task_id: &str) -> PathBuf {
         self.data_dir.join("netns").join(task_id)
     }

@@ -123,25 +123,47 @@ async fn run_capped(
     }
 }
 
+/// Why a runtime operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// The container could not be started.
     #[error("runtime: {0}")]
     Start(String),
+    /// A file or process operation failed.
     #[error("runtime: {op}: {err}")]
     Io {
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         err: std::io::Error,
     },
     /// The runtime ran and refused (its exit code was not 0); `stderr` says why.
     #[error("runtime: {cmd} failed: {stderr}")]
-    Command { cmd: String, stderr: String },
+    Command {
+        /// The runtime command.
+        cmd: String,
+        /// What it printed.
+        stderr: String,
+    },
     /// The runtime knows no container of this id.
     #[error("runtime: no container {0}")]
     NotFound(String),
+    /// The runtime did not answer in time.
     #[error("runtime: {cmd} timed out after {after:?}")]
-    Timeout { cmd: String, after: Duration },
+    Timeout {
+        /// The runtime command.
+        cmd: String,
+        /// How long it was given.
+        after: Duration,
+    },
+    /// The runtime's output does not parse.
     #[error("runtime: {cmd}: unexpected output: {detail}")]
-    Output { cmd: String, detail: String },
+    Output {
+        /// The runtime command.
+        cmd: String,
+        /// What was wrong.
+        detail: String,
+    },
 }
 
 fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
@@ -185,10 +207,15 @@ fn which(bin: &str) -> bool {
 /// A container's state as the runtime reports it (OCI `state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
+    /// Being created.
     Creating,
+    /// Created, not started.
     Created,
+    /// Running.
     Running,
+    /// Frozen.
     Paused,
+    /// Ended.
     Stopped,
 }
 
@@ -206,8 +233,10 @@ impl std::str::FromStr for RunState {
     }
 }
 
+/// A container's state and init pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContainerState {
+    /// Its status.
     pub status: RunState,
     /// The init's host pid (0 once stopped).
     pub pid: u32,
@@ -220,7 +249,10 @@ pub enum ExecIo {
     /// runtime leads a new session on it, so it gets SIGWINCH and SIGHUP from the master).
     Pty(OwnedFd),
     /// Pipes for stdout and stderr, and for stdin when `stdin` (else /dev/null).
-    Pipes { stdin: bool },
+    Pipes {
+        /// Whether stdin is a pipe too.
+        stdin: bool,
+    },
 }
 
 /// The OCI runtime as the agent uses it: every verb on a container goes through here, so a
@@ -239,6 +271,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     fn run_attached(&self, id: &str, bundle: &Path) -> Result<tokio::process::Child, RuntimeError>;
     /// Waits for the container to exit and returns its exit code (128+signal if killed).
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
+    /// Sends `signal` (a name: `TERM`, `KILL`) to the container's init.
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
     /// Runs `cmd` inside the running container; returns its exit code and combined output.
     /// Killed after `timeout`.
@@ -259,6 +292,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> Result<tokio::process::Child, RuntimeError>;
     /// Freezes every process of the container.
     async fn pause(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Thaws a paused container.
     async fn resume(&self, id: &str) -> Result<(), RuntimeError>;
     /// Removes the runtime's record of a stopped container (idempotent), killing what is
     /// left. The shim normally did it already once the container exited: wait for the shim
@@ -266,12 +300,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError>;
     /// The ids of the containers the runtime knows.
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    /// The container's status and init pid.
     async fn state(&self, id: &str) -> Result<ContainerState, RuntimeError>;
 }
 
 /// How long a verb that should take milliseconds (pause, kill, state) may take.
 const VERB_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The [`ContainerRuntime`] that runs an OCI runtime's CLI (`runc`, `crun`) through the
+/// shim.
 pub struct OciCliRuntime {
     /// The runtime's binary and `--root`, private to this agent.
     pub cli: RuntimeCli,
@@ -284,6 +321,7 @@ pub struct OciCliRuntime {
 }
 
 impl OciCliRuntime {
+    /// A runtime for `binary` with state under `root` (created 0700).
     pub fn new(binary: String, root: PathBuf) -> Result<Self, RuntimeError> {
         crate::datadir::private_dir(&root).map_err(io("create runtime root"))?;
         let self_exe = std::env::current_exe().map_err(io("find own executable"))?;

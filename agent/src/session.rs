@@ -26,12 +26,17 @@ pub use rudder_proto::LEADER_METADATA;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// Who this agent is, as it registers with the controllers.
 pub struct Identity {
+    /// The node id the agent generated on first start.
     pub node_id: String,
+    /// The host's name.
     pub hostname: String,
+    /// Where the agent's API listens, `ip:port`.
     pub addr: String,
     /// Capacity offered to the scheduler.
     pub cpus_milli: u64,
+    /// Bytes of memory offered to the scheduler.
     pub memory_bytes: u64,
     /// `worker` or `manager`.
     pub role: String,
@@ -47,20 +52,28 @@ pub struct Identity {
 /// The largest message a controller may send down a session.
 pub const MAX_DOWN_MESSAGE: usize = 64 * 1024 * 1024;
 
+/// Why a session with a controller ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// The node certificate is unusable.
     #[error("session: tls: {0}")]
     Tls(rudder_pki::tls::TlsError),
+    /// No controller address was configured.
     #[error("session: no controller address given")]
     NoController,
+    /// A controller address does not parse (address, error).
     #[error("session: bad controller address {0:?}: {1}")]
     Address(String, tonic::transport::Error),
+    /// No connection could be made.
     #[error("session: cannot connect: {}", rudder_proto::error_chain(.0))]
     Connect(tonic::transport::Error),
+    /// The controller refused or ended the session.
     #[error("session: {}", .0.message())]
     Status(#[from] tonic::Status),
+    /// The controller closed the stream.
     #[error("session: the stream to the controller closed")]
     Closed,
+    /// The worker went away (the agent is stopping).
     #[error("session: the worker's status channel closed")]
     Worker,
 }
@@ -109,7 +122,9 @@ fn to_url(addr: &str, scheme: &str) -> String {
 /// Where to dial next, and after how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Next {
+    /// The controller's URL.
     pub addr: String,
+    /// How long to wait before dialing.
     pub delay: Duration,
 }
 
@@ -131,6 +146,7 @@ pub struct Controllers {
 }
 
 impl Controllers {
+    /// The controllers given on the command line, in order; none learnt yet.
     pub fn new(configured: Vec<String>) -> Self {
         let scheme = configured
             .first()

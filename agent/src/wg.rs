@@ -63,50 +63,96 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 /// The child's log is rotated (one old copy) when it is larger than this at a start.
 const MAX_CHILD_LOG: u64 = 1 << 20;
 
+/// Why WireGuard could not be configured.
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
+    /// The key file could not be read or written.
     #[error("wireguard: key file {path}: {source}")]
-    KeyFile { path: PathBuf, source: io::Error },
+    KeyFile {
+        /// The key file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The key file does not hold a WireGuard private key.
     #[error("wireguard: key file {0}: not a base64 WireGuard private key")]
     BadKeyFile(PathBuf),
+    /// A peer's public key is not a WireGuard key.
     #[error("wireguard: peer public key {0:?}: not a base64 WireGuard key")]
     BadPeerKey(String),
+    /// A peer the device refuses.
     #[error("wireguard: peer {key}: {reason}")]
-    BadPeer { key: String, reason: String },
+    BadPeer {
+        /// The peer's public key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The interface name is invalid.
     #[error(
         "wireguard: interface name {0:?} is invalid (1 to 15 of a-z A-Z 0-9 . _ -, not starting with -)"
     )]
     BadName(String),
+    /// An interface of that name exists and is something else.
     #[error("wireguard: interface {iface} exists and is not a WireGuard or TUN device: {detail}")]
-    Foreign { iface: String, detail: String },
+    Foreign {
+        /// The interface.
+        iface: String,
+        /// What it is.
+        detail: String,
+    },
+    /// An operation did not finish in time.
     #[error("wireguard: {iface}: {op} timed out after {}s", .after.as_secs())]
     Timeout {
+        /// The interface.
         iface: String,
+        /// The operation.
         op: &'static str,
+        /// How long it was given.
         after: Duration,
     },
+    /// The userspace device's socket failed.
     #[error("wireguard: {iface}: {op} through {}: {source}", socket_path(.iface).display())]
     Uapi {
+        /// The interface.
         iface: String,
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         source: io::Error,
     },
+    /// The device refused an operation.
     #[error("wireguard: {iface}: {op}: the device refused it (errno {errno})")]
     Refused {
+        /// The interface.
         iface: String,
+        /// The operation.
         op: &'static str,
+        /// The device's errno.
         errno: i32,
     },
+    /// The kernel refused an operation.
     #[error("wireguard: {iface}: kernel {op}: {source}")]
     Netlink {
+        /// The interface.
         iface: String,
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         source: io::Error,
     },
+    /// The interface's link could not be set up.
     #[error("wireguard: {0}")]
     Link(#[from] HostNetError),
+    /// The userspace device could not start.
     #[error("wireguard: {iface}: starting the userspace device: {msg}")]
-    Start { iface: String, msg: String },
+    Start {
+        /// The interface.
+        iface: String,
+        /// Why.
+        msg: String,
+    },
+    /// The interface was shut down.
     #[error("wireguard: {0}: the interface was shut down")]
     Closed(String),
 }
@@ -114,15 +160,19 @@ pub enum WgError {
 /// This host's WireGuard key pair. `Debug` shows only the public key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KeyPair {
+    /// The private key: never leaves the host.
     pub private: Key,
+    /// The public key peers configure.
     pub public: Key,
 }
 
 impl KeyPair {
+    /// A new random key pair.
     pub fn generate() -> KeyPair {
         KeyPair::from_private(Key::generate_private())
     }
 
+    /// The pair of an existing private key.
     pub fn from_private(private: Key) -> KeyPair {
         let public = private.get_public();
         KeyPair { private, public }
@@ -199,11 +249,13 @@ fn write_key(path: &Path, key: &Key) -> io::Result<()> {
 pub struct WgPeer {
     /// Base64, as `wg pubkey` prints it.
     pub public_key: String,
+    /// Its underlay address and WireGuard port.
     pub endpoint: SocketAddr,
     /// Networks routed to this peer; host bits are ignored (10.1.2.3/24 is 10.1.2.0/24).
     pub allowed_ips: Vec<(Ipv4Addr, u8)>,
 }
 
+/// Which WireGuard implementation drives the interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The kernel's WireGuard (`ip link … type wireguard`), configured over netlink.
@@ -377,10 +429,12 @@ impl Wg {
         Ok(Wg { inner })
     }
 
+    /// Which implementation drives the interface.
     pub fn backend(&self) -> Backend {
         self.inner.backend
     }
 
+    /// The interface's name.
     pub fn iface(&self) -> &str {
         &self.inner.iface
     }
@@ -1030,6 +1084,8 @@ fn enlarge_udp_buffers() {
     }
 }
 
+/// `rudder-agent wg-userspace IFACE`: runs boringtun for `iface` until it is shut down, and
+/// returns the process's exit code.
 pub fn userspace_main(iface: &str) -> i32 {
     if parse_iface(iface).is_err() {
         eprintln!("{}", WgError::BadName(iface.to_string()));

@@ -14,7 +14,9 @@
 //!   against it too.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rudder_proto::v1::cluster_server::Cluster;
@@ -212,6 +214,7 @@ pub enum Standing {
 
 /// Secrets held in this process only: for tests and single-process harnesses. Nothing
 /// survives a restart and other managers do not see rotations.
+#[cfg(test)]
 pub struct MemorySecrets {
     ca: CaSecrets,
     tokens: Mutex<JoinTokens>,
@@ -221,6 +224,7 @@ pub struct MemorySecrets {
     revoked: Mutex<std::collections::BTreeSet<String>>,
 }
 
+#[cfg(test)]
 impl MemorySecrets {
     /// Holds `ca` and fresh join tokens for it.
     pub fn new(ca: &ClusterCa) -> Self {
@@ -247,6 +251,7 @@ impl MemorySecrets {
 }
 
 #[async_trait::async_trait]
+#[cfg(test)]
 impl SecretsStore for MemorySecrets {
     async fn ca(&self) -> Result<CaSecrets, ClusterError> {
         Ok(self.ca.clone())

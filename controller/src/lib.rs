@@ -6,34 +6,36 @@
 //! orchestrator proposes tasks/placements → dispatcher streams each node its tasks → agents
 //! report status → batched into one proposal.
 
-pub mod agents;
-pub mod api;
-pub mod build_api;
+#![warn(missing_docs)]
+
+mod agents;
+mod api;
+mod build_api;
 pub use rudder_pki::ca;
-pub mod cluster_api;
-pub mod commit_api;
-pub mod context;
-pub mod convert;
+mod cluster_api;
+mod commit_api;
+mod context;
+mod convert;
 pub use rudder_pki::crypt;
-pub mod dispatcher;
-pub mod exec_api;
-pub mod image_api;
-pub mod image_tags;
-pub mod locked;
-pub mod orchestrator;
+mod dispatcher;
+mod exec_api;
+mod image_api;
+mod image_tags;
+mod locked;
+mod orchestrator;
 pub mod peer;
 pub mod raft_node;
 #[cfg(test)]
 mod raft_sim;
 pub mod registry;
-pub mod resolve;
-pub mod secret_api;
-pub mod security;
+mod resolve;
+mod secret_api;
+mod security;
 mod slog_bridge;
 pub mod storage;
 pub use rudder_pki::tls;
 pub mod transport;
-pub mod watch_api;
+mod watch_api;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -63,36 +65,49 @@ pub fn new_id() -> String {
     hex::encode(rand::random::<[u8; 12]>())
 }
 
+/// Why the controller could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
+    /// The configuration is invalid.
     #[error("controller: config: {0}")]
     Config(String),
+    /// A file under the data dir could not be read or written (what, error).
     #[error("controller: {0}: {1}")]
     Io(&'static str, std::io::Error),
+    /// The raft node failed.
     #[error(transparent)]
     Raft(#[from] raft_node::RaftError),
+    /// The raft log could not be opened or written.
     #[error(transparent)]
     Storage(#[from] storage::StorageErr),
+    /// The registry could not start.
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    /// A gRPC server failed.
     #[error("controller: grpc server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The cluster CA or certificates could not be set up.
     #[error(transparent)]
     Security(#[from] security::SecurityError),
+    /// The data keys could not be loaded (locked, wrong unlock key).
     #[error(transparent)]
     Crypt(#[from] crypt::CryptError),
+    /// The raft loop ended (a storage error): the controller cannot go on.
     #[error("controller: the raft loop stopped (storage error); restart after fixing the disk")]
     RaftStopped,
 }
 
+/// The controller's configuration, from `rudder-controller`'s flags.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Where the controller keeps its state (raft log, snapshots, keys, registry blobs).
     pub data_dir: PathBuf,
     /// gRPC API for rctl and agents.
     pub listen: SocketAddr,
     /// OCI registry.
     pub registry_listen: SocketAddr,
+    /// This controller's raft id, unique in the group and never reused.
     pub raft_id: u64,
     /// Manager join token (with `join`, first start only).
     pub token: Option<String>,
@@ -125,6 +140,7 @@ impl Config {
         }
     }
 
+    /// Checks the values that cannot be checked by their type.
     pub fn validate(&self) -> Result<(), ControllerError> {
         if self.raft_id == 0 {
             return Err(ControllerError::Config("raft id must be > 0".into()));

@@ -87,6 +87,7 @@ fn current(tls: &SharedTls) -> Option<ClientTlsConfig> {
 }
 
 impl GrpcTransport {
+    /// A transport without TLS (tests and benches).
     pub fn new() -> Arc<Self> {
         Self::with_tls(None)
     }
@@ -290,6 +291,7 @@ pub struct GrpcForwarder {
 }
 
 impl GrpcForwarder {
+    /// Forwards to the leader `raft` knows of; `tls` where controllers use it.
     pub fn new(raft: RaftHandle, tls: Option<ClientTlsConfig>) -> Arc<Self> {
         Arc::new(GrpcForwarder {
             raft,
@@ -381,6 +383,7 @@ pub const MAX_SNAPSHOT: usize = 4 << 30;
 /// messages must come `from` the raft id in its name (`controller-<id>`), forwarded proposals
 /// only from current members, and `JoinRaft` only for the caller's own id.
 pub struct PeerApi {
+    /// The local raft node the service feeds.
     pub raft: RaftHandle,
     /// Whether callers must carry an identity (a guard in front, as `lib::run` serves it). Off
     /// only where a bench serves the raw service.

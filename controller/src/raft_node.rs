@@ -73,25 +73,34 @@ pub const KEEP_ENTRIES: u64 = 5_000;
 /// entry in its term).
 const READ_RETRY_TICKS: u64 = 5;
 
+/// Why a proposal or a raft operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
     /// 0: no leader is known, i.e. no quorum of controllers can be reached.
     #[error("{}", not_leader_message(*.0))]
     NotLeader(u64),
+    /// The proposal could not be forwarded to the leader.
     #[error("raft: forwarding to the leader: {0}")]
     Forward(String),
+    /// A snapshot could not be made, sent or applied.
     #[error("raft: snapshot: {0}")]
     Snapshot(String),
+    /// The proposal was dropped (leadership changed, or it was refused).
     #[error("raft: proposal dropped: {0}")]
     Dropped(String),
+    /// The proposal did not commit in time.
     #[error("raft: timed out waiting for the proposal to commit")]
     Timeout,
+    /// The raft loop has stopped.
     #[error("raft: node stopped")]
     Stopped,
+    /// The command committed but the store refused it.
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// The raft log failed.
     #[error(transparent)]
     Storage(#[from] StorageErr),
+    /// raft-rs refused the operation.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
 }
@@ -170,7 +179,9 @@ impl LogStore for RedbStorage {
 /// What a follower hands to the leader: an encoded [`Envelope`], or a membership change.
 #[derive(Debug, Clone)]
 pub enum Proposal {
+    /// An encoded command envelope.
     Command(Vec<u8>),
+    /// A membership change.
     Conf(ConfChange),
 }
 
@@ -178,6 +189,7 @@ pub enum Proposal {
 /// index at which the leader applied it.
 #[async_trait::async_trait]
 pub trait Forwarder: Send + Sync + 'static {
+    /// Hands `proposal` to raft node `leader`; the index it was applied at.
     async fn forward(&self, leader: u64, proposal: Proposal) -> Result<u64, RaftError>;
 }
 
@@ -189,10 +201,15 @@ pub fn encode_member(info: &ManagerInfo) -> Vec<u8> {
 /// What the rest of the controller may know about consensus.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RaftStatus {
+    /// This controller's raft id.
     pub id: u64,
+    /// The leader's raft id; 0 when none is known.
     pub leader_id: u64,
+    /// The current term.
     pub term: u64,
+    /// The last applied log index.
     pub applied: u64,
+    /// Whether this controller leads.
     pub is_leader: bool,
     /// Current voters.
     pub voters: Vec<u64>,
@@ -385,14 +402,17 @@ impl RaftHandle {
         self.store.borrow().clone()
     }
 
+    /// The published store, updated after each batch of commits.
     pub fn watch_store(&self) -> watch::Receiver<Arc<Store>> {
         self.store.clone()
     }
 
+    /// The raft status now.
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
     }
 
+    /// The raft status, updated as it changes.
     pub fn watch_status(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
     }

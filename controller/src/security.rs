@@ -592,7 +592,7 @@ pub fn not_revoked(raft: RaftHandle) -> tls::IdentityCheck {
     })
 }
 
-pub use crate::tls::{guard, guard_checked};
+pub use crate::tls::guard_checked;
 
 #[cfg(test)]
 mod at_rest_tests {

@@ -49,22 +49,36 @@ use crate::crypt::{self, Context, CryptError, DataKeys};
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Why the raft log or its snapshots could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageErr {
+    /// redb failed.
     #[error("storage: redb: {0}")]
     Redb(String),
+    /// A snapshot file could not be read or written (path, error).
     #[error("storage: snapshot file {0}: {1}")]
     SnapshotFile(PathBuf, std::io::Error),
+    /// A record does not decode (which, why).
     #[error("storage: corrupt record {0}: {1}")]
     Corrupt(&'static str, String),
+    /// The data dir could not be created or secured (path, error).
     #[error("storage: data dir {0}: {1}")]
     DataDir(PathBuf, std::io::Error),
+    /// The log could not be opened (path, error).
     #[error("storage: open {0}: {1}")]
     Open(PathBuf, std::io::Error),
+    /// A snapshot older than the one held.
     #[error("storage: snapshot at index {index} refused: the current snapshot is at {current}")]
-    StaleSnapshot { index: u64, current: u64 },
+    StaleSnapshot {
+        /// The snapshot's index.
+        index: u64,
+        /// The held snapshot's index.
+        current: u64,
+    },
+    /// A record does not decrypt, or the keys are unusable.
     #[error("storage: {0}")]
     Crypt(#[from] CryptError),
+    /// An encrypted record, and no data keys to read it.
     #[error("storage: {0} is encrypted but this log was opened without data keys")]
     NoKeys(String),
 }
@@ -260,7 +274,9 @@ impl Recent {
 /// What one [`RedbStorage::reencrypt`] pass rewrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reencrypted {
+    /// Log entries rewritten.
     pub entries: u64,
+    /// Whether the snapshot was rewritten.
     pub snapshot: bool,
 }
 
@@ -469,6 +485,7 @@ impl RedbStorage {
         Ok(())
     }
 
+    /// The persisted term, vote and commit index.
     pub fn hard_state(&self) -> HardState {
         self.meta.read().expect("meta lock").hard_state.clone()
     }

@@ -46,6 +46,7 @@ impl Watches {
     }
 
     /// Streams open now.
+    #[cfg(test)]
     pub fn open(&self) -> usize {
         self.0.load(Ordering::Acquire)
     }

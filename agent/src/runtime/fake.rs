@@ -22,41 +22,68 @@ use super::{
 /// One call the fake received, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
+    /// `start`.
     Start {
+        /// The container id.
         id: String,
+        /// The container directory.
         dir: PathBuf,
     },
+    /// `run_attached` (a foreground run).
     RunAttached {
+        /// The container id.
         id: String,
+        /// The bundle run.
         bundle: PathBuf,
     },
+    /// `wait`.
     Wait {
+        /// The container id.
         id: String,
     },
+    /// `kill`, with the signal's name.
     Kill {
+        /// The container id.
         id: String,
+        /// The signal's name.
         signal: String,
     },
+    /// `exec`.
     Exec {
+        /// The container id.
         id: String,
+        /// The command.
         cmd: Vec<String>,
     },
+    /// `exec_attached`.
     ExecAttached {
+        /// The container id.
         id: String,
+        /// The command.
         argv: Vec<String>,
+        /// Whether on a terminal.
         tty: bool,
     },
+    /// `pause`.
     Pause {
+        /// The container id.
         id: String,
     },
+    /// `resume`.
     Resume {
+        /// The container id.
         id: String,
     },
+    /// `delete`.
     Delete {
+        /// The container id.
         id: String,
     },
+    /// `list`.
     List,
+    /// `state`.
     State {
+        /// The container id.
         id: String,
     },
 }
@@ -105,6 +132,7 @@ pub struct FakeRuntime {
 }
 
 impl FakeRuntime {
+    /// A runtime with no containers and no scripted results.
     pub fn new() -> Self {
         Self::default()
     }

@@ -137,6 +137,7 @@ impl BlobStore {
         Ok(store)
     }
 
+    /// The upload limits in force.
     pub fn limits(&self) -> &UploadLimits {
         &self.inner.limits
     }
@@ -178,6 +179,7 @@ impl BlobStore {
         check_free(&self.inner.root, self.inner.limits.min_free_bytes, more)
     }
 
+    /// The blob store's root directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
     }

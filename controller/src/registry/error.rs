@@ -13,10 +13,13 @@ use axum::response::{IntoResponse, Response};
 /// error code) and server faults (5xx).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// BLOB_UNKNOWN: no blob with this digest.
     #[error("registry: blob unknown: {0}")]
     BlobUnknown(String),
+    /// BLOB_UPLOAD_UNKNOWN: no upload with this id.
     #[error("registry: blob upload unknown: {0}")]
     UploadUnknown(String),
+    /// BLOB_UPLOAD_INVALID: the upload cannot go on.
     #[error("registry: blob upload invalid: {0}")]
     UploadInvalid(String),
     /// A chunk did not start where the upload currently ends.
@@ -43,20 +46,33 @@ pub enum RegistryError {
     /// A declared length (Content-Length, Content-Range) disagrees with the bytes sent.
     #[error("registry: size invalid: {0}")]
     SizeInvalid(String),
+    /// DIGEST_INVALID: not a valid digest.
     #[error("registry: digest invalid: {0}")]
     DigestInvalid(String),
+    /// DIGEST_INVALID: the content does not have the digest given.
     #[error("registry: digest mismatch: client said {expected}, content hashes to {actual}")]
-    DigestMismatch { expected: String, actual: String },
+    DigestMismatch {
+        /// The digest given.
+        expected: String,
+        /// The digest of the content.
+        actual: String,
+    },
+    /// MANIFEST_UNKNOWN: no manifest with this reference.
     #[error("registry: manifest unknown: {0}")]
     ManifestUnknown(String),
+    /// MANIFEST_INVALID: the manifest does not parse or breaks the spec.
     #[error("registry: manifest invalid: {0}")]
     ManifestInvalid(String),
+    /// MANIFEST_BLOB_UNKNOWN: the manifest references a blob not held.
     #[error("registry: manifest references blob {0} which this registry does not hold")]
     ManifestBlobUnknown(String),
+    /// NAME_INVALID: not a valid repository name.
     #[error("registry: name invalid: {0}")]
     NameInvalid(String),
+    /// TAG_INVALID: not a valid tag.
     #[error("registry: tag invalid: {0}")]
     TagInvalid(String),
+    /// SIZE_INVALID: over a size limit.
     #[error("registry: payload too large: {0}")]
     TooLarge(String),
     /// Too many uploads are open at once; the client should retry later.
@@ -65,10 +81,13 @@ pub enum RegistryError {
     /// Taking the bytes would leave the registry's disk below its free-space floor.
     #[error("registry: not enough disk space: {0}")]
     DiskFull(String),
+    /// UNSUPPORTED: a request this registry does not serve.
     #[error("registry: unsupported: {0}")]
     Unsupported(String),
+    /// 404 without a spec code (an unknown path).
     #[error("registry: no such endpoint: {0}")]
     NotFound(String),
+    /// 405: the path exists but not with this method.
     #[error("registry: method {0} not allowed here")]
     MethodNotAllowed(String),
     /// The request body broke off or could not be read.
@@ -84,6 +103,7 @@ pub enum RegistryError {
          it before an upload is acknowledged: {why}"
     )]
     NoQuorum {
+        /// The blob.
         digest: String,
         /// Managers holding the blob, this one included.
         held: usize,
@@ -97,9 +117,12 @@ pub enum RegistryError {
     /// The HTTP client for peer registries could not be built.
     #[error("registry: peer client: {0}")]
     PeerClient(String),
+    /// A local file operation failed (5xx).
     #[error("registry: {op}: {source}")]
     Io {
+        /// The operation that failed.
         op: &'static str,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },

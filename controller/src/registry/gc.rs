@@ -110,24 +110,41 @@ pub(crate) type BeforeDelete<'a> =
 /// Why an inventory or a collection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
+    /// A manifest no registry holds: its blobs are unknown, so nothing is collected.
     #[error("registry gc: manifest {digest} of {repo} is neither here nor on any peer; not collecting (its blobs are unknown)")]
-    ManifestMissing { repo: String, digest: String },
+    ManifestMissing {
+        /// The repository.
+        repo: String,
+        /// The manifest's or blob's digest.
+        digest: String,
+    },
+    /// A manifest could not be read.
     #[error("registry gc: manifest {digest} of {repo}: {source}")]
     Manifest {
+        /// The repository.
         repo: String,
+        /// The manifest's or blob's digest.
         digest: String,
+        /// The underlying error.
         source: RegistryError,
     },
+    /// The blob directory could not be listed.
     #[error("registry gc: list {path}: {source}")]
     List {
+        /// The directory listed.
         path: PathBuf,
+        /// The underlying error.
         source: std::io::Error,
     },
+    /// A blob could not be deleted.
     #[error("registry gc: delete blob {digest}: {source}")]
     Delete {
+        /// The manifest's or blob's digest.
         digest: String,
+        /// The underlying error.
         source: RegistryError,
     },
+    /// The registry failed otherwise.
     #[error(transparent)]
     Registry(#[from] RegistryError),
 }
@@ -136,9 +153,13 @@ pub enum GcError {
 /// manifest's own digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The repository.
     pub repo: String,
+    /// A tag, or the manifest's digest.
     pub reference: String,
+    /// The manifest's digest.
     pub digest: String,
+    /// The manifest's media type.
     pub media_type: String,
 }
 
@@ -158,6 +179,7 @@ pub struct ManifestInfo {
 pub struct Inventory {
     /// By manifest digest.
     pub manifests: HashMap<String, ManifestInfo>,
+    /// The blob files found on disk.
     pub on_disk: Vec<StoredBlob>,
 }
 
@@ -340,7 +362,9 @@ pub fn last_written(meta: &std::fs::Metadata) -> SystemTime {
 /// What one collection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcReport {
+    /// Blobs deleted.
     pub blobs: u64,
+    /// Bytes freed.
     pub bytes: u64,
     /// Unreferenced blobs kept for being younger than the grace period.
     pub kept_young: u64,

@@ -16,9 +16,13 @@ use super::RegistryError;
 /// Largest manifest accepted, as the spec suggests.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
+/// Media type of an OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of a docker v2 schema 2 manifest.
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Media type of a docker manifest list.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// What the registry needs to know about a pushed manifest.

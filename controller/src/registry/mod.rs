@@ -108,6 +108,7 @@ impl RegistryState {
         &self.blobs
     }
 
+    /// The tag store this registry writes through.
     pub fn tags(&self) -> &Arc<dyn TagStore> {
         &self.tags
     }

@@ -67,6 +67,7 @@ pub struct MemTagStore {
 }
 
 impl MemTagStore {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -59,9 +59,11 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Who is on the other end of a registry connection, from its verified client certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
+    /// The role from the certificate.
     pub role: Role,
     /// The node id (certificate CN), for logs and refusals.
     pub node: String,
+    /// The peer's address.
     pub addr: SocketAddr,
     /// The end of the certificate's validity: checked at every request, since a connection
     /// may outlive it.
@@ -96,6 +98,7 @@ impl AccessPolicy for Open {
 pub struct PullLeases(std::sync::Mutex<std::collections::HashMap<String, usize>>);
 
 impl PullLeases {
+    /// Counts one more pull of `node`'s, until the lease is dropped.
     pub fn grant(self: &Arc<Self>, node: &str) -> PullLease {
         *self
             .0
@@ -109,6 +112,7 @@ impl PullLeases {
         }
     }
 
+    /// Whether `node` has a pull in progress.
     pub fn held(&self, node: &str) -> bool {
         self.0
             .lock()
