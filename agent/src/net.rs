@@ -55,14 +55,6 @@ pub enum NetError {
     /// The kernel refused a link, address, route or rule change.
     #[error("network: {0}")]
     Host(#[from] HostNetError),
-    /// A network namespace could not be made or entered.
-    #[error("network: namespace {path}: {msg}")]
-    Netns {
-        /// The namespace's path.
-        path: PathBuf,
-        /// Why.
-        msg: String,
-    },
     /// A network's DNS server could not start.
     #[error("network: dns on {addr}: {source}")]
     Dns {
@@ -119,12 +111,6 @@ pub(crate) fn veth_name(task_id: &str, i: usize) -> String {
 pub(crate) fn vtep_mac(vni: u32, gw: Ipv4Addr) -> Mac {
     let o = gw.octets();
     [0x02, vni as u8, o[0], o[1], o[2], o[3]]
-}
-
-fn write_sysctl(path: &str, value: &str) {
-    if let Err(e) = std::fs::write(path, value) {
-        debug!(path, %e, "sysctl");
-    }
 }
 
 /// The tunnel that carries network `n` between hosts: the host's WireGuard interface `wg`
@@ -571,6 +557,8 @@ pub struct Overlay {
     bridge: Mutex<BridgeTable>,
     /// Executes the planned changes (rtnetlink; a fake in tests).
     net: Arc<dyn HostNet>,
+    /// `/proc/sys` (a directory of the test's in tests): where IPv4 forwarding is turned on.
+    proc_sys: PathBuf,
     /// Bumped when a bridge task comes or goes (its published ports are in the nft table).
     bridge_tx: watch::Sender<u64>,
 }
@@ -584,16 +572,24 @@ impl Overlay {
         agent_exe: PathBuf,
     ) -> Result<Arc<Overlay>, NetError> {
         let net = NetlinkHostNet::shared()?;
-        Self::start_with(data_dir, node_id, wg_port, agent_exe, net)
+        Self::start_with(
+            data_dir,
+            node_id,
+            wg_port,
+            agent_exe,
+            net,
+            "/proc/sys".into(),
+        )
     }
 
-    /// [`Overlay::start`] over a given [`HostNet`].
+    /// [`Overlay::start`] over a given [`HostNet`], with `/proc/sys` at `proc_sys`.
     pub fn start_with(
         data_dir: &Path,
         node_id: &str,
         wg_port: u16,
         agent_exe: PathBuf,
         net: Arc<dyn HostNet>,
+        proc_sys: PathBuf,
     ) -> Result<Arc<Overlay>, NetError> {
         let key = crate::wg::load_or_create_key(&data_dir.join("wg.key"))?;
         let epoch = std::fs::read_to_string(data_dir.join("wg.epoch"))
@@ -625,6 +621,7 @@ impl Overlay {
             bridge_subnet: DEFAULT_BRIDGE_SUBNET.parse().expect("valid subnet"),
             bridge: Mutex::new(BridgeTable::default()),
             net,
+            proc_sys,
             bridge_tx,
         });
         tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
@@ -821,8 +818,8 @@ impl Overlay {
     /// marker opts out.
     fn enable_forwarding(&self) -> bool {
         let marker = self.data_dir.join(FORWARD_MARKER);
-        let path = "/proc/sys/net/ipv4/ip_forward";
-        let was_off = std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0");
+        let path = self.proc_sys.join("net/ipv4/ip_forward");
+        let was_off = std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0");
         if was_off && !marker.exists() {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -845,7 +842,9 @@ impl Overlay {
                 }
             }
         }
-        write_sysctl(path, "1");
+        if let Err(e) = std::fs::write(&path, "1") {
+            debug!(path = %path.display(), %e, "sysctl");
+        }
         marker.exists()
     }
 
@@ -970,7 +969,7 @@ impl Overlay {
             .await?;
         let ns = self.netns_path(id);
         if !ns.exists() {
-            create_netns(&ns).await?;
+            self.net.create_netns(&ns).await?;
         }
         let veth = Veth {
             host: veth_name(id, 9),
@@ -1062,7 +1061,7 @@ impl Overlay {
         let nets = self.networks_for(task).await?;
         let ns = self.netns_path(&task.id);
         if !ns.exists() {
-            create_netns(&ns).await?;
+            self.net.create_netns(&ns).await?;
         }
         // The way out is the first network that has one (an internal network has none; with
         // only internal ones, the first still carries replies to its published ports).
@@ -1133,40 +1132,6 @@ struct BridgeMember {
     addr: Ipv4Addr,
     /// Its host-mode published ports (they go into the nftables table).
     ports: Vec<PublishedPort>,
-}
-
-/// A new network namespace, kept alive by a bind mount at `path`. Made on a thread of its own
-/// (unshare changes the calling thread's namespace), which exits afterwards.
-pub(crate) async fn create_netns(path: &Path) -> Result<(), NetError> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<(), NetError> {
-        std::fs::File::create(&path).map_err(|err| NetError::Io {
-            op: "create netns file",
-            err,
-        })?;
-        let p = path.clone();
-        let r = std::thread::spawn(move || -> Result<(), String> {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("unshare: {e}"))?;
-            nix::mount::mount(
-                Some("/proc/thread-self/ns/net"),
-                &p,
-                None::<&str>,
-                nix::mount::MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| format!("bind mount: {e}"))
-        })
-        .join()
-        .map_err(|_| "netns thread panicked".to_string())
-        .and_then(|r| r);
-        r.map_err(|msg| NetError::Netns { path, msg })
-    })
-    .await
-    .map_err(|e| NetError::Netns {
-        path: PathBuf::new(),
-        msg: e.to_string(),
-    })?
 }
 
 /// Drops a container's namespace kept at `path` (see [`Overlay::netns_path`]); what lives in
@@ -1446,6 +1411,94 @@ mod tests {
         assert_eq!(vip("www").as_deref(), Some("10.50.0.3"));
         assert_eq!(vip("web-legacy").as_deref(), Some("10.50.0.3"));
         assert_eq!(v.services.len(), 3);
+    }
+
+    /// The local bridge through the port, without root: addresses allocated in order and
+    /// freed by a detach, the planned ops, and a new agent process that finds the records.
+    #[tokio::test]
+    async fn bridge_attach_allocates_plans_and_frees() {
+        use crate::hostnet::fake::FakeHostNet;
+        let data = tempfile::tempdir().unwrap();
+        let proc_sys = data.path().join("proc-sys");
+        std::fs::create_dir_all(proc_sys.join("net/ipv4")).unwrap();
+        std::fs::write(proc_sys.join("net/ipv4/ip_forward"), "0").unwrap();
+        let start = |fake: Arc<FakeHostNet>| {
+            Overlay::start_with(
+                data.path(),
+                "node1",
+                51820,
+                "/bin/false".into(),
+                fake,
+                proc_sys.clone(),
+            )
+            .unwrap()
+        };
+        let fake = Arc::new(FakeHostNet::new());
+        let o = start(fake.clone());
+        let dir = |i: usize| {
+            let d = data.path().join("containers").join(format!("t{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let addr = |i: usize| std::fs::read_to_string(dir(i).join("bridge_addr")).unwrap();
+        let ns0 = o.attach_bridge_as("t0", "h0", "t0", &dir(0)).await.unwrap();
+        assert_eq!(ns0, data.path().join("netns/t0"));
+        assert!(ns0.exists());
+        o.attach_bridge_as("t1", "h1", "t1", &dir(1)).await.unwrap();
+        assert_eq!(
+            (addr(0).as_str(), addr(1).as_str()),
+            ("172.31.0.2", "172.31.0.3")
+        );
+        assert!(std::fs::read_to_string(dir(0).join("hosts"))
+            .unwrap()
+            .contains("172.31.0.2\th0"));
+        // Forwarding was off: turned on, and recorded as ours.
+        let fwd = std::fs::read_to_string(proc_sys.join("net/ipv4/ip_forward")).unwrap();
+        assert_eq!(fwd, "1");
+        assert!(data.path().join(FORWARD_MARKER).exists());
+        o.detach_bridge_as("t0", &dir(0)).await;
+        assert!(!ns0.exists() && !dir(0).join("bridge_addr").exists());
+        o.attach_bridge_as("t2", "h2", "t2", &dir(2)).await.unwrap();
+        assert_eq!(addr(2), "172.31.0.2", "a freed address is taken again");
+
+        let host = fake.ops(&Ns::Host);
+        for want in [
+            "link add rdr0 type bridge",
+            "addr replace 172.31.0.1/16 dev rdr0",
+            "link del rdvt09",
+            &format!(
+                "link add rdvt09 type veth peer name eth0 netns {}",
+                ns0.display()
+            ),
+            "link set rdvt09 master rdr0 up",
+        ] {
+            assert!(host.iter().any(|o| o == want), "missing {want}: {host:?}");
+        }
+        assert_eq!(
+            fake.ops(&Ns::Path(ns0.clone())),
+            [
+                "link set lo up",
+                "link set eth0 up",
+                "addr replace 172.31.0.2/16 dev eth0",
+                "route replace 0.0.0.0/0 via 172.31.0.1 dev eth0",
+            ]
+        );
+        // An attach reads nothing of the host (no map yet, so no pass observed it either).
+        assert!(!fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, crate::hostnet::fake::Call::Observe(_))));
+
+        // A new agent process finds t1 and t2 from their records.
+        let o2 = start(Arc::new(FakeHostNet::new()));
+        o2.attach_bridge_as("t3", "h3", "t3", &dir(3))
+            .await
+            .unwrap();
+        assert_eq!(addr(3), "172.31.0.4");
+        assert_eq!(
+            o2.local_bridge().unwrap().subnet.to_string(),
+            "172.31.0.0/16"
+        );
     }
 
     #[test]

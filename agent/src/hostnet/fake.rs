@@ -12,6 +12,7 @@ pub enum Call {
     Observe(Ns),
     Apply(Ns, Vec<NetOp>),
     LoadNft(String),
+    CreateNetns(std::path::PathBuf),
 }
 
 #[derive(Default)]
@@ -95,6 +96,19 @@ impl HostNet for FakeHostNet {
             .lock()
             .expect("fake lock")
             .push(Call::LoadNft(ruleset.to_string()));
+        Ok(())
+    }
+
+    /// Records the call and makes the file (so the path exists, as a real one would).
+    async fn create_netns(&self, path: &std::path::Path) -> Result<(), HostNetError> {
+        self.calls
+            .lock()
+            .expect("fake lock")
+            .push(Call::CreateNetns(path.to_path_buf()));
+        std::fs::File::create(path).map_err(|source| HostNetError::Netns {
+            ns: path.display().to_string(),
+            source,
+        })?;
         Ok(())
     }
 }

@@ -369,4 +369,7 @@ pub trait HostNet: Send + Sync {
     async fn apply(&self, ns: &Ns, ops: &[NetOp]) -> Result<(), HostNetError>;
     /// Replaces nftables table `ip rudder` with `ruleset` in one transaction.
     async fn load_nft(&self, ruleset: &str) -> Result<(), HostNetError>;
+    /// Makes a new network namespace, kept alive by a bind mount at `path` (a file it
+    /// creates), for [`Ns::Path`].
+    async fn create_netns(&self, path: &std::path::Path) -> Result<(), HostNetError>;
 }

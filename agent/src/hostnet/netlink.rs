@@ -174,6 +174,28 @@ impl HostNet for NetlinkHostNet {
         .await
     }
 
+    async fn create_netns(&self, path: &Path) -> Result<(), HostNetError> {
+        let p = path.to_path_buf();
+        let err = |source| HostNetError::Netns {
+            ns: path.display().to_string(),
+            source,
+        };
+        match tokio::time::timeout(
+            OP_TIMEOUT,
+            tokio::task::spawn_blocking(move || new_netns(&p)),
+        )
+        .await
+        {
+            Err(_) => Err(HostNetError::Timeout {
+                op: "create netns".into(),
+                ns: path.display().to_string(),
+                after: OP_TIMEOUT,
+            }),
+            Ok(Err(e)) => Err(err(io::Error::other(e.to_string()))),
+            Ok(Ok(r)) => r.map_err(err),
+        }
+    }
+
     async fn load_nft(&self, ruleset: &str) -> Result<(), HostNetError> {
         let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{ruleset}");
         let run = async {
@@ -200,6 +222,26 @@ impl HostNet for NetlinkHostNet {
         }
         Ok(())
     }
+}
+
+/// A new network namespace kept alive by a bind mount at `path`: made on a thread of its own
+/// (unshare changes the calling thread's namespace), which exits afterwards.
+fn new_netns(path: &Path) -> io::Result<()> {
+    File::create(path)?;
+    let p = path.to_path_buf();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &p,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(io::Error::from)
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))?
 }
 
 /// Names the namespace in an error made where it was not known.
@@ -728,9 +770,9 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        crate::net::create_netns(&a).await.unwrap();
-        crate::net::create_netns(&b).await.unwrap();
         let net = NetlinkHostNet::shared().unwrap();
+        net.create_netns(&a).await.unwrap();
+        net.create_netns(&b).await.unwrap();
         let ns = Ns::Path(a.clone());
         let gw: Ipv4Addr = "10.77.1.1".parse().unwrap();
         let mut ops = plan::local_bridge("tbr0", gw, 24);
