@@ -1440,7 +1440,7 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             d
         };
-        let addr = |i: usize| ContainerDir::new(&dir(i)).read_bridge_addr().unwrap();
+        let addr = |i: usize| ContainerDir::new(dir(i)).read_bridge_addr().unwrap();
         let ns0 = o.attach_bridge_as("t0", "h0", "t0", &dir(0)).await.unwrap();
         assert_eq!(ns0, data.path().join("netns/t0"));
         assert!(ns0.exists());
@@ -1457,7 +1457,7 @@ mod tests {
         assert_eq!(fwd, "1");
         assert!(data.path().join(FORWARD_MARKER).exists());
         o.detach_bridge_as("t0", &dir(0)).await;
-        assert!(!ns0.exists() && ContainerDir::new(&dir(0)).read_bridge_addr().is_none());
+        assert!(!ns0.exists() && ContainerDir::new(dir(0)).read_bridge_addr().is_none());
         o.attach_bridge_as("t2", "h2", "t2", &dir(2)).await.unwrap();
         assert_eq!(addr(2), "172.31.0.2", "a freed address is taken again");
 
