@@ -9,6 +9,7 @@ mod api;
 mod build;
 pub mod bundle;
 mod commit;
+mod convert;
 mod copy;
 mod datadir;
 pub mod dns;

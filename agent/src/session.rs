@@ -318,16 +318,14 @@ async fn session(
             cpus_milli: me.cpus_milli,
             memory_bytes: me.memory_bytes,
             // A host promoted to run a controller is a manager from then on.
-            role: if me
-                .data_dir
-                .as_deref()
-                .and_then(crate::manager::running)
-                .is_some()
-            {
-                "manager".to_string()
-            } else {
-                me.role.clone()
-            },
+            role: crate::convert::role_to_wire(
+                me.role == "manager"
+                    || me
+                        .data_dir
+                        .as_deref()
+                        .and_then(crate::manager::running)
+                        .is_some(),
+            ),
             overlay_public_key,
             overlay_key_epoch,
         })),
@@ -379,7 +377,7 @@ async fn session(
                         }
                     }
                     Some(Down::NetworkMap(m)) => {
-                        match (serde_json::from_str(&m.map_json), &overlay) {
+                        match (crate::convert::network_map(&m), &overlay) {
                             (Ok(map), Some(o)) => o.set_map(map),
                             (Err(e), _) => warn!(%e, "unreadable network map"),
                             (Ok(_), None) => {}
@@ -406,7 +404,7 @@ async fn session(
                         let tasks: Vec<Task> = a
                             .tasks
                             .iter()
-                            .filter_map(|t| match serde_json::from_str(&t.task_json) {
+                            .filter_map(|t| match crate::convert::assignment(t) {
                                 Ok(t) => Some(t),
                                 Err(e) => {
                                     warn!(task = %t.task_id, %e, "unreadable assignment");

@@ -208,7 +208,7 @@ impl Worker {
     fn report(&self, task: &Task, state: TaskState, message: &str, error: &str, exit: Option<i32>) {
         let r = TaskStatusReport {
             task_id: task.id.clone(),
-            state: state.to_string(),
+            state: crate::convert::task_state_to_wire(state),
             message: message.to_string(),
             error: error.to_string(),
             // A container exists from `starting` on, unless the task never got that far.

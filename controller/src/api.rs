@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use rudder_model::spec::ServiceMode;
-use rudder_model::{Availability, Command, TaskState};
+use rudder_model::{Command, TaskState};
 use rudder_proto::v1::control_server::Control;
 use rudder_proto::v1::*;
 use tonic::{Request, Response, Status};
@@ -102,41 +102,42 @@ impl Control for ControlApi {
         let services = store
             .services
             .values()
-            .map(|s| ServiceSummary {
-                id: s.id.clone(),
-                name: s.spec.name.clone(),
-                image: s.spec.image.clone(),
-                desired: if s.spec.mode == ServiceMode::Global {
-                    store
+            .map(|s| -> Result<ServiceSummary, Status> {
+                Ok(ServiceSummary {
+                    id: s.id.clone(),
+                    name: s.spec.name.clone(),
+                    image: s.spec.image.clone(),
+                    desired: if s.spec.mode == ServiceMode::Global {
+                        store
+                            .tasks_of(&s.id)
+                            .filter(|t| t.desired_state == TaskState::Running)
+                            .count() as u64
+                    } else {
+                        s.spec.replicas
+                    },
+                    global: s.spec.mode == ServiceMode::Global,
+                    update_state: convert::update_state_to_wire(
+                        s.update_status.as_ref().map(|u| u.state),
+                    )
+                    .into(),
+                    update_message: s
+                        .update_status
+                        .as_ref()
+                        .map(|u| u.message.clone())
+                        .unwrap_or_default(),
+                    spec_version: s.spec_version,
+                    running: store
                         .tasks_of(&s.id)
-                        .filter(|t| t.desired_state == TaskState::Running)
-                        .count() as u64
-                } else {
-                    s.spec.replicas
-                },
-                global: s.spec.mode == ServiceMode::Global,
-                update_state: s
-                    .update_status
-                    .as_ref()
-                    .map(|u| u.state.as_str().to_string())
-                    .unwrap_or_default(),
-                update_message: s
-                    .update_status
-                    .as_ref()
-                    .map(|u| u.message.clone())
-                    .unwrap_or_default(),
-                spec_version: s.spec_version,
-                running: store
-                    .tasks_of(&s.id)
-                    .filter(|t| {
-                        t.desired_state == TaskState::Running
-                            && t.status.state == TaskState::Running
-                    })
-                    .count() as u64,
-                version: s.version,
-                spec_json: serde_json::to_string(&s.spec).unwrap_or_default(),
+                        .filter(|t| {
+                            t.desired_state == TaskState::Running
+                                && t.status.state == TaskState::Running
+                        })
+                        .count() as u64,
+                    version: s.version,
+                    spec_json: convert::json("service spec", &s.spec)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(ListServicesResponse { services }))
     }
 
@@ -177,14 +178,7 @@ impl Control for ControlApi {
         let req = req.into_inner();
         let store = self.raft.store();
         let node = find_node(&store, &req.node)?;
-        let availability = match req.availability.as_str() {
-            "" => None,
-            a => Some(a.parse::<Availability>().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "availability: {a:?} is not one of active, pause, drain"
-                ))
-            })?),
-        };
+        let availability = convert::availability(req.availability)?;
         for k in req.labels_add.keys().chain(req.labels_rm.iter()) {
             if k.is_empty() || k.contains('=') || k.chars().any(char::is_whitespace) {
                 return Err(Status::invalid_argument(format!(
@@ -580,8 +574,8 @@ impl Control for ControlApi {
             networks_json: store
                 .networks
                 .values()
-                .map(|n| serde_json::to_string(n).unwrap_or_default())
-                .collect(),
+                .map(|n| convert::json("network", n))
+                .collect::<Result<_, _>>()?,
         }))
     }
 
@@ -742,16 +736,18 @@ impl Control for ControlApi {
             volumes: store
                 .volumes
                 .values()
-                .map(|v| VolumeSummary {
-                    volume_json: serde_json::to_string(v).unwrap_or_default(),
-                    hosts: rudder_model::views::hosts_with_copy(&store, &v.spec.name),
-                    services: store
-                        .volume_users(&v.spec.name)
-                        .into_iter()
-                        .map(String::from)
-                        .collect(),
+                .map(|v| -> Result<VolumeSummary, Status> {
+                    Ok(VolumeSummary {
+                        volume_json: convert::json("volume", v)?,
+                        hosts: rudder_model::views::hosts_with_copy(&store, &v.spec.name),
+                        services: store
+                            .volume_users(&v.spec.name)
+                            .into_iter()
+                            .map(String::from)
+                            .collect(),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
         }))
     }
 

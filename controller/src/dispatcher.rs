@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures::Stream;
 use rudder_model::store::StatusUpdate;
 use rudder_model::store::{NodeResources, NodeRole};
-use rudder_model::{Command, NodeState, TaskState, TaskStatus};
+use rudder_model::{Command, NodeState, TaskStatus};
 use rudder_proto::v1::agent_message::Msg as Up;
 use rudder_proto::v1::controller_message::Msg as Down;
 use rudder_proto::v1::dispatcher_server::Dispatcher;
@@ -112,9 +112,9 @@ async fn batch_status(raft: RaftHandle, mut rx: mpsc::Receiver<StatusUpdate>) {
     }
 }
 
-fn to_status(r: &TaskStatusReport) -> Option<TaskStatus> {
-    Some(TaskStatus {
-        state: r.state.parse::<TaskState>().ok()?,
+fn to_status(r: &TaskStatusReport) -> Result<TaskStatus, crate::convert::UnknownEnum> {
+    Ok(TaskStatus {
+        state: crate::convert::task_state(r.state)?,
         message: r.message.clone(),
         error: r.error.clone(),
         container_id: r.container_id.clone(),
@@ -324,6 +324,18 @@ async fn set_volume_copies(
     .map_err(|e| Status::unavailable(e.to_string()))
 }
 
+/// Ends a session whose next message cannot be encoded, telling the agent why (it reconnects;
+/// sending it an empty payload instead would make it drop what it runs).
+async fn fail(
+    tx: &mpsc::Sender<Result<ControllerMessage, Status>>,
+    e: rudder_model::wire::WireError,
+) {
+    warn!(%e, "dispatcher: ending a session");
+    let _ = tx
+        .send(Err(Status::internal(format!("dispatcher: {e}"))))
+        .await;
+}
+
 type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -377,7 +389,8 @@ impl Dispatcher for DispatcherApi {
         // The role is the store's: a node runs a controller because an admin promoted it (or
         // a member listens on its host), never because its agent says so.
         let role = role_of(&store, &node_id, &reg.addr);
-        if reg.role == "manager" && role != NodeRole::Manager {
+        let claimed = crate::convert::node_role(reg.role).unwrap_or(NodeRole::Worker);
+        if claimed == NodeRole::Manager && role != NodeRole::Manager {
             // The claim is never trusted; say so, in case it is an attempt.
             warn!(node = %node_id, "dispatcher: an agent claims the manager role; it runs no controller of the group: recorded as worker");
         }
@@ -502,8 +515,9 @@ impl Dispatcher for DispatcherApi {
                 // The overlay first: tasks that join a network need it on the host.
                 let map = rudder_model::views::map_for_node(&store, &down_node);
                 if last_map.as_ref() != Some(&map) {
-                    let msg = NetworkMap {
-                        map_json: serde_json::to_string(&map).unwrap_or_default(),
+                    let msg = match rudder_model::wire::encode("network map", &map) {
+                        Ok(map_json) => NetworkMap { map_json },
+                        Err(e) => return fail(&down_tx, e).await,
                     };
                     if down_tx
                         .send(Ok(ControllerMessage {
@@ -567,15 +581,20 @@ impl Dispatcher for DispatcherApi {
                 let key: Vec<(String, u64)> =
                     tasks.iter().map(|t| (t.id.clone(), t.version)).collect();
                 if last.as_ref() != Some(&key) {
-                    let msg = Assignments {
-                        tasks: tasks
-                            .iter()
-                            .map(|t| Assignment {
+                    let tasks: Result<Vec<Assignment>, _> = tasks
+                        .iter()
+                        .map(|t| {
+                            Ok(Assignment {
                                 task_id: t.id.clone(),
-                                desired_state: t.desired_state.to_string(),
-                                task_json: serde_json::to_string(t).unwrap_or_default(),
+                                desired_state: crate::convert::task_state_to_wire(t.desired_state)
+                                    .into(),
+                                task_json: rudder_model::wire::encode("task", t)?,
                             })
-                            .collect(),
+                        })
+                        .collect();
+                    let msg = match tasks {
+                        Ok(tasks) => Assignments { tasks },
+                        Err(e) => return fail(&down_tx, e).await,
                     };
                     if down_tx
                         .send(Ok(ControllerMessage {
@@ -638,9 +657,12 @@ impl Dispatcher for DispatcherApi {
                         }
                         Some(Up::Status(batch)) => {
                             for r in &batch.reports {
-                                let Some(status) = to_status(r) else {
-                                    warn!(node = %node_id, state = %r.state, "unknown task state reported");
-                                    continue;
+                                let status = match to_status(r) {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        warn!(node = %node_id, task = %r.task_id, %e, "dispatcher: a status report was dropped");
+                                        continue;
+                                    }
                                 };
                                 let _ = status_tx
                                     .send(StatusUpdate {

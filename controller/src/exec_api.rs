@@ -167,8 +167,7 @@ pub async fn inspect(
     let task = one_task(&store, &target)?;
     let node = task.node_id.as_ref().and_then(|n| store.nodes.get(n));
     let mut resp = InspectResponse {
-        task_json: serde_json::to_string(task)
-            .map_err(|e| Status::internal(format!("inspect: {e}")))?,
+        task_json: crate::convert::json("task", task)?,
         node: node.map(|n| node_summary(&store, n)),
         container: None,
         warning: String::new(),

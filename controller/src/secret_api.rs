@@ -82,22 +82,22 @@ pub(crate) async fn put(
         .map(|o| o.latest)
         .unwrap_or(0);
     Ok(PutSecretResponse {
-        action: action.as_str().into(),
+        action: convert::action_to_wire(action).into(),
         version,
         rolled,
     })
 }
 
-fn summary(store: &Store, o: &secret::SecretObject) -> SecretSummary {
-    SecretSummary {
-        meta_json: serde_json::to_string(&o.meta()).unwrap_or_default(),
+fn summary(store: &Store, o: &secret::SecretObject) -> Result<SecretSummary, Status> {
+    Ok(SecretSummary {
+        meta_json: convert::json("secret metadata", &o.meta())?,
         services: store
             .services
             .values()
             .filter(|s| secret::uses(&s.spec, o.kind, &o.name))
             .map(|s| s.spec.name.clone())
             .collect(),
-    }
+    })
 }
 
 pub(crate) fn list(store: &Store, req: ListSecretsRequest) -> Result<ListSecretsResponse, Status> {
@@ -107,7 +107,7 @@ pub(crate) fn list(store: &Store, req: ListSecretsRequest) -> Result<ListSecrets
             .objects(kind)
             .values()
             .map(|o| summary(store, o))
-            .collect(),
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -136,7 +136,7 @@ pub(crate) fn inspect(
         Vec::new()
     };
     Ok(InspectSecretResponse {
-        summary: Some(summary(store, o)),
+        summary: Some(summary(store, o)?),
         data,
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod cmd;
 pub mod context;
+pub mod convert;
 
 use std::time::Duration;
 

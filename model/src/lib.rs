@@ -20,6 +20,7 @@ pub mod task;
 pub mod update;
 pub mod views;
 pub mod volume;
+pub mod wire;
 
 pub use manifest::{Manifest, ManifestError};
 pub use spec::ServiceSpec;

@@ -217,8 +217,8 @@ impl Ctl {
                 .into_iter()
                 .map(|t| TaskRow {
                     id: t.id,
-                    state: t.state,
-                    desired: t.desired_state,
+                    state: rudder_ctl::convert::task_state_name(t.state),
+                    desired: rudder_ctl::convert::task_state_name(t.desired_state),
                     timestamp_ms: t.timestamp_ms,
                 })
                 .collect())

@@ -141,7 +141,7 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             addr,
             cpus_milli: 64_000,
             memory_bytes: 64 << 30,
-            role: "manager".into(),
+            role: rudder_proto::v1::NodeRole::Manager.into(),
             overlay_public_key: String::new(),
             overlay_key_epoch: 0,
         };

@@ -8,6 +8,10 @@ use rudder_model::manifest::{self, Manifest};
 use rudder_proto::v1::ApplyRequest;
 
 use crate::context::Context;
+use crate::convert::{
+    action, action_name, task_state, task_state_name, to_json, update_state, TaskState, UpdateState,
+};
+use rudder_model::apply::Action;
 
 pub async fn run(
     ctx: &Context,
@@ -31,9 +35,9 @@ pub async fn run(
         };
         for m in manifest::parse(&name, &text)? {
             match m {
-                Manifest::Service(s) => specs.push(serde_json::to_string(&s)?),
-                Manifest::Network(n) => networks.push(serde_json::to_string(&n)?),
-                Manifest::Volume(v) => volumes.push(serde_json::to_string(&v)?),
+                Manifest::Service(s) => specs.push(to_json("service", &s)?),
+                Manifest::Network(n) => networks.push(to_json("network", &n)?),
+                Manifest::Volume(v) => volumes.push(to_json("volume", &v)?),
                 Manifest::Secret(s) => secrets.push(secret_put(f, "secret", s)?),
                 Manifest::Config(s) => secrets.push(secret_put(f, "config", s)?),
             }
@@ -55,9 +59,14 @@ pub async fn run(
         .into_inner();
     let mut names = Vec::new();
     for r in resp.results {
-        println!("{}/{} {}", r.kind.to_lowercase(), r.name, r.action);
+        println!(
+            "{}/{} {}",
+            r.kind.to_lowercase(),
+            r.name,
+            action_name(r.action)
+        );
         if r.kind == "Service" {
-            names.push((r.name, r.action != "unchanged"));
+            names.push((r.name, action(r.action) != Some(Action::Unchanged)));
         }
     }
     if detach {
@@ -113,31 +122,46 @@ pub async fn wait_converged(
             let tasks = crate::tasks(&mut client, name).await?;
             let live: Vec<_> = tasks
                 .iter()
-                .filter(|t| t.desired_state == "running")
+                .filter(|t| task_state(t.desired_state) == Some(TaskState::Running))
                 .collect();
             let desired = if svc.global {
                 live.len() as u64
             } else {
                 svc.desired
             };
-            let running = live.iter().filter(|t| t.state == "running").count() as u64;
-            let update = svc.update_state.as_str();
-            let rolling = matches!(update, "updating" | "rollback_started");
+            let running = live
+                .iter()
+                .filter(|t| task_state(t.state) == Some(TaskState::Running))
+                .count() as u64;
+            let update = update_state(svc.update_state);
+            let rolling = matches!(
+                update,
+                Some(UpdateState::Updating | UpdateState::RollbackStarted)
+            );
             let converged = running == desired && live.len() as u64 == desired && !rolling;
-            let rejected = live.iter().find(|t| t.state == "rejected");
+            let rejected = live
+                .iter()
+                .find(|t| task_state(t.state) == Some(TaskState::Rejected));
             let failing = tasks
                 .iter()
-                .filter(|t| t.state == "failed" || t.state == "rejected")
+                .filter(|t| {
+                    matches!(
+                        task_state(t.state),
+                        Some(TaskState::Failed | TaskState::Rejected)
+                    )
+                })
                 .max_by_key(|t| t.timestamp_ms);
             let mut line = format!("{name}: {running}/{desired} running");
-            if !update.is_empty() && update != "completed" {
-                line.push_str(&format!(", update {}", update.replace('_', " ")));
+            if let Some(u) = update.filter(|u| *u != UpdateState::Completed) {
+                line.push_str(&format!(", update {}", u.as_str().replace('_', " ")));
             }
             if !converged {
                 if let Some(f) = failing {
                     line.push_str(&format!(
                         " (last failure: {} {}: {})",
-                        f.name, f.state, f.error
+                        f.name,
+                        task_state_name(f.state),
+                        f.error
                     ));
                 }
             }
@@ -146,19 +170,19 @@ pub async fn wait_converged(
                 last.insert(name.clone(), line);
             }
             match update {
-                "paused" | "rollback_paused" => anyhow::bail!(
+                Some(u @ (UpdateState::Paused | UpdateState::RollbackPaused)) => anyhow::bail!(
                     "service {name}: {} {}",
-                    update.replace('_', " "),
+                    u.as_str().replace('_', " "),
                     svc.update_message
                 ),
-                "rollback_completed" if *changed => anyhow::bail!(
+                Some(UpdateState::RollbackCompleted) if *changed => anyhow::bail!(
                     "service {name}: the update was rolled back: {}",
                     svc.update_message
                 ),
                 _ => {}
             }
             // A rollout handles its own failures (pause, rollback); a new service cannot.
-            if let Some(r) = rejected.filter(|_| update.is_empty()) {
+            if let Some(r) = rejected.filter(|_| update.is_none()) {
                 anyhow::bail!(
                     "service {name}: task {} was rejected: {}",
                     r.name,

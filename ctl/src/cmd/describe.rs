@@ -20,10 +20,10 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
         svc.desired,
         if svc.global { " (global)" } else { "" }
     );
-    if !svc.update_state.is_empty() {
+    if let Some(u) = crate::convert::update_state(svc.update_state) {
         println!(
             "Update:    {}{}",
-            svc.update_state.replace('_', " "),
+            u.as_str().replace('_', " "),
             if svc.update_message.is_empty() {
                 String::new()
             } else {
@@ -31,7 +31,7 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
             }
         );
     }
-    let spec: serde_json::Value = serde_json::from_str(&svc.spec_json)?;
+    let spec: serde_json::Value = crate::convert::from_json("service spec", &svc.spec_json)?;
     println!("Spec:\n{}", serde_json::to_string_pretty(&spec)?);
     let tasks = crate::tasks(&mut client, service).await?;
     println!("Tasks:");
@@ -45,8 +45,8 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
                 } else {
                     t.node.clone()
                 },
-                t.desired_state.clone(),
-                t.state.clone(),
+                crate::convert::task_state_name(t.desired_state),
+                crate::convert::task_state_name(t.state),
                 if t.error.is_empty() {
                     t.message.clone()
                 } else {

@@ -11,15 +11,21 @@ pub async fn services(ctx: &Context, output: Output) -> anyhow::Result<()> {
             let v: Vec<_> = list
                 .iter()
                 .map(|s| {
-                    serde_json::json!({
+                    Ok(serde_json::json!({
                         "id": s.id, "name": s.name, "image": s.image,
                         "replicas": {"desired": s.desired, "running": s.running},
                         "version": s.version,
-                        "update": {"state": s.update_state, "message": s.update_message},
-                        "spec": serde_json::from_str::<serde_json::Value>(&s.spec_json).unwrap_or_default(),
-                    })
+                        "update": {
+                            "state": crate::convert::update_state_name(s.update_state),
+                            "message": s.update_message,
+                        },
+                        "spec": crate::convert::from_json::<serde_json::Value>(
+                            "service spec",
+                            &s.spec_json,
+                        )?,
+                    }))
                 })
-                .collect();
+                .collect::<anyhow::Result<_>>()?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Table => {

@@ -30,7 +30,7 @@ pub async fn run(ctx: &Context, task: &str) -> anyhow::Result<()> {
         .await
         .map_err(crate::status_err)?
         .into_inner();
-    let parsed: rudder_model::Task = serde_json::from_str(&resp.task_json)?;
+    let parsed: rudder_model::Task = crate::convert::from_json("task", &resp.task_json)?;
     let mut out = serde_json::json!({
         "name": parsed.name(),
         "id": parsed.id,
@@ -40,7 +40,7 @@ pub async fn run(ctx: &Context, task: &str) -> anyhow::Result<()> {
         "node": resp.node.as_ref().map(super::node::to_json),
         "networks": parsed.networks,
         "container": resp.container.as_ref().map(container_json),
-        "task": serde_json::from_str::<serde_json::Value>(&resp.task_json)?,
+        "task": crate::convert::from_json::<serde_json::Value>("task", &resp.task_json)?,
     });
     if !resp.warning.is_empty() {
         eprintln!("warning: {}", resp.warning);

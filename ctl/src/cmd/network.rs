@@ -16,7 +16,7 @@ async fn list(ctx: &Context) -> anyhow::Result<Vec<Network>> {
         .into_inner();
     resp.networks_json
         .iter()
-        .map(|j| serde_json::from_str(j).map_err(Into::into))
+        .map(|j| crate::convert::from_json("network", j))
         .collect()
 }
 

@@ -7,11 +7,14 @@ use rudder_proto::v1::{NodeSummary, RemoveNodeRequest, UpdateNodeRequest};
 
 use super::{print_table, Output};
 use crate::context::Context;
+use crate::convert::{availability_name, availability_to_wire, node_state_name, role_name};
 
 pub fn to_json(n: &NodeSummary) -> serde_json::Value {
     serde_json::json!({
-        "id": n.id, "hostname": n.hostname, "addr": n.addr, "state": n.state,
-        "availability": n.availability, "role": n.role, "labels": n.labels,
+        "id": n.id, "hostname": n.hostname, "addr": n.addr,
+        "state": node_state_name(n.state),
+        "availability": availability_name(n.availability), "role": role_name(n.role),
+        "labels": n.labels,
         "tasks": n.tasks,
         "resources": {"cpus_milli": n.cpus_milli, "memory_bytes": n.memory_bytes},
         "reserved": {"cpus_milli": n.reserved_cpus_milli, "memory_bytes": n.reserved_memory_bytes},
@@ -76,9 +79,9 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
                         n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     vec![
                         n.hostname.clone(),
-                        n.state.clone(),
-                        n.availability.clone(),
-                        n.role.clone(),
+                        node_state_name(n.state),
+                        availability_name(n.availability),
+                        role_name(n.role),
                         n.tasks.to_string(),
                         n.addr.clone(),
                         n.id.clone(),
@@ -143,20 +146,28 @@ pub async fn update(
     let n = client
         .update_node(UpdateNodeRequest {
             node: node.to_string(),
-            availability: availability.unwrap_or_default().to_string(),
+            availability: availability
+                .map(availability_to_wire)
+                .transpose()?
+                .unwrap_or(0),
             labels_add,
             labels_rm: label_rm.to_vec(),
         })
         .await
         .map_err(crate::status_err)?
         .into_inner();
-    println!("node/{} updated ({}, {})", n.hostname, n.availability, {
-        let l: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        if l.is_empty() {
-            "no labels".to_string()
-        } else {
-            l.join(",")
+    println!(
+        "node/{} updated ({}, {})",
+        n.hostname,
+        availability_name(n.availability),
+        {
+            let l: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if l.is_empty() {
+                "no labels".to_string()
+            } else {
+                l.join(",")
+            }
         }
-    });
+    );
     Ok(())
 }

@@ -5,6 +5,8 @@ use rudder_proto::v1::TaskSummary;
 
 use super::{print_table, Output};
 use crate::context::Context;
+use crate::convert::{task_state, task_state_name};
+use rudder_model::TaskState;
 
 pub async fn fetch(ctx: &Context, service: Option<&str>) -> anyhow::Result<Vec<TaskSummary>> {
     let mut client = crate::connect(ctx).await?;
@@ -14,8 +16,9 @@ pub async fn fetch(ctx: &Context, service: Option<&str>) -> anyhow::Result<Vec<T
 pub fn to_json(t: &TaskSummary) -> serde_json::Value {
     serde_json::json!({
         "id": t.id, "name": t.name, "service": t.service, "slot": t.slot,
-        "node": t.node, "node_id": t.node_id, "desired_state": t.desired_state,
-        "state": t.state, "message": t.message, "error": t.error,
+        "node": t.node, "node_id": t.node_id,
+        "desired_state": task_state_name(t.desired_state),
+        "state": task_state_name(t.state), "message": t.message, "error": t.error,
         "container_id": t.container_id,
         "exit_code": if t.has_exit_code { Some(t.exit_code) } else { None },
         "timestamp_ms": t.timestamp_ms, "image": t.image,
@@ -33,17 +36,20 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
             let rows: Vec<Vec<String>> = tasks
                 .iter()
                 .map(|t| {
-                    let terminal = t
-                        .state
-                        .parse::<rudder_model::TaskState>()
-                        .is_ok_and(|s| s.is_terminal());
-                    let state = if !terminal && t.desired_state != "running" {
-                        format!("{} (desired {})", t.state, t.desired_state)
-                    } else {
-                        t.state.clone()
-                    };
+                    let state = task_state(t.state);
+                    let terminal = state.is_some_and(|s| s.is_terminal());
+                    let state_name =
+                        if !terminal && task_state(t.desired_state) != Some(TaskState::Running) {
+                            format!(
+                                "{} (desired {})",
+                                task_state_name(t.state),
+                                task_state_name(t.desired_state)
+                            )
+                        } else {
+                            task_state_name(t.state)
+                        };
                     let mut err = t.error.clone();
-                    if err.is_empty() && t.state == "pending" {
+                    if err.is_empty() && state == Some(TaskState::Pending) {
                         err = t.message.clone();
                     }
                     vec![
@@ -54,7 +60,7 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
                         } else {
                             t.node.clone()
                         },
-                        state,
+                        state_name,
                         if t.container_id.is_empty() {
                             "-".into()
                         } else {

@@ -66,7 +66,7 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
     let mut client = crate::connect(ctx).await?;
     client
         .apply(ApplyRequest {
-            service_specs_json: vec![serde_json::to_string(&spec)?],
+            service_specs_json: vec![crate::convert::to_json("service", &spec)?],
             ..Default::default()
         })
         .await
@@ -112,7 +112,7 @@ impl TaskWatch {
         let wait = async {
             while let Some(list) = self.stream.message().await.map_err(crate::status_err)? {
                 if let Some(t) = list.tasks.into_iter().max_by_key(|t| t.timestamp_ms) {
-                    let state: Option<TaskState> = t.state.parse().ok();
+                    let state = crate::convert::task_state(t.state);
                     if state.is_some_and(|s| until(s) || s.is_terminal()) {
                         return Ok(t);
                     }
@@ -124,7 +124,12 @@ impl TaskWatch {
         match tokio::time::timeout(timeout, wait).await {
             Ok(r) => r,
             Err(_) => match &newest {
-                Some(t) => anyhow::bail!("{}: still {} ({})", t.name, t.state, t.message),
+                Some(t) => anyhow::bail!(
+                    "{}: still {} ({})",
+                    t.name,
+                    crate::convert::task_state_name(t.state),
+                    t.message
+                ),
                 None => anyhow::bail!("{}: no task was created", self.service),
             },
         }
@@ -137,7 +142,7 @@ async fn follow(client: &mut Client, name: &str) -> anyhow::Result<i32> {
     let started = watch
         .until(|s| s >= TaskState::Running, Duration::from_secs(120))
         .await?;
-    if started.state == TaskState::Rejected.to_string() {
+    if crate::convert::task_state(started.state) == Some(TaskState::Rejected) {
         anyhow::bail!(
             "{}: rejected: {} {}",
             started.name,
@@ -164,18 +169,14 @@ async fn follow(client: &mut Client, name: &str) -> anyhow::Result<i32> {
         out.write_all(&chunk.data)?;
         out.flush()?;
     }
-    let done = if started
-        .state
-        .parse::<TaskState>()
-        .is_ok_and(|s| s.is_terminal())
-    {
+    let done = if crate::convert::task_state(started.state).is_some_and(|s| s.is_terminal()) {
         started
     } else {
         watch
             .until(|s| s.is_terminal(), Duration::from_secs(30))
             .await?
     };
-    if done.state == TaskState::Failed.to_string() && !done.has_exit_code {
+    if crate::convert::task_state(done.state) == Some(TaskState::Failed) && !done.has_exit_code {
         anyhow::bail!("{}: {} {}", done.name, done.message, done.error);
     }
     Ok(if done.has_exit_code {

@@ -67,7 +67,11 @@ pub async fn put(
         .await
         .map_err(crate::status_err)?
         .into_inner();
-    println!("{kind}/{name} {} (version {})", resp.action, resp.version);
+    println!(
+        "{kind}/{name} {} (version {})",
+        crate::convert::action_name(resp.action),
+        resp.version
+    );
     for s in resp.rolled {
         eprintln!("service {s}: rolling to version {}", resp.version);
     }
@@ -82,7 +86,10 @@ fn now_ms() -> u64 {
 }
 
 fn parse(s: SecretSummary) -> anyhow::Result<(SecretMeta, Vec<String>)> {
-    Ok((serde_json::from_str(&s.meta_json)?, s.services))
+    Ok((
+        crate::convert::from_json("secret metadata", &s.meta_json)?,
+        s.services,
+    ))
 }
 
 fn to_json(meta: &SecretMeta, services: &[String]) -> serde_json::Value {

@@ -31,7 +31,7 @@ async fn list(ctx: &Context) -> anyhow::Result<Vec<Listed>> {
                  services,
              }| {
                 Ok(Listed {
-                    volume: serde_json::from_str(&volume_json)?,
+                    volume: crate::convert::from_json("volume", &volume_json)?,
                     hosts,
                     services,
                 })
@@ -80,14 +80,19 @@ pub async fn create(ctx: &Context, name: &str, labels: &[String]) -> anyhow::Res
     let mut client = crate::connect(ctx).await?;
     let resp = client
         .apply(ApplyRequest {
-            volume_specs_json: vec![serde_json::to_string(&spec)?],
+            volume_specs_json: vec![crate::convert::to_json("volume", &spec)?],
             ..Default::default()
         })
         .await
         .map_err(crate::status_err)?
         .into_inner();
     for r in resp.results {
-        println!("{}/{} {}", r.kind.to_lowercase(), r.name, r.action);
+        println!(
+            "{}/{} {}",
+            r.kind.to_lowercase(),
+            r.name,
+            crate::convert::action_name(r.action)
+        );
     }
     Ok(())
 }

@@ -1,0 +1,142 @@
+//! Conversions between the wire (rudder.proto) and what rctl shows or sends: the proto enums
+//! become the model's states, roles and actions (printed by their model names, so output and
+//! `--json` read as before), and JSON payloads go in and out of their versioned envelope
+//! (`rudder_model::wire`). No command compares a wire value with a string literal.
+
+use anyhow::Context as _;
+use rudder_model::apply::Action;
+pub use rudder_model::{Availability, NodeRole, NodeState, TaskState, UpdateState};
+use rudder_proto::v1 as wire;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// A task state from the wire; `None` for one this build does not know.
+pub fn task_state(v: i32) -> Option<TaskState> {
+    Some(match wire::TaskState::try_from(v).ok()? {
+        wire::TaskState::Unspecified => return None,
+        wire::TaskState::New => TaskState::New,
+        wire::TaskState::Pending => TaskState::Pending,
+        wire::TaskState::Assigned => TaskState::Assigned,
+        wire::TaskState::Preparing => TaskState::Preparing,
+        wire::TaskState::Starting => TaskState::Starting,
+        wire::TaskState::Running => TaskState::Running,
+        wire::TaskState::Complete => TaskState::Complete,
+        wire::TaskState::Failed => TaskState::Failed,
+        wire::TaskState::Shutdown => TaskState::Shutdown,
+        wire::TaskState::Rejected => TaskState::Rejected,
+        wire::TaskState::Orphaned => TaskState::Orphaned,
+    })
+}
+
+/// How a task state prints (`running`), or `unknown(N)`.
+pub fn task_state_name(v: i32) -> String {
+    task_state(v).map_or_else(|| format!("unknown({v})"), |s| s.to_string())
+}
+
+pub fn node_state_name(v: i32) -> String {
+    match wire::NodeState::try_from(v) {
+        Ok(wire::NodeState::Ready) => format!("{:?}", NodeState::Ready).to_lowercase(),
+        Ok(wire::NodeState::Down) => format!("{:?}", NodeState::Down).to_lowercase(),
+        _ => format!("unknown({v})"),
+    }
+}
+
+pub fn availability(v: i32) -> Option<Availability> {
+    match wire::Availability::try_from(v).ok()? {
+        wire::Availability::Unspecified => None,
+        wire::Availability::Active => Some(Availability::Active),
+        wire::Availability::Pause => Some(Availability::Pause),
+        wire::Availability::Drain => Some(Availability::Drain),
+    }
+}
+
+pub fn availability_name(v: i32) -> String {
+    availability(v).map_or_else(|| format!("unknown({v})"), |a| a.as_str().to_string())
+}
+
+/// An availability to send (`active`, `pause`, `drain`), checked here so a typo is refused
+/// before anything is sent.
+pub fn availability_to_wire(a: &str) -> anyhow::Result<i32> {
+    let a: Availability = a.parse().map_err(anyhow::Error::msg)?;
+    Ok(match a {
+        Availability::Active => wire::Availability::Active,
+        Availability::Pause => wire::Availability::Pause,
+        Availability::Drain => wire::Availability::Drain,
+    }
+    .into())
+}
+
+pub fn role_name(v: i32) -> String {
+    match wire::NodeRole::try_from(v) {
+        Ok(wire::NodeRole::Manager) => NodeRole::Manager.as_str().to_string(),
+        Ok(wire::NodeRole::Worker) => NodeRole::Worker.as_str().to_string(),
+        _ => format!("unknown({v})"),
+    }
+}
+
+/// A service's last rollout; `None` when there was none (or it is unknown to this build).
+pub fn update_state(v: i32) -> Option<UpdateState> {
+    Some(match wire::UpdateState::try_from(v).ok()? {
+        wire::UpdateState::Unspecified => return None,
+        wire::UpdateState::Updating => UpdateState::Updating,
+        wire::UpdateState::Paused => UpdateState::Paused,
+        wire::UpdateState::Completed => UpdateState::Completed,
+        wire::UpdateState::RollbackStarted => UpdateState::RollbackStarted,
+        wire::UpdateState::RollbackPaused => UpdateState::RollbackPaused,
+        wire::UpdateState::RollbackCompleted => UpdateState::RollbackCompleted,
+    })
+}
+
+/// How a rollout state prints (`rollback_started`); empty for none.
+pub fn update_state_name(v: i32) -> String {
+    update_state(v)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default()
+}
+
+pub fn action(v: i32) -> Option<Action> {
+    match wire::Action::try_from(v).ok()? {
+        wire::Action::Unspecified => None,
+        wire::Action::Created => Some(Action::Created),
+        wire::Action::Updated => Some(Action::Updated),
+        wire::Action::Unchanged => Some(Action::Unchanged),
+    }
+}
+
+pub fn action_name(v: i32) -> String {
+    action(v).map_or_else(|| format!("unknown({v})"), |a| a.as_str().to_string())
+}
+
+/// A JSON payload from the controller, out of its envelope.
+pub fn from_json<T: DeserializeOwned>(what: &'static str, json: &str) -> anyhow::Result<T> {
+    rudder_model::wire::decode(what, json).context("reading the controller's answer")
+}
+
+/// A JSON payload for the controller, in its envelope.
+pub fn to_json<T: Serialize>(what: &'static str, v: &T) -> anyhow::Result<String> {
+    Ok(rudder_model::wire::encode(what, v)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_models() {
+        assert_eq!(task_state_name(wire::TaskState::Running.into()), "running");
+        assert_eq!(task_state_name(77), "unknown(77)");
+        assert_eq!(node_state_name(wire::NodeState::Down.into()), "down");
+        assert_eq!(
+            availability_name(availability_to_wire("drain").unwrap()),
+            "drain"
+        );
+        assert!(availability_to_wire("sleepy").is_err());
+        assert_eq!(
+            update_state_name(wire::UpdateState::RollbackStarted.into()),
+            "rollback_started"
+        );
+        assert_eq!(update_state_name(0), "");
+        assert_eq!(action_name(wire::Action::Unchanged.into()), "unchanged");
+        assert_eq!(role_name(wire::NodeRole::Manager.into()), "manager");
+    }
+}
