@@ -42,6 +42,11 @@ impl From<&rudder_model::Node> for AgentAt {
 pub type SharedCerts = Arc<RwLock<Option<rudder_pki::tls::NodeCerts>>>;
 
 /// Dials agents with this controller's current certificate.
+/// How often a kept connection is pinged, and how long an answer may take: a dead or frozen
+/// host is given up within their sum (8 s).
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The most connections kept open; past it the pool starts again empty (a fleet larger than
 /// this dials more often, nothing breaks).
 const POOL_MAX: usize = 1024;
@@ -58,8 +63,9 @@ struct Kept {
 #[derive(Clone)]
 pub struct AgentDialer {
     certs: SharedCerts,
-    /// Open connections, reused by the next call to the same agent: a relay (logs of
-    /// `rctl run`, exec, cp) then costs one request, not a TCP and TLS handshake.
+    /// Open connections, reused by the next [`Self::dial_kept`] of the same agent: the logs
+    /// relay (what `rctl run` and `rctl logs` wait on) then costs one request, not a TCP and
+    /// TLS handshake.
     pool: Arc<Mutex<HashMap<PoolKey, Kept>>>,
 }
 
@@ -79,23 +85,26 @@ impl AgentDialer {
     /// A client of the agent `at` for calls the caller bounds itself (streams that follow,
     /// exec sessions), or an error naming the host.
     pub async fn dial(&self, at: &AgentAt) -> Result<AgentApiClient<Channel>, Status> {
-        self.connect(at, None).await
+        self.connect(at, None, false).await
     }
 
-    /// As [`Self::dial`], and every call on the client ends after `per_call` (so a dead host
-    /// never hangs a caller that waits for a whole answer).
-    pub async fn dial_bounded(
+    /// As [`Self::dial`] (every call bounded by `per_call` when given), over a connection kept
+    /// open for the next caller. Only for relays whose errors are reported per task (logs):
+    /// a call on a kept connection to a host that froze fails with the transport's error
+    /// after the keep-alive, not with "cannot reach host" at dial time.
+    pub async fn dial_kept(
         &self,
         at: &AgentAt,
-        per_call: Duration,
+        per_call: Option<Duration>,
     ) -> Result<AgentApiClient<Channel>, Status> {
-        self.connect(at, Some(per_call)).await
+        self.connect(at, per_call, true).await
     }
 
     async fn connect(
         &self,
         at: &AgentAt,
         per_call: Option<Duration>,
+        keep: bool,
     ) -> Result<AgentApiClient<Channel>, Status> {
         let (addr, host) = (&at.addr, &at.host);
         // Not `unavailable`: that would read as this controller being down.
@@ -108,8 +117,9 @@ impl AgentDialer {
             .map(|c| c.cert_pem().to_string())
             .unwrap_or_default();
         let key: PoolKey = (at.id.clone(), at.addr.clone(), per_call);
-        if let Some(kept) = self.pool.lock().expect("agent pool lock").get(&key) {
-            if kept.cert == cert {
+        if keep {
+            let pool = self.pool.lock().expect("agent pool lock");
+            if let Some(kept) = pool.get(&key).filter(|k| k.cert == cert) {
                 return Ok(AgentApiClient::new(kept.channel.clone()));
             }
         }
@@ -117,24 +127,30 @@ impl AgentDialer {
             .map_err(&unreachable)?
             .connect_timeout(CONNECT)
             .tcp_keepalive(Some(Duration::from_secs(5)))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
+            // Kept connections are pinged while idle too: a host that died or froze between
+            // two relays is noticed within KEEPALIVE + KEEPALIVE_TIMEOUT (the next call dials
+            // afresh, bounded by CONNECT), and so is one that stops mid-stream.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if let Some(t) = per_call {
             endpoint = endpoint.timeout(t);
         }
         match tokio::time::timeout(CONNECT * 2, endpoint.connect()).await {
             Ok(Ok(channel)) => {
-                let mut pool = self.pool.lock().expect("agent pool lock");
-                if pool.len() >= POOL_MAX {
-                    pool.clear();
+                if keep {
+                    let mut pool = self.pool.lock().expect("agent pool lock");
+                    if pool.len() >= POOL_MAX {
+                        pool.clear();
+                    }
+                    pool.insert(
+                        key,
+                        Kept {
+                            cert,
+                            channel: channel.clone(),
+                        },
+                    );
                 }
-                pool.insert(
-                    key,
-                    Kept {
-                        cert,
-                        channel: channel.clone(),
-                    },
-                );
                 Ok(AgentApiClient::new(channel))
             }
             Ok(Err(e)) => Err(unreachable(rudder_proto::error_chain(&e))),

@@ -837,11 +837,8 @@ async fn forward_logs(
     agents: &AgentDialer,
     tx: &LogSender,
 ) -> Result<(), String> {
-    let dialed = if req.follow {
-        agents.dial(at).await
-    } else {
-        agents.dial_bounded(at, LOGS_TIMEOUT).await
-    };
+    let per_call = (!req.follow).then_some(LOGS_TIMEOUT);
+    let dialed = agents.dial_kept(at, per_call).await;
     let mut client = dialed.map_err(|e| e.message().to_string())?;
     let mut stream = client
         .task_logs(req)
