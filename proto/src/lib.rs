@@ -11,6 +11,11 @@ pub mod v1 {
     tonic::include_proto!("rudder.v1");
 }
 
+/// The encoded `FileDescriptorSet` of rudder.proto: what the descriptor snapshot test renders
+/// and compares with `proto/rudder.pb.txt`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rudder_descriptor.bin"));
+
 /// Metadata a follower sets when it refuses an agent's session: the leader's gRPC `host:port`.
 pub const LEADER_METADATA: &str = "rudder-leader";
 
