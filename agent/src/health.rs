@@ -106,44 +106,168 @@ where
     rx.await.unwrap_or_else(|_| Err("probe thread died".into()))
 }
 
-/// Probes every `interval` until the check fails `retries` times in a row (outside the start
-/// period). Calls `on_healthy` once, at the first passing probe. Returns the last failure.
-pub async fn monitor(
-    rt: &dyn ContainerRuntime,
-    id: &str,
-    dir: &Path,
-    check: &HealthCheck,
-    mut on_healthy: impl FnMut(),
-) -> String {
-    let started = Instant::now();
-    let start_period = Duration::from_millis(check.start_period);
-    let interval = Duration::from_millis(check.interval);
-    let mut healthy_once = false;
-    let mut failures = 0u32;
-    loop {
-        // A container frozen for a commit cannot answer; that is not a failure.
-        if crate::shim::ContainerDir::new(dir).paused_marker().exists() {
-            tokio::time::sleep(interval).await;
-            continue;
-        }
-        match probe(rt, id, dir, check).await {
+/// What one probe result means for the task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthEvent {
+    /// The first passing probe: the task counts as running from now on.
+    Healthy,
+    /// `retries` failures in a row outside the start period: the task must stop. The last
+    /// failure, for a human.
+    Unhealthy(String),
+}
+
+/// The pure core of the monitor: counts failures and knows the start period. No I/O, no
+/// clock of its own: time since start is passed in.
+#[derive(Debug, Clone, Default)]
+pub struct HealthState {
+    healthy_once: bool,
+    failures: u32,
+}
+
+impl HealthState {
+    /// Whether a probe has passed since the container started.
+    #[cfg(test)]
+    pub fn is_healthy_once(&self) -> bool {
+        self.healthy_once
+    }
+
+    /// Folds in one probe result, `since_start` after the container started.
+    pub fn observe(
+        &mut self,
+        check: &HealthCheck,
+        result: Result<(), String>,
+        since_start: Duration,
+    ) -> Option<HealthEvent> {
+        match result {
             Ok(()) => {
-                failures = 0;
-                if !healthy_once {
-                    healthy_once = true;
-                    on_healthy();
+                self.failures = 0;
+                if self.healthy_once {
+                    None
+                } else {
+                    self.healthy_once = true;
+                    Some(HealthEvent::Healthy)
                 }
             }
             Err(e) => {
-                let in_start_period = !healthy_once && started.elapsed() < start_period;
-                if !in_start_period {
-                    failures += 1;
-                    if failures >= check.retries {
-                        return e;
-                    }
+                let in_start_period =
+                    !self.healthy_once && since_start < Duration::from_millis(check.start_period);
+                if in_start_period {
+                    return None;
                 }
+                self.failures += 1;
+                (self.failures >= check.retries).then_some(HealthEvent::Unhealthy(e))
             }
         }
-        tokio::time::sleep(interval).await;
+    }
+}
+
+/// A resumable monitor of one container: probes every `interval` and returns at each
+/// [`HealthEvent`]; calling [`Monitor::next_event`] again goes on where it stopped.
+pub struct Monitor {
+    check: HealthCheck,
+    state: HealthState,
+    started: tokio::time::Instant,
+    first: bool,
+}
+
+impl Monitor {
+    pub fn new(check: HealthCheck, started: tokio::time::Instant) -> Monitor {
+        Monitor {
+            check,
+            state: HealthState::default(),
+            started,
+            first: true,
+        }
+    }
+
+    /// Probes until something changes. A container frozen for a commit (its `dir` holds
+    /// [`crate::exec::PAUSED_FILE`]) cannot answer; that is not a failure.
+    pub async fn next_event(
+        &mut self,
+        rt: &dyn ContainerRuntime,
+        clock: &dyn crate::task::ports::Clock,
+        id: &str,
+        dir: &Path,
+    ) -> HealthEvent {
+        let interval = Duration::from_millis(self.check.interval);
+        loop {
+            if !self.first {
+                clock.sleep(interval).await;
+            }
+            self.first = false;
+            if crate::shim::ContainerDir::new(dir).paused_marker().exists() {
+                continue;
+            }
+            let result = probe(rt, id, dir, &self.check).await;
+            let since = clock.instant().saturating_duration_since(self.started);
+            if let Some(ev) = self.state.observe(&self.check, result, since) {
+                return ev;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(retries: u32, start_period: u64) -> HealthCheck {
+        HealthCheck {
+            exec: Some(vec!["true".into()]),
+            http: None,
+            tcp: None,
+            interval: 1000,
+            timeout: 500,
+            retries,
+            start_period,
+        }
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn first_pass_is_healthy_once_and_only_once() {
+        let c = check(3, 0);
+        let mut h = HealthState::default();
+        assert_eq!(h.observe(&c, Ok(()), S), Some(HealthEvent::Healthy));
+        assert_eq!(h.observe(&c, Ok(()), 2 * S), None);
+        assert!(h.is_healthy_once());
+    }
+
+    #[test]
+    fn retries_failures_in_a_row_make_it_unhealthy() {
+        let c = check(3, 0);
+        let mut h = HealthState::default();
+        assert_eq!(h.observe(&c, Err("a".into()), S), None);
+        assert_eq!(h.observe(&c, Err("b".into()), S), None);
+        // A pass in between resets the count.
+        assert_eq!(h.observe(&c, Ok(()), S), Some(HealthEvent::Healthy));
+        assert_eq!(h.observe(&c, Err("c".into()), S), None);
+        assert_eq!(h.observe(&c, Err("d".into()), S), None);
+        assert_eq!(
+            h.observe(&c, Err("e".into()), S),
+            Some(HealthEvent::Unhealthy("e".into()))
+        );
+    }
+
+    #[test]
+    fn failures_in_the_start_period_do_not_count_until_healthy() {
+        let c = check(1, 10_000);
+        let mut h = HealthState::default();
+        for _ in 0..5 {
+            assert_eq!(h.observe(&c, Err("slow".into()), 5 * S), None);
+        }
+        // Past the start period one failure is enough (retries 1).
+        assert_eq!(
+            h.observe(&c, Err("late".into()), 11 * S),
+            Some(HealthEvent::Unhealthy("late".into()))
+        );
+        // Once healthy, the start period no longer shields failures.
+        let mut h = HealthState::default();
+        assert_eq!(h.observe(&c, Ok(()), S), Some(HealthEvent::Healthy));
+        assert_eq!(
+            h.observe(&c, Err("x".into()), 2 * S),
+            Some(HealthEvent::Unhealthy("x".into()))
+        );
     }
 }

@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rudder_image::oci::Manifest;
@@ -28,6 +29,8 @@ use rudder_image::{ImageStore, Reference};
 use rudder_model::Task;
 use rudder_proto::v1::{ImageSummary, ListImagesResponse, PruneResult};
 use tracing::{info, warn};
+
+use crate::task::ports::ImagePortError;
 
 /// Blobs larger than this are layers, not manifests; they are not read to find out.
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -408,6 +411,34 @@ pub async fn prune(
     })
     .await
     .map_err(|e| ImagesError::Join(e.to_string()))?
+}
+
+/// The task port [`crate::task::ports::ImageStore`] over this host's content store and the
+/// cluster registry: pulls what is missing, with this node's certificate when there is one.
+pub struct RegistryImageStore {
+    pub store: ImageStore,
+    /// Registry `host:port`, learned from the controller's welcome.
+    pub registry: Arc<Mutex<String>>,
+    /// This node's certificate (the latest) for the registry's mutual TLS; plain HTTP when
+    /// `None`.
+    pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+}
+
+#[async_trait::async_trait]
+impl crate::task::ports::ImageStore for RegistryImageStore {
+    async fn pull(&self, image: &str) -> Result<crate::task::ports::Image, ImagePortError> {
+        let registry = self.registry.lock().expect("registry lock").clone();
+        let reference =
+            Reference::parse(image).map_err(|e| ImagePortError::Reference(e.to_string()))?;
+        let client =
+            crate::worker::registry_client(&registry, &self.tls).map_err(ImagePortError::Client)?;
+        let pulled = self.store.pull(&client, &reference).await?;
+        Ok(crate::task::ports::Image {
+            manifest_digest: pulled.manifest_digest,
+            layers: pulled.layers,
+            config: pulled.config,
+        })
+    }
 }
 
 #[cfg(test)]

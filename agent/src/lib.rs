@@ -25,6 +25,7 @@ pub mod runtime;
 mod seccomp;
 mod secrets;
 pub mod session;
+mod task;
 mod trusted;
 mod user;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
@@ -231,7 +232,7 @@ pub async fn run(
         net: Some(overlay.clone()),
     });
     builder.sweep().await;
-    let worker = worker::Worker::new(worker::Ctx {
+    let worker = worker::Worker::new(worker::Ctx::on_host(worker::Host {
         containers: containers.clone(),
         images: images.clone(),
         runtime: rt,
@@ -242,7 +243,7 @@ pub async fn run(
         overlay: Some(overlay),
         volumes: volume::Volumes::new(cfg.data_dir.join("volumes"), cfg.hostname.clone()),
         secrets: secrets::Values::default(),
-    });
+    }));
     worker.adopt();
     let (cpus_milli, memory_bytes) = host_capacity();
     let trusted = Arc::new(trusted::TrustedControllers::load(

@@ -681,7 +681,7 @@ mod tests {
 
         fn agent(dir: &std::path::Path, controllers: Vec<String>) -> tokio::task::JoinHandle<()> {
             let (status_tx, status_rx) = mpsc::unbounded_channel();
-            let worker = Worker::new(crate::worker::Ctx {
+            let worker = Worker::new(crate::worker::Ctx::on_host(crate::worker::Host {
                 containers: dir.join("containers"),
                 images: rudder_image::store::ImageStore::open(&dir.join("images")).unwrap(),
                 runtime: Arc::new(
@@ -694,7 +694,7 @@ mod tests {
                 overlay: None,
                 volumes: crate::volume::Volumes::new(dir.join("volumes"), "h1".into()),
                 secrets: Default::default(),
-            });
+            }));
             let me = Identity {
                 node_id: "n1".into(),
                 hostname: "h1".into(),

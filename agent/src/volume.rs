@@ -31,6 +31,9 @@ use rudder_model::Task;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::bundle::ContainerDir;
+use crate::task::ports::{Image, MountsError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("mounts: bind mount source {path} does not exist on {host}")]
@@ -451,6 +454,107 @@ fn copy_in(rootfs: &Path, target: &str, dir: &Path) -> Result<bool, String> {
             said(&unpacked),
             said(&packed)
         )),
+    }
+}
+
+/// The task port [`crate::task::ports::Mounts`] on this host: volume copies ([`Volumes`]),
+/// secrets and configs ([`crate::secrets`]), the overlayfs root filesystem and `config.json`
+/// ([`crate::bundle`]).
+pub struct HostMounts {
+    pub volumes: std::sync::Arc<Volumes>,
+    pub secrets: crate::secrets::Values,
+    /// The cgroup every container is placed under.
+    pub cgroup_parent: String,
+}
+
+#[async_trait::async_trait]
+impl crate::task::ports::Mounts for HostMounts {
+    fn hold(&self, task: &Task) {
+        self.volumes.acquire(&volume_names(task));
+    }
+
+    async fn release(&self, task: &Task) {
+        let names = volume_names(task);
+        if names.is_empty() {
+            return;
+        }
+        // Its container is gone: volumes removed meanwhile may go now.
+        let volumes = self.volumes.clone();
+        let _ = tokio::task::spawn_blocking(move || volumes.release(&names)).await;
+    }
+
+    fn prepare(&self, task: &Task) -> Result<Vec<OciMount>, MountsError> {
+        Ok(self.volumes.prepare(task)?)
+    }
+
+    async fn rootfs(
+        &self,
+        task: &Task,
+        c: &ContainerDir,
+        image: &Image,
+    ) -> Result<(), MountsError> {
+        let io = |op| move |err| MountsError::Io { op, err };
+        // Private: the spec holds the task's env (`crate::datadir`).
+        crate::datadir::private_dir(&c.dir).map_err(io("create container dir"))?;
+        let record = serde_json::to_vec(task).map_err(|e| MountsError::Io {
+            op: "encode task.json",
+            err: e.into(),
+        })?;
+        crate::datadir::write_private(&c.task_file(), &record).map_err(io("write task.json"))?;
+        // The image the container runs, for `rctl commit`.
+        crate::datadir::write_private(&c.image_file(), image.manifest_digest.as_bytes())
+            .map_err(io("write image record"))?;
+        // A task with secrets or configs gets its bundle on a tmpfs (values and config.json
+        // stay in memory), mounted before the root filesystem below it.
+        if crate::secrets::uses_any(task) {
+            crate::secrets::mount_bundle(c, task, &self.secrets)?;
+        }
+        crate::bundle::mount_rootfs(c, &image.layers)?;
+        // Empty volumes get the image's files at their targets, before anything runs there.
+        let (volumes, task, rootfs) = (self.volumes.clone(), task.clone(), c.rootfs());
+        tokio::task::spawn_blocking(move || volumes.fill_from_image(&task, &rootfs))
+            .await
+            .map_err(|e| MountsError::Io {
+                op: "fill volumes",
+                err: std::io::Error::other(e.to_string()),
+            })??;
+        Ok(())
+    }
+
+    fn write_bundle(
+        &self,
+        task: &Task,
+        c: &ContainerDir,
+        image: &Image,
+        netns: Option<&Path>,
+        mounts: &[OciMount],
+    ) -> Result<(), MountsError> {
+        let (mut all, env) = if crate::secrets::uses_any(task) {
+            crate::secrets::materialise(c, task, &self.secrets)?
+        } else {
+            Default::default()
+        };
+        // The task's own mounts come first; a secret's target is its own.
+        all.splice(0..0, mounts.iter().cloned());
+        crate::bundle::write_config(
+            c,
+            task,
+            &image.config,
+            &self.cgroup_parent,
+            netns,
+            &all,
+            &env,
+        )?;
+        Ok(())
+    }
+
+    fn unmount(&self, c: &ContainerDir) {
+        crate::bundle::unmount_rootfs(c);
+    }
+
+    fn discard_layer(&self, c: &ContainerDir) {
+        let _ = std::fs::remove_dir_all(c.upper());
+        let _ = std::fs::remove_dir_all(c.work());
     }
 }
 

@@ -1,39 +1,31 @@
 //! The worker: turns the controller's assignment set into running containers and reports what
-//! happens. Each task advances one step at a time — preparing (pull image), starting (rootfs +
-//! bundle + shim), running, then an exit state — and every step's outcome is reported.
+//! happens. Each task is driven through the state machine of [`crate::task`] (pull, mounts,
+//! networks, bundle, start, health, wait, cleanup), one [`step`] at a time, and every status
+//! that changed is reported, inside one tracing span per task.
 //!
 //! Invariants: the assignment set is authoritative (a task absent from it is stopped and its
 //! files removed); only this node's tasks are touched; a container started by an earlier agent
 //! process is re-adopted from its directory, not restarted.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rudder_image::client::RegistryClient;
-use rudder_image::reference::Reference;
-use rudder_image::store::ImageStore;
-use rudder_model::spec::NetworkMode;
-use rudder_model::{Task, TaskState};
+use rudder_model::{Task, TaskState, TaskStatus};
 use rudder_proto::v1::TaskStatusReport;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::bundle::{self, ContainerDir};
 use crate::runtime::{self, ContainerRuntime};
+use crate::task::ports::{OverlayNetworks, SystemClock};
+use crate::task::{step, Ports, TaskCtx};
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// What tasks need from the host.
-pub struct Ctx {
+/// What the worker is built from on a real host (see [`Ctx::on_host`]).
+pub struct Host {
     pub containers: PathBuf,
-    pub images: ImageStore,
+    pub images: rudder_image::store::ImageStore,
     pub runtime: Arc<dyn ContainerRuntime>,
     pub cgroup_parent: String,
     /// Registry `host:port`, learned from the controller's welcome.
@@ -48,6 +40,57 @@ pub struct Ctx {
     pub volumes: crate::volume::Volumes,
     /// The secret and config values this node's tasks use (memory only).
     pub secrets: crate::secrets::Values,
+}
+
+/// What tasks need from the host: the ports they act through, and the host state the session
+/// feeds (shared with the ports' real implementations).
+pub struct Ctx {
+    pub containers: PathBuf,
+    pub ports: Ports,
+    pub status_tx: mpsc::UnboundedSender<TaskStatusReport>,
+    /// Registry `host:port`, learned from the controller's welcome.
+    pub registry: Arc<Mutex<String>>,
+    /// Overlay networks on this host, for the session (network maps, keys).
+    pub overlay: Option<Arc<crate::net::Overlay>>,
+    /// Named volumes' copies on this host, for the session (declared set, copies).
+    pub volumes: Arc<crate::volume::Volumes>,
+    /// The secret and config values this node's tasks use (memory only).
+    pub secrets: crate::secrets::Values,
+}
+
+impl Ctx {
+    /// The real ports over this host's runtime, content store, mounts, overlay and clock.
+    pub fn on_host(h: Host) -> Ctx {
+        let registry = Arc::new(h.registry);
+        let volumes = Arc::new(h.volumes);
+        let ports = Ports {
+            runtime: h.runtime,
+            images: Arc::new(crate::images::RegistryImageStore {
+                store: h.images,
+                registry: registry.clone(),
+                tls: h.registry_tls,
+            }),
+            mounts: Arc::new(crate::volume::HostMounts {
+                volumes: volumes.clone(),
+                secrets: h.secrets.clone(),
+                cgroup_parent: h.cgroup_parent,
+            }),
+            networks: Arc::new(OverlayNetworks {
+                overlay: h.overlay.clone(),
+                containers: h.containers.clone(),
+            }),
+            clock: Arc::new(SystemClock),
+        };
+        Ctx {
+            containers: h.containers,
+            ports,
+            status_tx: h.status_tx,
+            registry,
+            overlay: h.overlay,
+            volumes,
+            secrets: h.secrets,
+        }
+    }
 }
 
 struct Local {
@@ -185,41 +228,59 @@ impl Worker {
                 forget: forget.clone(),
             },
         );
-        let volumes = crate::volume::volume_names(&task);
-        self.ctx.volumes.acquire(&volumes);
+        self.ctx.ports.mounts.hold(&task);
         let me = self.clone();
-        tokio::spawn(async move {
-            let id = task.id.clone();
-            let dir = me.container_dir(&id);
-            run_task(&me, task, adopted, stop_rx).await;
-            me.local.lock().expect("local lock").remove(&id);
-            if !volumes.is_empty() {
-                // Its container is gone: volumes removed meanwhile may go now.
-                let me = me.clone();
-                let _ = tokio::task::spawn_blocking(move || me.ctx.volumes.release(&volumes)).await;
+        let span = info_span!("task", task = %task.name());
+        tokio::spawn(
+            async move {
+                let id = task.id.clone();
+                let dir = me.container_dir(&id);
+                me.drive(&task, adopted, stop_rx).await;
+                me.local.lock().expect("local lock").remove(&id);
+                me.ctx.ports.mounts.release(&task).await;
+                if forget.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    me.last.lock().expect("last lock").remove(&id);
+                }
             }
-            if forget.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = std::fs::remove_dir_all(&dir);
-                me.last.lock().expect("last lock").remove(&id);
-            }
-        });
+            .instrument(span),
+        );
     }
 
-    fn report(&self, task: &Task, state: TaskState, message: &str, error: &str, exit: Option<i32>) {
+    /// Steps one task until it is done, reporting each status that changed.
+    async fn drive(&self, task: &Task, adopted: bool, stop: watch::Receiver<bool>) {
+        let dir = self.container_dir(&task.id);
+        let mut cx = TaskCtx::new(self.ctx.ports.clone(), dir, stop, adopted);
+        let mut sent: Option<TaskStatus> = None;
+        while !cx.phase.is_done() {
+            let s = match step(task, &mut cx).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%e, "task ended");
+                    e.status(task, self.ctx.ports.clock.now_ms())
+                }
+            };
+            let same = |a: &TaskStatus| {
+                (a.state, &a.message, &a.error, a.exit_code)
+                    == (s.state, &s.message, &s.error, s.exit_code)
+            };
+            if !sent.as_ref().is_some_and(same) {
+                self.report(task, &s);
+                sent = Some(s);
+            }
+        }
+    }
+
+    fn report(&self, task: &Task, s: &TaskStatus) {
         let r = TaskStatusReport {
             task_id: task.id.clone(),
-            state: crate::convert::task_state_to_wire(state),
-            message: message.to_string(),
-            error: error.to_string(),
-            // A container exists from `starting` on, unless the task never got that far.
-            container_id: if state >= TaskState::Starting && state != TaskState::Rejected {
-                task.id.clone()
-            } else {
-                String::new()
-            },
-            has_exit_code: exit.is_some(),
-            exit_code: exit.unwrap_or(0),
-            timestamp_ms: now_ms(),
+            state: crate::convert::task_state_to_wire(s.state),
+            message: s.message.clone(),
+            error: s.error.clone(),
+            container_id: s.container_id.clone(),
+            has_exit_code: s.exit_code.is_some(),
+            exit_code: s.exit_code.unwrap_or(0),
+            timestamp_ms: s.timestamp,
         };
         self.last
             .lock()
@@ -227,376 +288,6 @@ impl Worker {
             .insert(task.id.clone(), r.clone());
         let _ = self.ctx.status_tx.send(r);
     }
-}
-
-/// Runs one task through its steps until it ends or is stopped.
-async fn run_task(w: &Arc<Worker>, task: Task, adopted: bool, mut stop: watch::Receiver<bool>) {
-    let ctx = w.ctx.clone();
-    let c = ContainerDir {
-        dir: w.container_dir(&task.id),
-    };
-    let name = task.name();
-    if !adopted {
-        w.report(&task, TaskState::Preparing, "pulling image", "", None);
-        let image = match pull(&ctx, &task).await {
-            Ok(i) => i,
-            Err(e) => {
-                warn!(task = %name, %e, "rejected");
-                w.report(&task, TaskState::Rejected, "image not available", &e, None);
-                return;
-            }
-        };
-        if *stop.borrow() {
-            w.report(&task, TaskState::Shutdown, "stopped before start", "", None);
-            return;
-        }
-        // Volumes and bind sources first: a missing one rejects the task with nothing to undo.
-        let mounts = match ctx.volumes.prepare(&task) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(task = %name, %e, "rejected");
-                w.report(
-                    &task,
-                    TaskState::Rejected,
-                    "cannot prepare mounts",
-                    &e.to_string(),
-                    None,
-                );
-                return;
-            }
-        };
-        // Private: the spec holds the task's env (`crate::datadir`).
-        let prepared = crate::datadir::private_dir(&c.dir)
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                crate::datadir::write_private(
-                    &c.dir.join("task.json"),
-                    &serde_json::to_vec(&task).unwrap_or_default(),
-                )
-                .map_err(|e| e.to_string())
-            })
-            // The image the container runs, for `rctl commit` (`commit::IMAGE_FILE`).
-            .and_then(|_| {
-                crate::datadir::write_private(&c.image_file(), image.manifest_digest.as_bytes())
-                    .map_err(|e| e.to_string())
-            })
-            // A task with secrets or configs gets its bundle on a tmpfs (values and config.json
-            // stay in memory), mounted before the root filesystem below it.
-            .and_then(|_| {
-                if crate::secrets::uses_any(&task) {
-                    crate::secrets::mount_bundle(&c, &task, &ctx.secrets).map_err(|e| e.to_string())
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|_| bundle::mount_rootfs(&c, &image.layers).map_err(|e| e.to_string()));
-        // Empty volumes get the image's files at their targets, before anything runs there.
-        let prepared = match prepared {
-            Ok(()) => {
-                let (ctx2, task2, rootfs) = (ctx.clone(), task.clone(), c.rootfs());
-                tokio::task::spawn_blocking(move || ctx2.volumes.fill_from_image(&task2, &rootfs))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-            }
-            e => e,
-        };
-        let netns = match (&prepared, &ctx.overlay, task.networks.is_empty()) {
-            (Ok(()), Some(o), false) => match o.attach(&task, &c.dir).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warn!(task = %name, %e, "cannot attach to its networks");
-                    o.detach(&task).await;
-                    bundle::unmount_rootfs(&c);
-                    w.report(
-                        &task,
-                        TaskState::Rejected,
-                        "cannot attach to networks",
-                        &e.to_string(),
-                        None,
-                    );
-                    return;
-                }
-            },
-            (Ok(()), Some(o), true) if task.spec.network_mode == NetworkMode::Bridge => {
-                match o.attach_bridge(&task, &c.dir).await {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        warn!(task = %name, %e, "cannot attach to the local bridge");
-                        o.detach_bridge(&task, &c.dir).await;
-                        bundle::unmount_rootfs(&c);
-                        w.report(
-                            &task,
-                            TaskState::Rejected,
-                            "cannot attach to the bridge",
-                            &e.to_string(),
-                            None,
-                        );
-                        return;
-                    }
-                }
-            }
-            (Ok(()), _, true) if matches!(task.spec.network_mode, NetworkMode::Container(_)) => {
-                match shared_netns(&ctx.containers, &task, &c.dir).await {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        warn!(task = %name, %e, "no namespace to share");
-                        bundle::unmount_rootfs(&c);
-                        w.report(
-                            &task,
-                            TaskState::Rejected,
-                            "no namespace to share",
-                            &e,
-                            None,
-                        );
-                        return;
-                    }
-                }
-            }
-            (Ok(()), None, false) => {
-                bundle::unmount_rootfs(&c);
-                w.report(
-                    &task,
-                    TaskState::Rejected,
-                    "no overlay support on this host",
-                    "",
-                    None,
-                );
-                return;
-            }
-            _ => None,
-        };
-        let prepared = prepared.and_then(|_| {
-            let (mut all, env) = if crate::secrets::uses_any(&task) {
-                crate::secrets::materialise(&c, &task, &ctx.secrets).map_err(|e| e.to_string())?
-            } else {
-                Default::default()
-            };
-            // The task's own mounts come after, as before; a secret's target is its own.
-            all.splice(0..0, mounts.iter().cloned());
-            bundle::write_config(
-                &c,
-                &task,
-                &image.config,
-                &ctx.cgroup_parent,
-                netns.as_deref(),
-                &all,
-                &env,
-            )
-            .map_err(|e| e.to_string())
-        });
-        if let Err(e) = prepared {
-            warn!(task = %name, %e, "rejected");
-            bundle::unmount_rootfs(&c);
-            if let (Some(o), Some(_)) = (&ctx.overlay, &netns) {
-                o.detach(&task).await;
-                o.detach_bridge(&task, &c.dir).await;
-            }
-            w.report(
-                &task,
-                TaskState::Rejected,
-                "cannot prepare container",
-                &e,
-                None,
-            );
-            return;
-        }
-        w.report(&task, TaskState::Starting, "starting", "", None);
-        // A failed earlier attempt may have left a record with this id.
-        let _ = ctx.runtime.delete(&task.id, &c.dir).await;
-        match ctx.runtime.start(&task.id, &c.dir).await {
-            Ok(pid) => {
-                info!(task = %name, pid, "running");
-                if task.spec.healthcheck.is_some() {
-                    // Counts as running only once healthy: the monitor below reports it.
-                    w.report(
-                        &task,
-                        TaskState::Starting,
-                        "waiting for health check",
-                        "",
-                        None,
-                    );
-                } else {
-                    w.report(&task, TaskState::Running, "running", "", None);
-                }
-            }
-            Err(e) => {
-                warn!(task = %name, %e, "failed to start");
-                w.report(
-                    &task,
-                    TaskState::Failed,
-                    "failed to start",
-                    &e.to_string(),
-                    None,
-                );
-                cleanup(&ctx, &task, &c).await;
-                return;
-            }
-        }
-    } else if runtime::exit_code(&c.dir).is_none() {
-        w.report(&task, TaskState::Running, "running (re-adopted)", "", None);
-    }
-
-    enum End {
-        Exited,
-        Stopped,
-        Unhealthy(String),
-    }
-    let health = async {
-        match &task.spec.healthcheck {
-            Some(check) => {
-                let on_healthy = || {
-                    info!(task = %name, "healthy");
-                    w.report(&task, TaskState::Running, "running (healthy)", "", None);
-                };
-                crate::health::monitor(&*ctx.runtime, &task.id, &c.dir, check, on_healthy).await
-            }
-            None => std::future::pending().await,
-        }
-    };
-    let (code, end) = tokio::select! {
-        r = ctx.runtime.wait(&task.id, &c.dir) => (r, End::Exited),
-        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
-            (stop_container(&ctx, &task, &c).await, End::Stopped)
-        }
-        why = health => {
-            warn!(task = %name, %why, "unhealthy: stopping");
-            (stop_container(&ctx, &task, &c).await, End::Unhealthy(why))
-        }
-    };
-    match (end, code) {
-        (End::Unhealthy(why), code) => w.report(
-            &task,
-            TaskState::Failed,
-            "unhealthy",
-            &format!("unhealthy: {why}"),
-            code.ok(),
-        ),
-        (End::Stopped, Ok(code)) => w.report(&task, TaskState::Shutdown, "stopped", "", Some(code)),
-        (End::Exited, Ok(0)) => w.report(&task, TaskState::Complete, "exited", "", Some(0)),
-        (End::Exited, Ok(code)) if runtime::oom_killed(&c.dir) => w.report(
-            &task,
-            TaskState::Failed,
-            "out of memory",
-            &format!(
-                "killed by the OOM killer: memory limit {} reached (exit code {code})",
-                rudder_model::spec::human_bytes(task.spec.resources.limits.memory)
-            ),
-            Some(code),
-        ),
-        (End::Exited, Ok(code)) => w.report(
-            &task,
-            TaskState::Failed,
-            "exited",
-            &format!("exit code {code}"),
-            Some(code),
-        ),
-        (_, Err(e)) => w.report(&task, TaskState::Failed, "lost", &e.to_string(), None),
-    }
-    cleanup(&ctx, &task, &c).await;
-}
-
-/// SIGTERM, then SIGKILL after the grace period.
-async fn stop_container(
-    ctx: &Ctx,
-    task: &Task,
-    c: &ContainerDir,
-) -> Result<i32, runtime::RuntimeError> {
-    let _ = ctx.runtime.kill(&task.id, "TERM").await;
-    let grace = Duration::from_secs(task.spec.stop_grace_period);
-    match tokio::time::timeout(grace, ctx.runtime.wait(&task.id, &c.dir)).await {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = ctx.runtime.kill(&task.id, "KILL").await;
-            ctx.runtime.wait(&task.id, &c.dir).await
-        }
-    }
-}
-
-async fn cleanup(ctx: &Ctx, task: &Task, c: &ContainerDir) {
-    if let Err(e) = ctx.runtime.delete(&task.id, &c.dir).await {
-        warn!(task = %task.name(), %e, "runtime delete");
-    }
-    bundle::unmount_rootfs(c);
-    if let (Some(o), false) = (&ctx.overlay, task.networks.is_empty()) {
-        o.detach(task).await;
-    }
-    let on_bridge = task.networks.is_empty() && task.spec.network_mode == NetworkMode::Bridge;
-    if let (Some(o), true) = (&ctx.overlay, on_bridge) {
-        o.detach_bridge(task, &c.dir).await;
-    }
-    // The writable layer goes with the container; the log stays until the task is forgotten.
-    let _ = std::fs::remove_dir_all(c.upper());
-    let _ = std::fs::remove_dir_all(c.work());
-}
-
-/// `network_mode: container:X`: the network namespace of a running task of X on this host
-/// (`X` a service, or a task's name or id prefix), waiting up to 15 s for one to start. Its
-/// resolv.conf and hosts are copied next to this task's bundle, so DNS works the same.
-async fn shared_netns(containers: &Path, task: &Task, dir: &Path) -> Result<PathBuf, String> {
-    let NetworkMode::Container(target) = &task.spec.network_mode else {
-        return Err("not network_mode: container".into());
-    };
-    let service = task.spec.network_mode.shared_service().unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let found = std::fs::read_dir(containers)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let t: Task =
-                    serde_json::from_slice(&std::fs::read(e.path().join("task.json")).ok()?)
-                        .ok()?;
-                let matches = t.service_name == service
-                    && (target.as_str() == service
-                        || t.name().starts_with(target.as_str())
-                        || t.id.starts_with(target.as_str()));
-                if !matches || runtime::exit_code(&e.path()).is_some() {
-                    return None;
-                }
-                let pid: i32 = std::fs::read_to_string(e.path().join("pid"))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                std::path::Path::new(&format!("/proc/{pid}"))
-                    .exists()
-                    .then(|| (e.path(), pid))
-            })
-            // Prefer the task in the same slot (sidecar 2 with main 2).
-            .min_by_key(|(p, _)| {
-                let same = std::fs::read(p.join("task.json"))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
-                    .is_some_and(|t| t.slot == task.slot);
-                !same
-            });
-        if let Some((other, pid)) = found {
-            for f in ["resolv.conf", "hosts"] {
-                if other.join(f).exists() {
-                    let _ = std::fs::copy(other.join(f), dir.join(f));
-                }
-            }
-            return Ok(PathBuf::from(format!("/proc/{pid}/ns/net")));
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "network_mode: container:{target}: no running task of {service} on this host"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn pull(ctx: &Ctx, task: &Task) -> Result<rudder_image::store::PulledImage, String> {
-    let registry = ctx.registry.lock().expect("registry lock").clone();
-    let reference = Reference::parse(&task.spec.image).map_err(|e| e.to_string())?;
-    let client = registry_client(&registry, &ctx.registry_tls)?;
-    ctx.images
-        .pull(&client, &reference)
-        .await
-        .map_err(|e| e.to_string())
 }
 
 /// The registry client for the cluster registry at `addr`.
@@ -618,4 +309,87 @@ pub fn registry_client(
         None => RegistryClient::new(addr),
     }
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::task::fake::{self, Fakes};
+
+    fn worker(
+        f: &Fakes,
+        dir: &std::path::Path,
+    ) -> (Arc<Worker>, mpsc::UnboundedReceiver<TaskStatusReport>) {
+        let (status_tx, rx) = mpsc::unbounded_channel();
+        let w = Worker::new(Ctx {
+            containers: dir.join("containers"),
+            ports: f.ports(),
+            status_tx,
+            registry: Arc::default(),
+            overlay: None,
+            volumes: Arc::new(crate::volume::Volumes::new(
+                dir.join("volumes"),
+                "h1".into(),
+            )),
+            secrets: Default::default(),
+        });
+        (w, rx)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<TaskStatusReport>) -> (String, String) {
+        let r = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("a report")
+            .expect("a report");
+        (r.state, r.message)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_left_out_of_the_assignments_is_stopped_released_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fakes::new(false);
+        let (w, mut rx) = worker(&f, dir.path());
+        w.sync(vec![fake::task("t1")]);
+        let want = ["preparing", "starting", "running"];
+        for state in want {
+            assert_eq!(next(&mut rx).await.0, state);
+        }
+        let container = w.container_dir("t1");
+        std::fs::create_dir_all(&container).unwrap();
+        assert_eq!(w.last_statuses().len(), 1);
+        w.sync(vec![]);
+        let (state, message) = next(&mut rx).await;
+        assert_eq!((state.as_str(), message.as_str()), ("shutdown", "stopped"));
+        // The spawned task releases its mounts and forgets the task once it is cleaned.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!container.exists());
+        assert!(w.last_statuses().is_empty());
+        let calls = f.journal.calls();
+        assert_eq!(calls.first().unwrap(), "mounts.hold t1");
+        assert_eq!(calls.last().unwrap(), "mounts.release t1");
+        // A second sync does not start it again.
+        w.sync(vec![]);
+        assert_eq!(f.journal.of("runtime.start").len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_carry_the_clock_time_and_the_container_id_from_starting_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fakes::new(false);
+        let (w, mut rx) = worker(&f, dir.path());
+        w.sync(vec![fake::task("t1")]);
+        let r = rx.recv().await.unwrap();
+        assert_eq!(
+            (r.state.as_str(), r.container_id.as_str()),
+            ("preparing", "")
+        );
+        assert_eq!(r.timestamp_ms, fake::FakeClock::EPOCH_MS);
+        let r = rx.recv().await.unwrap();
+        assert_eq!(
+            (r.state.as_str(), r.container_id.as_str()),
+            ("starting", "t1")
+        );
+    }
 }
