@@ -2,21 +2,21 @@
 //! asked to one shared [`Journal`], so a test can assert the order across ports (cleanup
 //! releases the runtime record, then the root filesystem, then the namespace).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci_spec::runtime::Mount as OciMount;
 use rudder_model::Task;
-use tokio::sync::watch;
 
 use super::ports::{
     Clock, Image, ImagePortError, ImageStore, Mounts, MountsError, NetAttachError, TaskNetworks,
 };
 use super::Ports;
 use crate::bundle::ContainerDir;
-use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::runtime::fake::FakeRuntime;
+use crate::runtime::{ContainerRuntime, ContainerState, ExecIo, ExecProcess, RuntimeError};
 
 /// The calls made on the fakes, in order.
 #[derive(Clone, Default)]
@@ -38,87 +38,65 @@ impl Journal {
     }
 }
 
-/// A runtime whose one container exits when the test says, or on a signal it honours.
-pub struct FakeRuntime {
+/// The runtime fake ([`FakeRuntime`]) with its start, kill, exec and delete also written to
+/// the journal, so their order against the other ports shows.
+pub struct JournaledRuntime {
+    inner: Arc<FakeRuntime>,
     journal: Journal,
-    exit: watch::Sender<Option<i32>>,
-    /// Fails the next start with this message.
-    pub start_error: Mutex<Option<String>>,
-    /// Whether SIGTERM ends the container (exit 143); SIGKILL always does (137).
-    pub honours_term: Mutex<bool>,
-    /// Results of the next exec probes, in order; `(0, "")` once empty.
-    pub execs: Mutex<VecDeque<(i32, String)>>,
-}
-
-impl FakeRuntime {
-    pub fn new(journal: Journal) -> FakeRuntime {
-        FakeRuntime {
-            journal,
-            exit: watch::channel(None).0,
-            start_error: Mutex::new(None),
-            honours_term: Mutex::new(true),
-            execs: Mutex::default(),
-        }
-    }
-
-    /// The container exits with `code`.
-    pub fn exit(&self, code: i32) {
-        self.exit.send_replace(Some(code));
-    }
 }
 
 #[async_trait::async_trait]
-impl ContainerRuntime for FakeRuntime {
-    async fn start(&self, id: &str, _dir: &Path) -> Result<u32, RuntimeError> {
+impl ContainerRuntime for JournaledRuntime {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError> {
         self.journal.push(format!("runtime.start {id}"));
-        match self.start_error.lock().expect("fake").take() {
-            Some(e) => Err(RuntimeError::Start(e)),
-            None => Ok(4242),
-        }
+        self.inner.start(id, dir).await
     }
-
-    async fn wait(&self, _id: &str, dir: &Path) -> Result<i32, RuntimeError> {
-        // A container that exited while no agent watched (as the shim's file says).
-        if let Some(code) = crate::runtime::exit_code(dir) {
-            return Ok(code);
-        }
-        let mut rx = self.exit.subscribe();
-        let code = rx
-            .wait_for(|c| c.is_some())
-            .await
-            .map_err(|_| RuntimeError::Start("fake runtime gone".into()))?;
-        Ok(code.unwrap_or(-1))
+    fn run_attached(&self, id: &str, bundle: &Path) -> Result<tokio::process::Child, RuntimeError> {
+        self.inner.run_attached(id, bundle)
     }
-
+    async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError> {
+        self.inner.wait(id, dir).await
+    }
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError> {
         self.journal.push(format!("runtime.kill {id} {signal}"));
-        match signal {
-            "TERM" if *self.honours_term.lock().expect("fake") => self.exit(143),
-            "KILL" => self.exit(137),
-            _ => {}
-        }
-        Ok(())
+        self.inner.kill(id, signal).await
     }
-
     async fn exec(
         &self,
         id: &str,
         cmd: &[String],
-        _timeout: Duration,
+        timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
         self.journal
             .push(format!("runtime.exec {id} {}", cmd.join(" ")));
-        Ok(self
-            .execs
-            .lock()
-            .expect("fake")
-            .pop_front()
-            .unwrap_or((0, String::new())))
+        self.inner.exec(id, cmd, timeout).await
     }
-
-    async fn delete(&self, id: &str, _dir: &Path) -> Result<(), RuntimeError> {
+    fn exec_attached(
+        &self,
+        id: &str,
+        process: ExecProcess<'_>,
+        io: ExecIo,
+    ) -> Result<tokio::process::Child, RuntimeError> {
+        self.inner.exec_attached(id, process, io)
+    }
+    async fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.pause(id).await
+    }
+    async fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.resume(id).await
+    }
+    async fn delete(&self, id: &str, dir: &Path) -> Result<(), RuntimeError> {
         self.journal.push(format!("runtime.delete {id}"));
-        Ok(())
+        self.inner.delete(id, dir).await
+    }
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        self.inner.list().await
+    }
+    async fn state(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        self.inner.state(id).await
     }
 }
 
@@ -288,7 +266,7 @@ impl Fakes {
     pub fn new(overlay: bool) -> Fakes {
         let journal = Journal::default();
         Fakes {
-            runtime: Arc::new(FakeRuntime::new(journal.clone())),
+            runtime: Arc::new(FakeRuntime::new()),
             images: Arc::new(FakeImages {
                 journal: journal.clone(),
                 fail: Mutex::default(),
@@ -309,7 +287,10 @@ impl Fakes {
 
     pub fn ports(&self) -> Ports {
         Ports {
-            runtime: self.runtime.clone(),
+            runtime: Arc::new(JournaledRuntime {
+                inner: self.runtime.clone(),
+                journal: self.journal.clone(),
+            }),
             images: self.images.clone(),
             mounts: self.mounts.clone(),
             networks: self.networks.clone(),

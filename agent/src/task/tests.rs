@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::fake::{self, Fakes};
 use super::{step, Phase, TaskCtx};
+use crate::runtime::ContainerRuntime;
 
 /// One task being driven on its own tokio task, as the worker does.
 struct Run {
@@ -104,7 +105,7 @@ async fn happy_path_prepares_in_order_runs_and_completes() {
     );
     assert_eq!(r.next_state().await, s(TaskState::Starting, "starting"));
     assert_eq!(r.next_state().await, s(TaskState::Running, "running"));
-    f.runtime.exit(0);
+    f.runtime.exit("t1", 0);
     assert_eq!(
         r.next().await,
         (TaskState::Complete, "exited".into(), String::new(), Some(0))
@@ -153,7 +154,7 @@ async fn a_pull_failure_rejects_with_nothing_to_undo() {
 #[tokio::test(start_paused = true)]
 async fn a_start_failure_fails_the_task_and_cleans_up() {
     let f = Fakes::new(true);
-    *f.runtime.start_error.lock().unwrap() = Some("exec: no such file".into());
+    f.runtime.fail_next("start", "exec: no such file");
     let mut t = fake::task("t1");
     t.spec.network_mode = NetworkMode::Bridge;
     let mut r = Run::start(&f, t, false);
@@ -207,7 +208,7 @@ async fn exit_codes_map_to_complete_failed_and_out_of_memory() {
         }
         let mut r = Run::start_in(&f, fake::task("t1"), false, dir);
         while r.next_state().await != s(TaskState::Running, "running") {}
-        f.runtime.exit(code);
+        f.runtime.exit("t1", code);
         let (state, message, error, got) = r.next().await;
         assert_eq!(
             (state, message.as_str(), error.as_str()),
@@ -225,11 +226,9 @@ async fn a_health_check_gates_running_until_the_first_pass() {
     let mut t = fake::task("t1");
     t.spec.healthcheck = Some(exec_check(3, 0));
     // Two failures (fewer than `retries`), then a pass.
-    f.runtime.execs.lock().unwrap().extend([
-        (1, "no".into()),
-        (1, "no".into()),
-        (0, String::new()),
-    ]);
+    for (code, out) in [(1, "no"), (1, "no"), (0, "")] {
+        f.runtime.push_exec_result(code, out);
+    }
     let t0 = tokio::time::Instant::now();
     let mut r = Run::start(&f, t, false);
     assert_eq!(
@@ -248,7 +247,7 @@ async fn a_health_check_gates_running_until_the_first_pass() {
     // Probes at 0, 1 s and 2 s: healthy at the third.
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
     assert_eq!(f.journal.of("runtime.exec").len(), 3);
-    f.runtime.exit(0);
+    f.runtime.exit("t1", 0);
     assert_eq!(r.next_state().await, s(TaskState::Complete, "exited"));
     r.end().await;
 }
@@ -258,12 +257,9 @@ async fn an_unhealthy_task_is_stopped_and_failed_after_retries() {
     let f = Fakes::new(false);
     let mut t = fake::task("t1");
     t.spec.healthcheck = Some(exec_check(3, 0));
-    f.runtime.execs.lock().unwrap().extend([
-        (0, String::new()),
-        (1, "down".into()),
-        (1, "down".into()),
-        (1, "still down".into()),
-    ]);
+    for (code, out) in [(0, ""), (1, "down"), (1, "down"), (1, "still down")] {
+        f.runtime.push_exec_result(code, out);
+    }
     let mut r = Run::start(&f, t, false);
     while r.next_state().await != s(TaskState::Running, "running (healthy)") {}
     let (state, message, error, code) = r.next().await;
@@ -283,11 +279,9 @@ async fn failures_in_the_start_period_do_not_count() {
     let mut t = fake::task("t1");
     // One failure is enough, but not within the first 5 s.
     t.spec.healthcheck = Some(exec_check(1, 5000));
-    f.runtime
-        .execs
-        .lock()
-        .unwrap()
-        .extend(std::iter::repeat_n((1, "booting".to_string()), 20));
+    for _ in 0..20 {
+        f.runtime.push_exec_result(1, "booting");
+    }
     let t0 = tokio::time::Instant::now();
     let mut r = Run::start(&f, t, false);
     while r.next_state().await != s(TaskState::Starting, "waiting for health check") {}
@@ -302,7 +296,7 @@ async fn failures_in_the_start_period_do_not_count() {
 #[tokio::test(start_paused = true)]
 async fn a_stop_sends_term_then_kill_after_the_grace_period() {
     let f = Fakes::new(false);
-    *f.runtime.honours_term.lock().unwrap() = false;
+    f.runtime.ignore_signals(true);
     let mut t = fake::task("t1");
     t.spec.stop_grace_period = 7;
     let mut r = Run::start(&f, t, false);
@@ -375,22 +369,34 @@ async fn a_stop_before_start_ends_the_task_without_a_container() {
 #[tokio::test(start_paused = true)]
 async fn an_adopted_running_container_is_watched_not_restarted() {
     let f = Fakes::new(false);
+    // Started by the agent process before this one.
+    f.runtime
+        .start("t1", std::path::Path::new("/c/t1"))
+        .await
+        .unwrap();
     let mut r = Run::start(&f, fake::task("t1"), true);
     assert_eq!(
         r.next_state().await,
         s(TaskState::Running, "running (re-adopted)")
     );
-    f.runtime.exit(2);
+    f.runtime.exit("t1", 2);
     assert_eq!(r.next_state().await, s(TaskState::Failed, "exited"));
     r.end().await;
     assert!(f.journal.of("images").is_empty());
     assert!(f.journal.of("runtime.start").is_empty());
+    assert_eq!(
+        f.runtime.verbs().iter().filter(|v| **v == "start").count(),
+        1
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_adopted_container_that_exited_meanwhile_reports_its_exit_only() {
     let f = Fakes::new(false);
     let dir = tempfile::tempdir().unwrap();
+    // Started by the agent process before this one, ended since (the shim wrote its code).
+    f.runtime.start("t1", dir.path()).await.unwrap();
+    f.runtime.exit("t1", 0);
     std::fs::write(dir.path().join("exit"), "0\n").unwrap();
     let r = Run::start_in(&f, fake::task("t1"), true, dir);
     let (phase, seen) = r.end().await;
@@ -414,7 +420,7 @@ async fn cleanup_releases_networks_after_the_rootfs_and_before_the_layer() {
     t.networks = vec![fake::attachment("front")];
     let mut r = Run::start(&f, t, false);
     while r.next_state().await != s(TaskState::Running, "running") {}
-    f.runtime.exit(0);
+    f.runtime.exit("t1", 0);
     r.end().await;
     let calls = f.journal.calls();
     assert!(
