@@ -140,7 +140,7 @@ impl Worker {
         };
         for e in entries.flatten() {
             let dir = e.path();
-            let Ok(bytes) = std::fs::read(dir.join("task.json")) else {
+            let Some(bytes) = ContainerDir::new(&dir).read_task() else {
                 continue;
             };
             let Ok(task) = serde_json::from_slice::<Task>(&bytes) else {

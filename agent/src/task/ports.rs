@@ -253,9 +253,11 @@ async fn shared_netns(
                     return None;
                 }
                 let pid = other.read_pid()?;
-                Path::new(&format!("/proc/{pid}"))
-                    .exists()
-                    .then(|| (other, pid, t.slot == task.slot))
+                Path::new(&format!("/proc/{pid}")).exists().then_some((
+                    other,
+                    pid,
+                    t.slot == task.slot,
+                ))
             })
             // Prefer the task in the same slot (sidecar 2 with main 2).
             .min_by_key(|(_, _, same)| !same);

@@ -204,7 +204,9 @@ async fn exit_codes_map_to_complete_failed_and_out_of_memory() {
         let f = Fakes::new(false);
         let dir = tempfile::tempdir().unwrap();
         if oom {
-            std::fs::write(dir.path().join("oom"), "").unwrap();
+            crate::shim::ContainerDir::new(dir.path())
+                .mark_oom_killed()
+                .unwrap();
         }
         let mut r = Run::start_in(&f, fake::task("t1"), false, dir);
         while r.next_state().await != s(TaskState::Running, "running") {}
@@ -397,7 +399,9 @@ async fn an_adopted_container_that_exited_meanwhile_reports_its_exit_only() {
     // Started by the agent process before this one, ended since (the shim wrote its code).
     f.runtime.start("t1", dir.path()).await.unwrap();
     f.runtime.exit("t1", 0);
-    std::fs::write(dir.path().join("exit"), "0\n").unwrap();
+    crate::shim::ContainerDir::new(dir.path())
+        .write_exit_code(0)
+        .unwrap();
     let r = Run::start_in(&f, fake::task("t1"), true, dir);
     let (phase, seen) = r.end().await;
     assert_eq!(phase, Phase::Cleaned);
