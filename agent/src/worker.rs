@@ -316,6 +316,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::convert::task_state_to_wire as wire;
     use crate::task::fake::{self, Fakes};
 
     fn worker(
@@ -338,7 +339,7 @@ mod tests {
         (w, rx)
     }
 
-    async fn next(rx: &mut mpsc::UnboundedReceiver<TaskStatusReport>) -> (String, String) {
+    async fn next(rx: &mut mpsc::UnboundedReceiver<TaskStatusReport>) -> (i32, String) {
         let r = tokio::time::timeout(Duration::from_secs(60), rx.recv())
             .await
             .expect("a report")
@@ -352,7 +353,12 @@ mod tests {
         let f = Fakes::new(false);
         let (w, mut rx) = worker(&f, dir.path());
         w.sync(vec![fake::task("t1")]);
-        let want = ["preparing", "starting", "running"];
+        let want = [
+            TaskState::Preparing,
+            TaskState::Starting,
+            TaskState::Running,
+        ]
+        .map(wire);
         for state in want {
             assert_eq!(next(&mut rx).await.0, state);
         }
@@ -361,7 +367,10 @@ mod tests {
         assert_eq!(w.last_statuses().len(), 1);
         w.sync(vec![]);
         let (state, message) = next(&mut rx).await;
-        assert_eq!((state.as_str(), message.as_str()), ("shutdown", "stopped"));
+        assert_eq!(
+            (state, message.as_str()),
+            (wire(TaskState::Shutdown), "stopped")
+        );
         // The spawned task releases its mounts and forgets the task once it is cleaned.
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!container.exists());
@@ -382,14 +391,14 @@ mod tests {
         w.sync(vec![fake::task("t1")]);
         let r = rx.recv().await.unwrap();
         assert_eq!(
-            (r.state.as_str(), r.container_id.as_str()),
-            ("preparing", "")
+            (r.state, r.container_id.as_str()),
+            (wire(TaskState::Preparing), "")
         );
         assert_eq!(r.timestamp_ms, fake::FakeClock::EPOCH_MS);
         let r = rx.recv().await.unwrap();
         assert_eq!(
-            (r.state.as_str(), r.container_id.as_str()),
-            ("starting", "t1")
+            (r.state, r.container_id.as_str()),
+            (wire(TaskState::Starting), "t1")
         );
     }
 }
