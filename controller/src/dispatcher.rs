@@ -743,3 +743,64 @@ mod secret_tests {
         );
     }
 }
+
+/// Liveness under a paused clock: a one-member raft group on in-memory storage (the real Ready
+/// loop), the dispatcher's leadership watch, and time advanced by hand.
+#[cfg(test)]
+mod liveness_tests {
+    use super::*;
+    use crate::raft_sim::SimStorage;
+    use crate::transport::NoopTransport;
+
+    fn put_node(id: &str) -> Command {
+        Command::PutNode {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            addr: format!("10.0.0.{}:4243", id.len()),
+            labels: Default::default(),
+            role: NodeRole::Worker,
+            resources: NodeResources::default(),
+            now: 1,
+            cert_not_after: 0,
+        }
+    }
+
+    fn state(raft: &RaftHandle, id: &str) -> NodeState {
+        raft.store()
+            .nodes
+            .get(id)
+            .expect("node registered")
+            .state
+            .clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ready_node_with_no_session_under_a_new_leader_goes_down_after_the_grace() {
+        let raft = crate::raft_node::start(1, SimStorage::new(vec![1]), Arc::new(NoopTransport))
+            .expect("start raft");
+        raft.propose(put_node("n1")).await.expect("register n1");
+        raft.propose(put_node("n22")).await.expect("register n22");
+        let d = DispatcherApi::new(raft.clone(), String::new());
+        // Let the watch see the leadership and take its "before" picture of the sessions.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // n22 opens a session with this leader (a new generation); n1 never does.
+        d.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert("n22".into(), 1);
+        let grace = HEARTBEAT * MISSED_HEARTBEATS * 2;
+        tokio::time::sleep(grace - Duration::from_millis(500)).await;
+        assert_eq!(state(&raft, "n1"), NodeState::Ready, "not before the grace");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            state(&raft, "n1"),
+            NodeState::Down,
+            "silent node marked down"
+        );
+        assert_eq!(
+            state(&raft, "n22"),
+            NodeState::Ready,
+            "node with a session kept"
+        );
+    }
+}
