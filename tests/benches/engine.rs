@@ -650,7 +650,7 @@ fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
         };
         let image = format!("localhost/rudder-bench-busybox:{}", std::process::id());
         let st = Command::new(&path)
-            .args(["import", "-q"])
+            .arg("import")
             .arg(&tar)
             .arg(&image)
             .stdout(Stdio::null())
@@ -667,8 +667,16 @@ fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
             let mut c = Command::new(&path);
             c.args(["run", "--rm", "--network", "none"]);
             if engine == "podman" {
-                // podman's default crun fails on this host's RLIMIT_NOFILE: runc, explicit limit.
-                c.args(["--runtime", "runc", "--ulimit", "nofile=1024:1024"]);
+                // podman's default crun fails on this host's RLIMIT_NOFILE, and runc on its
+                // default RLIMIT_NPROC: runc, with explicit limits.
+                c.args([
+                    "--runtime",
+                    "runc",
+                    "--ulimit",
+                    "nofile=1024:1024",
+                    "--ulimit",
+                    "nproc=4096:4096",
+                ]);
             }
             c.args([image.as_str(), "true"]);
             c
