@@ -33,8 +33,68 @@ pub struct AgentApiImpl {
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
 
-/// How often a followed log is checked for new output.
+/// How often a followed log is checked for new output where the container directory cannot
+/// be watched (inotify instances are a per-user limit).
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+/// A watched directory is still checked this often, in case an event was lost (a full
+/// inotify queue drops events).
+const FOLLOW_FALLBACK: Duration = Duration::from_secs(1);
+
+/// Wakes a log follower when anything in a container directory changes: output appended to
+/// `log`, a rotation, the shim recording `exit`. Without it a follower polls, and a caller
+/// waiting for a short container's end (`rctl run`) waits for the next poll.
+struct DirWatch {
+    fd: tokio::io::unix::AsyncFd<InotifyFd>,
+}
+
+/// An inotify instance as a raw fd, for `AsyncFd`.
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl std::os::fd::AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl DirWatch {
+    /// A watch on `dir`, or `None` where inotify is unavailable (then the caller polls).
+    fn new(dir: &Path) -> Option<DirWatch> {
+        use nix::sys::inotify::{AddWatchFlags as W, InitFlags, Inotify};
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| tracing::debug!(%e, "inotify unavailable: logs are polled"))
+            .ok()?;
+        ino.add_watch(
+            dir,
+            W::IN_MODIFY | W::IN_CREATE | W::IN_MOVED_TO | W::IN_CLOSE_WRITE,
+        )
+        .ok()?;
+        // SAFETY: the inotify instance owns its fd, which stays open (and the same) for as
+        // long as the AsyncFd holds it, and `as_raw_fd` returns that fd.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(InotifyFd(ino)) }.ok()?;
+        Some(DirWatch { fd })
+    }
+
+    /// Returns once something changed in the directory (events are drained), or after `max`.
+    async fn changed(&mut self, max: Duration) {
+        let wait = async {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return;
+            };
+            loop {
+                match ready.get_inner().0.read_events() {
+                    Ok(events) if !events.is_empty() => continue,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    _ => {
+                        ready.clear_ready();
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, wait).await;
+    }
+}
 
 /// Byte offset where the last `n` lines of the file start (0 when it has fewer).
 pub fn tail_offset(file: &mut std::fs::File, n: u32) -> std::io::Result<u64> {
@@ -193,79 +253,103 @@ impl AgentApi for AgentApiImpl {
             return Err(Status::invalid_argument("bad task id"));
         }
         let dir = self.containers.join(&id);
-        let path = ContainerDir::new(&dir).log();
-        let start = if tail > 0 {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::File::open(&p).and_then(|mut f| tail_offset(&mut f, tail))
-            })
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .unwrap_or(0)
-        } else {
-            0
-        };
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Response::new(Box::pin(futures::stream::empty())))
-            }
-            Err(e) => return Err(Status::internal(format!("open log: {e}"))),
-        };
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(|e| Status::internal(format!("seek log: {e}")))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut lines = Lines::new(timestamps);
-            loop {
-                match file.read(&mut buf).await {
-                    Ok(0) if !follow => break,
-                    Ok(0) => {
-                        // Rotated: finish the old file (done: at EOF), go on with the new one.
-                        if rotated(&path, &file).await {
-                            if let Ok(f) = tokio::fs::File::open(&path).await {
-                                file = f;
+        log_stream(dir, id, tail, follow, timestamps).await
+    }
+}
+
+/// The log of the container in `dir` (task `id`) as a stream of chunks: from the last `tail`
+/// lines (all when 0), to its end, or, with `follow`, until the container has exited and its
+/// output is drained; then a last chunk carries the exit code.
+async fn log_stream(
+    dir: PathBuf,
+    id: String,
+    tail: u32,
+    follow: bool,
+    timestamps: bool,
+) -> Result<Response<LogStream>, Status> {
+    let path = ContainerDir::new(&dir).log();
+    let start = if tail > 0 {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&p).and_then(|mut f| tail_offset(&mut f, tail))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .unwrap_or(0)
+    } else {
+        0
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Response::new(Box::pin(futures::stream::empty())))
+        }
+        Err(e) => return Err(Status::internal(format!("open log: {e}"))),
+    };
+    file.seek(SeekFrom::Start(start))
+        .await
+        .map_err(|e| Status::internal(format!("seek log: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // Watch before the first read, so nothing written after it goes unnoticed.
+    let mut wake = if follow { DirWatch::new(&dir) } else { None };
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut lines = Lines::new(timestamps);
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) if !follow => break,
+                Ok(0) => {
+                    // Rotated: finish the old file (done: at EOF), go on with the new one.
+                    if rotated(&path, &file).await {
+                        if let Ok(f) = tokio::fs::File::open(&path).await {
+                            file = f;
+                            continue;
+                        }
+                    }
+                    // Drained: done once the container is gone (read once more after
+                    // seeing `exit`, for output written just before it). The last
+                    // chunk carries the exit code.
+                    if exited(&dir) {
+                        match file.read(&mut buf).await {
+                            Ok(n) if n > 0 => {
+                                let out = lines.push(&buf[..n]);
+                                let _ = tx.send(Ok(chunk(&id, &out))).await;
                                 continue;
                             }
-                        }
-                        // Drained: done once the container is gone (read once more after
-                        // seeing `exit`, for output written just before it).
-                        if exited(&dir) {
-                            match file.read(&mut buf).await {
-                                Ok(n) if n > 0 => {
-                                    let out = lines.push(&buf[..n]);
-                                    let _ = tx.send(Ok(chunk(&id, &out))).await;
-                                    continue;
+                            _ => {
+                                if let Some(code) = ContainerDir::new(&dir).read_exit_code() {
+                                    let _ = tx.send(Ok(last_chunk(&id, code))).await;
                                 }
-                                _ => break,
+                                break;
                             }
                         }
-                        if tx.is_closed() {
-                            break;
-                        }
-                        tokio::time::sleep(FOLLOW_POLL).await;
                     }
-                    Ok(n) => {
-                        let out = lines.push(&buf[..n]);
-                        if !out.is_empty() && tx.send(Ok(chunk(&id, &out))).await.is_err() {
-                            break;
-                        }
+                    if tx.is_closed() {
+                        break;
                     }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("read log: {e}"))))
-                            .await;
+                    match wake.as_mut() {
+                        Some(w) => w.changed(FOLLOW_FALLBACK).await,
+                        None => tokio::time::sleep(FOLLOW_POLL).await,
+                    }
+                }
+                Ok(n) => {
+                    let out = lines.push(&buf[..n]);
+                    if !out.is_empty() && tx.send(Ok(chunk(&id, &out))).await.is_err() {
                         break;
                     }
                 }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(Status::internal(format!("read log: {e}"))))
+                        .await;
+                    break;
+                }
             }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
 }
 
 /// Whether the file at `path` is no longer the one open (the shim rotated it).
@@ -331,7 +415,17 @@ fn chunk(task: &str, data: &[u8]) -> LogChunk {
     LogChunk {
         task: task.to_string(),
         data: data.to_vec(),
-        warning: String::new(),
+        ..Default::default()
+    }
+}
+
+/// The last chunk of a followed log: the container exited with `code`.
+fn last_chunk(task: &str, code: i32) -> LogChunk {
+    LogChunk {
+        task: task.to_string(),
+        has_exit_code: true,
+        exit_code: code,
+        ..Default::default()
     }
 }
 
@@ -353,6 +447,64 @@ mod tests {
             b"2026-11-23T16:55:00.000000001Z hello world\n2026-11-23T16:55:01.000000000Z oops\nold style line\n".to_vec()
         );
         assert_eq!(l.push(b"ial\n"), b"partial\n".to_vec());
+    }
+
+    /// A follower wakes when the shim records the exit (no poll interval in between), drains
+    /// what was written before it, and ends with the exit code.
+    #[tokio::test]
+    async fn a_followed_log_ends_with_the_exit_code_as_soon_as_the_exit_is_recorded() {
+        use futures::StreamExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ContainerDir::new(tmp.path());
+        std::fs::write(dir.log(), b"2026-11-23T16:55:00.000000001Z stdout one\n").unwrap();
+        let mut stream = log_stream(tmp.path().to_path_buf(), "t1".into(), 0, true, false)
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.data, b"one\n");
+        assert!(!first.has_exit_code);
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.log())
+            .unwrap();
+        log.write_all(b"2026-11-23T16:55:01.000000001Z stderr two\n")
+            .unwrap();
+        dir.write_exit_code(3).unwrap();
+        // Well under the fallback check of a watched directory: the watch woke it.
+        let rest = tokio::time::timeout(FOLLOW_FALLBACK / 2, async {
+            let mut v = Vec::new();
+            while let Some(c) = stream.next().await {
+                v.push(c.unwrap());
+            }
+            v
+        })
+        .await
+        .expect("the follower ends once the exit is recorded");
+        let data: Vec<u8> = rest.iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(data, b"two\n");
+        let last = rest.last().unwrap();
+        assert!(last.has_exit_code);
+        assert_eq!(last.exit_code, 3);
+    }
+
+    /// Without `follow` the stream ends at the end of the file, with no exit code.
+    #[tokio::test]
+    async fn an_unfollowed_log_ends_at_its_end() {
+        use futures::StreamExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = ContainerDir::new(tmp.path());
+        std::fs::write(dir.log(), b"2026-11-23T16:55:00.000000001Z stdout one\n").unwrap();
+        let chunks: Vec<LogChunk> =
+            log_stream(tmp.path().to_path_buf(), "t1".into(), 0, false, false)
+                .await
+                .unwrap()
+                .into_inner()
+                .map(|c| c.unwrap())
+                .collect()
+                .await;
+        assert_eq!(chunks.len(), 1);
+        assert!(!chunks[0].has_exit_code);
     }
 
     #[test]

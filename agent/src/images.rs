@@ -422,16 +422,64 @@ pub struct RegistryImageStore {
     /// This node's certificate (the latest) for the registry's mutual TLS; plain HTTP when
     /// `None`.
     pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+    /// The last client made, with the registry and certificate it was made for: its
+    /// connections stay open between pulls, so a task start costs a request, not a mutual-TLS
+    /// handshake. Replaced when the registry moves or the certificate is renewed.
+    pub client: Mutex<Option<CachedClient>>,
+}
+
+/// A registry client and what it was made for.
+pub struct CachedClient {
+    registry: String,
+    cert_pem: String,
+    client: rudder_image::RegistryClient,
+}
+
+impl RegistryImageStore {
+    /// A store pulling from `registry` with `tls`; no client made yet.
+    pub fn new(
+        store: ImageStore,
+        registry: Arc<Mutex<String>>,
+        tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
+    ) -> Self {
+        RegistryImageStore {
+            store,
+            registry,
+            tls,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// The client for the current registry and certificate, made only when either changed.
+    fn client(&self) -> Result<rudder_image::RegistryClient, String> {
+        let registry = self.registry.lock().expect("registry lock").clone();
+        let cert_pem = self
+            .tls
+            .as_ref()
+            .map(|t| t.borrow().cert_pem().to_string())
+            .unwrap_or_default();
+        let mut cached = self.client.lock().expect("client lock");
+        if let Some(c) = cached.as_ref() {
+            if c.registry == registry && c.cert_pem == cert_pem {
+                return Ok(c.client.clone());
+            }
+        }
+        let client = crate::worker::registry_client(&registry, &self.tls)?;
+        *cached = Some(CachedClient {
+            registry,
+            cert_pem,
+            client: client.clone(),
+        });
+        Ok(client)
+    }
 }
 
 #[async_trait::async_trait]
 impl crate::task::ports::ImageStore for RegistryImageStore {
     async fn pull(&self, image: &str) -> Result<crate::task::ports::Image, ImagePortError> {
-        let registry = self.registry.lock().expect("registry lock").clone();
         let reference =
             Reference::parse(image).map_err(|e| ImagePortError::Reference(e.to_string()))?;
-        let client =
-            crate::worker::registry_client(&registry, &self.tls).map_err(ImagePortError::Client)?;
+        let client = self.client().map_err(ImagePortError::Client)?;
         let pulled = self.store.pull(&client, &reference).await?;
         Ok(crate::task::ports::Image {
             manifest_digest: pulled.manifest_digest,

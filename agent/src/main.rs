@@ -115,9 +115,7 @@ fn main() -> anyhow::Result<()> {
     // Colours only on a terminal: the log usually goes to a file or a journal.
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(log_filter())
         .init();
     let data_dir = a
         .data_dir
@@ -154,5 +152,17 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// `RUST_LOG`, else `info`; netlink-packet-route's warnings about attributes newer than the
+/// crate (one per link on every dump, on any recent kernel) are always dropped: they say
+/// nothing about this host and drown the agent's own log.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match "netlink_packet_route=error".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
     }
 }

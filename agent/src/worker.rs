@@ -15,7 +15,7 @@ use rudder_image::client::RegistryClient;
 use rudder_model::{Task, TaskState, TaskStatus};
 use rudder_proto::v1::TaskStatusReport;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::bundle::{self, ContainerDir};
 use crate::runtime::{self, ContainerRuntime};
@@ -65,11 +65,11 @@ impl Ctx {
         let volumes = Arc::new(h.volumes);
         let ports = Ports {
             runtime: h.runtime,
-            images: Arc::new(crate::images::RegistryImageStore {
-                store: h.images,
-                registry: registry.clone(),
-                tls: h.registry_tls,
-            }),
+            images: Arc::new(crate::images::RegistryImageStore::new(
+                h.images,
+                registry.clone(),
+                h.registry_tls,
+            )),
             mounts: Arc::new(crate::volume::HostMounts {
                 volumes: volumes.clone(),
                 secrets: h.secrets.clone(),
@@ -253,7 +253,11 @@ impl Worker {
         let mut cx = TaskCtx::new(self.ctx.ports.clone(), dir, stop, adopted);
         let mut sent: Option<TaskStatus> = None;
         while !cx.phase.is_done() {
-            let s = match step(task, &mut cx).await {
+            let began = std::time::Instant::now();
+            let phase = cx.phase.clone();
+            let r = step(task, &mut cx).await;
+            debug!(?phase, us = began.elapsed().as_micros() as u64, "step");
+            let s = match r {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(%e, "task ended");

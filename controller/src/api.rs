@@ -383,6 +383,7 @@ impl Control for ControlApi {
                                 "logs of {name} unavailable from {} ({}): {e}",
                                 addr.host, addr.addr
                             ),
+                            ..Default::default()
                         }))
                         .await;
                 }

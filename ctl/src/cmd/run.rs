@@ -161,13 +161,22 @@ async fn follow(client: &mut Client, name: &str) -> anyhow::Result<i32> {
         .map_err(crate::status_err)?
         .into_inner();
     let mut out = std::io::stdout();
+    let mut exit_code = None;
     while let Some(chunk) = stream.message().await.map_err(crate::status_err)? {
         if !chunk.warning.is_empty() {
             eprintln!("warning: {}", chunk.warning);
             continue;
         }
+        if chunk.has_exit_code {
+            exit_code = Some(chunk.exit_code);
+        }
         out.write_all(&chunk.data)?;
         out.flush()?;
+    }
+    // The log's end carries the exit code: no need to wait for the agent's report of it
+    // to be committed and watched.
+    if let Some(code) = exit_code {
+        return Ok(code);
     }
     let done = if crate::convert::task_state(started.state).is_some_and(|s| s.is_terminal()) {
         started
