@@ -23,8 +23,15 @@
 //! since the spec last changed carry the service's `spec_version` and make up the rollout. A slot
 //! whose task is outdated but still `running` is replaced in batches of `parallelism` (stop-first:
 //! stop, then create; start-first: create, and stop the old task once the new one runs); a batch
-//! starts only when no slot has a current task on its way to `running` and `delay` has passed
-//! since the last new task got there. Outdated tasks that serve nothing (not yet running, or
+//! starts only when no slot is in flight (an old task still stopping, or a current task on its
+//! way to `running`) and `delay` has passed since the last new task got there.
+//!
+//! Stop-first is honest: a slot's next task is created only once every task the slot is stopping
+//! has been observed ended by its agent (or, its node lost, once its stop grace has passed; or,
+//! its agent silent, grace plus `STOP_REPORT_TIMEOUT_MS`). Until then the stopping task still
+//! counts on its node for the scheduler (`Task::holds_resources`: host ports, reservations), so a
+//! slot never runs an old and a new container at once. The same holds for restarts, scaling and
+//! moves; start-first keeps the old task running (not stopping) until the new one runs. Outdated tasks that serve nothing (not yet running, or
 //! finished) are replaced at once, as are empty slots. A new task that ends (other than by a
 //! requested shutdown, or its node being lost) before it has run for `monitor` is a failure; once
 //! failures exceed `max_failure_ratio` of the tasks updated so far, the failure action applies:
@@ -36,7 +43,8 @@
 //! Invariants: pure (time and ids come in as arguments); only a rollback rewrites a user's spec;
 //! only `desired_state`, task records and the update status change; per slot (or per node, for
 //! global services) at most one task is meant to run, except that a start-first update or a move
-//! off a drained node keeps the old task until its replacement runs.
+//! off a drained node keeps the old task until its replacement runs; a slot gets no new task while
+//! one it stops may still run.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -91,6 +99,9 @@ enum SlotState<'a> {
     Settled,
     /// A current task is on its way to `running` (created now, pending, starting...).
     InFlight,
+    /// A task the slot stops has not been observed ended yet: the slot's next task waits for it
+    /// (see `create_or_wait`). Counts against `parallelism` like `InFlight`.
+    Stopping,
     /// An outdated task is serving: the next batch may replace it (and create its successor
     /// unless the slot is a paused node).
     Outdated { task: &'a Task, wants_new: bool },
@@ -150,6 +161,7 @@ fn reconcile_replicated<'a>(
         slots.entry(slot).or_default().push(t);
     }
     let replicas = service.spec.replicas;
+    let pass = Pass { nodes, now };
     for slot in 1..=replicas {
         slots.entry(slot).or_default();
     }
@@ -162,7 +174,7 @@ fn reconcile_replicated<'a>(
             continue;
         }
         let key = Key::Slot(slot);
-        let state = plan_slot(plan, service, key, &history, true, now, |t| {
+        let state = plan_slot(plan, service, key, &history, true, &pass, |t| {
             // Placed on a node that was drained or no longer matches: move it.
             t.node_id
                 .as_ref()
@@ -185,18 +197,81 @@ fn stop_all(plan: &mut Plan, history: &[&Task]) {
     }
 }
 
+/// What a pass knows besides a service and its tasks.
+struct Pass<'a> {
+    nodes: &'a crate::store::Map<String, Node>,
+    now: u64,
+}
+
+/// How long past its stop grace a stopping task on a node that is still up may go unreported
+/// before its slot's next task stops waiting for it (Swarm's old-task timeout is a minute). Its
+/// resources stay counted on its node until it is reported ended, so the next task goes
+/// elsewhere if that node has no room.
+pub const STOP_REPORT_TIMEOUT_MS: u64 = 60_000;
+
+/// Whether `t`, asked to stop, may still be running and hold its node's resources: it is placed
+/// and not observed ended, and its stop grace (counted from the request; from `now` for a request
+/// made in this pass) has not passed on a lost node, or grace plus `STOP_REPORT_TIMEOUT_MS` on a
+/// node that is still up. A node declared down orphans its tasks, which ends them.
+fn still_stopping(t: &Task, pass: &Pass) -> bool {
+    let Some(node) = t.node_id.as_deref() else {
+        return false;
+    };
+    if t.status.state.is_terminal() {
+        return false;
+    }
+    let asked = t.stop_requested_at.unwrap_or(pass.now);
+    let grace = t.spec.stop_grace_period.saturating_mul(1000);
+    let node_up = pass
+        .nodes
+        .get(node)
+        .is_some_and(|n| n.state == NodeState::Ready);
+    let wait = if node_up {
+        grace.saturating_add(STOP_REPORT_TIMEOUT_MS)
+    } else {
+        grace
+    };
+    pass.now < asked.saturating_add(wait)
+}
+
+/// Stop-first, honestly: the slot's next task is created only once every task the slot is
+/// stopping (asked before this pass, or in `plan.shutdown[mark..]` by it) has been observed
+/// ended, so a slot never runs an old and a new container at once and the scheduler sees the
+/// old one's ports and reservations as used until then. A task kept running (start-first) is
+/// not stopping and holds nothing up.
+fn create_or_wait<'a>(
+    plan: &mut Plan,
+    key: Key,
+    history: &[&Task],
+    mark: usize,
+    pass: &Pass,
+) -> SlotState<'a> {
+    let stopping = history.iter().any(|t| {
+        let asked = t.desired_state > TaskState::Running || plan.shutdown[mark..].contains(&t.id);
+        asked && still_stopping(t, pass)
+    });
+    if stopping {
+        return SlotState::Stopping;
+    }
+    plan.create_at(key);
+    SlotState::InFlight
+}
+
 /// Plans one wanted slot (or node): everything that does not wait for a rollout batch. `history`
 /// is newest first; `wants_new` is false for a paused global node (keeps, never gets, a task);
-/// `must_move` says whether a live task has to leave its node.
+/// `must_move` says whether a live task has to leave its node. A new task for the slot waits
+/// until the tasks it stops have ended (`create_or_wait`).
 fn plan_slot<'a>(
     plan: &mut Plan,
     service: &Service,
     key: Key,
     history: &[&'a Task],
     wants_new: bool,
-    now: u64,
+    pass: &Pass,
     must_move: impl Fn(&Task) -> bool,
 ) -> SlotState<'a> {
+    let now = pass.now;
+    let mark = plan.shutdown.len();
     let (current, outdated): (Vec<&Task>, Vec<&Task>) = history
         .iter()
         .filter(|t| t.desired_state <= TaskState::Running)
@@ -237,8 +312,7 @@ fn plan_slot<'a>(
                 }
             }
             plan.shutdown.extend(newer.iter().map(|t| t.id.clone()));
-            plan.create_at(key);
-            return SlotState::InFlight;
+            return create_or_wait(plan, key, history, mark, pass);
         }
         // Duplicates of the current spec: keep one, and a task leaving its node until `c` runs.
         let leaving = |t: &&Task| serving(t) && must_move(t);
@@ -259,8 +333,7 @@ fn plan_slot<'a>(
         if c.status.state.is_terminal() {
             if wants_new && should_restart(service, c, history, now) {
                 plan.shutdown.push(c.id.clone());
-                plan.create_at(key);
-                return SlotState::InFlight;
+                return create_or_wait(plan, key, history, mark, pass);
             }
             return SlotState::Settled;
         }
@@ -269,8 +342,7 @@ fn plan_slot<'a>(
             // keep.
             plan.shutdown.push(c.id.clone());
             if wants_new {
-                plan.create_at(key);
-                return SlotState::InFlight;
+                return create_or_wait(plan, key, history, mark, pass);
             }
             return SlotState::Settled;
         }
@@ -293,18 +365,12 @@ fn plan_slot<'a>(
     match keep {
         Some(k) if !must_move(k) => SlotState::Outdated { task: k, wants_new },
         // Moving start-first, as above: the old task serves until its replacement runs.
-        Some(_) if wants_new => {
-            plan.create_at(key);
-            SlotState::InFlight
-        }
+        Some(_) if wants_new => create_or_wait(plan, key, history, mark, pass),
         Some(k) => {
             plan.shutdown.push(k.id.clone());
             SlotState::Settled
         }
-        None if wants_new => {
-            plan.create_at(key);
-            SlotState::InFlight
-        }
+        None if wants_new => create_or_wait(plan, key, history, mark, pass),
         None => SlotState::Settled,
     }
 }
@@ -349,6 +415,7 @@ fn reconcile_global<'a>(
         by_node.entry(id).or_default();
     }
     let mut states = Vec::new();
+    let pass = Pass { nodes, now };
     for (node_id, mut history) in by_node {
         newest_first(&mut history);
         let node = nodes.get(node_id);
@@ -361,7 +428,7 @@ fn reconcile_global<'a>(
         // Paused nodes keep their task but get no new one.
         let key = Key::Node(node_id);
         let wants_new = wanted.contains(node_id);
-        let state = plan_slot(plan, service, key, &history, wants_new, now, |_| false);
+        let state = plan_slot(plan, service, key, &history, wants_new, &pass, |_| false);
         states.push((key, state));
         forget_old(plan, service, &history);
     }
@@ -540,20 +607,21 @@ fn roll_out<'a>(
             _ => None,
         })
         .collect();
+    // Slots in flight: an old task stopping or a new one on its way to `running`.
     let in_flight = slots
         .iter()
-        .filter(|(_, s)| *s == SlotState::InFlight)
+        .filter(|(_, s)| matches!(s, SlotState::InFlight | SlotState::Stopping))
         .count();
     let rested = |wait: u64| last_running.is_none_or(|r| now >= r.saturating_add(wait));
 
     if !paused && in_flight == 0 && !outdated.is_empty() && rested(cfg.delay) {
         for &(key, old, wants_new) in outdated.iter().take(cfg.batch_size(outdated.len())) {
-            // Start-first leaves the old task to `plan_slot`, which stops it once the new one
-            // runs.
             if cfg.order == UpdateOrder::StopFirst || !wants_new {
+                // Stop-first: only the stop now. `plan_slot` creates the successor on a later
+                // pass, once this task is observed ended (`create_or_wait`).
                 plan.shutdown.push(old.id.clone());
-            }
-            if wants_new {
+            } else {
+                // Start-first: the successor now; `plan_slot` stops this task once it runs.
                 plan.create_at(key);
             }
         }
@@ -628,7 +696,8 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     // Schedule: tasks waiting for a node (unless being stopped now), then the ones created in
     // this pass.
     let stopping: BTreeSet<&str> = shutdown.iter().map(String::as_str).collect();
-    let placed = store.tasks.values().filter(|t| t.is_active());
+    // Tasks being stopped still hold their ports and reservations until they are seen ended.
+    let placed = store.tasks.values().filter(|t| t.holds_resources());
     let waiting: Vec<&Task> = store
         .tasks
         .values()
@@ -696,6 +765,7 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     }
     if !shutdown.is_empty() {
         cmds.push(Command::SetDesired {
+            now,
             updates: shutdown
                 .into_iter()
                 .map(|id| (id, TaskState::Shutdown))
@@ -729,6 +799,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
             timestamp: now,
         },
         running_at: None,
+        stop_requested_at: None,
         networks: Vec::new(),
         created_at: now,
         version: 0,
@@ -791,6 +862,29 @@ mod tests {
                 node_id: t.node_id.clone().unwrap(),
                 status: TaskStatus {
                     state,
+                    message: String::new(),
+                    error: String::new(),
+                    container_id: t.id.clone(),
+                    exit_code: None,
+                    timestamp: now,
+                },
+            })
+            .collect();
+        *idx += 1;
+        s.apply(*idx, Command::UpdateStatus { updates }).unwrap();
+    }
+
+    /// The agents report every task asked to stop as ended.
+    fn report_stopped(s: &mut Store, idx: &mut u64, now: u64) {
+        let updates = s
+            .tasks
+            .values()
+            .filter(|t| t.desired_state > TaskState::Running && t.holds_resources())
+            .map(|t| StatusUpdate {
+                task_id: t.id.clone(),
+                node_id: t.node_id.clone().unwrap(),
+                status: TaskStatus {
+                    state: TaskState::Shutdown,
                     message: String::new(),
                     error: String::new(),
                     container_id: t.id.clone(),
@@ -1151,6 +1245,10 @@ mod tests {
         )
         .unwrap();
         converge(&mut s, &mut idx, 0, &mut ids);
+        // Stop-first: the old tasks are asked to stop, and replaced once they have.
+        assert!(live(&s).is_empty());
+        report_stopped(&mut s, &mut idx, 0);
+        converge(&mut s, &mut idx, 0, &mut ids);
         let now_live: Vec<String> = live(&s).iter().map(|t| t.id.clone()).collect();
         assert_eq!(now_live.len(), 2);
         assert!(now_live.iter().all(|id| !old.contains(id)));
@@ -1161,8 +1259,8 @@ mod tests {
             .unwrap();
         converge(&mut s, &mut idx, 0, &mut ids);
         assert!(live(&s).is_empty());
-        // Not reaped until the agents report them stopped.
-        assert_eq!(s.tasks.len(), 4);
+        // Not reaped until the agents report them stopped (the old ones already have).
+        assert_eq!(s.tasks.len(), 2);
         let keys: Vec<String> = s.tasks.keys().cloned().collect();
         for k in keys {
             if let Some(t) = s.tasks.get_mut(&k) {
@@ -1483,12 +1581,16 @@ mod tests {
         sp.mode = ServiceMode::Global;
         put_service(&mut s, &mut idx, sp);
         converge(&mut s, &mut idx, 0, &mut ids);
-        assert_eq!(live_by_node(&s).len(), 3);
         assert!(replicated
             .iter()
             .all(|id| s.tasks[id].desired_state == TaskState::Shutdown));
+        report_stopped(&mut s, &mut idx, 0);
+        converge(&mut s, &mut idx, 0, &mut ids);
+        assert_eq!(live_by_node(&s).len(), 3);
         // And back: global tasks are scaled away, slots 1..=2 come back.
         put_service(&mut s, &mut idx, spec("web", 2));
+        converge(&mut s, &mut idx, 0, &mut ids);
+        report_stopped(&mut s, &mut idx, 0);
         converge(&mut s, &mut idx, 0, &mut ids);
         let mut slots: Vec<u64> = live(&s).iter().map(|t| t.slot).collect();
         slots.sort();
@@ -1563,6 +1665,8 @@ mod tests {
             vec![update_node("n1", None, &[("zone", "b")], &[])],
         );
         converge(&mut s, &mut idx, 0, &mut ids);
+        report_stopped(&mut s, &mut idx, 0);
+        converge(&mut s, &mut idx, 0, &mut ids);
         let l = live(&s);
         assert_eq!(l.len(), 2);
         assert!(l.iter().all(|t| t.node_id.as_deref() == Some("n2")));
@@ -1575,3 +1679,5 @@ mod drain_tests;
 mod rollout_tests;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod stop_first_tests;

@@ -684,6 +684,7 @@ mod tests {
                 timestamp: 0,
             },
             running_at: None,
+            stop_requested_at: None,
             networks: Vec::new(),
             created_at: 0,
             version: 0,

@@ -119,6 +119,11 @@ pub struct Task {
     /// monitor window. Kept after the task ends, to tell an early failure from a late one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_at: Option<u64>,
+    /// When the controller asked it to stop (the leader's clock, ms since the epoch): the start
+    /// of its stop grace period. A slot's next task waits for this task to be observed ended,
+    /// or for its node to be lost and the grace to have passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_requested_at: Option<u64>,
     /// The task's address on each of its spec's networks, given when it is assigned a node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<crate::network::Attachment>,
@@ -157,6 +162,13 @@ impl Task {
         self.node_id.is_some()
             && self.desired_state <= TaskState::Running
             && !self.status.state.is_terminal()
+    }
+
+    /// Holds its node's resources (host ports, reservations): placed and not yet observed ended,
+    /// whatever its desired state. A task being stopped keeps them until its agent reports it
+    /// ended (or its node is lost, which orphans it).
+    pub fn holds_resources(&self) -> bool {
+        self.node_id.is_some() && !self.status.state.is_terminal()
     }
 }
 
@@ -337,6 +349,10 @@ pub enum Command {
     SetDesired {
         /// (task id, desired state) pairs.
         updates: Vec<(String, TaskState)>,
+        /// The leader's clock (ms since the epoch): when a stop was asked for. 0 in entries
+        /// written before it existed.
+        #[serde(default)]
+        now: u64,
     },
     /// Agents' reports on their tasks.
     UpdateStatus {
@@ -1100,11 +1116,14 @@ impl Store {
                     }
                 }
             }
-            Command::SetDesired { updates } => {
+            Command::SetDesired { updates, now } => {
                 for (task_id, state) in updates {
                     if let Some(t) = self.tasks.get_mut(&task_id) {
                         // Desired state also only moves forward.
                         if state > t.desired_state {
+                            if state >= TaskState::Shutdown && t.stop_requested_at.is_none() {
+                                t.stop_requested_at = Some(now);
+                            }
                             t.desired_state = state;
                             t.version = index;
                         }
@@ -1864,6 +1883,7 @@ mod tests {
                 timestamp: 1,
             },
             running_at: None,
+            stop_requested_at: None,
             networks: Vec::new(),
             created_at: 1,
             version: 0,
@@ -2427,6 +2447,7 @@ mod tests {
             &mut s,
             Command::SetDesired {
                 updates: vec![("t2".into(), TaskState::Shutdown)],
+                now: 0,
             },
         )
         .unwrap();

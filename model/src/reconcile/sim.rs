@@ -22,6 +22,11 @@ pub(super) struct Sim {
     idx: u64,
     ids: u64,
     pub(super) now: u64,
+    /// How long a container takes to stop once asked (its PID 1 ignoring SIGTERM for the
+    /// whole grace, say); 0 stops it on the agents' next step.
+    pub(super) stop_ms: u64,
+    /// Nodes whose agents no longer report anything (cut off, not yet declared down).
+    pub(super) silent: BTreeSet<String>,
 }
 
 impl Sim {
@@ -31,6 +36,8 @@ impl Sim {
             idx: 0,
             ids: 0,
             now: 1_000_000,
+            stop_ms: 0,
+            silent: BTreeSet::new(),
         };
         for i in 1..=nodes {
             sim.apply(put_node(&format!("n{i}"), &[], 0)).unwrap();
@@ -38,6 +45,16 @@ impl Sim {
         sim.put(sp);
         sim.run(30, |_| {});
         sim
+    }
+
+    /// The ids `plan_pass` will give next, as `settle` does.
+    pub(super) fn plan(&mut self) -> Option<Command> {
+        let ids = &mut self.ids;
+        let mut gen = || {
+            *ids += 1;
+            format!("t{ids:03}")
+        };
+        plan_pass(&self.s, self.now, &mut gen)
     }
 
     pub(super) fn apply(&mut self, cmd: Command) -> Result<(), ApplyError> {
@@ -88,10 +105,14 @@ impl Sim {
         let mut updates = Vec::new();
         for t in self.s.tasks.values() {
             let Some(node) = &t.node_id else { continue };
-            if t.status.state.is_terminal() {
+            if t.status.state.is_terminal() || self.silent.contains(node) {
                 continue;
             }
             let (state, error) = if t.desired_state >= TaskState::Shutdown {
+                let asked = t.stop_requested_at.unwrap_or(0);
+                if now < asked.saturating_add(self.stop_ms) {
+                    continue;
+                }
                 (TaskState::Shutdown, "")
             } else {
                 match (t.status.state, t.spec.image.as_str()) {
