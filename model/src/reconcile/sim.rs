@@ -47,16 +47,6 @@ impl Sim {
         sim
     }
 
-    /// The ids `plan_pass` will give next, as `settle` does.
-    pub(super) fn plan(&mut self) -> Option<Command> {
-        let ids = &mut self.ids;
-        let mut gen = || {
-            *ids += 1;
-            format!("t{ids:03}")
-        };
-        plan_pass(&self.s, self.now, &mut gen)
-    }
-
     pub(super) fn apply(&mut self, cmd: Command) -> Result<(), ApplyError> {
         self.idx += 1;
         self.s.apply(self.idx, cmd)

@@ -79,13 +79,23 @@ fn node_down_without_orphaning(sim: &mut Sim) {
 
 type Setup = fn(&mut Sim);
 
+/// (case, order, parallelism, setup, ms after the stop request, slots created, tasks stopped as
+/// image.slot)
+type Row = (
+    &'static str,
+    UpdateOrder,
+    u64,
+    Setup,
+    u64,
+    &'static [u64],
+    &'static [&'static str],
+);
+
 #[test]
 fn slot_states_order_and_parallelism_decide_the_actions() {
     use TaskState::*;
     use UpdateOrder::*;
-    // (case, order, parallelism, setup, ms after the stop request, slots created, tasks
-    // stopped as image.slot)
-    let table: &[(&str, UpdateOrder, u64, Setup, u64, &[u64], &[&str])] = &[
+    let table: &[Row] = &[
         ("batch starts", StopFirst, 1, |_| {}, 0, &[], &["v1.1"]),
         (
             "batch of 2",
