@@ -63,9 +63,7 @@ struct Kept {
 #[derive(Clone)]
 pub struct AgentDialer {
     certs: SharedCerts,
-    /// Open connections, reused by the next [`Self::dial_kept`] of the same agent: the logs
-    /// relay (what `rctl run` and `rctl logs` wait on) then costs one request, not a TCP and
-    /// TLS handshake.
+    /// Open connections, reused by the next [`Self::dial_kept`] of the same agent.
     pool: Arc<Mutex<HashMap<PoolKey, Kept>>>,
 }
 
@@ -89,9 +87,11 @@ impl AgentDialer {
     }
 
     /// As [`Self::dial`] (every call bounded by `per_call` when given), over a connection kept
-    /// open for the next caller. Only for relays whose errors are reported per task (logs):
-    /// a call on a kept connection to a host that froze fails with the transport's error
-    /// after the keep-alive, not with "cannot reach host" at dial time.
+    /// open for the next caller: the relays a user waits on interactively (logs, so `rctl
+    /// run`; exec, cp, inspect) then cost one request, not a TCP and mutual-TLS handshake.
+    /// Their errors name the task (and exec's the host): a call on a kept connection to a
+    /// host that froze fails with the transport's error after the keep-alive, not with
+    /// "cannot reach host" at dial time; a host that restarted is redialled by the channel.
     pub async fn dial_kept(
         &self,
         at: &AgentAt,
@@ -159,6 +159,24 @@ impl AgentDialer {
     }
 }
 
+/// The error of a relayed call to the agent `at` about `what` (a task's name). A transport
+/// failure (on a kept connection, a host that froze or vanished shows only once the call is
+/// made: tonic reports it, keep-alive timeouts included, as `unavailable`, which an agent's
+/// API never answers itself) reads as a dial failure does, naming the host; any other error
+/// is the agent's answer, prefixed with `what`.
+pub fn relay_error(at: &AgentAt, what: &str, s: Status) -> Status {
+    if s.code() == tonic::Code::Unavailable {
+        Status::failed_precondition(format!(
+            "cannot reach host {} ({}): {}",
+            at.host,
+            at.addr,
+            s.message()
+        ))
+    } else {
+        Status::new(s.code(), format!("{what}: {}", s.message()))
+    }
+}
+
 /// An endpoint for the agent `at`: mutual TLS that accepts only `at.id`'s certificate (plain
 /// http only in tests that run without certificates).
 fn endpoint(certs: Option<&rudder_pki::tls::NodeCerts>, at: &AgentAt) -> Result<Endpoint, String> {
@@ -171,5 +189,33 @@ fn endpoint(certs: Option<&rudder_pki::tls::NodeCerts>, at: &AgentAt) -> Result<
                 .map_err(|e| e.to_string())
         }
         None => Ok(endpoint),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> AgentAt {
+        AgentAt {
+            id: "n2".into(),
+            addr: "10.0.0.2:4244".into(),
+            host: "h2".into(),
+        }
+    }
+
+    /// A transport failure on a kept connection reads as an unreachable host; the agent's own
+    /// answers keep their code, prefixed with the task.
+    #[test]
+    fn relay_errors_name_the_host_only_for_transport_failures() {
+        let e = relay_error(&at(), "web.1", Status::unavailable("keep-alive timed out"));
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            e.message(),
+            "cannot reach host h2 (10.0.0.2:4244): keep-alive timed out"
+        );
+        let e = relay_error(&at(), "web.1", Status::not_found("no such container"));
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert_eq!(e.message(), "web.1: no such container");
     }
 }

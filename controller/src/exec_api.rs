@@ -17,6 +17,7 @@ use rudder_proto::v1::{
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
 
+use crate::agents::AgentAt;
 use crate::context::ApiContext;
 use crate::convert::node_summary;
 use crate::resolve::{one_task, running_task};
@@ -28,12 +29,12 @@ pub type TarStream = Pin<Box<dyn Stream<Item = Result<TarChunk, Status>> + Send>
 const INSPECT: Duration = Duration::from_secs(5);
 
 /// An agent's verdict on a copy, said about the task: a missing path is named.
-fn copy_status(s: Status, task: &str) -> Status {
+fn copy_status(s: Status, task: &str, at: &AgentAt) -> Status {
     match s.code() {
         tonic::Code::NotFound => {
             Status::not_found(format!("no such file in {task}: {}", s.message()))
         }
-        code => Status::new(code, format!("{task}: {}", s.message())),
+        _ => crate::agents::relay_error(at, task, s),
     }
 }
 
@@ -59,7 +60,7 @@ pub async fn exec(
     let (task, at) = running_task(&store, &start.task)?;
     let name = task.name();
     start.task = task.id.clone();
-    let mut client = api.agents.dial(&at).await?;
+    let mut client = api.agents.dial_kept(&at, None).await?;
     info!(task = %name, host = %at.host, cmd = ?start.cmd, "exec");
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let _ = tx
@@ -79,7 +80,7 @@ pub async fn exec(
     let out = client
         .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| Status::new(s.code(), format!("{name}: {}", s.message())))?
+        .map_err(|s| crate::agents::relay_error(&at, &name, s))?
         .into_inner();
     Ok(Response::new(Box::pin(out)))
 }
@@ -93,15 +94,15 @@ pub async fn copy_from(
     let (task, at) = running_task(&store, &req.task)?;
     let name = task.name();
     req.task = task.id.clone();
-    let mut client = api.agents.dial(&at).await?;
+    let mut client = api.agents.dial_kept(&at, None).await?;
     info!(task = %name, path = %req.path, "copy from container");
     let stream = client
         .copy_from(req)
         .await
-        .map_err(|s| copy_status(s, &name))?
+        .map_err(|s| copy_status(s, &name, &at))?
         .into_inner();
     Ok(Response::new(Box::pin(
-        stream.map(move |r| r.map_err(|s| copy_status(s, &name))),
+        stream.map(move |r| r.map_err(|s| copy_status(s, &name, &at))),
     )))
 }
 
@@ -124,7 +125,7 @@ pub async fn copy_to(
     let (task, at) = running_task(&store, &start.task)?;
     let name = task.name();
     start.task = task.id.clone();
-    let mut client = api.agents.dial(&at).await?;
+    let mut client = api.agents.dial_kept(&at, None).await?;
     info!(task = %name, path = %start.path, "copy into container");
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let _ = tx
@@ -153,7 +154,7 @@ pub async fn copy_to(
     });
     let call = client.copy_to(tokio_stream::wrappers::ReceiverStream::new(rx));
     tokio::select! {
-        r = call => r.map_err(|s| copy_status(s, &name)),
+        r = call => r.map_err(|s| copy_status(s, &name, &at)),
         Ok(why) = broke_rx => Err(Status::aborted(format!("copy: the upload broke off: {why}"))),
     }
 }
@@ -177,7 +178,7 @@ pub async fn inspect(
         return Ok(Response::new(resp));
     };
     let ask = async {
-        let mut client = api.agents.dial(&node.into()).await?;
+        let mut client = api.agents.dial_kept(&node.into(), None).await?;
         client
             .inspect_container(InspectContainerRequest {
                 task_id: task.id.clone(),

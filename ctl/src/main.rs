@@ -539,6 +539,10 @@ fn real_main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A closed stderr (`rctl … 2>&1 | head`) must not panic the task that logged: the
+        // subscriber would report its write error with `eprintln!`, which panics then, and a
+        // panicked connection task leaves rctl waiting forever.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_current_thread()
