@@ -35,17 +35,12 @@ pub fn task_state_to_wire(s: TaskState) -> i32 {
 
 /// A task state the controller sent.
 pub fn task_state(v: i32) -> Result<TaskState, ConvertError> {
-    let unknown = ConvertError::UnknownEnum {
+    let unknown = || ConvertError::UnknownEnum {
         what: "task state",
         value: v,
     };
-    Ok(match wire::TaskState::try_from(v).map_err(|_| unknown)? {
-        wire::TaskState::Unspecified => {
-            return Err(ConvertError::UnknownEnum {
-                what: "task state",
-                value: v,
-            })
-        }
+    Ok(match wire::TaskState::try_from(v).map_err(|_| unknown())? {
+        wire::TaskState::Unspecified => return Err(unknown()),
         wire::TaskState::New => TaskState::New,
         wire::TaskState::Pending => TaskState::Pending,
         wire::TaskState::Assigned => TaskState::Assigned,

@@ -12,26 +12,50 @@ use std::time::{Duration, Instant};
 
 use rudder_model::health::{HealthCheck, Probe};
 
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{ContainerRuntime, RuntimeError};
 
-/// Runs one probe. `Err` carries what a human needs to see (the probe's output or error).
+/// Why a probe failed: what a human needs to see (the probe's output or error), and what the
+/// monitor counts as one failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("exec probe: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("exec probe exited {code}: {output}")]
+    Exited { code: i32, output: String },
+    #[error("tcp probe to port {port}: {err}")]
+    Connect { port: u16, err: std::io::Error },
+    #[error("http probe: {0}")]
+    HttpIo(std::io::Error),
+    #[error("http probe: not an HTTP answer: {0:?}")]
+    NotHttp(String),
+    #[error("http probe GET {path} answered {code}")]
+    HttpStatus { path: String, code: u16 },
+    #[error("container pid: unknown")]
+    NoPid,
+    #[error("{what}: {err}")]
+    Namespace { what: &'static str, err: String },
+    #[error("health check has no probe")]
+    NoProbe,
+}
+
+/// Runs one probe.
 pub async fn probe(
     rt: &dyn ContainerRuntime,
     id: &str,
     dir: &Path,
     check: &HealthCheck,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(check.timeout);
     match check.probe() {
         Some(Probe::Exec(cmd)) => {
-            let (code, output) = rt.exec(id, cmd, timeout).await.map_err(|e| e.to_string())?;
+            let (code, output) = rt.exec(id, cmd, timeout).await?;
             if code == 0 {
                 Ok(())
             } else {
-                Err(format!(
-                    "exec probe exited {code}: {}",
-                    output.trim().chars().take(200).collect::<String>()
-                ))
+                Err(ProbeError::Exited {
+                    code,
+                    output: output.trim().chars().take(200).collect(),
+                })
             }
         }
         Some(Probe::Tcp { port }) => {
@@ -41,16 +65,16 @@ pub async fn probe(
             let path = path.to_string();
             in_netns(dir, move || http_get(port, &path, timeout)).await
         }
-        None => Err("health check has no probe".into()),
+        None => Err(ProbeError::NoProbe),
     }
 }
 
-fn connect(port: u16, timeout: Duration) -> Result<TcpStream, String> {
+fn connect(port: u16, timeout: Duration) -> Result<TcpStream, ProbeError> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("tcp probe to port {port}: {e}"))
+    TcpStream::connect_timeout(&addr, timeout).map_err(|err| ProbeError::Connect { port, err })
 }
 
-fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
+fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), ProbeError> {
     let deadline = Instant::now() + timeout;
     let mut s = connect(port, timeout)?;
     let left = || {
@@ -64,46 +88,56 @@ fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
         s,
         "GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: rudder-health\r\nConnection: close\r\n\r\n"
     )
-    .map_err(|e| format!("http probe: {e}"))?;
+    .map_err(ProbeError::HttpIo)?;
     let mut head = [0u8; 64];
-    let n = s.read(&mut head).map_err(|e| format!("http probe: {e}"))?;
+    let n = s.read(&mut head).map_err(ProbeError::HttpIo)?;
     let line = String::from_utf8_lossy(&head[..n]);
     let code: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("http probe: not an HTTP answer: {:?}", line.lines().next()))?;
+        .ok_or_else(|| ProbeError::NotHttp(line.lines().next().unwrap_or_default().into()))?;
     if (200..400).contains(&code) {
         Ok(())
     } else {
-        Err(format!("http probe GET {path} answered {code}"))
+        Err(ProbeError::HttpStatus {
+            path: path.into(),
+            code,
+        })
     }
 }
 
 /// Runs `f` on a fresh thread that has joined the network namespace of the container whose
 /// init pid is in `dir/pid`. setns changes only the calling thread, so the thread is dedicated.
-async fn in_netns<F>(dir: &Path, f: F) -> Result<(), String>
+async fn in_netns<F>(dir: &Path, f: F) -> Result<(), ProbeError>
 where
-    F: FnOnce() -> Result<(), String> + Send + 'static,
+    F: FnOnce() -> Result<(), ProbeError> + Send + 'static,
 {
+    let ns_err = |what| {
+        move |e: &dyn std::fmt::Display| ProbeError::Namespace {
+            what,
+            err: e.to_string(),
+        }
+    };
     let pid = crate::shim::ContainerDir::new(dir)
         .read_pid()
-        .ok_or("container pid: unknown")?;
+        .ok_or(ProbeError::NoPid)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("health-probe".into())
         .spawn(move || {
             let r = (|| {
                 let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                    .map_err(|e| format!("container network namespace: {e}"))?;
+                    .map_err(|e| ns_err("container network namespace")(&e))?;
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| format!("enter container network namespace: {e}"))?;
+                    .map_err(|e| ns_err("enter container network namespace")(&e))?;
                 f()
             })();
             let _ = tx.send(r);
         })
-        .map_err(|e| format!("probe thread: {e}"))?;
-    rx.await.unwrap_or_else(|_| Err("probe thread died".into()))
+        .map_err(|e| ns_err("probe thread")(&e))?;
+    rx.await
+        .unwrap_or_else(|_| Err(ns_err("probe thread")(&"died")))
 }
 
 /// What one probe result means for the task.
@@ -135,7 +169,7 @@ impl HealthState {
     pub fn observe(
         &mut self,
         check: &HealthCheck,
-        result: Result<(), String>,
+        result: Result<(), ProbeError>,
         since_start: Duration,
     ) -> Option<HealthEvent> {
         match result {
@@ -155,7 +189,7 @@ impl HealthState {
                     return None;
                 }
                 self.failures += 1;
-                (self.failures >= check.retries).then_some(HealthEvent::Unhealthy(e))
+                (self.failures >= check.retries).then(|| HealthEvent::Unhealthy(e.to_string()))
             }
         }
     }
@@ -211,6 +245,14 @@ impl Monitor {
 mod tests {
     use super::*;
 
+    /// A failed probe whose message is `output`.
+    fn fail(output: &str) -> Result<(), ProbeError> {
+        Err(ProbeError::Exited {
+            code: 1,
+            output: output.into(),
+        })
+    }
+
     fn check(retries: u32, start_period: u64) -> HealthCheck {
         HealthCheck {
             exec: Some(vec!["true".into()]),
@@ -238,15 +280,15 @@ mod tests {
     fn retries_failures_in_a_row_make_it_unhealthy() {
         let c = check(3, 0);
         let mut h = HealthState::default();
-        assert_eq!(h.observe(&c, Err("a".into()), S), None);
-        assert_eq!(h.observe(&c, Err("b".into()), S), None);
+        assert_eq!(h.observe(&c, fail("a"), S), None);
+        assert_eq!(h.observe(&c, fail("b"), S), None);
         // A pass in between resets the count.
         assert_eq!(h.observe(&c, Ok(()), S), Some(HealthEvent::Healthy));
-        assert_eq!(h.observe(&c, Err("c".into()), S), None);
-        assert_eq!(h.observe(&c, Err("d".into()), S), None);
+        assert_eq!(h.observe(&c, fail("c"), S), None);
+        assert_eq!(h.observe(&c, fail("d"), S), None);
         assert_eq!(
-            h.observe(&c, Err("e".into()), S),
-            Some(HealthEvent::Unhealthy("e".into()))
+            h.observe(&c, fail("e"), S),
+            Some(HealthEvent::Unhealthy(fail("e").unwrap_err().to_string()))
         );
     }
 
@@ -255,19 +297,21 @@ mod tests {
         let c = check(1, 10_000);
         let mut h = HealthState::default();
         for _ in 0..5 {
-            assert_eq!(h.observe(&c, Err("slow".into()), 5 * S), None);
+            assert_eq!(h.observe(&c, fail("slow"), 5 * S), None);
         }
         // Past the start period one failure is enough (retries 1).
         assert_eq!(
-            h.observe(&c, Err("late".into()), 11 * S),
-            Some(HealthEvent::Unhealthy("late".into()))
+            h.observe(&c, fail("late"), 11 * S),
+            Some(HealthEvent::Unhealthy(
+                fail("late").unwrap_err().to_string()
+            ))
         );
         // Once healthy, the start period no longer shields failures.
         let mut h = HealthState::default();
         assert_eq!(h.observe(&c, Ok(()), S), Some(HealthEvent::Healthy));
         assert_eq!(
-            h.observe(&c, Err("x".into()), 2 * S),
-            Some(HealthEvent::Unhealthy("x".into()))
+            h.observe(&c, fail("x"), 2 * S),
+            Some(HealthEvent::Unhealthy(fail("x").unwrap_err().to_string()))
         );
     }
 }
