@@ -5,7 +5,8 @@
 //! Invariants: a listing comes from one applied store (never a mix of two); a listing equal to
 //! the last one sent is not sent again; at most [`MAX_WATCHES`] streams are open per
 //! controller (each holds a task and a store snapshot), the next is refused with
-//! `resource_exhausted`; the stream ends after an empty listing once the service is removed.
+//! `resource_exhausted`; the stream ends after an empty listing once the service is removed;
+//! only a named service is watched.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,12 +84,19 @@ pub fn task_list(store: &Store, service: &str) -> Result<Vec<TaskSummary>, Statu
         .collect())
 }
 
-/// Starts a watch of `service`: `not_found` at once if it does not exist.
+/// Starts a watch of `service`: `not_found` at once if it does not exist. A service must be
+/// named: a watch of every task would send the whole cluster's listing on each commit, which
+/// at scale outgrows a message (and a reader's patience); `ListTasks` lists them all once.
 pub fn watch_tasks(
     raft: &RaftHandle,
     watches: &Watches,
     service: String,
 ) -> Result<WatchTasksStream, Status> {
+    if service.is_empty() {
+        return Err(Status::invalid_argument(
+            "watch: service: name the service to watch (ListTasks lists every task)",
+        ));
+    }
     let mut store_rx = raft.watch_store();
     let first = task_list(&store_rx.borrow_and_update(), &service)?;
     let slot = watches.take()?;
@@ -147,5 +155,28 @@ mod tests {
         drop(slots);
         assert_eq!(w.open(), 0);
         assert!(w.take().is_ok());
+    }
+
+    /// A watch must name its service (a cluster-wide one would resend every task on each
+    /// commit); one of a service that does not exist is refused at once; neither takes a slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_names_an_existing_service() {
+        let raft = crate::raft_node::start(
+            1,
+            crate::raft_sim::SimStorage::new(vec![1]),
+            Arc::new(crate::transport::NoopTransport),
+        )
+        .expect("start raft");
+        let w = Watches::default();
+        let Err(e) = watch_tasks(&raft, &w, String::new()) else {
+            panic!("a cluster-wide watch was started");
+        };
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("service"), "{e}");
+        let Err(e) = watch_tasks(&raft, &w, "nope".into()) else {
+            panic!("a watch of a missing service was started");
+        };
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert_eq!(w.open(), 0);
     }
 }
