@@ -61,7 +61,7 @@ pub enum ClusterError {
          `rctl cluster join-token {0}`"
     )]
     TokenExpired(Role),
-    #[error("cluster: no join token for role {0:?}: want worker or manager")]
+    #[error("cluster: role: no join token for role {0}: want worker or manager")]
     NoTokenForRole(String),
     #[error("cluster: invalid certificate request: {0}")]
     BadCsr(CaError),
@@ -420,7 +420,11 @@ impl ClusterApi {
         Ok(JoinResponse {
             cert_pem,
             ca_pem: ca.cert_pem().to_owned(),
-            role: role.to_string(),
+            role: match role {
+                Role::Manager => rudder_proto::v1::NodeRole::Manager,
+                _ => rudder_proto::v1::NodeRole::Worker,
+            }
+            .into(),
         })
     }
 
@@ -484,9 +488,11 @@ impl ClusterApi {
     }
 
     async fn token_for(&self, req: JoinTokenRequest) -> Result<JoinTokenResponse, ClusterError> {
-        let role = match req.role.parse::<Role>() {
-            Ok(r @ (Role::Worker | Role::Manager)) => r,
-            _ => return Err(ClusterError::NoTokenForRole(req.role)),
+        let role = match rudder_proto::v1::NodeRole::try_from(req.role) {
+            Ok(rudder_proto::v1::NodeRole::Worker) => Role::Worker,
+            Ok(rudder_proto::v1::NodeRole::Manager) => Role::Manager,
+            Ok(other) => return Err(ClusterError::NoTokenForRole(other.as_str_name().into())),
+            Err(_) => return Err(ClusterError::NoTokenForRole(req.role.to_string())),
         };
         let token = if req.rotate {
             let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds));
@@ -496,7 +502,7 @@ impl ClusterApi {
                 .join_tokens()
                 .await?
                 .token(role)
-                .ok_or(ClusterError::NoTokenForRole(req.role))?
+                .ok_or_else(|| ClusterError::NoTokenForRole(role.to_string()))?
         };
         Ok(JoinTokenResponse {
             token: token.to_string(),
@@ -527,7 +533,7 @@ impl Cluster for ClusterApi {
         let req = req.into_inner();
         info!(
             admin,
-            role = req.role,
+            role = ?rudder_proto::v1::NodeRole::try_from(req.role),
             rotate = req.rotate,
             "cluster: join token"
         );
@@ -685,7 +691,7 @@ mod tests {
         h: &Harness,
         token: &str,
         node_id: &str,
-    ) -> Result<(NodeCerts, String), Status> {
+    ) -> Result<(NodeCerts, i32), Status> {
         let pin = Token::parse(token).unwrap();
         let channel = join_endpoint(h.endpoint(), &pin)
             .unwrap()
@@ -706,7 +712,7 @@ mod tests {
     async fn worker_joins_over_pinned_connection_then_calls_with_its_cert() {
         let h = Harness::start().await;
         let (certs, role) = join_pinned(&h, &h.token(Role::Worker), "w1").await.unwrap();
-        assert_eq!(role, "worker");
+        assert_eq!(role, i32::from(rudder_proto::v1::NodeRole::Worker));
         assert_eq!(
             certs.identity(SystemTime::now()).unwrap(),
             (Role::Worker, "w1".to_string())
@@ -739,7 +745,7 @@ mod tests {
         let mut worker = h.client_as(Role::Worker, "w1").await;
         let err = worker
             .join_token(JoinTokenRequest {
-                role: "worker".into(),
+                role: rudder_proto::v1::NodeRole::Worker.into(),
                 rotate: true,
                 ttl_seconds: 0,
             })
@@ -754,7 +760,7 @@ mod tests {
         let mut admin = h.client_as(Role::Admin, "admin").await;
         let current = admin
             .join_token(JoinTokenRequest {
-                role: "worker".into(),
+                role: rudder_proto::v1::NodeRole::Worker.into(),
                 rotate: false,
                 ttl_seconds: 0,
             })
@@ -766,17 +772,29 @@ mod tests {
         let mut manager = h.client_as(Role::Manager, "m2").await;
         let err = manager
             .join_token(JoinTokenRequest {
-                role: "manager".into(),
+                role: rudder_proto::v1::NodeRole::Manager.into(),
                 rotate: false,
                 ttl_seconds: 0,
             })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
-        // Admins get no join token for their own role.
+        // No join token for a role that is not a node's (unspecified, or a value this
+        // controller does not know).
+        for role in [0, 7] {
+            let err = admin
+                .join_token(JoinTokenRequest {
+                    role,
+                    rotate: false,
+                    ttl_seconds: 0,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+        }
         let err = admin
             .join_token(JoinTokenRequest {
-                role: "admin".into(),
+                role: 0,
                 rotate: false,
                 ttl_seconds: 0,
             })
@@ -791,7 +809,7 @@ mod tests {
         let (certs, role) = join_pinned(&h, &h.token(Role::Manager), "m2")
             .await
             .unwrap();
-        assert_eq!(role, "manager");
+        assert_eq!(role, i32::from(rudder_proto::v1::NodeRole::Manager));
         assert_eq!(
             certs.identity(SystemTime::now()).unwrap(),
             (Role::Manager, "m2".to_string())
@@ -817,7 +835,7 @@ mod tests {
         let mut admin = h.client_as(Role::Admin, "admin").await;
         let rotated = admin
             .join_token(JoinTokenRequest {
-                role: "worker".into(),
+                role: rudder_proto::v1::NodeRole::Worker.into(),
                 rotate: true,
                 ttl_seconds: 0,
             })
@@ -915,7 +933,7 @@ mod tests {
         let mut anon = h.client(client_tls_pinned(h.ca.cert())).await.unwrap();
         let err = anon
             .join_token(JoinTokenRequest {
-                role: "worker".into(),
+                role: rudder_proto::v1::NodeRole::Worker.into(),
                 rotate: false,
                 ttl_seconds: 0,
             })
@@ -1132,7 +1150,7 @@ mod tests {
         let mut ops = h.client(client_tls(&ops, Role::Manager)).await.unwrap();
         let err = ops
             .join_token(JoinTokenRequest {
-                role: "worker".into(),
+                role: rudder_proto::v1::NodeRole::Worker.into(),
                 rotate: false,
                 ttl_seconds: 0,
             })

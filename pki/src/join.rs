@@ -90,6 +90,7 @@ async fn join_with(
         .into_inner();
     ca::verify_ca_pin(&reply.ca_pem, &parsed.fingerprint)?;
     let certs = NodeCerts::new(&reply.ca_pem, &reply.cert_pem, &key, None)?;
-    info!(role = %reply.role, via = url, "joined the cluster: certificate issued");
+    let role = rudder_proto::v1::NodeRole::try_from(reply.role);
+    info!(?role, via = url, "joined the cluster: certificate issued");
     Ok(certs)
 }

@@ -88,7 +88,11 @@ pub async fn join_token(
     let mut client = ClusterClient::new(crate::channel(ctx).await?);
     let token = client
         .join_token(JoinTokenRequest {
-            role: role.to_string(),
+            role: match role {
+                "manager" => rudder_proto::v1::NodeRole::Manager,
+                _ => rudder_proto::v1::NodeRole::Worker,
+            }
+            .into(),
             rotate,
             ttl_seconds,
         })
