@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tonic::{Response, Status};
 use tracing::{debug, info, warn};
 
-use crate::runtime::{ContainerRuntime, ExecIo, ExecProcess, RuntimeError};
+use crate::runtime::{ContainerRuntime, ExecIo, RuntimeError};
 use crate::shim::ContainerDir;
 
 /// How long a command may take to end after its caller went away before runc is killed.
@@ -203,15 +203,11 @@ where
         return Err(AccessError::NoCommand);
     }
     access.running_pid(&start.task)?;
-    let process = match start.user.as_str() {
-        "" => None,
-        user => Some(process_as(access, &start, user)?),
-    };
-    let (child, stdio) =
-        spawn(access, &start, process.as_deref()).map_err(|err| AccessError::Start {
-            runtime: access.runtime.name().to_string(),
-            err,
-        })?;
+    let process = process_file(access, &start)?;
+    let (child, stdio) = spawn(access, &start, &process).map_err(|err| AccessError::Start {
+        runtime: access.runtime.name().to_string(),
+        err,
+    })?;
     info!(task = %start.task, cmd = ?start.cmd, tty = start.tty, user = %start.user, "exec");
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
@@ -227,16 +223,17 @@ where
 /// The longest `--user` taken.
 const MAX_USER: usize = 256;
 
-/// `rctl exec --user`: the task's process (from its bundle) with `start`'s command, terminal
-/// and `user` (resolved in the container's own /etc/passwd and /etc/group, with its
-/// supplementary groups, as `docker exec --user`; HOME follows the user unless the service
-/// sets it), written to a 0600 file in the container's dir for `runtime exec --process`.
-fn process_as(
+/// The process `start` runs, written to a 0600 file in the container's bundle for the
+/// runtime's `exec --process`: the task's own process (from its bundle: user, env, cwd,
+/// capabilities) with `start`'s command and terminal ([`crate::runtime::exec_process`]), and
+/// with `--user`, that user instead (resolved in the container's own /etc/passwd and
+/// /etc/group, with its supplementary groups, as `docker exec --user`; HOME follows the user
+/// unless the service sets it).
+fn process_file(
     access: &ContainerAccess,
     start: &ExecStart,
-    user: &str,
 ) -> Result<tempfile::TempPath, AccessError> {
-    if user.len() > MAX_USER {
+    if start.user.len() > MAX_USER {
         return Err(AccessError::UserTooLong);
     }
     let dir = access.dir(&start.task)?;
@@ -245,13 +242,22 @@ fn process_as(
         task: start.task.clone(),
         detail: e.to_string(),
     };
-    let eu = crate::user::resolve_in_rootfs(&dir.rootfs(), user)?;
-    let spec = oci_spec::runtime::Spec::load(dir.config())
+    let mut process = crate::runtime::exec_process(&dir.config(), &start.cmd, start.tty)
         .map_err(|e| internal("reading the bundle", &e))?;
-    let mut process = spec
-        .process()
-        .clone()
-        .ok_or_else(|| internal("reading the bundle", &"no process"))?;
+    if !start.user.is_empty() {
+        as_user(&dir, &mut process, &start.user)?;
+    }
+    crate::runtime::write_process(&dir.bundle(), &process)
+        .map_err(|e| internal("writing the process file", &e))
+}
+
+/// `process` run as `user` (`user[:group]`) of the container's own files.
+fn as_user(
+    dir: &ContainerDir,
+    process: &mut oci_spec::runtime::Process,
+    user: &str,
+) -> Result<(), AccessError> {
+    let eu = crate::user::resolve_in_rootfs(&dir.rootfs(), user)?;
     let service_home = dir
         .read_task()
         .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
@@ -261,50 +267,25 @@ fn process_as(
         env.retain(|e| !e.starts_with("HOME="));
         env.push(format!("HOME={}", eu.home));
     }
-    if start.tty {
-        env.retain(|e| !e.starts_with("TERM="));
-        env.push("TERM=xterm".into());
-    }
     let mut u = process.user().clone();
     u.set_uid(eu.uid)
         .set_gid(eu.gid)
         .set_additional_gids(Some(eu.additional_gids(&[])));
-    process
-        .set_args(Some(start.cmd.clone()))
-        .set_terminal(Some(start.tty))
-        .set_env(Some(env))
-        .set_user(u);
-    let file = tempfile::Builder::new()
-        .prefix("exec-")
-        .suffix(".json")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        // In the bundle: a task with secrets has it on a tmpfs, and the file holds its env.
-        .tempfile_in(dir.bundle())
-        .map_err(|e| internal("writing the process file", &e))?;
-    serde_json::to_writer(file.as_file(), &process)
-        .map_err(|e| internal("writing the process file", &e))?;
-    Ok(file.into_temp_path())
+    process.set_env(Some(env)).set_user(u);
+    Ok(())
 }
 
-/// Starts the runtime's exec for `start`, on a pty or on pipes; with `process`, the process
-/// file says everything but the container.
+/// Starts the runtime's exec of the process file `process` for `start`, on a pty or on pipes.
 fn spawn(
     access: &ContainerAccess,
     start: &ExecStart,
-    process: Option<&Path>,
+    process: &Path,
 ) -> Result<(tokio::process::Child, Stdio3), RuntimeError> {
-    let what = match process {
-        Some(p) => ExecProcess::File(p),
-        None => ExecProcess::Args {
-            argv: &start.cmd,
-            tty: start.tty,
-        },
-    };
     let size = start.size.unwrap_or(TerminalSize { rows: 24, cols: 80 });
     spawn_on(
         access.runtime.as_ref(),
         &start.task,
-        what,
+        process,
         start.tty.then_some(size),
         start.stdin,
     )
@@ -315,7 +296,7 @@ fn spawn(
 fn spawn_on(
     rt: &dyn ContainerRuntime,
     id: &str,
-    process: ExecProcess<'_>,
+    process: &Path,
     tty: Option<TerminalSize>,
     stdin: bool,
 ) -> Result<(tokio::process::Child, Stdio3), RuntimeError> {
@@ -565,16 +546,23 @@ mod tests {
         }
     }
 
+    /// A process file running `argv` (on a terminal when `tty`), as the fake runtime reads it.
+    fn fake_process(argv: &[&str], tty: bool) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let p = serde_json::json!({"args": argv, "terminal": tty});
+        std::fs::write(f.path(), p.to_string()).unwrap();
+        f
+    }
+
     /// Runs `sh -c script` through a session fed `inputs`; returns (stdout, stderr, code).
     async fn run(script: &str, tty: bool, inputs: Vec<In>) -> (Vec<u8>, Vec<u8>, i32) {
         let rt = crate::runtime::fake::FakeRuntime::new();
-        let argv = ["sh".to_string(), "-c".to_string(), script.to_string()];
         let size = TerminalSize {
             rows: 33,
             cols: 101,
         };
-        let process = ExecProcess::Args { argv: &argv, tty };
-        let (child, stdio) = spawn_on(&rt, "t", process, tty.then_some(size), true).unwrap();
+        let process = fake_process(&["sh", "-c", script], tty);
+        let (child, stdio) = spawn_on(&rt, "t", process.path(), tty.then_some(size), true).unwrap();
         assert_eq!(rt.verbs(), ["exec_attached"]);
         let (in_tx, in_rx) = mpsc::channel(8);
         for i in inputs {
@@ -629,7 +617,7 @@ mod tests {
             user: "nobody".into(),
             ..Default::default()
         };
-        let file = process_as(&access, &start, "nobody").unwrap();
+        let file = process_file(&access, &start).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
@@ -646,10 +634,27 @@ mod tests {
         let env = p.env().clone().unwrap();
         assert!(env.contains(&"HOME=/home/nobody".to_string()), "{env:?}");
         assert!(env.contains(&"TERM=xterm".to_string()), "{env:?}");
-        let e = process_as(&access, &start, "nosuch").unwrap_err();
+        // Without --user: the task's own user, env and cwd, with our command.
+        let own = ExecStart {
+            user: String::new(),
+            tty: false,
+            ..start.clone()
+        };
+        let p: oci_spec::runtime::Process =
+            serde_json::from_slice(&std::fs::read(process_file(&access, &own).unwrap()).unwrap())
+                .unwrap();
+        assert_eq!(p.user().uid(), 0);
+        assert_eq!(p.args().clone().unwrap(), vec!["id", "-u"]);
+        assert_eq!(p.cwd(), &PathBuf::from("/srv"));
+        assert_eq!(p.env().clone().unwrap(), ["PATH=/bin", "HOME=/root"]);
+        let user = |u: &str| ExecStart {
+            user: u.into(),
+            ..start.clone()
+        };
+        let e = process_file(&access, &user("nosuch")).unwrap_err();
         assert!(matches!(e, AccessError::User(_)), "{e:?}");
         assert!(e.to_string().contains("unable to find user nosuch"), "{e}");
-        let e = process_as(&access, &start, &"x".repeat(300)).unwrap_err();
+        let e = process_file(&access, &user(&"x".repeat(300))).unwrap_err();
         assert!(e.to_string().contains("longer than"), "{e}");
     }
 
@@ -736,12 +741,8 @@ mod tests {
         assert_eq!(code, 5, "{out:?}");
         // A start message later on is ignored; a caller that goes away ends the command.
         let rt = crate::runtime::fake::FakeRuntime::new();
-        let argv = ["sleep".to_string(), "100".to_string()];
-        let process = ExecProcess::Args {
-            argv: &argv,
-            tty: false,
-        };
-        let (child, stdio) = spawn_on(&rt, "t", process, None, true).unwrap();
+        let process = fake_process(&["sleep", "100"], false);
+        let (child, stdio) = spawn_on(&rt, "t", process.path(), None, true).unwrap();
         let (tx, mut rx) = mpsc::channel(16);
         let input = futures::stream::iter(vec![
             Ok(start_input()),

@@ -3,7 +3,7 @@
 //!
 //! TCP and HTTP probes connect from inside the container's network namespace — a short-lived
 //! thread enters it with setns — so they reach the container's own loopback whatever its
-//! network mode. Exec probes run through the OCI runtime (`runc exec`).
+//! network mode. Exec probes run through the OCI runtime's exec, as the container's own process.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -48,7 +48,7 @@ pub async fn probe(
     let timeout = Duration::from_millis(check.timeout);
     match check.probe() {
         Some(Probe::Exec(cmd)) => {
-            let (code, output) = rt.exec(id, cmd, timeout).await?;
+            let (code, output) = rt.exec(id, dir, cmd, timeout).await?;
             if code == 0 {
                 Ok(())
             } else {

@@ -44,7 +44,7 @@ use rudder_pki::tls::{self, NodeCerts};
 use rudder_proto::v1::agent_api_server::AgentApiServer;
 use serde::Deserialize;
 use tonic::service::interceptor::InterceptedService;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why the agent could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -205,12 +205,22 @@ pub async fn run(
         std::time::Duration::from_secs(5),
     ));
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
-    let binary = runtime::pick_runtime(&cfg.runtime);
-    info!(node = %node_id, hostname = %cfg.hostname, runtime = %binary, "agent starting");
-    let rt: Arc<dyn runtime::ContainerRuntime> = Arc::new(runtime::OciCliRuntime::new(
-        binary,
-        cfg.runtime_root.clone(),
-    )?);
+    let mut cli = runtime::pick_runtime(&cfg.runtime, cfg.runtime_root.clone());
+    if let Err(e) = runtime::memory_state(&cli) {
+        if cfg.runtime != "auto" {
+            return Err(e.into());
+        }
+        warn!(error = %e, "crun cannot keep its state in memory here; using runc");
+        cli = runtime::pick_runtime("runc", cfg.runtime_root.clone());
+    }
+    info!(
+        node = %node_id,
+        hostname = %cfg.hostname,
+        runtime = %cli.binary,
+        hide_unified_cgroup = cli.hide_unified,
+        "agent starting"
+    );
+    let rt: Arc<dyn runtime::ContainerRuntime> = Arc::new(runtime::OciCliRuntime::new(cli)?);
     let access = exec::ContainerAccess {
         containers: containers.clone(),
         runtime: rt.clone(),

@@ -57,6 +57,8 @@ enum Cmd {
         log_max_size: u64,
         #[arg(long, default_value_t = rudder_agent::shim::LOG_MAX_FILES)]
         log_max_files: u32,
+        #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+        hide_unified: bool,
     },
     /// Internal: run userspace WireGuard for one interface (started by the agent when the
     /// kernel has no WireGuard).
@@ -101,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         root,
         log_max_size,
         log_max_files,
+        hide_unified,
     }) = a.cmd
     {
         rudder_agent::shim::main(rudder_agent::shim::ShimArgs {
@@ -110,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             root,
             log_max_size,
             log_max_files,
+            hide_unified,
         });
     }
     // Colours only on a terminal: the log usually goes to a file or a journal.

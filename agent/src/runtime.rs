@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tracing::debug;
 
-pub use crate::shim::ExecProcess;
 use crate::shim::{ContainerDir, RuntimeCli, ShimArgs, NOTIFY_FD};
 
 #[cfg(any(test, feature = "fake"))]
@@ -156,6 +155,14 @@ pub enum RuntimeError {
         /// How long it was given.
         after: Duration,
     },
+    /// The exec process could not be made from the container's bundle.
+    #[error("runtime: exec process from {path}: {detail}")]
+    Process {
+        /// The bundle's config or the process file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// The runtime's output does not parse.
     #[error("runtime: {cmd}: unexpected output: {detail}")]
     Output {
@@ -170,32 +177,144 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> RuntimeError {
     move |err| RuntimeError::Io { op, err }
 }
 
-/// Which OCI runtime binary to use. crun starts a container in about a third of runc's time,
-/// but Debian's crun (1.8) refuses a hybrid cgroup host whose unified hierarchy has any
-/// controller ("cgroups in hybrid mode not supported, drop all controllers from cgroupv2"),
-/// and no option (`--cgroup-manager=disabled` included) gets past that check. So `auto`
-/// takes crun where it is installed and the host is pure cgroup v2, or hybrid with no
-/// controller on the unified hierarchy; runc elsewhere.
-pub fn pick_runtime(choice: &str) -> String {
+/// Which OCI runtime to use, with its state dir `root`.
+///
+/// crun starts a container in about a third of runc's time, but Debian's crun (1.8) refuses a
+/// hybrid cgroup host whose unified hierarchy has any controller ("cgroups in hybrid mode not
+/// supported, drop all controllers from cgroupv2"), and no option (`--cgroup-manager=disabled`
+/// included) gets past that check. On such a host every crun command runs in a private mount
+/// namespace without `/sys/fs/cgroup/unified` ([`RuntimeCli::hide_unified`]): crun then sees a
+/// cgroup v1 host and puts the limits in the v1 hierarchies (memory, cpu, pids, freezer…),
+/// where runc puts them too (the unified hierarchy holds only `hugetlb` here, which Rudder
+/// never limits). Hiding it is safe: the namespace is a slave of the host's, so the host's
+/// mounts, and those the agent makes later (a rootfs, a volume), still reach the runtime and
+/// the container; the unmount stays inside; each command's namespace ends with it (a
+/// container's own mount namespace is built from it, minus the unified mount it never had).
+///
+/// `auto` takes crun where it is installed and runs here as is (pure cgroup v2, hybrid with an
+/// empty unified hierarchy, v1 only) or with the unified hierarchy hidden (checked by starting
+/// `crun --version` that way, which needs the right to make a mount namespace); runc
+/// elsewhere. `crun` takes crun, hiding the unified hierarchy where the host needs it.
+pub fn pick_runtime(choice: &str, root: impl Into<PathBuf>) -> RuntimeCli {
+    let cgroups = Path::new("/sys/fs/cgroup");
     match choice {
-        "auto" => {
-            if which("crun") && crun_accepts_cgroups(Path::new("/sys/fs/cgroup")) {
-                "crun".into()
-            } else {
-                "runc".into()
+        "auto" if which("crun") => match crun_view(cgroups) {
+            CrunView::AsIs => RuntimeCli::new("crun", root),
+            CrunView::HideUnified if crate::shim::can_hide_unified("crun") => {
+                RuntimeCli::new("crun", root).hiding_unified(true)
             }
-        }
-        other => other.into(),
+            CrunView::HideUnified => RuntimeCli::new("runc", root),
+        },
+        "auto" => RuntimeCli::new("runc", root),
+        "crun" => RuntimeCli::new("crun", root)
+            .hiding_unified(crun_view(cgroups) == CrunView::HideUnified),
+        other => RuntimeCli::new(other, root),
     }
 }
 
-/// Whether crun's cgroup check passes on the hierarchy mounted at `cgroup_root`.
-fn crun_accepts_cgroups(cgroup_root: &Path) -> bool {
-    if cgroup_root.join("cgroup.controllers").exists() {
-        return true;
+/// The most a runtime state tmpfs ([`memory_state`]) may hold: crun keeps a `config.json` and
+/// a status file a container.
+const STATE_TMPFS_SIZE: &str = "128m";
+
+/// Makes `cli`'s state dir live in memory, for crun: crun keeps a copy of each container's
+/// `config.json` there, environment included — values from secrets too, which must never reach
+/// a disk (runc's state holds no process environment). A dir already on a tmpfs is kept; an
+/// empty one gets a private tmpfs (`nosuid,nodev,noexec`, 0700); a non-empty one on disk
+/// (another runtime's containers) is refused. Other runtimes are left as they are.
+pub fn memory_state(cli: &RuntimeCli) -> Result<(), RuntimeError> {
+    if cli.binary != "crun" || crate::secrets::is_tmpfs(&cli.root) {
+        return Ok(());
     }
-    std::fs::read_to_string(cgroup_root.join("unified").join("cgroup.controllers"))
-        .is_ok_and(|c| c.trim().is_empty())
+    let busy = std::fs::read_dir(&cli.root)
+        .map_err(io("read the runtime root"))?
+        .next()
+        .is_some();
+    if busy {
+        return Err(RuntimeError::Start(format!(
+            "crun keeps each container's environment in its state dir, which must be a tmpfs: \
+             {} is on disk and not empty",
+            cli.root.display()
+        )));
+    }
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cli.root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some(format!("mode=0700,size={STATE_TMPFS_SIZE}").as_str()),
+    )
+    .map_err(|e| io("mount a tmpfs on the runtime root")(e.into()))
+}
+
+/// How crun must see the cgroup hierarchy mounted at `cgroup_root`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrunView {
+    /// As it is: pure v2, hybrid with no controller on the unified hierarchy, or v1 only.
+    AsIs,
+    /// Without the unified hierarchy: hybrid with a controller on it.
+    HideUnified,
+}
+
+fn crun_view(cgroup_root: &Path) -> CrunView {
+    if cgroup_root.join("cgroup.controllers").exists() {
+        return CrunView::AsIs;
+    }
+    match std::fs::read_to_string(cgroup_root.join("unified").join("cgroup.controllers")) {
+        Ok(c) if !c.trim().is_empty() => CrunView::HideUnified,
+        _ => CrunView::AsIs,
+    }
+}
+
+/// The container's own process, from its bundle's `config.json`, running `argv` (on a
+/// terminal, with `TERM=xterm`, when `tty`): what `runc exec ID ARGS…` runs — the container's
+/// user, env, cwd, capabilities, rlimits — stated in full so that every runtime runs the same
+/// (crun's `exec ID ARGS…` would run as uid 0 with its own defaults).
+pub fn exec_process(
+    config: &Path,
+    argv: &[String],
+    tty: bool,
+) -> Result<oci_spec::runtime::Process, RuntimeError> {
+    let err = |detail: String| RuntimeError::Process {
+        path: config.to_path_buf(),
+        detail,
+    };
+    let spec = oci_spec::runtime::Spec::load(config).map_err(|e| err(e.to_string()))?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| err("no process".into()))?;
+    if tty {
+        let mut env = process.env().clone().unwrap_or_default();
+        env.retain(|e| !e.starts_with("TERM="));
+        env.push("TERM=xterm".into());
+        process.set_env(Some(env));
+    }
+    process
+        .set_args(Some(argv.to_vec()))
+        .set_terminal(Some(tty));
+    Ok(process)
+}
+
+/// Writes `process` to a 0600 file in `bundle` (a task with secrets has its bundle on a tmpfs,
+/// and the file holds its env) for `exec --process`; the file goes when the path is dropped.
+pub fn write_process(
+    bundle: &Path,
+    process: &oci_spec::runtime::Process,
+) -> Result<tempfile::TempPath, RuntimeError> {
+    let err = |detail: String| RuntimeError::Process {
+        path: bundle.to_path_buf(),
+        detail,
+    };
+    let file = tempfile::Builder::new()
+        .prefix("exec-")
+        .suffix(".json")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(bundle)
+        .map_err(|e| err(e.to_string()))?;
+    serde_json::to_writer(file.as_file(), process).map_err(|e| err(e.to_string()))?;
+    Ok(file.into_temp_path())
 }
 
 fn which(bin: &str) -> bool {
@@ -273,21 +392,23 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn wait(&self, id: &str, dir: &Path) -> Result<i32, RuntimeError>;
     /// Sends `signal` (a name: `TERM`, `KILL`) to the container's init.
     async fn kill(&self, id: &str, signal: &str) -> Result<(), RuntimeError>;
-    /// Runs `cmd` inside the running container; returns its exit code and combined output.
-    /// Killed after `timeout`.
+    /// Runs `cmd` inside the running container whose dir is `dir`, as its own process runs
+    /// ([`exec_process`]); returns its exit code and combined output. Killed after `timeout`.
     async fn exec(
         &self,
         id: &str,
+        dir: &Path,
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError>;
-    /// Starts `process` in the running container with `io` (a terminal or pipes) and returns
-    /// the runtime's exec process: it lives as long as the command, forwards signals to it
-    /// and exits with its code.
+    /// Starts the OCI process in the file `process` (args, user, env, terminal…, see
+    /// [`exec_process`]) in the running container with `io` (a terminal or pipes) and returns
+    /// the runtime's exec process: it lives as long as the command, forwards signals to it and
+    /// exits with its code. The file must stay until the command ends.
     fn exec_attached(
         &self,
         id: &str,
-        process: ExecProcess<'_>,
+        process: &Path,
         io: ExecIo,
     ) -> Result<tokio::process::Child, RuntimeError>;
     /// Freezes every process of the container.
@@ -321,12 +442,12 @@ pub struct OciCliRuntime {
 }
 
 impl OciCliRuntime {
-    /// A runtime for `binary` with state under `root` (created 0700).
-    pub fn new(binary: String, root: PathBuf) -> Result<Self, RuntimeError> {
-        crate::datadir::private_dir(&root).map_err(io("create runtime root"))?;
+    /// A runtime for `cli` (its `--root` is created 0700).
+    pub fn new(cli: RuntimeCli) -> Result<Self, RuntimeError> {
+        crate::datadir::private_dir(&cli.root).map_err(io("create runtime root"))?;
         let self_exe = std::env::current_exe().map_err(io("find own executable"))?;
         Ok(OciCliRuntime {
-            cli: RuntimeCli::new(binary, root),
+            cli,
             self_exe,
             exit_pipes: Default::default(),
         })
@@ -354,9 +475,12 @@ impl OciCliRuntime {
 }
 
 /// A refusal as [`RuntimeError::NotFound`] when the container is unknown (runc: "does not
-/// exist", crun: "not found"/"No such file").
+/// exist", crun: "not found", or "error opening file `ROOT/ID/status`: No such file…").
 fn refusal(cmd: String, stderr: String) -> RuntimeError {
-    if stderr.contains("does not exist") || stderr.contains("not found") {
+    if stderr.contains("does not exist")
+        || stderr.contains("not found")
+        || stderr.contains("/status`: No such file")
+    {
         let id = cmd.rsplit(' ').next().unwrap_or_default().to_string();
         return RuntimeError::NotFound(id);
     }
@@ -449,6 +573,7 @@ impl ContainerRuntime for OciCliRuntime {
             root: self.cli.root.clone(),
             log_max_size,
             log_max_files,
+            hide_unified: self.cli.hide_unified,
         };
         let (rd, wr) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| io("pipe")(e.into()))?;
@@ -553,20 +678,20 @@ impl ContainerRuntime for OciCliRuntime {
     async fn exec(
         &self,
         id: &str,
+        dir: &Path,
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
-        let process = ExecProcess::Args {
-            argv: cmd,
-            tty: false,
-        };
-        run_capped(self.cli.exec(id, process).into(), timeout).await
+        let dir = ContainerDir::new(dir);
+        let process = exec_process(&dir.config(), cmd, false)?;
+        let file = write_process(&dir.bundle(), &process)?;
+        run_capped(self.cli.exec(id, &file).into(), timeout).await
     }
 
     fn exec_attached(
         &self,
         id: &str,
-        process: ExecProcess<'_>,
+        process: &Path,
         io_: ExecIo,
     ) -> Result<tokio::process::Child, RuntimeError> {
         spawn_attached(self.cli.exec(id, process), io_).map_err(io("start the runtime's exec"))
@@ -718,20 +843,27 @@ mod tests {
     }
 
     #[test]
-    fn crun_is_picked_only_where_its_cgroup_check_passes() {
+    fn crun_hides_the_unified_hierarchy_only_where_it_holds_a_controller() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path();
-        assert!(!crun_accepts_cgroups(root), "cgroup v1 only");
+        assert_eq!(crun_view(root), CrunView::AsIs, "cgroup v1 only");
         std::fs::create_dir(root.join("unified")).unwrap();
         std::fs::write(root.join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
-        assert!(!crun_accepts_cgroups(root), "hybrid with a v2 controller");
+        assert_eq!(
+            crun_view(root),
+            CrunView::HideUnified,
+            "hybrid with a v2 controller"
+        );
         std::fs::write(root.join("unified/cgroup.controllers"), "\n").unwrap();
-        assert!(
-            crun_accepts_cgroups(root),
+        assert_eq!(
+            crun_view(root),
+            CrunView::AsIs,
             "hybrid, empty unified hierarchy"
         );
         std::fs::write(root.join("cgroup.controllers"), "cpu memory\n").unwrap();
-        assert!(crun_accepts_cgroups(root), "pure v2");
+        assert_eq!(crun_view(root), CrunView::AsIs, "pure v2");
+        // Whatever the host, runc never hides anything.
+        assert!(!pick_runtime("runc", "/r").hide_unified);
     }
 
     #[test]
@@ -797,11 +929,31 @@ mod tests {
             rt.pause("a").await,
             Err(RuntimeError::NotFound(_))
         ));
+        // exec states the container's process in full: its user and env, our argv.
+        let dir = ContainerDir::new(t.path().join("c"));
+        std::fs::create_dir_all(dir.bundle()).unwrap();
+        std::fs::write(
+            dir.config(),
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":1000,"gid":1000},
+                "cwd":"/srv","env":["PATH=/bin","A=b"],"args":["sleep","1"]}}"#,
+        )
+        .unwrap();
         let (code, out) = rt
-            .exec("a", &["ls".into()], Duration::from_secs(5))
+            .exec("a", dir.path(), &["ls".into()], Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!((code, out.as_str()), (0, ""));
+        let p = exec_process(&dir.config(), &["sh".into()], true).unwrap();
+        assert_eq!(p.args().as_deref(), Some(&["sh".to_string()][..]));
+        assert_eq!(
+            (p.user().uid(), p.cwd().display().to_string()),
+            (1000, "/srv".into())
+        );
+        assert_eq!(
+            p.env().as_deref(),
+            Some(&["PATH=/bin".to_string(), "A=b".into(), "TERM=xterm".into()][..])
+        );
+        assert_eq!(p.terminal(), Some(true));
         let root = t.path().join("root").display().to_string();
         let argv = std::fs::read_to_string(t.path().join("argv")).unwrap();
         let want: Vec<String> = [
@@ -810,12 +962,20 @@ mod tests {
             "kill a TERM",
             "resume a",
             "pause a",
-            "exec a ls",
         ]
         .iter()
         .map(|v| format!("--root {root} {v}"))
         .collect();
-        assert_eq!(argv.lines().collect::<Vec<_>>(), want);
+        let lines: Vec<&str> = argv.lines().collect();
+        assert_eq!(lines[..5], want);
+        let exec = format!("--root {root} exec --process {}", dir.bundle().display());
+        assert!(
+            lines[5].starts_with(&exec) && lines[5].ends_with(".json a"),
+            "{}",
+            lines[5]
+        );
+        // The process file lived only as long as the exec.
+        assert_eq!(std::fs::read_dir(dir.bundle()).unwrap().count(), 1);
     }
 
     #[tokio::test]

@@ -128,7 +128,8 @@ pub fn mount_bundle(c: &ContainerDir, task: &Task, values: &Values) -> Result<()
     })
 }
 
-fn is_tmpfs(path: &Path) -> bool {
+/// Whether `path` is the mount point of a tmpfs.
+pub(crate) fn is_tmpfs(path: &Path) -> bool {
     let p = path.display().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {

@@ -685,7 +685,11 @@ mod tests {
                 containers: dir.join("containers"),
                 images: rudder_image::store::ImageStore::open(&dir.join("images")).unwrap(),
                 runtime: Arc::new(
-                    crate::runtime::OciCliRuntime::new("true".into(), dir.join("runc")).unwrap(),
+                    crate::runtime::OciCliRuntime::new(crate::shim::RuntimeCli::new(
+                        "true",
+                        dir.join("runc"),
+                    ))
+                    .unwrap(),
                 ),
                 cgroup_parent: "/rudder-test".into(),
                 registry: std::sync::Mutex::new(String::new()),

@@ -36,7 +36,7 @@ use nix::unistd::{fork, setsid, ForkResult, Pid};
 pub mod cli;
 pub mod dir;
 
-pub use cli::{ExecProcess, RuntimeCli};
+pub use cli::{can_hide_unified, RuntimeCli};
 pub use dir::{write_atomic, ContainerDir, PRIVATE_FILE};
 
 /// Fd number on which the shim inherits the agent's notification pipe.
@@ -58,6 +58,9 @@ pub struct ShimArgs {
     pub log_max_size: u64,
     /// Files kept: `log` plus `log.1` … `log.<n-1>`.
     pub log_max_files: u32,
+    /// Run the runtime without the hybrid host's unified cgroup mount
+    /// ([`RuntimeCli::hide_unified`]), as the agent does for the same runtime.
+    pub hide_unified: bool,
 }
 
 /// Defaults for rotation (Docker's json-file driver with `max-size: 10m, max-file: 3`).
@@ -68,12 +71,12 @@ pub const LOG_MAX_FILES: u32 = 3;
 impl ShimArgs {
     /// The runtime this shim drives.
     pub fn cli(&self) -> RuntimeCli {
-        RuntimeCli::new(self.runtime.clone(), self.root.clone())
+        RuntimeCli::new(self.runtime.clone(), self.root.clone()).hiding_unified(self.hide_unified)
     }
 
     /// The command line that starts a shim with these arguments (after the program name).
     pub fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "shim".into(),
             "--dir".into(),
             self.dir.display().to_string(),
@@ -87,7 +90,11 @@ impl ShimArgs {
             self.log_max_size.to_string(),
             "--log-max-files".into(),
             self.log_max_files.to_string(),
-        ]
+        ];
+        if self.hide_unified {
+            args.extend(["--hide-unified".into(), "true".into()]);
+        }
+        args
     }
 }
 

@@ -1,4 +1,5 @@
-//! `rudder-shim --dir D --id ID --runtime R --root ROOT [--log-max-size N] [--log-max-files N]`:
+//! `rudder-shim --dir D --id ID --runtime R --root ROOT [--log-max-size N] [--log-max-files N]
+//! [--hide-unified true]`:
 //! started by the agent for each container (see the library's docs). Arguments are parsed by
 //! hand: the point of this binary is to stay small, since one runs per container.
 
@@ -13,6 +14,7 @@ fn main() {
     let (mut dir, mut id, mut runtime, mut root) = (None, None, None, None);
     let mut log_max_size = rudder_shim::LOG_MAX_SIZE;
     let mut log_max_files = rudder_shim::LOG_MAX_FILES;
+    let mut hide_unified = false;
     while let Some(flag) = args.next() {
         let Some(value) = args.next() else {
             usage(&format!("{flag} needs a value"));
@@ -32,6 +34,11 @@ fn main() {
                     .parse()
                     .unwrap_or_else(|_| usage("--log-max-files: a number"))
             }
+            "--hide-unified" => {
+                hide_unified = value
+                    .parse()
+                    .unwrap_or_else(|_| usage("--hide-unified: true or false"))
+            }
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -45,13 +52,14 @@ fn main() {
         root,
         log_max_size,
         log_max_files,
+        hide_unified,
     })
 }
 
 fn usage(why: &str) -> ! {
     eprintln!(
         "rudder-shim: {why}\nusage: rudder-shim --dir DIR --id ID --runtime RUNTIME --root ROOT \
-         [--log-max-size BYTES] [--log-max-files N]"
+         [--log-max-size BYTES] [--log-max-files N] [--hide-unified BOOL]"
     );
     std::process::exit(2)
 }

@@ -15,7 +15,8 @@
 //!    `docker run` (where a daemon runs) and raw `runc run`/`crun run` of a prepared bundle.
 //!
 //! `RUDDER_BENCH_ONLY=memory|start|exec|run` runs one part (memory with 50 containers belongs to
-//! `start`); `RUDDER_LAB_LOGS=DIR` keeps the lab's logs.
+//! `start`); `RUDDER_LAB_LOGS=DIR` keeps the lab's logs; `RUDDER_LAB_RUNTIME=auto|runc|crun`
+//! picks the agent's OCI runtime (auto: crun where the host allows it).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -258,10 +259,8 @@ fn wait_running(ctl: &Ctl, service: &str, n: usize) -> anyhow::Result<Vec<TaskRo
 
 /// Containers the host's runc still knows.
 fn runc_containers(lab: &LabGuard) -> anyhow::Result<usize> {
-    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
-        .arg("--root")
-        .arg(&lab.lab.hosts[0].runtime_root)
-        .args(["list", "-q"])
+    let out = rudder_tests::runtime_cli(&lab.lab.hosts[0].runtime_root)
+        .list()
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).lines().count())
 }
@@ -433,7 +432,7 @@ fn timed(mut cmd: Command) -> anyhow::Result<Duration> {
 
 fn exec_bench(lab: &LabGuard, ctl: &Ctl, task: &str) -> anyhow::Result<()> {
     let host = &lab.lab.hosts[0];
-    let runc = rudder_agent::runtime::pick_runtime("auto");
+    let runtime = rudder_tests::runtime_cli(&host.runtime_root);
     let rctl = bin("rctl");
     let context = lab.lab.context_path.clone();
     let rctl_cmd = |args: &[&str]| {
@@ -441,13 +440,7 @@ fn exec_bench(lab: &LabGuard, ctl: &Ctl, task: &str) -> anyhow::Result<()> {
         c.arg("--context").arg(&context).args(args);
         c
     };
-    let runc_exec = || {
-        let mut c = Command::new(&runc);
-        c.arg("--root")
-            .arg(&host.runtime_root)
-            .args(["exec", task, "true"]);
-        c
-    };
+    let runc_exec = || runtime.command(["exec", task, "true"]);
     let cmd = vec!["true".to_string()];
     let in_process_exec = || -> anyhow::Result<Duration> {
         let t = Instant::now();
@@ -580,6 +573,8 @@ fn raw_bundle(dir: &Path, runtime: &str, rootfs_tar: &Path) -> anyhow::Result<()
 
 fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
     let rctl = bin("rctl");
+    // The runtime the lab's agent picked (`RUDDER_LAB_RUNTIME`, default auto).
+    let runtime = rudder_tests::runtime_cli(Path::new("/")).binary;
     let mut rows: Vec<(String, Vec<Duration>, &str)> = Vec::new();
     for mode in ["host", "bridge"] {
         let v = sample(RUN_ROUNDS, || {
@@ -600,7 +595,7 @@ fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
             "<= 70 ms"
         };
         rows.push((
-            format!("rctl run --rm --network {mode} busybox true"),
+            format!("rctl run --rm --network {mode} busybox true ({runtime})"),
             v,
             target,
         ));
@@ -618,20 +613,12 @@ fn run_bench(lab: &LabGuard, dir: &Path) -> anyhow::Result<()> {
         };
         let bundle = dir.join(format!("bundle-{runtime}"));
         raw_bundle(&bundle, &path, &tar)?;
-        let root = dir.join(format!("root-{runtime}"));
+        // As the agent runs it: crun on a hybrid cgroup host without the unified hierarchy.
+        let cli = rudder_agent::runtime::pick_runtime(runtime, dir.join(format!("root-{runtime}")));
         let mut n = 0u32;
         let mut make = || {
             n += 1;
-            let mut c = Command::new(&path);
-            c.arg("--root").arg(&root);
-            if runtime == "crun" {
-                // Debian's crun refuses this hybrid cgroup host unless it manages none.
-                c.arg("--cgroup-manager=disabled");
-            }
-            c.args(["run", "--bundle"])
-                .arg(&bundle)
-                .arg(format!("bench-{runtime}-{n}"));
-            c
+            cli.run_foreground(&format!("bench-{runtime}-{n}"), &bundle)
         };
         match timed(make()) {
             Ok(_) => rows.push((

@@ -60,10 +60,11 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
     )?;
     let root = work.path().join("runc");
     std::fs::create_dir_all(&root)?;
-    let runc = rudder_agent::runtime::pick_runtime("auto");
+    let cli = rudder_tests::runtime_cli(&root);
+    let runc = cli.binary.clone();
 
     let rt = OciCliRuntime {
-        cli: rudder_agent::shim::RuntimeCli::new(runc.clone(), root.clone()),
+        cli: cli.clone(),
         self_exe: bin("rudder-agent"),
         exit_pipes: Default::default(),
     };
@@ -78,12 +79,8 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
     for i in 0..iterations {
         // Raw `runc run`: create + start + wait + delete in one process.
         let t = Instant::now();
-        let st = Command::new(&runc)
-            .arg("--root")
-            .arg(&root)
-            .args(["run", "--bundle"])
-            .arg(c.bundle())
-            .arg(format!("raw{i}"))
+        let st = cli
+            .run_foreground(&format!("raw{i}"), &c.bundle())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -35,6 +35,21 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The OCI runtime the lab's agents are told to use: `RUDDER_LAB_RUNTIME` (`auto`, `runc` or
+/// `crun`), `auto` when unset.
+pub fn lab_runtime() -> String {
+    std::env::var("RUDDER_LAB_RUNTIME")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "auto".into())
+}
+
+/// The runtime the lab's agents use (see [`lab_runtime`]), with state dir `root`: the same
+/// binary and cgroup view, so tests see their containers as the agents do.
+pub fn runtime_cli(root: &Path) -> rudder_agent::shim::RuntimeCli {
+    rudder_agent::runtime::pick_runtime(&lab_runtime(), root)
+}
+
 /// A lab that is torn down when dropped, also on panic.
 pub struct LabGuard {
     pub lab: lab::Lab,
@@ -68,7 +83,7 @@ impl LabGuard {
             root: root.clone(),
             agent_bin: bin("rudder-agent"),
             controller_bin: bin("rudder-controller"),
-            runtime: "auto".into(),
+            runtime: lab_runtime(),
             extra_agent_args: vec![],
             extra_controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
         };
@@ -310,20 +325,21 @@ pub fn lab_with_busybox_managers(
     Ok((lab, tmp))
 }
 
-/// Runs `cmd` inside `task`'s container (its host's OCI runtime `exec`, as health checks do);
-/// returns whether it succeeded and its stdout followed by its stderr.
+/// Runs `cmd` inside `task`'s container (its host's OCI runtime `exec`, as its own process,
+/// as health checks do); returns whether it succeeded and its stdout followed by its stderr.
 pub fn exec(
     lab: &LabGuard,
     task: &serde_json::Value,
     cmd: &[&str],
 ) -> anyhow::Result<(bool, String)> {
     let host = lab.host(task["node"].as_str().context("task has a node")?);
-    let out = Command::new(rudder_agent::runtime::pick_runtime("auto"))
-        .arg("--root")
-        .arg(&host.runtime_root)
-        .arg("exec")
-        .arg(task["id"].as_str().context("task id")?)
-        .args(cmd)
+    let id = task["id"].as_str().context("task id")?;
+    let dir = rudder_agent::shim::ContainerDir::new(host.data_dir.join("containers").join(id));
+    let argv: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
+    let process = rudder_agent::runtime::exec_process(&dir.config(), &argv, false)?;
+    let file = rudder_agent::runtime::write_process(&dir.bundle(), &process)?;
+    let out = runtime_cli(&host.runtime_root)
+        .exec(id, &file)
         .stdin(std::process::Stdio::null())
         .output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -196,13 +196,9 @@ fn build_caches_and_runs_anywhere() -> anyhow::Result<()> {
             break;
         }
     }
-    let runtime = rudder_agent::runtime::pick_runtime("auto");
+    let runtime = rudder_tests::runtime_cli(&lab.host("h1").runtime_root);
     let build_containers = || -> anyhow::Result<usize> {
-        let out = Command::new(&runtime)
-            .arg("--root")
-            .arg(&lab.host("h1").runtime_root)
-            .args(["list", "--quiet"])
-            .output()?;
+        let out = runtime.list().output()?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.starts_with("build-"))

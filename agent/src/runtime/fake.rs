@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{
-    spawn_attached, ContainerRuntime, ContainerState, ExecIo, ExecProcess, RunState, RuntimeError,
-};
+use super::{spawn_attached, ContainerRuntime, ContainerState, ExecIo, RunState, RuntimeError};
 
 /// One call the fake received, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -307,6 +305,7 @@ impl ContainerRuntime for FakeRuntime {
     async fn exec(
         &self,
         id: &str,
+        _dir: &Path,
         cmd: &[String],
         _timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
@@ -323,27 +322,23 @@ impl ContainerRuntime for FakeRuntime {
     fn exec_attached(
         &self,
         id: &str,
-        process: ExecProcess<'_>,
+        process: &Path,
         io: ExecIo,
     ) -> Result<tokio::process::Child, RuntimeError> {
-        let (argv, tty) = match process {
-            ExecProcess::Args { argv, tty } => (argv.to_vec(), tty),
-            ExecProcess::File(path) => {
-                let p: serde_json::Value = std::fs::read(path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or_default();
-                let argv = p["args"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                (argv, p["terminal"].as_bool().unwrap_or(false))
-            }
-        };
+        // The process file's args and terminal; run here, as this user.
+        let p: serde_json::Value = std::fs::read(process)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let argv: Vec<String> = p["args"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tty = p["terminal"].as_bool().unwrap_or(false);
         self.record(Call::ExecAttached {
             id: id.into(),
             argv: argv.clone(),
@@ -465,10 +460,15 @@ mod tests {
         rt.start("b", Path::new("/")).await.unwrap();
         rt.push_exec_result(1, "unhealthy");
         let cmd = ["check".to_string()];
-        let got = rt.exec("b", &cmd, Duration::from_secs(1)).await.unwrap();
+        let got = rt
+            .exec("b", Path::new("/c"), &cmd, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(got, (1, "unhealthy".to_string()));
         assert_eq!(
-            rt.exec("b", &cmd, Duration::from_secs(1)).await.unwrap(),
+            rt.exec("b", Path::new("/c"), &cmd, Duration::from_secs(1))
+                .await
+                .unwrap(),
             (0, String::new())
         );
     }
@@ -488,13 +488,10 @@ mod tests {
             .unwrap();
         assert_eq!(out, "step output");
         assert_eq!(child.wait().await.unwrap().code(), Some(2));
-        let argv = ["echo".to_string(), "hi".to_string()];
-        let process = ExecProcess::Args {
-            argv: &argv,
-            tty: false,
-        };
+        let process = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(process.path(), r#"{"args":["echo","hi"]}"#).unwrap();
         let child = rt
-            .exec_attached("c", process, ExecIo::Pipes { stdin: false })
+            .exec_attached("c", process.path(), ExecIo::Pipes { stdin: false })
             .unwrap();
         let out = child.wait_with_output().await.unwrap();
         assert_eq!(out.stdout, b"hi\n");

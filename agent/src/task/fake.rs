@@ -16,7 +16,7 @@ use super::ports::{
 use super::Ports;
 use crate::bundle::ContainerDir;
 use crate::runtime::fake::FakeRuntime;
-use crate::runtime::{ContainerRuntime, ContainerState, ExecIo, ExecProcess, RuntimeError};
+use crate::runtime::{ContainerRuntime, ContainerState, ExecIo, RuntimeError};
 
 /// The calls made on the fakes, in order.
 #[derive(Clone, Default)]
@@ -67,17 +67,18 @@ impl ContainerRuntime for JournaledRuntime {
     async fn exec(
         &self,
         id: &str,
+        dir: &Path,
         cmd: &[String],
         timeout: Duration,
     ) -> Result<(i32, String), RuntimeError> {
         self.journal
             .push(format!("runtime.exec {id} {}", cmd.join(" ")));
-        self.inner.exec(id, cmd, timeout).await
+        self.inner.exec(id, dir, cmd, timeout).await
     }
     fn exec_attached(
         &self,
         id: &str,
-        process: ExecProcess<'_>,
+        process: &Path,
         io: ExecIo,
     ) -> Result<tokio::process::Child, RuntimeError> {
         self.inner.exec_attached(id, process, io)
