@@ -17,42 +17,21 @@ pub enum ConvertError {
 
 /// A task state as the dispatcher reads it.
 pub fn task_state_to_wire(s: TaskState) -> i32 {
-    let w = match s {
-        TaskState::New => wire::TaskState::New,
-        TaskState::Pending => wire::TaskState::Pending,
-        TaskState::Assigned => wire::TaskState::Assigned,
-        TaskState::Preparing => wire::TaskState::Preparing,
-        TaskState::Starting => wire::TaskState::Starting,
-        TaskState::Running => wire::TaskState::Running,
-        TaskState::Complete => wire::TaskState::Complete,
-        TaskState::Failed => wire::TaskState::Failed,
-        TaskState::Shutdown => wire::TaskState::Shutdown,
-        TaskState::Rejected => wire::TaskState::Rejected,
-        TaskState::Orphaned => wire::TaskState::Orphaned,
-    };
-    w.into()
+    wire::TaskState::from(s).into()
 }
 
-/// A task state the controller sent.
+/// A task state the controller sent: UNSPECIFIED is as unknown as a value from a newer build.
 pub fn task_state(v: i32) -> Result<TaskState, ConvertError> {
-    let unknown = || ConvertError::UnknownEnum {
-        what: "task state",
-        value: v,
+    let unknown = |e: rudder_proto::model::UnknownEnum| ConvertError::UnknownEnum {
+        what: e.what,
+        value: e.value,
     };
-    Ok(match wire::TaskState::try_from(v).map_err(|_| unknown())? {
-        wire::TaskState::Unspecified => return Err(unknown()),
-        wire::TaskState::New => TaskState::New,
-        wire::TaskState::Pending => TaskState::Pending,
-        wire::TaskState::Assigned => TaskState::Assigned,
-        wire::TaskState::Preparing => TaskState::Preparing,
-        wire::TaskState::Starting => TaskState::Starting,
-        wire::TaskState::Running => TaskState::Running,
-        wire::TaskState::Complete => TaskState::Complete,
-        wire::TaskState::Failed => TaskState::Failed,
-        wire::TaskState::Shutdown => TaskState::Shutdown,
-        wire::TaskState::Rejected => TaskState::Rejected,
-        wire::TaskState::Orphaned => TaskState::Orphaned,
-    })
+    rudder_proto::model::task_state(v)
+        .map_err(unknown)?
+        .ok_or(ConvertError::UnknownEnum {
+            what: "task state",
+            value: v,
+        })
 }
 
 /// The role the agent claims when it registers (`manager` when its host runs a controller).

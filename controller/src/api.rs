@@ -116,7 +116,7 @@ impl Control for ControlApi {
                         s.spec.replicas
                     },
                     global: s.spec.mode == ServiceMode::Global,
-                    update_state: convert::update_state_to_wire(
+                    update_state: rudder_proto::v1::UpdateState::from(
                         s.update_status.as_ref().map(|u| u.state),
                     )
                     .into(),
@@ -178,7 +178,8 @@ impl Control for ControlApi {
         let req = req.into_inner();
         let store = self.raft.store();
         let node = find_node(&store, &req.node)?;
-        let availability = convert::availability(req.availability)?;
+        let availability =
+            rudder_proto::model::availability(req.availability).map_err(convert::unknown_status)?;
         for k in req.labels_add.keys().chain(req.labels_rm.iter()) {
             if k.is_empty() || k.contains('=') || k.chars().any(char::is_whitespace) {
                 return Err(Status::invalid_argument(format!(

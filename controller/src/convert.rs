@@ -2,11 +2,10 @@
 //! summaries the Control API lists, the proto enums of states, roles and actions, and the
 //! `Status` a raft or store error becomes.
 
-use rudder_model::apply::Action;
 use rudder_model::apply::{Manifests, SecretPut};
 use rudder_model::secret::{self, ObjectKind, SecretData};
 use rudder_model::store::ApplyError;
-use rudder_model::{Availability, Node, NodeRole, NodeState, Store, Task, TaskState, UpdateState};
+use rudder_model::{Node, NodeRole, Store, Task, TaskState};
 use rudder_proto::v1 as wire;
 use rudder_proto::v1::{ApplyRequest, NodeSummary, PutSecretRequest, TaskSummary};
 use serde::de::DeserializeOwned;
@@ -126,7 +125,7 @@ pub fn apply_result(r: &rudder_model::apply::ApplyResult) -> rudder_proto::v1::A
     rudder_proto::v1::ApplyResult {
         kind: r.kind.as_str().into(),
         name: r.name.clone(),
-        action: action_to_wire(r.action).into(),
+        action: wire::Action::from(r.action).into(),
     }
 }
 
@@ -144,8 +143,8 @@ pub fn task_summary(store: &Store, t: &Task) -> TaskSummary {
         slot: t.slot,
         node_id: t.node_id.clone().unwrap_or_default(),
         node,
-        desired_state: task_state_to_wire(t.desired_state).into(),
-        state: task_state_to_wire(t.status.state).into(),
+        desired_state: wire::TaskState::from(t.desired_state).into(),
+        state: wire::TaskState::from(t.status.state).into(),
         message: t.status.message.clone(),
         error: t.status.error.clone(),
         container_id: t.status.container_id.clone(),
@@ -162,10 +161,10 @@ pub fn node_summary(store: &Store, n: &Node) -> NodeSummary {
         id: n.id.clone(),
         hostname: n.hostname.clone(),
         addr: n.addr.clone(),
-        state: node_state_to_wire(&n.state).into(),
+        state: wire::NodeState::from(n.state.clone()).into(),
         tasks: active.len() as u64,
-        availability: availability_to_wire(n.availability).into(),
-        role: node_role_to_wire(n.role).into(),
+        availability: wire::Availability::from(n.availability).into(),
+        role: wire::NodeRole::from(n.role).into(),
         labels: n.labels.clone().into_iter().collect(),
         cpus_milli: n.resources.cpus,
         memory_bytes: n.resources.memory,
@@ -181,129 +180,26 @@ pub fn node_summary(store: &Store, n: &Node) -> NodeSummary {
     }
 }
 
-// ---- enums: model ↔ wire ----------------------------------------------------------------
+// ---- enums: model ↔ wire (the tables are `rudder_proto::model`'s, shared by every side) ----
 
-/// A wire enum value this build does not know (a newer peer, or garbage).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("wire: {what} {value} is not known to this build")]
-pub struct UnknownEnum {
-    pub what: &'static str,
-    pub value: i32,
+pub use rudder_proto::model::UnknownEnum;
+
+/// The refusal of a request that carries an enum value this build does not know.
+pub fn unknown_status(e: UnknownEnum) -> Status {
+    Status::invalid_argument(e.to_string())
 }
 
-impl From<UnknownEnum> for Status {
-    fn from(e: UnknownEnum) -> Status {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-pub fn task_state_to_wire(s: TaskState) -> wire::TaskState {
-    match s {
-        TaskState::New => wire::TaskState::New,
-        TaskState::Pending => wire::TaskState::Pending,
-        TaskState::Assigned => wire::TaskState::Assigned,
-        TaskState::Preparing => wire::TaskState::Preparing,
-        TaskState::Starting => wire::TaskState::Starting,
-        TaskState::Running => wire::TaskState::Running,
-        TaskState::Complete => wire::TaskState::Complete,
-        TaskState::Failed => wire::TaskState::Failed,
-        TaskState::Shutdown => wire::TaskState::Shutdown,
-        TaskState::Rejected => wire::TaskState::Rejected,
-        TaskState::Orphaned => wire::TaskState::Orphaned,
-    }
-}
-
+/// A task state an agent reported: UNSPECIFIED is as unknown as a value from a newer build.
 pub fn task_state(v: i32) -> Result<TaskState, UnknownEnum> {
-    let unknown = UnknownEnum {
+    rudder_proto::model::task_state(v)?.ok_or(UnknownEnum {
         what: "task state",
         value: v,
-    };
-    Ok(
-        match wire::TaskState::try_from(v).map_err(|_| unknown.clone())? {
-            wire::TaskState::Unspecified => return Err(unknown),
-            wire::TaskState::New => TaskState::New,
-            wire::TaskState::Pending => TaskState::Pending,
-            wire::TaskState::Assigned => TaskState::Assigned,
-            wire::TaskState::Preparing => TaskState::Preparing,
-            wire::TaskState::Starting => TaskState::Starting,
-            wire::TaskState::Running => TaskState::Running,
-            wire::TaskState::Complete => TaskState::Complete,
-            wire::TaskState::Failed => TaskState::Failed,
-            wire::TaskState::Shutdown => TaskState::Shutdown,
-            wire::TaskState::Rejected => TaskState::Rejected,
-            wire::TaskState::Orphaned => TaskState::Orphaned,
-        },
-    )
+    })
 }
 
-pub fn node_state_to_wire(s: &NodeState) -> wire::NodeState {
-    match s {
-        NodeState::Ready => wire::NodeState::Ready,
-        NodeState::Down => wire::NodeState::Down,
-    }
-}
-
-pub fn availability_to_wire(a: Availability) -> wire::Availability {
-    match a {
-        Availability::Active => wire::Availability::Active,
-        Availability::Pause => wire::Availability::Pause,
-        Availability::Drain => wire::Availability::Drain,
-    }
-}
-
-/// An availability from the wire; `None` for UNSPECIFIED (leave it as it is).
-pub fn availability(v: i32) -> Result<Option<Availability>, UnknownEnum> {
-    let unknown = UnknownEnum {
-        what: "availability",
-        value: v,
-    };
-    Ok(
-        match wire::Availability::try_from(v).map_err(|_| unknown)? {
-            wire::Availability::Unspecified => None,
-            wire::Availability::Active => Some(Availability::Active),
-            wire::Availability::Pause => Some(Availability::Pause),
-            wire::Availability::Drain => Some(Availability::Drain),
-        },
-    )
-}
-
-pub fn node_role_to_wire(r: NodeRole) -> wire::NodeRole {
-    match r {
-        NodeRole::Worker => wire::NodeRole::Worker,
-        NodeRole::Manager => wire::NodeRole::Manager,
-    }
-}
-
-/// A role from the wire (a claim: the store decides a node's role); UNSPECIFIED is a worker.
+/// A role an agent claims (a claim: the store decides a node's role); UNSPECIFIED is a worker.
 pub fn node_role(v: i32) -> Result<NodeRole, UnknownEnum> {
-    match wire::NodeRole::try_from(v) {
-        Ok(wire::NodeRole::Manager) => Ok(NodeRole::Manager),
-        Ok(wire::NodeRole::Worker | wire::NodeRole::Unspecified) => Ok(NodeRole::Worker),
-        Err(_) => Err(UnknownEnum {
-            what: "node role",
-            value: v,
-        }),
-    }
-}
-
-pub fn update_state_to_wire(s: Option<UpdateState>) -> wire::UpdateState {
-    match s {
-        None => wire::UpdateState::Unspecified,
-        Some(UpdateState::Updating) => wire::UpdateState::Updating,
-        Some(UpdateState::Paused) => wire::UpdateState::Paused,
-        Some(UpdateState::Completed) => wire::UpdateState::Completed,
-        Some(UpdateState::RollbackStarted) => wire::UpdateState::RollbackStarted,
-        Some(UpdateState::RollbackPaused) => wire::UpdateState::RollbackPaused,
-        Some(UpdateState::RollbackCompleted) => wire::UpdateState::RollbackCompleted,
-    }
-}
-
-pub fn action_to_wire(a: Action) -> wire::Action {
-    match a {
-        Action::Created => wire::Action::Created,
-        Action::Updated => wire::Action::Updated,
-        Action::Unchanged => wire::Action::Unchanged,
-    }
+    Ok(rudder_proto::model::node_role(v)?.unwrap_or(NodeRole::Worker))
 }
 
 /// An enveloped JSON payload (`rudder_model::wire`) for a reply; a value that cannot be
@@ -317,29 +213,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_task_state_round_trips_and_unknown_values_are_refused() {
+    fn unspecified_task_states_are_refused_and_roles_default_to_worker() {
         use TaskState::*;
         for s in [
             New, Pending, Assigned, Preparing, Starting, Running, Complete, Failed, Shutdown,
             Rejected, Orphaned,
         ] {
-            assert_eq!(task_state(task_state_to_wire(s) as i32), Ok(s));
+            assert_eq!(task_state(wire::TaskState::from(s) as i32), Ok(s));
             // The wire names follow the model's.
-            let name = task_state_to_wire(s).as_str_name().to_lowercase();
+            let name = wire::TaskState::from(s).as_str_name().to_lowercase();
             assert_eq!(name, format!("task_state_{s}"));
         }
         assert!(task_state(0).is_err() && task_state(99).is_err());
-        for a in [
-            Availability::Active,
-            Availability::Pause,
-            Availability::Drain,
-        ] {
-            assert_eq!(availability(availability_to_wire(a) as i32), Ok(Some(a)));
-        }
-        assert_eq!(availability(0), Ok(None));
-        assert!(availability(42).is_err());
-        for r in [NodeRole::Worker, NodeRole::Manager] {
-            assert_eq!(node_role(node_role_to_wire(r) as i32), Ok(r));
-        }
+        assert_eq!(node_role(0), Ok(NodeRole::Worker));
+        assert!(node_role(42).is_err());
     }
 }

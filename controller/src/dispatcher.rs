@@ -586,7 +586,7 @@ impl Dispatcher for DispatcherApi {
                         .map(|t| {
                             Ok(Assignment {
                                 task_id: t.id.clone(),
-                                desired_state: crate::convert::task_state_to_wire(t.desired_state)
+                                desired_state: rudder_proto::v1::TaskState::from(t.desired_state)
                                     .into(),
                                 task_json: rudder_model::wire::encode("task", t)?,
                             })

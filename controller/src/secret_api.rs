@@ -82,7 +82,7 @@ pub(crate) async fn put(
         .map(|o| o.latest)
         .unwrap_or(0);
     Ok(PutSecretResponse {
-        action: convert::action_to_wire(action).into(),
+        action: rudder_proto::v1::Action::from(action).into(),
         version,
         rolled,
     })

@@ -12,20 +12,7 @@ use serde::Serialize;
 
 /// A task state from the wire; `None` for one this build does not know.
 pub fn task_state(v: i32) -> Option<TaskState> {
-    Some(match wire::TaskState::try_from(v).ok()? {
-        wire::TaskState::Unspecified => return None,
-        wire::TaskState::New => TaskState::New,
-        wire::TaskState::Pending => TaskState::Pending,
-        wire::TaskState::Assigned => TaskState::Assigned,
-        wire::TaskState::Preparing => TaskState::Preparing,
-        wire::TaskState::Starting => TaskState::Starting,
-        wire::TaskState::Running => TaskState::Running,
-        wire::TaskState::Complete => TaskState::Complete,
-        wire::TaskState::Failed => TaskState::Failed,
-        wire::TaskState::Shutdown => TaskState::Shutdown,
-        wire::TaskState::Rejected => TaskState::Rejected,
-        wire::TaskState::Orphaned => TaskState::Orphaned,
-    })
+    rudder_proto::model::task_state(v).ok().flatten()
 }
 
 /// How a task state prints (`running`), or `unknown(N)`.
@@ -34,20 +21,14 @@ pub fn task_state_name(v: i32) -> String {
 }
 
 pub fn node_state_name(v: i32) -> String {
-    match wire::NodeState::try_from(v) {
-        Ok(wire::NodeState::Ready) => format!("{:?}", NodeState::Ready).to_lowercase(),
-        Ok(wire::NodeState::Down) => format!("{:?}", NodeState::Down).to_lowercase(),
+    match rudder_proto::model::node_state(v) {
+        Ok(Some(s)) => format!("{s:?}").to_lowercase(),
         _ => format!("unknown({v})"),
     }
 }
 
 pub fn availability(v: i32) -> Option<Availability> {
-    match wire::Availability::try_from(v).ok()? {
-        wire::Availability::Unspecified => None,
-        wire::Availability::Active => Some(Availability::Active),
-        wire::Availability::Pause => Some(Availability::Pause),
-        wire::Availability::Drain => Some(Availability::Drain),
-    }
+    rudder_proto::model::availability(v).ok().flatten()
 }
 
 pub fn availability_name(v: i32) -> String {
@@ -58,33 +39,19 @@ pub fn availability_name(v: i32) -> String {
 /// before anything is sent.
 pub fn availability_to_wire(a: &str) -> anyhow::Result<i32> {
     let a: Availability = a.parse().map_err(anyhow::Error::msg)?;
-    Ok(match a {
-        Availability::Active => wire::Availability::Active,
-        Availability::Pause => wire::Availability::Pause,
-        Availability::Drain => wire::Availability::Drain,
-    }
-    .into())
+    Ok(wire::Availability::from(a).into())
 }
 
 pub fn role_name(v: i32) -> String {
-    match wire::NodeRole::try_from(v) {
-        Ok(wire::NodeRole::Manager) => NodeRole::Manager.as_str().to_string(),
-        Ok(wire::NodeRole::Worker) => NodeRole::Worker.as_str().to_string(),
+    match rudder_proto::model::node_role(v) {
+        Ok(Some(r)) => r.as_str().to_string(),
         _ => format!("unknown({v})"),
     }
 }
 
 /// A service's last rollout; `None` when there was none (or it is unknown to this build).
 pub fn update_state(v: i32) -> Option<UpdateState> {
-    Some(match wire::UpdateState::try_from(v).ok()? {
-        wire::UpdateState::Unspecified => return None,
-        wire::UpdateState::Updating => UpdateState::Updating,
-        wire::UpdateState::Paused => UpdateState::Paused,
-        wire::UpdateState::Completed => UpdateState::Completed,
-        wire::UpdateState::RollbackStarted => UpdateState::RollbackStarted,
-        wire::UpdateState::RollbackPaused => UpdateState::RollbackPaused,
-        wire::UpdateState::RollbackCompleted => UpdateState::RollbackCompleted,
-    })
+    rudder_proto::model::update_state(v).ok().flatten()
 }
 
 /// How a rollout state prints (`rollback_started`); empty for none.
@@ -95,12 +62,7 @@ pub fn update_state_name(v: i32) -> String {
 }
 
 pub fn action(v: i32) -> Option<Action> {
-    match wire::Action::try_from(v).ok()? {
-        wire::Action::Unspecified => None,
-        wire::Action::Created => Some(Action::Created),
-        wire::Action::Updated => Some(Action::Updated),
-        wire::Action::Unchanged => Some(Action::Unchanged),
-    }
+    rudder_proto::model::action(v).ok().flatten()
 }
 
 pub fn action_name(v: i32) -> String {

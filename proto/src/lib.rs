@@ -11,6 +11,9 @@ pub mod v1 {
     tonic::include_proto!("rudder.v1");
 }
 
+#[cfg(feature = "model")]
+pub mod model;
+
 /// The encoded `FileDescriptorSet` of rudder.proto: what the descriptor snapshot test renders
 /// and compares with `proto/rudder.pb.txt`.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
