@@ -132,6 +132,14 @@ pub fn namespaces(
         .collect()
 }
 
+/// Whether the capabilities every container gets ([`CAPS`]) let it reconfigure its network
+/// namespace (addresses, routes, links, firewall rules): the namespace pool then never reuses
+/// a task's namespace.
+pub(crate) fn caps_reconfigure_network() -> bool {
+    CAPS.iter()
+        .any(|c| matches!(c, Capability::NetAdmin | Capability::SysAdmin))
+}
+
 /// [`CAPS`] as a container process's bounding, effective and permitted sets.
 pub fn capabilities() -> LinuxCapabilities {
     let caps: oci_spec::runtime::Capabilities = CAPS.iter().copied().collect();

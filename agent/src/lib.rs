@@ -20,6 +20,7 @@ mod hostnet;
 mod images;
 mod manager;
 pub mod net;
+pub mod netpool;
 mod overlayfs;
 pub mod runtime;
 mod seccomp;
@@ -232,6 +233,7 @@ pub async fn run(
         std::env::current_exe().map_err(|e| AgentError::Io("find the agent binary", e))?;
     let overlay = net::Overlay::start(&cfg.data_dir, &node_id, cfg.wg_port, agent_exe)
         .map_err(|e| AgentError::Join(e.to_string()))?;
+    let pool_owner = overlay.clone();
     let builder = Arc::new(build::Builder {
         images: images.clone(),
         access: access.clone(),
@@ -301,6 +303,7 @@ pub async fn run(
     .await?;
     // Containers keep running: they belong to their shims, not to this process.
     session.abort();
+    pool_owner.shutdown().await;
     info!("agent stopped");
     Ok(())
 }

@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 use crate::dns::{DnsServer, DnsView, ServiceRecord};
 use crate::hostnet::netlink::NetlinkHostNet;
 use crate::hostnet::plan::{self, OverlayWanted, Veth};
-use crate::hostnet::{HostNet, HostNetError, Mac, Ns, Route};
+use crate::hostnet::{HostNet, HostNetError, LinkSet, Mac, NetOp, Ns, Route};
+use crate::netpool::{NetnsPool, PoolConfig};
 use crate::shim::ContainerDir;
 use crate::wg::{KeyPair, Wg, WgPeer};
 
@@ -536,6 +537,8 @@ struct Applied {
     networks: BTreeMap<String, NetworkView>,
     dns: HashMap<String, DnsServer>,
     peers: Vec<WgPeer>,
+    /// The last pass had no network to plan and found nothing of an earlier one to remove.
+    host_clean: bool,
 }
 
 /// This host's side of the overlay networks: it makes the host match the last network map.
@@ -561,6 +564,8 @@ pub struct Overlay {
     proc_sys: PathBuf,
     /// Bumped when a bridge task comes or goes (its published ports are in the nft table).
     bridge_tx: watch::Sender<u64>,
+    /// Namespaces made ahead of time for the local bridge's tasks.
+    pool: Arc<NetnsPool>,
 }
 
 impl Overlay {
@@ -591,6 +596,27 @@ impl Overlay {
         net: Arc<dyn HostNet>,
         proc_sys: PathBuf,
     ) -> Result<Arc<Overlay>, NetError> {
+        Self::start_pooled(
+            data_dir,
+            node_id,
+            wg_port,
+            agent_exe,
+            net,
+            proc_sys,
+            PoolConfig::default(),
+        )
+    }
+
+    /// [`Overlay::start_with`] with the namespace pool configured by `pool`.
+    pub fn start_pooled(
+        data_dir: &Path,
+        node_id: &str,
+        wg_port: u16,
+        agent_exe: PathBuf,
+        net: Arc<dyn HostNet>,
+        proc_sys: PathBuf,
+        pool: PoolConfig,
+    ) -> Result<Arc<Overlay>, NetError> {
         let key = crate::wg::load_or_create_key(&data_dir.join("wg.key"))?;
         let epoch = std::fs::read_to_string(data_dir.join("wg.epoch"))
             .ok()
@@ -607,6 +633,17 @@ impl Overlay {
         let upstreams = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| crate::dns::upstreams_from_resolv_conf(&t))
             .unwrap_or_default();
+        let pool = NetnsPool::new(
+            net.clone(),
+            Ns::Host,
+            BRIDGE,
+            &data_dir.join("netns-pool"),
+            pool,
+        )
+        .map_err(|err| NetError::Io {
+            op: "create netns pool dir",
+            err,
+        })?;
         let o = Arc::new(Overlay {
             node_id: node_id.to_string(),
             data_dir: data_dir.to_path_buf(),
@@ -623,9 +660,20 @@ impl Overlay {
             net,
             proc_sys,
             bridge_tx,
+            pool,
         });
         tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
         Ok(o)
+    }
+
+    /// Deletes the namespaces the pool holds (the agent is stopping).
+    pub async fn shutdown(&self) {
+        self.pool.shutdown().await;
+    }
+
+    /// The namespace pool (for tests and stats).
+    pub fn pool(&self) -> &NetnsPool {
+        &self.pool
     }
 
     /// This host's WireGuard public key and its epoch.
@@ -709,7 +757,6 @@ impl Overlay {
             return Ok(());
         }
         let forward_drop = self.enable_forwarding();
-        let seen = self.net.observe(&Ns::Host).await?;
         let wanted: BTreeMap<String, NetworkView> = map
             .networks
             .iter()
@@ -726,14 +773,22 @@ impl Overlay {
             applied.dns.remove(id);
         }
         let wg_iface = wg_name(&self.node_id);
-        let plan = plan::overlay(
-            &OverlayWanted {
-                map,
-                retired: &retired,
-                wg: &wg_iface,
-            },
-            &seen,
-        );
+        // With no overlay network, once the host was planned clean, a pass (one per bridge
+        // task coming or going) has only the nftables table to look at.
+        let skip_host = wanted.is_empty() && retired.is_empty() && applied.host_clean;
+        let plan = if skip_host {
+            plan::OverlayPlan::default()
+        } else {
+            let seen = self.net.observe(&Ns::Host).await?;
+            plan::overlay(
+                &OverlayWanted {
+                    map,
+                    retired: &retired,
+                    wg: &wg_iface,
+                },
+                &seen,
+            )
+        };
         self.net.apply(&Ns::Host, &plan.links).await?;
 
         // Tunnels.
@@ -807,6 +862,7 @@ impl Overlay {
                 d.set_clients(n.subnet);
             }
         }
+        applied.host_clean = wanted.is_empty();
         applied.networks = wanted;
         Ok(())
     }
@@ -931,6 +987,7 @@ impl Overlay {
         dir: &Path,
         ports: impl FnOnce(Ipv4Addr) -> Vec<PublishedPort>,
     ) -> Result<PathBuf, NetError> {
+        let t0 = std::time::Instant::now();
         let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
         let prefix = self.bridge_subnet.prefix_len();
         self.enable_forwarding();
@@ -964,25 +1021,57 @@ impl Overlay {
                 .insert(dir.to_path_buf(), BridgeMember { addr, ports });
             addr
         };
-        self.net
-            .apply(&Ns::Host, &plan::local_bridge(BRIDGE, gw, prefix))
-            .await?;
+        let t_alloc = t0.elapsed();
         let ns = self.netns_path(id);
-        if !ns.exists() {
-            self.net.create_netns(&ns).await?;
-        }
-        let veth = Veth {
-            host: veth_name(id, 9),
-            inside: "eth0".into(),
-            mtu: None,
-            master: BRIDGE.into(),
-            addr,
-            prefix,
-            routes: vec![Route::via(Ipv4Net::default(), Some(gw), "eth0")],
+        let mut host_ops = plan::local_bridge(BRIDGE, gw, prefix);
+        let route = Route::via(Ipv4Net::default(), Some(gw), "eth0");
+        // A ready namespace from the pool: its veth is made and on the bridge already.
+        let pooled = match ns.exists() {
+            true => None,
+            false => self.pool.take(&ns).await,
         };
-        let p = plan::attach(&ns, &[veth]);
-        self.net.apply(&Ns::Host, &p.host).await?;
-        self.net.apply(&Ns::Path(ns.clone()), &p.inside).await?;
+        let t_netns;
+        let inside = match &pooled {
+            Some(host_end) => {
+                t_netns = t0.elapsed();
+                host_ops.push(NetOp::SetLink {
+                    name: host_end.clone(),
+                    set: LinkSet {
+                        up: Some(true),
+                        ..Default::default()
+                    },
+                });
+                plan::pooled_inside("eth0", addr, prefix, std::slice::from_ref(&route))
+            }
+            None => {
+                if !ns.exists() {
+                    self.net.create_netns(&ns).await?;
+                }
+                t_netns = t0.elapsed();
+                // A namespace taken from the pool before a failed attempt: its veth goes.
+                if let Some(old) = self.pool.host_end(&ns) {
+                    host_ops.push(NetOp::DelLink { name: old });
+                }
+                let veth = Veth {
+                    host: veth_name(id, 9),
+                    inside: "eth0".into(),
+                    mtu: None,
+                    master: BRIDGE.into(),
+                    addr,
+                    prefix,
+                    routes: vec![route],
+                };
+                let p = plan::attach(&ns, &[veth]);
+                host_ops.extend(p.host);
+                self.pool.adopt(&ns, &veth_name(id, 9));
+                p.inside
+            }
+        };
+        self.net.apply(&Ns::Host, &host_ops).await?;
+        self.pool.start();
+        let t_host = t0.elapsed();
+        self.net.apply(&Ns::Path(ns.clone()), &inside).await?;
+        let t_inside = t0.elapsed();
         // The host's resolvers, except loopback ones (unreachable from the container).
         let resolv: String = std::fs::read_to_string("/etc/resolv.conf")
             .unwrap_or_default()
@@ -992,6 +1081,17 @@ impl Overlay {
             .collect();
         write_etc(dir, resolv, addr, hostname)?;
         self.bridge_tx.send_modify(|n| *n += 1);
+        let us = |d: Duration| d.as_micros() as u64;
+        debug!(
+            task = %name,
+            pooled = pooled.is_some(),
+            alloc_us = us(t_alloc),
+            netns_us = us(t_netns - t_alloc),
+            host_us = us(t_host - t_netns),
+            inside_us = us(t_inside - t_host),
+            total_us = us(t0.elapsed()),
+            "bridge attach timings"
+        );
         info!(task = %name, %addr, "attached to the local bridge");
         Ok(ns)
     }
@@ -1003,11 +1103,31 @@ impl Overlay {
 
     /// [`Overlay::detach_bridge`] by id (see [`Overlay::attach_bridge_as`]).
     pub async fn detach_bridge_as(&self, id: &str, dir: &Path) {
-        let ops = plan::detach(&[veth_name(id, 9)]);
-        if let Err(e) = self.net.apply(&Ns::Host, &ops).await {
+        let t0 = std::time::Instant::now();
+        let ns = self.netns_path(id);
+        // Off the bridge now (its address may go to the next task right away); the pool
+        // then scrubs and keeps the namespace, or deletes it, in the background.
+        let host_end = self.pool.host_end(&ns).unwrap_or_else(|| veth_name(id, 9));
+        let down = NetOp::SetLink {
+            name: host_end,
+            set: LinkSet {
+                up: Some(false),
+                ..Default::default()
+            },
+        };
+        if let Err(e) = self.net.apply(&Ns::Host, &[down]).await {
             debug!(%e, "detach from the local bridge");
         }
-        remove_netns(&self.netns_path(id));
+        let t_link = t0.elapsed();
+        self.pool
+            .release(&ns, crate::bundle::caps_reconfigure_network())
+            .await;
+        debug!(
+            task = %id,
+            down_us = t_link.as_micros() as u64,
+            release_us = (t0.elapsed() - t_link).as_micros() as u64,
+            "bridge detach timings"
+        );
         let _ = std::fs::remove_file(ContainerDir::new(dir).bridge_addr_file());
         self.bridge.lock().expect("bridge lock").members.remove(dir);
         self.bridge_tx.send_modify(|n| *n += 1);
@@ -1487,7 +1607,7 @@ mod tests {
         assert!(!fake
             .calls()
             .iter()
-            .any(|c| matches!(c, crate::hostnet::fake::Call::Observe(_))));
+            .any(|c| matches!(c, crate::hostnet::fake::Call::Observe(Ns::Host))));
 
         // A new agent process finds t1 and t2 from their records.
         let o2 = start(Arc::new(FakeHostNet::new()));

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use super::{HostNet, HostNetError, NetOp, Ns, Observed};
+use super::{HostNet, HostNetError, NetOp, Ns, Observed, Occupancy};
 
 /// One call made to the fake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,8 @@ pub enum Call {
     Apply(Ns, Vec<NetOp>),
     LoadNft(String),
     CreateNetns(std::path::PathBuf),
+    MoveNetns(std::path::PathBuf, std::path::PathBuf),
+    Occupancy(std::path::PathBuf),
 }
 
 #[derive(Default)]
@@ -21,6 +23,10 @@ pub struct FakeHostNet {
     observed: Mutex<BTreeMap<Ns, Observed>>,
     /// An op whose `Display` text contains this fails (with EPERM).
     fail_on: Mutex<Option<String>>,
+    /// What `occupancy` answers.
+    occupied: Mutex<Occupancy>,
+    /// What `observe` answers for a namespace not given by `set_observed`.
+    observed_else: Mutex<Observed>,
 }
 
 impl FakeHostNet {
@@ -33,9 +39,19 @@ impl FakeHostNet {
         self.observed.lock().expect("fake lock").insert(ns, seen);
     }
 
+    /// What `observe` answers for any namespace not given by [`FakeHostNet::set_observed`].
+    pub fn set_observed_else(&self, seen: Observed) {
+        *self.observed_else.lock().expect("fake lock") = seen;
+    }
+
     /// Makes the first op whose text contains `needle` fail.
     pub fn fail_on(&self, needle: &str) {
         *self.fail_on.lock().expect("fake lock") = Some(needle.to_string());
+    }
+
+    /// What `occupancy` answers from now on.
+    pub fn set_occupied(&self, o: Occupancy) {
+        *self.occupied.lock().expect("fake lock") = o;
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -69,7 +85,7 @@ impl HostNet for FakeHostNet {
             .expect("fake lock")
             .get(ns)
             .cloned()
-            .unwrap_or_default())
+            .unwrap_or_else(|| self.observed_else.lock().expect("fake lock").clone()))
     }
 
     async fn apply(&self, ns: &Ns, ops: &[NetOp]) -> Result<(), HostNetError> {
@@ -110,5 +126,29 @@ impl HostNet for FakeHostNet {
             source,
         })?;
         Ok(())
+    }
+
+    /// Records the call and renames the file.
+    async fn move_netns(
+        &self,
+        from: &std::path::Path,
+        to: &std::path::Path,
+    ) -> Result<(), HostNetError> {
+        self.calls
+            .lock()
+            .expect("fake lock")
+            .push(Call::MoveNetns(from.to_path_buf(), to.to_path_buf()));
+        std::fs::rename(from, to).map_err(|source| HostNetError::Netns {
+            ns: from.display().to_string(),
+            source,
+        })
+    }
+
+    async fn occupancy(&self, path: &std::path::Path) -> Result<Occupancy, HostNetError> {
+        self.calls
+            .lock()
+            .expect("fake lock")
+            .push(Call::Occupancy(path.to_path_buf()));
+        Ok(*self.occupied.lock().expect("fake lock"))
     }
 }

@@ -180,6 +180,10 @@ pub enum NetOp {
         name: String,
         set: LinkSet,
     },
+    /// Deletes every IPv4 address of a link.
+    FlushAddrs {
+        dev: String,
+    },
     /// Adds an address, or replaces the same one.
     ReplaceAddr {
         dev: String,
@@ -220,6 +224,7 @@ impl NetOp {
             | NetOp::DelLink { name }
             | NetOp::SetLink { name, .. } => name,
             NetOp::ReplaceAddr { dev, .. }
+            | NetOp::FlushAddrs { dev }
             | NetOp::ReplaceNeigh { dev, .. }
             | NetOp::ReplaceFdb { dev, .. } => dev,
             NetOp::ReplaceRoute(r) | NetOp::DelRoute(r) => r.dev.as_deref().unwrap_or("-"),
@@ -279,6 +284,7 @@ impl fmt::Display for NetOp {
             NetOp::ReplaceAddr { dev, addr, prefix } => {
                 write!(f, "addr replace {addr}/{prefix} dev {dev}")
             }
+            NetOp::FlushAddrs { dev } => write!(f, "addr flush dev {dev}"),
             NetOp::ReplaceRoute(r) => write!(f, "route replace {r}"),
             NetOp::DelRoute(r) => write!(f, "route del {r}"),
             NetOp::ReplaceNeigh { dev, ip, mac } => write!(
@@ -360,6 +366,15 @@ impl HostNetError {
     }
 }
 
+/// Who still uses a network namespace, besides its bind mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Occupancy {
+    /// A process lives in it (a task still running there, one sharing it).
+    pub processes: bool,
+    /// A socket of it is open somewhere (TCP in any state, UDP, raw, packet, unix).
+    pub sockets: bool,
+}
+
 /// The port through which the agent changes host networking.
 #[async_trait::async_trait]
 pub trait HostNet: Send + Sync {
@@ -372,4 +387,12 @@ pub trait HostNet: Send + Sync {
     /// Makes a new network namespace, kept alive by a bind mount at `path` (a file it
     /// creates), for [`Ns::Path`].
     async fn create_netns(&self, path: &std::path::Path) -> Result<(), HostNetError>;
+    /// Moves the namespace kept at `from` to `to` (a file it creates): `from` is gone after.
+    async fn move_netns(
+        &self,
+        from: &std::path::Path,
+        to: &std::path::Path,
+    ) -> Result<(), HostNetError>;
+    /// Whether a process or a socket still uses the namespace kept at `path`.
+    async fn occupancy(&self, path: &std::path::Path) -> Result<Occupancy, HostNetError>;
 }

@@ -41,8 +41,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::{
-    HostNet, HostNetError, LinkState, NetOp, Ns, Observed, ObservedRoute, Route, RouteKind,
-    OP_TIMEOUT,
+    HostNet, HostNetError, LinkState, NetOp, Ns, Observed, ObservedRoute, Occupancy, Route,
+    RouteKind, OP_TIMEOUT,
 };
 
 /// Bound on one `nft -f` run (a large table takes a while to load).
@@ -196,6 +196,16 @@ impl HostNet for NetlinkHostNet {
         }
     }
 
+    async fn move_netns(&self, from: &Path, to: &Path) -> Result<(), HostNetError> {
+        let (f, t) = (from.to_path_buf(), to.to_path_buf());
+        blocking_ns(from, "move netns", move || move_netns(&f, &t)).await
+    }
+
+    async fn occupancy(&self, path: &Path) -> Result<Occupancy, HostNetError> {
+        let p = path.to_path_buf();
+        blocking_ns(path, "netns occupancy", move || occupancy(&p)).await
+    }
+
     async fn load_nft(&self, ruleset: &str) -> Result<(), HostNetError> {
         let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{ruleset}");
         let run = async {
@@ -242,6 +252,99 @@ fn new_netns(path: &Path) -> io::Result<()> {
     })
     .join()
     .map_err(|_| io::Error::other("netns thread panicked"))?
+}
+
+/// Runs `f` on the blocking pool, bounded by [`OP_TIMEOUT`], its errors about namespace `ns`.
+async fn blocking_ns<T: Send + 'static>(
+    ns: &Path,
+    what: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, HostNetError> {
+    let err = |source| HostNetError::Netns {
+        ns: ns.display().to_string(),
+        source,
+    };
+    match tokio::time::timeout(OP_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Err(_) => Err(HostNetError::Timeout {
+            op: what.into(),
+            ns: ns.display().to_string(),
+            after: OP_TIMEOUT,
+        }),
+        Ok(Err(e)) => Err(err(io::Error::other(e.to_string()))),
+        Ok(Ok(r)) => r.map_err(err),
+    }
+}
+
+/// Moves the bind mount that keeps a namespace from `from` to `to`: a second bind mount of
+/// the same namespace at `to` (a file made 0600), then `from` unmounted and removed. The
+/// namespace is referenced throughout, so it never dies in between.
+fn move_netns(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    let bound = nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    );
+    if let Err(e) = bound {
+        let _ = std::fs::remove_file(to);
+        return Err(e.into());
+    }
+    nix::mount::umount2(from, nix::mount::MntFlags::MNT_DETACH)?;
+    std::fs::remove_file(from)
+}
+
+/// The `/proc/net` tables that list a namespace's sockets (one header line each).
+const SOCKET_TABLES: &[&str] = &[
+    "tcp", "tcp6", "udp", "udp6", "udplite", "udplite6", "raw", "raw6", "packet", "unix",
+];
+
+/// Who uses the namespace kept at `path`: any process whose `/proc/PID/ns/net` is it, and
+/// any socket its `/proc/net` tables list (read by a thread that enters it).
+fn occupancy(path: &Path) -> io::Result<Occupancy> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata(path)?;
+    let same = |m: &std::fs::Metadata| m.ino() == me.ino() && m.dev() == me.dev();
+    let processes = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .any(|e| std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| same(&m)));
+    let ns = File::open(path)?;
+    let sockets = std::thread::spawn(move || -> io::Result<bool> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        for t in SOCKET_TABLES {
+            let f = match File::open(format!("/proc/thread-self/net/{t}")) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let mut lines = BufReader::new(f).lines();
+            lines.next().transpose()?;
+            if lines
+                .next()
+                .transpose()?
+                .is_some_and(|l| !l.trim().is_empty())
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns thread panicked"))??;
+    Ok(Occupancy { processes, sockets })
 }
 
 /// Names the namespace in an error made where it was not known.
@@ -576,6 +679,23 @@ impl Conn {
                     m.attributes.push(LinkAttribute::TxQueueLen(q));
                 }
                 self.request(RouteNetlinkMessage::SetLink(m), 0, &[])
+            }
+            NetOp::FlushAddrs { dev } => {
+                let index = self.index(dev, idx)?;
+                let mut q = AddressMessage::default();
+                q.header.family = AddressFamily::Inet;
+                for m in self.exchange(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP)? {
+                    if let RouteNetlinkMessage::NewAddress(a) = m {
+                        if a.header.index == index {
+                            self.request(
+                                RouteNetlinkMessage::DelAddress(a),
+                                0,
+                                &[libc::EADDRNOTAVAIL],
+                            )?;
+                        }
+                    }
+                }
+                Ok(())
             }
             NetOp::ReplaceAddr { dev, addr, prefix } => {
                 let mut m = AddressMessage::default();

@@ -36,6 +36,27 @@ pub struct AttachPlan {
     pub inside: Vec<NetOp>,
 }
 
+/// The ops inside a namespace from the pool (`netpool`), whose veth and loopback are there
+/// already: `inside` up, with `addr` and `routes`.
+pub fn pooled_inside(inside: &str, addr: Ipv4Addr, prefix: u8, routes: &[Route]) -> Vec<NetOp> {
+    let mut ops = vec![
+        NetOp::SetLink {
+            name: inside.into(),
+            set: LinkSet {
+                up: Some(true),
+                ..Default::default()
+            },
+        },
+        NetOp::ReplaceAddr {
+            dev: inside.into(),
+            addr,
+            prefix,
+        },
+    ];
+    ops.extend(routes.iter().cloned().map(NetOp::ReplaceRoute));
+    ops
+}
+
 /// Puts `veths` into the namespace at `ns`. A host end left over from an earlier attempt is
 /// deleted first (with its peer), so the plan needs nothing observed.
 pub fn attach(ns: &Path, veths: &[Veth]) -> AttachPlan {

@@ -1,0 +1,632 @@
+//! A pool of ready network namespaces for tasks on the local bridge.
+//!
+//! Making a namespace and its veth pair takes the kernel's rtnl lock several times, and a
+//! namespace's death (`cleanup_net`: device teardown, RCU grace periods) contends with the
+//! making of new ones, so a burst of bridge starts after a burst of stops paid for both. The
+//! pool keeps namespaces made ahead of time, off the start path, each with its veth pair
+//! already made (`eth0` inside, the host end a port of the bridge, down) and loopback up: a
+//! start takes one and only sets `eth0`'s address and route. A released namespace is
+//! scrubbed and kept for the next task when that is safe, else deleted in the background,
+//! in batches, while no start is going on.
+//!
+//! Invariants:
+//! - A namespace is reused only if [`on_release`] says so: the task could not reconfigure
+//!   its network (no CAP_NET_ADMIN, not privileged, no network sysctls), no process and no
+//!   socket is left in it, and the pool is below its bound. It is then scrubbed (extra
+//!   links deleted, `eth0` down — which drops its routes and neighbours — and its addresses
+//!   flushed) and checked ([`is_clean`]): only `lo` and `eth0`, no route of the main table.
+//!   Anything else, or any error on the way, deletes it.
+//! - The host end of a released namespace is set down before its release returns, so an
+//!   address handed to the next task never answers from two places.
+//! - The pool holds at most `max_idle` namespaces (ready or being scrubbed); its directory
+//!   holds nothing else, and is emptied when the pool is made (an agent restart) and on
+//!   [`NetnsPool::shutdown`].
+//! - The decisions are pure functions ([`on_release`], [`to_make`], [`reap_now`],
+//!   [`scrub_ops`], [`is_clean`]), table-tested; the pool's I/O goes through [`HostNet`].
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::hostnet::{HostNet, LinkSet, NetOp, Ns, Observed, Occupancy};
+
+/// The link a pooled namespace's container sees.
+pub const INSIDE: &str = "eth0";
+
+/// How many namespaces to keep ready, and how many to hold at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Made ahead of time whenever fewer are ready (0: the pool makes none).
+    pub ready_target: usize,
+    /// Bound on the namespaces held (ready or being scrubbed); released ones beyond it are
+    /// deleted (0: nothing is reused).
+    pub max_idle: usize,
+    /// Deletions wait until no namespace was taken for this long...
+    pub quiet: Duration,
+    /// ...or until this many are waiting.
+    pub max_pending: usize,
+    /// Ready namespaces beyond `ready_target` are deleted after this long without a take.
+    pub trim_after: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            ready_target: 4,
+            max_idle: 64,
+            quiet: Duration::from_millis(500),
+            max_pending: 128,
+            trim_after: Duration::from_secs(120),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pure decisions
+
+/// What is known of a namespace when its task lets it go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReleaseFacts {
+    /// The task could change its network itself (privileged, CAP_NET_ADMIN, network
+    /// sysctls): what it did is not worth hunting down.
+    pub may_reconfigure: bool,
+    /// Who still uses the namespace.
+    pub occupancy: Occupancy,
+    /// The pool is shutting down.
+    pub closing: bool,
+}
+
+/// Why a released namespace is deleted rather than reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Its task could reconfigure its network.
+    MayReconfigure,
+    /// A process still lives in it.
+    ProcessesLeft,
+    /// A socket of it is still open.
+    SocketsLeft,
+    /// The pool holds `max_idle` already.
+    PoolFull,
+    /// The pool is shutting down.
+    Closing,
+    /// The scrub failed, or left something ([`is_clean`]).
+    NotClean,
+    /// Its occupancy could not be read.
+    Unknown,
+}
+
+/// What becomes of a released namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Scrubbed, checked and kept for the next task.
+    Reuse,
+    /// Deleted, for this reason.
+    Delete(Why),
+}
+
+/// Reuse or delete a released namespace, given what is known of it and `held` namespaces
+/// already held by a pool of at most `max_idle`.
+pub fn on_release(f: &ReleaseFacts, held: usize, max_idle: usize) -> Verdict {
+    if f.closing {
+        Verdict::Delete(Why::Closing)
+    } else if f.may_reconfigure {
+        Verdict::Delete(Why::MayReconfigure)
+    } else if f.occupancy.processes {
+        Verdict::Delete(Why::ProcessesLeft)
+    } else if f.occupancy.sockets {
+        Verdict::Delete(Why::SocketsLeft)
+    } else if held >= max_idle {
+        Verdict::Delete(Why::PoolFull)
+    } else {
+        Verdict::Reuse
+    }
+}
+
+/// How many namespaces to make now: up to `target` ready, counting those being made and
+/// scrubbed, and never beyond `max_idle` held.
+pub fn to_make(
+    ready: usize,
+    making: usize,
+    scrubbing: usize,
+    target: usize,
+    max_idle: usize,
+) -> usize {
+    let have = ready + making + scrubbing;
+    target.min(max_idle).saturating_sub(have)
+}
+
+/// Whether to delete the `pending` namespaces now: when starts have been quiet for `quiet`
+/// (the kernel's teardown then competes with nothing), or when too many wait.
+pub fn reap_now(pending: usize, since_take: Duration, quiet: Duration, max_pending: usize) -> bool {
+    pending > 0 && (since_take >= quiet || pending >= max_pending)
+}
+
+/// The ops that bring a used namespace back to how the pool made it: links other than `lo`
+/// and [`INSIDE`] deleted, [`INSIDE`] down (its routes and neighbours go with that) and its
+/// addresses flushed.
+pub fn scrub_ops(seen: &Observed) -> Vec<NetOp> {
+    let mut ops: Vec<NetOp> = seen
+        .links
+        .keys()
+        .filter(|n| n.as_str() != "lo" && n.as_str() != INSIDE)
+        .map(|n| NetOp::DelLink { name: n.clone() })
+        .collect();
+    ops.push(NetOp::SetLink {
+        name: INSIDE.into(),
+        set: LinkSet {
+            up: Some(false),
+            ..Default::default()
+        },
+    });
+    ops.push(NetOp::FlushAddrs { dev: INSIDE.into() });
+    ops
+}
+
+/// Whether a scrubbed namespace is as the pool made it: exactly `lo` (up) and a veth
+/// [`INSIDE`] (down), and no route in the main table. `Err` says what is left.
+pub fn is_clean(seen: &Observed) -> Result<(), String> {
+    let names: Vec<&str> = seen.links.keys().map(String::as_str).collect();
+    if names != ["eth0", "lo"] {
+        return Err(format!("links {names:?}"));
+    }
+    let eth0 = &seen.links[INSIDE];
+    if eth0.kind.as_deref() != Some("veth") || eth0.up {
+        return Err(format!("{INSIDE} {eth0:?}"));
+    }
+    if !seen.links["lo"].up {
+        return Err("lo down".into());
+    }
+    if let Some(r) = seen.routes.first() {
+        return Err(format!("route {} dev {:?}", r.dst, r.dev));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool
+
+/// A namespace of the pool: where it is kept, and the name of its veth's host end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    path: PathBuf,
+    veth: String,
+}
+
+#[derive(Default)]
+struct State {
+    ready: VecDeque<Slot>,
+    making: usize,
+    /// Released, waiting for (or in) their scrub, with whether their task could
+    /// reconfigure its network.
+    scrub: VecDeque<(Slot, bool)>,
+    scrubbing: usize,
+    /// Namespaces to delete: path, and the host end to delete first (if known).
+    reap: Vec<(PathBuf, Option<String>)>,
+    /// Taken namespaces, by the path their task uses, with their host end's name.
+    lent: HashMap<PathBuf, String>,
+    last_take: Option<Instant>,
+    seq: u64,
+    started: bool,
+    closing: bool,
+}
+
+impl State {
+    fn held(&self) -> usize {
+        self.ready.len() + self.scrub.len() + self.scrubbing
+    }
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// Ready to be taken.
+    pub ready: usize,
+    /// Taken by tasks (or made by them and known to the pool).
+    pub lent: usize,
+    /// Waiting for deletion.
+    pub pending_delete: usize,
+    /// Released, waiting for or in their scrub.
+    pub scrubbing: usize,
+}
+
+/// The pool of one bridge.
+pub struct NetnsPool {
+    net: Arc<dyn HostNet>,
+    /// The namespace the bridge is in (the host's, in the agent).
+    host: Ns,
+    bridge: String,
+    /// Where the pooled namespaces are kept (bind mounts), nothing else.
+    dir: PathBuf,
+    cfg: PoolConfig,
+    /// Host-end names start with it: `rp` and this process's id, so a restarted agent never
+    /// picks a name a live task's veth still has.
+    prefix: String,
+    st: Mutex<State>,
+    wake: Notify,
+}
+
+impl NetnsPool {
+    /// A pool keeping its namespaces in `dir`; whatever an earlier agent left there is
+    /// deleted (a namespace it held was never handed to a task).
+    pub fn new(
+        net: Arc<dyn HostNet>,
+        host: Ns,
+        bridge: &str,
+        dir: &Path,
+        cfg: PoolConfig,
+    ) -> std::io::Result<Arc<NetnsPool>> {
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
+        let mut left = 0;
+        for e in std::fs::read_dir(dir)?.flatten() {
+            crate::net::remove_netns(&e.path());
+            left += 1;
+        }
+        if left > 0 {
+            info!(
+                left,
+                "netns pool: deleted the namespaces an earlier agent kept"
+            );
+        }
+        Ok(Arc::new(NetnsPool {
+            net,
+            host,
+            bridge: bridge.to_string(),
+            dir: dir.to_path_buf(),
+            cfg,
+            prefix: format!("rp{:x}x", std::process::id()),
+            st: Mutex::new(State::default()),
+            wake: Notify::new(),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        let s = self.state();
+        PoolStats {
+            ready: s.ready.len(),
+            lent: s.lent.len(),
+            pending_delete: s.reap.len(),
+            scrubbing: s.scrub.len() + s.scrubbing,
+        }
+    }
+
+    /// Starts the background work (making, scrubbing, deleting), once; called when the
+    /// bridge exists.
+    pub fn start(self: &Arc<Self>) {
+        {
+            let mut s = self.state();
+            if s.started || s.closing {
+                return;
+            }
+            s.started = true;
+        }
+        tokio::spawn(self.clone().run());
+    }
+
+    /// A ready namespace, moved to `to` (where its task finds it); the name of its veth's
+    /// host end. `None` when none is ready (the caller makes one itself).
+    pub async fn take(&self, to: &Path) -> Option<String> {
+        let slot = {
+            let mut s = self.state();
+            s.last_take = Some(Instant::now());
+            s.ready.pop_front()
+        };
+        self.wake.notify_one();
+        let slot = slot?;
+        match self.net.move_netns(&slot.path, to).await {
+            Ok(()) => {
+                self.state()
+                    .lent
+                    .insert(to.to_path_buf(), slot.veth.clone());
+                Some(slot.veth)
+            }
+            Err(e) => {
+                warn!(%e, "netns pool: cannot hand a namespace over; deleting it");
+                self.state().reap.push((slot.path, Some(slot.veth)));
+                None
+            }
+        }
+    }
+
+    /// Records that the namespace at `path` (made by its task, not taken from the pool) has
+    /// its veth's host end named `veth`, so its release can bring it back to the pool.
+    pub fn adopt(&self, path: &Path, veth: &str) {
+        self.state()
+            .lent
+            .insert(path.to_path_buf(), veth.to_string());
+    }
+
+    /// The host end of the veth of the namespace a task uses at `path`, if the pool knows it.
+    pub fn host_end(&self, path: &Path) -> Option<String> {
+        self.state().lent.get(path).cloned()
+    }
+
+    /// Lets the namespace at `path` go (its task is gone); `may_reconfigure` says whether
+    /// the task could change its network. The path is gone when this returns; the namespace
+    /// is scrubbed and kept, or deleted, in the background. The caller has set its host end
+    /// down already.
+    pub async fn release(&self, path: &Path, may_reconfigure: bool) {
+        let veth = self.state().lent.remove(path);
+        let Some(veth) = veth.filter(|_| path.exists()) else {
+            // Unknown to this process (made before a restart): deleted, its veth pair with it.
+            crate::net::remove_netns(path);
+            return;
+        };
+        let slot_path = {
+            let mut s = self.state();
+            s.seq += 1;
+            self.dir.join(format!("r{}", s.seq))
+        };
+        match self.net.move_netns(path, &slot_path).await {
+            Ok(()) => {
+                self.state().scrub.push_back((
+                    Slot {
+                        path: slot_path,
+                        veth,
+                    },
+                    may_reconfigure,
+                ));
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                debug!(%e, "netns pool: cannot keep a released namespace; deleting it");
+                crate::net::remove_netns(path);
+            }
+        }
+    }
+
+    /// Deletes every namespace the pool holds (ready, being scrubbed or waiting for
+    /// deletion) and stops making new ones. Taken ones stay with their tasks.
+    pub async fn shutdown(&self) {
+        let (ready, scrub, reap) = {
+            let mut s = self.state();
+            s.closing = true;
+            (
+                std::mem::take(&mut s.ready),
+                std::mem::take(&mut s.scrub),
+                std::mem::take(&mut s.reap),
+            )
+        };
+        self.wake.notify_one();
+        let all = ready
+            .into_iter()
+            .map(|s| (s.path, Some(s.veth)))
+            .chain(scrub.into_iter().map(|(s, _)| (s.path, Some(s.veth))))
+            .chain(reap);
+        self.delete(all.collect()).await;
+        // A scrub or make in flight finds `closing` and deletes its own.
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            crate::net::remove_netns(&e.path());
+        }
+    }
+
+    /// Deletes namespaces: their host ends first (so they leave the bridge now, even if
+    /// something still holds the namespace), in one batch, then their bind mounts (the
+    /// kernel tears the namespaces down together).
+    async fn delete(&self, all: Vec<(PathBuf, Option<String>)>) {
+        if all.is_empty() {
+            return;
+        }
+        let ops: Vec<NetOp> = all
+            .iter()
+            .filter_map(|(_, v)| v.clone())
+            .map(|name| NetOp::DelLink { name })
+            .collect();
+        if let Err(e) = self.net.apply(&self.host, &ops).await {
+            debug!(%e, "netns pool: deleting host ends");
+        }
+        for (p, _) in &all {
+            crate::net::remove_netns(p);
+        }
+        debug!(n = all.len(), "netns pool: deleted namespaces");
+    }
+
+    /// The background loop: scrubs released namespaces, makes ready ones, deletes the
+    /// rest when starts are quiet.
+    async fn run(self: Arc<Self>) {
+        loop {
+            if self.state().closing {
+                return;
+            }
+            // Scrubs first: a scrubbed namespace is the cheapest ready one.
+            loop {
+                let job = {
+                    let mut s = self.state();
+                    let j = s.scrub.pop_front();
+                    if j.is_some() {
+                        s.scrubbing += 1;
+                    }
+                    j
+                };
+                let Some((slot, may_reconfigure)) = job else {
+                    break;
+                };
+                self.scrub(slot, may_reconfigure).await;
+                self.state().scrubbing -= 1;
+            }
+            let n = {
+                let mut s = self.state();
+                let n = to_make(
+                    s.ready.len(),
+                    s.making,
+                    s.scrub.len() + s.scrubbing,
+                    self.cfg.ready_target,
+                    self.cfg.max_idle,
+                );
+                s.making += n;
+                n
+            };
+            for _ in 0..n {
+                let made = self.make().await;
+                let mut s = self.state();
+                s.making -= 1;
+                match made {
+                    Some(slot) if !s.closing => s.ready.push_back(slot),
+                    Some(slot) => s.reap.push((slot.path, Some(slot.veth))),
+                    None => {}
+                }
+            }
+            let (reap, wait) = {
+                let mut s = self.state();
+                let since = s.last_take.map_or(Duration::MAX, |t| t.elapsed());
+                // Idle for long: back down to the target.
+                if since >= self.cfg.trim_after {
+                    while s.ready.len() > self.cfg.ready_target {
+                        if let Some(slot) = s.ready.pop_back() {
+                            s.reap.push((slot.path, Some(slot.veth)));
+                        }
+                    }
+                }
+                if reap_now(s.reap.len(), since, self.cfg.quiet, self.cfg.max_pending) {
+                    (std::mem::take(&mut s.reap), None)
+                } else if !s.reap.is_empty() {
+                    (Vec::new(), Some(self.cfg.quiet.saturating_sub(since)))
+                } else if s.ready.len() > self.cfg.ready_target {
+                    (Vec::new(), Some(self.cfg.trim_after.saturating_sub(since)))
+                } else {
+                    (Vec::new(), None)
+                }
+            };
+            self.delete(reap).await;
+            match wait {
+                Some(d) => {
+                    let _ = tokio::time::timeout(
+                        d.max(Duration::from_millis(10)),
+                        self.wake.notified(),
+                    )
+                    .await;
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+
+    /// A new namespace with its veth pair: `eth0` inside, the host end a port of the bridge
+    /// (down until a task takes it), loopback up.
+    async fn make(&self) -> Option<Slot> {
+        let (path, veth) = {
+            let mut s = self.state();
+            s.seq += 1;
+            (
+                self.dir.join(format!("n{}", s.seq)),
+                format!("{}{:x}", self.prefix, s.seq),
+            )
+        };
+        let host_ops = [
+            NetOp::AddVeth {
+                name: veth.clone(),
+                mtu: None,
+                peer: INSIDE.into(),
+                peer_ns: Some(path.clone()),
+            },
+            NetOp::SetLink {
+                name: veth.clone(),
+                set: LinkSet {
+                    master: Some(self.bridge.clone()),
+                    ..Default::default()
+                },
+            },
+        ];
+        let inside = [NetOp::SetLink {
+            name: "lo".into(),
+            set: LinkSet {
+                up: Some(true),
+                ..Default::default()
+            },
+        }];
+        let t0 = std::time::Instant::now();
+        let r = async {
+            self.net.create_netns(&path).await?;
+            self.net.apply(&self.host, &host_ops).await?;
+            self.net.apply(&Ns::Path(path.clone()), &inside).await
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                debug!(
+                    us = t0.elapsed().as_micros() as u64,
+                    "netns pool: made a namespace"
+                );
+                Some(Slot { path, veth })
+            }
+            Err(e) => {
+                warn!(%e, "netns pool: cannot make a namespace");
+                self.state().reap.push((path, Some(veth)));
+                None
+            }
+        }
+    }
+
+    /// Decides on a released namespace and, if it is to be reused, scrubs and checks it.
+    async fn scrub(&self, slot: Slot, may_reconfigure: bool) {
+        let t0 = std::time::Instant::now();
+        let occupancy = self.net.occupancy(&slot.path).await;
+        let verdict = match &occupancy {
+            Ok(o) => {
+                let s = self.state();
+                on_release(
+                    &ReleaseFacts {
+                        may_reconfigure,
+                        occupancy: *o,
+                        closing: s.closing,
+                    },
+                    s.held() - 1 + s.making,
+                    self.cfg.max_idle,
+                )
+            }
+            Err(e) => {
+                debug!(%e, "netns pool: occupancy");
+                Verdict::Delete(Why::Unknown)
+            }
+        };
+        let verdict = match verdict {
+            Verdict::Reuse => match self.scrub_and_check(&slot.path).await {
+                Ok(()) => Verdict::Reuse,
+                Err(left) => {
+                    warn!(%left, "netns pool: a released namespace is not clean after its scrub; deleting it");
+                    Verdict::Delete(Why::NotClean)
+                }
+            },
+            v => v,
+        };
+        debug!(
+            ?verdict,
+            us = t0.elapsed().as_micros() as u64,
+            "netns pool: released namespace"
+        );
+        let mut s = self.state();
+        match verdict {
+            Verdict::Reuse if !s.closing => s.ready.push_back(slot),
+            _ => s.reap.push((slot.path, Some(slot.veth))),
+        }
+    }
+
+    async fn scrub_and_check(&self, path: &Path) -> Result<(), String> {
+        let ns = Ns::Path(path.to_path_buf());
+        let seen = self.net.observe(&ns).await.map_err(|e| e.to_string())?;
+        self.net
+            .apply(&ns, &scrub_ops(&seen))
+            .await
+            .map_err(|e| e.to_string())?;
+        let seen = self.net.observe(&ns).await.map_err(|e| e.to_string())?;
+        is_clean(&seen)
+    }
+}
+
+#[cfg(test)]
+mod tests;
