@@ -566,6 +566,8 @@ pub struct Overlay {
     bridge_tx: watch::Sender<u64>,
     /// Namespaces made ahead of time for the local bridge's tasks.
     pool: Arc<NetnsPool>,
+    /// The local bridge was made (or found) by an attach, which then skip it.
+    bridge_made: std::sync::atomic::AtomicBool,
 }
 
 impl Overlay {
@@ -661,6 +663,7 @@ impl Overlay {
             proc_sys,
             bridge_tx,
             pool,
+            bridge_made: Default::default(),
         });
         tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
         Ok(o)
@@ -1023,7 +1026,13 @@ impl Overlay {
         };
         let t_alloc = t0.elapsed();
         let ns = self.netns_path(id);
-        let mut host_ops = plan::local_bridge(BRIDGE, gw, prefix);
+        // The bridge, until an attach made sure of it (again after any failure).
+        let bridge_made = self.bridge_made.load(std::sync::atomic::Ordering::Relaxed);
+        let mut host_ops = if bridge_made {
+            Vec::new()
+        } else {
+            plan::local_bridge(BRIDGE, gw, prefix)
+        };
         let route = Route::via(Ipv4Net::default(), Some(gw), "eth0");
         // A ready namespace from the pool: its veth is made and on the bridge already.
         let pooled = match ns.exists() {
@@ -1067,10 +1076,20 @@ impl Overlay {
                 p.inside
             }
         };
-        self.net.apply(&Ns::Host, &host_ops).await?;
+        if let Err(e) = self.net.apply(&Ns::Host, &host_ops).await {
+            self.bridge_made
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            return Err(e.into());
+        }
+        self.bridge_made
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.pool.start();
         let t_host = t0.elapsed();
-        self.net.apply(&Ns::Path(ns.clone()), &inside).await?;
+        if let Err(e) = self.net.apply(&Ns::Path(ns.clone()), &inside).await {
+            self.bridge_made
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            return Err(e.into());
+        }
         let t_inside = t0.elapsed();
         // The host's resolvers, except loopback ones (unreachable from the container).
         let resolv: String = std::fs::read_to_string("/etc/resolv.conf")

@@ -52,6 +52,11 @@ pub struct PoolConfig {
     pub max_pending: usize,
     /// Ready namespaces beyond `ready_target` are deleted after this long without a take.
     pub trim_after: Duration,
+    /// How long a take waits for a namespace on its way (being scrubbed or made) before
+    /// its task makes one itself.
+    pub wait_on_the_way: Duration,
+    /// Scrubs run at most this many at a time.
+    pub scrubbers: usize,
 }
 
 impl Default for PoolConfig {
@@ -62,6 +67,8 @@ impl Default for PoolConfig {
             quiet: Duration::from_millis(500),
             max_pending: 128,
             trim_after: Duration::from_secs(120),
+            wait_on_the_way: Duration::from_millis(100),
+            scrubbers: 4,
         }
     }
 }
@@ -248,6 +255,8 @@ pub struct NetnsPool {
     prefix: String,
     st: Mutex<State>,
     wake: Notify,
+    /// Notified when a namespace becomes ready.
+    readied: Notify,
 }
 
 impl NetnsPool {
@@ -287,6 +296,7 @@ impl NetnsPool {
             prefix: format!("rp{:x}x", std::process::id()),
             st: Mutex::new(State::default()),
             wake: Notify::new(),
+            readied: Notify::new(),
         }))
     }
 
@@ -321,13 +331,28 @@ impl NetnsPool {
     /// A ready namespace, moved to `to` (where its task finds it); the name of its veth's
     /// host end. `None` when none is ready (the caller makes one itself).
     pub async fn take(&self, to: &Path) -> Option<String> {
-        let slot = {
-            let mut s = self.state();
-            s.last_take = Some(Instant::now());
-            s.ready.pop_front()
+        let deadline = Instant::now() + self.cfg.wait_on_the_way;
+        let slot = loop {
+            // Registered before looking, so a namespace readied in between is not missed.
+            let readied = self.readied.notified();
+            let (slot, on_the_way) = {
+                let mut s = self.state();
+                s.last_take = Some(Instant::now());
+                let on_the_way = s.making + s.scrub.len() + s.scrubbing > 0;
+                (s.ready.pop_front(), on_the_way && !s.closing)
+            };
+            self.wake.notify_one();
+            match slot {
+                Some(slot) => break slot,
+                // Scrubbing one takes milliseconds; making one on the start path costs more.
+                None if on_the_way => {
+                    if tokio::time::timeout_at(deadline, readied).await.is_err() {
+                        return None;
+                    }
+                }
+                None => return None,
+            }
         };
-        self.wake.notify_one();
-        let slot = slot?;
         match self.net.move_netns(&slot.path, to).await {
             Ok(()) => {
                 self.state()
@@ -443,21 +468,30 @@ impl NetnsPool {
             if self.state().closing {
                 return;
             }
-            // Scrubs first: a scrubbed namespace is the cheapest ready one.
+            // Scrubs first (a scrubbed namespace is the cheapest ready one), a few at a time:
+            // each mostly waits on the kernel.
             loop {
                 let job = {
                     let mut s = self.state();
-                    let j = s.scrub.pop_front();
-                    if j.is_some() {
-                        s.scrubbing += 1;
+                    if s.scrubbing >= self.cfg.scrubbers.max(1) {
+                        None
+                    } else {
+                        let j = s.scrub.pop_front();
+                        if j.is_some() {
+                            s.scrubbing += 1;
+                        }
+                        j
                     }
-                    j
                 };
                 let Some((slot, may_reconfigure)) = job else {
                     break;
                 };
-                self.scrub(slot, may_reconfigure).await;
-                self.state().scrubbing -= 1;
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.scrub(slot, may_reconfigure).await;
+                    me.state().scrubbing -= 1;
+                    me.wake.notify_one();
+                });
             }
             let n = {
                 let mut s = self.state();
@@ -476,7 +510,10 @@ impl NetnsPool {
                 let mut s = self.state();
                 s.making -= 1;
                 match made {
-                    Some(slot) if !s.closing => s.ready.push_back(slot),
+                    Some(slot) if !s.closing => {
+                        s.ready.push_back(slot);
+                        self.readied.notify_waiters();
+                    }
                     Some(slot) => s.reap.push((slot.path, Some(slot.veth))),
                     None => {}
                 }
@@ -611,7 +648,10 @@ impl NetnsPool {
         );
         let mut s = self.state();
         match verdict {
-            Verdict::Reuse if !s.closing => s.ready.push_back(slot),
+            Verdict::Reuse if !s.closing => {
+                s.ready.push_back(slot);
+                self.readied.notify_waiters();
+            }
             _ => s.reap.push((slot.path, Some(slot.veth))),
         }
     }

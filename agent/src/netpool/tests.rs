@@ -157,6 +157,8 @@ fn cfg(ready_target: usize, max_idle: usize) -> PoolConfig {
         quiet: Duration::from_millis(500),
         max_pending: 128,
         trim_after: Duration::from_secs(120),
+        wait_on_the_way: Duration::from_millis(100),
+        scrubbers: 2,
     }
 }
 
