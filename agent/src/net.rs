@@ -1041,15 +1041,8 @@ impl Overlay {
         };
         let t_netns;
         let inside = match &pooled {
-            Some(host_end) => {
+            Some(_) => {
                 t_netns = t0.elapsed();
-                host_ops.push(NetOp::SetLink {
-                    name: host_end.clone(),
-                    set: LinkSet {
-                        up: Some(true),
-                        ..Default::default()
-                    },
-                });
                 plan::pooled_inside("eth0", addr, prefix, std::slice::from_ref(&route))
             }
             None => {
@@ -1076,7 +1069,11 @@ impl Overlay {
                 p.inside
             }
         };
-        if let Err(e) = self.net.apply(&Ns::Host, &host_ops).await {
+        let applied = match host_ops.is_empty() {
+            true => Ok(()),
+            false => self.net.apply(&Ns::Host, &host_ops).await,
+        };
+        if let Err(e) = applied {
             self.bridge_made
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             return Err(e.into());

@@ -4,15 +4,18 @@
 //! namespace's death (`cleanup_net`: device teardown, RCU grace periods) contends with the
 //! making of new ones, so a burst of bridge starts after a burst of stops paid for both. The
 //! pool keeps namespaces made ahead of time, off the start path, each with its veth pair
-//! already made (`eth0` inside, the host end a port of the bridge, down) and loopback up: a
-//! start takes one and only sets `eth0`'s address and route. A released namespace is
+//! already made (`eth0` inside and down, the host end an up port of the bridge) and loopback
+//! up: a start takes one (a symlink at the task's namespace path, no mount) and only sets
+//! `eth0` up with its address and route. A released namespace is
 //! scrubbed and kept for the next task when that is safe, else deleted in the background,
 //! in batches, while no start is going on.
 //!
 //! Invariants:
 //! - A namespace is reused only if [`on_release`] says so: the task could not reconfigure
 //!   its network (no CAP_NET_ADMIN, not privileged, no network sysctls), no process and no
-//!   socket is left in it, and the pool is below its bound. It is then scrubbed (extra
+//!   socket is left in it, it never carried a TCP connection (the kernel's per-destination
+//!   TCP metrics cannot be flushed without a generic-netlink client, so such a namespace is
+//!   deleted), and the pool is below its bound. It is then scrubbed (extra
 //!   links deleted, `eth0` down — which drops its routes and neighbours — and its addresses
 //!   flushed) and checked ([`is_clean`]): only `lo` and `eth0`, no route of the main table.
 //!   Anything else, or any error on the way, deletes it.
@@ -97,6 +100,8 @@ pub enum Why {
     ProcessesLeft,
     /// A socket of it is still open.
     SocketsLeft,
+    /// It carried TCP connections (the kernel's TCP metrics remember their peers).
+    TcpSeen,
     /// The pool holds `max_idle` already.
     PoolFull,
     /// The pool is shutting down.
@@ -127,6 +132,8 @@ pub fn on_release(f: &ReleaseFacts, held: usize, max_idle: usize) -> Verdict {
         Verdict::Delete(Why::ProcessesLeft)
     } else if f.occupancy.sockets {
         Verdict::Delete(Why::SocketsLeft)
+    } else if f.occupancy.tcp_seen {
+        Verdict::Delete(Why::TcpSeen)
     } else if held >= max_idle {
         Verdict::Delete(Why::PoolFull)
     } else {
@@ -204,6 +211,15 @@ struct Slot {
     veth: String,
 }
 
+/// A namespace in a task's hands.
+struct Lent {
+    /// Its veth's host end.
+    veth: String,
+    /// Where the pool keeps it, when taken from the pool (the task's path links there);
+    /// `None` for one its task made (bind-mounted at the task's path).
+    slot: Option<PathBuf>,
+}
+
 #[derive(Default)]
 struct State {
     ready: VecDeque<Slot>,
@@ -214,8 +230,8 @@ struct State {
     scrubbing: usize,
     /// Namespaces to delete: path, and the host end to delete first (if known).
     reap: Vec<(PathBuf, Option<String>)>,
-    /// Taken namespaces, by the path their task uses, with their host end's name.
-    lent: HashMap<PathBuf, String>,
+    /// Namespaces in tasks' hands, by the path their task uses.
+    lent: HashMap<PathBuf, Lent>,
     last_take: Option<Instant>,
     seq: u64,
     started: bool,
@@ -353,11 +369,16 @@ impl NetnsPool {
                 None => return None,
             }
         };
-        match self.net.move_netns(&slot.path, to).await {
+        // A symlink: no mount on the start path (runc opens the namespace through it).
+        match std::os::unix::fs::symlink(&slot.path, to) {
             Ok(()) => {
-                self.state()
-                    .lent
-                    .insert(to.to_path_buf(), slot.veth.clone());
+                self.state().lent.insert(
+                    to.to_path_buf(),
+                    Lent {
+                        veth: slot.veth.clone(),
+                        slot: Some(slot.path),
+                    },
+                );
                 Some(slot.veth)
             }
             Err(e) => {
@@ -371,14 +392,18 @@ impl NetnsPool {
     /// Records that the namespace at `path` (made by its task, not taken from the pool) has
     /// its veth's host end named `veth`, so its release can bring it back to the pool.
     pub fn adopt(&self, path: &Path, veth: &str) {
-        self.state()
-            .lent
-            .insert(path.to_path_buf(), veth.to_string());
+        self.state().lent.insert(
+            path.to_path_buf(),
+            Lent {
+                veth: veth.to_string(),
+                slot: None,
+            },
+        );
     }
 
     /// The host end of the veth of the namespace a task uses at `path`, if the pool knows it.
     pub fn host_end(&self, path: &Path) -> Option<String> {
-        self.state().lent.get(path).cloned()
+        self.state().lent.get(path).map(|l| l.veth.clone())
     }
 
     /// Lets the namespace at `path` go (its task is gone); `may_reconfigure` says whether
@@ -386,12 +411,27 @@ impl NetnsPool {
     /// is scrubbed and kept, or deleted, in the background. The caller has set its host end
     /// down already.
     pub async fn release(&self, path: &Path, may_reconfigure: bool) {
-        let veth = self.state().lent.remove(path);
-        let Some(veth) = veth.filter(|_| path.exists()) else {
+        let lent = self.state().lent.remove(path);
+        let Some(Lent { veth, slot }) = lent.filter(|_| path.exists()) else {
             // Unknown to this process (made before a restart): deleted, its veth pair with it.
             crate::net::remove_netns(path);
             return;
         };
+        if let Some(slot_path) = slot {
+            // Taken from the pool: the task's path is a symlink to where the pool keeps it.
+            if let Err(e) = std::fs::remove_file(path) {
+                debug!(%e, "netns pool: removing a task's link");
+            }
+            self.state().scrub.push_back((
+                Slot {
+                    path: slot_path,
+                    veth,
+                },
+                may_reconfigure,
+            ));
+            self.wake.notify_one();
+            return;
+        }
         let slot_path = {
             let mut s = self.state();
             s.seq += 1;
@@ -571,10 +611,13 @@ impl NetnsPool {
                 peer: INSIDE.into(),
                 peer_ns: Some(path.clone()),
             },
+            // Up already: with `eth0` down inside there is no carrier, so nothing flows
+            // until a task's attach sets `eth0` up.
             NetOp::SetLink {
                 name: veth.clone(),
                 set: LinkSet {
                     master: Some(self.bridge.clone()),
+                    up: Some(true),
                     ..Default::default()
                 },
             },
@@ -632,7 +675,7 @@ impl NetnsPool {
             }
         };
         let verdict = match verdict {
-            Verdict::Reuse => match self.scrub_and_check(&slot.path).await {
+            Verdict::Reuse => match self.scrub_and_check(&slot).await {
                 Ok(()) => Verdict::Reuse,
                 Err(left) => {
                     warn!(%left, "netns pool: a released namespace is not clean after its scrub; deleting it");
@@ -656,15 +699,27 @@ impl NetnsPool {
         }
     }
 
-    async fn scrub_and_check(&self, path: &Path) -> Result<(), String> {
-        let ns = Ns::Path(path.to_path_buf());
+    /// Scrubs, checks, and sets the host end up again (as a made one is).
+    async fn scrub_and_check(&self, slot: &Slot) -> Result<(), String> {
+        let ns = Ns::Path(slot.path.clone());
         let seen = self.net.observe(&ns).await.map_err(|e| e.to_string())?;
         self.net
             .apply(&ns, &scrub_ops(&seen))
             .await
             .map_err(|e| e.to_string())?;
         let seen = self.net.observe(&ns).await.map_err(|e| e.to_string())?;
-        is_clean(&seen)
+        is_clean(&seen)?;
+        let up = NetOp::SetLink {
+            name: slot.veth.clone(),
+            set: LinkSet {
+                up: Some(true),
+                ..Default::default()
+            },
+        };
+        self.net
+            .apply(&self.host, &[up])
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

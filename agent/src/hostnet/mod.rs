@@ -373,6 +373,9 @@ pub struct Occupancy {
     pub processes: bool,
     /// A socket of it is open somewhere (TCP in any state, UDP, raw, packet, unix).
     pub sockets: bool,
+    /// A TCP connection was ever opened in it: the kernel keeps per-destination TCP metrics
+    /// (who it talked to) that would carry over.
+    pub tcp_seen: bool,
 }
 
 /// The port through which the agent changes host networking.

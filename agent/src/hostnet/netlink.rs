@@ -322,8 +322,8 @@ fn occupancy(path: &Path) -> io::Result<Occupancy> {
         })
         .any(|e| std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| same(&m)));
     let ns = File::open(path)?;
-    let sockets = std::thread::spawn(move || -> io::Result<bool> {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    // In the namespace's thread: whether any of its socket tables lists one.
+    let sockets = || -> io::Result<bool> {
         for t in SOCKET_TABLES {
             let f = match File::open(format!("/proc/thread-self/net/{t}")) {
                 Ok(f) => f,
@@ -341,10 +341,32 @@ fn occupancy(path: &Path) -> io::Result<Occupancy> {
             }
         }
         Ok(false)
+    };
+    let (sockets, tcp_seen) = std::thread::spawn(move || -> io::Result<(bool, bool)> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+        Ok((sockets()?, tcp_opens(&snmp) != Some(0)))
     })
     .join()
     .map_err(|_| io::Error::other("netns thread panicked"))??;
-    Ok(Occupancy { processes, sockets })
+    Ok(Occupancy {
+        processes,
+        sockets,
+        tcp_seen,
+    })
+}
+
+/// ActiveOpens + PassiveOpens of a namespace's `/proc/net/snmp` (its TCP connections ever
+/// opened, IPv4 and IPv6 alike); `None` if the table does not say.
+fn tcp_opens(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = tcp.next()?.split_whitespace().collect();
+    let get = |k: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == k)?;
+        values.get(i)?.parse().ok()
+    };
+    Some(get("ActiveOpens")? + get("PassiveOpens")?)
 }
 
 /// Names the namespace in an error made where it was not known.
@@ -879,6 +901,16 @@ mod tests {
     use super::*;
     use crate::hostnet::plan::{self, Veth, RTPROT_RUDDER};
     use crate::hostnet::LinkSet;
+
+    #[test]
+    fn tcp_opens_are_read_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 2 64\n\
+                    Tcp: RtoAlgorithm RtoMin ActiveOpens PassiveOpens AttemptFails\n\
+                    Tcp: 1 200 3 4 0\n";
+        assert_eq!(tcp_opens(snmp), Some(7));
+        assert_eq!(tcp_opens(&snmp.replace(" 3 4 ", " 0 0 ")), Some(0));
+        assert_eq!(tcp_opens("Ip: a\nIp: 1\n"), None);
+    }
 
     /// Every kind of op against the kernel, inside namespaces this test makes (nothing of the
     /// host's is touched). Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for the namespaces).

@@ -3,7 +3,11 @@ use crate::hostnet::fake::{Call, FakeHostNet};
 use crate::hostnet::{LinkState, ObservedRoute};
 
 fn occ(processes: bool, sockets: bool) -> Occupancy {
-    Occupancy { processes, sockets }
+    Occupancy {
+        processes,
+        sockets,
+        tcp_seen: false,
+    }
 }
 
 #[test]
@@ -33,6 +37,19 @@ fn release_reuses_only_what_nothing_can_have_changed() {
             Delete(ProcessesLeft),
         ),
         (f(false, occ(false, true), false), 0, 4, Delete(SocketsLeft)),
+        (
+            f(
+                false,
+                Occupancy {
+                    tcp_seen: true,
+                    ..occ(false, false)
+                },
+                false,
+            ),
+            0,
+            4,
+            Delete(TcpSeen),
+        ),
         (
             f(true, occ(true, true), false),
             0,
@@ -185,7 +202,10 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
         host[0].starts_with(&format!("link add {}", pool.prefix)),
         "{host:?}"
     );
-    assert!(host[1].ends_with("master rdr0"), "made down: {host:?}");
+    assert!(
+        host[1].ends_with("master rdr0 up"),
+        "a port of the bridge: {host:?}"
+    );
 
     // A take moves one to the task's path and is refilled.
     let t1 = tmp.path().join("t1");
