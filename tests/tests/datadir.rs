@@ -35,9 +35,12 @@ fn open_to_others(dir: &Path, out: &mut Vec<String>) {
             || name == "work"
             || name == "_data"
             || (parent == "images" && name == "layers")
-            || name == "netns";
+            || name == "netns"
+            || name == "netns-pool";
         // `netns` (the network's bind-mounted namespaces) and the certificates (public) are
-        // other subsystems'; the 0700 data dir covers them.
+        // other subsystems'; the 0700 data dir covers them. The pooled namespaces in
+        // `netns-pool` are nsfs mounts, whose mode (0444) is the kernel's and cannot be
+        // changed: the directory itself is checked, not its entries.
         let exception = name == "upper"
             || (name == "netns" && ft.is_dir())
             || (parent == "certs" && (name == "ca.pem" || name == "node.pem"))
