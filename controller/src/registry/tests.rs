@@ -1523,7 +1523,12 @@ async fn upload_waits_no_longer_than_the_quorum_deadline() {
     let body = error_body(resp).await;
     let message = body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("held by 1 of 3 managers"), "{message}");
-    assert!(message.contains("did not answer within"), "{message}");
+    // The silent peer's push and the quorum wait share one deadline: whichever notices
+    // first words it (the peer "did not answer within", or "no majority within").
+    assert!(
+        message.contains("did not answer within") || message.contains("no majority within"),
+        "{message}"
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(!state.blobs().blob_path(&digest).exists());
 }
