@@ -11,8 +11,8 @@ use rudder_proto::v1 as wire;
 pub enum ConvertError {
     #[error("{0}")]
     Wire(#[from] WireError),
-    #[error("wire: {what} {value} is not known to this build")]
-    UnknownEnum { what: &'static str, value: i32 },
+    #[error("{0}")]
+    UnknownEnum(#[from] rudder_proto::model::UnknownEnum),
 }
 
 /// A task state as the dispatcher reads it.
@@ -22,16 +22,11 @@ pub fn task_state_to_wire(s: TaskState) -> i32 {
 
 /// A task state the controller sent: UNSPECIFIED is as unknown as a value from a newer build.
 pub fn task_state(v: i32) -> Result<TaskState, ConvertError> {
-    let unknown = |e: rudder_proto::model::UnknownEnum| ConvertError::UnknownEnum {
-        what: e.what,
-        value: e.value,
+    let unknown = rudder_proto::model::UnknownEnum {
+        what: "task state",
+        value: v,
     };
-    rudder_proto::model::task_state(v)
-        .map_err(unknown)?
-        .ok_or(ConvertError::UnknownEnum {
-            what: "task state",
-            value: v,
-        })
+    Ok(rudder_proto::model::task_state(v)?.ok_or(unknown)?)
 }
 
 /// The role the agent claims when it registers (`manager` when its host runs a controller).

@@ -598,27 +598,7 @@ impl Overlay {
         net: Arc<dyn HostNet>,
         proc_sys: PathBuf,
     ) -> Result<Arc<Overlay>, NetError> {
-        Self::start_pooled(
-            data_dir,
-            node_id,
-            wg_port,
-            agent_exe,
-            net,
-            proc_sys,
-            PoolConfig::default(),
-        )
-    }
-
-    /// [`Overlay::start_with`] with the namespace pool configured by `pool`.
-    pub fn start_pooled(
-        data_dir: &Path,
-        node_id: &str,
-        wg_port: u16,
-        agent_exe: PathBuf,
-        net: Arc<dyn HostNet>,
-        proc_sys: PathBuf,
-        pool: PoolConfig,
-    ) -> Result<Arc<Overlay>, NetError> {
+        let pool = PoolConfig::default();
         let key = crate::wg::load_or_create_key(&data_dir.join("wg.key"))?;
         let epoch = std::fs::read_to_string(data_dir.join("wg.epoch"))
             .ok()

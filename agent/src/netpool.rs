@@ -320,6 +320,12 @@ impl NetnsPool {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Hands a released namespace to the scrubber.
+    fn queue_scrub(&self, slot: Slot, may_reconfigure: bool) {
+        self.state().scrub.push_back((slot, may_reconfigure));
+        self.wake.notify_one();
+    }
+
     /// What the pool holds now.
     pub fn stats(&self) -> PoolStats {
         let s = self.state();
@@ -422,14 +428,13 @@ impl NetnsPool {
             if let Err(e) = std::fs::remove_file(path) {
                 debug!(%e, "netns pool: removing a task's link");
             }
-            self.state().scrub.push_back((
+            self.queue_scrub(
                 Slot {
                     path: slot_path,
                     veth,
                 },
                 may_reconfigure,
-            ));
-            self.wake.notify_one();
+            );
             return;
         }
         let slot_path = {
@@ -439,14 +444,13 @@ impl NetnsPool {
         };
         match self.net.move_netns(path, &slot_path).await {
             Ok(()) => {
-                self.state().scrub.push_back((
+                self.queue_scrub(
                     Slot {
                         path: slot_path,
                         veth,
                     },
                     may_reconfigure,
-                ));
-                self.wake.notify_one();
+                );
             }
             Err(e) => {
                 debug!(%e, "netns pool: cannot keep a released namespace; deleting it");

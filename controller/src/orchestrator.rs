@@ -151,7 +151,7 @@ mod tests {
     // Rolling updates, stop-first, over the real loop: fake agents step tasks on the test clock,
     // and a stopping container lives out its whole grace (PID 1 ignoring SIGTERM).
 
-    use rudder_model::store::{StatusUpdate, Task, TaskStatus};
+    use rudder_model::store::{StatusUpdate, Task};
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Mutex;
 
@@ -216,18 +216,7 @@ mod tests {
                         } else {
                             return None;
                         };
-                        Some(StatusUpdate {
-                            task_id: t.id.clone(),
-                            node_id: node,
-                            status: TaskStatus {
-                                state,
-                                message: String::new(),
-                                error: String::new(),
-                                container_id: t.id.clone(),
-                                exit_code: None,
-                                timestamp: now,
-                            },
-                        })
+                        Some(StatusUpdate::of(t, &node, state, now))
                     })
                     .collect();
                 if !updates.is_empty() {

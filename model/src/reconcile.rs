@@ -857,18 +857,7 @@ mod tests {
             .tasks
             .values()
             .filter(|t| t.desired_state == TaskState::Running && !t.status.state.is_terminal())
-            .map(|t| StatusUpdate {
-                task_id: t.id.clone(),
-                node_id: t.node_id.clone().unwrap(),
-                status: TaskStatus {
-                    state,
-                    message: String::new(),
-                    error: String::new(),
-                    container_id: t.id.clone(),
-                    exit_code: None,
-                    timestamp: now,
-                },
-            })
+            .map(|t| StatusUpdate::of(t, t.node_id.as_deref().unwrap(), state, now))
             .collect();
         *idx += 1;
         s.apply(*idx, Command::UpdateStatus { updates }).unwrap();
@@ -880,18 +869,7 @@ mod tests {
             .tasks
             .values()
             .filter(|t| t.desired_state > TaskState::Running && t.holds_resources())
-            .map(|t| StatusUpdate {
-                task_id: t.id.clone(),
-                node_id: t.node_id.clone().unwrap(),
-                status: TaskStatus {
-                    state: TaskState::Shutdown,
-                    message: String::new(),
-                    error: String::new(),
-                    container_id: t.id.clone(),
-                    exit_code: None,
-                    timestamp: now,
-                },
-            })
+            .map(|t| StatusUpdate::of(t, t.node_id.as_deref().unwrap(), TaskState::Shutdown, now))
             .collect();
         *idx += 1;
         s.apply(*idx, Command::UpdateStatus { updates }).unwrap();

@@ -192,6 +192,26 @@ pub struct StatusUpdate {
     pub status: TaskStatus,
 }
 
+impl StatusUpdate {
+    /// What `task`'s agent (on `node`) reports when its container (named after the task)
+    /// reaches `state` at `now`, with no message or exit code: the report simulated agents in
+    /// tests send.
+    pub fn of(task: &Task, node: &str, state: TaskState, now: u64) -> StatusUpdate {
+        StatusUpdate {
+            task_id: task.id.clone(),
+            node_id: node.to_string(),
+            status: TaskStatus {
+                state,
+                message: String::new(),
+                error: String::new(),
+                container_id: task.id.clone(),
+                exit_code: None,
+                timestamp: now,
+            },
+        }
+    }
+}
+
 /// A change to the store: what the raft log carries. Applying one is pure ([`Store::apply`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use super::plan_pass;
 use crate::spec::tests_support::spec;
 use crate::spec::ServiceSpec;
-use crate::store::{ApplyError, Command, StatusUpdate, Store, Task, TaskStatus};
+use crate::store::{ApplyError, Command, StatusUpdate, Store, Task};
 use crate::task::TaskState;
 use crate::update::UpdateState;
 
@@ -115,18 +115,9 @@ impl Sim {
                     _ => (TaskState::Running, ""),
                 }
             };
-            updates.push(StatusUpdate {
-                task_id: t.id.clone(),
-                node_id: node.clone(),
-                status: TaskStatus {
-                    state,
-                    message: String::new(),
-                    error: error.into(),
-                    container_id: t.id.clone(),
-                    exit_code: None,
-                    timestamp: now,
-                },
-            });
+            let mut update = StatusUpdate::of(t, node, state, now);
+            update.status.error = error.into();
+            updates.push(update);
         }
         if !updates.is_empty() {
             self.apply(Command::UpdateStatus { updates }).unwrap();
