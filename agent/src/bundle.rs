@@ -174,6 +174,15 @@ pub fn command_line(task: &Task, image: &ImageConfig) -> Result<Vec<String>, Bun
     Ok(argv)
 }
 
+/// What of a container's spec comes from its host rather than its task.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostSpec<'a> {
+    /// The cgroup every container is placed under.
+    pub cgroup_parent: &'a str,
+    /// The default seccomp profile compiled for the runtime, when it takes one (crun).
+    pub seccomp_bpf: Option<&'a crate::seccomp::Precompiled>,
+}
+
 /// Builds and writes `config.json` for the task into `c.bundle()`. `task_mounts` are its own
 /// (volumes, binds, tmpfs: `crate::volume::Volumes::prepare`), mounted after the defaults and
 /// after the network files, so a user's mount wins.
@@ -181,7 +190,7 @@ pub fn write_config(
     c: &ContainerDir,
     task: &Task,
     image: &ImageConfig,
-    cgroup_parent: &str,
+    host: &HostSpec<'_>,
     netns: Option<&Path>,
     task_mounts: &[oci_spec::runtime::Mount],
     secret_env: &[(String, String)],
@@ -250,13 +259,14 @@ pub fn write_config(
         rootfs: &c.rootfs(),
         cgroups_path: PathBuf::from(format!(
             "{}/{}",
-            cgroup_parent.trim_end_matches('/'),
+            host.cgroup_parent.trim_end_matches('/'),
             task.id
         )),
         netns,
         host_network: s.network_mode == NetworkMode::Host && netns.is_none(),
         limits: &s.resources.limits,
         seccomp: crate::seccomp::for_task(&s.security_opt),
+        seccomp_bpf: host.seccomp_bpf,
         etc,
         etc_readonly: false,
         mounts: task_mounts,
@@ -284,6 +294,9 @@ pub(crate) struct SpecOptions<'a> {
     pub host_network: bool,
     pub limits: &'a rudder_model::spec::Limits,
     pub seccomp: Option<oci_spec::runtime::LinuxSeccomp>,
+    /// The runtime takes this program compiled ahead (crun); given to the container when its
+    /// profile is the one it was compiled from.
+    pub seccomp_bpf: Option<&'a crate::seccomp::Precompiled>,
     /// Files bind-mounted at `/etc/<name>` (resolv.conf, hosts), read-only when
     /// `etc_readonly`; after the runtime's default mounts.
     pub etc: Vec<(&'static str, PathBuf)>,
@@ -327,6 +340,12 @@ pub(crate) fn spec(o: &SpecOptions<'_>) -> Result<Spec, BundleError> {
         .build()
         .map_err(spec_err)?;
     linux.set_seccomp(o.seccomp.clone());
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    if let (Some(bpf), Some(profile)) = (o.seccomp_bpf, &o.seccomp) {
+        if bpf.profile == *profile {
+            annotations.insert(crate::seccomp::ANNOTATION.to_string(), bpf.base64.clone());
+        }
+    }
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
     if o.etc_readonly {
@@ -348,6 +367,7 @@ pub(crate) fn spec(o: &SpecOptions<'_>) -> Result<Spec, BundleError> {
         .set_hostname(Some(o.hostname.clone()))
         .set_process(Some(process))
         .set_linux(Some(linux))
+        .set_annotations(Some(annotations))
         .set_root(Some(
             RootBuilder::default()
                 .path(o.rootfs.canonicalize().map_err(io("resolve rootfs"))?)
@@ -462,14 +482,40 @@ mod tests {
             ..Default::default()
         };
         let mut task = task(None, None, vec![]);
-        let seccomp = |task: &Task| {
-            write_config(&c, task, &img, "rudder", None, &[], &[]).unwrap();
-            let spec = Spec::load(c.config()).unwrap();
-            spec.linux().clone().unwrap().seccomp().clone()
+        let bpf = crate::seccomp::Precompiled {
+            profile: crate::seccomp::default_profile(),
+            base64: "AAAAAAAAAAA=".into(),
         };
-        assert_eq!(seccomp(&task), Some(crate::seccomp::default_profile()));
+        // The profile, and the program compiled from it when the runtime takes one.
+        let seccomp = |task: &Task, host: &HostSpec| {
+            write_config(&c, task, &img, host, None, &[], &[]).unwrap();
+            let spec = Spec::load(c.config()).unwrap();
+            let program = spec
+                .annotations()
+                .clone()
+                .unwrap_or_default()
+                .get(crate::seccomp::ANNOTATION)
+                .cloned();
+            (spec.linux().clone().unwrap().seccomp().clone(), program)
+        };
+        let crun = HostSpec {
+            cgroup_parent: "rudder",
+            seccomp_bpf: Some(&bpf),
+        };
+        let runc = HostSpec {
+            cgroup_parent: "rudder",
+            seccomp_bpf: None,
+        };
+        let default = Some(crate::seccomp::default_profile());
+        assert_eq!(seccomp(&task, &runc), (default.clone(), None));
+        assert_eq!(
+            seccomp(&task, &crun),
+            (default, Some("AAAAAAAAAAA=".to_string()))
+        );
         task.spec.security_opt = vec!["seccomp=unconfined".into()];
-        assert_eq!(seccomp(&task), None);
+        assert_eq!(seccomp(&task, &runc), (None, None));
+        // No profile, no program: an unconfined task is not given the default's.
+        assert_eq!(seccomp(&task, &crun), (None, None));
     }
 
     #[test]
@@ -493,7 +539,11 @@ mod tests {
             };
             let mut t = task(None, None, vec![]);
             t.spec.user = spec_user.map(String::from);
-            write_config(&c, &t, &img, "rudder", None, &[], &[])?;
+            let rudder = HostSpec {
+                cgroup_parent: "rudder",
+                seccomp_bpf: None,
+            };
+            write_config(&c, &t, &img, &rudder, None, &[], &[])?;
             let spec = Spec::load(c.config()).unwrap();
             let p = spec.process().clone().unwrap();
             let home = p

@@ -380,6 +380,11 @@ pub enum ExecIo {
 pub trait ContainerRuntime: Send + Sync + 'static {
     /// The runtime's name, as shown by `rctl inspect` (`runc`, `crun`, `fake`).
     fn name(&self) -> &str;
+    /// Whether a container's spec may carry its seccomp profile compiled ahead
+    /// ([`crate::seccomp::Precompiled`]), which the runtime then loads as is.
+    fn takes_seccomp_bpf(&self) -> bool {
+        false
+    }
     /// Creates and starts the container whose bundle is in `dir/bundle` under a shim that
     /// outlives the agent; returns its init pid once running.
     async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError>;
@@ -562,6 +567,10 @@ pub fn shim_alive(pid: i32, dir: &Path) -> bool {
 impl ContainerRuntime for OciCliRuntime {
     fn name(&self) -> &str {
         &self.cli.binary
+    }
+
+    fn takes_seccomp_bpf(&self) -> bool {
+        self.cli.takes_seccomp_bpf()
     }
 
     async fn start(&self, id: &str, dir: &Path) -> Result<u32, RuntimeError> {

@@ -10,9 +10,13 @@
 //! is in. A service opts out with `security_opt: [seccomp=unconfined]`.
 //!
 //! The profile is data (`seccomp_default.json`, the OCI config form), compiled in and parsed
-//! once; a unit test keeps it parseable and its key denials in place.
+//! once; a unit test keeps it parseable and its key denials in place. For crun the agent also
+//! compiles it once to its BPF program ([`Precompiled`]), which crun loads without compiling.
 
 use std::sync::OnceLock;
+
+mod bpf;
+pub use bpf::{Precompiled, ANNOTATION};
 
 use oci_spec::runtime::LinuxSeccomp;
 

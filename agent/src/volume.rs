@@ -465,6 +465,8 @@ pub struct HostMounts {
     pub secrets: crate::secrets::Values,
     /// The cgroup every container is placed under.
     pub cgroup_parent: String,
+    /// The default seccomp profile compiled once, for a runtime that takes it (crun).
+    pub seccomp_bpf: Option<std::sync::Arc<crate::seccomp::Precompiled>>,
 }
 
 #[async_trait::async_trait]
@@ -540,7 +542,10 @@ impl crate::task::ports::Mounts for HostMounts {
             c,
             task,
             &image.config,
-            &self.cgroup_parent,
+            &crate::bundle::HostSpec {
+                cgroup_parent: &self.cgroup_parent,
+                seccomp_bpf: self.seccomp_bpf.as_deref(),
+            },
             netns,
             &all,
             &env,

@@ -62,6 +62,16 @@ impl Ctx {
     /// The real ports over this host's runtime, content store, mounts, overlay and clock.
     pub fn on_host(h: Host) -> Ctx {
         let registry = Arc::new(h.registry);
+        // Compiled once here rather than by the runtime on every start.
+        let seccomp_bpf = h
+            .runtime
+            .takes_seccomp_bpf()
+            .then(|| crate::seccomp::Precompiled::compile(&crate::seccomp::default_profile()))
+            .and_then(|r| {
+                r.map_err(|e| warn!(%e, "the runtime compiles seccomp profiles itself"))
+                    .ok()
+            })
+            .map(Arc::new);
         let volumes = Arc::new(h.volumes);
         let ports = Ports {
             runtime: h.runtime,
@@ -74,6 +84,7 @@ impl Ctx {
                 volumes: volumes.clone(),
                 secrets: h.secrets.clone(),
                 cgroup_parent: h.cgroup_parent,
+                seccomp_bpf,
             }),
             networks: Arc::new(OverlayNetworks {
                 overlay: h.overlay.clone(),

@@ -239,6 +239,7 @@ pub(super) fn write_run_config(
         host_network: false,
         limits: &run_limits(host_memory()),
         seccomp: Some(crate::seccomp::default_profile()),
+        seccomp_bpf: None,
         etc: net.etc.clone(),
         etc_readonly: true,
         mounts: &[],
