@@ -74,10 +74,12 @@ struct State {
     users: BTreeMap<String, usize>,
 }
 
-/// Names of the volumes a task mounts.
+/// Names of the volumes a task mounts (a per-slot source rendered for the task's slot).
 pub fn volume_names(task: &Task) -> Vec<String> {
-    rudder_model::volume::volumes_of(&task.spec)
-        .map(String::from)
+    rudder_model::slotvol::task_mounts(task)
+        .into_iter()
+        .filter(|m| m.typ == MountType::Volume)
+        .map(|m| m.source)
         .collect()
 }
 
@@ -146,7 +148,9 @@ impl Volumes {
     /// Makes the task's volume directories, checks its bind sources, and returns its mounts
     /// for `config.json`, parents before children.
     pub fn prepare(&self, task: &Task) -> Result<Vec<OciMount>, VolumeError> {
-        let mut mounts: Vec<&rudder_model::volume::Mount> = task.spec.mounts.iter().collect();
+        // Per-slot sources (`data-{{.Task.Slot}}`) name this slot's volume.
+        let all = rudder_model::slotvol::task_mounts(task);
+        let mut mounts: Vec<&rudder_model::volume::Mount> = all.iter().collect();
         // `/a` before `/a/b`, whatever the order written.
         mounts.sort_by_key(|m| normalize_path(&m.target).matches('/').count());
         let mut out = Vec::new();
@@ -221,7 +225,7 @@ impl Volumes {
     /// kept, as Docker does on a volume's first use; `nocopy` mounts are left empty. A target
     /// the image does not have leaves the copy empty. Blocking: it waits for other fills.
     pub fn fill_from_image(&self, task: &Task, rootfs: &Path) -> Result<(), VolumeError> {
-        for m in &task.spec.mounts {
+        for m in &rudder_model::slotvol::task_mounts(task) {
             if m.typ != MountType::Volume {
                 continue;
             }

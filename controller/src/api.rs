@@ -135,6 +135,17 @@ impl Control for ControlApi {
                         .count() as u64,
                     version: s.version,
                     spec_json: convert::json("service spec", &s.spec)?,
+                    rebalance_message: s
+                        .rebalance
+                        .as_ref()
+                        .map(|r| r.message.clone())
+                        .unwrap_or_default(),
+                    rebalance_started_ms: s.rebalance.as_ref().map_or(0, |r| r.started_at),
+                    rebalance_completed_ms: s
+                        .rebalance
+                        .as_ref()
+                        .and_then(|r| r.completed_at)
+                        .unwrap_or(0),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -265,6 +276,47 @@ impl Control for ControlApi {
             .await
             .map_err(raft_status)?;
         Ok(Response::new(RollbackResponse {}))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let service = req.into_inner().service;
+        let store = self.raft.store();
+        let svc = store
+            .services
+            .get(&service)
+            .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        let planned = rudder_model::rebalance::plan_service(&store, svc)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let Some(cmd) =
+            rudder_model::rebalance::start(&store, svc, &planned, "rctl rebalance", now_ms())
+        else {
+            let host = |id: &str| {
+                store
+                    .nodes
+                    .get(id)
+                    .map_or(id.to_string(), |n| n.hostname.clone())
+            };
+            return Ok(Response::new(RebalanceResponse {
+                slots: Vec::new(),
+                message: format!(
+                    "balanced already over the eligible nodes ({})",
+                    planned.spread(host)
+                ),
+            }));
+        };
+        let Command::SetRebalance { status, .. } = &cmd else {
+            return Err(Status::internal("rebalance: unexpected plan"));
+        };
+        let resp = RebalanceResponse {
+            slots: status.slots.clone(),
+            message: status.message.clone(),
+        };
+        info!(service = %service, message = %resp.message, "rebalancing");
+        self.raft.propose(cmd).await.map_err(raft_status)?;
+        Ok(Response::new(resp))
     }
 
     type LogsStream = LogStream;
@@ -801,6 +853,12 @@ impl Control for ControlApi {
                 "volume {name:?} is in use by service(s) {}; remove them or take the volume out \
                  of their mounts first",
                 users.join(", ")
+            )));
+        }
+        if let Some(task) = rudder_model::slotvol::live_user(&store, &name) {
+            return Err(Status::failed_precondition(format!(
+                "volume {name:?} is in use by task {task}; scale the service down (or wait \
+                 for the task to end) before removing it"
             )));
         }
         info!(volume = %name, "removing");

@@ -531,7 +531,9 @@ impl Dispatcher for DispatcherApi {
                     last_map = Some(map);
                 }
                 // Then the declared volumes: a task's volume is declared before it is placed.
-                let volumes = rudder_model::views::declared_volumes(&store);
+                // (A per-slot volume pinned to another node is not this node's: a stale
+                // copy left by a released pin goes.)
+                let volumes = rudder_model::slotvol::declared_for(&store, &down_node);
                 if last_volumes.as_ref() != Some(&volumes) {
                     let msg = Volumes {
                         names: volumes.iter().cloned().collect(),

@@ -105,6 +105,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Spread a replicated service's tasks evenly again over its eligible nodes (a rolling
+    /// update under its update_config); slots pinned by a per-slot volume stay.
+    Rebalance {
+        service: String,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Show a service: spec, rollout state, tasks with their messages.
     Describe { service: String },
     /// Run a command in a running task's container and exit with its exit code:
@@ -616,6 +625,16 @@ fn real_main() -> anyhow::Result<()> {
             detach,
             timeout,
         } => rt.block_on(cmd::rollback::run(
+            &ctx()?,
+            service,
+            *detach,
+            std::time::Duration::from_secs(*timeout),
+        )),
+        Cmd::Rebalance {
+            service,
+            detach,
+            timeout,
+        } => rt.block_on(cmd::rebalance::run(
             &ctx()?,
             service,
             *detach,

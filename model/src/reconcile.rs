@@ -48,7 +48,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::scheduler::{schedule, Decision};
+use crate::scheduler::{schedule_pinned, Decision};
 use crate::spec::{RestartCondition, ServiceMode, CRASH_RUN_MS};
 use crate::store::{Availability, Command, Node, NodeState, Service, Store, Task, TaskStatus};
 use crate::task::TaskState;
@@ -275,7 +275,10 @@ fn plan_slot<'a>(
     let (current, outdated): (Vec<&Task>, Vec<&Task>) = history
         .iter()
         .filter(|t| t.desired_state <= TaskState::Running)
-        .partition(|t| t.spec.same_task_spec(&service.spec));
+        // (A slot being rebalanced counts its older tasks as outdated: the rollout moves them.)
+        .partition(|t| {
+            t.spec.same_task_spec(&service.spec) && !crate::rebalance::moves(service, t)
+        });
     let serving = |t: &&Task| t.status.state == TaskState::Running;
 
     let live: Vec<&Task> = current
@@ -679,6 +682,10 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
                 status,
             });
         }
+        rollouts.extend(
+            crate::rebalance::progress(store, svc, &tasks, now)
+                .or_else(|| crate::rebalance::auto(store, svc, now)),
+        );
         shutdown.extend(plan.shutdown);
         delete.extend(plan.delete);
         for slot in plan.create {
@@ -708,7 +715,11 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         })
         .chain(created.iter())
         .collect();
-    let decisions = schedule(&store.nodes, placed, &waiting);
+    let pins: Vec<_> = waiting
+        .iter()
+        .map(|t| crate::slotvol::pin(store, t))
+        .collect();
+    let decisions = schedule_pinned(&store.nodes, placed, &waiting, &pins);
     let mut assign = Vec::new();
     let mut pending = Vec::new();
     let mut placed_new: BTreeMap<String, String> = BTreeMap::new();
@@ -1076,6 +1087,7 @@ mod tests {
                 previous_spec: None,
                 update_status: None,
                 vips: Default::default(),
+                rebalance: None,
             };
             let tasks: Vec<Task> = c
                 .runs
@@ -1653,6 +1665,8 @@ mod tests {
 
 #[cfg(test)]
 mod drain_tests;
+#[cfg(test)]
+mod rebalance_tests;
 #[cfg(test)]
 mod rollout_tests;
 #[cfg(test)]

@@ -319,6 +319,34 @@ impl Filter for SharedNetnsFilter {
     }
 }
 
+/// A per-slot volume pins the task to the node holding its data (`crate::slotvol`). First in
+/// the pipeline, so the reason counts every other node against it and says how to release it.
+struct SlotVolumeFilter {
+    pin: crate::slotvol::Pin,
+    /// The pinned node's hostname (its id when it has left the cluster).
+    host: String,
+}
+
+impl Filter for SlotVolumeFilter {
+    fn set_task(&mut self, _: &Task) -> bool {
+        true
+    }
+    fn check(&self, n: &NodeInfo) -> bool {
+        n.node.id == self.pin.node_id
+    }
+    fn explain(&self, failed: usize) -> String {
+        let v = &self.pin.volume;
+        format!(
+            "{} {} not hold volume {v} of slot {}, which is on {} \
+             (`rctl volume rm {v}` releases the slot, without its data)",
+            nodes(failed),
+            verb(failed, "does", "do"),
+            self.pin.slot,
+            self.host
+        )
+    }
+}
+
 /// The filters that apply to one task (and every task of its group), in order.
 pub struct Pipeline {
     filters: Vec<Box<dyn Filter>>,
@@ -417,6 +445,18 @@ pub fn schedule<'a>(
     placed: impl IntoIterator<Item = &'a Task>,
     pending: &[&'a Task],
 ) -> Vec<Decision> {
+    schedule_pinned(nodes, placed, pending, &[])
+}
+
+/// [`schedule`], where `pins[i]` (when given) confines `pending[i]` to the node holding its
+/// slot's volume.
+pub fn schedule_pinned<'a>(
+    nodes: &'a crate::store::Map<String, Node>,
+    placed: impl IntoIterator<Item = &'a Task>,
+    pending: &[&'a Task],
+    pins: &[Option<crate::slotvol::Pin>],
+) -> Vec<Decision> {
+    let pin_of = |i: usize| pins.get(i).and_then(Option::as_ref);
     let mut infos: Vec<NodeInfo<'a>> = nodes.values().map(NodeInfo::new).collect();
     let index: HashMap<&str, usize> = nodes
         .keys()
@@ -431,12 +471,14 @@ pub fn schedule<'a>(
 
     // Group pending tasks that share a spec (and, for global services, a node).
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut group_of: HashMap<(&str, u64, Option<&str>), usize> = HashMap::new();
+    type GroupKey<'k> = (&'k str, u64, Option<&'k str>, Option<&'k str>);
+    let mut group_of: HashMap<GroupKey, usize> = HashMap::new();
     for (i, t) in pending.iter().enumerate() {
         let key = (
             t.service_id.as_str(),
             t.spec_version,
             t.target_node.as_deref(),
+            pin_of(i).map(|p| p.volume.as_str()),
         );
         let g = *group_of.entry(key).or_insert_with(|| {
             groups.push(Vec::new());
@@ -448,7 +490,19 @@ pub fn schedule<'a>(
     let mut out: Vec<Option<Decision>> = vec![None; pending.len()];
     for members in groups {
         let first = pending[members[0]];
-        let pipeline = Pipeline::for_task(first);
+        let mut pipeline = Pipeline::for_task(first);
+        if let Some(pin) = pin_of(members[0]) {
+            let host = nodes
+                .get(&pin.node_id)
+                .map_or(pin.node_id.as_str(), |n| n.hostname.as_str());
+            pipeline.filters.insert(
+                0,
+                Box::new(SlotVolumeFilter {
+                    pin: pin.clone(),
+                    host: host.to_string(),
+                }),
+            );
+        }
         let candidates: Vec<usize> = match first.target_node.as_deref() {
             Some(target) => match index.get(target) {
                 Some(&i) => vec![i],

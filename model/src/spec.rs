@@ -122,6 +122,13 @@ pub struct ServiceSpec {
     /// How a rollback (by hand, or as an update's failure action) rolls out.
     #[serde(default, skip_serializing_if = "UpdateConfig::is_default")]
     pub rollback_config: UpdateConfig,
+    /// `auto`: spread the tasks again when a node joins or comes back (see
+    /// `crate::rebalance`); `manual` (the default): only `rctl rebalance` does.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::rebalance::RebalanceMode::is_manual"
+    )]
+    pub rebalance: crate::rebalance::RebalanceMode,
 }
 
 fn one() -> u64 {
@@ -791,6 +798,7 @@ impl ServiceSpec {
             },
         )?;
         crate::volume::validate_mounts(&self.mounts)?;
+        crate::slotvol::validate_spec(self)?;
         crate::secret::validate_refs(&self.secrets, &self.configs, &self.env_from_secret)?;
         if let Some(k) = self
             .env_from_secret
@@ -935,6 +943,7 @@ impl ServiceSpec {
             security_opt,
             update_config: _,
             rollback_config: _,
+            rebalance: _,
         } = self;
         *name == other.name
             && *image == other.image
@@ -1296,6 +1305,7 @@ pub(crate) mod tests_support {
             resolved_refs: Default::default(),
             update_config: Default::default(),
             rollback_config: Default::default(),
+            rebalance: Default::default(),
         }
     }
 }

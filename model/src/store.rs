@@ -66,6 +66,9 @@ pub struct Service {
     /// `endpoint_mode: vip`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vips: BTreeMap<String, std::net::Ipv4Addr>,
+    /// System-owned: the last rebalance (`rctl rebalance`, `rebalance: auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<crate::rebalance::RebalanceStatus>,
 }
 
 /// What an agent last reported about a task (or what the controller concluded for it).
@@ -249,6 +252,17 @@ pub enum Command {
         spec_version: u64,
         /// The rollout's new status.
         status: UpdateStatus,
+    },
+    /// Record a service's rebalance: started (its slots' older tasks are then replaced by the
+    /// rollout), completed, or only the nodes `rebalance: auto` has seen.
+    SetRebalance {
+        /// The service's name.
+        service: String,
+        /// Applies only if the recorded rebalance still started then (`None`: none recorded),
+        /// so a late verdict never overwrites a newer rebalance.
+        if_started_at: Option<u64>,
+        /// The new status.
+        status: crate::rebalance::RebalanceStatus,
     },
     /// Remove a service; its tasks are asked to shut down and are reaped once stopped.
     RemoveService {
@@ -810,6 +824,12 @@ impl Store {
                         name,
                     });
                 }
+                if let Some(task) = crate::slotvol::live_user(self, &name) {
+                    return Err(ApplyError::Volume {
+                        message: format!("in use by task {task}"),
+                        name,
+                    });
+                }
                 self.volumes.remove(&name).ok_or(ApplyError::NotFound {
                     kind: "volume",
                     name,
@@ -892,6 +912,18 @@ impl Store {
                 let svc = service_mut(&mut self.services, &service)?;
                 if svc.spec_version == spec_version && svc.update_status.as_ref() != Some(&status) {
                     svc.update_status = Some(status);
+                    svc.version = index;
+                }
+            }
+            Command::SetRebalance {
+                service,
+                if_started_at,
+                status,
+            } => {
+                let svc = service_mut(&mut self.services, &service)?;
+                let current = svc.rebalance.as_ref().map(|r| r.started_at);
+                if current == if_started_at && svc.rebalance.as_ref() != Some(&status) {
+                    svc.rebalance = Some(status);
                     svc.version = index;
                 }
             }
@@ -1093,7 +1125,11 @@ impl Store {
                         .clone()
                         .filter(|_| !t.spec.networks.is_empty() && t.networks.is_empty());
                     let (id, now) = (t.id.clone(), t.status.timestamp);
+                    let claims = t.node_id.is_some();
                     self.tasks.insert(id.clone(), t);
+                    if claims {
+                        self.claim_slot_volumes(index, &id, now);
+                    }
                     if let Some(node) = placed {
                         self.attach_or_reject(&id, &node, now);
                     }
@@ -1117,7 +1153,9 @@ impl Store {
                         timestamp: now,
                     };
                     t.version = index;
-                    if !t.spec.networks.is_empty() {
+                    let networked = !t.spec.networks.is_empty();
+                    self.claim_slot_volumes(index, &task_id, now);
+                    if networked {
                         self.attach_or_reject(&task_id, &node_id, now);
                     }
                 }
@@ -1507,6 +1545,7 @@ impl Store {
                         previous_spec: None,
                         update_status: None,
                         vips: BTreeMap::new(),
+                        rebalance: None,
                     },
                 );
             }
@@ -1543,6 +1582,7 @@ impl Store {
                         spec,
                         created_at: now,
                         version: index,
+                        owner: None,
                     },
                 );
             }

@@ -141,7 +141,7 @@ pub fn validate_mounts(mounts: &[Mount]) -> Result<(), ValidationError> {
                         "a volume mount needs the volume's name",
                     ));
                 }
-                crate::spec::validate_name(&field("source"), &m.source)?;
+                crate::slotvol::validate_source(&field("source"), &m.source)?;
             }
             MountType::Bind => {
                 if m.source.is_empty() {
@@ -242,11 +242,19 @@ pub struct Volume {
     pub created_at: u64,
     /// Raft index of its last write: bumps on every change.
     pub version: u64,
+    /// Per-slot volumes only (`source: "data-{{.Task.Slot}}"`, see `crate::slotvol`): the
+    /// service slot that owns it and the node holding its data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::slotvol::SlotOwner>,
 }
 
-/// Names of the volumes a service's spec mounts.
+/// Names of the volumes a service's spec mounts. A per-slot source (`data-{{.Task.Slot}}`) is
+/// no name: each slot's volume is declared when its task is placed (`crate::slotvol`).
 pub fn volumes_of(spec: &crate::ServiceSpec) -> impl Iterator<Item = &str> + '_ {
-    spec.mounts.iter().filter_map(Mount::volume)
+    spec.mounts
+        .iter()
+        .filter_map(Mount::volume)
+        .filter(|v| !crate::slotvol::is_templated(v))
 }
 
 #[cfg(test)]

@@ -97,7 +97,8 @@ fn volumes_binds_and_tmpfs() -> anyhow::Result<()> {
     assert!(
         table
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["data", "local", "h2", "keeper"]),
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["data", "local", "h2", "keeper", "-"]),
         "{table}"
     );
 

@@ -31,6 +31,14 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
             }
         );
     }
+    if !svc.rebalance_message.is_empty() {
+        let state = if svc.rebalance_completed_ms == 0 {
+            "in progress"
+        } else {
+            "completed"
+        };
+        println!("Rebalance: {state}: {}", svc.rebalance_message);
+    }
     let spec: serde_json::Value = crate::convert::from_json("service spec", &svc.spec_json)?;
     println!("Spec:\n{}", serde_json::to_string_pretty(&spec)?);
     let tasks = crate::tasks(&mut client, service).await?;

@@ -19,6 +19,7 @@ pub mod logs;
 pub mod network;
 pub mod node;
 pub mod ps;
+pub mod rebalance;
 pub mod rm;
 pub mod rollback;
 pub mod run;

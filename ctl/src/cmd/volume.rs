@@ -50,6 +50,8 @@ fn to_json(l: &Listed) -> serde_json::Value {
         "mountpoint": format!("<agent data>/volumes/{}/_data", l.volume.spec.name),
         "hosts": l.hosts,
         "services": l.services,
+        // Per-slot volumes: the service slot that owns it; its node holds the data.
+        "owner": l.volume.owner,
     })
 }
 
@@ -120,10 +122,14 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
                         "local".into(),
                         dash(&l.hosts),
                         dash(&l.services),
+                        l.volume
+                            .owner
+                            .as_ref()
+                            .map_or("-".into(), |o| format!("{}.{}", o.service, o.slot)),
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "DRIVER", "HOSTS", "SERVICES"], &rows);
+            print_table(&["NAME", "DRIVER", "HOSTS", "SERVICES", "OWNER"], &rows);
         }
     }
     Ok(())
@@ -140,8 +146,10 @@ pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes volumes (refused while a service mounts one); each host deletes its copy once no
-/// container there uses it.
+/// Removes volumes (refused while a service mounts one, or, for a per-slot volume, while its
+/// slot's task runs); each host deletes its copy once no container there uses it. Removing a
+/// per-slot volume releases its slot from the node that held it: the slot's next task goes
+/// anywhere, with a new, empty volume.
 pub async fn rm(ctx: &Context, names: &[String]) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     for name in names {
