@@ -2,10 +2,11 @@
 //! that may run them, e.g. after a node joined or came back (the scheduler only places new
 //! tasks; nothing moves a running one by itself).
 //!
-//! - [`plan`] is the pure planner: given each eligible node's tasks (slot, movable) and room for
-//!   more, which slots move. Greedy and deterministic: while the fullest node that has a movable
-//!   task holds at least two more tasks than the emptiest node with room, one of its slots (the
-//!   highest) moves there.
+//! - [`plan`] is the pure planner: given each eligible node's tasks (slot, movable), room for
+//!   more and spread-preference labels, which slots move. Greedy and deterministic: while some
+//!   node with a movable task holds at least two more tasks than a node with room (comparing
+//!   their label branches first, as the scheduler's preferences spread), its highest slot moves
+//!   there. A binpack service is not rebalanced (it fills nodes on purpose).
 //! - [`plan_service`] builds that input from the store: eligible nodes are ready, active and
 //!   pass the constraints; a node's room is how many more of the service's tasks the
 //!   scheduler's filters accept there (reservations, host ports, `max_replicas_per_node`); a
@@ -83,6 +84,12 @@ pub enum RebalanceError {
     /// Global services have one task per node already.
     #[error("rebalance: service {0:?} is global: it runs one task per eligible node already")]
     Global(String),
+    /// Binpack fills the fullest node on purpose.
+    #[error(
+        "rebalance: service {0:?} uses the binpack strategy, which fills the fullest node on \
+         purpose: there is nothing to spread"
+    )]
+    Binpack(String),
     /// A rollout or a rebalance is on.
     #[error("rebalance: service {0:?} is {1}; try again once it is over")]
     Busy(String, &'static str),
@@ -110,6 +117,9 @@ pub struct NodeLoad {
     pub tasks: Vec<(u64, bool)>,
     /// How many more of the service's tasks the node may take.
     pub room: usize,
+    /// The node's values of the service's spread-preference labels, in order (`""` where it
+    /// lacks one); empty without preferences.
+    pub path: Vec<String>,
 }
 
 /// One planned move.
@@ -124,7 +134,16 @@ pub struct Move {
 }
 
 /// Which slots move so the service's tasks spread evenly over `loads` (pure, deterministic).
+///
+/// With placement preferences, nodes carry their label values (`path`) and the spread is
+/// judged level by level, as the scheduler places: a move is worth making between two nodes
+/// when, at the first level where their paths differ, the giving branch holds at least two
+/// more tasks than the receiving one (at the node level: the nodes themselves). Moves that fix
+/// a higher level come first; then the largest gap; then the emptier receiver; ties break on
+/// the order of `loads`. Each move lowers the imbalance of the highest level it touches without
+/// changing those above, so the loop ends.
 pub fn plan(loads: &[NodeLoad]) -> Vec<Move> {
+    let n = loads.len();
     let mut count: Vec<usize> = loads.iter().map(|l| l.tasks.len()).collect();
     let mut room: Vec<usize> = loads.iter().map(|l| l.room).collect();
     // Movable slots per node, highest last (popped first).
@@ -136,21 +155,56 @@ pub fn plan(loads: &[NodeLoad]) -> Vec<Move> {
             s
         })
         .collect();
+    // Tasks under the first `len` labels of node `i`'s path (all of it plus the node: `None`).
+    let under = |count: &[usize], i: usize, len: Option<usize>| -> usize {
+        match len {
+            None => count[i],
+            Some(len) => (0..n)
+                .filter(|&j| loads[j].path.get(..len) == loads[i].path.get(..len))
+                .map(|j| count[j])
+                .sum(),
+        }
+    };
     let mut moves = Vec::new();
     loop {
-        // The fullest node with something to give (ties: the first listed).
-        let from = (0..loads.len())
-            .filter(|&i| !movable[i].is_empty())
-            .max_by_key(|&i| (count[i], std::cmp::Reverse(i)));
-        let Some(from) = from else { break };
-        // The emptiest other node with room.
-        let to = (0..loads.len())
-            .filter(|&i| i != from && room[i] > 0)
-            .min_by_key(|&i| (count[i], i));
-        let Some(to) = to else { break };
-        if count[from] < count[to] + 2 {
-            break;
+        // The best move, smallest key first: (level, larger gap, fuller giver, emptier
+        // receiver, from, to).
+        type Key = (
+            usize,
+            std::cmp::Reverse<usize>,
+            std::cmp::Reverse<usize>,
+            usize,
+            usize,
+            usize,
+        );
+        let mut best: Option<Key> = None;
+        for from in (0..n).filter(|&i| !movable[i].is_empty()) {
+            for to in (0..n).filter(|&i| i != from && room[i] > 0) {
+                let (a, b) = (&loads[from].path, &loads[to].path);
+                let level = (0..a.len().max(b.len()))
+                    .find(|&d| a.get(d) != b.get(d))
+                    .unwrap_or(a.len().max(b.len()));
+                let len = (level < a.len().max(b.len())).then_some(level + 1);
+                let (g_from, g_to) = (under(&count, from, len), under(&count, to, len));
+                if g_from < g_to + 2 {
+                    continue;
+                }
+                let cand: Key = (
+                    level,
+                    std::cmp::Reverse(g_from - g_to),
+                    std::cmp::Reverse(count[from]),
+                    count[to],
+                    from,
+                    to,
+                );
+                if best.is_none_or(|b| cand < b) {
+                    best = Some(cand);
+                }
+            }
         }
+        let Some((_, _, _, _, from, to)) = best else {
+            break;
+        };
         let slot = movable[from].pop().expect("non-empty");
         count[from] -= 1;
         count[to] += 1;
@@ -231,6 +285,9 @@ pub fn plan_service(store: &Store, service: &Service) -> Result<Planned, Rebalan
     if service.spec.mode != ServiceMode::Replicated {
         return Err(RebalanceError::Global(name()));
     }
+    if service.spec.placement.strategy == crate::spec::Strategy::Binpack {
+        return Err(RebalanceError::Binpack(name()));
+    }
     if service
         .update_status
         .as_ref()
@@ -284,10 +341,18 @@ pub fn plan_service(store: &Store, service: &Service) -> Result<Planned, Rebalan
             }
         }
         before.insert(info.node.hostname.clone(), on.len());
+        let path = service
+            .spec
+            .placement
+            .preferences
+            .iter()
+            .map(|p| info.node.labels.get(p.label()).cloned().unwrap_or_default())
+            .collect();
         loads.push(NodeLoad {
             node: id.to_string(),
             tasks: on,
             room,
+            path,
         });
     }
     Ok(Planned {
@@ -440,6 +505,14 @@ mod tests {
             node: node.into(),
             tasks: slots.iter().map(|s| (*s, !pinned.contains(s))).collect(),
             room,
+            path: Vec::new(),
+        }
+    }
+
+    fn zoned(zone: &str, l: NodeLoad) -> NodeLoad {
+        NodeLoad {
+            path: vec![zone.to_string()],
+            ..l
         }
     }
 
@@ -499,6 +572,33 @@ mod tests {
                 vec![],
             ),
             ("one node", vec![load("a", &[1, 2, 3], &[], 9)], vec![]),
+            (
+                "zones first: the lone node of the empty zone gets half",
+                vec![
+                    zoned("x", load("a", &[1, 2], &[], 9)),
+                    zoned("x", load("b", &[3, 4], &[], 9)),
+                    zoned("y", load("c", &[], &[], 9)),
+                ],
+                vec![(2, "a", "c"), (4, "b", "c")],
+            ),
+            (
+                "zones balanced, nodes inside a zone are not",
+                vec![
+                    zoned("x", load("a", &[1, 2], &[], 9)),
+                    zoned("x", load("b", &[], &[], 9)),
+                    zoned("y", load("c", &[3, 4], &[], 9)),
+                ],
+                vec![(2, "a", "b")],
+            ),
+            (
+                "even nodes across uneven zones stay: the zones are even",
+                vec![
+                    zoned("x", load("a", &[1], &[], 9)),
+                    zoned("x", load("b", &[2], &[], 9)),
+                    zoned("y", load("c", &[3, 4], &[], 9)),
+                ],
+                vec![],
+            ),
             ("no nodes", vec![], vec![]),
             (
                 "a full node gives to the emptiest first",

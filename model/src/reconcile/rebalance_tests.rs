@@ -149,3 +149,23 @@ fn pinned_slots_and_busy_services_do_not_move() {
     let e = plan_service(&sim.s, sim.svc()).unwrap_err();
     assert!(e.to_string().contains("runs 4 of 5 replicas"), "{e}");
 }
+
+#[test]
+fn auto_rebalances_when_a_node_joins_and_binpack_is_refused() {
+    let mut sim = Sim::new(1, four(|sp| sp.rebalance = RebalanceMode::Auto));
+    assert_eq!(spread(&sim.s), [("n1".to_string(), 4)].into());
+    sim.apply(put_node("n2", &[], 0)).unwrap();
+    sim.run(20, |_| {});
+    assert_eq!(
+        spread(&sim.s),
+        [("n1".to_string(), 2), ("n2".to_string(), 2)].into()
+    );
+
+    let mut sim = Sim::new(
+        1,
+        four(|sp| sp.placement.strategy = crate::spec::Strategy::Binpack),
+    );
+    sim.apply(put_node("n2", &[], 0)).unwrap();
+    let e = plan_service(&sim.s, sim.svc()).unwrap_err();
+    assert!(e.to_string().contains("binpack"), "{e}");
+}
