@@ -642,6 +642,25 @@ mod tests {
     }
 
     #[test]
+    fn per_slot_sources_name_the_slots_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volumes::new(dir.path().join("volumes"), "h1".into());
+        let mut t = task(serde_json::json!([
+            {"source": "data-{{ .Task.Slot }}", "target": "/data", "nocopy": true}
+        ]));
+        t.slot = 3;
+        assert_eq!(volume_names(&t), vec!["data-3".to_string()]);
+        let mounts = v.prepare(&t).unwrap();
+        let data = dir.path().join("volumes/data-3/_data");
+        assert!(data.is_dir());
+        assert_eq!(mounts[0].source().clone().unwrap(), data);
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        v.fill_from_image(&t, &rootfs).unwrap();
+        assert_eq!(v.list(), BTreeSet::from(["data-3".to_string()]));
+    }
+
+    #[test]
     fn a_fill_that_never_finished_is_not_data() {
         let dir = tempfile::tempdir().unwrap();
         let v = Volumes::new(dir.path().join("volumes"), "h1".into());

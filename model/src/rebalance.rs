@@ -81,9 +81,12 @@ impl RebalanceStatus {
 /// Why a service cannot be rebalanced now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RebalanceError {
-    /// Global services have one task per node already.
-    #[error("rebalance: service {0:?} is global: it runs one task per eligible node already")]
-    Global(String),
+    /// Only replicated services are spread (a global service has one task per node already).
+    #[error(
+        "rebalance: service {0:?} is not a replicated service (a global service runs one task \
+         per eligible node already)"
+    )]
+    NotReplicated(String),
     /// Binpack fills the fullest node on purpose.
     #[error(
         "rebalance: service {0:?} uses the binpack strategy, which fills the fullest node on \
@@ -283,7 +286,7 @@ impl Planned {
 pub fn plan_service(store: &Store, service: &Service) -> Result<Planned, RebalanceError> {
     let name = || service.spec.name.clone();
     if service.spec.mode != ServiceMode::Replicated {
-        return Err(RebalanceError::Global(name()));
+        return Err(RebalanceError::NotReplicated(name()));
     }
     if service.spec.placement.strategy == crate::spec::Strategy::Binpack {
         return Err(RebalanceError::Binpack(name()));
