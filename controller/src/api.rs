@@ -103,11 +103,17 @@ impl Control for ControlApi {
             .services
             .values()
             .map(|s| -> Result<ServiceSummary, Status> {
+                let job = {
+                    let tasks: Vec<&rudder_model::Task> = store.tasks_of(&s.id).collect();
+                    rudder_model::job::progress(s, &tasks, &store.nodes)
+                };
                 Ok(ServiceSummary {
                     id: s.id.clone(),
                     name: s.spec.name.clone(),
                     image: s.spec.image.clone(),
-                    desired: if s.spec.mode == ServiceMode::Global {
+                    desired: if let Some(p) = job {
+                        p.total
+                    } else if s.spec.mode == ServiceMode::Global {
                         store
                             .tasks_of(&s.id)
                             .filter(|t| t.desired_state == TaskState::Running)
@@ -115,7 +121,8 @@ impl Control for ControlApi {
                     } else {
                         s.spec.replicas
                     },
-                    global: s.spec.mode == ServiceMode::Global,
+                    global: s.spec.mode.is_global(),
+                    job: job.map(JobProgress::from),
                     update_state: rudder_proto::v1::UpdateState::from(
                         s.update_status.as_ref().map(|u| u.state),
                     )
@@ -229,6 +236,13 @@ impl Control for ControlApi {
                 req.service
             )));
         }
+        if svc.spec.mode.is_job() {
+            return Err(Status::failed_precondition(format!(
+                "service {:?} is a job: change its completions or parallelism and apply it \
+                 (a new iteration)",
+                req.service
+            )));
+        }
         let mut spec = svc.spec.clone();
         spec.replicas = req.replicas;
         spec.validate()
@@ -256,6 +270,12 @@ impl Control for ControlApi {
             .services
             .get(&service)
             .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        if svc.spec.mode.is_job() {
+            return Err(Status::failed_precondition(format!(
+                "service {service:?} is a job: it has no rollout to roll back; apply the spec \
+                 to run (a new iteration)"
+            )));
+        }
         let Some(previous) = &svc.previous_spec else {
             return Err(Status::failed_precondition(format!(
                 "service {service:?} has no previous spec to roll back to"

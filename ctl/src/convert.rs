@@ -61,6 +61,13 @@ pub fn update_state_name(v: i32) -> String {
         .unwrap_or_default()
 }
 
+/// A job's progress; `None` for services that are not jobs (or a state unknown to this build).
+pub fn job_progress(svc: &rudder_proto::v1::ServiceSummary) -> Option<rudder_model::job::Progress> {
+    svc.job
+        .as_ref()
+        .and_then(|j| rudder_proto::model::job_progress(j).ok().flatten())
+}
+
 pub fn action(v: i32) -> Option<Action> {
     rudder_proto::model::action(v).ok().flatten()
 }

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod duration;
 pub mod health;
+pub mod job;
 pub mod manifest;
 pub mod network;
 pub mod node;

@@ -77,13 +77,13 @@ pub struct Plan {
 
 /// A replica slot or, for global services, a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Key<'a> {
+pub(crate) enum Key<'a> {
     Slot(u64),
     Node(&'a str),
 }
 
 impl Plan {
-    fn create_at(&mut self, key: Key) {
+    pub(crate) fn create_at(&mut self, key: Key) {
         match key {
             Key::Slot(s) => self.create.push(s),
             Key::Node(n) => self.create_on.push(n.to_string()),
@@ -109,7 +109,7 @@ enum SlotState<'a> {
 
 /// Whether a task of `service` may keep running on `node`: the node exists, is not drained and
 /// passes the service's constraints. (A down node's tasks are orphaned by the store already.)
-fn may_stay(service: &Service, node: Option<&Node>) -> bool {
+pub(crate) fn may_stay(service: &Service, node: Option<&Node>) -> bool {
     node.is_some_and(|n| {
         n.availability != Availability::Drain
             && service
@@ -122,7 +122,7 @@ fn may_stay(service: &Service, node: Option<&Node>) -> bool {
 }
 
 /// Whether a global service wants a new task on `node`.
-fn eligible(service: &Service, node: &Node) -> bool {
+pub(crate) fn eligible(service: &Service, node: &Node) -> bool {
     node.state == NodeState::Ready
         && node.availability == Availability::Active
         && may_stay(service, Some(node))
@@ -139,11 +139,15 @@ pub fn reconcile<'a>(
     let slots = match service.spec.mode {
         ServiceMode::Replicated => reconcile_replicated(&mut plan, service, tasks, nodes, now),
         ServiceMode::Global => reconcile_global(&mut plan, service, tasks, nodes, now),
+        // Jobs run to completion and have no rollout: see `crate::job`.
+        ServiceMode::ReplicatedJob | ServiceMode::GlobalJob => {
+            return crate::job::reconcile(service, tasks, nodes, now)
+        }
     };
     roll_out(plan, service, tasks, slots, now)
 }
 
-fn newest_first(history: &mut [&Task]) {
+pub(crate) fn newest_first(history: &mut [&Task]) {
     history.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
 }
 
@@ -187,7 +191,7 @@ fn reconcile_replicated<'a>(
 }
 
 /// Stops every live task of a slot that is going away and forgets its finished ones.
-fn stop_all(plan: &mut Plan, history: &[&Task]) {
+pub(crate) fn stop_all(plan: &mut Plan, history: &[&Task]) {
     for t in history {
         if t.desired_state <= TaskState::Running {
             plan.shutdown.push(t.id.clone());
@@ -198,9 +202,9 @@ fn stop_all(plan: &mut Plan, history: &[&Task]) {
 }
 
 /// What a pass knows besides a service and its tasks.
-struct Pass<'a> {
-    nodes: &'a crate::store::Map<String, Node>,
-    now: u64,
+pub(crate) struct Pass<'a> {
+    pub(crate) nodes: &'a crate::store::Map<String, Node>,
+    pub(crate) now: u64,
 }
 
 /// How long past its stop grace a stopping task on a node that is still up may go unreported
@@ -213,7 +217,7 @@ pub const STOP_REPORT_TIMEOUT_MS: u64 = 60_000;
 /// and not observed ended, and its stop grace (counted from the request; from `now` for a request
 /// made in this pass) has not passed on a lost node, or grace plus `STOP_REPORT_TIMEOUT_MS` on a
 /// node that is still up. A node declared down orphans its tasks, which ends them.
-fn still_stopping(t: &Task, pass: &Pass) -> bool {
+pub(crate) fn still_stopping(t: &Task, pass: &Pass) -> bool {
     let Some(node) = t.node_id.as_deref() else {
         return false;
     };
@@ -380,7 +384,7 @@ fn plan_slot<'a>(
 
 /// Bounded history: forget the oldest finished tasks of a slot (or node). A slot keeps enough to
 /// count `restart.max_attempts`.
-fn forget_old(plan: &mut Plan, service: &Service, history: &[&Task]) {
+pub(crate) fn forget_old(plan: &mut Plan, service: &Service, history: &[&Task]) {
     let attempts = service.spec.restart.max_attempts.saturating_add(1);
     let keep = HISTORY_PER_SLOT.max(usize::try_from(attempts).unwrap_or(usize::MAX));
     plan.delete.extend(
@@ -439,7 +443,7 @@ fn reconcile_global<'a>(
 }
 
 /// A task is finished once its container is gone, or it never reached a node.
-fn finished(t: &Task) -> bool {
+pub(crate) fn finished(t: &Task) -> bool {
     t.status.state.is_terminal() || t.node_id.is_none()
 }
 
@@ -454,7 +458,7 @@ fn ended_by_itself(t: &Task) -> bool {
 
 /// The wait before the slot whose newest task is the finished `t` gets a new task, or `None`
 /// when the policy says it gets none. `history` is the slot's, newest first.
-fn restart_delay(service: &Service, t: &Task, history: &[&Task]) -> Option<u64> {
+pub(crate) fn restart_delay(service: &Service, t: &Task, history: &[&Task]) -> Option<u64> {
     let policy = &service.spec.restart;
     let wanted = match policy.condition {
         RestartCondition::None => false,
@@ -1665,6 +1669,8 @@ mod tests {
 
 #[cfg(test)]
 mod drain_tests;
+#[cfg(test)]
+mod job_tests;
 #[cfg(test)]
 mod rebalance_tests;
 #[cfg(test)]

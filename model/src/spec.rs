@@ -61,9 +61,16 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub restart: RestartPolicy,
     /// `replicated` (`replicas` copies) or `global` (one task per eligible node; `replicas` is
-    /// ignored).
+    /// ignored); `replicated-job` and `global-job` run tasks to completion (see `crate::job`).
     #[serde(default, skip_serializing_if = "ServiceMode::is_replicated")]
     pub mode: ServiceMode,
+    /// `replicated-job` only: tasks that must exit 0 for the job to be complete (Swarm's
+    /// `total_completions`); unset: `parallelism`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completions: Option<u64>,
+    /// `replicated-job` only: tasks run at a time, at most (Swarm's `max_concurrent`); unset: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u64>,
     /// Reservations decide placement; limits are enforced by the container's cgroups.
     #[serde(default, skip_serializing_if = "Resources::is_unset")]
     pub resources: Resources,
@@ -296,18 +303,32 @@ pub enum RestartCondition {
 
 /// How many tasks a service has.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum ServiceMode {
     /// `replicas` tasks, the default.
     #[default]
     Replicated,
     /// One task per node that passes the filters, following nodes as they join and leave.
     Global,
+    /// Tasks run to completion, `parallelism` at a time, until `completions` exited 0.
+    ReplicatedJob,
+    /// One task per eligible node, run once to completion on each (nodes that join get one).
+    GlobalJob,
 }
 
 impl ServiceMode {
     fn is_replicated(&self) -> bool {
         *self == ServiceMode::Replicated
+    }
+
+    /// Whether tasks run to completion rather than keep running.
+    pub fn is_job(self) -> bool {
+        matches!(self, ServiceMode::ReplicatedJob | ServiceMode::GlobalJob)
+    }
+
+    /// Whether tasks are one per eligible node (`target_node`) rather than slots.
+    pub fn is_global(self) -> bool {
+        matches!(self, ServiceMode::Global | ServiceMode::GlobalJob)
     }
 }
 
@@ -741,6 +762,7 @@ impl ServiceSpec {
         if let Some(h) = &self.healthcheck {
             h.validate()?;
         }
+        crate::job::validate(self)?;
         if let Some(svc) = self.network_mode.shared_service() {
             if svc == self.name {
                 return Err(ValidationError::new(
@@ -907,6 +929,7 @@ impl ServiceSpec {
 
 impl ServiceSpec {
     /// Whether a task made from `self` still matches `other`: every field but `replicas`,
+    /// `completions`, `parallelism` (a job's: any change starts a new iteration anyway),
     /// `update_config`, `rollback_config`, `endpoint_mode` and `aliases` is equal. A task whose frozen spec does not match
     /// its service's is outdated and gets replaced by the rollout; changing only those three
     /// fields replaces nothing. (Destructured in full so a new field must be classified here.)
@@ -927,6 +950,8 @@ impl ServiceSpec {
             stop_grace_period,
             restart,
             mode,
+            completions: _,
+            parallelism: _,
             resources,
             placement,
             healthcheck,
@@ -1289,6 +1314,8 @@ pub(crate) mod tests_support {
             stop_grace_period: 10,
             restart: Default::default(),
             mode: ServiceMode::Replicated,
+            completions: None,
+            parallelism: None,
             resources: Default::default(),
             placement: Default::default(),
             healthcheck: None,

@@ -1516,11 +1516,12 @@ impl Store {
             Some(svc) => {
                 if svc.spec != *spec {
                     // Replicas and the update configs alone leave tasks current; any other
-                    // change starts a new rollout.
-                    if !svc.spec.same_task_spec(&spec) {
+                    // change starts a new rollout. Any change to a job starts a new iteration
+                    // (`crate::job`), which has no rollout.
+                    if !svc.spec.same_task_spec(&spec) || spec.mode.is_job() {
                         svc.spec_version = index;
                         svc.previous_spec = Some(svc.spec.clone());
-                        svc.update_status = Some(UpdateStatus {
+                        svc.update_status = (!spec.mode.is_job()).then(|| UpdateStatus {
                             state: UpdateState::Updating,
                             message: "update in progress".into(),
                             started_at: now,

@@ -5,6 +5,7 @@
 //! build (a newer peer, or garbage) — each side decides what the last two mean for it.
 
 use rudder_model::apply::Action;
+use rudder_model::job::{JobState, Progress};
 use rudder_model::{Availability, NodeRole, NodeState, TaskState, UpdateState};
 
 use crate::v1 as wire;
@@ -164,6 +165,49 @@ pub fn update_state(v: i32) -> Result<Option<UpdateState>, UnknownEnum> {
     })
 }
 
+impl From<JobState> for wire::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Running => wire::JobState::Running,
+            JobState::Complete => wire::JobState::Complete,
+            JobState::Failed => wire::JobState::Failed,
+        }
+    }
+}
+
+/// A job's state from the wire; `Ok(None)`: not a job.
+pub fn job_state(v: i32) -> Result<Option<JobState>, UnknownEnum> {
+    decode("job state", v, |w| match w {
+        wire::JobState::Unspecified => None,
+        wire::JobState::Running => Some(JobState::Running),
+        wire::JobState::Complete => Some(JobState::Complete),
+        wire::JobState::Failed => Some(JobState::Failed),
+    })
+}
+
+impl From<Progress> for wire::JobProgress {
+    fn from(p: Progress) -> Self {
+        wire::JobProgress {
+            state: wire::JobState::from(p.state).into(),
+            completed: p.completed,
+            total: p.total,
+            running: p.running,
+            failed: p.failed,
+        }
+    }
+}
+
+/// A job's progress from the wire.
+pub fn job_progress(p: &wire::JobProgress) -> Result<Option<Progress>, UnknownEnum> {
+    Ok(job_state(p.state)?.map(|state| Progress {
+        completed: p.completed,
+        total: p.total,
+        running: p.running,
+        failed: p.failed,
+        state,
+    }))
+}
+
 impl From<Action> for wire::Action {
     fn from(a: Action) -> Self {
         match a {
@@ -240,6 +284,17 @@ mod tests {
                 update_state(wire::UpdateState::from(Some(s)).into()),
                 Ok(Some(s))
             );
+        }
+        for s in [JobState::Running, JobState::Complete, JobState::Failed] {
+            assert_eq!(job_state(wire::JobState::from(s).into()), Ok(Some(s)));
+            let p = Progress {
+                completed: 2,
+                total: 5,
+                running: 1,
+                failed: 3,
+                state: s,
+            };
+            assert_eq!(job_progress(&wire::JobProgress::from(p)), Ok(Some(p)));
         }
         for a in [Action::Created, Action::Updated, Action::Unchanged] {
             assert_eq!(action(wire::Action::from(a).into()), Ok(Some(a)));

@@ -12,6 +12,7 @@ use crate::convert::{
     action, action_name, task_state, task_state_name, to_json, update_state, TaskState, UpdateState,
 };
 use rudder_model::apply::Action;
+use rudder_model::job::JobState;
 
 pub async fn run(
     ctx: &Context,
@@ -120,6 +121,33 @@ pub async fn wait_converged(
                 continue;
             };
             let tasks = crate::tasks(&mut client, name).await?;
+            if let Some(p) = crate::convert::job_progress(svc) {
+                // A job converges once it has completed (Swarm waits for jobs the same way).
+                let line = format!("{name}: job {p}");
+                if last.get(name) != Some(&line) {
+                    eprintln!("{line}");
+                    last.insert(name.clone(), line);
+                }
+                match p.state {
+                    JobState::Complete => {}
+                    JobState::Running => done = false,
+                    JobState::Failed => {
+                        let why = tasks
+                            .iter()
+                            .filter(|t| {
+                                matches!(
+                                    task_state(t.state),
+                                    Some(TaskState::Failed | TaskState::Rejected)
+                                )
+                            })
+                            .max_by_key(|t| t.timestamp_ms)
+                            .map(|t| format!(" (last failure: {} {})", t.name, t.error))
+                            .unwrap_or_default();
+                        anyhow::bail!("job {name} failed: {p}{why}");
+                    }
+                }
+                continue;
+            }
             let live: Vec<_> = tasks
                 .iter()
                 .filter(|t| task_state(t.desired_state) == Some(TaskState::Running))

@@ -14,12 +14,20 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
     println!("Name:      {}", svc.name);
     println!("ID:        {}", svc.id);
     println!("Image:     {}", svc.image);
-    println!(
-        "Replicas:  {}/{} running{}",
-        svc.running,
-        svc.desired,
-        if svc.global { " (global)" } else { "" }
-    );
+    if let Some(p) = crate::convert::job_progress(svc) {
+        println!(
+            "Job:       {}{}",
+            p,
+            if svc.global { " (global)" } else { "" }
+        );
+    } else {
+        println!(
+            "Replicas:  {}/{} running{}",
+            svc.running,
+            svc.desired,
+            if svc.global { " (global)" } else { "" }
+        );
+    }
     if let Some(u) = crate::convert::update_state(svc.update_state) {
         println!(
             "Update:    {}{}",

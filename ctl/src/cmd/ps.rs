@@ -1,5 +1,6 @@
 //! `rctl ps [SERVICE]`: every task with its node, state, container and error (history
-//! included, newest first per slot).
+//! included, newest first per slot), then each job's progress (`batch: job running: 2/5
+//! completed, 1 running, 0 failed`).
 
 use rudder_proto::v1::TaskSummary;
 
@@ -7,11 +8,6 @@ use super::{print_table, Output};
 use crate::context::Context;
 use crate::convert::{task_state, task_state_name};
 use rudder_model::TaskState;
-
-pub async fn fetch(ctx: &Context, service: Option<&str>) -> anyhow::Result<Vec<TaskSummary>> {
-    let mut client = crate::connect(ctx).await?;
-    crate::tasks(&mut client, service.unwrap_or_default()).await
-}
 
 pub fn to_json(t: &TaskSummary) -> serde_json::Value {
     serde_json::json!({
@@ -26,7 +22,8 @@ pub fn to_json(t: &TaskSummary) -> serde_json::Value {
 }
 
 pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow::Result<()> {
-    let tasks = fetch(ctx, service).await?;
+    let mut client = crate::connect(ctx).await?;
+    let tasks = crate::tasks(&mut client, service.unwrap_or_default()).await?;
     match output {
         Output::Json => {
             let v: Vec<_> = tasks.iter().map(to_json).collect();
@@ -74,6 +71,17 @@ pub async fn run(ctx: &Context, service: Option<&str>, output: Output) -> anyhow
                 &["TASK", "IMAGE", "NODE", "STATE", "CONTAINER", "ERROR"],
                 &rows,
             );
+            let jobs: Vec<String> = crate::services(&mut client)
+                .await?
+                .iter()
+                .filter(|s| service.is_none_or(|n| n == s.name))
+                .filter_map(|s| {
+                    crate::convert::job_progress(s).map(|p| format!("{}: job {p}", s.name))
+                })
+                .collect();
+            if !jobs.is_empty() {
+                println!("\n{}", jobs.join("\n"));
+            }
         }
     }
     Ok(())

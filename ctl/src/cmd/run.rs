@@ -1,7 +1,8 @@
 //! `rctl run [--rm] [--node NODE] [--name NAME] IMAGE [CMD…]`: a one-off container, like
-//! `docker run`. It is a service of one replica that is never restarted (so the cluster
-//! places, starts, logs and reports it like any task); rctl streams its output and exits with
-//! the container's exit code. `--rm` removes the service afterwards.
+//! `docker run`. It is a job of one completion that is never retried (`replicated-job`,
+//! restart `none`: the cluster places, starts, logs and reports it like any task, and `rctl
+//! ps` shows the job complete or failed); rctl streams its output and exits with the
+//! container's exit code. `--rm` removes the job afterwards.
 
 use std::io::Write;
 use std::time::Duration;
@@ -36,6 +37,7 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
     let mut spec = serde_json::json!({
         "name": name,
         "image": a.image,
+        "mode": "replicated-job",
         "restart": {"condition": "none"},
         "stop_grace_period": 2,
     });
@@ -60,6 +62,7 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
     }
     let spec: ServiceSpec = serde_json::from_value(spec)?;
     debug_assert_eq!(spec.restart.condition, RestartCondition::None);
+    debug_assert_eq!(rudder_model::job::completions(&spec), 1);
     spec.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     // One connection for the whole run: apply, the task watch, the logs and the removal
     // share it (each new mutual-TLS connection costs a handshake and a credentials read).

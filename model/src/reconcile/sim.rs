@@ -16,6 +16,10 @@ pub(super) const BAD: &str = "bad:1";
 /// Runs, then exits non-zero `CRASH_AFTER` ms later.
 pub(super) const CRASHY: &str = "crashy:1";
 pub(super) const CRASH_AFTER: u64 = 2000;
+/// Runs, then exits 0 `CRASH_AFTER` ms later (a job's task).
+pub(super) const DONE: &str = "done:1";
+/// Like `DONE`, but the first two runs of each slot (or node) exit non-zero.
+pub(super) const FLAKY: &str = "flaky:1";
 
 pub(super) struct Sim {
     pub(super) s: Store,
@@ -109,6 +113,27 @@ impl Sim {
                     (_, BAD) => (TaskState::Rejected, "image \"bad:1\" not found"),
                     (TaskState::Running, CRASHY) if now >= t.running_at.unwrap() + CRASH_AFTER => {
                         (TaskState::Failed, "exit status 3")
+                    }
+                    (TaskState::Running, DONE) if now >= t.running_at.unwrap() + CRASH_AFTER => {
+                        (TaskState::Complete, "")
+                    }
+                    (TaskState::Running, FLAKY) if now >= t.running_at.unwrap() + CRASH_AFTER => {
+                        let failed_before = self
+                            .s
+                            .tasks
+                            .values()
+                            .filter(|o| {
+                                o.slot == t.slot
+                                    && o.target_node == t.target_node
+                                    && o.spec_version == t.spec_version
+                                    && o.status.state == TaskState::Failed
+                            })
+                            .count();
+                        if failed_before < 2 {
+                            (TaskState::Failed, "exit status 1")
+                        } else {
+                            (TaskState::Complete, "")
+                        }
                     }
                     (TaskState::Running, _) => continue,
                     (s, _) if s < TaskState::Starting => (TaskState::Starting, ""),
