@@ -53,7 +53,10 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
         &c,
         &task_json("bench"),
         &Default::default(),
-        "/rudder-bench",
+        &rudder_agent::bundle::HostSpec {
+            cgroup_parent: "/rudder-bench",
+            seccomp_bpf: None,
+        },
         None,
         &[],
         &[],
