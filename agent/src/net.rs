@@ -645,6 +645,8 @@ impl Overlay {
             pool,
             bridge_made: Default::default(),
         });
+        o.pool
+            .set_leases(Arc::new(BridgeLeases(Arc::downgrade(&o))));
         tokio::spawn(o.clone().reconcile_loop(map_rx, bridge_rx));
         Ok(o)
     }
@@ -926,6 +928,17 @@ impl Overlay {
         t
     }
 
+    /// The lowest address of the bridge subnet that no task and no ready namespace has
+    /// (the first is the bridge's own).
+    fn free_bridge_addr(&self, t: &BridgeTable) -> Option<Ipv4Addr> {
+        let used: BTreeSet<Ipv4Addr> = t.members.values().map(|m| m.addr).collect();
+        let base = u32::from(self.bridge_subnet.network());
+        let size = 1u32 << (32 - self.bridge_subnet.prefix_len());
+        (2..size - 1)
+            .map(|off| Ipv4Addr::from(base + off))
+            .find(|a| !used.contains(a) && !t.leased.contains(a))
+    }
+
     /// The local bridge's rules, from the members of the bridge table. `None` while no task
     /// uses the bridge.
     fn local_bridge(&self) -> Option<LocalBridge> {
@@ -974,20 +987,30 @@ impl Overlay {
         let gw = Ipv4Addr::from(u32::from(self.bridge_subnet.network()) + 1);
         let prefix = self.bridge_subnet.prefix_len();
         self.enable_forwarding();
+        let ns = self.netns_path(id);
+        let recorded = read_bridge_addr(dir);
+        // A ready namespace from the pool: its veth is made and on the bridge already, and
+        // when armed its `eth0` has an address and route, which the task adopts. Not for a
+        // task with an address already (a retry keeps it) or a namespace already.
+        let pooled = match ns.exists() || recorded.is_some() {
+            true => None,
+            false => self.pool.take(&ns).await,
+        };
+        let armed = pooled.as_ref().and_then(|p| p.addr);
         let addr = {
             let mut t = self.bridge_table();
-            let addr = match read_bridge_addr(dir) {
+            let addr = match recorded {
                 Some(a) => a,
                 None => {
-                    let used: BTreeSet<Ipv4Addr> = t.members.values().map(|m| m.addr).collect();
-                    let base = u32::from(self.bridge_subnet.network());
-                    let size = 1u32 << (32 - prefix);
-                    let a = (2..size - 1)
-                        .map(|off| Ipv4Addr::from(base + off))
-                        .find(|a| !used.contains(a))
-                        .ok_or(NetError::BridgeFull {
+                    let a = match armed {
+                        Some(a) => {
+                            t.leased.remove(&a);
+                            a
+                        }
+                        None => self.free_bridge_addr(&t).ok_or(NetError::BridgeFull {
                             subnet: self.bridge_subnet,
-                        })?;
+                        })?,
+                    };
                     crate::shim::write_atomic(
                         &ContainerDir::new(dir).bridge_addr_file(),
                         &a.to_string(),
@@ -1005,7 +1028,6 @@ impl Overlay {
             addr
         };
         let t_alloc = t0.elapsed();
-        let ns = self.netns_path(id);
         // The bridge, until an attach made sure of it (again after any failure).
         let bridge_made = self.bridge_made.load(std::sync::atomic::Ordering::Relaxed);
         let mut host_ops = if bridge_made {
@@ -1014,13 +1036,13 @@ impl Overlay {
             plan::local_bridge(BRIDGE, gw, prefix)
         };
         let route = Route::via(Ipv4Net::default(), Some(gw), "eth0");
-        // A ready namespace from the pool: its veth is made and on the bridge already.
-        let pooled = match ns.exists() {
-            true => None,
-            false => self.pool.take(&ns).await,
-        };
         let t_netns;
         let inside = match &pooled {
+            // Armed with the task's address: nothing to do inside.
+            Some(p) if p.addr == Some(addr) => {
+                t_netns = t0.elapsed();
+                Vec::new()
+            }
             Some(_) => {
                 t_netns = t0.elapsed();
                 plan::pooled_inside("eth0", addr, prefix, std::slice::from_ref(&route))
@@ -1062,7 +1084,11 @@ impl Overlay {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.pool.start();
         let t_host = t0.elapsed();
-        if let Err(e) = self.net.apply(&Ns::Path(ns.clone()), &inside).await {
+        let configured = match inside.is_empty() {
+            true => Ok(()),
+            false => self.net.apply(&Ns::Path(ns.clone()), &inside).await,
+        };
+        if let Err(e) = configured {
             self.bridge_made
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             return Err(e.into());
@@ -1081,6 +1107,7 @@ impl Overlay {
         debug!(
             task = %name,
             pooled = pooled.is_some(),
+            armed = armed.is_some(),
             alloc_us = us(t_alloc),
             netns_us = us(t_netns - t_alloc),
             host_us = us(t_host - t_netns),
@@ -1242,6 +1269,32 @@ fn host_ports(task: &Task, addr: Ipv4Addr) -> Vec<PublishedPort> {
 struct BridgeTable {
     loaded: bool,
     members: BTreeMap<PathBuf, BridgeMember>,
+    /// Addresses of the pool's armed namespaces ([`BridgeLeases`]).
+    leased: BTreeSet<Ipv4Addr>,
+}
+
+/// The bridge's addresses as the namespace pool leases them: one table for tasks and ready
+/// namespaces, so no address is ever in two places. Weak: the pool belongs to the overlay.
+struct BridgeLeases(std::sync::Weak<Overlay>);
+
+impl crate::netpool::Leases for BridgeLeases {
+    fn lease(&self) -> Option<crate::netpool::Lease> {
+        let o = self.0.upgrade()?;
+        let mut t = o.bridge_table();
+        let addr = o.free_bridge_addr(&t)?;
+        t.leased.insert(addr);
+        Some(crate::netpool::Lease {
+            addr,
+            prefix: o.bridge_subnet.prefix_len(),
+            gw: Ipv4Addr::from(u32::from(o.bridge_subnet.network()) + 1),
+        })
+    }
+
+    fn give_back(&self, addr: Ipv4Addr) {
+        if let Some(o) = self.0.upgrade() {
+            o.bridge_table().leased.remove(&addr);
+        }
+    }
 }
 
 struct BridgeMember {

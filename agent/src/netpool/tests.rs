@@ -209,7 +209,7 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
 
     // A take moves one to the task's path and is refilled.
     let t1 = tmp.path().join("t1");
-    let v1 = pool.take(&t1).await.unwrap();
+    let v1 = pool.take(&t1).await.unwrap().veth;
     assert!(t1.exists());
     assert_eq!(pool.host_end(&t1).as_deref(), Some(v1.as_str()));
     until("refilled", || pool.stats().ready == 2).await;
@@ -235,7 +235,7 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
 
     // Beyond the bound: deleted, once no take happened for the quiet period.
     let t2 = tmp.path().join("t2");
-    let v2 = pool.take(&t2).await.unwrap();
+    let v2 = pool.take(&t2).await.unwrap().veth;
     let t3 = tmp.path().join("t3");
     pool.take(&t3).await.unwrap();
     until("refilled again", || pool.stats().ready == 2).await;
@@ -255,7 +255,7 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
 
     // Occupied (a process or a socket left): deleted, whatever the room.
     let t4 = tmp.path().join("t4");
-    let v4 = pool.take(&t4).await.unwrap();
+    let v4 = pool.take(&t4).await.unwrap().veth;
     fake.set_occupied(occ(false, true));
     pool.release(&t4, false).await;
     until("t4 deleted", || {
@@ -265,7 +265,7 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
     fake.set_occupied(occ(false, false));
     // A task that could reconfigure its network: deleted.
     let t5 = tmp.path().join("t5");
-    let v5 = pool.take(&t5).await.unwrap();
+    let v5 = pool.take(&t5).await.unwrap().veth;
     pool.release(&t5, true).await;
     until("t5 deleted", || {
         fake.ops(&Ns::Host).contains(&format!("link del {v5}"))
@@ -289,6 +289,112 @@ async fn the_pool_fills_reuses_within_its_bound_and_empties() {
     assert_eq!(pool.stats().ready, 0);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "nothing kept");
     let _ = v1;
+}
+
+/// Leases from a counter; each give-back records how many host ends were deleted by then.
+struct FakeLeases {
+    fake: Arc<FakeHostNet>,
+    next: Mutex<u8>,
+    given_back: Mutex<Vec<(Ipv4Addr, usize)>>,
+}
+
+impl Leases for FakeLeases {
+    fn lease(&self) -> Option<Lease> {
+        let mut n = self.next.lock().unwrap();
+        *n += 1;
+        Some(Lease {
+            addr: Ipv4Addr::new(172, 31, 0, *n + 1),
+            prefix: 24,
+            gw: Ipv4Addr::new(172, 31, 0, 1),
+        })
+    }
+
+    fn give_back(&self, addr: Ipv4Addr) {
+        let deleted = self
+            .fake
+            .ops(&Ns::Host)
+            .iter()
+            .filter(|o| o.starts_with("link del "))
+            .count();
+        self.given_back.lock().unwrap().push((addr, deleted));
+    }
+}
+
+/// With leases, a ready namespace is armed (`eth0` up with an address and its default route),
+/// a take hands the address to the task, a reused namespace is armed with a fresh lease, and
+/// an address comes back to the bridge only after its namespace's host end is deleted.
+#[tokio::test(start_paused = true)]
+async fn armed_namespaces_hand_their_address_over_and_give_it_back_only_once_unplugged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeHostNet::new());
+    fake.set_observed_else(clean());
+    let leases = Arc::new(FakeLeases {
+        fake: fake.clone(),
+        next: Mutex::new(0),
+        given_back: Mutex::new(Vec::new()),
+    });
+    let dir = tmp.path().join("pool");
+    let pool = NetnsPool::new(fake.clone(), Ns::Host, "rdr0", &dir, cfg(2, 3)).unwrap();
+    pool.set_leases(leases.clone());
+    pool.start();
+    until("2 ready", || pool.stats().ready == 2).await;
+    let inside = |p: &Path| fake.ops(&Ns::Path(p.to_path_buf()));
+    let first = inside(&dir.join("n1"));
+    assert_eq!(
+        first,
+        [
+            "link set lo up",
+            "link set eth0 up",
+            "addr replace 172.31.0.2/24 dev eth0",
+            "route replace 0.0.0.0/0 via 172.31.0.1 dev eth0",
+        ],
+        "armed when made"
+    );
+
+    let t1 = tmp.path().join("t1");
+    let taken = pool.take(&t1).await.unwrap();
+    assert_eq!(
+        taken.addr,
+        Some(Ipv4Addr::new(172, 31, 0, 2)),
+        "the task's now"
+    );
+    until("refilled", || pool.stats().ready == 2).await;
+    pool.release(&t1, false).await;
+    until("reused", || pool.stats().ready == 3).await;
+    let reused = inside(&dir.join("n1"));
+    let tail = &reused[reused.len() - 3..];
+    assert_eq!(
+        tail[0], "link set eth0 up",
+        "re-armed after the scrub: {reused:?}"
+    );
+    assert_eq!(
+        tail[1], "addr replace 172.31.0.5/24 dev eth0",
+        "a fresh lease"
+    );
+    assert!(
+        leases.given_back.lock().unwrap().is_empty(),
+        "the task's address is the bridge table's to free, not the pool's"
+    );
+
+    pool.shutdown().await;
+    let back = leases.given_back.lock().unwrap().clone();
+    let mut addrs: Vec<Ipv4Addr> = back.iter().map(|(a, _)| *a).collect();
+    addrs.sort();
+    assert_eq!(
+        addrs,
+        [
+            Ipv4Addr::new(172, 31, 0, 3),
+            Ipv4Addr::new(172, 31, 0, 4),
+            Ipv4Addr::new(172, 31, 0, 5)
+        ],
+        "every ready namespace's lease comes back"
+    );
+    for (addr, deleted) in back {
+        assert!(
+            deleted >= 3,
+            "{addr} given back before the host ends were deleted"
+        );
+    }
 }
 
 /// A restarted agent deletes what the earlier one kept in the pool's directory.
@@ -380,7 +486,7 @@ async fn a_reused_namespace_carries_nothing_of_its_last_task() {
 
     // Task 1 takes it, is attached, then changes everything it can.
     let t1 = tmp.path().join("t1");
-    let v1 = pool.take(&t1).await.unwrap();
+    let v1 = pool.take(&t1).await.unwrap().veth;
     let route = Route::via("0.0.0.0/0".parse().unwrap(), Some(gw), "eth0");
     let up = |v: &str, up| NetOp::SetLink {
         name: v.into(),
@@ -439,7 +545,7 @@ async fn a_reused_namespace_carries_nothing_of_its_last_task() {
     let mut got = None;
     for i in 0..2 {
         let t = tmp.path().join(format!("t2-{i}"));
-        if pool.take(&t).await.unwrap() == v1 {
+        if pool.take(&t).await.unwrap().veth == v1 {
             got = Some(t);
             break;
         }
