@@ -496,6 +496,19 @@ mod tests {
     }
 
     #[test]
+    fn manifest_errors_point_at_the_job_field() {
+        for (yaml, field, line) in [
+            ("mode: replicated-job\ncompletions: 0\n", "completions", 5),
+            ("replicas: 3\nmode: global-job\n", "replicas", 4),
+            ("parallelism: 2\n", "parallelism", 4),
+        ] {
+            let text = format!("kind: Service\nname: b\nimage: x\n{yaml}");
+            let e = crate::manifest::parse("f.yaml", &text).unwrap_err();
+            assert_eq!((e.field.as_str(), e.line), (field, line), "{e}");
+        }
+    }
+
+    #[test]
     fn defaults_follow_swarm() {
         let mut s = spec("batch", 1);
         s.mode = ServiceMode::ReplicatedJob;

@@ -1,7 +1,8 @@
 //! Jobs on a real two-host lab: a replicated-job runs its completions at most `parallelism` at a
 //! time and completes; a failing task is retried per its restart policy (and a job whose
 //! retries run out fails); a global-job runs once on each host; `rctl ps` and `rctl describe`
-//! show the progress; `rctl run` is a job (`rctl ps` shows it complete).
+//! show the progress; `rctl apply` waits for a job; `rctl run` is a job (`rctl ps` shows it
+//! complete).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -145,6 +146,27 @@ fn jobs_run_to_completion() -> anyhow::Result<()> {
             .count();
         Ok((new_done == 2 && t.len() == 2).then_some(()))
     })?;
+
+    // Without --detach, rctl apply waits for a job to complete, and says when it failed.
+    let quick = "kind: Service\nname: quick\nimage: busybox:latest\nmode: replicated-job\n\
+                 completions: 2\nparallelism: 2\ncommand: [\"true\"]\n";
+    std::fs::write(tmp.path().join("quick.yaml"), quick)?;
+    let quick_file = tmp.path().join("quick.yaml");
+    lab.rctl(&["apply", "-f", quick_file.to_str().unwrap()])?;
+    let tasks = lab.tasks("quick")?;
+    assert_eq!(tasks.iter().filter(|t| state(t) == "complete").count(), 2);
+    let bad = "kind: Service\nname: bad\nimage: busybox:latest\nmode: replicated-job\n\
+               restart: {condition: none}\ncommand: [\"false\"]\n";
+    std::fs::write(tmp.path().join("bad.yaml"), bad)?;
+    let bad_file = tmp.path().join("bad.yaml");
+    let err = lab
+        .rctl(&["apply", "-f", bad_file.to_str().unwrap()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("job bad failed: failed: 0/1 completed, 0 running, 1 failed"),
+        "{err}"
+    );
 
     // rctl run is a job: its output, then the job shows complete.
     let out = lab.rctl(&["run", "--name", "once", "busybox:latest", "echo", "hello"])?;
