@@ -113,6 +113,10 @@ pub async fn wait_converged(
     let mut client = crate::connect(ctx).await?;
     let start = std::time::Instant::now();
     let mut last: std::collections::BTreeMap<String, String> = Default::default();
+    // Woken by the services' task watches, so a change is seen when it commits rather than
+    // at the next poll; the poll stays as the fallback (and for service-level changes).
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    let _watches = watch_changes(&mut client, services, &changed).await;
     loop {
         let list = crate::services(&mut client).await?;
         let mut done = true;
@@ -232,6 +236,47 @@ pub async fn wait_converged(
                 last.values().cloned().collect::<Vec<_>>().join("; ")
             );
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// Watches the tasks of `services` (`WatchTasks`), notifying `changed` on every update. The
+/// watches end when the returned guard drops. A watch that cannot start is left out (the
+/// caller polls anyway).
+async fn watch_changes(
+    client: &mut crate::Client,
+    services: &[(String, bool)],
+    changed: &std::sync::Arc<tokio::sync::Notify>,
+) -> WatchGuard {
+    let mut tasks = Vec::new();
+    for (name, _) in services {
+        let req = rudder_proto::v1::ListTasksRequest {
+            service: name.clone(),
+        };
+        let Ok(stream) = client.watch_tasks(req).await else {
+            continue;
+        };
+        let mut stream = stream.into_inner();
+        let changed = changed.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {
+                changed.notify_one();
+            }
+        }));
+    }
+    WatchGuard(tasks)
+}
+
+/// Ends the watches of [`watch_changes`] when dropped.
+struct WatchGuard(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
     }
 }
