@@ -26,6 +26,7 @@ pub mod runtime;
 mod seccomp;
 mod secrets;
 pub mod session;
+mod stats;
 mod task;
 mod trusted;
 mod user;
@@ -257,6 +258,16 @@ pub async fn run(
         secrets: secrets::Values::default(),
     }));
     worker.adopt();
+    let (usage_tx, usage_rx) = tokio::sync::watch::channel(Vec::new());
+    tokio::spawn(stats::run(
+        worker.clone(),
+        Arc::new(stats::CgroupStats::new(
+            "/sys/fs/cgroup",
+            &cfg.cgroup_parent,
+        )),
+        stats::SAMPLE_PERIOD,
+        usage_tx,
+    ));
     let (cpus_milli, memory_bytes) = host_capacity();
     let trusted = Arc::new(trusted::TrustedControllers::load(
         &cfg.data_dir.join("trusted-controllers.json"),
@@ -271,6 +282,7 @@ pub async fn run(
         tls: Some(certs_rx.clone()),
         data_dir: Some(cfg.data_dir.clone()),
         trusted: Some(trusted.clone()),
+        usage: Some(usage_rx),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     // Only controllers (manager certificates) may call the agent. The server restarts with

@@ -47,6 +47,9 @@ pub struct Identity {
     pub tls: Option<tokio::sync::watch::Receiver<rudder_pki::tls::NodeCerts>>,
     /// The controllers AgentApi serves, as the leader lists them (`None`: not kept).
     pub trusted: Option<std::sync::Arc<crate::trusted::TrustedControllers>>,
+    /// The latest usage samples of the running tasks (`stats`), sent with the next heartbeat
+    /// after each new round (`None`: no samples).
+    pub usage: Option<tokio::sync::watch::Receiver<Vec<TaskUsage>>>,
 }
 
 /// The largest message a controller may send down a session.
@@ -353,6 +356,7 @@ async fn session(
             .await;
     }
     let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
+    let mut usage_rx = me.usage.clone();
     let mut secret_values = Vec::new();
     loop {
         tokio::select! {
@@ -450,7 +454,12 @@ async fn session(
                     .map_err(|_| SessionError::Closed)?;
             }
             _ = heartbeat.tick() => {
-                tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat {})) })
+                // Each round of samples rides on one heartbeat.
+                let usage = match usage_rx.as_mut() {
+                    Some(rx) if rx.has_changed().unwrap_or(false) => rx.borrow_and_update().clone(),
+                    _ => Vec::new(),
+                };
+                tx.send(AgentMessage { msg: Some(Up::Heartbeat(Heartbeat { usage })) })
                     .await
                     .map_err(|_| SessionError::Closed)?;
             }
@@ -709,6 +718,7 @@ mod tests {
                 tls: None,
                 data_dir: None,
                 trusted: None,
+                usage: None,
             };
             tokio::spawn(run(controllers, me, worker, status_rx))
         }

@@ -153,6 +153,7 @@ impl Control for ControlApi {
                         .as_ref()
                         .and_then(|r| r.completed_at)
                         .unwrap_or(0),
+                    autoscale_decisions: crate::stats_api::decisions(s),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -243,6 +244,14 @@ impl Control for ControlApi {
                 req.service
             )));
         }
+        if let Some(a) = &svc.spec.autoscale {
+            // The autoscaler owns the count: a manual one would be undone at its next pass.
+            return Err(Status::failed_precondition(format!(
+                "service {:?} is autoscaled ({} to {} replicas): change autoscale.min and \
+                 autoscale.max (rctl apply), or remove autoscale to scale by hand",
+                req.service, a.min, a.max
+            )));
+        }
         let mut spec = svc.spec.clone();
         spec.replicas = req.replicas;
         spec.validate()
@@ -258,6 +267,11 @@ impl Control for ControlApi {
                 .map_err(raft_status)?;
         }
         Ok(Response::new(ScaleResponse {}))
+    }
+
+    async fn stats(&self, req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let service = req.into_inner().service;
+        crate::stats_api::stats(&self.raft, &self.usage, &service, now_ms()).map(Response::new)
     }
 
     async fn rollback(

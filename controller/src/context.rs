@@ -21,4 +21,6 @@ pub struct ApiContext {
     /// This controller's data at rest and its data key (`RotateDataKey`); `None` in tests
     /// without a data dir.
     pub at_rest: Option<Arc<crate::security::AtRest>>,
+    /// The tasks' usage samples from the agents' heartbeats (leader only): `Stats`.
+    pub usage: Arc<crate::usage::UsageBook>,
 }

@@ -41,6 +41,8 @@ pub struct DispatcherApi {
     status_tx: mpsc::Sender<StatusUpdate>,
     /// node id → generation of its current session (a reconnect supersedes the old stream).
     sessions: Arc<Mutex<HashMap<String, u64>>>,
+    /// Where the usage samples on heartbeats go (the autoscaler's and `rctl stats`' source).
+    usage: Arc<crate::usage::UsageBook>,
 }
 
 /// While this controller leads: a node that was ready when leadership began but opens no
@@ -84,7 +86,7 @@ async fn watch_leadership(raft: RaftHandle, sessions: Arc<Mutex<HashMap<String, 
 }
 
 impl DispatcherApi {
-    pub fn new(raft: RaftHandle, registry: String) -> Self {
+    pub fn new(raft: RaftHandle, registry: String, usage: Arc<crate::usage::UsageBook>) -> Self {
         let (status_tx, status_rx) = mpsc::channel(8192);
         tokio::spawn(batch_status(raft.clone(), status_rx));
         let sessions: Arc<Mutex<HashMap<String, u64>>> = Default::default();
@@ -94,6 +96,7 @@ impl DispatcherApi {
             registry,
             status_tx,
             sessions,
+            usage,
         }
     }
 }
@@ -619,6 +622,7 @@ impl Dispatcher for DispatcherApi {
         let raft = self.raft.clone();
         let status_tx = self.status_tx.clone();
         let sessions = self.sessions.clone();
+        let usage = self.usage.clone();
         let mut leadership = self.raft.watch_status();
         tokio::spawn(async move {
             let deadline = HEARTBEAT * MISSED_HEARTBEATS;
@@ -645,7 +649,12 @@ impl Dispatcher for DispatcherApi {
                 }
                 match next {
                     Ok(Ok(Some(m))) => match m.msg {
-                        Some(Up::Heartbeat(_)) | None | Some(Up::Register(_)) => {}
+                        Some(Up::Heartbeat(h)) => {
+                            if !h.usage.is_empty() {
+                                usage.record(&raft.store(), &node_id, &h.usage, now_ms());
+                            }
+                        }
+                        None | Some(Up::Register(_)) => {}
                         Some(Up::OverlayKey(k)) => {
                             info!(node = %node_id, epoch = k.epoch, "new WireGuard key");
                             if let Err(e) = set_overlay_key(&raft, &node_id, &k.public_key).await {
@@ -782,7 +791,7 @@ mod liveness_tests {
             .expect("start raft");
         raft.propose(put_node("n1")).await.expect("register n1");
         raft.propose(put_node("n22")).await.expect("register n22");
-        let d = DispatcherApi::new(raft.clone(), String::new());
+        let d = DispatcherApi::new(raft.clone(), String::new(), Default::default());
         // Let the watch see the leadership and take its "before" picture of the sessions.
         tokio::time::sleep(Duration::from_millis(10)).await;
         // n22 opens a session with this leader (a new generation); n1 never does.

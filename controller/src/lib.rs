@@ -10,6 +10,7 @@
 
 mod agents;
 mod api;
+mod autoscaler;
 mod build_api;
 pub use rudder_pki::ca;
 mod cluster_api;
@@ -32,9 +33,11 @@ mod resolve;
 mod secret_api;
 mod security;
 mod slog_bridge;
+mod stats_api;
 pub mod storage;
 pub use rudder_pki::tls;
 pub mod transport;
+mod usage;
 mod watch_api;
 
 use std::future::Future;
@@ -248,6 +251,8 @@ pub async fn run(
         tokio::spawn(security::record_initial_secrets(raft.clone(), initial));
     }
     tokio::spawn(orchestrator::run(raft.clone()));
+    let usage: Arc<usage::UsageBook> = Default::default();
+    tokio::spawn(autoscaler::run(raft.clone(), usage.clone()));
     // Autolock: the keyring file follows the store's unlock key (wrapped, re-wrapped, plain).
     tokio::spawn(security::follow_autolock(raft.clone(), keys));
     let me = cfg.me();
@@ -322,13 +327,18 @@ pub async fn run(
         images: reg_state,
         pull_leases,
         at_rest: Some(at_rest),
+        usage: usage.clone(),
     }));
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
             .with_validity(cfg.node_cert_validity)
             .with_local_ca(certs.ca().clone()),
     );
-    let dispatcher = Arc::new(dispatcher::DispatcherApi::new(raft.clone(), registry_addr));
+    let dispatcher = Arc::new(dispatcher::DispatcherApi::new(
+        raft.clone(),
+        registry_addr,
+        usage,
+    ));
     let peer_api = Arc::new(peer::PeerApi {
         raft: raft.clone(),
         require_identity: true,

@@ -158,6 +158,13 @@ enum Cmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Each running task's latest cpu and memory sample (100% = one cpu): `rctl stats web`.
+    Stats {
+        service: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cluster hosts: list, inspect, set availability and labels.
     Node {
         #[command(subcommand)]
@@ -667,6 +674,9 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Commit(args) => rt.block_on(cmd::commit::run(&ctx()?, args)),
         Cmd::Build(args) => rt.block_on(cmd::build::run(&ctx()?, args)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
+        Cmd::Stats { service, json } => {
+            rt.block_on(cmd::stats::run(&ctx()?, service.as_deref(), *json))
+        }
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },
         } => rt.block_on(cmd::cluster::info(&ctx()?, *output)),

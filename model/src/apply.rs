@@ -228,6 +228,10 @@ pub fn plan(
         // Compared as the store would keep it: references resolved to versions.
         let mut resolved = spec.clone();
         dry.resolve_refs(&mut resolved);
+        crate::autoscale::keep_replicas(
+            dry.services.get(&spec.name).map(|s| &s.spec),
+            &mut resolved,
+        );
         let action = match dry.services.get(&spec.name) {
             None => Action::Created,
             Some(s) if s.spec == resolved => Action::Unchanged,

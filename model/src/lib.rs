@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod autoscale;
 pub mod duration;
 pub mod health;
 pub mod job;

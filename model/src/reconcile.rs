@@ -1092,6 +1092,7 @@ mod tests {
                 update_status: None,
                 vips: Default::default(),
                 rebalance: None,
+                autoscale_decisions: Default::default(),
             };
             let tasks: Vec<Task> = c
                 .runs

@@ -136,6 +136,10 @@ pub struct ServiceSpec {
         skip_serializing_if = "crate::rebalance::RebalanceMode::is_manual"
     )]
     pub rebalance: crate::rebalance::RebalanceMode,
+    /// The replica count follows the tasks' cpu/memory usage (see `crate::autoscale`); `replicas`
+    /// is then only the first count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::autoscale::Autoscale>,
 }
 
 fn one() -> u64 {
@@ -843,6 +847,9 @@ impl ServiceSpec {
             return Err(ValidationError::new("logging.max_file", "at most 100"));
         }
         self.rollback_config.validate("rollback_config")?;
+        if let Some(a) = &self.autoscale {
+            a.validate(self)?;
+        }
         if self.restart.max_attempts > MAX_RESTART_ATTEMPTS {
             return Err(ValidationError::new(
                 "restart.max_attempts",
@@ -969,6 +976,7 @@ impl ServiceSpec {
             update_config: _,
             rollback_config: _,
             rebalance: _,
+            autoscale: _, // the replica count only
         } = self;
         *name == other.name
             && *image == other.image
@@ -1333,6 +1341,7 @@ pub(crate) mod tests_support {
             update_config: Default::default(),
             rollback_config: Default::default(),
             rebalance: Default::default(),
+            autoscale: None,
         }
     }
 }

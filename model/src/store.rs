@@ -69,6 +69,10 @@ pub struct Service {
     /// System-owned: the last rebalance (`rctl rebalance`, `rebalance: auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebalance: Option<crate::rebalance::RebalanceStatus>,
+    /// System-owned: the autoscaler's last decisions, oldest first (at most
+    /// `autoscale::KEPT_DECISIONS`), for `rctl describe`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub autoscale_decisions: Vec<crate::autoscale::Decision>,
 }
 
 /// What an agent last reported about a task (or what the controller concluded for it).
@@ -263,6 +267,15 @@ pub enum Command {
         if_started_at: Option<u64>,
         /// The new status.
         status: crate::rebalance::RebalanceStatus,
+    },
+    /// The autoscaler's decision: set an autoscaled service's replicas from `decision.from` to
+    /// `decision.to` and record it. Ignored when the service no longer autoscales or its count is
+    /// no longer `from` (a decision made on a store that has moved on).
+    Autoscale {
+        /// The service's name.
+        service: String,
+        /// The change, stamped by the leader.
+        decision: crate::autoscale::Decision,
     },
     /// Remove a service; its tasks are asked to shut down and are reaped once stopped.
     RemoveService {
@@ -927,6 +940,10 @@ impl Store {
                     svc.version = index;
                 }
             }
+            Command::Autoscale { service, decision } => {
+                let svc = service_mut(&mut self.services, &service)?;
+                crate::autoscale::apply(svc, index, decision);
+            }
             Command::RemoveService { name } => {
                 let svc = self.services.remove(&name).ok_or(ApplyError::NotFound {
                     kind: "service",
@@ -1511,7 +1528,8 @@ impl Store {
         }
     }
 
-    fn put_service(&mut self, index: u64, id: String, spec: Box<ServiceSpec>, now: u64) {
+    fn put_service(&mut self, index: u64, id: String, mut spec: Box<ServiceSpec>, now: u64) {
+        crate::autoscale::keep_replicas(self.services.get(&spec.name).map(|s| &s.spec), &mut spec);
         match self.services.get_mut(&spec.name) {
             Some(svc) => {
                 if svc.spec != *spec {
@@ -1547,6 +1565,7 @@ impl Store {
                         update_status: None,
                         vips: BTreeMap::new(),
                         rebalance: None,
+                        autoscale_decisions: Vec::new(),
                     },
                 );
             }

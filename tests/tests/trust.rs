@@ -57,7 +57,7 @@ async fn register(lab: &LabGuard, certs: &NodeCerts, reg: Register) -> Result<()
     .await
     .expect("send");
     tx.send(AgentMessage {
-        msg: Some(Up::Heartbeat(Heartbeat {})),
+        msg: Some(Up::Heartbeat(Heartbeat::default())),
     })
     .await
     .expect("send");

@@ -47,6 +47,7 @@ pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
         };
         println!("Rebalance: {state}: {}", svc.rebalance_message);
     }
+    super::stats::print_decisions(&svc.autoscale_decisions);
     let spec: serde_json::Value = crate::convert::from_json("service spec", &svc.spec_json)?;
     println!("Spec:\n{}", serde_json::to_string_pretty(&spec)?);
     let tasks = crate::tasks(&mut client, service).await?;

@@ -25,6 +25,7 @@ pub mod rollback;
 pub mod run;
 pub mod scale;
 pub mod secret;
+pub mod stats;
 pub mod volume;
 
 /// A duration as people say it: "45s", "12m", "5h", "3d".

@@ -1,0 +1,339 @@
+//! Usage samples of running tasks: every [`SAMPLE_PERIOD`] the agent reads each running task's
+//! cgroup counters (cumulative cpu time, memory in use) through the [`StatsSource`] port, turns
+//! the cpu counter into a rate ([`Sampler`], pure), and publishes the latest sample set on a
+//! watch channel; the session sends it with its next heartbeat. The controller keeps them (soft
+//! state) for the autoscaler and `rctl stats`.
+//!
+//! Where the counters are: a task's cgroup is `<cgroup parent>/<task id>` (see `bundle`). On a
+//! cgroup v1 host (this lab, also the hybrid layout whose unified tree has no controllers) cpu
+//! time is `cpuacct/<path>/cpuacct.usage` (ns) and memory `memory/<path>/memory.usage_in_bytes`
+//! less `total_inactive_file` from `memory.stat`; on a cgroup v2 host `<path>/cpu.stat`'s
+//! `usage_usec` and `memory.current` less `inactive_file` (the working set, as kubelet counts
+//! it: page cache the kernel can drop is not usage).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rudder_proto::v1::TaskUsage;
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::worker::Worker;
+
+/// How often running tasks are sampled.
+pub const SAMPLE_PERIOD: Duration = Duration::from_secs(2);
+/// The most a cgroup file read here may hold (`memory.stat` is about 1 KiB).
+const MAX_STAT_FILE: u64 = 64 * 1024;
+
+/// One reading of a task's cgroup counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// CPU time used since the cgroup was made, nanoseconds.
+    pub cpu_ns: u64,
+    /// Memory in use without the inactive page cache, bytes.
+    pub memory_bytes: u64,
+}
+
+/// Why a task's counters could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// A counter file could not be read (path, error).
+    #[error("stats: cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// A counter file does not hold what it should (path).
+    #[error("stats: unexpected content in {0}")]
+    Parse(PathBuf),
+}
+
+/// The port: a task's counters by task id.
+pub trait StatsSource: Send + Sync {
+    /// The counters of task `task_id`'s cgroup now.
+    fn read(&self, task_id: &str) -> Result<Counters, StatsError>;
+}
+
+/// Reads the counters from the cgroup filesystem under `root` (`/sys/fs/cgroup`), v1 or v2.
+pub struct CgroupStats {
+    root: PathBuf,
+    parent: String,
+}
+
+impl CgroupStats {
+    /// Counters of the cgroups `<parent>/<task id>` under `root`.
+    pub fn new(root: impl Into<PathBuf>, parent: &str) -> CgroupStats {
+        CgroupStats {
+            root: root.into(),
+            parent: parent.trim_matches('/').to_string(),
+        }
+    }
+
+    fn path(&self, controller: &str, task_id: &str) -> PathBuf {
+        let mut p = self.root.clone();
+        if !controller.is_empty() {
+            p.push(controller);
+        }
+        if !self.parent.is_empty() {
+            p.push(&self.parent);
+        }
+        p.join(task_id)
+    }
+}
+
+fn read_small(path: &Path) -> Result<String, StatsError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
+    let mut s = String::new();
+    f.take(MAX_STAT_FILE)
+        .read_to_string(&mut s)
+        .map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
+    Ok(s)
+}
+
+fn read_u64(path: &Path) -> Result<u64, StatsError> {
+    read_small(path)?
+        .trim()
+        .parse()
+        .map_err(|_| StatsError::Parse(path.to_path_buf()))
+}
+
+/// The value of `key` in a `key value` per line file (`memory.stat`, `cpu.stat`).
+fn stat_key(path: &Path, key: &str) -> Result<u64, StatsError> {
+    read_small(path)?
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .ok_or_else(|| StatsError::Parse(path.to_path_buf()))
+}
+
+impl StatsSource for CgroupStats {
+    fn read(&self, task_id: &str) -> Result<Counters, StatsError> {
+        let v1 = self.path("cpuacct", task_id);
+        if v1.is_dir() {
+            let cpu_ns = read_u64(&v1.join("cpuacct.usage"))?;
+            let mem = self.path("memory", task_id);
+            let usage = read_u64(&mem.join("memory.usage_in_bytes"))?;
+            let inactive = stat_key(&mem.join("memory.stat"), "total_inactive_file").unwrap_or(0);
+            return Ok(Counters {
+                cpu_ns,
+                memory_bytes: usage.saturating_sub(inactive),
+            });
+        }
+        let v2 = self.path("", task_id);
+        let cpu_ns = stat_key(&v2.join("cpu.stat"), "usage_usec")?.saturating_mul(1000);
+        let usage = read_u64(&v2.join("memory.current"))?;
+        let inactive = stat_key(&v2.join("memory.stat"), "inactive_file").unwrap_or(0);
+        Ok(Counters {
+            cpu_ns,
+            memory_bytes: usage.saturating_sub(inactive),
+        })
+    }
+}
+
+/// Turns successive counter readings into samples: cpu as a rate over the time between two
+/// readings. Pure: the caller passes the (monotonic) time of each round.
+#[derive(Default)]
+pub struct Sampler {
+    /// task id → (time of the last reading in ms, cpu ns then).
+    last: HashMap<String, (u64, u64)>,
+}
+
+impl Sampler {
+    /// Reads every task of `running` at `now_ms` and returns a sample for each task read twice
+    /// (the first reading only starts its rate). Tasks no longer running are forgotten.
+    pub fn round(
+        &mut self,
+        source: &dyn StatsSource,
+        running: &[String],
+        now_ms: u64,
+    ) -> Vec<TaskUsage> {
+        self.last.retain(|id, _| running.contains(id));
+        let mut out = Vec::new();
+        for id in running {
+            let c = match source.read(id) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A task just started or just ended has no cgroup: normal, hence debug.
+                    debug!(task = %id, %e, "no usage sample");
+                    self.last.remove(id);
+                    continue;
+                }
+            };
+            if let Some((at, cpu)) = self.last.insert(id.clone(), (now_ms, c.cpu_ns)) {
+                let ms = now_ms.saturating_sub(at);
+                if ms == 0 {
+                    continue;
+                }
+                // ns per ms of wall time / 1000 = thousandths of a cpu.
+                let cpu_milli = c.cpu_ns.saturating_sub(cpu) / ms / 1000;
+                out.push(TaskUsage {
+                    task_id: id.clone(),
+                    cpu_milli,
+                    memory_bytes: c.memory_bytes,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// Samples the worker's running tasks every `period` until the receiver side is gone.
+pub async fn run(
+    worker: Arc<Worker>,
+    source: Arc<dyn StatsSource>,
+    period: Duration,
+    out: watch::Sender<Vec<TaskUsage>>,
+) {
+    let mut sampler = Sampler::default();
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let running: Vec<String> = worker
+            .last_statuses()
+            .into_iter()
+            .filter(|r| r.state == rudder_proto::v1::TaskState::Running as i32)
+            .map(|r| r.task_id)
+            .collect();
+        let now = start.elapsed().as_millis() as u64;
+        let src = source.clone();
+        let Ok((s, samples)) = tokio::task::spawn_blocking(move || {
+            let samples = sampler.round(src.as_ref(), &running, now);
+            (sampler, samples)
+        })
+        .await
+        else {
+            return;
+        };
+        sampler = s;
+        if out.send(samples).is_err() {
+            return;
+        }
+    }
+}
+
+/// A recording fake: scripted counters per task; every read is recorded.
+#[cfg(test)]
+#[derive(Default)]
+pub struct FakeStats {
+    /// task id → counters the next read returns (absent: the cgroup is missing).
+    pub counters: std::sync::Mutex<HashMap<String, Counters>>,
+    /// Every task id read, in order.
+    pub reads: std::sync::Mutex<Vec<String>>,
+}
+
+#[cfg(test)]
+impl StatsSource for FakeStats {
+    fn read(&self, task_id: &str) -> Result<Counters, StatsError> {
+        self.reads.lock().unwrap().push(task_id.to_string());
+        self.counters
+            .lock()
+            .unwrap()
+            .get(task_id)
+            .copied()
+            .ok_or_else(|| {
+                StatsError::Read(
+                    PathBuf::from(task_id),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_a_rate_between_two_readings() {
+        let fake = FakeStats::default();
+        let set = |id: &str, cpu_ns: u64, mem: u64| {
+            fake.counters.lock().unwrap().insert(
+                id.into(),
+                Counters {
+                    cpu_ns,
+                    memory_bytes: mem,
+                },
+            );
+        };
+        let mut s = Sampler::default();
+        let running = vec!["a".to_string(), "b".to_string()];
+        set("a", 1_000_000_000, 10);
+        // b has no cgroup yet.
+        assert!(
+            s.round(&fake, &running, 0).is_empty(),
+            "first reading: no rate"
+        );
+        // 1 s of cpu over 2 s: half a cpu.
+        set("a", 2_000_000_000, 20);
+        set("b", 5_000_000_000, 30);
+        let out = s.round(&fake, &running, 2_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (
+                out[0].task_id.as_str(),
+                out[0].cpu_milli,
+                out[0].memory_bytes
+            ),
+            ("a", 500, 20)
+        );
+        // b: 3 cpus busy over 1 s.
+        set("b", 8_000_000_000, 30);
+        let out = s.round(&fake, &running, 3_000);
+        let b = out.iter().find(|u| u.task_id == "b").unwrap();
+        assert_eq!(b.cpu_milli, 3000);
+        // a stopped running: forgotten, and no longer read.
+        fake.reads.lock().unwrap().clear();
+        let out = s.round(&fake, &["b".to_string()], 4_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!(*fake.reads.lock().unwrap(), vec!["b".to_string()]);
+        assert!(!s.last.contains_key("a"));
+    }
+
+    #[test]
+    fn cgroup_v1_and_v2_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // v1: cpuacct and memory hierarchies.
+        let cpu = root.join("cpuacct/rudder/t1");
+        let mem = root.join("memory/rudder/t1");
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::create_dir_all(&mem).unwrap();
+        std::fs::write(cpu.join("cpuacct.usage"), "123456789\n").unwrap();
+        std::fs::write(mem.join("memory.usage_in_bytes"), "10485760\n").unwrap();
+        std::fs::write(
+            mem.join("memory.stat"),
+            "cache 1\ntotal_inactive_file 4194304\ntotal_rss 5\n",
+        )
+        .unwrap();
+        let src = CgroupStats::new(root, "/rudder/");
+        assert_eq!(
+            src.read("t1").unwrap(),
+            Counters {
+                cpu_ns: 123_456_789,
+                memory_bytes: 6 << 20
+            }
+        );
+        // v2: one tree.
+        let v2 = root.join("rudder/t2");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("cpu.stat"), "usage_usec 2500\nuser_usec 2000\n").unwrap();
+        std::fs::write(v2.join("memory.current"), "8192\n").unwrap();
+        std::fs::write(v2.join("memory.stat"), "anon 1\ninactive_file 4096\n").unwrap();
+        assert_eq!(
+            src.read("t2").unwrap(),
+            Counters {
+                cpu_ns: 2_500_000,
+                memory_bytes: 4096
+            }
+        );
+        let e = src.read("gone").unwrap_err();
+        assert!(e.to_string().starts_with("stats: cannot read"), "{e}");
+        std::fs::write(cpu.join("cpuacct.usage"), "lots\n").unwrap();
+        let e = src.read("t1").unwrap_err();
+        assert!(e.to_string().contains("unexpected content"), "{e}");
+    }
+}
