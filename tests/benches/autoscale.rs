@@ -1,5 +1,6 @@
 //! Autoscaler reaction time on a two-host lab (issue 16; run as root, after
-//! `cargo build --release --workspace --bins`: `cargo bench -p rudder-tests --bench autoscale`).
+//! `cargo build --release --workspace --bins`: `cargo bench -p rudder-tests --bench autoscale`;
+//! or on the debug binaries: `cargo test -p rudder-tests --bench autoscale -- --bench`).
 //!
 //! The service of `tests/autoscale.rs` (min 1, max 3, cpu_percent 50 of a 0.1 cpu reservation,
 //! a 4 s averaging window, no scale-up delay, 10 s scale-down delay) idles at 1 replica; then
@@ -8,7 +9,8 @@
 //! heartbeat (1 s), the autoscaler's pass (1 s), the raft commit, placement and the new
 //! containers' start. Each round then stops the load and waits for the scale-down.
 //!
-//! `AUTOSCALE_BENCH_ROUNDS` sets the number of rounds (default 5).
+//! `AUTOSCALE_BENCH_ROUNDS` sets the number of rounds (default 6), spread over the phases of
+//! the sample period.
 
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,8 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("AUTOSCALE_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(6)
+        .max(1);
     let (lab, tmp) = lab_with_busybox("bas", 2)?;
     lab.apply(tmp.path(), "burn.yaml", MANIFEST)?;
     let mut ups = Vec::new();
@@ -46,8 +49,11 @@ fn main() -> anyhow::Result<()> {
             let r = running(&lab)?;
             Ok((r.len() == 1).then(|| r[0].clone()))
         })?;
-        // A few idle samples first, so the window starts quiet.
-        std::thread::sleep(Duration::from_secs(6));
+        // A few idle samples first, so the window starts quiet; each round starts the load at
+        // another point of the 2 s sample period (else every round would time the same phase).
+        std::thread::sleep(Duration::from_millis(
+            6000 + (round as u64 * 2000 / rounds as u64),
+        ));
         let name = task["name"].as_str().unwrap_or_default().to_string();
         sh(&lab, &name, "touch /tmp/burn")?;
         let t0 = Instant::now();
