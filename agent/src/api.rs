@@ -148,9 +148,13 @@ impl From<AccessError> for Status {
     fn from(e: AccessError) -> Status {
         use AccessError as E;
         match e {
-            E::BadId | E::NoStart | E::NoCommand | E::UserTooLong | E::User(_) => {
-                Status::invalid_argument(e.to_string())
-            }
+            E::BadId
+            | E::NoStart
+            | E::NoCommand
+            | E::UserTooLong
+            | E::User(_)
+            | E::Env(_)
+            | E::Workdir(_) => Status::invalid_argument(e.to_string()),
             E::NoContainer(_) | E::NotRunning(_) | E::Pause { .. } | E::Resume { .. } => {
                 Status::failed_precondition(e.to_string())
             }

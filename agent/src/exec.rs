@@ -60,6 +60,10 @@ pub enum AccessError {
     NoCommand,
     #[error("exec: --user is longer than {MAX_USER} bytes")]
     UserTooLong,
+    #[error("exec: --env {0}")]
+    Env(String),
+    #[error("exec: --workdir {0}")]
+    Workdir(String),
     #[error("exec: {0}")]
     User(#[from] crate::user::UserError),
     #[error("exec: {what} of task {task}: {detail}")]
@@ -247,8 +251,62 @@ fn process_file(
     if !start.user.is_empty() {
         as_user(&dir, &mut process, &start.user)?;
     }
+    with_overrides(&mut process, &start.env, &start.workdir)?;
     crate::runtime::write_process(&dir.bundle(), &process)
         .map_err(|e| internal("writing the process file", &e))
+}
+
+/// At most this many `--env` entries, each at most [`MAX_ENV_ENTRY`] bytes.
+const MAX_ENV: usize = 256;
+const MAX_ENV_ENTRY: usize = 32 * 1024;
+/// `--workdir` at most this long (PATH_MAX).
+const MAX_WORKDIR: usize = 4096;
+
+/// `process` with `env` (`KEY=VALUE`, replacing the task's value of KEY) and `workdir`
+/// (absolute; empty: unchanged), as `docker exec --env/--workdir`. Bad entries are refused,
+/// named, before anything runs.
+fn with_overrides(
+    process: &mut oci_spec::runtime::Process,
+    env: &[String],
+    workdir: &str,
+) -> Result<(), AccessError> {
+    if env.len() > MAX_ENV {
+        return Err(AccessError::Env(format!(
+            "has {} entries; at most {MAX_ENV}",
+            env.len()
+        )));
+    }
+    let mut vars: Vec<String> = process.env().clone().unwrap_or_default();
+    for e in env {
+        let shown: String = e.chars().take(40).collect();
+        if e.len() > MAX_ENV_ENTRY {
+            return Err(AccessError::Env(format!(
+                "{shown}…: longer than {MAX_ENV_ENTRY} bytes"
+            )));
+        }
+        let Some((key, _)) = e.split_once('=') else {
+            return Err(AccessError::Env(format!("{shown:?}: expected KEY=VALUE")));
+        };
+        if key.is_empty() || e.contains('\0') {
+            return Err(AccessError::Env(format!(
+                "{shown:?}: the name must be non-empty and nothing may hold a NUL"
+            )));
+        }
+        let prefix = format!("{key}=");
+        vars.retain(|v| !v.starts_with(&prefix));
+        vars.push(e.clone());
+    }
+    process.set_env(Some(vars));
+    if !workdir.is_empty() {
+        if workdir.len() > MAX_WORKDIR || !workdir.starts_with('/') || workdir.contains('\0') {
+            return Err(AccessError::Workdir(format!(
+                "{:?}: must be an absolute path of at most {MAX_WORKDIR} bytes",
+                workdir.chars().take(40).collect::<String>()
+            )));
+        }
+        process.set_cwd(workdir.into());
+    }
+    Ok(())
 }
 
 /// `process` run as `user` (`user[:group]`) of the container's own files.
@@ -539,6 +597,41 @@ async fn write_pty(master: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_and_workdir_override_the_tasks_and_bad_ones_are_refused_by_name() {
+        let mut p = oci_spec::runtime::Process::default();
+        p.set_env(Some(vec!["PATH=/bin".into(), "A=1".into()]));
+        p.set_cwd("/srv".into());
+        with_overrides(&mut p, &["A=2".into(), "B=x=y".into()], "/tmp").unwrap();
+        assert_eq!(
+            p.env().clone().unwrap(),
+            ["PATH=/bin", "A=2", "B=x=y"],
+            "KEY replaced, a value may hold '='"
+        );
+        assert_eq!(p.cwd(), std::path::Path::new("/tmp"));
+        // Nothing given: unchanged.
+        let before = p.clone();
+        with_overrides(&mut p, &[], "").unwrap();
+        assert_eq!(p, before);
+
+        let refused = |env: &[&str], dir: &str| {
+            let env: Vec<String> = env.iter().map(|e| e.to_string()).collect();
+            with_overrides(&mut p.clone(), &env, dir)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&["NOVALUE"], "").contains("--env \"NOVALUE\": expected KEY=VALUE"));
+        assert!(refused(&["=v"], "").contains("--env"));
+        assert!(refused(&["A=b\0c"], "").contains("NUL"));
+        let long = format!("A={}", "x".repeat(MAX_ENV_ENTRY));
+        assert!(refused(&[long.as_str()], "").contains("longer than"));
+        let many: Vec<String> = (0..=MAX_ENV).map(|i| format!("K{i}=v")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(refused(&many, "").contains("at most 256"));
+        assert!(refused(&[], "relative").contains("--workdir \"relative\""));
+        assert!(refused(&[], &format!("/{}", "d".repeat(MAX_WORKDIR))).contains("--workdir"));
+    }
 
     fn start_input() -> ExecInput {
         ExecInput {

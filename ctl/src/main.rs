@@ -129,6 +129,13 @@ enum Cmd {
         /// /etc/passwd and /etc/group) instead of the task's.
         #[arg(short, long)]
         user: Option<String>,
+        /// Set KEY=VALUE in the command's environment (repeatable); KEY alone takes this
+        /// machine's value.
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Run in this directory of the container (absolute) instead of the task's.
+        #[arg(short, long)]
+        workdir: Option<String>,
         /// A task as `rctl ps` shows it, its id or an id prefix (or a service with one
         /// running task).
         task: String,
@@ -652,6 +659,8 @@ fn real_main() -> anyhow::Result<()> {
             interactive,
             tty,
             user,
+            env,
+            workdir,
             task,
             command,
         } => {
@@ -659,9 +668,13 @@ fn real_main() -> anyhow::Result<()> {
                 &ctx()?,
                 task,
                 command,
-                *interactive,
-                *tty,
-                user.as_deref(),
+                cmd::exec::ExecOptions {
+                    interactive: *interactive,
+                    tty: *tty,
+                    user: user.as_deref(),
+                    env,
+                    workdir: workdir.as_deref(),
+                },
             ))?;
             std::process::exit(code)
         }

@@ -445,7 +445,10 @@ fn exec_bench(lab: &LabGuard, ctl: &Ctl, task: &str) -> anyhow::Result<()> {
     let in_process_exec = || -> anyhow::Result<Duration> {
         let t = Instant::now();
         let code = ctl.rt.block_on(rudder_ctl::cmd::exec::run(
-            &ctl.ctx, task, &cmd, false, false, None,
+            &ctl.ctx,
+            task,
+            &cmd,
+            Default::default(),
         ))?;
         let d = t.elapsed();
         anyhow::ensure!(code == 0, "exec exit code {code}");

@@ -103,6 +103,28 @@ fn exec_cp_and_inspect_across_hosts() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(text(&out.stdout), "out\n");
     assert_eq!(text(&out.stderr), "err\n");
+    // --env over the task's environment, --workdir over its directory; a bad entry is
+    // refused by name before anything runs.
+    let out = lab.rctl(&[
+        "exec",
+        "-e",
+        "FOO=bar baz",
+        "-w",
+        "/tmp",
+        &t2,
+        "--",
+        "sh",
+        "-c",
+        "echo \"$FOO|$PWD\"",
+    ])?;
+    assert_eq!(out.trim(), "bar baz|/tmp");
+    let out = rctl_io(&lab, &["exec", "-w", "tmp", &t2, "--", "true"], b"")?;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("--workdir"),
+        "{}",
+        text(&out.stderr)
+    );
     // Stdin, to its end.
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let out = rctl_io(&lab, &["exec", "-i", &t2, "--", "cat"], &big)?;

@@ -68,15 +68,47 @@ fn input(msg: In) -> ExecInput {
     ExecInput { msg: Some(msg) }
 }
 
+/// How `rctl exec` runs its command, beside the task and the command itself.
+#[derive(Debug, Default, Clone)]
+pub struct ExecOptions<'a> {
+    /// Stream stdin to the command.
+    pub interactive: bool,
+    /// On a terminal.
+    pub tty: bool,
+    /// Another user than the task's (`user[:group]`).
+    pub user: Option<&'a str>,
+    /// `KEY=VALUE`, or `KEY` for this machine's value of KEY (left out when unset), as
+    /// `docker exec --env`.
+    pub env: &'a [String],
+    /// Another working directory than the task's.
+    pub workdir: Option<&'a str>,
+}
+
+/// `--env` entries as sent: `KEY` alone takes this machine's value (and is left out when
+/// unset here), as `docker exec -e KEY` does.
+fn env_entries(env: &[String], lookup: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    env.iter()
+        .filter_map(|e| match e.contains('=') {
+            true => Some(e.clone()),
+            false => lookup(e).map(|v| format!("{e}={v}")),
+        })
+        .collect()
+}
+
 /// Runs `command` in `task`; returns its exit code.
 pub async fn run(
     ctx: &Context,
     task: &str,
     command: &[String],
-    interactive: bool,
-    tty: bool,
-    user: Option<&str>,
+    o: ExecOptions<'_>,
 ) -> anyhow::Result<i32> {
+    let ExecOptions {
+        interactive,
+        tty,
+        user,
+        env,
+        workdir,
+    } = o;
     if command.is_empty() {
         anyhow::bail!("no command given: rctl exec TASK -- CMD…");
     }
@@ -89,6 +121,8 @@ pub async fn run(
         stdin: interactive,
         size: if tty { terminal_size() } else { None },
         user: user.unwrap_or_default().to_string(),
+        env: env_entries(env, |k| std::env::var(k).ok()),
+        workdir: workdir.unwrap_or_default().to_string(),
     })))
     .await?;
     let mut outputs = client
@@ -159,5 +193,22 @@ pub async fn run(
             Some(Out::ExitCode(code)) => return Ok(code),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_key_takes_this_machines_value_or_is_left_out() {
+        let env = [
+            "A=1".to_string(),
+            "HOME".into(),
+            "UNSET".into(),
+            "B=".into(),
+        ];
+        let lookup = |k: &str| (k == "HOME").then(|| "/root".to_string());
+        assert_eq!(env_entries(&env, lookup), ["A=1", "HOME=/root", "B="]);
     }
 }
