@@ -187,6 +187,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NetworkCmd,
     },
+    /// Compose files as stacks: deploy, config, ls, services, ps, rm.
+    Stack {
+        #[command(subcommand)]
+        cmd: StackCmd,
+    },
     /// Named volumes: create, list, inspect, remove.
     Volume {
         #[command(subcommand)]
@@ -316,6 +321,50 @@ enum SecretCmd {
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StackCmd {
+    /// Deploy (create or update) a stack from compose files, through `rctl apply`.
+    Deploy {
+        /// Compose file, then override files (repeatable, merged in order).
+        #[arg(short = 'c', long = "compose-file", required = true)]
+        files: Vec<PathBuf>,
+        name: String,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Print the Rudder manifests the compose files resolve to (nothing is sent).
+    Config {
+        #[arg(short = 'c', long = "compose-file", required = true)]
+        files: Vec<PathBuf>,
+        name: String,
+    },
+    /// List stacks (services labelled rudder.stack).
+    Ls {
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List a stack's services.
+    Services {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List a stack's tasks.
+    Ps {
+        name: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Remove a stack's services, networks, secrets and configs (volumes stay).
+    Rm {
+        name: String,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
 }
 
@@ -752,6 +801,31 @@ fn real_main() -> anyhow::Result<()> {
                 SecretCmd::Rm { names } => rt.block_on(cmd::secret::rm(&ctx, kind, names)),
             }
         }
+        Cmd::Stack { cmd } => match cmd {
+            StackCmd::Config { files, name } => cmd::stack::config(files, name),
+            StackCmd::Deploy {
+                files,
+                name,
+                detach,
+                timeout,
+            } => rt.block_on(cmd::stack::deploy(
+                &ctx()?,
+                files,
+                name,
+                *detach,
+                std::time::Duration::from_secs(*timeout),
+            )),
+            StackCmd::Ls { output } => rt.block_on(cmd::stack::ls(&ctx()?, *output)),
+            StackCmd::Services { name, output } => {
+                rt.block_on(cmd::stack::services(&ctx()?, name, *output))
+            }
+            StackCmd::Ps { name, output } => rt.block_on(cmd::stack::ps(&ctx()?, name, *output)),
+            StackCmd::Rm { name, timeout } => rt.block_on(cmd::stack::rm(
+                &ctx()?,
+                name,
+                std::time::Duration::from_secs(*timeout),
+            )),
+        },
         Cmd::Volume { cmd } => {
             let ctx = ctx()?;
             match cmd {

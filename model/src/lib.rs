@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod autoscale;
+pub mod compose;
 pub mod duration;
 pub mod health;
 pub mod job;

@@ -20,10 +20,7 @@ pub async fn run(
     detach: bool,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let mut specs = Vec::new();
-    let mut networks = Vec::new();
-    let mut volumes = Vec::new();
-    let mut secrets = Vec::new();
+    let mut docs = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
             let mut s = String::new();
@@ -34,14 +31,48 @@ pub async fn run(
                 std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
             (f.display().to_string(), text)
         };
-        for m in manifest::parse(&name, &text)? {
-            match m {
-                Manifest::Service(s) => specs.push(to_json("service", &s)?),
-                Manifest::Network(n) => networks.push(to_json("network", &n)?),
-                Manifest::Volume(v) => volumes.push(to_json("volume", &v)?),
-                Manifest::Secret(s) => secrets.push(secret_put(f, "secret", s)?),
-                Manifest::Config(s) => secrets.push(secret_put(f, "config", s)?),
+        if rudder_model::compose::is_compose(&text) {
+            // A compose file: a stack named by its `name:` or its directory (`rctl stack
+            // deploy` names it explicitly).
+            let dir = std::path::absolute(f).unwrap_or_else(|_| f.clone());
+            let dir_name = dir
+                .parent()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stack = rudder_model::compose::default_stack_name(&text, &dir_name);
+            eprintln!("{name}: a compose file, deployed as stack {stack:?}");
+            for m in crate::cmd::stack::load(std::slice::from_ref(f), &stack)? {
+                docs.push((f.clone(), m));
             }
+            continue;
+        }
+        for m in manifest::parse(&name, &text)? {
+            docs.push((f.clone(), m));
+        }
+    }
+    apply_manifests(ctx, docs, detach, timeout).await
+}
+
+/// Sends `docs` (each with the file it came from, which `file:` paths are relative to) in one
+/// apply, then waits for the services to converge unless `detach`.
+pub async fn apply_manifests(
+    ctx: &Context,
+    docs: Vec<(PathBuf, Manifest)>,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut specs = Vec::new();
+    let mut networks = Vec::new();
+    let mut volumes = Vec::new();
+    let mut secrets = Vec::new();
+    for (f, m) in docs {
+        match m {
+            Manifest::Service(s) => specs.push(to_json("service", &s)?),
+            Manifest::Network(n) => networks.push(to_json("network", &n)?),
+            Manifest::Volume(v) => volumes.push(to_json("volume", &v)?),
+            Manifest::Secret(s) => secrets.push(secret_put(&f, "secret", s)?),
+            Manifest::Config(s) => secrets.push(secret_put(&f, "config", s)?),
         }
     }
     if specs.is_empty() && networks.is_empty() && volumes.is_empty() && secrets.is_empty() {

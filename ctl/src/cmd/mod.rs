@@ -25,6 +25,7 @@ pub mod rollback;
 pub mod run;
 pub mod scale;
 pub mod secret;
+pub mod stack;
 pub mod stats;
 pub mod volume;
 

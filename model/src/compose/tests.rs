@@ -1,0 +1,538 @@
+use std::collections::BTreeMap;
+
+use super::interpolate::{interpolate, parse_env_file, shell_split, InterpolateError};
+use super::*;
+use crate::spec::{RestartCondition, ServiceMode};
+use crate::volume::MountType;
+
+fn run_with(
+    files: &[(&str, &str)],
+    dotenv: Option<&str>,
+    env: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Result<Stack, ComposeError> {
+    let sources: Vec<Source> = files
+        .iter()
+        .map(|(n, t)| Source {
+            name: n.to_string(),
+            text: t.to_string(),
+        })
+        .collect();
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let fs: BTreeMap<String, String> = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    convert(&Input {
+        stack: "app",
+        sources: &sources,
+        dotenv,
+        env: &env,
+        files: &fs,
+    })
+}
+
+fn run(text: &str) -> Result<Stack, ComposeError> {
+    run_with(&[("compose.yaml", text)], None, &[], &[])
+}
+
+fn service(stack: &Stack, name: &str) -> crate::ServiceSpec {
+    stack
+        .manifests
+        .iter()
+        .find_map(|m| match m {
+            Manifest::Service(s) if s.name == name => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no service {name} in {:?}", stack.manifests))
+}
+
+/// One service `web` (image busybox) with `body` as its extra keys (indented by 4).
+fn web(body: &str) -> crate::ServiceSpec {
+    let text = format!("services:\n  web:\n    image: busybox\n{body}");
+    let s = run(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    service(&s, "app-web")
+}
+
+#[test]
+fn interpolation_forms() {
+    let vars: BTreeMap<String, String> = [("A", "x"), ("E", ""), ("B_2", "y")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (input, want) in [
+        ("$A", "x"),
+        ("${A}", "x"),
+        ("a${A}b$B_2-c", "axby-c"),
+        ("${U:-d}", "d"),
+        ("${E:-d}", "d"),
+        ("${E-d}", ""),
+        ("${U-d}", "d"),
+        ("${A:-d}", "x"),
+        ("${U:-${A}z}", "xz"),
+        ("$$A", "$A"),
+        ("cost $5", "cost $5"),
+        ("${A:+alt}", "alt"),
+        ("${U:+alt}", ""),
+        ("${U}", ""),
+        ("${E:?no}", "ERR"),
+        ("${E?no}", ""),
+        ("${U?gone}", "ERR"),
+    ] {
+        let mut unset = Vec::new();
+        let got = interpolate(input, &vars, &mut unset);
+        match got {
+            Ok(s) => assert_eq!(s, want, "{input}"),
+            Err(InterpolateError::Required { .. }) => assert_eq!(want, "ERR", "{input}"),
+            Err(e) => panic!("{input}: {e}"),
+        }
+    }
+    let mut unset = Vec::new();
+    interpolate("$U ${U} ${W}", &vars, &mut unset).unwrap();
+    assert_eq!(unset, ["U", "W"]);
+    assert!(matches!(
+        interpolate("${A", &vars, &mut unset),
+        Err(InterpolateError::Syntax(_))
+    ));
+    assert!(matches!(
+        interpolate("${A%x}", &vars, &mut unset),
+        Err(InterpolateError::Syntax(_))
+    ));
+}
+
+#[test]
+fn env_files_and_shell_words() {
+    let parsed =
+        parse_env_file("# c\nA=1\nexport B = two \nC='lit $x'\nD=\"q\\\"d\"\nE=v # comment\nF\n\n")
+            .unwrap();
+    assert_eq!(
+        parsed,
+        [
+            ("A".to_string(), Some("1".to_string())),
+            ("B".into(), Some("two".into())),
+            ("C".into(), Some("lit $x".into())),
+            ("D".into(), Some("q\"d".into())),
+            ("E".into(), Some("v".into())),
+            ("F".into(), None),
+        ]
+    );
+    assert!(parse_env_file("BAD KEY=1").is_err());
+    for (s, want) in [
+        ("echo hi", vec!["echo", "hi"]),
+        ("sh -c 'echo a b'", vec!["sh", "-c", "echo a b"]),
+        ("a\\ b \"c \\\"d\\\"\"", vec!["a b", "c \"d\""]),
+        ("  x   y ", vec!["x", "y"]),
+        ("''", vec![""]),
+    ] {
+        assert_eq!(shell_split(s).unwrap(), want, "{s}");
+    }
+    assert!(shell_split("'open").is_err());
+}
+
+#[test]
+fn dotenv_and_process_env_feed_interpolation() {
+    let text = "services:\n  web:\n    image: \"busybox:${TAG:-1}\"\n    environment:\n      MODE: $MODE\n      PRICE: $$5\n";
+    let s = run_with(
+        &[("c.yaml", text)],
+        Some("TAG=2\nMODE=dotenv\n"),
+        &[("MODE", "shell")],
+        &[],
+    )
+    .unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(w.image, "busybox:2");
+    assert_eq!(
+        w.env["MODE"], "shell",
+        "the process environment wins over .env"
+    );
+    assert_eq!(w.env["PRICE"], "$5");
+    let e = run_with(
+        &[("c.yaml", "services:\n  web:\n    image: ${IMG:?set IMG}\n")],
+        None,
+        &[],
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!((e.field.as_str(), e.line), ("services.web.image", 3), "{e}");
+    assert!(e.message.contains("set IMG"), "{e}");
+    // Unset without default: empty, with a warning.
+    let s = run("services:\n  web:\n    image: busybox\n    environment: [X=$NOPE]\n").unwrap();
+    assert!(
+        s.warnings.iter().any(|w| w.contains("NOPE")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[test]
+fn anchors_merge_keys_and_extensions() {
+    let text = "x-common: &common\n  image: busybox\n  environment:\n    A: \"1\"\nservices:\n  a:\n    <<: *common\n    x-note: ignored\n  b:\n    <<: *common\n    environment:\n      B: \"2\"\n";
+    let s = run(text).unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    assert_eq!(service(&s, "app-a").env["A"], "1");
+    assert_eq!(service(&s, "app-b").image, "busybox");
+    assert_eq!(
+        service(&s, "app-b").env.get("B").map(String::as_str),
+        Some("2")
+    );
+}
+
+#[test]
+fn override_files_merge_per_the_spec() {
+    let base = "services:\n  web:\n    image: busybox\n    command: [a, b]\n    environment: [A=1, B=2]\n    ports: [\"80:80\"]\n    volumes: [\"data:/data\"]\nvolumes:\n  data: {}\n  other: {}\n";
+    let over = "services:\n  web:\n    image: busybox:2\n    command: [c]\n    environment:\n      B: \"3\"\n    ports: [\"81:81\"]\n    volumes: [\"other:/data:ro\"]\n";
+    let s = run_with(&[("a.yaml", base), ("b.yaml", over)], None, &[], &[]).unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(w.image, "busybox:2");
+    assert_eq!(w.command.as_deref(), Some(&["c".to_string()][..]));
+    assert_eq!((w.env["A"].as_str(), w.env["B"].as_str()), ("1", "3"));
+    assert_eq!(w.ports.len(), 2);
+    assert_eq!(w.mounts.len(), 1, "volumes merge by target");
+    assert_eq!(
+        (w.mounts[0].source.as_str(), w.mounts[0].readonly),
+        ("app-other", true)
+    );
+    // An error in the override names the override file.
+    let bad = "services:\n  web:\n    ports:\n      - \"x:80\"\n";
+    let e = run_with(&[("a.yaml", base), ("b.yaml", bad)], None, &[], &[]).unwrap_err();
+    assert_eq!((e.file.as_str(), e.line), ("b.yaml", 3), "{e}");
+}
+
+#[test]
+fn names_map_predictably() {
+    let text = "services:\n  payment_gateway:\n    image: x\n    volumes: [\"db_data:/d\"]\n    secrets: [db_pw]\nvolumes:\n  db_data: {}\nsecrets:\n  db_pw:\n    environment: PW\nnetworks:\n  Back.End: {}\n";
+    let s = run_with(&[("c.yaml", text)], None, &[("PW", "s3")], &[]).unwrap();
+    let names: Vec<(&str, &str)> = s.manifests.iter().map(|m| (m.kind(), m.name())).collect();
+    assert_eq!(
+        names,
+        [
+            ("Network", "app-default"),
+            ("Network", "app-back-end"),
+            ("Volume", "app-db-data"),
+            ("Secret", "app-db_pw"),
+            ("Service", "app-payment-gateway"),
+        ]
+    );
+    let svc = service(&s, "app-payment-gateway");
+    assert_eq!(svc.aliases, ["payment-gateway"]);
+    assert_eq!(svc.networks, ["app-default"]);
+    assert_eq!(svc.labels[STACK_LABEL], "app");
+    assert_eq!(svc.labels[SERVICE_LABEL], "payment_gateway");
+    assert_eq!(svc.secrets[0].source, "app-db_pw");
+    assert_eq!(svc.secrets[0].target.as_deref(), Some("db_pw"));
+    assert!(s
+        .warnings
+        .iter()
+        .any(|w| w.contains("reachable as \"payment-gateway\"")));
+    // Two names that collide are refused.
+    let e = run("services:\n  a_b:\n    image: x\n  a-b:\n    image: x\n").unwrap_err();
+    assert!(e.message.contains("rename one"), "{e}");
+}
+
+#[test]
+fn keys_to_fields() {
+    // command / entrypoint
+    let w = web("    command: echo \"hello world\"\n    entrypoint: [\"/bin/sh\", \"-c\"]\n");
+    assert_eq!(w.command.unwrap(), ["echo", "hello world"]);
+    assert_eq!(w.entrypoint.unwrap(), ["/bin/sh", "-c"]);
+    // environment list and map, env_file under it
+    let text = "services:\n  web:\n    image: x\n    env_file: [web.env, {path: missing.env, required: false}]\n    environment: [A=1, C]\n";
+    let s = run_with(
+        &[("c.yaml", text)],
+        None,
+        &[("C", "from-shell")],
+        &[("web.env", "A=0\nB=2\n")],
+    )
+    .unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(
+        w.env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>(),
+        ["A=1", "B=2", "C=from-shell"]
+    );
+    // ports
+    let w = web("    ports:\n      - \"8080:80\"\n      - \"127.0.0.1:53:53/udp\"\n      - \"9000-9001:7000-7001\"\n      - target: 443\n        published: 8443\n        mode: host\n");
+    let p: Vec<(u16, Option<u16>, &str, PortModeS)> = w
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.target,
+                p.published,
+                p.protocol.as_str(),
+                PortModeS(p.mode),
+            )
+        })
+        .collect();
+    use crate::ports::PortMode::{Host, Ingress};
+    assert_eq!(
+        p,
+        [
+            (80, Some(8080), "tcp", PortModeS(Ingress)),
+            (53, Some(53), "udp", PortModeS(Ingress)),
+            (7000, Some(9000), "tcp", PortModeS(Ingress)),
+            (7001, Some(9001), "tcp", PortModeS(Ingress)),
+            (443, Some(8443), "tcp", PortModeS(Host)),
+        ]
+    );
+    // volumes: named, bind, tmpfs, anonymous
+    let text = "services:\n  web:\n    image: x\n    volumes:\n      - data:/data:ro\n      - /srv/www:/www\n      - type: tmpfs\n        target: /cache\n        tmpfs:\n          size: 64M\n      - /scratch\n      - type: volume\n        source: data\n        target: /d2\n        volume:\n          nocopy: true\n    tmpfs: [\"/run:size=1M\"]\nvolumes:\n  data:\n";
+    let w = service(&run(text).unwrap(), "app-web");
+    let m: Vec<(MountType, &str, &str, bool)> = w
+        .mounts
+        .iter()
+        .map(|m| (m.typ, m.source.as_str(), m.target.as_str(), m.readonly))
+        .collect();
+    assert_eq!(
+        m,
+        [
+            (MountType::Volume, "app-data", "/data", true),
+            (MountType::Bind, "/srv/www", "/www", false),
+            (MountType::Tmpfs, "", "/cache", false),
+            (
+                MountType::Volume,
+                "app-web-3-{{.Task.Slot}}",
+                "/scratch",
+                false
+            ),
+            (MountType::Volume, "app-data", "/d2", false),
+            (MountType::Tmpfs, "", "/run", false),
+        ]
+    );
+    assert_eq!(w.mounts[2].tmpfs_size, 64 << 20);
+    assert!(w.mounts[4].nocopy);
+    assert_eq!(w.mounts[5].tmpfs_size, 1 << 20);
+    // networks: map with aliases, external, internal, ipam
+    let text = "services:\n  web:\n    image: x\n    networks:\n      front:\n        aliases: [www]\n      shared:\nnetworks:\n  front:\n    internal: true\n    ipam:\n      config:\n        - subnet: 10.77.0.0/16\n  shared:\n    external: true\n    name: corp-net\n";
+    let s = run(text).unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(w.networks, ["app-front", "corp-net"]);
+    assert_eq!(w.aliases, ["web", "www"]);
+    let Some(Manifest::Network(n)) = s.manifests.iter().find(|m| m.name() == "app-front") else {
+        panic!()
+    };
+    assert!(n.internal);
+    assert_eq!(n.subnet.as_deref(), Some("10.77.0.0/16"));
+    assert!(!s
+        .manifests
+        .iter()
+        .any(|m| m.name() == "corp-net" || m.name() == "app-default"));
+    // healthcheck forms and durations
+    let w = web("    healthcheck:\n      test: [\"CMD\", \"true\"]\n      interval: 1m30s\n      timeout: 5s\n      retries: 2\n      start_period: 500ms\n");
+    let h = w.healthcheck.unwrap();
+    assert_eq!(h.exec.unwrap(), ["true"]);
+    assert_eq!(
+        (h.interval, h.timeout, h.retries, h.start_period),
+        (90_000, 5_000, 2, 500)
+    );
+    let w = web("    healthcheck:\n      test: wget -q localhost\n");
+    assert_eq!(
+        w.healthcheck.unwrap().exec.unwrap(),
+        ["/bin/sh", "-c", "wget -q localhost"]
+    );
+    let w = web("    healthcheck:\n      test: [\"CMD-SHELL\", \"cat /x\"]\n");
+    assert_eq!(
+        w.healthcheck.unwrap().exec.unwrap(),
+        ["/bin/sh", "-c", "cat /x"]
+    );
+    assert!(web("    healthcheck:\n      test: [\"NONE\"]\n")
+        .healthcheck
+        .is_none());
+    assert!(web("    healthcheck:\n      disable: true\n")
+        .healthcheck
+        .is_none());
+    // restart and deploy.restart_policy
+    assert_eq!(
+        web("    restart: \"no\"\n").restart.condition,
+        RestartCondition::None
+    );
+    let w = web("    restart: on-failure:3\n");
+    assert_eq!(
+        (w.restart.condition, w.restart.max_attempts),
+        (RestartCondition::OnFailure, 3)
+    );
+    let text = "services:\n  web:\n    image: x\n    restart: always\n    deploy:\n      restart_policy:\n        condition: on-failure\n        delay: 2s\n        window: 1m\n";
+    let s = run(text).unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(
+        (w.restart.condition, w.restart.delay, w.restart.window),
+        (RestartCondition::OnFailure, 2000, 60_000)
+    );
+    assert!(
+        s.warnings
+            .iter()
+            .any(|x| x.contains("services.web.restart (compose.yaml:4): conflicts")),
+        "{:?}",
+        s.warnings
+    );
+    // deploy
+    let w = web("    deploy:\n      mode: replicated\n      replicas: 3\n      endpoint_mode: dnsrr\n      labels: [team=a]\n      resources:\n        limits:\n          cpus: \"0.5\"\n          memory: 64M\n          pids: 50\n        reservations:\n          memory: 32M\n      placement:\n        constraints: [\"node.role == worker\"]\n        preferences:\n          - spread: node.labels.zone\n        max_replicas_per_node: 2\n      update_config:\n        parallelism: 2\n        delay: 10s\n        order: start-first\n        failure_action: rollback\n      rollback_config:\n        parallelism: 1\n");
+    assert_eq!(w.replicas, 3);
+    assert_eq!(w.endpoint_mode, crate::network::EndpointMode::Dnsrr);
+    assert_eq!(w.labels["team"], "a");
+    assert_eq!(
+        (
+            w.resources.limits.cpus,
+            w.resources.limits.memory,
+            w.resources.limits.pids
+        ),
+        (500, 64 << 20, 50)
+    );
+    assert_eq!(w.resources.reservations.memory, 32 << 20);
+    assert_eq!(w.placement.constraints[0].to_string(), "node.role==worker");
+    assert_eq!(w.placement.max_replicas_per_node, 2);
+    assert_eq!(
+        (w.update_config.parallelism, w.update_config.delay),
+        (2, 10_000)
+    );
+    assert_eq!(
+        w.update_config.order,
+        crate::update::UpdateOrder::StartFirst
+    );
+    assert_eq!(w.rollback_config.parallelism, 1);
+    let w = web("    deploy:\n      mode: replicated-job\n      replicas: 4\n");
+    assert_eq!(
+        (w.mode, w.completions, w.parallelism),
+        (ServiceMode::ReplicatedJob, Some(4), Some(4))
+    );
+    assert_eq!(w.restart.condition, RestartCondition::OnFailure);
+    assert_eq!(
+        web("    deploy:\n      mode: global-job\n").mode,
+        ServiceMode::GlobalJob
+    );
+    assert_eq!(
+        web("    deploy:\n      mode: global\n").mode,
+        ServiceMode::Global
+    );
+    // The simple keys.
+    let w = web("    user: \"1000:1000\"\n    working_dir: /app\n    hostname: h1\n    stop_grace_period: 1m30s\n    labels:\n      a: b\n    logging:\n      driver: json-file\n      options:\n        max-size: 10m\n        max-file: \"3\"\n    network_mode: host\n");
+    assert_eq!(w.user.as_deref(), Some("1000:1000"));
+    assert_eq!(w.workdir.as_deref(), Some("/app"));
+    assert_eq!(w.hostname.as_deref(), Some("h1"));
+    assert_eq!(w.stop_grace_period, 90);
+    assert_eq!(w.labels["a"], "b");
+    assert_eq!((w.logging.max_size, w.logging.max_file), (10 << 20, 3));
+    assert_eq!(w.network_mode, crate::spec::NetworkMode::Host);
+    assert!(w.networks.is_empty());
+    // secrets and configs: file, environment, external; long form
+    let text = "services:\n  web:\n    image: x\n    secrets:\n      - source: pw\n        target: db-password\n        mode: 0400\n      - ext\n    configs:\n      - conf\nsecrets:\n  pw:\n    file: ./pw.txt\n  ext:\n    external: true\nconfigs:\n  conf:\n    environment: CONF\n";
+    let s = run_with(&[("c.yaml", text)], None, &[("CONF", "k=v")], &[]).unwrap();
+    let w = service(&s, "app-web");
+    assert_eq!(w.secrets[0].source, "app-pw");
+    assert_eq!(w.secrets[0].target.as_deref(), Some("db-password"));
+    assert_eq!(w.secrets[0].mode, Some(0o400));
+    assert_eq!(w.secrets[1].source, "ext");
+    assert_eq!(w.configs[0].source, "app-conf");
+    assert_eq!(w.configs[0].target.as_deref(), Some("/conf"));
+    let Some(Manifest::Secret(pw)) = s.manifests.iter().find(|m| m.name() == "app-pw") else {
+        panic!()
+    };
+    assert_eq!(pw.file.as_deref(), Some("./pw.txt"));
+    let Some(Manifest::Config(c)) = s.manifests.iter().find(|m| m.name() == "app-conf") else {
+        panic!()
+    };
+    assert_eq!(c.data.as_ref().unwrap().0, "k=v");
+    assert!(
+        !to_yaml(&s.manifests).contains("k=v"),
+        "values are not printed"
+    );
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct PortModeS(crate::ports::PortMode);
+
+#[test]
+fn unsupported_keys_warn_once_each() {
+    let text = "version: \"3.8\"\nservices:\n  web:\n    image: x\n    container_name: w\n    links: [db]\n    cap_add: [NET_ADMIN]\n    cap_drop: [ALL]\n    sysctls: {a: 1}\n    read_only: true\n    init: true\n    stop_signal: SIGINT\n    ulimits: {nofile: 1024}\n    extra_hosts: [\"a:1.2.3.4\"]\n    dns: 8.8.8.8\n    depends_on: [db]\n    profiles: [debug]\n    frobnicate: 1\n  db:\n    image: x\n";
+    let s = run(text).unwrap();
+    for key in [
+        "version",
+        "container_name",
+        "links",
+        "cap_add",
+        "cap_drop",
+        "sysctls",
+        "read_only",
+        "init",
+        "stop_signal",
+        "ulimits",
+        "extra_hosts",
+        "dns",
+        "depends_on",
+        "profiles",
+        "frobnicate",
+    ] {
+        let n = s
+            .warnings
+            .iter()
+            .filter(|w| {
+                w.starts_with(&format!("services.web.{key} ")) || w.starts_with(&format!("{key} "))
+            })
+            .count();
+        assert_eq!(n, 1, "{key}: {:?}", s.warnings);
+    }
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.starts_with("services.web.cap_add (compose.yaml:7)")),
+        "{:?}",
+        s.warnings
+    );
+}
+
+#[test]
+fn errors_name_the_key_and_line() {
+    for (text, field, line, words) in [
+        ("services:\n  web:\n    image: x\n    ports:\n      - \"80:x\"\n", "services.web.ports[0]", 4, "not a port"),
+        ("services:\n  web:\n    image: x\n    volumes:\n      - ./html:/www\n", "services.web.volumes[0]", 4, "relative bind"),
+        ("services:\n  web:\n    image: x\n    volumes:\n      - nope:/d\n", "services.web.volumes[0]", 4, "not declared"),
+        ("services:\n  web:\n    image: x\n    networks: [ghost]\n", "services.web.networks.ghost", 4, "not declared"),
+        ("services:\n  web:\n    image: x\n    deploy:\n      replicas: many\n", "services.web.deploy.replicas", 5, "expected a number"),
+        ("services:\n  web:\n    image: x\n    deploy:\n      mode: sometimes\n", "services.web.deploy.mode", 5, "unknown variant"),
+        ("services:\n  web:\n    image: x\n    deploy:\n      update_config:\n        order: sideways\n", "services.web.deploy.update_config.order", 6, "unknown variant"),
+        ("services:\n  web:\n    image: x\n    deploy:\n      mode: global\n    volumes: [/anon]\n", "services.web.volumes[0]", 6, "replicated"),
+        ("services:\n  web:\n    build: .\n", "services.web.build", 3, "rctl build"),
+        ("services:\n  web:\n    image: x\n    healthcheck:\n      interval: soon\n      test: [CMD, \"true\"]\n", "services.web.healthcheck.interval", 5, "not a duration"),
+        ("services:\n  web:\n    image: x\n    secrets: [missing]\n", "services.web.secrets[0]", 4, "not declared"),
+        ("services:\n  web:\n    image: x\n    restart: sometimes\n", "services.web.restart", 4, "expected no"),
+        ("services:\n  web:\n    image: x\n    ports:\n      - \"80-81:90\"\n", "services.web.ports[0]", 4, "ranges differ"),
+        ("services: [a]\n", "services", 1, "mapping"),
+        ("services:\n  web:\n    image: [x\n", ".", 4, ""),
+        ("services:\n  web:\n    image: \"x\"\n    deploy:\n      resources:\n        reservations:\n          memory: 2G\n        limits:\n          memory: 1G\n", "services.web", 2, "reserves 2 GiB"),
+    ] {
+        let e = run(text).unwrap_err();
+        assert_eq!((e.field.as_str(), e.line), (field, line), "{e}\n{text}");
+        assert!(e.message.contains(words), "{e}");
+        assert!(e.to_string().starts_with("compose: compose.yaml:"), "{e}");
+    }
+}
+
+#[test]
+fn compose_files_are_told_from_manifests() {
+    assert!(is_compose("services:\n  a:\n    image: x\n"));
+    assert!(!is_compose("kind: Service\nname: a\nimage: x\n"));
+    assert!(!is_compose("kind: Network\nname: n\n"));
+    assert_eq!(
+        default_stack_name("services: {}\n", "My_Project"),
+        "my-project"
+    );
+    assert_eq!(
+        default_stack_name("name: shop\nservices: {}\n", "x"),
+        "shop"
+    );
+    assert_eq!(dns_name("db_data"), "db-data");
+}
+
+#[test]
+fn printed_manifests_parse_back() {
+    let text = "services:\n  web:\n    image: busybox\n    command: [sleep, \"1000\"]\n    ports: [\"8080:80\"]\n    volumes: [\"data:/d\"]\n    healthcheck:\n      test: [CMD, \"true\"]\n  db:\n    image: busybox\nvolumes:\n  data:\n";
+    let s = run(text).unwrap();
+    let yaml = to_yaml(&s.manifests);
+    let back = crate::manifest::parse("out.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    assert_eq!(back, s.manifests);
+}

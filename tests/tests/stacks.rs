@@ -1,0 +1,137 @@
+//! Compose stacks on a real 2-host lab: `rctl stack deploy` of a busybox compose file (with a
+//! `.env`, a secret from a file, a healthcheck reading it, placement, a compose name with
+//! `_`), a client on the other host reaching the server by its compose name over the stack's
+//! default network, then `stack ls|services|ps|rm`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rudder_tests::{exec, lab_with_busybox, running_tasks, wait_for, LabGuard};
+
+fn running_one(lab: &LabGuard, service: &str) -> anyhow::Result<serde_json::Value> {
+    wait_for(
+        Duration::from_secs(90),
+        &format!("{service} running"),
+        || {
+            let t = lab.tasks(service)?;
+            Ok(running_tasks(&t).first().map(|t| (*t).clone()))
+        },
+    )
+}
+
+const COMPOSE: &str = r#"x-pinned: &pinned
+  restart: always
+services:
+  web_server:
+    image: "busybox:${TAG:-missing}"
+    command: sh -c "mkdir -p /www && cat /run/secrets/db_pw > /www/index.html && exec httpd -f -p 80 -h /www"
+    secrets: [db_pw]
+    healthcheck:
+      test: ["CMD", "test", "-s", "/run/secrets/db_pw"]
+      interval: 1s
+      timeout: 2s
+    deploy:
+      placement:
+        constraints: ["node.hostname == h2"]
+    stop_grace_period: 1s
+    container_name: ignored
+  client:
+    <<: *pinned
+    image: busybox:latest
+    command: ["sleep", "1000000"]
+    deploy:
+      placement:
+        constraints: ["node.hostname == h1"]
+    stop_grace_period: 1s
+secrets:
+  db_pw:
+    file: ./pw.txt
+"#;
+
+#[test]
+fn a_compose_stack_deploys_resolves_names_and_is_removed() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("st", 2)?;
+    let dir = tmp.path();
+    std::fs::write(dir.join("compose.yaml"), COMPOSE)?;
+    std::fs::write(dir.join(".env"), "TAG=latest\n")?;
+    std::fs::write(dir.join("pw.txt"), "s3cret-from-file\n")?;
+    let file = dir.join("compose.yaml");
+    let file = file.to_str().context("utf-8 path")?;
+
+    // `stack config` resolves .env and names without a cluster round trip.
+    let config = lab.rctl(&["stack", "config", "-c", file, "shop"])?;
+    for want in [
+        "name: shop-web-server",
+        "image: busybox:latest",
+        "- web-server",
+        "name: shop-default",
+        "name: shop-db_pw",
+    ] {
+        assert!(config.contains(want), "{want:?} in:\n{config}");
+    }
+
+    let out = lab.rctl(&["stack", "deploy", "--detach", "-c", file, "shop"])?;
+    assert!(out.contains("service/shop-web-server"), "{out}");
+    let web = running_one(&lab, "shop-web-server")?;
+    assert_eq!(web["node"], "h2");
+    let client = running_one(&lab, "shop-client")?;
+    assert_eq!(client["node"], "h1");
+
+    // The client (h1) reaches the server (h2) by its compose name over the stack network
+    // (busybox's wget -T crashes: `timeout` bounds it).
+    let mut last = String::new();
+    let body = wait_for(Duration::from_secs(60), "web-server by name", || {
+        let (ok, out) = exec(
+            &lab,
+            &client,
+            &["timeout", "5", "wget", "-qO-", "http://web-server/"],
+        )?;
+        last = out.clone();
+        Ok((ok && out.contains("s3cret-from-file")).then_some(out))
+    })
+    .map_err(|e| {
+        let diag: Vec<String> = [
+            vec!["nslookup", "web-server"],
+            vec!["nslookup", "shop-web-server"],
+            vec!["timeout", "5", "wget", "-qO-", "http://shop-web-server/"],
+            vec!["cat", "/etc/resolv.conf"],
+            vec!["ip", "addr"],
+        ]
+        .iter()
+        .map(|c| format!("{c:?}: {:?}", exec(&lab, &client, c)))
+        .collect();
+        let w = exec(&lab, &web, &["cat", "/www/index.html"]);
+        e.context(format!("last: {last}\n{}\nweb: {w:?}", diag.join("\n")))
+    })?;
+    assert!(body.contains("s3cret-from-file"), "{body}");
+
+    let ls = lab.rctl(&["stack", "ls"])?;
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with("shop") && l.ends_with('2')),
+        "{ls}"
+    );
+    let services = lab.rctl(&["stack", "services", "shop"])?;
+    assert!(
+        services.contains("shop-client") && services.contains("web_server"),
+        "{services}"
+    );
+    let ps: serde_json::Value =
+        serde_json::from_str(&lab.rctl(&["stack", "ps", "shop", "-o", "json"])?)?;
+    assert!(ps.as_array().is_some_and(|t| t.len() >= 2), "{ps}");
+
+    // Deploying again changes nothing.
+    let again = lab.rctl(&["stack", "deploy", "--detach", "-c", file, "shop"])?;
+    assert!(
+        again.lines().all(|l| l.ends_with("unchanged")),
+        "a second deploy is idempotent: {again}"
+    );
+
+    let rm = lab.rctl(&["stack", "rm", "shop"])?;
+    assert!(rm.contains("network/shop-default removed"), "{rm}");
+    assert!(rm.contains("secret/shop-db_pw removed"), "{rm}");
+    let services = lab.rctl(&["get", "services"])?;
+    assert!(!services.contains("shop-"), "{services}");
+    assert!(!lab.rctl(&["stack", "ls"])?.contains("shop"));
+    Ok(())
+}
