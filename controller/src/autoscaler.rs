@@ -76,19 +76,25 @@ fn pass(
             .is_some_and(|s| s.spec.autoscale.is_some())
     });
     let mut cmds = Vec::new();
+    if policies.is_empty() && !store.services.values().any(|s| s.spec.autoscale.is_some()) {
+        return cmds;
+    }
+    // Running tasks by service, in one walk over the tasks.
+    let mut running: HashMap<&str, Vec<&rudder_model::Task>> = HashMap::new();
+    for t in store.tasks.values() {
+        if t.desired_state == TaskState::Running && t.status.state == TaskState::Running {
+            running.entry(t.service_id.as_str()).or_default().push(t);
+        }
+    }
     for svc in store.services.values() {
         let Some(a) = &svc.spec.autoscale else {
             continue;
         };
         let since = now.saturating_sub(a.window);
-        let tasks: Vec<TaskSamples> = store
-            .tasks
-            .values()
-            .filter(|t| {
-                t.service_id == svc.id
-                    && t.desired_state == TaskState::Running
-                    && t.status.state == TaskState::Running
-            })
+        let tasks: Vec<TaskSamples> = running
+            .get(svc.id.as_str())
+            .into_iter()
+            .flatten()
             .map(|t| TaskSamples {
                 task: t.id.clone(),
                 samples: book.since(&t.id, since),

@@ -74,7 +74,8 @@ fn scales_up_under_cpu_load_and_back_down() -> anyhow::Result<()> {
         .iter()
         .find(|t| t["name"].as_str() == Some(name.as_str()))
         .expect("the burning task");
-    assert!(hot["cpu_milli"].as_u64().unwrap() > 300, "{stats}");
+    // Up to its 0.5 cpu limit, less when the machine is busy; far above the idle tasks' anyway.
+    assert!(hot["cpu_milli"].as_u64().unwrap() > 100, "{stats}");
     let refused = lab.rctl(&["scale", "burn=2"]).unwrap_err().to_string();
     assert!(
         refused.contains("is autoscaled (1 to 3 replicas)"),

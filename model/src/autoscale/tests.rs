@@ -526,3 +526,47 @@ fn decisions_apply_only_to_the_count_they_were_made_on() {
     store.apply(31, decision(1, 2)).unwrap();
     assert_eq!(store.services["web"].spec.replicas, 1);
 }
+
+#[test]
+fn a_reapplied_manifest_leaves_the_autoscalers_count_unchanged() {
+    use crate::apply::{plan, Action, Manifests};
+    let mut s = spec("web", 1);
+    s.resources = resources();
+    s.autoscale = Some(auto(1, 3, Some(50), None));
+    let m = Manifests {
+        services: vec![s.clone()],
+        ..Default::default()
+    };
+    let mut store = crate::Store::default();
+    let mut n = 0;
+    let mut ids = || {
+        n += 1;
+        format!("id{n}")
+    };
+    let p = plan(&store, m.clone(), 1, &mut ids).unwrap();
+    store.apply(1, p.command.unwrap()).unwrap();
+    let up = crate::Command::Autoscale {
+        service: "web".into(),
+        decision: Decision {
+            at: 2,
+            from: 1,
+            to: 3,
+            reason: "cpu".into(),
+        },
+    };
+    store.apply(2, up).unwrap();
+    // The manifest still says `replicas: 1`: nothing to do, nothing proposed.
+    let p = plan(&store, m, 3, &mut ids).unwrap();
+    assert_eq!(p.results[0].action, Action::Unchanged);
+    assert!(p.command.is_none());
+    // New bounds: updated, and the count brought inside them.
+    s.autoscale = Some(auto(1, 2, Some(50), None));
+    let m = Manifests {
+        services: vec![s],
+        ..Default::default()
+    };
+    let p = plan(&store, m, 4, &mut ids).unwrap();
+    assert_eq!(p.results[0].action, Action::Updated);
+    store.apply(3, p.command.unwrap()).unwrap();
+    assert_eq!(store.services["web"].spec.replicas, 2);
+}
