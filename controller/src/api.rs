@@ -84,9 +84,7 @@ impl Control for ControlApi {
         req: Request<RemoveServiceRequest>,
     ) -> Result<Response<RemoveServiceResponse>, Status> {
         let name = req.into_inner().name;
-        if !self.raft.store().services.contains_key(&name) {
-            return Err(Status::not_found(format!("service {name:?} not found")));
-        }
+        crate::resolve::find_service(&self.raft.store(), &name)?;
         self.raft
             .propose(Command::RemoveService { name })
             .await
@@ -227,10 +225,7 @@ impl Control for ControlApi {
     async fn scale(&self, req: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {
         let req = req.into_inner();
         let store = self.raft.store();
-        let svc = store
-            .services
-            .get(&req.service)
-            .ok_or_else(|| Status::not_found(format!("service {:?} not found", req.service)))?;
+        let svc = crate::resolve::find_service(&store, &req.service)?;
         if svc.spec.mode == ServiceMode::Global {
             return Err(Status::failed_precondition(format!(
                 "service {:?} is global: it runs one task per eligible node and cannot be scaled",
@@ -280,10 +275,7 @@ impl Control for ControlApi {
     ) -> Result<Response<RollbackResponse>, Status> {
         let service = req.into_inner().service;
         let store = self.raft.store();
-        let svc = store
-            .services
-            .get(&service)
-            .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        let svc = crate::resolve::find_service(&store, &service)?;
         if svc.spec.mode.is_job() {
             return Err(Status::failed_precondition(format!(
                 "service {service:?} is a job: it has no rollout to roll back; apply the spec \
@@ -318,10 +310,7 @@ impl Control for ControlApi {
     ) -> Result<Response<RebalanceResponse>, Status> {
         let service = req.into_inner().service;
         let store = self.raft.store();
-        let svc = store
-            .services
-            .get(&service)
-            .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        let svc = crate::resolve::find_service(&store, &service)?;
         let planned = rudder_model::rebalance::plan_service(&store, svc)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let Some(cmd) =

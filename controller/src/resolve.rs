@@ -1,11 +1,19 @@
-//! Finding what a request names in the store: tasks (by id, id prefix, name, `SERVICE.SLOT` or
+//! Finding what a request names in the store: services (by name), tasks (by id, id prefix, name, `SERVICE.SLOT` or
 //! service) and nodes (by id, id prefix or hostname). Pure lookups over a store snapshot; the
 //! errors are the `Status` a caller can act on (what matched, what to name instead).
 
-use rudder_model::{Node, Store, Task, TaskState};
+use rudder_model::{Node, Service, Store, Task, TaskState};
 use tonic::Status;
 
 use crate::agents::AgentAt;
+
+/// A service by name.
+pub fn find_service<'a>(store: &'a Store, name: &str) -> Result<&'a Service, Status> {
+    store
+        .services
+        .get(name)
+        .ok_or_else(|| Status::not_found(format!("service {name:?} not found")))
+}
 
 /// A node by id, unique id prefix or hostname.
 pub fn find_node<'a>(store: &'a Store, key: &str) -> Result<&'a Node, Status> {

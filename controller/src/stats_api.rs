@@ -22,8 +22,8 @@ pub fn stats(
         ));
     }
     let store = raft.store();
-    if !service.is_empty() && !store.services.contains_key(service) {
-        return Err(Status::not_found(format!("service {service:?} not found")));
+    if !service.is_empty() {
+        crate::resolve::find_service(&store, service)?;
     }
     Ok(StatsResponse {
         tasks: running(&store, service)

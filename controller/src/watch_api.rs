@@ -65,10 +65,7 @@ pub fn task_list(store: &Store, service: &str) -> Result<Vec<TaskSummary>, Statu
     let mut tasks: Vec<&Task> = if service.is_empty() {
         store.tasks.values().collect()
     } else {
-        let svc = store
-            .services
-            .get(service)
-            .ok_or_else(|| Status::not_found(format!("service {service:?} not found")))?;
+        let svc = crate::resolve::find_service(store, service)?;
         store.tasks_of(&svc.id).collect()
     };
     tasks.sort_by(|a, b| {
