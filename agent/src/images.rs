@@ -71,8 +71,12 @@ pub struct Scan {
     pub blobs: Vec<StoredBlob>,
     /// Image manifests among the blobs, by digest.
     pub manifests: BTreeMap<String, Manifest>,
-    /// Unpacked layers: digest → when the directory was put in place.
+    /// Unpacked layers: directory name as a digest (a chain id; a blob digest in stores
+    /// written before snapshots were keyed by chain id) → when the directory was put in place.
     pub layers: BTreeMap<String, SystemTime>,
+    /// Manifest digest → the chain ids of its layers, bottom first (from its config's
+    /// `rootfs.diff_ids`; absent when the config is missing or unreadable).
+    pub chains: BTreeMap<String, Vec<String>>,
     /// Manifest digest → the tasks whose container directory records it, with the image
     /// reference each task's spec names.
     pub users: BTreeMap<String, Vec<(String, String)>>,
@@ -106,7 +110,9 @@ pub fn plan(scan: &Scan, now: SystemTime, grace: Duration) -> Plan {
         keep_blobs.insert(root.to_string());
         if let Some(m) = scan.manifests.get(*root) {
             keep_blobs.extend(m.blobs().map(|d| d.digest.clone()));
+            // Directories of older stores are named by blob digest: kept while in use.
             keep_layers.extend(m.layers.iter().map(|d| d.digest.clone()));
+            keep_layers.extend(scan.chains.get(*root).into_iter().flatten().cloned());
         }
     }
     let c = usage::collect(&scan.blobs, &keep_blobs, now, grace);
@@ -150,6 +156,17 @@ pub fn scan(store: &ImageStore, containers: &Path) -> Result<Scan, ImagesError> 
             size: meta.len(),
             modified: last_written(&meta),
         });
+    }
+    for (digest, m) in &out.manifests {
+        let chain = store
+            .read_blob(&m.config.digest)
+            .ok()
+            .and_then(|c| rudder_image::oci::diff_ids(&c).ok())
+            .filter(|d| d.len() == m.layers.len())
+            .and_then(|d| rudder_image::digest::chain_ids(&d).ok());
+        if let Some(chain) = chain {
+            out.chains.insert(digest.clone(), chain);
+        }
     }
     let layer_dir = store.root().join("layers");
     for entry in std::fs::read_dir(&layer_dir).map_err(io("list", &layer_dir))? {
@@ -319,11 +336,22 @@ pub fn list(store: &ImageStore, containers: &Path) -> Result<ListImagesResponse,
             size: u.size,
             shared: u.shared,
             unique: u.unique,
-            unpacked: m
-                .layers
-                .iter()
-                .filter_map(|l| unpacked.get(l.digest.as_str()))
-                .sum(),
+            unpacked: match scan.chains.get(digest) {
+                Some(chain) => chain
+                    .iter()
+                    .zip(&m.layers)
+                    .filter_map(|(c, l)| {
+                        unpacked
+                            .get(c.as_str())
+                            .or_else(|| unpacked.get(l.digest.as_str()))
+                    })
+                    .sum(),
+                None => m
+                    .layers
+                    .iter()
+                    .filter_map(|l| unpacked.get(l.digest.as_str()))
+                    .sum(),
+            },
             tasks,
         };
         // One row per reference the host's tasks run it as; one unnamed row when none does.
@@ -514,6 +542,29 @@ mod tests {
             layers: layers.iter().map(|l| desc(l)).collect(),
             annotations: None,
         }
+    }
+
+    #[test]
+    fn keeps_the_chain_id_snapshots_of_images_in_use() {
+        let now = SystemTime::now();
+        let old = now - Duration::from_secs(3600);
+        // An image whose one layer b appears twice: two snapshots by chain id; a directory
+        // named by the blob digest (an older store) is kept too while the image is in use.
+        let (m, c, b) = (d('1'), d('c'), d('b'));
+        let chain = rudder_image::digest::chain_ids(&[d('f'), d('f')]).unwrap();
+        let mut scan = Scan::default();
+        scan.manifests.insert(m.clone(), manifest(&c, &[&b, &b]));
+        scan.chains.insert(m.clone(), chain.clone());
+        for l in [&chain[0], &chain[1], &b, &d('9')] {
+            scan.layers.insert(l.clone(), old);
+        }
+        scan.users
+            .insert(m.clone(), vec![("web.1".into(), "box:v1".into())]);
+        let p = plan(&scan, now, Duration::from_secs(60));
+        assert_eq!(p.layers, vec![d('9')]);
+        scan.users.clear();
+        let p = plan(&scan, now, Duration::ZERO);
+        assert_eq!(p.layers.len(), 4, "unused: every snapshot goes");
     }
 
     #[test]

@@ -30,6 +30,25 @@ pub fn of_bytes(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// The chain ids of a stack of layers, bottom first, from their diff ids (the digests of the
+/// uncompressed layer tars): `chain(1) = diff(1)`, `chain(n) = sha256(chain(n-1) + " " +
+/// diff(n))`, as containerd and BuildKit name their snapshots. An unpacked layer is stored
+/// under its chain id, not its blob digest: two byte-identical layers in one image (a repeated
+/// `mkdir -p`, the same file copied twice) then get two directories, where one directory named
+/// twice in `lowerdir` makes the overlay mount fail with `ELOOP`.
+pub fn chain_ids(diff_ids: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        validate(d)?;
+        let next = match out.last() {
+            None => d.clone(),
+            Some(parent) => of_bytes(format!("{parent} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    Ok(out)
+}
+
 /// Formats a finished hasher as a digest string.
 pub fn finish(hasher: Sha256) -> String {
     format!("sha256:{}", hex::encode(hasher.finalize()))
@@ -113,6 +132,19 @@ pub fn of_reader(reader: impl Read) -> io::Result<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chain_ids_tell_identical_layers_apart() {
+        let a = of_bytes(b"layer a");
+        let b = of_bytes(b"layer b");
+        let ids = chain_ids(&[a.clone(), b.clone(), b.clone()]).unwrap();
+        assert_eq!(ids[0], a, "the bottom layer's chain id is its diff id");
+        assert_eq!(ids[1], of_bytes(format!("{a} {b}").as_bytes()));
+        assert_eq!(ids[2], of_bytes(format!("{} {b}", ids[1]).as_bytes()));
+        assert_ne!(ids[1], ids[2], "the same layer twice gets two snapshots");
+        assert!(chain_ids(&[]).unwrap().is_empty());
+        assert!(chain_ids(&["sha256:../x".to_string()]).is_err());
+    }
 
     #[test]
     fn validates_digests() {

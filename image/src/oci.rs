@@ -246,6 +246,24 @@ pub fn host_architecture() -> &'static str {
     }
 }
 
+/// `rootfs.diff_ids` of an image config blob (the uncompressed digests of its layers, bottom
+/// first); an absent list is empty.
+pub fn diff_ids(config: &[u8]) -> Result<Vec<String>> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        rootfs: Option<RootFs>,
+    }
+    #[derive(Deserialize)]
+    struct RootFs {
+        #[serde(default)]
+        diff_ids: Option<Vec<String>>,
+    }
+    let file: File =
+        serde_json::from_slice(config).map_err(|e| ImageError::json("parse image config", e))?;
+    Ok(file.rootfs.and_then(|r| r.diff_ids).unwrap_or_default())
+}
+
 /// What a container needs from an image config (`config` object of the image config JSON).
 /// Absent fields are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

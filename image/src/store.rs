@@ -2,7 +2,12 @@
 //!
 //! Layout under `root`:
 //! - `blobs/sha256/<hex>`: manifests, configs and layer blobs, named by their digest;
-//! - `layers/<hex of the layer blob digest>/`: that layer unpacked, an overlayfs lower dir;
+//! - `layers/<hex of the layer's chain id>/`: that layer unpacked, an overlayfs lower dir (a
+//!   snapshot). Named by chain id ([`digest::chain_ids`]), as containerd and BuildKit do, so
+//!   two byte-identical layers of one image get two directories (one directory twice in
+//!   `lowerdir` fails with `ELOOP`). Stores written before this named them by blob digest;
+//!   those directories are left to the image GC, and what an image needs is unpacked again
+//!   under its chain id from the blob (fetched when missing);
 //! - `tmp/`: scratch space for unpacking, on the same filesystem so renames are atomic;
 //! - `.lock`: held (`flock`) by the process that has the store open.
 //!
@@ -136,16 +141,16 @@ impl ImageStore {
         self.blob_path(digest).is_ok_and(|p| p.is_file())
     }
 
-    /// Where a layer is unpacked. An invalid digest maps to a name no layer can have (it starts
-    /// with a dot), so a bad digest can never point outside `layers/`.
-    pub fn layer_dir(&self, digest: &str) -> PathBuf {
-        let name = digest::hex_of(digest).unwrap_or(".invalid");
+    /// Where the layer with this chain id is unpacked. An invalid digest maps to a name no
+    /// layer can have (it starts with a dot), so a bad digest can never point outside `layers/`.
+    pub fn layer_dir(&self, chain_id: &str) -> PathBuf {
+        let name = digest::hex_of(chain_id).unwrap_or(".invalid");
         self.root.join("layers").join(name)
     }
 
-    /// Is this layer (by blob digest) completely unpacked?
-    pub fn has_layer(&self, digest: &str) -> bool {
-        digest::validate(digest).is_ok() && self.layer_dir(digest).is_dir()
+    /// Is the layer with this chain id completely unpacked?
+    pub fn has_layer(&self, chain_id: &str) -> bool {
+        digest::validate(chain_id).is_ok() && self.layer_dir(chain_id).is_dir()
     }
 
     /// Reads a blob from the store.
@@ -210,16 +215,36 @@ impl ImageStore {
             .await?;
         let config_bytes = self.read_blob(&manifest.config.digest)?;
         let config = ImageConfig::from_json(&config_bytes)?;
+        let diff_ids = crate::oci::diff_ids(&config_bytes)?;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(ImageError::invalid(
+                "image config",
+                format!(
+                    "{reference}: its config lists {} diff_ids for {} layers",
+                    diff_ids.len(),
+                    manifest.layers.len()
+                ),
+            ));
+        }
+        let chain_ids = digest::chain_ids(&diff_ids)?;
 
         // Fetch and unpack a few layers at once; `buffered` keeps the bottom-first order.
         // Owned digests keep the future `Send` (borrowed stream items trip a higher-ranked
         // lifetime limitation of the compiler when the pull is spawned).
-        let digests: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
-        let results: Vec<(PathBuf, u64)> = futures::stream::iter(digests)
-            .map(|digest| async move { self.ensure_layer(client, repo, &digest).await })
-            .buffered(PARALLEL_LAYERS)
-            .try_collect()
-            .await?;
+        let digests: Vec<(String, String)> = manifest
+            .layers
+            .iter()
+            .zip(chain_ids)
+            .map(|(l, chain)| (chain, l.digest.clone()))
+            .collect();
+        let results: Vec<(PathBuf, u64)> =
+            futures::stream::iter(digests)
+                .map(|(chain, digest)| async move {
+                    self.ensure_layer(client, repo, &chain, &digest).await
+                })
+                .buffered(PARALLEL_LAYERS)
+                .try_collect()
+                .await?;
         let mut layers = Vec::with_capacity(results.len());
         for (dir, fetched) in results {
             layers.push(dir);
@@ -249,45 +274,50 @@ impl ImageStore {
         client.get_blob_to_file(repo, digest, &path).await
     }
 
-    /// Makes sure a layer is unpacked, fetching its blob if needed. Returns the layer directory
-    /// and the bytes downloaded. A layer already unpacked needs no blob at all.
+    /// Makes sure the layer with this chain id is unpacked from the blob `digest`, fetching the
+    /// blob if needed. Returns the layer directory and the bytes downloaded. A layer already
+    /// unpacked needs no blob at all.
     pub async fn ensure_layer(
         &self,
         client: &RegistryClient,
         repo: &str,
+        chain_id: &str,
         digest: &str,
     ) -> Result<(PathBuf, u64)> {
         digest::validate(digest)?;
-        let dir = self.layer_dir(digest);
+        digest::validate(chain_id)?;
+        let dir = self.layer_dir(chain_id);
         if dir.is_dir() {
             return Ok((dir, 0));
         }
-        let lock = self.layer_lock(digest);
+        let lock = self.layer_lock(chain_id);
         let _guard = lock.lock().await;
         if dir.is_dir() {
             // Someone unpacked it while we waited.
             return Ok((dir, 0));
         }
         let fetched = self.ensure_blob(client, repo, digest).await?;
-        let dir = self.unpack_layer_locked(digest).await?;
+        let dir = self.unpack_layer_locked(chain_id, digest).await?;
         Ok((dir, fetched))
     }
 
-    /// Unpacks a layer whose blob is already in the store (e.g. after an import).
-    pub async fn unpack_layer(&self, digest: &str) -> Result<PathBuf> {
+    /// Unpacks the layer with this chain id from its blob `digest`, which is already in the
+    /// store (a build step's layer, an import). Returns its directory.
+    pub async fn unpack_layer(&self, chain_id: &str, digest: &str) -> Result<PathBuf> {
         digest::validate(digest)?;
-        let lock = self.layer_lock(digest);
+        digest::validate(chain_id)?;
+        let lock = self.layer_lock(chain_id);
         let _guard = lock.lock().await;
-        if self.has_layer(digest) {
-            return Ok(self.layer_dir(digest));
+        if self.has_layer(chain_id) {
+            return Ok(self.layer_dir(chain_id));
         }
-        self.unpack_layer_locked(digest).await
+        self.unpack_layer_locked(chain_id, digest).await
     }
 
-    async fn unpack_layer_locked(&self, digest: &str) -> Result<PathBuf> {
+    async fn unpack_layer_locked(&self, chain_id: &str, digest: &str) -> Result<PathBuf> {
         let blob = self.blob_path(digest)?;
         let tmp_root = self.root.join("tmp");
-        let dest = self.layer_dir(digest);
+        let dest = self.layer_dir(chain_id);
         let digest = digest.to_string();
         let limits = self.limits;
         tokio::task::spawn_blocking(move || {
@@ -537,7 +567,7 @@ mod tests {
             Err(ImageError::DigestMismatch { .. })
         ));
 
-        let (a, b) = tokio::join!(store.unpack_layer(&d), store.unpack_layer(&d));
+        let (a, b) = tokio::join!(store.unpack_layer(&d, &d), store.unpack_layer(&d, &d));
         assert_eq!(a.unwrap(), b.unwrap());
         assert!(store.has_layer(&d));
         assert_eq!(
@@ -553,6 +583,13 @@ mod tests {
             0o755
         );
         assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+
+        // The same blob again on top of itself (a repeated `mkdir -p`): its own directory, so
+        // the two can stand in one `lowerdir`.
+        let chain = digest::chain_ids(&[d.clone(), d.clone()]).unwrap();
+        let second = store.unpack_layer(&chain[1], &d).await.unwrap();
+        assert_ne!(second, store.layer_dir(&d));
+        assert_eq!(fs::read(second.join("etc/hostname")).unwrap(), b"x\n");
     }
 
     #[tokio::test]
@@ -567,7 +604,7 @@ mod tests {
         let blob = b.into_inner().unwrap();
         let d = digest::of_bytes(&blob);
         store.write_blob(&d, &blob).unwrap();
-        store.unpack_layer(&d).await.unwrap();
+        store.unpack_layer(&d, &d).await.unwrap();
         let _gc = store.lock_for_gc().await;
         assert!(store.remove_layer(&d).unwrap());
         assert!(!store.has_layer(&d));
@@ -627,7 +664,7 @@ mod tests {
         let blob = b.into_inner().unwrap();
         let d = digest::of_bytes(&blob);
         store.write_blob(&d, &blob).unwrap();
-        let layer = store.unpack_layer(&d).await.unwrap();
+        let layer = store.unpack_layer(&d, &d).await.unwrap();
         assert_eq!(mode_of(&layer.join("bin/rootsh")), 0o4755);
         // Every directory from the store root down to the layer is root's alone.
         let mut p = layer.parent().unwrap();
@@ -706,7 +743,7 @@ mod tests {
         let blob = b.into_inner().unwrap();
         let d = digest::of_bytes(&blob);
         store.write_blob(&d, &blob).unwrap();
-        let err = store.unpack_layer(&d).await.unwrap_err();
+        let err = store.unpack_layer(&d, &d).await.unwrap_err();
         assert!(matches!(err, ImageError::LayerRefused { .. }), "{err}");
         assert!(err.to_string().contains(&d), "{err}");
         assert!(!store.has_layer(&d));

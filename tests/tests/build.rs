@@ -367,3 +367,35 @@ fn onbuild_triggers_run_in_children_only() -> anyhow::Result<()> {
     assert!(!out.contains("# Executing"), "{out}");
     Ok(())
 }
+
+/// Two byte-identical layers in one image (the same file copied twice to the same place) are
+/// unpacked twice, keyed by chain id: one directory twice in `lowerdir` failed the next step's
+/// mount, and `rctl run` of the image, with `ELOOP`.
+#[test]
+fn identical_layers_stack() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("bi", 1)?;
+    let ctx = dockerfile_context(
+        tmp.path(),
+        "twice",
+        "FROM busybox:latest\nRUN mkdir -p /x\nRUN mkdir -p /x\n\
+         COPY a.txt /a.txt\nCOPY a.txt /a.txt\nRUN test -d /x && echo stacked > /b.txt\n\
+         CMD [\"cat\", \"/a.txt\", \"/b.txt\"]\n",
+    )?;
+    fs::write(ctx.join("a.txt"), "same bytes\n")?;
+    build(&lab, &["-t", "twice:1", ctx.to_str().unwrap()])?;
+    // The image really holds one layer twice.
+    let inspect = lab.rctl(&["image", "inspect", "twice:1"])?;
+    let v: serde_json::Value = serde_json::from_str(&inspect)?;
+    let layers: Vec<String> = v[0]["layers"]
+        .as_array()
+        .or_else(|| v["layers"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["digest"].as_str().map(str::to_string))
+        .collect();
+    let unique: std::collections::BTreeSet<&String> = layers.iter().collect();
+    assert!(unique.len() < layers.len(), "no repeated layer: {inspect}");
+    let run = lab.rctl(&["run", "--rm", "twice:1"])?;
+    assert_eq!(run, "same bytes\nstacked\n");
+    Ok(())
+}

@@ -99,13 +99,8 @@ impl Run<'_> {
     /// A cache entry whose layer (if any) is still on this host.
     pub(super) async fn cached(&self, file: &Path) -> Option<CacheEntry> {
         let entry: CacheEntry = serde_json::from_slice(&fs::read(file).ok()?).ok()?;
+        // The layer is unpacked (under its chain id) when a later step mounts it.
         if let Some(l) = &entry.layer {
-            if !self.b.images.has_layer(&l.digest) {
-                if !self.b.images.has_blob(&l.digest) {
-                    return None;
-                }
-                self.b.images.unpack_layer(&l.digest).await.ok()?;
-            }
             if !self.b.images.has_blob(&l.digest) {
                 return None;
             }

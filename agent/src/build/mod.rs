@@ -248,7 +248,10 @@ pub async fn build(
         let run = Run {
             b: &b,
             params: &params,
-            build_args: params.build_args.clone().into_iter().collect(),
+            // BuildKit's automatic platform args (TARGETARCH, BUILDPLATFORM, …) for this host.
+            build_args: dockerfile::with_host_platform_args(
+                params.build_args.clone().into_iter().collect(),
+            ),
             df: &df,
             dir: dir.path(),
             context: &context,
@@ -776,11 +779,7 @@ impl Run<'_> {
                     .await?
             }
         };
-        let dirs: Vec<PathBuf> = image
-            .layers
-            .iter()
-            .map(|l| self.b.images.layer_dir(&l.digest))
-            .collect();
+        let dirs = self.layer_dirs(&image).await?;
         let key = chain("source", &[image.key.as_bytes()]);
         let at = self.dir.join(format!("from-{}", &key[..16]));
         if at.is_dir() {
@@ -823,6 +822,26 @@ impl Run<'_> {
         Ok((at, Some(image.key)))
     }
 
+    /// The image's layers unpacked (bottom first), each under its chain id: a layer that
+    /// appears twice (the same change made by two steps) gets two directories, as one
+    /// directory twice in `lowerdir` fails the mount with `ELOOP`. What is not unpacked yet
+    /// (a step's new layer, a cache hit) is unpacked from its blob here.
+    async fn layer_dirs(&self, image: &StageImage) -> Result<Vec<PathBuf>, BuildError> {
+        let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+        let chain = digest::chain_ids(&diff_ids).map_err(other)?;
+        let mut dirs = Vec::with_capacity(chain.len());
+        for (l, c) in image.layers.iter().zip(&chain) {
+            dirs.push(
+                self.b
+                    .images
+                    .unpack_layer(c, &l.digest)
+                    .await
+                    .map_err(other)?,
+            );
+        }
+        Ok(dirs)
+    }
+
     /// Mounts the image so far with a fresh upper dir at a scratch root, does `op` there,
     /// unmounts, and turns the upper dir into a layer (`None` when nothing changed).
     async fn in_overlay(
@@ -848,12 +867,8 @@ impl Run<'_> {
         }
         fs::set_permissions(&upper, fs::Permissions::from_mode(0o755))
             .map_err(io_err("chmod", &upper))?;
-        let mut lower: Vec<PathBuf> = image
-            .layers
-            .iter()
-            .rev()
-            .map(|l| self.b.images.layer_dir(&l.digest))
-            .collect();
+        let mut lower = self.layer_dirs(image).await?;
+        lower.reverse();
         if lower.is_empty() {
             lower.push(empty.clone());
         }
@@ -876,11 +891,17 @@ impl Run<'_> {
         };
         let _ = umount2(&root, MntFlags::MNT_DETACH);
         result?;
-        self.layer_from(&upper).await
+        self.layer_from(image, &upper).await
     }
 
     /// The upper dir `upper` as a layer in the content store, or `None` when it is empty.
-    async fn layer_from(&self, upper: &Path) -> Result<Option<LayerRef>, BuildError> {
+    /// The layer is unpacked (under its chain id on top of `image`) at once: that is where a
+    /// hostile entry (a whiteout of `..`) is refused, so a build never tags such a layer.
+    async fn layer_from(
+        &self,
+        image: &StageImage,
+        upper: &Path,
+    ) -> Result<Option<LayerRef>, BuildError> {
         let empty = fs::read_dir(upper)
             .map_err(io_err("read", upper))?
             .next()
@@ -912,11 +933,16 @@ impl Run<'_> {
                 err: e.error,
             })?;
         }
-        self.b
-            .images
-            .unpack_layer(&info.digest)
-            .await
-            .map_err(other)?;
+        let mut diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+        diff_ids.push(info.diff_id.clone());
+        let chain = digest::chain_ids(&diff_ids).map_err(other)?;
+        if let Some(top) = chain.last() {
+            self.b
+                .images
+                .unpack_layer(top, &info.digest)
+                .await
+                .map_err(other)?;
+        }
         Ok(Some(LayerRef {
             digest: info.digest,
             diff_id: info.diff_id,

@@ -63,18 +63,6 @@ pub(super) fn parse_words(rest: &str, escape: char) -> Vec<String> {
     words
 }
 
-/// `s` escaped so that substitution gives it back unchanged.
-pub(super) fn literal(s: &str, escape: char) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c == '$' || c == '"' || c == '\'' || c == escape {
-            out.push(escape);
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Processes one word as docker does: quotes removed (`'…'` literal, `"…"` with `$`
 /// expansion), the escape character escaping the next one, `$VAR`, `${VAR}`,
 /// `${VAR:-word}`, `${VAR-word}`, `${VAR:+word}`, `${VAR+word}`, `${VAR:?msg}`, `${VAR?msg}`
@@ -366,10 +354,5 @@ mod tests {
         assert_eq!(parse_words("a\\", '\\'), vec!["a"]);
         assert_eq!(parse_words("'a\\' b", '\\'), vec!["'a\\'", "b"]);
         assert_eq!(parse_words("x`  y", '`'), vec!["x` ", "y"]);
-        assert_eq!(literal("a$b\"c'd\\e", '\\'), "a\\$b\\\"c\\'d\\\\e");
-        assert_eq!(
-            sub(&literal("a$b\"c'd\\e", '\\'), &[("b", "X")]).unwrap(),
-            "a$b\"c'd\\e"
-        );
     }
 }

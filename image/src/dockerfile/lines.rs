@@ -56,11 +56,14 @@ fn is_comment(raw: &str) -> bool {
 }
 
 /// Strips a trailing escape character (optionally followed by blanks): the line continues.
+/// An escaped escape character (`\\` at the end) is a literal one and ends the line, as in
+/// docker: only an odd run of escape characters at the end continues the line.
 fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
     let trimmed = line.trim_end_matches([' ', '\t']);
+    let run = trimmed.chars().rev().take_while(|c| *c == escape).count();
     match trimmed.strip_suffix(escape) {
-        Some(rest) => (rest, false),
-        None => (line, true),
+        Some(rest) if run % 2 == 1 => (rest, false),
+        _ => (line, true),
     }
 }
 
@@ -196,6 +199,26 @@ mod tests {
             st.steps[1].instr,
             Instr::Cmd(Command::Exec(vec!["a".into()]))
         );
+    }
+
+    #[test]
+    fn an_escaped_escape_at_the_end_ends_the_line() {
+        // `\\` at the end is a literal backslash: the next line is an instruction of its own.
+        let df = parse("FROM scratch\nRUN echo a\\\\\nRUN echo b \\\\\\\n  c\n").unwrap();
+        let st = &df.stages[0];
+        assert_eq!(st.steps.len(), 2, "{:?}", st.steps);
+        assert_eq!(
+            st.steps[0].instr,
+            Instr::Run(Command::Shell("echo a\\\\".into()))
+        );
+        // Three: an escaped backslash, then a continuation.
+        assert_eq!(st.steps[1].line, 3);
+        assert_eq!(
+            st.steps[1].instr,
+            Instr::Run(Command::Shell("echo b \\\\  c".into()))
+        );
+        let df = parse("# escape=`\nFROM scratch\nRUN echo ``\nRUN echo b\n").unwrap();
+        assert_eq!(df.stages[0].steps.len(), 2);
     }
 
     #[test]

@@ -106,6 +106,17 @@ pub fn platform_args(os: &str, arch: &str, variant: &str) -> BTreeMap<String, St
     args
 }
 
+/// The user's build args over this host's [`platform_args`] (Rudder builds for the host it
+/// builds on: `linux/amd64` on an x86-64 host, variant `v7` for 32-bit arm as BuildKit
+/// reports it, else none). A build arg of the same name wins, as in BuildKit.
+pub fn with_host_platform_args(user: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let arch = crate::oci::host_architecture();
+    let variant = if arch == "arm" { "v7" } else { "" };
+    let mut args = platform_args("linux", arch, variant);
+    args.extend(user);
+    args
+}
+
 /// Build args that are used without an ARG naming them (proxy and platform args).
 fn predefined(name: &str) -> bool {
     PROXY_ARGS.contains(&name) || PLATFORM_ARGS.contains(&name)
@@ -172,8 +183,11 @@ pub enum Instr {
     Arg(ArgDecl),
     /// `ENV K=V …` (or the legacy `ENV K V`).
     Env(Vec<(String, String)>),
-    /// Also `MAINTAINER x`, as `maintainer=x` (what docker recommends instead of it).
+    /// `LABEL k=v …`.
     Label(Vec<(String, String)>),
+    /// `MAINTAINER text` (deprecated): the image config's `author`, as docker sets it; no
+    /// variable substitution, as in docker.
+    Maintainer(String),
     /// `WORKDIR path`, relative to the previous one.
     Workdir(String),
     /// `USER user[:group]`.

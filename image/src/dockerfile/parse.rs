@@ -3,7 +3,7 @@
 //! Checks everything that does not depend on variables: flags, argument counts, JSON forms,
 //! stage names, HEALTHCHECK durations.
 
-use super::lex::{literal, parse_words};
+use super::lex::parse_words;
 use super::lines::{logical_lines, parse_directives, Heredoc, Logical};
 use super::{
     ArgDecl, Command, CopySpec, Dockerfile, DockerfileError, Healthcheck, Instr, Stage, Step,
@@ -402,7 +402,7 @@ fn parse_instruction(
             if rest.is_empty() {
                 return Err(exactly_one());
             }
-            Instr::Label(vec![("maintainer".into(), literal(rest, escape))])
+            Instr::Maintainer(rest.to_string())
         }
         "workdir" | "user" | "stopsignal" => {
             if rest.is_empty() {
@@ -799,7 +799,7 @@ MAINTAINER someone <s@example.com>
             }),
             Instr::Shell(strings(&["/bin/bash", "-c"])),
             Instr::StopSignal("SIGTERM".into()),
-            Instr::Label(kv(&[("maintainer", "someone <s@example.com>")])),
+            Instr::Maintainer("someone <s@example.com>".into()),
         ];
         assert_eq!(instrs, want.iter().collect::<Vec<_>>());
         assert_eq!(st.steps[0].line, 3);

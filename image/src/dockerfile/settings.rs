@@ -23,8 +23,13 @@ pub struct Settings {
     pub exposed_ports: BTreeSet<String>,
     /// VOLUME paths.
     pub volumes: BTreeSet<String>,
-    /// LABELs (and MAINTAINER).
+    /// LABELs.
     pub labels: BTreeMap<String, String>,
+    /// MAINTAINER: the image config's top-level `author` (not in its `config` object; an
+    /// inherited one is kept, as docker does). Not serialized when unset, so cache keys of
+    /// builds without it stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
     /// Empty means [`DEFAULT_SHELL`].
     pub shell: Vec<String>,
     /// STOPSIGNAL, as written (a name or a number).
@@ -63,8 +68,23 @@ impl Settings {
     pub fn from_config_json(config_blob: &[u8]) -> Result<Settings, DockerfileError> {
         let blob: serde_json::Value = serde_json::from_slice(config_blob)
             .map_err(|e| DockerfileError::new(0, format!("image config: invalid JSON: {e}")))?;
+        let author = match blob.get("author") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()).filter(|s| !s.is_empty()),
+            Some(_) => {
+                return Err(DockerfileError::new(
+                    0,
+                    "image config: \"author\" is not a string",
+                ))
+            }
+        };
         let config = match blob.get("config") {
-            None | Some(serde_json::Value::Null) => return Ok(Settings::default()),
+            None | Some(serde_json::Value::Null) => {
+                return Ok(Settings {
+                    author,
+                    ..Settings::default()
+                })
+            }
             Some(serde_json::Value::Object(m)) => m,
             Some(_) => {
                 return Err(DockerfileError::new(
@@ -82,6 +102,7 @@ impl Settings {
             exposed_ports: json_keys(config, "ExposedPorts")?,
             volumes: json_keys(config, "Volumes")?,
             labels: json_labels(config)?,
+            author,
             shell: json_strings(config, "Shell")?.unwrap_or_default(),
             stop_signal: json_string(config, "StopSignal")?.filter(|s| !s.is_empty()),
             healthcheck: json_healthcheck(config)?,
@@ -100,6 +121,9 @@ impl Settings {
         let Value::Object(root) = image_config else {
             return;
         };
+        if let Some(a) = &self.author {
+            root.insert("author".into(), json!(a));
+        }
         let config = root
             .entry("config")
             .or_insert_with(|| Value::Object(Map::new()));

@@ -479,6 +479,7 @@ impl StageBuilder {
                 let expanded = self.expand_pairs(step, "LABEL", pairs)?;
                 self.settings.labels.extend(expanded);
             }
+            Instr::Maintainer(text) => self.settings.author = Some(text.clone()),
             Instr::Workdir(raw) => {
                 let dir = self.expand(step, "WORKDIR", raw)?;
                 if dir.is_empty() {
@@ -1222,6 +1223,29 @@ mod tests {
     }
 
     #[test]
+    fn maintainer_sets_the_author_not_a_label() {
+        let (_, s) = run_stage(
+            "FROM scratch\nMAINTAINER Jane <j@example.com> $NOT_EXPANDED\n",
+            &[],
+        );
+        assert_eq!(
+            s.author.as_deref(),
+            Some("Jane <j@example.com> $NOT_EXPANDED")
+        );
+        assert!(s.labels.is_empty());
+        // Docker writes it as the config's top-level `author`, and a child inherits it.
+        let mut config = serde_json::json!({"architecture": "amd64"});
+        s.write_to(&mut config);
+        assert_eq!(config["author"], "Jane <j@example.com> $NOT_EXPANDED");
+        assert!(config["config"].get("author").is_none());
+        let back = Settings::from_config_json(&serde_json::to_vec(&config).unwrap()).unwrap();
+        assert_eq!(back.author, s.author);
+        // Settings without an author serialize as before (cache keys unchanged).
+        let plain = serde_json::to_string(&Settings::default()).unwrap();
+        assert!(!plain.contains("author"), "{plain}");
+    }
+
+    #[test]
     fn platform_args_are_predefined() {
         let text = "FROM --platform=$BUILDPLATFORM golang:${TARGETOS:-none} AS b\nARG TARGETARCH\nRUN echo\nFROM scratch\nRUN echo\n";
         let df = parse(text).unwrap();
@@ -1253,5 +1277,16 @@ mod tests {
         assert!(df.unused_build_args(&build_args).is_empty());
         assert_eq!(df.target(None).unwrap(), 1);
         assert!(df.build_order(5, &build_args).is_err());
+
+        // What the executor passes: the host's platform under the user's args.
+        let host = with_host_platform_args(BTreeMap::from([("TARGETOS".into(), "x".into())]));
+        assert_eq!(host["TARGETOS"], "x");
+        assert_eq!(host["BUILDOS"], "linux");
+        assert_eq!(host["TARGETARCH"], crate::oci::host_architecture());
+        assert_eq!(
+            host["TARGETPLATFORM"],
+            format!("linux/{}", crate::oci::host_architecture())
+        );
+        assert_eq!(host.len(), 8);
     }
 }
