@@ -133,5 +133,23 @@ fn a_compose_stack_deploys_resolves_names_and_is_removed() -> anyhow::Result<()>
     let services = lab.rctl(&["get", "services"])?;
     assert!(!services.contains("shop-"), "{services}");
     assert!(!lab.rctl(&["stack", "ls"])?.contains("shop"));
+
+    // `rctl apply -f` takes the compose file too: the stack is named after its directory.
+    let dir2 = dir.join("Shop_2");
+    std::fs::create_dir(&dir2)?;
+    for f in ["compose.yaml", ".env", "pw.txt"] {
+        std::fs::copy(dir.join(f), dir2.join(f))?;
+    }
+    let file2 = dir2.join("compose.yaml");
+    let out = lab.rctl(&[
+        "apply",
+        "--detach",
+        "-f",
+        file2.to_str().context("utf-8 path")?,
+    ])?;
+    assert!(out.contains("service/shop-2-web-server created"), "{out}");
+    running_one(&lab, "shop-2-client")?;
+    assert!(lab.rctl(&["stack", "ls"])?.contains("shop-2"));
+    lab.rctl(&["stack", "rm", "shop-2"])?;
     Ok(())
 }

@@ -412,8 +412,15 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
             NetworkMode::Host | NetworkMode::None | NetworkMode::Container(_)
         )
     {
-        cx.default_used = true;
-        spec.networks.push(format!("{}-default", cx.stack));
+        // The stack's `default` network, unless the file declares (or renames) it.
+        let net = match cx.networks.get("default") {
+            Some(n) => n.clone(),
+            None => {
+                cx.default_used = true;
+                format!("{}-default", cx.stack)
+            }
+        };
+        spec.networks.push(net);
     }
     if !spec.networks.is_empty() && !spec.aliases.contains(&alias) {
         spec.aliases.insert(0, alias);

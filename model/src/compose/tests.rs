@@ -536,3 +536,141 @@ fn printed_manifests_parse_back() {
     let back = crate::manifest::parse("out.yaml", &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     assert_eq!(back, s.manifests);
 }
+
+/// Shapes of public compose files: they convert, with warnings for what Rudder does not do.
+#[test]
+fn corpus_of_common_shapes() {
+    let wordpress = r#"
+version: "3.9"
+services:
+  db:
+    image: mysql:8.0
+    command: '--default-authentication-plugin=mysql_native_password'
+    volumes:
+      - db_data:/var/lib/mysql
+    restart: always
+    environment:
+      - MYSQL_ROOT_PASSWORD_FILE=/run/secrets/db_root_password
+      - MYSQL_DATABASE=wordpress
+    secrets:
+      - db_root_password
+    expose:
+      - 3306
+  wordpress:
+    depends_on:
+      db:
+        condition: service_healthy
+    image: wordpress:latest
+    ports:
+      - "8000:80"
+    restart: unless-stopped
+    environment:
+      WORDPRESS_DB_HOST: db:3306
+      WORDPRESS_DB_NAME: wordpress
+      WORDPRESS_DEBUG: true
+    healthcheck:
+      test: curl -f http://localhost || exit 1
+      interval: 1m30s
+      timeout: 10s
+      retries: 3
+      start_period: 40s
+    logging:
+      driver: "json-file"
+      options:
+        max-size: "200k"
+        max-file: "10"
+secrets:
+  db_root_password:
+    file: db_root_password.txt
+volumes:
+  db_data: {}
+"#;
+    let s = run(wordpress).unwrap_or_else(|e| panic!("{e}"));
+    let wp = service(&s, "app-wordpress");
+    assert_eq!(wp.env["WORDPRESS_DEBUG"], "true");
+    assert_eq!(wp.env["WORDPRESS_DB_HOST"], "db:3306");
+    assert_eq!(wp.logging.max_file, 10);
+    let db = service(&s, "app-db");
+    assert_eq!(
+        db.command.unwrap(),
+        ["--default-authentication-plugin=mysql_native_password"]
+    );
+    assert_eq!(db.aliases, ["db"]);
+    assert!(s
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("services.wordpress.depends_on")));
+    assert!(s
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("services.db.expose")));
+
+    let voting = r#"
+services:
+  redis:
+    image: redis:alpine
+    networks:
+      - frontend
+    deploy:
+      replicas: 1
+      update_config:
+        parallelism: 2
+        delay: 10s
+      restart_policy:
+        condition: on-failure
+  vote:
+    image: dockersamples/examplevotingapp_vote:before
+    ports:
+      - 5000:80
+    networks:
+      - frontend
+    deploy:
+      replicas: 2
+      update_config:
+        parallelism: 2
+      restart_policy:
+        condition: on-failure
+  visualizer:
+    image: dockersamples/visualizer:stable
+    ports:
+      - "8080:8080"
+    stop_grace_period: 1m30s
+    volumes:
+      - "/var/run/docker.sock:/var/run/docker.sock"
+    deploy:
+      placement:
+        constraints: [node.role == manager]
+  worker:
+    image: dockersamples/examplevotingapp_worker
+    networks:
+      - frontend
+      - backend
+    deploy:
+      mode: replicated
+      replicas: 1
+      labels: [APP=VOTING]
+      restart_policy:
+        condition: on-failure
+        delay: 10s
+        max_attempts: 3
+        window: 120s
+networks:
+  frontend:
+  backend:
+"#;
+    let s = run(voting).unwrap_or_else(|e| panic!("{e}"));
+    let w = service(&s, "app-worker");
+    assert_eq!(w.networks, ["app-frontend", "app-backend"]);
+    assert_eq!((w.restart.max_attempts, w.restart.window), (3, 120_000));
+    assert_eq!(w.labels["APP"], "VOTING");
+    let v = service(&s, "app-visualizer");
+    assert_eq!(v.stop_grace_period, 90);
+    assert_eq!(v.networks, ["app-default"]);
+    assert_eq!(v.mounts[0].typ, MountType::Bind);
+    assert_eq!(service(&s, "app-vote").ports[0].published, Some(5000));
+
+    // A renamed default network is used by the services without `networks:`.
+    let s = run("services:\n  a:\n    image: x\nnetworks:\n  default:\n    name: corp\n    external: true\n").unwrap();
+    assert_eq!(service(&s, "app-a").networks, ["corp"]);
+    assert!(!s.manifests.iter().any(|m| m.kind() == "Network"));
+}
