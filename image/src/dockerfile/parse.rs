@@ -38,7 +38,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
         let instrs = if heredocs.is_empty() {
             parse_instruction(keyword, &lower, flags, rest, line, escape)?
         } else if lower == "run" {
-            flags.check("RUN", &[], &["mount", "network", "security"], line)?;
+            check_run_flags(&flags, line)?;
             vec![Instr::Run(Command::Shell(heredoc_command(
                 rest, &heredocs, line,
             )?))]
@@ -151,6 +151,32 @@ fn heredoc_command(
     Ok(full)
 }
 
+/// Flags an instruction may carry more than once (`RUN --mount … --mount …`).
+const REPEATABLE_FLAGS: [&str; 2] = ["mount", "exclude"];
+
+/// RUN's flags. `--network=default` is what every RUN gets anyway (its own network namespace
+/// on the host's bridge); `host` is refused: a step on the host's network would reach what
+/// listens on the host's loopback (the agent's and controller's ports). `none` is not
+/// supported yet, nor are `--mount` and `--security`.
+fn check_run_flags(flags: &Flags, line: usize) -> Result<(), DockerfileError> {
+    flags.check("RUN", &["network"], &["mount", "security"], line)?;
+    match flags.string("network", line)?.as_deref() {
+        None | Some("default") => Ok(()),
+        Some("host") => Err(DockerfileError::new(
+            line,
+            "RUN --network=host is refused: a build step on the host's network could reach the services listening on the host; use the default network",
+        )),
+        Some("none") => Err(DockerfileError::new(
+            line,
+            "RUN --network=none is not supported yet; use the default network",
+        )),
+        Some(other) => Err(DockerfileError::new(
+            line,
+            format!("RUN --network={other:?}: expected default, none or host"),
+        )),
+    }
+}
+
 /// The `--name[=value]` flags at the start of an instruction's arguments.
 #[derive(Debug, Default)]
 struct Flags {
@@ -174,7 +200,8 @@ impl Flags {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (word, None),
             };
-            if flags.items.iter().any(|(n, _)| n == name) {
+            // `--mount` and `--exclude` may be given several times, as in BuildKit.
+            if !REPEATABLE_FLAGS.contains(&name) && flags.items.iter().any(|(n, _)| n == name) {
                 return Err(DockerfileError::new(
                     line,
                     format!("duplicate flag \"--{name}\""),
@@ -314,7 +341,7 @@ fn parse_instruction(
     let at_least_one = || err(format!("{name} requires at least one argument"));
     let exactly_one = || err(format!("{name} requires exactly one argument"));
     match lower {
-        "run" => flags.check(&name, &[], &["mount", "network", "security"], line)?,
+        "run" => check_run_flags(&flags, line)?,
         "copy" => flags.check(
             &name,
             &["from", "chown", "chmod", "link"],
@@ -931,6 +958,12 @@ MAINTAINER someone <s@example.com>
             ("FROM scratch\nCOPY --from a b\n", 2, "flag \"--from\" needs a value (--from=...)"),
             ("FROM scratch\nCOPY --from=a --from=b a b\n", 2, "duplicate flag \"--from\""),
             ("FROM scratch\nRUN --mount=type=cache,target=/x make\n", 2, "flag \"--mount\" of RUN is not supported"),
+            // Repeatable flags are not "duplicate".
+            ("FROM scratch\nRUN --mount=type=tmpfs,target=/a --mount=type=tmpfs,target=/b make\n", 2, "flag \"--mount\" of RUN is not supported"),
+            ("FROM scratch\nCOPY --exclude=*.md --exclude=*.txt . /\n", 2, "flag \"--exclude\" of COPY is not supported"),
+            ("FROM scratch\nRUN --network=host make\n", 2, "RUN --network=host is refused: a build step on the host's network could reach the services listening on the host; use the default network"),
+            ("FROM scratch\nRUN --network=bridge make\n", 2, "RUN --network=\"bridge\": expected default, none or host"),
+            ("FROM scratch\nRUN --network=none <<EOF\nmake\nEOF\n", 2, "RUN --network=none is not supported yet; use the default network"),
             ("FROM scratch\nENV --x=1 A=1\n", 2, "unknown flag \"--x\" for ENV"),
             ("FROM --foo=bar scratch\n", 1, "unknown flag \"--foo\" for FROM"),
             ("FROM scratch\nONBUILD ONBUILD RUN true\n", 2, "ONBUILD isn't allowed as an ONBUILD trigger"),
@@ -960,6 +993,11 @@ MAINTAINER someone <s@example.com>
                 "for {text:?}"
             );
         }
+        let df = parse("FROM scratch\nRUN --network=default echo hi\n").unwrap();
+        assert_eq!(
+            df.stages[0].steps[0].instr,
+            Instr::Run(Command::Shell("echo hi".into()))
+        );
         assert_eq!(
             err_of("FROM scratch\nCOPPY a b\n").to_string(),
             "Dockerfile line 2: unknown instruction \"COPPY\""
