@@ -19,8 +19,11 @@ fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Steps through the last stage; returns the RUN environments and argvs, and the settings.
-fn run_last_stage(text: &str) -> (Vec<(Vec<String>, Vec<String>)>, Settings) {
+/// A RUN step's argv and environment.
+type RunStep = (Vec<String>, Vec<String>);
+
+/// Steps through the last stage; returns the RUN steps and the settings.
+fn run_last_stage(text: &str) -> (Vec<RunStep>, Settings) {
     let df = parse(text).expect("parses");
     let args = with_host_platform_args(BTreeMap::new());
     let stage = df.stages.last().expect("a stage");
