@@ -557,24 +557,44 @@ impl Cx<'_> {
         Ok(out)
     }
 
+    /// The named definitions of a top-level section (`networks`, `volumes`): each name, its
+    /// key path for errors, and its mapping (empty when the name is given with nothing).
+    fn definitions(
+        &self,
+        section: &str,
+        v: Option<&Value>,
+    ) -> Result<Vec<(String, String, Mapping)>, ComposeError> {
+        let Some(v) = v else { return Ok(Vec::new()) };
+        let Value::Mapping(m) = v else {
+            return Err(self.err(
+                section,
+                format!(
+                    "expected a mapping of {} names",
+                    section.trim_end_matches('s')
+                ),
+            ));
+        };
+        let mut out = Vec::with_capacity(m.len());
+        for (name, def) in m {
+            let name = key_str(name);
+            let field = format!("{section}.{name}");
+            let def = match def {
+                Value::Mapping(d) => d.clone(),
+                Value::Null => Mapping::new(),
+                _ => return Err(self.err(&field, "expected a mapping or nothing")),
+            };
+            out.push((name, field, def));
+        }
+        Ok(out)
+    }
+
     fn networks_section(
         &mut self,
         v: Option<&Value>,
         out: &mut Vec<Manifest>,
     ) -> Result<(), ComposeError> {
-        let Some(v) = v else { return Ok(()) };
-        let Value::Mapping(m) = v else {
-            return Err(self.err("networks", "expected a mapping of network names"));
-        };
-        for (name, def) in m {
-            let name = key_str(name);
-            let field = format!("networks.{name}");
-            let empty = Mapping::new();
-            let def = match def {
-                Value::Mapping(d) => d,
-                Value::Null => &empty,
-                _ => return Err(self.err(&field, "expected a mapping or nothing")),
-            };
+        for (name, field, def) in self.definitions("networks", v)? {
+            let def = &def;
             let explicit = def.get("name").and_then(Value::as_str).map(str::to_string);
             if truthy(def.get("external")) {
                 let n = explicit.unwrap_or_else(|| name.clone());
@@ -662,19 +682,8 @@ impl Cx<'_> {
         v: Option<&Value>,
         out: &mut Vec<Manifest>,
     ) -> Result<(), ComposeError> {
-        let Some(v) = v else { return Ok(()) };
-        let Value::Mapping(m) = v else {
-            return Err(self.err("volumes", "expected a mapping of volume names"));
-        };
-        for (name, def) in m {
-            let name = key_str(name);
-            let field = format!("volumes.{name}");
-            let empty = Mapping::new();
-            let def = match def {
-                Value::Mapping(d) => d,
-                Value::Null => &empty,
-                _ => return Err(self.err(&field, "expected a mapping or nothing")),
-            };
+        for (name, field, def) in self.definitions("volumes", v)? {
+            let def = &def;
             let explicit = def.get("name").and_then(Value::as_str).map(str::to_string);
             if truthy(def.get("external")) {
                 self.volumes.insert(name.clone(), explicit.unwrap_or(name));
