@@ -14,22 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use rudder_tests::{lab_with_busybox, running_tasks, sh, wait_for, LabGuard};
-
-const MANIFEST: &str = "kind: Service\nname: burn\nimage: busybox:latest\nreplicas: 1\n\
-     stop_grace_period: 1\n\
-     command: [\"/bin/sh\", \"-c\", \"while :; do if [ -f /tmp/burn ]; then \
-     while [ -f /tmp/burn ]; do :; done; else sleep 1; fi; done\"]\n\
-     resources:\n  reservations: {cpus: 0.1}\n  limits: {cpus: 0.5}\n\
-     autoscale: {min: 1, max: 3, cpu_percent: 50, window: 4s, scale_up_delay: 0s, \
-     scale_down_delay: 10s}\n";
-
-fn running(lab: &LabGuard) -> anyhow::Result<Vec<serde_json::Value>> {
-    Ok(running_tasks(&lab.tasks("burn")?)
-        .into_iter()
-        .cloned()
-        .collect())
-}
+use rudder_tests::{lab_with_busybox, sh, wait_for, BURN_MANIFEST};
 
 fn main() -> anyhow::Result<()> {
     if !std::env::args().any(|a| a == "--bench") {
@@ -41,12 +26,12 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(6)
         .max(1);
     let (lab, tmp) = lab_with_busybox("bas", 2)?;
-    lab.apply(tmp.path(), "burn.yaml", MANIFEST)?;
+    lab.apply(tmp.path(), "burn.yaml", BURN_MANIFEST)?;
     let mut ups = Vec::new();
     let mut downs = Vec::new();
     for round in 0..rounds {
         let task = wait_for(Duration::from_secs(90), "1 replica, idle", || {
-            let r = running(&lab)?;
+            let r = lab.running_of("burn")?;
             Ok((r.len() == 1).then(|| r[0].clone()))
         })?;
         // A few idle samples first, so the window starts quiet; each round starts the load at
@@ -58,13 +43,13 @@ fn main() -> anyhow::Result<()> {
         sh(&lab, &name, "touch /tmp/burn")?;
         let t0 = Instant::now();
         wait_for(Duration::from_secs(60), "3 replicas running", || {
-            Ok((running(&lab)?.len() == 3).then_some(()))
+            Ok((lab.running_of("burn")?.len() == 3).then_some(()))
         })?;
         let up = t0.elapsed();
         sh(&lab, &name, "rm /tmp/burn")?;
         let t1 = Instant::now();
         wait_for(Duration::from_secs(90), "back to 1 replica", || {
-            Ok((running(&lab)?.len() == 1).then_some(()))
+            Ok((lab.running_of("burn")?.len() == 1).then_some(()))
         })?;
         let down = t1.elapsed();
         println!(

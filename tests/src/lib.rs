@@ -57,6 +57,14 @@ pub struct LabGuard {
 }
 
 impl LabGuard {
+    /// The tasks of `service` running and meant to run.
+    pub fn running_of(&self, service: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(running_tasks(&self.tasks(service)?)
+            .into_iter()
+            .cloned()
+            .collect())
+    }
+
     pub fn up(name: &str, nodes: u32) -> anyhow::Result<LabGuard> {
         Self::up_with(name, nodes, 1)
     }
@@ -234,6 +242,17 @@ pub fn running_tasks(tasks: &[serde_json::Value]) -> Vec<&serde_json::Value> {
         .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
         .collect()
 }
+
+/// The autoscaling service of the autoscale test and bench: `burn` burns a cpu (up to its 0.5
+/// cpu limit) while /tmp/burn exists; the reservation, 0.1 cpu, is what `cpu_percent` is a
+/// share of. Short windows keep a run under a minute.
+pub const BURN_MANIFEST: &str = "kind: Service\nname: burn\nimage: busybox:latest\nreplicas: 1\n\
+     stop_grace_period: 1\n\
+     command: [\"/bin/sh\", \"-c\", \"while :; do if [ -f /tmp/burn ]; then \
+     while [ -f /tmp/burn ]; do :; done; else sleep 1; fi; done\"]\n\
+     resources:\n  reservations: {cpus: 0.1}\n  limits: {cpus: 0.5}\n\
+     autoscale: {min: 1, max: 3, cpu_percent: 50, window: 4s, scale_up_delay: 0s, \
+     scale_down_delay: 10s}\n";
 
 impl LabGuard {
     /// Writes `yaml` to `dir/<file>` and runs `rctl apply --detach -f` on it (tests poll for

@@ -6,31 +6,14 @@
 
 use std::time::{Duration, Instant};
 
-use rudder_tests::{lab_with_busybox, running_tasks, sh, wait_for, LabGuard};
-
-/// Burns a cpu (up to its 0.5 cpu limit) while /tmp/burn exists; the reservation, 0.1 cpu, is
-/// what `cpu_percent` is a share of. Short windows keep the test under a minute.
-pub const MANIFEST: &str = "kind: Service\nname: burn\nimage: busybox:latest\nreplicas: 1\n\
-     stop_grace_period: 1\n\
-     command: [\"/bin/sh\", \"-c\", \"while :; do if [ -f /tmp/burn ]; then \
-     while [ -f /tmp/burn ]; do :; done; else sleep 1; fi; done\"]\n\
-     resources:\n  reservations: {cpus: 0.1}\n  limits: {cpus: 0.5}\n\
-     autoscale: {min: 1, max: 3, cpu_percent: 50, window: 4s, scale_up_delay: 0s, \
-     scale_down_delay: 10s}\n";
-
-fn running(lab: &LabGuard) -> anyhow::Result<Vec<serde_json::Value>> {
-    Ok(running_tasks(&lab.tasks("burn")?)
-        .into_iter()
-        .cloned()
-        .collect())
-}
+use rudder_tests::{lab_with_busybox, sh, wait_for, BURN_MANIFEST};
 
 #[test]
 fn scales_up_under_cpu_load_and_back_down() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("as", 2)?;
-    lab.apply(tmp.path(), "burn.yaml", MANIFEST)?;
+    lab.apply(tmp.path(), "burn.yaml", BURN_MANIFEST)?;
     let first = wait_for(Duration::from_secs(60), "burn running", || {
-        Ok(running(&lab)?.first().cloned())
+        Ok(lab.running_of("burn")?.first().cloned())
     })?;
     let name = first["name"].as_str().unwrap().to_string();
     // Samples reach the leader: rctl stats shows the idle task.
@@ -42,18 +25,18 @@ fn scales_up_under_cpu_load_and_back_down() -> anyhow::Result<()> {
     assert!(idle["memory_bytes"].as_u64().unwrap() > 0, "{idle}");
     // Idle: stays at 1.
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(running(&lab)?.len(), 1);
+    assert_eq!(lab.running_of("burn")?.len(), 1);
 
     sh(&lab, &name, "touch /tmp/burn")?;
     let t0 = Instant::now();
     wait_for(Duration::from_secs(40), "3 replicas running", || {
-        Ok((running(&lab)?.len() == 3).then_some(()))
+        Ok((lab.running_of("burn")?.len() == 3).then_some(()))
     })?;
     eprintln!(
         "reaction: {:?} from load start to 3 replicas running",
         t0.elapsed()
     );
-    let tasks = running(&lab)?;
+    let tasks = lab.running_of("burn")?;
     let mut nodes: Vec<&str> = tasks.iter().filter_map(|t| t["node"].as_str()).collect();
     nodes.sort();
     nodes.dedup();
@@ -85,7 +68,7 @@ fn scales_up_under_cpu_load_and_back_down() -> anyhow::Result<()> {
     sh(&lab, &name, "rm /tmp/burn")?;
     let t1 = Instant::now();
     wait_for(Duration::from_secs(40), "back to 1 replica", || {
-        Ok((running(&lab)?.len() == 1).then_some(()))
+        Ok((lab.running_of("burn")?.len() == 1).then_some(()))
     })?;
     let down = t1.elapsed();
     eprintln!("scale-down: {down:?} after the load stopped");
