@@ -328,8 +328,11 @@ fn five_controllers_survive_losing_two() -> anyhow::Result<()> {
     lab.restart(other, lab::Role::Controller, true)?;
     let want: BTreeSet<String> = (1..=10).map(|n| format!("w{n}")).collect();
     for i in [leader, other] {
+        // 60 s, not 20: on a loaded CI machine a returning controller has been seen to
+        // take longer than 20 s (twice in four runs, never in isolation); still under
+        // investigation. It must catch up all the same.
         wait_for(
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             "a returning controller catching up",
             || Ok(want.is_subset(&labels(&lab, &urls[i])?).then_some(())),
         )?;
