@@ -412,6 +412,40 @@ impl Control for ControlApi {
         crate::build_api::build(self, req).await
     }
 
+    async fn deploy_stack(
+        &self,
+        req: Request<DeployStackRequest>,
+    ) -> Result<Response<DeployStackResponse>, Status> {
+        crate::stack_api::deploy(&self.raft, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_stacks(
+        &self,
+        _req: Request<ListStacksRequest>,
+    ) -> Result<Response<ListStacksResponse>, Status> {
+        crate::stack_api::list(&self.raft.store()).map(Response::new)
+    }
+
+    async fn rollback_stack(
+        &self,
+        req: Request<RollbackStackRequest>,
+    ) -> Result<Response<DeployStackResponse>, Status> {
+        crate::stack_api::rollback(&self.raft, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn remove_stack(
+        &self,
+        req: Request<RemoveStackRequest>,
+    ) -> Result<Response<RemoveStackResponse>, Status> {
+        crate::stack_api::remove(&self.raft, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         let LogsRequest {
             target,

@@ -32,7 +32,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::Network { .. } | ApplyError::Service { .. } => {
             Status::invalid_argument(e.to_string())
         }
-        ApplyError::Volume { .. } | ApplyError::Secret { .. } => {
+        ApplyError::Volume { .. } | ApplyError::Secret { .. } | ApplyError::Stack { .. } => {
             Status::failed_precondition(e.to_string())
         }
         other => Status::internal(other.to_string()),

@@ -33,6 +33,7 @@ mod resolve;
 mod secret_api;
 mod security;
 mod slog_bridge;
+mod stack_api;
 mod stats_api;
 pub mod storage;
 pub use rudder_pki::tls;

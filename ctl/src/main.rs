@@ -187,7 +187,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NetworkCmd,
     },
-    /// Compose files as stacks: deploy, config, ls, services, ps, rm.
+    /// Compose files as stacks: deploy, config, ls, services, ps, rollback, rm.
     Stack {
         #[command(subcommand)]
         cmd: StackCmd,
@@ -326,7 +326,8 @@ enum SecretCmd {
 
 #[derive(Subcommand)]
 enum StackCmd {
-    /// Deploy (create or update) a stack from compose files, through `rctl apply`.
+    /// Deploy (create or update) a stack from compose files: one new stack version (services
+    /// the new version drops are removed; `stack rollback` returns to the previous version).
     Deploy {
         /// Compose file, then override files (repeatable, merged in order).
         #[arg(short = 'c', long = "compose-file", required = true)]
@@ -343,7 +344,7 @@ enum StackCmd {
         files: Vec<PathBuf>,
         name: String,
     },
-    /// List stacks (services labelled rudder.stack).
+    /// List stacks with their versions.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
@@ -359,6 +360,14 @@ enum StackCmd {
         name: String,
         #[arg(short, long, value_enum, default_value_t)]
         output: Output,
+    },
+    /// Roll the whole stack back to its previously deployed version.
+    Rollback {
+        name: String,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
     },
     /// Remove a stack's services, networks, secrets and configs (volumes stay).
     Rm {
@@ -820,6 +829,16 @@ fn real_main() -> anyhow::Result<()> {
                 rt.block_on(cmd::stack::services(&ctx()?, name, *output))
             }
             StackCmd::Ps { name, output } => rt.block_on(cmd::stack::ps(&ctx()?, name, *output)),
+            StackCmd::Rollback {
+                name,
+                detach,
+                timeout,
+            } => rt.block_on(cmd::stack::rollback(
+                &ctx()?,
+                name,
+                *detach,
+                std::time::Duration::from_secs(*timeout),
+            )),
             StackCmd::Rm { name, timeout } => rt.block_on(cmd::stack::rm(
                 &ctx()?,
                 name,

@@ -20,6 +20,7 @@ pub mod scheduler;
 pub mod secret;
 pub mod slotvol;
 pub mod spec;
+pub mod stack;
 pub mod store;
 pub mod task;
 pub mod update;

@@ -514,6 +514,30 @@ pub enum Command {
         /// The new unlock key, or `None` to turn autolock off.
         key: Option<UnlockKeyText>,
     },
+    /// Record a stack's deployed version (`rctl stack deploy`, after its objects' commands in
+    /// the same batch): one that differs from the version in force replaces it, which becomes
+    /// the previous one (see `crate::stack`).
+    PutStack {
+        /// The stack's name.
+        name: String,
+        /// The resolved manifests deployed.
+        spec: Box<crate::stack::StackSpec>,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
+        now: u64,
+    },
+    /// `rctl stack rollback`: the previous version is in force again (its objects' commands
+    /// come first in the same batch) and the one rolled back from becomes the previous one.
+    RollbackStack {
+        /// The stack's name.
+        name: String,
+        /// The leader's clock (ms since the epoch), stamped by the proposer: applying stays pure.
+        now: u64,
+    },
+    /// Forget a stack's record (`rctl stack rm`, after its services' removal in the same batch).
+    RemoveStack {
+        /// The stack's name.
+        name: String,
+    },
 }
 
 /// Autolock's unlock key as text (`RDRKEK-…`); `Debug` never prints it.
@@ -666,6 +690,14 @@ pub enum ApplyError {
         /// Why.
         message: String,
     },
+    /// A stack refused (too large, nothing to roll back to).
+    #[error("store: stack {name:?}: {message}")]
+    Stack {
+        /// Its name.
+        name: String,
+        /// Why.
+        message: String,
+    },
     /// A secret or config refused (in use, too large, invalid).
     #[error("store: {kind} {name:?}: {message}")]
     Secret {
@@ -734,6 +766,10 @@ pub struct Store {
     /// log's encryption at rest; never sent to agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlock_key: Option<UnlockKeyText>,
+    /// Stacks (`rctl stack deploy`), by name: each one's deployed version and the one before.
+    /// Not written while empty, and absent from stores of earlier builds (which still load).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub stacks: Map<String, crate::stack::Stack>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -829,6 +865,18 @@ impl Store {
                 self.declare_volumes(index, &name, now);
             }
             Command::PutVolume { spec, now } => self.put_volume(index, spec, now),
+            Command::PutStack { name, spec, now } => {
+                crate::stack::put(self, index, name, *spec, now)?
+            }
+            Command::RollbackStack { name, now } => {
+                crate::stack::rollback(self, index, &name, now)?
+            }
+            Command::RemoveStack { name } => {
+                self.stacks.remove(&name).ok_or(ApplyError::NotFound {
+                    kind: "stack",
+                    name,
+                })?;
+            }
             Command::RemoveVolume { name } => {
                 let users = self.volume_users(&name);
                 if !users.is_empty() {

@@ -1,7 +1,9 @@
 //! Compose stacks on a real 2-host lab: `rctl stack deploy` of a busybox compose file (with a
 //! `.env`, a secret from a file, a healthcheck reading it, placement, a compose name with
 //! `_`), a client on the other host reaching the server by its compose name over the stack's
-//! default network, then `stack ls|services|ps|rm`.
+//! default network, then `stack ls|services|ps`; a second version (a service changed, one
+//! removed, one added) and `stack rollback` to the first; `stack rm`. A worker certificate is
+//! refused by the stack API.
 
 use std::time::Duration;
 
@@ -126,8 +128,68 @@ fn a_compose_stack_deploys_resolves_names_and_is_removed() -> anyhow::Result<()>
         again.lines().all(|l| l.ends_with("unchanged")),
         "a second deploy is idempotent: {again}"
     );
+    let ls: serde_json::Value = serde_json::from_str(&lab.rctl(&["stack", "ls", "-o", "json"])?)?;
+    let v1 = ls[0]["version"].as_u64().context("a stack version")?;
+    assert!(ls[0]["previous_version"].is_null(), "{ls}");
+
+    // The stack API is Control: a worker (agent) certificate is refused.
+    worker_is_refused(&lab, dir)?;
+
+    // Version 2: web_server changed, client removed, extra added.
+    let v2 = COMPOSE
+        .replace(
+            "    secrets: [db_pw]\n",
+            "    secrets: [db_pw]\n    environment:\n      STACK_V: \"2\"\n",
+        )
+        .replace("  client:\n", "  extra:\n");
+    std::fs::write(dir.join("compose.yaml"), &v2)?;
+    let out = lab.rctl(&["stack", "deploy", "--timeout", "120", "-c", file, "shop"])?;
+    for want in [
+        "service/shop-web-server updated",
+        "service/shop-extra created",
+        "service/shop-client removed",
+    ] {
+        assert!(out.contains(want), "{want:?} in:\n{out}");
+    }
+    let names = |lab: &LabGuard| -> anyhow::Result<Vec<String>> {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.rctl(&["stack", "services", "shop", "-o", "json"])?)?;
+        let mut n: Vec<String> = v
+            .as_array()
+            .context("a list")?
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(String::from))
+            .collect();
+        n.sort();
+        Ok(n)
+    };
+    assert_eq!(names(&lab)?, ["shop-extra", "shop-web-server"]);
+    let env_of_web = |lab: &LabGuard| -> anyhow::Result<String> {
+        let web = running_one(lab, "shop-web-server")?;
+        Ok(exec(lab, &web, &["sh", "-c", "echo v=$STACK_V"])?.1)
+    };
+    assert!(env_of_web(&lab)?.contains("v=2"));
+    let ls: serde_json::Value = serde_json::from_str(&lab.rctl(&["stack", "ls", "-o", "json"])?)?;
+    assert_eq!(ls[0]["previous_version"].as_u64(), Some(v1), "{ls}");
+
+    // Rollback: the whole stack returns to version 1.
+    let out = lab.rctl(&["stack", "rollback", "--timeout", "120", "shop"])?;
+    for want in [
+        "service/shop-web-server updated",
+        "service/shop-client created",
+        "service/shop-extra removed",
+    ] {
+        assert!(out.contains(want), "{want:?} in:\n{out}");
+    }
+    assert_eq!(names(&lab)?, ["shop-client", "shop-web-server"]);
+    wait_for(Duration::from_secs(60), "web-server back at v1", || {
+        Ok(env_of_web(&lab)?.trim().ends_with("v=").then_some(()))
+    })?;
+    running_one(&lab, "shop-client")?;
+    std::fs::write(dir.join("compose.yaml"), COMPOSE)?;
 
     let rm = lab.rctl(&["stack", "rm", "shop"])?;
+    assert!(rm.contains("service/shop-client removed"), "{rm}");
     assert!(rm.contains("network/shop-default removed"), "{rm}");
     assert!(rm.contains("secret/shop-db_pw removed"), "{rm}");
     let services = lab.rctl(&["get", "services"])?;
@@ -151,5 +213,38 @@ fn a_compose_stack_deploys_resolves_names_and_is_removed() -> anyhow::Result<()>
     running_one(&lab, "shop-2-client")?;
     assert!(lab.rctl(&["stack", "ls"])?.contains("shop-2"));
     lab.rctl(&["stack", "rm", "shop-2"])?;
+    Ok(())
+}
+
+/// `rctl stack ls|rollback` with the agent's (worker) certificate: refused by the Control
+/// service's guard, like every write RPC.
+fn worker_is_refused(lab: &LabGuard, dir: &std::path::Path) -> anyhow::Result<()> {
+    let certs = lab.lab.hosts[1].data_dir.join("certs");
+    let ctx = dir.join("agent-context.json");
+    let v = serde_json::json!({
+        "controllers": lab.lab.controller_urls(),
+        "registry": lab.lab.registry(),
+        "ca": certs.join("ca.pem"),
+        "cert": certs.join("node.pem"),
+        "key": certs.join("node-key.pem"),
+    });
+    std::fs::write(&ctx, serde_json::to_vec(&v)?)?;
+    for args in [
+        &["stack", "ls"][..],
+        &["stack", "rollback", "--detach", "shop"],
+    ] {
+        let out = std::process::Command::new(rudder_tests::bin("rctl"))
+            .arg("--context")
+            .arg(&ctx)
+            .args(args)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} with a worker certificate");
+        assert!(
+            err.contains("Control is for admin certificates") && err.contains("worker"),
+            "{args:?}: {err}"
+        );
+    }
+    std::fs::remove_file(&ctx)?;
     Ok(())
 }

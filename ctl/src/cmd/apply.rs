@@ -42,6 +42,10 @@ pub async fn run(
                 .unwrap_or_default();
             let stack = rudder_model::compose::default_stack_name(&text, &dir_name);
             eprintln!("{name}: a compose file, deployed as stack {stack:?}");
+            if files.len() == 1 {
+                // Alone, it is a stack deploy (a stack object, so `stack rollback` works).
+                return crate::cmd::stack::deploy(ctx, files, &stack, detach, timeout).await;
+            }
             for m in crate::cmd::stack::load(std::slice::from_ref(f), &stack)? {
                 docs.push((f.clone(), m));
             }
@@ -54,14 +58,9 @@ pub async fn run(
     apply_manifests(ctx, docs, detach, timeout).await
 }
 
-/// Sends `docs` (each with the file it came from, which `file:` paths are relative to) in one
-/// apply, then waits for the services to converge unless `detach`.
-pub async fn apply_manifests(
-    ctx: &Context,
-    docs: Vec<(PathBuf, Manifest)>,
-    detach: bool,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
+/// The apply request for `docs` (each with the file it came from, which `file:` paths are
+/// relative to); `file:` values are read here.
+pub fn request(docs: Vec<(PathBuf, Manifest)>) -> anyhow::Result<ApplyRequest> {
     let mut specs = Vec::new();
     let mut networks = Vec::new();
     let mut volumes = Vec::new();
@@ -78,19 +77,41 @@ pub async fn apply_manifests(
     if specs.is_empty() && networks.is_empty() && volumes.is_empty() && secrets.is_empty() {
         anyhow::bail!("nothing to apply: the files hold no documents");
     }
+    Ok(ApplyRequest {
+        service_specs_json: specs,
+        network_specs_json: networks,
+        volume_specs_json: volumes,
+        secrets,
+    })
+}
+
+/// Sends `docs` (each with the file it came from, which `file:` paths are relative to) in one
+/// apply, then waits for the services to converge unless `detach`.
+pub async fn apply_manifests(
+    ctx: &Context,
+    docs: Vec<(PathBuf, Manifest)>,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let req = request(docs)?;
     let mut client = crate::connect(ctx).await?;
     let resp = client
-        .apply(ApplyRequest {
-            service_specs_json: specs,
-            network_specs_json: networks,
-            volume_specs_json: volumes,
-            secrets,
-        })
+        .apply(req)
         .await
         .map_err(crate::status_err)?
         .into_inner();
+    finish(ctx, resp.results, detach, timeout).await
+}
+
+/// Prints an apply's results, then waits for the services it changed unless `detach`.
+pub async fn finish(
+    ctx: &Context,
+    results: Vec<rudder_proto::v1::ApplyResult>,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let mut names = Vec::new();
-    for r in resp.results {
+    for r in results {
         println!(
             "{}/{} {}",
             r.kind.to_lowercase(),

@@ -1,17 +1,21 @@
-//! `rctl stack deploy|config|ls|services|ps|rm`: compose files as stacks. The conversion is
-//! `rudder_model::compose` (pure); this module reads the files, prints the warnings and goes
-//! through the ordinary apply path. A stack is, for now, the objects labelled
-//! `rudder.stack=NAME` (no stack object in the store yet, so no `stack rollback`).
+//! `rctl stack deploy|config|ls|services|ps|rollback|rm`: compose files as stacks. The
+//! conversion is `rudder_model::compose` (pure); this module reads the files, prints the
+//! warnings and sends the resolved manifests to `DeployStack`, which records them as the
+//! stack's new version in the store (`rudder_model::stack`). `ls|services|ps` read the stack
+//! objects; a stack deployed by an earlier build (objects labelled `rudder.stack=NAME` only) is
+//! still listed and removed by its labels.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rudder_model::compose::{self, Source, SERVICE_LABEL, STACK_LABEL};
 use rudder_model::manifest::Manifest;
+use rudder_model::stack::Stack;
 use rudder_model::ServiceSpec;
 use rudder_proto::v1::{
-    ListNetworksRequest, ListSecretsRequest, RemoveNetworkRequest, RemoveSecretRequest,
-    RemoveServiceRequest,
+    DeployStackRequest, DeployStackResponse, ListNetworksRequest, ListSecretsRequest,
+    ListStacksRequest, RemoveNetworkRequest, RemoveSecretRequest, RemoveServiceRequest,
+    RemoveStackRequest, RollbackStackRequest,
 };
 
 use super::{print_table, Output};
@@ -82,7 +86,8 @@ pub fn config(files: &[PathBuf], stack: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `rctl stack deploy`: converts, then applies as `rctl apply` does (and waits unless detached).
+/// `rctl stack deploy`: converts, then deploys the manifests as the stack's new version (and
+/// waits unless detached).
 pub async fn deploy(
     ctx: &Context,
     files: &[PathBuf],
@@ -93,47 +98,137 @@ pub async fn deploy(
     let manifests = load(files, stack)?;
     let base = files.first().cloned().unwrap_or_default();
     let docs = manifests.into_iter().map(|m| (base.clone(), m)).collect();
-    super::apply::apply_manifests(ctx, docs, detach, timeout).await
+    let apply = super::apply::request(docs)?;
+    let mut client = crate::connect(ctx).await?;
+    let resp = client
+        .deploy_stack(DeployStackRequest {
+            name: stack.to_string(),
+            apply: Some(apply),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    report(ctx, stack, resp, detach, timeout).await
 }
 
-/// The stack's services (by label) with their summaries.
+/// `rctl stack rollback NAME`: the whole stack back to its previous version.
+pub async fn rollback(
+    ctx: &Context,
+    stack: &str,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut client = crate::connect(ctx).await?;
+    let resp = client
+        .rollback_stack(RollbackStackRequest {
+            name: stack.to_string(),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    report(ctx, stack, resp, detach, timeout).await
+}
+
+/// Prints what a deploy or rollback did, then waits for the services it changed.
+async fn report(
+    ctx: &Context,
+    stack: &str,
+    resp: DeployStackResponse,
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    for s in &resp.removed_services {
+        println!("service/{s} removed");
+    }
+    let previous = match resp.previous_version {
+        0 => String::new(),
+        v => format!(" (previous {v})"),
+    };
+    eprintln!("stack {stack}: version {}{previous}", resp.version);
+    super::apply::finish(ctx, resp.results, detach, timeout).await
+}
+
+/// The stack objects, by name.
+async fn stack_objects(client: &mut crate::Client) -> anyhow::Result<BTreeMap<String, Stack>> {
+    let resp = client
+        .list_stacks(ListStacksRequest {})
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    let mut out = BTreeMap::new();
+    for j in &resp.stacks_json {
+        let s: Stack = crate::convert::from_json("stack", j)?;
+        out.insert(s.name.clone(), s);
+    }
+    Ok(out)
+}
+
+/// The stack's services with their summaries: those of its version in force, or (a stack
+/// deployed by an earlier build, or `stack` `None`: every stack's) those labelled with it.
 async fn stack_services(
     client: &mut crate::Client,
     stack: Option<&str>,
 ) -> anyhow::Result<Vec<(ServiceSpec, rudder_proto::v1::ServiceSummary)>> {
+    let objects = stack_objects(client).await?;
+    let declared = stack.and_then(|n| objects.get(n));
     let mut out = Vec::new();
     for s in crate::services(client).await? {
         let spec: ServiceSpec = crate::convert::from_json("service", &s.spec_json)?;
-        match (spec.labels.get(STACK_LABEL), stack) {
-            (Some(l), Some(want)) if l == want => out.push((spec, s)),
-            (Some(_), None) => out.push((spec, s)),
-            _ => {}
+        let ours = match (declared, spec.labels.get(STACK_LABEL), stack) {
+            (Some(d), _, _) => d.current.spec.has_service(&s.name),
+            (None, Some(l), Some(want)) => l == want,
+            (None, Some(_), None) => true,
+            _ => false,
+        };
+        if ours {
+            out.push((spec, s));
         }
     }
     Ok(out)
 }
 
-/// `rctl stack ls`: each stack with its number of services.
+/// `rctl stack ls`: each stack with its version in force, the previous one and its number of
+/// services (`-` versions: a stack an earlier build deployed, known by its labels only).
 pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
-    let mut stacks: BTreeMap<String, usize> = BTreeMap::new();
+    let objects = stack_objects(&mut client).await?;
+    // name -> (version, previous, services)
+    let mut stacks: BTreeMap<String, (Option<u64>, Option<u64>, usize)> = objects
+        .values()
+        .map(|s| {
+            (
+                s.name.clone(),
+                (
+                    Some(s.current.version),
+                    s.previous.as_ref().map(|p| p.version),
+                    s.current.spec.services.len(),
+                ),
+            )
+        })
+        .collect();
     for (spec, _) in stack_services(&mut client, None).await? {
-        *stacks.entry(spec.labels[STACK_LABEL].clone()).or_default() += 1;
+        let name = spec.labels[STACK_LABEL].clone();
+        if !objects.contains_key(&name) {
+            stacks.entry(name).or_default().2 += 1;
+        }
     }
+    let show = |v: &Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     match output {
         Output::Json => {
             let v: Vec<_> = stacks
                 .iter()
-                .map(|(n, c)| serde_json::json!({"name": n, "services": c}))
+                .map(|(n, (v, p, c))| {
+                    serde_json::json!({"name": n, "version": v, "previous_version": p, "services": c})
+                })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Table => {
             let rows: Vec<Vec<String>> = stacks
                 .iter()
-                .map(|(n, c)| vec![n.clone(), c.to_string()])
+                .map(|(n, (v, p, c))| vec![n.clone(), show(v), show(p), c.to_string()])
                 .collect();
-            print_table(&["NAME", "SERVICES"], &rows);
+            print_table(&["NAME", "VERSION", "PREVIOUS", "SERVICES"], &rows);
         }
     }
     Ok(())
@@ -224,6 +319,17 @@ pub async fn ps(ctx: &Context, stack: &str, output: Output) -> anyhow::Result<()
 /// (retried while the services' tasks still hold them); volumes stay, as Docker keeps them.
 pub async fn rm(ctx: &Context, stack: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
+    let removed = client
+        .remove_stack(RemoveStackRequest {
+            name: stack.to_string(),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner();
+    for s in &removed.removed_services {
+        println!("service/{s} removed");
+    }
+    // What is left labelled with it (services an earlier build deployed).
     let list = stack_services(&mut client, Some(stack)).await?;
     for (_, s) in &list {
         client
@@ -264,7 +370,7 @@ pub async fn rm(ctx: &Context, stack: &str, timeout: std::time::Duration) -> any
             }
         }
     }
-    if list.is_empty() && rest.is_empty() {
+    if !removed.found && list.is_empty() && rest.is_empty() {
         anyhow::bail!("stack {stack:?} not found (see `rctl stack ls`)");
     }
     let start = std::time::Instant::now();
