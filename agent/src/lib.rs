@@ -19,6 +19,7 @@ mod health;
 mod hostnet;
 mod images;
 mod manager;
+pub mod metrics;
 pub mod net;
 pub mod netpool;
 mod overlayfs;
@@ -99,6 +100,14 @@ pub struct Config {
     /// UDP port of this host's WireGuard interface (overlay networks).
     #[serde(default = "default_wg_port")]
     pub wg_port: u16,
+    /// Where `/metrics` is served over HTTPS (client certificate of an admin or manager
+    /// required); `None`: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where `/metrics` is also served over plain HTTP, to anyone who reaches the address;
+    /// `None` (the default): not served.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// WireGuard's usual port, used unless `--wg-port` says otherwise.
@@ -268,6 +277,8 @@ pub async fn run(
         stats::SAMPLE_PERIOD,
         usage_tx,
     ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    serve_metrics(&cfg, worker.clone(), certs_rx.clone(), &stop_rx).await;
     let (cpus_milli, memory_bytes) = host_capacity();
     let trusted = Arc::new(trusted::TrustedControllers::load(
         &cfg.data_dir.join("trusted-controllers.json"),
@@ -287,7 +298,6 @@ pub async fn run(
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     // Only controllers (manager certificates) may call the agent. The server restarts with
     // each renewed certificate.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -318,4 +328,62 @@ pub async fn run(
     pool_owner.shutdown().await;
     info!("agent stopped");
     Ok(())
+}
+
+/// Serves `/metrics` on the configured listeners until `stop`. A listener that cannot be
+/// bound is logged and skipped: metrics are not worth refusing to run tasks.
+async fn serve_metrics(
+    cfg: &Config,
+    worker: Arc<worker::Worker>,
+    certs: tokio::sync::watch::Receiver<NodeCerts>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    use rudder_pki::scrape;
+    let stats = stats::CgroupStats::new("/sys/fs/cgroup", &cfg.cgroup_parent);
+    let io = metrics::CgroupIo::new("/sys/fs/cgroup", &cfg.cgroup_parent, "/proc");
+    let render: scrape::Render = Arc::new(move || {
+        let service_of = |id: &str| {
+            bundle::ContainerDir::new(&worker.container_dir(id))
+                .read_task()
+                .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
+                .map(|t| t.service_name)
+                .unwrap_or_default()
+        };
+        metrics::collect(&worker.last_statuses(), &service_of, &stats, &io)
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(addr) = cfg.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                // Admins and managers (see `role_may_scrape`). An agent does not know which
+                // admin certificates were revoked: bind the listener where only the scraper
+                // reaches it if that matters.
+                let admit: scrape::Admit = Arc::new(|id| scrape::role_may_scrape(id.role));
+                let (render, stop) = (render.clone(), stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        scrape::serve_https(l, certs, admit, render, stopped(stop)).await
+                    {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (https); not served"),
+        }
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = scrape::serve_plain(l, render, stopped(stop)).await {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (plain http); not served"),
+        }
+    }
 }

@@ -39,6 +39,27 @@ struct Args {
     /// UDP port of the WireGuard interface that carries encrypted overlay networks.
     #[arg(long, default_value_t = rudder_agent::DEFAULT_WG_PORT)]
     wg_port: u16,
+    /// Serve Prometheus metrics at `https://ADDR/metrics` (a client certificate of an admin or
+    /// manager is required); `off` to not serve them.
+    #[arg(long, default_value = "0.0.0.0:4247", value_parser = parse_listen)]
+    metrics_listen: Listen,
+    /// Also serve `/metrics` over plain HTTP at this address, to anyone who reaches it
+    /// (bind it to an address only the scraper reaches). Off unless given.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// An address, or `off`.
+#[derive(Clone, Copy)]
+struct Listen(Option<SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address such as 0.0.0.0:4247, or off)"))
 }
 
 #[derive(Subcommand)]
@@ -139,6 +160,8 @@ fn main() -> anyhow::Result<()> {
         role: a.role,
         token: a.token,
         wg_port: a.wg_port,
+        metrics_listen: a.metrics_listen.0,
+        metrics_addr: a.metrics_addr,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

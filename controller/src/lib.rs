@@ -23,6 +23,7 @@ mod exec_api;
 mod image_api;
 mod image_tags;
 mod locked;
+pub mod metrics;
 mod orchestrator;
 pub mod peer;
 pub mod raft_node;
@@ -127,6 +128,14 @@ pub struct Config {
     /// A decrypted backup's store: start a new one-member cluster from it (`--restore`).
     #[serde(skip)]
     pub restore: Option<Arc<rudder_model::Store>>,
+    /// Where `/metrics` is served over HTTPS (client certificate of an admin or manager
+    /// required); `None`: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Where `/metrics` is also served over plain HTTP, to anyone who reaches the address;
+    /// `None` (the default): not served.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -289,6 +298,11 @@ pub async fn run(
             }
         });
     }
+    let metrics = metrics::ControllerMetrics {
+        raft: raft.metrics(),
+        ..Default::default()
+    };
+    tokio::spawn(metrics::observe_scheduling(raft.clone(), metrics.clone()));
     let blobs = registry::BlobStore::open(cfg.data_dir.join("registry"))?;
     let reg_state = registry::RegistryState::new(
         blobs,
@@ -300,7 +314,8 @@ pub async fn run(
             me: cfg.raft_id,
         }),
         &registry_tls,
-    )?;
+    )?
+    .with_metrics(metrics.registry.clone());
     tokio::spawn(replicate_images(raft.clone(), reg_state.clone()));
     let reg_listener = tokio::net::TcpListener::bind(cfg.registry_listen)
         .await
@@ -381,6 +396,7 @@ pub async fn run(
             }
         });
     }
+    serve_metrics(&cfg, &raft, metrics, certs_rx.clone(), &stop_rx).await;
     // Mutual TLS on every service; each admits only the roles it serves.
     let guard_raft = raft.clone();
     let grpc = rudder_pki::renew::serve_renewing(
@@ -446,6 +462,65 @@ pub async fn run(
         return Err(ControllerError::RaftStopped);
     }
     Ok(())
+}
+
+/// Serves `/metrics` on the configured listeners until `stop`. A listener that cannot be
+/// bound is logged and skipped: metrics are not worth refusing to run the cluster.
+async fn serve_metrics(
+    cfg: &Config,
+    raft: &raft_node::RaftHandle,
+    metrics: metrics::ControllerMetrics,
+    certs: tokio::sync::watch::Receiver<tls::NodeCerts>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    use rudder_pki::scrape;
+    let render: scrape::Render = {
+        let raft = raft.clone();
+        Arc::new(move || metrics.render(&raft.store(), &raft.status()))
+    };
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(addr) = cfg.metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let raft = raft.clone();
+                // Admins and managers, unless their certificate was revoked.
+                let admit: scrape::Admit = Arc::new(move |id| {
+                    scrape::role_may_scrape(id.role)?;
+                    if raft.store().is_revoked(id.role.as_str(), &id.node) {
+                        return Err(format!(
+                            "metrics: the certificate of {} was revoked",
+                            id.node
+                        ));
+                    }
+                    Ok(())
+                });
+                let (render, stop) = (render.clone(), stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) =
+                        scrape::serve_https(l, certs, admit, render, stopped(stop)).await
+                    {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (https); not served"),
+        }
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = scrape::serve_plain(l, render, stopped(stop)).await {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (plain http); not served"),
+        }
+    }
 }
 
 /// `--restore` starts a new cluster: refused on a data dir that holds anything.

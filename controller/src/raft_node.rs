@@ -240,6 +240,8 @@ pub struct RaftHandle {
     store: watch::Receiver<Arc<Store>>,
     status: watch::Receiver<RaftStatus>,
     forwarder: Arc<std::sync::OnceLock<Arc<dyn Forwarder>>>,
+    /// Propose/apply latencies and log size, for `/metrics`.
+    metrics: Arc<crate::metrics::RaftMetrics>,
 }
 
 impl RaftHandle {
@@ -306,6 +308,17 @@ impl RaftHandle {
     /// Proposes on this node, forwarding to the leader when this node is a follower, and waits
     /// until the entry is applied here. Returns its index.
     pub async fn submit(&self, proposal: Proposal) -> Result<u64, RaftError> {
+        let started = tokio::time::Instant::now();
+        let r = self.submit_untimed(proposal).await;
+        if r.is_ok() {
+            self.metrics
+                .propose_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    async fn submit_untimed(&self, proposal: Proposal) -> Result<u64, RaftError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
             let leader = match self.propose_local(proposal.clone()).await {
@@ -407,6 +420,11 @@ impl RaftHandle {
         self.store.clone()
     }
 
+    /// The raft loop's latencies and log size.
+    pub fn metrics(&self) -> Arc<crate::metrics::RaftMetrics> {
+        self.metrics.clone()
+    }
+
     /// The raft status now.
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()
@@ -483,7 +501,9 @@ pub fn start_with<S: LogStore>(
         id,
         ..Default::default()
     });
+    let metrics: Arc<crate::metrics::RaftMetrics> = Default::default();
     let mut driver = Driver {
+        metrics: metrics.clone(),
         node,
         transport,
         last_snapshot: store.applied,
@@ -512,6 +532,7 @@ pub fn start_with<S: LogStore>(
         store: store_rx,
         status: status_rx,
         forwarder: Default::default(),
+        metrics,
     })
 }
 
@@ -532,6 +553,8 @@ struct PendingRead {
 }
 
 struct Driver<S: LogStore> {
+    /// Apply latency and log size are recorded here.
+    metrics: Arc<crate::metrics::RaftMetrics>,
     node: RawNode<S>,
     transport: Arc<dyn RaftTransport>,
     store: Store,
@@ -797,6 +820,14 @@ impl<S: LogStore> Driver<S> {
             }
             self.status_tx.send_replace(status);
         }
+        let log = &self.node.raft.raft_log;
+        let entries = (log.last_index() + 1).saturating_sub(log.first_index());
+        self.metrics
+            .log_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics
+            .log_since_snapshot_bytes
+            .set(i64::try_from(self.log_bytes).unwrap_or(i64::MAX));
         if self.node.raft.state != StateRole::Leader && !self.pending.is_empty() {
             // Leadership lost: these proposals may never commit here.
             for (_, reply) in self.pending.drain() {
@@ -885,8 +916,12 @@ impl<S: LogStore> Driver<S> {
                 self.store.applied = e.index;
                 continue;
             }
+            let started = std::time::Instant::now();
             let result =
                 Envelope::decode(&e.data).and_then(|env| self.store.apply(e.index, env.cmd));
+            self.metrics
+                .apply_seconds
+                .observe(started.elapsed().as_secs_f64());
             if let Err(err) = &result {
                 warn!(index = e.index, %err, "command refused");
                 self.store.applied = e.index;

@@ -64,6 +64,8 @@ pub struct RegistryState {
     quorum_grace: std::time::Duration,
     /// Keeps a collection from deleting the blobs of a manifest being recorded.
     gc: Arc<gc::GcGuard>,
+    /// Body bytes in and out, for `/metrics`.
+    metrics: Arc<crate::metrics::RegistryMetrics>,
 }
 
 impl RegistryState {
@@ -75,7 +77,14 @@ impl RegistryState {
             peers: None,
             quorum_grace: peers::QUORUM_GRACE,
             gc: Default::default(),
+            metrics: Default::default(),
         }
+    }
+
+    /// Counts body bytes into `metrics` (the controller's `/metrics` serves them).
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::RegistryMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Sets how long an upload waits for a majority of managers to hold its blob before it is
@@ -146,6 +155,10 @@ fn routes(state: RegistryState, authorize: bool) -> axum::Router {
         app = app.layer(axum::middleware::from_fn(tls::authorize));
     }
     app.layer(axum::middleware::map_response(http::api_version_header))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::count_registry_bytes,
+        ))
         .with_state(state)
 }
 
