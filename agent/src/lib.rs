@@ -343,7 +343,7 @@ async fn serve_metrics(
     let io = metrics::CgroupIo::new("/sys/fs/cgroup", &cfg.cgroup_parent, "/proc");
     let render: scrape::Render = Arc::new(move || {
         let service_of = |id: &str| {
-            bundle::ContainerDir::new(&worker.container_dir(id))
+            bundle::ContainerDir::new(worker.container_dir(id))
                 .read_task()
                 .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
                 .map(|t| t.service_name)
