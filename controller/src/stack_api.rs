@@ -21,7 +21,7 @@ fn status(e: StackError) -> Status {
     match e {
         StackError::NotFound(_) => Status::not_found(e.to_string()),
         StackError::NoPrevious(_) => Status::failed_precondition(e.to_string()),
-        StackError::TooLarge { .. } | StackError::BadName(_) => {
+        StackError::TooLarge { .. } | StackError::BadName(_) | StackError::Cycle { .. } => {
             Status::invalid_argument(e.to_string())
         }
         StackError::Apply(a) => convert::apply_status(a),

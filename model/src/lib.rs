@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod autoscale;
 pub mod compose;
+pub mod depends;
 pub mod duration;
 pub mod health;
 pub mod job;

@@ -719,6 +719,29 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         })
         .chain(created.iter())
         .collect();
+    // `depends_on`: a service whose dependencies do not hold yet keeps its new tasks pending,
+    // with the reason, instead of placing them.
+    let mut holds: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    let mut held: Vec<(String, String)> = Vec::new();
+    let waiting: Vec<&Task> = waiting
+        .into_iter()
+        .filter(|t| {
+            let why = holds.entry(t.service_id.as_str()).or_insert_with(|| {
+                store
+                    .services
+                    .get(&t.service_name)
+                    .filter(|s| s.id == t.service_id)
+                    .and_then(|s| crate::depends::waiting(store, &s.spec))
+            });
+            match why {
+                Some(why) => {
+                    held.push((t.id.clone(), why.clone()));
+                    false
+                }
+                None => true,
+            }
+        })
+        .collect();
     let pins: Vec<_> = waiting
         .iter()
         .map(|t| crate::slotvol::pin(store, t))
@@ -736,15 +759,16 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
                     placed_new.insert(task_id, node_id);
                 }
             }
-            Decision::Unplaceable { task_id, reason } => {
-                let unchanged = store
-                    .tasks
-                    .get(&task_id)
-                    .is_some_and(|t| t.status.message == reason);
-                if !unchanged {
-                    pending.push((task_id, reason));
-                }
-            }
+            Decision::Unplaceable { task_id, reason } => held.push((task_id, reason)),
+        }
+    }
+    for (task_id, reason) in held {
+        let unchanged = store
+            .tasks
+            .get(&task_id)
+            .is_some_and(|t| t.status.message == reason);
+        if !unchanged {
+            pending.push((task_id, reason));
         }
     }
     for t in &mut created {
@@ -1668,6 +1692,8 @@ mod tests {
     }
 }
 
+#[cfg(test)]
+mod depends_tests;
 #[cfg(test)]
 mod drain_tests;
 #[cfg(test)]

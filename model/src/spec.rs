@@ -140,6 +140,10 @@ pub struct ServiceSpec {
     /// is then only the first count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::autoscale::Autoscale>,
+    /// Services whose condition (started, healthy, completed) this one's new tasks wait for
+    /// (see `crate::depends`); not part of the task spec, so changing it restarts nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<crate::depends::Dependency>,
 }
 
 fn one() -> u64 {
@@ -767,6 +771,7 @@ impl ServiceSpec {
             h.validate()?;
         }
         crate::job::validate(self)?;
+        crate::depends::validate(self)?;
         if let Some(svc) = self.network_mode.shared_service() {
             if svc == self.name {
                 return Err(ValidationError::new(
@@ -976,7 +981,8 @@ impl ServiceSpec {
             update_config: _,
             rollback_config: _,
             rebalance: _,
-            autoscale: _, // the replica count only
+            autoscale: _,  // the replica count only
+            depends_on: _, // when new tasks may be placed, not what they run
         } = self;
         *name == other.name
             && *image == other.image
@@ -1342,6 +1348,7 @@ pub(crate) mod tests_support {
             rollback_config: Default::default(),
             rebalance: Default::default(),
             autoscale: None,
+            depends_on: Vec::new(),
         }
     }
 }

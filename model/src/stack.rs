@@ -148,6 +148,14 @@ pub enum StackError {
         /// What is over which limit.
         what: String,
     },
+    /// Services that depend on one another in a circle.
+    #[error("stack: {name:?}: dependency cycle: {cycle}")]
+    Cycle {
+        /// The stack.
+        name: String,
+        /// The services, `a -> b -> a`.
+        cycle: String,
+    },
     /// A bad stack name.
     #[error("stack: name {0:?} must be 1-63 lowercase letters, digits or '-'")]
     BadName(String),
@@ -184,6 +192,12 @@ pub fn deploy_plan(
     check_name(name)?;
     let spec = StackSpec::of(&m);
     spec.check(name)?;
+    if let Some(cycle) = crate::depends::find_cycle(&spec.services) {
+        return Err(StackError::Cycle {
+            name: name.to_string(),
+            cycle: cycle.join(" -> "),
+        });
+    }
     let record = |spec| Command::PutStack {
         name: name.to_string(),
         spec: Box::new(spec),
@@ -494,6 +508,24 @@ mod tests {
         };
         let err = deploy_plan(&store, "big", huge, 1, &mut ids()).unwrap_err();
         assert!(err.to_string().contains("bytes"), "{err}");
+        let mut a = svc("a", "x");
+        let mut b = svc("b", "x");
+        let on = |s: &str| crate::depends::Dependency {
+            service: s.into(),
+            condition: Default::default(),
+            required: true,
+        };
+        a.depends_on = vec![on("b")];
+        b.depends_on = vec![on("a")];
+        let circle = Manifests {
+            services: vec![a, b],
+            ..Default::default()
+        };
+        let err = deploy_plan(&store, "loop", circle, 1, &mut ids()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stack: \"loop\": dependency cycle: a -> b -> a"
+        );
     }
 
     #[test]

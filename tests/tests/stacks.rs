@@ -248,3 +248,83 @@ fn worker_is_refused(lab: &LabGuard, dir: &std::path::Path) -> anyhow::Result<()
     std::fs::remove_file(&ctx)?;
     Ok(())
 }
+
+const DEPENDS: &str = r#"services:
+  db:
+    image: busybox:latest
+    command: sh -c "sleep 6; touch /tmp/ready; mkdir -p /www; echo db > /www/index.html; exec httpd -f -p 80 -h /www"
+    healthcheck:
+      test: ["CMD", "test", "-f", "/tmp/ready"]
+      interval: 1s
+      timeout: 2s
+      start_period: 20s
+      retries: 10
+    stop_grace_period: 1s
+  migrate:
+    image: busybox:latest
+    command: ["sh", "-c", "sleep 2"]
+    deploy:
+      mode: replicated-job
+  web:
+    image: busybox:latest
+    command: ["sleep", "1000000"]
+    depends_on:
+      db:
+        condition: service_healthy
+        restart: true
+      migrate:
+        condition: service_completed_successfully
+    stop_grace_period: 1s
+"#;
+
+/// `depends_on` on a real lab: deployed detached (no client waits), the web service's task stays
+/// pending with the reason until the db is healthy and the migration job completed, then runs.
+#[test]
+fn depends_on_holds_dependents_until_their_dependencies_are_ready() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("sd", 1)?;
+    let file = tmp.path().join("compose.yaml");
+    std::fs::write(&file, DEPENDS)?;
+    let file = file.to_str().context("utf-8 path")?;
+    let out = lab.rctl(&["stack", "deploy", "--detach", "-c", file, "dep"])?;
+    assert!(out.contains("service/dep-web created"), "{out}");
+
+    // Held with its reason while db is starting (its check passes after ~6 s).
+    let reason = wait_for(Duration::from_secs(60), "web held", || {
+        let t = lab.tasks("dep-web")?;
+        Ok(t.first()
+            .and_then(|t| t["message"].as_str())
+            .filter(|m| m.starts_with("waiting for dep-"))
+            .map(String::from))
+    })?;
+    assert!(
+        reason == "waiting for dep-db: not healthy"
+            || reason.starts_with("waiting for dep-migrate: not completed"),
+        "{reason}"
+    );
+    let web = lab.tasks("dep-web")?;
+    assert_eq!(web[0]["node"], "", "not placed while held: {web:?}");
+
+    let web = running_one(&lab, "dep-web").map_err(|e| {
+        let all: Vec<String> = ["dep-web", "dep-db", "dep-migrate"]
+            .iter()
+            .map(|s| format!("{s}: {:?}", lab.tasks(s)))
+            .collect();
+        e.context(all.join("\n"))
+    })?;
+    // By then the dependencies hold: db runs (healthy) and the job completed.
+    let db = running_tasks(&lab.tasks("dep-db")?)
+        .first()
+        .map(|t| (*t).clone())
+        .context("db running when web runs")?;
+    assert!(
+        db["timestamp_ms"].as_u64() <= web["timestamp_ms"].as_u64(),
+        "db {db} / web {web}"
+    );
+    let migrate = lab.tasks("dep-migrate")?;
+    assert!(
+        migrate.iter().any(|t| t["state"] == "complete"),
+        "{migrate:?}"
+    );
+    lab.rctl(&["stack", "rm", "dep"])?;
+    Ok(())
+}

@@ -19,6 +19,7 @@
 //! drop); every error names the compose key path (`services.web.ports[1]`) and, when found, the
 //! line in the file that holds it.
 
+mod depends;
 pub mod interpolate;
 mod service;
 #[cfg(test)]
@@ -242,6 +243,7 @@ pub fn convert(input: &Input) -> Result<Stack, ComposeError> {
         secrets: BTreeMap::new(),
         configs: BTreeMap::new(),
         default_used: false,
+        depends: BTreeMap::new(),
     };
     let out = cx.convert(&root)?;
     Ok(Stack {
@@ -434,6 +436,9 @@ pub(crate) struct Cx<'a> {
     pub(crate) configs: BTreeMap<String, String>,
     /// Whether some service joins the stack's default network.
     pub(crate) default_used: bool,
+    /// Compose service name → its `depends_on`, by compose names (resolved once every service
+    /// is converted).
+    pub(crate) depends: BTreeMap<String, Vec<crate::depends::Dependency>>,
 }
 
 impl Cx<'_> {
@@ -538,6 +543,15 @@ impl Cx<'_> {
             }
             specs.push(spec);
         }
+        for spec in &mut specs {
+            if let Some(deps) = seen.get(&spec.name).and_then(|c| self.depends.remove(c)) {
+                spec.depends_on = deps;
+            }
+        }
+        depends::check(self, &mut specs, &seen)?;
+        // Dependencies first, so that `stack config` reads in start order.
+        let order = crate::depends::start_order(&specs);
+        specs.sort_by_key(|s| order.iter().position(|n| *n == s.name));
         if self.default_used && !self.networks.contains_key("default") {
             out.insert(
                 0,

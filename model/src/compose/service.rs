@@ -222,7 +222,10 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
         let field = f(&k);
         match k.as_str() {
             "image" | "deploy" => {}
-            "build" => cx.warn(&field, "not built by Rudder's stack deploy yet; `image:` is deployed as it is"),
+            "build" => cx.warn(
+                &field,
+                "not built by Rudder's stack deploy yet; `image:` is deployed as it is",
+            ),
             "command" | "entrypoint" => {
                 let words = match v {
                     Value::Null => continue,
@@ -284,7 +287,10 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
                     spec.ports.extend(ports(cx, &format!("{field}[{i}]"), p)?);
                 }
             }
-            "expose" => cx.warn(&field, "informational only: every port is reachable on the stack's networks"),
+            "expose" => cx.warn(
+                &field,
+                "informational only: every port is reachable on the stack's networks",
+            ),
             "volumes" => {
                 for (i, item) in v.as_sequence().into_iter().flatten().enumerate() {
                     let m = volume(cx, &format!("{field}[{i}]"), item, name, i, spec.mode)?;
@@ -308,7 +314,10 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
                                 m.tmpfs_size = crate::spec::parse_bytes(s)
                                     .map_err(|e| cx.err(&format!("{field}[{i}]"), e))?
                             }
-                            _ => cx.warn(&format!("{field}[{i}]"), format!("option {o:?} not supported; ignored")),
+                            _ => cx.warn(
+                                &format!("{field}[{i}]"),
+                                format!("option {o:?} not supported; ignored"),
+                            ),
                         }
                     }
                     spec.mounts.push(m);
@@ -324,7 +333,12 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
                 "bridge" => spec.network_mode = NetworkMode::Bridge,
                 other => match other.strip_prefix("service:") {
                     Some(s) => spec.network_mode = NetworkMode::Container(cx.dns(&field, s)?),
-                    None => return Err(cx.err(&field, format!("{other:?}: expected host, none, bridge or service:NAME"))),
+                    None => {
+                        return Err(cx.err(
+                            &field,
+                            format!("{other:?}: expected host, none, bridge or service:NAME"),
+                        ))
+                    }
                 },
             },
             "healthcheck" => spec.healthcheck = healthcheck(cx, &field, v)?,
@@ -338,14 +352,26 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
                         Some(rest) => {
                             p.condition = RestartCondition::OnFailure;
                             if let Some(n) = rest.strip_prefix(':') {
-                                p.max_attempts = n.parse().map_err(|_| cx.err(&field, format!("{other:?}: expected on-failure:N")))?;
+                                p.max_attempts = n.parse().map_err(|_| {
+                                    cx.err(&field, format!("{other:?}: expected on-failure:N"))
+                                })?;
                             }
                         }
-                        None => return Err(cx.err(&field, format!("{other:?}: expected no, always, on-failure[:N] or unless-stopped"))),
+                        None => {
+                            return Err(cx.err(
+                                &field,
+                                format!(
+                                "{other:?}: expected no, always, on-failure[:N] or unless-stopped"
+                            ),
+                            ))
+                        }
                     },
                 }
                 match &restart_from {
-                    Some(d) if d.condition != p.condition || (p.max_attempts != 0 && p.max_attempts != d.max_attempts) => {
+                    Some(d)
+                        if d.condition != p.condition
+                            || (p.max_attempts != 0 && p.max_attempts != d.max_attempts) =>
+                    {
                         cx.warn(&field, "conflicts with deploy.restart_policy, which wins")
                     }
                     Some(_) => {}
@@ -376,29 +402,56 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
             "security_opt" => {
                 for o in strings(cx, &field, v)? {
                     match o.as_str() {
-                        "seccomp=unconfined" | "seccomp:unconfined" => spec.security_opt.push("seccomp=unconfined".into()),
+                        "seccomp=unconfined" | "seccomp:unconfined" => {
+                            spec.security_opt.push("seccomp=unconfined".into())
+                        }
                         other => cx.warn(&field, format!("{other:?} not supported; ignored")),
                     }
                 }
             }
             "scale" => {
                 if def.get("deploy").and_then(|d| d.get("replicas")).is_none() {
-                    spec.replicas = v.as_u64().ok_or_else(|| cx.err(&field, "expected a number"))?;
+                    spec.replicas = v
+                        .as_u64()
+                        .ok_or_else(|| cx.err(&field, "expected a number"))?;
                 }
             }
-            "mem_limit" | "mem_reservation" | "memswap_limit" | "cpus" | "pids_limit" | "cpu_shares" | "cpu_quota" | "cpuset" => {
+            "mem_limit" | "mem_reservation" | "memswap_limit" | "cpus" | "pids_limit"
+            | "cpu_shares" | "cpu_quota" | "cpuset" => {
                 let s = scalar(v).unwrap_or_default();
                 match k.as_str() {
-                    "mem_limit" if spec.resources.limits.memory == 0 => spec.resources.limits.memory = crate::spec::parse_bytes(&s).map_err(|e| cx.err(&field, e))?,
-                    "mem_reservation" if spec.resources.reservations.memory == 0 => spec.resources.reservations.memory = crate::spec::parse_bytes(&s).map_err(|e| cx.err(&field, e))?,
-                    "cpus" if spec.resources.limits.cpus == 0 => spec.resources.limits.cpus = crate::spec::parse_cpus(&s).map_err(|e| cx.err(&field, e))?,
-                    "pids_limit" if spec.resources.limits.pids == 0 => spec.resources.limits.pids = s.parse().map_err(|_| cx.err(&field, "expected a number"))?,
-                    "mem_limit" | "mem_reservation" | "cpus" | "pids_limit" => cx.warn(&field, "deploy.resources sets it too, and wins"),
-                    _ => cx.warn(&field, "not supported by Rudder (use deploy.resources); ignored"),
+                    "mem_limit" if spec.resources.limits.memory == 0 => {
+                        spec.resources.limits.memory =
+                            crate::spec::parse_bytes(&s).map_err(|e| cx.err(&field, e))?
+                    }
+                    "mem_reservation" if spec.resources.reservations.memory == 0 => {
+                        spec.resources.reservations.memory =
+                            crate::spec::parse_bytes(&s).map_err(|e| cx.err(&field, e))?
+                    }
+                    "cpus" if spec.resources.limits.cpus == 0 => {
+                        spec.resources.limits.cpus =
+                            crate::spec::parse_cpus(&s).map_err(|e| cx.err(&field, e))?
+                    }
+                    "pids_limit" if spec.resources.limits.pids == 0 => {
+                        spec.resources.limits.pids =
+                            s.parse().map_err(|_| cx.err(&field, "expected a number"))?
+                    }
+                    "mem_limit" | "mem_reservation" | "cpus" | "pids_limit" => {
+                        cx.warn(&field, "deploy.resources sets it too, and wins")
+                    }
+                    _ => cx.warn(
+                        &field,
+                        "not supported by Rudder (use deploy.resources); ignored",
+                    ),
                 }
             }
-            "depends_on" => cx.warn(&field, "start order is not enforced by Rudder yet: services start together and must retry until their dependencies answer"),
-            k if CLUSTER_MEANINGLESS.contains(&k) => cx.warn(&field, "has no meaning in a cluster; ignored"),
+            "depends_on" => {
+                let deps = super::depends::parse(cx, &field, v)?;
+                cx.depends.insert(name.to_string(), deps);
+            }
+            k if CLUSTER_MEANINGLESS.contains(&k) => {
+                cx.warn(&field, "has no meaning in a cluster; ignored")
+            }
             k if NOT_YET.contains(&k) => cx.warn(&field, "not supported by Rudder yet; ignored"),
             _ => cx.warn(&field, "not supported by Rudder; ignored"),
         }

@@ -448,7 +448,7 @@ struct PortModeS(crate::ports::PortMode);
 
 #[test]
 fn unsupported_keys_warn_once_each() {
-    let text = "version: \"3.8\"\nservices:\n  web:\n    image: x\n    container_name: w\n    links: [db]\n    cap_add: [NET_ADMIN]\n    cap_drop: [ALL]\n    sysctls: {a: 1}\n    read_only: true\n    init: true\n    stop_signal: SIGINT\n    ulimits: {nofile: 1024}\n    extra_hosts: [\"a:1.2.3.4\"]\n    dns: 8.8.8.8\n    depends_on: [db]\n    profiles: [debug]\n    frobnicate: 1\n  db:\n    image: x\n";
+    let text = "version: \"3.8\"\nservices:\n  web:\n    image: x\n    container_name: w\n    links: [db]\n    cap_add: [NET_ADMIN]\n    cap_drop: [ALL]\n    sysctls: {a: 1}\n    read_only: true\n    init: true\n    stop_signal: SIGINT\n    ulimits: {nofile: 1024}\n    extra_hosts: [\"a:1.2.3.4\"]\n    dns: 8.8.8.8\n    profiles: [debug]\n    frobnicate: 1\n  db:\n    image: x\n";
     let s = run(text).unwrap();
     for key in [
         "version",
@@ -463,7 +463,6 @@ fn unsupported_keys_warn_once_each() {
         "ulimits",
         "extra_hosts",
         "dns",
-        "depends_on",
         "profiles",
         "frobnicate",
     ] {
@@ -596,10 +595,21 @@ volumes:
         ["--default-authentication-plugin=mysql_native_password"]
     );
     assert_eq!(db.aliases, ["db"]);
-    assert!(s
-        .warnings
-        .iter()
-        .any(|w| w.starts_with("services.wordpress.depends_on")));
+    assert_eq!(
+        wp.depends_on,
+        [crate::depends::Dependency {
+            service: "app-db".into(),
+            condition: crate::depends::Condition::Healthy,
+            required: true,
+        }]
+    );
+    // db has no healthcheck: said once.
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.starts_with("services.wordpress.depends_on.db")
+                && w.contains("no healthcheck"))
+    );
     assert!(s
         .warnings
         .iter()
@@ -673,4 +683,72 @@ networks:
     let s = run("services:\n  a:\n    image: x\nnetworks:\n  default:\n    name: corp\n    external: true\n").unwrap();
     assert_eq!(service(&s, "app-a").networks, ["corp"]);
     assert!(!s.manifests.iter().any(|m| m.kind() == "Network"));
+}
+
+#[test]
+fn depends_on_short_and_long_forms_cycles_and_unknown_services() {
+    use crate::depends::{Condition, Dependency};
+    let text = "services:\n  web_app:\n    image: x\n    depends_on:\n      db:\n        condition: service_healthy\n        restart: true\n      migrate:\n        condition: service_completed_successfully\n      metrics:\n        required: false\n  db:\n    image: x\n    healthcheck:\n      test: [\"CMD\", \"true\"]\n  migrate:\n    image: x\n    depends_on: [db]\n    deploy:\n      mode: replicated-job\n";
+    let s = run(text).unwrap_or_else(|e| panic!("{e}"));
+    let dep = |service: &str, condition, required| Dependency {
+        service: service.into(),
+        condition,
+        required,
+    };
+    assert_eq!(
+        service(&s, "app-web-app").depends_on,
+        [
+            dep("app-db", Condition::Healthy, true),
+            dep("app-migrate", Condition::CompletedSuccessfully, true),
+            dep("app-metrics", Condition::Started, false),
+        ]
+    );
+    assert_eq!(
+        service(&s, "app-migrate").depends_on,
+        [dep("app-db", Condition::Started, true)]
+    );
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.starts_with("services.web_app.depends_on.metrics")),
+        "{:?}",
+        s.warnings
+    );
+    // Services come in start order.
+    let order: Vec<&str> = s
+        .manifests
+        .iter()
+        .filter_map(|m| match m {
+            crate::Manifest::Service(sp) => Some(sp.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, ["app-db", "app-migrate", "app-web-app"]);
+
+    for (text, field, message) in [
+        (
+            "services:\n  a:\n    image: x\n    depends_on: [b]\n  b:\n    image: x\n    depends_on: [c]\n  c:\n    image: x\n    depends_on: [a]\n",
+            "services.a.depends_on",
+            "dependency cycle: a -> b -> c -> a",
+        ),
+        (
+            "services:\n  a:\n    image: x\n    depends_on: [nope]\n",
+            "services.a.depends_on.nope",
+            "no service \"nope\"",
+        ),
+        (
+            "services:\n  a:\n    image: x\n    depends_on: [a]\n",
+            "services.a.depends_on",
+            "itself",
+        ),
+        (
+            "services:\n  a:\n    image: x\n    depends_on:\n      b: {condition: service_ready}\n  b:\n    image: x\n",
+            "services.a.depends_on.b.condition",
+            "service_healthy",
+        ),
+    ] {
+        let e = run(text).expect_err(field);
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains(message), "{e}");
+    }
 }
