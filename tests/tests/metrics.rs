@@ -1,7 +1,8 @@
 //! Prometheus metrics over a real lab (one controller, two agents): the controller's and the
-//! agents' `/metrics` over HTTPS with the admin certificate Prometheus would hold, refused
-//! without a certificate and with a worker certificate, served over plain HTTP only where
-//! `--metrics-addr` asked for it, and the text checked by Debian's `promtool check metrics`.
+//! agents' `/metrics` over HTTPS with the admin certificate Prometheus would hold; refused
+//! without a certificate, with a worker certificate and with a revoked admin certificate;
+//! served over plain HTTP only where `--metrics-addr` asked for it; the text checked by
+//! Debian's `promtool check metrics`, the shipped scrape config by `promtool check config`.
 //! The Grafana dashboard we ship references only metrics that are exposed here.
 
 use std::io::{Read as _, Write as _};
@@ -293,6 +294,33 @@ fn metrics_over_https_with_admin_certificates() -> anyhow::Result<()> {
         );
     }
 
+    // An admin identity of Prometheus's own scrapes until it is revoked.
+    let out = tmp.path().join("prom");
+    lab.rctl(&[
+        "cluster",
+        "admin-cert",
+        "prom",
+        "--out",
+        out.to_str().context("utf-8 path")?,
+    ])?;
+    let prom = Identity {
+        ca: read(&out.join("ca.pem"))?,
+        cert: read(&out.join("prom.pem"))?,
+        key: read(&out.join("prom-key.pem"))?,
+    };
+    body(&scrape_tls(
+        controller,
+        "manager.rudder",
+        &admin.ca,
+        Some(&prom),
+    )?)?;
+    lab.rctl(&["cluster", "revoke-admin", "prom"])?;
+    let revoked = scrape_tls(controller, "manager.rudder", &admin.ca, Some(&prom))?;
+    assert!(
+        revoked.starts_with("HTTP/1.1 403") && revoked.contains("revoked"),
+        "{revoked}"
+    );
+
     // Plain HTTP only where --metrics-addr asked for it: the controller here, not the agents.
     let p = scrape_plain(SocketAddr::from((h1.addr, PLAIN_METRICS)))?;
     assert!(body(&p)?.contains("rudder_raft_term"), "{p}");
@@ -312,10 +340,13 @@ fn metrics_over_https_with_admin_certificates() -> anyhow::Result<()> {
 
     // The shipped scrape configuration is valid, pointed at this lab's admin files.
     let shipped = std::fs::read_to_string(dashboard.with_file_name("prometheus.yml"))?;
-    let local = shipped.replace(
-        "/etc/prometheus/rudder/",
-        &format!("{}/", admin_dir.display()),
-    );
+    let local = shipped
+        .replace("prometheus.pem", "admin.pem")
+        .replace("prometheus-key.pem", "admin-key.pem")
+        .replace(
+            "/etc/prometheus/rudder/",
+            &format!("{}/", admin_dir.display()),
+        );
     let cfg = tmp.path().join("prometheus.yml");
     std::fs::write(&cfg, local)?;
     let out = Command::new("promtool")
