@@ -30,7 +30,7 @@ fn run_last_stage(text: &str) -> (Vec<RunStep>, Settings) {
     let mut b = StageBuilder::new(&df.global_args, &args, Settings::default());
     let mut runs = Vec::new();
     for s in &stage.steps {
-        if let Action::Run { argv, env } = b.step(s).expect("step") {
+        if let Action::Run { argv, env, .. } = b.step(s).expect("step") {
             runs.push((argv, env));
         }
     }
@@ -126,4 +126,89 @@ fn arch_switch_gets_target_args() {
         env.contains(&format!("TARGETPLATFORM=linux/{arch}")),
         "{env:?}"
     );
+}
+
+#[test]
+fn buildkit_mounts_heredocs_and_copy_flags() {
+    use rudder_image::dockerfile::{MountKind, RunNetwork, Sharing};
+    let text = fixture("buildkit-mounts.Dockerfile");
+    let df = parse(&text).unwrap();
+    let args = with_host_platform_args(BTreeMap::new());
+    let mut actions = Vec::new();
+    for stage in &df.stages {
+        let mut b = StageBuilder::new(&df.global_args, &args, Settings::default());
+        for s in &stage.steps {
+            actions.push(b.step(s).unwrap_or_else(|e| panic!("{e}")));
+        }
+    }
+    let runs: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Run {
+                mounts, network, ..
+            } => Some((mounts, network)),
+            _ => None,
+        })
+        .collect();
+    // Relative bind targets are under WORKDIR; a cache's id is its target unless named.
+    let (m, _) = runs[0];
+    assert_eq!(m[0].id.as_deref(), Some("/go/pkg/mod"));
+    assert_eq!(m[1].target, "/src/go.sum");
+    assert!(m[1].readonly);
+    let (m, _) = runs[1];
+    assert_eq!(
+        (m[1].id.as_deref(), m[1].sharing),
+        (Some("gobuild"), Sharing::Locked)
+    );
+    assert_eq!(
+        (m[2].target.as_str(), m[2].source.as_deref()),
+        ("/src", None)
+    );
+    let (m, net) = runs[2];
+    assert_eq!(*net, RunNetwork::None);
+    assert_eq!(
+        (m[0].kind, m[0].size_bytes()),
+        (MountKind::Tmpfs, Some(256 << 20))
+    );
+    assert!(!m[1].readonly, "rw");
+    let (m, _) = runs[3];
+    assert_eq!(
+        (m[0].kind, m[0].target.as_str(), m[0].required),
+        (MountKind::Secret, "/root/.npmrc", true)
+    );
+    assert_eq!(
+        (m[1].target.as_str(), m[1].env.as_deref()),
+        ("", Some("SENTRY_AUTH_TOKEN"))
+    );
+    // The heredoc RUN is a plain script.
+    assert!(runs[4].0.is_empty());
+    let copies: Vec<_> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Copy {
+                srcs,
+                dest,
+                parents,
+                excludes,
+                checksum,
+                heredocs,
+                ..
+            } => Some((srcs, dest, parents, excludes, checksum, heredocs)),
+            _ => None,
+        })
+        .collect();
+    let (srcs, dest, parents, excludes, _, _) = copies[0];
+    assert_eq!(
+        (srcs.as_slice(), dest.as_str()),
+        (&["web/./dist/".to_string()][..], "/web/")
+    );
+    assert!(*parents);
+    assert_eq!(excludes, &["*.map"]);
+    let (_, dest, _, _, checksum, _) = copies[1];
+    assert_eq!(dest, "/sbin/tini");
+    assert!(checksum.as_deref().unwrap().starts_with("sha256:24454f83"));
+    let (srcs, dest, _, _, _, heredocs) = copies[2];
+    assert!(srcs.is_empty());
+    assert_eq!(dest, "/etc/app/config.toml");
+    assert_eq!(heredocs[0].data, "listen = \":8080\"\n");
 }

@@ -13,6 +13,8 @@ pub(super) enum FsOp {
         argv: Vec<String>,
         env: Vec<String>,
         line: usize,
+        mounts: Vec<StepMount>,
+        network: RunNetwork,
     },
     Copy(CopyJob),
 }
@@ -28,6 +30,43 @@ pub(super) struct CopyJob {
     pub(super) add: bool,
     /// `srcs` are file names, not patterns (files an ADD fetched).
     pub(super) literal: bool,
+    /// `--exclude` and `--parents`.
+    pub(super) filter: CopyFilter,
+}
+
+/// `COPY --exclude=PATTERN…` and `--parents`.
+#[derive(Clone, Default)]
+pub(super) struct CopyFilter {
+    /// The patterns (`.dockerignore` syntax, without exceptions' meaning changed).
+    excludes: Option<rudder_image::build_context::DockerIgnore>,
+    /// Sources keep their directories (below a `/./` pivot).
+    pub(super) parents: bool,
+}
+
+impl CopyFilter {
+    pub(super) fn new(excludes: &[String], parents: bool) -> CopyFilter {
+        CopyFilter {
+            excludes: (!excludes.is_empty())
+                .then(|| rudder_image::build_context::DockerIgnore::parse(&excludes.join("\n"))),
+            parents,
+        }
+    }
+
+    /// Whether a pattern excludes `rel` below a source whose path from the root is `src_rel`:
+    /// matched against the path from the root (`docs/*.md`) and from the source (`*.md`),
+    /// as BuildKit matches `--exclude`.
+    pub(super) fn excluded(&self, src_rel: &str, rel: &Path) -> bool {
+        let Some(ig) = &self.excludes else {
+            return false;
+        };
+        let rel = rel.to_string_lossy();
+        let full = if rel.is_empty() {
+            src_rel.to_string()
+        } else {
+            join_member(src_rel.trim_matches('/'), &rel)
+        };
+        ig.is_excluded(&full) || (!rel.is_empty() && ig.is_excluded(&rel))
+    }
 }
 
 impl CopyJob {
@@ -47,9 +86,15 @@ pub(super) fn sources(
     srcs: &[String],
     line: usize,
     literal: bool,
+    filter: &CopyFilter,
 ) -> Result<Vec<Source>, BuildError> {
     let mut out = Vec::new();
     for s in srcs {
+        // `--parents`: what is above a `/./` pivot is not kept.
+        let pivot = match s.find("/./") {
+            Some(p) if filter.parents => clean(&s[..p]).join("/"),
+            _ => String::new(),
+        };
         if s.contains("://") {
             return Err(BuildError::Invalid(format!(
                 "line {line}: {s}: only ADD fetches URLs"
@@ -79,11 +124,22 @@ pub(super) fn sources(
             if fs::symlink_metadata(&path).is_err() {
                 return Err(not_found());
             }
-            let name = Path::new(&rel)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.push(Source { path, name });
+            let rel = clean(&rel).join("/");
+            if filter.excluded(&rel, Path::new("")) {
+                continue;
+            }
+            let name = if filter.parents {
+                rel.strip_prefix(&pivot)
+                    .map(|r| r.trim_start_matches('/'))
+                    .unwrap_or(&rel)
+                    .to_string()
+            } else {
+                Path::new(&rel)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            out.push(Source { path, name, rel });
         }
     }
     Ok(out)
@@ -103,7 +159,10 @@ pub(super) fn redacted(url: &reqwest::Url) -> String {
 /// A COPY source: where it is, and the name it is copied under.
 pub(super) struct Source {
     pub(super) path: PathBuf,
+    /// Its name in the destination (with `--parents`, its path below the pivot).
     pub(super) name: String,
+    /// Its path from the root, cleaned (for `--exclude`).
+    pub(super) rel: String,
 }
 
 /// A digest of the sources (names, modes, owners, contents, link targets; not times).
@@ -112,11 +171,15 @@ pub(super) fn hash_sources(
     srcs: &[String],
     line: usize,
     literal: bool,
+    filter: &CopyFilter,
 ) -> Result<String, BuildError> {
     let mut h = Sha256::new();
-    for src in sources(root, srcs, line, literal)? {
+    for src in sources(root, srcs, line, literal, filter)? {
         let rel = PathBuf::from(&src.name);
         walk(&src.path, Path::new(""), &mut |path, name, meta| {
+            if filter.excluded(&src.rel, name) {
+                return Ok(());
+            }
             h.update(rel.join(name).to_string_lossy().as_bytes());
             h.update([0]);
             h.update(meta.mode().to_le_bytes());
@@ -190,9 +253,10 @@ pub(super) fn is_archive(path: &Path) -> bool {
 
 /// The COPY/ADD as a tar whose members are named from the image's root.
 pub(super) fn copy_tar(root: &Path, job: &CopyJob, out: &mut dyn Write) -> Result<(), BuildError> {
-    let srcs = sources(&job.src_root, &job.srcs, job.line, job.literal)?;
+    let srcs = sources(&job.src_root, &job.srcs, job.line, job.literal, &job.filter)?;
+    let parents = job.filter.parents;
     let name = job.name();
-    let dest_is_dir_syntax = job.dest.ends_with('/');
+    let dest_is_dir_syntax = job.dest.ends_with('/') || parents;
     let dest_exists_dir = resolve_in_root(root, &job.dest, true).is_ok_and(|h| h.is_dir());
     if srcs.len() > 1 && !dest_is_dir_syntax && !dest_exists_dir {
         return Err(BuildError::Step(format!(
@@ -248,12 +312,21 @@ pub(super) fn copy_tar(root: &Path, job: &CopyJob, out: &mut dyn Write) -> Resul
     for Source {
         path: src,
         name: base,
+        rel: src_rel,
     } in &srcs
     {
         let meta = fs::symlink_metadata(src).map_err(io_err("stat", src))?;
         if meta.is_dir() {
-            // A directory's contents go into dest.
+            // A directory's contents go into dest (with --parents, into its path there).
+            let dest = if parents && !base.is_empty() {
+                join_member(&dest, base)
+            } else {
+                dest.clone()
+            };
             walk(src, Path::new(""), &mut |path, rel, m| {
+                if job.filter.excluded(src_rel, rel) {
+                    return Ok(());
+                }
                 if rel.as_os_str().is_empty() {
                     if dest.is_empty() {
                         return Ok(());

@@ -8,7 +8,9 @@
 //! - `FROM`: a previous stage, `scratch`, or an image pulled from the cluster registry into
 //!   the host's content store (layers unpacked once, shared with the containers).
 //! - `RUN`: a container (the OCI runtime's `run`, in the foreground) over an overlayfs of the
-//!   layers so far with a fresh upper dir; the host's network; output streamed as progress.
+//!   layers so far with a fresh upper dir; the host's bridge (or, `--network=none`, only
+//!   loopback); `--mount`s of caches, secrets, binds and tmpfs (`mounts`); output streamed as
+//!   progress.
 //! - `COPY`/`ADD`: a tar made here from the context (or another stage's files), unpacked by
 //!   `rudder-agent fs-helper` chrooted into the same kind of overlay mount, so nothing is
 //!   written through a symlink of the image. `ADD` unpacks local tar archives, and fetches
@@ -45,7 +47,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use rudder_image::dockerfile::{self, Action, Dockerfile, Instr, Settings, Stage, StageBuilder};
+use rudder_image::dockerfile::{
+    self, Action, Dockerfile, Instr, MountKind, RunNetwork, Settings, Stage, StageBuilder,
+};
 use rudder_image::oci::{Descriptor, Manifest, OCI_CONFIG, OCI_LAYER_TAR_GZIP, OCI_MANIFEST};
 use rudder_image::{digest, ImageStore, Reference, RegistryClient};
 use rudder_proto::v1::build_input::Msg as In;
@@ -66,11 +70,13 @@ use crate::shim::ContainerDir;
 
 mod cache;
 mod copy;
+mod mounts;
 mod resolve;
 mod run;
 
 use cache::*;
 use copy::*;
+use mounts::*;
 use resolve::*;
 #[cfg(test)]
 use run::*;
@@ -203,6 +209,7 @@ pub async fn build(
     };
     let df = dockerfile::parse(&params.dockerfile)
         .map_err(|e| Status::invalid_argument(format!("{name}: {e}")))?;
+    let secrets = check_secrets(&params.secrets).map_err(Status::invalid_argument)?;
     crate::datadir::private_dir(&b.scratch)
         .and_then(|()| crate::datadir::private_dir(&b.cache))
         .map_err(|e| Status::internal(format!("build: create scratch dirs: {e}")))?;
@@ -257,6 +264,7 @@ pub async fn build(
             context: &context,
             progress: progress.clone(),
             mounts: Vec::new(),
+            secrets,
             gc_guard: b.images.hold_off_gc().await,
         };
         let result = run.all(context_bytes).await;
@@ -303,6 +311,8 @@ struct Run<'a> {
     progress: Progress,
     /// Mounts made for `COPY --from` sources, removed at the end.
     mounts: Vec<PathBuf>,
+    /// `--secret`s by id: only ever written into a step's 0700 dir while it runs.
+    secrets: BTreeMap<String, Vec<u8>>,
     /// Holds the host's image garbage collection off while the build uses layers no
     /// container records (cached ones, new ones). A prune meanwhile gives up on this host
     /// rather than wait (see `images::prune`).
@@ -536,13 +546,62 @@ impl Run<'_> {
         // ADD <url>: fetched first, so that the bytes (not the address) make the cache key;
         // then copied like files of the context.
         let fetched = match action {
-            Action::Copy { srcs, .. } if srcs.first().is_some_and(|s| dockerfile::is_url(s)) => {
-                Some(self.fetch(step.line, srcs).await?)
+            Action::Copy { srcs, checksum, .. }
+                if srcs.first().is_some_and(|s| dockerfile::is_url(s)) =>
+            {
+                Some(self.fetch(step.line, srcs, checksum.as_deref()).await?)
+            }
+            Action::Copy { heredocs, .. } if !heredocs.is_empty() => {
+                Some(self.heredoc_files(step.line, heredocs)?)
             }
             _ => None,
         };
+        // RUN --mount: the host side of bind sources (and cache seeds), found now; a bind's
+        // files are part of the key, as BuildKit's are.
+        let mut step_mounts = Vec::new();
+        let mut mount_inputs = String::new();
+        if let Action::Run { mounts, .. } = action {
+            for m in mounts {
+                let host = match m.kind {
+                    MountKind::Bind | MountKind::Cache
+                        if m.kind == MountKind::Bind || m.from.is_some() =>
+                    {
+                        let (root, key) = self.source_root(stage, m.from.as_deref(), built).await?;
+                        let src = m.source.clone().unwrap_or_else(|| "/".into());
+                        let host = bind_source(&root, &src, step.line)?;
+                        match key {
+                            Some(k) => mount_inputs.push_str(&k),
+                            None if m.kind == MountKind::Bind => {
+                                let (r, s, line) = (root.clone(), vec![src.clone()], step.line);
+                                let h = tokio::task::spawn_blocking(move || {
+                                    hash_sources(&r, &s, line, true, &CopyFilter::default())
+                                })
+                                .await
+                                .map_err(other)??;
+                                mount_inputs.push_str(&h);
+                            }
+                            None => {}
+                        }
+                        Some(host)
+                    }
+                    _ => None,
+                };
+                step_mounts.push(StepMount {
+                    mount: m.clone(),
+                    host,
+                });
+            }
+        }
         let inputs = match action {
-            Action::Copy { srcs, from, .. } => {
+            Action::Run { .. } => mount_inputs,
+            Action::Copy {
+                srcs,
+                from,
+                excludes,
+                parents,
+                ..
+            } => {
+                let filter = CopyFilter::new(excludes, *parents);
                 let (root, srcs) = match &fetched {
                     Some(f) => f.clone(),
                     None => {
@@ -552,9 +611,11 @@ impl Run<'_> {
                 };
                 let line = step.line;
                 let literal = fetched.is_some();
-                tokio::task::spawn_blocking(move || hash_sources(&root, &srcs, line, literal))
-                    .await
-                    .map_err(other)??
+                tokio::task::spawn_blocking(move || {
+                    hash_sources(&root, &srcs, line, literal, &filter)
+                })
+                .await
+                .map_err(other)??
             }
             _ => String::new(),
         };
@@ -577,10 +638,14 @@ impl Run<'_> {
                 }
                 _ => None,
             },
-            Action::Run { argv, env } => Some(FsOp::Run {
+            Action::Run {
+                argv, env, network, ..
+            } => Some(FsOp::Run {
                 argv: argv.clone(),
                 env: env.clone(),
                 line: step.line,
+                mounts: step_mounts,
+                network: *network,
             }),
             Action::Copy {
                 srcs,
@@ -589,6 +654,9 @@ impl Run<'_> {
                 chmod,
                 from,
                 unpack,
+                parents,
+                excludes,
+                ..
             } => {
                 // A fetched file is never unpacked, as in docker.
                 let (src_root, srcs, unpack) = match &fetched {
@@ -608,6 +676,7 @@ impl Run<'_> {
                     line: step.line,
                     add: matches!(step.instr, Instr::Add(_)),
                     literal: fetched.is_some(),
+                    filter: CopyFilter::new(excludes, *parents),
                 }))
             }
         };
@@ -648,6 +717,7 @@ impl Run<'_> {
         &mut self,
         line: usize,
         urls: &[String],
+        checksum: Option<&str>,
     ) -> Result<(PathBuf, Vec<String>), BuildError> {
         let root = self.dir.join(format!("fetched-{line}"));
         let _ = fs::remove_dir_all(&root);
@@ -726,8 +796,10 @@ impl Run<'_> {
                 .await
                 .map_err(io_err("create", &path))?;
             let mut size = 0u64;
+            let mut sum = Sha256::new();
             while let Some(chunk) = resp.chunk().await.map_err(web_err)? {
                 size += chunk.len() as u64;
+                sum.update(&chunk);
                 if size > budget {
                     return Err(too_big(size));
                 }
@@ -737,6 +809,13 @@ impl Run<'_> {
             }
             budget -= size;
             file.flush().await.map_err(io_err("write", &path))?;
+            // `ADD --checksum`: the bytes must be the ones the Dockerfile names.
+            let got = digest::finish(sum);
+            if let Some(want) = checksum.filter(|w| *w != got) {
+                return Err(failed(format!(
+                    "checksum mismatch: the Dockerfile expects {want}, the download is {got}"
+                )));
+            }
             let file = file.into_std().await;
             file.set_permissions(fs::Permissions::from_mode(0o600))
                 .map_err(io_err("chmod", &path))?;
@@ -750,6 +829,27 @@ impl Run<'_> {
             sources.push(rel);
         }
         Ok((root, sources))
+    }
+
+    /// `COPY <<NAME` / `ADD <<NAME`: each here-document as a file NAME (0644) in a fresh
+    /// directory of this build; returns it and the names to copy from it.
+    fn heredoc_files(
+        &self,
+        line: usize,
+        heredocs: &[dockerfile::HeredocFile],
+    ) -> Result<(PathBuf, Vec<String>), BuildError> {
+        let root = self.dir.join(format!("heredoc-{line}"));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(io_err("create", &root))?;
+        let mut names = Vec::with_capacity(heredocs.len());
+        for h in heredocs {
+            let path = root.join(&h.name);
+            fs::write(&path, &h.data).map_err(io_err("write", &path))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+                .map_err(io_err("chmod", &path))?;
+            names.push(h.name.clone());
+        }
+        Ok((root, names))
     }
 
     /// Where COPY sources come from: the context, another stage's files (mounted read-only
@@ -883,9 +983,23 @@ impl Run<'_> {
             .map_err(|e| BuildError::Other(format!("mount overlay at {}: {e}", root.display())))?;
         let result = match op {
             FsOp::Mkdir(dir) => self.mkdir(root.clone(), &dir).await,
-            FsOp::Run { argv, env, line } => {
-                self.run(root.clone(), &argv, &env, &image.settings, line)
-                    .await
+            FsOp::Run {
+                argv,
+                env,
+                line,
+                mounts,
+                network,
+            } => {
+                self.run(
+                    root.clone(),
+                    &argv,
+                    &env,
+                    &image.settings,
+                    line,
+                    &mounts,
+                    network,
+                )
+                .await
             }
             FsOp::Copy(job) => self.copy(root.clone(), job).await,
         };
@@ -1234,6 +1348,7 @@ mod tests {
             "rudder",
             "build-x",
             &RunNet::default(),
+            &[],
         )
         .unwrap();
         let spec = oci_spec::runtime::Spec::load(step.config()).unwrap();
@@ -1311,14 +1426,20 @@ mod tests {
         fs::create_dir(t.path().join("d")).unwrap();
         fs::write(t.path().join("d/a"), "1").unwrap();
         let srcs = vec!["d".to_string()];
-        let one = hash_sources(t.path(), &srcs, 1, false).unwrap();
+        let one = hash_sources(t.path(), &srcs, 1, false, &CopyFilter::default()).unwrap();
         let f = fs::File::options()
             .write(true)
             .open(t.path().join("d/a"))
             .unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
-        assert_eq!(hash_sources(t.path(), &srcs, 1, false).unwrap(), one);
+        assert_eq!(
+            hash_sources(t.path(), &srcs, 1, false, &CopyFilter::default()).unwrap(),
+            one
+        );
         fs::write(t.path().join("d/a"), "2").unwrap();
-        assert_ne!(hash_sources(t.path(), &srcs, 1, false).unwrap(), one);
+        assert_ne!(
+            hash_sources(t.path(), &srcs, 1, false, &CopyFilter::default()).unwrap(),
+            one
+        );
     }
 }

@@ -12,6 +12,7 @@ pub(super) struct RunNet {
 
 impl Run<'_> {
     /// `RUN`: the command in a container over the mounted image at `root`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn run(
         &self,
         root: PathBuf,
@@ -19,6 +20,8 @@ impl Run<'_> {
         env: &[String],
         settings: &Settings,
         line: usize,
+        mounts: &[StepMount],
+        network: RunNetwork,
     ) -> Result<(), BuildError> {
         let step = ContainerDir::new(root.parent().expect("step dir"));
         let bundle = step.bundle();
@@ -59,7 +62,19 @@ impl Run<'_> {
             .and_then(fs::metadata)
             .ok()
             .map(owner_mode);
-        if let Some(o) = &self.b.net {
+        // `--mount`s: made before the network, whose /etc files are mounted over them.
+        let prepared = self
+            .prepare_mounts(&root, step.path(), mounts, line)
+            .await?;
+        env.extend(prepared.env.iter().cloned());
+        // `--network=none`: a namespace of its own with only loopback (no bridge, no
+        // resolvers: the image's own /etc files).
+        let bridge = self
+            .b
+            .net
+            .as_ref()
+            .filter(|_| network == RunNetwork::Default);
+        if let Some(o) = bridge {
             let ns = o
                 .attach_bridge_as(
                     &net_id,
@@ -83,15 +98,18 @@ impl Run<'_> {
             &self.b.cgroup_parent,
             &id,
             &net,
+            &prepared.oci,
         )
         .and(Ok(()));
         let result = match written {
             Ok(()) => self.run_container(&bundle, &id, argv, line).await,
             Err(e) => Err(e),
         };
-        if let Some(o) = &self.b.net {
+        if let Some(o) = bridge {
             o.detach_bridge_as(&net_id, self.dir).await;
         }
+        prepared.clean_after(&step.upper());
+        drop(prepared);
         // runc made mount points for the /etc files the image lacks: not part of the image.
         let upper = step.upper();
         for f in missing_etc {
@@ -225,6 +243,7 @@ pub(super) fn write_run_config(
     cgroup_parent: &str,
     id: &str,
     net: &RunNet,
+    mounts: &[oci_spec::runtime::Mount],
 ) -> Result<(), BuildError> {
     let options = crate::bundle::SpecOptions {
         argv: argv.to_vec(),
@@ -242,7 +261,7 @@ pub(super) fn write_run_config(
         seccomp_bpf: None,
         etc: net.etc.clone(),
         etc_readonly: true,
-        mounts: &[],
+        mounts,
     };
     let spec = crate::bundle::spec(&options).map_err(|e| BuildError::Other(e.to_string()))?;
     crate::bundle::write_spec(&step.config(), &spec).map_err(|e| BuildError::Other(e.to_string()))

@@ -1,5 +1,5 @@
-//! `rctl build -t NAME[:TAG] [-f Dockerfile] [--build-arg K=V]… [--no-cache] [--target STAGE]
-//! [--node HOST] CONTEXT`: builds an image from a Dockerfile on a host of the cluster and
+//! `rctl build -t NAME[:TAG] [-f Dockerfile] [--build-arg K=V]… [--secret id=X,src=FILE]…
+//! [--no-cache] [--target STAGE] [--node HOST] CONTEXT`: builds an image from a Dockerfile on a host of the cluster and
 //! stores it in the cluster registry, like `docker build`.
 //!
 //! The Dockerfile is parsed here first, so a malformed one is refused with its line before any
@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use rudder_image::Reference;
 use rudder_proto::v1::build_input::Msg as In;
 use rudder_proto::v1::build_output::Msg as Out;
-use rudder_proto::v1::{BuildInput, BuildParams};
+use rudder_proto::v1::{BuildInput, BuildParams, BuildSecret};
 
 use crate::context::Context;
 
@@ -32,6 +32,11 @@ pub struct BuildArgs {
     /// A build argument (`ARG`): KEY=VALUE, or KEY to take it from the environment.
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
+    /// A secret for `RUN --mount=type=secret,id=X`: `id=X,src=FILE` (a local file),
+    /// `id=X,env=VAR` (a variable of this shell), or `id=X` (the variable X). Sent with the
+    /// build only; never stored, never in a layer.
+    #[arg(long = "secret", value_name = "id=X,src=FILE")]
+    pub secrets: Vec<String>,
     /// Rebuild every step instead of reusing the build cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -74,6 +79,52 @@ fn build_args(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
+/// `--secret` values: each read from its file or variable, within the secret size limit.
+fn secrets(raw: &[String]) -> anyhow::Result<Vec<BuildSecret>> {
+    let mut out: Vec<BuildSecret> = Vec::new();
+    for spec in raw {
+        let (mut id, mut src, mut env) = (None, None, None);
+        for field in spec.split(',') {
+            match field.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                Some(("env", v)) => env = Some(v.to_string()),
+                Some(("type", "file" | "env")) => {}
+                _ => anyhow::bail!(
+                    "--secret {spec:?}: expected id=X,src=FILE or id=X,env=VAR (unknown {field:?})"
+                ),
+            }
+        }
+        let id = id
+            .filter(|i| !i.is_empty())
+            .with_context(|| format!("--secret {spec:?}: an id is required (id=X)"))?;
+        let data = match (src, env) {
+            (Some(path), _) => {
+                let len = std::fs::metadata(&path)
+                    .with_context(|| format!("--secret {id}: {}", path.display()))?
+                    .len();
+                rudder_model::secret::check_size(&format!("--secret {id}"), len as usize)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                std::fs::read(&path)
+                    .with_context(|| format!("--secret {id}: read {}", path.display()))?
+            }
+            (None, var) => {
+                let var = var.unwrap_or_else(|| id.clone());
+                std::env::var(&var)
+                    .with_context(|| format!("--secret {id}: the variable {var} is not set"))?
+                    .into_bytes()
+            }
+        };
+        rudder_model::secret::check_size(&format!("--secret {id}"), data.len())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if out.iter().any(|s| s.id == id) {
+            anyhow::bail!("--secret {id}: given twice");
+        }
+        out.push(BuildSecret { id, data });
+    }
+    Ok(out)
+}
+
 pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
     if let Err(rudder_image::ImageError::InvalidReference { reference, reason }) =
         Reference::parse(&args.tag)
@@ -93,6 +144,7 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
     let shown = dockerfile.display().to_string();
     rudder_image::dockerfile::parse(&text).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
     let build_args = build_args(&args.build_args)?;
+    let secrets = secrets(&args.secrets)?;
 
     // The context as a tar, in a scratch file (it may be large).
     let inside = dockerfile
@@ -121,6 +173,7 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
         context_size,
         allow_cluster_urls: args.allow_cluster_urls,
         cluster_addresses: Vec::new(),
+        secrets,
     };
     tx.send(BuildInput {
         msg: Some(In::Params(params)),
@@ -188,5 +241,28 @@ mod tests {
         assert_eq!(a["RUDDER_TEST_BUILD_ARG"], "from-env");
         assert!(!a.contains_key("RUDDER_TEST_UNSET_ARG"));
         assert!(build_args(&["=x".into()]).is_err());
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_variables_within_the_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("token");
+        std::fs::write(&f, "s3cret").unwrap();
+        std::env::set_var("RUDDER_TEST_SECRET", "from-env");
+        let s = secrets(&[
+            format!("id=tok,src={}", f.display()),
+            "id=e,env=RUDDER_TEST_SECRET".into(),
+            "id=RUDDER_TEST_SECRET".into(),
+        ])
+        .unwrap();
+        assert_eq!(s[0].data, b"s3cret");
+        assert_eq!(s[1].data, b"from-env");
+        assert_eq!(s[2].data, b"from-env");
+        let big = t.path().join("big");
+        std::fs::write(&big, vec![0u8; 600 << 10]).unwrap();
+        let e = secrets(&[format!("id=big,src={}", big.display())]).unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
+        assert!(secrets(&["src=/x".into()]).is_err());
+        assert!(secrets(&["id=a,color=red".into()]).is_err());
     }
 }

@@ -189,7 +189,7 @@ mod tests {
         );
         assert_eq!(
             st.steps[0].instr,
-            Instr::Run(Command::Shell(
+            Instr::run(Command::Shell(
                 "apt-get update &&     apt-get install -y       curl".into()
             ))
         );
@@ -209,13 +209,13 @@ mod tests {
         assert_eq!(st.steps.len(), 2, "{:?}", st.steps);
         assert_eq!(
             st.steps[0].instr,
-            Instr::Run(Command::Shell("echo a\\\\".into()))
+            Instr::run(Command::Shell("echo a\\\\".into()))
         );
         // Three: an escaped backslash, then a continuation.
         assert_eq!(st.steps[1].line, 3);
         assert_eq!(
             st.steps[1].instr,
-            Instr::Run(Command::Shell("echo b \\\\  c".into()))
+            Instr::run(Command::Shell("echo b \\\\  c".into()))
         );
         let df = parse("# escape=`\nFROM scratch\nRUN echo ``\nRUN echo b\n").unwrap();
         assert_eq!(df.stages[0].steps.len(), 2);
@@ -249,6 +249,10 @@ mod tests {
                 chmod: None,
                 from: None,
                 unpack: false,
+                parents: false,
+                excludes: Vec::new(),
+                checksum: None,
+                heredocs: Vec::new(),
             }
         );
         assert_eq!(settings.env, vec!["P=$HOME\\".to_string()]);
@@ -297,23 +301,23 @@ mod tests {
         let cmds: Vec<&Instr> = df.stages[0].steps.iter().map(|s| &s.instr).collect();
         assert_eq!(
             *cmds[0],
-            Instr::Run(Command::Shell(
+            Instr::run(Command::Shell(
                 "set -e\n# not a comment here\n\necho one\n".into()
             ))
         );
         assert_eq!(df.stages[0].steps[0].text, "RUN <<EOF");
         assert_eq!(
             *cmds[1],
-            Instr::Run(Command::Shell(
+            Instr::run(Command::Shell(
                 "cat <<-END > /f &&   cat <<'X' >> /f\n\tindented $HOME\nEND\nliteral\nX".into()
             ))
         );
         assert_eq!(df.stages[0].steps[1].line, 8);
-        assert_eq!(*cmds[2], Instr::Run(Command::Shell("echo tabs\n".into())));
+        assert_eq!(*cmds[2], Instr::run(Command::Shell("echo tabs\n".into())));
         assert_eq!(df.stages[0].steps[3].line, 17);
         assert_eq!(
             *cmds[3],
-            Instr::Run(Command::Shell("echo \"<<NOT\" a heredoc".into()))
+            Instr::run(Command::Shell("echo \"<<NOT\" a heredoc".into()))
         );
 
         let e = err_of("FROM scratch\nRUN <<EOF\necho\n");
@@ -321,12 +325,61 @@ mod tests {
             (e.line, e.message.as_str()),
             (2, "unterminated here-document: no line \"EOF\" after it")
         );
-        let e = err_of("FROM scratch\nCOPY <<EOF /etc/x\nbody\nEOF\n");
+        let e = err_of("FROM scratch\nCOPY <<EOF a.txt /etc/x\nbody\nEOF\n");
         assert_eq!(
             (e.line, e.message.as_str()),
-            (2, "COPY from a here-document (<<EOF) is not supported")
+            (2, "COPY from here-documents takes only a destination after them (copy other files with another COPY)")
+        );
+        let e = err_of("FROM scratch\nCOPY <<A <<B /etc/x\na\nA\nb\nB\n");
+        assert!(
+            e.message.contains("must be a directory and end with a /"),
+            "{e}"
         );
         let e = err_of("FROM scratch\nRUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF\n");
         assert!(e.message.contains("#! is not supported"), "{e}");
+    }
+
+    #[test]
+    fn copy_and_add_heredocs() {
+        let text = "FROM scratch\nARG NAME=world\nCOPY <<EOF /etc/hello\nhello $NAME ${NAME:-x} \\$HOME \"q\"\nEOF\nCOPY <<-\"ONE\" <<TWO /conf/\n\tkeep $NAME\n\tONE\nsecond\nTWO\nADD <<EOF /a.txt\nadded\nEOF\nRUN true\n";
+        let df = parse(text).unwrap();
+        let steps = &df.stages[0].steps;
+        assert_eq!(steps[2].line, 6);
+        assert_eq!(steps[4].line, 14);
+        let (actions, _) = run_stage(text, &[]);
+        let Action::Copy {
+            srcs,
+            dest,
+            heredocs,
+            ..
+        } = &actions[1]
+        else {
+            panic!("{:?}", actions[1])
+        };
+        assert!(srcs.is_empty());
+        assert_eq!(dest, "/etc/hello");
+        assert_eq!(heredocs[0].name, "EOF");
+        // Variables are substituted; quotes and other characters stay as written.
+        assert_eq!(heredocs[0].data, "hello world world $HOME \"q\"\n");
+        let Action::Copy { dest, heredocs, .. } = &actions[2] else {
+            panic!("{:?}", actions[2])
+        };
+        assert_eq!(dest, "/conf/");
+        // `<<-` strips leading tabs; a quoted delimiter keeps `$` as written.
+        assert_eq!(
+            heredocs
+                .iter()
+                .map(|h| (h.name.as_str(), h.data.as_str()))
+                .collect::<Vec<_>>(),
+            [("ONE", "keep $NAME\n"), ("TWO", "second\n")]
+        );
+        let Action::Copy {
+            unpack, heredocs, ..
+        } = &actions[3]
+        else {
+            panic!("{:?}", actions[3])
+        };
+        assert!(*unpack);
+        assert_eq!(heredocs[0].data, "added\n");
     }
 }

@@ -27,11 +27,13 @@ use std::collections::BTreeMap;
 
 mod lex;
 mod lines;
+mod mount;
 mod parse;
 mod settings;
 mod stage;
 
 pub use lex::substitute;
+pub use mount::{MountKind, RunMount, RunNetwork, Sharing, SECRETS_DIR};
 pub use parse::{parse, parse_instructions};
 pub use settings::{Healthcheck, Settings};
 pub use stage::{is_url, resolve_from, Action, Source, StageBuilder};
@@ -200,8 +202,8 @@ pub enum Instr {
     Cmd(Command),
     /// `ENTRYPOINT`: the command CMD's words are appended to.
     Entrypoint(Command),
-    /// `RUN`: a command run in a container of the image so far.
-    Run(Command),
+    /// `RUN [--mount=…]… [--network=…]`: a command run in a container of the image so far.
+    Run(RunSpec),
     /// `COPY src… dest`.
     Copy(CopySpec),
     /// `ADD src… dest`: also fetches URLs and unpacks local tar archives.
@@ -226,8 +228,41 @@ pub enum Command {
     Exec(Vec<String>),
 }
 
-/// COPY/ADD arguments, as written.
+impl Instr {
+    /// A plain `RUN command` (no flags).
+    pub fn run(command: Command) -> Instr {
+        Instr::Run(RunSpec {
+            command,
+            mounts: Vec::new(),
+            network: RunNetwork::Default,
+        })
+    }
+}
+
+/// RUN's arguments and flags, as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// What to run.
+    pub command: Command,
+    /// `--mount=…` (repeatable), values unsubstituted.
+    pub mounts: Vec<RunMount>,
+    /// `--network=default|none`.
+    pub network: RunNetwork,
+}
+
+/// A `COPY <<NAME` / `ADD <<NAME` here-document: a file named NAME with the body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct HeredocFile {
+    /// The delimiter: the file's name.
+    pub name: String,
+    /// The body (leading tabs already stripped for `<<-`).
+    pub data: String,
+    /// Whether variables in the body are substituted (an unquoted delimiter, as in BuildKit).
+    pub expand: bool,
+}
+
+/// COPY/ADD arguments, as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopySpec {
     /// At least one.
     pub srcs: Vec<String>,
@@ -239,6 +274,14 @@ pub struct CopySpec {
     pub chmod: Option<String>,
     /// A stage name, a stage index or an image (COPY only).
     pub from: Option<String>,
+    /// `--parents`: keep the sources' directories (below a `/./` pivot, if any).
+    pub parents: bool,
+    /// `--exclude=PATTERN` (repeatable), as written.
+    pub excludes: Vec<String>,
+    /// `ADD --checksum=sha256:…` of a URL, as written.
+    pub checksum: Option<String>,
+    /// `<<NAME` sources: files made from here-documents.
+    pub heredocs: Vec<HeredocFile>,
 }
 
 /// Helpers the tests of every submodule share.

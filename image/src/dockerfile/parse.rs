@@ -35,13 +35,15 @@ pub fn parse(text: &str) -> Result<Dockerfile, DockerfileError> {
             stages.push(parse_from(&flags, rest, line, escape, &stages)?);
             continue;
         }
-        let instrs = if heredocs.is_empty() {
-            parse_instruction(keyword, &lower, flags, rest, line, escape)?
+        let instrs = if heredocs.is_empty() || lower == "copy" || lower == "add" {
+            parse_instruction(keyword, &lower, flags, rest, line, escape, &heredocs)?
         } else if lower == "run" {
-            check_run_flags(&flags, line)?;
-            vec![Instr::Run(Command::Shell(heredoc_command(
-                rest, &heredocs, line,
-            )?))]
+            let (mounts, network) = run_flags(&flags, line)?;
+            vec![Instr::Run(super::RunSpec {
+                command: Command::Shell(heredoc_command(rest, &heredocs, line)?),
+                mounts,
+                network,
+            })]
         } else {
             return Err(DockerfileError::new(
                 line,
@@ -154,27 +156,76 @@ fn heredoc_command(
 /// Flags an instruction may carry more than once (`RUN --mount … --mount …`).
 const REPEATABLE_FLAGS: [&str; 2] = ["mount", "exclude"];
 
-/// RUN's flags. `--network=default` is what every RUN gets anyway (its own network namespace
-/// on the host's bridge); `host` is refused: a step on the host's network would reach what
-/// listens on the host's loopback (the agent's and controller's ports). `none` is not
-/// supported yet, nor are `--mount` and `--security`.
-fn check_run_flags(flags: &Flags, line: usize) -> Result<(), DockerfileError> {
-    flags.check("RUN", &["network"], &["mount", "security"], line)?;
-    match flags.string("network", line)?.as_deref() {
-        None | Some("default") => Ok(()),
-        Some("host") => Err(DockerfileError::new(
+/// RUN's flags: `--mount` (repeatable, see `mount`) and `--network`. `default` is what every
+/// RUN gets anyway (its own network namespace on the host's bridge), `none` a namespace with
+/// only loopback; `host` is refused: a step on the host's network would reach what listens on
+/// the host's loopback (the agent's and controller's ports). `--security` is not supported.
+fn run_flags(
+    flags: &Flags,
+    line: usize,
+) -> Result<(Vec<super::RunMount>, super::RunNetwork), DockerfileError> {
+    flags.check("RUN", &["network", "mount"], &["security"], line)?;
+    let network = match flags.string("network", line)?.as_deref() {
+        None | Some("default") => super::RunNetwork::Default,
+        Some("none") => super::RunNetwork::None,
+        Some("host") => return Err(DockerfileError::new(
             line,
             "RUN --network=host is refused: a build step on the host's network could reach the services listening on the host; use the default network",
         )),
-        Some("none") => Err(DockerfileError::new(
-            line,
-            "RUN --network=none is not supported yet; use the default network",
-        )),
-        Some(other) => Err(DockerfileError::new(
+        Some(other) => return Err(DockerfileError::new(
             line,
             format!("RUN --network={other:?}: expected default, none or host"),
         )),
+    };
+    let mounts = flags.strings("mount", line)?;
+    let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
+    Ok((super::mount::parse_mounts(&mounts, line)?, network))
+}
+
+/// COPY/ADD sources from here-documents: each `<<NAME` word among `words` becomes a file
+/// NAME with its body (leading tabs stripped for `<<-`; variables substituted unless the
+/// delimiter is quoted, as in BuildKit). The other words stay.
+fn heredoc_sources(
+    name: &str,
+    words: Vec<String>,
+    heredocs: &[Heredoc],
+    line: usize,
+) -> Result<(Vec<String>, Vec<super::HeredocFile>), DockerfileError> {
+    let mut files = Vec::new();
+    let mut rest = Vec::new();
+    for w in words {
+        let Some(marker) = w.strip_prefix("<<") else {
+            rest.push(w);
+            continue;
+        };
+        let marker = marker.strip_prefix('-').unwrap_or(marker);
+        let quoted = marker.starts_with(['"', '\'']);
+        let bare = marker.trim_matches(|c| c == '"' || c == '\'');
+        let Some(h) = heredocs.iter().find(|h| h.name == bare) else {
+            rest.push(w);
+            continue;
+        };
+        if bare.contains('/') || bare == "." || bare == ".." {
+            return Err(DockerfileError::new(
+                line,
+                format!("{name} <<{bare}: a here-document's name is the file's name and cannot hold '/'"),
+            ));
+        }
+        let data = if h.chomp {
+            h.data
+                .lines()
+                .map(|l| format!("{}\n", l.trim_start_matches('\t')))
+                .collect()
+        } else {
+            h.data.clone()
+        };
+        files.push(super::HeredocFile {
+            name: bare.to_string(),
+            data,
+            expand: !quoted,
+        });
     }
+    Ok((rest, files))
 }
 
 /// The `--name[=value]` flags at the start of an instruction's arguments.
@@ -244,6 +295,22 @@ impl Flags {
                 format!("flag \"--{name}\" needs a value (--{name}=...)"),
             )),
         }
+    }
+
+    /// Every value of a repeatable flag, in order; one without `=value` is an error.
+    fn strings(&self, name: &str, line: usize) -> Result<Vec<String>, DockerfileError> {
+        self.items
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| {
+                v.clone().ok_or_else(|| {
+                    DockerfileError::new(
+                        line,
+                        format!("flag \"--{name}\" needs a value (--{name}=...)"),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// A boolean flag (`--link`, `--link=true`).
@@ -335,17 +402,20 @@ fn parse_instruction(
     rest: &str,
     line: usize,
     escape: char,
+    heredocs: &[Heredoc],
 ) -> Result<Vec<Instr>, DockerfileError> {
     let name = lower.to_ascii_uppercase();
     let err = |message: String| DockerfileError::new(line, message);
     let at_least_one = || err(format!("{name} requires at least one argument"));
     let exactly_one = || err(format!("{name} requires exactly one argument"));
     match lower {
-        "run" => check_run_flags(&flags, line)?,
+        "run" => {
+            run_flags(&flags, line)?;
+        }
         "copy" => flags.check(
             &name,
-            &["from", "chown", "chmod", "link"],
-            &["parents", "exclude"],
+            &["from", "chown", "chmod", "link", "parents", "exclude"],
+            &[],
             line,
         )?,
         "add" => {
@@ -356,8 +426,8 @@ fn parse_instruction(
             }
             flags.check(
                 &name,
-                &["chown", "chmod", "link"],
-                &["checksum", "keep-git-dir", "exclude"],
+                &["chown", "chmod", "link", "checksum", "exclude"],
+                &["keep-git-dir"],
                 line,
             )?
         }
@@ -389,7 +459,7 @@ fn parse_instruction(
             }
             // Checked now, run later: a trigger that does not parse is this line's error.
             let (trigger_flags, trigger_rest) = Flags::extract(&trigger[keyword.len()..], line)?;
-            parse_instruction(keyword, &kw, trigger_flags, trigger_rest, line, escape)?;
+            parse_instruction(keyword, &kw, trigger_flags, trigger_rest, line, escape, &[])?;
             return Ok(vec![Instr::Onbuild(trigger.to_string())]);
         }
         "arg" | "env" | "label" | "workdir" | "user" | "expose" | "volume" | "cmd"
@@ -473,7 +543,14 @@ fn parse_instruction(
                 Json::Invalid => Command::Shell(rest.to_string()),
             };
             match lower {
-                "run" => Instr::Run(command),
+                "run" => {
+                    let (mounts, network) = run_flags(&flags, line)?;
+                    Instr::Run(super::RunSpec {
+                        command,
+                        mounts,
+                        network,
+                    })
+                }
                 "cmd" => Instr::Cmd(command),
                 _ => Instr::Entrypoint(command),
             }
@@ -489,7 +566,22 @@ fn parse_instruction(
             }
         },
         "copy" | "add" => {
-            let mut words = parse_list(&name, rest, line, escape)?;
+            let words = parse_list(&name, rest, line, escape)?;
+            let (mut words, files) = heredoc_sources(&name, words, heredocs, line)?;
+            if !files.is_empty() {
+                if words.len() != 1 {
+                    return Err(err(format!(
+                        "{name} from here-documents takes only a destination after them (copy other files with another {name})"
+                    )));
+                }
+                if files.len() > 1 && !words[0].ends_with('/') {
+                    return Err(err(format!(
+                        "When using {name} with more than one source file, the destination must be a directory and end with a / ({:?})",
+                        words[0]
+                    )));
+                }
+                words.insert(0, String::new());
+            }
             match words.len() {
                 0 => return Err(err(format!("{name} requires at least two arguments: source(s) and destination"))),
                 1 => {
@@ -502,12 +594,32 @@ fn parse_instruction(
             }
             flags.boolean("link", line)?;
             let dest = words.pop().unwrap_or_default();
+            if !files.is_empty() {
+                words.clear();
+            }
+            let checksum = flags.string("checksum", line)?;
+            if let Some(c) = &checksum {
+                let hex = c.strip_prefix("sha256:").unwrap_or_default();
+                let valid = hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit() || c == '$');
+                if !valid && !c.contains('$') {
+                    return Err(err(format!(
+                        "ADD --checksum={c}: expected sha256: and 64 hex digits"
+                    )));
+                }
+                if words.len() != 1 {
+                    return Err(err("ADD --checksum takes exactly one source URL".into()));
+                }
+            }
             let spec = CopySpec {
                 srcs: words,
                 dest,
                 chown: flags.string("chown", line)?,
                 chmod: flags.string("chmod", line)?,
                 from: flags.string("from", line)?,
+                parents: flags.boolean("parents", line)?,
+                excludes: flags.strings("exclude", line)?,
+                checksum,
+                heredocs: files,
             };
             if lower == "copy" {
                 Instr::Copy(spec)
@@ -809,13 +921,14 @@ MAINTAINER someone <s@example.com>
             Instr::Volume(strings(&["/cache"])),
             Instr::Cmd(Command::Exec(strings(&["run", "--fast"]))),
             Instr::Entrypoint(Command::Shell("/bin/app".into())),
-            Instr::Run(Command::Shell("echo hi".into())),
+            Instr::run(Command::Shell("echo hi".into())),
             Instr::Copy(CopySpec {
                 srcs: strings(&["a", "b"]),
                 dest: "/dst/".into(),
                 chown: Some("1:2".into()),
                 chmod: Some("644".into()),
                 from: None,
+                ..Default::default()
             }),
             Instr::Add(CopySpec {
                 srcs: strings(&["x.tar"]),
@@ -823,6 +936,7 @@ MAINTAINER someone <s@example.com>
                 chown: None,
                 chmod: None,
                 from: None,
+                ..Default::default()
             }),
             Instr::Shell(strings(&["/bin/bash", "-c"])),
             Instr::StopSignal("SIGTERM".into()),
@@ -839,7 +953,7 @@ MAINTAINER someone <s@example.com>
         assert_eq!(df.stages[0].name.as_deref(), Some("builder"));
         assert_eq!(
             df.stages[0].steps[0].instr,
-            Instr::Run(Command::Shell("true".into()))
+            Instr::run(Command::Shell("true".into()))
         );
         assert_eq!(df.stages[1].from, "builder");
         assert_eq!(df.base_stage(1, "Builder"), Some(0));
@@ -860,16 +974,16 @@ MAINTAINER someone <s@example.com>
         let i: Vec<&Instr> = df.stages[0].steps.iter().map(|s| &s.instr).collect();
         assert_eq!(
             *i[0],
-            Instr::Run(Command::Exec(vec!["echo".into(), "a b".into()]))
+            Instr::run(Command::Exec(vec!["echo".into(), "a b".into()]))
         );
-        assert_eq!(*i[1], Instr::Run(Command::Shell("[not json".into())));
+        assert_eq!(*i[1], Instr::run(Command::Shell("[not json".into())));
         assert_eq!(
             *i[2],
             Instr::Cmd(Command::Shell("[\"unterminated\"".into()))
         );
         assert_eq!(*i[3], Instr::Entrypoint(Command::Exec(vec![])));
         assert_eq!(*i[4], Instr::Cmd(Command::Exec(vec![])));
-        assert_eq!(*i[5], Instr::Run(Command::Exec(vec!["x".into()])));
+        assert_eq!(*i[5], Instr::run(Command::Exec(vec!["x".into()])));
 
         let e = err_of("FROM scratch\nRUN [\"a\", 1]\n");
         assert_eq!(e.line, 2);
@@ -910,6 +1024,7 @@ MAINTAINER someone <s@example.com>
                 chown: None,
                 chmod: None,
                 from: Some("one".into()),
+                ..Default::default()
             })
         );
         assert_eq!(
@@ -920,6 +1035,7 @@ MAINTAINER someone <s@example.com>
                 chown: None,
                 chmod: None,
                 from: Some("0".into()),
+                ..Default::default()
             })
         );
         let Instr::Add(spec) = &steps[2].instr else {
@@ -957,13 +1073,12 @@ MAINTAINER someone <s@example.com>
             ("FROM scratch\nCOPY --form=x a b\n", 2, "unknown flag \"--form\" for COPY"),
             ("FROM scratch\nCOPY --from a b\n", 2, "flag \"--from\" needs a value (--from=...)"),
             ("FROM scratch\nCOPY --from=a --from=b a b\n", 2, "duplicate flag \"--from\""),
-            ("FROM scratch\nRUN --mount=type=cache,target=/x make\n", 2, "flag \"--mount\" of RUN is not supported"),
-            // Repeatable flags are not "duplicate".
-            ("FROM scratch\nRUN --mount=type=tmpfs,target=/a --mount=type=tmpfs,target=/b make\n", 2, "flag \"--mount\" of RUN is not supported"),
-            ("FROM scratch\nCOPY --exclude=*.md --exclude=*.txt . /\n", 2, "flag \"--exclude\" of COPY is not supported"),
             ("FROM scratch\nRUN --network=host make\n", 2, "RUN --network=host is refused: a build step on the host's network could reach the services listening on the host; use the default network"),
             ("FROM scratch\nRUN --network=bridge make\n", 2, "RUN --network=\"bridge\": expected default, none or host"),
-            ("FROM scratch\nRUN --network=none <<EOF\nmake\nEOF\n", 2, "RUN --network=none is not supported yet; use the default network"),
+            ("FROM scratch\nRUN --security=insecure make\n", 2, "flag \"--security\" of RUN is not supported"),
+            ("FROM scratch\nADD --checksum=md5:abc http://x/y /\n", 2, "ADD --checksum=md5:abc: expected sha256: and 64 hex digits"),
+            ("FROM scratch\nADD --checksum=sha256:0000000000000000000000000000000000000000000000000000000000000000 http://x/a http://x/b /d/\n", 2, "ADD --checksum takes exactly one source URL"),
+            ("FROM scratch\nCOPY --exclude a b\n", 2, "flag \"--exclude\" needs a value (--exclude=...)"),
             ("FROM scratch\nENV --x=1 A=1\n", 2, "unknown flag \"--x\" for ENV"),
             ("FROM --foo=bar scratch\n", 1, "unknown flag \"--foo\" for FROM"),
             ("FROM scratch\nONBUILD ONBUILD RUN true\n", 2, "ONBUILD isn't allowed as an ONBUILD trigger"),
@@ -996,7 +1111,7 @@ MAINTAINER someone <s@example.com>
         let df = parse("FROM scratch\nRUN --network=default echo hi\n").unwrap();
         assert_eq!(
             df.stages[0].steps[0].instr,
-            Instr::Run(Command::Shell("echo hi".into()))
+            Instr::run(Command::Shell("echo hi".into()))
         );
         assert_eq!(
             err_of("FROM scratch\nCOPPY a b\n").to_string(),
@@ -1131,5 +1246,43 @@ MAINTAINER someone <s@example.com>
         assert_eq!(e.message, "FROM cannot be used here");
         let e = parse_instructions("COPY").unwrap_err();
         assert_eq!(e.line, 1, "{e}");
+    }
+
+    #[test]
+    fn copy_parents_exclude_and_add_checksum() {
+        let sum = "sha256:2CF24DBA5FB0A30E26E83B2AC5B9E29E1B161E5C1FA7425E73043362938B9824";
+        let text = format!(
+            "FROM scratch\nARG PAT=*.md\nCOPY --parents --exclude=${{PAT}} --exclude=*.tmp ./a/./b/*.txt /dst/\nADD --checksum={sum} http://example.com/x.tgz /x.tgz\nRUN --mount=type=tmpfs,target=/a --mount=type=tmpfs,target=/b make\n"
+        );
+        let (actions, _) = run_stage(&text, &[]);
+        let Action::Copy {
+            srcs,
+            parents,
+            excludes,
+            ..
+        } = &actions[1]
+        else {
+            panic!("{:?}", actions[1])
+        };
+        assert_eq!(srcs, &["./a/./b/*.txt"]);
+        assert!(*parents);
+        assert_eq!(excludes, &["*.md", "*.tmp"]);
+        let Action::Copy { checksum, .. } = &actions[2] else {
+            panic!("{:?}", actions[2])
+        };
+        assert_eq!(checksum.as_deref(), Some(sum.to_ascii_lowercase().as_str()));
+        // Two --mount flags are two mounts, not a "duplicate flag".
+        let Action::Run { mounts, .. } = &actions[3] else {
+            panic!("{:?}", actions[3])
+        };
+        assert_eq!(mounts.len(), 2);
+        // A checksum is for URLs only.
+        let df = parse(&format!("FROM scratch\nADD --checksum={sum} local.tgz /\n")).unwrap();
+        let mut b = StageBuilder::new(&[], &BTreeMap::new(), Settings::default());
+        let e = b.step(&df.stages[0].steps[0]).unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (2, "ADD --checksum is only for a URL source")
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::lex::substitute;
 use super::{
-    predefined, ArgDecl, Command, CopySpec, Dockerfile, DockerfileError, Instr, Settings, Stage,
-    Step, PLATFORM_ARGS, PROXY_ARGS,
+    predefined, ArgDecl, Command, CopySpec, Dockerfile, DockerfileError, HeredocFile, Instr,
+    RunMount, RunNetwork, Settings, Stage, Step, PLATFORM_ARGS, PROXY_ARGS,
 };
 
 /// Whether an ADD source is fetched from the web (`http://` or `https://`) rather than taken
@@ -296,6 +296,13 @@ pub enum Action {
         argv: Vec<String>,
         /// Its environment, `K=V`.
         env: Vec<String>,
+        /// `--mount`s, substituted, targets absolute. Left out of the JSON when empty, so a
+        /// plain RUN's cache key is what it was before mounts existed.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        mounts: Vec<RunMount>,
+        /// `--network`.
+        #[serde(skip_serializing_if = "is_default_network")]
+        network: RunNetwork,
     },
     /// dest made absolute against the working dir (a trailing '/' kept, and added for `.`: it
     /// means "into this directory"). unpack: ADD (local tar archives are unpacked). from: the
@@ -314,7 +321,23 @@ pub enum Action {
         from: Option<String>,
         /// ADD: unpack local tar archives.
         unpack: bool,
+        /// `--parents`: sources keep their directories (below a `/./` pivot).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        parents: bool,
+        /// `--exclude` patterns, substituted.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        excludes: Vec<String>,
+        /// `ADD --checksum`, substituted (`sha256:` and 64 hex digits).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        checksum: Option<String>,
+        /// Here-document sources (bodies substituted unless quoted); `srcs` is then empty.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        heredocs: Vec<HeredocFile>,
     },
+}
+
+fn is_default_network(n: &RunNetwork) -> bool {
+    *n == RunNetwork::Default
 }
 
 /// Per-stage variable state while executing a stage's steps in order.
@@ -383,6 +406,64 @@ impl StageBuilder {
         let lookup = |n: &str| self.lookup(n);
         substitute(word, step.escape, &lookup)
             .map_err(|m| DockerfileError::new(step.line, format!("{what}: {m}")))
+    }
+
+    /// A here-document's body with its variables substituted (`$V`, `${V…}`; `\$` is a
+    /// literal `$`), quotes and other escapes kept as they are: it is a file, not a word.
+    fn expand_text(&self, step: &Step, what: &str, text: &str) -> Result<String, DockerfileError> {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == step.escape && chars.peek().is_some_and(|(_, n)| *n == '$') {
+                out.push('$');
+                chars.next();
+                continue;
+            }
+            if c != '$' {
+                out.push(c);
+                continue;
+            }
+            match chars.peek().map(|(_, n)| *n) {
+                Some('{') => {
+                    let mut depth = 0;
+                    let mut end = None;
+                    for (j, d) in text[i + 1..].char_indices() {
+                        match d {
+                            '{' => depth += 1,
+                            '}' => {
+                                depth -= 1;
+                                if depth == 0 {
+                                    end = Some(i + 1 + j);
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    let Some(end) = end else {
+                        out.push(c);
+                        continue;
+                    };
+                    out.push_str(&self.expand(step, what, &text[i..=end])?);
+                    while chars.peek().is_some_and(|(j, _)| *j <= end) {
+                        chars.next();
+                    }
+                }
+                Some(n) if n.is_ascii_alphabetic() || n == '_' => {
+                    let mut name = String::new();
+                    while let Some((_, n)) = chars.peek() {
+                        if !(n.is_ascii_alphanumeric() || *n == '_') {
+                            break;
+                        }
+                        name.push(*n);
+                        chars.next();
+                    }
+                    out.push_str(&self.lookup(&name).unwrap_or_default());
+                }
+                _ => out.push(c),
+            }
+        }
+        Ok(out)
     }
 
     /// The environment RUN sees.
@@ -550,11 +631,20 @@ impl StageBuilder {
                 }
                 self.settings.stop_signal = Some(signal);
             }
-            Instr::Run(command) => {
+            Instr::Run(run) => {
+                let workdir = self.settings.working_dir.clone();
+                let expand = |what: &str, w: &str| self.expand(step, what, w);
+                let mounts = run
+                    .mounts
+                    .iter()
+                    .map(|m| m.resolved(&workdir, line, &expand))
+                    .collect::<Result<Vec<_>, _>>()?;
                 return Ok(Action::Run {
-                    argv: self.argv(command),
+                    argv: self.argv(&run.command),
                     env: self.run_env(),
-                })
+                    mounts,
+                    network: run.network,
+                });
             }
             Instr::Copy(spec) => return self.copy(step, "COPY", spec, false),
             Instr::Add(spec) => return self.copy(step, "ADD", spec, true),
@@ -639,6 +729,47 @@ impl StageBuilder {
             }
             None => None,
         };
+        let excludes = spec
+            .excludes
+            .iter()
+            .map(|e| self.expand(step, "--exclude", e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let checksum = match &spec.checksum {
+            Some(c) => {
+                let c = self.expand(step, "--checksum", c)?;
+                let hex = c.strip_prefix("sha256:").unwrap_or_default();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(DockerfileError::new(
+                        line,
+                        format!("ADD --checksum={c}: expected sha256: and 64 hex digits"),
+                    ));
+                }
+                if !srcs.iter().all(|s| is_url(s)) {
+                    return Err(DockerfileError::new(
+                        line,
+                        "ADD --checksum is only for a URL source",
+                    ));
+                }
+                Some(format!("sha256:{}", hex.to_ascii_lowercase()))
+            }
+            None => None,
+        };
+        let heredocs = spec
+            .heredocs
+            .iter()
+            .map(|h| {
+                let data = if h.expand {
+                    self.expand_text(step, &format!("{name} <<{}", h.name), &h.data)?
+                } else {
+                    h.data.clone()
+                };
+                Ok(HeredocFile {
+                    name: h.name.clone(),
+                    data,
+                    expand: h.expand,
+                })
+            })
+            .collect::<Result<Vec<_>, DockerfileError>>()?;
         Ok(Action::Copy {
             srcs,
             dest,
@@ -646,13 +777,17 @@ impl StageBuilder {
             chmod,
             from,
             unpack,
+            parents: spec.parents,
+            excludes,
+            checksum,
+            heredocs,
         })
     }
 }
 
 /// `path` made absolute against `base` (empty: `/`) and cleaned lexically (`..` stops at
 /// `/`); no trailing slash except for `/` itself.
-fn absolute(base: &str, path: &str) -> String {
+pub(super) fn absolute(base: &str, path: &str) -> String {
     let joined = if path.starts_with('/') {
         path.to_string()
     } else {
@@ -794,6 +929,8 @@ mod tests {
                     "B=".into(),
                     "DIR=/srv".into(),
                 ],
+                mounts: Vec::new(),
+                network: RunNetwork::Default,
             }
         );
         assert_eq!(
@@ -809,6 +946,10 @@ mod tests {
                 chmod: None,
                 from: None,
                 unpack: false,
+                parents: false,
+                excludes: Vec::new(),
+                checksum: None,
+                heredocs: Vec::new(),
             }
         );
         // PORTS was given but never declared: unused.
@@ -934,6 +1075,8 @@ mod tests {
                     "Y=y".into(),
                     "http_proxy=http://proxy:3128".into()
                 ],
+                mounts: Vec::new(),
+                network: RunNetwork::Default,
             }
         );
         let Action::Run { env, .. } = &actions[6] else {
@@ -1041,7 +1184,9 @@ mod tests {
             b.step(&steps[2]).unwrap(),
             Action::Run {
                 argv: vec!["/bin/bash".into(), "-xc".into(), "ls".into()],
-                env: vec![]
+                env: vec![],
+                mounts: Vec::new(),
+                network: RunNetwork::Default,
             }
         );
         // ... but not one this stage set.
@@ -1069,6 +1214,10 @@ mod tests {
                 chmod: Some("0755".into()),
                 from: None,
                 unpack: true,
+                parents: false,
+                excludes: Vec::new(),
+                checksum: None,
+                heredocs: Vec::new(),
             }
         );
         assert_eq!(
@@ -1080,6 +1229,10 @@ mod tests {
                 chmod: None,
                 from: None,
                 unpack: false,
+                parents: false,
+                excludes: Vec::new(),
+                checksum: None,
+                heredocs: Vec::new(),
             }
         );
     }
@@ -1217,7 +1370,9 @@ mod tests {
             b.step(&df.stages[0].steps[1]).unwrap(),
             Action::Run {
                 argv: vec!["/bin/sh".into(), "-c".into(), "x".into()],
-                env: vec!["PATH=/opt/bin:/usr/bin".into()]
+                env: vec!["PATH=/opt/bin:/usr/bin".into()],
+                mounts: Vec::new(),
+                network: RunNetwork::Default,
             }
         );
     }
