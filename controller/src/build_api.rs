@@ -93,6 +93,28 @@ fn cluster_addresses(store: &rudder_model::store::Store) -> Vec<String> {
     out
 }
 
+/// `--secret id=X,name=NAME`: the newest value of the cluster's secret NAME, for this build
+/// only (an admin could read it through a service anyway; it is never stored with the image).
+fn fill_cluster_secrets(
+    store: &rudder_model::store::Store,
+    secrets: &mut [rudder_proto::v1::BuildSecret],
+) -> Result<(), Status> {
+    for s in secrets.iter_mut().filter(|s| !s.name.is_empty()) {
+        let value = store
+            .objects(rudder_model::secret::ObjectKind::Secret)
+            .get(&s.name)
+            .and_then(|o| o.versions.get(&o.latest))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "build: --secret id={}: the cluster has no secret {:?}",
+                    s.id, s.name
+                ))
+            })?;
+        s.data = value.data.0.clone();
+    }
+    Ok(())
+}
+
 pub async fn build(
     api: &ApiContext,
     req: Request<Streaming<BuildInput>>,
@@ -109,6 +131,7 @@ pub async fn build(
         }
     };
     let (repo, tag) = target(&params.reference)?;
+    fill_cluster_secrets(&api.raft.store(), &mut params.secrets)?;
     let at = pick_host(&api.raft.store(), &params.node)?;
     let host = at.host.clone();
     params.registry = api.registry.clone();

@@ -91,6 +91,27 @@ fn run_mounts_secrets_and_network() -> anyhow::Result<()> {
     assert_eq!(out.matches("---> Using cache").count(), 9, "{out}");
     fs::write(&secret, SECRET)?;
 
+    // A secret stored in the cluster, by name.
+    let stored = tmp.path().join("stored.txt");
+    fs::write(&stored, "from-the-cluster")?;
+    lab.rctl(&["secret", "create", "buildpw", stored.to_str().unwrap()])?;
+    let named = tmp.path().join("named");
+    fs::create_dir_all(&named)?;
+    fs::write(
+        named.join("Dockerfile"),
+        "FROM busybox:latest\nRUN --mount=type=secret,id=pw,required wc -c < /run/secrets/pw | tr -d ' ' > /len\nCMD [\"cat\", \"/len\"]\n",
+    )?;
+    let n = named.to_str().unwrap();
+    build(
+        &lab,
+        &["-t", "named:1", "--secret", "id=pw,name=buildpw", n],
+    )?;
+    assert_eq!(lab.rctl(&["run", "--rm", "named:1"])?, "16\n");
+    let e = build(&lab, &["-t", "named:2", "--secret", "id=pw,name=nope", n])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the cluster has no secret \"nope\""), "{e}");
+
     // A required secret that was not given fails its step, by line.
     let e = build(&lab, &["-t", "mounts:4", "--no-cache", c])
         .unwrap_err()
@@ -135,8 +156,14 @@ fn run_mounts_secrets_and_network() -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o700
     );
-    for dir in ["images", "build-cache", "builds"] {
-        let hits = found_under(&data.join(dir), SECRET.as_bytes())?;
+    for (dir, secret) in [
+        ("images", SECRET),
+        ("build-cache", SECRET),
+        ("builds", SECRET),
+        ("images", "from-the-cluster"),
+        ("build-cache", "from-the-cluster"),
+    ] {
+        let hits = found_under(&data.join(dir), secret.as_bytes())?;
         assert!(hits.is_empty(), "the secret is in {hits:?}");
     }
     let inspect = lab.rctl(&["image", "inspect", "mounts:1"])?;

@@ -449,6 +449,7 @@ mod tests {
         let s = |id: &str, n: usize| rudder_proto::v1::BuildSecret {
             id: id.into(),
             data: vec![b'x'; n],
+            name: String::new(),
         };
         assert_eq!(check_secrets(&[s("token", 3)]).unwrap()["token"], b"xxx");
         assert!(check_secrets(&[s("../x", 1)]).is_err());

@@ -33,8 +33,9 @@ pub struct BuildArgs {
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
     /// A secret for `RUN --mount=type=secret,id=X`: `id=X,src=FILE` (a local file),
-    /// `id=X,env=VAR` (a variable of this shell), or `id=X` (the variable X). Sent with the
-    /// build only; never stored, never in a layer.
+    /// `id=X,env=VAR` (a variable of this shell), `id=X,name=NAME` (the cluster's secret
+    /// NAME), or `id=X` (the variable X). Sent with the build only; never stored, never in a
+    /// layer.
     #[arg(long = "secret", value_name = "id=X,src=FILE")]
     pub secrets: Vec<String>,
     /// Rebuild every step instead of reusing the build cache.
@@ -83,12 +84,13 @@ fn build_args(raw: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 fn secrets(raw: &[String]) -> anyhow::Result<Vec<BuildSecret>> {
     let mut out: Vec<BuildSecret> = Vec::new();
     for spec in raw {
-        let (mut id, mut src, mut env) = (None, None, None);
+        let (mut id, mut src, mut env, mut name) = (None, None, None, None);
         for field in spec.split(',') {
             match field.split_once('=') {
                 Some(("id", v)) => id = Some(v.to_string()),
                 Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
                 Some(("env", v)) => env = Some(v.to_string()),
+                Some(("name", v)) if !v.is_empty() => name = Some(v.to_string()),
                 Some(("type", "file" | "env")) => {}
                 _ => anyhow::bail!(
                     "--secret {spec:?}: expected id=X,src=FILE or id=X,env=VAR (unknown {field:?})"
@@ -98,6 +100,18 @@ fn secrets(raw: &[String]) -> anyhow::Result<Vec<BuildSecret>> {
         let id = id
             .filter(|i| !i.is_empty())
             .with_context(|| format!("--secret {spec:?}: an id is required (id=X)"))?;
+        if out.iter().any(|s| s.id == id) {
+            anyhow::bail!("--secret {id}: given twice");
+        }
+        if let Some(name) = name {
+            // The controller fills in the cluster's value.
+            out.push(BuildSecret {
+                id,
+                data: Vec::new(),
+                name,
+            });
+            continue;
+        }
         let data = match (src, env) {
             (Some(path), _) => {
                 let len = std::fs::metadata(&path)
@@ -117,10 +131,11 @@ fn secrets(raw: &[String]) -> anyhow::Result<Vec<BuildSecret>> {
         };
         rudder_model::secret::check_size(&format!("--secret {id}"), data.len())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if out.iter().any(|s| s.id == id) {
-            anyhow::bail!("--secret {id}: given twice");
-        }
-        out.push(BuildSecret { id, data });
+        out.push(BuildSecret {
+            id,
+            data,
+            name: String::new(),
+        });
     }
     Ok(out)
 }
@@ -262,6 +277,8 @@ mod tests {
         std::fs::write(&big, vec![0u8; 600 << 10]).unwrap();
         let e = secrets(&[format!("id=big,src={}", big.display())]).unwrap_err();
         assert!(e.to_string().contains("over the limit"), "{e}");
+        let s = secrets(&["id=db,name=dbpw".into()]).unwrap();
+        assert_eq!((s[0].name.as_str(), s[0].data.len()), ("dbpw", 0));
         assert!(secrets(&["src=/x".into()]).is_err());
         assert!(secrets(&["id=a,color=red".into()]).is_err());
     }
