@@ -8,6 +8,7 @@ mod addurl;
 mod api;
 mod build;
 pub mod bundle;
+pub mod cgroup_tune;
 mod commit;
 mod convert;
 mod copy;
@@ -108,6 +109,14 @@ pub struct Config {
     /// `None` (the default): not served.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Give the host's cgroup2 mount `favordynmods` at start ([`cgroup_tune`]): container
+    /// starts skip an RCU grace period each.
+    #[serde(default = "yes")]
+    pub cgroup_favor_dynmods: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// WireGuard's usual port, used unless `--wg-port` says otherwise.
@@ -216,6 +225,9 @@ pub async fn run(
         std::time::Duration::from_secs(5),
     ));
     let images = rudder_image::store::ImageStore::open(&cfg.data_dir.join("images"))?;
+    if cfg.cgroup_favor_dynmods {
+        cgroup_tune::favor_dynmods_or_warn();
+    }
     let mut cli = runtime::pick_runtime(&cfg.runtime, cfg.runtime_root.clone());
     if let Err(e) = runtime::memory_state(&cli) {
         if cfg.runtime != "auto" {

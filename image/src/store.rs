@@ -159,6 +159,34 @@ impl ImageStore {
         fs::read(&path).map_err(|e| ImageError::io_path("read", &path, e))
     }
 
+    /// A manifest (or index) by tag or digest, with its media type (empty when read locally:
+    /// the bytes say it) and digest. A tag is always asked of the registry, since tags move;
+    /// content named by digest never changes, so a manifest already here and intact is read
+    /// from disk, and starting a task pinned to a digest costs no round trip.
+    async fn manifest(
+        &self,
+        client: &RegistryClient,
+        repo: &str,
+        reference: &str,
+    ) -> Result<(String, Vec<u8>, String)> {
+        if digest::validate(reference).is_ok() && self.has_blob(reference) {
+            if let Ok(bytes) = self.read_blob(reference) {
+                if digest::of_bytes(&bytes) == reference {
+                    debug!(digest = reference, "manifest found locally");
+                    return Ok((String::new(), bytes, reference.to_string()));
+                }
+                warn!(
+                    digest = reference,
+                    "stored manifest does not match its digest; fetching it again"
+                );
+                if let Ok(path) = self.blob_path(reference) {
+                    let _ = fs::remove_file(path);
+                }
+            }
+        }
+        client.get_manifest(repo, reference).await
+    }
+
     /// Pulls an image: resolves an index to this platform's manifest, fetches the config and the
     /// layers that are missing, and unpacks each layer once.
     #[instrument(skip(self, client), fields(registry = client.base(), image = %reference))]
@@ -180,8 +208,9 @@ impl ImageStore {
         _held: &tokio::sync::OwnedRwLockReadGuard<()>,
     ) -> Result<PulledImage> {
         let repo = reference.repository.as_str();
-        let (mut media_type, mut bytes, mut manifest_digest) =
-            client.get_manifest(repo, reference.reference_str()).await?;
+        let (mut media_type, mut bytes, mut manifest_digest) = self
+            .manifest(client, repo, reference.reference_str())
+            .await?;
         let mut depth = 0;
         while ManifestKind::detect(&media_type, &bytes)? == ManifestKind::Index {
             depth += 1;
@@ -197,7 +226,7 @@ impl ImageStore {
             })?;
             debug!(digest = %chosen.digest, platform = ?chosen.platform, "index resolved");
             (media_type, bytes, manifest_digest) =
-                client.get_manifest(repo, &chosen.digest).await?;
+                self.manifest(client, repo, &chosen.digest).await?;
         }
         let manifest = Manifest::parse(&bytes)?;
         self.write_blob(&manifest_digest, &bytes)?;

@@ -24,6 +24,7 @@ struct Registry {
     manifests: HashMap<(String, String), (String, Vec<u8>)>,
     uploads: u64,
     blob_gets: u64,
+    manifest_gets: u64,
 }
 
 type Shared = Arc<Mutex<Registry>>;
@@ -98,6 +99,7 @@ async fn handle(
                 .insert((repo.to_string(), digest), (media_type, body.to_vec()));
             return StatusCode::CREATED.into_response();
         }
+        reg.manifest_gets += 1;
         return match reg.manifests.get(&key) {
             Some((mt, bytes)) => ([("content-type", mt.clone())], bytes.clone()).into_response(),
             None => error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
@@ -179,12 +181,28 @@ async fn import_then_pull_fetches_only_what_is_missing() {
     assert_eq!(again.bytes_fetched, 0);
     assert_eq!(again.layers, pulled.layers);
     assert_eq!(reg.lock().unwrap().blob_gets, 2);
-    // Pinning by digest resolves to the same image.
+    // Pinning by digest resolves to the same image, without asking the registry: content
+    // by digest never changes (a tag is asked every time: it moves).
+    let asked = reg.lock().unwrap().manifest_gets;
+    assert_eq!(asked, 2, "one manifest request per pull by tag");
     let pinned = Reference::parse(&format!("lib/busybox@{}", report.manifest_digest)).unwrap();
     assert_eq!(
         store.pull(&client, &pinned).await.unwrap().layers,
         pulled.layers
     );
+    assert_eq!(
+        reg.lock().unwrap().manifest_gets,
+        asked,
+        "pinned: read locally"
+    );
+    // A damaged local manifest is not trusted: it is fetched again and repaired.
+    let hex = report.manifest_digest.strip_prefix("sha256:").unwrap();
+    fs::write(store.root().join("blobs/sha256").join(hex), b"{}").unwrap();
+    assert_eq!(
+        store.pull(&client, &pinned).await.unwrap().layers,
+        pulled.layers
+    );
+    assert_eq!(reg.lock().unwrap().manifest_gets, asked + 1);
     assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
 }
 
