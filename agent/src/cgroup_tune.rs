@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 /// One remount of a cgroup2 mount that lacks `favordynmods`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remount {
+    /// The cgroup2 mount point.
     pub target: PathBuf,
     /// The mount's own flags (`nosuid`, `nodev`, `noexec`, atime and read-only flags).
     pub flags: MsFlags,
@@ -31,10 +32,17 @@ pub struct Remount {
 /// Why the tuning could not be applied (the agent goes on without it).
 #[derive(Debug, thiserror::Error)]
 pub enum TuneError {
+    /// `/proc/self/mountinfo` could not be read.
     #[error("cgroup tuning: read mountinfo: {0}")]
     Read(std::io::Error),
+    /// The kernel refused the remount (before Linux 6.0 it has no `favordynmods`).
     #[error("cgroup tuning: remount {target} with favordynmods: {err}")]
-    Remount { target: String, err: nix::Error },
+    Remount {
+        /// The mount point.
+        target: String,
+        /// The error of `mount(2)`.
+        err: nix::Error,
+    },
 }
 
 /// The remount that gives the host's cgroup2 mount `favordynmods`, or `None` when it has it

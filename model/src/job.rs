@@ -101,6 +101,12 @@ pub fn validate(spec: &ServiceSpec) -> Result<(), ValidationError> {
             }
         }
     }
+    if spec.auto_remove && !spec.mode.is_job() {
+        return Err(ValidationError::new(
+            "auto_remove",
+            "only with mode: replicated-job or global-job (a service runs until it is removed)",
+        ));
+    }
     if spec.mode.is_job() && spec.replicas != 1 {
         return Err(ValidationError::new(
             "replicas",
@@ -131,6 +137,28 @@ impl JobState {
             JobState::Failed => "failed",
         }
     }
+}
+
+/// How long a finished `auto_remove` job is kept: the client that started it (`rctl run
+/// --rm`) reads its output and exit code, then removes it at once; the cluster removes it
+/// only when that client is gone (killed, disconnected), like Docker's daemon-side
+/// `AutoRemove`. Removing it at once would race the client for the job's last output.
+pub const AUTO_REMOVE_GRACE_MS: u64 = 10_000;
+
+/// Whether `service` is an `auto_remove` job that finished (complete or failed) at least
+/// [`AUTO_REMOVE_GRACE_MS`] ago, by its tasks' last reports.
+pub fn auto_remove_due(
+    service: &Service,
+    tasks: &[&Task],
+    nodes: &Map<String, Node>,
+    now: u64,
+) -> bool {
+    if !service.spec.auto_remove {
+        return false;
+    }
+    let finished = progress(service, tasks, nodes).is_some_and(|p| p.state != JobState::Running);
+    let last = tasks.iter().map(|t| t.status.timestamp).max().unwrap_or(0);
+    finished && now.saturating_sub(last) >= AUTO_REMOVE_GRACE_MS
 }
 
 /// The current iteration's progress, as `rctl ps` and `rctl describe` show it.

@@ -670,6 +670,13 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
     let mut rollouts = Vec::new();
     for svc in store.services.values() {
         let tasks = by_service.remove(svc.id.as_str()).unwrap_or_default();
+        if crate::job::auto_remove_due(svc, &tasks, &store.nodes, now) {
+            // Its tasks are forgotten with the service's, once they are seen ended.
+            rollouts.push(Command::RemoveService {
+                name: svc.spec.name.clone(),
+            });
+            continue;
+        }
         let plan = reconcile(svc, &tasks, &store.nodes, now);
         if let Some(reason) = plan.rollback {
             rollouts.push(Command::Rollback {
@@ -692,11 +699,16 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         );
         shutdown.extend(plan.shutdown);
         delete.extend(plan.delete);
+        let pin = store.pinned_digest(&svc.spec.image);
         for slot in plan.create {
-            created.push(new_task(svc, slot, None, now, new_id()));
+            let mut t = new_task(svc, slot, None, now, new_id());
+            t.image_digest.clone_from(&pin);
+            created.push(t);
         }
         for node in plan.create_on {
-            created.push(new_task(svc, 0, Some(node), now, new_id()));
+            let mut t = new_task(svc, 0, Some(node), now, new_id());
+            t.image_digest.clone_from(&pin);
+            created.push(t);
         }
     }
     // Whatever is left belongs to removed services: forget it once finished.
@@ -842,6 +854,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
         networks: Vec::new(),
         created_at: now,
         version: 0,
+        image_digest: None,
     }
 }
 
@@ -912,6 +925,46 @@ mod tests {
             .collect();
         *idx += 1;
         s.apply(*idx, Command::UpdateStatus { updates }).unwrap();
+    }
+
+    #[test]
+    fn new_tasks_are_pinned_to_the_digest_their_tag_names_in_the_cluster_registry() {
+        let (mut s, mut idx) = setup(1, 1);
+        let mut ids = 0;
+        converge(&mut s, &mut idx, 1, &mut ids);
+        let before: Vec<_> = s.tasks.values().map(|t| t.image_digest.clone()).collect();
+        assert_eq!(before, [None], "the tag is not in the registry yet");
+        idx += 1;
+        let image = s.services.values().next().expect("svc").spec.image.clone();
+        let (repo, tag) = image.split_once(':').unwrap_or((&image, "latest"));
+        s.apply(
+            idx,
+            Command::PutImage {
+                repo: repo.into(),
+                tag: Some(tag.into()),
+                record: crate::store::ImageRecord {
+                    digest: "sha256:1234".into(),
+                    media_type: String::new(),
+                },
+            },
+        )
+        .unwrap();
+        let mut spec = s.services.values().next().expect("svc").spec.clone();
+        spec.replicas = 2;
+        idx += 1;
+        s.apply(
+            idx,
+            Command::PutService {
+                id: "svc".into(),
+                spec: Box::new(spec),
+                now: 2,
+            },
+        )
+        .unwrap();
+        converge(&mut s, &mut idx, 2, &mut ids);
+        let t = s.tasks.values().find(|t| t.slot == 2).expect("slot 2");
+        assert_eq!(t.image_digest.as_deref(), Some("sha256:1234"));
+        assert_eq!(t.image_ref(), format!("{image}@sha256:1234"));
     }
 
     fn live(s: &Store) -> Vec<&Task> {

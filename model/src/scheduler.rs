@@ -742,6 +742,7 @@ mod tests {
             networks: Vec::new(),
             created_at: 0,
             version: 0,
+            image_digest: None,
         }
     }
 

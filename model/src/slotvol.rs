@@ -503,6 +503,7 @@ mod tests {
             networks: Vec::new(),
             created_at: 0,
             version: 0,
+            image_digest: None,
         };
         let m = task_mounts(&t);
         assert_eq!(m[0].source, "data-4");

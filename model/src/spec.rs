@@ -71,6 +71,11 @@ pub struct ServiceSpec {
     /// `replicated-job` only: tasks run at a time, at most (Swarm's `max_concurrent`); unset: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallelism: Option<u64>,
+    /// Jobs only: the cluster removes the job once it is complete or failed, after a grace
+    /// for its client to read the result (`crate::job::AUTO_REMOVE_GRACE_MS`). `rctl run
+    /// --rm` sets it and removes the job itself when done; this covers a client that died.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_remove: bool,
     /// Reservations decide placement; limits are enforced by the container's cgroups.
     #[serde(default, skip_serializing_if = "Resources::is_unset")]
     pub resources: Resources,
@@ -964,6 +969,7 @@ impl ServiceSpec {
             mode,
             completions: _,
             parallelism: _,
+            auto_remove: _, // what happens after the job, not how its tasks run
             resources,
             placement,
             healthcheck,
@@ -1330,6 +1336,7 @@ pub(crate) mod tests_support {
             mode: ServiceMode::Replicated,
             completions: None,
             parallelism: None,
+            auto_remove: false,
             resources: Default::default(),
             placement: Default::default(),
             healthcheck: None,

@@ -138,9 +138,23 @@ pub struct Task {
     pub created_at: u64,
     /// Raft index of its last write.
     pub version: u64,
+    /// The manifest digest the spec's image tag named in the cluster registry when the task
+    /// was created ([`Store::pinned_digest`]): the agent pulls by digest, so a start needs no
+    /// registry round trip when the image is already on the host. `None` for images from
+    /// other registries, already pinned, or not (yet) in the cluster registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 impl Task {
+    /// The reference the agent pulls: the spec's image, pinned to [`Task::image_digest`].
+    pub fn image_ref(&self) -> String {
+        match &self.image_digest {
+            Some(d) => format!("{}@{d}", self.spec.image),
+            None => self.spec.image.clone(),
+        }
+    }
+
     /// `SERVICE.SLOT.ID-PREFIX` (global: `SERVICE.NODE-PREFIX.ID-PREFIX`), as `rctl ps` shows it.
     pub fn name(&self) -> String {
         let prefix = |s: &str| s.chars().take(8).collect::<String>();
@@ -1926,6 +1940,30 @@ impl Store {
             .collect()
     }
 
+    /// The digest `image` names in the cluster registry now, when it is a reference to it: no
+    /// registry host (a first component with `.` or `:`, or `localhost`, names another), no
+    /// digest already, and a tag (default `latest`) the registry holds. Pure: the registry's
+    /// tags are replicated in [`Store::images`].
+    pub fn pinned_digest(&self, image: &str) -> Option<String> {
+        if image.contains('@') {
+            return None;
+        }
+        if let Some((first, _)) = image.split_once('/') {
+            if first.contains('.') || first.contains(':') || first == "localhost" {
+                return None;
+            }
+        }
+        let (repo, tag) = match image.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (image, "latest"),
+        };
+        self.images
+            .get(repo)
+            .and_then(|tags| tags.get(tag))
+            .map(|r| r.digest.clone())
+            .filter(|d| d.starts_with("sha256:"))
+    }
+
     /// The tasks of a service (any state).
     pub fn tasks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Task> + 'a {
         self.tasks
@@ -2015,9 +2053,40 @@ mod tests {
             networks: Vec::new(),
             created_at: 1,
             version: 0,
+            image_digest: None,
         }
     }
 
+    #[test]
+    fn a_cluster_registry_tag_pins_to_its_digest_and_nothing_else_does() {
+        let mut store = Store::default();
+        let rec = |d: &str| ImageRecord {
+            digest: d.into(),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        };
+        let mut tags = Map::new();
+        tags.insert("latest".to_string(), rec("sha256:aa"));
+        tags.insert("1.36".to_string(), rec("sha256:bb"));
+        store.images.insert("busybox".to_string(), tags);
+        let mut tags = Map::new();
+        tags.insert("v1".to_string(), rec("sha256:cc"));
+        store.images.insert("team/app".to_string(), tags);
+        for (image, want) in [
+            ("busybox", Some("sha256:aa")),
+            ("busybox:latest", Some("sha256:aa")),
+            ("busybox:1.36", Some("sha256:bb")),
+            ("team/app:v1", Some("sha256:cc")),
+            ("busybox:2", None),
+            ("busybox@sha256:aa", None),
+            ("busybox:latest@sha256:aa", None),
+            ("registry.example:5000/busybox:latest", None),
+            ("localhost/busybox", None),
+            ("10.0.0.1:5000/busybox", None),
+            ("other", None),
+        ] {
+            assert_eq!(store.pinned_digest(image).as_deref(), want, "{image}");
+        }
+    }
     #[test]
     fn join_tokens_written_untyped_by_earlier_builds_still_decode() {
         // A store as an earlier build wrote it (join tokens as free JSON, keys sorted), as

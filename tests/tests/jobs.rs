@@ -2,7 +2,7 @@
 //! time and completes; a failing task is retried per its restart policy (and a job whose
 //! retries run out fails); a global-job runs once on each host; `rctl ps` and `rctl describe`
 //! show the progress; `rctl apply` waits for a job; `rctl run` is a job (`rctl ps` shows it
-//! complete).
+//! complete), and the cluster removes a `--rm` job whose client was killed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -174,5 +174,40 @@ fn jobs_run_to_completion() -> anyhow::Result<()> {
     let ps = lab.rctl(&["ps", "once"])?;
     assert!(ps.contains("once: job complete: 1/1 completed"), "{ps}");
     lab.rctl(&["rm", "once"])?;
+
+    // rctl run --rm whose client is killed mid-run: the cluster removes the job itself once
+    // it has ended and its grace has passed (model::job::AUTO_REMOVE_GRACE_MS).
+    let mut client = std::process::Command::new(rudder_tests::bin("rctl"))
+        .arg("--context")
+        .arg(&lab.lab.context_path)
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "orphan",
+            "busybox:latest",
+            "sleep",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for(Duration::from_secs(30), "orphan started", || {
+        Ok(lab
+            .tasks("orphan")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(|_| ()))
+    })?;
+    client.kill()?;
+    client.wait()?;
+    wait_for(
+        Duration::from_secs(40),
+        "orphan removed by the cluster",
+        || {
+            let ls = lab.rctl(&["ls"])?;
+            Ok((!ls.contains("orphan")).then_some(()))
+        },
+    )?;
     Ok(())
 }

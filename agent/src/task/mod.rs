@@ -275,7 +275,7 @@ async fn step_once(task: &Task, cx: &mut TaskCtx) -> Result<TaskStatus, StepErro
             cx.phase = Phase::Pulling;
             Ok(st(TaskState::Preparing, "pulling image"))
         }
-        Phase::Pulling => match p.images.pull(&task.spec.image).await {
+        Phase::Pulling => match p.images.pull(&task.image_ref()).await {
             Ok(image) => {
                 cx.image = Some(image);
                 cx.phase = Phase::Pulled;

@@ -2,7 +2,8 @@
 //! `docker run`. It is a job of one completion that is never retried (`replicated-job`,
 //! restart `none`: the cluster places, starts, logs and reports it like any task, and `rctl
 //! ps` shows the job complete or failed); rctl streams its output and exits with the
-//! container's exit code. `--rm` removes the job afterwards.
+//! container's exit code. `--rm` removes the job afterwards; the job is also marked
+//! `auto_remove`, so the cluster removes it a little later if this client is killed first.
 
 use std::io::Write;
 use std::time::Duration;
@@ -41,6 +42,10 @@ pub async fn run(ctx: &Context, a: RunArgs<'_>) -> anyhow::Result<i32> {
         "restart": {"condition": "none"},
         "stop_grace_period": 2,
     });
+    if a.rm {
+        // The cluster removes it too, should this client die before it can (see below).
+        spec["auto_remove"] = true.into();
+    }
     if !a.command.is_empty() {
         spec["command"] = serde_json::json!(a.command);
     }

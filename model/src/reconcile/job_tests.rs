@@ -401,3 +401,48 @@ fn a_drained_node_s_job_task_moves_without_counting_as_an_attempt() {
         .unwrap();
     assert_ne!(done.node_id, t.node_id);
 }
+
+#[test]
+fn an_auto_remove_job_is_removed_once_finished_and_its_grace_passed() {
+    use crate::job::AUTO_REMOVE_GRACE_MS;
+    for image in [DONE, BAD] {
+        let mut sim = start(
+            2,
+            job(image, |s| {
+                s.auto_remove = true;
+                s.restart.condition = RestartCondition::None;
+            }),
+        );
+        // (first tick the job was seen finished, first tick it was seen removed)
+        let (mut ended, mut removed) = (None, None);
+        for _ in 0..40 {
+            sim.run(1, |_| {});
+            match sim.s.services.values().next() {
+                Some(_) if prog(&sim.s).state != JobState::Running => {
+                    ended.get_or_insert(sim.now);
+                }
+                Some(_) => assert!(ended.is_none(), "{image}: finished, then running again"),
+                None => {
+                    removed.get_or_insert(sim.now);
+                }
+            }
+        }
+        let (ended, removed) = (ended.expect("finished"), removed.expect("removed"));
+        let kept = removed - ended;
+        assert!(
+            (AUTO_REMOVE_GRACE_MS..=AUTO_REMOVE_GRACE_MS + 2 * TICK).contains(&kept),
+            "{image}: kept {kept} ms after it finished"
+        );
+        assert!(sim.s.tasks.is_empty(), "{image}: its tasks forgotten");
+    }
+}
+
+#[test]
+fn auto_remove_is_for_jobs_only() {
+    let mut sp = spec("web", 1);
+    sp.auto_remove = true;
+    let e = crate::job::validate(&sp).unwrap_err();
+    assert_eq!(e.field, "auto_remove");
+    sp.mode = ServiceMode::ReplicatedJob;
+    crate::job::validate(&sp).unwrap();
+}
