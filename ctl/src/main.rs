@@ -72,7 +72,8 @@ enum Cmd {
     /// Run a one-off container somewhere in the cluster, stream its output and exit with its
     /// exit code (like `docker run`).
     Run {
-        /// Remove it (the one-replica service behind it) when it ends.
+        /// Remove it (the job behind it) when it ends; should this client die first, the
+        /// cluster removes it 10 s after it ended.
         #[arg(long)]
         rm: bool,
         /// Run on this host (hostname, as `rctl node ls` shows it).

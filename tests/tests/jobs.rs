@@ -205,7 +205,7 @@ fn jobs_run_to_completion() -> anyhow::Result<()> {
         Duration::from_secs(40),
         "orphan removed by the cluster",
         || {
-            let ls = lab.rctl(&["ls"])?;
+            let ls = lab.rctl(&["get", "services"])?;
             Ok((!ls.contains("orphan")).then_some(()))
         },
     )?;
