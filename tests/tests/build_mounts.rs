@@ -267,3 +267,50 @@ fn copy_heredocs_parents_exclude_and_checksums() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `sharing=locked`: two builds at once that use the same cache take turns; each RUN would
+/// fail if the other were inside the cache at the same time.
+#[test]
+fn cache_mounts_are_used_one_run_at_a_time() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("bl", 1)?;
+    let mut dirs = Vec::new();
+    for i in 0..2 {
+        let d = tmp.path().join(format!("lock{i}"));
+        fs::create_dir_all(&d)?;
+        fs::write(
+            d.join("Dockerfile"),
+            format!(
+                "FROM busybox:latest\nRUN --mount=type=cache,target=/c,id=turns,sharing=locked \
+                 mkdir /c/busy && sleep 3 && rmdir /c/busy && echo build-{i} > /done\n"
+            ),
+        )?;
+        dirs.push(d.to_str().unwrap().to_string());
+    }
+    let started = std::time::Instant::now();
+    let outs: Vec<anyhow::Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let lab = &lab;
+                let tag = format!("turns:{i}");
+                s.spawn(move || build(lab, &["-t", &tag, "--no-cache", d]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("build thread"))
+            .collect()
+    });
+    let outs: Vec<String> = outs.into_iter().collect::<anyhow::Result<_>>()?;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(6),
+        "the RUNs overlapped: {outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .any(|o| o.contains(" ---> waiting for cache \"turns\"")),
+        "{outs:?}"
+    );
+    Ok(())
+}
