@@ -164,6 +164,15 @@ pub fn state_families(store: &Store, status: &RaftStatus, reg: &mut Registry) {
         "Services in the store by mode",
     );
     let mut modes: BTreeMap<String, i64> = BTreeMap::new();
+    // One pass over the tasks: (meant to run, meant to and running) per service id.
+    let mut replicas: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for t in store.tasks.values() {
+        if t.desired_state == TaskState::Running {
+            let r = replicas.entry(t.service_id.as_str()).or_default();
+            r.0 += 1;
+            r.1 += i64::from(t.status.state == TaskState::Running);
+        }
+    }
     for s in store.services.values() {
         let name = s.spec.name.as_str();
         let mode = serde_json::to_value(s.spec.mode)
@@ -171,10 +180,7 @@ pub fn state_families(store: &Store, status: &RaftStatus, reg: &mut Registry) {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         *modes.entry(mode.clone()).or_default() += 1;
-        let tasks_of = || store.tasks.values().filter(move |t| t.service_id == s.id);
-        let wanted = tasks_of()
-            .filter(|t| t.desired_state == TaskState::Running)
-            .count() as i64;
+        let (wanted, up) = replicas.get(s.id.as_str()).copied().unwrap_or_default();
         let want = if s.spec.mode.is_global() {
             wanted
         } else {
@@ -183,11 +189,6 @@ pub fn state_families(store: &Store, status: &RaftStatus, reg: &mut Registry) {
         desired
             .get_or_create(&labels(&[("service", name), ("mode", &mode)]))
             .set(want);
-        let up = tasks_of()
-            .filter(|t| {
-                t.desired_state == TaskState::Running && t.status.state == TaskState::Running
-            })
-            .count() as i64;
         running.get_or_create(&labels(&[("service", name)])).set(up);
         let current = s.update_status.as_ref().map(|u| u.state);
         for st in ROLLOUT_STATES {
@@ -515,17 +516,22 @@ mod tests {
         }
         let web = service("s1", "web", 3, Some(UpdateState::Updating));
         let db = service("s2", "db", 1, None);
+        let mut mon = service("s3", "mon", 0, None);
+        mon.spec.mode = rudder_model::spec::ServiceMode::Global;
         for t in [
             task("t1", &web, TaskState::Running, TaskState::Running),
             task("t2", &web, TaskState::Running, TaskState::Running),
             task("t3", &web, TaskState::Running, TaskState::Pending),
             task("t4", &web, TaskState::Shutdown, TaskState::Running),
             task("t5", &db, TaskState::Running, TaskState::Failed),
+            task("t6", &mon, TaskState::Running, TaskState::Running),
+            task("t7", &mon, TaskState::Running, TaskState::Preparing),
         ] {
             s.tasks.insert(t.id.clone(), t);
         }
         s.services.insert(web.id.clone(), web);
         s.services.insert(db.id.clone(), db);
+        s.services.insert(mon.id.clone(), mon);
         s
     }
 
@@ -557,6 +563,9 @@ mod tests {
             (r#"rudder_manager_service_rollout{service="web",state="paused"} 0"#),
             (r#"rudder_manager_service_rollout{service="db",state="updating"} 0"#),
             (r#"rudder_manager_services{mode="replicated"} 2"#),
+            (r#"rudder_manager_services{mode="global"} 1"#),
+            (r#"rudder_manager_service_desired_replicas{service="mon",mode="global"} 2"#),
+            (r#"rudder_manager_service_running_replicas{service="mon"} 1"#),
             ("rudder_raft_leader 1"),
             ("rudder_raft_has_leader 1"),
             ("rudder_raft_term 7"),
