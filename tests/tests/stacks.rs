@@ -328,3 +328,52 @@ fn depends_on_holds_dependents_until_their_dependencies_are_ready() -> anyhow::R
     lab.rctl(&["stack", "rm", "dep"])?;
     Ok(())
 }
+
+const BUILT: &str = r#"services:
+  app:
+    build:
+      context: ./app
+      dockerfile: build/Dockerfile
+      target: final
+      args:
+        GREETING: hello-from-compose
+    command: ["sleep", "1000000"]
+    stop_grace_period: 1s
+"#;
+
+const DOCKERFILE: &str = "FROM busybox:latest AS base\nARG GREETING=unset\nRUN echo \"$GREETING\" > /greeting\nFROM base AS final\nRUN echo final > /stage\nFROM base AS other\nRUN echo other > /stage\n";
+
+/// `build:` on a real lab: `stack deploy` builds the image (context, dockerfile, target, args)
+/// into the cluster registry through `rctl build` and pins the service to the built digest.
+#[test]
+fn build_in_a_compose_file_is_built_and_pinned_by_digest() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("sb", 1)?;
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("app/build"))?;
+    std::fs::write(dir.join("app/build/Dockerfile"), DOCKERFILE)?;
+    std::fs::write(dir.join("compose.yaml"), BUILT)?;
+    let file = dir.join("compose.yaml");
+    let file = file.to_str().context("utf-8 path")?;
+
+    let config = lab.rctl(&["stack", "config", "-c", file, "bs"])?;
+    assert!(config.contains("image: bs-app:latest"), "{config}");
+    let out = lab.rctl(&["stack", "deploy", "--detach", "-c", file, "bs"])?;
+    assert!(out.contains("Successfully built sha256:"), "{out}");
+    let digest = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Successfully built "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("the digest")?
+        .to_string();
+    let task = running_one(&lab, "bs-app")?;
+    assert_eq!(task["image"], format!("bs-app@{digest}"), "{task}");
+    let (ok, greeting) = exec(&lab, &task, &["cat", "/greeting", "/stage"])?;
+    assert!(ok, "{greeting}");
+    assert_eq!(greeting, "hello-from-compose\nfinal\n");
+
+    // The same files again: the build is cached and the same digest, so nothing changes.
+    let again = lab.rctl(&["stack", "deploy", "--detach", "-c", file, "bs"])?;
+    assert!(again.contains("service/bs-app unchanged"), "{again}");
+    lab.rctl(&["stack", "rm", "bs"])?;
+    Ok(())
+}

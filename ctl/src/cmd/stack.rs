@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
+
 use rudder_model::compose::{self, Source, SERVICE_LABEL, STACK_LABEL};
 use rudder_model::manifest::Manifest;
 use rudder_model::stack::Stack;
@@ -41,9 +43,32 @@ fn read_limited(p: &Path) -> Result<String, String> {
     std::fs::read_to_string(p).map_err(|e| e.to_string())
 }
 
+/// The directory relative paths start from: the first compose file's.
+fn project_dir(files: &[PathBuf]) -> PathBuf {
+    files
+        .first()
+        .and_then(|f| f.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
 /// Converts the compose files (the first one's directory holds `.env` and is what relative
-/// paths start from), printing one `warning:` line per key not honoured.
+/// paths start from), printing one `warning:` line per key not honoured. Images to build are
+/// refused: only `rctl stack deploy` builds them.
 pub fn load(files: &[PathBuf], stack: &str) -> anyhow::Result<Vec<Manifest>> {
+    let s = load_stack(files, stack)?;
+    if let Some(b) = s.builds.first() {
+        anyhow::bail!(
+            "services.{}.build: images are built by `rctl stack deploy` (one compose file, \
+             or `rctl stack deploy -c FILE… NAME`)",
+            b.compose_name
+        );
+    }
+    Ok(s.manifests)
+}
+
+/// [`load`], with the images to build.
+pub fn load_stack(files: &[PathBuf], stack: &str) -> anyhow::Result<compose::Stack> {
     let mut sources = Vec::new();
     for f in files {
         let text = read_limited(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
@@ -52,11 +77,7 @@ pub fn load(files: &[PathBuf], stack: &str) -> anyhow::Result<Vec<Manifest>> {
             text,
         });
     }
-    let root = files
-        .first()
-        .and_then(|f| f.parent())
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let root = project_dir(files);
     let dotenv_path = root.join(".env");
     let dotenv = if dotenv_path.exists() {
         Some(
@@ -77,13 +98,73 @@ pub fn load(files: &[PathBuf], stack: &str) -> anyhow::Result<Vec<Manifest>> {
     for w in &stack.warnings {
         eprintln!("warning: {w}");
     }
-    Ok(stack.manifests)
+    Ok(stack)
 }
 
-/// `rctl stack config`: the resolved manifests, as `rctl apply -f` reads them.
+/// `rctl stack config`: the resolved manifests, as `rctl apply -f` reads them (images to build
+/// are named by their tag; `stack deploy` pins them to the built digest).
 pub fn config(files: &[PathBuf], stack: &str) -> anyhow::Result<()> {
-    print!("{}", compose::to_yaml(&load(files, stack)?));
+    let s = load_stack(files, stack)?;
+    for b in &s.builds {
+        println!(
+            "# services.{}.build: {} is built from {} by `rctl stack deploy`",
+            b.compose_name, b.tag, b.context
+        );
+    }
+    print!("{}", compose::to_yaml(&s.manifests));
     Ok(())
+}
+
+/// Builds `b` through `rctl build` (its progress printed) and returns the reference that pins
+/// the built image: `REPOSITORY@DIGEST`.
+async fn build_image(
+    ctx: &Context,
+    root: &Path,
+    b: &compose::build::Build,
+) -> anyhow::Result<String> {
+    let dir = root.join(&b.context);
+    let args = super::build::BuildArgs {
+        tag: b.tag.clone(),
+        file: b.dockerfile.as_ref().map(|d| dir.join(d)),
+        build_args: b
+            .args
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={v}"),
+                None => k.clone(),
+            })
+            .collect(),
+        secrets: Vec::new(),
+        no_cache: false,
+        target: b.target.clone(),
+        node: None,
+        allow_cluster_urls: false,
+        quiet: false,
+        dir,
+    };
+    eprintln!("building {} for service {}", b.tag, b.compose_name);
+    super::build::run(ctx, &args)
+        .await
+        .map_err(|e| e.context(format!("services.{}.build", b.compose_name)))?;
+    let r = rudder_image::Reference::parse(&b.tag)?;
+    let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
+    let mut client = crate::connect(ctx).await?;
+    let images = client
+        .list_images(rudder_proto::v1::ListImagesRequest {
+            all: false,
+            node: String::new(),
+        })
+        .await
+        .map_err(crate::status_err)?
+        .into_inner()
+        .images;
+    let digest = images
+        .iter()
+        .find(|i| i.repository == r.repository && i.tag == tag)
+        .map(|i| i.digest.clone())
+        .with_context(|| format!("{}: built, but not found in the registry", b.tag))?;
+    let host = r.registry.map(|h| format!("{h}/")).unwrap_or_default();
+    Ok(format!("{host}{}@{digest}", r.repository))
 }
 
 /// `rctl stack deploy`: converts, then deploys the manifests as the stack's new version (and
@@ -95,7 +176,21 @@ pub async fn deploy(
     detach: bool,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let manifests = load(files, stack)?;
+    let loaded = load_stack(files, stack)?;
+    let mut manifests = loaded.manifests;
+    // Images first: each built service is pinned to its image's digest, so the stack's version
+    // names exactly what runs (and a rollback returns to the previous build).
+    let root = project_dir(files);
+    for b in &loaded.builds {
+        let pinned = build_image(ctx, &root, b).await?;
+        for m in &mut manifests {
+            if let Manifest::Service(s) = m {
+                if s.name == b.service {
+                    s.image = pinned.clone();
+                }
+            }
+        }
+    }
     let base = files.first().cloned().unwrap_or_default();
     let docs = manifests.into_iter().map(|m| (base.clone(), m)).collect();
     let apply = super::apply::request(docs)?;

@@ -19,6 +19,7 @@
 //! drop); every error names the compose key path (`services.web.ports[1]`) and, when found, the
 //! line in the file that holds it.
 
+pub mod build;
 mod depends;
 pub mod interpolate;
 mod service;
@@ -100,6 +101,9 @@ pub struct Stack {
     pub manifests: Vec<Manifest>,
     /// One line per key not honoured (without a `warning:` prefix).
     pub warnings: Vec<String>,
+    /// Images `rctl stack deploy` builds first (`build:`); each service's image is then
+    /// pinned to its build's digest.
+    pub builds: Vec<build::Build>,
 }
 
 /// Whether a YAML text looks like a compose file rather than a Rudder manifest: a mapping with
@@ -244,11 +248,13 @@ pub fn convert(input: &Input) -> Result<Stack, ComposeError> {
         configs: BTreeMap::new(),
         default_used: false,
         depends: BTreeMap::new(),
+        builds: Vec::new(),
     };
     let out = cx.convert(&root)?;
     Ok(Stack {
         manifests: out,
         warnings: cx.warnings,
+        builds: cx.builds,
     })
 }
 
@@ -439,6 +445,8 @@ pub(crate) struct Cx<'a> {
     /// Compose service name → its `depends_on`, by compose names (resolved once every service
     /// is converted).
     pub(crate) depends: BTreeMap<String, Vec<crate::depends::Dependency>>,
+    /// Images to build (`build:`), in the services' order.
+    pub(crate) builds: Vec<build::Build>,
 }
 
 impl Cx<'_> {

@@ -182,18 +182,13 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
     let rname = cx.dns(&base, name)?;
     let image = match def.get("image").and_then(scalar) {
         Some(i) => i,
-        None if def.contains_key("build") => {
-            return Err(cx.err(
-                &format!("{base}.build"),
-                "Rudder does not build from a stack yet: build with `rctl build -t IMAGE DIR` \
-                 and set `image:`",
-            ))
-        }
+        // Built by `rctl stack deploy`, stored under this name.
+        None if def.contains_key("build") => format!("{rname}:latest"),
         None => return Err(cx.err(&base, "`image:` is required")),
     };
     let mut seed = Mapping::new();
     seed.insert("name".into(), rname.clone().into());
-    seed.insert("image".into(), image.into());
+    seed.insert("image".into(), image.clone().into());
     let mut spec: ServiceSpec =
         serde_yaml::from_value(Value::Mapping(seed)).map_err(|e| cx.err(&base, e.to_string()))?;
     spec.labels = cx.labels();
@@ -222,10 +217,10 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
         let field = f(&k);
         match k.as_str() {
             "image" | "deploy" => {}
-            "build" => cx.warn(
-                &field,
-                "not built by Rudder's stack deploy yet; `image:` is deployed as it is",
-            ),
+            "build" => {
+                let b = super::build::parse(cx, &field, v, &rname, name, &image)?;
+                cx.builds.push(b);
+            }
             "command" | "entrypoint" => {
                 let words = match v {
                     Value::Null => continue,

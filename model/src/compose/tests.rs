@@ -495,7 +495,8 @@ fn errors_name_the_key_and_line() {
         ("services:\n  web:\n    image: x\n    deploy:\n      mode: sometimes\n", "services.web.deploy.mode", 5, "unknown variant"),
         ("services:\n  web:\n    image: x\n    deploy:\n      update_config:\n        order: sideways\n", "services.web.deploy.update_config.order", 6, "unknown variant"),
         ("services:\n  web:\n    image: x\n    deploy:\n      mode: global\n    volumes: [/anon]\n", "services.web.volumes[0]", 6, "replicated"),
-        ("services:\n  web:\n    build: .\n", "services.web.build", 3, "rctl build"),
+        ("services:\n  web:\n    build: https://github.com/x/y.git\n", "services.web.build", 3, "remote build context"),
+        ("services:\n  web:\n    build:\n      context: .\n      dockerfile: ../Dockerfile\n", "services.web.build.dockerfile", 5, "inside the build context"),
         ("services:\n  web:\n    image: x\n    healthcheck:\n      interval: soon\n      test: [CMD, \"true\"]\n", "services.web.healthcheck.interval", 5, "not a duration"),
         ("services:\n  web:\n    image: x\n    secrets: [missing]\n", "services.web.secrets[0]", 4, "not declared"),
         ("services:\n  web:\n    image: x\n    restart: sometimes\n", "services.web.restart", 4, "expected no"),
@@ -751,4 +752,34 @@ fn depends_on_short_and_long_forms_cycles_and_unknown_services() {
         assert_eq!(e.field, field, "{e}");
         assert!(e.message.contains(message), "{e}");
     }
+}
+
+#[test]
+fn build_short_and_long_forms_name_the_image_to_build() {
+    let text = "services:\n  web_app:\n    build: ./web\n  api:\n    image: registry.local/api:2\n    build:\n      context: api\n      dockerfile: docker/Dockerfile.prod\n      target: runtime\n      args:\n        MODE: prod\n        FROM_ENV:\n      cache_from: [x]\n";
+    let s = run(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(s.builds.len(), 2);
+    let web = &s.builds[0];
+    assert_eq!(
+        (
+            web.service.as_str(),
+            web.compose_name.as_str(),
+            web.tag.as_str()
+        ),
+        ("app-web-app", "web_app", "app-web-app:latest")
+    );
+    assert_eq!(web.context, "./web");
+    assert_eq!(web.dockerfile, None);
+    assert_eq!(service(&s, "app-web-app").image, "app-web-app:latest");
+    let api = &s.builds[1];
+    assert_eq!(api.tag, "registry.local/api:2");
+    assert_eq!(api.context, "api");
+    assert_eq!(api.dockerfile.as_deref(), Some("docker/Dockerfile.prod"));
+    assert_eq!(api.target.as_deref(), Some("runtime"));
+    assert_eq!(api.args["MODE"].as_deref(), Some("prod"));
+    assert_eq!(api.args["FROM_ENV"], None);
+    assert!(s
+        .warnings
+        .iter()
+        .any(|w| w.starts_with("services.api.build.cache_from")));
 }
