@@ -377,3 +377,134 @@ fn build_in_a_compose_file_is_built_and_pinned_by_digest() -> anyhow::Result<()>
     lab.rctl(&["stack", "rm", "bs"])?;
     Ok(())
 }
+
+/// The compose corpus (`tests/fixtures/compose/*/compose.yaml`).
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/compose")
+        .join(name)
+        .join("compose.yaml")
+}
+
+/// Every file of the corpus converts (no cluster needed), with the warnings it should give and
+/// no other.
+#[test]
+fn the_compose_corpus_converts() -> anyhow::Result<()> {
+    for (name, want, warnings) in [
+        (
+            "webdb",
+            &[
+                "name: c-db",
+                "name: c-web",
+                "condition: service_healthy",
+                "target: /run/secrets/app_db_password",
+                "DB_EXPECTED: s3cret-db",
+                "published: 18080",
+            ][..],
+            &["name "][..],
+        ),
+        (
+            "jobs",
+            &[
+                "mode: replicated-job",
+                "mode: global",
+                "condition: service_completed_successfully",
+                "service: c-agent",
+                "name: c-app_conf",
+            ][..],
+            &[][..],
+        ),
+        (
+            "keys",
+            &[
+                "subnet: 10.77.0.0/24",
+                "API_MODE: prod",
+                "LOG_LEVEL: debug",
+                "FROM_SHELL: from-the-shell",
+                "order: start-first",
+                "max_file: 3",
+                "- api-v1",
+                "tier: api",
+                "replicas: 3",
+            ][..],
+            &[
+                "version ",
+                "services.api_server ",
+                "services.api_server.ports[1] ",
+                "services.api_server.volumes[2] ",
+                "services.api_server.container_name ",
+                "services.api_server.restart ",
+            ][..],
+        ),
+    ] {
+        let out = std::process::Command::new(rudder_tests::bin("rctl"))
+            .args(["stack", "config", "-c"])
+            .arg(fixture(name))
+            .arg("c")
+            .env("FROM_SHELL", "from-the-shell")
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stderr}");
+        for w in want {
+            assert!(stdout.contains(w), "{name}: {w:?} in:\n{stdout}");
+        }
+        let got: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warning: "))
+            .collect();
+        assert_eq!(got.len(), warnings.len(), "{name}: {stderr}");
+        for w in warnings {
+            assert!(
+                got.iter().any(|l| l.starts_with(&format!("warning: {w}"))),
+                "{name}: {w:?} in {got:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The corpus on a real lab: the web + database + secret application (both healthchecks read
+/// the secret file; web waits for the database to be healthy) serves what the database
+/// answered, and the jobs file starts its app only after its migration completed.
+#[test]
+fn the_compose_corpus_deploys() -> anyhow::Result<()> {
+    let (lab, _tmp) = lab_with_busybox("sc", 2)?;
+    let webdb = fixture("webdb");
+    let webdb = webdb.to_str().context("utf-8 path")?;
+    lab.rctl(&["stack", "deploy", "--timeout", "120", "-c", webdb, "webdb"])?;
+    let db = running_one(&lab, "webdb-db")?;
+    assert_eq!(
+        db["state"], "running",
+        "the db's secret-reading healthcheck passed"
+    );
+    let web = wait_for(Duration::from_secs(60), "both web replicas", || {
+        let t = lab.tasks("webdb-web")?;
+        let r = running_tasks(&t);
+        Ok((r.len() == 2).then(|| r[0].clone()))
+    })?;
+    let (ok, body) = exec(&lab, &web, &["wget", "-qO-", "http://127.0.0.1/"])?;
+    assert!(ok && body.contains("db-ok"), "{body}");
+    let (ok, mode) = exec(
+        &lab,
+        &web,
+        &["stat", "-c", "%a", "/run/secrets/app_db_password"],
+    )?;
+    assert!(ok && mode.trim() == "400", "{mode}");
+
+    let jobs = fixture("jobs");
+    let jobs = jobs.to_str().context("utf-8 path")?;
+    lab.rctl(&["stack", "deploy", "--detach", "-c", jobs, "jobs"])?;
+    let app = running_one(&lab, "jobs-app")?;
+    let migrate = lab.tasks("jobs-migrate")?;
+    assert!(
+        migrate.iter().any(|t| t["state"] == "complete"),
+        "app runs only after the migration completed: {migrate:?}"
+    );
+    let (ok, conf) = exec(&lab, &app, &["cat", "/etc/app.conf"])?;
+    assert!(ok && conf == "mode=cluster\n", "{conf}");
+
+    lab.rctl(&["stack", "rm", "jobs"])?;
+    lab.rctl(&["stack", "rm", "webdb"])?;
+    Ok(())
+}
