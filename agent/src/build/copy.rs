@@ -52,20 +52,22 @@ impl CopyFilter {
         }
     }
 
-    /// Whether a pattern excludes `rel` below a source whose path from the root is `src_rel`:
-    /// matched against the path from the root (`docs/*.md`) and from the source (`*.md`),
-    /// as BuildKit matches `--exclude`.
+    /// Whether a pattern excludes `rel` below a source whose path from the root is `src_rel`
+    /// (`rel` empty: the source itself): matched against the path from the root (`docs/*.md`)
+    /// and from the source (`*.md`), as BuildKit matches `--exclude`.
     pub(super) fn excluded(&self, src_rel: &str, rel: &Path) -> bool {
         let Some(ig) = &self.excludes else {
             return false;
         };
         let rel = rel.to_string_lossy();
-        let full = if rel.is_empty() {
-            src_rel.to_string()
-        } else {
-            join_member(src_rel.trim_matches('/'), &rel)
-        };
-        ig.is_excluded(&full) || (!rel.is_empty() && ig.is_excluded(&rel))
+        if rel.is_empty() {
+            // A source itself (a glob's match): by its path or by its name (`*.md` leaves
+            // the `.md` files out of `pkg/*`).
+            let name = src_rel.rsplit('/').next().unwrap_or_default();
+            return ig.is_excluded(src_rel) || ig.is_excluded(name);
+        }
+        let full = join_member(src_rel.trim_matches('/'), &rel);
+        ig.is_excluded(&full) || ig.is_excluded(&rel)
     }
 }
 

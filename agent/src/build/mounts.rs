@@ -445,6 +445,42 @@ mod tests {
     }
 
     #[test]
+    fn copy_parents_and_excludes_pick_sources() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        for f in ["pkg/a/one.txt", "pkg/a/no.md", "docs/x.md", "docs/keep.txt"] {
+            fs::create_dir_all(r.join(f).parent().unwrap()).unwrap();
+            fs::write(r.join(f), f).unwrap();
+        }
+        let names = |srcs: &[&str], f: &CopyFilter| -> Vec<String> {
+            let srcs: Vec<String> = srcs.iter().map(|s| s.to_string()).collect();
+            sources(r, &srcs, 1, false, f)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        let parents = CopyFilter::new(&["*.md".into()], true);
+        assert_eq!(names(&["./pkg/./a/*"], &parents), ["a/one.txt"]);
+        assert_eq!(names(&["pkg/a/one.txt"], &parents), ["pkg/a/one.txt"]);
+        let plain = CopyFilter::default();
+        assert_eq!(names(&["pkg/a/one.txt"], &plain), ["one.txt"]);
+        // Excluded files are not part of the key: changing one changes nothing.
+        let ex = CopyFilter::new(&["*.md".into()], false);
+        let key = hash_sources(r, &["docs".into()], 1, false, &ex).unwrap();
+        fs::write(r.join("docs/x.md"), "changed").unwrap();
+        assert_eq!(
+            hash_sources(r, &["docs".into()], 1, false, &ex).unwrap(),
+            key
+        );
+        fs::write(r.join("docs/keep.txt"), "changed").unwrap();
+        assert_ne!(
+            hash_sources(r, &["docs".into()], 1, false, &ex).unwrap(),
+            key
+        );
+    }
+
+    #[test]
     fn secrets_are_checked() {
         let s = |id: &str, n: usize| rudder_proto::v1::BuildSecret {
             id: id.into(),
