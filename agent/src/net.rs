@@ -539,6 +539,10 @@ struct Applied {
     peers: Vec<WgPeer>,
     /// The last pass had no network to plan and found nothing of an earlier one to remove.
     host_clean: bool,
+    /// The map the last full pass applied without error: while it stays the same, a pass
+    /// woken by the local bridge (a task joining or leaving it) only redoes the nftables
+    /// table, the one thing bridge members change.
+    map: Option<NetworkMap>,
 }
 
 /// This host's side of the overlay networks: it makes the host match the last network map.
@@ -694,12 +698,29 @@ impl Overlay {
             let map = rx.borrow_and_update().clone();
             if let Some(map) = map {
                 let start = std::time::Instant::now();
-                match self.apply(&map, &mut applied).await {
+                // A burst of bridge starts wakes this loop once per task: observing and
+                // planning the host each time (every link, address and route, a cost that
+                // grows with the bridge's veths) competed with the starts for the CPU.
+                let bridge_only = applied.map.as_ref() == Some(&map);
+                let r = if bridge_only {
+                    self.apply_bridge_rules(&map, &mut applied).await
+                } else {
+                    applied.map = None;
+                    self.apply(&map, &mut applied).await
+                };
+                match r {
                     Ok(()) => {
-                        debug!(ms = start.elapsed().as_millis() as u64, "overlay applied");
-                        self.applied_tx.send_replace(Some(map));
+                        debug!(
+                            ms = start.elapsed().as_millis() as u64,
+                            bridge_only, "overlay applied"
+                        );
+                        if !bridge_only {
+                            applied.map = Some(map.clone());
+                            self.applied_tx.send_replace(Some(map));
+                        }
                     }
                     Err(e) => {
+                        applied.map = None;
                         warn!(%e, "overlay: applying the network map failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         rx.mark_changed();
@@ -729,6 +750,26 @@ impl Overlay {
         *self.key.lock().expect("key lock") = (key.clone(), epoch);
         self.key_tx.send_replace((key.public.to_base64(), epoch));
         Ok(Some(key))
+    }
+
+    /// The pass for a change of the local bridge's members under an unchanged map: the
+    /// nftables table (their published ports, forwarding) and nothing else of the host.
+    async fn apply_bridge_rules(
+        &self,
+        map: &NetworkMap,
+        applied: &mut Applied,
+    ) -> Result<(), NetError> {
+        let bridge = self.local_bridge();
+        if bridge.is_none() && applied.nft.is_empty() {
+            return Ok(());
+        }
+        let forward_drop = self.enable_forwarding();
+        let table = ruleset(map, &wg_name(&self.node_id), bridge.as_ref(), forward_drop);
+        if table != applied.nft {
+            self.net.load_nft(&table).await?;
+            applied.nft = table;
+        }
+        Ok(())
     }
 
     async fn apply(&self, map: &NetworkMap, applied: &mut Applied) -> Result<(), NetError> {
@@ -943,7 +984,11 @@ impl Overlay {
     /// uses the bridge.
     fn local_bridge(&self) -> Option<LocalBridge> {
         let t = self.bridge_table();
-        if t.members.is_empty() {
+        // Kept while the bridge exists, members or not (as Docker keeps docker0's rules): a
+        // table that came and went with its first and last member was loaded twice for every
+        // lone `rctl run --network bridge`, on its start path.
+        let made = self.bridge_made.load(std::sync::atomic::Ordering::Relaxed);
+        if t.members.is_empty() && !made {
             return None;
         }
         Some(LocalBridge {
