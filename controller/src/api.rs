@@ -61,10 +61,18 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
 #[tonic::async_trait]
 impl Control for ControlApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let manifests = convert::manifests(req.into_inner())?;
+        let req = req.into_inner();
+        let dry_run = req.dry_run;
+        let manifests = convert::manifests(req)?;
         let store = self.raft.store();
         let plan = rudder_model::apply::plan(&store, manifests, now_ms(), &mut new_id)
             .map_err(convert::apply_status)?;
+        if dry_run {
+            // The same plan, reported and not proposed: `rctl apply --dry-run`, `rctl diff`.
+            return Ok(Response::new(ApplyResponse {
+                results: plan.results.iter().map(convert::apply_result).collect(),
+            }));
+        }
         for r in &plan.results {
             if r.action != rudder_model::apply::Action::Unchanged {
                 info!(kind = r.kind.as_str(), name = %r.name, action = r.action.as_str(), "apply");

@@ -126,6 +126,20 @@ pub fn apply_result(r: &rudder_model::apply::ApplyResult) -> rudder_proto::v1::A
         kind: r.kind.as_str().into(),
         name: r.name.clone(),
         action: wire::Action::from(r.action).into(),
+        changes: r
+            .changes
+            .iter()
+            .map(|c| {
+                let json = |v: &Option<serde_json::Value>| {
+                    v.as_ref().map(ToString::to_string).unwrap_or_default()
+                };
+                rudder_proto::v1::FieldChange {
+                    path: c.path.clone(),
+                    old_json: json(&c.old),
+                    new_json: json(&c.new),
+                }
+            })
+            .collect(),
     }
 }
 

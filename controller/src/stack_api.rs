@@ -61,9 +61,22 @@ pub(crate) async fn deploy(
     let apply = req
         .apply
         .ok_or_else(|| Status::invalid_argument("stack: no manifests"))?;
+    let dry_run = apply.dry_run;
     let manifests = convert::manifests(apply)?;
-    let plan = stack::deploy_plan(&raft.store(), &req.name, manifests, now_ms(), &mut new_id)
-        .map_err(status)?;
+    let store = raft.store();
+    let plan =
+        stack::deploy_plan(&store, &req.name, manifests, now_ms(), &mut new_id).map_err(status)?;
+    if dry_run {
+        // What the deploy would do; nothing is proposed (`rctl apply --dry-run`, `rctl diff`).
+        let s = store.stacks.get(&req.name);
+        return Ok(DeployStackResponse {
+            results: plan.results.iter().map(convert::apply_result).collect(),
+            removed_services: plan.removed,
+            version: s.map_or(0, |s| s.current.version),
+            previous_version: s.and_then(|s| s.previous.as_ref()).map_or(0, |p| p.version),
+        });
+    }
+    drop(store);
     run(raft, &req.name, plan).await
 }
 

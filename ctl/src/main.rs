@@ -39,7 +39,24 @@ enum Cmd {
         /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Print what would change (created, updated with the fields that change, unchanged)
+        /// and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Print what `rctl apply -f FILE` would change; exit 1 when something would, 0 when
+    /// nothing would, 2 on an error (like `kubectl diff`).
+    Diff {
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print a shell completion script: `source <(rctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print rctl's man page (roff): `rctl man > rctl.1; man ./rctl.1`.
+    Man,
     /// List tasks (all services, or one).
     Ps {
         service: Option<String>,
@@ -640,8 +657,31 @@ fn real_main() -> anyhow::Result<()> {
     match &cli.cmd {
         Cmd::Apply {
             files,
+            dry_run: true,
+            ..
+        } => rt.block_on(cmd::apply::preview(&ctx()?, files)).map(|_| ()),
+        Cmd::Diff { files } => match rt.block_on(cmd::apply::preview(&ctx()?, files)) {
+            Ok(changes) => std::process::exit(i32::from(changes)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(2);
+            }
+        },
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "rctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Cmd::Apply {
+            files,
             detach,
             timeout,
+            dry_run: false,
         } => rt.block_on(cmd::apply::run(
             &ctx()?,
             files,

@@ -104,6 +104,15 @@ pub struct ApplyResult {
     pub name: String,
     /// What applying does to it.
     pub action: Action,
+    /// For an updated service, network or volume: the fields that change (JSON form of the
+    /// spec, see [`crate::diff`]). Empty otherwise (a secret's value is never shown).
+    pub changes: Vec<crate::diff::Change>,
+}
+
+/// The field changes from `old` to `new` in their JSON form.
+fn spec_changes<T: serde::Serialize>(old: &T, new: &T) -> Vec<crate::diff::Change> {
+    let json = |v: &T| serde_json::to_value(v).unwrap_or(serde_json::Value::Null);
+    crate::diff::diff(&json(old), &json(new))
 }
 
 /// What an apply does: one result per object (volumes the services mount and nobody declared
@@ -152,11 +161,12 @@ pub fn plan(
 ) -> Result<Plan, ApplyError> {
     let mut results = Vec::new();
     let mut cmds = Vec::new();
-    let mut push = |kind: Kind, name: &str, action: Action| {
+    let mut push = |kind: Kind, name: &str, action: Action, changes| {
         results.push(ApplyResult {
             kind,
             name: name.to_string(),
             action,
+            changes,
         })
     };
     for put in m.secrets {
@@ -165,20 +175,20 @@ pub fn plan(
             ObjectKind::Config => Kind::Config,
         };
         let action = secret_action(store, &put);
-        push(kind, &put.name, action);
+        push(kind, &put.name, action, Vec::new());
         if action != Action::Unchanged {
             cmds.push(secret_command(put, now));
         }
     }
     for spec in m.networks {
-        let action = match store.networks.get(&spec.name) {
-            None => Action::Created,
+        let (action, changes) = match store.networks.get(&spec.name) {
+            None => (Action::Created, Vec::new()),
             Some(n) if n.spec.labels == spec.labels && n.spec.same_shape(&spec) => {
-                Action::Unchanged
+                (Action::Unchanged, Vec::new())
             }
-            Some(_) => Action::Updated,
+            Some(n) => (Action::Updated, spec_changes(&n.spec, &spec)),
         };
-        push(Kind::Network, &spec.name, action);
+        push(Kind::Network, &spec.name, action, changes);
         if action != Action::Unchanged {
             cmds.push(Command::PutNetwork {
                 id: new_id(),
@@ -188,12 +198,12 @@ pub fn plan(
         }
     }
     for spec in &m.volumes {
-        let action = match store.volumes.get(&spec.name) {
-            None => Action::Created,
-            Some(v) if v.spec == *spec => Action::Unchanged,
-            Some(_) => Action::Updated,
+        let (action, changes) = match store.volumes.get(&spec.name) {
+            None => (Action::Created, Vec::new()),
+            Some(v) if v.spec == *spec => (Action::Unchanged, Vec::new()),
+            Some(v) => (Action::Updated, spec_changes(&v.spec, spec)),
         };
-        push(Kind::Volume, &spec.name, action);
+        push(Kind::Volume, &spec.name, action, changes);
         if action != Action::Unchanged {
             cmds.push(Command::PutVolume {
                 spec: spec.clone(),
@@ -215,7 +225,7 @@ pub fn plan(
         }
     }
     for v in implicit {
-        push(Kind::Volume, v, Action::Created);
+        push(Kind::Volume, v, Action::Created, Vec::new());
     }
     // Checked against the store as it will be once the objects above are in it.
     let mut dry = store.clone();
@@ -232,12 +242,12 @@ pub fn plan(
             dry.services.get(&spec.name).map(|s| &s.spec),
             &mut resolved,
         );
-        let action = match dry.services.get(&spec.name) {
-            None => Action::Created,
-            Some(s) if s.spec == resolved => Action::Unchanged,
-            Some(_) => Action::Updated,
+        let (action, changes) = match dry.services.get(&spec.name) {
+            None => (Action::Created, Vec::new()),
+            Some(s) if s.spec == resolved => (Action::Unchanged, Vec::new()),
+            Some(s) => (Action::Updated, spec_changes(&s.spec, &resolved)),
         };
-        push(Kind::Service, &spec.name, action);
+        push(Kind::Service, &spec.name, action, changes);
         if action != Action::Unchanged {
             let cmd = Command::PutService {
                 id: new_id(),
@@ -330,6 +340,22 @@ mod tests {
         let p = plan(&store, m, 8, &mut ids()).unwrap();
         assert!(p.command.is_none());
         assert!(p.results.iter().all(|r| r.action == Action::Unchanged));
+    }
+
+    #[test]
+    fn an_updated_service_says_which_fields_change() {
+        let store = with_back();
+        let mut db = spec("db", &["postgres"]);
+        db.image = "y".into();
+        db.replicas = 3;
+        let m = Manifests {
+            services: vec![db],
+            ..Default::default()
+        };
+        let p = plan(&store, m, 8, &mut ids()).unwrap();
+        let changes: Vec<String> = p.results[0].changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(p.results[0].action, Action::Updated);
+        assert_eq!(changes, vec![r#"image: "x" -> "y""#, "replicas: 1 -> 3"]);
     }
 
     #[test]

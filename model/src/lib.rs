@@ -8,6 +8,7 @@ pub mod apply;
 pub mod autoscale;
 pub mod compose;
 pub mod depends;
+pub mod diff;
 pub mod duration;
 pub mod health;
 pub mod job;

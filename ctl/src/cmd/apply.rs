@@ -14,12 +14,16 @@ use crate::convert::{
 use rudder_model::apply::Action;
 use rudder_model::job::JobState;
 
-pub async fn run(
-    ctx: &Context,
-    files: &[PathBuf],
-    detach: bool,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
+/// What the files of an apply hold.
+enum Loaded {
+    /// One compose file alone: a stack deploy of that stack name.
+    Stack(String),
+    /// Manifest documents, each with the file it came from.
+    Docs(Vec<(PathBuf, Manifest)>),
+}
+
+/// Reads and parses every file (`-` is stdin) before anything is sent.
+fn load(files: &[PathBuf]) -> anyhow::Result<Loaded> {
     let mut docs = Vec::new();
     for f in files {
         let (name, text) = if f.as_os_str() == "-" {
@@ -44,7 +48,7 @@ pub async fn run(
             eprintln!("{name}: a compose file, deployed as stack {stack:?}");
             if files.len() == 1 {
                 // Alone, it is a stack deploy (a stack object, so `stack rollback` works).
-                return crate::cmd::stack::deploy(ctx, files, &stack, detach, timeout).await;
+                return Ok(Loaded::Stack(stack));
             }
             for m in crate::cmd::stack::load(std::slice::from_ref(f), &stack)? {
                 docs.push((f.clone(), m));
@@ -55,7 +59,95 @@ pub async fn run(
             docs.push((f.clone(), m));
         }
     }
-    apply_manifests(ctx, docs, detach, timeout).await
+    Ok(Loaded::Docs(docs))
+}
+
+pub async fn run(
+    ctx: &Context,
+    files: &[PathBuf],
+    detach: bool,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    match load(files)? {
+        Loaded::Stack(stack) => {
+            crate::cmd::stack::deploy(ctx, files, &stack, detach, timeout).await
+        }
+        Loaded::Docs(docs) => apply_manifests(ctx, docs, detach, timeout).await,
+    }
+}
+
+/// `rctl apply --dry-run` and `rctl diff`: asks the controller what applying `files` would do
+/// (the same plan, not proposed) and prints it, with the fields each updated object changes.
+/// Returns whether anything would change.
+pub async fn preview(ctx: &Context, files: &[PathBuf]) -> anyhow::Result<bool> {
+    let mut client = crate::connect(ctx).await?;
+    let (results, removed) = match load(files)? {
+        Loaded::Stack(stack) => {
+            let manifests = crate::cmd::stack::load(files, &stack)?;
+            let base = files.first().cloned().unwrap_or_default();
+            let docs = manifests.into_iter().map(|m| (base.clone(), m)).collect();
+            let mut apply = request(docs)?;
+            apply.dry_run = true;
+            let resp = client
+                .deploy_stack(rudder_proto::v1::DeployStackRequest {
+                    name: stack,
+                    apply: Some(apply),
+                })
+                .await
+                .map_err(crate::status_err)?
+                .into_inner();
+            (resp.results, resp.removed_services)
+        }
+        Loaded::Docs(docs) => {
+            let mut req = request(docs)?;
+            req.dry_run = true;
+            let resp = client
+                .apply(req)
+                .await
+                .map_err(crate::status_err)?
+                .into_inner();
+            (resp.results, Vec::new())
+        }
+    };
+    let text = preview_text(&results, &removed);
+    print!("{text}");
+    Ok(!removed.is_empty()
+        || results
+            .iter()
+            .any(|r| action(r.action) != Some(Action::Unchanged)))
+}
+
+/// The text of a preview: one line per object, then its changed fields indented, then the
+/// services a stack deploy would remove.
+pub fn preview_text(results: &[rudder_proto::v1::ApplyResult], removed: &[String]) -> String {
+    let mut out = String::new();
+    let json = |s: &str| {
+        if s.is_empty() {
+            "(unset)".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for r in results {
+        out.push_str(&format!(
+            "{}/{} {}\n",
+            r.kind.to_lowercase(),
+            r.name,
+            action_name(r.action)
+        ));
+        for c in &r.changes {
+            out.push_str(&format!(
+                "  {}: {} -> {}\n",
+                c.path,
+                json(&c.old_json),
+                json(&c.new_json)
+            ));
+        }
+    }
+    for s in removed {
+        out.push_str(&format!("service/{s} removed\n"));
+    }
+    out
 }
 
 /// The apply request for `docs` (each with the file it came from, which `file:` paths are
@@ -82,6 +174,7 @@ pub fn request(docs: Vec<(PathBuf, Manifest)>) -> anyhow::Result<ApplyRequest> {
         network_specs_json: networks,
         volume_specs_json: volumes,
         secrets,
+        dry_run: false,
     })
 }
 
@@ -330,5 +423,45 @@ impl Drop for WatchGuard {
         for t in &self.0 {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_proto::v1::{ApplyResult, FieldChange};
+
+    #[test]
+    fn preview_lists_objects_their_changed_fields_and_removals() {
+        let r = |name: &str, a: Action, changes: Vec<FieldChange>| ApplyResult {
+            kind: "Service".into(),
+            name: name.into(),
+            action: rudder_proto::v1::Action::from(a).into(),
+            changes,
+        };
+        let results = vec![
+            r(
+                "web",
+                Action::Updated,
+                vec![
+                    FieldChange {
+                        path: "image".into(),
+                        old_json: r#""a:1""#.into(),
+                        new_json: r#""a:2""#.into(),
+                    },
+                    FieldChange {
+                        path: "command".into(),
+                        old_json: String::new(),
+                        new_json: r#"["sh"]"#.into(),
+                    },
+                ],
+            ),
+            r("db", Action::Unchanged, vec![]),
+        ];
+        assert_eq!(
+            preview_text(&results, &["old".into()]),
+            "service/web updated\n  image: \"a:1\" -> \"a:2\"\n  command: (unset) -> [\"sh\"]\n\
+             service/db unchanged\nservice/old removed\n"
+        );
     }
 }
