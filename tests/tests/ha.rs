@@ -331,11 +331,30 @@ fn five_controllers_survive_losing_two() -> anyhow::Result<()> {
         // 60 s, not 20: on a loaded CI machine a returning controller has been seen to
         // take longer than 20 s (twice in four runs, never in isolation); still under
         // investigation. It must catch up all the same.
-        wait_for(
+        let caught_up = wait_for(
             Duration::from_secs(60),
             "a returning controller catching up",
             || Ok(want.is_subset(&labels(&lab, &urls[i])?).then_some(())),
-        )?;
+        );
+        if let Err(e) = caught_up {
+            // What each controller believes (term, leader, applied index, members), and the
+            // returning one's log tail: the next failure says why instead of only that.
+            let mut why = format!("{e}\n");
+            for (j, u) in urls.iter().enumerate() {
+                let seen = info(&lab, u).map_or_else(|e| e.to_string(), |v| v.to_string());
+                why.push_str(&format!("controller {j}: {seen}\n"));
+            }
+            let log = lab.lab.hosts[i].controller_log();
+            let tail: Vec<String> = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(40)
+                .map(str::to_string)
+                .collect();
+            why.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            anyhow::bail!(why);
+        }
     }
     Ok(())
 }
