@@ -25,11 +25,15 @@ pub struct ControlApi {
     ctx: ApiContext,
     /// Open `WatchTasks` streams, bounded so that watchers cannot pin unbounded memory.
     watches: crate::watch_api::Watches,
+    /// This controller's cluster events (`Events`), following its applied store.
+    events: std::sync::Arc<crate::events_api::EventHub>,
 }
 
 impl ControlApi {
+    /// Also starts following the applied store for `Events` (needs a tokio runtime).
     pub fn new(ctx: ApiContext) -> Self {
         ControlApi {
+            events: crate::events_api::EventHub::start(&ctx.raft),
             ctx,
             watches: Default::default(),
         }
@@ -452,6 +456,15 @@ impl Control for ControlApi {
         crate::stack_api::remove(&self.raft, req.into_inner())
             .await
             .map(Response::new)
+    }
+
+    type EventsStream = crate::events_api::EventStream;
+
+    async fn events(
+        &self,
+        req: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        self.events.subscribe(req.into_inner()).map(Response::new)
     }
 
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {

@@ -19,6 +19,7 @@ mod context;
 mod convert;
 pub use rudder_pki::crypt;
 mod dispatcher;
+mod events_api;
 mod exec_api;
 mod image_api;
 mod image_tags;

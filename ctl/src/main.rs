@@ -190,6 +190,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// What happens in the cluster, live: services, rollouts, tasks (with reasons), nodes,
+    /// leader changes. Each line has its raft index; `--since INDEX` resumes after it.
+    Events {
+        /// Replay from here first: a raft index (42), a time ago (10m) or an RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Stop here (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// KEY=VALUE: service=, node=, type= (service, rollout, node, task, leader),
+        /// event= (created, failed, down, drain, …), task=. Repeatable: one key's values are
+        /// alternatives, different keys must all match.
+        #[arg(short, long = "filter")]
+        filter: Vec<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+    },
     /// Cluster hosts: list, inspect, set availability and labels.
     Node {
         #[command(subcommand)]
@@ -789,6 +806,18 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Stats { service, json } => {
             rt.block_on(cmd::stats::run(&ctx()?, service.as_deref(), *json))
         }
+        Cmd::Events {
+            since,
+            until,
+            filter,
+            output,
+        } => rt.block_on(cmd::events::run(
+            &ctx()?,
+            since.as_deref(),
+            until.as_deref(),
+            filter,
+            *output,
+        )),
         Cmd::Cluster {
             cmd: ClusterCmd::Info { output },
         } => rt.block_on(cmd::cluster::info(&ctx()?, *output)),

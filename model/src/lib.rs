@@ -10,6 +10,7 @@ pub mod compose;
 pub mod depends;
 pub mod diff;
 pub mod duration;
+pub mod events;
 pub mod health;
 pub mod job;
 pub mod manifest;

@@ -30,7 +30,7 @@ fn or_none(s: &str) -> &str {
 }
 
 /// Seconds since the epoch of an RFC 3339 time (`2026-11-23T10:00:00.5Z`, `…+01:00`).
-fn parse_rfc3339(s: &str) -> Option<i64> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<i64> {
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod commit;
 pub mod cp;
 pub mod describe;
+pub mod events;
 pub mod exec;
 pub mod get;
 pub mod image;
