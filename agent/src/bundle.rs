@@ -14,6 +14,8 @@ use rudder_image::ImageConfig;
 use rudder_model::spec::NetworkMode;
 use rudder_model::Task;
 
+pub mod options;
+
 /// Why a container's bundle could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -240,15 +242,15 @@ pub fn write_config(
         .or_else(|| Some(image.working_dir.clone()).filter(|w| !w.is_empty()))
         .unwrap_or_else(|| "/".into());
 
-    let etc = match netns {
-        // The agent wrote these for the task's networks: the embedded DNS, and its address.
-        Some(_) => c
-            .etc_files()
-            .into_iter()
-            .filter(|(_, src)| src.exists())
-            .collect(),
-        None => Vec::new(),
-    };
+    // The agent wrote these for the task's networks (the embedded DNS, and its address); the
+    // service's `dns*` and `extra_hosts` go into them.
+    let etc = options::etc_files(
+        c,
+        s,
+        netns,
+        !task.networks.is_empty(),
+        Path::new("/etc/resolv.conf"),
+    )?;
     let options = SpecOptions {
         argv,
         env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -271,8 +273,10 @@ pub fn write_config(
         etc_readonly: false,
         mounts: task_mounts,
     };
+    let mut spec = spec(&options)?;
+    options::apply(&mut spec, s, Path::new(options::HOST_INIT))?;
     // Private: it holds the task's env.
-    write_spec(&c.config(), &spec(&options)?)
+    write_spec(&c.config(), &spec)
 }
 
 /// What makes a container's OCI spec: the one builder for tasks' containers and build steps'.

@@ -1166,11 +1166,20 @@ impl Overlay {
 
     /// Takes `task` off the local bridge: its namespace, veth and address go.
     pub async fn detach_bridge(&self, task: &Task, dir: &Path) {
-        self.detach_bridge_as(&task.id, dir).await
+        // A task that could change its namespace (capabilities, net.* sysctls) never lends it on.
+        let may_reconfigure = crate::bundle::caps_reconfigure_network()
+            || crate::bundle::options::reconfigures_network(&task.spec);
+        self.detach_bridge_with(&task.id, dir, may_reconfigure)
+            .await
     }
 
     /// [`Overlay::detach_bridge`] by id (see [`Overlay::attach_bridge_as`]).
     pub async fn detach_bridge_as(&self, id: &str, dir: &Path) {
+        self.detach_bridge_with(id, dir, crate::bundle::caps_reconfigure_network())
+            .await
+    }
+
+    async fn detach_bridge_with(&self, id: &str, dir: &Path, may_reconfigure: bool) {
         let t0 = std::time::Instant::now();
         let ns = self.netns_path(id);
         // Off the bridge now (its address may go to the next task right away); the pool
@@ -1187,9 +1196,7 @@ impl Overlay {
             debug!(%e, "detach from the local bridge");
         }
         let t_link = t0.elapsed();
-        self.pool
-            .release(&ns, crate::bundle::caps_reconfigure_network())
-            .await;
+        self.pool.release(&ns, may_reconfigure).await;
         debug!(
             task = %id,
             down_us = t_link.as_micros() as u64,

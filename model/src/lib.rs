@@ -19,6 +19,7 @@ pub mod node;
 pub mod ports;
 pub mod rebalance;
 pub mod reconcile;
+pub mod runtime_options;
 pub mod scheduler;
 pub mod secret;
 pub mod slotvol;

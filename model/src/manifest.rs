@@ -629,4 +629,82 @@ mod tests {
         let e = parse("f.yaml", "kind: Secret\nname: a:1\ndata: x\n").unwrap_err();
         assert_eq!(e.field, "name", "{e}");
     }
+
+    #[test]
+    fn runtime_options_parse_in_both_compose_forms() {
+        let text = "kind: Service\nname: a\nimage: x\nstop_signal: SIGQUIT\ninit: true\n\
+            cap_add: [NET_ADMIN]\ncap_drop: [ALL]\nsysctls:\n  net.core.somaxconn: 1024\n\
+            read_only: true\nulimits:\n  nofile: {soft: 1024, hard: 2048}\n  nproc: 512\n\
+            extra_hosts: [\"db:10.0.0.5\"]\ndns: 10.0.0.53\ndns_search: corp\n\
+            dns_opt: [ndots:2]\nshm_size: 128M\n";
+        let m = parse("svc.yaml", text).unwrap();
+        let Manifest::Service(s) = &m[0] else {
+            panic!("not a service")
+        };
+        assert_eq!(s.stop_signal.as_deref(), Some("SIGQUIT"));
+        assert!(s.init && s.read_only);
+        assert_eq!((s.cap_add.len(), s.cap_drop.len()), (1, 1));
+        assert_eq!(s.sysctls["net.core.somaxconn"], "1024");
+        assert_eq!(
+            (s.ulimits["nofile"].soft, s.ulimits["nofile"].hard),
+            (1024, 2048)
+        );
+        assert_eq!(
+            (s.ulimits["nproc"].soft, s.ulimits["nproc"].hard),
+            (512, 512)
+        );
+        assert_eq!(s.extra_hosts, ["db:10.0.0.5"]);
+        assert_eq!(
+            (s.dns.as_slice(), s.dns_search.as_slice()),
+            (&["10.0.0.53".to_string()][..], &["corp".to_string()][..])
+        );
+        assert_eq!(s.shm_size, 128 << 20);
+    }
+
+    #[test]
+    fn runtime_option_errors_name_line_and_field() {
+        let head = "kind: Service\nname: a\nimage: x\n";
+        for (tail, line, field, frag) in [
+            (
+                "cap_add:\n  - CHOWN\n  - FLY\n",
+                6,
+                "cap_add[1]",
+                "not a Linux capability",
+            ),
+            (
+                "sysctls:\n  kernel.pid_max: 10\n",
+                4,
+                "sysctls.kernel.pid_max",
+                "namespaced",
+            ),
+            (
+                "network_mode: host\nsysctls:\n  net.core.somaxconn: 1\n",
+                5,
+                "sysctls.net.core.somaxconn",
+                "host",
+            ),
+            (
+                "ulimits:\n  nofile: {soft: 1}\n",
+                5,
+                "ulimits.nofile",
+                "soft and hard",
+            ),
+            (
+                "ulimits:\n  nofile: {soft: 9, hard: 1}\n",
+                4,
+                "ulimits.nofile",
+                "above the hard",
+            ),
+            ("stop_signal: SIGNOPE\n", 4, "stop_signal", "not a signal"),
+            ("extra_hosts:\n  - db:x\n", 5, "extra_hosts[0]", "not an IP"),
+            ("dns: [dns.google]\n", 4, "dns[0]", "not an IP"),
+            ("shm_size: lots\n", 4, "shm_size", "unknown unit"),
+            ("privileged: true\n", 4, "privileged", "cap_add"),
+            ("read_only: yes please\n", 4, "read_only", "invalid type"),
+        ] {
+            let e = parse("svc.yaml", &format!("{head}{tail}")).unwrap_err();
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(e.message.contains(frag), "{e}");
+        }
+    }
 }

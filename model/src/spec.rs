@@ -125,6 +125,62 @@ pub struct ServiceSpec {
     /// profile, which otherwise confines every task).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_opt: Vec<String>,
+    /// The signal that asks the task to stop (`SIGINT`, `QUIT`, `15`), then SIGKILL after
+    /// `stop_grace_period`; SIGTERM when unset. See `crate::runtime_options`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    /// Runs a tiny init (tini) as PID 1 that reaps zombies and forwards signals to the command,
+    /// like Docker's `--init`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init: bool,
+    /// Capabilities over Docker's default set (`NET_ADMIN`, `ALL`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities taken from the default set (`ALL`: all but those in `cap_add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// Namespaced kernel parameters set in the container's own namespaces (`net.*`,
+    /// `kernel.shm*`, ...); host-wide ones are refused.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        with = "crate::runtime_options::sysctl_map"
+    )]
+    pub sysctls: BTreeMap<String, String>,
+    /// The root filesystem is mounted read-only (volumes, tmpfs and /dev/shm stay writable).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// Resource limits of the container's processes (`nofile`, `nproc`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ulimits: BTreeMap<String, crate::runtime_options::Ulimit>,
+    /// `HOST:IP` lines added to the container's /etc/hosts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<String>,
+    /// Nameservers for the container's resolv.conf. On overlay networks Rudder's own resolver
+    /// stays first (service discovery); elsewhere they replace the host's.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "crate::runtime_options::one_or_many"
+    )]
+    pub dns: Vec<String>,
+    /// Search domains for the container's resolv.conf (replace the host's).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "crate::runtime_options::one_or_many"
+    )]
+    pub dns_search: Vec<String>,
+    /// Resolver options (`ndots:2`) added to the container's resolv.conf.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_opt: Vec<String>,
+    /// Size of /dev/shm in bytes (`64M`); 0: the runtime's 64 MiB.
+    #[serde(default, with = "bytes", skip_serializing_if = "is_zero")]
+    pub shm_size: u64,
+    /// Refused when true (see `crate::runtime_options::validate`); present so a manifest that
+    /// says it gets a clear refusal rather than "unknown field".
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub privileged: bool,
     /// Probe that gates `running` and replaces unhealthy tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<crate::health::HealthCheck>,
@@ -153,6 +209,10 @@ pub struct ServiceSpec {
 
 fn one() -> u64 {
     1
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn default_grace() -> u64 {
@@ -857,6 +917,7 @@ impl ServiceSpec {
             return Err(ValidationError::new("logging.max_file", "at most 100"));
         }
         self.rollback_config.validate("rollback_config")?;
+        crate::runtime_options::validate(self)?;
         if let Some(a) = &self.autoscale {
             a.validate(self)?;
         }
@@ -984,6 +1045,19 @@ impl ServiceSpec {
             resolved_refs,
             logging,
             security_opt,
+            stop_signal,
+            init,
+            cap_add,
+            cap_drop,
+            sysctls,
+            read_only,
+            ulimits,
+            extra_hosts,
+            dns,
+            dns_search,
+            dns_opt,
+            shm_size,
+            privileged,
             update_config: _,
             rollback_config: _,
             rebalance: _,
@@ -1015,6 +1089,19 @@ impl ServiceSpec {
             && *resolved_refs == other.resolved_refs
             && *logging == other.logging
             && *security_opt == other.security_opt
+            && *stop_signal == other.stop_signal
+            && *init == other.init
+            && *cap_add == other.cap_add
+            && *cap_drop == other.cap_drop
+            && *sysctls == other.sysctls
+            && *read_only == other.read_only
+            && *ulimits == other.ulimits
+            && *extra_hosts == other.extra_hosts
+            && *dns == other.dns
+            && *dns_search == other.dns_search
+            && *dns_opt == other.dns_opt
+            && *shm_size == other.shm_size
+            && *privileged == other.privileged
             && { let _ = endpoint_mode; true } // balancing only: no task changes
             && { let _ = aliases; true } // names in DNS only: no task changes
             && *labels == other.labels
@@ -1343,6 +1430,19 @@ pub(crate) mod tests_support {
             ports: vec![],
             logging: Default::default(),
             security_opt: vec![],
+            stop_signal: None,
+            init: false,
+            cap_add: vec![],
+            cap_drop: vec![],
+            sysctls: Default::default(),
+            read_only: false,
+            ulimits: Default::default(),
+            extra_hosts: vec![],
+            dns: vec![],
+            dns_search: vec![],
+            dns_opt: vec![],
+            shm_size: 0,
+            privileged: false,
             networks: vec![],
             endpoint_mode: Default::default(),
             aliases: vec![],

@@ -515,13 +515,23 @@ async fn run(task: &Task, cx: &mut TaskCtx) -> Result<TaskStatus, StepError> {
     })
 }
 
-/// SIGTERM, then SIGKILL after the task's grace period.
+/// The service's `stop_signal` (validated by the model), else SIGTERM.
+pub fn stop_signal(task: &Task) -> &'static str {
+    task.spec
+        .stop_signal
+        .as_deref()
+        .and_then(rudder_model::runtime_options::signal)
+        .unwrap_or("TERM")
+}
+
+/// The stop signal (SIGTERM unless the service sets `stop_signal`), then SIGKILL after the
+/// task's grace period.
 async fn stop_container(
     p: &Ports,
     task: &Task,
     dir: &std::path::Path,
 ) -> Result<i32, RuntimeError> {
-    let _ = p.runtime.kill(&task.id, "TERM").await;
+    let _ = p.runtime.kill(&task.id, stop_signal(task)).await;
     let grace = Duration::from_secs(task.spec.stop_grace_period);
     tokio::select! {
         r = p.runtime.wait(&task.id, dir) => return r,

@@ -323,6 +323,37 @@ async fn a_stop_sends_term_then_kill_after_the_grace_period() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_sends_the_services_stop_signal() {
+    for (stop_signal, sent, code) in [
+        (Some("SIGINT"), "INT", 130),
+        (Some("quit"), "QUIT", 131),
+        (Some("10"), "USR1", 137),
+        (None, "TERM", 143),
+    ] {
+        let f = Fakes::new(false);
+        let mut t = fake::task("t1");
+        t.spec.stop_signal = stop_signal.map(String::from);
+        t.spec.stop_grace_period = 3;
+        let mut r = Run::start(&f, t, false);
+        while r.next_state().await != s(TaskState::Running, "running") {}
+        r.stop.send_replace(true);
+        let (state, _, _, exit) = r.next().await;
+        assert_eq!(
+            (state, exit),
+            (TaskState::Shutdown, Some(code)),
+            "{stop_signal:?}"
+        );
+        let kills = f.journal.of("runtime.kill");
+        assert_eq!(
+            kills[0],
+            format!("runtime.kill t1 {sent}"),
+            "{stop_signal:?}"
+        );
+        r.end().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_stop_honoured_within_the_grace_period_sends_no_kill() {
     let f = Fakes::new(false);
     let mut r = Run::start(&f, fake::task("t1"), false);

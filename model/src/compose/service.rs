@@ -26,22 +26,9 @@ const CLUSTER_MEANINGLESS: &[&str] = &[
 
 /// Keys a later Rudder may honour: warned, ignored.
 const NOT_YET: &[&str] = &[
-    "stop_signal",
-    "init",
-    "cap_add",
-    "cap_drop",
-    "sysctls",
-    "read_only",
-    "ulimits",
-    "extra_hosts",
-    "dns",
-    "dns_search",
-    "dns_opt",
-    "privileged",
     "devices",
     "pid",
     "ipc",
-    "shm_size",
     "platform",
     "domainname",
     "mac_address",
@@ -440,6 +427,9 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
                     ),
                 }
             }
+            "stop_signal" | "init" | "cap_add" | "cap_drop" | "sysctls" | "read_only"
+            | "ulimits" | "extra_hosts" | "dns" | "dns_search" | "dns_opt" | "shm_size"
+            | "privileged" => runtime_option(cx, &field, k.as_str(), v, &mut spec)?,
             "depends_on" => {
                 let deps = super::depends::parse(cx, &field, v)?;
                 cx.depends.insert(name.to_string(), deps);
@@ -473,7 +463,67 @@ pub(crate) fn convert(cx: &mut Cx, name: &str, def: &Value) -> Result<ServiceSpe
     if !spec.networks.is_empty() && !spec.aliases.contains(&alias) {
         spec.aliases.insert(0, alias);
     }
+    // The runtime options' fields are named as compose names them: point at the key itself.
+    crate::runtime_options::validate(&spec)
+        .map_err(|e| cx.err(&format!("{base}.{}", e.field), e.message))?;
     Ok(spec)
+}
+
+/// The service's container runtime options (`crate::runtime_options`), in compose's forms.
+fn runtime_option(
+    cx: &Cx,
+    field: &str,
+    key: &str,
+    v: &Value,
+    spec: &mut ServiceSpec,
+) -> Result<(), ComposeError> {
+    let flag = |v: &Value| {
+        v.as_bool()
+            .ok_or_else(|| cx.err(field, "expected true or false"))
+    };
+    match key {
+        "stop_signal" => {
+            spec.stop_signal =
+                Some(scalar(v).ok_or_else(|| cx.err(field, "expected a signal name"))?)
+        }
+        "init" => spec.init = flag(v)?,
+        "read_only" => spec.read_only = flag(v)?,
+        "privileged" => spec.privileged = flag(v)?,
+        "cap_add" => spec.cap_add = strings(cx, field, v)?,
+        "cap_drop" => spec.cap_drop = strings(cx, field, v)?,
+        "dns" => spec.dns = strings(cx, field, v)?,
+        "dns_search" => spec.dns_search = strings(cx, field, v)?,
+        "dns_opt" => spec.dns_opt = strings(cx, field, v)?,
+        "sysctls" => {
+            for (k, val) in kv(cx, field, v)? {
+                let val = val.ok_or_else(|| cx.err(&format!("{field}.{k}"), "expected a value"))?;
+                spec.sysctls.insert(k, val);
+            }
+        }
+        "ulimits" => spec.ulimits = typed(cx, field, v)?,
+        "shm_size" => {
+            let s = scalar(v).ok_or_else(|| cx.err(field, "expected a size such as 64M"))?;
+            spec.shm_size = crate::spec::parse_bytes(&s).map_err(|e| cx.err(field, e))?;
+        }
+        "extra_hosts" => {
+            // `["HOST:IP"]`, `["HOST=IP"]` (compose 2.x) or `{HOST: IP}`; stored as HOST:IP.
+            spec.extra_hosts = match v {
+                Value::Mapping(m) => m
+                    .iter()
+                    .map(|(h, ip)| format!("{}:{}", key_str(h), scalar(ip).unwrap_or_default()))
+                    .collect(),
+                other => strings(cx, field, other)?
+                    .into_iter()
+                    .map(|e| match e.split_once('=') {
+                        Some((h, ip)) => format!("{h}:{ip}"),
+                        None => e,
+                    })
+                    .collect(),
+            };
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn deploy(cx: &mut Cx, field: &str, v: &Value, spec: &mut ServiceSpec) -> Result<(), ComposeError> {

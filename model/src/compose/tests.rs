@@ -448,21 +448,14 @@ struct PortModeS(crate::ports::PortMode);
 
 #[test]
 fn unsupported_keys_warn_once_each() {
-    let text = "version: \"3.8\"\nservices:\n  web:\n    image: x\n    container_name: w\n    links: [db]\n    cap_add: [NET_ADMIN]\n    cap_drop: [ALL]\n    sysctls: {a: 1}\n    read_only: true\n    init: true\n    stop_signal: SIGINT\n    ulimits: {nofile: 1024}\n    extra_hosts: [\"a:1.2.3.4\"]\n    dns: 8.8.8.8\n    profiles: [debug]\n    frobnicate: 1\n  db:\n    image: x\n";
+    let text = "version: \"3.8\"\nservices:\n  web:\n    image: x\n    container_name: w\n    links: [db]\n    devices: [/dev/fuse]\n    pid: host\n    profiles: [debug]\n    frobnicate: 1\n  db:\n    image: x\n";
     let s = run(text).unwrap();
     for key in [
         "version",
         "container_name",
         "links",
-        "cap_add",
-        "cap_drop",
-        "sysctls",
-        "read_only",
-        "init",
-        "stop_signal",
-        "ulimits",
-        "extra_hosts",
-        "dns",
+        "devices",
+        "pid",
         "profiles",
         "frobnicate",
     ] {
@@ -478,7 +471,7 @@ fn unsupported_keys_warn_once_each() {
     assert!(
         s.warnings
             .iter()
-            .any(|w| w.starts_with("services.web.cap_add (compose.yaml:7)")),
+            .any(|w| w.starts_with("services.web.devices (compose.yaml:7)")),
         "{:?}",
         s.warnings
     );
@@ -782,4 +775,130 @@ fn build_short_and_long_forms_name_the_image_to_build() {
         .warnings
         .iter()
         .any(|w| w.starts_with("services.api.build.cache_from")));
+}
+
+#[test]
+fn runtime_options_map_to_the_spec() {
+    let s = web(concat!(
+        "    stop_signal: SIGINT\n",
+        "    init: true\n",
+        "    cap_add: [NET_ADMIN, SYS_PTRACE]\n",
+        "    cap_drop: [MKNOD]\n",
+        "    sysctls:\n      - net.core.somaxconn=1024\n      - kernel.shmmni=100\n",
+        "    read_only: true\n",
+        "    ulimits:\n      nproc: 65535\n      nofile:\n        soft: 20000\n        hard: 40000\n",
+        "    extra_hosts: [\"somehost:162.242.195.82\", \"other=50.31.209.229\", \"v6:::1\"]\n",
+        "    dns: 10.0.0.53\n",
+        "    dns_search: [example.com, corp]\n",
+        "    dns_opt: [ndots:2, use-vc]\n",
+        "    shm_size: 128M\n",
+        "    privileged: false\n",
+    ));
+    assert_eq!(s.stop_signal.as_deref(), Some("SIGINT"));
+    assert!(s.init && s.read_only && !s.privileged);
+    assert_eq!(s.cap_add, ["NET_ADMIN", "SYS_PTRACE"]);
+    assert_eq!(s.cap_drop, ["MKNOD"]);
+    assert_eq!(
+        s.sysctls.get("net.core.somaxconn").map(String::as_str),
+        Some("1024")
+    );
+    assert_eq!(
+        s.sysctls.get("kernel.shmmni").map(String::as_str),
+        Some("100")
+    );
+    let u = |n: &str| s.ulimits.get(n).map(|u| (u.soft, u.hard));
+    assert_eq!(
+        (u("nproc"), u("nofile")),
+        (Some((65535, 65535)), Some((20000, 40000)))
+    );
+    assert_eq!(
+        s.extra_hosts,
+        ["somehost:162.242.195.82", "other:50.31.209.229", "v6:::1"]
+    );
+    assert_eq!(s.dns, ["10.0.0.53"]);
+    assert_eq!(s.dns_search, ["example.com", "corp"]);
+    assert_eq!(s.dns_opt, ["ndots:2", "use-vc"]);
+    assert_eq!(s.shm_size, 128 << 20);
+    // The map forms of sysctls and extra_hosts.
+    let s = web(
+        "    sysctls:\n      net.ipv4.tcp_syncookies: 0\n    extra_hosts:\n      db: 10.0.0.5\n",
+    );
+    assert_eq!(
+        s.sysctls.get("net.ipv4.tcp_syncookies").map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(s.extra_hosts, ["db:10.0.0.5"]);
+}
+
+#[test]
+fn runtime_option_errors_name_the_key_and_line() {
+    for (body, field, line, words) in [
+        (
+            "    cap_add: [NET_ADMIN, FLY]\n",
+            "services.web.cap_add[1]",
+            4,
+            "not a Linux capability",
+        ),
+        (
+            "    sysctls:\n      vm.swappiness: 10\n",
+            "services.web.sysctls.vm.swappiness",
+            4,
+            "not a namespaced sysctl",
+        ),
+        (
+            "    network_mode: host\n    sysctls: {net.core.somaxconn: 1}\n",
+            "services.web.sysctls.net.core.somaxconn",
+            5,
+            "network_mode: host",
+        ),
+        (
+            "    stop_signal: SIGNOPE\n",
+            "services.web.stop_signal",
+            4,
+            "not a signal",
+        ),
+        (
+            "    ulimits:\n      nofile: {soft: 10, hard: 5}\n",
+            "services.web.ulimits.nofile",
+            5,
+            "above the hard",
+        ),
+        (
+            "    ulimits:\n      nofile: {soft: 10}\n",
+            "services.web.ulimits.nofile",
+            5,
+            "soft and hard",
+        ),
+        (
+            "    extra_hosts: [\"db\"]\n",
+            "services.web.extra_hosts[0]",
+            4,
+            "HOST:IP",
+        ),
+        (
+            "    dns: [dns.google]\n",
+            "services.web.dns[0]",
+            4,
+            "not an IP address",
+        ),
+        (
+            "    shm_size: lots\n",
+            "services.web.shm_size",
+            4,
+            "unknown unit",
+        ),
+        (
+            "    privileged: true\n",
+            "services.web.privileged",
+            4,
+            "cap_add",
+        ),
+        ("    init: maybe\n", "services.web.init", 4, "true or false"),
+    ] {
+        let text = format!("services:\n  web:\n    image: x\n{body}");
+        let e = run(&text).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert_eq!(e.line, line, "{e}");
+        assert!(e.message.contains(words), "{e}");
+    }
 }
