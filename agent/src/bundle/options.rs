@@ -159,7 +159,9 @@ pub fn apply(spec: &mut Spec, s: &ServiceSpec, init: &Path) -> Result<(), Bundle
 
 /// Whether the service adds to its resolv.conf or hosts.
 pub fn changes_etc(s: &ServiceSpec) -> bool {
-    !(s.dns.is_empty() && s.dns_search.is_empty() && s.dns_opt.is_empty())
+    !s.dns.is_empty()
+        || !s.dns_search.is_empty()
+        || !s.dns_opt.is_empty()
         || !s.extra_hosts.is_empty()
 }
 
@@ -318,7 +320,8 @@ mod tests {
         let init = t.path().join("tini");
         std::fs::write(&init, b"x").unwrap();
         type Check = Box<dyn Fn(&Spec)>;
-        let cases: Vec<(&str, Box<dyn Fn(&mut ServiceSpec)>, Check)> = vec![
+        type Mutate = Box<dyn Fn(&mut ServiceSpec)>;
+        let cases: Vec<(&str, Mutate, Check)> = vec![
             (
                 "defaults: Docker's capabilities, nothing else",
                 Box::new(|_| {}),
