@@ -686,12 +686,18 @@ fn real_main() -> anyhow::Result<()> {
         },
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "rctl", &mut std::io::stdout());
+            // Into a buffer first: clap_complete panics on a write error, and `| head` must
+            // end quietly (a broken pipe is handled as an io::Error in `main`).
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "rctl", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
             Ok(())
         }
         Cmd::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            std::io::Write::write_all(&mut std::io::stdout(), &out)?;
             Ok(())
         }
         Cmd::Apply {
@@ -1098,5 +1104,35 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Local {
             cmd: LocalCmd::Down { name },
         } => cmd::local::down(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_completions_and_man_page_are_sound() {
+        Cli::command().debug_assert();
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rctl", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("apply") && text.contains("dry-run"),
+                "{shell}"
+            );
+        }
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.contains(".TH rctl 1"), "{man}");
     }
 }

@@ -89,6 +89,30 @@ fn dry_run_and_diff_report_changes_and_change_nothing() -> anyhow::Result<()> {
     let stacks = lab.rctl(&["stack", "ls"])?;
     assert!(!stacks.contains("drystack"), "{stacks}");
     assert!(lab.tasks("drystack-api").map_or(true, |t| t.is_empty()));
+    // Deployed, then a version that changes one service and drops the other: the preview
+    // names the removal too, and `diff` of a compose file exits 1.
+    std::fs::write(
+        &compose,
+        "name: drystack\nservices:\n  api:\n    image: busybox:latest\n    command: [\"sleep\", \"1000\"]\n\
+         \x20 worker:\n    image: busybox:latest\n    command: [\"sleep\", \"1000\"]\n",
+    )?;
+    let compose_path = compose.to_str().context("utf-8 path")?;
+    lab.rctl(&["apply", "--detach", "-f", compose_path])?;
+    std::fs::write(
+        &compose,
+        "name: drystack\nservices:\n  api:\n    image: busybox:v3\n    command: [\"sleep\", \"1000\"]\n",
+    )?;
+    let (code, out) = diff(&lab, compose_path)?;
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        "service/drystack-api updated",
+        r#"  image: "busybox:latest" -> "busybox:v3""#,
+        "service/drystack-worker removed",
+    ] {
+        assert!(out.contains(want), "{want:?} in:\n{out}");
+    }
+    let services = lab.rctl(&["stack", "services", "drystack"])?;
+    assert!(services.contains("drystack-worker"), "{services}");
 
     // Completions and the man page.
     let bash = lab.rctl(&["completion", "bash"])?;
