@@ -29,6 +29,12 @@ const SHIM_TARGET_KIB: u64 = 2 * 1024;
 const AGENT_TARGET_KIB: u64 = 30 * 1024;
 const SETTLE: Duration = Duration::from_secs(5);
 const START_ROUNDS: usize = 3;
+/// Pause after a round's containers are gone, in both network modes, so each round starts on
+/// a settled host: a bridge host recycles the namespaces of the round before (scrubs them
+/// and puts them back in its pool) for a few hundred milliseconds after they are gone, and a
+/// round started at once measured that cleanup racing the starts rather than the starts.
+/// `RUDDER_BENCH_ROUND_GAP_MS=0` measures without it.
+const ROUND_GAP: Duration = Duration::from_secs(2);
 const START_REPLICAS: usize = 50;
 const EXEC_RUNS: usize = 30;
 
@@ -371,13 +377,18 @@ fn start_bench(
             "  rm fifty -> all 50 containers gone: {:.2} s",
             gone.as_secs_f64()
         );
+        std::thread::sleep(round_gap());
     }
     let mut seen: Vec<Duration> = rounds.iter().map(|r| r.0).collect();
     let mut rec: Vec<Duration> = rounds.iter().map(|r| r.1).collect();
     seen.sort();
     rec.sort();
     println!();
-    println!("== start {START_REPLICAS} containers on 1 host (2 cores), network {mode} ==");
+    println!(
+        "== start {START_REPLICAS} containers on 1 host (2 cores), network {mode} \
+         (rounds {} ms apart) ==",
+        round_gap().as_millis()
+    );
     println!(
         "{:<44} {:>8} {:>8} {:>8} {:>8}",
         "", "round 1", "round 2", "round 3", "median"
@@ -411,6 +422,13 @@ fn start_bench(
         ms(seen[seen.len() / 2]) / START_REPLICAS as f64
     );
     Ok(seen[seen.len() / 2])
+}
+
+fn round_gap() -> Duration {
+    std::env::var("RUDDER_BENCH_ROUND_GAP_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(ROUND_GAP, Duration::from_millis)
 }
 
 fn timed(mut cmd: Command) -> anyhow::Result<Duration> {
