@@ -363,39 +363,17 @@ async fn serve_metrics(
         };
         metrics::collect(&worker.last_statuses(), &service_of, &stats, &io)
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    if let Some(addr) = cfg.metrics_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                // Admins and managers (see `role_may_scrape`). An agent does not know which
-                // admin certificates were revoked: bind the listener where only the scraper
-                // reaches it if that matters.
-                let admit: scrape::Admit = Arc::new(|id| scrape::role_may_scrape(id.role));
-                let (render, stop) = (render.clone(), stop.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        scrape::serve_https(l, certs, admit, render, stopped(stop)).await
-                    {
-                        tracing::error!(%e, "metrics endpoint stopped");
-                    }
-                });
-            }
-            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (https); not served"),
-        }
-    }
-    if let Some(addr) = cfg.metrics_addr {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = scrape::serve_plain(l, render, stopped(stop)).await {
-                        tracing::error!(%e, "metrics endpoint stopped");
-                    }
-                });
-            }
-            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (plain http); not served"),
-        }
-    }
+    // Admins and managers (see `role_may_scrape`). An agent does not know which admin
+    // certificates were revoked: bind the listener where only the scraper reaches it if
+    // that matters.
+    let admit: scrape::Admit = Arc::new(|id| scrape::role_may_scrape(id.role));
+    scrape::spawn_listeners(
+        cfg.metrics_listen,
+        cfg.metrics_addr,
+        certs,
+        admit,
+        render,
+        stop,
+    )
+    .await;
 }

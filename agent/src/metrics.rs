@@ -307,30 +307,14 @@ impl IoSource for CgroupIo {
 }
 
 /// A recording fake: scripted counters per task; every read is recorded.
+/// The fake `IoSource`.
 #[cfg(test)]
-#[derive(Default)]
-pub struct FakeIo {
-    /// task id → counters (absent: unreadable).
-    pub counters: std::sync::Mutex<std::collections::HashMap<String, IoCounters>>,
-    /// Every task id read, in order.
-    pub reads: std::sync::Mutex<Vec<String>>,
-}
+pub type FakeIo = crate::stats::FakeReadings<IoCounters>;
 
 #[cfg(test)]
 impl IoSource for FakeIo {
     fn read_io(&self, task_id: &str) -> Result<IoCounters, StatsError> {
-        self.reads.lock().unwrap().push(task_id.to_string());
-        self.counters
-            .lock()
-            .unwrap()
-            .get(task_id)
-            .copied()
-            .ok_or_else(|| {
-                StatsError::Read(
-                    PathBuf::from(task_id),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                )
-            })
+        self.reading(task_id)
     }
 }
 

@@ -215,19 +215,30 @@ pub async fn run(
     }
 }
 
-/// A recording fake: scripted counters per task; every read is recorded.
+/// A recording fake of a per-task reading source (`StatsSource`, `metrics::IoSource`):
+/// scripted readings per task; every read is recorded.
 #[cfg(test)]
-#[derive(Default)]
-pub struct FakeStats {
-    /// task id → counters the next read returns (absent: the cgroup is missing).
-    pub counters: std::sync::Mutex<HashMap<String, Counters>>,
+pub struct FakeReadings<T> {
+    /// task id → the reading the next read returns (absent: the cgroup is missing).
+    pub counters: std::sync::Mutex<HashMap<String, T>>,
     /// Every task id read, in order.
     pub reads: std::sync::Mutex<Vec<String>>,
 }
 
 #[cfg(test)]
-impl StatsSource for FakeStats {
-    fn read(&self, task_id: &str) -> Result<Counters, StatsError> {
+impl<T> Default for FakeReadings<T> {
+    fn default() -> Self {
+        FakeReadings {
+            counters: Default::default(),
+            reads: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl<T: Copy> FakeReadings<T> {
+    /// Records the read of `task_id` and returns its scripted reading.
+    pub fn reading(&self, task_id: &str) -> Result<T, StatsError> {
         self.reads.lock().unwrap().push(task_id.to_string());
         self.counters
             .lock()
@@ -240,6 +251,17 @@ impl StatsSource for FakeStats {
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 )
             })
+    }
+}
+
+/// The fake `StatsSource`.
+#[cfg(test)]
+pub type FakeStats = FakeReadings<Counters>;
+
+#[cfg(test)]
+impl StatsSource for FakeStats {
+    fn read(&self, task_id: &str) -> Result<Counters, StatsError> {
+        self.reading(task_id)
     }
 }
 

@@ -479,49 +479,27 @@ async fn serve_metrics(
         let raft = raft.clone();
         Arc::new(move || metrics.render(&raft.store(), &raft.status()))
     };
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    if let Some(addr) = cfg.metrics_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                let raft = raft.clone();
-                // Admins and managers, unless their certificate was revoked.
-                let admit: scrape::Admit = Arc::new(move |id| {
-                    scrape::role_may_scrape(id.role)?;
-                    if raft.store().is_revoked(id.role.as_str(), &id.node) {
-                        return Err(format!(
-                            "metrics: the certificate of {} was revoked",
-                            id.node
-                        ));
-                    }
-                    Ok(())
-                });
-                let (render, stop) = (render.clone(), stop.clone());
-                tokio::spawn(async move {
-                    if let Err(e) =
-                        scrape::serve_https(l, certs, admit, render, stopped(stop)).await
-                    {
-                        tracing::error!(%e, "metrics endpoint stopped");
-                    }
-                });
-            }
-            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (https); not served"),
+    let raft = raft.clone();
+    // Admins and managers, unless their certificate was revoked.
+    let admit: scrape::Admit = Arc::new(move |id| {
+        scrape::role_may_scrape(id.role)?;
+        if raft.store().is_revoked(id.role.as_str(), &id.node) {
+            return Err(format!(
+                "metrics: the certificate of {} was revoked",
+                id.node
+            ));
         }
-    }
-    if let Some(addr) = cfg.metrics_addr {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = scrape::serve_plain(l, render, stopped(stop)).await {
-                        tracing::error!(%e, "metrics endpoint stopped");
-                    }
-                });
-            }
-            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (plain http); not served"),
-        }
-    }
+        Ok(())
+    });
+    scrape::spawn_listeners(
+        cfg.metrics_listen,
+        cfg.metrics_addr,
+        certs,
+        admit,
+        render,
+        stop,
+    )
+    .await;
 }
 
 /// `--restore` starts a new cluster: refused on a data dir that holds anything.

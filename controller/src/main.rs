@@ -53,25 +53,12 @@ struct Args {
     node_name: Option<String>,
     /// Serve Prometheus metrics at `https://ADDR/metrics` (a client certificate of an admin or
     /// manager is required); `off` to not serve them.
-    #[arg(long, default_value = "0.0.0.0:4246", value_parser = parse_listen)]
-    metrics_listen: Listen,
+    #[arg(long, default_value = "0.0.0.0:4246", value_parser = rudder_pki::scrape::parse_listen)]
+    metrics_listen: rudder_pki::scrape::Listen,
     /// Also serve `/metrics` over plain HTTP at this address, to anyone who reaches it
     /// (bind it to an address only the scraper reaches). Off unless given.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-}
-
-/// An address, or `off`.
-#[derive(Clone, Copy)]
-struct Listen(Option<SocketAddr>);
-
-fn parse_listen(s: &str) -> Result<Listen, String> {
-    if s == "off" {
-        return Ok(Listen(None));
-    }
-    s.parse()
-        .map(|a| Listen(Some(a)))
-        .map_err(|e| format!("{s:?}: {e} (an address such as 0.0.0.0:4246, or off)"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -221,6 +221,62 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = stream.shutdown().await;
 }
 
+/// A `--metrics-listen` value: an address, or `off`. Both binaries' flags parse it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<std::net::SocketAddr>);
+
+/// Parses a [`Listen`] (clap `value_parser`).
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address such as 0.0.0.0:4246, or off)"))
+}
+
+/// Serves `/metrics` at `https` (certificates from `certs`, holders admitted by `admit`) and
+/// at `plain`, each in a task of its own, until `stop` turns true. A listener that cannot be
+/// bound is logged and skipped: metrics are not worth refusing to run.
+pub async fn spawn_listeners(
+    https: Option<std::net::SocketAddr>,
+    plain: Option<std::net::SocketAddr>,
+    certs: watch::Receiver<NodeCerts>,
+    admit: Admit,
+    render: Render,
+    stop: &watch::Receiver<bool>,
+) {
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(addr) = https {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                let (render, stop) = (render.clone(), stop.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_https(l, certs, admit, render, stopped(stop)).await {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (https); not served"),
+        }
+    }
+    if let Some(addr) = plain {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_plain(l, render, stopped(stop)).await {
+                        tracing::error!(%e, "metrics endpoint stopped");
+                    }
+                });
+            }
+            Err(e) => tracing::error!(%addr, %e, "metrics: cannot listen (plain http); not served"),
+        }
+    }
+}
+
 /// Serves `render` over plain HTTP on `listener` until `shutdown` completes. Anyone who
 /// reaches the address may scrape: bind it where only the scraper can.
 pub async fn serve_plain(
@@ -377,6 +433,17 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
+
+    #[test]
+    fn a_listen_flag_is_an_address_or_off() {
+        assert_eq!(parse_listen("off"), Ok(Listen(None)));
+        assert_eq!(
+            parse_listen("127.0.0.1:4246"),
+            Ok(Listen(Some("127.0.0.1:4246".parse().unwrap())))
+        );
+        let e = parse_listen("4246").unwrap_err();
+        assert!(e.contains("\"4246\"") && e.contains("or off"), "{e}");
+    }
 
     #[test]
     fn routes_only_get_metrics() {
