@@ -137,16 +137,7 @@ pub fn diff(before: &Store, after: &Store, now: u64) -> Vec<Event> {
         use imbl::ordmap::DiffItem;
         match d {
             DiffItem::Add(name, s) => {
-                let mut e = Event::new(
-                    clamp(s.version),
-                    s.created_at,
-                    EventType::Service,
-                    "created",
-                );
-                e.id = s.id.clone();
-                e.name = name.clone();
-                e.service = name.clone();
-                out.push(e);
+                out.push(service_created(name, s, clamp(s.version)));
                 rollout(
                     &mut out,
                     name,
@@ -167,16 +158,7 @@ pub fn diff(before: &Store, after: &Store, now: u64) -> Vec<Event> {
                     gone.name = name.clone();
                     gone.service = name.clone();
                     out.push(gone);
-                    let mut e = Event::new(
-                        clamp(s.version),
-                        s.created_at,
-                        EventType::Service,
-                        "created",
-                    );
-                    e.id = s.id.clone();
-                    e.name = name.clone();
-                    e.service = name.clone();
-                    out.push(e);
+                    out.push(service_created(name, s, clamp(s.version)));
                 } else if o.spec != s.spec {
                     let mut e = Event::new(
                         clamp(s.version),
@@ -494,6 +476,15 @@ impl Filter {
                 e.kind == EventType::Task && (e.name.starts_with(v) || e.id.starts_with(v))
             })
     }
+}
+
+/// The `created` event of service `name` (raft index `index`), at its creation.
+fn service_created(name: &str, s: &crate::store::Service, index: u64) -> Event {
+    let mut e = Event::new(index, s.created_at, EventType::Service, "created");
+    e.id = s.id.clone();
+    e.name = name.to_string();
+    e.service = name.to_string();
+    e
 }
 
 #[cfg(test)]

@@ -392,8 +392,10 @@ pub fn rfc3339_now() -> String {
     rfc3339(d.as_secs() as i64, d.subsec_nanos())
 }
 
-/// Civil date from days since the epoch (Howard Hinnant's algorithm).
-fn rfc3339(secs: i64, nanos: u32) -> String {
+/// Seconds since the epoch as RFC 3339 in UTC with `nanos` as nine fraction digits (the
+/// one calendar conversion of the workspace: rctl's event times use it too).
+pub fn rfc3339(secs: i64, nanos: u32) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let z = days + 719_468;
