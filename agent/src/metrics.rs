@@ -176,8 +176,8 @@ pub fn collect(
 /// Block and network counters from the cgroup filesystem under `root` (v1 or v2) and the
 /// container's `/proc/<pid>/net/dev`.
 pub struct CgroupIo {
-    root: PathBuf,
-    parent: String,
+    /// The same cgroup paths as `rctl stats` reads.
+    cgroups: crate::stats::CgroupStats,
     proc: PathBuf,
 }
 
@@ -185,32 +185,18 @@ impl CgroupIo {
     /// Counters of the cgroups `<parent>/<task id>` under `root`, pids looked up in `proc`.
     pub fn new(root: impl Into<PathBuf>, parent: &str, proc: impl Into<PathBuf>) -> Self {
         Self {
-            root: root.into(),
-            parent: parent.trim_matches('/').to_string(),
+            cgroups: crate::stats::CgroupStats::new(root, parent),
             proc: proc.into(),
         }
     }
 
     fn path(&self, controller: &str, task_id: &str) -> PathBuf {
-        let mut p = self.root.clone();
-        if !controller.is_empty() {
-            p.push(controller);
-        }
-        if !self.parent.is_empty() {
-            p.push(&self.parent);
-        }
-        p.join(task_id)
+        self.cgroups.path(controller, task_id)
     }
 }
 
 fn read_small(path: &Path) -> Result<String, StatsError> {
-    use std::io::Read as _;
-    let f = std::fs::File::open(path).map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
-    let mut s = String::new();
-    f.take(MAX_FILE)
-        .read_to_string(&mut s)
-        .map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
-    Ok(s)
+    crate::stats::read_small(path, MAX_FILE)
 }
 
 /// Read and written bytes from cgroup v2 `io.stat` (`8:0 rbytes=.. wbytes=..`). Pure.

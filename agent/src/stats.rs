@@ -68,7 +68,8 @@ impl CgroupStats {
         }
     }
 
-    fn path(&self, controller: &str, task_id: &str) -> PathBuf {
+    /// `<root>/<controller>/<parent>/<task id>` (no controller: the unified hierarchy).
+    pub(crate) fn path(&self, controller: &str, task_id: &str) -> PathBuf {
         let mut p = self.root.clone();
         if !controller.is_empty() {
             p.push(controller);
@@ -80,18 +81,19 @@ impl CgroupStats {
     }
 }
 
-fn read_small(path: &Path) -> Result<String, StatsError> {
+/// A kernel counter file, at most `max` bytes of it.
+pub(crate) fn read_small(path: &Path, max: u64) -> Result<String, StatsError> {
     use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
     let mut s = String::new();
-    f.take(MAX_STAT_FILE)
+    f.take(max)
         .read_to_string(&mut s)
         .map_err(|e| StatsError::Read(path.to_path_buf(), e))?;
     Ok(s)
 }
 
 fn read_u64(path: &Path) -> Result<u64, StatsError> {
-    read_small(path)?
+    read_small(path, MAX_STAT_FILE)?
         .trim()
         .parse()
         .map_err(|_| StatsError::Parse(path.to_path_buf()))
@@ -99,7 +101,7 @@ fn read_u64(path: &Path) -> Result<u64, StatsError> {
 
 /// The value of `key` in a `key value` per line file (`memory.stat`, `cpu.stat`).
 fn stat_key(path: &Path, key: &str) -> Result<u64, StatsError> {
-    read_small(path)?
+    read_small(path, MAX_STAT_FILE)?
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(' ')?;
