@@ -699,7 +699,10 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         );
         shutdown.extend(plan.shutdown);
         delete.extend(plan.delete);
-        let pin = store.pinned_digest(&svc.spec.image);
+        // Looked up only when the pass makes tasks: most passes make none.
+        let pin = (!plan.create.is_empty() || !plan.create_on.is_empty())
+            .then(|| store.pinned_digest(&svc.spec.image))
+            .flatten();
         for slot in plan.create {
             let mut t = new_task(svc, slot, None, now, new_id());
             t.image_digest.clone_from(&pin);

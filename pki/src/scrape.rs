@@ -277,6 +277,32 @@ pub async fn spawn_listeners(
     }
 }
 
+/// The next connection with its slot (one of [`MAX_CONNECTIONS`]), or `None` once
+/// `shutdown` completes. A failed accept (EMFILE and the like) backs off rather than spins.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<(
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+)> {
+    let permit = slots.clone().acquire_owned().await.ok()?;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return None,
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => return Some((permit, tcp, peer)),
+                Err(e) => {
+                    debug!(%e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Serves `render` over plain HTTP on `listener` until `shutdown` completes. Anyone who
 /// reaches the address may scrape: bind it where only the scraper can.
 pub async fn serve_plain(
@@ -291,20 +317,8 @@ pub async fn serve_plain(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Some((permit, tcp, peer)) = accept(&listener, &slots, shutdown.as_mut()).await else {
             return Ok(());
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and the like: back off rather than spin.
-                    debug!(%e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
         };
         let render = render.clone();
         tokio::spawn(async move {
@@ -371,19 +385,8 @@ pub async fn serve_https(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Some((permit, tcp, peer)) = accept(&listener, &slots, shutdown.as_mut()).await else {
             return Ok(());
-        };
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(%e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
         };
         let (certs, acceptor) = acceptors.latest();
         let (render, admit) = (render.clone(), admit.clone());
