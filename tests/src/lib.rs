@@ -327,10 +327,21 @@ pub fn lab_with_busybox_managers(
     nodes: u32,
     managers: u32,
 ) -> anyhow::Result<(LabGuard, tempfile::TempDir)> {
-    let lab = LabGuard::up_with(
+    lab_with_busybox_args(prefix, nodes, managers, &[])
+}
+
+/// [`lab_with_busybox_managers`] whose controllers get `controller_args` too.
+pub fn lab_with_busybox_args(
+    prefix: &str,
+    nodes: u32,
+    managers: u32,
+    controller_args: &[&str],
+) -> anyhow::Result<(LabGuard, tempfile::TempDir)> {
+    let lab = LabGuard::up_args(
         &format!("{prefix}{}", std::process::id() % 100000),
         nodes,
         managers,
+        controller_args,
     )?;
     let tmp = tempfile::tempdir()?;
     let tar = tmp.path().join("busybox.tar");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rudder_tests::{busybox_rootfs, running_tasks, wait_for, LabGuard};
+use rudder_tests::{lab_with_busybox_args, running_tasks, wait_for};
 
 const CONTROLLER_METRICS: u16 = 4246;
 const AGENT_METRICS: u16 = 4247;
@@ -152,21 +152,7 @@ fn dashboard_metrics(path: &Path) -> anyhow::Result<Vec<String>> {
 #[test]
 fn metrics_over_https_with_admin_certificates() -> anyhow::Result<()> {
     let plain = format!("0.0.0.0:{PLAIN_METRICS}");
-    let lab = LabGuard::up_args(
-        &format!("met{}", std::process::id() % 100000),
-        2,
-        1,
-        &["--metrics-addr", &plain],
-    )?;
-    let tmp = tempfile::tempdir()?;
-    let tar = tmp.path().join("busybox.tar");
-    busybox_rootfs(&tar)?;
-    lab.rctl(&[
-        "image",
-        "import",
-        tar.to_str().context("utf-8 path")?,
-        "busybox:latest",
-    ])?;
+    let (lab, tmp) = lab_with_busybox_args("met", 2, 1, &["--metrics-addr", &plain])?;
     lab.apply(
         tmp.path(),
         "web.yaml",
