@@ -332,18 +332,18 @@ pub fn ruleset(
         published(p, MARK_HOSTPORT, &mut pre, "");
         published(p, MARK_HOSTPORT, &mut out_nat, local_out);
     }
-    // Mesh connections leave from the gateway of the backends' network, so the replies come
-    // back through this host (which undoes both translations).
+    // The client's address reaches a replica on this host unchanged: the replica's replies are
+    // routed by this host, whose conntrack undoes the DNAT. Mesh connections to another host's
+    // replica leave from the gateway of the backends' network, so the replies come back
+    // through this host (which undoes both translations). An internal network's connections
+    // always do: its replicas may route outside addresses through another network.
     let mut snat_nets: BTreeSet<&str> = BTreeSet::new();
     for p in &map.ingress {
         snat_nets.insert(p.network.as_str());
     }
     for id in snat_nets {
         if let Some(n) = nets.get(id) {
-            post.push(format!(
-                "ct mark {MARK_INGRESS:#x} ip daddr {} snat to {}",
-                n.subnet, n.gateway
-            ));
+            post.push(mesh_snat(n));
         }
     }
     // Nothing bound for an encrypted subnet is masqueraded (it leaves only through WireGuard,
@@ -494,6 +494,20 @@ pub fn ruleset(
     );
     t.push_str("}\n");
     t
+}
+
+/// The routing mesh's source NAT for network `n`: to its local gateway, for the connections
+/// that a replica elsewhere answers (all of them on an internal network).
+fn mesh_snat(n: &NetworkView) -> String {
+    let remote = if n.internal {
+        String::new()
+    } else {
+        format!(" ip daddr != {}", n.local_slice)
+    };
+    format!(
+        "ct mark {MARK_INGRESS:#x} ip daddr {}{remote} snat to {}",
+        n.subnet, n.gateway
+    )
 }
 
 /// What a network's resolver answers: each service under its name and its aliases (names
@@ -1424,7 +1438,8 @@ mod tests {
         for want in [
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
-            "ct mark 0x5244 ip daddr 10.50.0.0/16 snat to 10.50.1.1",
+            // The client's address reaches a local replica; a remote one sees the gateway.
+            "ct mark 0x5244 ip daddr 10.50.0.0/16 ip daddr != 10.50.1.0/24 snat to 10.50.1.1",
             "iifname \"rdb-aaaaaaaa\" oifname { \"rdb-aaaaaaaa\", \"rwg-1\" } ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
             "ip daddr { 10.50.0.0/16 } return",
             "iifname \"rwg-1\" oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
@@ -1498,6 +1513,8 @@ mod tests {
             "iifname \"rdb-aaaaaaaa\" drop",
             "ip saddr 10.50.0.0/16 drop",
             "type filter hook input priority filter;",
+            // Every mesh connection of an internal network comes from its gateway.
+            "ct mark 0x5244 ip daddr 10.50.0.0/16 snat to 10.50.1.1",
         ] {
             assert!(t.contains(want), "missing {want}\n{t}");
         }

@@ -1,0 +1,175 @@
+//! The routing mesh keeps the client's address: a client on the underlay (the lab's root
+//! namespace, `10.213.k.254`) connects to a host's ingress-published port, and the replica that
+//! answers reports the source address it saw, for TCP and for UDP.
+//!
+//! The replica runs `peerecho`, a tiny static server compiled here from C and added to the
+//! busybox image: on each TCP connection and each UDP datagram it answers
+//! `<peer address> <hostname>`.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rudder_tests::{lab_with_busybox, running_on, wait_for, LabGuard};
+
+const PEERECHO_C: &str = r#"
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+int main(int argc, char **argv) {
+  int port = argc > 1 ? atoi(argv[1]) : 7, one = 1;
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_port = htons(port);
+  int t = socket(AF_INET, SOCK_STREAM, 0), u = socket(AF_INET, SOCK_DGRAM, 0);
+  setsockopt(t, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(t, (void *)&a, sizeof a) || listen(t, 128) || bind(u, (void *)&a, sizeof a)) {
+    perror("peerecho: bind");
+    return 1;
+  }
+  char host[64] = "?", out[160], buf[512];
+  gethostname(host, sizeof host - 1);
+  for (;;) {
+    fd_set r;
+    FD_ZERO(&r);
+    FD_SET(t, &r);
+    FD_SET(u, &r);
+    if (select((t > u ? t : u) + 1, &r, 0, 0, 0) < 0) continue;
+    struct sockaddr_in p;
+    socklen_t l = sizeof p;
+    if (FD_ISSET(t, &r)) {
+      int c = accept(t, (void *)&p, &l);
+      if (c >= 0) {
+        int n = snprintf(out, sizeof out, "%s %s\n", inet_ntoa(p.sin_addr), host);
+        if (write(c, out, n) < 0) perror("peerecho: write");
+        close(c);
+      }
+    }
+    l = sizeof p;
+    if (FD_ISSET(u, &r) && recvfrom(u, buf, sizeof buf, 0, (void *)&p, &l) >= 0) {
+      int n = snprintf(out, sizeof out, "%s %s\n", inet_ntoa(p.sin_addr), host);
+      sendto(u, out, n, 0, (void *)&p, l);
+    }
+  }
+}
+"#;
+
+/// Imports `peerecho:latest`: the busybox image of `tmp/busybox.tar` plus `/bin/peerecho`.
+fn import_peerecho(lab: &LabGuard, tmp: &Path) -> anyhow::Result<()> {
+    let src = tmp.join("peerecho.c");
+    std::fs::write(&src, PEERECHO_C)?;
+    let add = tmp.join("add");
+    std::fs::create_dir_all(add.join("bin"))?;
+    let st = Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(add.join("bin/peerecho"))
+        .arg(&src)
+        .status()
+        .context("cc")?;
+    anyhow::ensure!(st.success(), "cc -static peerecho.c failed");
+    let tar = tmp.join("peerecho.tar");
+    std::fs::copy(tmp.join("busybox.tar"), &tar)?;
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&add)
+        .arg("-rf")
+        .arg(&tar)
+        .arg("./bin/peerecho")
+        .status()?;
+    anyhow::ensure!(st.success(), "tar -rf failed");
+    lab.rctl(&[
+        "image",
+        "import",
+        tar.to_str().context("utf-8 path")?,
+        "peerecho:latest",
+    ])?;
+    Ok(())
+}
+
+/// What the replica behind `to` (TCP) answers: `<address it saw> <its hostname>`.
+fn tcp_peer(to: SocketAddrV4) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.trim().to_string()).filter(|o| !o.is_empty())
+}
+
+/// What the replica behind `to` (UDP) answers to one datagram.
+fn udp_peer(to: SocketAddrV4) -> Option<String> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.send_to(b"?", to).ok()?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Asks through `host`'s ingress ports (TCP `tcp`, UDP `udp`) until `replica` answers, and
+/// checks it saw `client`.
+fn assert_sees(
+    host: Ipv4Addr,
+    (tcp, udp): (u16, u16),
+    replica: &str,
+    client: Ipv4Addr,
+) -> anyhow::Result<()> {
+    for (proto, port, ask) in [
+        ("tcp", tcp, tcp_peer as fn(SocketAddrV4) -> Option<String>),
+        ("udp", udp, udp_peer),
+    ] {
+        let to = SocketAddrV4::new(host, port);
+        let answer = wait_for(
+            Duration::from_secs(40),
+            &format!("{proto} {to} answered"),
+            || Ok(ask(to)),
+        )?;
+        let (seen, hostname) = answer.split_once(' ').context("answer")?;
+        if hostname != replica {
+            bail!("{proto} {to}: answered by {hostname}, not {replica}");
+        }
+        assert_eq!(
+            seen,
+            client.to_string(),
+            "{proto} through {to}: the replica {replica} saw {seen}, not the client's {client}"
+        );
+    }
+    Ok(())
+}
+
+/// A replica on the host that took the connection sees the client's address (TCP and UDP).
+#[test]
+fn local_replica_sees_the_client_address() -> anyhow::Result<()> {
+    let (lab, tmp) = lab_with_busybox("msl", 2)?;
+    import_peerecho(&lab, tmp.path())?;
+    lab.apply(
+        tmp.path(),
+        "echo.yaml",
+        "kind: Network\nname: mesh\n---\n\
+         kind: Service\nname: echo\nimage: peerecho:latest\nnetworks: [mesh]\n\
+         stop_grace_period: 1\nplacement: {constraints: [\"node.hostname==h1\"]}\n\
+         command: [\"/bin/peerecho\", \"7\"]\nports:\n\
+         \x20 - {target: 7, published: 9001, mode: ingress}\n\
+         \x20 - {target: 7, published: 9002, protocol: udp, mode: ingress}\n",
+    )?;
+    let task = running_on(&lab, "echo", "h1")?;
+    let (_, hostname) = replica_hostname(&lab, &task)?;
+    let client = lab.lab.root_addr();
+    assert_sees(lab.host("h1").addr, (9001, 9002), &hostname, client)?;
+    Ok(())
+}
+
+/// The hostname the replica named `task` answers with (its container's hostname).
+fn replica_hostname(lab: &LabGuard, task: &str) -> anyhow::Result<(String, String)> {
+    let out = rudder_tests::sh(lab, task, "hostname")?;
+    Ok((task.to_string(), out.trim().to_string()))
+}
