@@ -690,7 +690,8 @@ impl Overlay {
     }
 
     /// Hands over a new network map; the reconcile pass applies it.
-    pub fn set_map(&self, map: NetworkMap) {
+    pub fn set_map(&self, mut map: NetworkMap) {
+        crate::wg::mtu::fit_map(&mut map, self.wg_port);
         self.map_tx.send_if_modified(|m| {
             if m.as_ref() == Some(&map) {
                 false
@@ -834,12 +835,16 @@ impl Overlay {
         // Tunnels.
         let encrypted: Vec<&NetworkView> = wanted.values().filter(|n| n.encrypted).collect();
         if !encrypted.is_empty() {
+            // One interface for every encrypted network: they all have this host's WireGuard MTU.
+            let mtu = encrypted.iter().map(|n| n.mtu).min().unwrap_or(1420);
             let mut guard = self.wg.lock().await;
             if guard.is_none() {
                 let key = self.key.lock().expect("key lock").0.clone();
-                *guard = Some(Wg::ensure(&wg_iface, self.wg_port, &key, &self.agent_exe).await?);
+                *guard =
+                    Some(Wg::ensure(&wg_iface, self.wg_port, &key, mtu, &self.agent_exe).await?);
             }
             let wg = guard.as_ref().expect("just ensured");
+            wg.set_mtu(mtu).await?;
             if let Some(k) = &new_key {
                 wg.set_key(k).await?;
             }

@@ -43,8 +43,11 @@ use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 use crate::hostnet::netlink::NetlinkHostNet;
 use crate::hostnet::{HostNet, HostNetError, LinkSet, NetOp, Ns};
 
-/// MTU of the WireGuard interface: 1500 on the underlay less IPv6 + UDP + WireGuard overhead.
-pub const MTU: u32 = 1420;
+pub mod choice;
+pub mod mtu;
+
+/// How often the paths to the peers are checked against what the overlay needs.
+const PATH_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// Where userspace WireGuard sockets live (boringtun's fixed path, the one `wg` reads).
 const RUN_DIR: &str = "/var/run/wireguard";
 /// Bound on every single socket, netlink or `ip` call.
@@ -279,6 +282,8 @@ struct Inner {
     agent_exe: PathBuf,
     state: tokio::sync::Mutex<State>,
     supervisor: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The task that checks the paths to the peers ([`watch_paths`]).
+    path_watch: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The interfaces with a live handle in this process. A second `ensure` for one of them joins
@@ -300,6 +305,8 @@ fn live(iface: &str) -> Option<Arc<Inner>> {
 struct State {
     key: KeyPair,
     listen_port: u16,
+    /// The interface's MTU (derived from the underlay's, see [`mtu`]).
+    mtu: u32,
     peers: Vec<Wanted>,
     /// Endpoint each peer was last configured with by us. The device reports the endpoint it
     /// currently uses, which WireGuard updates when the peer roams; comparing against what we
@@ -313,12 +320,15 @@ impl Wg {
     /// Brings the interface up, idempotently: adopts an existing interface (and, in userspace
     /// mode, its running child) after an agent restart. Kernel WireGuard when the module
     /// exists; otherwise starts `<agent_exe> wg-userspace --iface NAME`, waits (bounded) for its
-    /// socket and supervises it. Sets the private key, listen port, MTU and link up.
+    /// socket and supervises it. Sets the private key, listen port, MTU (`mtu`, see
+    /// [`mtu::overlay_mtu`]) and link up. `RUDDER_WG_BACKEND` (`auto`, `kernel`, `userspace`)
+    /// overrides the choice of implementation ([`choice::choose`]).
     #[instrument(skip(key, agent_exe), fields(public = %key.public.to_base64()))]
     pub async fn ensure(
         iface: &str,
         listen_port: u16,
         key: &KeyPair,
+        mtu: u32,
         agent_exe: &Path,
     ) -> Result<Wg, WgError> {
         let name = parse_iface(iface)?;
@@ -334,32 +344,49 @@ impl Wg {
                     inner.set_device(None, Some(listen_port)).await?;
                     st.listen_port = listen_port;
                 }
-                link_up(iface, Some(TXQUEUELEN)).await?;
+                link_up(iface, mtu, Some(TXQUEUELEN)).await?;
+                st.mtu = mtu;
                 drop(st);
                 debug!("joining the live handle of this process");
                 return Ok(Wg { inner });
             }
         }
-        let backend = match link_kind(iface).await? {
-            LinkKind::WireGuard => Backend::Kernel,
-            LinkKind::Tun => Backend::Userspace,
-            LinkKind::Other(detail) => {
+        let pref = choice::Preference::parse(std::env::var("RUDDER_WG_BACKEND").ok().as_deref())
+            .map_err(|msg| WgError::Start {
+                iface: iface.to_string(),
+                msg,
+            })?;
+        let module = choice::module_state(Path::new("/sys/module"));
+        let existing = match link_kind(iface).await? {
+            LinkKind::Missing => choice::Existing::Missing,
+            LinkKind::WireGuard => choice::Existing::WireGuard,
+            LinkKind::Tun => choice::Existing::Tun,
+            LinkKind::Other(detail) => choice::Existing::Other(detail),
+        };
+        let backend = match choice::choose(&existing, module, pref) {
+            choice::Choice::Adopt(b) => b,
+            choice::Choice::Userspace => Backend::Userspace,
+            choice::Choice::Refuse(detail) => {
                 return Err(WgError::Foreign {
                     iface: iface.to_string(),
                     detail,
                 })
             }
-            LinkKind::Missing => {
+            choice::Choice::TryKernel => {
                 let add = NetOp::AddWireguard {
                     name: iface.to_string(),
                 };
-                match host()?.apply(&Ns::Host, &[add]).await {
-                    Ok(()) => Backend::Kernel,
+                let added = match host()?.apply(&Ns::Host, &[add]).await {
+                    Ok(()) => true,
                     Err(e) => {
-                        debug!(%e, "no kernel wireguard; using userspace");
-                        Backend::Userspace
+                        debug!(%e, ?module, "no kernel wireguard");
+                        false
                     }
-                }
+                };
+                choice::after_kernel_add(added, module, pref).map_err(|msg| WgError::Start {
+                    iface: iface.to_string(),
+                    msg,
+                })?
             }
         };
         let child = match backend {
@@ -372,7 +399,7 @@ impl Wg {
                 }
                 Err(e) => {
                     debug!(%e, "no userspace wireguard answering; starting one");
-                    start_child(iface, agent_exe).await?
+                    start_child(iface, agent_exe, mtu).await?
                 }
             },
         };
@@ -384,12 +411,14 @@ impl Wg {
             state: tokio::sync::Mutex::new(State {
                 key: key.clone(),
                 listen_port,
+                mtu,
                 peers: Vec::new(),
                 applied: HashMap::new(),
                 child,
                 closed: false,
             }),
             supervisor: std::sync::Mutex::new(None),
+            path_watch: std::sync::Mutex::new(None),
         });
         {
             let mut st = inner.state.lock().await;
@@ -404,7 +433,7 @@ impl Wg {
                     )
                     .await?;
             }
-            link_up(iface, Some(TXQUEUELEN)).await?;
+            link_up(iface, mtu, Some(TXQUEUELEN)).await?;
             // Until the caller says otherwise, the peers the device already has are the ones
             // to restore if the child has to be restarted.
             st.peers = current
@@ -425,6 +454,8 @@ impl Wg {
             let task = tokio::spawn(supervise(Arc::downgrade(&inner)));
             *inner.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
+        let task = tokio::spawn(watch_paths(Arc::downgrade(&inner)));
+        *inner.path_watch.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         info!(?backend, listen_port, "wireguard interface ready");
         Ok(Wg { inner })
     }
@@ -490,6 +521,21 @@ impl Wg {
         Ok(())
     }
 
+    /// Sets the interface's MTU (when the underlay's changed); nothing when it is the same.
+    #[instrument(skip_all, fields(iface = %self.inner.iface, mtu))]
+    pub async fn set_mtu(&self, mtu: u32) -> Result<(), WgError> {
+        let mut st = self.inner.state.lock().await;
+        if st.closed {
+            return Err(WgError::Closed(self.inner.iface.clone()));
+        }
+        if st.mtu != mtu {
+            link_up(&self.inner.iface, mtu, None).await?;
+            info!(from = st.mtu, to = mtu, "wireguard interface MTU changed");
+            st.mtu = mtu;
+        }
+        Ok(())
+    }
+
     /// Removes the interface: stops the userspace child (SIGTERM, then SIGKILL) and deletes
     /// the link. Other clones of this handle fail from then on.
     #[instrument(skip_all, fields(iface = %self.inner.iface))]
@@ -509,13 +555,10 @@ impl Wg {
                 live.remove(&inner.iface);
             }
         }
-        if let Some(task) = inner
-            .supervisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
+        for slot in [&inner.supervisor, &inner.path_watch] {
+            if let Some(task) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
         }
         if inner.backend == Backend::Userspace {
             st.child.stop(&inner.iface, STOP_GRACE).await;
@@ -687,12 +730,12 @@ impl Inner {
     /// Replaces a dead or hung userspace child and gives the new one the whole configuration.
     async fn restart(&self, st: &mut State) -> Result<(), WgError> {
         st.child.stop(&self.iface, Duration::from_millis(500)).await;
-        st.child = start_child(&self.iface, &self.agent_exe).await?;
+        st.child = start_child(&self.iface, &self.agent_exe, st.mtu).await?;
         let applied = async {
             self.set_device(Some(&st.key.private), Some(st.listen_port))
                 .await?;
             // The link may have been deleted and recreated by `start_child`.
-            link_up(&self.iface, None).await?;
+            link_up(&self.iface, st.mtu, None).await?;
             if !st.peers.is_empty() {
                 self.add_peers(&st.peers).await?;
             }
@@ -711,6 +754,36 @@ impl Inner {
             .map(|p| (p.key.clone(), p.endpoint))
             .collect();
         Ok(())
+    }
+}
+
+/// Checks every [`PATH_CHECK_EVERY`] that the underlay paths to the peers still carry a full
+/// overlay packet (interface MTU + [`mtu::WIREGUARD_OVERHEAD`]) and says so once per peer when
+/// one does not ([`mtu::check_paths`]). Ends with the last handle or at shutdown.
+async fn watch_paths(inner: Weak<Inner>) {
+    let mut reported = HashMap::new();
+    loop {
+        tokio::time::sleep(PATH_CHECK_EVERY).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let (needed, peers) = {
+            let st = inner.state.lock().await;
+            if st.closed {
+                return;
+            }
+            let peers: Vec<SocketAddr> = st.applied.values().copied().collect();
+            (st.mtu + mtu::WIREGUARD_OVERHEAD, peers)
+        };
+        // Local syscalls only (socket, connect, getsockopt): nothing is sent.
+        let observed: Vec<(SocketAddr, u32)> = peers
+            .into_iter()
+            .map(|p| (p, mtu::path_mtu(p).unwrap_or(0)))
+            .collect();
+        for f in mtu::check_paths(needed, &observed, &mut reported) {
+            warn!(iface = %inner.iface, peer = %f.peer, path_mtu = f.path_mtu, needed = f.needed,
+                  "wireguard: {f}");
+        }
     }
 }
 
@@ -883,7 +956,7 @@ fn read_pid(iface: &str) -> Option<i32> {
 
 /// Starts `agent_exe wg-userspace --iface NAME` in its own session on the (persistent) TUN
 /// interface NAME, records its pid, and waits until it answers on its socket.
-async fn start_child(iface: &str, agent_exe: &Path) -> Result<Child, WgError> {
+async fn start_child(iface: &str, agent_exe: &Path, mtu: u32) -> Result<Child, WgError> {
     let start_err = |msg: String| WgError::Start {
         iface: iface.to_string(),
         msg,
@@ -909,11 +982,11 @@ async fn start_child(iface: &str, agent_exe: &Path) -> Result<Child, WgError> {
         LinkKind::WireGuard | LinkKind::Other(_) => {
             return Err(WgError::Foreign {
                 iface: iface.to_string(),
-                detail: "expected a TUN device for userspace WireGuard".into(),
+                detail: "exists and is not the TUN device userspace WireGuard needs".into(),
             })
         }
     }
-    link_up(iface, Some(TXQUEUELEN)).await?;
+    link_up(iface, mtu, Some(TXQUEUELEN)).await?;
     let log = open_child_log(iface)
         .map_err(|e| start_err(format!("opening log {}: {e}", log_path(iface).display())))?;
     let log2 = log
@@ -1409,12 +1482,12 @@ fn host() -> Result<std::sync::Arc<NetlinkHostNet>, WgError> {
 }
 
 /// Sets the interface's MTU (and queue length) and brings it up, over netlink.
-async fn link_up(iface: &str, txqlen: Option<u32>) -> Result<(), WgError> {
+async fn link_up(iface: &str, mtu: u32, txqlen: Option<u32>) -> Result<(), WgError> {
     let set = NetOp::SetLink {
         name: iface.to_string(),
         set: LinkSet {
             up: Some(true),
-            mtu: Some(MTU),
+            mtu: Some(mtu),
             txqlen,
             ..Default::default()
         },

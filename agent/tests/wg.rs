@@ -361,7 +361,7 @@ fn two_hosts_talk_over_userspace_wireguard() {
     let host_b = Host::new(&ns_b);
     let ensure = |host: &Host, iface: &str, key: &KeyPair| {
         let (iface, key, exe) = (iface.to_string(), key.clone(), exe.clone());
-        host.run(async move { Wg::ensure(&iface, PORT, &key, &exe).await })
+        host.run(async move { Wg::ensure(&iface, PORT, &key, 1420, &exe).await })
             .unwrap_or_else(|e| panic!("ensure: {e}"))
     };
     let wa = ensure(&host_a, &if_a, &key_a);

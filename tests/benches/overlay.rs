@@ -3,9 +3,14 @@
 //!
 //! 1. TCP throughput between containers on h1 and h2 with iperf3 (5 s runs), over an encrypted
 //!    network (WireGuard, boringtun in userspace) and an unencrypted one (VXLAN): to the
-//!    server task's address with one stream (3 runs) and two streams (`-P 2`), and to the
-//!    service's virtual IP. The image is scripts/iperf-rootfs.sh's (busybox + iperf3 and its
-//!    libraries).
+//!    server task's address with one stream (3 runs), two and four streams (`-P 2`, `-P 4`),
+//!    and to the service's virtual IP; the underlay (h1's namespace to h2's, no overlay) the
+//!    same way. Then request/response latency (64-byte TCP ping-pong from h1's container to an
+//!    echo server in h2's, both threads of this bench inside the containers' namespaces),
+//!    idle and under an iperf3 load, on the same three paths. Last, one side-by-side table:
+//!    medians, the encrypted/VXLAN ratios, and CPU seconds per GB (whole machine, and the
+//!    WireGuard children's alone). The image is scripts/iperf-rootfs.sh's (busybox + iperf3
+//!    and its libraries).
 //! 2. How long a stopped replica of a 3-replica service stays in DNS and behind the VIP, as h1
 //!    sees them: its DNS server on the network's gateway (`tasks.web`, polled every ~1 ms from
 //!    h1's namespace) and its nftables `prerouting` chain (polled back to back). Once after a
@@ -204,6 +209,10 @@ struct Iperf {
     cpu_busy: f64,
     /// CPU of the lab's wg-userspace processes over the run, % of one core, by host.
     wg_cpu: Vec<(String, f64)>,
+    /// Machine CPU seconds (all cores busy time) per GB received.
+    cpu_s_per_gb: f64,
+    /// The wg-userspace processes' CPU seconds (both hosts) per GB received.
+    wg_s_per_gb: f64,
 }
 
 /// One iperf3 client run: `run` executes the client command line (in a container or a host's
@@ -225,7 +234,7 @@ fn iperf(
     let (ok, out) = run(&cmd)?;
     let wall = t0.elapsed().as_secs_f64();
     let c1 = cpu_sample();
-    let wg_cpu = wg
+    let wg_cpu: Vec<(String, f64)> = wg
         .iter()
         .zip(wg_before)
         .map(|((h, p), b)| {
@@ -242,18 +251,28 @@ fn iperf(
     }
     let end = &json["end"];
     let gbps = |v: &serde_json::Value| v["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9;
+    let received_gbps = gbps(&end["sum_received"]);
+    let cpu_busy = busy_between(c0, c1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let gb = received_gbps * wall / 8.0;
+    let wg_s: f64 = wg_cpu
+        .iter()
+        .map(|(_, p): &(String, f64)| p / 100.0 * wall)
+        .sum();
     Ok(Iperf {
         sent_gbps: gbps(&end["sum_sent"]),
-        received_gbps: gbps(&end["sum_received"]),
+        received_gbps,
         retransmits: end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        cpu_busy: busy_between(c0, c1),
+        cpu_busy,
+        cpu_s_per_gb: cpu_busy / 100.0 * cores * wall / gb,
+        wg_s_per_gb: wg_s / gb,
         wg_cpu,
     })
 }
 
 /// iperf3 between h1's and h2's own namespaces over the underlay (no overlay): the ceiling of
 /// this machine's veth + bridge path, for reference.
-fn underlay(lab: &LabGuard) -> anyhow::Result<Iperf> {
+fn underlay(lab: &LabGuard, extra: &[&str]) -> anyhow::Result<Iperf> {
     let (h1, h2) = (lab.host("h1"), lab.host("h2"));
     let mut server = Command::new("ip")
         .args([
@@ -279,7 +298,7 @@ fn underlay(lab: &LabGuard) -> anyhow::Result<Iperf> {
             ))
         },
         h2.addr,
-        &[],
+        extra,
     );
     if server.try_wait()?.is_none() {
         let _ = server.kill();
@@ -356,6 +375,7 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
         "network", "MTU", "run", "sent Gb/s", "recv Gb/s", "retr", "CPU busy"
     );
     let mut summary = Vec::new();
+    let mut figures: Vec<(&str, PathFigures)> = Vec::new();
     for c in &cases {
         let _ = running(lab, c.server, 1)?;
         let client = running(lab, c.client, 1)?.remove(0);
@@ -392,32 +412,60 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
             (format!("task {} #2", tasks[0]), tasks[0], vec![]),
             (format!("task {} #3", tasks[0]), tasks[0], vec![]),
             ("task, -P 2".to_string(), tasks[0], vec!["-P", "2"]),
+            ("task, -P 4".to_string(), tasks[0], vec!["-P", "4"]),
             (format!("VIP {}", vip[0]), vip[0], vec![]),
         ];
         let mut single = Vec::new();
         let mut best: f64 = 0.0;
+        let mut path = PathFigures::default();
         for (name, addr, extra) in runs {
             let r = iperf(lab, |cmd| exec(lab, &client, cmd), addr, &extra);
             row(c.label, &mtu, &name, &r);
             if let Ok(r) = r {
                 if extra.is_empty() && name.starts_with("task") {
                     single.push(r.received_gbps);
+                    path.single.push(r.received_gbps);
+                    path.cpu_s_per_gb.push(r.cpu_s_per_gb);
+                    path.wg_s_per_gb.push(r.wg_s_per_gb);
+                }
+                if extra == ["-P", "4"] {
+                    path.p4.push(r.received_gbps);
                 }
                 best = best.max(r.received_gbps);
             }
         }
+        let server_task = running(lab, c.server, 1)?.remove(0);
+        let (idle, loaded) = latency_pair(lab, &client, &server_task, tasks[0])?;
+        path.idle = idle;
+        path.loaded = loaded;
+        figures.push((c.label, path));
         single.sort_by(f64::total_cmp);
         let med = single.get(single.len() / 2).copied().unwrap_or(f64::NAN);
         summary.push((c.label, med, best, c.target_gbps));
     }
-    for i in 1..=2 {
-        row(
-            "underlay, no overlay",
-            "1500",
-            &format!("h1 -> h2 netns #{i}"),
-            &underlay(lab),
-        );
+    let mut under = PathFigures::default();
+    for (name, extra) in [
+        ("h1 -> h2 netns #1", &[][..]),
+        ("h1 -> h2 netns #2", &[][..]),
+        ("h1 -> h2 netns #3", &[][..]),
+        ("h1 -> h2 netns, -P 4", &["-P", "4"][..]),
+    ] {
+        let r = underlay(lab, extra);
+        row("underlay, no overlay", "1500", name, &r);
+        if let Ok(r) = r {
+            if extra.is_empty() {
+                under.single.push(r.received_gbps);
+                under.cpu_s_per_gb.push(r.cpu_s_per_gb);
+            } else {
+                under.p4.push(r.received_gbps);
+            }
+        }
     }
+    let (idle, loaded) = underlay_latency(lab)?;
+    under.idle = idle;
+    under.loaded = loaded;
+    figures.push(("underlay, no overlay", under));
+    side_by_side(&figures);
     println!();
     for (label, med, best, target) in summary {
         println!(
@@ -433,6 +481,305 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. Latency and the side-by-side table
+
+/// Round trips per latency sample.
+const PINGS: usize = 2000;
+/// Port of the bench's echo server inside the server container's namespace.
+const ECHO_PORT: u16 = 7777;
+/// Bytes of each request and response.
+const PING_BYTES: usize = 64;
+
+/// What one path measured, for the side-by-side table.
+#[derive(Default)]
+struct PathFigures {
+    /// Single-stream runs, Gbit/s received.
+    single: Vec<f64>,
+    /// `-P 4` runs.
+    p4: Vec<f64>,
+    cpu_s_per_gb: Vec<f64>,
+    wg_s_per_gb: Vec<f64>,
+    /// Round-trip times idle, and under an iperf3 load on the same path.
+    idle: Latency,
+    loaded: Latency,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// p50 and p99 of round-trip times.
+fn percentiles(mut rtts: Vec<Duration>) -> Latency {
+    rtts.sort();
+    let at = |q: f64| {
+        rtts.get(((rtts.len() as f64 * q) as usize).min(rtts.len().saturating_sub(1)))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+    };
+    Latency {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+    }
+}
+
+/// Moves the calling thread into the namespace at `path` (a file, not a /run/netns name).
+fn enter_netns_path(path: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("open netns {}", path.display()))?;
+    // SAFETY: a plain syscall on a descriptor we own; it changes this thread's namespace only.
+    let rc = unsafe { setns(f.as_raw_fd(), CLONE_NEWNET) };
+    if rc != 0 {
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// A task's network namespace file (the agent's bind mount).
+fn task_netns(lab: &LabGuard, task: &serde_json::Value) -> anyhow::Result<std::path::PathBuf> {
+    let host = lab.host(task["node"].as_str().context("task has a node")?);
+    let id = task["id"].as_str().context("task id")?;
+    Ok(host.data_dir.join("netns").join(id))
+}
+
+/// An echo server in namespace `ns` on `ECHO_PORT`, serving connections one at a time until
+/// `stop` is set (checked between connections and every 200 ms while idle).
+fn echo_server(
+    ns: std::path::PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use std::io::{Read, Write};
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let listener = enter_netns_path(&ns)
+            .and_then(|()| Ok(std::net::TcpListener::bind(("0.0.0.0", ECHO_PORT))?));
+        let listener = match listener {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                l
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = listener.set_nonblocking(true);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((mut c, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            let _ = c.set_nonblocking(false);
+            let _ = c.set_nodelay(true);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; PING_BYTES];
+            while c.read_exact(&mut buf).is_ok() {
+                if c.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("echo server did not start")??;
+    Ok(h)
+}
+
+/// `PINGS` round trips from namespace `ns` to `server:ECHO_PORT`.
+fn ping_pong(ns: std::path::PathBuf, server: Ipv4Addr) -> anyhow::Result<Latency> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || -> anyhow::Result<Latency> {
+        enter_netns_path(&ns)?;
+        let addr = SocketAddr::from((server, ECHO_PORT));
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connect {addr}"))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let req = [7u8; PING_BYTES];
+        let mut resp = [0u8; PING_BYTES];
+        // Warm-up: the first exchanges include the handshake and any cold path.
+        for _ in 0..50 {
+            c.write_all(&req)?;
+            c.read_exact(&mut resp)?;
+        }
+        let mut rtts = Vec::with_capacity(PINGS);
+        for _ in 0..PINGS {
+            let t = Instant::now();
+            c.write_all(&req)?;
+            c.read_exact(&mut resp)?;
+            rtts.push(t.elapsed());
+        }
+        Ok(percentiles(rtts))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("ping thread panicked"))?
+}
+
+/// Latency between two namespaces idle, then while `load` (an iperf3 run on the same path,
+/// started in a thread) runs. Prints one line per sample.
+fn latency_between(
+    label: &str,
+    client_ns: std::path::PathBuf,
+    server_ns: std::path::PathBuf,
+    server: Ipv4Addr,
+    load: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<(Latency, Latency)> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let srv = echo_server(server_ns, stop.clone())?;
+    let result = (|| {
+        let idle = ping_pong(client_ns.clone(), server)?;
+        let loader = std::thread::spawn(load);
+        std::thread::sleep(Duration::from_secs(1));
+        let loaded = ping_pong(client_ns, server);
+        let _ = loader.join();
+        Ok::<_, anyhow::Error>((idle, loaded?))
+    })();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = srv.join();
+    let (idle, loaded) = result?;
+    println!(
+        "{label:<22} latency ({PINGS} x {PING_BYTES} B TCP ping-pong): idle p50 {:.0} us p99 {:.0}          us; under iperf3 load p50 {:.0} us p99 {:.0} us",
+        idle.p50_us, idle.p99_us, loaded.p50_us, loaded.p99_us
+    );
+    Ok((idle, loaded))
+}
+
+/// Latency over an overlay: h1's client container to the iperf3 server's container on h2.
+fn latency_pair(
+    lab: &LabGuard,
+    client: &serde_json::Value,
+    server_task: &serde_json::Value,
+    server: Ipv4Addr,
+) -> anyhow::Result<(Latency, Latency)> {
+    let label = format!("-> {}", server_task["service"].as_str().unwrap_or("server"));
+    let client_ns = task_netns(lab, client)?;
+    let server_ns = task_netns(lab, server_task)?;
+    // The load: the same iperf3 as above, run through the runtime from this thread.
+    let host = lab.host(client["node"].as_str().context("task has a node")?);
+    let (id, root, data) = (
+        client["id"].as_str().context("task id")?.to_string(),
+        host.runtime_root.clone(),
+        host.data_dir.clone(),
+    );
+    let srv = server.to_string();
+    let load = move || -> anyhow::Result<()> {
+        let dir = rudder_agent::shim::ContainerDir::new(data.join("containers").join(&id));
+        let argv: Vec<String> = ["timeout", "30", "iperf3", "-c", &srv, "-t", "6"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let process = rudder_agent::runtime::exec_process(&dir.config(), &argv, false)?;
+        let file = rudder_agent::runtime::write_process(&dir.bundle(), &process)?;
+        rudder_tests::runtime_cli(&root)
+            .exec(&id, &file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        Ok(())
+    };
+    latency_between(&label, client_ns, server_ns, server, load)
+}
+
+/// Latency between h1's and h2's own namespaces (the underlay).
+fn underlay_latency(lab: &LabGuard) -> anyhow::Result<(Latency, Latency)> {
+    let (h1, h2) = (lab.host("h1"), lab.host("h2"));
+    let ns = |n: &str| Path::new("/run/netns").join(n);
+    let (n1, n2, addr) = (h1.netns.clone(), h2.netns.clone(), h2.addr);
+    let load = move || -> anyhow::Result<()> {
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", &n2, "iperf3", "-s", "-1", "-p", "5298"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &n1, "timeout", "30", "iperf3", "-c"])
+            .arg(addr.to_string())
+            .args(["-p", "5298", "-t", "6"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if server.try_wait()?.is_none() {
+            let _ = server.kill();
+        }
+        let _ = server.wait();
+        Ok(())
+    };
+    latency_between(
+        "underlay, no overlay",
+        ns(&h1.netns),
+        ns(&h2.netns),
+        h2.addr,
+        load,
+    )
+}
+
+/// The one table the issue asks for: every path side by side, medians, ratios.
+fn side_by_side(figures: &[(&str, PathFigures)]) {
+    println!();
+    println!(
+        "== Side by side (medians of the runs above; a busy machine makes them noisy, ratios          count) =="
+    );
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "path",
+        "1 strm",
+        "-P 4",
+        "CPU s/GB",
+        "wg s/GB",
+        "p50 idle",
+        "p99 idle",
+        "p50 load",
+        "p99 load"
+    );
+    for (label, f) in figures {
+        println!(
+            "{label:<22} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.0}u {:>8.0}u {:>8.0}u {:>8.0}u",
+            median(&f.single),
+            median(&f.p4),
+            median(&f.cpu_s_per_gb),
+            median(&f.wg_s_per_gb),
+            f.idle.p50_us,
+            f.idle.p99_us,
+            f.loaded.p50_us,
+            f.loaded.p99_us
+        );
+    }
+    let find = |p: &str| {
+        figures
+            .iter()
+            .find(|(l, _)| l.starts_with(p))
+            .map(|(_, f)| f)
+    };
+    if let (Some(wg), Some(vx)) = (find("WireGuard"), find("VXLAN")) {
+        let pct = |a: f64, b: f64| 100.0 * a / b;
+        let x = |a: f64, b: f64| a / b;
+        println!(
+            "encrypted / VXLAN: throughput 1 stream {:.1}%, -P 4 {:.1}% (target >= 25%);              latency p50 idle {:.2}x, p99 idle {:.2}x, p50 load {:.2}x, p99 load {:.2}x              (target <= 1.5x); CPU s/GB {:.2}x",
+            pct(median(&wg.single), median(&vx.single)),
+            pct(median(&wg.p4), median(&vx.p4)),
+            x(wg.idle.p50_us, vx.idle.p50_us),
+            x(wg.idle.p99_us, vx.idle.p99_us),
+            x(wg.loaded.p50_us, vx.loaded.p50_us),
+            x(wg.loaded.p99_us, vx.loaded.p99_us),
+            x(median(&wg.cpu_s_per_gb), median(&vx.cpu_s_per_gb)),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
