@@ -45,6 +45,7 @@ use crate::hostnet::{HostNet, HostNetError, LinkSet, NetOp, Ns};
 
 pub mod choice;
 pub mod mtu;
+pub mod segment;
 
 /// How often the paths to the peers are checked against what the overlay needs.
 const PATH_CHECK_EVERY: Duration = Duration::from_secs(10);

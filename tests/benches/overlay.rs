@@ -634,7 +634,7 @@ fn latency_between(
     client_ns: std::path::PathBuf,
     server_ns: std::path::PathBuf,
     server: Ipv4Addr,
-    load: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+    load: impl FnOnce() -> anyhow::Result<f64> + Send + 'static,
 ) -> anyhow::Result<(Latency, Latency)> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let srv = echo_server(server_ns, stop.clone())?;
@@ -643,17 +643,31 @@ fn latency_between(
         let loader = std::thread::spawn(load);
         std::thread::sleep(Duration::from_secs(1));
         let loaded = ping_pong(client_ns, server);
-        let _ = loader.join();
-        Ok::<_, anyhow::Error>((idle, loaded?))
+        // The load's own throughput shows it ran (NaN: it failed).
+        let gbps = loader
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+            .unwrap_or(f64::NAN);
+        Ok::<_, anyhow::Error>((idle, loaded?, gbps))
     })();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = srv.join();
-    let (idle, loaded) = result?;
+    let (idle, loaded, gbps) = result?;
     println!(
-        "{label:<22} latency ({PINGS} x {PING_BYTES} B TCP ping-pong): idle p50 {:.0} us p99 {:.0}          us; under iperf3 load p50 {:.0} us p99 {:.0} us",
+        "{label:<22} latency ({PINGS} x {PING_BYTES} B TCP ping-pong): idle p50 {:.0} us p99 {:.0} \
+         us; under an iperf3 load of {gbps:.2} Gbit/s p50 {:.0} us p99 {:.0} us",
         idle.p50_us, idle.p99_us, loaded.p50_us, loaded.p99_us
     );
     Ok((idle, loaded))
+}
+
+/// Gbit/s received of an `iperf3 -J` run.
+fn iperf_gbps(json: &[u8]) -> anyhow::Result<f64> {
+    let v: serde_json::Value = serde_json::from_slice(json).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3: no sum_received")
 }
 
 /// Latency over an overlay: h1's client container to the iperf3 server's container on h2.
@@ -674,21 +688,20 @@ fn latency_pair(
         host.data_dir.clone(),
     );
     let srv = server.to_string();
-    let load = move || -> anyhow::Result<()> {
+    let load = move || -> anyhow::Result<f64> {
         let dir = rudder_agent::shim::ContainerDir::new(data.join("containers").join(&id));
-        let argv: Vec<String> = ["timeout", "30", "iperf3", "-c", &srv, "-t", "6"]
+        let argv: Vec<String> = ["timeout", "30", "iperf3", "-c", &srv, "-t", "6", "-J"]
             .iter()
             .map(|a| a.to_string())
             .collect();
         let process = rudder_agent::runtime::exec_process(&dir.config(), &argv, false)?;
         let file = rudder_agent::runtime::write_process(&dir.bundle(), &process)?;
-        rudder_tests::runtime_cli(&root)
+        let out = rudder_tests::runtime_cli(&root)
             .exec(&id, &file)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status()?;
-        Ok(())
+            .output()?;
+        iperf_gbps(&out.stdout)
     };
     latency_between(&label, client_ns, server_ns, server, load)
 }
@@ -698,7 +711,7 @@ fn underlay_latency(lab: &LabGuard) -> anyhow::Result<(Latency, Latency)> {
     let (h1, h2) = (lab.host("h1"), lab.host("h2"));
     let ns = |n: &str| Path::new("/run/netns").join(n);
     let (n1, n2, addr) = (h1.netns.clone(), h2.netns.clone(), h2.addr);
-    let load = move || -> anyhow::Result<()> {
+    let load = move || -> anyhow::Result<f64> {
         let mut server = Command::new("ip")
             .args(["netns", "exec", &n2, "iperf3", "-s", "-1", "-p", "5298"])
             .stdin(Stdio::null())
@@ -706,19 +719,18 @@ fn underlay_latency(lab: &LabGuard) -> anyhow::Result<(Latency, Latency)> {
             .stderr(Stdio::null())
             .spawn()?;
         std::thread::sleep(Duration::from_millis(300));
-        let _ = Command::new("ip")
+        let out = Command::new("ip")
             .args(["netns", "exec", &n1, "timeout", "30", "iperf3", "-c"])
             .arg(addr.to_string())
-            .args(["-p", "5298", "-t", "6"])
+            .args(["-p", "5298", "-t", "6", "-J"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .output();
         if server.try_wait()?.is_none() {
             let _ = server.kill();
         }
         let _ = server.wait();
-        Ok(())
+        iperf_gbps(&out?.stdout)
     };
     latency_between(
         "underlay, no overlay",
@@ -733,7 +745,8 @@ fn underlay_latency(lab: &LabGuard) -> anyhow::Result<(Latency, Latency)> {
 fn side_by_side(figures: &[(&str, PathFigures)]) {
     println!();
     println!(
-        "== Side by side (medians of the runs above; a busy machine makes them noisy, ratios          count) =="
+        "== Side by side (medians of the runs above; a busy machine makes them noisy, ratios \
+         count) =="
     );
     println!(
         "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -770,7 +783,9 @@ fn side_by_side(figures: &[(&str, PathFigures)]) {
         let pct = |a: f64, b: f64| 100.0 * a / b;
         let x = |a: f64, b: f64| a / b;
         println!(
-            "encrypted / VXLAN: throughput 1 stream {:.1}%, -P 4 {:.1}% (target >= 25%);              latency p50 idle {:.2}x, p99 idle {:.2}x, p50 load {:.2}x, p99 load {:.2}x              (target <= 1.5x); CPU s/GB {:.2}x",
+            "encrypted / VXLAN: throughput 1 stream {:.1}%, -P 4 {:.1}% (target >= 25%); \
+             latency p50 idle {:.2}x, p99 idle {:.2}x, p50 load {:.2}x, p99 load {:.2}x \
+             (target <= 1.5x); CPU s/GB {:.2}x",
             pct(median(&wg.single), median(&vx.single)),
             pct(median(&wg.p4), median(&vx.p4)),
             x(wg.idle.p50_us, vx.idle.p50_us),
