@@ -17,6 +17,7 @@ pub mod dns;
 mod exec;
 pub mod fs_helper;
 mod health;
+pub mod hollow;
 mod hostnet;
 mod images;
 mod manager;

@@ -1,0 +1,229 @@
+//! The figures and checks of a run, pure: percentiles of delays, and whether the tasks the
+//! controller lists have converged (every replica slot runs exactly one task where it should)
+//! or break the invariant that no slot ever runs two tasks once converged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rudder_proto::v1::{TaskState, TaskSummary};
+
+/// The `p`-th percentile (0..=100) of `values` by nearest rank; `None` when empty.
+pub fn percentile(values: &[u64], p: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// p50, p90, p99 and max of `values` in one line (`-` when empty).
+pub fn summary(values: &[u64]) -> String {
+    let f = |p| percentile(values, p).map_or("-".to_string(), |v| v.to_string());
+    format!(
+        "p50 {} / p90 {} / p99 {} / max {} ms (n={})",
+        f(50.0),
+        f(90.0),
+        f(99.0),
+        f(100.0),
+        values.len()
+    )
+}
+
+/// Seconds with millisecond precision, for printing.
+pub fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+/// What the fleet should run: replicas per service name, and the image the running tasks
+/// must have (after a rolling update).
+#[derive(Debug, Clone, Default)]
+pub struct Want {
+    /// Service name → replicas.
+    pub replicas: BTreeMap<String, u64>,
+    /// When set, a running task of another image does not count.
+    pub image: Option<String>,
+}
+
+impl Want {
+    /// Total tasks wanted.
+    pub fn total(&self) -> u64 {
+        self.replicas.values().sum()
+    }
+}
+
+/// How far the listed tasks are from [`Want`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotView {
+    /// Slots with exactly one good running task.
+    pub good: u64,
+    /// Slots with two or more tasks the controller counts as running (any node, any image).
+    pub doubled: Vec<(String, u64)>,
+    /// Running tasks on excluded nodes (lost or drained hosts), or of another image.
+    pub misplaced: u64,
+}
+
+/// Looks at `tasks` (as `ListTasks` gives them) against `want`; tasks on `excluded` nodes do
+/// not count as good, and count as misplaced when the controller still has them running.
+pub fn slots(tasks: &[TaskSummary], want: &Want, excluded: &BTreeSet<String>) -> SlotView {
+    let running = TaskState::Running as i32;
+    let mut per_slot: BTreeMap<(&str, u64), (u64, u64)> = BTreeMap::new();
+    let mut view = SlotView::default();
+    for t in tasks.iter().filter(|t| t.state == running) {
+        let Some(&replicas) = want.replicas.get(&t.service) else {
+            continue;
+        };
+        let e = per_slot.entry((t.service.as_str(), t.slot)).or_default();
+        e.0 += 1;
+        let placed_ok = !excluded.contains(&t.node_id);
+        let image_ok = want.image.as_ref().is_none_or(|i| *i == t.image);
+        if placed_ok && image_ok && (1..=replicas).contains(&t.slot) {
+            e.1 += 1;
+        } else {
+            view.misplaced += 1;
+        }
+    }
+    for ((service, slot), (all, good)) in per_slot {
+        if all > 1 {
+            view.doubled.push((service.to_string(), slot));
+        }
+        if good == 1 && all == 1 {
+            view.good += 1;
+        }
+    }
+    view
+}
+
+impl SlotView {
+    /// Every wanted slot runs exactly one good task and nothing runs where it should not.
+    pub fn converged(&self, want: &Want) -> bool {
+        self.good == want.total() && self.doubled.is_empty() && self.misplaced == 0
+    }
+}
+
+/// The hosts' own truth: of the containers that run on the hosts (`running`: task ids),
+/// how many belong to a wanted slot, and which slots run more than one.
+pub fn fleet_slots<'a>(
+    running: impl IntoIterator<Item = &'a str>,
+    tasks: &[TaskSummary],
+    want: &Want,
+) -> (u64, Vec<(String, u64)>) {
+    let by_id: BTreeMap<&str, &TaskSummary> = tasks.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut per_slot: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+    let mut n = 0;
+    for id in running {
+        let Some(t) = by_id.get(id) else { continue };
+        if want.replicas.contains_key(&t.service) {
+            n += 1;
+            *per_slot.entry((t.service.as_str(), t.slot)).or_default() += 1;
+        }
+    }
+    let doubled = per_slot
+        .into_iter()
+        .filter(|(_, c)| *c > 1)
+        .map(|((s, slot), _)| (s.to_string(), slot))
+        .collect();
+    (n, doubled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(service: &str, slot: u64, node: &str, state: TaskState, image: &str) -> TaskSummary {
+        TaskSummary {
+            service: service.into(),
+            slot,
+            node_id: node.into(),
+            state: state as i32,
+            image: image.into(),
+            ..Default::default()
+        }
+    }
+
+    fn want(image: Option<&str>) -> Want {
+        Want {
+            replicas: [("a".to_string(), 2), ("b".to_string(), 1)].into(),
+            image: image.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50));
+        assert_eq!(percentile(&v, 99.0), Some(99));
+        assert_eq!(percentile(&v, 100.0), Some(100));
+        assert_eq!(percentile(&[7], 1.0), Some(7));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[30, 10, 20], 0.0), Some(10));
+        assert!(summary(&[]).starts_with("p50 - "));
+    }
+
+    #[test]
+    fn converged_when_every_slot_runs_once_where_it_should() {
+        use TaskState::*;
+        let mut tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 2, "n2", Running, "x"),
+            task("b", 1, "n1", Running, "x"),
+            // History and other services do not count.
+            task("a", 1, "n3", Shutdown, "x"),
+            task("c", 1, "n3", Running, "x"),
+        ];
+        let none = BTreeSet::new();
+        let v = slots(&tasks, &want(None), &none);
+        assert!(v.converged(&want(None)), "{v:?}");
+        // A slot still starting: not yet.
+        tasks[1].state = Starting as i32;
+        assert!(!slots(&tasks, &want(None), &none).converged(&want(None)));
+    }
+
+    #[test]
+    fn a_slot_running_twice_is_reported_and_not_converged() {
+        use TaskState::*;
+        let tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 1, "n2", Running, "x"),
+            task("a", 2, "n2", Running, "x"),
+            task("b", 1, "n1", Running, "x"),
+        ];
+        let v = slots(&tasks, &want(None), &BTreeSet::new());
+        assert_eq!(v.doubled, vec![("a".to_string(), 1)]);
+        assert!(!v.converged(&want(None)));
+    }
+
+    #[test]
+    fn the_hosts_view_finds_a_slot_running_on_two_hosts() {
+        use TaskState::*;
+        let mut tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 1, "n2", Orphaned, "x"),
+            task("a", 2, "n2", Running, "x"),
+        ];
+        for (i, t) in tasks.iter_mut().enumerate() {
+            t.id = format!("t{i}");
+        }
+        let (n, doubled) = fleet_slots(["t0", "t1", "t2", "gone"], &tasks, &want(None));
+        assert_eq!((n, doubled), (3, vec![("a".to_string(), 1)]));
+        let (n, doubled) = fleet_slots(["t0", "t2"], &tasks, &want(None));
+        assert_eq!((n, doubled.len()), (2, 0));
+    }
+
+    #[test]
+    fn tasks_on_excluded_nodes_or_of_the_old_image_are_misplaced() {
+        use TaskState::*;
+        let tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 2, "n2", Running, "x"),
+            task("b", 1, "n1", Running, "y"),
+        ];
+        let lost: BTreeSet<String> = ["n2".to_string()].into();
+        let v = slots(&tasks, &want(None), &lost);
+        assert_eq!((v.good, v.misplaced), (2, 1));
+        assert!(!v.converged(&want(None)));
+        let v = slots(&tasks, &want(Some("y")), &BTreeSet::new());
+        assert_eq!((v.good, v.misplaced), (1, 2));
+    }
+}

@@ -1,0 +1,243 @@
+//! The controller group: three (or `n`) real `rudder-controller` processes on loopback, the
+//! first making the cluster and the others joining it with the manager token, as the lab
+//! (`rudder_lab`) starts them, but without network namespaces (every controller gets its own
+//! ports on 127.0.0.1). Processes are ours: they are stopped by their pid (SIGKILL) when the
+//! group is dropped, and each one's output goes to `<dir>/c<i>.log`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// The environment variable the controllers read their join token from.
+const TOKEN_ENV: &str = "RUDDER_JOIN_TOKEN";
+/// How long a controller may take to listen.
+const READY: Duration = Duration::from_secs(60);
+
+/// One controller process.
+pub struct Member {
+    /// Its raft id (1-based).
+    pub raft_id: u64,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Its output.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `http://addr` (agents and rctl switch to https with certificates).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills the process (SIGKILL, by its pid) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Resident memory of the process in bytes (`/proc/<pid>/status`), if it runs.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    }
+
+    /// Bytes of files under its data dir, and of those named like raft logs and snapshots.
+    pub fn disk(&self) -> DiskUse {
+        let mut d = DiskUse::default();
+        walk(&self.data_dir, &mut d);
+        d
+    }
+}
+
+/// Bytes a controller keeps on disk.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiskUse {
+    /// Everything under the data dir.
+    pub total: u64,
+    /// The raft log database (`raft.redb`).
+    pub raft_log: u64,
+    /// Files whose name says snapshot.
+    pub snapshots: u64,
+}
+
+fn walk(dir: &Path, d: &mut DiskUse) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if m.is_dir() {
+            walk(&e.path(), d);
+        } else {
+            let name = e.file_name().to_string_lossy().to_string();
+            d.total += m.len();
+            if name.starts_with("raft") {
+                d.raft_log += m.len();
+            }
+            if name.contains("snap") {
+                d.snapshots += m.len();
+            }
+        }
+    }
+}
+
+/// The running group and what the first controller handed out.
+pub struct Group {
+    /// The members, by raft id - 1.
+    pub members: Vec<Member>,
+    /// Token hosts join with.
+    pub worker_token: String,
+    /// The admin credentials (ca.pem, admin.pem, admin-key.pem).
+    pub admin_dir: PathBuf,
+}
+
+/// A free port on 127.0.0.1 (bound and released: good enough on a machine we share only
+/// with ourselves for this run's ports).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            bail!(
+                "fleetsim: the controller at {addr} exited ({s}); see {}",
+                log.display()
+            );
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "fleetsim: the controller at {addr} did not listen within {READY:?}; see {}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_file(path: &Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + READY;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return Ok(s.trim().to_string());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("fleetsim: {} was not written in time", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Group {
+    /// Starts `n` controllers from `bin` with data under `dir`; `rust_log` is their log filter.
+    pub fn start(bin: &Path, dir: &Path, n: u64, rust_log: &str) -> anyhow::Result<Group> {
+        let mut group = Group {
+            members: Vec::new(),
+            worker_token: String::new(),
+            admin_dir: dir.join("c1").join("admin"),
+        };
+        let mut manager_token = String::new();
+        for raft_id in 1..=n {
+            let data_dir = dir.join(format!("c{raft_id}"));
+            std::fs::create_dir_all(&data_dir)?;
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            let log = dir.join(format!("c{raft_id}.log"));
+            let out = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&log)
+                .with_context(|| format!("opening {}", log.display()))?;
+            let mut cmd = Command::new(bin);
+            cmd.arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--registry-listen")
+                .arg(format!("127.0.0.1:{}", free_port()?))
+                .arg("--metrics-listen")
+                .arg("off")
+                .arg("--raft-id")
+                .arg(raft_id.to_string())
+                .arg("--node-name")
+                .arg(format!("c{raft_id}"))
+                .env("RUST_LOG", rust_log)
+                .env_remove(TOKEN_ENV)
+                .stdin(Stdio::null())
+                .stdout(out.try_clone()?)
+                .stderr(out);
+            if raft_id > 1 {
+                let first = group.members[0].addr;
+                cmd.arg("--join")
+                    .arg(first.to_string())
+                    .env(TOKEN_ENV, &manager_token);
+            }
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let ready = wait_listening(addr, &mut child, &log);
+            group.members.push(Member {
+                raft_id,
+                addr,
+                data_dir,
+                log,
+                child: Some(child),
+            });
+            ready?;
+            if raft_id == 1 {
+                let admin = &group.admin_dir;
+                group.worker_token = wait_file(&admin.join("worker.token"))?;
+                manager_token = wait_file(&admin.join("manager.token"))?;
+                for f in ["worker.token", "manager.token"] {
+                    let _ = std::fs::remove_file(admin.join(f));
+                }
+            }
+        }
+        Ok(group)
+    }
+
+    /// Every member's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.members.iter().map(Member::url).collect()
+    }
+
+    /// The member with raft id `id`.
+    pub fn member_mut(&mut self, id: u64) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.raft_id == id)
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! `rudder-fleetsim`: many hollow agents ([`rudder_agent::hollow`]) in one process against a
+//! real controller group (real `rudder-controller` processes, real raft, gRPC with mutual TLS),
+//! driving scenarios and printing figures (issue 20):
+//!
+//! - **S1** — `hosts` hosts join, `tasks` tasks are applied (in services of `per_service`
+//!   replicas): scheduling delay from the apply to `running` as the controller records it
+//!   (p50/p90/p99), time until every slot runs, controller memory, disk, `ps` and
+//!   `get services` latency.
+//! - **S3 churn** (`churn`) — a share of the hosts is cut off and comes back, a rolling update
+//!   of every service, a drain of a share of the hosts: time to converge after each, and the
+//!   check that once converged no replica slot runs twice, neither as the controller lists the
+//!   tasks nor as the hosts really run them.
+//! - **Failover** (`failover`) — the leader process is killed (SIGKILL, by its pid): time until
+//!   a write is served again.
+//!
+//! S2 of the issue is S1 with `--hosts 5000 --tasks 150000 --failover`.
+//!
+//! Everything this run starts lives in a temporary directory under `dir` and is removed at
+//! the end; the controllers are ours and are killed by pid.
+
+pub mod figures;
+pub mod fleet;
+pub mod group;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _};
+use rudder_agent::hollow::Behaviour;
+use rudder_proto::v1::control_client::ControlClient;
+use rudder_proto::v1::{
+    ApplyRequest, Availability, ClusterInfoRequest, ListNodesRequest, ListServicesRequest,
+    ListTasksRequest, NodeState, TaskSummary, UpdateNodeRequest,
+};
+use tonic::transport::Channel;
+
+use figures::{fleet_slots, secs, slots, summary, Want};
+use fleet::Fleet;
+use group::Group;
+
+/// The largest task list the admin client accepts (a `ListTasks` of 150,000 tasks).
+const MAX_LIST: usize = 1 << 30;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Hollow hosts.
+    pub hosts: usize,
+    /// Tasks in all (rounded up to whole services).
+    pub tasks: u64,
+    /// Replicas per service.
+    pub per_service: u64,
+    /// Controllers in the group.
+    pub controllers: u64,
+    /// How the hosts' "containers" behave.
+    pub behaviour: Behaviour,
+    /// Run the churn scenarios (S3).
+    pub churn: bool,
+    /// Share of hosts lost and returning, and share drained, in the churn scenarios (0..1).
+    pub churn_share: f64,
+    /// Kill the leader at the end and time the failover.
+    pub failover: bool,
+    /// `rudder-controller`.
+    pub controller_bin: PathBuf,
+    /// Where the run's temporary directory goes.
+    pub dir: PathBuf,
+    /// How often the task list is read while waiting.
+    pub poll: Duration,
+    /// How long any one wait may take.
+    pub timeout: Duration,
+    /// How long the invariant is watched after each convergence.
+    pub hold: Duration,
+    /// The controllers' `RUST_LOG`.
+    pub controller_log: String,
+}
+
+impl Config {
+    /// Checks the sizes make sense.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.hosts == 0 || self.tasks == 0 || self.per_service == 0 {
+            bail!("fleetsim: hosts, tasks and replicas per service must be at least 1");
+        }
+        if self.controllers == 0 {
+            bail!("fleetsim: at least one controller");
+        }
+        if !(0.0..=1.0).contains(&self.behaviour.fail_rate)
+            || !(0.0..1.0).contains(&self.churn_share)
+        {
+            bail!("fleetsim: the failure rate is in 0..=1 and the churn share in 0..1");
+        }
+        Ok(())
+    }
+
+    /// The services to apply: name → replicas.
+    pub fn services(&self) -> BTreeMap<String, u64> {
+        let n = self.tasks.div_ceil(self.per_service);
+        (0..n)
+            .map(|i| {
+                let left = self.tasks - i * self.per_service;
+                (format!("sim-{i:05}"), left.min(self.per_service))
+            })
+            .collect()
+    }
+}
+
+/// What a run measured; `lines` is the printed report.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Everything measured, one figure a line.
+    pub lines: Vec<String>,
+    /// Whether every phase converged.
+    pub converged: bool,
+    /// Slots seen running twice after a convergence (controller's list or hosts), with the
+    /// phase: must be empty.
+    pub violations: Vec<String>,
+}
+
+impl Report {
+    fn say(&mut self, line: String) {
+        println!("{line}");
+        self.lines.push(line);
+    }
+}
+
+type Client = ControlClient<Channel>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit to its hard limit: every hollow host holds a
+/// connection (and each controller inherits the limit for its side of them).
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur
+}
+
+async fn admin(group: &Group) -> anyhow::Result<Client> {
+    let ctx = rudder_ctl::context::Context {
+        name: "fleetsim".into(),
+        controller: String::new(),
+        controllers: group.urls(),
+        registry: String::new(),
+        ca: Some(group.admin_dir.join("ca.pem")),
+        cert: Some(group.admin_dir.join("admin.pem")),
+        key: Some(group.admin_dir.join("admin-key.pem")),
+    };
+    Ok(rudder_ctl::connect(&ctx)
+        .await?
+        .max_decoding_message_size(MAX_LIST))
+}
+
+async fn tasks(c: &mut Client) -> anyhow::Result<Vec<TaskSummary>> {
+    Ok(c.list_tasks(ListTasksRequest::default())
+        .await?
+        .into_inner()
+        .tasks)
+}
+
+fn service_json(name: &str, replicas: u64, image: &str) -> anyhow::Result<String> {
+    let spec: rudder_model::ServiceSpec = serde_json::from_value(serde_json::json!({
+        "name": name,
+        "image": image,
+        "replicas": replicas,
+        "network_mode": "host",
+        "stop_grace_period": 1,
+        "update_config": {
+            "parallelism": (replicas / 5).max(1),
+            "monitor": "1s",
+        },
+    }))?;
+    Ok(rudder_model::wire::encode("service", &spec)?)
+}
+
+async fn apply(c: &mut Client, want: &Want, image: &str) -> anyhow::Result<()> {
+    let specs = want
+        .replicas
+        .iter()
+        .map(|(n, r)| service_json(n, *r, image))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    c.apply(ApplyRequest {
+        service_specs_json: specs,
+        ..Default::default()
+    })
+    .await
+    .context("fleetsim: apply")?;
+    Ok(())
+}
+
+/// Waits until the controller lists `n` ready nodes.
+async fn wait_nodes(c: &mut Client, n: usize, cfg: &Config) -> anyhow::Result<()> {
+    let deadline = Instant::now() + cfg.timeout;
+    loop {
+        let nodes = c.list_nodes(ListNodesRequest {}).await?.into_inner().nodes;
+        let ready = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Ready as i32)
+            .count();
+        if ready >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "fleetsim: {ready} of {n} hosts ready after {:?}",
+                cfg.timeout
+            );
+        }
+        tokio::time::sleep(cfg.poll).await;
+    }
+}
+
+/// What a wait for convergence saw.
+struct Converged {
+    took: Duration,
+    tasks: Vec<TaskSummary>,
+}
+
+/// Waits until the controller's list and the hosts agree that every wanted slot runs once,
+/// away from `excluded` nodes. What hosts that are `cut_off` still run is not looked at (a
+/// host cut off from the controllers cannot be told to stop).
+async fn converge(
+    c: &mut Client,
+    fleet: &Fleet,
+    want: &Want,
+    excluded: &BTreeSet<String>,
+    cut_off: &BTreeSet<String>,
+    cfg: &Config,
+) -> anyhow::Result<Converged> {
+    let began = Instant::now();
+    loop {
+        let list = tasks(c).await?;
+        let view = slots(&list, want, excluded);
+        let running = fleet.running_ids(cut_off);
+        let (on_hosts, doubled) = fleet_slots(running.iter().map(String::as_str), &list, want);
+        if view.converged(want) && on_hosts == want.total() && doubled.is_empty() {
+            return Ok(Converged {
+                took: began.elapsed(),
+                tasks: list,
+            });
+        }
+        if began.elapsed() > cfg.timeout {
+            bail!(
+                "fleetsim: not converged after {:?}: {} of {} slots good, {} misplaced, {} \
+                 doubled in the list; {} running on the hosts, {} slots doubled there",
+                cfg.timeout,
+                view.good,
+                want.total(),
+                view.misplaced,
+                view.doubled.len(),
+                on_hosts,
+                doubled.len()
+            );
+        }
+        tokio::time::sleep(cfg.poll).await;
+    }
+}
+
+/// Watches for `cfg.hold` that no slot runs twice (list or hosts); returns what was seen.
+async fn hold(
+    c: &mut Client,
+    fleet: &Fleet,
+    want: &Want,
+    cfg: &Config,
+    phase: &str,
+) -> anyhow::Result<Vec<String>> {
+    let end = Instant::now() + cfg.hold;
+    let mut seen = BTreeSet::new();
+    loop {
+        let list = tasks(c).await?;
+        let view = slots(&list, want, &BTreeSet::new());
+        let running = fleet.running_ids(&BTreeSet::new());
+        let (_, doubled) = fleet_slots(running.iter().map(String::as_str), &list, want);
+        for (s, slot) in view.doubled {
+            seen.insert(format!("{phase}: {s}.{slot} listed running twice"));
+        }
+        for (s, slot) in doubled {
+            seen.insert(format!("{phase}: {s}.{slot} running on two hosts"));
+        }
+        if Instant::now() >= end {
+            return Ok(seen.into_iter().collect());
+        }
+        tokio::time::sleep(cfg.poll).await;
+    }
+}
+
+impl Fleet {
+    /// The running task ids of every host but those of `except` (node ids).
+    pub fn running_ids(&self, except: &BTreeSet<String>) -> Vec<String> {
+        self.hosts
+            .iter()
+            .filter(|h| !except.contains(&h.spec().node_id))
+            .flat_map(|h| h.running_ids())
+            .collect()
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// Memory and disk of every controller, the leader marked.
+async fn resources(c: &mut Client, group: &Group) -> anyhow::Result<String> {
+    let leader = c
+        .cluster_info(ClusterInfoRequest {})
+        .await?
+        .into_inner()
+        .leader_id;
+    let parts: Vec<String> = group
+        .members
+        .iter()
+        .filter(|m| m.pid().is_some())
+        .map(|m| {
+            let d = m.disk();
+            format!(
+                "c{}{}: RSS {}, disk {} (raft log {}, snapshots {})",
+                m.raft_id,
+                if m.raft_id == leader { " (leader)" } else { "" },
+                m.rss_bytes().map_or("-".into(), mib),
+                mib(d.total),
+                mib(d.raft_log),
+                mib(d.snapshots)
+            )
+        })
+        .collect();
+    Ok(parts.join("; "))
+}
+
+/// Runs the scenarios `cfg` asks for and returns what they measured.
+pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    cfg.validate()?;
+    let nofile = raise_nofile();
+    let mut r = Report::default();
+    std::fs::create_dir_all(&cfg.dir)?;
+    let dir = tempfile::Builder::new()
+        .prefix("fleetsim-")
+        .tempdir_in(&cfg.dir)?;
+    r.say(format!(
+        "fleetsim: {} controllers, {} hosts, {} tasks (start latency {:?}, failure rate {}), \
+         open-file limit {nofile}, data in {}",
+        cfg.controllers,
+        cfg.hosts,
+        cfg.tasks,
+        cfg.behaviour.start_latency,
+        cfg.behaviour.fail_rate,
+        dir.path().display()
+    ));
+    let (bin, path, n, log) = (
+        cfg.controller_bin.clone(),
+        dir.path().to_path_buf(),
+        cfg.controllers,
+        cfg.controller_log.clone(),
+    );
+    let mut group =
+        tokio::task::spawn_blocking(move || Group::start(&bin, &path, n, &log)).await??;
+    let mut c = admin(&group).await?;
+
+    // Hosts.
+    let began = Instant::now();
+    let fleet = Fleet::join(
+        cfg.hosts,
+        &group.urls(),
+        &group.worker_token,
+        &cfg.behaviour,
+        &dir.path().join("hosts"),
+    )
+    .await?;
+    let joined = began.elapsed();
+    wait_nodes(&mut c, cfg.hosts, &cfg).await?;
+    r.say(format!(
+        "hosts: {} joined in {}, all ready after {}",
+        cfg.hosts,
+        secs(joined),
+        secs(began.elapsed())
+    ));
+
+    // S1: apply, time to running.
+    let mut want = Want {
+        replicas: cfg.services(),
+        image: Some("sim:1".into()),
+    };
+    let t0 = now_ms();
+    let began = Instant::now();
+    apply(&mut c, &want, "sim:1").await?;
+    let applied = began.elapsed();
+    let done = converge(
+        &mut c,
+        &fleet,
+        &want,
+        &BTreeSet::new(),
+        &BTreeSet::new(),
+        &cfg,
+    )
+    .await?;
+    let delays: Vec<u64> = done
+        .tasks
+        .iter()
+        .filter(|t| t.state == rudder_proto::v1::TaskState::Running as i32)
+        .filter(|t| want.replicas.contains_key(&t.service))
+        .map(|t| t.timestamp_ms.saturating_sub(t0))
+        .collect();
+    r.say(format!(
+        "S1 apply of {} services took {}; converged after {}",
+        want.replicas.len(),
+        secs(applied),
+        secs(done.took + applied)
+    ));
+    r.say(format!(
+        "S1 scheduling delay apply->running (controller's record): {}",
+        summary(&delays)
+    ));
+    r.say(format!(
+        "S1 controllers: {}",
+        resources(&mut c, &group).await?
+    ));
+    let began = Instant::now();
+    let n = tasks(&mut c).await?.len();
+    let ps = began.elapsed();
+    let began = Instant::now();
+    c.list_services(ListServicesRequest {}).await?;
+    r.say(format!(
+        "S1 `rctl ps` (ListTasks, {n} tasks) {}; `rctl get services` (ListServices) {}",
+        secs(ps),
+        secs(began.elapsed())
+    ));
+    r.violations
+        .extend(hold(&mut c, &fleet, &want, &cfg, "S1").await?);
+
+    if cfg.churn {
+        churn(&mut c, &fleet, &mut want, &cfg, &mut r).await?;
+    }
+    if cfg.failover {
+        failover(&mut c, &mut group, &cfg, &mut r).await?;
+    }
+    r.converged = true;
+    if r.violations.is_empty() {
+        r.say("invariant: no slot ran twice once converged".into());
+    } else {
+        for v in r.violations.clone() {
+            r.say(format!("invariant broken: {v}"));
+        }
+    }
+    drop(fleet);
+    drop(group);
+    Ok(r)
+}
+
+/// S3: hosts lost and returning, a rolling update, a drain.
+async fn churn(
+    c: &mut Client,
+    fleet: &Fleet,
+    want: &mut Want,
+    cfg: &Config,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let k = ((cfg.hosts as f64 * cfg.churn_share).ceil() as usize).clamp(1, cfg.hosts - 1);
+    let step = cfg.hosts / k;
+    let chosen: Vec<usize> = (0..k).map(|i| i * step).collect();
+    let ids: BTreeSet<String> = chosen
+        .iter()
+        .map(|&i| fleet.hosts[i].spec().node_id.clone())
+        .collect();
+
+    // Lost and returning.
+    for &i in &chosen {
+        fleet.hosts[i].disconnect();
+    }
+    let lost = converge(c, fleet, want, &ids, &ids, cfg).await?;
+    r.say(format!(
+        "S3 {k} hosts lost: their tasks replaced after {} (heartbeat timeout included)",
+        secs(lost.took)
+    ));
+    for &i in &chosen {
+        fleet.hosts[i].connect();
+    }
+    let back = converge(c, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
+    r.say(format!(
+        "S3 {k} hosts back: stale tasks stopped, converged after {}",
+        secs(back.took)
+    ));
+    r.violations
+        .extend(hold(c, fleet, want, cfg, "after hosts returned").await?);
+
+    // Rolling update.
+    want.image = Some("sim:2".into());
+    let began = Instant::now();
+    apply(c, want, "sim:2").await?;
+    let rolled = converge(c, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
+    r.say(format!(
+        "S3 rolling update of {} tasks converged after {}",
+        want.total(),
+        secs(began.elapsed().max(rolled.took))
+    ));
+    r.violations
+        .extend(hold(c, fleet, want, cfg, "after the rolling update").await?);
+
+    // Drain.
+    let began = Instant::now();
+    for id in &ids {
+        c.update_node(UpdateNodeRequest {
+            node: id.clone(),
+            availability: Availability::Drain as i32,
+            ..Default::default()
+        })
+        .await?;
+    }
+    let drained = converge(c, fleet, want, &ids, &BTreeSet::new(), cfg).await?;
+    r.say(format!(
+        "S3 drain of {k} hosts converged after {}",
+        secs(began.elapsed().max(drained.took))
+    ));
+    r.violations
+        .extend(hold(c, fleet, want, cfg, "after the drain").await?);
+    Ok(())
+}
+
+/// Kills the leader and times until a write is served again.
+async fn failover(
+    c: &mut Client,
+    group: &mut Group,
+    cfg: &Config,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let leader = c
+        .cluster_info(ClusterInfoRequest {})
+        .await?
+        .into_inner()
+        .leader_id;
+    let Some(m) = group.member_mut(leader) else {
+        bail!("fleetsim: no leader to kill (leader id {leader})");
+    };
+    let pid = m.pid();
+    let began = Instant::now();
+    m.kill();
+    let killed = began.elapsed();
+    let probe = Want {
+        replicas: [("sim-probe".to_string(), 0)].into(),
+        image: None,
+    };
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        // A fresh connection each time: the one we had may be to the dead leader.
+        let attempt = async {
+            let mut c = admin(group).await?;
+            apply(&mut c, &probe, "sim:probe").await?;
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(())) => break,
+            _ if began.elapsed() > cfg.timeout => {
+                bail!(
+                    "fleetsim: no write served {:?} after the leader died",
+                    cfg.timeout
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    r.say(format!(
+        "failover: leader c{leader} (pid {}) killed; a write was served again after {} ({} tries; kill took {})",
+        pid.map_or("-".into(), |p| p.to_string()),
+        secs(began.elapsed()),
+        tries,
+        secs(killed)
+    ));
+    *c = admin(group).await?;
+    Ok(())
+}
+
+/// `rudder-controller` next to this executable (or one directory up, for test binaries in
+/// `target/*/deps`), else on PATH.
+pub fn controller_bin() -> PathBuf {
+    const NAME: &str = "rudder-controller";
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .skip(1)
+                .take(2)
+                .map(|d| d.join(NAME))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(NAME))
+}
