@@ -4,6 +4,7 @@
 pub mod cmd;
 pub mod context;
 pub mod convert;
+pub mod output;
 
 use std::time::Duration;
 

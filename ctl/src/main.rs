@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use rudder_ctl::cmd::{self, Output};
+use rudder_ctl::cmd;
 use rudder_ctl::context;
+use rudder_ctl::output::OutputFormat;
 
 #[derive(Parser)]
 #[command(
@@ -61,14 +62,15 @@ enum Cmd {
     Ps {
         service: Option<String>,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
-    /// List objects: services, nodes.
+    /// List objects: services (svc), nodes, tasks, networks (net), volumes, secrets, configs,
+    /// stacks; singular names too.
     Get {
-        #[arg(value_parser = ["services", "service", "svc", "nodes", "node"])]
-        kind: String,
+        #[arg(value_enum)]
+        kind: cmd::get::Kind,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Print the output of a service's or a task's containers.
     Logs {
@@ -87,29 +89,8 @@ enum Cmd {
         timestamps: bool,
     },
     /// Run a one-off container somewhere in the cluster, stream its output and exit with its
-    /// exit code (like `docker run`).
-    Run {
-        /// Remove it (the job behind it) when it ends; should this client die first, the
-        /// cluster removes it 10 s after it ended.
-        #[arg(long)]
-        rm: bool,
-        /// Run on this host (hostname, as `rctl node ls` shows it).
-        #[arg(long)]
-        node: Option<String>,
-        /// Name of the service behind it (default: run-<random>).
-        #[arg(long)]
-        name: Option<String>,
-        /// KEY=VALUE (repeatable).
-        #[arg(short, long)]
-        env: Vec<String>,
-        /// host (default), bridge or none.
-        #[arg(long = "network", value_parser = ["host", "bridge", "none"])]
-        network_mode: Option<String>,
-        image: String,
-        /// The command (replaces the image's CMD).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    /// exit code (like `docker run`; `-d` prints its name and returns).
+    Run(cmd::run::RunArgs),
     /// Remove services (their containers are stopped and removed).
     Rm {
         #[arg(required = true)]
@@ -133,7 +114,11 @@ enum Cmd {
         timeout: u64,
     },
     /// Show a service: spec, rollout state, tasks with their messages.
-    Describe { service: String },
+    Describe {
+        service: String,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
     /// Run a command in a running task's container and exit with its exit code:
     /// `rctl exec -it web.1.abc -- sh`.
     Exec {
@@ -171,7 +156,11 @@ enum Cmd {
     },
     /// Show a task as JSON: spec, status, node, network addresses, and its container as its
     /// host knows it (pids, paths).
-    Inspect { task: String },
+    Inspect {
+        task: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
+    },
     /// Make a task's container changes a new image in the cluster registry, over the task's
     /// image: `rctl commit web.1 web:patched`.
     Commit(cmd::commit::CommitArgs),
@@ -205,7 +194,7 @@ enum Cmd {
         #[arg(short, long = "filter")]
         filter: Vec<String>,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Cluster hosts: list, inspect, set availability and labels.
     Node {
@@ -275,10 +264,14 @@ enum NodeCmd {
     /// List nodes.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Show one node (id, id prefix or hostname) as JSON.
-    Inspect { node: String },
+    Inspect {
+        node: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
+    },
     /// Make the controller on NODE a voting member of the group.
     Promote { node: String },
     /// Make the controller on NODE a non-voting member (it still replicates and serves).
@@ -309,10 +302,14 @@ enum NetworkCmd {
     /// List networks.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Show one network (name or id prefix) as JSON, with every host's slice.
-    Inspect { network: String },
+    Inspect {
+        network: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
+    },
     /// Remove networks (refused while a service uses one).
     Rm {
         #[arg(required = true)]
@@ -343,7 +340,7 @@ enum SecretCmd {
     /// List names, latest versions, sizes and the services using each.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Metadata as JSON (versions, sizes, digests); never a secret's value.
     Inspect {
@@ -351,6 +348,8 @@ enum SecretCmd {
         /// Configs only: print the latest value.
         #[arg(long)]
         data: bool,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
     },
     /// Remove (refused while a service uses it).
     Rm {
@@ -382,19 +381,19 @@ enum StackCmd {
     /// List stacks with their versions.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// List a stack's services.
     Services {
         name: String,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// List a stack's tasks.
     Ps {
         name: String,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Roll the whole stack back to its previously deployed version.
     Rollback {
@@ -424,10 +423,14 @@ enum VolumeCmd {
     /// List volumes, with the hosts holding a copy and the services mounting each.
     Ls {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Show one volume as JSON.
-    Inspect { volume: String },
+    Inspect {
+        volume: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
+    },
     /// Remove volumes (refused while a service mounts one); hosts delete their copies.
     Rm {
         #[arg(required = true)]
@@ -467,13 +470,19 @@ enum ImageCmd {
     },
     /// Show an image of the cluster registry as JSON: digest, config (env, command, labels,
     /// ...), author, layers.
-    Inspect { reference: String },
+    Inspect {
+        reference: String,
+        #[arg(short, long, value_enum, default_value_t = OutputFormat::Json)]
+        output: OutputFormat,
+    },
     /// Show how an image was made, newest step first: each history entry with its layer.
     History {
         reference: String,
         /// Do not shorten the CREATED BY column.
         #[arg(long)]
         no_trunc: bool,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: OutputFormat,
     },
     /// List images with their size, the bytes they share with other images and their own.
     Ls {
@@ -487,7 +496,7 @@ enum ImageCmd {
         #[arg(short, long)]
         quiet: bool,
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Remove names from the cluster registry (a manifest with its last name); refused while
     /// a service uses the image unless --force. `rctl image prune` frees the bytes.
@@ -510,7 +519,7 @@ enum ClusterCmd {
     /// The controllers, which one leads, and the raft term.
     Info {
         #[arg(short, long, value_enum, default_value_t)]
-        output: Output,
+        output: OutputFormat,
     },
     /// Remove a controller from the group (by raft id, see `rctl cluster info`); its
     /// certificates are revoked.
@@ -714,10 +723,7 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Ps { service, output } => {
             rt.block_on(cmd::ps::run(&ctx()?, service.as_deref(), *output))
         }
-        Cmd::Get { kind, output } => match kind.as_str() {
-            "nodes" | "node" => rt.block_on(cmd::node::ls(&ctx()?, *output)),
-            _ => rt.block_on(cmd::get::services(&ctx()?, *output)),
-        },
+        Cmd::Get { kind, output } => rt.block_on(cmd::get::run(&ctx()?, *kind, *output)),
         Cmd::Logs {
             target,
             no_prefix,
@@ -733,27 +739,8 @@ fn real_main() -> anyhow::Result<()> {
             *timestamps,
         )),
         Cmd::Rm { services } => rt.block_on(cmd::rm::run(&ctx()?, services)),
-        Cmd::Run {
-            rm,
-            node,
-            name,
-            env,
-            network_mode,
-            image,
-            command,
-        } => {
-            let code = rt.block_on(cmd::run::run(
-                &ctx()?,
-                cmd::run::RunArgs {
-                    image,
-                    command,
-                    node: node.as_deref(),
-                    name: name.as_deref(),
-                    rm: *rm,
-                    env,
-                    network_mode: network_mode.as_deref(),
-                },
-            ))?;
+        Cmd::Run(args) => {
+            let code = rt.block_on(cmd::run::run(&ctx()?, args))?;
             std::process::exit(code)
         }
         Cmd::Rollback {
@@ -776,7 +763,9 @@ fn real_main() -> anyhow::Result<()> {
             *detach,
             std::time::Duration::from_secs(*timeout),
         )),
-        Cmd::Describe { service } => rt.block_on(cmd::describe::run(&ctx()?, service)),
+        Cmd::Describe { service, output } => {
+            rt.block_on(cmd::describe::run(&ctx()?, service, *output))
+        }
         Cmd::Exec {
             interactive,
             tty,
@@ -805,7 +794,7 @@ fn real_main() -> anyhow::Result<()> {
             dest,
             follow_link,
         } => rt.block_on(cmd::cp::run(&ctx()?, src, dest, *follow_link)),
-        Cmd::Inspect { task } => rt.block_on(cmd::inspect::run(&ctx()?, task)),
+        Cmd::Inspect { task, output } => rt.block_on(cmd::inspect::run(&ctx()?, task, *output)),
         Cmd::Commit(args) => rt.block_on(cmd::commit::run(&ctx()?, args)),
         Cmd::Build(args) => rt.block_on(cmd::build::run(&ctx()?, args)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
@@ -846,8 +835,8 @@ fn real_main() -> anyhow::Result<()> {
             cmd: NodeCmd::Ls { output },
         } => rt.block_on(cmd::node::ls(&ctx()?, *output)),
         Cmd::Node {
-            cmd: NodeCmd::Inspect { node },
-        } => rt.block_on(cmd::node::inspect(&ctx()?, node)),
+            cmd: NodeCmd::Inspect { node, output },
+        } => rt.block_on(cmd::node::inspect(&ctx()?, node, *output)),
         Cmd::Node {
             cmd: NodeCmd::Promote { node },
         } => rt.block_on(cmd::cluster::set_voter(&ctx()?, node, true)),
@@ -858,8 +847,8 @@ fn real_main() -> anyhow::Result<()> {
             let ctx = ctx()?;
             match cmd {
                 NetworkCmd::Ls { output } => rt.block_on(cmd::network::ls(&ctx, *output)),
-                NetworkCmd::Inspect { network } => {
-                    rt.block_on(cmd::network::inspect(&ctx, network))
+                NetworkCmd::Inspect { network, output } => {
+                    rt.block_on(cmd::network::inspect(&ctx, network, *output))
                 }
                 NetworkCmd::Rm { networks } => rt.block_on(cmd::network::rm(&ctx, networks)),
                 NetworkCmd::RotateKeys => rt.block_on(cmd::network::rotate_keys(&ctx)),
@@ -880,8 +869,8 @@ fn real_main() -> anyhow::Result<()> {
                     rt.block_on(cmd::secret::put(&ctx, kind, "update", name, file, labels))
                 }
                 SecretCmd::Ls { output } => rt.block_on(cmd::secret::ls(&ctx, kind, *output)),
-                SecretCmd::Inspect { name, data } => {
-                    rt.block_on(cmd::secret::inspect(&ctx, kind, name, *data))
+                SecretCmd::Inspect { name, data, output } => {
+                    rt.block_on(cmd::secret::inspect(&ctx, kind, name, *data, *output))
                 }
                 SecretCmd::Rm { names } => rt.block_on(cmd::secret::rm(&ctx, kind, names)),
             }
@@ -928,7 +917,9 @@ fn real_main() -> anyhow::Result<()> {
                     rt.block_on(cmd::volume::create(&ctx, name, labels))
                 }
                 VolumeCmd::Ls { output } => rt.block_on(cmd::volume::ls(&ctx, *output)),
-                VolumeCmd::Inspect { volume } => rt.block_on(cmd::volume::inspect(&ctx, volume)),
+                VolumeCmd::Inspect { volume, output } => {
+                    rt.block_on(cmd::volume::inspect(&ctx, volume, *output))
+                }
                 VolumeCmd::Rm { volumes } => rt.block_on(cmd::volume::rm(&ctx, volumes)),
             }
         }
@@ -1023,15 +1014,21 @@ fn real_main() -> anyhow::Result<()> {
             cmd: ImageCmd::Tag { source, target },
         } => rt.block_on(cmd::image::tag(&ctx()?, source, target)),
         Cmd::Image {
-            cmd: ImageCmd::Inspect { reference },
-        } => rt.block_on(cmd::image_inspect::inspect(&ctx()?, reference)),
+            cmd: ImageCmd::Inspect { reference, output },
+        } => rt.block_on(cmd::image_inspect::inspect(&ctx()?, reference, *output)),
         Cmd::Image {
             cmd:
                 ImageCmd::History {
                     reference,
                     no_trunc,
+                    output,
                 },
-        } => rt.block_on(cmd::image_inspect::history(&ctx()?, reference, *no_trunc)),
+        } => rt.block_on(cmd::image_inspect::history(
+            &ctx()?,
+            reference,
+            *no_trunc,
+            *output,
+        )),
         Cmd::Image {
             cmd: ImageCmd::Push {
                 reference,

@@ -11,63 +11,61 @@ use rudder_proto::v1::{
     SetManagerRoleRequest,
 };
 
-use super::{print_table, Output};
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
-pub async fn info(ctx: &Context, output: Output) -> anyhow::Result<()> {
+pub async fn info(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let i = client
         .cluster_info(ClusterInfoRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    match output {
-        Output::Json => {
-            let managers: Vec<_> = i
-                .managers
-                .iter()
-                .map(|m| {
-                    serde_json::json!({
-                        "raft_id": m.raft_id, "addr": m.addr, "registry": m.registry,
-                        "voter": m.voter, "leader": m.leader,
-                    })
-                })
-                .collect();
-            let v = serde_json::json!({
-                "raft_id": i.raft_id, "leader_id": i.leader_id, "term": i.term,
-                "applied": i.applied, "registry": i.registry, "managers": managers,
-            });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+    let managers: Vec<_> = i
+        .managers
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "raft_id": m.raft_id, "addr": m.addr, "registry": m.registry,
+                "voter": m.voter, "leader": m.leader,
+            })
+        })
+        .collect();
+    let v = serde_json::json!({
+        "raft_id": i.raft_id, "leader_id": i.leader_id, "term": i.term,
+        "applied": i.applied, "registry": i.registry, "managers": managers,
+    });
+    output::print(output, &v, |w| {
+        writeln!(
+            w,
+            "asked controller {} (term {}, applied {})",
+            i.raft_id, i.term, i.applied
+        )?;
+        if i.leader_id == 0 {
+            writeln!(
+                w,
+                "no leader: a majority of the controllers cannot be reached"
+            )?;
         }
-        Output::Table => {
-            println!(
-                "asked controller {} (term {}, applied {})",
-                i.raft_id, i.term, i.applied
-            );
-            if i.leader_id == 0 {
-                println!("no leader: a majority of the controllers cannot be reached");
-            }
-            let rows: Vec<Vec<String>> = i
-                .managers
-                .iter()
-                .map(|m| {
-                    let status = match (m.leader, m.voter) {
-                        (true, _) => "leader",
-                        (false, true) => "voter",
-                        (false, false) => "learner",
-                    };
-                    vec![
-                        m.raft_id.to_string(),
-                        m.addr.clone(),
-                        m.registry.clone(),
-                        status.to_string(),
-                    ]
-                })
-                .collect();
-            print_table(&["ID", "ADDRESS", "REGISTRY", "STATUS"], &rows);
-        }
-    }
-    Ok(())
+        let rows: Vec<Vec<String>> = i
+            .managers
+            .iter()
+            .map(|m| {
+                let status = match (m.leader, m.voter) {
+                    (true, _) => "leader",
+                    (false, true) => "voter",
+                    (false, false) => "learner",
+                };
+                vec![
+                    m.raft_id.to_string(),
+                    m.addr.clone(),
+                    m.registry.clone(),
+                    status.to_string(),
+                ]
+            })
+            .collect();
+        output::write_table(w, &["ID", "ADDRESS", "REGISTRY", "STATUS"], &rows)
+    })
 }
 
 pub async fn join_token(

@@ -3,14 +3,25 @@
 
 use super::print_table;
 use crate::context::Context;
+use crate::output::OutputFormat;
 
-pub async fn run(ctx: &Context, service: &str) -> anyhow::Result<()> {
+/// `-o json|yaml`: `{"service": <as rctl get services shows it>, "tasks": [<as rctl ps>]}`;
+/// the default is the text view below.
+pub async fn run(ctx: &Context, service: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let list = crate::services(&mut client).await?;
     let svc = list
         .iter()
         .find(|s| s.name == service)
         .ok_or_else(|| anyhow::anyhow!("service {service:?} not found"))?;
+    if output != OutputFormat::Table {
+        let tasks = crate::tasks(&mut client, service).await?;
+        let v = serde_json::json!({
+            "service": super::get::to_json(svc)?,
+            "tasks": tasks.iter().map(super::ps::to_json).collect::<Vec<_>>(),
+        });
+        return crate::output::print_object(output, &v);
+    }
     println!("Name:      {}", svc.name);
     println!("ID:        {}", svc.id);
     println!("Image:     {}", svc.image);

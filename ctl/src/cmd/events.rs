@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rudder_proto::v1::{ClusterEvent, EventsRequest};
 
-use super::Output;
 use crate::context::Context;
+use crate::output::OutputFormat;
 
 /// A point in the event stream, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +71,7 @@ pub async fn run(
     since: Option<&str>,
     until: Option<&str>,
     filters: &[String],
-    output: Output,
+    output: OutputFormat,
 ) -> anyhow::Result<()> {
     let now = now_ms();
     let point = |s: Option<&str>| -> anyhow::Result<Option<Point>> {
@@ -91,8 +91,10 @@ pub async fn run(
             continue;
         }
         match output {
-            Output::Json => println!("{}", serde_json::to_string(&json(&e))?),
-            _ => println!("{}", line(&e)),
+            OutputFormat::Json => println!("{}", serde_json::to_string(&json(&e))?),
+            // One YAML document per event: a stream any YAML reader splits on `---`.
+            OutputFormat::Yaml => print!("---\n{}", serde_yaml::to_string(&json(&e))?),
+            OutputFormat::Table => println!("{}", line(&e)),
         }
     }
     Ok(())

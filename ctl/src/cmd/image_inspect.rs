@@ -8,8 +8,8 @@ use rudder_image::usage::human_bytes;
 use rudder_image::Reference;
 use serde_json::{json, Value};
 
-use super::print_table;
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 /// Configs larger than this are not images anyone built.
 const MAX_CONFIG: usize = 8 << 20;
@@ -65,7 +65,7 @@ async fn fetch(ctx: &Context, reference: &str) -> anyhow::Result<Fetched> {
     })
 }
 
-pub async fn inspect(ctx: &Context, reference: &str) -> anyhow::Result<()> {
+pub async fn inspect(ctx: &Context, reference: &str, output: OutputFormat) -> anyhow::Result<()> {
     let f = fetch(ctx, reference).await?;
     let c = &f.config;
     let size: u64 = f.manifest.layers.iter().map(|l| l.size).sum::<u64>() + f.manifest.config.size;
@@ -85,47 +85,58 @@ pub async fn inspect(ctx: &Context, reference: &str) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "diff_ids": c["rootfs"]["diff_ids"],
     });
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
+    output::print_object(output, &v)
 }
 
-/// One row of `history`: a history entry, with the layer it made (if any).
-fn rows(manifest: &Manifest, config: &Value, no_trunc: bool) -> Vec<Vec<String>> {
+/// One entry of `history`: a history entry with the layer it made (if any), newest first,
+/// as docker prints it; layers no history entry accounts for (an image made without history)
+/// come last-made first too.
+fn entries(manifest: &Manifest, config: &Value) -> Vec<Value> {
     let history = config["history"].as_array().cloned().unwrap_or_default();
     let mut layers = manifest.layers.iter();
-    let mut out: Vec<Vec<String>> = history
+    let mut out: Vec<Value> = history
         .iter()
         .map(|h| {
             let empty = h["empty_layer"].as_bool().unwrap_or(false);
             let layer = if empty { None } else { layers.next() };
-            let created_by = h["created_by"].as_str().unwrap_or("").replace('\n', " ");
+            json!({
+                "layer": layer.map(|l| l.digest.clone()),
+                "created": h["created"].as_str().unwrap_or(""),
+                "created_by": h["created_by"].as_str().unwrap_or(""),
+                "size": layer.map_or(0, |l| l.size),
+                "comment": h["comment"].as_str().unwrap_or(""),
+            })
+        })
+        .collect();
+    for l in layers {
+        out.push(json!({
+            "layer": l.digest, "created": "", "created_by": "", "size": l.size, "comment": "",
+        }));
+    }
+    out.reverse();
+    out
+}
+
+/// The table rows of [`entries`].
+fn rows(entries: &[Value], no_trunc: bool) -> Vec<Vec<String>> {
+    entries
+        .iter()
+        .map(|e| {
+            let created_by = e["created_by"].as_str().unwrap_or("").replace('\n', " ");
             let created_by = if no_trunc || created_by.chars().count() <= 45 {
                 created_by
             } else {
                 created_by.chars().take(44).collect::<String>() + "…"
             };
             vec![
-                layer.map_or("<none>".into(), |l| short(&l.digest)),
-                h["created"].as_str().unwrap_or("").to_string(),
+                e["layer"].as_str().map_or("<none>".into(), short),
+                e["created"].as_str().unwrap_or("").to_string(),
                 created_by,
-                human_bytes(layer.map_or(0, |l| l.size)),
-                h["comment"].as_str().unwrap_or("").to_string(),
+                human_bytes(e["size"].as_u64().unwrap_or(0)),
+                e["comment"].as_str().unwrap_or("").to_string(),
             ]
         })
-        .collect();
-    // Layers no history entry accounts for (an image made without history).
-    for l in layers {
-        out.push(vec![
-            short(&l.digest),
-            String::new(),
-            String::new(),
-            human_bytes(l.size),
-            String::new(),
-        ]);
-    }
-    // Newest first, as docker prints it.
-    out.reverse();
-    out
+        .collect()
 }
 
 fn short(digest: &str) -> String {
@@ -136,13 +147,21 @@ fn short(digest: &str) -> String {
         .collect()
 }
 
-pub async fn history(ctx: &Context, reference: &str, no_trunc: bool) -> anyhow::Result<()> {
+pub async fn history(
+    ctx: &Context,
+    reference: &str,
+    no_trunc: bool,
+    output: OutputFormat,
+) -> anyhow::Result<()> {
     let f = fetch(ctx, reference).await?;
-    print_table(
-        &["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
-        &rows(&f.manifest, &f.config, no_trunc),
-    );
-    Ok(())
+    let e = entries(&f.manifest, &f.config);
+    output::print(output, &e, |w| {
+        output::write_table(
+            w,
+            &["LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
+            &rows(&e, no_trunc),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -165,7 +184,10 @@ mod tests {
             {"created": "t2", "created_by": "ENV A=1", "empty_layer": true},
             {"created": "t3", "created_by": "rctl commit", "comment": "fix"},
         ]});
-        let r = rows(&m, &config, false);
+        let e = entries(&m, &config);
+        assert_eq!(e[0]["layer"], d('b'));
+        assert_eq!(e[0]["size"], 5);
+        let r = rows(&e, false);
         assert_eq!(r.len(), 3);
         assert_eq!(r[0][0], "b".repeat(12));
         assert_eq!(r[0][4], "fix");
@@ -173,7 +195,7 @@ mod tests {
         assert_eq!(r[1][2], "ENV A=1");
         assert_eq!(r[2][0], "a".repeat(12));
         let long = json!({"history": [{"created_by": "x".repeat(80)}]});
-        assert_eq!(rows(&m, &long, false)[1][2].chars().count(), 45);
-        assert_eq!(rows(&m, &long, true)[1][2].chars().count(), 80);
+        assert_eq!(rows(&entries(&m, &long), false)[1][2].chars().count(), 45);
+        assert_eq!(rows(&entries(&m, &long), true)[1][2].chars().count(), 80);
     }
 }

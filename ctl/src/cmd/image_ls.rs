@@ -12,8 +12,8 @@ use rudder_proto::v1::{
     ImageSummary, ListImagesRequest, ListImagesResponse, PruneImagesRequest, RemoveImagesRequest,
 };
 
-use super::{print_table, Output};
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 /// `sha256:0123456789ab…` → `0123456789ab`, as docker shows image ids.
 fn short(digest: &str) -> &str {
@@ -128,7 +128,7 @@ pub async fn ls(
     all: bool,
     node: Option<&str>,
     quiet: bool,
-    output: Output,
+    output: OutputFormat,
 ) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let r = client
@@ -149,23 +149,30 @@ pub async fn ls(
         }
         return Ok(());
     }
-    if output == Output::Json {
-        let v = serde_json::json!({
-            "place": r.place,
-            "images": r.images.iter().map(to_json).collect::<Vec<_>>(),
-            "image_count": r.image_count,
-            "blobs": r.blobs,
-            "disk_bytes": r.disk_bytes,
-            "undeduplicated_bytes": r.undeduplicated_bytes,
-            "reclaimable_bytes": r.reclaimable_bytes,
-            "layers": r.layers,
-            "unpacked_bytes": r.unpacked_bytes,
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let now = SystemTime::now();
-    let host = node.is_some();
+    let v = serde_json::json!({
+        "place": r.place,
+        "images": r.images.iter().map(to_json).collect::<Vec<_>>(),
+        "image_count": r.image_count,
+        "blobs": r.blobs,
+        "disk_bytes": r.disk_bytes,
+        "undeduplicated_bytes": r.undeduplicated_bytes,
+        "reclaimable_bytes": r.reclaimable_bytes,
+        "layers": r.layers,
+        "unpacked_bytes": r.unpacked_bytes,
+    });
+    output::print(output, &v, |w| {
+        write_table(w, &r, node.is_some(), SystemTime::now())
+    })
+}
+
+/// The images as columns (a host's adds what is unpacked and which tasks use each), then the
+/// totals line.
+fn write_table(
+    w: &mut dyn std::io::Write,
+    r: &ListImagesResponse,
+    host: bool,
+    now: SystemTime,
+) -> std::io::Result<()> {
     let mut header = vec![
         "REPOSITORY",
         "TAG",
@@ -198,9 +205,8 @@ pub async fn ls(
             row
         })
         .collect();
-    print_table(&header, &rows);
-    println!("{}", summary(&r, host));
-    Ok(())
+    output::write_table(w, &header, &rows)?;
+    writeln!(w, "{}", summary(r, host))
 }
 
 /// `rctl image rm [--force] REF...`.

@@ -5,6 +5,7 @@
 use rudder_proto::v1::{ContainerInfo, InspectRequest};
 
 use crate::context::Context;
+use crate::output::OutputFormat;
 
 fn container_json(c: &ContainerInfo) -> serde_json::Value {
     serde_json::json!({
@@ -21,7 +22,7 @@ fn container_json(c: &ContainerInfo) -> serde_json::Value {
     })
 }
 
-pub async fn run(ctx: &Context, task: &str) -> anyhow::Result<()> {
+pub async fn run(ctx: &Context, task: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let resp = client
         .inspect(InspectRequest {
@@ -46,6 +47,5 @@ pub async fn run(ctx: &Context, task: &str) -> anyhow::Result<()> {
         eprintln!("warning: {}", resp.warning);
         out["warning"] = resp.warning.into();
     }
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
+    crate::output::print_object(output, &out)
 }

@@ -41,37 +41,9 @@ pub fn human_duration(d: std::time::Duration) -> String {
     }
 }
 
-/// Output format shared by listing commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
-pub enum Output {
-    #[default]
-    Table,
-    Json,
-}
-
-/// Prints rows as aligned columns.
+/// Prints rows as aligned columns on stdout (see [`crate::output::write_table`]).
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            if i < widths.len() {
-                widths[i] = widths[i].max(c.chars().count());
-            }
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{:<w$}  ", c, w = widths[i]));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.to_vec());
-    for r in rows {
-        line(r.iter().map(String::as_str).collect());
-    }
+    let stdout = std::io::stdout();
+    // A closed stdout ends rctl quietly in `main`; a table is never half an error.
+    let _ = crate::output::write_table(&mut stdout.lock(), header, rows);
 }

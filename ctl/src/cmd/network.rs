@@ -4,8 +4,10 @@
 use rudder_model::network::Network;
 use rudder_proto::v1::{ListNetworksRequest, RemoveNetworkRequest, RotateNetworkKeysRequest};
 
-use super::{print_table, Output};
+use std::io::Write;
+
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 async fn list(ctx: &Context) -> anyhow::Result<Vec<Network>> {
     let mut client = crate::connect(ctx).await?;
@@ -20,51 +22,46 @@ async fn list(ctx: &Context) -> anyhow::Result<Vec<Network>> {
         .collect()
 }
 
-pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
-    let nets = list(ctx).await?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&nets)?),
-        Output::Table => {
-            let rows: Vec<Vec<String>> = nets
-                .iter()
-                .map(|n| {
-                    vec![
-                        n.id.chars().take(12).collect(),
-                        n.spec.name.clone(),
-                        "overlay".into(),
-                        n.subnet.to_string(),
-                        match (n.spec.encrypted, n.spec.internal) {
-                            (true, false) => "wireguard".into(),
-                            (true, true) => "wireguard, internal".into(),
-                            (false, false) => format!("vxlan {}", n.vni),
-                            (false, true) => format!("vxlan {}, internal", n.vni),
-                        },
-                        n.slices.len().to_string(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["ID", "NAME", "DRIVER", "SUBNET", "ENCAPSULATION", "HOSTS"],
-                &rows,
-            );
-        }
-    }
-    Ok(())
+fn write_table(w: &mut dyn Write, nets: &[Network]) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = nets
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.chars().take(12).collect(),
+                n.spec.name.clone(),
+                "overlay".into(),
+                n.subnet.to_string(),
+                match (n.spec.encrypted, n.spec.internal) {
+                    (true, false) => "wireguard".into(),
+                    (true, true) => "wireguard, internal".into(),
+                    (false, false) => format!("vxlan {}", n.vni),
+                    (false, true) => format!("vxlan {}, internal", n.vni),
+                },
+                n.slices.len().to_string(),
+            ]
+        })
+        .collect();
+    output::write_table(
+        w,
+        &["ID", "NAME", "DRIVER", "SUBNET", "ENCAPSULATION", "HOSTS"],
+        &rows,
+    )
 }
 
-/// The network as JSON, with each node's slice spelled out.
-pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
+/// `-o json|yaml`: each network as the store keeps it (spec, subnet, vni, node slices).
+pub async fn ls(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
     let nets = list(ctx).await?;
-    let n = nets
-        .iter()
-        .find(|n| n.spec.name == name || (name.len() >= 4 && n.id.starts_with(name)))
-        .ok_or_else(|| anyhow::anyhow!("network {name:?} not found (see `rctl network ls`)"))?;
+    output::print(output, &nets, |w| write_table(w, &nets))
+}
+
+/// The network as `inspect` shows it, with each node's slice spelled out.
+pub fn to_json(n: &Network) -> serde_json::Value {
     let slices: serde_json::Map<String, serde_json::Value> = n
         .slices
         .iter()
         .map(|(node, i)| (node.clone(), n.slice(*i).to_string().into()))
         .collect();
-    let v = serde_json::json!({
+    serde_json::json!({
         "id": n.id,
         "name": n.spec.name,
         "driver": "overlay",
@@ -77,9 +74,16 @@ pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
         "virtual_ips": n.slice(0).to_string(),
         "node_slices": slices,
         "labels": n.spec.labels,
-    });
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
+    })
+}
+
+pub async fn inspect(ctx: &Context, name: &str, output: OutputFormat) -> anyhow::Result<()> {
+    let nets = list(ctx).await?;
+    let n = nets
+        .iter()
+        .find(|n| n.spec.name == name || (name.len() >= 4 && n.id.starts_with(name)))
+        .ok_or_else(|| anyhow::anyhow!("network {name:?} not found (see `rctl network ls`)"))?;
+    output::print_object(output, &to_json(n))
 }
 
 pub async fn rm(ctx: &Context, names: &[String]) -> anyhow::Result<()> {

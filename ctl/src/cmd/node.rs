@@ -5,9 +5,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rudder_proto::v1::{NodeSummary, RemoveNodeRequest, UpdateNodeRequest};
 
-use super::{print_table, Output};
+use std::io::Write;
+
 use crate::context::Context;
 use crate::convert::{availability_name, availability_to_wire, node_state_name, role_name};
+use crate::output::{self, OutputFormat};
 
 pub fn to_json(n: &NodeSummary) -> serde_json::Value {
     serde_json::json!({
@@ -63,55 +65,55 @@ pub async fn rm(ctx: &Context, node: &str, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
+fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|n| {
+            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            vec![
+                n.hostname.clone(),
+                node_state_name(n.state),
+                availability_name(n.availability),
+                role_name(n.role),
+                n.tasks.to_string(),
+                n.addr.clone(),
+                n.id.clone(),
+                labels.join(","),
+            ]
+        })
+        .collect();
+    output::write_table(
+        w,
+        &[
+            "HOSTNAME",
+            "STATE",
+            "AVAILABILITY",
+            "ROLE",
+            "TASKS",
+            "ADDRESS",
+            "ID",
+            "LABELS",
+        ],
+        &rows,
+    )
+}
+
+pub async fn ls(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let list = crate::nodes(&mut client).await?;
-    match output {
-        Output::Json => {
-            let v: Vec<_> = list.iter().map(to_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Table => {
-            let rows: Vec<Vec<String>> = list
-                .iter()
-                .map(|n| {
-                    let labels: Vec<String> =
-                        n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    vec![
-                        n.hostname.clone(),
-                        node_state_name(n.state),
-                        availability_name(n.availability),
-                        role_name(n.role),
-                        n.tasks.to_string(),
-                        n.addr.clone(),
-                        n.id.clone(),
-                        labels.join(","),
-                    ]
-                })
-                .collect();
-            print_table(
-                &[
-                    "HOSTNAME",
-                    "STATE",
-                    "AVAILABILITY",
-                    "ROLE",
-                    "TASKS",
-                    "ADDRESS",
-                    "ID",
-                    "LABELS",
-                ],
-                &rows,
-            );
-            let now = SystemTime::now();
-            for w in list.iter().filter_map(|n| cert_warning(n, now)) {
-                eprintln!("{w}");
-            }
+    let v: Vec<_> = list.iter().map(to_json).collect();
+    output::print(output, &v, |w| write_table(w, &list))?;
+    if output == OutputFormat::Table {
+        let now = SystemTime::now();
+        for w in list.iter().filter_map(|n| cert_warning(n, now)) {
+            eprintln!("{w}");
         }
     }
     Ok(())
 }
 
-pub async fn inspect(ctx: &Context, node: &str) -> anyhow::Result<()> {
+/// One node (id, id prefix or hostname); `-o table` shows its fields one per line.
+pub async fn inspect(ctx: &Context, node: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let list = crate::nodes(&mut client).await?;
     let found: Vec<&NodeSummary> = list
@@ -121,11 +123,10 @@ pub async fn inspect(ctx: &Context, node: &str) -> anyhow::Result<()> {
         })
         .collect();
     match found.as_slice() {
-        [n] => println!("{}", serde_json::to_string_pretty(&to_json(n))?),
+        [n] => output::print_object(output, &to_json(n)),
         [] => anyhow::bail!("no node {node:?}"),
         _ => anyhow::bail!("{node:?} names {} nodes; use the node id", found.len()),
     }
-    Ok(())
 }
 
 pub async fn update(

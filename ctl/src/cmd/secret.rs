@@ -2,7 +2,7 @@
 //! (and take environment values from). `update` makes a new version, which rolls every service
 //! using it unpinned. A secret's value is never shown; a config's only with `inspect --data`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use rudder_model::secret::{SecretMeta, MAX_DATA};
@@ -10,8 +10,8 @@ use rudder_proto::v1::{
     InspectSecretRequest, ListSecretsRequest, PutSecretRequest, RemoveSecretRequest, SecretSummary,
 };
 
-use super::{print_table, Output};
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 /// Reads a value from `path` (`-`: stdin), refusing more than 500 KiB before reading it all.
 pub fn read_value(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -105,7 +105,38 @@ fn to_json(meta: &SecretMeta, services: &[String]) -> serde_json::Value {
     })
 }
 
-pub async fn ls(ctx: &Context, kind: &str, output: Output) -> anyhow::Result<()> {
+fn write_table(
+    w: &mut dyn Write,
+    items: &[(SecretMeta, Vec<String>)],
+    now: u64,
+) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|(m, services)| {
+            let latest = m.versions.iter().find(|v| v.version == m.latest);
+            vec![
+                m.name.clone(),
+                m.latest.to_string(),
+                latest.map(|v| v.size.to_string()).unwrap_or_default(),
+                super::human_duration(std::time::Duration::from_millis(
+                    now.saturating_sub(m.updated_at),
+                )) + " ago",
+                if services.is_empty() {
+                    "-".into()
+                } else {
+                    services.join(",")
+                },
+            ]
+        })
+        .collect();
+    output::write_table(
+        w,
+        &["NAME", "VERSION", "SIZE", "UPDATED", "SERVICES"],
+        &rows,
+    )
+}
+
+pub async fn ls(ctx: &Context, kind: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let items = client
         .list_secrets(ListSecretsRequest { kind: kind.into() })
@@ -116,39 +147,18 @@ pub async fn ls(ctx: &Context, kind: &str, output: Output) -> anyhow::Result<()>
         .into_iter()
         .map(parse)
         .collect::<anyhow::Result<Vec<_>>>()?;
-    match output {
-        Output::Json => {
-            let v: Vec<_> = items.iter().map(|(m, s)| to_json(m, s)).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Table => {
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|(m, services)| {
-                    let latest = m.versions.iter().find(|v| v.version == m.latest);
-                    vec![
-                        m.name.clone(),
-                        m.latest.to_string(),
-                        latest.map(|v| v.size.to_string()).unwrap_or_default(),
-                        super::human_duration(std::time::Duration::from_millis(
-                            now_ms().saturating_sub(m.updated_at),
-                        )) + " ago",
-                        if services.is_empty() {
-                            "-".into()
-                        } else {
-                            services.join(",")
-                        },
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "VERSION", "SIZE", "UPDATED", "SERVICES"], &rows);
-        }
-    }
-    Ok(())
+    let v: Vec<_> = items.iter().map(|(m, s)| to_json(m, s)).collect();
+    output::print(output, &v, |w| write_table(w, &items, now_ms()))
 }
 
-/// Metadata as JSON; `--data` (configs only) prints the latest value instead.
-pub async fn inspect(ctx: &Context, kind: &str, name: &str, data: bool) -> anyhow::Result<()> {
+/// Metadata; `--data` (configs only) prints the latest value instead.
+pub async fn inspect(
+    ctx: &Context,
+    kind: &str,
+    name: &str,
+    data: bool,
+    output: OutputFormat,
+) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let resp = client
         .inspect_secret(InspectSecretRequest {
@@ -160,16 +170,11 @@ pub async fn inspect(ctx: &Context, kind: &str, name: &str, data: bool) -> anyho
         .map_err(crate::status_err)?
         .into_inner();
     if data {
-        use std::io::Write;
         std::io::stdout().write_all(&resp.data)?;
         return Ok(());
     }
     let (meta, services) = parse(resp.summary.unwrap_or_default())?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&to_json(&meta, &services))?
-    );
-    Ok(())
+    output::print_object(output, &to_json(&meta, &services))
 }
 
 pub async fn rm(ctx: &Context, kind: &str, names: &[String]) -> anyhow::Result<()> {
@@ -185,4 +190,30 @@ pub async fn rm(ctx: &Context, kind: &str, names: &[String]) -> anyhow::Result<(
         println!("{name}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rudder_model::secret::VersionMeta;
+
+    #[test]
+    fn metadata_output_never_carries_a_value() {
+        let meta: SecretMeta = serde_json::from_value(serde_json::json!({
+            "kind": "secret", "name": "db", "labels": {}, "latest": 2,
+            "created_at": 1, "updated_at": 2,
+            "versions": [{"version": 2, "size": 6, "digest": "sha256:ab", "created_at": 2}],
+        }))
+        .unwrap();
+        let _: &VersionMeta = &meta.versions[0];
+        let v = to_json(&meta, &["web".into()]);
+        assert_eq!(v["name"], "db");
+        assert_eq!(v["versions"][0]["size"], 6);
+        let text = v.to_string();
+        assert!(!text.contains("\"data\""), "{text}");
+        let mut out = Vec::new();
+        write_table(&mut out, &[(meta, vec!["web".into()])], 2 + 90_000).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("db    2        6     90s ago  web"), "{text}");
+    }
 }

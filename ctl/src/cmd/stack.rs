@@ -20,8 +20,8 @@ use rudder_proto::v1::{
     RemoveStackRequest, RollbackStackRequest,
 };
 
-use super::{print_table, Output};
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 /// `env_file:` paths, read relative to the project directory, at most 1 MiB each.
 struct DiskFiles {
@@ -284,7 +284,7 @@ async fn stack_services(
 
 /// `rctl stack ls`: each stack with its version in force, the previous one and its number of
 /// services (`-` versions: a stack an earlier build deployed, known by its labels only).
-pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
+pub async fn ls(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let objects = stack_objects(&mut client).await?;
     // name -> (version, previous, services)
@@ -308,67 +308,56 @@ pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
         }
     }
     let show = |v: &Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-    match output {
-        Output::Json => {
-            let v: Vec<_> = stacks
-                .iter()
-                .map(|(n, (v, p, c))| {
-                    serde_json::json!({"name": n, "version": v, "previous_version": p, "services": c})
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Table => {
-            let rows: Vec<Vec<String>> = stacks
-                .iter()
-                .map(|(n, (v, p, c))| vec![n.clone(), show(v), show(p), c.to_string()])
-                .collect();
-            print_table(&["NAME", "VERSION", "PREVIOUS", "SERVICES"], &rows);
-        }
-    }
-    Ok(())
+    let v: Vec<_> = stacks
+        .iter()
+        .map(|(n, (v, p, c))| {
+            serde_json::json!({"name": n, "version": v, "previous_version": p, "services": c})
+        })
+        .collect();
+    output::print(output, &v, |w| {
+        let rows: Vec<Vec<String>> = stacks
+            .iter()
+            .map(|(n, (v, p, c))| vec![n.clone(), show(v), show(p), c.to_string()])
+            .collect();
+        output::write_table(w, &["NAME", "VERSION", "PREVIOUS", "SERVICES"], &rows)
+    })
 }
 
 /// `rctl stack services NAME`.
-pub async fn services(ctx: &Context, stack: &str, output: Output) -> anyhow::Result<()> {
+pub async fn services(ctx: &Context, stack: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let list = stack_services(&mut client, Some(stack)).await?;
     if list.is_empty() {
         anyhow::bail!("stack {stack:?} has no services (see `rctl stack ls`)");
     }
-    match output {
-        Output::Json => {
-            let v: Vec<_> = list
-                .iter()
-                .map(|(spec, s)| {
-                    serde_json::json!({
-                        "name": s.name, "compose_name": spec.labels.get(SERVICE_LABEL),
-                        "image": s.image, "desired": s.desired, "running": s.running,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Table => {
-            let rows: Vec<Vec<String>> = list
-                .iter()
-                .map(|(spec, s)| {
-                    vec![
-                        s.name.clone(),
-                        spec.labels.get(SERVICE_LABEL).cloned().unwrap_or_default(),
-                        s.image.clone(),
-                        format!("{}/{}", s.running, s.desired),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "COMPOSE NAME", "IMAGE", "REPLICAS"], &rows);
-        }
-    }
-    Ok(())
+    let v: Vec<_> = list
+        .iter()
+        .map(|(spec, s)| {
+            serde_json::json!({
+                "name": s.name, "compose_name": spec.labels.get(SERVICE_LABEL),
+                "image": s.image, "desired": s.desired, "running": s.running,
+                "spec": spec,
+            })
+        })
+        .collect();
+    output::print(output, &v, |w| {
+        let rows: Vec<Vec<String>> = list
+            .iter()
+            .map(|(spec, s)| {
+                vec![
+                    s.name.clone(),
+                    spec.labels.get(SERVICE_LABEL).cloned().unwrap_or_default(),
+                    s.image.clone(),
+                    format!("{}/{}", s.running, s.desired),
+                ]
+            })
+            .collect();
+        output::write_table(w, &["NAME", "COMPOSE NAME", "IMAGE", "REPLICAS"], &rows)
+    })
 }
 
 /// `rctl stack ps NAME`: the tasks of the stack's services.
-pub async fn ps(ctx: &Context, stack: &str, output: Output) -> anyhow::Result<()> {
+pub async fn ps(ctx: &Context, stack: &str, output: OutputFormat) -> anyhow::Result<()> {
     let mut client = crate::connect(ctx).await?;
     let list = stack_services(&mut client, Some(stack)).await?;
     if list.is_empty() {
@@ -378,36 +367,31 @@ pub async fn ps(ctx: &Context, stack: &str, output: Output) -> anyhow::Result<()
     for (_, s) in &list {
         tasks.extend(crate::tasks(&mut client, &s.name).await?);
     }
-    match output {
-        Output::Json => {
-            let v: Vec<_> = tasks.iter().map(super::ps::to_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        Output::Table => {
-            let rows: Vec<Vec<String>> = tasks
-                .iter()
-                .map(|t| {
-                    vec![
-                        t.name.clone(),
-                        t.image.clone(),
-                        if t.node.is_empty() {
-                            "-".into()
-                        } else {
-                            t.node.clone()
-                        },
-                        crate::convert::task_state_name(t.desired_state),
-                        crate::convert::task_state_name(t.state),
-                        t.error.clone(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["NAME", "IMAGE", "NODE", "DESIRED", "STATE", "ERROR"],
-                &rows,
-            );
-        }
-    }
-    Ok(())
+    let v: Vec<_> = tasks.iter().map(super::ps::to_json).collect();
+    output::print(output, &v, |w| {
+        let rows: Vec<Vec<String>> = tasks
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    t.image.clone(),
+                    if t.node.is_empty() {
+                        "-".into()
+                    } else {
+                        t.node.clone()
+                    },
+                    crate::convert::task_state_name(t.desired_state),
+                    crate::convert::task_state_name(t.state),
+                    t.error.clone(),
+                ]
+            })
+            .collect();
+        output::write_table(
+            w,
+            &["NAME", "IMAGE", "NODE", "DESIRED", "STATE", "ERROR"],
+            &rows,
+        )
+    })
 }
 
 /// `rctl stack rm NAME`: removes the stack's services, then its networks, secrets and configs

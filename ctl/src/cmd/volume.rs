@@ -5,8 +5,10 @@
 use rudder_model::volume::{Volume, VolumeDriver, VolumeSpec};
 use rudder_proto::v1::{ApplyRequest, ListVolumesRequest, RemoveVolumeRequest, VolumeSummary};
 
-use super::{print_table, Output};
+use std::io::Write;
+
 use crate::context::Context;
+use crate::output::{self, OutputFormat};
 
 /// A volume with what the controller knows about it.
 struct Listed {
@@ -99,51 +101,46 @@ pub async fn create(ctx: &Context, name: &str, labels: &[String]) -> anyhow::Res
     Ok(())
 }
 
-pub async fn ls(ctx: &Context, output: Output) -> anyhow::Result<()> {
-    let vols = list(ctx).await?;
-    match output {
-        Output::Json => {
-            let v: Vec<serde_json::Value> = vols.iter().map(to_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+fn write_table(w: &mut dyn Write, vols: &[Listed]) -> std::io::Result<()> {
+    let dash = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
         }
-        Output::Table => {
-            let dash = |v: &[String]| {
-                if v.is_empty() {
-                    "-".to_string()
-                } else {
-                    v.join(",")
-                }
-            };
-            let rows: Vec<Vec<String>> = vols
-                .iter()
-                .map(|l| {
-                    vec![
-                        l.volume.spec.name.clone(),
-                        "local".into(),
-                        dash(&l.hosts),
-                        dash(&l.services),
-                        l.volume
-                            .owner
-                            .as_ref()
-                            .map_or("-".into(), |o| format!("{}.{}", o.service, o.slot)),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "DRIVER", "HOSTS", "SERVICES", "OWNER"], &rows);
-        }
-    }
-    Ok(())
+    };
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|l| {
+            vec![
+                l.volume.spec.name.clone(),
+                "local".into(),
+                dash(&l.hosts),
+                dash(&l.services),
+                l.volume
+                    .owner
+                    .as_ref()
+                    .map_or("-".into(), |o| format!("{}.{}", o.service, o.slot)),
+            ]
+        })
+        .collect();
+    output::write_table(w, &["NAME", "DRIVER", "HOSTS", "SERVICES", "OWNER"], &rows)
 }
 
-/// The volume as JSON: labels, the hosts holding a copy, the services mounting it.
-pub async fn inspect(ctx: &Context, name: &str) -> anyhow::Result<()> {
+pub async fn ls(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
+    let vols = list(ctx).await?;
+    let v: Vec<serde_json::Value> = vols.iter().map(to_json).collect();
+    output::print(output, &v, |w| write_table(w, &vols))
+}
+
+/// The volume: labels, the hosts holding a copy, the services mounting it.
+pub async fn inspect(ctx: &Context, name: &str, output: OutputFormat) -> anyhow::Result<()> {
     let vols = list(ctx).await?;
     let l = vols
         .iter()
         .find(|l| l.volume.spec.name == name)
         .ok_or_else(|| anyhow::anyhow!("volume {name:?} not found (see `rctl volume ls`)"))?;
-    println!("{}", serde_json::to_string_pretty(&to_json(l))?);
-    Ok(())
+    output::print_object(output, &to_json(l))
 }
 
 /// Removes volumes (refused while a service mounts one, or, for a per-slot volume, while its
