@@ -5,6 +5,7 @@ pub mod cmd;
 pub mod context;
 pub mod convert;
 pub mod output;
+pub mod progress;
 
 use std::time::Duration;
 

@@ -195,19 +195,29 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
     })
     .await
     .ok();
+    // The upload's bar (a terminal only), cleared once the whole context is sent.
+    let upload = if args.quiet {
+        crate::progress::Progress::quiet()
+    } else {
+        crate::progress::Progress::start("sending the build context", Some(context_size))
+    };
+    let counted = upload.clone();
     let sender = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
+                counted.finish();
                 return Ok::<_, std::io::Error>(());
             }
             let msg = BuildInput {
                 msg: Some(In::Context(buf[..n].to_vec())),
             };
             if tx.blocking_send(msg).is_err() {
+                counted.finish();
                 return Ok(());
             }
+            counted.inc(n as u64);
         }
     });
     let mut outputs = client
@@ -218,12 +228,13 @@ pub async fn run(ctx: &Context, args: &BuildArgs) -> anyhow::Result<()> {
     let mut result = None;
     while let Some(m) = outputs.message().await.map_err(crate::status_err)? {
         match m.msg {
-            Some(Out::Progress(line)) if !args.quiet => println!("{line}"),
+            Some(Out::Progress(line)) if !args.quiet => upload.println(&line),
             Some(Out::Result(r)) => result = Some(r),
             _ => {}
         }
     }
     sender.await??;
+    upload.finish();
     let r = result.context("the build ended without a result")?;
     if args.quiet {
         println!("{}", r.digest);

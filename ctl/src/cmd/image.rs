@@ -9,6 +9,7 @@ use rudder_image::archive::PushReport;
 use rudder_image::{Reference, RegistryClient};
 
 use crate::context::Context;
+use crate::progress::during;
 
 fn print(r: &PushReport) {
     println!(
@@ -36,14 +37,21 @@ pub fn registry_client(ctx: &Context) -> anyhow::Result<RegistryClient> {
 pub async fn import(ctx: &Context, tar: &Path, name: &str) -> anyhow::Result<()> {
     let reference = Reference::parse(name)?;
     let client = registry_client(ctx)?;
-    print(&rudder_image::import_rootfs(&client, tar, &reference).await?);
+    let label = format!("importing {}", tar.display());
+    print(&during(label, rudder_image::import_rootfs(&client, tar, &reference)).await?);
     Ok(())
 }
 
 pub async fn load(ctx: &Context, file: &Path, tag: Option<&str>) -> anyhow::Result<()> {
     let client = registry_client(ctx)?;
     let default = tag.map(Reference::parse).transpose()?;
-    for r in rudder_image::load_archive(&client, file, default.as_ref()).await? {
+    let label = format!("loading {}", file.display());
+    for r in during(
+        label,
+        rudder_image::load_archive(&client, file, default.as_ref()),
+    )
+    .await?
+    {
         print(&r);
     }
     Ok(())
@@ -130,12 +138,15 @@ pub async fn tag(ctx: &Context, src: &str, dst: &str) -> anyhow::Result<()> {
         "tag {dst}: the new name needs a tag, not a digest"
     );
     let cluster = registry_client(ctx)?;
-    let r = rudder_image::copy_image(
-        &cluster,
-        &src_ref,
-        &cluster,
-        &dst_ref,
-        rudder_image::CopyOptions::default(),
+    let r = during(
+        format!("tagging {}", dst_ref.short()),
+        rudder_image::copy_image(
+            &cluster,
+            &src_ref,
+            &cluster,
+            &dst_ref,
+            rudder_image::CopyOptions::default(),
+        ),
     )
     .await
     .map_err(|e| match e {
@@ -173,12 +184,15 @@ pub async fn push(ctx: &Context, reference: &str, insecure: bool) -> anyhow::Res
     let local = in_cluster(&target);
     let remote_ref = remote_name(&target);
     // The source manifest is read before the target is contacted at all.
-    let r = rudder_image::copy_image(
-        &cluster,
-        &local,
-        &remote,
-        &remote_ref,
-        rudder_image::CopyOptions::default(),
+    let r = during(
+        format!("pushing {target}"),
+        rudder_image::copy_image(
+            &cluster,
+            &local,
+            &remote,
+            &remote_ref,
+            rudder_image::CopyOptions::default(),
+        ),
     )
     .await
     .map_err(|e| match e {
@@ -212,14 +226,17 @@ pub async fn pull(ctx: &Context, reference: &str, insecure: bool) -> anyhow::Res
                 .unwrap_or(rudder_image::reference::DEFAULT_TAG),
         )?;
     }
-    let r = rudder_image::copy_image(
-        &remote,
-        &remote_name(&source),
-        &cluster,
-        &local,
-        rudder_image::CopyOptions {
-            pick_platform: true,
-        },
+    let r = during(
+        format!("pulling {source}"),
+        rudder_image::copy_image(
+            &remote,
+            &remote_name(&source),
+            &cluster,
+            &local,
+            rudder_image::CopyOptions {
+                pick_platform: true,
+            },
+        ),
     )
     .await
     .map_err(|e| match e {
