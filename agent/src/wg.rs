@@ -44,6 +44,7 @@ use crate::hostnet::netlink::NetlinkHostNet;
 use crate::hostnet::{HostNet, HostNetError, LinkSet, NetOp, Ns};
 
 pub mod choice;
+pub mod coalesce;
 pub mod mtu;
 pub mod segment;
 
