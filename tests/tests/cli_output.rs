@@ -224,3 +224,52 @@ fn run_detached_prints_a_name_that_ps_logs_exec_and_rm_take() -> anyhow::Result<
     assert!(!has(&svcs, name), "{svcs}");
     Ok(())
 }
+
+#[test]
+fn run_interactive_streams_stdin_to_the_command_and_cleans_up() -> anyhow::Result<()> {
+    let (lab, _tmp) = lab_with_busybox("runi", 1)?;
+    let mut child = Command::new(bin("rctl"))
+        .arg("--context")
+        .arg(&lab.lab.context_path)
+        .args([
+            "run",
+            "-i",
+            "--name",
+            "asker",
+            "-e",
+            "SUFFIX=from-env",
+            "busybox:latest",
+            "sh",
+            "-c",
+            "read line; echo \"$line $SUFFIX\"; exit 4",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, b"hello-stdin\n")?;
+    let out = child.wait_with_output()?;
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello-stdin from-env\n"
+    );
+    let out = Command::new(bin("rctl"))
+        .arg("--context")
+        .arg(&lab.lab.context_path)
+        .args(["run", "-i", "--name", "asker2", "busybox:latest", "cat"])
+        .stdin(std::fs::File::open("/etc/hostname")?)
+        .output()?;
+    let want = std::fs::read_to_string("/etc/hostname")?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    wait_for(
+        std::time::Duration::from_secs(30),
+        "the jobs removed",
+        || {
+            let svcs: Value = serde_json::from_str(&lab.rctl(&["get", "svc", "-o", "json"])?)?;
+            Ok((!has(&svcs, "asker") && !has(&svcs, "asker2")).then_some(()))
+        },
+    )?;
+    Ok(())
+}

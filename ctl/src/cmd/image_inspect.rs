@@ -88,6 +88,25 @@ pub async fn inspect(ctx: &Context, reference: &str, output: OutputFormat) -> an
     output::print_object(output, &v)
 }
 
+/// What the image runs by default: its ENTRYPOINT and CMD (each empty when unset).
+pub async fn entrypoint_and_cmd(
+    ctx: &Context,
+    reference: &str,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let f = fetch(ctx, reference).await?;
+    let list = |key: &str| -> Vec<String> {
+        f.config["config"][key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok((list("Entrypoint"), list("Cmd")))
+}
+
 /// One entry of `history`: a history entry with the layer it made (if any), newest first,
 /// as docker prints it; layers no history entry accounts for (an image made without history)
 /// come last-made first too.

@@ -82,7 +82,8 @@ pub struct RunArgs {
     /// image's CMD does, unlike Docker).
     #[arg(long)]
     pub entrypoint: Option<String>,
-    /// Keep stdin open (with -t: a terminal); see `rctl exec -it` for a shell in a running job.
+    /// Stream stdin to the command (with -t: on a terminal). The job then holds its container
+    /// open with `sleep` and the command runs in it through exec, which the image needs.
     #[arg(short, long)]
     pub interactive: bool,
     /// Allocate a terminal.
@@ -341,17 +342,23 @@ pub fn spec(
 
 /// Runs the container; returns its exit code (`-d`: 0 once it runs).
 pub async fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
-    if (a.interactive || a.tty) && !a.detach {
-        anyhow::bail!(
-            "run -i/-t: rctl cannot attach to a job's own process yet; start it with -d and \
-             a long-lived command, then `rctl exec -it NAME sh`"
-        );
-    }
     let name = match &a.name {
         Some(n) => n.clone(),
         None => format!("run-{:06x}", rand_suffix()),
     };
-    let spec = spec(a, &name, read_env_file)?;
+    let mut spec = spec(a, &name, read_env_file)?;
+    let attach = (a.interactive || a.tty) && !a.detach;
+    let process = if attach {
+        // The job's own process only holds the container open; the command runs in it through
+        // exec, which streams stdin and gives a terminal (see `attached`).
+        let (entrypoint, cmd) = super::image_inspect::entrypoint_and_cmd(ctx, &a.image).await?;
+        let process = attached_process(a, entrypoint, cmd)?;
+        spec.entrypoint = Some(KEEP_OPEN.iter().map(|s| s.to_string()).collect());
+        spec.command = None;
+        Some(process)
+    } else {
+        None
+    };
     // One connection for the whole run: apply, the task watch, the logs and the removal
     // share it (each new mutual-TLS connection costs a handshake and a credentials read).
     let mut client = crate::connect(ctx).await?;
@@ -365,13 +372,87 @@ pub async fn run(ctx: &Context, a: &RunArgs) -> anyhow::Result<i32> {
     if a.detach {
         return detached(&mut client, &name).await;
     }
-    let result = follow(&mut client, &name).await;
+    let result = match process {
+        Some(process) => {
+            let r = attached(ctx, &mut client, &name, &process, a).await;
+            // The container only held open for the command: it goes with it, as `--rm` would.
+            let _ = client
+                .remove_service(RemoveServiceRequest { name: name.clone() })
+                .await;
+            return r;
+        }
+        None => follow(&mut client, &name).await,
+    };
     if a.rm {
         let _ = client
             .remove_service(RemoveServiceRequest { name: name.clone() })
             .await;
     }
     result
+}
+
+/// What the job runs under `-i`/`-t` instead of its command: a process that only keeps the
+/// container open (most images have `sleep`; one without cannot run `-it`).
+const KEEP_OPEN: [&str; 2] = ["sleep", "2147483647"];
+
+/// The command `-i`/`-t` runs in the container, as Docker would start it: the entrypoint
+/// (`--entrypoint`, else the image's) then the arguments (the command line's, else the image's
+/// CMD).
+pub fn attached_process(
+    a: &RunArgs,
+    image_entrypoint: Vec<String>,
+    image_cmd: Vec<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut process = match &a.entrypoint {
+        Some(e) => vec![e.clone()],
+        None => image_entrypoint,
+    };
+    if a.command.is_empty() {
+        if a.entrypoint.is_none() {
+            process.extend(image_cmd);
+        }
+    } else {
+        process.extend(a.command.iter().cloned());
+    }
+    if process.is_empty() {
+        anyhow::bail!("run {}: the image names no command; give one", a.image);
+    }
+    Ok(process)
+}
+
+/// `-i`/`-t`: waits for the container, runs the command in it with stdin and/or a terminal,
+/// and returns its exit code.
+async fn attached(
+    ctx: &Context,
+    client: &mut Client,
+    name: &str,
+    process: &[String],
+    a: &RunArgs,
+) -> anyhow::Result<i32> {
+    let mut watch = TaskWatch::start(client, name).await?;
+    let t = watch
+        .until(|s| s >= TaskState::Running, Duration::from_secs(120))
+        .await?;
+    if crate::convert::task_state(t.state) != Some(TaskState::Running) {
+        anyhow::bail!(
+            "{}: {} {} {} (run -i/-t keeps the container open with `sleep`: the image needs it)",
+            t.name,
+            crate::convert::task_state_name(t.state),
+            t.message,
+            t.error
+        );
+    }
+    super::exec::run(
+        ctx,
+        &t.id,
+        process,
+        super::exec::ExecOptions {
+            interactive: a.interactive,
+            tty: a.tty,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// `-d`: waits for the container to start (a refusal is an error, as `docker run -d` reports
@@ -557,6 +638,40 @@ mod tests {
     fn interactive_and_tty_flags_combine() {
         let a = parse(&["-it", "busybox", "sh"]);
         assert!(a.interactive && a.tty);
+    }
+
+    #[test]
+    fn attached_runs_what_docker_would_start() {
+        let image = |e: &[&str], c: &[&str]| {
+            (
+                e.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                c.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        let run = |argv: &[&str], (e, c): (Vec<String>, Vec<String>)| {
+            attached_process(&parse(argv), e, c)
+        };
+        assert_eq!(
+            run(&["-it", "busybox"], image(&[], &["sh"])).unwrap(),
+            ["sh"]
+        );
+        assert_eq!(
+            run(
+                &["-i", "redis", "--port", "1"],
+                image(&["entry"], &["redis-server"])
+            )
+            .unwrap(),
+            ["entry", "--port", "1"]
+        );
+        assert_eq!(
+            run(
+                &["-t", "--entrypoint", "bash", "img"],
+                image(&["entry"], &["x"])
+            )
+            .unwrap(),
+            ["bash"]
+        );
+        assert!(run(&["-it", "scratch"], image(&[], &[])).is_err());
     }
 
     #[test]
