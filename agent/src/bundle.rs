@@ -477,9 +477,7 @@ mod tests {
     #[test]
     fn tasks_get_the_default_seccomp_profile_unless_unconfined() {
         let t = tempfile::tempdir().unwrap();
-        let c = ContainerDir {
-            dir: t.path().to_path_buf(),
-        };
+        let c = ContainerDir::new(t.path());
         std::fs::create_dir_all(c.rootfs()).unwrap();
         let img = ImageConfig {
             cmd: vec!["true".into()],
@@ -525,9 +523,7 @@ mod tests {
     #[test]
     fn users_resolve_in_the_containers_passwd() {
         let t = tempfile::tempdir().unwrap();
-        let c = ContainerDir {
-            dir: t.path().to_path_buf(),
-        };
+        let c = ContainerDir::new(t.path());
         std::fs::create_dir_all(c.rootfs().join("etc")).unwrap();
         std::fs::write(
             c.rootfs().join("etc/passwd"),

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod net;
 pub mod netpool;
 mod overlayfs;
+mod rundir;
 pub mod runtime;
 mod seccomp;
 mod secrets;
@@ -215,6 +216,7 @@ pub async fn run(
     // Private to root (0700 dirs, 0600 files), tightened if an older agent left it looser.
     datadir::secure(&cfg.data_dir, &cfg.runtime_root)
         .map_err(|e| AgentError::Io("make the data dir private", e))?;
+    rundir::prepare_or_warn(&cfg.data_dir);
     let node_id = node_id(&cfg.data_dir)?;
     let certs = agent_certs(&cfg, &node_id).await?;
     let (certs_tx, certs_rx) = tokio::sync::watch::channel(certs);

@@ -622,10 +622,13 @@ impl Overlay {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        std::fs::create_dir_all(data_dir.join("netns")).map_err(|err| NetError::Io {
-            op: "create netns dir",
-            err,
+        std::fs::create_dir_all(crate::rundir::netns_dir(data_dir)).map_err(|err| {
+            NetError::Io {
+                op: "create netns dir",
+                err,
+            }
         })?;
+        crate::rundir::drop_legacy_pool(data_dir);
         let (key_tx, _) = watch::channel((key.public.to_base64(), epoch));
         let (map_tx, map_rx) = watch::channel(None);
         let (applied_tx, _) = watch::channel(None);
@@ -637,7 +640,7 @@ impl Overlay {
             net.clone(),
             Ns::Host,
             BRIDGE,
-            &data_dir.join("netns-pool"),
+            &crate::rundir::pool_dir(data_dir),
             pool,
         )
         .map_err(|err| NetError::Io {
@@ -984,7 +987,7 @@ impl Overlay {
             t.loaded = true;
         }
         t.members
-            .retain(|dir, _| ContainerDir::new(dir).bridge_addr_file().exists());
+            .retain(|dir, _| ContainerDir::new(dir).has_bridge_addr());
         t
     }
 
@@ -1075,14 +1078,15 @@ impl Overlay {
                             subnet: self.bridge_subnet,
                         })?,
                     };
-                    crate::shim::write_atomic(
-                        &ContainerDir::new(dir).bridge_addr_file(),
-                        &a.to_string(),
-                    )
-                    .map_err(|err| NetError::Io {
-                        op: "record bridge address",
-                        err,
-                    })?;
+                    let c = ContainerDir::new(dir);
+                    c.make_net_dir()
+                        .and_then(|()| {
+                            crate::shim::write_atomic(&c.bridge_addr_file(), &a.to_string())
+                        })
+                        .map_err(|err| NetError::Io {
+                            op: "record bridge address",
+                            err,
+                        })?;
                     a
                 }
             };
@@ -1222,7 +1226,7 @@ impl Overlay {
             release_us = (t0.elapsed() - t_link).as_micros() as u64,
             "bridge detach timings"
         );
-        let _ = std::fs::remove_file(ContainerDir::new(dir).bridge_addr_file());
+        ContainerDir::new(dir).remove_bridge_addr();
         self.bridge.lock().expect("bridge lock").members.remove(dir);
         self.bridge_tx.send_modify(|n| *n += 1);
     }
@@ -1264,9 +1268,14 @@ impl Overlay {
         }
     }
 
-    /// Where a task's network namespace is bound.
+    /// Where a task's network namespace is bound: on the run dir's tmpfs
+    /// ([`crate::rundir`]), or where an older agent bound it, if it is there.
     pub fn netns_path(&self, task_id: &str) -> PathBuf {
-        self.data_dir.join("netns").join(task_id)
+        let [new, legacy] = crate::rundir::netns_paths(&self.data_dir, task_id);
+        match legacy.exists() {
+            true => legacy,
+            false => new,
+        }
     }
 
     /// Gives `task` its network namespace with one interface per network, and writes the
@@ -1389,7 +1398,12 @@ fn write_etc(dir: &Path, resolv: String, addr: Ipv4Addr, hostname: &str) -> Resu
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{addr}\t{hostname}\n"
     );
-    let [(_, resolv_path), (_, hosts_path)] = ContainerDir::new(dir).etc_files();
+    let c = ContainerDir::new(dir);
+    c.make_net_dir().map_err(|err| NetError::Io {
+        op: "make the network files' dir",
+        err,
+    })?;
+    let [(_, resolv_path), (_, hosts_path)] = c.etc_files();
     for (path, text) in [(resolv_path, resolv), (hosts_path, hosts)] {
         std::fs::write(path, text).map_err(|err| NetError::Io {
             op: "write resolv.conf/hosts",
@@ -1685,14 +1699,16 @@ mod tests {
         };
         let addr = |i: usize| ContainerDir::new(dir(i)).read_bridge_addr().unwrap();
         let ns0 = o.attach_bridge_as("t0", "h0", "t0", &dir(0)).await.unwrap();
-        assert_eq!(ns0, data.path().join("netns/t0"));
+        assert_eq!(ns0, data.path().join("run/netns/t0"));
         assert!(ns0.exists());
         o.attach_bridge_as("t1", "h1", "t1", &dir(1)).await.unwrap();
         assert_eq!(
             (addr(0).as_str(), addr(1).as_str()),
             ("172.31.0.2", "172.31.0.3")
         );
-        assert!(std::fs::read_to_string(dir(0).join("hosts"))
+        // The network files are on the run dir, not in the container directory.
+        assert!(!dir(0).join("hosts").exists());
+        assert!(std::fs::read_to_string(ContainerDir::new(dir(0)).hosts())
             .unwrap()
             .contains("172.31.0.2\th0"));
         // Forwarding was off: turned on, and recorded as ours.

@@ -290,9 +290,7 @@ mod tests {
         ]);
         assert!(!format!("{values:?}").contains("pw-1234"));
         let tmp = tempfile::tempdir().unwrap();
-        let c = ContainerDir {
-            dir: tmp.path().to_path_buf(),
-        };
+        let c = ContainerDir::new(tmp.path());
         std::fs::create_dir_all(c.rootfs().join("etc")).unwrap();
         std::fs::write(
             c.rootfs().join("etc/passwd"),

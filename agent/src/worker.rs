@@ -218,11 +218,14 @@ impl Worker {
                 let dir = e.path();
                 let alive = runtime::shim_pid(&dir).is_some_and(|p| runtime::shim_alive(p, &dir));
                 if !alive {
-                    bundle::unmount_rootfs(&ContainerDir { dir: dir.clone() });
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let c = ContainerDir::new(&dir);
+                    bundle::unmount_rootfs(&c);
+                    let _ = c.remove();
                     // Its network namespace, if it had one (see `net::Overlay::netns_path`).
                     if let Some(data) = self.ctx.containers.parent() {
-                        crate::net::remove_netns(&data.join("netns").join(&id));
+                        for ns in crate::rundir::netns_paths(data, &id) {
+                            crate::net::remove_netns(&ns);
+                        }
                     }
                 }
             }
@@ -250,7 +253,7 @@ impl Worker {
                 me.local.lock().expect("local lock").remove(&id);
                 me.ctx.ports.mounts.release(&task).await;
                 if forget.load(std::sync::atomic::Ordering::SeqCst) {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = ContainerDir::new(&dir).remove();
                     me.last.lock().expect("last lock").remove(&id);
                 }
             }

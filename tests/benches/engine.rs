@@ -5,8 +5,9 @@
 //!    RSS), with 0, 5 and 50 idle `sleep` containers, ~5 s after they all run: VmRSS from
 //!    /proc/PID/status, and Pss and private (USS) from /proc/PID/smaps_rollup, since a shim is
 //!    a re-exec of the agent binary and shares its text pages with the agent and other shims.
-//! 2. `rctl apply` of 50 replicas on one host -> all 50 `running`, 3 rounds (the service is
-//!    removed between rounds and its containers waited out).
+//! 2. `rctl apply` of 50 replicas on one host -> all 50 `running`, 3 rounds per network mode,
+//!    host and bridge alternating (the service is removed between rounds and its containers
+//!    waited out).
 //! 3. Exec round trip: `rctl exec TASK -- true` as a process, against raw `runc exec`, and in
 //!    process (the same `rudder_ctl` code, so without rctl's process start) split into the TLS
 //!    connect and the exec, with a unary RPC on an open connection for scale.
@@ -336,50 +337,65 @@ fn measure(lab: &LabGuard, tasks: &[TaskRow], label: &str) -> anyhow::Result<Vec
 // ---------------------------------------------------------------------------------------------
 // Parts
 
-/// Starts 50 containers in `mode`, 3 rounds; the median of "apply -> all running (polled)".
-fn start_bench(
+/// The modes of the start part, in the order round `round` (from 1) runs them: host first in
+/// odd rounds, bridge first in even ones. Each round leaves the filesystem and the kernel a
+/// little different (inodes just deleted, namespaces being torn down), so running all of one
+/// mode before the other charged the second mode with the first one's aftermath; alternating
+/// gives both the same history.
+fn start_order(round: usize) -> [&'static str; 2] {
+    match round % 2 {
+        1 => ["host", "bridge"],
+        _ => ["bridge", "host"],
+    }
+}
+
+/// One round: 50 containers in `mode` -> (apply to all running as polled, apply to the last
+/// task's running timestamp as the controller recorded it); then removes them.
+fn start_round(
     lab: &LabGuard,
     ctl: &Ctl,
     dir: &Path,
     mode: &str,
+    round: usize,
     mem_rows: &mut Vec<MemRow>,
-) -> anyhow::Result<Duration> {
-    let mut rounds = Vec::new();
-    for round in 1..=START_ROUNDS {
-        let t0_wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
-        let t = Instant::now();
-        lab.apply(
-            dir,
-            "fifty.yaml",
-            &manifest_in("fifty", START_REPLICAS, mode),
-        )?;
-        let applied = t.elapsed();
-        let ts = wait_running(ctl, "fifty", START_REPLICAS)?;
-        let polled = t.elapsed();
-        // The controller's own record of the last task turning running (same clock: same host).
-        let last = ts.iter().map(|t| t.timestamp_ms).max().unwrap_or(0);
-        let recorded = Duration::from_millis(last.saturating_sub(t0_wall));
-        println!(
-            "start {START_REPLICAS}, round {round}: apply returned {:.0} ms; all running seen \
-             {:.2} s (last task's running timestamp at {:.2} s)",
-            ms(applied),
-            polled.as_secs_f64(),
-            recorded.as_secs_f64()
-        );
-        rounds.push((polled, recorded));
-        if round == START_ROUNDS && mode == "host" {
-            std::thread::sleep(SETTLE);
-            mem_rows.extend(measure(lab, &ts, "50 idle containers")?);
-        }
-        let gone = remove(lab, ctl, "fifty")?;
-        println!(
-            "  rm fifty -> all 50 containers gone: {:.2} s",
-            gone.as_secs_f64()
-        );
-        std::thread::sleep(round_gap());
+) -> anyhow::Result<(Duration, Duration)> {
+    let t0_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let t = Instant::now();
+    lab.apply(
+        dir,
+        "fifty.yaml",
+        &manifest_in("fifty", START_REPLICAS, mode),
+    )?;
+    let applied = t.elapsed();
+    let ts = wait_running(ctl, "fifty", START_REPLICAS)?;
+    let polled = t.elapsed();
+    // The controller's own record of the last task turning running (same clock: same host).
+    let last = ts.iter().map(|t| t.timestamp_ms).max().unwrap_or(0);
+    let recorded = Duration::from_millis(last.saturating_sub(t0_wall));
+    println!(
+        "start {START_REPLICAS} ({mode}), round {round}: apply returned {:.0} ms; all running \
+         seen {:.2} s (last task's running timestamp at {:.2} s)",
+        ms(applied),
+        polled.as_secs_f64(),
+        recorded.as_secs_f64()
+    );
+    if round == START_ROUNDS && mode == "host" {
+        std::thread::sleep(SETTLE);
+        mem_rows.extend(measure(lab, &ts, "50 idle containers")?);
     }
+    let gone = remove(lab, ctl, "fifty")?;
+    println!(
+        "  rm fifty -> all 50 containers gone: {:.2} s",
+        gone.as_secs_f64()
+    );
+    std::thread::sleep(round_gap());
+    Ok((polled, recorded))
+}
+
+/// Prints one mode's rounds; returns the median of "apply -> all running (polled)".
+fn start_report(mode: &str, rounds: &[(Duration, Duration)]) -> Duration {
     let mut seen: Vec<Duration> = rounds.iter().map(|r| r.0).collect();
     let mut rec: Vec<Duration> = rounds.iter().map(|r| r.1).collect();
     seen.sort();
@@ -387,7 +403,7 @@ fn start_bench(
     println!();
     println!(
         "== start {START_REPLICAS} containers on 1 host (2 cores), network {mode} \
-         (rounds {} ms apart) ==",
+         (rounds {} ms apart, modes alternating) ==",
         round_gap().as_millis()
     );
     println!(
@@ -422,7 +438,7 @@ fn start_bench(
         "per container (median, polled): {:.0} ms",
         ms(seen[seen.len() / 2]) / START_REPLICAS as f64
     );
-    Ok(seen[seen.len() / 2])
+    seen[seen.len() / 2]
 }
 
 fn round_gap() -> Duration {
@@ -799,8 +815,18 @@ fn main() -> anyhow::Result<()> {
         remove(&lab, &ctl, "idle")?;
     }
     if part("start") {
-        let host = start_bench(&lab, &ctl, &dir, "host", &mut mem_rows)?;
-        let bridge = start_bench(&lab, &ctl, &dir, "bridge", &mut mem_rows)?;
+        let (mut host, mut bridge) = (Vec::new(), Vec::new());
+        for round in 1..=START_ROUNDS {
+            for mode in start_order(round) {
+                let r = start_round(&lab, &ctl, &dir, mode, round, &mut mem_rows)?;
+                match mode {
+                    "host" => host.push(r),
+                    _ => bridge.push(r),
+                }
+            }
+        }
+        let host = start_report("host", &host);
+        let bridge = start_report("bridge", &bridge);
         println!(
             "\n50 to running, medians: host {:.2} s, bridge {:.2} s: bridge/host {:.2}x \
              (target <= 1.10x)",

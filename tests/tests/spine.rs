@@ -84,7 +84,7 @@ fn spine_end_to_end() -> anyhow::Result<()> {
     );
 
     // Real containers: a live process in its own network namespace on its host's bridge (the
-    // default network mode; the agent keeps it at `<data>/netns/<task>`), and in its host's
+    // default network mode; the agent keeps it at `<data>/run/netns/<task>`), and in its host's
     // cgroup parent.
     let mut pids = Vec::new();
     for t in &run {
@@ -93,6 +93,7 @@ fn spine_end_to_end() -> anyhow::Result<()> {
         let host = lab.host(t["node"].as_str().unwrap());
         let own = host
             .data_dir
+            .join("run")
             .join("netns")
             .join(t["id"].as_str().unwrap())
             .display()

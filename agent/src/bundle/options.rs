@@ -271,6 +271,8 @@ pub fn etc_files(
     let base_hosts = netns.and_then(|_| read(&hosts_path)).unwrap_or_else(|| {
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_string()
     });
+    c.make_net_dir()
+        .map_err(io("make the network files' dir"))?;
     for (path, text) in [
         (&resolv_path, resolv_conf(&base_resolv, s, overlay)),
         (&hosts_path, hosts(&base_hosts, s)),
@@ -491,9 +493,7 @@ mod tests {
     #[test]
     fn etc_files_for_each_network_kind() {
         let t = tempfile::tempdir().unwrap();
-        let c = ContainerDir {
-            dir: t.path().to_path_buf(),
-        };
+        let c = ContainerDir::new(t.path());
         let host_resolv = t.path().join("host-resolv.conf");
         std::fs::write(&host_resolv, "nameserver 127.0.0.53\n").unwrap();
         let mut s = svc();

@@ -210,7 +210,7 @@ impl TaskCtx {
             } else {
                 Phase::Assigned
             },
-            dir: ContainerDir { dir },
+            dir: ContainerDir::new(dir),
             stop,
             image: None,
             mounts: Vec::new(),

@@ -263,6 +263,7 @@ async fn shared_netns(
             .min_by_key(|(_, _, same)| !same);
         if let Some((other, pid, _)) = found {
             let mine = ContainerDir::new(dir);
+            let _ = mine.make_net_dir();
             for (from, to) in [
                 (other.resolv_conf(), mine.resolv_conf()),
                 (other.hosts(), mine.hosts()),
