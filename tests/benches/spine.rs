@@ -38,9 +38,7 @@ fn runtime_bench(iterations: usize) -> anyhow::Result<()> {
         .tempdir_in("/var/tmp")?;
     let tar = work.path().join("busybox.tar");
     busybox_rootfs(&tar)?;
-    let c = ContainerDir {
-        dir: work.path().join("c"),
-    };
+    let c = ContainerDir::new(work.path().join("c"));
     std::fs::create_dir_all(c.rootfs())?;
     let st = Command::new("tar")
         .arg("-xf")
