@@ -96,6 +96,27 @@ fn the_agent_data_dir_is_private() -> anyhow::Result<()> {
     for f in ["task.json", "log", "bundle/config.json"] {
         assert_eq!(mode(&cdir.join(f))?, 0o600, "{f}");
     }
+    // The run dir (namespaces, network files) is the agent's private tmpfs, and the task's
+    // network files are there, not in the container directory.
+    let run = data.join("run");
+    assert_eq!(mode(&run)?, 0o700);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(
+        mountinfo.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(4) == Some(&run.to_str().unwrap())
+                && l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("tmpfs "))
+                && f.get(5)
+                    .is_some_and(|o| o.contains("nosuid") && o.contains("noexec"))
+        }),
+        "{} is not a nosuid,noexec tmpfs",
+        run.display()
+    );
+    let netfiles = run.join("containers").join(task["id"].as_str().unwrap());
+    assert!(netfiles.join("hosts").exists() && !cdir.join("hosts").exists());
+    assert_eq!(mode(&netfiles.join("bridge_addr"))?, 0o600);
     let mut open = Vec::new();
     open_to_others(data, &mut open);
     assert!(open.is_empty(), "open to other users:\n{}", open.join("\n"));
