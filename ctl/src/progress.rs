@@ -18,6 +18,8 @@ const REDRAW: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_millis(250);
 /// Cells of the bar itself.
 const BAR: usize = 24;
+/// The longest label shown (characters).
+const MAX_LABEL: usize = 48;
 /// Spinner frames: plain ASCII, so any terminal shows them.
 const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
 
@@ -30,6 +32,12 @@ pub fn render(
     elapsed: Duration,
     frame: usize,
 ) -> String {
+    // One terminal line: a long label (many services) would wrap and break the redraw.
+    let label: String = if label.chars().count() > MAX_LABEL {
+        label.chars().take(MAX_LABEL - 1).collect::<String>() + "…"
+    } else {
+        label.to_string()
+    };
     let secs = elapsed.as_secs();
     match total {
         Some(total) if total > 0 => {
@@ -203,6 +211,19 @@ impl Progress {
         }
     }
 
+    /// Prints `line` on stderr (a status line that stays), the progress line cleared first and
+    /// drawn again after it.
+    pub fn eprintln(&self, line: &str) {
+        match &self.state {
+            None => eprintln!("{line}"),
+            Some(_) => self.with(|s| {
+                s.clear();
+                let _ = writeln!(s.out, "{line}");
+                s.draw(true);
+            }),
+        }
+    }
+
     /// Clears the line for good (also when the last handle is dropped).
     pub fn finish(&self) {
         self.with(|s| {
@@ -281,6 +302,8 @@ mod tests {
             "pull -  2.0 KiB  2s"
         );
         assert_eq!(render("x", 0, Some(0), Duration::ZERO, 0), "x |  0s");
+        let long = render(&"s, ".repeat(40), 0, None, Duration::ZERO, 0);
+        assert_eq!(long.chars().count(), MAX_LABEL + " |  0s".len(), "{long}");
     }
 
     #[test]
@@ -308,6 +331,15 @@ mod tests {
         let after = text.len();
         drop(p);
         assert_eq!(out.text().len(), after, "nothing after finish");
+
+        let out = Shared::default();
+        let p = Progress::on("wait", None, Box::new(out.clone()), true);
+        p.eprintln("web: 1/2 running");
+        let text = out.text();
+        assert!(
+            text.contains("\r\x1b[Kweb: 1/2 running\n\rwait "),
+            "the status line is written on a cleared line, the spinner after it: {text:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -262,6 +262,10 @@ pub async fn wait_converged(
     // at the next poll; the poll stays as the fallback (and for service-level changes).
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
     let _watches = watch_changes(&mut client, services, &changed).await;
+    // A spinner with the time waited under the status lines, on a terminal only.
+    let names: Vec<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
+    let waiting =
+        crate::progress::Progress::start(format!("waiting for {}", names.join(", ")), None);
     loop {
         let list = crate::services(&mut client).await?;
         let mut done = true;
@@ -274,7 +278,7 @@ pub async fn wait_converged(
                 // A job converges once it has completed (Swarm waits for jobs the same way).
                 let line = format!("{name}: job {p}");
                 if last.get(name) != Some(&line) {
-                    eprintln!("{line}");
+                    waiting.eprintln(&line);
                     last.insert(name.clone(), line);
                 }
                 match p.state {
@@ -343,7 +347,7 @@ pub async fn wait_converged(
                 }
             }
             if last.get(name) != Some(&line) {
-                eprintln!("{line}");
+                waiting.eprintln(&line);
                 last.insert(name.clone(), line);
             }
             match update {
