@@ -38,9 +38,10 @@ const UPLOAD_UUID: HeaderName = HeaderName::from_static("docker-upload-uuid");
 /// Read size when streaming a blob out.
 const READ_CHUNK: usize = 256 << 10;
 
-/// Which endpoint a `/v2/...` path addresses.
+/// Which endpoint a `/v2/...` path addresses (public for the fuzz target `fuzz/registry`).
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Route {
+#[allow(missing_docs)]
+pub enum Route {
     Base,
     Catalog,
     Tags { name: String },
@@ -51,7 +52,7 @@ pub(crate) enum Route {
 }
 
 /// Splits a request path into a [`Route`]; `None` if it is not a registry path.
-pub(crate) fn parse_route(path: &str) -> Option<Route> {
+pub fn parse_route(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {
         return Some(Route::Base);

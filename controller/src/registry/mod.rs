@@ -25,7 +25,7 @@
 pub mod blob;
 mod error;
 pub mod gc;
-mod http;
+pub mod http;
 pub mod manifest;
 pub mod names;
 mod peers;
