@@ -95,6 +95,50 @@ pub fn slots(tasks: &[TaskSummary], want: &Want, excluded: &BTreeSet<String>) ->
     view
 }
 
+/// Wanted slots without a good running task (at most `limit`), and every listed task of
+/// each, one line a slot: for a report of why a wait did not converge.
+pub fn missing(
+    tasks: &[TaskSummary],
+    want: &Want,
+    excluded: &BTreeSet<String>,
+    limit: usize,
+) -> Vec<String> {
+    let running = TaskState::Running as i32;
+    let good: BTreeSet<(&str, u64)> = tasks
+        .iter()
+        .filter(|t| t.state == running && !excluded.contains(&t.node_id))
+        .filter(|t| want.image.as_ref().is_none_or(|i| *i == t.image))
+        .map(|t| (t.service.as_str(), t.slot))
+        .collect();
+    let mut out = Vec::new();
+    for (service, replicas) in &want.replicas {
+        for slot in 1..=*replicas {
+            if good.contains(&(service.as_str(), slot)) {
+                continue;
+            }
+            if out.len() == limit {
+                return out;
+            }
+            let attempts: Vec<String> = tasks
+                .iter()
+                .filter(|t| t.service == *service && t.slot == slot)
+                .map(|t| {
+                    format!(
+                        "{} on {} {:?}/{:?} {:?}",
+                        &t.id[..t.id.len().min(8)],
+                        t.node_id,
+                        TaskState::try_from(t.state).unwrap_or(TaskState::Unspecified),
+                        TaskState::try_from(t.desired_state).unwrap_or(TaskState::Unspecified),
+                        t.message
+                    )
+                })
+                .collect();
+            out.push(format!("{service}.{slot}: [{}]", attempts.join("; ")));
+        }
+    }
+    out
+}
+
 impl SlotView {
     /// Every wanted slot runs exactly one good task and nothing runs where it should not.
     pub fn converged(&self, want: &Want) -> bool {
@@ -209,6 +253,25 @@ mod tests {
         assert_eq!((n, doubled), (3, vec![("a".to_string(), 1)]));
         let (n, doubled) = fleet_slots(["t0", "t2"], &tasks, &want(None));
         assert_eq!((n, doubled.len()), (2, 0));
+    }
+
+    #[test]
+    fn missing_slots_are_named_with_their_attempts() {
+        use TaskState::*;
+        let tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 2, "n2", Orphaned, "x"),
+            task("b", 1, "n2", Running, "x"),
+        ];
+        let lost: BTreeSet<String> = ["n2".to_string()].into();
+        let m = missing(&tasks, &want(None), &lost, 10);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].starts_with("a.2: [") && m[0].contains("Orphaned"),
+            "{m:?}"
+        );
+        assert!(m[1].starts_with("b.1: ["), "{m:?}");
+        assert_eq!(missing(&tasks, &want(None), &lost, 1).len(), 1);
     }
 
     #[test]

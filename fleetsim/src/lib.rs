@@ -255,14 +255,16 @@ async fn converge(
         if began.elapsed() > cfg.timeout {
             bail!(
                 "fleetsim: not converged after {:?}: {} of {} slots good, {} misplaced, {} \
-                 doubled in the list; {} running on the hosts, {} slots doubled there",
+                 doubled in the list; {} running on the hosts, {} slots doubled there; \
+                 missing: {}",
                 cfg.timeout,
                 view.good,
                 want.total(),
                 view.misplaced,
                 view.doubled.len(),
                 on_hosts,
-                doubled.len()
+                doubled.len(),
+                figures::missing(&list, want, excluded, 5).join(" | ")
             );
         }
         tokio::time::sleep(cfg.poll).await;
@@ -364,8 +366,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         cfg.controllers,
         cfg.controller_log.clone(),
     );
-    let mut group =
-        tokio::task::spawn_blocking(move || Group::start(&bin, &path, n, &log)).await??;
+    let group = tokio::task::spawn_blocking(move || Group::start(&bin, &path, n, &log)).await?;
+    let result = match group {
+        Ok(group) => scenarios(&cfg, group, dir.path(), &mut r).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        // Kept for the controllers' logs (c<i>.log); the group is gone already.
+        let kept = dir.keep();
+        return Err(e.context(format!(
+            "fleetsim: the run's directory (controller logs) is kept in {}",
+            kept.display()
+        )));
+    }
+    Ok(r)
+}
+
+/// Joins the hosts and runs the scenarios against `group`, adding to `r`.
+async fn scenarios(
+    cfg: &Config,
+    mut group: Group,
+    dir: &std::path::Path,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let cfg = cfg.clone();
     let mut c = admin(&group).await?;
 
     // Hosts.
@@ -375,7 +399,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         &group.urls(),
         &group.worker_token,
         &cfg.behaviour,
-        &dir.path().join("hosts"),
+        &dir.join("hosts"),
     )
     .await?;
     let joined = began.elapsed();
@@ -440,10 +464,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         .extend(hold(&mut c, &fleet, &want, &cfg, "S1").await?);
 
     if cfg.churn {
-        churn(&mut c, &fleet, &mut want, &cfg, &mut r).await?;
+        churn(&mut c, &fleet, &mut want, &cfg, r).await?;
     }
     if cfg.failover {
-        failover(&mut c, &mut group, &cfg, &mut r).await?;
+        failover(&mut c, &mut group, &cfg, r).await?;
     }
     r.converged = true;
     if r.violations.is_empty() {
@@ -455,7 +479,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     }
     drop(fleet);
     drop(group);
-    Ok(r)
+    Ok(())
 }
 
 /// S3: hosts lost and returning, a rolling update, a drain.

@@ -97,10 +97,17 @@ fn main() -> anyhow::Result<()> {
         hold: Duration::from_secs(a.hold),
         controller_log: a.controller_log,
     };
+    // On ^C the run's future is dropped, and with it the controller group (killed by pid)
+    // and the run's directory.
     let report = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(rudder_fleetsim::run(cfg))?;
+        .block_on(async {
+            tokio::select! {
+                r = rudder_fleetsim::run(cfg) => r,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("fleetsim: interrupted"),
+            }
+        })?;
     if !report.violations.is_empty() {
         anyhow::bail!("{} invariant violations", report.violations.len());
     }
