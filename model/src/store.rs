@@ -1198,6 +1198,13 @@ impl Store {
                     if self.tasks.contains_key(&t.id) {
                         continue;
                     }
+                    // Placed on a node that went down since the placement was decided (see
+                    // `AssignTasks`): created unplaced instead, for the scheduler's next pass.
+                    if t.status.state == TaskState::Assigned && self.placed_on_down_node(&t) {
+                        t.node_id = None;
+                        t.status.state = TaskState::Pending;
+                        t.status.message = "waiting for a node".into();
+                    }
                     // Tasks placed as they are created get their addresses now.
                     let placed = t
                         .node_id
@@ -1216,6 +1223,13 @@ impl Store {
             }
             Command::AssignTasks { assignments, now } => {
                 for (task_id, node_id) in assignments {
+                    // Placed from a view in which the node was still ready, committed after
+                    // it went down: nothing would ever orphan the task (the node's tasks were
+                    // orphaned already), so its slot would never run. It stays unplaced and
+                    // the scheduler's next pass places it again.
+                    if self.node_is_down(&node_id) {
+                        continue;
+                    }
                     let Some(t) = self.tasks.get_mut(&task_id) else {
                         continue;
                     };
@@ -1379,6 +1393,18 @@ impl Store {
     }
 
     /// Tasks of one service, by service id.
+    /// Node `id` is known and down (its tasks were orphaned when it went down).
+    fn node_is_down(&self, id: &str) -> bool {
+        self.nodes
+            .get(id)
+            .is_some_and(|n| n.state == NodeState::Down)
+    }
+
+    /// Task `t` names a node that is down.
+    fn placed_on_down_node(&self, t: &Task) -> bool {
+        t.node_id.as_deref().is_some_and(|n| self.node_is_down(n))
+    }
+
     /// Marks the unfinished tasks of node `id` orphaned (their node is gone, for `why`): the
     /// reconciler replaces them elsewhere.
     fn orphan_tasks_on(&mut self, index: u64, id: &str, why: &str, now: u64) {
@@ -2279,6 +2305,75 @@ mod tests {
         assert_eq!(s.tasks["t1"].status.state, TaskState::Orphaned);
         s.apply(10, up("n1", TaskState::Failed)).unwrap();
         assert_eq!(s.tasks["t1"].status.state, TaskState::Failed);
+    }
+
+    /// The fleet simulator's finding: a placement decided while the node was ready but
+    /// committed after its `NodeDown` left the task assigned to a down node for ever (its
+    /// orphaning had passed), so its slot never ran again.
+    #[test]
+    fn an_assignment_to_a_node_already_down_leaves_the_task_unplaced() {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(spec("web", 1)),
+                now: 1,
+            },
+        )
+        .unwrap();
+        let svc = s.services["web"].clone();
+        let node = |id: &str| Command::PutNode {
+            id: id.into(),
+            hostname: format!("h-{id}"),
+            addr: format!("a-{id}"),
+            labels: Default::default(),
+            role: NodeRole::Worker,
+            resources: Default::default(),
+            now: 2,
+            cert_not_after: 0,
+        };
+        s.apply(2, Command::Batch(vec![node("n1"), node("n2")]))
+            .unwrap();
+        s.apply(
+            3,
+            Command::CreateTasks {
+                tasks: vec![task("t1", &svc, 1)],
+            },
+        )
+        .unwrap();
+        s.apply(
+            4,
+            Command::NodeDown {
+                id: "n1".into(),
+                now: 4,
+            },
+        )
+        .unwrap();
+        let assign = |node: &str| Command::AssignTasks {
+            assignments: vec![("t1".into(), node.into())],
+            now: 5,
+        };
+        s.apply(5, assign("n1")).unwrap();
+        assert_eq!(s.tasks["t1"].node_id, None);
+        assert_ne!(s.tasks["t1"].status.state, TaskState::Assigned);
+        // The next pass places it on a ready node.
+        s.apply(6, assign("n2")).unwrap();
+        assert_eq!(s.tasks["t1"].node_id.as_deref(), Some("n2"));
+        assert_eq!(s.tasks["t1"].status.state, TaskState::Assigned);
+        // The same for a task created already placed (a replacement).
+        let mut placed = task("t2", &svc, 2);
+        placed.node_id = Some("n1".into());
+        placed.status.state = TaskState::Assigned;
+        s.apply(
+            7,
+            Command::CreateTasks {
+                tasks: vec![placed],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.tasks["t2"].node_id, None);
+        assert_eq!(s.tasks["t2"].status.state, TaskState::Pending);
     }
 
     #[test]
