@@ -467,6 +467,21 @@ impl Control for ControlApi {
         self.events.subscribe(req.into_inner()).map(Response::new)
     }
 
+    async fn dashboard_token(
+        &self,
+        req: Request<DashboardTokenRequest>,
+    ) -> Result<Response<DashboardTokenResponse>, Status> {
+        let caller = req.extensions().get::<crate::ca::PeerIdentity>().cloned();
+        crate::dashboard::token_rpc(
+            &self.raft.store(),
+            caller.as_ref(),
+            req.into_inner(),
+            self.dashboard_port,
+            now_ms(),
+        )
+        .map(Response::new)
+    }
+
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         let LogsRequest {
             target,

@@ -23,4 +23,6 @@ pub struct ApiContext {
     pub at_rest: Option<Arc<crate::security::AtRest>>,
     /// The tasks' usage samples from the agents' heartbeats (leader only): `Stats`.
     pub usage: Arc<crate::usage::UsageBook>,
+    /// The port this controller serves the dashboard on (`DashboardToken` tells `rctl`).
+    pub dashboard_port: Option<u16>,
 }

@@ -18,6 +18,7 @@ mod commit_api;
 mod context;
 mod convert;
 pub use rudder_pki::crypt;
+mod dashboard;
 mod dispatcher;
 mod events_api;
 mod exec_api;
@@ -137,6 +138,10 @@ pub struct Config {
     /// `None` (the default): not served.
     #[serde(default)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the web dashboard is served over HTTPS (`dashboard` module); `None` (the
+    /// default): not served.
+    #[serde(default)]
+    pub dashboard_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -345,6 +350,7 @@ pub async fn run(
         pull_leases,
         at_rest: Some(at_rest),
         usage: usage.clone(),
+        dashboard_port: cfg.dashboard_listen.map(|a| a.port()),
     }));
     let cluster = Arc::new(
         cluster_api::ClusterApi::new(Arc::new(security::RaftSecrets { raft: raft.clone() }))
@@ -398,6 +404,14 @@ pub async fn run(
         });
     }
     serve_metrics(&cfg, &raft, metrics, certs_rx.clone(), &stop_rx).await;
+    if let Some(addr) = cfg.dashboard_listen {
+        let dash = Arc::new(dashboard::Dash {
+            raft: raft.clone(),
+            control: control.clone(),
+            used: Default::default(),
+        });
+        dashboard::spawn(addr, certs_rx.clone(), dash, stop_rx.clone()).await;
+    }
     // Mutual TLS on every service; each admits only the roles it serves.
     let guard_raft = raft.clone();
     let grpc = rudder_pki::renew::serve_renewing(

@@ -59,6 +59,11 @@ struct Args {
     /// (bind it to an address only the scraper reaches). Off unless given.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
+    /// Serve the web dashboard at `https://ADDR/` (log in with an admin certificate or a
+    /// token from `rctl dashboard token`), for example 0.0.0.0:4249; `off` (the default) to
+    /// not serve it.
+    #[arg(long, default_value = "off", value_parser = rudder_pki::scrape::parse_listen)]
+    dashboard_listen: rudder_pki::scrape::Listen,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -128,6 +133,7 @@ async fn run(a: Args, restore: Option<std::sync::Arc<rudder_model::Store>>) -> a
         node_cert_validity: std::time::Duration::from_secs(a.node_cert_validity),
         metrics_listen: a.metrics_listen.0,
         metrics_addr: a.metrics_addr,
+        dashboard_listen: a.dashboard_listen.0,
     };
     rudder_controller::run(cfg, shutdown_signal()).await?;
     Ok(())

@@ -196,6 +196,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// The web dashboard: `rctl dashboard token`, `rctl dashboard open`.
+    Dashboard {
+        #[command(subcommand)]
+        cmd: cmd::dashboard::DashboardCmd,
+    },
     /// Cluster hosts: list, inspect, set availability and labels.
     Node {
         #[command(subcommand)]
@@ -801,6 +806,7 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Stats { service, json } => {
             rt.block_on(cmd::stats::run(&ctx()?, service.as_deref(), *json))
         }
+        Cmd::Dashboard { cmd } => rt.block_on(cmd::dashboard::run(&ctx()?, cmd)),
         Cmd::Events {
             since,
             until,

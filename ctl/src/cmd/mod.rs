@@ -6,6 +6,7 @@ pub mod build;
 pub mod cluster;
 pub mod commit;
 pub mod cp;
+pub mod dashboard;
 pub mod describe;
 pub mod events;
 pub mod exec;
