@@ -21,6 +21,7 @@ pub mod hollow;
 mod hostnet;
 mod images;
 mod manager;
+mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod netpool;

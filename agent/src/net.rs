@@ -44,9 +44,8 @@ use crate::wg::{KeyPair, Wg, WgPeer};
 pub const FORWARD_MARKER: &str = "ip_forward.rudder";
 /// UDP port of VXLAN (IANA).
 pub const VXLAN_PORT: u16 = 4789;
-/// Connection mark of connections that arrived through the routing mesh (source-NATed to the
-/// gateway, so replies return through the host that took them).
-const MARK_INGRESS: u32 = 0x5244;
+/// Connection mark of connections that arrived through the routing mesh (see [`crate::mesh`]).
+const MARK_INGRESS: u32 = crate::mesh::MARK_INGRESS;
 /// Connection mark of connections to a port published in host mode.
 const MARK_HOSTPORT: u32 = 0x5245;
 
@@ -116,7 +115,7 @@ pub(crate) fn vtep_mac(vni: u32, gw: Ipv4Addr) -> Mac {
 
 /// The tunnel that carries network `n` between hosts: the host's WireGuard interface `wg`
 /// for an encrypted network, the network's own VXLAN device otherwise.
-fn tunnel_of(n: &NetworkView, wg: &str) -> String {
+pub(crate) fn tunnel_of(n: &NetworkView, wg: &str) -> String {
     if n.encrypted {
         wg.to_string()
     } else {
@@ -155,7 +154,15 @@ pub fn ruleset(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let overlay_ifaces: Vec<String> = bridges.iter().chain(&tunnels).cloned().collect();
+    // The routing mesh's devices and rules (see `crate::mesh`).
+    let mesh_nets = crate::mesh::networks(map, |n| tunnel_of(n, wg));
+    let mesh = crate::mesh::rules(&mesh_nets, &bridges);
+    let overlay_ifaces: Vec<String> = bridges
+        .iter()
+        .chain(&tunnels)
+        .chain(&mesh.devices)
+        .cloned()
+        .collect();
     // Cluster hosts' underlay addresses: the only senders of VXLAN we decapsulate.
     let peer_addrs: Vec<String> = map
         .peers
@@ -198,6 +205,7 @@ pub fn ruleset(
             b.subnet
         ));
     }
+    spoof.extend(mesh.spoof.iter().cloned());
     let quoted = |names: &[String]| {
         names
             .iter()
@@ -343,7 +351,7 @@ pub fn ruleset(
     }
     for id in snat_nets {
         if let Some(n) = nets.get(id) {
-            post.push(mesh_snat(n));
+            post.push(mesh_snat(n, &crate::mesh::device_name(&n.id)));
         }
     }
     // Nothing bound for an encrypted subnet is masqueraded (it leaves only through WireGuard,
@@ -414,6 +422,14 @@ pub fn ruleset(
         "type nat hook output priority -100; policy accept;",
         &out_nat,
     );
+    if !mesh.prerouting.is_empty() {
+        chain(
+            &mut t,
+            "mesh",
+            "type filter hook prerouting priority -90; policy accept;",
+            &mesh.prerouting,
+        );
+    }
     chain(
         &mut t,
         "postrouting",
@@ -436,7 +452,9 @@ pub fn ruleset(
             peer_addrs.join(", ")
         ));
     }
+    forward.extend(mesh.forward_head.iter().cloned());
     forward.push("ct state established,related accept".to_string());
+    forward.extend(mesh.forward.iter().cloned());
     forward.extend(walls);
     forward.push(format!(
         "ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"
@@ -455,6 +473,7 @@ pub fn ruleset(
         "ct state established,related accept".to_string(),
         format!("ct mark {{ {MARK_INGRESS:#x}, {MARK_HOSTPORT:#x} }} accept"),
     ];
+    local.extend(mesh.output.iter().cloned());
     if !subnets.is_empty() {
         local.push(format!(
             "oifname {{ {} }} ip daddr {{ {} }} drop",
@@ -473,6 +492,7 @@ pub fn ruleset(
                 peer_addrs.join(", ")
             )
         });
+        head.extend(mesh.input.iter().cloned());
         head.push("ct state established,related accept".to_string());
         head.append(&mut dns_in);
         head.append(&mut input);
@@ -497,12 +517,13 @@ pub fn ruleset(
 }
 
 /// The routing mesh's source NAT for network `n`: to its local gateway, for the connections
-/// that a replica elsewhere answers (all of them on an internal network).
-fn mesh_snat(n: &NetworkView) -> String {
+/// that leave through the network's tunnel (a replica elsewhere answers, reached without the
+/// mesh device `dev`); all of them on an internal network.
+fn mesh_snat(n: &NetworkView, dev: &str) -> String {
     let remote = if n.internal {
         String::new()
     } else {
-        format!(" ip daddr != {}", n.local_slice)
+        format!(" oifname != {{ \"{}\", \"{dev}\" }}", bridge_name(&n.id))
     };
     format!(
         "ct mark {MARK_INGRESS:#x} ip daddr {}{remote} snat to {}",
@@ -820,18 +841,19 @@ impl Overlay {
         // With no overlay network, once the host was planned clean, a pass (one per bridge
         // task coming or going) has only the nftables table to look at.
         let skip_host = wanted.is_empty() && retired.is_empty() && applied.host_clean;
-        let plan = if skip_host {
-            plan::OverlayPlan::default()
+        let (plan, seen) = if skip_host {
+            (plan::OverlayPlan::default(), None)
         } else {
             let seen = self.net.observe(&Ns::Host).await?;
-            plan::overlay(
+            let plan = plan::overlay(
                 &OverlayWanted {
                     map,
                     retired: &retired,
                     wg: &wg_iface,
                 },
                 &seen,
-            )
+            );
+            (plan, Some(seen))
         };
         self.net.apply(&Ns::Host, &plan.links).await?;
 
@@ -876,6 +898,13 @@ impl Overlay {
         // Routes through the tunnels (the WireGuard interface exists by now), the encrypted
         // subnets' `unreachable` routes, the VXLAN devices' neighbours and forwarding entries.
         self.net.apply(&Ns::Host, &plan.routes).await?;
+        // The routing mesh's devices, tables and rules (over the tunnels' routes).
+        if let Some(seen) = &seen {
+            let nets = crate::mesh::networks(map, |n| tunnel_of(n, &wg_iface));
+            self.net
+                .apply(&Ns::Host, &crate::mesh::plan(&nets, seen))
+                .await?;
+        }
 
         // nftables: the whole table, atomically, when it changed.
         let table = ruleset(map, &wg_iface, bridge.as_ref(), forward_drop);
@@ -1458,7 +1487,7 @@ mod tests {
             "iifname \"rdb-aaaaaaaa\" ip daddr 10.50.0.2 dnat to numgen random mod 2 map { 0 : 10.50.1.2, 1 : 10.50.2.2 }",
             "fib daddr type local tcp dport 8080 ct mark set 0x5244 dnat ip to numgen random mod 2 map { 0 : 10.50.1.2 . 80, 1 : 10.50.2.2 . 80 }",
             // The client's address reaches a local replica; a remote one sees the gateway.
-            "ct mark 0x5244 ip daddr 10.50.0.0/16 ip daddr != 10.50.1.0/24 snat to 10.50.1.1",
+            "ct mark 0x5244 ip daddr 10.50.0.0/16 oifname != { \"rdb-aaaaaaaa\", \"rdm-aaaaaaaa\" } snat to 10.50.1.1",
             "iifname \"rdb-aaaaaaaa\" oifname { \"rdb-aaaaaaaa\", \"rwg-1\" } ip saddr 10.50.0.0/16 ip daddr 10.50.0.0/16 accept",
             "ip daddr { 10.50.0.0/16 } return",
             "iifname \"rwg-1\" oifname \"rdb-aaaaaaaa\" ip saddr 10.50.0.0/16 ip daddr 10.50.1.0/24 accept",
@@ -1632,6 +1661,74 @@ mod tests {
             ..map
         };
         assert!(ruleset(&alone, "rwg-1", None, false).contains("udp dport 4789 drop"));
+    }
+
+    /// The routing mesh with peers: its device is an overlay interface, the walls and the
+    /// anti-spoofing rules stay, and its own rules sit where they must.
+    #[test]
+    fn ruleset_mesh_keeps_the_walls() {
+        let mut plain = view("pppppppppppp", "10.60.0.0/16", "10.60.1.0/24");
+        plain.encrypted = false;
+        let enc = view("eeeeeeeeeeee", "10.61.0.0/16", "10.61.1.0/24");
+        let peer = rudder_model::network::Peer {
+            node_id: "h2".into(),
+            underlay: "10.213.7.2".parse().unwrap(),
+            public_key: "k".into(),
+            slices: [
+                ("pppppppppppp".to_string(), "10.60.2.0/24".parse().unwrap()),
+                ("eeeeeeeeeeee".to_string(), "10.61.2.0/24".parse().unwrap()),
+            ]
+            .into(),
+        };
+        let port = |network: &str, published| PublishedPort {
+            service: "web".into(),
+            protocol: Protocol::Udp,
+            published,
+            target: 53,
+            network: network.into(),
+            backends: vec!["10.60.2.2".parse().unwrap()],
+        };
+        let map = NetworkMap {
+            networks: vec![plain, enc],
+            peers: vec![peer],
+            ingress: vec![port("pppppppppppp", 5353), port("eeeeeeeeeeee", 5354)],
+            ..Default::default()
+        };
+        let t = ruleset(&map, "rwg-1", None, true);
+        for want in [
+            // The old walls.
+            "iifname \"rdx-pppppppp\" ip saddr != 10.60.0.0/16 drop",
+            "iifname \"rwg-1\" ip saddr != { 10.61.0.0/16 } drop",
+            "iifname \"rdb-pppppppp\" ip saddr != 10.60.0.0/16 drop",
+            "udp dport 4789 ip saddr != { 10.213.7.2 } drop",
+            // Only what leaves through the tunnel is still source-NATed.
+            "ct mark 0x5244 ip daddr 10.60.0.0/16 oifname != { \"rdb-pppppppp\", \"rdm-pppppppp\" } snat to 10.60.1.1",
+            // The mesh.
+            "type filter hook prerouting priority -90; policy accept;",
+            "udp dport 4790 iifname != { \"rdx-pppppppp\", \"rwg-1\" } drop",
+            "iifname \"rdm-eeeeeeee\" oifname \"rdb-eeeeeeee\" ip daddr 10.61.1.0/24 ct mark { 0xa3d0201 } accept",
+            "udp dport 4790 ip saddr { 10.60.1.1, 10.61.1.1 } accept",
+            // Nothing else passes through the mesh devices.
+            "iifname { \"rdb-pppppppp\", \"rdb-eeeeeeee\", \"rdx-pppppppp\", \"rwg-1\", \"rdm-pppppppp\", \"rdm-eeeeeeee\" } drop",
+        ] {
+            assert!(t.contains(want), "missing {want}\n{t}");
+        }
+        // The mesh's walls come before conntrack's shortcut, in forward and input; its own
+        // packets are let out before the host is kept out of the overlays.
+        for chain in ["chain forward", "chain input"] {
+            let c = &t[t.find(chain).unwrap()..];
+            let est = c.find("ct state established").unwrap();
+            for rule in [
+                "iifname \"rdm-pppppppp\" ct direction original ip daddr != 10.60.1.0/24 drop",
+                "iifname \"rdm-eeeeeeee\" ct direction reply ct mark != 0x5244 drop",
+                "udp dport 4790 drop",
+            ] {
+                assert!(c.find(rule).unwrap() < est, "{chain}: {rule}\n{t}");
+            }
+        }
+        let out = &t[t.find("chain output_filter").unwrap()..];
+        assert!(out.find("udp dport 4790 ip saddr").unwrap() < out.find("drop").unwrap());
+        assert!(nft_accepts(&t), "{t}");
     }
 
     /// Whether the kernel accepts a ruleset (`nft -c` checks without committing anything).

@@ -146,26 +146,77 @@ fn assert_sees(
     Ok(())
 }
 
-/// A replica on the host that took the connection sees the client's address (TCP and UDP).
+/// A replica on the host that took the connection, and one on another host behind an
+/// encrypted (WireGuard) and an unencrypted (VXLAN) network, each see the client's address,
+/// for TCP and UDP; every host answers for every port.
 #[test]
-fn local_replica_sees_the_client_address() -> anyhow::Result<()> {
+fn replicas_see_the_client_address() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("msl", 2)?;
     import_peerecho(&lab, tmp.path())?;
+    let service = |name: &str, network: &str, host: &str, tcp: u16| {
+        format!(
+            "---\nkind: Service\nname: {name}\nimage: peerecho:latest\nnetworks: [{network}]\n\
+             stop_grace_period: 1\nplacement: {{constraints: [\"node.hostname=={host}\"]}}\n\
+             command: [\"/bin/peerecho\", \"7\"]\nports:\n\
+             \x20 - {{target: 7, published: {tcp}, mode: ingress}}\n\
+             \x20 - {{target: 7, published: {}, protocol: udp, mode: ingress}}\n",
+            tcp + 1
+        )
+    };
     lab.apply(
         tmp.path(),
         "echo.yaml",
-        "kind: Network\nname: mesh\n---\n\
-         kind: Service\nname: echo\nimage: peerecho:latest\nnetworks: [mesh]\n\
-         stop_grace_period: 1\nplacement: {constraints: [\"node.hostname==h1\"]}\n\
-         command: [\"/bin/peerecho\", \"7\"]\nports:\n\
-         \x20 - {target: 7, published: 9001, mode: ingress}\n\
-         \x20 - {target: 7, published: 9002, protocol: udp, mode: ingress}\n",
+        &format!(
+            "kind: Network\nname: mesh\n---\nkind: Network\nname: plain\nencrypted: false\n{}{}{}",
+            service("local", "mesh", "h1", 9001),
+            service("remote", "mesh", "h2", 9003),
+            service("plain", "plain", "h2", 9005),
+        ),
     )?;
-    let task = running_on(&lab, "echo", "h1")?;
-    let (_, hostname) = replica_hostname(&lab, &task)?;
     let client = lab.lab.root_addr();
-    assert_sees(lab.host("h1").addr, (9001, 9002), &hostname, client)?;
+    for (name, host, ports) in [
+        ("local", "h1", (9001, 9002)),
+        ("remote", "h2", (9003, 9004)),
+        ("plain", "h2", (9005, 9006)),
+    ] {
+        let task = running_on(&lab, name, host)?;
+        let (_, hostname) = replica_hostname(&lab, &task)?;
+        for via in ["h1", "h2"] {
+            eprintln!("{name} (on {host}) through {via}");
+            if let Err(e) = assert_sees(lab.host(via).addr, ports, &hostname, client) {
+                diagnose(&lab);
+                return Err(e);
+            }
+        }
+    }
     Ok(())
+}
+
+/// Prints each host's mesh state (devices and their counters, rules, tables, nftables).
+fn diagnose(lab: &LabGuard) {
+    if let Some(secs) = std::env::var("MESH_HOLD").ok().and_then(|s| s.parse().ok()) {
+        eprintln!("holding the lab for {secs}s");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+    for h in ["h1", "h2"] {
+        let ns = &lab.host(h).netns;
+        for cmd in [
+            "ip -s -d link show type vxlan",
+            "ip rule",
+            "ip route show table all type unicast",
+            "nft list ruleset",
+        ] {
+            let mut args = vec!["netns", "exec", ns.as_str()];
+            args.extend(cmd.split(' '));
+            if let Ok(out) = Command::new("ip").args(&args).output() {
+                eprintln!(
+                    "== {h}: {cmd}\n{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
 }
 
 /// The hostname the replica named `task` answers with (its container's hostname).

@@ -142,6 +142,36 @@ impl fmt::Display for Route {
     }
 }
 
+/// An IPv4 policy routing rule: packets that match every selector given look up `table`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub priority: u32,
+    /// The packet's mark (all 32 bits).
+    pub fwmark: Option<u32>,
+    /// The input interface (`lo` for what the host itself sends).
+    pub iif: Option<String>,
+    /// UDP to a destination port in this range (inclusive).
+    pub udp_dports: Option<(u16, u16)>,
+    pub table: u32,
+}
+
+/// `ip rule`-like text.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "priority {}", self.priority)?;
+        if let Some(i) = &self.iif {
+            write!(f, " iif {i}")?;
+        }
+        if let Some(m) = self.fwmark {
+            write!(f, " fwmark {m:#x}")?;
+        }
+        if let Some((lo, hi)) = self.udp_dports {
+            write!(f, " ipproto udp dport {lo}-{hi}")?;
+        }
+        write!(f, " lookup {}", self.table)
+    }
+}
+
 /// One change to a namespace's network configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetOp {
@@ -154,6 +184,14 @@ pub enum NetOp {
         name: String,
         vni: u32,
         port: u16,
+    },
+    /// A VXLAN device like [`NetOp::AddVxlan`] whose packets leave from address `local`
+    /// (the routing mesh's device: its packets travel inside a network's own tunnel).
+    AddVxlanFrom {
+        name: String,
+        vni: u32,
+        port: u16,
+        local: Ipv4Addr,
     },
     /// A kernel WireGuard device (fails where the kernel has no WireGuard).
     AddWireguard {
@@ -205,6 +243,15 @@ pub enum NetOp {
         mac: Mac,
         dst: Ipv4Addr,
     },
+    /// Adds or replaces a route of routing table `table` (not the main one).
+    ReplaceTableRoute {
+        table: u32,
+        route: Route,
+    },
+    /// Adds a policy routing rule; nothing if the same rule exists.
+    AddRule(Rule),
+    /// Deletes a policy routing rule; nothing if it is gone already.
+    DelRule(Rule),
     /// Writes `/proc/sys/<key>` (best effort: a missing key is logged, not an error).
     Sysctl {
         key: String,
@@ -218,6 +265,7 @@ impl NetOp {
         match self {
             NetOp::AddBridge { name }
             | NetOp::AddVxlan { name, .. }
+            | NetOp::AddVxlanFrom { name, .. }
             | NetOp::AddWireguard { name }
             | NetOp::AddTun { name }
             | NetOp::AddVeth { name, .. }
@@ -227,7 +275,10 @@ impl NetOp {
             | NetOp::FlushAddrs { dev }
             | NetOp::ReplaceNeigh { dev, .. }
             | NetOp::ReplaceFdb { dev, .. } => dev,
-            NetOp::ReplaceRoute(r) | NetOp::DelRoute(r) => r.dev.as_deref().unwrap_or("-"),
+            NetOp::ReplaceRoute(r)
+            | NetOp::DelRoute(r)
+            | NetOp::ReplaceTableRoute { route: r, .. } => r.dev.as_deref().unwrap_or("-"),
+            NetOp::AddRule(r) | NetOp::DelRule(r) => r.iif.as_deref().unwrap_or("-"),
             NetOp::Sysctl { key, .. } => key,
         }
     }
@@ -241,6 +292,15 @@ impl fmt::Display for NetOp {
             NetOp::AddVxlan { name, vni, port } => write!(
                 f,
                 "link add {name} type vxlan id {vni} dstport {port} nolearning"
+            ),
+            NetOp::AddVxlanFrom {
+                name,
+                vni,
+                port,
+                local,
+            } => write!(
+                f,
+                "link add {name} type vxlan id {vni} local {local} dstport {port} nolearning"
             ),
             NetOp::AddWireguard { name } => write!(f, "link add {name} type wireguard"),
             NetOp::AddTun { name } => write!(f, "tuntap add dev {name} mode tun multi_queue"),
@@ -297,6 +357,11 @@ impl fmt::Display for NetOp {
                 "fdb replace {} dev {dev} dst {dst} self permanent",
                 fmt_mac(mac)
             ),
+            NetOp::ReplaceTableRoute { table, route } => {
+                write!(f, "route replace {route} table {table}")
+            }
+            NetOp::AddRule(r) => write!(f, "rule add {r}"),
+            NetOp::DelRule(r) => write!(f, "rule del {r}"),
             NetOp::Sysctl { key, value } => write!(f, "sysctl {key}={value}"),
         }
     }

@@ -35,14 +35,17 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType,
 };
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleHeader, RuleMessage, RulePortRange,
+};
+use netlink_packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::{
     HostNet, HostNetError, LinkState, NetOp, Ns, Observed, ObservedRoute, Occupancy, Route,
-    RouteKind, OP_TIMEOUT,
+    RouteKind, Rule, OP_TIMEOUT,
 };
 
 /// Bound on one `nft -f` run (a large table takes a while to load).
@@ -641,6 +644,41 @@ impl Conn {
                 );
                 self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
             }
+            NetOp::AddVxlanFrom {
+                name,
+                vni,
+                port,
+                local,
+            } => {
+                let m = new_link(
+                    name,
+                    vec![
+                        LinkInfo::Kind(InfoKind::Vxlan),
+                        LinkInfo::Data(InfoData::Vxlan(vec![
+                            InfoVxlan::Id(*vni),
+                            InfoVxlan::Local(*local),
+                            InfoVxlan::Port(*port),
+                            InfoVxlan::Learning(false),
+                        ])),
+                    ],
+                );
+                self.request(RouteNetlinkMessage::NewLink(m), create, &[libc::EEXIST])
+            }
+            NetOp::ReplaceTableRoute { table, route } => {
+                let mut m = self.route_message(route, false, idx)?;
+                set_table(&mut m, *table);
+                self.request(RouteNetlinkMessage::NewRoute(m), replace, &[])
+            }
+            NetOp::AddRule(r) => self.request(
+                RouteNetlinkMessage::NewRule(rule_message(r)),
+                create,
+                &[libc::EEXIST],
+            ),
+            NetOp::DelRule(r) => self.request(
+                RouteNetlinkMessage::DelRule(rule_message(r)),
+                0,
+                &[libc::ENOENT],
+            ),
             NetOp::AddVeth {
                 name,
                 mtu,
@@ -822,6 +860,46 @@ impl Conn {
         }
         Ok(m)
     }
+}
+
+/// The table number a header carries when the real one (in an attribute) does not fit.
+const RT_TABLE_COMPAT: u8 = 252;
+
+/// Puts a route message into routing table `table` (the header holds 8 bits, the attribute
+/// all 32).
+fn set_table(m: &mut RouteMessage, table: u32) {
+    m.header.table = u8::try_from(table).unwrap_or(RT_TABLE_COMPAT);
+    m.attributes.push(RouteAttribute::Table(table));
+}
+
+/// The message of a policy routing rule, as `ip rule` builds it.
+fn rule_message(r: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header = RuleHeader {
+        family: AddressFamily::Inet,
+        table: u8::try_from(r.table).unwrap_or(RT_TABLE_COMPAT),
+        action: RuleAction::ToTable,
+        ..Default::default()
+    };
+    m.attributes.push(RuleAttribute::Priority(r.priority));
+    m.attributes.push(RuleAttribute::Table(r.table));
+    if let Some(mark) = r.fwmark {
+        m.attributes.push(RuleAttribute::FwMark(mark));
+        m.attributes.push(RuleAttribute::FwMask(u32::MAX));
+    }
+    if let Some(iif) = &r.iif {
+        m.attributes.push(RuleAttribute::Iifname(iif.clone()));
+    }
+    if let Some((start, end)) = r.udp_dports {
+        m.attributes
+            .push(RuleAttribute::IpProtocol(IpProtocol::Udp));
+        m.attributes
+            .push(RuleAttribute::DestinationPortRange(RulePortRange {
+                start,
+                end,
+            }));
+    }
+    m
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: a name and the flags (the rest of the union unused).
