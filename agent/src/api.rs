@@ -29,9 +29,14 @@ pub struct AgentApiImpl {
     pub images: rudder_image::ImageStore,
     /// Builds from a Dockerfile (`build`).
     pub builder: std::sync::Arc<crate::build::Builder>,
+    /// Live usage of tasks (`stats`), and their processes (`top`).
+    pub live: std::sync::Arc<dyn crate::stats::LiveSource>,
+    pub procs: std::sync::Arc<dyn crate::top::ProcessSource>,
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, Status>> + Send>>;
+/// A live stats stream (`task_stats`).
+type FrameStream = Pin<Box<dyn Stream<Item = Result<rudder_proto::v1::StatsFrame, Status>> + Send>>;
 
 /// How often a followed log is checked for new output where the container directory cannot
 /// be watched (inotify instances are a per-user limit).
@@ -241,6 +246,39 @@ impl AgentApi for AgentApiImpl {
             .info(&req.into_inner().task_id)
             .map(Response::new)
             .map_err(Status::from)
+    }
+
+    type TaskStatsStream = FrameStream;
+
+    async fn task_stats(
+        &self,
+        req: Request<rudder_proto::v1::TaskStatsRequest>,
+    ) -> Result<Response<Self::TaskStatsStream>, Status> {
+        let req = req.into_inner();
+        let interval = Duration::from_millis(u64::from(req.interval_ms));
+        let rx = crate::stats::live(self.live.clone(), req.task_ids, interval, req.once)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok),
+        )))
+    }
+
+    async fn task_top(
+        &self,
+        req: Request<rudder_proto::v1::TaskTopRequest>,
+    ) -> Result<Response<rudder_proto::v1::TopResponse>, Status> {
+        let id = req.into_inner().task_id;
+        let procs = self.procs.clone();
+        tokio::task::spawn_blocking(move || crate::top::top(procs.as_ref(), &id))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
+            .map_err(|e| match e {
+                crate::top::TopError::BadId(_) => Status::invalid_argument(e.to_string()),
+                crate::top::TopError::NoCgroup(_) => Status::failed_precondition(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })
     }
 
     async fn task_logs(

@@ -33,6 +33,7 @@ mod secrets;
 pub mod session;
 mod stats;
 mod task;
+mod top;
 mod trusted;
 mod user;
 /// The per-container shim (its own crate and binary, `rudder-shim`).
@@ -312,6 +313,18 @@ pub async fn run(
         usage: Some(usage_rx),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
+    // `rctl stats` and `rctl top` (AgentApi.TaskStats, TaskTop).
+    let live: Arc<dyn stats::LiveSource> = Arc::new(stats::CgroupLive::new(
+        "/sys/fs/cgroup",
+        &cfg.cgroup_parent,
+        "/proc",
+        memory_bytes,
+    ));
+    let procs: Arc<dyn top::ProcessSource> = Arc::new(top::ProcFs::new(
+        "/sys/fs/cgroup",
+        &cfg.cgroup_parent,
+        "/proc",
+    ));
     // Only controllers (manager certificates) may call the agent. The server restarts with
     // each renewed certificate.
     tokio::spawn(async move {
@@ -325,6 +338,8 @@ pub async fn run(
                 access: access.clone(),
                 images: images.clone(),
                 builder: builder.clone(),
+                live: live.clone(),
+                procs: procs.clone(),
             }),
             // Per request: a manager certificate of a current member of the group.
             tls::guard_checked(

@@ -482,6 +482,21 @@ impl Control for ControlApi {
         .map(Response::new)
     }
 
+    type StatsStreamStream = crate::stats_api::FrameStream;
+
+    async fn stats_stream(
+        &self,
+        req: Request<StatsStreamRequest>,
+    ) -> Result<Response<Self::StatsStreamStream>, Status> {
+        crate::stats_api::stats_stream(&self.ctx, req.into_inner()).map(Response::new)
+    }
+
+    async fn top(&self, req: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
+        crate::stats_api::top(&self.ctx, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn logs(&self, req: Request<LogsRequest>) -> Result<Response<LogStream>, Status> {
         let LogsRequest {
             target,

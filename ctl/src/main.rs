@@ -172,13 +172,10 @@ enum Cmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Each running task's latest cpu and memory sample (100% = one cpu): `rctl stats web`.
-    Stats {
-        service: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Live usage of running tasks, like `docker stats` (CPU 100% = one cpu): `rctl stats web`.
+    Stats(cmd::stats::StatsArgs),
+    /// The processes of a task's container: `rctl top web.1`.
+    Top(cmd::top::TopArgs),
     /// What happens in the cluster, live: services, rollouts, tasks (with reasons), nodes,
     /// leader changes. Each line has its raft index; `--since INDEX` resumes after it.
     Events {
@@ -803,9 +800,8 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Commit(args) => rt.block_on(cmd::commit::run(&ctx()?, args)),
         Cmd::Build(args) => rt.block_on(cmd::build::run(&ctx()?, args)),
         Cmd::Scale { services } => rt.block_on(cmd::scale::run(&ctx()?, services)),
-        Cmd::Stats { service, json } => {
-            rt.block_on(cmd::stats::run(&ctx()?, service.as_deref(), *json))
-        }
+        Cmd::Stats(args) => rt.block_on(cmd::stats::run(&ctx()?, args)),
+        Cmd::Top(args) => rt.block_on(cmd::top::run(&ctx()?, args)),
         Cmd::Dashboard { cmd } => rt.block_on(cmd::dashboard::run(&ctx()?, cmd)),
         Cmd::Events {
             since,

@@ -29,6 +29,7 @@ pub mod scale;
 pub mod secret;
 pub mod stack;
 pub mod stats;
+pub mod top;
 pub mod volume;
 
 /// A duration as people say it: "45s", "12m", "5h", "3d".
