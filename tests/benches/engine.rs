@@ -33,8 +33,10 @@ const START_ROUNDS: usize = 3;
 /// Pause after a round's containers are gone, in both network modes, so each round starts on
 /// a settled host: a bridge host recycles the namespaces of the round before (scrubs them
 /// and puts them back in its pool) for a few hundred milliseconds after they are gone.
-/// Measured on 2026-12-07 it changed little (bridge/host 1.21x with it, 1.25x without):
-/// the bridge's extra is in its pooled starts, not in that cleanup.
+/// Measured on 2026-12-07 it changed little (bridge/host 1.21x with it, 1.25x without). The
+/// bridge's extra was ext4's check of each new inode against those deleted in the last minute:
+/// with the agent's network files and namespaces on its run dir's tmpfs, and the modes
+/// alternating, bridge/host measured 1.01x.
 /// `RUDDER_BENCH_ROUND_GAP_MS=0` measures without it.
 const ROUND_GAP: Duration = Duration::from_secs(2);
 const START_REPLICAS: usize = 50;
