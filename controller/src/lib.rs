@@ -39,6 +39,7 @@ mod slog_bridge;
 mod stack_api;
 mod stats_api;
 pub mod storage;
+mod tls_conn;
 pub use rudder_pki::tls;
 pub mod transport;
 mod usage;

@@ -9,9 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::connect_info::Connected;
@@ -22,11 +20,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
@@ -115,7 +111,7 @@ impl Listener for DashListener {
                 }
                 Some(done) = self.handshakes.join_next(), if !self.handshakes.is_empty() => {
                     if let Ok(Some(conn)) = done {
-                        let addr = conn.client.addr;
+                        let addr = conn.who.addr;
                         return (conn, addr);
                     }
                 }
@@ -162,58 +158,15 @@ async fn handshake(
     };
     Some(DashConn {
         stream,
-        client: Client { addr, cert },
+        who: Client { addr, cert },
     })
 }
 
-/// A TLS connection and who is on the other end.
-pub struct DashConn {
-    stream: TlsStream<TcpStream>,
-    client: Client,
-}
+/// A TLS connection and the dashboard client on the other end.
+pub type DashConn = crate::tls_conn::TlsConn<Client>;
 
 impl Connected<IncomingStream<'_, DashListener>> for Client {
     fn connect_info(stream: IncomingStream<'_, DashListener>) -> Self {
-        stream.io().client.clone()
-    }
-}
-
-impl AsyncRead for DashConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for DashConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        stream.io().who.clone()
     }
 }
