@@ -148,9 +148,11 @@ fn assert_nowhere(lab: &LabGuard, values: &[&str]) {
     assert!(found.is_empty(), "plaintexts found:\n{}", found.join("\n"));
 }
 
-/// The tmpfs mounts (mount points) below `dir`.
+/// The tmpfs mounts (mount points) below the data dir `dir`, other than the agent's run dir
+/// (`<data>/run`, a tmpfs on every host for namespaces and network files, never a secret).
 fn tmpfs_below(dir: &Path) -> Vec<String> {
     let prefix = dir.display().to_string();
+    let run = dir.join("run").display().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -161,6 +163,7 @@ fn tmpfs_below(dir: &Path) -> Vec<String> {
                 .is_some_and(|t| t.starts_with("tmpfs "))
         })
         .map(|l| l.split(' ').nth(4).unwrap_or_default().to_string())
+        .filter(|m| *m != run)
         .collect()
 }
 
