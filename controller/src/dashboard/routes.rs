@@ -384,21 +384,35 @@ async fn events(
         .await
         .map_err(status_refusal)?
         .into_inner();
-    let stream = stream.map(|r| {
+    Ok(sse(&p, stream, "cluster", |e| {
+        serde_json::json!({
+            "index": e.index, "at_ms": e.at_ms, "type": e.r#type, "action": e.action,
+            "name": e.name, "service": e.service, "node": e.node, "message": e.message,
+        })
+    }))
+}
+
+/// A gRPC stream as server-sent events: each item as JSON in an `event`-named event, an error
+/// as a `failure` event; the stream ends when the session expires.
+fn sse<T, S>(
+    p: &Principal,
+    stream: S,
+    event: &'static str,
+    json: fn(T) -> serde_json::Value,
+) -> Response
+where
+    S: Stream<Item = Result<T, tonic::Status>> + Send + 'static,
+    T: 'static,
+{
+    let events = stream.map(move |r| {
         Ok(match r {
-            Ok(e) => Event::default().event("cluster").data(
-                serde_json::json!({
-                    "index": e.index, "at_ms": e.at_ms, "type": e.r#type, "action": e.action,
-                    "name": e.name, "service": e.service, "node": e.node, "message": e.message,
-                })
-                .to_string(),
-            ),
+            Ok(item) => Event::default().event(event).data(json(item).to_string()),
             Err(s) => Event::default().event("failure").data(s.message()),
         })
     });
-    Ok(Sse::new(until_expiry(&p, stream))
+    Sse::new(until_expiry(p, events))
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -431,21 +445,11 @@ async fn logs(
         .await
         .map_err(status_refusal)?
         .into_inner();
-    let stream = stream.map(|r| {
-        Ok(match r {
-            Ok(c) => Event::default().event("log").data(
-                serde_json::json!({
-                    "task": c.task, "text": String::from_utf8_lossy(&c.data),
-                    "warning": c.warning,
-                })
-                .to_string(),
-            ),
-            Err(s) => Event::default().event("failure").data(s.message()),
+    Ok(sse(&p, stream, "log", |c| {
+        serde_json::json!({
+            "task": c.task, "text": String::from_utf8_lossy(&c.data), "warning": c.warning,
         })
-    });
-    Ok(Sse::new(until_expiry(&p, stream))
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    }))
 }
 
 #[derive(Deserialize)]
