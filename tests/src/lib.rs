@@ -567,3 +567,33 @@ impl WebServer {
             .insert(path.into(), body.to_vec());
     }
 }
+
+/// A TLS client connection to `addr` whose server certificate must name `server_name` under
+/// the cluster CA `ca_pem`, presenting `who` (certificate and key, PEM) if given; connecting
+/// waits at most 5 s, reads and writes `io`. For tests that speak HTTPS to a listener by hand.
+pub fn tls_connect(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    ca_pem: &str,
+    who: Option<(&str, &str)>,
+    io: Duration,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let cfg = match who {
+        Some((cert, key)) => rudder_pki::ca::client_config(ca_pem, cert, key)?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            let ca = rudder_pki::ca::CaCert::from_pem(ca_pem)?;
+            roots.add(rustls::pki_types::CertificateDer::from(ca.der().to_vec()))?;
+            rustls::ClientConfig::builder_with_provider(rudder_pki::ca::provider())
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+    };
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name)?;
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    tcp.set_read_timeout(Some(io))?;
+    tcp.set_write_timeout(Some(io))?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}

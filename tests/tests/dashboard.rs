@@ -11,11 +11,10 @@
 //! here only; the direct HTTP checks verify the server certificate against the cluster CA.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -40,24 +39,9 @@ fn https(
     headers: &[(&str, &str)],
     body: &str,
 ) -> anyhow::Result<(u16, String)> {
-    let cfg = match who {
-        Some(w) => rudder_pki::ca::client_config(ca_pem, &w.cert, &w.key)?,
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            let ca = rudder_pki::ca::CaCert::from_pem(ca_pem)?;
-            roots.add(rustls::pki_types::CertificateDer::from(ca.der().to_vec()))?;
-            rustls::ClientConfig::builder_with_provider(rudder_pki::ca::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        }
-    };
-    let name = rustls::pki_types::ServerName::try_from("manager.rudder")?;
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(15)))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(15)))?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let who = who.map(|w| (w.cert.as_str(), w.key.as_str()));
+    let mut tls =
+        rudder_tests::tls_connect(addr, "manager.rudder", ca_pem, who, Duration::from_secs(15))?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: rudder\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()

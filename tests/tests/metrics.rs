@@ -9,7 +9,6 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -34,24 +33,10 @@ fn scrape_tls(
     ca_pem: &str,
     who: Option<&Identity>,
 ) -> anyhow::Result<String> {
-    let cfg = match who {
-        Some(w) => rudder_pki::ca::client_config(&w.ca, &w.cert, &w.key)?,
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            let ca = rudder_pki::ca::CaCert::from_pem(ca_pem)?;
-            roots.add(rustls::pki_types::CertificateDer::from(ca.der().to_vec()))?;
-            rustls::ClientConfig::builder_with_provider(rudder_pki::ca::provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        }
-    };
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
-    let conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // A client presenting an identity trusts the CA that identity came with.
+    let ca = who.map_or(ca_pem, |w| w.ca.as_str());
+    let who = who.map(|w| (w.cert.as_str(), w.key.as_str()));
+    let mut tls = rudder_tests::tls_connect(addr, server_name, ca, who, Duration::from_secs(10))?;
     tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: rudder\r\n\r\n")?;
     let mut out = String::new();
     tls.read_to_string(&mut out)?;
