@@ -90,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     // Still single-threaded: no child (shim, runc, controller) inherits the token.
     std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
+    let notify = rudder_sdnotify::Notifier::from_env();
     if let Some(path) = &a.token_file {
         a.token = Some(rudder_pki::ca::read_token_file(path)?);
     }
@@ -161,7 +162,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async move {
-            rudder_agent::run(cfg, shutdown_signal()).await?;
+            // systemd (Type=notify): ready once the agent API accepts (joined, serving).
+            notify.ready_when_listening(cfg.listen, format!("serving on {}", cfg.listen));
+            let shutdown = async move {
+                shutdown_signal().await;
+                notify.stopping();
+            };
+            rudder_agent::run(cfg, shutdown).await?;
             anyhow::Ok(())
         })
 }

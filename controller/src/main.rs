@@ -70,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     // Before the runtime starts threads: scrub the token from this process's environment.
     std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
+    let notify = rudder_sdnotify::Notifier::from_env();
     if let Some(path) = &a.token_file {
         a.token = Some(rudder_pki::ca::read_token_file(path)?);
     }
@@ -86,7 +87,7 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(a, restore))
+        .block_on(run(a, restore, notify))
 }
 
 /// Reads and decrypts a backup file into the store it holds.
@@ -109,7 +110,11 @@ fn read_backup(
         .map_err(|e| anyhow::anyhow!("restore: the backup's store does not parse: {e}"))
 }
 
-async fn run(a: Args, restore: Option<std::sync::Arc<rudder_model::Store>>) -> anyhow::Result<()> {
+async fn run(
+    a: Args,
+    restore: Option<std::sync::Arc<rudder_model::Store>>,
+    notify: rudder_sdnotify::Notifier,
+) -> anyhow::Result<()> {
     // Colours only on a terminal: the log usually goes to a file or a journal.
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
@@ -135,7 +140,13 @@ async fn run(a: Args, restore: Option<std::sync::Arc<rudder_model::Store>>) -> a
         metrics_addr: a.metrics_addr,
         dashboard_listen: a.dashboard_listen.0,
     };
-    rudder_controller::run(cfg, shutdown_signal()).await?;
+    // systemd (Type=notify): ready once the gRPC port accepts, which is after raft started.
+    notify.ready_when_listening(cfg.listen, format!("serving the API on {}", cfg.listen));
+    let shutdown = async move {
+        shutdown_signal().await;
+        notify.stopping();
+    };
+    rudder_controller::run(cfg, shutdown).await?;
     Ok(())
 }
 
