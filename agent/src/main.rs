@@ -5,30 +5,41 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use rudder_host::config;
 
 #[derive(Parser)]
 #[command(name = "rudder-agent", version, about = "Rudder host agent")]
 struct Args {
     #[command(subcommand)]
     cmd: Option<Cmd>,
+    /// The host config file (`/etc/rudder/rudder.toml`); flags and `RUDDER_*` variables
+    /// override it (`rudder config check` shows the result).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// [default: <data_dir>/agent]
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Controller URL, or a comma-separated list of them (any live one leads to the leader).
-    #[arg(long, default_value = "http://127.0.0.1:4243")]
-    controller: String,
-    #[arg(long, default_value = "0.0.0.0:4245")]
-    listen: SocketAddr,
+    /// Controller URL, or a comma-separated list of them (any live one leads to the leader)
+    /// [default: http://127.0.0.1:4243].
+    #[arg(long)]
+    controller: Option<String>,
+    /// [default: <advertise_addr>:4245, else 0.0.0.0:4245]
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     #[arg(long)]
     hostname: Option<String>,
     #[arg(long)]
     runtime_root: Option<PathBuf>,
-    #[arg(long, default_value = "/rudder")]
-    cgroup_parent: String,
-    #[arg(long, default_value = "auto")]
-    runtime: String,
-    /// `manager` when this host also runs a controller (placement constraints use it).
-    #[arg(long, default_value = "worker", value_parser = ["worker", "manager"])]
-    role: String,
+    /// [default: /rudder]
+    #[arg(long)]
+    cgroup_parent: Option<String>,
+    /// [default: auto]
+    #[arg(long)]
+    runtime: Option<String>,
+    /// `manager` when this host also runs a controller (placement constraints use it)
+    /// [default: manager when the config has a [controller] section, else worker].
+    #[arg(long, value_parser = ["worker", "manager"])]
+    role: Option<String>,
     /// Join token for the first start (`rctl cluster join-token worker`). Prefer the
     /// environment or --token-file: a command line is readable by every local user.
     #[arg(long, env = rudder_pki::ca::TOKEN_ENV, hide_env_values = true)]
@@ -36,22 +47,72 @@ struct Args {
     /// File holding the join token (must not be readable by group or others).
     #[arg(long, conflicts_with = "token")]
     token_file: Option<PathBuf>,
-    /// UDP port of the WireGuard interface that carries encrypted overlay networks.
-    #[arg(long, default_value_t = rudder_agent::DEFAULT_WG_PORT)]
-    wg_port: u16,
+    /// UDP port of the WireGuard interface that carries encrypted overlay networks
+    /// [default: 51820].
+    #[arg(long)]
+    wg_port: Option<u16>,
     /// Serve Prometheus metrics at `https://ADDR/metrics` (a client certificate of an admin or
-    /// manager is required); `off` to not serve them.
-    #[arg(long, default_value = "0.0.0.0:4247", value_parser = rudder_pki::scrape::parse_listen)]
-    metrics_listen: rudder_pki::scrape::Listen,
+    /// manager is required); `off` to not serve them [default: 0.0.0.0:4247].
+    #[arg(long, value_parser = listen)]
+    metrics_listen: Option<config::Listen>,
     /// Also serve `/metrics` over plain HTTP at this address, to anyone who reaches it
     /// (bind it to an address only the scraper reaches). Off unless given.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
     /// Remount the host's cgroup2 hierarchy with `favordynmods` if it lacks it: moving a new
     /// container's init into its cgroup then no longer waits for an RCU grace period (6–12 ms
-    /// per container start). `false` leaves the host's mount options alone.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    cgroup_favor_dynmods: bool,
+    /// per container start). `false` leaves the host's mount options alone [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    cgroup_favor_dynmods: Option<bool>,
+    /// Log filter when RUST_LOG is not set [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn listen(s: &str) -> Result<config::Listen, String> {
+    config::Listen::try_from(s.to_string())
+}
+
+impl Args {
+    /// What the command line sets, as the top layer of the host config.
+    fn layer(&self) -> anyhow::Result<config::HostConfig> {
+        Ok(config::HostConfig {
+            node_name: self.hostname.clone(),
+            log_level: self
+                .log_level
+                .clone()
+                .map(config::LogLevel::try_from)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--log-level: {e}"))?,
+            agent: config::AgentSection {
+                data_dir: self.data_dir.clone(),
+                controllers: self
+                    .controller
+                    .as_ref()
+                    .map(|c| c.split(',').map(|s| s.trim().to_string()).collect()),
+                listen: self.listen,
+                role: self.role.as_deref().map(|r| {
+                    if r == "manager" {
+                        config::Role::Manager
+                    } else {
+                        config::Role::Worker
+                    }
+                }),
+                runtime: self.runtime.clone(),
+                runtime_root: self.runtime_root.clone(),
+                cgroup_parent: self.cgroup_parent.clone(),
+                cgroup_favor_dynmods: self.cgroup_favor_dynmods,
+                wg_port: self.wg_port,
+                metrics_listen: self.metrics_listen,
+                metrics_addr: self.metrics_addr,
+            },
+            join: config::JoinSection {
+                token: self.token.clone(),
+                token_file: self.token_file.clone(),
+            },
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -88,12 +149,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
+    // The shim and helpers below need no config; the agent's is read after them, but the
+    // environment (a layer of it) is kept until then.
+    let env: Vec<(String, String)> = std::env::vars().collect();
     // Still single-threaded: no child (shim, runc, controller) inherits the token.
     std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
     let notify = rudder_sdnotify::Notifier::from_env();
-    if let Some(path) = &a.token_file {
-        a.token = Some(rudder_pki::ca::read_token_file(path)?);
-    }
     if let Some(Cmd::FsHelper(args)) = &a.cmd {
         // Before any runtime: it chroots, and must stay single-threaded.
         rudder_agent::fs_helper::main(args);
@@ -118,7 +179,7 @@ fn main() -> anyhow::Result<()> {
         log_max_size,
         log_max_files,
         hide_unified,
-    }) = a.cmd
+    }) = a.cmd.take()
     {
         rudder_agent::shim::main(rudder_agent::shim::ShimArgs {
             dir,
@@ -130,32 +191,31 @@ fn main() -> anyhow::Result<()> {
             hide_unified,
         });
     }
+    let s = config::resolve(a.layer()?, a.config.as_deref(), env)?.agent()?;
+    let token = s.token.as_ref().map(|t| t.load()).transpose()?;
     // Colours only on a terminal: the log usually goes to a file or a journal.
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(log_filter())
+        .with_env_filter(log_filter(&s.log_level))
         .init();
-    let data_dir = a
-        .data_dir
-        .unwrap_or_else(|| PathBuf::from("/var/lib/rudder"));
-    let hostname = match a.hostname {
+    let hostname = match s.hostname {
         Some(h) => h,
         None => nix::unistd::gethostname()?.to_string_lossy().to_string(),
     };
     let cfg = rudder_agent::Config {
-        runtime_root: a.runtime_root.unwrap_or_else(|| data_dir.join("runc")),
-        data_dir,
-        controllers: rudder_agent::session::parse_controllers(&a.controller)?,
-        listen: a.listen,
+        runtime_root: s.runtime_root,
+        data_dir: s.data_dir,
+        controllers: rudder_agent::session::parse_controllers(&s.controllers.join(","))?,
+        listen: s.listen,
         hostname,
-        cgroup_parent: a.cgroup_parent,
-        runtime: a.runtime,
-        role: a.role,
-        token: a.token,
-        wg_port: a.wg_port,
-        metrics_listen: a.metrics_listen.0,
-        metrics_addr: a.metrics_addr,
-        cgroup_favor_dynmods: a.cgroup_favor_dynmods,
+        cgroup_parent: s.cgroup_parent,
+        runtime: s.runtime,
+        role: s.role.as_str().to_string(),
+        token,
+        wg_port: s.wg_port,
+        metrics_listen: s.metrics_listen,
+        metrics_addr: s.metrics_addr,
+        cgroup_favor_dynmods: s.cgroup_favor_dynmods,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -182,12 +242,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// `RUST_LOG`, else `info`; netlink-packet-route's warnings about attributes newer than the
+/// `RUST_LOG`, else `level` (the config's `log_level`); netlink-packet-route's warnings about attributes newer than the
 /// crate (one per link on every dump, on any recent kernel) are always dropped: they say
 /// nothing about this host and drown the agent's own log.
-fn log_filter() -> tracing_subscriber::EnvFilter {
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     match "netlink_packet_route=error".parse() {
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,

@@ -4,22 +4,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use rudder_host::config;
 
 #[derive(Parser)]
 #[command(name = "rudder-controller", version, about = "Rudder controller")]
 struct Args {
-    /// Where the raft log and registry blobs live.
+    /// The host config file (`/etc/rudder/rudder.toml`); flags and `RUDDER_*` variables
+    /// override it (`rudder config check` shows the result).
     #[arg(long)]
-    data_dir: PathBuf,
-    /// gRPC API address (rctl and agents).
-    #[arg(long, default_value = "0.0.0.0:4243")]
-    listen: SocketAddr,
-    /// OCI registry address.
-    #[arg(long, default_value = "0.0.0.0:5000")]
-    registry_listen: SocketAddr,
-    /// Raft member id (unique per controller).
-    #[arg(long, default_value_t = 1)]
-    raft_id: u64,
+    config: Option<PathBuf>,
+    /// Where the raft log and registry blobs live [default: <data_dir>/controller].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// gRPC API address (rctl and agents) [default: 0.0.0.0:4243].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// OCI registry address [default: 0.0.0.0:5000].
+    #[arg(long)]
+    registry_listen: Option<SocketAddr>,
+    /// Raft member id (unique per controller) [default: 1].
+    #[arg(long)]
+    raft_id: Option<u64>,
     /// gRPC `host:port` others reach this controller at (default: --listen).
     #[arg(long)]
     advertise: Option<String>,
@@ -51,10 +56,13 @@ struct Args {
     /// Host name, for logs.
     #[arg(long)]
     node_name: Option<String>,
+    /// Log filter when RUST_LOG is not set [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
     /// Serve Prometheus metrics at `https://ADDR/metrics` (a client certificate of an admin or
-    /// manager is required); `off` to not serve them.
-    #[arg(long, default_value = "0.0.0.0:4246", value_parser = rudder_pki::scrape::parse_listen)]
-    metrics_listen: rudder_pki::scrape::Listen,
+    /// manager is required); `off` to not serve them [default: 0.0.0.0:4246].
+    #[arg(long, value_parser = listen)]
+    metrics_listen: Option<config::Listen>,
     /// Also serve `/metrics` over plain HTTP at this address, to anyone who reaches it
     /// (bind it to an address only the scraper reaches). Off unless given.
     #[arg(long)]
@@ -62,18 +70,55 @@ struct Args {
     /// Serve the web dashboard at `https://ADDR/` (log in with an admin certificate or a
     /// token from `rctl dashboard token`), for example 0.0.0.0:4249; `off` (the default) to
     /// not serve it.
-    #[arg(long, default_value = "off", value_parser = rudder_pki::scrape::parse_listen)]
-    dashboard_listen: rudder_pki::scrape::Listen,
+    #[arg(long, value_parser = listen)]
+    dashboard_listen: Option<config::Listen>,
+}
+
+fn listen(s: &str) -> Result<config::Listen, String> {
+    config::Listen::try_from(s.to_string())
+}
+
+impl Args {
+    /// What the command line sets, as the top layer of the host config.
+    fn layer(&self) -> anyhow::Result<config::HostConfig> {
+        Ok(config::HostConfig {
+            node_name: self.node_name.clone(),
+            log_level: self
+                .log_level
+                .clone()
+                .map(config::LogLevel::try_from)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--log-level: {e}"))?,
+            controller: Some(config::ControllerSection {
+                data_dir: self.data_dir.clone(),
+                listen: self.listen,
+                advertise: self.advertise.clone(),
+                registry_listen: self.registry_listen,
+                registry_advertise: self.registry_advertise.clone(),
+                raft_id: self.raft_id,
+                join: self.join.clone(),
+                metrics_listen: self.metrics_listen,
+                metrics_addr: self.metrics_addr,
+                dashboard_listen: self.dashboard_listen,
+            }),
+            join: config::JoinSection {
+                token: self.token.clone(),
+                token_file: self.token_file.clone(),
+            },
+            ..Default::default()
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut a = Args::parse();
+    let a = Args::parse();
+    // Before the environment is scrubbed: RUDDER_* variables are a layer of the config.
+    let host = config::resolve(a.layer()?, a.config.as_deref(), std::env::vars())?;
+    let settings = host.controller()?;
     // Before the runtime starts threads: scrub the token from this process's environment.
     std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
     let notify = rudder_sdnotify::Notifier::from_env();
-    if let Some(path) = &a.token_file {
-        a.token = Some(rudder_pki::ca::read_token_file(path)?);
-    }
+    let token = settings.token.as_ref().map(|t| t.load()).transpose()?;
     let env_key = std::env::var(rudder_pki::backup::KEY_ENV).ok();
     std::env::remove_var(rudder_pki::backup::KEY_ENV);
     let restore = match &a.restore {
@@ -84,10 +129,11 @@ fn main() -> anyhow::Result<()> {
         )?)),
         None => None,
     };
+    let validity = std::time::Duration::from_secs(a.node_cert_validity);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(a, restore, notify))
+        .block_on(run(settings, token, validity, restore, notify))
 }
 
 /// Reads and decrypts a backup file into the store it holds.
@@ -111,7 +157,9 @@ fn read_backup(
 }
 
 async fn run(
-    a: Args,
+    s: config::ControllerSettings,
+    token: Option<String>,
+    node_cert_validity: std::time::Duration,
     restore: Option<std::sync::Arc<rudder_model::Store>>,
     notify: rudder_sdnotify::Notifier,
 ) -> anyhow::Result<()> {
@@ -119,26 +167,27 @@ async fn run(
     tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| s.log_level.as_str().into()),
         )
         .init();
-    if let Some(n) = &a.node_name {
+    if let Some(n) = &s.node_name {
         tracing::info!(node = %n, "starting");
     }
     let cfg = rudder_controller::Config {
-        data_dir: a.data_dir,
-        listen: a.listen,
-        registry_listen: a.registry_listen,
-        raft_id: a.raft_id,
-        advertise: a.advertise,
-        registry_advertise: a.registry_advertise,
-        join: a.join,
+        data_dir: s.data_dir,
+        listen: s.listen,
+        registry_listen: s.registry_listen,
+        raft_id: s.raft_id,
+        advertise: s.advertise,
+        registry_advertise: s.registry_advertise,
+        join: s.join,
         restore,
-        token: a.token,
-        node_cert_validity: std::time::Duration::from_secs(a.node_cert_validity),
-        metrics_listen: a.metrics_listen.0,
-        metrics_addr: a.metrics_addr,
-        dashboard_listen: a.dashboard_listen.0,
+        token,
+        node_cert_validity,
+        metrics_listen: s.metrics_listen,
+        metrics_addr: s.metrics_addr,
+        dashboard_listen: s.dashboard_listen,
     };
     // systemd (Type=notify): ready once the gRPC port accepts, which is after raft started.
     notify.ready_when_listening(cfg.listen, format!("serving the API on {}", cfg.listen));

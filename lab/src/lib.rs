@@ -100,6 +100,11 @@ pub struct LabConfig {
     pub agent_bin: PathBuf,
     /// Path of `rudder-controller`.
     pub controller_bin: PathBuf,
+    /// Path of `rudder`: each host is set up with `rudder init` (the first) or `rudder join`
+    /// (the others), as an operator would, and its daemons start with `--config` and the file
+    /// that wrote. `None`: the daemons get every setting as a flag (the lab's own tests, whose
+    /// stand-in daemons read flags).
+    pub rudder_bin: Option<PathBuf>,
     /// `auto`, `runc` or `crun`; passed to every agent.
     pub runtime: String,
     /// Appended to every agent's command line.
@@ -117,6 +122,7 @@ impl Default for LabConfig {
             root: default_root(),
             agent_bin: sibling_binary("rudder-agent"),
             controller_bin: sibling_binary("rudder-controller"),
+            rudder_bin: Some(sibling_binary("rudder")),
             runtime: "auto".into(),
             extra_agent_args: Vec::new(),
             extra_controller_args: Vec::new(),
@@ -187,6 +193,10 @@ pub struct Lab {
     /// See `worker_token`: the token further controllers join with.
     #[serde(default)]
     pub manager_token: String,
+    /// The hosts were set up with `rudder init`/`rudder join`: their daemons (re)start with
+    /// `--config <host dir>/rudder.toml` ([`LabConfig::rudder_bin`]).
+    #[serde(default)]
+    pub configured: bool,
 }
 
 /// One simulated host.
@@ -234,6 +244,10 @@ impl LabHost {
     /// The controller's data dir (only used on manager hosts).
     pub fn controller_data_dir(&self) -> PathBuf {
         self.dir().join("controller")
+    }
+    /// `<host dir>/rudder.toml`: the host config `rudder init`/`join` wrote.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir().join("rudder.toml")
     }
     /// The agent's API, on the host's underlay address.
     pub fn agent_addr(&self) -> SocketAddrV4 {
@@ -581,6 +595,7 @@ fn plan(cfg: &LabConfig, dir: &Path, k: u8) -> LabRecord {
             context_path: dir.join(CONTEXT_FILE),
             worker_token: String::new(),
             manager_token: String::new(),
+            configured: cfg.rudder_bin.is_some(),
         },
         underlay_netns: underlay_netns_name(&cfg.name),
         bridge: BRIDGE.into(),
@@ -885,9 +900,24 @@ fn build_hosts(
     let mut first_controller = None;
     for idx in 0..cfg.managers as usize {
         let host = rec.lab.hosts[idx].clone();
+        if let Some(rudder) = &cfg.rudder_bin {
+            // The first host makes the cluster; the others join it as managers.
+            let (args, token) = if idx == 0 {
+                (bootstrap_args("init", &host, &rec.lab, &cfg.runtime), None)
+            } else {
+                let mut args = bootstrap_args("join", &host, &rec.lab, &cfg.runtime);
+                args.extend([
+                    "--raft-id".into(),
+                    (idx + 1).to_string(),
+                    first_addr.to_string(),
+                ]);
+                (args, Some(rec.lab.manager_token.as_str()))
+            };
+            run_rudder(rudder, &args, token, &host)?;
+        }
         let cdir = host.controller_data_dir();
         fs::create_dir_all(&cdir).map_err(io_err(format!("creating {}", cdir.display())))?;
-        let mut args = controller_args(&host, idx, first_addr);
+        let mut args = controller_args(&host, idx, first_addr, rec.lab.configured);
         args.extend(cfg.extra_controller_args.iter().cloned());
         let what = format!("controller on {}", host.name);
         let child = spawn_in_netns(
@@ -935,7 +965,12 @@ fn build_hosts(
 
     for idx in 0..rec.lab.hosts.len() {
         let host = rec.lab.hosts[idx].clone();
-        let mut args = agent_args(&host, &controller_urls, &cfg.runtime);
+        if let (Some(rudder), false) = (&cfg.rudder_bin, host.manager) {
+            let mut args = bootstrap_args("join", &host, &rec.lab, &cfg.runtime);
+            args.push(first_addr.to_string());
+            run_rudder(rudder, &args, Some(&rec.lab.worker_token), &host)?;
+        }
+        let mut args = agent_args(&host, &controller_urls, &cfg.runtime, rec.lab.configured);
         args.extend(cfg.extra_agent_args.iter().cloned());
         let what = format!("agent on {}", host.name);
         let child = spawn_in_netns(
@@ -988,10 +1023,85 @@ fn controller_token(index: usize, manager_token: &str) -> Option<&str> {
     (index > 0).then_some(manager_token)
 }
 
+/// The settings `rudder init`/`rudder join` (`cmd`) write into host `host`'s config: the same
+/// ones the daemons get as flags without it. The token goes in the environment, never here.
+fn bootstrap_args(cmd: &str, host: &LabHost, lab: &Lab, runtime: &str) -> Vec<String> {
+    vec![
+        cmd.into(),
+        "--start".into(),
+        "none".into(),
+        "--config".into(),
+        path_arg(&host.config_path()),
+        "--advertise-addr".into(),
+        host.addr.to_string(),
+        "--listen-addr".into(),
+        host.addr.to_string(),
+        "--data-dir".into(),
+        path_arg(&host.dir()),
+        "--agent-data-dir".into(),
+        path_arg(&host.data_dir),
+        "--runtime-root".into(),
+        path_arg(&host.runtime_root),
+        "--node-name".into(),
+        host.name.clone(),
+        "--cgroup-parent".into(),
+        host.cgroup_parent.clone(),
+        "--runtime".into(),
+        runtime.into(),
+        "--controllers".into(),
+        lab.controller_urls().join(","),
+    ]
+}
+
+/// Runs `rudder ARGS` (init or join, which return in seconds), the token in [`TOKEN_ENV`].
+fn run_rudder(
+    bin: &Path,
+    args: &[String],
+    token: Option<&str>,
+    host: &LabHost,
+) -> Result<(), LabError> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_remove(TOKEN_ENV)
+        .stdin(Stdio::null())
+        .current_dir("/");
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        cmd.env(TOKEN_ENV, t);
+    }
+    let what = format!(
+        "rudder {} on {}",
+        args.first().map_or("", String::as_str),
+        host.name
+    );
+    let out = cmd.output().map_err(|source| LabError::Spawn {
+        what: what.clone(),
+        bin: bin.to_path_buf(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            cmd: what,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    debug!(host = %host.name, out = %String::from_utf8_lossy(&out.stdout).trim(), "lab: host set up");
+    Ok(())
+}
+
 /// The first manager (index 0) starts the cluster; the others join it on their first start
 /// (a restarted controller keeps its own state and ignores `--join`). The manager token goes
-/// in the environment ([`controller_token`]), never here.
-fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<String> {
+/// in the environment ([`controller_token`]), never here. A `configured` host's config (from
+/// `rudder init`/`join`) says all of it.
+fn controller_args(
+    host: &LabHost,
+    index: usize,
+    first: SocketAddrV4,
+    configured: bool,
+) -> Vec<String> {
+    if configured {
+        return vec!["--config".into(), path_arg(&host.config_path())];
+    }
     let mut args = vec![
         "--data-dir".into(),
         path_arg(&host.controller_data_dir()),
@@ -1010,8 +1120,22 @@ fn controller_args(host: &LabHost, index: usize, first: SocketAddrV4) -> Vec<Str
     args
 }
 
-/// The worker token goes in the environment, never here.
-fn agent_args(host: &LabHost, controller_url: &str, runtime: &str) -> Vec<String> {
+/// The worker token goes in the environment, never here. A `configured` host's config says
+/// the rest (a restart may change the runtime).
+fn agent_args(
+    host: &LabHost,
+    controller_url: &str,
+    runtime: &str,
+    configured: bool,
+) -> Vec<String> {
+    if configured {
+        return vec![
+            "--config".into(),
+            path_arg(&host.config_path()),
+            "--runtime".into(),
+            runtime.into(),
+        ];
+    }
     vec![
         "--data-dir".into(),
         path_arg(&host.data_dir),
@@ -1093,13 +1217,18 @@ impl Lab {
         }
         let (args, token, log, what) = match role {
             Role::Controller => (
-                controller_args(&host, index, self.first_controller_addr()),
+                controller_args(&host, index, self.first_controller_addr(), self.configured),
                 controller_token(index, &self.manager_token),
                 host.controller_log(),
                 format!("controller on {}", host.name),
             ),
             Role::Agent => (
-                agent_args(&host, &self.controller_urls().join(","), runtime),
+                agent_args(
+                    &host,
+                    &self.controller_urls().join(","),
+                    runtime,
+                    self.configured,
+                ),
                 Some(self.worker_token.as_str()),
                 host.agent_log(),
                 format!("agent on {}", host.name),
@@ -2040,6 +2169,7 @@ while True:
                 root: self.root.path().to_path_buf(),
                 agent_bin: self.bins.agent.clone(),
                 controller_bin: self.bins.controller.clone(),
+                rudder_bin: None,
                 runtime: "auto".into(),
                 extra_agent_args: Vec::new(),
                 extra_controller_args: Vec::new(),

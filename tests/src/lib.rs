@@ -91,6 +91,7 @@ impl LabGuard {
             root: root.clone(),
             agent_bin: bin("rudder-agent"),
             controller_bin: bin("rudder-controller"),
+            rudder_bin: Some(bin("rudder")),
             runtime: lab_runtime(),
             extra_agent_args: vec![],
             extra_controller_args: controller_args.iter().map(|a| a.to_string()).collect(),

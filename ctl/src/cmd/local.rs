@@ -27,6 +27,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<lab::Lab> {
         root: lab_root(),
         agent_bin: lab::sibling_binary("rudder-agent"),
         controller_bin: lab::sibling_binary("rudder-controller"),
+        rudder_bin: Some(lab::sibling_binary("rudder")),
         runtime: a.runtime,
         extra_agent_args: vec![],
         extra_controller_args: vec![],
