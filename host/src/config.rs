@@ -797,7 +797,13 @@ mod tests {
             ..with_listen("10.0.0.1:3")
         };
         // (layers, expected listen, expected data dir, expected node name)
-        let cases: Vec<(Vec<HostConfig>, &str, Option<&str>, Option<&str>)> = vec![
+        type Case = (
+            Vec<HostConfig>,
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 vec![flags.clone(), env.clone(), file.clone()],
                 "10.0.0.1:1",
