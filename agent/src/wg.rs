@@ -1,8 +1,9 @@
 //! WireGuard for the overlay: this host's key, its one WireGuard interface, and that
 //! interface's peers.
 //!
-//! The interface is kernel WireGuard when the kernel has it, otherwise a userspace device
-//! (boringtun) run by a child process, `rudder-agent wg-userspace --iface NAME`, that serves the
+//! The interface is kernel WireGuard when the kernel has it, otherwise Rudder's userspace
+//! device ([`device`]: boringtun's `noise::Tunn` with our own offloaded data path) run by a
+//! child process, `rudder-agent wg-userspace --iface NAME`, that serves the
 //! standard configuration socket `/var/run/wireguard/NAME.sock`. Invariants:
 //!
 //! - The private key never leaves the host: it lives in a 0600 file and is handed only to the
@@ -13,7 +14,7 @@
 //!   the child attach to it, so a child that dies and is restarted by the supervisor leaves the
 //!   interface, its addresses and its routes in place; the supervisor re-applies key, port and
 //!   peers to the new child.
-//! - A peer is never modified in place: boringtun does not support it (it panics), so a peer
+//! - A peer is never modified in place (boringtun's device, used before, panicked on it), so a peer
 //!   whose endpoint or allowed IPs changed is removed and added again. Peers that did not change
 //!   are not touched, so their sessions survive.
 //! - No socket or netlink call can hang the agent: each has a timeout and none blocks an async
@@ -33,7 +34,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use boringtun::device::{DeviceConfig, DeviceHandle};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -43,14 +43,17 @@ use wireguard_control::{DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 use crate::hostnet::netlink::NetlinkHostNet;
 use crate::hostnet::{HostNet, HostNetError, LinkSet, NetOp, Ns};
 
+pub mod batch;
 pub mod choice;
 pub mod coalesce;
+pub mod device;
 pub mod mtu;
 pub mod segment;
+pub mod uapi;
 
 /// How often the paths to the peers are checked against what the overlay needs.
 const PATH_CHECK_EVERY: Duration = Duration::from_secs(10);
-/// Where userspace WireGuard sockets live (boringtun's fixed path, the one `wg` reads).
+/// Where userspace WireGuard sockets live (the fixed path `wg` reads).
 const RUN_DIR: &str = "/var/run/wireguard";
 /// Bound on every single socket, netlink or `ip` call.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -265,7 +268,7 @@ pub struct WgPeer {
 pub enum Backend {
     /// The kernel's WireGuard (`ip link … type wireguard`), configured over netlink.
     Kernel,
-    /// boringtun in the `wg-userspace` child, configured over its socket.
+    /// Rudder's userspace device in the `wg-userspace` child, configured over its socket.
     Userspace,
 }
 
@@ -901,7 +904,7 @@ impl Child {
             Child::Adopted(pid) => stop_pid(pid, iface, grace).await,
             Child::Unknown => match read_pid(iface) {
                 Some(pid) if pid_is_child_for(pid, iface) => stop_pid(pid, iface, grace).await,
-                // boringtun exits within a second or so once its socket file is gone.
+                // The child exits within a second or so once its socket file is gone.
                 _ => {
                     let _ = std::fs::remove_file(socket_path(iface));
                 }
@@ -1087,129 +1090,27 @@ fn log_path(iface: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("{iface}.log"))
 }
 
-/// Entry point of `rudder-agent wg-userspace --iface NAME`: runs boringtun on the TUN
-/// interface NAME (creating it if missing), serving `/var/run/wireguard/NAME.sock`, until
-/// SIGTERM or SIGINT. Returns the process exit code. Call before any async runtime starts:
-/// boringtun blocks SIGTERM/SIGINT for a signalfd, which threads started later inherit.
 /// Queue of the tunnel interface: the default 500 drops bursts a single TCP stream makes
 /// (measured: 1–3k drops per 5 s iperf3 run).
 const TXQUEUELEN: u32 = 4000;
 
-/// Socket buffer for boringtun's UDP sockets: at the default (~208 KiB) the receiving side
-/// dropped ~14% of datagrams under one TCP stream (`UdpRcvbufErrors`).
-const UDP_BUFFER: libc::c_int = 8 << 20;
-
-/// boringtun creates its UDP sockets itself (one per peer with connected sockets) and sets no
-/// buffer size, and `net.core.rmem_default` cannot be set inside a network namespace: so a
-/// thread of the child finds its datagram sockets and enlarges their buffers (root may exceed
-/// `rmem_max` with the `FORCE` options).
-fn enlarge_udp_buffers() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let Some(fd) = e
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<libc::c_int>().ok())
-        else {
-            continue;
-        };
-        let is_socket =
-            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
-        if !is_socket {
-            continue;
-        }
-        let get = |opt: libc::c_int| -> Option<libc::c_int> {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `len` bytes into `v`, which is that large.
-            let r = unsafe {
-                libc::getsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            (r == 0).then_some(v)
-        };
-        if get(libc::SO_TYPE) != Some(libc::SOCK_DGRAM) {
-            continue;
-        }
-        for (read, force) in [
-            (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
-            (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
-        ] {
-            // The kernel reports double the value set (its bookkeeping overhead).
-            if get(read).is_some_and(|v| v < UDP_BUFFER) {
-                // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
-                unsafe {
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        force,
-                        (&UDP_BUFFER as *const libc::c_int).cast(),
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    )
-                };
-            }
-        }
-    }
-}
-
-/// `rudder-agent wg-userspace IFACE`: runs boringtun for `iface` until it is shut down, and
-/// returns the process's exit code.
+/// `rudder-agent wg-userspace IFACE`: runs Rudder's userspace device ([`device`]) for `iface`
+/// until it is shut down, and returns the process's exit code.
 pub fn userspace_main(iface: &str) -> i32 {
     if parse_iface(iface).is_err() {
         eprintln!("{}", WgError::BadName(iface.to_string()));
         return 2;
     }
-    // A panicking boringtun thread (e.g. on a request it does not support) would leave a
-    // half-working device: end the process instead, so the agent restarts and reconfigures it.
+    // A panicking thread would leave a half-working device: end the process instead, so the
+    // agent restarts and reconfigures it.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
         std::process::exit(70);
     }));
-    // One thread by default: with several, packets of one flow are encrypted and sent out of
-    // order, and TCP reads the reordering as loss (measured on this 2-core machine, one TCP
-    // stream: 0.46 Gbit/s with 2 threads and thousands of retransmits, 0.68 with 1 and none).
-    // `RUDDER_WG_THREADS` overrides it for hosts with many peers and cores.
-    let threads = std::env::var("RUDDER_WG_THREADS")
-        .ok()
-        .and_then(|t| t.parse::<usize>().ok())
-        .filter(|t| (1..=64).contains(t))
-        .unwrap_or(1);
-    let config = DeviceConfig {
-        n_threads: threads,
-        use_connected_socket: true,
-        use_multi_queue: true,
-        ..DeviceConfig::default()
-    };
-    let mut handle = match DeviceHandle::new(iface, config) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!(iface, error = ?e, "starting the userspace wireguard device");
-            return 1;
-        }
-    };
-    info!(
-        iface,
-        threads,
-        pid = std::process::id(),
-        "userspace wireguard running"
-    );
-    // Started after the device, so it inherits boringtun's blocked signal mask.
-    std::thread::spawn(|| loop {
-        enlarge_udp_buffers();
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    });
-    handle.wait();
-    handle.clean();
-    info!(iface, "userspace wireguard stopped");
-    0
+    let code = device::run(iface, &socket_path(iface));
+    info!(iface, code, "userspace wireguard stopped");
+    code
 }
 
 fn parse_iface(iface: &str) -> Result<InterfaceName, WgError> {

@@ -2,7 +2,8 @@
 //! --bins`: `cargo bench -p rudder-tests --bench overlay`; needs /usr/bin/iperf3).
 //!
 //! 1. TCP throughput between containers on h1 and h2 with iperf3 (5 s runs), over an encrypted
-//!    network (WireGuard, boringtun in userspace) and an unencrypted one (VXLAN): to the
+//!    network (WireGuard: Rudder's userspace device, `agent/src/wg/device.rs`;
+//!    `RUDDER_WG_OFFLOAD=0` in the environment measures it without offloads) and an unencrypted one (VXLAN): to the
 //!    server task's address with one stream (3 runs), two and four streams (`-P 2`, `-P 4`),
 //!    and to the service's virtual IP; the underlay (h1's namespace to h2's, no overlay) the
 //!    same way. Then request/response latency (64-byte TCP ping-pong from h1's container to an
@@ -349,7 +350,7 @@ fn row(label: &str, mtu: &str, run: &str, r: &anyhow::Result<Iperf>) {
 fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
     let cases = [
         NetCase {
-            label: "WireGuard (boringtun)",
+            label: "WireGuard (userspace)",
             network: "wgnet",
             server: "iperf-wg",
             client: "client-wg",
@@ -371,7 +372,7 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
         loadavg()
     );
     println!(
-        "{:<22} {:>4} {:<22} {:>9} {:>9} {:>7} {:>8}  boringtun CPU (1 core = 100%)",
+        "{:<22} {:>4} {:<22} {:>9} {:>9} {:>7} {:>8}  wg child CPU (1 core = 100%)",
         "network", "MTU", "run", "sent Gb/s", "recv Gb/s", "retr", "CPU busy"
     );
     let mut summary = Vec::new();
@@ -551,7 +552,14 @@ fn enter_netns_path(path: &Path) -> anyhow::Result<()> {
 fn task_netns(lab: &LabGuard, task: &serde_json::Value) -> anyhow::Result<std::path::PathBuf> {
     let host = lab.host(task["node"].as_str().context("task has a node")?);
     let id = task["id"].as_str().context("task id")?;
-    Ok(host.data_dir.join("netns").join(id))
+    // On the agent's run dir (`<data>/run/netns`), or where an older agent bound it.
+    [
+        host.data_dir.join("run/netns").join(id),
+        host.data_dir.join("netns").join(id),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .with_context(|| format!("no network namespace of task {id}"))
 }
 
 /// An echo server in namespace `ns` on `ECHO_PORT`, serving connections one at a time until

@@ -101,17 +101,17 @@ fn extends(
 }
 
 /// Coalesces `packets` (decrypted IPv4 packets, in arrival order) into TUN writes.
-pub fn coalesce(packets: &[Vec<u8>]) -> Vec<TunWrite> {
+pub fn coalesce<P: AsRef<[u8]>>(packets: &[P]) -> Vec<TunWrite> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < packets.len() {
-        let first = &packets[i];
+        let first = packets[i].as_ref();
         let Some(f) = parse(first) else {
             out.push(plain(first));
             i += 1;
             continue;
         };
-        let mut merged = first.clone();
+        let mut merged = first.to_vec();
         let mut end = f.seq.wrapping_add(f.payload as u32);
         let mut count = 1;
         let mut flags = f.flags;
@@ -119,7 +119,7 @@ pub fn coalesce(packets: &[Vec<u8>]) -> Vec<TunWrite> {
         // A run ends after a PSH or a short segment.
         let mut open = f.flags & TCP_PSH == 0;
         while open && j < packets.len() {
-            let next = &packets[j];
+            let next = packets[j].as_ref();
             let Some(n) = parse(next) else { break };
             if !extends(first, &f, end, count, merged.len(), next, &n) {
                 break;

@@ -246,13 +246,18 @@ fn pseudo_header_sum(p: &[u8], ihl: usize) -> u32 {
 
 /// The Internet checksum (RFC 1071) of `data`, starting from `initial`.
 pub fn checksum(data: &[u8], initial: u32) -> u16 {
+    // 32-bit big-endian words summed into 64 bits fold to the same ones' complement sum as
+    // 16-bit ones (the carries come around either way), at half the additions.
     let mut sum = u64::from(initial);
-    let mut words = data.chunks_exact(2);
+    let mut words = data.chunks_exact(4);
     for w in &mut words {
-        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
     }
-    if let [last] = words.remainder() {
-        sum += u64::from(*last) << 8;
+    match words.remainder() {
+        [a, b, c] => sum += (u64::from(*a) << 8) + u64::from(*b) + (u64::from(*c) << 8),
+        [a, b] => sum += (u64::from(*a) << 8) + u64::from(*b),
+        [a] => sum += u64::from(*a) << 8,
+        _ => {}
     }
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
@@ -449,5 +454,31 @@ mod tests {
             checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7], 0),
             0x220d
         );
+    }
+
+    #[test]
+    fn checksum_matches_a_16_bit_sum_at_every_length() {
+        fn naive(data: &[u8], initial: u32) -> u16 {
+            let mut sum = u64::from(initial);
+            for w in data.chunks(2) {
+                sum += u64::from(w[0]) << 8 | u64::from(*w.get(1).unwrap_or(&0));
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            !(sum as u16)
+        }
+        let data: Vec<u8> = (0..3000u32)
+            .map(|i| (i * 7919 % 251) as u8 ^ 0xa5)
+            .collect();
+        for len in (0..64).chain([1419, 1420, 1421, 1422, 2999, 3000]) {
+            for initial in [0, 0x1_2345, 0xffff] {
+                assert_eq!(
+                    checksum(&data[..len], initial),
+                    naive(&data[..len], initial),
+                    "len {len}"
+                );
+            }
+        }
     }
 }
