@@ -26,7 +26,7 @@ fn encrypted_network_without_offloads() -> anyhow::Result<()> {
     // This file's only test: the lab's agents (and their WireGuard children) inherit it.
     std::env::set_var("RUDDER_WG_OFFLOAD", "0");
     std::env::set_var("RUDDER_WG_BACKEND", "userspace");
-    let (mut lab, tmp) = lab_with_busybox("wgf", 2)?;
+    let (lab, tmp) = lab_with_busybox("wgf", 2)?;
     lab.apply(
         tmp.path(),
         "wg.yaml",

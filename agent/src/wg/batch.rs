@@ -64,7 +64,7 @@ pub fn gso_batches(lens: &[usize]) -> Vec<Range<usize>> {
 /// kernel attached no `UDP_GRO` control message: one datagram.
 pub fn gro_split(len: usize, segment: Option<usize>) -> Result<Vec<Range<usize>>, BatchError> {
     let Some(seg) = segment else {
-        return Ok(if len == 0 { Vec::new() } else { vec![0..len] });
+        return Ok((len > 0).then_some(0..len).into_iter().collect());
     };
     if seg == 0 {
         return Err(BatchError::ZeroSegment(len));

@@ -155,7 +155,7 @@ impl Config {
                 routes.push((*net, *len, Arc::clone(p)));
             }
         }
-        routes.sort_by(|a, b| b.1.cmp(&a.1));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.1));
         self.routes = routes;
     }
 
@@ -682,7 +682,7 @@ fn timer_loop(dev: &Device, socket: &Path) {
                 }
             }
         }
-        if tick % 4 == 0 {
+        if tick.is_multiple_of(4) {
             if let Some(k) = dev.cfg().keys.as_ref() {
                 k.limiter.reset_count();
             }
