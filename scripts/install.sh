@@ -90,12 +90,13 @@ dir() {
     fi
 }
 
-for b in rudder-controller rudder-agent rudder-shim rctl; do
+bins=(rudder rudder-controller rudder-agent rudder-shim rctl)
+for b in "${bins[@]}"; do
     [ -f "$bin_src/$b" ] || die "$bin_src/$b missing"
 done
-for b in rudder rudder-controller rudder-agent rudder-shim rctl; do
-    # The agent finds rudder-shim next to itself: both in /usr/bin.
-    if [ -f "$bin_src/$b" ]; then put "$bin_src/$b" "/usr/bin/$b" 755; fi
+for b in "${bins[@]}"; do
+    # The agent finds rudder-shim (and a promoted host rudder-controller) next to itself.
+    put "$bin_src/$b" "/usr/bin/$b" 755
 done
 units_before=$changes
 for u in rudder-controller.service rudder-agent.service; do

@@ -35,13 +35,9 @@ done
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' Cargo.toml)
 [ -n "$version" ] || { echo "release: no version in Cargo.toml" >&2; exit 1; }
-# The binaries every host gets; `rudder` (init/join/leave) once its crate exists.
-bins=(rudder-controller rudder-agent rudder-shim rctl)
-packages=(-p rudder-controller -p rudder-agent -p rudder-shim -p rudder-ctl)
-if [ -f host/Cargo.toml ]; then
-    bins=(rudder "${bins[@]}")
-    packages+=(-p rudder-host)
-fi
+# The binaries every host gets (`rudder`: init, join, leave, config check).
+bins=(rudder rudder-controller rudder-agent rudder-shim rctl)
+packages=(-p rudder-host -p rudder-controller -p rudder-agent -p rudder-shim -p rudder-ctl)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 

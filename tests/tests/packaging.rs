@@ -12,7 +12,13 @@ use std::process::{Command, Stdio};
 
 use rudder_tests::{bin, bin_dir};
 
-const BINS: [&str; 4] = ["rudder-controller", "rudder-agent", "rudder-shim", "rctl"];
+const BINS: [&str; 5] = [
+    "rudder",
+    "rudder-controller",
+    "rudder-agent",
+    "rudder-shim",
+    "rctl",
+];
 const UNITS: [&str; 2] = ["rudder-controller.service", "rudder-agent.service"];
 
 fn repo() -> PathBuf {
