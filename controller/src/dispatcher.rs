@@ -43,6 +43,8 @@ pub struct DispatcherApi {
     sessions: Arc<Mutex<HashMap<String, u64>>>,
     /// Where the usage samples on heartbeats go (the autoscaler's and `rctl stats`' source).
     usage: Arc<crate::usage::UsageBook>,
+    /// Wakes each session only for the store changes that concern its node.
+    fanout: crate::fanout::Fanout,
 }
 
 /// While this controller leads: a node that was ready when leadership began but opens no
@@ -91,7 +93,9 @@ impl DispatcherApi {
         tokio::spawn(batch_status(raft.clone(), status_rx));
         let sessions: Arc<Mutex<HashMap<String, u64>>> = Default::default();
         tokio::spawn(watch_leadership(raft.clone(), sessions.clone()));
+        let fanout = crate::fanout::Fanout::start(&raft);
         DispatcherApi {
+            fanout,
             raft,
             registry,
             status_tx,
@@ -461,8 +465,10 @@ impl Dispatcher for DispatcherApi {
             }))
             .await;
 
-        // Down: the node's task set, whenever it changes.
-        let mut watch = self.raft.watch_store();
+        // Down: the node's task set, whenever it changes (subscribed before the first look,
+        // so no change is missed).
+        let fanout = self.fanout.clone();
+        let mut wake = fanout.subscribe(&node_id);
         let down_tx = tx.clone();
         let down_node = node_id.clone();
         let me = self.raft.status().id;
@@ -474,7 +480,7 @@ impl Dispatcher for DispatcherApi {
             let mut asked_controller = None;
             let mut last_trusted: Option<Vec<String>> = None;
             loop {
-                let store = watch.borrow_and_update().clone();
+                let (store, ids) = fanout.snapshot(&down_node);
                 // A promoted node that does not yet run its controller: tell its agent.
                 if let Some(rid) = store.nodes.get(&down_node).and_then(|n| n.controller_id) {
                     if asked_controller != Some(rid) && !store.managers.contains_key(&rid) {
@@ -552,7 +558,7 @@ impl Dispatcher for DispatcherApi {
                     }
                     last_volumes = Some(volumes);
                 }
-                let tasks: Vec<_> = store.tasks_on(&down_node).collect();
+                let tasks: Vec<_> = ids.iter().filter_map(|id| store.tasks.get(id)).collect();
                 // The values of the secrets and configs its unfinished tasks use, and no
                 // others, before the assignments that need them.
                 let needed: std::collections::BTreeSet<_> = tasks
@@ -612,7 +618,7 @@ impl Dispatcher for DispatcherApi {
                     }
                     last = Some(key);
                 }
-                if watch.changed().await.is_err() {
+                if wake.changed().await.is_err() {
                     return;
                 }
             }

@@ -22,6 +22,7 @@ mod dashboard;
 mod dispatcher;
 mod events_api;
 mod exec_api;
+mod fanout;
 mod image_api;
 mod image_tags;
 mod locked;

@@ -11,6 +11,7 @@ pub mod depends;
 pub mod diff;
 pub mod duration;
 pub mod events;
+pub mod fanout;
 pub mod health;
 pub mod job;
 pub mod manifest;
