@@ -197,6 +197,29 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         let mut client = connect(&admin, me.as_ref().and_then(|m| m.advertise.as_deref())).await?;
+        // Before anything changes: a manager that may not leave is not drained either.
+        if let Some(ctl) = &me {
+            let info = client
+                .cluster_info(ClusterInfoRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let voters: Vec<_> = info.managers.iter().filter(|m| m.voter).collect();
+            let voter = voters.iter().any(|m| m.raft_id == ctl.raft_id);
+            if voter {
+                let others = voters
+                    .iter()
+                    .filter(|m| m.raft_id != ctl.raft_id)
+                    .filter(|m| answers(&m.addr))
+                    .count();
+                if let Err(why) = quorum_check(voters.len(), others) {
+                    if !opts.force || voters.len() <= 1 {
+                        bail!("{why}");
+                    }
+                    eprintln!("warning: {why}");
+                }
+            }
+        }
         client
             .update_node(UpdateNodeRequest {
                 node: node_id.clone(),
@@ -239,26 +262,6 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         if let Some(ctl) = &me {
-            let info = client
-                .cluster_info(ClusterInfoRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
-            let voters: Vec<_> = info.managers.iter().filter(|m| m.voter).collect();
-            let voter = voters.iter().any(|m| m.raft_id == ctl.raft_id);
-            if voter {
-                let others = voters
-                    .iter()
-                    .filter(|m| m.raft_id != ctl.raft_id)
-                    .filter(|m| answers(&m.addr))
-                    .count();
-                if let Err(why) = quorum_check(voters.len(), others) {
-                    if !opts.force || voters.len() <= 1 {
-                        bail!("{why}");
-                    }
-                    eprintln!("warning: {why}");
-                }
-            }
             client
                 .remove_manager(RemoveManagerRequest {
                     raft_id: ctl.raft_id,

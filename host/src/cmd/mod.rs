@@ -262,7 +262,7 @@ pub fn join_agent(
         .build()?;
     let certs = rt
         .block_on(rudder_pki::join::join_cluster(&url, token, &node_id))
-        .map_err(|e| anyhow::anyhow!("joining through {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     make_dir(agent_data_dir, 0o700)?;
     rudder_pki::ca::write_atomic(&node_id_path, node_id.as_bytes(), 0o600)?;
     certs.save(&agent_data_dir.join("certs"))?;
