@@ -9,6 +9,7 @@ mod api;
 mod build;
 pub mod bundle;
 pub mod cgroup_tune;
+mod churn;
 mod commit;
 mod convert;
 mod copy;

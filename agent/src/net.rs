@@ -732,6 +732,8 @@ impl Overlay {
         mut bridge_rx: watch::Receiver<u64>,
     ) {
         let mut applied = Applied::default();
+        // The last map applied in full: what a new one's departed backends are read from.
+        let mut last: Option<NetworkMap> = None;
         loop {
             bridge_rx.borrow_and_update();
             let map = rx.borrow_and_update().clone();
@@ -754,6 +756,10 @@ impl Overlay {
                             bridge_only, "overlay applied"
                         );
                         if !bridge_only {
+                            if let Some(prev) = &last {
+                                self.purge_departed(prev, &map).await;
+                            }
+                            last = Some(map.clone());
                             applied.map = Some(map.clone());
                             self.applied_tx.send_replace(Some(map));
                         }
@@ -771,6 +777,38 @@ impl Overlay {
                 r = bridge_rx.changed() => if r.is_err() { return },
             }
         }
+    }
+
+    /// Deletes this host's conntrack entries of its translations to backends that `new` no
+    /// longer has (see [`crate::churn`]): UDP now, TCP later unless the backend came back.
+    /// Runs after `new`'s nftables table is loaded, so a purged flow is balanced again over
+    /// the remaining backends. Failures are logged: the entries then expire on their own.
+    async fn purge_departed(self: &Arc<Self>, old: &NetworkMap, new: &NetworkMap) {
+        let filters = crate::churn::purges(old, new, MARK_HOSTPORT);
+        if filters.is_empty() {
+            return;
+        }
+        let (now, later) = crate::churn::now_and_later(&filters);
+        match self.net.delete_conntrack(&now).await {
+            Ok(n) => debug!(deleted = n, filters = now.len(), "conntrack: purged udp"),
+            Err(e) => warn!(%e, "conntrack: purging departed backends failed"),
+        }
+        if later.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let old = old.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::churn::TCP_PURGE_AFTER).await;
+            let Some(current) = me.applied_tx.borrow().clone() else {
+                return;
+            };
+            let doomed = crate::churn::still_departed(&later, &old, &current, MARK_HOSTPORT);
+            match me.net.delete_conntrack(&doomed).await {
+                Ok(n) => debug!(deleted = n, filters = doomed.len(), "conntrack: purged tcp"),
+                Err(e) => warn!(%e, "conntrack: purging departed backends failed"),
+            }
+        });
     }
 
     async fn rotate_if_asked(&self, epoch: u64) -> Result<Option<KeyPair>, NetError> {

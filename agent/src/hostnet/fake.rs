@@ -15,6 +15,7 @@ pub enum Call {
     CreateNetns(std::path::PathBuf),
     MoveNetns(std::path::PathBuf, std::path::PathBuf),
     Occupancy(std::path::PathBuf),
+    DeleteConntrack(Vec<super::conntrack::CtFilter>),
 }
 
 #[derive(Default)]
@@ -150,5 +151,16 @@ impl HostNet for FakeHostNet {
             .expect("fake lock")
             .push(Call::Occupancy(path.to_path_buf()));
         Ok(*self.occupied.lock().expect("fake lock"))
+    }
+
+    async fn delete_conntrack(
+        &self,
+        filters: &[super::conntrack::CtFilter],
+    ) -> Result<usize, HostNetError> {
+        self.calls
+            .lock()
+            .expect("fake lock")
+            .push(Call::DeleteConntrack(filters.to_vec()));
+        Ok(0)
     }
 }

@@ -17,6 +17,7 @@
 //!   none blocks an async worker thread.
 
 // The recording fake (STYLE 9), for tests only; no test drives it yet.
+pub mod conntrack;
 #[cfg(test)]
 #[allow(dead_code)]
 pub mod fake;
@@ -463,4 +464,10 @@ pub trait HostNet: Send + Sync {
     ) -> Result<(), HostNetError>;
     /// Whether a process or a socket still uses the namespace kept at `path`.
     async fn occupancy(&self, path: &std::path::Path) -> Result<Occupancy, HostNetError>;
+    /// Deletes the host namespace's conntrack entries that match any of `filters` (Rudder's
+    /// own translations to departed backends, see [`conntrack`]); returns how many went.
+    async fn delete_conntrack(
+        &self,
+        filters: &[conntrack::CtFilter],
+    ) -> Result<usize, HostNetError>;
 }

@@ -209,6 +209,37 @@ impl HostNet for NetlinkHostNet {
         blocking_ns(path, "netns occupancy", move || occupancy(&p)).await
     }
 
+    async fn delete_conntrack(
+        &self,
+        filters: &[super::conntrack::CtFilter],
+    ) -> Result<usize, HostNetError> {
+        if filters.is_empty() {
+            return Ok(0);
+        }
+        let err = |source| HostNetError::Netlink {
+            op: "conntrack delete".into(),
+            link: "-".into(),
+            ns: Ns::Host.to_string(),
+            source,
+        };
+        // Made here, so in the caller's namespace (the pool's threads may be elsewhere).
+        let sock = super::conntrack::open(OP_TIMEOUT).map_err(err)?;
+        let filters = filters.to_vec();
+        let run =
+            tokio::task::spawn_blocking(move || super::conntrack::delete_matching(&sock, &filters));
+        // The dump and each deletion are bounded by the socket's timeouts; the whole by this.
+        let budget = OP_TIMEOUT * 10;
+        match tokio::time::timeout(budget, run).await {
+            Err(_) => Err(HostNetError::Timeout {
+                op: "conntrack delete".into(),
+                ns: Ns::Host.to_string(),
+                after: budget,
+            }),
+            Ok(Err(e)) => Err(err(io::Error::other(format!("netlink worker failed: {e}")))),
+            Ok(Ok(r)) => r.map_err(err),
+        }
+    }
+
     async fn load_nft(&self, ruleset: &str) -> Result<(), HostNetError> {
         let script = format!("table ip rudder {{}}\ndelete table ip rudder\n{ruleset}");
         let run = async {

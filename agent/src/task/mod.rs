@@ -464,7 +464,10 @@ async fn run(task: &Task, cx: &mut TaskCtx) -> Result<TaskStatus, StepError> {
     };
     let (code, end) = match woke {
         Woke::Exit(r) => (r, End::Exited),
-        Woke::Stop => (stop_container(&p, task, &dir).await, End::Stopped),
+        Woke::Stop => match drain(&p, task, &dir).await {
+            Some(exited) => (exited, End::Stopped),
+            None => (stop_container(&p, task, &dir).await, End::Stopped),
+        },
         Woke::Health(HealthEvent::Healthy) => {
             info!("healthy");
             cx.phase = Phase::Running;
@@ -522,6 +525,20 @@ pub fn stop_signal(task: &Task) -> &'static str {
         .as_deref()
         .and_then(rudder_model::runtime_options::signal)
         .unwrap_or("TERM")
+}
+
+/// Before the stop signal of a task other hosts may send connections to (one with an overlay
+/// address), waits [`crate::churn::DRAIN`]: the controller took it out of the network map
+/// when it asked for the stop, and every host needs that long to stop sending it new
+/// connections. Returns the exit code when the container exits meanwhile.
+async fn drain(p: &Ports, task: &Task, dir: &std::path::Path) -> Option<Result<i32, RuntimeError>> {
+    if task.networks.is_empty() {
+        return None;
+    }
+    tokio::select! {
+        r = p.runtime.wait(&task.id, dir) => Some(r),
+        _ = p.clock.sleep(crate::churn::DRAIN) => None,
+    }
 }
 
 /// The stop signal (SIGTERM unless the service sets `stop_signal`), then SIGKILL after the

@@ -374,6 +374,41 @@ async fn a_stop_honoured_within_the_grace_period_sends_no_kill() {
     r.end().await;
 }
 
+/// A task with an overlay address drains first: no signal before every host had
+/// `churn::DRAIN` to take it out of its balancing; then the usual TERM.
+#[tokio::test(start_paused = true)]
+async fn a_networked_task_drains_before_its_stop_signal() {
+    let f = Fakes::new(true);
+    let mut t = fake::task("t1");
+    t.networks = vec![fake::attachment("front")];
+    let mut r = Run::start(&f, t, false);
+    while r.next_state().await != s(TaskState::Running, "running") {}
+    let t0 = tokio::time::Instant::now();
+    r.stop.send_replace(true);
+    let (state, _, _, exit) = r.next().await;
+    assert_eq!((state, exit), (TaskState::Shutdown, Some(143)));
+    assert_eq!(t0.elapsed(), crate::churn::DRAIN);
+    assert_eq!(f.journal.of("runtime.kill"), ["runtime.kill t1 TERM"]);
+    r.end().await;
+}
+
+/// A networked task that exits by itself while it drains is not signalled at all.
+#[tokio::test(start_paused = true)]
+async fn an_exit_during_the_drain_sends_no_signal() {
+    let f = Fakes::new(true);
+    let mut t = fake::task("t1");
+    t.networks = vec![fake::attachment("front")];
+    let mut r = Run::start(&f, t, false);
+    while r.next_state().await != s(TaskState::Running, "running") {}
+    r.stop.send_replace(true);
+    tokio::time::sleep(crate::churn::DRAIN / 2).await;
+    f.runtime.exit("t1", 0);
+    let (state, _, _, exit) = r.next().await;
+    assert_eq!((state, exit), (TaskState::Shutdown, Some(0)));
+    assert!(f.journal.of("runtime.kill").is_empty());
+    r.end().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stop_before_start_ends_the_task_without_a_container() {
     let f = Fakes::new(false);
