@@ -79,6 +79,8 @@ const MAX_SUBNET: u8 = 250;
 const ROOT_OCTET: u8 = 254;
 const BRIDGE: &str = "br0";
 const HOST_IFACE: &str = "eth0";
+/// nftables table [`Lab::set_loss`] makes in a host's namespace.
+const CHAOS_TABLE: &str = "rudder_chaos";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const TERM_GRACE: Duration = Duration::from_secs(3);
 const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -301,6 +303,80 @@ impl Lab {
             let _ = ip(&["-n", &host.netns, "link", "set", "lo", "up"]);
         }
         Ok(())
+    }
+    /// Drops `percent` % of host `index`'s underlay packets, at random, both ways (an nftables
+    /// table `rudder_chaos` in the host's namespace, on `eth0`); `0` removes it. A lossy cable
+    /// for the chaos soak: `tc netem` would add delay too, but `sch_netem` is not in every
+    /// kernel (not in the CI machine's), and nftables is already a lab dependency.
+    pub fn set_loss(&self, index: usize, percent: u8) -> Result<(), LabError> {
+        let host = self
+            .hosts
+            .get(index)
+            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
+        if percent > 100 {
+            return Err(LabError::Invalid(format!("loss {percent}% is over 100%")));
+        }
+        let ns = host.netns.as_str();
+        let nft = |args: &[&str]| {
+            let mut v = vec!["netns", "exec", ns, "nft"];
+            v.extend_from_slice(args);
+            ip(&v)
+        };
+        // Idempotent: start from no table (absent is fine).
+        let _ = nft(&["delete", "table", "inet", CHAOS_TABLE]);
+        if percent == 0 {
+            return Ok(());
+        }
+        nft(&["add", "table", "inet", CHAOS_TABLE])?;
+        let pct = percent.to_string();
+        for (chain, hook, dir) in [
+            ("in", "input", "iifname"),
+            ("out", "output", "oifname"),
+            ("fwd_in", "forward", "iifname"),
+            ("fwd_out", "forward", "oifname"),
+        ] {
+            let spec = format!("{{ type filter hook {hook} priority -10; }}");
+            nft(&["add", "chain", "inet", CHAOS_TABLE, chain, &spec])?;
+            nft(&[
+                "add",
+                "rule",
+                "inet",
+                CHAOS_TABLE,
+                chain,
+                dir,
+                HOST_IFACE,
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                &pct,
+                "drop",
+            ])?;
+        }
+        Ok(())
+    }
+    /// Freezes (`SIGSTOP`, `paused == true`) or thaws (`SIGCONT`) host `index`'s controller or
+    /// agent: a hung process with its sockets open. Returns the pid signalled (none recorded or
+    /// not alive: an error).
+    pub fn pause(&self, index: usize, role: Role, paused: bool) -> Result<i32, LabError> {
+        let host = self
+            .hosts
+            .get(index)
+            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
+        let pid = match role {
+            Role::Controller => host.controller_pid,
+            Role::Agent => host.agent_pid,
+        }
+        .filter(|p| signalable(*p) && pid_alive(*p))
+        .ok_or_else(|| LabError::Invalid(format!("no live {role:?} on host {index}")))?;
+        let sig = if paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        signal(pid, sig).map_err(LabError::Invalid)?;
+        Ok(pid)
     }
     /// The root namespace's underlay address, `10.213.k.254`.
     pub fn root_addr(&self) -> Ipv4Addr {

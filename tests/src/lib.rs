@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 pub use rudder_lab as lab;
 
+pub mod chaos;
+pub mod linearizability;
+
 /// The cargo target directory holding the workspace's binaries (`cargo build --bins` first).
 pub fn bin_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("RUDDER_BIN_DIR") {
