@@ -331,6 +331,7 @@ async fn session(
             ),
             overlay_public_key,
             overlay_key_epoch,
+            version: rudder_version::full(),
         })),
     })
     .await

@@ -990,6 +990,7 @@ impl Control for ControlApi {
             applied: s.applied,
             registry: self.registry.clone(),
             managers,
+            version: rudder_version::full(),
         }))
     }
 }

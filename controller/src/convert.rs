@@ -191,6 +191,7 @@ pub fn node_summary(store: &Store, n: &Node) -> NodeSummary {
             .map(|t| t.spec.resources.reservations.memory)
             .sum(),
         cert_not_after_ms: n.cert_not_after,
+        version: store.node_versions.get(&n.id).cloned().unwrap_or_default(),
     }
 }
 

@@ -143,6 +143,25 @@ fn run_controller(store: &rudder_model::Store, me: u64, raft_id: u64) -> Option<
     })
 }
 
+/// Longest version string an agent may report.
+const MAX_VERSION_LEN: usize = 128;
+
+/// Refuses an agent whose version this controller does not serve (the skew policy,
+/// `rudder_model::compat`), saying which side to upgrade.
+fn check_version(reg: &Register) -> Result<(), Status> {
+    if reg.version.len() > MAX_VERSION_LEN {
+        return Err(Status::invalid_argument(format!(
+            "dispatcher: version is over {MAX_VERSION_LEN} bytes"
+        )));
+    }
+    let mine = rudder_version::full();
+    rudder_model::compat::check_agent(&mine, &reg.version).map_err(|e| {
+        warn!(node = %reg.node_id, agent = %reg.version, controller = %mine, %e,
+            "dispatcher: refused an agent of an unsupported version");
+        Status::failed_precondition(format!("dispatcher: {e}"))
+    })
+}
+
 /// Refuses a registration that does not match the session's certificate (node id) or
 /// connection (address), naming what is wrong; the attempt is logged (C1).
 fn check_registration(
@@ -392,6 +411,7 @@ impl Dispatcher for DispatcherApi {
         }
         let store = self.raft.store();
         check_registration(&caller, &reg, remote, &store)?;
+        check_version(&reg)?;
         let node_id = reg.node_id.clone();
         // The role is the store's: a node runs a controller because an admin promoted it (or
         // a member listens on its host), never because its agent says so.
@@ -445,6 +465,16 @@ impl Dispatcher for DispatcherApi {
         }
         if !reg.overlay_public_key.is_empty() {
             set_overlay_key(&self.raft, &node_id, &reg.overlay_public_key).await?;
+        }
+        if store.node_versions.get(&node_id) != Some(&reg.version) {
+            // Only shown (`rctl node ls`): a failure is logged, never the session's end.
+            let cmd = Command::SetNodeVersion {
+                id: node_id.clone(),
+                version: reg.version.clone(),
+            };
+            if let Err(e) = self.raft.propose(cmd).await {
+                warn!(node = %node_id, %e, "dispatcher: the agent's version is not recorded");
+            }
         }
         let generation = {
             let mut s = self.sessions.lock().expect("sessions lock");

@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod autoscale;
+pub mod compat;
 pub mod compose;
 pub mod depends;
 pub mod diff;

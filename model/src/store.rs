@@ -552,6 +552,15 @@ pub enum Command {
         /// The stack's name.
         name: String,
     },
+    /// The version a node's agent registered with (`rudder_version::full()`), shown by
+    /// `rctl node ls`. A controller from before this command refuses it as malformed and goes
+    /// on (apply errors leave the store unchanged), so mixed versions keep working.
+    SetNodeVersion {
+        /// The node.
+        id: String,
+        /// Its agent's version.
+        version: String,
+    },
 }
 
 /// Autolock's unlock key as text (`RDRKEK-…`); `Debug` never prints it.
@@ -784,6 +793,10 @@ pub struct Store {
     /// Not written while empty, and absent from stores of earlier builds (which still load).
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub stacks: Map<String, crate::stack::Stack>,
+    /// Node id → the version its agent last registered with ([`Command::SetNodeVersion`]).
+    /// Not written while empty, absent from stores of earlier builds.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub node_versions: Map<String, String>,
     /// Index of the last applied entry.
     pub applied: u64,
 }
@@ -884,6 +897,15 @@ impl Store {
             }
             Command::RollbackStack { name, now } => {
                 crate::stack::rollback(self, index, &name, now)?
+            }
+            Command::SetNodeVersion { id, version } => {
+                if !self.nodes.contains_key(&id) {
+                    return Err(ApplyError::NotFound {
+                        kind: "node",
+                        name: id,
+                    });
+                }
+                self.node_versions.insert(id, version);
             }
             Command::RemoveStack { name } => {
                 self.stacks.remove(&name).ok_or(ApplyError::NotFound {
@@ -1156,6 +1178,7 @@ impl Store {
                     }
                 }
                 self.volume_copies.remove(&id);
+                self.node_versions.remove(&id);
                 // An agent's certificate is a worker's, or a manager's if it joined with a
                 // manager token: both go.
                 for role in ["worker", "manager"] {

@@ -144,6 +144,7 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             role: rudder_proto::v1::NodeRole::Manager.into(),
             overlay_public_key: String::new(),
             overlay_key_epoch: 0,
+            version: String::new(),
         };
         let reg = |id: &str, addr: String| reg_as(id, "h2", addr);
         let err = register(&lab, &rogue, reg(&victim, format!("{root}:4299")))

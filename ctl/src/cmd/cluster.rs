@@ -21,19 +21,30 @@ pub async fn info(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
+    // Each controller says its own version: asked one by one (an unreachable one shows none).
+    let mut versions = Vec::with_capacity(i.managers.len());
+    for m in &i.managers {
+        versions.push(if m.raft_id == i.raft_id {
+            i.version.clone()
+        } else {
+            controller_version(ctx, &m.addr).await.unwrap_or_default()
+        });
+    }
     let managers: Vec<_> = i
         .managers
         .iter()
-        .map(|m| {
+        .zip(&versions)
+        .map(|(m, version)| {
             serde_json::json!({
                 "raft_id": m.raft_id, "addr": m.addr, "registry": m.registry,
-                "voter": m.voter, "leader": m.leader,
+                "voter": m.voter, "leader": m.leader, "version": version,
             })
         })
         .collect();
     let v = serde_json::json!({
         "raft_id": i.raft_id, "leader_id": i.leader_id, "term": i.term,
         "applied": i.applied, "registry": i.registry, "managers": managers,
+        "version": i.version,
     });
     output::print(output, &v, |w| {
         writeln!(
@@ -50,7 +61,8 @@ pub async fn info(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
         let rows: Vec<Vec<String>> = i
             .managers
             .iter()
-            .map(|m| {
+            .zip(&versions)
+            .map(|(m, version)| {
                 let status = match (m.leader, m.voter) {
                     (true, _) => "leader",
                     (false, true) => "voter",
@@ -61,11 +73,37 @@ pub async fn info(ctx: &Context, output: OutputFormat) -> anyhow::Result<()> {
                     m.addr.clone(),
                     m.registry.clone(),
                     status.to_string(),
+                    super::node::version_cell(version),
                 ]
             })
             .collect();
-        output::write_table(w, &["ID", "ADDRESS", "REGISTRY", "STATUS"], &rows)
+        output::write_table(
+            w,
+            &["ID", "ADDRESS", "REGISTRY", "STATUS", "VERSION"],
+            &rows,
+        )
     })
+}
+
+/// The version the controller at `addr` (`host:port`) reports, `None` when it cannot be asked
+/// within a few seconds (down, or too old to report one).
+async fn controller_version(ctx: &Context, addr: &str) -> Option<String> {
+    let mut one = ctx.clone();
+    one.controllers = vec![addr.to_string()];
+    one.controller = addr.to_string();
+    let ask = async {
+        crate::connect(&one)
+            .await
+            .ok()?
+            .cluster_info(ClusterInfoRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner().version)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 pub async fn join_token(

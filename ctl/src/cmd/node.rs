@@ -21,6 +21,7 @@ pub fn to_json(n: &NodeSummary) -> serde_json::Value {
         "resources": {"cpus_milli": n.cpus_milli, "memory_bytes": n.memory_bytes},
         "reserved": {"cpus_milli": n.reserved_cpus_milli, "memory_bytes": n.reserved_memory_bytes},
         "cert_not_after_ms": n.cert_not_after_ms,
+        "version": n.version,
     })
 }
 
@@ -65,6 +66,15 @@ pub async fn rm(ctx: &Context, node: &str, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A reported version as a table shows it: `-` for an agent too old to report one.
+pub fn version_cell(v: &str) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.into()
+    }
+}
+
 fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -78,6 +88,7 @@ fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
                 n.tasks.to_string(),
                 n.addr.clone(),
                 n.id.clone(),
+                version_cell(&n.version),
                 labels.join(","),
             ]
         })
@@ -92,6 +103,7 @@ fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
             "TASKS",
             "ADDRESS",
             "ID",
+            "VERSION",
             "LABELS",
         ],
         &rows,
