@@ -160,7 +160,15 @@ async fn agent_certs(cfg: &Config, node_id: &str) -> Result<NodeCerts, AgentErro
             let url = url.replacen("http://", "https://", 1);
             let joined = match &previous {
                 Some(p) => rudder_pki::join::rejoin_cluster(&url, token, p).await,
-                None => rudder_pki::join::join_cluster(&url, token, node_id).await,
+                // Controllers dial agents as workers, whichever token the host joined with.
+                None => rudder_pki::join::join_cluster_as(
+                    &url,
+                    token,
+                    node_id,
+                    rudder_pki::ca::Role::Worker,
+                )
+                .await
+                .map(|(certs, _)| certs),
             };
             match joined {
                 Ok(c) => {

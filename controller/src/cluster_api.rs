@@ -90,6 +90,11 @@ pub enum ClusterError {
     Reserved(String),
     #[error("cluster: {0} is not a node of this cluster (removed?); join again with a join token")]
     NotMember(String),
+    #[error(
+        "cluster: a {0} join token cannot issue a manager certificate; join with a manager \
+         token (`rctl cluster join-token manager`)"
+    )]
+    RoleAboveToken(Role),
 }
 
 impl From<TokenError> for ClusterError {
@@ -129,7 +134,8 @@ impl From<ClusterError> for Status {
             ClusterError::Revoked(_)
             | ClusterError::IdTaken(_)
             | ClusterError::BadPrevious { .. }
-            | ClusterError::NotMember(_) => Status::permission_denied(msg),
+            | ClusterError::NotMember(_)
+            | ClusterError::RoleAboveToken(_) => Status::permission_denied(msg),
             ClusterError::Reserved(_) => Status::invalid_argument(msg),
             ClusterError::Unavailable(_) => Status::unavailable(msg),
             ClusterError::Ca(_) => Status::internal(msg),
@@ -373,11 +379,12 @@ impl ClusterApi {
                 return Err(ClusterError::TokenOtherCluster);
             }
         }
-        let role = self
+        let token_role = self
             .secrets
             .join_tokens()
             .await?
             .verify_at(&req.token, SystemTime::now())?;
+        let role = issued_role(token_role, req.role())?;
         let ca = self.cluster_ca().await?;
         let id = req.node_id.as_str();
         // Controllers are `controller-<raft id>`: only a manager token names one.
@@ -420,11 +427,8 @@ impl ClusterApi {
         Ok(JoinResponse {
             cert_pem,
             ca_pem: ca.cert_pem().to_owned(),
-            role: match role {
-                Role::Manager => rudder_proto::v1::NodeRole::Manager,
-                _ => rudder_proto::v1::NodeRole::Worker,
-            }
-            .into(),
+            role: proto_role(role).into(),
+            token_role: proto_role(token_role).into(),
         })
     }
 
@@ -507,6 +511,26 @@ impl ClusterApi {
         Ok(JoinTokenResponse {
             token: token.to_string(),
         })
+    }
+}
+
+/// The role a join's certificate carries: the token's, or a lesser one the node asked for (a
+/// manager host's agent asks for a worker certificate, because controllers dial agents as
+/// workers). Asking for more than the token gives is refused.
+fn issued_role(token: Role, asked: rudder_proto::v1::NodeRole) -> Result<Role, ClusterError> {
+    use rudder_proto::v1::NodeRole;
+    match (token, asked) {
+        (_, NodeRole::Unspecified) => Ok(token),
+        (Role::Manager | Role::Worker, NodeRole::Worker) => Ok(Role::Worker),
+        (Role::Manager, NodeRole::Manager) => Ok(Role::Manager),
+        (_, NodeRole::Manager | NodeRole::Worker) => Err(ClusterError::RoleAboveToken(token)),
+    }
+}
+
+fn proto_role(role: Role) -> rudder_proto::v1::NodeRole {
+    match role {
+        Role::Manager => rudder_proto::v1::NodeRole::Manager,
+        _ => rudder_proto::v1::NodeRole::Worker,
     }
 }
 
@@ -683,6 +707,7 @@ mod tests {
             csr_pem: csr_pem.to_string(),
             node_id: node_id.to_string(),
             previous_cert_pem: String::new(),
+            role: 0,
         }
     }
 
@@ -857,7 +882,8 @@ mod tests {
             .await
             .unwrap();
 
-        // The role comes from the token: no request field can ask for another.
+        // The role comes from the token (a request may only ask for less; see
+        // `a_join_may_ask_for_less_than_its_token_never_more`).
         let err = anon.join(join_req("", &csr, "n1")).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         let err = anon
@@ -870,6 +896,75 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    /// A manager host's agent joins with the manager token but must be dialable as a worker;
+    /// a worker token can never buy a manager certificate, whatever the request says.
+    #[tokio::test]
+    async fn a_join_may_ask_for_less_than_its_token_never_more() {
+        use rudder_proto::v1::NodeRole;
+        let h = Harness::start().await;
+        let join_as = |token: String, id: &'static str, role: NodeRole| {
+            let endpoint = h.endpoint();
+            async move {
+                let pin = Token::parse(&token).unwrap();
+                let channel = join_endpoint(endpoint, &pin)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let (key, csr) = node_csr(id).unwrap();
+                let mut req = join_req(&token, &csr, id);
+                req.role = role.into();
+                let resp = ClusterClient::new(channel).join(req).await?.into_inner();
+                let ca = verify_ca_pin(&resp.ca_pem, &pin.fingerprint).unwrap();
+                let certs = NodeCerts::new(ca.pem(), &resp.cert_pem, &key, None).unwrap();
+                Ok::<_, Status>((certs.names().unwrap().role, resp.role, resp.token_role))
+            }
+        };
+        let manager = h.token(Role::Manager);
+        let worker = h.token(Role::Worker);
+        let (role, said, token_role) = join_as(manager.clone(), "m-agent", NodeRole::Worker)
+            .await
+            .unwrap();
+        assert_eq!((role, said), (Role::Worker, i32::from(NodeRole::Worker)));
+        assert_eq!(
+            token_role,
+            i32::from(NodeRole::Manager),
+            "the agent learns its host's role"
+        );
+        let (role, _, _) = join_as(manager, "m-ctl", NodeRole::Manager).await.unwrap();
+        assert_eq!(role, Role::Manager);
+        let err = join_as(worker.clone(), "w-up", NodeRole::Manager)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("with a manager token"),
+            "{}",
+            err.message()
+        );
+        let (role, _, _) = join_as(worker, "w1", NodeRole::Unspecified).await.unwrap();
+        assert_eq!(role, Role::Worker);
+    }
+
+    #[test]
+    fn issued_role_table() {
+        use rudder_proto::v1::NodeRole as N;
+        for (token, asked, want) in [
+            (Role::Worker, N::Unspecified, Some(Role::Worker)),
+            (Role::Worker, N::Worker, Some(Role::Worker)),
+            (Role::Worker, N::Manager, None),
+            (Role::Manager, N::Unspecified, Some(Role::Manager)),
+            (Role::Manager, N::Worker, Some(Role::Worker)),
+            (Role::Manager, N::Manager, Some(Role::Manager)),
+        ] {
+            assert_eq!(
+                issued_role(token, asked).ok(),
+                want,
+                "{token} asking {asked:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use rudder_proto::v1::JoinRequest;
 use tonic::transport::Endpoint;
 use tracing::info;
 
-use crate::ca::{self, Token};
+use crate::ca::{self, Role, Token};
 use crate::tls::{self, NodeCerts};
 
 /// Why a node could not join the cluster.
@@ -37,7 +37,22 @@ pub enum JoinError {
 /// Joins the cluster of the controller at `url` (`https://host:port`) with `token`, returning
 /// a fresh key and the certificate for the role the token grants.
 pub async fn join_cluster(url: &str, token: &str, node_id: &str) -> Result<NodeCerts, JoinError> {
-    join_with(url, token, node_id, None).await
+    join_with(url, token, node_id, None, None)
+        .await
+        .map(|(certs, _)| certs)
+}
+
+/// [`join_cluster`] asking for a certificate of `role` rather than the token's own: an agent
+/// asks for [`Role::Worker`] whatever token its host joined with, because controllers dial
+/// agents as workers. The cluster refuses a role above the token's. Also returns the role the
+/// token admits (the certificate's, from a controller too old to say).
+pub async fn join_cluster_as(
+    url: &str,
+    token: &str,
+    node_id: &str,
+    role: Role,
+) -> Result<(NodeCerts, Role), JoinError> {
+    join_with(url, token, node_id, None, Some(role)).await
 }
 
 /// Re-admission of a node whose certificate expired (it was off longer than the certificate's
@@ -48,7 +63,11 @@ pub async fn rejoin_cluster(
     token: &str,
     previous: &NodeCerts,
 ) -> Result<NodeCerts, JoinError> {
-    join_with(url, token, &previous.names()?.node, Some(previous)).await
+    // The node keeps the role it had, whichever token re-admits it.
+    let names = previous.names()?;
+    join_with(url, token, &names.node, Some(previous), Some(names.role))
+        .await
+        .map(|(certs, _)| certs)
 }
 
 async fn join_with(
@@ -56,7 +75,8 @@ async fn join_with(
     token: &str,
     node_id: &str,
     previous: Option<&NodeCerts>,
-) -> Result<NodeCerts, JoinError> {
+    role: Option<Role>,
+) -> Result<(NodeCerts, Role), JoinError> {
     let parsed = Token::parse(token)?;
     let err = |msg: String| JoinError::Refused {
         addr: url.to_string(),
@@ -84,6 +104,12 @@ async fn join_with(
             csr_pem: csr,
             node_id: node_id.to_string(),
             previous_cert_pem,
+            role: match role {
+                None | Some(Role::Admin) => rudder_proto::v1::NodeRole::Unspecified,
+                Some(Role::Worker) => rudder_proto::v1::NodeRole::Worker,
+                Some(Role::Manager) => rudder_proto::v1::NodeRole::Manager,
+            }
+            .into(),
         })
         .await
         .map_err(|s| err(s.message().to_string()))?
@@ -92,5 +118,10 @@ async fn join_with(
     let certs = NodeCerts::new(&reply.ca_pem, &reply.cert_pem, &key, None)?;
     let role = rudder_proto::v1::NodeRole::try_from(reply.role);
     info!(?role, via = url, "joined the cluster: certificate issued");
-    Ok(certs)
+    let token_role = match rudder_proto::v1::NodeRole::try_from(reply.token_role) {
+        Ok(rudder_proto::v1::NodeRole::Manager) => Role::Manager,
+        Ok(rudder_proto::v1::NodeRole::Worker) => Role::Worker,
+        _ => certs.names()?.role,
+    };
+    Ok((certs, token_role))
 }

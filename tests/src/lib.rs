@@ -141,10 +141,13 @@ impl LabGuard {
             }
         };
         if !out.status.success() {
+            // What rctl printed on stdout before failing (a per-place report, say) is
+            // often the part that says why.
             bail!(
-                "rctl {} failed: {}",
+                "rctl {} failed: {}\n{}",
                 args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

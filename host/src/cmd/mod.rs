@@ -260,13 +260,20 @@ pub fn join_agent(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let certs = rt
-        .block_on(rudder_pki::join::join_cluster(&url, token, &node_id))
+    let (certs, token_role) = rt
+        // A manager token too gives the agent a worker certificate: controllers dial agents
+        // as workers (the host's controller joins with the token's own role).
+        .block_on(rudder_pki::join::join_cluster_as(
+            &url,
+            token,
+            &node_id,
+            rudder_pki::ca::Role::Worker,
+        ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     make_dir(agent_data_dir, 0o700)?;
     rudder_pki::ca::write_atomic(&node_id_path, node_id.as_bytes(), 0o600)?;
     certs.save(&agent_data_dir.join("certs"))?;
-    Ok(certs.names()?.role)
+    Ok(token_role)
 }
 
 /// Waits for the controller of `c` to serve (after its unit started).
