@@ -68,6 +68,13 @@ impl Control for ControlApi {
         let req = req.into_inner();
         let dry_run = req.dry_run;
         let manifests = convert::manifests(req)?;
+        if !dry_run {
+            // The plan is computed from this controller's store: it must hold every write
+            // acknowledged before this call, or a lagging controller finds a spec "unchanged"
+            // that a newer write changed, proposes nothing and acknowledges a lost write (the
+            // chaos soak caught it after a partition healed).
+            self.raft.read_index().await.map_err(raft_status)?;
+        }
         let store = self.raft.store();
         let plan = rudder_model::apply::plan(&store, manifests, now_ms(), &mut new_id)
             .map_err(convert::apply_status)?;
@@ -106,8 +113,11 @@ impl Control for ControlApi {
 
     async fn list_services(
         &self,
-        _req: Request<ListServicesRequest>,
+        req: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        if req.into_inner().linearizable {
+            self.raft.read_index().await.map_err(raft_status)?;
+        }
         let store = self.raft.store();
         let services = store
             .services
@@ -236,6 +246,10 @@ impl Control for ControlApi {
 
     async fn scale(&self, req: Request<ScaleRequest>) -> Result<Response<ScaleResponse>, Status> {
         let req = req.into_inner();
+        // The whole spec is written back with the new count: read it only once every write
+        // acknowledged before this call is applied here, or a lagging controller would put an
+        // older spec back (see `apply`).
+        self.raft.read_index().await.map_err(raft_status)?;
         let store = self.raft.store();
         let svc = crate::resolve::find_service(&store, &req.service)?;
         if svc.spec.mode == ServiceMode::Global {

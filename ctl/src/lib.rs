@@ -115,11 +115,13 @@ type Client = ControlClient<Channel>;
 
 /// Every service, as the controller summarises it.
 pub async fn services(c: &mut Client) -> anyhow::Result<Vec<rudder_proto::v1::ServiceSummary>> {
-    Ok(c.list_services(rudder_proto::v1::ListServicesRequest {})
-        .await
-        .map_err(status_err)?
-        .into_inner()
-        .services)
+    Ok(
+        c.list_services(rudder_proto::v1::ListServicesRequest::default())
+            .await
+            .map_err(status_err)?
+            .into_inner()
+            .services,
+    )
 }
 
 /// The tasks of one service (`""`: of every service), history included.

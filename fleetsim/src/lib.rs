@@ -454,7 +454,7 @@ async fn scenarios(
     let n = tasks(&mut c).await?.len();
     let ps = began.elapsed();
     let began = Instant::now();
-    c.list_services(ListServicesRequest {}).await?;
+    c.list_services(ListServicesRequest::default()).await?;
     r.say(format!(
         "S1 `rctl ps` (ListTasks, {n} tasks) {}; `rctl get services` (ListServices) {}",
         secs(ps),

@@ -556,7 +556,7 @@ fn nanos(start: Instant) -> u64 {
 /// Reads a register: `Some(value)`, or `None` when the service is missing or unlabelled.
 async fn read_register(c: &mut ControlClient<Channel>, name: &str) -> anyhow::Result<Option<u64>> {
     let services = c
-        .list_services(ListServicesRequest {})
+        .list_services(ListServicesRequest { linearizable: true })
         .await
         .map_err(rudder_ctl::status_err)?
         .into_inner()
