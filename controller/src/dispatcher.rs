@@ -66,10 +66,14 @@ async fn watch_leadership(raft: RaftHandle, sessions: Arc<Mutex<HashMap<String, 
                 if !st.is_leader || st.term != led_term {
                     return;
                 }
-                let now = sessions.lock().expect("sessions lock").clone();
                 let store = raft.store();
                 for n in store.nodes.values() {
-                    if n.state == NodeState::Ready && now.get(&n.id) == before.get(&n.id) {
+                    // Looked up again for each node: under load the proposals below take a
+                    // while, and a node that opened its session meanwhile must not be marked
+                    // down (its session would live on with the node down, its tasks orphaned
+                    // and replaced while the host still runs them: issue 20).
+                    let now = sessions.lock().expect("sessions lock").get(&n.id).copied();
+                    if n.state == NodeState::Ready && now == before.get(&n.id).copied() {
                         warn!(node = %n.id, "no session with the new leader: marking down");
                         let _ = raft
                             .propose(Command::NodeDown {
@@ -655,6 +659,13 @@ impl Dispatcher for DispatcherApi {
         });
 
         // Up: heartbeats and status, with a deadline per message.
+        let again = (
+            reg.hostname.clone(),
+            reg.addr.clone(),
+            role,
+            resources,
+            cert_not_after,
+        );
         let raft = self.raft.clone();
         let status_tx = self.status_tx.clone();
         let sessions = self.sessions.clone();
@@ -686,6 +697,44 @@ impl Dispatcher for DispatcherApi {
                 match next {
                     Ok(Ok(Some(m))) => match m.msg {
                         Some(Up::Heartbeat(h)) => {
+                            // A `NodeDown` proposed for an earlier session (missed heartbeats,
+                            // a new leader's grace) can commit after this one registered:
+                            // the current session then registers its node again.
+                            let current = sessions
+                                .lock()
+                                .expect("sessions lock")
+                                .get(&node_id)
+                                .copied()
+                                == Some(generation);
+                            let down = raft
+                                .store()
+                                .nodes
+                                .get(&node_id)
+                                .is_some_and(|n| n.state == NodeState::Down);
+                            if current && down {
+                                warn!(node = %node_id, "node marked down during a live session: registering it again");
+                                let (hostname, addr, role, resources, cert_not_after) =
+                                    again.clone();
+                                let labels = raft
+                                    .store()
+                                    .nodes
+                                    .get(&node_id)
+                                    .map(|n| n.labels.clone())
+                                    .unwrap_or_default();
+                                let cmd = Command::PutNode {
+                                    id: node_id.clone(),
+                                    hostname,
+                                    addr,
+                                    labels,
+                                    role,
+                                    resources,
+                                    now: now_ms(),
+                                    cert_not_after,
+                                };
+                                if let Err(e) = raft.propose(cmd).await {
+                                    warn!(node = %node_id, %e, "could not register the node again");
+                                }
+                            }
                             if !h.usage.is_empty() {
                                 usage.record(&raft.store(), &node_id, &h.usage, now_ms());
                             }
