@@ -7,7 +7,12 @@
 
 #[test]
 fn a_minute_of_faults_loses_no_acknowledged_write_and_converges() -> anyhow::Result<()> {
-    let cfg = rudder_tests::chaos::Config::from_env("cs", 60);
+    let mut cfg = rudder_tests::chaos::Config::from_env("cs", 60);
+    // CI replays one fault plan (seed 1, whose run found the lost writes) so that a red run
+    // means a regression, not a new schedule; the bench draws a fresh seed every run.
+    if std::env::var_os("RUDDER_CHAOS_SEED").is_none() {
+        cfg.seed = 1;
+    }
     let out = rudder_tests::chaos::run(&cfg)?;
     println!("{}", out.report);
     assert!(
