@@ -275,6 +275,39 @@ impl LabGuard {
         ])
     }
 
+    /// Imports `<name>:latest`: the busybox image of `tmp/busybox.tar` plus `/bin/<name>`,
+    /// compiled statically from the C program `source` (tests' tiny servers).
+    pub fn import_c_tool(&self, tmp: &Path, name: &str, source: &str) -> anyhow::Result<()> {
+        let src = tmp.join(format!("{name}.c"));
+        std::fs::write(&src, source)?;
+        let add = tmp.join(format!("{name}-add"));
+        std::fs::create_dir_all(add.join("bin"))?;
+        let st = Command::new("cc")
+            .args(["-static", "-O2", "-o"])
+            .arg(add.join("bin").join(name))
+            .arg(&src)
+            .status()
+            .context("cc")?;
+        anyhow::ensure!(st.success(), "cc -static {name}.c failed");
+        let tar = tmp.join(format!("{name}.tar"));
+        std::fs::copy(tmp.join("busybox.tar"), &tar)?;
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&add)
+            .arg("-rf")
+            .arg(&tar)
+            .arg(format!("./bin/{name}"))
+            .status()?;
+        anyhow::ensure!(st.success(), "tar -rf failed");
+        self.rctl(&[
+            "image",
+            "import",
+            tar.to_str().context("utf-8 path")?,
+            &format!("{name}:latest"),
+        ])?;
+        Ok(())
+    }
+
     /// A pid recorded in a task's container dir on its host (`pid` for the container's init,
     /// `shim.pid` for its shim).
     pub fn task_pid(&self, task: &serde_json::Value, file: &str) -> Option<i32> {

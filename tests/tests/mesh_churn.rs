@@ -14,13 +14,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
-use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rudder_tests::{lab_with_busybox, running_tasks, wait_for, LabGuard};
 
 const CHURNECHO_C: &str = r#"
@@ -103,38 +101,6 @@ int main(int argc, char **argv) {
 const PORT: u16 = 9101;
 /// How long a request may take before it counts as failed.
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Imports `churnecho:latest`: the busybox image plus `/bin/churnecho`.
-fn import_churnecho(lab: &LabGuard, tmp: &Path) -> anyhow::Result<()> {
-    let src = tmp.join("churnecho.c");
-    std::fs::write(&src, CHURNECHO_C)?;
-    let add = tmp.join("add");
-    std::fs::create_dir_all(add.join("bin"))?;
-    let st = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(add.join("bin/churnecho"))
-        .arg(&src)
-        .status()
-        .context("cc")?;
-    anyhow::ensure!(st.success(), "cc -static churnecho.c failed");
-    let tar = tmp.join("churnecho.tar");
-    std::fs::copy(tmp.join("busybox.tar"), &tar)?;
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(&add)
-        .arg("-rf")
-        .arg(&tar)
-        .arg("./bin/churnecho")
-        .status()?;
-    anyhow::ensure!(st.success(), "tar -rf failed");
-    lab.rctl(&[
-        "image",
-        "import",
-        tar.to_str().context("utf-8 path")?,
-        "churnecho:latest",
-    ])?;
-    Ok(())
-}
 
 fn manifest(replicas: u32, version: u32) -> String {
     format!(
@@ -471,7 +437,7 @@ fn classify(
 #[test]
 fn requests_to_staying_replicas_survive_churn() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("mch", 3)?;
-    import_churnecho(&lab, tmp.path())?;
+    lab.import_c_tool(tmp.path(), "churnecho", CHURNECHO_C)?;
     lab.apply(tmp.path(), "web.yaml", &manifest(2, 1))?;
     wait_replicas(&lab, 2, None)?;
     let h1 = lab.host("h1");

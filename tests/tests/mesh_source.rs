@@ -8,7 +8,6 @@
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -63,38 +62,6 @@ int main(int argc, char **argv) {
   }
 }
 "#;
-
-/// Imports `peerecho:latest`: the busybox image of `tmp/busybox.tar` plus `/bin/peerecho`.
-fn import_peerecho(lab: &LabGuard, tmp: &Path) -> anyhow::Result<()> {
-    let src = tmp.join("peerecho.c");
-    std::fs::write(&src, PEERECHO_C)?;
-    let add = tmp.join("add");
-    std::fs::create_dir_all(add.join("bin"))?;
-    let st = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(add.join("bin/peerecho"))
-        .arg(&src)
-        .status()
-        .context("cc")?;
-    anyhow::ensure!(st.success(), "cc -static peerecho.c failed");
-    let tar = tmp.join("peerecho.tar");
-    std::fs::copy(tmp.join("busybox.tar"), &tar)?;
-    let st = Command::new("tar")
-        .arg("-C")
-        .arg(&add)
-        .arg("-rf")
-        .arg(&tar)
-        .arg("./bin/peerecho")
-        .status()?;
-    anyhow::ensure!(st.success(), "tar -rf failed");
-    lab.rctl(&[
-        "image",
-        "import",
-        tar.to_str().context("utf-8 path")?,
-        "peerecho:latest",
-    ])?;
-    Ok(())
-}
 
 /// What the replica behind `to` (TCP) answers: `<address it saw> <its hostname>`.
 fn tcp_peer(to: SocketAddrV4) -> Option<String> {
@@ -152,7 +119,7 @@ fn assert_sees(
 #[test]
 fn replicas_see_the_client_address() -> anyhow::Result<()> {
     let (lab, tmp) = lab_with_busybox("msl", 2)?;
-    import_peerecho(&lab, tmp.path())?;
+    lab.import_c_tool(tmp.path(), "peerecho", PEERECHO_C)?;
     let service = |name: &str, network: &str, host: &str, tcp: u16| {
         format!(
             "---\nkind: Service\nname: {name}\nimage: peerecho:latest\nnetworks: [{network}]\n\
