@@ -105,23 +105,10 @@ impl Fanout {
 mod tests {
     use super::*;
     use crate::raft_sim::SimStorage;
+    use crate::test_support::put_node;
     use crate::transport::NoopTransport;
-    use rudder_model::store::{NodeResources, NodeRole};
     use rudder_model::Command;
     use std::time::Duration;
-
-    fn put_node(id: &str, ip: u8) -> Command {
-        Command::PutNode {
-            id: id.into(),
-            hostname: format!("host-{id}"),
-            addr: format!("10.0.0.{ip}:4243"),
-            labels: Default::default(),
-            role: NodeRole::Worker,
-            resources: NodeResources::default(),
-            now: 1,
-            cert_not_after: 0,
-        }
-    }
 
     /// Only the node a task change concerns is woken; a node change wakes every session.
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,8 @@ mod agents;
 mod api;
 mod autoscaler;
 mod build_api;
+#[cfg(test)]
+mod test_support;
 pub use rudder_pki::ca;
 mod cluster_api;
 mod commit_api;

@@ -66,22 +66,9 @@ pub async fn run_with_clock(raft: RaftHandle, clock: impl Fn() -> u64) {
 mod tests {
     use super::*;
     use crate::raft_sim::SimStorage;
+    use crate::test_support::put_node;
     use crate::transport::NoopTransport;
-    use rudder_model::store::{NodeResources, NodeRole};
     use rudder_model::{Command, ServiceSpec, Store, TaskState};
-
-    fn put_node(id: &str, ip: u8) -> Command {
-        Command::PutNode {
-            id: id.into(),
-            hostname: format!("host-{id}"),
-            addr: format!("10.0.0.{ip}:4243"),
-            labels: Default::default(),
-            role: NodeRole::Worker,
-            resources: NodeResources::default(),
-            now: 1,
-            cert_not_after: 0,
-        }
-    }
 
     fn put_service(name: &str, replicas: u64) -> Command {
         let spec: ServiceSpec = serde_json::from_value(serde_json::json!({
