@@ -65,11 +65,27 @@ pub async fn run(
                         );
                         return;
                     }
-                    warn!(%e, "certificate renewal failed; retrying");
-                    tokio::time::sleep(retry).await;
+                    let left = ca::cert_validity(current.cert_pem())
+                        .ok()
+                        .and_then(|(_, na)| na.duration_since(SystemTime::now()).ok());
+                    let pause = retry_delay(retry, left);
+                    warn!(%e, ?pause, "certificate renewal failed; retrying");
+                    tokio::time::sleep(pause).await;
                 }
             }
         }
+    }
+}
+
+/// How long to wait before the next renewal attempt: `retry`, but never more than a quarter
+/// of the certificate's remaining life (`left`), so a node that comes up close to expiry (a
+/// controller restarted just before its renewal was due, its own API not yet listening) gets
+/// several more tries before the certificate lapses; never less than 100 ms.
+pub fn retry_delay(retry: Duration, left: Option<Duration>) -> Duration {
+    let floor = Duration::from_millis(100);
+    match left {
+        Some(left) => retry.min(left / 4).max(floor),
+        None => retry.max(floor),
     }
 }
 
@@ -163,5 +179,26 @@ pub async fn serve_renewing(
             return Ok(());
         }
         info!(%addr, "grpc server restarting with the renewed certificate");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_quicken_as_expiry_nears() {
+        let five = Duration::from_secs(5);
+        let cases = [
+            (Some(Duration::from_secs(3600)), five),
+            (Some(Duration::from_secs(20)), five),
+            (Some(Duration::from_secs(8)), Duration::from_secs(2)),
+            (Some(Duration::from_millis(200)), Duration::from_millis(100)),
+            (Some(Duration::ZERO), Duration::from_millis(100)),
+            (None, five),
+        ];
+        for (left, want) in cases {
+            assert_eq!(retry_delay(five, left), want, "left {left:?}");
+        }
     }
 }
