@@ -19,7 +19,7 @@
 //!    rounds each.
 //!
 //! DNS answer latency itself is `cargo bench -p rudder-agent --bench dns`. Set
-//! `RUDDER_BENCH_ONLY=throughput` (or `removal`) to run one part; `RUDDER_LAB_LOGS=DIR` keeps
+//! `RUDDER_BENCH_ONLY=throughput` (or `latency`, `removal`) to run one part; `RUDDER_LAB_LOGS=DIR` keeps
 //! the lab's logs.
 
 use std::collections::BTreeSet;
@@ -347,7 +347,9 @@ fn row(label: &str, mtu: &str, run: &str, r: &anyhow::Result<Iperf>) {
     }
 }
 
-fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
+/// Throughput and latency on every path; with `latency_only`, latency alone (no iperf3 runs
+/// but the loads under which latency is measured), a quicker loop when tuning the data path.
+fn throughput(lab: &LabGuard, latency_only: bool) -> anyhow::Result<()> {
     let cases = [
         NetCase {
             label: "WireGuard (userspace)",
@@ -408,7 +410,7 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
             )?;
             Ok(ok.then_some(()))
         })?;
-        let runs: Vec<(String, Ipv4Addr, Vec<&str>)> = vec![
+        let mut runs: Vec<(String, Ipv4Addr, Vec<&str>)> = vec![
             (format!("task {} #1", tasks[0]), tasks[0], vec![]),
             (format!("task {} #2", tasks[0]), tasks[0], vec![]),
             (format!("task {} #3", tasks[0]), tasks[0], vec![]),
@@ -416,6 +418,9 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
             ("task, -P 4".to_string(), tasks[0], vec!["-P", "4"]),
             (format!("VIP {}", vip[0]), vip[0], vec![]),
         ];
+        if latency_only {
+            runs.clear();
+        }
         let mut single = Vec::new();
         let mut best: f64 = 0.0;
         let mut path = PathFigures::default();
@@ -445,12 +450,17 @@ fn throughput(lab: &LabGuard) -> anyhow::Result<()> {
         summary.push((c.label, med, best, c.target_gbps));
     }
     let mut under = PathFigures::default();
-    for (name, extra) in [
-        ("h1 -> h2 netns #1", &[][..]),
-        ("h1 -> h2 netns #2", &[][..]),
-        ("h1 -> h2 netns #3", &[][..]),
-        ("h1 -> h2 netns, -P 4", &["-P", "4"][..]),
-    ] {
+    let underlay_runs: &[(&str, &[&str])] = if latency_only {
+        &[]
+    } else {
+        &[
+            ("h1 -> h2 netns #1", &[]),
+            ("h1 -> h2 netns #2", &[]),
+            ("h1 -> h2 netns #3", &[]),
+            ("h1 -> h2 netns, -P 4", &["-P", "4"]),
+        ]
+    };
+    for &(name, extra) in underlay_runs {
         let r = underlay(lab, extra);
         row("underlay, no overlay", "1500", name, &r);
         if let Ok(r) = r {
@@ -1223,13 +1233,22 @@ fn main() -> anyhow::Result<()> {
          stop_grace_period: 1\ncommand: {WEB}\n"
     ));
     lab.apply(tmp.path(), "bench.yaml", &yaml)?;
-    // `RUDDER_BENCH_ONLY=throughput` or `=removal` runs one part.
+    // `RUDDER_BENCH_ONLY=throughput`, `=latency` (its latency part alone) or `=removal` runs
+    // one part.
     let only = std::env::var("RUDDER_BENCH_ONLY").unwrap_or_default();
-    let t = if only.is_empty() || only == "throughput" {
-        throughput(&lab)
+    let t = if only.is_empty() || only == "throughput" || only == "latency" {
+        throughput(&lab, only == "latency")
     } else {
         Ok(())
     };
+    // `RUDDER_BENCH_HOLD=SECONDS` keeps the lab up that long before teardown (to look at it).
+    if let Some(secs) = std::env::var("RUDDER_BENCH_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        println!("holding the lab for {secs} s");
+        std::thread::sleep(Duration::from_secs(secs.min(3600)));
+    }
     if let Err(e) = &t {
         println!("throughput: FAILED: {e:#}");
     }
