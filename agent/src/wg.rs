@@ -48,6 +48,7 @@ pub mod choice;
 pub mod coalesce;
 pub mod device;
 pub mod mtu;
+pub mod qdisc;
 pub mod segment;
 pub mod uapi;
 

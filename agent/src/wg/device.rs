@@ -58,8 +58,13 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard's data overhead: 16 bytes of header, 16 of tag.
 const DATA_OVERHEAD: usize = 32;
 /// Socket buffers: at the default (~208 KiB) a receiver dropped ~14 % of datagrams under one
-/// TCP stream.
+/// TCP stream. A full buffer is also a queue a request waits in under load (8 MiB at
+/// 4 Gbit/s is up to 16 ms), so `RUDDER_WG_SOCKBUF_KIB` overrides it for measurements.
 const UDP_BUFFER: libc::c_int = 8 << 20;
+/// Bounds of `RUDDER_WG_SOCKBUF_KIB`.
+const SOCKBUF_KIB: std::ops::RangeInclusive<u32> = 64..=65536;
+/// The TUN's queueing discipline when the kernel has it ([`super::qdisc`]).
+const TUN_QDISC: &str = "fq_codel";
 /// How often boringtun's timers run (its device's period).
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Bound on a blocking receive, so a changed listen port is picked up.
@@ -166,6 +171,22 @@ impl Poller {
     }
 }
 
+/// The UDP socket buffer size in bytes, from `RUDDER_WG_SOCKBUF_KIB`'s value (unset:
+/// [`UDP_BUFFER`]).
+pub fn parse_sockbuf(v: Option<&str>) -> Result<libc::c_int, String> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(UDP_BUFFER),
+        Some(k) => match k.parse::<u32>() {
+            Ok(n) if SOCKBUF_KIB.contains(&n) => Ok(n as libc::c_int * 1024),
+            _ => Err(format!(
+                "RUDDER_WG_SOCKBUF_KIB={k:?}: expected KiB, {} to {}",
+                SOCKBUF_KIB.start(),
+                SOCKBUF_KIB.end()
+            )),
+        },
+    }
+}
+
 /// This device's private key and what derives from it.
 struct Keys {
     private: StaticSecret,
@@ -244,6 +265,8 @@ struct Device {
     offloads: Offloads,
     /// How long data threads poll before they block ([`SPIN`]).
     spin: Duration,
+    /// UDP socket buffer size ([`UDP_BUFFER`]).
+    sockbuf: libc::c_int,
     cfg: RwLock<Config>,
     udp: RwLock<Option<Arc<UdpSocket>>>,
     /// `UDP_SEGMENT` still accepted by the kernel.
@@ -319,6 +342,13 @@ pub fn run(iface: &str, socket: &Path) -> i32 {
             return 2;
         }
     };
+    let sockbuf = match parse_sockbuf(std::env::var("RUDDER_WG_SOCKBUF_KIB").ok().as_deref()) {
+        Ok(s) => s,
+        Err(msg) => {
+            tracing::error!(iface, "{msg}");
+            return 2;
+        }
+    };
     // Blocked here, so every thread started below inherits it and only `wait` takes them.
     let mut signals = nix::sys::signal::SigSet::empty();
     signals.add(nix::sys::signal::Signal::SIGTERM);
@@ -338,6 +368,15 @@ pub fn run(iface: &str, socket: &Path) -> i32 {
         tun: tun_offload,
         ..offloads
     };
+    // Small packets should not wait behind bulk super-packets in the TUN's queue; a kernel
+    // without the qdisc keeps its default (said once, here).
+    let qdisc = match super::qdisc::set_root(iface, TUN_QDISC) {
+        Ok(()) => TUN_QDISC.to_string(),
+        Err(e) => {
+            info!(iface, %e, "the TUN keeps the kernel's default queueing discipline");
+            "default".to_string()
+        }
+    };
     let listener = match bind_socket(socket) {
         Ok(l) => l,
         Err(e) => {
@@ -349,6 +388,7 @@ pub fn run(iface: &str, socket: &Path) -> i32 {
         iface: iface.to_string(),
         offloads,
         spin,
+        sockbuf,
         cfg: RwLock::new(Config {
             next_index: rand::random::<u32>() & 0x00ff_ffff,
             ..Config::default()
@@ -390,6 +430,8 @@ pub fn run(iface: &str, socket: &Path) -> i32 {
         udp_gso = offloads.gso,
         udp_gro = offloads.gro,
         spin_us = spin.as_micros() as u64,
+        sockbuf_kib = sockbuf / 1024,
+        %qdisc,
         "userspace wireguard running"
     );
     let sig = signals.wait();
@@ -929,7 +971,7 @@ fn apply(dev: &Device, set: SetRequest) -> Result<(), (i32, String)> {
     if let Some(port) = set.listen_port {
         let have = dev.udp().is_some();
         if !have || cfg.listen_port != port {
-            let sock = bind_udp(port, dev.offloads.gro, &dev.iface).map_err(|e| {
+            let sock = bind_udp(port, dev.offloads.gro, dev.sockbuf, &dev.iface).map_err(|e| {
                 (
                     e.raw_os_error().unwrap_or(libc::EIO),
                     format!("udp port {port}: {e}"),
@@ -1019,12 +1061,12 @@ fn apply_peer(cfg: &mut Config, p: PeerSet) -> Result<(), (i32, String)> {
 
 /// The device's UDP socket on `port` (all IPv4 addresses), with large buffers and, if asked
 /// and the kernel has it, `UDP_GRO`.
-fn bind_udp(port: u16, gro: bool, iface: &str) -> io::Result<UdpSocket> {
+fn bind_udp(port: u16, gro: bool, buffer: libc::c_int, iface: &str) -> io::Result<UdpSocket> {
     let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
     sock.set_read_timeout(Some(RECV_TIMEOUT))?;
     let fd = sock.as_raw_fd();
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        if let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, opt, UDP_BUFFER) {
+        if let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, opt, buffer) {
             debug!(%e, "enlarging a udp buffer");
         }
     }
@@ -1166,6 +1208,15 @@ mod tests {
         let off = Offloads::parse(Some("0")).unwrap();
         assert!(!off.tun && !off.gso && !off.gro);
         assert!(Offloads::parse(Some("yes")).is_err());
+    }
+
+    #[test]
+    fn sockbuf_switch() {
+        assert_eq!(parse_sockbuf(None).unwrap(), UDP_BUFFER);
+        assert_eq!(parse_sockbuf(Some("1024")).unwrap(), 1 << 20);
+        assert!(parse_sockbuf(Some("1")).is_err());
+        assert!(parse_sockbuf(Some("999999")).is_err());
+        assert!(parse_sockbuf(Some("lots")).is_err());
     }
 
     #[test]
