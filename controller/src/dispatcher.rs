@@ -1,9 +1,11 @@
 //! The dispatcher: every agent keeps one bidirectional stream here. Up: register, heartbeats,
 //! batches of task status. Down: a welcome, then the full set of tasks the node should know
-//! about, re-sent whenever that set changes.
+//! about, re-sent whenever what the agent reads of it changes (`assignment_key`: a task added
+//! or removed, a desired state; never the agent's own status reports).
 //!
 //! Invariants: status reports are applied only for tasks placed on the reporting node (checked
-//! by the state machine); reports from all sessions are batched into one proposal; a session
+//! by the state machine); reports from all sessions are batched into one proposal
+//! (`status_batch`, which proposes a batch again when it did not commit); a session
 //! that ends or misses heartbeats marks its node down (unless a newer session took over).
 //!
 //! Only the raft leader holds sessions (as in swarmkit): liveness is then judged in one place.
@@ -26,7 +28,7 @@ use rudder_proto::v1::dispatcher_server::Dispatcher;
 use rudder_proto::v1::*;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::now_ms;
 use crate::raft_node::RaftHandle;
@@ -94,7 +96,10 @@ async fn watch_leadership(raft: RaftHandle, sessions: Arc<Mutex<HashMap<String, 
 impl DispatcherApi {
     pub fn new(raft: RaftHandle, registry: String, usage: Arc<crate::usage::UsageBook>) -> Self {
         let (status_tx, status_rx) = mpsc::channel(8192);
-        tokio::spawn(batch_status(raft.clone(), status_rx));
+        tokio::spawn(crate::status_batch::run(
+            crate::status_batch::RaftSink(raft.clone()),
+            status_rx,
+        ));
         let sessions: Arc<Mutex<HashMap<String, u64>>> = Default::default();
         tokio::spawn(watch_leadership(raft.clone(), sessions.clone()));
         let fanout = crate::fanout::Fanout::start(&raft);
@@ -109,18 +114,17 @@ impl DispatcherApi {
     }
 }
 
-/// Folds status reports from every session into one proposal per batch.
-async fn batch_status(raft: RaftHandle, mut rx: mpsc::Receiver<StatusUpdate>) {
-    while let Some(first) = rx.recv().await {
-        let mut updates = vec![first];
-        while let Ok(u) = rx.try_recv() {
-            updates.push(u);
-        }
-        debug!(n = updates.len(), "status batch");
-        if let Err(e) = raft.propose(Command::UpdateStatus { updates }).await {
-            warn!(%e, "status batch not committed");
-        }
-    }
+/// What the agent reads of an assigned task (`Worker::sync`) after its first sight of it: that
+/// it is assigned, and its desired state. (Whether it may be started, `status <= assigned`, is
+/// read too, but it only ever turns false, and only once the agent has seen the task: the
+/// agent's own reports turn it.) So a status report sends nothing down: before, every report
+/// (three per start) re-sent the node's whole task list, the JSON of every spec included, and at
+/// 1,000 hosts that re-encoding was a fifth of the leader's CPU. A new session sends the whole
+/// list once (`last` starts empty).
+type AssignmentKey = (String, rudder_model::TaskState);
+
+fn assignment_key(t: &rudder_model::Task) -> AssignmentKey {
+    (t.id.clone(), t.desired_state)
 }
 
 fn to_status(r: &TaskStatusReport) -> Result<TaskStatus, crate::convert::UnknownEnum> {
@@ -507,7 +511,7 @@ impl Dispatcher for DispatcherApi {
         let down_node = node_id.clone();
         let me = self.raft.status().id;
         let sender = tokio::spawn(async move {
-            let mut last: Option<Vec<(String, u64)>> = None;
+            let mut last: Option<Vec<AssignmentKey>> = None;
             let mut last_map = None;
             let mut last_volumes = None;
             let mut last_values = None;
@@ -623,8 +627,7 @@ impl Dispatcher for DispatcherApi {
                     }
                     last_values = Some(needed);
                 }
-                let key: Vec<(String, u64)> =
-                    tasks.iter().map(|t| (t.id.clone(), t.version)).collect();
+                let key: Vec<AssignmentKey> = tasks.iter().map(|t| assignment_key(t)).collect();
                 if last.as_ref() != Some(&key) {
                     let tasks: Result<Vec<Assignment>, _> = tasks
                         .iter()
@@ -837,6 +840,47 @@ mod secret_tests {
             msgs.iter().map(|m| m.partial).collect::<Vec<_>>(),
             vec![true, true, false]
         );
+    }
+}
+
+#[cfg(test)]
+mod assignment_tests {
+    use super::*;
+    use rudder_model::{Task, TaskState};
+
+    fn task(desired: TaskState, state: TaskState) -> Task {
+        let mut t: Task = serde_json::from_value(serde_json::json!({
+            "id": "t1", "service_id": "s1", "service_name": "web", "slot": 1,
+            "spec": {"name": "web", "image": "busybox:latest", "replicas": 1},
+            "spec_version": 1, "desired_state": desired,
+            "status": {"state": state, "message": "", "error": "", "container_id": "",
+                       "timestamp": 0},
+            "created_at": 1, "version": 1,
+        }))
+        .expect("task");
+        t.node_id = Some("n1".into());
+        t
+    }
+
+    #[test]
+    fn only_what_the_agent_reads_sends_the_list_again() {
+        use TaskState::*;
+        let first = assignment_key(&task(Running, Assigned));
+        // (desired, status, version bump) → same key as `first`
+        let table = [
+            (Running, Preparing, true),
+            (Running, Starting, true),
+            (Running, Running, true),
+            (Running, Failed, true),
+            (Shutdown, Running, false),
+            (Complete, Assigned, false),
+        ];
+        for (desired, state, same) in table {
+            let mut t = task(desired, state);
+            t.version += 7;
+            t.status.message = "a report".into();
+            assert_eq!(assignment_key(&t) == first, same, "{desired:?} {state:?}");
+        }
     }
 }
 

@@ -41,6 +41,7 @@ mod security;
 mod slog_bridge;
 mod stack_api;
 mod stats_api;
+mod status_batch;
 pub mod storage;
 mod tls_conn;
 pub use rudder_pki::tls;
