@@ -1,13 +1,19 @@
 //! The leader's control loop: whenever the store changes (or a second passes, for time-based
-//! decisions such as restart delays), run the pure `plan_pass` over a store snapshot and propose
-//! its one batch. Passes are sequential: the next pass starts only after the previous batch
+//! decisions such as restart delays), run the pure `plan_pass_in` over a store snapshot and
+//! propose its one batch. A pass after a change looks only at the services whose tasks the
+//! change touched (`touched`; every service when anything else changed), and at least once
+//! per `FULL_PASS_EVERY` a pass looks at every service: at 1,000 hosts a pass over all 30,000
+//! tasks after every status batch kept a core busy. Passes are sequential: the next pass starts only after the previous batch
 //! was applied, so a plan is never proposed twice. Wall time comes from a clock seam (`now_ms`
 //! in production, the paused tokio clock in tests): stop graces and restart delays are counted
 //! on it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rudder_model::reconcile::plan_pass;
+use std::sync::Arc;
+
+use rudder_model::reconcile::{plan_pass_in, touched, Scope};
+use rudder_model::Store;
 use tracing::{debug, warn};
 
 use crate::raft_node::{Proposal, RaftHandle};
@@ -18,15 +24,26 @@ pub async fn run(raft: RaftHandle) {
     run_with_clock(raft, now_ms).await
 }
 
+/// At least this often a pass looks at every service (what waits on time alone: restart
+/// delays, a rollout's delay and monitor, stop and unplaceable deadlines); the passes between
+/// look only at the services whose tasks changed since the previous pass
+/// (`rudder_model::reconcile::touched`).
+pub const FULL_PASS_EVERY: Duration = Duration::from_secs(1);
+
 /// `run` with `clock` (milliseconds since the epoch) as the time each pass plans at.
 pub async fn run_with_clock(raft: RaftHandle, clock: impl Fn() -> u64) {
     let mut store_rx = raft.watch_store();
     let mut status_rx = raft.watch_status();
     // The term in which this node, as leader, has applied everything committed before it.
     let mut caught_up_term = 0;
+    // The store the previous pass planned on (its plan, if any, applied since), and when the
+    // last pass over every service was; `None`: the next pass looks at every service.
+    let mut last: Option<Arc<Store>> = None;
+    let mut full_at: Option<tokio::time::Instant> = None;
     loop {
         let st = status_rx.borrow_and_update().clone();
         if st.is_leader && caught_up_term != st.term {
+            last = None;
             // A new leader may not have applied its predecessor's last entries yet; planning on
             // that store could place a task twice. A read index resolves once it has.
             match raft.read_index().await {
@@ -40,22 +57,49 @@ pub async fn run_with_clock(raft: RaftHandle, clock: impl Fn() -> u64) {
         }
         if st.is_leader {
             let store = store_rx.borrow_and_update().clone();
+            let due = full_at.is_none_or(|t| t.elapsed() >= FULL_PASS_EVERY);
+            let scope = match &last {
+                Some(old) if !due => touched(old, &store),
+                _ => {
+                    full_at = Some(tokio::time::Instant::now());
+                    Scope::All
+                }
+            };
             let mut ids = new_id;
-            if let Some(cmd) = plan_pass(&store, clock(), &mut ids) {
-                debug!("proposing control-loop batch");
+            let began = Instant::now();
+            let planned = plan_pass_in(&store, &scope, clock(), &mut ids);
+            let plan_ms = began.elapsed().as_millis() as u64;
+            let services = match &scope {
+                Scope::All => store.services.len(),
+                Scope::Services(s) => s.len(),
+            };
+            last = Some(store);
+            if let Some(cmd) = planned {
                 // Never forwarded: a plan made by a leader that lost its role is dropped.
-                let proposal = Proposal::Command(Envelope::new(cmd).encode());
-                if let Err(e) = raft.propose_local(proposal).await {
+                let bytes = Envelope::new(cmd).encode();
+                let (size, encode_ms) = (bytes.len(), began.elapsed().as_millis() as u64);
+                let r = raft.propose_local(Proposal::Command(bytes)).await;
+                let commit_ms = began.elapsed().as_millis() as u64;
+                debug!(
+                    services,
+                    plan_ms, encode_ms, commit_ms, size, "control-loop batch"
+                );
+                if let Err(e) = r {
                     warn!(%e, "control-loop batch not committed");
+                    // Whatever it held is planned again, by a pass over every service.
+                    last = None;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 continue;
             }
+            debug!(services, plan_ms, "control-loop pass: nothing to do");
+        } else {
+            last = None;
         }
         tokio::select! {
             r = store_rx.changed() => if r.is_err() { return },
             r = status_rx.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(FULL_PASS_EVERY) => {}
         }
     }
 }
@@ -100,8 +144,6 @@ mod tests {
         tokio::spawn(run(raft.clone()));
         raft
     }
-
-    use std::sync::Arc;
 
     #[tokio::test(start_paused = true)]
     async fn a_new_service_is_placed_on_ready_nodes_in_one_pass() {

@@ -121,7 +121,7 @@ impl NodeIndex {
 
 /// Whether `a` and `b` differ at most in their tasks and applied index. Cheap when they share
 /// structure (the maps compare shared subtrees by pointer).
-fn same_but_tasks(a: &Store, b: &Store) -> bool {
+pub(crate) fn same_but_tasks(a: &Store, b: &Store) -> bool {
     let mut a = a.clone();
     a.tasks = b.tasks.clone();
     a.applied = b.applied;

@@ -657,18 +657,86 @@ fn roll_out<'a>(
     plan
 }
 
+/// Which services a pass reconciles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every service, and the finished tasks of removed services.
+    All,
+    /// Only these services (by name), e.g. the ones whose tasks changed since a pass that found
+    /// nothing to do for the others ([`touched`]).
+    Services(BTreeSet<String>),
+}
+
+impl Scope {
+    fn covers(&self, service: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Services(names) => names.contains(service),
+        }
+    }
+}
+
+/// What changed from `old` to `new`, as the scope of the next pass: the services whose tasks
+/// were added, changed or removed, or `All` when anything besides the task table changed
+/// (services, nodes, networks, volumes... feed every service's plan).
+///
+/// A pass over `touched(old, new)` at time `now` decides what a pass over every service would,
+/// provided the services out of scope had nothing to do on `old` at `now`: a service's plan
+/// depends on its spec, its own tasks, the nodes and the time (and, for `rebalance: auto`, on
+/// the room other services leave). What waits on time alone (restart delays, a rollout's delay
+/// and monitor, stop and unplaceable deadlines) or on other services' tasks is left to the
+/// caller's full passes (the control loop runs one at least every second).
+pub fn touched(old: &Store, new: &Store) -> Scope {
+    if !crate::fanout::same_but_tasks(old, new) {
+        return Scope::All;
+    }
+    let mut names = BTreeSet::new();
+    for d in old.tasks.diff(&new.tasks) {
+        match d {
+            imbl::ordmap::DiffItem::Add(_, t) | imbl::ordmap::DiffItem::Remove(_, t) => {
+                names.insert(t.service_name.clone());
+            }
+            imbl::ordmap::DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } => {
+                names.insert(a.service_name.clone());
+                names.insert(b.service_name.clone());
+            }
+        }
+    }
+    Scope::Services(names)
+}
+
 /// One pass of the control loops over a store snapshot: reconcile every service, reap tasks of
 /// removed services, schedule pending tasks. Returns `None` when nothing needs to change.
 pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) -> Option<Command> {
+    plan_pass_in(store, &Scope::All, now, new_id)
+}
+
+/// [`plan_pass`] reconciling only the services of `scope` (scheduling still considers every
+/// task waiting for a node: a change to one service's tasks can free room for another's).
+pub fn plan_pass_in(
+    store: &Store,
+    scope: &Scope,
+    now: u64,
+    new_id: &mut dyn FnMut() -> String,
+) -> Option<Command> {
     let mut by_service: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
     for t in store.tasks.values() {
-        by_service.entry(t.service_id.as_str()).or_default().push(t);
+        if scope.covers(&t.service_name) {
+            by_service.entry(t.service_id.as_str()).or_default().push(t);
+        }
     }
+    let services: Box<dyn Iterator<Item = &Service>> = match scope {
+        Scope::All => Box::new(store.services.values()),
+        Scope::Services(names) => Box::new(names.iter().filter_map(|n| store.services.get(n))),
+    };
     let mut created: Vec<Task> = Vec::new();
     let mut shutdown = Vec::new();
     let mut delete = Vec::new();
     let mut rollouts = Vec::new();
-    for svc in store.services.values() {
+    for svc in services {
         let tasks = by_service.remove(svc.id.as_str()).unwrap_or_default();
         if crate::job::auto_remove_due(svc, &tasks, &store.nodes, now) {
             // Its tasks are forgotten with the service's, once they are seen ended.
@@ -761,7 +829,12 @@ pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) ->
         .iter()
         .map(|t| crate::slotvol::pin(store, t))
         .collect();
-    let decisions = schedule_pinned(&store.nodes, placed, &waiting, &pins);
+    // Nothing waits (most passes): the node loads need not be counted.
+    let decisions = if waiting.is_empty() {
+        Vec::new()
+    } else {
+        schedule_pinned(&store.nodes, placed, &waiting, &pins)
+    };
     let mut assign = Vec::new();
     let mut pending = Vec::new();
     let mut placed_new: BTreeMap<String, String> = BTreeMap::new();
@@ -1758,6 +1831,8 @@ mod job_tests;
 mod rebalance_tests;
 #[cfg(test)]
 mod rollout_tests;
+#[cfg(test)]
+mod scope_tests;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]

@@ -23,8 +23,8 @@ pub(super) const FLAKY: &str = "flaky:1";
 
 pub(super) struct Sim {
     pub(super) s: Store,
-    idx: u64,
-    ids: u64,
+    pub(super) idx: u64,
+    pub(super) ids: u64,
     pub(super) now: u64,
     /// How long a container takes to stop once asked (its PID 1 ignoring SIGTERM for the
     /// whole grace, say); 0 stops it on the agents' next step.
