@@ -73,6 +73,10 @@ pub struct Config {
     pub hold: Duration,
     /// The controllers' `RUST_LOG`.
     pub controller_log: String,
+    /// S1 applies the services one at a time at this many per second, and each task's delay
+    /// counts from its own service's apply (as classic Swarm's figures count each container
+    /// from its own request); 0: all services in one apply, every delay from that apply.
+    pub rate: f64,
 }
 
 impl Config {
@@ -88,6 +92,9 @@ impl Config {
             || !(0.0..1.0).contains(&self.churn_share)
         {
             bail!("fleetsim: the failure rate is in 0..=1 and the churn share in 0..1");
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            bail!("fleetsim: the apply rate is a number of services per second, 0 or more");
         }
         Ok(())
     }
@@ -162,6 +169,57 @@ async fn admin(group: &Group) -> anyhow::Result<Client> {
     Ok(rudder_ctl::connect(&ctx)
         .await?
         .max_decoding_message_size(MAX_LIST))
+}
+
+/// A client of one follower (the first member that is not `leader`), for the run's own reads:
+/// polling 30,000-task lists five times a second is the harness's load, not the fleet's, and
+/// would otherwise fall on the leader it measures. The leader itself when it is alone.
+async fn observer(group: &Group, leader: u64) -> anyhow::Result<Client> {
+    let url = group
+        .members
+        .iter()
+        .find(|m| m.raft_id != leader && m.pid().is_some())
+        .map(|m| m.url())
+        .unwrap_or_default();
+    let ctx = rudder_ctl::context::Context {
+        name: "fleetsim-observer".into(),
+        controller: String::new(),
+        controllers: if url.is_empty() {
+            group.urls()
+        } else {
+            vec![url]
+        },
+        registry: String::new(),
+        ca: Some(group.admin_dir.join("ca.pem")),
+        cert: Some(group.admin_dir.join("admin.pem")),
+        key: Some(group.admin_dir.join("admin-key.pem")),
+    };
+    Ok(rudder_ctl::connect(&ctx)
+        .await?
+        .max_decoding_message_size(MAX_LIST))
+}
+
+/// Applies the services of `want` one at a time, `rate` per second; returns when each apply
+/// began (ms since the epoch), by service.
+async fn paced_apply(
+    c: &mut Client,
+    want: &Want,
+    image: &str,
+    rate: f64,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let began = Instant::now();
+    let mut at = BTreeMap::new();
+    for (i, (name, replicas)) in want.replicas.iter().enumerate() {
+        tokio::time::sleep_until((began + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+        at.insert(name.clone(), now_ms());
+        c.apply(ApplyRequest {
+            service_specs_json: vec![service_json(name, *replicas, image)?],
+            ..Default::default()
+        })
+        .await
+        .context("fleetsim: apply")?;
+    }
+    Ok(at)
 }
 
 async fn tasks(c: &mut Client) -> anyhow::Result<Vec<TaskSummary>> {
@@ -416,12 +474,23 @@ async fn scenarios(
         replicas: cfg.services(),
         image: Some("sim:1".into()),
     };
+    let leader = c
+        .cluster_info(ClusterInfoRequest {})
+        .await?
+        .into_inner()
+        .leader_id;
+    let mut obs = observer(&group, leader).await?;
     let t0 = now_ms();
     let began = Instant::now();
-    apply(&mut c, &want, "sim:1").await?;
+    let applied_at = if cfg.rate > 0.0 {
+        paced_apply(&mut c, &want, "sim:1", cfg.rate).await?
+    } else {
+        apply(&mut c, &want, "sim:1").await?;
+        want.replicas.keys().map(|n| (n.clone(), t0)).collect()
+    };
     let applied = began.elapsed();
     let done = converge(
-        &mut c,
+        &mut obs,
         &fleet,
         &want,
         &BTreeSet::new(),
@@ -433,23 +502,33 @@ async fn scenarios(
         .tasks
         .iter()
         .filter(|t| t.state == rudder_proto::v1::TaskState::Running as i32)
-        .filter(|t| want.replicas.contains_key(&t.service))
-        .map(|t| t.timestamp_ms.saturating_sub(t0))
+        .filter_map(|t| Some(t.timestamp_ms.saturating_sub(*applied_at.get(&t.service)?)))
         .collect();
     r.say(format!(
-        "S1 apply of {} services took {}; converged after {}",
+        "S1 apply of {} services {} took {}; converged after {}",
         want.replicas.len(),
+        if cfg.rate > 0.0 {
+            format!("one at a time, {} a second,", cfg.rate)
+        } else {
+            "at once".to_string()
+        },
         secs(applied),
         secs(done.took + applied)
     ));
     r.say(format!(
-        "S1 scheduling delay apply->running (controller's record): {}",
+        "S1 scheduling delay apply->running (controller's record{}): {}",
+        if cfg.rate > 0.0 {
+            ", each task from its service's apply"
+        } else {
+            ""
+        },
         summary(&delays)
     ));
     r.say(format!(
         "S1 controllers: {}",
         resources(&mut c, &group).await?
     ));
+    // Timed on the leader, as a user's `rctl ps` would be.
     let began = Instant::now();
     let n = tasks(&mut c).await?.len();
     let ps = began.elapsed();
@@ -461,10 +540,10 @@ async fn scenarios(
         secs(began.elapsed())
     ));
     r.violations
-        .extend(hold(&mut c, &fleet, &want, &cfg, "S1").await?);
+        .extend(hold(&mut obs, &fleet, &want, &cfg, "S1").await?);
 
     if cfg.churn {
-        churn(&mut c, &fleet, &mut want, &cfg, r).await?;
+        churn(&mut c, &mut obs, &fleet, &mut want, &cfg, r).await?;
     }
     if cfg.failover {
         failover(&mut c, &mut group, &cfg, r).await?;
@@ -485,6 +564,7 @@ async fn scenarios(
 /// S3: hosts lost and returning, a rolling update, a drain.
 async fn churn(
     c: &mut Client,
+    obs: &mut Client,
     fleet: &Fleet,
     want: &mut Want,
     cfg: &Config,
@@ -502,7 +582,7 @@ async fn churn(
     for &i in &chosen {
         fleet.hosts[i].disconnect();
     }
-    let lost = converge(c, fleet, want, &ids, &ids, cfg).await?;
+    let lost = converge(obs, fleet, want, &ids, &ids, cfg).await?;
     r.say(format!(
         "S3 {k} hosts lost: their tasks replaced after {} (heartbeat timeout included)",
         secs(lost.took)
@@ -510,26 +590,26 @@ async fn churn(
     for &i in &chosen {
         fleet.hosts[i].connect();
     }
-    let back = converge(c, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
+    let back = converge(obs, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
     r.say(format!(
         "S3 {k} hosts back: stale tasks stopped, converged after {}",
         secs(back.took)
     ));
     r.violations
-        .extend(hold(c, fleet, want, cfg, "after hosts returned").await?);
+        .extend(hold(obs, fleet, want, cfg, "after hosts returned").await?);
 
     // Rolling update.
     want.image = Some("sim:2".into());
     let began = Instant::now();
     apply(c, want, "sim:2").await?;
-    let rolled = converge(c, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
+    let rolled = converge(obs, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
     r.say(format!(
         "S3 rolling update of {} tasks converged after {}",
         want.total(),
         secs(began.elapsed().max(rolled.took))
     ));
     r.violations
-        .extend(hold(c, fleet, want, cfg, "after the rolling update").await?);
+        .extend(hold(obs, fleet, want, cfg, "after the rolling update").await?);
 
     // Drain.
     let began = Instant::now();
@@ -541,13 +621,13 @@ async fn churn(
         })
         .await?;
     }
-    let drained = converge(c, fleet, want, &ids, &BTreeSet::new(), cfg).await?;
+    let drained = converge(obs, fleet, want, &ids, &BTreeSet::new(), cfg).await?;
     r.say(format!(
         "S3 drain of {k} hosts converged after {}",
         secs(began.elapsed().max(drained.took))
     ));
     r.violations
-        .extend(hold(c, fleet, want, cfg, "after the drain").await?);
+        .extend(hold(obs, fleet, want, cfg, "after the drain").await?);
     Ok(())
 }
 

@@ -60,6 +60,10 @@ struct Args {
     /// Seconds the invariant is watched after each convergence.
     #[arg(long, env = "FLEETSIM_HOLD", default_value_t = 3)]
     hold: u64,
+    /// S1 applies the services one at a time, this many a second, each task's delay counted
+    /// from its own service's apply (0: all at once).
+    #[arg(long, env = "FLEETSIM_RATE", default_value_t = 0.0)]
+    rate: f64,
     /// The controllers' log filter.
     #[arg(long, env = "FLEETSIM_CONTROLLER_LOG", default_value = "warn")]
     controller_log: String,
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(a.timeout),
         hold: Duration::from_secs(a.hold),
         controller_log: a.controller_log,
+        rate: a.rate,
     };
     // On ^C the run's future is dropped, and with it the controller group (killed by pid)
     // and the run's directory.

@@ -30,6 +30,7 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         timeout: Duration::from_secs(60),
         hold: Duration::from_secs(2),
         controller_log: "warn".into(),
+        rate: 0.0,
     };
     let report = rudder_fleetsim::run(cfg).await.expect("the run");
     assert!(report.converged);
