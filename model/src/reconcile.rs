@@ -683,27 +683,42 @@ impl Scope {
     }
 }
 
-/// What changed from `old` to `new`, as the scope of the next pass: the services whose tasks
-/// were added, changed or removed, or `All` when anything besides the task table changed
-/// (services, nodes, networks, volumes... feed every service's plan).
+/// What changed from `old` to `new`, as the scope of the next pass: the services whose record
+/// or tasks were added, changed or removed, or `All` when anything else changed (nodes,
+/// networks, volumes, images... feed every service's plan).
 ///
 /// A pass over `touched(old, new)` at time `now` decides what a pass over every service would,
 /// provided the services out of scope had nothing to do on `old` at `now`: a service's plan
-/// depends on its spec, its own tasks, the nodes and the time (and, for `rebalance: auto`, on
+/// depends on its own record and tasks, the nodes and the time (and, for `rebalance: auto`, on
 /// the room other services leave). What waits on time alone (restart delays, a rollout's delay
 /// and monitor, stop and unplaceable deadlines) or on other services' tasks is left to the
 /// caller's full passes (the control loop runs one at least every second).
 pub fn touched(old: &Store, new: &Store) -> Scope {
-    if !crate::fanout::same_but_tasks(old, new) {
+    use imbl::ordmap::DiffItem;
+    let mut rest = old.clone();
+    rest.tasks = new.tasks.clone();
+    rest.services = new.services.clone();
+    rest.applied = new.applied;
+    if rest != *new {
         return Scope::All;
     }
     let mut names = BTreeSet::new();
+    for d in old.services.diff(&new.services) {
+        match d {
+            DiffItem::Add(name, _) | DiffItem::Remove(name, _) => {
+                names.insert(name.clone());
+            }
+            DiffItem::Update { new: (name, _), .. } => {
+                names.insert(name.clone());
+            }
+        }
+    }
     for d in old.tasks.diff(&new.tasks) {
         match d {
-            imbl::ordmap::DiffItem::Add(_, t) | imbl::ordmap::DiffItem::Remove(_, t) => {
+            DiffItem::Add(_, t) | DiffItem::Remove(_, t) => {
                 names.insert(t.service_name.clone());
             }
-            imbl::ordmap::DiffItem::Update {
+            DiffItem::Update {
                 old: (_, a),
                 new: (_, b),
             } => {

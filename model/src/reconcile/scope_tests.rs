@@ -44,7 +44,7 @@ fn task_of<'a>(s: &'a Store, service: &str) -> &'a crate::store::Task {
 #[test]
 fn a_change_concerns_the_services_of_the_tasks_it_touched_or_all() {
     type Change = fn(&Store) -> Command;
-    let table: [(&str, Change, Scope); 7] = [
+    let table: [(&str, Change, Scope); 9] = [
         ("nothing", |_| Command::Batch(vec![]), names(&[])),
         (
             "a status report",
@@ -101,7 +101,21 @@ fn a_change_concerns_the_services_of_the_tasks_it_touched_or_all() {
                 spec: Box::new(spec("api", 3)),
                 now: 9,
             },
-            Scope::All,
+            names(&["api"]),
+        ),
+        (
+            "a service removed (its tasks asked to stop)",
+            |_| Command::RemoveService { name: "api".into() },
+            names(&["api"]),
+        ),
+        (
+            "a new service",
+            |_| Command::PutService {
+                id: "svc-db".into(),
+                spec: Box::new(spec("db", 1)),
+                now: 9,
+            },
+            names(&["db"]),
         ),
     ];
     for (what, change, want) in table {
