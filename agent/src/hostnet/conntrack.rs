@@ -343,7 +343,7 @@ pub fn open(timeout: std::time::Duration) -> io::Result<netlink_sys::Socket> {
     let mut s = Socket::new(NETLINK_NETFILTER)?;
     s.bind_auto()?;
     s.connect(&SocketAddr::new(0, 0))?;
-    set_timeouts(&s, timeout)?;
+    super::netlink::set_timeouts(&s, timeout)?;
     Ok(s)
 }
 
@@ -404,31 +404,6 @@ pub fn delete_matching(s: &netlink_sys::Socket, filters: &[CtFilter]) -> io::Res
         }
     }
     Ok(deleted)
-}
-
-fn set_timeouts(s: &netlink_sys::Socket, t: std::time::Duration) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let tv = libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: the fd is a live socket owned by `s`; `tv` is a valid timeval that outlives
-        // the call and its size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

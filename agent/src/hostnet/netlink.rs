@@ -431,9 +431,16 @@ fn open_socket() -> io::Result<Socket> {
     let mut s = Socket::new(NETLINK_ROUTE)?;
     s.bind_auto()?;
     s.connect(&SocketAddr::new(0, 0))?;
+    set_timeouts(&s, OP_TIMEOUT)?;
+    Ok(s)
+}
+
+/// Bounds every send and receive on a netlink socket by `t` (SO_SNDTIMEO / SO_RCVTIMEO), so a
+/// kernel that never answers becomes a timeout error rather than a hung agent thread.
+pub(crate) fn set_timeouts(s: &Socket, t: Duration) -> io::Result<()> {
     let tv = libc::timeval {
-        tv_sec: OP_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
     };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: the fd is a live socket owned by `s`; `tv` is a valid timeval that outlives
@@ -451,7 +458,7 @@ fn open_socket() -> io::Result<Socket> {
             return Err(io::Error::last_os_error());
         }
     }
-    Ok(s)
+    Ok(())
 }
 
 /// A netlink socket inside the namespace kept at `path`: made on a thread of its own that
