@@ -730,6 +730,14 @@ pub fn touched(old: &Store, new: &Store) -> Scope {
     Scope::Services(names)
 }
 
+/// The most tasks one pass creates. A pass's batch is one raft entry, replicated in one
+/// message and written in one transaction: 150,000 tasks at once (issue 20's 5,000-host run)
+/// made an entry of about 80 MB that the peers refused (their 64 MiB message limit), and the
+/// leader lost its quorum. Services past the cap are planned by a later pass (at the latest
+/// the control loop's next pass over every service); a service whose plan stops tasks is
+/// planned whole, so the cap never turns a start-first update into a stop-first one.
+pub const MAX_CREATE_PER_PASS: usize = 10_000;
+
 /// One pass of the control loops over a store snapshot: reconcile every service, reap tasks of
 /// removed services, schedule pending tasks. Returns `None` when nothing needs to change.
 pub fn plan_pass(store: &Store, now: u64, new_id: &mut dyn FnMut() -> String) -> Option<Command> {
@@ -760,6 +768,9 @@ pub fn plan_pass_in(
     let mut rollouts = Vec::new();
     for svc in services {
         let tasks = by_service.remove(svc.id.as_str()).unwrap_or_default();
+        if created.len() >= MAX_CREATE_PER_PASS {
+            continue;
+        }
         if crate::job::auto_remove_due(svc, &tasks, &store.nodes, now) {
             // Its tasks are forgotten with the service's, once they are seen ended.
             rollouts.push(Command::RemoveService {
@@ -767,7 +778,12 @@ pub fn plan_pass_in(
             });
             continue;
         }
-        let plan = reconcile(svc, &tasks, &store.nodes, now);
+        let mut plan = reconcile(svc, &tasks, &store.nodes, now);
+        let budget = MAX_CREATE_PER_PASS - created.len();
+        if plan.shutdown.is_empty() && plan.create.len() + plan.create_on.len() > budget {
+            plan.create.truncate(budget);
+            plan.create_on.truncate(budget - plan.create.len());
+        }
         if let Some(reason) = plan.rollback {
             rollouts.push(Command::Rollback {
                 service: svc.spec.name.clone(),
@@ -1119,6 +1135,42 @@ mod tests {
             .values()
             .filter(|t| t.desired_state == TaskState::Running)
             .collect()
+    }
+
+    #[test]
+    fn a_pass_creates_at_most_the_cap_and_the_next_passes_the_rest() {
+        let cap = MAX_CREATE_PER_PASS as u64;
+        let (mut s, mut idx) = setup(3, cap + 7);
+        idx += 1;
+        s.apply(
+            idx,
+            Command::PutService {
+                id: "svc2".into(),
+                spec: Box::new(spec("zz", 5)),
+                now: 0,
+            },
+        )
+        .unwrap();
+        let mut ids = 0u64;
+        let mut pass = |s: &mut Store, idx: &mut u64| {
+            let mut gen = || {
+                ids += 1;
+                format!("t{ids:06}")
+            };
+            let cmd = plan_pass(s, 1, &mut gen).expect("a batch");
+            *idx += 1;
+            s.apply(*idx, cmd).unwrap();
+            s.tasks.len() as u64
+        };
+        // The first service fills the budget (its plan cut to it), the second waits.
+        assert_eq!(pass(&mut s, &mut idx), cap);
+        assert!(s.tasks.values().all(|t| t.service_name == "web"));
+        // The next pass makes the rest of both.
+        assert_eq!(pass(&mut s, &mut idx), cap + 7 + 5);
+        let mut ids = 1_000_000;
+        converge(&mut s, &mut idx, 1, &mut ids);
+        assert_eq!(s.tasks.len() as u64, cap + 12);
+        assert!(s.tasks.values().all(|t| t.node_id.is_some()));
     }
 
     #[test]
