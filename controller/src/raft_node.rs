@@ -19,8 +19,9 @@
 //!   unknown (the entry may still commit under the next leader), never falsely acknowledged.
 //! - [`RaftHandle::read_index`] resolves only when this node has applied up to an index the
 //!   leader confirmed with a quorum after the read began (raft-rs `ReadOnlyOption::Safe`).
-//! - Snapshots: after at least [`SNAPSHOT_EVERY`] applied entries, and once the log since the
-//!   last snapshot is at least half the store's size, the node serialises its store (off the
+//! - Snapshots: after at least [`SNAPSHOT_EVERY`] applied entries or [`SNAPSHOT_LOG_BYTES`]
+//!   of them, and once the log since the last snapshot is at least half the store's size
+//!   ([`snapshot_due`]), the node serialises its store (off the
 //!   loop, from the published `Arc<Store>`), saves it and compacts the log up to
 //!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index. A
 //!   snapshot that finishes serialising after a newer one was installed from the leader is
@@ -63,6 +64,26 @@ const LEADER_WAIT: Duration = Duration::from_secs(4);
 
 /// Applied entries between two snapshots.
 pub const SNAPSHOT_EVERY: u64 = 20_000;
+
+/// Bytes of entries applied since the last snapshot that make one due even before
+/// [`SNAPSHOT_EVERY`] entries: a fleet's big batches (a control-loop pass creating 10,000
+/// tasks is about 5 MB) would otherwise grow the log far past the store (issue 20).
+pub const SNAPSHOT_LOG_BYTES: usize = 64 << 20;
+
+/// Whether to take a snapshot now: raft asked for one it could not serve (`wanted`), or
+/// enough was applied since the last (by count or by bytes) and the log since is at least half
+/// the last snapshot's size (so a big store is not serialised over and over).
+pub fn snapshot_due(
+    wanted: bool,
+    applied_since: u64,
+    every: u64,
+    log_bytes: usize,
+    last_snapshot_bytes: usize,
+) -> bool {
+    wanted
+        || ((applied_since >= every || log_bytes >= SNAPSHOT_LOG_BYTES)
+            && log_bytes >= last_snapshot_bytes / 2)
+}
 
 /// Entries kept in the log behind a snapshot, so a follower that lags by less catches up from
 /// the log instead of receiving the whole store.
@@ -846,10 +867,13 @@ impl<S: LogStore> Driver<S> {
             return;
         }
         let wanted = self.node.store().take_snapshot_wanted() && applied > self.last_snapshot;
-        if !wanted
-            && (applied < self.last_snapshot + self.snapshot_every
-                || self.log_bytes < self.last_snapshot_bytes / 2)
-        {
+        if !snapshot_due(
+            wanted,
+            applied.saturating_sub(self.last_snapshot),
+            self.snapshot_every,
+            self.log_bytes,
+            self.last_snapshot_bytes,
+        ) {
             return;
         }
         self.log_bytes = 0;
@@ -1077,6 +1101,28 @@ mod tests {
 
     /// A snapshot serialised before a newer one was installed (here: taken at index 2 and
     /// handed back after the node snapshotted past it) must not replace the newer one.
+    #[test]
+    fn snapshots_are_due_by_count_or_bytes_once_the_log_is_half_the_store() {
+        const MB: usize = 1 << 20;
+        // (wanted, applied since, log bytes, last snapshot bytes, due)
+        let cases = [
+            (false, 100, MB, 0, false),
+            (false, SNAPSHOT_EVERY, MB, 0, true),
+            (false, SNAPSHOT_EVERY, MB, 4 * MB, false),
+            (false, 100, SNAPSHOT_LOG_BYTES, 0, true),
+            (false, 100, SNAPSHOT_LOG_BYTES, 100 * MB, true),
+            (false, 100, SNAPSHOT_LOG_BYTES, 200 * MB, false),
+            (true, 1, 0, 200 * MB, true),
+        ];
+        for (wanted, since, log, last, due) in cases {
+            assert_eq!(
+                snapshot_due(wanted, since, SNAPSHOT_EVERY, log, last),
+                due,
+                "wanted {wanted}, {since} entries, {log} bytes since a {last}-byte snapshot"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_stale_snapshot_taken_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
