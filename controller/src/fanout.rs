@@ -130,7 +130,7 @@ mod tests {
             service_id: "s".into(),
             service_name: "web".into(),
             slot: 1,
-            spec,
+            spec: spec.into(),
             spec_version: 1,
             node_id: Some("n1".into()),
             target_node: None,

@@ -561,6 +561,7 @@ fn decode_store(snap: &Snapshot) -> Result<Store, RaftError> {
     let mut store: Store =
         serde_json::from_slice(&snap.data).map_err(|e| RaftError::Snapshot(e.to_string()))?;
     store.applied = snap.get_metadata().index;
+    store.share_task_specs();
     Ok(store)
 }
 

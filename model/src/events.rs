@@ -532,7 +532,7 @@ mod tests {
             service_id: svc.id.clone(),
             service_name: svc.spec.name.clone(),
             slot: 1,
-            spec: svc.spec.clone(),
+            spec: svc.spec.clone().into(),
             spec_version: svc.spec_version,
             node_id: Some("n1".into()),
             target_node: None,

@@ -24,6 +24,7 @@ pub mod reconcile;
 pub mod runtime_options;
 pub mod scheduler;
 pub mod secret;
+pub mod shared;
 pub mod slotvol;
 pub mod spec;
 pub mod stack;

@@ -950,7 +950,7 @@ fn new_task(svc: &Service, slot: u64, target_node: Option<String>, now: u64, id:
         service_id: svc.id.clone(),
         service_name: svc.spec.name.clone(),
         slot,
-        spec: svc.spec.clone(),
+        spec: svc.spec.clone().into(),
         spec_version: svc.spec_version,
         node_id: None,
         target_node,

@@ -724,7 +724,7 @@ mod tests {
             service_id: spec.name.clone(),
             service_name: spec.name.clone(),
             slot: 1,
-            spec: spec.clone(),
+            spec: spec.clone().into(),
             spec_version: 1,
             node_id: node.map(Into::into),
             target_node: None,

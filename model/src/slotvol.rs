@@ -485,7 +485,7 @@ mod tests {
             service_id: "s".into(),
             service_name: "db".into(),
             slot: 4,
-            spec,
+            spec: spec.into(),
             spec_version: 1,
             node_id: None,
             target_node: None,

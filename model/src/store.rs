@@ -9,10 +9,11 @@
 //! - A user's spec is stored as given; only the controller writes `desired_state`, only agents'
 //!   reports (via the dispatcher) write observed status, and observed states only move forward.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::shared::Shared;
 use crate::spec::ServiceSpec;
 use crate::task::TaskState;
 use crate::update::{UpdateState, UpdateStatus};
@@ -108,8 +109,9 @@ pub struct Task {
     /// Replica slot, 1-based; a restarted or updated replica keeps its slot. 0 for tasks of
     /// global services, whose identity is `target_node` instead.
     pub slot: u64,
-    /// Frozen copy of the spec this task was created from.
-    pub spec: ServiceSpec,
+    /// Frozen copy of the spec this task was created from; one copy is shared by the tasks
+    /// of a rollout (see [`crate::shared`]).
+    pub spec: crate::shared::Shared<ServiceSpec>,
     /// The service's `spec_version` when the task was created: the rollout it belongs to.
     pub spec_version: u64,
     /// The node it is placed on; `None` while pending.
@@ -821,7 +823,46 @@ fn service_mut<'a>(
     })
 }
 
+/// Makes `t` hold the copy of its spec already in `specs` for its rollout (service id and
+/// spec version) when the two are equal, or records its copy there.
+fn share_spec(specs: &mut HashMap<(String, u64), Shared<ServiceSpec>>, t: &mut Task) {
+    let key = (t.service_id.clone(), t.spec_version);
+    match specs.get(&key) {
+        Some(s) if Shared::same(s, &t.spec) => {}
+        Some(s) if **s == *t.spec => t.spec = s.clone(),
+        Some(_) => {}
+        None => {
+            specs.insert(key, t.spec.clone());
+        }
+    }
+}
+
 impl Store {
+    /// Folds the equal specs of each rollout's tasks into one shared copy: a decoded store
+    /// (a snapshot, a backup) holds one copy per task, as the format has one per task.
+    pub fn share_task_specs(&mut self) {
+        let mut specs = HashMap::new();
+        let ids: Vec<String> = self.tasks.keys().cloned().collect();
+        for id in ids {
+            let Some(t) = self.tasks.get(&id) else {
+                continue;
+            };
+            let key = (t.service_id.clone(), t.spec_version);
+            match specs.get(&key) {
+                None => {
+                    specs.insert(key, t.spec.clone());
+                }
+                Some(s) if !Shared::same(s, &t.spec) && **s == *t.spec => {
+                    let s = s.clone();
+                    if let Some(t) = self.tasks.get_mut(&id) {
+                        t.spec = s;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Records a membership change applied at `index`: `Some` adds or updates the member,
     /// `None` removes it.
     pub fn set_manager(&mut self, index: u64, id: u64, info: Option<ManagerInfo>) {
@@ -1216,7 +1257,10 @@ impl Store {
                     .or_insert(Revocation { at: now, reason });
             }
             Command::CreateTasks { tasks } => {
+                // Tasks of one rollout share one copy of their spec.
+                let mut specs: HashMap<(String, u64), Shared<ServiceSpec>> = HashMap::new();
                 for mut t in tasks {
+                    share_spec(&mut specs, &mut t);
                     t.version = index;
                     if self.tasks.contains_key(&t.id) {
                         continue;
@@ -1612,7 +1656,7 @@ impl Store {
                 self.tasks
                     .values()
                     .filter(|t| !t.status.state.is_terminal())
-                    .map(|t| &t.spec),
+                    .map(|t| &*t.spec),
             );
         for spec in specs {
             used.extend(crate::secret::needs(spec));
@@ -2084,7 +2128,7 @@ mod tests {
             service_id: svc.id.clone(),
             service_name: svc.spec.name.clone(),
             slot,
-            spec: svc.spec.clone(),
+            spec: svc.spec.clone().into(),
             spec_version: svc.spec_version,
             node_id: None,
             target_node: None,

@@ -64,7 +64,7 @@ fn stopped(sim: &mut Sim, slot: u64) {
 fn new_task(sim: &mut Sim, slot: u64, state: TaskState) {
     let mut t = task_of(&sim.s, "v1", slot).clone();
     t.id = format!("new{slot}");
-    t.spec = sim.svc().spec.clone();
+    t.spec = sim.svc().spec.clone().into();
     t.spec_version = sim.svc().spec_version;
     t.desired_state = TaskState::Running;
     t.status.state = state;
