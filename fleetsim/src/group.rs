@@ -108,6 +108,11 @@ pub struct Group {
     pub members: Vec<Member>,
     /// Token hosts join with.
     pub worker_token: String,
+    /// Token controllers join with (a member added later needs it).
+    manager_token: String,
+    /// The controller binary and the run's directory, for members added later.
+    bin: PathBuf,
+    dir: PathBuf,
     /// The admin credentials (ca.pem, admin.pem, admin-key.pem).
     pub admin_dir: PathBuf,
 }
@@ -155,72 +160,121 @@ fn wait_file(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// How to start one more controller process.
+struct Spawn<'a> {
+    bin: &'a Path,
+    dir: &'a Path,
+    raft_id: u64,
+    rust_log: &'a str,
+    /// A member to join through, and the manager token (none for the first controller).
+    join: Option<(SocketAddr, &'a str)>,
+}
+
+impl Spawn<'_> {
+    /// Starts the process; returns its member record once its port is bound (a process that
+    /// does not bind in time is killed).
+    fn start(self) -> anyhow::Result<Member> {
+        let data_dir = self.dir.join(format!("c{}", self.raft_id));
+        std::fs::create_dir_all(&data_dir)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = self.dir.join(format!("c{}.log", self.raft_id));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut cmd = Command::new(self.bin);
+        cmd.arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--registry-listen")
+            .arg(format!("127.0.0.1:{}", free_port()?))
+            .arg("--metrics-listen")
+            .arg("off")
+            .arg("--raft-id")
+            .arg(self.raft_id.to_string())
+            .arg("--node-name")
+            .arg(format!("c{}", self.raft_id))
+            .env("RUST_LOG", self.rust_log)
+            .env_remove(TOKEN_ENV)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        if let Some((via, token)) = self.join {
+            cmd.arg("--join").arg(via.to_string()).env(TOKEN_ENV, token);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        let ready = wait_listening(addr, &mut child, &log);
+        let mut member = Member {
+            raft_id: self.raft_id,
+            addr,
+            data_dir,
+            log,
+            child: Some(child),
+        };
+        if let Err(e) = ready {
+            member.kill();
+            return Err(e);
+        }
+        Ok(member)
+    }
+}
+
 impl Group {
     /// Starts `n` controllers from `bin` with data under `dir`; `rust_log` is their log filter.
     pub fn start(bin: &Path, dir: &Path, n: u64, rust_log: &str) -> anyhow::Result<Group> {
         let mut group = Group {
             members: Vec::new(),
             worker_token: String::new(),
+            manager_token: String::new(),
             admin_dir: dir.join("c1").join("admin"),
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
         };
-        let mut manager_token = String::new();
         for raft_id in 1..=n {
-            let data_dir = dir.join(format!("c{raft_id}"));
-            std::fs::create_dir_all(&data_dir)?;
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-            let log = dir.join(format!("c{raft_id}.log"));
-            let out = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&log)
-                .with_context(|| format!("opening {}", log.display()))?;
-            let mut cmd = Command::new(bin);
-            cmd.arg("--data-dir")
-                .arg(&data_dir)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--registry-listen")
-                .arg(format!("127.0.0.1:{}", free_port()?))
-                .arg("--metrics-listen")
-                .arg("off")
-                .arg("--raft-id")
-                .arg(raft_id.to_string())
-                .arg("--node-name")
-                .arg(format!("c{raft_id}"))
-                .env("RUST_LOG", rust_log)
-                .env_remove(TOKEN_ENV)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out);
-            if raft_id > 1 {
-                let first = group.members[0].addr;
-                cmd.arg("--join")
-                    .arg(first.to_string())
-                    .env(TOKEN_ENV, &manager_token);
-            }
-            let mut child = cmd
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
-            let ready = wait_listening(addr, &mut child, &log);
-            group.members.push(Member {
+            let join = group
+                .members
+                .first()
+                .map(|m| (m.addr, group.manager_token.as_str()));
+            let member = Spawn {
+                bin,
+                dir,
                 raft_id,
-                addr,
-                data_dir,
-                log,
-                child: Some(child),
-            });
-            ready?;
+                rust_log,
+                join,
+            }
+            .start()?;
+            group.members.push(member);
             if raft_id == 1 {
                 let admin = &group.admin_dir;
                 group.worker_token = wait_file(&admin.join("worker.token"))?;
-                manager_token = wait_file(&admin.join("manager.token"))?;
+                group.manager_token = wait_file(&admin.join("manager.token"))?;
                 for f in ["worker.token", "manager.token"] {
                     let _ = std::fs::remove_file(admin.join(f));
                 }
             }
         }
         Ok(group)
+    }
+
+    /// Starts one more controller (the next raft id) that joins through `via` with the
+    /// manager token, logging with `rust_log`; returns its raft id once it listens.
+    pub fn add(&mut self, via: SocketAddr, rust_log: &str) -> anyhow::Result<u64> {
+        let raft_id = self.members.iter().map(|m| m.raft_id).max().unwrap_or(0) + 1;
+        let member = Spawn {
+            bin: &self.bin,
+            dir: &self.dir,
+            raft_id,
+            rust_log,
+            join: Some((via, &self.manager_token)),
+        }
+        .start()?;
+        self.members.push(member);
+        Ok(raft_id)
     }
 
     /// Every member's URL.

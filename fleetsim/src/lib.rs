@@ -10,10 +10,13 @@
 //!   of every service, a drain of a share of the hosts: time to converge after each, and the
 //!   check that once converged no replica slot runs twice, neither as the controller lists the
 //!   tasks nor as the hosts really run them.
+//! - **Snapshot install** (`join_member`) — one more controller joins the group: its log is
+//!   empty, so the leader sends it a snapshot; time until it has applied the leader's index
+//!   of the moment it was started (transfer and install), and the snapshot's size.
 //! - **Failover** (`failover`) — the leader process is killed (SIGKILL, by its pid): time until
 //!   a write is served again.
 //!
-//! S2 of the issue is S1 with `--hosts 5000 --tasks 150000 --failover`.
+//! S2 of the issue is S1 with `--hosts 5000 --tasks 150000 --join-member --failover`.
 //!
 //! Everything this run starts lives in a temporary directory under `dir` and is removed at
 //! the end; the controllers are ours and are killed by pid.
@@ -59,6 +62,8 @@ pub struct Config {
     pub churn: bool,
     /// Share of hosts lost and returning, and share drained, in the churn scenarios (0..1).
     pub churn_share: f64,
+    /// Add a controller to the group and time its snapshot install.
+    pub join_member: bool,
     /// Kill the leader at the end and time the failover.
     pub failover: bool,
     /// `rudder-controller`.
@@ -157,10 +162,15 @@ pub fn raise_nofile() -> u64 {
 }
 
 async fn admin(group: &Group) -> anyhow::Result<Client> {
+    admin_to(group, group.urls()).await
+}
+
+/// An admin client of the controllers at `urls` only.
+async fn admin_to(group: &Group, urls: Vec<String>) -> anyhow::Result<Client> {
     let ctx = rudder_ctl::context::Context {
         name: "fleetsim".into(),
         controller: String::new(),
-        controllers: group.urls(),
+        controllers: urls,
         registry: String::new(),
         ca: Some(group.admin_dir.join("ca.pem")),
         cert: Some(group.admin_dir.join("admin.pem")),
@@ -545,6 +555,9 @@ async fn scenarios(
     if cfg.churn {
         churn(&mut c, &mut obs, &fleet, &mut want, &cfg, r).await?;
     }
+    if cfg.join_member {
+        join_member(&mut c, &mut group, &cfg, r).await?;
+    }
     if cfg.failover {
         failover(&mut c, &mut group, &cfg, r).await?;
     }
@@ -628,6 +641,76 @@ async fn churn(
     ));
     r.violations
         .extend(hold(obs, fleet, want, cfg, "after the drain").await?);
+    Ok(())
+}
+
+/// The log filter of a controller added by [`join_member`]: its snapshot's arrival and
+/// install are logged (info) with their sizes.
+const JOINER_LOG: &str = "warn,rudder_controller::raft_node=info,rudder_controller::peer=info";
+
+/// Starts one more controller, joining through the leader, and times until it has applied
+/// the leader's index of the moment it started: its log is empty, so that is a snapshot sent
+/// (in chunks), received, saved and decoded, then the entries after it.
+async fn join_member(
+    c: &mut Client,
+    group: &mut Group,
+    cfg: &Config,
+    r: &mut Report,
+) -> anyhow::Result<()> {
+    let info = c.cluster_info(ClusterInfoRequest {}).await?.into_inner();
+    let Some(via) = group.member_mut(info.leader_id).map(|m| m.addr) else {
+        bail!("fleetsim: no leader to join through");
+    };
+    let began = Instant::now();
+    let id = group.add(via, JOINER_LOG)?;
+    let url = group
+        .member_mut(id)
+        .map(|m| m.url())
+        .context("fleetsim: the new member")?;
+    let mut applied = 0;
+    loop {
+        let attempt = async {
+            let mut c = admin_to(group, vec![url.clone()]).await?;
+            anyhow::Ok(c.cluster_info(ClusterInfoRequest {}).await?.into_inner())
+        };
+        if let Ok(Ok(ci)) = tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            applied = ci.applied;
+            if applied >= info.applied {
+                break;
+            }
+        }
+        if began.elapsed() > cfg.timeout {
+            bail!(
+                "fleetsim: c{id} applied {applied} of {} after {:?}",
+                info.applied,
+                cfg.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = began.elapsed();
+    let Some(m) = group.member_mut(id) else {
+        bail!("fleetsim: c{id} is gone");
+    };
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    let said = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("bytes=")))
+            .map_or("-".to_string(), |w| mib(w[6..].parse().unwrap_or(0)))
+    };
+    r.say(format!(
+        "snapshot install: c{id} joined through c{} and applied index {} after {} \
+         (snapshot received {}, installed {}); c{id} RSS {}, disk {}",
+        info.leader_id,
+        info.applied,
+        secs(took),
+        said("snapshot received"),
+        said("installed snapshot"),
+        m.rss_bytes().map_or("-".into(), mib),
+        mib(m.disk().total),
+    ));
+    r.say(format!("S2 controllers: {}", resources(c, group).await?));
     Ok(())
 }
 

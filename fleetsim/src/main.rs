@@ -42,6 +42,9 @@ struct Args {
     /// Share of hosts lost, and drained, in the churn scenarios.
     #[arg(long, env = "FLEETSIM_CHURN_SHARE", default_value_t = 0.05)]
     churn_share: f64,
+    /// Add a controller at the end and time its snapshot install.
+    #[arg(long, env = "FLEETSIM_JOIN_MEMBER")]
+    join_member: bool,
     /// Kill the leader at the end and time the failover.
     #[arg(long, env = "FLEETSIM_FAILOVER")]
     failover: bool,
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         },
         churn: a.churn,
         churn_share: a.churn_share,
+        join_member: a.join_member,
         failover: a.failover,
         controller_bin: a
             .controller_bin

@@ -1,7 +1,8 @@
 //! The fleet simulator's short run, as CI runs it: tens of hollow hosts and a few hundred tasks
 //! against three real controllers (needs `cargo build --workspace --bins` first, as the lab
 //! tests do), with the churn scenarios; every phase must converge and no replica slot may run
-//! twice once converged.
+//! twice once converged; a fourth controller joins (a snapshot install) before the leader
+//! is killed.
 
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         },
         churn: true,
         churn_share: 0.1,
+        join_member: true,
         failover: true,
         controller_bin: rudder_fleetsim::controller_bin(),
         dir: dir.path().to_path_buf(),
@@ -39,5 +41,9 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         .lines
         .iter()
         .any(|l| l.contains("S1 scheduling delay")));
+    assert!(report
+        .lines
+        .iter()
+        .any(|l| l.starts_with("snapshot install: c4 joined")));
     assert!(report.lines.iter().any(|l| l.contains("failover")));
 }
