@@ -886,8 +886,8 @@ impl Control for ControlApi {
         let index = self.raft.read_index().await.map_err(raft_status)?;
         let store = self.raft.store();
         let file = tokio::task::spawn_blocking(move || {
-            let plain = serde_json::to_vec(&*store)
-                .map_err(|e| Status::internal(format!("backup: serialize the store: {e}")))?;
+            let plain = rudder_model::snapshot::encode(&store)
+                .map_err(|e| Status::internal(format!("backup: {e}")))?;
             rudder_pki::backup::seal(&key, plain).map_err(|e| Status::internal(e.to_string()))
         })
         .await

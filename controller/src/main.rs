@@ -152,8 +152,8 @@ fn read_backup(
         ),
     };
     let plain = backup::open(&key, backup::read_file(file)?)?;
-    serde_json::from_slice(&plain)
-        .map_err(|e| anyhow::anyhow!("restore: the backup's store does not parse: {e}"))
+    let what = format!("the store in backup {}", file.display());
+    rudder_model::snapshot::decode(&plain, &what).map_err(|e| anyhow::anyhow!("restore: {e}"))
 }
 
 async fn run(

@@ -89,7 +89,7 @@ const SNAPSHOT_DIR: &str = "snapshots";
 const SNAPSHOT_FILE_KEY: &str = "snapshot_file";
 
 /// The file name of the snapshot with this metadata.
-fn snapshot_file_name(md: &SnapshotMetadata) -> String {
+pub(crate) fn snapshot_file_name(md: &SnapshotMetadata) -> String {
     format!("snap-{}-{}", md.term, md.index)
 }
 
@@ -318,7 +318,7 @@ impl RedbStorage {
             ));
         }
         let mut snap = bootstrap_snapshot(voters);
-        snap.data = serde_json::to_vec(store)
+        snap.data = rudder_model::snapshot::encode(store)
             .map_err(|e| StorageErr::Corrupt("restored store", e.to_string()))?
             .into();
         Self::open_with(path, voters, Some(keys), Some(snap))
@@ -865,7 +865,7 @@ pub fn snapshot_serves(snap: &Snapshot, request_index: u64, to: u64) -> bool {
 /// The first snapshot of a new cluster: the empty store at index 1, term 1, with `voters`.
 pub fn bootstrap_snapshot(voters: &[u64]) -> Snapshot {
     let mut snap = Snapshot {
-        data: serde_json::to_vec(&rudder_model::Store::default())
+        data: rudder_model::snapshot::encode(&rudder_model::Store::default())
             .expect("the store serializes")
             .into(),
         ..Default::default()

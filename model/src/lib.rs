@@ -26,6 +26,7 @@ pub mod scheduler;
 pub mod secret;
 pub mod shared;
 pub mod slotvol;
+pub mod snapshot;
 pub mod spec;
 pub mod stack;
 pub mod store;
