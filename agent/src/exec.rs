@@ -316,10 +316,8 @@ fn as_user(
     user: &str,
 ) -> Result<(), AccessError> {
     let eu = crate::user::resolve_in_rootfs(&dir.rootfs(), user)?;
-    let service_home = dir
-        .read_task()
-        .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
-        .is_some_and(|t| t.spec.env.contains_key("HOME"));
+    let service_home =
+        crate::task_record::task_of(dir).is_some_and(|t| t.spec.env.contains_key("HOME"));
     let mut env: Vec<String> = process.env().clone().unwrap_or_default();
     if !service_home {
         env.retain(|e| !e.starts_with("HOME="));

@@ -26,7 +26,6 @@ use std::time::{Duration, SystemTime};
 use rudder_image::oci::Manifest;
 use rudder_image::usage::{self, ImageBlobs, StoredBlob};
 use rudder_image::{ImageStore, Reference};
-use rudder_model::Task;
 use rudder_proto::v1::{ImageSummary, ListImagesResponse, PruneResult};
 use tracing::{info, warn};
 
@@ -184,9 +183,7 @@ pub fn scan(store: &ImageStore, containers: &Path) -> Result<Scan, ImagesError> 
             let Ok(image) = std::fs::read_to_string(dir.image_file()) else {
                 continue;
             };
-            let (name, reference) = dir
-                .read_task()
-                .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
+            let (name, reference) = crate::task_record::task_of(&dir)
                 .map(|t| (t.name(), t.spec.image.clone()))
                 .unwrap_or_else(|| {
                     (

@@ -34,6 +34,7 @@ mod secrets;
 pub mod session;
 mod stats;
 mod task;
+mod task_record;
 mod top;
 mod trusted;
 mod user;
@@ -383,9 +384,7 @@ async fn serve_metrics(
     let io = metrics::CgroupIo::new("/sys/fs/cgroup", &cfg.cgroup_parent, "/proc");
     let render: scrape::Render = Arc::new(move || {
         let service_of = |id: &str| {
-            bundle::ContainerDir::new(worker.container_dir(id))
-                .read_task()
-                .and_then(|b| serde_json::from_slice::<rudder_model::Task>(&b).ok())
+            task_record::task_of(&bundle::ContainerDir::new(worker.container_dir(id)))
                 .map(|t| t.service_name)
                 .unwrap_or_default()
         };

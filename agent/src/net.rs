@@ -1044,9 +1044,7 @@ impl Overlay {
                 let Some(addr) = read_bridge_addr(&dir) else {
                     continue;
                 };
-                let ports = ContainerDir::new(&dir)
-                    .read_task()
-                    .and_then(|b| serde_json::from_slice::<Task>(&b).ok())
+                let ports = crate::task_record::task_of(&ContainerDir::new(&dir))
                     .map(|task| host_ports(&task, addr))
                     .unwrap_or_default();
                 t.members.insert(dir, BridgeMember { addr, ports });

@@ -502,9 +502,9 @@ impl crate::task::ports::Mounts for HostMounts {
         let io = |op| move |err| MountsError::Io { op, err };
         // Private: the spec holds the task's env (`crate::datadir`).
         crate::datadir::private_dir(&c.dir).map_err(io("create container dir"))?;
-        let record = serde_json::to_vec(task).map_err(|e| MountsError::Io {
+        let record = rudder_model::task_record::encode(task).map_err(|e| MountsError::Io {
             op: "encode task.json",
-            err: e.into(),
+            err: std::io::Error::other(e),
         })?;
         crate::datadir::write_private(&c.task_file(), &record).map_err(io("write task.json"))?;
         // The image the container runs, for `rctl commit`.

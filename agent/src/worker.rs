@@ -151,11 +151,15 @@ impl Worker {
         };
         for e in entries.flatten() {
             let dir = e.path();
-            let Some(bytes) = ContainerDir::new(&dir).read_task() else {
-                continue;
-            };
-            let Ok(task) = serde_json::from_slice::<Task>(&bytes) else {
-                continue;
+            let task = match crate::task_record::read(&ContainerDir::new(&dir)) {
+                None => continue,
+                Some(Ok(task)) => task,
+                Some(Err(err)) => {
+                    // A newer agent's record (a downgrade) or a damaged one: the container is
+                    // left alone, not adopted under a guess.
+                    warn!(%err, "not adopting a container");
+                    continue;
+                }
             };
             let running = runtime::shim_pid(&dir).is_some_and(|p| runtime::shim_alive(p, &dir));
             let exited = runtime::exit_code(&dir).is_some();

@@ -4,6 +4,10 @@
 //!
 //! A cluster has several controllers and any live one serves rctl, so a context names them all
 //! (`controllers`); `controller` (one URL) is still read and written for older files and tools.
+//!
+//! The file carries a format label first (`"format_version": 1`, see [`rudder_model::format`]):
+//! files without one (`rctl local up` before labels, hand-written ones) are version 1, and a
+//! newer version is refused with the file's path instead of being half read.
 
 use std::path::{Path, PathBuf};
 
@@ -124,14 +128,22 @@ pub fn load(path: &Path) -> anyhow::Result<Context> {
             path.display()
         )
     })?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("context file {}: {e}", path.display()))
+    let what = format!("context file {}", path.display());
+    let (ctx, _) = rudder_model::format::decode(text.as_bytes(), CONTEXT_FORMAT, &what)?;
+    Ok(ctx)
 }
+
+/// The newest context file format this build reads, and the one it writes.
+pub const CONTEXT_FORMAT: u64 = 1;
 
 pub fn save(path: &Path, ctx: &Context) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, serde_json::to_vec_pretty(ctx)?)?;
+    std::fs::write(
+        path,
+        rudder_model::format::encode("a context", ctx, CONTEXT_FORMAT, true)?,
+    )?;
     Ok(())
 }
 
@@ -210,6 +222,24 @@ mod tests {
 
     const A: &str = "http://10.213.1.1:4243";
     const B: &str = "http://10.213.1.2:4243";
+
+    #[test]
+    fn saved_contexts_are_labelled_and_newer_ones_refused_by_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("context.json");
+        let ctx: Context =
+            serde_json::from_str(&format!(r#"{{"controllers":["{A}"],"registry":"r:5000"}}"#))
+                .unwrap();
+        save(&path, &ctx).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\n  \"format_version\": 1,\n"), "{text}");
+        assert_eq!(load(&path).unwrap().controller_urls(), [A]);
+        let newer = text.replace("\"format_version\": 1", "\"format_version\": 2");
+        std::fs::write(&path, newer).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("format version 2"), "{err}");
+    }
 
     #[test]
     fn a_removed_controller_leaves_the_context() {

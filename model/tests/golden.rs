@@ -401,7 +401,7 @@ fn v1_snapshot_equals_the_replayed_log() {
     let snap = golden(1, "snapshot.json", || serde_json::to_vec(&store).unwrap());
     // Read as controllers read snapshots: v1 files have no format label, so they are version 1.
     assert_eq!(
-        rudder_model::snapshot::format_of(&snap, "snapshot.json").unwrap(),
+        rudder_model::format::version_of(&snap, "snapshot.json").unwrap(),
         1
     );
     let mut read = rudder_model::snapshot::decode(&snap, "snapshot.json").unwrap();
@@ -447,7 +447,12 @@ fn v1_task_record_and_wire_task_decode() {
         std::fs::write(agent.join("task.json"), serde_json::to_vec(&t).unwrap()).unwrap();
     }
     let record = std::fs::read(agent.join("task.json")).unwrap();
-    let read: Task = serde_json::from_slice(&record).unwrap();
+    // Read as the agent reads its records: v1 files have no format label, so they are version 1.
+    assert_eq!(
+        rudder_model::format::version_of(&record, "task.json").unwrap(),
+        1
+    );
+    let read = rudder_model::task_record::decode(&record, "task.json").unwrap();
     assert_eq!(read, t);
     let wire = golden(1, "wire-task.json", || {
         rudder_model::wire::encode("task", &t).unwrap().into_bytes()

@@ -244,7 +244,7 @@ async fn shared_netns(
             .flatten()
             .filter_map(|e| {
                 let other = ContainerDir::new(e.path());
-                let t: Task = serde_json::from_slice(&other.read_task()?).ok()?;
+                let t: Task = crate::task_record::task_of(&other)?;
                 let matches = t.service_name == service
                     && (target.as_str() == service
                         || t.name().starts_with(target.as_str())
