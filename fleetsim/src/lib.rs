@@ -189,24 +189,11 @@ async fn observer(group: &Group, leader: u64) -> anyhow::Result<Client> {
         .members
         .iter()
         .find(|m| m.raft_id != leader && m.pid().is_some())
-        .map(|m| m.url())
-        .unwrap_or_default();
-    let ctx = rudder_ctl::context::Context {
-        name: "fleetsim-observer".into(),
-        controller: String::new(),
-        controllers: if url.is_empty() {
-            group.urls()
-        } else {
-            vec![url]
-        },
-        registry: String::new(),
-        ca: Some(group.admin_dir.join("ca.pem")),
-        cert: Some(group.admin_dir.join("admin.pem")),
-        key: Some(group.admin_dir.join("admin-key.pem")),
-    };
-    Ok(rudder_ctl::connect(&ctx)
-        .await?
-        .max_decoding_message_size(MAX_LIST))
+        .map(|m| m.url());
+    match url {
+        Some(url) => admin_to(group, vec![url]).await,
+        None => admin(group).await,
+    }
 }
 
 /// Applies the services of `want` one at a time, `rate` per second; returns when each apply

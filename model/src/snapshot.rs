@@ -92,29 +92,13 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("snap-3-42"), "{msg}");
         assert!(msg.contains("format version 2"), "{msg}");
-        // Spacing does not hide the label.
-        let spaced = b" {\n  \"format_version\" : 7 , \"nodes\": {} }";
-        assert!(matches!(
-            decode(spaced, "f").unwrap_err(),
-            FormatError::Newer { found: 7, .. }
-        ));
     }
 
+    /// The label grammar (spacing, bad values) is format.rs's, tested there; a snapshot only
+    /// has to pass a bad label's refusal through.
     #[test]
-    fn bad_labels_are_refused() {
-        for bytes in [
-            &br#"{"format_version":0}"#[..],
-            br#"{"format_version":"1"}"#,
-            br#"{"format_version":-1}"#,
-            br#"{"format_version" 1}"#,
-            br#"{"format_version":99999999999999999999999}"#,
-        ] {
-            let err = decode(bytes, "f").unwrap_err();
-            assert!(
-                matches!(err, FormatError::BadLabel { .. }),
-                "{}: {err}",
-                String::from_utf8_lossy(bytes)
-            );
-        }
+    fn a_bad_label_is_refused() {
+        let err = decode(br#"{"format_version":"1"}"#, "f").unwrap_err();
+        assert!(matches!(err, FormatError::BadLabel { .. }), "{err}");
     }
 }
