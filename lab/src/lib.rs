@@ -360,16 +360,9 @@ impl Lab {
     /// agent: a hung process with its sockets open. Returns the pid signalled (none recorded or
     /// not alive: an error).
     pub fn pause(&self, index: usize, role: Role, paused: bool) -> Result<i32, LabError> {
-        let host = self
-            .hosts
-            .get(index)
-            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
-        let pid = match role {
-            Role::Controller => host.controller_pid,
-            Role::Agent => host.agent_pid,
-        }
-        .filter(|p| signalable(*p) && pid_alive(*p))
-        .ok_or_else(|| LabError::Invalid(format!("no live {role:?} on host {index}")))?;
+        let pid = self
+            .live_pid(index, role)?
+            .ok_or_else(|| LabError::Invalid(format!("no live {role:?} on host {index}")))?;
         let sig = if paused {
             Signal::SIGSTOP
         } else {
@@ -377,6 +370,19 @@ impl Lab {
         };
         signal(pid, sig).map_err(LabError::Invalid)?;
         Ok(pid)
+    }
+    /// The pid of host `index`'s controller or agent when it is one this lab started and it is
+    /// still alive (`None` when it is not running); an error only for an unknown host.
+    fn live_pid(&self, index: usize, role: Role) -> Result<Option<i32>, LabError> {
+        let host = self
+            .hosts
+            .get(index)
+            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
+        let pid = match role {
+            Role::Controller => host.controller_pid,
+            Role::Agent => host.agent_pid,
+        };
+        Ok(pid.filter(|p| signalable(*p) && pid_alive(*p)))
     }
     /// The root namespace's underlay address, `10.213.k.254`.
     pub fn root_addr(&self) -> Ipv4Addr {
@@ -1245,15 +1251,7 @@ impl Lab {
     /// SIGKILLs the controller or agent of host `index` (0-based) and waits until it is gone,
     /// as a crash would. `restart` starts it again.
     pub fn kill(&self, index: usize, role: Role) -> Result<(), LabError> {
-        let host = self
-            .hosts
-            .get(index)
-            .ok_or_else(|| LabError::Invalid(format!("no host with index {index}")))?;
-        let pid = match role {
-            Role::Controller => host.controller_pid,
-            Role::Agent => host.agent_pid,
-        };
-        if let Some(pid) = pid.filter(|p| signalable(*p) && pid_alive(*p)) {
+        if let Some(pid) = self.live_pid(index, role)? {
             let _ = signal(pid, Signal::SIGKILL);
             wait_gone(&[pid], KILL_GRACE);
         }
