@@ -147,6 +147,12 @@ pub struct Config {
     /// default): not served.
     #[serde(default)]
     pub dashboard_listen: Option<SocketAddr>,
+    /// Raft election timeout (`None`: [`raft_node::ELECTION_TIMEOUT`], 700 ms). A follower
+    /// that hears no leader for this long (up to twice, randomized) campaigns, and a leader
+    /// that hears from no quorum for this long steps down; raise it for fleets of thousands
+    /// of hosts on busy machines, where a leader's heartbeats can be late by more than that.
+    #[serde(default)]
+    pub election_timeout: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -175,6 +181,16 @@ impl Config {
             return Err(ControllerError::Config(
                 "listen and registry-listen must differ".into(),
             ));
+        }
+        if let Some(t) = self.election_timeout {
+            if t < raft_node::TICK * 3 || t > raft_node::MAX_ELECTION_TIMEOUT {
+                return Err(ControllerError::Config(format!(
+                    "election-timeout-ms: {} ms is outside {}..={} ms",
+                    t.as_millis(),
+                    (raft_node::TICK * 3).as_millis(),
+                    raft_node::MAX_ELECTION_TIMEOUT.as_millis()
+                )));
+            }
         }
         Ok(())
     }
@@ -264,7 +280,17 @@ pub async fn run(
     // a restart interrupted.
     tokio::spawn(at_rest.clone().reencrypt());
     let transport = peer::GrpcTransport::with_tls(Some(peer_tls.clone()));
-    let raft = raft_node::start(cfg.raft_id, storage, transport.clone())?;
+    let election = cfg.election_timeout.unwrap_or(raft_node::ELECTION_TIMEOUT);
+    let raft = raft_node::start_with_options(
+        cfg.raft_id,
+        storage,
+        transport.clone(),
+        raft_node::Options {
+            election_ticks: raft_node::election_ticks(election),
+            own_runtime: true,
+            ..Default::default()
+        },
+    )?;
     transport.attach(raft.clone());
     let forwarder = peer::GrpcForwarder::new(raft.clone(), Some(peer_tls));
     raft.set_forwarder(forwarder.clone());

@@ -72,6 +72,11 @@ struct Args {
     /// not serve it.
     #[arg(long, value_parser = listen)]
     dashboard_listen: Option<config::Listen>,
+    /// Raft election timeout in milliseconds (210..=60000) [default: 700]. A longer one keeps
+    /// a leader through the load of thousands of agents on a busy machine, and makes a
+    /// failover take as much longer; every controller of a group should use the same.
+    #[arg(long)]
+    election_timeout_ms: Option<u64>,
 }
 
 fn listen(s: &str) -> Result<config::Listen, String> {
@@ -133,7 +138,14 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(settings, token, validity, restore, notify))
+        .block_on(run(
+            settings,
+            token,
+            validity,
+            restore,
+            notify,
+            a.election_timeout_ms,
+        ))
 }
 
 /// Reads and decrypts a backup file into the store it holds.
@@ -162,6 +174,7 @@ async fn run(
     node_cert_validity: std::time::Duration,
     restore: Option<std::sync::Arc<rudder_model::Store>>,
     notify: rudder_sdnotify::Notifier,
+    election_timeout_ms: Option<u64>,
 ) -> anyhow::Result<()> {
     // Colours only on a terminal: the log usually goes to a file or a journal.
     tracing_subscriber::fmt()
@@ -188,6 +201,7 @@ async fn run(
         metrics_listen: s.metrics_listen,
         metrics_addr: s.metrics_addr,
         dashboard_listen: s.dashboard_listen,
+        election_timeout: election_timeout_ms.map(std::time::Duration::from_millis),
     };
     // systemd (Type=notify): ready once the gRPC port accepts, which is after raft started.
     notify.ready_when_listening(cfg.listen, format!("serving the API on {}", cfg.listen));

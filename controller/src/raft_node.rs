@@ -49,12 +49,55 @@ use tracing::{debug, error, info, warn};
 use crate::storage::{RedbStorage, StorageErr};
 use crate::transport::RaftTransport;
 
-/// Tick period; elections after 10–20 ticks (raft-rs randomizes), heartbeats every tick: a lost
-/// leader is replaced in 0.7–1.5 s, inside the 2 s target even when one election splits.
+/// Tick period; elections after 10–20 ticks by default (raft-rs randomizes; [`Options`] sets
+/// another timeout), heartbeats every tick: a lost leader is replaced in 0.7–1.5 s, inside the
+/// 2 s target even when one election splits.
 pub const TICK: Duration = Duration::from_millis(70);
 
 /// Election timeout in ticks (raft-rs randomizes each timeout in `[ELECTION_TICKS, 2×)`).
 pub const ELECTION_TICKS: usize = 10;
+
+/// The default election timeout, [`ELECTION_TICKS`] ticks.
+pub const ELECTION_TIMEOUT: Duration =
+    Duration::from_millis(TICK.as_millis() as u64 * ELECTION_TICKS as u64);
+
+/// The longest election timeout a controller accepts: past it a lost leader leaves the
+/// cluster without writes for minutes.
+pub const MAX_ELECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Election timeout in ticks for a timeout of `timeout`, rounded up to whole ticks and at
+/// least 3 (raft-rs wants it above the heartbeat tick, which is 1).
+pub fn election_ticks(timeout: Duration) -> usize {
+    let tick = TICK.as_millis();
+    (timeout.as_millis().div_ceil(tick) as usize).max(3)
+}
+
+/// How a node runs: what [`start_with_options`] takes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Applied entries between two snapshots ([`SNAPSHOT_EVERY`]).
+    pub snapshot_every: u64,
+    /// Election timeout in ticks ([`ELECTION_TICKS`]; see [`election_ticks`]). Followers
+    /// campaign after `[ticks, 2 × ticks)` without a heartbeat, and a leader steps down
+    /// (check_quorum) after as long without hearing from a quorum.
+    pub election_ticks: usize,
+    /// Run the Ready loop, its ticks and what it spawns (the transport's peer streams, the
+    /// snapshot serialisation) on a runtime of its own, on its own OS thread, instead of the
+    /// caller's: a controller whose runtime serves thousands of agent sessions would otherwise
+    /// delay the ticks and heartbeats behind them until followers start elections (issue 20,
+    /// 5,000 hosts). Tests on tokio's paused clock keep it on theirs.
+    pub own_runtime: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            snapshot_every: SNAPSHOT_EVERY,
+            election_ticks: ELECTION_TICKS,
+            own_runtime: false,
+        }
+    }
+}
 
 /// How long a caller waits for a proposal or a read before giving up with `Timeout`.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,6 +164,9 @@ pub enum RaftError {
     /// The raft log failed.
     #[error(transparent)]
     Storage(#[from] StorageErr),
+    /// The raft loop's thread or runtime could not be started.
+    #[error("raft: cannot start the raft thread: {0}")]
+    Thread(std::io::Error),
     /// raft-rs refused the operation.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
@@ -483,6 +529,25 @@ pub fn start_with<S: LogStore>(
     transport: Arc<dyn RaftTransport>,
     snapshot_every: u64,
 ) -> Result<RaftHandle, RaftError> {
+    start_with_options(
+        id,
+        storage,
+        transport,
+        Options {
+            snapshot_every,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`start`] with every option given.
+pub fn start_with_options<S: LogStore>(
+    id: u64,
+    storage: S,
+    transport: Arc<dyn RaftTransport>,
+    opts: Options,
+) -> Result<RaftHandle, RaftError> {
+    let snapshot_every = opts.snapshot_every;
     // Recovery: the store starts from the latest snapshot; raft then hands over the committed
     // entries after it.
     let mut store = Store::default();
@@ -492,7 +557,7 @@ pub fn start_with<S: LogStore>(
     }
     let cfg = Config {
         id,
-        election_tick: ELECTION_TICKS,
+        election_tick: opts.election_ticks.max(3),
         heartbeat_tick: 1,
         pre_vote: true,
         check_quorum: true,
@@ -543,11 +608,26 @@ pub fn start_with<S: LogStore>(
         store_tx,
         status_tx,
     };
-    tokio::spawn(async move {
+    let run = async move {
         if let Err(e) = driver.run(rx).await {
             error!(%e, "raft loop stopped");
         }
-    });
+    };
+    if opts.own_runtime {
+        // Two workers: the peer streams keep moving while the loop persists a batch.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .map_err(RaftError::Thread)?;
+        std::thread::Builder::new()
+            .name("raft-loop".into())
+            .spawn(move || rt.block_on(run))
+            .map_err(RaftError::Thread)?;
+    } else {
+        tokio::spawn(run);
+    }
     Ok(RaftHandle {
         tx,
         store: store_rx,
@@ -1160,6 +1240,49 @@ mod tests {
                 "wanted {wanted}, {since} entries, {log} bytes since a {last}-byte snapshot"
             );
         }
+    }
+
+    /// The election timeout is given in time and kept in whole ticks, never below the floor
+    /// raft-rs needs; the default is the 700 ms the lab's failover tests count on.
+    #[test]
+    fn election_timeouts_round_up_to_whole_ticks() {
+        assert_eq!(election_ticks(ELECTION_TIMEOUT), ELECTION_TICKS);
+        assert_eq!(ELECTION_TIMEOUT, Duration::from_millis(700));
+        let cases = [(1, 3), (210, 3), (211, 4), (700, 10), (701, 11), (5000, 72)];
+        for (ms, ticks) in cases {
+            assert_eq!(election_ticks(Duration::from_millis(ms)), ticks, "{ms} ms");
+        }
+    }
+
+    /// On a runtime of its own the node works as on the caller's (the controller runs it so;
+    /// the other tests run it on theirs), and its end is still seen through the handle.
+    #[tokio::test]
+    async fn a_node_on_its_own_runtime_commits_and_its_end_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = FailingDisk {
+            inner: RedbStorage::open(&dir.path().join("raft.redb"), &[1]).unwrap(),
+            fail: Default::default(),
+        };
+        let opts = Options {
+            own_runtime: true,
+            election_ticks: election_ticks(Duration::from_secs(3)),
+            ..Default::default()
+        };
+        let h = start_with_options(
+            1,
+            disk.clone(),
+            Arc::new(crate::transport::NoopTransport),
+            opts,
+        )
+        .unwrap();
+        h.propose(write(1)).await.unwrap();
+        assert!(h.store().images.get("t").is_some());
+        assert!(h.status().is_leader);
+        disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = h.propose(write(2)).await;
+        tokio::time::timeout(Duration::from_secs(10), h.stopped())
+            .await
+            .expect("the loop's end is seen");
     }
 
     #[tokio::test]

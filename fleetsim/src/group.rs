@@ -115,6 +115,8 @@ pub struct Group {
     dir: PathBuf,
     /// The admin credentials (ca.pem, admin.pem, admin-key.pem).
     pub admin_dir: PathBuf,
+    /// More flags every controller gets, members added later included.
+    args: Vec<String>,
 }
 
 /// A free port on 127.0.0.1 (bound and released: good enough on a machine we share only
@@ -168,6 +170,8 @@ struct Spawn<'a> {
     rust_log: &'a str,
     /// A member to join through, and the manager token (none for the first controller).
     join: Option<(SocketAddr, &'a str)>,
+    /// More flags for every controller (`--election-timeout-ms`).
+    args: &'a [String],
 }
 
 impl Spawn<'_> {
@@ -197,6 +201,7 @@ impl Spawn<'_> {
             .arg(self.raft_id.to_string())
             .arg("--node-name")
             .arg(format!("c{}", self.raft_id))
+            .args(self.args)
             .env("RUST_LOG", self.rust_log)
             .env_remove(TOKEN_ENV)
             .stdin(Stdio::null())
@@ -227,7 +232,19 @@ impl Spawn<'_> {
 impl Group {
     /// Starts `n` controllers from `bin` with data under `dir`; `rust_log` is their log filter.
     pub fn start(bin: &Path, dir: &Path, n: u64, rust_log: &str) -> anyhow::Result<Group> {
+        Self::start_with(bin, dir, n, rust_log, Vec::new())
+    }
+
+    /// [`Group::start`], every controller started with the flags `args` too.
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        n: u64,
+        rust_log: &str,
+        args: Vec<String>,
+    ) -> anyhow::Result<Group> {
         let mut group = Group {
+            args,
             members: Vec::new(),
             worker_token: String::new(),
             manager_token: String::new(),
@@ -246,6 +263,7 @@ impl Group {
                 raft_id,
                 rust_log,
                 join,
+                args: &group.args,
             }
             .start()?;
             group.members.push(member);
@@ -271,6 +289,7 @@ impl Group {
             raft_id,
             rust_log,
             join: Some((via, &self.manager_token)),
+            args: &self.args,
         }
         .start()?;
         self.members.push(member);

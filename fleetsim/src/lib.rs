@@ -82,6 +82,9 @@ pub struct Config {
     /// counts from its own service's apply (as classic Swarm's figures count each container
     /// from its own request); 0: all services in one apply, every delay from that apply.
     pub rate: f64,
+    /// The controllers' raft election timeout (`--election-timeout-ms`; `None`: theirs,
+    /// 700 ms).
+    pub election_timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -406,9 +409,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         .prefix("fleetsim-")
         .tempdir_in(&cfg.dir)?;
     r.say(format!(
-        "fleetsim: {} controllers, {} hosts, {} tasks (start latency {:?}, failure rate {}), \
-         open-file limit {nofile}, data in {}",
+        "fleetsim: {} controllers (election timeout {}), {} hosts, {} tasks (start latency \
+         {:?}, failure rate {}), open-file limit {nofile}, data in {}",
         cfg.controllers,
+        cfg.election_timeout_ms
+            .map_or("default".to_string(), |ms| format!("{ms} ms")),
         cfg.hosts,
         cfg.tasks,
         cfg.behaviour.start_latency,
@@ -421,7 +426,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         cfg.controllers,
         cfg.controller_log.clone(),
     );
-    let group = tokio::task::spawn_blocking(move || Group::start(&bin, &path, n, &log)).await?;
+    let args = cfg
+        .election_timeout_ms
+        .map(|ms| vec!["--election-timeout-ms".to_string(), ms.to_string()])
+        .unwrap_or_default();
+    let group =
+        tokio::task::spawn_blocking(move || Group::start_with(&bin, &path, n, &log, args)).await?;
     let result = match group {
         Ok(group) => scenarios(&cfg, group, dir.path(), &mut r).await,
         Err(e) => Err(e),

@@ -67,6 +67,9 @@ struct Args {
     /// from its own service's apply (0: all at once).
     #[arg(long, env = "FLEETSIM_RATE", default_value_t = 0.0)]
     rate: f64,
+    /// The controllers' raft election timeout in milliseconds (their default: 700).
+    #[arg(long, env = "FLEETSIM_ELECTION_TIMEOUT_MS")]
+    election_timeout_ms: Option<u64>,
     /// The controllers' log filter.
     #[arg(long, env = "FLEETSIM_CONTROLLER_LOG", default_value = "warn")]
     controller_log: String,
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         hold: Duration::from_secs(a.hold),
         controller_log: a.controller_log,
         rate: a.rate,
+        election_timeout_ms: a.election_timeout_ms,
     };
     // On ^C the run's future is dropped, and with it the controller group (killed by pid)
     // and the run's directory.

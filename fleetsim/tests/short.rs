@@ -33,6 +33,7 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         hold: Duration::from_secs(2),
         controller_log: "warn".into(),
         rate: 0.0,
+        election_timeout_ms: None,
     };
     let report = rudder_fleetsim::run(cfg).await.expect("the run");
     assert!(report.converged);
