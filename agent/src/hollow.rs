@@ -11,6 +11,10 @@
 //! live on, as on a host whose network was lost, and the next session re-sends every task's
 //! last status, as a real agent's does.
 //!
+//! Each host keeps a [`Timeline`] per task it was assigned (when the leader created it, when
+//! the worker first saw it, when its start began and ended), from which the simulator splits
+//! a scheduling delay into its stages.
+//!
 //! Invariants: nothing here touches the host (no files are written under `dir` unless the
 //! controller declares volumes, no processes, no namespaces); randomness comes from the
 //! seed in [`Behaviour`].
@@ -64,6 +68,52 @@ impl Default for Behaviour {
     }
 }
 
+/// When one task reached a hollow host, in milliseconds since the epoch (one machine, one
+/// clock: the controllers and the hosts share it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeline {
+    /// When the leader's control loop created the task (its `created_at`).
+    pub created_ms: u64,
+    /// When this host's worker first saw it in an assignment (`Mounts::hold`).
+    pub seen_ms: u64,
+    /// When the runtime's start was called (the task prepared), if it was.
+    pub start_ms: Option<u64>,
+    /// When the runtime's start returned (before `running` is reported), if it did.
+    pub started_ms: Option<u64>,
+}
+
+/// Task id → [`Timeline`], shared by one host's ports.
+#[derive(Debug, Default)]
+struct Timelines(Mutex<HashMap<String, Timeline>>);
+
+impl Timelines {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Timeline>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn seen(&self, task: &Task) {
+        self.lock().entry(task.id.clone()).or_insert(Timeline {
+            created_ms: task.created_at,
+            seen_ms: wall_ms(),
+            ..Timeline::default()
+        });
+    }
+
+    fn start(&self, id: &str, f: impl FnOnce(&mut Timeline)) {
+        if let Some(t) = self.lock().get_mut(id) {
+            f(t);
+        }
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A [`ContainerRuntime`] without containers: `start` waits [`Behaviour::start_latency`] and
 /// fails [`Behaviour::fail_rate`] of the time; a started container runs until killed (exit
 /// 128+signal) or until [`Behaviour::run_for`] has passed (exit 0).
@@ -73,6 +123,7 @@ pub struct HollowRuntime {
     /// Started containers: their exit code once they ended.
     containers: Mutex<HashMap<String, watch::Sender<Option<i32>>>>,
     next_pid: AtomicU32,
+    timelines: Arc<Timelines>,
 }
 
 impl HollowRuntime {
@@ -83,6 +134,7 @@ impl HollowRuntime {
             behaviour,
             containers: Mutex::default(),
             next_pid: AtomicU32::new(1000),
+            timelines: Arc::default(),
         }
     }
 
@@ -140,7 +192,9 @@ impl ContainerRuntime for HollowRuntime {
     }
 
     async fn start(&self, id: &str, _dir: &Path) -> Result<u32, RuntimeError> {
+        self.timelines.start(id, |t| t.start_ms = Some(wall_ms()));
         tokio::time::sleep(self.behaviour.start_latency).await;
+        self.timelines.start(id, |t| t.started_ms = Some(wall_ms()));
         let fail = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             self.behaviour.fail_rate > 0.0 && rng.random::<f64>() < self.behaviour.fail_rate
@@ -265,12 +319,15 @@ impl ImageStore for HollowImages {
     }
 }
 
-/// No filesystem: every preparation succeeds and mounts nothing.
-struct HollowMounts;
+/// No filesystem: every preparation succeeds and mounts nothing. (`hold`, the worker's first
+/// sight of a task, is when the host saw it.)
+struct HollowMounts(Arc<Timelines>);
 
 #[async_trait::async_trait]
 impl Mounts for HollowMounts {
-    fn hold(&self, _task: &Task) {}
+    fn hold(&self, task: &Task) {
+        self.0.seen(task);
+    }
     async fn release(&self, _task: &Task) {}
     fn prepare(&self, _task: &Task) -> Result<Vec<OciMount>, MountsError> {
         Ok(Vec::new())
@@ -371,7 +428,7 @@ impl HollowHost {
             ports: Ports {
                 runtime: runtime.clone(),
                 images: Arc::new(HollowImages),
-                mounts: Arc::new(HollowMounts),
+                mounts: Arc::new(HollowMounts(runtime.timelines.clone())),
                 networks: Arc::new(HollowNetworks),
                 clock: Arc::new(SystemClock),
             },
@@ -422,6 +479,16 @@ impl HollowHost {
     /// The task ids of its "containers" that run now.
     pub fn running_ids(&self) -> Vec<String> {
         self.runtime.running_ids()
+    }
+
+    /// Every task this host was assigned, with its [`Timeline`].
+    pub fn timelines(&self) -> Vec<(String, Timeline)> {
+        self.runtime
+            .timelines
+            .lock()
+            .iter()
+            .map(|(id, t)| (id.clone(), *t))
+            .collect()
     }
 
     /// Opens a session (the agent's [`crate::session::run`], which finds the leader and keeps
@@ -551,7 +618,7 @@ mod tests {
             ports: Ports {
                 runtime: runtime.clone(),
                 images: Arc::new(HollowImages),
-                mounts: Arc::new(HollowMounts),
+                mounts: Arc::new(HollowMounts(runtime.timelines.clone())),
                 networks: Arc::new(HollowNetworks),
                 clock: Arc::new(SystemClock),
             },
@@ -580,6 +647,20 @@ mod tests {
             .map(wire)
         );
         assert_eq!(runtime.running(), 1);
+        // Its timeline: created by the leader, seen, started, in that order.
+        let t = runtime
+            .timelines
+            .lock()
+            .get("t1")
+            .copied()
+            .expect("a timeline");
+        let task = crate::task::fake::task("t1");
+        assert_eq!(t.created_ms, task.created_at);
+        let (start, started) = (t.start_ms.expect("start"), t.started_ms.expect("started"));
+        assert!(
+            t.seen_ms > 0 && t.seen_ms <= start && start <= started,
+            "{t:?}"
+        );
         w.sync(vec![]);
         assert_eq!(rx.recv().await.unwrap().state, wire(TaskState::Shutdown));
         assert_eq!(runtime.running(), 0);

@@ -11,7 +11,7 @@ use rudder_model::{Command, TaskState};
 use rudder_proto::v1::control_server::Control;
 use rudder_proto::v1::*;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::agents::{AgentAt, AgentDialer};
 use crate::context::ApiContext;
@@ -67,6 +67,7 @@ impl Control for ControlApi {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let req = req.into_inner();
         let dry_run = req.dry_run;
+        let began = std::time::Instant::now();
         let manifests = convert::manifests(req)?;
         if !dry_run {
             // The plan is computed from this controller's store: it must hold every write
@@ -75,9 +76,11 @@ impl Control for ControlApi {
             // chaos soak caught it after a partition healed).
             self.raft.read_index().await.map_err(raft_status)?;
         }
+        let read_ms = began.elapsed().as_millis() as u64;
         let store = self.raft.store();
         let plan = rudder_model::apply::plan(&store, manifests, now_ms(), &mut new_id)
             .map_err(convert::apply_status)?;
+        let plan_ms = began.elapsed().as_millis() as u64;
         if dry_run {
             // The same plan, reported and not proposed: `rctl apply --dry-run`, `rctl diff`.
             return Ok(Response::new(ApplyResponse {
@@ -93,6 +96,13 @@ impl Control for ControlApi {
             // One entry: a file is applied whole.
             self.raft.propose(cmd).await.map_err(raft_status)?;
         }
+        // Cumulative: the read index, the plan, the commit (issue 20's stage figures).
+        debug!(
+            read_ms,
+            plan_ms,
+            commit_ms = began.elapsed().as_millis() as u64,
+            "apply timings"
+        );
         Ok(Response::new(ApplyResponse {
             results: plan.results.iter().map(convert::apply_result).collect(),
         }))

@@ -132,6 +132,9 @@ pub fn snapshot_due(
 /// the log instead of receiving the whole store.
 pub const KEEP_ENTRIES: u64 = 5_000;
 
+/// A Ready that takes at least this long is logged (debug) with where its time went.
+const SLOW_READY_MS: u64 = 10;
+
 /// A read whose ReadIndex request got no answer is asked again after this many ticks (raft-rs
 /// silently drops a request when there is no leader, or when the leader has not yet committed an
 /// entry in its term).
@@ -656,6 +659,9 @@ struct PendingRead {
     index: Option<u64>,
     /// Tick at which the ReadIndex request was last sent.
     asked_at: u64,
+    /// When it was asked, and how long a quorum took to confirm it (debug timings).
+    began: std::time::Instant,
+    confirmed_ms: u64,
 }
 
 struct Driver<S: LogStore> {
@@ -829,6 +835,8 @@ impl<S: LogStore> Driver<S> {
                         reply,
                         index: None,
                         asked_at: self.ticks,
+                        began: std::time::Instant::now(),
+                        confirmed_ms: 0,
                     },
                 );
             }
@@ -839,6 +847,7 @@ impl<S: LogStore> Driver<S> {
         if !self.node.has_ready() {
             return Ok(());
         }
+        let began = std::time::Instant::now();
         let mut rd = self.node.ready();
         // 1. Messages that need no durable state (a leader's appends and heartbeats) go at once.
         self.send(rd.take_messages());
@@ -863,19 +872,25 @@ impl<S: LogStore> Driver<S> {
         for rs in rd.take_read_states() {
             if let Some(id) = self.request_id(&rs.request_ctx) {
                 if let Some(r) = self.reads.get_mut(&id) {
-                    r.index.get_or_insert(rs.index);
+                    if r.index.is_none() {
+                        r.index = Some(rs.index);
+                        r.confirmed_ms = r.began.elapsed().as_millis() as u64;
+                    }
                 }
             }
         }
         // 3. Committed entries.
         let mut changed = self.apply_entries(rd.take_committed_entries())? || installed;
+        let applied_ms = began.elapsed().as_millis() as u64;
         // 4. Append entries and persist the hard state together.
         let hs = rd.hs().cloned();
+        let appended = rd.entries().len();
         if !rd.entries().is_empty() || hs.is_some() {
             self.node
                 .mut_store()
                 .persist(rd.entries(), hs.as_ref(), None)?;
         }
+        let persisted_ms = began.elapsed().as_millis() as u64;
         // 5. Messages that promise durable state (votes, append responses) only now.
         self.send(rd.take_persisted_messages());
         // 6. Advance; the light ready carries what the persisted entries unblocked.
@@ -899,6 +914,11 @@ impl<S: LogStore> Driver<S> {
             let _ = reply.send(result);
         }
         self.resolve_reads();
+        let total_ms = began.elapsed().as_millis() as u64;
+        if total_ms >= SLOW_READY_MS {
+            // Cumulative times: where a slow commit or read spent its Ready.
+            debug!(applied_ms, persisted_ms, total_ms, appended, "slow ready");
+        }
         let status = RaftStatus {
             id: self.node.raft.id,
             leader_id: self.node.raft.leader_id,
@@ -1005,6 +1025,11 @@ impl<S: LogStore> Driver<S> {
         for id in done {
             if let Some(r) = self.reads.remove(&id) {
                 if let Some(index) = r.index {
+                    debug!(
+                        confirmed_ms = r.confirmed_ms,
+                        applied_ms = r.began.elapsed().as_millis() as u64,
+                        "read index"
+                    );
                     let _ = r.reply.send(Ok(index));
                 }
             }

@@ -1,10 +1,12 @@
 //! The figures and checks of a run, pure: percentiles of delays, and whether the tasks the
 //! controller lists have converged (every replica slot runs exactly one task where it should)
-//! or break the invariant that no slot ever runs two tasks once converged.
+//! or break the invariant that no slot ever runs two tasks once converged; the split of a
+//! scheduling delay into its stages.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use rudder_agent::hollow::Timeline;
 use rudder_proto::v1::{TaskState, TaskSummary};
 
 /// The `p`-th percentile (0..=100) of `values` by nearest rank; `None` when empty.
@@ -36,20 +38,37 @@ pub fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
 
-/// What the fleet should run: replicas per service name, and the image the running tasks
-/// must have (after a rolling update).
+/// What the fleet should run: replicas per service name, and the image each service's
+/// running tasks must have (after a rolling update of some or all of them).
 #[derive(Debug, Clone, Default)]
 pub struct Want {
     /// Service name → replicas.
     pub replicas: BTreeMap<String, u64>,
-    /// When set, a running task of another image does not count.
-    pub image: Option<String>,
+    /// Service name → image: a running task of another image does not count (a service not
+    /// named here: any image counts).
+    pub images: BTreeMap<String, String>,
 }
 
 impl Want {
+    /// `replicas`, every service of `image` when given.
+    pub fn of(replicas: BTreeMap<String, u64>, image: Option<&str>) -> Want {
+        let images = image.map_or_else(BTreeMap::new, |i| {
+            replicas
+                .keys()
+                .map(|n| (n.clone(), i.to_string()))
+                .collect()
+        });
+        Want { replicas, images }
+    }
+
     /// Total tasks wanted.
     pub fn total(&self) -> u64 {
         self.replicas.values().sum()
+    }
+
+    /// Whether a running task of `service` with `image` counts.
+    pub fn image_ok(&self, service: &str, image: &str) -> bool {
+        self.images.get(service).is_none_or(|i| i == image)
     }
 }
 
@@ -77,7 +96,7 @@ pub fn slots(tasks: &[TaskSummary], want: &Want, excluded: &BTreeSet<String>) ->
         let e = per_slot.entry((t.service.as_str(), t.slot)).or_default();
         e.0 += 1;
         let placed_ok = !excluded.contains(&t.node_id);
-        let image_ok = want.image.as_ref().is_none_or(|i| *i == t.image);
+        let image_ok = want.image_ok(&t.service, &t.image);
         if placed_ok && image_ok && (1..=replicas).contains(&t.slot) {
             e.1 += 1;
         } else {
@@ -107,7 +126,7 @@ pub fn missing(
     let good: BTreeSet<(&str, u64)> = tasks
         .iter()
         .filter(|t| t.state == running && !excluded.contains(&t.node_id))
-        .filter(|t| want.image.as_ref().is_none_or(|i| *i == t.image))
+        .filter(|t| want.image_ok(&t.service, &t.image))
         .map(|t| (t.service.as_str(), t.slot))
         .collect();
     let mut out = Vec::new();
@@ -171,6 +190,64 @@ pub fn fleet_slots<'a>(
     (n, doubled)
 }
 
+/// A scheduling delay split at what the hosts recorded ([`Timeline`]), each list in ms over
+/// the running tasks that have a timeline and an apply time:
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stages {
+    /// The apply began → the leader's control loop created the task (the `Apply` call's read
+    /// index and commit, and the loop's reaction to the new spec).
+    pub apply_to_created: Vec<u64>,
+    /// Created → its host's worker saw it (the pass's plan, the placement's commit, the
+    /// fan-out to the session and the assignment's trip).
+    pub created_to_seen: Vec<u64>,
+    /// Seen → the runtime's start was called (the agent's preparation).
+    pub seen_to_start: Vec<u64>,
+    /// Start called → `running` as the controller recorded it (the start latency).
+    pub start_to_running: Vec<u64>,
+}
+
+impl Stages {
+    /// The stages of the `running` tasks of `tasks`, from the apply time of their service
+    /// (`applied_at`) and their host's timeline (`timelines`, by task id).
+    pub fn of(
+        tasks: &[TaskSummary],
+        applied_at: &BTreeMap<String, u64>,
+        timelines: &BTreeMap<String, Timeline>,
+    ) -> Stages {
+        let mut s = Stages::default();
+        let running = TaskState::Running as i32;
+        for t in tasks.iter().filter(|t| t.state == running) {
+            let (Some(&at), Some(tl)) = (applied_at.get(&t.service), timelines.get(&t.id)) else {
+                continue;
+            };
+            let Some(start) = tl.start_ms else { continue };
+            s.apply_to_created.push(tl.created_ms.saturating_sub(at));
+            s.created_to_seen
+                .push(tl.seen_ms.saturating_sub(tl.created_ms));
+            s.seen_to_start.push(start.saturating_sub(tl.seen_ms));
+            s.start_to_running
+                .push(t.timestamp_ms.saturating_sub(start));
+        }
+        s
+    }
+
+    /// One line a stage.
+    pub fn lines(&self) -> Vec<String> {
+        [
+            (
+                "apply -> created by the control loop",
+                &self.apply_to_created,
+            ),
+            ("created -> seen by its host", &self.created_to_seen),
+            ("seen -> start (agent prepares)", &self.seen_to_start),
+            ("start -> running (start latency)", &self.start_to_running),
+        ]
+        .into_iter()
+        .map(|(what, v)| format!("{what}: {}", summary(v)))
+        .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,10 +264,7 @@ mod tests {
     }
 
     fn want(image: Option<&str>) -> Want {
-        Want {
-            replicas: [("a".to_string(), 2), ("b".to_string(), 1)].into(),
-            image: image.map(str::to_string),
-        }
+        Want::of([("a".to_string(), 2), ("b".to_string(), 1)].into(), image)
     }
 
     #[test]
@@ -288,5 +362,52 @@ mod tests {
         assert!(!v.converged(&want(None)));
         let v = slots(&tasks, &want(Some("y")), &BTreeSet::new());
         assert_eq!((v.good, v.misplaced), (1, 2));
+        // Only b rolled to y: a's tasks of x still count.
+        let mut partly = want(None);
+        partly.images.insert("b".into(), "y".into());
+        let v = slots(&tasks, &partly, &BTreeSet::new());
+        assert_eq!((v.good, v.misplaced), (3, 0));
+    }
+
+    #[test]
+    fn stages_split_each_running_task_s_delay_at_its_host_s_timeline() {
+        use TaskState::*;
+        let mut tasks = vec![
+            task("a", 1, "n1", Running, "x"),
+            task("a", 2, "n1", Starting, "x"),
+            task("b", 1, "n1", Running, "x"),
+            task("c", 1, "n1", Running, "x"),
+        ];
+        for (i, t) in tasks.iter_mut().enumerate() {
+            t.id = format!("t{i}");
+            t.timestamp_ms = 1_200;
+        }
+        let applied: BTreeMap<String, u64> =
+            [("a".to_string(), 1_000), ("b".to_string(), 1_100)].into();
+        let tl = |created_ms, seen_ms, start_ms| Timeline {
+            created_ms,
+            seen_ms,
+            start_ms,
+            started_ms: None,
+        };
+        let timelines: BTreeMap<String, Timeline> = [
+            ("t0".to_string(), tl(1_010, 1_030, Some(1_040))),
+            // Not running yet, not started, or of a service applied elsewhere: left out.
+            ("t1".to_string(), tl(1_010, 1_030, Some(1_040))),
+            ("t2".to_string(), tl(1_110, 1_120, None)),
+            ("t3".to_string(), tl(1_110, 1_120, Some(1_130))),
+        ]
+        .into();
+        let s = Stages::of(&tasks, &applied, &timelines);
+        assert_eq!(
+            s,
+            Stages {
+                apply_to_created: vec![10],
+                created_to_seen: vec![20],
+                seen_to_start: vec![10],
+                start_to_running: vec![160],
+            }
+        );
+        assert_eq!(s.lines().len(), 4);
     }
 }

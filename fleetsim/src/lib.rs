@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context as _};
+use futures::StreamExt as _;
 use rudder_agent::hollow::Behaviour;
 use rudder_proto::v1::control_client::ControlClient;
 use rudder_proto::v1::{
@@ -38,7 +39,7 @@ use rudder_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use figures::{fleet_slots, secs, slots, summary, Want};
+use figures::{fleet_slots, secs, slots, summary, Stages, Want};
 use fleet::Fleet;
 use group::Group;
 
@@ -62,6 +63,13 @@ pub struct Config {
     pub churn: bool,
     /// Share of hosts lost and returning, and share drained, in the churn scenarios (0..1).
     pub churn_share: f64,
+    /// Rounds of hosts lost and returning, one a minute (each round cuts off other hosts);
+    /// at least 1.
+    pub churn_minutes: u64,
+    /// Tasks the rolling update rolls (whole services, the first ones); 0: every task.
+    pub update_tasks: u64,
+    /// Hosts drained; 0: the churn share of them.
+    pub drain_hosts: usize,
     /// Add a controller to the group and time its snapshot install.
     pub join_member: bool,
     /// Kill the leader at the end and time the failover.
@@ -78,6 +86,9 @@ pub struct Config {
     pub hold: Duration,
     /// The controllers' `RUST_LOG`.
     pub controller_log: String,
+    /// Keep the run's directory (the controllers' logs and data) after a run that succeeded,
+    /// to read what `controller_log` asked them to say.
+    pub keep: bool,
     /// S1 applies the services one at a time at this many per second, and each task's delay
     /// counts from its own service's apply (as classic Swarm's figures count each container
     /// from its own request); 0: all services in one apply, every delay from that apply.
@@ -100,6 +111,9 @@ impl Config {
             || !(0.0..1.0).contains(&self.churn_share)
         {
             bail!("fleetsim: the failure rate is in 0..=1 and the churn share in 0..1");
+        }
+        if self.drain_hosts >= self.hosts && self.churn {
+            bail!("fleetsim: --drain-hosts must leave at least one host undrained");
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {
             bail!("fleetsim: the apply rate is a number of services per second, 0 or more");
@@ -200,26 +214,29 @@ async fn observer(group: &Group, leader: u64) -> anyhow::Result<Client> {
 }
 
 /// Applies the services of `want` one at a time, `rate` per second; returns when each apply
-/// began (ms since the epoch), by service.
+/// began (ms since the epoch), by service, and how long each `Apply` call took (ms).
 async fn paced_apply(
     c: &mut Client,
     want: &Want,
     image: &str,
     rate: f64,
-) -> anyhow::Result<BTreeMap<String, u64>> {
+) -> anyhow::Result<(BTreeMap<String, u64>, Vec<u64>)> {
     let began = Instant::now();
     let mut at = BTreeMap::new();
+    let mut calls = Vec::new();
     for (i, (name, replicas)) in want.replicas.iter().enumerate() {
         tokio::time::sleep_until((began + Duration::from_secs_f64(i as f64 / rate)).into()).await;
         at.insert(name.clone(), now_ms());
+        let call = Instant::now();
         c.apply(ApplyRequest {
             service_specs_json: vec![service_json(name, *replicas, image)?],
             ..Default::default()
         })
         .await
         .context("fleetsim: apply")?;
+        calls.push(call.elapsed().as_millis() as u64);
     }
-    Ok(at)
+    Ok((at, calls))
 }
 
 async fn tasks(c: &mut Client) -> anyhow::Result<Vec<TaskSummary>> {
@@ -358,6 +375,11 @@ async fn hold(
 }
 
 impl Fleet {
+    /// Every host's task timelines, by task id.
+    pub fn timelines(&self) -> BTreeMap<String, rudder_agent::hollow::Timeline> {
+        self.hosts.iter().flat_map(|h| h.timelines()).collect()
+    }
+
     /// The running task ids of every host but those of `except` (node ids).
     pub fn running_ids(&self, except: &BTreeSet<String>) -> Vec<String> {
         self.hosts
@@ -444,6 +466,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             kept.display()
         )));
     }
+    if cfg.keep {
+        let kept = dir.keep();
+        r.say(format!(
+            "the run's directory (controller logs c<i>.log) is kept in {}",
+            kept.display()
+        ));
+    }
     Ok(r)
 }
 
@@ -477,10 +506,7 @@ async fn scenarios(
     ));
 
     // S1: apply, time to running.
-    let mut want = Want {
-        replicas: cfg.services(),
-        image: Some("sim:1".into()),
-    };
+    let mut want = Want::of(cfg.services(), Some("sim:1"));
     let leader = c
         .cluster_info(ClusterInfoRequest {})
         .await?
@@ -489,11 +515,12 @@ async fn scenarios(
     let mut obs = observer(&group, leader).await?;
     let t0 = now_ms();
     let began = Instant::now();
-    let applied_at = if cfg.rate > 0.0 {
+    let (applied_at, calls) = if cfg.rate > 0.0 {
         paced_apply(&mut c, &want, "sim:1", cfg.rate).await?
     } else {
         apply(&mut c, &want, "sim:1").await?;
-        want.replicas.keys().map(|n| (n.clone(), t0)).collect()
+        let at = want.replicas.keys().map(|n| (n.clone(), t0)).collect();
+        (at, vec![began.elapsed().as_millis() as u64])
     };
     let applied = began.elapsed();
     let done = converge(
@@ -531,6 +558,11 @@ async fn scenarios(
         },
         summary(&delays)
     ));
+    r.say(format!("S1 Apply calls: {}", summary(&calls)));
+    let stages = Stages::of(&done.tasks, &applied_at, &fleet.timelines());
+    for line in stages.lines() {
+        r.say(format!("S1 stage {line}"));
+    }
     r.say(format!(
         "S1 controllers: {}",
         resources(&mut c, &group).await?
@@ -571,7 +603,15 @@ async fn scenarios(
     Ok(())
 }
 
-/// S3: hosts lost and returning, a rolling update, a drain.
+/// The hosts of round `round` of losses: `k` of `n`, spread evenly, each round shifted by one
+/// so that successive rounds cut off other hosts.
+pub fn lost_in_round(n: usize, k: usize, round: usize) -> Vec<usize> {
+    let k = k.clamp(1, n);
+    let step = n / k;
+    (0..k).map(|i| (i * step + round) % n).collect()
+}
+
+/// S3: hosts lost and returning (one round a minute), a rolling update, a drain.
 async fn churn(
     c: &mut Client,
     obs: &mut Client,
@@ -580,66 +620,122 @@ async fn churn(
     cfg: &Config,
     r: &mut Report,
 ) -> anyhow::Result<()> {
-    let k = ((cfg.hosts as f64 * cfg.churn_share).ceil() as usize).clamp(1, cfg.hosts - 1);
-    let step = cfg.hosts / k;
-    let chosen: Vec<usize> = (0..k).map(|i| i * step).collect();
-    let ids: BTreeSet<String> = chosen
-        .iter()
-        .map(|&i| fleet.hosts[i].spec().node_id.clone())
-        .collect();
+    let n = cfg.hosts;
+    let k = ((n as f64 * cfg.churn_share).ceil() as usize).clamp(1, n - 1);
+    let none = BTreeSet::new();
 
-    // Lost and returning.
-    for &i in &chosen {
-        fleet.hosts[i].disconnect();
-    }
-    let lost = converge(obs, fleet, want, &ids, &ids, cfg).await?;
-    r.say(format!(
-        "S3 {k} hosts lost: their tasks replaced after {} (heartbeat timeout included)",
-        secs(lost.took)
-    ));
-    for &i in &chosen {
-        fleet.hosts[i].connect();
-    }
-    let back = converge(obs, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
-    r.say(format!(
-        "S3 {k} hosts back: stale tasks stopped, converged after {}",
-        secs(back.took)
-    ));
-    r.violations
-        .extend(hold(obs, fleet, want, cfg, "after hosts returned").await?);
-
-    // Rolling update.
-    want.image = Some("sim:2".into());
+    // Lost and returning, a round a minute.
     let began = Instant::now();
-    apply(c, want, "sim:2").await?;
-    let rolled = converge(obs, fleet, want, &BTreeSet::new(), &BTreeSet::new(), cfg).await?;
+    let (mut lost_s, mut back_s) = (Vec::new(), Vec::new());
+    for round in 0..cfg.churn_minutes.max(1) {
+        tokio::time::sleep_until((began + Duration::from_secs(60 * round)).into()).await;
+        let chosen = lost_in_round(n, k, round as usize);
+        let ids: BTreeSet<String> = chosen
+            .iter()
+            .map(|&i| fleet.hosts[i].spec().node_id.clone())
+            .collect();
+        for &i in &chosen {
+            fleet.hosts[i].disconnect();
+        }
+        let lost = converge(obs, fleet, want, &ids, &ids, cfg).await?;
+        for &i in &chosen {
+            fleet.hosts[i].connect();
+        }
+        let back = converge(obs, fleet, want, &none, &none, cfg).await?;
+        r.say(format!(
+            "S3 minute {}: {k} hosts lost, their tasks replaced after {} (heartbeat timeout \
+             included); back, stale tasks stopped, converged after {}",
+            round + 1,
+            secs(lost.took),
+            secs(back.took)
+        ));
+        lost_s.push(lost.took.as_millis() as u64);
+        back_s.push(back.took.as_millis() as u64);
+        r.violations.extend(
+            hold(
+                obs,
+                fleet,
+                want,
+                cfg,
+                &format!("minute {}, hosts back", round + 1),
+            )
+            .await?,
+        );
+    }
+    if lost_s.len() > 1 {
+        r.say(format!(
+            "S3 {} rounds of {k} hosts lost: replaced {}; back and converged {}",
+            lost_s.len(),
+            summary(&lost_s),
+            summary(&back_s)
+        ));
+    }
+
+    // Rolling update of the first services, `update_tasks` tasks (all when 0).
+    let mut rolled = BTreeMap::new();
+    for (name, replicas) in &want.replicas {
+        if cfg.update_tasks > 0 && rolled.values().sum::<u64>() >= cfg.update_tasks {
+            break;
+        }
+        rolled.insert(name.clone(), *replicas);
+    }
+    let update = Want::of(rolled, Some("sim:2"));
+    want.images.extend(update.images.clone());
+    let began = Instant::now();
+    apply(c, &update, "sim:2").await?;
+    let done = converge(obs, fleet, want, &none, &none, cfg).await?;
     r.say(format!(
-        "S3 rolling update of {} tasks converged after {}",
-        want.total(),
-        secs(began.elapsed().max(rolled.took))
+        "S3 rolling update of {} tasks ({} services) converged after {}",
+        update.total(),
+        update.replicas.len(),
+        secs(began.elapsed().max(done.took))
     ));
     r.violations
         .extend(hold(obs, fleet, want, cfg, "after the rolling update").await?);
 
-    // Drain.
+    // Drain, the requests sent a few at once.
+    let d = if cfg.drain_hosts == 0 {
+        k
+    } else {
+        cfg.drain_hosts
+    };
+    let ids: BTreeSet<String> = lost_in_round(n, d, 0)
+        .into_iter()
+        .map(|i| fleet.hosts[i].spec().node_id.clone())
+        .collect();
     let began = Instant::now();
-    for id in &ids {
-        c.update_node(UpdateNodeRequest {
-            node: id.clone(),
-            availability: Availability::Drain as i32,
-            ..Default::default()
+    let sent: Vec<anyhow::Result<()>> = futures::stream::iter(ids.iter().cloned())
+        .map(|id| {
+            let mut c = c.clone();
+            async move {
+                c.update_node(UpdateNodeRequest {
+                    node: id,
+                    availability: Availability::Drain as i32,
+                    ..Default::default()
+                })
+                .await?;
+                anyhow::Ok(())
+            }
         })
-        .await?;
-    }
-    let drained = converge(obs, fleet, want, &ids, &BTreeSet::new(), cfg).await?;
+        .buffer_unordered(DRAIN_PARALLELISM)
+        .collect()
+        .await;
+    sent.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    let requested = began.elapsed();
+    let drained = converge(obs, fleet, want, &ids, &none, cfg).await?;
     r.say(format!(
-        "S3 drain of {k} hosts converged after {}",
-        secs(began.elapsed().max(drained.took))
+        "S3 drain of {} hosts converged after {} (requests sent in {})",
+        ids.len(),
+        secs(began.elapsed().max(drained.took)),
+        secs(requested)
     ));
     r.violations
         .extend(hold(obs, fleet, want, cfg, "after the drain").await?);
     Ok(())
 }
+
+/// Drain requests in flight at once.
+const DRAIN_PARALLELISM: usize = 16;
 
 /// The log filter of a controller added by [`join_member`]: its snapshot's arrival and
 /// install are logged (info) with their sizes.
@@ -730,10 +826,7 @@ async fn failover(
     let began = Instant::now();
     m.kill();
     let killed = began.elapsed();
-    let probe = Want {
-        replicas: [("sim-probe".to_string(), 0)].into(),
-        image: None,
-    };
+    let probe = Want::of([("sim-probe".to_string(), 0)].into(), None);
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -779,4 +872,22 @@ pub fn controller_bin() -> PathBuf {
                 .find(|p| p.is_file())
         })
         .unwrap_or_else(|| PathBuf::from(NAME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each round cuts off `k` distinct hosts spread over the fleet, and the next round
+    /// other ones.
+    #[test]
+    fn rounds_of_losses_are_spread_and_shifted() {
+        assert_eq!(lost_in_round(20, 4, 0), [0, 5, 10, 15]);
+        assert_eq!(lost_in_round(20, 4, 1), [1, 6, 11, 16]);
+        assert_eq!(lost_in_round(20, 4, 19), [19, 4, 9, 14]);
+        let half = lost_in_round(1000, 500, 0);
+        assert_eq!(half.iter().collect::<BTreeSet<_>>().len(), 500);
+        assert!(half.iter().all(|i| i % 2 == 0));
+        assert_eq!(lost_in_round(3, 0, 0), [0]);
+    }
 }

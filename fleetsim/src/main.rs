@@ -42,6 +42,15 @@ struct Args {
     /// Share of hosts lost, and drained, in the churn scenarios.
     #[arg(long, env = "FLEETSIM_CHURN_SHARE", default_value_t = 0.05)]
     churn_share: f64,
+    /// Rounds of hosts lost and returning in the churn scenarios, one a minute.
+    #[arg(long, env = "FLEETSIM_CHURN_MINUTES", default_value_t = 1)]
+    churn_minutes: u64,
+    /// Tasks the churn's rolling update rolls (whole services); 0: all (issue 20: 10000).
+    #[arg(long, env = "FLEETSIM_UPDATE_TASKS", default_value_t = 0)]
+    update_tasks: u64,
+    /// Hosts the churn drains; 0: the churn share of them (issue 20: 500).
+    #[arg(long, env = "FLEETSIM_DRAIN_HOSTS", default_value_t = 0)]
+    drain_hosts: usize,
     /// Add a controller at the end and time its snapshot install.
     #[arg(long, env = "FLEETSIM_JOIN_MEMBER")]
     join_member: bool,
@@ -73,6 +82,9 @@ struct Args {
     /// The controllers' log filter.
     #[arg(long, env = "FLEETSIM_CONTROLLER_LOG", default_value = "warn")]
     controller_log: String,
+    /// Keep the run's directory (controller logs and data) after a successful run.
+    #[arg(long, env = "FLEETSIM_KEEP")]
+    keep: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +109,9 @@ fn main() -> anyhow::Result<()> {
         },
         churn: a.churn,
         churn_share: a.churn_share,
+        churn_minutes: a.churn_minutes,
+        update_tasks: a.update_tasks,
+        drain_hosts: a.drain_hosts,
         join_member: a.join_member,
         failover: a.failover,
         controller_bin: a
@@ -107,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(a.timeout),
         hold: Duration::from_secs(a.hold),
         controller_log: a.controller_log,
+        keep: a.keep,
         rate: a.rate,
         election_timeout_ms: a.election_timeout_ms,
     };

@@ -24,6 +24,9 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         },
         churn: true,
         churn_share: 0.1,
+        churn_minutes: 1,
+        update_tasks: 0,
+        drain_hosts: 0,
         join_member: true,
         failover: true,
         controller_bin: rudder_fleetsim::controller_bin(),
@@ -32,6 +35,7 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
         timeout: Duration::from_secs(60),
         hold: Duration::from_secs(2),
         controller_log: "warn".into(),
+        keep: false,
         rate: 0.0,
         election_timeout_ms: None,
     };
