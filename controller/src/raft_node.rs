@@ -211,6 +211,14 @@ pub trait LogStore: raft::Storage + Send + 'static {
         conf_state: Option<&ConfState>,
     ) -> Result<(), RaftError>;
 
+    /// Writes a hard state whose only change is the commit index, without waiting for the
+    /// disk (raft-rs's `must_sync` is false for it): a commit index lost in a crash is learnt
+    /// again from the leader, and the next durable write makes this one durable too. The
+    /// default writes it durably.
+    fn persist_commit(&self, hard_state: &HardState) -> Result<(), RaftError> {
+        self.persist(&[], Some(hard_state), None)
+    }
+
     /// The last persisted hard state.
     fn hard_state(&self) -> HardState;
 }
@@ -223,6 +231,10 @@ impl LogStore for RedbStorage {
         conf_state: Option<&ConfState>,
     ) -> Result<(), RaftError> {
         Ok(RedbStorage::persist(self, entries, hard_state, conf_state)?)
+    }
+
+    fn persist_commit(&self, hard_state: &HardState) -> Result<(), RaftError> {
+        Ok(RedbStorage::persist_commit(self, hard_state)?)
     }
 
     fn hard_state(&self) -> HardState {
@@ -879,13 +891,22 @@ impl<S: LogStore> Driver<S> {
                 }
             }
         }
-        // 3. Committed entries.
-        let mut changed = self.apply_entries(rd.take_committed_entries())? || installed;
+        // 3. Committed entries, published with their replies and reads before this Ready's
+        // own writes wait for the disk: they are committed, i.e. durable on a quorum already
+        // (raft-rs hands out only entries this node has persisted too), so a proposer or the
+        // control loop need not wait a second fsync for them (issue 20).
+        let changed = self.apply_entries(rd.take_committed_entries())? || installed;
+        self.publish(changed);
         let applied_ms = began.elapsed().as_millis() as u64;
-        // 4. Append entries and persist the hard state together.
+        // 4. Append entries and persist the hard state together; a Ready that only moves the
+        // commit index is written without waiting for the disk (`must_sync`).
         let hs = rd.hs().cloned();
         let appended = rd.entries().len();
-        if !rd.entries().is_empty() || hs.is_some() {
+        if !rd.must_sync() && rd.entries().is_empty() {
+            if let Some(hs) = &hs {
+                self.node.mut_store().persist_commit(hs)?;
+            }
+        } else if !rd.entries().is_empty() || hs.is_some() {
             self.node
                 .mut_store()
                 .persist(rd.entries(), hs.as_ref(), None)?;
@@ -898,22 +919,12 @@ impl<S: LogStore> Driver<S> {
         if let Some(commit) = light.commit_index() {
             let mut hs = self.node.store().hard_state();
             hs.commit = commit;
-            self.node.mut_store().persist(&[], Some(&hs), None)?;
+            self.node.mut_store().persist_commit(&hs)?;
         }
         self.send(light.take_messages());
-        changed |= self.apply_entries(light.take_committed_entries())?;
+        let changed = self.apply_entries(light.take_committed_entries())?;
         self.node.advance_apply();
-
-        if changed {
-            self.store_tx.send_replace(Arc::new(self.store.clone()));
-        }
-        // Only now, with the new store published, tell proposers their command applied: a
-        // caller that reads the store next (the control loop does) must see its own write,
-        // or it would plan the same change twice.
-        for (reply, result) in self.applied_replies.drain(..) {
-            let _ = reply.send(result);
-        }
-        self.resolve_reads();
+        self.publish(changed);
         let total_ms = began.elapsed().as_millis() as u64;
         if total_ms >= SLOW_READY_MS {
             // Cumulative times: where a slow commit or read spent its Ready.
@@ -962,6 +973,19 @@ impl<S: LogStore> Driver<S> {
         }
         self.maybe_snapshot();
         Ok(())
+    }
+
+    /// Publishes the store when `changed`, then tells proposers their command applied and
+    /// answers the reads now applied. Only in this order: a caller that reads the store next
+    /// (the control loop does) must see its own write, or it would plan the same change twice.
+    fn publish(&mut self, changed: bool) {
+        if changed {
+            self.store_tx.send_replace(Arc::new(self.store.clone()));
+        }
+        for (reply, result) in self.applied_replies.drain(..) {
+            let _ = reply.send(result);
+        }
+        self.resolve_reads();
     }
 
     /// Starts serialising a snapshot off the loop once enough entries were applied since the

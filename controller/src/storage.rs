@@ -414,6 +414,26 @@ impl RedbStorage {
         Ok(())
     }
 
+    /// Writes `hard_state` (a commit index moved, nothing else) without waiting for the disk:
+    /// redb's non-durable commit, made durable by the next durable one (every append is). A
+    /// crash may lose it; raft learns the commit index again from the leader, and the latest
+    /// snapshot (recorded durably) never lies beyond a commit index written before it.
+    pub fn persist_commit(&self, hard_state: &HardState) -> Result<(), StorageErr> {
+        let mut tx = self.db.begin_write()?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(|e| StorageErr::Redb(e.to_string()))?;
+        {
+            let mut m = tx.open_table(META)?;
+            let b = hard_state
+                .write_to_bytes()
+                .map_err(|err| StorageErr::Corrupt("hard_state", err.to_string()))?;
+            m.insert("hard_state", b.as_slice())?;
+        }
+        tx.commit()?;
+        self.meta.write().expect("meta lock").hard_state = hard_state.clone();
+        Ok(())
+    }
+
     /// Writes one Ready's worth of state in a single durable transaction.
     pub fn persist(
         &self,
@@ -1050,6 +1070,34 @@ mod tests {
         assert_eq!(data, [b"a", b"b", b"x"]);
         let one = s.entries(2, 5, 1, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(one.len(), 1, "max_size still returns one entry");
+    }
+
+    /// A commit index written without waiting for the disk is read back at once, and kept
+    /// across a restart once a durable write followed it (every append is one).
+    #[test]
+    fn a_commit_index_written_lazily_is_kept_by_the_next_durable_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.redb");
+        {
+            let s = RedbStorage::open(&path, &[1]).unwrap();
+            let mut hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: 1,
+                ..Default::default()
+            };
+            s.persist(&[entry(2, 2, b"a"), entry(3, 2, b"b")], Some(&hs), None)
+                .unwrap();
+            hs.commit = 3;
+            s.persist_commit(&hs).unwrap();
+            assert_eq!(s.hard_state(), hs);
+            assert_eq!(s.initial_state().unwrap().hard_state, hs);
+            s.persist(&[entry(4, 2, b"c")], None, None).unwrap();
+        }
+        let s = RedbStorage::open(&path, &[1]).unwrap();
+        let hs = s.initial_state().unwrap().hard_state;
+        assert_eq!((hs.term, hs.vote, hs.commit), (2, 1, 3));
+        assert_eq!(s.last_index().unwrap(), 4);
     }
 
     /// Every file and directory under `dir` (itself included) with its mode.
