@@ -193,11 +193,18 @@ fn main() -> anyhow::Result<()> {
     }
     let s = config::resolve(a.layer()?, a.config.as_deref(), env)?.agent()?;
     let token = s.token.as_ref().map(|t| t.load()).transpose()?;
-    // Colours only on a terminal: the log usually goes to a file or a journal.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(log_filter(&s.log_level))
-        .init();
+    // Colours only on a terminal: the log usually goes to a file or a journal. The journal
+    // (systemd unit) gets each line's priority and keeps its own time stamps.
+    let journal = rudder_sdnotify::journal::stdout_is_journal();
+    let logs = tracing_subscriber::fmt()
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_env_filter(log_filter(&s.log_level));
+    if journal {
+        logs.event_format(rudder_sdnotify::journal::JournalFormat::new())
+            .init();
+    } else {
+        logs.init();
+    }
     let hostname = match s.hostname {
         Some(h) => h,
         None => nix::unistd::gethostname()?.to_string_lossy().to_string(),

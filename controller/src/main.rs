@@ -176,14 +176,21 @@ async fn run(
     notify: rudder_sdnotify::Notifier,
     election_timeout_ms: Option<u64>,
 ) -> anyhow::Result<()> {
-    // Colours only on a terminal: the log usually goes to a file or a journal.
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+    // Colours only on a terminal: the log usually goes to a file or a journal. The journal
+    // (systemd unit) gets each line's priority and keeps its own time stamps.
+    let journal = rudder_sdnotify::journal::stdout_is_journal();
+    let logs = tracing_subscriber::fmt()
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| s.log_level.as_str().into()),
-        )
-        .init();
+        );
+    if journal {
+        logs.event_format(rudder_sdnotify::journal::JournalFormat::new())
+            .init();
+    } else {
+        logs.init();
+    }
     if let Some(n) = &s.node_name {
         tracing::info!(node = %n, "starting");
     }

@@ -10,6 +10,10 @@
 //!   [`STATUS_MAX`] bytes (newlines become spaces), so no input can forge another key.
 //! - Readiness is observed, not assumed: [`Notifier::ready_when_listening`] sends `READY=1`
 //!   once the daemon's API port accepts a TCP connection, i.e. once it really serves.
+//!
+//! [`journal`]: the log line format for a stdout that systemd connected to the journal.
+
+pub mod journal;
 
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpStream};
