@@ -507,6 +507,7 @@ impl HollowHost {
             cpus_milli: self.spec.cpus_milli,
             memory_bytes: self.spec.memory_bytes,
             role: "worker".to_string(),
+            labels: Default::default(),
             data_dir: None,
             tls: Some(self.certs.subscribe()),
             trusted: None,

@@ -119,6 +119,10 @@ pub struct Config {
     /// starts skip an RCU grace period each.
     #[serde(default = "yes")]
     pub cgroup_favor_dynmods: bool,
+    /// The host's own labels (`[labels]` in rudder.toml), sent when registering: the
+    /// controllers store them apart from the operator's (constraint `engine.labels.KEY`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -317,6 +321,7 @@ pub async fn run(
         cpus_milli,
         memory_bytes,
         role: cfg.role.clone(),
+        labels: cfg.labels.clone(),
         tls: Some(certs_rx.clone()),
         data_dir: Some(cfg.data_dir.clone()),
         trusted: Some(trusted.clone()),

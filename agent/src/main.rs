@@ -67,6 +67,10 @@ struct Args {
     /// Log filter when RUST_LOG is not set [default: info].
     #[arg(long)]
     log_level: Option<String>,
+    /// A label of this host (repeatable; any replaces the config's `[labels]`), sent when
+    /// registering; placement constraints name it `engine.labels.KEY`.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = config::parse_label)]
+    labels: Vec<(String, String)>,
 }
 
 fn listen(s: &str) -> Result<config::Listen, String> {
@@ -84,6 +88,7 @@ impl Args {
                 .map(config::LogLevel::try_from)
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--log-level: {e}"))?,
+            labels: (!self.labels.is_empty()).then(|| self.labels.iter().cloned().collect()),
             agent: config::AgentSection {
                 data_dir: self.data_dir.clone(),
                 controllers: self
@@ -223,6 +228,7 @@ fn main() -> anyhow::Result<()> {
         metrics_listen: s.metrics_listen,
         metrics_addr: s.metrics_addr,
         cgroup_favor_dynmods: s.cgroup_favor_dynmods,
+        labels: s.labels,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

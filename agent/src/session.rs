@@ -40,6 +40,8 @@ pub struct Identity {
     pub memory_bytes: u64,
     /// `worker` or `manager`.
     pub role: String,
+    /// The host's own labels (its config's `[labels]`).
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Where a controller started on promotion keeps its data (`None`: never start one).
     pub data_dir: Option<std::path::PathBuf>,
     /// This node's certificate (the latest, as renewals publish it) for mutual TLS towards the
@@ -332,6 +334,11 @@ async fn session(
             overlay_public_key,
             overlay_key_epoch,
             version: rudder_version::full(),
+            labels: me
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })),
     })
     .await
@@ -716,6 +723,7 @@ mod tests {
                 cpus_milli: 1000,
                 memory_bytes: 1 << 30,
                 role: "worker".into(),
+                labels: Default::default(),
                 tls: None,
                 data_dir: None,
                 trusted: None,

@@ -359,6 +359,7 @@ fn put_node() -> Command {
         resources: NodeResources::default(),
         now: 0,
         cert_not_after: 0,
+        host_labels: Default::default(),
     }
 }
 

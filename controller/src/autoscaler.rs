@@ -150,6 +150,7 @@ mod tests {
             },
             now: clock(),
             cert_not_after: 0,
+            host_labels: Default::default(),
         })
         .await
         .expect("node");

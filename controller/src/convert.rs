@@ -180,6 +180,7 @@ pub fn node_summary(store: &Store, n: &Node) -> NodeSummary {
         availability: wire::Availability::from(n.availability).into(),
         role: wire::NodeRole::from(n.role).into(),
         labels: n.labels.clone().into_iter().collect(),
+        host_labels: n.host_labels.clone().into_iter().collect(),
         cpus_milli: n.resources.cpus,
         memory_bytes: n.resources.memory,
         reserved_cpus_milli: active

@@ -172,6 +172,26 @@ fn check_version(reg: &Register) -> Result<(), Status> {
 
 /// Refuses a registration that does not match the session's certificate (node id) or
 /// connection (address), naming what is wrong; the attempt is logged (C1).
+/// The host labels of a registration, checked (grammar, sizes, count). They are the host's
+/// own (its config's `[labels]`): the caller's certificate has already been matched with
+/// `node_id`, so a host sets only its own, and never the operator's `labels`.
+fn check_host_labels(
+    node: &str,
+    reg: &Register,
+) -> Result<std::collections::BTreeMap<String, String>, Status> {
+    rudder_model::node::check_host_labels(&reg.labels).map_err(|e| {
+        warn!(%node, err = %e, "dispatcher: refused a registration's labels");
+        Status::invalid_argument(format!(
+            "dispatcher: register: {e} (fix [labels] in the host's rudder.toml)"
+        ))
+    })?;
+    Ok(reg
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
+}
+
 fn check_registration(
     me: &rudder_pki::ca::PeerIdentity,
     reg: &Register,
@@ -420,6 +440,7 @@ impl Dispatcher for DispatcherApi {
         let store = self.raft.store();
         check_registration(&caller, &reg, remote, &store)?;
         check_version(&reg)?;
+        let host_labels = check_host_labels(&caller.node, &reg)?;
         let node_id = reg.node_id.clone();
         // The role is the store's: a node runs a controller because an admin promoted it (or
         // a member listens on its host), never because its agent says so.
@@ -446,6 +467,7 @@ impl Dispatcher for DispatcherApi {
                 || n.role != role
                 || n.resources != resources
                 || n.cert_not_after != cert_not_after
+                || n.host_labels != host_labels
         });
         if fresh {
             self.raft
@@ -458,6 +480,7 @@ impl Dispatcher for DispatcherApi {
                     resources,
                     now: now_ms(),
                     cert_not_after,
+                    host_labels: host_labels.clone(),
                 })
                 .await
                 .map_err(|e| match e {
@@ -668,6 +691,7 @@ impl Dispatcher for DispatcherApi {
             role,
             resources,
             cert_not_after,
+            host_labels,
         );
         let raft = self.raft.clone();
         let status_tx = self.status_tx.clone();
@@ -716,7 +740,7 @@ impl Dispatcher for DispatcherApi {
                                 .is_some_and(|n| n.state == NodeState::Down);
                             if current && down {
                                 warn!(node = %node_id, "node marked down during a live session: registering it again");
-                                let (hostname, addr, role, resources, cert_not_after) =
+                                let (hostname, addr, role, resources, cert_not_after, host_labels) =
                                     again.clone();
                                 let labels = raft
                                     .store()
@@ -733,6 +757,7 @@ impl Dispatcher for DispatcherApi {
                                     resources,
                                     now: now_ms(),
                                     cert_not_after,
+                                    host_labels,
                                 };
                                 if let Err(e) = raft.propose(cmd).await {
                                     warn!(node = %node_id, %e, "could not register the node again");
@@ -902,6 +927,7 @@ mod liveness_tests {
             resources: NodeResources::default(),
             now: 1,
             cert_not_after: 0,
+            host_labels: Default::default(),
         }
     }
 

@@ -452,6 +452,7 @@ mod tests {
             updated_at: 0,
             version: 0,
             controller_id: None,
+            host_labels: Default::default(),
             overlay_key: String::new(),
             cert_not_after: 0,
         }

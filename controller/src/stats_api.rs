@@ -426,6 +426,7 @@ mod tests {
                     },
                     now: 1,
                     cert_not_after: 0,
+                    host_labels: Default::default(),
                 },
             )
             .unwrap();

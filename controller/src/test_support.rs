@@ -14,5 +14,6 @@ pub fn put_node(id: &str, ip: u8) -> Command {
         resources: NodeResources::default(),
         now: 1,
         cert_not_after: 0,
+        host_labels: Default::default(),
     }
 }

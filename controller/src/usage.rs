@@ -121,6 +121,7 @@ mod tests {
                 },
                 now: 1,
                 cert_not_after: 0,
+                host_labels: Default::default(),
             },
         )
         .unwrap();

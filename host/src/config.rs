@@ -13,6 +13,9 @@
 //!   write it (they could point the daemons, which run as root, anywhere), or — when it holds a
 //!   join token — read it.
 //! - A token is never printed: [`HostConfig::redacted`] is what `rudder config check` shows.
+//! - `[labels]` follow the host-label grammar and limits (`rudder_model::node::check_label`,
+//!   at most 64); a bad one is refused here, naming the key and its line, before the
+//!   controller would refuse the agent's registration for it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -169,6 +172,12 @@ pub struct HostConfig {
     /// Log filter, unless `RUST_LOG` is set (default `info`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<LogLevel>,
+    /// The host's own labels (`[labels]`), sent by the agent when it registers; placement
+    /// constraints name them `engine.labels.KEY`. The operator's labels (`rctl node update
+    /// --label-add`, `node.labels.KEY`) are kept apart and never set from here. A layer that
+    /// sets labels replaces the whole set of the layers below it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
     /// Present when this host runs a controller (a manager).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub controller: Option<ControllerSection>,
@@ -295,6 +304,15 @@ impl TokenSource {
     }
 }
 
+/// A `--label KEY=VALUE` flag, checked as a config's label is.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    rudder_model::node::check_label(k, v).map_err(|e| e.to_string())?;
+    Ok((k.to_string(), v.to_string()))
+}
+
 /// Stacks layers, highest first: each field takes the value of the first layer that sets it.
 /// `token` and `token_file` count as one setting, so a flag's `--token-file` beats a file's
 /// `token`.
@@ -348,6 +366,7 @@ pub fn merge(layers: &[HostConfig]) -> HostConfig {
         node_name: first(layers, |l| l.node_name.as_ref()),
         advertise_addr: first(layers, |l| l.advertise_addr.as_ref()),
         log_level: first(layers, |l| l.log_level.as_ref()),
+        labels: first(layers, |l| l.labels.as_ref()),
         controller,
         agent,
         join,
@@ -389,6 +408,8 @@ pub struct AgentSettings {
     pub metrics_listen: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub log_level: String,
+    /// The host's labels, checked.
+    pub labels: BTreeMap<String, String>,
 }
 
 fn unspecified() -> IpAddr {
@@ -512,7 +533,16 @@ impl HostConfig {
             ),
             metrics_addr: a.metrics_addr,
             log_level: self.log_level_or_default(),
+            labels: self.labels()?,
         })
+    }
+
+    /// The host's labels, checked (grammar, sizes, count); none when unset.
+    pub fn labels(&self) -> Result<BTreeMap<String, String>, ConfigError> {
+        let labels = self.labels.clone().unwrap_or_default();
+        rudder_model::node::check_host_labels(&labels)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(labels)
     }
 
     /// A copy safe to print: the inline token replaced.
@@ -542,7 +572,7 @@ impl HostConfig {
 
 /// Parses a config file's text; errors name `path`, the line and the column.
 pub fn parse(path: &Path, text: &str) -> Result<HostConfig, ConfigError> {
-    toml::from_str::<HostConfig>(text).map_err(|e| {
+    let cfg = toml::from_str::<HostConfig>(text).map_err(|e| {
         let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
         let message = e.message().trim().to_string();
         ConfigError::Parse {
@@ -554,7 +584,47 @@ pub fn parse(path: &Path, text: &str) -> Result<HostConfig, ConfigError> {
                 None => message,
             },
         }
-    })
+    })?;
+    if cfg.labels.is_some() {
+        check_label_lines(path, text)?;
+    }
+    Ok(cfg)
+}
+
+/// Checks `[labels]` with the span of each key, so a bad label names its line. (The
+/// labels' own type carries no spans: the other layers are not TOML text.)
+fn check_label_lines(path: &Path, text: &str) -> Result<(), ConfigError> {
+    #[derive(Deserialize)]
+    struct Spans {
+        labels: BTreeMap<toml::Spanned<String>, toml::Spanned<String>>,
+    }
+    let spans: Spans = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let at = |offset: usize, message: String| {
+        let (line, column) = line_col(text, offset);
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message,
+        }
+    };
+    let mut labels: Vec<_> = spans.labels.iter().collect();
+    labels.sort_by_key(|(k, _)| k.span().start);
+    for (i, (k, v)) in labels.into_iter().enumerate() {
+        if i == rudder_model::node::MAX_HOST_LABELS {
+            return Err(at(
+                k.span().start,
+                format!(
+                    "labels: {} labels; a host may declare at most {}",
+                    spans.labels.len(),
+                    rudder_model::node::MAX_HOST_LABELS
+                ),
+            ));
+        }
+        rudder_model::node::check_label(k.get_ref(), v.get_ref())
+            .map_err(|e| at(k.span().start, e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The key set on `line` (1-based), with its `[section]`: `agent.wg_port`.
@@ -649,6 +719,8 @@ enum Kind {
     Bool,
     /// Comma-separated list.
     List,
+    /// Comma-separated `key=value` pairs.
+    Map,
 }
 
 /// The environment variables the config reads: name, section (`""`: top level), key, kind.
@@ -657,6 +729,7 @@ pub const ENV_KEYS: &[(&str, &str, &str)] = &[
     ("RUDDER_NODE_NAME", "", "node_name"),
     ("RUDDER_ADVERTISE_ADDR", "", "advertise_addr"),
     ("RUDDER_LOG_LEVEL", "", "log_level"),
+    ("RUDDER_LABELS", "", "labels"),
     ("RUDDER_CONTROLLER_DATA_DIR", "controller", "data_dir"),
     ("RUDDER_CONTROLLER_LISTEN", "controller", "listen"),
     ("RUDDER_CONTROLLER_ADVERTISE", "controller", "advertise"),
@@ -711,6 +784,7 @@ fn kind_of(key: &str) -> Kind {
         "raft_id" | "wg_port" => Kind::Int,
         "cgroup_favor_dynmods" => Kind::Bool,
         "controllers" => Kind::List,
+        "labels" => Kind::Map,
         _ => Kind::Str,
     }
 }
@@ -749,6 +823,16 @@ pub fn from_env(
                     .map(|s| toml::Value::String(s.to_string()))
                     .collect(),
             ),
+            Kind::Map => {
+                let mut table = toml::Table::new();
+                for pair in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .ok_or_else(|| err(format!("{pair:?}: expected key=value")))?;
+                    table.insert(k.trim().to_string(), toml::Value::String(v.to_string()));
+                }
+                toml::Value::Table(table)
+            }
         };
         let mut table = toml::Table::new();
         if section.is_empty() {
@@ -928,6 +1012,79 @@ mod tests {
     }
 
     #[test]
+    fn labels_are_checked_with_the_key_and_its_line() {
+        let p = Path::new("/etc/rudder/rudder.toml");
+        let ok = parse(
+            p,
+            "[labels]\nzone = \"eu-1\"\n\"com.example.rack\" = \"r12\"\n",
+        )
+        .unwrap();
+        let labels = ok.agent().unwrap().labels;
+        assert_eq!(labels["zone"], "eu-1");
+        assert_eq!(labels["com.example.rack"], "r12");
+        let long = "v".repeat(rudder_model::node::MAX_LABEL_VALUE + 1);
+        let cases = [
+            (
+                "[labels]\nzone = \"a\"\n\"bad key\" = \"x\"\n".to_string(),
+                3,
+                "bad key",
+            ),
+            (
+                "node_name = \"s1\"\n\n[labels]\nzone = \"a==b\"\n".to_string(),
+                4,
+                "'=='",
+            ),
+            (
+                format!("[labels]\nok = \"1\"\nbig = \"{long}\"\n"),
+                3,
+                "255",
+            ),
+            (
+                "labels = { \"-x\" = \"1\" }\n".to_string(),
+                1,
+                "start and end",
+            ),
+            ("[labels]\nzone = 1\n".to_string(), 2, "labels.zone"),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(p, &text).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("rudder.toml:{line}:")),
+                "{text:?}: want line {line}: {e}"
+            );
+            assert!(e.contains(needle), "{text:?}: want {needle:?}: {e}");
+        }
+        let mut many = String::from("[labels]\n");
+        for i in 0..=rudder_model::node::MAX_HOST_LABELS {
+            many.push_str(&format!("k{i} = \"v\"\n"));
+        }
+        let e = parse(p, &many).unwrap_err().to_string();
+        assert!(e.contains(":66:") && e.contains("at most 64"), "{e}");
+    }
+
+    #[test]
+    fn labels_from_the_environment_replace_the_files() {
+        let env =
+            from_env([("RUDDER_LABELS".to_string(), "zone=b, disk=ssd".to_string())]).unwrap();
+        let file = parse(Path::new("x"), "[labels]\nzone = \"a\"\nrack = \"r1\"\n").unwrap();
+        let m = merge(&[HostConfig::default(), env, file]);
+        let labels = m.agent().unwrap().labels;
+        assert_eq!(labels.len(), 2, "{labels:?}");
+        assert_eq!(labels["zone"], "b");
+        assert_eq!(labels["disk"], "ssd");
+        let e = from_env([("RUDDER_LABELS".to_string(), "zone".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RUDDER_LABELS") && e.contains("key=value"),
+            "{e}"
+        );
+        let bad = from_env([("RUDDER_LABELS".to_string(), "a b=1".to_string())]).unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("\"a b\""), "{e}");
+    }
+
+    #[test]
     fn a_full_file_round_trips() {
         let text = r#"
 data_dir = "/srv/rudder"
@@ -948,6 +1105,10 @@ wg_port = 51821
 
 [join]
 token_file = "/etc/rudder/join.token"
+
+[labels]
+zone = "eu-1"
+"com.example.rack" = "r12"
 "#;
         let c = parse(Path::new("x"), text).unwrap();
         assert_eq!(c.controller.as_ref().unwrap().raft_id, Some(2));

@@ -54,6 +54,7 @@ fn nodes() -> rudder_model::store::Map<String, Node> {
                 updated_at: 0,
                 version: 0,
                 controller_id: None,
+                host_labels: Default::default(),
                 overlay_key: String::new(),
                 cert_not_after: 0,
             };

@@ -143,6 +143,7 @@ mod tests {
             resources: NodeResources::default(),
             now: 1,
             cert_not_after: 0,
+            host_labels: Default::default(),
         }
     }
 

@@ -1,6 +1,12 @@
 //! Nodes: the hosts that run an agent, as the store records them (identity, address, the
-//! operator's labels and availability, the capacity the agent reported). Plain data: the store
-//! changes them, placement and the dispatcher read them.
+//! operator's labels and availability, the host's own labels and the capacity the agent
+//! reported). Plain data: the store changes them, placement and the dispatcher read them.
+//!
+//! Two sets of labels, as Docker keeps node labels apart from engine labels: `labels` belong
+//! to the operator (`rctl node update --label-add`, constraint `node.labels.KEY`) and
+//! `host_labels` to the host's config file (`[labels]` in rudder.toml, sent in `Register`,
+//! constraint `engine.labels.KEY`). A host can set only its own host labels, so a constraint
+//! that must hold against a compromised host (where secrets go, say) uses `node.labels`.
 
 use std::collections::BTreeMap;
 
@@ -104,6 +110,10 @@ pub struct Node {
     /// Operator-owned, like `labels`.
     #[serde(default)]
     pub availability: Availability,
+    /// The host's own labels, from its config file (`[labels]`), replaced at each
+    /// registration; never the operator's `labels`. Absent from stores of earlier builds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_labels: BTreeMap<String, String>,
     /// Reported by the agent when it registers.
     #[serde(default)]
     pub resources: NodeResources,
@@ -129,4 +139,151 @@ pub struct Node {
 
 fn is_zero(v: &u64) -> bool {
     *v == 0
+}
+
+/// Most labels a host may declare.
+pub const MAX_HOST_LABELS: usize = 64;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 255;
+
+/// Why a host's labels are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// More than [`MAX_HOST_LABELS`].
+    #[error("labels: {0} labels; a host may declare at most {MAX_HOST_LABELS}")]
+    TooMany(usize),
+    /// A key outside the grammar.
+    #[error("labels: key {key:?}: {reason}")]
+    Key {
+        /// The key as given.
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A value outside the grammar.
+    #[error("labels: {key}: value {value:?}: {reason}")]
+    Value {
+        /// The label's key.
+        key: String,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Checks one host label. Keys are 1-63 bytes of `[A-Za-z0-9._-]` that start and end with a
+/// letter or digit (`zone`, `com.example.rack`), so `engine.labels.KEY` always parses; values
+/// are at most 255 bytes without control characters, surrounding spaces, `==` or `!=` (a
+/// constraint could not name them otherwise).
+pub fn check_label(key: &str, value: &str) -> Result<(), LabelError> {
+    let bad_key = |reason| LabelError::Key {
+        key: key.to_string(),
+        reason,
+    };
+    if key.is_empty() || key.len() > MAX_LABEL_KEY {
+        return Err(bad_key("keys are 1 to 63 bytes long"));
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(bad_key(
+            "keys are made of letters, digits, '.', '_' and '-'",
+        ));
+    }
+    let edge = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !edge(key.bytes().next()) || !edge(key.bytes().last()) {
+        return Err(bad_key("keys start and end with a letter or digit"));
+    }
+    let bad_value = |reason| LabelError::Value {
+        key: key.to_string(),
+        value: value.chars().take(64).collect(),
+        reason,
+    };
+    if value.len() > MAX_LABEL_VALUE {
+        return Err(bad_value("values are at most 255 bytes long"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(bad_value("values hold no control characters"));
+    }
+    if value.trim() != value {
+        return Err(bad_value("values neither start nor end with a space"));
+    }
+    if value.contains("==") || value.contains("!=") {
+        return Err(bad_value(
+            "values hold no '==' or '!=' (constraints compare with them)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a host's whole label set: [`check_label`] for each, at most [`MAX_HOST_LABELS`].
+pub fn check_host_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), LabelError> {
+    let mut count = 0;
+    for (k, v) in labels {
+        check_label(k, v)?;
+        count += 1;
+    }
+    if count > MAX_HOST_LABELS {
+        return Err(LabelError::TooMany(count));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_labels_follow_the_grammar_and_the_limits() {
+        let long_key = "k".repeat(MAX_LABEL_KEY);
+        let too_long_key = "k".repeat(MAX_LABEL_KEY + 1);
+        let long_value = "v".repeat(MAX_LABEL_VALUE);
+        let too_long_value = "v".repeat(MAX_LABEL_VALUE + 1);
+        // (key, value, refusal mentioning, or None when accepted)
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("zone", "eu-1", None),
+            ("com.example.rack_2", "r 12", None),
+            ("a", "", None),
+            (&long_key, &long_value, None),
+            ("", "x", Some("1 to 63")),
+            (&too_long_key, "x", Some("1 to 63")),
+            ("zone/a", "x", Some("letters, digits")),
+            ("zone a", "x", Some("letters, digits")),
+            ("z\u{e9}ne", "x", Some("letters, digits")),
+            (".zone", "x", Some("start and end")),
+            ("zone-", "x", Some("start and end")),
+            ("zone", &too_long_value, Some("255")),
+            ("zone", "a\nb", Some("control")),
+            ("zone", " a", Some("space")),
+            ("zone", "a==b", Some("'=='")),
+            ("zone", "a!=b", Some("'=='")),
+        ];
+        for (key, value, want) in cases {
+            let got = check_label(key, value);
+            match want {
+                None => assert_eq!(got, Ok(()), "{key:?}={value:?}"),
+                Some(needle) => {
+                    let e = got
+                        .expect_err(&format!("{key:?}={value:?} accepted"))
+                        .to_string();
+                    assert!(e.contains(needle), "{key:?}={value:?}: {e}");
+                }
+            }
+        }
+        let many: BTreeMap<String, String> = (0..=MAX_HOST_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert_eq!(
+            check_host_labels(&many),
+            Err(LabelError::TooMany(MAX_HOST_LABELS + 1))
+        );
+        let enough: BTreeMap<String, String> = many.into_iter().take(MAX_HOST_LABELS).collect();
+        assert_eq!(check_host_labels(&enough), Ok(()));
+    }
 }

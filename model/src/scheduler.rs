@@ -702,6 +702,7 @@ mod tests {
             updated_at: 0,
             version: 0,
             controller_id: None,
+            host_labels: Default::default(),
             overlay_key: String::new(),
             cert_not_after: 0,
         }
@@ -896,6 +897,23 @@ mod tests {
                 nodes: vec![node("a", "zone=a"), node("b", "zone=b"), node("c", "")],
                 placed: vec![],
                 spec: constrained(&["node.labels.zone==b"]),
+                pending: 2,
+                want: vec![("b", 2)],
+                reason: None,
+            },
+            Case {
+                name: "host label constraint reads the host's labels, not the operator's",
+                nodes: vec![
+                    with(node("a", "disk=ssd"), |n| {
+                        n.host_labels.insert("disk".into(), "hdd".into());
+                    }),
+                    with(node("b", ""), |n| {
+                        n.host_labels.insert("disk".into(), "ssd".into());
+                    }),
+                    node("c", "disk=ssd"),
+                ],
+                placed: vec![],
+                spec: constrained(&["engine.labels.disk==ssd"]),
                 pending: 2,
                 want: vec![("b", 2)],
                 reason: None,

@@ -358,6 +358,7 @@ mod tests {
                 resources: Default::default(),
                 now: 0,
                 cert_not_after: 0,
+                host_labels: Default::default(),
             },
         )
         .unwrap();

@@ -44,6 +44,7 @@ mod tests {
                     .unwrap(),
                 now: 1,
                 cert_not_after: 2,
+                host_labels: Default::default(),
             },
         )
         .unwrap();

@@ -534,8 +534,12 @@ pub enum ConstraintKey {
     Hostname,
     /// `worker` or `manager`.
     Role,
-    /// `node.labels.<name>`.
+    /// `node.labels.<name>`: the operator's labels.
     Label(String),
+    /// `engine.labels.<name>`: the host's own labels (`[labels]` in its rudder.toml), as in
+    /// Swarm. A host sets them itself, so constraints that must hold against a compromised
+    /// host use `node.labels`.
+    HostLabel(String),
 }
 
 /// A constraint's comparison.
@@ -555,6 +559,7 @@ impl Constraint {
             ConstraintKey::Hostname => Some(node.hostname.as_str()),
             ConstraintKey::Role => Some(node.role.as_str()),
             ConstraintKey::Label(k) => node.labels.get(k).map(String::as_str),
+            ConstraintKey::HostLabel(k) => node.host_labels.get(k).map(String::as_str),
         };
         let equal = actual == Some(self.value.as_str());
         match self.op {
@@ -593,12 +598,18 @@ impl std::str::FromStr for Constraint {
                 }
                 ConstraintKey::Role
             }
-            k => match k.strip_prefix("node.labels.") {
-                Some(label) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
+            k => match (
+                k.strip_prefix("node.labels."),
+                k.strip_prefix("engine.labels."),
+            ) {
+                (Some(label), _) if !label.is_empty() => ConstraintKey::Label(label.to_string()),
+                (_, Some(label)) if !label.is_empty() => {
+                    ConstraintKey::HostLabel(label.to_string())
+                }
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown key {k:?} (expected node.id, node.hostname, node.role \
-                         or node.labels.<name>)"
+                        "{s:?}: unknown key {k:?} (expected node.id, node.hostname, node.role, \
+                         node.labels.<name> or engine.labels.<name>)"
                     ))
                 }
             },
@@ -618,6 +629,7 @@ impl std::fmt::Display for Constraint {
             ConstraintKey::Hostname => f.write_str("node.hostname")?,
             ConstraintKey::Role => f.write_str("node.role")?,
             ConstraintKey::Label(k) => write!(f, "node.labels.{k}")?,
+            ConstraintKey::HostLabel(k) => write!(f, "engine.labels.{k}")?,
         }
         let op = match self.op {
             ConstraintOp::Eq => "==",
@@ -1289,6 +1301,7 @@ mod tests {
             ("node.role == manager", "node.role==manager"),
             ("node.hostname!=h2", "node.hostname!=h2"),
             ("node.id==abc", "node.id==abc"),
+            ("engine.labels.disk == ssd", "engine.labels.disk==ssd"),
         ];
         for (text, shown) in ok {
             let c: Constraint = text.parse().unwrap();
@@ -1297,7 +1310,8 @@ mod tests {
         let bad = [
             ("node.labels.zone=a", "expected KEY==VALUE"),
             ("node.labels.==a", "unknown key"),
-            ("engine.labels.x==a", "unknown key"),
+            ("engine.labels.==a", "unknown key"),
+            ("engine.zone==a", "unknown key"),
             ("node.role==boss", "worker or manager"),
             ("node.id==", "non-empty value"),
             ("node.id==a==b", "one non-empty value"),
@@ -1318,11 +1332,16 @@ mod tests {
             updated_at: 0,
             version: 0,
             controller_id: None,
+            host_labels: [("zone".to_string(), "b".to_string())].into(),
             overlay_key: String::new(),
             cert_not_after: 0,
         };
         let m = |c: &str, n: &crate::node::Node| c.parse::<Constraint>().unwrap().matches(n);
         assert!(m("node.labels.zone==a", &n));
+        // The host's labels and the operator's are apart: the same key, two values.
+        assert!(m("engine.labels.zone==b", &n) && !m("engine.labels.zone==a", &n));
+        assert!(!m("node.labels.zone==b", &n));
+        assert!(m("engine.labels.disk!=ssd", &n) && !m("engine.labels.disk==ssd", &n));
         assert!(!m("node.labels.zone!=a", &n));
         assert!(!m("node.labels.disk==ssd", &n));
         assert!(m("node.labels.disk!=ssd", &n));

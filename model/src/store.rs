@@ -321,6 +321,11 @@ pub enum Command {
         /// Expiry of the certificate the node's session presented (ms), 0 if unknown.
         #[serde(default)]
         cert_not_after: u64,
+        /// The host's own labels (its config's `[labels]`), replacing the node's. A field of
+        /// this command rather than a command of its own: a controller of an earlier release
+        /// ignores the field and applies the rest, where it would skip an unknown command.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        host_labels: BTreeMap<String, String>,
     },
     /// Operator changes to a node: availability, and labels removed then added.
     UpdateNode {
@@ -1099,6 +1104,7 @@ impl Store {
                 resources,
                 now,
                 cert_not_after,
+                host_labels,
             } => {
                 // One node per hostname and per host address, checked here so that two
                 // registrations racing cannot both pass (constraints, `--node` and the
@@ -1143,6 +1149,7 @@ impl Store {
                         node.role = role;
                         node.resources = resources;
                         node.cert_not_after = cert_not_after;
+                        node.host_labels = host_labels;
                         node.state = NodeState::Ready;
                         node.updated_at = now;
                         node.version = index;
@@ -1153,6 +1160,7 @@ impl Store {
                             hostname,
                             addr,
                             labels,
+                            host_labels,
                             role,
                             availability: Availability::Active,
                             resources,
@@ -2118,6 +2126,7 @@ mod tests {
             resources: Default::default(),
             now,
             cert_not_after: 0,
+            host_labels: Default::default(),
         }
     }
     use crate::spec::tests_support::spec;
@@ -2353,6 +2362,7 @@ mod tests {
                 resources: Default::default(),
                 now: 7,
                 cert_not_after: 0,
+                host_labels: Default::default(),
             },
         )
         .unwrap();
@@ -2399,6 +2409,7 @@ mod tests {
             resources: Default::default(),
             now: 2,
             cert_not_after: 0,
+            host_labels: Default::default(),
         };
         s.apply(2, Command::Batch(vec![node("n1"), node("n2")]))
             .unwrap();
@@ -2468,6 +2479,7 @@ mod tests {
                 now: 2,
                 // Recorded from the session's certificate.
                 cert_not_after: 99,
+                host_labels: Default::default(),
             },
         )
         .unwrap();
@@ -2677,6 +2689,7 @@ mod tests {
                     resources: Default::default(),
                     now: 0,
                     cert_not_after: 0,
+                    host_labels: Default::default(),
                 },
             )
             .unwrap();
@@ -2837,6 +2850,7 @@ mod tests {
             },
             now: 1,
             cert_not_after: 0,
+            host_labels: Default::default(),
         };
         s.apply(1, put(&[("zone", "a"), ("disk", "ssd")], 2000))
             .unwrap();
@@ -2907,6 +2921,72 @@ mod tests {
                 role: NodeRole::Worker,
                 ..
             }
+        ));
+    }
+
+    #[test]
+    fn host_labels_are_the_registrations_and_never_the_operators() {
+        let mut s = Store::default();
+        let put = |host: &[(&str, &str)]| Command::PutNode {
+            id: "n1".into(),
+            hostname: "h1".into(),
+            addr: "10.0.0.1:4245".into(),
+            labels: Default::default(),
+            role: NodeRole::Worker,
+            resources: Default::default(),
+            now: 1,
+            cert_not_after: 0,
+            host_labels: host
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        s.apply(1, put(&[("zone", "host")])).unwrap();
+        s.apply(
+            2,
+            Command::UpdateNode {
+                id: "n1".into(),
+                availability: None,
+                labels_add: map(&[("zone", "operator")]),
+                labels_rm: vec![],
+            },
+        )
+        .unwrap();
+        // A registration replaces the host's labels (a key dropped from the file goes) and
+        // leaves the operator's alone, even under the same key.
+        s.apply(3, put(&[("disk", "ssd")])).unwrap();
+        let n = &s.nodes["n1"];
+        assert_eq!(n.labels, map(&[("zone", "operator")]));
+        assert_eq!(n.host_labels, map(&[("disk", "ssd")]));
+        // An operator's update leaves the host's alone.
+        s.apply(
+            4,
+            Command::UpdateNode {
+                id: "n1".into(),
+                availability: None,
+                labels_add: Default::default(),
+                labels_rm: vec!["zone".into(), "disk".into()],
+            },
+        )
+        .unwrap();
+        assert_eq!(s.nodes["n1"].host_labels, map(&[("disk", "ssd")]));
+        // Not written while empty: a node without host labels encodes as before them, and
+        // an entry of a build before them decodes with none.
+        let entry = Envelope::new(put(&[])).encode();
+        assert!(!String::from_utf8_lossy(&entry).contains("host_labels"));
+        s.apply(5, put(&[])).unwrap();
+        let json = serde_json::to_string(&s.nodes["n1"]).unwrap();
+        assert!(!json.contains("host_labels"), "{json}");
+        // And an entry with them decodes on a build that knows them, field for field.
+        let with = Envelope::new(put(&[("disk", "ssd")])).encode();
+        assert!(matches!(
+            Envelope::decode(&with).unwrap().cmd,
+            Command::PutNode { host_labels, .. } if host_labels == map(&[("disk", "ssd")])
         ));
     }
 

@@ -83,6 +83,7 @@ fn commands() -> Vec<(&'static str, Command)> {
                 resources: from(json!({"cpus": 2000, "memory": 1073741824u64})),
                 now: T0,
                 cert_not_after: T0 + 86_400_000,
+                host_labels: Default::default(),
             },
         ),
         (
@@ -281,6 +282,7 @@ fn commands() -> Vec<(&'static str, Command)> {
                     resources: Default::default(),
                     now: T0 + 70,
                     cert_not_after: 0,
+                    host_labels: Default::default(),
                 },
                 Command::NodeDown {
                     id: "n2".into(),

@@ -1,9 +1,10 @@
-//! Placement over a real lab: constraints on node labels, global services following
-//! eligible nodes, and drain moving tasks off a node while the service keeps its replicas.
+//! Placement over a real lab: constraints on node labels (the operator's and the host's own,
+//! from its rudder.toml), global services following eligible nodes, and drain moving tasks off
+//! a node while the service keeps its replicas.
 
 use std::time::Duration;
 
-use rudder_tests::{lab_with_busybox, running_tasks, wait_for};
+use rudder_tests::{lab, lab_with_busybox, running_tasks, wait_for};
 
 fn on(tasks: &[serde_json::Value], node: &str) -> usize {
     running_tasks(tasks)
@@ -14,10 +15,66 @@ fn on(tasks: &[serde_json::Value], node: &str) -> usize {
 
 #[test]
 fn constraints_global_and_drain() -> anyhow::Result<()> {
-    let (lab, tmp) = lab_with_busybox("pl", 3)?;
+    let (mut lab, tmp) = lab_with_busybox("pl", 3)?;
     lab.rctl(&["node", "update", "h1", "--label-add", "zone=a"])?;
     lab.rctl(&["node", "update", "h2", "--label-add", "zone=a"])?;
     lab.rctl(&["node", "update", "h3", "--label-add", "zone=b"])?;
+
+    // h3's own labels, from its config file: sent when its agent registers, kept apart from
+    // the operator's (zone=b stays), matched by engine.labels constraints.
+    let cfg = lab.host("h3").config_path();
+    let text = std::fs::read_to_string(&cfg)?;
+    std::fs::write(
+        &cfg,
+        format!("{text}\n[labels]\nzone = \"x\"\ndisk = \"ssd\"\n"),
+    )?;
+    let h3 = lab.host_index("h3");
+    lab.restart(h3, lab::Role::Agent, false)?;
+    let node = wait_for(Duration::from_secs(30), "h3's host labels", || {
+        let nodes: Vec<serde_json::Value> =
+            serde_json::from_str(&lab.rctl(&["node", "ls", "-o", "json"])?)?;
+        Ok(nodes
+            .into_iter()
+            .find(|n| n["hostname"] == "h3" && n["host_labels"]["disk"] == "ssd"))
+    })?;
+    assert_eq!(node["host_labels"]["zone"], "x", "{node}");
+    assert_eq!(node["labels"], serde_json::json!({"zone": "b"}), "{node}");
+    let table = lab.rctl(&["node", "ls"])?;
+    assert!(
+        table.contains("HOST LABELS") && table.contains("disk=ssd,zone=x"),
+        "{table}"
+    );
+    lab.apply(
+        tmp.path(),
+        "ssd.yaml",
+        "kind: Service\nname: ssd\nimage: busybox:latest\nreplicas: 2\nstop_grace_period: 1\n\
+         command: [\"/bin/sleep\", \"100000\"]\n\
+         placement: {constraints: [\"engine.labels.disk==ssd\", \"node.labels.zone==b\"]}\n",
+    )?;
+    wait_for(Duration::from_secs(30), "ssd placed on h3", || {
+        let t = lab.tasks("ssd")?;
+        Ok((on(&t, "h3") == 2).then_some(()))
+    })?;
+    // The host's zone is not the operator's: no node has both.
+    lab.apply(
+        tmp.path(),
+        "x.yaml",
+        "kind: Service\nname: zx\nimage: busybox:latest\nreplicas: 1\n\
+         command: [\"/bin/sleep\", \"100000\"]\n\
+         placement: {constraints: [\"node.labels.zone==x\"]}\n",
+    )?;
+    let pending = wait_for(Duration::from_secs(20), "zx pending", || {
+        let t = lab.tasks("zx")?;
+        Ok(t.first()
+            .filter(|t| t["state"] == "pending")
+            .map(|t| t["message"].as_str().unwrap_or("").to_string()))
+    })?;
+    assert!(
+        pending.contains("fail constraint node.labels.zone==x"),
+        "{pending}"
+    );
+    lab.rctl(&["rm", "ssd"])?;
+    lab.rctl(&["rm", "zx"])?;
 
     // A constraint nobody meets: pending with a reason that says why.
     lab.apply(

@@ -145,6 +145,7 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             overlay_public_key: String::new(),
             overlay_key_epoch: 0,
             version: String::new(),
+            labels: Default::default(),
         };
         let reg = |id: &str, addr: String| reg_as(id, "h2", addr);
         let err = register(&lab, &rogue, reg(&victim, format!("{root}:4299")))
@@ -172,6 +173,26 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             err.message().contains("hostname h2 belongs to node"),
             "{err}"
         );
+        // ...nor register with host labels outside the grammar or the limits (64 labels,
+        // 63-byte keys, 255-byte values).
+        let many: Vec<(String, String)> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        for (labels, words) in [
+            (
+                vec![("bad key".to_string(), "x".to_string())],
+                "letters, digits",
+            ),
+            (vec![("k".repeat(64), "x".to_string())], "1 to 63"),
+            (vec![("zone".to_string(), "v".repeat(256))], "255"),
+            (many, "at most 64"),
+        ] {
+            let mut r = reg_as("rogue", "rogue", format!("{root}:4299"));
+            r.labels = labels.into_iter().collect();
+            let err = register(&lab, &rogue, r)
+                .await
+                .expect_err("registering bad labels");
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.message().contains(words), "{words}: {err}");
+        }
         // A controller's identity is not an agent's.
         let c1 = certs_in(&lab.lab.hosts[0].controller_data_dir().join("certs"))?;
         let err = register(

@@ -1,5 +1,7 @@
 //! `rctl node ls|inspect|update`: the cluster's hosts, and the operator's part of them
-//! (availability active|pause|drain, labels used by placement constraints).
+//! (availability active|pause|drain, labels used by placement constraints). `HOST LABELS`
+//! are the host's own, from its rudder.toml (`engine.labels.KEY` in constraints); `update`
+//! never changes them.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +19,7 @@ pub fn to_json(n: &NodeSummary) -> serde_json::Value {
         "state": node_state_name(n.state),
         "availability": availability_name(n.availability), "role": role_name(n.role),
         "labels": n.labels,
+        "host_labels": n.host_labels,
         "tasks": n.tasks,
         "resources": {"cpus_milli": n.cpus_milli, "memory_bytes": n.memory_bytes},
         "reserved": {"cpus_milli": n.reserved_cpus_milli, "memory_bytes": n.reserved_memory_bytes},
@@ -79,7 +82,11 @@ fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|n| {
-            let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let pairs = |m: &std::collections::HashMap<String, String>| {
+                let mut l: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                l.sort();
+                l.join(",")
+            };
             vec![
                 n.hostname.clone(),
                 node_state_name(n.state),
@@ -89,7 +96,8 @@ fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
                 n.addr.clone(),
                 n.id.clone(),
                 version_cell(&n.version),
-                labels.join(","),
+                pairs(&n.labels),
+                pairs(&n.host_labels),
             ]
         })
         .collect();
@@ -105,6 +113,7 @@ fn write_table(w: &mut dyn Write, list: &[NodeSummary]) -> std::io::Result<()> {
             "ID",
             "VERSION",
             "LABELS",
+            "HOST LABELS",
         ],
         &rows,
     )

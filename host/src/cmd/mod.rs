@@ -90,6 +90,10 @@ pub struct HostOpts {
     /// Raft id of this host's controller (managers only) [default: init 1, join a random one].
     #[arg(long)]
     pub raft_id: Option<u64>,
+    /// A label of this host (repeatable), written to `[labels]`; placement constraints name
+    /// it `engine.labels.KEY`. Any `--label` replaces the file's labels.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = config::parse_label)]
+    pub labels: Vec<(String, String)>,
 }
 
 impl HostOpts {
@@ -101,6 +105,7 @@ impl HostOpts {
             node_name: self.node_name.clone(),
             advertise_addr: self.advertise_addr,
             log_level: None,
+            labels: (!self.labels.is_empty()).then(|| self.labels.iter().cloned().collect()),
             controller: manager.then(|| config::ControllerSection {
                 listen: at(config::CONTROLLER_PORT),
                 registry_listen: at(config::REGISTRY_PORT),

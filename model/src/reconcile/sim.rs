@@ -226,5 +226,6 @@ pub(super) fn put_node(id: &str, labels: &[(&str, &str)], memory: u64) -> Comman
         resources: crate::store::NodeResources { cpus: 0, memory },
         now: 0,
         cert_not_after: 0,
+        host_labels: Default::default(),
     }
 }
