@@ -26,6 +26,10 @@
 //!   [`KEEP_ENTRIES`] behind it. The store and the snapshot always agree on the index. A
 //!   snapshot that finishes serialising after a newer one was installed from the leader is
 //!   dropped.
+//! - Entries, terms and votes are written durably before any message that promises them; a
+//!   commit index alone (raft-rs's `must_sync` false) is written without waiting for the
+//!   disk ([`LogStore::persist_commit`]). Committed entries are applied and published, and
+//!   their proposers answered, before the Ready's own appends are written.
 //! - Publishing the store after each Ready is a clone of persistent maps (`model::store::Map`):
 //!   its cost does not grow with the store.
 //! - Membership changes are conf change entries whose context carries the member's addresses;
