@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use rudder_host::config;
+use rudder_host::{advertise, config};
 
 #[derive(Parser)]
 #[command(name = "rudder-agent", version, about = "Rudder host agent")]
@@ -196,7 +196,17 @@ fn main() -> anyhow::Result<()> {
             hide_unified,
         });
     }
-    let s = config::resolve(a.layer()?, a.config.as_deref(), env)?.agent()?;
+    let mut host = config::resolve(a.layer()?, a.config.as_deref(), env)?;
+    // No address to give the controllers: the one this host reaches them from.
+    let mut towards: Vec<advertise::Target> = host
+        .agent()?
+        .controllers
+        .into_iter()
+        .map(advertise::Target::Addr)
+        .collect();
+    towards.push(advertise::Target::DefaultRoute);
+    let detected = advertise::fill(&mut host, &advertise::UdpProbe, &towards, false, true)?;
+    let s = host.agent()?;
     let token = s.token.as_ref().map(|t| t.load()).transpose()?;
     // Colours only on a terminal: the log usually goes to a file or a journal. The journal
     // (systemd unit) gets each line's priority and keeps its own time stamps.
@@ -209,6 +219,9 @@ fn main() -> anyhow::Result<()> {
             .init();
     } else {
         logs.init();
+    }
+    if let Some(d) = detected {
+        tracing::info!("{d}");
     }
     let hostname = match s.hostname {
         Some(h) => h,

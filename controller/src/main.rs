@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use rudder_host::config;
+use rudder_host::{advertise, config};
 
 #[derive(Parser)]
 #[command(name = "rudder-controller", version, about = "Rudder controller")]
@@ -118,7 +118,14 @@ impl Args {
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     // Before the environment is scrubbed: RUDDER_* variables are a layer of the config.
-    let host = config::resolve(a.layer()?, a.config.as_deref(), std::env::vars())?;
+    let mut host = config::resolve(a.layer()?, a.config.as_deref(), std::env::vars())?;
+    // No address to give the others: the one this host reaches the cluster from.
+    let mut towards = Vec::new();
+    if let Some(join) = host.controller()?.join {
+        towards.push(advertise::Target::Addr(join));
+    }
+    towards.push(advertise::Target::DefaultRoute);
+    let detected = advertise::fill(&mut host, &advertise::UdpProbe, &towards, true, false)?;
     let settings = host.controller()?;
     // Before the runtime starts threads: scrub the token from this process's environment.
     std::env::remove_var(rudder_pki::ca::TOKEN_ENV);
@@ -145,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             restore,
             notify,
             a.election_timeout_ms,
+            detected,
         ))
 }
 
@@ -175,6 +183,7 @@ async fn run(
     restore: Option<std::sync::Arc<rudder_model::Store>>,
     notify: rudder_sdnotify::Notifier,
     election_timeout_ms: Option<u64>,
+    detected: Option<advertise::Detected>,
 ) -> anyhow::Result<()> {
     // Colours only on a terminal: the log usually goes to a file or a journal. The journal
     // (systemd unit) gets each line's priority and keeps its own time stamps.
@@ -193,6 +202,9 @@ async fn run(
     }
     if let Some(n) = &s.node_name {
         tracing::info!(node = %n, "starting");
+    }
+    if let Some(d) = detected {
+        tracing::info!("{d}");
     }
     let cfg = rudder_controller::Config {
         data_dir: s.data_dir,

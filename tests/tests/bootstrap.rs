@@ -150,6 +150,22 @@ fn init_join_leave_and_the_config_file() -> anyhow::Result<()> {
     assert!(!spare_cfg.exists(), "a failed join wrote its config");
     let (ok, _, err) = join(&worker_token, &first, &hosts[2].config_path())?;
     assert!(!ok && err.contains("already part of a cluster"), "{err}");
+    // Without --advertise-addr: the address this host reaches the controller from, printed
+    // and written (the root namespace reaches the lab from its root address).
+    let (ok, out, err) = join(&worker_token, &first, &spare_cfg)?;
+    assert!(ok, "{err}");
+    let root = lab.lab.root_addr().to_string();
+    assert!(
+        out.contains(&format!(
+            "advertise address {root} (this host's source address towards {first}"
+        )),
+        "{out}"
+    );
+    let written = std::fs::read_to_string(&spare_cfg)?;
+    assert!(
+        written.contains(&format!("advertise_addr = \"{root}\"")),
+        "{written}"
+    );
 
     // Refusals of the config itself, by `rudder config check` and by the daemons.
     let bad = tmp.path().join("bad.toml");

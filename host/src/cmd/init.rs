@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 
 use super::{HostOpts, Start};
+use crate::advertise::{self, Target};
 use crate::config::{self, HostConfig};
 
 /// Written by the first controller (the controller's `security::ADMIN_DIR` and token files).
@@ -28,9 +29,6 @@ pub fn plan(opts: &HostOpts, file: HostConfig) -> anyhow::Result<HostConfig> {
     }
     ctl.raft_id.get_or_insert(1);
     c.agent.role = Some(config::Role::Manager);
-    if c.advertise_addr.is_none() && c.controller()?.advertise.is_none() {
-        bail!("pass --advertise-addr: the address the other hosts reach this one at");
-    }
     let advertise = c.controller()?.advertise;
     if let Some(a) = advertise {
         c.agent
@@ -44,7 +42,15 @@ pub fn plan(opts: &HostOpts, file: HostConfig) -> anyhow::Result<HostConfig> {
 /// Runs `rudder init`.
 pub fn run(opts: &HostOpts) -> anyhow::Result<()> {
     let start = opts.start.resolve()?;
-    let c = plan(opts, super::existing(&opts.config)?)?;
+    let file = super::existing(&opts.config)?;
+    let opts = &super::with_advertise(
+        opts,
+        &file,
+        &[Target::DefaultRoute],
+        true,
+        &advertise::UdpProbe,
+    )?;
+    let c = plan(opts, file)?;
     super::refuse_member(&c)?;
     super::write_config(&opts.config, &c)?;
     let ctl = c.controller()?;

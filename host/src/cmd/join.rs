@@ -8,6 +8,7 @@
 use anyhow::Context as _;
 
 use super::{HostOpts, Start};
+use crate::advertise::{self, Target};
 use crate::config::{self, HostConfig};
 
 /// `rudder join`'s own flags beside the host ones.
@@ -65,6 +66,18 @@ pub fn run(opts: &JoinOpts) -> anyhow::Result<()> {
     let probe = config::merge(&[opts.host.layer(true), file.clone()]);
     super::refuse_member(&probe)?;
     super::reachable(&opts.addr)?;
+    // A manager token makes a controller too: look for an address either role can use.
+    let host = super::with_advertise(
+        &opts.host,
+        &file,
+        &[Target::Addr(opts.addr.clone())],
+        true,
+        &advertise::UdpProbe,
+    )?;
+    let opts = &JoinOpts {
+        host,
+        ..opts.clone()
+    };
     let agent_dir = probe.agent()?.data_dir;
     let role = super::join_agent(&agent_dir, &opts.addr, &opts.token)?;
     let dir = opts

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
+use crate::advertise::{self, SourceProbe, Target};
 use crate::config::{self, HostConfig};
 
 /// The packaged units (`pkg`): `ExecStart=/usr/bin/rudder-<daemon> --config /etc/rudder/rudder.toml`.
@@ -127,6 +128,25 @@ impl HostOpts {
             join: Default::default(),
         }
     }
+}
+
+/// `opts` with the advertise address filled in when neither they nor the file give the
+/// daemons one: the address this host reaches `towards` from (printed). Done before anything
+/// is written or joined, so a host without a usable address is refused untouched.
+pub fn with_advertise(
+    opts: &HostOpts,
+    file: &HostConfig,
+    towards: &[Target],
+    manager: bool,
+    probe: &dyn SourceProbe,
+) -> anyhow::Result<HostOpts> {
+    let mut c = config::merge(&[opts.layer(manager), file.clone()]);
+    let mut opts = opts.clone();
+    if let Some(d) = advertise::fill(&mut c, probe, towards, manager, true)? {
+        println!("{d}");
+        opts.advertise_addr = Some(d.addr);
+    }
+    Ok(opts)
 }
 
 /// What the file at `path` says already (nothing when it does not exist).
