@@ -680,6 +680,13 @@ mod tests {
                     Box::pin(first.chain(tokio_stream::pending()))
                 }))
             }
+
+            async fn leave(
+                &self,
+                _req: Request<rudder_proto::v1::LeaveRequest>,
+            ) -> Result<Response<rudder_proto::v1::LeaveResponse>, Status> {
+                Err(Status::unimplemented("the agent's sessions never leave"))
+            }
         }
 
         async fn listener() -> (tokio::net::TcpListener, u16) {

@@ -396,6 +396,13 @@ type DownStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> +
 impl Dispatcher for DispatcherApi {
     type SessionStream = DownStream;
 
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let caller = crate::tls::caller_or_refuse(&req, "Dispatcher/Leave")?.clone();
+        crate::leave_api::leave(&self.raft, &caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn session(
         &self,
         req: Request<Streaming<AgentMessage>>,

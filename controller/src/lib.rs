@@ -27,6 +27,7 @@ mod exec_api;
 mod fanout;
 mod image_api;
 mod image_tags;
+mod leave_api;
 mod locked;
 pub mod metrics;
 mod orchestrator;

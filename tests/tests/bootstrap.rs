@@ -223,7 +223,17 @@ fn init_join_leave_and_the_config_file() -> anyhow::Result<()> {
             None,
         )
     };
-    let (ok, out, err) = leave(&hosts[3].config_path())?;
+    // A worker asks with its own certificate (no admin credentials: no --context).
+    let (ok, out, err) = rudder(
+        &[
+            "leave",
+            "--start",
+            "none",
+            "--config",
+            path(&hosts[3].config_path()),
+        ],
+        None,
+    )?;
     assert!(ok, "worker leave: {out}{err}");
     let running = lab.running_of("spread")?;
     assert!(running.iter().all(|t| t["node"] != "h4"), "{running:?}");

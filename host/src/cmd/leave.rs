@@ -1,8 +1,12 @@
 //! `rudder leave`: takes this host out of its cluster. The node is drained (its tasks move
 //! elsewhere) and, on a manager, its controller leaves the raft group — refused when the
 //! managers left could not form a quorum, unless `--force`; then the units stop and the node
-//! is removed (its certificates revoked). Needs an admin certificate: this host's own when it
-//! made the cluster (`rudder init`), else an rctl context (`--context`).
+//! is removed (its certificates revoked).
+//!
+//! Who asks: a worker asks with its own node certificate (`Dispatcher/Leave`, which serves
+//! only the node the certificate names); a manager needs an admin certificate (the Control
+//! API: its controller leaves the raft group too), its own when it made the cluster
+//! (`rudder init`), else an rctl context (`--context`, which a worker may pass as well).
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -10,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use rudder_proto::v1::control_client::ControlClient;
+use rudder_proto::v1::dispatcher_client::DispatcherClient;
 use rudder_proto::v1::{
-    Availability, ClusterInfoRequest, ListTasksRequest, RemoveManagerRequest, RemoveNodeRequest,
-    TaskState, UpdateNodeRequest,
+    Availability, ClusterInfoRequest, LeaveRequest, ListTasksRequest, RemoveManagerRequest,
+    RemoveNodeRequest, TaskState, UpdateNodeRequest,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::Start;
 use crate::config::{self, HostConfig};
@@ -31,8 +36,9 @@ pub struct LeaveOpts {
     /// Who stops the daemons: systemd, or `none` (the caller stops them).
     #[arg(long, value_enum, default_value = "auto")]
     pub start: Start,
-    /// An rctl context file with admin credentials [default: this host's controller's admin
-    /// files when it has them, else $RUDDER_CONTEXT, else ~/.rudder/context.json].
+    /// An rctl context file with admin credentials [default: a worker uses its own node
+    /// certificate; a manager its controller's admin files when it has them, else
+    /// $RUDDER_CONTEXT, else ~/.rudder/context.json].
     #[arg(long)]
     pub context: Option<PathBuf>,
     /// How long to wait for the node's tasks to stop, in seconds.
@@ -46,6 +52,143 @@ struct Admin {
     ca: String,
     cert: String,
     key: String,
+}
+
+impl Admin {
+    fn tls(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+            .domain_name(rudder_pki::ca::Role::Manager.server_name())
+    }
+}
+
+/// Who asks the controllers to let this host go.
+enum Credentials {
+    /// An admin certificate: the Control API.
+    Admin(Admin),
+    /// This worker's own node certificate: `Dispatcher/Leave`, for this node only.
+    Node {
+        controllers: Vec<String>,
+        tls: ClientTlsConfig,
+    },
+}
+
+impl Credentials {
+    fn controllers(&self) -> &[String] {
+        match self {
+            Credentials::Admin(a) => &a.controllers,
+            Credentials::Node { controllers, .. } => controllers,
+        }
+    }
+
+    fn tls(&self) -> ClientTlsConfig {
+        match self {
+            Credentials::Admin(a) => a.tls(),
+            Credentials::Node { tls, .. } => tls.clone(),
+        }
+    }
+}
+
+/// A connection that can drain, count and remove this node.
+enum Leaver {
+    Admin(ControlClient<Channel>),
+    Node(DispatcherClient<Channel>),
+}
+
+impl Leaver {
+    async fn connect(creds: &Credentials, skip_last: Option<&str>) -> anyhow::Result<Leaver> {
+        let ch = connect(creds.controllers(), creds.tls(), skip_last).await?;
+        Ok(match creds {
+            Credentials::Admin(_) => Leaver::Admin(ControlClient::new(ch)),
+            Credentials::Node { .. } => Leaver::Node(DispatcherClient::new(ch)),
+        })
+    }
+
+    /// Sets the node to drain (its tasks move elsewhere).
+    async fn drain(&mut self, node_id: &str) -> anyhow::Result<()> {
+        match self {
+            Leaver::Admin(c) => {
+                c.update_node(UpdateNodeRequest {
+                    node: node_id.to_string(),
+                    availability: Availability::Drain.into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?;
+            }
+            Leaver::Node(c) => {
+                c.leave(LeaveRequest {
+                    node_id: node_id.to_string(),
+                    remove: false,
+                })
+                .await
+                .map_err(status)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many of the node's tasks still hold it (assigned, preparing, starting, running).
+    async fn live_tasks(&mut self, node_id: &str) -> anyhow::Result<usize> {
+        match self {
+            Leaver::Admin(c) => {
+                let tasks = c
+                    .list_tasks(ListTasksRequest::default())
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .tasks;
+                Ok(tasks
+                    .iter()
+                    .filter(|t| t.node_id == node_id)
+                    .filter(|t| {
+                        matches!(
+                            TaskState::try_from(t.state),
+                            Ok(TaskState::Assigned
+                                | TaskState::Preparing
+                                | TaskState::Starting
+                                | TaskState::Running)
+                        )
+                    })
+                    .count())
+            }
+            Leaver::Node(c) => {
+                let r = c
+                    .leave(LeaveRequest {
+                        node_id: node_id.to_string(),
+                        remove: false,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Ok(r.live_tasks as usize)
+            }
+        }
+    }
+
+    /// Removes the node: its certificates are revoked.
+    async fn remove(&mut self, node_id: &str) -> anyhow::Result<()> {
+        match self {
+            Leaver::Admin(c) => {
+                c.remove_node(RemoveNodeRequest {
+                    node: node_id.to_string(),
+                    force: true,
+                })
+                .await
+                .map_err(status)?;
+            }
+            Leaver::Node(c) => {
+                c.leave(LeaveRequest {
+                    node_id: node_id.to_string(),
+                    remove: true,
+                })
+                .await
+                .map_err(status)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The fields of an rctl context file `leave` uses.
@@ -86,6 +229,27 @@ fn from_context(path: &Path) -> anyhow::Result<Admin> {
     })
 }
 
+/// The credentials `leave` uses: `--context` when given; a worker's own node certificate;
+/// a manager's admin certificate.
+fn credentials(opts: &LeaveOpts, c: &HostConfig) -> anyhow::Result<Credentials> {
+    if opts.context.is_none() && c.controller.is_none() {
+        let agent = c.agent()?;
+        let dir = agent.data_dir.join("certs");
+        let certs = rudder_pki::tls::NodeCerts::load(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "reading this node's certificate in {}: {e} (or pass --context with an admin \
+                 certificate)",
+                dir.display()
+            )
+        })?;
+        return Ok(Credentials::Node {
+            controllers: agent.controllers,
+            tls: rudder_pki::tls::client_tls(&certs, rudder_pki::ca::Role::Manager),
+        });
+    }
+    admin(opts, c).map(Credentials::Admin)
+}
+
 fn admin(opts: &LeaveOpts, c: &HostConfig) -> anyhow::Result<Admin> {
     if let Some(p) = &opts.context {
         return from_context(p);
@@ -116,13 +280,13 @@ fn admin(opts: &LeaveOpts, c: &HostConfig) -> anyhow::Result<Admin> {
     )
 }
 
-async fn connect(a: &Admin, skip_last: Option<&str>) -> anyhow::Result<ControlClient<Channel>> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&a.ca))
-        .identity(tonic::transport::Identity::from_pem(&a.cert, &a.key))
-        .domain_name(rudder_pki::ca::Role::Manager.server_name());
+async fn connect(
+    controllers: &[String],
+    tls: ClientTlsConfig,
+    skip_last: Option<&str>,
+) -> anyhow::Result<Channel> {
     // This host's own controller last: it is about to leave.
-    let mut urls = a.controllers.clone();
+    let mut urls = controllers.to_vec();
     if let Some(me) = skip_last {
         urls.sort_by_key(|u| u.contains(me));
     }
@@ -136,7 +300,7 @@ async fn connect(a: &Admin, skip_last: Option<&str>) -> anyhow::Result<ControlCl
             .connect_timeout(Duration::from_secs(2))
             .tls_config(tls.clone())?;
         match tokio::time::timeout(Duration::from_secs(4), ep.connect()).await {
-            Ok(Ok(ch)) => return Ok(ControlClient::new(ch)),
+            Ok(Ok(ch)) => return Ok(ch),
             Ok(Err(e)) => failures.push(format!("{url}: {}", rudder_proto::error_chain(&e))),
             Err(_) => failures.push(format!("{url}: timed out")),
         }
@@ -190,15 +354,16 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
             )
         })?;
     let start = opts.start.resolve()?;
-    let admin = admin(opts, &c)?;
+    let creds = credentials(opts, &c)?;
     let me = c.controller.as_ref().map(|_| c.controller()).transpose()?;
+    let skip_last = me.as_ref().and_then(|m| m.advertise.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = connect(&admin, me.as_ref().and_then(|m| m.advertise.as_deref())).await?;
+        let mut leaver = Leaver::connect(&creds, skip_last.as_deref()).await?;
         // Before anything changes: a manager that may not leave is not drained either.
-        if let Some(ctl) = &me {
+        if let (Some(ctl), Leaver::Admin(client)) = (&me, &mut leaver) {
             let info = client
                 .cluster_info(ClusterInfoRequest {})
                 .await
@@ -220,36 +385,11 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
                 }
             }
         }
-        client
-            .update_node(UpdateNodeRequest {
-                node: node_id.clone(),
-                availability: Availability::Drain.into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(status)?;
+        leaver.drain(&node_id).await?;
         println!("draining this node ({node_id})");
         let deadline = Instant::now() + Duration::from_secs(opts.drain_timeout);
         loop {
-            let tasks = client
-                .list_tasks(ListTasksRequest::default())
-                .await
-                .map_err(status)?
-                .into_inner()
-                .tasks;
-            let live = tasks
-                .iter()
-                .filter(|t| t.node_id == node_id)
-                .filter(|t| {
-                    matches!(
-                        TaskState::try_from(t.state),
-                        Ok(TaskState::Assigned
-                            | TaskState::Preparing
-                            | TaskState::Starting
-                            | TaskState::Running)
-                    )
-                })
-                .count();
+            let live = leaver.live_tasks(&node_id).await?;
             if live == 0 || opts.force {
                 break;
             }
@@ -261,7 +401,7 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        if let Some(ctl) = &me {
+        if let (Some(ctl), Leaver::Admin(client)) = (&me, &mut leaver) {
             client
                 .remove_manager(RemoveManagerRequest {
                     raft_id: ctl.raft_id,
@@ -279,15 +419,8 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
         super::systemctl(&["disable", "--now", super::AGENT_UNIT])?;
     }
     rt.block_on(async {
-        let mut client = connect(&admin, me.as_ref().and_then(|m| m.advertise.as_deref())).await?;
-        client
-            .remove_node(RemoveNodeRequest {
-                node: node_id.clone(),
-                force: true,
-            })
-            .await
-            .map_err(status)?;
-        anyhow::Ok(())
+        let mut leaver = Leaver::connect(&creds, skip_last.as_deref()).await?;
+        leaver.remove(&node_id).await
     })?;
     println!("this node ({node_id}) left the cluster");
     if start == Start::Systemd {
