@@ -119,13 +119,12 @@ mod tests {
     }
 
     fn store() -> Store {
-        Store {
-            secrets: Some(rudder_model::store::ClusterSecrets {
-                ca_key_pem: "key".into(),
-                ..Default::default()
-            }),
+        let mut s = Store::default();
+        s.secrets = Some(rudder_model::store::ClusterSecrets {
+            ca_key_pem: "key".into(),
             ..Default::default()
-        }
+        });
+        s
     }
 
     #[test]
