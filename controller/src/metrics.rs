@@ -13,7 +13,7 @@
 //! name (`_seconds`, `_bytes`), `_total` only on counters (added by the encoder), states as
 //! labels.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
@@ -395,39 +395,42 @@ pub fn encode(reg: &Registry) -> String {
 /// Observes the scheduling delay of tasks as they first reach `running`, from the committed
 /// store (the leader's creation stamp, the node's running stamp). Tasks already running when
 /// this starts are history: not observed again after a restart.
+///
+/// Each published store is compared with the previous one through the maps' own diff, which
+/// skips what they share: the cost is what changed. (It used to walk every task and look each
+/// one up in a set of those seen, on every controller after every applied batch: at 1,000
+/// hosts and 30,000 tasks that was the largest share of all three controllers' CPU, and the
+/// scheduling delay it measures grew with it; issue 20.)
 pub async fn observe_scheduling(raft: crate::raft_node::RaftHandle, m: ControllerMetrics) {
     let mut rx = raft.watch_store();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut first = true;
-    loop {
+    let mut prev = rx.borrow_and_update().clone();
+    while rx.changed().await.is_ok() {
         let store = rx.borrow_and_update().clone();
-        for (secs, id) in newly_running(&store, &seen) {
-            if !first {
-                m.scheduling_delay_seconds.observe(secs);
-            }
-            seen.insert(id);
+        for secs in newly_running(&prev, &store) {
+            m.scheduling_delay_seconds.observe(secs);
         }
-        seen.retain(|id| store.tasks.contains_key(id));
-        first = false;
-        if rx.changed().await.is_err() {
-            return;
-        }
+        prev = store;
     }
 }
 
-/// Tasks of `store` that reached running and are not in `seen`, with their delay in seconds
-/// (0 when the node's clock is behind the leader's). Pure.
-pub fn newly_running(store: &Store, seen: &HashSet<String>) -> Vec<(f64, String)> {
-    store
-        .tasks
-        .values()
-        .filter(|t| !seen.contains(&t.id))
-        .filter_map(|t| {
-            let at = t.running_at?;
-            Some((
-                at.saturating_sub(t.created_at) as f64 / 1000.0,
-                t.id.clone(),
-            ))
+/// The delays, in seconds, of the tasks that reached running between `old` and `new` (0 when
+/// the node's clock is behind the leader's). A task counts once: when its `running_at` is first
+/// set. Pure.
+pub fn newly_running(old: &Store, new: &Store) -> Vec<f64> {
+    use imbl::ordmap::DiffItem;
+    let delay = |t: &rudder_model::Task| {
+        t.running_at
+            .map(|at| at.saturating_sub(t.created_at) as f64 / 1000.0)
+    };
+    old.tasks
+        .diff(&new.tasks)
+        .filter_map(|d| match d {
+            DiffItem::Add(_, t) => delay(t),
+            DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } if a.running_at.is_none() => delay(b),
+            _ => None,
         })
         .collect()
 }
@@ -622,17 +625,21 @@ mod tests {
 
     #[test]
     fn scheduling_delay_counts_each_task_once() {
-        let mut s = store();
-        let mut seen = HashSet::new();
-        assert!(newly_running(&s, &seen).is_empty());
-        let t = s.tasks.get_mut("t1").unwrap();
-        t.running_at = Some(3_500);
-        let first = newly_running(&s, &seen);
-        assert_eq!(first, vec![(2.5, "t1".to_string())]);
-        seen.insert("t1".into());
-        assert!(newly_running(&s, &seen).is_empty());
+        let s = store();
+        assert!(newly_running(&s, &s).is_empty());
+        let mut next = s.clone();
+        next.tasks.get_mut("t1").unwrap().running_at = Some(3_500);
+        assert_eq!(newly_running(&s, &next), vec![2.5]);
+        // Already running: a later change to the task is not a second start.
+        let mut later = next.clone();
+        later.tasks.get_mut("t1").unwrap().status.message = "still".into();
+        assert!(newly_running(&next, &later).is_empty());
         // A node clock behind the leader's: no negative delay.
-        s.tasks.get_mut("t2").unwrap().running_at = Some(10);
-        assert_eq!(newly_running(&s, &seen), vec![(0.0, "t2".to_string())]);
+        later.tasks.get_mut("t2").unwrap().running_at = Some(10);
+        assert_eq!(newly_running(&next, &later), vec![0.0]);
+        // A task that arrives already running (a snapshot installed) counts once too.
+        let mut fresh = Store::default();
+        fresh.tasks.insert("t1".into(), next.tasks["t1"].clone());
+        assert_eq!(newly_running(&Store::default(), &fresh), vec![2.5]);
     }
 }
