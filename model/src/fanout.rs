@@ -10,10 +10,11 @@
 //!
 //! Invariants: pure; after `advance(old, new)` the index is exactly [`NodeIndex::build`] of
 //! `new`; a node is reported whenever a task placed on it (before or after the change) was
-//! added, changed or removed; `all` is set when anything besides the task table changed (a
-//! session also sends its node the network map, volumes, secret values and trusted
-//! controllers, which depend on other tables), or when tasks changed and an overlay network
-//! exists (a node's network map lists the running tasks of every service on its networks).
+//! added, changed or removed; `all` is set when a table a session reads besides the tasks
+//! changed (a session also sends its node the network map, volumes, secret values and trusted
+//! controllers, which depend on other tables: see [`same_for_sessions`]), or when tasks changed
+//! and an overlay network exists (a node's network map lists the running tasks of every service
+//! on its networks).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -104,7 +105,7 @@ impl NodeIndex {
             }
         }
         changed.all =
-            !same_but_tasks(old, new) || (!new.networks.is_empty() && !changed.nodes.is_empty());
+            !same_for_sessions(old, new) || (!new.networks.is_empty() && !changed.nodes.is_empty());
         changed
     }
 
@@ -119,12 +120,26 @@ impl NodeIndex {
     }
 }
 
-/// Whether `a` and `b` differ at most in their tasks and applied index. Cheap when they share
-/// structure (the maps compare shared subtrees by pointer).
-pub(crate) fn same_but_tasks(a: &Store, b: &Store) -> bool {
+/// Whether `a` and `b` are the same for every session apart from their tasks: they differ at
+/// most in their tasks, applied index and the tables no session reads (images, agent versions,
+/// stacks, admitted identities), and, while neither has an overlay network, their services (a
+/// session reads services only for its node's network map). Cheap when they share structure
+/// (the maps compare shared subtrees by pointer).
+///
+/// Every `Apply` writes the services table: when that woke all 1,000 sessions of a fleet, each
+/// re-read its node's tasks, network map, volumes and secrets, and that was half of the
+/// leader's CPU while services were being deployed (issue 20).
+pub(crate) fn same_for_sessions(a: &Store, b: &Store) -> bool {
     let mut a = a.clone();
     a.tasks = b.tasks.clone();
     a.applied = b.applied;
+    a.images = b.images.clone();
+    a.node_versions = b.node_versions.clone();
+    a.stacks = b.stacks.clone();
+    a.admitted = b.admitted.clone();
+    if a.networks.is_empty() && b.networks.is_empty() {
+        a.services = b.services.clone();
+    }
     a == *b
 }
 
@@ -243,5 +258,50 @@ mod tests {
         // No change at all: nothing concerned.
         let c = ix.advance(&s, &s.clone());
         assert_eq!(c, Changed::default());
+    }
+
+    /// A service written without a task change (every `Apply`) wakes no session while no
+    /// overlay network exists, since no session reads services then; once one exists, a
+    /// service's change reaches every node's network map.
+    #[test]
+    fn a_service_change_wakes_sessions_only_when_networks_read_it() {
+        let mut s = Store::default();
+        s.apply(1, put_node("n1", 1)).unwrap();
+        let put = |name: &str, idx: u64, s: &mut Store| {
+            let spec = crate::spec::tests_support::spec(name, 0);
+            s.apply(
+                idx,
+                Command::PutService {
+                    id: format!("svc-{name}"),
+                    spec: Box::new(spec),
+                    now: idx,
+                },
+            )
+            .unwrap();
+        };
+        let mut ix = NodeIndex::build(&s);
+        let prev = s.clone();
+        put("web", 2, &mut s);
+        assert_eq!(ix.advance(&prev, &s), Changed::default());
+        // Tables no session reads: no wake either.
+        let prev = s.clone();
+        s.node_versions.insert("n1".into(), "0.1.0".into());
+        assert_eq!(ix.advance(&prev, &s), Changed::default());
+        // With an overlay network, the same kind of change wakes everyone.
+        let mut with_net = s.clone();
+        with_net
+            .apply(
+                3,
+                Command::PutNetwork {
+                    id: "net-front".into(),
+                    spec: serde_json::from_value(serde_json::json!({"name": "front"}))
+                        .expect("network spec"),
+                    now: 3,
+                },
+            )
+            .unwrap();
+        let prev = with_net.clone();
+        put("api", 4, &mut with_net);
+        assert!(ix.advance(&prev, &with_net).all);
     }
 }
