@@ -33,9 +33,29 @@ use tracing::{info, warn};
 use crate::now_ms;
 use crate::raft_node::RaftHandle;
 
+/// The heartbeat period of a fleet of up to [`NODES_PER_SECOND`] nodes.
 pub const HEARTBEAT: Duration = Duration::from_millis(1000);
 /// Missed heartbeats before a node counts as down.
 pub const MISSED_HEARTBEATS: u32 = 3;
+/// Heartbeats a second the leader plans for; a bigger fleet beats less often.
+pub const NODES_PER_SECOND: usize = 1000;
+/// The longest heartbeat period (swarmkit's default period).
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The heartbeat period the leader gives the agents of a fleet of `nodes`: [`HEARTBEAT`] up to
+/// [`NODES_PER_SECOND`] nodes, then one more second per such many, at most [`MAX_HEARTBEAT`].
+/// A node is down after [`MISSED_HEARTBEATS`] periods, so a lost host is noticed within 3 s up
+/// to 1,000 nodes and within 15 s at 5,000.
+///
+/// Why: at a fixed second, 5,000 sessions send 5,000 heartbeats a second, and when the machine
+/// is busy (deploying 150,000 tasks) thousands of them arrive late at once: each late session
+/// marks its node down, its tasks are replaced, and the cascade kept a 5,000-host fleet from
+/// ever converging (issue 20). Whole seconds, so the period changes only when the fleet crosses
+/// a thousand, and each change re-sends the session's welcome.
+pub fn heartbeat_period(nodes: usize) -> Duration {
+    let secs = nodes.div_ceil(NODES_PER_SECOND).max(1) as u32;
+    (HEARTBEAT * secs).min(MAX_HEARTBEAT)
+}
 
 pub struct DispatcherApi {
     raft: RaftHandle,
@@ -63,7 +83,8 @@ async fn watch_leadership(raft: RaftHandle, sessions: Arc<Mutex<HashMap<String, 
                 // Generations at the start of leadership; a node still at its old generation
                 // (or never seen) after the grace period did not reconnect here.
                 let before = sessions.lock().expect("sessions lock").clone();
-                tokio::time::sleep(HEARTBEAT * MISSED_HEARTBEATS * 2).await;
+                let period = heartbeat_period(raft.store().nodes.len());
+                tokio::time::sleep(period * MISSED_HEARTBEATS * 2).await;
                 let st = raft.status();
                 if !st.is_leader || st.term != led_term {
                     return;
@@ -523,15 +544,19 @@ impl Dispatcher for DispatcherApi {
         info!(node = %node_id, hostname = %reg.hostname, addr = %reg.addr, "agent session opened");
 
         let (tx, rx) = mpsc::channel(16);
-        let _ = tx
-            .send(Ok(ControllerMessage {
-                msg: Some(Down::Welcome(Welcome {
-                    heartbeat_period_ms: HEARTBEAT.as_millis() as u32,
-                    registry: self.registry.clone(),
-                    controllers: store.managers.values().map(|m| m.addr.clone()).collect(),
-                })),
-            }))
-            .await;
+        // The period this session's agent was last told, in ms: the sender re-welcomes the
+        // agent when the fleet's size changes it, and the receiver's deadline follows.
+        let period = heartbeat_period(store.nodes.len());
+        let period_ms = Arc::new(std::sync::atomic::AtomicU64::new(period.as_millis() as u64));
+        let registry = self.registry.clone();
+        let welcome = move |store: &rudder_model::Store, period: Duration| ControllerMessage {
+            msg: Some(Down::Welcome(Welcome {
+                heartbeat_period_ms: period.as_millis() as u32,
+                registry: registry.clone(),
+                controllers: store.managers.values().map(|m| m.addr.clone()).collect(),
+            })),
+        };
+        let _ = tx.send(Ok(welcome(&store, period))).await;
 
         // Down: the node's task set, whenever it changes (subscribed before the first look,
         // so no change is missed).
@@ -540,6 +565,7 @@ impl Dispatcher for DispatcherApi {
         let down_tx = tx.clone();
         let down_node = node_id.clone();
         let me = self.raft.status().id;
+        let told = period_ms.clone();
         let sender = tokio::spawn(async move {
             let mut last: Option<Vec<AssignmentKey>> = None;
             let mut last_map = None;
@@ -549,6 +575,19 @@ impl Dispatcher for DispatcherApi {
             let mut last_trusted: Option<Vec<String>> = None;
             loop {
                 let (store, ids) = fanout.snapshot(&down_node);
+                let period = heartbeat_period(store.nodes.len());
+                if period.as_millis() as u64 != told.load(std::sync::atomic::Ordering::Relaxed) {
+                    // The agent beats at once on a welcome, so a shorter deadline from now on
+                    // cannot catch it between two periods.
+                    if down_tx.send(Ok(welcome(&store, period))).await.is_err() {
+                        return;
+                    }
+                    told.store(
+                        period.as_millis() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    info!(node = %down_node, period_ms = period.as_millis() as u64, "heartbeat period changed");
+                }
                 // A promoted node that does not yet run its controller: tell its agent.
                 if let Some(rid) = store.nodes.get(&down_node).and_then(|n| n.controller_id) {
                     if asked_controller != Some(rid) && !store.managers.contains_key(&rid) {
@@ -706,9 +745,13 @@ impl Dispatcher for DispatcherApi {
         let usage = self.usage.clone();
         let mut leadership = self.raft.watch_status();
         tokio::spawn(async move {
-            let deadline = HEARTBEAT * MISSED_HEARTBEATS;
+            let current_deadline = || {
+                Duration::from_millis(period_ms.load(std::sync::atomic::Ordering::Relaxed))
+                    * MISSED_HEARTBEATS
+            };
             let mut heard = tokio::time::Instant::now();
             loop {
+                let deadline = current_deadline();
                 let next = tokio::select! {
                     n = tokio::time::timeout(deadline, up.message()) => n,
                     _ = leadership.wait_for(|s| !s.is_leader || s.term != term) => {
@@ -822,7 +865,7 @@ impl Dispatcher for DispatcherApi {
             sender.abort();
             // A closed stream is not yet a lost node: an agent that restarts opens a new
             // session within the heartbeat deadline and keeps its tasks.
-            tokio::time::sleep_until(heard + deadline).await;
+            tokio::time::sleep_until(heard + current_deadline()).await;
             let current = sessions
                 .lock()
                 .expect("sessions lock")
@@ -945,6 +988,25 @@ mod liveness_tests {
             .expect("node registered")
             .state
             .clone()
+    }
+
+    #[test]
+    fn the_heartbeat_period_grows_with_the_fleet_in_whole_seconds_up_to_five() {
+        for (nodes, secs) in [
+            (0, 1),
+            (1, 1),
+            (1000, 1),
+            (1001, 2),
+            (2500, 3),
+            (5000, 5),
+            (20_000, 5),
+        ] {
+            assert_eq!(
+                heartbeat_period(nodes),
+                Duration::from_secs(secs),
+                "{nodes} nodes"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
