@@ -706,12 +706,16 @@ async fn churn(
     let began = Instant::now();
     let sent: Vec<anyhow::Result<()>> = futures::stream::iter(ids.iter().cloned())
         .map(|id| {
-            let mut c = c.clone();
+            let c = c.clone();
             async move {
-                c.update_node(UpdateNodeRequest {
+                let req = UpdateNodeRequest {
                     node: id,
                     availability: Availability::Drain as i32,
                     ..Default::default()
+                };
+                retrying(cfg.timeout, || {
+                    let (mut c, req) = (c.clone(), req.clone());
+                    async move { c.update_node(req).await }
                 })
                 .await?;
                 anyhow::Ok(())
@@ -736,6 +740,38 @@ async fn churn(
 
 /// Drain requests in flight at once.
 const DRAIN_PARALLELISM: usize = 16;
+
+/// Whether a refused request may succeed when sent again: the group is between leaders (no
+/// leader yet, or a follower that cannot forward), or a proposal timed out under load. Any
+/// other refusal (a bad request) is final.
+fn transient(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Aborted
+    )
+}
+
+/// Sends `call` until it succeeds, a refusal is not [`transient`], or `within` has passed. An
+/// operator's `rctl node update` is retried by hand the same way; the churn scenario must not
+/// abort because an election fell in the middle of its drain.
+async fn retrying<T, F, Fut>(within: Duration, mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + within;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
 
 /// The log filter of a controller added by [`join_member`]: its snapshot's arrival and
 /// install are logged (info) with their sizes.
