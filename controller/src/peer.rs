@@ -220,23 +220,65 @@ async fn peer_loop(
             if rest.is_empty() {
                 continue;
             }
-            let encoded = RaftBatch {
-                msgs: rest
-                    .iter()
-                    .filter_map(|m| m.write_to_bytes().ok())
-                    .collect(),
-            };
-            if tx.send(encoded).await.is_err() || call.is_finished() {
-                // The call ended (peer gone or restarted): resend this batch on a new stream.
-                carry = Some(rest);
-                raft.report_unreachable(to);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue 'reconnect;
+            let encoded: Vec<Vec<u8>> = rest
+                .iter()
+                .map(|m| m.write_to_bytes().unwrap_or_default())
+                .collect();
+            let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+            let mut encoded = encoded.into_iter();
+            for range in batches_within(&sizes, MAX_BATCH_BYTES) {
+                let start = range.start;
+                let batch = RaftBatch {
+                    msgs: encoded
+                        .by_ref()
+                        .take(range.len())
+                        .filter(|b| !b.is_empty())
+                        .collect(),
+                };
+                if tx.send(batch).await.is_err() || call.is_finished() {
+                    // The call ended (peer gone or restarted, or a message it refused): what
+                    // was not sent goes again on a new stream.
+                    let why = match call.await {
+                        Ok(Ok(_)) => "the stream ended".to_string(),
+                        Ok(Err(s)) => s.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    warn!(to, %why, "raft stream to peer broke; reconnecting");
+                    carry = Some(rest[start..].to_vec());
+                    raft.report_unreachable(to);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue 'reconnect;
+                }
             }
             backoff = Duration::from_millis(50);
         }
     }
+}
+
+/// Bytes of raft messages one `RaftBatch` carries at most (the peers' message limit is
+/// 64 MiB). Each append holds at least one entry whatever `max_size_per_msg` says, and a pass
+/// that creates 10,000 tasks is an entry of several MB: merged by count alone, a follower
+/// catching up got batches over the limit, the stream broke on each, the same batch was
+/// carried to the next stream, and at 5,000 hosts the leader lost its quorum (issue 20).
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Splits messages of `sizes` bytes, in order, into runs of at most `limit` bytes each; a
+/// message bigger than `limit` travels alone. Pure.
+fn batches_within(sizes: &[usize], limit: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, n) in sizes.iter().enumerate() {
+        if i > start && bytes + n > limit {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
 }
 
 /// Streams one snapshot message in chunks and tells raft how it went.
@@ -635,5 +677,26 @@ pub async fn join(addr: &str, raft_id: u64, me: &ManagerInfo, transport: &GrpcTr
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    // One run of three messages is the point of a case.
+    #[allow(clippy::single_range_in_vec_init)]
+    fn batches_stay_within_the_byte_limit_and_a_big_message_travels_alone() {
+        for (sizes, want) in [
+            (vec![], vec![]),
+            (vec![3, 3, 3], vec![0..3]),
+            (vec![4, 4, 4], vec![0..2, 2..3]),
+            (vec![20, 1, 1], vec![0..1, 1..3]),
+            (vec![1, 20, 1], vec![0..1, 1..2, 2..3]),
+            (vec![10, 10], vec![0..1, 1..2]),
+        ] {
+            assert_eq!(batches_within(&sizes, 10), want, "{sizes:?}");
+        }
     }
 }
