@@ -65,18 +65,34 @@ pub async fn run_with_clock(raft: RaftHandle, clock: impl Fn() -> u64) {
                     Scope::All
                 }
             };
-            let mut ids = new_id;
             let began = Instant::now();
-            let planned = plan_pass_in(&store, &scope, clock(), &mut ids);
-            let plan_ms = began.elapsed().as_millis() as u64;
             let services = match &scope {
                 Scope::All => store.services.len(),
                 Scope::Services(s) => s.len(),
             };
+            // Planned and encoded off the async workers: a pass that places 10,000 tasks takes
+            // seconds, and on a worker it held up the sessions and the inbound raft messages
+            // that share the runtime (at 5,000 hosts the leader lost its quorum: issue 20).
+            let (now, planning) = (clock(), store.clone());
+            let planned = tokio::task::spawn_blocking(move || {
+                let mut ids = new_id;
+                let planned = plan_pass_in(&planning, &scope, now, &mut ids);
+                let plan_ms = began.elapsed().as_millis() as u64;
+                (planned.map(|cmd| Envelope::new(cmd).encode()), plan_ms)
+            })
+            .await;
+            let (planned, plan_ms) = match planned {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(%e, "control-loop pass failed");
+                    last = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
             last = Some(store);
-            if let Some(cmd) = planned {
+            if let Some(bytes) = planned {
                 // Never forwarded: a plan made by a leader that lost its role is dropped.
-                let bytes = Envelope::new(cmd).encode();
                 let (size, encode_ms) = (bytes.len(), began.elapsed().as_millis() as u64);
                 let r = raft.propose_local(Proposal::Command(bytes)).await;
                 let commit_ms = began.elapsed().as_millis() as u64;
