@@ -33,6 +33,9 @@ use tracing::{info, warn};
 use crate::now_ms;
 use crate::raft_node::RaftHandle;
 
+/// Messages a session queues for its agent before its sender waits (see `session`).
+const SESSION_QUEUE: usize = 2;
+
 /// The heartbeat period of a fleet of up to [`NODES_PER_SECOND`] nodes.
 pub const HEARTBEAT: Duration = Duration::from_millis(1000);
 /// Missed heartbeats before a node counts as down.
@@ -543,7 +546,12 @@ impl Dispatcher for DispatcherApi {
         };
         info!(node = %node_id, hostname = %reg.hostname, addr = %reg.addr, "agent session opened");
 
-        let (tx, rx) = mpsc::channel(16);
+        // Room for one message waiting behind the one being written: a sender that finds it
+        // full waits, and its next look (after the fan-out's wake, which coalesces) sends the
+        // newest set instead of queueing every intermediate one. With 16, a slow agent (or
+        // a busy machine) held up to 16 full task lists per session: at 5,000 hosts that was
+        // most of the leader's memory (issue 20).
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         // The period this session's agent was last told, in ms: the sender re-welcomes the
         // agent when the fleet's size changes it, and the receiver's deadline follows.
         let period = heartbeat_period(store.nodes.len());
