@@ -1330,7 +1330,14 @@ mod tests {
         .unwrap();
         h.propose(write(1)).await.unwrap();
         assert!(h.store().images.get("t").is_some());
-        assert!(h.status().is_leader);
+        // The status is published apart from the store (a proposal's reply can come first).
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            h.watch_status().wait_for(|s| s.is_leader),
+        )
+        .await
+        .expect("leader")
+        .expect("status");
         disk.fail.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = h.propose(write(2)).await;
         tokio::time::timeout(Duration::from_secs(10), h.stopped())
