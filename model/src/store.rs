@@ -2225,6 +2225,25 @@ mod tests {
     }
     use crate::spec::tests_support::spec;
 
+    /// Service `web` of `replicas` (index 1) and workers n1 and n2 (index 2).
+    fn web_on_two_nodes(replicas: u64) -> (Store, Service) {
+        let mut s = Store::default();
+        s.apply(
+            1,
+            Command::PutService {
+                id: "s1".into(),
+                spec: Box::new(spec("web", replicas)),
+                now: 1,
+            },
+        )
+        .unwrap();
+        let node = |id: &str| node_at(id, &format!("h-{id}"), &format!("a-{id}"), 2);
+        s.apply(2, Command::Batch(vec![node("n1"), node("n2")]))
+            .unwrap();
+        let svc = s.services["web"].clone();
+        (s, svc)
+    }
+
     fn task(id: &str, svc: &Service, slot: u64) -> Task {
         Task {
             id: id.into(),
@@ -2483,30 +2502,7 @@ mod tests {
     /// orphaning had passed), so its slot never ran again.
     #[test]
     fn an_assignment_to_a_node_already_down_leaves_the_task_unplaced() {
-        let mut s = Store::default();
-        s.apply(
-            1,
-            Command::PutService {
-                id: "s1".into(),
-                spec: Box::new(spec("web", 1)),
-                now: 1,
-            },
-        )
-        .unwrap();
-        let svc = s.services["web"].clone();
-        let node = |id: &str| Command::PutNode {
-            id: id.into(),
-            hostname: format!("h-{id}"),
-            addr: format!("a-{id}"),
-            labels: Default::default(),
-            role: NodeRole::Worker,
-            resources: Default::default(),
-            now: 2,
-            cert_not_after: 0,
-            host_labels: Default::default(),
-        };
-        s.apply(2, Command::Batch(vec![node("n1"), node("n2")]))
-            .unwrap();
+        let (mut s, svc) = web_on_two_nodes(1);
         s.apply(
             3,
             Command::CreateTasks {
@@ -2553,30 +2549,7 @@ mod tests {
     /// exactly its own unfinished tasks either way.
     #[test]
     fn the_node_index_follows_placement_and_survives_decoding() {
-        let mut s = Store::default();
-        s.apply(
-            1,
-            Command::PutService {
-                id: "s1".into(),
-                spec: Box::new(spec("web", 4)),
-                now: 1,
-            },
-        )
-        .unwrap();
-        let svc = s.services["web"].clone();
-        let node = |id: &str| Command::PutNode {
-            id: id.into(),
-            hostname: format!("h-{id}"),
-            addr: format!("a-{id}"),
-            labels: Default::default(),
-            role: NodeRole::Worker,
-            resources: Default::default(),
-            now: 2,
-            cert_not_after: 0,
-            host_labels: Default::default(),
-        };
-        s.apply(2, Command::Batch(vec![node("n1"), node("n2")]))
-            .unwrap();
+        let (mut s, svc) = web_on_two_nodes(4);
         let mut placed = task("t1", &svc, 1);
         placed.node_id = Some("n1".into());
         placed.status.state = TaskState::Assigned;
