@@ -1,6 +1,6 @@
-//! The dispatcher's fan-out of store changes: one task follows the published store, keeps the
-//! node → tasks index ([`rudder_model::fanout::NodeIndex`]) and wakes only the sessions whose
-//! node a change concerns. Before, every session woke on every applied batch and scanned the
+//! The dispatcher's fan-out of store changes: one task follows the published store and wakes
+//! only the sessions whose node a change concerns ([`rudder_model::fanout::changed`]); a
+//! session reads its node's tasks from the store's own node → tasks index. Before, every session woke on every applied batch and scanned the
 //! whole task table for its node's tasks (hosts × tasks per change), which at 1,000 hosts and
 //! 30,000 tasks kept the leader's cores busy enough to lose its leadership (issue 20).
 //!
@@ -11,16 +11,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rudder_model::fanout::NodeIndex;
 use rudder_model::Store;
 use tokio::sync::watch;
 
 use crate::raft_node::RaftHandle;
 
 struct Inner {
-    /// The store the index is of.
+    /// The latest published store.
     store: Arc<Store>,
-    index: NodeIndex,
     /// Node id → a counter bumped whenever a change concerns the node.
     wake: HashMap<String, watch::Sender<u64>>,
 }
@@ -38,7 +36,6 @@ impl Fanout {
         let store = rx.borrow_and_update().clone();
         let f = Fanout {
             inner: Arc::new(Mutex::new(Inner {
-                index: NodeIndex::build(&store),
                 store,
                 wake: HashMap::new(),
             })),
@@ -60,7 +57,7 @@ impl Fanout {
     fn advance(&self, new: Arc<Store>) {
         let mut g = self.lock();
         let old = g.store.clone();
-        let changed = g.index.advance(&old, &new);
+        let changed = rudder_model::fanout::changed(&old, &new);
         g.store = new;
         // Sessions gone: their counters go too.
         g.wake.retain(|_, tx| tx.receiver_count() > 0);
@@ -92,11 +89,7 @@ impl Fanout {
     /// by id.
     pub fn snapshot(&self, node: &str) -> (Arc<Store>, Vec<String>) {
         let g = self.lock();
-        let ids = g
-            .index
-            .tasks_on(&g.store, node)
-            .map(|t| t.id.clone())
-            .collect();
+        let ids = g.store.tasks_on(node).map(|t| t.id.clone()).collect();
         (g.store.clone(), ids)
     }
 }

@@ -4,29 +4,22 @@
 //! node's tasks by scanning the whole task table, in every session, on every applied batch,
 //! costs hosts × tasks per change (30 million comparisons at 1,000 hosts and 30,000 tasks, for
 //! each status batch): the controller saturates its cores and loses its raft leadership
-//! (issue 20). [`NodeIndex`] keeps node → task ids from one published store to the next with
-//! the store maps' own diff, which skips the structure two snapshots share, so a change costs
-//! what changed; [`NodeIndex::advance`] says which nodes it concerns.
+//! (issue 20). A node's tasks come from the store's own node → tasks index
+//! ([`Store::tasks_on`]); [`changed`] says which nodes a change concerns from the store maps'
+//! own diff, which skips the structure two snapshots share, so a change costs what changed.
 //!
-//! Invariants: pure; after `advance(old, new)` the index is exactly [`NodeIndex::build`] of
-//! `new`; a node is reported whenever a task placed on it (before or after the change) was
+//! Invariants: pure; a node is reported whenever a task placed on it (before or after the change) was
 //! added, changed or removed; `all` is set when a table a session reads besides the tasks
 //! changed (a session also sends its node the network map, volumes, secret values and trusted
 //! controllers, which depend on other tables: see [`same_for_sessions`]), or when tasks changed
 //! and an overlay network exists (a node's network map lists the running tasks of every service
 //! on its networks).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use imbl::ordmap::DiffItem;
 
 use crate::store::{Store, Task};
-
-/// Node id → ids of the tasks placed on it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct NodeIndex {
-    by_node: HashMap<String, BTreeSet<String>>,
-}
 
 /// What one store change concerns.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -44,80 +37,29 @@ impl Changed {
     }
 }
 
-impl NodeIndex {
-    /// The index of `store`, from scratch.
-    pub fn build(store: &Store) -> NodeIndex {
-        let mut ix = NodeIndex::default();
-        for t in store.tasks.values() {
-            ix.insert(t);
-        }
-        ix
-    }
-
-    fn insert(&mut self, t: &Task) {
+/// Which nodes the change from `old` to `new` concerns.
+pub fn changed(old: &Store, new: &Store) -> Changed {
+    let mut changed = Changed::default();
+    let touch = |t: &Task, c: &mut Changed| {
         if let Some(n) = &t.node_id {
-            self.by_node
-                .entry(n.clone())
-                .or_default()
-                .insert(t.id.clone());
+            c.nodes.insert(n.clone());
         }
-    }
-
-    fn remove(&mut self, t: &Task) {
-        if let Some(n) = &t.node_id {
-            if let Some(ids) = self.by_node.get_mut(n) {
-                ids.remove(&t.id);
-                if ids.is_empty() {
-                    self.by_node.remove(n);
-                }
+    };
+    for d in old.tasks.diff(&new.tasks) {
+        match d {
+            DiffItem::Add(_, t) | DiffItem::Remove(_, t) => touch(t, &mut changed),
+            DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } => {
+                touch(a, &mut changed);
+                touch(b, &mut changed);
             }
         }
     }
-
-    /// Moves the index from `old` (which it indexes) to `new`, and says which nodes the change
-    /// concerns.
-    pub fn advance(&mut self, old: &Store, new: &Store) -> Changed {
-        let mut changed = Changed::default();
-        let touch = |t: &Task, c: &mut Changed| {
-            if let Some(n) = &t.node_id {
-                c.nodes.insert(n.clone());
-            }
-        };
-        for d in old.tasks.diff(&new.tasks) {
-            match d {
-                DiffItem::Add(_, t) => {
-                    self.insert(t);
-                    touch(t, &mut changed);
-                }
-                DiffItem::Update {
-                    old: (_, a),
-                    new: (_, b),
-                } => {
-                    self.remove(a);
-                    self.insert(b);
-                    touch(a, &mut changed);
-                    touch(b, &mut changed);
-                }
-                DiffItem::Remove(_, t) => {
-                    self.remove(t);
-                    touch(t, &mut changed);
-                }
-            }
-        }
-        changed.all =
-            !same_for_sessions(old, new) || (!new.networks.is_empty() && !changed.nodes.is_empty());
-        changed
-    }
-
-    /// The tasks of `store` placed on `node`, by id (as `Store::tasks_on` lists them), when
-    /// the index is `store`'s.
-    pub fn tasks_on<'a>(&'a self, store: &'a Store, node: &str) -> impl Iterator<Item = &'a Task> {
-        self.by_node
-            .get(node)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| store.tasks.get(id))
-    }
+    changed.all =
+        !same_for_sessions(old, new) || (!new.networks.is_empty() && !changed.nodes.is_empty());
+    changed
 }
 
 /// Whether `a` and `b` are the same for every session apart from their tasks: they differ at
@@ -162,14 +104,23 @@ mod tests {
         }
     }
 
-    fn ids(ix: &NodeIndex, s: &Store, node: &str) -> Vec<String> {
-        ix.tasks_on(s, node).map(|t| t.id.clone()).collect()
+    fn ids(s: &Store, node: &str) -> Vec<String> {
+        s.tasks_on(node).map(|t| t.id.clone()).collect()
     }
 
-    /// The index follows creations, placements, status changes and deletions exactly as a
-    /// rebuild would, names the nodes each change concerns, and flags changes elsewhere.
+    /// A node's tasks by a scan of the task table, for comparison.
+    fn scanned(s: &Store, node: &str) -> Vec<String> {
+        s.tasks
+            .values()
+            .filter(|t| t.node_id.as_deref() == Some(node))
+            .map(|t| t.id.clone())
+            .collect()
+    }
+
+    /// Creations, placements, status changes and deletions name the nodes they concern (and the
+    /// store's index follows them as a scan would); changes elsewhere are flagged.
     #[test]
-    fn the_index_follows_the_store_and_names_the_nodes_concerned() {
+    fn changes_name_the_nodes_concerned() {
         let mut s = Store::default();
         let mut idx = 0;
         let mut apply = |s: &mut Store, c: Command| {
@@ -187,7 +138,6 @@ mod tests {
                 now: 1,
             },
         );
-        let mut ix = NodeIndex::build(&s);
         let mut prev = s.clone();
         let mut ids_n = 0;
         let mut new_id = || {
@@ -197,20 +147,17 @@ mod tests {
         // Create and place: both nodes concerned; the service's update status changed too.
         let batch = crate::reconcile::plan_pass(&s, 10, &mut new_id).unwrap();
         apply(&mut s, batch);
-        let c = ix.advance(&prev, &s);
-        assert_eq!(ix, NodeIndex::build(&s));
+        let c = changed(&prev, &s);
+        assert_eq!(ids(&s, "n1"), scanned(&s, "n1"));
         assert_eq!(
             c.nodes,
             BTreeSet::from(["n1".to_string(), "n2".to_string()])
         );
-        assert_eq!(ids(&ix, &s, "n1").len(), 2);
-        assert_eq!(
-            ids(&ix, &s, "n1"),
-            s.tasks_on("n1").map(|t| t.id.clone()).collect::<Vec<_>>()
-        );
+        assert_eq!(ids(&s, "n1").len(), 2);
+        assert_eq!(ids(&s, "n1"), scanned(&s, "n1"));
         prev = s.clone();
         // A status report from n1 concerns n1 only, and nothing else changed.
-        let t = ix.tasks_on(&s, "n1").next().unwrap().clone();
+        let t = s.tasks_on("n1").next().unwrap().clone();
         apply(
             &mut s,
             Command::UpdateStatus {
@@ -222,7 +169,7 @@ mod tests {
                 )],
             },
         );
-        let c = ix.advance(&prev, &s);
+        let c = changed(&prev, &s);
         assert_eq!(
             c,
             Changed {
@@ -240,7 +187,7 @@ mod tests {
                 now: 30,
             },
         );
-        let c = ix.advance(&prev, &s);
+        let c = changed(&prev, &s);
         assert!(c.all);
         assert_eq!(c.nodes, BTreeSet::from(["n2".to_string()]), "orphaned");
         prev = s.clone();
@@ -251,12 +198,12 @@ mod tests {
                 ids: vec![t.id.clone()],
             },
         );
-        let c = ix.advance(&prev, &s);
+        let c = changed(&prev, &s);
         assert_eq!(c.nodes, BTreeSet::from(["n1".to_string()]));
-        assert_eq!(ix, NodeIndex::build(&s));
-        assert!(!ids(&ix, &s, "n1").contains(&t.id));
+        assert_eq!(ids(&s, "n1"), scanned(&s, "n1"));
+        assert!(!ids(&s, "n1").contains(&t.id));
         // No change at all: nothing concerned.
-        let c = ix.advance(&s, &s.clone());
+        let c = changed(&s, &s.clone());
         assert_eq!(c, Changed::default());
     }
 
@@ -279,14 +226,13 @@ mod tests {
             )
             .unwrap();
         };
-        let mut ix = NodeIndex::build(&s);
         let prev = s.clone();
         put("web", 2, &mut s);
-        assert_eq!(ix.advance(&prev, &s), Changed::default());
+        assert_eq!(changed(&prev, &s), Changed::default());
         // Tables no session reads: no wake either.
         let prev = s.clone();
         s.node_versions.insert("n1".into(), "0.1.0".into());
-        assert_eq!(ix.advance(&prev, &s), Changed::default());
+        assert_eq!(changed(&prev, &s), Changed::default());
         // With an overlay network, the same kind of change wakes everyone.
         let mut with_net = s.clone();
         with_net
@@ -302,6 +248,6 @@ mod tests {
             .unwrap();
         let prev = with_net.clone();
         put("api", 4, &mut with_net);
-        assert!(ix.advance(&prev, &with_net).all);
+        assert!(changed(&prev, &with_net).all);
     }
 }
