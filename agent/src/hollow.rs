@@ -55,6 +55,9 @@ pub struct Behaviour {
     pub run_for: Option<Duration>,
     /// Seed of the host's failure draws.
     pub seed: u64,
+    /// Register without the "assignment-changes" feature, as an agent older than it: the
+    /// controller then sends the whole task set every time (before/after runs).
+    pub full_assignments: bool,
 }
 
 impl Default for Behaviour {
@@ -64,6 +67,7 @@ impl Default for Behaviour {
             fail_rate: 0.0,
             run_for: None,
             seed: 1,
+            full_assignments: false,
         }
     }
 }
@@ -512,6 +516,11 @@ impl HollowHost {
             tls: Some(self.certs.subscribe()),
             trusted: None,
             usage: None,
+            features: if self.runtime.behaviour.full_assignments {
+                Vec::new()
+            } else {
+                crate::session::features()
+            },
         };
         l.session = Some(tokio::spawn(crate::session::run(
             self.controllers.clone(),
@@ -549,6 +558,7 @@ mod tests {
             fail_rate,
             run_for,
             seed: 7,
+            full_assignments: false,
         }
     }
 

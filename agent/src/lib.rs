@@ -326,6 +326,7 @@ pub async fn run(
         data_dir: Some(cfg.data_dir.clone()),
         trusted: Some(trusted.clone()),
         usage: Some(usage_rx),
+        features: session::features(),
     };
     let session = tokio::spawn(session::run(cfg.controllers.clone(), me, worker, status_rx));
     // `rctl stats` and `rctl top` (AgentApi.TaskStats, TaskTop).

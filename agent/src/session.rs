@@ -1,5 +1,6 @@
 //! The agent's one stream to the controllers: register, heartbeat, report status in batches,
-//! receive the full assignment set.
+//! receive the assignment set (whole at a session's start, then only its changes when the
+//! controller supports that: [`Assigned`]).
 //!
 //! Only the raft leader serves sessions. The agent keeps a list of controllers (the ones it was
 //! configured with plus the ones the last `Welcome` named) and, when a session breaks or is
@@ -52,6 +53,17 @@ pub struct Identity {
     /// The latest usage samples of the running tasks (`stats`), sent with the next heartbeat
     /// after each new round (`None`: no samples).
     pub usage: Option<tokio::sync::watch::Receiver<Vec<TaskUsage>>>,
+    /// What this agent registers as understanding (`Register.features`): [`FEATURES`], or
+    /// fewer to act as an older agent (the fleet simulator's before/after runs).
+    pub features: Vec<String>,
+}
+
+/// Everything this agent understands beyond the oldest protocol it speaks.
+pub const FEATURES: &[&str] = &[rudder_proto::FEATURE_ASSIGNMENT_CHANGES];
+
+/// [`FEATURES`], owned, for an [`Identity`].
+pub fn features() -> Vec<String> {
+    FEATURES.iter().map(|f| f.to_string()).collect()
 }
 
 /// The largest message a controller may send down a session.
@@ -81,6 +93,54 @@ pub enum SessionError {
     /// The worker went away (the agent is stopping).
     #[error("session: the worker's status channel closed")]
     Worker,
+    /// The controller's assignments grew past what an agent keeps (count, limit).
+    #[error("session: assignments: {0} tasks is over the limit of {1}")]
+    TooManyTasks(usize, usize),
+}
+
+/// The most tasks an agent keeps assigned: past it the session ends (a controller never places
+/// this many on one host; the limit bounds what a run of change messages can make it hold).
+pub const MAX_ASSIGNED: usize = 100_000;
+
+/// The node's assignment set as this session has been told it: a whole set replaces it, a
+/// `changes_only` set adds and replaces its tasks and drops its `removed` ids. Pure (no I/O),
+/// so the merge rules are tested apart from a controller.
+#[derive(Default)]
+pub struct Assigned {
+    tasks: std::collections::HashMap<String, Task>,
+}
+
+impl Assigned {
+    /// Applies one `Assignments` message. An unreadable task is logged and left out (as a
+    /// whole set always did), so a copy the agent holds of it goes too.
+    pub fn apply(&mut self, a: &Assignments) -> Result<(), SessionError> {
+        if !a.changes_only {
+            self.tasks.clear();
+        }
+        for id in &a.removed {
+            self.tasks.remove(id);
+        }
+        for t in &a.tasks {
+            match crate::convert::assignment(t) {
+                Ok(task) => {
+                    self.tasks.insert(task.id.clone(), task);
+                }
+                Err(e) => {
+                    warn!(task = %t.task_id, %e, "unreadable assignment");
+                    self.tasks.remove(&t.task_id);
+                }
+            }
+        }
+        if self.tasks.len() > MAX_ASSIGNED {
+            return Err(SessionError::TooManyTasks(self.tasks.len(), MAX_ASSIGNED));
+        }
+        Ok(())
+    }
+
+    /// The whole set, for [`Worker::sync`].
+    pub fn tasks(&self) -> Vec<Task> {
+        self.tasks.values().cloned().collect()
+    }
 }
 
 impl SessionError {
@@ -339,6 +399,7 @@ async fn session(
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            features: me.features.clone(),
         })),
     })
     .await
@@ -366,6 +427,7 @@ async fn session(
     let mut heartbeat = tokio::time::interval(Duration::from_millis(1000));
     let mut usage_rx = me.usage.clone();
     let mut secret_values = Vec::new();
+    let mut assigned = Assigned::default();
     loop {
         tokio::select! {
             msg = down.message() => {
@@ -413,18 +475,8 @@ async fn session(
                         }
                     }
                     Some(Down::Assignments(a)) => {
-                        let tasks: Vec<Task> = a
-                            .tasks
-                            .iter()
-                            .filter_map(|t| match crate::convert::assignment(t) {
-                                Ok(t) => Some(t),
-                                Err(e) => {
-                                    warn!(task = %t.task_id, %e, "unreadable assignment");
-                                    None
-                                }
-                            })
-                            .collect();
-                        worker.sync(tasks);
+                        assigned.apply(&a)?;
+                        worker.sync(assigned.tasks());
                     }
                     None => {}
                 }
@@ -482,6 +534,79 @@ mod tests {
     const A: &str = "http://10.213.1.1:4243";
     const B: &str = "http://10.213.1.2:4243";
     const C: &str = "http://10.213.1.3:4243";
+
+    fn assignment(id: &str, desired: rudder_model::TaskState) -> Assignment {
+        let t = crate::task::fake::task(id);
+        Assignment {
+            task_id: id.into(),
+            desired_state: crate::convert::task_state_to_wire(desired),
+            task_json: rudder_model::wire::encode("task", &t).unwrap(),
+        }
+    }
+
+    fn ids(a: &Assigned) -> Vec<(String, rudder_model::TaskState)> {
+        let mut v: Vec<_> = a
+            .tasks()
+            .into_iter()
+            .map(|t| (t.id, t.desired_state))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A whole set replaces what the session held; a changes-only set adds, replaces and
+    /// removes; an unreadable task is dropped (as from a whole set); too many end the session.
+    #[test]
+    fn assignments_merge_whole_sets_and_changes() {
+        use rudder_model::TaskState::{Running, Shutdown};
+        let mut a = Assigned::default();
+        let whole = |tasks| Assignments {
+            tasks,
+            changes_only: false,
+            removed: vec![],
+        };
+        a.apply(&whole(vec![
+            assignment("t1", Running),
+            assignment("t2", Running),
+        ]))
+        .unwrap();
+        assert_eq!(ids(&a), [("t1".into(), Running), ("t2".into(), Running)]);
+        a.apply(&Assignments {
+            tasks: vec![assignment("t3", Running), assignment("t1", Shutdown)],
+            changes_only: true,
+            removed: vec!["t2".into(), "never-held".into()],
+        })
+        .unwrap();
+        assert_eq!(ids(&a), [("t1".into(), Shutdown), ("t3".into(), Running)]);
+        let mut bad = assignment("t3", Running);
+        bad.task_json = "{not json".into();
+        a.apply(&Assignments {
+            tasks: vec![bad],
+            changes_only: true,
+            removed: vec![],
+        })
+        .unwrap();
+        assert_eq!(ids(&a), [("t1".into(), Shutdown)]);
+        a.apply(&whole(vec![assignment("t9", Running)])).unwrap();
+        assert_eq!(ids(&a), [("t9".into(), Running)]);
+        // A controller cannot make the agent hold more than MAX_ASSIGNED by sending changes.
+        let mut big = Assigned::default();
+        for i in 0..MAX_ASSIGNED {
+            big.tasks
+                .insert(format!("x{i}"), crate::task::fake::task("x"));
+        }
+        let err = big
+            .apply(&Assignments {
+                tasks: vec![assignment("one-more", Running)],
+                changes_only: true,
+                removed: vec![],
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, SessionError::TooManyTasks(_, MAX_ASSIGNED)),
+            "{err}"
+        );
+    }
 
     fn three() -> Controllers {
         Controllers::new(vec![A.into(), B.into(), C.into()])
@@ -735,6 +860,7 @@ mod tests {
                 data_dir: None,
                 trusted: None,
                 usage: None,
+                features: features(),
             };
             tokio::spawn(run(controllers, me, worker, status_rx))
         }

@@ -115,6 +115,10 @@ pub struct Worker {
     local: Mutex<HashMap<String, Local>>,
     /// Last status reported per task, re-sent after a reconnect.
     last: Arc<Mutex<HashMap<String, TaskStatusReport>>>,
+    /// Tasks this process drove to their end that are still assigned: never started again.
+    /// (A controller that sends only changes leaves the agent's copy of a task as first sent,
+    /// `assigned`, after the task ended here; the copy alone would start it a second time.)
+    ended: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Worker {
@@ -123,6 +127,7 @@ impl Worker {
             ctx: Arc::new(ctx),
             local: Mutex::default(),
             last: Arc::default(),
+            ended: Mutex::default(),
         })
     }
 
@@ -192,8 +197,11 @@ impl Worker {
                     Some(_) => {}
                 }
             }
+            let mut ended = self.ended.lock().expect("ended lock");
+            ended.retain(|id| wanted.contains_key(id));
             for (id, t) in wanted {
                 if !local.contains_key(&id)
+                    && !ended.contains(&id)
                     && t.desired_state <= TaskState::Running
                     && !t.status.state.is_terminal()
                     && t.status.state <= TaskState::Assigned
@@ -254,7 +262,13 @@ impl Worker {
                 let id = task.id.clone();
                 let dir = me.container_dir(&id);
                 me.drive(&task, adopted, stop_rx).await;
-                me.local.lock().expect("local lock").remove(&id);
+                {
+                    let mut local = me.local.lock().expect("local lock");
+                    local.remove(&id);
+                    if !forget.load(std::sync::atomic::Ordering::SeqCst) {
+                        me.ended.lock().expect("ended lock").insert(id.clone());
+                    }
+                }
                 me.ctx.ports.mounts.release(&task).await;
                 if forget.load(std::sync::atomic::Ordering::SeqCst) {
                     let _ = ContainerDir::new(&dir).remove();
@@ -403,6 +417,31 @@ mod tests {
         // A second sync does not start it again.
         w.sync(vec![]);
         assert_eq!(f.journal.of("runtime.start").len(), 1);
+    }
+
+    /// A controller that sends only changes leaves the agent's copy of a task as first sent
+    /// (`assigned`); once the task ended here, that copy must not start it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_ended_here_is_not_started_again_from_its_first_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fakes::new(false);
+        *f.images.fail.lock().unwrap() = Some("no such image".into());
+        let (w, mut rx) = worker(&f, dir.path());
+        w.sync(vec![fake::task("t1")]);
+        let mut states = Vec::new();
+        while states.last() != Some(&wire(TaskState::Rejected)) {
+            states.push(next(&mut rx).await.0);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        w.sync(vec![fake::task("t1")]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            f.journal.of("images.pull").len(),
+            1,
+            "{:?}",
+            f.journal.calls()
+        );
+        assert!(rx.try_recv().is_err(), "no report of a second start");
     }
 
     #[tokio::test(start_paused = true)]

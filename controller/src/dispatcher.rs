@@ -1,7 +1,9 @@
 //! The dispatcher: every agent keeps one bidirectional stream here. Up: register, heartbeats,
 //! batches of task status. Down: a welcome, then the full set of tasks the node should know
-//! about, re-sent whenever what the agent reads of it changes (`assignment_key`: a task added
-//! or removed, a desired state; never the agent's own status reports).
+//! about, and again whenever what the agent reads of it changes (a task added or removed, a
+//! desired state; never the agent's own status reports): to an agent with the
+//! "assignment-changes" feature only the tasks that changed and the ids that left
+//! (`assignment_changes`), to older agents the whole set.
 //!
 //! Invariants: status reports are applied only for tasks placed on the reporting node (checked
 //! by the state machine); reports from all sessions are batched into one proposal
@@ -141,14 +143,55 @@ impl DispatcherApi {
 /// What the agent reads of an assigned task (`Worker::sync`) after its first sight of it: that
 /// it is assigned, and its desired state. (Whether it may be started, `status <= assigned`, is
 /// read too, but it only ever turns false, and only once the agent has seen the task: the
-/// agent's own reports turn it.) So a status report sends nothing down: before, every report
-/// (three per start) re-sent the node's whole task list, the JSON of every spec included, and at
-/// 1,000 hosts that re-encoding was a fifth of the leader's CPU. A new session sends the whole
-/// list once (`last` starts empty).
-type AssignmentKey = (String, rudder_model::TaskState);
+/// agent's own reports turn it, and an agent never starts a task twice.) So a status report
+/// sends nothing down: before, every report (three per start) re-sent the node's whole task
+/// list, the JSON of every spec included, and at 1,000 hosts that re-encoding was a fifth of
+/// the leader's CPU. A new session sends the whole list once (`last` starts empty).
+///
+/// What a session last told its agent: task id → desired state.
+type Told = HashMap<String, rudder_model::TaskState>;
 
-fn assignment_key(t: &rudder_model::Task) -> AssignmentKey {
-    (t.id.clone(), t.desired_state)
+/// Against what the agent was last told, the tasks to send (new, or whose desired state
+/// changed), in the order given, and the ids that left the node's set, sorted. An agent with
+/// the "assignment-changes" feature is sent only these: before, adding one task to a node
+/// re-encoded every task already on it (issue 20).
+fn assignment_changes<'a>(
+    told: &Told,
+    now: &[&'a rudder_model::Task],
+) -> (Vec<&'a rudder_model::Task>, Vec<String>) {
+    let changed = now
+        .iter()
+        .filter(|t| told.get(&t.id) != Some(&t.desired_state))
+        .copied()
+        .collect();
+    let present: std::collections::HashSet<&str> = now.iter().map(|t| t.id.as_str()).collect();
+    let mut removed: Vec<String> = told
+        .keys()
+        .filter(|id| !present.contains(id.as_str()))
+        .cloned()
+        .collect();
+    removed.sort();
+    (changed, removed)
+}
+
+/// The most feature names a registration may carry, and the longest name.
+const MAX_FEATURES: usize = 32;
+const MAX_FEATURE_LEN: usize = 64;
+
+/// Whether the agent applies assignment changes (`Register.features`); a registration with
+/// more or longer names than an agent ever sends is refused, naming the field. Unknown names
+/// are ignored: they are a newer agent's.
+fn check_features(reg: &Register) -> Result<bool, Status> {
+    if reg.features.len() > MAX_FEATURES || reg.features.iter().any(|f| f.len() > MAX_FEATURE_LEN) {
+        warn!(node = %reg.node_id, count = reg.features.len(), "dispatcher: refused a registration's features");
+        return Err(Status::invalid_argument(format!(
+            "dispatcher: register: features: at most {MAX_FEATURES} names of at most {MAX_FEATURE_LEN} bytes"
+        )));
+    }
+    Ok(reg
+        .features
+        .iter()
+        .any(|f| f == rudder_proto::FEATURE_ASSIGNMENT_CHANGES))
 }
 
 fn to_status(r: &TaskStatusReport) -> Result<TaskStatus, crate::convert::UnknownEnum> {
@@ -471,6 +514,7 @@ impl Dispatcher for DispatcherApi {
         let store = self.raft.store();
         check_registration(&caller, &reg, remote, &store)?;
         check_version(&reg)?;
+        let changes = check_features(&reg)?;
         let host_labels = check_host_labels(&caller.node, &reg)?;
         let node_id = reg.node_id.clone();
         // The role is the store's: a node runs a controller because an admin promoted it (or
@@ -575,7 +619,7 @@ impl Dispatcher for DispatcherApi {
         let me = self.raft.status().id;
         let told = period_ms.clone();
         let sender = tokio::spawn(async move {
-            let mut last: Option<Vec<AssignmentKey>> = None;
+            let mut last: Option<Told> = None;
             let mut last_map = None;
             let mut last_volumes = None;
             let mut last_values = None;
@@ -704,9 +748,19 @@ impl Dispatcher for DispatcherApi {
                     }
                     last_values = Some(needed);
                 }
-                let key: Vec<AssignmentKey> = tasks.iter().map(|t| assignment_key(t)).collect();
-                if last.as_ref() != Some(&key) {
-                    let tasks: Result<Vec<Assignment>, _> = tasks
+                let now: Told = tasks
+                    .iter()
+                    .map(|t| (t.id.clone(), t.desired_state))
+                    .collect();
+                if last.as_ref() != Some(&now) {
+                    let (send, removed, changes_only) = match &last {
+                        Some(told) if changes => {
+                            let (send, removed) = assignment_changes(told, &tasks);
+                            (send, removed, true)
+                        }
+                        _ => (tasks.clone(), Vec::new(), false),
+                    };
+                    let encoded: Result<Vec<Assignment>, _> = send
                         .iter()
                         .map(|t| {
                             Ok(Assignment {
@@ -717,8 +771,12 @@ impl Dispatcher for DispatcherApi {
                             })
                         })
                         .collect();
-                    let msg = match tasks {
-                        Ok(tasks) => Assignments { tasks },
+                    let msg = match encoded {
+                        Ok(tasks) => Assignments {
+                            tasks,
+                            changes_only,
+                            removed,
+                        },
                         Err(e) => return fail(&down_tx, e).await,
                     };
                     if down_tx
@@ -730,7 +788,7 @@ impl Dispatcher for DispatcherApi {
                     {
                         return;
                     }
-                    last = Some(key);
+                    last = Some(now);
                 }
                 if wake.changed().await.is_err() {
                     return;
@@ -945,25 +1003,76 @@ mod assignment_tests {
         t
     }
 
+    fn with_id(id: &str, desired: TaskState, state: TaskState) -> Task {
+        let mut t = task(desired, state);
+        t.id = id.into();
+        t
+    }
+
+    /// Only what the agent reads sends a task again: its arrival, a new desired state, its
+    /// removal; never its status (the agent's own reports).
     #[test]
-    fn only_what_the_agent_reads_sends_the_list_again() {
+    fn only_what_the_agent_reads_is_sent_again() {
         use TaskState::*;
-        let first = assignment_key(&task(Running, Assigned));
-        // (desired, status, version bump) → same key as `first`
+        let told: Told = [("t1".into(), Running), ("t2".into(), Running)].into();
+        // (desired, status) of t1 → sent again
         let table = [
-            (Running, Preparing, true),
-            (Running, Starting, true),
-            (Running, Running, true),
-            (Running, Failed, true),
-            (Shutdown, Running, false),
-            (Complete, Assigned, false),
+            (Running, Preparing, false),
+            (Running, Running, false),
+            (Running, Failed, false),
+            (Shutdown, Running, true),
+            (Complete, Assigned, true),
         ];
-        for (desired, state, same) in table {
-            let mut t = task(desired, state);
+        for (desired, state, sent) in table {
+            let mut t = with_id("t1", desired, state);
             t.version += 7;
             t.status.message = "a report".into();
-            assert_eq!(assignment_key(&t) == first, same, "{desired:?} {state:?}");
+            let t2 = with_id("t2", Running, Running);
+            let (send, removed) = assignment_changes(&told, &[&t, &t2]);
+            let ids: Vec<&str> = send.iter().map(|t| t.id.as_str()).collect();
+            assert_eq!(ids == ["t1"], sent, "{desired:?} {state:?}: {ids:?}");
+            assert!(removed.is_empty());
         }
+        // A new task is sent, one gone is named.
+        let t3 = with_id("t3", Running, Assigned);
+        let t1 = with_id("t1", Running, Running);
+        let (send, removed) = assignment_changes(&told, &[&t1, &t3]);
+        assert_eq!(
+            send.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["t3"]
+        );
+        assert_eq!(removed, ["t2"]);
+        // Nothing told yet: everything is sent.
+        let (send, removed) = assignment_changes(&Told::new(), &[&t1, &t3]);
+        assert_eq!(send.len(), 2);
+        assert!(removed.is_empty());
+    }
+
+    fn register(features: Vec<String>) -> Register {
+        Register {
+            node_id: "n1".into(),
+            features,
+            ..Default::default()
+        }
+    }
+
+    /// Only an agent that names the feature gets changes; unknown names are a newer agent's
+    /// and ignored; more or longer names than any agent sends refuse the registration.
+    #[test]
+    fn the_changes_feature_is_read_from_a_bounded_list() {
+        let f = |v: &[&str]| check_features(&register(v.iter().map(|s| s.to_string()).collect()));
+        assert!(!f(&[]).unwrap());
+        assert!(!f(&["from-the-future"]).unwrap());
+        assert!(f(&["from-the-future", rudder_proto::FEATURE_ASSIGNMENT_CHANGES]).unwrap());
+        let many = vec!["x"; MAX_FEATURES + 1];
+        let err = f(&many).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("features"), "{}", err.message());
+        let long = "y".repeat(MAX_FEATURE_LEN + 1);
+        assert_eq!(
+            f(&[&long]).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }
 

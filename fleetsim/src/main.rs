@@ -85,6 +85,10 @@ struct Args {
     /// Keep the run's directory (controller logs and data) after a successful run.
     #[arg(long, env = "FLEETSIM_KEEP")]
     keep: bool,
+    /// The hollow hosts register as agents older than assignment changes, so the controller
+    /// sends each the whole task set whenever it changes (the before of a before/after run).
+    #[arg(long, env = "FLEETSIM_FULL_ASSIGNMENTS")]
+    full_assignments: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             fail_rate: a.fail_rate,
             run_for: None,
             seed: a.seed,
+            full_assignments: a.full_assignments,
         },
         churn: a.churn,
         churn_share: a.churn_share,

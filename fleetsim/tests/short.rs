@@ -21,6 +21,7 @@ async fn a_small_fleet_converges_through_churn_without_running_a_slot_twice() {
             fail_rate: 0.0,
             run_for: None,
             seed: 7,
+            full_assignments: false,
         },
         churn: true,
         churn_share: 0.1,

@@ -22,6 +22,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// Metadata a follower sets when it refuses an agent's session: the leader's gRPC `host:port`.
 pub const LEADER_METADATA: &str = "rudder-leader";
 
+/// `Register.features`: the agent applies `Assignments` that carry only what changed
+/// (`changes_only`), so the controller need not re-send a node's whole task list, every spec
+/// encoded again, whenever one task is added (issue 20).
+pub const FEATURE_ASSIGNMENT_CHANGES: &str = "assignment-changes";
+
 /// An error and its sources, `: `-separated: tonic's transport errors say only "transport
 /// error" at the top, and the reason (refused, timed out, a bad certificate) is below. A source
 /// whose words its parent already said is left out.

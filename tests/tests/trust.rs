@@ -146,6 +146,7 @@ fn c1_a_worker_certificate_cannot_pose_as_another_node() -> anyhow::Result<()> {
             overlay_key_epoch: 0,
             version: String::new(),
             labels: Default::default(),
+            features: Vec::new(),
         };
         let reg = |id: &str, addr: String| reg_as(id, "h2", addr);
         let err = register(&lab, &rogue, reg(&victim, format!("{root}:4299")))
