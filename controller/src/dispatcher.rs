@@ -626,7 +626,7 @@ impl Dispatcher for DispatcherApi {
             let mut asked_controller = None;
             let mut last_trusted: Option<Vec<String>> = None;
             loop {
-                let (store, ids) = fanout.snapshot(&down_node);
+                let store = fanout.snapshot();
                 let period = heartbeat_period(store.nodes.len());
                 if period.as_millis() as u64 != told.load(std::sync::atomic::Ordering::Relaxed) {
                     // The agent beats at once on a welcome, so a shorter deadline from now on
@@ -717,7 +717,7 @@ impl Dispatcher for DispatcherApi {
                     }
                     last_volumes = Some(volumes);
                 }
-                let tasks: Vec<_> = ids.iter().filter_map(|id| store.tasks.get(id)).collect();
+                let tasks: Vec<_> = store.tasks_on(&down_node).collect();
                 // The values of the secrets and configs its unfinished tasks use, and no
                 // others, before the assignments that need them.
                 let needed: std::collections::BTreeSet<_> = tasks

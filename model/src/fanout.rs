@@ -9,7 +9,8 @@
 //! own diff, which skips the structure two snapshots share, so a change costs what changed.
 //!
 //! Invariants: pure; a node is reported whenever a task placed on it (before or after the change) was
-//! added, changed or removed; `all` is set when a table a session reads besides the tasks
+//! added or removed, or changed in what a session reads of it (`session_reads_differ`: not
+//! the agent's own non-final status reports); `all` is set when a table a session reads besides the tasks
 //! changed (a session also sends its node the network map, volumes, secret values and trusted
 //! controllers, which depend on other tables: see [`same_for_sessions`]), or when tasks changed
 //! and an overlay network exists (a node's network map lists the running tasks of every service
@@ -40,26 +41,41 @@ impl Changed {
 /// Which nodes the change from `old` to `new` concerns.
 pub fn changed(old: &Store, new: &Store) -> Changed {
     let mut changed = Changed::default();
+    let mut any_task = false;
     let touch = |t: &Task, c: &mut Changed| {
         if let Some(n) = &t.node_id {
             c.nodes.insert(n.clone());
         }
     };
     for d in old.tasks.diff(&new.tasks) {
+        any_task = true;
         match d {
             DiffItem::Add(_, t) | DiffItem::Remove(_, t) => touch(t, &mut changed),
             DiffItem::Update {
                 old: (_, a),
                 new: (_, b),
             } => {
-                touch(a, &mut changed);
-                touch(b, &mut changed);
+                if session_reads_differ(a, b) {
+                    touch(a, &mut changed);
+                    touch(b, &mut changed);
+                }
             }
         }
     }
-    changed.all =
-        !same_for_sessions(old, new) || (!new.networks.is_empty() && !changed.nodes.is_empty());
+    changed.all = !same_for_sessions(old, new) || (!new.networks.is_empty() && any_task);
     changed
+}
+
+/// Whether a session reads two versions of a task differently: its node, its desired state,
+/// whether it finished (the values of its secrets stop being sent) or its spec (which values it
+/// needs). The rest of its status is the agent's own report, which is never sent back (see the
+/// dispatcher's `assignment_changes`): three reports per start each woke the node's session for
+/// nothing (issue 20).
+fn session_reads_differ(a: &Task, b: &Task) -> bool {
+    a.node_id != b.node_id
+        || a.desired_state != b.desired_state
+        || a.status.state.is_terminal() != b.status.state.is_terminal()
+        || (!crate::shared::Shared::same(&a.spec, &b.spec) && a.spec != b.spec)
 }
 
 /// Whether `a` and `b` are the same for every session apart from their tasks: they differ at
@@ -156,19 +172,16 @@ mod tests {
         assert_eq!(ids(&s, "n1").len(), 2);
         assert_eq!(ids(&s, "n1"), scanned(&s, "n1"));
         prev = s.clone();
-        // A status report from n1 concerns n1 only, and nothing else changed.
+        // The agent's own report of a start concerns nobody: the session sends nothing for it.
         let t = s.tasks_on("n1").next().unwrap().clone();
-        apply(
-            &mut s,
-            Command::UpdateStatus {
-                updates: vec![crate::store::StatusUpdate::of(
-                    &t,
-                    "n1",
-                    crate::TaskState::Running,
-                    20,
-                )],
-            },
-        );
+        let report = |state, at| Command::UpdateStatus {
+            updates: vec![crate::store::StatusUpdate::of(&t, "n1", state, at)],
+        };
+        apply(&mut s, report(crate::TaskState::Running, 20));
+        assert_eq!(changed(&prev, &s), Changed::default());
+        prev = s.clone();
+        // Its end concerns n1 only (the values of its secrets are no longer sent).
+        apply(&mut s, report(crate::TaskState::Failed, 21));
         let c = changed(&prev, &s);
         assert_eq!(
             c,
