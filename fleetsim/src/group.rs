@@ -62,11 +62,50 @@ impl Member {
         Some(kb * 1024)
     }
 
+    /// CPU time the process has used since it started (user and system, `/proc/<pid>/stat`),
+    /// if it runs: what a change costs the leader, apart from how the run was paced.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        cpu_seconds_of(&stat, clock_ticks())
+    }
+
     /// Bytes of files under its data dir, and of those named like raft logs and snapshots.
     pub fn disk(&self) -> DiskUse {
         let mut d = DiskUse::default();
         walk(&self.data_dir, &mut d);
         d
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat`'s times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User plus system time, in seconds, of one `/proc/<pid>/stat` line (fields 14 and 15,
+/// counted after the command name, which may hold spaces and parentheses).
+fn cpu_seconds_of(stat: &str, ticks: f64) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        let stat = "4242 (rudder (c) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0";
+        assert_eq!(super::cpu_seconds_of(stat, 100.0), Some(3.0));
+        assert_eq!(super::cpu_seconds_of("4242 (x) S 1", 100.0), None);
+        assert_eq!(super::cpu_seconds_of("no parenthesis", 100.0), None);
     }
 }
 

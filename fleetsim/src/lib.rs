@@ -408,10 +408,11 @@ async fn resources(c: &mut Client, group: &Group) -> anyhow::Result<String> {
         .map(|m| {
             let d = m.disk();
             format!(
-                "c{}{}: RSS {}, disk {} (raft log {}, snapshots {})",
+                "c{}{}: RSS {}, CPU {}, disk {} (raft log {}, snapshots {})",
                 m.raft_id,
                 if m.raft_id == leader { " (leader)" } else { "" },
                 m.rss_bytes().map_or("-".into(), mib),
+                m.cpu_seconds().map_or("-".into(), |s| format!("{s:.1} s")),
                 mib(d.total),
                 mib(d.raft_log),
                 mib(d.snapshots)

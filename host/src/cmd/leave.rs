@@ -105,9 +105,11 @@ impl Leaver {
         })
     }
 
-    /// Sets the node to drain (its tasks move elsewhere).
-    async fn drain(&mut self, node_id: &str) -> anyhow::Result<()> {
-        match self {
+    /// Sets the node to drain (its tasks move elsewhere); returns how many tasks still hold
+    /// it when the answer says (`Dispatcher/Leave` does, so the first count needs no second
+    /// call).
+    async fn drain(&mut self, node_id: &str) -> anyhow::Result<Option<usize>> {
+        Ok(match self {
             Leaver::Admin(c) => {
                 c.update_node(UpdateNodeRequest {
                     node: node_id.to_string(),
@@ -116,17 +118,20 @@ impl Leaver {
                 })
                 .await
                 .map_err(status)?;
+                None
             }
             Leaver::Node(c) => {
-                c.leave(LeaveRequest {
-                    node_id: node_id.to_string(),
-                    remove: false,
-                })
-                .await
-                .map_err(status)?;
+                let r = c
+                    .leave(LeaveRequest {
+                        node_id: node_id.to_string(),
+                        remove: false,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                Some(r.live_tasks as usize)
             }
-        }
-        Ok(())
+        })
     }
 
     /// How many of the node's tasks still hold it (assigned, preparing, starting, running).
@@ -385,11 +390,14 @@ pub fn run(opts: &LeaveOpts) -> anyhow::Result<()> {
                 }
             }
         }
-        leaver.drain(&node_id).await?;
+        let mut counted = leaver.drain(&node_id).await?;
         println!("draining this node ({node_id})");
         let deadline = Instant::now() + Duration::from_secs(opts.drain_timeout);
         loop {
-            let live = leaver.live_tasks(&node_id).await?;
+            let live = match counted.take() {
+                Some(n) => n,
+                None => leaver.live_tasks(&node_id).await?,
+            };
             if live == 0 || opts.force {
                 break;
             }
