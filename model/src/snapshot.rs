@@ -22,7 +22,10 @@ pub fn encode(store: &Store) -> Result<Vec<u8>, FormatError> {
 /// The store in snapshot `bytes` of any format this build reads; `what` names the snapshot
 /// (file or message) in errors.
 pub fn decode(bytes: &[u8], what: &str) -> Result<Store, FormatError> {
-    format::decode(bytes, SNAPSHOT_FORMAT, what).map(|(store, _)| store)
+    format::decode(bytes, SNAPSHOT_FORMAT, what).map(|(mut store, _): (Store, _)| {
+        store.build_indexes();
+        store
+    })
 }
 
 #[cfg(test)]
@@ -64,6 +67,20 @@ mod tests {
             assert_eq!(format::version_of(&bytes, "t").unwrap(), 1);
             assert_eq!(decode(&bytes, "t").unwrap(), store);
         }
+    }
+
+    /// A decoded store has its node → tasks index before any entry is applied: a member that
+    /// installed a snapshot and then leads serves its sessions from the index, not by scans.
+    #[test]
+    fn a_decoded_store_has_its_node_index() {
+        let bytes = encode(&some_store()).unwrap();
+        let store = decode(&bytes, "t").unwrap();
+        assert!(store.node_tasks.is_built());
+        let raw: Store = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            !raw.node_tasks.is_built(),
+            "not serialized: built on decode"
+        );
     }
 
     /// A build from before labels parses the store straight from the bytes: it must still

@@ -839,6 +839,12 @@ impl std::fmt::Debug for NodeTasks {
 }
 
 impl NodeTasks {
+    /// Whether the index was built (a decoded store has none until [`Store::build_indexes`]).
+    #[cfg(test)]
+    pub(crate) fn is_built(&self) -> bool {
+        self.0.is_some()
+    }
+
     fn build(tasks: &Map<String, Task>) -> NodeTasks {
         let mut ix = Map::<String, imbl::OrdSet<String>>::new();
         for t in tasks.values() {
@@ -914,6 +920,16 @@ fn share_spec(specs: &mut HashMap<(String, u64), Shared<ServiceSpec>>, t: &mut T
 }
 
 impl Store {
+    /// Builds the derived indexes a decoded store lacks (they are not serialized). Until then
+    /// [`Store::tasks_on`] scans every task: a controller that installed a 150,000-task
+    /// snapshot and then won an election did that scan for each of 5,000 agent sessions, and
+    /// took half a minute to serve again (issue 20). Idempotent.
+    pub fn build_indexes(&mut self) {
+        if self.node_tasks.0.is_none() {
+            self.node_tasks = NodeTasks::build(&self.tasks);
+        }
+    }
+
     /// Folds the equal specs of each rollout's tasks into one shared copy: a decoded store
     /// (a snapshot, a backup) holds one copy per task, as the format has one per task.
     pub fn share_task_specs(&mut self) {
@@ -978,9 +994,7 @@ impl Store {
     /// applies what it can: its parts race with other writers by design).
     pub fn apply(&mut self, index: u64, cmd: Command) -> Result<(), ApplyError> {
         self.applied = index;
-        if self.node_tasks.0.is_none() {
-            self.node_tasks = NodeTasks::build(&self.tasks);
-        }
+        self.build_indexes();
         // Commands that can leave a secret's or config's old version unused.
         let releases = matches!(
             cmd,
