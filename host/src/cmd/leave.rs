@@ -120,17 +120,7 @@ impl Leaver {
                 .map_err(status)?;
                 None
             }
-            Leaver::Node(c) => {
-                let r = c
-                    .leave(LeaveRequest {
-                        node_id: node_id.to_string(),
-                        remove: false,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                Some(r.live_tasks as usize)
-            }
+            Leaver::Node(c) => Some(node_leave(c, node_id, false).await?),
         })
     }
 
@@ -158,17 +148,7 @@ impl Leaver {
                     })
                     .count())
             }
-            Leaver::Node(c) => {
-                let r = c
-                    .leave(LeaveRequest {
-                        node_id: node_id.to_string(),
-                        remove: false,
-                    })
-                    .await
-                    .map_err(status)?
-                    .into_inner();
-                Ok(r.live_tasks as usize)
-            }
+            Leaver::Node(c) => node_leave(c, node_id, false).await,
         }
     }
 
@@ -184,16 +164,29 @@ impl Leaver {
                 .map_err(status)?;
             }
             Leaver::Node(c) => {
-                c.leave(LeaveRequest {
-                    node_id: node_id.to_string(),
-                    remove: true,
-                })
-                .await
-                .map_err(status)?;
+                node_leave(c, node_id, true).await?;
             }
         }
         Ok(())
     }
+}
+
+/// `Dispatcher/Leave` for this node: drains it (and with `remove`, removes it); returns how
+/// many of its tasks still hold it.
+async fn node_leave(
+    c: &mut DispatcherClient<Channel>,
+    node_id: &str,
+    remove: bool,
+) -> anyhow::Result<usize> {
+    let r = c
+        .leave(LeaveRequest {
+            node_id: node_id.to_string(),
+            remove,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(r.live_tasks as usize)
 }
 
 /// The fields of an rctl context file `leave` uses.
