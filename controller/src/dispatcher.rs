@@ -142,11 +142,11 @@ impl DispatcherApi {
 
 /// What the agent reads of an assigned task (`Worker::sync`) after its first sight of it: that
 /// it is assigned, and its desired state. (Whether it may be started, `status <= assigned`, is
-/// read too, but it only ever turns false, and only once the agent has seen the task: the
-/// agent's own reports turn it, and an agent never starts a task twice.) So a status report
-/// sends nothing down: before, every report (three per start) re-sent the node's whole task
-/// list, the JSON of every spec included, and at 1,000 hosts that re-encoding was a fifth of
-/// the leader's CPU. A new session sends the whole list once (`last` starts empty).
+/// read from the first copy only: the worker never starts a task twice, `Worker::ended`.) So a
+/// status report sends nothing down: before, every report (three per start) re-sent the
+/// node's whole task list, the JSON of every spec included, and at 1,000 hosts that
+/// re-encoding was a fifth of the leader's CPU. A new session sends the whole list once
+/// (`last` starts as `None`).
 ///
 /// What a session last told its agent: task id → desired state.
 type Told = HashMap<String, rudder_model::TaskState>;

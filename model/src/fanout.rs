@@ -48,13 +48,17 @@ pub fn changed(old: &Store, new: &Store) -> Changed {
         }
     };
     for d in old.tasks.diff(&new.tasks) {
-        any_task = true;
         match d {
-            DiffItem::Add(_, t) | DiffItem::Remove(_, t) => touch(t, &mut changed),
+            DiffItem::Add(_, t) | DiffItem::Remove(_, t) => {
+                any_task |= t.node_id.is_some();
+                touch(t, &mut changed)
+            }
             DiffItem::Update {
                 old: (_, a),
                 new: (_, b),
             } => {
+                // A network map lists placed tasks only.
+                any_task |= a.node_id.is_some() || b.node_id.is_some();
                 if session_reads_differ(a, b) {
                     touch(a, &mut changed);
                     touch(b, &mut changed);
@@ -218,6 +222,82 @@ mod tests {
         // No change at all: nothing concerned.
         let c = changed(&s, &s.clone());
         assert_eq!(c, Changed::default());
+    }
+
+    /// A new desired state concerns the task's node; with an overlay network, the agent's own
+    /// reports reach every session (network maps list the running tasks), but a change to a
+    /// task no node holds does not.
+    #[test]
+    fn desired_states_concern_their_node_and_networks_hear_every_placed_report() {
+        let mut s = Store::default();
+        let mut idx = 0;
+        let mut apply = |s: &mut Store, c: Command| {
+            idx += 1;
+            s.apply(idx, c).unwrap();
+        };
+        apply(&mut s, put_node("n1", 1));
+        let spec = crate::spec::tests_support::spec("web", 1);
+        apply(
+            &mut s,
+            Command::PutService {
+                id: "svc-web".into(),
+                spec: Box::new(spec),
+                now: 1,
+            },
+        );
+        let mut n = 0;
+        let mut new_id = || {
+            n += 1;
+            format!("t{n:03}")
+        };
+        let batch = crate::reconcile::plan_pass(&s, 10, &mut new_id).unwrap();
+        apply(&mut s, batch);
+        let t = s.tasks_on("n1").next().expect("placed on n1").clone();
+        let report = |state, at| Command::UpdateStatus {
+            updates: vec![crate::store::StatusUpdate::of(&t, "n1", state, at)],
+        };
+        // Stopping it concerns n1.
+        let prev = s.clone();
+        apply(
+            &mut s,
+            Command::SetDesired {
+                updates: vec![(t.id.clone(), crate::TaskState::Shutdown)],
+                now: 20,
+            },
+        );
+        assert_eq!(
+            changed(&prev, &s),
+            Changed {
+                all: false,
+                nodes: BTreeSet::from(["n1".to_string()])
+            }
+        );
+        // With a network, a report of a placed task wakes every session.
+        apply(
+            &mut s,
+            Command::PutNetwork {
+                id: "net-front".into(),
+                spec: serde_json::from_value(serde_json::json!({"name": "front"}))
+                    .expect("network spec"),
+                now: 21,
+            },
+        );
+        let prev = s.clone();
+        apply(&mut s, report(crate::TaskState::Running, 22));
+        let c = changed(&prev, &s);
+        assert!(c.all && c.nodes.is_empty(), "{c:?}");
+        // A task waiting for a node is on no network map.
+        let prev = s.clone();
+        let mut waiting = t.clone();
+        waiting.id = "t-waiting".into();
+        waiting.node_id = None;
+        apply(
+            &mut s,
+            Command::CreateTasks {
+                tasks: vec![waiting],
+            },
+        );
+        assert_eq!(changed(&prev, &s), Changed::default());
     }
 
     /// A service written without a task change (every `Apply`) wakes no session while no

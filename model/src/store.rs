@@ -817,8 +817,8 @@ pub struct Store {
 /// and its proposals timed out (issue 20).
 ///
 /// Derived state: not serialized, and equal to any other (two stores are equal when their
-/// tables are). It is built from `tasks` by the first [`Store::apply`] after the store was made
-/// or decoded, and kept by the commands that place a task (`CreateTasks`, `AssignTasks`) or
+/// tables are). It is built from `tasks` when a store is decoded (`snapshot::decode`, through
+/// [`Store::build_indexes`]) or, for a store made otherwise, by its first [`Store::apply`], and kept by the commands that place a task (`CreateTasks`, `AssignTasks`) or
 /// delete one (`DeleteTasks`): those are the only writers of a task's `node_id`. Code that
 /// edits `tasks` directly (tests) must not change a placed task's node afterwards.
 #[derive(Clone, Default)]
